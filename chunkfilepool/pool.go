@@ -570,15 +570,21 @@ func (p *Pool) spaceShortage() string {
 	return ""
 }
 
+// handOut moves clean/name to dst durably. On error the file is back in
+// clean/ (or, if even that rename fails, left at dst and logged).
 func (p *Pool) handOut(name, dst string) error {
 	src := filepath.Join(p.cleanDir, name)
 	if err := fsutil.RenameNoReplace(src, dst); err != nil {
 		return fmt.Errorf("get chunk file for %s: %w", dst, err)
 	}
-	if err := fsutil.SyncDir(filepath.Dir(dst)); err != nil {
-		return fmt.Errorf("get chunk file for %s: %w", dst, err)
+	err := fsutil.SyncDir(filepath.Dir(dst))
+	if err == nil {
+		err = fsutil.SyncDir(p.cleanDir)
 	}
-	if err := fsutil.SyncDir(p.cleanDir); err != nil {
+	if err != nil {
+		if rerr := fsutil.RenameNoReplace(dst, src); rerr != nil {
+			p.log.Error("cannot take back a file whose hand-out failed", "file", dst, "err", rerr)
+		}
 		return fmt.Errorf("get chunk file for %s: %w", dst, err)
 	}
 	return nil
@@ -608,17 +614,19 @@ func (p *Pool) Recycle(path string) error {
 	if err := fsutil.RenameNoReplace(path, filepath.Join(p.dirtyDir, name)); err != nil {
 		return fmt.Errorf("recycle: %w", err)
 	}
+	// The file is in dirty/ now, whether or not the fsyncs below succeed:
+	// zero it either way.
+	p.mu.Lock()
+	p.mu.dirty = append(p.mu.dirty, name)
+	p.broadcastLocked()
+	p.mu.Unlock()
+	p.kick()
 	if err := fsutil.SyncDir(p.dirtyDir); err != nil {
 		return fmt.Errorf("recycle %s: %w", path, err)
 	}
 	if err := fsutil.SyncDir(filepath.Dir(path)); err != nil {
 		return fmt.Errorf("recycle %s: %w", path, err)
 	}
-	p.mu.Lock()
-	p.mu.dirty = append(p.mu.dirty, name)
-	p.broadcastLocked()
-	p.mu.Unlock()
-	p.kick()
 	return nil
 }
 
