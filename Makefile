@@ -52,6 +52,6 @@ clean: ## remove build output
 	rm -rf $(BIN)
 
 .PHONY: bench-chunkfilepool
-BENCH_CFP_FLAGS ?= -size 512MiB -duration 30s -rounds 3
+BENCH_CFP_FLAGS ?= -size 512MiB -duration 30s -rounds 6
 bench-chunkfilepool: ## synced 4 KiB random writes into a pool chunk vs a fallocated and a sparse file (~1.5 GiB of disk, removed after)
 	$(GO) run ./bench/chunkfilepool $(BENCH_CFP_FLAGS)

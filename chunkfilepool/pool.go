@@ -315,9 +315,13 @@ func (p *Pool) openDir() error {
 	if err != nil {
 		return err
 	}
+	moved := make(map[string]bool, len(p.mu.dirty))
+	for _, name := range p.mu.dirty {
+		moved[name] = true
+	}
 	for _, e := range dirty {
 		noteSeq(e.name)
-		if !slices.Contains(p.mu.dirty, e.name) {
+		if !moved[e.name] {
 			p.mu.dirty = append(p.mu.dirty, e.name)
 		}
 	}

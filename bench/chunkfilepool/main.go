@@ -27,7 +27,7 @@ func main() {
 		dir      = flag.String("dir", os.TempDir(), "directory to create the work directory in (its filesystem is measured)")
 		size     = flag.String("size", "512MiB", "data size of each file, e.g. 256MiB, 1GiB (disk use is about 3x)")
 		duration = flag.Duration("duration", 30*time.Second, "measured time per file, split over the rounds")
-		rounds   = flag.Int("rounds", 3, "rounds; each round writes to every file in turn")
+		rounds   = flag.Int("rounds", 6, "rounds; each round writes to every file in turn")
 		direct   = flag.Bool("direct", true, "open the files with O_DIRECT (as fio direct=1)")
 		ioSize   = flag.Int("io-size", 4096, "bytes per write")
 		seed     = flag.Uint64("seed", 1, "random seed for offsets")
