@@ -32,6 +32,7 @@ func main() {
 		ioSize   = flag.Int("io-size", 4096, "bytes per write")
 		seed     = flag.Uint64("seed", 1, "random seed for offsets")
 		quiet    = flag.Bool("q", false, "no progress lines on stderr")
+		idle     = flag.Duration("idle", 5*time.Second, "idle time before and after the run to sample other processes' device writes (0: none)")
 	)
 	flag.Parse()
 	n, err := parseSize(*size)
@@ -54,7 +55,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, "bench-chunkfilepool:", err)
 		os.Exit(1)
 	}
-	err = e.run(logf)
+	err = e.run(logf, *idle)
 	if err == nil {
 		e.report(os.Stdout)
 	}

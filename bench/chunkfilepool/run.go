@@ -61,6 +61,9 @@ type env struct {
 	targets []*target
 	devStat string // /sys/dev/block/M:m/stat, "" when unknown
 	devName string
+	// Device writes of other processes, sampled while this one is idle.
+	idleBytes int64
+	idleTime  time.Duration
 	fsName  string
 	format  time.Duration
 }
@@ -213,9 +216,39 @@ func (e *env) writeFor(t *target, buf []byte, rng *rand.Rand, d time.Duration, n
 	return nil
 }
 
+// sampleIdle measures the device's writes while this process writes
+// nothing, to estimate what other processes add to the device counter.
+func (e *env) sampleIdle(d time.Duration) {
+	if e.devStat == "" || d <= 0 {
+		return
+	}
+	a, err := readSectorsWritten(e.devStat)
+	if err != nil {
+		return
+	}
+	time.Sleep(d)
+	b, err := readSectorsWritten(e.devStat)
+	if err != nil {
+		return
+	}
+	e.idleBytes += (b - a) * 512
+	e.idleTime += d
+}
+
+// idleRate is the background device write rate in bytes per second.
+func (e *env) idleRate() float64 {
+	if e.idleTime <= 0 {
+		return 0
+	}
+	return float64(e.idleBytes) / e.idleTime.Seconds()
+}
+
 // run measures every file in cfg.Rounds rounds, rotating the order each
-// round so that no file always runs first.
-func (e *env) run(logf func(string, ...any)) error {
+// round so that no file always runs first. Before the first and after the
+// last round it samples the device's background writes for idle.
+func (e *env) run(logf func(string, ...any), idle time.Duration) error {
+	e.sampleIdle(idle)
+	defer e.sampleIdle(idle)
 	rng := rand.New(rand.NewPCG(e.cfg.Seed, 0x5ca1ab1e))
 	buf, err := alignedBuf(e.cfg.IOSize, rng)
 	if err != nil {
@@ -257,15 +290,18 @@ func (e *env) report(w io.Writer) {
 	fmt.Fprintf(w, "work dir %s on %s, block device %s\n", e.work, e.fsName, orUnknown(e.devName))
 	fmt.Fprintf(w, "pool chunk formatted (zeros written + fsync) in %s (%s/s)\n\n",
 		e.format.Round(time.Millisecond), human(int64(float64(metaPage+cfg.Size)/e.format.Seconds())))
-	fmt.Fprintf(w, "%-11s %9s %9s %10s %18s %19s\n", "file", "writes", "IOPS", "mean lat", "write_bytes/byte", "device bytes/byte")
+	fmt.Fprintf(w, "%-11s %9s %9s %10s %18s %19s %11s\n", "file", "writes", "IOPS", "mean lat", "write_bytes/byte", "device bytes/byte", "device net")
 	for _, t := range e.targets {
 		user := float64(t.ops) * float64(cfg.IOSize)
-		dev := "n/a"
+		dev, net := "n/a", "n/a"
 		if e.devStat != "" {
 			dev = fmt.Sprintf("%.2f", float64(t.devBytes)/user)
+			if e.idleTime > 0 {
+				net = fmt.Sprintf("%.2f", (float64(t.devBytes)-e.idleRate()*t.elapsed.Seconds())/user)
+			}
 		}
-		fmt.Fprintf(w, "%-11s %9d %9.0f %10s %18.2f %19s\n", t.name, t.ops, t.iops(),
-			(t.elapsed / time.Duration(max(t.ops, 1))).Round(time.Microsecond), float64(t.writeBytes)/user, dev)
+		fmt.Fprintf(w, "%-11s %9d %9.0f %10s %18.2f %19s %11s\n", t.name, t.ops, t.iops(),
+			(t.elapsed / time.Duration(max(t.ops, 1))).Round(time.Microsecond), float64(t.writeBytes)/user, dev, net)
 	}
 	fmt.Fprintln(w)
 	pool := e.byName("pool")
@@ -278,6 +314,11 @@ func (e *env) report(w io.Writer) {
 	fmt.Fprintf(w, "device bytes/byte: %s sectors-written delta x 512 per user byte: everything the device\n", orUnknown(e.devStat))
 	fmt.Fprintln(w, "  received during the run, journal included (the honest figure), and anything other processes")
 	fmt.Fprintln(w, "  wrote to the same device meanwhile.")
+	if e.idleTime > 0 {
+		fmt.Fprintf(w, "device net: the same less other processes' writes, estimated at %s/s from %s of idle\n",
+			human(int64(e.idleRate())), e.idleTime)
+		fmt.Fprintln(w, "  sampling before and after the run (a rough correction on a shared disk).")
+	}
 }
 
 func orUnknown(s string) string {
