@@ -64,8 +64,8 @@ type env struct {
 	// Device writes of other processes, sampled while this one is idle.
 	idleBytes int64
 	idleTime  time.Duration
-	fsName  string
-	format  time.Duration
+	fsName    string
+	format    time.Duration
 }
 
 // prepare makes the work directory and the three files: a chunk from a
