@@ -2,6 +2,7 @@ package datastore
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash/crc32"
@@ -384,17 +385,28 @@ func TestInterruptedCreationGoesBackToPool(t *testing.T) {
 
 // TestSyncCoversCompletedWrites checks Sync's promise under concurrent
 // writes: every write that returned before Sync was called is followed by
-// an fdatasync of its chunk that began after the write returned.
+// an fdatasync of its chunk that began after the write's data reached the
+// file. Each writer stamps its i-th write with i; just before each
+// fdatasync the test reads the chunk file to learn the newest write whose
+// data is in the file, which that fdatasync therefore covers.
 func TestSyncCoversCompletedWrites(t *testing.T) {
 	const chunks = 6
+	const blocks = testChunk / testBlock
 	e := newEnv(t, chunks, chunks)
 	var completed, covered [chunks + 1]atomic.Int64
 	s := e.open(t, Options{Knobs: TestingKnobs{BeforeFdatasync: func(id uint64) {
-		// Everything completed now precedes the fdatasync about to run.
-		n := completed[id].Load()
+		data, err := os.ReadFile(filepath.Join(e.dir, chunkName(id)))
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		var newest int64
+		for b := range blocks {
+			newest = max(newest, int64(binary.LittleEndian.Uint64(data[testMeta+b*testBlock:])))
+		}
 		for {
 			c := covered[id].Load()
-			if n <= c || covered[id].CompareAndSwap(c, n) {
+			if newest <= c || covered[id].CompareAndSwap(c, newest) {
 				return
 			}
 		}
@@ -403,18 +415,19 @@ func TestSyncCoversCompletedWrites(t *testing.T) {
 	var wg sync.WaitGroup
 	for id := uint64(1); id <= chunks; id++ {
 		wg.Go(func() {
-			buf := pattern(byte(id), 512)
-			for i := 0; ; i++ {
+			buf := pattern(byte(id), testBlock)
+			for i := int64(1); ; i++ {
 				select {
 				case <-stop:
 					return
 				default:
 				}
-				if err := s.WriteAt(id, buf, int64(i%(testChunk/512))*512); err != nil {
+				binary.LittleEndian.PutUint64(buf, uint64(i))
+				if err := s.WriteAt(id, buf, (i%blocks)*testBlock); err != nil {
 					t.Error(err)
 					return
 				}
-				completed[id].Add(1)
+				completed[id].Store(i)
 				if i%50 == 0 {
 					time.Sleep(time.Millisecond) // let the syncer in on a busy machine
 				}
