@@ -138,6 +138,59 @@ func (RWState) EnumDescriptor() ([]byte, []int) {
 	return file_mdspb_mds_proto_rawDescGZIP(), []int{1}
 }
 
+// LogicalPoolStatus tracks a logical pool's creation.
+type LogicalPoolStatus int32
+
+const (
+	LogicalPoolStatus_LOGICAL_POOL_STATUS_UNKNOWN LogicalPoolStatus = 0
+	// Copysets are recorded; not every member chunkserver has created its
+	// copysets yet. The MDS keeps asking them; segments are not allocated here.
+	LogicalPoolStatus_LOGICAL_POOL_STATUS_CREATING LogicalPoolStatus = 1
+	// Every member chunkserver created its copysets.
+	LogicalPoolStatus_LOGICAL_POOL_STATUS_READY LogicalPoolStatus = 2
+)
+
+// Enum value maps for LogicalPoolStatus.
+var (
+	LogicalPoolStatus_name = map[int32]string{
+		0: "LOGICAL_POOL_STATUS_UNKNOWN",
+		1: "LOGICAL_POOL_STATUS_CREATING",
+		2: "LOGICAL_POOL_STATUS_READY",
+	}
+	LogicalPoolStatus_value = map[string]int32{
+		"LOGICAL_POOL_STATUS_UNKNOWN":  0,
+		"LOGICAL_POOL_STATUS_CREATING": 1,
+		"LOGICAL_POOL_STATUS_READY":    2,
+	}
+)
+
+func (x LogicalPoolStatus) Enum() *LogicalPoolStatus {
+	p := new(LogicalPoolStatus)
+	*p = x
+	return p
+}
+
+func (x LogicalPoolStatus) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (LogicalPoolStatus) Descriptor() protoreflect.EnumDescriptor {
+	return file_mdspb_mds_proto_enumTypes[2].Descriptor()
+}
+
+func (LogicalPoolStatus) Type() protoreflect.EnumType {
+	return &file_mdspb_mds_proto_enumTypes[2]
+}
+
+func (x LogicalPoolStatus) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use LogicalPoolStatus.Descriptor instead.
+func (LogicalPoolStatus) EnumDescriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{2}
+}
+
 // OperatorKind is a membership change the MDS asks a copyset leader to make.
 type OperatorKind int32
 
@@ -175,11 +228,11 @@ func (x OperatorKind) String() string {
 }
 
 func (OperatorKind) Descriptor() protoreflect.EnumDescriptor {
-	return file_mdspb_mds_proto_enumTypes[2].Descriptor()
+	return file_mdspb_mds_proto_enumTypes[3].Descriptor()
 }
 
 func (OperatorKind) Type() protoreflect.EnumType {
-	return &file_mdspb_mds_proto_enumTypes[2]
+	return &file_mdspb_mds_proto_enumTypes[3]
 }
 
 func (x OperatorKind) Number() protoreflect.EnumNumber {
@@ -188,7 +241,7 @@ func (x OperatorKind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use OperatorKind.Descriptor instead.
 func (OperatorKind) EnumDescriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{2}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{3}
 }
 
 type VolumeStatus int32
@@ -225,11 +278,11 @@ func (x VolumeStatus) String() string {
 }
 
 func (VolumeStatus) Descriptor() protoreflect.EnumDescriptor {
-	return file_mdspb_mds_proto_enumTypes[3].Descriptor()
+	return file_mdspb_mds_proto_enumTypes[4].Descriptor()
 }
 
 func (VolumeStatus) Type() protoreflect.EnumType {
-	return &file_mdspb_mds_proto_enumTypes[3]
+	return &file_mdspb_mds_proto_enumTypes[4]
 }
 
 func (x VolumeStatus) Number() protoreflect.EnumNumber {
@@ -238,7 +291,7 @@ func (x VolumeStatus) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use VolumeStatus.Descriptor instead.
 func (VolumeStatus) EnumDescriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{3}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{4}
 }
 
 // NotLeader is attached as a status detail to UNAVAILABLE errors from an MDS
@@ -768,7 +821,8 @@ type LogicalPool struct {
 	Replicas       uint32                 `protobuf:"varint,4,opt,name=replicas,proto3" json:"replicas,omitempty"`
 	CopysetCount   uint32                 `protobuf:"varint,5,opt,name=copyset_count,json=copysetCount,proto3" json:"copyset_count,omitempty"`
 	// Target number of copyset replicas per chunkserver used at creation.
-	CopysetsPerChunkserver uint32 `protobuf:"varint,6,opt,name=copysets_per_chunkserver,json=copysetsPerChunkserver,proto3" json:"copysets_per_chunkserver,omitempty"`
+	CopysetsPerChunkserver uint32            `protobuf:"varint,6,opt,name=copysets_per_chunkserver,json=copysetsPerChunkserver,proto3" json:"copysets_per_chunkserver,omitempty"`
+	Status                 LogicalPoolStatus `protobuf:"varint,7,opt,name=status,proto3,enum=cairn.mds.v1.LogicalPoolStatus" json:"status,omitempty"`
 	unknownFields          protoimpl.UnknownFields
 	sizeCache              protoimpl.SizeCache
 }
@@ -843,6 +897,13 @@ func (x *LogicalPool) GetCopysetsPerChunkserver() uint32 {
 		return x.CopysetsPerChunkserver
 	}
 	return 0
+}
+
+func (x *LogicalPool) GetStatus() LogicalPoolStatus {
+	if x != nil {
+		return x.Status
+	}
+	return LogicalPoolStatus_LOGICAL_POOL_STATUS_UNKNOWN
 }
 
 // Copyset is the MDS's record of a copyset, updated from its leader's reports.
@@ -1074,8 +1135,11 @@ type RegisterChunkServerResponse struct {
 	ChunkserverId uint64                 `protobuf:"varint,1,opt,name=chunkserver_id,json=chunkserverId,proto3" json:"chunkserver_id,omitempty"`
 	Token         string                 `protobuf:"bytes,2,opt,name=token,proto3" json:"token,omitempty"`
 	Constants     *ClusterConstants      `protobuf:"bytes,3,opt,name=constants,proto3" json:"constants,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// How often the MDS expects a heartbeat, in milliseconds. A chunkserver is
+	// UNSTABLE after missing a few and OFFLINE after the MDS's offline timeout.
+	HeartbeatIntervalMs uint32 `protobuf:"varint,4,opt,name=heartbeat_interval_ms,json=heartbeatIntervalMs,proto3" json:"heartbeat_interval_ms,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *RegisterChunkServerResponse) Reset() {
@@ -1127,6 +1191,13 @@ func (x *RegisterChunkServerResponse) GetConstants() *ClusterConstants {
 		return x.Constants
 	}
 	return nil
+}
+
+func (x *RegisterChunkServerResponse) GetHeartbeatIntervalMs() uint32 {
+	if x != nil {
+		return x.HeartbeatIntervalMs
+	}
+	return 0
 }
 
 type GetChunkServerRequest struct {
@@ -4129,14 +4200,15 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\fleader_count\x18\r \x01(\rR\vleaderCount\"2\n" +
 	"\fPhysicalPool\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
-	"\x04name\x18\x02 \x01(\tR\x04name\"\xd6\x01\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\"\x8f\x02\n" +
 	"\vLogicalPool\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12(\n" +
 	"\x10physical_pool_id\x18\x03 \x01(\rR\x0ephysicalPoolId\x12\x1a\n" +
 	"\breplicas\x18\x04 \x01(\rR\breplicas\x12#\n" +
 	"\rcopyset_count\x18\x05 \x01(\rR\fcopysetCount\x128\n" +
-	"\x18copysets_per_chunkserver\x18\x06 \x01(\rR\x16copysetsPerChunkserver\"\xf8\x02\n" +
+	"\x18copysets_per_chunkserver\x18\x06 \x01(\rR\x16copysetsPerChunkserver\x127\n" +
+	"\x06status\x18\a \x01(\x0e2\x1f.cairn.mds.v1.LogicalPoolStatusR\x06status\"\xf8\x02\n" +
 	"\aCopyset\x12+\n" +
 	"\x02id\x18\x01 \x01(\v2\x1b.cairn.common.v1.CopysetRefR\x02id\x12+\n" +
 	"\x05peers\x18\x02 \x03(\v2\x15.cairn.common.v1.PeerR\x05peers\x12\x1b\n" +
@@ -4157,11 +4229,12 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\tconstants\x18\x06 \x01(\v2\x1e.cairn.mds.v1.ClusterConstantsR\tconstants\x122\n" +
 	"\bcapacity\x18\a \x01(\v2\x16.cairn.mds.v1.CapacityR\bcapacity\x12%\n" +
 	"\x0echunkserver_id\x18\b \x01(\x04R\rchunkserverId\x12\x14\n" +
-	"\x05token\x18\t \x01(\tR\x05token\"\x98\x01\n" +
+	"\x05token\x18\t \x01(\tR\x05token\"\xcc\x01\n" +
 	"\x1bRegisterChunkServerResponse\x12%\n" +
 	"\x0echunkserver_id\x18\x01 \x01(\x04R\rchunkserverId\x12\x14\n" +
 	"\x05token\x18\x02 \x01(\tR\x05token\x12<\n" +
-	"\tconstants\x18\x03 \x01(\v2\x1e.cairn.mds.v1.ClusterConstantsR\tconstants\">\n" +
+	"\tconstants\x18\x03 \x01(\v2\x1e.cairn.mds.v1.ClusterConstantsR\tconstants\x122\n" +
+	"\x15heartbeat_interval_ms\x18\x04 \x01(\rR\x13heartbeatIntervalMs\">\n" +
 	"\x15GetChunkServerRequest\x12%\n" +
 	"\x0echunkserver_id\x18\x01 \x01(\x04R\rchunkserverId\"U\n" +
 	"\x16GetChunkServerResponse\x12;\n" +
@@ -4343,7 +4416,11 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\aRWState\x12\x14\n" +
 	"\x10RW_STATE_UNKNOWN\x10\x00\x12\x16\n" +
 	"\x12RW_STATE_READWRITE\x10\x01\x12\x14\n" +
-	"\x10RW_STATE_RETIRED\x10\x02*\x87\x01\n" +
+	"\x10RW_STATE_RETIRED\x10\x02*u\n" +
+	"\x11LogicalPoolStatus\x12\x1f\n" +
+	"\x1bLOGICAL_POOL_STATUS_UNKNOWN\x10\x00\x12 \n" +
+	"\x1cLOGICAL_POOL_STATUS_CREATING\x10\x01\x12\x1d\n" +
+	"\x19LOGICAL_POOL_STATUS_READY\x10\x02*\x87\x01\n" +
 	"\fOperatorKind\x12\x19\n" +
 	"\x15OPERATOR_KIND_UNKNOWN\x10\x00\x12!\n" +
 	"\x1dOPERATOR_KIND_TRANSFER_LEADER\x10\x01\x12\x1a\n" +
@@ -4398,195 +4475,197 @@ func file_mdspb_mds_proto_rawDescGZIP() []byte {
 	return file_mdspb_mds_proto_rawDescData
 }
 
-var file_mdspb_mds_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
+var file_mdspb_mds_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
 var file_mdspb_mds_proto_msgTypes = make([]protoimpl.MessageInfo, 68)
 var file_mdspb_mds_proto_goTypes = []any{
 	(OnlineState)(0),                    // 0: cairn.mds.v1.OnlineState
 	(RWState)(0),                        // 1: cairn.mds.v1.RWState
-	(OperatorKind)(0),                   // 2: cairn.mds.v1.OperatorKind
-	(VolumeStatus)(0),                   // 3: cairn.mds.v1.VolumeStatus
-	(*NotLeader)(nil),                   // 4: cairn.mds.v1.NotLeader
-	(*ClusterConstants)(nil),            // 5: cairn.mds.v1.ClusterConstants
-	(*Zone)(nil),                        // 6: cairn.mds.v1.Zone
-	(*Server)(nil),                      // 7: cairn.mds.v1.Server
-	(*Capacity)(nil),                    // 8: cairn.mds.v1.Capacity
-	(*ChunkServer)(nil),                 // 9: cairn.mds.v1.ChunkServer
-	(*PhysicalPool)(nil),                // 10: cairn.mds.v1.PhysicalPool
-	(*LogicalPool)(nil),                 // 11: cairn.mds.v1.LogicalPool
-	(*Copyset)(nil),                     // 12: cairn.mds.v1.Copyset
-	(*RegisterChunkServerRequest)(nil),  // 13: cairn.mds.v1.RegisterChunkServerRequest
-	(*RegisterChunkServerResponse)(nil), // 14: cairn.mds.v1.RegisterChunkServerResponse
-	(*GetChunkServerRequest)(nil),       // 15: cairn.mds.v1.GetChunkServerRequest
-	(*GetChunkServerResponse)(nil),      // 16: cairn.mds.v1.GetChunkServerResponse
-	(*ListZonesRequest)(nil),            // 17: cairn.mds.v1.ListZonesRequest
-	(*ListZonesResponse)(nil),           // 18: cairn.mds.v1.ListZonesResponse
-	(*ListServersRequest)(nil),          // 19: cairn.mds.v1.ListServersRequest
-	(*ListServersResponse)(nil),         // 20: cairn.mds.v1.ListServersResponse
-	(*ListChunkServersRequest)(nil),     // 21: cairn.mds.v1.ListChunkServersRequest
-	(*ListChunkServersResponse)(nil),    // 22: cairn.mds.v1.ListChunkServersResponse
-	(*ListPoolsRequest)(nil),            // 23: cairn.mds.v1.ListPoolsRequest
-	(*ListPoolsResponse)(nil),           // 24: cairn.mds.v1.ListPoolsResponse
-	(*CreateLogicalPoolRequest)(nil),    // 25: cairn.mds.v1.CreateLogicalPoolRequest
-	(*CreateLogicalPoolResponse)(nil),   // 26: cairn.mds.v1.CreateLogicalPoolResponse
-	(*ListCopysetsRequest)(nil),         // 27: cairn.mds.v1.ListCopysetsRequest
-	(*ListCopysetsResponse)(nil),        // 28: cairn.mds.v1.ListCopysetsResponse
-	(*GetCopysetsRequest)(nil),          // 29: cairn.mds.v1.GetCopysetsRequest
-	(*GetCopysetsResponse)(nil),         // 30: cairn.mds.v1.GetCopysetsResponse
-	(*CopysetReport)(nil),               // 31: cairn.mds.v1.CopysetReport
-	(*HeartbeatRequest)(nil),            // 32: cairn.mds.v1.HeartbeatRequest
-	(*Operator)(nil),                    // 33: cairn.mds.v1.Operator
-	(*VolumeEpoch)(nil),                 // 34: cairn.mds.v1.VolumeEpoch
-	(*HeartbeatResponse)(nil),           // 35: cairn.mds.v1.HeartbeatResponse
-	(*Volume)(nil),                      // 36: cairn.mds.v1.Volume
-	(*Session)(nil),                     // 37: cairn.mds.v1.Session
-	(*CreateVolumeRequest)(nil),         // 38: cairn.mds.v1.CreateVolumeRequest
-	(*CreateVolumeResponse)(nil),        // 39: cairn.mds.v1.CreateVolumeResponse
-	(*StatVolumeRequest)(nil),           // 40: cairn.mds.v1.StatVolumeRequest
-	(*StatVolumeResponse)(nil),          // 41: cairn.mds.v1.StatVolumeResponse
-	(*ListVolumesRequest)(nil),          // 42: cairn.mds.v1.ListVolumesRequest
-	(*ListVolumesResponse)(nil),         // 43: cairn.mds.v1.ListVolumesResponse
-	(*ExtendVolumeRequest)(nil),         // 44: cairn.mds.v1.ExtendVolumeRequest
-	(*ExtendVolumeResponse)(nil),        // 45: cairn.mds.v1.ExtendVolumeResponse
-	(*RenameVolumeRequest)(nil),         // 46: cairn.mds.v1.RenameVolumeRequest
-	(*RenameVolumeResponse)(nil),        // 47: cairn.mds.v1.RenameVolumeResponse
-	(*DeleteVolumeRequest)(nil),         // 48: cairn.mds.v1.DeleteVolumeRequest
-	(*DeleteVolumeResponse)(nil),        // 49: cairn.mds.v1.DeleteVolumeResponse
-	(*OpenVolumeRequest)(nil),           // 50: cairn.mds.v1.OpenVolumeRequest
-	(*OpenVolumeResponse)(nil),          // 51: cairn.mds.v1.OpenVolumeResponse
-	(*RefreshSessionRequest)(nil),       // 52: cairn.mds.v1.RefreshSessionRequest
-	(*RefreshSessionResponse)(nil),      // 53: cairn.mds.v1.RefreshSessionResponse
-	(*CloseVolumeRequest)(nil),          // 54: cairn.mds.v1.CloseVolumeRequest
-	(*CloseVolumeResponse)(nil),         // 55: cairn.mds.v1.CloseVolumeResponse
-	(*ListSessionsRequest)(nil),         // 56: cairn.mds.v1.ListSessionsRequest
-	(*ListSessionsResponse)(nil),        // 57: cairn.mds.v1.ListSessionsResponse
-	(*ChunkRef)(nil),                    // 58: cairn.mds.v1.ChunkRef
-	(*Segment)(nil),                     // 59: cairn.mds.v1.Segment
-	(*GetSegmentRequest)(nil),           // 60: cairn.mds.v1.GetSegmentRequest
-	(*GetSegmentResponse)(nil),          // 61: cairn.mds.v1.GetSegmentResponse
-	(*ListSegmentsRequest)(nil),         // 62: cairn.mds.v1.ListSegmentsRequest
-	(*ListSegmentsResponse)(nil),        // 63: cairn.mds.v1.ListSegmentsResponse
-	(*MDSInstance)(nil),                 // 64: cairn.mds.v1.MDSInstance
-	(*EtcdMember)(nil),                  // 65: cairn.mds.v1.EtcdMember
-	(*GetClusterStatusRequest)(nil),     // 66: cairn.mds.v1.GetClusterStatusRequest
-	(*GetClusterStatusResponse)(nil),    // 67: cairn.mds.v1.GetClusterStatusResponse
-	(*TransferLeaderRequest)(nil),       // 68: cairn.mds.v1.TransferLeaderRequest
-	(*TransferLeaderResponse)(nil),      // 69: cairn.mds.v1.TransferLeaderResponse
-	(*ListOperatorsRequest)(nil),        // 70: cairn.mds.v1.ListOperatorsRequest
-	(*ListOperatorsResponse)(nil),       // 71: cairn.mds.v1.ListOperatorsResponse
-	(*commonpb.CopysetRef)(nil),         // 72: cairn.common.v1.CopysetRef
-	(*commonpb.Peer)(nil),               // 73: cairn.common.v1.Peer
-	(*copysetpb.PendingConfChange)(nil), // 74: cairn.copyset.v1.PendingConfChange
-	(*copysetpb.PeerProgress)(nil),      // 75: cairn.copyset.v1.PeerProgress
-	(*copysetpb.CopysetStatus)(nil),     // 76: cairn.copyset.v1.CopysetStatus
+	(LogicalPoolStatus)(0),              // 2: cairn.mds.v1.LogicalPoolStatus
+	(OperatorKind)(0),                   // 3: cairn.mds.v1.OperatorKind
+	(VolumeStatus)(0),                   // 4: cairn.mds.v1.VolumeStatus
+	(*NotLeader)(nil),                   // 5: cairn.mds.v1.NotLeader
+	(*ClusterConstants)(nil),            // 6: cairn.mds.v1.ClusterConstants
+	(*Zone)(nil),                        // 7: cairn.mds.v1.Zone
+	(*Server)(nil),                      // 8: cairn.mds.v1.Server
+	(*Capacity)(nil),                    // 9: cairn.mds.v1.Capacity
+	(*ChunkServer)(nil),                 // 10: cairn.mds.v1.ChunkServer
+	(*PhysicalPool)(nil),                // 11: cairn.mds.v1.PhysicalPool
+	(*LogicalPool)(nil),                 // 12: cairn.mds.v1.LogicalPool
+	(*Copyset)(nil),                     // 13: cairn.mds.v1.Copyset
+	(*RegisterChunkServerRequest)(nil),  // 14: cairn.mds.v1.RegisterChunkServerRequest
+	(*RegisterChunkServerResponse)(nil), // 15: cairn.mds.v1.RegisterChunkServerResponse
+	(*GetChunkServerRequest)(nil),       // 16: cairn.mds.v1.GetChunkServerRequest
+	(*GetChunkServerResponse)(nil),      // 17: cairn.mds.v1.GetChunkServerResponse
+	(*ListZonesRequest)(nil),            // 18: cairn.mds.v1.ListZonesRequest
+	(*ListZonesResponse)(nil),           // 19: cairn.mds.v1.ListZonesResponse
+	(*ListServersRequest)(nil),          // 20: cairn.mds.v1.ListServersRequest
+	(*ListServersResponse)(nil),         // 21: cairn.mds.v1.ListServersResponse
+	(*ListChunkServersRequest)(nil),     // 22: cairn.mds.v1.ListChunkServersRequest
+	(*ListChunkServersResponse)(nil),    // 23: cairn.mds.v1.ListChunkServersResponse
+	(*ListPoolsRequest)(nil),            // 24: cairn.mds.v1.ListPoolsRequest
+	(*ListPoolsResponse)(nil),           // 25: cairn.mds.v1.ListPoolsResponse
+	(*CreateLogicalPoolRequest)(nil),    // 26: cairn.mds.v1.CreateLogicalPoolRequest
+	(*CreateLogicalPoolResponse)(nil),   // 27: cairn.mds.v1.CreateLogicalPoolResponse
+	(*ListCopysetsRequest)(nil),         // 28: cairn.mds.v1.ListCopysetsRequest
+	(*ListCopysetsResponse)(nil),        // 29: cairn.mds.v1.ListCopysetsResponse
+	(*GetCopysetsRequest)(nil),          // 30: cairn.mds.v1.GetCopysetsRequest
+	(*GetCopysetsResponse)(nil),         // 31: cairn.mds.v1.GetCopysetsResponse
+	(*CopysetReport)(nil),               // 32: cairn.mds.v1.CopysetReport
+	(*HeartbeatRequest)(nil),            // 33: cairn.mds.v1.HeartbeatRequest
+	(*Operator)(nil),                    // 34: cairn.mds.v1.Operator
+	(*VolumeEpoch)(nil),                 // 35: cairn.mds.v1.VolumeEpoch
+	(*HeartbeatResponse)(nil),           // 36: cairn.mds.v1.HeartbeatResponse
+	(*Volume)(nil),                      // 37: cairn.mds.v1.Volume
+	(*Session)(nil),                     // 38: cairn.mds.v1.Session
+	(*CreateVolumeRequest)(nil),         // 39: cairn.mds.v1.CreateVolumeRequest
+	(*CreateVolumeResponse)(nil),        // 40: cairn.mds.v1.CreateVolumeResponse
+	(*StatVolumeRequest)(nil),           // 41: cairn.mds.v1.StatVolumeRequest
+	(*StatVolumeResponse)(nil),          // 42: cairn.mds.v1.StatVolumeResponse
+	(*ListVolumesRequest)(nil),          // 43: cairn.mds.v1.ListVolumesRequest
+	(*ListVolumesResponse)(nil),         // 44: cairn.mds.v1.ListVolumesResponse
+	(*ExtendVolumeRequest)(nil),         // 45: cairn.mds.v1.ExtendVolumeRequest
+	(*ExtendVolumeResponse)(nil),        // 46: cairn.mds.v1.ExtendVolumeResponse
+	(*RenameVolumeRequest)(nil),         // 47: cairn.mds.v1.RenameVolumeRequest
+	(*RenameVolumeResponse)(nil),        // 48: cairn.mds.v1.RenameVolumeResponse
+	(*DeleteVolumeRequest)(nil),         // 49: cairn.mds.v1.DeleteVolumeRequest
+	(*DeleteVolumeResponse)(nil),        // 50: cairn.mds.v1.DeleteVolumeResponse
+	(*OpenVolumeRequest)(nil),           // 51: cairn.mds.v1.OpenVolumeRequest
+	(*OpenVolumeResponse)(nil),          // 52: cairn.mds.v1.OpenVolumeResponse
+	(*RefreshSessionRequest)(nil),       // 53: cairn.mds.v1.RefreshSessionRequest
+	(*RefreshSessionResponse)(nil),      // 54: cairn.mds.v1.RefreshSessionResponse
+	(*CloseVolumeRequest)(nil),          // 55: cairn.mds.v1.CloseVolumeRequest
+	(*CloseVolumeResponse)(nil),         // 56: cairn.mds.v1.CloseVolumeResponse
+	(*ListSessionsRequest)(nil),         // 57: cairn.mds.v1.ListSessionsRequest
+	(*ListSessionsResponse)(nil),        // 58: cairn.mds.v1.ListSessionsResponse
+	(*ChunkRef)(nil),                    // 59: cairn.mds.v1.ChunkRef
+	(*Segment)(nil),                     // 60: cairn.mds.v1.Segment
+	(*GetSegmentRequest)(nil),           // 61: cairn.mds.v1.GetSegmentRequest
+	(*GetSegmentResponse)(nil),          // 62: cairn.mds.v1.GetSegmentResponse
+	(*ListSegmentsRequest)(nil),         // 63: cairn.mds.v1.ListSegmentsRequest
+	(*ListSegmentsResponse)(nil),        // 64: cairn.mds.v1.ListSegmentsResponse
+	(*MDSInstance)(nil),                 // 65: cairn.mds.v1.MDSInstance
+	(*EtcdMember)(nil),                  // 66: cairn.mds.v1.EtcdMember
+	(*GetClusterStatusRequest)(nil),     // 67: cairn.mds.v1.GetClusterStatusRequest
+	(*GetClusterStatusResponse)(nil),    // 68: cairn.mds.v1.GetClusterStatusResponse
+	(*TransferLeaderRequest)(nil),       // 69: cairn.mds.v1.TransferLeaderRequest
+	(*TransferLeaderResponse)(nil),      // 70: cairn.mds.v1.TransferLeaderResponse
+	(*ListOperatorsRequest)(nil),        // 71: cairn.mds.v1.ListOperatorsRequest
+	(*ListOperatorsResponse)(nil),       // 72: cairn.mds.v1.ListOperatorsResponse
+	(*commonpb.CopysetRef)(nil),         // 73: cairn.common.v1.CopysetRef
+	(*commonpb.Peer)(nil),               // 74: cairn.common.v1.Peer
+	(*copysetpb.PendingConfChange)(nil), // 75: cairn.copyset.v1.PendingConfChange
+	(*copysetpb.PeerProgress)(nil),      // 76: cairn.copyset.v1.PeerProgress
+	(*copysetpb.CopysetStatus)(nil),     // 77: cairn.copyset.v1.CopysetStatus
 }
 var file_mdspb_mds_proto_depIdxs = []int32{
 	0,  // 0: cairn.mds.v1.ChunkServer.online_state:type_name -> cairn.mds.v1.OnlineState
 	1,  // 1: cairn.mds.v1.ChunkServer.rw_state:type_name -> cairn.mds.v1.RWState
-	8,  // 2: cairn.mds.v1.ChunkServer.capacity:type_name -> cairn.mds.v1.Capacity
-	72, // 3: cairn.mds.v1.Copyset.id:type_name -> cairn.common.v1.CopysetRef
-	73, // 4: cairn.mds.v1.Copyset.peers:type_name -> cairn.common.v1.Peer
-	74, // 5: cairn.mds.v1.Copyset.pending:type_name -> cairn.copyset.v1.PendingConfChange
-	75, // 6: cairn.mds.v1.Copyset.progress:type_name -> cairn.copyset.v1.PeerProgress
-	5,  // 7: cairn.mds.v1.RegisterChunkServerRequest.constants:type_name -> cairn.mds.v1.ClusterConstants
-	8,  // 8: cairn.mds.v1.RegisterChunkServerRequest.capacity:type_name -> cairn.mds.v1.Capacity
-	5,  // 9: cairn.mds.v1.RegisterChunkServerResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
-	9,  // 10: cairn.mds.v1.GetChunkServerResponse.chunkserver:type_name -> cairn.mds.v1.ChunkServer
-	6,  // 11: cairn.mds.v1.ListZonesResponse.zones:type_name -> cairn.mds.v1.Zone
-	7,  // 12: cairn.mds.v1.ListServersResponse.servers:type_name -> cairn.mds.v1.Server
-	9,  // 13: cairn.mds.v1.ListChunkServersResponse.chunkservers:type_name -> cairn.mds.v1.ChunkServer
-	10, // 14: cairn.mds.v1.ListPoolsResponse.physical_pools:type_name -> cairn.mds.v1.PhysicalPool
-	11, // 15: cairn.mds.v1.ListPoolsResponse.logical_pools:type_name -> cairn.mds.v1.LogicalPool
-	11, // 16: cairn.mds.v1.CreateLogicalPoolResponse.pool:type_name -> cairn.mds.v1.LogicalPool
-	12, // 17: cairn.mds.v1.ListCopysetsResponse.copysets:type_name -> cairn.mds.v1.Copyset
-	72, // 18: cairn.mds.v1.GetCopysetsRequest.copysets:type_name -> cairn.common.v1.CopysetRef
-	12, // 19: cairn.mds.v1.GetCopysetsResponse.copysets:type_name -> cairn.mds.v1.Copyset
-	76, // 20: cairn.mds.v1.CopysetReport.status:type_name -> cairn.copyset.v1.CopysetStatus
-	8,  // 21: cairn.mds.v1.HeartbeatRequest.capacity:type_name -> cairn.mds.v1.Capacity
-	31, // 22: cairn.mds.v1.HeartbeatRequest.copysets:type_name -> cairn.mds.v1.CopysetReport
-	72, // 23: cairn.mds.v1.Operator.copyset:type_name -> cairn.common.v1.CopysetRef
-	2,  // 24: cairn.mds.v1.Operator.kind:type_name -> cairn.mds.v1.OperatorKind
-	73, // 25: cairn.mds.v1.Operator.target:type_name -> cairn.common.v1.Peer
-	33, // 26: cairn.mds.v1.HeartbeatResponse.operators:type_name -> cairn.mds.v1.Operator
-	72, // 27: cairn.mds.v1.HeartbeatResponse.remove_copysets:type_name -> cairn.common.v1.CopysetRef
-	34, // 28: cairn.mds.v1.HeartbeatResponse.epochs:type_name -> cairn.mds.v1.VolumeEpoch
-	3,  // 29: cairn.mds.v1.Volume.status:type_name -> cairn.mds.v1.VolumeStatus
-	36, // 30: cairn.mds.v1.CreateVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	36, // 31: cairn.mds.v1.StatVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	37, // 32: cairn.mds.v1.StatVolumeResponse.sessions:type_name -> cairn.mds.v1.Session
-	36, // 33: cairn.mds.v1.ListVolumesResponse.volumes:type_name -> cairn.mds.v1.Volume
-	36, // 34: cairn.mds.v1.ExtendVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	36, // 35: cairn.mds.v1.RenameVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	36, // 36: cairn.mds.v1.OpenVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	37, // 37: cairn.mds.v1.OpenVolumeResponse.session:type_name -> cairn.mds.v1.Session
-	5,  // 38: cairn.mds.v1.OpenVolumeResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
-	36, // 39: cairn.mds.v1.RefreshSessionResponse.volume:type_name -> cairn.mds.v1.Volume
-	37, // 40: cairn.mds.v1.RefreshSessionResponse.session:type_name -> cairn.mds.v1.Session
-	37, // 41: cairn.mds.v1.ListSessionsResponse.sessions:type_name -> cairn.mds.v1.Session
-	72, // 42: cairn.mds.v1.ChunkRef.copyset:type_name -> cairn.common.v1.CopysetRef
-	58, // 43: cairn.mds.v1.Segment.chunks:type_name -> cairn.mds.v1.ChunkRef
-	59, // 44: cairn.mds.v1.GetSegmentResponse.segment:type_name -> cairn.mds.v1.Segment
-	59, // 45: cairn.mds.v1.ListSegmentsResponse.segments:type_name -> cairn.mds.v1.Segment
-	64, // 46: cairn.mds.v1.GetClusterStatusResponse.mds:type_name -> cairn.mds.v1.MDSInstance
-	65, // 47: cairn.mds.v1.GetClusterStatusResponse.etcd:type_name -> cairn.mds.v1.EtcdMember
-	5,  // 48: cairn.mds.v1.GetClusterStatusResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
-	72, // 49: cairn.mds.v1.TransferLeaderRequest.copyset:type_name -> cairn.common.v1.CopysetRef
-	33, // 50: cairn.mds.v1.TransferLeaderResponse.operator:type_name -> cairn.mds.v1.Operator
-	33, // 51: cairn.mds.v1.ListOperatorsResponse.operators:type_name -> cairn.mds.v1.Operator
-	13, // 52: cairn.mds.v1.TopologyService.RegisterChunkServer:input_type -> cairn.mds.v1.RegisterChunkServerRequest
-	15, // 53: cairn.mds.v1.TopologyService.GetChunkServer:input_type -> cairn.mds.v1.GetChunkServerRequest
-	17, // 54: cairn.mds.v1.TopologyService.ListZones:input_type -> cairn.mds.v1.ListZonesRequest
-	19, // 55: cairn.mds.v1.TopologyService.ListServers:input_type -> cairn.mds.v1.ListServersRequest
-	21, // 56: cairn.mds.v1.TopologyService.ListChunkServers:input_type -> cairn.mds.v1.ListChunkServersRequest
-	23, // 57: cairn.mds.v1.TopologyService.ListPools:input_type -> cairn.mds.v1.ListPoolsRequest
-	25, // 58: cairn.mds.v1.TopologyService.CreateLogicalPool:input_type -> cairn.mds.v1.CreateLogicalPoolRequest
-	27, // 59: cairn.mds.v1.TopologyService.ListCopysets:input_type -> cairn.mds.v1.ListCopysetsRequest
-	29, // 60: cairn.mds.v1.TopologyService.GetCopysets:input_type -> cairn.mds.v1.GetCopysetsRequest
-	32, // 61: cairn.mds.v1.HeartbeatService.Heartbeat:input_type -> cairn.mds.v1.HeartbeatRequest
-	38, // 62: cairn.mds.v1.VolumeService.CreateVolume:input_type -> cairn.mds.v1.CreateVolumeRequest
-	40, // 63: cairn.mds.v1.VolumeService.StatVolume:input_type -> cairn.mds.v1.StatVolumeRequest
-	42, // 64: cairn.mds.v1.VolumeService.ListVolumes:input_type -> cairn.mds.v1.ListVolumesRequest
-	44, // 65: cairn.mds.v1.VolumeService.ExtendVolume:input_type -> cairn.mds.v1.ExtendVolumeRequest
-	46, // 66: cairn.mds.v1.VolumeService.RenameVolume:input_type -> cairn.mds.v1.RenameVolumeRequest
-	48, // 67: cairn.mds.v1.VolumeService.DeleteVolume:input_type -> cairn.mds.v1.DeleteVolumeRequest
-	50, // 68: cairn.mds.v1.VolumeService.OpenVolume:input_type -> cairn.mds.v1.OpenVolumeRequest
-	52, // 69: cairn.mds.v1.VolumeService.RefreshSession:input_type -> cairn.mds.v1.RefreshSessionRequest
-	54, // 70: cairn.mds.v1.VolumeService.CloseVolume:input_type -> cairn.mds.v1.CloseVolumeRequest
-	56, // 71: cairn.mds.v1.VolumeService.ListSessions:input_type -> cairn.mds.v1.ListSessionsRequest
-	60, // 72: cairn.mds.v1.VolumeService.GetSegment:input_type -> cairn.mds.v1.GetSegmentRequest
-	62, // 73: cairn.mds.v1.VolumeService.ListSegments:input_type -> cairn.mds.v1.ListSegmentsRequest
-	66, // 74: cairn.mds.v1.ClusterService.GetClusterStatus:input_type -> cairn.mds.v1.GetClusterStatusRequest
-	68, // 75: cairn.mds.v1.ClusterService.TransferLeader:input_type -> cairn.mds.v1.TransferLeaderRequest
-	70, // 76: cairn.mds.v1.ClusterService.ListOperators:input_type -> cairn.mds.v1.ListOperatorsRequest
-	14, // 77: cairn.mds.v1.TopologyService.RegisterChunkServer:output_type -> cairn.mds.v1.RegisterChunkServerResponse
-	16, // 78: cairn.mds.v1.TopologyService.GetChunkServer:output_type -> cairn.mds.v1.GetChunkServerResponse
-	18, // 79: cairn.mds.v1.TopologyService.ListZones:output_type -> cairn.mds.v1.ListZonesResponse
-	20, // 80: cairn.mds.v1.TopologyService.ListServers:output_type -> cairn.mds.v1.ListServersResponse
-	22, // 81: cairn.mds.v1.TopologyService.ListChunkServers:output_type -> cairn.mds.v1.ListChunkServersResponse
-	24, // 82: cairn.mds.v1.TopologyService.ListPools:output_type -> cairn.mds.v1.ListPoolsResponse
-	26, // 83: cairn.mds.v1.TopologyService.CreateLogicalPool:output_type -> cairn.mds.v1.CreateLogicalPoolResponse
-	28, // 84: cairn.mds.v1.TopologyService.ListCopysets:output_type -> cairn.mds.v1.ListCopysetsResponse
-	30, // 85: cairn.mds.v1.TopologyService.GetCopysets:output_type -> cairn.mds.v1.GetCopysetsResponse
-	35, // 86: cairn.mds.v1.HeartbeatService.Heartbeat:output_type -> cairn.mds.v1.HeartbeatResponse
-	39, // 87: cairn.mds.v1.VolumeService.CreateVolume:output_type -> cairn.mds.v1.CreateVolumeResponse
-	41, // 88: cairn.mds.v1.VolumeService.StatVolume:output_type -> cairn.mds.v1.StatVolumeResponse
-	43, // 89: cairn.mds.v1.VolumeService.ListVolumes:output_type -> cairn.mds.v1.ListVolumesResponse
-	45, // 90: cairn.mds.v1.VolumeService.ExtendVolume:output_type -> cairn.mds.v1.ExtendVolumeResponse
-	47, // 91: cairn.mds.v1.VolumeService.RenameVolume:output_type -> cairn.mds.v1.RenameVolumeResponse
-	49, // 92: cairn.mds.v1.VolumeService.DeleteVolume:output_type -> cairn.mds.v1.DeleteVolumeResponse
-	51, // 93: cairn.mds.v1.VolumeService.OpenVolume:output_type -> cairn.mds.v1.OpenVolumeResponse
-	53, // 94: cairn.mds.v1.VolumeService.RefreshSession:output_type -> cairn.mds.v1.RefreshSessionResponse
-	55, // 95: cairn.mds.v1.VolumeService.CloseVolume:output_type -> cairn.mds.v1.CloseVolumeResponse
-	57, // 96: cairn.mds.v1.VolumeService.ListSessions:output_type -> cairn.mds.v1.ListSessionsResponse
-	61, // 97: cairn.mds.v1.VolumeService.GetSegment:output_type -> cairn.mds.v1.GetSegmentResponse
-	63, // 98: cairn.mds.v1.VolumeService.ListSegments:output_type -> cairn.mds.v1.ListSegmentsResponse
-	67, // 99: cairn.mds.v1.ClusterService.GetClusterStatus:output_type -> cairn.mds.v1.GetClusterStatusResponse
-	69, // 100: cairn.mds.v1.ClusterService.TransferLeader:output_type -> cairn.mds.v1.TransferLeaderResponse
-	71, // 101: cairn.mds.v1.ClusterService.ListOperators:output_type -> cairn.mds.v1.ListOperatorsResponse
-	77, // [77:102] is the sub-list for method output_type
-	52, // [52:77] is the sub-list for method input_type
-	52, // [52:52] is the sub-list for extension type_name
-	52, // [52:52] is the sub-list for extension extendee
-	0,  // [0:52] is the sub-list for field type_name
+	9,  // 2: cairn.mds.v1.ChunkServer.capacity:type_name -> cairn.mds.v1.Capacity
+	2,  // 3: cairn.mds.v1.LogicalPool.status:type_name -> cairn.mds.v1.LogicalPoolStatus
+	73, // 4: cairn.mds.v1.Copyset.id:type_name -> cairn.common.v1.CopysetRef
+	74, // 5: cairn.mds.v1.Copyset.peers:type_name -> cairn.common.v1.Peer
+	75, // 6: cairn.mds.v1.Copyset.pending:type_name -> cairn.copyset.v1.PendingConfChange
+	76, // 7: cairn.mds.v1.Copyset.progress:type_name -> cairn.copyset.v1.PeerProgress
+	6,  // 8: cairn.mds.v1.RegisterChunkServerRequest.constants:type_name -> cairn.mds.v1.ClusterConstants
+	9,  // 9: cairn.mds.v1.RegisterChunkServerRequest.capacity:type_name -> cairn.mds.v1.Capacity
+	6,  // 10: cairn.mds.v1.RegisterChunkServerResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
+	10, // 11: cairn.mds.v1.GetChunkServerResponse.chunkserver:type_name -> cairn.mds.v1.ChunkServer
+	7,  // 12: cairn.mds.v1.ListZonesResponse.zones:type_name -> cairn.mds.v1.Zone
+	8,  // 13: cairn.mds.v1.ListServersResponse.servers:type_name -> cairn.mds.v1.Server
+	10, // 14: cairn.mds.v1.ListChunkServersResponse.chunkservers:type_name -> cairn.mds.v1.ChunkServer
+	11, // 15: cairn.mds.v1.ListPoolsResponse.physical_pools:type_name -> cairn.mds.v1.PhysicalPool
+	12, // 16: cairn.mds.v1.ListPoolsResponse.logical_pools:type_name -> cairn.mds.v1.LogicalPool
+	12, // 17: cairn.mds.v1.CreateLogicalPoolResponse.pool:type_name -> cairn.mds.v1.LogicalPool
+	13, // 18: cairn.mds.v1.ListCopysetsResponse.copysets:type_name -> cairn.mds.v1.Copyset
+	73, // 19: cairn.mds.v1.GetCopysetsRequest.copysets:type_name -> cairn.common.v1.CopysetRef
+	13, // 20: cairn.mds.v1.GetCopysetsResponse.copysets:type_name -> cairn.mds.v1.Copyset
+	77, // 21: cairn.mds.v1.CopysetReport.status:type_name -> cairn.copyset.v1.CopysetStatus
+	9,  // 22: cairn.mds.v1.HeartbeatRequest.capacity:type_name -> cairn.mds.v1.Capacity
+	32, // 23: cairn.mds.v1.HeartbeatRequest.copysets:type_name -> cairn.mds.v1.CopysetReport
+	73, // 24: cairn.mds.v1.Operator.copyset:type_name -> cairn.common.v1.CopysetRef
+	3,  // 25: cairn.mds.v1.Operator.kind:type_name -> cairn.mds.v1.OperatorKind
+	74, // 26: cairn.mds.v1.Operator.target:type_name -> cairn.common.v1.Peer
+	34, // 27: cairn.mds.v1.HeartbeatResponse.operators:type_name -> cairn.mds.v1.Operator
+	73, // 28: cairn.mds.v1.HeartbeatResponse.remove_copysets:type_name -> cairn.common.v1.CopysetRef
+	35, // 29: cairn.mds.v1.HeartbeatResponse.epochs:type_name -> cairn.mds.v1.VolumeEpoch
+	4,  // 30: cairn.mds.v1.Volume.status:type_name -> cairn.mds.v1.VolumeStatus
+	37, // 31: cairn.mds.v1.CreateVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	37, // 32: cairn.mds.v1.StatVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	38, // 33: cairn.mds.v1.StatVolumeResponse.sessions:type_name -> cairn.mds.v1.Session
+	37, // 34: cairn.mds.v1.ListVolumesResponse.volumes:type_name -> cairn.mds.v1.Volume
+	37, // 35: cairn.mds.v1.ExtendVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	37, // 36: cairn.mds.v1.RenameVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	37, // 37: cairn.mds.v1.OpenVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	38, // 38: cairn.mds.v1.OpenVolumeResponse.session:type_name -> cairn.mds.v1.Session
+	6,  // 39: cairn.mds.v1.OpenVolumeResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
+	37, // 40: cairn.mds.v1.RefreshSessionResponse.volume:type_name -> cairn.mds.v1.Volume
+	38, // 41: cairn.mds.v1.RefreshSessionResponse.session:type_name -> cairn.mds.v1.Session
+	38, // 42: cairn.mds.v1.ListSessionsResponse.sessions:type_name -> cairn.mds.v1.Session
+	73, // 43: cairn.mds.v1.ChunkRef.copyset:type_name -> cairn.common.v1.CopysetRef
+	59, // 44: cairn.mds.v1.Segment.chunks:type_name -> cairn.mds.v1.ChunkRef
+	60, // 45: cairn.mds.v1.GetSegmentResponse.segment:type_name -> cairn.mds.v1.Segment
+	60, // 46: cairn.mds.v1.ListSegmentsResponse.segments:type_name -> cairn.mds.v1.Segment
+	65, // 47: cairn.mds.v1.GetClusterStatusResponse.mds:type_name -> cairn.mds.v1.MDSInstance
+	66, // 48: cairn.mds.v1.GetClusterStatusResponse.etcd:type_name -> cairn.mds.v1.EtcdMember
+	6,  // 49: cairn.mds.v1.GetClusterStatusResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
+	73, // 50: cairn.mds.v1.TransferLeaderRequest.copyset:type_name -> cairn.common.v1.CopysetRef
+	34, // 51: cairn.mds.v1.TransferLeaderResponse.operator:type_name -> cairn.mds.v1.Operator
+	34, // 52: cairn.mds.v1.ListOperatorsResponse.operators:type_name -> cairn.mds.v1.Operator
+	14, // 53: cairn.mds.v1.TopologyService.RegisterChunkServer:input_type -> cairn.mds.v1.RegisterChunkServerRequest
+	16, // 54: cairn.mds.v1.TopologyService.GetChunkServer:input_type -> cairn.mds.v1.GetChunkServerRequest
+	18, // 55: cairn.mds.v1.TopologyService.ListZones:input_type -> cairn.mds.v1.ListZonesRequest
+	20, // 56: cairn.mds.v1.TopologyService.ListServers:input_type -> cairn.mds.v1.ListServersRequest
+	22, // 57: cairn.mds.v1.TopologyService.ListChunkServers:input_type -> cairn.mds.v1.ListChunkServersRequest
+	24, // 58: cairn.mds.v1.TopologyService.ListPools:input_type -> cairn.mds.v1.ListPoolsRequest
+	26, // 59: cairn.mds.v1.TopologyService.CreateLogicalPool:input_type -> cairn.mds.v1.CreateLogicalPoolRequest
+	28, // 60: cairn.mds.v1.TopologyService.ListCopysets:input_type -> cairn.mds.v1.ListCopysetsRequest
+	30, // 61: cairn.mds.v1.TopologyService.GetCopysets:input_type -> cairn.mds.v1.GetCopysetsRequest
+	33, // 62: cairn.mds.v1.HeartbeatService.Heartbeat:input_type -> cairn.mds.v1.HeartbeatRequest
+	39, // 63: cairn.mds.v1.VolumeService.CreateVolume:input_type -> cairn.mds.v1.CreateVolumeRequest
+	41, // 64: cairn.mds.v1.VolumeService.StatVolume:input_type -> cairn.mds.v1.StatVolumeRequest
+	43, // 65: cairn.mds.v1.VolumeService.ListVolumes:input_type -> cairn.mds.v1.ListVolumesRequest
+	45, // 66: cairn.mds.v1.VolumeService.ExtendVolume:input_type -> cairn.mds.v1.ExtendVolumeRequest
+	47, // 67: cairn.mds.v1.VolumeService.RenameVolume:input_type -> cairn.mds.v1.RenameVolumeRequest
+	49, // 68: cairn.mds.v1.VolumeService.DeleteVolume:input_type -> cairn.mds.v1.DeleteVolumeRequest
+	51, // 69: cairn.mds.v1.VolumeService.OpenVolume:input_type -> cairn.mds.v1.OpenVolumeRequest
+	53, // 70: cairn.mds.v1.VolumeService.RefreshSession:input_type -> cairn.mds.v1.RefreshSessionRequest
+	55, // 71: cairn.mds.v1.VolumeService.CloseVolume:input_type -> cairn.mds.v1.CloseVolumeRequest
+	57, // 72: cairn.mds.v1.VolumeService.ListSessions:input_type -> cairn.mds.v1.ListSessionsRequest
+	61, // 73: cairn.mds.v1.VolumeService.GetSegment:input_type -> cairn.mds.v1.GetSegmentRequest
+	63, // 74: cairn.mds.v1.VolumeService.ListSegments:input_type -> cairn.mds.v1.ListSegmentsRequest
+	67, // 75: cairn.mds.v1.ClusterService.GetClusterStatus:input_type -> cairn.mds.v1.GetClusterStatusRequest
+	69, // 76: cairn.mds.v1.ClusterService.TransferLeader:input_type -> cairn.mds.v1.TransferLeaderRequest
+	71, // 77: cairn.mds.v1.ClusterService.ListOperators:input_type -> cairn.mds.v1.ListOperatorsRequest
+	15, // 78: cairn.mds.v1.TopologyService.RegisterChunkServer:output_type -> cairn.mds.v1.RegisterChunkServerResponse
+	17, // 79: cairn.mds.v1.TopologyService.GetChunkServer:output_type -> cairn.mds.v1.GetChunkServerResponse
+	19, // 80: cairn.mds.v1.TopologyService.ListZones:output_type -> cairn.mds.v1.ListZonesResponse
+	21, // 81: cairn.mds.v1.TopologyService.ListServers:output_type -> cairn.mds.v1.ListServersResponse
+	23, // 82: cairn.mds.v1.TopologyService.ListChunkServers:output_type -> cairn.mds.v1.ListChunkServersResponse
+	25, // 83: cairn.mds.v1.TopologyService.ListPools:output_type -> cairn.mds.v1.ListPoolsResponse
+	27, // 84: cairn.mds.v1.TopologyService.CreateLogicalPool:output_type -> cairn.mds.v1.CreateLogicalPoolResponse
+	29, // 85: cairn.mds.v1.TopologyService.ListCopysets:output_type -> cairn.mds.v1.ListCopysetsResponse
+	31, // 86: cairn.mds.v1.TopologyService.GetCopysets:output_type -> cairn.mds.v1.GetCopysetsResponse
+	36, // 87: cairn.mds.v1.HeartbeatService.Heartbeat:output_type -> cairn.mds.v1.HeartbeatResponse
+	40, // 88: cairn.mds.v1.VolumeService.CreateVolume:output_type -> cairn.mds.v1.CreateVolumeResponse
+	42, // 89: cairn.mds.v1.VolumeService.StatVolume:output_type -> cairn.mds.v1.StatVolumeResponse
+	44, // 90: cairn.mds.v1.VolumeService.ListVolumes:output_type -> cairn.mds.v1.ListVolumesResponse
+	46, // 91: cairn.mds.v1.VolumeService.ExtendVolume:output_type -> cairn.mds.v1.ExtendVolumeResponse
+	48, // 92: cairn.mds.v1.VolumeService.RenameVolume:output_type -> cairn.mds.v1.RenameVolumeResponse
+	50, // 93: cairn.mds.v1.VolumeService.DeleteVolume:output_type -> cairn.mds.v1.DeleteVolumeResponse
+	52, // 94: cairn.mds.v1.VolumeService.OpenVolume:output_type -> cairn.mds.v1.OpenVolumeResponse
+	54, // 95: cairn.mds.v1.VolumeService.RefreshSession:output_type -> cairn.mds.v1.RefreshSessionResponse
+	56, // 96: cairn.mds.v1.VolumeService.CloseVolume:output_type -> cairn.mds.v1.CloseVolumeResponse
+	58, // 97: cairn.mds.v1.VolumeService.ListSessions:output_type -> cairn.mds.v1.ListSessionsResponse
+	62, // 98: cairn.mds.v1.VolumeService.GetSegment:output_type -> cairn.mds.v1.GetSegmentResponse
+	64, // 99: cairn.mds.v1.VolumeService.ListSegments:output_type -> cairn.mds.v1.ListSegmentsResponse
+	68, // 100: cairn.mds.v1.ClusterService.GetClusterStatus:output_type -> cairn.mds.v1.GetClusterStatusResponse
+	70, // 101: cairn.mds.v1.ClusterService.TransferLeader:output_type -> cairn.mds.v1.TransferLeaderResponse
+	72, // 102: cairn.mds.v1.ClusterService.ListOperators:output_type -> cairn.mds.v1.ListOperatorsResponse
+	78, // [78:103] is the sub-list for method output_type
+	53, // [53:78] is the sub-list for method input_type
+	53, // [53:53] is the sub-list for extension type_name
+	53, // [53:53] is the sub-list for extension extendee
+	0,  // [0:53] is the sub-list for field type_name
 }
 
 func init() { file_mdspb_mds_proto_init() }
@@ -4599,7 +4678,7 @@ func file_mdspb_mds_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_mdspb_mds_proto_rawDesc), len(file_mdspb_mds_proto_rawDesc)),
-			NumEnums:      4,
+			NumEnums:      5,
 			NumMessages:   68,
 			NumExtensions: 0,
 			NumServices:   4,
