@@ -223,7 +223,7 @@ func (l *leaderState) finishLogicalPool(ctx context.Context, poolID uint32) (*md
 	wg.Wait()
 	if len(errs) > 0 {
 		sort.Strings(errs)
-		return nil, status.Errorf(codes.Unavailable, "logical pool %q is recorded but %d of %d chunkservers did not create their copysets (the MDS keeps asking): %s",
+		return nil, status.Errorf(codes.Aborted, "logical pool %q is recorded but %d of %d chunkservers did not create their copysets (the MDS keeps asking): %s",
 			pool.Name, len(errs), len(ids), strings.Join(errs, "; "))
 	}
 	pool.Status = mdspb.LogicalPoolStatus_LOGICAL_POOL_STATUS_READY

@@ -305,4 +305,3 @@ func (l *leaderState) getCopysets(r *mdspb.GetCopysetsRequest) (*mdspb.GetCopyse
 	}
 	return out, nil
 }
-

@@ -408,7 +408,7 @@ func (l *leaderState) pushEpoch(ctx context.Context, v *mdspb.Volume) error {
 	wg.Wait()
 	if len(errs) > 0 {
 		sort.Strings(errs)
-		return status.Errorf(codes.Unavailable, "volume %q epoch %d is recorded but %d online chunkservers did not acknowledge it (retry the open): %s",
+		return status.Errorf(codes.Aborted, "volume %q epoch %d is recorded but %d online chunkservers did not acknowledge it (retry the open): %s",
 			v.Name, v.Epoch, len(errs), strings.Join(errs, "; "))
 	}
 	return nil
