@@ -213,3 +213,13 @@ func (c *cluster) double(id uint64) *mdstest.ChunkServerDouble {
 	c.t.Fatalf("no double with id %d", id)
 	return nil
 }
+
+// startDouble starts and registers a chunkserver double in zone z.
+func startDouble(t *testing.T, c *cluster, z int) *mdstest.ChunkServerDouble {
+	t.Helper()
+	d := mdstest.StartChunkServerDouble(t, fmt.Sprintf("host-%d-%d", z, len(c.css)), fmt.Sprintf("zone-%d", z), "pool0")
+	if err := d.Register(c.ctx, c.conn.Topology(), testConstants); err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
