@@ -232,6 +232,7 @@ func (s *Server) campaignOnce(ctx context.Context) error {
 	select {
 	case <-sess.Done():
 		s.log.Warn("leadership lost: etcd session expired")
+	case <-st.stepDown:
 	case <-ctx.Done():
 	}
 	s.mu.Lock()
@@ -240,11 +241,11 @@ func (s *Server) campaignOnce(ctx context.Context) error {
 	st.stop()
 	if ctx.Err() != nil {
 		abandon = s.cfg.TestingKnobs.AbandonLeadershipOnStop
-		if !abandon {
-			rctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-			_ = el.Resign(rctx)
-			cancel()
-		}
+	}
+	if !abandon {
+		rctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_ = el.Resign(rctx)
+		cancel()
 	}
 	return nil
 }

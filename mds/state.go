@@ -30,6 +30,9 @@ type leaderState struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	kick   chan struct{} // wakes the background loop
+	// stepDown is closed when this leader must give up its leadership.
+	stepDown     chan struct{}
+	stepDownOnce sync.Once
 
 	// topoWrite serialises topology and copyset writes to etcd (registration,
 	// pool creation, copyset updates from heartbeats, operators).
@@ -75,7 +78,13 @@ func newLeaderState(s *Server, st *store) *leaderState {
 	ctx, cancel := context.WithCancel(context.Background())
 	l := &leaderState{
 		s: s, st: st, consts: s.consts, log: s.log, since: time.Now(),
-		ctx: ctx, cancel: cancel, kick: make(chan struct{}, 1),
+		ctx: ctx, cancel: cancel, kick: make(chan struct{}, 1), stepDown: make(chan struct{}),
+	}
+	st.uncertain = func(err error) {
+		l.stepDownOnce.Do(func() {
+			l.log.Error("stepping down: an etcd write has an unknown outcome", "err", err)
+			close(l.stepDown)
+		})
 	}
 	l.chunkIDs = idBatcher{st: st, kind: counterChunk, batch: 4096}
 	l.mu.rr = map[uint32]int{}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/protobuf/proto"
@@ -94,7 +95,15 @@ type store struct {
 	cli   *clientv3.Client
 	k     keys
 	guard clientv3.Cmp
+	// uncertain is called when a write's outcome is unknown (etcd did not
+	// answer): the caches may no longer match etcd, so the leader steps down
+	// and the next leader reloads everything.
+	uncertain func(error)
 }
+
+// txnTimeout bounds one guarded write. Writes do not follow the caller's
+// cancellation: once sent, a write completes or its outcome is unknown.
+const txnTimeout = 10 * time.Second
 
 func putOp(key string, m proto.Message) clientv3.Op {
 	b, err := proto.Marshal(m)
@@ -169,9 +178,18 @@ func (s *store) txn(ctx context.Context, cmps []clientv3.Cmp, ops ...clientv3.Op
 	if len(ops) > maxTxnOps {
 		return false, fmt.Errorf("etcd txn: %d operations exceed %d", len(ops), maxTxnOps)
 	}
-	resp, err := s.cli.Txn(ctx).If(s.guard).Then(clientv3.OpTxn(cmps, ops, nil)).Commit()
+	if err := ctx.Err(); err != nil {
+		return false, err
+	}
+	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), txnTimeout)
+	defer cancel()
+	resp, err := s.cli.Txn(wctx).If(s.guard).Then(clientv3.OpTxn(cmps, ops, nil)).Commit()
 	if err != nil {
-		return false, fmt.Errorf("etcd txn: %w", err)
+		err = fmt.Errorf("etcd txn: %w", err)
+		if s.uncertain != nil {
+			s.uncertain(err)
+		}
+		return false, err
 	}
 	if !resp.Succeeded {
 		return false, errNotLeader
