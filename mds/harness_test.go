@@ -68,6 +68,23 @@ func startMDS(t *testing.T, cfg mds.Config, wantLeader bool) *mds.Server {
 	return s
 }
 
+// startMDSB starts a leading MDS for a benchmark and returns its address.
+func startMDSB(b *testing.B, cfg mds.Config) string {
+	b.Helper()
+	s, err := mds.New(cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := s.Start(context.Background()); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(s.Stop)
+	for !s.Leading() {
+		time.Sleep(10 * time.Millisecond)
+	}
+	return s.Addr()
+}
+
 func dial(t *testing.T, addrs ...string) *mdsclient.Conn {
 	t.Helper()
 	c, err := mdsclient.Dial(addrs, mdsclient.Options{Logger: testLogger(), RetryBudget: 20 * time.Second})

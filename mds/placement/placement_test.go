@@ -279,3 +279,18 @@ func TestPlacementPropertiesFewCopysets(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkPlace200ChunkServers places the default 100 copyset replicas per
+// chunkserver over 200 chunkservers in 5 zones (6,667 copysets).
+func BenchmarkPlace200ChunkServers(b *testing.B) {
+	var css []ChunkServer
+	for i := 0; i < 200; i++ {
+		css = append(css, ChunkServer{ID: uint64(i + 1), Zone: uint32(i%5 + 1)})
+	}
+	req := Request{ChunkServers: css, Replicas: 3, PerChunkServer: 100}
+	for i := 0; i < b.N; i++ {
+		if _, err := Place(req, rand.New(rand.NewPCG(uint64(i), 1))); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
