@@ -524,16 +524,23 @@ func (l *leaderState) listSessions(ctx context.Context, r *mdspb.ListSessionsReq
 		}
 		return &mdspb.ListSessionsResponse{Sessions: s}, nil
 	}
-	all, err := list[mdspb.Session](ctx, l.st, l.st.k.sessions())
+	vols, err := list[mdspb.Volume](ctx, l.st, l.st.k.volumes())
 	if err != nil {
 		return nil, err
 	}
-	now := time.Now().Unix()
 	out := &mdspb.ListSessionsResponse{}
-	for _, s := range all {
-		if s.ExpiresUnix > now {
-			out.Sessions = append(out.Sessions, s)
+	for _, v := range vols {
+		if v.Status != mdspb.VolumeStatus_VOLUME_STATUS_CREATED {
+			continue
 		}
+		s, err := l.liveSessions(ctx, v.Id)
+		if err != nil {
+			return nil, err
+		}
+		for _, x := range s {
+			x.Volume = v.Name // the name may have changed since the open
+		}
+		out.Sessions = append(out.Sessions, s...)
 	}
 	return out, nil
 }
