@@ -11,6 +11,7 @@ import (
 
 	"google.golang.org/grpc/codes"
 
+	"cairn.io/cairn/api/commonpb"
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/mds"
 	"cairn.io/cairn/mds/mdstest"
@@ -214,5 +215,55 @@ func TestMetricsAndHealth(t *testing.T) {
 	}
 	if t.Failed() {
 		t.Log(m)
+	}
+}
+
+func TestHeartbeatTellsRemovedReplicaToDropCopyset(t *testing.T) {
+	c := newCluster(t, 4, 1, nil)
+	pool := c.createPool(1)
+	cs, err := c.conn.Topology().ListCopysets(c.ctx, &mdspb.ListCopysetsRequest{LogicalPoolId: pool.Id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	copyset := cs.Copysets[0]
+	leader := c.double(copyset.LeaderId)
+	removed := c.double(copyset.Peers[2].ChunkserverId)
+	var spare *mdstest.ChunkServerDouble
+	for _, d := range c.css {
+		member := false
+		for _, p := range copyset.Peers {
+			member = member || p.ChunkserverId == d.ID()
+		}
+		if !member {
+			spare = d
+		}
+	}
+	if spare == nil {
+		t.Fatalf("copyset %v covers every chunkserver", copyset)
+	}
+	// The leader reports a new configuration without the removed replica.
+	newPeers := []*commonpb.Peer{copyset.Peers[0], copyset.Peers[1], {ChunkserverId: spare.ID(), Address: spare.Addr}}
+	leader.SetPeers(copyset.Id, newPeers)
+	leader.SetConfEpoch(copyset.Id, 9)
+	hb, err := leader.Heartbeat(c.ctx, c.conn.Heartbeats())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(hb.RemoveCopysets) != 0 {
+		t.Fatalf("leader told to remove %v", hb.RemoveCopysets)
+	}
+	hb, err = removed.Heartbeat(c.ctx, c.conn.Heartbeats())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(hb.RemoveCopysets) != 1 || hb.RemoveCopysets[0].CopysetId != copyset.Id.CopysetId {
+		t.Fatalf("removed replica got remove_copysets %v", hb.RemoveCopysets)
+	}
+	got, err := c.conn.Topology().GetCopysets(c.ctx, &mdspb.GetCopysetsRequest{Copysets: []*commonpb.CopysetRef{copyset.Id}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g := got.Copysets[0]; g.ConfEpoch != 9 || len(g.Peers) != 3 || g.Peers[2].ChunkserverId != spare.ID() {
+		t.Fatalf("copyset after the change: %v", g)
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
@@ -67,7 +68,8 @@ func New(cfg Config) (*Server, error) {
 	s := &Server{cfg: cfg, log: cfg.Logger.With("component", "mds"), keys: keys{p: cfg.EtcdPrefix}}
 	s.registry = prometheus.NewRegistry()
 	s.metrics = newMetrics(s)
-	s.registry.MustRegister(s.metrics)
+	s.registry.MustRegister(s.metrics, collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	s.conns = newChunkServerConns()
 	return s, nil
 }

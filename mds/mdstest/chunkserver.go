@@ -155,6 +155,16 @@ func (d *ChunkServerDouble) SetConfEpoch(ref *commonpb.CopysetRef, epoch uint64)
 	d.mu.confEpoch[key(ref)] = epoch
 }
 
+// SetPeers sets the members the double reports for a copyset, as after a
+// membership change.
+func (d *ChunkServerDouble) SetPeers(ref *commonpb.CopysetRef, peers []*commonpb.Peer) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if spec := d.mu.copysets[key(ref)]; spec != nil {
+		spec.Peers = peers
+	}
+}
+
 // SetRedirect makes DeleteChunk on a copyset answer REDIRECTED with hint
 // (nil to serve it again).
 func (d *ChunkServerDouble) SetRedirect(ref *commonpb.CopysetRef, hint *chunkpb.LeaderHint) {
