@@ -44,31 +44,36 @@ func (l *leaderState) getSegment(ctx context.Context, r *mdspb.GetSegmentRequest
 	} else if found {
 		return &mdspb.GetSegmentResponse{Segment: seg}, nil
 	}
-	v, volRev, err := l.volumeByName(ctx, r.Name)
-	if err != nil {
-		return nil, err
-	}
-	seg, err = l.placeSegment(ctx, v, index)
-	if err != nil {
-		return nil, err
-	}
-	volKey := l.st.k.volume(v.Id)
-	ok, err := l.st.txn(ctx, []clientv3.Cmp{
-		clientv3.Compare(clientv3.CreateRevision(key), "=", 0),
-		clientv3.Compare(clientv3.ModRevision(volKey), "=", volRev),
-	}, putOp(key, seg))
-	if err != nil {
-		return nil, err
-	}
-	if !ok {
-		// The volume changed (deleted, renamed, reopened) or the segment
-		// appeared: answer with what is there now.
+	// The segment is written only if the volume did not change meanwhile
+	// (a delete must not race with an allocation); retry when it did.
+	for attempt := 0; ; attempt++ {
+		v, volRev, err := l.volumeByName(ctx, r.Name)
+		if err != nil {
+			return nil, err
+		}
+		seg, err = l.placeSegment(ctx, v, index)
+		if err != nil {
+			return nil, err
+		}
+		volKey := l.st.k.volume(v.Id)
+		ok, err := l.st.txn(ctx, []clientv3.Cmp{
+			clientv3.Compare(clientv3.CreateRevision(key), "=", 0),
+			clientv3.Compare(clientv3.ModRevision(volKey), "=", volRev),
+		}, putOp(key, seg))
+		if err != nil {
+			return nil, err
+		}
+		if ok {
+			break
+		}
 		if found, _, err := l.st.get(ctx, key, seg); err != nil {
 			return nil, err
 		} else if found {
 			return &mdspb.GetSegmentResponse{Segment: seg}, nil
 		}
-		return nil, status.Errorf(codes.Aborted, "volume %q changed during allocation; retry", r.Name)
+		if attempt == 4 {
+			return nil, status.Errorf(codes.Aborted, "volume %q kept changing during allocation; retry", r.Name)
+		}
 	}
 	l.mu.Lock()
 	l.mu.segments++

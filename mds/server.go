@@ -114,6 +114,9 @@ func (s *Server) Start(ctx context.Context) (err error) {
 	s.advAddr = s.cfg.AdvertiseAddr
 	if s.advAddr == "" {
 		s.advAddr = s.lis.Addr().String()
+		if host, _, err := net.SplitHostPort(s.advAddr); err == nil && net.ParseIP(host).IsUnspecified() {
+			return fmt.Errorf("%w: listening on %s needs an advertise address that others can reach", ErrInvalidConfig, s.advAddr)
+		}
 	}
 	s.grpc = grpc.NewServer(grpc.ChainUnaryInterceptor(s.leaderInterceptor))
 	registerServices(s.grpc, s)

@@ -40,7 +40,7 @@ type leaderState struct {
 	// epochWrite serialises volume epoch bumps (they share the epoch table
 	// version counter).
 	epochWrite sync.Mutex
-	// volLocks serialises segment allocation and opens per volume.
+	// volLocks serialises segment allocation per volume.
 	volLocks keyedMutex
 	chunkIDs idBatcher
 

@@ -278,8 +278,6 @@ func (l *leaderState) openVolume(ctx context.Context, r *mdspb.OpenVolumeRequest
 	if err != nil {
 		return nil, err
 	}
-	unlock := l.volLocks.lock(v.Id)
-	defer unlock()
 	now := time.Now()
 	sess := &mdspb.Session{
 		SessionId: newSessionID(), Volume: r.Name, Client: r.Client, Writable: r.Writable,
