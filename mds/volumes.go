@@ -274,8 +274,7 @@ func newSessionID() string {
 // openVolume opens a volume. A writable open bumps the volume's epoch and
 // pushes it to the chunkservers of the volume's pool before returning.
 func (l *leaderState) openVolume(ctx context.Context, r *mdspb.OpenVolumeRequest) (*mdspb.OpenVolumeResponse, error) {
-	v, _, err := l.volumeByName(ctx, r.Name)
-	if err != nil {
+	if err := checkName("volume name", r.Name); err != nil {
 		return nil, err
 	}
 	now := time.Now()
@@ -287,7 +286,7 @@ func (l *leaderState) openVolume(ctx context.Context, r *mdspb.OpenVolumeRequest
 		sess.ClientAddress = p.Addr.String()
 	}
 	if !r.Writable {
-		v, _, err = l.volumeByName(ctx, r.Name)
+		v, _, err := l.volumeByName(ctx, r.Name)
 		if err != nil {
 			return nil, err
 		}
@@ -297,7 +296,7 @@ func (l *leaderState) openVolume(ctx context.Context, r *mdspb.OpenVolumeRequest
 		}
 		return l.openResponse(v, sess), nil
 	}
-	v, err = l.bumpEpoch(ctx, r.Name, sess)
+	v, err := l.bumpEpoch(ctx, r.Name, sess)
 	if err != nil {
 		return nil, err
 	}
