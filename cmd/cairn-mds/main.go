@@ -1,0 +1,152 @@
+// Command cairn-mds runs Cairn's metadata server.
+//
+// By default it starts an embedded single-node etcd under --data-dir,
+// listening on loopback only. With --etcd-endpoints it uses an external etcd
+// cluster instead, and several cairn-mds processes can run against it: they
+// elect a leader and the others redirect callers to it.
+//
+// Cluster constants (--chunk-size, --segment-size, --block-size,
+// --meta-page-size) are fixed when the cluster is first started; later starts
+// may leave them out, and a start with a different value is refused.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/mds"
+)
+
+func main() {
+	if err := run(os.Args[1:]); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return
+		}
+		fmt.Fprintln(os.Stderr, "cairn-mds:", err)
+		os.Exit(1)
+	}
+}
+
+func run(args []string) error {
+	fs := flag.NewFlagSet("cairn-mds", flag.ContinueOnError)
+	var (
+		dataDir     = fs.String("data-dir", "", "directory for the embedded etcd's data (required without --etcd-endpoints)")
+		listen      = fs.String("listen", "127.0.0.1:6700", "gRPC listen address")
+		advertise   = fs.String("advertise", "", "address other processes reach this MDS at (default: the bound listen address)")
+		metrics     = fs.String("metrics-listen", "127.0.0.1:6701", "HTTP address of /metrics and /healthz (\"-\" disables)")
+		endpoints   = fs.String("etcd-endpoints", "", "comma-separated client URLs of an external etcd cluster (default: embedded etcd)")
+		etcdListen  = fs.String("embedded-etcd-listen", "127.0.0.1:6702", "client listen address of the embedded etcd (loopback only)")
+		prefix      = fs.String("etcd-prefix", "/cairn/", "prefix of every etcd key")
+		chunkSize   = fs.String("chunk-size", "", "chunk size on the cluster's first start (default 16MiB)")
+		segmentSize = fs.String("segment-size", "", "segment size on the cluster's first start (default 1GiB)")
+		blockSize   = fs.String("block-size", "", "IO block size on the cluster's first start (default 512)")
+		metaPage    = fs.String("meta-page-size", "", "chunk meta page size on the cluster's first start (default 4096)")
+		hbInterval  = fs.Duration("heartbeat-interval", 3*time.Second, "heartbeat period asked of chunkservers")
+		unstable    = fs.Duration("unstable-timeout", 0, "heartbeat age after which a chunkserver is UNSTABLE (default 3 heartbeat intervals)")
+		offline     = fs.Duration("offline-timeout", 0, "heartbeat age after which a chunkserver is OFFLINE (default 10 heartbeat intervals)")
+		lease       = fs.Duration("session-lease", 30*time.Second, "lifetime of a volume session without refresh")
+		electionTTL = fs.Duration("election-ttl", 5*time.Second, "lease of the leader's election key (failover time after a crash)")
+		logLevel    = fs.String("log-level", "info", "debug, info, warn or error")
+	)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
+		return fmt.Errorf("--log-level: %w", err)
+	}
+	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	consts := &mdspb.ClusterConstants{}
+	for _, f := range []struct {
+		name string
+		v    string
+		set  func(uint64)
+	}{
+		{"chunk-size", *chunkSize, func(n uint64) { consts.ChunkSize = n }},
+		{"segment-size", *segmentSize, func(n uint64) { consts.SegmentSize = n }},
+		{"block-size", *blockSize, func(n uint64) { consts.BlockSize = uint32(n) }},
+		{"meta-page-size", *metaPage, func(n uint64) { consts.MetaPageSize = uint32(n) }},
+	} {
+		if f.v == "" {
+			continue
+		}
+		n, err := parseSize(f.v)
+		if err != nil {
+			return fmt.Errorf("--%s: %w", f.name, err)
+		}
+		if (f.name == "block-size" || f.name == "meta-page-size") && n > 1<<31 {
+			return fmt.Errorf("--%s: %d is too large", f.name, n)
+		}
+		f.set(n)
+	}
+	cfg := mds.Config{
+		DataDir: *dataDir, ListenAddr: *listen, AdvertiseAddr: *advertise, MetricsAddr: *metrics,
+		EmbeddedEtcdAddr: *etcdListen, EtcdPrefix: *prefix, ElectionTTL: *electionTTL, Constants: consts,
+		HeartbeatInterval: *hbInterval, UnstableTimeout: *unstable, OfflineTimeout: *offline,
+		SessionLease: *lease, Logger: logger,
+	}
+	if *endpoints != "" {
+		for _, e := range strings.Split(*endpoints, ",") {
+			if e = strings.TrimSpace(e); e != "" {
+				cfg.EtcdEndpoints = append(cfg.EtcdEndpoints, e)
+			}
+		}
+	}
+	s, err := mds.New(cfg)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	startCtx, cancel := context.WithTimeout(ctx, time.Minute)
+	err = s.Start(startCtx)
+	cancel()
+	if err != nil {
+		return err
+	}
+	<-ctx.Done()
+	logger.Info("shutting down")
+	s.Stop()
+	return nil
+}
+
+// parseSize reads a byte count: a plain number or one with a KiB, MiB, GiB
+// or TiB suffix (K, M, G, T are read the same way).
+func parseSize(s string) (uint64, error) {
+	units := []struct {
+		suffix string
+		mult   uint64
+	}{
+		{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"TiB", 1 << 40},
+		{"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}, {"T", 1 << 40},
+	}
+	mult := uint64(1)
+	num := strings.TrimSpace(s)
+	for _, u := range units {
+		if strings.HasSuffix(num, u.suffix) {
+			num, mult = strings.TrimSpace(strings.TrimSuffix(num, u.suffix)), u.mult
+			break
+		}
+	}
+	n, err := strconv.ParseUint(num, 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("size %q: %w", s, err)
+	}
+	if n == 0 {
+		return 0, errors.New("size is 0")
+	}
+	if n > (1<<64-1)/mult {
+		return 0, fmt.Errorf("size %q overflows", s)
+	}
+	return n * mult, nil
+}

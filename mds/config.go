@@ -1,0 +1,204 @@
+package mds
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"cairn.io/cairn/api/mdspb"
+)
+
+// Default cluster constants, used on a cluster's first start when the Config
+// leaves them zero.
+const (
+	DefaultChunkSize    = 16 << 20
+	DefaultSegmentSize  = 1 << 30
+	DefaultBlockSize    = 512
+	DefaultMetaPageSize = 4096
+)
+
+// ErrInvalidConfig is returned by New for a Config that cannot work.
+var ErrInvalidConfig = errors.New("mds: invalid config")
+
+// Config configures an MDS. Zero values take the defaults named on each field.
+type Config struct {
+	// DataDir holds the embedded etcd's data (DataDir/etcd). Required unless
+	// EtcdEndpoints is set.
+	DataDir string
+	// ListenAddr is the gRPC listen address; default 127.0.0.1:6700. Port 0
+	// picks a free port (see Server.Addr).
+	ListenAddr string
+	// AdvertiseAddr is the address other processes reach this MDS at (what
+	// followers name in NotLeader answers); default the bound listen address.
+	AdvertiseAddr string
+	// MetricsAddr is the HTTP listen address of /metrics and /healthz;
+	// default 127.0.0.1:6701; "-" disables it.
+	MetricsAddr string
+
+	// EtcdEndpoints selects an external etcd cluster. Empty starts an
+	// embedded single-node etcd under DataDir.
+	EtcdEndpoints []string
+	// EmbeddedEtcdAddr is the client listen address of the embedded etcd;
+	// default 127.0.0.1:0.
+	EmbeddedEtcdAddr string
+	// EtcdPrefix is prepended to every key; default "/cairn/".
+	EtcdPrefix string
+	// ElectionTTL is the lease of the leader's election key: when a leader
+	// dies without resigning another takes over after at most this long.
+	// Default 5s.
+	ElectionTTL time.Duration
+
+	// Constants are the cluster constants to store on the cluster's first
+	// start. Zero fields take the stored value (or the default on first
+	// start); a non-zero field that differs from the stored value is refused.
+	Constants *mdspb.ClusterConstants
+
+	// HeartbeatInterval is the heartbeat period chunkservers are told to use;
+	// default 3s. A chunkserver is UNSTABLE after UnstableTimeout (default 3
+	// intervals) without a heartbeat and OFFLINE after OfflineTimeout
+	// (default 10 intervals).
+	HeartbeatInterval time.Duration
+	UnstableTimeout   time.Duration
+	OfflineTimeout    time.Duration
+	// SessionLease is how long a volume session lives without a refresh;
+	// default 30s.
+	SessionLease time.Duration
+	// BackgroundInterval paces the background work of the leader (freeing
+	// the chunks of deleted volumes, expiring sessions, resuming pool
+	// creation); default 2s.
+	BackgroundInterval time.Duration
+	// RPCTimeout bounds each call the MDS makes to a chunkserver; default 5s.
+	RPCTimeout time.Duration
+
+	// Logger receives structured logs; default slog.Default().
+	Logger *slog.Logger
+
+	// TestingKnobs change behaviour for tests only.
+	TestingKnobs TestingKnobs
+}
+
+// TestingKnobs are switches for tests; production code leaves them zero.
+type TestingKnobs struct {
+	// AbandonLeadershipOnStop makes Stop leave the election key to expire
+	// with its lease instead of resigning, as a crashed MDS would.
+	AbandonLeadershipOnStop bool
+}
+
+func (c *Config) setDefaults() error {
+	if c.ListenAddr == "" {
+		c.ListenAddr = "127.0.0.1:6700"
+	}
+	if c.MetricsAddr == "" {
+		c.MetricsAddr = "127.0.0.1:6701"
+	}
+	if c.EtcdPrefix == "" {
+		c.EtcdPrefix = "/cairn/"
+	}
+	if c.EmbeddedEtcdAddr == "" {
+		c.EmbeddedEtcdAddr = "127.0.0.1:0"
+	}
+	if c.ElectionTTL == 0 {
+		c.ElectionTTL = 5 * time.Second
+	}
+	if c.HeartbeatInterval == 0 {
+		c.HeartbeatInterval = 3 * time.Second
+	}
+	if c.UnstableTimeout == 0 {
+		c.UnstableTimeout = 3 * c.HeartbeatInterval
+	}
+	if c.OfflineTimeout == 0 {
+		c.OfflineTimeout = 10 * c.HeartbeatInterval
+	}
+	if c.SessionLease == 0 {
+		c.SessionLease = 30 * time.Second
+	}
+	if c.BackgroundInterval == 0 {
+		c.BackgroundInterval = 2 * time.Second
+	}
+	if c.RPCTimeout == 0 {
+		c.RPCTimeout = 5 * time.Second
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	if c.Constants == nil {
+		c.Constants = &mdspb.ClusterConstants{}
+	}
+	switch {
+	case len(c.EtcdEndpoints) == 0 && c.DataDir == "":
+		return fmt.Errorf("%w: a data directory is needed for the embedded etcd", ErrInvalidConfig)
+	case c.ElectionTTL < time.Second:
+		return fmt.Errorf("%w: election TTL %s is under 1s", ErrInvalidConfig, c.ElectionTTL)
+	case c.UnstableTimeout > c.OfflineTimeout:
+		return fmt.Errorf("%w: unstable timeout %s exceeds offline timeout %s", ErrInvalidConfig, c.UnstableTimeout, c.OfflineTimeout)
+	case c.SessionLease < time.Second:
+		return fmt.Errorf("%w: session lease %s is under 1s", ErrInvalidConfig, c.SessionLease)
+	}
+	return nil
+}
+
+// resolveConstants merges the configured constants with the stored ones
+// (stored may be nil on a cluster's first start) and checks them.
+func resolveConstants(want, stored *mdspb.ClusterConstants) (*mdspb.ClusterConstants, error) {
+	if stored != nil {
+		for _, f := range []struct {
+			name       string
+			want, have uint64
+		}{
+			{"chunk size", want.GetChunkSize(), stored.GetChunkSize()},
+			{"segment size", want.GetSegmentSize(), stored.GetSegmentSize()},
+			{"block size", uint64(want.GetBlockSize()), uint64(stored.GetBlockSize())},
+			{"meta page size", uint64(want.GetMetaPageSize()), uint64(stored.GetMetaPageSize())},
+		} {
+			if f.want != 0 && f.want != f.have {
+				return nil, fmt.Errorf("%w: %s %d was configured but the cluster was created with %d; cluster constants never change",
+					ErrConstantsMismatch, f.name, f.want, f.have)
+			}
+		}
+		return stored, nil
+	}
+	c := &mdspb.ClusterConstants{
+		ChunkSize:    want.GetChunkSize(),
+		SegmentSize:  want.GetSegmentSize(),
+		BlockSize:    want.GetBlockSize(),
+		MetaPageSize: want.GetMetaPageSize(),
+	}
+	if c.ChunkSize == 0 {
+		c.ChunkSize = DefaultChunkSize
+	}
+	if c.SegmentSize == 0 {
+		c.SegmentSize = DefaultSegmentSize
+	}
+	if c.BlockSize == 0 {
+		c.BlockSize = DefaultBlockSize
+	}
+	if c.MetaPageSize == 0 {
+		c.MetaPageSize = DefaultMetaPageSize
+	}
+	if err := checkConstants(c); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+func isPow2(v uint64) bool { return v != 0 && v&(v-1) == 0 }
+
+func checkConstants(c *mdspb.ClusterConstants) error {
+	bs := uint64(c.BlockSize)
+	switch {
+	case !isPow2(bs) || bs < 512:
+		return fmt.Errorf("%w: block size %d is not a power of two of at least 512", ErrInvalidConfig, bs)
+	case !isPow2(c.ChunkSize) || c.ChunkSize < 64<<10:
+		return fmt.Errorf("%w: chunk size %d is not a power of two of at least 64 KiB", ErrInvalidConfig, c.ChunkSize)
+	case c.ChunkSize%bs != 0:
+		return fmt.Errorf("%w: chunk size %d is not a multiple of block size %d", ErrInvalidConfig, c.ChunkSize, bs)
+	case c.SegmentSize == 0 || c.SegmentSize%c.ChunkSize != 0:
+		return fmt.Errorf("%w: segment size %d is not a multiple of chunk size %d", ErrInvalidConfig, c.SegmentSize, c.ChunkSize)
+	case c.SegmentSize/c.ChunkSize > 4096:
+		return fmt.Errorf("%w: segment size %d holds more than 4096 chunks of %d", ErrInvalidConfig, c.SegmentSize, c.ChunkSize)
+	case !isPow2(uint64(c.MetaPageSize)) || uint64(c.MetaPageSize) < bs:
+		return fmt.Errorf("%w: meta page size %d is not a power of two of at least the block size %d", ErrInvalidConfig, c.MetaPageSize, bs)
+	}
+	return nil
+}

@@ -1,0 +1,220 @@
+package mds
+
+import (
+	"context"
+	"slices"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"cairn.io/cairn/api/commonpb"
+	"cairn.io/cairn/api/copysetpb"
+	"cairn.io/cairn/api/mdspb"
+)
+
+// heartbeat records a chunkserver's liveness, capacity and copyset reports
+// and answers with the operators for copysets it leads, copysets it should
+// drop, and the volume epoch table when its copy is behind.
+func (l *leaderState) heartbeat(ctx context.Context, r *mdspb.HeartbeatRequest) (*mdspb.HeartbeatResponse, error) {
+	now := time.Now()
+	resp := &mdspb.HeartbeatResponse{}
+	var changed []uint64
+	var dropOps []uint64
+	var newAddr *mdspb.ChunkServer
+
+	l.mu.Lock()
+	e := l.mu.chunkServers[r.ChunkserverId]
+	if e == nil {
+		l.mu.Unlock()
+		return nil, status.Errorf(codes.NotFound, "chunkserver %d is not registered", r.ChunkserverId)
+	}
+	if e.token != r.Token {
+		l.mu.Unlock()
+		return nil, status.Errorf(codes.Unauthenticated, "chunkserver %d: token does not match", r.ChunkserverId)
+	}
+	e.lastHB = now
+	if r.Capacity != nil {
+		e.capacity = r.Capacity
+	}
+	if r.Address != "" && r.Address != e.rec.Address {
+		newAddr = proto.CloneOf(e.rec)
+		newAddr.Address = r.Address
+	}
+	for _, rep := range r.Copysets {
+		cs := rep.GetStatus()
+		if cs == nil || cs.Copyset == nil {
+			continue
+		}
+		key := refKey(cs.Copyset)
+		rec := l.mu.copysets[key]
+		if rec == nil {
+			continue // not a copyset of this cluster's pools: leave it alone
+		}
+		member := slices.ContainsFunc(rec.Peers, func(p *commonpb.Peer) bool { return p.ChunkserverId == r.ChunkserverId })
+		if cs.ConfEpoch < rec.ConfEpoch {
+			// An old configuration: the copyset moved on without this
+			// replica.
+			if !member {
+				resp.RemoveCopysets = append(resp.RemoveCopysets, proto.CloneOf(cs.Copyset))
+			}
+			continue
+		}
+		leader := cs.Role == copysetpb.Role_ROLE_LEADER
+		newer := cs.ConfEpoch > rec.ConfEpoch
+		switch {
+		case leader && (newer || cs.Term >= rec.Term):
+			if l.applyReportLocked(rec, cs, r.ChunkserverId, now) {
+				changed = append(changed, key)
+			}
+		case !leader && newer:
+			// A follower that applied a newer configuration than any leader
+			// reported: trust the membership, not its idea of the leader.
+			rec.Peers = clonePeers(cs.Peers)
+			rec.ConfEpoch = cs.ConfEpoch
+			if cs.Term > rec.Term {
+				rec.Term, rec.LeaderId = cs.Term, cs.LeaderId
+			}
+			changed = append(changed, key)
+		}
+		if op := l.mu.operators[key]; op != nil && leader {
+			if operatorDone(op, cs, r.ChunkserverId) {
+				delete(l.mu.operators, key)
+				dropOps = append(dropOps, key)
+			} else {
+				resp.Operators = append(resp.Operators, proto.CloneOf(op))
+			}
+		}
+	}
+	behind := r.EpochTableVersion < l.mu.epochVersion
+	version := l.mu.epochVersion
+	l.mu.Unlock()
+
+	if newAddr != nil {
+		if err := l.persistChunkServer(ctx, newAddr); err != nil {
+			return nil, err
+		}
+	}
+	if err := l.persistCopysets(ctx, changed, dropOps); err != nil {
+		return nil, err
+	}
+	if behind {
+		vols, err := list[mdspb.Volume](ctx, l.st, l.st.k.volumes())
+		if err != nil {
+			return nil, err
+		}
+		resp.EpochTableVersion = version
+		for _, v := range vols {
+			if v.Epoch > 0 {
+				resp.Epochs = append(resp.Epochs, &mdspb.VolumeEpoch{VolumeId: v.Id, Epoch: v.Epoch})
+			}
+		}
+	}
+	return resp, nil
+}
+
+// applyReportLocked takes a leader's report into the record and says whether
+// anything worth persisting changed.
+func (l *leaderState) applyReportLocked(rec *mdspb.Copyset, cs *copysetpb.CopysetStatus, reporter uint64, now time.Time) bool {
+	persist := rec.LeaderId != reporter || rec.ConfEpoch != cs.ConfEpoch || rec.Term != cs.Term ||
+		!samePeers(rec.Peers, cs.Peers)
+	rec.LeaderId = reporter
+	rec.ConfEpoch = cs.ConfEpoch
+	rec.Term = cs.Term
+	if len(cs.Peers) > 0 {
+		rec.Peers = clonePeers(cs.Peers)
+	}
+	rec.AppliedIndex = cs.AppliedIndex
+	rec.ReportedUnix = now.Unix()
+	rec.Pending = proto.CloneOf(cs.Pending)
+	rec.Progress = nil
+	for _, p := range cs.Progress {
+		rec.Progress = append(rec.Progress, proto.CloneOf(p))
+	}
+	return persist
+}
+
+// operatorDone reports whether an operator has taken effect or become moot
+// (the copyset's configuration moved on since it was computed).
+func operatorDone(op *mdspb.Operator, cs *copysetpb.CopysetStatus, reporter uint64) bool {
+	if cs.ConfEpoch != op.ConfEpoch {
+		return true
+	}
+	switch op.Kind {
+	case mdspb.OperatorKind_OPERATOR_KIND_TRANSFER_LEADER:
+		return reporter == op.Target.GetChunkserverId()
+	default:
+		return false
+	}
+}
+
+func clonePeers(ps []*commonpb.Peer) []*commonpb.Peer {
+	out := make([]*commonpb.Peer, len(ps))
+	for i, p := range ps {
+		out[i] = proto.CloneOf(p)
+	}
+	return out
+}
+
+func samePeers(a, b []*commonpb.Peer) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	ids := map[uint64]bool{}
+	for _, p := range a {
+		ids[p.ChunkserverId] = true
+	}
+	for _, p := range b {
+		if !ids[p.ChunkserverId] {
+			return false
+		}
+	}
+	return true
+}
+
+// persistCopysets writes the current cached state of the given copysets and
+// deletes the given operators. Writes are serialised and always write the
+// newest cached state, so etcd converges to the cache.
+func (l *leaderState) persistCopysets(ctx context.Context, copysets, dropOps []uint64) error {
+	if len(copysets) == 0 && len(dropOps) == 0 {
+		return nil
+	}
+	l.topoWrite.Lock()
+	defer l.topoWrite.Unlock()
+	var ops []clientv3.Op
+	l.mu.Lock()
+	for _, key := range copysets {
+		if c := l.mu.copysets[key]; c != nil {
+			ops = append(ops, putOp(l.st.k.copyset(c.Id.LogicalPoolId, c.Id.CopysetId), c))
+		}
+	}
+	for _, key := range dropOps {
+		if l.mu.operators[key] == nil {
+			ops = append(ops, clientv3.OpDelete(l.st.k.operator(uint32(key>>32), uint32(key))))
+		}
+	}
+	l.mu.Unlock()
+	for start := 0; start < len(ops); start += maxTxnOps {
+		if _, err := l.st.txn(ctx, nil, ops[start:min(start+maxTxnOps, len(ops))]...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (l *leaderState) persistChunkServer(ctx context.Context, rec *mdspb.ChunkServer) error {
+	l.topoWrite.Lock()
+	defer l.topoWrite.Unlock()
+	if _, err := l.st.txn(ctx, nil, putOp(l.st.k.chunkServer(rec.Id), rec)); err != nil {
+		return err
+	}
+	l.mu.Lock()
+	if e := l.mu.chunkServers[rec.Id]; e != nil {
+		e.rec.Address = rec.Address
+	}
+	l.mu.Unlock()
+	l.log.Info("chunkserver address changed", "chunkserver", rec.Id, "address", rec.Address)
+	return nil
+}

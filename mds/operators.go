@@ -1,0 +1,78 @@
+package mds
+
+import (
+	"context"
+	"slices"
+	"sort"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"cairn.io/cairn/api/commonpb"
+	"cairn.io/cairn/api/mdspb"
+)
+
+// transferLeader queues a transfer-leader operator. The copyset's leader
+// receives it with its next heartbeat responses until its report shows the
+// transfer done or the configuration moved on.
+func (l *leaderState) transferLeader(ctx context.Context, r *mdspb.TransferLeaderRequest) (*mdspb.TransferLeaderResponse, error) {
+	if r.Copyset == nil {
+		return nil, status.Error(codes.InvalidArgument, "no copyset given")
+	}
+	l.topoWrite.Lock()
+	defer l.topoWrite.Unlock()
+	key := refKey(r.Copyset)
+	l.mu.Lock()
+	c := l.mu.copysets[key]
+	var op *mdspb.Operator
+	err := func() error {
+		if c == nil {
+			return status.Errorf(codes.NotFound, "copyset (%d, %d) does not exist", r.Copyset.LogicalPoolId, r.Copyset.CopysetId)
+		}
+		i := slices.IndexFunc(c.Peers, func(p *commonpb.Peer) bool { return p.ChunkserverId == r.ToChunkserverId })
+		switch {
+		case i < 0:
+			return status.Errorf(codes.InvalidArgument, "chunkserver %d is not a member of copyset (%d, %d)", r.ToChunkserverId, r.Copyset.LogicalPoolId, r.Copyset.CopysetId)
+		case c.LeaderId == 0:
+			return status.Errorf(codes.FailedPrecondition, "copyset (%d, %d) has no leader reported yet", r.Copyset.LogicalPoolId, r.Copyset.CopysetId)
+		case c.LeaderId == r.ToChunkserverId:
+			return status.Errorf(codes.FailedPrecondition, "chunkserver %d already leads copyset (%d, %d)", r.ToChunkserverId, r.Copyset.LogicalPoolId, r.Copyset.CopysetId)
+		case l.mu.operators[key] != nil:
+			return status.Errorf(codes.FailedPrecondition, "copyset (%d, %d) already has a pending operator", r.Copyset.LogicalPoolId, r.Copyset.CopysetId)
+		}
+		target := proto.CloneOf(c.Peers[i])
+		if e := l.mu.chunkServers[target.ChunkserverId]; e != nil {
+			target.Address = e.rec.Address
+		}
+		op = &mdspb.Operator{
+			Copyset: proto.CloneOf(c.Id), Kind: mdspb.OperatorKind_OPERATOR_KIND_TRANSFER_LEADER,
+			ConfEpoch: c.ConfEpoch, Target: target,
+		}
+		return nil
+	}()
+	l.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+	if _, err := l.st.txn(ctx, nil, putOp(l.st.k.operator(op.Copyset.LogicalPoolId, op.Copyset.CopysetId), op)); err != nil {
+		return nil, err
+	}
+	l.mu.Lock()
+	l.mu.operators[key] = op
+	l.mu.Unlock()
+	l.log.Info("transfer-leader operator queued", "pool", op.Copyset.LogicalPoolId, "copyset", op.Copyset.CopysetId,
+		"to", r.ToChunkserverId, "conf_epoch", op.ConfEpoch)
+	return &mdspb.TransferLeaderResponse{Operator: proto.CloneOf(op)}, nil
+}
+
+func (l *leaderState) listOperators() *mdspb.ListOperatorsResponse {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	out := &mdspb.ListOperatorsResponse{}
+	for _, op := range l.mu.operators {
+		out.Operators = append(out.Operators, proto.CloneOf(op))
+	}
+	sort.Slice(out.Operators, func(i, j int) bool { return refKey(out.Operators[i].Copyset) < refKey(out.Operators[j].Copyset) })
+	return out
+}

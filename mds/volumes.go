@@ -1,0 +1,543 @@
+package mds
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"cairn.io/cairn/api/chunkpb"
+	"cairn.io/cairn/api/mdspb"
+)
+
+// maxVolumeSize bounds volume sizes (4 PiB) so that offsets never overflow.
+const maxVolumeSize = 4 << 50
+
+// volumeByName reads a volume through its name index. Volumes being deleted
+// have no name entry and are not found.
+func (l *leaderState) volumeByName(ctx context.Context, name string) (*mdspb.Volume, int64, error) {
+	if err := checkName("volume name", name); err != nil {
+		return nil, 0, err
+	}
+	idStr, found, err := l.st.getRaw(ctx, l.st.k.volumeName(name))
+	if err != nil {
+		return nil, 0, err
+	}
+	if !found {
+		return nil, 0, status.Errorf(codes.NotFound, "volume %q does not exist", name)
+	}
+	id, err := strconv.ParseUint(idStr, 10, 64)
+	if err != nil {
+		return nil, 0, fmt.Errorf("volume name %q maps to %q: %w", name, idStr, err)
+	}
+	v := &mdspb.Volume{}
+	found, rev, err := l.st.get(ctx, l.st.k.volume(id), v)
+	if err != nil {
+		return nil, 0, err
+	}
+	if !found || v.Status != mdspb.VolumeStatus_VOLUME_STATUS_CREATED {
+		return nil, 0, status.Errorf(codes.NotFound, "volume %q does not exist", name)
+	}
+	return v, rev, nil
+}
+
+// roundSize rounds a size up to whole segments, refusing 0 and oversized.
+func (l *leaderState) roundSize(size uint64) (uint64, error) {
+	seg := l.consts.SegmentSize
+	if size == 0 {
+		return 0, status.Error(codes.InvalidArgument, "volume size is 0")
+	}
+	if size > maxVolumeSize {
+		return 0, status.Errorf(codes.InvalidArgument, "volume size %d exceeds the maximum %d", size, uint64(maxVolumeSize))
+	}
+	return (size + seg - 1) / seg * seg, nil
+}
+
+func (l *leaderState) createVolume(ctx context.Context, r *mdspb.CreateVolumeRequest) (*mdspb.CreateVolumeResponse, error) {
+	if err := checkName("volume name", r.Name); err != nil {
+		return nil, err
+	}
+	size, err := l.roundSize(r.Size)
+	if err != nil {
+		return nil, err
+	}
+	pool, err := l.choosePool(r.Pool)
+	if err != nil {
+		return nil, err
+	}
+	nameKey := l.st.k.volumeName(r.Name)
+	if _, found, err := l.st.getRaw(ctx, nameKey); err != nil {
+		return nil, err
+	} else if found {
+		return nil, status.Errorf(codes.AlreadyExists, "volume %q already exists", r.Name)
+	}
+	id, err := l.st.reserveIDs(ctx, counterVolume, 1)
+	if err != nil {
+		return nil, err
+	}
+	v := &mdspb.Volume{
+		Id: id, Name: r.Name, Size: size, Owner: r.Owner, LogicalPoolId: pool.Id,
+		ChunkSize: l.consts.ChunkSize, SegmentSize: l.consts.SegmentSize,
+		Status: mdspb.VolumeStatus_VOLUME_STATUS_CREATED, CreatedUnix: time.Now().Unix(),
+	}
+	ok, err := l.st.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(nameKey), "=", 0)},
+		clientv3.OpPut(nameKey, strconv.FormatUint(id, 10)), putOp(l.st.k.volume(id), v))
+	if err != nil {
+		return nil, err
+	}
+	if !ok {
+		return nil, status.Errorf(codes.AlreadyExists, "volume %q already exists", r.Name)
+	}
+	l.log.Info("volume created", "volume", r.Name, "id", id, "size", size, "pool", pool.Name, "owner", r.Owner)
+	return &mdspb.CreateVolumeResponse{Volume: v}, nil
+}
+
+// choosePool finds a READY logical pool by name, or the first one when name
+// is empty.
+func (l *leaderState) choosePool(name string) (*mdspb.LogicalPool, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var pools []*mdspb.LogicalPool
+	for _, p := range l.mu.logicalPools {
+		if name == "" || p.Name == name {
+			pools = append(pools, p)
+		}
+	}
+	sort.Slice(pools, func(i, j int) bool { return pools[i].Id < pools[j].Id })
+	for _, p := range pools {
+		if p.Status == mdspb.LogicalPoolStatus_LOGICAL_POOL_STATUS_READY {
+			return proto.CloneOf(p), nil
+		}
+	}
+	switch {
+	case len(pools) > 0:
+		return nil, status.Errorf(codes.FailedPrecondition, "logical pool %q is still being created", pools[0].Name)
+	case name != "":
+		return nil, status.Errorf(codes.NotFound, "logical pool %q does not exist", name)
+	default:
+		return nil, status.Error(codes.FailedPrecondition, "no logical pool exists yet")
+	}
+}
+
+func (l *leaderState) withAllocated(ctx context.Context, v *mdspb.Volume) (*mdspb.Volume, error) {
+	n, err := l.st.count(ctx, l.st.k.volumeSegments(v.Id))
+	if err != nil {
+		return nil, err
+	}
+	v.AllocatedSegments = uint64(n)
+	return v, nil
+}
+
+func (l *leaderState) statVolume(ctx context.Context, r *mdspb.StatVolumeRequest) (*mdspb.StatVolumeResponse, error) {
+	v, _, err := l.volumeByName(ctx, r.Name)
+	if err != nil {
+		return nil, err
+	}
+	if v, err = l.withAllocated(ctx, v); err != nil {
+		return nil, err
+	}
+	sessions, err := l.liveSessions(ctx, v.Id)
+	if err != nil {
+		return nil, err
+	}
+	return &mdspb.StatVolumeResponse{Volume: v, Sessions: sessions}, nil
+}
+
+func (l *leaderState) listVolumes(ctx context.Context) (*mdspb.ListVolumesResponse, error) {
+	vols, err := list[mdspb.Volume](ctx, l.st, l.st.k.volumes())
+	if err != nil {
+		return nil, err
+	}
+	for _, v := range vols {
+		if _, err := l.withAllocated(ctx, v); err != nil {
+			return nil, err
+		}
+	}
+	sort.Slice(vols, func(i, j int) bool { return vols[i].Name < vols[j].Name })
+	return &mdspb.ListVolumesResponse{Volumes: vols}, nil
+}
+
+func (l *leaderState) extendVolume(ctx context.Context, r *mdspb.ExtendVolumeRequest) (*mdspb.ExtendVolumeResponse, error) {
+	size, err := l.roundSize(r.NewSize)
+	if err != nil {
+		return nil, err
+	}
+	for {
+		v, rev, err := l.volumeByName(ctx, r.Name)
+		if err != nil {
+			return nil, err
+		}
+		if size < v.Size {
+			return nil, status.Errorf(codes.InvalidArgument, "volume %q is %d bytes; shrinking to %d is not supported", r.Name, v.Size, size)
+		}
+		if size == v.Size {
+			return &mdspb.ExtendVolumeResponse{Volume: v}, nil
+		}
+		v.Size = size
+		key := l.st.k.volume(v.Id)
+		ok, err := l.st.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(key), "=", rev)}, putOp(key, v))
+		if err != nil {
+			return nil, err
+		}
+		if ok {
+			l.log.Info("volume extended", "volume", r.Name, "size", size)
+			return &mdspb.ExtendVolumeResponse{Volume: v}, nil
+		}
+	}
+}
+
+func (l *leaderState) renameVolume(ctx context.Context, r *mdspb.RenameVolumeRequest) (*mdspb.RenameVolumeResponse, error) {
+	if err := checkName("new volume name", r.NewName); err != nil {
+		return nil, err
+	}
+	for {
+		v, rev, err := l.volumeByName(ctx, r.Name)
+		if err != nil {
+			return nil, err
+		}
+		if r.NewName == r.Name {
+			return &mdspb.RenameVolumeResponse{Volume: v}, nil
+		}
+		oldKey, newKey, key := l.st.k.volumeName(r.Name), l.st.k.volumeName(r.NewName), l.st.k.volume(v.Id)
+		v.Name = r.NewName
+		ok, err := l.st.txn(ctx, []clientv3.Cmp{
+			clientv3.Compare(clientv3.ModRevision(key), "=", rev),
+			clientv3.Compare(clientv3.CreateRevision(newKey), "=", 0),
+		}, clientv3.OpDelete(oldKey), clientv3.OpPut(newKey, strconv.FormatUint(v.Id, 10)), putOp(key, v))
+		if err != nil {
+			return nil, err
+		}
+		if ok {
+			l.log.Info("volume renamed", "from", r.Name, "to", r.NewName, "id", v.Id)
+			return &mdspb.RenameVolumeResponse{Volume: v}, nil
+		}
+		if _, found, err := l.st.getRaw(ctx, newKey); err != nil {
+			return nil, err
+		} else if found {
+			return nil, status.Errorf(codes.AlreadyExists, "volume %q already exists", r.NewName)
+		}
+	}
+}
+
+// deleteVolume marks a volume DELETING and frees its name at once; the
+// background loop frees its chunks and then removes its records.
+func (l *leaderState) deleteVolume(ctx context.Context, r *mdspb.DeleteVolumeRequest) (*mdspb.DeleteVolumeResponse, error) {
+	for {
+		v, rev, err := l.volumeByName(ctx, r.Name)
+		if err != nil {
+			return nil, err
+		}
+		if !r.Force {
+			sessions, err := l.liveSessions(ctx, v.Id)
+			if err != nil {
+				return nil, err
+			}
+			for _, s := range sessions {
+				if s.Writable {
+					return nil, status.Errorf(codes.FailedPrecondition, "volume %q is open for writing by %q (session %s); close it or delete with force",
+						r.Name, s.Client, s.SessionId)
+				}
+			}
+		}
+		key := l.st.k.volume(v.Id)
+		v.Status = mdspb.VolumeStatus_VOLUME_STATUS_DELETING
+		ok, err := l.st.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(key), "=", rev)},
+			putOp(key, v), clientv3.OpDelete(l.st.k.volumeName(r.Name)))
+		if err != nil {
+			return nil, err
+		}
+		if ok {
+			l.log.Info("volume deleting", "volume", r.Name, "id", v.Id)
+			l.wake()
+			return &mdspb.DeleteVolumeResponse{}, nil
+		}
+	}
+}
+
+func newSessionID() string {
+	b := make([]byte, 12)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// openVolume opens a volume. A writable open bumps the volume's epoch and
+// pushes it to the chunkservers of the volume's pool before returning.
+func (l *leaderState) openVolume(ctx context.Context, r *mdspb.OpenVolumeRequest) (*mdspb.OpenVolumeResponse, error) {
+	if err := checkName("volume name", r.Name); err != nil {
+		return nil, err
+	}
+	now := time.Now()
+	sess := &mdspb.Session{
+		SessionId: newSessionID(), Volume: r.Name, Client: r.Client, Writable: r.Writable,
+		OpenedUnix: now.Unix(), ExpiresUnix: now.Add(l.s.cfg.SessionLease).Unix(),
+	}
+	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
+		sess.ClientAddress = p.Addr.String()
+	}
+	if !r.Writable {
+		v, _, err := l.volumeByName(ctx, r.Name)
+		if err != nil {
+			return nil, err
+		}
+		sess.Epoch = v.Epoch
+		if _, err := l.st.txn(ctx, nil, putOp(l.st.k.session(v.Id, sess.SessionId), sess)); err != nil {
+			return nil, err
+		}
+		return l.openResponse(v, sess), nil
+	}
+	v, err := l.bumpEpoch(ctx, r.Name, sess)
+	if err != nil {
+		return nil, err
+	}
+	if err := l.pushEpoch(ctx, v); err != nil {
+		return nil, err
+	}
+	l.log.Info("volume opened for writing", "volume", r.Name, "epoch", v.Epoch, "client", r.Client, "session", sess.SessionId)
+	return l.openResponse(v, sess), nil
+}
+
+// bumpEpoch raises a volume's epoch and the epoch table version and records
+// the session, in one transaction.
+func (l *leaderState) bumpEpoch(ctx context.Context, name string, sess *mdspb.Session) (*mdspb.Volume, error) {
+	l.epochWrite.Lock()
+	defer l.epochWrite.Unlock()
+	for {
+		v, rev, err := l.volumeByName(ctx, name)
+		if err != nil {
+			return nil, err
+		}
+		l.mu.Lock()
+		ver := l.mu.epochVersion
+		l.mu.Unlock()
+		verKey := l.st.k.counter(counterEpochTable)
+		verCmp := clientv3.Compare(clientv3.CreateRevision(verKey), "=", 0)
+		if ver > 0 {
+			verCmp = clientv3.Compare(clientv3.Value(verKey), "=", strconv.FormatUint(ver, 10))
+		}
+		v.Epoch++
+		sess.Epoch = v.Epoch
+		key := l.st.k.volume(v.Id)
+		ok, err := l.st.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(key), "=", rev), verCmp},
+			putOp(key, v), clientv3.OpPut(verKey, strconv.FormatUint(ver+1, 10)),
+			putOp(l.st.k.session(v.Id, sess.SessionId), sess))
+		if err != nil {
+			return nil, err
+		}
+		if ok {
+			l.mu.Lock()
+			l.mu.epochVersion = ver + 1
+			l.mu.Unlock()
+			return v, nil
+		}
+		// The volume changed under us, or the version counter is not what
+		// we cached: reload it and try again.
+		cur, err := l.st.readCounter(ctx, counterEpochTable)
+		if err != nil {
+			return nil, err
+		}
+		l.mu.Lock()
+		l.mu.epochVersion = max(l.mu.epochVersion, cur)
+		l.mu.Unlock()
+	}
+}
+
+// pushEpoch sends a volume's epoch to every chunkserver of its physical pool
+// that is not known to be down. Every ONLINE chunkserver must acknowledge;
+// chunkservers that are UNSTABLE or not yet heard from by this leader are
+// tried but may fail: they receive the epoch table with their next heartbeat
+// before they serve writes again.
+func (l *leaderState) pushEpoch(ctx context.Context, v *mdspb.Volume) error {
+	type target struct {
+		id       uint64
+		addr     string
+		required bool
+	}
+	var targets []target
+	now := time.Now()
+	l.mu.Lock()
+	pp := l.mu.logicalPools[v.LogicalPoolId].GetPhysicalPoolId()
+	for _, e := range l.mu.chunkServers {
+		if e.physPool != pp {
+			continue
+		}
+		switch l.onlineStateLocked(e, now) {
+		case mdspb.OnlineState_ONLINE_STATE_ONLINE:
+			targets = append(targets, target{e.rec.Id, e.rec.Address, true})
+		case mdspb.OnlineState_ONLINE_STATE_UNSTABLE, mdspb.OnlineState_ONLINE_STATE_UNKNOWN:
+			targets = append(targets, target{e.rec.Id, e.rec.Address, false})
+		}
+	}
+	l.mu.Unlock()
+	var (
+		wg   sync.WaitGroup
+		mu   sync.Mutex
+		errs []string
+	)
+	for _, t := range targets {
+		wg.Add(1)
+		go func(t target) {
+			defer wg.Done()
+			err := l.updateEpochOn(ctx, t.addr, v)
+			if err == nil {
+				return
+			}
+			if !t.required {
+				l.log.Warn("epoch push to unsettled chunkserver failed; it gets the table with its next heartbeat",
+					"chunkserver", t.id, "address", t.addr, "volume", v.Name, "epoch", v.Epoch, "err", err)
+				return
+			}
+			mu.Lock()
+			errs = append(errs, fmt.Sprintf("chunkserver %d (%s): %v", t.id, t.addr, err))
+			mu.Unlock()
+		}(t)
+	}
+	wg.Wait()
+	if len(errs) > 0 {
+		sort.Strings(errs)
+		return status.Errorf(codes.Aborted, "volume %q epoch %d is recorded but %d online chunkservers did not acknowledge it (retry the open): %s",
+			v.Name, v.Epoch, len(errs), strings.Join(errs, "; "))
+	}
+	return nil
+}
+
+func (l *leaderState) updateEpochOn(ctx context.Context, addr string, v *mdspb.Volume) error {
+	cc, err := l.s.conns.get(addr)
+	if err != nil {
+		return err
+	}
+	cctx, cancel := context.WithTimeout(ctx, l.s.cfg.RPCTimeout)
+	defer cancel()
+	resp, err := chunkpb.NewChunkServiceClient(cc).UpdateEpoch(cctx, &chunkpb.UpdateEpochRequest{VolumeId: v.Id, Epoch: v.Epoch})
+	if err != nil {
+		return err
+	}
+	if resp.Status != chunkpb.Status_STATUS_OK {
+		return fmt.Errorf("%s: %s", resp.Status, resp.Message)
+	}
+	if resp.Epoch < v.Epoch {
+		return fmt.Errorf("chunkserver holds epoch %d after the update to %d", resp.Epoch, v.Epoch)
+	}
+	return nil
+}
+
+func (l *leaderState) openResponse(v *mdspb.Volume, sess *mdspb.Session) *mdspb.OpenVolumeResponse {
+	return &mdspb.OpenVolumeResponse{
+		Volume: v, Session: sess, LeaseSeconds: uint32(l.s.cfg.SessionLease / time.Second),
+		Constants: proto.CloneOf(l.consts),
+	}
+}
+
+// liveSessions lists a volume's unexpired sessions.
+func (l *leaderState) liveSessions(ctx context.Context, volID uint64) ([]*mdspb.Session, error) {
+	all, err := list[mdspb.Session](ctx, l.st, l.st.k.volumeSessions(volID))
+	if err != nil {
+		return nil, err
+	}
+	now := time.Now().Unix()
+	var out []*mdspb.Session
+	for _, s := range all {
+		if s.ExpiresUnix > now {
+			out = append(out, s)
+		}
+	}
+	return out, nil
+}
+
+func (l *leaderState) refreshSession(ctx context.Context, r *mdspb.RefreshSessionRequest) (*mdspb.RefreshSessionResponse, error) {
+	v, _, err := l.volumeByName(ctx, r.Name)
+	if err != nil {
+		return nil, err
+	}
+	if r.SessionId == "" {
+		return nil, status.Error(codes.InvalidArgument, "session id is empty")
+	}
+	key := l.st.k.session(v.Id, r.SessionId)
+	sess := &mdspb.Session{}
+	found, rev, err := l.st.get(ctx, key, sess)
+	if err != nil {
+		return nil, err
+	}
+	now := time.Now()
+	if !found || sess.ExpiresUnix <= now.Unix() {
+		return nil, status.Errorf(codes.NotFound, "session %s of volume %q expired or never existed; open the volume again", r.SessionId, r.Name)
+	}
+	if sess.Writable && sess.Epoch < v.Epoch {
+		return nil, status.Errorf(codes.FailedPrecondition, "session %s of volume %q was fenced: the volume was opened for writing again (epoch %d > %d)",
+			r.SessionId, r.Name, v.Epoch, sess.Epoch)
+	}
+	sess.Volume = v.Name
+	sess.ExpiresUnix = now.Add(l.s.cfg.SessionLease).Unix()
+	ok, err := l.st.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(key), "=", rev)}, putOp(key, sess))
+	if err != nil {
+		return nil, err
+	}
+	if !ok {
+		return nil, status.Errorf(codes.Aborted, "session %s changed concurrently; retry", r.SessionId)
+	}
+	if v, err = l.withAllocated(ctx, v); err != nil {
+		return nil, err
+	}
+	return &mdspb.RefreshSessionResponse{Volume: v, Session: sess}, nil
+}
+
+// closeVolume ends a session. Closing a session that already ended succeeds.
+func (l *leaderState) closeVolume(ctx context.Context, r *mdspb.CloseVolumeRequest) (*mdspb.CloseVolumeResponse, error) {
+	v, _, err := l.volumeByName(ctx, r.Name)
+	if err != nil {
+		return nil, err
+	}
+	if r.SessionId == "" {
+		return nil, status.Error(codes.InvalidArgument, "session id is empty")
+	}
+	if _, err := l.st.txn(ctx, nil, clientv3.OpDelete(l.st.k.session(v.Id, r.SessionId))); err != nil {
+		return nil, err
+	}
+	return &mdspb.CloseVolumeResponse{}, nil
+}
+
+func (l *leaderState) listSessions(ctx context.Context, r *mdspb.ListSessionsRequest) (*mdspb.ListSessionsResponse, error) {
+	if r.Name != "" {
+		v, _, err := l.volumeByName(ctx, r.Name)
+		if err != nil {
+			return nil, err
+		}
+		s, err := l.liveSessions(ctx, v.Id)
+		if err != nil {
+			return nil, err
+		}
+		for _, x := range s {
+			x.Volume = v.Name
+		}
+		return &mdspb.ListSessionsResponse{Sessions: s}, nil
+	}
+	vols, err := list[mdspb.Volume](ctx, l.st, l.st.k.volumes())
+	if err != nil {
+		return nil, err
+	}
+	out := &mdspb.ListSessionsResponse{}
+	for _, v := range vols {
+		if v.Status != mdspb.VolumeStatus_VOLUME_STATUS_CREATED {
+			continue
+		}
+		s, err := l.liveSessions(ctx, v.Id)
+		if err != nil {
+			return nil, err
+		}
+		for _, x := range s {
+			x.Volume = v.Name // the name may have changed since the open
+		}
+		out.Sessions = append(out.Sessions, s...)
+	}
+	return out, nil
+}
