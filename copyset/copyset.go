@@ -38,6 +38,12 @@ type Copyset struct {
 	storage *raft.MemoryStorage
 	rn      *raft.RawNode // Raft worker only
 
+	// durableHS is the latest hard state made durable by the WAL; the
+	// checkpoint records it (MemoryStorage's own copy is not safe to read
+	// from another goroutine).
+	hsMu      sync.Mutex
+	durableHS *raftpb.HardState
+
 	initialVoters []uint64
 
 	mu      sync.Mutex // guards in, sched, stopped
@@ -64,7 +70,7 @@ type Copyset struct {
 	snapConfEpoch atomic.Uint64
 	installing    atomic.Bool
 	installEpoch  uint64 // conf epoch of the snapshot being installed; smMu
-	applyErrs atomic.Uint64
+	applyErrs     atomic.Uint64
 
 	// Apply side.
 	amu     sync.Mutex // guards applyQ, asched
@@ -112,9 +118,9 @@ type appendDone struct {
 }
 
 type applyItem struct {
-	m    *raftpb.Message    // MsgStorageApply
-	snap *raftpb.Snapshot   // a snapshot persisted by the append path
-	ckpt bool               // checkpoint request without entries
+	m    *raftpb.Message  // MsgStorageApply
+	snap *raftpb.Snapshot // a snapshot persisted by the append path
+	ckpt bool             // checkpoint request without entries
 }
 
 // open recovers a copyset from its directory and its WAL records.
@@ -136,7 +142,14 @@ func (e *Engine) open(id GroupID, dir string, gl *wal.GroupLog) (*Copyset, error
 	}
 	c.initialVoters = append([]uint64(nil), m.Voters...)
 	if e.cfg.PerCopysetWAL {
-		w, logs, err := wal.Open(wal.Options{Dir: filepath.Join(dir, "wal"), Source: e.cfg.Segments, OnSync: e.cfg.OnWALSync, Logger: e.cfg.Logger})
+		w, logs, err := wal.Open(wal.Options{
+			Dir: filepath.Join(dir, "wal"), Source: e.cfg.Segments, OnSync: e.cfg.OnWALSync, Logger: e.cfg.Logger,
+			OnPressure: func(n int) {
+				if n > 2 {
+					c.requestCheckpoint()
+				}
+			},
+		})
 		if err != nil {
 			return nil, err
 		}
@@ -202,6 +215,7 @@ func (e *Engine) open(id GroupID, dir string, gl *wal.GroupLog) (*Copyset, error
 	if err := c.storage.SetHardState(hs); err != nil {
 		return fail(fmt.Errorf("restore hard state: %w", err))
 	}
+	c.durableHS = hs
 	c.sm = smState{
 		applied: base.Index, appliedTerm: base.Term, confState: base.ConfState, confEpoch: confEpoch,
 		lastCkpt: base.Index, lastCkptTime: time.Now(),
@@ -230,7 +244,7 @@ func (e *Engine) open(id GroupID, dir string, gl *wal.GroupLog) (*Copyset, error
 		return fail(fmt.Errorf("start raft: %w", err))
 	}
 	c.rn = rn
-	c.wal.SetCheckpoint(uint64(id), base.Index)
+	c.wal.SetCheckpoint(uint64(id), base.Index, m.hardState())
 	return c, nil
 }
 
@@ -397,10 +411,15 @@ func (c *Copyset) finishAppend(a appendDone) {
 		}
 	}
 	if m.Term != nil {
-		if err := c.storage.SetHardState(&raftpb.HardState{Term: m.Term, Vote: m.Vote, Commit: m.Commit}); err != nil {
+		t, v, cm := m.GetTerm(), m.GetVote(), m.GetCommit()
+		hs := &raftpb.HardState{Term: &t, Vote: &v, Commit: &cm}
+		if err := c.storage.SetHardState(hs); err != nil {
 			c.log.Error("set hard state", "err", err)
 			return
 		}
+		c.hsMu.Lock()
+		c.durableHS = hs
+		c.hsMu.Unlock()
 	}
 	for _, r := range m.GetResponses() {
 		if r.GetTo() == c.e.cfg.NodeID {
@@ -625,8 +644,9 @@ func (c *Copyset) pushApply(it applyItem) {
 }
 
 func (c *Copyset) requestCheckpoint() {
-	c.ckptReq.Store(true)
-	c.pushApply(applyItem{ckpt: true})
+	if !c.ckptReq.Swap(true) {
+		c.pushApply(applyItem{ckpt: true})
+	}
 }
 
 func (c *Copyset) maybeTimedCheckpoint() {
@@ -841,10 +861,9 @@ func (c *Copyset) checkpointLocked() error {
 	if err := c.store.Sync(); err != nil {
 		return fmt.Errorf("sync chunk files: %w", err)
 	}
-	hs, _, err := c.storage.InitialState()
-	if err != nil {
-		return err
-	}
+	c.hsMu.Lock()
+	hs := c.durableHS
+	c.hsMu.Unlock()
 	m := &meta{
 		Pool: c.id.Pool(), Copyset: c.id.Copyset(),
 		Applied: c.sm.applied, AppliedTerm: c.sm.appliedTerm, ConfEpoch: c.sm.confEpoch,
@@ -857,7 +876,7 @@ func (c *Copyset) checkpointLocked() error {
 		return err
 	}
 	c.sm.lastCkpt, c.sm.lastCkptTime, c.sm.bytesSince = c.sm.applied, time.Now(), 0
-	c.wal.SetCheckpoint(uint64(c.id), c.sm.applied)
+	c.wal.SetCheckpoint(uint64(c.id), c.sm.applied, m.hardState())
 	idx, cs, epoch := c.sm.applied, c.sm.confState, c.sm.confEpoch
 	c.call(func() { c.compact(idx, cs, epoch) })
 	return nil

@@ -158,7 +158,7 @@ func (e *NotLeaderError) Is(target error) bool { return target == ErrNotLeader }
 // walAppender is what a copyset needs of a write-ahead log.
 type walAppender interface {
 	Submit(a wal.Append, done func(error))
-	SetCheckpoint(group, index uint64)
+	SetCheckpoint(group, index uint64, hs *raftpb.HardState)
 	Forget(group uint64)
 }
 
@@ -242,7 +242,10 @@ func NewEngine(cfg Config) (*Engine, error) {
 	}
 	var logs map[uint64]*wal.GroupLog
 	if !cfg.PerCopysetWAL {
-		w, l, err := wal.Open(wal.Options{Dir: filepath.Join(cfg.Dir, "wal"), Source: cfg.Segments, OnSync: cfg.OnWALSync, Logger: cfg.Logger})
+		w, l, err := wal.Open(wal.Options{
+			Dir: filepath.Join(cfg.Dir, "wal"), Source: cfg.Segments, OnSync: cfg.OnWALSync, Logger: cfg.Logger,
+			OnPressure: e.walPressure,
+		})
 		if err != nil {
 			return nil, fmt.Errorf("copyset: open wal: %w", err)
 		}
@@ -604,21 +607,30 @@ func (e *Engine) ticker() {
 	}
 }
 
-// housekeeping asks the copysets that hold the oldest WAL segment back to
-// checkpoint once the WAL grows past its bound, and lets idle copysets
-// checkpoint on their interval.
+// housekeeping bounds the WAL and lets idle copysets checkpoint on their
+// interval.
 func (e *Engine) housekeeping() {
 	if e.wal != nil {
-		if st := e.wal.Stats(); st.Segments > e.cfg.MaxWALSegments {
-			for _, g := range st.PinningGroups {
-				if c := e.get(GroupID(g)); c != nil {
-					c.requestCheckpoint()
-				}
-			}
-		}
+		e.walPressure(e.wal.Stats().Segments)
 	}
 	for _, c := range e.List() {
 		c.maybeTimedCheckpoint()
+	}
+}
+
+// walPressure keeps the shared WAL near MaxWALSegments: when it holds more,
+// every copyset that pins one of the excess oldest segments is asked to
+// checkpoint. Called by the WAL when it starts a segment (or cannot get
+// one) and by housekeeping; it must not block.
+func (e *Engine) walPressure(segments int) {
+	excess := segments - e.cfg.MaxWALSegments/2
+	if segments <= e.cfg.MaxWALSegments || excess <= 0 || e.wal == nil {
+		return
+	}
+	for _, g := range e.wal.PinningGroups(excess) {
+		if c := e.get(GroupID(g)); c != nil {
+			c.requestCheckpoint()
+		}
 	}
 }
 

@@ -72,7 +72,12 @@ type Options struct {
 	MaxBatchBytes int
 	// OnSync, if set, is called after every group commit.
 	OnSync func(SyncInfo)
-	Logger *slog.Logger
+	// OnPressure, if set, is called (from the writer goroutine; it must not
+	// block) when a new segment is started, with the number of segments in
+	// use, and repeatedly while no segment can be had. The owner checkpoints
+	// the groups that pin old segments (see PinningGroups).
+	OnPressure func(segments int)
+	Logger     *slog.Logger
 }
 
 // ErrClosed is returned for submissions to a closed WAL.
@@ -123,9 +128,9 @@ type WAL struct {
 		keep    float64           // fraction of an unsynced batch a crash leaves behind
 		ckpt    map[uint64]uint64 // checkpointed index per group
 		forgot  map[uint64]bool
-		segs    []*segment         // oldest first; the last is current
-		lastHS  map[uint64]*hsInfo // latest durable hard state per group
-		rewrite map[uint64]bool    // groups whose hard state is being re-logged
+		segs    []*segment                   // oldest first; the last is current
+		lastHS  map[uint64]*hsInfo           // latest durable hard state per group
+		ckptHS  map[uint64]*raftpb.HardState // hard state recorded by each group's checkpoint
 	}
 	wake chan struct{}
 
@@ -171,7 +176,7 @@ func Open(opts Options) (*WAL, map[uint64]*GroupLog, error) {
 	w.mu.ckpt = make(map[uint64]uint64)
 	w.mu.forgot = make(map[uint64]bool)
 	w.mu.lastHS = make(map[uint64]*hsInfo)
-	w.mu.rewrite = make(map[uint64]bool)
+	w.mu.ckptHS = make(map[uint64]*raftpb.HardState)
 	w.spareCond = sync.NewCond(&w.spareMu)
 	if err := os.MkdirAll(opts.Dir, 0o755); err != nil {
 		return nil, nil, fmt.Errorf("wal: create dir: %w", err)
@@ -384,14 +389,67 @@ func (w *WAL) Submit(a Append, done func(error)) {
 
 // SetCheckpoint records that group's state machine is durable up to index
 // (chunk files synced and the applied index recorded by the copyset), so its
-// entries at or below index are no longer needed.
-func (w *WAL) SetCheckpoint(group, index uint64) {
+// entries at or below index are no longer needed, and that the copyset
+// recorded hs (may be nil) beside it: hard state records no newer than hs
+// are no longer needed either.
+func (w *WAL) SetCheckpoint(group, index uint64, hs *raftpb.HardState) {
 	w.mu.Lock()
 	if index > w.mu.ckpt[group] {
 		w.mu.ckpt[group] = index
 	}
+	if hs != nil {
+		w.mu.ckptHS[group] = MergeHardState(w.mu.ckptHS[group], hs)
+	}
 	w.mu.Unlock()
 	w.kick()
+}
+
+// hsCovered reports whether every hard state record of g in seg is
+// superseded: by a newer record in a later segment, or by the checkpoint.
+// w.mu held.
+func (w *WAL) hsCoveredLocked(g uint64, seg *segment) bool {
+	li := w.mu.lastHS[g]
+	if li == nil || li.seq > seg.seq {
+		return true
+	}
+	c := w.mu.ckptHS[g]
+	return c != nil && hardStateEqual(MergeHardState(c, li.hs), c)
+}
+
+// segmentDoneLocked reports whether nothing in seg is needed any more.
+func (w *WAL) segmentDoneLocked(seg *segment) bool {
+	for g, sg := range seg.groups {
+		if w.mu.forgot[g] {
+			continue
+		}
+		if sg.maxIndex > w.mu.ckpt[g] || (sg.hs && !w.hsCoveredLocked(g, seg)) {
+			return false
+		}
+	}
+	return true
+}
+
+// PinningGroups returns the groups that keep any of the oldest n segments
+// from being recycled; checkpointing each of them frees those segments.
+func (w *WAL) PinningGroups(n int) []uint64 {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	seen := map[uint64]bool{}
+	var out []uint64
+	for i := 0; i < n && i < len(w.mu.segs)-1; i++ {
+		seg := w.mu.segs[i]
+		for g, sg := range seg.groups {
+			if seen[g] || w.mu.forgot[g] {
+				continue
+			}
+			if sg.maxIndex > w.mu.ckpt[g] || (sg.hs && !w.hsCoveredLocked(g, seg)) {
+				seen[g] = true
+				out = append(out, g)
+			}
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
+	return out
 }
 
 // Forget drops a group (its copyset was removed): its records no longer keep
@@ -401,6 +459,7 @@ func (w *WAL) Forget(group uint64) {
 	w.mu.forgot[group] = true
 	delete(w.mu.ckpt, group)
 	delete(w.mu.lastHS, group)
+	delete(w.mu.ckptHS, group)
 	w.mu.Unlock()
 	w.kick()
 }
@@ -416,25 +475,15 @@ func (w *WAL) kick() {
 type Stats struct {
 	Segments      int
 	OldestSegment uint64
-	// Groups whose entries keep the oldest segment from being recycled; a
-	// checkpoint of each frees it.
-	PinningGroups []uint64
 }
 
-// Stats reports the segments in use and which groups keep the oldest one.
+// Stats reports the segments in use.
 func (w *WAL) Stats() Stats {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	st := Stats{Segments: len(w.mu.segs)}
 	if len(w.mu.segs) > 0 {
-		old := w.mu.segs[0]
-		st.OldestSegment = old.seq
-		for g, sg := range old.groups {
-			if !w.mu.forgot[g] && sg.maxIndex > w.mu.ckpt[g] {
-				st.PinningGroups = append(st.PinningGroups, g)
-			}
-		}
-		sort.Slice(st.PinningGroups, func(i, j int) bool { return st.PinningGroups[i] < st.PinningGroups[j] })
+		st.OldestSegment = w.mu.segs[0].seq
 	}
 	return st
 }
@@ -507,6 +556,7 @@ func (w *WAL) run() {
 		if len(batch) > 0 && !w.commit(batch) {
 			return
 		}
+		w.recycle()
 		if closing {
 			w.mu.Lock()
 			rest := w.mu.queue
@@ -762,8 +812,8 @@ func (w *WAL) rollover() (*segment, error) {
 		if err := syncDir(w.opts.Dir); err != nil {
 			return nil, err
 		}
-	} else if err := w.opts.Source.Get(path); err != nil {
-		return nil, fmt.Errorf("wal: new segment: %w", err)
+	} else if err := w.getSegment(path); err != nil {
+		return nil, err
 	}
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {
@@ -772,10 +822,44 @@ func (w *WAL) rollover() (*segment, error) {
 	seg := &segment{seq: seq, path: path, f: f, groups: make(map[uint64]*segGroup)}
 	w.mu.Lock()
 	w.mu.segs = append(w.mu.segs, seg)
+	n := len(w.mu.segs)
 	w.mu.Unlock()
 	w.nextSeq = seq + 1
 	w.prepareSpare()
+	if w.opts.OnPressure != nil {
+		w.opts.OnPressure(n)
+	}
 	return seg, nil
+}
+
+// getSegment takes a new segment from the source. When the source has none
+// (the pool is full) it does not fail the log: it recycles what it can, asks
+// the owner to checkpoint, and tries again, holding back every append
+// meanwhile, until it gets one or the WAL is closed.
+func (w *WAL) getSegment(path string) error {
+	backoff := 5 * time.Millisecond
+	for warned := false; ; {
+		err := w.opts.Source.Get(path)
+		if err == nil {
+			return nil
+		}
+		w.mu.Lock()
+		closed, n := w.mu.closed, len(w.mu.segs)
+		w.mu.Unlock()
+		if closed {
+			return fmt.Errorf("wal: new segment: %w (%w)", err, ErrClosed)
+		}
+		if !warned {
+			w.log.Warn("no segment available; appends wait for checkpoints to free one", "segments", n, "err", err)
+			warned = true
+		}
+		if w.opts.OnPressure != nil {
+			w.opts.OnPressure(n)
+		}
+		w.recycle()
+		time.Sleep(backoff)
+		backoff = min(2*backoff, 200*time.Millisecond)
+	}
 }
 
 // prepareSpare fetches the next segment in the background so that a
@@ -811,47 +895,17 @@ func (w *WAL) waitSpare() {
 
 // recycle gives back the oldest segments that no group needs any more. Only
 // a prefix of the log is ever recycled, so recovery never replays a record
-// whose predecessors were dropped. A group whose latest hard state lies in
-// the oldest segment has it written again to the current segment first.
+// whose predecessors were dropped.
 func (w *WAL) recycle() {
 	for {
 		w.mu.Lock()
-		if len(w.mu.segs) < 2 || w.mu.closed {
+		if len(w.mu.segs) < 2 || w.mu.crashed {
 			w.mu.Unlock()
 			return
 		}
 		old := w.mu.segs[0]
-		if !old.closed {
+		if !old.closed || !w.segmentDoneLocked(old) {
 			w.mu.Unlock()
-			return
-		}
-		var carry []Append
-		pinned := false
-		for g, sg := range old.groups {
-			if w.mu.forgot[g] {
-				continue
-			}
-			if sg.maxIndex > w.mu.ckpt[g] {
-				pinned = true
-			}
-			if li := w.mu.lastHS[g]; sg.hs && li != nil && li.seq <= old.seq && !w.mu.rewrite[g] {
-				w.mu.rewrite[g] = true
-				carry = append(carry, Append{Group: g, HardState: li.hs})
-			}
-			if li := w.mu.lastHS[g]; sg.hs && li != nil && li.seq <= old.seq {
-				pinned = true
-			}
-		}
-		if pinned {
-			w.mu.Unlock()
-			for _, a := range carry {
-				g := a.Group
-				w.Submit(a, func(error) {
-					w.mu.Lock()
-					delete(w.mu.rewrite, g)
-					w.mu.Unlock()
-				})
-			}
 			return
 		}
 		w.mu.segs = w.mu.segs[1:]
@@ -861,6 +915,10 @@ func (w *WAL) recycle() {
 			return
 		}
 	}
+}
+
+func hardStateEqual(a, b *raftpb.HardState) bool {
+	return a.GetTerm() == b.GetTerm() && a.GetVote() == b.GetVote() && a.GetCommit() == b.GetCommit()
 }
 
 func syncDir(dir string) error {

@@ -259,11 +259,11 @@ func TestCrashKeepsAcknowledged(t *testing.T) {
 	}
 }
 
-// TestRecycleCarriesHardState fills many small segments with one busy group
-// while an idle group's only hard state sits in the first segment; after
-// checkpoints the old segments are recycled and the idle group's hard state
-// survives a restart.
-func TestRecycleCarriesHardState(t *testing.T) {
+// TestRecycleKeepsUncoveredHardState fills many small segments with one busy
+// group while an idle group's only hard state sits in the first segment: the
+// segment stays until the idle group's checkpoint records that hard state,
+// and the hard state survives a restart either way.
+func TestRecycleKeepsUncoveredHardState(t *testing.T) {
 	dir := t.TempDir()
 	src := &zeroSource{size: 32 << 10}
 	w, _ := openWAL(t, dir, src)
@@ -275,10 +275,26 @@ func TestRecycleCarriesHardState(t *testing.T) {
 	if st := w.Stats(); st.Segments < 5 {
 		t.Fatalf("only %d segments for 200 KiB of entries in 32 KiB segments", st.Segments)
 	}
-	if st := w.Stats(); len(st.PinningGroups) != 1 || st.PinningGroups[0] != 1 {
-		t.Fatalf("pinning groups %v, want [1]", st.PinningGroups)
+	if pg := w.PinningGroups(1); len(pg) != 2 || pg[0] != 1 || pg[1] != 99 {
+		t.Fatalf("pinning groups %v, want [1 99]", pg)
 	}
-	w.SetCheckpoint(1, 190)
+	w.SetCheckpoint(1, 190, hs(1, 1, 190))
+	// The busy group's checkpoint alone frees nothing: the first segment
+	// holds the idle group's only hard state.
+	submitSync(t, w, Append{Group: 1, HardState: hs(1, 1, 200)})
+	if _, rec := src.counts(); rec != 0 {
+		t.Fatalf("%d segments recycled while the idle group's hard state was only in the first one", rec)
+	}
+	if pg := w.PinningGroups(1); len(pg) != 1 || pg[0] != 99 {
+		t.Fatalf("pinning groups %v, want [99]", pg)
+	}
+	// A checkpoint recording an older hard state does not cover it either.
+	w.SetCheckpoint(99, 0, hs(4, 3, 0))
+	submitSync(t, w, Append{Group: 1, HardState: hs(1, 1, 200)})
+	if _, rec := src.counts(); rec != 0 {
+		t.Fatalf("recycled on a checkpoint with an older hard state")
+	}
+	w.SetCheckpoint(99, 0, hs(5, 3, 0))
 	waitFor(t, func() bool { return w.Stats().Segments <= 2 }, "old segments recycled")
 	if _, rec := src.counts(); rec == 0 {
 		t.Fatalf("no segment went back to the source")
@@ -286,8 +302,8 @@ func TestRecycleCarriesHardState(t *testing.T) {
 	w.Close()
 	w, logs := openWAL(t, dir, src)
 	defer w.Close()
-	if h := logs[99].HardState; h.GetTerm() != 5 || h.GetVote() != 3 {
-		t.Fatalf("idle group's hard state lost: %v", h)
+	if h := logs[99]; h != nil {
+		t.Fatalf("idle group's hard state is still in the log after its checkpoint recorded it")
 	}
 	gl := logs[1]
 	if last := gl.Entries[len(gl.Entries)-1].GetIndex(); last != 200 {
@@ -310,7 +326,7 @@ func TestForgottenGroupDoesNotPin(t *testing.T) {
 	before := w.Stats().Segments
 	w.Forget(3)
 	submitSync(t, w, Append{Group: 4, Entries: []*raftpb.Entry{ent(1, 1, "x")}})
-	w.SetCheckpoint(4, 1)
+	w.SetCheckpoint(4, 1, nil)
 	waitFor(t, func() bool { return w.Stats().Segments < before }, "segments of a forgotten group recycled")
 }
 
