@@ -325,8 +325,10 @@ func (x *SnapshotFile) GetSize() uint64 {
 }
 
 // SnapshotChunk is one frame of a snapshot stream. The first frame carries the
-// header (the MsgSnap and the list of files); the frames after it carry the
-// files' bytes in order; the last frame has done set.
+// header (the MsgSnap and the list of files); the frames after it carry each
+// file's pieces in order, a run of zeros as a zero range without data; the
+// last frame has done set. Chunks the receiver holds that are not listed are
+// deleted once every frame has arrived.
 type SnapshotChunk struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	From  uint64                 `protobuf:"varint,1,opt,name=from,proto3" json:"from,omitempty"`
@@ -336,10 +338,16 @@ type SnapshotChunk struct {
 	RaftMessage []byte          `protobuf:"bytes,4,opt,name=raft_message,json=raftMessage,proto3" json:"raft_message,omitempty"`
 	Files       []*SnapshotFile `protobuf:"bytes,5,rep,name=files,proto3" json:"files,omitempty"`
 	// Body: a piece of one chunk file.
-	ChunkId       uint64 `protobuf:"varint,6,opt,name=chunk_id,json=chunkId,proto3" json:"chunk_id,omitempty"`
-	Offset        uint64 `protobuf:"varint,7,opt,name=offset,proto3" json:"offset,omitempty"`
-	Data          []byte `protobuf:"bytes,8,opt,name=data,proto3" json:"data,omitempty"`
-	Done          bool   `protobuf:"varint,9,opt,name=done,proto3" json:"done,omitempty"`
+	ChunkId uint64 `protobuf:"varint,6,opt,name=chunk_id,json=chunkId,proto3" json:"chunk_id,omitempty"`
+	Offset  uint64 `protobuf:"varint,7,opt,name=offset,proto3" json:"offset,omitempty"`
+	Data    []byte `protobuf:"bytes,8,opt,name=data,proto3" json:"data,omitempty"`
+	Done    bool   `protobuf:"varint,9,opt,name=done,proto3" json:"done,omitempty"`
+	// Header: the copyset's configuration epoch at the snapshot's index.
+	ConfEpoch uint64 `protobuf:"varint,10,opt,name=conf_epoch,json=confEpoch,proto3" json:"conf_epoch,omitempty"`
+	// Body: the range [offset, offset+zero_length) of chunk_id is all zeros
+	// (data is empty). A range covering the whole chunk means the chunk is
+	// absent.
+	ZeroLength    uint64 `protobuf:"varint,11,opt,name=zero_length,json=zeroLength,proto3" json:"zero_length,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -437,6 +445,20 @@ func (x *SnapshotChunk) GetDone() bool {
 	return false
 }
 
+func (x *SnapshotChunk) GetConfEpoch() uint64 {
+	if x != nil {
+		return x.ConfEpoch
+	}
+	return 0
+}
+
+func (x *SnapshotChunk) GetZeroLength() uint64 {
+	if x != nil {
+		return x.ZeroLength
+	}
+	return 0
+}
+
 type SnapshotResult struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Whether the receiver installed the files; when false, message says why.
@@ -515,7 +537,7 @@ const file_transportpb_transport_proto_rawDesc = "" +
 	"\bBatchAck\"=\n" +
 	"\fSnapshotFile\x12\x19\n" +
 	"\bchunk_id\x18\x01 \x01(\x04R\achunkId\x12\x12\n" +
-	"\x04size\x18\x02 \x01(\x04R\x04size\"\xff\x01\n" +
+	"\x04size\x18\x02 \x01(\x04R\x04size\"\xbf\x02\n" +
 	"\rSnapshotChunk\x12\x12\n" +
 	"\x04from\x18\x01 \x01(\x04R\x04from\x12\x0e\n" +
 	"\x02to\x18\x02 \x01(\x04R\x02to\x12\x14\n" +
@@ -525,7 +547,12 @@ const file_transportpb_transport_proto_rawDesc = "" +
 	"\bchunk_id\x18\x06 \x01(\x04R\achunkId\x12\x16\n" +
 	"\x06offset\x18\a \x01(\x04R\x06offset\x12\x12\n" +
 	"\x04data\x18\b \x01(\fR\x04data\x12\x12\n" +
-	"\x04done\x18\t \x01(\bR\x04done\"F\n" +
+	"\x04done\x18\t \x01(\bR\x04done\x12\x1d\n" +
+	"\n" +
+	"conf_epoch\x18\n" +
+	" \x01(\x04R\tconfEpoch\x12\x1f\n" +
+	"\vzero_length\x18\v \x01(\x04R\n" +
+	"zeroLength\"F\n" +
 	"\x0eSnapshotResult\x12\x1a\n" +
 	"\baccepted\x18\x01 \x01(\bR\baccepted\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage2\xb6\x01\n" +

@@ -1,0 +1,258 @@
+package copyset
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+
+	"cairn.io/cairn/chunkfilepool"
+	"cairn.io/cairn/chunkserver/datastore"
+	"cairn.io/cairn/copyset/transport"
+)
+
+// Test geometry: small chunks keep the pools and snapshots small.
+const (
+	testChunkSize = 256 << 10
+	testBlock     = 4096
+)
+
+// testNode is one in-process chunkserver: a real chunk file pool, real chunk
+// stores, the engine and a gRPC server on loopback.
+type testNode struct {
+	id     uint64
+	dir    string
+	pool   *chunkfilepool.Pool
+	files  *datastore.FileCache
+	engine *Engine
+	srv    *grpc.Server
+}
+
+// testCluster runs several chunkservers in one process with a shared
+// resolver and fault injector.
+type testCluster struct {
+	t      *testing.T
+	dir    string
+	faults *transport.Faults
+	tune   func(*Config)
+	poolN  int
+
+	mu    sync.Mutex
+	addrs map[uint64]string
+	nodes map[uint64]*testNode
+}
+
+func (tc *testCluster) Resolve(_ context.Context, id uint64) (string, error) {
+	tc.mu.Lock()
+	defer tc.mu.Unlock()
+	if a, ok := tc.addrs[id]; ok {
+		return a, nil
+	}
+	return "", fmt.Errorf("chunkserver %d not running", id)
+}
+
+func testLogger() *slog.Logger {
+	switch os.Getenv("CAIRN_TEST_LOG") {
+	case "":
+	case "warn":
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	default:
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.NewTextHandler(io.Discard, nil))
+}
+
+// newTestCluster starts nodes 1..n. poolChunks sizes each node's pool.
+func newTestCluster(t *testing.T, n, poolChunks int, tune func(*Config)) *testCluster {
+	t.Helper()
+	tc := &testCluster{
+		t: t, dir: t.TempDir(), faults: transport.NewFaults(1), tune: tune, poolN: poolChunks,
+		addrs: map[uint64]string{}, nodes: map[uint64]*testNode{},
+	}
+	for id := uint64(1); id <= uint64(n); id++ {
+		tc.start(id)
+	}
+	t.Cleanup(tc.close)
+	return tc
+}
+
+func (tc *testCluster) start(id uint64) *testNode {
+	tc.t.Helper()
+	dir := filepath.Join(tc.dir, fmt.Sprintf("cs%d", id))
+	pool, err := chunkfilepool.Open(chunkfilepool.Options{
+		Dir: filepath.Join(dir, "chunkfilepool"), ChunkSize: testChunkSize, MetaPageSize: 4096, BlockSize: 512,
+		InitialChunks: tc.poolN, MaxChunks: 4 * tc.poolN, LowWater: 8,
+	})
+	if err != nil {
+		tc.t.Fatalf("open pool of node %d: %v", id, err)
+	}
+	files := datastore.NewFileCache(256)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tc.t.Fatal(err)
+	}
+	cfg := Config{
+		NodeID:   id,
+		Dir:      filepath.Join(dir, "engine"),
+		Segments: pool,
+		OpenStore: func(d string) (ChunkStore, error) {
+			return datastore.Open(d, pool, datastore.Options{Files: files})
+		},
+		ChunkSize:       testChunkSize,
+		Resolver:        tc,
+		Faults:          tc.faults,
+		TickInterval:    20 * time.Millisecond,
+		ElectionTicks:   10,
+		CheckpointBytes: 256 << 10,
+		RetainEntries:   64,
+		Logger:          testLogger().With("node", id),
+	}
+	if tc.tune != nil {
+		tc.tune(&cfg)
+	}
+	e, err := NewEngine(cfg)
+	if err != nil {
+		tc.t.Fatalf("start engine of node %d: %v", id, err)
+	}
+	srv := grpc.NewServer()
+	e.RegisterGRPC(srv)
+	go srv.Serve(lis)
+	n := &testNode{id: id, dir: dir, pool: pool, files: files, engine: e, srv: srv}
+	tc.mu.Lock()
+	tc.nodes[id] = n
+	tc.addrs[id] = lis.Addr().String()
+	tc.mu.Unlock()
+	return n
+}
+
+// stop shuts a node down, cleanly or as a crash that loses the WAL's
+// unsynced tail (keeping the first keep fraction of a torn batch).
+func (tc *testCluster) stop(id uint64, crash bool, keep float64) {
+	tc.mu.Lock()
+	n := tc.nodes[id]
+	delete(tc.nodes, id)
+	delete(tc.addrs, id)
+	tc.mu.Unlock()
+	if n == nil {
+		return
+	}
+	n.srv.Stop()
+	if crash {
+		n.engine.Crash(keep)
+	} else if err := n.engine.Close(); err != nil {
+		tc.t.Errorf("close engine of node %d: %v", id, err)
+	}
+	n.pool.Close()
+}
+
+func (tc *testCluster) node(id uint64) *testNode {
+	tc.mu.Lock()
+	defer tc.mu.Unlock()
+	return tc.nodes[id]
+}
+
+func (tc *testCluster) running() []*testNode {
+	tc.mu.Lock()
+	defer tc.mu.Unlock()
+	var out []*testNode
+	for _, n := range tc.nodes {
+		out = append(out, n)
+	}
+	return out
+}
+
+func (tc *testCluster) close() {
+	for _, n := range tc.running() {
+		tc.stop(n.id, false, 0)
+	}
+}
+
+// create creates copysets on each of their members.
+func (tc *testCluster) create(ids []GroupID, members []uint64) {
+	tc.t.Helper()
+	for _, m := range members {
+		n := tc.node(m)
+		for _, id := range ids {
+			if err := n.engine.Create(id, members); err != nil {
+				tc.t.Fatalf("create %s on %d: %v", id, m, err)
+			}
+		}
+	}
+}
+
+// leader waits until some running node leads the copyset.
+func (tc *testCluster) leader(id GroupID) *Copyset {
+	tc.t.Helper()
+	var c *Copyset
+	succeedsSoon(tc.t, 20*time.Second, func() error {
+		for _, n := range tc.running() {
+			if cs, err := n.engine.Get(id); err == nil && cs.IsLeader() {
+				c = cs
+				return nil
+			}
+		}
+		return fmt.Errorf("no leader for %s", id)
+	})
+	return c
+}
+
+// succeedsSoon retries f until it returns nil or the deadline passes.
+func succeedsSoon(t testing.TB, d time.Duration, f func() error) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	var err error
+	for {
+		if err = f(); err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("condition not met after %v: %v", d, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// writeRetry writes through whichever node leads, retrying through leader
+// changes, as a client would.
+func (tc *testCluster) writeRetry(id GroupID, chunk uint64, off int64, data []byte) uint64 {
+	tc.t.Helper()
+	var idx uint64
+	succeedsSoon(tc.t, 30*time.Second, func() error {
+		c := tc.leader(id)
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		var err error
+		idx, err = c.Write(ctx, chunk, 1, 1, off, data)
+		return err
+	})
+	return idx
+}
+
+func (tc *testCluster) readRetry(id GroupID, chunk uint64, off int64, n int) []byte {
+	tc.t.Helper()
+	buf := make([]byte, n)
+	succeedsSoon(tc.t, 30*time.Second, func() error {
+		c := tc.leader(id)
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		err := c.Read(ctx, chunk, off, buf)
+		if err != nil && isNotExist(err) {
+			clear(buf)
+			return nil
+		}
+		return err
+	})
+	return buf
+}
+
+func isNotExist(err error) bool {
+	return err != nil && (errorsIs(err, datastore.ErrChunkNotExist))
+}

@@ -1,0 +1,771 @@
+package copyset
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.etcd.io/raft/v3/raftpb"
+	"google.golang.org/grpc"
+
+	"cairn.io/cairn/api/transportpb"
+	"cairn.io/cairn/copyset/transport"
+	"cairn.io/cairn/copyset/wal"
+)
+
+// GroupID identifies a copyset inside a chunkserver: the logical pool id in
+// the high 32 bits and the copyset id in the low 32 bits. It is also the
+// copyset's Raft group id on the wire.
+type GroupID uint64
+
+// MakeGroupID packs a logical pool id and a copyset id.
+func MakeGroupID(pool, copyset uint32) GroupID { return GroupID(uint64(pool)<<32 | uint64(copyset)) }
+
+// Pool is the logical pool id.
+func (g GroupID) Pool() uint32 { return uint32(g >> 32) }
+
+// Copyset is the copyset id within its pool.
+func (g GroupID) Copyset() uint32 { return uint32(g) }
+
+// String formats the id as "pool-copyset", the copyset's directory name.
+func (g GroupID) String() string { return fmt.Sprintf("%d-%d", g.Pool(), g.Copyset()) }
+
+func parseGroupID(s string) (GroupID, bool) {
+	a, b, ok := strings.Cut(s, "-")
+	if !ok {
+		return 0, false
+	}
+	p, err1 := strconv.ParseUint(a, 10, 32)
+	c, err2 := strconv.ParseUint(b, 10, 32)
+	if err1 != nil || err2 != nil {
+		return 0, false
+	}
+	return MakeGroupID(uint32(p), uint32(c)), true
+}
+
+// ChunkStore is a copyset's state machine: its chunk files. The chunkserver's
+// datastore implements it. Writes need not be durable until Sync.
+type ChunkStore interface {
+	// WriteAt writes p at off of a chunk, creating the chunk if needed.
+	WriteAt(chunkID uint64, p []byte, off int64) error
+	// ReadAt reads len(p) bytes at off of an existing chunk.
+	ReadAt(chunkID uint64, p []byte, off int64) error
+	// Delete removes a chunk; deleting a missing chunk succeeds.
+	Delete(chunkID uint64) error
+	// List returns the ids of the chunks held, sorted.
+	List() []uint64
+	// Sync makes every write completed so far durable.
+	Sync() error
+	// Destroy removes every chunk and the store's directory.
+	Destroy() error
+	Close() error
+}
+
+// Config configures an Engine.
+type Config struct {
+	// NodeID is the chunkserver's id, also its Raft node id. Required.
+	NodeID uint64
+	// Dir is the engine's directory: it holds wal/, copysets/ and trash/.
+	Dir string
+	// Segments supplies WAL segment files (the chunk file pool). Required.
+	Segments wal.SegmentSource
+	// OpenStore opens (creating if needed) the chunk store in a copyset's
+	// chunk directory. Required.
+	OpenStore func(dir string) (ChunkStore, error)
+	// ChunkSize is the data size of a chunk, used to stream snapshots.
+	ChunkSize int64
+	// Resolver maps peer chunkserver ids to addresses. Required.
+	Resolver transport.Resolver
+	// Faults injects network faults (tests only).
+	Faults *transport.Faults
+
+	// RaftWorkers and ApplyWorkers size the two worker pools (default
+	// 2*GOMAXPROCS each, at least 4).
+	RaftWorkers, ApplyWorkers int
+	// TickInterval is the Raft tick (default 100ms). ElectionTicks (default
+	// 10) and HeartbeatTicks (default 1) are in ticks.
+	TickInterval                  time.Duration
+	ElectionTicks, HeartbeatTicks int
+	// A copyset checkpoints after CheckpointBytes of applied commands
+	// (default 4 MiB) or CheckpointInterval (default 30s), keeping
+	// RetainEntries entries (default 256) for slow followers.
+	CheckpointBytes    uint64
+	CheckpointInterval time.Duration
+	RetainEntries      uint64
+	// MaxWALSegments: beyond it, the copysets pinning the oldest segment
+	// are asked to checkpoint (default 16).
+	MaxWALSegments int
+	// SnapshotBytesPerSec throttles outgoing snapshot data per chunkserver
+	// (0: unlimited).
+	SnapshotBytesPerSec int64
+	// PerCopysetWAL gives every copyset its own WAL instead of the shared
+	// one (the Curve/braft layout; for comparison benchmarks).
+	PerCopysetWAL bool
+	// OnWALSync is called after every WAL group commit (metrics).
+	OnWALSync func(wal.SyncInfo)
+	Logger    *slog.Logger
+}
+
+// Errors returned by the engine and its copysets.
+var (
+	// ErrNotLeader: the replica does not lead its copyset. Errors wrapping
+	// it are *NotLeaderError and name the leader when known.
+	ErrNotLeader = errors.New("copyset: not the leader")
+	// ErrProposalLost: the entry was overwritten by a new leader; it was
+	// not applied. Retrying is safe.
+	ErrProposalLost = errors.New("copyset: proposal lost in a leader change")
+	// ErrStopped: the engine or copyset is shut down.
+	ErrStopped = errors.New("copyset: stopped")
+	// ErrExists: a copyset with that id exists with other members.
+	ErrExists = errors.New("copyset: already exists")
+	// ErrNotFound: no such copyset on this chunkserver.
+	ErrNotFound = errors.New("copyset: not found")
+	// ErrStaleEpoch: a membership operation named a configuration epoch
+	// that is no longer current.
+	ErrStaleEpoch = errors.New("copyset: configuration epoch changed")
+	// ErrConfChangeInProgress: another membership change is not applied yet.
+	ErrConfChangeInProgress = errors.New("copyset: membership change in progress")
+	// ErrReadTimeout: the leader could not confirm its leadership in time.
+	ErrReadTimeout = errors.New("copyset: read index not confirmed")
+)
+
+// NotLeaderError is returned when a replica does not lead its copyset.
+type NotLeaderError struct {
+	// Leader is the leader's node id, 0 when unknown.
+	Leader uint64
+}
+
+func (e *NotLeaderError) Error() string {
+	if e.Leader == 0 {
+		return "copyset: not the leader (leader unknown)"
+	}
+	return fmt.Sprintf("copyset: not the leader (leader is %d)", e.Leader)
+}
+
+// Is makes errors.Is(err, ErrNotLeader) hold.
+func (e *NotLeaderError) Is(target error) bool { return target == ErrNotLeader }
+
+// walAppender is what a copyset needs of a write-ahead log.
+type walAppender interface {
+	Submit(a wal.Append, done func(error))
+	SetCheckpoint(group, index uint64, hs *raftpb.HardState)
+	Forget(group uint64)
+}
+
+// Engine runs every copyset of one chunkserver.
+type Engine struct {
+	cfg Config
+	log *slog.Logger
+
+	wal       *wal.WAL // shared WAL (nil with PerCopysetWAL)
+	transport *transport.Transport
+
+	mu     sync.RWMutex
+	groups map[GroupID]*Copyset
+
+	raftQ, applyQ *workQueue
+	limiter       *rateLimiter
+	snapSem       chan struct{}
+
+	idBase  uint64
+	nextID  atomic.Uint64
+	stopped chan struct{}
+	closed  atomic.Bool
+	wg      sync.WaitGroup
+}
+
+// NewEngine opens the engine's directory, recovers the WAL and every copyset
+// found on disk, and starts the workers.
+func NewEngine(cfg Config) (*Engine, error) {
+	if cfg.NodeID == 0 || cfg.Segments == nil || cfg.OpenStore == nil || cfg.Resolver == nil {
+		return nil, errors.New("copyset: engine needs NodeID, Segments, OpenStore and Resolver")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	n := max(2*runtime.GOMAXPROCS(0), 4)
+	if cfg.RaftWorkers <= 0 {
+		cfg.RaftWorkers = n
+	}
+	if cfg.ApplyWorkers <= 0 {
+		cfg.ApplyWorkers = n
+	}
+	if cfg.TickInterval <= 0 {
+		cfg.TickInterval = 100 * time.Millisecond
+	}
+	if cfg.ElectionTicks <= 0 {
+		cfg.ElectionTicks = 10
+	}
+	if cfg.HeartbeatTicks <= 0 {
+		cfg.HeartbeatTicks = 1
+	}
+	if cfg.CheckpointBytes == 0 {
+		cfg.CheckpointBytes = 4 << 20
+	}
+	if cfg.CheckpointInterval <= 0 {
+		cfg.CheckpointInterval = 30 * time.Second
+	}
+	if cfg.RetainEntries == 0 {
+		cfg.RetainEntries = 256
+	}
+	if cfg.MaxWALSegments <= 0 {
+		cfg.MaxWALSegments = 16
+	}
+	if cfg.ChunkSize <= 0 {
+		cfg.ChunkSize = 16 << 20
+	}
+	e := &Engine{
+		cfg:     cfg,
+		log:     cfg.Logger.With("component", "copyset-engine", "node", cfg.NodeID),
+		groups:  make(map[GroupID]*Copyset),
+		raftQ:   newWorkQueue(),
+		applyQ:  newWorkQueue(),
+		limiter: newRateLimiter(cfg.SnapshotBytesPerSec),
+		snapSem: make(chan struct{}, 4),
+		idBase:  uint64(time.Now().UnixNano()),
+		stopped: make(chan struct{}),
+	}
+	for _, d := range []string{"copysets", "trash"} {
+		if err := os.MkdirAll(filepath.Join(cfg.Dir, d), 0o755); err != nil {
+			return nil, fmt.Errorf("copyset: create %s: %w", d, err)
+		}
+	}
+	var logs map[uint64]*wal.GroupLog
+	if !cfg.PerCopysetWAL {
+		w, l, err := wal.Open(wal.Options{
+			Dir: filepath.Join(cfg.Dir, "wal"), Source: cfg.Segments, OnSync: cfg.OnWALSync, Logger: cfg.Logger,
+			OnPressure: e.walPressure,
+		})
+		if err != nil {
+			return nil, fmt.Errorf("copyset: open wal: %w", err)
+		}
+		e.wal, logs = w, l
+	}
+	e.transport = transport.New(transport.Config{
+		NodeID:   cfg.NodeID,
+		Resolver: cfg.Resolver,
+		Handler:  e,
+		Faults:   cfg.Faults,
+		Logger:   cfg.Logger,
+		OnUnreachable: func(to uint64, groups []uint64) {
+			for _, g := range groups {
+				if c := e.get(GroupID(g)); c != nil {
+					c.call(func() { c.rn.ReportUnreachable(to) })
+				}
+			}
+		},
+	})
+	if err := e.loadAll(logs); err != nil {
+		e.shutdownWorkers()
+		if e.wal != nil {
+			e.wal.Close()
+		}
+		return nil, err
+	}
+	for i := 0; i < cfg.RaftWorkers; i++ {
+		e.wg.Add(1)
+		go e.raftWorker()
+	}
+	for i := 0; i < cfg.ApplyWorkers; i++ {
+		e.wg.Add(1)
+		go e.applyWorker()
+	}
+	e.wg.Add(1)
+	go e.ticker()
+	return e, nil
+}
+
+// loadAll opens every copyset directory and forgets WAL records of groups
+// that no longer exist here.
+func (e *Engine) loadAll(logs map[uint64]*wal.GroupLog) error {
+	des, err := os.ReadDir(filepath.Join(e.cfg.Dir, "copysets"))
+	if err != nil {
+		return fmt.Errorf("copyset: list copysets: %w", err)
+	}
+	for _, de := range des {
+		id, ok := parseGroupID(de.Name())
+		if !ok || !de.IsDir() {
+			continue
+		}
+		dir := filepath.Join(e.cfg.Dir, "copysets", de.Name())
+		if _, err := os.Stat(filepath.Join(dir, metaFile)); errors.Is(err, os.ErrNotExist) {
+			// Creation never finished: nothing was ever acknowledged here.
+			e.log.Warn("removing half-created copyset", "copyset", id)
+			if err := os.RemoveAll(dir); err != nil {
+				return fmt.Errorf("copyset: remove half-created %s: %w", id, err)
+			}
+			continue
+		}
+		var gl *wal.GroupLog
+		if logs != nil {
+			gl = logs[uint64(id)]
+			delete(logs, uint64(id))
+		}
+		c, err := e.open(id, dir, gl)
+		if err != nil {
+			return fmt.Errorf("copyset: load %s: %w", id, err)
+		}
+		e.groups[id] = c
+	}
+	for g := range logs {
+		e.wal.Forget(g)
+	}
+	e.log.Info("copysets loaded", "count", len(e.groups))
+	return nil
+}
+
+// RegisterGRPC installs the Raft transport's service on s.
+func (e *Engine) RegisterGRPC(s *grpc.Server) { e.transport.Register(s) }
+
+// TransportStats returns the Raft transport's counters.
+func (e *Engine) TransportStats() transport.Stats { return e.transport.Stats() }
+
+// WALStats returns the shared WAL's segment stats.
+func (e *Engine) WALStats() wal.Stats {
+	if e.wal == nil {
+		return wal.Stats{}
+	}
+	return e.wal.Stats()
+}
+
+// NodeID is the chunkserver's Raft node id.
+func (e *Engine) NodeID() uint64 { return e.cfg.NodeID }
+
+// Create creates a copyset with the given voting members (which must include
+// this node), or, with no peers, an empty replica that waits to be added by
+// the copyset's leader and filled by a snapshot. Creating a copyset that
+// exists with the same members succeeds.
+func (e *Engine) Create(id GroupID, peers []uint64) error {
+	if e.closed.Load() {
+		return ErrStopped
+	}
+	peers = append([]uint64(nil), peers...)
+	sort.Slice(peers, func(i, j int) bool { return peers[i] < peers[j] })
+	if len(peers) > 0 {
+		self := false
+		for i, p := range peers {
+			if p == 0 || (i > 0 && peers[i-1] == p) {
+				return fmt.Errorf("copyset: invalid member list %v", peers)
+			}
+			self = self || p == e.cfg.NodeID
+		}
+		if !self {
+			return fmt.Errorf("copyset: member list %v does not include this chunkserver (%d)", peers, e.cfg.NodeID)
+		}
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if c := e.groups[id]; c != nil {
+		if len(peers) == 0 || equalIDs(c.initialVoters, peers) {
+			return nil
+		}
+		return fmt.Errorf("%w: %s with members %v", ErrExists, id, c.initialVoters)
+	}
+	dir := filepath.Join(e.cfg.Dir, "copysets", id.String())
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("copyset: create %s: %w", id, err)
+	}
+	m := &meta{Pool: id.Pool(), Copyset: id.Copyset()}
+	if len(peers) > 0 {
+		// Every member starts from the same snapshot at index 1 holding the
+		// initial configuration, so no bootstrap entries are needed.
+		m.Applied, m.AppliedTerm, m.Term, m.Commit = 1, 1, 1, 1
+		m.Voters = peers
+	}
+	if err := writeMeta(dir, m); err != nil {
+		os.RemoveAll(dir)
+		return fmt.Errorf("copyset: create %s: %w", id, err)
+	}
+	if err := syncDir(filepath.Dir(dir)); err != nil {
+		return err
+	}
+	c, err := e.open(id, dir, nil)
+	if err != nil {
+		return fmt.Errorf("copyset: open new %s: %w", id, err)
+	}
+	e.groups[id] = c
+	e.log.Info("copyset created", "copyset", id, "peers", peers)
+	return nil
+}
+
+func equalIDs(a, b []uint64) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// Get returns a hosted copyset.
+func (e *Engine) Get(id GroupID) (*Copyset, error) {
+	if c := e.get(id); c != nil {
+		return c, nil
+	}
+	return nil, fmt.Errorf("%w: %s", ErrNotFound, id)
+}
+
+func (e *Engine) get(id GroupID) *Copyset {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	return e.groups[id]
+}
+
+// List returns every hosted copyset, ordered by id.
+func (e *Engine) List() []*Copyset {
+	e.mu.RLock()
+	out := make([]*Copyset, 0, len(e.groups))
+	for _, c := range e.groups {
+		out = append(out, c)
+	}
+	e.mu.RUnlock()
+	sort.Slice(out, func(i, j int) bool { return out[i].id < out[j].id })
+	return out
+}
+
+// Remove stops a copyset and moves its directory to the trash. Its chunk
+// files stay there until PurgeTrash returns them to the pool.
+func (e *Engine) Remove(id GroupID) error {
+	e.mu.Lock()
+	c := e.groups[id]
+	delete(e.groups, id)
+	e.mu.Unlock()
+	if c == nil {
+		return fmt.Errorf("%w: %s", ErrNotFound, id)
+	}
+	c.stop()
+	if err := c.store.Close(); err != nil {
+		e.log.Warn("closing removed copyset's store", "copyset", id, "err", err)
+	}
+	c.wal.Forget(uint64(id))
+	if c.ownWAL != nil {
+		c.ownWAL.Close()
+	}
+	dst := filepath.Join(e.cfg.Dir, "trash", fmt.Sprintf("%s.%d", id, time.Now().UnixNano()))
+	if err := os.Rename(c.dir, dst); err != nil {
+		return fmt.Errorf("copyset: move %s to trash: %w", id, err)
+	}
+	if err := syncDir(filepath.Join(e.cfg.Dir, "copysets")); err != nil {
+		return err
+	}
+	e.log.Info("copyset removed to trash", "copyset", id, "trash", dst)
+	return nil
+}
+
+// PurgeTrash destroys trashed copysets older than age, returning their chunk
+// files to the pool. It reports how many it purged.
+func (e *Engine) PurgeTrash(age time.Duration) (int, error) {
+	dir := filepath.Join(e.cfg.Dir, "trash")
+	des, err := os.ReadDir(dir)
+	if err != nil {
+		return 0, fmt.Errorf("copyset: list trash: %w", err)
+	}
+	n := 0
+	for _, de := range des {
+		name, stamp, ok := strings.Cut(de.Name(), ".")
+		if _, idok := parseGroupID(name); !ok || !idok {
+			continue
+		}
+		ns, err := strconv.ParseInt(stamp, 10, 64)
+		if err != nil || time.Since(time.Unix(0, ns)) < age {
+			continue
+		}
+		p := filepath.Join(dir, de.Name())
+		s, err := e.cfg.OpenStore(filepath.Join(p, "chunks"))
+		if err != nil {
+			return n, fmt.Errorf("copyset: open trashed %s: %w", de.Name(), err)
+		}
+		if err := s.Destroy(); err != nil {
+			return n, fmt.Errorf("copyset: destroy trashed %s: %w", de.Name(), err)
+		}
+		if err := os.RemoveAll(p); err != nil {
+			return n, fmt.Errorf("copyset: remove trashed %s: %w", de.Name(), err)
+		}
+		n++
+	}
+	return n, nil
+}
+
+// Close checkpoints every copyset, stops the workers and closes the WAL.
+func (e *Engine) Close() error {
+	if !e.closed.CompareAndSwap(false, true) {
+		return nil
+	}
+	e.transport.Close()
+	for _, c := range e.List() {
+		c.stop()
+	}
+	e.shutdownWorkers()
+	var firstErr error
+	for _, c := range e.List() {
+		if err := c.finalCheckpoint(); err != nil && firstErr == nil {
+			firstErr = err
+		}
+		if c.ownWAL != nil {
+			c.ownWAL.Close()
+		}
+		if err := c.store.Close(); err != nil && firstErr == nil {
+			firstErr = err
+		}
+	}
+	if e.wal != nil {
+		if err := e.wal.Close(); err != nil && firstErr == nil {
+			firstErr = err
+		}
+	}
+	return firstErr
+}
+
+// Crash stops the engine as a power loss would: no checkpoint, and the WAL
+// loses everything not yet fdatasynced (a batch caught mid-write keeps the
+// first keep fraction of its bytes). It is a fault-injection seam for tests;
+// the process may go on and open a new engine over the same directory.
+func (e *Engine) Crash(keep float64) {
+	if !e.closed.CompareAndSwap(false, true) {
+		return
+	}
+	if e.wal != nil {
+		e.wal.SimulateCrash(keep)
+	}
+	for _, c := range e.List() {
+		if c.ownWAL != nil {
+			c.ownWAL.SimulateCrash(keep)
+		}
+	}
+	e.transport.Close()
+	for _, c := range e.List() {
+		c.stop()
+	}
+	e.shutdownWorkers()
+	for _, c := range e.List() {
+		c.store.Close()
+	}
+}
+
+func (e *Engine) shutdownWorkers() {
+	select {
+	case <-e.stopped:
+	default:
+		close(e.stopped)
+	}
+	e.raftQ.close()
+	e.applyQ.close()
+	e.wg.Wait()
+}
+
+// HandleRaft implements transport.Handler.
+func (e *Engine) HandleRaft(from, group uint64, m *raftpb.Message) {
+	if c := e.get(GroupID(group)); c != nil {
+		c.deliver(m)
+	}
+}
+
+// HandleSnapshot implements transport.Handler.
+func (e *Engine) HandleSnapshot(ctx context.Context, header *transportpb.SnapshotChunk, next func() (*transportpb.SnapshotChunk, error)) error {
+	c := e.get(GroupID(header.GetGroup()))
+	if c == nil {
+		return fmt.Errorf("%w: %s", ErrNotFound, GroupID(header.GetGroup()))
+	}
+	return c.installSnapshot(ctx, header, next)
+}
+
+func (e *Engine) newProposalID() uint64 { return e.idBase + e.nextID.Add(1) }
+
+// ticker ticks every copyset and does housekeeping.
+func (e *Engine) ticker() {
+	defer e.wg.Done()
+	t := time.NewTicker(e.cfg.TickInterval)
+	defer t.Stop()
+	housekeeping := time.NewTicker(time.Second)
+	defer housekeeping.Stop()
+	for {
+		select {
+		case <-e.stopped:
+			return
+		case <-t.C:
+			e.mu.RLock()
+			for _, c := range e.groups {
+				c.tick()
+			}
+			e.mu.RUnlock()
+		case <-housekeeping.C:
+			e.housekeeping()
+		}
+	}
+}
+
+// housekeeping bounds the WAL and lets idle copysets checkpoint on their
+// interval.
+func (e *Engine) housekeeping() {
+	if e.wal != nil {
+		e.walPressure(e.wal.Stats().Segments)
+	}
+	for _, c := range e.List() {
+		c.maybeTimedCheckpoint()
+	}
+}
+
+// walPressure keeps the shared WAL near MaxWALSegments: when it holds more,
+// every copyset that pins one of the excess oldest segments is asked to
+// checkpoint. Called by the WAL when it starts a segment (or cannot get
+// one) and by housekeeping; it must not block.
+func (e *Engine) walPressure(segments int) {
+	excess := segments - e.cfg.MaxWALSegments/2
+	if segments <= e.cfg.MaxWALSegments || excess <= 0 || e.wal == nil {
+		return
+	}
+	for _, g := range e.wal.PinningGroups(excess) {
+		if c := e.get(GroupID(g)); c != nil {
+			c.requestCheckpoint()
+		}
+	}
+}
+
+func (e *Engine) raftWorker() {
+	defer e.wg.Done()
+	for {
+		c, ok := e.raftQ.pop()
+		if !ok {
+			return
+		}
+		c.runRaft()
+	}
+}
+
+func (e *Engine) applyWorker() {
+	defer e.wg.Done()
+	for {
+		c, ok := e.applyQ.pop()
+		if !ok {
+			return
+		}
+		c.runApply()
+	}
+}
+
+// workQueue is a FIFO of copysets with work, shared by a pool of workers.
+type workQueue struct {
+	mu     sync.Mutex
+	cond   *sync.Cond
+	items  []*Copyset
+	head   int
+	closed bool
+}
+
+func newWorkQueue() *workQueue {
+	q := &workQueue{}
+	q.cond = sync.NewCond(&q.mu)
+	return q
+}
+
+func (q *workQueue) push(c *Copyset) {
+	q.mu.Lock()
+	q.items = append(q.items, c)
+	q.mu.Unlock()
+	q.cond.Signal()
+}
+
+func (q *workQueue) pop() (*Copyset, bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for q.head == len(q.items) && !q.closed {
+		q.cond.Wait()
+	}
+	if q.closed {
+		return nil, false
+	}
+	c := q.items[q.head]
+	q.items[q.head] = nil
+	q.head++
+	if q.head == len(q.items) {
+		q.items, q.head = q.items[:0], 0
+	}
+	return c, true
+}
+
+func (q *workQueue) close() {
+	q.mu.Lock()
+	q.closed = true
+	q.mu.Unlock()
+	q.cond.Broadcast()
+}
+
+// schedFlags make sure a copyset is queued at most once and processed by one
+// worker at a time; work arriving while it runs re-queues it afterwards.
+type schedFlags struct {
+	queued, running, again bool
+}
+
+// signal reports whether the caller must push the copyset onto the queue.
+func (s *schedFlags) signal() bool {
+	switch {
+	case s.running:
+		s.again = true
+		return false
+	case s.queued:
+		return false
+	default:
+		s.queued = true
+		return true
+	}
+}
+
+func (s *schedFlags) begin() { s.queued, s.running = false, true }
+
+// end reports whether the copyset must be queued again.
+func (s *schedFlags) end() bool {
+	s.running = false
+	if s.again {
+		s.again = false
+		s.queued = true
+		return true
+	}
+	return false
+}
+
+// rateLimiter paces snapshot bytes across every transfer of the engine.
+type rateLimiter struct {
+	rate int64
+	mu   sync.Mutex
+	next time.Time
+}
+
+func newRateLimiter(bytesPerSec int64) *rateLimiter { return &rateLimiter{rate: bytesPerSec} }
+
+// wait blocks until n more bytes may be sent.
+func (r *rateLimiter) wait(ctx context.Context, n int) error {
+	if r.rate <= 0 {
+		return nil
+	}
+	r.mu.Lock()
+	now := time.Now()
+	if r.next.Before(now) {
+		r.next = now
+	}
+	at := r.next
+	r.next = r.next.Add(time.Duration(float64(n) / float64(r.rate) * float64(time.Second)))
+	r.mu.Unlock()
+	if d := time.Until(at); d > 0 {
+		t := time.NewTimer(d)
+		defer t.Stop()
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
+}
