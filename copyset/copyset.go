@@ -269,12 +269,6 @@ func (c *Copyset) ConfEpoch() uint64 { return c.confEpoch.Load() }
 
 // ------------------------------------------------------------------ inbox
 
-func (c *Copyset) schedule() {
-	if c.sched.signal() {
-		c.e.raftQ.push(c)
-	}
-}
-
 // enqueue runs f under the inbox lock and schedules the copyset.
 func (c *Copyset) enqueue(f func(in *inbox)) bool {
 	c.mu.Lock()
