@@ -111,14 +111,14 @@ const (
 
 // Error values of replies. They are the protocol's own numbers, not the host's errno.
 const (
-	errnoPerm      uint32 = 1
-	errnoIO        uint32 = 5
-	errnoNoMem     uint32 = 12
-	errnoInval     uint32 = 22
-	errnoNoSpc     uint32 = 28
-	errnoOverflow  uint32 = 75
-	errnoNotSup    uint32 = 95
-	errnoShutdown  uint32 = 108
+	errnoPerm     uint32 = 1
+	errnoIO       uint32 = 5
+	errnoNoMem    uint32 = 12
+	errnoInval    uint32 = 22
+	errnoNoSpc    uint32 = 28
+	errnoOverflow uint32 = 75
+	errnoNotSup   uint32 = 95
+	errnoShutdown uint32 = 108
 )
 
 // Header sizes.
