@@ -279,3 +279,5 @@ func (s staticExports) Open(_ context.Context, name string) (Export, error) {
 	}
 	return nopCloser{b}, nil
 }
+
+func discardLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }
