@@ -16,7 +16,7 @@ import (
 // that tests can send what real clients never do (bad magic, unaligned or oversized requests,
 // unknown options) and assert the exact answer.
 type testClient struct {
-	t          *testing.T
+	t          testing.TB
 	nc         net.Conn
 	r          *bufio.Reader
 	structured bool
@@ -53,7 +53,7 @@ type reply struct {
 }
 
 // dialRaw connects and reads the server's greeting.
-func dialRaw(t *testing.T, addr string) *testClient {
+func dialRaw(t testing.TB, addr string) *testClient {
 	t.Helper()
 	nc, err := net.Dial("tcp", addr)
 	if err != nil {
@@ -80,7 +80,7 @@ func dialRaw(t *testing.T, addr string) *testClient {
 }
 
 // dial connects and sends the client flags.
-func dial(t *testing.T, addr string, clientFlags uint32) *testClient {
+func dial(t testing.TB, addr string, clientFlags uint32) *testClient {
 	t.Helper()
 	c := dialRaw(t, addr)
 	c.write(binary.BigEndian.AppendUint32(nil, clientFlags))
@@ -88,7 +88,7 @@ func dial(t *testing.T, addr string, clientFlags uint32) *testClient {
 }
 
 // connect dials, negotiates (structured replies when asked) and enters transmission on name.
-func connect(t *testing.T, addr, name string, structured bool) *testClient {
+func connect(t testing.TB, addr, name string, structured bool) *testClient {
 	t.Helper()
 	c := dial(t, addr, clientFlagFixedNewstyle|clientFlagNoZeroes)
 	if structured {
