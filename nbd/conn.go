@@ -137,21 +137,24 @@ func (c *serverConn) transmit(opened *openedExport) {
 	c.setReadDeadline(time.Time{}) // a client may stay idle as long as it likes
 	c.log.Info("nbd: client attached", "size", opened.size, "structured_replies", c.structured)
 
-	err := c.readRequests()
-
-	c.inflight.Wait()
-	if cerr := opened.exp.Close(); cerr != nil {
-		c.log.Warn("nbd: close export", "err", cerr)
-	}
-	switch {
-	case errors.Is(err, errClientDisconnected):
-		c.log.Info("nbd: client detached")
-	case errors.Is(err, errProtocol):
-		c.srv.stats.protocolErrors.Add(1)
-		c.log.Warn("nbd: protocol violation; connection closed", "err", err)
-	default:
-		c.log.Info("nbd: connection closed", "reason", err)
-	}
+	var err error
+	defer func() {
+		// Also on a panic of the reader: the requests in flight still own the export.
+		c.inflight.Wait()
+		if cerr := opened.exp.Close(); cerr != nil {
+			c.log.Warn("nbd: close export", "err", cerr)
+		}
+		switch {
+		case errors.Is(err, errClientDisconnected):
+			c.log.Info("nbd: client detached")
+		case errors.Is(err, errProtocol):
+			c.srv.stats.protocolErrors.Add(1)
+			c.log.Warn("nbd: protocol violation; connection closed", "err", err)
+		default:
+			c.log.Info("nbd: connection closed", "reason", err)
+		}
+	}()
+	err = c.readRequests()
 }
 
 // operation is one request that passed validation, on its way through the backend.
