@@ -129,9 +129,11 @@ func BenchmarkFioQueueDepth(b *testing.B) {
 	addr := benchServer(b, time.Millisecond, false)
 	for _, qd := range []int{1, 32} {
 		b.Run(fmt.Sprintf("randwrite/QD%d", qd), func(b *testing.B) {
-			out, err := exec.Command("fio", fioArgs("nbd://"+addr+"/vol",
+			cmd := exec.Command("fio", fioArgs("nbd://"+addr+"/vol",
 				"--rw=randwrite", "--bs=4k", "--iodepth="+strconv.Itoa(qd),
-				"--size=64m", "--io_size="+strconv.Itoa(max(b.N, qd)*4096))...).CombinedOutput()
+				"--size=64m", "--io_size="+strconv.Itoa(max(b.N, qd)*4096))...)
+			cmd.Dir = b.TempDir()
+			out, err := cmd.CombinedOutput()
 			if err != nil {
 				b.Fatalf("fio: %v\n%s", err, out)
 			}
