@@ -17,30 +17,30 @@ type Opcode uint8
 
 // Initiator and target opcodes (RFC 7143 section 11.1.1).
 const (
-	OpNopOut        Opcode = 0x00
-	OpSCSICommand   Opcode = 0x01
-	OpTaskMgmtReq   Opcode = 0x02
-	OpLoginReq      Opcode = 0x03
-	OpTextReq       Opcode = 0x04
-	OpDataOut       Opcode = 0x05
-	OpLogoutReq     Opcode = 0x06
-	OpSNACKReq      Opcode = 0x10
-	OpNopIn         Opcode = 0x20
-	OpSCSIResponse  Opcode = 0x21
-	OpTaskMgmtResp  Opcode = 0x22
-	OpLoginResp     Opcode = 0x23
-	OpTextResp      Opcode = 0x24
-	OpDataIn        Opcode = 0x25
-	OpLogoutResp    Opcode = 0x26
-	OpR2T           Opcode = 0x31
-	OpAsyncMessage  Opcode = 0x32
-	OpReject        Opcode = 0x3f
-	opcodeMask             = 0x3f
-	immediateBit           = 0x40
-	finalBit               = 0x80
-	defaultMaxDataSegment  = 8192
-	maxAHSLenWords         = 255
-	dataSegmentLengthLimit = 1<<24 - 1
+	OpNopOut               Opcode = 0x00
+	OpSCSICommand          Opcode = 0x01
+	OpTaskMgmtReq          Opcode = 0x02
+	OpLoginReq             Opcode = 0x03
+	OpTextReq              Opcode = 0x04
+	OpDataOut              Opcode = 0x05
+	OpLogoutReq            Opcode = 0x06
+	OpSNACKReq             Opcode = 0x10
+	OpNopIn                Opcode = 0x20
+	OpSCSIResponse         Opcode = 0x21
+	OpTaskMgmtResp         Opcode = 0x22
+	OpLoginResp            Opcode = 0x23
+	OpTextResp             Opcode = 0x24
+	OpDataIn               Opcode = 0x25
+	OpLogoutResp           Opcode = 0x26
+	OpR2T                  Opcode = 0x31
+	OpAsyncMessage         Opcode = 0x32
+	OpReject               Opcode = 0x3f
+	opcodeMask                    = 0x3f
+	immediateBit                  = 0x40
+	finalBit                      = 0x80
+	defaultMaxDataSegment         = 8192
+	maxAHSLenWords                = 255
+	dataSegmentLengthLimit        = 1<<24 - 1
 )
 
 var opcodeNames = map[Opcode]string{
