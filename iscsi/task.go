@@ -51,6 +51,10 @@ type task struct {
 	r2tSN   uint32
 	r2ts    []*r2t
 
+	// dataErr records a Data-Out with an unexpected DataSN: the data is
+	// still taken in, then the command fails without running.
+	dataErr bool
+
 	running bool
 	aborted bool
 	// abortStatus, when set, makes an aborted task answer TASK ABORTED
@@ -211,9 +215,12 @@ func (c *conn) dataOut(p *pdu.PDU) error {
 	}
 	var r *r2t
 	if ttt == reservedTag {
-		if t.unsolDone || off != t.unsolNext || off+n > t.unsolEnd || dataSN != t.unsolDataSN {
+		if t.unsolDone || off != t.unsolNext || off+n > t.unsolEnd {
 			c.mu.Unlock()
 			return fmt.Errorf("%w: unexpected unsolicited Data-Out (offset %d, length %d, DataSN %d)", errProtocol, off, n, dataSN)
+		}
+		if dataSN != t.unsolDataSN {
+			t.dataErr = true
 		}
 	} else {
 		for _, x := range t.r2ts {
@@ -221,9 +228,12 @@ func (c *conn) dataOut(p *pdu.PDU) error {
 				r = x
 			}
 		}
-		if r == nil || off != r.next || off+n > r.end || dataSN != r.dataSN {
+		if r == nil || off != r.next || off+n > r.end {
 			c.mu.Unlock()
 			return fmt.Errorf("%w: unexpected Data-Out (TTT 0x%x, offset %d, length %d, DataSN %d)", errProtocol, ttt, off, n, dataSN)
+		}
+		if dataSN != r.dataSN {
+			t.dataErr = true
 		}
 	}
 	dst := t.buf[off : off+n]
@@ -276,6 +286,17 @@ func (c *conn) runLocked(t *task) {
 	}
 	t.running = true
 	c.execWG.Add(1)
+	if t.dataErr {
+		// Data-Out PDUs out of sequence (RFC 7143 section 7.1.4.1 leaves
+		// no recovery at error recovery level 0): fail the command.
+		c.log.Info("Data-Out with unexpected DataSN, failing command", "itt", t.itt)
+		go func() {
+			defer c.execWG.Done()
+			c.complete(t, scsi.Response{Status: scsi.StatusCheckCondition,
+				Sense: scsi.Sense{Key: scsi.KeyAbortedCommand, ASC: 0x4b, ASCQ: 0x00}.Encode(false)})
+		}()
+		return
+	}
 	go func() {
 		defer c.execWG.Done()
 		data := t.buf[:t.received]

@@ -269,12 +269,14 @@ func (lu *LogicalUnit) compareAndWrite(cdb []byte, data []byte, blocks uint64) R
 	if lu.writeProtected() {
 		return lu.checkCondition(senseWriteProtected)
 	}
-	if n == 0 {
-		return good(nil)
-	}
 	size := int64(n) << lu.bsShift
 	if int64(len(data)) != 2*size {
+		// The data-out must be exactly the verify and write
+		// instances of the blocks the CDB names.
 		return lu.checkCondition(senseInvalidFieldInCDB)
+	}
+	if n == 0 {
+		return good(nil)
 	}
 	h := lu.locks.lock(lba, n, true)
 	defer lu.locks.unlock(h)
@@ -380,9 +382,10 @@ func (lu *LogicalUnit) writeSame(cdb []byte, data []byte, blocks uint64) Respons
 	}
 	h := lu.locks.lock(lba, count, false)
 	defer lu.locks.unlock(h)
-	if unmap && allZero(pattern) {
-		// Unmapped blocks read as zeros (LBPRZ), so unmapping writes the
-		// same data the initiator asked for.
+	if unmap {
+		// UNMAP set: deallocate the blocks (they then read as zeros,
+		// LBPRZ), whatever the data-out block holds, as Linux LIO and
+		// libiscsi's conformance suite expect.
 		if err := lu.be.UnmapAt(int64(lba)<<lu.bsShift, int64(count)<<lu.bsShift); err != nil {
 			return lu.writeErr("write same (unmap)", lba, err)
 		}

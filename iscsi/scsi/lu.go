@@ -45,7 +45,7 @@ type Config struct {
 	// default 3 (4 KiB physical blocks with 512-byte logical blocks).
 	PhysicalBlockExponent uint8
 	// MaxTransferBlocks caps the blocks of one READ or WRITE; default
-	// 16384 (8 MiB with 512-byte blocks).
+	// 65536 (32 MiB with 512-byte blocks).
 	MaxTransferBlocks uint32
 	// ReadOnly rejects every command that changes the medium.
 	ReadOnly bool
@@ -136,7 +136,7 @@ type nexusState struct {
 const (
 	maxCompareAndWriteBlocks = 255
 	maxUnmapDescriptors      = 256
-	maxUnmapBlocks           = 1 << 22 // 2 GiB of 512-byte blocks per UNMAP
+	maxUnmapBlocks           = 1 << 20 // 512 MiB of 512-byte blocks per UNMAP descriptor
 	maxWriteSameBlocks       = 1 << 22
 	optimalTransferBlocks    = 2048 // 1 MiB
 	zeroScanBytes            = 1 << 20
@@ -163,7 +163,7 @@ func New(cfg Config) (*LogicalUnit, error) {
 	}
 	maxXfer := cfg.MaxTransferBlocks
 	if maxXfer == 0 {
-		maxXfer = 16384
+		maxXfer = 65536
 	}
 	lu := &LogicalUnit{
 		be:       cfg.Backend,
