@@ -196,6 +196,7 @@ func (c *conn) dispatch(p *pdu.PDU) error {
 	op := p.BHS.Opcode()
 	switch op {
 	case pdu.OpNopOut:
+		c.srv.stats.nopOuts.Add(1)
 		if p.BHS.ITT() == reservedTag {
 			c.pingReply(p)
 			return nil
@@ -387,6 +388,7 @@ func (c *conn) pinger() {
 			}
 			if !sent.IsZero() && now.Sub(sent) > timeout {
 				c.mu.Unlock()
+				c.srv.stats.dropped.Add(1)
 				c.log.Warn("initiator did not answer NOP-In, dropping connection", "session", c.sess.tsih, "waited", now.Sub(sent).String())
 				c.close()
 				return
@@ -403,6 +405,7 @@ func (c *conn) pinger() {
 			}
 			c.mu.Unlock()
 			if ping != nil {
+				c.srv.stats.pings.Add(1)
 				c.send(&outPDU{p: ping})
 			}
 		}

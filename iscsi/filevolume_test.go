@@ -25,18 +25,24 @@ type fileVolume struct {
 	flushes atomic.Int64
 	// failReads makes ReadAt fail (fault injection for medium errors).
 	failReads atomic.Bool
+	// gate, when set, is called before every read and write; tests block
+	// in it to hold a command inside the backend.
+	gate func(off int64)
 }
 
 var errInjected = errors.New("injected backend failure")
 
-func (v *fileVolume) pause() {
+func (v *fileVolume) pause(off int64) {
+	if v.gate != nil {
+		v.gate(off)
+	}
 	if v.latency > 0 {
 		time.Sleep(v.latency)
 	}
 }
 
 func (v *fileVolume) ReadAt(p []byte, off int64) (int, error) {
-	v.pause()
+	v.pause(off)
 	if v.failReads.Load() {
 		return 0, errInjected
 	}
@@ -44,7 +50,7 @@ func (v *fileVolume) ReadAt(p []byte, off int64) (int, error) {
 }
 
 func (v *fileVolume) WriteAt(p []byte, off int64) (int, error) {
-	v.pause()
+	v.pause(off)
 	if off+int64(len(p)) > v.size.Load() {
 		return 0, fmt.Errorf("write past end: %d+%d", off, len(p))
 	}
@@ -80,6 +86,7 @@ func (v *fileVolume) resize(n int64) error {
 type fileExports struct {
 	dir     string
 	latency time.Duration
+	gate    func(off int64)
 	mu      sync.Mutex
 	sizes   map[string]int64
 	open    map[string]*fileVolume
@@ -104,6 +111,13 @@ func (e *fileExports) create(name string, size int64) error {
 	return nil
 }
 
+// setLatency makes volumes opened from now on add d to every read and write.
+func (e *fileExports) setLatency(d time.Duration) {
+	e.mu.Lock()
+	e.latency = d
+	e.mu.Unlock()
+}
+
 func (e *fileExports) remove(name string) {
 	e.mu.Lock()
 	delete(e.sizes, name)
@@ -124,6 +138,7 @@ func (e *fileExports) List(context.Context) ([]string, error) {
 func (e *fileExports) Open(_ context.Context, name string) (Volume, error) {
 	e.mu.Lock()
 	size, ok := e.sizes[name]
+	latency, gate := e.latency, e.gate
 	e.mu.Unlock()
 	if !ok {
 		return nil, fmt.Errorf("volume %q: %w", name, ErrNotFound)
@@ -132,7 +147,7 @@ func (e *fileExports) Open(_ context.Context, name string) (Volume, error) {
 	if err != nil {
 		return nil, err
 	}
-	v := &fileVolume{f: f, latency: e.latency}
+	v := &fileVolume{f: f, latency: latency, gate: gate}
 	v.size.Store(size)
 	e.mu.Lock()
 	e.open[name] = v

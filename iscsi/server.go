@@ -8,6 +8,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"cairn.io/cairn/iscsi/scsi"
@@ -26,6 +27,40 @@ type Server struct {
 	sessions  map[uint16]*session
 	nextTSIH  uint16
 	wg        sync.WaitGroup
+
+	stats struct {
+		commands, nopOuts, pings, dropped atomic.Uint64
+	}
+}
+
+// Stats are counters of a server's activity, for metrics and tests.
+type Stats struct {
+	// Sessions is the number of sessions logged in now.
+	Sessions int
+	// Commands counts SCSI commands executed.
+	Commands uint64
+	// NopOuts counts NOP-Outs received (initiator pings and answers to
+	// the target's pings).
+	NopOuts uint64
+	// Pings counts NOP-In pings the target sent to idle initiators.
+	Pings uint64
+	// DeadInitiators counts connections dropped because the initiator
+	// did not answer a ping within NopTimeout.
+	DeadInitiators uint64
+}
+
+// Stats returns the current counters.
+func (s *Server) Stats() Stats {
+	s.mu.Lock()
+	n := len(s.sessions)
+	s.mu.Unlock()
+	return Stats{
+		Sessions:       n,
+		Commands:       s.stats.commands.Load(),
+		NopOuts:        s.stats.nopOuts.Load(),
+		Pings:          s.stats.pings.Load(),
+		DeadInitiators: s.stats.dropped.Load(),
+	}
 }
 
 // target is one open volume with its logical unit, shared by the sessions

@@ -297,6 +297,7 @@ func (c *conn) runLocked(t *task) {
 		}()
 		return
 	}
+	c.srv.stats.commands.Add(1)
 	go func() {
 		defer c.execWG.Done()
 		data := t.buf[:t.received]
