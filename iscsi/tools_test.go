@@ -203,9 +203,10 @@ func TestQemuImgConvertAndCompare(t *testing.T) {
 		t.Fatalf("qemu-img compare: %v\n%s", err, out)
 	}
 	// And the backend file holds exactly the image.
-	if v := tt.exports.volume("qemu"); v == nil || !v.closed.Load() {
-		t.Error("volume not closed after the last session ended")
-	}
+	eventually(t, 10*time.Second, "volume closed after the last session ended", func() bool {
+		v := tt.exports.volume("qemu")
+		return v != nil && v.closed.Load()
+	})
 	got, err := os.ReadFile(filepath.Join(tt.exports.dir, "qemu"))
 	if err != nil {
 		t.Fatal(err)
@@ -309,4 +310,16 @@ func TestSessionOutlivesNOPIntervalsUnderLoad(t *testing.T) {
 	}
 	qd1, _ := perfIOPS(t, url, 3, 1)
 	t.Logf("1 ms backend: QD1 %d IOPS, QD32 %d IOPS (%.1fx); NOP-Outs answered: %d", qd1, qd32, float64(qd32)/float64(max(qd1, 1)), st.NopOuts)
+}
+
+// eventually polls cond until it holds or the deadline passes.
+func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for: %s", d, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
