@@ -118,6 +118,14 @@ func (e *fileExports) setLatency(d time.Duration) {
 	e.mu.Unlock()
 }
 
+// setGate installs a hook called before every read and write of volumes
+// opened from now on.
+func (e *fileExports) setGate(g func(off int64)) {
+	e.mu.Lock()
+	e.gate = g
+	e.mu.Unlock()
+}
+
 func (e *fileExports) remove(name string) {
 	e.mu.Lock()
 	delete(e.sizes, name)
