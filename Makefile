@@ -50,3 +50,7 @@ verify: proto-check lint ## gofmt, go vet, staticcheck, go mod tidy and fresh ge
 
 clean: ## remove build output
 	rm -rf $(BIN)
+
+.PHONY: iscsi-conformance
+iscsi-conformance: ## run libiscsi's iscsi-test-cu against Cairn's iSCSI target and Debian's tgt side by side; writes docs/iscsi-conformance.md and fails on a regression
+	CAIRN_ISCSI_CONFORMANCE=1 CAIRN_ISCSI_CONFORMANCE_TGT=1 $(GO) test -count=1 -v -timeout 20m -run 'TestConformance$$' ./iscsi/

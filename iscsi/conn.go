@@ -20,6 +20,7 @@ const (
 	rejectDataDigest      = 0x02
 	rejectProtocolError   = 0x04
 	rejectNotSupported    = 0x05
+	rejectImmediate       = 0x06
 	rejectInvalidPDUField = 0x09
 )
 
@@ -224,6 +225,11 @@ func (c *conn) deliver(p *pdu.PDU) error {
 		if c.sess.discovery {
 			c.sess.uncount(p)
 			c.reject(p, rejectNotSupported)
+			return nil
+		}
+		if p.BHS.Immediate() && c.sess.tooManyImmediate() {
+			c.sess.uncount(p)
+			c.reject(p, rejectImmediate)
 			return nil
 		}
 		return c.scsiCommand(p)
@@ -454,6 +460,11 @@ func (c *conn) logout(p *pdu.PDU) {
 		return
 	}
 	itt := p.BHS.ITT()
+	if resp == 0 {
+		// Commands still waiting for data-out cannot complete any more;
+		// the ones in the backend finish before the response.
+		c.abortTasks(func(t *task) bool { return !t.running }, false)
+	}
 	go func() {
 		if resp == 0 {
 			c.waitTasks()

@@ -22,12 +22,13 @@ type session struct {
 	nexus         *scsi.Nexus
 	depth         uint32
 
-	mu       sync.Mutex
-	expCmdSN uint32
-	inflight uint32 // non-immediate SCSI commands not yet completed
-	pending  map[uint32]*pdu.PDU
-	ended    bool
-	endedCh  chan struct{} // closed by end
+	mu        sync.Mutex
+	expCmdSN  uint32
+	inflight  uint32 // non-immediate SCSI commands not yet completed
+	immediate uint32 // immediate SCSI commands not yet completed
+	pending   map[uint32]*pdu.PDU
+	ended     bool
+	endedCh   chan struct{} // closed by end
 }
 
 // serialLess compares sequence numbers with RFC 1982 arithmetic.
@@ -47,12 +48,15 @@ func (s *session) window() (exp, max uint32) {
 // pass at once; a non-immediate one outside [ExpCmdSN, MaxCmdSN] is dropped
 // silently; one ahead of ExpCmdSN waits for the gap to fill.
 func (s *session) admit(p *pdu.PDU) []*pdu.PDU {
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	if p.BHS.Immediate() {
+		if p.BHS.Opcode() == pdu.OpSCSICommand {
+			s.immediate++
+		}
 		return []*pdu.PDU{p}
 	}
 	cmdSN := p.BHS.U32(pdu.OffCmdSN)
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	max := s.expCmdSN - 1 + s.depth - s.inflight
 	if serialLess(cmdSN, s.expCmdSN) || serialLess(max, cmdSN) {
 		return nil
@@ -90,12 +94,24 @@ func (s *session) accept(p *pdu.PDU) {
 // uncount releases the window slot of a non-immediate SCSI command that
 // completed (or never ran).
 func (s *session) uncount(p *pdu.PDU) {
-	if p.BHS.Immediate() || p.BHS.Opcode() != pdu.OpSCSICommand {
+	if p.BHS.Opcode() != pdu.OpSCSICommand {
 		return
 	}
 	s.mu.Lock()
-	s.inflight--
+	if p.BHS.Immediate() {
+		s.immediate--
+	} else {
+		s.inflight--
+	}
 	s.mu.Unlock()
+}
+
+// tooManyImmediate reports whether immediate SCSI commands, which the CmdSN
+// window does not bound, exceed the queue depth.
+func (s *session) tooManyImmediate() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.immediate > s.depth
 }
 
 // end releases what the session holds: the nexus in the logical unit, its

@@ -293,14 +293,6 @@ func (ns *nexusState) addUA(s Sense) {
 	ns.ua = append(ns.ua, s)
 }
 
-func (lu *LogicalUnit) uaFor(id string, s Sense) {
-	lu.mu.Lock()
-	defer lu.mu.Unlock()
-	if ns := lu.nexuses[id]; ns != nil {
-		ns.addUA(s)
-	}
-}
-
 // takeUA pops the oldest unit attention pending for the nexus.
 func (lu *LogicalUnit) takeUA(id string) (Sense, bool) {
 	lu.mu.Lock()

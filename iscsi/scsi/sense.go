@@ -48,7 +48,6 @@ var (
 	senseParamListLength        = Sense{Key: KeyIllegalRequest, ASC: 0x1a, ASCQ: 0x00}
 	senseSavingNotSupported     = Sense{Key: KeyIllegalRequest, ASC: 0x39, ASCQ: 0x00}
 	senseInvalidFieldInIU       = Sense{Key: KeyIllegalRequest, ASC: 0x0e, ASCQ: 0x03}
-	senseInsufficientRegRes     = Sense{Key: KeyIllegalRequest, ASC: 0x55, ASCQ: 0x04}
 	senseWriteError             = Sense{Key: KeyMediumError, ASC: 0x0c, ASCQ: 0x00}
 	senseReadError              = Sense{Key: KeyMediumError, ASC: 0x11, ASCQ: 0x00}
 	senseWriteProtected         = Sense{Key: KeyDataProtect, ASC: 0x27, ASCQ: 0x00}
@@ -60,7 +59,6 @@ var (
 	senseReservationsPreempted  = Sense{Key: KeyUnitAttention, ASC: 0x2a, ASCQ: 0x03}
 	senseReservationsReleased   = Sense{Key: KeyUnitAttention, ASC: 0x2a, ASCQ: 0x04}
 	senseRegistrationsPreempted = Sense{Key: KeyUnitAttention, ASC: 0x2a, ASCQ: 0x05}
-	senseInternalTargetFailure  = Sense{Key: KeyHardwareError, ASC: 0x44, ASCQ: 0x00}
 )
 
 // Encode returns the sense data in fixed (0x70) or descriptor (0x72) format.
