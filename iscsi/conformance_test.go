@@ -33,7 +33,14 @@ func parseTestCU(out string) map[string]string {
 	var suite, cur string
 	skipped := false
 	finish := func(line string) bool {
+		// The outcome follows the test's own log output on the same
+		// line ("...passed"), or starts a line that may go on with log
+		// output of what runs next ("passed    [FAILED] PRIN ...").
 		s := strings.TrimSpace(line)
+		switch {
+		case strings.HasPrefix(s, "passed"), strings.HasPrefix(s, "FAILED"):
+			s = s[:6]
+		}
 		switch {
 		case strings.HasSuffix(s, "passed") && !strings.HasPrefix(s, "["):
 			if skipped {
@@ -185,7 +192,9 @@ func runTGT(t *testing.T) map[string]string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	port, cport := freePort(t), freePort(t)
+	// tgtd's control "port" names its management socket and must stay
+	// below 32768; derive it from a free TCP port to avoid collisions.
+	port, cport := freePort(t), 10000+freePort(t)%20000
 	if b, err := exec.Command(script, out, fmt.Sprint(port), fmt.Sprint(cport)).CombinedOutput(); err != nil {
 		t.Fatalf("tgt conformance run: %v\n%s", err, b)
 	}
@@ -270,4 +279,37 @@ func TestConformanceOne(t *testing.T) {
 	cmd.Dir = t.TempDir()
 	out, _ := cmd.CombinedOutput()
 	t.Logf("%s", out)
+}
+
+func TestParseTestCU(t *testing.T) {
+	log := `Suite: Reserve6
+  Test: Simple ...passed
+  Test: 2Initiators ...    Take out a RESERVE6 from the first initiator
+    RELEASE6 from the second initiator
+passed
+  Test: LUNReset ...    [FAILED] RESERVE6 command: failed with sense.
+passed    [FAILED] PRIN command: failed with sense.
+
+Suite: CompareAndWrite
+  Test: Simple ...    [SKIPPED] COMPAREANDWRITE is not implemented.
+    [SKIPPED] COMPAREANDWRITE is not implemented.
+passed
+  Test: BeyondEol ...    [FAILED] GET_LBA_STATUS successful but should have failed
+FAILED
+    1. test_get_lba_status_beyond_eol.c:38  - CU_ASSERT_EQUAL(_r,0)
+  Test: Miscompare ...FAILED
+`
+	got := parseTestCU(log)
+	want := map[string]string{
+		"Reserve6.Simple": cuPassed, "Reserve6.2Initiators": cuPassed, "Reserve6.LUNReset": cuPassed,
+		"CompareAndWrite.Simple": cuSkipped, "CompareAndWrite.BeyondEol": cuFailed, "CompareAndWrite.Miscompare": cuFailed,
+	}
+	if len(got) != len(want) {
+		t.Fatalf("parsed %v", got)
+	}
+	for k, v := range want {
+		if got[k] != v {
+			t.Errorf("%s: %q, want %q", k, got[k], v)
+		}
+	}
 }

@@ -97,9 +97,13 @@ func (c *conn) taskMgmt(p *pdu.PDU) {
 	case tmfAbortTask:
 		dones := c.abortTasks(func(x *task) bool { return x.itt == ref }, false)
 		if len(dones) == 0 {
-			// The task is not here: either it completed (its CmdSN
-			// was received before this request) or it never existed.
-			if serialLess(refCmdSN, cmdSN) || refCmdSN == cmdSN && !p.BHS.Immediate() {
+			// Not here. A command whose CmdSN is still inside the
+			// window and before this request was never received: it
+			// counts as aborted (RFC 7143 section 11.5.1). Otherwise
+			// it completed already or never existed.
+			exp, max := c.sess.window()
+			inWindow := !serialLess(refCmdSN, exp) && !serialLess(max, refCmdSN)
+			if inWindow && serialLess(refCmdSN, cmdSN) {
 				respond(tmfRespComplete, nil)
 			} else {
 				respond(tmfRespNoTask, nil)
