@@ -101,6 +101,10 @@ type Config struct {
 	// MaxOutstandingR2T is the target's offer for R2Ts in flight per
 	// command (default 8).
 	MaxOutstandingR2T int
+	// MaxSessionBuffer bounds the data buffers of a session's commands in
+	// flight; further commands wait (writes get no R2T, reads do not start)
+	// until memory is released (default 256 MiB).
+	MaxSessionBuffer int64
 	// InitialR2T makes the target require an R2T before any data-out
 	// beyond immediate data (default false: unsolicited data allowed).
 	InitialR2T bool
@@ -153,6 +157,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.FirstBurstLength == 0 {
 		c.FirstBurstLength = 256 << 10
+	}
+	if c.MaxSessionBuffer <= 0 {
+		c.MaxSessionBuffer = 256 << 20
 	}
 	if c.MaxOutstandingR2T == 0 {
 		c.MaxOutstandingR2T = 8

@@ -60,6 +60,8 @@ type conn struct {
 	pingTTT  uint32
 	pingSent time.Time
 	text     *textState
+	memUsed  int64          // buffer memory charged by tasks (see chargeLocked)
+	memWait  []*task        // tasks waiting for buffer memory
 	execWG   sync.WaitGroup // running command goroutines
 }
 

@@ -96,6 +96,9 @@ func FuzzConnection(f *testing.F) {
 	f.Add(true, scsiCmdBytes(f, 1, 0xa1, 4096, cdbWrite16(0, 8), make([]byte, 1024)))
 	f.Add(true, scsiCmdBytes(f, 1, 0xc1, 512, cdbRead16(0, 1), nil))
 	f.Add(true, scsiCmdBytes(f, 1, 0x81, 0, []byte{0x12, 1, 0xb0, 0, 64, 0}, nil))
+	// Regression: a variable-length CDB opcode (7Fh) with the R bit once
+	// crashed the buffer accounting.
+	f.Add(true, scsiCmdBytes(f, 1, 0xc1, 512, []byte{0x7f, 0, 0, 0, 0, 0, 0, 0x18, 0x00, 0x09}, nil))
 	f.Add(false, loginBytes(f))
 	f.Add(false, []byte{0x43, 0x87, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0})
 	srv, err := NewServer(Config{

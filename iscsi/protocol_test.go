@@ -263,6 +263,12 @@ func TestMalformedInputFailsOnlyThatConnection(t *testing.T) {
 	if k, a, _ := r.senseKey(); r.status != 2 || k != 5 || a != 0x20 {
 		t.Fatalf("unknown opcode: %s", describe(r))
 	}
+	// A variable-length CDB (7Fh) on a read is refused the same way.
+	if r := in.command([]byte{0x7f, 0, 0, 0, 0, 0, 0, 0x18, 0x00, 0x09, 0, 0}, nil, 512); r.status != 2 {
+		t.Fatalf("variable-length CDB: %s", describe(r))
+	} else if k, a, _ := r.senseKey(); k != 5 || a != 0x20 {
+		t.Fatalf("variable-length CDB: %s", describe(r))
+	}
 	// A CDB field out of range: INVALID FIELD IN CDB.
 	bad := cdbRead16(0, 1)
 	bad[1] = 0xe0 // RDPROTECT without protection information

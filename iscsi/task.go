@@ -3,6 +3,7 @@ package iscsi
 import (
 	"encoding/binary"
 	"fmt"
+	"runtime/debug"
 
 	"cairn.io/cairn/iscsi/pdu"
 	"cairn.io/cairn/iscsi/scsi"
@@ -54,6 +55,11 @@ type task struct {
 	// dataErr records a Data-Out with an unexpected DataSN: the data is
 	// still taken in, then the command fails without running.
 	dataErr bool
+
+	// charged is the buffer memory counted against the connection's
+	// MaxSessionBuffer; waiting marks a task queued for memory.
+	charged int64
+	waiting bool
 
 	running bool
 	aborted bool
@@ -148,8 +154,6 @@ func (c *conn) scsiCommand(p *pdu.PDU) error {
 		c.completeEarly(t, scsi.Sense{Key: scsi.KeyIllegalRequest, ASC: 0x24})
 		return nil
 	}
-	t.buf = make([]byte, t.edtl)
-	copy(t.buf, imm)
 	t.received = len(imm)
 	t.unsolNext = len(imm)
 	t.unsolEnd = len(imm)
@@ -159,6 +163,11 @@ func (c *conn) scsiCommand(p *pdu.PDU) error {
 		t.unsolDone = t.unsolEnd <= t.received
 	}
 	t.nextR2T = t.unsolEnd
+	// The buffer holds the unsolicited data (at most FirstBurstLength);
+	// it grows to the whole transfer, charged against the session's
+	// buffer memory, before the first R2T.
+	t.buf = make([]byte, t.unsolEnd)
+	copy(t.buf, imm)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.progressLocked(t)
@@ -171,12 +180,20 @@ func (c *conn) progressLocked(t *task) {
 	if t.aborted || t.running {
 		return
 	}
-	if t.received == t.edtl {
+	if !t.write || t.received == t.edtl {
 		c.runLocked(t)
 		return
 	}
 	if !t.unsolDone {
 		return
+	}
+	if len(t.buf) < t.edtl {
+		if !c.chargeLocked(t, int64(t.edtl-len(t.buf))) {
+			return
+		}
+		nb := make([]byte, t.edtl)
+		copy(nb, t.buf[:t.received])
+		t.buf = nb
 	}
 	for len(t.r2ts) < c.params.maxOutstandingR2T && t.nextR2T < t.edtl {
 		n := min(c.params.maxBurst, t.edtl-t.nextR2T)
@@ -284,6 +301,13 @@ func (c *conn) runLocked(t *task) {
 	if t.aborted || t.running {
 		return
 	}
+	if !t.write && t.charged == 0 {
+		// Reads allocate their data-in buffer in the unit.
+		need := max(t.edtl, c.sess.target.lu.DataInLen(t.cdb))
+		if need > 0 && !c.chargeLocked(t, int64(need)) {
+			return
+		}
+	}
 	t.running = true
 	c.execWG.Add(1)
 	if t.dataErr {
@@ -301,9 +325,26 @@ func (c *conn) runLocked(t *task) {
 	go func() {
 		defer c.execWG.Done()
 		data := t.buf[:t.received]
-		resp := c.sess.target.lu.Execute(&scsi.Command{LUN: t.lun, Nexus: c.sess.nexus, CDB: t.cdb, Data: data})
+		resp, ok := c.execute(t, data)
+		if !ok {
+			resp = scsi.Response{Status: scsi.StatusCheckCondition,
+				Sense: scsi.Sense{Key: scsi.KeyHardwareError, ASC: 0x44}.Encode(false)}
+		}
 		c.complete(t, resp)
 	}()
+}
+
+// execute runs a command in the unit. A panic there is a bug in the
+// command set; it fails this command (INTERNAL TARGET FAILURE) and is
+// logged with its stack instead of taking every session down with it.
+func (c *conn) execute(t *task, data []byte) (resp scsi.Response, ok bool) {
+	defer func() {
+		if r := recover(); r != nil {
+			c.log.Error("panic executing SCSI command", "cdb", fmt.Sprintf("%x", t.cdb), "panic", r, "stack", string(debug.Stack()))
+			ok = false
+		}
+	}()
+	return c.sess.target.lu.Execute(&scsi.Command{LUN: t.lun, Nexus: c.sess.nexus, CDB: t.cdb, Data: data}), true
 }
 
 // completeEarly answers a task with CHECK CONDITION without running it.
@@ -322,6 +363,7 @@ func (c *conn) complete(t *task, resp scsi.Response) {
 	if c.tasks[t.itt] == t {
 		delete(c.tasks, t.itt)
 	}
+	c.releaseLocked(t)
 	c.mu.Unlock()
 	c.sess.uncount(t.req)
 	switch {
@@ -335,6 +377,9 @@ func (c *conn) complete(t *task, resp scsi.Response) {
 
 // finishTask ends an aborted task that never ran.
 func (c *conn) finishTask(t *task) {
+	c.mu.Lock()
+	c.releaseLocked(t)
+	c.mu.Unlock()
 	c.sess.uncount(t.req)
 	if t.abortStatus {
 		c.respond(t, scsi.Response{Status: scsi.StatusTaskAborted})
@@ -403,6 +448,10 @@ func (c *conn) respond(t *task, resp scsi.Response) {
 	p.BHS[2] = 0x00 // command completed at target
 	p.BHS[3] = resp.Status
 	p.BHS.SetITT(t.itt)
+	// ExpDataSN: the Data-In PDUs (reads) or R2Ts (writes) sent.
+	if t.write && !t.read {
+		dataSN = t.r2tSN
+	}
 	p.BHS.SetU32(pdu.OffDataSN, dataSN)
 	p.BHS.SetU32(pdu.OffResidual, uint32(residual))
 	if len(resp.Sense) > 0 {
@@ -411,4 +460,38 @@ func (c *conn) respond(t *task, resp scsi.Response) {
 		copy(p.Data[2:], resp.Sense)
 	}
 	c.send(&outPDU{p: p, status: true})
+}
+
+// chargeLocked counts n bytes of buffer memory for t against
+// MaxSessionBuffer. When they do not fit, t is queued and retried as other
+// commands release memory; a command alone may exceed the limit, so one
+// larger than it still runs. Unsolicited data is not counted: it is bounded
+// by FirstBurstLength and counting it could leave every byte of the budget
+// with commands that wait for memory themselves.
+func (c *conn) chargeLocked(t *task, n int64) bool {
+	if c.memUsed > 0 && c.memUsed+n > c.srv.cfg.MaxSessionBuffer {
+		if !t.waiting {
+			t.waiting = true
+			c.memWait = append(c.memWait, t)
+		}
+		return false
+	}
+	c.memUsed += n
+	t.charged += n
+	return true
+}
+
+// releaseLocked returns t's memory and retries the commands waiting for it.
+func (c *conn) releaseLocked(t *task) {
+	if t.charged == 0 {
+		return
+	}
+	c.memUsed -= t.charged
+	t.charged = 0
+	waiting := c.memWait
+	c.memWait = nil
+	for _, w := range waiting {
+		w.waiting = false
+		c.progressLocked(w)
+	}
 }

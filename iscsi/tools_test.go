@@ -183,8 +183,20 @@ func TestReadCapacity16WithTool(t *testing.T) {
 }
 
 func TestQemuImgConvertAndCompare(t *testing.T) {
+	t.Run("defaults", func(t *testing.T) { qemuConvertCompare(t, nil) })
+	// A session buffer smaller than one of qemu's writes: writes wait for
+	// memory (no R2T) instead of allocating, and still all complete.
+	t.Run("small session buffer", func(t *testing.T) {
+		qemuConvertCompare(t, func(c *Config) {
+			c.MaxSessionBuffer = 64 << 10
+			c.FirstBurstLength = 4096
+		})
+	})
+}
+
+func qemuConvertCompare(t *testing.T, mutate func(*Config)) {
 	needTool(t, "qemu-img")
-	tt := startTarget(t, nil, map[string]int64{"qemu": 32 << 20})
+	tt := startTarget(t, mutate, map[string]int64{"qemu": 32 << 20})
 	img := filepath.Join(t.TempDir(), "random.raw")
 	data := make([]byte, 24<<20)
 	rand.NewChaCha8([32]byte{1}).Read(data)
@@ -194,7 +206,7 @@ func TestQemuImgConvertAndCompare(t *testing.T) {
 		t.Fatal(err)
 	}
 	url := tt.url("qemu")
-	if out, err := runTool(t, 2*time.Minute, "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", img, url); err != nil {
+	if out, err := runTool(t, 2*time.Minute, "qemu-img", "convert", "-n", "-W", "-m", "8", "-f", "raw", "-O", "raw", img, url); err != nil {
 		t.Fatalf("qemu-img convert: %v\n%s", err, out)
 	}
 	// compare reads the LUN back; it is longer than the image, and

@@ -18,6 +18,9 @@ func FuzzExecute(f *testing.F) {
 	f.Fuzz(func(t *testing.T, cdb, data []byte, lun uint8) {
 		lu, _ := newUnit(t, 64<<10)
 		lu.AddNexus(nexA)
+		if n := lu.DataInLen(cdb); n < 0 || n > int(lu.maxXfer)*lu.BlockSize() {
+			t.Fatalf("DataInLen %d", n)
+		}
 		for i := 0; i < 2; i++ { // the second run sees no unit attention
 			r := lu.Execute(&Command{LUN: uint64(lun % 2), Nexus: nexA, CDB: cdb, Data: data})
 			switch r.Status {

@@ -70,6 +70,32 @@ func (lu *LogicalUnit) dataOutLen(cdb []byte) int {
 	return 0
 }
 
+// DataInLen returns the size of the buffer the command reads from the
+// backend (READ, VERIFY with BYTCHK, COMPARE AND WRITE, ORWRITE), so a
+// transport can account for it before running the command; 0 for others
+// and for transfers the unit refuses as too long.
+func (lu *LogicalUnit) DataInLen(cdb []byte) int {
+	if len(cdb) == 0 || cdbLen(cdb[0]) == 0 || len(cdb) < cdbLen(cdb[0]) {
+		return 0
+	}
+	cdb = cdb[:cdbLen(cdb[0])]
+	var n uint32
+	switch cdb[0] {
+	case opRead6, opRead10, opRead12, opRead16, opOrWrite16:
+		_, n = rwFields(cdb)
+	case opVerify10, opVerify12, opVerify16:
+		if (cdb[1]>>1)&0x03 != 0 {
+			_, n = rwFields(cdb)
+		}
+	case opCompareAndWrite:
+		n = uint32(cdb[13])
+	}
+	if n > lu.maxXfer {
+		return 0
+	}
+	return int(n) << lu.bsShift
+}
+
 // inRange reports whether [lba, lba+n) lies within the capacity.
 func inRange(lba uint64, n uint64, blocks uint64) bool {
 	return lba <= blocks && n <= blocks-lba
