@@ -4,6 +4,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"cairn.io/cairn/api/chunkpb"
 	"cairn.io/cairn/copyset/wal"
@@ -48,7 +49,7 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 		leaders:  prometheus.NewGauge(prometheus.GaugeOpts{Name: "cairn_chunkserver_leaders", Help: "Copysets this chunkserver leads."}),
 	}
 	reg.MustRegister(m.requests, m.latency, m.walSync, m.walEntries, m.walBatch, m.copysets, m.leaders,
-		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
 
