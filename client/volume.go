@@ -2,7 +2,6 @@ package client
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -36,12 +35,12 @@ type Options struct {
 
 // Stats count what a volume handle did, for metrics.
 type Stats struct {
-	Reads, Writes, Unmaps         uint64 // IOs completed
-	ReadBytes, WrittenBytes       uint64
-	ChunkRequests                 uint64 // pieces sent to chunkservers
-	Retries, Redirects            uint64
-	SegmentsAllocated             uint64
-	Errors                        uint64
+	Reads, Writes, Unmaps   uint64 // IOs completed
+	ReadBytes, WrittenBytes uint64
+	ChunkRequests           uint64 // pieces sent to chunkservers
+	Retries, Redirects      uint64
+	SegmentsAllocated       uint64
+	Errors                  uint64
 }
 
 // Volume is an open volume. Its methods are safe for concurrent use.
@@ -256,5 +255,3 @@ func (v *Volume) usable(write bool) error {
 	}
 	return nil
 }
-
-var errStopped = errors.New("client: stopped")
