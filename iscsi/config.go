@@ -1,0 +1,199 @@
+package iscsi
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"strings"
+	"time"
+
+	"cairn.io/cairn/iscsi/scsi"
+)
+
+// Backend is the block store behind a LUN; see scsi.Backend. Cairn's client
+// volume implements it, and so does the NBD frontend's store.
+type Backend = scsi.Backend
+
+// Volume is a Backend the target closes when no session uses it any more.
+type Volume interface {
+	Backend
+	io.Closer
+}
+
+// Exports provides the volumes the server exports, one target each.
+type Exports interface {
+	// List returns the names of the exported volumes (for discovery).
+	List(ctx context.Context) ([]string, error)
+	// Open opens a volume for a target's sessions. It returns an error
+	// wrapping ErrNotFound when the volume does not exist.
+	Open(ctx context.Context, name string) (Volume, error)
+}
+
+// CHAP holds the secrets of one target (or of discovery).
+type CHAP struct {
+	// User and Secret authenticate the initiator to the target.
+	User, Secret string
+	// MutualUser and MutualSecret, when set, authenticate the target to
+	// an initiator that asks for mutual CHAP. An initiator that asks while
+	// they are empty fails to log in.
+	MutualUser, MutualSecret string
+}
+
+// Errors.
+var (
+	// ErrNotFound is wrapped by Exports.Open for an unknown volume; the
+	// login fails with "target not found".
+	ErrNotFound = errors.New("iscsi: volume not found")
+	// ErrServerClosed is returned by Serve after Close.
+	ErrServerClosed = errors.New("iscsi: server closed")
+	// ErrInvalidConfig is returned by NewServer for an unusable Config.
+	ErrInvalidConfig = errors.New("iscsi: invalid config")
+)
+
+// DefaultIQNPrefix is the prefix of target names: a volume v is exported
+// as DefaultIQNPrefix + ":" + v.
+const DefaultIQNPrefix = "iqn.2026-11.io.cairn"
+
+// DefaultAddr is the address ListenAndServe uses when Config.Addr is empty.
+const DefaultAddr = "127.0.0.1:3260"
+
+// Config configures a Server. Zero values select the defaults noted.
+type Config struct {
+	// Exports lists and opens volumes. Required.
+	Exports Exports
+	// Addr is the listen address of ListenAndServe (default 127.0.0.1:3260).
+	Addr string
+	// IQNPrefix prefixes target names (default DefaultIQNPrefix).
+	IQNPrefix string
+	// CHAP maps a volume name to the CHAP secrets its target requires.
+	// Targets without an entry accept AuthMethod None.
+	CHAP map[string]CHAP
+	// CHAPFor, when set, is consulted for volumes not in CHAP (for secrets
+	// kept elsewhere). ok=false means no authentication.
+	CHAPFor func(volume string) (c CHAP, ok bool)
+	// DiscoveryCHAP, when set, is required of discovery sessions.
+	DiscoveryCHAP *CHAP
+	// NopInterval is how long a connection may be idle before the target
+	// pings the initiator with a NOP-In (default 10s; negative disables).
+	NopInterval time.Duration
+	// NopTimeout is how long the target waits for the answer to a ping
+	// before it drops the connection (default 30s).
+	NopTimeout time.Duration
+	// LoginTimeout bounds the login phase (default 15s).
+	LoginTimeout time.Duration
+	// CloseTimeout is how long Close waits for initiators to log out after
+	// asking them to, before it drops their connections (default 2s).
+	CloseTimeout time.Duration
+	// QueueDepth is the CmdSN window of a session: how many commands it
+	// may have in flight (default 128).
+	QueueDepth int
+	// MaxRecvDataSegmentLength is the largest data segment the target
+	// accepts (default 262144).
+	MaxRecvDataSegmentLength int
+	// MaxBurstLength is the target's offer for the largest solicited or
+	// Data-In sequence (default 1 MiB).
+	MaxBurstLength int
+	// FirstBurstLength is the target's offer for unsolicited data
+	// (default 256 KiB).
+	FirstBurstLength int
+	// MaxOutstandingR2T is the target's offer for R2Ts in flight per
+	// command (default 8).
+	MaxOutstandingR2T int
+	// MaxSessionBuffer bounds the data buffers of a session's commands in
+	// flight; further commands wait (writes get no R2T, reads do not start)
+	// until memory is released (default 256 MiB).
+	MaxSessionBuffer int64
+	// InitialR2T makes the target require an R2T before any data-out
+	// beyond immediate data (default false: unsolicited data allowed).
+	InitialR2T bool
+	// DisableImmediateData refuses immediate data (default: accepted).
+	DisableImmediateData bool
+	// Unit customises the logical units (vendor, product, block size);
+	// Backend and Name are filled in per volume.
+	Unit scsi.Config
+	// Logger receives structured logs (default slog.Default()).
+	Logger *slog.Logger
+}
+
+// maxCommandData caps the expected data transfer length of one command:
+// anything larger is refused before data moves.
+const maxCommandData = 64 << 20
+
+func (c *Config) setDefaults() error {
+	if c.Exports == nil {
+		return fmt.Errorf("%w: Exports is required", ErrInvalidConfig)
+	}
+	if c.Addr == "" {
+		c.Addr = DefaultAddr
+	}
+	if c.IQNPrefix == "" {
+		c.IQNPrefix = DefaultIQNPrefix
+	}
+	if strings.ContainsAny(c.IQNPrefix, ": ") {
+		return fmt.Errorf("%w: IQN prefix %q", ErrInvalidConfig, c.IQNPrefix)
+	}
+	if c.NopInterval == 0 {
+		c.NopInterval = 10 * time.Second
+	}
+	if c.NopTimeout <= 0 {
+		c.NopTimeout = 30 * time.Second
+	}
+	if c.LoginTimeout <= 0 {
+		c.LoginTimeout = 15 * time.Second
+	}
+	if c.CloseTimeout <= 0 {
+		c.CloseTimeout = 2 * time.Second
+	}
+	if c.QueueDepth <= 0 {
+		c.QueueDepth = 128
+	}
+	if c.MaxRecvDataSegmentLength == 0 {
+		c.MaxRecvDataSegmentLength = 262144
+	}
+	if c.MaxBurstLength == 0 {
+		c.MaxBurstLength = 1 << 20
+	}
+	if c.FirstBurstLength == 0 {
+		c.FirstBurstLength = 256 << 10
+	}
+	if c.MaxSessionBuffer <= 0 {
+		c.MaxSessionBuffer = 256 << 20
+	}
+	if c.MaxOutstandingR2T == 0 {
+		c.MaxOutstandingR2T = 8
+	}
+	for _, v := range []struct {
+		name string
+		v    int
+	}{{"MaxRecvDataSegmentLength", c.MaxRecvDataSegmentLength}, {"MaxBurstLength", c.MaxBurstLength}, {"FirstBurstLength", c.FirstBurstLength}} {
+		if v.v < 512 || v.v > 1<<24-1 {
+			return fmt.Errorf("%w: %s %d outside 512..16777215", ErrInvalidConfig, v.name, v.v)
+		}
+	}
+	if c.FirstBurstLength > c.MaxBurstLength {
+		return fmt.Errorf("%w: FirstBurstLength above MaxBurstLength", ErrInvalidConfig)
+	}
+	if c.MaxOutstandingR2T < 1 || c.MaxOutstandingR2T > 65535 {
+		return fmt.Errorf("%w: MaxOutstandingR2T %d", ErrInvalidConfig, c.MaxOutstandingR2T)
+	}
+	if c.QueueDepth > 1<<16 {
+		return fmt.Errorf("%w: QueueDepth %d", ErrInvalidConfig, c.QueueDepth)
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	return nil
+}
+
+// chapFor returns the CHAP secrets a target requires.
+func (c *Config) chapFor(volume string) (CHAP, bool) {
+	if s, ok := c.CHAP[volume]; ok {
+		return s, true
+	}
+	if c.CHAPFor != nil {
+		return c.CHAPFor(volume)
+	}
+	return CHAP{}, false
+}

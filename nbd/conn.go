@@ -1,0 +1,511 @@
+package nbd
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"runtime/debug"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// aLongTimeAgo is a read deadline in the past: it makes a blocked read return at once.
+var aLongTimeAgo = time.Unix(1, 0)
+
+// serverConn is one client connection: the handshake, then the transmission phase.
+//
+// In transmission one goroutine reads requests in order. Each request that passes validation
+// takes a slot from the connection's limiter (count and payload bytes), has its WRITE payload read
+// into a pooled buffer, and runs in a goroutine of its own. A request's goroutine calls the
+// backend and writes the reply itself under wmu, so replies leave in completion order, not
+// arrival order. WRITE, TRIM and WRITE_ZEROES are numbered on arrival; a FLUSH waits for every
+// write that arrived before it to complete, then calls Backend.Flush.
+type serverConn struct {
+	srv *Server
+	nc  net.Conn
+	r   *bufio.Reader
+	log *slog.Logger
+
+	dmu        sync.Mutex // guards stopReason and changes of the read deadline
+	stopReason string     // non-empty once the connection has been told to stop reading
+
+	// Negotiated in the handshake.
+	noZeroes   bool
+	structured bool
+
+	// Set when transmission starts.
+	export   *openedExport
+	limits   exportLimits
+	lim      *limiter
+	writes   *writeTracker
+	inflight sync.WaitGroup
+
+	wmu         sync.Mutex // serialises replies on nc
+	writeFailed bool       // guarded by wmu: a reply could not be sent, the stream is broken
+}
+
+func newServerConn(s *Server, nc net.Conn) *serverConn {
+	return &serverConn{
+		srv: s,
+		nc:  nc,
+		r:   bufio.NewReaderSize(nc, 64<<10),
+		log: s.log.With("remote", nc.RemoteAddr().String()),
+	}
+}
+
+// serve runs the connection to its end and releases it.
+func (c *serverConn) serve() {
+	st := &c.srv.stats
+	st.connectionsTotal.Add(1)
+	st.connections.Add(1)
+	defer st.connections.Add(-1)
+	defer c.srv.trackConn(c, false)
+	defer c.nc.Close()
+	defer func() {
+		if r := recover(); r != nil {
+			c.log.Error("nbd: connection failed on a bug; closed", "panic", r, "stack", string(debug.Stack()))
+		}
+	}()
+
+	opened, err := c.handshake()
+	if err != nil {
+		switch {
+		case errors.Is(err, errClientAborted):
+			c.log.Debug("nbd: client ended the handshake")
+		case c.stopped() != "":
+			c.log.Info("nbd: handshake interrupted", "reason", c.stopped())
+		default:
+			st.handshakesFailed.Add(1)
+			if errors.Is(err, errProtocol) {
+				st.protocolErrors.Add(1)
+			}
+			c.log.Warn("nbd: handshake failed; connection closed", "err", err)
+		}
+		return
+	}
+	c.transmit(opened)
+}
+
+// stop makes the request reader return: it stops reading, lets the requests in flight complete
+// and answer, then the connection closes. Safe to call more than once and from any goroutine.
+func (c *serverConn) stop(reason string) {
+	c.dmu.Lock()
+	defer c.dmu.Unlock()
+	if c.stopReason == "" {
+		c.stopReason = reason
+	}
+	_ = c.nc.SetReadDeadline(aLongTimeAgo)
+}
+
+func (c *serverConn) stopped() string {
+	c.dmu.Lock()
+	defer c.dmu.Unlock()
+	return c.stopReason
+}
+
+// setReadDeadline sets the read deadline unless the connection has been stopped.
+func (c *serverConn) setReadDeadline(t time.Time) {
+	c.dmu.Lock()
+	defer c.dmu.Unlock()
+	if c.stopReason != "" {
+		t = aLongTimeAgo
+	}
+	_ = c.nc.SetReadDeadline(t)
+}
+
+// errClientDisconnected is the end of a connection by NBD_CMD_DISC.
+var errClientDisconnected = errors.New("client sent NBD_CMD_DISC")
+
+// transmit runs the transmission phase on the export chosen in the handshake. It returns after the
+// last request has been answered and the export has been closed.
+func (c *serverConn) transmit(opened *openedExport) {
+	c.export = opened
+	c.log = c.log.With("export", opened.name)
+	c.limits = exportLimits{
+		size:       opened.size,
+		minBlock:   MinBlockSize,
+		maxPayload: c.srv.cfg.MaxPayload,
+		structured: c.structured,
+	}
+	c.lim = newLimiter(c.srv.cfg.MaxInFlight, c.srv.cfg.MaxInFlightBytes)
+	c.writes = newWriteTracker()
+	c.setReadDeadline(time.Time{}) // a client may stay idle as long as it likes
+	c.log.Info("nbd: client attached", "size", opened.size, "structured_replies", c.structured)
+
+	var err error
+	defer func() {
+		// Also on a panic of the reader: the requests in flight still own the export.
+		c.inflight.Wait()
+		if cerr := opened.exp.Close(); cerr != nil {
+			c.log.Warn("nbd: close export", "err", cerr)
+		}
+		switch {
+		case errors.Is(err, errClientDisconnected):
+			c.log.Info("nbd: client detached")
+		case errors.Is(err, errProtocol):
+			c.srv.stats.protocolErrors.Add(1)
+			c.log.Warn("nbd: protocol violation; connection closed", "err", err)
+		default:
+			c.log.Info("nbd: connection closed", "reason", err)
+		}
+	}()
+	err = c.readRequests()
+}
+
+// operation is one request that passed validation, on its way through the backend.
+type operation struct {
+	req     request
+	arrived time.Time
+	weight  int64   // what it holds of the limiter's byte budget
+	payload *[]byte // WRITE data
+	seq     uint64  // write number (WRITE, TRIM, WRITE_ZEROES)
+	barrier uint64  // FLUSH: writes numbered below it must complete first
+}
+
+func (op *operation) isWrite() bool {
+	return op.req.typ == cmdWrite || op.req.typ == cmdTrim || op.req.typ == cmdWriteZeroes
+}
+
+// readRequests reads and dispatches requests until the client disconnects, the connection is
+// stopped or the stream breaks. It returns why it stopped.
+func (c *serverConn) readRequests() error {
+	hdr := make([]byte, requestHdrSize)
+	for {
+		if _, err := io.ReadFull(c.r, hdr); err != nil {
+			return c.readError("read request header", err)
+		}
+		arrived := time.Now()
+		req, err := parseRequestHeader(hdr)
+		if err != nil {
+			return fmt.Errorf("%w: %w", errProtocol, err)
+		}
+		if req.typ == cmdDisc {
+			return errClientDisconnected
+		}
+		if rej := c.limits.check(req); rej != nil {
+			if req.hasPayload() {
+				// Keep the stream in step: the payload follows whatever the server thinks of it.
+				if _, err := io.CopyN(io.Discard, c.r, int64(req.length)); err != nil {
+					return c.readError("discard payload of a refused write", err)
+				}
+			}
+			c.log.Debug("nbd: request refused", "cmd", commandName(req.typ), "errno", errnoName(rej.errno), "msg", rej.msg)
+			_ = c.sendStatus(req, rej.errno, rej.msg)
+			c.finish(req, arrived, rej.errno)
+			continue
+		}
+		op := &operation{req: req, arrived: arrived}
+		if req.typ == cmdRead || req.typ == cmdWrite {
+			op.weight = int64(req.length)
+		}
+		c.lim.acquire(op.weight)
+		if req.typ == cmdWrite {
+			op.payload = getBuffer(req.length)
+			if _, err := io.ReadFull(c.r, *op.payload); err != nil {
+				putBuffer(op.payload)
+				c.lim.release(op.weight)
+				return c.readError("read write payload", err)
+			}
+		}
+		switch {
+		case op.isWrite():
+			op.seq = c.writes.begin()
+		case req.typ == cmdFlush:
+			op.barrier = c.writes.barrier()
+		}
+		c.inflight.Add(1)
+		c.srv.stats.inFlight.Add(1)
+		go c.run(op)
+	}
+}
+
+// readError classifies the error that ended the request reader.
+func (c *serverConn) readError(what string, err error) error {
+	if reason := c.stopped(); reason != "" {
+		return errors.New(reason)
+	}
+	if errors.Is(err, io.EOF) && what == "read request header" {
+		return errors.New("client hung up without NBD_CMD_DISC")
+	}
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+		return fmt.Errorf("%s: client hung up mid-message: %w", what, errProtocol)
+	}
+	return fmt.Errorf("%s: %w", what, err)
+}
+
+// run executes one operation and answers it.
+func (c *serverConn) run(op *operation) {
+	defer c.inflight.Done()
+	defer c.srv.stats.inFlight.Add(-1)
+	defer c.lim.release(op.weight)
+
+	res := c.execute(op)
+	errno, msg := uint32(0), ""
+	if res.err != nil {
+		errno = errnoFor(res.err)
+		msg = fmt.Sprintf("%s at offset %d length %d: %v", commandName(op.req.typ), op.req.offset, op.req.length, res.err)
+		c.log.Warn("nbd: request failed", "cmd", commandName(op.req.typ), "offset", op.req.offset,
+			"length", op.req.length, "errno", errnoName(errno), "err", res.err)
+	}
+	if op.req.typ == cmdRead {
+		_ = c.sendRead(op.req, *res.data, res.n, errno, msg)
+		putBuffer(res.data)
+	} else {
+		_ = c.sendStatus(op.req, errno, msg)
+	}
+	c.finish(op.req, op.arrived, errno)
+}
+
+type result struct {
+	data *[]byte // READ: buffer of the request's length
+	n    int     // READ: bytes read before an error
+	err  error
+}
+
+// execute calls the backend for one operation.
+func (c *serverConn) execute(op *operation) (res result) {
+	if op.isWrite() {
+		defer c.writes.end(op.seq)
+	}
+	if op.req.typ == cmdRead {
+		res.data = getBuffer(op.req.length)
+	}
+	defer func() {
+		if r := recover(); r != nil {
+			c.log.Error("nbd: backend panicked; connection will close", "panic", r, "stack", string(debug.Stack()))
+			res.err = fmt.Errorf("backend panicked: %v", r)
+			res.n = 0
+			c.stop("backend panicked")
+		}
+	}()
+	exp := c.export.exp
+	off, length := int64(op.req.offset), int64(op.req.length)
+	fua := op.req.flags&cmdFlagFUA != 0
+	switch op.req.typ {
+	case cmdRead:
+		res.n, res.err = readFullAt(exp, *res.data, off)
+		return res
+	case cmdWrite:
+		res.err = writeFullAt(exp, *op.payload, off)
+		putBuffer(op.payload)
+	case cmdFlush:
+		c.writes.waitBefore(op.barrier)
+		if err := exp.Flush(); err != nil {
+			res.err = fmt.Errorf("flush: %w", err)
+		}
+		return res
+	case cmdTrim:
+		if length > 0 {
+			if err := exp.UnmapAt(off, length); err != nil {
+				res.err = fmt.Errorf("unmap: %w", err)
+			}
+		}
+	case cmdWriteZeroes:
+		if length > 0 {
+			if op.req.flags&cmdFlagNoHole != 0 {
+				// The client wants the range provisioned: write real zeros.
+				res.err = writeZeroes(exp, off, length)
+			} else if err := exp.UnmapAt(off, length); err != nil {
+				res.err = fmt.Errorf("unmap: %w", err)
+			}
+		}
+	}
+	if res.err == nil && fua && length > 0 {
+		if err := exp.Flush(); err != nil {
+			res.err = fmt.Errorf("flush for FUA: %w", err)
+		}
+	}
+	return res
+}
+
+// readFullAt reads len(p) bytes or reports how many it got before the error.
+func readFullAt(b Backend, p []byte, off int64) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	n, err := b.ReadAt(p, off)
+	if n == len(p) {
+		return n, nil // io.ReaderAt may return io.EOF with a full read at the end
+	}
+	if err == nil {
+		err = io.ErrUnexpectedEOF
+	}
+	return max(0, min(n, len(p))), fmt.Errorf("read: %w", err)
+}
+
+func writeFullAt(b Backend, p []byte, off int64) error {
+	if len(p) == 0 {
+		return nil
+	}
+	n, err := b.WriteAt(p, off)
+	if err == nil && n != len(p) {
+		err = io.ErrShortWrite
+	}
+	if err != nil {
+		return fmt.Errorf("write: %w", err)
+	}
+	return nil
+}
+
+func writeZeroes(b Backend, off, length int64) error {
+	for length > 0 {
+		n := min(length, int64(len(zeroes)))
+		if err := writeFullAt(b, zeroes[:n], off); err != nil {
+			return fmt.Errorf("write zeroes at %d: %w", off, err)
+		}
+		off += n
+		length -= n
+	}
+	return nil
+}
+
+// errnoFor maps a backend error to the protocol's error values.
+func errnoFor(err error) uint32 {
+	switch {
+	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT), errors.Is(err, syscall.EFBIG):
+		return errnoNoSpc
+	case errors.Is(err, syscall.EROFS):
+		return errnoPerm
+	}
+	return errnoIO
+}
+
+// finish counts an answered request and reports it to the OnRequest hook.
+func (c *serverConn) finish(req request, arrived time.Time, errno uint32) {
+	st := &c.srv.stats
+	switch req.typ {
+	case cmdRead:
+		st.reads.Add(1)
+		if errno == 0 {
+			st.readBytes.Add(uint64(req.length))
+		}
+	case cmdWrite:
+		st.writes.Add(1)
+		if errno == 0 {
+			st.writeBytes.Add(uint64(req.length))
+		}
+	case cmdFlush:
+		st.flushes.Add(1)
+	case cmdTrim:
+		st.trims.Add(1)
+	case cmdWriteZeroes:
+		st.writeZeroes.Add(1)
+	}
+	if errno != 0 {
+		st.requestErrors.Add(1)
+	}
+	if hook := c.srv.cfg.OnRequest; hook != nil {
+		hook(RequestEvent{
+			Export:   c.export.name,
+			Command:  commandName(req.typ),
+			Offset:   req.offset,
+			Length:   req.length,
+			Duration: time.Since(arrived),
+			Errno:    errno,
+		})
+	}
+}
+
+// sendRead answers a READ. data is the request's buffer; n bytes of it are valid when errno is set.
+//
+// Simple replies carry the data after a zero error, or an error and no data. Structured replies
+// carry one NBD_REPLY_TYPE_OFFSET_DATA chunk with the whole range (the reply is complete in memory
+// before it is sent, so the chunk can be final); on an error, the whole blocks read before it in a
+// data chunk, then an NBD_REPLY_TYPE_ERROR_OFFSET chunk at the first block not read.
+func (c *serverConn) sendRead(req request, data []byte, n int, errno uint32, msg string) error {
+	if !c.structured {
+		if errno != 0 {
+			return c.send(appendSimpleReply(nil, errno, req.cookie))
+		}
+		return c.send(appendSimpleReply(nil, 0, req.cookie), data)
+	}
+	if errno == 0 {
+		if len(data) == 0 {
+			return c.send(appendChunkHeader(nil, replyFlagDone, replyTypeNone, req.cookie, 0))
+		}
+		hdr := appendChunkHeader(nil, replyFlagDone, replyTypeOffsetData, req.cookie, uint32(8+len(data)))
+		hdr = binary.BigEndian.AppendUint64(hdr, req.offset)
+		return c.send(hdr, data)
+	}
+	good := n - n%int(c.limits.minBlock)
+	var bufs [][]byte
+	if good > 0 {
+		hdr := appendChunkHeader(nil, 0, replyTypeOffsetData, req.cookie, uint32(8+good))
+		hdr = binary.BigEndian.AppendUint64(hdr, req.offset)
+		bufs = append(bufs, hdr, data[:good])
+	}
+	errOffset := req.offset + uint64(good)
+	bufs = append(bufs, appendErrorChunk(nil, req.cookie, replyTypeErrorOffset, errno, msg, errOffset))
+	return c.send(bufs...)
+}
+
+// sendStatus answers a request that carries no data back, or refuses any request (READ included)
+// before it ran.
+func (c *serverConn) sendStatus(req request, errno uint32, msg string) error {
+	if !c.structured {
+		return c.send(appendSimpleReply(nil, errno, req.cookie))
+	}
+	if errno == 0 {
+		return c.send(appendChunkHeader(nil, replyFlagDone, replyTypeNone, req.cookie, 0))
+	}
+	return c.send(appendErrorChunk(nil, req.cookie, replyTypeError, errno, msg, 0))
+}
+
+// send writes one whole reply (its chunks in order) under the write lock, with one writev.
+func (c *serverConn) send(bufs ...[]byte) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.writeFailed {
+		return errors.New("nbd: connection broken")
+	}
+	if err := c.nc.SetWriteDeadline(time.Now().Add(c.srv.cfg.WriteTimeout)); err != nil {
+		c.writeFailed = true
+		c.stop("cannot set write deadline")
+		return err
+	}
+	nb := net.Buffers(bufs)
+	if _, err := nb.WriteTo(c.nc); err != nil {
+		c.writeFailed = true
+		c.log.Info("nbd: reply not delivered; closing", "err", err)
+		c.stop("reply could not be sent")
+		return fmt.Errorf("send reply: %w", err)
+	}
+	return nil
+}
+
+func appendSimpleReply(b []byte, errno uint32, cookie uint64) []byte {
+	b = binary.BigEndian.AppendUint32(b, magicSimpleReply)
+	b = binary.BigEndian.AppendUint32(b, errno)
+	return binary.BigEndian.AppendUint64(b, cookie)
+}
+
+func appendChunkHeader(b []byte, flags, typ uint16, cookie uint64, length uint32) []byte {
+	b = binary.BigEndian.AppendUint32(b, magicStructuredReply)
+	b = binary.BigEndian.AppendUint16(b, flags)
+	b = binary.BigEndian.AppendUint16(b, typ)
+	b = binary.BigEndian.AppendUint64(b, cookie)
+	return binary.BigEndian.AppendUint32(b, length)
+}
+
+// appendErrorChunk appends a final error chunk: NBD_REPLY_TYPE_ERROR, or NBD_REPLY_TYPE_ERROR_OFFSET
+// with offset.
+func appendErrorChunk(b []byte, cookie uint64, typ uint16, errno uint32, msg string, offset uint64) []byte {
+	msg = truncateString(msg)
+	length := 6 + len(msg)
+	if typ == replyTypeErrorOffset {
+		length += 8
+	}
+	b = appendChunkHeader(b, replyFlagDone, typ, cookie, uint32(length))
+	b = binary.BigEndian.AppendUint32(b, errno)
+	b = binary.BigEndian.AppendUint16(b, uint16(len(msg)))
+	b = append(b, msg...)
+	if typ == replyTypeErrorOffset {
+		b = binary.BigEndian.AppendUint64(b, offset)
+	}
+	return b
+}

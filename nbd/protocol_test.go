@@ -1,0 +1,889 @@
+package nbd
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+)
+
+const testSize = 1 << 20
+
+func TestHandshakeRefusesClientsWithoutFixedNewstyle(t *testing.T) {
+	env := newTestEnv(t)
+	env.createExport("vol", testSize, nil)
+	for _, flags := range []uint32{0, clientFlagNoZeroes, 1 << 2, clientFlagFixedNewstyle | 1<<31} {
+		t.Run(fmt.Sprintf("flags=%#x", flags), func(t *testing.T) {
+			c := dial(t, env.addr, flags)
+			c.expectClosed()
+		})
+	}
+	// The server is still serving.
+	c := connect(t, env.addr, "vol", false)
+	if c.size != testSize {
+		t.Fatalf("size %d", c.size)
+	}
+	if got := env.srv.Stats().ProtocolErrorsTotal; got != 4 {
+		t.Fatalf("protocol errors %d, want 4", got)
+	}
+}
+
+func TestOptionList(t *testing.T) {
+	env := newTestEnv(t)
+	env.createExport("b-vol", testSize, nil)
+	env.createExport("a-vol", testSize, nil)
+	c := dial(t, env.addr, clientFlagFixedNewstyle)
+
+	// Data on NBD_OPT_LIST is refused, and negotiation goes on.
+	c.sendOption(optList, []byte("x"))
+	if r := c.optionReply(); r.typ != repErrInvalid || r.option != optList {
+		t.Fatalf("NBD_OPT_LIST with data: reply %#x", r.typ)
+	}
+	listNames := func() []string {
+		c.sendOption(optList, nil)
+		var names []string
+		for _, r := range c.optionReplies(optList) {
+			switch r.typ {
+			case repServer:
+				n := binary.BigEndian.Uint32(r.data)
+				if int(n) != len(r.data)-4 {
+					t.Fatalf("NBD_REP_SERVER name length %d in %d bytes", n, len(r.data))
+				}
+				names = append(names, string(r.data[4:]))
+			case repAck:
+			default:
+				t.Fatalf("NBD_OPT_LIST reply %#x", r.typ)
+			}
+		}
+		return names
+	}
+	if got := listNames(); !slices.Equal(got, []string{"a-vol", "b-vol"}) {
+		t.Fatalf("list %q", got)
+	}
+	// Exports appear and disappear with the provider's set.
+	env.createExport("c-vol", testSize, nil)
+	if err := os.Remove(filepath.Join(env.dir, "a-vol")); err != nil {
+		t.Fatal(err)
+	}
+	if got := listNames(); !slices.Equal(got, []string{"b-vol", "c-vol"}) {
+		t.Fatalf("list after create and delete %q", got)
+	}
+	replies := c.goExport(optInfo, "a-vol")
+	if r := replies[len(replies)-1]; r.typ != repErrUnknown {
+		t.Fatalf("NBD_OPT_INFO on a deleted export: reply %#x", r.typ)
+	}
+}
+
+func TestOptionsUnsupportedAndAbort(t *testing.T) {
+	env := newTestEnv(t)
+	c := dial(t, env.addr, clientFlagFixedNewstyle)
+	for _, opt := range []uint32{optStartTLS, optListMetaContext, optSetMetaContext, 4, 11, 12345} {
+		c.sendOption(opt, []byte("some data"))
+		if r := c.optionReply(); r.typ != repErrUnsup || r.option != opt {
+			t.Fatalf("option %d: reply %#x for option %d, want NBD_REP_ERR_UNSUP", opt, r.typ, r.option)
+		}
+	}
+	c.sendOption(optStructuredReply, []byte{1})
+	if r := c.optionReply(); r.typ != repErrInvalid {
+		t.Fatalf("NBD_OPT_STRUCTURED_REPLY with data: reply %#x", r.typ)
+	}
+	c.sendOption(optAbort, nil)
+	if r := c.optionReply(); r.typ != repAck || r.option != optAbort {
+		t.Fatalf("NBD_OPT_ABORT: reply %#x", r.typ)
+	}
+	c.expectClosed()
+	if got := env.srv.Stats().HandshakesFailedTotal; got != 0 {
+		t.Fatalf("an abort counted as a failed handshake (%d)", got)
+	}
+}
+
+func TestOptionInfoAndGo(t *testing.T) {
+	for _, multiConn := range []bool{false, true} {
+		t.Run(fmt.Sprintf("multiconn=%v", multiConn), func(t *testing.T) {
+			env := newTestEnv(t, func(c *Config) { c.MultiConn = multiConn })
+			env.createExport("vol", testSize+100, nil) // the unaligned tail is not exported
+			c := dial(t, env.addr, clientFlagFixedNewstyle|clientFlagNoZeroes)
+			for _, opt := range []uint32{optInfo, optGo} {
+				replies := c.goExport(opt, "vol", infoName, infoDescription, infoBlockSize, 999)
+				infos := map[uint16][]byte{}
+				for _, r := range replies[:len(replies)-1] {
+					if r.typ != repInfo {
+						t.Fatalf("reply %#x before the final one", r.typ)
+					}
+					infos[binary.BigEndian.Uint16(r.data)] = r.data[2:]
+				}
+				if last := replies[len(replies)-1]; last.typ != repAck {
+					t.Fatalf("final reply %#x", last.typ)
+				}
+				if c.size != testSize {
+					t.Fatalf("export size %d, want %d", c.size, testSize)
+				}
+				want := tflagHasFlags | tflagSendFlush | tflagSendFUA | tflagSendTrim | tflagSendWriteZeroes
+				if multiConn {
+					want |= tflagCanMultiConn
+				}
+				if c.tflags != want {
+					t.Fatalf("transmission flags %#x, want %#x", c.tflags, want)
+				}
+				if got := string(infos[infoName]); got != "vol" {
+					t.Fatalf("NBD_INFO_NAME %q", got)
+				}
+				if got := string(infos[infoDescription]); got != "cairn volume vol" {
+					t.Fatalf("NBD_INFO_DESCRIPTION %q", got)
+				}
+				bs := infos[infoBlockSize]
+				if len(bs) != 12 {
+					t.Fatalf("NBD_INFO_BLOCK_SIZE of %d bytes", len(bs))
+				}
+				if mn, pr, mx := binary.BigEndian.Uint32(bs), binary.BigEndian.Uint32(bs[4:]), binary.BigEndian.Uint32(bs[8:]); mn != 512 || pr != 4096 || mx != 32<<20 {
+					t.Fatalf("block sizes %d/%d/%d", mn, pr, mx)
+				}
+				if _, ok := infos[999]; ok {
+					t.Fatal("server answered an unknown information request")
+				}
+			}
+			// In transmission now.
+			c.writeAt(0, 0, pattern(4096, 1))
+			if got := c.read(0, 4096); !bytes.Equal(got, pattern(4096, 1)) {
+				t.Fatal("read back differs")
+			}
+		})
+	}
+}
+
+func TestStructuredRepliesAdvertiseDF(t *testing.T) {
+	env := newTestEnv(t)
+	env.createExport("vol", testSize, nil)
+	c := connect(t, env.addr, "vol", true)
+	if c.tflags&tflagSendDF == 0 {
+		t.Fatalf("flags %#x: NBD_FLAG_SEND_DF missing with structured replies", c.tflags)
+	}
+	c.writeAt(cmdFlagFUA, 8192, pattern(8192, 2))
+	r := c.do(cmdFlagDF, cmdRead, 8192, 8192, nil)
+	if r.errno != 0 || !bytes.Equal(r.data, pattern(8192, 2)) {
+		t.Fatalf("DF read: %s", errnoName(r.errno))
+	}
+	if len(r.chunks) != 1 || r.chunks[0].typ != replyTypeOffsetData || r.chunks[0].flags&replyFlagDone == 0 {
+		t.Fatalf("DF read answered with %d chunks", len(r.chunks))
+	}
+}
+
+func TestMalformedInfoRequests(t *testing.T) {
+	env := newTestEnv(t)
+	env.createExport("vol", testSize, nil)
+	c := dial(t, env.addr, clientFlagFixedNewstyle)
+	valid := encodeInfoRequest("vol", []uint16{infoBlockSize})
+	cases := map[string][]byte{
+		"short":               {0, 0, 0},
+		"name beyond data":    binary.BigEndian.AppendUint32(nil, 100),
+		"name length huge":    append(binary.BigEndian.AppendUint32(nil, math.MaxUint32), 0, 0),
+		"too few requests":    valid[:len(valid)-1],
+		"trailing byte":       append(slices.Clone(valid), 0),
+		"NUL in name":         encodeInfoRequest("v\x00l", nil),
+		"not UTF-8":           encodeInfoRequest("\xff\xfe", nil),
+		"name over 4096 byte": encodeInfoRequest(strings.Repeat("n", 4097), nil),
+	}
+	for name, data := range cases {
+		for _, opt := range []uint32{optInfo, optGo} {
+			c.sendOption(opt, data)
+			if r := c.optionReply(); r.typ != repErrInvalid {
+				t.Fatalf("%s (%s): reply %#x, want NBD_REP_ERR_INVALID", name, optionName(opt), r.typ)
+			}
+		}
+	}
+	replies := c.goExport(optGo, "vol")
+	if last := replies[len(replies)-1]; last.typ != repAck {
+		t.Fatalf("GO after malformed options: %#x", last.typ)
+	}
+}
+
+func TestUnknownExport(t *testing.T) {
+	env := newTestEnv(t)
+	env.createExport("vol", testSize, nil)
+
+	c := dial(t, env.addr, clientFlagFixedNewstyle)
+	for _, opt := range []uint32{optInfo, optGo} {
+		for _, name := range []string{"nope", "", "../vol"} {
+			replies := c.goExport(opt, name, infoBlockSize)
+			if len(replies) != 1 || replies[0].typ != repErrUnknown {
+				t.Fatalf("%s %q: replies %v, want one NBD_REP_ERR_UNKNOWN", optionName(opt), name, replies)
+			}
+			if !strings.Contains(string(replies[0].data), "unknown export") {
+				t.Fatalf("error message %q", replies[0].data)
+			}
+		}
+	}
+	// NBD_OPT_EXPORT_NAME cannot carry an error: the server must hang up.
+	c.sendOption(optExportName, []byte("nope"))
+	c.expectClosed()
+}
+
+func TestDefaultExport(t *testing.T) {
+	env := newTestEnv(t, func(c *Config) { c.DefaultExport = "vol" })
+	env.createExport("vol", testSize, nil)
+	c := dial(t, env.addr, clientFlagFixedNewstyle)
+	replies := c.goExport(optGo, "", infoName)
+	var gotName string
+	for _, r := range replies {
+		if r.typ == repInfo && binary.BigEndian.Uint16(r.data) == infoName {
+			gotName = string(r.data[2:])
+		}
+	}
+	if replies[len(replies)-1].typ != repAck || gotName != "vol" || c.size != testSize {
+		t.Fatalf("default export: final %#x name %q size %d", replies[len(replies)-1].typ, gotName, c.size)
+	}
+}
+
+func TestExportNameOption(t *testing.T) {
+	env := newTestEnv(t)
+	env.createExport("vol", testSize, pattern(4096, 3))
+	for _, noZeroes := range []bool{false, true} {
+		flags := clientFlagFixedNewstyle
+		if noZeroes {
+			flags |= clientFlagNoZeroes
+		}
+		c := dial(t, env.addr, flags)
+		c.sendOption(optExportName, []byte("vol"))
+		want := 10
+		if !noZeroes {
+			want += 124
+		}
+		b := make([]byte, want)
+		if _, err := io.ReadFull(c.r, b); err != nil {
+			t.Fatalf("read export info: %v", err)
+		}
+		if size := binary.BigEndian.Uint64(b); size != testSize {
+			t.Fatalf("size %d", size)
+		}
+		if !bytes.Equal(b[10:], make([]byte, want-10)) {
+			t.Fatal("padding is not zeros")
+		}
+		if got := c.read(0, 4096); !bytes.Equal(got, pattern(4096, 3)) {
+			t.Fatalf("no_zeroes=%v: read after NBD_OPT_EXPORT_NAME differs", noZeroes)
+		}
+	}
+}
+
+func TestBadOptionHeaders(t *testing.T) {
+	env := newTestEnv(t)
+	c := dial(t, env.addr, clientFlagFixedNewstyle)
+	b := binary.BigEndian.AppendUint64(nil, 0x1122334455667788)
+	b = binary.BigEndian.AppendUint32(b, optList)
+	c.write(binary.BigEndian.AppendUint32(b, 0))
+	c.expectClosed()
+
+	c = dial(t, env.addr, clientFlagFixedNewstyle)
+	b = binary.BigEndian.AppendUint64(nil, magicOpts)
+	b = binary.BigEndian.AppendUint32(b, optGo)
+	c.write(binary.BigEndian.AppendUint32(b, maxOptionLength+1))
+	c.expectClosed()
+}
+
+// TestMalformedRequests sends requests real clients never send and checks the protocol's answer,
+// that the connection stays usable and that the export is unchanged.
+func TestMalformedRequests(t *testing.T) {
+	const maxPayload = 1 << 20
+	for _, structured := range []bool{false, true} {
+		t.Run(fmt.Sprintf("structured=%v", structured), func(t *testing.T) {
+			env := newTestEnv(t, func(c *Config) { c.MaxPayload = maxPayload })
+			path := env.createExport("vol", testSize, pattern(testSize, 7))
+			before := fileHash(t, path)
+			c := connect(t, env.addr, "vol", structured)
+
+			oversizedRead := errnoInval
+			if structured {
+				oversizedRead = errnoOverflow
+			}
+			cases := []struct {
+				name    string
+				flags   uint16
+				typ     uint16
+				off     uint64
+				length  uint32
+				payload bool
+				want    uint32
+			}{
+				{"unaligned read offset", 0, cmdRead, 100, 512, false, errnoInval},
+				{"unaligned read length", 0, cmdRead, 0, 100, false, errnoInval},
+				{"unaligned write", 0, cmdWrite, 512, 1000, true, errnoInval},
+				{"unaligned trim", 0, cmdTrim, 1, 512, false, errnoInval},
+				{"unaligned write zeroes", 0, cmdWriteZeroes, 0, 511, false, errnoInval},
+				{"read beyond end", 0, cmdRead, testSize - 512, 1024, false, errnoInval},
+				{"read past end", 0, cmdRead, testSize + 512, 0, false, errnoInval},
+				{"write beyond end", 0, cmdWrite, testSize - 512, 1024, true, errnoNoSpc},
+				{"write past end", cmdFlagFUA, cmdWrite, testSize, 512, true, errnoNoSpc},
+				{"write zeroes beyond end", 0, cmdWriteZeroes, testSize, 512, false, errnoNoSpc},
+				{"trim beyond end", 0, cmdTrim, 0, testSize + 512, false, errnoInval},
+				{"offset wraps around", 0, cmdWrite, math.MaxUint64 - 511, 1024, true, errnoNoSpc},
+				{"oversized read", 0, cmdRead, 0, maxPayload + 512, false, oversizedRead},
+				{"oversized write", 0, cmdWrite, 0, maxPayload + 512, true, errnoInval},
+				{"unknown command", 0, 99, 0, 512, false, errnoInval},
+				{"cache not offered", 0, cmdCache, 0, 512, false, errnoInval},
+				{"block status without context", 0, cmdBlockStatus, 0, 512, false, errnoInval},
+				{"unknown flag", 1 << 9, cmdRead, 0, 512, false, errnoInval},
+				{"no hole on write", cmdFlagNoHole, cmdWrite, 0, 512, true, errnoInval},
+				{"fast zero not offered", cmdFlagFastZero, cmdWriteZeroes, 0, 512, false, errnoInval},
+				{"req one on read", cmdFlagReqOne, cmdRead, 0, 512, false, errnoInval},
+				{"flush with range", 0, cmdFlush, 0, 512, false, errnoInval},
+			}
+			if !structured {
+				cases = append(cases, struct {
+					name    string
+					flags   uint16
+					typ     uint16
+					off     uint64
+					length  uint32
+					payload bool
+					want    uint32
+				}{"DF without structured replies", cmdFlagDF, cmdRead, 0, 512, false, errnoInval})
+			}
+			for _, tc := range cases {
+				var payload []byte
+				if tc.payload {
+					payload = bytes.Repeat([]byte{0xee}, int(tc.length))
+				}
+				r := c.do(tc.flags, tc.typ, tc.off, tc.length, payload)
+				if r.errno != tc.want {
+					t.Errorf("%s: %s, want %s", tc.name, errnoName(r.errno), errnoName(tc.want))
+				}
+				if structured && (r.simple || r.msg == "") {
+					t.Errorf("%s: want a structured error chunk with a message", tc.name)
+				}
+				if r.data != nil && r.covered != 0 {
+					t.Errorf("%s: refused read carried data", tc.name)
+				}
+			}
+			// Still in step: a valid read after all that.
+			if got := c.read(4096, 4096); !bytes.Equal(got, pattern(testSize, 7)[4096:8192]) {
+				t.Fatal("read after refused requests differs")
+			}
+			c.send(0, cmdDisc, 0, 0, nil)
+			c.expectClosed()
+			if fileHash(t, path) != before {
+				t.Fatal("refused requests changed the export")
+			}
+			st := env.srv.Stats()
+			if st.RequestErrorsTotal != uint64(len(cases)) {
+				t.Fatalf("request errors %d, want %d", st.RequestErrorsTotal, len(cases))
+			}
+		})
+	}
+}
+
+func TestBadRequestMagicClosesOnlyThatConnection(t *testing.T) {
+	env := newTestEnv(t)
+	env.createExport("vol", testSize, pattern(8192, 4))
+	other := connect(t, env.addr, "vol", false)
+
+	c := connect(t, env.addr, "vol", false)
+	b := encodeRequest(0, cmdRead, 1, 0, 512)
+	binary.BigEndian.PutUint32(b, 0x12560953) // the historic request magic
+	c.write(b)
+	c.expectClosed()
+
+	// A stream cut in the middle of a write payload.
+	c = connect(t, env.addr, "vol", false)
+	c.write(append(encodeRequest(0, cmdWrite, 2, 0, 4096), make([]byte, 100)...))
+	if err := c.nc.(interface{ CloseWrite() error }).CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	c.expectClosed()
+
+	if got := other.read(0, 8192); !bytes.Equal(got, pattern(8192, 4)) {
+		t.Fatal("other connection broken")
+	}
+	succeedsSoon(t, "protocol errors counted", func() bool { return env.srv.Stats().ProtocolErrorsTotal == 2 })
+	if !bytes.Equal(readFile(t, filepath.Join(env.dir, "vol"))[:8192], pattern(8192, 4)) {
+		t.Fatal("cut write changed the export")
+	}
+}
+
+func TestReadWriteTrimZeroes(t *testing.T) {
+	for _, structured := range []bool{false, true} {
+		t.Run(fmt.Sprintf("structured=%v", structured), func(t *testing.T) {
+			rec := &recorder{}
+			env := newTestEnv(t, func(c *Config) {})
+			env.exports.wrap = func(_ string, e Export) Export { return &recordingExport{Export: e, rec: rec} }
+			path := env.createExport("vol", testSize, nil)
+			c := connect(t, env.addr, "vol", structured)
+
+			data := pattern(256<<10, 9)
+			c.writeAt(0, 0, data)
+			c.writeAt(cmdFlagFUA, 256<<10, data)
+			if rec.flushes.Load() != 1 {
+				t.Fatalf("FUA write: %d flushes, want 1", rec.flushes.Load())
+			}
+			if got := c.read(0, 512<<10); !bytes.Equal(got, append(slices.Clone(data), data...)) {
+				t.Fatal("read back differs")
+			}
+			if r := c.do(0, cmdRead, 0, 0, nil); r.errno != 0 || len(r.data) != 0 {
+				t.Fatalf("zero-length read: %s", errnoName(r.errno))
+			}
+
+			// TRIM unmaps; the range reads as zeros.
+			if r := c.do(0, cmdTrim, 4096, 8192, nil); r.errno != 0 {
+				t.Fatalf("trim: %s", errnoName(r.errno))
+			}
+			// WRITE_ZEROES without NO_HOLE may unmap; with NO_HOLE it must write.
+			unmapsBefore, writesBefore := rec.unmaps.Load(), rec.writes.Load()
+			if r := c.do(0, cmdWriteZeroes, 65536, 65536, nil); r.errno != 0 {
+				t.Fatalf("write zeroes: %s", errnoName(r.errno))
+			}
+			if rec.unmaps.Load() != unmapsBefore+1 || rec.writes.Load() != writesBefore {
+				t.Fatal("WRITE_ZEROES without NO_HOLE did not unmap")
+			}
+			if r := c.do(cmdFlagNoHole|cmdFlagFUA, cmdWriteZeroes, 3<<20/4, 3<<20/16, nil); r.errno != 0 {
+				t.Fatalf("write zeroes no hole: %s", errnoName(r.errno))
+			}
+			if rec.unmaps.Load() != unmapsBefore+1 || rec.writes.Load() == writesBefore {
+				t.Fatal("WRITE_ZEROES with NO_HOLE unmapped instead of writing")
+			}
+			if r := c.do(0, cmdFlush, 0, 0, nil); r.errno != 0 {
+				t.Fatalf("flush: %s", errnoName(r.errno))
+			}
+
+			want := append(slices.Clone(data), data...)
+			clear(want[4096 : 4096+8192])
+			clear(want[65536 : 65536+65536])
+			want = append(want, make([]byte, testSize-len(want))...)
+			if got := c.read(0, testSize); !bytes.Equal(got, want) {
+				t.Fatal("export differs after trim and write zeroes")
+			}
+			c.send(0, cmdDisc, 0, 0, nil)
+			c.expectClosed()
+			if !bytes.Equal(readFile(t, path), want) {
+				t.Fatal("backing file differs")
+			}
+			st := env.srv.Stats()
+			if st.WritesTotal != 2 || st.WrittenBytesTotal != 512<<10 || st.TrimsTotal != 1 || st.WriteZeroesTotal != 2 || st.FlushesTotal != 1 || st.ReadsTotal != 3 {
+				t.Fatalf("stats %+v", st)
+			}
+		})
+	}
+}
+
+// TestBackendErrors checks that backend failures reach the client as the protocol's errors, with
+// structured replies reporting how much of a read succeeded, and that the connection goes on.
+func TestBackendErrors(t *testing.T) {
+	for _, structured := range []bool{false, true} {
+		t.Run(fmt.Sprintf("structured=%v", structured), func(t *testing.T) {
+			env := newTestEnv(t)
+			env.exports.wrap = func(_ string, e Export) Export { return &faultyExport{Export: e} }
+			env.createExport("vol", testSize, pattern(testSize, 5))
+			c := connect(t, env.addr, "vol", structured)
+
+			// The faulty export fails reads that reach 64 KiB after reading up to 4096+100 bytes.
+			r := c.do(0, cmdRead, 60<<10, 8192, nil)
+			if r.errno != errnoIO {
+				t.Fatalf("failing read: %s", errnoName(r.errno))
+			}
+			if structured {
+				// One data chunk with the whole blocks read, then the error at the first block not read.
+				if len(r.chunks) != 2 || r.chunks[0].typ != replyTypeOffsetData || r.chunks[0].flags&replyFlagDone != 0 ||
+					r.chunks[1].typ != replyTypeErrorOffset || r.chunks[1].flags&replyFlagDone == 0 {
+					t.Fatalf("chunks %+v", r.chunks)
+				}
+				if r.covered != 4096 || !bytes.Equal(r.data[:4096], pattern(testSize, 5)[60<<10:64<<10]) {
+					t.Fatalf("partial read covered %d bytes", r.covered)
+				}
+				if !slices.Equal(r.errOffs, []int64{64 << 10}) {
+					t.Fatalf("error offsets %v", r.errOffs)
+				}
+				if !strings.Contains(r.msg, "injected read fault") {
+					t.Fatalf("message %q", r.msg)
+				}
+			} else if r.data != nil {
+				t.Fatal("simple error reply carried data")
+			}
+			// Writes into the full region report ENOSPC, unmaps EIO.
+			if r := c.do(0, cmdWrite, 128<<10, 512, make([]byte, 512)); r.errno != errnoNoSpc {
+				t.Fatalf("write into full region: %s", errnoName(r.errno))
+			}
+			if r := c.do(0, cmdTrim, 128<<10, 512, nil); r.errno != errnoIO {
+				t.Fatalf("failing unmap: %s", errnoName(r.errno))
+			}
+			// A panicking backend fails its request and the connection, not the process.
+			if r := c.do(0, cmdRead, 256<<10, 512, nil); r.errno != errnoIO {
+				t.Fatalf("panicking read: %s", errnoName(r.errno))
+			}
+			c.expectClosed()
+			c = connect(t, env.addr, "vol", structured)
+			if got := c.read(0, 4096); !bytes.Equal(got, pattern(4096, 5)) {
+				t.Fatal("read on a new connection differs")
+			}
+		})
+	}
+}
+
+// TestRepliesOutOfOrder: a slow request does not hold back the replies of faster ones.
+func TestRepliesOutOfOrder(t *testing.T) {
+	env := newTestEnv(t)
+	gate := newGate()
+	env.exports.wrap = func(_ string, e Export) Export { return &gatedExport{Export: e, gate: gate, gatedOffset: 0} }
+	env.createExport("vol", testSize, pattern(testSize, 6))
+	c := connect(t, env.addr, "vol", true)
+
+	slow := c.send(0, cmdRead, 0, 4096, nil)
+	<-gate.entered
+	fast := c.send(0, cmdRead, 8192, 4096, nil)
+	r, err := c.recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.cookie != fast || !bytes.Equal(r.data, pattern(testSize, 6)[8192:12288]) {
+		t.Fatalf("first reply for cookie %#x, want the fast read %#x", r.cookie, fast)
+	}
+	close(gate.release)
+	r, err = c.recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.cookie != slow || !bytes.Equal(r.data, pattern(4096, 6)) {
+		t.Fatalf("second reply for cookie %#x, want the slow read %#x", r.cookie, slow)
+	}
+}
+
+// TestFlushWaitsForEarlierWrites: FLUSH reaches the backend only after every write received
+// before it has completed, and does not wait for writes received after it.
+func TestFlushWaitsForEarlierWrites(t *testing.T) {
+	env := newTestEnv(t)
+	rec := &recorder{}
+	early, late := newGate(), newGate()
+	env.exports.wrap = func(_ string, e Export) Export {
+		e = &recordingExport{Export: e, rec: rec}
+		e = &gatedExport{Export: e, gate: early, gatedOffset: 0}
+		return &gatedExport{Export: e, gate: late, gatedOffset: 8192}
+	}
+	path := env.createExport("vol", testSize, nil)
+	c := connect(t, env.addr, "vol", false)
+
+	w1 := c.send(0, cmdWrite, 0, 4096, pattern(4096, 1))
+	<-early.entered
+	flush := c.send(0, cmdFlush, 0, 0, nil)
+	w2 := c.send(0, cmdWrite, 8192, 4096, pattern(4096, 2))
+	<-late.entered
+	// The reader has dispatched the flush (requests are read in order); it must be waiting.
+	if n := rec.flushes.Load(); n != 0 {
+		t.Fatalf("flush reached the backend while an earlier write was running (%d)", n)
+	}
+	close(early.release)
+	got := map[uint64]bool{}
+	for range 2 {
+		r, err := c.recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.errno != 0 {
+			t.Fatalf("cookie %#x: %s", r.cookie, errnoName(r.errno))
+		}
+		got[r.cookie] = true
+	}
+	if !got[w1] || !got[flush] {
+		t.Fatalf("replies %v: want the first write and the flush while the later write is blocked", got)
+	}
+	if events := rec.log(); !slices.Equal(events, []string{"write 0", "flush"}) {
+		t.Fatalf("backend saw %q", events)
+	}
+	close(late.release)
+	if r, err := c.recv(); err != nil || r.cookie != w2 {
+		t.Fatalf("late write reply: %v", err)
+	}
+	c.send(0, cmdDisc, 0, 0, nil)
+	c.expectClosed()
+	b := readFile(t, path)
+	if !bytes.Equal(b[:4096], pattern(4096, 1)) || !bytes.Equal(b[8192:12288], pattern(4096, 2)) {
+		t.Fatal("file content")
+	}
+}
+
+// TestDisconnectCompletesInFlight: NBD_CMD_DISC lets the requests before it finish and answer.
+func TestDisconnectCompletesInFlight(t *testing.T) {
+	env := newTestEnv(t)
+	gate := newGate()
+	env.exports.wrap = func(_ string, e Export) Export { return &gatedExport{Export: e, gate: gate, gatedOffset: 0} }
+	path := env.createExport("vol", testSize, nil)
+	c := connect(t, env.addr, "vol", false)
+	w := c.send(0, cmdWrite, 0, 4096, pattern(4096, 8))
+	<-gate.entered
+	c.send(0, cmdDisc, 0, 0, nil)
+	close(gate.release)
+	r, err := c.recv()
+	if err != nil || r.cookie != w || r.errno != 0 {
+		t.Fatalf("write before disconnect: %v %+v", err, r)
+	}
+	c.expectClosed()
+	if !bytes.Equal(readFile(t, path)[:4096], pattern(4096, 8)) {
+		t.Fatal("write before disconnect lost")
+	}
+}
+
+// TestCloseCompletesInFlight: Close waits for the requests in flight and answers them.
+func TestCloseCompletesInFlight(t *testing.T) {
+	env := newTestEnv(t)
+	gate := newGate()
+	closed := make(chan struct{})
+	env.exports.wrap = func(_ string, e Export) Export {
+		return &gatedExport{Export: &closeNotifier{Export: e, closed: closed}, gate: gate, gatedOffset: 0}
+	}
+	path := env.createExport("vol", testSize, nil)
+	c := connect(t, env.addr, "vol", true)
+	handshaking := dial(t, env.addr, clientFlagFixedNewstyle)
+
+	w := c.send(cmdFlagFUA, cmdWrite, 0, 4096, pattern(4096, 9))
+	<-gate.entered
+	done := make(chan error)
+	go func() { done <- env.srv.Close() }()
+	handshaking.expectClosed()
+	select {
+	case <-closed:
+		t.Fatal("export closed while a request was in flight")
+	default:
+	}
+	close(gate.release)
+	r, err := c.recv()
+	if err != nil || r.cookie != w || r.errno != 0 {
+		t.Fatalf("in-flight write: %v %+v", err, r)
+	}
+	c.expectClosed()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	<-closed
+	if !bytes.Equal(readFile(t, path)[:4096], pattern(4096, 9)) {
+		t.Fatal("in-flight write lost")
+	}
+	if nc, err := net.Dial("tcp", env.addr); err == nil {
+		nc.Close()
+		t.Fatal("server still accepting after Close")
+	}
+}
+
+func TestInFlightLimit(t *testing.T) {
+	const limit = 4
+	env := newTestEnv(t, func(c *Config) { c.MaxInFlight = limit })
+	var mu sync.Mutex
+	var running, peak int
+	release := make(chan struct{})
+	entered := make(chan struct{}, 16)
+	env.exports.wrap = func(_ string, e Export) Export {
+		return &hookExport{Export: e, onRead: func() {
+			mu.Lock()
+			running++
+			peak = max(peak, running)
+			mu.Unlock()
+			entered <- struct{}{}
+			<-release
+			mu.Lock()
+			running--
+			mu.Unlock()
+		}}
+	}
+	env.createExport("vol", testSize, nil)
+	c := connect(t, env.addr, "vol", false)
+	for i := range 2 * limit {
+		c.send(0, cmdRead, uint64(i)*4096, 4096, nil)
+	}
+	for range limit {
+		<-entered
+	}
+	succeedsSoon(t, "in-flight gauge", func() bool { return env.srv.Stats().InFlight == limit })
+	close(release)
+	for range 2 * limit {
+		if r, err := c.recv(); err != nil || r.errno != 0 {
+			t.Fatalf("read: %v", err)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if peak != limit {
+		t.Fatalf("peak concurrency %d, want %d", peak, limit)
+	}
+}
+
+func TestOnRequestHook(t *testing.T) {
+	var mu sync.Mutex
+	var events []RequestEvent
+	env := newTestEnv(t, func(c *Config) {
+		c.OnRequest = func(e RequestEvent) {
+			mu.Lock()
+			events = append(events, e)
+			mu.Unlock()
+		}
+	})
+	env.createExport("vol", testSize, nil)
+	c := connect(t, env.addr, "vol", false)
+	c.writeAt(0, 4096, make([]byte, 4096))
+	c.do(0, cmdRead, 1, 512, nil)
+	mu.Lock()
+	defer mu.Unlock()
+	if len(events) != 2 || events[0].Command != "write" || events[0].Export != "vol" || events[0].Offset != 4096 ||
+		events[0].Length != 4096 || events[0].Errno != 0 || events[1].Command != "read" || events[1].Errno != errnoInval {
+		t.Fatalf("events %+v", events)
+	}
+}
+
+func TestNewServerValidatesConfig(t *testing.T) {
+	exports := staticExports{}
+	for name, cfg := range map[string]Config{
+		"no exports":        {},
+		"payload too small": {Exports: exports, MaxPayload: 1024},
+		"payload unaligned": {Exports: exports, MaxPayload: 4097},
+		"budget too small":  {Exports: exports, MaxPayload: 1 << 20, MaxInFlightBytes: 1 << 19},
+		"negative inflight": {Exports: exports, MaxInFlight: -1},
+		"bad default name":  {Exports: exports, DefaultExport: "a\x00b"},
+	} {
+		if _, err := NewServer(cfg); err == nil {
+			t.Errorf("%s: NewServer accepted %+v", name, cfg)
+		}
+	}
+	s, err := NewServer(Config{Exports: exports})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.ListenAndServe("127.0.0.1:0"); !errors.Is(err, ErrServerClosed) {
+		t.Fatalf("ListenAndServe after Close: %v", err)
+	}
+}
+
+// --- test doubles around the file backend ---
+
+// recorder counts and logs backend calls.
+type recorder struct {
+	writes, unmaps, flushes atomic.Int64
+	mu                      sync.Mutex
+	events                  []string
+}
+
+func (r *recorder) add(e string) {
+	r.mu.Lock()
+	r.events = append(r.events, e)
+	r.mu.Unlock()
+}
+
+func (r *recorder) log() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(r.events)
+}
+
+type recordingExport struct {
+	Export
+	rec *recorder
+}
+
+func (e *recordingExport) WriteAt(p []byte, off int64) (int, error) {
+	n, err := e.Export.WriteAt(p, off)
+	e.rec.writes.Add(1)
+	e.rec.add(fmt.Sprintf("write %d", off))
+	return n, err
+}
+
+func (e *recordingExport) UnmapAt(off, length int64) error {
+	err := e.Export.UnmapAt(off, length)
+	e.rec.unmaps.Add(1)
+	e.rec.add(fmt.Sprintf("unmap %d", off))
+	return err
+}
+
+func (e *recordingExport) Flush() error {
+	err := e.Export.Flush()
+	e.rec.flushes.Add(1)
+	e.rec.add("flush")
+	return err
+}
+
+// gate holds calls at one offset until released.
+type gate struct {
+	entered chan struct{}
+	release chan struct{}
+}
+
+func newGate() *gate { return &gate{entered: make(chan struct{}, 1), release: make(chan struct{})} }
+
+// gatedExport blocks reads and writes at gatedOffset until its gate is released.
+type gatedExport struct {
+	Export
+	gate        *gate
+	gatedOffset int64
+}
+
+func (e *gatedExport) hold(off int64) {
+	if off == e.gatedOffset {
+		e.gate.entered <- struct{}{}
+		<-e.gate.release
+	}
+}
+
+func (e *gatedExport) ReadAt(p []byte, off int64) (int, error) {
+	e.hold(off)
+	return e.Export.ReadAt(p, off)
+}
+
+func (e *gatedExport) WriteAt(p []byte, off int64) (int, error) {
+	e.hold(off)
+	return e.Export.WriteAt(p, off)
+}
+
+type hookExport struct {
+	Export
+	onRead func()
+}
+
+func (e *hookExport) ReadAt(p []byte, off int64) (int, error) {
+	e.onRead()
+	return e.Export.ReadAt(p, off)
+}
+
+type closeNotifier struct {
+	Export
+	closed chan struct{}
+}
+
+func (e *closeNotifier) Close() error {
+	err := e.Export.Close()
+	close(e.closed)
+	return err
+}
+
+// faultyExport injects failures: reads reaching [64 KiB, 128 KiB) return 4096+100 bytes and EIO,
+// writes at 128 KiB fail with ENOSPC, unmaps there with EIO, and a read at 256 KiB panics.
+type faultyExport struct{ Export }
+
+func (e *faultyExport) ReadAt(p []byte, off int64) (int, error) {
+	if off == 256<<10 {
+		panic("injected backend panic")
+	}
+	if off < 128<<10 && off+int64(len(p)) > 64<<10 {
+		n, _ := e.Export.ReadAt(p[:4096+100], off)
+		return n, fmt.Errorf("injected read fault: %w", syscall.EIO)
+	}
+	return e.Export.ReadAt(p, off)
+}
+
+func (e *faultyExport) WriteAt(p []byte, off int64) (int, error) {
+	if off == 128<<10 {
+		return 0, fmt.Errorf("injected: %w", syscall.ENOSPC)
+	}
+	return e.Export.WriteAt(p, off)
+}
+
+func (e *faultyExport) UnmapAt(off, length int64) error {
+	if off == 128<<10 {
+		return errors.New("injected unmap fault")
+	}
+	return e.Export.UnmapAt(off, length)
+}
