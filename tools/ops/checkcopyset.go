@@ -364,6 +364,7 @@ func judgeCopyset(c *mdspb.Copyset, replicas uint32, answers map[uint64]*memberA
 			h.add(reasonLogGap, "%s has applied %d, %d entries behind the furthest replica (allowed %d)", csName(loID, byID), lo, hi-lo, maxGap)
 		}
 	}
+	sort.Slice(chk.Replicas, func(i, j int) bool { return chk.Replicas[i].ChunkserverID < chk.Replicas[j].ChunkserverID })
 	chk.Healthy = h.ok()
 	chk.Reasons = append([]string{}, h.reasons...)
 	chk.Problems = append([]string{}, h.problems...)

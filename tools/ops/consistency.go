@@ -342,6 +342,7 @@ func (a *app) fanOut(ctx context.Context, t chunkTask, fn func(context.Context, 
 		}()
 	}
 	wg.Wait()
+	sort.Slice(out, func(i, j int) bool { return out[i].ChunkserverID < out[j].ChunkserverID })
 	return out
 }
 
