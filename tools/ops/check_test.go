@@ -2,12 +2,18 @@ package ops
 
 import (
 	"bytes"
+	"context"
 	"fmt"
+	"io"
 	"math/rand/v2"
+	"os"
 	"regexp"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
+
+	"golang.org/x/sys/unix"
 
 	"cairn.io/cairn/api/mdspb"
 )
@@ -248,5 +254,61 @@ func TestCheckCopyset(t *testing.T) {
 		if r.code != tc.code || !strings.Contains(r.stderr, tc.msg) {
 			t.Errorf("cairn-ops %s: exit %d, stderr %q; want exit %d and %q", strings.Join(tc.args, " "), r.code, r.stderr, tc.code, tc.msg)
 		}
+	}
+}
+
+// openPTY opens a pseudo-terminal pair: what the slave is written, the
+// master reads.
+func openPTY(t *testing.T) (master, slave *os.File) {
+	t.Helper()
+	m, err := os.OpenFile("/dev/ptmx", os.O_RDWR|syscall.O_NOCTTY, 0)
+	if err != nil {
+		t.Skipf("no pseudo-terminals here: %v", err)
+	}
+	if err := unix.IoctlSetPointerInt(int(m.Fd()), unix.TIOCSPTLCK, 0); err != nil {
+		t.Fatalf("unlock pty: %v", err)
+	}
+	n, err := unix.IoctlGetInt(int(m.Fd()), unix.TIOCGPTN)
+	if err != nil {
+		t.Fatalf("pty number: %v", err)
+	}
+	s, err := os.OpenFile(fmt.Sprintf("/dev/pts/%d", n), os.O_RDWR|syscall.O_NOCTTY, 0)
+	if err != nil {
+		t.Fatalf("open pty slave: %v", err)
+	}
+	t.Cleanup(func() { _ = m.Close(); _ = s.Close() })
+	return m, s
+}
+
+// TestCheckConsistencyProgressBar: with stderr on a terminal a progress bar
+// runs there; the report on stdout is the same as without it (the other
+// tests run with stderr in a buffer and see no bar).
+func TestCheckConsistencyProgressBar(t *testing.T) {
+	c := newReplicaCluster(t, 1)
+	c.volumeWithData(map[int]bool{3: true})
+	master, slave := openPTY(t)
+	var tty bytes.Buffer
+	read := make(chan struct{})
+	go func() {
+		defer close(read)
+		_, _ = io.Copy(&tty, master) // ends with EIO once the slave is closed
+	}()
+	var stdout bytes.Buffer
+	code := RunWithInput(context.Background(), []string{"--mds", c.mds.Addr(), "check", "consistency", "vol"}, strings.NewReader(""), &stdout, slave)
+	_ = slave.Close()
+	<-read
+	if code != ExitOK {
+		t.Fatalf("exit %d\n%s%s", code, stdout.String(), tty.String())
+	}
+	t.Logf("terminal: %q", tty.String())
+	if !strings.Contains(tty.String(), "checking vol") || !strings.Contains(tty.String(), "16/16") {
+		t.Errorf("no progress bar on the terminal: %q", tty.String())
+	}
+	if strings.Contains(stdout.String(), "checking vol") || !strings.Contains(stdout.String(), `volume "vol": CONSISTENT`) {
+		t.Errorf("stdout: %q", stdout.String())
+	}
+	r := c.run("check", "consistency", "vol")
+	if r.stderr != "" || r.stdout != stdout.String() {
+		t.Errorf("without a terminal: stderr %q, stdout %q (with one: %q)", r.stderr, r.stdout, stdout.String())
 	}
 }
