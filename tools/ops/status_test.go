@@ -11,6 +11,7 @@ import (
 	"cairn.io/cairn/api/commonpb"
 	"cairn.io/cairn/api/copysetpb"
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/mds"
 )
 
 func TestStatusHealthy(t *testing.T) {
@@ -355,5 +356,40 @@ func TestMDSCopysetHealthUnit(t *testing.T) {
 		if !slices.Equal(h.reasons, tc.want) {
 			t.Errorf("%s: reasons %v (%v), want %v", tc.name, h.reasons, h.problems, tc.want)
 		}
+	}
+}
+
+// TestStatusShowsFollowers runs a second MDS over the first one's etcd: it
+// follows, status names both, and a CLI given only the follower's address
+// is redirected to the leader.
+func TestStatusShowsFollowers(t *testing.T) {
+	c := newDoubleCluster(t, 3)
+	c.createPool(1)
+	cfg := testMDSConfig(t.TempDir())
+	cfg.EtcdEndpoints = c.mds.EtcdEndpoints()
+	follower, err := mds.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := follower.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(follower.Stop)
+
+	var m map[string]any
+	eventually(t, 20*time.Second, func() error {
+		r := runOps(t, "", "-o", "json", "--mds", follower.Addr(), "--timeout", "5s", "status")
+		if r.code != ExitOK {
+			return fmt.Errorf("exit %d: %s%s", r.code, r.stdout, r.stderr)
+		}
+		m = decodeJSON(t, r.stdout)
+		if n := jlen(t, m, "mds"); n != 2 {
+			return fmt.Errorf("%d MDS listed", n)
+		}
+		return nil
+	})
+	if jstr(t, m, "mds.0.address") != c.mds.Addr() || jstr(t, m, "mds.0.role") != "leader" ||
+		jstr(t, m, "mds.1.address") != follower.Addr() || jstr(t, m, "mds.1.role") != "follower" {
+		t.Errorf("mds %v", jget(t, m, "mds"))
 	}
 }
