@@ -536,6 +536,9 @@ func (p *Proposal) Wait(ctx context.Context) (appliedIndex uint64, err error) {
 // the request; the copyset refuses only when it does not lead. The data is
 // copied.
 func (c *Copyset) ProposeWrite(chunk, volume, epoch uint64, off int64, data []byte) (*Proposal, error) {
+	if int64(len(data)) > c.e.MaxWriteSize() {
+		return nil, fmt.Errorf("%w: %d bytes (limit %d)", ErrTooLarge, len(data), c.e.MaxWriteSize())
+	}
 	return c.proposeCommand(&command{op: opWrite, chunk: chunk, volume: volume, epoch: epoch, offset: uint64(off), data: data})
 }
 

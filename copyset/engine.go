@@ -137,6 +137,8 @@ var (
 	ErrConfChangeInProgress = errors.New("copyset: membership change in progress")
 	// ErrReadTimeout: the leader could not confirm its leadership in time.
 	ErrReadTimeout = errors.New("copyset: read index not confirmed")
+	// ErrTooLarge: a write is larger than MaxWriteSize.
+	ErrTooLarge = errors.New("copyset: write too large")
 )
 
 // NotLeaderError is returned when a replica does not lead its copyset.
@@ -340,6 +342,12 @@ func (e *Engine) WALStats() wal.Stats {
 
 // NodeID is the chunkserver's Raft node id.
 func (e *Engine) NodeID() uint64 { return e.cfg.NodeID }
+
+// MaxWriteSize is the largest write a copyset accepts: a quarter of a WAL
+// segment, so that a log record always fits a segment with room to spare.
+func (e *Engine) MaxWriteSize() int64 {
+	return e.cfg.Segments.FileSize()/4 - 4096
+}
 
 // Create creates a copyset with the given voting members (which must include
 // this node), or, with no peers, an empty replica that waits to be added by

@@ -11,6 +11,7 @@
 package main
 
 import (
+	"cairn.io/cairn/internal/units"
 	"context"
 	"errors"
 	"flag"
@@ -18,7 +19,6 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -120,33 +120,14 @@ func run(args []string) error {
 	return nil
 }
 
-// parseSize reads a byte count: a plain number or one with a KiB, MiB, GiB
-// or TiB suffix (K, M, G, T are read the same way).
+// parseSize reads a non-zero byte count such as 16MiB.
 func parseSize(s string) (uint64, error) {
-	units := []struct {
-		suffix string
-		mult   uint64
-	}{
-		{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"TiB", 1 << 40},
-		{"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}, {"T", 1 << 40},
-	}
-	mult := uint64(1)
-	num := strings.TrimSpace(s)
-	for _, u := range units {
-		if strings.HasSuffix(num, u.suffix) {
-			num, mult = strings.TrimSpace(strings.TrimSuffix(num, u.suffix)), u.mult
-			break
-		}
-	}
-	n, err := strconv.ParseUint(num, 10, 64)
+	n, err := units.ParseBytes(s)
 	if err != nil {
-		return 0, fmt.Errorf("size %q: %w", s, err)
+		return 0, err
 	}
 	if n == 0 {
 		return 0, errors.New("size is 0")
 	}
-	if n > (1<<64-1)/mult {
-		return 0, fmt.Errorf("size %q overflows", s)
-	}
-	return n * mult, nil
+	return n, nil
 }

@@ -1,0 +1,406 @@
+package chunkserver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"time"
+
+	"cairn.io/cairn/api/chunkpb"
+	"cairn.io/cairn/api/commonpb"
+	"cairn.io/cairn/chunkfilepool"
+	"cairn.io/cairn/chunkserver/datastore"
+	"cairn.io/cairn/copyset"
+)
+
+// chunkService serves chunk IO. Every outcome the chunkserver decides is a
+// Status in the response; gRPC errors are left to the transport.
+type chunkService struct {
+	chunkpb.UnimplementedChunkServiceServer
+	s *Server
+}
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// reqError is a refusal with its status and message.
+type reqError struct {
+	status chunkpb.Status
+	msg    string
+	leader *chunkpb.LeaderHint
+}
+
+func refuse(st chunkpb.Status, format string, args ...any) *reqError {
+	return &reqError{status: st, msg: fmt.Sprintf(format, args...)}
+}
+
+// admit takes an in-flight slot, or refuses with OVERLOAD at once.
+func (s *Server) admit() (release func(), e *reqError) {
+	if n := s.inflight.Add(1); n > int64(s.cfg.MaxInflight) {
+		s.inflight.Add(-1)
+		return nil, refuse(chunkpb.Status_STATUS_OVERLOAD, "%d requests in flight (limit %d)", n-1, s.cfg.MaxInflight)
+	}
+	return func() { s.inflight.Add(-1) }, nil
+}
+
+// lookup finds the copyset a request names.
+func (s *Server) lookup(ref *commonpb.CopysetRef, chunk uint64) (*copyset.Copyset, *reqError) {
+	if ref == nil {
+		return nil, refuse(chunkpb.Status_STATUS_INVALID_REQUEST, "request names no copyset")
+	}
+	if chunk == 0 {
+		return nil, refuse(chunkpb.Status_STATUS_INVALID_REQUEST, "request names no chunk (chunk id 0)")
+	}
+	id := copyset.MakeGroupID(ref.GetLogicalPoolId(), ref.GetCopysetId())
+	c, err := s.engine.Get(id)
+	if err != nil {
+		return nil, refuse(chunkpb.Status_STATUS_COPYSET_NOTEXIST, "copyset %s is not hosted on chunkserver %d", id, s.id.ChunkServerID)
+	}
+	return c, nil
+}
+
+// checkRange validates an IO range inside a chunk.
+func (s *Server) checkRange(off, length uint64, what string) *reqError {
+	bs, cs := uint64(s.geom.BlockSize), uint64(s.geom.ChunkSize)
+	switch {
+	case length == 0:
+		return refuse(chunkpb.Status_STATUS_INVALID_REQUEST, "%s of 0 bytes", what)
+	case off%bs != 0 || length%bs != 0:
+		return refuse(chunkpb.Status_STATUS_INVALID_REQUEST, "%s at offset %d, length %d is not aligned to %d bytes", what, off, length, bs)
+	case off >= cs || length > cs-off:
+		return refuse(chunkpb.Status_STATUS_INVALID_REQUEST, "%s at offset %d, length %d runs past the end of the %d-byte chunk", what, off, length, cs)
+	case length > uint64(s.cfg.MaxIOSize):
+		return refuse(chunkpb.Status_STATUS_INVALID_REQUEST, "%s of %d bytes is larger than the limit of %d", what, length, s.cfg.MaxIOSize)
+	}
+	return nil
+}
+
+// leaderHint names the copyset's leader for a redirect.
+func (s *Server) leaderHint(c *copyset.Copyset) *chunkpb.LeaderHint {
+	l := c.Leader()
+	if l == 0 {
+		return nil
+	}
+	addr := s.res.cached(l)
+	if addr == "" {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		addr, _ = s.res.Resolve(ctx, l)
+		cancel()
+	}
+	return &chunkpb.LeaderHint{ChunkserverId: l, Address: addr}
+}
+
+func (s *Server) notLeader(c *copyset.Copyset) *reqError {
+	e := refuse(chunkpb.Status_STATUS_REDIRECTED, "chunkserver %d does not lead copyset %s", s.id.ChunkServerID, c.ID())
+	e.leader = s.leaderHint(c)
+	if e.leader == nil {
+		e.status = chunkpb.Status_STATUS_UNAVAILABLE
+		e.msg = fmt.Sprintf("copyset %s has no leader right now", c.ID())
+	}
+	return e
+}
+
+// fromCopysetErr maps a copyset error to a refusal.
+func (s *Server) fromCopysetErr(c *copyset.Copyset, err error) *reqError {
+	switch {
+	case errors.Is(err, copyset.ErrNotLeader):
+		return s.notLeader(c)
+	case errors.Is(err, datastore.ErrChunkNotExist):
+		return refuse(chunkpb.Status_STATUS_CHUNK_NOTEXIST, "chunk does not exist")
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, copyset.ErrProposalLost),
+		errors.Is(err, copyset.ErrReadTimeout), errors.Is(err, copyset.ErrStopped):
+		return refuse(chunkpb.Status_STATUS_UNAVAILABLE, "copyset %s: %v", c.ID(), err)
+	case errors.Is(err, copyset.ErrTooLarge), errors.Is(err, datastore.ErrInvalidRange):
+		return refuse(chunkpb.Status_STATUS_INVALID_REQUEST, "%v", err)
+	case errors.Is(err, datastore.ErrNoSpace), errors.Is(err, chunkfilepool.ErrPoolEmpty):
+		return refuse(chunkpb.Status_STATUS_NOSPACE, "%v", err)
+	default:
+		return refuse(chunkpb.Status_STATUS_INTERNAL_ERROR, "copyset %s: %v", c.ID(), err)
+	}
+}
+
+// hasRoomForNewChunk reports whether a write creating a chunk may go ahead:
+// the pool keeps a reserve for the WAL unless it can still grow.
+func (s *Server) hasRoomForNewChunk() bool {
+	st := s.pool.Stats()
+	return st.Clean+st.Formatting > s.cfg.SpaceReserveChunks || st.Limit == ""
+}
+
+func chunkExists(c *copyset.Copyset, chunk uint64) bool {
+	ds, ok := c.Store().(*datastore.Store)
+	if !ok {
+		return true
+	}
+	_, err := ds.Info(chunk)
+	return !errors.Is(err, datastore.ErrChunkNotExist)
+}
+
+func (cs *chunkService) WriteChunk(ctx context.Context, req *chunkpb.WriteChunkRequest) (*chunkpb.WriteChunkResponse, error) {
+	s := cs.s
+	start := time.Now()
+	idx, e := s.writeChunk(ctx, req)
+	s.m.observe("write", start, statusOf(e))
+	resp := &chunkpb.WriteChunkResponse{AppliedIndex: idx}
+	if e != nil {
+		resp.Status, resp.Message, resp.Leader = e.status, e.msg, e.leader
+	}
+	return resp, nil
+}
+
+func (s *Server) writeChunk(ctx context.Context, req *chunkpb.WriteChunkRequest) (uint64, *reqError) {
+	release, e := s.admit()
+	if e != nil {
+		return 0, e
+	}
+	defer release()
+	c, e := s.lookup(req.GetCopyset(), req.GetChunkId())
+	if e != nil {
+		return 0, e
+	}
+	if e := s.checkRange(req.GetOffset(), uint64(len(req.GetData())), "write"); e != nil {
+		return 0, e
+	}
+	if req.GetVolumeId() == 0 {
+		return 0, refuse(chunkpb.Status_STATUS_INVALID_REQUEST, "write names no volume")
+	}
+	if !c.IsLeader() {
+		return 0, s.notLeader(c)
+	}
+	if !chunkExists(c, req.GetChunkId()) && !s.hasRoomForNewChunk() {
+		return 0, refuse(chunkpb.Status_STATUS_NOSPACE, "no chunk file left for a new chunk on chunkserver %d", s.id.ChunkServerID)
+	}
+	p, e := s.propose(c, req.GetVolumeId(), req.GetEpoch(), func() (*copyset.Proposal, error) {
+		return c.ProposeWrite(req.GetChunkId(), req.GetVolumeId(), req.GetEpoch(), int64(req.GetOffset()), req.GetData())
+	})
+	if e != nil {
+		return 0, e
+	}
+	wctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
+	defer cancel()
+	idx, err := p.Wait(wctx)
+	if err != nil {
+		return 0, s.fromCopysetErr(c, err)
+	}
+	return idx, nil
+}
+
+// propose checks the volume epoch and queues the proposal under the fencing
+// lock, so that an UpdateEpoch either precedes the check or follows the
+// proposal into the log.
+func (s *Server) propose(c *copyset.Copyset, volume, epoch uint64, f func() (*copyset.Proposal, error)) (*copyset.Proposal, *reqError) {
+	s.epochs.mu.RLock()
+	defer s.epochs.mu.RUnlock()
+	if !s.epochs.synced {
+		return nil, refuse(chunkpb.Status_STATUS_UNAVAILABLE, "chunkserver %d has not synced volume epochs with the MDS since it started", s.id.ChunkServerID)
+	}
+	if cur, ok := s.epochs.checkLocked(volume, epoch); !ok {
+		return nil, refuse(chunkpb.Status_STATUS_EPOCH_TOO_OLD, "volume %d is at epoch %d; request carries %d: another client opened the volume for writing", volume, cur, epoch)
+	}
+	p, err := f()
+	if err != nil {
+		return nil, s.fromCopysetErr(c, err)
+	}
+	return p, nil
+}
+
+func (cs *chunkService) ReadChunk(ctx context.Context, req *chunkpb.ReadChunkRequest) (*chunkpb.ReadChunkResponse, error) {
+	s := cs.s
+	start := time.Now()
+	data, e := s.readChunk(ctx, req)
+	s.m.observe("read", start, statusOf(e))
+	resp := &chunkpb.ReadChunkResponse{Data: data}
+	if e != nil {
+		resp.Status, resp.Message, resp.Leader, resp.Data = e.status, e.msg, e.leader, nil
+	}
+	return resp, nil
+}
+
+func (s *Server) readChunk(ctx context.Context, req *chunkpb.ReadChunkRequest) ([]byte, *reqError) {
+	release, e := s.admit()
+	if e != nil {
+		return nil, e
+	}
+	defer release()
+	c, e := s.lookup(req.GetCopyset(), req.GetChunkId())
+	if e != nil {
+		return nil, e
+	}
+	if e := s.checkRange(req.GetOffset(), req.GetLength(), "read"); e != nil {
+		return nil, e
+	}
+	if req.GetEpoch() != 0 {
+		s.epochs.mu.RLock()
+		cur, ok := s.epochs.checkLocked(req.GetVolumeId(), req.GetEpoch())
+		s.epochs.mu.RUnlock()
+		if !ok {
+			return nil, refuse(chunkpb.Status_STATUS_EPOCH_TOO_OLD, "volume %d is at epoch %d; request carries %d", req.GetVolumeId(), cur, req.GetEpoch())
+		}
+	}
+	if !c.IsLeader() {
+		return nil, s.notLeader(c)
+	}
+	rctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
+	defer cancel()
+	buf := make([]byte, req.GetLength())
+	if err := c.Read(rctx, req.GetChunkId(), int64(req.GetOffset()), buf); err != nil {
+		return nil, s.fromCopysetErr(c, err)
+	}
+	return buf, nil
+}
+
+func (cs *chunkService) DeleteChunk(ctx context.Context, req *chunkpb.DeleteChunkRequest) (*chunkpb.DeleteChunkResponse, error) {
+	s := cs.s
+	start := time.Now()
+	e := s.deleteChunk(ctx, req)
+	s.m.observe("delete", start, statusOf(e))
+	resp := &chunkpb.DeleteChunkResponse{}
+	if e != nil {
+		resp.Status, resp.Message, resp.Leader = e.status, e.msg, e.leader
+	}
+	return resp, nil
+}
+
+func (s *Server) deleteChunk(ctx context.Context, req *chunkpb.DeleteChunkRequest) *reqError {
+	release, e := s.admit()
+	if e != nil {
+		return e
+	}
+	defer release()
+	c, e := s.lookup(req.GetCopyset(), req.GetChunkId())
+	if e != nil {
+		return e
+	}
+	if !c.IsLeader() {
+		return s.notLeader(c)
+	}
+	p, e := s.propose(c, req.GetVolumeId(), req.GetEpoch(), func() (*copyset.Proposal, error) {
+		return c.ProposeDelete(req.GetChunkId(), req.GetVolumeId(), req.GetEpoch())
+	})
+	if e != nil {
+		return e
+	}
+	wctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
+	defer cancel()
+	if _, err := p.Wait(wctx); err != nil {
+		return s.fromCopysetErr(c, err)
+	}
+	return nil
+}
+
+func (cs *chunkService) GetChunkInfo(ctx context.Context, req *chunkpb.GetChunkInfoRequest) (*chunkpb.GetChunkInfoResponse, error) {
+	s := cs.s
+	resp := &chunkpb.GetChunkInfoResponse{}
+	c, e := s.lookup(req.GetCopyset(), req.GetChunkId())
+	if e == nil && !req.GetAnyReplica() {
+		rctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
+		if err := c.WaitReadable(rctx); err != nil {
+			e = s.fromCopysetErr(c, err)
+		}
+		cancel()
+	}
+	if e != nil {
+		resp.Status, resp.Message, resp.Leader = e.status, e.msg, e.leader
+		return resp, nil
+	}
+	resp.AppliedIndex = c.AppliedIndex()
+	ds, ok := c.Store().(*datastore.Store)
+	if !ok {
+		resp.Status, resp.Message = chunkpb.Status_STATUS_INTERNAL_ERROR, "chunk store does not report chunk info"
+		return resp, nil
+	}
+	info, err := ds.Info(req.GetChunkId())
+	switch {
+	case errors.Is(err, datastore.ErrChunkNotExist):
+		resp.Status, resp.Message = chunkpb.Status_STATUS_CHUNK_NOTEXIST, "chunk does not exist"
+	case err != nil:
+		resp.Status, resp.Message = chunkpb.Status_STATUS_INTERNAL_ERROR, err.Error()
+	default:
+		resp.Exists, resp.Size, resp.Sn, resp.CorrectedSn = true, uint64(info.Size), info.SN, info.CorrectedSN
+	}
+	return resp, nil
+}
+
+// GetChunkHash answers from this replica, whatever its role, with the
+// applied index the hash was taken at.
+func (cs *chunkService) GetChunkHash(ctx context.Context, req *chunkpb.GetChunkHashRequest) (*chunkpb.GetChunkHashResponse, error) {
+	s := cs.s
+	resp := &chunkpb.GetChunkHashResponse{}
+	c, e := s.lookup(req.GetCopyset(), req.GetChunkId())
+	length := req.GetLength()
+	if e == nil {
+		if length == 0 && req.GetOffset() < uint64(s.geom.ChunkSize) {
+			length = uint64(s.geom.ChunkSize) - req.GetOffset()
+		}
+		e = s.checkRangeNoCap(req.GetOffset(), length)
+	}
+	if e != nil {
+		resp.Status, resp.Message = e.status, e.msg
+		return resp, nil
+	}
+	ds, ok := c.Store().(*datastore.Store)
+	if !ok {
+		resp.Status, resp.Message = chunkpb.Status_STATUS_INTERNAL_ERROR, "chunk store does not hash"
+		return resp, nil
+	}
+	// Take the hash between two equal readings of the applied index so
+	// that it describes exactly that index.
+	for attempt := 0; ; attempt++ {
+		before := c.AppliedIndex()
+		sum, err := ds.Hash(req.GetChunkId(), int64(req.GetOffset()), int64(length))
+		exists := true
+		if errors.Is(err, datastore.ErrChunkNotExist) {
+			sum, err, exists = zeroCRC(length), nil, false
+		}
+		if err != nil {
+			resp.Status, resp.Message = chunkpb.Status_STATUS_INTERNAL_ERROR, err.Error()
+			return resp, nil
+		}
+		if c.AppliedIndex() == before || attempt == 20 || ctx.Err() != nil {
+			resp.Crc32C, resp.Exists, resp.AppliedIndex = sum, exists, before
+			if c.AppliedIndex() != before {
+				resp.Status, resp.Message = chunkpb.Status_STATUS_UNAVAILABLE, "copyset kept applying while the chunk was hashed; retry when writes pause"
+			}
+			return resp, nil
+		}
+	}
+}
+
+func (s *Server) checkRangeNoCap(off, length uint64) *reqError {
+	bs, cs := uint64(s.geom.BlockSize), uint64(s.geom.ChunkSize)
+	if off%bs != 0 || length%bs != 0 || off >= cs || length > cs-off {
+		return refuse(chunkpb.Status_STATUS_INVALID_REQUEST, "range at offset %d, length %d is not an aligned range of the %d-byte chunk", off, length, cs)
+	}
+	return nil
+}
+
+// zeroCRC is the CRC32C of n zero bytes: a missing chunk reads as zeros.
+func zeroCRC(n uint64) uint32 {
+	var zero [64 << 10]byte
+	crc := uint32(0)
+	for n > 0 {
+		k := min(n, uint64(len(zero)))
+		crc = crc32.Update(crc, castagnoli, zero[:k])
+		n -= k
+	}
+	return crc
+}
+
+func (cs *chunkService) UpdateEpoch(ctx context.Context, req *chunkpb.UpdateEpochRequest) (*chunkpb.UpdateEpochResponse, error) {
+	s := cs.s
+	if req.GetVolumeId() == 0 {
+		return &chunkpb.UpdateEpochResponse{Status: chunkpb.Status_STATUS_INVALID_REQUEST, Message: "no volume id"}, nil
+	}
+	cur, err := s.epochs.raise(req.GetVolumeId(), req.GetEpoch())
+	if err != nil {
+		return &chunkpb.UpdateEpochResponse{Status: chunkpb.Status_STATUS_INTERNAL_ERROR, Message: err.Error(), Epoch: cur}, nil
+	}
+	s.log.Info("volume epoch updated", "volume", req.GetVolumeId(), "epoch", cur)
+	return &chunkpb.UpdateEpochResponse{Epoch: cur}, nil
+}
+
+func statusOf(e *reqError) chunkpb.Status {
+	if e == nil {
+		return chunkpb.Status_STATUS_OK
+	}
+	return e.status
+}

@@ -1,0 +1,29 @@
+// Package chunkserver is the chunkserver daemon's core: it hosts a
+// chunkserver's copysets and serves them over gRPC.
+//
+// A chunkserver owns one data directory (one disk in production):
+//
+//	<data>/identity.json   chunkserver id and token from the MDS, and the
+//	                       zone/host/pool it registered with
+//	<data>/epochs.json     the volume epoch table (fencing)
+//	<data>/chunkfilepool/  the preformatted chunk file pool
+//	<data>/engine/         the copyset engine: shared WAL, copysets, trash
+//
+// On start it opens the chunk file pool (geometry from its flags, or asked
+// from the MDS on first start), registers with the MDS (re-using its
+// persisted identity), opens the copyset engine (package copyset), and serves
+// three gRPC services on one address: ChunkService for clients,
+// CopysetService for the MDS and tools, and the Raft transport for its peers.
+// It heartbeats to the MDS every few seconds with its capacity and the status
+// of every copyset it hosts, and carries out the operators the MDS returns
+// (transfer leader, add or remove a replica) when their configuration epoch
+// still matches.
+//
+// Every chunk request is checked before it reaches Raft: a missing or
+// unknown copyset, alignment and bounds (INVALID_REQUEST), the volume epoch
+// (EPOCH_TOO_OLD), leadership (REDIRECTED with the leader's id and address),
+// space (NOSPACE) and a cap on requests in flight (OVERLOAD, answered at
+// once). The epoch check and the proposal happen under one lock that
+// UpdateEpoch takes exclusively, so a fenced write is ordered before every
+// write of the new opener or not written at all.
+package chunkserver

@@ -1,0 +1,217 @@
+package chunkserver
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"cairn.io/cairn/api/commonpb"
+	"cairn.io/cairn/api/copysetpb"
+	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/copyset"
+)
+
+// heartbeatLoop reports to the MDS every interval and acts on its answer.
+func (s *Server) heartbeatLoop() {
+	defer s.wg.Done()
+	t := time.NewTimer(0)
+	defer t.Stop()
+	failures := 0
+	for {
+		select {
+		case <-s.stop:
+			return
+		case <-t.C:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), max(2*s.hbEvery, 5*time.Second))
+		err := s.heartbeat(ctx)
+		cancel()
+		if err != nil {
+			failures++
+			if failures == 1 || failures%10 == 0 {
+				s.log.Warn("heartbeat to the MDS failed", "err", err, "failures", failures)
+			}
+		} else {
+			if failures > 0 {
+				s.log.Info("heartbeats to the MDS resumed", "after_failures", failures)
+			}
+			failures = 0
+		}
+		t.Reset(s.hbEvery)
+	}
+}
+
+// heartbeat sends one heartbeat and handles the reply.
+func (s *Server) heartbeat(ctx context.Context) error {
+	req := &mdspb.HeartbeatRequest{
+		ChunkserverId:     s.id.ChunkServerID,
+		Token:             s.id.Token,
+		Address:           s.addr,
+		Capacity:          s.capacity(),
+		EpochTableVersion: s.epochs.currentVersion(),
+	}
+	leaders := 0
+	for _, c := range s.engine.List() {
+		sctx, cancel := context.WithTimeout(ctx, time.Second)
+		st, err := c.Status(sctx)
+		cancel()
+		if err != nil {
+			continue
+		}
+		if st.Role == copyset.RoleLeader {
+			leaders++
+		}
+		req.Copysets = append(req.Copysets, &mdspb.CopysetReport{Status: s.statusProto(st)})
+	}
+	s.m.copysets.Set(float64(len(req.Copysets)))
+	s.m.leaders.Set(float64(leaders))
+	resp, err := s.mds.Heartbeats().Heartbeat(ctx, req)
+	if err != nil {
+		return err
+	}
+	if len(resp.GetEpochs()) > 0 || resp.GetEpochTableVersion() > req.GetEpochTableVersion() {
+		table := make(map[uint64]uint64, len(resp.GetEpochs()))
+		for _, ve := range resp.GetEpochs() {
+			table[ve.GetVolumeId()] = ve.GetEpoch()
+		}
+		if err := s.epochs.merge(resp.GetEpochTableVersion(), table); err != nil {
+			return err
+		}
+	} else {
+		s.epochs.markSynced()
+	}
+	for _, op := range resp.GetOperators() {
+		s.startOperator(op)
+	}
+	for _, ref := range resp.GetRemoveCopysets() {
+		s.removeCopyset(ref)
+	}
+	return nil
+}
+
+// capacity reports the disk and the pool.
+func (s *Server) capacity() *mdspb.Capacity {
+	c := &mdspb.Capacity{}
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(s.cfg.DataDir, &st); err == nil {
+		c.DiskTotalBytes = st.Blocks * uint64(st.Bsize)
+		c.DiskFreeBytes = st.Bavail * uint64(st.Bsize)
+	}
+	if s.pool != nil {
+		ps := s.pool.Stats()
+		c.PoolFreeChunks = uint64(ps.Clean)
+		c.PoolUsedChunks = uint64(ps.InUse)
+		c.PoolTargetChunks = uint64(ps.Target)
+		c.FormatPercent = uint32(ps.FormatPercent)
+		if ps.Limit == "" && s.cfg.PoolMaxBytes > 0 {
+			// The pool grows on demand: count what it may still format.
+			if room := int(s.cfg.PoolMaxBytes/ps.FileSize) - ps.Owned; room > 0 {
+				c.PoolFreeChunks += uint64(room)
+				c.PoolTargetChunks = uint64(s.cfg.PoolMaxBytes / ps.FileSize)
+			}
+		}
+	}
+	return c
+}
+
+// startOperator carries out an MDS operator in the background, one per
+// copyset at a time; the MDS repeats it until the copyset reports it done.
+func (s *Server) startOperator(op *mdspb.Operator) {
+	ref := op.GetCopyset()
+	id := copyset.MakeGroupID(ref.GetLogicalPoolId(), ref.GetCopysetId())
+	c, err := s.engine.Get(id)
+	if err != nil || !c.IsLeader() {
+		return
+	}
+	s.opsMu.Lock()
+	if s.opsActive[id] {
+		s.opsMu.Unlock()
+		return
+	}
+	s.opsActive[id] = true
+	s.opsMu.Unlock()
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		defer func() {
+			s.opsMu.Lock()
+			delete(s.opsActive, id)
+			s.opsMu.Unlock()
+		}()
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		go func() {
+			select {
+			case <-s.stop:
+				cancel()
+			case <-ctx.Done():
+			}
+		}()
+		target := op.GetTarget().GetChunkserverId()
+		s.res.hint(target, op.GetTarget().GetAddress())
+		log := s.log.With("copyset", id.String(), "operator", op.GetKind().String(), "target", target, "conf_epoch", op.GetConfEpoch())
+		var err error
+		switch op.GetKind() {
+		case mdspb.OperatorKind_OPERATOR_KIND_TRANSFER_LEADER:
+			err = c.TransferLeader(ctx, target, op.GetConfEpoch())
+		case mdspb.OperatorKind_OPERATOR_KIND_ADD_PEER:
+			if err = s.prepareNewReplica(ctx, id, target); err == nil {
+				err = c.AddPeer(ctx, target, op.GetConfEpoch())
+			}
+		case mdspb.OperatorKind_OPERATOR_KIND_REMOVE_PEER:
+			err = c.RemovePeer(ctx, target, op.GetConfEpoch())
+		default:
+			log.Warn("unknown operator ignored")
+			return
+		}
+		switch {
+		case errors.Is(err, copyset.ErrStaleEpoch):
+			log.Info("operator refused: the copyset's configuration changed since the MDS computed it", "err", err)
+		case err != nil:
+			log.Warn("operator failed", "err", err)
+		default:
+			log.Info("operator done")
+		}
+	}()
+}
+
+// prepareNewReplica asks the target chunkserver to create an empty replica
+// that the leader then fills with a snapshot.
+func (s *Server) prepareNewReplica(ctx context.Context, id copyset.GroupID, target uint64) error {
+	addr, err := s.res.Resolve(ctx, target)
+	if err != nil {
+		return err
+	}
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	_, err = copysetpb.NewCopysetServiceClient(conn).CreateCopysets(ctx, &copysetpb.CreateCopysetsRequest{
+		Copysets: []*copysetpb.CopysetSpec{{Copyset: &commonpb.CopysetRef{LogicalPoolId: id.Pool(), CopysetId: id.Copyset()}}},
+	})
+	return err
+}
+
+// removeCopyset moves a copyset the MDS no longer places here to the trash,
+// unless its own configuration still names this chunkserver.
+func (s *Server) removeCopyset(ref *commonpb.CopysetRef) {
+	id := copyset.MakeGroupID(ref.GetLogicalPoolId(), ref.GetCopysetId())
+	c, err := s.engine.Get(id)
+	if err != nil {
+		return
+	}
+	cs := c.ConfState()
+	if slices.Contains(cs.GetVoters(), s.id.ChunkServerID) || slices.Contains(cs.GetLearners(), s.id.ChunkServerID) {
+		s.log.Warn("MDS asked to remove a copyset whose configuration still includes this chunkserver; keeping it", "copyset", id)
+		return
+	}
+	if err := s.engine.Remove(id); err != nil {
+		s.log.Error("removing copyset", "copyset", id, "err", err)
+	}
+}

@@ -1,0 +1,88 @@
+package chunkserver
+
+import (
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"cairn.io/cairn/api/chunkpb"
+	"cairn.io/cairn/copyset/wal"
+)
+
+// metrics are the chunkserver's Prometheus metrics, on a registry of its own
+// so that several chunkservers can run in one process (tests).
+type metrics struct {
+	requests   *prometheus.CounterVec
+	latency    *prometheus.HistogramVec
+	walSync    prometheus.Histogram
+	walEntries prometheus.Histogram
+	walBatch   prometheus.Histogram
+	copysets   prometheus.Gauge
+	leaders    prometheus.Gauge
+	reg        *prometheus.Registry
+}
+
+func newMetrics(reg *prometheus.Registry) *metrics {
+	m := &metrics{
+		reg: reg,
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cairn_chunkserver_requests_total", Help: "Chunk requests by operation and status.",
+		}, []string{"op", "status"}),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "cairn_chunkserver_request_seconds", Help: "Chunk request latency by operation.",
+			Buckets: prometheus.ExponentialBuckets(50e-6, 2, 16),
+		}, []string{"op"}),
+		walSync: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "cairn_chunkserver_wal_fsync_seconds", Help: "Latency of the shared WAL's fdatasync.",
+			Buckets: prometheus.ExponentialBuckets(50e-6, 2, 16),
+		}),
+		walEntries: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "cairn_chunkserver_wal_entries_per_fsync", Help: "Raft entries made durable by one WAL fdatasync (group commit).",
+			Buckets: prometheus.ExponentialBuckets(1, 2, 12),
+		}),
+		walBatch: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "cairn_chunkserver_wal_copysets_per_fsync", Help: "Copyset submissions in one WAL fdatasync.",
+			Buckets: prometheus.ExponentialBuckets(1, 2, 12),
+		}),
+		copysets: prometheus.NewGauge(prometheus.GaugeOpts{Name: "cairn_chunkserver_copysets", Help: "Copysets hosted."}),
+		leaders:  prometheus.NewGauge(prometheus.GaugeOpts{Name: "cairn_chunkserver_leaders", Help: "Copysets this chunkserver leads."}),
+	}
+	reg.MustRegister(m.requests, m.latency, m.walSync, m.walEntries, m.walBatch, m.copysets, m.leaders,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+// register adds the metrics read from the running server's parts.
+func (m *metrics) register(s *Server) {
+	gauge := func(name, help string, f func() float64) prometheus.Collector {
+		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, f)
+	}
+	counter := func(name, help string, f func() float64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help}, f)
+	}
+	m.reg.MustRegister(
+		gauge("cairn_chunkserver_pool_free_chunks", "Clean preformatted chunk files ready for use.", func() float64 { return float64(s.pool.Stats().Clean) }),
+		gauge("cairn_chunkserver_pool_used_chunks", "Chunk files in use (chunks and WAL segments).", func() float64 { return float64(s.pool.Stats().InUse) }),
+		gauge("cairn_chunkserver_pool_format_percent", "How far the chunk file pool's formatting has come.", func() float64 { return float64(s.pool.Stats().FormatPercent) }),
+		gauge("cairn_chunkserver_wal_segments", "Segments held by the shared WAL.", func() float64 { return float64(s.engine.WALStats().Segments) }),
+		gauge("cairn_chunkserver_requests_inflight", "Chunk requests in flight.", func() float64 { return float64(s.inflight.Load()) }),
+		counter("cairn_chunkserver_raft_messages_sent_total", "Raft messages sent (heartbeats excluded).", func() float64 { return float64(s.engine.TransportStats().MessagesSent) }),
+		counter("cairn_chunkserver_raft_messages_received_total", "Raft messages received (heartbeats excluded).", func() float64 { return float64(s.engine.TransportStats().MessagesReceived) }),
+		counter("cairn_chunkserver_raft_heartbeats_sent_total", "Coalesced Raft heartbeats sent.", func() float64 { return float64(s.engine.TransportStats().HeartbeatsSent) }),
+		counter("cairn_chunkserver_raft_heartbeats_received_total", "Coalesced Raft heartbeats received.", func() float64 { return float64(s.engine.TransportStats().HeartbeatsReceived) }),
+		counter("cairn_chunkserver_raft_batches_sent_total", "Raft batches sent to peers.", func() float64 { return float64(s.engine.TransportStats().BatchesSent) }),
+		counter("cairn_chunkserver_raft_messages_dropped_total", "Raft messages dropped (queue full or peer unreachable).", func() float64 { return float64(s.engine.TransportStats().Dropped) }),
+	)
+}
+
+func (m *metrics) observe(op string, start time.Time, st chunkpb.Status) {
+	m.requests.WithLabelValues(op, st.String()).Inc()
+	m.latency.WithLabelValues(op).Observe(time.Since(start).Seconds())
+}
+
+func (m *metrics) observeWALSync(si wal.SyncInfo) {
+	m.walSync.Observe(si.Duration.Seconds())
+	m.walEntries.Observe(float64(si.Entries))
+	m.walBatch.Observe(float64(si.Groups))
+}

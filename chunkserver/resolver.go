@@ -1,0 +1,76 @@
+package chunkserver
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"time"
+
+	"cairn.io/cairn/api/mdspb"
+)
+
+// resolver maps chunkserver ids to addresses through the MDS topology, with
+// a short cache: peers may come back on another address after a restart.
+type resolver struct {
+	topo mdspb.TopologyServiceClient
+	self uint64
+	addr string
+	ttl  time.Duration
+
+	mu    sync.Mutex
+	cache map[uint64]cachedAddr
+}
+
+type cachedAddr struct {
+	addr string
+	at   time.Time
+}
+
+func newResolver(conn interface {
+	Topology() mdspb.TopologyServiceClient
+}, self uint64, addr string) *resolver {
+	return &resolver{topo: conn.Topology(), self: self, addr: addr, ttl: 5 * time.Second, cache: map[uint64]cachedAddr{}}
+}
+
+// Resolve implements transport.Resolver.
+func (r *resolver) Resolve(ctx context.Context, id uint64) (string, error) {
+	if id == r.self {
+		return r.addr, nil
+	}
+	r.mu.Lock()
+	c, ok := r.cache[id]
+	r.mu.Unlock()
+	if ok && time.Since(c.at) < r.ttl {
+		return c.addr, nil
+	}
+	resp, err := r.topo.GetChunkServer(ctx, &mdspb.GetChunkServerRequest{ChunkserverId: id})
+	if err != nil {
+		if ok {
+			return c.addr, nil // the MDS is away: keep using what we knew
+		}
+		return "", fmt.Errorf("resolve chunkserver %d: %w", id, err)
+	}
+	addr := resp.GetChunkserver().GetAddress()
+	r.hint(id, addr)
+	return addr, nil
+}
+
+// hint records an address learned elsewhere (copyset creation requests).
+func (r *resolver) hint(id uint64, addr string) {
+	if id == 0 || addr == "" || id == r.self {
+		return
+	}
+	r.mu.Lock()
+	r.cache[id] = cachedAddr{addr: addr, at: time.Now()}
+	r.mu.Unlock()
+}
+
+// cached returns a known address without asking the MDS ("" if none).
+func (r *resolver) cached(id uint64) string {
+	if id == r.self {
+		return r.addr
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.cache[id].addr
+}

@@ -1,0 +1,483 @@
+package chunkserver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"google.golang.org/grpc"
+
+	"cairn.io/cairn/api/chunkpb"
+	"cairn.io/cairn/api/copysetpb"
+	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/chunkfilepool"
+	"cairn.io/cairn/chunkserver/datastore"
+	"cairn.io/cairn/copyset"
+	"cairn.io/cairn/copyset/transport"
+	"cairn.io/cairn/mds/mdsclient"
+)
+
+// Config configures a chunkserver. Zero values take the defaults named.
+type Config struct {
+	// DataDir is the chunkserver's data directory (one disk). Required.
+	DataDir string
+	// ListenAddr is the gRPC address for clients and peers; default
+	// 127.0.0.1:8200. Port 0 picks a free port (see Addr).
+	ListenAddr string
+	// AdvertiseAddr is the address registered with the MDS; default the
+	// bound listen address.
+	AdvertiseAddr string
+	// MetricsAddr serves /metrics and /healthz; default 127.0.0.1:9200; "-"
+	// disables it.
+	MetricsAddr string
+	// MDSAddrs are the MDS addresses (several for HA). Required.
+	MDSAddrs []string
+	// Zone (failure domain) and Hostname identify where this disk sits;
+	// PhysicalPool names the pool it joins (default "pool1"). Hostname
+	// defaults to the machine's host name.
+	Zone, Hostname, PhysicalPool string
+
+	// Chunk geometry. Zero asks the MDS for the cluster's constants when the
+	// pool is first formatted; afterwards the pool's recorded geometry rules
+	// and the MDS refuses a chunkserver whose geometry differs.
+	ChunkSize, MetaPageSize, BlockSize int64
+	// PoolInitialBytes is formatted in the background at start (default
+	// 1 GiB); the pool grows on demand up to PoolMaxBytes (0: until the disk
+	// keeps only PoolReserveBytes free, default 1 GiB).
+	PoolInitialBytes, PoolMaxBytes, PoolReserveBytes int64
+	// FormatBytesPerSec throttles formatting (0: unlimited).
+	FormatBytesPerSec int64
+
+	// MaxIOSize caps a request's payload (default 4 MiB, and never more
+	// than the copysets accept: a quarter of a chunk file).
+	MaxIOSize int64
+	// MaxInflight caps chunk requests in flight; beyond it requests get
+	// OVERLOAD at once (default 512).
+	MaxInflight int
+	// RequestTimeout bounds a write's wait for its quorum (default 5s).
+	RequestTimeout time.Duration
+	// SpaceReserveChunks: writes that need a new chunk are refused with
+	// NOSPACE when fewer clean pool files than this remain and the pool
+	// cannot grow (default 8; they are kept for the WAL).
+	SpaceReserveChunks int
+
+	// Raft tuning (defaults from package copyset).
+	TickInterval        time.Duration
+	ElectionTicks       int
+	SnapshotBytesPerSec int64
+	// TrashExpiry is how long a removed copyset stays in the trash (default
+	// 24h).
+	TrashExpiry time.Duration
+	// HeartbeatInterval overrides the interval the MDS asks for.
+	HeartbeatInterval time.Duration
+
+	// Faults injects Raft network faults (tests only).
+	Faults *transport.Faults
+	Logger *slog.Logger
+}
+
+func (c *Config) setDefaults() error {
+	if c.DataDir == "" {
+		return errors.New("chunkserver: no data directory")
+	}
+	if len(c.MDSAddrs) == 0 {
+		return errors.New("chunkserver: no MDS address")
+	}
+	if c.Zone == "" {
+		return errors.New("chunkserver: no zone: every chunkserver names its failure domain")
+	}
+	if c.ListenAddr == "" {
+		c.ListenAddr = "127.0.0.1:8200"
+	}
+	if c.MetricsAddr == "" {
+		c.MetricsAddr = "127.0.0.1:9200"
+	}
+	if c.Hostname == "" {
+		h, err := os.Hostname()
+		if err != nil {
+			return fmt.Errorf("chunkserver: host name: %w", err)
+		}
+		c.Hostname = h
+	}
+	if c.PhysicalPool == "" {
+		c.PhysicalPool = "pool1"
+	}
+	if c.PoolInitialBytes == 0 {
+		c.PoolInitialBytes = 1 << 30
+	}
+	if c.PoolReserveBytes == 0 {
+		c.PoolReserveBytes = 1 << 30
+	}
+	if c.MaxIOSize == 0 {
+		c.MaxIOSize = 4 << 20
+	}
+	if c.MaxInflight == 0 {
+		c.MaxInflight = 512
+	}
+	if c.RequestTimeout == 0 {
+		c.RequestTimeout = 5 * time.Second
+	}
+	if c.SpaceReserveChunks == 0 {
+		c.SpaceReserveChunks = 8
+	}
+	if c.TrashExpiry == 0 {
+		c.TrashExpiry = 24 * time.Hour
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	return nil
+}
+
+// Server is a running chunkserver.
+type Server struct {
+	cfg Config
+	log *slog.Logger
+
+	mds    *mdsclient.Conn
+	pool   *chunkfilepool.Pool
+	files  *datastore.FileCache
+	engine *copyset.Engine
+	epochs *epochTable
+	res    *resolver
+	id     *identity
+	geom   chunkfilepool.Geometry
+
+	grpc    *grpc.Server
+	lis     net.Listener
+	addr    string
+	http    *http.Server
+	httpLis net.Listener
+	reg     *prometheus.Registry
+	m       *metrics
+
+	inflight  atomic.Int64
+	hbEvery   time.Duration
+	opsMu     sync.Mutex
+	opsActive map[copyset.GroupID]bool
+
+	stop    chan struct{}
+	wg      sync.WaitGroup
+	stopped atomic.Bool
+}
+
+// New prepares a chunkserver; Start brings it up.
+func New(cfg Config) (*Server, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	return &Server{
+		cfg:       cfg,
+		log:       cfg.Logger.With("component", "chunkserver"),
+		stop:      make(chan struct{}),
+		opsActive: map[copyset.GroupID]bool{},
+	}, nil
+}
+
+// Start opens the data directory, registers with the MDS, recovers the
+// copysets and serves. It returns once the chunkserver serves.
+func (s *Server) Start(ctx context.Context) (err error) {
+	defer func() {
+		if err != nil {
+			s.closeAll()
+		}
+	}()
+	if err := os.MkdirAll(s.cfg.DataDir, 0o755); err != nil {
+		return fmt.Errorf("chunkserver: create data dir: %w", err)
+	}
+	s.mds, err = mdsclient.Dial(s.cfg.MDSAddrs, mdsclient.Options{Logger: s.cfg.Logger})
+	if err != nil {
+		return fmt.Errorf("chunkserver: connect to MDS: %w", err)
+	}
+	if s.epochs, err = openEpochTable(s.cfg.DataDir); err != nil {
+		return fmt.Errorf("chunkserver: %w", err)
+	}
+	if s.id, err = loadIdentity(s.cfg.DataDir); err != nil {
+		return fmt.Errorf("chunkserver: %w", err)
+	}
+	if s.id != nil && (s.id.Zone != s.cfg.Zone || s.id.PhysicalPool != s.cfg.PhysicalPool) {
+		return fmt.Errorf("chunkserver: %s was registered in zone %q, physical pool %q; it cannot move to zone %q, pool %q",
+			s.cfg.DataDir, s.id.Zone, s.id.PhysicalPool, s.cfg.Zone, s.cfg.PhysicalPool)
+	}
+	consts, err := s.clusterConstants(ctx)
+	if err != nil {
+		return err
+	}
+	if err := s.openPool(consts); err != nil {
+		return err
+	}
+	s.lis, err = net.Listen("tcp", s.cfg.ListenAddr)
+	if err != nil {
+		return fmt.Errorf("chunkserver: listen on %s: %w", s.cfg.ListenAddr, err)
+	}
+	s.addr = s.lis.Addr().String()
+	if s.cfg.AdvertiseAddr != "" {
+		s.addr = s.cfg.AdvertiseAddr
+	}
+	if err := s.register(ctx, consts); err != nil {
+		return err
+	}
+	s.log = s.log.With("chunkserver", s.id.ChunkServerID)
+	s.res = newResolver(s.mds, s.id.ChunkServerID, s.addr)
+	s.reg = prometheus.NewRegistry()
+	s.m = newMetrics(s.reg)
+	s.engine, err = copyset.NewEngine(copyset.Config{
+		NodeID:              s.id.ChunkServerID,
+		Dir:                 filepath.Join(s.cfg.DataDir, "engine"),
+		Segments:            s.pool,
+		OpenStore:           s.openStore,
+		ChunkSize:           s.geom.ChunkSize,
+		Resolver:            s.res,
+		Faults:              s.cfg.Faults,
+		TickInterval:        s.cfg.TickInterval,
+		ElectionTicks:       s.cfg.ElectionTicks,
+		SnapshotBytesPerSec: s.cfg.SnapshotBytesPerSec,
+		OnWALSync:           s.m.observeWALSync,
+		Logger:              s.cfg.Logger.With("chunkserver", s.id.ChunkServerID),
+	})
+	if err != nil {
+		return fmt.Errorf("chunkserver: start copysets: %w", err)
+	}
+	s.m.register(s)
+	if lim := s.engine.MaxWriteSize() &^ (s.geom.BlockSize - 1); s.cfg.MaxIOSize > lim {
+		s.cfg.MaxIOSize = lim
+	}
+
+	s.grpc = grpc.NewServer(grpc.MaxRecvMsgSize(int(s.cfg.MaxIOSize)+(1<<20)), grpc.MaxSendMsgSize(int(s.cfg.MaxIOSize)+(1<<20)))
+	chunkpb.RegisterChunkServiceServer(s.grpc, &chunkService{s: s})
+	copysetpb.RegisterCopysetServiceServer(s.grpc, &copysetService{s: s})
+	s.engine.RegisterGRPC(s.grpc)
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		if err := s.grpc.Serve(s.lis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+			s.log.Error("gRPC server stopped", "err", err)
+		}
+	}()
+	if err := s.startHTTP(); err != nil {
+		return err
+	}
+	s.wg.Add(2)
+	go s.heartbeatLoop()
+	go s.trashLoop()
+	s.log.Info("chunkserver serving", "addr", s.addr, "zone", s.cfg.Zone, "host", s.cfg.Hostname,
+		"copysets", len(s.engine.List()), "metrics", s.MetricsAddr())
+	return nil
+}
+
+// clusterConstants asks the MDS for the cluster's constants.
+func (s *Server) clusterConstants(ctx context.Context) (*mdspb.ClusterConstants, error) {
+	resp, err := mdspb.NewClusterServiceClient(s.mds).GetClusterStatus(ctx, &mdspb.GetClusterStatusRequest{})
+	if err != nil {
+		return nil, fmt.Errorf("chunkserver: ask the MDS for the cluster constants: %w", err)
+	}
+	return resp.GetConstants(), nil
+}
+
+func (s *Server) openPool(consts *mdspb.ClusterConstants) error {
+	chunk, meta, block := s.cfg.ChunkSize, s.cfg.MetaPageSize, s.cfg.BlockSize
+	if chunk == 0 {
+		chunk = int64(consts.GetChunkSize())
+	}
+	if meta == 0 {
+		meta = int64(consts.GetMetaPageSize())
+	}
+	if block == 0 {
+		block = int64(consts.GetBlockSize())
+	}
+	fileSize := chunk + meta
+	initial := int(s.cfg.PoolInitialBytes / max(fileSize, 1))
+	maxChunks := 0
+	if s.cfg.PoolMaxBytes > 0 {
+		maxChunks = int(s.cfg.PoolMaxBytes / max(fileSize, 1))
+	}
+	p, err := chunkfilepool.Open(chunkfilepool.Options{
+		Dir:       filepath.Join(s.cfg.DataDir, "chunkfilepool"),
+		ChunkSize: chunk, MetaPageSize: meta, BlockSize: block,
+		InitialChunks: initial, MaxChunks: maxChunks, ReserveBytes: s.cfg.PoolReserveBytes,
+		FormatBytesPerSec: s.cfg.FormatBytesPerSec,
+		Logger:            s.cfg.Logger.With("component", "chunkfilepool"),
+	})
+	if err != nil {
+		return fmt.Errorf("chunkserver: open chunk file pool: %w", err)
+	}
+	s.pool, s.geom = p, p.Geometry()
+	s.files = datastore.NewFileCache(datastore.DefaultFileCacheSize)
+	return nil
+}
+
+func (s *Server) openStore(dir string) (copyset.ChunkStore, error) {
+	return datastore.Open(dir, s.pool, datastore.Options{Files: s.files, Logger: s.cfg.Logger.With("component", "datastore")})
+}
+
+// register registers with the MDS (as the same chunkserver as before when an
+// identity is on disk) and persists the identity.
+func (s *Server) register(ctx context.Context, consts *mdspb.ClusterConstants) error {
+	req := &mdspb.RegisterChunkServerRequest{
+		Hostname:     s.cfg.Hostname,
+		DataDir:      absPath(s.cfg.DataDir),
+		Zone:         s.cfg.Zone,
+		PhysicalPool: s.cfg.PhysicalPool,
+		Address:      s.addr,
+		Constants: &mdspb.ClusterConstants{
+			ChunkSize: uint64(s.geom.ChunkSize), SegmentSize: consts.GetSegmentSize(),
+			BlockSize: uint32(s.geom.BlockSize), MetaPageSize: uint32(s.geom.MetaPageSize),
+		},
+		Capacity: s.capacity(),
+	}
+	if s.id != nil {
+		req.ChunkserverId, req.Token = s.id.ChunkServerID, s.id.Token
+	}
+	resp, err := mdspb.NewTopologyServiceClient(s.mds).RegisterChunkServer(ctx, req)
+	if err != nil {
+		return fmt.Errorf("chunkserver: register with the MDS: %w", err)
+	}
+	if s.id != nil && s.id.ChunkServerID != resp.GetChunkserverId() {
+		return fmt.Errorf("chunkserver: the MDS answered id %d for a data dir registered as %d", resp.GetChunkserverId(), s.id.ChunkServerID)
+	}
+	id := &identity{ChunkServerID: resp.GetChunkserverId(), Token: resp.GetToken(), Hostname: s.cfg.Hostname, Zone: s.cfg.Zone, PhysicalPool: s.cfg.PhysicalPool}
+	if s.id == nil || *s.id != *id {
+		if err := saveIdentity(s.cfg.DataDir, id); err != nil {
+			return fmt.Errorf("chunkserver: %w", err)
+		}
+	}
+	s.id = id
+	s.hbEvery = time.Duration(resp.GetHeartbeatIntervalMs()) * time.Millisecond
+	if s.cfg.HeartbeatInterval > 0 {
+		s.hbEvery = s.cfg.HeartbeatInterval
+	}
+	if s.hbEvery <= 0 {
+		s.hbEvery = 3 * time.Second
+	}
+	return nil
+}
+
+func absPath(p string) string {
+	if a, err := filepath.Abs(p); err == nil {
+		return a
+	}
+	return p
+}
+
+func (s *Server) startHTTP() error {
+	if s.cfg.MetricsAddr == "-" {
+		return nil
+	}
+	lis, err := net.Listen("tcp", s.cfg.MetricsAddr)
+	if err != nil {
+		return fmt.Errorf("chunkserver: listen for metrics on %s: %w", s.cfg.MetricsAddr, err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
+		if s.stopped.Load() {
+			http.Error(w, "stopping", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintf(w, "ok chunkserver %d\n", s.id.ChunkServerID)
+	})
+	s.httpLis = lis
+	s.http = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		if err := s.http.Serve(lis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			s.log.Error("metrics server stopped", "err", err)
+		}
+	}()
+	return nil
+}
+
+// Addr is the gRPC address the chunkserver registered.
+func (s *Server) Addr() string { return s.addr }
+
+// MetricsAddr is the bound metrics address ("" when disabled).
+func (s *Server) MetricsAddr() string {
+	if s.httpLis == nil {
+		return ""
+	}
+	return s.httpLis.Addr().String()
+}
+
+// ID is the chunkserver id the MDS assigned.
+func (s *Server) ID() uint64 { return s.id.ChunkServerID }
+
+// Engine is the copyset engine (for tests and tools in-process).
+func (s *Server) Engine() *copyset.Engine { return s.engine }
+
+// Stop shuts the chunkserver down cleanly: it stops serving, checkpoints
+// every copyset and closes the WAL and the pool.
+func (s *Server) Stop() {
+	if !s.stopped.CompareAndSwap(false, true) {
+		return
+	}
+	close(s.stop)
+	s.closeAll()
+}
+
+func (s *Server) closeAll() {
+	if s.grpc != nil {
+		// Let requests in flight finish; peers' Raft streams never end on
+		// their own, so the graceful phase is bounded.
+		done := make(chan struct{})
+		go func() { s.grpc.GracefulStop(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(2 * time.Second):
+			s.grpc.Stop()
+			<-done
+		}
+	} else if s.lis != nil {
+		s.lis.Close()
+	}
+	if s.http != nil {
+		s.http.Close()
+	}
+	select {
+	case <-s.stop:
+	default:
+		close(s.stop)
+	}
+	s.wg.Wait()
+	if s.engine != nil {
+		if err := s.engine.Close(); err != nil {
+			s.log.Error("closing copysets", "err", err)
+		}
+	}
+	if s.pool != nil {
+		s.pool.Close()
+	}
+	if s.mds != nil {
+		s.mds.Close()
+	}
+	s.log.Info("chunkserver stopped")
+}
+
+// trashLoop purges copysets that sat in the trash past their expiry.
+func (s *Server) trashLoop() {
+	defer s.wg.Done()
+	t := time.NewTicker(min(time.Hour, max(s.cfg.TrashExpiry/4, time.Minute)))
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stop:
+			return
+		case <-t.C:
+			if n, err := s.engine.PurgeTrash(s.cfg.TrashExpiry); err != nil {
+				s.log.Error("purging trash", "err", err)
+			} else if n > 0 {
+				s.log.Info("purged expired copysets from the trash", "count", n)
+			}
+		}
+	}
+}

@@ -1,0 +1,164 @@
+// Command cairn-chunkserver runs one Cairn chunkserver over one data
+// directory (one disk): it hosts copysets and serves chunk IO.
+//
+//	cairn-chunkserver --data-dir /data/cs0 --zone z1 --mds 127.0.0.1:6700
+//
+// Settings come from flags and, optionally, a YAML or JSON file given with
+// --config whose keys are the flag names (data-dir, zone, mds, ...); a flag
+// on the command line wins over the file.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"sigs.k8s.io/yaml"
+
+	"cairn.io/cairn/chunkserver"
+	"cairn.io/cairn/internal/units"
+)
+
+func main() {
+	if err := run(os.Args[1:]); err != nil {
+		fmt.Fprintln(os.Stderr, "cairn-chunkserver:", err)
+		os.Exit(1)
+	}
+}
+
+func run(args []string) error {
+	fs := flag.NewFlagSet("cairn-chunkserver", flag.ContinueOnError)
+	var (
+		configFile   = fs.String("config", "", "YAML or JSON file with settings (keys are flag names)")
+		dataDir      = fs.String("data-dir", "", "data directory (one disk); required")
+		listen       = fs.String("listen", "127.0.0.1:8200", "gRPC address for clients and peers")
+		advertise    = fs.String("advertise", "", "address registered with the MDS (default: the listen address)")
+		metrics      = fs.String("metrics-listen", "127.0.0.1:9200", "address of /metrics and /healthz (\"-\" disables)")
+		mds          = fs.String("mds", envOr("CAIRN_MDS", "127.0.0.1:6700"), "MDS addresses, comma-separated (env CAIRN_MDS)")
+		zone         = fs.String("zone", "", "failure domain (zone) of this chunkserver; required")
+		hostname     = fs.String("hostname", "", "host name registered with the MDS (default: this machine's)")
+		physicalPool = fs.String("physical-pool", "pool1", "physical pool to join")
+		logLevel     = fs.String("log-level", "info", "debug, info, warn or error")
+		poolSize     units.Bytes
+		poolMax      units.Bytes
+		poolReserve  units.Bytes
+		chunkSize    units.Bytes
+		formatRate   units.Bytes
+		snapRate     units.Bytes
+		trashExpiry  = fs.Duration("trash-expiry", 24*time.Hour, "how long a removed copyset stays in the trash")
+	)
+	fs.Var(&poolSize, "pool-size", "chunk file pool formatted at start (default 1GiB)")
+	fs.Var(&poolMax, "pool-max", "largest size the pool grows to on demand (default: until --pool-reserve is left)")
+	fs.Var(&poolReserve, "pool-reserve", "disk space the pool always leaves free (default 1GiB)")
+	fs.Var(&chunkSize, "chunk-size", "chunk size when formatting a new pool (default: the cluster's, from the MDS)")
+	fs.Var(&formatRate, "format-rate", "formatting throughput per second (default unlimited)")
+	fs.Var(&snapRate, "snapshot-rate", "snapshot send throughput per second (default unlimited)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *configFile != "" {
+		if err := applyConfigFile(fs, *configFile); err != nil {
+			return err
+		}
+	}
+	level := slog.LevelInfo
+	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
+		return fmt.Errorf("--log-level: %w", err)
+	}
+	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	if *dataDir == "" {
+		return errors.New("--data-dir is required")
+	}
+	if *zone == "" {
+		return errors.New("--zone is required: name the failure domain of this chunkserver")
+	}
+	cfg := chunkserver.Config{
+		DataDir: *dataDir, ListenAddr: *listen, AdvertiseAddr: *advertise, MetricsAddr: *metrics,
+		MDSAddrs: splitList(*mds), Zone: *zone, Hostname: *hostname, PhysicalPool: *physicalPool,
+		ChunkSize:        int64(chunkSize),
+		PoolInitialBytes: int64(poolSize), PoolMaxBytes: int64(poolMax), PoolReserveBytes: int64(poolReserve),
+		FormatBytesPerSec: int64(formatRate), SnapshotBytesPerSec: int64(snapRate),
+		TrashExpiry: *trashExpiry,
+		Logger:      logger,
+	}
+	s, err := chunkserver.New(cfg)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	startCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	err = s.Start(startCtx)
+	cancel()
+	if err != nil {
+		return err
+	}
+	<-ctx.Done()
+	logger.Info("shutting down")
+	s.Stop()
+	return nil
+}
+
+func envOr(k, def string) string {
+	if v := os.Getenv(k); v != "" {
+		return v
+	}
+	return def
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// applyConfigFile sets every flag the command line left unset from the file.
+func applyConfigFile(fs *flag.FlagSet, path string) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("read config: %w", err)
+	}
+	var m map[string]any
+	if err := yaml.Unmarshal(b, &m); err != nil {
+		return fmt.Errorf("config %s: %w", path, err)
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	for k, v := range m {
+		f := fs.Lookup(k)
+		if f == nil || k == "config" {
+			return fmt.Errorf("config %s: unknown setting %q", path, k)
+		}
+		if set[k] {
+			continue
+		}
+		var s string
+		switch x := v.(type) {
+		case []any:
+			parts := make([]string, len(x))
+			for i, p := range x {
+				parts[i] = fmt.Sprint(p)
+			}
+			s = strings.Join(parts, ",")
+		case float64:
+			s = fmt.Sprintf("%.0f", x)
+		default:
+			s = fmt.Sprint(x)
+		}
+		if err := f.Value.Set(s); err != nil {
+			return fmt.Errorf("config %s: %s: %w", path, k, err)
+		}
+	}
+	return nil
+}
