@@ -15,6 +15,7 @@ import (
 
 	"cairn.io/cairn/api/commonpb"
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/units"
 )
 
 func (a *app) createCommand() *cobra.Command {
@@ -30,7 +31,7 @@ func (a *app) extendCommand() *cobra.Command {
 		Use: "volume NAME --size SIZE", Short: "Grow a volume to SIZE (rounded up to whole segments; never shrinks)",
 		Args: exactArgs(1, "NAME"),
 		RunE: a.runE(func(ctx context.Context, _ *cobra.Command, args []string) error {
-			n, err := ParseSize(size)
+			n, err := units.ParseBytes(size)
 			if err != nil {
 				return usageError(fmt.Errorf("--size: %w", err))
 			}
@@ -118,7 +119,7 @@ func (a *app) createVolumeCommand() *cobra.Command {
 		Use: "volume NAME --size SIZE", Short: "Create a volume (size rounded up to whole segments)",
 		Args: exactArgs(1, "NAME"),
 		RunE: a.runE(func(ctx context.Context, _ *cobra.Command, args []string) error {
-			n, err := ParseSize(size)
+			n, err := units.ParseBytes(size)
 			if err != nil {
 				return usageError(fmt.Errorf("--size: %w", err))
 			}

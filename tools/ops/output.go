@@ -8,6 +8,8 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+
+	"cairn.io/cairn/internal/units"
 )
 
 // Output formats.
@@ -82,24 +84,9 @@ func (t *table) flush() error {
 	return t.err
 }
 
-// formatBytes prints a byte count in the largest binary unit that keeps it
-// at least 1, with one decimal when it is not whole: "10 GiB", "1.5 MiB",
-// "512 B".
-func formatBytes(n uint64) string {
-	units := []string{"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"}
-	i := 0
-	for i < len(units)-1 && n >= uint64(1)<<(10*(i+1)) {
-		i++
-	}
-	if i == 0 {
-		return strconv.FormatUint(n, 10) + " B"
-	}
-	unit := uint64(1) << (10 * i)
-	if n%unit == 0 {
-		return strconv.FormatUint(n/unit, 10) + " " + units[i]
-	}
-	return strconv.FormatFloat(float64(n)/float64(unit), 'f', 1, 64) + " " + units[i]
-}
+// formatBytes prints a byte count the way Cairn's commands spell sizes:
+// "10GiB", "1.5MiB", "512B".
+func formatBytes(n uint64) string { return units.FormatBytes(n) }
 
 // formatUnix prints a Unix time in UTC, RFC 3339; "-" for zero.
 func formatUnix(sec int64) string {

@@ -11,6 +11,7 @@ import (
 
 	"cairn.io/cairn/api/commonpb"
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/units"
 )
 
 func (a *app) queryCommand() *cobra.Command {
@@ -32,7 +33,7 @@ chunk, the chunk's copyset, the copyset's replicas and its leader. An offset
 whose segment was never written has no chunk yet (exit code 6).`,
 			Args: exactArgs(2, "VOLUME OFFSET"),
 			RunE: a.runE(func(ctx context.Context, _ *cobra.Command, args []string) error {
-				off, err := ParseSize(args[1])
+				off, err := units.ParseBytes(args[1])
 				if err != nil {
 					return usageError(fmt.Errorf("offset: %w", err))
 				}
