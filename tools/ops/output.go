@@ -8,8 +8,6 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
-
-	"cairn.io/cairn/internal/units"
 )
 
 // Output formats.
@@ -84,9 +82,27 @@ func (t *table) flush() error {
 	return t.err
 }
 
-// formatBytes prints a byte count the way Cairn's commands spell sizes:
-// "10GiB", "1.5MiB", "512B".
-func formatBytes(n uint64) string { return units.FormatBytes(n) }
+// formatBytes prints a byte count for people: in the largest binary unit
+// that keeps it at least 1, whole when it is whole and with one decimal
+// otherwise ("10GiB", "755.9GiB", "512B"), in the spelling Cairn's commands
+// read sizes in (internal/units). Measured sizes such as disk capacity are
+// rarely whole, so units.FormatBytes, which prefers an exact smaller unit,
+// would print them in KiB.
+func formatBytes(n uint64) string {
+	names := []string{"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"}
+	i := 0
+	for i < len(names)-1 && n>>(10*(i+1)) > 0 {
+		i++
+	}
+	if i == 0 {
+		return strconv.FormatUint(n, 10) + "B"
+	}
+	unit := uint64(1) << (10 * i)
+	if n%unit == 0 {
+		return strconv.FormatUint(n/unit, 10) + names[i]
+	}
+	return strconv.FormatFloat(float64(n)/float64(unit), 'f', 1, 64) + names[i]
+}
 
 // formatUnix prints a Unix time in UTC, RFC 3339; "-" for zero.
 func formatUnix(sec int64) string {

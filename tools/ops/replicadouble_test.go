@@ -26,16 +26,19 @@ import (
 )
 
 // replicaDouble is a TEST DOUBLE standing in for a chunkserver in the tests
-// of check copyset and check consistency. It is NOT a chunkserver: it runs
-// no Raft and serves no client IO. It registers with the MDS and heartbeats
-// like one, creates the copysets the MDS asks for as real chunk stores
-// (chunkserver/datastore over a chunkfilepool, so chunk files are real files
-// on disk), and answers CopysetService.GetCopysetStatus,
-// ChunkService.GetChunkInfo and ChunkService.GetChunkHash from them with the
-// contract's semantics (any replica answers, with its own applied index; a
-// missing chunk hashes as zeros). Tests stand in for replication: writeAll
-// applies a write to every replica of a copyset and advances each one's
-// applied index.
+// of check copyset and check consistency that need a replica in a state a
+// real chunkserver cannot be held in on demand: an applied index that stays
+// behind, a snapshot install that never ends, chunk files written on some
+// replicas only. (TestLiveCluster runs the same commands against real
+// chunkservers.) It is NOT a chunkserver: it runs no Raft and serves no
+// client IO. It registers with the MDS and heartbeats like one, creates the
+// copysets the MDS asks for as real chunk stores (chunkserver/datastore over
+// a chunkfilepool, so chunk files are real files on disk), and answers
+// CopysetService.GetCopysetStatus, ChunkService.GetChunkInfo and
+// ChunkService.GetChunkHash from them with the contract's semantics (any
+// replica answers, with its own applied index; a missing chunk hashes as
+// zeros). Tests stand in for replication: writeAll applies a write to every
+// replica of a copyset and advances each one's applied index.
 type replicaDouble struct {
 	t          *testing.T
 	host, zone string

@@ -315,3 +315,14 @@ func TestUsageErrors(t *testing.T) {
 		t.Errorf("--help: exit %d\n%s", r.code, r.stdout)
 	}
 }
+
+func TestFormatBytes(t *testing.T) {
+	for n, want := range map[uint64]string{
+		0: "0B", 512: "512B", 1024: "1KiB", 1536: "1.5KiB", 10 << 30: "10GiB", 3 << 40: "3TiB",
+		811659522048: "755.9GiB", 3000 << 20: "2.9GiB",
+	} {
+		if got := formatBytes(n); got != want {
+			t.Errorf("formatBytes(%d) = %q, want %q", n, got, want)
+		}
+	}
+}
