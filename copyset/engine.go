@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc"
 
 	"cairn.io/cairn/api/transportpb"
+	"cairn.io/cairn/chunkfilepool/fsutil"
 	"cairn.io/cairn/copyset/transport"
 	"cairn.io/cairn/copyset/wal"
 )
@@ -401,7 +402,7 @@ func (e *Engine) Create(id GroupID, peers []uint64) error {
 		os.RemoveAll(dir)
 		return fmt.Errorf("copyset: create %s: %w", id, err)
 	}
-	if err := syncDir(filepath.Dir(dir)); err != nil {
+	if err := fsutil.SyncDir(filepath.Dir(dir)); err != nil {
 		return err
 	}
 	c, err := e.open(id, dir, nil)
@@ -473,7 +474,7 @@ func (e *Engine) Remove(id GroupID) error {
 	if err := os.Rename(c.dir, dst); err != nil {
 		return fmt.Errorf("copyset: move %s to trash: %w", id, err)
 	}
-	if err := syncDir(filepath.Join(e.cfg.Dir, "copysets")); err != nil {
+	if err := fsutil.SyncDir(filepath.Join(e.cfg.Dir, "copysets")); err != nil {
 		return err
 	}
 	e.log.Info("copyset removed to trash", "copyset", id, "trash", dst)

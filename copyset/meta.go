@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 
+	"cairn.io/cairn/chunkfilepool/fsutil"
+
 	"go.etcd.io/raft/v3/raftpb"
 )
 
@@ -76,7 +78,7 @@ func writeMeta(dir string, m *meta) error {
 	if err != nil {
 		return fmt.Errorf("encode copyset meta: %w", err)
 	}
-	return writeFileAtomic(dir, metaFile, b)
+	return fsutil.WriteFileAtomic(filepath.Join(dir, metaFile), b, 0o644)
 }
 
 // readMeta reads and verifies dir's meta file.
@@ -96,41 +98,4 @@ func readMeta(dir string) (*meta, error) {
 		return nil, fmt.Errorf("%w: %s: checksum mismatch", ErrMetaCorrupt, dir)
 	}
 	return m, nil
-}
-
-// writeFileAtomic writes name in dir through a temporary file, fsyncs it,
-// renames it into place and fsyncs the directory.
-func writeFileAtomic(dir, name string, data []byte) error {
-	tmp := filepath.Join(dir, name+".tmp")
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
-	if err != nil {
-		return fmt.Errorf("create %s: %w", tmp, err)
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return fmt.Errorf("write %s: %w", tmp, err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("sync %s: %w", tmp, err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("close %s: %w", tmp, err)
-	}
-	if err := os.Rename(tmp, filepath.Join(dir, name)); err != nil {
-		return fmt.Errorf("rename %s: %w", tmp, err)
-	}
-	return syncDir(dir)
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("open dir %s: %w", dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("sync dir %s: %w", dir, err)
-	}
-	return nil
 }

@@ -28,6 +28,9 @@ import (
 
 func main() {
 	if err := run(os.Args[1:]); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return
+		}
 		fmt.Fprintln(os.Stderr, "cairn-chunkserver:", err)
 		os.Exit(1)
 	}

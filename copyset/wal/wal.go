@@ -14,6 +14,8 @@ import (
 
 	"go.etcd.io/raft/v3/raftpb"
 	"golang.org/x/sys/unix"
+
+	"cairn.io/cairn/chunkfilepool/fsutil"
 )
 
 // SegmentSource hands out preformatted, zero-filled files for segments and
@@ -809,7 +811,7 @@ func (w *WAL) rollover() (*segment, error) {
 		if err := os.Rename(filepath.Join(w.opts.Dir, sparePath), path); err != nil {
 			return nil, fmt.Errorf("wal: take spare segment: %w", err)
 		}
-		if err := syncDir(w.opts.Dir); err != nil {
+		if err := fsutil.SyncDir(w.opts.Dir); err != nil {
 			return nil, err
 		}
 	} else if err := w.getSegment(path); err != nil {
@@ -919,16 +921,4 @@ func (w *WAL) recycle() {
 
 func hardStateEqual(a, b *raftpb.HardState) bool {
 	return a.GetTerm() == b.GetTerm() && a.GetVote() == b.GetVote() && a.GetCommit() == b.GetCommit()
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("wal: open dir: %w", err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("wal: sync dir: %w", err)
-	}
-	return nil
 }
