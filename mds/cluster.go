@@ -3,6 +3,7 @@ package mds
 import (
 	"context"
 	"sort"
+	"strings"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/protobuf/proto"
@@ -33,8 +34,23 @@ func (l *leaderState) clusterStatus(ctx context.Context) (*mdspb.GetClusterStatu
 		}
 	}
 	for _, m := range members.Members {
-		out.Etcd = append(out.Etcd, &mdspb.EtcdMember{Name: m.Name, ClientUrls: m.ClientURLs, Leader: m.ID == leaderID})
+		urls := m.ClientURLs
+		if len(members.Members) == 1 && allPortZero(urls) {
+			// An embedded etcd started on a free port advertises the port
+			// it was configured with (0); report the one it is reached at.
+			urls = l.st.cli.Endpoints()
+		}
+		out.Etcd = append(out.Etcd, &mdspb.EtcdMember{Name: m.Name, ClientUrls: urls, Leader: m.ID == leaderID})
 	}
 	sort.Slice(out.Etcd, func(i, j int) bool { return out.Etcd[i].Name < out.Etcd[j].Name })
 	return out, nil
+}
+
+func allPortZero(urls []string) bool {
+	for _, u := range urls {
+		if !strings.HasSuffix(u, ":0") {
+			return false
+		}
+	}
+	return len(urls) > 0
 }

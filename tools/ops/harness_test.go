@@ -116,6 +116,9 @@ func newDoubleCluster(t *testing.T, n int) *doubleCluster {
 	c := &doubleCluster{t: t, ctx: ctx, mds: s, conn: conn, labels: map[string]string{}}
 	c.mu.silent = map[int]bool{}
 	c.label(s.Addr(), "mds00")
+	for _, ep := range s.EtcdEndpoints() {
+		c.label(strings.TrimPrefix(strings.TrimPrefix(ep, "http://"), "https://"), "etcd0")
+	}
 	for i := range n {
 		d := mdstest.StartChunkServerDouble(t, fmt.Sprintf("host-%d", i), fmt.Sprintf("zone-%d", i), "pool0")
 		d.SetCapacity(&mdspb.Capacity{
