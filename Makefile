@@ -59,3 +59,8 @@ bench-chunkfilepool: ## synced 4 KiB random writes into a pool chunk vs a falloc
 .PHONY: iscsi-conformance
 iscsi-conformance: ## run libiscsi's iscsi-test-cu against Cairn's iSCSI target and Debian's tgt side by side; writes docs/iscsi-conformance.md and fails on a regression
 	CAIRN_ISCSI_CONFORMANCE=1 CAIRN_ISCSI_CONFORMANCE_TGT=1 $(GO) test -count=1 -v -timeout 20m -run 'TestConformance$$' ./iscsi/
+
+.PHONY: bench-copyset
+BENCH_COPYSET_FLAGS ?= -copysets 1,10,100 -duration 10s
+bench-copyset: ## committed 4 KiB writes/s and entries per fdatasync: shared group-commit WAL vs one WAL per copyset (~1.5 GiB of disk, removed after)
+	$(GO) run ./bench/copyset $(BENCH_COPYSET_FLAGS)

@@ -94,6 +94,15 @@ func TestFollowerRefusesProposalsAndReads(t *testing.T) {
 	id := MakeGroupID(1, 1)
 	tc.create([]GroupID{id}, []uint64{1, 2, 3})
 	leader := tc.leader(id)
+	// Followers learn the new leader from its first message.
+	succeedsSoon(t, 10*time.Second, func() error {
+		for _, n := range tc.running() {
+			if c, _ := n.engine.Get(id); c.Leader() != leader.e.cfg.NodeID {
+				return fmt.Errorf("node %d does not know the leader yet", n.id)
+			}
+		}
+		return nil
+	})
 	for _, n := range tc.running() {
 		c, _ := n.engine.Get(id)
 		if c == leader {

@@ -14,6 +14,7 @@ import (
 
 	"go.etcd.io/raft/v3"
 	"go.etcd.io/raft/v3/raftpb"
+	"go.etcd.io/raft/v3/tracker"
 	"google.golang.org/protobuf/proto"
 
 	"cairn.io/cairn/copyset/wal"
@@ -900,6 +901,16 @@ func (c *Copyset) compact(idx uint64, cs *raftpb.ConfState, epoch uint64) {
 	for _, s := range c.snapSending {
 		// Keep what a follower receiving a snapshot will need next.
 		upTo = min(upTo, s)
+	}
+	if c.isLeader.Load() {
+		// Keep what active followers have not replicated yet, as long as
+		// they are not too far behind: a follower that just installed a
+		// snapshot then catches up from the log instead of needing another.
+		c.rn.WithProgress(func(id uint64, _ raft.ProgressType, pr tracker.Progress) {
+			if id != c.e.cfg.NodeID && pr.RecentActive && pr.Match+1 < upTo && idx-pr.Match <= c.e.cfg.MaxFollowerLag {
+				upTo = max(pr.Match+1, 1)
+			}
+		})
 	}
 	if first, _ := c.storage.FirstIndex(); upTo > first {
 		if err := c.storage.Compact(upTo); err != nil && !errors.Is(err, raft.ErrCompacted) {

@@ -102,6 +102,10 @@ type Config struct {
 	CheckpointBytes    uint64
 	CheckpointInterval time.Duration
 	RetainEntries      uint64
+	// MaxFollowerLag: the leader keeps log entries an active follower still
+	// needs while it is at most this many entries behind (default 4096);
+	// one further behind is brought back by a snapshot.
+	MaxFollowerLag uint64
 	// MaxWALSegments: beyond it, the copysets pinning the oldest segment
 	// are asked to checkpoint (default 16).
 	MaxWALSegments int
@@ -219,6 +223,9 @@ func NewEngine(cfg Config) (*Engine, error) {
 	}
 	if cfg.RetainEntries == 0 {
 		cfg.RetainEntries = 256
+	}
+	if cfg.MaxFollowerLag == 0 {
+		cfg.MaxFollowerLag = 4096
 	}
 	if cfg.MaxWALSegments <= 0 {
 		cfg.MaxWALSegments = 16

@@ -1,0 +1,25 @@
+package client
+
+import "errors"
+
+// Errors callers branch on (errors.Is).
+var (
+	// ErrNotFound: the volume does not exist.
+	ErrNotFound = errors.New("client: volume not found")
+	// ErrFenced: another client opened the volume for writing; this handle
+	// may not write (or read) any more.
+	ErrFenced = errors.New("client: volume opened for writing by another client (fenced)")
+	// ErrClosed: the volume handle was closed.
+	ErrClosed = errors.New("client: volume closed")
+	// ErrOutOfRange: the IO reaches past the end of the volume.
+	ErrOutOfRange = errors.New("client: IO beyond the end of the volume")
+	// ErrUnaligned: the IO's offset or length is not a multiple of the
+	// volume's block size.
+	ErrUnaligned = errors.New("client: IO not aligned to the block size")
+	// ErrReadOnly: the volume was opened read-only.
+	ErrReadOnly = errors.New("client: volume opened read-only")
+	// ErrNoSpace: the cluster has no room for the data.
+	ErrNoSpace = errors.New("client: no space left in the pool")
+	// ErrTimeout: a transient failure lasted longer than the retry timeout.
+	ErrTimeout = errors.New("client: IO did not succeed before the retry timeout")
+)

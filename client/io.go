@@ -1,0 +1,183 @@
+package client
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+)
+
+// piece is the part of an IO that falls in one chunk, small enough for one
+// chunk request.
+type piece struct {
+	seg      int64 // segment index
+	chunkIdx int   // chunk index within the segment
+	off      int64 // offset within the chunk
+	buf      []byte
+}
+
+// pieces splits [off, off+len(p)) at chunk bounds and at the piece size.
+func (v *Volume) pieces(p []byte, off int64) []piece {
+	var out []piece
+	for len(p) > 0 {
+		inChunk := off % v.chunkSize
+		n := min(int64(len(p)), v.chunkSize-inChunk, v.pieceSize-inChunk%v.pieceSize)
+		out = append(out, piece{
+			seg:      off / v.segSize,
+			chunkIdx: int((off % v.segSize) / v.chunkSize),
+			off:      inChunk,
+			buf:      p[:n],
+		})
+		p, off = p[n:], off+n
+	}
+	return out
+}
+
+func (v *Volume) check(off, n int64) error {
+	if off < 0 || n < 0 || off+n > v.Size() || off+n < off {
+		return fmt.Errorf("%w: [%d, %d) of a %d-byte volume", ErrOutOfRange, off, off+n, v.Size())
+	}
+	if off%v.blockSize != 0 || n%v.blockSize != 0 {
+		return fmt.Errorf("%w: offset %d, length %d, block size %d", ErrUnaligned, off, n, v.blockSize)
+	}
+	return nil
+}
+
+// run runs f on every piece concurrently (bounded by MaxInflight) and
+// returns the first error.
+func (v *Volume) run(ps []piece, f func(ctx context.Context, p piece) error) error {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		select {
+		case <-v.stop:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	if len(ps) == 1 {
+		return f(ctx, ps[0])
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var first error
+	for _, p := range ps {
+		select {
+		case v.sem <- struct{}{}:
+		case <-ctx.Done():
+		}
+		if ctx.Err() != nil {
+			break
+		}
+		wg.Add(1)
+		go func(p piece) {
+			defer wg.Done()
+			defer func() { <-v.sem }()
+			if err := f(ctx, p); err != nil {
+				mu.Lock()
+				if first == nil || errors.Is(err, ErrFenced) {
+					first = err
+				}
+				mu.Unlock()
+				cancel()
+			}
+		}(p)
+	}
+	wg.Wait()
+	if first == nil && ctx.Err() != nil && v.closed.Load() {
+		first = ErrClosed
+	}
+	return first
+}
+
+func (v *Volume) finish(err error) error {
+	if err != nil {
+		v.stats.errors.Add(1)
+		if v.closed.Load() && errors.Is(err, context.Canceled) {
+			return ErrClosed
+		}
+	}
+	return err
+}
+
+// ReadAt reads len(p) bytes at off. Never-written ranges read as zeros.
+func (v *Volume) ReadAt(p []byte, off int64) (int, error) {
+	if err := v.usable(false); err != nil {
+		return 0, err
+	}
+	if err := v.check(off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	if len(p) == 0 {
+		return 0, nil
+	}
+	err := v.run(v.pieces(p, off), func(ctx context.Context, pc piece) error {
+		return v.r.readPiece(ctx, pc)
+	})
+	if err = v.finish(err); err != nil {
+		return 0, fmt.Errorf("read %s at %d (%d bytes): %w", v.name, off, len(p), err)
+	}
+	v.stats.reads.Add(1)
+	v.stats.readBytes.Add(uint64(len(p)))
+	return len(p), nil
+}
+
+// WriteAt writes p at off. It returns once the data is durable on a quorum
+// of every copyset it touches.
+func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
+	if err := v.usable(true); err != nil {
+		return 0, err
+	}
+	if err := v.check(off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	if len(p) == 0 {
+		return 0, nil
+	}
+	err := v.run(v.pieces(p, off), func(ctx context.Context, pc piece) error {
+		return v.r.writePiece(ctx, pc)
+	})
+	if err = v.finish(err); err != nil {
+		return 0, fmt.Errorf("write %s at %d (%d bytes): %w", v.name, off, len(p), err)
+	}
+	v.stats.writes.Add(1)
+	v.stats.writtenBytes.Add(uint64(len(p)))
+	return len(p), nil
+}
+
+// UnmapAt discards [off, off+length): the range reads as zeros afterwards.
+// Whole chunks are deleted (their files go back to the pools); partial
+// chunks are overwritten with zeros; never-allocated segments cost nothing.
+func (v *Volume) UnmapAt(off, length int64) error {
+	if err := v.usable(true); err != nil {
+		return err
+	}
+	if err := v.check(off, length); err != nil {
+		return err
+	}
+	var jobs []piece
+	zeros := make([]byte, v.pieceSize)
+	for end := off + length; off < end; {
+		inChunk := off % v.chunkSize
+		n := min(end-off, v.chunkSize-inChunk)
+		pc := piece{seg: off / v.segSize, chunkIdx: int((off % v.segSize) / v.chunkSize), off: inChunk}
+		if inChunk == 0 && n == v.chunkSize {
+			jobs = append(jobs, pc) // nil buf: delete the chunk
+		} else {
+			for k := int64(0); k < n; {
+				m := min(n-k, v.pieceSize-(inChunk+k)%v.pieceSize)
+				jobs = append(jobs, piece{seg: pc.seg, chunkIdx: pc.chunkIdx, off: inChunk + k, buf: zeros[:m]})
+				k += m
+			}
+		}
+		off += n
+	}
+	err := v.run(jobs, func(ctx context.Context, pc piece) error {
+		return v.r.unmapPiece(ctx, pc)
+	})
+	if err = v.finish(err); err != nil {
+		return fmt.Errorf("unmap %s: %w", v.name, err)
+	}
+	v.stats.unmaps.Add(1)
+	return nil
+}

@@ -1,0 +1,404 @@
+package client
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+
+	"cairn.io/cairn/api/chunkpb"
+	"cairn.io/cairn/api/commonpb"
+	"cairn.io/cairn/api/mdspb"
+)
+
+// router maps pieces to chunks and copysets and sends chunk requests to
+// copyset leaders.
+type router struct {
+	v *Volume
+
+	segMu    sync.Mutex
+	segs     map[int64][]*mdspb.ChunkRef // allocated segments
+	absent   map[int64]time.Time         // segments known unallocated, and when
+	segCalls map[int64]*segCall          // lookups in flight
+
+	csMu     sync.Mutex
+	copysets map[csKey]*csInfo
+
+	connMu sync.Mutex
+	conns  map[string]*grpc.ClientConn
+}
+
+type csKey struct{ pool, copyset uint32 }
+
+// csInfo is what the client knows of a copyset.
+type csInfo struct {
+	peers   []*commonpb.Peer
+	leader  string // address believed to lead; "" unknown
+	fetched time.Time
+}
+
+type segCall struct {
+	done  chan struct{}
+	chunk []*mdspb.ChunkRef
+	err   error
+}
+
+func newRouter(v *Volume) *router {
+	return &router{
+		v: v, segs: map[int64][]*mdspb.ChunkRef{}, absent: map[int64]time.Time{},
+		segCalls: map[int64]*segCall{}, copysets: map[csKey]*csInfo{}, conns: map[string]*grpc.ClientConn{},
+	}
+}
+
+func (r *router) close() {
+	r.connMu.Lock()
+	defer r.connMu.Unlock()
+	for a, c := range r.conns {
+		c.Close()
+		delete(r.conns, a)
+	}
+}
+
+var errUnallocated = errors.New("segment not allocated")
+
+// segment returns the chunks of a segment, allocating it when allocate is
+// set. Without allocate, errUnallocated means the range was never written.
+func (r *router) segment(ctx context.Context, seg int64, allocate bool) ([]*mdspb.ChunkRef, error) {
+	for {
+		r.segMu.Lock()
+		if c, ok := r.segs[seg]; ok {
+			r.segMu.Unlock()
+			return c, nil
+		}
+		// A writer allocates every segment it writes, so its negative
+		// cache stays right; a read-only handle asks again after a while.
+		if t, ok := r.absent[seg]; ok && !allocate && (r.v.epoch != 0 || time.Since(t) < 2*time.Second) {
+			r.segMu.Unlock()
+			return nil, errUnallocated
+		}
+		if call, ok := r.segCalls[seg]; ok {
+			r.segMu.Unlock()
+			select {
+			case <-call.done:
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+			if call.err == nil || !allocate {
+				if call.err != nil {
+					return nil, call.err
+				}
+				return call.chunk, nil
+			}
+			continue // a lookup without allocation found nothing; allocate now
+		}
+		call := &segCall{done: make(chan struct{})}
+		r.segCalls[seg] = call
+		r.segMu.Unlock()
+
+		call.chunk, call.err = r.fetchSegment(ctx, seg, allocate)
+		r.segMu.Lock()
+		delete(r.segCalls, seg)
+		switch {
+		case call.err == nil:
+			r.segs[seg] = call.chunk
+			delete(r.absent, seg)
+		case errors.Is(call.err, errUnallocated):
+			r.absent[seg] = time.Now()
+		}
+		r.segMu.Unlock()
+		close(call.done)
+		return call.chunk, call.err
+	}
+}
+
+func (r *router) fetchSegment(ctx context.Context, seg int64, allocate bool) ([]*mdspb.ChunkRef, error) {
+	v := r.v
+	resp, err := v.mds.Volumes().GetSegment(ctx, &mdspb.GetSegmentRequest{Name: v.name, Offset: uint64(seg * v.segSize), Allocate: allocate})
+	if err != nil {
+		switch status.Code(err) {
+		case codes.NotFound:
+			if allocate {
+				return nil, fmt.Errorf("%w: %v", ErrNotFound, status.Convert(err).Message())
+			}
+			return nil, errUnallocated
+		case codes.ResourceExhausted:
+			return nil, fmt.Errorf("%w: %v", ErrNoSpace, status.Convert(err).Message())
+		}
+		return nil, fmt.Errorf("segment %d: %w", seg, err)
+	}
+	chunks := resp.GetSegment().GetChunks()
+	if int64(len(chunks)) != v.segSize/v.chunkSize {
+		return nil, fmt.Errorf("segment %d has %d chunks, want %d", seg, len(chunks), v.segSize/v.chunkSize)
+	}
+	if allocate {
+		v.stats.allocs.Add(1)
+	}
+	// Learn the segment's copysets in one call.
+	var refs []*commonpb.CopysetRef
+	seen := map[csKey]bool{}
+	r.csMu.Lock()
+	for _, c := range chunks {
+		k := csKey{c.GetCopyset().GetLogicalPoolId(), c.GetCopyset().GetCopysetId()}
+		if r.copysets[k] == nil && !seen[k] {
+			seen[k] = true
+			refs = append(refs, c.GetCopyset())
+		}
+	}
+	r.csMu.Unlock()
+	if len(refs) > 0 {
+		_ = r.fetchCopysets(ctx, refs)
+	}
+	return chunks, nil
+}
+
+// fetchCopysets asks the MDS for copysets' members and leaders.
+func (r *router) fetchCopysets(ctx context.Context, refs []*commonpb.CopysetRef) error {
+	resp, err := r.v.mds.Topology().GetCopysets(ctx, &mdspb.GetCopysetsRequest{Copysets: refs})
+	if err != nil {
+		return err
+	}
+	r.csMu.Lock()
+	defer r.csMu.Unlock()
+	for _, cs := range resp.GetCopysets() {
+		info := &csInfo{peers: cs.GetPeers(), fetched: time.Now()}
+		for _, p := range cs.GetPeers() {
+			if p.GetChunkserverId() == cs.GetLeaderId() {
+				info.leader = p.GetAddress()
+			}
+		}
+		r.copysets[csKey{cs.GetId().GetLogicalPoolId(), cs.GetId().GetCopysetId()}] = info
+	}
+	return nil
+}
+
+// target picks the address to send a copyset request to: the known leader,
+// or else the members in turn.
+func (r *router) target(ctx context.Context, ref *commonpb.CopysetRef, attempt int, refresh bool) (string, error) {
+	k := csKey{ref.GetLogicalPoolId(), ref.GetCopysetId()}
+	r.csMu.Lock()
+	info := r.copysets[k]
+	stale := info == nil || (refresh && time.Since(info.fetched) > 200*time.Millisecond)
+	r.csMu.Unlock()
+	if stale {
+		if err := r.fetchCopysets(ctx, []*commonpb.CopysetRef{ref}); err != nil && info == nil {
+			return "", err
+		}
+		r.csMu.Lock()
+		info = r.copysets[k]
+		r.csMu.Unlock()
+		if info == nil {
+			return "", fmt.Errorf("copyset %d-%d unknown to the MDS", k.pool, k.copyset)
+		}
+	}
+	r.csMu.Lock()
+	defer r.csMu.Unlock()
+	if info.leader != "" {
+		return info.leader, nil
+	}
+	if len(info.peers) == 0 {
+		return "", fmt.Errorf("copyset %d-%d has no members", k.pool, k.copyset)
+	}
+	return info.peers[attempt%len(info.peers)].GetAddress(), nil
+}
+
+func (r *router) setLeader(ref *commonpb.CopysetRef, addr string) {
+	k := csKey{ref.GetLogicalPoolId(), ref.GetCopysetId()}
+	r.csMu.Lock()
+	if info := r.copysets[k]; info != nil {
+		info.leader = addr
+	}
+	r.csMu.Unlock()
+}
+
+func (r *router) client(addr string) (chunkpb.ChunkServiceClient, error) {
+	r.connMu.Lock()
+	defer r.connMu.Unlock()
+	c, ok := r.conns[addr]
+	if !ok {
+		var err error
+		c, err = grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
+			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(16<<20), grpc.MaxCallSendMsgSize(16<<20)))
+		if err != nil {
+			return nil, fmt.Errorf("dial chunkserver %s: %w", addr, err)
+		}
+		r.conns[addr] = c
+	}
+	return chunkpb.NewChunkServiceClient(c), nil
+}
+
+// outcome is a chunk request's answer.
+type outcome struct {
+	status chunkpb.Status
+	leader *chunkpb.LeaderHint
+	msg    string
+}
+
+// call sends one chunk request to its copyset's leader, following
+// redirects and retrying transient failures until the retry timeout.
+func (r *router) call(ctx context.Context, ref *commonpb.CopysetRef, f func(ctx context.Context, cl chunkpb.ChunkServiceClient) (outcome, error)) (chunkpb.Status, error) {
+	v := r.v
+	deadline := time.Now().Add(v.opts.RetryTimeout)
+	backoff := 2 * time.Millisecond
+	refresh := false
+	var last string
+	for attempt := 0; ; attempt++ {
+		if v.fenced.Load() {
+			return 0, ErrFenced
+		}
+		v.stats.chunkReqs.Add(1)
+		addr, err := r.target(ctx, ref, attempt, refresh)
+		refresh = false
+		var out outcome
+		if err == nil {
+			var cl chunkpb.ChunkServiceClient
+			if cl, err = r.client(addr); err == nil {
+				rctx, cancel := context.WithTimeout(ctx, min(10*time.Second, v.opts.RetryTimeout))
+				out, err = f(rctx, cl)
+				cancel()
+			}
+		}
+		switch {
+		case ctx.Err() != nil:
+			return 0, ctx.Err()
+		case err != nil:
+			// The chunkserver is unreachable or restarting: forget the
+			// leader and ask the members (and the MDS) again.
+			last = err.Error()
+			r.setLeader(ref, "")
+			refresh = true
+		case out.status == chunkpb.Status_STATUS_OK || out.status == chunkpb.Status_STATUS_CHUNK_NOTEXIST:
+			return out.status, nil
+		case out.status == chunkpb.Status_STATUS_REDIRECTED:
+			v.stats.redirects.Add(1)
+			last = out.msg
+			if a := out.leader.GetAddress(); a != "" && a != addr {
+				r.setLeader(ref, a)
+				if attempt < 3 {
+					continue // go straight to the new leader
+				}
+			} else {
+				r.setLeader(ref, "")
+				refresh = true
+			}
+		case out.status == chunkpb.Status_STATUS_EPOCH_TOO_OLD:
+			if !v.fenced.Swap(true) {
+				v.log.Warn("fenced: the volume was opened for writing by another client", "detail", out.msg)
+			}
+			return out.status, ErrFenced
+		case out.status == chunkpb.Status_STATUS_INVALID_REQUEST:
+			return out.status, fmt.Errorf("chunkserver %s refused the request: %s", addr, out.msg)
+		case out.status == chunkpb.Status_STATUS_COPYSET_NOTEXIST:
+			last = out.msg
+			r.setLeader(ref, "")
+			refresh = true
+		default:
+			// UNAVAILABLE (no leader, leader change), OVERLOAD, NOSPACE
+			// while a pool formats, INTERNAL_ERROR: wait and retry.
+			last = fmt.Sprintf("%v: %s", out.status, out.msg)
+			if out.status == chunkpb.Status_STATUS_UNAVAILABLE {
+				r.setLeader(ref, "")
+				refresh = attempt%4 == 3
+			}
+		}
+		if time.Now().After(deadline) {
+			if out.status == chunkpb.Status_STATUS_NOSPACE {
+				return out.status, fmt.Errorf("%w: %s", ErrNoSpace, last)
+			}
+			return out.status, fmt.Errorf("%w after %v (copyset %d-%d): %s", ErrTimeout, v.opts.RetryTimeout, ref.GetLogicalPoolId(), ref.GetCopysetId(), last)
+		}
+		v.stats.retries.Add(1)
+		sleep := backoff/2 + rand.N(backoff/2+1)
+		backoff = min(backoff*2, 500*time.Millisecond)
+		select {
+		case <-time.After(sleep):
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		}
+	}
+}
+
+func (r *router) chunkRef(ctx context.Context, pc piece, allocate bool) (*mdspb.ChunkRef, error) {
+	chunks, err := r.segment(ctx, pc.seg, allocate)
+	if err != nil {
+		return nil, err
+	}
+	return chunks[pc.chunkIdx], nil
+}
+
+func (r *router) writePiece(ctx context.Context, pc piece) error {
+	v := r.v
+	ref, err := r.chunkRef(ctx, pc, true)
+	if err != nil {
+		return err
+	}
+	_, err = r.call(ctx, ref.GetCopyset(), func(ctx context.Context, cl chunkpb.ChunkServiceClient) (outcome, error) {
+		resp, err := cl.WriteChunk(ctx, &chunkpb.WriteChunkRequest{
+			Copyset: ref.GetCopyset(), ChunkId: ref.GetChunkId(), VolumeId: v.id, Epoch: v.epoch,
+			Offset: uint64(pc.off), Data: pc.buf,
+		})
+		return outcome{resp.GetStatus(), resp.GetLeader(), resp.GetMessage()}, err
+	})
+	return err
+}
+
+func (r *router) readPiece(ctx context.Context, pc piece) error {
+	v := r.v
+	ref, err := r.chunkRef(ctx, pc, false)
+	if errors.Is(err, errUnallocated) {
+		clear(pc.buf)
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	var data []byte
+	st, err := r.call(ctx, ref.GetCopyset(), func(ctx context.Context, cl chunkpb.ChunkServiceClient) (outcome, error) {
+		resp, err := cl.ReadChunk(ctx, &chunkpb.ReadChunkRequest{
+			Copyset: ref.GetCopyset(), ChunkId: ref.GetChunkId(), VolumeId: v.id, Epoch: v.epoch,
+			Offset: uint64(pc.off), Length: uint64(len(pc.buf)),
+		})
+		data = resp.GetData()
+		return outcome{resp.GetStatus(), resp.GetLeader(), resp.GetMessage()}, err
+	})
+	if err != nil {
+		return err
+	}
+	if st == chunkpb.Status_STATUS_CHUNK_NOTEXIST {
+		clear(pc.buf)
+		return nil
+	}
+	if len(data) != len(pc.buf) {
+		return fmt.Errorf("chunk %d returned %d bytes for a %d-byte read", ref.GetChunkId(), len(data), len(pc.buf))
+	}
+	copy(pc.buf, data)
+	return nil
+}
+
+// unmapPiece deletes a whole chunk (nil buf) or zeroes part of one.
+func (r *router) unmapPiece(ctx context.Context, pc piece) error {
+	v := r.v
+	ref, err := r.chunkRef(ctx, pc, false)
+	if errors.Is(err, errUnallocated) {
+		return nil // never written: already zeros
+	}
+	if err != nil {
+		return err
+	}
+	if pc.buf != nil {
+		return r.writePiece(ctx, pc)
+	}
+	_, err = r.call(ctx, ref.GetCopyset(), func(ctx context.Context, cl chunkpb.ChunkServiceClient) (outcome, error) {
+		resp, err := cl.DeleteChunk(ctx, &chunkpb.DeleteChunkRequest{
+			Copyset: ref.GetCopyset(), ChunkId: ref.GetChunkId(), VolumeId: v.id, Epoch: v.epoch,
+		})
+		return outcome{resp.GetStatus(), resp.GetLeader(), resp.GetMessage()}, err
+	})
+	return err
+}

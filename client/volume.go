@@ -1,0 +1,257 @@
+package client
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/mds/mdsclient"
+)
+
+// Options tune a volume handle. Zero values take the defaults named.
+type Options struct {
+	// ReadOnly opens the volume without taking the write epoch: it fences
+	// no one and cannot write.
+	ReadOnly bool
+	// ClientName is recorded in the MDS session (who has the volume open);
+	// default "<host>/pid-<pid>".
+	ClientName string
+	// RetryTimeout bounds how long one IO keeps retrying transient failures
+	// before it fails with ErrTimeout (default 60s).
+	RetryTimeout time.Duration
+	// MaxInflight bounds chunk requests in flight for the volume (default
+	// 256).
+	MaxInflight int
+	Logger      *slog.Logger
+}
+
+// Stats count what a volume handle did, for metrics.
+type Stats struct {
+	Reads, Writes, Unmaps   uint64 // IOs completed
+	ReadBytes, WrittenBytes uint64
+	ChunkRequests           uint64 // pieces sent to chunkservers
+	Retries, Redirects      uint64
+	SegmentsAllocated       uint64
+	Errors                  uint64
+}
+
+// Volume is an open volume. Its methods are safe for concurrent use.
+type Volume struct {
+	name string
+	opts Options
+	log  *slog.Logger
+	mds  *mdsclient.Conn
+
+	id        uint64
+	epoch     uint64 // 0 for read-only handles
+	session   string
+	lease     time.Duration
+	chunkSize int64
+	segSize   int64
+	blockSize int64
+	pieceSize int64
+	size      atomic.Int64
+
+	r *router
+
+	sem    chan struct{}
+	fenced atomic.Bool
+	closed atomic.Bool
+	stop   chan struct{}
+	wg     sync.WaitGroup
+
+	stats struct {
+		reads, writes, unmaps, readBytes, writtenBytes, chunkReqs, retries, redirects, allocs, errors atomic.Uint64
+	}
+}
+
+// Open opens a volume for writing with default options. Opening for writing
+// fences every earlier writer of the volume.
+func Open(ctx context.Context, mdsAddrs []string, volume string) (*Volume, error) {
+	return OpenWithOptions(ctx, mdsAddrs, volume, Options{})
+}
+
+// OpenWithOptions opens a volume.
+func OpenWithOptions(ctx context.Context, mdsAddrs []string, volume string, o Options) (*Volume, error) {
+	if o.RetryTimeout <= 0 {
+		o.RetryTimeout = 60 * time.Second
+	}
+	if o.MaxInflight <= 0 {
+		o.MaxInflight = 256
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.ClientName == "" {
+		h, _ := os.Hostname()
+		o.ClientName = fmt.Sprintf("%s/pid-%d", h, os.Getpid())
+	}
+	conn, err := mdsclient.Dial(mdsAddrs, mdsclient.Options{Logger: o.Logger, RetryBudget: o.RetryTimeout})
+	if err != nil {
+		return nil, fmt.Errorf("client: connect to the MDS: %w", err)
+	}
+	resp, err := conn.Volumes().OpenVolume(ctx, &mdspb.OpenVolumeRequest{Name: volume, Writable: !o.ReadOnly, Client: o.ClientName})
+	if err != nil {
+		conn.Close()
+		if status.Code(err) == codes.NotFound {
+			return nil, fmt.Errorf("%w: %s", ErrNotFound, volume)
+		}
+		return nil, fmt.Errorf("client: open volume %s: %w", volume, err)
+	}
+	vol, consts := resp.GetVolume(), resp.GetConstants()
+	v := &Volume{
+		name:      volume,
+		opts:      o,
+		log:       o.Logger.With("component", "client", "volume", volume),
+		mds:       conn,
+		id:        vol.GetId(),
+		session:   resp.GetSession().GetSessionId(),
+		lease:     time.Duration(resp.GetLeaseSeconds()) * time.Second,
+		chunkSize: int64(vol.GetChunkSize()),
+		segSize:   int64(vol.GetSegmentSize()),
+		blockSize: int64(consts.GetBlockSize()),
+		sem:       make(chan struct{}, o.MaxInflight),
+		stop:      make(chan struct{}),
+	}
+	if !o.ReadOnly {
+		v.epoch = vol.GetEpoch()
+	}
+	if v.chunkSize <= 0 || v.segSize <= 0 || v.segSize%v.chunkSize != 0 {
+		conn.Close()
+		return nil, fmt.Errorf("client: volume %s has an invalid geometry (chunk %d, segment %d)", volume, v.chunkSize, v.segSize)
+	}
+	if v.blockSize <= 0 {
+		v.blockSize = 512
+	}
+	// Pieces stay well under what a chunkserver takes in one request (a
+	// quarter of a chunk file).
+	v.pieceSize = min(1<<20, v.chunkSize/8)
+	v.size.Store(int64(vol.GetSize()))
+	v.r = newRouter(v)
+	if v.lease <= 0 {
+		v.lease = 30 * time.Second
+	}
+	v.wg.Add(1)
+	go v.refreshLoop()
+	v.log.Debug("volume opened", "id", v.id, "epoch", v.epoch, "size", v.Size())
+	return v, nil
+}
+
+// Name is the volume's name.
+func (v *Volume) Name() string { return v.name }
+
+// Size is the volume's length in bytes; it grows when the volume is extended.
+func (v *Volume) Size() int64 { return v.size.Load() }
+
+// BlockSize is the IO granularity: offsets and lengths are multiples of it.
+func (v *Volume) BlockSize() int64 { return v.blockSize }
+
+// Epoch is the write epoch this handle holds (0 when read-only).
+func (v *Volume) Epoch() uint64 { return v.epoch }
+
+// Stats returns the handle's counters.
+func (v *Volume) Stats() Stats {
+	s := &v.stats
+	return Stats{
+		Reads: s.reads.Load(), Writes: s.writes.Load(), Unmaps: s.unmaps.Load(),
+		ReadBytes: s.readBytes.Load(), WrittenBytes: s.writtenBytes.Load(),
+		ChunkRequests: s.chunkReqs.Load(), Retries: s.retries.Load(), Redirects: s.redirects.Load(),
+		SegmentsAllocated: s.allocs.Load(), Errors: s.errors.Load(),
+	}
+}
+
+// Flush returns once every write that completed before it is durable. Writes
+// are durable on a quorum when they return, so Flush only reports whether the
+// handle is still usable.
+func (v *Volume) Flush() error {
+	if v.closed.Load() {
+		return ErrClosed
+	}
+	if v.fenced.Load() {
+		return ErrFenced
+	}
+	return nil
+}
+
+// Close ends the session and releases connections. IO in flight fails with
+// ErrClosed or completes.
+func (v *Volume) Close() error {
+	if !v.closed.CompareAndSwap(false, true) {
+		return nil
+	}
+	close(v.stop)
+	v.wg.Wait()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_, err := v.mds.Volumes().CloseVolume(ctx, &mdspb.CloseVolumeRequest{Name: v.name, SessionId: v.session})
+	v.r.close()
+	v.mds.Close()
+	if err != nil && status.Code(err) != codes.NotFound {
+		return fmt.Errorf("client: close session of %s: %w", v.name, err)
+	}
+	return nil
+}
+
+// refreshLoop renews the MDS session and picks up size changes.
+func (v *Volume) refreshLoop() {
+	defer v.wg.Done()
+	t := time.NewTicker(max(v.lease/3, 200*time.Millisecond))
+	defer t.Stop()
+	for {
+		select {
+		case <-v.stop:
+			return
+		case <-t.C:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), v.lease/2)
+		resp, err := v.mds.Volumes().RefreshSession(ctx, &mdspb.RefreshSessionRequest{Name: v.name, SessionId: v.session})
+		cancel()
+		if err != nil {
+			// IO goes on without the MDS: the epoch, not the session,
+			// keeps writers apart.
+			v.log.Warn("cannot renew the volume session", "err", err)
+			continue
+		}
+		if sz := int64(resp.GetVolume().GetSize()); sz > v.size.Load() {
+			v.log.Info("volume grew", "size", sz)
+			v.size.Store(sz)
+		}
+		if e := resp.GetVolume().GetEpoch(); v.epoch != 0 && e > v.epoch && !v.fenced.Load() {
+			v.log.Warn("volume opened for writing elsewhere; this handle is fenced", "epoch", v.epoch, "now", e)
+			v.fenced.Store(true)
+		}
+	}
+}
+
+// Refresh asks the MDS for the volume's current size now (for callers that
+// just extended it).
+func (v *Volume) Refresh(ctx context.Context) error {
+	resp, err := v.mds.Volumes().RefreshSession(ctx, &mdspb.RefreshSessionRequest{Name: v.name, SessionId: v.session})
+	if err != nil {
+		return fmt.Errorf("client: refresh %s: %w", v.name, err)
+	}
+	if sz := int64(resp.GetVolume().GetSize()); sz > v.size.Load() {
+		v.size.Store(sz)
+	}
+	return nil
+}
+
+func (v *Volume) usable(write bool) error {
+	switch {
+	case v.closed.Load():
+		return ErrClosed
+	case v.fenced.Load():
+		return ErrFenced
+	case write && v.opts.ReadOnly:
+		return ErrReadOnly
+	}
+	return nil
+}

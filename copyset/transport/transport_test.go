@@ -1,0 +1,202 @@
+package transport
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"go.etcd.io/raft/v3/raftpb"
+	"google.golang.org/grpc"
+
+	"cairn.io/cairn/api/transportpb"
+)
+
+type addrs map[uint64]string
+
+func (a addrs) Resolve(_ context.Context, id uint64) (string, error) {
+	if s, ok := a[id]; ok {
+		return s, nil
+	}
+	return "", fmt.Errorf("no address for %d", id)
+}
+
+type received struct {
+	from, group uint64
+	m           *raftpb.Message
+}
+
+type collector struct {
+	mu  sync.Mutex
+	got []received
+}
+
+func (c *collector) HandleRaft(from, group uint64, m *raftpb.Message) {
+	c.mu.Lock()
+	c.got = append(c.got, received{from, group, m})
+	c.mu.Unlock()
+}
+
+func (c *collector) HandleSnapshot(context.Context, *transportpb.SnapshotChunk, func() (*transportpb.SnapshotChunk, error)) error {
+	return nil
+}
+
+func (c *collector) count() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.got)
+}
+
+// pair starts two transports (nodes 1 and 2) on loopback.
+func pair(t *testing.T, faults *Faults) (*Transport, *collector, *Transport) {
+	t.Helper()
+	a := addrs{}
+	var trs []*Transport
+	var cols []*collector
+	for id := uint64(1); id <= 2; id++ {
+		lis, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		a[id] = lis.Addr().String()
+		col := &collector{}
+		tr := New(Config{NodeID: id, Resolver: a, Handler: col, Faults: faults})
+		srv := grpc.NewServer()
+		tr.Register(srv)
+		go srv.Serve(lis)
+		t.Cleanup(func() { tr.Close(); srv.Stop() })
+		trs, cols = append(trs, tr), append(cols, col)
+	}
+	return trs[0], cols[1], trs[1]
+}
+
+func waitCount(t *testing.T, c *collector, n int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for c.count() < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("received %d messages, want %d", c.count(), n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func msg(typ raftpb.MessageType, to, from, term, commit uint64, ctx []byte) *raftpb.Message {
+	return &raftpb.Message{Type: &typ, To: &to, From: &from, Term: &term, Commit: &commit, Context: ctx}
+}
+
+// TestHeartbeatsTravelCoalesced sends heartbeats of many copysets and checks
+// that they cross as compact heartbeat entries, not Raft messages, and
+// arrive with every field intact.
+func TestHeartbeatsTravelCoalesced(t *testing.T) {
+	tr1, col2, _ := pair(t, nil)
+	const groups = 300
+	for g := uint64(1); g <= groups; g++ {
+		typ := raftpb.MsgHeartbeat
+		if g%2 == 0 {
+			typ = raftpb.MsgHeartbeatResp
+		}
+		tr1.Send(g, msg(typ, 2, 1, 7, g*10, []byte{byte(g)}))
+	}
+	app := msg(raftpb.MsgApp, 2, 1, 7, 5, nil)
+	app.Entries = []*raftpb.Entry{{Index: new(uint64(6)), Term: new(uint64(7)), Data: []byte("payload")}}
+	tr1.Send(999, app)
+	waitCount(t, col2, groups+1)
+	st := tr1.Stats()
+	if st.HeartbeatsSent != groups || st.MessagesSent != 1 {
+		t.Fatalf("sent %d heartbeats and %d messages, want %d and 1", st.HeartbeatsSent, st.MessagesSent, groups)
+	}
+	if st.BatchesSent >= groups {
+		t.Fatalf("%d batches for %d heartbeats: nothing was coalesced", st.BatchesSent, groups)
+	}
+	col2.mu.Lock()
+	defer col2.mu.Unlock()
+	for _, r := range col2.got {
+		m := r.m
+		if r.from != 1 || m.GetFrom() != 1 || m.GetTo() != 2 || m.GetTerm() != 7 {
+			t.Fatalf("message of group %d arrived as %v", r.group, m)
+		}
+		switch r.group {
+		case 999:
+			if m.GetType() != raftpb.MsgApp || string(m.GetEntries()[0].GetData()) != "payload" {
+				t.Fatalf("MsgApp arrived as %v", m)
+			}
+		default:
+			want := raftpb.MsgHeartbeat
+			if r.group%2 == 0 {
+				want = raftpb.MsgHeartbeatResp
+			}
+			if m.GetType() != want || len(m.GetContext()) != 1 || m.GetContext()[0] != byte(r.group) {
+				t.Fatalf("heartbeat of group %d arrived as %v", r.group, m)
+			}
+			if want == raftpb.MsgHeartbeat && m.GetCommit() != r.group*10 {
+				t.Fatalf("heartbeat of group %d carries commit %d", r.group, m.GetCommit())
+			}
+		}
+	}
+}
+
+func TestPartitionDropsBothWays(t *testing.T) {
+	f := NewFaults(3)
+	tr1, col2, tr2 := pair(t, f)
+	f.Partition(1, 2)
+	for g := uint64(1); g <= 50; g++ {
+		if tr1.Send(g, msg(raftpb.MsgHeartbeat, 2, 1, 1, 0, nil)) {
+			t.Fatal("a message crossed a partition")
+		}
+		if tr2.Send(g, msg(raftpb.MsgHeartbeat, 1, 2, 1, 0, nil)) {
+			t.Fatal("a message crossed a partition")
+		}
+	}
+	f.Heal()
+	tr1.Send(1, msg(raftpb.MsgHeartbeat, 2, 1, 1, 0, nil))
+	waitCount(t, col2, 1)
+	if n := col2.count(); n != 1 {
+		t.Fatalf("%d messages arrived, want only the one sent after healing", n)
+	}
+}
+
+func TestDropAndDuplicateRates(t *testing.T) {
+	f := NewFaults(9)
+	tr1, col2, _ := pair(t, f)
+	f.SetRates(0.3, 0.3, 0, 0)
+	sent := 0
+	for g := uint64(1); g <= 1000; g++ {
+		if tr1.Send(g, msg(raftpb.MsgHeartbeat, 2, 1, 1, 0, nil)) {
+			sent++
+		}
+	}
+	// Dropped messages are reported as not sent; duplicates arrive twice.
+	if sent < 600 || sent > 800 {
+		t.Fatalf("%d of 1000 sent with a 30%% drop rate", sent)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if n := col2.count(); n <= sent {
+		t.Fatalf("%d arrived for %d sent with a 30%% duplicate rate", n, sent)
+	}
+}
+
+func TestBatchForAnotherNodeIsRefused(t *testing.T) {
+	// Node 1 believes node 2's address belongs to node 3.
+	a := addrs{}
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	col := &collector{}
+	real := New(Config{NodeID: 2, Resolver: a, Handler: col})
+	srv := grpc.NewServer()
+	real.Register(srv)
+	go srv.Serve(lis)
+	defer srv.Stop()
+	a[3] = lis.Addr().String()
+	wrong := New(Config{NodeID: 1, Resolver: a, Handler: &collector{}})
+	defer wrong.Close()
+	wrong.Send(1, msg(raftpb.MsgHeartbeat, 3, 1, 1, 0, nil))
+	time.Sleep(300 * time.Millisecond)
+	if col.count() != 0 {
+		t.Fatal("a batch addressed to node 3 was delivered on node 2")
+	}
+}

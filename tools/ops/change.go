@@ -1,0 +1,356 @@
+package ops
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"cairn.io/cairn/api/commonpb"
+	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/units"
+)
+
+func (a *app) createCommand() *cobra.Command {
+	cmd := &cobra.Command{Use: "create", Short: "Create a volume or a logical pool"}
+	cmd.AddCommand(a.createVolumeCommand(), a.createPoolCommand())
+	return cmd
+}
+
+func (a *app) extendCommand() *cobra.Command {
+	cmd := &cobra.Command{Use: "extend", Short: "Grow a volume"}
+	var size string
+	vol := &cobra.Command{
+		Use: "volume NAME --size SIZE", Short: "Grow a volume to SIZE (rounded up to whole segments; never shrinks)",
+		Args: exactArgs(1, "NAME"),
+		RunE: a.runE(func(ctx context.Context, _ *cobra.Command, args []string) error {
+			n, err := units.ParseBytes(size)
+			if err != nil {
+				return usageError(fmt.Errorf("--size: %w", err))
+			}
+			cctx, cancel := a.callCtx(ctx)
+			defer cancel()
+			resp, err := a.conn.Volumes().ExtendVolume(cctx, &mdspb.ExtendVolumeRequest{Name: args[0], NewSize: n})
+			if err != nil {
+				return rpcErr(fmt.Sprintf("extend volume %q", args[0]), err)
+			}
+			return a.emitVolumeChange(ctx, "extended", resp.Volume, n)
+		}),
+	}
+	vol.Flags().StringVar(&size, "size", "", "new size: bytes or a size such as 20GiB")
+	_ = vol.MarkFlagRequired("size")
+	cmd.AddCommand(vol)
+	return cmd
+}
+
+func (a *app) deleteCommand() *cobra.Command {
+	cmd := &cobra.Command{Use: "delete", Short: "Delete a volume"}
+	var yes, force bool
+	vol := &cobra.Command{
+		Use:   "volume NAME",
+		Short: "Delete a volume (asks for its name as confirmation unless --yes)",
+		Long: `delete volume removes a volume's name at once and frees its chunks in the
+background. It asks for the volume's name as confirmation on standard input
+unless --yes is given. A volume open for writing is refused unless --force.`,
+		Args: exactArgs(1, "NAME"),
+		RunE: a.runE(func(ctx context.Context, _ *cobra.Command, args []string) error {
+			name := args[0]
+			st, err := a.statVolume(ctx, name)
+			if err != nil {
+				return err
+			}
+			if !yes {
+				if err := a.confirm(st.Volume, st.Sessions); err != nil {
+					return err
+				}
+			}
+			cctx, cancel := a.callCtx(ctx)
+			defer cancel()
+			if _, err := a.conn.Volumes().DeleteVolume(cctx, &mdspb.DeleteVolumeRequest{Name: name, Force: force}); err != nil {
+				return rpcErr(fmt.Sprintf("delete volume %q", name), err)
+			}
+			return a.emit(&deleteResult{Deleted: name, VolumeID: st.Volume.Id})
+		}),
+	}
+	vol.Flags().BoolVarP(&yes, "yes", "y", false, "do not ask for confirmation")
+	vol.Flags().BoolVar(&force, "force", false, "delete even while a client has the volume open for writing")
+	cmd.AddCommand(vol)
+	return cmd
+}
+
+// confirm asks the operator to type the volume's name.
+func (a *app) confirm(v *mdspb.Volume, sessions []*mdspb.Session) error {
+	open := ""
+	if len(sessions) > 0 {
+		open = fmt.Sprintf(", open by %d client(s)", len(sessions))
+	}
+	fmt.Fprintf(a.stderr, "Delete volume %q (%s, %d segment(s) allocated%s)? Its data cannot be recovered.\nType the volume name to confirm: ",
+		v.Name, formatBytes(v.Size), v.AllocatedSegments, open)
+	line, err := bufio.NewReader(a.stdin).ReadString('\n')
+	if err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("read confirmation: %w", err)
+	}
+	if strings.TrimSpace(line) != v.Name {
+		fmt.Fprintln(a.stderr)
+		return fmt.Errorf("delete volume %q: %w", v.Name, ErrNotConfirmed)
+	}
+	return nil
+}
+
+type deleteResult struct {
+	Deleted  string `json:"deleted"`
+	VolumeID uint64 `json:"volume_id"`
+}
+
+func (r *deleteResult) writeTable(t *table) {
+	t.line("volume %q (id %d) deleted; its chunks are freed in the background", r.Deleted, r.VolumeID)
+}
+
+func (a *app) createVolumeCommand() *cobra.Command {
+	var size, pool, owner string
+	cmd := &cobra.Command{
+		Use: "volume NAME --size SIZE", Short: "Create a volume (size rounded up to whole segments)",
+		Args: exactArgs(1, "NAME"),
+		RunE: a.runE(func(ctx context.Context, _ *cobra.Command, args []string) error {
+			n, err := units.ParseBytes(size)
+			if err != nil {
+				return usageError(fmt.Errorf("--size: %w", err))
+			}
+			cctx, cancel := a.callCtx(ctx)
+			defer cancel()
+			resp, err := a.conn.Volumes().CreateVolume(cctx, &mdspb.CreateVolumeRequest{Name: args[0], Size: n, Owner: owner, Pool: pool})
+			if err != nil {
+				return rpcErr(fmt.Sprintf("create volume %q", args[0]), err)
+			}
+			return a.emitVolumeChange(ctx, "created", resp.Volume, n)
+		}),
+	}
+	cmd.Flags().StringVar(&size, "size", "", "size: bytes or a size such as 10GiB")
+	cmd.Flags().StringVar(&pool, "pool", "", "logical pool name (default: the only or first pool)")
+	cmd.Flags().StringVar(&owner, "owner", "", "owner recorded with the volume")
+	_ = cmd.MarkFlagRequired("size")
+	return cmd
+}
+
+type volumeChange struct {
+	Action        string     `json:"action"`
+	RequestedSize uint64     `json:"requested_size"`
+	Volume        volumeView `json:"volume"`
+}
+
+func (a *app) emitVolumeChange(ctx context.Context, action string, v *mdspb.Volume, requested uint64) error {
+	names := map[uint32]string{}
+	if pools, err := a.listPools(ctx); err == nil {
+		names = logicalPoolNames(pools.LogicalPools)
+	}
+	return a.emit(&volumeChange{Action: action, RequestedSize: requested, Volume: newVolumeView(v, names)})
+}
+
+func (r *volumeChange) writeTable(t *table) {
+	v := r.Volume
+	t.line("volume %q (id %d) %s: %s in pool %s", v.Name, v.ID, r.Action, formatBytes(v.Size), dash(v.LogicalPool))
+	if v.Size != r.RequestedSize {
+		t.line("(%s requested, rounded up to whole segments of %s)", formatBytes(r.RequestedSize), formatBytes(v.SegmentSize))
+	}
+}
+
+func (a *app) createPoolCommand() *cobra.Command {
+	var physical string
+	var perCS, replicas uint32
+	var wait time.Duration
+	cmd := &cobra.Command{
+		Use:   "pool NAME --physical-pool P",
+		Short: "Create a logical pool: place copysets over a physical pool's chunkservers",
+		Long: `create pool places copysets over the chunkservers of a physical pool (at least
+three zones) and asks every member chunkserver to create them. Creating a pool
+that exists returns it. With --wait it waits until every chunkserver has
+created its copysets (the pool is ready).`,
+		Args: exactArgs(1, "NAME"),
+		RunE: a.runE(func(ctx context.Context, _ *cobra.Command, args []string) error {
+			name := args[0]
+			cctx, cancel := a.callCtx(ctx)
+			resp, err := a.conn.Topology().CreateLogicalPool(cctx, &mdspb.CreateLogicalPoolRequest{
+				Name: name, PhysicalPool: physical, Replicas: replicas, CopysetsPerChunkserver: perCS,
+			})
+			cancel()
+			var lp *mdspb.LogicalPool
+			switch {
+			case err == nil:
+				lp = resp.Pool
+			case status.Code(err) == codes.Aborted && wait > 0:
+				// Recorded; some chunkservers have not created their
+				// copysets yet and the MDS keeps asking them.
+			default:
+				return rpcErr(fmt.Sprintf("create logical pool %q", name), err)
+			}
+			if wait > 0 && (lp == nil || lp.Status != mdspb.LogicalPoolStatus_LOGICAL_POOL_STATUS_READY) {
+				if lp, err = a.waitPoolReady(ctx, name, wait); err != nil {
+					return err
+				}
+			}
+			pools, err := a.listPools(ctx)
+			if err != nil {
+				return err
+			}
+			phys := map[uint32]string{}
+			for _, p := range pools.PhysicalPools {
+				phys[p.Id] = p.Name
+			}
+			v := newLogicalPoolView(lp, phys)
+			return a.emit(&v)
+		}),
+	}
+	cmd.Flags().StringVar(&physical, "physical-pool", "", "physical pool whose chunkservers hold the copysets")
+	cmd.Flags().Uint32Var(&perCS, "copysets-per-chunkserver", 0, "copyset replicas per chunkserver (default: the MDS's, 100)")
+	cmd.Flags().Uint32Var(&replicas, "replicas", 3, "replicas per copyset (only 3 is supported)")
+	cmd.Flags().DurationVar(&wait, "wait", 0, "wait up to this long for the pool to become ready")
+	_ = cmd.MarkFlagRequired("physical-pool")
+	return cmd
+}
+
+// waitPoolReady polls the pool until it is READY or wait passes.
+func (a *app) waitPoolReady(ctx context.Context, name string, wait time.Duration) (*mdspb.LogicalPool, error) {
+	deadline := time.Now().Add(wait)
+	for {
+		pools, err := a.listPools(ctx)
+		if err != nil {
+			return nil, err
+		}
+		var lp *mdspb.LogicalPool
+		for _, p := range pools.LogicalPools {
+			if p.Name == name {
+				lp = p
+			}
+		}
+		if lp != nil && lp.Status == mdspb.LogicalPoolStatus_LOGICAL_POOL_STATUS_READY {
+			return lp, nil
+		}
+		if time.Now().After(deadline) {
+			if lp == nil {
+				return nil, notFound(fmt.Errorf("logical pool %q was not recorded", name))
+			}
+			return nil, fmt.Errorf("logical pool %q is still being created after %s: not every chunkserver has created its copysets (the MDS keeps asking)", name, wait)
+		}
+		if err := sleepCtx(ctx, 200*time.Millisecond); err != nil {
+			return nil, err
+		}
+	}
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
+
+func (v *logicalPoolView) writeTable(t *table) {
+	t.line("logical pool %q (id %d) over physical pool %q: %s, %d copysets, %d replicas, %d copysets per chunkserver",
+		v.Name, v.ID, v.PhysicalPool, v.Status, v.Copysets, v.Replicas, v.CopysetsPerChunkserver)
+}
+
+func (a *app) updateCommand() *cobra.Command {
+	cmd := &cobra.Command{Use: "update", Short: "Change a copyset's leader"}
+	var copyset string
+	var to uint64
+	var wait time.Duration
+	leader := &cobra.Command{
+		Use:   "leader --copyset ID --to CHUNKSERVER",
+		Short: "Move a copyset's leadership to one of its members",
+		Long: `update leader queues a transfer-leader operator at the MDS; the copyset's
+leader carries it out after its next heartbeat. ID is POOL:COPYSET (or COPYSET
+when there is one logical pool). With --wait it waits until the MDS sees the
+new leader.`,
+		Args: exactArgs(0, "none"),
+		RunE: a.runE(func(ctx context.Context, _ *cobra.Command, _ []string) error {
+			pools, err := a.listPools(ctx)
+			if err != nil {
+				return err
+			}
+			ref, err := parseCopysetID(copyset, pools.LogicalPools)
+			if err != nil {
+				return err
+			}
+			before, err := a.getCopysets(ctx, []*commonpb.CopysetRef{ref})
+			if err != nil {
+				return err
+			}
+			cctx, cancel := a.callCtx(ctx)
+			resp, err := a.conn.Cluster().TransferLeader(cctx, &mdspb.TransferLeaderRequest{Copyset: ref, ToChunkserverId: to})
+			cancel()
+			if err != nil {
+				return rpcErr(fmt.Sprintf("transfer leadership of copyset %s to chunkserver %d", copysetName(ref), to), err)
+			}
+			out := &leaderChange{
+				Copyset: copysetName(ref), LogicalPoolID: ref.LogicalPoolId, CopysetID: ref.CopysetId,
+				From: before[refKey(ref)].GetLeaderId(), To: to, ConfEpoch: resp.Operator.GetConfEpoch(),
+			}
+			if wait > 0 {
+				if err := a.waitLeader(ctx, ref, to, wait); err != nil {
+					return err
+				}
+				out.Done = true
+			}
+			return a.emit(out)
+		}),
+	}
+	leader.Flags().StringVar(&copyset, "copyset", "", "copyset id: POOL:COPYSET, or COPYSET with a single logical pool")
+	leader.Flags().Uint64Var(&to, "to", 0, "chunkserver id of the new leader (a member of the copyset)")
+	leader.Flags().DurationVar(&wait, "wait", 0, "wait up to this long for the new leader to be reported")
+	_ = leader.MarkFlagRequired("copyset")
+	_ = leader.MarkFlagRequired("to")
+	cmd.AddCommand(leader)
+	return cmd
+}
+
+type leaderChange struct {
+	Copyset       string `json:"copyset"`
+	LogicalPoolID uint32 `json:"logical_pool_id"`
+	CopysetID     uint32 `json:"copyset_id"`
+	From          uint64 `json:"from"`
+	To            uint64 `json:"to"`
+	ConfEpoch     uint64 `json:"conf_epoch"`
+	// Done is true once the MDS saw the new leader (only with --wait).
+	Done bool `json:"done"`
+}
+
+func (r *leaderChange) writeTable(t *table) {
+	if r.Done {
+		t.line("copyset %s: leadership moved from chunkserver %s to chunkserver %d", r.Copyset, idOrDash(r.From), r.To)
+		return
+	}
+	t.line("copyset %s: transfer of leadership from chunkserver %s to chunkserver %d queued (conf epoch %d); the leader carries it out after its next heartbeat",
+		r.Copyset, idOrDash(r.From), r.To, r.ConfEpoch)
+}
+
+// waitLeader polls the MDS until it records to as the copyset's leader.
+func (a *app) waitLeader(ctx context.Context, ref *commonpb.CopysetRef, to uint64, wait time.Duration) error {
+	deadline := time.Now().Add(wait)
+	for {
+		cs, err := a.getCopysets(ctx, []*commonpb.CopysetRef{ref})
+		if err != nil {
+			return err
+		}
+		if cs[refKey(ref)].GetLeaderId() == to {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("copyset %s: chunkserver %d is not the leader after %s (leader is %s); the operator stays queued until the leader carries it out or the configuration changes",
+				copysetName(ref), to, wait, idOrDash(cs[refKey(ref)].GetLeaderId()))
+		}
+		if err := sleepCtx(ctx, 100*time.Millisecond); err != nil {
+			return err
+		}
+	}
+}
