@@ -48,15 +48,11 @@ func TestPortsFrom(t *testing.T) {
 // freeBase finds a base port whose whole span is free right now.
 func freeBase(t *testing.T) int {
 	t.Helper()
-	for base := 30000 + os.Getpid()%20000; ; base += PortSpan {
-		if base+PortSpan > 65000 {
-			base = 20000
-		}
-		p, _ := PortsFrom(base)
-		if checkPorts(p) == nil {
-			return base
-		}
+	base, err := FindFreeBase(30000 + os.Getpid()%20000)
+	if err != nil {
+		t.Fatal(err)
 	}
+	return base
 }
 
 // TestCheckPortsNamesTheHolder: a taken port is reported with its use and

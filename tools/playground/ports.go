@@ -200,3 +200,26 @@ func describeProcess(pdir string) string {
 	}
 	return fmt.Sprintf("pid %s (%s)", pid, s)
 }
+
+// FindFreeBase returns a base port for PortsFrom whose whole span can be
+// bound right now, searching upwards from start (wrapping to 20000). Tests
+// and benchmarks use it to run a playground beside anything else; another
+// process may still take a port before the playground binds it, which
+// Start then reports.
+func FindFreeBase(start int) (int, error) {
+	if start < 20000 || start+PortSpan > 60000 {
+		start = 20000
+	}
+	base := start
+	for range (60000 - 20000) / PortSpan {
+		p, err := PortsFrom(base)
+		if err == nil && checkPorts(p) == nil {
+			return base, nil
+		}
+		base += PortSpan
+		if base+PortSpan > 60000 {
+			base = 20000
+		}
+	}
+	return 0, errors.New("no free range of ports between 20000 and 60000")
+}
