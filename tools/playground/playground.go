@@ -126,6 +126,10 @@ func New(cfg Config) (*Playground, error) {
 		}
 		cfg.BinDir = filepath.Dir(exe)
 	}
+	// Children run in the playground's directory: name them absolutely.
+	if cfg.BinDir, err = filepath.Abs(cfg.BinDir); err != nil {
+		return nil, err
+	}
 	for _, b := range Binaries {
 		p := filepath.Join(cfg.BinDir, b)
 		if st, err := os.Stat(p); err != nil || st.IsDir() || st.Mode()&0o111 == 0 {
