@@ -117,7 +117,7 @@ func run() error {
 	size := min(uint64(fill), vol.Size)
 	fmt.Printf("Cairn gateway benchmark: %s (%s), %s filled, %s per job, %d CPUs\n",
 		vol.Name, units.FormatBytes(vol.Size), units.FormatBytes(size), *runtime_, runtime.NumCPU())
-	fmt.Printf("playground %s, MDS %s\n\n", st.Dir, st.MDS)
+	fmt.Printf("playground %s, MDS %s, load average before: %s\n\n", st.Dir, st.MDS, loadAverage())
 
 	if vol.Size > size && *doISCSI {
 		fmt.Printf("note: iscsi-perf reads at random over all %s of %s; only the first %s are written\n\n",
@@ -147,6 +147,7 @@ func run() error {
 		}
 	}
 	printTable(os.Stdout, results)
+	fmt.Printf("load average after: %s\n", loadAverage())
 	if *jsonOut != "" {
 		b, _ := json.MarshalIndent(results, "", "  ")
 		if err := os.WriteFile(*jsonOut, append(b, '\n'), 0o644); err != nil {
@@ -441,4 +442,18 @@ func lat(us float64) string {
 	default:
 		return fmt.Sprintf("%.2fms", us/1000)
 	}
+}
+
+// loadAverage is the first three fields of /proc/loadavg: on a shared
+// machine, what else was running.
+func loadAverage() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "unknown"
+	}
+	return strings.Join(f[:3], " ")
 }
