@@ -185,7 +185,7 @@ func startPlayground(bin string, volSize uint64, keep bool) (*startedPlayground,
 	if err != nil {
 		return nil, err
 	}
-	base, err := playground.FindFreeBase(30000 + os.Getpid()%20000)
+	base, err := playground.FindFreeBase(os.Getpid())
 	if err != nil {
 		return nil, err
 	}

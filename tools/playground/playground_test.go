@@ -48,7 +48,7 @@ func TestPortsFrom(t *testing.T) {
 // freeBase finds a base port whose whole span is free right now.
 func freeBase(t *testing.T) int {
 	t.Helper()
-	base, err := FindFreeBase(30000 + os.Getpid()%20000)
+	base, err := FindFreeBase(os.Getpid())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -248,5 +248,24 @@ func TestStopBeforeLaunch(t *testing.T) {
 	c.launch()
 	if running, _ := c.running(); running || pidOf(c) != 0 {
 		t.Error("a stopped child started")
+	}
+}
+
+// TestFindFreeBaseAvoidsEphemeralPorts: the range found is free and lies
+// outside the kernel's ephemeral ports.
+func TestFindFreeBaseAvoidsEphemeralPorts(t *testing.T) {
+	lo, hi := ephemeralRange()
+	for _, seed := range []int{0, 1, os.Getpid(), -7} {
+		base, err := FindFreeBase(seed)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if base+PortSpan > lo && base <= hi {
+			t.Errorf("seed %d: base %d overlaps the ephemeral range %d-%d", seed, base, lo, hi)
+		}
+		p, _ := PortsFrom(base)
+		if err := checkPorts(p); err != nil {
+			t.Errorf("seed %d: %v", seed, err)
+		}
 	}
 }

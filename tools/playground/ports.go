@@ -202,24 +202,50 @@ func describeProcess(pdir string) string {
 }
 
 // FindFreeBase returns a base port for PortsFrom whose whole span can be
-// bound right now, searching upwards from start (wrapping to 20000). Tests
-// and benchmarks use it to run a playground beside anything else; another
-// process may still take a port before the playground binds it, which
-// Start then reports.
-func FindFreeBase(start int) (int, error) {
-	if start < 20000 || start+PortSpan > 60000 {
-		start = 20000
+// bound right now. It searches outside the kernel's ephemeral port range
+// (net.ipv4.ip_local_port_range), where other programs' listeners on port 0
+// and outgoing connections take ports at any moment, starting at a point
+// derived from seed so that concurrent callers spread out. Another process
+// may still take a port before the playground binds it, which Start then
+// reports.
+func FindFreeBase(seed int) (int, error) {
+	lo, hi := ephemeralRange()
+	var bases []int
+	for b := 10000; b+PortSpan <= 65536; b += PortSpan {
+		if b+PortSpan <= lo || b > hi {
+			bases = append(bases, b)
+		}
 	}
-	base := start
-	for range (60000 - 20000) / PortSpan {
+	if len(bases) == 0 {
+		return 0, errors.New("no port range outside the ephemeral ports")
+	}
+	start := (seed%len(bases) + len(bases)) % len(bases)
+	for i := range bases {
+		base := bases[(start+i)%len(bases)]
 		p, err := PortsFrom(base)
 		if err == nil && checkPorts(p) == nil {
 			return base, nil
 		}
-		base += PortSpan
-		if base+PortSpan > 60000 {
-			base = 20000
-		}
 	}
-	return 0, errors.New("no free range of ports between 20000 and 60000")
+	return 0, errors.New("no free range of ports outside the ephemeral ports")
+}
+
+// ephemeralRange reads the kernel's ephemeral port range (default
+// 32768-60999 when it cannot be read).
+func ephemeralRange() (lo, hi int) {
+	lo, hi = 32768, 60999
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return lo, hi
+	}
+	f := strings.Fields(string(b))
+	if len(f) != 2 {
+		return lo, hi
+	}
+	l, err1 := strconv.Atoi(f[0])
+	h, err2 := strconv.Atoi(f[1])
+	if err1 != nil || err2 != nil || l > h {
+		return lo, hi
+	}
+	return l, h
 }
