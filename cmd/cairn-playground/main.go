@@ -22,7 +22,6 @@ import (
 	"io/fs"
 	"log/slog"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"strings"
@@ -114,7 +113,7 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 		}
 		return err
 	}
-	printBanner(stdout, pg.State(), time.Since(start), cfg.BinDir)
+	printBanner(stdout, pg.State(), time.Since(start), pg.BinDir())
 	select {
 	case <-ctx.Done():
 	case <-pg.Failed():
@@ -155,7 +154,7 @@ func printBanner(w io.Writer, st playground.State, took time.Duration, binDir st
 	fmt.Fprintf(w, "    iscsi-ls -s iscsi://%s\n", st.ISCSI)
 	fmt.Fprintf(w, "    iscsi-readcapacity16 %s\n", v.ISCSIURL)
 	fmt.Fprintf(w, "    qemu-img bench -w -d 32 -c 100000 -s 4k -f raw %s\n", v.ISCSIURL)
-	if ops, err := exec.LookPath(filepath.Join(binDir, "cairn-ops")); err == nil {
+	if ops := filepath.Join(binDir, "cairn-ops"); isExecutable(ops) {
 		fmt.Fprintf(w, "    %s --mds %s status\n", rel(ops), st.MDS)
 		fmt.Fprintf(w, "    %s --mds %s list volume\n", rel(ops), st.MDS)
 	}
@@ -189,7 +188,7 @@ func cleanDir(dir string, yes bool, stdin io.Reader, stdout io.Writer) error {
 		return fmt.Errorf("a playground (pid %d) runs in %s: stop it first", pid, abs)
 	}
 	if !yes {
-		fmt.Fprintf(stdout, "Remove %s (%s)? [y/N] ", abs, units.FormatBytes(duBytes(abs)))
+		fmt.Fprintf(stdout, "Remove %s (about %s)? [y/N] ", abs, units.FormatBytes(max(duBytes(abs)&^(1<<20-1), 1<<20)))
 		line, _ := bufio.NewReader(stdin).ReadString('\n')
 		if a := strings.ToLower(strings.TrimSpace(line)); a != "y" && a != "yes" {
 			fmt.Fprintln(stdout, "not removed")
@@ -218,4 +217,9 @@ func duBytes(dir string) uint64 {
 		return nil
 	})
 	return n
+}
+
+func isExecutable(path string) bool {
+	st, err := os.Stat(path)
+	return err == nil && !st.IsDir() && st.Mode()&0o111 != 0
 }

@@ -601,6 +601,9 @@ func (pg *Playground) State() State {
 	return st
 }
 
+// BinDir returns the directory the binaries are taken from (absolute).
+func (pg *Playground) BinDir() string { return pg.cfg.BinDir }
+
 // Dir returns the playground's directory (absolute).
 func (pg *Playground) Dir() string { return pg.dir }
 
