@@ -64,3 +64,16 @@ iscsi-conformance: ## run libiscsi's iscsi-test-cu against Cairn's iSCSI target 
 BENCH_COPYSET_FLAGS ?= -copysets 1,10,100 -duration 10s
 bench-copyset: ## committed 4 KiB writes/s and entries per fdatasync: shared group-commit WAL vs one WAL per copyset (~1.5 GiB of disk, removed after)
 	$(GO) run ./bench/copyset $(BENCH_COPYSET_FLAGS)
+
+.PHONY: playground
+PLAYGROUND_FLAGS ?=
+playground: build ## start a local cluster (MDS, three chunkservers in three zones, NBD/iSCSI gateway) with volume vol0; data in .playground, Ctrl-C stops it
+	$(BIN)/cairn-playground --bin-dir $(BIN) $(PLAYGROUND_FLAGS)
+
+.PHONY: bench bench-iscsi
+BENCH_FLAGS ?= -fill 1GiB -runtime 30s
+bench: build ## fio --ioengine=nbd against a temporary playground's vol0: 4 KiB random QD1/QD32, 1 MiB sequential (~4 GiB of disk, removed after)
+	$(GO) run ./bench/gateway -bin $(BIN) -nbd -iscsi=false $(BENCH_FLAGS)
+
+bench-iscsi: build ## qemu-img bench and iscsi-perf against a temporary playground's vol0 over iSCSI (~4 GiB of disk, removed after)
+	$(GO) run ./bench/gateway -bin $(BIN) -nbd=false -iscsi $(BENCH_FLAGS)

@@ -1,0 +1,111 @@
+// Command cairn-gateway serves the volumes of a Cairn cluster to unmodified
+// initiators: an NBD export per volume and an iSCSI target per volume, from
+// one process.
+//
+//	cairn-gateway --mds 127.0.0.1:6700
+//	nbdinfo nbd://127.0.0.1:10809/vol0
+//	iscsi-ls -s iscsi://127.0.0.1:3260
+//
+// Export names are volume names; the iSCSI target of volume v is
+// iqn.2026-11.io.cairn:v with LUN 0. SIGTERM or SIGINT stops accepting
+// connections, lets the requests in flight finish, flushes and closes the
+// volumes, then exits.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"cairn.io/cairn/gateway"
+)
+
+func main() {
+	if err := run(os.Args[1:]); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return
+		}
+		fmt.Fprintln(os.Stderr, "cairn-gateway:", err)
+		os.Exit(1)
+	}
+}
+
+func run(args []string) error {
+	fs := flag.NewFlagSet("cairn-gateway", flag.ContinueOnError)
+	var (
+		mds         = fs.String("mds", envOr("CAIRN_MDS", "127.0.0.1:6700"), "MDS addresses, comma-separated (env CAIRN_MDS)")
+		nbdListen   = fs.String("nbd-listen", gateway.DefaultNBDAddr, "NBD listen address (\"-\" disables NBD)")
+		iscsiListen = fs.String("iscsi-listen", gateway.DefaultISCSIAddr, "iSCSI portal address (\"-\" disables iSCSI)")
+		metrics     = fs.String("metrics-listen", gateway.DefaultMetricsAddr, "address of /metrics and /healthz (\"-\" disables)")
+		volumes     = fs.String("volumes", "", "comma-separated volume names to export (default: every volume)")
+		poll        = fs.Duration("poll-interval", gateway.DefaultPollInterval, "how often the MDS's volume list is read (deleted and grown volumes)")
+		linger      = fs.Duration("linger", gateway.DefaultLinger, "how long a volume stays open after its last user left")
+		clientName  = fs.String("client-name", "", "name of the gateway's volume sessions at the MDS (default cairn-gateway@<host>)")
+		nopInterval = fs.Duration("iscsi-nop-interval", 10*time.Second, "idle time after which the target pings an iSCSI initiator")
+		logLevel    = fs.String("log-level", "info", "debug, info, warn or error")
+	)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
+		return fmt.Errorf("--log-level: %w", err)
+	}
+	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	if *clientName == "" {
+		host, _ := os.Hostname()
+		*clientName = "cairn-gateway@" + host
+	}
+	cfg := gateway.Config{
+		MDSAddrs:     splitList(*mds),
+		NBDAddr:      *nbdListen,
+		ISCSIAddr:    *iscsiListen,
+		MetricsAddr:  *metrics,
+		Volumes:      splitList(*volumes),
+		PollInterval: *poll,
+		Linger:       *linger,
+		ClientName:   *clientName,
+		Logger:       logger,
+	}
+	cfg.ISCSI.NopInterval = *nopInterval
+	g, err := gateway.New(cfg)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	if err := g.Start(ctx); err != nil {
+		g.Stop()
+		return err
+	}
+	<-ctx.Done()
+	logger.Info("shutting down")
+	return g.Stop()
+}
+
+func envOr(k, def string) string {
+	if v := os.Getenv(k); v != "" {
+		return v
+	}
+	return def
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}

@@ -1,0 +1,156 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/client"
+)
+
+// These tests run the gateway with its real opener: client library volumes
+// over an in-process cluster (1 MiB chunks, 64 MiB segments).
+
+// TestClusterVolumeThroughBothFrontends writes through NBD and reads back
+// through NBD and iSCSI, then writes through iSCSI and reads back through
+// NBD. The volume is opened once: one session at the MDS, epoch 1.
+func TestClusterVolumeThroughBothFrontends(t *testing.T) {
+	for _, tool := range []string{"nbdcopy", "qemu-img"} {
+		needTool(t, tool)
+	}
+	c := startCluster(t)
+	createVolume(t, c, "v", 128<<20)
+	g := startGateway(t, c, nil)
+	pin, err := nbdExports{g}.Open(context.Background(), "v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pin.Close()
+
+	dir := t.TempDir()
+	first, second, back := filepath.Join(dir, "first"), filepath.Join(dir, "second"), filepath.Join(dir, "back")
+	want := writeRandomFile(t, first, 40<<20)
+	// Bounded parallelism: the in-process cluster shares two cores with
+	// the race detector.
+	mustRun(t, 2*time.Minute, "nbdcopy", "--connections=2", "--requests=8", first, nbdURL(g, "v"))
+	mustRun(t, 2*time.Minute, "nbdcopy", nbdURL(g, "v"), back)
+	compareFiles(t, want, back)
+	mustRun(t, 2*time.Minute, "qemu-img", "compare", "-f", "raw", "-F", "raw", first, iscsiURL(g, "v"))
+
+	over := writeRandomFile(t, second, 24<<20)
+	mustRun(t, 2*time.Minute, "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", second, iscsiURL(g, "v"))
+	copy(want, over)
+	os.Remove(back)
+	mustRun(t, 2*time.Minute, "nbdcopy", nbdURL(g, "v"), back)
+	compareFiles(t, want, back)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	st, err := c.Conn.Volumes().StatVolume(ctx, &mdspb.StatVolumeRequest{Name: "v"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e := st.GetVolume().GetEpoch(); e != 1 {
+		t.Errorf("volume epoch %d after NBD and iSCSI users: the gateway opened it more than once", e)
+	}
+	if n := len(st.GetSessions()); n != 1 {
+		t.Errorf("%d sessions at the MDS, want 1: %v", n, st.GetSessions())
+	}
+}
+
+// TestClusterExtendReachesInitiators: after the volume is extended at the
+// MDS, iSCSI initiators read the new capacity and new NBD connections the
+// new size, within a few polls.
+func TestClusterExtendReachesInitiators(t *testing.T) {
+	for _, tool := range []string{"nbdinfo", "iscsi-readcapacity16"} {
+		needTool(t, tool)
+	}
+	c := startCluster(t)
+	createVolume(t, c, "v", 64<<20)
+	g := startGateway(t, c, nil)
+	pin, err := iscsiExports{g}.Open(context.Background(), "v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pin.Close()
+	out := mustRun(t, time.Minute, "iscsi-readcapacity16", iscsiURL(g, "v"))
+	if !strings.Contains(out, "Total size:67108864") {
+		t.Fatalf("capacity before the extend:\n%s", out)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := c.Conn.Volumes().ExtendVolume(ctx, &mdspb.ExtendVolumeRequest{Name: "v", NewSize: 192 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	succeedsSoon(t, 10*time.Second, func() error {
+		out, err := runTool(t, time.Minute, "iscsi-readcapacity16", iscsiURL(g, "v"))
+		if err != nil || !strings.Contains(out, "Total size:201326592") {
+			return fmt.Errorf("capacity after the extend: %v\n%s", err, out)
+		}
+		return nil
+	})
+	out = mustRun(t, time.Minute, "nbdinfo", nbdURL(g, "v"))
+	if !strings.Contains(out, "export-size: 201326592") {
+		t.Errorf("nbdinfo after the extend:\n%s", out)
+	}
+}
+
+// TestClusterFencedByAnotherWriter: when another client opens the volume
+// for writing, the gateway's writes fail; once its users left, the next
+// NBD connection opens the volume again and writes work.
+func TestClusterFencedByAnotherWriter(t *testing.T) {
+	needTool(t, "nbdcopy")
+	c := startCluster(t)
+	createVolume(t, c, "v", 64<<20)
+	g := startGateway(t, c, func(cfg *Config) { cfg.Linger = time.Hour })
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	h, err := nbdExports{g}.Open(ctx, "v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 1<<20)
+	if _, err := h.WriteAt(buf, 0); err != nil {
+		t.Fatal(err)
+	}
+	other, err := client.Open(ctx, []string{c.MDS.Addr()}, "v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := other.WriteAt(buf, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.WriteAt(buf, 0); !errors.Is(err, ErrFenced) {
+		t.Fatalf("gateway write after another writer opened the volume: %v, want ErrFenced", err)
+	}
+	h.Close()
+	if len(g.OpenVolumes()) != 0 {
+		t.Fatalf("fenced volume still open without users: %v", g.OpenVolumes())
+	}
+	dir := t.TempDir()
+	want := writeRandomFile(t, filepath.Join(dir, "in"), 4<<20)
+	mustRun(t, time.Minute, "nbdcopy", filepath.Join(dir, "in"), nbdURL(g, "v"))
+	mustRun(t, time.Minute, "nbdcopy", nbdURL(g, "v"), filepath.Join(dir, "back"))
+	compareFiles(t, want, filepath.Join(dir, "back"))
+	if _, err := other.WriteAt(buf, 1<<20); !errors.Is(err, client.ErrFenced) {
+		t.Errorf("the other writer after the gateway reopened: %v, want ErrFenced", err)
+	}
+	other.Close()
+	_, body, err := httpGet("http://" + g.MetricsAddr() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, re := range []string{`cairn_gateway_volumes_fenced_total 1`, `cairn_gateway_volume_opens_total 2`,
+		`cairn_gateway_client_chunk_requests_total\{volume="v"\} [1-9]`} {
+		if !regexp.MustCompile(re).MatchString(body) {
+			t.Errorf("metrics lack %s:\n%s", re, grepLines(body, "cairn_gateway_"))
+		}
+	}
+}

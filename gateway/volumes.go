@@ -1,0 +1,474 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/units"
+	"cairn.io/cairn/iscsi"
+	"cairn.io/cairn/nbd"
+)
+
+// ErrFenced is wrapped by the errors of a Volume that a newer writer fenced
+// (opened the volume for writing after it): none of its writes will succeed
+// again. The default opener translates the client library's error into it.
+var ErrFenced = errors.New("gateway: volume fenced by a newer writer")
+
+// ErrVolumeGone is returned by every IO of a volume the MDS stopped listing
+// (deleted or renamed) to the users that still have it open.
+var ErrVolumeGone = errors.New("gateway: volume no longer listed by the MDS (deleted or renamed)")
+
+// openTimeout bounds one open of a volume (the client retries inside it).
+const openTimeout = time.Minute
+
+// listTimeout bounds the ListVolumes call of an NBD_OPT_LIST or an iSCSI
+// discovery.
+const listTimeout = 10 * time.Second
+
+// pollTimeout bounds the ListVolumes call of one poll; a poll that fails is
+// simply retried at the next tick.
+const pollTimeout = 5 * time.Second
+
+// registry holds the gateway's open volumes: at most one open per volume
+// name at a time, shared by every user.
+type registry struct {
+	g *Gateway
+
+	mu     sync.Mutex
+	byName map[string]*entry   // the entry new users of a name join
+	live   map[*entry]struct{} // every entry not closed yet
+	closed bool
+}
+
+// entry is one open (or opening) volume.
+type entry struct {
+	name  string
+	ready chan struct{} // closed once vol or err is set
+	vol   Volume
+	err   error
+	// opened is when the open completed; the poll loop only judges entries
+	// opened before its volume list was read.
+	opened   time.Time
+	fenced   atomic.Bool
+	vanished atomic.Bool  // the MDS stopped listing it: IO is refused
+	size     atomic.Int64 // size last seen by the poll loop
+
+	// Guarded by registry.mu.
+	refs      int
+	linger    *time.Timer
+	lingerGen int  // identifies the current linger timer
+	gone      bool // detached from byName: no new users join it
+	closing   bool // Close was or is being called
+}
+
+func newRegistry(g *Gateway) *registry {
+	return &registry{g: g, byName: map[string]*entry{}, live: map[*entry]struct{}{}}
+}
+
+// acquire returns the open volume of name, opening it if no user has it
+// open, and counts the caller as a user until it calls release.
+func (r *registry) acquire(ctx context.Context, name string) (*entry, error) {
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		return nil, ErrStopped
+	}
+	e := r.byName[name]
+	if e == nil {
+		e = &entry{name: name, ready: make(chan struct{})}
+		r.byName[name] = e
+		r.live[e] = struct{}{}
+		// The open outlives this caller: others may join it, and a caller
+		// that gives up must not fail them.
+		go r.open(e)
+	}
+	e.refs++
+	if e.linger != nil {
+		e.linger.Stop()
+		e.linger = nil
+	}
+	r.mu.Unlock()
+	select {
+	case <-e.ready:
+	case <-ctx.Done():
+		r.release(e)
+		return nil, fmt.Errorf("open volume %q: %w", name, ctx.Err())
+	}
+	if e.err != nil {
+		r.release(e)
+		return nil, e.err
+	}
+	return e, nil
+}
+
+// open opens e's volume and publishes the result.
+func (r *registry) open(e *entry) {
+	ctx, cancel := context.WithTimeout(r.g.ctx, openTimeout)
+	start := time.Now()
+	vol, err := r.g.cfg.OpenVolume(ctx, e.name)
+	cancel()
+	r.mu.Lock()
+	if err != nil {
+		e.err = fmt.Errorf("open volume %q: %w", e.name, err)
+		r.detachLocked(e)
+		delete(r.live, e)
+		r.mu.Unlock()
+		close(e.ready)
+		r.g.metrics.openErrors.Inc()
+		if errors.Is(err, ErrUnknownVolume) {
+			r.g.log.Info("volume not found", "volume", e.name)
+		} else {
+			r.g.log.Warn("open volume failed", "volume", e.name, "err", err)
+		}
+		return
+	}
+	e.vol = vol
+	e.opened = time.Now()
+	e.size.Store(vol.Size())
+	idle := e.refs == 0
+	r.mu.Unlock()
+	close(e.ready)
+	r.g.metrics.opens.Inc()
+	r.g.log.Info("volume opened", "volume", e.name, "size", units.FormatBytes(uint64(max(vol.Size(), 0))),
+		"took", time.Since(start).Round(time.Millisecond))
+	if idle {
+		// Every caller gave up while it opened.
+		r.idle(e)
+	}
+}
+
+// release drops one user of e.
+func (r *registry) release(e *entry) {
+	r.mu.Lock()
+	e.refs--
+	last := e.refs == 0
+	r.mu.Unlock()
+	if !last {
+		return
+	}
+	select {
+	case <-e.ready:
+	default:
+		return // open still running; it handles an entry nobody waits for
+	}
+	if e.err == nil {
+		r.idle(e)
+	}
+}
+
+// idle handles an open entry whose last user left: it lingers, unless it
+// must go at once (vanished, fenced, gateway stopping, no linger).
+func (r *registry) idle(e *entry) {
+	r.mu.Lock()
+	if e.refs > 0 || e.closing {
+		r.mu.Unlock()
+		return
+	}
+	if e.gone || e.fenced.Load() || r.closed || r.g.cfg.Linger < 0 {
+		r.detachLocked(e)
+		e.closing = true
+		r.mu.Unlock()
+		_ = r.closeVolume(e)
+		return
+	}
+	if e.linger == nil {
+		e.lingerGen++
+		gen := e.lingerGen
+		e.linger = time.AfterFunc(r.g.cfg.Linger, func() { r.expire(e, gen) })
+	}
+	r.mu.Unlock()
+}
+
+// expire closes a lingering entry that nobody joined meanwhile.
+func (r *registry) expire(e *entry, gen int) {
+	r.mu.Lock()
+	if e.refs > 0 || e.closing || e.linger == nil || e.lingerGen != gen {
+		r.mu.Unlock()
+		return
+	}
+	e.linger = nil
+	r.detachLocked(e)
+	e.closing = true
+	r.mu.Unlock()
+	_ = r.closeVolume(e)
+}
+
+// detachLocked stops new users from joining e.
+func (r *registry) detachLocked(e *entry) {
+	if r.byName[e.name] == e {
+		delete(r.byName, e.name)
+	}
+	e.gone = true
+}
+
+// closeVolume flushes and closes e's volume; e must be marked closing.
+func (r *registry) closeVolume(e *entry) error {
+	var errs []error
+	if !e.fenced.Load() {
+		if err := e.vol.Flush(); err != nil {
+			errs = append(errs, fmt.Errorf("flush: %w", err))
+		}
+	}
+	if err := e.vol.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("close: %w", err))
+	}
+	r.mu.Lock()
+	delete(r.live, e)
+	r.mu.Unlock()
+	r.g.metrics.closes.Inc()
+	if err := errors.Join(errs...); err != nil {
+		r.g.log.Warn("close volume", "volume", e.name, "err", err)
+		return fmt.Errorf("volume %q: %w", e.name, err)
+	}
+	r.g.log.Info("volume closed", "volume", e.name)
+	return nil
+}
+
+// vanish detaches the entry of a volume the MDS no longer lists: nobody
+// joins it any more and it closes as soon as its users are gone.
+func (r *registry) vanish(e *entry) {
+	e.vanished.Store(true)
+	r.mu.Lock()
+	r.detachLocked(e)
+	if e.linger != nil {
+		e.linger.Stop()
+		e.linger = nil
+	}
+	r.mu.Unlock()
+	r.idle(e)
+}
+
+// vanishedInUse returns the entries of vanished volumes that still have
+// users.
+func (r *registry) vanishedInUse() []*entry {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []*entry
+	for e := range r.live {
+		if e.vanished.Load() && !e.closing && e.refs > 0 {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// openEntries returns the entries that have an open volume and accept users.
+func (r *registry) openEntries() []*entry {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []*entry
+	for _, e := range r.byName {
+		select {
+		case <-e.ready:
+			if e.err == nil {
+				out = append(out, e)
+			}
+		default:
+		}
+	}
+	return out
+}
+
+// snapshot returns the open volumes with their user counts.
+func (r *registry) snapshot() map[string]int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := map[string]int{}
+	for e := range r.live {
+		select {
+		case <-e.ready:
+			if e.err == nil && !e.closing {
+				out[e.name] += e.refs
+			}
+		default:
+		}
+	}
+	return out
+}
+
+// closeAll closes every volume; later acquires fail with ErrStopped. The
+// frontends are closed first, so nobody uses the volumes any more.
+func (r *registry) closeAll() error {
+	r.mu.Lock()
+	r.closed = true
+	var all []*entry
+	for e := range r.live {
+		all = append(all, e)
+	}
+	r.mu.Unlock()
+	var errs []error
+	for _, e := range all {
+		<-e.ready // opens end quickly: the gateway's context is cancelled
+		r.mu.Lock()
+		if e.err != nil || e.closing {
+			r.mu.Unlock()
+			continue
+		}
+		if e.refs > 0 {
+			r.g.log.Warn("closing a volume that still has users", "volume", e.name, "users", e.refs)
+		}
+		if e.linger != nil {
+			e.linger.Stop()
+			e.linger = nil
+		}
+		r.detachLocked(e)
+		e.closing = true
+		r.mu.Unlock()
+		if err := r.closeVolume(e); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// handle is one user's view of an open volume: what a frontend gets from
+// Open. Its Close releases the user once.
+type handle struct {
+	r      *registry
+	e      *entry
+	closed atomic.Bool
+}
+
+func (h *handle) ReadAt(p []byte, off int64) (int, error) {
+	if h.e.vanished.Load() {
+		return 0, fmt.Errorf("read %q: %w", h.e.name, ErrVolumeGone)
+	}
+	return h.e.vol.ReadAt(p, off)
+}
+
+func (h *handle) WriteAt(p []byte, off int64) (int, error) {
+	if h.e.vanished.Load() {
+		return 0, fmt.Errorf("write %q: %w", h.e.name, ErrVolumeGone)
+	}
+	n, err := h.e.vol.WriteAt(p, off)
+	if err != nil {
+		h.noteErr(err)
+	}
+	return n, err
+}
+
+func (h *handle) UnmapAt(off, length int64) error {
+	if h.e.vanished.Load() {
+		return fmt.Errorf("unmap %q: %w", h.e.name, ErrVolumeGone)
+	}
+	err := h.e.vol.UnmapAt(off, length)
+	if err != nil {
+		h.noteErr(err)
+	}
+	return err
+}
+
+func (h *handle) Flush() error {
+	if h.e.vanished.Load() {
+		return fmt.Errorf("flush %q: %w", h.e.name, ErrVolumeGone)
+	}
+	err := h.e.vol.Flush()
+	if err != nil {
+		h.noteErr(err)
+	}
+	return err
+}
+
+func (h *handle) Size() int64 { return h.e.vol.Size() }
+
+// Description is what nbdinfo shows for the export.
+func (h *handle) Description() string {
+	return fmt.Sprintf("cairn volume %s (%s)", h.e.name, units.FormatBytes(uint64(max(h.e.vol.Size(), 0))))
+}
+
+func (h *handle) Close() error {
+	if h.closed.CompareAndSwap(false, true) {
+		h.r.release(h.e)
+	}
+	return nil
+}
+
+// noteErr records that the volume was fenced, once.
+func (h *handle) noteErr(err error) {
+	if errors.Is(err, ErrFenced) && h.e.fenced.CompareAndSwap(false, true) {
+		h.r.g.metrics.fenced.Inc()
+		h.r.g.log.Warn("volume fenced: another writer opened it; its current users get write errors, the next user after them reopens it",
+			"volume", h.e.name)
+	}
+}
+
+// listVolumes returns the CREATED volumes the gateway exports, with sizes.
+func (g *Gateway) listVolumes(ctx context.Context) (map[string]int64, error) {
+	resp, err := g.mds.Volumes().ListVolumes(ctx, &mdspb.ListVolumesRequest{})
+	if err != nil {
+		return nil, fmt.Errorf("list volumes: %w", err)
+	}
+	out := map[string]int64{}
+	for _, v := range resp.GetVolumes() {
+		if v.GetStatus() == mdspb.VolumeStatus_VOLUME_STATUS_CREATED && g.exported(v.GetName()) {
+			out[v.GetName()] = int64(v.GetSize())
+		}
+	}
+	return out, nil
+}
+
+// list returns the sorted names of the exported volumes.
+func (g *Gateway) list(ctx context.Context) ([]string, error) {
+	ctx, cancel := context.WithTimeout(ctx, listTimeout)
+	defer cancel()
+	vols, err := g.listVolumes(ctx)
+	if err != nil {
+		return nil, err
+	}
+	names := make([]string, 0, len(vols))
+	for n := range vols {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names, nil
+}
+
+// open is the frontends' Open: the shared open volume of name, for one user.
+func (g *Gateway) open(ctx context.Context, name string) (*handle, error) {
+	if !g.exported(name) {
+		return nil, fmt.Errorf("%w: %q", ErrNotExported, name)
+	}
+	e, err := g.vols.acquire(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	return &handle{r: g.vols, e: e}, nil
+}
+
+// nbdExports adapts the gateway to nbd.Exports.
+type nbdExports struct{ g *Gateway }
+
+func (x nbdExports) List(ctx context.Context) ([]string, error) { return x.g.list(ctx) }
+
+func (x nbdExports) Open(ctx context.Context, name string) (nbd.Export, error) {
+	h, err := x.g.open(ctx, name)
+	if err != nil {
+		if errors.Is(err, ErrUnknownVolume) || errors.Is(err, ErrNotExported) {
+			return nil, fmt.Errorf("%w: %w", nbd.ErrUnknownExport, err)
+		}
+		return nil, err
+	}
+	return h, nil
+}
+
+// iscsiExports adapts the gateway to iscsi.Exports.
+type iscsiExports struct{ g *Gateway }
+
+func (x iscsiExports) List(ctx context.Context) ([]string, error) { return x.g.list(ctx) }
+
+func (x iscsiExports) Open(ctx context.Context, name string) (iscsi.Volume, error) {
+	h, err := x.g.open(ctx, name)
+	if err != nil {
+		if errors.Is(err, ErrUnknownVolume) || errors.Is(err, ErrNotExported) {
+			return nil, fmt.Errorf("%w: %w", iscsi.ErrNotFound, err)
+		}
+		return nil, err
+	}
+	return h, nil
+}

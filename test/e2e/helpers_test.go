@@ -1,0 +1,334 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"cairn.io/cairn/tools/playground"
+)
+
+// binDir holds the binaries built for the tests ("" in -short mode).
+var binDir string
+
+func TestMain(m *testing.M) {
+	flag.Parse()
+	if testing.Short() {
+		os.Exit(m.Run())
+	}
+	dir, err := os.MkdirTemp("", "cairn-e2e-bin-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	args := []string{"build", "-o", dir + "/"}
+	for _, b := range []string{"cairn-mds", "cairn-chunkserver", "cairn-gateway", "cairn-playground", "cairn-ops"} {
+		args = append(args, "cairn.io/cairn/cmd/"+b)
+	}
+	build := exec.Command("go", args...)
+	build.Stderr = os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "build the binaries:", err)
+		os.RemoveAll(dir)
+		os.Exit(1)
+	}
+	binDir = dir
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// needTools skips the test when a tool is missing.
+func needTools(t *testing.T, tools ...string) {
+	t.Helper()
+	for _, tool := range tools {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s is not installed (Debian packages: libnbd-bin for nbdcopy/nbdinfo, fio, qemu-utils and qemu-block-extra for qemu-img, libiscsi-bin for iscsi-*)", tool)
+		}
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for a process's output and a reader.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// pgProcess is a cairn-playground process.
+type pgProcess struct {
+	dir    string
+	base   int
+	cmd    *exec.Cmd
+	out    *syncBuffer
+	exited chan struct{}
+	err    error // exit status, once exited is closed
+}
+
+// startPlayground runs cairn-playground on dir and base port and waits until
+// its state file says it is ready.
+func startPlayground(t *testing.T, dir string, base int) *pgProcess {
+	t.Helper()
+	p := &pgProcess{dir: dir, base: base, out: &syncBuffer{}, exited: make(chan struct{})}
+	p.cmd = exec.Command(filepath.Join(binDir, "cairn-playground"), "--dir", dir, "--base-port", strconv.Itoa(base),
+		"--pool-max", "2GiB", "--pool-reserve", "512MiB", "--stop-timeout", "30s")
+	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
+	// If the test process dies, the playground stops (and its children
+	// with it).
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		p.err = p.cmd.Wait()
+		close(p.exited)
+	}()
+	deadline := time.Now().Add(3 * time.Minute)
+	for {
+		if st, err := playground.ReadState(dir); err == nil && st.Ready && st.PID == p.cmd.Process.Pid {
+			return p
+		}
+		select {
+		case <-p.exited:
+			t.Fatalf("cairn-playground exited while starting (%v):\n%s", p.err, p.out.String())
+		case <-time.After(100 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			p.stop(t)
+			t.Fatalf("playground not ready after 3 minutes:\n%s", p.out.String())
+		}
+	}
+}
+
+// stop sends SIGTERM and waits for a clean exit: exit status 0, no child
+// left running, no state file.
+func (p *pgProcess) stop(t *testing.T) {
+	t.Helper()
+	select {
+	case <-p.exited:
+		return
+	default:
+	}
+	st, _ := playground.ReadState(p.dir)
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.exited:
+	case <-time.After(2 * time.Minute):
+		_ = p.cmd.Process.Kill()
+		<-p.exited
+		t.Errorf("cairn-playground did not stop within 2 minutes of SIGTERM:\n%s", p.out.String())
+		return
+	}
+	if p.err != nil {
+		t.Errorf("cairn-playground exited with %v:\n%s", p.err, p.out.String())
+	}
+	if st != nil {
+		for _, c := range st.Processes {
+			if c.PID != 0 && syscall.Kill(c.PID, 0) == nil {
+				t.Errorf("%s (pid %d) still runs after the playground stopped", c.Name, c.PID)
+			}
+		}
+	}
+	if _, err := playground.ReadState(p.dir); !errors.Is(err, playground.ErrNotRunning) {
+		t.Errorf("state file left after a clean stop: %v", err)
+	}
+}
+
+// state reads the running playground's state file.
+func (p *pgProcess) state(t *testing.T) *playground.State {
+	t.Helper()
+	st, err := playground.ReadState(p.dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+// logTails returns the end of every child's log, for failure reports.
+func (p *pgProcess) logTails() string {
+	var b strings.Builder
+	b.WriteString("playground output:\n" + p.out.String())
+	logs, _ := filepath.Glob(filepath.Join(p.dir, "logs", "*.log"))
+	for _, l := range logs {
+		data, _ := os.ReadFile(l)
+		lines := strings.Split(strings.TrimRight(string(data), "\n"), "\n")
+		if len(lines) > 25 {
+			lines = lines[len(lines)-25:]
+		}
+		fmt.Fprintf(&b, "\n--- %s (last %d lines)\n%s\n", l, len(lines), strings.Join(lines, "\n"))
+	}
+	return b.String()
+}
+
+// run runs a tool in a temporary directory with a deadline and returns its
+// combined output.
+func run(t *testing.T, timeout time.Duration, name string, args ...string) (string, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Dir = t.TempDir()
+	out, err := cmd.CombinedOutput()
+	if ctx.Err() != nil {
+		err = fmt.Errorf("timed out after %s: %w", timeout, ctx.Err())
+	}
+	return string(out), err
+}
+
+func mustRun(t *testing.T, timeout time.Duration, name string, args ...string) string {
+	t.Helper()
+	out, err := run(t, timeout, name, args...)
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
+func randomFile(t *testing.T, path string, size int) []byte {
+	t.Helper()
+	b := make([]byte, size)
+	if _, err := io.ReadFull(rand.Reader, b); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// checkImage compares the start of the file at path with want byte for
+// byte and checks that the rest holds no data: nbdcopy leaves zero blocks
+// as holes, so a data extent past want means non-zero bytes were read.
+func checkImage(t *testing.T, path string, want []byte, size int64) {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Size() != size {
+		t.Fatalf("%s is %d bytes, want %d", path, st.Size(), size)
+	}
+	got := make([]byte, len(want))
+	if _, err := io.ReadFull(f, got); err != nil {
+		t.Fatal(err)
+	}
+	if i := firstDiff(got, want); i >= 0 {
+		t.Fatalf("%s differs from what was written at byte %d (%#x)", path, i, i)
+	}
+	if int64(len(want)) == size {
+		return
+	}
+	// Every data extent past want must read as zeros.
+	buf := make([]byte, 1<<20)
+	for pos := int64(len(want)); pos < size; {
+		start, err := unix.Seek(int(f.Fd()), pos, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) {
+			return // only holes up to the end
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		end, err := unix.Seek(int(f.Fd()), start, unix.SEEK_HOLE)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for off := start; off < end; off += int64(len(buf)) {
+			n, err := f.ReadAt(buf[:min(int64(len(buf)), end-off)], off)
+			if err != nil && err != io.EOF {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(buf[:n], make([]byte, n)) {
+				t.Fatalf("%s has non-zero data near %d, past the %d bytes written", path, off, len(want))
+			}
+		}
+		pos = end
+	}
+}
+
+func firstDiff(a, b []byte) int {
+	if bytes.Equal(a, b) {
+		return -1
+	}
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return min(len(a), len(b))
+}
+
+// succeedsSoon retries f until it returns nil or d passes.
+func succeedsSoon(t *testing.T, d time.Duration, f func() error) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		err := f()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("condition not met after %v: %v", d, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func httpGet(url string) (int, string, error) {
+	c := &http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get(url)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), err
+}
+
+// diskUsage sums the blocks allocated to the files under dir.
+func diskUsage(dir string) int64 {
+	var n int64
+	_ = filepath.WalkDir(dir, func(_ string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return nil
+		}
+		if info, err := d.Info(); err == nil {
+			if st, ok := info.Sys().(*syscall.Stat_t); ok {
+				n += st.Blocks * 512
+			}
+		}
+		return nil
+	})
+	return n
+}

@@ -1,0 +1,651 @@
+package playground
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/chunkfilepool/fsutil"
+	"cairn.io/cairn/internal/units"
+	"cairn.io/cairn/mds/mdsclient"
+)
+
+// Defaults of Config.
+const (
+	DefaultDir                    = ".playground"
+	DefaultVolume                 = "vol0"
+	DefaultVolumeSize             = 10 << 30
+	DefaultCopysetsPerChunkServer = 100
+	DefaultPoolSize               = 64 << 20
+	DefaultPoolMax                = 4 << 30
+	DefaultPoolReserve            = 1 << 30
+	DefaultStopTimeout            = 20 * time.Second
+	// LogicalPool and PhysicalPool name the pools the playground uses.
+	LogicalPool  = "pool0"
+	PhysicalPool = "pool1"
+	// IQNPrefix is the prefix of the gateway's target names.
+	IQNPrefix = "iqn.2026-11.io.cairn"
+)
+
+// Binaries the playground runs, looked up in Config.BinDir.
+var Binaries = []string{"cairn-mds", "cairn-chunkserver", "cairn-gateway"}
+
+// Config configures a playground. Zero values take the defaults named.
+type Config struct {
+	// Dir holds everything: data directories, logs, the state file
+	// (default .playground). It is reused by the next start.
+	Dir string
+	// BinDir holds cairn-mds, cairn-chunkserver and cairn-gateway
+	// (default: the directory of the running executable).
+	BinDir string
+	// Ports of the services (default DefaultPorts()).
+	Ports *Ports
+	// ChunkSize and SegmentSize set the cluster's geometry on its first
+	// start (default: the MDS's, 16 MiB and 1 GiB). A later start with
+	// other values is refused by the MDS.
+	ChunkSize, SegmentSize uint64
+	// CopysetsPerChunkServer for the logical pool (default 100, as in
+	// production).
+	CopysetsPerChunkServer uint32
+	// PoolSize is formatted per chunkserver at its first start (default
+	// 64 MiB); pools grow on demand up to PoolMax (default 4 GiB) and
+	// always leave PoolReserve free on the disk (default 1 GiB).
+	PoolSize, PoolMax, PoolReserve uint64
+	// Volume is created with VolumeSize if absent (default vol0, 10 GiB).
+	Volume     string
+	VolumeSize uint64
+	// StopTimeout is how long a child may take to stop after SIGTERM
+	// before it gets SIGKILL (default 20 s).
+	StopTimeout time.Duration
+	// ReadyTimeout bounds Start (default 5 min).
+	ReadyTimeout time.Duration
+	// Logger receives the playground's own messages (default: text to
+	// stderr).
+	Logger *slog.Logger
+}
+
+// Playground is a running local cluster: an MDS with embedded etcd, three
+// chunkservers in three zones and a gateway, each its own process.
+type Playground struct {
+	cfg   Config
+	ports Ports
+	dir   string
+	log   *slog.Logger
+	lock  *os.File
+
+	mds      *child
+	css      []*child
+	gateway  *child
+	children []*child // in start order
+
+	failed   chan struct{} // closed by fail
+	failOnce sync.Once
+	failErr  error
+
+	mu struct {
+		sync.Mutex
+		ready     bool
+		stopped   bool
+		startedAt time.Time
+		volume    VolumeState
+	}
+	stopOnce sync.Once
+	stateMu  sync.Mutex // serialises state file writes
+}
+
+// New checks cfg, creates the directory and takes its lock: only one
+// playground runs in a directory.
+func New(cfg Config) (*Playground, error) {
+	if cfg.Dir == "" {
+		cfg.Dir = DefaultDir
+	}
+	dir, err := filepath.Abs(cfg.Dir)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.BinDir == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return nil, fmt.Errorf("find binaries: %w", err)
+		}
+		cfg.BinDir = filepath.Dir(exe)
+	}
+	// Children run in the playground's directory: name them absolutely.
+	if cfg.BinDir, err = filepath.Abs(cfg.BinDir); err != nil {
+		return nil, err
+	}
+	for _, b := range Binaries {
+		p := filepath.Join(cfg.BinDir, b)
+		if st, err := os.Stat(p); err != nil || st.IsDir() || st.Mode()&0o111 == 0 {
+			return nil, fmt.Errorf("%s not found in %s (build them with make build, or name their directory with --bin-dir)", b, cfg.BinDir)
+		}
+	}
+	ports := DefaultPorts()
+	if cfg.Ports != nil {
+		ports = *cfg.Ports
+	}
+	if err := ports.validate(); err != nil {
+		return nil, err
+	}
+	if cfg.Volume == "" {
+		cfg.Volume = DefaultVolume
+	}
+	if cfg.VolumeSize == 0 {
+		cfg.VolumeSize = DefaultVolumeSize
+	}
+	if cfg.CopysetsPerChunkServer == 0 {
+		cfg.CopysetsPerChunkServer = DefaultCopysetsPerChunkServer
+	}
+	if cfg.PoolSize == 0 {
+		cfg.PoolSize = DefaultPoolSize
+	}
+	if cfg.PoolMax == 0 {
+		cfg.PoolMax = DefaultPoolMax
+	}
+	if cfg.PoolReserve == 0 {
+		cfg.PoolReserve = DefaultPoolReserve
+	}
+	if cfg.PoolMax < cfg.PoolSize {
+		return nil, fmt.Errorf("pool max %s is below the initial pool size %s",
+			units.FormatBytes(cfg.PoolMax), units.FormatBytes(cfg.PoolSize))
+	}
+	if cfg.StopTimeout == 0 {
+		cfg.StopTimeout = DefaultStopTimeout
+	}
+	if cfg.ReadyTimeout == 0 {
+		cfg.ReadyTimeout = 5 * time.Minute
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, nil))
+	}
+	for _, d := range []string{dir, filepath.Join(dir, "logs")} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return nil, fmt.Errorf("create %s: %w", d, err)
+		}
+	}
+	pg := &Playground{cfg: cfg, ports: ports, dir: dir, log: cfg.Logger, failed: make(chan struct{})}
+	if err := pg.takeLock(); err != nil {
+		return nil, err
+	}
+	pg.buildChildren()
+	return pg, nil
+}
+
+// takeLock holds an exclusive flock on <dir>/playground.lock while the
+// playground lives.
+func (pg *Playground) takeLock() error {
+	f, err := os.OpenFile(filepath.Join(pg.dir, "playground.lock"), os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return fmt.Errorf("lock %s: %w", pg.dir, err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		who := ""
+		if st, err := ReadState(pg.dir); err == nil {
+			who = fmt.Sprintf(" (pid %d)", st.PID)
+		}
+		return fmt.Errorf("another playground runs in %s%s: stop it first", pg.dir, who)
+	}
+	pg.lock = f
+	return nil
+}
+
+func loopback(port int) string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(port)) }
+
+func (pg *Playground) mdsAddr() string { return loopback(pg.ports.MDS) }
+
+// buildChildren lays out the processes and their command lines.
+func (pg *Playground) buildChildren() {
+	bin := func(name string) string { return filepath.Join(pg.cfg.BinDir, name) }
+	logOf := func(name string) string { return filepath.Join(pg.dir, "logs", name+".log") }
+	p := pg.ports
+
+	mdsDir := filepath.Join(pg.dir, "mds")
+	mdsArgs := []string{"--data-dir", mdsDir, "--listen", loopback(p.MDS), "--metrics-listen", loopback(p.MDSMetrics),
+		"--embedded-etcd-listen", loopback(p.Etcd)}
+	if pg.cfg.ChunkSize != 0 {
+		mdsArgs = append(mdsArgs, "--chunk-size", strconv.FormatUint(pg.cfg.ChunkSize, 10))
+	}
+	if pg.cfg.SegmentSize != 0 {
+		mdsArgs = append(mdsArgs, "--segment-size", strconv.FormatUint(pg.cfg.SegmentSize, 10))
+	}
+	pg.mds = newChild(pg, "mds", bin("cairn-mds"), mdsArgs, ProcessState{
+		Addr: loopback(p.MDS), MetricsAddr: loopback(p.MDSMetrics), DataDir: mdsDir, Log: logOf("mds")})
+	pg.children = append(pg.children, pg.mds)
+
+	for i := range ChunkServers {
+		name := fmt.Sprintf("cs%d", i)
+		dataDir := filepath.Join(pg.dir, name)
+		zone := fmt.Sprintf("zone%d", i+1)
+		args := []string{"--data-dir", dataDir, "--listen", loopback(p.ChunkServer[i]),
+			"--metrics-listen", loopback(p.ChunkServerMetrics[i]), "--mds", pg.mdsAddr(),
+			"--zone", zone, "--hostname", "playground-" + name, "--physical-pool", PhysicalPool,
+			"--pool-size", strconv.FormatUint(pg.cfg.PoolSize, 10),
+			"--pool-max", strconv.FormatUint(pg.cfg.PoolMax, 10),
+			"--pool-reserve", strconv.FormatUint(pg.cfg.PoolReserve, 10)}
+		c := newChild(pg, name, bin("cairn-chunkserver"), args, ProcessState{
+			Addr: loopback(p.ChunkServer[i]), MetricsAddr: loopback(p.ChunkServerMetrics[i]),
+			DataDir: dataDir, Zone: zone, Log: logOf(name)})
+		pg.css = append(pg.css, c)
+		pg.children = append(pg.children, c)
+	}
+
+	pg.gateway = newChild(pg, "gateway", bin("cairn-gateway"), []string{"--mds", pg.mdsAddr(),
+		"--nbd-listen", loopback(p.NBD), "--iscsi-listen", loopback(p.ISCSI),
+		"--metrics-listen", loopback(p.GatewayMetrics), "--client-name", "cairn-playground-gateway"},
+		ProcessState{MetricsAddr: loopback(p.GatewayMetrics), Log: logOf("gateway")})
+	pg.children = append(pg.children, pg.gateway)
+}
+
+// Start checks the ports, starts the MDS, the chunkservers, creates the
+// logical pool and the volume if absent, starts the gateway, and returns
+// once everything serves. On failure everything started is stopped again.
+func (pg *Playground) Start(ctx context.Context) error {
+	pg.mu.Lock()
+	if pg.mu.stopped {
+		pg.mu.Unlock()
+		return errors.New("playground stopped")
+	}
+	pg.mu.startedAt = time.Now()
+	pg.mu.Unlock()
+	ctx, cancel := context.WithTimeout(ctx, pg.cfg.ReadyTimeout)
+	defer cancel()
+	// A child that dies during startup fails the whole start.
+	go func() {
+		select {
+		case <-pg.failed:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	err := pg.start(ctx)
+	if err != nil {
+		if ferr := pg.Err(); ferr != nil {
+			err = ferr
+		}
+		pg.Stop()
+		return err
+	}
+	pg.mu.Lock()
+	pg.mu.ready = true
+	pg.mu.Unlock()
+	pg.saveState()
+	return nil
+}
+
+func (pg *Playground) start(ctx context.Context) error {
+	if err := checkPorts(pg.ports); err != nil {
+		return err
+	}
+	pg.log.Info("starting MDS", "addr", pg.mdsAddr(), "log", pg.mds.logPath)
+	pg.mds.launch()
+	if err := pg.waitHealthy(ctx, pg.mds, func(body string) bool { return strings.Contains(body, "leader") }); err != nil {
+		return err
+	}
+	conn, err := mdsclient.Dial([]string{pg.mdsAddr()}, mdsclient.Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+
+	pg.log.Info("starting chunkservers", "zones", ChunkServers)
+	for _, c := range pg.css {
+		c.launch()
+	}
+	for _, c := range pg.css {
+		if err := pg.waitHealthy(ctx, c, nil); err != nil {
+			return err
+		}
+	}
+	if err := pg.waitChunkServersOnline(ctx, conn); err != nil {
+		return err
+	}
+	if err := pg.ensurePool(ctx, conn); err != nil {
+		return err
+	}
+	if err := pg.ensureVolume(ctx, conn); err != nil {
+		return err
+	}
+	pg.log.Info("starting gateway", "nbd", loopback(pg.ports.NBD), "iscsi", loopback(pg.ports.ISCSI))
+	pg.gateway.launch()
+	if err := pg.waitHealthy(ctx, pg.gateway, nil); err != nil {
+		return err
+	}
+	for _, a := range []string{loopback(pg.ports.NBD), loopback(pg.ports.ISCSI)} {
+		var d net.Dialer
+		c, err := d.DialContext(ctx, "tcp", a)
+		if err != nil {
+			return fmt.Errorf("gateway does not accept connections on %s: %w", a, err)
+		}
+		c.Close()
+	}
+	return nil
+}
+
+// poll calls f every 100 ms until it returns nil or ctx ends; the error
+// then names what was waited for and f's last error.
+func poll(ctx context.Context, what string, f func() error) error {
+	for {
+		err := f()
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for %s: %w (last: %v)", what, ctx.Err(), err)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// waitHealthy waits for a child's /healthz to answer 200 (and, if given,
+// accept's approval of the body).
+func (pg *Playground) waitHealthy(ctx context.Context, c *child, accept func(string) bool) error {
+	url := "http://" + c.state.MetricsAddr + "/healthz"
+	client := &http.Client{Timeout: 2 * time.Second}
+	err := poll(ctx, c.name+" to report healthy", func() error {
+		resp, err := client.Get(url)
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		body := strings.TrimSpace(string(b))
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("%s: %d %s", url, resp.StatusCode, body)
+		}
+		if accept != nil && !accept(body) {
+			return fmt.Errorf("%s: %s", url, body)
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("%w; see %s", err, c.logPath)
+	}
+	return nil
+}
+
+// waitChunkServersOnline waits until the MDS has a heartbeat of each of the
+// playground's chunkservers.
+func (pg *Playground) waitChunkServersOnline(ctx context.Context, conn *mdsclient.Conn) error {
+	return poll(ctx, "the chunkservers to heartbeat to the MDS", func() error {
+		resp, err := conn.Topology().ListChunkServers(ctx, &mdspb.ListChunkServersRequest{})
+		if err != nil {
+			return err
+		}
+		online := map[string]bool{}
+		for _, cs := range resp.GetChunkservers() {
+			if cs.GetOnlineState() == mdspb.OnlineState_ONLINE_STATE_ONLINE {
+				online[cs.GetAddress()] = true
+			}
+		}
+		for _, c := range pg.css {
+			if !online[c.state.Addr] {
+				return fmt.Errorf("chunkserver %s (%s) not online yet", c.name, c.state.Addr)
+			}
+		}
+		return nil
+	})
+}
+
+// ensurePool creates the logical pool if absent and waits until it is
+// ready and every copyset's leader has reported since this start.
+func (pg *Playground) ensurePool(ctx context.Context, conn *mdsclient.Conn) error {
+	pools, err := conn.Topology().ListPools(ctx, &mdspb.ListPoolsRequest{})
+	if err != nil {
+		return fmt.Errorf("list pools: %w", err)
+	}
+	var pool *mdspb.LogicalPool
+	for _, lp := range pools.GetLogicalPools() {
+		if lp.GetName() == LogicalPool {
+			pool = lp
+		}
+	}
+	if pool == nil {
+		pg.log.Info("creating logical pool", "name", LogicalPool, "copysets_per_chunkserver", pg.cfg.CopysetsPerChunkServer)
+		err := poll(ctx, "the logical pool to be created", func() error {
+			resp, err := conn.Topology().CreateLogicalPool(ctx, &mdspb.CreateLogicalPoolRequest{
+				Name: LogicalPool, PhysicalPool: PhysicalPool, CopysetsPerChunkserver: pg.cfg.CopysetsPerChunkServer})
+			if err != nil {
+				if status.Code(err) == codes.InvalidArgument {
+					return backoffStop{err}
+				}
+				return err
+			}
+			pool = resp.GetPool()
+			return nil
+		})
+		if err != nil {
+			return unwrapStop(err)
+		}
+	}
+	since := pg.startedAt().Unix()
+	return poll(ctx, "every copyset to have a leader", func() error {
+		pools, err := conn.Topology().ListPools(ctx, &mdspb.ListPoolsRequest{})
+		if err != nil {
+			return err
+		}
+		for _, lp := range pools.GetLogicalPools() {
+			if lp.GetName() == LogicalPool && lp.GetStatus() != mdspb.LogicalPoolStatus_LOGICAL_POOL_STATUS_READY {
+				return fmt.Errorf("logical pool %s is %v", LogicalPool, lp.GetStatus())
+			}
+		}
+		resp, err := conn.Topology().ListCopysets(ctx, &mdspb.ListCopysetsRequest{LogicalPoolId: pool.GetId()})
+		if err != nil {
+			return err
+		}
+		if len(resp.GetCopysets()) == 0 {
+			return errors.New("no copysets")
+		}
+		waiting := 0
+		for _, cs := range resp.GetCopysets() {
+			if cs.GetLeaderId() == 0 || cs.GetReportedUnix() < since {
+				waiting++
+			}
+		}
+		if waiting > 0 {
+			return fmt.Errorf("%d of %d copysets have no leader reported since the start", waiting, len(resp.GetCopysets()))
+		}
+		return nil
+	})
+}
+
+// backoffStop ends poll's retries at once.
+type backoffStop struct{ error }
+
+func unwrapStop(err error) error {
+	var s backoffStop
+	if errors.As(err, &s) {
+		return s.error
+	}
+	return err
+}
+
+// ensureVolume creates the playground's volume if absent.
+func (pg *Playground) ensureVolume(ctx context.Context, conn *mdsclient.Conn) error {
+	name := pg.cfg.Volume
+	var vol *mdspb.Volume
+	err := poll(ctx, "volume "+name, func() error {
+		st, err := conn.Volumes().StatVolume(ctx, &mdspb.StatVolumeRequest{Name: name})
+		if err == nil {
+			vol = st.GetVolume()
+			return nil
+		}
+		if status.Code(err) != codes.NotFound {
+			return err
+		}
+		resp, err := conn.Volumes().CreateVolume(ctx, &mdspb.CreateVolumeRequest{
+			Name: name, Size: pg.cfg.VolumeSize, Owner: "playground", Pool: LogicalPool})
+		switch status.Code(err) {
+		case codes.OK:
+			pg.log.Info("created volume", "name", name, "size", units.FormatBytes(resp.GetVolume().GetSize()))
+			vol = resp.GetVolume()
+			return nil
+		case codes.InvalidArgument:
+			return backoffStop{fmt.Errorf("create volume %s: %w", name, err)}
+		}
+		return err
+	})
+	if err != nil {
+		return unwrapStop(err)
+	}
+	pg.mu.Lock()
+	pg.mu.volume = VolumeState{
+		Name:     name,
+		Size:     vol.GetSize(),
+		NBDURL:   fmt.Sprintf("nbd://%s/%s", loopback(pg.ports.NBD), name),
+		ISCSIURL: fmt.Sprintf("iscsi://%s/%s:%s/0", loopback(pg.ports.ISCSI), IQNPrefix, name),
+	}
+	pg.mu.Unlock()
+	return nil
+}
+
+func (pg *Playground) startedAt() time.Time {
+	pg.mu.Lock()
+	defer pg.mu.Unlock()
+	return pg.mu.startedAt
+}
+
+func (pg *Playground) isReady() bool {
+	pg.mu.Lock()
+	defer pg.mu.Unlock()
+	return pg.mu.ready
+}
+
+// fail records a fatal error (a child that cannot run) and wakes Done.
+func (pg *Playground) fail(err error) {
+	pg.failOnce.Do(func() {
+		pg.failErr = err
+		pg.log.Error("playground failed", "err", err)
+		close(pg.failed)
+	})
+}
+
+// Failed is closed when the playground cannot go on (a child could not be
+// started, or died while starting); Err says why.
+func (pg *Playground) Failed() <-chan struct{} { return pg.failed }
+
+// Err returns the reason Failed was closed, or nil.
+func (pg *Playground) Err() error {
+	select {
+	case <-pg.failed:
+		return pg.failErr
+	default:
+		return nil
+	}
+}
+
+// Stop stops the gateway (it flushes and closes its volumes), then the
+// chunkservers, then the MDS: SIGTERM to each, SIGKILL after StopTimeout.
+// It removes the state file and releases the directory.
+func (pg *Playground) Stop() {
+	pg.stopOnce.Do(func() {
+		pg.mu.Lock()
+		pg.mu.stopped = true
+		pg.mu.Unlock()
+		pg.log.Info("stopping the playground")
+		pg.gateway.stop(pg.cfg.StopTimeout)
+		var wg sync.WaitGroup
+		for _, c := range pg.css {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				c.stop(pg.cfg.StopTimeout)
+			}()
+		}
+		wg.Wait()
+		pg.mds.stop(pg.cfg.StopTimeout)
+		pg.stateMu.Lock()
+		defer pg.stateMu.Unlock()
+		if err := os.Remove(filepath.Join(pg.dir, StateFile)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			pg.log.Warn("remove state file", "err", err)
+		}
+		pg.lock.Close() // releases the flock
+		pg.log.Info("playground stopped")
+	})
+}
+
+// State returns the playground's current state.
+func (pg *Playground) State() State {
+	pg.mu.Lock()
+	st := State{
+		PID:       os.Getpid(),
+		Dir:       pg.dir,
+		Ready:     pg.mu.ready,
+		StartedAt: pg.mu.startedAt,
+		MDS:       pg.mdsAddr(),
+		NBD:       loopback(pg.ports.NBD),
+		ISCSI:     loopback(pg.ports.ISCSI),
+		Volume:    pg.mu.volume,
+	}
+	pg.mu.Unlock()
+	for _, c := range pg.children {
+		st.Processes = append(st.Processes, c.snapshot())
+	}
+	return st
+}
+
+// BinDir returns the directory the binaries are taken from (absolute).
+func (pg *Playground) BinDir() string { return pg.cfg.BinDir }
+
+// Dir returns the playground's directory (absolute).
+func (pg *Playground) Dir() string { return pg.dir }
+
+// saveState writes the state file.
+func (pg *Playground) saveState() {
+	pg.stateMu.Lock()
+	defer pg.stateMu.Unlock()
+	pg.mu.Lock()
+	stopped := pg.mu.stopped
+	pg.mu.Unlock()
+	if stopped {
+		return
+	}
+	st := pg.State()
+	b, err := json.MarshalIndent(st, "", "  ")
+	if err != nil {
+		pg.log.Error("encode state", "err", err)
+		return
+	}
+	if err := fsutil.WriteFileAtomic(filepath.Join(pg.dir, StateFile), append(b, '\n'), 0o644); err != nil {
+		pg.log.Warn("write state file", "err", err)
+	}
+}
+
+// Running reports whether a playground runs in dir (holds its lock), and its
+// process id when the state file names it.
+func Running(dir string) (bool, int, error) {
+	f, err := os.OpenFile(filepath.Join(dir, "playground.lock"), os.O_RDWR, 0)
+	if errors.Is(err, os.ErrNotExist) {
+		return false, 0, nil
+	}
+	if err != nil {
+		return false, 0, err
+	}
+	defer f.Close()
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		pid := 0
+		if st, err := ReadState(dir); err == nil {
+			pid = st.PID
+		}
+		return true, pid, nil
+	}
+	_ = syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
+	return false, 0, nil
+}
