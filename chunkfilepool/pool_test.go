@@ -409,7 +409,12 @@ func TestRestartInTheMiddleOfFormatting(t *testing.T) {
 	go func() { closed <- p.Close() }()
 	// Let the interrupted write return only once Close has cancelled the
 	// worker, as a crash or shutdown in the middle of a file would.
-	succeedsSoon(t, func() error { return p.ctx.Err() })
+	succeedsSoon(t, func() error {
+		if p.ctx.Err() == nil {
+			return errors.New("pool context not cancelled yet")
+		}
+		return nil
+	})
 	close(release)
 	if err := <-closed; err != nil {
 		t.Fatal(err)
