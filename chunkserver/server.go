@@ -24,6 +24,7 @@ import (
 	"cairn.io/cairn/chunkserver/datastore"
 	"cairn.io/cairn/copyset"
 	"cairn.io/cairn/copyset/transport"
+	"cairn.io/cairn/internal/httpdebug"
 	"cairn.io/cairn/mds/mdsclient"
 )
 
@@ -379,6 +380,7 @@ func (s *Server) startHTTP() error {
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{}))
+	httpdebug.Register(mux)
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
 		if s.stopped.Load() {
 			http.Error(w, "stopping", http.StatusServiceUnavailable)

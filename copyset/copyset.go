@@ -54,6 +54,7 @@ type Copyset struct {
 
 	// Raft worker state.
 	termStart   uint64 // index of the current leader term's first entry
+	knownLead   uint64 // last non-zero leader seen, for logging leader changes
 	leaseUntil  time.Time
 	readSeq     uint64
 	readBatches map[uint64]*readBatch
@@ -433,13 +434,32 @@ func (c *Copyset) send(m *raftpb.Message) {
 	c.e.transport.Send(uint64(c.id), m)
 }
 
+// logLeaderChange records, at info level, the leader changes an operator
+// should see: a copyset losing the leader it had and a new leader taking
+// over. The first election after start is logged at debug level only.
+func (c *Copyset) logLeaderChange(lead uint64, state raft.StateType) {
+	switch {
+	case lead == 0:
+		c.log.Info("copyset lost its leader", "leader", c.knownLead, "state", state.String())
+	case c.knownLead == 0:
+		c.log.Debug("copyset leader elected", "leader", lead)
+		c.knownLead = lead
+	default:
+		c.log.Info("copyset leader elected", "previous", c.knownLead, "leader", lead, "term", c.rn.BasicStatus().GetTerm())
+		c.knownLead = lead
+	}
+}
+
 func (c *Copyset) handleReady(rd raft.Ready) {
 	if ss := rd.SoftState; ss != nil {
 		wasLeader := c.isLeader.Load()
 		lead := ss.Lead
 		isLeader := ss.RaftState == raft.StateLeader
-		c.leader.Store(lead)
+		prev := c.leader.Swap(lead)
 		c.isLeader.Store(isLeader)
+		if prev != lead {
+			c.logLeaderChange(lead, ss.RaftState)
+		}
 		if isLeader && !wasLeader {
 			c.termStart = 0
 			c.log.Debug("became leader")

@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"cairn.io/cairn/client"
+	"cairn.io/cairn/internal/httpdebug"
 	"cairn.io/cairn/nbd"
 )
 
@@ -120,6 +121,7 @@ func orNone(s string) string {
 func (m *metrics) handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{Registry: m.reg}))
+	httpdebug.Register(mux)
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
 		ok, msg := m.health()
 		if !ok {

@@ -34,6 +34,11 @@ type Handler interface {
 	HandleSnapshot(ctx context.Context, header *transportpb.SnapshotChunk, next func() (*transportpb.SnapshotChunk, error)) error
 }
 
+// DefaultMaxBatchBytes is the default Config.MaxBatchBytes: large enough to
+// amortise a frame over many small appends, far below the chunkserver's gRPC
+// receive limit (its largest IO plus 1 MiB).
+const DefaultMaxBatchBytes = 1 << 20
+
 // Config configures a Transport.
 type Config struct {
 	// NodeID is this chunkserver's id.
@@ -42,6 +47,11 @@ type Config struct {
 	Handler  Handler
 	// QueueSize bounds the messages queued per peer (default 8192).
 	QueueSize int
+	// MaxBatchBytes bounds the Raft message bytes sent in one stream frame
+	// (default DefaultMaxBatchBytes). A queue holding more is sent as several
+	// frames, so a burst of large appends never exceeds the receiving
+	// server's message size limit; a single larger message goes alone.
+	MaxBatchBytes int
 	// DialOptions are added to the defaults (insecure credentials).
 	DialOptions []grpc.DialOption
 	// OnUnreachable, if set, is told when messages to a peer were dropped.
@@ -81,26 +91,62 @@ type outgoing struct {
 	m     *raftpb.Message
 }
 
+// Lanes of a peer. Appends and their acknowledgements go on the data lane,
+// where they share frames; everything else (heartbeats, votes, leadership
+// transfer) on the control lane, a stream of its own with its own sender, so
+// megabytes of appends queued for a peer never delay the messages that keep
+// leaders in office.
+const (
+	controlLane = iota
+	dataLane
+	numLanes
+)
+
+var laneNames = [numLanes]string{"control", "data"}
+
+func laneOf(m *raftpb.Message) int {
+	if t := m.GetType(); t == raftpb.MsgApp || t == raftpb.MsgAppResp {
+		return dataLane
+	}
+	return controlLane
+}
+
+// peer is the link to one other chunkserver: a connection shared by its
+// lanes.
 type peer struct {
-	t  *Transport
-	id uint64
+	t     *Transport
+	id    uint64
+	lanes [numLanes]*lane
+
+	connMu sync.Mutex
+	addr   string
+	conn   *grpc.ClientConn
+	closed bool
+}
+
+// lane is one queue and stream to a peer, drained by its own goroutine.
+type lane struct {
+	p    *peer
+	name string
 
 	mu     sync.Mutex
 	queue  []outgoing
 	wake   chan struct{}
 	closed bool
 
-	// owned by the sender goroutine
-	addr   string
-	conn   *grpc.ClientConn
-	stream transportpb.RaftTransport_StreamClient
-	cancel context.CancelFunc
+	// owned by the lane's goroutine
+	stream  transportpb.RaftTransport_StreamClient
+	cancel  context.CancelFunc
+	failing bool
 }
 
 // New creates a Transport; Register it on the chunkserver's gRPC server.
 func New(cfg Config) *Transport {
 	if cfg.QueueSize <= 0 {
 		cfg.QueueSize = 8192
+	}
+	if cfg.MaxBatchBytes <= 0 {
+		cfg.MaxBatchBytes = DefaultMaxBatchBytes
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -137,17 +183,18 @@ func (t *Transport) enqueue(to, group uint64, m *raftpb.Message) bool {
 	if p == nil {
 		return false
 	}
-	p.mu.Lock()
-	if p.closed || len(p.queue) >= t.cfg.QueueSize {
-		p.mu.Unlock()
+	l := p.lanes[laneOf(m)]
+	l.mu.Lock()
+	if l.closed || len(l.queue) >= t.cfg.QueueSize {
+		l.mu.Unlock()
 		t.dropped.Add(1)
 		t.unreachable(to, []uint64{group})
 		return false
 	}
-	p.queue = append(p.queue, outgoing{group: group, m: m})
-	p.mu.Unlock()
+	l.queue = append(l.queue, outgoing{group: group, m: m})
+	l.mu.Unlock()
 	select {
-	case p.wake <- struct{}{}:
+	case l.wake <- struct{}{}:
 	default:
 	}
 	return true
@@ -167,10 +214,14 @@ func (t *Transport) peer(id uint64) *peer {
 	}
 	p := t.peers[id]
 	if p == nil {
-		p = &peer{t: t, id: id, wake: make(chan struct{}, 1)}
+		p = &peer{t: t, id: id}
+		for i := range p.lanes {
+			l := &lane{p: p, name: laneNames[i], wake: make(chan struct{}, 1)}
+			p.lanes[i] = l
+			t.wg.Add(1)
+			go l.run()
+		}
 		t.peers[id] = p
-		t.wg.Add(1)
-		go p.run()
 	}
 	return p
 }
@@ -183,46 +234,69 @@ func (t *Transport) Close() {
 	t.peers = map[uint64]*peer{}
 	t.mu.Unlock()
 	for _, p := range peers {
-		p.mu.Lock()
-		p.closed = true
-		p.mu.Unlock()
-		select {
-		case p.wake <- struct{}{}:
-		default:
+		for _, l := range p.lanes {
+			l.mu.Lock()
+			l.closed = true
+			l.mu.Unlock()
+			select {
+			case l.wake <- struct{}{}:
+			default:
+			}
 		}
 	}
 	t.wg.Wait()
+	for _, p := range peers {
+		p.connMu.Lock()
+		p.closed = true
+		if p.conn != nil {
+			p.conn.Close()
+			p.conn = nil
+		}
+		p.connMu.Unlock()
+	}
 }
 
-// run drains the peer's queue into batches until the transport closes.
-func (p *peer) run() {
+// run drains the lane's queue into batches until the transport closes.
+func (l *lane) run() {
+	p := l.p
 	defer p.t.wg.Done()
-	defer p.disconnect()
+	defer l.disconnect()
 	backoff := 10 * time.Millisecond
 	for {
-		<-p.wake
+		<-l.wake
 		for {
-			p.mu.Lock()
-			if p.closed {
-				p.mu.Unlock()
+			l.mu.Lock()
+			if l.closed {
+				l.mu.Unlock()
 				return
 			}
-			q := p.queue
-			p.queue = nil
-			p.mu.Unlock()
+			q := l.queue
+			l.queue = nil
+			l.mu.Unlock()
 			if len(q) == 0 {
 				break
 			}
-			if err := p.sendBatch(q); err != nil {
+			if err := l.sendBatch(q); err != nil {
 				p.t.dropped.Add(uint64(len(q)))
 				p.t.unreachable(p.id, groupsOf(q))
-				p.t.log.Debug("raft batch not delivered", "to", p.id, "messages", len(q), "err", err)
-				p.disconnect()
+				// Warn once per outage; a peer that stays down would
+				// otherwise log at every retry.
+				lvl := slog.LevelDebug
+				if !l.failing {
+					lvl = slog.LevelWarn
+				}
+				l.failing = true
+				p.t.log.Log(context.Background(), lvl, "raft messages not delivered", "to", p.id, "lane", l.name, "messages", len(q), "err", err)
+				l.disconnect()
 				// Pause before the next attempt, dropping what queues up
 				// meanwhile beyond the queue bound (Raft retries).
 				time.Sleep(backoff)
 				backoff = min(backoff*2, time.Second)
 				continue
+			}
+			if l.failing {
+				p.t.log.Info("raft messages delivered again", "to", p.id, "lane", l.name)
+				l.failing = false
 			}
 			backoff = 10 * time.Millisecond
 		}
@@ -241,32 +315,56 @@ func groupsOf(q []outgoing) []uint64 {
 	return gs
 }
 
-// sendBatch encodes q into one RaftBatch (coalescing heartbeats) and sends it.
-func (p *peer) sendBatch(q []outgoing) error {
+// sendBatch sends q as RaftBatch frames: heartbeats of all copysets
+// coalesced into the first frame, then the other messages in order, at most
+// MaxBatchBytes of them per frame.
+func (l *lane) sendBatch(q []outgoing) error {
+	p := l.p
+	if err := l.connect(); err != nil {
+		return err
+	}
 	b := &transportpb.RaftBatch{From: p.t.cfg.NodeID, To: p.id}
 	for _, o := range q {
 		m := o.m
-		switch m.GetType() {
-		case raftpb.MsgHeartbeat, raftpb.MsgHeartbeatResp:
+		if t := m.GetType(); t == raftpb.MsgHeartbeat || t == raftpb.MsgHeartbeatResp {
 			b.Heartbeats = append(b.Heartbeats, &transportpb.Heartbeat{
 				Group:    o.group,
 				Term:     m.GetTerm(),
 				Commit:   m.GetCommit(),
 				Context:  m.GetContext(),
-				Response: m.GetType() == raftpb.MsgHeartbeatResp,
+				Response: t == raftpb.MsgHeartbeatResp,
 			})
-		default:
-			data, err := proto.Marshal(m)
-			if err != nil {
-				return fmt.Errorf("encode raft message: %w", err)
-			}
-			b.Messages = append(b.Messages, &transportpb.GroupMessage{Group: o.group, Message: data})
 		}
 	}
-	if err := p.connect(); err != nil {
-		return err
+	size := 0
+	for _, o := range q {
+		m := o.m
+		if t := m.GetType(); t == raftpb.MsgHeartbeat || t == raftpb.MsgHeartbeatResp {
+			continue
+		}
+		data, err := proto.Marshal(m)
+		if err != nil {
+			return fmt.Errorf("encode raft message: %w", err)
+		}
+		if len(b.Messages) > 0 && size+len(data) > p.t.cfg.MaxBatchBytes {
+			if err := l.sendFrame(b); err != nil {
+				return err
+			}
+			b, size = &transportpb.RaftBatch{From: p.t.cfg.NodeID, To: p.id}, 0
+		}
+		b.Messages = append(b.Messages, &transportpb.GroupMessage{Group: o.group, Message: data})
+		size += len(data)
 	}
-	if err := p.stream.Send(b); err != nil {
+	if len(b.Messages) > 0 || len(b.Heartbeats) > 0 {
+		return l.sendFrame(b)
+	}
+	return nil
+}
+
+// sendFrame sends one RaftBatch on the lane's stream.
+func (l *lane) sendFrame(b *transportpb.RaftBatch) error {
+	p := l.p
+	if err := l.stream.Send(b); err != nil {
 		return fmt.Errorf("send to %d: %w", p.id, err)
 	}
 	p.t.batches.Add(1)
@@ -275,34 +373,22 @@ func (p *peer) sendBatch(q []outgoing) error {
 	return nil
 }
 
-func (p *peer) connect() error {
-	if p.stream != nil {
+// connect opens the lane's stream, dialling the peer if needed.
+func (l *lane) connect() error {
+	if l.stream != nil {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	addr, err := p.t.cfg.Resolver.Resolve(ctx, p.id)
-	cancel()
+	conn, addr, err := l.p.dial()
 	if err != nil {
-		return fmt.Errorf("resolve chunkserver %d: %w", p.id, err)
-	}
-	if p.conn == nil || addr != p.addr {
-		if p.conn != nil {
-			p.conn.Close()
-		}
-		opts := append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}, p.t.cfg.DialOptions...)
-		conn, err := grpc.NewClient(addr, opts...)
-		if err != nil {
-			return fmt.Errorf("dial chunkserver %d at %s: %w", p.id, addr, err)
-		}
-		p.conn, p.addr = conn, addr
+		return err
 	}
 	sctx, scancel := context.WithCancel(context.Background())
-	stream, err := transportpb.NewRaftTransportClient(p.conn).Stream(sctx)
+	stream, err := transportpb.NewRaftTransportClient(conn).Stream(sctx)
 	if err != nil {
 		scancel()
-		return fmt.Errorf("open raft stream to %d at %s: %w", p.id, addr, err)
+		return fmt.Errorf("open raft stream to %d at %s: %w", l.p.id, addr, err)
 	}
-	p.stream, p.cancel = stream, scancel
+	l.stream, l.cancel = stream, scancel
 	// Drain acks (and notice a refused stream) in the background.
 	go func() {
 		for {
@@ -314,22 +400,40 @@ func (p *peer) connect() error {
 	return nil
 }
 
-func (p *peer) disconnect() {
-	if p.cancel != nil {
-		p.cancel()
-		p.cancel = nil
+// dial returns the peer's connection, (re)creating it when the peer's
+// address changed.
+func (p *peer) dial() (*grpc.ClientConn, string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	addr, err := p.t.cfg.Resolver.Resolve(ctx, p.id)
+	cancel()
+	if err != nil {
+		return nil, "", fmt.Errorf("resolve chunkserver %d: %w", p.id, err)
 	}
-	p.stream = nil
-	if p.conn != nil && p.isClosed() {
-		p.conn.Close()
-		p.conn = nil
+	p.connMu.Lock()
+	defer p.connMu.Unlock()
+	if p.closed {
+		return nil, "", fmt.Errorf("raft transport to %d closed", p.id)
 	}
+	if p.conn == nil || addr != p.addr {
+		if p.conn != nil {
+			p.conn.Close()
+		}
+		opts := append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}, p.t.cfg.DialOptions...)
+		conn, err := grpc.NewClient(addr, opts...)
+		if err != nil {
+			return nil, "", fmt.Errorf("dial chunkserver %d at %s: %w", p.id, addr, err)
+		}
+		p.conn, p.addr = conn, addr
+	}
+	return p.conn, addr, nil
 }
 
-func (p *peer) isClosed() bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.closed
+func (l *lane) disconnect() {
+	if l.cancel != nil {
+		l.cancel()
+		l.cancel = nil
+	}
+	l.stream = nil
 }
 
 // Stream is the server side of a peer's batch stream.

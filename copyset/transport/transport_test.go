@@ -200,3 +200,115 @@ func TestBatchForAnotherNodeIsRefused(t *testing.T) {
 		t.Fatal("a batch addressed to node 3 was delivered on node 2")
 	}
 }
+
+// TestLargeAppendBurstFitsReceiveLimit queues a burst of large appends for
+// a peer whose gRPC server accepts at most 2 MiB per message, as a
+// chunkserver's does for its largest IO plus a margin: the burst must cross
+// in frames under the limit, with nothing dropped and every byte intact.
+func TestLargeAppendBurstFitsReceiveLimit(t *testing.T) {
+	a := addrs{}
+	col := &collector{}
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a[2] = lis.Addr().String()
+	rx := New(Config{NodeID: 2, Resolver: a, Handler: col})
+	srv := grpc.NewServer(grpc.MaxRecvMsgSize(2 << 20))
+	rx.Register(srv)
+	go srv.Serve(lis)
+	t.Cleanup(func() { rx.Close(); srv.Stop() })
+	tx := New(Config{NodeID: 1, Resolver: a, Handler: &collector{}})
+	t.Cleanup(func() { tx.Close() })
+
+	const n, size = 24, 512 << 10
+	for i := range uint64(n) {
+		app := msg(raftpb.MsgApp, 2, 1, 3, i, nil)
+		data := make([]byte, size)
+		for j := range data {
+			data[j] = byte(i + uint64(j))
+		}
+		app.Entries = []*raftpb.Entry{{Index: new(i + 1), Term: new(uint64(3)), Data: data}}
+		if !tx.Send(i%4+1, app) {
+			t.Fatalf("append %d not queued", i)
+		}
+		tx.Send(i%4+1, msg(raftpb.MsgHeartbeat, 2, 1, 3, i, nil))
+	}
+	waitCount(t, col, 2*n)
+	if st := tx.Stats(); st.Dropped != 0 {
+		t.Fatalf("%d messages dropped", st.Dropped)
+	}
+	col.mu.Lock()
+	defer col.mu.Unlock()
+	next := uint64(0)
+	for _, r := range col.got {
+		if r.m.GetType() != raftpb.MsgApp {
+			continue
+		}
+		en := r.m.Entries[0]
+		if en.GetIndex() != next+1 {
+			t.Fatalf("append with index %d arrived after %d", en.GetIndex(), next)
+		}
+		for j, b := range en.Data {
+			if b != byte(next+uint64(j)) {
+				t.Fatalf("append %d: byte %d corrupted", next, j)
+			}
+		}
+		next++
+	}
+	if next != n {
+		t.Fatalf("%d appends arrived, want %d", next, n)
+	}
+}
+
+// stallingHandler holds every append until released, as a receiver busy
+// with a backlog of large appends would, and counts the rest.
+type stallingHandler struct {
+	collector
+	release chan struct{}
+}
+
+func (h *stallingHandler) HandleRaft(from, group uint64, m *raftpb.Message) {
+	if m.GetType() == raftpb.MsgApp {
+		<-h.release
+	}
+	h.collector.HandleRaft(from, group, m)
+}
+
+// TestControlTrafficOvertakesStalledAppends checks that heartbeats and votes
+// reach a peer while appends to it are stuck.
+func TestControlTrafficOvertakesStalledAppends(t *testing.T) {
+	a := addrs{}
+	h := &stallingHandler{release: make(chan struct{})}
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a[2] = lis.Addr().String()
+	rx := New(Config{NodeID: 2, Resolver: a, Handler: h})
+	srv := grpc.NewServer()
+	rx.Register(srv)
+	go srv.Serve(lis)
+	t.Cleanup(func() { srv.Stop(); rx.Close() })
+	tx := New(Config{NodeID: 1, Resolver: a, Handler: &collector{}})
+	t.Cleanup(func() { tx.Close() })
+	released := false
+	t.Cleanup(func() {
+		if !released {
+			close(h.release)
+		}
+	})
+
+	app := msg(raftpb.MsgApp, 2, 1, 3, 1, nil)
+	app.Entries = []*raftpb.Entry{{Index: new(uint64(2)), Term: new(uint64(3)), Data: make([]byte, 64<<10)}}
+	tx.Send(1, app)
+	for g := uint64(1); g <= 10; g++ {
+		tx.Send(g, msg(raftpb.MsgHeartbeat, 2, 1, 3, 1, nil))
+		tx.Send(g, msg(raftpb.MsgHeartbeatResp, 2, 1, 3, 1, nil))
+		tx.Send(g, msg(raftpb.MsgPreVote, 2, 1, 4, 0, nil))
+	}
+	waitCount(t, &h.collector, 30)
+	released = true
+	close(h.release)
+	waitCount(t, &h.collector, 31)
+}
