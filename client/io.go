@@ -46,15 +46,8 @@ func (v *Volume) check(off, n int64) error {
 // run runs f on every piece concurrently (bounded by MaxInflight) and
 // returns the first error.
 func (v *Volume) run(ps []piece, f func(ctx context.Context, p piece) error) error {
-	ctx, cancel := context.WithCancel(context.Background())
+	ctx, cancel := context.WithCancel(v.ctx)
 	defer cancel()
-	go func() {
-		select {
-		case <-v.stop:
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
 	if len(ps) == 1 {
 		return f(ctx, ps[0])
 	}

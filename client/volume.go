@@ -66,6 +66,8 @@ type Volume struct {
 	fenced atomic.Bool
 	closed atomic.Bool
 	stop   chan struct{}
+	ctx    context.Context // cancelled by Close: IO in flight stops
+	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
 	stats struct {
@@ -121,6 +123,7 @@ func OpenWithOptions(ctx context.Context, mdsAddrs []string, volume string, o Op
 		sem:       make(chan struct{}, o.MaxInflight),
 		stop:      make(chan struct{}),
 	}
+	v.ctx, v.cancel = context.WithCancel(context.Background())
 	if !o.ReadOnly {
 		v.epoch = vol.GetEpoch()
 	}
@@ -188,6 +191,7 @@ func (v *Volume) Close() error {
 		return nil
 	}
 	close(v.stop)
+	v.cancel()
 	v.wg.Wait()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()

@@ -22,6 +22,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/httpdebug"
 	"cairn.io/cairn/mds/embedetcd"
 )
 
@@ -127,6 +128,7 @@ func (s *Server) Start(ctx context.Context) (err error) {
 			return fmt.Errorf("mds: listen %s: %w", s.cfg.MetricsAddr, err)
 		}
 		mux := http.NewServeMux()
+		httpdebug.Register(mux)
 		mux.Handle("/metrics", promhttp.HandlerFor(s.registry, promhttp.HandlerOpts{}))
 		mux.HandleFunc("/healthz", s.serveHealth)
 		s.http = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}

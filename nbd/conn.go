@@ -44,6 +44,9 @@ type serverConn struct {
 	lim      *limiter
 	writes   *writeTracker
 	inflight sync.WaitGroup
+	work     chan *operation // hands a request to an idle worker
+	done     chan struct{}   // closed when the connection ends: workers exit
+	workers  int             // workers started; read and written by the request reader only
 
 	wmu         sync.Mutex // serialises replies on nc
 	writeFailed bool       // guarded by wmu: a reply could not be sent, the stream is broken
@@ -134,6 +137,7 @@ func (c *serverConn) transmit(opened *openedExport) {
 	}
 	c.lim = newLimiter(c.srv.cfg.MaxInFlight, c.srv.cfg.MaxInFlightBytes)
 	c.writes = newWriteTracker()
+	c.work, c.done = make(chan *operation), make(chan struct{})
 	c.setReadDeadline(time.Time{}) // a client may stay idle as long as it likes
 	c.log.Info("nbd: client attached", "size", opened.size, "structured_replies", c.structured)
 
@@ -141,6 +145,7 @@ func (c *serverConn) transmit(opened *openedExport) {
 	defer func() {
 		// Also on a panic of the reader: the requests in flight still own the export.
 		c.inflight.Wait()
+		close(c.done)
 		if cerr := opened.exp.Close(); cerr != nil {
 			c.log.Warn("nbd: close export", "err", cerr)
 		}
@@ -220,7 +225,37 @@ func (c *serverConn) readRequests() error {
 		}
 		c.inflight.Add(1)
 		c.srv.stats.inFlight.Add(1)
-		go c.run(op)
+		c.dispatch(op)
+	}
+}
+
+// dispatch hands op to an idle worker, starting one when none is idle and
+// fewer than MaxInFlight exist; otherwise it waits for one to finish, which
+// the limiter guarantees is close.
+func (c *serverConn) dispatch(op *operation) {
+	if c.workers >= c.srv.cfg.MaxInFlight {
+		c.work <- op
+		return
+	}
+	select {
+	case c.work <- op:
+	default:
+		c.workers++
+		go c.worker(op)
+	}
+}
+
+// worker runs op, then every request handed to it, until the connection
+// ends. Reusing workers spares each request a fresh goroutine whose stack
+// would grow again through the client and gRPC.
+func (c *serverConn) worker(op *operation) {
+	for {
+		c.run(op)
+		select {
+		case op = <-c.work:
+		case <-c.done:
+			return
+		}
 	}
 }
 
