@@ -1,94 +1,26 @@
 package iscsi
 
 import (
-	"bufio"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"sort"
 	"strings"
 	"testing"
 	"time"
-)
 
-// Outcome of one libiscsi conformance test.
-const (
-	cuPassed  = "passed"
-	cuFailed  = "failed"
-	cuSkipped = "skipped"
+	"cairn.io/cairn/test/iscsi/testcu"
 )
-
-var (
-	cuSuiteRe = regexp.MustCompile(`^Suite: (\S+)`)
-	cuTestRe  = regexp.MustCompile(`^\s+Test: (\S+) \.\.\.(.*)$`)
-)
-
-// parseTestCU reads iscsi-test-cu's verbose output into test -> outcome.
-// CUnit reports a skipped test as passed; libiscsi prints "[SKIPPED]" in
-// its log, which is what tells the two apart.
-func parseTestCU(out string) map[string]string {
-	res := make(map[string]string)
-	var suite, cur string
-	skipped := false
-	finish := func(line string) bool {
-		// The outcome follows the test's own log output on the same
-		// line ("...passed"), or starts a line that may go on with log
-		// output of what runs next ("passed    [FAILED] PRIN ...").
-		s := strings.TrimSpace(line)
-		switch {
-		case strings.HasPrefix(s, "passed"), strings.HasPrefix(s, "FAILED"):
-			s = s[:6]
-		}
-		switch {
-		case strings.HasSuffix(s, "passed") && !strings.HasPrefix(s, "["):
-			if skipped {
-				res[cur] = cuSkipped
-			} else {
-				res[cur] = cuPassed
-			}
-		case strings.HasSuffix(s, "FAILED") && !strings.HasPrefix(s, "["):
-			res[cur] = cuFailed
-		default:
-			return false
-		}
-		cur = ""
-		return true
-	}
-	sc := bufio.NewScanner(strings.NewReader(out))
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		if m := cuSuiteRe.FindStringSubmatch(line); m != nil {
-			suite = m[1]
-			continue
-		}
-		if m := cuTestRe.FindStringSubmatch(line); m != nil {
-			cur = suite + "." + m[1]
-			skipped = strings.Contains(m[2], "[SKIPPED]")
-			finish(m[2])
-			continue
-		}
-		if cur == "" {
-			continue
-		}
-		if strings.Contains(line, "[SKIPPED]") {
-			skipped = true
-		}
-		finish(line)
-	}
-	return res
-}
 
 func countOutcomes(res map[string]string) (pass, fail, skip int) {
 	for _, r := range res {
 		switch r {
-		case cuPassed:
+		case testcu.Passed:
 			pass++
-		case cuFailed:
+		case testcu.Failed:
 			fail++
-		case cuSkipped:
+		case testcu.Skipped:
 			skip++
 		}
 	}
@@ -106,7 +38,7 @@ func runTestCU(t *testing.T, url string) (map[string]string, string) {
 		"-i", "iqn.2026-11.io.cairn.test:initiator1", "-I", "iqn.2026-11.io.cairn.test:initiator2", url)
 	cmd.Dir = dir
 	out, _ := cmd.CombinedOutput() // exit status counts failures; the log says which
-	return parseTestCU(string(out)), string(out)
+	return testcu.Parse(string(out)), string(out)
 }
 
 const passListPath = "testdata/conformance-pass.txt"
@@ -154,14 +86,14 @@ func TestConformance(t *testing.T) {
 	}
 	var failed []string
 	for name, r := range ours {
-		if r == cuFailed {
+		if r == testcu.Failed {
 			failed = append(failed, name)
 		}
 	}
 	sort.Strings(failed)
 	t.Logf("failed: %s", strings.Join(failed, " "))
 	for _, name := range readPassList(t) {
-		if ours[name] != cuPassed {
+		if ours[name] != testcu.Passed {
 			t.Errorf("regression: %s was recorded as passing, now %q", name, ours[name])
 		}
 	}
@@ -172,7 +104,7 @@ func TestConformance(t *testing.T) {
 	if os.Getenv("CAIRN_ISCSI_CONFORMANCE_RECORD") != "" {
 		var pass []string
 		for name, r := range ours {
-			if r == cuPassed {
+			if r == testcu.Passed {
 				pass = append(pass, name)
 			}
 		}
@@ -204,7 +136,7 @@ func runTGT(t *testing.T) map[string]string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	res := parseTestCU(string(b))
+	res := testcu.Parse(string(b))
 	p, f, s := countOutcomes(res)
 	t.Logf("tgt: %d passed, %d failed, %d skipped of %d", p, f, s, len(res))
 	return res
@@ -239,7 +171,7 @@ func writeConformanceDoc(t *testing.T, ours, tgt map[string]string, elapsed time
 	fmt.Fprintf(&b, "Cairn's suite run took %s. Tests tgt passes that Cairn does not: ", elapsed.Round(time.Second))
 	var worse []string
 	for _, n := range all {
-		if tgt[n] == cuPassed && ours[n] != cuPassed {
+		if tgt[n] == testcu.Passed && ours[n] != testcu.Passed {
 			worse = append(worse, n)
 		}
 	}
@@ -281,37 +213,4 @@ func TestConformanceOne(t *testing.T) {
 	cmd.Dir = t.TempDir()
 	out, _ := cmd.CombinedOutput()
 	t.Logf("%s", out)
-}
-
-func TestParseTestCU(t *testing.T) {
-	log := `Suite: Reserve6
-  Test: Simple ...passed
-  Test: 2Initiators ...    Take out a RESERVE6 from the first initiator
-    RELEASE6 from the second initiator
-passed
-  Test: LUNReset ...    [FAILED] RESERVE6 command: failed with sense.
-passed    [FAILED] PRIN command: failed with sense.
-
-Suite: CompareAndWrite
-  Test: Simple ...    [SKIPPED] COMPAREANDWRITE is not implemented.
-    [SKIPPED] COMPAREANDWRITE is not implemented.
-passed
-  Test: BeyondEol ...    [FAILED] GET_LBA_STATUS successful but should have failed
-FAILED
-    1. test_get_lba_status_beyond_eol.c:38  - CU_ASSERT_EQUAL(_r,0)
-  Test: Miscompare ...FAILED
-`
-	got := parseTestCU(log)
-	want := map[string]string{
-		"Reserve6.Simple": cuPassed, "Reserve6.2Initiators": cuPassed, "Reserve6.LUNReset": cuPassed,
-		"CompareAndWrite.Simple": cuSkipped, "CompareAndWrite.BeyondEol": cuFailed, "CompareAndWrite.Miscompare": cuFailed,
-	}
-	if len(got) != len(want) {
-		t.Fatalf("parsed %v", got)
-	}
-	for k, v := range want {
-		if got[k] != v {
-			t.Errorf("%s: %q, want %q", k, got[k], v)
-		}
-	}
 }

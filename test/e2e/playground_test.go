@@ -17,6 +17,7 @@ import (
 
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/mds/mdsclient"
+	"cairn.io/cairn/test/iscsi/testcu"
 	"cairn.io/cairn/tools/playground"
 )
 
@@ -406,14 +407,14 @@ func (e *env) conformance(t *testing.T) {
 	start := time.Now()
 	out, _ := run(t, 30*time.Minute, "iscsi-test-cu", "--dataloss", "--test=ALL",
 		"-i", "iqn.2026-11.io.cairn.e2e:initiator1", "-I", "iqn.2026-11.io.cairn.e2e:initiator2", url)
-	res := parseTestCU(out)
+	res := testcu.Parse(out)
 	pass, fail, skip := 0, 0, 0
 	var failed []string
 	for name, r := range res {
 		switch r {
-		case "passed":
+		case testcu.Passed:
 			pass++
-		case "failed":
+		case testcu.Failed:
 			fail++
 			failed = append(failed, name)
 		default:
@@ -433,7 +434,7 @@ func (e *env) conformance(t *testing.T) {
 		if name = strings.TrimSpace(name); name == "" || strings.HasPrefix(name, "#") {
 			continue
 		}
-		if res[name] != "passed" {
+		if res[name] != testcu.Passed {
 			t.Errorf("%s passes against the in-process target but is %q against the playground", name, res[name])
 		}
 	}
