@@ -55,14 +55,6 @@ func (g *Gateway) pollOnce(ctx context.Context) error {
 		return err
 	}
 	g.metrics.pollOK(len(vols))
-	// An initiator that logged in again at once may have rejoined the
-	// target of a vanished volume before its old session released it; end
-	// such sessions until the volume is closed (its IO fails meanwhile).
-	if g.iscsi != nil {
-		for _, e := range g.vols.vanishedInUse() {
-			g.iscsi.DropTarget(e.name)
-		}
-	}
 	for _, e := range g.vols.openEntries() {
 		if _, ok := vols[e.name]; !ok {
 			if e.opened.After(start) {

@@ -244,20 +244,6 @@ func (r *registry) vanish(e *entry) {
 	r.idle(e)
 }
 
-// vanishedInUse returns the entries of vanished volumes that still have
-// users.
-func (r *registry) vanishedInUse() []*entry {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	var out []*entry
-	for e := range r.live {
-		if e.vanished.Load() && !e.closing && e.refs > 0 {
-			out = append(out, e)
-		}
-	}
-	return out
-}
-
 // openEntries returns the entries that have an open volume and accept users.
 func (r *registry) openEntries() []*entry {
 	r.mu.Lock()

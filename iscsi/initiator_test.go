@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net"
+	"slices"
 	"strconv"
 	"testing"
 	"time"
@@ -28,22 +29,7 @@ type testInitiator struct {
 
 func dialInitiator(t *testing.T, addr, target string, extra ...pdu.KV) *testInitiator {
 	t.Helper()
-	nc, err := net.DialTimeout("tcp", addr, 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { nc.Close() })
-	in := &testInitiator{t: t, nc: nc, cmdSN: 1, maxData: 8192}
-	in.rd.R = nc
-	in.rd.MaxData = 1 << 24
-	kvs := []pdu.KV{{Key: "InitiatorName", Value: "iqn.2026-11.io.cairn.test:raw"}}
-	if target == "" {
-		kvs = append(kvs, pdu.KV{Key: "SessionType", Value: "Discovery"})
-	} else {
-		kvs = append(kvs, pdu.KV{Key: "TargetName", Value: target})
-	}
-	kvs = append(kvs, extra...)
-	rsp, status := in.loginPDU(0x80|1<<2|3, kvs)
+	in, rsp, status := tryLogin(t, addr, target, extra...)
 	if status != 0 {
 		t.Fatalf("login failed with status 0x%04x", status)
 	}
@@ -59,6 +45,34 @@ func dialInitiator(t *testing.T, addr, target string, extra ...pdu.KV) *testInit
 	in.dd = in.params["DataDigest"] == "CRC32C"
 	in.rd.HeaderDigest, in.rd.DataDigest = in.hd, in.dd
 	return in
+}
+
+// tryLogin connects and sends a single-step login (security negotiation
+// straight to full feature phase) to target ("" for discovery), as
+// "iqn.2026-11.io.cairn.test:raw" unless extra names the initiator; it returns
+// the initiator, the Login Response and its status class/detail.
+func tryLogin(t *testing.T, addr, target string, extra ...pdu.KV) (*testInitiator, *pdu.PDU, uint16) {
+	t.Helper()
+	nc, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { nc.Close() })
+	in := &testInitiator{t: t, nc: nc, cmdSN: 1, maxData: 8192}
+	in.rd.R = nc
+	in.rd.MaxData = 1 << 24
+	var kvs []pdu.KV
+	if !slices.ContainsFunc(extra, func(kv pdu.KV) bool { return kv.Key == "InitiatorName" }) {
+		kvs = append(kvs, pdu.KV{Key: "InitiatorName", Value: "iqn.2026-11.io.cairn.test:raw"})
+	}
+	if target == "" {
+		kvs = append(kvs, pdu.KV{Key: "SessionType", Value: "Discovery"})
+	} else {
+		kvs = append(kvs, pdu.KV{Key: "TargetName", Value: target})
+	}
+	kvs = append(kvs, extra...)
+	rsp, status := in.loginPDU(0x80|1<<2|3, kvs)
+	return in, rsp, status
 }
 
 // loginPDU sends one Login Request and returns the response and its

@@ -27,6 +27,7 @@ var (
 	statusInitiatorError   = loginStatus{2, 0x00}
 	statusAuthFailure      = loginStatus{2, 0x01}
 	statusNotFound         = loginStatus{2, 0x03}
+	statusTargetRemoved    = loginStatus{2, 0x04}
 	statusBadVersion       = loginStatus{2, 0x05}
 	statusMissingParam     = loginStatus{2, 0x07}
 	statusBadSessionType   = loginStatus{2, 0x09}
@@ -330,7 +331,11 @@ func (c *conn) startSession(st *loginState) error {
 			RelativePort:  1,
 		}
 	}
-	tsih, old := c.srv.registerSession(ss)
+	tsih, old, err := c.srv.registerSession(ss)
+	if err != nil {
+		c.srv.releaseTarget(ss.target)
+		return &loginError{status: statusTargetRemoved, err: err}
+	}
 	ss.tsih = tsih
 	for _, o := range old {
 		// Session reinstatement: the old session's commands finish

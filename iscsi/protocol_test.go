@@ -439,3 +439,34 @@ func TestDropTargetEndsItsSessions(t *testing.T) {
 	stay.clearUA()
 	eventually(t, 5*time.Second, "dropped volume closed", func() bool { return tt.exports.volume("gone").closed.Load() })
 }
+
+// TestDroppedTargetRefusesRejoin: while a dropped target is still held by
+// the command its old session has in the backend, a new login must not
+// join it; it opens the volume afresh, which the exports refuse.
+func TestDroppedTargetRefusesRejoin(t *testing.T) {
+	tt := startTarget(t, nil, map[string]int64{"gone": 1 << 20})
+	release := make(chan struct{})
+	entered := make(chan struct{}, 1)
+	tt.exports.setGate(func(off int64) {
+		if off == 0 {
+			entered <- struct{}{}
+			<-release
+		}
+	})
+	old := dialInitiator(t, tt.addr, tt.srv.TargetName("gone"))
+	old.clearUA()
+	old.send(cdbRead16(0, 1), nil, 512, false)
+	<-entered // the old session's read holds the target
+	tt.exports.remove("gone")
+	tt.srv.DropTarget("gone")
+	_, _, status := tryLogin(t, tt.addr, tt.srv.TargetName("gone"),
+		pdu.KV{Key: "InitiatorName", Value: "iqn.2026-11.io.cairn.test:rejoin"})
+	if status != 0x0203 {
+		t.Errorf("login to a dropped target: status 0x%04x, want 0x0203 (not found)", status)
+	}
+	if tt.exports.volume("gone").closed.Load() {
+		t.Error("volume closed while a command was still inside it")
+	}
+	close(release)
+	eventually(t, 5*time.Second, "dropped volume closed", func() bool { return tt.exports.volume("gone").closed.Load() })
+}

@@ -73,6 +73,9 @@ type target struct {
 	lu    *scsi.LogicalUnit
 	err   error
 	refs  int // sessions holding the target, guarded by Server.mu
+	// dropped is set by DropTarget (guarded by Server.mu): the target is
+	// out of Server.targets and no further session may join it.
+	dropped bool
 }
 
 // NewServer validates cfg and returns a server that is not yet listening.
@@ -219,9 +222,16 @@ func (s *Server) NotifyResize(volume string) {
 }
 
 // DropTarget ends every session of a volume's target (for a volume that was
-// deleted or must be detached); the volume is closed once they are gone.
+// deleted or must be detached); the volume is closed once they are gone. A
+// login already under way cannot join the dropped target, and later logins
+// open the volume afresh through Exports.Open, which refuses a volume that is
+// gone.
 func (s *Server) DropTarget(volume string) {
 	s.mu.Lock()
+	if t := s.targets[volume]; t != nil {
+		t.dropped = true
+		delete(s.targets, volume)
+	}
 	var victims []*conn
 	for _, ss := range s.sessions {
 		if ss.target != nil && ss.target.name == volume {
@@ -298,12 +308,19 @@ func (s *Server) releaseTarget(t *target) {
 	}
 }
 
+// errTargetDropped refuses a login whose target was dropped while it ran.
+var errTargetDropped = errors.New("iscsi: target removed")
+
 // registerSession assigns a TSIH and performs session reinstatement: an
 // existing session of the same initiator port (name and ISID) to the same
-// target is ended first (RFC 7143 section 6.3.5).
-func (s *Server) registerSession(ss *session) (uint16, []*session) {
+// target is ended first (RFC 7143 section 6.3.5). It refuses a session of a
+// target that DropTarget removed meanwhile.
+func (s *Server) registerSession(ss *session) (uint16, []*session, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if ss.target != nil && ss.target.dropped {
+		return 0, nil, fmt.Errorf("%w: %s", errTargetDropped, ss.target.name)
+	}
 	var old []*session
 	for tsih, o := range s.sessions {
 		if o.initiatorName == ss.initiatorName && o.isid == ss.isid && o.targetIQN == ss.targetIQN {
@@ -321,7 +338,7 @@ func (s *Server) registerSession(ss *session) (uint16, []*session) {
 		}
 	}
 	s.sessions[s.nextTSIH] = ss
-	return s.nextTSIH, old
+	return s.nextTSIH, old, nil
 }
 
 func (s *Server) unregisterSession(ss *session) {
