@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
@@ -399,4 +400,54 @@ func grepLines(s, substr string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+// TestCHAPSecretsFile: secrets read from a file protect discovery and every
+// target, with a volume's own secrets taking precedence over the default.
+func TestCHAPSecretsFile(t *testing.T) {
+	for _, tool := range []string{"iscsi-inq", "iscsi-ls"} {
+		needTool(t, tool)
+	}
+	path := filepath.Join(t.TempDir(), "chap.json")
+	if err := os.WriteFile(path, []byte(`{
+		"default":   {"user": "node", "secret": "node-secret-16ch"},
+		"discovery": {"user": "disc", "secret": "discovery-secret"},
+		"targets":   {"db": {"user": "db-node", "secret": "db-secret-16char"}}
+	}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	secrets, err := iscsi.ReadCHAPSecrets(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := startCluster(t, "db", "web")
+	g := startGateway(t, c, func(cfg *Config) { secrets.Apply(&cfg.ISCSI) })
+	url := func(cred, vol string) string {
+		return "iscsi://" + cred + g.ISCSIAddr() + "/" + g.TargetName(vol) + "/0"
+	}
+	for _, tc := range []struct {
+		name, url string
+		ok        bool
+	}{
+		{"volume's own secret", url("db-node%db-secret-16char@", "db"), true},
+		{"default secret on a volume with its own", url("node%node-secret-16ch@", "db"), false},
+		{"default secret", url("node%node-secret-16ch@", "web"), true},
+		{"wrong secret", url("node%not-the-secret-1@", "web"), false},
+		{"no credentials", url("", "web"), false},
+	} {
+		out, err := runTool(t, 30*time.Second, "iscsi-inq", tc.url)
+		if tc.ok && (err != nil || !strings.Contains(out, "Vendor:CAIRN")) {
+			t.Errorf("%s: login failed: %v\n%s", tc.name, err, out)
+		}
+		if !tc.ok && err == nil {
+			t.Errorf("%s: login succeeded, want failure:\n%s", tc.name, out)
+		}
+	}
+	if out, err := runTool(t, 30*time.Second, "iscsi-ls", "iscsi://"+g.ISCSIAddr()); err == nil {
+		t.Errorf("discovery without CHAP succeeded:\n%s", out)
+	}
+	out := mustRun(t, 30*time.Second, "iscsi-ls", "iscsi://disc%discovery-secret@"+g.ISCSIAddr())
+	if !strings.Contains(out, g.TargetName("db")) || !strings.Contains(out, g.TargetName("web")) {
+		t.Errorf("discovery with CHAP:\n%s", out)
+	}
 }

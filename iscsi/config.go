@@ -31,14 +31,17 @@ type Exports interface {
 	Open(ctx context.Context, name string) (Volume, error)
 }
 
-// CHAP holds the secrets of one target (or of discovery).
+// CHAP holds the secrets of one target (or of discovery). The JSON names
+// are those of a CHAP secrets file (ReadCHAPSecrets).
 type CHAP struct {
 	// User and Secret authenticate the initiator to the target.
-	User, Secret string
+	User   string `json:"user"`
+	Secret string `json:"secret"`
 	// MutualUser and MutualSecret, when set, authenticate the target to
 	// an initiator that asks for mutual CHAP. An initiator that asks while
 	// they are empty fails to log in.
-	MutualUser, MutualSecret string
+	MutualUser   string `json:"mutual_user,omitempty"`
+	MutualSecret string `json:"mutual_secret,omitempty"`
 }
 
 // Errors.

@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"cairn.io/cairn/gateway"
+	"cairn.io/cairn/iscsi"
 )
 
 func main() {
@@ -38,6 +39,29 @@ func main() {
 }
 
 func run(args []string) error {
+	cfg, err := parseConfig(args)
+	if err != nil {
+		return err
+	}
+	logger := cfg.Logger
+	g, err := gateway.New(cfg)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	if err := g.Start(ctx); err != nil {
+		g.Stop()
+		return err
+	}
+	<-ctx.Done()
+	logger.Info("shutting down")
+	return g.Stop()
+}
+
+// parseConfig turns the command line into the gateway's configuration,
+// reading the CHAP secrets file when one is named.
+func parseConfig(args []string) (gateway.Config, error) {
 	fs := flag.NewFlagSet("cairn-gateway", flag.ContinueOnError)
 	var (
 		mds         = fs.String("mds", envOr("CAIRN_MDS", "127.0.0.1:6700"), "MDS addresses, comma-separated (env CAIRN_MDS)")
@@ -49,17 +73,18 @@ func run(args []string) error {
 		linger      = fs.Duration("linger", gateway.DefaultLinger, "how long a volume stays open after its last user left")
 		clientName  = fs.String("client-name", "", "name of the gateway's volume sessions at the MDS (default cairn-gateway@<host>)")
 		nopInterval = fs.Duration("iscsi-nop-interval", 10*time.Second, "idle time after which the target pings an iSCSI initiator")
+		chapFile    = fs.String("iscsi-chap", "", "JSON file of iSCSI CHAP secrets: default, discovery and per-volume targets (docs/gateway.md)")
 		logLevel    = fs.String("log-level", "info", "debug, info, warn or error")
 	)
 	if err := fs.Parse(args); err != nil {
-		return err
+		return gateway.Config{}, err
 	}
 	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))
+		return gateway.Config{}, fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))
 	}
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
-		return fmt.Errorf("--log-level: %w", err)
+		return gateway.Config{}, fmt.Errorf("--log-level: %w", err)
 	}
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	if *clientName == "" {
@@ -78,19 +103,20 @@ func run(args []string) error {
 		Logger:       logger,
 	}
 	cfg.ISCSI.NopInterval = *nopInterval
-	g, err := gateway.New(cfg)
-	if err != nil {
-		return err
+	if *chapFile != "" {
+		secrets, err := iscsi.ReadCHAPSecrets(*chapFile)
+		if err != nil {
+			return gateway.Config{}, fmt.Errorf("--iscsi-chap: %w", err)
+		}
+		if st, err := os.Stat(*chapFile); err == nil && st.Mode().Perm()&0o077 != 0 {
+			logger.Warn("the CHAP secrets file is readable by other users; chmod 600 it", "file", *chapFile,
+				"mode", st.Mode().Perm().String())
+		}
+		secrets.Apply(&cfg.ISCSI)
+		logger.Info("iSCSI CHAP configured", "file", *chapFile, "targets", len(secrets.Targets),
+			"default", secrets.Default != nil, "discovery", secrets.Discovery != nil)
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
-	if err := g.Start(ctx); err != nil {
-		g.Stop()
-		return err
-	}
-	<-ctx.Done()
-	logger.Info("shutting down")
-	return g.Stop()
+	return cfg, nil
 }
 
 func envOr(k, def string) string {

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -19,6 +21,37 @@ func TestFlagErrors(t *testing.T) {
 		err := run(tc.args)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%v: %v, want an error about %q", tc.args, err, tc.want)
+		}
+	}
+}
+
+func TestCHAPSecretsFlag(t *testing.T) {
+	dir := t.TempDir()
+	good := filepath.Join(dir, "chap.json")
+	if err := os.WriteFile(good, []byte(`{"default": {"user": "node", "secret": "node-secret-16ch"},
+		"targets": {"db": {"user": "db", "secret": "db-secret-16char"}}}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := parseConfig([]string{"--iscsi-chap", good})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.ISCSI.CHAP["db"].Secret != "db-secret-16char" || cfg.ISCSI.CHAPFor == nil {
+		t.Errorf("CHAP secrets not applied: %+v", cfg.ISCSI.CHAP)
+	}
+	if c, ok := cfg.ISCSI.CHAPFor("vol0"); !ok || c.User != "node" {
+		t.Errorf("default secrets: %+v %v", c, ok)
+	}
+	bad := filepath.Join(dir, "bad.json")
+	if err := os.WriteFile(bad, []byte(`{"default": {"user": "node", "secret": "short"}}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ file, want string }{
+		{bad, "--iscsi-chap: " + bad + ": iscsi: CHAP secrets: default: secret of 5 bytes"},
+		{filepath.Join(dir, "missing.json"), "no such file"},
+	} {
+		if _, err := parseConfig([]string{"--iscsi-chap", tc.file}); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: %v, want an error containing %q", tc.file, err, tc.want)
 		}
 	}
 }
