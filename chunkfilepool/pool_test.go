@@ -483,8 +483,13 @@ func TestCrashLeftovers(t *testing.T) {
 
 	o.InitialChunks = 0
 	o.MaxChunks = 3
+	// Hold the formatter's first write until the state found at open has
+	// been read: on a fast disk it would otherwise be done already.
+	release := make(chan struct{})
+	o.Knobs.BeforeWrite = func(string, int64) error { <-release; return nil }
 	p = openPool(t, o)
 	st := p.Stats()
+	close(release)
 	if st.Owned != 3 || st.InUse != 0 || st.Formatting != 1 || st.Dirty != 1 || st.Clean != 1 {
 		t.Fatalf("reopened: %+v", st)
 	}
