@@ -126,6 +126,24 @@ func (e *fileExports) setGate(g func(off int64)) {
 	e.mu.Unlock()
 }
 
+// holdAt makes the first read or write at off of volumes opened from now
+// on wait inside the backend: entered receives once it is there, and it
+// returns when release is closed.
+func (e *fileExports) holdAt(off int64) (entered <-chan struct{}, release chan struct{}) {
+	in := make(chan struct{}, 1)
+	release = make(chan struct{})
+	var once sync.Once
+	e.setGate(func(o int64) {
+		if o == off {
+			once.Do(func() {
+				in <- struct{}{}
+				<-release
+			})
+		}
+	})
+	return in, release
+}
+
 func (e *fileExports) remove(name string) {
 	e.mu.Lock()
 	delete(e.sizes, name)

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"io"
 	"net"
-	"sync"
 	"testing"
 	"time"
 
@@ -170,14 +169,7 @@ func TestCmdSNOutsideWindowIsIgnored(t *testing.T) {
 
 func TestCommandsCompleteOutOfOrder(t *testing.T) {
 	tt := startTarget(t, nil, map[string]int64{"ooo": 1 << 20})
-	release := make(chan struct{})
-	entered := make(chan struct{}, 1)
-	tt.exports.setGate(func(off int64) {
-		if off == 0 {
-			entered <- struct{}{}
-			<-release
-		}
-	})
+	entered, release := tt.exports.holdAt(0)
 	in := dialInitiator(t, tt.addr, tt.srv.TargetName("ooo"))
 	in.clearUA()
 	slow := in.send(cdbRead16(0, 8), nil, 4096, false)
@@ -348,17 +340,7 @@ func TestCloseAsksInitiatorsToLogOut(t *testing.T) {
 
 func TestAbortTaskWaitsForBackendAndSuppressesResponse(t *testing.T) {
 	tt := startTarget(t, nil, map[string]int64{"abort": 1 << 20})
-	release := make(chan struct{})
-	entered := make(chan struct{}, 1)
-	var once sync.Once
-	tt.exports.setGate(func(off int64) {
-		if off == 4096 {
-			once.Do(func() {
-				entered <- struct{}{}
-				<-release
-			})
-		}
-	})
+	entered, release := tt.exports.holdAt(4096)
 	in := dialInitiator(t, tt.addr, tt.srv.TargetName("abort"))
 	in.clearUA()
 	victim := in.send(cdbRead16(8, 8), nil, 4096, false)
@@ -445,14 +427,7 @@ func TestDropTargetEndsItsSessions(t *testing.T) {
 // join it; it opens the volume afresh, which the exports refuse.
 func TestDroppedTargetRefusesRejoin(t *testing.T) {
 	tt := startTarget(t, nil, map[string]int64{"gone": 1 << 20})
-	release := make(chan struct{})
-	entered := make(chan struct{}, 1)
-	tt.exports.setGate(func(off int64) {
-		if off == 0 {
-			entered <- struct{}{}
-			<-release
-		}
-	})
+	entered, release := tt.exports.holdAt(0)
 	old := dialInitiator(t, tt.addr, tt.srv.TargetName("gone"))
 	old.clearUA()
 	old.send(cdbRead16(0, 1), nil, 512, false)
