@@ -19,8 +19,9 @@
 // The list of exports is the MDS's list of CREATED volumes, restricted by
 // Config.Volumes when set, read live for every NBD_OPT_LIST and iSCSI
 // SendTargets. A background loop polls the MDS every few seconds: when a
-// volume disappears (deleted or renamed) its iSCSI sessions are ended
-// (iscsi.Server.DropTarget) and no new user joins its open volume; when an
+// volume disappears (deleted or renamed) its iSCSI sessions and NBD
+// connections are ended (iscsi.Server.DropTarget, nbd.Server.DropExport) and
+// no new user joins its open volume; when an
 // open volume's size grows the iSCSI target is told (NotifyResize) so that
 // initiators see CAPACITY DATA HAS CHANGED and rescan. NBD clients read the
 // size when they connect.

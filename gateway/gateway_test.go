@@ -276,9 +276,10 @@ func TestFencedVolumeClosesWithoutLinger(t *testing.T) {
 }
 
 // TestDeletedVolumeEndsSessions: when a volume disappears from the MDS, its
-// iSCSI sessions end, it is no longer listed, and it closes.
+// iSCSI sessions and NBD connections end, it is no longer listed, and it
+// closes.
 func TestDeletedVolumeEndsSessions(t *testing.T) {
-	for _, tool := range []string{"iscsi-perf", "iscsi-ls"} {
+	for _, tool := range []string{"iscsi-perf", "iscsi-ls", "qemu-io"} {
 		needTool(t, tool)
 	}
 	c := startCluster(t, "d", "keep")
@@ -286,6 +287,26 @@ func TestDeletedVolumeEndsSessions(t *testing.T) {
 	g := startGateway(t, c, func(cfg *Config) { cfg.OpenVolume = vols.Open })
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
+	// An NBD client keeps a connection open on the volume too.
+	qio := exec.CommandContext(ctx, "qemu-io", "-f", "raw", nbdURL(g, "d"))
+	qio.Dir = t.TempDir()
+	qioIn, err := qio.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer qioIn.Close()
+	if err := qio.Start(); err != nil {
+		t.Fatal(err)
+	}
+	qioDone := make(chan error, 1)
+	go func() { qioDone <- qio.Wait() }()
+	defer func() { qio.Process.Kill(); <-qioDone }()
+	succeedsSoon(t, 30*time.Second, func() error {
+		if s := g.NBDStats(); s.Connections != 1 {
+			return fmt.Errorf("%d NBD connections", s.Connections)
+		}
+		return nil
+	})
 	perf := exec.CommandContext(ctx, "iscsi-perf", "-t", "60", "-m", "4", "-r", iscsiURL(g, "d"))
 	perf.Dir = t.TempDir()
 	var perfOut strings.Builder
@@ -307,6 +328,9 @@ func TestDeletedVolumeEndsSessions(t *testing.T) {
 	succeedsSoon(t, 20*time.Second, func() error {
 		if s := g.ISCSIStats(); s.Sessions != 0 {
 			return fmt.Errorf("%d iSCSI sessions left", s.Sessions)
+		}
+		if s := g.NBDStats(); s.Connections != 0 {
+			return fmt.Errorf("%d NBD connections left", s.Connections)
 		}
 		if _, closes := vols.counts("d"); closes != 1 {
 			return fmt.Errorf("deleted volume closed %d times", closes)

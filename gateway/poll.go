@@ -44,8 +44,8 @@ func (g *Gateway) pollLoop() {
 }
 
 // pollOnce compares the MDS's volume list with the open volumes: a volume
-// that disappeared loses its iSCSI sessions and closes when its users are
-// gone; a volume that grew is announced to its iSCSI initiators.
+// that disappeared loses its iSCSI sessions and NBD connections and closes
+// when they are gone; a volume that grew is announced to its iSCSI initiators.
 func (g *Gateway) pollOnce(ctx context.Context) error {
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(ctx, pollTimeout)
@@ -60,11 +60,14 @@ func (g *Gateway) pollOnce(ctx context.Context) error {
 			if e.opened.After(start) {
 				continue // opened after the list was read: judge it next time
 			}
-			g.log.Info("volume no longer listed by the MDS (deleted, renamed or not exported); ending its iSCSI sessions",
+			g.log.Info("volume no longer listed by the MDS (deleted, renamed or not exported); ending its iSCSI sessions and NBD connections",
 				"volume", e.name)
 			g.vols.vanish(e)
 			if g.iscsi != nil {
 				g.iscsi.DropTarget(e.name)
+			}
+			if g.nbd != nil {
+				g.nbd.DropExport(e.name)
 			}
 			continue
 		}

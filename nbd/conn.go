@@ -31,8 +31,9 @@ type serverConn struct {
 	r   *bufio.Reader
 	log *slog.Logger
 
-	dmu        sync.Mutex // guards stopReason and changes of the read deadline
+	dmu        sync.Mutex // guards stopReason, exportName and changes of the read deadline
 	stopReason string     // non-empty once the connection has been told to stop reading
+	exportName string     // the export in transmission, for DropExport
 
 	// Negotiated in the handshake.
 	noZeroes   bool
@@ -91,6 +92,9 @@ func (c *serverConn) serve() {
 		}
 		return
 	}
+	c.dmu.Lock()
+	c.exportName = opened.name
+	c.dmu.Unlock()
 	c.transmit(opened)
 }
 

@@ -669,6 +669,52 @@ func TestCloseCompletesInFlight(t *testing.T) {
 	}
 }
 
+// TestDropExportEndsItsConnections: DropExport ends the connections of one export after
+// answering what they had in flight; other exports' connections carry on.
+func TestDropExportEndsItsConnections(t *testing.T) {
+	env := newTestEnv(t)
+	gate := newGate()
+	closed := make(chan struct{})
+	env.exports.wrap = func(name string, e Export) Export {
+		if name != "gone" {
+			return e
+		}
+		return &gatedExport{Export: &closeNotifier{Export: e, closed: closed}, gate: gate, gatedOffset: 0}
+	}
+	path := env.createExport("gone", testSize, nil)
+	env.createExport("stay", testSize, nil)
+	gone := connect(t, env.addr, "gone", true)
+	stay := connect(t, env.addr, "stay", true)
+
+	w := gone.send(cmdFlagFUA, cmdWrite, 0, 4096, pattern(4096, 5))
+	<-gate.entered
+	if n := env.srv.DropExport("gone"); n != 1 {
+		t.Fatalf("DropExport stopped %d connections, want 1", n)
+	}
+	select {
+	case <-closed:
+		t.Fatal("export closed while a request was in flight")
+	default:
+	}
+	close(gate.release)
+	r, err := gone.recv()
+	if err != nil || r.cookie != w || r.errno != 0 {
+		t.Fatalf("in-flight write: %v %+v", err, r)
+	}
+	gone.expectClosed()
+	<-closed
+	if !bytes.Equal(readFile(t, path)[:4096], pattern(4096, 5)) {
+		t.Fatal("in-flight write lost")
+	}
+	rd := stay.send(0, cmdRead, 0, 4096, nil)
+	if r, err := stay.recv(); err != nil || r.cookie != rd || r.errno != 0 {
+		t.Fatalf("read on another export after the drop: %v %+v", err, r)
+	}
+	if n := env.srv.DropExport("unknown"); n != 0 {
+		t.Errorf("DropExport of an export nobody uses stopped %d connections", n)
+	}
+}
+
 func TestInFlightLimit(t *testing.T) {
 	const limit = 4
 	env := newTestEnv(t, func(c *Config) { c.MaxInFlight = limit })

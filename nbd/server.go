@@ -249,6 +249,29 @@ func (s *Server) Close() error {
 	return errors.Join(errs...)
 }
 
+// DropExport ends the connections in transmission on the named export (for a volume that was
+// deleted): each stops reading requests, answers the ones already received, closes its export and
+// disconnects. A client that connects again goes through Exports.Open, which refuses a volume that
+// is gone. It returns how many connections were told to stop.
+func (s *Server) DropExport(name string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for c := range s.mu.conns {
+		c.dmu.Lock()
+		match := c.exportName == name
+		c.dmu.Unlock()
+		if match {
+			c.stop("export dropped")
+			n++
+		}
+	}
+	if n > 0 {
+		s.log.Info("nbd: export dropped; its connections end", "export", name, "connections", n)
+	}
+	return n
+}
+
 // Stats returns a snapshot of the server's counters.
 func (s *Server) Stats() Stats {
 	c := &s.stats
