@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"sync"
 	"testing"
 	"time"
 )
@@ -162,14 +163,26 @@ func TestCrashLosesNothingAcknowledged(t *testing.T) {
 				tag string
 				err error
 			}
-			results := make(chan res, 1024)
+			// Results in completion order, unbounded: once the crash stops
+			// the leader, writes fail at once and must not block.
+			var (
+				mu      sync.Mutex
+				results []res
+			)
 			const writers = 8
 			done := make(chan struct{})
 			go func() {
 				defer close(done)
 				sem := make(chan struct{}, writers)
-				for k := 0; ctx.Err() == nil; k++ {
-					sem <- struct{}{}
+				for k := 0; ; k++ {
+					select {
+					case sem <- struct{}{}:
+					case <-ctx.Done():
+						for i := 0; i < writers; i++ {
+							sem <- struct{}{}
+						}
+						return
+					}
 					go func(k int) {
 						defer func() { <-sem }()
 						off := int64(k%48) * testBlock
@@ -177,38 +190,21 @@ func TestCrashLosesNothingAcknowledged(t *testing.T) {
 						wctx, wcancel := context.WithTimeout(ctx, 2*time.Second)
 						_, err := leader.Write(wctx, 5, 1, 1, off, pattern(tag, testBlock))
 						wcancel()
-						results <- res{off, tag, err}
+						mu.Lock()
+						results = append(results, res{off, tag, err})
+						mu.Unlock()
 					}(k)
 				}
-				for i := 0; i < writers; i++ {
-					sem <- struct{}{}
-				}
 			}()
-			// Record acknowledgements in completion order; crash after a while.
-			deadline := time.After(1500 * time.Millisecond)
-			var inflight []res
-		loop:
-			for {
-				select {
-				case r := <-results:
-					if r.err == nil {
-						acked[r.off] = r.tag
-					}
-				case <-deadline:
-					break loop
-				}
-			}
+			// Crash after a while, then count every acknowledgement, the
+			// ones just before the crash included, in completion order.
+			time.Sleep(1500 * time.Millisecond)
 			for _, n := range tc.running() {
 				tc.stop(n.id, true, keep)
 			}
 			cancel()
 			<-done
-			close(results)
-			for r := range results {
-				inflight = append(inflight, r)
-			}
-			// Writes acknowledged just before the crash are acknowledged too.
-			for _, r := range inflight {
+			for _, r := range results {
 				if r.err == nil {
 					acked[r.off] = r.tag
 				}

@@ -159,9 +159,13 @@ func TestLingerAvoidsReopenAndStopCloses(t *testing.T) {
 	if opens, closes := vols.counts("a"); opens != 1 || closes != 0 {
 		t.Fatalf("after three probes: %d opens, %d closes; want 1 and 0", opens, closes)
 	}
-	if got := g.OpenVolumes(); got["a"] != 0 || len(got) != 1 {
-		t.Errorf("open volumes while lingering: %v, want a with 0 users", got)
-	}
+	// A connection's user is released when its goroutine sees the hang-up.
+	succeedsSoon(t, 10*time.Second, func() error {
+		if got := g.OpenVolumes(); got["a"] != 0 || len(got) != 1 {
+			return fmt.Errorf("open volumes while lingering: %v, want a with 0 users", got)
+		}
+		return nil
+	})
 	if err := g.Stop(); err != nil {
 		t.Fatal(err)
 	}
@@ -381,6 +385,14 @@ func TestMetricsAndHealth(t *testing.T) {
 	dir := t.TempDir()
 	writeRandomFile(t, filepath.Join(dir, "in"), 4<<20)
 	mustRun(t, time.Minute, "nbdcopy", filepath.Join(dir, "in"), nbdURL(g, "a"))
+	// Counters are updated after each reply; a connection ends only after
+	// its requests have finished.
+	succeedsSoon(t, 10*time.Second, func() error {
+		if n := g.NBDStats().Connections; n != 0 {
+			return fmt.Errorf("%d NBD connections", n)
+		}
+		return nil
+	})
 	_, body, err := httpGet(base + "/metrics")
 	if err != nil {
 		t.Fatal(err)

@@ -106,7 +106,7 @@ func isConnReset(err error) bool {
 func TestAnsweredPingsKeepSessionAlive(t *testing.T) {
 	tt := startTarget(t, func(c *Config) {
 		c.NopInterval = 30 * time.Millisecond
-		c.NopTimeout = 200 * time.Millisecond
+		c.NopTimeout = 5 * time.Second // generous: a slow answer must not drop the session
 	}, map[string]int64{"ping": 1 << 20})
 	in := dialInitiator(t, tt.addr, tt.srv.TargetName("ping"))
 	pings := 0
@@ -220,7 +220,7 @@ func TestDigestsProtectPDUs(t *testing.T) {
 }
 
 func TestMalformedInputFailsOnlyThatConnection(t *testing.T) {
-	tt := startTarget(t, func(c *Config) { c.LoginTimeout = 300 * time.Millisecond }, map[string]int64{"bad": 1 << 20})
+	tt := startTarget(t, func(c *Config) { c.LoginTimeout = 2 * time.Second }, map[string]int64{"bad": 1 << 20})
 	// Garbage instead of a login: its header announces 888 bytes of AHS
 	// that never come, so the login deadline ends the connection.
 	for _, garbage := range [][]byte{
@@ -232,7 +232,7 @@ func TestMalformedInputFailsOnlyThatConnection(t *testing.T) {
 			t.Fatal(err)
 		}
 		nc.Write(garbage)
-		nc.SetReadDeadline(time.Now().Add(5 * time.Second))
+		nc.SetReadDeadline(time.Now().Add(10 * time.Second))
 		if _, err := io.ReadAll(nc); err != nil && !isConnReset(err) {
 			t.Fatalf("garbage login: connection not closed: %v", err)
 		}
@@ -311,7 +311,7 @@ func TestSessionReinstatementReplacesOldSession(t *testing.T) {
 }
 
 func TestCloseAsksInitiatorsToLogOut(t *testing.T) {
-	tt := startTarget(t, func(c *Config) { c.CloseTimeout = 300 * time.Millisecond }, map[string]int64{"bye": 1 << 20})
+	tt := startTarget(t, func(c *Config) { c.CloseTimeout = 10 * time.Second }, map[string]int64{"bye": 1 << 20})
 	in := dialInitiator(t, tt.addr, tt.srv.TargetName("bye"))
 	in.clearUA()
 	done := make(chan struct{})

@@ -22,7 +22,7 @@ func TestWritableOpenBumpsEpochAndFencesEarlierWriters(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if first.Volume.Epoch != 1 || first.Session.Epoch != 1 || first.LeaseSeconds != 5 || first.Constants.ChunkSize != 1<<20 {
+	if first.Volume.Epoch != 1 || first.Session.Epoch != 1 || first.LeaseSeconds != 30 || first.Constants.ChunkSize != 1<<20 {
 		t.Fatalf("first open: %v", first)
 	}
 	for _, d := range c.css {
@@ -149,7 +149,7 @@ func TestOpenFailsWhenOnlineChunkServerMissesThePush(t *testing.T) {
 }
 
 func TestSessionsExpireWithoutRefresh(t *testing.T) {
-	c := newCluster(t, 3, 1, func(cfg *mds.Config) { cfg.SessionLease = time.Second })
+	c := newCluster(t, 3, 1, func(cfg *mds.Config) { cfg.SessionLease = 3 * time.Second })
 	c.createPool(3)
 	c.createVolume("vol0", seg)
 	open, err := c.conn.Volumes().OpenVolume(c.ctx, &mdspb.OpenVolumeRequest{Name: "vol0", Writable: true})

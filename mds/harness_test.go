@@ -36,9 +36,9 @@ func testConfig(dir string) mds.Config {
 		MetricsAddr:        "127.0.0.1:0",
 		ElectionTTL:        2 * time.Second,
 		HeartbeatInterval:  100 * time.Millisecond,
-		UnstableTimeout:    time.Second,
+		UnstableTimeout:    10 * time.Second, // tests of UNSTABLE set a short one
 		OfflineTimeout:     30 * time.Second,
-		SessionLease:       5 * time.Second,
+		SessionLease:       30 * time.Second, // tests of expiry set a short one
 		BackgroundInterval: 100 * time.Millisecond,
 		RPCTimeout:         2 * time.Second,
 		Constants:          testConstants,

@@ -19,8 +19,8 @@ import (
 
 func TestHeartbeatStatesFollowHeartbeatAge(t *testing.T) {
 	c := newCluster(t, 3, 1, func(cfg *mds.Config) {
-		cfg.UnstableTimeout = 300 * time.Millisecond
-		cfg.OfflineTimeout = 1200 * time.Millisecond
+		cfg.UnstableTimeout = time.Second
+		cfg.OfflineTimeout = 3 * time.Second
 	})
 	quiet := c.css[0]
 	c.heartbeatAll()

@@ -280,7 +280,7 @@ func (l *leaderState) openVolume(ctx context.Context, r *mdspb.OpenVolumeRequest
 	now := time.Now()
 	sess := &mdspb.Session{
 		SessionId: newSessionID(), Volume: r.Name, Client: r.Client, Writable: r.Writable,
-		OpenedUnix: now.Unix(), ExpiresUnix: now.Add(l.s.cfg.SessionLease).Unix(),
+		OpenedUnix: now.Unix(), ExpiresUnix: leaseEnd(now, l.s.cfg.SessionLease),
 	}
 	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
 		sess.ClientAddress = p.Addr.String()
@@ -438,6 +438,16 @@ func (l *leaderState) openResponse(v *mdspb.Volume, sess *mdspb.Session) *mdspb.
 	}
 }
 
+// leaseEnd is the expiry, in whole Unix seconds, of a lease granted at now:
+// rounded up, so that a session never lives shorter than the lease.
+func leaseEnd(now time.Time, lease time.Duration) int64 {
+	end := now.Add(lease)
+	if end.Truncate(time.Second).Equal(end) {
+		return end.Unix()
+	}
+	return end.Unix() + 1
+}
+
 // liveSessions lists a volume's unexpired sessions.
 func (l *leaderState) liveSessions(ctx context.Context, volID uint64) ([]*mdspb.Session, error) {
 	all, err := list[mdspb.Session](ctx, l.st, l.st.k.volumeSessions(volID))
@@ -477,7 +487,7 @@ func (l *leaderState) refreshSession(ctx context.Context, r *mdspb.RefreshSessio
 			r.SessionId, r.Name, v.Epoch, sess.Epoch)
 	}
 	sess.Volume = v.Name
-	sess.ExpiresUnix = now.Add(l.s.cfg.SessionLease).Unix()
+	sess.ExpiresUnix = leaseEnd(now, l.s.cfg.SessionLease)
 	ok, err := l.st.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(key), "=", rev)}, putOp(key, sess))
 	if err != nil {
 		return nil, err

@@ -289,7 +289,10 @@ func TestSegmentAllocationIsLazyAndRoundRobin(t *testing.T) {
 }
 
 func TestAllocationAvoidsCopysetsWithOfflineMembers(t *testing.T) {
-	c := newCluster(t, 3, 2, func(cfg *mds.Config) { cfg.OfflineTimeout = 1500 * time.Millisecond })
+	c := newCluster(t, 3, 2, func(cfg *mds.Config) {
+		cfg.UnstableTimeout = 500 * time.Millisecond
+		cfg.OfflineTimeout = 1500 * time.Millisecond
+	})
 	c.createPool(3)
 	dead := c.css[0]
 	dead.Stop()

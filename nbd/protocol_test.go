@@ -771,10 +771,22 @@ func TestOnRequestHook(t *testing.T) {
 	c := connect(t, env.addr, "vol", false)
 	c.writeAt(0, 4096, make([]byte, 4096))
 	c.do(0, cmdRead, 1, 512, nil)
+	// The hook runs after the reply is sent, possibly after the client
+	// has read it, and requests finish in any order.
+	succeedsSoon(t, "two request events", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(events) >= 2
+	})
 	mu.Lock()
 	defer mu.Unlock()
-	if len(events) != 2 || events[0].Command != "write" || events[0].Export != "vol" || events[0].Offset != 4096 ||
-		events[0].Length != 4096 || events[0].Errno != 0 || events[1].Command != "read" || events[1].Errno != errnoInval {
+	byCommand := map[string]RequestEvent{}
+	for _, e := range events {
+		byCommand[e.Command] = e
+	}
+	w, r := byCommand["write"], byCommand["read"]
+	if len(events) != 2 || w.Export != "vol" || w.Offset != 4096 || w.Length != 4096 || w.Errno != 0 ||
+		r.Command != "read" || r.Errno != errnoInval {
 		t.Fatalf("events %+v", events)
 	}
 }

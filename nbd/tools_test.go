@@ -285,6 +285,9 @@ func TestFioVerify(t *testing.T) {
 	if len(res.Jobs) != 1 || res.Jobs[0].Error != 0 || res.Jobs[0].Write.IOBytes != 16<<20 || res.Jobs[0].Read.IOBytes != 16<<20 {
 		t.Fatalf("fio: %+v", res)
 	}
+	// Counters are updated after each reply; the connection ends only
+	// after every request has finished.
+	succeedsSoon(t, "fio's connection closed", func() bool { return env.srv.Stats().Connections == 0 })
 	st := env.srv.Stats()
 	if st.WritesTotal != 4096 || st.ReadsTotal < 4096 {
 		t.Fatalf("server saw %d writes and %d reads", st.WritesTotal, st.ReadsTotal)
