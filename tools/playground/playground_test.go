@@ -160,7 +160,12 @@ func TestKilledChildIsRestarted(t *testing.T) {
 	c := testChild(pg, "sleeper", "echo $((6*7)); exec sleep 1000")
 	c.launch()
 	defer c.stop(5 * time.Second)
-	waitFor(t, 5*time.Second, "the child to start", func() bool { return pidOf(c) != 0 })
+	// Wait for the first output, not just the pid: a child killed before its
+	// shell ran echo would leave one "42" in the log, not two.
+	waitFor(t, 5*time.Second, "the child's output", func() bool {
+		b, _ := os.ReadFile(c.logPath)
+		return pidOf(c) != 0 && strings.Count(string(b), "\n42\n") == 1
+	})
 	first := pidOf(c)
 	if err := syscall.Kill(first, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
