@@ -87,6 +87,7 @@ type fileExports struct {
 	dir     string
 	latency time.Duration
 	gate    func(off int64)
+	opened  func(name string) // called by Open after the volume is open
 	mu      sync.Mutex
 	sizes   map[string]int64
 	open    map[string]*fileVolume
@@ -144,6 +145,14 @@ func (e *fileExports) holdAt(off int64) (entered <-chan struct{}, release chan s
 	return in, release
 }
 
+// setOpened installs a hook Open calls once it has opened a volume, before
+// it returns it.
+func (e *fileExports) setOpened(f func(name string)) {
+	e.mu.Lock()
+	e.opened = f
+	e.mu.Unlock()
+}
+
 func (e *fileExports) remove(name string) {
 	e.mu.Lock()
 	delete(e.sizes, name)
@@ -177,7 +186,11 @@ func (e *fileExports) Open(_ context.Context, name string) (Volume, error) {
 	v.size.Store(size)
 	e.mu.Lock()
 	e.open[name] = v
+	opened := e.opened
 	e.mu.Unlock()
+	if opened != nil {
+		opened(name)
+	}
 	return v, nil
 }
 

@@ -422,6 +422,30 @@ func TestDropTargetEndsItsSessions(t *testing.T) {
 	eventually(t, 5*time.Second, "dropped volume closed", func() bool { return tt.exports.volume("gone").closed.Load() })
 }
 
+// TestDropDuringLoginRefusesTheLogin: a login that opened its target just
+// before DropTarget removed it is refused with "target removed" (status
+// 0204h) instead of starting a session on a deleted volume, and the volume it
+// opened is closed.
+func TestDropDuringLoginRefusesTheLogin(t *testing.T) {
+	tt := startTarget(t, nil, map[string]int64{"gone": 1 << 20})
+	tt.exports.setOpened(func(name string) {
+		tt.exports.remove(name)
+		tt.srv.DropTarget(name)
+	})
+	_, _, status := tryLogin(t, tt.addr, tt.srv.TargetName("gone"))
+	if status != 0x0204 {
+		t.Errorf("login racing DropTarget: status 0x%04x, want 0x0204 (target removed)", status)
+	}
+	eventually(t, 5*time.Second, "the volume the refused login opened to be closed", func() bool {
+		v := tt.exports.volume("gone")
+		return v != nil && v.closed.Load()
+	})
+	tt.exports.setOpened(nil)
+	if _, _, status := tryLogin(t, tt.addr, tt.srv.TargetName("gone")); status != 0x0203 {
+		t.Errorf("login after the drop: status 0x%04x, want 0x0203 (not found)", status)
+	}
+}
+
 // TestDroppedTargetRefusesRejoin: while a dropped target is still held by
 // the command its old session has in the backend, a new login must not
 // join it; it opens the volume afresh, which the exports refuse.
