@@ -296,7 +296,10 @@ func TestExtendIsSeen(t *testing.T) {
 func TestIOThroughLeaderChangesAndRestarts(t *testing.T) {
 	c := cluster.Start(t, cluster.Options{})
 	createVolume(t, c, "churn", seg)
-	v := open(t, c, "churn", client.Options{})
+	// The product's default retry timeout: each restart costs a copyset an
+	// election or two, and a loaded machine stretches a chunkserver's stop
+	// (final checkpoints) and start to several seconds each.
+	v := open(t, c, "churn", client.Options{RetryTimeout: time.Minute})
 	const blocks = 256 // 64 KiB blocks over 16 MiB: 16 chunks
 	model := make([][]byte, blocks)
 	var mu sync.Mutex

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -244,6 +246,57 @@ func (tc *testCluster) describe(id GroupID) string {
 		fmt.Fprintf(&b, "\n  node %d: %+v err=%v applyQ=%d asched=%+v installing=%v", n.id, st, err, q, sched, c.installing.Load())
 	}
 	return b.String()
+}
+
+// allApplied waits until every running replica of each copyset has applied
+// the same index. On timeout it names every lagging copyset with its
+// leader and each node's applied index, and each node's transport
+// counters: a stuck link shows as every copyset of one leader lagging on
+// one follower, a stuck copyset as one line.
+func (tc *testCluster) allApplied(ids []GroupID, d time.Duration) {
+	tc.t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		var lag []string
+		var first GroupID
+		for _, id := range ids {
+			var row []string
+			idx := map[uint64]bool{}
+			for _, n := range tc.running() {
+				c, err := n.engine.Get(id)
+				if err != nil {
+					continue
+				}
+				a := c.AppliedIndex()
+				idx[a] = true
+				mark := ""
+				if c.IsLeader() {
+					mark = "*"
+				}
+				row = append(row, fmt.Sprintf("%d%s=%d", n.id, mark, a))
+			}
+			if len(idx) > 1 {
+				if lag == nil {
+					first = id
+				}
+				slices.Sort(row)
+				lag = append(lag, fmt.Sprintf("  %s: %s", id, strings.Join(row, " ")))
+			}
+		}
+		if len(lag) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			var stats []string
+			for _, n := range tc.running() {
+				stats = append(stats, fmt.Sprintf("  node %d: %+v", n.id, n.engine.TransportStats()))
+			}
+			slices.Sort(stats)
+			tc.t.Fatalf("after %s, %d of %d copysets have replicas at different applied indexes (node=applied, * leads):\n%s\ntransport:\n%s\nfirst lagging copyset:%s",
+				d, len(lag), len(ids), strings.Join(lag, "\n"), strings.Join(stats, "\n"), tc.describe(first))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // isWholeWrite reports whether b is one writer's full pattern.

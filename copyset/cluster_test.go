@@ -3,10 +3,8 @@ package copyset
 import (
 	"context"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
-	"os"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -17,6 +15,7 @@ import (
 	"cairn.io/cairn/chunkfilepool"
 	"cairn.io/cairn/chunkserver/datastore"
 	"cairn.io/cairn/copyset/transport"
+	"cairn.io/cairn/internal/testlog"
 )
 
 // Test geometry: small chunks keep the pools and snapshots small.
@@ -44,6 +43,7 @@ type testCluster struct {
 	faults *transport.Faults
 	tune   func(*Config)
 	poolN  int
+	log    *slog.Logger
 
 	mu    sync.Mutex
 	addrs map[uint64]string
@@ -59,23 +59,12 @@ func (tc *testCluster) Resolve(_ context.Context, id uint64) (string, error) {
 	return "", fmt.Errorf("chunkserver %d not running", id)
 }
 
-func testLogger() *slog.Logger {
-	switch os.Getenv("CAIRN_TEST_LOG") {
-	case "":
-	case "warn":
-		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	default:
-		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	}
-	return slog.New(slog.NewTextHandler(io.Discard, nil))
-}
-
 // newTestCluster starts nodes 1..n. poolChunks sizes each node's pool.
 func newTestCluster(t *testing.T, n, poolChunks int, tune func(*Config)) *testCluster {
 	t.Helper()
 	tc := &testCluster{
 		t: t, dir: t.TempDir(), faults: transport.NewFaults(1), tune: tune, poolN: poolChunks,
-		addrs: map[uint64]string{}, nodes: map[uint64]*testNode{},
+		addrs: map[uint64]string{}, nodes: map[uint64]*testNode{}, log: testlog.New(t),
 	}
 	for id := uint64(1); id <= uint64(n); id++ {
 		tc.start(id)
@@ -113,7 +102,7 @@ func (tc *testCluster) start(id uint64) *testNode {
 		ElectionTicks:   10,
 		CheckpointBytes: 256 << 10,
 		RetainEntries:   64,
-		Logger:          testLogger().With("node", id),
+		Logger:          tc.log.With("node", id),
 	}
 	if tc.tune != nil {
 		tc.tune(&cfg)

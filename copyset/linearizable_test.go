@@ -253,6 +253,7 @@ func TestLinearizableUnderFaults(t *testing.T) {
 		t.Fatalf("history is %s (visualization: %s)", res, path)
 	}
 	// Every replica of every copyset converges to the same chunk files.
+	tc.allApplied(ids, 30*time.Second)
 	for _, id := range ids {
 		tc.replicasConverge(id, []uint64{0, 1})
 	}

@@ -12,10 +12,8 @@ package cluster
 import (
 	"context"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -27,6 +25,7 @@ import (
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/chunkserver"
 	"cairn.io/cairn/copyset/transport"
+	"cairn.io/cairn/internal/testlog"
 	"cairn.io/cairn/mds"
 	"cairn.io/cairn/mds/mdsclient"
 )
@@ -55,6 +54,7 @@ type Cluster struct {
 	t    testing.TB
 	opts Options
 	dir  string
+	log  *slog.Logger
 
 	MDS *mds.Server
 	// Conn reaches the MDS (leader-following).
@@ -70,14 +70,10 @@ type Cluster struct {
 // Logger returns the logger tests use: quiet unless CAIRN_TEST_LOG is set
 // (to "debug" or "warn").
 func Logger() *slog.Logger {
-	switch os.Getenv("CAIRN_TEST_LOG") {
-	case "":
-		return slog.New(slog.NewTextHandler(io.Discard, nil))
-	case "warn":
-		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	default:
-		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	if l := testlog.FromEnv(); l != nil {
+		return l
 	}
+	return slog.New(slog.DiscardHandler)
 }
 
 // Start starts a cluster and stops it when the test ends.
@@ -101,7 +97,7 @@ func Start(t testing.TB, opts Options) *Cluster {
 	if opts.PoolMaxBytes == 0 {
 		opts.PoolMaxBytes = 512 << 20
 	}
-	c := &Cluster{t: t, opts: opts, dir: t.TempDir()}
+	c := &Cluster{t: t, opts: opts, dir: t.TempDir(), log: testlog.New(t)}
 	t.Cleanup(c.Stop)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -112,7 +108,7 @@ func Start(t testing.TB, opts Options) *Cluster {
 		Constants:         &mdspb.ClusterConstants{ChunkSize: opts.ChunkSize, SegmentSize: opts.SegmentSize, BlockSize: 512, MetaPageSize: 4096},
 		HeartbeatInterval: 200 * time.Millisecond,
 		ElectionTTL:       2 * time.Second,
-		Logger:            Logger().With("component", "mds"),
+		Logger:            c.log.With("component", "mds"),
 	})
 	if err != nil {
 		t.Fatalf("new MDS: %v", err)
@@ -121,7 +117,7 @@ func Start(t testing.TB, opts Options) *Cluster {
 		t.Fatalf("start MDS: %v", err)
 	}
 	c.MDS = m
-	c.Conn, err = mdsclient.Dial([]string{m.Addr()}, mdsclient.Options{Logger: Logger()})
+	c.Conn, err = mdsclient.Dial([]string{m.Addr()}, mdsclient.Options{Logger: c.log})
 	if err != nil {
 		t.Fatalf("dial MDS: %v", err)
 	}
@@ -171,7 +167,7 @@ func (c *Cluster) ChunkServerConfig(i int) chunkserver.Config {
 		TickInterval:      50 * time.Millisecond,
 		HeartbeatInterval: 200 * time.Millisecond,
 		Faults:            c.opts.Faults,
-		Logger:            Logger().With("chunkserver", i),
+		Logger:            c.log.With("chunkserver", i),
 	}
 	if c.opts.Tune != nil {
 		c.opts.Tune(i, &cfg)
