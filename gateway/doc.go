@@ -21,10 +21,9 @@
 // SendTargets. A background loop polls the MDS every few seconds: when a
 // volume disappears (deleted or renamed) its iSCSI sessions and NBD
 // connections are ended (iscsi.Server.DropTarget, nbd.Server.DropExport) and
-// no new user joins its open volume; when an
-// open volume's size grows the iSCSI target is told (NotifyResize) so that
-// initiators see CAPACITY DATA HAS CHANGED and rescan. NBD clients read the
-// size when they connect.
+// no new user joins its open volume; when an open volume's size grows the
+// iSCSI target is told (NotifyResize) so that initiators see CAPACITY DATA
+// HAS CHANGED and rescan. NBD clients read the size when they connect.
 //
 // # Life cycle
 //

@@ -645,23 +645,9 @@ func TestCloseCompletesInFlight(t *testing.T) {
 	done := make(chan error)
 	go func() { done <- env.srv.Close() }()
 	handshaking.expectClosed()
-	select {
-	case <-closed:
-		t.Fatal("export closed while a request was in flight")
-	default:
-	}
-	close(gate.release)
-	r, err := c.recv()
-	if err != nil || r.cookie != w || r.errno != 0 {
-		t.Fatalf("in-flight write: %v %+v", err, r)
-	}
-	c.expectClosed()
+	finishHeldWrite(t, c, w, gate, closed, path, pattern(4096, 9))
 	if err := <-done; err != nil {
 		t.Fatal(err)
-	}
-	<-closed
-	if !bytes.Equal(readFile(t, path)[:4096], pattern(4096, 9)) {
-		t.Fatal("in-flight write lost")
 	}
 	if nc, err := net.Dial("tcp", env.addr); err == nil {
 		nc.Close()
@@ -691,21 +677,7 @@ func TestDropExportEndsItsConnections(t *testing.T) {
 	if n := env.srv.DropExport("gone"); n != 1 {
 		t.Fatalf("DropExport stopped %d connections, want 1", n)
 	}
-	select {
-	case <-closed:
-		t.Fatal("export closed while a request was in flight")
-	default:
-	}
-	close(gate.release)
-	r, err := gone.recv()
-	if err != nil || r.cookie != w || r.errno != 0 {
-		t.Fatalf("in-flight write: %v %+v", err, r)
-	}
-	gone.expectClosed()
-	<-closed
-	if !bytes.Equal(readFile(t, path)[:4096], pattern(4096, 5)) {
-		t.Fatal("in-flight write lost")
-	}
+	finishHeldWrite(t, gone, w, gate, closed, path, pattern(4096, 5))
 	rd := stay.send(0, cmdRead, 0, 4096, nil)
 	if r, err := stay.recv(); err != nil || r.cookie != rd || r.errno != 0 {
 		t.Fatalf("read on another export after the drop: %v %+v", err, r)
@@ -865,6 +837,30 @@ func (e *recordingExport) Flush() error {
 }
 
 // gate holds calls at one offset until released.
+// finishHeldWrite checks, for a connection being ended while its write w
+// (of want at offset 0 of the file at path) is held by gate, that the
+// export stays open while the write is inside it; then it releases the
+// write and expects its success answer, the connection's end, the export's
+// close (closed) and the data on disk.
+func finishHeldWrite(t *testing.T, c *testClient, w uint64, g *gate, closed <-chan struct{}, path string, want []byte) {
+	t.Helper()
+	select {
+	case <-closed:
+		t.Fatal("export closed while a request was in flight")
+	default:
+	}
+	close(g.release)
+	r, err := c.recv()
+	if err != nil || r.cookie != w || r.errno != 0 {
+		t.Fatalf("in-flight write: %v %+v", err, r)
+	}
+	c.expectClosed()
+	<-closed
+	if !bytes.Equal(readFile(t, path)[:len(want)], want) {
+		t.Fatal("in-flight write lost")
+	}
+}
+
 type gate struct {
 	entered chan struct{}
 	release chan struct{}
