@@ -15,16 +15,12 @@ import (
 	"cairn.io/cairn/api/transportpb"
 )
 
-// A Raft snapshot of a copyset copies nothing when it is taken: it is the
-// applied index, the configuration and, when sent, the list of chunk files.
-// The leader streams its live chunk files to the follower piece by piece.
-// Because every chunk write is an overwrite of a byte range and a delete is
-// an overwrite with zeros, a replica whose every byte holds the value of SOME
-// applied state at or after index a converges to the right state once it
-// applies the log from a. An install therefore only overwrites ranges
-// (explicit zero ranges included) and deletes unlisted chunks at the end, so
-// even an interrupted install leaves a replica that replaying its log
-// repairs. Two rules keep that true:
+// snapshotPiece is the size of the chunk-file pieces a snapshot streams.
+//
+// An install only overwrites ranges (explicit zero ranges included) and
+// deletes unlisted chunks at the end, so that an interrupted install leaves a
+// replica that replaying its log repairs (see the package doc). Two rules keep
+// that true:
 //
 //   - no entry is applied while an install writes (the install holds the
 //     state machine), and

@@ -1,0 +1,233 @@
+package copyset
+
+import (
+	"time"
+
+	"go.etcd.io/raft/v3/raftpb"
+	"google.golang.org/protobuf/proto"
+)
+
+func (c *Copyset) pushApply(it applyItem) {
+	c.amu.Lock()
+	c.applyQ = append(c.applyQ, it)
+	push := c.asched.signal()
+	c.amu.Unlock()
+	if push {
+		c.e.applyQ.push(c)
+	}
+}
+
+func (c *Copyset) requestCheckpoint() {
+	if !c.ckptReq.Swap(true) {
+		c.pushApply(applyItem{ckpt: true})
+	}
+}
+
+func (c *Copyset) maybeTimedCheckpoint() {
+	c.smMu.Lock()
+	due := c.sm.applied > c.sm.lastCkpt && time.Since(c.sm.lastCkptTime) >= c.e.cfg.CheckpointInterval
+	c.smMu.Unlock()
+	if due {
+		c.requestCheckpoint()
+	}
+}
+
+// runApply applies queued committed entries. It runs on an apply worker.
+func (c *Copyset) runApply() {
+	c.amu.Lock()
+	c.asched.begin()
+	if c.installing.Load() {
+		// A snapshot install holds the state machine; it reschedules the
+		// copyset when it is done instead of keeping a worker waiting.
+		c.asched.running, c.asched.again = false, false
+		c.amu.Unlock()
+		return
+	}
+	items := c.applyQ
+	c.applyQ = nil
+	c.amu.Unlock()
+
+	c.smMu.Lock()
+	for _, it := range items {
+		switch {
+		case it.snap != nil:
+			c.snapshotPersisted(it.snap)
+		case it.m != nil:
+			if !c.applyEntries(it.m.GetEntries()) {
+				// Stopped mid-way: leave the rest.
+				c.smMu.Unlock()
+				c.finishApplyRun()
+				return
+			}
+			resps := it.m.GetResponses()
+			c.enqueue(func(in *inbox) { in.local = append(in.local, resps...) })
+		}
+	}
+	c.releaseReads()
+	if c.ckptReq.Swap(false) || c.sm.bytesSince >= c.e.cfg.CheckpointBytes {
+		if err := c.checkpointLocked(); err != nil {
+			c.log.Error("checkpoint failed", "err", err)
+		}
+	}
+	c.smMu.Unlock()
+	c.finishApplyRun()
+}
+
+func (c *Copyset) finishApplyRun() {
+	c.amu.Lock()
+	again := c.asched.end()
+	c.amu.Unlock()
+	if again {
+		c.e.applyQ.push(c)
+	}
+}
+
+// applyEntries applies committed entries in order; it reports false if the
+// engine stopped before it finished.
+func (c *Copyset) applyEntries(ents []*raftpb.Entry) bool {
+	for _, en := range ents {
+		idx := en.GetIndex()
+		switch en.GetType() {
+		case raftpb.EntryConfChange, raftpb.EntryConfChangeV2:
+			// Raft hands out a membership change only if it must be applied
+			// to it, even when the chunk files already reflect it.
+			if !c.applyConfChange(en) {
+				return false
+			}
+		case raftpb.EntryNormal:
+			if idx <= c.sm.applied || idx <= c.sm.installed {
+				break
+			}
+			if len(en.GetData()) > 0 {
+				if !c.applyCommand(en) {
+					return false
+				}
+			}
+		}
+		if idx > c.sm.applied {
+			c.sm.applied, c.sm.appliedTerm = idx, en.GetTerm()
+			c.applied.Store(idx)
+		}
+		c.settleWaiters(en)
+	}
+	return true
+}
+
+func (c *Copyset) applyCommand(en *raftpb.Entry) bool {
+	cmd, err := decodeCommand(en.GetData())
+	if err != nil {
+		// Every replica sees the same bytes; skipping is deterministic.
+		c.log.Error("skipping undecodable entry", "index", en.GetIndex(), "err", err)
+		return true
+	}
+	for attempt := 0; ; attempt++ {
+		switch cmd.op {
+		case opWrite:
+			err = c.store.WriteAt(cmd.chunk, cmd.data, int64(cmd.offset))
+		case opDelete:
+			err = c.store.Delete(cmd.chunk)
+		}
+		if err == nil {
+			c.sm.bytesSince += uint64(len(en.GetData()))
+			return true
+		}
+		// A replica that cannot apply an entry must not skip it (its chunk
+		// files would diverge): it stops here and retries until the cause
+		// (a full pool, a disk error) goes away or the engine stops.
+		c.applyErrs.Add(1)
+		if attempt%50 == 0 {
+			c.log.Error("cannot apply entry; retrying", "index", en.GetIndex(), "chunk", cmd.chunk, "err", err)
+		}
+		select {
+		case <-c.e.stopped:
+			return false
+		case <-time.After(min(time.Duration(attempt+1)*10*time.Millisecond, time.Second)):
+		}
+	}
+}
+
+func (c *Copyset) applyConfChange(en *raftpb.Entry) bool {
+	var cc raftpb.ConfChangeI
+	if en.GetType() == raftpb.EntryConfChange {
+		v := &raftpb.ConfChange{}
+		if err := proto.Unmarshal(en.GetData(), v); err != nil {
+			c.log.Error("undecodable membership change", "index", en.GetIndex(), "err", err)
+			return true
+		}
+		cc = v
+	} else {
+		v := &raftpb.ConfChangeV2{}
+		if err := proto.Unmarshal(en.GetData(), v); err != nil {
+			c.log.Error("undecodable membership change", "index", en.GetIndex(), "err", err)
+			return true
+		}
+		cc = v
+	}
+	var cs *raftpb.ConfState
+	done := make(chan struct{})
+	if !c.call(func() { cs = c.rn.ApplyConfChange(cc); close(done) }) {
+		return false
+	}
+	select {
+	case <-done:
+	case <-c.e.stopped:
+		return false
+	}
+	if en.GetIndex() > c.sm.confEpoch {
+		c.sm.confState = cs
+		c.sm.confEpoch = en.GetIndex()
+		c.confEpoch.Store(en.GetIndex())
+		c.log.Info("membership changed", "index", en.GetIndex(), "voters", cs.GetVoters(), "learners", cs.GetLearners())
+	}
+	// The first membership change applied on a new replica makes it part of
+	// the copyset; checkpoint so the configuration survives a restart early.
+	c.ckptReq.Store(true)
+	return true
+}
+
+// settleWaiters finishes the proposal applied at en's index, and fails
+// proposals that can no longer be applied.
+func (c *Copyset) settleWaiters(en *raftpb.Entry) {
+	idx := en.GetIndex()
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if len(c.waiters) == 0 {
+		return
+	}
+	if p := c.byIndex[idx]; p != nil {
+		delete(c.byIndex, idx)
+		proposer, id, ok := proposalKey(en.GetData())
+		if en.GetType() == raftpb.EntryNormal && ok && proposer == c.e.cfg.NodeID && id == p.id {
+			delete(c.waiters, p.id)
+			p.finish(idx, nil)
+		} else {
+			delete(c.waiters, p.id)
+			p.finish(0, ErrProposalLost)
+		}
+	} else if en.GetType() == raftpb.EntryNormal {
+		// Applied without its index being known here (proposed before a
+		// restart of leadership bookkeeping): match by id.
+		if proposer, id, ok := proposalKey(en.GetData()); ok && proposer == c.e.cfg.NodeID {
+			if p := c.waiters[id]; p != nil {
+				delete(c.waiters, id)
+				p.finish(idx, nil)
+			}
+		}
+	}
+	// Log terms only grow: once an entry of a newer term is applied at or
+	// below a proposal's index, that proposal's entry can never commit.
+	if en.GetTerm() <= c.waitTerm {
+		return
+	}
+	c.waitTerm = en.GetTerm()
+	for id, p := range c.waiters {
+		if p.index != 0 && p.index >= idx && p.term < en.GetTerm() {
+			delete(c.waiters, id)
+			delete(c.byIndex, p.index)
+			p.finish(0, ErrProposalLost)
+		}
+	}
+}
+
+// checkpointLocked makes the state machine durable up to the applied index
+// and lets the WAL and the in-memory log drop what came before. smMu held.

@@ -1,0 +1,123 @@
+package copyset
+
+import (
+	"errors"
+	"log/slog"
+	"runtime"
+	"time"
+
+	"cairn.io/cairn/copyset/transport"
+	"cairn.io/cairn/copyset/wal"
+)
+
+// ChunkStore is a copyset's state machine: its chunk files. The chunkserver's
+// datastore implements it. Writes need not be durable until Sync.
+type ChunkStore interface {
+	// WriteAt writes p at off of a chunk, creating the chunk if needed.
+	WriteAt(chunkID uint64, p []byte, off int64) error
+	// ReadAt reads len(p) bytes at off of an existing chunk.
+	ReadAt(chunkID uint64, p []byte, off int64) error
+	// Delete removes a chunk; deleting a missing chunk succeeds.
+	Delete(chunkID uint64) error
+	// List returns the ids of the chunks held, sorted.
+	List() []uint64
+	// Sync makes every write completed so far durable.
+	Sync() error
+	// Destroy removes every chunk and the store's directory.
+	Destroy() error
+	Close() error
+}
+
+// Config configures an Engine.
+type Config struct {
+	// NodeID is the chunkserver's id, also its Raft node id. Required.
+	NodeID uint64
+	// Dir is the engine's directory: it holds wal/, copysets/ and trash/.
+	Dir string
+	// Segments supplies WAL segment files (the chunk file pool). Required.
+	Segments wal.SegmentSource
+	// OpenStore opens (creating if needed) the chunk store in a copyset's
+	// chunk directory. Required.
+	OpenStore func(dir string) (ChunkStore, error)
+	// ChunkSize is the data size of a chunk, used to stream snapshots.
+	ChunkSize int64
+	// Resolver maps peer chunkserver ids to addresses. Required.
+	Resolver transport.Resolver
+	// Faults injects network faults (tests only).
+	Faults *transport.Faults
+
+	// RaftWorkers and ApplyWorkers size the two worker pools (default
+	// 2*GOMAXPROCS each, at least 4).
+	RaftWorkers, ApplyWorkers int
+	// TickInterval is the Raft tick (default 100ms). ElectionTicks (default
+	// 10) and HeartbeatTicks (default 1) are in ticks.
+	TickInterval                  time.Duration
+	ElectionTicks, HeartbeatTicks int
+	// A copyset checkpoints after CheckpointBytes of applied commands
+	// (default 4 MiB) or CheckpointInterval (default 30s), keeping
+	// RetainEntries entries (default 256) for slow followers.
+	CheckpointBytes    uint64
+	CheckpointInterval time.Duration
+	RetainEntries      uint64
+	// MaxFollowerLag: the leader keeps log entries an active follower still
+	// needs while it is at most this many entries behind (default 4096);
+	// one further behind is brought back by a snapshot.
+	MaxFollowerLag uint64
+	// MaxWALSegments: beyond it, the copysets pinning the oldest segment
+	// are asked to checkpoint (default 16).
+	MaxWALSegments int
+	// SnapshotBytesPerSec throttles outgoing snapshot data per chunkserver
+	// (0: unlimited).
+	SnapshotBytesPerSec int64
+	// PerCopysetWAL gives every copyset its own WAL instead of the shared
+	// one (the Curve/braft layout; for comparison benchmarks).
+	PerCopysetWAL bool
+	// OnWALSync is called after every WAL group commit (metrics).
+	OnWALSync func(wal.SyncInfo)
+	Logger    *slog.Logger
+}
+
+// validate checks the required fields and fills in defaults.
+func (cfg *Config) validate() error {
+	if cfg.NodeID == 0 || cfg.Segments == nil || cfg.OpenStore == nil || cfg.Resolver == nil {
+		return errors.New("copyset: engine needs NodeID, Segments, OpenStore and Resolver")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	n := max(2*runtime.GOMAXPROCS(0), 4)
+	if cfg.RaftWorkers <= 0 {
+		cfg.RaftWorkers = n
+	}
+	if cfg.ApplyWorkers <= 0 {
+		cfg.ApplyWorkers = n
+	}
+	if cfg.TickInterval <= 0 {
+		cfg.TickInterval = 100 * time.Millisecond
+	}
+	if cfg.ElectionTicks <= 0 {
+		cfg.ElectionTicks = 10
+	}
+	if cfg.HeartbeatTicks <= 0 {
+		cfg.HeartbeatTicks = 1
+	}
+	if cfg.CheckpointBytes == 0 {
+		cfg.CheckpointBytes = 4 << 20
+	}
+	if cfg.CheckpointInterval <= 0 {
+		cfg.CheckpointInterval = 30 * time.Second
+	}
+	if cfg.RetainEntries == 0 {
+		cfg.RetainEntries = 256
+	}
+	if cfg.MaxFollowerLag == 0 {
+		cfg.MaxFollowerLag = 4096
+	}
+	if cfg.MaxWALSegments <= 0 {
+		cfg.MaxWALSegments = 16
+	}
+	if cfg.ChunkSize <= 0 {
+		cfg.ChunkSize = 16 << 20
+	}
+	return nil
+}

@@ -1,0 +1,165 @@
+package copyset
+
+import (
+	"context"
+	"encoding/binary"
+	"time"
+
+	"go.etcd.io/raft/v3"
+)
+
+type readWaiter struct {
+	index uint64
+	done  chan error
+}
+
+type readBatch struct {
+	reads  []*readWaiter
+	issued time.Time
+}
+
+// leaseDuration is how long after a confirmed heartbeat round the leader
+// may serve reads without another: followers refuse to vote for
+// ElectionTicks after hearing from a leader; two ticks are kept as margin.
+func (c *Copyset) leaseDuration() time.Duration {
+	return time.Duration(max(c.e.cfg.ElectionTicks-2, 1)) * c.e.cfg.TickInterval
+}
+
+// WaitReadable returns once this replica, as leader, may serve a
+// linearizable read from its chunk files: its leadership is confirmed (by
+// lease or a ReadIndex round) and everything committed before the read is
+// applied.
+func (c *Copyset) WaitReadable(ctx context.Context) error {
+	if !c.isLeader.Load() {
+		return &NotLeaderError{Leader: c.leader.Load()}
+	}
+	r := &readWaiter{done: make(chan error, 1)}
+	if !c.enqueue(func(in *inbox) { in.reads = append(in.reads, r) }) {
+		return ErrStopped
+	}
+	select {
+	case err := <-r.done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Read reads a linearizable range of a chunk from the leader's chunk files.
+func (c *Copyset) Read(ctx context.Context, chunk uint64, off int64, p []byte) error {
+	if err := c.WaitReadable(ctx); err != nil {
+		return err
+	}
+	return c.store.ReadAt(chunk, p, off)
+}
+
+// startReads runs on the Raft worker.
+func (c *Copyset) startReads(reads []*readWaiter) {
+	st := c.rn.BasicStatus()
+	if st.RaftState != raft.StateLeader {
+		for _, r := range reads {
+			r.done <- &NotLeaderError{Leader: st.Lead}
+		}
+		return
+	}
+	now := time.Now()
+	if now.Before(c.leaseUntil) && st.LeadTransferee == 0 && c.termStart != 0 && st.GetCommit() >= c.termStart {
+		for _, r := range reads {
+			c.waitApplied(st.GetCommit(), r)
+		}
+		if !c.renewing && c.leaseUntil.Sub(now) < c.leaseDuration()/2 {
+			c.issueReadIndex(nil, now)
+		}
+		return
+	}
+	c.issueReadIndex(reads, now)
+}
+
+func (c *Copyset) issueReadIndex(reads []*readWaiter, now time.Time) {
+	c.readSeq++
+	var ctx [8]byte
+	binary.LittleEndian.PutUint64(ctx[:], c.readSeq)
+	c.readBatches[c.readSeq] = &readBatch{reads: reads, issued: now}
+	if reads == nil {
+		c.renewing = true
+	}
+	c.rn.ReadIndex(ctx[:])
+}
+
+func (c *Copyset) readIndexDone(rs raft.ReadState) {
+	if len(rs.RequestCtx) != 8 {
+		return
+	}
+	seq := binary.LittleEndian.Uint64(rs.RequestCtx)
+	b := c.readBatches[seq]
+	if b == nil {
+		return
+	}
+	delete(c.readBatches, seq)
+	if b.reads == nil {
+		c.renewing = false
+	}
+	// A quorum acknowledged a heartbeat sent after b.issued: no other leader
+	// can be elected before b.issued plus the lease duration.
+	if until := b.issued.Add(c.leaseDuration()); until.After(c.leaseUntil) && c.rn.BasicStatus().LeadTransferee == 0 {
+		c.leaseUntil = until
+	}
+	for _, r := range b.reads {
+		c.waitApplied(rs.Index, r)
+	}
+}
+
+// expireReads fails read batches Raft could not confirm within two election
+// timeouts (their heartbeats were lost); Raft worker only.
+func (c *Copyset) expireReads() {
+	limit := 2 * time.Duration(c.e.cfg.ElectionTicks) * c.e.cfg.TickInterval
+	for seq, b := range c.readBatches {
+		if time.Since(b.issued) > limit {
+			delete(c.readBatches, seq)
+			if b.reads == nil {
+				c.renewing = false
+			}
+			for _, r := range b.reads {
+				r.done <- ErrReadTimeout
+			}
+		}
+	}
+}
+
+func (c *Copyset) failReadBatches(err error) {
+	for seq, b := range c.readBatches {
+		delete(c.readBatches, seq)
+		for _, r := range b.reads {
+			r.done <- err
+		}
+	}
+	c.renewing = false
+}
+
+func (c *Copyset) waitApplied(index uint64, r *readWaiter) {
+	if c.applied.Load() >= index {
+		r.done <- nil
+		return
+	}
+	r.index = index
+	c.wmu.Lock()
+	c.readWait = append(c.readWait, r)
+	c.wmu.Unlock()
+	// The apply worker may have advanced past index meanwhile.
+	c.releaseReads()
+}
+
+func (c *Copyset) releaseReads() {
+	applied := c.applied.Load()
+	c.wmu.Lock()
+	kept := c.readWait[:0]
+	for _, r := range c.readWait {
+		if r.index <= applied {
+			r.done <- nil
+		} else {
+			kept = append(kept, r)
+		}
+	}
+	c.readWait = kept
+	c.wmu.Unlock()
+}
