@@ -1,0 +1,152 @@
+package wal
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"go.etcd.io/raft/v3/raftpb"
+
+	"cairn.io/cairn/chunkfilepool/fsutil"
+)
+
+// current returns the segment being written, starting one if needed.
+func (w *WAL) current() (*segment, error) {
+	w.mu.Lock()
+	n := len(w.mu.segs)
+	var last *segment
+	if n > 0 {
+		last = w.mu.segs[n-1]
+	}
+	w.mu.Unlock()
+	if last != nil && !last.closed && last.f != nil {
+		return last, nil
+	}
+	return w.rollover()
+}
+
+// rollover starts the next segment, from the spare when one is ready.
+func (w *WAL) rollover() (*segment, error) {
+	seq := w.nextSeq
+	path := filepath.Join(w.opts.Dir, fmt.Sprintf("%016x.wal", seq))
+	w.waitSpare()
+	w.spareMu.Lock()
+	ready := w.spareReady
+	w.spareReady = false
+	w.spareMu.Unlock()
+	if ready {
+		if err := os.Rename(filepath.Join(w.opts.Dir, sparePath), path); err != nil {
+			return nil, fmt.Errorf("wal: take spare segment: %w", err)
+		}
+		if err := fsutil.SyncDir(w.opts.Dir); err != nil {
+			return nil, err
+		}
+	} else if err := w.getSegment(path); err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return nil, fmt.Errorf("wal: open new segment: %w", err)
+	}
+	seg := &segment{seq: seq, path: path, f: f, groups: make(map[uint64]*segGroup)}
+	w.mu.Lock()
+	w.mu.segs = append(w.mu.segs, seg)
+	n := len(w.mu.segs)
+	w.mu.Unlock()
+	w.nextSeq = seq + 1
+	w.prepareSpare()
+	if w.opts.OnPressure != nil {
+		w.opts.OnPressure(n)
+	}
+	return seg, nil
+}
+
+// getSegment takes a new segment from the source. When the source has none
+// (the pool is full) it does not fail the log: it recycles what it can, asks
+// the owner to checkpoint, and tries again, holding back every append
+// meanwhile, until it gets one or the WAL is closed.
+func (w *WAL) getSegment(path string) error {
+	backoff := 5 * time.Millisecond
+	for warned := false; ; {
+		err := w.opts.Source.Get(path)
+		if err == nil {
+			return nil
+		}
+		w.mu.Lock()
+		closed, n := w.mu.closed, len(w.mu.segs)
+		w.mu.Unlock()
+		if closed {
+			return fmt.Errorf("wal: new segment: %w (%w)", err, ErrClosed)
+		}
+		if !warned {
+			w.log.Warn("no segment available; appends wait for checkpoints to free one", "segments", n, "err", err)
+			warned = true
+		}
+		if w.opts.OnPressure != nil {
+			w.opts.OnPressure(n)
+		}
+		w.recycle()
+		time.Sleep(backoff)
+		backoff = min(2*backoff, 200*time.Millisecond)
+	}
+}
+
+// prepareSpare fetches the next segment in the background so that a
+// rollover does not wait on the pool.
+func (w *WAL) prepareSpare() {
+	w.spareMu.Lock()
+	if w.spareReady || w.spareBusy {
+		w.spareMu.Unlock()
+		return
+	}
+	w.spareBusy = true
+	w.spareMu.Unlock()
+	go func() {
+		err := w.opts.Source.Get(filepath.Join(w.opts.Dir, sparePath))
+		w.spareMu.Lock()
+		w.spareBusy = false
+		w.spareReady = err == nil
+		w.spareCond.Broadcast()
+		w.spareMu.Unlock()
+		if err != nil {
+			w.log.Warn("cannot prepare a spare segment", "err", err)
+		}
+	}()
+}
+
+func (w *WAL) waitSpare() {
+	w.spareMu.Lock()
+	for w.spareBusy {
+		w.spareCond.Wait()
+	}
+	w.spareMu.Unlock()
+}
+
+// recycle gives back the oldest segments that no group needs any more. Only
+// a prefix of the log is ever recycled, so recovery never replays a record
+// whose predecessors were dropped.
+func (w *WAL) recycle() {
+	for {
+		w.mu.Lock()
+		if len(w.mu.segs) < 2 || w.mu.crashed {
+			w.mu.Unlock()
+			return
+		}
+		old := w.mu.segs[0]
+		if !old.closed || !w.segmentDoneLocked(old) {
+			w.mu.Unlock()
+			return
+		}
+		w.mu.segs = w.mu.segs[1:]
+		w.mu.Unlock()
+		if err := w.opts.Source.Recycle(old.path); err != nil {
+			w.log.Error("cannot recycle segment", "segment", filepath.Base(old.path), "err", err)
+			return
+		}
+	}
+}
+
+func hardStateEqual(a, b *raftpb.HardState) bool {
+	return a.GetTerm() == b.GetTerm() && a.GetVote() == b.GetVote() && a.GetCommit() == b.GetCommit()
+}
