@@ -100,6 +100,7 @@ func (s *Server) statusProto(st copyset.Status) *copysetpb.CopysetStatus {
 		FirstLogIndex:      st.FirstIndex,
 		InstallingSnapshot: st.InstallingSnapshot,
 		ChunkCount:         uint64(st.Chunks),
+		Broken:             st.Broken,
 	}
 	for _, v := range st.Voters {
 		out.Peers = append(out.Peers, &commonpb.Peer{ChunkserverId: v, Address: s.res.cached(v)})

@@ -170,7 +170,14 @@ type Server struct {
 	stop    chan struct{}
 	wg      sync.WaitGroup
 	stopped atomic.Bool
+	failed  chan error // receives the storage failure that stopped every copyset
 }
+
+// Failed delivers the error that made the chunkserver's storage fail (its
+// write-ahead log could not write or sync). Every copyset has stopped by
+// then; the daemon exits so that its supervisor restarts it, and recovery
+// replays what the log made durable.
+func (s *Server) Failed() <-chan error { return s.failed }
 
 // New prepares a chunkserver; Start brings it up.
 func New(cfg Config) (*Server, error) {
@@ -182,6 +189,7 @@ func New(cfg Config) (*Server, error) {
 		log:       cfg.Logger.With("component", "chunkserver"),
 		stop:      make(chan struct{}),
 		opsActive: map[copyset.GroupID]bool{},
+		failed:    make(chan error, 1),
 	}, nil
 }
 
@@ -244,7 +252,13 @@ func (s *Server) Start(ctx context.Context) (err error) {
 		ElectionTicks:       s.cfg.ElectionTicks,
 		SnapshotBytesPerSec: s.cfg.SnapshotBytesPerSec,
 		OnWALSync:           s.m.observeWALSync,
-		Logger:              s.cfg.Logger.With("chunkserver", s.id.ChunkServerID),
+		OnStorageFailure: func(err error) {
+			select {
+			case s.failed <- err:
+			default:
+			}
+		},
+		Logger: s.cfg.Logger.With("chunkserver", s.id.ChunkServerID),
 	})
 	if err != nil {
 		return fmt.Errorf("chunkserver: start copysets: %w", err)

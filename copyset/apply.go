@@ -1,13 +1,22 @@
 package copyset
 
 import (
+	"errors"
+	"fmt"
 	"time"
 
 	"go.etcd.io/raft/v3/raftpb"
 	"google.golang.org/protobuf/proto"
+
+	"cairn.io/cairn/chunkfilepool"
 )
 
 func (c *Copyset) pushApply(it applyItem) {
+	select {
+	case <-c.quit:
+		return
+	default:
+	}
 	c.amu.Lock()
 	c.applyQ = append(c.applyQ, it)
 	push := c.asched.signal()
@@ -25,14 +34,27 @@ func (c *Copyset) requestCheckpoint() {
 
 func (c *Copyset) maybeTimedCheckpoint() {
 	c.smMu.Lock()
-	due := c.sm.applied > c.sm.lastCkpt && time.Since(c.sm.lastCkptTime) >= c.e.cfg.CheckpointInterval
+	due := c.sm.applied > c.sm.lastCkpt && c.e.now().Sub(c.sm.lastCkptTime) >= c.e.cfg.CheckpointInterval
 	c.smMu.Unlock()
 	if due {
 		c.requestCheckpoint()
 	}
 }
 
-// runApply applies queued committed entries. It runs on an apply worker.
+// Apply failures. An entry that cannot be applied is never skipped (the
+// replica's chunk files would diverge from its peers'): the apply of the
+// copyset is parked and retried with a backoff, off the shared worker. A
+// full chunk file pool is waited out for as long as it lasts; any other
+// error is retried maxApplyAttempts times, then the replica is failed (see
+// fail) and rebuilt from its peers.
+const (
+	maxApplyAttempts = 5
+	maxApplyBackoff  = time.Second
+)
+
+// runApply applies queued committed entries. It runs on an apply worker and
+// never waits for storage to recover: a failed apply is parked (see
+// parkApply).
 func (c *Copyset) runApply() {
 	c.amu.Lock()
 	c.asched.begin()
@@ -40,29 +62,46 @@ func (c *Copyset) runApply() {
 		// A snapshot install holds the state machine; it reschedules the
 		// copyset when it is done instead of keeping a worker waiting.
 		c.asched.running, c.asched.again = false, false
+		c.aidle.Broadcast()
 		c.amu.Unlock()
 		return
 	}
 	items := c.applyQ
 	c.applyQ = nil
 	c.amu.Unlock()
+	select {
+	case <-c.quit:
+		c.finishApplyRun()
+		return
+	default:
+	}
 
 	c.smMu.Lock()
-	for _, it := range items {
+	for i, it := range items {
 		switch {
 		case it.snap != nil:
 			c.snapshotPersisted(it.snap)
 		case it.m != nil:
-			if !c.applyEntries(it.m.GetEntries()) {
-				// Stopped mid-way: leave the rest.
+			ents := it.m.GetEntries()
+			n, err := c.applyEntries(ents)
+			if errors.Is(err, ErrStopped) {
 				c.smMu.Unlock()
 				c.finishApplyRun()
+				return
+			}
+			if err != nil {
+				// Put the rest back in front of what queued meanwhile.
+				rest := &raftpb.Message{Entries: ents[n:], Responses: it.m.GetResponses()}
+				items[i] = applyItem{m: rest}
+				c.smMu.Unlock()
+				c.parkApply(items[i:], err)
 				return
 			}
 			resps := it.m.GetResponses()
 			c.enqueue(func(in *inbox) { in.local = append(in.local, resps...) })
 		}
 	}
+	c.applyFails = 0
 	c.releaseReads()
 	if c.ckptReq.Swap(false) || c.sm.bytesSince >= c.e.cfg.CheckpointBytes {
 		if err := c.checkpointLocked(); err != nil {
@@ -73,34 +112,65 @@ func (c *Copyset) runApply() {
 	c.finishApplyRun()
 }
 
+// parkApply puts items back at the head of the apply queue after the first
+// of them failed with err, and retries them after a backoff; or fails the
+// replica when the error persists.
+func (c *Copyset) parkApply(items []applyItem, err error) {
+	c.applyErrs.Add(1)
+	c.applyFails++
+	space := errors.Is(err, chunkfilepool.ErrPoolEmpty)
+	if !space && c.applyFails >= maxApplyAttempts {
+		c.fail(fmt.Errorf("apply: %w", err))
+		c.finishApplyRun()
+		return
+	}
+	if c.applyFails == 1 || c.applyFails%20 == 0 {
+		c.log.Error("cannot apply entry; retrying", "attempt", c.applyFails, "err", err)
+	}
+	backoff := min(time.Duration(c.applyFails)*20*time.Millisecond, maxApplyBackoff)
+	c.amu.Lock()
+	c.applyQ = append(items, c.applyQ...)
+	c.asched.running = false
+	// Work that arrived meanwhile waits for the retry too: apply order.
+	c.asched.again = false
+	if c.applyRetry != nil {
+		c.applyRetry.Stop()
+	}
+	c.applyRetry = time.AfterFunc(backoff, func() { c.pushApply(applyItem{}) })
+	c.aidle.Broadcast()
+	c.amu.Unlock()
+}
+
 func (c *Copyset) finishApplyRun() {
 	c.amu.Lock()
 	again := c.asched.end()
+	c.aidle.Broadcast()
 	c.amu.Unlock()
 	if again {
 		c.e.applyQ.push(c)
 	}
 }
 
-// applyEntries applies committed entries in order; it reports false if the
-// engine stopped before it finished.
-func (c *Copyset) applyEntries(ents []*raftpb.Entry) bool {
-	for _, en := range ents {
+// applyEntries applies committed entries in order. It returns how many it
+// applied and, if it stopped early, why: ErrStopped when the copyset is shut
+// down, otherwise the storage error of the entry it could not apply.
+func (c *Copyset) applyEntries(ents []*raftpb.Entry) (int, error) {
+	for i, en := range ents {
 		idx := en.GetIndex()
 		switch en.GetType() {
 		case raftpb.EntryConfChange, raftpb.EntryConfChangeV2:
 			// Raft hands out a membership change only if it must be applied
 			// to it, even when the chunk files already reflect it.
 			if !c.applyConfChange(en) {
-				return false
+				return i, ErrStopped
 			}
 		case raftpb.EntryNormal:
 			if idx <= c.sm.applied || idx <= c.sm.installed {
 				break
 			}
 			if len(en.GetData()) > 0 {
-				if !c.applyCommand(en) {
-					return false
+				if err := c.applyCommand(en); err != nil {
+					return i, err
 				}
 			}
 		}
@@ -110,40 +180,28 @@ func (c *Copyset) applyEntries(ents []*raftpb.Entry) bool {
 		}
 		c.settleWaiters(en)
 	}
-	return true
+	return len(ents), nil
 }
 
-func (c *Copyset) applyCommand(en *raftpb.Entry) bool {
+// applyCommand applies one write or delete to the chunk files.
+func (c *Copyset) applyCommand(en *raftpb.Entry) error {
 	cmd, err := decodeCommand(en.GetData())
 	if err != nil {
 		// Every replica sees the same bytes; skipping is deterministic.
 		c.log.Error("skipping undecodable entry", "index", en.GetIndex(), "err", err)
-		return true
+		return nil
 	}
-	for attempt := 0; ; attempt++ {
-		switch cmd.op {
-		case opWrite:
-			err = c.store.WriteAt(cmd.chunk, cmd.data, int64(cmd.offset))
-		case opDelete:
-			err = c.store.Delete(cmd.chunk)
-		}
-		if err == nil {
-			c.sm.bytesSince += uint64(len(en.GetData()))
-			return true
-		}
-		// A replica that cannot apply an entry must not skip it (its chunk
-		// files would diverge): it stops here and retries until the cause
-		// (a full pool, a disk error) goes away or the engine stops.
-		c.applyErrs.Add(1)
-		if attempt%50 == 0 {
-			c.log.Error("cannot apply entry; retrying", "index", en.GetIndex(), "chunk", cmd.chunk, "err", err)
-		}
-		select {
-		case <-c.e.stopped:
-			return false
-		case <-time.After(min(time.Duration(attempt+1)*10*time.Millisecond, time.Second)):
-		}
+	switch cmd.op {
+	case opWrite:
+		err = c.store.WriteAt(cmd.chunk, cmd.data, int64(cmd.offset))
+	case opDelete:
+		err = c.store.Delete(cmd.chunk)
 	}
+	if err != nil {
+		return fmt.Errorf("entry %d, chunk %d: %w", en.GetIndex(), cmd.chunk, err)
+	}
+	c.sm.bytesSince += uint64(len(en.GetData()))
+	return nil
 }
 
 func (c *Copyset) applyConfChange(en *raftpb.Entry) bool {
@@ -170,7 +228,7 @@ func (c *Copyset) applyConfChange(en *raftpb.Entry) bool {
 	}
 	select {
 	case <-done:
-	case <-c.e.stopped:
+	case <-c.quit:
 		return false
 	}
 	if en.GetIndex() > c.sm.confEpoch {

@@ -3,7 +3,7 @@ package copyset
 import (
 	"errors"
 	"fmt"
-	"time"
+	"math"
 
 	"go.etcd.io/raft/v3"
 	"go.etcd.io/raft/v3/raftpb"
@@ -28,7 +28,7 @@ func (c *Copyset) checkpointLocked() error {
 	if err := writeMeta(c.dir, m); err != nil {
 		return err
 	}
-	c.sm.lastCkpt, c.sm.lastCkptTime, c.sm.bytesSince = c.sm.applied, time.Now(), 0
+	c.sm.lastCkpt, c.sm.lastCkptTime, c.sm.bytesSince = c.sm.applied, c.e.now(), 0
 	c.wal.SetCheckpoint(uint64(c.id), c.sm.applied, m.hardState())
 	idx, cs, epoch := c.sm.applied, c.sm.confState, c.sm.confEpoch
 	c.call(func() { c.compact(idx, cs, epoch) })
@@ -81,4 +81,27 @@ func (c *Copyset) finalCheckpoint() error {
 		return nil
 	}
 	return c.checkpointLocked()
+}
+
+// reapplySinceCheckpointLocked writes the commands applied after the last
+// checkpoint to the chunk files again, from the in-memory log (which keeps
+// every entry after the last checkpoint). smMu held.
+func (c *Copyset) reapplySinceCheckpointLocked() error {
+	lo, hi := max(c.sm.lastCkpt, c.sm.installed)+1, c.sm.applied+1
+	if lo >= hi {
+		return nil
+	}
+	ents, err := c.storage.Entries(lo, hi, math.MaxUint64)
+	if err != nil {
+		return fmt.Errorf("read entries %d..%d: %w", lo, hi-1, err)
+	}
+	for _, en := range ents {
+		if en.GetType() != raftpb.EntryNormal || len(en.GetData()) == 0 {
+			continue
+		}
+		if err := c.applyCommand(en); err != nil {
+			return err
+		}
+	}
+	return nil
 }

@@ -74,7 +74,25 @@ type Config struct {
 	PerCopysetWAL bool
 	// OnWALSync is called after every WAL group commit (metrics).
 	OnWALSync func(wal.SyncInfo)
-	Logger    *slog.Logger
+	// OnStorageFailure is called once when the shared WAL fails (a write or
+	// fdatasync error): every copyset of the engine has stopped, and the
+	// chunkserver should restart (recovery replays the durable log) or be
+	// taken out of service. Default: only logged.
+	OnStorageFailure func(error)
+	Logger           *slog.Logger
+	// TestingKnobs are hooks for tests; zero in production.
+	TestingKnobs TestingKnobs
+}
+
+// TestingKnobs let tests drive what is otherwise real time or invisible.
+type TestingKnobs struct {
+	// Now replaces time.Now for the clocks of read leases and of the vote
+	// refusal after start.
+	Now func() time.Time
+	// ManualTicks stops the engine's ticker from ticking the copysets:
+	// the test ticks them (tickAll) so that Raft's timers move only when
+	// it says.
+	ManualTicks bool
 }
 
 // validate checks the required fields and fills in defaults.
@@ -84,6 +102,9 @@ func (cfg *Config) validate() error {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
+	}
+	if cfg.TestingKnobs.Now == nil {
+		cfg.TestingKnobs.Now = time.Now
 	}
 	n := max(2*runtime.GOMAXPROCS(0), 4)
 	if cfg.RaftWorkers <= 0 {

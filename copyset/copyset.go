@@ -41,10 +41,15 @@ type Copyset struct {
 
 	initialVoters []uint64
 
-	mu      sync.Mutex // guards in, sched, stopped
+	mu      sync.Mutex // guards in, sched, stopped, broken
 	in      inbox
 	sched   schedFlags
 	stopped bool
+	idle    *sync.Cond    // on mu: signalled when a Raft worker run ends
+	broken  error         // why the replica stopped serving, nil while healthy
+	quit    chan struct{} // closed when the replica stops
+
+	startedAt time.Time // when the replica was opened (vote refusal, see refuseVote)
 
 	// Raft worker state.
 	termStart   uint64 // index of the current leader term's first entry
@@ -65,16 +70,19 @@ type Copyset struct {
 	// conf epoch at the index of the log storage's snapshot (sent with it)
 	snapConfEpoch atomic.Uint64
 	installing    atomic.Bool
-	installEpoch  uint64 // conf epoch of the snapshot being installed; smMu
+	installEpoch  atomic.Uint64 // conf epoch of the snapshot being installed
 	applyErrs     atomic.Uint64
 
 	// Apply side.
-	amu     sync.Mutex // guards applyQ, asched
-	applyQ  []applyItem
-	asched  schedFlags
-	smMu    sync.Mutex // held while the state machine changes (apply, install, checkpoint)
-	sm      smState    // guarded by smMu
-	ckptReq atomic.Bool
+	amu        sync.Mutex // guards applyQ, asched, applyRetry
+	applyQ     []applyItem
+	asched     schedFlags
+	aidle      *sync.Cond  // on amu: signalled when an apply worker run ends
+	applyRetry *time.Timer // a parked apply waiting to retry
+	applyFails int         // consecutive failed attempts of the entry at the head; apply worker only
+	smMu       sync.Mutex  // held while the state machine changes (apply, install, checkpoint)
+	sm         smState     // guarded by smMu
+	ckptReq    atomic.Bool
 
 	// Waiters.
 	wmu      sync.Mutex
@@ -136,6 +144,10 @@ func (e *Engine) open(id GroupID, dir string, gl *wal.GroupLog) (*Copyset, error
 		waiters:     make(map[uint64]*Proposal),
 		byIndex:     make(map[uint64]*Proposal),
 	}
+	c.startedAt = e.now()
+	c.idle = sync.NewCond(&c.mu)
+	c.quit = make(chan struct{})
+	c.aidle = sync.NewCond(&c.amu)
 	c.initialVoters = append([]uint64(nil), m.Voters...)
 	if e.cfg.PerCopysetWAL {
 		w, logs, err := wal.Open(wal.Options{
@@ -169,16 +181,25 @@ func (e *Engine) open(id GroupID, dir string, gl *wal.GroupLog) (*Copyset, error
 
 	base := &wal.SnapshotMark{Index: m.Applied, Term: m.AppliedTerm, ConfState: m.confState()}
 	confEpoch := m.ConfEpoch
-	if gl != nil && gl.Snapshot != nil && gl.Snapshot.Index > base.Index {
-		// A snapshot install finished (its files were synced before its
-		// WAL record) but the meta file was not rewritten yet.
-		base = gl.Snapshot
-	}
 	var hs *raftpb.HardState
 	if gl != nil {
 		hs = gl.HardState
 	}
 	hs = wal.MergeHardState(m.hardState(), hs)
+	if gl != nil && gl.Snapshot != nil && gl.Snapshot.Index > base.Index {
+		// A snapshot install finished (its files were synced before its
+		// WAL record) but the meta file was not rewritten yet. Record it
+		// there first: once the WAL learns the checkpoint below, it may
+		// recycle the segment holding the snapshot record.
+		base = gl.Snapshot
+		confEpoch = max(confEpoch, base.ConfEpoch)
+		m.Applied, m.AppliedTerm, m.ConfEpoch = base.Index, base.Term, confEpoch
+		m.setConfState(base.ConfState)
+		m.Commit = max(m.Commit, base.Index)
+		if err := writeMeta(dir, m); err != nil {
+			return fail(fmt.Errorf("record installed snapshot %d: %w", base.Index, err))
+		}
+	}
 	var ents []*raftpb.Entry
 	if gl != nil {
 		for _, en := range gl.Entries {
@@ -186,12 +207,13 @@ func (e *Engine) open(id GroupID, dir string, gl *wal.GroupLog) (*Copyset, error
 				ents = append(ents, en)
 			}
 		}
-		// The entries must continue the base without a gap, and a suffix
-		// older than the base (left from before an install) is stale.
+		// The entries must continue the base without a gap and must not be
+		// older than it. Anything else means entries this replica made
+		// durable (and may have acknowledged) are gone: refuse to start it
+		// rather than serve a log with a hole.
 		if len(ents) > 0 && (ents[0].GetIndex() != base.Index+1 || ents[0].GetTerm() < base.Term) {
-			c.log.Warn("discarding log entries that do not follow the checkpoint",
-				"checkpoint", base.Index, "first", ents[0].GetIndex(), "term", ents[0].GetTerm())
-			ents = nil
+			return fail(fmt.Errorf("%w: log entries from %d (term %d) do not follow the checkpoint at %d (term %d)",
+				ErrLogDamaged, ents[0].GetIndex(), ents[0].GetTerm(), base.Index, base.Term))
 		}
 	}
 	if base.Index > 0 {

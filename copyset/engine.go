@@ -27,7 +27,7 @@ import (
 type walAppender interface {
 	Submit(a wal.Append, done func(error))
 	SetCheckpoint(group, index uint64, hs *raftpb.HardState)
-	Forget(group uint64)
+	Forget(groups ...uint64) error
 }
 
 // Engine runs every copyset of one chunkserver.
@@ -50,6 +50,10 @@ type Engine struct {
 	stopped chan struct{}
 	closed  atomic.Bool
 	wg      sync.WaitGroup
+
+	// failed is set once the shared storage failed (see failStorage).
+	failed   atomic.Bool
+	failOnce sync.Once
 }
 
 // NewEngine opens the engine's directory, recovers the WAL and every copyset
@@ -151,8 +155,17 @@ func (e *Engine) loadAll(logs map[uint64]*wal.GroupLog) error {
 		}
 		e.groups[id] = c
 	}
+	var orphans []uint64
 	for g := range logs {
-		e.wal.Forget(g)
+		orphans = append(orphans, g)
+	}
+	if len(orphans) > 0 {
+		// Records of copysets removed before a crash: make them obsolete
+		// durably, so that a copyset created again with one of these ids
+		// never recovers them.
+		if err := e.wal.Forget(orphans...); err != nil {
+			return fmt.Errorf("copyset: forget removed copysets: %w", err)
+		}
 	}
 	e.log.Info("copysets loaded", "count", len(e.groups))
 	return nil
@@ -290,7 +303,9 @@ func (e *Engine) Remove(id GroupID) error {
 	if err := c.store.Close(); err != nil {
 		e.log.Warn("closing removed copyset's store", "copyset", id, "err", err)
 	}
-	c.wal.Forget(uint64(id))
+	if err := c.wal.Forget(uint64(id)); err != nil {
+		return fmt.Errorf("copyset: forget %s in the write-ahead log: %w", id, err)
+	}
 	if c.ownWAL != nil {
 		c.ownWAL.Close()
 	}
@@ -351,6 +366,10 @@ func (e *Engine) Close() error {
 	e.shutdownWorkers()
 	var firstErr error
 	for _, c := range e.List() {
+		if c.Broken() != nil {
+			c.store.Close()
+			continue
+		}
 		if err := c.finalCheckpoint(); err != nil && firstErr == nil {
 			firstErr = err
 		}
@@ -424,6 +443,32 @@ func (e *Engine) HandleSnapshot(ctx context.Context, header *transportpb.Snapsho
 
 func (e *Engine) newProposalID() uint64 { return e.idBase + e.nextID.Add(1) }
 
+// now is the engine's clock (TestingKnobs.Now in tests).
+func (e *Engine) now() time.Time { return e.cfg.TestingKnobs.Now() }
+
+// electionTimeout is the shortest time a follower waits after hearing from
+// its leader before it votes for another candidate.
+func (e *Engine) electionTimeout() time.Duration {
+	return time.Duration(e.cfg.ElectionTicks) * e.cfg.TickInterval
+}
+
+// failStorage stops every copyset after the shared WAL failed: what it holds
+// on disk is what recovery will find, and no replica of this chunkserver may
+// acknowledge, vote or serve any more. Leaders among them stop sending
+// heartbeats, so their peers elect new leaders within an election timeout.
+func (e *Engine) failStorage(err error) {
+	e.failOnce.Do(func() {
+		e.failed.Store(true)
+		e.log.Error("chunkserver storage failed; every copyset stops", "err", err)
+		for _, c := range e.List() {
+			c.fail(err)
+		}
+		if f := e.cfg.OnStorageFailure; f != nil {
+			f(err)
+		}
+	})
+}
+
 // ticker ticks every copyset and does housekeeping.
 func (e *Engine) ticker() {
 	defer e.wg.Done()
@@ -436,14 +481,21 @@ func (e *Engine) ticker() {
 		case <-e.stopped:
 			return
 		case <-t.C:
-			e.mu.RLock()
-			for _, c := range e.groups {
-				c.tick()
+			if !e.cfg.TestingKnobs.ManualTicks {
+				e.tickAll()
 			}
-			e.mu.RUnlock()
 		case <-housekeeping.C:
 			e.housekeeping()
 		}
+	}
+}
+
+// tickAll gives every copyset one Raft tick.
+func (e *Engine) tickAll() {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	for _, c := range e.groups {
+		c.tick()
 	}
 }
 

@@ -28,6 +28,13 @@ var (
 	ErrReadTimeout = errors.New("copyset: read index not confirmed")
 	// ErrTooLarge: a write is larger than MaxWriteSize.
 	ErrTooLarge = errors.New("copyset: write too large")
+	// ErrLogDamaged: a copyset's durable log does not continue its
+	// checkpoint; entries it made durable are lost. The replica must be
+	// rebuilt from its peers.
+	ErrLogDamaged = errors.New("copyset: log does not continue the checkpoint")
+	// ErrBroken: the replica stopped serving because its storage failed
+	// (see Copyset.Broken); its peers go on without it.
+	ErrBroken = errors.New("copyset: replica broken")
 )
 
 // NotLeaderError is returned when a replica does not lead its copyset.

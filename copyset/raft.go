@@ -3,6 +3,7 @@ package copyset
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 
 	"go.etcd.io/raft/v3"
@@ -49,27 +50,91 @@ func (c *Copyset) callWait(ctx context.Context, f func()) error {
 		return nil
 	case <-ctx.Done():
 		return ctx.Err()
-	case <-c.e.stopped:
+	case <-c.quit:
 		return ErrStopped
 	}
 }
 
+// stop shuts the replica down for good: its inbox is dropped, no worker
+// runs it again, and its waiting callers fail with ErrStopped. It waits for
+// a Raft or apply worker that is running the copyset to finish, so that
+// nothing of it reaches the WAL or the chunk files afterwards. It must not
+// be called from the copyset's own workers (see fail).
 func (c *Copyset) stop() {
 	c.mu.Lock()
-	c.stopped = true
-	c.in = inbox{}
+	c.stopLocked()
+	for c.sched.running {
+		c.idle.Wait()
+	}
 	c.mu.Unlock()
+	c.amu.Lock()
+	c.applyQ = nil
+	if c.applyRetry != nil {
+		c.applyRetry.Stop()
+	}
+	for c.asched.running {
+		c.aidle.Wait()
+	}
+	c.amu.Unlock()
+	c.failWaiters(ErrStopped)
+}
+
+// stopLocked marks the replica stopped; c.mu held.
+func (c *Copyset) stopLocked() {
+	if !c.stopped {
+		c.stopped = true
+		close(c.quit)
+	}
+	c.in = inbox{}
+}
+
+// failWaiters fails every waiting proposal and read.
+func (c *Copyset) failWaiters(err error) {
 	c.wmu.Lock()
 	for id, p := range c.waiters {
-		p.finish(0, ErrStopped)
+		p.finish(0, err)
 		delete(c.waiters, id)
 	}
 	c.byIndex = map[uint64]*Proposal{}
 	for _, r := range c.readWait {
-		r.done <- ErrStopped
+		r.done <- err
 	}
 	c.readWait = nil
 	c.wmu.Unlock()
+}
+
+// fail takes a replica whose storage failed out of service: it stops
+// taking work, voting, acknowledging and applying, so that its peers elect
+// a leader without it within an election timeout, and it reports err from
+// Broken. Unlike stop it does not wait for the workers (it may run on one).
+// The replica stays broken until it is removed and rebuilt from its peers.
+func (c *Copyset) fail(err error) {
+	c.mu.Lock()
+	if c.broken != nil {
+		c.mu.Unlock()
+		return
+	}
+	c.broken = err
+	c.stopLocked()
+	c.mu.Unlock()
+	c.amu.Lock()
+	c.applyQ = nil
+	if c.applyRetry != nil {
+		c.applyRetry.Stop()
+	}
+	c.amu.Unlock()
+	c.isLeader.Store(false)
+	c.leader.Store(0)
+	c.log.Error("copyset replica broken: it stops serving until it is rebuilt from its peers", "err", err)
+	c.failWaiters(fmt.Errorf("%w: %w", ErrBroken, err))
+}
+
+// Broken reports why the replica stopped serving (its storage failed), or
+// nil while it is healthy.
+func (c *Copyset) Broken() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.broken
 }
 
 // runRaft processes everything in the inbox and handles the Ready states it
@@ -85,7 +150,8 @@ func (c *Copyset) runRaft() {
 		c.process(&in)
 	}
 	c.mu.Lock()
-	again := c.sched.end()
+	again := c.sched.end() && !c.stopped
+	c.idle.Broadcast()
 	c.mu.Unlock()
 	if again {
 		c.e.raftQ.push(c)
@@ -100,17 +166,25 @@ func (c *Copyset) process(in *inbox) {
 	for _, m := range in.local {
 		_ = rn.Step(m)
 	}
-	for _, m := range in.msgs {
-		_ = rn.Step(m)
-	}
-	for _, f := range in.calls {
-		f()
-	}
+	// Ticks go first: a tick that was due before a message arrived must not
+	// count as time passed since that message. A follower counts its
+	// election timeout from the last message of its leader, and the
+	// leader's read lease relies on that count never running ahead of the
+	// clock (see leaseDuration).
 	for i := 0; i < min(in.ticks, 3); i++ {
 		rn.Tick()
 	}
 	if in.ticks > 0 {
 		c.expireReads()
+	}
+	for _, m := range in.msgs {
+		if c.refuseVote(m) {
+			continue
+		}
+		_ = rn.Step(m)
+	}
+	for _, f := range in.calls {
+		f()
 	}
 	for _, p := range in.props {
 		c.propose(p)
@@ -123,12 +197,35 @@ func (c *Copyset) process(in *inbox) {
 	}
 }
 
+// refuseVote drops vote and pre-vote requests for one election timeout after
+// the replica started. Before it restarted it may have heard from a leader
+// that still holds a read lease; a follower that kept running would refuse
+// such votes (CheckQuorum) until its election timeout since that leader's
+// last message ran out, and a restarted one must not be quicker. A vote of
+// a leadership transfer is let through: the transferring leader ended its
+// lease when it started the transfer.
+func (c *Copyset) refuseVote(m *raftpb.Message) bool {
+	t := m.GetType()
+	if t != raftpb.MsgVote && t != raftpb.MsgPreVote {
+		return false
+	}
+	if string(m.GetContext()) == campaignTransfer {
+		return false
+	}
+	return c.e.now().Sub(c.startedAt) < c.e.electionTimeout()
+}
+
+// campaignTransfer is the context raft puts in the votes of a leadership
+// transfer.
+const campaignTransfer = "CampaignTransfer"
+
 // finishAppend runs once the WAL made a MsgStorageAppend durable: it updates
 // the in-memory log and delivers the responses the write was holding back.
 func (c *Copyset) finishAppend(a appendDone) {
 	if a.err != nil {
 		if !errors.Is(a.err, wal.ErrClosed) {
-			c.log.Error("write-ahead log append failed; copyset stalls", "err", a.err)
+			// The WAL is shared: every copyset of the chunkserver stops.
+			c.e.failStorage(fmt.Errorf("write-ahead log: %w", a.err))
 		}
 		return
 	}
@@ -253,7 +350,7 @@ func (c *Copyset) submitAppend(m *raftpb.Message) {
 	}
 	if s := m.GetSnapshot(); s != nil && !raft.IsEmptySnap(s) {
 		md := s.GetMetadata()
-		a.Snapshot = &wal.SnapshotMark{Index: md.GetIndex(), Term: md.GetTerm(), ConfState: md.GetConfState()}
+		a.Snapshot = &wal.SnapshotMark{Index: md.GetIndex(), Term: md.GetTerm(), ConfState: md.GetConfState(), ConfEpoch: c.installEpoch.Load()}
 	}
 	c.wal.Submit(a, func(err error) {
 		c.enqueue(func(in *inbox) { in.appended = append(in.appended, appendDone{m: m, err: err}) })

@@ -62,7 +62,7 @@ func (c *Copyset) startReads(reads []*readWaiter) {
 		}
 		return
 	}
-	now := time.Now()
+	now := c.e.now()
 	if now.Before(c.leaseUntil) && st.LeadTransferee == 0 && c.termStart != 0 && st.GetCommit() >= c.termStart {
 		for _, r := range reads {
 			c.waitApplied(st.GetCommit(), r)
@@ -114,7 +114,7 @@ func (c *Copyset) readIndexDone(rs raft.ReadState) {
 func (c *Copyset) expireReads() {
 	limit := 2 * time.Duration(c.e.cfg.ElectionTicks) * c.e.cfg.TickInterval
 	for seq, b := range c.readBatches {
-		if time.Since(b.issued) > limit {
+		if c.e.now().Sub(b.issued) > limit {
 			delete(c.readBatches, seq)
 			if b.reads == nil {
 				c.renewing = false

@@ -221,10 +221,14 @@ func (c *Copyset) installSnapshot(ctx context.Context, header *transportpb.Snaps
 		}
 	}
 	if err := c.store.Sync(); err != nil {
-		return fmt.Errorf("install snapshot: sync: %w", err)
+		// Pages of the chunk files may be lost (a failed writeback is
+		// reported once), mixing states the log cannot repair.
+		err = fmt.Errorf("install snapshot: sync: %w", err)
+		c.fail(err)
+		return err
 	}
 	complete = true
-	c.installEpoch = header.GetConfEpoch()
+	c.installEpoch.Store(header.GetConfEpoch())
 	c.deliver(m)
 	c.log.Info("snapshot installed", "index", idx)
 	return nil
@@ -239,8 +243,8 @@ func (c *Copyset) snapshotPersisted(s *raftpb.Snapshot) {
 		c.applied.Store(md.GetIndex())
 	}
 	c.sm.confState = md.GetConfState()
-	c.sm.confEpoch = c.installEpoch
-	c.confEpoch.Store(c.installEpoch)
+	c.sm.confEpoch = c.installEpoch.Load()
+	c.confEpoch.Store(c.sm.confEpoch)
 	if err := c.checkpointLocked(); err != nil {
 		c.log.Error("checkpoint after snapshot", "err", err)
 	}

@@ -58,10 +58,22 @@ type Status struct {
 	InstallingSnapshot bool
 	Chunks             int
 	ApplyErrors        uint64
+	// Broken says why the replica stopped serving; empty while healthy.
+	Broken string
 }
 
 // Status reports the replica's state; it waits for the Raft worker.
 func (c *Copyset) Status(ctx context.Context) (Status, error) {
+	if err := c.Broken(); err != nil {
+		// The RawNode is no longer driven; report what is known.
+		cs := c.ConfState()
+		return Status{
+			ID: c.id, Node: c.e.cfg.NodeID, Term: c.term.Load(), Applied: c.applied.Load(),
+			ConfEpoch: c.confEpoch.Load(), Voters: append([]uint64(nil), cs.GetVoters()...),
+			Learners: append([]uint64(nil), cs.GetLearners()...), ApplyErrors: c.applyErrs.Load(),
+			Broken: err.Error(),
+		}, nil
+	}
 	var st Status
 	err := c.callWait(ctx, func() {
 		bs := c.rn.BasicStatus()

@@ -446,7 +446,13 @@ type CopysetStatus struct {
 	// Whether this replica is receiving a snapshot right now.
 	InstallingSnapshot bool `protobuf:"varint,15,opt,name=installing_snapshot,json=installingSnapshot,proto3" json:"installing_snapshot,omitempty"`
 	// Number of chunks held by the replica.
-	ChunkCount    uint64 `protobuf:"varint,16,opt,name=chunk_count,json=chunkCount,proto3" json:"chunk_count,omitempty"`
+	ChunkCount uint64 `protobuf:"varint,16,opt,name=chunk_count,json=chunkCount,proto3" json:"chunk_count,omitempty"`
+	// Set when the replica stopped serving because its storage failed (a
+	// failed fdatasync that rewriting from the log could not repair, apply
+	// errors that persist, a failed write-ahead log): why. A broken replica
+	// votes, acknowledges and serves nothing; it must be removed from the
+	// copyset and rebuilt from its peers.
+	Broken        string `protobuf:"bytes,17,opt,name=broken,proto3" json:"broken,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -593,6 +599,13 @@ func (x *CopysetStatus) GetChunkCount() uint64 {
 	return 0
 }
 
+func (x *CopysetStatus) GetBroken() string {
+	if x != nil {
+		return x.Broken
+	}
+	return ""
+}
+
 // GetCopysetStatusRequest asks about copysets hosted by the receiving
 // chunkserver; an empty list means all of them.
 type GetCopysetStatusRequest struct {
@@ -713,7 +726,7 @@ const file_copysetpb_copyset_proto_rawDesc = "" +
 	"\alearner\x18\x05 \x01(\bR\alearner\"p\n" +
 	"\x11PendingConfChange\x124\n" +
 	"\x04kind\x18\x01 \x01(\x0e2 .cairn.copyset.v1.ConfChangeKindR\x04kind\x12%\n" +
-	"\x0echunkserver_id\x18\x02 \x01(\x04R\rchunkserverId\"\xac\x05\n" +
+	"\x0echunkserver_id\x18\x02 \x01(\x04R\rchunkserverId\"\xc4\x05\n" +
 	"\rCopysetStatus\x125\n" +
 	"\acopyset\x18\x01 \x01(\v2\x1b.cairn.common.v1.CopysetRefR\acopyset\x12%\n" +
 	"\x0echunkserver_id\x18\x02 \x01(\x04R\rchunkserverId\x12*\n" +
@@ -733,7 +746,8 @@ const file_copysetpb_copyset_proto_rawDesc = "" +
 	"\apending\x18\x0e \x01(\v2#.cairn.copyset.v1.PendingConfChangeR\apending\x12/\n" +
 	"\x13installing_snapshot\x18\x0f \x01(\bR\x12installingSnapshot\x12\x1f\n" +
 	"\vchunk_count\x18\x10 \x01(\x04R\n" +
-	"chunkCount\"R\n" +
+	"chunkCount\x12\x16\n" +
+	"\x06broken\x18\x11 \x01(\tR\x06broken\"R\n" +
 	"\x17GetCopysetStatusRequest\x127\n" +
 	"\bcopysets\x18\x01 \x03(\v2\x1b.cairn.common.v1.CopysetRefR\bcopysets\"\x8e\x01\n" +
 	"\x18GetCopysetStatusResponse\x12;\n" +

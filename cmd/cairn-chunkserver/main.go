@@ -103,10 +103,16 @@ func run(args []string) error {
 	if err != nil {
 		return err
 	}
-	<-ctx.Done()
-	logger.Info("shutting down")
-	s.Stop()
-	return nil
+	select {
+	case <-ctx.Done():
+		logger.Info("shutting down")
+		s.Stop()
+		return nil
+	case ferr := <-s.Failed():
+		logger.Error("storage failed; exiting so that a restart recovers from the durable log", "err", ferr)
+		s.Stop()
+		return fmt.Errorf("storage failed: %w", ferr)
+	}
 }
 
 func envOr(k, def string) string {

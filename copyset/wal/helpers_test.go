@@ -36,8 +36,8 @@ func FuzzDecodeRecord(f *testing.F) {
 			_, _ = decodeEntries(rec.payload)
 		case recHardState:
 			_, _ = decodeHardState(rec.payload)
-		case recSnapshot:
-			_, _ = decodeSnapshot(rec.payload)
+		case recSnapshot, recSnapshotEpoch:
+			_, _ = decodeSnapshot(rec.typ, rec.payload)
 		}
 	})
 }

@@ -16,6 +16,13 @@ const (
 	recHardState  byte = 2 // payload: term u64, vote u64, commit u64
 	recSnapshot   byte = 3 // the group's log now starts after a snapshot; payload: index u64, term u64, conf state (protobuf)
 	recEndSegment byte = 4 // the segment is complete; the log continues in the next one
+	// recForget: the group's earlier records are obsolete (its copyset was
+	// removed; a copyset created later with the same id starts afresh). No
+	// payload.
+	recForget byte = 5
+	// recSnapshotEpoch supersedes recSnapshot (still read): payload index
+	// u64, term u64, configuration epoch u64, conf state (protobuf).
+	recSnapshotEpoch byte = 6
 )
 
 const (
@@ -195,6 +202,7 @@ func decodeHardState(p []byte) (*raftpb.HardState, error) {
 func appendSnapshotPayload(buf []byte, s *SnapshotMark) ([]byte, error) {
 	buf = binary.LittleEndian.AppendUint64(buf, s.Index)
 	buf = binary.LittleEndian.AppendUint64(buf, s.Term)
+	buf = binary.LittleEndian.AppendUint64(buf, s.ConfEpoch)
 	cs, err := proto.Marshal(s.ConfState)
 	if err != nil {
 		return nil, fmt.Errorf("wal: encode conf state: %w", err)
@@ -202,12 +210,22 @@ func appendSnapshotPayload(buf []byte, s *SnapshotMark) ([]byte, error) {
 	return append(buf, cs...), nil
 }
 
-func decodeSnapshot(p []byte) (*SnapshotMark, error) {
-	if len(p) < 16 {
+// decodeSnapshot decodes a snapshot record of type recSnapshot (written
+// before configuration epochs were recorded: ConfEpoch reads 0) or
+// recSnapshotEpoch.
+func decodeSnapshot(typ byte, p []byte) (*SnapshotMark, error) {
+	fixed := 24
+	if typ == recSnapshot {
+		fixed = 16
+	}
+	if len(p) < fixed {
 		return nil, fmt.Errorf("%w: short snapshot record", ErrCorrupt)
 	}
 	s := &SnapshotMark{Index: binary.LittleEndian.Uint64(p), Term: binary.LittleEndian.Uint64(p[8:]), ConfState: &raftpb.ConfState{}}
-	if err := proto.Unmarshal(p[16:], s.ConfState); err != nil {
+	if typ == recSnapshotEpoch {
+		s.ConfEpoch = binary.LittleEndian.Uint64(p[16:])
+	}
+	if err := proto.Unmarshal(p[fixed:], s.ConfState); err != nil {
 		return nil, fmt.Errorf("%w: snapshot conf state: %v", ErrCorrupt, err)
 	}
 	return s, nil

@@ -150,3 +150,75 @@ func (w *WAL) recycle() {
 func hardStateEqual(a, b *raftpb.HardState) bool {
 	return a.GetTerm() == b.GetTerm() && a.GetVote() == b.GetVote() && a.GetCommit() == b.GetCommit()
 }
+
+// recordKind says what a durable record means for the recycling index.
+type recordKind uint8
+
+const (
+	kindEntries   recordKind = iota + 1 // entries first..last
+	kindHardState                       // a hard state
+	kindSnapshot                        // the log restarts after a snapshot at last
+	kindForget                          // every earlier record of the group is obsolete
+)
+
+// segUpdate is what one durable record changes in the recycling index.
+type segUpdate struct {
+	seg         *segment
+	group       uint64
+	kind        recordKind
+	first, last uint64
+	hs          *raftpb.HardState
+}
+
+// noteLocked records a durable record in the recycling index, in log order.
+// Records that a later record makes obsolete stop pinning their segments:
+// entries replaced by a truncating append, everything before a snapshot
+// mark, everything before a forget record. w.mu held (or recovery running
+// alone).
+func (w *WAL) noteLocked(u segUpdate) {
+	g := u.group
+	if u.kind == kindForget {
+		for _, s := range w.mu.segs {
+			delete(s.groups, g)
+		}
+		delete(w.mu.ckpt, g)
+		delete(w.mu.lastHS, g)
+		delete(w.mu.ckptHS, g)
+		delete(w.mu.lastIdx, g)
+		return
+	}
+	sg := u.seg.groups[g]
+	if sg == nil {
+		sg = &segGroup{}
+		u.seg.groups[g] = sg
+	}
+	switch u.kind {
+	case kindEntries:
+		if last, ok := w.mu.lastIdx[g]; ok && u.first <= last {
+			w.supersedeLocked(g, u.first)
+		}
+		sg.maxIndex = max(sg.maxIndex, u.last)
+		w.mu.lastIdx[g] = u.last
+	case kindSnapshot:
+		w.supersedeLocked(g, 1)
+		sg.maxIndex = max(sg.maxIndex, u.last)
+		w.mu.lastIdx[g] = u.last
+	case kindHardState:
+		sg.hs = true
+		var prev *raftpb.HardState
+		if li := w.mu.lastHS[g]; li != nil {
+			prev = li.hs
+		}
+		w.mu.lastHS[g] = &hsInfo{hs: MergeHardState(prev, u.hs), seq: u.seg.seq}
+	}
+}
+
+// supersedeLocked records that the group's logged entries from index from
+// on were replaced: they no longer pin any segment.
+func (w *WAL) supersedeLocked(g, from uint64) {
+	for _, s := range w.mu.segs {
+		if sg := s.groups[g]; sg != nil && sg.maxIndex >= from {
+			sg.maxIndex = from - 1
+		}
+	}
+}

@@ -30,13 +30,19 @@ type SnapshotMark struct {
 	Index     uint64
 	Term      uint64
 	ConfState *raftpb.ConfState
+	// ConfEpoch is the copyset's configuration epoch at Index (0 when read
+	// from a record written before it was kept).
+	ConfEpoch uint64
 }
 
 // Append is one group's submission: entries to append (replacing any logged
 // entries at or above the first one's index), a new hard state, and/or a
 // snapshot mark written before the entries.
 type Append struct {
-	Group     uint64
+	Group uint64
+	// Forget, written first, makes every earlier record of the group
+	// obsolete (see WAL.Forget).
+	Forget    bool
 	Snapshot  *SnapshotMark
 	Entries   []*raftpb.Entry
 	HardState *raftpb.HardState
@@ -122,9 +128,9 @@ type WAL struct {
 		queue   []request
 		closed  bool
 		crashed bool
-		keep    float64           // fraction of an unsynced batch a crash leaves behind
-		ckpt    map[uint64]uint64 // checkpointed index per group
-		forgot  map[uint64]bool
+		keep    float64                      // fraction of an unsynced batch a crash leaves behind
+		ckpt    map[uint64]uint64            // checkpointed index per group
+		lastIdx map[uint64]uint64            // last durable entry (or snapshot) index per group
 		segs    []*segment                   // oldest first; the last is current
 		lastHS  map[uint64]*hsInfo           // latest durable hard state per group
 		ckptHS  map[uint64]*raftpb.HardState // hard state recorded by each group's checkpoint
@@ -171,7 +177,7 @@ func Open(opts Options) (*WAL, map[uint64]*GroupLog, error) {
 		w.opts.MaxBatchBytes = int(w.fileSize / 2)
 	}
 	w.mu.ckpt = make(map[uint64]uint64)
-	w.mu.forgot = make(map[uint64]bool)
+	w.mu.lastIdx = make(map[uint64]uint64)
 	w.mu.lastHS = make(map[uint64]*hsInfo)
 	w.mu.ckptHS = make(map[uint64]*raftpb.HardState)
 	w.spareCond = sync.NewCond(&w.spareMu)
@@ -237,9 +243,6 @@ func (w *WAL) hsCoveredLocked(g uint64, seg *segment) bool {
 // segmentDoneLocked reports whether nothing in seg is needed any more.
 func (w *WAL) segmentDoneLocked(seg *segment) bool {
 	for g, sg := range seg.groups {
-		if w.mu.forgot[g] {
-			continue
-		}
 		if sg.maxIndex > w.mu.ckpt[g] || (sg.hs && !w.hsCoveredLocked(g, seg)) {
 			return false
 		}
@@ -257,7 +260,7 @@ func (w *WAL) PinningGroups(n int) []uint64 {
 	for i := 0; i < n && i < len(w.mu.segs)-1; i++ {
 		seg := w.mu.segs[i]
 		for g, sg := range seg.groups {
-			if seen[g] || w.mu.forgot[g] {
+			if seen[g] {
 				continue
 			}
 			if sg.maxIndex > w.mu.ckpt[g] || (sg.hs && !w.hsCoveredLocked(g, seg)) {
@@ -270,16 +273,22 @@ func (w *WAL) PinningGroups(n int) []uint64 {
 	return out
 }
 
-// Forget drops a group (its copyset was removed): its records no longer keep
-// segments alive and its hard state is no longer carried forward.
-func (w *WAL) Forget(group uint64) {
-	w.mu.Lock()
-	w.mu.forgot[group] = true
-	delete(w.mu.ckpt, group)
-	delete(w.mu.lastHS, group)
-	delete(w.mu.ckptHS, group)
-	w.mu.Unlock()
-	w.kick()
+// Forget durably drops groups whose copysets were removed: a record written
+// to the log makes every earlier record of each group obsolete, at once and
+// at recovery, so they no longer keep segments alive, their hard states are
+// no longer carried forward, and a copyset created later with the same id
+// starts with an empty log. It returns once the record is durable.
+func (w *WAL) Forget(groups ...uint64) error {
+	errs := make(chan error, len(groups))
+	for _, g := range groups {
+		w.Submit(Append{Group: g, Forget: true}, func(err error) { errs <- err })
+	}
+	for range groups {
+		if err := <-errs; err != nil {
+			return fmt.Errorf("wal: forget: %w", err)
+		}
+	}
+	return nil
 }
 
 func (w *WAL) kick() {

@@ -324,7 +324,9 @@ func TestForgottenGroupDoesNotPin(t *testing.T) {
 		submitSync(t, w, Append{Group: 3, Entries: []*raftpb.Entry{ent(i, 1, payload)}, HardState: hs(1, 0, i)})
 	}
 	before := w.Stats().Segments
-	w.Forget(3)
+	if err := w.Forget(3); err != nil {
+		t.Fatal(err)
+	}
 	submitSync(t, w, Append{Group: 4, Entries: []*raftpb.Entry{ent(1, 1, "x")}})
 	w.SetCheckpoint(4, 1, nil)
 	waitFor(t, func() bool { return w.Stats().Segments < before }, "segments of a forgotten group recycled")

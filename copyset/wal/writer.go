@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"time"
 
-	"go.etcd.io/raft/v3/raftpb"
 	"golang.org/x/sys/unix"
 )
 
@@ -85,8 +84,11 @@ func (w *WAL) commit(batch []request) bool {
 
 func requestSize(a Append) int {
 	n := 0
+	if a.Forget {
+		n += recordHeaderSize
+	}
 	if a.Snapshot != nil {
-		n += recordHeaderSize + 64
+		n += recordHeaderSize + 72
 	}
 	if len(a.Entries) > 0 {
 		n += recordHeaderSize + entriesPayloadSize(a.Entries)
@@ -97,19 +99,80 @@ func requestSize(a Append) int {
 	return n
 }
 
-// pending is one segment's share of a group commit.
-type pending struct {
-	seg *segment
-	off int64
-	buf []byte
+// batchWriter writes one group commit: records go into a buffer for the
+// current segment, and the buffer is written and fdatasynced whenever a
+// segment is finished (so a segment is durable, end record included, before
+// the next one's header is written) or the buffer would exceed the torn
+// window (so an interrupted write never spans more than that). Recovery
+// relies on both.
+type batchWriter struct {
+	w       *WAL
+	seg     *segment
+	off     int64 // where buf goes in seg
+	buf     []byte
+	updates []segUpdate
+	written int
+	synced  time.Duration
+	closed  []*segment // segments finished by this batch
 }
 
-// segUpdate is index bookkeeping applied once a batch is durable.
-type segUpdate struct {
-	seg      *segment
-	group    uint64
-	maxIndex uint64
-	hs       *raftpb.HardState
+func (b *batchWriter) fits(n int) bool {
+	// Always leave room for the end-of-segment record.
+	return b.off+int64(len(b.buf))+int64(recordHeaderSize+n+recordHeaderSize) <= b.w.fileSize
+}
+
+// flush writes and syncs the buffer.
+func (b *batchWriter) flush() error {
+	if len(b.buf) == 0 {
+		return nil
+	}
+	seg := b.seg
+	if _, err := seg.f.WriteAt(b.buf, b.off); err != nil {
+		return fmt.Errorf("wal: write segment %016x: %w", seg.seq, err)
+	}
+	if b.w.crashedMidWrite(seg, b.off, len(b.buf)) {
+		return ErrClosed
+	}
+	start := time.Now()
+	if err := unix.Fdatasync(int(seg.f.Fd())); err != nil {
+		return fmt.Errorf("wal: sync segment %016x: %w", seg.seq, err)
+	}
+	b.synced += time.Since(start)
+	b.off += int64(len(b.buf))
+	b.written += len(b.buf)
+	seg.writeOff, seg.syncedOff = b.off, b.off
+	b.buf = b.buf[:0]
+	return nil
+}
+
+// emit adds one record, finishing the segment first when it does not fit.
+func (b *batchWriter) emit(typ byte, group uint64, payload []byte, u segUpdate) error {
+	if !b.fits(len(payload)) {
+		b.buf = appendRecord(b.buf, b.seg.seq, recEndSegment, 0, nil)
+		if err := b.flush(); err != nil {
+			return err
+		}
+		b.closed = append(b.closed, b.seg)
+		next, err := b.w.rollover()
+		if err != nil {
+			return err
+		}
+		b.seg, b.off = next, 0
+		b.buf = append(b.buf[:0], make([]byte, headerBlockSize)...)
+		encodeSegmentHeader(b.buf, next.seq)
+		if !b.fits(len(payload)) {
+			return fmt.Errorf("wal: record of %d bytes does not fit in a segment of %d", len(payload), b.w.fileSize)
+		}
+	}
+	if int64(len(b.buf)+recordHeaderSize+len(payload)) > b.w.tornWindow() {
+		if err := b.flush(); err != nil {
+			return err
+		}
+	}
+	b.buf = appendRecord(b.buf, b.seg.seq, typ, group, payload)
+	u.seg, u.group = b.seg, group
+	b.updates = append(b.updates, u)
+	return nil
 }
 
 func (w *WAL) writeBatch(batch []request) error {
@@ -117,47 +180,27 @@ func (w *WAL) writeBatch(batch []request) error {
 	if err != nil {
 		return err
 	}
-	var parts []pending
-	part := &pending{seg: cur, off: cur.writeOff, buf: w.buf[:0]}
+	b := &batchWriter{w: w, seg: cur, off: cur.writeOff, buf: w.buf[:0]}
 	if cur.writeOff == 0 {
-		part.buf = append(part.buf, make([]byte, headerBlockSize)...)
-		encodeSegmentHeader(part.buf, cur.seq)
+		b.buf = append(b.buf, make([]byte, headerBlockSize)...)
+		encodeSegmentHeader(b.buf, cur.seq)
 	}
-	var updates []segUpdate
 	entries := 0
-	fits := func(n int) bool {
-		// Always leave room for the end-of-segment record.
-		return part.off+int64(len(part.buf))+int64(recordHeaderSize+n+recordHeaderSize) <= w.fileSize
-	}
-	emit := func(typ byte, group uint64, payload []byte, u segUpdate) error {
-		if !fits(len(payload)) {
-			part.buf = appendRecord(part.buf, part.seg.seq, recEndSegment, 0, nil)
-			parts = append(parts, *part)
-			next, err := w.rollover()
-			if err != nil {
-				return err
-			}
-			part = &pending{seg: next, buf: make([]byte, headerBlockSize, headerBlockSize+len(payload)+2*recordHeaderSize)}
-			encodeSegmentHeader(part.buf, next.seq)
-			if !fits(len(payload)) {
-				return fmt.Errorf("wal: record of %d bytes does not fit in a segment of %d", len(payload), w.fileSize)
-			}
-		}
-		part.buf = appendRecord(part.buf, part.seg.seq, typ, group, payload)
-		u.seg, u.group = part.seg, group
-		updates = append(updates, u)
-		return nil
-	}
 	var scratch []byte
 	limit := int(w.fileSize/4) - recordHeaderSize
 	for _, r := range batch {
 		a := r.a
+		if a.Forget {
+			if err := b.emit(recForget, a.Group, nil, segUpdate{kind: kindForget}); err != nil {
+				return err
+			}
+		}
 		if a.Snapshot != nil {
 			p, err := appendSnapshotPayload(scratch[:0], a.Snapshot)
 			if err != nil {
 				return err
 			}
-			if err := emit(recSnapshot, a.Group, p, segUpdate{maxIndex: a.Snapshot.Index}); err != nil {
+			if err := b.emit(recSnapshotEpoch, a.Group, p, segUpdate{kind: kindSnapshot, last: a.Snapshot.Index}); err != nil {
 				return err
 			}
 			scratch = p
@@ -174,7 +217,8 @@ func (w *WAL) writeBatch(batch []request) error {
 				k++
 			}
 			p := appendEntriesPayload(scratch[:0], ents[:k])
-			if err := emit(recEntries, a.Group, p, segUpdate{maxIndex: ents[k-1].GetIndex()}); err != nil {
+			u := segUpdate{kind: kindEntries, first: ents[0].GetIndex(), last: ents[k-1].GetIndex()}
+			if err := b.emit(recEntries, a.Group, p, u); err != nil {
 				return err
 			}
 			scratch = p
@@ -183,78 +227,47 @@ func (w *WAL) writeBatch(batch []request) error {
 		}
 		if a.HardState != nil {
 			p := appendHardStatePayload(scratch[:0], a.HardState)
-			if err := emit(recHardState, a.Group, p, segUpdate{hs: a.HardState}); err != nil {
+			if err := b.emit(recHardState, a.Group, p, segUpdate{kind: kindHardState, hs: a.HardState}); err != nil {
 				return err
 			}
 			scratch = p
 		}
 	}
-	parts = append(parts, *part)
-	w.buf = part.buf[:0]
-
-	written := 0
-	for _, p := range parts {
-		if _, err := p.seg.f.WriteAt(p.buf, p.off); err != nil {
-			return fmt.Errorf("wal: write segment %016x: %w", p.seg.seq, err)
-		}
-		p.seg.writeOff = p.off + int64(len(p.buf))
-		written += len(p.buf)
+	if err := b.flush(); err != nil {
+		return err
 	}
-	w.mu.Lock()
-	crashed, keep := w.mu.crashed, w.mu.keep
-	w.mu.Unlock()
-	if crashed {
-		// Power lost between the write and the sync: keep a torn prefix.
-		tear := int64(float64(written) * keep)
-		for _, p := range parts {
-			n := int64(len(p.buf))
-			if tear >= n {
-				tear -= n
-				continue
-			}
-			_, _ = p.seg.f.WriteAt(make([]byte, n-tear), p.off+tear)
-			_ = unix.Fdatasync(int(p.seg.f.Fd()))
-			tear = 0
-		}
-		return ErrClosed
-	}
-	start := time.Now()
-	for _, p := range parts {
-		if err := unix.Fdatasync(int(p.seg.f.Fd())); err != nil {
-			return fmt.Errorf("wal: sync segment %016x: %w", p.seg.seq, err)
-		}
-		p.seg.syncedOff = p.seg.writeOff
-	}
-	elapsed := time.Since(start)
+	w.buf = b.buf[:0]
 
 	w.mu.Lock()
-	for _, u := range updates {
-		sg := u.seg.groups[u.group]
-		if sg == nil {
-			sg = &segGroup{}
-			u.seg.groups[u.group] = sg
-		}
-		sg.maxIndex = max(sg.maxIndex, u.maxIndex)
-		if u.hs != nil {
-			sg.hs = true
-			if !w.mu.forgot[u.group] {
-				var prev *raftpb.HardState
-				if li := w.mu.lastHS[u.group]; li != nil {
-					prev = li.hs
-				}
-				w.mu.lastHS[u.group] = &hsInfo{hs: MergeHardState(prev, u.hs), seq: u.seg.seq}
-			}
-		}
+	for _, u := range b.updates {
+		w.noteLocked(u)
 	}
-	for _, p := range parts[:len(parts)-1] {
+	for _, seg := range b.closed {
 		// Finished segments are reopened by recovery; free their files.
-		p.seg.closed = true
-		p.seg.f.Close()
-		p.seg.f = nil
+		seg.closed = true
+		seg.f.Close()
+		seg.f = nil
 	}
 	w.mu.Unlock()
 	if w.opts.OnSync != nil {
-		w.opts.OnSync(SyncInfo{Duration: elapsed, Entries: entries, Groups: len(batch), Bytes: written})
+		w.opts.OnSync(SyncInfo{Duration: b.synced, Entries: entries, Groups: len(batch), Bytes: b.written})
 	}
 	return nil
+}
+
+// crashedMidWrite implements SimulateCrash for a write that just went out
+// unsynced: when the WAL was crashed, it keeps the first keep fraction of
+// the n bytes at off, zeroes the rest as a lost page cache would, and
+// reports true.
+func (w *WAL) crashedMidWrite(seg *segment, off int64, n int) bool {
+	w.mu.Lock()
+	crashed, keep := w.mu.crashed, w.mu.keep
+	w.mu.Unlock()
+	if !crashed {
+		return false
+	}
+	tear := int64(float64(n) * keep)
+	_, _ = seg.f.WriteAt(make([]byte, int64(n)-tear), off+tear)
+	_ = unix.Fdatasync(int(seg.f.Fd()))
+	return true
 }

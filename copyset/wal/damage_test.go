@@ -1,0 +1,257 @@
+package wal
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"go.etcd.io/raft/v3/raftpb"
+)
+
+// fillSegments writes n entries of group g (payload bytes each) and returns
+// them; small segments make the log span several.
+func fillSegments(t *testing.T, w *WAL, g uint64, from, n uint64, payload int) []*raftpb.Entry {
+	t.Helper()
+	var out []*raftpb.Entry
+	for i := from; i < from+n; i++ {
+		e := ent(i, 1, fmt.Sprintf("%d-%s", i, bytes.Repeat([]byte("d"), payload)))
+		submitSync(t, w, Append{Group: g, Entries: []*raftpb.Entry{e}, HardState: hs(1, 1, i)})
+		out = append(out, e)
+	}
+	return out
+}
+
+func segmentFiles(t *testing.T, dir string) []string {
+	t.Helper()
+	m, err := filepath.Glob(filepath.Join(dir, "0*.wal"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// flipByte flips one byte at off of a file.
+func flipByte(t *testing.T, path string, off int64) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	b := []byte{0}
+	if _, err := f.ReadAt(b, off); err != nil {
+		t.Fatal(err)
+	}
+	b[0] ^= 0x40
+	if _, err := f.WriteAt(b, off); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestCorruptMiddleSegmentIsErrCorrupt flips one byte of an acknowledged
+// record in the first of several segments: recovery must refuse the log, not
+// end it there and recycle every later segment.
+func TestCorruptMiddleSegmentIsErrCorrupt(t *testing.T) {
+	dir := t.TempDir()
+	src := &zeroSource{size: 64 << 10}
+	w, _ := openWAL(t, dir, src)
+	fillSegments(t, w, 1, 1, 60, 4000)
+	w.Close()
+	segs := segmentFiles(t, dir)
+	if len(segs) < 4 {
+		t.Fatalf("only %d segments", len(segs))
+	}
+	flipByte(t, segs[0], headerBlockSize+recordHeaderSize+100)
+	_, _, err := Open(Options{Dir: dir, Source: src})
+	if !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("open with a damaged first segment: err = %v, want ErrCorrupt", err)
+	}
+	if got := len(segmentFiles(t, dir)); got != len(segs) {
+		t.Fatalf("recovery removed segments of a damaged log: %d left of %d", got, len(segs))
+	}
+}
+
+// TestMissingMiddleSegmentIsErrCorrupt removes a segment between others.
+func TestMissingMiddleSegmentIsErrCorrupt(t *testing.T) {
+	dir := t.TempDir()
+	src := &zeroSource{size: 64 << 10}
+	w, _ := openWAL(t, dir, src)
+	fillSegments(t, w, 1, 1, 60, 4000)
+	w.Close()
+	segs := segmentFiles(t, dir)
+	if err := os.Remove(segs[1]); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := Open(Options{Dir: dir, Source: src}); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("open with a missing segment: err = %v, want ErrCorrupt", err)
+	}
+}
+
+// TestCorruptCompleteRecordInLastSegmentIsErrCorrupt damages a record of
+// the last segment whose every sector is on disk: that is not a torn write.
+func TestCorruptCompleteRecordInLastSegmentIsErrCorrupt(t *testing.T) {
+	for _, which := range []string{"first", "last"} {
+		t.Run(which, func(t *testing.T) {
+			dir := t.TempDir()
+			src := &zeroSource{size: 1 << 20}
+			w, _ := openWAL(t, dir, src)
+			var offs []int64
+			off := int64(headerBlockSize)
+			for i := uint64(1); i <= 40; i++ {
+				e := ent(i, 1, string(bytes.Repeat([]byte{byte('a' + i%26)}, 3000)))
+				submitSync(t, w, Append{Group: 1, Entries: []*raftpb.Entry{e}})
+				offs = append(offs, off)
+				off += int64(recordHeaderSize + entriesPayloadSize([]*raftpb.Entry{e}))
+			}
+			w.Close()
+			segs := segmentFiles(t, dir)
+			if len(segs) != 1 {
+				t.Fatalf("%d segments", len(segs))
+			}
+			target := offs[0]
+			if which == "last" {
+				target = offs[len(offs)-1]
+			}
+			flipByte(t, segs[0], target+recordHeaderSize+50)
+			if _, _, err := Open(Options{Dir: dir, Source: src}); !errors.Is(err, ErrCorrupt) {
+				t.Fatalf("open: err = %v, want ErrCorrupt", err)
+			}
+		})
+	}
+}
+
+// TestTornLastRecordIsCut zeroes one sector in the middle of the last
+// record, as a power cut during its write leaves it: the record was never
+// acknowledged and recovery cuts it.
+func TestTornLastRecordIsCut(t *testing.T) {
+	dir := t.TempDir()
+	src := &zeroSource{size: 1 << 20}
+	w, _ := openWAL(t, dir, src)
+	a := ent(1, 1, string(bytes.Repeat([]byte("a"), 3000)))
+	b := ent(2, 1, string(bytes.Repeat([]byte("b"), 3000)))
+	submitSync(t, w, Append{Group: 1, Entries: []*raftpb.Entry{a}})
+	submitSync(t, w, Append{Group: 1, Entries: []*raftpb.Entry{b}})
+	w.Close()
+	bOff := int64(headerBlockSize + recordHeaderSize + entriesPayloadSize([]*raftpb.Entry{a}))
+	sector := (bOff/sectorSize + 2) * sectorSize
+	f, err := os.OpenFile(segmentFiles(t, dir)[0], os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(make([]byte, sectorSize), sector); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	w, logs := openWAL(t, dir, src)
+	defer w.Close()
+	checkEntries(t, logs[1], []*raftpb.Entry{a})
+}
+
+// TestForgetThenRecreate forgets a group and starts it again: the old
+// records are gone after a restart, and the new records pin their
+// segments like any others.
+func TestForgetThenRecreate(t *testing.T) {
+	dir := t.TempDir()
+	src := &zeroSource{size: 32 << 10}
+	w, _ := openWAL(t, dir, src)
+	fillSegments(t, w, 5, 1, 30, 2000)
+	if err := w.Forget(5); err != nil {
+		t.Fatal(err)
+	}
+	// The copyset is created again: a snapshot at 1, then new entries.
+	cs := &raftpb.ConfState{Voters: []uint64{1, 2, 3}}
+	fresh := []*raftpb.Entry{ent(2, 1, "new-2"), ent(3, 1, "new-3")}
+	submitSync(t, w, Append{Group: 5, Snapshot: &SnapshotMark{Index: 1, Term: 1, ConfState: cs}, Entries: fresh, HardState: hs(1, 1, 3)})
+	// Another group fills and checkpoints many segments; the new group's
+	// records must keep theirs.
+	fillSegments(t, w, 6, 1, 80, 2000)
+	w.SetCheckpoint(6, 80, hs(1, 1, 80))
+	submitSync(t, w, Append{Group: 6, HardState: hs(1, 1, 80)})
+	w.Close()
+	w, logs := openWAL(t, dir, src)
+	defer w.Close()
+	gl := logs[5]
+	if gl == nil || gl.Snapshot == nil || gl.Snapshot.Index != 1 {
+		t.Fatalf("recreated group's snapshot mark lost: %+v", gl)
+	}
+	checkEntries(t, gl, fresh)
+}
+
+// TestForgottenRecordsDoNotComeBack forgets a group whose records are still
+// in the log and restarts: recovery must not hand them back.
+func TestForgottenRecordsDoNotComeBack(t *testing.T) {
+	dir := t.TempDir()
+	src := &zeroSource{size: 1 << 20}
+	w, _ := openWAL(t, dir, src)
+	fillSegments(t, w, 5, 1, 10, 100)
+	if err := w.Forget(5); err != nil {
+		t.Fatal(err)
+	}
+	w.Close()
+	w, logs := openWAL(t, dir, src)
+	defer w.Close()
+	if gl := logs[5]; gl != nil {
+		t.Fatalf("forgotten group recovered with %d entries", len(gl.Entries))
+	}
+}
+
+// TestOverwrittenEntriesDoNotPin logs a long tail that a new leader then
+// overwrites from a low index: once the group checkpoints past the new
+// entries, the segments holding only the overwritten tail are recycled.
+func TestOverwrittenEntriesDoNotPin(t *testing.T) {
+	dir := t.TempDir()
+	src := &zeroSource{size: 32 << 10}
+	w, _ := openWAL(t, dir, src)
+	defer w.Close()
+	fillSegments(t, w, 1, 1, 200, 1000)
+	held := w.Stats().Segments
+	if held < 6 {
+		t.Fatalf("only %d segments", held)
+	}
+	// A new leader overwrites from index 6.
+	var repl []*raftpb.Entry
+	for i := uint64(6); i <= 10; i++ {
+		repl = append(repl, ent(i, 2, "r"))
+	}
+	submitSync(t, w, Append{Group: 1, Entries: repl, HardState: hs(2, 2, 10)})
+	w.SetCheckpoint(1, 10, hs(2, 2, 10))
+	submitSync(t, w, Append{Group: 2, Entries: []*raftpb.Entry{ent(1, 1, "kick")}})
+	w.SetCheckpoint(2, 1, nil)
+	waitFor(t, func() bool { return w.Stats().Segments <= 2 }, "segments holding only overwritten entries recycled")
+}
+
+// TestSnapshotMarkReleasesOlderEntries: after a snapshot mark, entries
+// before it no longer pin segments.
+func TestSnapshotMarkReleasesOlderEntries(t *testing.T) {
+	dir := t.TempDir()
+	src := &zeroSource{size: 32 << 10}
+	w, _ := openWAL(t, dir, src)
+	defer w.Close()
+	fillSegments(t, w, 1, 1, 100, 1000)
+	cs := &raftpb.ConfState{Voters: []uint64{1, 2, 3}}
+	submitSync(t, w, Append{Group: 1, Snapshot: &SnapshotMark{Index: 50, Term: 1, ConfState: cs, ConfEpoch: 7}, HardState: hs(3, 2, 50)})
+	w.SetCheckpoint(1, 50, hs(3, 2, 50))
+	submitSync(t, w, Append{Group: 2, Entries: []*raftpb.Entry{ent(1, 1, "kick")}})
+	w.SetCheckpoint(2, 1, nil)
+	waitFor(t, func() bool { return w.Stats().Segments <= 2 }, "segments older than the snapshot mark recycled")
+}
+
+// TestSnapshotMarkKeepsConfEpoch: the configuration epoch recorded with a
+// snapshot mark comes back at recovery.
+func TestSnapshotMarkKeepsConfEpoch(t *testing.T) {
+	dir := t.TempDir()
+	src := &zeroSource{size: 1 << 20}
+	w, _ := openWAL(t, dir, src)
+	cs := &raftpb.ConfState{Voters: []uint64{1, 2, 4}}
+	submitSync(t, w, Append{Group: 3, Snapshot: &SnapshotMark{Index: 40, Term: 2, ConfState: cs, ConfEpoch: 33}})
+	w.Close()
+	w, logs := openWAL(t, dir, src)
+	defer w.Close()
+	s := logs[3].Snapshot
+	if s == nil || s.Index != 40 || s.ConfEpoch != 33 || len(s.ConfState.GetVoters()) != 3 {
+		t.Fatalf("snapshot mark %+v", s)
+	}
+}
