@@ -190,7 +190,7 @@ func TestLinearizableUnderFaults(t *testing.T) {
 		for ctx.Err() == nil {
 			victim := uint64(rng.Intn(3) + 1)
 			hold := time.Duration(500+rng.Intn(1500)) * time.Millisecond
-			switch rng.Intn(4) {
+			switch rng.Intn(5) {
 			case 0:
 				t.Logf("%v: isolate %d for %v", time.Since(start).Round(time.Millisecond), victim, hold)
 				faults.Isolate(victim)
@@ -206,6 +206,15 @@ func TestLinearizableUnderFaults(t *testing.T) {
 				t.Logf("%v: restart %d, down %v", time.Since(start).Round(time.Millisecond), victim, hold)
 				tc.stop(victim, false, 0)
 				sleepCtx(ctx, hold)
+				tc.start(victim)
+			case 4:
+				// A restart shorter than a leader's read lease: the
+				// replica must not help elect a new leader while the old
+				// one may still serve reads under its lease.
+				quick := time.Duration(rng.Intn(300)) * time.Millisecond
+				t.Logf("%v: bounce %d (crash, back after %v)", time.Since(start).Round(time.Millisecond), victim, quick)
+				tc.stop(victim, true, rng.Float64())
+				sleepCtx(ctx, quick)
 				tc.start(victim)
 			case 3:
 				other := victim%3 + 1
