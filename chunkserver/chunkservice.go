@@ -34,13 +34,20 @@ func refuse(st chunkpb.Status, format string, args ...any) *reqError {
 	return &reqError{status: st, msg: fmt.Sprintf(format, args...)}
 }
 
-// admit takes an in-flight slot, or refuses with OVERLOAD at once.
-func (s *Server) admit() (release func(), e *reqError) {
-	if n := s.inflight.Add(1); n > int64(s.cfg.MaxInflight) {
-		s.inflight.Add(-1)
-		return nil, refuse(chunkpb.Status_STATUS_OVERLOAD, "%d requests in flight (limit %d)", n-1, s.cfg.MaxInflight)
+// admit takes an in-flight slot, waiting for one while MaxInflight requests
+// are served (back-pressure); it refuses with OVERLOAD only when the
+// request's deadline passes first.
+func (s *Server) admit(ctx context.Context) (release func(), e *reqError) {
+	wctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
+	defer cancel()
+	if err := s.slots.Acquire(wctx, 1); err != nil {
+		return nil, refuse(chunkpb.Status_STATUS_OVERLOAD, "chunkserver %d: waited for one of %d request slots: %v", s.id.ChunkServerID, s.cfg.MaxInflight, err)
 	}
-	return func() { s.inflight.Add(-1) }, nil
+	s.inflight.Add(1)
+	return func() {
+		s.inflight.Add(-1)
+		s.slots.Release(1)
+	}, nil
 }
 
 // lookup finds the copyset a request names.
@@ -107,8 +114,8 @@ func (s *Server) fromCopysetErr(c *copyset.Copyset, err error) *reqError {
 		return s.notLeader(c)
 	case errors.Is(err, datastore.ErrChunkNotExist):
 		return refuse(chunkpb.Status_STATUS_CHUNK_NOTEXIST, "chunk does not exist")
-	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, copyset.ErrProposalLost),
-		errors.Is(err, copyset.ErrReadTimeout), errors.Is(err, copyset.ErrStopped):
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled), errors.Is(err, copyset.ErrProposalLost),
+		errors.Is(err, copyset.ErrReadTimeout), errors.Is(err, copyset.ErrStopped), errors.Is(err, copyset.ErrBroken):
 		return refuse(chunkpb.Status_STATUS_UNAVAILABLE, "copyset %s: %v", c.ID(), err)
 	case errors.Is(err, copyset.ErrTooLarge), errors.Is(err, datastore.ErrInvalidRange):
 		return refuse(chunkpb.Status_STATUS_INVALID_REQUEST, "%v", err)
@@ -148,7 +155,7 @@ func (cs *chunkService) WriteChunk(ctx context.Context, req *chunkpb.WriteChunkR
 }
 
 func (s *Server) writeChunk(ctx context.Context, req *chunkpb.WriteChunkRequest) (uint64, *reqError) {
-	release, e := s.admit()
+	release, e := s.admit(ctx)
 	if e != nil {
 		return 0, e
 	}
@@ -169,14 +176,14 @@ func (s *Server) writeChunk(ctx context.Context, req *chunkpb.WriteChunkRequest)
 	if !chunkExists(c, req.GetChunkId()) && !s.hasRoomForNewChunk() {
 		return 0, refuse(chunkpb.Status_STATUS_NOSPACE, "no chunk file left for a new chunk on chunkserver %d", s.id.ChunkServerID)
 	}
+	wctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
+	defer cancel()
 	p, e := s.propose(c, req.GetVolumeId(), req.GetEpoch(), func() (*copyset.Proposal, error) {
-		return c.ProposeWrite(req.GetChunkId(), req.GetVolumeId(), req.GetEpoch(), int64(req.GetOffset()), req.GetData())
+		return c.ProposeWrite(wctx, req.GetChunkId(), req.GetVolumeId(), req.GetEpoch(), int64(req.GetOffset()), req.GetData())
 	})
 	if e != nil {
 		return 0, e
 	}
-	wctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
-	defer cancel()
 	idx, err := p.Wait(wctx)
 	if err != nil {
 		return 0, s.fromCopysetErr(c, err)
@@ -216,7 +223,7 @@ func (cs *chunkService) ReadChunk(ctx context.Context, req *chunkpb.ReadChunkReq
 }
 
 func (s *Server) readChunk(ctx context.Context, req *chunkpb.ReadChunkRequest) ([]byte, *reqError) {
-	release, e := s.admit()
+	release, e := s.admit(ctx)
 	if e != nil {
 		return nil, e
 	}
@@ -261,7 +268,7 @@ func (cs *chunkService) DeleteChunk(ctx context.Context, req *chunkpb.DeleteChun
 }
 
 func (s *Server) deleteChunk(ctx context.Context, req *chunkpb.DeleteChunkRequest) *reqError {
-	release, e := s.admit()
+	release, e := s.admit(ctx)
 	if e != nil {
 		return e
 	}
@@ -273,14 +280,14 @@ func (s *Server) deleteChunk(ctx context.Context, req *chunkpb.DeleteChunkReques
 	if !c.IsLeader() {
 		return s.notLeader(c)
 	}
+	wctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
+	defer cancel()
 	p, e := s.propose(c, req.GetVolumeId(), req.GetEpoch(), func() (*copyset.Proposal, error) {
-		return c.ProposeDelete(req.GetChunkId(), req.GetVolumeId(), req.GetEpoch())
+		return c.ProposeDelete(wctx, req.GetChunkId(), req.GetVolumeId(), req.GetEpoch())
 	})
 	if e != nil {
 		return e
 	}
-	wctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
-	defer cancel()
 	if _, err := p.Wait(wctx); err != nil {
 		return s.fromCopysetErr(c, err)
 	}

@@ -67,6 +67,17 @@ func (m *metrics) register(s *Server) {
 		gauge("cairn_chunkserver_pool_format_percent", "How far the chunk file pool's formatting has come.", func() float64 { return float64(s.pool.Stats().FormatPercent) }),
 		gauge("cairn_chunkserver_wal_segments", "Segments held by the shared WAL.", func() float64 { return float64(s.engine.WALStats().Segments) }),
 		gauge("cairn_chunkserver_requests_inflight", "Chunk requests in flight.", func() float64 { return float64(s.inflight.Load()) }),
+		gauge("cairn_chunkserver_proposal_bytes_inflight", "Bytes of proposals led here that are admitted and not yet applied or failed (bounded by --max-inflight-bytes).", func() float64 { return float64(s.engine.InflightBytes()) }),
+		gauge("cairn_chunkserver_raft_log_memory_bytes", "Bytes of Raft log entries all copysets hold in memory (kept under --max-log-memory).", func() float64 { return float64(s.engine.LogBytes()) }),
+		gauge("cairn_chunkserver_broken_copysets", "Replicas stopped because their storage failed; they must be rebuilt from their peers.", func() float64 {
+			n := 0
+			for _, c := range s.engine.List() {
+				if c.Broken() != nil {
+					n++
+				}
+			}
+			return float64(n)
+		}),
 		counter("cairn_chunkserver_raft_messages_sent_total", "Raft messages sent (heartbeats excluded).", func() float64 { return float64(s.engine.TransportStats().MessagesSent) }),
 		counter("cairn_chunkserver_raft_messages_received_total", "Raft messages received (heartbeats excluded).", func() float64 { return float64(s.engine.TransportStats().MessagesReceived) }),
 		counter("cairn_chunkserver_raft_heartbeats_sent_total", "Coalesced Raft heartbeats sent.", func() float64 { return float64(s.engine.TransportStats().HeartbeatsSent) }),

@@ -15,6 +15,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/sync/semaphore"
 	"google.golang.org/grpc"
 
 	"cairn.io/cairn/api/chunkpb"
@@ -62,15 +63,22 @@ type Config struct {
 	// MaxIOSize caps a request's payload (default 4 MiB, and never more
 	// than the copysets accept: a quarter of a chunk file).
 	MaxIOSize int64
-	// MaxInflight caps chunk requests in flight; beyond it requests get
-	// OVERLOAD at once (default 512).
+	// MaxInflight caps chunk requests served at once (default 512); more
+	// wait for a slot. Each client connection has at most MaxStreams
+	// requests in the chunkserver (default 128): beyond it the client's
+	// HTTP/2 layer waits, so request bodies never pile up here.
 	MaxInflight int
+	MaxStreams  uint32
 	// RequestTimeout bounds a write's wait for its quorum (default 5s).
 	RequestTimeout time.Duration
 	// SpaceReserveChunks: writes that need a new chunk are refused with
 	// NOSPACE when fewer clean pool files than this remain and the pool
 	// cannot grow (default 8; they are kept for the WAL).
 	SpaceReserveChunks int
+
+	// Memory of the copysets (defaults from package copyset): proposal
+	// bytes in flight and Raft log entries held in memory.
+	MaxInflightBytes, MaxLogBytes int64
 
 	// Raft tuning (defaults from package copyset).
 	TickInterval        time.Duration
@@ -125,6 +133,9 @@ func (c *Config) setDefaults() error {
 	if c.MaxInflight == 0 {
 		c.MaxInflight = 512
 	}
+	if c.MaxStreams == 0 {
+		c.MaxStreams = 128
+	}
 	if c.RequestTimeout == 0 {
 		c.RequestTimeout = 5 * time.Second
 	}
@@ -163,6 +174,7 @@ type Server struct {
 	m       *metrics
 
 	inflight  atomic.Int64
+	slots     *semaphore.Weighted // MaxInflight request slots
 	hbEvery   time.Duration
 	opsMu     sync.Mutex
 	opsActive map[copyset.GroupID]bool
@@ -190,6 +202,7 @@ func New(cfg Config) (*Server, error) {
 		stop:      make(chan struct{}),
 		opsActive: map[copyset.GroupID]bool{},
 		failed:    make(chan error, 1),
+		slots:     semaphore.NewWeighted(int64(cfg.MaxInflight)),
 	}, nil
 }
 
@@ -251,6 +264,8 @@ func (s *Server) Start(ctx context.Context) (err error) {
 		TickInterval:        s.cfg.TickInterval,
 		ElectionTicks:       s.cfg.ElectionTicks,
 		SnapshotBytesPerSec: s.cfg.SnapshotBytesPerSec,
+		MaxInflightBytes:    s.cfg.MaxInflightBytes,
+		MaxLogBytes:         s.cfg.MaxLogBytes,
 		OnWALSync:           s.m.observeWALSync,
 		OnStorageFailure: func(err error) {
 			select {
@@ -268,7 +283,8 @@ func (s *Server) Start(ctx context.Context) (err error) {
 		s.cfg.MaxIOSize = lim
 	}
 
-	s.grpc = grpc.NewServer(grpc.MaxRecvMsgSize(int(s.cfg.MaxIOSize)+(1<<20)), grpc.MaxSendMsgSize(int(s.cfg.MaxIOSize)+(1<<20)))
+	s.grpc = grpc.NewServer(grpc.MaxRecvMsgSize(int(s.cfg.MaxIOSize)+(1<<20)), grpc.MaxSendMsgSize(int(s.cfg.MaxIOSize)+(1<<20)),
+		grpc.MaxConcurrentStreams(s.cfg.MaxStreams))
 	chunkpb.RegisterChunkServiceServer(s.grpc, &chunkService{s: s})
 	copysetpb.RegisterCopysetServiceServer(s.grpc, &copysetService{s: s})
 	s.engine.RegisterGRPC(s.grpc)

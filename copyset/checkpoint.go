@@ -40,38 +40,87 @@ func (c *Copyset) compact(idx uint64, cs *raftpb.ConfState, epoch uint64) {
 	if idx == 0 || cs == nil {
 		return
 	}
-	if _, err := c.storage.CreateSnapshot(idx, cs, nil); err != nil {
-		if !errors.Is(err, raft.ErrSnapOutOfDate) {
-			c.log.Warn("record log snapshot", "index", idx, "err", err)
-		}
+	if _, err := c.storage.CreateSnapshot(idx, cs, nil); err != nil && !errors.Is(err, raft.ErrSnapOutOfDate) {
+		// Out of date means the log's snapshot is already at or past idx:
+		// compacting up to idx is still right.
+		c.log.Warn("record log snapshot", "index", idx, "err", err)
 		return
 	}
 	c.snapConfEpoch.Store(epoch)
-	upTo := idx
-	if upTo > c.e.cfg.RetainEntries {
-		upTo -= c.e.cfg.RetainEntries
-	} else {
+	pressure := c.pressure.Swap(false)
+	first, _ := c.storage.FirstIndex()
+	if idx < first {
 		return
 	}
-	for _, s := range c.snapSending {
-		// Keep what a follower receiving a snapshot will need next.
-		upTo = min(upTo, s)
+	applied, err := c.storage.Entries(first, idx+1, math.MaxUint64)
+	if err != nil {
+		return
 	}
-	if c.isLeader.Load() {
+	// bytesFrom is the size of the entries from lo to idx.
+	bytesFrom := func(lo uint64) uint64 {
+		var n uint64
+		for i := len(applied) - 1; i >= 0 && applied[i].GetIndex() >= lo; i-- {
+			n += entryBytes(applied[i])
+		}
+		return n
+	}
+	// Compact(upTo) keeps the entries after upTo. Keep RetainBytes of the
+	// newest applied entries.
+	upTo := idx
+	for kept := uint64(0); upTo >= first; upTo-- {
+		kept += entryBytes(applied[upTo-first])
+		if kept > c.e.cfg.RetainBytes {
+			break
+		}
+	}
+	if pressure {
+		// Memory is short: keep nothing Raft can do without.
+		upTo = idx
+	}
+	lag := c.e.cfg.MaxFollowerLagBytes
+	// keepFrom keeps the entries from next on, if they are not too many.
+	keepFrom := func(next uint64) {
+		if next <= upTo && bytesFrom(next) <= lag {
+			upTo = next - 1
+		}
+	}
+	for _, s := range c.snapSending {
+		// Keep what a follower receiving a snapshot will need next, or it
+		// would need another snapshot once this one is in.
+		keepFrom(s + 1)
+	}
+	if c.isLeader.Load() && !pressure {
 		// Keep what active followers have not replicated yet, as long as
 		// they are not too far behind: a follower that just installed a
 		// snapshot then catches up from the log instead of needing another.
 		c.rn.WithProgress(func(id uint64, _ raft.ProgressType, pr tracker.Progress) {
-			if id != c.e.cfg.NodeID && pr.RecentActive && pr.Match+1 < upTo && idx-pr.Match <= c.e.cfg.MaxFollowerLag {
-				upTo = max(pr.Match+1, 1)
+			if id != c.e.cfg.NodeID && pr.RecentActive {
+				keepFrom(pr.Match + 1)
 			}
 		})
 	}
-	if first, _ := c.storage.FirstIndex(); upTo > first {
-		if err := c.storage.Compact(upTo); err != nil && !errors.Is(err, raft.ErrCompacted) {
+	if upTo < first {
+		return // everything held is kept
+	}
+	// Compact(upTo) drops every entry up to upTo, that one included.
+	freed := -int64(bytesFrom(first) - bytesFrom(upTo+1))
+	if err := c.storage.Compact(upTo); err != nil {
+		if !errors.Is(err, raft.ErrCompacted) {
 			c.log.Warn("compact log", "index", upTo, "err", err)
 		}
+		return
 	}
+	c.addLog(freed)
+}
+
+// entryBytes approximates the memory an entry holds.
+func entryBytes(e *raftpb.Entry) uint64 { return uint64(len(e.GetData())) + 48 }
+
+// addLog accounts for entries added to (delta > 0) or dropped from the
+// in-memory log; Raft worker only (and open).
+func (c *Copyset) addLog(delta int64) {
+	c.memLog.Add(delta)
+	c.e.logBytes.Add(delta)
 }
 
 func (c *Copyset) finalCheckpoint() error {

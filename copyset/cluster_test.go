@@ -101,7 +101,7 @@ func (tc *testCluster) start(id uint64) *testNode {
 		TickInterval:    20 * time.Millisecond,
 		ElectionTicks:   10,
 		CheckpointBytes: 256 << 10,
-		RetainEntries:   64,
+		RetainBytes:     256 << 10,
 		Logger:          tc.log.With("node", id),
 	}
 	if tc.tune != nil {

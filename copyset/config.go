@@ -54,15 +54,37 @@ type Config struct {
 	TickInterval                  time.Duration
 	ElectionTicks, HeartbeatTicks int
 	// A copyset checkpoints after CheckpointBytes of applied commands
-	// (default 4 MiB) or CheckpointInterval (default 30s), keeping
-	// RetainEntries entries (default 256) for slow followers.
+	// (default 4 MiB) or CheckpointInterval (default 30s).
 	CheckpointBytes    uint64
 	CheckpointInterval time.Duration
-	RetainEntries      uint64
-	// MaxFollowerLag: the leader keeps log entries an active follower still
-	// needs while it is at most this many entries behind (default 4096);
-	// one further behind is brought back by a snapshot.
-	MaxFollowerLag uint64
+
+	// Memory. Every byte a chunkserver holds for Raft is bounded:
+	//
+	// MaxInflightBytes bounds the proposals this chunkserver leads that are
+	// not yet applied or failed (default 64 MiB); a proposal waits for room
+	// (back-pressure) rather than fail. Raft's own caps per copyset
+	// (uncommitted entries, appends in flight to each follower) follow from
+	// it and from MaxAppendBytes.
+	MaxInflightBytes int64
+	// MaxAppendBytes bounds the bytes of appends a leader has in flight to
+	// one follower of one copyset (default 4 MiB).
+	MaxAppendBytes uint64
+	// After a checkpoint a copyset keeps RetainBytes of applied entries
+	// (default 512 KiB) for followers slightly behind, and what an active
+	// follower still needs while it is at most MaxFollowerLagBytes behind
+	// (default 8 MiB); a follower further behind is brought back by a
+	// snapshot.
+	RetainBytes         uint64
+	MaxFollowerLagBytes uint64
+	// MaxLogBytes bounds the entries all copysets hold in memory together
+	// (default 128 MiB): beyond it the copysets holding the most checkpoint
+	// and keep only what Raft cannot do without.
+	MaxLogBytes int64
+	// QueueBytes bounds the Raft messages queued for one peer lane in the
+	// transport (default 16 MiB); beyond it messages are dropped and Raft
+	// resends them.
+	QueueBytes int
+
 	// MaxWALSegments: beyond it, the copysets pinning the oldest segment
 	// are asked to checkpoint (default 16).
 	MaxWALSegments int
@@ -128,11 +150,23 @@ func (cfg *Config) validate() error {
 	if cfg.CheckpointInterval <= 0 {
 		cfg.CheckpointInterval = 30 * time.Second
 	}
-	if cfg.RetainEntries == 0 {
-		cfg.RetainEntries = 256
+	if cfg.MaxInflightBytes <= 0 {
+		cfg.MaxInflightBytes = 64 << 20
 	}
-	if cfg.MaxFollowerLag == 0 {
-		cfg.MaxFollowerLag = 4096
+	if cfg.MaxAppendBytes == 0 {
+		cfg.MaxAppendBytes = 4 << 20
+	}
+	if cfg.RetainBytes == 0 {
+		cfg.RetainBytes = 512 << 10
+	}
+	if cfg.MaxFollowerLagBytes == 0 {
+		cfg.MaxFollowerLagBytes = 8 << 20
+	}
+	if cfg.MaxLogBytes <= 0 {
+		cfg.MaxLogBytes = 128 << 20
+	}
+	if cfg.QueueBytes <= 0 {
+		cfg.QueueBytes = 16 << 20
 	}
 	if cfg.MaxWALSegments <= 0 {
 		cfg.MaxWALSegments = 16

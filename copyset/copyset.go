@@ -72,6 +72,8 @@ type Copyset struct {
 	installing    atomic.Bool
 	installEpoch  atomic.Uint64 // conf epoch of the snapshot being installed
 	applyErrs     atomic.Uint64
+	memLog        atomic.Int64 // bytes of entries in storage (see addLog)
+	pressure      atomic.Bool  // the engine is short of log memory: compact hard
 
 	// Apply side.
 	amu        sync.Mutex // guards applyQ, asched, applyRetry
@@ -226,6 +228,11 @@ func (e *Engine) open(id GroupID, dir string, gl *wal.GroupLog) (*Copyset, error
 		if err := c.storage.Append(ents); err != nil {
 			return fail(fmt.Errorf("restore entries: %w", err))
 		}
+		var n int64
+		for _, en := range ents {
+			n += int64(entryBytes(en))
+		}
+		c.addLog(n)
 	}
 	last, _ := c.storage.LastIndex()
 	commit := min(max(hs.GetCommit(), base.Index), last)
@@ -242,16 +249,19 @@ func (e *Engine) open(id GroupID, dir string, gl *wal.GroupLog) (*Copyset, error
 	c.applied.Store(base.Index)
 	c.confEpoch.Store(confEpoch)
 	rn, err := raft.NewRawNode(&raft.Config{
-		ID:                        e.cfg.NodeID,
-		ElectionTick:              e.cfg.ElectionTicks,
-		HeartbeatTick:             e.cfg.HeartbeatTicks,
-		Storage:                   c.storage,
-		Applied:                   base.Index,
-		AsyncStorageWrites:        true,
-		MaxSizePerMsg:             1 << 20,
-		MaxCommittedSizePerReady:  8 << 20,
-		MaxUncommittedEntriesSize: 64 << 20,
+		ID:                       e.cfg.NodeID,
+		ElectionTick:             e.cfg.ElectionTicks,
+		HeartbeatTick:            e.cfg.HeartbeatTicks,
+		Storage:                  c.storage,
+		Applied:                  base.Index,
+		AsyncStorageWrites:       true,
+		MaxSizePerMsg:            1 << 20,
+		MaxCommittedSizePerReady: 8 << 20,
+		// Proposals wait for the engine's budget before they reach Raft,
+		// so this cap is never what drops one.
+		MaxUncommittedEntriesSize: 2 * uint64(e.cfg.MaxInflightBytes),
 		MaxInflightMsgs:           256,
+		MaxInflightBytes:          e.cfg.MaxAppendBytes,
 		CheckQuorum:               true,
 		PreVote:                   true,
 		ReadOnlyOption:            raft.ReadOnlySafe,

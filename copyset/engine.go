@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"go.etcd.io/raft/v3/raftpb"
+	"golang.org/x/sync/semaphore"
 	"google.golang.org/grpc"
 
 	"cairn.io/cairn/api/transportpb"
@@ -44,6 +45,9 @@ type Engine struct {
 	raftQ, applyQ *workQueue
 	limiter       *rateLimiter
 	snapSem       chan struct{}
+	budget        *semaphore.Weighted // proposal bytes in flight (MaxInflightBytes)
+	inflight      atomic.Int64        // bytes of the budget taken
+	logBytes      atomic.Int64        // entry bytes held by every copyset's in-memory log
 
 	idBase  uint64
 	nextID  atomic.Uint64
@@ -70,6 +74,7 @@ func NewEngine(cfg Config) (*Engine, error) {
 		applyQ:  newWorkQueue(),
 		limiter: newRateLimiter(cfg.SnapshotBytesPerSec),
 		snapSem: make(chan struct{}, 4),
+		budget:  semaphore.NewWeighted(cfg.MaxInflightBytes),
 		idBase:  uint64(time.Now().UnixNano()),
 		stopped: make(chan struct{}),
 	}
@@ -90,11 +95,12 @@ func NewEngine(cfg Config) (*Engine, error) {
 		e.wal, logs = w, l
 	}
 	e.transport = transport.New(transport.Config{
-		NodeID:   cfg.NodeID,
-		Resolver: cfg.Resolver,
-		Handler:  e,
-		Faults:   cfg.Faults,
-		Logger:   cfg.Logger,
+		NodeID:     cfg.NodeID,
+		Resolver:   cfg.Resolver,
+		Handler:    e,
+		Faults:     cfg.Faults,
+		QueueBytes: cfg.QueueBytes,
+		Logger:     cfg.Logger,
 		OnUnreachable: func(to uint64, groups []uint64) {
 			for _, g := range groups {
 				if c := e.get(GroupID(g)); c != nil {
@@ -300,6 +306,7 @@ func (e *Engine) Remove(id GroupID) error {
 		return fmt.Errorf("%w: %s", ErrNotFound, id)
 	}
 	c.stop()
+	e.logBytes.Add(-c.memLog.Load())
 	if err := c.store.Close(); err != nil {
 		e.log.Warn("closing removed copyset's store", "copyset", id, "err", err)
 	}
@@ -443,6 +450,30 @@ func (e *Engine) HandleSnapshot(ctx context.Context, header *transportpb.Snapsho
 
 func (e *Engine) newProposalID() uint64 { return e.idBase + e.nextID.Add(1) }
 
+// reserve waits until n more bytes of proposals fit the engine's budget
+// (MaxInflightBytes) and returns the function that gives them back. A
+// proposal larger than the whole budget waits for it to be empty.
+func (e *Engine) reserve(ctx context.Context, n int64) (release func(), err error) {
+	n = min(n, e.cfg.MaxInflightBytes)
+	if err := e.budget.Acquire(ctx, n); err != nil {
+		return nil, err
+	}
+	e.inflight.Add(n)
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			e.inflight.Add(-n)
+			e.budget.Release(n)
+		})
+	}, nil
+}
+
+// InflightBytes reports the bytes of proposals admitted and not yet settled.
+func (e *Engine) InflightBytes() int64 { return e.inflight.Load() }
+
+// LogBytes reports the bytes of entries the copysets hold in memory.
+func (e *Engine) LogBytes() int64 { return e.logBytes.Load() }
+
 // now is the engine's clock (TestingKnobs.Now in tests).
 func (e *Engine) now() time.Time { return e.cfg.TestingKnobs.Now() }
 
@@ -507,6 +538,28 @@ func (e *Engine) housekeeping() {
 	}
 	for _, c := range e.List() {
 		c.maybeTimedCheckpoint()
+	}
+	e.relieveLogPressure()
+}
+
+// relieveLogPressure keeps the entries held in memory under MaxLogBytes:
+// when they exceed it, the copysets holding the most checkpoint and then
+// keep only what Raft cannot do without (see compact), until what they
+// hold covers the excess. Called by housekeeping, it must not block.
+func (e *Engine) relieveLogPressure() {
+	excess := e.logBytes.Load() - e.cfg.MaxLogBytes/2
+	if e.logBytes.Load() <= e.cfg.MaxLogBytes || excess <= 0 {
+		return
+	}
+	cs := e.List()
+	sort.Slice(cs, func(i, j int) bool { return cs[i].memLog.Load() > cs[j].memLog.Load() })
+	for _, c := range cs {
+		if excess <= 0 {
+			break
+		}
+		excess -= c.memLog.Load()
+		c.pressure.Store(true)
+		c.requestCheckpoint()
 	}
 }
 

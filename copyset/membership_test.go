@@ -119,7 +119,7 @@ func (tc *testCluster) voters(id GroupID) []uint64 {
 func TestMembershipUnderLoad(t *testing.T) {
 	tc := newTestCluster(t, 4, 64, func(c *Config) {
 		c.CheckpointBytes = 128 << 10 // compact early: the new replica needs a snapshot
-		c.RetainEntries = 16
+		c.RetainBytes = 64 << 10
 		c.SnapshotBytesPerSec = 8 << 20
 	})
 	id := MakeGroupID(4, 1)
@@ -195,7 +195,7 @@ func TestMembershipUnderLoad(t *testing.T) {
 func TestRestartedReplicaCatchesUpBySnapshot(t *testing.T) {
 	tc := newTestCluster(t, 3, 48, func(c *Config) {
 		c.CheckpointBytes = 64 << 10
-		c.RetainEntries = 8
+		c.RetainBytes = 32 << 10
 	})
 	id := MakeGroupID(5, 1)
 	tc.create([]GroupID{id}, []uint64{1, 2, 3})

@@ -12,20 +12,24 @@ import (
 // Proposal is a write or delete handed to the copyset. Wait returns once it
 // is applied (durable on a quorum and applied on this replica) or failed.
 type Proposal struct {
-	id    uint64
-	data  []byte
-	done  chan struct{}
-	index uint64 // log index, once known (Raft worker)
-	term  uint64
-	once  sync.Once
-	res   uint64
-	err   error
+	id      uint64
+	data    []byte
+	done    chan struct{}
+	index   uint64 // log index, once known (Raft worker)
+	term    uint64
+	once    sync.Once
+	res     uint64
+	err     error
+	release func() // gives its bytes back to the engine's budget
 }
 
 func (p *Proposal) finish(index uint64, err error) {
 	p.once.Do(func() {
 		p.res, p.err = index, err
 		close(p.done)
+		if p.release != nil {
+			p.release()
+		}
 	})
 }
 
@@ -41,61 +45,80 @@ func (p *Proposal) Wait(ctx context.Context) (appliedIndex uint64, err error) {
 }
 
 // ProposeWrite hands a chunk write to the copyset's log. The caller checked
-// the request; the copyset refuses only when it does not lead. The data is
-// copied.
-func (c *Copyset) ProposeWrite(chunk, volume, epoch uint64, off int64, data []byte) (*Proposal, error) {
+// the request; the copyset refuses when it does not lead. The data is copied.
+//
+// It waits while the chunkserver's proposals in flight hold their byte
+// budget (Config.MaxInflightBytes): back-pressure, not an error. It never
+// queues a proposal for a caller that gave up: if ctx has ended by the time
+// the proposal would enter the copyset's queue, it returns ctx's error and
+// nothing is proposed. Once it returned, the proposal is ordered before
+// anything proposed to the copyset afterwards.
+func (c *Copyset) ProposeWrite(ctx context.Context, chunk, volume, epoch uint64, off int64, data []byte) (*Proposal, error) {
 	if int64(len(data)) > c.e.MaxWriteSize() {
 		return nil, fmt.Errorf("%w: %d bytes (limit %d)", ErrTooLarge, len(data), c.e.MaxWriteSize())
 	}
-	return c.proposeCommand(&command{op: opWrite, chunk: chunk, volume: volume, epoch: epoch, offset: uint64(off), data: data})
+	return c.proposeCommand(ctx, &command{op: opWrite, chunk: chunk, volume: volume, epoch: epoch, offset: uint64(off), data: data})
 }
 
-// ProposeDelete hands a chunk delete to the copyset's log.
-func (c *Copyset) ProposeDelete(chunk, volume, epoch uint64) (*Proposal, error) {
-	return c.proposeCommand(&command{op: opDelete, chunk: chunk, volume: volume, epoch: epoch})
+// ProposeDelete hands a chunk delete to the copyset's log, as ProposeWrite.
+func (c *Copyset) ProposeDelete(ctx context.Context, chunk, volume, epoch uint64) (*Proposal, error) {
+	return c.proposeCommand(ctx, &command{op: opDelete, chunk: chunk, volume: volume, epoch: epoch})
 }
 
 // Write proposes a chunk write and waits for it to be applied.
 func (c *Copyset) Write(ctx context.Context, chunk, volume, epoch uint64, off int64, data []byte) (uint64, error) {
-	p, err := c.ProposeWrite(chunk, volume, epoch, off, data)
+	p, err := c.ProposeWrite(ctx, chunk, volume, epoch, off, data)
 	if err != nil {
 		return 0, err
 	}
-	return c.waitProposal(ctx, p)
+	return p.Wait(ctx)
 }
 
 // Delete proposes a chunk delete and waits for it to be applied.
 func (c *Copyset) Delete(ctx context.Context, chunk, volume, epoch uint64) (uint64, error) {
-	p, err := c.ProposeDelete(chunk, volume, epoch)
+	p, err := c.ProposeDelete(ctx, chunk, volume, epoch)
 	if err != nil {
 		return 0, err
 	}
-	return c.waitProposal(ctx, p)
+	return p.Wait(ctx)
 }
 
-func (c *Copyset) waitProposal(ctx context.Context, p *Proposal) (uint64, error) {
-	idx, err := p.Wait(ctx)
-	if err != nil && ctx.Err() != nil {
-		c.wmu.Lock()
-		delete(c.waiters, p.id)
-		c.wmu.Unlock()
-	}
-	return idx, err
-}
+// proposalOverhead is what a proposal costs beyond its data: entry, message
+// and bookkeeping, counted in the budget so that small writes are bounded
+// too.
+const proposalOverhead = 256
 
-func (c *Copyset) proposeCommand(cmd *command) (*Proposal, error) {
+func (c *Copyset) proposeCommand(ctx context.Context, cmd *command) (*Proposal, error) {
 	if !c.isLeader.Load() {
 		return nil, &NotLeaderError{Leader: c.leader.Load()}
 	}
 	cmd.proposer = c.e.cfg.NodeID
 	cmd.id = c.e.newProposalID()
-	p := &Proposal{id: cmd.id, data: cmd.encode(), done: make(chan struct{})}
+	data := cmd.encode()
+	release, err := c.e.reserve(ctx, int64(len(data))+proposalOverhead)
+	if err != nil {
+		return nil, err
+	}
+	p := &Proposal{id: cmd.id, data: data, done: make(chan struct{}), release: release}
 	c.wmu.Lock()
 	c.waiters[p.id] = p
 	c.wmu.Unlock()
-	if !c.enqueue(func(in *inbox) { in.props = append(in.props, p) }) {
+	var cerr error
+	queued := c.enqueue(func(in *inbox) {
+		// Checked under the inbox lock: a caller that gave up before its
+		// proposal is queued never has it proposed, and one queued after
+		// it returned comes later in the log.
+		if cerr = ctx.Err(); cerr == nil {
+			in.props = append(in.props, p)
+		}
+	})
+	switch {
+	case !queued:
 		c.dropWaiter(p, ErrStopped)
 		return nil, ErrStopped
+	case cerr != nil:
+		c.dropWaiter(p, cerr)
+		return nil, cerr
 	}
 	return p, nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"time"
 
 	"go.etcd.io/raft/v3"
@@ -234,14 +235,34 @@ func (c *Copyset) finishAppend(a appendDone) {
 		if err := c.storage.ApplySnapshot(s); err != nil && !errors.Is(err, raft.ErrSnapOutOfDate) {
 			c.log.Error("apply snapshot to log storage", "err", err)
 			return
+		} else if err == nil {
+			c.addLog(-c.memLog.Load())
 		}
 		c.pushApply(applyItem{snap: s})
 	}
-	if len(m.GetEntries()) > 0 {
-		if err := c.storage.Append(m.GetEntries()); err != nil {
+	if ents := m.GetEntries(); len(ents) > 0 {
+		// Entries at or after the first new one are replaced.
+		var replaced int64
+		if last, _ := c.storage.LastIndex(); ents[0].GetIndex() <= last {
+			lo, _ := c.storage.FirstIndex()
+			if old, err := c.storage.Entries(max(ents[0].GetIndex(), lo), last+1, math.MaxUint64); err == nil {
+				for _, en := range old {
+					replaced += int64(entryBytes(en))
+				}
+			}
+		}
+		first, _ := c.storage.FirstIndex()
+		if err := c.storage.Append(ents); err != nil {
 			c.log.Error("append to log storage", "err", err)
 			return
 		}
+		added := -replaced
+		for _, en := range ents {
+			if en.GetIndex() >= first { // older ones were compacted away and are not kept
+				added += int64(entryBytes(en))
+			}
+		}
+		c.addLog(added)
 	}
 	if m.Term != nil {
 		t, v, cm := m.GetTerm(), m.GetVote(), m.GetCommit()

@@ -16,6 +16,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strings"
 	"syscall"
 	"time"
@@ -55,6 +56,9 @@ func run(args []string) error {
 		chunkSize    units.Bytes
 		formatRate   units.Bytes
 		snapRate     units.Bytes
+		memLimit     units.Bytes
+		inflight     units.Bytes
+		logMem       units.Bytes
 		trashExpiry  = fs.Duration("trash-expiry", 24*time.Hour, "how long a removed copyset stays in the trash")
 	)
 	fs.Var(&poolSize, "pool-size", "chunk file pool formatted at start (default 1GiB)")
@@ -63,6 +67,9 @@ func run(args []string) error {
 	fs.Var(&chunkSize, "chunk-size", "chunk size when formatting a new pool (default: the cluster's, from the MDS)")
 	fs.Var(&formatRate, "format-rate", "formatting throughput per second (default unlimited)")
 	fs.Var(&snapRate, "snapshot-rate", "snapshot send throughput per second (default unlimited)")
+	fs.Var(&memLimit, "memory-limit", "soft memory limit of the Go runtime: the garbage collector works harder near it (default 768MiB; env GOMEMLIMIT wins)")
+	fs.Var(&inflight, "max-inflight-bytes", "bytes of proposals this chunkserver leads that may be in flight; more wait (default 64MiB)")
+	fs.Var(&logMem, "max-log-memory", "bytes of Raft log entries all copysets may hold in memory (default 128MiB)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -79,6 +86,13 @@ func run(args []string) error {
 	if *dataDir == "" {
 		return errors.New("--data-dir is required")
 	}
+	if os.Getenv("GOMEMLIMIT") == "" {
+		limit := int64(memLimit)
+		if limit == 0 {
+			limit = 768 << 20
+		}
+		debug.SetMemoryLimit(limit)
+	}
 	if *zone == "" {
 		return errors.New("--zone is required: name the failure domain of this chunkserver")
 	}
@@ -88,8 +102,9 @@ func run(args []string) error {
 		ChunkSize:        int64(chunkSize),
 		PoolInitialBytes: int64(poolSize), PoolMaxBytes: int64(poolMax), PoolReserveBytes: int64(poolReserve),
 		FormatBytesPerSec: int64(formatRate), SnapshotBytesPerSec: int64(snapRate),
-		TrashExpiry: *trashExpiry,
-		Logger:      logger,
+		TrashExpiry:      *trashExpiry,
+		MaxInflightBytes: int64(inflight), MaxLogBytes: int64(logMem),
+		Logger: logger,
 	}
 	s, err := chunkserver.New(cfg)
 	if err != nil {

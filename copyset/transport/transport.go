@@ -45,8 +45,12 @@ type Config struct {
 	NodeID   uint64
 	Resolver Resolver
 	Handler  Handler
-	// QueueSize bounds the messages queued per peer (default 8192).
+	// QueueSize bounds the messages queued per peer lane (default 8192).
 	QueueSize int
+	// QueueBytes bounds the bytes of the messages queued per peer lane
+	// (default 16 MiB). A message that would exceed either bound is
+	// dropped and its copyset told the peer is unreachable; Raft resends.
+	QueueBytes int
 	// MaxBatchBytes bounds the Raft message bytes sent in one stream frame
 	// (default DefaultMaxBatchBytes). A queue holding more is sent as several
 	// frames, so a burst of large appends never exceeds the receiving
@@ -131,6 +135,7 @@ type lane struct {
 
 	mu     sync.Mutex
 	queue  []outgoing
+	bytes  int // of the messages in queue
 	wake   chan struct{}
 	closed bool
 
@@ -144,6 +149,9 @@ type lane struct {
 func New(cfg Config) *Transport {
 	if cfg.QueueSize <= 0 {
 		cfg.QueueSize = 8192
+	}
+	if cfg.QueueBytes <= 0 {
+		cfg.QueueBytes = 16 << 20
 	}
 	if cfg.MaxBatchBytes <= 0 {
 		cfg.MaxBatchBytes = DefaultMaxBatchBytes
@@ -184,20 +192,31 @@ func (t *Transport) enqueue(to, group uint64, m *raftpb.Message) bool {
 		return false
 	}
 	l := p.lanes[laneOf(m)]
+	size := messageSize(m)
 	l.mu.Lock()
-	if l.closed || len(l.queue) >= t.cfg.QueueSize {
+	if l.closed || len(l.queue) >= t.cfg.QueueSize || (len(l.queue) > 0 && l.bytes+size > t.cfg.QueueBytes) {
 		l.mu.Unlock()
 		t.dropped.Add(1)
 		t.unreachable(to, []uint64{group})
 		return false
 	}
 	l.queue = append(l.queue, outgoing{group: group, m: m})
+	l.bytes += size
 	l.mu.Unlock()
 	select {
 	case l.wake <- struct{}{}:
 	default:
 	}
 	return true
+}
+
+// messageSize approximates the memory a queued message holds.
+func messageSize(m *raftpb.Message) int {
+	n := 64
+	for _, e := range m.GetEntries() {
+		n += 32 + len(e.GetData())
+	}
+	return n
 }
 
 func (t *Transport) unreachable(to uint64, groups []uint64) {
@@ -271,7 +290,7 @@ func (l *lane) run() {
 				return
 			}
 			q := l.queue
-			l.queue = nil
+			l.queue, l.bytes = nil, 0
 			l.mu.Unlock()
 			if len(q) == 0 {
 				break
