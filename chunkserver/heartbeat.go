@@ -206,8 +206,10 @@ func (s *Server) removeCopyset(ref *commonpb.CopysetRef) {
 	if err != nil {
 		return
 	}
+	// A broken replica stopped applying: its own configuration is stale, and
+	// the MDS's word that the copyset went on without it is enough.
 	cs := c.ConfState()
-	if slices.Contains(cs.GetVoters(), s.id.ChunkServerID) || slices.Contains(cs.GetLearners(), s.id.ChunkServerID) {
+	if c.Broken() == nil && (slices.Contains(cs.GetVoters(), s.id.ChunkServerID) || slices.Contains(cs.GetLearners(), s.id.ChunkServerID)) {
 		s.log.Warn("MDS asked to remove a copyset whose configuration still includes this chunkserver; keeping it", "copyset", id)
 		return
 	}

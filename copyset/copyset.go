@@ -276,6 +276,30 @@ func (e *Engine) open(id GroupID, dir string, gl *wal.GroupLog) (*Copyset, error
 	return c, nil
 }
 
+// brokenReplica stands for a replica whose durable state could not be
+// recovered (err): it holds no Raft node and serves nothing, and reports
+// err so that the copyset's peers rebuild it (see Copyset.Broken).
+func (e *Engine) brokenReplica(id GroupID, dir string, err error) *Copyset {
+	c := &Copyset{
+		e: e, id: id, dir: dir, log: e.log.With("copyset", id.String()),
+		storage: raft.NewMemoryStorage(), stopped: true, broken: err, quit: make(chan struct{}),
+		waiters: make(map[uint64]*Proposal), byIndex: make(map[uint64]*Proposal),
+	}
+	close(c.quit)
+	c.idle = sync.NewCond(&c.mu)
+	c.aidle = sync.NewCond(&c.amu)
+	c.wal = e.wal
+	if m, merr := readMeta(dir); merr == nil {
+		c.initialVoters = append([]uint64(nil), m.Voters...)
+		c.sm = smState{applied: m.Applied, appliedTerm: m.AppliedTerm, confState: m.confState(), confEpoch: m.ConfEpoch}
+		c.applied.Store(m.Applied)
+		c.confEpoch.Store(m.ConfEpoch)
+		c.term.Store(m.Term)
+	}
+	c.log.Error("copyset replica broken: it serves nothing until it is rebuilt from its peers", "err", err)
+	return c
+}
+
 // ID is the copyset's id.
 func (c *Copyset) ID() GroupID { return c.id }
 

@@ -156,7 +156,11 @@ func (e *Engine) loadAll(logs map[uint64]*wal.GroupLog) error {
 			delete(logs, uint64(id))
 		}
 		c, err := e.open(id, dir, gl)
-		if err != nil {
+		if errors.Is(err, ErrLogDamaged) || errors.Is(err, ErrMetaCorrupt) {
+			// This replica cannot be trusted; its peers can. It is kept,
+			// broken, so that it is reported and rebuilt from them.
+			c = e.brokenReplica(id, dir, fmt.Errorf("recover: %w", err))
+		} else if err != nil {
 			return fmt.Errorf("copyset: load %s: %w", id, err)
 		}
 		e.groups[id] = c
@@ -220,6 +224,14 @@ func (e *Engine) Create(id GroupID, peers []uint64) error {
 		}
 		if !self {
 			return fmt.Errorf("copyset: member list %v does not include this chunkserver (%d)", peers, e.cfg.NodeID)
+		}
+	}
+	if c := e.get(id); c != nil && len(peers) == 0 && c.Broken() != nil {
+		// A replica being rebuilt from its peers: the broken one goes to
+		// the trash and an empty one takes its place.
+		e.log.Info("replacing a broken replica with an empty one to be rebuilt from its peers", "copyset", id, "broken", c.Broken())
+		if err := e.Remove(id); err != nil {
+			return fmt.Errorf("copyset: replace broken %s: %w", id, err)
 		}
 	}
 	e.mu.Lock()
@@ -307,11 +319,15 @@ func (e *Engine) Remove(id GroupID) error {
 	}
 	c.stop()
 	e.logBytes.Add(-c.memLog.Load())
-	if err := c.store.Close(); err != nil {
-		e.log.Warn("closing removed copyset's store", "copyset", id, "err", err)
+	if c.store != nil {
+		if err := c.store.Close(); err != nil {
+			e.log.Warn("closing removed copyset's store", "copyset", id, "err", err)
+		}
 	}
-	if err := c.wal.Forget(uint64(id)); err != nil {
-		return fmt.Errorf("copyset: forget %s in the write-ahead log: %w", id, err)
+	if c.wal != nil { // nil only for a broken replica of a per-copyset WAL layout
+		if err := c.wal.Forget(uint64(id)); err != nil {
+			return fmt.Errorf("copyset: forget %s in the write-ahead log: %w", id, err)
+		}
 	}
 	if c.ownWAL != nil {
 		c.ownWAL.Close()
@@ -374,7 +390,9 @@ func (e *Engine) Close() error {
 	var firstErr error
 	for _, c := range e.List() {
 		if c.Broken() != nil {
-			c.store.Close()
+			if c.store != nil {
+				c.store.Close()
+			}
 			continue
 		}
 		if err := c.finalCheckpoint(); err != nil && firstErr == nil {
@@ -417,7 +435,9 @@ func (e *Engine) Crash(keep float64) {
 	}
 	e.shutdownWorkers()
 	for _, c := range e.List() {
-		c.store.Close()
+		if c.store != nil {
+			c.store.Close()
+		}
 	}
 }
 

@@ -142,6 +142,9 @@ func (c *Copyset) installSnapshot(ctx context.Context, header *transportpb.Snaps
 		return fmt.Errorf("%w: not a snapshot message", ErrSnapshotRefused)
 	}
 	idx := m.GetSnapshot().GetMetadata().GetIndex()
+	if err := c.Broken(); err != nil {
+		return fmt.Errorf("%w: this replica is broken (%v); it is rebuilt, not repaired", ErrSnapshotRefused, err)
+	}
 	if c.isLeader.Load() {
 		return fmt.Errorf("%w: this replica leads the copyset", ErrSnapshotRefused)
 	}

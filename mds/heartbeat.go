@@ -23,6 +23,7 @@ func (l *leaderState) heartbeat(ctx context.Context, r *mdspb.HeartbeatRequest) 
 	resp := &mdspb.HeartbeatResponse{}
 	var changed []uint64
 	var dropOps []uint64
+	var newOps []*mdspb.Operator
 	var newAddr *mdspb.ChunkServer
 
 	l.mu.Lock()
@@ -54,10 +55,16 @@ func (l *leaderState) heartbeat(ctx context.Context, r *mdspb.HeartbeatRequest) 
 			continue // not a copyset of this cluster's pools: leave it alone
 		}
 		member := slices.ContainsFunc(rec.Peers, func(p *commonpb.Peer) bool { return p.ChunkserverId == r.ChunkserverId })
+		if reason := cs.GetBroken(); reason != "" {
+			if op := l.noteBrokenLocked(key, rec, r.ChunkserverId, reason); op != nil {
+				newOps = append(newOps, op)
+			}
+		}
 		if cs.ConfEpoch < rec.ConfEpoch {
 			// An old configuration: the copyset moved on without this
-			// replica.
-			if !member {
+			// replica, unless it is one being added (it learns its
+			// configuration from the snapshot it waits for).
+			if !member && !l.joiningLocked(key, rec, r.ChunkserverId, cs) {
 				resp.RemoveCopysets = append(resp.RemoveCopysets, proto.CloneOf(cs.Copyset))
 			}
 			continue
@@ -83,9 +90,13 @@ func (l *leaderState) heartbeat(ctx context.Context, r *mdspb.HeartbeatRequest) 
 			if operatorDone(op, cs, r.ChunkserverId) {
 				delete(l.mu.operators, key)
 				dropOps = append(dropOps, key)
-			} else {
-				resp.Operators = append(resp.Operators, proto.CloneOf(op))
 			}
+		}
+		if op := l.continueRebuildLocked(key, rec, r.ChunkserverId, cs); op != nil {
+			newOps = append(newOps, op)
+		}
+		if op := l.mu.operators[key]; op != nil && leader {
+			resp.Operators = append(resp.Operators, proto.CloneOf(op))
 		}
 	}
 	behind := r.EpochTableVersion < l.mu.epochVersion
@@ -98,6 +109,9 @@ func (l *leaderState) heartbeat(ctx context.Context, r *mdspb.HeartbeatRequest) 
 		}
 	}
 	if err := l.persistCopysets(ctx, changed, dropOps); err != nil {
+		return nil, err
+	}
+	if err := l.persistOperators(ctx, newOps); err != nil {
 		return nil, err
 	}
 	if behind {

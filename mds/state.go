@@ -53,6 +53,7 @@ type leaderState struct {
 		logicalPools map[uint32]*mdspb.LogicalPool
 		copysets     map[uint64]*mdspb.Copyset // by copysetKey
 		operators    map[uint64]*mdspb.Operator
+		rebuilds     map[uint64]*rebuild // broken replicas being rebuilt, by copysetKey
 		epochVersion uint64
 		rr           map[uint32]int // next copyset index per logical pool
 		segments     int64          // allocated segments of every volume
@@ -165,6 +166,7 @@ func (l *leaderState) load(ctx context.Context) error {
 		l.mu.copysets[refKey(c.Id)] = c
 	}
 	l.mu.operators = map[uint64]*mdspb.Operator{}
+	l.mu.rebuilds = map[uint64]*rebuild{}
 	for _, o := range ops {
 		l.mu.operators[refKey(o.Copyset)] = o
 	}
