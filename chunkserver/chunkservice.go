@@ -184,18 +184,15 @@ func (s *Server) writeChunk(ctx context.Context, req *chunkpb.WriteChunkRequest)
 	return idx, nil
 }
 
-// propose checks the volume epoch and queues the proposal under the fencing
-// lock, so that an UpdateEpoch either precedes the check or follows the
-// proposal into the log.
+// propose checks the epoch lease and the volume epoch and queues the
+// proposal under the fencing lock, so that an UpdateEpoch either precedes the
+// check or follows the proposal into the log.
 func (s *Server) propose(c *copyset.Copyset, volume, epoch uint64, f func() (*copyset.Proposal, error)) (*copyset.Proposal, *reqError) {
-	s.epochs.mu.RLock()
-	defer s.epochs.mu.RUnlock()
-	if !s.epochs.synced {
-		return nil, refuse(chunkpb.Status_STATUS_UNAVAILABLE, "chunkserver %d has not synced volume epochs with the MDS since it started", s.id.ChunkServerID)
+	release, err := s.epochs.fence(volume, epoch)
+	if err != nil {
+		return nil, s.epochRefusal(err)
 	}
-	if cur, ok := s.epochs.checkLocked(volume, epoch); !ok {
-		return nil, refuse(chunkpb.Status_STATUS_EPOCH_TOO_OLD, "volume %d is at epoch %d; request carries %d: another client opened the volume for writing", volume, cur, epoch)
-	}
+	defer release()
 	p, err := f()
 	if err != nil {
 		return nil, s.fromCopysetErr(c, err)
@@ -229,12 +226,11 @@ func (s *Server) readChunk(ctx context.Context, req *chunkpb.ReadChunkRequest) (
 		return nil, e
 	}
 	if req.GetEpoch() != 0 {
-		s.epochs.mu.RLock()
-		cur, ok := s.epochs.checkLocked(req.GetVolumeId(), req.GetEpoch())
-		s.epochs.mu.RUnlock()
-		if !ok {
-			return nil, refuse(chunkpb.Status_STATUS_EPOCH_TOO_OLD, "volume %d is at epoch %d; request carries %d", req.GetVolumeId(), cur, req.GetEpoch())
+		release, err := s.epochs.fence(req.GetVolumeId(), req.GetEpoch())
+		if err != nil {
+			return nil, s.epochRefusal(err)
 		}
+		release()
 	}
 	if !c.IsLeader() {
 		return nil, s.notLeader(c)
