@@ -2,7 +2,9 @@ package mds_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -278,5 +280,16 @@ func TestSessionsExpireWithoutRefresh(t *testing.T) {
 	wantCode(t, err, codes.NotFound)
 	if _, err := c.conn.Volumes().DeleteVolume(c.ctx, &mdspb.DeleteVolumeRequest{Name: "vol0"}); err != nil {
 		t.Fatalf("delete after the writer's lease expired: %v", err)
+	}
+}
+
+func TestEpochLeaseOutsideItsBoundsIsRefused(t *testing.T) {
+	for _, lease := range []time.Duration{150 * time.Millisecond, 11 * time.Minute} {
+		cfg := testConfig(t.TempDir()) // heartbeats every 100ms
+		cfg.EpochLease = lease
+		_, err := mds.New(cfg)
+		if !errors.Is(err, mds.ErrInvalidConfig) || !strings.Contains(err.Error(), "epoch lease "+lease.String()) {
+			t.Fatalf("epoch lease %s: %v, want ErrInvalidConfig naming it", lease, err)
+		}
 	}
 }
