@@ -178,8 +178,8 @@ func (s *Server) writeChunk(ctx context.Context, req *chunkpb.WriteChunkRequest)
 	}
 	wctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
 	defer cancel()
-	p, e := s.propose(c, req.GetVolumeId(), req.GetEpoch(), func() (*copyset.Proposal, error) {
-		return c.ProposeWrite(wctx, req.GetChunkId(), req.GetVolumeId(), req.GetEpoch(), int64(req.GetOffset()), req.GetData())
+	p, e := s.propose(c, req.GetVolumeId(), req.GetEpoch(), func(fence copyset.Fence) (*copyset.Proposal, error) {
+		return c.ProposeWrite(wctx, fence, req.GetChunkId(), req.GetVolumeId(), req.GetEpoch(), int64(req.GetOffset()), req.GetData())
 	})
 	if e != nil {
 		return 0, e
@@ -191,19 +191,26 @@ func (s *Server) writeChunk(ctx context.Context, req *chunkpb.WriteChunkRequest)
 	return idx, nil
 }
 
-// propose checks the volume epoch and queues the proposal under the fencing
-// lock, so that an UpdateEpoch either precedes the check or follows the
-// proposal into the log.
-func (s *Server) propose(c *copyset.Copyset, volume, epoch uint64, f func() (*copyset.Proposal, error)) (*copyset.Proposal, *reqError) {
-	s.epochs.mu.RLock()
-	defer s.epochs.mu.RUnlock()
-	if !s.epochs.synced {
-		return nil, refuse(chunkpb.Status_STATUS_UNAVAILABLE, "chunkserver %d has not synced volume epochs with the MDS since it started", s.id.ChunkServerID)
+// propose queues a proposal through f, handing it a fence that checks the
+// epoch lease and the volume epoch under the fencing lock: the proposal is
+// queued before that lock is released, so an UpdateEpoch either precedes the
+// check or follows the proposal into the log. The copyset takes its share of
+// the byte budget before the fence, so no wait lies between the check and
+// the queueing.
+func (s *Server) propose(c *copyset.Copyset, volume, epoch uint64, f func(copyset.Fence) (*copyset.Proposal, error)) (*copyset.Proposal, *reqError) {
+	var refused *reqError
+	fence := func() (func(), error) {
+		release, err := s.epochs.fence(volume, epoch)
+		if err != nil {
+			refused = s.epochRefusal(err)
+			return nil, err
+		}
+		return release, nil
 	}
-	if cur, ok := s.epochs.checkLocked(volume, epoch); !ok {
-		return nil, refuse(chunkpb.Status_STATUS_EPOCH_TOO_OLD, "volume %d is at epoch %d; request carries %d: another client opened the volume for writing", volume, cur, epoch)
+	p, err := f(fence)
+	if refused != nil {
+		return nil, refused
 	}
-	p, err := f()
 	if err != nil {
 		return nil, s.fromCopysetErr(c, err)
 	}
@@ -236,12 +243,11 @@ func (s *Server) readChunk(ctx context.Context, req *chunkpb.ReadChunkRequest) (
 		return nil, e
 	}
 	if req.GetEpoch() != 0 {
-		s.epochs.mu.RLock()
-		cur, ok := s.epochs.checkLocked(req.GetVolumeId(), req.GetEpoch())
-		s.epochs.mu.RUnlock()
-		if !ok {
-			return nil, refuse(chunkpb.Status_STATUS_EPOCH_TOO_OLD, "volume %d is at epoch %d; request carries %d", req.GetVolumeId(), cur, req.GetEpoch())
+		release, err := s.epochs.fence(req.GetVolumeId(), req.GetEpoch())
+		if err != nil {
+			return nil, s.epochRefusal(err)
 		}
+		release()
 	}
 	if !c.IsLeader() {
 		return nil, s.notLeader(c)
@@ -282,8 +288,8 @@ func (s *Server) deleteChunk(ctx context.Context, req *chunkpb.DeleteChunkReques
 	}
 	wctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
 	defer cancel()
-	p, e := s.propose(c, req.GetVolumeId(), req.GetEpoch(), func() (*copyset.Proposal, error) {
-		return c.ProposeDelete(wctx, req.GetChunkId(), req.GetVolumeId(), req.GetEpoch())
+	p, e := s.propose(c, req.GetVolumeId(), req.GetEpoch(), func(fence copyset.Fence) (*copyset.Proposal, error) {
+		return c.ProposeDelete(wctx, fence, req.GetChunkId(), req.GetVolumeId(), req.GetEpoch())
 	})
 	if e != nil {
 		return e

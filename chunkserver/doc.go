@@ -25,5 +25,14 @@
 // space (NOSPACE) and a cap on requests in flight (OVERLOAD, answered at
 // once). The epoch check and the proposal happen under one lock that
 // UpdateEpoch takes exclusively, so a fenced write is ordered before every
-// write of the new opener or not written at all.
+// write of the new opener or not written at all. A request carrying a newer
+// epoch than the table raises the table first.
+//
+// The epoch table is trusted only under the epoch lease of the MDS: every
+// heartbeat answer grants it until the heartbeat's send time plus the length
+// the answer names (monotonic clock). Without a valid lease, after a start
+// or when heartbeats have not got through for that long, writes, deletes and
+// epoch-checked reads are refused with UNAVAILABLE, which clients retry. The
+// MDS lets a new writer in only once every chunkserver it could not push the
+// new epoch to has lost its lease (epochs.go, docs/architecture.md).
 package chunkserver

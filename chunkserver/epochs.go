@@ -8,26 +8,43 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"time"
 
+	"cairn.io/cairn/api/chunkpb"
 	"cairn.io/cairn/chunkfilepool/fsutil"
 )
 
 const epochsFile = "epochs.json"
 
-// epochTable is the chunkserver's record of volume epochs: a write carrying
+// epochTable is the chunkserver's record of volume epochs: a request carrying
 // an older epoch than the table's is refused. Epochs only ever rise. The
-// table is durable: UpdateEpoch and table syncs from the MDS are written
-// through before they are acknowledged.
+// table is durable: UpdateEpoch, table syncs from the MDS and raises by
+// requests that carry a newer epoch are written through before they take
+// effect.
 //
-// mu doubles as the fencing lock: a write holds it shared from its epoch
-// check until its proposal is queued; an update holds it exclusively.
+// The table is trusted only under a lease from the MDS. Each heartbeat answer
+// (which either carries the MDS's table or says ours is current) grants the
+// lease until the time the heartbeat was sent plus the length the MDS names,
+// measured on the monotonic clock. Without a valid lease the chunkserver
+// serves no epoch-checked request: it may have missed an epoch push while cut
+// off from the MDS, and the MDS lets a new writer go ahead once every
+// chunkserver it could not reach has lost its lease.
+//
+// mu doubles as the fencing lock: a write holds it shared from its lease and
+// epoch check until its proposal is queued; an update holds it exclusively.
 type epochTable struct {
 	path string
 
 	mu      sync.RWMutex
 	version uint64            // version of the MDS table last merged in
 	epochs  map[uint64]uint64 // volume id -> epoch
-	synced  bool              // merged the MDS table since start
+	// leaseUntil is when the epoch lease ends (monotonic); zero until the
+	// first sync with the MDS since start.
+	leaseUntil time.Time
+	// lastSync is when the heartbeat that last renewed the lease was sent,
+	// and lease the length that heartbeat's answer granted.
+	lastSync time.Time
+	lease    time.Duration
 }
 
 type epochsOnDisk struct {
@@ -92,10 +109,29 @@ func (t *epochTable) raise(volume, epoch uint64) (uint64, error) {
 	return epoch, nil
 }
 
-// merge raises every epoch to the MDS table's and records its version.
-func (t *epochTable) merge(version uint64, epochs map[uint64]uint64) error {
+// sync takes a heartbeat answer: it raises every epoch to the MDS table's
+// (when the answer carries one, with its version) and renews the lease until
+// sent + lease, where sent is when the heartbeat was sent. A lease never
+// moves back, and an answer that arrives after sent + lease renews nothing:
+// the time the heartbeat spent on the way does not lengthen the lease. If the
+// table cannot be saved, nothing changes.
+func (t *epochTable) sync(table bool, version uint64, epochs map[uint64]uint64, sent time.Time, lease time.Duration) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	if table {
+		if err := t.mergeLocked(version, epochs); err != nil {
+			return err
+		}
+	}
+	if until := sent.Add(lease); lease > 0 && until.After(t.leaseUntil) {
+		t.leaseUntil, t.lastSync, t.lease = until, sent, lease
+	}
+	return nil
+}
+
+// mergeLocked raises every epoch to the MDS table's and records its
+// version; mu held exclusively.
+func (t *epochTable) mergeLocked(version uint64, epochs map[uint64]uint64) error {
 	changed := version != t.version
 	old := make(map[uint64]uint64, len(t.epochs))
 	for k, v := range t.epochs {
@@ -115,15 +151,7 @@ func (t *epochTable) merge(version uint64, epochs map[uint64]uint64) error {
 			return err
 		}
 	}
-	t.synced = true
 	return nil
-}
-
-// markSynced records that the MDS had nothing newer for us.
-func (t *epochTable) markSynced() {
-	t.mu.Lock()
-	t.synced = true
-	t.mu.Unlock()
 }
 
 func (t *epochTable) currentVersion() uint64 {
@@ -132,8 +160,85 @@ func (t *epochTable) currentVersion() uint64 {
 	return t.version
 }
 
-// checkLocked compares a request's epoch with the table; mu held (shared).
-func (t *epochTable) checkLocked(volume, epoch uint64) (current uint64, ok bool) {
-	cur := t.epochs[volume]
-	return cur, epoch >= cur
+// leaseLeft is how long the lease still runs (0 or less when it ran out).
+func (t *epochTable) leaseLeft(now time.Time) time.Duration {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	if t.leaseUntil.IsZero() {
+		return 0
+	}
+	return t.leaseUntil.Sub(now)
+}
+
+// errNoLease is returned by fence when the chunkserver holds no epoch lease.
+var errNoLease = errors.New("no epoch lease")
+
+// noLeaseError says why the lease is missing.
+type noLeaseError struct {
+	synced   bool          // synced with the MDS since start
+	sinceAgo time.Duration // since the heartbeat that last renewed it was sent
+	lease    time.Duration // the length it granted
+}
+
+func (e *noLeaseError) Error() string {
+	if !e.synced {
+		return "has not synced volume epochs with the MDS since it started"
+	}
+	return fmt.Sprintf("holds no epoch lease: it last synced volume epochs with the MDS %s ago and that lease of %s ran out %s ago",
+		e.sinceAgo.Round(time.Millisecond), e.lease, (e.sinceAgo - e.lease).Round(time.Millisecond))
+}
+
+func (e *noLeaseError) Unwrap() error { return errNoLease }
+
+// epochTooOldError is returned by fence for a request older than the table.
+type epochTooOldError struct{ volume, current, got uint64 }
+
+func (e *epochTooOldError) Error() string {
+	return fmt.Sprintf("volume %d is at epoch %d; request carries %d: another client opened the volume for writing", e.volume, e.current, e.got)
+}
+
+// fence admits a request of volume carrying epoch: it checks the lease,
+// raises the table durably when the request carries a newer epoch (the MDS
+// hands out epochs; a client holds a newer one only because it opened the
+// volume after the table was last updated), then checks the epoch. On
+// success it returns holding the fencing lock shared: the caller queues its
+// proposal and then calls release, so that an update either precedes the
+// check or follows the proposal into the log. Volume 0 is never raised.
+func (t *epochTable) fence(volume, epoch uint64) (release func(), err error) {
+	for {
+		t.mu.RLock()
+		now := time.Now()
+		if !now.Before(t.leaseUntil) {
+			e := &noLeaseError{synced: !t.leaseUntil.IsZero(), sinceAgo: now.Sub(t.lastSync), lease: t.lease}
+			t.mu.RUnlock()
+			return nil, e
+		}
+		cur := t.epochs[volume]
+		switch {
+		case epoch == cur, epoch > cur && volume == 0:
+			return t.mu.RUnlock, nil
+		case epoch < cur:
+			t.mu.RUnlock()
+			return nil, &epochTooOldError{volume: volume, current: cur, got: epoch}
+		}
+		t.mu.RUnlock()
+		if _, err := t.raise(volume, epoch); err != nil {
+			return nil, fmt.Errorf("raise volume %d to epoch %d: %w", volume, epoch, err)
+		}
+	}
+}
+
+// refusal turns an error of fence into the refusal a request answers with:
+// no lease is UNAVAILABLE (retryable: it returns with the next heartbeat
+// that reaches the MDS), an older epoch EPOCH_TOO_OLD.
+func (s *Server) epochRefusal(err error) *reqError {
+	var old *epochTooOldError
+	switch {
+	case errors.Is(err, errNoLease):
+		return refuse(chunkpb.Status_STATUS_UNAVAILABLE, "chunkserver %d %v; epoch-checked requests resume once a heartbeat reaches the MDS", s.id.ChunkServerID, err)
+	case errors.As(err, &old):
+		return refuse(chunkpb.Status_STATUS_EPOCH_TOO_OLD, "%v", err)
+	default:
+		return refuse(chunkpb.Status_STATUS_INTERNAL_ERROR, "chunkserver %d: %v", s.id.ChunkServerID, err)
+	}
 }

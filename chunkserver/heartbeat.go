@@ -3,6 +3,7 @@ package chunkserver
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"syscall"
 	"time"
@@ -70,26 +71,40 @@ func (s *Server) heartbeat(ctx context.Context) error {
 	}
 	s.m.copysets.Set(float64(len(req.Copysets)))
 	s.m.leaders.Set(float64(leaders))
-	resp, err := s.mds.Heartbeats().Heartbeat(ctx, req)
+	// The lease an answer grants counts from here: the MDS answers after
+	// this moment, so the lease ends no later than one the MDS measures from
+	// any later moment, whatever the answer's delay.
+	sent := time.Now()
+	call := func(ctx context.Context) (*mdspb.HeartbeatResponse, error) {
+		return s.mds.Heartbeats().Heartbeat(ctx, req)
+	}
+	var resp *mdspb.HeartbeatResponse
+	var err error
+	if k := s.cfg.TestingKnobs.InterceptHeartbeat; k != nil {
+		resp, err = k(ctx, call)
+	} else {
+		resp, err = call(ctx)
+	}
 	if err != nil {
 		return err
 	}
-	if len(resp.GetEpochs()) > 0 || resp.GetEpochTableVersion() > req.GetEpochTableVersion() {
-		table := make(map[uint64]uint64, len(resp.GetEpochs()))
-		for _, ve := range resp.GetEpochs() {
-			table[ve.GetVolumeId()] = ve.GetEpoch()
-		}
-		if err := s.epochs.merge(resp.GetEpochTableVersion(), table); err != nil {
-			return err
-		}
-	} else {
-		s.epochs.markSynced()
+	table := len(resp.GetEpochs()) > 0 || resp.GetEpochTableVersion() > req.GetEpochTableVersion()
+	epochs := make(map[uint64]uint64, len(resp.GetEpochs()))
+	for _, ve := range resp.GetEpochs() {
+		epochs[ve.GetVolumeId()] = ve.GetEpoch()
+	}
+	lease := time.Duration(resp.GetEpochLeaseMs()) * time.Millisecond
+	if err := s.epochs.sync(table, resp.GetEpochTableVersion(), epochs, sent, lease); err != nil {
+		return fmt.Errorf("epoch table from the MDS: %w", err)
 	}
 	for _, op := range resp.GetOperators() {
 		s.startOperator(op)
 	}
 	for _, ref := range resp.GetRemoveCopysets() {
 		s.removeCopyset(ref)
+	}
+	if lease <= 0 {
+		return errors.New("the MDS granted no epoch lease (an MDS older than this chunkserver?): epoch-checked requests stay refused")
 	}
 	return nil
 }

@@ -85,6 +85,9 @@ func (m *metrics) register(s *Server) {
 		counter("cairn_chunkserver_raft_batches_sent_total", "Raft batches sent to peers.", func() float64 { return float64(s.engine.TransportStats().BatchesSent) }),
 		counter("cairn_chunkserver_raft_messages_dropped_total", "Raft messages dropped (queue full or peer unreachable).", func() float64 { return float64(s.engine.TransportStats().Dropped) }),
 	)
+	m.reg.MustRegister(gauge("cairn_chunkserver_epoch_lease_seconds",
+		"How long the epoch lease from the MDS still runs; 0 when it ran out and epoch-checked requests are refused.",
+		func() float64 { return max(s.epochs.leaseLeft(time.Now()), 0).Seconds() }))
 }
 
 func (m *metrics) observe(op string, start time.Time, st chunkpb.Status) {

@@ -93,6 +93,9 @@ type Config struct {
 	// Faults injects Raft network faults (tests only).
 	Faults *transport.Faults
 	Logger *slog.Logger
+
+	// TestingKnobs change behaviour for tests only.
+	TestingKnobs TestingKnobs
 }
 
 func (c *Config) setDefaults() error {
@@ -283,8 +286,14 @@ func (s *Server) Start(ctx context.Context) (err error) {
 		s.cfg.MaxIOSize = lim
 	}
 
-	s.grpc = grpc.NewServer(grpc.MaxRecvMsgSize(int(s.cfg.MaxIOSize)+(1<<20)), grpc.MaxSendMsgSize(int(s.cfg.MaxIOSize)+(1<<20)),
-		grpc.MaxConcurrentStreams(s.cfg.MaxStreams))
+	gopts := []grpc.ServerOption{
+		grpc.MaxRecvMsgSize(int(s.cfg.MaxIOSize) + (1 << 20)), grpc.MaxSendMsgSize(int(s.cfg.MaxIOSize) + (1 << 20)),
+		grpc.MaxConcurrentStreams(s.cfg.MaxStreams),
+	}
+	if k := s.cfg.TestingKnobs.UnaryInterceptor; k != nil {
+		gopts = append(gopts, grpc.UnaryInterceptor(k))
+	}
+	s.grpc = grpc.NewServer(gopts...)
 	chunkpb.RegisterChunkServiceServer(s.grpc, &chunkService{s: s})
 	copysetpb.RegisterCopysetServiceServer(s.grpc, &copysetService{s: s})
 	s.engine.RegisterGRPC(s.grpc)

@@ -44,30 +44,38 @@ func (p *Proposal) Wait(ctx context.Context) (appliedIndex uint64, err error) {
 	}
 }
 
+// Fence is a last check of a proposal, made once the proposal holds its
+// share of the byte budget and just before it is queued: it may refuse the
+// proposal with an error, and the proposal is queued before the release it
+// returns is called. The chunkserver checks volume epochs with it, so that
+// no wait for the budget lies between its check and the queueing.
+type Fence func() (release func(), err error)
+
 // ProposeWrite hands a chunk write to the copyset's log. The caller checked
 // the request; the copyset refuses when it does not lead. The data is copied.
 //
 // It waits while the chunkserver's proposals in flight hold their byte
-// budget (Config.MaxInflightBytes): back-pressure, not an error. It never
-// queues a proposal for a caller that gave up: if ctx has ended by the time
-// the proposal would enter the copyset's queue, it returns ctx's error and
-// nothing is proposed. Once it returned, the proposal is ordered before
-// anything proposed to the copyset afterwards.
-func (c *Copyset) ProposeWrite(ctx context.Context, chunk, volume, epoch uint64, off int64, data []byte) (*Proposal, error) {
+// budget (Config.MaxInflightBytes): back-pressure, not an error. Then fence,
+// if not nil, has its say. It never queues a proposal for a caller that
+// gave up: if ctx has ended by the time the proposal would enter the
+// copyset's queue, it returns ctx's error and nothing is proposed. Once it
+// returned, the proposal is ordered before anything proposed to the copyset
+// afterwards.
+func (c *Copyset) ProposeWrite(ctx context.Context, fence Fence, chunk, volume, epoch uint64, off int64, data []byte) (*Proposal, error) {
 	if int64(len(data)) > c.e.MaxWriteSize() {
 		return nil, fmt.Errorf("%w: %d bytes (limit %d)", ErrTooLarge, len(data), c.e.MaxWriteSize())
 	}
-	return c.proposeCommand(ctx, &command{op: opWrite, chunk: chunk, volume: volume, epoch: epoch, offset: uint64(off), data: data})
+	return c.proposeCommand(ctx, fence, &command{op: opWrite, chunk: chunk, volume: volume, epoch: epoch, offset: uint64(off), data: data})
 }
 
 // ProposeDelete hands a chunk delete to the copyset's log, as ProposeWrite.
-func (c *Copyset) ProposeDelete(ctx context.Context, chunk, volume, epoch uint64) (*Proposal, error) {
-	return c.proposeCommand(ctx, &command{op: opDelete, chunk: chunk, volume: volume, epoch: epoch})
+func (c *Copyset) ProposeDelete(ctx context.Context, fence Fence, chunk, volume, epoch uint64) (*Proposal, error) {
+	return c.proposeCommand(ctx, fence, &command{op: opDelete, chunk: chunk, volume: volume, epoch: epoch})
 }
 
 // Write proposes a chunk write and waits for it to be applied.
 func (c *Copyset) Write(ctx context.Context, chunk, volume, epoch uint64, off int64, data []byte) (uint64, error) {
-	p, err := c.ProposeWrite(ctx, chunk, volume, epoch, off, data)
+	p, err := c.ProposeWrite(ctx, nil, chunk, volume, epoch, off, data)
 	if err != nil {
 		return 0, err
 	}
@@ -76,7 +84,7 @@ func (c *Copyset) Write(ctx context.Context, chunk, volume, epoch uint64, off in
 
 // Delete proposes a chunk delete and waits for it to be applied.
 func (c *Copyset) Delete(ctx context.Context, chunk, volume, epoch uint64) (uint64, error) {
-	p, err := c.ProposeDelete(ctx, chunk, volume, epoch)
+	p, err := c.ProposeDelete(ctx, nil, chunk, volume, epoch)
 	if err != nil {
 		return 0, err
 	}
@@ -88,7 +96,7 @@ func (c *Copyset) Delete(ctx context.Context, chunk, volume, epoch uint64) (uint
 // too.
 const proposalOverhead = 256
 
-func (c *Copyset) proposeCommand(ctx context.Context, cmd *command) (*Proposal, error) {
+func (c *Copyset) proposeCommand(ctx context.Context, fence Fence, cmd *command) (*Proposal, error) {
 	if !c.isLeader.Load() {
 		return nil, &NotLeaderError{Leader: c.leader.Load()}
 	}
@@ -100,6 +108,14 @@ func (c *Copyset) proposeCommand(ctx context.Context, cmd *command) (*Proposal, 
 		return nil, err
 	}
 	p := &Proposal{id: cmd.id, data: data, done: make(chan struct{}), release: release}
+	if fence != nil {
+		unfence, err := fence()
+		if err != nil {
+			release()
+			return nil, err
+		}
+		defer unfence()
+	}
 	c.wmu.Lock()
 	c.waiters[p.id] = p
 	c.wmu.Unlock()

@@ -18,6 +18,9 @@ const (
 	DefaultMetaPageSize = 4096
 )
 
+// maxEpochLease bounds Config.EpochLease: a writable open may wait that long.
+const maxEpochLease = 10 * time.Minute
+
 // ErrInvalidConfig is returned by New for a Config that cannot work.
 var ErrInvalidConfig = errors.New("mds: invalid config")
 
@@ -61,6 +64,17 @@ type Config struct {
 	HeartbeatInterval time.Duration
 	UnstableTimeout   time.Duration
 	OfflineTimeout    time.Duration
+	// EpochLease is how long a chunkserver may trust its volume epoch table
+	// after a heartbeat: every heartbeat answer grants the lease until the
+	// heartbeat's send time plus EpochLease, and a chunkserver without a
+	// valid lease refuses epoch-checked requests (writes) with UNAVAILABLE.
+	// A writable open that cannot push the new epoch to every chunkserver of
+	// the volume's pool waits up to EpochLease plus a tenth (at least 100ms)
+	// before it returns. Writes pause on a chunkserver that reaches no MDS
+	// leader for this long, so keep it well above an MDS failover
+	// (ElectionTTL plus a heartbeat interval). Default 5 heartbeat intervals
+	// (15s with the default 3s interval); at least 2 intervals.
+	EpochLease time.Duration
 	// SessionLease is how long a volume session lives without a refresh;
 	// default 30s.
 	SessionLease time.Duration
@@ -110,6 +124,9 @@ func (c *Config) setDefaults() error {
 	if c.OfflineTimeout == 0 {
 		c.OfflineTimeout = 10 * c.HeartbeatInterval
 	}
+	if c.EpochLease == 0 {
+		c.EpochLease = 5 * c.HeartbeatInterval
+	}
 	if c.SessionLease == 0 {
 		c.SessionLease = 30 * time.Second
 	}
@@ -132,6 +149,10 @@ func (c *Config) setDefaults() error {
 		return fmt.Errorf("%w: election TTL %s is under 1s", ErrInvalidConfig, c.ElectionTTL)
 	case c.UnstableTimeout > c.OfflineTimeout:
 		return fmt.Errorf("%w: unstable timeout %s exceeds offline timeout %s", ErrInvalidConfig, c.UnstableTimeout, c.OfflineTimeout)
+	case c.EpochLease < 2*c.HeartbeatInterval:
+		return fmt.Errorf("%w: epoch lease %s is under 2 heartbeat intervals (%s): chunkservers would lose it between heartbeats", ErrInvalidConfig, c.EpochLease, c.HeartbeatInterval)
+	case c.EpochLease > maxEpochLease:
+		return fmt.Errorf("%w: epoch lease %s exceeds %s: a writable open may wait that long", ErrInvalidConfig, c.EpochLease, maxEpochLease)
 	case c.SessionLease < time.Second:
 		return fmt.Errorf("%w: session lease %s is under 1s", ErrInvalidConfig, c.SessionLease)
 	}

@@ -17,8 +17,11 @@
 //   - VolumeService: the volume namespace, sessions with leases, lazy
 //     segment allocation (a segment's chunk ids come from a batched id
 //     generator and its chunks go round-robin over the pool's healthy
-//     copysets) and epoch fencing: a writable open bumps the volume's epoch
-//     and pushes it to the chunkservers before returning.
+//     copysets) and epoch fencing: a writable open bumps the volume's epoch,
+//     pushes it to every chunkserver of the volume's pool and, if one did not
+//     acknowledge, waits until it lost its epoch lease (which every heartbeat
+//     answer grants for Config.EpochLease from the heartbeat's send time) or
+//     reported the new table, before returning (fence.go).
 //   - ClusterService: cluster status and the transfer-leader operator.
 //
 // Several MDS processes can share one etcd: they campaign in an etcd

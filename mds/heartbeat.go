@@ -20,7 +20,7 @@ import (
 // drop, and the volume epoch table when its copy is behind.
 func (l *leaderState) heartbeat(ctx context.Context, r *mdspb.HeartbeatRequest) (*mdspb.HeartbeatResponse, error) {
 	now := time.Now()
-	resp := &mdspb.HeartbeatResponse{}
+	resp := &mdspb.HeartbeatResponse{EpochLeaseMs: l.epochLeaseMs()}
 	var changed []uint64
 	var dropOps []uint64
 	var newOps []*mdspb.Operator
@@ -37,6 +37,7 @@ func (l *leaderState) heartbeat(ctx context.Context, r *mdspb.HeartbeatRequest) 
 		return nil, status.Errorf(codes.Unauthenticated, "chunkserver %d: token does not match", r.ChunkserverId)
 	}
 	e.lastHB = now
+	e.epochVersion = r.EpochTableVersion
 	if r.Capacity != nil {
 		e.capacity = r.Capacity
 	}

@@ -139,7 +139,12 @@ func (s *Server) Start(ctx context.Context) (err error) {
 	s.done = make(chan struct{})
 	go s.campaignLoop(runCtx)
 	s.log.Info("mds started", "addr", s.advAddr, "metrics", s.MetricsAddr(), "etcd", endpoints,
-		"chunk_size", s.consts.ChunkSize, "segment_size", s.consts.SegmentSize, "block_size", s.consts.BlockSize)
+		"chunk_size", s.consts.ChunkSize, "segment_size", s.consts.SegmentSize, "block_size", s.consts.BlockSize,
+		"epoch_lease", s.cfg.EpochLease)
+	if failover := s.cfg.ElectionTTL + s.cfg.HeartbeatInterval; s.cfg.EpochLease < failover {
+		s.log.Warn("the epoch lease is shorter than an MDS failover: writes pause on every chunkserver while a new MDS leader takes over",
+			"epoch_lease", s.cfg.EpochLease, "election_ttl", s.cfg.ElectionTTL, "heartbeat_interval", s.cfg.HeartbeatInterval)
+	}
 	return nil
 }
 

@@ -25,6 +25,9 @@ type leaderState struct {
 	consts *mdspb.ClusterConstants
 	log    *slog.Logger
 	since  time.Time // when this MDS became leader
+	// prevLease is the longest epoch lease an earlier leader may have
+	// granted (as recorded in etcd when this one took over).
+	prevLease time.Duration
 
 	ctx    context.Context // cancelled when leadership ends
 	cancel context.CancelFunc
@@ -66,7 +69,10 @@ type csEntry struct {
 	token    string
 	physPool uint32
 	lastHB   time.Time // zero until the first heartbeat to this leader
-	capacity *mdspb.Capacity
+	// epochVersion is the epoch table version the chunkserver reported in
+	// its last heartbeat to this leader.
+	epochVersion uint64
+	capacity     *mdspb.Capacity
 }
 
 func copysetKey(pool, id uint32) uint64 { return uint64(pool)<<32 | uint64(id) }
@@ -174,7 +180,7 @@ func (l *leaderState) load(ctx context.Context) error {
 	l.mu.segments = segments
 	l.log.Info("leader state loaded", "chunkservers", len(css), "logical_pools", len(lps),
 		"copysets", len(copysets), "operators", len(ops), "segments", segments)
-	return nil
+	return l.recordEpochLease(ctx)
 }
 
 // stop ends the background work of this leadership.

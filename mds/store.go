@@ -25,6 +25,7 @@ type keys struct{ p string }
 func (k keys) constants() string          { return k.p + "constants" }
 func (k keys) election() string           { return k.p + "election/" }
 func (k keys) counter(kind string) string { return k.p + "ids/" + kind }
+func (k keys) epochLease() string         { return k.p + "epoch_lease_ms" }
 func (k keys) physicalPools() string      { return k.p + "topo/physical_pool/" }
 func (k keys) physicalPool(id uint32) string {
 	return fmt.Sprintf("%s%08d", k.physicalPools(), id)

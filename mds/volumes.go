@@ -7,8 +7,6 @@ import (
 	"fmt"
 	"sort"
 	"strconv"
-	"strings"
-	"sync"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -17,7 +15,6 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
-	"cairn.io/cairn/api/chunkpb"
 	"cairn.io/cairn/api/mdspb"
 )
 
@@ -272,7 +269,8 @@ func newSessionID() string {
 }
 
 // openVolume opens a volume. A writable open bumps the volume's epoch and
-// pushes it to the chunkservers of the volume's pool before returning.
+// returns only once no chunkserver can admit a request with an older epoch
+// (fenceEpoch).
 func (l *leaderState) openVolume(ctx context.Context, r *mdspb.OpenVolumeRequest) (*mdspb.OpenVolumeResponse, error) {
 	if err := checkName("volume name", r.Name); err != nil {
 		return nil, err
@@ -296,11 +294,11 @@ func (l *leaderState) openVolume(ctx context.Context, r *mdspb.OpenVolumeRequest
 		}
 		return l.openResponse(v, sess), nil
 	}
-	v, err := l.bumpEpoch(ctx, r.Name, sess)
+	v, version, bumped, err := l.bumpEpoch(ctx, r.Name, sess)
 	if err != nil {
 		return nil, err
 	}
-	if err := l.pushEpoch(ctx, v); err != nil {
+	if err := l.fenceEpoch(ctx, v, version, bumped); err != nil {
 		return nil, err
 	}
 	l.log.Info("volume opened for writing", "volume", r.Name, "epoch", v.Epoch, "client", r.Client, "session", sess.SessionId)
@@ -308,14 +306,16 @@ func (l *leaderState) openVolume(ctx context.Context, r *mdspb.OpenVolumeRequest
 }
 
 // bumpEpoch raises a volume's epoch and the epoch table version and records
-// the session, in one transaction.
-func (l *leaderState) bumpEpoch(ctx context.Context, name string, sess *mdspb.Session) (*mdspb.Volume, error) {
+// the session, in one transaction. Besides the volume it returns the new
+// table version and when the bump took effect: every heartbeat answered after
+// that moment carries the new table to a chunkserver that does not hold it.
+func (l *leaderState) bumpEpoch(ctx context.Context, name string, sess *mdspb.Session) (*mdspb.Volume, uint64, time.Time, error) {
 	l.epochWrite.Lock()
 	defer l.epochWrite.Unlock()
 	for {
 		v, rev, err := l.volumeByName(ctx, name)
 		if err != nil {
-			return nil, err
+			return nil, 0, time.Time{}, err
 		}
 		l.mu.Lock()
 		ver := l.mu.epochVersion
@@ -332,103 +332,24 @@ func (l *leaderState) bumpEpoch(ctx context.Context, name string, sess *mdspb.Se
 			putOp(key, v), clientv3.OpPut(verKey, strconv.FormatUint(ver+1, 10)),
 			putOp(l.st.k.session(v.Id, sess.SessionId), sess))
 		if err != nil {
-			return nil, err
+			return nil, 0, time.Time{}, err
 		}
 		if ok {
 			l.mu.Lock()
 			l.mu.epochVersion = ver + 1
 			l.mu.Unlock()
-			return v, nil
+			return v, ver + 1, time.Now(), nil
 		}
 		// The volume changed under us, or the version counter is not what
 		// we cached: reload it and try again.
 		cur, err := l.st.readCounter(ctx, counterEpochTable)
 		if err != nil {
-			return nil, err
+			return nil, 0, time.Time{}, err
 		}
 		l.mu.Lock()
 		l.mu.epochVersion = max(l.mu.epochVersion, cur)
 		l.mu.Unlock()
 	}
-}
-
-// pushEpoch sends a volume's epoch to every chunkserver of its physical pool
-// that is not known to be down. Every ONLINE chunkserver must acknowledge;
-// chunkservers that are UNSTABLE or not yet heard from by this leader are
-// tried but may fail: they receive the epoch table with their next heartbeat
-// before they serve writes again.
-func (l *leaderState) pushEpoch(ctx context.Context, v *mdspb.Volume) error {
-	type target struct {
-		id       uint64
-		addr     string
-		required bool
-	}
-	var targets []target
-	now := time.Now()
-	l.mu.Lock()
-	pp := l.mu.logicalPools[v.LogicalPoolId].GetPhysicalPoolId()
-	for _, e := range l.mu.chunkServers {
-		if e.physPool != pp {
-			continue
-		}
-		switch l.onlineStateLocked(e, now) {
-		case mdspb.OnlineState_ONLINE_STATE_ONLINE:
-			targets = append(targets, target{e.rec.Id, e.rec.Address, true})
-		case mdspb.OnlineState_ONLINE_STATE_UNSTABLE, mdspb.OnlineState_ONLINE_STATE_UNKNOWN:
-			targets = append(targets, target{e.rec.Id, e.rec.Address, false})
-		}
-	}
-	l.mu.Unlock()
-	var (
-		wg   sync.WaitGroup
-		mu   sync.Mutex
-		errs []string
-	)
-	for _, t := range targets {
-		wg.Add(1)
-		go func(t target) {
-			defer wg.Done()
-			err := l.updateEpochOn(ctx, t.addr, v)
-			if err == nil {
-				return
-			}
-			if !t.required {
-				l.log.Warn("epoch push to unsettled chunkserver failed; it gets the table with its next heartbeat",
-					"chunkserver", t.id, "address", t.addr, "volume", v.Name, "epoch", v.Epoch, "err", err)
-				return
-			}
-			mu.Lock()
-			errs = append(errs, fmt.Sprintf("chunkserver %d (%s): %v", t.id, t.addr, err))
-			mu.Unlock()
-		}(t)
-	}
-	wg.Wait()
-	if len(errs) > 0 {
-		sort.Strings(errs)
-		return status.Errorf(codes.Aborted, "volume %q epoch %d is recorded but %d online chunkservers did not acknowledge it (retry the open): %s",
-			v.Name, v.Epoch, len(errs), strings.Join(errs, "; "))
-	}
-	return nil
-}
-
-func (l *leaderState) updateEpochOn(ctx context.Context, addr string, v *mdspb.Volume) error {
-	cc, err := l.s.conns.get(addr)
-	if err != nil {
-		return err
-	}
-	cctx, cancel := context.WithTimeout(ctx, l.s.cfg.RPCTimeout)
-	defer cancel()
-	resp, err := chunkpb.NewChunkServiceClient(cc).UpdateEpoch(cctx, &chunkpb.UpdateEpochRequest{VolumeId: v.Id, Epoch: v.Epoch})
-	if err != nil {
-		return err
-	}
-	if resp.Status != chunkpb.Status_STATUS_OK {
-		return fmt.Errorf("%s: %s", resp.Status, resp.Message)
-	}
-	if resp.Epoch < v.Epoch {
-		return fmt.Errorf("chunkserver holds epoch %d after the update to %d", resp.Epoch, v.Epoch)
-	}
-	return nil
 }
 
 func (l *leaderState) openResponse(v *mdspb.Volume, sess *mdspb.Session) *mdspb.OpenVolumeResponse {

@@ -2181,8 +2181,15 @@ type HeartbeatResponse struct {
 	// volume epochs and its version.
 	EpochTableVersion uint64         `protobuf:"varint,3,opt,name=epoch_table_version,json=epochTableVersion,proto3" json:"epoch_table_version,omitempty"`
 	Epochs            []*VolumeEpoch `protobuf:"bytes,4,rep,name=epochs,proto3" json:"epochs,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// The epoch lease this answer grants, in milliseconds: the chunkserver may
+	// serve epoch-checked requests until the time it SENT this heartbeat plus
+	// this long (by its monotonic clock). Every successful answer grants one,
+	// whether it carries the table or says the chunkserver's copy is current.
+	// The MDS decides the length cluster-wide, so that a writable open knows
+	// how long a chunkserver it could not reach may still hold an old epoch.
+	EpochLeaseMs  uint32 `protobuf:"varint,5,opt,name=epoch_lease_ms,json=epochLeaseMs,proto3" json:"epoch_lease_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *HeartbeatResponse) Reset() {
@@ -2241,6 +2248,13 @@ func (x *HeartbeatResponse) GetEpochs() []*VolumeEpoch {
 		return x.Epochs
 	}
 	return nil
+}
+
+func (x *HeartbeatResponse) GetEpochLeaseMs() uint32 {
+	if x != nil {
+		return x.EpochLeaseMs
+	}
+	return 0
 }
 
 type Volume struct {
@@ -4287,12 +4301,13 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\x06target\x18\x04 \x01(\v2\x15.cairn.common.v1.PeerR\x06target\"@\n" +
 	"\vVolumeEpoch\x12\x1b\n" +
 	"\tvolume_id\x18\x01 \x01(\x04R\bvolumeId\x12\x14\n" +
-	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\"\xf2\x01\n" +
+	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\"\x98\x02\n" +
 	"\x11HeartbeatResponse\x124\n" +
 	"\toperators\x18\x01 \x03(\v2\x16.cairn.mds.v1.OperatorR\toperators\x12D\n" +
 	"\x0fremove_copysets\x18\x02 \x03(\v2\x1b.cairn.common.v1.CopysetRefR\x0eremoveCopysets\x12.\n" +
 	"\x13epoch_table_version\x18\x03 \x01(\x04R\x11epochTableVersion\x121\n" +
-	"\x06epochs\x18\x04 \x03(\v2\x19.cairn.mds.v1.VolumeEpochR\x06epochs\"\xdc\x02\n" +
+	"\x06epochs\x18\x04 \x03(\v2\x19.cairn.mds.v1.VolumeEpochR\x06epochs\x12$\n" +
+	"\x0eepoch_lease_ms\x18\x05 \x01(\rR\fepochLeaseMs\"\xdc\x02\n" +
 	"\x06Volume\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x12\n" +

@@ -55,6 +55,7 @@ func run(args []string) error {
 		unstable    = fs.Duration("unstable-timeout", 0, "heartbeat age after which a chunkserver is UNSTABLE (default 3 heartbeat intervals)")
 		offline     = fs.Duration("offline-timeout", 0, "heartbeat age after which a chunkserver is OFFLINE (default 10 heartbeat intervals)")
 		lease       = fs.Duration("session-lease", 30*time.Second, "lifetime of a volume session without refresh")
+		epochLease  = fs.Duration("epoch-lease", 0, "how long a chunkserver trusts its volume epochs after a heartbeat; a writable open that cannot reach a chunkserver waits this long (default 5 heartbeat intervals)")
 		electionTTL = fs.Duration("election-ttl", 5*time.Second, "lease of the leader's election key (failover time after a crash)")
 		logLevel    = fs.String("log-level", "info", "debug, info, warn or error")
 	)
@@ -93,7 +94,7 @@ func run(args []string) error {
 		DataDir: *dataDir, ListenAddr: *listen, AdvertiseAddr: *advertise, MetricsAddr: *metrics,
 		EmbeddedEtcdAddr: *etcdListen, EtcdPrefix: *prefix, ElectionTTL: *electionTTL, Constants: consts,
 		HeartbeatInterval: *hbInterval, UnstableTimeout: *unstable, OfflineTimeout: *offline,
-		SessionLease: *lease, Logger: logger,
+		SessionLease: *lease, EpochLease: *epochLease, Logger: logger,
 	}
 	if *endpoints != "" {
 		for _, e := range strings.Split(*endpoints, ",") {

@@ -43,6 +43,11 @@ type Options struct {
 	// PoolBytes formatted per chunkserver at start (default 16 MiB); pools
 	// grow on demand up to PoolMaxBytes (default 512 MiB).
 	PoolBytes, PoolMaxBytes int64
+	// EpochLease is the MDS's epoch lease (default 5s: long enough that a
+	// loaded machine's late heartbeats or a stopped MDS do not pause IO at
+	// once; tests of the lease set a short one). A writable open that cannot
+	// reach every chunkserver waits about this long.
+	EpochLease time.Duration
 	// Faults, if set, is shared by every chunkserver's Raft transport.
 	Faults *transport.Faults
 	// Tune, if set, adjusts each chunkserver's config before it starts.
@@ -97,6 +102,9 @@ func Start(t testing.TB, opts Options) *Cluster {
 	if opts.PoolMaxBytes == 0 {
 		opts.PoolMaxBytes = 512 << 20
 	}
+	if opts.EpochLease == 0 {
+		opts.EpochLease = 5 * time.Second
+	}
 	c := &Cluster{t: t, opts: opts, dir: t.TempDir(), log: testlog.New(t)}
 	t.Cleanup(c.Stop)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -107,6 +115,7 @@ func Start(t testing.TB, opts Options) *Cluster {
 		MetricsAddr:       "-",
 		Constants:         &mdspb.ClusterConstants{ChunkSize: opts.ChunkSize, SegmentSize: opts.SegmentSize, BlockSize: 512, MetaPageSize: 4096},
 		HeartbeatInterval: 200 * time.Millisecond,
+		EpochLease:        opts.EpochLease,
 		ElectionTTL:       2 * time.Second,
 		Logger:            c.log.With("component", "mds"),
 	})
