@@ -143,6 +143,44 @@ type lane struct {
 	stream  transportpb.RaftTransport_StreamClient
 	cancel  context.CancelFunc
 	failing bool
+
+	// lastErr and failures describe the lane's last outage; guarded by mu.
+	lastErr  error
+	failures uint64
+	sentOK   uint64
+}
+
+// LaneStatus describes one lane to one peer, for diagnosis.
+type LaneStatus struct {
+	To       uint64
+	Lane     string
+	Queued   int    // messages waiting
+	Failures uint64 // batches that could not be sent
+	Sent     uint64 // batches sent
+	LastErr  string // the last send error, "" if none
+}
+
+// Lanes reports the state of every lane to every peer.
+func (t *Transport) Lanes() []LaneStatus {
+	t.mu.Lock()
+	peers := make([]*peer, 0, len(t.peers))
+	for _, p := range t.peers {
+		peers = append(peers, p)
+	}
+	t.mu.Unlock()
+	var out []LaneStatus
+	for _, p := range peers {
+		for _, l := range p.lanes {
+			l.mu.Lock()
+			st := LaneStatus{To: p.id, Lane: l.name, Queued: len(l.queue), Failures: l.failures, Sent: l.sentOK}
+			if l.lastErr != nil {
+				st.LastErr = l.lastErr.Error()
+			}
+			l.mu.Unlock()
+			out = append(out, st)
+		}
+	}
+	return out
 }
 
 // New creates a Transport; Register it on the chunkserver's gRPC server.
@@ -296,6 +334,9 @@ func (l *lane) run() {
 				break
 			}
 			if err := l.sendBatch(q); err != nil {
+				l.mu.Lock()
+				l.lastErr, l.failures = err, l.failures+1
+				l.mu.Unlock()
 				p.t.dropped.Add(uint64(len(q)))
 				p.t.unreachable(p.id, groupsOf(q))
 				// Warn once per outage; a peer that stays down would
@@ -313,6 +354,9 @@ func (l *lane) run() {
 				backoff = min(backoff*2, time.Second)
 				continue
 			}
+			l.mu.Lock()
+			l.sentOK++
+			l.mu.Unlock()
 			if l.failing {
 				p.t.log.Info("raft messages delivered again", "to", p.id, "lane", l.name)
 				l.failing = false
