@@ -84,9 +84,18 @@
 // EIO, except closing files. Crash first waits for the requests in flight,
 // so no request that started before the cut (for instance from a process
 // killed while blocked in a write) changes a file after it. Descriptors
-// opened before a crash keep failing after Restart, like the processes that
-// held them: an in-process test closes what it had open (ignoring the
-// errors) and opens it again.
+// opened before a crash keep failing after Restart (only fstat still
+// works), like the processes that held them: an in-process test closes what
+// it had open (ignoring the errors) and opens it again.
+//
+// Crash is called by the test once it has killed the processes, so the cut
+// falls wherever they were. CrashAtSync instead arms a cut at the nth
+// fsync of a matching file: that fsync does not happen, and the power is
+// cut at that instant, exactly between the writes it would have made
+// durable and their sync (with processes still running, which see EIO from
+// then on; WaitCrash tells when the cut is done). A cut by Crash tends to
+// land after the syncs in flight, since it waits for them; CrashAtSync is
+// how a test makes sure a crash catches unsynced data.
 //
 // # Failing disk
 //

@@ -6,7 +6,6 @@ import (
 	"io"
 	"log"
 	"log/slog"
-	"math"
 	"os"
 	"path/filepath"
 	"strings"
@@ -25,10 +24,6 @@ const (
 	DefaultMaxUnsyncedBytes = 256 << 20
 	DefaultUnsyncedWait     = 30 * time.Second
 )
-
-// ErrCrashed is what the operations of a crashed filesystem fail with (as
-// EIO through the mount); Go callers of FS methods get it wrapped.
-var ErrCrashed = errors.New("faultfs: crashed")
 
 // Options configure a mount. The zero value takes the defaults.
 type Options struct {
@@ -62,6 +57,8 @@ type FS struct {
 	// unmounted is set (under gate) by Unmount; Restart then stays crashed.
 	unmounted bool
 	epoch     atomic.Uint64 // incremented by every Crash
+
+	crash crashState
 
 	tr    *tracker
 	rules rules
@@ -227,60 +224,6 @@ func (f *FS) Unmount() error {
 		f.gate.Unlock()
 	})
 	return f.unmountErr
-}
-
-// CrashOptions choose what a crash keeps.
-type CrashOptions struct {
-	// Keep is the probability (0..1) that each unsynced page, and a changed
-	// file size, survives. 0 (the default) loses all unsynced data; between
-	// 0 and 1 models partial writeback: every page is either all old or all
-	// new, so a write across pages may be torn.
-	Keep float64
-	// Seed decides which pages survive when Keep > 0: the decision for a
-	// page depends only on Seed, the file's path when it was first changed
-	// after its last sync and the page's index.
-	Seed uint64
-}
-
-// CrashReport says what a crash did.
-type CrashReport struct {
-	Files     int // files that had unsynced changes
-	PagesLost int // pages put back to their content at the last sync
-	PagesKept int // unsynced pages kept (CrashOptions.Keep > 0)
-}
-
-// Crash cuts the power: it waits for the requests in flight, then puts
-// every file with unsynced changes back to what a disk would hold after a
-// power loss (see CrashOptions), and fails every later request through the
-// mount with EIO until Restart. Files open before the crash stay unusable
-// after Restart. Kill the processes that use the mount first. An error
-// means a backing file could not be restored (its state is then unknown).
-func (f *FS) Crash(opts CrashOptions) (CrashReport, error) {
-	if math.IsNaN(opts.Keep) || opts.Keep < 0 || opts.Keep > 1 {
-		return CrashReport{}, fmt.Errorf("faultfs: crash: Keep %v is not within 0..1", opts.Keep)
-	}
-	f.gate.Lock()
-	defer f.gate.Unlock()
-	f.crashed.Store(true)
-	f.epoch.Add(1)
-	rep, err := f.tr.crash(opts.Keep, opts.Seed)
-	f.stats.crashes.Add(1)
-	f.stats.pagesLost.Add(uint64(rep.PagesLost))
-	f.stats.pagesKept.Add(uint64(rep.PagesKept))
-	if err != nil {
-		f.log.Error("faultfs: crash could not restore every file", "err", err)
-		return rep, err
-	}
-	return rep, nil
-}
-
-// Restart powers the filesystem back on after Crash: requests work again
-// (files opened before the crash keep failing). It does nothing when the
-// filesystem is not crashed.
-func (f *FS) Restart() {
-	f.gate.Lock()
-	defer f.gate.Unlock()
-	f.crashed.Store(f.unmounted)
 }
 
 // Stats returns the counters.

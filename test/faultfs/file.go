@@ -81,7 +81,7 @@ func (h *handle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadRes
 	if errno := h.check(); errno != 0 {
 		return nil, errno
 	}
-	if errno := h.fs.rules.fire(opRead, h.path); errno != 0 {
+	if errno := h.fs.rules.failure(opRead, h.path); errno != 0 {
 		h.fs.stats.readFaults.Add(1)
 		return nil, errno
 	}
@@ -102,7 +102,7 @@ func (h *handle) Writev(ctx context.Context, data [][]byte, off int64) (uint32, 
 	if errno := h.check(); errno != 0 {
 		return 0, errno
 	}
-	if errno := h.fs.rules.fire(opWrite, h.path); errno != 0 {
+	if errno := h.fs.rules.failure(opWrite, h.path); errno != 0 {
 		h.fs.stats.writeFaults.Add(1)
 		return 0, errno
 	}
@@ -143,7 +143,11 @@ func (h *handle) Fsync(ctx context.Context, flags uint32) syscall.Errno {
 // syncFile makes the file durable and forgets its pre-images, or, when a
 // FailSync rule fires, loses its unsynced data and returns EIO.
 func (f *FS) syncFile(h *handle, datasync bool) syscall.Errno {
-	if errno := f.rules.fire(opSync, h.path); errno != 0 {
+	if r := f.rules.fire(opCrash, h.path); r != nil {
+		f.cutPower(r.crash)
+		return r.errno
+	}
+	if errno := f.rules.failure(opSync, h.path); errno != 0 {
 		lost, err := f.tr.discard(h.ino)
 		f.stats.syncFaults.Add(1)
 		f.stats.pagesLostSyncFail.Add(uint64(lost))
@@ -195,7 +199,7 @@ func (h *handle) Allocate(ctx context.Context, off, size uint64, mode uint32) sy
 	default:
 		return syscall.EOPNOTSUPP
 	}
-	if errno := h.fs.rules.fire(opWrite, h.path); errno != 0 {
+	if errno := h.fs.rules.failure(opWrite, h.path); errno != 0 {
 		h.fs.stats.writeFaults.Add(1)
 		return errno
 	}
@@ -212,19 +216,15 @@ func (h *handle) Flush(ctx context.Context) syscall.Errno { return h.check() }
 // Release closes the backing file. It runs even on a crashed filesystem.
 func (h *handle) Release(ctx context.Context) syscall.Errno { return h.lf.Release(ctx) }
 
-// Getattr stats the backing file.
+// Getattr stats the backing file. It works on a handle from before a
+// crash too: go-fuse answers a stat of a path through any open handle of
+// the inode, and a stat changes nothing.
 func (h *handle) Getattr(ctx context.Context, out *fuse.AttrOut) syscall.Errno {
-	if errno := h.check(); errno != 0 {
-		return errno
-	}
 	return h.lf.Getattr(ctx, out)
 }
 
-// Statx stats the backing file.
+// Statx is Getattr for statx(2).
 func (h *handle) Statx(ctx context.Context, flags, mask uint32, out *fuse.StatxOut) syscall.Errno {
-	if errno := h.check(); errno != 0 {
-		return errno
-	}
 	return h.lf.Statx(ctx, flags, mask, out)
 }
 

@@ -24,19 +24,19 @@ const (
 	opSync  op = iota // fsync and fdatasync of a file
 	opWrite           // write and fallocate
 	opRead            // read
+	opCrash           // fsync and fdatasync of a file, cutting the power
 )
 
-func (o op) String() string {
-	return [...]string{"sync", "write", "read"}[o]
-}
-
-// rule fails matching operations: left more times (-1: until removed).
+// rule fails matching operations: after skip more, left more times (-1:
+// until removed).
 type rule struct {
 	id    RuleID
 	op    op
 	re    *regexp.Regexp
+	skip  int
 	left  int
 	errno syscall.Errno
+	crash CrashOptions // opCrash only
 }
 
 // rules is the set of installed fault rules.
@@ -47,8 +47,8 @@ type rules struct {
 	list []*rule
 }
 
-// add installs a rule; count 0 means until removed.
-func (rs *rules) add(o op, pattern string, count int, errno syscall.Errno) (RuleID, error) {
+// add installs r with the pattern compiled; count 0 means until removed.
+func (rs *rules) add(r rule, pattern string, count int) (RuleID, error) {
 	if count < 0 {
 		return 0, fmt.Errorf("%w: negative count %d", ErrBadRule, count)
 	}
@@ -56,14 +56,15 @@ func (rs *rules) add(o op, pattern string, count int, errno syscall.Errno) (Rule
 	if err != nil {
 		return 0, fmt.Errorf("%w: %w", ErrBadRule, err)
 	}
-	left := count
+	r.re, r.left = re, count
 	if count == 0 {
-		left = -1
+		r.left = -1
 	}
 	rs.mu.Lock()
 	defer rs.mu.Unlock()
 	rs.next++
-	rs.list = append(rs.list, &rule{id: rs.next, op: o, re: re, left: left, errno: errno})
+	r.id = rs.next
+	rs.list = append(rs.list, &r)
 	rs.n.Store(int32(len(rs.list)))
 	return rs.next, nil
 }
@@ -90,12 +91,12 @@ func (rs *rules) clear() {
 	rs.n.Store(0)
 }
 
-// fire returns the errno of the first installed rule for o that matches
-// path (and uses up one of its counts), or 0. path is computed only when a
-// rule is installed.
-func (rs *rules) fire(o op, path func() string) syscall.Errno {
+// fire finds the first installed rule for o that matches path; if it has
+// no matches left to skip, it uses up one of its counts and is returned.
+// path is computed only when a rule is installed.
+func (rs *rules) fire(o op, path func() string) *rule {
 	if rs.n.Load() == 0 {
-		return 0
+		return nil
 	}
 	p := path()
 	rs.mu.Lock()
@@ -104,6 +105,10 @@ func (rs *rules) fire(o op, path func() string) syscall.Errno {
 		if r.op != o || !r.re.MatchString(p) {
 			continue
 		}
+		if r.skip > 0 {
+			r.skip--
+			return nil
+		}
 		if r.left > 0 {
 			r.left--
 			if r.left == 0 {
@@ -111,6 +116,14 @@ func (rs *rules) fire(o op, path func() string) syscall.Errno {
 				rs.n.Store(int32(len(rs.list)))
 			}
 		}
+		return r
+	}
+	return nil
+}
+
+// failure is the errno of the rule fire returns for o, or 0.
+func (rs *rules) failure(o op, path func() string) syscall.Errno {
+	if r := rs.fire(o, path); r != nil {
 		return r.errno
 	}
 	return 0
@@ -125,7 +138,7 @@ func (rs *rules) fire(o op, path func() string) syscall.Errno {
 // mount root, slash-separated, without a leading slash ("wal/00001.wal");
 // "" matches every file.
 func (f *FS) FailSync(pattern string, count int) (RuleID, error) {
-	return f.rules.add(opSync, pattern, count, syscall.EIO)
+	return f.rules.add(rule{op: opSync, errno: syscall.EIO}, pattern, count)
 }
 
 // FailWrites makes the next count writes and fallocates (0: every one until
@@ -140,13 +153,29 @@ func (f *FS) FailWrites(pattern string, count int, errno syscall.Errno) (RuleID,
 	if errno != syscall.EIO && errno != syscall.ENOSPC {
 		return 0, fmt.Errorf("%w: a write can fail with EIO or ENOSPC, not %v", ErrBadRule, errno)
 	}
-	return f.rules.add(opWrite, pattern, count, errno)
+	return f.rules.add(rule{op: opWrite, errno: errno}, pattern, count)
 }
 
 // FailReads makes the next count reads (0: every read until the rule is
 // removed) of files matching pattern fail with EIO.
 func (f *FS) FailReads(pattern string, count int) (RuleID, error) {
-	return f.rules.add(opRead, pattern, count, syscall.EIO)
+	return f.rules.add(rule{op: opRead, errno: syscall.EIO}, pattern, count)
+}
+
+// CrashAtSync arms a power cut at the nth fsync or fdatasync (n >= 1) of a
+// file whose path matches pattern: that call does not sync and fails with
+// EIO, and the filesystem crashes at that instant as by Crash(opts). So the
+// cut lands exactly between the writes that call would have made durable
+// and their sync. The processes using the mount see EIO from then on; wait
+// for the crash with WaitCrash, then kill them and Restart.
+func (f *FS) CrashAtSync(pattern string, n int, opts CrashOptions) (RuleID, error) {
+	if n < 1 {
+		return 0, fmt.Errorf("%w: CrashAtSync needs n >= 1, not %d", ErrBadRule, n)
+	}
+	if err := opts.validate(); err != nil {
+		return 0, fmt.Errorf("%w: %w", ErrBadRule, err)
+	}
+	return f.rules.add(rule{op: opCrash, errno: syscall.EIO, skip: n - 1, crash: opts}, pattern, 1)
 }
 
 // RemoveRule uninstalls a rule and reports whether it was still installed

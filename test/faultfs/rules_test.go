@@ -125,3 +125,59 @@ func TestBadRulesAreRefused(t *testing.T) {
 		t.Fatalf("a refused rule was installed: %v", err)
 	}
 }
+
+// TestCrashAtSync: the power is cut at the nth matching sync, between the
+// writes it would have made durable and the sync itself.
+func TestCrashAtSync(t *testing.T) {
+	f := MountForTest(t, Options{})
+	createSynced(t, f, "log", nil)
+	createSynced(t, f, "other", nil)
+	if _, err := f.CrashAtSync("^log$", 2, CrashOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	fd, other := openRW(t, f, "log"), openRW(t, f, "other")
+	first := randBytes(100, 3000)
+	writeAt(t, fd, first, 0)
+	writeAt(t, other, first, 0)
+	if err := other.Sync(); err != nil {
+		t.Fatalf("sync of a file the rule does not match: %v", err)
+	}
+	if err := fd.Sync(); err != nil {
+		t.Fatalf("first sync: %v", err)
+	}
+	writeAt(t, fd, randBytes(101, 9000), 3000)
+	if err := fd.Sync(); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("second sync: %v, want EIO", err)
+	}
+	rep, err := f.WaitCrash(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Files != 1 {
+		t.Fatalf("crash report %+v: want the one unsynced file", rep)
+	}
+	if _, err := os.Stat(f.Path("log")); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("stat after the cut: %v, want EIO", err)
+	}
+	f.Restart()
+	checkContent(t, f, "log", first)
+	checkContent(t, f, "other", first)
+
+	bad := []func() error{
+		func() error { _, err := f.CrashAtSync("", 0, CrashOptions{}); return err },
+		func() error { _, err := f.CrashAtSync("", 1, CrashOptions{Keep: -1}); return err },
+		func() error { _, err := f.CrashAtSync("[", 1, CrashOptions{}); return err },
+	}
+	for i, add := range bad {
+		if err := add(); !errors.Is(err, ErrBadRule) {
+			t.Errorf("bad CrashAtSync %d: %v, want ErrBadRule", i, err)
+		}
+	}
+	if err := fd.Sync(); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("sync through a descriptor from before the crash: %v", err)
+	}
+	fd = openRW(t, f, "log")
+	if err := fd.Sync(); err != nil {
+		t.Fatalf("sync after restart: %v (a refused rule was installed?)", err)
+	}
+}
