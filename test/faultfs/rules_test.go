@@ -1,10 +1,12 @@
 package faultfs
 
 import (
+	"context"
 	"errors"
 	"os"
 	"syscall"
 	"testing"
+	"time"
 )
 
 // TestFailSyncLosesDataAndRetrySucceeds: a failed fsync loses the unsynced
@@ -149,7 +151,9 @@ func TestCrashAtSync(t *testing.T) {
 	if err := fd.Sync(); !errors.Is(err, syscall.EIO) {
 		t.Fatalf("second sync: %v, want EIO", err)
 	}
-	rep, err := f.WaitCrash(t.Context())
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	rep, err := f.WaitCrash(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
