@@ -138,7 +138,14 @@
 // behind. MountForTest mounts one under t.TempDir() and unmounts it when the
 // test ends. Tests that need FUSE call RequireFUSE (MountForTest does): it
 // skips when /dev/fuse or root is missing, except when the environment
-// variable CI is set, where it fails instead. A test process that dies
-// without running its cleanups (a panic outside the test goroutine, a
-// -timeout) leaves a disconnected mount; `umount -l` removes it.
+// variable CI is set, where it fails instead.
+//
+// The process that serves a mount usually uses it too, and if it died while
+// one of its own threads waited on the mount, that thread would wait for
+// ever and the process would never end. Each mount therefore has a watchdog,
+// a small shell child that aborts the FUSE connection (through fusectl,
+// which Mount mounts at /sys/fs/fuse/connections if needed) when it sees
+// the process dying in that state, and detaches the mount once the process
+// is gone: a test binary that panics or times out leaves neither a hung
+// process nor a dead mount behind.
 package faultfs
