@@ -23,13 +23,16 @@ const fusectlDir = "/sys/fs/fuse/connections"
 //
 //   - The serving process usually uses the mount too (in-process tests, the
 //     harness's own checks). If it dies while one of its threads waits for
-//     an answer from the mount, which only the dying process could give,
-//     the thread waits for ever (uninterruptibly, with SIGKILL pending) and
-//     the process never ends, holding the mount. The script sees a task of
-//     the process with SIGKILL pending while the process is a zombie or in
-//     uninterruptible sleep, and aborts the FUSE connection, which frees the
-//     thread. A process that has not ended still holds its connection, so
-//     the connection number cannot have been reused.
+//     an answer from the mount, which only the dying process could give
+//     (a request in flight, or the FLUSH that closing a leaked file sends
+//     while the process exits), the thread waits for ever and the process
+//     never ends, holding the mount. The script sees that state, a process
+//     that has begun to exit (PF_EXITING: a zombie leader, or one closing
+//     its files) or a leader in uninterruptible sleep with SIGKILL pending,
+//     and aborts the FUSE connection, which frees the thread. Until the
+//     process has ended the mount's superblock lives, so the connection
+//     number cannot have been reused; aborting the connection of a process
+//     that is exiting anyway costs nothing.
 //   - Once the process is gone, its mount is dead ("transport endpoint is
 //     not connected"); the script detaches it.
 //
@@ -59,11 +62,10 @@ while :; do
 		fi
 		exit 0
 	fi
-	case $1 in Z|D)
-		if killed; then
-			echo 1 > "$abort" 2>/dev/null
-		fi;;
-	esac
+	# Field 9, the flags: PF_EXITING (4) once the process has begun to exit.
+	if [ $(( $7 & 4 )) -ne 0 ] || { [ "$1" = D ] && killed; }; then
+		echo 1 > "$abort" 2>/dev/null
+	fi
 	sleep 1
 done
 `

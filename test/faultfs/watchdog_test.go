@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -17,10 +18,18 @@ import (
 // dyingServerEnv makes the test binary run dyingServer instead of the tests.
 const dyingServerEnv = "FAULTFS_TEST_DYING_SERVER"
 
+func init() {
+	if os.Getenv(dyingServerEnv) != "" {
+		// Keep the main goroutine on the main thread (the thread-group
+		// leader), so that dyingServer controls which thread gets stuck.
+		runtime.LockOSThread()
+	}
+}
+
 func TestMain(m *testing.M) {
 	if v := os.Getenv(dyingServerEnv); v != "" {
 		mode, dir, _ := strings.Cut(v, ":")
-		if err := dyingServer(dir, mode == "stuck"); err != nil {
+		if err := dyingServer(dir, mode); err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(2)
 		}
@@ -31,10 +40,12 @@ func TestMain(m *testing.M) {
 
 // dyingServer mounts a faultfs under dir, writes the mount's FUSE
 // connection number to dir/conn and returns, so that the process exits
-// without unmounting. With stuck, one of its own requests is left waiting
-// inside the server first, where no interrupt reaches it: the process then
-// exits while a thread waits for an answer only it could give.
-func dyingServer(dir string, stuck bool) error {
+// without unmounting. In the modes "stuck" and "stuck-main" one of its own
+// requests is left waiting inside the server first, where no interrupt
+// reaches it, from another thread than the main one or from the main
+// thread: the process then exits while a thread waits for an answer only it
+// could give.
+func dyingServer(dir, mode string) error {
 	backing, mnt := filepath.Join(dir, "backing"), filepath.Join(dir, "mnt")
 	for _, d := range []string{backing, mnt} {
 		if err := os.Mkdir(d, 0o755); err != nil {
@@ -56,22 +67,34 @@ func dyingServer(dir string, stuck bool) error {
 	if err := os.WriteFile(filepath.Join(dir, "conn"), []byte(conn), 0o644); err != nil {
 		return err
 	}
-	if !stuck {
+	if mode == "exit" {
 		return nil
 	}
 	f.gate.Lock() // as a Crash that never ends
-	go os.Stat(f.Path("a"))
-	waiting := filepath.Join(fusectlDir, conn, "waiting")
-	for {
-		b, err := os.ReadFile(waiting)
-		if err != nil {
-			return err
+	inFlight := func() error {
+		for {
+			b, err := os.ReadFile(filepath.Join(fusectlDir, conn, "waiting"))
+			if err != nil {
+				return err
+			}
+			if n, _ := strconv.Atoi(strings.TrimSpace(string(b))); n > 0 {
+				return nil
+			}
+			time.Sleep(time.Millisecond)
 		}
-		if n, _ := strconv.Atoi(strings.TrimSpace(string(b))); n > 0 {
-			return nil
-		}
-		time.Sleep(time.Millisecond)
 	}
+	if mode == "stuck-main" {
+		go func() {
+			if err := inFlight(); err != nil {
+				fmt.Fprintln(os.Stderr, err)
+			}
+			os.Exit(0)
+		}()
+		_, err := os.Stat(f.Path("a"))
+		return fmt.Errorf("stat came back: %v", err)
+	}
+	go os.Stat(f.Path("a"))
+	return inFlight()
 }
 
 // TestWatchdogCleansUpAfterDeadProcess: a process that exits without
@@ -79,7 +102,7 @@ func dyingServer(dir string, stuck bool) error {
 // threads waits on its own mount does not stay a zombie for ever.
 func TestWatchdogCleansUpAfterDeadProcess(t *testing.T) {
 	RequireFUSE(t)
-	for _, mode := range []string{"exit", "stuck"} {
+	for _, mode := range []string{"exit", "stuck", "stuck-main"} {
 		t.Run(mode, func(t *testing.T) {
 			dir := t.TempDir()
 			cmd := exec.Command(os.Args[0], "-test.run=^$")
