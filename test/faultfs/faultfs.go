@@ -40,7 +40,8 @@ type Options struct {
 	UnsyncedWait time.Duration
 	// Logger receives the loud failures (default: slog.Default()).
 	Logger *slog.Logger
-	// Debug logs every FUSE request through Logger at debug level.
+	// Debug logs every FUSE request through Logger at debug level (which
+	// the Logger must let through).
 	Debug bool
 }
 
