@@ -32,15 +32,16 @@
 // truncate, stat and statx, rename including renameat2's RENAME_NOREPLACE
 // and RENAME_EXCHANGE, unlink, mkdir, rmdir, readdir, symlink, link,
 // xattrs, statfs, and fsync/fdatasync of files and directories (real
-// syncs of the backing files). O_TMPFILE, copy_file_range (the kernel falls
+// syncs of the backing files; directory syncs are counted in
+// Stats.DirSyncs). O_TMPFILE, copy_file_range (the kernel falls
 // back to reads and writes) and ioctls are refused; O_DIRECT is accepted and
 // dropped for the backing file.
 //
 // The kernel caches nothing: files are opened in direct-IO mode, attribute,
 // entry and negative-entry timeouts are zero, and FUSE passthrough and the
 // writeback cache are off. So every read and write of a process reaches this
-// server synchronously, in the order the process issued it; mmap of a file
-// is not supported (Cairn does not use it).
+// server synchronously, in the order the process issued it; a shared mmap
+// of a file is refused with ENODEV (Cairn does not use mmap).
 //
 // flock(2) is served by the kernel itself: the filesystem does not ask for
 // lock requests, so the kernel keeps flock and POSIX locks on its own inodes
