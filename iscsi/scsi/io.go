@@ -380,16 +380,17 @@ func (lu *LogicalUnit) writeSame(cdb []byte, data []byte, blocks uint64) Respons
 	if flags>>5 != 0 || flags&0x10 != 0 || flags&0x06 != 0 { // WRPROTECT, ANCHOR, PBDATA/LBDATA
 		return lu.checkCondition(senseInvalidFieldInCDB)
 	}
-	if n > maxWriteSameBlocks {
-		return lu.checkCondition(senseInvalidFieldInCDB)
+	// NUMBER OF LOGICAL BLOCKS: bytes 7-8 of WRITE SAME(10), 10-13 of
+	// WRITE SAME(16). Zero is refused (WSNZ), as is more than the
+	// MAXIMUM WRITE SAME LENGTH of the block limits page.
+	countField := uint16(10)
+	if cdb[0] == opWriteSame10 {
+		countField = 7
+	}
+	if n == 0 || n > lu.maxWS {
+		return lu.checkCondition(invalidCDBField(countField))
 	}
 	count := uint64(n)
-	if n == 0 {
-		if lba > blocks {
-			return lu.checkCondition(senseLBAOutOfRange)
-		}
-		count = blocks - lba
-	}
 	if !inRange(lba, count, blocks) {
 		return lu.checkCondition(senseLBAOutOfRange)
 	}
@@ -402,9 +403,6 @@ func (lu *LogicalUnit) writeSame(cdb []byte, data []byte, blocks uint64) Respons
 			return lu.checkCondition(senseInvalidFieldInCDB)
 		}
 		copy(pattern, data)
-	}
-	if count == 0 {
-		return good(nil)
 	}
 	h := lu.locks.lock(lba, count, false)
 	defer lu.locks.unlock(h)
@@ -458,10 +456,12 @@ func (lu *LogicalUnit) unmap(cdb []byte, data []byte, blocks uint64) Response {
 	}
 	type extent struct{ lba, n uint64 }
 	var extents []extent
+	var total uint64
 	for i := 0; i+16 <= len(desc); i += 16 {
 		lba := binary.BigEndian.Uint64(desc[i : i+8])
 		n := uint64(binary.BigEndian.Uint32(desc[i+8 : i+12]))
-		if n > maxUnmapBlocks {
+		// MAXIMUM UNMAP LBA COUNT bounds the whole command.
+		if total += n; total > maxUnmapBlocks {
 			return lu.checkCondition(senseInvalidFieldInParam)
 		}
 		if !inRange(lba, n, blocks) {

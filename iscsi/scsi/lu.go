@@ -44,8 +44,9 @@ type Config struct {
 	// PhysicalBlockExponent is log2(physical block / logical block);
 	// default 3 (4 KiB physical blocks with 512-byte logical blocks).
 	PhysicalBlockExponent uint8
-	// MaxTransferBlocks caps the blocks of one READ or WRITE; default
-	// 65536 (32 MiB with 512-byte blocks).
+	// MaxTransferBlocks caps the blocks of one READ or WRITE; default and
+	// upper bound MaxTransferBytes worth of blocks (65536 with 512-byte
+	// blocks).
 	MaxTransferBlocks uint32
 	// ReadOnly rejects every command that changes the medium.
 	ReadOnly bool
@@ -116,6 +117,7 @@ type LogicalUnit struct {
 	bsShift   uint
 	physExp   uint8
 	maxXfer   uint32
+	maxWS     uint32 // MAXIMUM WRITE SAME LENGTH in blocks
 	readOnly  bool
 	capBlocks atomic.Uint64 // capacity last reported, in blocks
 	locks     rangeLock
@@ -132,14 +134,32 @@ type nexusState struct {
 	ua    []Sense
 }
 
-// Limits reported in the block limits VPD page.
+// Limits reported in the block limits VPD page (B0h) and enforced on every
+// command, so that no command asks the backend for an unbounded amount of
+// work: READ, WRITE, VERIFY and ORWRITE move at most MaxTransferBlocks,
+// COMPARE AND WRITE at most maxCompareAndWriteBlocks, WRITE SAME at most
+// MaxWriteSameBytes (WSNZ is set: a WRITE SAME of zero blocks, which SBC-3
+// otherwise reads as "to the end of the medium", is refused), one UNMAP at
+// most maxUnmapBlocks over all its descriptors, GET LBA STATUS reads at most
+// zeroScanBytes.
 const (
 	maxCompareAndWriteBlocks = 255
 	maxUnmapDescriptors      = 256
-	maxUnmapBlocks           = 1 << 20 // 512 MiB of 512-byte blocks per UNMAP descriptor
-	maxWriteSameBlocks       = 1 << 22
-	optimalTransferBlocks    = 2048 // 1 MiB
+	maxUnmapBlocks           = 1 << 20 // per UNMAP command: 512 MiB of 512-byte blocks
+	optimalTransferBlocks    = 2048    // 1 MiB
 	zeroScanBytes            = 1 << 20
+
+	// MaxTransferBytes bounds the data of one READ, WRITE, VERIFY or
+	// ORWRITE (MAXIMUM TRANSFER LENGTH is this many bytes' worth of
+	// blocks): 32 MiB.
+	MaxTransferBytes = 32 << 20
+
+	// MaxWriteSameBytes bounds one WRITE SAME (with or without UNMAP):
+	// the MAXIMUM WRITE SAME LENGTH reported is this many bytes' worth
+	// of logical blocks (65536 blocks of 512 bytes). An initiator that
+	// wants to zero or deallocate more sends several commands, as Linux
+	// does from the limit it reads.
+	MaxWriteSameBytes = 32 << 20
 )
 
 // New returns a logical unit for cfg.
@@ -161,9 +181,16 @@ func New(cfg Config) (*LogicalUnit, error) {
 	if physExp > 15 {
 		return nil, fmt.Errorf("%w: physical block exponent %d", ErrInvalidConfig, physExp)
 	}
+	shift := uint(0)
+	for 1<<shift != bs {
+		shift++
+	}
 	maxXfer := cfg.MaxTransferBlocks
 	if maxXfer == 0 {
-		maxXfer = 65536
+		maxXfer = uint32(MaxTransferBytes >> shift)
+	}
+	if uint64(maxXfer)<<shift > MaxTransferBytes {
+		return nil, fmt.Errorf("%w: %d blocks of %d bytes exceed the %d-byte transfer limit", ErrInvalidConfig, maxXfer, bs, MaxTransferBytes)
 	}
 	lu := &LogicalUnit{
 		be:       cfg.Backend,
@@ -178,9 +205,8 @@ func New(cfg Config) (*LogicalUnit, error) {
 		readOnly: cfg.ReadOnly,
 		nexuses:  make(map[string]*nexusState),
 	}
-	for 1<<lu.bsShift != bs {
-		lu.bsShift++
-	}
+	lu.bsShift = shift
+	lu.maxWS = uint32(MaxWriteSameBytes >> lu.bsShift)
 	if lu.log == nil {
 		lu.log = slog.Default()
 	}

@@ -425,3 +425,183 @@ func TestReportSupportedOpcodesListsEveryCommand(t *testing.T) {
 		}
 	}
 }
+
+// sksField returns the sense-key specific field pointer of fixed or
+// descriptor sense data: valid, C/D and the byte it points at.
+func sksField(t *testing.T, sense []byte) (valid, cdb bool, field uint16) {
+	t.Helper()
+	if sense[0]&0x7f == 0x72 {
+		for d := sense[8:]; len(d) >= 2; d = d[2+int(d[1]):] {
+			if d[0] == 0x02 && len(d) >= 8 {
+				return d[4]&0x80 != 0, d[4]&0x40 != 0, binary.BigEndian.Uint16(d[5:7])
+			}
+		}
+		return false, false, 0
+	}
+	if len(sense) < 18 {
+		t.Fatalf("fixed sense data of %d bytes", len(sense))
+	}
+	return sense[15]&0x80 != 0, sense[15]&0x40 != 0, binary.BigEndian.Uint16(sense[16:18])
+}
+
+func writeSame10(lba uint32, n uint16, flags byte) []byte {
+	c := make([]byte, 10)
+	c[0], c[1] = opWriteSame10, flags
+	binary.BigEndian.PutUint32(c[2:6], lba)
+	binary.BigEndian.PutUint16(c[7:9], n)
+	return c
+}
+
+// countingBackend counts the bytes every backend call was asked to move.
+type countingBackend struct {
+	*memBackend
+	written, unmapped atomic.Int64
+}
+
+func (c *countingBackend) WriteAt(p []byte, off int64) (int, error) {
+	c.written.Add(int64(len(p)))
+	return c.memBackend.WriteAt(p, off)
+}
+
+func (c *countingBackend) UnmapAt(off, length int64) error {
+	c.unmapped.Add(length)
+	return c.memBackend.UnmapAt(off, length)
+}
+
+// TestWriteSameLengthIsBounded checks that WRITE SAME of zero blocks (which
+// would otherwise mean "to the end of the medium") and WRITE SAME longer
+// than the MAXIMUM WRITE SAME LENGTH are refused with INVALID FIELD IN CDB
+// pointing at the NUMBER OF LOGICAL BLOCKS field, without touching the
+// backend, and that the block limits page advertises WSNZ and the maximum.
+func TestWriteSameLengthIsBounded(t *testing.T) {
+	const size = 64 << 20 // larger than one maximal WRITE SAME
+	be := &countingBackend{memBackend: newMem(size)}
+	lu, err := New(Config{Backend: be, Name: "ws"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	attach(lu, nexA)
+	maxBlocks := uint32(MaxWriteSameBytes / 512)
+
+	r := lu.Execute(&Command{Nexus: nexA, CDB: []byte{opInquiry, 0x01, 0xb0, 0, 0xff, 0}})
+	expectGood(t, "INQUIRY block limits", r)
+	if r.Data[4]&0x01 == 0 {
+		t.Fatal("block limits page does not set WSNZ")
+	}
+	if got := binary.BigEndian.Uint64(r.Data[36:44]); got != uint64(maxBlocks) {
+		t.Fatalf("MAXIMUM WRITE SAME LENGTH %d, want %d", got, maxBlocks)
+	}
+
+	block := bytes.Repeat([]byte{0xa5}, 512)
+	for _, tc := range []struct {
+		name  string
+		cdb   []byte
+		data  []byte
+		field uint16
+	}{
+		{"WRITE SAME(10) 0 blocks", writeSame10(0, 0, 0), block, 7},
+		{"WRITE SAME(10) 0 blocks UNMAP", writeSame10(0, 0, 0x08), block, 7},
+		{"WRITE SAME(16) 0 blocks", cdb16(opWriteSame16, 0, 0, 0), block, 10},
+		{"WRITE SAME(16) 0 blocks UNMAP", cdb16(opWriteSame16, 0, 0, 0x08), block, 10},
+		{"WRITE SAME(16) 0 blocks NDOB", cdb16(opWriteSame16, 0, 0, 0x01), nil, 10},
+		{"WRITE SAME(16) over the maximum", cdb16(opWriteSame16, 0, maxBlocks+1, 0), block, 10},
+		{"WRITE SAME(16) over the maximum UNMAP", cdb16(opWriteSame16, 0, maxBlocks+1, 0x08), block, 10},
+	} {
+		r := lu.Execute(&Command{Nexus: nexA, CDB: tc.cdb, Data: tc.data})
+		expectSense(t, tc.name, r, KeyIllegalRequest, 0x24, 0)
+		valid, cd, field := sksField(t, r.Sense)
+		if !valid || !cd || field != tc.field {
+			t.Fatalf("%s: field pointer valid=%v cdb=%v byte %d, want CDB byte %d", tc.name, valid, cd, field, tc.field)
+		}
+	}
+	if w, u := be.written.Load(), be.unmapped.Load(); w != 0 || u != 0 {
+		t.Fatalf("refused WRITE SAMEs reached the backend: %d bytes written, %d unmapped", w, u)
+	}
+
+	// Descriptor-format sense carries the same pointer.
+	r = lu.Execute(&Command{Nexus: nexA, CDB: []byte{opModeSense6, 0x08, pageControl, 0, 255, 0}})
+	expectGood(t, "MODE SENSE control", r)
+	sel := append([]byte{0, 0, 0, 0}, r.Data[4:]...)
+	sel[4+2] |= 0x04 // D_SENSE
+	expectGood(t, "MODE SELECT D_SENSE", lu.Execute(&Command{Nexus: nexA, CDB: []byte{opModeSelect6, 0x10, 0, 0, byte(len(sel)), 0}, Data: sel}))
+	r = lu.Execute(&Command{Nexus: nexA, CDB: writeSame10(0, 0, 0), Data: block})
+	expectSense(t, "WRITE SAME(10) 0 blocks, descriptor sense", r, KeyIllegalRequest, 0x24, 0)
+	if valid, cd, field := sksField(t, r.Sense); !valid || !cd || field != 7 {
+		t.Fatalf("descriptor sense field pointer valid=%v cdb=%v byte %d", valid, cd, field)
+	}
+
+	// Exactly the maximum is accepted and writes exactly that much.
+	expectGood(t, "WRITE SAME(16) of the maximum", lu.Execute(&Command{Nexus: nexA, CDB: cdb16(opWriteSame16, 8, maxBlocks, 0), Data: block}))
+	if w := be.written.Load(); w != MaxWriteSameBytes {
+		t.Fatalf("WRITE SAME of the maximum wrote %d bytes, want %d", w, MaxWriteSameBytes)
+	}
+	if !bytes.Equal(be.data[(8+int(maxBlocks)-1)*512:(8+int(maxBlocks))*512], block) || !allZero(be.data[(8+int(maxBlocks))*512:(9+int(maxBlocks))*512]) {
+		t.Fatal("WRITE SAME of the maximum wrote the wrong blocks")
+	}
+	expectGood(t, "WRITE SAME(10) UNMAP of one block", lu.Execute(&Command{Nexus: nexA, CDB: writeSame10(8, 1, 0x08), Data: block}))
+	if u := be.unmapped.Load(); u != 512 {
+		t.Fatalf("WRITE SAME UNMAP of one block unmapped %d bytes", u)
+	}
+}
+
+// unmapCounter is a 1 GiB unit that stores nothing and counts unmapped
+// bytes.
+type unmapCounter struct {
+	memBackend
+	size     int64
+	unmapped atomic.Int64
+}
+
+func (u *unmapCounter) Size() int64 { return u.size }
+
+func (u *unmapCounter) UnmapAt(off, length int64) error {
+	u.unmapped.Add(length)
+	return nil
+}
+
+// TestUnmapLBACountBoundsTheWholeCommand checks that the MAXIMUM UNMAP LBA
+// COUNT limits the sum of an UNMAP's descriptors, not each one.
+func TestUnmapLBACountBoundsTheWholeCommand(t *testing.T) {
+	be := &unmapCounter{size: 1 << 30}
+	lu, err := New(Config{Backend: be, Name: "unmap"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	attach(lu, nexA)
+	param := make([]byte, 8+2*16)
+	binary.BigEndian.PutUint16(param[0:2], uint16(len(param)-2))
+	binary.BigEndian.PutUint16(param[2:4], 32)
+	binary.BigEndian.PutUint64(param[8:16], 0)
+	binary.BigEndian.PutUint32(param[16:20], maxUnmapBlocks)
+	binary.BigEndian.PutUint64(param[24:32], maxUnmapBlocks)
+	binary.BigEndian.PutUint32(param[32:36], 1)
+	cdb := []byte{opUnmap, 0, 0, 0, 0, 0, 0, 0, byte(len(param)), 0}
+	expectSense(t, "UNMAP over the maximum LBA count", lu.Execute(&Command{Nexus: nexA, CDB: cdb, Data: param}), KeyIllegalRequest, 0x26, 0)
+	if u := be.unmapped.Load(); u != 0 {
+		t.Fatalf("refused UNMAP unmapped %d bytes", u)
+	}
+	binary.BigEndian.PutUint32(param[16:20], maxUnmapBlocks-1)
+	expectGood(t, "UNMAP of exactly the maximum LBA count", lu.Execute(&Command{Nexus: nexA, CDB: cdb, Data: param}))
+	if u := be.unmapped.Load(); u != maxUnmapBlocks*512 {
+		t.Fatalf("UNMAP unmapped %d bytes", u)
+	}
+}
+
+// TestTransferLengthIsBoundedInBytes checks that the default MAXIMUM
+// TRANSFER LENGTH is MaxTransferBytes whatever the block size, and that a
+// larger configured limit is refused.
+func TestTransferLengthIsBoundedInBytes(t *testing.T) {
+	for _, bs := range []int{512, 4096} {
+		lu, err := New(Config{Backend: newMem(1 << 20), Name: "x", BlockSize: bs})
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := lu.Execute(&Command{CDB: []byte{opInquiry, 0x01, 0xb0, 0, 0xff, 0}})
+		if got := binary.BigEndian.Uint32(r.Data[8:12]); int(got)*bs != MaxTransferBytes {
+			t.Fatalf("block size %d: MAXIMUM TRANSFER LENGTH %d blocks", bs, got)
+		}
+	}
+	if _, err := New(Config{Backend: newMem(1 << 20), Name: "x", BlockSize: 4096, MaxTransferBlocks: MaxTransferBytes/4096 + 1}); !errors.Is(err, ErrInvalidConfig) {
+		t.Fatalf("transfer limit above %d bytes accepted: %v", MaxTransferBytes, err)
+	}
+}
