@@ -1,7 +1,7 @@
 // Package client is Cairn's volume library: it turns a volume of the cluster
-// into something that reads and writes like a disk (io.ReaderAt,
-// io.WriterAt, UnmapAt, Flush), for the NBD and iSCSI gateways, tools and
-// applications.
+// into something that reads and writes like a disk: a Volume is a
+// blockdev.Device (ReadAt, WriteAt, UnmapAt and Flush, each taking a context,
+// Size and Close), for the NBD and iSCSI gateways, tools and applications.
 //
 // A volume's byte range maps to segments (allocated by the MDS on the first
 // write into them), each segment to a fixed number of chunks, and each chunk
@@ -29,4 +29,10 @@
 //
 // A write returns only once it is durable on a quorum of its copyset, so
 // Flush has nothing to wait for beyond writes still in flight.
+//
+// Every IO takes the caller's context. When it ends, the client stops
+// retrying and returns its error promptly; closing the volume ends every IO
+// in the same way (with ErrClosed). A cancelled write has an unknown outcome
+// (it may have been applied in part or whole) but is never applied after
+// the call returned: see Volume.WriteAt.
 package client

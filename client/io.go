@@ -44,10 +44,12 @@ func (v *Volume) check(off, n int64) error {
 }
 
 // run runs f on every piece concurrently (bounded by MaxInflight) and
-// returns the first error.
-func (v *Volume) run(ps []piece, f func(ctx context.Context, p piece) error) error {
-	ctx, cancel := context.WithCancel(v.ctx)
+// returns the first error. The pieces' context ends when the caller's ctx
+// ends, when the volume is closed, or when a piece failed.
+func (v *Volume) run(caller context.Context, ps []piece, f func(ctx context.Context, p piece) error) error {
+	ctx, cancel := context.WithCancel(caller)
 	defer cancel()
+	defer context.AfterFunc(v.ctx, cancel)()
 	if len(ps) == 1 {
 		return f(ctx, ps[0])
 	}
@@ -77,8 +79,13 @@ func (v *Volume) run(ps []piece, f func(ctx context.Context, p piece) error) err
 		}(p)
 	}
 	wg.Wait()
-	if first == nil && ctx.Err() != nil && v.closed.Load() {
-		first = ErrClosed
+	if first == nil && ctx.Err() != nil {
+		// Pieces were left unsent because the caller gave up or the
+		// volume was closed.
+		first = caller.Err()
+		if first == nil || v.closed.Load() {
+			first = ErrClosed
+		}
 	}
 	return first
 }
@@ -94,7 +101,9 @@ func (v *Volume) finish(err error) error {
 }
 
 // ReadAt reads len(p) bytes at off. Never-written ranges read as zeros.
-func (v *Volume) ReadAt(p []byte, off int64) (int, error) {
+// When ctx ends first, ReadAt stops retrying and returns ctx's error; p then
+// holds nothing the caller may rely on.
+func (v *Volume) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 	if err := v.usable(false); err != nil {
 		return 0, err
 	}
@@ -104,7 +113,7 @@ func (v *Volume) ReadAt(p []byte, off int64) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	err := v.run(v.pieces(p, off), func(ctx context.Context, pc piece) error {
+	err := v.run(ctx, v.pieces(p, off), func(ctx context.Context, pc piece) error {
 		return v.r.readPiece(ctx, pc)
 	})
 	if err = v.finish(err); err != nil {
@@ -117,7 +126,19 @@ func (v *Volume) ReadAt(p []byte, off int64) (int, error) {
 
 // WriteAt writes p at off. It returns once the data is durable on a quorum
 // of every copyset it touches.
-func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
+//
+// When ctx ends first, WriteAt stops retrying and returns ctx's error
+// promptly (as it returns ErrClosed when the volume is closed). The outcome
+// of such a write is unknown: any of its pieces may have been applied, or
+// none. What is guaranteed is that nothing of it is proposed after a write
+// the caller issues once WriteAt has returned: by then every piece's chunk
+// request has been answered or cancelled; the cancellation reaches the
+// chunkserver on the same connection ahead of any later request, and the
+// chunkserver checks a request's context under the copyset lock it proposes
+// under, so it never proposes a request it has seen cancelled. A caller that
+// waits for a cancelled WriteAt to return may therefore write the same
+// blocks again and know the old data will not land on top.
+func (v *Volume) WriteAt(ctx context.Context, p []byte, off int64) (int, error) {
 	if err := v.usable(true); err != nil {
 		return 0, err
 	}
@@ -127,7 +148,7 @@ func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	err := v.run(v.pieces(p, off), func(ctx context.Context, pc piece) error {
+	err := v.run(ctx, v.pieces(p, off), func(ctx context.Context, pc piece) error {
 		return v.r.writePiece(ctx, pc)
 	})
 	if err = v.finish(err); err != nil {
@@ -141,7 +162,9 @@ func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
 // UnmapAt discards [off, off+length): the range reads as zeros afterwards.
 // Whole chunks are deleted (their files go back to the pools); partial
 // chunks are overwritten with zeros; never-allocated segments cost nothing.
-func (v *Volume) UnmapAt(off, length int64) error {
+// A cancelled ctx has the meaning it has for WriteAt: the range may be
+// partly unmapped, and nothing of it is unmapped after UnmapAt returned.
+func (v *Volume) UnmapAt(ctx context.Context, off, length int64) error {
 	if err := v.usable(true); err != nil {
 		return err
 	}
@@ -165,7 +188,7 @@ func (v *Volume) UnmapAt(off, length int64) error {
 		}
 		off += n
 	}
-	err := v.run(jobs, func(ctx context.Context, pc piece) error {
+	err := v.run(ctx, jobs, func(ctx context.Context, pc piece) error {
 		return v.r.unmapPiece(ctx, pc)
 	})
 	if err = v.finish(err); err != nil {

@@ -173,8 +173,11 @@ func (v *Volume) Stats() Stats {
 
 // Flush returns once every write that completed before it is durable. Writes
 // are durable on a quorum when they return, so Flush only reports whether the
-// handle is still usable.
-func (v *Volume) Flush() error {
+// handle is still usable (and ctx's error when it has ended).
+func (v *Volume) Flush(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	if v.closed.Load() {
 		return ErrClosed
 	}

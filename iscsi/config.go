@@ -1,35 +1,15 @@
 package iscsi
 
 import (
-	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"strings"
 	"time"
 
+	"cairn.io/cairn/blockdev"
 	"cairn.io/cairn/iscsi/scsi"
 )
-
-// Backend is the block store behind a LUN; see scsi.Backend. Cairn's client
-// volume implements it, and so does the NBD frontend's store.
-type Backend = scsi.Backend
-
-// Volume is a Backend the target closes when no session uses it any more.
-type Volume interface {
-	Backend
-	io.Closer
-}
-
-// Exports provides the volumes the server exports, one target each.
-type Exports interface {
-	// List returns the names of the exported volumes (for discovery).
-	List(ctx context.Context) ([]string, error)
-	// Open opens a volume for a target's sessions. It returns an error
-	// wrapping ErrNotFound when the volume does not exist.
-	Open(ctx context.Context, name string) (Volume, error)
-}
 
 // CHAP holds the secrets of one target (or of discovery). The JSON names
 // are those of a CHAP secrets file (ReadCHAPSecrets).
@@ -46,9 +26,6 @@ type CHAP struct {
 
 // Errors.
 var (
-	// ErrNotFound is wrapped by Exports.Open for an unknown volume; the
-	// login fails with "target not found".
-	ErrNotFound = errors.New("iscsi: volume not found")
 	// ErrServerClosed is returned by Serve after Close.
 	ErrServerClosed = errors.New("iscsi: server closed")
 	// ErrInvalidConfig is returned by NewServer for an unusable Config.
@@ -64,8 +41,10 @@ const DefaultAddr = "127.0.0.1:3260"
 
 // Config configures a Server. Zero values select the defaults noted.
 type Config struct {
-	// Exports lists and opens volumes. Required.
-	Exports Exports
+	// Exports lists and opens the volumes, one target each. Required. An
+	// Open that fails with an error wrapping blockdev.ErrNotFound fails the
+	// login with "target not found".
+	Exports blockdev.Catalog
 	// Addr is the listen address of ListenAndServe (default 127.0.0.1:3260).
 	Addr string
 	// IQNPrefix prefixes target names (default DefaultIQNPrefix).

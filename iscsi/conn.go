@@ -2,6 +2,7 @@ package iscsi
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"io"
 	"log/slog"
@@ -37,6 +38,17 @@ type conn struct {
 	nc  net.Conn
 	log *slog.Logger
 	rd  pdu.Reader
+
+	// ioCtx is the context of the backend calls of the connection's
+	// commands. It is cancelled when the connection dies (the initiator
+	// went away, did not answer a ping, or its session is reinstated),
+	// so that their IO stops instead of retrying for nobody; the
+	// connection's teardown then waits for every call to return.
+	ioCtx    context.Context
+	ioCancel context.CancelFunc
+	// keepIO is set by Server.Close before it drops a connection that did
+	// not log out in time: its commands run to completion instead.
+	keepIO atomic.Bool
 
 	// Set by login, read-only afterwards.
 	sess   *session
@@ -85,6 +97,7 @@ func newConn(s *Server, nc net.Conn) *conn {
 		closing: make(chan struct{}),
 		tasks:   make(map[uint32]*task),
 	}
+	c.ioCtx, c.ioCancel = context.WithCancel(context.Background())
 	c.rd.R = bufio.NewReaderSize(nc, 64<<10)
 	c.rd.MaxData = s.cfg.MaxRecvDataSegmentLength
 	c.lastRecv.Store(time.Now().UnixNano())
@@ -112,6 +125,7 @@ func (c *conn) isClosing() bool {
 // serve runs the connection: login, then full feature phase until the
 // connection ends, then tears the session down.
 func (c *conn) serve() {
+	defer c.ioCancel()
 	defer c.close()
 	if err := c.login(); err != nil {
 		if !errors.Is(err, io.EOF) && !c.isClosing() {
@@ -132,11 +146,24 @@ func (c *conn) serve() {
 	if err != nil && !c.isClosing() && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
 		c.log.Info("connection ended", "session", c.sess.tsih, "err", err)
 	}
+	if !c.keepIO.Load() {
+		// The connection is dead: nobody will read the answers, and a
+		// newer connection of the same initiator must not be overtaken
+		// by this one's retrying writes.
+		c.ioCancel()
+	}
 	c.close()
 	c.abortAll()
 	c.execWG.Wait()
 	<-writerDone
 	c.sess.end()
+}
+
+// abandon ends the connection and cancels the backend calls of its
+// commands (session reinstatement, an initiator that stopped answering).
+func (c *conn) abandon() {
+	c.ioCancel()
+	c.close()
 }
 
 // abortAll cancels every task of the connection (it is going away). Running
@@ -398,7 +425,7 @@ func (c *conn) pinger() {
 				c.mu.Unlock()
 				c.srv.stats.dropped.Add(1)
 				c.log.Warn("initiator did not answer NOP-In, dropping connection", "session", c.sess.tsih, "waited", now.Sub(sent).String())
-				c.close()
+				c.abandon()
 				return
 			}
 			var ping *pdu.PDU

@@ -3,11 +3,14 @@
 // devices, one target per volume named iqn.2026-11.io.cairn:<volume> with a
 // single LUN 0.
 //
-// The package is meant to be embedded in a gateway process. A Server takes
-// an Exports provider that lists volumes and opens them as Volumes (any
-// ReadAt/WriteAt/UnmapAt/Flush/Size store with Close); targets appear and
-// disappear as the provider's volumes do. A volume is opened when the first
-// session logs in to its target and closed when the last one ends.
+// The package is meant to be embedded in a gateway process and depends on
+// nothing of the cluster, only on package blockdev. A Server takes a
+// blockdev.Catalog that lists volumes and opens them as blockdev.Devices
+// (ReadAt, WriteAt, UnmapAt and Flush with a context, Size, Close); targets
+// appear and disappear as the catalog's volumes do. A volume is opened when
+// the first session logs in to its target and closed when the last one
+// ends. The backend calls of a command carry the context of its connection,
+// which is cancelled when the connection dies.
 //
 // # Protocol
 //

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"cairn.io/cairn/blockdev"
 	"cairn.io/cairn/iscsi/pdu"
 	"cairn.io/cairn/iscsi/scsi"
 )
@@ -313,7 +314,7 @@ func (c *conn) startSession(st *loginState) error {
 		t, err := c.srv.acquireTarget(ctx, st.volume)
 		cancel()
 		if err != nil {
-			if errors.Is(err, ErrNotFound) {
+			if errors.Is(err, blockdev.ErrNotFound) {
 				return &loginError{status: statusNotFound, err: err}
 			}
 			if errors.Is(err, ErrServerClosed) {

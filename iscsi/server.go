@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"cairn.io/cairn/blockdev"
 	"cairn.io/cairn/iscsi/scsi"
 )
 
@@ -69,7 +70,7 @@ type target struct {
 	name  string
 	iqn   string
 	ready chan struct{} // closed once vol/lu/err are set
-	vol   Volume
+	vol   blockdev.Device
 	lu    *scsi.LogicalUnit
 	err   error
 	refs  int // sessions holding the target, guarded by Server.mu
@@ -198,6 +199,7 @@ func (s *Server) Close() error {
 	case <-done:
 	case <-time.After(s.cfg.CloseTimeout):
 		for _, c := range conns {
+			c.keepIO.Store(true)
 			c.close()
 		}
 		<-done

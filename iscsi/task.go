@@ -344,7 +344,7 @@ func (c *conn) execute(t *task, data []byte) (resp scsi.Response, ok bool) {
 			ok = false
 		}
 	}()
-	return c.sess.target.lu.Execute(&scsi.Command{LUN: t.lun, Nexus: c.sess.nexus, CDB: t.cdb, Data: data}), true
+	return c.sess.target.lu.Execute(c.ioCtx, &scsi.Command{LUN: t.lun, Nexus: c.sess.nexus, CDB: t.cdb, Data: data}), true
 }
 
 // completeEarly answers a task with CHECK CONDITION without running it.

@@ -132,7 +132,7 @@ func TestInquiryVPDPagesWithIscsiInq(t *testing.T) {
 		{"0", []string{"Page:0x00 SUPPORTED_VPD_PAGES", "Page:0x80 UNIT_SERIAL_NUMBER", "Page:0x83 DEVICE_IDENTIFICATION", "Page:0xb0 BLOCK_LIMITS", "Page:0xb1 BLOCK_DEVICE_CHARACTERISTICS", "Page:0xb2 LOGICAL_BLOCK_PROVISIONING"}},
 		{"128", []string{"Unit Serial Number:["}},
 		{"131", []string{"Designator Type:(3) NAA", "Designator Type:(1) T10_VENDORT_ID", "Designator:[CAIRN", "Association:(0) LOGICAL_UNIT", "Designator Type:(4) RELATIVE_TARGET_PORT"}},
-		{"176", []string{"maximum compare and write length:255", "optimal transfer length granularity:8", "maximum transfer length:65536", "maximum unmap lba count:1048576", "maximum unmap block descriptor count:256", "optimal unmap granularity:8", "maximum write same length:4194304"}},
+		{"176", []string{"maximum compare and write length:255", "optimal transfer length granularity:8", "maximum transfer length:65536", "maximum unmap lba count:1048576", "maximum unmap block descriptor count:256", "optimal unmap granularity:8", "wsnz:1", "maximum write same length:65536"}},
 		{"177", []string{"Medium Rotation Rate:1RPM"}},
 		{"178", []string{"lbpu:1", "lbpws:1", "lbpws10:1", "lbprz:1", "provisioning type:2"}},
 	}
@@ -216,8 +216,7 @@ func qemuConvertCompare(t *testing.T, mutate func(*Config)) {
 	}
 	// And the backend file holds exactly the image.
 	eventually(t, 10*time.Second, "volume closed after the last session ended", func() bool {
-		v := tt.exports.volume("qemu")
-		return v != nil && v.closed.Load()
+		return tt.exports.closed("qemu")
 	})
 	got, err := os.ReadFile(filepath.Join(tt.exports.dir, "qemu"))
 	if err != nil {

@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"bufio"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -12,6 +13,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"cairn.io/cairn/blockdev"
 )
 
 // aLongTimeAgo is a read deadline in the past: it makes a blocked read return at once.
@@ -24,7 +27,7 @@ var aLongTimeAgo = time.Unix(1, 0)
 // into a pooled buffer, and runs in a goroutine of its own. A request's goroutine calls the
 // backend and writes the reply itself under wmu, so replies leave in completion order, not
 // arrival order. WRITE, TRIM and WRITE_ZEROES are numbered on arrival; a FLUSH waits for every
-// write that arrived before it to complete, then calls Backend.Flush.
+// write that arrived before it to complete, then calls the Device's Flush.
 type serverConn struct {
 	srv *Server
 	nc  net.Conn
@@ -49,21 +52,29 @@ type serverConn struct {
 	done     chan struct{}   // closed when the connection ends: workers exit
 	workers  int             // workers started; read and written by the request reader only
 
+	// ioCtx is the context of the connection's backend calls; ioCancel is called when the
+	// connection dies (see transmit).
+	ioCtx    context.Context
+	ioCancel context.CancelFunc
+
 	wmu         sync.Mutex // serialises replies on nc
 	writeFailed bool       // guarded by wmu: a reply could not be sent, the stream is broken
 }
 
 func newServerConn(s *Server, nc net.Conn) *serverConn {
-	return &serverConn{
+	c := &serverConn{
 		srv: s,
 		nc:  nc,
 		r:   bufio.NewReaderSize(nc, 64<<10),
 		log: s.log.With("remote", nc.RemoteAddr().String()),
 	}
+	c.ioCtx, c.ioCancel = context.WithCancel(context.Background())
+	return c
 }
 
 // serve runs the connection to its end and releases it.
 func (c *serverConn) serve() {
+	defer c.ioCancel()
 	st := &c.srv.stats
 	st.connectionsTotal.Add(1)
 	st.connections.Add(1)
@@ -322,25 +333,25 @@ func (c *serverConn) execute(op *operation) (res result) {
 			c.stop("backend panicked")
 		}
 	}()
-	exp := c.export.exp
+	exp, ctx := c.export.exp, c.ioCtx
 	off, length := int64(op.req.offset), int64(op.req.length)
 	fua := op.req.flags&cmdFlagFUA != 0
 	switch op.req.typ {
 	case cmdRead:
-		res.n, res.err = readFullAt(exp, *res.data, off)
+		res.n, res.err = readFullAt(ctx, exp, *res.data, off)
 		return res
 	case cmdWrite:
-		res.err = writeFullAt(exp, *op.payload, off)
+		res.err = writeFullAt(ctx, exp, *op.payload, off)
 		putBuffer(op.payload)
 	case cmdFlush:
 		c.writes.waitBefore(op.barrier)
-		if err := exp.Flush(); err != nil {
+		if err := exp.Flush(ctx); err != nil {
 			res.err = fmt.Errorf("flush: %w", err)
 		}
 		return res
 	case cmdTrim:
 		if length > 0 {
-			if err := exp.UnmapAt(off, length); err != nil {
+			if err := exp.UnmapAt(ctx, off, length); err != nil {
 				res.err = fmt.Errorf("unmap: %w", err)
 			}
 		}
@@ -348,14 +359,14 @@ func (c *serverConn) execute(op *operation) (res result) {
 		if length > 0 {
 			if op.req.flags&cmdFlagNoHole != 0 {
 				// The client wants the range provisioned: write real zeros.
-				res.err = writeZeroes(exp, off, length)
-			} else if err := exp.UnmapAt(off, length); err != nil {
+				res.err = writeZeroes(ctx, exp, off, length)
+			} else if err := exp.UnmapAt(ctx, off, length); err != nil {
 				res.err = fmt.Errorf("unmap: %w", err)
 			}
 		}
 	}
 	if res.err == nil && fua && length > 0 {
-		if err := exp.Flush(); err != nil {
+		if err := exp.Flush(ctx); err != nil {
 			res.err = fmt.Errorf("flush for FUA: %w", err)
 		}
 	}
@@ -363,11 +374,11 @@ func (c *serverConn) execute(op *operation) (res result) {
 }
 
 // readFullAt reads len(p) bytes or reports how many it got before the error.
-func readFullAt(b Backend, p []byte, off int64) (int, error) {
+func readFullAt(ctx context.Context, b blockdev.Device, p []byte, off int64) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	n, err := b.ReadAt(p, off)
+	n, err := b.ReadAt(ctx, p, off)
 	if n == len(p) {
 		return n, nil // io.ReaderAt may return io.EOF with a full read at the end
 	}
@@ -377,11 +388,11 @@ func readFullAt(b Backend, p []byte, off int64) (int, error) {
 	return max(0, min(n, len(p))), fmt.Errorf("read: %w", err)
 }
 
-func writeFullAt(b Backend, p []byte, off int64) error {
+func writeFullAt(ctx context.Context, b blockdev.Device, p []byte, off int64) error {
 	if len(p) == 0 {
 		return nil
 	}
-	n, err := b.WriteAt(p, off)
+	n, err := b.WriteAt(ctx, p, off)
 	if err == nil && n != len(p) {
 		err = io.ErrShortWrite
 	}
@@ -391,10 +402,10 @@ func writeFullAt(b Backend, p []byte, off int64) error {
 	return nil
 }
 
-func writeZeroes(b Backend, off, length int64) error {
+func writeZeroes(ctx context.Context, b blockdev.Device, off, length int64) error {
 	for length > 0 {
 		n := min(length, int64(len(zeroes)))
-		if err := writeFullAt(b, zeroes[:n], off); err != nil {
+		if err := writeFullAt(ctx, b, zeroes[:n], off); err != nil {
 			return fmt.Errorf("write zeroes at %d: %w", off, err)
 		}
 		off += n

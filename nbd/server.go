@@ -9,6 +9,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"cairn.io/cairn/blockdev"
 )
 
 // DefaultAddr is the address a gateway listens on when none is configured: the IANA NBD port on
@@ -33,8 +35,13 @@ const maxOptions = 10000
 
 // Config configures a Server.
 type Config struct {
-	// Exports provides the exports by name. Required.
-	Exports Exports
+	// Exports lists the exports and opens them by name, one Device per connection that enters
+	// transmission and per NBD_OPT_INFO. Required. An Open that fails with an error wrapping
+	// blockdev.ErrNotFound is answered with NBD_REP_ERR_UNKNOWN. An implementation that must not
+	// open a store twice (opening a Cairn volume for writing fences earlier openers) shares one
+	// open store among the Devices it returns. The server reads a Device's Size once per
+	// connection and closes the Device after the connection's last request returned.
+	Exports blockdev.Catalog
 	// Logger receives the server's structured logs. Default: slog.Default().
 	Logger *slog.Logger
 	// DefaultExport names the export a client gets when it asks for the empty name. Empty: the
@@ -49,9 +56,9 @@ type Config struct {
 	// once. At least MaxPayload. Default 64 MiB.
 	MaxInFlightBytes int64
 	// MultiConn advertises NBD_FLAG_CAN_MULTI_CONN, telling clients they may spread the requests of
-	// one export over several connections. Set it only when a Flush through any Export opened for a
-	// name makes durable every write completed through all other Exports of that name (true when
-	// the Exports share one backend, or when writes are durable on return as Cairn's are).
+	// one export over several connections. Set it only when a Flush through any Device opened for a
+	// name makes durable every write completed through all other Devices of that name (true when
+	// they share one store, or when writes are durable on return as Cairn's are).
 	MultiConn bool
 	// HandshakeTimeout bounds how long the server waits for each step of a client's handshake and
 	// for Exports calls made during it. Default 30 s.

@@ -1,6 +1,7 @@
 package scsi
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
@@ -8,25 +9,16 @@ import (
 	"log/slog"
 	"sync"
 	"sync/atomic"
+
+	"cairn.io/cairn/blockdev"
 )
 
-// Backend is the block store behind a logical unit. Offsets and lengths are
-// in bytes and always multiples of the logical block size. Calls may take
-// milliseconds and are made concurrently.
-type Backend interface {
-	// ReadAt reads len(p) bytes at off.
-	ReadAt(p []byte, off int64) (int, error)
-	// WriteAt writes p at off.
-	WriteAt(p []byte, off int64) (int, error)
-	// UnmapAt deallocates [off, off+length); the range reads as zeros
-	// afterwards.
-	UnmapAt(off, length int64) error
-	// Flush makes every completed write durable.
-	Flush() error
-	// Size returns the current size in bytes; it may grow while the unit
-	// is in use.
-	Size() int64
-}
+// Backend is the block store behind a logical unit: a blockdev.Device.
+// Offsets and lengths are multiples of the logical block size. Calls may
+// take milliseconds and are made concurrently, with the context of the
+// command (Execute's), which the transport cancels when the command's
+// connection dies. The unit never closes its Backend.
+type Backend = blockdev.Device
 
 // Config describes a logical unit.
 type Config struct {
@@ -412,7 +404,10 @@ func cdbLen(op byte) int {
 
 // Execute runs one command and returns its outcome. It never panics on a
 // malformed CDB; the result is a CHECK CONDITION with ILLEGAL REQUEST.
-func (lu *LogicalUnit) Execute(cmd *Command) Response {
+// Backend calls are made with ctx; when it ends they fail (the command then
+// reports a medium error nobody will read) and Execute returns once they
+// have returned.
+func (lu *LogicalUnit) Execute(ctx context.Context, cmd *Command) Response {
 	if len(cmd.CDB) == 0 {
 		return lu.checkCondition(senseInvalidOpcode)
 	}
@@ -427,12 +422,12 @@ func (lu *LogicalUnit) Execute(cmd *Command) Response {
 	cdb := cmd.CDB[:n]
 	var resp Response
 	resp.DataOutLen = lu.dataOutLen(cdb)
-	r := lu.execute(cmd, cdb)
+	r := lu.execute(ctx, cmd, cdb)
 	r.DataOutLen = resp.DataOutLen
 	return r
 }
 
-func (lu *LogicalUnit) execute(cmd *Command, cdb []byte) Response {
+func (lu *LogicalUnit) execute(ctx context.Context, cmd *Command, cdb []byte) Response {
 	op := cdb[0]
 	id := ""
 	if cmd.Nexus != nil {
@@ -479,7 +474,7 @@ func (lu *LogicalUnit) execute(cmd *Command, cdb []byte) Response {
 		case saReadCapacity16:
 			return lu.readCapacity16(cdb, blocks)
 		case saGetLBAStatus:
-			return lu.getLBAStatus(cdb, blocks)
+			return lu.getLBAStatus(ctx, cdb, blocks)
 		}
 		return lu.checkCondition(senseInvalidFieldInCDB)
 	case opMaintenanceIn:
@@ -492,28 +487,28 @@ func (lu *LogicalUnit) execute(cmd *Command, cdb []byte) Response {
 	case opModeSelect6, opModeSelect10:
 		return lu.modeSelect(cdb, cmd.Data, id)
 	case opStartStopUnit:
-		return lu.startStopUnit(cdb)
+		return lu.startStopUnit(ctx, cdb)
 	case opPreventAllow:
 		if cdb[4]&0x03 > 1 {
 			return lu.checkCondition(senseInvalidFieldInCDB)
 		}
 		return good(nil)
 	case opRead6, opRead10, opRead12, opRead16:
-		return lu.read(cdb, blocks)
+		return lu.read(ctx, cdb, blocks)
 	case opWrite6, opWrite10, opWrite12, opWrite16, opWriteVerify10, opWriteVerify12, opWriteVerify16:
-		return lu.write(cdb, cmd.Data, blocks)
+		return lu.write(ctx, cdb, cmd.Data, blocks)
 	case opVerify10, opVerify12, opVerify16:
-		return lu.verify(cdb, cmd.Data, blocks)
+		return lu.verify(ctx, cdb, cmd.Data, blocks)
 	case opCompareAndWrite:
-		return lu.compareAndWrite(cdb, cmd.Data, blocks)
+		return lu.compareAndWrite(ctx, cdb, cmd.Data, blocks)
 	case opOrWrite16:
-		return lu.orWrite(cdb, cmd.Data, blocks)
+		return lu.orWrite(ctx, cdb, cmd.Data, blocks)
 	case opWriteSame10, opWriteSame16:
-		return lu.writeSame(cdb, cmd.Data, blocks)
+		return lu.writeSame(ctx, cdb, cmd.Data, blocks)
 	case opUnmap:
-		return lu.unmap(cdb, cmd.Data, blocks)
+		return lu.unmap(ctx, cdb, cmd.Data, blocks)
 	case opSyncCache10, opSyncCache16:
-		return lu.syncCache(cdb)
+		return lu.syncCache(ctx, cdb)
 	case opPrefetch10, opPrefetch16:
 		return lu.prefetch(cdb, blocks)
 	case opReserve6, opReserve10:
@@ -556,12 +551,12 @@ func (lu *LogicalUnit) requestSenseData(cdb []byte, s Sense) Response {
 	return allocate(s.Encode(cdb[1]&0x01 != 0), int(cdb[4]))
 }
 
-func (lu *LogicalUnit) startStopUnit(cdb []byte) Response {
+func (lu *LogicalUnit) startStopUnit(ctx context.Context, cdb []byte) Response {
 	start := cdb[4]&0x01 != 0
 	noFlush := cdb[4]&0x04 != 0
 	pc := cdb[4] >> 4
 	if pc == 0 && !start && !noFlush {
-		if err := lu.be.Flush(); err != nil {
+		if err := lu.be.Flush(ctx); err != nil {
 			lu.log.Error("scsi: flush on stop failed", "unit", lu.name, "err", err)
 			return lu.checkCondition(senseWriteError)
 		}
