@@ -36,6 +36,14 @@
 // one for each command in flight, which bounds the memory and goroutines a
 // session can claim.
 //
+// A connection that dies (the initiator went away or stopped answering
+// pings) has the backend calls of its commands cancelled. Session
+// reinstatement (a login with the initiator name and ISID of a live
+// session) ends the old session the same way and the new login reaches
+// full feature phase only once every command of the old one has returned
+// from the backend, without a time cap, so that no old write lands after a
+// new one.
+//
 // The SCSI command set itself lives in package scsi; the wire format of PDUs
 // in package pdu.
 package iscsi

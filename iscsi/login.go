@@ -339,14 +339,20 @@ func (c *conn) startSession(st *loginState) error {
 	}
 	ss.tsih = tsih
 	for _, o := range old {
-		// Session reinstatement: the old session's commands finish
-		// (or are aborted) before the new one starts.
+		// Session reinstatement (RFC 7143 section 6.3.5): the old
+		// session's connection is ended, the backend calls of its
+		// commands are cancelled, and the new session waits for every one
+		// of them to return before it reaches full feature phase, so that
+		// no write of the old session lands after a write of the new one.
+		// There is no time cap: a write that could still land later
+		// would be worse than a slow login.
 		c.log.Info("reinstating session", "old_session", o.tsih)
-		o.conn.close()
-		select {
-		case <-o.endedCh:
-		case <-time.After(c.srv.cfg.LoginTimeout):
-		}
+		c.srv.stats.reinstating.Add(1)
+		o.conn.abandon()
+		o.waitEnded(c.log)
+		c.srv.stats.reinstating.Add(-1)
+		// The wait may outlast the login deadline.
+		c.nc.SetDeadline(time.Now().Add(c.srv.cfg.LoginTimeout))
 	}
 	if ss.target != nil {
 		ss.target.lu.AddNexus(ss.nexus)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"testing"
@@ -475,4 +476,68 @@ func TestDroppedTargetRefusesRejoin(t *testing.T) {
 	}
 	hold.Release()
 	eventually(t, 5*time.Second, "dropped volume closed", func() bool { return tt.exports.closed("gone") })
+}
+
+// TestReinstatementWaitsForTheOldSessionsWrites: a login that reinstates a
+// session (same initiator name and ISID) cancels the old session's commands
+// and does not complete before every one of them has returned from the
+// backend, so the old session's write A cannot land after the new
+// session's write B to the same block. The old connection is either still
+// open or already gone when the new login arrives.
+func TestReinstatementWaitsForTheOldSessionsWrites(t *testing.T) {
+	for _, oldGone := range []bool{false, true} {
+		t.Run(fmt.Sprintf("old connection closed first=%v", oldGone), func(t *testing.T) {
+			tt := startTarget(t, nil, map[string]int64{"re": 1 << 20})
+			dev := tt.exports.volume("re")
+			hold := dev.HoldAt(blockdevtest.OpWrite, 0)
+			t.Cleanup(hold.Release) // runs before the target closes, also when the test fails
+			a, b := bytes.Repeat([]byte{0xaa}, 4096), bytes.Repeat([]byte{0xbb}, 4096)
+
+			old := dialInitiator(t, tt.addr, tt.srv.TargetName("re"))
+			old.clearUA()
+			old.send(cdbWrite16(0, 8), a, 0, false)
+			<-hold.Entered()
+			if oldGone {
+				old.nc.Close()
+			}
+
+			// Once the new login waits and the old write's context is
+			// cancelled, record what the backend has done, then let the
+			// old write return (it lands, as in a store that had it in
+			// hand).
+			type seen struct {
+				writes    int64
+				cancelled bool
+			}
+			observed := make(chan seen, 1)
+			go func() {
+				deadline := time.Now().Add(20 * time.Second)
+				for (tt.srv.Stats().Reinstating == 0 || !hold.Cancelled()) && time.Now().Before(deadline) {
+					time.Sleep(time.Millisecond)
+				}
+				observed <- seen{dev.Count(blockdevtest.OpWrite), hold.Cancelled()}
+				hold.Release()
+			}()
+			in := dialInitiator(t, tt.addr, tt.srv.TargetName("re")) // same name and ISID
+			select {
+			case <-hold.Returned():
+			default:
+				t.Fatal("the reinstating login completed while the old session's write was inside the backend")
+			}
+			got := <-observed
+			if !got.cancelled || got.writes != 0 {
+				t.Fatalf("while the login waited: old write cancelled %v, %d writes performed", got.cancelled, got.writes)
+			}
+			in.clearUA()
+			if r := in.command(cdbWrite16(0, 8), b, 0); r.status != 0 {
+				t.Fatalf("new session's write: %s", describe(r))
+			}
+			if c := dev.Contents(0, 4096); !bytes.Equal(c, b) {
+				t.Fatalf("block 0 holds %#x..., want the newer write %#x...", c[0], b[0])
+			}
+			if st := tt.srv.Stats(); st.Sessions != 1 || st.Reinstating != 0 {
+				t.Fatalf("stats %+v", st)
+			}
+		})
+	}
 }

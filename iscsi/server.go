@@ -31,6 +31,7 @@ type Server struct {
 
 	stats struct {
 		commands, nopOuts, pings, dropped atomic.Uint64
+		reinstating                       atomic.Int64
 	}
 }
 
@@ -48,6 +49,10 @@ type Stats struct {
 	// DeadInitiators counts connections dropped because the initiator
 	// did not answer a ping within NopTimeout.
 	DeadInitiators uint64
+	// Reinstating is the number of logins waiting, before full feature
+	// phase, for the commands of the session they reinstate to return
+	// from the backend.
+	Reinstating int64
 }
 
 // Stats returns the current counters.
@@ -61,6 +66,7 @@ func (s *Server) Stats() Stats {
 		NopOuts:        s.stats.nopOuts.Load(),
 		Pings:          s.stats.pings.Load(),
 		DeadInitiators: s.stats.dropped.Load(),
+		Reinstating:    s.stats.reinstating.Load(),
 	}
 }
 

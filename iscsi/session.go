@@ -134,14 +134,15 @@ func (s *session) end() {
 	close(s.endedCh)
 }
 
+// reinstateLogInterval is how often a login waiting for a reinstated
+// session's commands says so.
+const reinstateLogInterval = 10 * time.Second
+
 // waitEnded blocks until the session has ended: its connection's commands
 // have all returned from the backend and it released what it holds. It
-// logs every logEvery (10 s when zero) while it waits.
-func (s *session) waitEnded(log *slog.Logger, logEvery time.Duration) {
-	if logEvery <= 0 {
-		logEvery = 10 * time.Second
-	}
-	t := time.NewTicker(logEvery)
+// logs every reinstateLogInterval while it waits.
+func (s *session) waitEnded(log *slog.Logger) {
+	t := time.NewTicker(reinstateLogInterval)
 	defer t.Stop()
 	start := time.Now()
 	for {

@@ -34,9 +34,11 @@ type serverConn struct {
 	r   *bufio.Reader
 	log *slog.Logger
 
-	dmu        sync.Mutex // guards stopReason, exportName and changes of the read deadline
-	stopReason string     // non-empty once the connection has been told to stop reading
-	exportName string     // the export in transmission, for DropExport
+	dmu        sync.Mutex    // guards stopReason, dead, exportName and changes of the read deadline
+	stopReason string        // non-empty once the connection has been told to stop reading
+	dead       bool          // the connection broke (a reply could not be sent, the backend panicked)
+	stopCh     chan struct{} // closed when stopReason is first set
+	exportName string        // the export in transmission, for DropExport
 
 	// Negotiated in the handshake.
 	noZeroes   bool
@@ -63,10 +65,11 @@ type serverConn struct {
 
 func newServerConn(s *Server, nc net.Conn) *serverConn {
 	c := &serverConn{
-		srv: s,
-		nc:  nc,
-		r:   bufio.NewReaderSize(nc, 64<<10),
-		log: s.log.With("remote", nc.RemoteAddr().String()),
+		srv:    s,
+		nc:     nc,
+		r:      bufio.NewReaderSize(nc, 64<<10),
+		log:    s.log.With("remote", nc.RemoteAddr().String()),
+		stopCh: make(chan struct{}),
 	}
 	c.ioCtx, c.ioCancel = context.WithCancel(context.Background())
 	return c
@@ -116,8 +119,30 @@ func (c *serverConn) stop(reason string) {
 	defer c.dmu.Unlock()
 	if c.stopReason == "" {
 		c.stopReason = reason
+		close(c.stopCh)
 	}
 	_ = c.nc.SetReadDeadline(aLongTimeAgo)
+}
+
+// kill stops a connection that broke: unlike stop (Close, DropExport), its requests in flight
+// are cancelled, as when the client goes away.
+func (c *serverConn) kill(reason string) {
+	c.dmu.Lock()
+	c.dead = true
+	c.dmu.Unlock()
+	c.stop(reason)
+}
+
+// died reports whether the reader's end, err, means the connection died: the client went away
+// without NBD_CMD_DISC, the stream broke, or the connection was killed; not a disconnect, nor a
+// stop by Close or DropExport.
+func (c *serverConn) died(err error) bool {
+	if errors.Is(err, errClientDisconnected) {
+		return false
+	}
+	c.dmu.Lock()
+	defer c.dmu.Unlock()
+	return c.stopReason == "" || c.dead
 }
 
 func (c *serverConn) stopped() string {
@@ -158,6 +183,16 @@ func (c *serverConn) transmit(opened *openedExport) {
 
 	var err error
 	defer func() {
+		// A connection that died has its requests cancelled: nobody reads their replies, and
+		// a retrying write must not land after a newer write from the client's next
+		// connection. That connection waits (waitDrained) until they all returned. A
+		// disconnect, Close and DropExport let the requests complete and answer instead.
+		if c.died(err) {
+			c.srv.beginDrain(opened.name)
+			c.ioCancel()
+			c.inflight.Wait()
+			c.srv.endDrain(opened.name)
+		}
 		// Also on a panic of the reader: the requests in flight still own the export.
 		c.inflight.Wait()
 		close(c.done)
@@ -174,6 +209,10 @@ func (c *serverConn) transmit(opened *openedExport) {
 			c.log.Info("nbd: connection closed", "reason", err)
 		}
 	}()
+	if !c.srv.waitDrained(c, opened.name) {
+		err = errors.New("stopped while waiting for a dead connection's requests")
+		return
+	}
 	err = c.readRequests()
 }
 
@@ -330,7 +369,7 @@ func (c *serverConn) execute(op *operation) (res result) {
 			c.log.Error("nbd: backend panicked; connection will close", "panic", r, "stack", string(debug.Stack()))
 			res.err = fmt.Errorf("backend panicked: %v", r)
 			res.n = 0
-			c.stop("backend panicked")
+			c.kill("backend panicked")
 		}
 	}()
 	exp, ctx := c.export.exp, c.ioCtx
@@ -515,14 +554,14 @@ func (c *serverConn) send(bufs ...[]byte) error {
 	}
 	if err := c.nc.SetWriteDeadline(time.Now().Add(c.srv.cfg.WriteTimeout)); err != nil {
 		c.writeFailed = true
-		c.stop("cannot set write deadline")
+		c.kill("cannot set write deadline")
 		return err
 	}
 	nb := net.Buffers(bufs)
 	if _, err := nb.WriteTo(c.nc); err != nil {
 		c.writeFailed = true
 		c.log.Info("nbd: reply not delivered; closing", "err", err)
-		c.stop("reply could not be sent")
+		c.kill("reply could not be sent")
 		return fmt.Errorf("send reply: %w", err)
 	}
 	return nil

@@ -33,7 +33,10 @@
 // Config.MaxInFlightBytes of payload, and each reply is written as soon as its request completes,
 // under a per-connection write lock: against a replicated backend where a call takes a
 // millisecond, queue depth turns into throughput. A FLUSH waits for every write-type request that
-// arrived before it to complete, then calls Device.Flush. Close stops reading requests, lets the
+// arrived before it to complete, then calls Device.Flush. A connection that dies (the client goes
+// away without NBD_CMD_DISC, a reply cannot be sent) has the contexts of its requests cancelled,
+// and a new connection to the same export reads no request until every one of them has returned,
+// so that an old write cannot land after a newer one. Close stops reading requests, lets the
 // requests in flight finish and answer, then closes connections and exports.
 //
 // docs/nbd.md covers the protocol coverage, limits and how to attach qemu, fio and nbdcopy.

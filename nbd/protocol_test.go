@@ -825,3 +825,80 @@ func faults(_ context.Context, c *blockdevtest.Call) error {
 	}
 	return nil
 }
+
+// TestDeadConnectionWriteDoesNotOvertakeNewerWrite: a write of a connection that died while the
+// write was inside the backend is cancelled, and a new connection to the same export reads no
+// request until that write has returned, so the old data A cannot land on top of the newer B.
+func TestDeadConnectionWriteDoesNotOvertakeNewerWrite(t *testing.T) {
+	for _, how := range []string{"hang up", "hang up after a refused request"} {
+		t.Run(how, func(t *testing.T) {
+			env := newTestEnv(t)
+			env.createExport("vol", testSize, nil)
+			dev := env.device("vol")
+			hold := dev.HoldAt(blockdevtest.OpWrite, 0)
+			t.Cleanup(hold.Release) // runs before the server closes, also when the test fails
+			a, b := bytes.Repeat([]byte{0xaa}, 4096), bytes.Repeat([]byte{0xbb}, 4096)
+
+			old := connect(t, env.addr, "vol", true)
+			old.send(0, cmdWrite, 0, 4096, a)
+			<-hold.Entered()
+			if how != "hang up" {
+				if r := old.do(0, cmdRead, 1, 512, nil); r.errno != errnoInval {
+					t.Fatalf("unaligned read: %s", errnoName(r.errno))
+				}
+			}
+			old.nc.Close() // the client dies without NBD_CMD_DISC
+			succeedsSoon(t, "the held write's context cancelled", hold.Cancelled)
+			if st := env.srv.Stats(); st.DeadConnections != 1 {
+				t.Fatalf("dead connections %d, want 1", st.DeadConnections)
+			}
+
+			c := connect(t, env.addr, "vol", true)
+			w := c.send(0, cmdWrite, 0, 4096, b)
+			succeedsSoon(t, "the new write reaching the backend or its connection waiting", func() bool {
+				return dev.InFlight() > 1 || dev.Count(blockdevtest.OpWrite) > 0 || env.srv.Stats().WaitingConnections == 1
+			})
+			if n := dev.Count(blockdevtest.OpWrite); n != 0 || dev.InFlight() != 1 {
+				t.Fatalf("the new connection's write reached the backend (%d writes performed, %d in flight) while the dead connection's write was held", n, dev.InFlight())
+			}
+			hold.Release() // the old write lands now, as a store that had it in hand would do
+			<-hold.Returned()
+			r, err := c.recv()
+			if err != nil || r.cookie != w || r.errno != 0 {
+				t.Fatalf("new write: %v %+v", err, r)
+			}
+			if got := dev.Contents(0, 4096); !bytes.Equal(got, b) {
+				t.Fatalf("block 0 holds %#x..., want the newer write %#x...", got[0], b[0])
+			}
+			if st := env.srv.Stats(); st.DeadConnections != 0 || st.WaitingConnections != 0 {
+				t.Fatalf("stats after the drain: %+v", st)
+			}
+		})
+	}
+}
+
+// TestDisconnectWaitsWithoutCancelling: NBD_CMD_DISC is not a death: the requests before it run to
+// completion with their contexts intact, and a new connection does not wait for them.
+func TestDisconnectWaitsWithoutCancelling(t *testing.T) {
+	env := newTestEnv(t)
+	env.createExport("vol", testSize, nil)
+	dev := env.device("vol")
+	hold := dev.HoldAt(blockdevtest.OpWrite, 0)
+	t.Cleanup(hold.Release)
+	old := connect(t, env.addr, "vol", false)
+	w := old.send(0, cmdWrite, 0, 4096, pattern(4096, 3))
+	<-hold.Entered()
+	old.send(0, cmdDisc, 0, 0, nil)
+	c := connect(t, env.addr, "vol", false)
+	if got := c.read(8192, 4096); !bytes.Equal(got, make([]byte, 4096)) {
+		t.Fatal("read on the new connection")
+	}
+	if hold.Cancelled() || env.srv.Stats().DeadConnections != 0 {
+		t.Fatal("a disconnect cancelled the requests before it")
+	}
+	hold.Release()
+	if r, err := old.recv(); err != nil || r.cookie != w || r.errno != 0 {
+		t.Fatalf("write before disconnect: %v %+v", err, r)
+	}
+	old.expectClosed()
+}

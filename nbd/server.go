@@ -104,11 +104,19 @@ type Stats struct {
 	ReadBytesTotal        uint64
 	WrittenBytesTotal     uint64 // WRITE payload bytes
 	RequestErrorsTotal    uint64 // requests answered with an error
+	// DeadConnections is the number of connections that died (the client went away without
+	// NBD_CMD_DISC, or a reply could not be sent) and still have requests in the backend, their
+	// contexts cancelled.
+	DeadConnections int64
+	// WaitingConnections is the number of connections that completed the handshake but read no
+	// request yet because a dead connection to the same export still has requests in the
+	// backend.
+	WaitingConnections int64
 }
 
 type counters struct {
 	connectionsTotal, handshakesFailed, protocolErrors                atomic.Uint64
-	connections, inFlight                                             atomic.Int64
+	connections, inFlight, dead, waiting                              atomic.Int64
 	reads, writes, flushes, trims, writeZeroes, readBytes, writeBytes atomic.Uint64
 	requestErrors                                                     atomic.Uint64
 }
@@ -127,6 +135,9 @@ type Server struct {
 		closed    bool
 		listeners map[net.Listener]struct{}
 		conns     map[*serverConn]struct{}
+		// draining holds, per export name, the dead connections whose requests are still in
+		// the backend; a new connection to the export waits for them (see transmit).
+		draining map[string]*drain
 	}
 	wg sync.WaitGroup // one per connection goroutine
 }
@@ -174,6 +185,7 @@ func NewServer(cfg Config) (*Server, error) {
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.mu.listeners = make(map[net.Listener]struct{})
 	s.mu.conns = make(map[*serverConn]struct{})
+	s.mu.draining = make(map[string]*drain)
 	return s, nil
 }
 
@@ -296,6 +308,8 @@ func (s *Server) Stats() Stats {
 		ReadBytesTotal:        c.readBytes.Load(),
 		WrittenBytesTotal:     c.writeBytes.Load(),
 		RequestErrorsTotal:    c.requestErrors.Load(),
+		DeadConnections:       c.dead.Load(),
+		WaitingConnections:    c.waiting.Load(),
 	}
 }
 
@@ -335,4 +349,73 @@ func (s *Server) trackConn(c *serverConn, add bool) bool {
 	s.mu.conns[c] = struct{}{}
 	s.wg.Add(1)
 	return true
+}
+
+// drain counts the dead connections of one export whose requests are still in the backend; done
+// is closed when the last of them returned.
+type drain struct {
+	n    int
+	done chan struct{}
+}
+
+// beginDrain registers a dead connection of export name whose requests are being cancelled.
+func (s *Server) beginDrain(name string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	d := s.mu.draining[name]
+	if d == nil {
+		d = &drain{done: make(chan struct{})}
+		s.mu.draining[name] = d
+	}
+	d.n++
+	s.stats.dead.Add(1)
+}
+
+// endDrain records that every request of one dead connection of name has returned.
+func (s *Server) endDrain(name string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	d := s.mu.draining[name]
+	s.stats.dead.Add(-1)
+	if d.n--; d.n == 0 {
+		delete(s.mu.draining, name)
+		close(d.done)
+	}
+}
+
+// drainLogInterval is how often a connection waiting for a dead connection's requests says so.
+const drainLogInterval = 10 * time.Second
+
+// waitDrained blocks until no dead connection of export name has requests in the backend. There
+// is no time limit: a write of the dead connection that landed after a write of this one would
+// overwrite newer data with older. It returns false when the server closes or c is stopped
+// first.
+func (s *Server) waitDrained(c *serverConn, name string) bool {
+	var t *time.Ticker
+	start := time.Now()
+	for {
+		s.mu.Lock()
+		d := s.mu.draining[name]
+		s.mu.Unlock()
+		if d == nil {
+			return true
+		}
+		if t == nil {
+			s.stats.waiting.Add(1)
+			defer s.stats.waiting.Add(-1)
+			t = time.NewTicker(drainLogInterval)
+			defer t.Stop()
+			c.log.Info("nbd: waiting for the requests of a dead connection to this export to return")
+		}
+		select {
+		case <-d.done:
+		case <-t.C:
+			c.log.Warn("nbd: still waiting for the requests of a dead connection to this export",
+				"waited", time.Since(start).Round(time.Second).String())
+		case <-s.ctx.Done():
+			return false
+		case <-c.stopCh:
+			return false
+		}
+	}
 }
