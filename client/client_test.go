@@ -391,3 +391,94 @@ func TestIOGoesOnWithoutTheMDS(t *testing.T) {
 		t.Fatalf("read with the MDS down: %v", err)
 	}
 }
+
+// TestInflightBytesStayWithinBudget: many large concurrent reads and writes
+// never have more bytes of chunk requests in flight than the volume's
+// budget; the IOs wait for room rather than fail, and all complete.
+func TestInflightBytesStayWithinBudget(t *testing.T) {
+	c := cluster.Start(t, cluster.Options{})
+	createVolume(t, c, "budget", seg)
+	const budget = 2 << 20
+	var mu sync.Mutex
+	var peak int64
+	v := open(t, c, "budget", client.Options{
+		MaxInflightBytes: budget,
+		TestingKnobs: client.TestingKnobs{OnInflightBytes: func(n int64) {
+			mu.Lock()
+			peak = max(peak, n)
+			mu.Unlock()
+		}},
+	})
+	const workers, size = 8, 4 << 20
+	var wg sync.WaitGroup
+	errs := make(chan error, 2*workers)
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			data := bytes.Repeat([]byte{byte(w + 1)}, size)
+			off := int64(w) * size
+			if _, err := v.WriteAt(ctx, data, off); err != nil {
+				errs <- err
+				return
+			}
+			got := make([]byte, size)
+			if _, err := v.ReadAt(ctx, got, off); err != nil {
+				errs <- err
+				return
+			}
+			if !bytes.Equal(got, data) {
+				errs <- fmt.Errorf("worker %d read back other data", w)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if peak > budget || peak == 0 {
+		t.Fatalf("peak bytes in flight %d, budget %d", peak, budget)
+	}
+	if n := v.Stats().InflightBytes; n != 0 {
+		t.Fatalf("%d bytes still counted in flight", n)
+	}
+}
+
+// TestCancelledIOStopsRetrying: with the copyset unable to elect a leader,
+// a write retries; when its context ends it returns the context's error,
+// not ErrTimeout after the retry timeout.
+func TestCancelledIOStopsRetrying(t *testing.T) {
+	c := cluster.Start(t, cluster.Options{})
+	createVolume(t, c, "cancel", seg)
+	v := open(t, c, "cancel", client.Options{RetryTimeout: 10 * time.Minute})
+	if _, err := v.WriteAt(ctx, make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	cancelled, cancel := context.WithCancel(ctx)
+	cancel()
+	if _, err := v.WriteAt(cancelled, make([]byte, 4096), 0); !errors.Is(err, context.Canceled) {
+		t.Fatalf("write with a cancelled context: %v", err)
+	}
+	// Two of three replicas down: no quorum, the write retries.
+	c.StopChunkServer(1)
+	c.StopChunkServer(2)
+	wctx, wcancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() {
+		_, err := v.WriteAt(wctx, bytes.Repeat([]byte{7}, 4096), 0)
+		done <- err
+	}()
+	cluster.SucceedsSoon(t, 30*time.Second, func() error {
+		if v.Stats().Retries == 0 {
+			return errors.New("no retry yet")
+		}
+		return nil
+	})
+	wcancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("retrying write after cancel: %v, want context.Canceled", err)
+	}
+}

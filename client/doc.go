@@ -9,7 +9,9 @@
 // client:
 //
 //   - splits every IO at chunk bounds (and into pieces small enough for one
-//     chunk request) and keeps many pieces in flight at once;
+//     chunk request) and keeps many pieces in flight at once, at most
+//     Options.MaxInflight of them and Options.MaxInflightBytes of data
+//     (64 MiB by default); an IO beyond that waits for earlier pieces;
 //   - allocates a segment at the MDS on the first write into it and caches
 //     the chunk -> copyset map, which never changes once allocated;
 //   - caches each copyset's members and leader, sends each piece to the

@@ -51,7 +51,7 @@ func (v *Volume) run(caller context.Context, ps []piece, f func(ctx context.Cont
 	defer cancel()
 	defer context.AfterFunc(v.ctx, cancel)()
 	if len(ps) == 1 {
-		return f(ctx, ps[0])
+		return v.runPiece(ctx, ps[0], f)
 	}
 	var wg sync.WaitGroup
 	var mu sync.Mutex
@@ -68,7 +68,7 @@ func (v *Volume) run(caller context.Context, ps []piece, f func(ctx context.Cont
 		go func(p piece) {
 			defer wg.Done()
 			defer func() { <-v.sem }()
-			if err := f(ctx, p); err != nil {
+			if err := v.runPiece(ctx, p, f); err != nil {
 				mu.Lock()
 				if first == nil || errors.Is(err, ErrFenced) {
 					first = err
@@ -88,6 +88,19 @@ func (v *Volume) run(caller context.Context, ps []piece, f func(ctx context.Cont
 		}
 	}
 	return first
+}
+
+// runPiece runs f on one piece once the piece's bytes fit in the volume's
+// budget of bytes in flight (Options.MaxInflightBytes).
+func (v *Volume) runPiece(ctx context.Context, p piece, f func(ctx context.Context, p piece) error) error {
+	n := int64(len(p.buf))
+	if n > 0 {
+		if err := v.budget.acquire(ctx, n); err != nil {
+			return err
+		}
+		defer v.budget.release(n)
+	}
+	return f(ctx, p)
 }
 
 func (v *Volume) finish(err error) error {

@@ -12,11 +12,12 @@ import (
 )
 
 // clientOpener opens volumes for writing through the client library.
-func clientOpener(mdsAddrs []string, name string, logger *slog.Logger) func(context.Context, string) (blockdev.Device, error) {
+func clientOpener(mdsAddrs []string, name string, maxInflightBytes int64, logger *slog.Logger) func(context.Context, string) (blockdev.Device, error) {
 	return func(ctx context.Context, volume string) (blockdev.Device, error) {
 		v, err := client.OpenWithOptions(ctx, mdsAddrs, volume, client.Options{
-			ClientName: name,
-			Logger:     logger,
+			ClientName:       name,
+			MaxInflightBytes: maxInflightBytes,
+			Logger:           logger,
 		})
 		if err != nil {
 			if errors.Is(err, client.ErrNotFound) {

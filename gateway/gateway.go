@@ -70,6 +70,10 @@ type Config struct {
 	Linger time.Duration
 	// ClientName names the gateway's sessions at the MDS (ListSessions).
 	ClientName string
+	// VolumeMaxInflightBytes bounds the data of the chunk requests in
+	// flight for each open volume (client.Options.MaxInflightBytes;
+	// default client.DefaultMaxInflightBytes, 64 MiB). IO beyond it waits.
+	VolumeMaxInflightBytes int64
 	// NBD and ISCSI tune the frontends; Exports, Logger and listen
 	// addresses are set by the gateway. NBD.MultiConn is always on: a
 	// Cairn write is durable when it returns, and all connections to a
@@ -160,7 +164,7 @@ func New(cfg Config) (*Gateway, error) {
 		}
 	}
 	if g.cfg.OpenVolume == nil {
-		g.cfg.OpenVolume = clientOpener(cfg.MDSAddrs, cfg.ClientName, cfg.Logger)
+		g.cfg.OpenVolume = clientOpener(cfg.MDSAddrs, cfg.ClientName, cfg.VolumeMaxInflightBytes, cfg.Logger)
 	}
 	conn, err := mdsclient.Dial(cfg.MDSAddrs, mdsclient.Options{Logger: g.log, RetryBudget: 10 * time.Second})
 	if err != nil {

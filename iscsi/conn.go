@@ -66,15 +66,17 @@ type conn struct {
 	lastRecv atomic.Int64
 
 	// Task state, guarded by mu.
-	mu       sync.Mutex
-	tasks    map[uint32]*task
-	nextTTT  uint32
-	pingTTT  uint32
-	pingSent time.Time
-	text     *textState
-	memUsed  int64          // buffer memory charged by tasks (see chargeLocked)
-	memWait  []*task        // tasks waiting for buffer memory
-	execWG   sync.WaitGroup // running command goroutines
+	mu        sync.Mutex
+	tasks     map[uint32]*task
+	nextTTT   uint32
+	pingTTT   uint32
+	pingSent  time.Time
+	text      *textState
+	memUsed   int64          // solicited data and read buffers charged by tasks (see chargeLocked)
+	unsolUsed int64          // unsolicited data buffers of tasks (see Config.MaxSessionBuffer)
+	immData   int            // immediate SCSI commands with data-out (at most immediateDataSlots)
+	memWait   []*task        // tasks waiting for buffer memory
+	execWG    sync.WaitGroup // running command goroutines
 }
 
 // outPDU is a PDU queued for the writer.
@@ -86,6 +88,9 @@ type outPDU struct {
 	keepStatSN bool
 	// closeAfter ends the connection once the PDU is sent (logout).
 	closeAfter bool
+	// after, when set, is called by the writer once the PDU is written
+	// (it releases the buffer memory of a read's data).
+	after func()
 }
 
 func newConn(s *Server, nc net.Conn) *conn {
@@ -325,6 +330,9 @@ func (c *conn) writer() {
 						c.close()
 						return
 					}
+				}
+				if o.after != nil {
+					o.after()
 				}
 				if o.closeAfter {
 					bw.Flush()

@@ -304,7 +304,7 @@ func (c *conn) startSession(st *loginState) error {
 		initiatorName: st.initiatorName,
 		targetIQN:     st.targetName,
 		discovery:     st.discovery,
-		depth:         uint32(c.srv.cfg.QueueDepth),
+		depth:         uint32(c.srv.lim.depth),
 		expCmdSN:      st.cmdSN,
 		ended:         false,
 	}
@@ -379,7 +379,7 @@ func (c *conn) loginResponse(req *pdu.PDU, st *loginState, transit bool, nsg byt
 	r.BHS.SetU32(pdu.OffStatSN, c.statSN)
 	c.statSN++
 	r.BHS.SetU32(pdu.OffExpCmdSN, st.cmdSN)
-	r.BHS.SetU32(pdu.OffMaxCmdSN, st.cmdSN+uint32(c.srv.cfg.QueueDepth)-1)
+	r.BHS.SetU32(pdu.OffMaxCmdSN, st.cmdSN+uint32(c.srv.lim.depth)-1)
 	r.BHS[36] = status.class
 	r.BHS[37] = status.detail
 	if err := pdu.Write(c.nc, r, false, false); err != nil {

@@ -18,6 +18,7 @@ import (
 // Server is an iSCSI target portal serving every volume of its Exports.
 type Server struct {
 	cfg Config
+	lim bufferLimits // derived from cfg.MaxSessionBuffer
 	log *slog.Logger
 
 	mu        sync.Mutex
@@ -92,6 +93,7 @@ func NewServer(cfg Config) (*Server, error) {
 	}
 	return &Server{
 		cfg:       cfg,
+		lim:       cfg.limits(),
 		log:       cfg.Logger.With("component", "iscsi"),
 		listeners: make(map[net.Listener]struct{}),
 		conns:     make(map[*conn]struct{}),
@@ -279,6 +281,7 @@ func (s *Server) acquireTarget(ctx context.Context, volume string) (*target, err
 		ucfg := s.cfg.Unit
 		ucfg.Backend = vol
 		ucfg.Name = volume
+		ucfg.MaxTransferBlocks = s.lim.maxXferBlocks
 		if ucfg.Logger == nil {
 			ucfg.Logger = s.log
 		}

@@ -175,7 +175,7 @@ func (c *serverConn) transmit(opened *openedExport) {
 		maxPayload: c.srv.cfg.MaxPayload,
 		structured: c.structured,
 	}
-	c.lim = newLimiter(c.srv.cfg.MaxInFlight, c.srv.cfg.MaxInFlightBytes)
+	c.lim = newLimiter(c.srv.cfg.MaxInFlight, c.srv.cfg.MaxInFlightBytes, &c.srv.stats.inFlightBytes, c.srv.cfg.TestingKnobs.OnInFlightBytes)
 	c.writes = newWriteTracker()
 	c.work, c.done = make(chan *operation), make(chan struct{})
 	c.setReadDeadline(time.Time{}) // a client may stay idle as long as it likes

@@ -15,6 +15,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"cairn.io/cairn/blockdev/blockdevtest"
 )
@@ -901,4 +902,55 @@ func TestDisconnectWaitsWithoutCancelling(t *testing.T) {
 		t.Fatalf("write before disconnect: %v %+v", err, r)
 	}
 	old.expectClosed()
+}
+
+// TestInFlightBytesStayWithinBudget: many large pipelined READs and WRITEs on one connection never
+// hold more payload than MaxInFlightBytes; the server stops reading instead of failing them, and
+// all complete with the right data.
+func TestInFlightBytesStayWithinBudget(t *testing.T) {
+	const payload, budget = 1 << 20, 2 << 20
+	var mu sync.Mutex
+	var peak int64
+	env := newTestEnv(t, func(c *Config) {
+		c.MaxPayload = payload
+		c.MaxInFlightBytes = budget
+		c.TestingKnobs.OnInFlightBytes = func(n int64) {
+			mu.Lock()
+			peak = max(peak, n)
+			mu.Unlock()
+		}
+	})
+	const n = 16
+	env.createExport("vol", 2*n*payload, nil)
+	env.device("vol").SetLatency(time.Millisecond)
+	c := connect(t, env.addr, "vol", true)
+	sent := make(chan struct{})
+	go func() {
+		defer close(sent)
+		for i := range n {
+			c.send(0, cmdWrite, uint64(i)*payload, payload, pattern(payload, byte(i)))
+			c.send(0, cmdRead, uint64(n+i)*payload, payload, nil)
+		}
+	}()
+	for range 2 * n {
+		r, err := c.recv()
+		if err != nil || r.errno != 0 {
+			t.Fatalf("reply: %v %+v", err, r)
+		}
+		if r.req.typ == cmdRead && !bytes.Equal(r.data, make([]byte, payload)) {
+			t.Fatal("read returned other data")
+		}
+	}
+	<-sent
+	for i := range n {
+		if !bytes.Equal(env.device("vol").Contents(int64(i)*payload, payload), pattern(payload, byte(i))) {
+			t.Fatalf("write %d not stored", i)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if peak > budget || peak < payload {
+		t.Fatalf("peak payload in flight %d, budget %d", peak, budget)
+	}
+	succeedsSoon(t, "no payload left in flight", func() bool { return env.srv.Stats().InFlightBytes == 0 })
 }

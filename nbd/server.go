@@ -53,7 +53,9 @@ type Config struct {
 	// MaxInFlight bounds the requests of one connection that run at once. Default 64.
 	MaxInFlight int
 	// MaxInFlightBytes bounds the READ and WRITE payload bytes of one connection held in memory at
-	// once. At least MaxPayload. Default 64 MiB.
+	// once: a request that would exceed it is not read (nor are the ones behind it) until earlier
+	// ones completed, so TCP flow control pushes back on the client. At least MaxPayload. Default
+	// 64 MiB.
 	MaxInFlightBytes int64
 	// MultiConn advertises NBD_FLAG_CAN_MULTI_CONN, telling clients they may spread the requests of
 	// one export over several connections. Set it only when a Flush through any Device opened for a
@@ -70,6 +72,15 @@ type Config struct {
 	// goroutine that answered it. It must be fast and safe for concurrent use; it is the hook for
 	// latency histograms.
 	OnRequest func(RequestEvent)
+	// TestingKnobs are hooks for tests; zero in production.
+	TestingKnobs TestingKnobs
+}
+
+// TestingKnobs are hooks for tests.
+type TestingKnobs struct {
+	// OnInFlightBytes, when set, is called with a connection's payload bytes in flight each time a
+	// request is admitted.
+	OnInFlightBytes func(int64)
 }
 
 // RequestEvent describes one answered transmission request, for Config.OnRequest.
@@ -96,6 +107,7 @@ type Stats struct {
 	HandshakesFailedTotal uint64 // connections that ended before transmission for a reason other than the client's choice
 	ProtocolErrorsTotal   uint64 // connections dropped for a protocol violation
 	InFlight              int64  // requests running now, all connections
+	InFlightBytes         int64  // READ and WRITE payload bytes held now, all connections
 	ReadsTotal            uint64
 	WritesTotal           uint64
 	FlushesTotal          uint64
@@ -116,7 +128,7 @@ type Stats struct {
 
 type counters struct {
 	connectionsTotal, handshakesFailed, protocolErrors                atomic.Uint64
-	connections, inFlight, dead, waiting                              atomic.Int64
+	connections, inFlight, inFlightBytes, dead, waiting               atomic.Int64
 	reads, writes, flushes, trims, writeZeroes, readBytes, writeBytes atomic.Uint64
 	requestErrors                                                     atomic.Uint64
 }
@@ -300,6 +312,7 @@ func (s *Server) Stats() Stats {
 		HandshakesFailedTotal: c.handshakesFailed.Load(),
 		ProtocolErrorsTotal:   c.protocolErrors.Load(),
 		InFlight:              c.inFlight.Load(),
+		InFlightBytes:         c.inFlightBytes.Load(),
 		ReadsTotal:            c.reads.Load(),
 		WritesTotal:           c.writes.Load(),
 		FlushesTotal:          c.flushes.Load(),

@@ -73,10 +73,12 @@ func (lu *LogicalUnit) dataOutLen(cdb []byte) int {
 	return 0
 }
 
-// DataInLen returns the size of the buffer the command reads from the
-// backend (READ, VERIFY with BYTCHK, COMPARE AND WRITE, ORWRITE), so a
-// transport can account for it before running the command; 0 for others
-// and for transfers the unit refuses as too long.
+// DataInLen returns the size of the buffers the command allocates in the
+// unit: the data-in of READ, the medium read of VERIFY with BYTCHK, COMPARE
+// AND WRITE and ORWRITE, the pattern buffer of WRITE SAME and the scan of
+// GET LBA STATUS, so a transport can account for them before running the
+// command; 0 for other commands (their data-in is at most a few KiB) and for
+// transfers the unit refuses as too long.
 func (lu *LogicalUnit) DataInLen(cdb []byte) int {
 	if len(cdb) == 0 || cdbLen(cdb[0]) == 0 || len(cdb) < cdbLen(cdb[0]) {
 		return 0
@@ -92,6 +94,16 @@ func (lu *LogicalUnit) DataInLen(cdb []byte) int {
 		}
 	case opCompareAndWrite:
 		n = uint32(cdb[13])
+	case opWriteSame10, opWriteSame16:
+		_, count := writeSameFields(cdb)
+		if cdb[1]&0x08 != 0 || count > lu.maxWS {
+			return 0
+		}
+		return int(min(int64(count)<<lu.bsShift, writeSameChunk))
+	case opServiceActionIn16:
+		if cdb[1]&0x1f == saGetLBAStatus {
+			return zeroScanBytes
+		}
 	}
 	if n > lu.maxXfer {
 		return 0

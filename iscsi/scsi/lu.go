@@ -148,7 +148,8 @@ const (
 
 	// MaxWriteSameBytes bounds one WRITE SAME (with or without UNMAP):
 	// the MAXIMUM WRITE SAME LENGTH reported is this many bytes' worth
-	// of logical blocks (65536 blocks of 512 bytes). An initiator that
+	// of logical blocks (65536 blocks of 512 bytes), or the MAXIMUM
+	// TRANSFER LENGTH when that is smaller. An initiator that
 	// wants to zero or deallocate more sends several commands, as Linux
 	// does from the limit it reads.
 	MaxWriteSameBytes = 32 << 20
@@ -198,7 +199,9 @@ func New(cfg Config) (*LogicalUnit, error) {
 		nexuses:  make(map[string]*nexusState),
 	}
 	lu.bsShift = shift
-	lu.maxWS = uint32(MaxWriteSameBytes >> lu.bsShift)
+	// Initiators (libiscsi's conformance suite among them) expect to be
+	// able to write back what one WRITE SAME may cover.
+	lu.maxWS = min(uint32(MaxWriteSameBytes>>lu.bsShift), maxXfer)
 	if lu.log == nil {
 		lu.log = slog.Default()
 	}
