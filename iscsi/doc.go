@@ -33,8 +33,13 @@
 // its own goroutine against the logical unit (package scsi), so commands
 // complete out of order within the window and a queue depth of N keeps N
 // backend calls in flight. The window (MaxCmdSN - ExpCmdSN + 1) shrinks by
-// one for each command in flight, which bounds the memory and goroutines a
-// session can claim.
+// one for each command in flight, which bounds the goroutines a session can
+// claim. Its data buffers are bounded in bytes by Config.MaxSessionBuffer:
+// half is reserved for the unsolicited data the window lets the initiator
+// send, the other half is charged once per command (before its first R2T,
+// or before a read runs, until its data is sent); a command that does not
+// fit waits without holding up the reader, so back-pressure is the window
+// and the R2Ts the target withholds.
 //
 // A connection that dies (the initiator went away or stopped answering
 // pings) has the backend calls of its commands cancelled. Session
