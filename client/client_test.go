@@ -7,10 +7,17 @@ import (
 	"fmt"
 	"math/rand"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"cairn.io/cairn/api/chunkpb"
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/chunkserver"
 	"cairn.io/cairn/client"
 	"cairn.io/cairn/test/cluster"
 )
@@ -480,5 +487,47 @@ func TestCancelledIOStopsRetrying(t *testing.T) {
 	wcancel()
 	if err := <-done; !errors.Is(err, context.Canceled) {
 		t.Fatalf("retrying write after cancel: %v, want context.Canceled", err)
+	}
+}
+
+// TestFencedSessionFencesTheHandle: when no chunkserver can confirm epochs
+// (all cut off from the MDS, their epoch leases run out), a fenced writer's
+// IO is answered UNAVAILABLE, never EPOCH_TOO_OLD. It must still learn that
+// it is fenced, from the MDS refusing its session, and fail with ErrFenced
+// instead of retrying until its deadline.
+func TestFencedSessionFencesTheHandle(t *testing.T) {
+	var cut atomic.Bool
+	c := cluster.Start(t, cluster.Options{EpochLease: time.Second, Tune: func(i int, cfg *chunkserver.Config) {
+		cfg.TestingKnobs = chunkserver.TestingKnobs{
+			InterceptHeartbeat: func(ctx context.Context, call func(context.Context) (*mdspb.HeartbeatResponse, error)) (*mdspb.HeartbeatResponse, error) {
+				if cut.Load() {
+					return nil, status.Error(codes.Unavailable, "test: heartbeats cut")
+				}
+				return call(ctx)
+			},
+			UnaryInterceptor: func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+				if cut.Load() && info.FullMethod == chunkpb.ChunkService_UpdateEpoch_FullMethodName {
+					return nil, status.Error(codes.Unavailable, "test: the MDS cannot reach this chunkserver")
+				}
+				return h(ctx, req)
+			},
+		}
+	}})
+	createVolume(t, c, "fence2", seg)
+	a := open(t, c, "fence2", client.Options{ClientName: "a", RetryTimeout: 2 * time.Minute})
+	if _, err := a.WriteAt(ctx, bytes.Repeat([]byte("a"), 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	cut.Store(true)
+	b := open(t, c, "fence2", client.Options{ClientName: "b"})
+	wctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	if _, err := a.WriteAt(wctx, bytes.Repeat([]byte("x"), 4096), 0); !errors.Is(err, client.ErrFenced) {
+		t.Fatalf("write of the fenced client: %v, want ErrFenced", err)
+	}
+	cut.Store(false)
+	got := make([]byte, 4096)
+	if _, err := b.ReadAt(ctx, got, 0); err != nil || !bytes.Equal(got, bytes.Repeat([]byte("a"), 4096)) {
+		t.Fatalf("the fenced write changed data (%v)", err)
 	}
 }

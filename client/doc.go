@@ -22,8 +22,10 @@
 //     backoff until Options.RetryTimeout, instead of failing the IO;
 //   - carries the volume's epoch, obtained when it opened the volume for
 //     writing: when another client opens the volume for writing, the
-//     chunkservers answer EPOCH_TOO_OLD and every later IO fails with
-//     ErrFenced at once, never retried;
+//     chunkservers answer EPOCH_TOO_OLD (or, one cut off from the MDS
+//     whose epoch lease ran out, UNAVAILABLE, and then the MDS refuses the
+//     handle's session renewal) and every later IO fails with ErrFenced at
+//     once, never retried;
 //   - reads never-written ranges (unallocated segments, missing chunks) as
 //     zeros;
 //   - renews its MDS session in the background and follows the volume's

@@ -246,8 +246,18 @@ func (v *Volume) refreshLoop() {
 		resp, err := v.mds.Volumes().RefreshSession(ctx, &mdspb.RefreshSessionRequest{Name: v.name, SessionId: v.session})
 		cancel()
 		if err != nil {
-			// IO goes on without the MDS: the epoch, not the session,
-			// keeps writers apart.
+			if v.epoch != 0 && status.Code(err) == codes.FailedPrecondition {
+				// The MDS fenced the session: the volume was opened for
+				// writing again. Chunkservers that cannot confirm epochs
+				// (cut off from the MDS) answer this handle's writes with
+				// UNAVAILABLE, not EPOCH_TOO_OLD; it learns it here.
+				if !v.fenced.Swap(true) {
+					v.log.Warn("volume opened for writing elsewhere; this handle is fenced", "detail", err)
+				}
+				continue
+			}
+			// IO goes on without the MDS while the chunkservers' epoch
+			// leases last: the epoch, not the session, keeps writers apart.
 			v.log.Warn("cannot renew the volume session", "err", err)
 			continue
 		}
