@@ -291,8 +291,8 @@ func (tc *testCluster) allApplied(ids []GroupID, d time.Duration) {
 				}
 			}
 			slices.Sort(stats)
-			tc.t.Fatalf("after %s, %d of %d copysets have replicas at different applied indexes (node=applied, * leads):\n%s\ntransport:\n%s\nfirst lagging copyset:%s",
-				d, len(lag), len(ids), strings.Join(lag, "\n"), strings.Join(stats, "\n"), tc.describe(first))
+			tc.t.Fatalf("after %s, %d of %d copysets have replicas at different applied indexes (node=applied, * leads):\n%s\ntransport:\n%s\nfirst lagging copyset:%s\nworkers:\n%s",
+				d, len(lag), len(ids), strings.Join(lag, "\n"), strings.Join(stats, "\n"), tc.describe(first), workerStacks())
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -336,4 +336,19 @@ func TestGoroutinesFlat(t *testing.T) {
 	if _, err := c.Write(context.Background(), 1, 1, 1, 0, make([]byte, 512)); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// workerStacks returns the stacks of the goroutines running Raft and apply
+// workers, to show what holds them when copysets stop moving.
+func workerStacks() string {
+	buf := make([]byte, 8<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	var out []string
+	for _, g := range strings.Split(string(buf), "\n\n") {
+		busy := strings.Contains(g, "applyWorker") || strings.Contains(g, "raftWorker") || strings.Contains(g, "(*Engine).ticker")
+		if busy && !strings.Contains(g, "(*workQueue).pop") {
+			out = append(out, g)
+		}
+	}
+	return strings.Join(out, "\n\n")
 }

@@ -306,3 +306,35 @@ func TestSegmentIsSyncedBeforeTheNextHeader(t *testing.T) {
 		t.Fatalf("%d of %d segments were started while earlier writes were not yet synced", dirty, headers)
 	}
 }
+
+// TestDroppedLastSegmentNumberIsReused: a last segment whose header never
+// reached the disk is dropped at recovery, and the next segment takes its
+// number. Skipping it left a hole between the segments before and after,
+// and the next recovery refused the log as corrupt.
+func TestDroppedLastSegmentNumberIsReused(t *testing.T) {
+	dir := t.TempDir()
+	src := &zeroSource{size: 32 << 10}
+	w, _ := openWAL(t, dir, src)
+	fillSegments(t, w, 1, 1, 90, 1000)
+	w.Close()
+	segs := segmentFiles(t, dir)
+	if len(segs) < 3 {
+		t.Fatalf("only %d segments", len(segs))
+	}
+	// A crash right after a rollover: the new segment holds the zeros of a
+	// formatted file.
+	last := segs[len(segs)-1]
+	if err := os.WriteFile(last, make([]byte, src.size), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	w, logs := openWAL(t, dir, src)
+	kept := len(logs[1].Entries)
+	// Append until the log rolls over into a new segment.
+	fillSegments(t, w, 1, uint64(kept)+1, 40, 1000)
+	w.Close()
+	w, logs = openWAL(t, dir, src)
+	defer w.Close()
+	if got := len(logs[1].Entries); got != kept+40 {
+		t.Fatalf("recovered %d entries, want %d", got, kept+40)
+	}
+}

@@ -56,7 +56,6 @@ func (w *WAL) recover() (map[uint64]*GroupLog, error) {
 	for i, fi := range found {
 		last := i == len(found)-1
 		path := filepath.Join(w.opts.Dir, fi.name)
-		w.nextSeq = max(w.nextSeq, fi.seq+1)
 		f, err := os.OpenFile(path, os.O_RDWR, 0)
 		if err != nil {
 			return nil, fmt.Errorf("wal: open %s: %w", fi.name, err)
@@ -84,8 +83,12 @@ func (w *WAL) recover() (map[uint64]*GroupLog, error) {
 			if err := w.opts.Source.Recycle(path); err != nil {
 				return nil, fmt.Errorf("wal: recycle %s: %w", fi.name, err)
 			}
+			// Its number is used again by the next segment: the log must
+			// stay a run of consecutive numbers.
+			w.nextSeq = max(w.nextSeq, fi.seq)
 			continue
 		}
+		w.nextSeq = max(w.nextSeq, fi.seq+1)
 		seg := &segment{seq: seq, path: path, f: f, groups: make(map[uint64]*segGroup)}
 		w.mu.segs = append(w.mu.segs, seg)
 		off := int64(headerBlockSize)
