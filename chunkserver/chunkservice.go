@@ -179,7 +179,7 @@ func (s *Server) writeChunk(ctx context.Context, req *chunkpb.WriteChunkRequest)
 	wctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
 	defer cancel()
 	p, e := s.propose(c, req.GetVolumeId(), req.GetEpoch(), func(fence copyset.Fence) (*copyset.Proposal, error) {
-		return c.ProposeWrite(wctx, fence, req.GetChunkId(), req.GetVolumeId(), req.GetEpoch(), int64(req.GetOffset()), req.GetData())
+		return c.ProposeWrite(wctx, fence, clientRequest(req.GetRequest()), req.GetChunkId(), req.GetVolumeId(), req.GetEpoch(), int64(req.GetOffset()), req.GetData())
 	})
 	if e != nil {
 		return 0, e
@@ -289,7 +289,7 @@ func (s *Server) deleteChunk(ctx context.Context, req *chunkpb.DeleteChunkReques
 	wctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
 	defer cancel()
 	p, e := s.propose(c, req.GetVolumeId(), req.GetEpoch(), func(fence copyset.Fence) (*copyset.Proposal, error) {
-		return c.ProposeDelete(wctx, fence, req.GetChunkId(), req.GetVolumeId(), req.GetEpoch())
+		return c.ProposeDelete(wctx, fence, clientRequest(req.GetRequest()), req.GetChunkId(), req.GetVolumeId(), req.GetEpoch())
 	})
 	if e != nil {
 		return e
@@ -409,6 +409,11 @@ func (cs *chunkService) UpdateEpoch(ctx context.Context, req *chunkpb.UpdateEpoc
 	}
 	s.log.Info("volume epoch updated", "volume", req.GetVolumeId(), "epoch", cur)
 	return &chunkpb.UpdateEpochResponse{Epoch: cur}, nil
+}
+
+// clientRequest converts the request's identity for the copyset.
+func clientRequest(r *chunkpb.ClientRequest) copyset.ClientRequest {
+	return copyset.ClientRequest{Client: r.GetClientId(), Seq: r.GetSeq(), Low: r.GetLowSeq()}
 }
 
 func statusOf(e *reqError) chunkpb.Status {

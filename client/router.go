@@ -347,10 +347,12 @@ func (r *router) writePiece(ctx context.Context, pc piece) error {
 	if err != nil {
 		return err
 	}
+	seq := v.reqs.begin()
+	defer v.reqs.end(seq)
 	_, err = r.call(ctx, ref.GetCopyset(), func(ctx context.Context, cl chunkpb.ChunkServiceClient) (outcome, error) {
 		resp, err := cl.WriteChunk(ctx, &chunkpb.WriteChunkRequest{
 			Copyset: ref.GetCopyset(), ChunkId: ref.GetChunkId(), VolumeId: v.id, Epoch: v.epoch,
-			Offset: uint64(pc.off), Data: pc.buf,
+			Offset: uint64(pc.off), Data: pc.buf, Request: v.reqs.attempt(seq),
 		})
 		return outcome{resp.GetStatus(), resp.GetLeader(), resp.GetMessage()}, err
 	})
@@ -403,9 +405,12 @@ func (r *router) unmapPiece(ctx context.Context, pc piece) error {
 	if pc.buf != nil {
 		return r.writePiece(ctx, pc)
 	}
+	seq := v.reqs.begin()
+	defer v.reqs.end(seq)
 	_, err = r.call(ctx, ref.GetCopyset(), func(ctx context.Context, cl chunkpb.ChunkServiceClient) (outcome, error) {
 		resp, err := cl.DeleteChunk(ctx, &chunkpb.DeleteChunkRequest{
 			Copyset: ref.GetCopyset(), ChunkId: ref.GetChunkId(), VolumeId: v.id, Epoch: v.epoch,
+			Request: v.reqs.attempt(seq),
 		})
 		return outcome{resp.GetStatus(), resp.GetLeader(), resp.GetMessage()}, err
 	})

@@ -78,7 +78,8 @@ type Volume struct {
 	pieceSize int64
 	size      atomic.Int64
 
-	r *router
+	r    *router
+	reqs *requests // numbers writes and deletes for at-most-once application
 
 	sem    chan struct{}
 	budget byteBudget // bytes of pieces in flight
@@ -162,6 +163,7 @@ func OpenWithOptions(ctx context.Context, mdsAddrs []string, volume string, o Op
 	v.budget = byteBudget{max: max(o.MaxInflightBytes, v.pieceSize), observe: o.TestingKnobs.OnInflightBytes}
 	v.size.Store(int64(vol.GetSize()))
 	v.r = newRouter(v)
+	v.reqs = newRequests()
 	if v.lease <= 0 {
 		v.lease = 30 * time.Second
 	}

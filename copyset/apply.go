@@ -183,13 +183,30 @@ func (c *Copyset) applyEntries(ents []*raftpb.Entry) (int, error) {
 	return len(ents), nil
 }
 
-// applyCommand applies one write or delete to the chunk files.
+// applyCommand applies one write or delete to the chunk files, unless its
+// client request was applied before.
 func (c *Copyset) applyCommand(en *raftpb.Entry) error {
+	applied, err := c.execCommand(en, c.sm.dedup)
+	if applied {
+		c.sm.bytesSince += uint64(len(en.GetData()))
+	}
+	return err
+}
+
+// execCommand applies one command entry against the table of applied
+// requests t, which it updates. It reports whether it wrote (false for an
+// entry skipped as a repeat, or undecodable).
+func (c *Copyset) execCommand(en *raftpb.Entry, t *dedupTable) (bool, error) {
 	cmd, err := decodeCommand(en.GetData())
 	if err != nil {
 		// Every replica sees the same bytes; skipping is deterministic.
 		c.log.Error("skipping undecodable entry", "index", en.GetIndex(), "err", err)
-		return nil
+		return false, nil
+	}
+	t.advance(cmd.req, en.GetIndex())
+	if t.applied(cmd.req) {
+		c.repeats.Add(1)
+		return false, nil
 	}
 	switch cmd.op {
 	case opWrite:
@@ -198,10 +215,10 @@ func (c *Copyset) applyCommand(en *raftpb.Entry) error {
 		err = c.store.Delete(cmd.chunk)
 	}
 	if err != nil {
-		return fmt.Errorf("entry %d, chunk %d: %w", en.GetIndex(), cmd.chunk, err)
+		return false, fmt.Errorf("entry %d, chunk %d: %w", en.GetIndex(), cmd.chunk, err)
 	}
-	c.sm.bytesSince += uint64(len(en.GetData()))
-	return nil
+	t.record(cmd.req)
+	return true, nil
 }
 
 func (c *Copyset) applyConfChange(en *raftpb.Entry) bool {
@@ -286,6 +303,3 @@ func (c *Copyset) settleWaiters(en *raftpb.Entry) {
 		}
 	}
 }
-
-// checkpointLocked makes the state machine durable up to the applied index
-// and lets the WAL and the in-memory log drop what came before. smMu held.

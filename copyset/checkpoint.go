@@ -10,9 +10,30 @@ import (
 	"go.etcd.io/raft/v3/tracker"
 )
 
+// checkpointLocked makes the state machine durable up to the applied index
+// and lets the WAL and the in-memory log drop what came before. smMu held.
+//
+// A failed fdatasync of the chunk files is never retried as such: Linux
+// reports a writeback error once and may drop the pages that failed, so a
+// second fdatasync of the same file can succeed without them. The entries
+// applied since the last checkpoint are rewritten from the log instead, and
+// synced again; if that fails too, the replica is failed (see fail). Either
+// way the checkpoint never records an applied index past data that did not
+// reach the disk.
 func (c *Copyset) checkpointLocked() error {
 	if err := c.store.Sync(); err != nil {
-		return fmt.Errorf("sync chunk files: %w", err)
+		c.log.Error("chunk files failed to sync; rewriting what was applied since the last checkpoint",
+			"err", err, "checkpoint", c.sm.lastCkpt, "applied", c.sm.applied)
+		if rerr := c.reapplySinceCheckpointLocked(); rerr != nil {
+			err = fmt.Errorf("sync chunk files: %w; rewriting from the log: %w", err, rerr)
+			c.fail(err)
+			return err
+		}
+		if err2 := c.store.Sync(); err2 != nil {
+			err = fmt.Errorf("sync chunk files: %w; again after rewriting them from the log: %w", err, err2)
+			c.fail(err)
+			return err
+		}
 	}
 	c.hsMu.Lock()
 	hs := c.durableHS
@@ -25,18 +46,20 @@ func (c *Copyset) checkpointLocked() error {
 	if c.sm.confState != nil {
 		m.setConfState(c.sm.confState)
 	}
+	m.Requests = c.sm.dedup.encode()
 	if err := writeMeta(c.dir, m); err != nil {
 		return err
 	}
 	c.sm.lastCkpt, c.sm.lastCkptTime, c.sm.bytesSince = c.sm.applied, c.e.now(), 0
+	c.sm.ckptDedup = c.sm.dedup.clone()
 	c.wal.SetCheckpoint(uint64(c.id), c.sm.applied, m.hardState())
-	idx, cs, epoch := c.sm.applied, c.sm.confState, c.sm.confEpoch
-	c.call(func() { c.compact(idx, cs, epoch) })
+	idx, cs, epoch, reqs := c.sm.applied, c.sm.confState, c.sm.confEpoch, m.Requests
+	c.call(func() { c.compact(idx, cs, epoch, reqs) })
 	return nil
 }
 
 // compact trims the in-memory log after a checkpoint; Raft worker only.
-func (c *Copyset) compact(idx uint64, cs *raftpb.ConfState, epoch uint64) {
+func (c *Copyset) compact(idx uint64, cs *raftpb.ConfState, epoch uint64, reqs []byte) {
 	if idx == 0 || cs == nil {
 		return
 	}
@@ -46,7 +69,11 @@ func (c *Copyset) compact(idx uint64, cs *raftpb.ConfState, epoch uint64) {
 		c.log.Warn("record log snapshot", "index", idx, "err", err)
 		return
 	}
-	c.snapConfEpoch.Store(epoch)
+	if snap, err := c.storage.Snapshot(); err == nil && snap.GetMetadata().GetIndex() == idx {
+		// What a follower receiving this snapshot learns with it.
+		c.snapConfEpoch.Store(epoch)
+		c.snapDedup = reqs
+	}
 	pressure := c.pressure.Swap(false)
 	first, _ := c.storage.FirstIndex()
 	if idx < first {
@@ -136,7 +163,12 @@ func (c *Copyset) finalCheckpoint() error {
 // checkpoint to the chunk files again, from the in-memory log (which keeps
 // every entry after the last checkpoint). smMu held.
 func (c *Copyset) reapplySinceCheckpointLocked() error {
-	lo, hi := max(c.sm.lastCkpt, c.sm.installed)+1, c.sm.applied+1
+	if c.sm.installed > c.sm.lastCkpt {
+		// The checkpoint after an install never happened: the table of
+		// applied requests at the install is not at hand.
+		return fmt.Errorf("snapshot %d installed after the last checkpoint %d", c.sm.installed, c.sm.lastCkpt)
+	}
+	lo, hi := c.sm.lastCkpt+1, c.sm.applied+1
 	if lo >= hi {
 		return nil
 	}
@@ -144,11 +176,14 @@ func (c *Copyset) reapplySinceCheckpointLocked() error {
 	if err != nil {
 		return fmt.Errorf("read entries %d..%d: %w", lo, hi-1, err)
 	}
+	// Replayed against the table as it was at the checkpoint, the entries
+	// are written or skipped exactly as they were the first time.
+	t := c.sm.ckptDedup.clone()
 	for _, en := range ents {
 		if en.GetType() != raftpb.EntryNormal || len(en.GetData()) == 0 {
 			continue
 		}
-		if err := c.applyCommand(en); err != nil {
+		if _, err := c.execCommand(en, t); err != nil {
 			return err
 		}
 	}

@@ -71,8 +71,15 @@ type Copyset struct {
 	snapConfEpoch atomic.Uint64
 	installing    atomic.Bool
 	installEpoch  atomic.Uint64 // conf epoch of the snapshot being installed
+	// installDedup is the table of applied client requests of the
+	// snapshot being installed (encoded).
+	installDedup atomic.Pointer[[]byte]
+	// snapDedup is the table at the log storage's snapshot (sent with it);
+	// Raft worker only.
+	snapDedup []byte
 	applyErrs     atomic.Uint64
 	memLog        atomic.Int64 // bytes of entries in storage (see addLog)
+	repeats       atomic.Uint64 // entries skipped as repeats of applied client requests
 	pressure      atomic.Bool  // the engine is short of log memory: compact hard
 
 	// Apply side.
@@ -106,6 +113,9 @@ type smState struct {
 	// installed is the index of the last snapshot whose chunk files were
 	// installed completely: data entries at or below it are skipped.
 	installed uint64
+	// dedup records the client requests applied; ckptDedup is the table at
+	// the last checkpoint (lastCkpt).
+	dedup, ckptDedup *dedupTable
 }
 
 type inbox struct {
@@ -198,10 +208,16 @@ func (e *Engine) open(id GroupID, dir string, gl *wal.GroupLog) (*Copyset, error
 		m.Applied, m.AppliedTerm, m.ConfEpoch = base.Index, base.Term, confEpoch
 		m.setConfState(base.ConfState)
 		m.Commit = max(m.Commit, base.Index)
+		m.Requests = base.Requests
 		if err := writeMeta(dir, m); err != nil {
 			return fail(fmt.Errorf("record installed snapshot %d: %w", base.Index, err))
 		}
 	}
+	dedup, err := decodeDedupTable(m.Requests)
+	if err != nil {
+		return fail(fmt.Errorf("%w: %s: %v", ErrMetaCorrupt, dir, err))
+	}
+	c.snapDedup = m.Requests
 	var ents []*raftpb.Entry
 	if gl != nil {
 		for _, en := range gl.Entries {
@@ -244,6 +260,7 @@ func (e *Engine) open(id GroupID, dir string, gl *wal.GroupLog) (*Copyset, error
 	c.sm = smState{
 		applied: base.Index, appliedTerm: base.Term, confState: base.ConfState, confEpoch: confEpoch,
 		lastCkpt: base.Index, lastCkptTime: time.Now(),
+		dedup: dedup, ckptDedup: dedup.clone(),
 	}
 	c.snapConfEpoch.Store(confEpoch)
 	c.applied.Store(base.Index)

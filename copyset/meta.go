@@ -38,7 +38,10 @@ type meta struct {
 	Term   uint64 `json:"term"`
 	Vote   uint64 `json:"vote"`
 	Commit uint64 `json:"commit"`
-	CRC    uint32 `json:"crc"`
+	// Requests is the table of client requests applied up to Applied
+	// (dedup.go), encoded.
+	Requests []byte `json:"applied_requests,omitempty"`
+	CRC      uint32 `json:"crc"`
 }
 
 const metaVersion = 1

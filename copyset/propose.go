@@ -61,21 +61,25 @@ type Fence func() (release func(), err error)
 // copyset's queue, it returns ctx's error and nothing is proposed. Once it
 // returned, the proposal is ordered before anything proposed to the copyset
 // afterwards.
-func (c *Copyset) ProposeWrite(ctx context.Context, fence Fence, chunk, volume, epoch uint64, off int64, data []byte) (*Proposal, error) {
+//
+// req names the client's request: every replica applies a request at most
+// once, so a retry of a write that was applied already succeeds without
+// writing again (see ClientRequest).
+func (c *Copyset) ProposeWrite(ctx context.Context, fence Fence, req ClientRequest, chunk, volume, epoch uint64, off int64, data []byte) (*Proposal, error) {
 	if int64(len(data)) > c.e.MaxWriteSize() {
 		return nil, fmt.Errorf("%w: %d bytes (limit %d)", ErrTooLarge, len(data), c.e.MaxWriteSize())
 	}
-	return c.proposeCommand(ctx, fence, &command{op: opWrite, chunk: chunk, volume: volume, epoch: epoch, offset: uint64(off), data: data})
+	return c.proposeCommand(ctx, fence, &command{op: opWrite, chunk: chunk, volume: volume, epoch: epoch, offset: uint64(off), req: req, data: data})
 }
 
 // ProposeDelete hands a chunk delete to the copyset's log, as ProposeWrite.
-func (c *Copyset) ProposeDelete(ctx context.Context, fence Fence, chunk, volume, epoch uint64) (*Proposal, error) {
-	return c.proposeCommand(ctx, fence, &command{op: opDelete, chunk: chunk, volume: volume, epoch: epoch})
+func (c *Copyset) ProposeDelete(ctx context.Context, fence Fence, req ClientRequest, chunk, volume, epoch uint64) (*Proposal, error) {
+	return c.proposeCommand(ctx, fence, &command{op: opDelete, chunk: chunk, volume: volume, epoch: epoch, req: req})
 }
 
 // Write proposes a chunk write and waits for it to be applied.
 func (c *Copyset) Write(ctx context.Context, chunk, volume, epoch uint64, off int64, data []byte) (uint64, error) {
-	p, err := c.ProposeWrite(ctx, nil, chunk, volume, epoch, off, data)
+	p, err := c.ProposeWrite(ctx, nil, ClientRequest{}, chunk, volume, epoch, off, data)
 	if err != nil {
 		return 0, err
 	}
@@ -84,7 +88,7 @@ func (c *Copyset) Write(ctx context.Context, chunk, volume, epoch uint64, off in
 
 // Delete proposes a chunk delete and waits for it to be applied.
 func (c *Copyset) Delete(ctx context.Context, chunk, volume, epoch uint64) (uint64, error) {
-	p, err := c.ProposeDelete(ctx, nil, chunk, volume, epoch)
+	p, err := c.ProposeDelete(ctx, nil, ClientRequest{}, chunk, volume, epoch)
 	if err != nil {
 		return 0, err
 	}

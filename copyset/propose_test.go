@@ -25,7 +25,7 @@ func TestCancelledCallerIsNeverProposed(t *testing.T) {
 		cancel()
 		return func() {}, nil
 	}
-	if _, err := c.ProposeWrite(ctx, fence, 1, 1, 1, 0, pattern("stale|", testBlock)); !errors.Is(err, context.Canceled) {
+	if _, err := c.ProposeWrite(ctx, fence, ClientRequest{}, 1, 1, 1, 0, pattern("stale|", testBlock)); !errors.Is(err, context.Canceled) {
 		t.Fatalf("proposal of a cancelled caller: err = %v, want context.Canceled", err)
 	}
 	// A later write is the last word.

@@ -372,6 +372,9 @@ func (c *Copyset) submitAppend(m *raftpb.Message) {
 	if s := m.GetSnapshot(); s != nil && !raft.IsEmptySnap(s) {
 		md := s.GetMetadata()
 		a.Snapshot = &wal.SnapshotMark{Index: md.GetIndex(), Term: md.GetTerm(), ConfState: md.GetConfState(), ConfEpoch: c.installEpoch.Load()}
+		if reqs := c.installDedup.Load(); reqs != nil {
+			a.Snapshot.Requests = *reqs
+		}
 	}
 	c.wal.Submit(a, func(err error) {
 		c.enqueue(func(in *inbox) { in.appended = append(in.appended, appendDone{m: m, err: err}) })

@@ -37,11 +37,11 @@ func (c *Copyset) startSnapshotSend(m *raftpb.Message) {
 	}
 	idx := m.GetSnapshot().GetMetadata().GetIndex()
 	c.snapSending[to] = idx
-	epoch := c.snapConfEpoch.Load()
+	epoch, reqs := c.snapConfEpoch.Load(), c.snapDedup
 	c.e.wg.Add(1)
 	go func() {
 		defer c.e.wg.Done()
-		err := c.sendSnapshot(m, epoch)
+		err := c.sendSnapshot(m, epoch, reqs)
 		status := raft.SnapshotFinish
 		if err != nil {
 			status = raft.SnapshotFailure
@@ -56,7 +56,7 @@ func (c *Copyset) startSnapshotSend(m *raftpb.Message) {
 	}()
 }
 
-func (c *Copyset) sendSnapshot(m *raftpb.Message, epoch uint64) error {
+func (c *Copyset) sendSnapshot(m *raftpb.Message, epoch uint64, reqs []byte) error {
 	select {
 	case c.e.snapSem <- struct{}{}:
 		defer func() { <-c.e.snapSem }()
@@ -81,7 +81,7 @@ func (c *Copyset) sendSnapshot(m *raftpb.Message, epoch uint64) error {
 		return err
 	}
 	ids := c.store.List()
-	header := &transportpb.SnapshotChunk{Group: uint64(c.id), RaftMessage: raw, ConfEpoch: epoch}
+	header := &transportpb.SnapshotChunk{Group: uint64(c.id), RaftMessage: raw, ConfEpoch: epoch, AppliedRequests: reqs}
 	size := c.e.cfg.ChunkSize
 	for _, id := range ids {
 		header.Files = append(header.Files, &transportpb.SnapshotFile{ChunkId: id, Size: uint64(size)})
@@ -230,8 +230,13 @@ func (c *Copyset) installSnapshot(ctx context.Context, header *transportpb.Snaps
 		c.fail(err)
 		return err
 	}
+	if _, err := decodeDedupTable(header.GetAppliedRequests()); err != nil {
+		return fmt.Errorf("%w: %v", ErrSnapshotRefused, err)
+	}
 	complete = true
 	c.installEpoch.Store(header.GetConfEpoch())
+	reqs := header.GetAppliedRequests()
+	c.installDedup.Store(&reqs)
 	c.deliver(m)
 	c.log.Info("snapshot installed", "index", idx)
 	return nil
@@ -248,6 +253,16 @@ func (c *Copyset) snapshotPersisted(s *raftpb.Snapshot) {
 	c.sm.confState = md.GetConfState()
 	c.sm.confEpoch = c.installEpoch.Load()
 	c.confEpoch.Store(c.sm.confEpoch)
+	var reqs []byte
+	if p := c.installDedup.Load(); p != nil {
+		reqs = *p
+	}
+	t, err := decodeDedupTable(reqs) // checked when the install was received
+	if err != nil {
+		c.fail(fmt.Errorf("snapshot %d: %w", md.GetIndex(), err))
+		return
+	}
+	c.sm.dedup = t
 	if err := c.checkpointLocked(); err != nil {
 		c.log.Error("checkpoint after snapshot", "err", err)
 	}

@@ -182,9 +182,11 @@ type WriteChunkRequest struct {
 	// Volume the chunk belongs to, for the epoch check.
 	VolumeId uint64 `protobuf:"varint,3,opt,name=volume_id,json=volumeId,proto3" json:"volume_id,omitempty"`
 	// Epoch the writer obtained when it opened the volume.
-	Epoch         uint64 `protobuf:"varint,4,opt,name=epoch,proto3" json:"epoch,omitempty"`
-	Offset        uint64 `protobuf:"varint,5,opt,name=offset,proto3" json:"offset,omitempty"`
-	Data          []byte `protobuf:"bytes,6,opt,name=data,proto3" json:"data,omitempty"`
+	Epoch  uint64 `protobuf:"varint,4,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	Offset uint64 `protobuf:"varint,5,opt,name=offset,proto3" json:"offset,omitempty"`
+	Data   []byte `protobuf:"bytes,6,opt,name=data,proto3" json:"data,omitempty"`
+	// Identifies the request so that a retry of it is applied at most once.
+	Request       *ClientRequest `protobuf:"bytes,7,opt,name=request,proto3" json:"request,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -261,6 +263,82 @@ func (x *WriteChunkRequest) GetData() []byte {
 	return nil
 }
 
+func (x *WriteChunkRequest) GetRequest() *ClientRequest {
+	if x != nil {
+		return x.Request
+	}
+	return nil
+}
+
+// ClientRequest names one request of one client so that the copyset
+// applies it at most once, however often the client retries it (after a
+// leader died before answering, a retry must not apply the write a second
+// time, after later writes). A zero client_id asks for no deduplication.
+type ClientRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Random per open volume handle.
+	ClientId uint64 `protobuf:"varint,1,opt,name=client_id,json=clientId,proto3" json:"client_id,omitempty"`
+	// The request's number, the same for every retry, increasing with each
+	// new request of the client.
+	Seq uint64 `protobuf:"varint,2,opt,name=seq,proto3" json:"seq,omitempty"`
+	// Every request of the client numbered below this has returned to it:
+	// the copyset may forget them.
+	LowSeq        uint64 `protobuf:"varint,3,opt,name=low_seq,json=lowSeq,proto3" json:"low_seq,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClientRequest) Reset() {
+	*x = ClientRequest{}
+	mi := &file_chunkpb_chunk_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClientRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClientRequest) ProtoMessage() {}
+
+func (x *ClientRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chunkpb_chunk_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClientRequest.ProtoReflect.Descriptor instead.
+func (*ClientRequest) Descriptor() ([]byte, []int) {
+	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ClientRequest) GetClientId() uint64 {
+	if x != nil {
+		return x.ClientId
+	}
+	return 0
+}
+
+func (x *ClientRequest) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+func (x *ClientRequest) GetLowSeq() uint64 {
+	if x != nil {
+		return x.LowSeq
+	}
+	return 0
+}
+
 type WriteChunkResponse struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
 	Status Status                 `protobuf:"varint,1,opt,name=status,proto3,enum=cairn.chunk.v1.Status" json:"status,omitempty"`
@@ -275,7 +353,7 @@ type WriteChunkResponse struct {
 
 func (x *WriteChunkResponse) Reset() {
 	*x = WriteChunkResponse{}
-	mi := &file_chunkpb_chunk_proto_msgTypes[2]
+	mi := &file_chunkpb_chunk_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -287,7 +365,7 @@ func (x *WriteChunkResponse) String() string {
 func (*WriteChunkResponse) ProtoMessage() {}
 
 func (x *WriteChunkResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chunkpb_chunk_proto_msgTypes[2]
+	mi := &file_chunkpb_chunk_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -300,7 +378,7 @@ func (x *WriteChunkResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteChunkResponse.ProtoReflect.Descriptor instead.
 func (*WriteChunkResponse) Descriptor() ([]byte, []int) {
-	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{2}
+	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *WriteChunkResponse) GetStatus() Status {
@@ -347,7 +425,7 @@ type ReadChunkRequest struct {
 
 func (x *ReadChunkRequest) Reset() {
 	*x = ReadChunkRequest{}
-	mi := &file_chunkpb_chunk_proto_msgTypes[3]
+	mi := &file_chunkpb_chunk_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -359,7 +437,7 @@ func (x *ReadChunkRequest) String() string {
 func (*ReadChunkRequest) ProtoMessage() {}
 
 func (x *ReadChunkRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chunkpb_chunk_proto_msgTypes[3]
+	mi := &file_chunkpb_chunk_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -372,7 +450,7 @@ func (x *ReadChunkRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadChunkRequest.ProtoReflect.Descriptor instead.
 func (*ReadChunkRequest) Descriptor() ([]byte, []int) {
-	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{3}
+	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *ReadChunkRequest) GetCopyset() *commonpb.CopysetRef {
@@ -429,7 +507,7 @@ type ReadChunkResponse struct {
 
 func (x *ReadChunkResponse) Reset() {
 	*x = ReadChunkResponse{}
-	mi := &file_chunkpb_chunk_proto_msgTypes[4]
+	mi := &file_chunkpb_chunk_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -441,7 +519,7 @@ func (x *ReadChunkResponse) String() string {
 func (*ReadChunkResponse) ProtoMessage() {}
 
 func (x *ReadChunkResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chunkpb_chunk_proto_msgTypes[4]
+	mi := &file_chunkpb_chunk_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -454,7 +532,7 @@ func (x *ReadChunkResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadChunkResponse.ProtoReflect.Descriptor instead.
 func (*ReadChunkResponse) Descriptor() ([]byte, []int) {
-	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{4}
+	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ReadChunkResponse) GetStatus() Status {
@@ -488,18 +566,20 @@ func (x *ReadChunkResponse) GetData() []byte {
 // DeleteChunkRequest removes a chunk; its file goes back to the chunk file
 // pool and is zeroed before reuse. Deleting a missing chunk succeeds.
 type DeleteChunkRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Copyset       *commonpb.CopysetRef   `protobuf:"bytes,1,opt,name=copyset,proto3" json:"copyset,omitempty"`
-	ChunkId       uint64                 `protobuf:"varint,2,opt,name=chunk_id,json=chunkId,proto3" json:"chunk_id,omitempty"`
-	VolumeId      uint64                 `protobuf:"varint,3,opt,name=volume_id,json=volumeId,proto3" json:"volume_id,omitempty"`
-	Epoch         uint64                 `protobuf:"varint,4,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Copyset  *commonpb.CopysetRef   `protobuf:"bytes,1,opt,name=copyset,proto3" json:"copyset,omitempty"`
+	ChunkId  uint64                 `protobuf:"varint,2,opt,name=chunk_id,json=chunkId,proto3" json:"chunk_id,omitempty"`
+	VolumeId uint64                 `protobuf:"varint,3,opt,name=volume_id,json=volumeId,proto3" json:"volume_id,omitempty"`
+	Epoch    uint64                 `protobuf:"varint,4,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	// Identifies the request so that a retry of it is applied at most once.
+	Request       *ClientRequest `protobuf:"bytes,5,opt,name=request,proto3" json:"request,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *DeleteChunkRequest) Reset() {
 	*x = DeleteChunkRequest{}
-	mi := &file_chunkpb_chunk_proto_msgTypes[5]
+	mi := &file_chunkpb_chunk_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -511,7 +591,7 @@ func (x *DeleteChunkRequest) String() string {
 func (*DeleteChunkRequest) ProtoMessage() {}
 
 func (x *DeleteChunkRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chunkpb_chunk_proto_msgTypes[5]
+	mi := &file_chunkpb_chunk_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -524,7 +604,7 @@ func (x *DeleteChunkRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteChunkRequest.ProtoReflect.Descriptor instead.
 func (*DeleteChunkRequest) Descriptor() ([]byte, []int) {
-	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{5}
+	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *DeleteChunkRequest) GetCopyset() *commonpb.CopysetRef {
@@ -555,6 +635,13 @@ func (x *DeleteChunkRequest) GetEpoch() uint64 {
 	return 0
 }
 
+func (x *DeleteChunkRequest) GetRequest() *ClientRequest {
+	if x != nil {
+		return x.Request
+	}
+	return nil
+}
+
 type DeleteChunkResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Status        Status                 `protobuf:"varint,1,opt,name=status,proto3,enum=cairn.chunk.v1.Status" json:"status,omitempty"`
@@ -566,7 +653,7 @@ type DeleteChunkResponse struct {
 
 func (x *DeleteChunkResponse) Reset() {
 	*x = DeleteChunkResponse{}
-	mi := &file_chunkpb_chunk_proto_msgTypes[6]
+	mi := &file_chunkpb_chunk_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -578,7 +665,7 @@ func (x *DeleteChunkResponse) String() string {
 func (*DeleteChunkResponse) ProtoMessage() {}
 
 func (x *DeleteChunkResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chunkpb_chunk_proto_msgTypes[6]
+	mi := &file_chunkpb_chunk_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -591,7 +678,7 @@ func (x *DeleteChunkResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteChunkResponse.ProtoReflect.Descriptor instead.
 func (*DeleteChunkResponse) Descriptor() ([]byte, []int) {
-	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{6}
+	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *DeleteChunkResponse) GetStatus() Status {
@@ -629,7 +716,7 @@ type GetChunkInfoRequest struct {
 
 func (x *GetChunkInfoRequest) Reset() {
 	*x = GetChunkInfoRequest{}
-	mi := &file_chunkpb_chunk_proto_msgTypes[7]
+	mi := &file_chunkpb_chunk_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -641,7 +728,7 @@ func (x *GetChunkInfoRequest) String() string {
 func (*GetChunkInfoRequest) ProtoMessage() {}
 
 func (x *GetChunkInfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chunkpb_chunk_proto_msgTypes[7]
+	mi := &file_chunkpb_chunk_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -654,7 +741,7 @@ func (x *GetChunkInfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetChunkInfoRequest.ProtoReflect.Descriptor instead.
 func (*GetChunkInfoRequest) Descriptor() ([]byte, []int) {
-	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{7}
+	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *GetChunkInfoRequest) GetCopyset() *commonpb.CopysetRef {
@@ -697,7 +784,7 @@ type GetChunkInfoResponse struct {
 
 func (x *GetChunkInfoResponse) Reset() {
 	*x = GetChunkInfoResponse{}
-	mi := &file_chunkpb_chunk_proto_msgTypes[8]
+	mi := &file_chunkpb_chunk_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -709,7 +796,7 @@ func (x *GetChunkInfoResponse) String() string {
 func (*GetChunkInfoResponse) ProtoMessage() {}
 
 func (x *GetChunkInfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chunkpb_chunk_proto_msgTypes[8]
+	mi := &file_chunkpb_chunk_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -722,7 +809,7 @@ func (x *GetChunkInfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetChunkInfoResponse.ProtoReflect.Descriptor instead.
 func (*GetChunkInfoResponse) Descriptor() ([]byte, []int) {
-	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{8}
+	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *GetChunkInfoResponse) GetStatus() Status {
@@ -796,7 +883,7 @@ type GetChunkHashRequest struct {
 
 func (x *GetChunkHashRequest) Reset() {
 	*x = GetChunkHashRequest{}
-	mi := &file_chunkpb_chunk_proto_msgTypes[9]
+	mi := &file_chunkpb_chunk_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -808,7 +895,7 @@ func (x *GetChunkHashRequest) String() string {
 func (*GetChunkHashRequest) ProtoMessage() {}
 
 func (x *GetChunkHashRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chunkpb_chunk_proto_msgTypes[9]
+	mi := &file_chunkpb_chunk_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -821,7 +908,7 @@ func (x *GetChunkHashRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetChunkHashRequest.ProtoReflect.Descriptor instead.
 func (*GetChunkHashRequest) Descriptor() ([]byte, []int) {
-	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{9}
+	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *GetChunkHashRequest) GetCopyset() *commonpb.CopysetRef {
@@ -867,7 +954,7 @@ type GetChunkHashResponse struct {
 
 func (x *GetChunkHashResponse) Reset() {
 	*x = GetChunkHashResponse{}
-	mi := &file_chunkpb_chunk_proto_msgTypes[10]
+	mi := &file_chunkpb_chunk_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -879,7 +966,7 @@ func (x *GetChunkHashResponse) String() string {
 func (*GetChunkHashResponse) ProtoMessage() {}
 
 func (x *GetChunkHashResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chunkpb_chunk_proto_msgTypes[10]
+	mi := &file_chunkpb_chunk_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -892,7 +979,7 @@ func (x *GetChunkHashResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetChunkHashResponse.ProtoReflect.Descriptor instead.
 func (*GetChunkHashResponse) Descriptor() ([]byte, []int) {
-	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{10}
+	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *GetChunkHashResponse) GetStatus() Status {
@@ -942,7 +1029,7 @@ type UpdateEpochRequest struct {
 
 func (x *UpdateEpochRequest) Reset() {
 	*x = UpdateEpochRequest{}
-	mi := &file_chunkpb_chunk_proto_msgTypes[11]
+	mi := &file_chunkpb_chunk_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -954,7 +1041,7 @@ func (x *UpdateEpochRequest) String() string {
 func (*UpdateEpochRequest) ProtoMessage() {}
 
 func (x *UpdateEpochRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chunkpb_chunk_proto_msgTypes[11]
+	mi := &file_chunkpb_chunk_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -967,7 +1054,7 @@ func (x *UpdateEpochRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateEpochRequest.ProtoReflect.Descriptor instead.
 func (*UpdateEpochRequest) Descriptor() ([]byte, []int) {
-	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{11}
+	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *UpdateEpochRequest) GetVolumeId() uint64 {
@@ -996,7 +1083,7 @@ type UpdateEpochResponse struct {
 
 func (x *UpdateEpochResponse) Reset() {
 	*x = UpdateEpochResponse{}
-	mi := &file_chunkpb_chunk_proto_msgTypes[12]
+	mi := &file_chunkpb_chunk_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1008,7 +1095,7 @@ func (x *UpdateEpochResponse) String() string {
 func (*UpdateEpochResponse) ProtoMessage() {}
 
 func (x *UpdateEpochResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chunkpb_chunk_proto_msgTypes[12]
+	mi := &file_chunkpb_chunk_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1021,7 +1108,7 @@ func (x *UpdateEpochResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateEpochResponse.ProtoReflect.Descriptor instead.
 func (*UpdateEpochResponse) Descriptor() ([]byte, []int) {
-	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{12}
+	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *UpdateEpochResponse) GetStatus() Status {
@@ -1053,14 +1140,19 @@ const file_chunkpb_chunk_proto_rawDesc = "" +
 	"\n" +
 	"LeaderHint\x12%\n" +
 	"\x0echunkserver_id\x18\x01 \x01(\x04R\rchunkserverId\x12\x18\n" +
-	"\aaddress\x18\x02 \x01(\tR\aaddress\"\xc4\x01\n" +
+	"\aaddress\x18\x02 \x01(\tR\aaddress\"\xfd\x01\n" +
 	"\x11WriteChunkRequest\x125\n" +
 	"\acopyset\x18\x01 \x01(\v2\x1b.cairn.common.v1.CopysetRefR\acopyset\x12\x19\n" +
 	"\bchunk_id\x18\x02 \x01(\x04R\achunkId\x12\x1b\n" +
 	"\tvolume_id\x18\x03 \x01(\x04R\bvolumeId\x12\x14\n" +
 	"\x05epoch\x18\x04 \x01(\x04R\x05epoch\x12\x16\n" +
 	"\x06offset\x18\x05 \x01(\x04R\x06offset\x12\x12\n" +
-	"\x04data\x18\x06 \x01(\fR\x04data\"\xb7\x01\n" +
+	"\x04data\x18\x06 \x01(\fR\x04data\x127\n" +
+	"\arequest\x18\a \x01(\v2\x1d.cairn.chunk.v1.ClientRequestR\arequest\"W\n" +
+	"\rClientRequest\x12\x1b\n" +
+	"\tclient_id\x18\x01 \x01(\x04R\bclientId\x12\x10\n" +
+	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12\x17\n" +
+	"\alow_seq\x18\x03 \x01(\x04R\x06lowSeq\"\xb7\x01\n" +
 	"\x12WriteChunkResponse\x12.\n" +
 	"\x06status\x18\x01 \x01(\x0e2\x16.cairn.chunk.v1.StatusR\x06status\x122\n" +
 	"\x06leader\x18\x02 \x01(\v2\x1a.cairn.chunk.v1.LeaderHintR\x06leader\x12\x18\n" +
@@ -1077,12 +1169,13 @@ const file_chunkpb_chunk_proto_rawDesc = "" +
 	"\x06status\x18\x01 \x01(\x0e2\x16.cairn.chunk.v1.StatusR\x06status\x122\n" +
 	"\x06leader\x18\x02 \x01(\v2\x1a.cairn.chunk.v1.LeaderHintR\x06leader\x12\x18\n" +
 	"\amessage\x18\x03 \x01(\tR\amessage\x12\x12\n" +
-	"\x04data\x18\x04 \x01(\fR\x04data\"\x99\x01\n" +
+	"\x04data\x18\x04 \x01(\fR\x04data\"\xd2\x01\n" +
 	"\x12DeleteChunkRequest\x125\n" +
 	"\acopyset\x18\x01 \x01(\v2\x1b.cairn.common.v1.CopysetRefR\acopyset\x12\x19\n" +
 	"\bchunk_id\x18\x02 \x01(\x04R\achunkId\x12\x1b\n" +
 	"\tvolume_id\x18\x03 \x01(\x04R\bvolumeId\x12\x14\n" +
-	"\x05epoch\x18\x04 \x01(\x04R\x05epoch\"\x93\x01\n" +
+	"\x05epoch\x18\x04 \x01(\x04R\x05epoch\x127\n" +
+	"\arequest\x18\x05 \x01(\v2\x1d.cairn.chunk.v1.ClientRequestR\arequest\"\x93\x01\n" +
 	"\x13DeleteChunkResponse\x12.\n" +
 	"\x06status\x18\x01 \x01(\x0e2\x16.cairn.chunk.v1.StatusR\x06status\x122\n" +
 	"\x06leader\x18\x02 \x01(\v2\x1a.cairn.chunk.v1.LeaderHintR\x06leader\x12\x18\n" +
@@ -1152,57 +1245,60 @@ func file_chunkpb_chunk_proto_rawDescGZIP() []byte {
 }
 
 var file_chunkpb_chunk_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_chunkpb_chunk_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
+var file_chunkpb_chunk_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
 var file_chunkpb_chunk_proto_goTypes = []any{
 	(Status)(0),                  // 0: cairn.chunk.v1.Status
 	(*LeaderHint)(nil),           // 1: cairn.chunk.v1.LeaderHint
 	(*WriteChunkRequest)(nil),    // 2: cairn.chunk.v1.WriteChunkRequest
-	(*WriteChunkResponse)(nil),   // 3: cairn.chunk.v1.WriteChunkResponse
-	(*ReadChunkRequest)(nil),     // 4: cairn.chunk.v1.ReadChunkRequest
-	(*ReadChunkResponse)(nil),    // 5: cairn.chunk.v1.ReadChunkResponse
-	(*DeleteChunkRequest)(nil),   // 6: cairn.chunk.v1.DeleteChunkRequest
-	(*DeleteChunkResponse)(nil),  // 7: cairn.chunk.v1.DeleteChunkResponse
-	(*GetChunkInfoRequest)(nil),  // 8: cairn.chunk.v1.GetChunkInfoRequest
-	(*GetChunkInfoResponse)(nil), // 9: cairn.chunk.v1.GetChunkInfoResponse
-	(*GetChunkHashRequest)(nil),  // 10: cairn.chunk.v1.GetChunkHashRequest
-	(*GetChunkHashResponse)(nil), // 11: cairn.chunk.v1.GetChunkHashResponse
-	(*UpdateEpochRequest)(nil),   // 12: cairn.chunk.v1.UpdateEpochRequest
-	(*UpdateEpochResponse)(nil),  // 13: cairn.chunk.v1.UpdateEpochResponse
-	(*commonpb.CopysetRef)(nil),  // 14: cairn.common.v1.CopysetRef
+	(*ClientRequest)(nil),        // 3: cairn.chunk.v1.ClientRequest
+	(*WriteChunkResponse)(nil),   // 4: cairn.chunk.v1.WriteChunkResponse
+	(*ReadChunkRequest)(nil),     // 5: cairn.chunk.v1.ReadChunkRequest
+	(*ReadChunkResponse)(nil),    // 6: cairn.chunk.v1.ReadChunkResponse
+	(*DeleteChunkRequest)(nil),   // 7: cairn.chunk.v1.DeleteChunkRequest
+	(*DeleteChunkResponse)(nil),  // 8: cairn.chunk.v1.DeleteChunkResponse
+	(*GetChunkInfoRequest)(nil),  // 9: cairn.chunk.v1.GetChunkInfoRequest
+	(*GetChunkInfoResponse)(nil), // 10: cairn.chunk.v1.GetChunkInfoResponse
+	(*GetChunkHashRequest)(nil),  // 11: cairn.chunk.v1.GetChunkHashRequest
+	(*GetChunkHashResponse)(nil), // 12: cairn.chunk.v1.GetChunkHashResponse
+	(*UpdateEpochRequest)(nil),   // 13: cairn.chunk.v1.UpdateEpochRequest
+	(*UpdateEpochResponse)(nil),  // 14: cairn.chunk.v1.UpdateEpochResponse
+	(*commonpb.CopysetRef)(nil),  // 15: cairn.common.v1.CopysetRef
 }
 var file_chunkpb_chunk_proto_depIdxs = []int32{
-	14, // 0: cairn.chunk.v1.WriteChunkRequest.copyset:type_name -> cairn.common.v1.CopysetRef
-	0,  // 1: cairn.chunk.v1.WriteChunkResponse.status:type_name -> cairn.chunk.v1.Status
-	1,  // 2: cairn.chunk.v1.WriteChunkResponse.leader:type_name -> cairn.chunk.v1.LeaderHint
-	14, // 3: cairn.chunk.v1.ReadChunkRequest.copyset:type_name -> cairn.common.v1.CopysetRef
-	0,  // 4: cairn.chunk.v1.ReadChunkResponse.status:type_name -> cairn.chunk.v1.Status
-	1,  // 5: cairn.chunk.v1.ReadChunkResponse.leader:type_name -> cairn.chunk.v1.LeaderHint
-	14, // 6: cairn.chunk.v1.DeleteChunkRequest.copyset:type_name -> cairn.common.v1.CopysetRef
-	0,  // 7: cairn.chunk.v1.DeleteChunkResponse.status:type_name -> cairn.chunk.v1.Status
-	1,  // 8: cairn.chunk.v1.DeleteChunkResponse.leader:type_name -> cairn.chunk.v1.LeaderHint
-	14, // 9: cairn.chunk.v1.GetChunkInfoRequest.copyset:type_name -> cairn.common.v1.CopysetRef
-	0,  // 10: cairn.chunk.v1.GetChunkInfoResponse.status:type_name -> cairn.chunk.v1.Status
-	1,  // 11: cairn.chunk.v1.GetChunkInfoResponse.leader:type_name -> cairn.chunk.v1.LeaderHint
-	14, // 12: cairn.chunk.v1.GetChunkHashRequest.copyset:type_name -> cairn.common.v1.CopysetRef
-	0,  // 13: cairn.chunk.v1.GetChunkHashResponse.status:type_name -> cairn.chunk.v1.Status
-	0,  // 14: cairn.chunk.v1.UpdateEpochResponse.status:type_name -> cairn.chunk.v1.Status
-	2,  // 15: cairn.chunk.v1.ChunkService.WriteChunk:input_type -> cairn.chunk.v1.WriteChunkRequest
-	4,  // 16: cairn.chunk.v1.ChunkService.ReadChunk:input_type -> cairn.chunk.v1.ReadChunkRequest
-	6,  // 17: cairn.chunk.v1.ChunkService.DeleteChunk:input_type -> cairn.chunk.v1.DeleteChunkRequest
-	8,  // 18: cairn.chunk.v1.ChunkService.GetChunkInfo:input_type -> cairn.chunk.v1.GetChunkInfoRequest
-	10, // 19: cairn.chunk.v1.ChunkService.GetChunkHash:input_type -> cairn.chunk.v1.GetChunkHashRequest
-	12, // 20: cairn.chunk.v1.ChunkService.UpdateEpoch:input_type -> cairn.chunk.v1.UpdateEpochRequest
-	3,  // 21: cairn.chunk.v1.ChunkService.WriteChunk:output_type -> cairn.chunk.v1.WriteChunkResponse
-	5,  // 22: cairn.chunk.v1.ChunkService.ReadChunk:output_type -> cairn.chunk.v1.ReadChunkResponse
-	7,  // 23: cairn.chunk.v1.ChunkService.DeleteChunk:output_type -> cairn.chunk.v1.DeleteChunkResponse
-	9,  // 24: cairn.chunk.v1.ChunkService.GetChunkInfo:output_type -> cairn.chunk.v1.GetChunkInfoResponse
-	11, // 25: cairn.chunk.v1.ChunkService.GetChunkHash:output_type -> cairn.chunk.v1.GetChunkHashResponse
-	13, // 26: cairn.chunk.v1.ChunkService.UpdateEpoch:output_type -> cairn.chunk.v1.UpdateEpochResponse
-	21, // [21:27] is the sub-list for method output_type
-	15, // [15:21] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	15, // 0: cairn.chunk.v1.WriteChunkRequest.copyset:type_name -> cairn.common.v1.CopysetRef
+	3,  // 1: cairn.chunk.v1.WriteChunkRequest.request:type_name -> cairn.chunk.v1.ClientRequest
+	0,  // 2: cairn.chunk.v1.WriteChunkResponse.status:type_name -> cairn.chunk.v1.Status
+	1,  // 3: cairn.chunk.v1.WriteChunkResponse.leader:type_name -> cairn.chunk.v1.LeaderHint
+	15, // 4: cairn.chunk.v1.ReadChunkRequest.copyset:type_name -> cairn.common.v1.CopysetRef
+	0,  // 5: cairn.chunk.v1.ReadChunkResponse.status:type_name -> cairn.chunk.v1.Status
+	1,  // 6: cairn.chunk.v1.ReadChunkResponse.leader:type_name -> cairn.chunk.v1.LeaderHint
+	15, // 7: cairn.chunk.v1.DeleteChunkRequest.copyset:type_name -> cairn.common.v1.CopysetRef
+	3,  // 8: cairn.chunk.v1.DeleteChunkRequest.request:type_name -> cairn.chunk.v1.ClientRequest
+	0,  // 9: cairn.chunk.v1.DeleteChunkResponse.status:type_name -> cairn.chunk.v1.Status
+	1,  // 10: cairn.chunk.v1.DeleteChunkResponse.leader:type_name -> cairn.chunk.v1.LeaderHint
+	15, // 11: cairn.chunk.v1.GetChunkInfoRequest.copyset:type_name -> cairn.common.v1.CopysetRef
+	0,  // 12: cairn.chunk.v1.GetChunkInfoResponse.status:type_name -> cairn.chunk.v1.Status
+	1,  // 13: cairn.chunk.v1.GetChunkInfoResponse.leader:type_name -> cairn.chunk.v1.LeaderHint
+	15, // 14: cairn.chunk.v1.GetChunkHashRequest.copyset:type_name -> cairn.common.v1.CopysetRef
+	0,  // 15: cairn.chunk.v1.GetChunkHashResponse.status:type_name -> cairn.chunk.v1.Status
+	0,  // 16: cairn.chunk.v1.UpdateEpochResponse.status:type_name -> cairn.chunk.v1.Status
+	2,  // 17: cairn.chunk.v1.ChunkService.WriteChunk:input_type -> cairn.chunk.v1.WriteChunkRequest
+	5,  // 18: cairn.chunk.v1.ChunkService.ReadChunk:input_type -> cairn.chunk.v1.ReadChunkRequest
+	7,  // 19: cairn.chunk.v1.ChunkService.DeleteChunk:input_type -> cairn.chunk.v1.DeleteChunkRequest
+	9,  // 20: cairn.chunk.v1.ChunkService.GetChunkInfo:input_type -> cairn.chunk.v1.GetChunkInfoRequest
+	11, // 21: cairn.chunk.v1.ChunkService.GetChunkHash:input_type -> cairn.chunk.v1.GetChunkHashRequest
+	13, // 22: cairn.chunk.v1.ChunkService.UpdateEpoch:input_type -> cairn.chunk.v1.UpdateEpochRequest
+	4,  // 23: cairn.chunk.v1.ChunkService.WriteChunk:output_type -> cairn.chunk.v1.WriteChunkResponse
+	6,  // 24: cairn.chunk.v1.ChunkService.ReadChunk:output_type -> cairn.chunk.v1.ReadChunkResponse
+	8,  // 25: cairn.chunk.v1.ChunkService.DeleteChunk:output_type -> cairn.chunk.v1.DeleteChunkResponse
+	10, // 26: cairn.chunk.v1.ChunkService.GetChunkInfo:output_type -> cairn.chunk.v1.GetChunkInfoResponse
+	12, // 27: cairn.chunk.v1.ChunkService.GetChunkHash:output_type -> cairn.chunk.v1.GetChunkHashResponse
+	14, // 28: cairn.chunk.v1.ChunkService.UpdateEpoch:output_type -> cairn.chunk.v1.UpdateEpochResponse
+	23, // [23:29] is the sub-list for method output_type
+	17, // [17:23] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_chunkpb_chunk_proto_init() }
@@ -1216,7 +1312,7 @@ func file_chunkpb_chunk_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chunkpb_chunk_proto_rawDesc), len(file_chunkpb_chunk_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   13,
+			NumMessages:   14,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -347,9 +347,13 @@ type SnapshotChunk struct {
 	// Body: the range [offset, offset+zero_length) of chunk_id is all zeros
 	// (data is empty). A range covering the whole chunk means the chunk is
 	// absent.
-	ZeroLength    uint64 `protobuf:"varint,11,opt,name=zero_length,json=zeroLength,proto3" json:"zero_length,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	ZeroLength uint64 `protobuf:"varint,11,opt,name=zero_length,json=zeroLength,proto3" json:"zero_length,omitempty"`
+	// Header: the client requests applied at the snapshot's index (the
+	// copyset's deduplication table, encoded by package copyset), so that
+	// the follower skips retries of requests the snapshot already holds.
+	AppliedRequests []byte `protobuf:"bytes,12,opt,name=applied_requests,json=appliedRequests,proto3" json:"applied_requests,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *SnapshotChunk) Reset() {
@@ -459,6 +463,13 @@ func (x *SnapshotChunk) GetZeroLength() uint64 {
 	return 0
 }
 
+func (x *SnapshotChunk) GetAppliedRequests() []byte {
+	if x != nil {
+		return x.AppliedRequests
+	}
+	return nil
+}
+
 type SnapshotResult struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Whether the receiver installed the files; when false, message says why.
@@ -537,7 +548,7 @@ const file_transportpb_transport_proto_rawDesc = "" +
 	"\bBatchAck\"=\n" +
 	"\fSnapshotFile\x12\x19\n" +
 	"\bchunk_id\x18\x01 \x01(\x04R\achunkId\x12\x12\n" +
-	"\x04size\x18\x02 \x01(\x04R\x04size\"\xbf\x02\n" +
+	"\x04size\x18\x02 \x01(\x04R\x04size\"\xea\x02\n" +
 	"\rSnapshotChunk\x12\x12\n" +
 	"\x04from\x18\x01 \x01(\x04R\x04from\x12\x0e\n" +
 	"\x02to\x18\x02 \x01(\x04R\x02to\x12\x14\n" +
@@ -552,7 +563,8 @@ const file_transportpb_transport_proto_rawDesc = "" +
 	"conf_epoch\x18\n" +
 	" \x01(\x04R\tconfEpoch\x12\x1f\n" +
 	"\vzero_length\x18\v \x01(\x04R\n" +
-	"zeroLength\"F\n" +
+	"zeroLength\x12)\n" +
+	"\x10applied_requests\x18\f \x01(\fR\x0fappliedRequests\"F\n" +
 	"\x0eSnapshotResult\x12\x1a\n" +
 	"\baccepted\x18\x01 \x01(\bR\baccepted\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage2\xb6\x01\n" +

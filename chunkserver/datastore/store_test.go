@@ -586,7 +586,7 @@ func TestHash(t *testing.T) {
 
 func TestConcurrentCreationOfManyChunks(t *testing.T) {
 	e := newEnv(t, 4, 16) // fewer clean files than writers: some wait for formatting
-	s := e.open(t, Options{FDCacheSize: 8})
+	s := e.open(t, Options{FDCacheSize: 8, CreateWait: time.Minute})
 	var wg sync.WaitGroup
 	for id := uint64(1); id <= 16; id++ {
 		wg.Go(func() {

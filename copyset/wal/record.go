@@ -21,7 +21,8 @@ const (
 	// payload.
 	recForget byte = 5
 	// recSnapshotEpoch supersedes recSnapshot (still read): payload index
-	// u64, term u64, configuration epoch u64, conf state (protobuf).
+	// u64, term u64, configuration epoch u64, conf state length u32, conf
+	// state (protobuf), applied requests (the rest).
 	recSnapshotEpoch byte = 6
 )
 
@@ -207,14 +208,16 @@ func appendSnapshotPayload(buf []byte, s *SnapshotMark) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("wal: encode conf state: %w", err)
 	}
-	return append(buf, cs...), nil
+	buf = binary.LittleEndian.AppendUint32(buf, uint32(len(cs)))
+	buf = append(buf, cs...)
+	return append(buf, s.Requests...), nil
 }
 
 // decodeSnapshot decodes a snapshot record of type recSnapshot (written
 // before configuration epochs were recorded: ConfEpoch reads 0) or
 // recSnapshotEpoch.
 func decodeSnapshot(typ byte, p []byte) (*SnapshotMark, error) {
-	fixed := 24
+	fixed := 28
 	if typ == recSnapshot {
 		fixed = 16
 	}
@@ -222,10 +225,19 @@ func decodeSnapshot(typ byte, p []byte) (*SnapshotMark, error) {
 		return nil, fmt.Errorf("%w: short snapshot record", ErrCorrupt)
 	}
 	s := &SnapshotMark{Index: binary.LittleEndian.Uint64(p), Term: binary.LittleEndian.Uint64(p[8:]), ConfState: &raftpb.ConfState{}}
+	cs := p[16:]
 	if typ == recSnapshotEpoch {
 		s.ConfEpoch = binary.LittleEndian.Uint64(p[16:])
+		n := binary.LittleEndian.Uint32(p[24:])
+		if uint64(n) > uint64(len(p)-fixed) {
+			return nil, fmt.Errorf("%w: snapshot record's conf state of %d bytes overruns it", ErrCorrupt, n)
+		}
+		cs = p[fixed : fixed+int(n)]
+		if rest := p[fixed+int(n):]; len(rest) > 0 {
+			s.Requests = append([]byte(nil), rest...)
+		}
 	}
-	if err := proto.Unmarshal(p[fixed:], s.ConfState); err != nil {
+	if err := proto.Unmarshal(cs, s.ConfState); err != nil {
 		return nil, fmt.Errorf("%w: snapshot conf state: %v", ErrCorrupt, err)
 	}
 	return s, nil

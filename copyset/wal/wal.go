@@ -33,6 +33,9 @@ type SnapshotMark struct {
 	// ConfEpoch is the copyset's configuration epoch at Index (0 when read
 	// from a record written before it was kept).
 	ConfEpoch uint64
+	// Requests is the copyset's table of applied client requests at Index,
+	// opaque to the WAL.
+	Requests []byte
 }
 
 // Append is one group's submission: entries to append (replacing any logged

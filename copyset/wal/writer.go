@@ -82,7 +82,7 @@ func requestSize(a Append) int {
 		n += recordHeaderSize
 	}
 	if a.Snapshot != nil {
-		n += recordHeaderSize + 72
+		n += recordHeaderSize + 76 + len(a.Snapshot.Requests)
 	}
 	if len(a.Entries) > 0 {
 		n += recordHeaderSize + entriesPayloadSize(a.Entries)
