@@ -1,0 +1,105 @@
+package faultfs
+
+import (
+	"bytes"
+	"errors"
+	"math/rand/v2"
+	"os"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// randBytes returns n bytes drawn from seed.
+func randBytes(seed uint64, n int) []byte {
+	r := rand.New(rand.NewPCG(seed, 0x5eed))
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte(r.Uint32())
+	}
+	return b
+}
+
+// createSynced creates name in the mount with content data, fsynced.
+func createSynced(t *testing.T, f *FS, name string, data []byte) {
+	t.Helper()
+	fd, err := os.OpenFile(f.Path(name), os.O_CREATE|os.O_RDWR|os.O_EXCL, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fd.Close()
+	if _, err := fd.WriteAt(data, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := fd.Sync(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// openRW opens name in the mount for reading and writing; it is closed when
+// the test ends (errors ignored: a crash kills it).
+func openRW(t *testing.T, f *FS, name string) *os.File {
+	t.Helper()
+	fd, err := os.OpenFile(f.Path(name), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = fd.Close() })
+	return fd
+}
+
+func writeAt(t *testing.T, fd *os.File, data []byte, off int64) {
+	t.Helper()
+	if n, err := fd.WriteAt(data, off); err != nil || n != len(data) {
+		t.Fatalf("write %d bytes at %d: %d, %v", len(data), off, n, err)
+	}
+}
+
+// crash cuts the power and restarts, failing the test on an error.
+func crash(t *testing.T, f *FS, opts CrashOptions) CrashReport {
+	t.Helper()
+	rep, err := f.Crash(opts)
+	if err != nil {
+		t.Fatalf("crash: %v", err)
+	}
+	f.Restart()
+	return rep
+}
+
+// checkContent compares name's content, read both through the mount and
+// from the backing directory, with want.
+func checkContent(t *testing.T, f *FS, name string, want []byte) {
+	t.Helper()
+	for _, p := range []string{f.Path(name), f.BackingPath(name)} {
+		got, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, want) {
+			t.Fatalf("%s: %d bytes, want %d; first difference at %d", p, len(got), len(want), firstDiff(got, want))
+		}
+	}
+}
+
+func firstDiff(a, b []byte) int {
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return min(len(a), len(b))
+}
+
+func isErrno(err error, errno syscall.Errno) bool { return errors.Is(err, errno) }
+
+// waitFor polls cond until it holds or a generous deadline passes.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
