@@ -219,7 +219,7 @@ func (r *runner) syncFault(kind, pattern string, n int, rng *rand.Rand) *fault {
 				f.note += "; the chunkserver did not exit"
 			} else {
 				_, _, last := p.Counts()
-				f.note += "; the chunkserver exited and was restarted: " + firstLine(last)
+				f.note += "; the chunkserver exited (" + firstLine(last) + ") and was restarted"
 			}
 		}
 		return nil

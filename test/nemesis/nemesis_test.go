@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -23,6 +24,7 @@ var (
 	flagSeed   = flag.Int64("seed", 0, "seed of the faults and the workload (default: the time, or the environment variable SEED)")
 	flagBin    = flag.String("bin", "", "directory with cairn-mds, cairn-chunkserver and cairn-gateway (default: built into a temporary directory)")
 	flagKeep   = flag.String("keep", "", "directory for the run's logs and evidence (default: a temporary directory, kept only on failure)")
+	flagFaults = flag.String("faults", "", "comma-separated fault kinds to draw from (default: all; for minimising a finding)")
 )
 
 // innerEnv names the network the inner process runs in.
@@ -62,6 +64,9 @@ func TestNemesis(t *testing.T) {
 	}
 	if *flagKeep != "" {
 		args = append(args, "-keep="+*flagKeep)
+	}
+	if *flagFaults != "" {
+		args = append(args, "-faults="+*flagFaults)
 	}
 	cmd := net.Host(HostClient).Command(os.Args[0], args...)
 	cmd.Env = append(os.Environ(), innerEnv+"="+prefix)
@@ -143,6 +148,14 @@ func requireEnv(t *testing.T) {
 // configFromFlags reads -cycles and -seed, or CYCLES and SEED.
 func configFromFlags(t *testing.T) Config {
 	cfg := Config{Cycles: *flagCycles, Seed: *flagSeed}
+	if *flagFaults != "" {
+		for _, k := range strings.Split(*flagFaults, ",") {
+			if !slices.Contains(AllFaults, k) {
+				t.Fatalf("-faults: unknown kind %q (kinds: %s)", k, strings.Join(AllFaults, ", "))
+			}
+			cfg.Faults = append(cfg.Faults, k)
+		}
+	}
 	if cfg.Cycles == 0 {
 		if v, err := strconv.Atoi(os.Getenv("CYCLES")); err == nil {
 			cfg.Cycles = v

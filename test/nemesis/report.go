@@ -29,13 +29,18 @@ type Report struct {
 	Changed       []string
 	Failures      []string // the cluster did not recover, or the run broke
 
-	Procs       []ProcStats
-	EvidenceDir string
+	// Anomalies counts the generations with an anomaly per kind of the
+	// fault of their last cycle.
+	Anomalies map[string]int
+
+	Procs         []ProcStats
+	EvidenceDir   string
+	evidenceSaved int
 }
 
 // StreamStats counts one client stream's operations.
 type StreamStats struct {
-	Name                                                        string
+	Name                                                       string
 	Writes, WritesUnknown, Reads, ReadsFailed, Abandoned, Torn int64
 }
 
@@ -47,7 +52,7 @@ type ProcStats struct {
 }
 
 func newReport(cfg Config) *Report {
-	return &Report{Seed: cfg.Seed, Cycles: cfg.Cycles, Faults: map[string]int{}, Stalls: map[string]map[string]time.Duration{}}
+	return &Report{Seed: cfg.Seed, Cycles: cfg.Cycles, Faults: map[string]int{}, Anomalies: map[string]int{}, Stalls: map[string]map[string]time.Duration{}}
 }
 
 func (rep *Report) addFault(kind string, stalls map[string]time.Duration) {
@@ -61,7 +66,10 @@ func (rep *Report) addFault(kind string, stalls map[string]time.Duration) {
 	}
 }
 
-func (rep *Report) addVerdict(v Verdict) {
+func (rep *Report) addVerdict(v Verdict, kind string) {
+	if len(v.Bad) > 0 || len(v.Lost) > 0 || len(v.Foreign) > 0 {
+		rep.Anomalies[kind]++
+	}
 	rep.Ops += v.Ops
 	rep.Pruned += v.Pruned
 	rep.NonLinear = append(rep.NonLinear, v.Bad...)
@@ -119,8 +127,8 @@ func (rep *Report) Print(w io.Writer) {
 	}
 	sort.Strings(kinds)
 	for _, k := range kinds {
-		p("  %-24s %4d   stall lib %8v   nbd %8v", k, rep.Faults[k],
-			rep.Stalls[k]["lib"].Round(time.Millisecond), rep.Stalls[k]["nbd"].Round(time.Millisecond))
+		p("  %-24s %4d   stall lib %8v   nbd %8v   generations with anomalies %d", k, rep.Faults[k],
+			rep.Stalls[k]["lib"].Round(time.Millisecond), rep.Stalls[k]["nbd"].Round(time.Millisecond), rep.Anomalies[k])
 	}
 	p("peak RSS (VmHWM) per process, starts, exits on its own:")
 	for _, ps := range rep.Procs {

@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -26,6 +27,8 @@ type Config struct {
 	Dir string
 	// BinDir holds the daemons' binaries.
 	BinDir string
+	// Faults are the kinds drawn from (default AllFaults).
+	Faults []string
 	// Workers per client stream (default 4).
 	Workers int
 	// Out receives the log of the run.
@@ -66,6 +69,9 @@ func Run(ctx context.Context, net *netns.Net, cfg Config) (rep *Report, err erro
 	if cfg.Workers <= 0 {
 		cfg.Workers = 4
 	}
+	if len(cfg.Faults) == 0 {
+		cfg.Faults = AllFaults
+	}
 	if cfg.Out == nil {
 		cfg.Out = io.Discard
 	}
@@ -73,7 +79,7 @@ func Run(ctx context.Context, net *netns.Net, cfg Config) (rep *Report, err erro
 		rep: newReport(cfg)}
 	started := time.Now()
 	defer func() { r.rep.Duration = time.Since(started) }()
-	r.logf("nemesis: seed %d, %d cycles, run directory %s", cfg.Seed, cfg.Cycles, cfg.Dir)
+	r.logf("nemesis: seed %d, %d cycles of %s, run directory %s", cfg.Seed, cfg.Cycles, strings.Join(cfg.Faults, ","), cfg.Dir)
 	c, err := NewCluster(cfg.Dir, cfg.BinDir, net, r.logf)
 	if err != nil {
 		return r.rep, err
@@ -134,7 +140,7 @@ func Run(ctx context.Context, net *netns.Net, cfg Config) (rep *Report, err erro
 		}
 		// Each round draws every kind once, in a seeded order.
 		if len(order) == 0 {
-			order = append([]string(nil), AllFaults...)
+			order = append([]string(nil), cfg.Faults...)
 			rng.Shuffle(len(order), func(i, j int) { order[i], order[j] = order[j], order[i] })
 		}
 		kind := order[0]
@@ -148,11 +154,8 @@ func Run(ctx context.Context, net *netns.Net, cfg Config) (rep *Report, err erro
 			if cycle == cfg.Cycles {
 				stopWorkload()
 			}
-			if err := r.checkGen(ctx, gen, cycle < cfg.Cycles); err != nil {
+			if err := r.checkGen(ctx, gen, kind, cycle < cfg.Cycles); err != nil {
 				return r.rep, err
-			}
-			if !r.rep.OK() {
-				return r.rep, nil
 			}
 			gen++
 		}
@@ -256,7 +259,7 @@ func noteSuffix(s string) string {
 
 // checkGen moves the workload to the next generation, reads the old one's
 // blocks and checks their histories.
-func (r *runner) checkGen(ctx context.Context, gen int, next bool) error {
+func (r *runner) checkGen(ctx context.Context, gen int, kind string, next bool) error {
 	keys := map[Key]bool{}
 	var perVol [][]Key
 	for _, s := range r.streams {
@@ -288,7 +291,7 @@ func (r *runner) checkGen(ctx context.Context, gen int, next bool) error {
 	}
 	ops := r.h.Take(keys)
 	v := Check(ops, final, 5*time.Minute)
-	r.rep.addVerdict(v)
+	r.rep.addVerdict(v, kind)
 	for k, val := range final {
 		fs := finalState{value: val, late: map[uint64]bool{}}
 		for _, op := range ops {
@@ -300,7 +303,10 @@ func (r *runner) checkGen(ctx context.Context, gen int, next bool) error {
 	}
 	r.logf("generation %d checked: %d operations (%d unobserved unknown writes pruned), non-linearizable keys %d, lost %d, foreign %d%s",
 		gen, v.Ops, v.Pruned, len(v.Bad), len(v.Lost), len(v.Foreign), map[bool]string{true: ", CHECK TIMED OUT", false: ""}[v.Unknown])
-	if len(v.Bad) > 0 || len(v.Lost) > 0 || len(v.Foreign) > 0 {
+	// A run goes on after an anomaly (the report counts them per fault
+	// kind); the evidence of the first few is kept.
+	if (len(v.Bad) > 0 || len(v.Lost) > 0 || len(v.Foreign) > 0) && r.rep.evidenceSaved < maxEvidence {
+		r.rep.evidenceSaved++
 		r.saveEvidence(fmt.Sprintf("gen-%d", gen), &v)
 		r.saveOps(fmt.Sprintf("gen-%d", gen), ops, v)
 	}
@@ -340,6 +346,9 @@ func (r *runner) recheckAll(ctx context.Context) error {
 	}
 	return nil
 }
+
+// maxEvidence bounds the anomalies whose evidence a run keeps.
+const maxEvidence = 5
 
 // saveEvidence writes the visualization of a failed check and copies
 // nothing else: the daemons' logs are already in the run directory.
