@@ -7,7 +7,9 @@ import (
 
 var k = Key{Vol: "v", Block: 1}
 
-func w(v uint64, call, ret int64) Op { return Op{Key: k, Write: true, Value: v, Call: call, Return: ret} }
+func w(v uint64, call, ret int64) Op {
+	return Op{Key: k, Write: true, Value: v, Call: call, Return: ret}
+}
 func rd(v uint64, call, ret int64) Op { return Op{Key: k, Value: v, Call: call, Return: ret} }
 
 func TestCheckAcceptsLinearizableHistories(t *testing.T) {
