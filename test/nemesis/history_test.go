@@ -1,6 +1,7 @@
 package nemesis
 
 import (
+	"strings"
 	"testing"
 	"time"
 )
@@ -108,6 +109,24 @@ func TestGenKeysAreDistinct(t *testing.T) {
 				t.Fatalf("generation %d: block %d outside the volume", g, key.Block)
 			}
 			seen[key] = g
+		}
+	}
+}
+
+func TestWitness(t *testing.T) {
+	for _, tc := range []struct {
+		name, want string
+		ops        []Op
+	}{
+		{"stale", "stale read", []Op{w(1, 0, 10), w(2, 11, 20), rd(1, 21, 22)}},
+		{"stale zero", "stale read", []Op{w(1, 0, 10), rd(0, 11, 12)}},
+		{"twice", "reappears", []Op{w(1, 0, 100), rd(1, 10, 11), w(2, 20, 30), rd(2, 31, 32), rd(1, 101, 102)}},
+		{"torn", "torn", []Op{w(1, 0, 10), rd(Torn, 11, 12)}},
+		{"fine", "", []Op{w(1, 0, 10), w(2, 5, 20), rd(1, 11, 12), rd(2, 21, 22)}},
+	} {
+		got := Witness(tc.ops, k)
+		if !strings.Contains(got, tc.want) || (tc.want == "" && got != "") {
+			t.Errorf("%s: witness %q, want one saying %q", tc.name, got, tc.want)
 		}
 	}
 }

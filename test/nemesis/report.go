@@ -32,6 +32,8 @@ type Report struct {
 	// Anomalies counts the generations with an anomaly per kind of the
 	// fault of their last cycle.
 	Anomalies map[string]int
+	// Witnesses are short explanations of the first anomalies.
+	Witnesses []string
 
 	Procs         []ProcStats
 	EvidenceDir   string
@@ -133,6 +135,9 @@ func (rep *Report) Print(w io.Writer) {
 	p("peak RSS (VmHWM) per process, starts, exits on its own:")
 	for _, ps := range rep.Procs {
 		p("  %-8s %6.1f MiB   starts %d   own exits %d", ps.Name, float64(ps.PeakRSS)/(1<<20), ps.Starts, ps.Unplanned)
+	}
+	for _, w := range rep.Witnesses {
+		p("witness: %s", w)
 	}
 	for _, f := range rep.Failures {
 		p("FAILURE: %s", f)

@@ -309,6 +309,12 @@ func (r *runner) checkGen(ctx context.Context, gen int, kind string, next bool) 
 		r.rep.evidenceSaved++
 		r.saveEvidence(fmt.Sprintf("gen-%d", gen), &v)
 		r.saveOps(fmt.Sprintf("gen-%d", gen), ops, v)
+		for _, key := range v.Bad {
+			if w := Witness(ops, key); w != "" {
+				r.logf("witness for %s: %s", key, w)
+				r.rep.Witnesses = append(r.rep.Witnesses, w)
+			}
+		}
 	}
 	return nil
 }
