@@ -374,3 +374,36 @@ func poll(ctx context.Context, what string, f func() error) error {
 }
 
 func quietLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+// Leaderships returns how many copysets each chunkserver leads, as the MDS
+// last heard (indexed like c.CS).
+func (c *Cluster) Leaderships(ctx context.Context) ([]int, error) {
+	conn, err := mdsclient.Dial([]string{c.MDSAddr()}, mdsclient.Options{Logger: quietLogger(), RetryBudget: 10 * time.Second})
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	css, err := conn.Topology().ListChunkServers(ctx, &mdspb.ListChunkServersRequest{})
+	if err != nil {
+		return nil, err
+	}
+	index := map[uint64]int{}
+	for _, cs := range css.GetChunkservers() {
+		for i := range c.CS {
+			if cs.GetAddress() == addr(c.Net.Host(csName(i)), csPort) {
+				index[cs.GetId()] = i
+			}
+		}
+	}
+	sets, err := conn.Topology().ListCopysets(ctx, &mdspb.ListCopysetsRequest{})
+	if err != nil {
+		return nil, err
+	}
+	out := make([]int, len(c.CS))
+	for _, s := range sets.GetCopysets() {
+		if i, ok := index[s.GetLeaderId()]; ok && s.GetLeaderId() != 0 {
+			out[i]++
+		}
+	}
+	return out, nil
+}

@@ -67,13 +67,19 @@ func (r *runner) newFault(kind string, rng *rand.Rand) (*fault, error) {
 	c := r.c
 	switch kind {
 	case KillChunkServer:
-		return r.killFault(kind, c.CS[rng.IntN(len(c.CS))], rng), nil
+		i, led := r.leader(rng)
+		f := r.killFault(kind, c.CS[i], rng)
+		f.target += fmt.Sprintf(" (leads %d copysets)", led)
+		return f, nil
 	case KillMDS:
 		return r.killFault(kind, c.MDS, rng), nil
 	case KillGateway:
 		return r.killFault(kind, c.GW, rng), nil
 	case PauseChunkServer:
-		return pauseFault(kind, c.CS[rng.IntN(len(c.CS))], rng), nil
+		i, led := r.leader(rng)
+		f := pauseFault(kind, c.CS[i], rng)
+		f.target += fmt.Sprintf(" (leads %d copysets)", led)
+		return f, nil
 	case PauseMDS:
 		return pauseFault(kind, c.MDS, rng), nil
 	case PauseGateway:
@@ -112,6 +118,29 @@ func (r *runner) newFault(kind string, rng *rand.Rand) (*fault, error) {
 		return r.diskFull(rng), nil
 	}
 	return nil, fmt.Errorf("unknown fault kind %q", kind)
+}
+
+// leader draws a chunkserver that leads copysets (any chunkserver when the
+// MDS cannot tell), so that losing it costs elections.
+func (r *runner) leader(rng *rand.Rand) (int, int) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	led, err := r.c.Leaderships(ctx)
+	if err != nil {
+		r.logf("leaderships: %v; drawing any chunkserver", err)
+		return rng.IntN(len(r.c.CS)), -1
+	}
+	var leaders []int
+	for i, n := range led {
+		if n > 0 {
+			leaders = append(leaders, i)
+		}
+	}
+	if len(leaders) == 0 {
+		return rng.IntN(len(r.c.CS)), 0
+	}
+	i := leaders[rng.IntN(len(leaders))]
+	return i, led[i]
 }
 
 // killFault: SIGKILL by pid, down for a while, started again.
