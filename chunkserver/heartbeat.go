@@ -8,11 +8,7 @@ import (
 	"syscall"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-
 	"cairn.io/cairn/api/commonpb"
-	"cairn.io/cairn/api/copysetpb"
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/copyset"
 )
@@ -132,85 +128,6 @@ func (s *Server) capacity() *mdspb.Capacity {
 		}
 	}
 	return c
-}
-
-// startOperator carries out an MDS operator in the background, one per
-// copyset at a time; the MDS repeats it until the copyset reports it done.
-func (s *Server) startOperator(op *mdspb.Operator) {
-	ref := op.GetCopyset()
-	id := copyset.MakeGroupID(ref.GetLogicalPoolId(), ref.GetCopysetId())
-	c, err := s.engine.Get(id)
-	if err != nil || !c.IsLeader() {
-		return
-	}
-	s.opsMu.Lock()
-	if s.opsActive[id] {
-		s.opsMu.Unlock()
-		return
-	}
-	s.opsActive[id] = true
-	s.opsMu.Unlock()
-	s.wg.Add(1)
-	go func() {
-		defer s.wg.Done()
-		defer func() {
-			s.opsMu.Lock()
-			delete(s.opsActive, id)
-			s.opsMu.Unlock()
-		}()
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		defer cancel()
-		go func() {
-			select {
-			case <-s.stop:
-				cancel()
-			case <-ctx.Done():
-			}
-		}()
-		target := op.GetTarget().GetChunkserverId()
-		s.res.hint(target, op.GetTarget().GetAddress())
-		log := s.log.With("copyset", id.String(), "operator", op.GetKind().String(), "target", target, "conf_epoch", op.GetConfEpoch())
-		var err error
-		switch op.GetKind() {
-		case mdspb.OperatorKind_OPERATOR_KIND_TRANSFER_LEADER:
-			err = c.TransferLeader(ctx, target, op.GetConfEpoch())
-		case mdspb.OperatorKind_OPERATOR_KIND_ADD_PEER:
-			if err = s.prepareNewReplica(ctx, id, target); err == nil {
-				err = c.AddPeer(ctx, target, op.GetConfEpoch())
-			}
-		case mdspb.OperatorKind_OPERATOR_KIND_REMOVE_PEER:
-			err = c.RemovePeer(ctx, target, op.GetConfEpoch())
-		default:
-			log.Warn("unknown operator ignored")
-			return
-		}
-		switch {
-		case errors.Is(err, copyset.ErrStaleEpoch):
-			log.Info("operator refused: the copyset's configuration changed since the MDS computed it", "err", err)
-		case err != nil:
-			log.Warn("operator failed", "err", err)
-		default:
-			log.Info("operator done")
-		}
-	}()
-}
-
-// prepareNewReplica asks the target chunkserver to create an empty replica
-// that the leader then fills with a snapshot.
-func (s *Server) prepareNewReplica(ctx context.Context, id copyset.GroupID, target uint64) error {
-	addr, err := s.res.Resolve(ctx, target)
-	if err != nil {
-		return err
-	}
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		return err
-	}
-	defer conn.Close()
-	_, err = copysetpb.NewCopysetServiceClient(conn).CreateCopysets(ctx, &copysetpb.CreateCopysetsRequest{
-		Copysets: []*copysetpb.CopysetSpec{{Copyset: &commonpb.CopysetRef{LogicalPoolId: id.Pool(), CopysetId: id.Copyset()}}},
-	})
-	return err
 }
 
 // removeCopyset moves a copyset the MDS no longer places here to the trash,

@@ -290,6 +290,9 @@ func (tc *testCluster) allApplied(ids []GroupID, d time.Duration) {
 			var stats []string
 			for _, n := range tc.running() {
 				stats = append(stats, fmt.Sprintf("  node %d: %+v", n.id, n.engine.TransportStats()))
+				for _, l := range n.engine.transport.Lanes() {
+					stats = append(stats, fmt.Sprintf("  node %d lane %s to %d: %+v", n.id, l.Lane, l.To, l))
+				}
 			}
 			slices.Sort(stats)
 			tc.t.Fatalf("after %s, %d of %d copysets have replicas at different applied indexes (node=applied, * leads):\n%s\ntransport:\n%s\nfirst lagging copyset:%s",

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
-	"io"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -210,9 +209,6 @@ func TestInvalidRangesChangeNothing(t *testing.T) {
 	if _, err := s.Hash(1, 0, 0); !errors.Is(err, ErrChunkNotExist) {
 		t.Fatalf("hash of missing chunk: %v", err)
 	}
-	if _, err := s.OpenChunk(1); !errors.Is(err, ErrChunkNotExist) {
-		t.Fatalf("open missing chunk: %v", err)
-	}
 }
 
 func TestDeleteRecyclesAndReuseReadsZeros(t *testing.T) {
@@ -326,9 +322,6 @@ func TestCorruptMetaPageIsReportedNotTrusted(t *testing.T) {
 		}
 		if _, err := s.Hash(id, 0, 0); !errors.Is(err, ErrCorrupt) {
 			t.Fatalf("hash corrupt chunk %d: %v", id, err)
-		}
-		if _, err := s.OpenChunk(id); !errors.Is(err, ErrCorrupt) {
-			t.Fatalf("open corrupt chunk %d: %v", id, err)
 		}
 	}
 	if _, err := s.Info(1); err == nil || !strings.Contains(err.Error(), "CRC32C") {
@@ -564,45 +557,6 @@ func TestHotPathDoesNotAllocate(t *testing.T) {
 		}
 	}); n != 0 {
 		t.Fatalf("ReadAt allocates %.1f times per call", n)
-	}
-}
-
-func TestOpenChunkStreamsDataAndStopsAtDelete(t *testing.T) {
-	e := newEnv(t, 2, 2)
-	s := e.open(t, Options{})
-	want := make([]byte, testChunk)
-	for off := 0; off < testChunk; off += 8192 {
-		p := pattern(byte(off>>10), 1024)
-		copy(want[off:], p)
-		if err := s.WriteAt(4, p, int64(off)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	r, err := s.OpenChunk(4)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
-	if r.Size() != testChunk || r.ID() != 4 {
-		t.Fatalf("reader size %d id %d", r.Size(), r.ID())
-	}
-	var got bytes.Buffer
-	if _, err := io.Copy(&got, io.NewSectionReader(r, 0, r.Size())); err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(got.Bytes(), want) {
-		t.Fatal("streamed chunk differs")
-	}
-	// Unaligned and past-the-end reads behave as io.ReaderAt says.
-	p := make([]byte, 100)
-	if n, err := r.ReadAt(p, testChunk-50); n != 50 || err != io.EOF || !bytes.Equal(p[:50], want[testChunk-50:]) {
-		t.Fatalf("tail read: %d %v", n, err)
-	}
-	if err := s.Delete(4); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := r.ReadAt(p, 0); !errors.Is(err, ErrChunkNotExist) {
-		t.Fatalf("read after delete: %v", err)
 	}
 }
 

@@ -1,0 +1,298 @@
+package datastore
+
+import (
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"os"
+	"path/filepath"
+	"slices"
+
+	"golang.org/x/sys/unix"
+
+	"cairn.io/cairn/chunkfilepool"
+	"cairn.io/cairn/chunkfilepool/fsutil"
+)
+
+// WriteAt writes p at off into the chunk's data, creating the chunk on its
+// first write. off and len(p) must be multiples of the block size inside the
+// chunk (ErrInvalidRange). The data is not fsynced: see Sync. When a new
+// chunk needs a file and the pool has none, the error wraps ErrNoSpace and
+// nothing is created.
+func (s *Store) WriteAt(id uint64, p []byte, off int64) error {
+	if err := s.checkRange(len(p), off); err != nil {
+		return fmt.Errorf("write chunk %d: %w", id, err)
+	}
+	for {
+		c, err := s.lookup(id)
+		if err != nil {
+			return err
+		}
+		if c == nil {
+			if c, err = s.create(id); err != nil {
+				return err
+			}
+		}
+		retry, err := s.writeChunk(c, p, off)
+		if !retry {
+			return err
+		}
+		// Deleted between lookup and write: the write creates it anew.
+	}
+}
+
+func (s *Store) writeChunk(c *chunk, p []byte, off int64) (retry bool, err error) {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	if c.gone != nil {
+		return c.gone == ErrChunkNotExist, c.gone
+	}
+	if c.corrupt != nil {
+		return false, fmt.Errorf("write: %w", c.corrupt)
+	}
+	h, err := s.files.acquire(c)
+	if err != nil {
+		return false, fmt.Errorf("write: %w", err)
+	}
+	_, err = h.f.WriteAt(p, s.geo.MetaPageSize+off)
+	h.release()
+	if err != nil {
+		return false, fmt.Errorf("write chunk %d: %w", c.id, err)
+	}
+	c.dirty.Store(true)
+	return false, nil
+}
+
+// create makes chunk id from a pool file, or waits for a creation of the same
+// chunk under way.
+func (s *Store) create(id uint64) (*chunk, error) {
+	for {
+		s.mu.Lock()
+		if s.mu.closed {
+			s.mu.Unlock()
+			return nil, ErrClosed
+		}
+		if c := s.mu.chunks[id]; c != nil {
+			s.mu.Unlock()
+			return c, nil
+		}
+		cr := s.mu.creating[id]
+		if cr == nil {
+			break
+		}
+		s.mu.Unlock()
+		<-cr.done
+		if cr.err != nil {
+			return nil, cr.err
+		}
+	}
+	cr := &creation{done: make(chan struct{})}
+	s.mu.creating[id] = cr
+	s.mu.Unlock()
+
+	c, err := s.createFile(id)
+
+	s.mu.Lock()
+	delete(s.mu.creating, id)
+	if err == nil && s.mu.closed {
+		// Closed meanwhile: the chunk exists on disk (all zeros) and is
+		// found at the next Open; no write into it was acknowledged.
+		s.files.remove(c)
+		err = ErrClosed
+	}
+	if err == nil {
+		s.mu.chunks[id] = c
+	}
+	cr.err = err
+	close(cr.done)
+	s.mu.Unlock()
+	return c, err
+}
+
+// createFile takes a pool file under a temporary name, writes and
+// fdatasyncs the meta page, renames the file to its final name and fsyncs
+// the directory. On failure the file goes back to the pool.
+func (s *Store) createFile(id uint64) (*chunk, error) {
+	final := filepath.Join(s.dir, chunkName(id))
+	tmp := final + creatingSuffix
+	if err := s.pool.Get(tmp); err != nil {
+		if errors.Is(err, chunkfilepool.ErrPoolEmpty) {
+			return nil, fmt.Errorf("create chunk %d: %w: %w", id, ErrNoSpace, err)
+		}
+		return nil, fmt.Errorf("create chunk %d: %w", id, err)
+	}
+	current := tmp
+	f, err := os.OpenFile(tmp, os.O_RDWR, 0)
+	if err == nil {
+		err = func() error {
+			meta := ChunkMeta{Version: MetaVersion, ChunkID: id, ChunkSize: s.geo.ChunkSize}
+			if _, err := f.WriteAt(EncodeMetaPage(meta, int(s.geo.MetaPageSize)), 0); err != nil {
+				return err
+			}
+			if err := unix.Fdatasync(int(f.Fd())); err != nil {
+				return fmt.Errorf("fdatasync: %w", err)
+			}
+			if hook := s.knobs.BeforeCreateRename; hook != nil {
+				if err := hook(id); err != nil {
+					return err
+				}
+			}
+			if err := fsutil.RenameNoReplace(tmp, final); err != nil {
+				return err
+			}
+			current = final
+			return fsutil.SyncDir(s.dir)
+		}()
+		if err != nil {
+			_ = f.Close()
+		}
+	}
+	if err != nil {
+		if rerr := s.pool.Recycle(current); rerr != nil {
+			s.log.Error("cannot return a file of a failed chunk creation to the pool", "file", current, "err", rerr)
+		}
+		return nil, fmt.Errorf("create chunk %d: %w", id, err)
+	}
+	c := &chunk{
+		id:   id,
+		path: final,
+		meta: ChunkMeta{Version: MetaVersion, ChunkID: id, ChunkSize: s.geo.ChunkSize},
+	}
+	s.files.insert(c, f).release()
+	return c, nil
+}
+
+// ReadAt reads len(p) bytes at off of the chunk's data. off and len(p) must
+// be multiples of the block size inside the chunk. A missing chunk gives
+// ErrChunkNotExist; never-written ranges of an existing chunk read as zeros.
+func (s *Store) ReadAt(id uint64, p []byte, off int64) error {
+	if err := s.checkRange(len(p), off); err != nil {
+		return fmt.Errorf("read chunk %d: %w", id, err)
+	}
+	c, err := s.lookup(id)
+	if err != nil {
+		return err
+	}
+	if c == nil {
+		return fmt.Errorf("read chunk %d: %w", id, ErrChunkNotExist)
+	}
+	return s.readChunk(c, p, off)
+}
+
+func (s *Store) readChunk(c *chunk, p []byte, off int64) error {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	if c.gone != nil {
+		return fmt.Errorf("read chunk %d: %w", c.id, c.gone)
+	}
+	if c.corrupt != nil {
+		return fmt.Errorf("read: %w", c.corrupt)
+	}
+	h, err := s.files.acquire(c)
+	if err != nil {
+		return fmt.Errorf("read: %w", err)
+	}
+	_, err = h.f.ReadAt(p, s.geo.MetaPageSize+off)
+	h.release()
+	if err != nil {
+		return fmt.Errorf("read chunk %d: %w", c.id, err)
+	}
+	return nil
+}
+
+// Delete removes the chunk and returns its file to the pool, which zeroes it
+// before reuse. Deleting a missing chunk succeeds. Corrupt chunks can be
+// deleted.
+func (s *Store) Delete(id uint64) error {
+	s.mu.Lock()
+	if s.mu.closed {
+		s.mu.Unlock()
+		return ErrClosed
+	}
+	c := s.mu.chunks[id]
+	delete(s.mu.chunks, id)
+	s.mu.Unlock()
+	if c == nil {
+		return nil
+	}
+	c.mu.Lock()
+	c.gone = ErrChunkNotExist
+	s.files.remove(c)
+	c.mu.Unlock()
+	if err := s.pool.Recycle(c.path); err != nil {
+		// The file is still in place: keep the chunk.
+		back := &chunk{id: id, path: c.path, meta: c.meta, corrupt: c.corrupt}
+		back.dirty.Store(c.dirty.Load())
+		s.mu.Lock()
+		if s.mu.chunks[id] == nil && !s.mu.closed {
+			s.mu.chunks[id] = back
+		}
+		s.mu.Unlock()
+		return fmt.Errorf("delete chunk %d: %w", id, err)
+	}
+	return nil
+}
+
+// Info returns the chunk's metadata: ErrChunkNotExist for a missing chunk,
+// ErrCorrupt for one whose meta page does not check out.
+func (s *Store) Info(id uint64) (ChunkInfo, error) {
+	c, err := s.lookup(id)
+	if err != nil {
+		return ChunkInfo{}, err
+	}
+	if c == nil {
+		return ChunkInfo{}, fmt.Errorf("chunk %d: %w", id, ErrChunkNotExist)
+	}
+	if c.corrupt != nil {
+		return ChunkInfo{}, c.corrupt
+	}
+	return ChunkInfo{ID: id, Size: s.geo.ChunkSize, SN: c.meta.SN, CorrectedSN: c.meta.CorrectedSN, Version: c.meta.Version}, nil
+}
+
+// Hash returns the CRC32C (Castagnoli) of length bytes at off of the chunk's
+// data; length 0 means to the end of the chunk. The range follows ReadAt's
+// rules.
+func (s *Store) Hash(id uint64, off, length int64) (uint32, error) {
+	if length == 0 {
+		length = s.geo.ChunkSize - off
+	}
+	if length < 0 || length > s.geo.ChunkSize {
+		return 0, fmt.Errorf("hash chunk %d: %w: offset %d length %d", id, ErrInvalidRange, off, length)
+	}
+	if err := s.checkRange(int(length), off); err != nil {
+		return 0, fmt.Errorf("hash chunk %d: %w", id, err)
+	}
+	c, err := s.lookup(id)
+	if err != nil {
+		return 0, err
+	}
+	if c == nil {
+		return 0, fmt.Errorf("hash chunk %d: %w", id, ErrChunkNotExist)
+	}
+	bp := s.hashBufs.Get().(*[]byte)
+	defer s.hashBufs.Put(bp)
+	buf := *bp
+	var crc uint32
+	for done := int64(0); done < length; {
+		n := min(int64(len(buf)), length-done)
+		if err := s.readChunk(c, buf[:n], off+done); err != nil {
+			return 0, err
+		}
+		crc = crc32.Update(crc, castagnoli, buf[:n])
+		done += n
+	}
+	return crc, nil
+}
+
+// List returns the ids of every chunk in the store, corrupt ones included,
+// in ascending order.
+func (s *Store) List() []uint64 {
+	s.mu.RLock()
+	ids := make([]uint64, 0, len(s.mu.chunks))
+	for id := range s.mu.chunks {
+		ids = append(ids, id)
+	}
+	s.mu.RUnlock()
+	slices.Sort(ids)
+	return ids
+}
