@@ -232,8 +232,16 @@ func (r *runner) cycle(ctx context.Context, n int, kind string, rng *rand.Rand) 
 			return fmt.Errorf("clean up: %w", err)
 		}
 	}
-	// The window ends once clients have had a moment on the healthy
-	// cluster.
+	// The window ends once every stream has completed IO again (bounded)
+	// and then had a moment on the healthy cluster.
+	healthy := r.h.Now()
+	ioctx, cancel := context.WithTimeout(ctx, 2*opTimeout)
+	for _, s := range r.streams {
+		if err := poll(ioctx, s.name+" IO to complete again", func() error { return s.completedSince(healthy) }); err != nil {
+			r.logf("cycle %d: %v", n, err)
+		}
+	}
+	cancel()
 	sleepCtx(ctx, time.Second)
 	end := r.h.Now()
 	stalls := map[string]time.Duration{}

@@ -181,6 +181,19 @@ func (s *stream) switchGen(ctx context.Context, g int64) error {
 	})
 }
 
+// completedSince reports (as an error) whether an operation completed
+// after t.
+func (s *stream) completedSince(t int64) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i := len(s.completions) - 1; i >= 0; i-- {
+		if s.completions[i] > t {
+			return nil
+		}
+	}
+	return errors.New("no operation completed yet")
+}
+
 // stall returns the longest time within [from, to] without a completed
 // operation, and forgets completions before to.
 func (s *stream) stall(from, to int64) time.Duration {
