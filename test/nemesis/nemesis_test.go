@@ -57,11 +57,17 @@ func TestNemesis(t *testing.T) {
 			t.Errorf("remove the network: %v", err)
 		}
 	})
-	args := []string{"-test.run=^TestNemesis$", "-test.count=1", "-test.timeout=0",
-		"-cycles=" + strconv.Itoa(cfg.Cycles), "-seed=" + strconv.FormatInt(cfg.Seed, 10)}
-	if *flagBin != "" {
-		args = append(args, "-bin="+*flagBin)
+	// The daemons are built here, outside the namespaces, where the go
+	// command reaches everything it may need.
+	bin := *flagBin
+	if bin == "" {
+		bin = t.TempDir()
+		if err := BuildBinaries(bin); err != nil {
+			t.Fatal(err)
+		}
 	}
+	args := []string{"-test.run=^TestNemesis$", "-test.count=1", "-test.timeout=0",
+		"-cycles=" + strconv.Itoa(cfg.Cycles), "-seed=" + strconv.FormatInt(cfg.Seed, 10), "-bin=" + bin}
 	if *flagKeep != "" {
 		args = append(args, "-keep="+*flagKeep)
 	}
@@ -183,12 +189,6 @@ func runInner(t *testing.T, prefix string) {
 	}
 	cfg := configFromFlags(t)
 	cfg.BinDir = *flagBin
-	if cfg.BinDir == "" {
-		cfg.BinDir = t.TempDir()
-		if err := BuildBinaries(cfg.BinDir); err != nil {
-			t.Fatal(err)
-		}
-	}
 	cfg.Dir = *flagKeep
 	keepAlways := cfg.Dir != ""
 	if cfg.Dir == "" {
