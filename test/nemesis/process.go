@@ -38,11 +38,18 @@ type Proc struct {
 		unplanned int // exits the harness did not cause
 		peakRSS   uint64
 		lastExit  string
+		startedAt time.Time
+		backoff   time.Duration // next supervised restart's delay
 	}
 }
 
-// RestartDelay is how long a supervised restart waits after an exit.
-const RestartDelay = 500 * time.Millisecond
+// RestartDelay is how long a supervised restart waits after an exit; it
+// doubles, up to MaxRestartDelay, while the process keeps exiting within
+// 10 s of its start (a crash loop).
+const (
+	RestartDelay    = 500 * time.Millisecond
+	MaxRestartDelay = 8 * time.Second
+)
 
 // Start starts the process; it must not be running.
 func (p *Proc) Start() error {
@@ -76,6 +83,7 @@ func (p *Proc) startLocked() error {
 	p.mu.cmd, p.mu.exited, p.mu.exitErr = cmd, exited, nil
 	p.mu.down, p.mu.paused = false, false
 	p.mu.starts++
+	p.mu.startedAt = time.Now()
 	go p.wait(cmd, exited)
 	return nil
 }
@@ -92,9 +100,15 @@ func (p *Proc) wait(cmd *exec.Cmd, exited chan struct{}) {
 	}
 	p.mu.unplanned++
 	p.mu.lastExit = fmt.Sprintf("%v; last lines of %s:\n%s", err, p.LogPath, tail(p.LogPath, 8))
+	if time.Since(p.mu.startedAt) < 10*time.Second && p.mu.backoff > 0 {
+		p.mu.backoff = min(2*p.mu.backoff, MaxRestartDelay)
+	} else {
+		p.mu.backoff = RestartDelay
+	}
+	delay := p.mu.backoff
 	p.mu.Unlock()
-	p.log("%s (pid %d) exited on its own: %v; restarting it in %v", p.Name, cmd.Process.Pid, err, RestartDelay)
-	time.Sleep(RestartDelay)
+	p.log("%s (pid %d) exited on its own: %v; restarting it in %v", p.Name, cmd.Process.Pid, err, delay)
+	time.Sleep(delay)
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.mu.down || p.mu.cmd != cmd {
