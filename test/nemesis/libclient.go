@@ -41,6 +41,9 @@ func (l *libVolume) ReadAt(ctx context.Context, p []byte, off int64) error {
 	return err
 }
 
+// Flush waits for writes in flight.
+func (l *libVolume) Flush(ctx context.Context) error { return l.v.Flush() }
+
 // Close closes the handle.
 func (l *libVolume) Close() error { return l.v.Close() }
 

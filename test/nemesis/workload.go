@@ -19,6 +19,16 @@ type target interface {
 	ReadAt(ctx context.Context, p []byte, off int64) error
 }
 
+// flusher is a target that can be asked to make completed writes durable
+// (NBD_CMD_FLUSH, the client library's Flush). Every flushEvery-th
+// operation of a worker is followed by a flush; flushes are not recorded
+// (a write is durable when acknowledged).
+type flusher interface {
+	Flush(ctx context.Context) error
+}
+
+const flushEvery = 64
+
 // KeysPerGen is the number of blocks per volume a generation writes and
 // reads. A generation's blocks lie in KeysPerGen different chunks (so in
 // many copysets); the next generation takes the next blocks of other
@@ -82,7 +92,7 @@ func (s *stream) run(ctx context.Context, seed uint64, clientBase int, wg *sync.
 
 func (s *stream) worker(ctx context.Context, w, client int, rng *rand.Rand) {
 	buf := make([]byte, BlockSize)
-	for ctx.Err() == nil {
+	for n := 1; ctx.Err() == nil; n++ {
 		g := s.gen.Load()
 		s.mu.Lock()
 		s.workerGen[w] = g
@@ -96,6 +106,11 @@ func (s *stream) worker(ctx context.Context, w, client int, rng *rand.Rand) {
 			continue
 		}
 		off := key.Block * BlockSize
+		if f, ok := t.(flusher); ok && n%flushEvery == 0 {
+			if err := s.do(ctx, f.Flush); err != nil {
+				s.failed(t, err)
+			}
+		}
 		if rng.IntN(2) == 0 {
 			v := s.h.NextValue()
 			data := BlockOf(v)
