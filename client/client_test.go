@@ -7,15 +7,25 @@ import (
 	"fmt"
 	"math/rand"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"cairn.io/cairn/api/chunkpb"
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/chunkserver"
 	"cairn.io/cairn/client"
 	"cairn.io/cairn/test/cluster"
 )
 
 const seg = 64 << 20 // test cluster segment size (1 MiB chunks)
+
+// ctx is the context of the tests' IO calls.
+var ctx = context.Background()
 
 func createVolume(t *testing.T, c *cluster.Cluster, name string, size uint64) {
 	t.Helper()
@@ -68,13 +78,13 @@ func TestRandomIOMatchesModel(t *testing.T) {
 		n = min(n, size-off)
 		if rng.Intn(3) > 0 {
 			b := randBytes(rng, int(n))
-			if _, err := v.WriteAt(b, off); err != nil {
+			if _, err := v.WriteAt(ctx, b, off); err != nil {
 				t.Fatalf("write %d+%d: %v", off, n, err)
 			}
 			copy(model[off:], b)
 		} else {
 			got := make([]byte, n)
-			if _, err := v.ReadAt(got, off); err != nil {
+			if _, err := v.ReadAt(ctx, got, off); err != nil {
 				t.Fatalf("read %d+%d: %v", off, n, err)
 			}
 			if !bytes.Equal(got, model[off:off+n]) {
@@ -86,7 +96,7 @@ func TestRandomIOMatchesModel(t *testing.T) {
 	r := open(t, c, "rand", client.Options{ReadOnly: true})
 	got := make([]byte, size)
 	for off := int64(0); off < size; off += 8 << 20 {
-		if _, err := r.ReadAt(got[off:off+8<<20], off); err != nil {
+		if _, err := r.ReadAt(ctx, got[off:off+8<<20], off); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -112,7 +122,7 @@ func TestConcurrentWritersOfDisjointRanges(t *testing.T) {
 			defer wg.Done()
 			for i := 0; i < each; i++ {
 				off := int64(w*each+i) * 128 << 10
-				if _, err := v.WriteAt(bytes.Repeat([]byte{byte(w), byte(i)}, 64<<10), off); err != nil {
+				if _, err := v.WriteAt(ctx, bytes.Repeat([]byte{byte(w), byte(i)}, 64<<10), off); err != nil {
 					errs <- err
 					return
 				}
@@ -128,7 +138,7 @@ func TestConcurrentWritersOfDisjointRanges(t *testing.T) {
 	for w := 0; w < workers; w++ {
 		for i := 0; i < each; i++ {
 			off := int64(w*each+i) * 128 << 10
-			if _, err := v.ReadAt(buf, off); err != nil {
+			if _, err := v.ReadAt(ctx, buf, off); err != nil {
 				t.Fatal(err)
 			}
 			if !bytes.Equal(buf, bytes.Repeat([]byte{byte(w), byte(i)}, 64<<10)) {
@@ -142,29 +152,29 @@ func TestFencing(t *testing.T) {
 	c := cluster.Start(t, cluster.Options{})
 	createVolume(t, c, "fence", seg)
 	a := open(t, c, "fence", client.Options{ClientName: "a"})
-	if _, err := a.WriteAt(bytes.Repeat([]byte("a"), 4096), 0); err != nil {
+	if _, err := a.WriteAt(ctx, bytes.Repeat([]byte("a"), 4096), 0); err != nil {
 		t.Fatal(err)
 	}
 	b := open(t, c, "fence", client.Options{ClientName: "b"})
 	if b.Epoch() <= a.Epoch() {
 		t.Fatalf("second opener got epoch %d, first %d", b.Epoch(), a.Epoch())
 	}
-	_, err := a.WriteAt(bytes.Repeat([]byte("x"), 4096), 0)
+	_, err := a.WriteAt(ctx, bytes.Repeat([]byte("x"), 4096), 0)
 	if !errors.Is(err, client.ErrFenced) {
 		t.Fatalf("write of the fenced client: %v, want ErrFenced", err)
 	}
 	// Fenced stays fenced, without asking anyone.
-	if _, err := a.WriteAt(make([]byte, 512), 8192); !errors.Is(err, client.ErrFenced) {
+	if _, err := a.WriteAt(ctx, make([]byte, 512), 8192); !errors.Is(err, client.ErrFenced) {
 		t.Fatalf("second write of the fenced client: %v", err)
 	}
-	if err := a.Flush(); !errors.Is(err, client.ErrFenced) {
+	if err := a.Flush(ctx); !errors.Is(err, client.ErrFenced) {
 		t.Fatalf("flush of the fenced client: %v", err)
 	}
 	got := make([]byte, 4096)
-	if _, err := b.ReadAt(got, 0); err != nil || !bytes.Equal(got, bytes.Repeat([]byte("a"), 4096)) {
+	if _, err := b.ReadAt(ctx, got, 0); err != nil || !bytes.Equal(got, bytes.Repeat([]byte("a"), 4096)) {
 		t.Fatalf("the fenced write changed data (%v)", err)
 	}
-	if _, err := b.WriteAt(bytes.Repeat([]byte("b"), 4096), 0); err != nil {
+	if _, err := b.WriteAt(ctx, bytes.Repeat([]byte("b"), 4096), 0); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -174,7 +184,7 @@ func TestUnmapReadsZerosAndFreesChunks(t *testing.T) {
 	createVolume(t, c, "unmap", seg)
 	v := open(t, c, "unmap", client.Options{})
 	data := bytes.Repeat([]byte("d"), 4<<20)
-	if _, err := v.WriteAt(data, 0); err != nil {
+	if _, err := v.WriteAt(ctx, data, 0); err != nil {
 		t.Fatal(err)
 	}
 	chunksHeld := func() int {
@@ -194,11 +204,11 @@ func TestUnmapReadsZerosAndFreesChunks(t *testing.T) {
 		return nil
 	})
 	// Whole chunks 1 and 2, plus a partial range in chunk 0 and chunk 3.
-	if err := v.UnmapAt(1<<20-4096, 2<<20+8192); err != nil {
+	if err := v.UnmapAt(ctx, 1<<20-4096, 2<<20+8192); err != nil {
 		t.Fatal(err)
 	}
 	got := make([]byte, 4<<20)
-	if _, err := v.ReadAt(got, 0); err != nil {
+	if _, err := v.ReadAt(ctx, got, 0); err != nil {
 		t.Fatal(err)
 	}
 	want := append([]byte{}, data...)
@@ -213,7 +223,7 @@ func TestUnmapReadsZerosAndFreesChunks(t *testing.T) {
 		return nil
 	})
 	// Unmapping a never-written region is free and fine.
-	if err := v.UnmapAt(32<<20, 8<<20); err != nil {
+	if err := v.UnmapAt(ctx, 32<<20, 8<<20); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -222,16 +232,16 @@ func TestBadIOChangesNothing(t *testing.T) {
 	c := cluster.Start(t, cluster.Options{})
 	createVolume(t, c, "bad", seg)
 	v := open(t, c, "bad", client.Options{})
-	if _, err := v.WriteAt(make([]byte, 4096), seg-2048); !errors.Is(err, client.ErrOutOfRange) {
+	if _, err := v.WriteAt(ctx, make([]byte, 4096), seg-2048); !errors.Is(err, client.ErrOutOfRange) {
 		t.Fatalf("write past the end: %v", err)
 	}
-	if _, err := v.ReadAt(make([]byte, 512), seg); !errors.Is(err, client.ErrOutOfRange) {
+	if _, err := v.ReadAt(ctx, make([]byte, 512), seg); !errors.Is(err, client.ErrOutOfRange) {
 		t.Fatalf("read at the end: %v", err)
 	}
-	if _, err := v.WriteAt(make([]byte, 512), 100); !errors.Is(err, client.ErrUnaligned) {
+	if _, err := v.WriteAt(ctx, make([]byte, 512), 100); !errors.Is(err, client.ErrUnaligned) {
 		t.Fatalf("unaligned write: %v", err)
 	}
-	if _, err := v.WriteAt(make([]byte, 700), 0); !errors.Is(err, client.ErrUnaligned) {
+	if _, err := v.WriteAt(ctx, make([]byte, 700), 0); !errors.Is(err, client.ErrUnaligned) {
 		t.Fatalf("unaligned length: %v", err)
 	}
 	if v.Stats().SegmentsAllocated != 0 {
@@ -241,7 +251,7 @@ func TestBadIOChangesNothing(t *testing.T) {
 		t.Fatalf("open of an unknown volume: %v", err)
 	}
 	v.Close()
-	if _, err := v.ReadAt(make([]byte, 512), 0); !errors.Is(err, client.ErrClosed) {
+	if _, err := v.ReadAt(ctx, make([]byte, 512), 0); !errors.Is(err, client.ErrClosed) {
 		t.Fatalf("read after close: %v", err)
 	}
 }
@@ -251,18 +261,18 @@ func TestReadOnlyHandle(t *testing.T) {
 	createVolume(t, c, "ro", seg)
 	w := open(t, c, "ro", client.Options{})
 	r := open(t, c, "ro", client.Options{ReadOnly: true})
-	if _, err := r.WriteAt(make([]byte, 512), 0); !errors.Is(err, client.ErrReadOnly) {
+	if _, err := r.WriteAt(ctx, make([]byte, 512), 0); !errors.Is(err, client.ErrReadOnly) {
 		t.Fatalf("write through a read-only handle: %v", err)
 	}
 	got := make([]byte, 4096)
-	if _, err := r.ReadAt(got, 0); err != nil || !bytes.Equal(got, make([]byte, 4096)) {
+	if _, err := r.ReadAt(ctx, got, 0); err != nil || !bytes.Equal(got, make([]byte, 4096)) {
 		t.Fatalf("read of a never-written volume: %v", err)
 	}
-	if _, err := w.WriteAt(bytes.Repeat([]byte("w"), 4096), 0); err != nil {
+	if _, err := w.WriteAt(ctx, bytes.Repeat([]byte("w"), 4096), 0); err != nil {
 		t.Fatalf("the read-only opener fenced the writer: %v", err)
 	}
 	cluster.SucceedsSoon(t, 10*time.Second, func() error {
-		if _, err := r.ReadAt(got, 0); err != nil {
+		if _, err := r.ReadAt(ctx, got, 0); err != nil {
 			return err
 		}
 		if !bytes.Equal(got, bytes.Repeat([]byte("w"), 4096)) {
@@ -285,7 +295,7 @@ func TestExtendIsSeen(t *testing.T) {
 	if v.Size() != 2*seg {
 		t.Fatalf("size %d after extend, want %d", v.Size(), 2*seg)
 	}
-	if _, err := v.WriteAt(bytes.Repeat([]byte("e"), 4096), 2*seg-4096); err != nil {
+	if _, err := v.WriteAt(ctx, bytes.Repeat([]byte("e"), 4096), 2*seg-4096); err != nil {
 		t.Fatalf("write into the new range: %v", err)
 	}
 }
@@ -319,7 +329,7 @@ func TestIOThroughLeaderChangesAndRestarts(t *testing.T) {
 				}
 				b := rng.Intn(blocks/8)*8 + w // each writer owns its blocks
 				data := bytes.Repeat([]byte(fmt.Sprintf("%d:%d|", w, i)), 64<<10)[:64<<10]
-				if _, err := v.WriteAt(data, int64(b)*64<<10); err != nil {
+				if _, err := v.WriteAt(ctx, data, int64(b)*64<<10); err != nil {
 					errs <- fmt.Errorf("writer %d: %w", w, err)
 					return
 				}
@@ -361,7 +371,7 @@ func TestIOThroughLeaderChangesAndRestarts(t *testing.T) {
 		if want == nil {
 			want = make([]byte, 64<<10)
 		}
-		if _, err := v.ReadAt(buf, int64(b)*64<<10); err != nil {
+		if _, err := v.ReadAt(ctx, buf, int64(b)*64<<10); err != nil {
 			t.Fatal(err)
 		}
 		if !bytes.Equal(buf, want) {
@@ -375,16 +385,149 @@ func TestIOGoesOnWithoutTheMDS(t *testing.T) {
 	c := cluster.Start(t, cluster.Options{})
 	createVolume(t, c, "nomds", seg)
 	v := open(t, c, "nomds", client.Options{RetryTimeout: 10 * time.Second})
-	if _, err := v.WriteAt(bytes.Repeat([]byte("1"), 1<<20), 0); err != nil {
+	if _, err := v.WriteAt(ctx, bytes.Repeat([]byte("1"), 1<<20), 0); err != nil {
 		t.Fatal(err)
 	}
 	c.MDS.Stop()
 	// The segment is allocated and its copysets known: IO needs no MDS.
-	if _, err := v.WriteAt(bytes.Repeat([]byte("2"), 1<<20), 0); err != nil {
+	if _, err := v.WriteAt(ctx, bytes.Repeat([]byte("2"), 1<<20), 0); err != nil {
 		t.Fatalf("write with the MDS down: %v", err)
 	}
 	got := make([]byte, 1<<20)
-	if _, err := v.ReadAt(got, 0); err != nil || !bytes.Equal(got, bytes.Repeat([]byte("2"), 1<<20)) {
+	if _, err := v.ReadAt(ctx, got, 0); err != nil || !bytes.Equal(got, bytes.Repeat([]byte("2"), 1<<20)) {
 		t.Fatalf("read with the MDS down: %v", err)
+	}
+}
+
+// TestInflightBytesStayWithinBudget: many large concurrent reads and writes
+// never have more bytes of chunk requests in flight than the volume's
+// budget; the IOs wait for room rather than fail, and all complete.
+func TestInflightBytesStayWithinBudget(t *testing.T) {
+	c := cluster.Start(t, cluster.Options{})
+	createVolume(t, c, "budget", seg)
+	const budget = 2 << 20
+	var mu sync.Mutex
+	var peak int64
+	v := open(t, c, "budget", client.Options{
+		MaxInflightBytes: budget,
+		TestingKnobs: client.TestingKnobs{OnInflightBytes: func(n int64) {
+			mu.Lock()
+			peak = max(peak, n)
+			mu.Unlock()
+		}},
+	})
+	const workers, size = 8, 4 << 20
+	var wg sync.WaitGroup
+	errs := make(chan error, 2*workers)
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			data := bytes.Repeat([]byte{byte(w + 1)}, size)
+			off := int64(w) * size
+			if _, err := v.WriteAt(ctx, data, off); err != nil {
+				errs <- err
+				return
+			}
+			got := make([]byte, size)
+			if _, err := v.ReadAt(ctx, got, off); err != nil {
+				errs <- err
+				return
+			}
+			if !bytes.Equal(got, data) {
+				errs <- fmt.Errorf("worker %d read back other data", w)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if peak > budget || peak == 0 {
+		t.Fatalf("peak bytes in flight %d, budget %d", peak, budget)
+	}
+	if n := v.Stats().InflightBytes; n != 0 {
+		t.Fatalf("%d bytes still counted in flight", n)
+	}
+}
+
+// TestCancelledIOStopsRetrying: with the copyset unable to elect a leader,
+// a write retries; when its context ends it returns the context's error,
+// not ErrTimeout after the retry timeout.
+func TestCancelledIOStopsRetrying(t *testing.T) {
+	c := cluster.Start(t, cluster.Options{})
+	createVolume(t, c, "cancel", seg)
+	v := open(t, c, "cancel", client.Options{RetryTimeout: 10 * time.Minute})
+	if _, err := v.WriteAt(ctx, make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	cancelled, cancel := context.WithCancel(ctx)
+	cancel()
+	if _, err := v.WriteAt(cancelled, make([]byte, 4096), 0); !errors.Is(err, context.Canceled) {
+		t.Fatalf("write with a cancelled context: %v", err)
+	}
+	// Two of three replicas down: no quorum, the write retries.
+	c.StopChunkServer(1)
+	c.StopChunkServer(2)
+	wctx, wcancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() {
+		_, err := v.WriteAt(wctx, bytes.Repeat([]byte{7}, 4096), 0)
+		done <- err
+	}()
+	cluster.SucceedsSoon(t, 30*time.Second, func() error {
+		if v.Stats().Retries == 0 {
+			return errors.New("no retry yet")
+		}
+		return nil
+	})
+	wcancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("retrying write after cancel: %v, want context.Canceled", err)
+	}
+}
+
+// TestFencedSessionFencesTheHandle: when no chunkserver can confirm epochs
+// (all cut off from the MDS, their epoch leases run out), a fenced writer's
+// IO is answered UNAVAILABLE, never EPOCH_TOO_OLD. It must still learn that
+// it is fenced, from the MDS refusing its session, and fail with ErrFenced
+// instead of retrying until its deadline.
+func TestFencedSessionFencesTheHandle(t *testing.T) {
+	var cut atomic.Bool
+	c := cluster.Start(t, cluster.Options{EpochLease: time.Second, Tune: func(i int, cfg *chunkserver.Config) {
+		cfg.TestingKnobs = chunkserver.TestingKnobs{
+			InterceptHeartbeat: func(ctx context.Context, call func(context.Context) (*mdspb.HeartbeatResponse, error)) (*mdspb.HeartbeatResponse, error) {
+				if cut.Load() {
+					return nil, status.Error(codes.Unavailable, "test: heartbeats cut")
+				}
+				return call(ctx)
+			},
+			UnaryInterceptor: func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+				if cut.Load() && info.FullMethod == chunkpb.ChunkService_UpdateEpoch_FullMethodName {
+					return nil, status.Error(codes.Unavailable, "test: the MDS cannot reach this chunkserver")
+				}
+				return h(ctx, req)
+			},
+		}
+	}})
+	createVolume(t, c, "fence2", seg)
+	a := open(t, c, "fence2", client.Options{ClientName: "a", RetryTimeout: 2 * time.Minute})
+	if _, err := a.WriteAt(ctx, bytes.Repeat([]byte("a"), 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	cut.Store(true)
+	b := open(t, c, "fence2", client.Options{ClientName: "b"})
+	wctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	if _, err := a.WriteAt(wctx, bytes.Repeat([]byte("x"), 4096), 0); !errors.Is(err, client.ErrFenced) {
+		t.Fatalf("write of the fenced client: %v, want ErrFenced", err)
+	}
+	cut.Store(false)
+	got := make([]byte, 4096)
+	if _, err := b.ReadAt(ctx, got, 0); err != nil || !bytes.Equal(got, bytes.Repeat([]byte("a"), 4096)) {
+		t.Fatalf("the fenced write changed data (%v)", err)
 	}
 }

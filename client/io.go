@@ -44,12 +44,14 @@ func (v *Volume) check(off, n int64) error {
 }
 
 // run runs f on every piece concurrently (bounded by MaxInflight) and
-// returns the first error.
-func (v *Volume) run(ps []piece, f func(ctx context.Context, p piece) error) error {
-	ctx, cancel := context.WithCancel(v.ctx)
+// returns the first error. The pieces' context ends when the caller's ctx
+// ends, when the volume is closed, or when a piece failed.
+func (v *Volume) run(caller context.Context, ps []piece, f func(ctx context.Context, p piece) error) error {
+	ctx, cancel := context.WithCancel(caller)
 	defer cancel()
+	defer context.AfterFunc(v.ctx, cancel)()
 	if len(ps) == 1 {
-		return f(ctx, ps[0])
+		return v.runPiece(ctx, ps[0], f)
 	}
 	var wg sync.WaitGroup
 	var mu sync.Mutex
@@ -66,7 +68,7 @@ func (v *Volume) run(ps []piece, f func(ctx context.Context, p piece) error) err
 		go func(p piece) {
 			defer wg.Done()
 			defer func() { <-v.sem }()
-			if err := f(ctx, p); err != nil {
+			if err := v.runPiece(ctx, p, f); err != nil {
 				mu.Lock()
 				if first == nil || errors.Is(err, ErrFenced) {
 					first = err
@@ -77,10 +79,28 @@ func (v *Volume) run(ps []piece, f func(ctx context.Context, p piece) error) err
 		}(p)
 	}
 	wg.Wait()
-	if first == nil && ctx.Err() != nil && v.closed.Load() {
-		first = ErrClosed
+	if first == nil && ctx.Err() != nil {
+		// Pieces were left unsent because the caller gave up or the
+		// volume was closed.
+		first = caller.Err()
+		if first == nil || v.closed.Load() {
+			first = ErrClosed
+		}
 	}
 	return first
+}
+
+// runPiece runs f on one piece once the piece's bytes fit in the volume's
+// budget of bytes in flight (Options.MaxInflightBytes).
+func (v *Volume) runPiece(ctx context.Context, p piece, f func(ctx context.Context, p piece) error) error {
+	n := int64(len(p.buf))
+	if n > 0 {
+		if err := v.budget.acquire(ctx, n); err != nil {
+			return err
+		}
+		defer v.budget.release(n)
+	}
+	return f(ctx, p)
 }
 
 func (v *Volume) finish(err error) error {
@@ -94,7 +114,9 @@ func (v *Volume) finish(err error) error {
 }
 
 // ReadAt reads len(p) bytes at off. Never-written ranges read as zeros.
-func (v *Volume) ReadAt(p []byte, off int64) (int, error) {
+// When ctx ends first, ReadAt stops retrying and returns ctx's error; p then
+// holds nothing the caller may rely on.
+func (v *Volume) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 	if err := v.usable(false); err != nil {
 		return 0, err
 	}
@@ -104,7 +126,7 @@ func (v *Volume) ReadAt(p []byte, off int64) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	err := v.run(v.pieces(p, off), func(ctx context.Context, pc piece) error {
+	err := v.run(ctx, v.pieces(p, off), func(ctx context.Context, pc piece) error {
 		return v.r.readPiece(ctx, pc)
 	})
 	if err = v.finish(err); err != nil {
@@ -117,7 +139,19 @@ func (v *Volume) ReadAt(p []byte, off int64) (int, error) {
 
 // WriteAt writes p at off. It returns once the data is durable on a quorum
 // of every copyset it touches.
-func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
+//
+// When ctx ends first, WriteAt stops retrying and returns ctx's error
+// promptly (as it returns ErrClosed when the volume is closed). The outcome
+// of such a write is unknown: any of its pieces may have been applied, or
+// none. What is guaranteed is that nothing of it is proposed after a write
+// the caller issues once WriteAt has returned: by then every piece's chunk
+// request has been answered or cancelled; the cancellation reaches the
+// chunkserver on the same connection ahead of any later request, and the
+// chunkserver checks a request's context under the copyset lock it proposes
+// under, so it never proposes a request it has seen cancelled. A caller that
+// waits for a cancelled WriteAt to return may therefore write the same
+// blocks again and know the old data will not land on top.
+func (v *Volume) WriteAt(ctx context.Context, p []byte, off int64) (int, error) {
 	if err := v.usable(true); err != nil {
 		return 0, err
 	}
@@ -127,7 +161,7 @@ func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	err := v.run(v.pieces(p, off), func(ctx context.Context, pc piece) error {
+	err := v.run(ctx, v.pieces(p, off), func(ctx context.Context, pc piece) error {
 		return v.r.writePiece(ctx, pc)
 	})
 	if err = v.finish(err); err != nil {
@@ -141,7 +175,9 @@ func (v *Volume) WriteAt(p []byte, off int64) (int, error) {
 // UnmapAt discards [off, off+length): the range reads as zeros afterwards.
 // Whole chunks are deleted (their files go back to the pools); partial
 // chunks are overwritten with zeros; never-allocated segments cost nothing.
-func (v *Volume) UnmapAt(off, length int64) error {
+// A cancelled ctx has the meaning it has for WriteAt: the range may be
+// partly unmapped, and nothing of it is unmapped after UnmapAt returned.
+func (v *Volume) UnmapAt(ctx context.Context, off, length int64) error {
 	if err := v.usable(true); err != nil {
 		return err
 	}
@@ -165,7 +201,7 @@ func (v *Volume) UnmapAt(off, length int64) error {
 		}
 		off += n
 	}
-	err := v.run(jobs, func(ctx context.Context, pc piece) error {
+	err := v.run(ctx, jobs, func(ctx context.Context, pc piece) error {
 		return v.r.unmapPiece(ctx, pc)
 	})
 	if err = v.finish(err); err != nil {

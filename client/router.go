@@ -48,6 +48,8 @@ type segCall struct {
 	done  chan struct{}
 	chunk []*mdspb.ChunkRef
 	err   error
+	// abandoned: the lookup failed because its caller's context ended.
+	abandoned bool
 }
 
 func newRouter(v *Volume) *router {
@@ -90,6 +92,9 @@ func (r *router) segment(ctx context.Context, seg int64, allocate bool) ([]*mdsp
 			case <-ctx.Done():
 				return nil, ctx.Err()
 			}
+			if call.abandoned {
+				continue // its caller gave up; this one has not
+			}
 			if call.err == nil || !allocate {
 				if call.err != nil {
 					return nil, call.err
@@ -103,6 +108,10 @@ func (r *router) segment(ctx context.Context, seg int64, allocate bool) ([]*mdsp
 		r.segMu.Unlock()
 
 		call.chunk, call.err = r.fetchSegment(ctx, seg, allocate)
+		// The caller's context ending (its IO was cancelled) says
+		// nothing about the segment: callers waiting on this lookup
+		// make their own.
+		call.abandoned = call.err != nil && ctx.Err() != nil
 		r.segMu.Lock()
 		delete(r.segCalls, seg)
 		switch {

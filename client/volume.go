@@ -30,7 +30,24 @@ type Options struct {
 	// MaxInflight bounds chunk requests in flight for the volume (default
 	// 256).
 	MaxInflight int
-	Logger      *slog.Logger
+	// MaxInflightBytes bounds the data of the chunk requests in flight for
+	// the volume (pieces of reads, writes and zeroing unmaps): an IO that
+	// would exceed it waits until earlier pieces completed (default
+	// DefaultMaxInflightBytes; at least one piece, 1 MiB).
+	MaxInflightBytes int64
+	Logger           *slog.Logger
+	// TestingKnobs are hooks for tests; zero in production.
+	TestingKnobs TestingKnobs
+}
+
+// DefaultMaxInflightBytes is the default of Options.MaxInflightBytes.
+const DefaultMaxInflightBytes = 64 << 20
+
+// TestingKnobs are hooks for tests.
+type TestingKnobs struct {
+	// OnInflightBytes, when set, is called with the volume's bytes of
+	// chunk requests in flight each time a piece is admitted.
+	OnInflightBytes func(int64)
 }
 
 // Stats count what a volume handle did, for metrics.
@@ -41,6 +58,7 @@ type Stats struct {
 	Retries, Redirects      uint64
 	SegmentsAllocated       uint64
 	Errors                  uint64
+	InflightBytes           int64 // data of chunk requests in flight now
 }
 
 // Volume is an open volume. Its methods are safe for concurrent use.
@@ -63,6 +81,7 @@ type Volume struct {
 	r *router
 
 	sem    chan struct{}
+	budget byteBudget // bytes of pieces in flight
 	fenced atomic.Bool
 	closed atomic.Bool
 	stop   chan struct{}
@@ -88,6 +107,9 @@ func OpenWithOptions(ctx context.Context, mdsAddrs []string, volume string, o Op
 	}
 	if o.MaxInflight <= 0 {
 		o.MaxInflight = 256
+	}
+	if o.MaxInflightBytes <= 0 {
+		o.MaxInflightBytes = DefaultMaxInflightBytes
 	}
 	if o.Logger == nil {
 		o.Logger = slog.Default()
@@ -137,6 +159,7 @@ func OpenWithOptions(ctx context.Context, mdsAddrs []string, volume string, o Op
 	// Pieces stay well under what a chunkserver takes in one request (a
 	// quarter of a chunk file).
 	v.pieceSize = min(1<<20, v.chunkSize/8)
+	v.budget = byteBudget{max: max(o.MaxInflightBytes, v.pieceSize), observe: o.TestingKnobs.OnInflightBytes}
 	v.size.Store(int64(vol.GetSize()))
 	v.r = newRouter(v)
 	if v.lease <= 0 {
@@ -168,13 +191,17 @@ func (v *Volume) Stats() Stats {
 		ReadBytes: s.readBytes.Load(), WrittenBytes: s.writtenBytes.Load(),
 		ChunkRequests: s.chunkReqs.Load(), Retries: s.retries.Load(), Redirects: s.redirects.Load(),
 		SegmentsAllocated: s.allocs.Load(), Errors: s.errors.Load(),
+		InflightBytes: v.budget.inUse(),
 	}
 }
 
 // Flush returns once every write that completed before it is durable. Writes
 // are durable on a quorum when they return, so Flush only reports whether the
-// handle is still usable.
-func (v *Volume) Flush() error {
+// handle is still usable (and ctx's error when it has ended).
+func (v *Volume) Flush(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	if v.closed.Load() {
 		return ErrClosed
 	}
@@ -219,8 +246,18 @@ func (v *Volume) refreshLoop() {
 		resp, err := v.mds.Volumes().RefreshSession(ctx, &mdspb.RefreshSessionRequest{Name: v.name, SessionId: v.session})
 		cancel()
 		if err != nil {
-			// IO goes on without the MDS: the epoch, not the session,
-			// keeps writers apart.
+			if v.epoch != 0 && status.Code(err) == codes.FailedPrecondition {
+				// The MDS fenced the session: the volume was opened for
+				// writing again. Chunkservers that cannot confirm epochs
+				// (cut off from the MDS) answer this handle's writes with
+				// UNAVAILABLE, not EPOCH_TOO_OLD; it learns it here.
+				if !v.fenced.Swap(true) {
+					v.log.Warn("volume opened for writing elsewhere; this handle is fenced", "detail", err)
+				}
+				continue
+			}
+			// IO goes on without the MDS while the chunkservers' epoch
+			// leases last: the epoch, not the session, keeps writers apart.
 			v.log.Warn("cannot renew the volume session", "err", err)
 			continue
 		}

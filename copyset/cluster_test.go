@@ -7,6 +7,7 @@ import (
 	"net"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -16,6 +17,7 @@ import (
 	"cairn.io/cairn/chunkserver/datastore"
 	"cairn.io/cairn/copyset/transport"
 	"cairn.io/cairn/internal/testlog"
+	"cairn.io/cairn/test/faultfs"
 )
 
 // Test geometry: small chunks keep the pools and snapshots small.
@@ -35,6 +37,9 @@ type testNode struct {
 	srv    *grpc.Server
 }
 
+// crashSeed makes the pages a partial crash keeps repeatable.
+var crashSeed atomic.Uint64
+
 // testCluster runs several chunkservers in one process with a shared
 // resolver and fault injector.
 type testCluster struct {
@@ -44,6 +49,11 @@ type testCluster struct {
 	tune   func(*Config)
 	poolN  int
 	log    *slog.Logger
+
+	// disks holds each node's faultfs when the cluster was made with
+	// newCrashableCluster: its data directory is on the mount, so that a
+	// crash loses exactly what was not fsynced.
+	disks map[uint64]*faultfs.FS
 
 	mu    sync.Mutex
 	addrs map[uint64]string
@@ -73,9 +83,37 @@ func newTestCluster(t *testing.T, n, poolChunks int, tune func(*Config)) *testCl
 	return tc
 }
 
+// newCrashableCluster is newTestCluster with every node's data directory on
+// its own faultfs, so that crash (stop with crash) cuts the power: every
+// byte not fsynced is lost, and nothing else.
+func newCrashableCluster(t *testing.T, n, poolChunks int, tune func(*Config)) *testCluster {
+	t.Helper()
+	tc := &testCluster{
+		t: t, faults: transport.NewFaults(1), tune: tune, poolN: poolChunks,
+		addrs: map[uint64]string{}, nodes: map[uint64]*testNode{}, log: testlog.New(t),
+		disks: map[uint64]*faultfs.FS{},
+	}
+	for id := uint64(1); id <= uint64(n); id++ {
+		tc.disks[id] = faultfs.MountForTest(t, faultfs.Options{Logger: tc.log})
+	}
+	t.Cleanup(tc.close) // registered after the mounts: runs before they are unmounted
+	for id := uint64(1); id <= uint64(n); id++ {
+		tc.start(id)
+	}
+	return tc
+}
+
+// nodeDir is node id's data directory.
+func (tc *testCluster) nodeDir(id uint64) string {
+	if d := tc.disks[id]; d != nil {
+		return d.Path(fmt.Sprintf("cs%d", id))
+	}
+	return filepath.Join(tc.dir, fmt.Sprintf("cs%d", id))
+}
+
 func (tc *testCluster) start(id uint64) *testNode {
 	tc.t.Helper()
-	dir := filepath.Join(tc.dir, fmt.Sprintf("cs%d", id))
+	dir := tc.nodeDir(id)
 	pool, err := chunkfilepool.Open(chunkfilepool.Options{
 		Dir: filepath.Join(dir, "chunkfilepool"), ChunkSize: testChunkSize, MetaPageSize: 4096, BlockSize: 512,
 		InitialChunks: tc.poolN, MaxChunks: 4 * tc.poolN, LowWater: 8,
@@ -122,9 +160,31 @@ func (tc *testCluster) start(id uint64) *testNode {
 	return n
 }
 
-// stop shuts a node down, cleanly or as a crash that loses the WAL's
-// unsynced tail (keeping the first keep fraction of a torn batch).
+// stop shuts a node down, cleanly or, on a crashable cluster, as a power
+// cut: the node's disk loses everything not fsynced (with 0 < keep < 1,
+// each unsynced page survives with probability keep: a partial writeback),
+// and only then does the node stop, seeing every write and sync fail.
 func (tc *testCluster) stop(id uint64, crash bool, keep float64) {
+	if crash {
+		tc.cut(id, keep)
+	}
+	tc.halt(id, crash)
+}
+
+// cut cuts the power of node id's disk.
+func (tc *testCluster) cut(id uint64, keep float64) {
+	tc.t.Helper()
+	disk := tc.disks[id]
+	if disk == nil {
+		tc.t.Fatalf("crash of node %d: the cluster has no faultfs (use newCrashableCluster)", id)
+	}
+	if _, err := disk.Crash(faultfs.CrashOptions{Keep: keep, Seed: crashSeed.Add(1)}); err != nil {
+		tc.t.Fatalf("cut the power of node %d: %v", id, err)
+	}
+}
+
+// halt stops node id; after a cut, its disk is powered back on afterwards.
+func (tc *testCluster) halt(id uint64, crashed bool) {
 	tc.mu.Lock()
 	n := tc.nodes[id]
 	delete(tc.nodes, id)
@@ -134,12 +194,28 @@ func (tc *testCluster) stop(id uint64, crash bool, keep float64) {
 		return
 	}
 	n.srv.Stop()
-	if crash {
-		n.engine.Crash(keep)
-	} else if err := n.engine.Close(); err != nil {
+	if crashed {
+		_ = n.engine.Close() // every write and sync fails now: nothing more reaches the disk
+		_ = n.pool.Close()
+		tc.disks[id].Restart()
+		return
+	}
+	if err := n.engine.Close(); err != nil {
 		tc.t.Errorf("close engine of node %d: %v", id, err)
 	}
 	n.pool.Close()
+}
+
+// crashAll cuts the power of every running node at once, then stops them.
+func (tc *testCluster) crashAll(keep float64) {
+	tc.t.Helper()
+	nodes := tc.running()
+	for _, n := range nodes {
+		tc.cut(n.id, keep)
+	}
+	for _, n := range nodes {
+		tc.halt(n.id, true)
+	}
 }
 
 func (tc *testCluster) node(id uint64) *testNode {

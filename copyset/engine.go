@@ -413,34 +413,6 @@ func (e *Engine) Close() error {
 	return firstErr
 }
 
-// Crash stops the engine as a power loss would: no checkpoint, and the WAL
-// loses everything not yet fdatasynced (a batch caught mid-write keeps the
-// first keep fraction of its bytes). It is a fault-injection seam for tests;
-// the process may go on and open a new engine over the same directory.
-func (e *Engine) Crash(keep float64) {
-	if !e.closed.CompareAndSwap(false, true) {
-		return
-	}
-	if e.wal != nil {
-		e.wal.SimulateCrash(keep)
-	}
-	for _, c := range e.List() {
-		if c.ownWAL != nil {
-			c.ownWAL.SimulateCrash(keep)
-		}
-	}
-	e.transport.Close()
-	for _, c := range e.List() {
-		c.stop()
-	}
-	e.shutdownWorkers()
-	for _, c := range e.List() {
-		if c.store != nil {
-			c.store.Close()
-		}
-	}
-}
-
 func (e *Engine) shutdownWorkers() {
 	select {
 	case <-e.stopped:

@@ -81,8 +81,10 @@ func testSeed() int64 {
 
 // TestLinearizableUnderFaults runs concurrent clients against 3 chunkservers
 // hosting many copysets while the network drops, duplicates, delays and
-// reorders messages, nodes get partitioned, and chunkservers crash (losing
-// their WAL's unsynced tail) or stop and restart from disk. The history of
+// reorders messages, nodes get partitioned, and chunkservers lose their
+// power (their disks, faultfs mounts, lose everything not fsynced, or a
+// random part of it) or stop and restart from disk, some faster than a read
+// lease. The history of
 // every block must be linearizable; a write whose outcome is unknown counts
 // as maybe applied.
 func TestLinearizableUnderFaults(t *testing.T) {
@@ -93,7 +95,7 @@ func TestLinearizableUnderFaults(t *testing.T) {
 	seed := testSeed()
 	t.Logf("seed %d (set CAIRN_SEED to repeat)", seed)
 	rng := rand.New(rand.NewSource(seed))
-	tc := newTestCluster(t, 3, 96, func(c *Config) {
+	tc := newCrashableCluster(t, 3, 96, func(c *Config) {
 		c.TickInterval = 50 * time.Millisecond
 		c.CheckpointBytes = 512 << 10
 	})

@@ -7,19 +7,21 @@ import (
 	"log/slog"
 	"syscall"
 
+	"cairn.io/cairn/blockdev"
 	"cairn.io/cairn/client"
 )
 
 // clientOpener opens volumes for writing through the client library.
-func clientOpener(mdsAddrs []string, name string, logger *slog.Logger) func(context.Context, string) (Volume, error) {
-	return func(ctx context.Context, volume string) (Volume, error) {
+func clientOpener(mdsAddrs []string, name string, maxInflightBytes int64, logger *slog.Logger) func(context.Context, string) (blockdev.Device, error) {
+	return func(ctx context.Context, volume string) (blockdev.Device, error) {
 		v, err := client.OpenWithOptions(ctx, mdsAddrs, volume, client.Options{
-			ClientName: name,
-			Logger:     logger,
+			ClientName:       name,
+			MaxInflightBytes: maxInflightBytes,
+			Logger:           logger,
 		})
 		if err != nil {
 			if errors.Is(err, client.ErrNotFound) {
-				return nil, fmt.Errorf("%w: %w", ErrUnknownVolume, err)
+				return nil, fmt.Errorf("%w: %w", blockdev.ErrNotFound, err)
 			}
 			return nil, err
 		}
@@ -27,30 +29,26 @@ func clientOpener(mdsAddrs []string, name string, logger *slog.Logger) func(cont
 	}
 }
 
-// clientVolume is a client volume whose errors speak the gateway's terms:
-// fencing wraps ErrFenced, a full pool wraps ENOSPC (NBD answers NBD_ENOSPC).
-type clientVolume struct{ v *client.Volume }
+// clientVolume is a client volume (a blockdev.Device) whose errors speak
+// the gateway's terms: fencing wraps ErrFenced, a full pool wraps ENOSPC
+// (NBD answers NBD_ENOSPC).
+type clientVolume struct{ *client.Volume }
 
-func (c clientVolume) ReadAt(p []byte, off int64) (int, error) {
-	n, err := c.v.ReadAt(p, off)
+func (c clientVolume) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
+	n, err := c.Volume.ReadAt(ctx, p, off)
 	return n, translate(err)
 }
 
-func (c clientVolume) WriteAt(p []byte, off int64) (int, error) {
-	n, err := c.v.WriteAt(p, off)
+func (c clientVolume) WriteAt(ctx context.Context, p []byte, off int64) (int, error) {
+	n, err := c.Volume.WriteAt(ctx, p, off)
 	return n, translate(err)
 }
 
-func (c clientVolume) UnmapAt(off, length int64) error { return translate(c.v.UnmapAt(off, length)) }
-func (c clientVolume) Flush() error                    { return translate(c.v.Flush()) }
-func (c clientVolume) Size() int64                     { return c.v.Size() }
-func (c clientVolume) Close() error                    { return c.v.Close() }
+func (c clientVolume) UnmapAt(ctx context.Context, off, length int64) error {
+	return translate(c.Volume.UnmapAt(ctx, off, length))
+}
 
-// Refresh reads the volume's size from the MDS now (after it grew).
-func (c clientVolume) Refresh(ctx context.Context) error { return c.v.Refresh(ctx) }
-
-// Stats are the client library's counters, exported as metrics.
-func (c clientVolume) Stats() client.Stats { return c.v.Stats() }
+func (c clientVolume) Flush(ctx context.Context) error { return translate(c.Volume.Flush(ctx)) }
 
 func translate(err error) error {
 	switch {

@@ -4,9 +4,13 @@
 //
 // # Volumes
 //
-// Both frontends ask the gateway's exports for a volume by name: the NBD
-// server once per connection and once per NBD_OPT_INFO probe, the iSCSI
-// server when the first session logs in to a target. Opening a Cairn volume
+// Both frontends serve the blockdev contract: the gateway is their
+// blockdev.Catalog, and each volume it opens is a client.Volume (a
+// blockdev.Device) behind a thin adapter that maps the client's fencing and
+// no-space errors to ErrFenced and ENOSPC. Both frontends ask the catalog
+// for a volume by name: the NBD server once per connection and once per
+// NBD_OPT_INFO probe, the iSCSI server when the first session logs in to a
+// target. Opening a Cairn volume
 // for writing raises its epoch at the MDS and fences every earlier writer,
 // so the gateway must never open a volume per connection: it opens each
 // volume once, shares the open volume among every NBD connection, probe and

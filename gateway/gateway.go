@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"cairn.io/cairn/blockdev"
 	"context"
 	"errors"
 	"fmt"
@@ -37,31 +38,14 @@ const Disabled = "-"
 
 // Errors.
 var (
-	// ErrUnknownVolume is wrapped by Config.OpenVolume (and the default
-	// opener) when the volume does not exist; the frontends answer it as
-	// an unknown export or target.
-	ErrUnknownVolume = errors.New("gateway: unknown volume")
-	// ErrNotExported is returned for a volume that Config.Volumes leaves out.
+	// ErrNotExported is returned for a volume that Config.Volumes leaves
+	// out; it comes wrapped with blockdev.ErrNotFound, so the frontends
+	// answer it as an unknown export or target.
 	ErrNotExported = errors.New("gateway: volume not exported by this gateway")
 	// ErrStopped is returned by Start after Stop, and by opens while the
 	// gateway stops.
 	ErrStopped = errors.New("gateway: stopped")
 )
-
-// Volume is an open volume as the gateway uses it: the block store both
-// frontends serve, and Close. The client library's Volume implements it.
-type Volume interface {
-	ReadAt(p []byte, off int64) (int, error)
-	WriteAt(p []byte, off int64) (int, error)
-	// UnmapAt discards a range; it reads as zeros afterwards.
-	UnmapAt(off, length int64) error
-	// Flush makes every write that returned durable.
-	Flush() error
-	// Size is the volume's length in bytes; it grows when the volume is
-	// extended.
-	Size() int64
-	Close() error
-}
 
 // Config configures a Gateway. Zero values take the defaults named.
 type Config struct {
@@ -86,6 +70,10 @@ type Config struct {
 	Linger time.Duration
 	// ClientName names the gateway's sessions at the MDS (ListSessions).
 	ClientName string
+	// VolumeMaxInflightBytes bounds the data of the chunk requests in
+	// flight for each open volume (client.Options.MaxInflightBytes;
+	// default client.DefaultMaxInflightBytes, 64 MiB). IO beyond it waits.
+	VolumeMaxInflightBytes int64
 	// NBD and ISCSI tune the frontends; Exports, Logger and listen
 	// addresses are set by the gateway. NBD.MultiConn is always on: a
 	// Cairn write is durable when it returns, and all connections to a
@@ -94,8 +82,8 @@ type Config struct {
 	ISCSI iscsi.Config
 	// OpenVolume opens a volume for writing. The default opens it through
 	// the client library. Tests substitute it to observe opens; it must
-	// wrap ErrUnknownVolume when the volume does not exist.
-	OpenVolume func(ctx context.Context, name string) (Volume, error)
+	// wrap blockdev.ErrNotFound when the volume does not exist.
+	OpenVolume func(ctx context.Context, name string) (blockdev.Device, error)
 	// Logger receives structured logs (default slog.Default()).
 	Logger *slog.Logger
 }
@@ -176,7 +164,7 @@ func New(cfg Config) (*Gateway, error) {
 		}
 	}
 	if g.cfg.OpenVolume == nil {
-		g.cfg.OpenVolume = clientOpener(cfg.MDSAddrs, cfg.ClientName, cfg.Logger)
+		g.cfg.OpenVolume = clientOpener(cfg.MDSAddrs, cfg.ClientName, cfg.VolumeMaxInflightBytes, cfg.Logger)
 	}
 	conn, err := mdsclient.Dial(cfg.MDSAddrs, mdsclient.Options{Logger: g.log, RetryBudget: 10 * time.Second})
 	if err != nil {
@@ -189,7 +177,7 @@ func New(cfg Config) (*Gateway, error) {
 
 	if cfg.NBDAddr != Disabled {
 		nc := cfg.NBD
-		nc.Exports = nbdExports{g}
+		nc.Exports = catalog{g}
 		nc.Logger = cfg.Logger
 		nc.MultiConn = true
 		user := nc.OnRequest
@@ -206,7 +194,7 @@ func New(cfg Config) (*Gateway, error) {
 	}
 	if cfg.ISCSIAddr != Disabled {
 		ic := cfg.ISCSI
-		ic.Exports = iscsiExports{g}
+		ic.Exports = catalog{g}
 		ic.Addr = cfg.ISCSIAddr
 		ic.Logger = cfg.Logger
 		if g.iscsi, err = iscsi.NewServer(ic); err != nil {

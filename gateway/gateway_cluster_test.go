@@ -28,7 +28,7 @@ func TestClusterVolumeThroughBothFrontends(t *testing.T) {
 	c := startCluster(t)
 	createVolume(t, c, "v", 128<<20)
 	g := startGateway(t, c, nil)
-	pin, err := nbdExports{g}.Open(context.Background(), "v")
+	pin, err := catalog{g}.Open(context.Background(), "v")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -75,7 +75,7 @@ func TestClusterExtendReachesInitiators(t *testing.T) {
 	c := startCluster(t)
 	createVolume(t, c, "v", 64<<20)
 	g := startGateway(t, c, nil)
-	pin, err := iscsiExports{g}.Open(context.Background(), "v")
+	pin, err := catalog{g}.Open(context.Background(), "v")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -112,22 +112,22 @@ func TestClusterFencedByAnotherWriter(t *testing.T) {
 	g := startGateway(t, c, func(cfg *Config) { cfg.Linger = time.Hour })
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	h, err := nbdExports{g}.Open(ctx, "v")
+	h, err := catalog{g}.Open(ctx, "v")
 	if err != nil {
 		t.Fatal(err)
 	}
 	buf := make([]byte, 1<<20)
-	if _, err := h.WriteAt(buf, 0); err != nil {
+	if _, err := h.WriteAt(ctx, buf, 0); err != nil {
 		t.Fatal(err)
 	}
 	other, err := client.Open(ctx, []string{c.MDS.Addr()}, "v")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := other.WriteAt(buf, 1<<20); err != nil {
+	if _, err := other.WriteAt(ctx, buf, 1<<20); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := h.WriteAt(buf, 0); !errors.Is(err, ErrFenced) {
+	if _, err := h.WriteAt(ctx, buf, 0); !errors.Is(err, ErrFenced) {
 		t.Fatalf("gateway write after another writer opened the volume: %v, want ErrFenced", err)
 	}
 	h.Close()
@@ -139,7 +139,7 @@ func TestClusterFencedByAnotherWriter(t *testing.T) {
 	mustRun(t, time.Minute, "nbdcopy", filepath.Join(dir, "in"), nbdURL(g, "v"))
 	mustRun(t, time.Minute, "nbdcopy", nbdURL(g, "v"), filepath.Join(dir, "back"))
 	compareFiles(t, want, filepath.Join(dir, "back"))
-	if _, err := other.WriteAt(buf, 1<<20); !errors.Is(err, client.ErrFenced) {
+	if _, err := other.WriteAt(ctx, buf, 1<<20); !errors.Is(err, client.ErrFenced) {
 		t.Errorf("the other writer after the gateway reopened: %v, want ErrFenced", err)
 	}
 	other.Close()

@@ -1,6 +1,8 @@
 package gateway
 
 import (
+	"cairn.io/cairn/blockdev"
+	"cairn.io/cairn/blockdev/blockdevtest"
 	"context"
 	"errors"
 	"fmt"
@@ -90,7 +92,7 @@ func TestConnectionsShareOneOpen(t *testing.T) {
 
 	// A user held by the test keeps the volume open across the tools, so
 	// that the count does not depend on how fast they follow each other.
-	pin, err := nbdExports{g}.Open(context.Background(), "a")
+	pin, err := catalog{g}.Open(context.Background(), "a")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -130,7 +132,7 @@ func TestConnectionsShareOneOpen(t *testing.T) {
 		}
 		return nil
 	})
-	if v := vols.latest("a"); v.flushes == 0 {
+	if vols.Device("a").Count(blockdevtest.OpFlush) == 0 {
 		t.Errorf("volume closed without a flush")
 	}
 	if len(g.OpenVolumes()) != 0 {
@@ -173,10 +175,10 @@ func TestLingerAvoidsReopenAndStopCloses(t *testing.T) {
 	if opens != 1 || closes != 1 {
 		t.Fatalf("after Stop: %d opens, %d closes; want 1 and 1", opens, closes)
 	}
-	if v := vols.latest("a"); v.flushes == 0 {
+	if vols.Device("a").Count(blockdevtest.OpFlush) == 0 {
 		t.Error("Stop closed the volume without a flush")
 	}
-	if _, err := (nbdExports{g}).Open(context.Background(), "a"); !errors.Is(err, ErrStopped) {
+	if _, err := (catalog{g}).Open(context.Background(), "a"); !errors.Is(err, ErrStopped) {
 		t.Errorf("Open after Stop: %v, want ErrStopped", err)
 	}
 }
@@ -214,11 +216,11 @@ func TestExportFilterAndUnknownVolumes(t *testing.T) {
 			t.Errorf("%s opened %d times; it is not exported", v, opens)
 		}
 	}
-	if _, err := (nbdExports{g}).Open(context.Background(), "b"); !errors.Is(err, nbd.ErrUnknownExport) || !errors.Is(err, ErrNotExported) {
-		t.Errorf("NBD open of a filtered volume: %v", err)
+	if _, err := (catalog{g}).Open(context.Background(), "b"); !errors.Is(err, blockdev.ErrNotFound) || !errors.Is(err, ErrNotExported) {
+		t.Errorf("open of a filtered volume: %v", err)
 	}
-	if _, err := (iscsiExports{g}).Open(context.Background(), "missing"); !errors.Is(err, iscsi.ErrNotFound) || !errors.Is(err, ErrUnknownVolume) {
-		t.Errorf("iSCSI open of a missing volume: %v", err)
+	if _, err := (catalog{g}).Open(context.Background(), "missing"); !errors.Is(err, blockdev.ErrNotFound) {
+		t.Errorf("open of a missing volume: %v", err)
 	}
 }
 
@@ -233,21 +235,18 @@ func TestFencedVolumeClosesWithoutLinger(t *testing.T) {
 		cfg.Linger = time.Hour
 	})
 	ctx := context.Background()
-	h1, err := nbdExports{g}.Open(ctx, "a")
+	h1, err := catalog{g}.Open(ctx, "a")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := h1.WriteAt(make([]byte, 4096), 0); err != nil {
+	if _, err := h1.WriteAt(ctx, make([]byte, 4096), 0); err != nil {
 		t.Fatal(err)
 	}
-	v := vols.latest("a")
-	v.mu.Lock()
-	v.fenced = true
-	v.mu.Unlock()
-	if _, err := h1.WriteAt(make([]byte, 4096), 0); !errors.Is(err, ErrFenced) {
+	vols.fence("a")
+	if _, err := h1.WriteAt(ctx, make([]byte, 4096), 0); !errors.Is(err, ErrFenced) {
 		t.Fatalf("write after fencing: %v, want ErrFenced", err)
 	}
-	h2, err := iscsiExports{g}.Open(ctx, "a")
+	h2, err := catalog{g}.Open(ctx, "a")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -259,12 +258,12 @@ func TestFencedVolumeClosesWithoutLinger(t *testing.T) {
 	if opens, closes := vols.counts("a"); closes != 1 {
 		t.Fatalf("fenced volume without users: %d opens, %d closes; want it closed at once", opens, closes)
 	}
-	h3, err := nbdExports{g}.Open(ctx, "a")
+	h3, err := catalog{g}.Open(ctx, "a")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer h3.Close()
-	if _, err := h3.WriteAt(make([]byte, 4096), 0); err != nil {
+	if _, err := h3.WriteAt(ctx, make([]byte, 4096), 0); err != nil {
 		t.Fatalf("write after reopening: %v", err)
 	}
 	if opens, _ := vols.counts("a"); opens != 2 {

@@ -2,9 +2,10 @@ package gateway
 
 import (
 	"bytes"
+	"cairn.io/cairn/blockdev"
+	"cairn.io/cairn/blockdev/blockdevtest"
 	"context"
 	"crypto/rand"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -16,7 +17,6 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -24,137 +24,78 @@ import (
 	"cairn.io/cairn/test/cluster"
 )
 
-// fileVolumeDouble stands in for the client library's volume in the tests
-// of the gateway's own logic (sharing, lingering, fencing, deletion): a real
-// file, fsynced on Flush, with holes punched on Unmap. It counts the calls
-// the gateway makes. Tests over real client volumes are in
+// volumeDoubles stands in for the client library in the tests of the
+// gateway's own logic (sharing, lingering, fencing, deletion): it opens the
+// shared test double's file devices (a real file per volume, fsynced on
+// Flush, holes punched on unmap), one per volume the MDS knows, created on
+// the first open and kept across opens as a volume's data is, and counts
+// opens and closes. Tests over real client volumes are in
 // gateway_cluster_test.go.
-type fileVolumeDouble struct {
-	name string
-	f    *os.File
-	size int64
-	set  *volumeDoubles
-
-	mu      sync.Mutex
-	fenced  bool
-	closed  bool
-	flushes int
-}
-
-func (v *fileVolumeDouble) check() error {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	if v.closed {
-		return errors.New("volume double: used after Close")
-	}
-	if v.fenced {
-		return fmt.Errorf("volume double %s: %w", v.name, ErrFenced)
-	}
-	return nil
-}
-
-func (v *fileVolumeDouble) ReadAt(p []byte, off int64) (int, error) {
-	if err := v.check(); err != nil {
-		return 0, err
-	}
-	return v.f.ReadAt(p, off)
-}
-
-func (v *fileVolumeDouble) WriteAt(p []byte, off int64) (int, error) {
-	if err := v.check(); err != nil {
-		return 0, err
-	}
-	return v.f.WriteAt(p, off)
-}
-
-func (v *fileVolumeDouble) UnmapAt(off, length int64) error {
-	if err := v.check(); err != nil {
-		return err
-	}
-	return unix.Fallocate(int(v.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
-}
-
-func (v *fileVolumeDouble) Flush() error {
-	if err := v.check(); err != nil {
-		return err
-	}
-	v.mu.Lock()
-	v.flushes++
-	v.mu.Unlock()
-	return v.f.Sync()
-}
-
-func (v *fileVolumeDouble) Size() int64 { return v.size }
-
-func (v *fileVolumeDouble) Close() error {
-	v.mu.Lock()
-	if v.closed {
-		v.mu.Unlock()
-		return errors.New("volume double: closed twice")
-	}
-	v.closed = true
-	v.mu.Unlock()
-	v.set.mu.Lock()
-	v.set.closes[v.name]++
-	v.set.mu.Unlock()
-	return v.f.Close()
-}
-
-// volumeDoubles opens fileVolumeDoubles for the volumes the MDS knows; the
-// files persist across opens, as a volume's data does.
 type volumeDoubles struct {
+	*blockdevtest.Catalog
 	t   *testing.T
 	dir string
 	c   *cluster.Cluster
-
-	mu     sync.Mutex
-	opens  map[string]int
-	closes map[string]int
-	open   map[string]*fileVolumeDouble // latest open per name
+	mu  sync.Mutex
 }
 
 func newVolumeDoubles(t *testing.T, c *cluster.Cluster) *volumeDoubles {
-	return &volumeDoubles{t: t, dir: t.TempDir(), c: c, opens: map[string]int{}, closes: map[string]int{},
-		open: map[string]*fileVolumeDouble{}}
+	d := &volumeDoubles{Catalog: blockdevtest.NewCatalog(), t: t, dir: t.TempDir(), c: c}
+	// Registered before the gateway starts, so it runs after the gateway
+	// stopped (and flushed and closed its volumes).
+	t.Cleanup(func() {
+		names, _ := d.List(context.Background())
+		for _, n := range names {
+			d.Device(n).Close()
+		}
+	})
+	return d
 }
 
 // Open is the gateway's Config.OpenVolume: like the client, it asks the MDS
 // whether the volume exists and how large it is.
-func (d *volumeDoubles) Open(ctx context.Context, name string) (Volume, error) {
+func (d *volumeDoubles) Open(ctx context.Context, name string) (blockdev.Device, error) {
 	st, err := d.c.Conn.Volumes().StatVolume(ctx, &mdspb.StatVolumeRequest{Name: name})
 	if err != nil {
 		if status.Code(err) == codes.NotFound {
-			return nil, fmt.Errorf("%w: %s: %w", ErrUnknownVolume, name, err)
+			return nil, fmt.Errorf("%w: %s: %w", blockdev.ErrNotFound, name, err)
 		}
 		return nil, err
 	}
-	f, err := os.OpenFile(filepath.Join(d.dir, name), os.O_RDWR|os.O_CREATE, 0o644)
-	if err != nil {
-		return nil, err
-	}
-	size := int64(st.GetVolume().GetSize())
-	if err := f.Truncate(size); err != nil {
-		f.Close()
-		return nil, err
-	}
-	v := &fileVolumeDouble{name: name, f: f, size: size, set: d}
 	d.mu.Lock()
-	d.opens[name]++
-	d.open[name] = v
-	d.mu.Unlock()
-	return v, nil
+	defer d.mu.Unlock()
+	if d.Device(name) == nil {
+		path := filepath.Join(d.dir, name)
+		if err := os.WriteFile(path, nil, 0o644); err != nil {
+			return nil, err
+		}
+		if err := os.Truncate(path, int64(st.GetVolume().GetSize())); err != nil {
+			return nil, err
+		}
+		dev, err := blockdevtest.NewFile(path)
+		if err != nil {
+			return nil, err
+		}
+		d.Add(name, dev)
+	}
+	// A fresh open takes a new epoch: whatever fenced the previous one
+	// does not fence it.
+	d.Device(name).SetHook(nil)
+	return d.Catalog.Open(ctx, name)
 }
 
+// counts returns how often name was opened and closed.
 func (d *volumeDoubles) counts(name string) (opens, closes int) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.opens[name], d.closes[name]
+	o := d.Opens(name)
+	return o, o - d.Live(name)
 }
 
-func (d *volumeDoubles) latest(name string) *fileVolumeDouble {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.open[name]
+// fence makes every later call of name's device fail as a fenced volume's,
+// until the volume is opened again.
+func (d *volumeDoubles) fence(name string) {
+	d.Device(name).SetHook(func(context.Context, *blockdevtest.Call) error {
+		return fmt.Errorf("volume double %s: %w", name, ErrFenced)
+	})
 }
 
 // startCluster starts a small in-process cluster (real MDS, etcd and

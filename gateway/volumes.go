@@ -10,12 +10,11 @@ import (
 	"time"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/blockdev"
 	"cairn.io/cairn/internal/units"
-	"cairn.io/cairn/iscsi"
-	"cairn.io/cairn/nbd"
 )
 
-// ErrFenced is wrapped by the errors of a Volume that a newer writer fenced
+// ErrFenced is wrapped by the errors of a volume that a newer writer fenced
 // (opened the volume for writing after it): none of its writes will succeed
 // again. The default opener translates the client library's error into it.
 var ErrFenced = errors.New("gateway: volume fenced by a newer writer")
@@ -50,7 +49,7 @@ type registry struct {
 type entry struct {
 	name  string
 	ready chan struct{} // closed once vol or err is set
-	vol   Volume
+	vol   blockdev.Device
 	err   error
 	// opened is when the open completed; the poll loop only judges entries
 	// opened before its volume list was read.
@@ -121,7 +120,7 @@ func (r *registry) open(e *entry) {
 		r.mu.Unlock()
 		close(e.ready)
 		r.g.metrics.openErrors.Inc()
-		if errors.Is(err, ErrUnknownVolume) {
+		if errors.Is(err, blockdev.ErrNotFound) {
 			r.g.log.Info("volume not found", "volume", e.name)
 		} else {
 			r.g.log.Warn("open volume failed", "volume", e.name, "err", err)
@@ -211,7 +210,10 @@ func (r *registry) detachLocked(e *entry) {
 func (r *registry) closeVolume(e *entry) error {
 	var errs []error
 	if !e.fenced.Load() {
-		if err := e.vol.Flush(); err != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), openTimeout)
+		err := e.vol.Flush(ctx)
+		cancel()
+		if err != nil {
 			errs = append(errs, fmt.Errorf("flush: %w", err))
 		}
 	}
@@ -321,46 +323,51 @@ type handle struct {
 	closed atomic.Bool
 }
 
-func (h *handle) ReadAt(p []byte, off int64) (int, error) {
+// ReadAt reads through the shared volume.
+func (h *handle) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 	if h.e.vanished.Load() {
 		return 0, fmt.Errorf("read %q: %w", h.e.name, ErrVolumeGone)
 	}
-	return h.e.vol.ReadAt(p, off)
+	return h.e.vol.ReadAt(ctx, p, off)
 }
 
-func (h *handle) WriteAt(p []byte, off int64) (int, error) {
+// WriteAt writes through the shared volume.
+func (h *handle) WriteAt(ctx context.Context, p []byte, off int64) (int, error) {
 	if h.e.vanished.Load() {
 		return 0, fmt.Errorf("write %q: %w", h.e.name, ErrVolumeGone)
 	}
-	n, err := h.e.vol.WriteAt(p, off)
+	n, err := h.e.vol.WriteAt(ctx, p, off)
 	if err != nil {
 		h.noteErr(err)
 	}
 	return n, err
 }
 
-func (h *handle) UnmapAt(off, length int64) error {
+// UnmapAt unmaps through the shared volume.
+func (h *handle) UnmapAt(ctx context.Context, off, length int64) error {
 	if h.e.vanished.Load() {
 		return fmt.Errorf("unmap %q: %w", h.e.name, ErrVolumeGone)
 	}
-	err := h.e.vol.UnmapAt(off, length)
+	err := h.e.vol.UnmapAt(ctx, off, length)
 	if err != nil {
 		h.noteErr(err)
 	}
 	return err
 }
 
-func (h *handle) Flush() error {
+// Flush flushes the shared volume.
+func (h *handle) Flush(ctx context.Context) error {
 	if h.e.vanished.Load() {
 		return fmt.Errorf("flush %q: %w", h.e.name, ErrVolumeGone)
 	}
-	err := h.e.vol.Flush()
+	err := h.e.vol.Flush(ctx)
 	if err != nil {
 		h.noteErr(err)
 	}
 	return err
 }
 
+// Size is the shared volume's size.
 func (h *handle) Size() int64 { return h.e.vol.Size() }
 
 // Description is what nbdinfo shows for the export.
@@ -368,6 +375,7 @@ func (h *handle) Description() string {
 	return fmt.Sprintf("cairn volume %s (%s)", h.e.name, units.FormatBytes(uint64(max(h.e.vol.Size(), 0))))
 }
 
+// Close releases this user of the volume, once.
 func (h *handle) Close() error {
 	if h.closed.CompareAndSwap(false, true) {
 		h.r.release(h.e)
@@ -418,7 +426,7 @@ func (g *Gateway) list(ctx context.Context) ([]string, error) {
 // open is the frontends' Open: the shared open volume of name, for one user.
 func (g *Gateway) open(ctx context.Context, name string) (*handle, error) {
 	if !g.exported(name) {
-		return nil, fmt.Errorf("%w: %q", ErrNotExported, name)
+		return nil, fmt.Errorf("%w: %q: %w", ErrNotExported, name, blockdev.ErrNotFound)
 	}
 	e, err := g.vols.acquire(ctx, name)
 	if err != nil {
@@ -427,33 +435,15 @@ func (g *Gateway) open(ctx context.Context, name string) (*handle, error) {
 	return &handle{r: g.vols, e: e}, nil
 }
 
-// nbdExports adapts the gateway to nbd.Exports.
-type nbdExports struct{ g *Gateway }
+// catalog is the gateway as both frontends see it: the exported volumes,
+// each opened once and shared.
+type catalog struct{ g *Gateway }
 
-func (x nbdExports) List(ctx context.Context) ([]string, error) { return x.g.list(ctx) }
+func (x catalog) List(ctx context.Context) ([]string, error) { return x.g.list(ctx) }
 
-func (x nbdExports) Open(ctx context.Context, name string) (nbd.Export, error) {
+func (x catalog) Open(ctx context.Context, name string) (blockdev.Device, error) {
 	h, err := x.g.open(ctx, name)
 	if err != nil {
-		if errors.Is(err, ErrUnknownVolume) || errors.Is(err, ErrNotExported) {
-			return nil, fmt.Errorf("%w: %w", nbd.ErrUnknownExport, err)
-		}
-		return nil, err
-	}
-	return h, nil
-}
-
-// iscsiExports adapts the gateway to iscsi.Exports.
-type iscsiExports struct{ g *Gateway }
-
-func (x iscsiExports) List(ctx context.Context) ([]string, error) { return x.g.list(ctx) }
-
-func (x iscsiExports) Open(ctx context.Context, name string) (iscsi.Volume, error) {
-	h, err := x.g.open(ctx, name)
-	if err != nil {
-		if errors.Is(err, ErrUnknownVolume) || errors.Is(err, ErrNotExported) {
-			return nil, fmt.Errorf("%w: %w", iscsi.ErrNotFound, err)
-		}
 		return nil, err
 	}
 	return h, nil

@@ -2,6 +2,7 @@ package iscsi
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"io"
 	"log/slog"
@@ -38,6 +39,17 @@ type conn struct {
 	log *slog.Logger
 	rd  pdu.Reader
 
+	// ioCtx is the context of the backend calls of the connection's
+	// commands. It is cancelled when the connection dies (the initiator
+	// went away, did not answer a ping, or its session is reinstated),
+	// so that their IO stops instead of retrying for nobody; the
+	// connection's teardown then waits for every call to return.
+	ioCtx    context.Context
+	ioCancel context.CancelFunc
+	// keepIO is set by Server.Close before it drops a connection that did
+	// not log out in time: its commands run to completion instead.
+	keepIO atomic.Bool
+
 	// Set by login, read-only afterwards.
 	sess   *session
 	params params
@@ -54,15 +66,17 @@ type conn struct {
 	lastRecv atomic.Int64
 
 	// Task state, guarded by mu.
-	mu       sync.Mutex
-	tasks    map[uint32]*task
-	nextTTT  uint32
-	pingTTT  uint32
-	pingSent time.Time
-	text     *textState
-	memUsed  int64          // buffer memory charged by tasks (see chargeLocked)
-	memWait  []*task        // tasks waiting for buffer memory
-	execWG   sync.WaitGroup // running command goroutines
+	mu        sync.Mutex
+	tasks     map[uint32]*task
+	nextTTT   uint32
+	pingTTT   uint32
+	pingSent  time.Time
+	text      *textState
+	memUsed   int64          // solicited data and read buffers charged by tasks (see chargeLocked)
+	unsolUsed int64          // unsolicited data buffers of tasks (see Config.MaxSessionBuffer)
+	immData   int            // immediate SCSI commands with data-out (at most immediateDataSlots)
+	memWait   []*task        // tasks waiting for buffer memory
+	execWG    sync.WaitGroup // running command goroutines
 }
 
 // outPDU is a PDU queued for the writer.
@@ -74,6 +88,9 @@ type outPDU struct {
 	keepStatSN bool
 	// closeAfter ends the connection once the PDU is sent (logout).
 	closeAfter bool
+	// after, when set, is called by the writer once the PDU is written
+	// (it releases the buffer memory of a read's data).
+	after func()
 }
 
 func newConn(s *Server, nc net.Conn) *conn {
@@ -85,6 +102,7 @@ func newConn(s *Server, nc net.Conn) *conn {
 		closing: make(chan struct{}),
 		tasks:   make(map[uint32]*task),
 	}
+	c.ioCtx, c.ioCancel = context.WithCancel(context.Background())
 	c.rd.R = bufio.NewReaderSize(nc, 64<<10)
 	c.rd.MaxData = s.cfg.MaxRecvDataSegmentLength
 	c.lastRecv.Store(time.Now().UnixNano())
@@ -112,6 +130,7 @@ func (c *conn) isClosing() bool {
 // serve runs the connection: login, then full feature phase until the
 // connection ends, then tears the session down.
 func (c *conn) serve() {
+	defer c.ioCancel()
 	defer c.close()
 	if err := c.login(); err != nil {
 		if !errors.Is(err, io.EOF) && !c.isClosing() {
@@ -132,11 +151,24 @@ func (c *conn) serve() {
 	if err != nil && !c.isClosing() && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
 		c.log.Info("connection ended", "session", c.sess.tsih, "err", err)
 	}
+	if !c.keepIO.Load() {
+		// The connection is dead: nobody will read the answers, and a
+		// newer connection of the same initiator must not be overtaken
+		// by this one's retrying writes.
+		c.ioCancel()
+	}
 	c.close()
 	c.abortAll()
 	c.execWG.Wait()
 	<-writerDone
 	c.sess.end()
+}
+
+// abandon ends the connection and cancels the backend calls of its
+// commands (session reinstatement, an initiator that stopped answering).
+func (c *conn) abandon() {
+	c.ioCancel()
+	c.close()
 }
 
 // abortAll cancels every task of the connection (it is going away). Running
@@ -299,6 +331,9 @@ func (c *conn) writer() {
 						return
 					}
 				}
+				if o.after != nil {
+					o.after()
+				}
 				if o.closeAfter {
 					bw.Flush()
 					c.close()
@@ -398,7 +433,7 @@ func (c *conn) pinger() {
 				c.mu.Unlock()
 				c.srv.stats.dropped.Add(1)
 				c.log.Warn("initiator did not answer NOP-In, dropping connection", "session", c.sess.tsih, "waited", now.Sub(sent).String())
-				c.close()
+				c.abandon()
 				return
 			}
 			var ping *pdu.PDU

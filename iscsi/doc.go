@@ -3,11 +3,14 @@
 // devices, one target per volume named iqn.2026-11.io.cairn:<volume> with a
 // single LUN 0.
 //
-// The package is meant to be embedded in a gateway process. A Server takes
-// an Exports provider that lists volumes and opens them as Volumes (any
-// ReadAt/WriteAt/UnmapAt/Flush/Size store with Close); targets appear and
-// disappear as the provider's volumes do. A volume is opened when the first
-// session logs in to its target and closed when the last one ends.
+// The package is meant to be embedded in a gateway process and depends on
+// nothing of the cluster, only on package blockdev. A Server takes a
+// blockdev.Catalog that lists volumes and opens them as blockdev.Devices
+// (ReadAt, WriteAt, UnmapAt and Flush with a context, Size, Close); targets
+// appear and disappear as the catalog's volumes do. A volume is opened when
+// the first session logs in to its target and closed when the last one
+// ends. The backend calls of a command carry the context of its connection,
+// which is cancelled when the connection dies.
 //
 // # Protocol
 //
@@ -30,8 +33,21 @@
 // its own goroutine against the logical unit (package scsi), so commands
 // complete out of order within the window and a queue depth of N keeps N
 // backend calls in flight. The window (MaxCmdSN - ExpCmdSN + 1) shrinks by
-// one for each command in flight, which bounds the memory and goroutines a
-// session can claim.
+// one for each command in flight, which bounds the goroutines a session can
+// claim. Its data buffers are bounded in bytes by Config.MaxSessionBuffer:
+// half is reserved for the unsolicited data the window lets the initiator
+// send, the other half is charged once per command (before its first R2T,
+// or before a read runs, until its data is sent); a command that does not
+// fit waits without holding up the reader, so back-pressure is the window
+// and the R2Ts the target withholds.
+//
+// A connection that dies (the initiator went away or stopped answering
+// pings) has the backend calls of its commands cancelled. Session
+// reinstatement (a login with the initiator name and ISID of a live
+// session) ends the old session the same way and the new login reaches
+// full feature phase only once every command of the old one has returned
+// from the backend, without a time cap, so that no old write lands after a
+// new one.
 //
 // The SCSI command set itself lives in package scsi; the wire format of PDUs
 // in package pdu.

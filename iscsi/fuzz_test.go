@@ -2,54 +2,21 @@ package iscsi
 
 import (
 	"bytes"
-	"context"
 	"io"
 	"log/slog"
 	"net"
-	"sync"
 	"testing"
 	"time"
 
+	"cairn.io/cairn/blockdev/blockdevtest"
 	"cairn.io/cairn/iscsi/pdu"
 )
 
-// memVolume is an in-memory Volume for the connection fuzzer.
-type memVolume struct {
-	mu   sync.Mutex
-	data []byte
-}
-
-func (m *memVolume) ReadAt(p []byte, off int64) (int, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return copy(p, m.data[off:]), nil
-}
-
-func (m *memVolume) WriteAt(p []byte, off int64) (int, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return copy(m.data[off:], p), nil
-}
-
-func (m *memVolume) UnmapAt(off, n int64) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	clear(m.data[off : off+n])
-	return nil
-}
-
-func (m *memVolume) Flush() error { return nil }
-func (m *memVolume) Size() int64  { return int64(len(m.data)) }
-func (m *memVolume) Close() error { return nil }
-
-type memExports struct{}
-
-func (memExports) List(context.Context) ([]string, error) { return []string{"fuzz"}, nil }
-func (memExports) Open(_ context.Context, name string) (Volume, error) {
-	if name != "fuzz" {
-		return nil, ErrNotFound
-	}
-	return &memVolume{data: make([]byte, 1<<20)}, nil
+// memExports serves one in-memory volume "fuzz" of 1 MiB.
+func memExports() *blockdevtest.Catalog {
+	c := blockdevtest.NewCatalog()
+	c.Add("fuzz", blockdevtest.New(1<<20))
+	return c
 }
 
 // loginBytes is a complete login of a normal session to the fuzz target.
@@ -102,7 +69,7 @@ func FuzzConnection(f *testing.F) {
 	f.Add(false, loginBytes(f))
 	f.Add(false, []byte{0x43, 0x87, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0})
 	srv, err := NewServer(Config{
-		Exports:      memExports{},
+		Exports:      memExports(),
 		LoginTimeout: time.Second,
 		NopInterval:  -1,
 		Logger:       slog.New(slog.NewTextHandler(io.Discard, nil)),

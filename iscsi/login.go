@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"cairn.io/cairn/blockdev"
 	"cairn.io/cairn/iscsi/pdu"
 	"cairn.io/cairn/iscsi/scsi"
 )
@@ -303,7 +304,7 @@ func (c *conn) startSession(st *loginState) error {
 		initiatorName: st.initiatorName,
 		targetIQN:     st.targetName,
 		discovery:     st.discovery,
-		depth:         uint32(c.srv.cfg.QueueDepth),
+		depth:         uint32(c.srv.lim.depth),
 		expCmdSN:      st.cmdSN,
 		ended:         false,
 	}
@@ -313,7 +314,7 @@ func (c *conn) startSession(st *loginState) error {
 		t, err := c.srv.acquireTarget(ctx, st.volume)
 		cancel()
 		if err != nil {
-			if errors.Is(err, ErrNotFound) {
+			if errors.Is(err, blockdev.ErrNotFound) {
 				return &loginError{status: statusNotFound, err: err}
 			}
 			if errors.Is(err, ErrServerClosed) {
@@ -338,14 +339,20 @@ func (c *conn) startSession(st *loginState) error {
 	}
 	ss.tsih = tsih
 	for _, o := range old {
-		// Session reinstatement: the old session's commands finish
-		// (or are aborted) before the new one starts.
+		// Session reinstatement (RFC 7143 section 6.3.5): the old
+		// session's connection is ended, the backend calls of its
+		// commands are cancelled, and the new session waits for every one
+		// of them to return before it reaches full feature phase, so that
+		// no write of the old session lands after a write of the new one.
+		// There is no time cap: a write that could still land later
+		// would be worse than a slow login.
 		c.log.Info("reinstating session", "old_session", o.tsih)
-		o.conn.close()
-		select {
-		case <-o.endedCh:
-		case <-time.After(c.srv.cfg.LoginTimeout):
-		}
+		c.srv.stats.reinstating.Add(1)
+		o.conn.abandon()
+		o.waitEnded(c.log)
+		c.srv.stats.reinstating.Add(-1)
+		// The wait may outlast the login deadline.
+		c.nc.SetDeadline(time.Now().Add(c.srv.cfg.LoginTimeout))
 	}
 	if ss.target != nil {
 		ss.target.lu.AddNexus(ss.nexus)
@@ -372,7 +379,7 @@ func (c *conn) loginResponse(req *pdu.PDU, st *loginState, transit bool, nsg byt
 	r.BHS.SetU32(pdu.OffStatSN, c.statSN)
 	c.statSN++
 	r.BHS.SetU32(pdu.OffExpCmdSN, st.cmdSN)
-	r.BHS.SetU32(pdu.OffMaxCmdSN, st.cmdSN+uint32(c.srv.cfg.QueueDepth)-1)
+	r.BHS.SetU32(pdu.OffMaxCmdSN, st.cmdSN+uint32(c.srv.lim.depth)-1)
 	r.BHS[36] = status.class
 	r.BHS[37] = status.detail
 	if err := pdu.Write(c.nc, r, false, false); err != nil {

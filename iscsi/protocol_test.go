@@ -2,12 +2,15 @@ package iscsi
 
 import (
 	"bytes"
+	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"testing"
 	"time"
 
+	"cairn.io/cairn/blockdev/blockdevtest"
 	"cairn.io/cairn/iscsi/pdu"
 )
 
@@ -29,7 +32,7 @@ func TestResizeRaisesCapacityChangedUnitAttention(t *testing.T) {
 	if last := beUint64(r.data[0:8]); last != 8<<20/512-1 {
 		t.Fatalf("last LBA %d before resize", last)
 	}
-	if err := tt.exports.volume("grow").resize(16 << 20); err != nil {
+	if err := tt.exports.volume("grow").Resize(16 << 20); err != nil {
 		t.Fatal(err)
 	}
 	// The unit notices the new size on the next command by itself.
@@ -42,7 +45,7 @@ func TestResizeRaisesCapacityChangedUnitAttention(t *testing.T) {
 		t.Fatalf("after resize: %s, last LBA %d", describe(r), last)
 	}
 	// NotifyResize raises it at once, and only once per change.
-	if err := tt.exports.volume("grow").resize(24 << 20); err != nil {
+	if err := tt.exports.volume("grow").Resize(24 << 20); err != nil {
 		t.Fatal(err)
 	}
 	tt.srv.NotifyResize("grow")
@@ -169,17 +172,17 @@ func TestCmdSNOutsideWindowIsIgnored(t *testing.T) {
 
 func TestCommandsCompleteOutOfOrder(t *testing.T) {
 	tt := startTarget(t, nil, map[string]int64{"ooo": 1 << 20})
-	entered, release := tt.exports.holdAt(0)
+	hold := tt.exports.holdAt("ooo", 0)
 	in := dialInitiator(t, tt.addr, tt.srv.TargetName("ooo"))
 	in.clearUA()
 	slow := in.send(cdbRead16(0, 8), nil, 4096, false)
-	<-entered // the first read is inside the backend
+	<-hold.Entered() // the first read is inside the backend
 	fast := in.send(cdbRead16(64, 8), nil, 4096, false)
 	r := in.wait(fast) // arrives while the first is still held
 	if r.status != 0 || len(r.data) != 4096 {
 		t.Fatalf("second read: %s", describe(r))
 	}
-	close(release)
+	hold.Release()
 	if r := in.wait(slow); r.status != 0 {
 		t.Fatalf("first read: %s", describe(r))
 	}
@@ -333,18 +336,18 @@ func TestCloseAsksInitiatorsToLogOut(t *testing.T) {
 		t.Fatalf("got %s response %d", r.BHS.Opcode(), r.BHS[2])
 	}
 	<-done
-	if v := tt.exports.volume("bye"); !v.closed.Load() {
+	if !tt.exports.closed("bye") {
 		t.Fatal("volume open after Close")
 	}
 }
 
 func TestAbortTaskWaitsForBackendAndSuppressesResponse(t *testing.T) {
 	tt := startTarget(t, nil, map[string]int64{"abort": 1 << 20})
-	entered, release := tt.exports.holdAt(4096)
+	hold := tt.exports.holdAt("abort", 4096)
 	in := dialInitiator(t, tt.addr, tt.srv.TargetName("abort"))
 	in.clearUA()
 	victim := in.send(cdbRead16(8, 8), nil, 4096, false)
-	<-entered
+	<-hold.Entered()
 	tmf := &pdu.PDU{}
 	tmf.BHS.SetOpcode(pdu.OpTaskMgmtReq)
 	tmf.BHS[0] |= 0x40
@@ -359,7 +362,7 @@ func TestAbortTaskWaitsForBackendAndSuppressesResponse(t *testing.T) {
 	if p, err := in.tryRead(200 * time.Millisecond); err == nil {
 		t.Fatalf("got %s before the aborted command left the backend", p.BHS.Opcode())
 	}
-	close(release)
+	hold.Release()
 	in.nc.SetReadDeadline(time.Time{})
 	p := in.read()
 	if p.BHS.Opcode() != pdu.OpTaskMgmtResp || p.BHS.ITT() != tmfITT || p.BHS[2] != tmfRespComplete {
@@ -396,12 +399,17 @@ func TestBackendFailureIsMediumError(t *testing.T) {
 	tt := startTarget(t, nil, map[string]int64{"fail": 1 << 20})
 	in := dialInitiator(t, tt.addr, tt.srv.TargetName("fail"))
 	in.clearUA()
-	tt.exports.volume("fail").failReads.Store(true)
+	tt.exports.volume("fail").SetHook(func(_ context.Context, c *blockdevtest.Call) error {
+		if c.Op == blockdevtest.OpRead {
+			return errors.New("injected read failure")
+		}
+		return nil
+	})
 	r := in.command(cdbRead16(0, 1), nil, 512)
 	if k, a, _ := r.senseKey(); r.status != 2 || k != 3 || a != 0x11 {
 		t.Fatalf("read with failing backend: %s, want MEDIUM ERROR 11h", describe(r))
 	}
-	tt.exports.volume("fail").failReads.Store(false)
+	tt.exports.volume("fail").SetHook(nil)
 	if r := in.command(cdbRead16(0, 1), nil, 512); r.status != 0 {
 		t.Fatalf("read after recovery: %s", describe(r))
 	}
@@ -419,7 +427,7 @@ func TestDropTargetEndsItsSessions(t *testing.T) {
 		t.Fatal("session of a dropped target still alive")
 	}
 	stay.clearUA()
-	eventually(t, 5*time.Second, "dropped volume closed", func() bool { return tt.exports.volume("gone").closed.Load() })
+	eventually(t, 5*time.Second, "dropped volume closed", func() bool { return tt.exports.closed("gone") })
 }
 
 // TestDropDuringLoginRefusesTheLogin: a login that opened its target just
@@ -428,19 +436,19 @@ func TestDropTargetEndsItsSessions(t *testing.T) {
 // opened is closed.
 func TestDropDuringLoginRefusesTheLogin(t *testing.T) {
 	tt := startTarget(t, nil, map[string]int64{"gone": 1 << 20})
-	tt.exports.setOpened(func(name string) {
+	tt.exports.OnOpen(func(_ context.Context, name string) error {
 		tt.exports.remove(name)
 		tt.srv.DropTarget(name)
+		return nil
 	})
 	_, _, status := tryLogin(t, tt.addr, tt.srv.TargetName("gone"))
 	if status != 0x0204 {
 		t.Errorf("login racing DropTarget: status 0x%04x, want 0x0204 (target removed)", status)
 	}
 	eventually(t, 5*time.Second, "the volume the refused login opened to be closed", func() bool {
-		v := tt.exports.volume("gone")
-		return v != nil && v.closed.Load()
+		return tt.exports.closed("gone")
 	})
-	tt.exports.setOpened(nil)
+	tt.exports.OnOpen(nil)
 	if _, _, status := tryLogin(t, tt.addr, tt.srv.TargetName("gone")); status != 0x0203 {
 		t.Errorf("login after the drop: status 0x%04x, want 0x0203 (not found)", status)
 	}
@@ -451,11 +459,11 @@ func TestDropDuringLoginRefusesTheLogin(t *testing.T) {
 // join it; it opens the volume afresh, which the exports refuse.
 func TestDroppedTargetRefusesRejoin(t *testing.T) {
 	tt := startTarget(t, nil, map[string]int64{"gone": 1 << 20})
-	entered, release := tt.exports.holdAt(0)
+	hold := tt.exports.holdAt("gone", 0)
 	old := dialInitiator(t, tt.addr, tt.srv.TargetName("gone"))
 	old.clearUA()
 	old.send(cdbRead16(0, 1), nil, 512, false)
-	<-entered // the old session's read holds the target
+	<-hold.Entered() // the old session's read holds the target
 	tt.exports.remove("gone")
 	tt.srv.DropTarget("gone")
 	_, _, status := tryLogin(t, tt.addr, tt.srv.TargetName("gone"),
@@ -463,9 +471,73 @@ func TestDroppedTargetRefusesRejoin(t *testing.T) {
 	if status != 0x0203 {
 		t.Errorf("login to a dropped target: status 0x%04x, want 0x0203 (not found)", status)
 	}
-	if tt.exports.volume("gone").closed.Load() {
+	if tt.exports.closed("gone") {
 		t.Error("volume closed while a command was still inside it")
 	}
-	close(release)
-	eventually(t, 5*time.Second, "dropped volume closed", func() bool { return tt.exports.volume("gone").closed.Load() })
+	hold.Release()
+	eventually(t, 5*time.Second, "dropped volume closed", func() bool { return tt.exports.closed("gone") })
+}
+
+// TestReinstatementWaitsForTheOldSessionsWrites: a login that reinstates a
+// session (same initiator name and ISID) cancels the old session's commands
+// and does not complete before every one of them has returned from the
+// backend, so the old session's write A cannot land after the new
+// session's write B to the same block. The old connection is either still
+// open or already gone when the new login arrives.
+func TestReinstatementWaitsForTheOldSessionsWrites(t *testing.T) {
+	for _, oldGone := range []bool{false, true} {
+		t.Run(fmt.Sprintf("old connection closed first=%v", oldGone), func(t *testing.T) {
+			tt := startTarget(t, nil, map[string]int64{"re": 1 << 20})
+			dev := tt.exports.volume("re")
+			hold := dev.HoldAt(blockdevtest.OpWrite, 0)
+			t.Cleanup(hold.Release) // runs before the target closes, also when the test fails
+			a, b := bytes.Repeat([]byte{0xaa}, 4096), bytes.Repeat([]byte{0xbb}, 4096)
+
+			old := dialInitiator(t, tt.addr, tt.srv.TargetName("re"))
+			old.clearUA()
+			old.send(cdbWrite16(0, 8), a, 0, false)
+			<-hold.Entered()
+			if oldGone {
+				old.nc.Close()
+			}
+
+			// Once the new login waits and the old write's context is
+			// cancelled, record what the backend has done, then let the
+			// old write return (it lands, as in a store that had it in
+			// hand).
+			type seen struct {
+				writes    int64
+				cancelled bool
+			}
+			observed := make(chan seen, 1)
+			go func() {
+				deadline := time.Now().Add(20 * time.Second)
+				for (tt.srv.Stats().Reinstating == 0 || !hold.Cancelled()) && time.Now().Before(deadline) {
+					time.Sleep(time.Millisecond)
+				}
+				observed <- seen{dev.Count(blockdevtest.OpWrite), hold.Cancelled()}
+				hold.Release()
+			}()
+			in := dialInitiator(t, tt.addr, tt.srv.TargetName("re")) // same name and ISID
+			select {
+			case <-hold.Returned():
+			default:
+				t.Fatal("the reinstating login completed while the old session's write was inside the backend")
+			}
+			got := <-observed
+			if !got.cancelled || got.writes != 0 {
+				t.Fatalf("while the login waited: old write cancelled %v, %d writes performed", got.cancelled, got.writes)
+			}
+			in.clearUA()
+			if r := in.command(cdbWrite16(0, 8), b, 0); r.status != 0 {
+				t.Fatalf("new session's write: %s", describe(r))
+			}
+			if c := dev.Contents(0, 4096); !bytes.Equal(c, b) {
+				t.Fatalf("block 0 holds %#x..., want the newer write %#x...", c[0], b[0])
+			}
+			if st := tt.srv.Stats(); st.Sessions != 1 || st.Reinstating != 0 {
+				t.Fatalf("stats %+v", st)
+			}
+		})
+	}
 }

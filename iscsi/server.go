@@ -11,12 +11,14 @@ import (
 	"sync/atomic"
 	"time"
 
+	"cairn.io/cairn/blockdev"
 	"cairn.io/cairn/iscsi/scsi"
 )
 
 // Server is an iSCSI target portal serving every volume of its Exports.
 type Server struct {
 	cfg Config
+	lim bufferLimits // derived from cfg.MaxSessionBuffer
 	log *slog.Logger
 
 	mu        sync.Mutex
@@ -30,6 +32,7 @@ type Server struct {
 
 	stats struct {
 		commands, nopOuts, pings, dropped atomic.Uint64
+		reinstating                       atomic.Int64
 	}
 }
 
@@ -47,6 +50,10 @@ type Stats struct {
 	// DeadInitiators counts connections dropped because the initiator
 	// did not answer a ping within NopTimeout.
 	DeadInitiators uint64
+	// Reinstating is the number of logins waiting, before full feature
+	// phase, for the commands of the session they reinstate to return
+	// from the backend.
+	Reinstating int64
 }
 
 // Stats returns the current counters.
@@ -60,6 +67,7 @@ func (s *Server) Stats() Stats {
 		NopOuts:        s.stats.nopOuts.Load(),
 		Pings:          s.stats.pings.Load(),
 		DeadInitiators: s.stats.dropped.Load(),
+		Reinstating:    s.stats.reinstating.Load(),
 	}
 }
 
@@ -69,7 +77,7 @@ type target struct {
 	name  string
 	iqn   string
 	ready chan struct{} // closed once vol/lu/err are set
-	vol   Volume
+	vol   blockdev.Device
 	lu    *scsi.LogicalUnit
 	err   error
 	refs  int // sessions holding the target, guarded by Server.mu
@@ -85,6 +93,7 @@ func NewServer(cfg Config) (*Server, error) {
 	}
 	return &Server{
 		cfg:       cfg,
+		lim:       cfg.limits(),
 		log:       cfg.Logger.With("component", "iscsi"),
 		listeners: make(map[net.Listener]struct{}),
 		conns:     make(map[*conn]struct{}),
@@ -198,6 +207,7 @@ func (s *Server) Close() error {
 	case <-done:
 	case <-time.After(s.cfg.CloseTimeout):
 		for _, c := range conns {
+			c.keepIO.Store(true)
 			c.close()
 		}
 		<-done
@@ -271,6 +281,7 @@ func (s *Server) acquireTarget(ctx context.Context, volume string) (*target, err
 		ucfg := s.cfg.Unit
 		ucfg.Backend = vol
 		ucfg.Name = volume
+		ucfg.MaxTransferBlocks = s.lim.maxXferBlocks
 		if ucfg.Logger == nil {
 			ucfg.Logger = s.log
 		}

@@ -1,7 +1,9 @@
 package iscsi
 
 import (
+	"log/slog"
 	"sync"
+	"time"
 
 	"cairn.io/cairn/iscsi/pdu"
 	"cairn.io/cairn/iscsi/scsi"
@@ -130,4 +132,29 @@ func (s *session) end() {
 		s.srv.releaseTarget(s.target)
 	}
 	close(s.endedCh)
+}
+
+// reinstateLogInterval is how often a login waiting for a reinstated
+// session's commands says so.
+const reinstateLogInterval = 10 * time.Second
+
+// waitEnded blocks until the session has ended: its connection's commands
+// have all returned from the backend and it released what it holds. It
+// logs every reinstateLogInterval while it waits.
+func (s *session) waitEnded(log *slog.Logger) {
+	t := time.NewTicker(reinstateLogInterval)
+	defer t.Stop()
+	start := time.Now()
+	for {
+		select {
+		case <-s.endedCh:
+			return
+		case <-t.C:
+			s.mu.Lock()
+			n := s.inflight + s.immediate
+			s.mu.Unlock()
+			log.Warn("still waiting for the commands of the reinstated session to return",
+				"old_session", s.tsih, "commands", n, "waited", time.Since(start).Round(time.Second).String())
+		}
+	}
 }

@@ -56,10 +56,18 @@ type task struct {
 	// still taken in, then the command fails without running.
 	dataErr bool
 
-	// charged is the buffer memory counted against the connection's
-	// MaxSessionBuffer; waiting marks a task queued for memory.
-	charged int64
-	waiting bool
+	// charged is the solicited-data and read buffer memory counted
+	// against the connection's budget (bufferLimits.charged); unsol is
+	// its unsolicited data buffer; extra is what the unit allocates when
+	// the command runs (scsi.DataInLen); runCharged is set once the task
+	// made its one charge; waiting marks a task queued for memory;
+	// immSlot marks an immediate command holding an immediate data slot.
+	charged    int64
+	unsol      int64
+	extra      int64
+	runCharged bool
+	waiting    bool
+	immSlot    bool
 
 	running bool
 	aborted bool
@@ -132,6 +140,18 @@ func (c *conn) scsiCommand(p *pdu.PDU) error {
 		c.mu.Unlock()
 		return fmt.Errorf("%w: initiator task tag 0x%x already in use", errProtocol, t.itt)
 	}
+	if t.immediate && t.write {
+		// Immediate commands are outside the CmdSN window; those that
+		// carry data-out take one of a few reserved slots.
+		if c.immData >= immediateDataSlots {
+			c.mu.Unlock()
+			c.sess.uncount(p)
+			c.reject(p, rejectImmediate)
+			return nil
+		}
+		c.immData++
+		t.immSlot = true
+	}
 	c.tasks[t.itt] = t
 	c.mu.Unlock()
 
@@ -148,7 +168,8 @@ func (c *conn) scsiCommand(p *pdu.PDU) error {
 	if len(imm) > t.edtl || len(imm) > c.params.firstBurst {
 		return fmt.Errorf("%w: %d bytes of immediate data (EDTL %d, FirstBurstLength %d)", errProtocol, len(imm), t.edtl, c.params.firstBurst)
 	}
-	if t.edtl > maxCommandData {
+	t.extra = int64(c.sess.target.lu.DataInLen(t.cdb))
+	if int64(t.edtl)+t.extra > int64(c.srv.lim.maxData) {
 		// Refused before any data moves; unsolicited data for the tag
 		// is discarded as it arrives.
 		c.completeEarly(t, scsi.Sense{Key: scsi.KeyIllegalRequest, ASC: 0x24})
@@ -170,6 +191,11 @@ func (c *conn) scsiCommand(p *pdu.PDU) error {
 	copy(t.buf, imm)
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	// Within the reservation by construction: the window and the
+	// immediate data slots bound the commands that may carry it.
+	t.unsol = int64(t.unsolEnd)
+	c.unsolUsed += t.unsol
+	c.noteBuffersLocked()
 	c.progressLocked(t)
 	return nil
 }
@@ -188,9 +214,12 @@ func (c *conn) progressLocked(t *task) {
 		return
 	}
 	if len(t.buf) < t.edtl {
-		if !c.chargeLocked(t, int64(t.edtl-len(t.buf))) {
+		// The task's one charge: the rest of the transfer and what the
+		// unit allocates when it runs.
+		if !c.chargeLocked(t, int64(t.edtl-len(t.buf))+t.extra) {
 			return
 		}
+		t.runCharged = true
 		nb := make([]byte, t.edtl)
 		copy(nb, t.buf[:t.received])
 		t.buf = nb
@@ -301,12 +330,32 @@ func (c *conn) runLocked(t *task) {
 	if t.aborted || t.running {
 		return
 	}
-	if !t.write && t.charged == 0 {
-		// Reads allocate their data-in buffer in the unit.
-		need := max(t.edtl, c.sess.target.lu.DataInLen(t.cdb))
-		if need > 0 && !c.chargeLocked(t, int64(need)) {
+	if !t.runCharged {
+		// The task's one charge (unless it made it before its R2Ts):
+		// what the unit allocates, the data-in of a read included.
+		need := t.extra
+		if !t.write {
+			need = int64(c.sess.target.lu.DataInLen(t.cdb))
+			if need == 0 {
+				need = int64(min(t.edtl, smallDataIn))
+			}
+		}
+		if need > c.srv.lim.charged {
+			// Cannot happen with a valid config (minSessionBuffer);
+			// refuse rather than wait forever.
+			t.running = true
+			c.execWG.Add(1)
+			go func() {
+				defer c.execWG.Done()
+				c.complete(t, scsi.Response{Status: scsi.StatusCheckCondition,
+					Sense: scsi.Sense{Key: scsi.KeyIllegalRequest, ASC: 0x24}.Encode(false)})
+			}()
 			return
 		}
+		if need > 0 && !c.chargeLocked(t, need) {
+			return
+		}
+		t.runCharged = true
 	}
 	t.running = true
 	c.execWG.Add(1)
@@ -344,7 +393,7 @@ func (c *conn) execute(t *task, data []byte) (resp scsi.Response, ok bool) {
 			ok = false
 		}
 	}()
-	return c.sess.target.lu.Execute(&scsi.Command{LUN: t.lun, Nexus: c.sess.nexus, CDB: t.cdb, Data: data}), true
+	return c.sess.target.lu.Execute(c.ioCtx, &scsi.Command{LUN: t.lun, Nexus: c.sess.nexus, CDB: t.cdb, Data: data}), true
 }
 
 // completeEarly answers a task with CHECK CONDITION without running it.
@@ -356,21 +405,33 @@ func (c *conn) completeEarly(t *task, s scsi.Sense) {
 }
 
 // complete removes a finished task and sends its response unless it was
-// aborted.
+// aborted. The buffer memory of a response carrying data is released once
+// its last PDU is written, so data waiting for a slow initiator stays
+// counted.
 func (c *conn) complete(t *task, resp scsi.Response) {
 	c.mu.Lock()
 	aborted := t.aborted
 	if c.tasks[t.itt] == t {
 		delete(c.tasks, t.itt)
 	}
-	c.releaseLocked(t)
+	c.endImmediateLocked(t)
+	var release func()
+	if !aborted && len(resp.Data) > 0 {
+		release = func() {
+			c.mu.Lock()
+			c.releaseLocked(t)
+			c.mu.Unlock()
+		}
+	} else {
+		c.releaseLocked(t)
+	}
 	c.mu.Unlock()
 	c.sess.uncount(t.req)
 	switch {
 	case !aborted:
-		c.respond(t, resp)
+		c.respond(t, resp, release)
 	case t.abortStatus:
-		c.respond(t, scsi.Response{Status: scsi.StatusTaskAborted})
+		c.respond(t, scsi.Response{Status: scsi.StatusTaskAborted}, nil)
 	}
 	close(t.done)
 }
@@ -378,18 +439,20 @@ func (c *conn) complete(t *task, resp scsi.Response) {
 // finishTask ends an aborted task that never ran.
 func (c *conn) finishTask(t *task) {
 	c.mu.Lock()
+	c.endImmediateLocked(t)
 	c.releaseLocked(t)
 	c.mu.Unlock()
 	c.sess.uncount(t.req)
 	if t.abortStatus {
-		c.respond(t, scsi.Response{Status: scsi.StatusTaskAborted})
+		c.respond(t, scsi.Response{Status: scsi.StatusTaskAborted}, nil)
 	}
 	close(t.done)
 }
 
 // respond sends the outcome of a task: Data-In PDUs, the last carrying the
-// status when it is GOOD (phase collapse), or a SCSI Response.
-func (c *conn) respond(t *task, resp scsi.Response) {
+// status when it is GOOD (phase collapse), or a SCSI Response. after, when
+// set, runs once the last PDU has been written.
+func (c *conn) respond(t *task, resp scsi.Response, after func()) {
 	data := resp.Data
 	var flags byte
 	var residual int
@@ -437,7 +500,7 @@ func (c *conn) respond(t *task, resp scsi.Response) {
 			p.BHS[1] |= flagStatus | flags
 			p.BHS[3] = resp.Status
 			p.BHS.SetU32(pdu.OffResidual, uint32(residual))
-			c.send(&outPDU{p: p, status: true})
+			c.send(&outPDU{p: p, status: true, after: after})
 			return
 		}
 		c.send(&outPDU{p: p, keepStatSN: true})
@@ -459,17 +522,23 @@ func (c *conn) respond(t *task, resp scsi.Response) {
 		binary.BigEndian.PutUint16(p.Data[0:2], uint16(len(resp.Sense)))
 		copy(p.Data[2:], resp.Sense)
 	}
-	c.send(&outPDU{p: p, status: true})
+	c.send(&outPDU{p: p, status: true, after: after})
 }
 
-// chargeLocked counts n bytes of buffer memory for t against
-// MaxSessionBuffer. When they do not fit, t is queued and retried as other
-// commands release memory; a command alone may exceed the limit, so one
-// larger than it still runs. Unsolicited data is not counted: it is bounded
-// by FirstBurstLength and counting it could leave every byte of the budget
-// with commands that wait for memory themselves.
+// smallDataIn is what a command other than READ, VERIFY, COMPARE AND
+// WRITE, ORWRITE, WRITE SAME and GET LBA STATUS may return at most (INQUIRY,
+// MODE SENSE, PERSISTENT RESERVE IN...), charged for its data-in.
+const smallDataIn = 64 << 10
+
+// chargeLocked counts n bytes of buffer memory for t against the budget of
+// solicited data and read buffers (bufferLimits.charged). When they do not
+// fit, t is queued and retried as other commands release memory. A task
+// makes one charge in its life, never more than the budget (larger
+// commands are refused on arrival), and the tasks holding memory either
+// run or wait for data-out the reader takes in without waiting for memory,
+// so the queue always drains.
 func (c *conn) chargeLocked(t *task, n int64) bool {
-	if c.memUsed > 0 && c.memUsed+n > c.srv.cfg.MaxSessionBuffer {
+	if c.memUsed+n > c.srv.lim.charged {
 		if !t.waiting {
 			t.waiting = true
 			c.memWait = append(c.memWait, t)
@@ -478,11 +547,22 @@ func (c *conn) chargeLocked(t *task, n int64) bool {
 	}
 	c.memUsed += n
 	t.charged += n
+	c.noteBuffersLocked()
 	return true
+}
+
+// noteBuffersLocked reports the connection's buffer bytes to the testing
+// knob.
+func (c *conn) noteBuffersLocked() {
+	if f := c.srv.cfg.TestingKnobs.OnBufferBytes; f != nil {
+		f(c.memUsed + c.unsolUsed)
+	}
 }
 
 // releaseLocked returns t's memory and retries the commands waiting for it.
 func (c *conn) releaseLocked(t *task) {
+	c.unsolUsed -= t.unsol
+	t.unsol = 0
 	if t.charged == 0 {
 		return
 	}
@@ -493,5 +573,13 @@ func (c *conn) releaseLocked(t *task) {
 	for _, w := range waiting {
 		w.waiting = false
 		c.progressLocked(w)
+	}
+}
+
+// endImmediateLocked frees t's immediate data slot.
+func (c *conn) endImmediateLocked(t *task) {
+	if t.immSlot {
+		t.immSlot = false
+		c.immData--
 	}
 }

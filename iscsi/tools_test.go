@@ -12,6 +12,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -132,7 +133,7 @@ func TestInquiryVPDPagesWithIscsiInq(t *testing.T) {
 		{"0", []string{"Page:0x00 SUPPORTED_VPD_PAGES", "Page:0x80 UNIT_SERIAL_NUMBER", "Page:0x83 DEVICE_IDENTIFICATION", "Page:0xb0 BLOCK_LIMITS", "Page:0xb1 BLOCK_DEVICE_CHARACTERISTICS", "Page:0xb2 LOGICAL_BLOCK_PROVISIONING"}},
 		{"128", []string{"Unit Serial Number:["}},
 		{"131", []string{"Designator Type:(3) NAA", "Designator Type:(1) T10_VENDORT_ID", "Designator:[CAIRN", "Association:(0) LOGICAL_UNIT", "Designator Type:(4) RELATIVE_TARGET_PORT"}},
-		{"176", []string{"maximum compare and write length:255", "optimal transfer length granularity:8", "maximum transfer length:65536", "maximum unmap lba count:1048576", "maximum unmap block descriptor count:256", "optimal unmap granularity:8", "maximum write same length:4194304"}},
+		{"176", []string{"maximum compare and write length:255", "optimal transfer length granularity:8", "maximum transfer length:32768", "maximum unmap lba count:1048576", "maximum unmap block descriptor count:256", "optimal unmap granularity:8", "wsnz:1", "maximum write same length:32768"}},
 		{"177", []string{"Medium Rotation Rate:1RPM"}},
 		{"178", []string{"lbpu:1", "lbpws:1", "lbpws10:1", "lbprz:1", "provisioning type:2"}},
 	}
@@ -184,11 +185,12 @@ func TestReadCapacity16WithTool(t *testing.T) {
 
 func TestQemuImgConvertAndCompare(t *testing.T) {
 	t.Run("defaults", func(t *testing.T) { qemuConvertCompare(t, nil) })
-	// A session buffer smaller than one of qemu's writes: writes wait for
-	// memory (no R2T) instead of allocating, and still all complete.
+	// A session buffer smaller than qemu's preferred writes: the target
+	// advertises a smaller MAXIMUM TRANSFER LENGTH, writes wait for memory
+	// (no R2T) instead of allocating, and still all complete.
 	t.Run("small session buffer", func(t *testing.T) {
 		qemuConvertCompare(t, func(c *Config) {
-			c.MaxSessionBuffer = 64 << 10
+			c.MaxSessionBuffer = 4 << 20
 			c.FirstBurstLength = 4096
 		})
 	})
@@ -216,8 +218,7 @@ func qemuConvertCompare(t *testing.T, mutate func(*Config)) {
 	}
 	// And the backend file holds exactly the image.
 	eventually(t, 10*time.Second, "volume closed after the last session ended", func() bool {
-		v := tt.exports.volume("qemu")
-		return v != nil && v.closed.Load()
+		return tt.exports.closed("qemu")
 	})
 	got, err := os.ReadFile(filepath.Join(tt.exports.dir, "qemu"))
 	if err != nil {
@@ -334,4 +335,45 @@ func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
+}
+
+// TestSessionBufferBoundsMemory: qemu-img writes and then reads back an
+// image with 16 requests in flight against a slow backend, through a
+// session buffer of 4 MiB; the connection's data buffers (unsolicited,
+// solicited and read data until sent) never exceed it, and everything
+// completes with the right data.
+func TestSessionBufferBoundsMemory(t *testing.T) {
+	needTool(t, "qemu-img")
+	const budget = 4 << 20
+	var mu sync.Mutex
+	var peak int64
+	tt := startTarget(t, func(c *Config) {
+		c.MaxSessionBuffer = budget
+		c.FirstBurstLength = 8192
+		c.TestingKnobs.OnBufferBytes = func(n int64) {
+			mu.Lock()
+			peak = max(peak, n)
+			mu.Unlock()
+		}
+	}, map[string]int64{"mem": 16 << 20})
+	tt.exports.setLatency(time.Millisecond)
+	img := filepath.Join(t.TempDir(), "random.raw")
+	data := make([]byte, 14<<20)
+	rand.NewChaCha8([32]byte{2}).Read(data)
+	if err := os.WriteFile(img, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	url := tt.url("mem")
+	if out, err := runTool(t, 2*time.Minute, "qemu-img", "convert", "-n", "-W", "-m", "16", "-f", "raw", "-O", "raw", img, url); err != nil {
+		t.Fatalf("qemu-img convert: %v\n%s", err, out)
+	}
+	if out, err := runTool(t, 2*time.Minute, "qemu-img", "compare", "-f", "raw", "-F", "raw", img, url); err != nil {
+		t.Fatalf("qemu-img compare: %v\n%s", err, out)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if peak > budget || peak < 256<<10 {
+		t.Fatalf("peak buffer bytes %d, budget %d", peak, budget)
+	}
+	t.Logf("peak buffer bytes %d of %d", peak, budget)
 }

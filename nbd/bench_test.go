@@ -19,32 +19,14 @@ import (
 	"time"
 )
 
-// latencyBackend delays every read and write by a fixed time.
-type latencyBackend struct {
-	Backend
-	delay time.Duration
-}
-
-func (l *latencyBackend) ReadAt(p []byte, off int64) (int, error) {
-	time.Sleep(l.delay)
-	return l.Backend.ReadAt(p, off)
-}
-
-func (l *latencyBackend) WriteAt(p []byte, off int64) (int, error) {
-	time.Sleep(l.delay)
-	return l.Backend.WriteAt(p, off)
-}
-
 const benchSize = 64 << 20
 
 // benchServer serves one in-memory export named "vol" with the given per-call latency.
 func benchServer(b *testing.B, delay time.Duration, multiConn bool) string {
 	b.Helper()
-	var be Backend = newMemBackend(benchSize)
-	if delay > 0 {
-		be = &latencyBackend{Backend: be, delay: delay}
-	}
-	srv, err := NewServer(Config{Exports: staticExports{"vol": be}, Logger: discardLogger(), MultiConn: multiConn})
+	exports := memExports(map[string]int64{"vol": benchSize})
+	exports.Device("vol").SetLatency(delay)
+	srv, err := NewServer(Config{Exports: exports, Logger: discardLogger(), MultiConn: multiConn})
 	if err != nil {
 		b.Fatal(err)
 	}

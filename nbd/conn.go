@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"bufio"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -12,6 +13,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"cairn.io/cairn/blockdev"
 )
 
 // aLongTimeAgo is a read deadline in the past: it makes a blocked read return at once.
@@ -24,16 +27,18 @@ var aLongTimeAgo = time.Unix(1, 0)
 // into a pooled buffer, and runs in a goroutine of its own. A request's goroutine calls the
 // backend and writes the reply itself under wmu, so replies leave in completion order, not
 // arrival order. WRITE, TRIM and WRITE_ZEROES are numbered on arrival; a FLUSH waits for every
-// write that arrived before it to complete, then calls Backend.Flush.
+// write that arrived before it to complete, then calls the Device's Flush.
 type serverConn struct {
 	srv *Server
 	nc  net.Conn
 	r   *bufio.Reader
 	log *slog.Logger
 
-	dmu        sync.Mutex // guards stopReason, exportName and changes of the read deadline
-	stopReason string     // non-empty once the connection has been told to stop reading
-	exportName string     // the export in transmission, for DropExport
+	dmu        sync.Mutex    // guards stopReason, dead, exportName and changes of the read deadline
+	stopReason string        // non-empty once the connection has been told to stop reading
+	dead       bool          // the connection broke (a reply could not be sent, the backend panicked)
+	stopCh     chan struct{} // closed when stopReason is first set
+	exportName string        // the export in transmission, for DropExport
 
 	// Negotiated in the handshake.
 	noZeroes   bool
@@ -49,21 +54,30 @@ type serverConn struct {
 	done     chan struct{}   // closed when the connection ends: workers exit
 	workers  int             // workers started; read and written by the request reader only
 
+	// ioCtx is the context of the connection's backend calls; ioCancel is called when the
+	// connection dies (see transmit).
+	ioCtx    context.Context
+	ioCancel context.CancelFunc
+
 	wmu         sync.Mutex // serialises replies on nc
 	writeFailed bool       // guarded by wmu: a reply could not be sent, the stream is broken
 }
 
 func newServerConn(s *Server, nc net.Conn) *serverConn {
-	return &serverConn{
-		srv: s,
-		nc:  nc,
-		r:   bufio.NewReaderSize(nc, 64<<10),
-		log: s.log.With("remote", nc.RemoteAddr().String()),
+	c := &serverConn{
+		srv:    s,
+		nc:     nc,
+		r:      bufio.NewReaderSize(nc, 64<<10),
+		log:    s.log.With("remote", nc.RemoteAddr().String()),
+		stopCh: make(chan struct{}),
 	}
+	c.ioCtx, c.ioCancel = context.WithCancel(context.Background())
+	return c
 }
 
 // serve runs the connection to its end and releases it.
 func (c *serverConn) serve() {
+	defer c.ioCancel()
 	st := &c.srv.stats
 	st.connectionsTotal.Add(1)
 	st.connections.Add(1)
@@ -105,8 +119,30 @@ func (c *serverConn) stop(reason string) {
 	defer c.dmu.Unlock()
 	if c.stopReason == "" {
 		c.stopReason = reason
+		close(c.stopCh)
 	}
 	_ = c.nc.SetReadDeadline(aLongTimeAgo)
+}
+
+// kill stops a connection that broke: unlike stop (Close, DropExport), its requests in flight
+// are cancelled, as when the client goes away.
+func (c *serverConn) kill(reason string) {
+	c.dmu.Lock()
+	c.dead = true
+	c.dmu.Unlock()
+	c.stop(reason)
+}
+
+// died reports whether the reader's end, err, means the connection died: the client went away
+// without NBD_CMD_DISC, the stream broke, or the connection was killed; not a disconnect, nor a
+// stop by Close or DropExport.
+func (c *serverConn) died(err error) bool {
+	if errors.Is(err, errClientDisconnected) {
+		return false
+	}
+	c.dmu.Lock()
+	defer c.dmu.Unlock()
+	return c.stopReason == "" || c.dead
 }
 
 func (c *serverConn) stopped() string {
@@ -139,7 +175,7 @@ func (c *serverConn) transmit(opened *openedExport) {
 		maxPayload: c.srv.cfg.MaxPayload,
 		structured: c.structured,
 	}
-	c.lim = newLimiter(c.srv.cfg.MaxInFlight, c.srv.cfg.MaxInFlightBytes)
+	c.lim = newLimiter(c.srv.cfg.MaxInFlight, c.srv.cfg.MaxInFlightBytes, &c.srv.stats.inFlightBytes, c.srv.cfg.TestingKnobs.OnInFlightBytes)
 	c.writes = newWriteTracker()
 	c.work, c.done = make(chan *operation), make(chan struct{})
 	c.setReadDeadline(time.Time{}) // a client may stay idle as long as it likes
@@ -147,6 +183,16 @@ func (c *serverConn) transmit(opened *openedExport) {
 
 	var err error
 	defer func() {
+		// A connection that died has its requests cancelled: nobody reads their replies, and
+		// a retrying write must not land after a newer write from the client's next
+		// connection. That connection waits (waitDrained) until they all returned. A
+		// disconnect, Close and DropExport let the requests complete and answer instead.
+		if c.died(err) {
+			c.srv.beginDrain(opened.name)
+			c.ioCancel()
+			c.inflight.Wait()
+			c.srv.endDrain(opened.name)
+		}
 		// Also on a panic of the reader: the requests in flight still own the export.
 		c.inflight.Wait()
 		close(c.done)
@@ -163,6 +209,10 @@ func (c *serverConn) transmit(opened *openedExport) {
 			c.log.Info("nbd: connection closed", "reason", err)
 		}
 	}()
+	if !c.srv.waitDrained(c, opened.name) {
+		err = errors.New("stopped while waiting for a dead connection's requests")
+		return
+	}
 	err = c.readRequests()
 }
 
@@ -319,28 +369,28 @@ func (c *serverConn) execute(op *operation) (res result) {
 			c.log.Error("nbd: backend panicked; connection will close", "panic", r, "stack", string(debug.Stack()))
 			res.err = fmt.Errorf("backend panicked: %v", r)
 			res.n = 0
-			c.stop("backend panicked")
+			c.kill("backend panicked")
 		}
 	}()
-	exp := c.export.exp
+	exp, ctx := c.export.exp, c.ioCtx
 	off, length := int64(op.req.offset), int64(op.req.length)
 	fua := op.req.flags&cmdFlagFUA != 0
 	switch op.req.typ {
 	case cmdRead:
-		res.n, res.err = readFullAt(exp, *res.data, off)
+		res.n, res.err = readFullAt(ctx, exp, *res.data, off)
 		return res
 	case cmdWrite:
-		res.err = writeFullAt(exp, *op.payload, off)
+		res.err = writeFullAt(ctx, exp, *op.payload, off)
 		putBuffer(op.payload)
 	case cmdFlush:
 		c.writes.waitBefore(op.barrier)
-		if err := exp.Flush(); err != nil {
+		if err := exp.Flush(ctx); err != nil {
 			res.err = fmt.Errorf("flush: %w", err)
 		}
 		return res
 	case cmdTrim:
 		if length > 0 {
-			if err := exp.UnmapAt(off, length); err != nil {
+			if err := exp.UnmapAt(ctx, off, length); err != nil {
 				res.err = fmt.Errorf("unmap: %w", err)
 			}
 		}
@@ -348,14 +398,14 @@ func (c *serverConn) execute(op *operation) (res result) {
 		if length > 0 {
 			if op.req.flags&cmdFlagNoHole != 0 {
 				// The client wants the range provisioned: write real zeros.
-				res.err = writeZeroes(exp, off, length)
-			} else if err := exp.UnmapAt(off, length); err != nil {
+				res.err = writeZeroes(ctx, exp, off, length)
+			} else if err := exp.UnmapAt(ctx, off, length); err != nil {
 				res.err = fmt.Errorf("unmap: %w", err)
 			}
 		}
 	}
 	if res.err == nil && fua && length > 0 {
-		if err := exp.Flush(); err != nil {
+		if err := exp.Flush(ctx); err != nil {
 			res.err = fmt.Errorf("flush for FUA: %w", err)
 		}
 	}
@@ -363,11 +413,11 @@ func (c *serverConn) execute(op *operation) (res result) {
 }
 
 // readFullAt reads len(p) bytes or reports how many it got before the error.
-func readFullAt(b Backend, p []byte, off int64) (int, error) {
+func readFullAt(ctx context.Context, b blockdev.Device, p []byte, off int64) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	n, err := b.ReadAt(p, off)
+	n, err := b.ReadAt(ctx, p, off)
 	if n == len(p) {
 		return n, nil // io.ReaderAt may return io.EOF with a full read at the end
 	}
@@ -377,11 +427,11 @@ func readFullAt(b Backend, p []byte, off int64) (int, error) {
 	return max(0, min(n, len(p))), fmt.Errorf("read: %w", err)
 }
 
-func writeFullAt(b Backend, p []byte, off int64) error {
+func writeFullAt(ctx context.Context, b blockdev.Device, p []byte, off int64) error {
 	if len(p) == 0 {
 		return nil
 	}
-	n, err := b.WriteAt(p, off)
+	n, err := b.WriteAt(ctx, p, off)
 	if err == nil && n != len(p) {
 		err = io.ErrShortWrite
 	}
@@ -391,10 +441,10 @@ func writeFullAt(b Backend, p []byte, off int64) error {
 	return nil
 }
 
-func writeZeroes(b Backend, off, length int64) error {
+func writeZeroes(ctx context.Context, b blockdev.Device, off, length int64) error {
 	for length > 0 {
 		n := min(length, int64(len(zeroes)))
-		if err := writeFullAt(b, zeroes[:n], off); err != nil {
+		if err := writeFullAt(ctx, b, zeroes[:n], off); err != nil {
 			return fmt.Errorf("write zeroes at %d: %w", off, err)
 		}
 		off += n
@@ -504,14 +554,14 @@ func (c *serverConn) send(bufs ...[]byte) error {
 	}
 	if err := c.nc.SetWriteDeadline(time.Now().Add(c.srv.cfg.WriteTimeout)); err != nil {
 		c.writeFailed = true
-		c.stop("cannot set write deadline")
+		c.kill("cannot set write deadline")
 		return err
 	}
 	nb := net.Buffers(bufs)
 	if _, err := nb.WriteTo(c.nc); err != nil {
 		c.writeFailed = true
 		c.log.Info("nbd: reply not delivered; closing", "err", err)
-		c.stop("reply could not be sent")
+		c.kill("reply could not be sent")
 		return fmt.Errorf("send reply: %w", err)
 	}
 	return nil

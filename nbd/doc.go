@@ -4,12 +4,13 @@
 //
 // # Place in the system
 //
-// The package knows nothing of the cluster. It serves any Backend — a byte range with ReadAt,
-// WriteAt, UnmapAt, Flush and Size — that an Exports provider opens by name. The NBD gateway wires
-// the provider to the client library, so that the export names are volume names and an export
-// is a client.Volume; exports appear and disappear as volumes are created and deleted, because
-// the server asks the provider on every NBD_OPT_LIST and opens exports by name when a client
-// selects one. The iSCSI target adapts the same Backend shape.
+// The package knows nothing of the cluster: it depends only on package blockdev. It serves any
+// blockdev.Device (ReadAt, WriteAt, UnmapAt and Flush with a context, Size, Close) that a
+// blockdev.Catalog opens by name. The gateway wires the catalog to the client library, so that
+// the export names are volume names and an export is a shared client.Volume; exports appear and
+// disappear as volumes are created and deleted, because the server asks the catalog on every
+// NBD_OPT_LIST and opens exports by name when a client selects one. The iSCSI target serves the
+// same contract.
 //
 // # Protocol
 //
@@ -22,7 +23,7 @@
 // otherwise the range is unmapped) and DISC. Requests are checked for known command and flags,
 // alignment to 512 bytes, payload size and bounds, and refused with the protocol's error values
 // (EINVAL, ENOSPC for writes beyond the end, EOVERFLOW for structured reads over the payload
-// limit); backend failures become EIO (ENOSPC, EPERM when the backend's error wraps
+// limit); device failures become EIO (ENOSPC, EPERM when the backend's error wraps
 // syscall.ENOSPC, EDQUOT, EFBIG or EROFS). A request the server cannot parse (bad magic, a stream
 // cut mid-message) ends that connection, never the process.
 //
@@ -32,7 +33,10 @@
 // Config.MaxInFlightBytes of payload, and each reply is written as soon as its request completes,
 // under a per-connection write lock: against a replicated backend where a call takes a
 // millisecond, queue depth turns into throughput. A FLUSH waits for every write-type request that
-// arrived before it to complete, then calls Backend.Flush. Close stops reading requests, lets the
+// arrived before it to complete, then calls Device.Flush. A connection that dies (the client goes
+// away without NBD_CMD_DISC, a reply cannot be sent) has the contexts of its requests cancelled,
+// and a new connection to the same export reads no request until every one of them has returned,
+// so that an old write cannot land after a newer one. Close stops reading requests, lets the
 // requests in flight finish and answer, then closes connections and exports.
 //
 // docs/nbd.md covers the protocol coverage, limits and how to attach qemu, fio and nbdcopy.

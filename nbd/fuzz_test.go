@@ -8,13 +8,11 @@ package nbd
 
 import (
 	"bytes"
-	"context"
 	"encoding/binary"
 	"errors"
 	"io"
 	"net"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -108,36 +106,6 @@ func FuzzCheckRequest(f *testing.F) {
 	})
 }
 
-// countingExports hands out memory exports and counts the ones not yet closed.
-type countingExports struct {
-	open atomic.Int64
-	mem  *memBackend
-}
-
-func (e *countingExports) List(context.Context) ([]string, error) { return []string{"mem"}, nil }
-
-func (e *countingExports) Open(_ context.Context, name string) (Export, error) {
-	if name != "mem" {
-		return nil, ErrUnknownExport
-	}
-	e.open.Add(1)
-	return &countedExport{Backend: e.mem, open: &e.open}, nil
-}
-
-type countedExport struct {
-	Backend
-	open   *atomic.Int64
-	closed atomic.Bool
-}
-
-func (e *countedExport) Close() error {
-	if e.closed.Swap(true) {
-		panic("export closed twice")
-	}
-	e.open.Add(-1)
-	return nil
-}
-
 // sessionSeed is a well-formed client stream: options, then requests, then a disconnect.
 func sessionSeed(structured bool, exportName bool) []byte {
 	opt := func(b []byte, o uint32, data []byte) []byte {
@@ -174,7 +142,7 @@ func FuzzSession(f *testing.F) {
 	f.Add(sessionSeed(false, false))
 	f.Add(sessionSeed(true, false))
 	f.Add(sessionSeed(true, true))
-	exports := &countingExports{mem: newMemBackend(64 << 10)}
+	exports := memExports(map[string]int64{"mem": 64 << 10})
 	srv, err := NewServer(Config{
 		Exports:          exports,
 		Logger:           discardLogger(),
@@ -216,7 +184,7 @@ func FuzzSession(f *testing.F) {
 		}
 		_ = client.Close()
 		wg.Wait()
-		if n := exports.open.Load(); n != 0 {
+		if n := exports.Live("mem"); n != 0 {
 			t.Fatalf("%d exports left open", n)
 		}
 	})

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"time"
+
+	"cairn.io/cairn/blockdev"
 )
 
 // errClientAborted ends a handshake the client ended with NBD_OPT_ABORT or by hanging up between
@@ -20,7 +22,7 @@ var errProtocol = errors.New("nbd: protocol violation")
 // openedExport is an export opened during the handshake and what the server told the client.
 type openedExport struct {
 	name string
-	exp  Export
+	exp  blockdev.Device
 	size uint64
 }
 
@@ -194,13 +196,16 @@ func (c *serverConn) appendInfoReplies(b []byte, option uint32, req infoRequest,
 func (c *serverConn) openExport(name string) (*openedExport, error) {
 	if name == "" {
 		if c.srv.cfg.DefaultExport == "" {
-			return nil, fmt.Errorf("no default export; name one: %w", ErrUnknownExport)
+			return nil, fmt.Errorf("unknown export: no default export; name one: %w", blockdev.ErrNotFound)
 		}
 		name = c.srv.cfg.DefaultExport
 	}
 	ctx, cancel := context.WithTimeout(c.srv.ctx, c.srv.cfg.HandshakeTimeout)
 	defer cancel()
 	exp, err := c.srv.cfg.Exports.Open(ctx, name)
+	if errors.Is(err, blockdev.ErrNotFound) {
+		return nil, fmt.Errorf("unknown export %q: %w", name, err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("open export %q: %w", name, err)
 	}
@@ -223,7 +228,7 @@ func (c *serverConn) exportsErrorReply(err error) uint32 {
 	if c.srv.ctx.Err() != nil {
 		return repErrShutdown
 	}
-	if !errors.Is(err, ErrUnknownExport) {
+	if !errors.Is(err, blockdev.ErrNotFound) {
 		c.log.Warn("nbd: export unavailable", "err", err)
 	}
 	// NBD_REP_ERR_UNKNOWN reads "the requested export is not available"; the message says why.

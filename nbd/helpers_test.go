@@ -1,95 +1,33 @@
 package nbd
 
 import (
-	"context"
 	"crypto/sha256"
 	"errors"
-	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
-	"sort"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"cairn.io/cairn/blockdev/blockdevtest"
 )
 
-// fileBackend is the test Backend: a real file, fsync on Flush, hole punching on UnmapAt.
-type fileBackend struct {
-	f    *os.File
-	size int64
-}
-
-func (b *fileBackend) ReadAt(p []byte, off int64) (int, error)  { return b.f.ReadAt(p, off) }
-func (b *fileBackend) WriteAt(p []byte, off int64) (int, error) { return b.f.WriteAt(p, off) }
-func (b *fileBackend) Size() int64                              { return b.size }
-func (b *fileBackend) Flush() error                             { return b.f.Sync() }
-func (b *fileBackend) Close() error                             { return b.f.Close() }
-
-// UnmapAt punches a hole: the range reads as zeros and gives its blocks back to the filesystem.
-func (b *fileBackend) UnmapAt(off, length int64) error {
-	err := unix.Fallocate(int(b.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
-	if err != nil {
-		return fmt.Errorf("punch hole at %d length %d: %w", off, length, err)
-	}
-	return nil
-}
-
-// dirExports serves every regular file of a directory as an export named after the file.
-type dirExports struct {
+// fileExports serves the shared test double's file devices: each export is a real file in dir
+// (fsync on Flush, hole punching on unmap) opened once as a blockdevtest.Device; every Open hands
+// out a handle of it, and the catalog counts the handles not yet closed.
+type fileExports struct {
+	*blockdevtest.Catalog
 	dir string
-	// wrap, if set, wraps each opened export (fault injection, latency, recording).
-	wrap func(name string, e Export) Export
-}
-
-func (d *dirExports) List(ctx context.Context) ([]string, error) {
-	ents, err := os.ReadDir(d.dir)
-	if err != nil {
-		return nil, fmt.Errorf("list %s: %w", d.dir, err)
-	}
-	var names []string
-	for _, e := range ents {
-		if e.Type().IsRegular() {
-			names = append(names, e.Name())
-		}
-	}
-	sort.Strings(names)
-	return names, nil
-}
-
-func (d *dirExports) Open(ctx context.Context, name string) (Export, error) {
-	if name == "" || strings.ContainsAny(name, "/\\") || name == "." || name == ".." {
-		return nil, fmt.Errorf("export %q: %w", name, ErrUnknownExport)
-	}
-	f, err := os.OpenFile(filepath.Join(d.dir, name), os.O_RDWR, 0)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("export %q: %w", name, ErrUnknownExport)
-	}
-	if err != nil {
-		return nil, err
-	}
-	st, err := f.Stat()
-	if err != nil {
-		f.Close()
-		return nil, err
-	}
-	var e Export = &fileBackend{f: f, size: st.Size()}
-	if d.wrap != nil {
-		e = d.wrap(name, e)
-	}
-	return e, nil
 }
 
 // testEnv is a server on an ephemeral loopback port serving the files of a temporary directory.
 type testEnv struct {
 	t       *testing.T
 	dir     string
-	exports *dirExports
+	exports *fileExports
 	srv     *Server
 	addr    string
 	served  chan error
@@ -99,7 +37,7 @@ type testEnv struct {
 func newTestEnv(t *testing.T, opts ...func(*Config)) *testEnv {
 	t.Helper()
 	dir := t.TempDir()
-	exports := &dirExports{dir: dir}
+	exports := &fileExports{Catalog: blockdevtest.NewCatalog(), dir: dir}
 	cfg := Config{Exports: exports, Logger: testLogger(t)}
 	for _, o := range opts {
 		o(&cfg)
@@ -142,8 +80,17 @@ func (e *testEnv) createExport(name string, size int64, content []byte) string {
 			e.t.Fatal(err)
 		}
 	}
+	d, err := blockdevtest.NewFile(path)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { d.Close() })
+	e.exports.Add(name, d)
 	return path
 }
+
+// device returns the test device behind an export.
+func (e *testEnv) device(name string) *blockdevtest.Device { return e.exports.Device(name) }
 
 func (e *testEnv) uri(name string) string { return "nbd://" + e.addr + "/" + name }
 
@@ -212,72 +159,13 @@ func (w *testLogWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// memBackend is an in-memory Backend for fuzzing and benchmarks.
-type memBackend struct {
-	mu   sync.RWMutex
-	data []byte
-}
-
-func newMemBackend(size int) *memBackend { return &memBackend{data: make([]byte, size)} }
-
-func (m *memBackend) ReadAt(p []byte, off int64) (int, error) {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
-	if off < 0 || off > int64(len(m.data)) {
-		return 0, io.EOF
+// memExports serves in-memory devices of the given sizes.
+func memExports(sizes map[string]int64) *blockdevtest.Catalog {
+	c := blockdevtest.NewCatalog()
+	for n, sz := range sizes {
+		c.Add(n, blockdevtest.New(sz))
 	}
-	n := copy(p, m.data[off:])
-	if n < len(p) {
-		return n, io.EOF
-	}
-	return n, nil
-}
-
-func (m *memBackend) WriteAt(p []byte, off int64) (int, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if off < 0 || off+int64(len(p)) > int64(len(m.data)) {
-		return 0, errors.New("mem: write beyond end")
-	}
-	return copy(m.data[off:], p), nil
-}
-
-func (m *memBackend) UnmapAt(off, length int64) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if off < 0 || off+length > int64(len(m.data)) {
-		return errors.New("mem: unmap beyond end")
-	}
-	clear(m.data[off : off+length])
-	return nil
-}
-
-func (m *memBackend) Flush() error { return nil }
-func (m *memBackend) Size() int64  { return int64(len(m.data)) }
-
-// nopCloser turns a shared Backend into an Export whose Close does nothing.
-type nopCloser struct{ Backend }
-
-func (nopCloser) Close() error { return nil }
-
-// staticExports serves fixed backends by name.
-type staticExports map[string]Backend
-
-func (s staticExports) List(context.Context) ([]string, error) {
-	var names []string
-	for n := range s {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	return names, nil
-}
-
-func (s staticExports) Open(_ context.Context, name string) (Export, error) {
-	b, ok := s[name]
-	if !ok {
-		return nil, fmt.Errorf("export %q: %w", name, ErrUnknownExport)
-	}
-	return nopCloser{b}, nil
+	return c
 }
 
 func discardLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }

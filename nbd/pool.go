@@ -3,6 +3,7 @@ package nbd
 import (
 	"math/bits"
 	"sync"
+	"sync/atomic"
 )
 
 // Payload buffers come from pools by power-of-two size class, 4 KiB to 32 MiB, so that a busy
@@ -61,10 +62,12 @@ type limiter struct {
 	bytes    int64
 	maxN     int
 	maxBytes int64
+	total    *atomic.Int64 // the server's bytes in flight over all connections
+	observe  func(int64)   // TestingKnobs.OnInFlightBytes
 }
 
-func newLimiter(maxN int, maxBytes int64) *limiter {
-	l := &limiter{maxN: maxN, maxBytes: maxBytes}
+func newLimiter(maxN int, maxBytes int64, total *atomic.Int64, observe func(int64)) *limiter {
+	l := &limiter{maxN: maxN, maxBytes: maxBytes, total: total, observe: observe}
 	l.cond.L = &l.mu
 	return l
 }
@@ -79,12 +82,17 @@ func (l *limiter) acquire(weight int64) {
 	}
 	l.n++
 	l.bytes += weight
+	l.total.Add(weight)
+	if l.observe != nil {
+		l.observe(l.bytes)
+	}
 }
 
 func (l *limiter) release(weight int64) {
 	l.mu.Lock()
 	l.n--
 	l.bytes -= weight
+	l.total.Add(-weight)
 	l.mu.Unlock()
 	l.cond.Broadcast()
 }

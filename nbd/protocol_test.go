@@ -2,20 +2,22 @@ package nbd
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"math"
 	"net"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
+	"time"
+
+	"cairn.io/cairn/blockdev/blockdevtest"
 )
 
 const testSize = 1 << 20
@@ -73,9 +75,7 @@ func TestOptionList(t *testing.T) {
 	}
 	// Exports appear and disappear with the provider's set.
 	env.createExport("c-vol", testSize, nil)
-	if err := os.Remove(filepath.Join(env.dir, "a-vol")); err != nil {
-		t.Fatal(err)
-	}
+	env.exports.Remove("a-vol")
 	if got := listNames(); !slices.Equal(got, []string{"b-vol", "c-vol"}) {
 		t.Fatalf("list after create and delete %q", got)
 	}
@@ -412,17 +412,16 @@ func TestBadRequestMagicClosesOnlyThatConnection(t *testing.T) {
 func TestReadWriteTrimZeroes(t *testing.T) {
 	for _, structured := range []bool{false, true} {
 		t.Run(fmt.Sprintf("structured=%v", structured), func(t *testing.T) {
-			rec := &recorder{}
 			env := newTestEnv(t, func(c *Config) {})
-			env.exports.wrap = func(_ string, e Export) Export { return &recordingExport{Export: e, rec: rec} }
 			path := env.createExport("vol", testSize, nil)
+			dev := env.device("vol")
 			c := connect(t, env.addr, "vol", structured)
 
 			data := pattern(256<<10, 9)
 			c.writeAt(0, 0, data)
 			c.writeAt(cmdFlagFUA, 256<<10, data)
-			if rec.flushes.Load() != 1 {
-				t.Fatalf("FUA write: %d flushes, want 1", rec.flushes.Load())
+			if dev.Count(blockdevtest.OpFlush) != 1 {
+				t.Fatalf("FUA write: %d flushes, want 1", dev.Count(blockdevtest.OpFlush))
 			}
 			if got := c.read(0, 512<<10); !bytes.Equal(got, append(slices.Clone(data), data...)) {
 				t.Fatal("read back differs")
@@ -436,17 +435,17 @@ func TestReadWriteTrimZeroes(t *testing.T) {
 				t.Fatalf("trim: %s", errnoName(r.errno))
 			}
 			// WRITE_ZEROES without NO_HOLE may unmap; with NO_HOLE it must write.
-			unmapsBefore, writesBefore := rec.unmaps.Load(), rec.writes.Load()
+			unmapsBefore, writesBefore := dev.Count(blockdevtest.OpUnmap), dev.Count(blockdevtest.OpWrite)
 			if r := c.do(0, cmdWriteZeroes, 65536, 65536, nil); r.errno != 0 {
 				t.Fatalf("write zeroes: %s", errnoName(r.errno))
 			}
-			if rec.unmaps.Load() != unmapsBefore+1 || rec.writes.Load() != writesBefore {
+			if dev.Count(blockdevtest.OpUnmap) != unmapsBefore+1 || dev.Count(blockdevtest.OpWrite) != writesBefore {
 				t.Fatal("WRITE_ZEROES without NO_HOLE did not unmap")
 			}
 			if r := c.do(cmdFlagNoHole|cmdFlagFUA, cmdWriteZeroes, 3<<20/4, 3<<20/16, nil); r.errno != 0 {
 				t.Fatalf("write zeroes no hole: %s", errnoName(r.errno))
 			}
-			if rec.unmaps.Load() != unmapsBefore+1 || rec.writes.Load() == writesBefore {
+			if dev.Count(blockdevtest.OpUnmap) != unmapsBefore+1 || dev.Count(blockdevtest.OpWrite) == writesBefore {
 				t.Fatal("WRITE_ZEROES with NO_HOLE unmapped instead of writing")
 			}
 			if r := c.do(0, cmdFlush, 0, 0, nil); r.errno != 0 {
@@ -479,8 +478,8 @@ func TestBackendErrors(t *testing.T) {
 	for _, structured := range []bool{false, true} {
 		t.Run(fmt.Sprintf("structured=%v", structured), func(t *testing.T) {
 			env := newTestEnv(t)
-			env.exports.wrap = func(_ string, e Export) Export { return &faultyExport{Export: e} }
 			env.createExport("vol", testSize, pattern(testSize, 5))
+			env.device("vol").SetHook(faults)
 			c := connect(t, env.addr, "vol", structured)
 
 			// The faulty export fails reads that reach 64 KiB after reading up to 4096+100 bytes.
@@ -529,13 +528,12 @@ func TestBackendErrors(t *testing.T) {
 // TestRepliesOutOfOrder: a slow request does not hold back the replies of faster ones.
 func TestRepliesOutOfOrder(t *testing.T) {
 	env := newTestEnv(t)
-	gate := newGate()
-	env.exports.wrap = func(_ string, e Export) Export { return &gatedExport{Export: e, gate: gate, gatedOffset: 0} }
 	env.createExport("vol", testSize, pattern(testSize, 6))
+	gate := env.device("vol").Hold(atOffset(0))
 	c := connect(t, env.addr, "vol", true)
 
 	slow := c.send(0, cmdRead, 0, 4096, nil)
-	<-gate.entered
+	<-gate.Entered()
 	fast := c.send(0, cmdRead, 8192, 4096, nil)
 	r, err := c.recv()
 	if err != nil {
@@ -544,7 +542,7 @@ func TestRepliesOutOfOrder(t *testing.T) {
 	if r.cookie != fast || !bytes.Equal(r.data, pattern(testSize, 6)[8192:12288]) {
 		t.Fatalf("first reply for cookie %#x, want the fast read %#x", r.cookie, fast)
 	}
-	close(gate.release)
+	gate.Release()
 	r, err = c.recv()
 	if err != nil {
 		t.Fatal(err)
@@ -558,26 +556,22 @@ func TestRepliesOutOfOrder(t *testing.T) {
 // before it has completed, and does not wait for writes received after it.
 func TestFlushWaitsForEarlierWrites(t *testing.T) {
 	env := newTestEnv(t)
-	rec := &recorder{}
-	early, late := newGate(), newGate()
-	env.exports.wrap = func(_ string, e Export) Export {
-		e = &recordingExport{Export: e, rec: rec}
-		e = &gatedExport{Export: e, gate: early, gatedOffset: 0}
-		return &gatedExport{Export: e, gate: late, gatedOffset: 8192}
-	}
 	path := env.createExport("vol", testSize, nil)
+	dev := env.device("vol")
+	dev.Record()
+	early, late := dev.Hold(atOffset(0)), dev.Hold(atOffset(8192))
 	c := connect(t, env.addr, "vol", false)
 
 	w1 := c.send(0, cmdWrite, 0, 4096, pattern(4096, 1))
-	<-early.entered
+	<-early.Entered()
 	flush := c.send(0, cmdFlush, 0, 0, nil)
 	w2 := c.send(0, cmdWrite, 8192, 4096, pattern(4096, 2))
-	<-late.entered
+	<-late.Entered()
 	// The reader has dispatched the flush (requests are read in order); it must be waiting.
-	if n := rec.flushes.Load(); n != 0 {
+	if n := dev.Count(blockdevtest.OpFlush); n != 0 {
 		t.Fatalf("flush reached the backend while an earlier write was running (%d)", n)
 	}
-	close(early.release)
+	early.Release()
 	got := map[uint64]bool{}
 	for range 2 {
 		r, err := c.recv()
@@ -592,10 +586,10 @@ func TestFlushWaitsForEarlierWrites(t *testing.T) {
 	if !got[w1] || !got[flush] {
 		t.Fatalf("replies %v: want the first write and the flush while the later write is blocked", got)
 	}
-	if events := rec.log(); !slices.Equal(events, []string{"write 0", "flush"}) {
+	if events := dev.Events(); !slices.Equal(events, []string{"write 0", "flush"}) {
 		t.Fatalf("backend saw %q", events)
 	}
-	close(late.release)
+	late.Release()
 	if r, err := c.recv(); err != nil || r.cookie != w2 {
 		t.Fatalf("late write reply: %v", err)
 	}
@@ -610,14 +604,13 @@ func TestFlushWaitsForEarlierWrites(t *testing.T) {
 // TestDisconnectCompletesInFlight: NBD_CMD_DISC lets the requests before it finish and answer.
 func TestDisconnectCompletesInFlight(t *testing.T) {
 	env := newTestEnv(t)
-	gate := newGate()
-	env.exports.wrap = func(_ string, e Export) Export { return &gatedExport{Export: e, gate: gate, gatedOffset: 0} }
 	path := env.createExport("vol", testSize, nil)
+	gate := env.device("vol").Hold(atOffset(0))
 	c := connect(t, env.addr, "vol", false)
 	w := c.send(0, cmdWrite, 0, 4096, pattern(4096, 8))
-	<-gate.entered
+	<-gate.Entered()
 	c.send(0, cmdDisc, 0, 0, nil)
-	close(gate.release)
+	gate.Release()
 	r, err := c.recv()
 	if err != nil || r.cookie != w || r.errno != 0 {
 		t.Fatalf("write before disconnect: %v %+v", err, r)
@@ -631,21 +624,17 @@ func TestDisconnectCompletesInFlight(t *testing.T) {
 // TestCloseCompletesInFlight: Close waits for the requests in flight and answers them.
 func TestCloseCompletesInFlight(t *testing.T) {
 	env := newTestEnv(t)
-	gate := newGate()
-	closed := make(chan struct{})
-	env.exports.wrap = func(_ string, e Export) Export {
-		return &gatedExport{Export: &closeNotifier{Export: e, closed: closed}, gate: gate, gatedOffset: 0}
-	}
 	path := env.createExport("vol", testSize, nil)
+	gate := env.device("vol").Hold(atOffset(0))
 	c := connect(t, env.addr, "vol", true)
 	handshaking := dial(t, env.addr, clientFlagFixedNewstyle)
 
 	w := c.send(cmdFlagFUA, cmdWrite, 0, 4096, pattern(4096, 9))
-	<-gate.entered
+	<-gate.Entered()
 	done := make(chan error)
 	go func() { done <- env.srv.Close() }()
 	handshaking.expectClosed()
-	finishHeldWrite(t, c, w, gate, closed, path, pattern(4096, 9))
+	finishHeldWrite(t, env, "vol", c, w, gate, path, pattern(4096, 9))
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
@@ -659,25 +648,18 @@ func TestCloseCompletesInFlight(t *testing.T) {
 // answering what they had in flight; other exports' connections carry on.
 func TestDropExportEndsItsConnections(t *testing.T) {
 	env := newTestEnv(t)
-	gate := newGate()
-	closed := make(chan struct{})
-	env.exports.wrap = func(name string, e Export) Export {
-		if name != "gone" {
-			return e
-		}
-		return &gatedExport{Export: &closeNotifier{Export: e, closed: closed}, gate: gate, gatedOffset: 0}
-	}
 	path := env.createExport("gone", testSize, nil)
 	env.createExport("stay", testSize, nil)
+	gate := env.device("gone").Hold(atOffset(0))
 	gone := connect(t, env.addr, "gone", true)
 	stay := connect(t, env.addr, "stay", true)
 
 	w := gone.send(cmdFlagFUA, cmdWrite, 0, 4096, pattern(4096, 5))
-	<-gate.entered
+	<-gate.Entered()
 	if n := env.srv.DropExport("gone"); n != 1 {
 		t.Fatalf("DropExport stopped %d connections, want 1", n)
 	}
-	finishHeldWrite(t, gone, w, gate, closed, path, pattern(4096, 5))
+	finishHeldWrite(t, env, "gone", gone, w, gate, path, pattern(4096, 5))
 	rd := stay.send(0, cmdRead, 0, 4096, nil)
 	if r, err := stay.recv(); err != nil || r.cookie != rd || r.errno != 0 {
 		t.Fatalf("read on another export after the drop: %v %+v", err, r)
@@ -694,20 +676,22 @@ func TestInFlightLimit(t *testing.T) {
 	var running, peak int
 	release := make(chan struct{})
 	entered := make(chan struct{}, 16)
-	env.exports.wrap = func(_ string, e Export) Export {
-		return &hookExport{Export: e, onRead: func() {
-			mu.Lock()
-			running++
-			peak = max(peak, running)
-			mu.Unlock()
-			entered <- struct{}{}
-			<-release
-			mu.Lock()
-			running--
-			mu.Unlock()
-		}}
-	}
 	env.createExport("vol", testSize, nil)
+	env.device("vol").SetHook(func(_ context.Context, c *blockdevtest.Call) error {
+		if c.Op != blockdevtest.OpRead {
+			return nil
+		}
+		mu.Lock()
+		running++
+		peak = max(peak, running)
+		mu.Unlock()
+		entered <- struct{}{}
+		<-release
+		mu.Lock()
+		running--
+		mu.Unlock()
+		return nil
+	})
 	c := connect(t, env.addr, "vol", false)
 	for i := range 2 * limit {
 		c.send(0, cmdRead, uint64(i)*4096, 4096, nil)
@@ -764,7 +748,7 @@ func TestOnRequestHook(t *testing.T) {
 }
 
 func TestNewServerValidatesConfig(t *testing.T) {
-	exports := staticExports{}
+	exports := memExports(nil)
 	for name, cfg := range map[string]Config{
 		"no exports":        {},
 		"payload too small": {Exports: exports, MaxPayload: 1024},
@@ -789,155 +773,184 @@ func TestNewServerValidatesConfig(t *testing.T) {
 	}
 }
 
-// --- test doubles around the file backend ---
+// --- helpers around the shared test device ---
 
-// recorder counts and logs backend calls.
-type recorder struct {
-	writes, unmaps, flushes atomic.Int64
-	mu                      sync.Mutex
-	events                  []string
-}
-
-func (r *recorder) add(e string) {
-	r.mu.Lock()
-	r.events = append(r.events, e)
-	r.mu.Unlock()
-}
-
-func (r *recorder) log() []string {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return slices.Clone(r.events)
-}
-
-type recordingExport struct {
-	Export
-	rec *recorder
-}
-
-func (e *recordingExport) WriteAt(p []byte, off int64) (int, error) {
-	n, err := e.Export.WriteAt(p, off)
-	e.rec.writes.Add(1)
-	e.rec.add(fmt.Sprintf("write %d", off))
-	return n, err
-}
-
-func (e *recordingExport) UnmapAt(off, length int64) error {
-	err := e.Export.UnmapAt(off, length)
-	e.rec.unmaps.Add(1)
-	e.rec.add(fmt.Sprintf("unmap %d", off))
-	return err
-}
-
-func (e *recordingExport) Flush() error {
-	err := e.Export.Flush()
-	e.rec.flushes.Add(1)
-	e.rec.add("flush")
-	return err
-}
-
-// gate holds calls at one offset until released.
-// finishHeldWrite checks, for a connection being ended while its write w
-// (of want at offset 0 of the file at path) is held by gate, that the
-// export stays open while the write is inside it; then it releases the
-// write and expects its success answer, the connection's end, the export's
-// close (closed) and the data on disk.
-func finishHeldWrite(t *testing.T, c *testClient, w uint64, g *gate, closed <-chan struct{}, path string, want []byte) {
-	t.Helper()
-	select {
-	case <-closed:
-		t.Fatal("export closed while a request was in flight")
-	default:
+// atOffset matches the reads and writes at off.
+func atOffset(off int64) func(blockdevtest.Call) bool {
+	return func(c blockdevtest.Call) bool {
+		return (c.Op == blockdevtest.OpRead || c.Op == blockdevtest.OpWrite) && c.Off == off
 	}
-	close(g.release)
+}
+
+// finishHeldWrite checks, for a connection being ended while its write w (of want at offset 0 of
+// the file at path) is held by hold, that the export stays open while the write is inside it;
+// then it releases the write and expects its success answer, the connection's end, the export's
+// close and the data on disk.
+func finishHeldWrite(t *testing.T, env *testEnv, name string, c *testClient, w uint64, hold *blockdevtest.Hold, path string, want []byte) {
+	t.Helper()
+	if env.exports.Live(name) == 0 {
+		t.Fatal("export closed while a request was in flight")
+	}
+	hold.Release()
 	r, err := c.recv()
 	if err != nil || r.cookie != w || r.errno != 0 {
 		t.Fatalf("in-flight write: %v %+v", err, r)
 	}
 	c.expectClosed()
-	<-closed
+	succeedsSoon(t, "export closed", func() bool { return env.exports.Live(name) == 0 })
 	if !bytes.Equal(readFile(t, path)[:len(want)], want) {
 		t.Fatal("in-flight write lost")
 	}
 }
 
-type gate struct {
-	entered chan struct{}
-	release chan struct{}
+// faults injects failures: reads reaching [64 KiB, 128 KiB) return 4096+100 bytes and EIO, writes
+// at 128 KiB fail with ENOSPC, unmaps there with EIO, and a read at 256 KiB panics.
+func faults(_ context.Context, c *blockdevtest.Call) error {
+	switch c.Op {
+	case blockdevtest.OpRead:
+		if c.Off == 256<<10 {
+			panic("injected backend panic")
+		}
+		if c.Off < 128<<10 && c.Off+c.Len > 64<<10 {
+			c.Partial = 4096 + 100
+			return fmt.Errorf("injected read fault: %w", syscall.EIO)
+		}
+	case blockdevtest.OpWrite:
+		if c.Off == 128<<10 {
+			return fmt.Errorf("injected: %w", syscall.ENOSPC)
+		}
+	case blockdevtest.OpUnmap:
+		if c.Off == 128<<10 {
+			return errors.New("injected unmap fault")
+		}
+	}
+	return nil
 }
 
-func newGate() *gate { return &gate{entered: make(chan struct{}, 1), release: make(chan struct{})} }
+// TestDeadConnectionWriteDoesNotOvertakeNewerWrite: a write of a connection that died while the
+// write was inside the backend is cancelled, and a new connection to the same export reads no
+// request until that write has returned, so the old data A cannot land on top of the newer B.
+func TestDeadConnectionWriteDoesNotOvertakeNewerWrite(t *testing.T) {
+	for _, how := range []string{"hang up", "hang up after a refused request"} {
+		t.Run(how, func(t *testing.T) {
+			env := newTestEnv(t)
+			env.createExport("vol", testSize, nil)
+			dev := env.device("vol")
+			hold := dev.HoldAt(blockdevtest.OpWrite, 0)
+			t.Cleanup(hold.Release) // runs before the server closes, also when the test fails
+			a, b := bytes.Repeat([]byte{0xaa}, 4096), bytes.Repeat([]byte{0xbb}, 4096)
 
-// gatedExport blocks reads and writes at gatedOffset until its gate is released.
-type gatedExport struct {
-	Export
-	gate        *gate
-	gatedOffset int64
-}
+			old := connect(t, env.addr, "vol", true)
+			old.send(0, cmdWrite, 0, 4096, a)
+			<-hold.Entered()
+			if how != "hang up" {
+				if r := old.do(0, cmdRead, 1, 512, nil); r.errno != errnoInval {
+					t.Fatalf("unaligned read: %s", errnoName(r.errno))
+				}
+			}
+			old.nc.Close() // the client dies without NBD_CMD_DISC
+			succeedsSoon(t, "the held write's context cancelled", hold.Cancelled)
+			if st := env.srv.Stats(); st.DeadConnections != 1 {
+				t.Fatalf("dead connections %d, want 1", st.DeadConnections)
+			}
 
-func (e *gatedExport) hold(off int64) {
-	if off == e.gatedOffset {
-		e.gate.entered <- struct{}{}
-		<-e.gate.release
+			c := connect(t, env.addr, "vol", true)
+			w := c.send(0, cmdWrite, 0, 4096, b)
+			succeedsSoon(t, "the new write reaching the backend or its connection waiting", func() bool {
+				return dev.InFlight() > 1 || dev.Count(blockdevtest.OpWrite) > 0 || env.srv.Stats().WaitingConnections == 1
+			})
+			if n := dev.Count(blockdevtest.OpWrite); n != 0 || dev.InFlight() != 1 {
+				t.Fatalf("the new connection's write reached the backend (%d writes performed, %d in flight) while the dead connection's write was held", n, dev.InFlight())
+			}
+			hold.Release() // the old write lands now, as a store that had it in hand would do
+			<-hold.Returned()
+			r, err := c.recv()
+			if err != nil || r.cookie != w || r.errno != 0 {
+				t.Fatalf("new write: %v %+v", err, r)
+			}
+			if got := dev.Contents(0, 4096); !bytes.Equal(got, b) {
+				t.Fatalf("block 0 holds %#x..., want the newer write %#x...", got[0], b[0])
+			}
+			if st := env.srv.Stats(); st.DeadConnections != 0 || st.WaitingConnections != 0 {
+				t.Fatalf("stats after the drain: %+v", st)
+			}
+		})
 	}
 }
 
-func (e *gatedExport) ReadAt(p []byte, off int64) (int, error) {
-	e.hold(off)
-	return e.Export.ReadAt(p, off)
-}
-
-func (e *gatedExport) WriteAt(p []byte, off int64) (int, error) {
-	e.hold(off)
-	return e.Export.WriteAt(p, off)
-}
-
-type hookExport struct {
-	Export
-	onRead func()
-}
-
-func (e *hookExport) ReadAt(p []byte, off int64) (int, error) {
-	e.onRead()
-	return e.Export.ReadAt(p, off)
-}
-
-type closeNotifier struct {
-	Export
-	closed chan struct{}
-}
-
-func (e *closeNotifier) Close() error {
-	err := e.Export.Close()
-	close(e.closed)
-	return err
-}
-
-// faultyExport injects failures: reads reaching [64 KiB, 128 KiB) return 4096+100 bytes and EIO,
-// writes at 128 KiB fail with ENOSPC, unmaps there with EIO, and a read at 256 KiB panics.
-type faultyExport struct{ Export }
-
-func (e *faultyExport) ReadAt(p []byte, off int64) (int, error) {
-	if off == 256<<10 {
-		panic("injected backend panic")
+// TestDisconnectWaitsWithoutCancelling: NBD_CMD_DISC is not a death: the requests before it run to
+// completion with their contexts intact, and a new connection does not wait for them.
+func TestDisconnectWaitsWithoutCancelling(t *testing.T) {
+	env := newTestEnv(t)
+	env.createExport("vol", testSize, nil)
+	dev := env.device("vol")
+	hold := dev.HoldAt(blockdevtest.OpWrite, 0)
+	t.Cleanup(hold.Release)
+	old := connect(t, env.addr, "vol", false)
+	w := old.send(0, cmdWrite, 0, 4096, pattern(4096, 3))
+	<-hold.Entered()
+	old.send(0, cmdDisc, 0, 0, nil)
+	c := connect(t, env.addr, "vol", false)
+	if got := c.read(8192, 4096); !bytes.Equal(got, make([]byte, 4096)) {
+		t.Fatal("read on the new connection")
 	}
-	if off < 128<<10 && off+int64(len(p)) > 64<<10 {
-		n, _ := e.Export.ReadAt(p[:4096+100], off)
-		return n, fmt.Errorf("injected read fault: %w", syscall.EIO)
+	if hold.Cancelled() || env.srv.Stats().DeadConnections != 0 {
+		t.Fatal("a disconnect cancelled the requests before it")
 	}
-	return e.Export.ReadAt(p, off)
+	hold.Release()
+	if r, err := old.recv(); err != nil || r.cookie != w || r.errno != 0 {
+		t.Fatalf("write before disconnect: %v %+v", err, r)
+	}
+	old.expectClosed()
 }
 
-func (e *faultyExport) WriteAt(p []byte, off int64) (int, error) {
-	if off == 128<<10 {
-		return 0, fmt.Errorf("injected: %w", syscall.ENOSPC)
+// TestInFlightBytesStayWithinBudget: many large pipelined READs and WRITEs on one connection never
+// hold more payload than MaxInFlightBytes; the server stops reading instead of failing them, and
+// all complete with the right data.
+func TestInFlightBytesStayWithinBudget(t *testing.T) {
+	const payload, budget = 1 << 20, 2 << 20
+	var mu sync.Mutex
+	var peak int64
+	env := newTestEnv(t, func(c *Config) {
+		c.MaxPayload = payload
+		c.MaxInFlightBytes = budget
+		c.TestingKnobs.OnInFlightBytes = func(n int64) {
+			mu.Lock()
+			peak = max(peak, n)
+			mu.Unlock()
+		}
+	})
+	const n = 16
+	env.createExport("vol", 2*n*payload, nil)
+	env.device("vol").SetLatency(time.Millisecond)
+	c := connect(t, env.addr, "vol", true)
+	sent := make(chan struct{})
+	go func() {
+		defer close(sent)
+		for i := range n {
+			c.send(0, cmdWrite, uint64(i)*payload, payload, pattern(payload, byte(i)))
+			c.send(0, cmdRead, uint64(n+i)*payload, payload, nil)
+		}
+	}()
+	for range 2 * n {
+		r, err := c.recv()
+		if err != nil || r.errno != 0 {
+			t.Fatalf("reply: %v %+v", err, r)
+		}
+		if r.req.typ == cmdRead && !bytes.Equal(r.data, make([]byte, payload)) {
+			t.Fatal("read returned other data")
+		}
 	}
-	return e.Export.WriteAt(p, off)
-}
-
-func (e *faultyExport) UnmapAt(off, length int64) error {
-	if off == 128<<10 {
-		return errors.New("injected unmap fault")
+	<-sent
+	for i := range n {
+		if !bytes.Equal(env.device("vol").Contents(int64(i)*payload, payload), pattern(payload, byte(i))) {
+			t.Fatalf("write %d not stored", i)
+		}
 	}
-	return e.Export.UnmapAt(off, length)
+	mu.Lock()
+	defer mu.Unlock()
+	if peak > budget || peak < payload {
+		t.Fatalf("peak payload in flight %d, budget %d", peak, budget)
+	}
+	succeedsSoon(t, "no payload left in flight", func() bool { return env.srv.Stats().InFlightBytes == 0 })
 }

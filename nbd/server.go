@@ -9,6 +9,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"cairn.io/cairn/blockdev"
 )
 
 // DefaultAddr is the address a gateway listens on when none is configured: the IANA NBD port on
@@ -33,8 +35,13 @@ const maxOptions = 10000
 
 // Config configures a Server.
 type Config struct {
-	// Exports provides the exports by name. Required.
-	Exports Exports
+	// Exports lists the exports and opens them by name, one Device per connection that enters
+	// transmission and per NBD_OPT_INFO. Required. An Open that fails with an error wrapping
+	// blockdev.ErrNotFound is answered with NBD_REP_ERR_UNKNOWN. An implementation that must not
+	// open a store twice (opening a Cairn volume for writing fences earlier openers) shares one
+	// open store among the Devices it returns. The server reads a Device's Size once per
+	// connection and closes the Device after the connection's last request returned.
+	Exports blockdev.Catalog
 	// Logger receives the server's structured logs. Default: slog.Default().
 	Logger *slog.Logger
 	// DefaultExport names the export a client gets when it asks for the empty name. Empty: the
@@ -46,12 +53,14 @@ type Config struct {
 	// MaxInFlight bounds the requests of one connection that run at once. Default 64.
 	MaxInFlight int
 	// MaxInFlightBytes bounds the READ and WRITE payload bytes of one connection held in memory at
-	// once. At least MaxPayload. Default 64 MiB.
+	// once: a request that would exceed it is not read (nor are the ones behind it) until earlier
+	// ones completed, so TCP flow control pushes back on the client. At least MaxPayload. Default
+	// 64 MiB.
 	MaxInFlightBytes int64
 	// MultiConn advertises NBD_FLAG_CAN_MULTI_CONN, telling clients they may spread the requests of
-	// one export over several connections. Set it only when a Flush through any Export opened for a
-	// name makes durable every write completed through all other Exports of that name (true when
-	// the Exports share one backend, or when writes are durable on return as Cairn's are).
+	// one export over several connections. Set it only when a Flush through any Device opened for a
+	// name makes durable every write completed through all other Devices of that name (true when
+	// they share one store, or when writes are durable on return as Cairn's are).
 	MultiConn bool
 	// HandshakeTimeout bounds how long the server waits for each step of a client's handshake and
 	// for Exports calls made during it. Default 30 s.
@@ -63,6 +72,15 @@ type Config struct {
 	// goroutine that answered it. It must be fast and safe for concurrent use; it is the hook for
 	// latency histograms.
 	OnRequest func(RequestEvent)
+	// TestingKnobs are hooks for tests; zero in production.
+	TestingKnobs TestingKnobs
+}
+
+// TestingKnobs are hooks for tests.
+type TestingKnobs struct {
+	// OnInFlightBytes, when set, is called with a connection's payload bytes in flight each time a
+	// request is admitted.
+	OnInFlightBytes func(int64)
 }
 
 // RequestEvent describes one answered transmission request, for Config.OnRequest.
@@ -89,6 +107,7 @@ type Stats struct {
 	HandshakesFailedTotal uint64 // connections that ended before transmission for a reason other than the client's choice
 	ProtocolErrorsTotal   uint64 // connections dropped for a protocol violation
 	InFlight              int64  // requests running now, all connections
+	InFlightBytes         int64  // READ and WRITE payload bytes held now, all connections
 	ReadsTotal            uint64
 	WritesTotal           uint64
 	FlushesTotal          uint64
@@ -97,11 +116,19 @@ type Stats struct {
 	ReadBytesTotal        uint64
 	WrittenBytesTotal     uint64 // WRITE payload bytes
 	RequestErrorsTotal    uint64 // requests answered with an error
+	// DeadConnections is the number of connections that died (the client went away without
+	// NBD_CMD_DISC, or a reply could not be sent) and still have requests in the backend, their
+	// contexts cancelled.
+	DeadConnections int64
+	// WaitingConnections is the number of connections that completed the handshake but read no
+	// request yet because a dead connection to the same export still has requests in the
+	// backend.
+	WaitingConnections int64
 }
 
 type counters struct {
 	connectionsTotal, handshakesFailed, protocolErrors                atomic.Uint64
-	connections, inFlight                                             atomic.Int64
+	connections, inFlight, inFlightBytes, dead, waiting               atomic.Int64
 	reads, writes, flushes, trims, writeZeroes, readBytes, writeBytes atomic.Uint64
 	requestErrors                                                     atomic.Uint64
 }
@@ -120,6 +147,9 @@ type Server struct {
 		closed    bool
 		listeners map[net.Listener]struct{}
 		conns     map[*serverConn]struct{}
+		// draining holds, per export name, the dead connections whose requests are still in
+		// the backend; a new connection to the export waits for them (see transmit).
+		draining map[string]*drain
 	}
 	wg sync.WaitGroup // one per connection goroutine
 }
@@ -167,6 +197,7 @@ func NewServer(cfg Config) (*Server, error) {
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.mu.listeners = make(map[net.Listener]struct{})
 	s.mu.conns = make(map[*serverConn]struct{})
+	s.mu.draining = make(map[string]*drain)
 	return s, nil
 }
 
@@ -281,6 +312,7 @@ func (s *Server) Stats() Stats {
 		HandshakesFailedTotal: c.handshakesFailed.Load(),
 		ProtocolErrorsTotal:   c.protocolErrors.Load(),
 		InFlight:              c.inFlight.Load(),
+		InFlightBytes:         c.inFlightBytes.Load(),
 		ReadsTotal:            c.reads.Load(),
 		WritesTotal:           c.writes.Load(),
 		FlushesTotal:          c.flushes.Load(),
@@ -289,6 +321,8 @@ func (s *Server) Stats() Stats {
 		ReadBytesTotal:        c.readBytes.Load(),
 		WrittenBytesTotal:     c.writeBytes.Load(),
 		RequestErrorsTotal:    c.requestErrors.Load(),
+		DeadConnections:       c.dead.Load(),
+		WaitingConnections:    c.waiting.Load(),
 	}
 }
 
@@ -328,4 +362,73 @@ func (s *Server) trackConn(c *serverConn, add bool) bool {
 	s.mu.conns[c] = struct{}{}
 	s.wg.Add(1)
 	return true
+}
+
+// drain counts the dead connections of one export whose requests are still in the backend; done
+// is closed when the last of them returned.
+type drain struct {
+	n    int
+	done chan struct{}
+}
+
+// beginDrain registers a dead connection of export name whose requests are being cancelled.
+func (s *Server) beginDrain(name string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	d := s.mu.draining[name]
+	if d == nil {
+		d = &drain{done: make(chan struct{})}
+		s.mu.draining[name] = d
+	}
+	d.n++
+	s.stats.dead.Add(1)
+}
+
+// endDrain records that every request of one dead connection of name has returned.
+func (s *Server) endDrain(name string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	d := s.mu.draining[name]
+	s.stats.dead.Add(-1)
+	if d.n--; d.n == 0 {
+		delete(s.mu.draining, name)
+		close(d.done)
+	}
+}
+
+// drainLogInterval is how often a connection waiting for a dead connection's requests says so.
+const drainLogInterval = 10 * time.Second
+
+// waitDrained blocks until no dead connection of export name has requests in the backend. There
+// is no time limit: a write of the dead connection that landed after a write of this one would
+// overwrite newer data with older. It returns false when the server closes or c is stopped
+// first.
+func (s *Server) waitDrained(c *serverConn, name string) bool {
+	var t *time.Ticker
+	start := time.Now()
+	for {
+		s.mu.Lock()
+		d := s.mu.draining[name]
+		s.mu.Unlock()
+		if d == nil {
+			return true
+		}
+		if t == nil {
+			s.stats.waiting.Add(1)
+			defer s.stats.waiting.Add(-1)
+			t = time.NewTicker(drainLogInterval)
+			defer t.Stop()
+			c.log.Info("nbd: waiting for the requests of a dead connection to this export to return")
+		}
+		select {
+		case <-d.done:
+		case <-t.C:
+			c.log.Warn("nbd: still waiting for the requests of a dead connection to this export",
+				"waited", time.Since(start).Round(time.Second).String())
+		case <-s.ctx.Done():
+			return false
+		case <-c.stopCh:
+			return false
+		}
+	}
 }

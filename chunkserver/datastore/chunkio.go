@@ -1,6 +1,7 @@
 package datastore
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"hash/crc32"
@@ -115,7 +116,10 @@ func (s *Store) create(id uint64) (*chunk, error) {
 func (s *Store) createFile(id uint64) (*chunk, error) {
 	final := filepath.Join(s.dir, chunkName(id))
 	tmp := final + creatingSuffix
-	if err := s.pool.Get(tmp); err != nil {
+	ctx, cancel := context.WithTimeout(context.Background(), s.wait)
+	err := s.pool.GetContext(ctx, tmp)
+	cancel()
+	if err != nil {
 		if errors.Is(err, chunkfilepool.ErrPoolEmpty) {
 			return nil, fmt.Errorf("create chunk %d: %w: %w", id, ErrNoSpace, err)
 		}

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -33,6 +34,12 @@ type Options struct {
 	// FDCacheSize bounds the private cache made when Files is nil.
 	// Default: 64.
 	FDCacheSize int
+	// CreateWait bounds how long creating a chunk waits for the pool to
+	// finish formatting a file when none is ready (default 50ms). The
+	// copyset applies writes on shared workers: a write that finds no file
+	// fails with an error wrapping chunkfilepool.ErrPoolEmpty and is
+	// retried later, instead of holding a worker for the formatter.
+	CreateWait time.Duration
 	// Knobs are hooks for tests; zero in production.
 	Knobs TestingKnobs
 }
@@ -89,6 +96,7 @@ type Store struct {
 	log      *slog.Logger
 	files    *FileCache
 	knobs    TestingKnobs
+	wait     time.Duration // CreateWait
 	lockFd   *os.File
 	hashBufs sync.Pool
 
@@ -111,6 +119,9 @@ func Open(dir string, pool *chunkfilepool.Pool, opts Options) (*Store, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
+	if opts.CreateWait <= 0 {
+		opts.CreateWait = 50 * time.Millisecond
+	}
 	if opts.Files == nil {
 		if opts.FDCacheSize <= 0 {
 			opts.FDCacheSize = 64
@@ -128,6 +139,7 @@ func Open(dir string, pool *chunkfilepool.Pool, opts Options) (*Store, error) {
 		log:   opts.Logger.With("component", "datastore", "dir", dir),
 		files: opts.Files,
 		knobs: opts.Knobs,
+		wait:  opts.CreateWait,
 	}
 	s.hashBufs.New = func() any { b := make([]byte, 256<<10); return &b }
 	s.mu.chunks = make(map[uint64]*chunk)

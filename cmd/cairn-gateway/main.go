@@ -24,8 +24,11 @@ import (
 	"syscall"
 	"time"
 
+	"cairn.io/cairn/client"
 	"cairn.io/cairn/gateway"
+	"cairn.io/cairn/internal/units"
 	"cairn.io/cairn/iscsi"
+	"cairn.io/cairn/nbd"
 )
 
 func main() {
@@ -75,7 +78,13 @@ func parseConfig(args []string) (gateway.Config, error) {
 		nopInterval = fs.Duration("iscsi-nop-interval", 10*time.Second, "idle time after which the target pings an iSCSI initiator")
 		chapFile    = fs.String("iscsi-chap", "", "JSON file of iSCSI CHAP secrets: default, discovery and per-volume targets (docs/gateway.md)")
 		logLevel    = fs.String("log-level", "info", "debug, info, warn or error")
+		nbdBytes    = units.Bytes(nbd.DefaultMaxInFlightBytes)
+		iscsiBytes  = units.Bytes(iscsi.DefaultMaxSessionBuffer)
+		volumeBytes = units.Bytes(client.DefaultMaxInflightBytes)
 	)
+	fs.Var(&nbdBytes, "nbd-max-inflight-bytes", "READ/WRITE payload one NBD connection may hold in memory; beyond it the gateway stops reading that connection")
+	fs.Var(&iscsiBytes, "iscsi-session-buffer", "data buffers one iSCSI session may hold (unsolicited, solicited and read data); it also sizes the CmdSN window and the maximum transfer length")
+	fs.Var(&volumeBytes, "volume-max-inflight-bytes", "data of the chunk requests in flight per open volume; IO beyond it waits")
 	if err := fs.Parse(args); err != nil {
 		return gateway.Config{}, err
 	}
@@ -101,8 +110,12 @@ func parseConfig(args []string) (gateway.Config, error) {
 		Linger:       *linger,
 		ClientName:   *clientName,
 		Logger:       logger,
+
+		VolumeMaxInflightBytes: int64(volumeBytes),
 	}
 	cfg.ISCSI.NopInterval = *nopInterval
+	cfg.ISCSI.MaxSessionBuffer = int64(iscsiBytes)
+	cfg.NBD.MaxInFlightBytes = int64(nbdBytes)
 	if *chapFile != "" {
 		secrets, err := iscsi.ReadCHAPSecrets(*chapFile)
 		if err != nil {

@@ -55,3 +55,23 @@ func TestCHAPSecretsFlag(t *testing.T) {
 		}
 	}
 }
+
+func TestMemoryBudgetFlags(t *testing.T) {
+	cfg, err := parseConfig(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.NBD.MaxInFlightBytes != 64<<20 || cfg.ISCSI.MaxSessionBuffer != 64<<20 || cfg.VolumeMaxInflightBytes != 64<<20 {
+		t.Fatalf("defaults: nbd %d, iscsi %d, volume %d", cfg.NBD.MaxInFlightBytes, cfg.ISCSI.MaxSessionBuffer, cfg.VolumeMaxInflightBytes)
+	}
+	cfg, err = parseConfig([]string{"--nbd-max-inflight-bytes", "128MiB", "--iscsi-session-buffer", "32MiB", "--volume-max-inflight-bytes", "16MiB"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.NBD.MaxInFlightBytes != 128<<20 || cfg.ISCSI.MaxSessionBuffer != 32<<20 || cfg.VolumeMaxInflightBytes != 16<<20 {
+		t.Fatalf("set: nbd %d, iscsi %d, volume %d", cfg.NBD.MaxInFlightBytes, cfg.ISCSI.MaxSessionBuffer, cfg.VolumeMaxInflightBytes)
+	}
+	if _, err := parseConfig([]string{"--iscsi-session-buffer", "lots"}); err == nil {
+		t.Fatal("a malformed size was accepted")
+	}
+}

@@ -6,9 +6,12 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 
 	"go.etcd.io/raft/v3/raftpb"
+
+	"cairn.io/cairn/test/faultfs"
 )
 
 // fillSegments writes n entries of group g (payload bytes each) and returns
@@ -253,5 +256,53 @@ func TestSnapshotMarkKeepsConfEpoch(t *testing.T) {
 	s := logs[3].Snapshot
 	if s == nil || s.Index != 40 || s.ConfEpoch != 33 || len(s.ConfState.GetVoters()) != 3 {
 		t.Fatalf("snapshot mark %+v", s)
+	}
+}
+
+// TestSegmentIsSyncedBeforeTheNextHeader: when the writer starts a segment,
+// nothing it wrote before is still unsynced on the disk. Otherwise a power
+// cut could keep the new segment's header and lose the end of the segment
+// before it, a hole that recovery must call corruption.
+func TestSegmentIsSyncedBeforeTheNextHeader(t *testing.T) {
+	disk := faultfs.MountForTest(t, faultfs.Options{})
+	src := &zeroSource{size: 64 << 10}
+	var mu sync.Mutex
+	var headers, dirty int
+	w, _, err := Open(Options{Dir: disk.Path("wal"), Source: src, TestingKnobs: TestingKnobs{
+		BeforeWrite: func(seq uint64, off int64) {
+			if off != 0 || seq == 1 {
+				return
+			}
+			st := disk.Stats()
+			mu.Lock()
+			headers++
+			if st.UnsyncedFiles != 0 {
+				dirty++
+			}
+			mu.Unlock()
+		},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	var wg sync.WaitGroup
+	for g := uint64(1); g <= 4; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := uint64(1); i <= 150; i++ {
+				submitSync(t, w, Append{Group: g, Entries: []*raftpb.Entry{ent(i, 1, string(bytes.Repeat([]byte("s"), 900)))}})
+			}
+		}()
+	}
+	wg.Wait()
+	mu.Lock()
+	defer mu.Unlock()
+	if headers < 3 {
+		t.Fatalf("only %d segments started", headers)
+	}
+	if dirty != 0 {
+		t.Fatalf("%d of %d segments were started while earlier writes were not yet synced", dirty, headers)
 	}
 }

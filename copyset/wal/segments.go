@@ -129,7 +129,7 @@ func (w *WAL) waitSpare() {
 func (w *WAL) recycle() {
 	for {
 		w.mu.Lock()
-		if len(w.mu.segs) < 2 || w.mu.crashed {
+		if len(w.mu.segs) < 2 {
 			w.mu.Unlock()
 			return
 		}

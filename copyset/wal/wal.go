@@ -81,6 +81,15 @@ type Options struct {
 	// the groups that pin old segments (see PinningGroups).
 	OnPressure func(segments int)
 	Logger     *slog.Logger
+	// TestingKnobs are hooks for tests; zero in production.
+	TestingKnobs TestingKnobs
+}
+
+// TestingKnobs let tests watch the writer's steps.
+type TestingKnobs struct {
+	// BeforeWrite is called before the writer writes to segment seq at off
+	// (off 0 is the write that starts with the segment's header).
+	BeforeWrite func(seq uint64, off int64)
 }
 
 // ErrClosed is returned for submissions to a closed WAL.
@@ -127,8 +136,6 @@ type WAL struct {
 		sync.Mutex
 		queue   []request
 		closed  bool
-		crashed bool
-		keep    float64                      // fraction of an unsynced batch a crash leaves behind
 		ckpt    map[uint64]uint64            // checkpointed index per group
 		lastIdx map[uint64]uint64            // last durable entry (or snapshot) index per group
 		segs    []*segment                   // oldest first; the last is current
@@ -146,7 +153,8 @@ type WAL struct {
 	spareReady bool
 	spareBusy  bool
 
-	stopped chan struct{}
+	stopped   chan struct{}
+	closeOnce sync.Once
 }
 
 const sparePath = "spare.wal"
@@ -316,35 +324,18 @@ func (w *WAL) Stats() Stats {
 }
 
 // Close writes what was submitted, stops the writer and closes the files.
+// It may be called more than once, and after the WAL failed.
 func (w *WAL) Close() error {
 	w.mu.Lock()
-	already := w.mu.closed
 	w.mu.closed = true
 	w.mu.Unlock()
 	w.kick()
 	<-w.stopped
-	if !already {
+	w.closeOnce.Do(func() {
 		w.waitSpare()
 		w.closeFiles()
-	}
+	})
 	return nil
-}
-
-// SimulateCrash stops the WAL as a power loss would. Submissions not yet
-// durable are dropped (their callbacks get ErrClosed); a batch caught between
-// its write and its fdatasync keeps only the first keep fraction (0..1) of
-// its bytes, the rest zeroed as if the page cache had been lost mid-write.
-// It is a fault-injection seam for tests.
-func (w *WAL) SimulateCrash(keep float64) {
-	w.mu.Lock()
-	w.mu.closed = true
-	w.mu.crashed = true
-	w.mu.keep = keep
-	w.mu.Unlock()
-	w.kick()
-	<-w.stopped
-	w.waitSpare()
-	w.closeFiles()
 }
 
 func (w *WAL) closeFiles() {

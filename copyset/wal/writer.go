@@ -22,14 +22,8 @@ func (w *WAL) run() {
 		}
 		batch := w.mu.queue
 		w.mu.queue = nil
-		closing, crashed := w.mu.closed, w.mu.crashed
+		closing := w.mu.closed
 		w.mu.Unlock()
-		if crashed {
-			for _, r := range batch {
-				r.done(ErrClosed)
-			}
-			return
-		}
 		if len(batch) > 0 && !w.commit(batch) {
 			return
 		}
@@ -127,11 +121,11 @@ func (b *batchWriter) flush() error {
 		return nil
 	}
 	seg := b.seg
+	if k := b.w.opts.TestingKnobs.BeforeWrite; k != nil {
+		k(seg.seq, b.off)
+	}
 	if _, err := seg.f.WriteAt(b.buf, b.off); err != nil {
 		return fmt.Errorf("wal: write segment %016x: %w", seg.seq, err)
-	}
-	if b.w.crashedMidWrite(seg, b.off, len(b.buf)) {
-		return ErrClosed
 	}
 	start := time.Now()
 	if err := unix.Fdatasync(int(seg.f.Fd())); err != nil {
@@ -253,21 +247,4 @@ func (w *WAL) writeBatch(batch []request) error {
 		w.opts.OnSync(SyncInfo{Duration: b.synced, Entries: entries, Groups: len(batch), Bytes: b.written})
 	}
 	return nil
-}
-
-// crashedMidWrite implements SimulateCrash for a write that just went out
-// unsynced: when the WAL was crashed, it keeps the first keep fraction of
-// the n bytes at off, zeroes the rest as a lost page cache would, and
-// reports true.
-func (w *WAL) crashedMidWrite(seg *segment, off int64, n int) bool {
-	w.mu.Lock()
-	crashed, keep := w.mu.crashed, w.mu.keep
-	w.mu.Unlock()
-	if !crashed {
-		return false
-	}
-	tear := int64(float64(n) * keep)
-	_, _ = seg.f.WriteAt(make([]byte, int64(n)-tear), off+tear)
-	_ = unix.Fdatasync(int(seg.f.Fd()))
-	return true
 }

@@ -1,6 +1,8 @@
 // Package scsi is the SCSI block device server of Cairn's iSCSI target: it
 // executes SCSI commands (SPC-4 primary commands and the SBC-3 block command
-// set) against a Backend, one logical unit per Cairn volume.
+// set) against a Backend (a blockdev.Device), one logical unit per Cairn
+// volume. Execute takes the command's context and passes it to every
+// backend call.
 //
 // A LogicalUnit knows nothing of iSCSI. The transport hands it a Command (CDB,
 // the data-out buffer the initiator sent, and the I_T nexus the command came

@@ -22,7 +22,7 @@ func FuzzExecute(f *testing.F) {
 			t.Fatalf("DataInLen %d", n)
 		}
 		for i := 0; i < 2; i++ { // the second run sees no unit attention
-			r := lu.Execute(&Command{LUN: uint64(lun % 2), Nexus: nexA, CDB: cdb, Data: data})
+			r := lu.Execute(bg, &Command{LUN: uint64(lun % 2), Nexus: nexA, CDB: cdb, Data: data})
 			switch r.Status {
 			case StatusGood, StatusCheckCondition, StatusReservationConflict:
 			default:

@@ -111,6 +111,7 @@ func (lu *LogicalUnit) deviceIdentification() []byte {
 func (lu *LogicalUnit) blockLimits() []byte {
 	b := make([]byte, 0x3c)
 	// Offsets below are relative to byte 4 of the page.
+	b[0] = 0x01 // WSNZ: WRITE SAME of zero blocks is refused
 	b[1] = maxCompareAndWriteBlocks
 	phys := uint16(1) << lu.physExp
 	binary.BigEndian.PutUint16(b[2:4], phys) // optimal transfer length granularity
@@ -118,9 +119,9 @@ func (lu *LogicalUnit) blockLimits() []byte {
 	binary.BigEndian.PutUint32(b[8:12], min(optimalTransferBlocks, lu.maxXfer))
 	binary.BigEndian.PutUint32(b[16:20], maxUnmapBlocks)
 	binary.BigEndian.PutUint32(b[20:24], maxUnmapDescriptors)
-	binary.BigEndian.PutUint32(b[24:28], uint32(phys)) // optimal unmap granularity
-	binary.BigEndian.PutUint32(b[28:32], 0x80000000)   // UGAVALID, alignment 0
-	binary.BigEndian.PutUint64(b[32:40], maxWriteSameBlocks)
+	binary.BigEndian.PutUint32(b[24:28], uint32(phys))     // optimal unmap granularity
+	binary.BigEndian.PutUint32(b[28:32], 0x80000000)       // UGAVALID, alignment 0
+	binary.BigEndian.PutUint64(b[32:40], uint64(lu.maxWS)) // MAXIMUM WRITE SAME LENGTH
 	return b
 }
 

@@ -2,8 +2,11 @@ package scsi
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
+	"log/slog"
 )
 
 // rwFields extracts LBA, block count and the flags byte of a READ, WRITE,
@@ -70,10 +73,12 @@ func (lu *LogicalUnit) dataOutLen(cdb []byte) int {
 	return 0
 }
 
-// DataInLen returns the size of the buffer the command reads from the
-// backend (READ, VERIFY with BYTCHK, COMPARE AND WRITE, ORWRITE), so a
-// transport can account for it before running the command; 0 for others
-// and for transfers the unit refuses as too long.
+// DataInLen returns the size of the buffers the command allocates in the
+// unit: the data-in of READ, the medium read of VERIFY with BYTCHK, COMPARE
+// AND WRITE and ORWRITE, the pattern buffer of WRITE SAME and the scan of
+// GET LBA STATUS, so a transport can account for them before running the
+// command; 0 for other commands (their data-in is at most a few KiB) and for
+// transfers the unit refuses as too long.
 func (lu *LogicalUnit) DataInLen(cdb []byte) int {
 	if len(cdb) == 0 || cdbLen(cdb[0]) == 0 || len(cdb) < cdbLen(cdb[0]) {
 		return 0
@@ -89,6 +94,16 @@ func (lu *LogicalUnit) DataInLen(cdb []byte) int {
 		}
 	case opCompareAndWrite:
 		n = uint32(cdb[13])
+	case opWriteSame10, opWriteSame16:
+		_, count := writeSameFields(cdb)
+		if cdb[1]&0x08 != 0 || count > lu.maxWS {
+			return 0
+		}
+		return int(min(int64(count)<<lu.bsShift, writeSameChunk))
+	case opServiceActionIn16:
+		if cdb[1]&0x1f == saGetLBAStatus {
+			return zeroScanBytes
+		}
 	}
 	if n > lu.maxXfer {
 		return 0
@@ -110,19 +125,29 @@ func (lu *LogicalUnit) writeProtected() bool {
 	return lu.modes.swp
 }
 
+// logBackendErr logs a failed backend call; a call cancelled because its
+// connection died is expected and logged at debug level.
+func (lu *LogicalUnit) logBackendErr(msg, op string, lba uint64, err error) {
+	level := slog.LevelError
+	if errors.Is(err, context.Canceled) {
+		level = slog.LevelDebug
+	}
+	lu.log.Log(context.Background(), level, msg, "unit", lu.name, "op", op, "lba", lba, "err", err)
+}
+
 func (lu *LogicalUnit) readErr(op string, lba uint64, err error) Response {
-	lu.log.Error("scsi: backend read failed", "unit", lu.name, "op", op, "lba", lba, "err", err)
+	lu.logBackendErr("scsi: backend read failed", op, lba, err)
 	return lu.checkCondition(senseReadError)
 }
 
 func (lu *LogicalUnit) writeErr(op string, lba uint64, err error) Response {
-	lu.log.Error("scsi: backend write failed", "unit", lu.name, "op", op, "lba", lba, "err", err)
+	lu.logBackendErr("scsi: backend write failed", op, lba, err)
 	return lu.checkCondition(senseWriteError)
 }
 
 // readAt fills p from the backend; a short read is an error.
-func (lu *LogicalUnit) readAt(p []byte, lba uint64) error {
-	n, err := lu.be.ReadAt(p, int64(lba)<<lu.bsShift)
+func (lu *LogicalUnit) readAt(ctx context.Context, p []byte, lba uint64) error {
+	n, err := lu.be.ReadAt(ctx, p, int64(lba)<<lu.bsShift)
 	if n == len(p) {
 		return nil
 	}
@@ -132,15 +157,15 @@ func (lu *LogicalUnit) readAt(p []byte, lba uint64) error {
 	return err
 }
 
-func (lu *LogicalUnit) writeAt(p []byte, lba uint64) error {
-	n, err := lu.be.WriteAt(p, int64(lba)<<lu.bsShift)
+func (lu *LogicalUnit) writeAt(ctx context.Context, p []byte, lba uint64) error {
+	n, err := lu.be.WriteAt(ctx, p, int64(lba)<<lu.bsShift)
 	if err == nil && n != len(p) {
 		err = fmt.Errorf("short write: %d of %d bytes", n, len(p))
 	}
 	return err
 }
 
-func (lu *LogicalUnit) read(cdb []byte, blocks uint64) Response {
+func (lu *LogicalUnit) read(ctx context.Context, cdb []byte, blocks uint64) Response {
 	lba, n := rwFields(cdb)
 	if len(cdb) > 6 && cdb[1]>>5 != 0 { // RDPROTECT: no protection information
 		return lu.checkCondition(senseInvalidFieldInCDB)
@@ -156,7 +181,7 @@ func (lu *LogicalUnit) read(cdb []byte, blocks uint64) Response {
 	}
 	buf := make([]byte, int64(n)<<lu.bsShift)
 	h := lu.locks.lock(lba, uint64(n), false)
-	err := lu.readAt(buf, lba)
+	err := lu.readAt(ctx, buf, lba)
 	lu.locks.unlock(h)
 	if err != nil {
 		return lu.readErr("read", lba, err)
@@ -164,9 +189,9 @@ func (lu *LogicalUnit) read(cdb []byte, blocks uint64) Response {
 	return good(buf)
 }
 
-func (lu *LogicalUnit) flushFUA(cdb []byte, op string, lba uint64) *Response {
+func (lu *LogicalUnit) flushFUA(ctx context.Context, cdb []byte, op string, lba uint64) *Response {
 	if len(cdb) > 6 && cdb[1]&0x08 != 0 {
-		if err := lu.be.Flush(); err != nil {
+		if err := lu.be.Flush(ctx); err != nil {
 			r := lu.writeErr(op+" (FUA flush)", lba, err)
 			return &r
 		}
@@ -174,7 +199,7 @@ func (lu *LogicalUnit) flushFUA(cdb []byte, op string, lba uint64) *Response {
 	return nil
 }
 
-func (lu *LogicalUnit) write(cdb []byte, data []byte, blocks uint64) Response {
+func (lu *LogicalUnit) write(ctx context.Context, cdb []byte, data []byte, blocks uint64) Response {
 	lba, n := rwFields(cdb)
 	if len(cdb) > 6 && cdb[1]>>5 != 0 { // WRPROTECT
 		return lu.checkCondition(senseInvalidFieldInCDB)
@@ -204,12 +229,12 @@ func (lu *LogicalUnit) write(cdb []byte, data []byte, blocks uint64) Response {
 	}
 	nb := uint64(len(data)) >> lu.bsShift
 	h := lu.locks.lock(lba, nb, false)
-	err := lu.writeAt(data, lba)
+	err := lu.writeAt(ctx, data, lba)
 	lu.locks.unlock(h)
 	if err != nil {
 		return lu.writeErr("write", lba, err)
 	}
-	if r := lu.flushFUA(cdb, "write", lba); r != nil {
+	if r := lu.flushFUA(ctx, cdb, "write", lba); r != nil {
 		return *r
 	}
 	return good(nil)
@@ -234,7 +259,7 @@ func miscompare(off int) Sense {
 	return s
 }
 
-func (lu *LogicalUnit) verify(cdb []byte, data []byte, blocks uint64) Response {
+func (lu *LogicalUnit) verify(ctx context.Context, cdb []byte, data []byte, blocks uint64) Response {
 	lba, n := rwFields(cdb)
 	if cdb[1]>>5 != 0 { // VRPROTECT
 		return lu.checkCondition(senseInvalidFieldInCDB)
@@ -254,7 +279,7 @@ func (lu *LogicalUnit) verify(cdb []byte, data []byte, blocks uint64) Response {
 	}
 	medium := make([]byte, int64(n)<<lu.bsShift)
 	h := lu.locks.lock(lba, uint64(n), false)
-	err := lu.readAt(medium, lba)
+	err := lu.readAt(ctx, medium, lba)
 	lu.locks.unlock(h)
 	if err != nil {
 		return lu.readErr("verify", lba, err)
@@ -280,7 +305,7 @@ func (lu *LogicalUnit) verify(cdb []byte, data []byte, blocks uint64) Response {
 	return good(nil)
 }
 
-func (lu *LogicalUnit) compareAndWrite(cdb []byte, data []byte, blocks uint64) Response {
+func (lu *LogicalUnit) compareAndWrite(ctx context.Context, cdb []byte, data []byte, blocks uint64) Response {
 	lba := binary.BigEndian.Uint64(cdb[2:10])
 	n := uint64(cdb[13])
 	if cdb[1]>>5 != 0 {
@@ -307,22 +332,22 @@ func (lu *LogicalUnit) compareAndWrite(cdb []byte, data []byte, blocks uint64) R
 	h := lu.locks.lock(lba, n, true)
 	defer lu.locks.unlock(h)
 	medium := make([]byte, size)
-	if err := lu.readAt(medium, lba); err != nil {
+	if err := lu.readAt(ctx, medium, lba); err != nil {
 		return lu.readErr("compare and write", lba, err)
 	}
 	if off := firstMismatch(medium, data[:size]); off >= 0 {
 		return lu.checkCondition(miscompare(off))
 	}
-	if err := lu.writeAt(data[size:], lba); err != nil {
+	if err := lu.writeAt(ctx, data[size:], lba); err != nil {
 		return lu.writeErr("compare and write", lba, err)
 	}
-	if r := lu.flushFUA(cdb, "compare and write", lba); r != nil {
+	if r := lu.flushFUA(ctx, cdb, "compare and write", lba); r != nil {
 		return *r
 	}
 	return good(nil)
 }
 
-func (lu *LogicalUnit) orWrite(cdb []byte, data []byte, blocks uint64) Response {
+func (lu *LogicalUnit) orWrite(ctx context.Context, cdb []byte, data []byte, blocks uint64) Response {
 	lba, n := rwFields(cdb)
 	if cdb[1]>>5 != 0 { // ORPROTECT
 		return lu.checkCondition(senseInvalidFieldInCDB)
@@ -346,16 +371,16 @@ func (lu *LogicalUnit) orWrite(cdb []byte, data []byte, blocks uint64) Response 
 	h := lu.locks.lock(lba, uint64(n), true)
 	defer lu.locks.unlock(h)
 	medium := make([]byte, size)
-	if err := lu.readAt(medium, lba); err != nil {
+	if err := lu.readAt(ctx, medium, lba); err != nil {
 		return lu.readErr("orwrite", lba, err)
 	}
 	for i := range medium {
 		medium[i] |= data[i]
 	}
-	if err := lu.writeAt(medium, lba); err != nil {
+	if err := lu.writeAt(ctx, medium, lba); err != nil {
 		return lu.writeErr("orwrite", lba, err)
 	}
-	if r := lu.flushFUA(cdb, "orwrite", lba); r != nil {
+	if r := lu.flushFUA(ctx, cdb, "orwrite", lba); r != nil {
 		return *r
 	}
 	return good(nil)
@@ -372,7 +397,7 @@ func allZero(b []byte) bool {
 
 const writeSameChunk = 1 << 20
 
-func (lu *LogicalUnit) writeSame(cdb []byte, data []byte, blocks uint64) Response {
+func (lu *LogicalUnit) writeSame(ctx context.Context, cdb []byte, data []byte, blocks uint64) Response {
 	lba, n := writeSameFields(cdb)
 	flags := cdb[1]
 	ndob := cdb[0] == opWriteSame16 && flags&0x01 != 0
@@ -380,16 +405,17 @@ func (lu *LogicalUnit) writeSame(cdb []byte, data []byte, blocks uint64) Respons
 	if flags>>5 != 0 || flags&0x10 != 0 || flags&0x06 != 0 { // WRPROTECT, ANCHOR, PBDATA/LBDATA
 		return lu.checkCondition(senseInvalidFieldInCDB)
 	}
-	if n > maxWriteSameBlocks {
-		return lu.checkCondition(senseInvalidFieldInCDB)
+	// NUMBER OF LOGICAL BLOCKS: bytes 7-8 of WRITE SAME(10), 10-13 of
+	// WRITE SAME(16). Zero is refused (WSNZ), as is more than the
+	// MAXIMUM WRITE SAME LENGTH of the block limits page.
+	countField := uint16(10)
+	if cdb[0] == opWriteSame10 {
+		countField = 7
+	}
+	if n == 0 || n > lu.maxWS {
+		return lu.checkCondition(invalidCDBField(countField))
 	}
 	count := uint64(n)
-	if n == 0 {
-		if lba > blocks {
-			return lu.checkCondition(senseLBAOutOfRange)
-		}
-		count = blocks - lba
-	}
 	if !inRange(lba, count, blocks) {
 		return lu.checkCondition(senseLBAOutOfRange)
 	}
@@ -403,16 +429,13 @@ func (lu *LogicalUnit) writeSame(cdb []byte, data []byte, blocks uint64) Respons
 		}
 		copy(pattern, data)
 	}
-	if count == 0 {
-		return good(nil)
-	}
 	h := lu.locks.lock(lba, count, false)
 	defer lu.locks.unlock(h)
 	if unmap {
 		// UNMAP set: deallocate the blocks (they then read as zeros,
 		// LBPRZ), whatever the data-out block holds, as Linux LIO and
 		// libiscsi's conformance suite expect.
-		if err := lu.be.UnmapAt(int64(lba)<<lu.bsShift, int64(count)<<lu.bsShift); err != nil {
+		if err := lu.be.UnmapAt(ctx, int64(lba)<<lu.bsShift, int64(count)<<lu.bsShift); err != nil {
 			return lu.writeErr("write same (unmap)", lba, err)
 		}
 		return good(nil)
@@ -424,7 +447,7 @@ func (lu *LogicalUnit) writeSame(cdb []byte, data []byte, blocks uint64) Respons
 	buf := bytes.Repeat(pattern, int(chunkBlocks))
 	for done := uint64(0); done < count; {
 		k := min(chunkBlocks, count-done)
-		if err := lu.writeAt(buf[:k<<lu.bsShift], lba+done); err != nil {
+		if err := lu.writeAt(ctx, buf[:k<<lu.bsShift], lba+done); err != nil {
 			return lu.writeErr("write same", lba+done, err)
 		}
 		done += k
@@ -432,7 +455,7 @@ func (lu *LogicalUnit) writeSame(cdb []byte, data []byte, blocks uint64) Respons
 	return good(nil)
 }
 
-func (lu *LogicalUnit) unmap(cdb []byte, data []byte, blocks uint64) Response {
+func (lu *LogicalUnit) unmap(ctx context.Context, cdb []byte, data []byte, blocks uint64) Response {
 	if cdb[1]&0x01 != 0 { // ANCHOR
 		return lu.checkCondition(senseInvalidFieldInCDB)
 	}
@@ -458,10 +481,12 @@ func (lu *LogicalUnit) unmap(cdb []byte, data []byte, blocks uint64) Response {
 	}
 	type extent struct{ lba, n uint64 }
 	var extents []extent
+	var total uint64
 	for i := 0; i+16 <= len(desc); i += 16 {
 		lba := binary.BigEndian.Uint64(desc[i : i+8])
 		n := uint64(binary.BigEndian.Uint32(desc[i+8 : i+12]))
-		if n > maxUnmapBlocks {
+		// MAXIMUM UNMAP LBA COUNT bounds the whole command.
+		if total += n; total > maxUnmapBlocks {
 			return lu.checkCondition(senseInvalidFieldInParam)
 		}
 		if !inRange(lba, n, blocks) {
@@ -473,7 +498,7 @@ func (lu *LogicalUnit) unmap(cdb []byte, data []byte, blocks uint64) Response {
 	}
 	for _, e := range extents {
 		h := lu.locks.lock(e.lba, e.n, false)
-		err := lu.be.UnmapAt(int64(e.lba)<<lu.bsShift, int64(e.n)<<lu.bsShift)
+		err := lu.be.UnmapAt(ctx, int64(e.lba)<<lu.bsShift, int64(e.n)<<lu.bsShift)
 		lu.locks.unlock(h)
 		if err != nil {
 			return lu.writeErr("unmap", e.lba, err)
@@ -482,10 +507,10 @@ func (lu *LogicalUnit) unmap(cdb []byte, data []byte, blocks uint64) Response {
 	return good(nil)
 }
 
-func (lu *LogicalUnit) syncCache(cdb []byte) Response {
+func (lu *LogicalUnit) syncCache(ctx context.Context, cdb []byte) Response {
 	// The range is not checked: some initiators send the LUN size in bytes
 	// as the block count, and a flush covers everything anyway.
-	if err := lu.be.Flush(); err != nil {
+	if err := lu.be.Flush(ctx); err != nil {
 		return lu.writeErr("synchronize cache", 0, err)
 	}
 	return good(nil)
@@ -503,7 +528,7 @@ func (lu *LogicalUnit) prefetch(cdb []byte, blocks uint64) Response {
 // backend keeps no allocation map the unit could ask, so blocks that read
 // as zeros are reported deallocated (with LBPRZ set they are
 // indistinguishable) and the others mapped; at most zeroScanBytes are read.
-func (lu *LogicalUnit) getLBAStatus(cdb []byte, blocks uint64) Response {
+func (lu *LogicalUnit) getLBAStatus(ctx context.Context, cdb []byte, blocks uint64) Response {
 	lba := binary.BigEndian.Uint64(cdb[2:10])
 	alloc := int(binary.BigEndian.Uint32(cdb[10:14]))
 	if lba >= blocks {
@@ -511,7 +536,7 @@ func (lu *LogicalUnit) getLBAStatus(cdb []byte, blocks uint64) Response {
 	}
 	scan := min(uint64(zeroScanBytes)>>lu.bsShift, blocks-lba)
 	buf := make([]byte, scan<<lu.bsShift)
-	if err := lu.readAt(buf, lba); err != nil {
+	if err := lu.readAt(ctx, buf, lba); err != nil {
 		return lu.readErr("get lba status", lba, err)
 	}
 	first := allZero(buf[:lu.bs])

@@ -1,6 +1,7 @@
 package scsi
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
@@ -8,25 +9,16 @@ import (
 	"log/slog"
 	"sync"
 	"sync/atomic"
+
+	"cairn.io/cairn/blockdev"
 )
 
-// Backend is the block store behind a logical unit. Offsets and lengths are
-// in bytes and always multiples of the logical block size. Calls may take
-// milliseconds and are made concurrently.
-type Backend interface {
-	// ReadAt reads len(p) bytes at off.
-	ReadAt(p []byte, off int64) (int, error)
-	// WriteAt writes p at off.
-	WriteAt(p []byte, off int64) (int, error)
-	// UnmapAt deallocates [off, off+length); the range reads as zeros
-	// afterwards.
-	UnmapAt(off, length int64) error
-	// Flush makes every completed write durable.
-	Flush() error
-	// Size returns the current size in bytes; it may grow while the unit
-	// is in use.
-	Size() int64
-}
+// Backend is the block store behind a logical unit: a blockdev.Device.
+// Offsets and lengths are multiples of the logical block size. Calls may
+// take milliseconds and are made concurrently, with the context of the
+// command (Execute's), which the transport cancels when the command's
+// connection dies. The unit never closes its Backend.
+type Backend = blockdev.Device
 
 // Config describes a logical unit.
 type Config struct {
@@ -44,8 +36,9 @@ type Config struct {
 	// PhysicalBlockExponent is log2(physical block / logical block);
 	// default 3 (4 KiB physical blocks with 512-byte logical blocks).
 	PhysicalBlockExponent uint8
-	// MaxTransferBlocks caps the blocks of one READ or WRITE; default
-	// 65536 (32 MiB with 512-byte blocks).
+	// MaxTransferBlocks caps the blocks of one READ or WRITE; default and
+	// upper bound MaxTransferBytes worth of blocks (65536 with 512-byte
+	// blocks).
 	MaxTransferBlocks uint32
 	// ReadOnly rejects every command that changes the medium.
 	ReadOnly bool
@@ -116,6 +109,7 @@ type LogicalUnit struct {
 	bsShift   uint
 	physExp   uint8
 	maxXfer   uint32
+	maxWS     uint32 // MAXIMUM WRITE SAME LENGTH in blocks
 	readOnly  bool
 	capBlocks atomic.Uint64 // capacity last reported, in blocks
 	locks     rangeLock
@@ -132,14 +126,33 @@ type nexusState struct {
 	ua    []Sense
 }
 
-// Limits reported in the block limits VPD page.
+// Limits reported in the block limits VPD page (B0h) and enforced on every
+// command, so that no command asks the backend for an unbounded amount of
+// work: READ, WRITE, VERIFY and ORWRITE move at most MaxTransferBlocks,
+// COMPARE AND WRITE at most maxCompareAndWriteBlocks, WRITE SAME at most
+// MaxWriteSameBytes (WSNZ is set: a WRITE SAME of zero blocks, which SBC-3
+// otherwise reads as "to the end of the medium", is refused), one UNMAP at
+// most maxUnmapBlocks over all its descriptors, GET LBA STATUS reads at most
+// zeroScanBytes.
 const (
 	maxCompareAndWriteBlocks = 255
 	maxUnmapDescriptors      = 256
-	maxUnmapBlocks           = 1 << 20 // 512 MiB of 512-byte blocks per UNMAP descriptor
-	maxWriteSameBlocks       = 1 << 22
-	optimalTransferBlocks    = 2048 // 1 MiB
+	maxUnmapBlocks           = 1 << 20 // per UNMAP command: 512 MiB of 512-byte blocks
+	optimalTransferBlocks    = 2048    // 1 MiB
 	zeroScanBytes            = 1 << 20
+
+	// MaxTransferBytes bounds the data of one READ, WRITE, VERIFY or
+	// ORWRITE (MAXIMUM TRANSFER LENGTH is this many bytes' worth of
+	// blocks): 32 MiB.
+	MaxTransferBytes = 32 << 20
+
+	// MaxWriteSameBytes bounds one WRITE SAME (with or without UNMAP):
+	// the MAXIMUM WRITE SAME LENGTH reported is this many bytes' worth
+	// of logical blocks (65536 blocks of 512 bytes), or the MAXIMUM
+	// TRANSFER LENGTH when that is smaller. An initiator that
+	// wants to zero or deallocate more sends several commands, as Linux
+	// does from the limit it reads.
+	MaxWriteSameBytes = 32 << 20
 )
 
 // New returns a logical unit for cfg.
@@ -161,9 +174,16 @@ func New(cfg Config) (*LogicalUnit, error) {
 	if physExp > 15 {
 		return nil, fmt.Errorf("%w: physical block exponent %d", ErrInvalidConfig, physExp)
 	}
+	shift := uint(0)
+	for 1<<shift != bs {
+		shift++
+	}
 	maxXfer := cfg.MaxTransferBlocks
 	if maxXfer == 0 {
-		maxXfer = 65536
+		maxXfer = uint32(MaxTransferBytes >> shift)
+	}
+	if uint64(maxXfer)<<shift > MaxTransferBytes {
+		return nil, fmt.Errorf("%w: %d blocks of %d bytes exceed the %d-byte transfer limit", ErrInvalidConfig, maxXfer, bs, MaxTransferBytes)
 	}
 	lu := &LogicalUnit{
 		be:       cfg.Backend,
@@ -178,9 +198,10 @@ func New(cfg Config) (*LogicalUnit, error) {
 		readOnly: cfg.ReadOnly,
 		nexuses:  make(map[string]*nexusState),
 	}
-	for 1<<lu.bsShift != bs {
-		lu.bsShift++
-	}
+	lu.bsShift = shift
+	// Initiators (libiscsi's conformance suite among them) expect to be
+	// able to write back what one WRITE SAME may cover.
+	lu.maxWS = min(uint32(MaxWriteSameBytes>>lu.bsShift), maxXfer)
 	if lu.log == nil {
 		lu.log = slog.Default()
 	}
@@ -386,7 +407,10 @@ func cdbLen(op byte) int {
 
 // Execute runs one command and returns its outcome. It never panics on a
 // malformed CDB; the result is a CHECK CONDITION with ILLEGAL REQUEST.
-func (lu *LogicalUnit) Execute(cmd *Command) Response {
+// Backend calls are made with ctx; when it ends they fail (the command then
+// reports a medium error nobody will read) and Execute returns once they
+// have returned.
+func (lu *LogicalUnit) Execute(ctx context.Context, cmd *Command) Response {
 	if len(cmd.CDB) == 0 {
 		return lu.checkCondition(senseInvalidOpcode)
 	}
@@ -401,12 +425,12 @@ func (lu *LogicalUnit) Execute(cmd *Command) Response {
 	cdb := cmd.CDB[:n]
 	var resp Response
 	resp.DataOutLen = lu.dataOutLen(cdb)
-	r := lu.execute(cmd, cdb)
+	r := lu.execute(ctx, cmd, cdb)
 	r.DataOutLen = resp.DataOutLen
 	return r
 }
 
-func (lu *LogicalUnit) execute(cmd *Command, cdb []byte) Response {
+func (lu *LogicalUnit) execute(ctx context.Context, cmd *Command, cdb []byte) Response {
 	op := cdb[0]
 	id := ""
 	if cmd.Nexus != nil {
@@ -453,7 +477,7 @@ func (lu *LogicalUnit) execute(cmd *Command, cdb []byte) Response {
 		case saReadCapacity16:
 			return lu.readCapacity16(cdb, blocks)
 		case saGetLBAStatus:
-			return lu.getLBAStatus(cdb, blocks)
+			return lu.getLBAStatus(ctx, cdb, blocks)
 		}
 		return lu.checkCondition(senseInvalidFieldInCDB)
 	case opMaintenanceIn:
@@ -466,28 +490,28 @@ func (lu *LogicalUnit) execute(cmd *Command, cdb []byte) Response {
 	case opModeSelect6, opModeSelect10:
 		return lu.modeSelect(cdb, cmd.Data, id)
 	case opStartStopUnit:
-		return lu.startStopUnit(cdb)
+		return lu.startStopUnit(ctx, cdb)
 	case opPreventAllow:
 		if cdb[4]&0x03 > 1 {
 			return lu.checkCondition(senseInvalidFieldInCDB)
 		}
 		return good(nil)
 	case opRead6, opRead10, opRead12, opRead16:
-		return lu.read(cdb, blocks)
+		return lu.read(ctx, cdb, blocks)
 	case opWrite6, opWrite10, opWrite12, opWrite16, opWriteVerify10, opWriteVerify12, opWriteVerify16:
-		return lu.write(cdb, cmd.Data, blocks)
+		return lu.write(ctx, cdb, cmd.Data, blocks)
 	case opVerify10, opVerify12, opVerify16:
-		return lu.verify(cdb, cmd.Data, blocks)
+		return lu.verify(ctx, cdb, cmd.Data, blocks)
 	case opCompareAndWrite:
-		return lu.compareAndWrite(cdb, cmd.Data, blocks)
+		return lu.compareAndWrite(ctx, cdb, cmd.Data, blocks)
 	case opOrWrite16:
-		return lu.orWrite(cdb, cmd.Data, blocks)
+		return lu.orWrite(ctx, cdb, cmd.Data, blocks)
 	case opWriteSame10, opWriteSame16:
-		return lu.writeSame(cdb, cmd.Data, blocks)
+		return lu.writeSame(ctx, cdb, cmd.Data, blocks)
 	case opUnmap:
-		return lu.unmap(cdb, cmd.Data, blocks)
+		return lu.unmap(ctx, cdb, cmd.Data, blocks)
 	case opSyncCache10, opSyncCache16:
-		return lu.syncCache(cdb)
+		return lu.syncCache(ctx, cdb)
 	case opPrefetch10, opPrefetch16:
 		return lu.prefetch(cdb, blocks)
 	case opReserve6, opReserve10:
@@ -530,12 +554,12 @@ func (lu *LogicalUnit) requestSenseData(cdb []byte, s Sense) Response {
 	return allocate(s.Encode(cdb[1]&0x01 != 0), int(cdb[4]))
 }
 
-func (lu *LogicalUnit) startStopUnit(cdb []byte) Response {
+func (lu *LogicalUnit) startStopUnit(ctx context.Context, cdb []byte) Response {
 	start := cdb[4]&0x01 != 0
 	noFlush := cdb[4]&0x04 != 0
 	pc := cdb[4] >> 4
 	if pc == 0 && !start && !noFlush {
-		if err := lu.be.Flush(); err != nil {
+		if err := lu.be.Flush(ctx); err != nil {
 			lu.log.Error("scsi: flush on stop failed", "unit", lu.name, "err", err)
 			return lu.checkCondition(senseWriteError)
 		}

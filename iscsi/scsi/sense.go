@@ -36,6 +36,29 @@ type Sense struct {
 	// (the offset of the first miscompare, for example).
 	Info      uint64
 	InfoValid bool
+	// Field, when FieldValid is set, is the sense-key specific field
+	// pointer of an ILLEGAL REQUEST: the byte of the CDB (FieldInCDB) or
+	// of the parameter list that holds the invalid value.
+	Field      uint16
+	FieldInCDB bool
+	FieldValid bool
+}
+
+// invalidCDBField is INVALID FIELD IN CDB pointing at byte i of the CDB.
+func invalidCDBField(i uint16) Sense {
+	s := senseInvalidFieldInCDB
+	s.Field, s.FieldInCDB, s.FieldValid = i, true, true
+	return s
+}
+
+// sksByte is the first byte of the sense-key specific field pointer:
+// SKSV, and C/D when the pointer names a CDB byte.
+func (s Sense) sksByte() byte {
+	b := byte(0x80)
+	if s.FieldInCDB {
+		b |= 0x40
+	}
+	return b
 }
 
 // Additional sense codes used by the unit, as (ASC, ASCQ) pairs.
@@ -64,7 +87,7 @@ var (
 // Encode returns the sense data in fixed (0x70) or descriptor (0x72) format.
 func (s Sense) Encode(descriptor bool) []byte {
 	if descriptor {
-		b := make([]byte, 8, 20)
+		b := make([]byte, 8, 28)
 		b[0] = 0x72
 		b[1] = s.Key & 0x0f
 		b[2] = s.ASC
@@ -76,6 +99,15 @@ func (s Sense) Encode(descriptor bool) []byte {
 			d[1] = 0x0a
 			d[2] = 0x80
 			binary.BigEndian.PutUint64(d[4:], s.Info)
+			b = append(b, d...)
+		}
+		if s.FieldValid {
+			// Sense key specific sense data descriptor (SPC-4 4.5.2.4).
+			d := make([]byte, 8)
+			d[0] = 0x02
+			d[1] = 0x06
+			d[4] = s.sksByte()
+			binary.BigEndian.PutUint16(d[5:7], s.Field)
 			b = append(b, d...)
 		}
 		b[7] = byte(len(b) - 8)
@@ -91,5 +123,9 @@ func (s Sense) Encode(descriptor bool) []byte {
 	b[7] = 10
 	b[12] = s.ASC
 	b[13] = s.ASCQ
+	if s.FieldValid {
+		b[15] = s.sksByte()
+		binary.BigEndian.PutUint16(b[16:18], s.Field)
+	}
 	return b
 }

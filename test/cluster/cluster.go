@@ -136,6 +136,24 @@ func Start(t testing.TB, opts Options) *Cluster {
 		c.StartChunkServer(i)
 	}
 	if !opts.NoPool {
+		// Placement uses the chunkservers the MDS sees online: wait for
+		// every one's heartbeat, which a loaded machine may delay.
+		SucceedsSoon(t, time.Minute, func() error {
+			resp, err := c.Conn.Topology().ListChunkServers(ctx, &mdspb.ListChunkServersRequest{})
+			if err != nil {
+				return err
+			}
+			online := 0
+			for _, cs := range resp.GetChunkservers() {
+				if cs.GetOnlineState() == mdspb.OnlineState_ONLINE_STATE_ONLINE {
+					online++
+				}
+			}
+			if online < opts.ChunkServers {
+				return fmt.Errorf("%d of %d chunkservers online", online, opts.ChunkServers)
+			}
+			return nil
+		})
 		resp, err := c.Conn.Topology().CreateLogicalPool(ctx, &mdspb.CreateLogicalPoolRequest{
 			Name: "pool", PhysicalPool: "pool1", CopysetsPerChunkserver: opts.CopysetsPerChunkServer,
 		})

@@ -32,15 +32,16 @@
 // truncate, stat and statx, rename including renameat2's RENAME_NOREPLACE
 // and RENAME_EXCHANGE, unlink, mkdir, rmdir, readdir, symlink, link,
 // xattrs, statfs, and fsync/fdatasync of files and directories (real
-// syncs of the backing files). O_TMPFILE, copy_file_range (the kernel falls
+// syncs of the backing files; directory syncs are counted in
+// Stats.DirSyncs). O_TMPFILE, copy_file_range (the kernel falls
 // back to reads and writes) and ioctls are refused; O_DIRECT is accepted and
 // dropped for the backing file.
 //
 // The kernel caches nothing: files are opened in direct-IO mode, attribute,
 // entry and negative-entry timeouts are zero, and FUSE passthrough and the
 // writeback cache are off. So every read and write of a process reaches this
-// server synchronously, in the order the process issued it; mmap of a file
-// is not supported (Cairn does not use it).
+// server synchronously, in the order the process issued it; a shared mmap
+// of a file is refused with ENODEV (Cairn does not use mmap).
 //
 // flock(2) is served by the kernel itself: the filesystem does not ask for
 // lock requests, so the kernel keeps flock and POSIX locks on its own inodes
@@ -138,7 +139,14 @@
 // behind. MountForTest mounts one under t.TempDir() and unmounts it when the
 // test ends. Tests that need FUSE call RequireFUSE (MountForTest does): it
 // skips when /dev/fuse or root is missing, except when the environment
-// variable CI is set, where it fails instead. A test process that dies
-// without running its cleanups (a panic outside the test goroutine, a
-// -timeout) leaves a disconnected mount; `umount -l` removes it.
+// variable CI is set, where it fails instead.
+//
+// The process that serves a mount usually uses it too, and if it died while
+// one of its own threads waited on the mount, that thread would wait for
+// ever and the process would never end. Each mount therefore has a watchdog,
+// a small shell child that aborts the FUSE connection (through fusectl,
+// which Mount mounts at /sys/fs/fuse/connections if needed) when it sees
+// the process dying in that state, and detaches the mount once the process
+// is gone: a test binary that panics or times out leaves neither a hung
+// process nor a dead mount behind.
 package faultfs

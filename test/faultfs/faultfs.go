@@ -7,6 +7,7 @@ import (
 	"log"
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -39,7 +40,8 @@ type Options struct {
 	UnsyncedWait time.Duration
 	// Logger receives the loud failures (default: slog.Default()).
 	Logger *slog.Logger
-	// Debug logs every FUSE request through Logger at debug level.
+	// Debug logs every FUSE request through Logger at debug level (which
+	// the Logger must let through).
 	Debug bool
 }
 
@@ -64,6 +66,7 @@ type FS struct {
 	rules rules
 	stats counters
 
+	watchdog    *exec.Cmd // see watchdogScript; nil when it could not start
 	unmountOnce sync.Once
 	unmountErr  error
 }
@@ -161,6 +164,9 @@ func Mount(backing, mountpoint string, opts Options) (*FS, error) {
 		return nil, fmt.Errorf("faultfs: mount %s: %w", mountpoint, err)
 	}
 	f.server = srv
+	if f.watchdog, err = startWatchdog(mountpoint); err != nil {
+		f.log.Warn("faultfs: no watchdog: if this process dies while it waits on its own mount, it hangs", "err", err)
+	}
 	return f, nil
 }
 
@@ -208,11 +214,15 @@ func (f *FS) Mountpoint() string { return f.mountpoint }
 func (f *FS) Unmount() error {
 	f.unmountOnce.Do(func() {
 		if err := f.server.Unmount(); err != nil {
+			// The watchdog stays: the detached mount lives until its last
+			// file is closed.
 			if derr := unix.Unmount(f.mountpoint, unix.MNT_DETACH); derr != nil {
 				f.unmountErr = fmt.Errorf("faultfs: unmount %s: %w (lazy unmount: %w)", f.mountpoint, err, derr)
 			} else {
 				f.unmountErr = fmt.Errorf("faultfs: unmount %s: %w; detached lazily", f.mountpoint, err)
 			}
+		} else {
+			stopWatchdog(f.watchdog)
 		}
 		// Whatever still runs through a lazily detached mount fails from
 		// now on; the data left unsynced stays in the backing files, as

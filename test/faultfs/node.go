@@ -22,8 +22,6 @@ var (
 	_ fs.NodeWrapChilder    = (*node)(nil)
 	_ fs.NodeOpener         = (*node)(nil)
 	_ fs.NodeCreater        = (*node)(nil)
-	_ fs.NodeTmpfiler       = (*node)(nil)
-	_ fs.NodeCopyFileRanger = (*node)(nil)
 	_ fs.NodeSetattrer      = (*node)(nil)
 	_ fs.NodeUnlinker       = (*node)(nil)
 	_ fs.NodeRenamer        = (*node)(nil)
@@ -83,17 +81,6 @@ func (n *node) Create(ctx context.Context, name string, flags, mode uint32, out 
 		return nil, nil, 0, errno
 	}
 	return ch, h, fuse.FOPEN_DIRECT_IO, 0
-}
-
-// Tmpfile is refused: see gatedFS.Tmpfile.
-func (n *node) Tmpfile(ctx context.Context, flags, mode uint32, out *fuse.EntryOut) (*fs.Inode, fs.FileHandle, uint32, syscall.Errno) {
-	return nil, nil, 0, syscall.ENOTSUP
-}
-
-// CopyFileRange is refused so that the kernel copies with reads and writes,
-// which the layer tracks.
-func (n *node) CopyFileRange(ctx context.Context, fhIn fs.FileHandle, offIn uint64, out *fs.Inode, fhOut fs.FileHandle, offOut, length, flags uint64) (uint32, syscall.Errno) {
-	return 0, syscall.ENOSYS
 }
 
 // Setattr changes attributes; a size change is a tracked truncate.

@@ -87,10 +87,10 @@ func TestNamespaceOperations(t *testing.T) {
 	checkContent(t, f, "meta", []byte("v2"))
 }
 
-// TestFlockOnDirectories: directory flocks taken through the mount exclude
+// TestFlock: directory (and file) flocks taken through the mount exclude
 // each other, as Cairn's pool and datastore locks need, and are released
 // with their descriptor.
-func TestFlockOnDirectories(t *testing.T) {
+func TestFlock(t *testing.T) {
 	f := MountForTest(t, Options{})
 	if err := os.Mkdir(f.Path("pool"), 0o755); err != nil {
 		t.Fatal(err)
@@ -113,6 +113,28 @@ func TestFlockOnDirectories(t *testing.T) {
 	a.Close()
 	if err := unix.Flock(int(b.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
 		t.Fatalf("lock after the holder closed: %v", err)
+	}
+
+	// Regular files too.
+	createSynced(t, f, "pool/pool.meta", []byte("x"))
+	c, d := openRW(t, f, "pool/pool.meta"), openRW(t, f, "pool/pool.meta")
+	if err := unix.Flock(int(c.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		t.Fatalf("file lock: %v", err)
+	}
+	if err := unix.Flock(int(d.Fd()), unix.LOCK_SH|unix.LOCK_NB); !errors.Is(err, unix.EWOULDBLOCK) {
+		t.Fatalf("second file lock: %v, want EWOULDBLOCK", err)
+	}
+}
+
+// TestFilesAreDirectIO: the kernel caches no file data of the mount (files
+// are opened in direct-IO mode), which shows in shared mmap being refused.
+func TestFilesAreDirectIO(t *testing.T) {
+	f := MountForTest(t, Options{})
+	createSynced(t, f, "a", make([]byte, PageSize))
+	fd := openRW(t, f, "a")
+	if b, err := unix.Mmap(int(fd.Fd()), 0, PageSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED); err == nil {
+		unix.Munmap(b)
+		t.Fatal("shared mmap of a file in the mount succeeded: the kernel caches its pages")
 	}
 }
 

@@ -120,8 +120,8 @@ func (g *gatedFS) Create(cancel <-chan struct{}, in *fuse.CreateIn, name string,
 }
 
 func (g *gatedFS) Tmpfile(cancel <-chan struct{}, in *fuse.CreateIn, out *fuse.CreateOut) fuse.Status {
-	// An O_TMPFILE file has no path the layer could restore after a crash
-	// that links it in; Cairn does not use it.
+	// O_TMPFILE is refused: go-fuse's loopback would hand out an untracked
+	// file. Cairn does not use it.
 	return fuse.ENOTSUP
 }
 
