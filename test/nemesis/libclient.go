@@ -28,21 +28,20 @@ func openLib(ctx context.Context, mds, vol string, readOnly bool) (*libVolume, e
 // libRetryTimeout bounds the client library's own retries of one IO.
 const libRetryTimeout = 20 * time.Second
 
-// WriteAt writes p at off. ctx is not yet passed to the library: the caller
-// abandons the call when ctx ends.
+// WriteAt writes p at off; the library stops retrying when ctx ends.
 func (l *libVolume) WriteAt(ctx context.Context, p []byte, off int64) error {
-	_, err := l.v.WriteAt(p, off)
+	_, err := l.v.WriteAt(ctx, p, off)
 	return err
 }
 
 // ReadAt reads len(p) bytes at off.
 func (l *libVolume) ReadAt(ctx context.Context, p []byte, off int64) error {
-	_, err := l.v.ReadAt(p, off)
+	_, err := l.v.ReadAt(ctx, p, off)
 	return err
 }
 
 // Flush waits for writes in flight.
-func (l *libVolume) Flush(ctx context.Context) error { return l.v.Flush() }
+func (l *libVolume) Flush(ctx context.Context) error { return l.v.Flush(ctx) }
 
 // Close closes the handle.
 func (l *libVolume) Close() error { return l.v.Close() }

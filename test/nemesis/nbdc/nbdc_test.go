@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"cairn.io/cairn/blockdev"
 	"cairn.io/cairn/nbd"
 )
 
@@ -21,13 +22,13 @@ type memExport struct {
 	release chan struct{}
 }
 
-func (m *memExport) ReadAt(p []byte, off int64) (int, error) {
+func (m *memExport) ReadAt(_ context.Context, p []byte, off int64) (int, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return copy(p, m.data[off:]), nil
 }
 
-func (m *memExport) WriteAt(p []byte, off int64) (int, error) {
+func (m *memExport) WriteAt(_ context.Context, p []byte, off int64) (int, error) {
 	if m.release != nil {
 		<-m.release
 	}
@@ -35,17 +36,17 @@ func (m *memExport) WriteAt(p []byte, off int64) (int, error) {
 	defer m.mu.Unlock()
 	return copy(m.data[off:], p), nil
 }
-func (m *memExport) UnmapAt(off, length int64) error { return nil }
-func (m *memExport) Flush() error                    { return nil }
-func (m *memExport) Size() int64                     { return int64(len(m.data)) }
-func (m *memExport) Close() error                    { return nil }
+func (m *memExport) UnmapAt(_ context.Context, off, length int64) error { return nil }
+func (m *memExport) Flush(context.Context) error                        { return nil }
+func (m *memExport) Size() int64                                        { return int64(len(m.data)) }
+func (m *memExport) Close() error                                       { return nil }
 
 type exports struct{ e *memExport }
 
 func (x exports) List(context.Context) ([]string, error) { return []string{"vol"}, nil }
-func (x exports) Open(_ context.Context, name string) (nbd.Export, error) {
+func (x exports) Open(_ context.Context, name string) (blockdev.Device, error) {
 	if name != "vol" {
-		return nil, fmt.Errorf("%w: %s", nbd.ErrUnknownExport, name)
+		return nil, fmt.Errorf("%w: %s", blockdev.ErrNotFound, name)
 	}
 	return x.e, nil
 }
