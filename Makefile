@@ -77,3 +77,10 @@ bench: build ## fio --ioengine=nbd against a temporary playground's vol0: 4 KiB 
 
 bench-iscsi: build ## qemu-img bench and iscsi-perf against a temporary playground's vol0 over iSCSI (~4 GiB of disk, removed after)
 	$(GO) run ./bench/gateway -bin $(BIN) -nbd=false -iscsi $(BENCH_FLAGS)
+
+.PHONY: nemesis
+CYCLES ?= 1000
+SEED ?= $(shell date +%s)
+NEMESIS_FLAGS ?=
+nemesis: ## long fault-injection run over a multi-process cluster in network namespaces, as root (CYCLES=1000 SEED=<time> NEMESIS_FLAGS='-faults kill-chunkserver,... -keep DIR'); see docs/reliability.md
+	$(GO) test -count=1 -v -timeout 0 -run '^TestNemesis$$' ./test/nemesis -args -cycles $(CYCLES) -seed $(SEED) $(NEMESIS_FLAGS)
