@@ -77,10 +77,10 @@ type Copyset struct {
 	// snapDedup is the table at the log storage's snapshot (sent with it);
 	// Raft worker only.
 	snapDedup []byte
-	applyErrs     atomic.Uint64
-	memLog        atomic.Int64 // bytes of entries in storage (see addLog)
-	repeats       atomic.Uint64 // entries skipped as repeats of applied client requests
-	pressure      atomic.Bool  // the engine is short of log memory: compact hard
+	applyErrs atomic.Uint64
+	memLog    atomic.Int64  // bytes of entries in storage (see addLog)
+	repeats   atomic.Uint64 // entries skipped as repeats of applied client requests
+	pressure  atomic.Bool   // the engine is short of log memory: compact hard
 
 	// Apply side.
 	amu        sync.Mutex // guards applyQ, asched, applyRetry

@@ -111,7 +111,7 @@ func TestRetriedWriteIsAppliedOnce(t *testing.T) {
 	}
 	propose(first, "X|")
 	propose(ClientRequest{Client: 42, Seq: 1, Low: 1}, "Y|") // another client's later write
-	propose(first, "X|")                                    // the retry
+	propose(first, "X|")                                     // the retry
 	if got := tc.readRetry(id, 1, 0, testBlock); !bytes.Equal(got, pattern("Y|", testBlock)) {
 		t.Fatalf("block holds %.8q after the retry; want the later write Y", got)
 	}
