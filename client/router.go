@@ -255,9 +255,13 @@ func (r *router) call(ctx context.Context, ref *commonpb.CopysetRef, f func(ctx 
 	v := r.v
 	deadline := time.Now().Add(v.opts.RetryTimeout)
 	backoff := 2 * time.Millisecond
+	attemptTimeout := min(v.opts.AttemptTimeout, v.opts.RetryTimeout)
 	refresh := false
 	var last string
 	for attempt := 0; ; attempt++ {
+		// While the copyset is without a reachable leader, poll briskly:
+		// a new one is elected within an election timeout or two.
+		maxBackoff := 100 * time.Millisecond
 		if v.fenced.Load() {
 			return 0, ErrFenced
 		}
@@ -268,9 +272,14 @@ func (r *router) call(ctx context.Context, ref *commonpb.CopysetRef, f func(ctx 
 		if err == nil {
 			var cl chunkpb.ChunkServiceClient
 			if cl, err = r.client(addr); err == nil {
-				rctx, cancel := context.WithTimeout(ctx, min(10*time.Second, v.opts.RetryTimeout))
+				rctx, cancel := context.WithTimeout(ctx, attemptTimeout)
 				out, err = f(rctx, cl)
 				cancel()
+				if err != nil && ctx.Err() == nil && rctx.Err() != nil {
+					// No answer in time: the next attempt goes to whoever
+					// leads then, and may wait longer.
+					attemptTimeout = min(2*attemptTimeout, 10*time.Second, v.opts.RetryTimeout)
+				}
 			}
 		}
 		switch {
@@ -314,6 +323,8 @@ func (r *router) call(ctx context.Context, ref *commonpb.CopysetRef, f func(ctx 
 			if out.status == chunkpb.Status_STATUS_UNAVAILABLE {
 				r.setLeader(ref, "")
 				refresh = attempt%4 == 3
+			} else {
+				maxBackoff = 500 * time.Millisecond // busy: back off further
 			}
 		}
 		if time.Now().After(deadline) {
@@ -323,8 +334,9 @@ func (r *router) call(ctx context.Context, ref *commonpb.CopysetRef, f func(ctx 
 			return out.status, fmt.Errorf("%w after %v (copyset %d-%d): %s", ErrTimeout, v.opts.RetryTimeout, ref.GetLogicalPoolId(), ref.GetCopysetId(), last)
 		}
 		v.stats.retries.Add(1)
+		backoff = min(backoff, maxBackoff)
 		sleep := backoff/2 + rand.N(backoff/2+1)
-		backoff = min(backoff*2, 500*time.Millisecond)
+		backoff = min(backoff*2, maxBackoff)
 		select {
 		case <-time.After(sleep):
 		case <-ctx.Done():

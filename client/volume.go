@@ -27,6 +27,13 @@ type Options struct {
 	// RetryTimeout bounds how long one IO keeps retrying transient failures
 	// before it fails with ErrTimeout (default 60s).
 	RetryTimeout time.Duration
+	// AttemptTimeout bounds one attempt of a chunk request (default 2s).
+	// An attempt that gets no answer in time (its chunkserver paused, or
+	// cut off) is given up and the request sent to whichever replica leads
+	// then; each further attempt of the request that times out doubles it,
+	// up to 10s, so a slow but working chunkserver is not flooded. Retries
+	// are safe: copysets apply a retried write once.
+	AttemptTimeout time.Duration
 	// MaxInflight bounds chunk requests in flight for the volume (default
 	// 256).
 	MaxInflight int
@@ -108,6 +115,9 @@ func OpenWithOptions(ctx context.Context, mdsAddrs []string, volume string, o Op
 	}
 	if o.MaxInflight <= 0 {
 		o.MaxInflight = 256
+	}
+	if o.AttemptTimeout <= 0 {
+		o.AttemptTimeout = 2 * time.Second
 	}
 	if o.MaxInflightBytes <= 0 {
 		o.MaxInflightBytes = DefaultMaxInflightBytes
