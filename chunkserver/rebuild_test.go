@@ -1,6 +1,7 @@
 package chunkserver_test
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -15,6 +16,7 @@ import (
 	"cairn.io/cairn/api/chunkpb"
 	"cairn.io/cairn/api/commonpb"
 	"cairn.io/cairn/api/copysetpb"
+	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/test/cluster"
 )
 
@@ -143,4 +145,77 @@ func TestBrokenReplicaIsRebuiltFromItsPeers(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// TestDamagedWALRebuildsEveryReplica damages a record in the middle of a
+// chunkserver's write-ahead log while it is down. Entries it made durable,
+// of copysets it cannot tell, are gone, so it cannot trust any of its
+// replicas: it starts with every one broken (the damaged log kept aside),
+// and the MDS rebuilds each from its peers.
+func TestDamagedWALRebuildsEveryReplica(t *testing.T) {
+	c := cluster.Start(t, cluster.Options{})
+	c.WaitHealthy()
+	v := openVolume(t, c, "walrot")
+	cc := c.ChunkClient()
+	ctx := ctxT(t)
+	for i, ch := range v.chunks[:8] {
+		if st, err := cc.Write(ctx, ch.GetCopyset(), ch.GetChunkId(), v.id, v.epoch, 0, pattern(fmt.Sprintf("w%d|", i), 8192)); err != nil || st != chunkpb.Status_STATUS_OK {
+			t.Fatalf("write: %v %v", st, err)
+		}
+	}
+	const victim = 1
+	victimID := c.ChunkServer(victim).ID()
+	c.StopChunkServer(victim)
+	segs, err := filepath.Glob(filepath.Join(c.ChunkServerDir(victim), "engine", "wal", "0*.wal"))
+	if err != nil || len(segs) == 0 {
+		t.Fatalf("no WAL segment found: %v", err)
+	}
+	slices.Sort(segs)
+	f, err := os.OpenFile(segs[len(segs)-1], os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := []byte{0}
+	const at = 4096 + 17 + 40 // inside the first record's payload
+	if _, err := f.ReadAt(b, at); err != nil {
+		t.Fatal(err)
+	}
+	b[0] ^= 0x20
+	if _, err := f.WriteAt(b, at); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	c.StartChunkServer(victim)
+	if m, _ := filepath.Glob(filepath.Join(c.ChunkServerDir(victim), "engine", "wal.damaged-*")); len(m) != 1 {
+		t.Fatalf("damaged log not kept aside: %v", m)
+	}
+	// Every replica on the victim comes back as a healthy voter.
+	list, err := c.Conn.Topology().ListCopysets(ctx, &mdspb.ListCopysetsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cluster.SucceedsSoon(t, 3*time.Minute, func() error {
+		for _, cs := range list.GetCopysets() {
+			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			st, err := replicaStatus(sctx, c, victim, cs.GetId())
+			cancel()
+			switch {
+			case err != nil:
+				return err
+			case st == nil || st.GetBroken() != "":
+				return fmt.Errorf("copyset %v not rebuilt yet on chunkserver %d", cs.GetId(), victimID)
+			case !slices.ContainsFunc(st.GetPeers(), func(p *commonpb.Peer) bool { return p.GetChunkserverId() == victimID }):
+				return fmt.Errorf("chunkserver %d is not yet a voter of copyset %v", victimID, cs.GetId())
+			}
+		}
+		return nil
+	})
+	rctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for i, ch := range v.chunks[:8] {
+		got, st, err := cc.Read(rctx, ch.GetCopyset(), ch.GetChunkId(), v.id, 0, 8192)
+		if err != nil || st != chunkpb.Status_STATUS_OK || !bytes.Equal(got, pattern(fmt.Sprintf("w%d|", i), 8192)) {
+			t.Fatalf("chunk %d after the rebuild: %v %v", i, st, err)
+		}
+	}
 }

@@ -84,11 +84,29 @@ func NewEngine(cfg Config) (*Engine, error) {
 		}
 	}
 	var logs map[uint64]*wal.GroupLog
+	var damaged error // the WAL could not be trusted: every copyset is broken
 	if !cfg.PerCopysetWAL {
-		w, l, err := wal.Open(wal.Options{
-			Dir: filepath.Join(cfg.Dir, "wal"), Source: cfg.Segments, OnSync: cfg.OnWALSync, Logger: cfg.Logger,
-			OnPressure: e.walPressure,
-		})
+		open := func() (*wal.WAL, map[uint64]*wal.GroupLog, error) {
+			return wal.Open(wal.Options{
+				Dir: filepath.Join(cfg.Dir, "wal"), Source: cfg.Segments, OnSync: cfg.OnWALSync, Logger: cfg.Logger,
+				OnPressure: e.walPressure,
+			})
+		}
+		w, l, err := open()
+		if errors.Is(err, wal.ErrCorrupt) {
+			// Entries this chunkserver made durable, of copysets unknown,
+			// are gone. Its replicas cannot be trusted, their peers can:
+			// every one is loaded broken and rebuilt from its peers, on a
+			// new, empty log. The damaged log is kept aside for diagnosis.
+			aside := filepath.Join(cfg.Dir, fmt.Sprintf("wal.damaged-%d", time.Now().UnixNano()))
+			e.log.Error("write-ahead log damaged; every copyset of this chunkserver will be rebuilt from its peers",
+				"err", err, "kept_at", aside)
+			if rerr := os.Rename(filepath.Join(cfg.Dir, "wal"), aside); rerr != nil {
+				return nil, fmt.Errorf("copyset: set aside damaged wal: %w (after %w)", rerr, err)
+			}
+			damaged = fmt.Errorf("write-ahead log damaged (kept at %s): %w", aside, err)
+			w, l, err = open()
+		}
 		if err != nil {
 			return nil, fmt.Errorf("copyset: open wal: %w", err)
 		}
@@ -109,7 +127,7 @@ func NewEngine(cfg Config) (*Engine, error) {
 			}
 		},
 	})
-	if err := e.loadAll(logs); err != nil {
+	if err := e.loadAll(logs, damaged); err != nil {
 		e.shutdownWorkers()
 		if e.wal != nil {
 			e.wal.Close()
@@ -130,8 +148,8 @@ func NewEngine(cfg Config) (*Engine, error) {
 }
 
 // loadAll opens every copyset directory and forgets WAL records of groups
-// that no longer exist here.
-func (e *Engine) loadAll(logs map[uint64]*wal.GroupLog) error {
+// that no longer exist here. With damaged set, every copyset loads broken.
+func (e *Engine) loadAll(logs map[uint64]*wal.GroupLog, damaged error) error {
 	des, err := os.ReadDir(filepath.Join(e.cfg.Dir, "copysets"))
 	if err != nil {
 		return fmt.Errorf("copyset: list copysets: %w", err)
@@ -154,6 +172,10 @@ func (e *Engine) loadAll(logs map[uint64]*wal.GroupLog) error {
 		if logs != nil {
 			gl = logs[uint64(id)]
 			delete(logs, uint64(id))
+		}
+		if damaged != nil {
+			e.groups[id] = e.brokenReplica(id, dir, damaged)
+			continue
 		}
 		c, err := e.open(id, dir, gl)
 		if errors.Is(err, ErrLogDamaged) || errors.Is(err, ErrMetaCorrupt) {

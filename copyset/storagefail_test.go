@@ -71,3 +71,45 @@ func TestFailedChunkSyncIsRepairedFromTheLog(t *testing.T) {
 		})
 	}
 }
+
+// TestFailedWALStopsEveryCopysetOfTheChunkServer: the shared write-ahead
+// log's fdatasync fails on the chunkserver that leads a copyset. It must not
+// go on heartbeating as a leader that can commit nothing: every copyset of
+// the chunkserver stops, its owner is told (the daemon exits and restarts),
+// and the copyset elects a leader elsewhere and takes writes again.
+func TestFailedWALStopsEveryCopysetOfTheChunkServer(t *testing.T) {
+	failed := make(chan error, 3)
+	tc := newCrashableCluster(t, 3, 32, func(c *Config) {
+		c.OnStorageFailure = func(err error) { failed <- err }
+	})
+	ids := []GroupID{MakeGroupID(10, 1), MakeGroupID(10, 2)}
+	tc.create(ids, []uint64{1, 2, 3})
+	tc.writeRetry(ids[0], 1, 0, pattern("before|", testBlock))
+	victim := tc.leader(ids[0]).e.cfg.NodeID
+	if _, err := tc.disks[victim].FailSync(`^cs[0-9]+/engine/wal/`, 1); err != nil {
+		t.Fatal(err)
+	}
+	// The next write makes the WAL sync, and fail; a new leader takes it.
+	tc.writeRetry(ids[0], 1, testBlock, pattern("after|", testBlock))
+	select {
+	case err := <-failed:
+		t.Logf("storage failure reported: %v", err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("the WAL failure was not reported")
+	}
+	for _, id := range ids {
+		c, err := tc.node(victim).engine.Get(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c.Broken() == nil || c.IsLeader() {
+			t.Fatalf("copyset %s on the failed chunkserver: broken %v, leader %v", id, c.Broken(), c.IsLeader())
+		}
+		if l := tc.leader(id); l.e.cfg.NodeID == victim {
+			t.Fatalf("copyset %s still led by the failed chunkserver", id)
+		}
+	}
+	if got := tc.readRetry(ids[0], 1, 0, 2*testBlock); string(got[:7]) != "before|" || string(got[testBlock:testBlock+6]) != "after|" {
+		t.Fatalf("read %.8q ... %.8q", got[:8], got[testBlock:testBlock+8])
+	}
+}
