@@ -32,11 +32,13 @@ func (c *Copyset) requestCheckpoint() {
 	}
 }
 
+// maybeTimedCheckpoint asks for a checkpoint when the last one is older than
+// CheckpointInterval and entries were applied since. It runs on the ticker
+// and reads only atomics: the state machine's lock may be held for a whole
+// checkpoint of a slow disk, and the ticker must never wait for it.
 func (c *Copyset) maybeTimedCheckpoint() {
-	c.smMu.Lock()
-	due := c.sm.applied > c.sm.lastCkpt && c.e.now().Sub(c.sm.lastCkptTime) >= c.e.cfg.CheckpointInterval
-	c.smMu.Unlock()
-	if due {
+	last := time.Unix(0, c.ckptTime.Load())
+	if c.applied.Load() > c.ckptIndex.Load() && c.e.now().Sub(last) >= c.e.cfg.CheckpointInterval {
 		c.requestCheckpoint()
 	}
 }
@@ -58,10 +60,15 @@ const (
 func (c *Copyset) runApply() {
 	c.amu.Lock()
 	c.asched.begin()
-	if c.installing.Load() {
-		// A snapshot install holds the state machine; it reschedules the
-		// copyset when it is done instead of keeping a worker waiting.
+	// A snapshot install holds the state machine for the whole transfer;
+	// it reschedules the copyset when it is done. An apply worker never
+	// waits for it.
+	if c.installing.Load() || !c.smMu.TryLock() {
 		c.asched.running, c.asched.again = false, false
+		if !c.installing.Load() {
+			// Held briefly by someone else: try again shortly.
+			c.applyRetry = time.AfterFunc(10*time.Millisecond, func() { c.pushApply(applyItem{}) })
+		}
 		c.aidle.Broadcast()
 		c.amu.Unlock()
 		return
@@ -71,12 +78,12 @@ func (c *Copyset) runApply() {
 	c.amu.Unlock()
 	select {
 	case <-c.quit:
+		c.smMu.Unlock()
 		c.finishApplyRun()
 		return
 	default:
 	}
 
-	c.smMu.Lock()
 	for i, it := range items {
 		switch {
 		case it.snap != nil:

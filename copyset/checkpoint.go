@@ -50,7 +50,9 @@ func (c *Copyset) checkpointLocked() error {
 	if err := writeMeta(c.dir, m); err != nil {
 		return err
 	}
-	c.sm.lastCkpt, c.sm.lastCkptTime, c.sm.bytesSince = c.sm.applied, c.e.now(), 0
+	c.sm.lastCkpt, c.sm.bytesSince = c.sm.applied, 0
+	c.ckptIndex.Store(c.sm.applied)
+	c.ckptTime.Store(c.e.now().UnixNano())
 	c.sm.ckptDedup = c.sm.dedup.clone()
 	c.wal.SetCheckpoint(uint64(c.id), c.sm.applied, m.hardState())
 	idx, cs, epoch, reqs := c.sm.applied, c.sm.confState, c.sm.confEpoch, m.Requests

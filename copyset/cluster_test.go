@@ -80,6 +80,7 @@ func newTestCluster(t *testing.T, n, poolChunks int, tune func(*Config)) *testCl
 		tc.start(id)
 	}
 	t.Cleanup(tc.close)
+	tc.waitFormatted()
 	return tc
 }
 
@@ -100,7 +101,23 @@ func newCrashableCluster(t *testing.T, n, poolChunks int, tune func(*Config)) *t
 	for id := uint64(1); id <= uint64(n); id++ {
 		tc.start(id)
 	}
+	tc.waitFormatted()
 	return tc
+}
+
+// waitFormatted waits until every node's chunk file pool formatted its
+// initial files, so that a test's load does not start against pools that
+// cannot give out chunk files yet (writes would wait for them).
+func (tc *testCluster) waitFormatted() {
+	tc.t.Helper()
+	succeedsSoon(tc.t, 2*time.Minute, func() error {
+		for _, n := range tc.running() {
+			if st := n.pool.Stats(); st.FormatPercent < 100 {
+				return fmt.Errorf("node %d's pool is %d%% formatted", n.id, st.FormatPercent)
+			}
+		}
+		return nil
+	})
 }
 
 // nodeDir is node id's data directory.

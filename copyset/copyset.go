@@ -81,6 +81,9 @@ type Copyset struct {
 	memLog    atomic.Int64  // bytes of entries in storage (see addLog)
 	repeats   atomic.Uint64 // entries skipped as repeats of applied client requests
 	pressure  atomic.Bool   // the engine is short of log memory: compact hard
+	// The last checkpoint's index and time (UnixNano), for the ticker.
+	ckptIndex atomic.Uint64
+	ckptTime  atomic.Int64
 
 	// Apply side.
 	amu        sync.Mutex // guards applyQ, asched, applyRetry
@@ -103,13 +106,12 @@ type Copyset struct {
 
 // smState is the state machine's bookkeeping, guarded by smMu.
 type smState struct {
-	applied      uint64
-	appliedTerm  uint64
-	confState    *raftpb.ConfState
-	confEpoch    uint64
-	lastCkpt     uint64
-	lastCkptTime time.Time
-	bytesSince   uint64 // command bytes applied since the last checkpoint
+	applied     uint64
+	appliedTerm uint64
+	confState   *raftpb.ConfState
+	confEpoch   uint64
+	lastCkpt    uint64
+	bytesSince  uint64 // command bytes applied since the last checkpoint
 	// installed is the index of the last snapshot whose chunk files were
 	// installed completely: data entries at or below it are skipped.
 	installed uint64
@@ -259,11 +261,13 @@ func (e *Engine) open(id GroupID, dir string, gl *wal.GroupLog) (*Copyset, error
 	c.durableHS = hs
 	c.sm = smState{
 		applied: base.Index, appliedTerm: base.Term, confState: base.ConfState, confEpoch: confEpoch,
-		lastCkpt: base.Index, lastCkptTime: time.Now(),
-		dedup: dedup, ckptDedup: dedup.clone(),
+		lastCkpt: base.Index,
+		dedup:    dedup, ckptDedup: dedup.clone(),
 	}
 	c.snapConfEpoch.Store(confEpoch)
 	c.applied.Store(base.Index)
+	c.ckptIndex.Store(base.Index)
+	c.ckptTime.Store(e.now().UnixNano())
 	c.confEpoch.Store(confEpoch)
 	rn, err := raft.NewRawNode(&raft.Config{
 		ID:                       e.cfg.NodeID,
