@@ -52,8 +52,9 @@ type Copyset struct {
 	startedAt time.Time // when the replica was opened (vote refusal, see refuseVote)
 
 	// Raft worker state.
-	termStart   uint64 // index of the current leader term's first entry
-	knownLead   uint64 // last non-zero leader seen, for logging leader changes
+	termStart   uint64            // index of the current leader term's first entry
+	loggedHS    *raftpb.HardState // the last hard state submitted to the WAL
+	knownLead   uint64            // last non-zero leader seen, for logging leader changes
 	leaseUntil  time.Time
 	readSeq     uint64
 	readBatches map[uint64]*readBatch

@@ -364,10 +364,19 @@ func (c *Copyset) handleReady(rd raft.Ready) {
 	}
 }
 
+// submitAppend hands a MsgStorageAppend to the WAL. A hard state whose only
+// change is the commit index is not written (raft.MustSync): a lower commit
+// index after a restart is learnt again from the leader, and writing it
+// would cost an fdatasync per write on every replica. Such an append still
+// completes in order, after everything submitted before it is durable.
 func (c *Copyset) submitAppend(m *raftpb.Message) {
 	a := wal.Append{Group: uint64(c.id), Entries: m.GetEntries()}
 	if m.Term != nil {
-		a.HardState = &raftpb.HardState{Term: m.Term, Vote: m.Vote, Commit: m.Commit}
+		hs := &raftpb.HardState{Term: m.Term, Vote: m.Vote, Commit: m.Commit}
+		if prev := c.loggedHS; prev == nil || raft.MustSync(hs, prev, len(a.Entries)) || m.GetSnapshot() != nil {
+			a.HardState = hs
+			c.loggedHS = hs
+		}
 	}
 	if s := m.GetSnapshot(); s != nil && !raft.IsEmptySnap(s) {
 		md := s.GetMetadata()
