@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"cairn.io/cairn/internal/soon"
 )
 
 // Small geometry so that tests stay fast: 64 KiB of data + 4 KiB meta page.
@@ -46,26 +48,10 @@ func openPool(t *testing.T, o Options) *Pool {
 	return p
 }
 
-// succeedsSoon polls f until it returns nil or the deadline passes.
-func succeedsSoon(t *testing.T, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("condition not met in time: %v", err)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 func waitStats(t *testing.T, p *Pool, cond func(Stats) bool) Stats {
 	t.Helper()
 	var st Stats
-	succeedsSoon(t, func() error {
+	soon.Succeeds(t, 30*time.Second, func() error {
 		st = p.Stats()
 		if !cond(st) {
 			return fmt.Errorf("stats %+v", st)
@@ -409,7 +395,7 @@ func TestRestartInTheMiddleOfFormatting(t *testing.T) {
 	go func() { closed <- p.Close() }()
 	// Let the interrupted write return only once Close has cancelled the
 	// worker, as a crash or shutdown in the middle of a file would.
-	succeedsSoon(t, func() error {
+	soon.Succeeds(t, 30*time.Second, func() error {
 		if p.ctx.Err() == nil {
 			return errors.New("pool context not cancelled yet")
 		}

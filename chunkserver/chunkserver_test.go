@@ -15,6 +15,7 @@ import (
 	"cairn.io/cairn/api/copysetpb"
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/chunkserver"
+	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/test/cluster"
 
 	"google.golang.org/grpc"
@@ -274,7 +275,7 @@ func TestRestartKeepsIdentityAndData(t *testing.T) {
 func TestHeartbeatsReportCopysetsAndCapacity(t *testing.T) {
 	c := cluster.Start(t, cluster.Options{})
 	ctx := ctxT(t)
-	cluster.SucceedsSoon(t, 30*time.Second, func() error {
+	soon.Succeeds(t, 30*time.Second, func() error {
 		resp, err := c.Conn.Topology().ListChunkServers(ctx, &mdspb.ListChunkServersRequest{})
 		if err != nil {
 			return err
@@ -336,7 +337,7 @@ func TestTransferLeaderOperator(t *testing.T) {
 	if _, err := c.Conn.Cluster().TransferLeader(ctx, &mdspb.TransferLeaderRequest{Copyset: cs.GetId(), ToChunkserverId: to}); err != nil {
 		t.Fatal(err)
 	}
-	cluster.SucceedsSoon(t, 30*time.Second, func() error {
+	soon.Succeeds(t, 30*time.Second, func() error {
 		r, err := c.Conn.Topology().GetCopysets(ctx, &mdspb.GetCopysetsRequest{Copysets: []*commonpb.CopysetRef{cs.GetId()}})
 		if err != nil {
 			return err

@@ -19,6 +19,7 @@ import (
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/chunkserver"
 	"cairn.io/cairn/copyset"
+	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/test/cluster"
 )
 
@@ -75,7 +76,7 @@ func leaderOf(t *testing.T, c *cluster.Cluster, ref *commonpb.CopysetRef) int {
 	t.Helper()
 	id := copyset.MakeGroupID(ref.GetLogicalPoolId(), ref.GetCopysetId())
 	leader := -1
-	cluster.SucceedsSoon(t, 30*time.Second, func() error {
+	soon.Succeeds(t, 30*time.Second, func() error {
 		for i := range 3 {
 			if s := c.ChunkServer(i); s != nil {
 				if cs, err := s.Engine().Get(id); err == nil && cs.IsLeader() {
@@ -120,7 +121,7 @@ func TestChunkServerCutOffFromTheMDSStopsWritingWhenItsLeaseRunsOut(t *testing.T
 		return rawWrite(ctx, cl, ch, v.id, v.epoch, pattern(tag, 4096))
 	}
 	last := "before|"
-	cluster.SucceedsSoon(t, 10*time.Second, func() error {
+	soon.Succeeds(t, 10*time.Second, func() error {
 		if st, msg := write(last); st != chunkpb.Status_STATUS_OK {
 			return fmt.Errorf("write before the cut: %v %s", st, msg)
 		}
@@ -129,7 +130,7 @@ func TestChunkServerCutOffFromTheMDSStopsWritingWhenItsLeaseRunsOut(t *testing.T
 
 	cuts[x].heartbeats.Store(true)
 	n := 0
-	cluster.SucceedsSoon(t, 20*time.Second, func() error {
+	soon.Succeeds(t, 20*time.Second, func() error {
 		n++
 		tag := fmt.Sprintf("cut-%d|", n)
 		st, msg := write(tag)
@@ -155,7 +156,7 @@ func TestChunkServerCutOffFromTheMDSStopsWritingWhenItsLeaseRunsOut(t *testing.T
 	}
 
 	cuts[x].heartbeats.Store(false)
-	cluster.SucceedsSoon(t, 30*time.Second, func() error {
+	soon.Succeeds(t, 30*time.Second, func() error {
 		if st, msg := write("after|"); st != chunkpb.Status_STATUS_OK {
 			return fmt.Errorf("write after heartbeats resumed: %v %s", st, msg)
 		}
@@ -182,7 +183,7 @@ func TestHeldHeartbeatAnswersDoNotLengthenTheEpochLease(t *testing.T) {
 	// Every answer reaches the chunkserver a lease after its heartbeat left:
 	// the lease it grants has run out when it arrives.
 	cuts[x].hold.Store(int64(2 * lease))
-	cluster.SucceedsSoon(t, 20*time.Second, func() error {
+	soon.Succeeds(t, 20*time.Second, func() error {
 		if st, msg := write(); !isLeaseRefusal(st, msg, xs.ID()) {
 			return fmt.Errorf("write: %v %s; want the lease refusal", st, msg)
 		}
@@ -200,7 +201,7 @@ func TestHeldHeartbeatAnswersDoNotLengthenTheEpochLease(t *testing.T) {
 		time.Sleep(20 * time.Millisecond) // pace the probes
 	}
 	cuts[x].hold.Store(0)
-	cluster.SucceedsSoon(t, 30*time.Second, func() error {
+	soon.Succeeds(t, 30*time.Second, func() error {
 		if st, msg := write(); st != chunkpb.Status_STATUS_OK {
 			return fmt.Errorf("write with prompt answers again: %v %s", st, msg)
 		}
@@ -226,7 +227,7 @@ func TestNewWriterFencesOldWriterOnAChunkServerCutOffFromTheMDS(t *testing.T) {
 	xs := c.ChunkServer(x)
 	cl := c.ChunkClient().Client(xs.Addr())
 	cc := c.ChunkClient()
-	cluster.SucceedsSoon(t, 10*time.Second, func() error {
+	soon.Succeeds(t, 10*time.Second, func() error {
 		if st, msg := rawWrite(ctx, cl, ch, w1.id, w1.epoch, pattern("w1-start|", 4096)); st != chunkpb.Status_STATUS_OK {
 			return fmt.Errorf("first write of the old writer: %v %s", st, msg)
 		}
@@ -274,7 +275,7 @@ func TestNewWriterFencesOldWriterOnAChunkServerCutOffFromTheMDS(t *testing.T) {
 	if waited := returned.Sub(openStart); waited < lease {
 		t.Fatalf("open returned after %s with chunkserver %d unreachable, before its %s epoch lease could run out", waited, xs.ID(), lease)
 	}
-	cluster.SucceedsSoon(t, 30*time.Second, func() error {
+	soon.Succeeds(t, 30*time.Second, func() error {
 		mu.Lock()
 		defer mu.Unlock()
 		after := 0
@@ -344,7 +345,7 @@ func TestNewWriterFencesOldWriterOnAChunkServerCutOffFromTheMDS(t *testing.T) {
 	}
 	cuts[x].heartbeats.Store(false)
 	cuts[x].pushes.Store(false)
-	cluster.SucceedsSoon(t, 30*time.Second, func() error {
+	soon.Succeeds(t, 30*time.Second, func() error {
 		if st, msg := rawWrite(ctx, cl, ch, w1.id, w2, pattern("w2|", 4096)); st != chunkpb.Status_STATUS_OK {
 			return fmt.Errorf("new writer once the chunkserver is back: %v %s", st, msg)
 		}

@@ -17,6 +17,7 @@ import (
 	"cairn.io/cairn/api/commonpb"
 	"cairn.io/cairn/api/copysetpb"
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/test/cluster"
 )
 
@@ -108,7 +109,7 @@ func TestBrokenReplicaIsRebuiltFromItsPeers(t *testing.T) {
 		}
 	}
 	// Rebuilt: the victim is a healthy voting member again...
-	cluster.SucceedsSoon(t, 90*time.Second, func() error {
+	soon.Succeeds(t, 90*time.Second, func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		st, err := replicaStatus(ctx, c, victim, ref)
@@ -125,7 +126,7 @@ func TestBrokenReplicaIsRebuiltFromItsPeers(t *testing.T) {
 		return nil
 	})
 	// ...holding exactly what its peers hold.
-	cluster.SucceedsSoon(t, 30*time.Second, func() error {
+	soon.Succeeds(t, 30*time.Second, func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		var sums []uint32
@@ -194,7 +195,7 @@ func TestDamagedWALRebuildsEveryReplica(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cluster.SucceedsSoon(t, 3*time.Minute, func() error {
+	soon.Succeeds(t, 3*time.Minute, func() error {
 		for _, cs := range list.GetCopysets() {
 			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			st, err := replicaStatus(sctx, c, victim, cs.GetId())

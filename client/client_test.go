@@ -19,6 +19,7 @@ import (
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/chunkserver"
 	"cairn.io/cairn/client"
+	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/test/cluster"
 )
 
@@ -197,7 +198,7 @@ func TestUnmapReadsZerosAndFreesChunks(t *testing.T) {
 		return n
 	}
 	// A write returns once a quorum has it; the third replica follows.
-	cluster.SucceedsSoon(t, 10*time.Second, func() error {
+	soon.Succeeds(t, 10*time.Second, func() error {
 		if n := chunksHeld(); n != 12 {
 			return fmt.Errorf("%d chunk replicas after writing 4 chunks, want 12", n)
 		}
@@ -216,7 +217,7 @@ func TestUnmapReadsZerosAndFreesChunks(t *testing.T) {
 	if !bytes.Equal(got, want) {
 		t.Fatal("unmapped range does not read as zeros, or the rest changed")
 	}
-	cluster.SucceedsSoon(t, 10*time.Second, func() error {
+	soon.Succeeds(t, 10*time.Second, func() error {
 		if n := chunksHeld(); n != 6 {
 			return fmt.Errorf("%d chunk replicas after unmapping two whole chunks, want 6", n)
 		}
@@ -271,7 +272,7 @@ func TestReadOnlyHandle(t *testing.T) {
 	if _, err := w.WriteAt(ctx, bytes.Repeat([]byte("w"), 4096), 0); err != nil {
 		t.Fatalf("the read-only opener fenced the writer: %v", err)
 	}
-	cluster.SucceedsSoon(t, 10*time.Second, func() error {
+	soon.Succeeds(t, 10*time.Second, func() error {
 		if _, err := r.ReadAt(ctx, got, 0); err != nil {
 			return err
 		}
@@ -478,7 +479,7 @@ func TestCancelledIOStopsRetrying(t *testing.T) {
 		_, err := v.WriteAt(wctx, bytes.Repeat([]byte{7}, 4096), 0)
 		done <- err
 	}()
-	cluster.SucceedsSoon(t, 30*time.Second, func() error {
+	soon.Succeeds(t, 30*time.Second, func() error {
 		if v.Stats().Retries == 0 {
 			return errors.New("no retry yet")
 		}

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"cairn.io/cairn/internal/soon"
 )
 
 var errorsIs = errors.Is
@@ -23,7 +25,7 @@ func pattern(tag string, n int) []byte {
 // applied the same index and holds identical data in the given range.
 func (tc *testCluster) replicasConverge(id GroupID, chunks []uint64) {
 	tc.t.Helper()
-	succeedsSoon(tc.t, 30*time.Second, func() error {
+	soon.Succeeds(tc.t, 30*time.Second, func() error {
 		var ref []byte
 		var refIdx uint64
 		for i, n := range tc.running() {
@@ -98,7 +100,7 @@ func TestFollowerRefusesProposalsAndReads(t *testing.T) {
 	tc.create([]GroupID{id}, []uint64{1, 2, 3})
 	leader := tc.leader(id)
 	// Followers learn the new leader from its first message.
-	succeedsSoon(t, 10*time.Second, func() error {
+	soon.Succeeds(t, 10*time.Second, func() error {
 		for _, n := range tc.running() {
 			if c, _ := n.engine.Get(id); c.Leader() != leader.e.cfg.NodeID {
 				return fmt.Errorf("node %d does not know the leader yet", n.id)
@@ -197,7 +199,7 @@ func TestCrashLosesNothingAcknowledged(t *testing.T) {
 					}
 				}()
 			}
-			succeedsSoon(t, 30*time.Second, func() error {
+			soon.Succeeds(t, 30*time.Second, func() error {
 				mu.Lock()
 				defer mu.Unlock()
 				if acks < 150 {
@@ -312,7 +314,7 @@ func TestGoroutinesFlat(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		succeedsSoon(t, 60*time.Second, func() error {
+		soon.Succeeds(t, 60*time.Second, func() error {
 			for _, c := range n.engine.List() {
 				if !c.IsLeader() {
 					return fmt.Errorf("copyset %s has no leader yet", c.ID())

@@ -16,6 +16,7 @@ import (
 	"cairn.io/cairn/chunkfilepool"
 	"cairn.io/cairn/chunkserver/datastore"
 	"cairn.io/cairn/copyset/transport"
+	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/internal/testlog"
 	"cairn.io/cairn/test/faultfs"
 )
@@ -110,7 +111,7 @@ func newCrashableCluster(t *testing.T, n, poolChunks int, tune func(*Config)) *t
 // cannot give out chunk files yet (writes would wait for them).
 func (tc *testCluster) waitFormatted() {
 	tc.t.Helper()
-	succeedsSoon(tc.t, 2*time.Minute, func() error {
+	soon.Succeeds(tc.t, 2*time.Minute, func() error {
 		for _, n := range tc.running() {
 			if st := n.pool.Stats(); st.FormatPercent < 100 {
 				return fmt.Errorf("node %d's pool is %d%% formatted", n.id, st.FormatPercent)
@@ -274,7 +275,7 @@ func (tc *testCluster) create(ids []GroupID, members []uint64) {
 func (tc *testCluster) leader(id GroupID) *Copyset {
 	tc.t.Helper()
 	var c *Copyset
-	succeedsSoon(tc.t, 20*time.Second, func() error {
+	soon.Succeeds(tc.t, 20*time.Second, func() error {
 		for _, n := range tc.running() {
 			if cs, err := n.engine.Get(id); err == nil && cs.IsLeader() {
 				c = cs
@@ -286,28 +287,12 @@ func (tc *testCluster) leader(id GroupID) *Copyset {
 	return c
 }
 
-// succeedsSoon retries f until it returns nil or the deadline passes.
-func succeedsSoon(t testing.TB, d time.Duration, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	var err error
-	for {
-		if err = f(); err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("condition not met after %v: %v", d, err)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 // writeRetry writes through whichever node leads, retrying through leader
 // changes, as a client would.
 func (tc *testCluster) writeRetry(id GroupID, chunk uint64, off int64, data []byte) uint64 {
 	tc.t.Helper()
 	var idx uint64
-	succeedsSoon(tc.t, 30*time.Second, func() error {
+	soon.Succeeds(tc.t, 30*time.Second, func() error {
 		c := tc.leader(id)
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
@@ -321,7 +306,7 @@ func (tc *testCluster) writeRetry(id GroupID, chunk uint64, off int64, data []by
 func (tc *testCluster) readRetry(id GroupID, chunk uint64, off int64, n int) []byte {
 	tc.t.Helper()
 	buf := make([]byte, n)
-	succeedsSoon(tc.t, 30*time.Second, func() error {
+	soon.Succeeds(tc.t, 30*time.Second, func() error {
 		c := tc.leader(id)
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()

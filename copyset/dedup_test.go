@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"testing"
 	"time"
+
+	"cairn.io/cairn/internal/soon"
 )
 
 func TestDedupTableSkipsRepeatsAndForgetsAnswered(t *testing.T) {
@@ -97,7 +99,7 @@ func TestRetriedWriteIsAppliedOnce(t *testing.T) {
 	first := ClientRequest{Client: 41, Seq: 7, Low: 7}
 	propose := func(req ClientRequest, tag string) {
 		t.Helper()
-		succeedsSoon(t, 30*time.Second, func() error {
+		soon.Succeeds(t, 30*time.Second, func() error {
 			c := tc.leader(id)
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 			defer cancel()
@@ -127,7 +129,7 @@ func TestRetriedWriteIsAppliedOnce(t *testing.T) {
 	}
 	// Once the leader no longer counts the follower active, a checkpoint
 	// compacts past it.
-	succeedsSoon(t, 30*time.Second, func() error {
+	soon.Succeeds(t, 30*time.Second, func() error {
 		st, err := tc.leader(id).Status(context.Background())
 		if err != nil {
 			return err
@@ -143,7 +145,7 @@ func TestRetriedWriteIsAppliedOnce(t *testing.T) {
 		}
 		return nil
 	})
-	succeedsSoon(t, 30*time.Second, func() error {
+	soon.Succeeds(t, 30*time.Second, func() error {
 		st, err := tc.leader(id).Status(context.Background())
 		if err != nil {
 			return err

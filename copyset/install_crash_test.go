@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/test/faultfs"
 )
 
@@ -40,7 +41,7 @@ func TestRestartAfterInstallBeforeCheckpointKeepsTheLog(t *testing.T) {
 		c, _ := n.engine.Get(idle)
 		c.requestCheckpoint()
 	}
-	succeedsSoon(t, 30*time.Second, func() error {
+	soon.Succeeds(t, 30*time.Second, func() error {
 		st, err := tc.leader(idle).Status(context.Background())
 		if err != nil {
 			return err

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"go.etcd.io/raft/v3/raftpb"
+
+	"cairn.io/cairn/internal/soon"
 )
 
 // testClock is a manual clock for TestingKnobs.Now.
@@ -46,7 +48,7 @@ func manualCluster(t *testing.T) (*testCluster, *testClock, GroupID) {
 	if err := c1.callWait(context.Background(), func() { _ = c1.rn.Campaign() }); err != nil {
 		t.Fatal(err)
 	}
-	succeedsSoon(t, 10*time.Second, func() error {
+	soon.Succeeds(t, 10*time.Second, func() error {
 		if !c1.IsLeader() {
 			return errNotYet
 		}

@@ -9,6 +9,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"cairn.io/cairn/internal/soon"
 )
 
 // loadGen writes to a copyset continuously, each writer owning its blocks,
@@ -83,7 +85,7 @@ func (g *loadGen) ackedCount() int {
 func (g *loadGen) progress(t *testing.T, n int) {
 	t.Helper()
 	start := g.ackedCount()
-	succeedsSoon(t, 30*time.Second, func() error {
+	soon.Succeeds(t, 30*time.Second, func() error {
 		if got := g.ackedCount() - start; got < n {
 			return fmt.Errorf("only %d writes acknowledged", got)
 		}
@@ -133,7 +135,7 @@ func TestMembershipUnderLoad(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	succeedsSoon(t, 60*time.Second, func() error {
+	soon.Succeeds(t, 60*time.Second, func() error {
 		l := tc.leader(id)
 		return l.AddPeer(ctx, 4, l.ConfEpoch())
 	})
@@ -153,7 +155,7 @@ func TestMembershipUnderLoad(t *testing.T) {
 	}
 
 	// Move leadership to the new replica, then remove node 1.
-	succeedsSoon(t, 60*time.Second, func() error {
+	soon.Succeeds(t, 60*time.Second, func() error {
 		l := tc.leader(id)
 		if l.e.cfg.NodeID == 4 {
 			return nil
@@ -163,7 +165,7 @@ func TestMembershipUnderLoad(t *testing.T) {
 		return l.TransferLeader(tctx, 4, l.ConfEpoch())
 	})
 	load.progress(t, 100)
-	succeedsSoon(t, 60*time.Second, func() error {
+	soon.Succeeds(t, 60*time.Second, func() error {
 		l := tc.leader(id)
 		return l.RemovePeer(ctx, 1, l.ConfEpoch())
 	})

@@ -8,6 +8,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"cairn.io/cairn/internal/soon"
 )
 
 // TestProposalsWaitForTheByteBudget floods one chunkserver's copysets with
@@ -99,7 +101,7 @@ func TestLogMemoryIsBoundedInBytes(t *testing.T) {
 			tc.writeRetry(id, uint64(k%3), int64(k%4)*(48<<10), pattern(fmt.Sprintf("L%d|", k), 48<<10))
 		}
 	}
-	succeedsSoon(t, 30*time.Second, func() error {
+	soon.Succeeds(t, 30*time.Second, func() error {
 		for _, n := range tc.running() {
 			held := trueLogBytes(t, n)
 			if got := n.engine.LogBytes(); got != held {

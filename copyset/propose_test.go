@@ -5,6 +5,8 @@ import (
 	"errors"
 	"testing"
 	"time"
+
+	"cairn.io/cairn/internal/soon"
 )
 
 // TestCancelledCallerIsNeverProposed: a caller that gave up by the time its
@@ -34,7 +36,7 @@ func TestCancelledCallerIsNeverProposed(t *testing.T) {
 		t.Fatalf("block holds %.12q after the cancelled proposal; want the later write", got)
 	}
 	// Nothing of the cancelled proposal is held in the budget either.
-	succeedsSoon(t, 5*time.Second, func() error {
+	soon.Succeeds(t, 5*time.Second, func() error {
 		if v := tc.node(c.e.cfg.NodeID).engine.InflightBytes(); v != 0 {
 			return errors.New("budget still held")
 		}

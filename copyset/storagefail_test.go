@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"testing"
 	"time"
+
+	"cairn.io/cairn/internal/soon"
 )
 
 // TestFailedChunkSyncIsRepairedFromTheLog: a chunk file's fdatasync fails
@@ -36,7 +38,7 @@ func TestFailedChunkSyncIsRepairedFromTheLog(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			succeedsSoon(t, 30*time.Second, func() error {
+			soon.Succeeds(t, 30*time.Second, func() error {
 				if disk.Stats().SyncFaults < uint64(failures) {
 					c.requestCheckpoint()
 					return fmt.Errorf("%d of %d failed syncs so far", disk.Stats().SyncFaults, failures)
@@ -56,7 +58,7 @@ func TestFailedChunkSyncIsRepairedFromTheLog(t *testing.T) {
 				tc.replicasConverge(id, []uint64{1})
 				return
 			}
-			succeedsSoon(t, 30*time.Second, func() error {
+			soon.Succeeds(t, 30*time.Second, func() error {
 				if c.Broken() == nil {
 					return fmt.Errorf("replica not broken after the sync failed again")
 				}

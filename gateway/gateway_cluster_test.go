@@ -13,6 +13,8 @@ import (
 
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/client"
+	"cairn.io/cairn/internal/soon"
+	"cairn.io/cairn/internal/testtool"
 )
 
 // These tests run the gateway with its real opener: client library volumes
@@ -23,7 +25,7 @@ import (
 // NBD. The volume is opened once: one session at the MDS, epoch 1.
 func TestClusterVolumeThroughBothFrontends(t *testing.T) {
 	for _, tool := range []string{"nbdcopy", "qemu-img"} {
-		needTool(t, tool)
+		testtool.Need(t, tool)
 	}
 	c := startCluster(t)
 	createVolume(t, c, "v", 128<<20)
@@ -36,19 +38,19 @@ func TestClusterVolumeThroughBothFrontends(t *testing.T) {
 
 	dir := t.TempDir()
 	first, second, back := filepath.Join(dir, "first"), filepath.Join(dir, "second"), filepath.Join(dir, "back")
-	want := writeRandomFile(t, first, 40<<20)
+	want := testtool.RandomFile(t, first, 40<<20)
 	// Bounded parallelism: the in-process cluster shares two cores with
 	// the race detector.
-	mustRun(t, 2*time.Minute, "nbdcopy", "--connections=2", "--requests=8", first, nbdURL(g, "v"))
-	mustRun(t, 2*time.Minute, "nbdcopy", nbdURL(g, "v"), back)
+	testtool.MustRun(t, 2*time.Minute, "nbdcopy", "--connections=2", "--requests=8", first, nbdURL(g, "v"))
+	testtool.MustRun(t, 2*time.Minute, "nbdcopy", nbdURL(g, "v"), back)
 	compareFiles(t, want, back)
-	mustRun(t, 2*time.Minute, "qemu-img", "compare", "-f", "raw", "-F", "raw", first, iscsiURL(g, "v"))
+	testtool.MustRun(t, 2*time.Minute, "qemu-img", "compare", "-f", "raw", "-F", "raw", first, iscsiURL(g, "v"))
 
-	over := writeRandomFile(t, second, 24<<20)
-	mustRun(t, 2*time.Minute, "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", second, iscsiURL(g, "v"))
+	over := testtool.RandomFile(t, second, 24<<20)
+	testtool.MustRun(t, 2*time.Minute, "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", second, iscsiURL(g, "v"))
 	copy(want, over)
 	os.Remove(back)
-	mustRun(t, 2*time.Minute, "nbdcopy", nbdURL(g, "v"), back)
+	testtool.MustRun(t, 2*time.Minute, "nbdcopy", nbdURL(g, "v"), back)
 	compareFiles(t, want, back)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -70,7 +72,7 @@ func TestClusterVolumeThroughBothFrontends(t *testing.T) {
 // new size, within a few polls.
 func TestClusterExtendReachesInitiators(t *testing.T) {
 	for _, tool := range []string{"nbdinfo", "iscsi-readcapacity16"} {
-		needTool(t, tool)
+		testtool.Need(t, tool)
 	}
 	c := startCluster(t)
 	createVolume(t, c, "v", 64<<20)
@@ -80,7 +82,7 @@ func TestClusterExtendReachesInitiators(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer pin.Close()
-	out := mustRun(t, time.Minute, "iscsi-readcapacity16", iscsiURL(g, "v"))
+	out := testtool.MustRun(t, time.Minute, "iscsi-readcapacity16", iscsiURL(g, "v"))
 	if !strings.Contains(out, "Total size:67108864") {
 		t.Fatalf("capacity before the extend:\n%s", out)
 	}
@@ -89,14 +91,14 @@ func TestClusterExtendReachesInitiators(t *testing.T) {
 	if _, err := c.Conn.Volumes().ExtendVolume(ctx, &mdspb.ExtendVolumeRequest{Name: "v", NewSize: 192 << 20}); err != nil {
 		t.Fatal(err)
 	}
-	succeedsSoon(t, 10*time.Second, func() error {
-		out, err := runTool(t, time.Minute, "iscsi-readcapacity16", iscsiURL(g, "v"))
+	soon.Succeeds(t, 10*time.Second, func() error {
+		out, err := testtool.Run(t, time.Minute, "iscsi-readcapacity16", iscsiURL(g, "v"))
 		if err != nil || !strings.Contains(out, "Total size:201326592") {
 			return fmt.Errorf("capacity after the extend: %v\n%s", err, out)
 		}
 		return nil
 	})
-	out = mustRun(t, time.Minute, "nbdinfo", nbdURL(g, "v"))
+	out = testtool.MustRun(t, time.Minute, "nbdinfo", nbdURL(g, "v"))
 	if !strings.Contains(out, "export-size: 201326592") {
 		t.Errorf("nbdinfo after the extend:\n%s", out)
 	}
@@ -106,7 +108,7 @@ func TestClusterExtendReachesInitiators(t *testing.T) {
 // for writing, the gateway's writes fail; once its users left, the next
 // NBD connection opens the volume again and writes work.
 func TestClusterFencedByAnotherWriter(t *testing.T) {
-	needTool(t, "nbdcopy")
+	testtool.Need(t, "nbdcopy")
 	c := startCluster(t)
 	createVolume(t, c, "v", 64<<20)
 	g := startGateway(t, c, func(cfg *Config) { cfg.Linger = time.Hour })
@@ -135,9 +137,9 @@ func TestClusterFencedByAnotherWriter(t *testing.T) {
 		t.Fatalf("fenced volume still open without users: %v", g.OpenVolumes())
 	}
 	dir := t.TempDir()
-	want := writeRandomFile(t, filepath.Join(dir, "in"), 4<<20)
-	mustRun(t, time.Minute, "nbdcopy", filepath.Join(dir, "in"), nbdURL(g, "v"))
-	mustRun(t, time.Minute, "nbdcopy", nbdURL(g, "v"), filepath.Join(dir, "back"))
+	want := testtool.RandomFile(t, filepath.Join(dir, "in"), 4<<20)
+	testtool.MustRun(t, time.Minute, "nbdcopy", filepath.Join(dir, "in"), nbdURL(g, "v"))
+	testtool.MustRun(t, time.Minute, "nbdcopy", nbdURL(g, "v"), filepath.Join(dir, "back"))
 	compareFiles(t, want, filepath.Join(dir, "back"))
 	if _, err := other.WriteAt(ctx, buf, 1<<20); !errors.Is(err, client.ErrFenced) {
 		t.Errorf("the other writer after the gateway reopened: %v, want ErrFenced", err)

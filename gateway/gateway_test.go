@@ -1,8 +1,6 @@
 package gateway
 
 import (
-	"cairn.io/cairn/blockdev"
-	"cairn.io/cairn/blockdev/blockdevtest"
 	"context"
 	"errors"
 	"fmt"
@@ -13,6 +11,11 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"cairn.io/cairn/blockdev"
+	"cairn.io/cairn/blockdev/blockdevtest"
+	"cairn.io/cairn/internal/soon"
+	"cairn.io/cairn/internal/testtool"
 
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/iscsi"
@@ -84,7 +87,7 @@ func TestStartFailsOnTakenAddress(t *testing.T) {
 // passed. Data written over NBD reads back over NBD and over iSCSI.
 func TestConnectionsShareOneOpen(t *testing.T) {
 	for _, tool := range []string{"nbdinfo", "nbdcopy", "qemu-img", "iscsi-inq"} {
-		needTool(t, tool)
+		testtool.Need(t, tool)
 	}
 	c := startCluster(t, "a")
 	vols := newVolumeDoubles(t, c)
@@ -96,7 +99,7 @@ func TestConnectionsShareOneOpen(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	out := mustRun(t, time.Minute, "nbdinfo", nbdURL(g, "a"))
+	out := testtool.MustRun(t, time.Minute, "nbdinfo", nbdURL(g, "a"))
 	if !strings.Contains(out, "export-size: 67108864") || !strings.Contains(out, "cairn volume a (64MiB)") {
 		t.Errorf("nbdinfo output lacks the size or description:\n%s", out)
 	}
@@ -105,20 +108,20 @@ func TestConnectionsShareOneOpen(t *testing.T) {
 	}
 	dir := t.TempDir()
 	in, back := filepath.Join(dir, "in"), filepath.Join(dir, "back")
-	want := writeRandomFile(t, in, 8<<20)
-	mustRun(t, time.Minute, "nbdcopy", "--connections=4", in, nbdURL(g, "a"))
-	mustRun(t, time.Minute, "nbdcopy", "--connections=4", nbdURL(g, "a"), back)
+	want := testtool.RandomFile(t, in, 8<<20)
+	testtool.MustRun(t, time.Minute, "nbdcopy", "--connections=4", in, nbdURL(g, "a"))
+	testtool.MustRun(t, time.Minute, "nbdcopy", "--connections=4", nbdURL(g, "a"), back)
 	compareFiles(t, want, back)
-	out = mustRun(t, time.Minute, "iscsi-inq", iscsiURL(g, "a"))
+	out = testtool.MustRun(t, time.Minute, "iscsi-inq", iscsiURL(g, "a"))
 	if !strings.Contains(out, "Peripheral Device Type:0") && !strings.Contains(strings.ToUpper(out), "DIRECT") {
 		t.Errorf("iscsi-inq output unexpected:\n%s", out)
 	}
-	mustRun(t, time.Minute, "qemu-img", "compare", "-f", "raw", "-F", "raw", in, iscsiURL(g, "a"))
+	testtool.MustRun(t, time.Minute, "qemu-img", "compare", "-f", "raw", "-F", "raw", in, iscsiURL(g, "a"))
 	if opens, _ := vols.counts("a"); opens != 1 {
 		t.Fatalf("volume opened %d times for probes, copies and a session, want 1", opens)
 	}
 	// The servers release a connection's export just after the tool exits.
-	succeedsSoon(t, 10*time.Second, func() error {
+	soon.Succeeds(t, 10*time.Second, func() error {
 		if users := g.OpenVolumes()["a"]; users != 1 {
 			return fmt.Errorf("users after the tools disconnected: %d, want 1 (the pin)", users)
 		}
@@ -126,7 +129,7 @@ func TestConnectionsShareOneOpen(t *testing.T) {
 	})
 	pin.Close()
 	pin.Close() // a second Close must not release another user
-	succeedsSoon(t, 10*time.Second, func() error {
+	soon.Succeeds(t, 10*time.Second, func() error {
 		if _, closes := vols.counts("a"); closes != 1 {
 			return fmt.Errorf("volume closed %d times, want 1 after the linger", closes)
 		}
@@ -139,7 +142,7 @@ func TestConnectionsShareOneOpen(t *testing.T) {
 		t.Errorf("open volumes after close: %v", g.OpenVolumes())
 	}
 	// The next user opens it afresh.
-	mustRun(t, time.Minute, "nbdinfo", nbdURL(g, "a"))
+	testtool.MustRun(t, time.Minute, "nbdinfo", nbdURL(g, "a"))
 	if opens, _ := vols.counts("a"); opens != 2 {
 		t.Fatalf("opens after the linger expired: %d, want 2", opens)
 	}
@@ -148,7 +151,7 @@ func TestConnectionsShareOneOpen(t *testing.T) {
 // TestLingerAvoidsReopenAndStopCloses: probes that follow each other within
 // the linger reuse the open volume; Stop flushes and closes it.
 func TestLingerAvoidsReopenAndStopCloses(t *testing.T) {
-	needTool(t, "nbdinfo")
+	testtool.Need(t, "nbdinfo")
 	c := startCluster(t, "a")
 	vols := newVolumeDoubles(t, c)
 	g := startGateway(t, c, func(cfg *Config) {
@@ -156,13 +159,13 @@ func TestLingerAvoidsReopenAndStopCloses(t *testing.T) {
 		cfg.Linger = time.Hour
 	})
 	for range 3 {
-		mustRun(t, time.Minute, "nbdinfo", nbdURL(g, "a"))
+		testtool.MustRun(t, time.Minute, "nbdinfo", nbdURL(g, "a"))
 	}
 	if opens, closes := vols.counts("a"); opens != 1 || closes != 0 {
 		t.Fatalf("after three probes: %d opens, %d closes; want 1 and 0", opens, closes)
 	}
 	// A connection's user is released when its goroutine sees the hang-up.
-	succeedsSoon(t, 10*time.Second, func() error {
+	soon.Succeeds(t, 10*time.Second, func() error {
 		if got := g.OpenVolumes(); got["a"] != 0 || len(got) != 1 {
 			return fmt.Errorf("open volumes while lingering: %v, want a with 0 users", got)
 		}
@@ -187,7 +190,7 @@ func TestLingerAvoidsReopenAndStopCloses(t *testing.T) {
 // what opens; unknown volumes are unknown exports and unknown targets.
 func TestExportFilterAndUnknownVolumes(t *testing.T) {
 	for _, tool := range []string{"nbdinfo", "iscsi-ls", "iscsi-inq"} {
-		needTool(t, tool)
+		testtool.Need(t, tool)
 	}
 	c := startCluster(t, "a", "b")
 	vols := newVolumeDoubles(t, c)
@@ -195,19 +198,19 @@ func TestExportFilterAndUnknownVolumes(t *testing.T) {
 		cfg.OpenVolume = vols.Open
 		cfg.Volumes = []string{"a", "missing"}
 	})
-	out := mustRun(t, time.Minute, "nbdinfo", "--list", "nbd://"+g.NBDAddr())
+	out := testtool.MustRun(t, time.Minute, "nbdinfo", "--list", "nbd://"+g.NBDAddr())
 	if !strings.Contains(out, `export="a"`) || strings.Contains(out, `export="b"`) || strings.Contains(out, "missing") {
 		t.Errorf("nbdinfo --list should show a only:\n%s", out)
 	}
-	out = mustRun(t, time.Minute, "iscsi-ls", "-s", "iscsi://"+g.ISCSIAddr())
+	out = testtool.MustRun(t, time.Minute, "iscsi-ls", "-s", "iscsi://"+g.ISCSIAddr())
 	if !strings.Contains(out, g.TargetName("a")) || strings.Contains(out, g.TargetName("b")) {
 		t.Errorf("iscsi-ls should show a's target only:\n%s", out)
 	}
 	for _, v := range []string{"b", "missing", "nope"} {
-		if out, err := runTool(t, time.Minute, "nbdinfo", nbdURL(g, v)); err == nil {
+		if out, err := testtool.Run(t, time.Minute, "nbdinfo", nbdURL(g, v)); err == nil {
 			t.Errorf("nbdinfo of %s succeeded:\n%s", v, out)
 		}
-		if out, err := runTool(t, time.Minute, "iscsi-inq", iscsiURL(g, v)); err == nil {
+		if out, err := testtool.Run(t, time.Minute, "iscsi-inq", iscsiURL(g, v)); err == nil {
 			t.Errorf("iscsi-inq of %s succeeded:\n%s", v, out)
 		}
 	}
@@ -283,7 +286,7 @@ func TestFencedVolumeClosesWithoutLinger(t *testing.T) {
 // closes.
 func TestDeletedVolumeEndsSessions(t *testing.T) {
 	for _, tool := range []string{"iscsi-perf", "iscsi-ls", "qemu-io"} {
-		needTool(t, tool)
+		testtool.Need(t, tool)
 	}
 	c := startCluster(t, "d", "keep")
 	vols := newVolumeDoubles(t, c)
@@ -304,7 +307,7 @@ func TestDeletedVolumeEndsSessions(t *testing.T) {
 	qioDone := make(chan error, 1)
 	go func() { qioDone <- qio.Wait() }()
 	defer func() { qio.Process.Kill(); <-qioDone }()
-	succeedsSoon(t, 30*time.Second, func() error {
+	soon.Succeeds(t, 30*time.Second, func() error {
 		if s := g.NBDStats(); s.Connections != 1 {
 			return fmt.Errorf("%d NBD connections", s.Connections)
 		}
@@ -319,7 +322,7 @@ func TestDeletedVolumeEndsSessions(t *testing.T) {
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- perf.Wait() }()
-	succeedsSoon(t, 30*time.Second, func() error {
+	soon.Succeeds(t, 30*time.Second, func() error {
 		if s := g.ISCSIStats(); s.Sessions != 1 || s.Commands < 100 {
 			return fmt.Errorf("iSCSI sessions %d, commands %d", s.Sessions, s.Commands)
 		}
@@ -328,7 +331,7 @@ func TestDeletedVolumeEndsSessions(t *testing.T) {
 	if _, err := c.Conn.Volumes().DeleteVolume(ctx, &mdspb.DeleteVolumeRequest{Name: "d"}); err != nil {
 		t.Fatal(err)
 	}
-	succeedsSoon(t, 20*time.Second, func() error {
+	soon.Succeeds(t, 20*time.Second, func() error {
 		if s := g.ISCSIStats(); s.Sessions != 0 {
 			return fmt.Errorf("%d iSCSI sessions left", s.Sessions)
 		}
@@ -340,13 +343,13 @@ func TestDeletedVolumeEndsSessions(t *testing.T) {
 		}
 		return nil
 	})
-	out := mustRun(t, time.Minute, "iscsi-ls", "-s", "iscsi://"+g.ISCSIAddr())
+	out := testtool.MustRun(t, time.Minute, "iscsi-ls", "-s", "iscsi://"+g.ISCSIAddr())
 	if strings.Contains(out, g.TargetName("d")) || !strings.Contains(out, g.TargetName("keep")) {
 		t.Errorf("discovery after the delete:\n%s", out)
 	}
 	// libiscsi logs in again after losing its session, and keeps trying;
 	// every attempt must be refused (target not found), none reopen.
-	succeedsSoon(t, 20*time.Second, func() error {
+	soon.Succeeds(t, 20*time.Second, func() error {
 		_, m, err := httpGet("http://" + g.MetricsAddr() + "/metrics")
 		if err != nil {
 			return err
@@ -369,12 +372,12 @@ func TestDeletedVolumeEndsSessions(t *testing.T) {
 // TestMetricsAndHealth: /healthz follows the MDS's reachability and
 // /metrics carries the frontends' counters.
 func TestMetricsAndHealth(t *testing.T) {
-	needTool(t, "nbdcopy")
+	testtool.Need(t, "nbdcopy")
 	c := startCluster(t, "a")
 	vols := newVolumeDoubles(t, c)
 	g := startGateway(t, c, func(cfg *Config) { cfg.OpenVolume = vols.Open })
 	base := "http://" + g.MetricsAddr()
-	succeedsSoon(t, 10*time.Second, func() error {
+	soon.Succeeds(t, 10*time.Second, func() error {
 		code, body, err := httpGet(base + "/healthz")
 		if err != nil || code != 200 || !strings.HasPrefix(body, "ok ") {
 			return fmt.Errorf("healthz %d %q %v", code, body, err)
@@ -382,11 +385,11 @@ func TestMetricsAndHealth(t *testing.T) {
 		return nil
 	})
 	dir := t.TempDir()
-	writeRandomFile(t, filepath.Join(dir, "in"), 4<<20)
-	mustRun(t, time.Minute, "nbdcopy", filepath.Join(dir, "in"), nbdURL(g, "a"))
+	testtool.RandomFile(t, filepath.Join(dir, "in"), 4<<20)
+	testtool.MustRun(t, time.Minute, "nbdcopy", filepath.Join(dir, "in"), nbdURL(g, "a"))
 	// Counters are updated after each reply; a connection ends only after
 	// its requests have finished.
-	succeedsSoon(t, 10*time.Second, func() error {
+	soon.Succeeds(t, 10*time.Second, func() error {
 		if n := g.NBDStats().Connections; n != 0 {
 			return fmt.Errorf("%d NBD connections", n)
 		}
@@ -411,7 +414,7 @@ func TestMetricsAndHealth(t *testing.T) {
 		}
 	}
 	c.MDS.Stop()
-	succeedsSoon(t, 30*time.Second, func() error {
+	soon.Succeeds(t, 30*time.Second, func() error {
 		code, body, err := httpGet(base + "/healthz")
 		if err != nil {
 			return err
@@ -441,7 +444,7 @@ func grepLines(s, substr string) string {
 // target, with a volume's own secrets taking precedence over the default.
 func TestCHAPSecretsFile(t *testing.T) {
 	for _, tool := range []string{"iscsi-inq", "iscsi-ls"} {
-		needTool(t, tool)
+		testtool.Need(t, tool)
 	}
 	path := filepath.Join(t.TempDir(), "chap.json")
 	if err := os.WriteFile(path, []byte(`{
@@ -470,7 +473,7 @@ func TestCHAPSecretsFile(t *testing.T) {
 		{"wrong secret", url("node%not-the-secret-1@", "web"), false},
 		{"no credentials", url("", "web"), false},
 	} {
-		out, err := runTool(t, 30*time.Second, "iscsi-inq", tc.url)
+		out, err := testtool.Run(t, 30*time.Second, "iscsi-inq", tc.url)
 		if tc.ok && (err != nil || !strings.Contains(out, "Vendor:CAIRN")) {
 			t.Errorf("%s: login failed: %v\n%s", tc.name, err, out)
 		}
@@ -478,10 +481,10 @@ func TestCHAPSecretsFile(t *testing.T) {
 			t.Errorf("%s: login succeeded, want failure:\n%s", tc.name, out)
 		}
 	}
-	if out, err := runTool(t, 30*time.Second, "iscsi-ls", "iscsi://"+g.ISCSIAddr()); err == nil {
+	if out, err := testtool.Run(t, 30*time.Second, "iscsi-ls", "iscsi://"+g.ISCSIAddr()); err == nil {
 		t.Errorf("discovery without CHAP succeeded:\n%s", out)
 	}
-	out := mustRun(t, 30*time.Second, "iscsi-ls", "iscsi://disc%discovery-secret@"+g.ISCSIAddr())
+	out := testtool.MustRun(t, 30*time.Second, "iscsi-ls", "iscsi://disc%discovery-secret@"+g.ISCSIAddr())
 	if !strings.Contains(out, g.TargetName("db")) || !strings.Contains(out, g.TargetName("web")) {
 		t.Errorf("discovery with CHAP:\n%s", out)
 	}

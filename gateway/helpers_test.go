@@ -2,20 +2,18 @@ package gateway
 
 import (
 	"bytes"
-	"cairn.io/cairn/blockdev"
-	"cairn.io/cairn/blockdev/blockdevtest"
 	"context"
-	"crypto/rand"
 	"fmt"
 	"io"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"cairn.io/cairn/blockdev"
+	"cairn.io/cairn/blockdev/blockdevtest"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -149,49 +147,6 @@ func startGateway(t *testing.T, c *cluster.Cluster, mutate func(*Config)) *Gatew
 	return g
 }
 
-func needTool(t *testing.T, name string) {
-	t.Helper()
-	if _, err := exec.LookPath(name); err != nil {
-		t.Skipf("%s not installed (Debian packages libnbd-bin, libiscsi-bin, qemu-utils, qemu-block-extra)", name)
-	}
-}
-
-// runTool runs a command in a temporary directory with a deadline and
-// returns its combined output.
-func runTool(t *testing.T, timeout time.Duration, name string, args ...string) (string, error) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, name, args...)
-	cmd.Dir = t.TempDir()
-	out, err := cmd.CombinedOutput()
-	if ctx.Err() != nil {
-		err = fmt.Errorf("%s timed out after %s: %w", name, timeout, ctx.Err())
-	}
-	return string(out), err
-}
-
-func mustRun(t *testing.T, timeout time.Duration, name string, args ...string) string {
-	t.Helper()
-	out, err := runTool(t, timeout, name, args...)
-	if err != nil {
-		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
-	}
-	return out
-}
-
-func writeRandomFile(t *testing.T, path string, size int) []byte {
-	t.Helper()
-	b := make([]byte, size)
-	if _, err := io.ReadFull(rand.Reader, b); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(path, b, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
 func compareFiles(t *testing.T, want []byte, path string) {
 	t.Helper()
 	got, err := os.ReadFile(path)
@@ -216,12 +171,6 @@ func firstDiff(a, b []byte) int {
 		}
 	}
 	return len(a)
-}
-
-// succeedsSoon retries f until it returns nil or d passes.
-func succeedsSoon(t *testing.T, d time.Duration, f func() error) {
-	t.Helper()
-	cluster.SucceedsSoon(t, d, f)
 }
 
 func httpGet(url string) (int, string, error) {

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"cairn.io/cairn/internal/testtool"
 	"cairn.io/cairn/test/iscsi/testcu"
 )
 
@@ -71,7 +72,7 @@ func TestConformance(t *testing.T) {
 	if testing.Short() && os.Getenv("CAIRN_ISCSI_CONFORMANCE") == "" {
 		t.Skip("libiscsi conformance suite skipped in -short mode")
 	}
-	needTool(t, "iscsi-test-cu")
+	testtool.Need(t, "iscsi-test-cu")
 	tt := startTarget(t, nil, map[string]int64{"conformance": 128 << 20})
 	start := time.Now()
 	ours, log := runTestCU(t, tt.url("conformance"))
@@ -120,7 +121,7 @@ func TestConformance(t *testing.T) {
 // test/iscsi/tgt-conformance.sh.
 func runTGT(t *testing.T) map[string]string {
 	t.Helper()
-	needTool(t, "tgtd")
+	testtool.Need(t, "tgtd")
 	out := filepath.Join(t.TempDir(), "tgt.log")
 	script, err := filepath.Abs("../test/iscsi/tgt-conformance.sh")
 	if err != nil {
@@ -208,7 +209,7 @@ func TestConformanceOne(t *testing.T) {
 	if name == "" {
 		t.Skip("set CAIRN_ISCSI_CU_TEST to a libiscsi test name")
 	}
-	needTool(t, "iscsi-test-cu")
+	testtool.Need(t, "iscsi-test-cu")
 	tt := startTarget(t, nil, map[string]int64{"conformance": 128 << 20})
 	ctx, cancel := contextWithTimeout(5 * time.Minute)
 	defer cancel()

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"cairn.io/cairn/internal/testtool"
 )
 
 var qemuBenchRe = regexp.MustCompile(`Run completed in ([0-9.]+) seconds`)
@@ -20,8 +22,8 @@ func TestMeasureThroughput(t *testing.T) {
 	if os.Getenv("CAIRN_ISCSI_MEASURE") == "" {
 		t.Skip("set CAIRN_ISCSI_MEASURE=1 to measure throughput")
 	}
-	needTool(t, "qemu-img")
-	needTool(t, "iscsi-perf")
+	testtool.Need(t, "qemu-img")
+	testtool.Need(t, "iscsi-perf")
 	var rows []string
 	for _, latency := range []time.Duration{0, time.Millisecond} {
 		tt := startTarget(t, nil, map[string]int64{"bench": 256 << 20})
@@ -37,7 +39,7 @@ func TestMeasureThroughput(t *testing.T) {
 				count = 2000
 			}
 			args := []string{"bench", "-w", "-d", itoa(qd), "-c", itoa(count), "-s", "4k", "-f", "raw", url}
-			out, err := runTool(t, 5*time.Minute, "qemu-img", args...)
+			out, err := testtool.Run(t, 5*time.Minute, "qemu-img", args...)
 			if err != nil {
 				t.Fatalf("qemu-img %v: %v\n%s", args, err, out)
 			}

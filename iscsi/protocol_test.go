@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"cairn.io/cairn/blockdev/blockdevtest"
+	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/iscsi/pdu"
 )
 
@@ -89,7 +90,7 @@ func TestTargetDropsInitiatorThatIgnoresPings(t *testing.T) {
 	if !sawPing {
 		t.Error("connection dropped without a NOP-In ping first")
 	}
-	eventually(t, 5*time.Second, "dead initiator counted and session gone", func() bool {
+	soon.True(t, 5*time.Second, "dead initiator counted and session gone", func() bool {
 		st := tt.srv.Stats()
 		return st.DeadInitiators == 1 && st.Sessions == 0
 	})
@@ -427,7 +428,7 @@ func TestDropTargetEndsItsSessions(t *testing.T) {
 		t.Fatal("session of a dropped target still alive")
 	}
 	stay.clearUA()
-	eventually(t, 5*time.Second, "dropped volume closed", func() bool { return tt.exports.closed("gone") })
+	soon.True(t, 5*time.Second, "dropped volume closed", func() bool { return tt.exports.closed("gone") })
 }
 
 // TestDropDuringLoginRefusesTheLogin: a login that opened its target just
@@ -445,7 +446,7 @@ func TestDropDuringLoginRefusesTheLogin(t *testing.T) {
 	if status != 0x0204 {
 		t.Errorf("login racing DropTarget: status 0x%04x, want 0x0204 (target removed)", status)
 	}
-	eventually(t, 5*time.Second, "the volume the refused login opened to be closed", func() bool {
+	soon.True(t, 5*time.Second, "the volume the refused login opened to be closed", func() bool {
 		return tt.exports.closed("gone")
 	})
 	tt.exports.OnOpen(nil)
@@ -475,7 +476,7 @@ func TestDroppedTargetRefusesRejoin(t *testing.T) {
 		t.Error("volume closed while a command was still inside it")
 	}
 	hold.Release()
-	eventually(t, 5*time.Second, "dropped volume closed", func() bool { return tt.exports.closed("gone") })
+	soon.True(t, 5*time.Second, "dropped volume closed", func() bool { return tt.exports.closed("gone") })
 }
 
 // TestReinstatementWaitsForTheOldSessionsWrites: a login that reinstates a

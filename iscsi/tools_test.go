@@ -7,7 +7,6 @@ import (
 	"math/rand/v2"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -15,6 +14,9 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"cairn.io/cairn/internal/soon"
+	"cairn.io/cairn/internal/testtool"
 )
 
 // testTarget is a Server on an ephemeral loopback port with file volumes.
@@ -67,32 +69,10 @@ func (tt *testTarget) url(volume string) string {
 	return "iscsi://" + tt.addr + "/" + tt.srv.TargetName(volume) + "/0"
 }
 
-func needTool(t *testing.T, name string) string {
-	t.Helper()
-	p, err := exec.LookPath(name)
-	if err != nil {
-		t.Skipf("%s not installed (Debian package libiscsi-bin / qemu-utils)", name)
-	}
-	return p
-}
-
-// runTool runs a command with a deadline and returns its combined output.
-func runTool(t *testing.T, timeout time.Duration, name string, args ...string) (string, error) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, name, args...)
-	var out bytes.Buffer
-	cmd.Stdout = &out
-	cmd.Stderr = &out
-	err := cmd.Run()
-	return out.String(), err
-}
-
 func TestDiscoveryWithIscsiLs(t *testing.T) {
-	needTool(t, "iscsi-ls")
+	testtool.Need(t, "iscsi-ls")
 	tt := startTarget(t, nil, map[string]int64{"vol-a": 64 << 20, "vol-b": 32 << 20})
-	out, err := runTool(t, 30*time.Second, "iscsi-ls", "-s", "iscsi://"+tt.addr)
+	out, err := testtool.Run(t, 30*time.Second, "iscsi-ls", "-s", "iscsi://"+tt.addr)
 	if err != nil {
 		t.Fatalf("iscsi-ls: %v\n%s", err, out)
 	}
@@ -123,7 +103,7 @@ func freePort(t *testing.T) int {
 }
 
 func TestInquiryVPDPagesWithIscsiInq(t *testing.T) {
-	needTool(t, "iscsi-inq")
+	testtool.Need(t, "iscsi-inq")
 	tt := startTarget(t, nil, map[string]int64{"inq": 64 << 20})
 	cases := []struct {
 		page string
@@ -142,7 +122,7 @@ func TestInquiryVPDPagesWithIscsiInq(t *testing.T) {
 		if c.page != "" {
 			args = []string{"-e", "1", "-c", c.page, tt.url("inq")}
 		}
-		out, err := runTool(t, 30*time.Second, "iscsi-inq", args...)
+		out, err := testtool.Run(t, 30*time.Second, "iscsi-inq", args...)
 		if err != nil {
 			t.Fatalf("iscsi-inq page %q: %v\n%s", c.page, err, out)
 		}
@@ -153,15 +133,15 @@ func TestInquiryVPDPagesWithIscsiInq(t *testing.T) {
 		}
 	}
 	// An unsupported page is an error, not garbage.
-	if out, err := runTool(t, 30*time.Second, "iscsi-inq", "-e", "1", "-c", "134", tt.url("inq")); err == nil {
+	if out, err := testtool.Run(t, 30*time.Second, "iscsi-inq", "-e", "1", "-c", "134", tt.url("inq")); err == nil {
 		t.Errorf("iscsi-inq of unsupported VPD page 0x86 succeeded:\n%s", out)
 	}
 }
 
 func TestReadCapacity16WithTool(t *testing.T) {
-	needTool(t, "iscsi-readcapacity16")
+	testtool.Need(t, "iscsi-readcapacity16")
 	tt := startTarget(t, nil, map[string]int64{"cap": 96 << 20})
-	out, err := runTool(t, 30*time.Second, "iscsi-readcapacity16", tt.url("cap"))
+	out, err := testtool.Run(t, 30*time.Second, "iscsi-readcapacity16", tt.url("cap"))
 	if err != nil {
 		t.Fatalf("iscsi-readcapacity16: %v\n%s", err, out)
 	}
@@ -178,7 +158,7 @@ func TestReadCapacity16WithTool(t *testing.T) {
 	}
 	// Unknown targets are refused at login.
 	bad := "iscsi://" + tt.addr + "/" + tt.srv.TargetName("nope") + "/0"
-	if out, err := runTool(t, 30*time.Second, "iscsi-readcapacity16", bad); err == nil {
+	if out, err := testtool.Run(t, 30*time.Second, "iscsi-readcapacity16", bad); err == nil {
 		t.Errorf("login to a target without volume succeeded:\n%s", out)
 	}
 }
@@ -197,7 +177,7 @@ func TestQemuImgConvertAndCompare(t *testing.T) {
 }
 
 func qemuConvertCompare(t *testing.T, mutate func(*Config)) {
-	needTool(t, "qemu-img")
+	testtool.Need(t, "qemu-img")
 	tt := startTarget(t, mutate, map[string]int64{"qemu": 32 << 20})
 	img := filepath.Join(t.TempDir(), "random.raw")
 	data := make([]byte, 24<<20)
@@ -208,16 +188,16 @@ func qemuConvertCompare(t *testing.T, mutate func(*Config)) {
 		t.Fatal(err)
 	}
 	url := tt.url("qemu")
-	if out, err := runTool(t, 2*time.Minute, "qemu-img", "convert", "-n", "-W", "-m", "8", "-f", "raw", "-O", "raw", img, url); err != nil {
+	if out, err := testtool.Run(t, 2*time.Minute, "qemu-img", "convert", "-n", "-W", "-m", "8", "-f", "raw", "-O", "raw", img, url); err != nil {
 		t.Fatalf("qemu-img convert: %v\n%s", err, out)
 	}
 	// compare reads the LUN back; it is longer than the image, and
 	// qemu-img requires the excess to read as zeros.
-	if out, err := runTool(t, 2*time.Minute, "qemu-img", "compare", "-f", "raw", "-F", "raw", img, url); err != nil {
+	if out, err := testtool.Run(t, 2*time.Minute, "qemu-img", "compare", "-f", "raw", "-F", "raw", img, url); err != nil {
 		t.Fatalf("qemu-img compare: %v\n%s", err, out)
 	}
 	// And the backend file holds exactly the image.
-	eventually(t, 10*time.Second, "volume closed after the last session ended", func() bool {
+	soon.True(t, 10*time.Second, "volume closed after the last session ended", func() bool {
 		return tt.exports.closed("qemu")
 	})
 	got, err := os.ReadFile(filepath.Join(tt.exports.dir, "qemu"))
@@ -232,13 +212,13 @@ func qemuConvertCompare(t *testing.T, mutate func(*Config)) {
 	if err := os.WriteFile(img, data, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if out, err := runTool(t, 2*time.Minute, "qemu-img", "compare", "-f", "raw", "-F", "raw", img, url); err == nil {
+	if out, err := testtool.Run(t, 2*time.Minute, "qemu-img", "compare", "-f", "raw", "-F", "raw", img, url); err == nil {
 		t.Fatalf("qemu-img compare of a differing image succeeded:\n%s", out)
 	}
 }
 
 func TestCHAPWithLibiscsi(t *testing.T) {
-	needTool(t, "iscsi-inq")
+	testtool.Need(t, "iscsi-inq")
 	secrets := CHAP{User: "alice", Secret: "alice-secret-12", MutualUser: "target-cairn", MutualSecret: "target-secret-34"}
 	tt := startTarget(t, func(c *Config) {
 		c.CHAP = map[string]CHAP{"secure": secrets}
@@ -262,7 +242,7 @@ func TestCHAPWithLibiscsi(t *testing.T) {
 		{"open target without CHAP", "iscsi://" + tt.addr + "/" + tt.srv.TargetName("open") + "/0", true},
 	}
 	for _, c := range cases {
-		out, err := runTool(t, 30*time.Second, "iscsi-inq", c.url)
+		out, err := testtool.Run(t, 30*time.Second, "iscsi-inq", c.url)
 		if c.ok && err != nil {
 			t.Errorf("%s: login failed: %v\n%s", c.name, err, out)
 		}
@@ -274,10 +254,10 @@ func TestCHAPWithLibiscsi(t *testing.T) {
 		}
 	}
 	// Discovery requires its own secret.
-	if out, err := runTool(t, 30*time.Second, "iscsi-ls", "iscsi://"+tt.addr); err == nil {
+	if out, err := testtool.Run(t, 30*time.Second, "iscsi-ls", "iscsi://"+tt.addr); err == nil {
 		t.Errorf("discovery without CHAP succeeded:\n%s", out)
 	}
-	out, err := runTool(t, 30*time.Second, "iscsi-ls", "iscsi://disc%discovery-secret@"+tt.addr)
+	out, err := testtool.Run(t, 30*time.Second, "iscsi-ls", "iscsi://disc%discovery-secret@"+tt.addr)
 	if err != nil || !strings.Contains(out, iqn) {
 		t.Errorf("discovery with CHAP: %v\n%s", err, out)
 	}
@@ -288,7 +268,7 @@ var iopsRe = regexp.MustCompile(`iops average (\d+)`)
 // perfIOPS runs iscsi-perf and returns the final average IOPS.
 func perfIOPS(t *testing.T, url string, seconds, qd int) (int, string) {
 	t.Helper()
-	out, err := runTool(t, time.Duration(seconds+30)*time.Second, "iscsi-perf", "-t", itoa(seconds), "-m", itoa(qd), "-r", url)
+	out, err := testtool.Run(t, time.Duration(seconds+30)*time.Second, "iscsi-perf", "-t", itoa(seconds), "-m", itoa(qd), "-r", url)
 	if err != nil {
 		t.Fatalf("iscsi-perf QD%d: %v\n%s", qd, err, out)
 	}
@@ -309,7 +289,7 @@ func TestSessionOutlivesNOPIntervalsUnderLoad(t *testing.T) {
 	if testing.Short() {
 		t.Skip("20 s iscsi-perf run")
 	}
-	needTool(t, "iscsi-perf")
+	testtool.Need(t, "iscsi-perf")
 	tt := startTarget(t, nil, map[string]int64{"perf": 64 << 20})
 	tt.exports.setLatency(time.Millisecond)
 	url := tt.url("perf")
@@ -325,25 +305,13 @@ func TestSessionOutlivesNOPIntervalsUnderLoad(t *testing.T) {
 	t.Logf("1 ms backend: QD1 %d IOPS, QD32 %d IOPS (%.1fx); NOP-Outs answered: %d", qd1, qd32, float64(qd32)/float64(max(qd1, 1)), st.NopOuts)
 }
 
-// eventually polls cond until it holds or the deadline passes.
-func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for: %s", d, what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 // TestSessionBufferBoundsMemory: qemu-img writes and then reads back an
 // image with 16 requests in flight against a slow backend, through a
 // session buffer of 4 MiB; the connection's data buffers (unsolicited,
 // solicited and read data until sent) never exceed it, and everything
 // completes with the right data.
 func TestSessionBufferBoundsMemory(t *testing.T) {
-	needTool(t, "qemu-img")
+	testtool.Need(t, "qemu-img")
 	const budget = 4 << 20
 	var mu sync.Mutex
 	var peak int64
@@ -364,10 +332,10 @@ func TestSessionBufferBoundsMemory(t *testing.T) {
 		t.Fatal(err)
 	}
 	url := tt.url("mem")
-	if out, err := runTool(t, 2*time.Minute, "qemu-img", "convert", "-n", "-W", "-m", "16", "-f", "raw", "-O", "raw", img, url); err != nil {
+	if out, err := testtool.Run(t, 2*time.Minute, "qemu-img", "convert", "-n", "-W", "-m", "16", "-f", "raw", "-O", "raw", img, url); err != nil {
 		t.Fatalf("qemu-img convert: %v\n%s", err, out)
 	}
-	if out, err := runTool(t, 2*time.Minute, "qemu-img", "compare", "-f", "raw", "-F", "raw", img, url); err != nil {
+	if out, err := testtool.Run(t, 2*time.Minute, "qemu-img", "compare", "-f", "raw", "-F", "raw", img, url); err != nil {
 		t.Fatalf("qemu-img compare: %v\n%s", err, out)
 	}
 	mu.Lock()

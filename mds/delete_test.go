@@ -8,6 +8,7 @@ import (
 	"cairn.io/cairn/api/chunkpb"
 	"cairn.io/cairn/api/commonpb"
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/soon"
 )
 
 func TestDeleteFreesChunksOnCopysetLeaders(t *testing.T) {
@@ -37,7 +38,7 @@ func TestDeleteFreesChunksOnCopysetLeaders(t *testing.T) {
 		t.Fatal(err)
 	}
 	c.createVolume("vol0", seg)
-	eventually(t, 10*time.Second, func() error {
+	soon.Succeeds(t, 10*time.Second, func() error {
 		for _, vol := range listVolumes(t, c).Volumes {
 			if vol.Id == v.Id {
 				return fmt.Errorf("deleted volume %d still listed (%s)", v.Id, vol.Status)
@@ -95,7 +96,7 @@ func TestDeleteResumesWhenChunkServersReturn(t *testing.T) {
 	for _, d := range c.css {
 		d.SetFailing(false)
 	}
-	eventually(t, 10*time.Second, func() error {
+	soon.Succeeds(t, 10*time.Second, func() error {
 		if n := len(listVolumes(t, c).Volumes); n != 0 {
 			return fmt.Errorf("%d volumes", n)
 		}

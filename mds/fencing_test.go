@@ -11,6 +11,7 @@ import (
 	"google.golang.org/grpc/codes"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/mds"
 	"cairn.io/cairn/mds/mdstest"
 )
@@ -96,7 +97,7 @@ func TestHeartbeatCarriesEpochTableWhenBehind(t *testing.T) {
 	// goes on without it once its epoch lease has run out.
 	late.SetFailing(true)
 	c.heartbeatLoop(func(d *mdstest.ChunkServerDouble) bool { return d == late })
-	eventually(t, 10*time.Second, func() error {
+	soon.Succeeds(t, 10*time.Second, func() error {
 		got, err := c.conn.Topology().GetChunkServer(c.ctx, &mdspb.GetChunkServerRequest{ChunkserverId: late.ID()})
 		if err != nil {
 			return err
@@ -145,7 +146,7 @@ func TestEpochPushReachesOfflineChunkServers(t *testing.T) {
 	// It stops heartbeating (as when cut off from the MDS) but still serves:
 	// the MDS must not skip it because it looks OFFLINE.
 	c.heartbeatLoop(func(d *mdstest.ChunkServerDouble) bool { return d == quiet })
-	eventually(t, 10*time.Second, func() error {
+	soon.Succeeds(t, 10*time.Second, func() error {
 		got, err := c.conn.Topology().GetChunkServer(c.ctx, &mdspb.GetChunkServerRequest{ChunkserverId: quiet.ID()})
 		if err != nil {
 			return err
@@ -266,7 +267,7 @@ func TestSessionsExpireWithoutRefresh(t *testing.T) {
 	}
 	_, err = c.conn.Volumes().DeleteVolume(c.ctx, &mdspb.DeleteVolumeRequest{Name: "vol0"})
 	wantCode(t, err, codes.FailedPrecondition)
-	eventually(t, 10*time.Second, func() error {
+	soon.Succeeds(t, 10*time.Second, func() error {
 		ls, err := c.conn.Volumes().ListSessions(c.ctx, &mdspb.ListSessionsRequest{})
 		if err != nil {
 			return err

@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/mds"
 	"cairn.io/cairn/mds/mdsclient"
 	"cairn.io/cairn/mds/mdstest"
@@ -58,7 +59,7 @@ func startMDS(t *testing.T, cfg mds.Config, wantLeader bool) *mds.Server {
 	}
 	t.Cleanup(s.Stop)
 	if wantLeader {
-		eventually(t, 20*time.Second, func() error {
+		soon.Succeeds(t, 20*time.Second, func() error {
 			if !s.Leading() {
 				return fmt.Errorf("MDS %s not leading yet", s.Addr())
 			}
@@ -93,22 +94,6 @@ func dial(t *testing.T, addrs ...string) *mdsclient.Conn {
 	}
 	t.Cleanup(func() { _ = c.Close() })
 	return c
-}
-
-// eventually polls fn until it returns nil or the timeout passes.
-func eventually(t *testing.T, timeout time.Duration, fn func() error) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		err := fn()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("not true after %s: %v", timeout, err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
 }
 
 func wantCode(t *testing.T, err error, code codes.Code) {

@@ -13,6 +13,7 @@ import (
 
 	"cairn.io/cairn/api/commonpb"
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/mds"
 	"cairn.io/cairn/mds/mdstest"
 )
@@ -33,7 +34,7 @@ func TestHeartbeatStatesFollowHeartbeatAge(t *testing.T) {
 		return got.Chunkserver.OnlineState
 	}
 	for _, want := range []mdspb.OnlineState{mdspb.OnlineState_ONLINE_STATE_UNSTABLE, mdspb.OnlineState_ONLINE_STATE_OFFLINE} {
-		eventually(t, 10*time.Second, func() error {
+		soon.Succeeds(t, 10*time.Second, func() error {
 			if s := state(); s != want {
 				return fmt.Errorf("state %s, want %s", s, want)
 			}

@@ -14,6 +14,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/mds"
 	"cairn.io/cairn/mds/embedetcd"
 	"cairn.io/cairn/mds/mdsclient"
@@ -253,7 +254,7 @@ func TestFailoverWhileAllocating(t *testing.T) {
 	<-killAt
 	killed := time.Now()
 	a.Stop()
-	eventually(t, 20*time.Second, func() error {
+	soon.Succeeds(t, 20*time.Second, func() error {
 		if !b.Leading() {
 			return errors.New("the surviving MDS does not lead yet")
 		}

@@ -10,6 +10,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/mds/mdstest"
 )
 
@@ -256,7 +257,7 @@ func TestPoolCreationResumesWhenChunkServerComesBack(t *testing.T) {
 	_, err = c.conn.Volumes().CreateVolume(c.ctx, &mdspb.CreateVolumeRequest{Name: "v", Size: 1})
 	wantCode(t, err, codes.FailedPrecondition)
 	c.css[1].SetFailing(false)
-	eventually(t, 10*time.Second, func() error {
+	soon.Succeeds(t, 10*time.Second, func() error {
 		p, err := c.conn.Topology().ListPools(c.ctx, &mdspb.ListPoolsRequest{})
 		if err != nil {
 			return err

@@ -11,6 +11,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/mds"
 	"cairn.io/cairn/mds/mdstest"
 )
@@ -70,7 +71,7 @@ func TestVolumeLifecycle(t *testing.T) {
 	}
 	_, err = c.conn.Volumes().StatVolume(c.ctx, &mdspb.StatVolumeRequest{Name: "renamed"})
 	wantCode(t, err, codes.NotFound)
-	eventually(t, 10*time.Second, func() error {
+	soon.Succeeds(t, 10*time.Second, func() error {
 		if n := len(listVolumes(t, c).Volumes); n != 1 {
 			return fmt.Errorf("%d volumes listed", n)
 		}
@@ -297,7 +298,7 @@ func TestAllocationAvoidsCopysetsWithOfflineMembers(t *testing.T) {
 	dead := c.css[0]
 	dead.Stop()
 	c.heartbeatLoop(func(d *mdstest.ChunkServerDouble) bool { return d == dead })
-	eventually(t, 10*time.Second, func() error {
+	soon.Succeeds(t, 10*time.Second, func() error {
 		got, err := c.conn.Topology().GetChunkServer(c.ctx, &mdspb.GetChunkServerRequest{ChunkserverId: dead.ID()})
 		if err != nil {
 			return err

@@ -17,6 +17,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"cairn.io/cairn/internal/testtool"
 )
 
 const benchSize = 64 << 20
@@ -105,9 +107,7 @@ func BenchmarkServerOverhead(b *testing.B) {
 // 4 KiB writes (fio --io_size wraps over the 64 MiB export) at queue depth 1 and 32, reporting
 // the IOPS fio measured.
 func BenchmarkFioQueueDepth(b *testing.B) {
-	if _, err := exec.LookPath("fio"); err != nil {
-		b.Skip("fio not installed")
-	}
+	testtool.Need(b, "fio")
 	addr := benchServer(b, time.Millisecond, false)
 	for _, qd := range []int{1, 32} {
 		b.Run(fmt.Sprintf("randwrite/QD%d", qd), func(b *testing.B) {

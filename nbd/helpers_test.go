@@ -10,7 +10,6 @@ import (
 	"strings"
 	"sync"
 	"testing"
-	"time"
 
 	"cairn.io/cairn/blockdev/blockdevtest"
 )
@@ -119,18 +118,6 @@ func pattern(n int, seed byte) []byte {
 		b[i] = byte(i/512) ^ byte(i) ^ seed
 	}
 	return b
-}
-
-// succeedsSoon polls cond until it holds or the deadline passes.
-func succeedsSoon(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
 }
 
 // testLogger sends the server's logs to the test log until the test ends.

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"cairn.io/cairn/blockdev/blockdevtest"
+	"cairn.io/cairn/internal/soon"
 )
 
 const testSize = 1 << 20
@@ -403,7 +404,7 @@ func TestBadRequestMagicClosesOnlyThatConnection(t *testing.T) {
 	if got := other.read(0, 8192); !bytes.Equal(got, pattern(8192, 4)) {
 		t.Fatal("other connection broken")
 	}
-	succeedsSoon(t, "protocol errors counted", func() bool { return env.srv.Stats().ProtocolErrorsTotal == 2 })
+	soon.True(t, 20*time.Second, "protocol errors counted", func() bool { return env.srv.Stats().ProtocolErrorsTotal == 2 })
 	if !bytes.Equal(readFile(t, filepath.Join(env.dir, "vol"))[:8192], pattern(8192, 4)) {
 		t.Fatal("cut write changed the export")
 	}
@@ -699,7 +700,7 @@ func TestInFlightLimit(t *testing.T) {
 	for range limit {
 		<-entered
 	}
-	succeedsSoon(t, "in-flight gauge", func() bool { return env.srv.Stats().InFlight == limit })
+	soon.True(t, 20*time.Second, "in-flight gauge", func() bool { return env.srv.Stats().InFlight == limit })
 	close(release)
 	for range 2 * limit {
 		if r, err := c.recv(); err != nil || r.errno != 0 {
@@ -729,7 +730,7 @@ func TestOnRequestHook(t *testing.T) {
 	c.do(0, cmdRead, 1, 512, nil)
 	// The hook runs after the reply is sent, possibly after the client
 	// has read it, and requests finish in any order.
-	succeedsSoon(t, "two request events", func() bool {
+	soon.True(t, 20*time.Second, "two request events", func() bool {
 		mu.Lock()
 		defer mu.Unlock()
 		return len(events) >= 2
@@ -797,7 +798,7 @@ func finishHeldWrite(t *testing.T, env *testEnv, name string, c *testClient, w u
 		t.Fatalf("in-flight write: %v %+v", err, r)
 	}
 	c.expectClosed()
-	succeedsSoon(t, "export closed", func() bool { return env.exports.Live(name) == 0 })
+	soon.True(t, 20*time.Second, "export closed", func() bool { return env.exports.Live(name) == 0 })
 	if !bytes.Equal(readFile(t, path)[:len(want)], want) {
 		t.Fatal("in-flight write lost")
 	}
@@ -849,14 +850,14 @@ func TestDeadConnectionWriteDoesNotOvertakeNewerWrite(t *testing.T) {
 				}
 			}
 			old.nc.Close() // the client dies without NBD_CMD_DISC
-			succeedsSoon(t, "the held write's context cancelled", hold.Cancelled)
+			soon.True(t, 20*time.Second, "the held write's context cancelled", hold.Cancelled)
 			if st := env.srv.Stats(); st.DeadConnections != 1 {
 				t.Fatalf("dead connections %d, want 1", st.DeadConnections)
 			}
 
 			c := connect(t, env.addr, "vol", true)
 			w := c.send(0, cmdWrite, 0, 4096, b)
-			succeedsSoon(t, "the new write reaching the backend or its connection waiting", func() bool {
+			soon.True(t, 20*time.Second, "the new write reaching the backend or its connection waiting", func() bool {
 				return dev.InFlight() > 1 || dev.Count(blockdevtest.OpWrite) > 0 || env.srv.Stats().WaitingConnections == 1
 			})
 			if n := dev.Count(blockdevtest.OpWrite); n != 0 || dev.InFlight() != 1 {
@@ -952,5 +953,5 @@ func TestInFlightBytesStayWithinBudget(t *testing.T) {
 	if peak > budget || peak < payload {
 		t.Fatalf("peak payload in flight %d, budget %d", peak, budget)
 	}
-	succeedsSoon(t, "no payload left in flight", func() bool { return env.srv.Stats().InFlightBytes == 0 })
+	soon.True(t, 20*time.Second, "no payload left in flight", func() bool { return env.srv.Stats().InFlightBytes == 0 })
 }

@@ -5,63 +5,35 @@ package nbd
 
 import (
 	"bytes"
-	"context"
-	"crypto/rand"
 	"encoding/json"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"cairn.io/cairn/internal/soon"
+	"cairn.io/cairn/internal/testtool"
 )
 
-// requireTool skips the test when a client is not installed (Debian: libnbd-bin, qemu-utils, fio).
-func requireTool(t *testing.T, name string) {
-	t.Helper()
-	if _, err := exec.LookPath(name); err != nil {
-		t.Skipf("%s not installed: %v", name, err)
-	}
-}
-
 // run runs a tool with a deadline and returns its combined output; it fails the test on a non-zero
-// exit unless wantFail.
+// exit unless wantFail, and on a zero exit if wantFail.
 func run(t *testing.T, wantFail bool, name string, args ...string) string {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, name, args...)
-	cmd.Env = append(os.Environ(), "LIBNBD_DEBUG=0")
-	cmd.Dir = t.TempDir() // tools leave files in their working directory (fio's verify state)
-	out, err := cmd.CombinedOutput()
-	if ctx.Err() != nil {
-		t.Fatalf("%s %s: timed out\n%s", name, strings.Join(args, " "), out)
-	}
+	out, err := testtool.Run(t, 3*time.Minute, name, args...)
 	if wantFail && err == nil {
 		t.Fatalf("%s %s: succeeded, want failure\n%s", name, strings.Join(args, " "), out)
 	}
 	if !wantFail && err != nil {
 		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
 	}
-	return string(out)
-}
-
-func writeRandomFile(t *testing.T, path string, size int) []byte {
-	t.Helper()
-	b := make([]byte, size)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(path, b, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return b
+	return out
 }
 
 func TestNbdinfo(t *testing.T) {
-	requireTool(t, "nbdinfo")
+	testtool.Need(t, "nbdinfo")
 	env := newTestEnv(t)
 	env.createExport("vol-a", 64<<20, nil)
 	env.createExport("vol-b", 1<<20, nil)
@@ -115,8 +87,8 @@ func TestNbdinfo(t *testing.T) {
 }
 
 func TestToolsUnknownExport(t *testing.T) {
-	requireTool(t, "nbdinfo")
-	requireTool(t, "qemu-img")
+	testtool.Need(t, "nbdinfo")
+	testtool.Need(t, "qemu-img")
 	env := newTestEnv(t)
 	env.createExport("vol", 1<<20, nil)
 	// libnbd reports NBD_REP_ERR_UNKNOWN as ENOENT.
@@ -131,7 +103,7 @@ func TestToolsUnknownExport(t *testing.T) {
 }
 
 func TestNbdcopyRoundTrip(t *testing.T) {
-	requireTool(t, "nbdcopy")
+	testtool.Need(t, "nbdcopy")
 	const size = 64 << 20
 	for _, multiConn := range []bool{false, true} {
 		name := "single-connection"
@@ -142,7 +114,7 @@ func TestNbdcopyRoundTrip(t *testing.T) {
 			env := newTestEnv(t, func(c *Config) { c.MultiConn = multiConn })
 			vol := env.createExport("vol", size, nil)
 			src := filepath.Join(t.TempDir(), "src.raw")
-			want := writeRandomFile(t, src, size)
+			want := testtool.RandomFile(t, src, size)
 			run(t, false, "nbdcopy", "--flush", src, env.uri("vol"))
 			if !bytes.Equal(readFile(t, vol), want) {
 				t.Fatal("export differs from the source after nbdcopy in")
@@ -157,12 +129,12 @@ func TestNbdcopyRoundTrip(t *testing.T) {
 }
 
 func TestQemuImgConvertCompare(t *testing.T) {
-	requireTool(t, "qemu-img")
+	testtool.Need(t, "qemu-img")
 	const size = 32 << 20
 	env := newTestEnv(t)
 	vol := env.createExport("vol", size, nil)
 	src := filepath.Join(t.TempDir(), "src.raw")
-	want := writeRandomFile(t, src, size)
+	want := testtool.RandomFile(t, src, size)
 
 	run(t, false, "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", src, env.uri("vol"))
 	run(t, false, "qemu-img", "compare", "-f", "raw", "-F", "raw", src, env.uri("vol"))
@@ -191,7 +163,7 @@ func TestQemuImgConvertCompare(t *testing.T) {
 // qemu-io, reads zeros back through NBD, and checks on the backing file which ranges were
 // unmapped (holes) and which were provisioned.
 func TestQemuIoTrimAndWriteZeroes(t *testing.T) {
-	requireTool(t, "qemu-io")
+	testtool.Need(t, "qemu-io")
 	env := newTestEnv(t)
 	vol := env.createExport("vol", 8<<20, nil)
 	uri := env.uri("vol")
@@ -261,7 +233,7 @@ func fioVerify(t *testing.T, uri string, size string, wantFail bool) string {
 }
 
 func TestFioVerify(t *testing.T) {
-	requireTool(t, "fio")
+	testtool.Need(t, "fio")
 	env := newTestEnv(t)
 	env.createExport("vol", 32<<20, nil)
 	out := fioVerify(t, env.uri("vol"), "16m", false)
@@ -287,7 +259,7 @@ func TestFioVerify(t *testing.T) {
 	}
 	// Counters are updated after each reply; the connection ends only
 	// after every request has finished.
-	succeedsSoon(t, "fio's connection closed", func() bool { return env.srv.Stats().Connections == 0 })
+	soon.True(t, 20*time.Second, "fio's connection closed", func() bool { return env.srv.Stats().Connections == 0 })
 	st := env.srv.Stats()
 	if st.WritesTotal != 4096 || st.ReadsTotal < 4096 {
 		t.Fatalf("server saw %d writes and %d reads", st.WritesTotal, st.ReadsTotal)
@@ -297,7 +269,7 @@ func TestFioVerify(t *testing.T) {
 // TestFioVerifyCatchesCorruption: the same fio job fails when the backend returns one wrong byte,
 // so TestFioVerify passing means the data was right.
 func TestFioVerifyCatchesCorruption(t *testing.T) {
-	requireTool(t, "fio")
+	testtool.Need(t, "fio")
 	env := newTestEnv(t)
 	env.createExport("vol", 32<<20, nil)
 	env.device("vol").SetReadFilter(corrupt)

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"cairn.io/cairn/chunkfilepool"
+	"cairn.io/cairn/internal/soon"
 )
 
 const (
@@ -63,21 +64,6 @@ func (e *env) open(t *testing.T, o Options) *Store {
 	}
 	t.Cleanup(func() { _ = s.Close() })
 	return s
-}
-
-func succeedsSoon(t *testing.T, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("condition not met in time: %v", err)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
 }
 
 func pattern(seed byte, n int) []byte {
@@ -345,7 +331,7 @@ func TestInterruptedCreationGoesBackToPool(t *testing.T) {
 	if ents, _ := os.ReadDir(e.dir); len(ents) != 0 {
 		t.Fatalf("failed creation left %v", ents)
 	}
-	succeedsSoon(t, func() error {
+	soon.Succeeds(t, 30*time.Second, func() error {
 		if st := e.pool.Stats(); st.InUse != 0 || st.Clean != 2 {
 			return fmt.Errorf("pool %+v", st)
 		}
@@ -368,7 +354,7 @@ func TestInterruptedCreationGoesBackToPool(t *testing.T) {
 	if ents, _ := os.ReadDir(e.dir); len(ents) != 0 {
 		t.Fatalf("store dir keeps %v", ents)
 	}
-	succeedsSoon(t, func() error {
+	soon.Succeeds(t, 30*time.Second, func() error {
 		if st := e.pool.Stats(); st.InUse != 0 || st.Clean != 2 {
 			return fmt.Errorf("pool %+v", st)
 		}
@@ -432,7 +418,7 @@ func TestSyncCoversCompletedWrites(t *testing.T) {
 	var last [chunks + 1]int64
 	for range 30 {
 		// Let every writer make progress between two Syncs.
-		succeedsSoon(t, func() error {
+		soon.Succeeds(t, 30*time.Second, func() error {
 			for id := 1; id <= chunks; id++ {
 				if completed[id].Load() <= last[id] {
 					return fmt.Errorf("chunk %d made no progress", id)
@@ -627,7 +613,7 @@ func TestDestroyReturnsEverythingToPool(t *testing.T) {
 	if err := s.WriteAt(1, pattern(1, 512), 0); !errors.Is(err, ErrClosed) {
 		t.Fatalf("write after destroy: %v", err)
 	}
-	succeedsSoon(t, func() error {
+	soon.Succeeds(t, 30*time.Second, func() error {
 		if st := e.pool.Stats(); st.InUse != 0 || st.Clean != 4 {
 			return fmt.Errorf("pool %+v", st)
 		}

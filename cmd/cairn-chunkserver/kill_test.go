@@ -16,6 +16,7 @@ import (
 
 	"cairn.io/cairn/api/chunkpb"
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/mds"
 	"cairn.io/cairn/mds/mdsclient"
 	"cairn.io/cairn/test/cluster"
@@ -113,7 +114,7 @@ func TestKill9LosesNothingAcknowledged(t *testing.T) {
 			}
 		}
 	}()
-	cluster.SucceedsSoon(t, time.Minute, func() error {
+	soon.Succeeds(t, time.Minute, func() error {
 		r, err := conn.Topology().ListChunkServers(ctx, &mdspb.ListChunkServersRequest{})
 		if err != nil {
 			return err
@@ -197,7 +198,7 @@ func TestKill9LosesNothingAcknowledged(t *testing.T) {
 		}
 		return n
 	}
-	cluster.SucceedsSoon(t, time.Minute, func() error {
+	soon.Succeeds(t, time.Minute, func() error {
 		if n := acked(); n < 50 {
 			return fmt.Errorf("%d blocks acknowledged", n)
 		}
@@ -209,7 +210,7 @@ func TestKill9LosesNothingAcknowledged(t *testing.T) {
 	t.Logf("kill -9 the chunkserver of zone %s", procs[busiest].zone)
 	procs[busiest].kill9()
 	before := acked()
-	cluster.SucceedsSoon(t, time.Minute, func() error {
+	soon.Succeeds(t, time.Minute, func() error {
 		if n := acked(); n < before+30 {
 			return fmt.Errorf("writes stalled after the kill: %d -> %d", before, n)
 		}

@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/mds/embedetcd"
 	"cairn.io/cairn/mds/mdsclient"
 	"cairn.io/cairn/mds/mdstest"
@@ -129,24 +130,9 @@ func (p *proc) health() string {
 	return string(b)
 }
 
-func eventually(t *testing.T, timeout time.Duration, fn func() error) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		err := fn()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("not true after %s: %v", timeout, err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
 func waitLeader(t *testing.T, p *proc) {
 	t.Helper()
-	eventually(t, 20*time.Second, func() error {
+	soon.Succeeds(t, 20*time.Second, func() error {
 		if h := p.health(); !strings.HasPrefix(h, "ok leader") {
 			return fmt.Errorf("healthz: %q", h)
 		}

@@ -8,9 +8,11 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+	"time"
 
 	"go.etcd.io/raft/v3/raftpb"
 
+	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/test/faultfs"
 )
 
@@ -223,7 +225,7 @@ func TestOverwrittenEntriesDoNotPin(t *testing.T) {
 	w.SetCheckpoint(1, 10, hs(2, 2, 10))
 	submitSync(t, w, Append{Group: 2, Entries: []*raftpb.Entry{ent(1, 1, "kick")}})
 	w.SetCheckpoint(2, 1, nil)
-	waitFor(t, func() bool { return w.Stats().Segments <= 2 }, "segments holding only overwritten entries recycled")
+	soon.True(t, 20*time.Second, "segments holding only overwritten entries recycled", func() bool { return w.Stats().Segments <= 2 })
 }
 
 // TestSnapshotMarkReleasesOlderEntries: after a snapshot mark, entries
@@ -239,7 +241,7 @@ func TestSnapshotMarkReleasesOlderEntries(t *testing.T) {
 	w.SetCheckpoint(1, 50, hs(3, 2, 50))
 	submitSync(t, w, Append{Group: 2, Entries: []*raftpb.Entry{ent(1, 1, "kick")}})
 	w.SetCheckpoint(2, 1, nil)
-	waitFor(t, func() bool { return w.Stats().Segments <= 2 }, "segments older than the snapshot mark recycled")
+	soon.True(t, 20*time.Second, "segments older than the snapshot mark recycled", func() bool { return w.Stats().Segments <= 2 })
 }
 
 // TestSnapshotMarkKeepsConfEpoch: the configuration epoch recorded with a
@@ -265,7 +267,7 @@ func TestSnapshotMarkKeepsConfEpoch(t *testing.T) {
 // before it, a hole that recovery must call corruption.
 func TestSegmentIsSyncedBeforeTheNextHeader(t *testing.T) {
 	disk := faultfs.MountForTest(t, faultfs.Options{})
-	src := &zeroSource{size: 64 << 10}
+	src := &serialSource{zeroSource: zeroSource{size: 64 << 10}}
 	var mu sync.Mutex
 	var headers, dirty int
 	w, _, err := Open(Options{Dir: disk.Path("wal"), Source: src, TestingKnobs: TestingKnobs{
@@ -273,7 +275,11 @@ func TestSegmentIsSyncedBeforeTheNextHeader(t *testing.T) {
 			if off != 0 || seq == 1 {
 				return
 			}
+			// A spare segment the source is formatting meanwhile is not
+			// a write of the log: look only between formats.
+			src.busy.Lock()
 			st := disk.Stats()
+			src.busy.Unlock()
 			mu.Lock()
 			headers++
 			if st.UnsyncedFiles != 0 {
@@ -305,6 +311,19 @@ func TestSegmentIsSyncedBeforeTheNextHeader(t *testing.T) {
 	if dirty != 0 {
 		t.Fatalf("%d of %d segments were started while earlier writes were not yet synced", dirty, headers)
 	}
+}
+
+// serialSource formats one segment at a time and lets a test wait for a
+// format to finish.
+type serialSource struct {
+	zeroSource
+	busy sync.Mutex
+}
+
+func (s *serialSource) Get(dst string) error {
+	s.busy.Lock()
+	defer s.busy.Unlock()
+	return s.zeroSource.Get(dst)
 }
 
 // TestDroppedLastSegmentNumberIsReused: a last segment whose header never

@@ -2,22 +2,9 @@ package wal
 
 import (
 	"testing"
-	"time"
 
 	"go.etcd.io/raft/v3/raftpb"
 )
-
-// waitFor polls cond until it holds or a generous deadline passes.
-func waitFor(t *testing.T, cond func() bool, what string) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for: %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
 
 func FuzzDecodeRecord(f *testing.F) {
 	f.Add(appendRecord(nil, 1, recEntries, 3, appendEntriesPayload(nil, []*raftpb.Entry{ent(1, 1, "abc")})), uint64(1))

@@ -15,6 +15,7 @@ import (
 
 	"go.etcd.io/raft/v3/raftpb"
 
+	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/test/faultfs"
 )
 
@@ -256,11 +257,11 @@ func TestCrashKeepsAcknowledged(t *testing.T) {
 						t.Fatalf("the cut at a sync did not happen: %v", err)
 					}
 				} else {
-					waitFor(t, func() bool {
+					soon.True(t, 20*time.Second, "150 acknowledged appends", func() bool {
 						mu.Lock()
 						defer mu.Unlock()
 						return acked[1] >= 150
-					}, "150 acknowledged appends")
+					})
 					if _, err := disk.Crash(opts); err != nil {
 						t.Fatal(err)
 					}
@@ -331,7 +332,7 @@ func TestRecycleKeepsUncoveredHardState(t *testing.T) {
 		t.Fatalf("recycled on a checkpoint with an older hard state")
 	}
 	w.SetCheckpoint(99, 0, hs(5, 3, 0))
-	waitFor(t, func() bool { return w.Stats().Segments <= 2 }, "old segments recycled")
+	soon.True(t, 20*time.Second, "old segments recycled", func() bool { return w.Stats().Segments <= 2 })
 	if _, rec := src.counts(); rec == 0 {
 		t.Fatalf("no segment went back to the source")
 	}
@@ -365,7 +366,7 @@ func TestForgottenGroupDoesNotPin(t *testing.T) {
 	}
 	submitSync(t, w, Append{Group: 4, Entries: []*raftpb.Entry{ent(1, 1, "x")}})
 	w.SetCheckpoint(4, 1, nil)
-	waitFor(t, func() bool { return w.Stats().Segments < before }, "segments of a forgotten group recycled")
+	soon.True(t, 20*time.Second, "segments of a forgotten group recycled", func() bool { return w.Stats().Segments < before })
 }
 
 // TestGroupCommitBatches holds the first sync until every other submission
@@ -395,7 +396,7 @@ func TestGroupCommitBatches(t *testing.T) {
 	var wg sync.WaitGroup
 	wg.Add(n)
 	w.Submit(Append{Group: 1000, Entries: []*raftpb.Entry{ent(1, 1, "first")}}, func(error) {})
-	waitFor(t, func() bool { mu.Lock(); defer mu.Unlock(); return len(syncs) == 1 }, "first sync")
+	soon.True(t, 20*time.Second, "first sync", func() bool { mu.Lock(); defer mu.Unlock(); return len(syncs) == 1 })
 	for g := uint64(1); g <= n; g++ {
 		w.Submit(Append{Group: g, Entries: []*raftpb.Entry{ent(1, 1, "x")}, HardState: hs(1, 0, 1)}, func(err error) {
 			if err != nil {

@@ -25,6 +25,7 @@ import (
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/chunkserver"
 	"cairn.io/cairn/copyset/transport"
+	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/internal/testlog"
 	"cairn.io/cairn/mds"
 	"cairn.io/cairn/mds/mdsclient"
@@ -138,7 +139,7 @@ func Start(t testing.TB, opts Options) *Cluster {
 	if !opts.NoPool {
 		// Placement uses the chunkservers the MDS sees online: wait for
 		// every one's heartbeat, which a loaded machine may delay.
-		SucceedsSoon(t, time.Minute, func() error {
+		soon.Succeeds(t, time.Minute, func() error {
 			resp, err := c.Conn.Topology().ListChunkServers(ctx, &mdspb.ListChunkServersRequest{})
 			if err != nil {
 				return err
@@ -285,7 +286,7 @@ func (c *Cluster) ByID(id uint64) *chunkserver.Server {
 // MDS knows about.
 func (c *Cluster) WaitHealthy() {
 	c.t.Helper()
-	SucceedsSoon(c.t, time.Minute, func() error {
+	soon.Succeeds(c.t, time.Minute, func() error {
 		resp, err := c.Conn.Topology().ListCopysets(context.Background(), &mdspb.ListCopysetsRequest{})
 		if err != nil {
 			return err
@@ -314,22 +315,6 @@ func (c *Cluster) Stop() {
 	if c.MDS != nil {
 		c.MDS.Stop()
 		c.MDS = nil
-	}
-}
-
-// SucceedsSoon retries f until it returns nil or d passes.
-func SucceedsSoon(t testing.TB, d time.Duration, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("condition not met after %v: %v", d, err)
-		}
-		time.Sleep(20 * time.Millisecond)
 	}
 }
 

@@ -2,8 +2,6 @@ package e2e
 
 import (
 	"bytes"
-	"context"
-	"crypto/rand"
 	"errors"
 	"flag"
 	"fmt"
@@ -52,16 +50,6 @@ func TestMain(m *testing.M) {
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)
-}
-
-// needTools skips the test when a tool is missing.
-func needTools(t *testing.T, tools ...string) {
-	t.Helper()
-	for _, tool := range tools {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s is not installed (Debian packages: libnbd-bin for nbdcopy/nbdinfo, fio, qemu-utils and qemu-block-extra for qemu-img, libiscsi-bin for iscsi-*)", tool)
-		}
-	}
 }
 
 // syncBuffer is a bytes.Buffer safe for a process's output and a reader.
@@ -187,42 +175,6 @@ func (p *pgProcess) logTails() string {
 	return b.String()
 }
 
-// run runs a tool in a temporary directory with a deadline and returns its
-// combined output.
-func run(t *testing.T, timeout time.Duration, name string, args ...string) (string, error) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, name, args...)
-	cmd.Dir = t.TempDir()
-	out, err := cmd.CombinedOutput()
-	if ctx.Err() != nil {
-		err = fmt.Errorf("timed out after %s: %w", timeout, ctx.Err())
-	}
-	return string(out), err
-}
-
-func mustRun(t *testing.T, timeout time.Duration, name string, args ...string) string {
-	t.Helper()
-	out, err := run(t, timeout, name, args...)
-	if err != nil {
-		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
-	}
-	return out
-}
-
-func randomFile(t *testing.T, path string, size int) []byte {
-	t.Helper()
-	b := make([]byte, size)
-	if _, err := io.ReadFull(rand.Reader, b); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(path, b, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
 // checkImage compares the start of the file at path with want byte for
 // byte and checks that the rest holds no data: nbdcopy leaves zero blocks
 // as holes, so a data extent past want means non-zero bytes were read.
@@ -287,22 +239,6 @@ func firstDiff(a, b []byte) int {
 		}
 	}
 	return min(len(a), len(b))
-}
-
-// succeedsSoon retries f until it returns nil or d passes.
-func succeedsSoon(t *testing.T, d time.Duration, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("condition not met after %v: %v", d, err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
 }
 
 func httpGet(url string) (int, string, error) {

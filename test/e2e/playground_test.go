@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/soon"
+	"cairn.io/cairn/internal/testtool"
 	"cairn.io/cairn/mds/mdsclient"
 	"cairn.io/cairn/test/iscsi/testcu"
 	"cairn.io/cairn/tools/playground"
@@ -103,16 +105,16 @@ func (e *env) readBack(t *testing.T) {
 	back := e.path("back")
 	os.Remove(back)
 	defer os.Remove(back)
-	mustRun(t, 5*time.Minute, "nbdcopy", e.vol0.NBDURL, back)
+	testtool.MustRun(t, 5*time.Minute, "nbdcopy", e.vol0.NBDURL, back)
 	checkImage(t, back, e.want, int64(e.vol0.Size))
 }
 
 // 1. A random 256 MiB file written with nbdcopy reads back byte for byte.
 func (e *env) nbdCopyRoundTrip(t *testing.T) {
-	needTools(t, "nbdcopy")
+	testtool.Need(t, "nbdcopy")
 	src := e.path("first")
-	data := randomFile(t, src, copySize)
-	mustRun(t, 5*time.Minute, "nbdcopy", src, e.vol0.NBDURL)
+	data := testtool.RandomFile(t, src, copySize)
+	testtool.MustRun(t, 5*time.Minute, "nbdcopy", src, e.vol0.NBDURL)
 	os.Remove(src)
 	e.want = data
 	e.readBack(t)
@@ -122,7 +124,7 @@ func (e *env) nbdCopyRoundTrip(t *testing.T) {
 // a second copy is written; the copy completes, the playground restarts the
 // chunkserver, and the second copy reads back.
 func (e *env) killLeaderDuringCopy(t *testing.T) {
-	needTools(t, "nbdcopy")
+	testtool.Need(t, "nbdcopy")
 	if e.want == nil {
 		t.Skip("the first copy failed")
 	}
@@ -134,7 +136,7 @@ func (e *env) killLeaderDuringCopy(t *testing.T) {
 	t.Logf("killing %s (pid %d), leader of %d copysets", victim, old.PID, leads)
 
 	src := e.path("second")
-	data := randomFile(t, src, copySize)
+	data := testtool.RandomFile(t, src, copySize)
 	defer os.Remove(src)
 	copyCmd := exec.CommandContext(ctx, "nbdcopy", src, e.vol0.NBDURL)
 	copyCmd.Dir = e.work
@@ -147,7 +149,7 @@ func (e *env) killLeaderDuringCopy(t *testing.T) {
 	go func() { copyDone <- copyCmd.Wait() }()
 	// Kill once the copy is well under way.
 	written0 := e.nbdWrittenBytes(t)
-	succeedsSoon(t, time.Minute, func() error {
+	soon.Succeeds(t, time.Minute, func() error {
 		select {
 		case err := <-copyDone:
 			copyDone <- err
@@ -179,7 +181,7 @@ func (e *env) killLeaderDuringCopy(t *testing.T) {
 	}
 	e.want = data
 	// The playground notices and restarts it; the MDS hears from it again.
-	succeedsSoon(t, 2*time.Minute, func() error {
+	soon.Succeeds(t, 2*time.Minute, func() error {
 		p := e.pg.state(t).Process(victim)
 		if p.PID == 0 || p.PID == old.PID || p.Restarts != old.Restarts+1 {
 			return fmt.Errorf("%s: pid %d, %d restarts", victim, p.PID, p.Restarts)
@@ -248,7 +250,7 @@ func (e *env) nbdWrittenBytes(t *testing.T) int64 {
 // 3. The whole playground stops cleanly and starts again from its
 // directory; the data is still there.
 func (e *env) restartPlayground(t *testing.T) {
-	needTools(t, "nbdcopy")
+	testtool.Need(t, "nbdcopy")
 	e.pg.stop(t)
 	if t.Failed() {
 		t.FailNow()
@@ -269,8 +271,8 @@ func (e *env) restartPlayground(t *testing.T) {
 // 4. fio writes 64 MiB at random with CRC32C headers at queue depth 32
 // through the nbd engine, then reads it all back and verifies it.
 func (e *env) fioVerify(t *testing.T) {
-	needTools(t, "fio")
-	out := mustRun(t, 5*time.Minute, "fio", "--name=verify", "--ioengine=nbd", "--uri="+e.vol0.NBDURL,
+	testtool.Need(t, "fio")
+	out := testtool.MustRun(t, 5*time.Minute, "fio", "--name=verify", "--ioengine=nbd", "--uri="+e.vol0.NBDURL,
 		"--rw=randwrite", "--bs=4k", "--iodepth=32", "--offset=1g", "--size=64m",
 		"--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_backlog=0", "--verify_state_save=0",
 		"--output-format=json")
@@ -288,7 +290,7 @@ func (e *env) fioVerify(t *testing.T) {
 // random image copied onto a LUN compares equal, and a session stays up
 // through several NOP intervals under load.
 func (e *env) iscsi(t *testing.T) {
-	needTools(t, "iscsi-ls", "iscsi-inq", "iscsi-readcapacity16", "qemu-img", "iscsi-perf")
+	testtool.Need(t, "iscsi-ls", "iscsi-inq", "iscsi-readcapacity16", "qemu-img", "iscsi-perf")
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	st := e.pg.state(t)
@@ -301,28 +303,28 @@ func (e *env) iscsi(t *testing.T) {
 	iqn0 := playground.IQNPrefix + ":" + e.vol0.Name
 	iqn1 := playground.IQNPrefix + ":" + e.iscsiVol
 	url1 := portal + "/" + iqn1 + "/0"
-	succeedsSoon(t, 30*time.Second, func() error {
-		out, err := run(t, time.Minute, "iscsi-ls", "-s", portal)
+	soon.Succeeds(t, 30*time.Second, func() error {
+		out, err := testtool.Run(t, time.Minute, "iscsi-ls", "-s", portal)
 		if err != nil || !strings.Contains(out, iqn0) || !strings.Contains(out, iqn1) {
 			return fmt.Errorf("iscsi-ls -s: %v\n%s", err, out)
 		}
 		return nil
 	})
-	out := mustRun(t, time.Minute, "iscsi-inq", e.vol0.ISCSIURL)
+	out := testtool.MustRun(t, time.Minute, "iscsi-inq", e.vol0.ISCSIURL)
 	for _, want := range []string{"Peripheral Device Type:DIRECT_ACCESS", "Vendor:CAIRN", "Product:VOLUME"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("iscsi-inq lacks %q:\n%s", want, out)
 		}
 	}
-	out = mustRun(t, time.Minute, "iscsi-readcapacity16", e.vol0.ISCSIURL)
+	out = testtool.MustRun(t, time.Minute, "iscsi-readcapacity16", e.vol0.ISCSIURL)
 	if !strings.Contains(out, "Total size:10737418240") {
 		t.Errorf("iscsi-readcapacity16 of vol0:\n%s", out)
 	}
 
 	img := e.path("iscsi-image")
-	e.iscsiWant = randomFile(t, img, iscsiImage)
-	mustRun(t, 5*time.Minute, "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", img, url1)
-	out = mustRun(t, 5*time.Minute, "qemu-img", "compare", "-f", "raw", "-F", "raw", img, url1)
+	e.iscsiWant = testtool.RandomFile(t, img, iscsiImage)
+	testtool.MustRun(t, 5*time.Minute, "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", img, url1)
+	out = testtool.MustRun(t, 5*time.Minute, "qemu-img", "compare", "-f", "raw", "-F", "raw", img, url1)
 	if !strings.Contains(out, "Images are identical") {
 		t.Errorf("qemu-img compare:\n%s", out)
 	}
@@ -332,7 +334,7 @@ func (e *env) iscsi(t *testing.T) {
 	if err := os.WriteFile(img, flipped, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if out, err := run(t, 5*time.Minute, "qemu-img", "compare", "-f", "raw", "-F", "raw", img, url1); err == nil {
+	if out, err := testtool.Run(t, 5*time.Minute, "qemu-img", "compare", "-f", "raw", "-F", "raw", img, url1); err == nil {
 		t.Errorf("qemu-img compare found no difference after a byte was changed:\n%s", out)
 	}
 	os.Remove(img)
@@ -341,7 +343,7 @@ func (e *env) iscsi(t *testing.T) {
 	// for 20 s must keep its connection through them.
 	gw := "http://" + st.Process("gateway").MetricsAddr + "/metrics"
 	nops0 := metric(t, gw, "cairn_gateway_iscsi_nop_outs_total")
-	out = mustRun(t, 2*time.Minute, "iscsi-perf", "-t", "20", "-m", "8", "-r", "-x", "0", e.vol0.ISCSIURL)
+	out = testtool.MustRun(t, 2*time.Minute, "iscsi-perf", "-t", "20", "-m", "8", "-r", "-x", "0", e.vol0.ISCSIURL)
 	m := regexp.MustCompile(`iops average (\d+)`).FindAllStringSubmatch(out, -1)
 	if m == nil || !strings.Contains(out, "finished") || strings.Contains(strings.ToLower(out), "reconnect") {
 		t.Fatalf("iscsi-perf did not run its 20 s on one session:\n%s", out)
@@ -372,18 +374,18 @@ func metric(t *testing.T, url, name string) float64 {
 // 6. What was written through one frontend reads back through the other:
 // the iSCSI image through NBD, vol0's NBD copy through iSCSI.
 func (e *env) sameData(t *testing.T) {
-	needTools(t, "nbdcopy", "qemu-img")
+	testtool.Need(t, "nbdcopy", "qemu-img")
 	if e.iscsiWant == nil || e.want == nil {
 		t.Skip("an earlier step failed")
 	}
 	st := e.pg.state(t)
 	back := e.path("iscsi-back")
-	mustRun(t, 5*time.Minute, "nbdcopy", "nbd://"+st.NBD+"/"+e.iscsiVol, back)
+	testtool.MustRun(t, 5*time.Minute, "nbdcopy", "nbd://"+st.NBD+"/"+e.iscsiVol, back)
 	checkImage(t, back, e.iscsiWant, gib)
 	os.Remove(back)
 
 	viaISCSI := e.path("vol0-via-iscsi")
-	mustRun(t, 5*time.Minute, "qemu-img", "dd", "-f", "raw", "-O", "raw", "bs=1M",
+	testtool.MustRun(t, 5*time.Minute, "qemu-img", "dd", "-f", "raw", "-O", "raw", "bs=1M",
 		fmt.Sprintf("count=%d", copySize>>20), "if="+e.vol0.ISCSIURL, "of="+viaISCSI)
 	checkImage(t, viaISCSI, e.want, copySize)
 	os.Remove(viaISCSI)
@@ -396,7 +398,7 @@ func (e *env) conformance(t *testing.T) {
 	if os.Getenv("CAIRN_E2E_CONFORMANCE") == "" {
 		t.Skip("set CAIRN_E2E_CONFORMANCE=1 to run libiscsi's iscsi-test-cu against the playground (several minutes)")
 	}
-	needTools(t, "iscsi-test-cu")
+	testtool.Need(t, "iscsi-test-cu")
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	const vol = "e2e-conformance"
@@ -405,7 +407,7 @@ func (e *env) conformance(t *testing.T) {
 	}
 	url := "iscsi://" + e.pg.state(t).ISCSI + "/" + playground.IQNPrefix + ":" + vol + "/0"
 	start := time.Now()
-	out, _ := run(t, 30*time.Minute, "iscsi-test-cu", "--dataloss", "--test=ALL",
+	out, _ := testtool.Run(t, 30*time.Minute, "iscsi-test-cu", "--dataloss", "--test=ALL",
 		"-i", "iqn.2026-11.io.cairn.e2e:initiator1", "-I", "iqn.2026-11.io.cairn.e2e:initiator2", url)
 	res := testcu.Parse(out)
 	pass, fail, skip := 0, 0, 0

@@ -18,6 +18,7 @@ import (
 	"cairn.io/cairn/chunkfilepool"
 	"cairn.io/cairn/chunkfilepool/fsutil"
 	"cairn.io/cairn/copyset/wal"
+	"cairn.io/cairn/internal/soon"
 )
 
 // These tests run Cairn's real storage, the chunk file pool and the shared
@@ -153,7 +154,7 @@ func TestWALOnPoolSurvivesCrashes(t *testing.T) {
 // before. Call it once the failed WAL is unreachable.
 func waitLeakedClosed(t *testing.T, f *FS) {
 	t.Helper()
-	waitFor(t, "leaked WAL segment files to be finalized", func() bool {
+	soon.True(t, 20*time.Second, "leaked WAL segment files to be finalized", func() bool {
 		runtime.GC()
 		return len(openUnder(t, f.Path())) == 0
 	})

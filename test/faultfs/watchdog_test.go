@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"cairn.io/cairn/internal/soon"
 )
 
 // dyingServerEnv makes the test binary run dyingServer instead of the tests.
@@ -130,7 +132,7 @@ func TestWatchdogCleansUpAfterDeadProcess(t *testing.T) {
 			// The process has ended (a stuck one only once the watchdog
 			// freed it); its mount goes soon after.
 			mnt := filepath.Join(dir, "mnt")
-			waitFor(t, "the dead mount to be detached", func() bool {
+			soon.True(t, 20*time.Second, "the dead mount to be detached", func() bool {
 				mounts, err := os.ReadFile("/proc/self/mounts")
 				return err == nil && !bytes.Contains(mounts, []byte(" "+mnt+" "))
 			})

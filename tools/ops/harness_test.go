@@ -19,6 +19,7 @@ import (
 
 	"cairn.io/cairn/api/commonpb"
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/mds"
 	"cairn.io/cairn/mds/mdsclient"
 	"cairn.io/cairn/mds/mdstest"
@@ -54,22 +55,6 @@ func testMDSConfig(dir string) mds.Config {
 	}
 }
 
-// eventually polls fn until it returns nil or the timeout passes.
-func eventually(t *testing.T, timeout time.Duration, fn func() error) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		err := fn()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("not true after %s: %v", timeout, err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 // doubleCluster is a real in-process MDS with chunkserver doubles
 // (mdstest.ChunkServerDouble: no data, no Raft) standing in for
 // chunkservers, one per zone.
@@ -102,7 +87,7 @@ func newDoubleCluster(t *testing.T, n int) *doubleCluster {
 		t.Fatal(err)
 	}
 	t.Cleanup(s.Stop)
-	eventually(t, 20*time.Second, func() error {
+	soon.Succeeds(t, 20*time.Second, func() error {
 		if !s.Leading() {
 			return fmt.Errorf("MDS not leading yet")
 		}
@@ -178,7 +163,7 @@ func (c *doubleCluster) setSilent(i int, silent bool) {
 
 func (c *doubleCluster) waitOnline() {
 	c.t.Helper()
-	eventually(c.t, 10*time.Second, func() error {
+	soon.Succeeds(c.t, 10*time.Second, func() error {
 		resp, err := c.conn.Topology().ListChunkServers(c.ctx, &mdspb.ListChunkServersRequest{})
 		if err != nil {
 			return err
@@ -210,7 +195,7 @@ func (c *doubleCluster) leadAll(i int) {
 		}
 	}
 	want := c.css[i].ID()
-	eventually(c.t, 10*time.Second, func() error {
+	soon.Succeeds(c.t, 10*time.Second, func() error {
 		resp, err := c.conn.Topology().ListCopysets(c.ctx, &mdspb.ListCopysetsRequest{})
 		if err != nil {
 			return err

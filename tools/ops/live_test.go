@@ -16,6 +16,7 @@ import (
 	"cairn.io/cairn/api/chunkpb"
 	"cairn.io/cairn/api/commonpb"
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/test/cluster"
 )
 
@@ -91,7 +92,7 @@ func TestLiveCluster(t *testing.T) {
 
 	// A fresh cluster is healthy once the pools are formatted.
 	var m map[string]any
-	eventually(t, time.Minute, func() error {
+	soon.Succeeds(t, time.Minute, func() error {
 		r := c.run("-o", "json", "status")
 		m = decodeJSON(t, r.stdout)
 		if r.code != ExitOK {
@@ -136,7 +137,7 @@ func TestLiveCluster(t *testing.T) {
 
 	// Every replica of every copyset answers, one leads, applied indexes
 	// meet.
-	eventually(t, 30*time.Second, func() error {
+	soon.Succeeds(t, 30*time.Second, func() error {
 		r := c.run("-o", "json", "check", "copyset")
 		m = decodeJSON(t, r.stdout)
 		if r.code != ExitOK {
@@ -197,7 +198,7 @@ func TestLiveCluster(t *testing.T) {
 	// The listings and the volume, as the live cluster has them.
 	// Online state comes from heartbeat age, which a stalled machine can
 	// briefly push past the cluster's short unstable timeout: poll.
-	eventually(t, 30*time.Second, func() error {
+	soon.Succeeds(t, 30*time.Second, func() error {
 		m := c.jsonRun(ExitOK, "list", "chunkserver")
 		copysets := uint64(0)
 		for i := range jlen(t, m, "chunkservers") {
@@ -215,7 +216,7 @@ func TestLiveCluster(t *testing.T) {
 	if m = c.jsonRun(ExitOK, "list", "zone"); jlen(t, m, "zones") != 3 {
 		t.Errorf("zones: %v", m)
 	}
-	eventually(t, 30*time.Second, func() error {
+	soon.Succeeds(t, 30*time.Second, func() error {
 		if m := c.jsonRun(ExitOK, "list", "copyset"); jlen(t, m, "copysets") != 4 || !jbool(t, m, "copysets.3.healthy") {
 			return fmt.Errorf("copysets: %v", m)
 		}
@@ -286,7 +287,7 @@ func TestLiveCluster(t *testing.T) {
 	if !jbool(t, m, "done") || jnum(t, m, "from") != cs.LeaderId {
 		t.Errorf("update leader: %v", m)
 	}
-	eventually(t, 30*time.Second, func() error {
+	soon.Succeeds(t, 30*time.Second, func() error {
 		m := c.jsonRun(ExitOK, "check", "copyset", copysetName(cs.Id))
 		if got := jnum(t, m, "copysets.0.leader_id"); got != to {
 			return fmt.Errorf("chunkservers say %d leads", got)
@@ -310,7 +311,7 @@ func TestLiveCluster(t *testing.T) {
 		!strings.Contains(strings.Join(jstrings(t, m, "copysets.0.problems"), "\n"), fmt.Sprintf("chunkserver %d (%s) did not answer", to, stoppedAddr)) {
 		t.Errorf("copyset 0: %v", jget(t, m, "copysets.0"))
 	}
-	eventually(t, time.Minute, func() error {
+	soon.Succeeds(t, time.Minute, func() error {
 		r := c.run("-o", "json", "status")
 		m = decodeJSON(t, r.stdout)
 		if r.code != ExitUnhealthy || jnum(t, m, "chunkservers.offline") != 1 || jnum(t, m, "copysets.by_reason.peers_offline") != 4 {

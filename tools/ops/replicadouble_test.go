@@ -22,6 +22,7 @@ import (
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/chunkfilepool"
 	"cairn.io/cairn/chunkserver/datastore"
+	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/mds/mdsclient"
 )
 
@@ -337,7 +338,7 @@ func newReplicaCluster(t *testing.T, perCS int) *replicaCluster {
 	dc.waitOnline()
 	// Segments are allocated only when the chunkservers report room for
 	// them: wait until the pools are formatted and reported.
-	eventually(t, 30*time.Second, func() error {
+	soon.Succeeds(t, 30*time.Second, func() error {
 		resp, err := dc.conn.Topology().ListChunkServers(dc.ctx, &mdspb.ListChunkServersRequest{})
 		if err != nil {
 			return err
@@ -350,7 +351,7 @@ func newReplicaCluster(t *testing.T, perCS int) *replicaCluster {
 		return nil
 	})
 	dc.mustRun("create", "pool", "lp0", "--physical-pool", "pool0", "--copysets-per-chunkserver", fmt.Sprint(perCS), "--wait", "20s")
-	eventually(t, 10*time.Second, func() error {
+	soon.Succeeds(t, 10*time.Second, func() error {
 		for _, cs := range dc.copysets() {
 			if cs.LeaderId == 0 {
 				return fmt.Errorf("copyset %s has no leader yet", copysetName(cs.Id))

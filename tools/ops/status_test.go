@@ -11,6 +11,7 @@ import (
 	"cairn.io/cairn/api/commonpb"
 	"cairn.io/cairn/api/copysetpb"
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/mds"
 )
 
@@ -130,7 +131,7 @@ func TestStatusNamesEachCopysetProblem(t *testing.T) {
 		return st
 	}}
 	rep.loop(t)
-	eventually(t, 10*time.Second, func() error {
+	soon.Succeeds(t, 10*time.Second, func() error {
 		for _, cs := range c.copysets() {
 			if cs.Id.CopysetId != 5 && cs.LeaderId != leader.ID() {
 				return fmt.Errorf("copyset %s has no leader recorded yet", copysetName(cs.Id))
@@ -202,7 +203,7 @@ func TestStatusOfflineChunkserver(t *testing.T) {
 	c.setSilent(2, true)
 	dead := c.css[2]
 	var m map[string]any
-	eventually(t, 15*time.Second, func() error {
+	soon.Succeeds(t, 15*time.Second, func() error {
 		r := c.run("-o", "json", "status")
 		m = decodeJSON(t, r.stdout)
 		if n := jnum(t, m, "chunkservers.offline"); n != 1 {
@@ -235,7 +236,7 @@ func TestStatusOfflineChunkserver(t *testing.T) {
 
 	// It comes back: healthy again.
 	c.setSilent(2, false)
-	eventually(t, 15*time.Second, func() error {
+	soon.Succeeds(t, 15*time.Second, func() error {
 		if r := c.run("status"); r.code != ExitOK {
 			return fmt.Errorf("status exit %d:\n%s", r.code, r.stdout)
 		}
@@ -377,7 +378,7 @@ func TestStatusShowsFollowers(t *testing.T) {
 	t.Cleanup(follower.Stop)
 
 	var m map[string]any
-	eventually(t, 20*time.Second, func() error {
+	soon.Succeeds(t, 20*time.Second, func() error {
 		r := runOps(t, "", "-o", "json", "--mds", follower.Addr(), "--timeout", "5s", "status")
 		if r.code != ExitOK {
 			return fmt.Errorf("exit %d: %s%s", r.code, r.stdout, r.stderr)

@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/soon"
 )
 
 func TestVolumeLifecycle(t *testing.T) {
@@ -197,7 +198,7 @@ func TestUpdateLeader(t *testing.T) {
 		t.Fatalf("operators at the MDS: %v", ops.Operators)
 	}
 	// The leader gets it with its next heartbeat answer.
-	eventually(t, 10*time.Second, func() error {
+	soon.Succeeds(t, 10*time.Second, func() error {
 		resp, err := c.css[0].Heartbeat(c.ctx, c.conn.Heartbeats())
 		if err != nil {
 			return err
@@ -234,7 +235,7 @@ func TestUpdateLeader(t *testing.T) {
 	go func() {
 		done <- c.run("-o", "json", "update", "leader", "--copyset", "lp0:3", "--to", strconv.FormatUint(to, 10), "--wait", "20s")
 	}()
-	eventually(t, 10*time.Second, func() error {
+	soon.Succeeds(t, 10*time.Second, func() error {
 		ops, err := c.conn.Cluster().ListOperators(c.ctx, &mdspb.ListOperatorsRequest{})
 		if err != nil {
 			return err

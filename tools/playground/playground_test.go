@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"cairn.io/cairn/internal/soon"
 )
 
 func quietLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
@@ -142,17 +144,6 @@ func testChild(pg *Playground, name string, script string) *child {
 
 func pidOf(c *child) int { return c.snapshot().PID }
 
-func waitFor(t *testing.T, d time.Duration, what string, f func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !f() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", d, what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 // TestKilledChildIsRestarted: a child killed with SIGKILL comes back with a
 // new pid, its restart is counted and logged to its log file's header.
 func TestKilledChildIsRestarted(t *testing.T) {
@@ -162,7 +153,7 @@ func TestKilledChildIsRestarted(t *testing.T) {
 	defer c.stop(5 * time.Second)
 	// Wait for the first output, not just the pid: a child killed before its
 	// shell ran echo would leave one "42" in the log, not two.
-	waitFor(t, 5*time.Second, "the child's output", func() bool {
+	soon.True(t, 5*time.Second, "the child's output", func() bool {
 		b, _ := os.ReadFile(c.logPath)
 		return pidOf(c) != 0 && strings.Count(string(b), "\n42\n") == 1
 	})
@@ -170,11 +161,11 @@ func TestKilledChildIsRestarted(t *testing.T) {
 	if err := syscall.Kill(first, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, "the child to be restarted", func() bool { p := pidOf(c); return p != 0 && p != first })
+	soon.True(t, 10*time.Second, "the child to be restarted", func() bool { p := pidOf(c); return p != 0 && p != first })
 	if st := c.snapshot(); st.Restarts != 1 {
 		t.Errorf("restarts = %d, want 1", st.Restarts)
 	}
-	waitFor(t, 5*time.Second, "the restarted child's output", func() bool {
+	soon.True(t, 5*time.Second, "the restarted child's output", func() bool {
 		b, _ := os.ReadFile(c.logPath)
 		return strings.Count(string(b), "\n42\n") == 2 && strings.Count(string(b), "=== ") == 2
 	})
@@ -191,7 +182,7 @@ func TestStopEscalatesToSIGKILL(t *testing.T) {
 	polite := testChild(pg, "polite", "exec sleep 1000")
 	stubborn.launch()
 	polite.launch()
-	waitFor(t, 5*time.Second, "the children to start", func() bool {
+	soon.True(t, 5*time.Second, "the children to start", func() bool {
 		b, _ := os.ReadFile(stubborn.logPath)
 		return pidOf(polite) != 0 && strings.Contains(string(b), "ready")
 	})
