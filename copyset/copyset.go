@@ -55,6 +55,7 @@ type Copyset struct {
 	termStart   uint64            // index of the current leader term's first entry
 	loggedHS    *raftpb.HardState // the last hard state submitted to the WAL
 	knownLead   uint64            // last non-zero leader seen, for logging leader changes
+	silentTicks int               // ticks since the leader was last heard (see maybeCampaign)
 	leaseUntil  time.Time
 	readSeq     uint64
 	readBatches map[uint64]*readBatch

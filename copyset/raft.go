@@ -174,15 +174,23 @@ func (c *Copyset) process(in *inbox) {
 	// clock (see leaseDuration).
 	for i := 0; i < min(in.ticks, 3); i++ {
 		rn.Tick()
+		c.silentTicks++
 	}
 	if in.ticks > 0 {
 		c.expireReads()
 	}
+	lead := rn.BasicStatus().Lead
 	for _, m := range in.msgs {
 		if c.refuseVote(m) {
 			continue
 		}
+		if m.GetFrom() == lead {
+			c.silentTicks = 0
+		}
 		_ = rn.Step(m)
+	}
+	if in.ticks > 0 {
+		c.maybeCampaign()
 	}
 	for _, f := range in.calls {
 		f()
@@ -214,6 +222,45 @@ func (c *Copyset) refuseVote(m *raftpb.Message) bool {
 		return false
 	}
 	return c.e.now().Sub(c.startedAt) < c.e.electionTimeout()
+}
+
+// campaignMarginTicks is how many ticks past the election timeout the
+// designated follower waits before it campaigns (see maybeCampaign): the
+// other followers count their own timeouts from about the same last
+// heartbeat, on tickers whose phases differ by up to one tick, and must be
+// past theirs to grant the pre-vote.
+const campaignMarginTicks = 2
+
+// maybeCampaign starts an election at once when this follower has not heard
+// from its leader for the election timeout plus a margin and it is the
+// designated successor: the voter with the lowest id other than the leader.
+// Raft alone waits a random timeout between one and two election timeouts
+// so that candidates rarely collide; naming one candidate removes the
+// collision without the random wait, so losing a leader stalls IO for
+// little more than one election timeout. It changes nothing Raft's safety
+// or the read lease relies on: the other voters still refuse (pre-)votes
+// until their own election timeouts since the leader's last message ran
+// out, and if one does, Raft's random timeouts take over as before.
+func (c *Copyset) maybeCampaign() {
+	if c.silentTicks < c.e.cfg.ElectionTicks+campaignMarginTicks {
+		return
+	}
+	st := c.rn.Status()
+	if st.RaftState != raft.StateFollower || st.Lead == 0 {
+		return
+	}
+	c.silentTicks = 0
+	var successor uint64
+	for id := range st.Config.Voters.IDs() {
+		if id != st.Lead && (successor == 0 || id < successor) {
+			successor = id
+		}
+	}
+	if successor != c.e.cfg.NodeID {
+		return
+	}
+	c.log.Info("leader silent for the election timeout; campaigning as its designated successor", "leader", st.Lead, "term", st.Term)
+	_ = c.rn.Campaign()
 }
 
 // campaignTransfer is the context raft puts in the votes of a leadership
