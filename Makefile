@@ -5,11 +5,11 @@ GO ?= go
 BIN := bin
 TOOLS := $(BIN)/tools
 PROTOS := $(shell find api -name '*.proto' | sort)
-# Packages whose tests run under the race detector (everything with goroutines).
+# Packages make test runs (all of them, under the race detector).
 RACE_PKGS ?= ./...
 TEST_TIMEOUT ?= 25m
 
-.PHONY: help build test test-short verify proto proto-check tools lint clean
+.PHONY: help build deps test test-short verify proto proto-check tools lint imports clean
 
 help: ## list the targets
 	@grep -E '^[a-z][a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -18,17 +18,20 @@ build: ## build every binary into bin/
 	@mkdir -p $(BIN)
 	$(GO) build -o $(BIN)/ ./cmd/...
 
-test: ## run the whole test suite with the race detector
+deps: ## install (as root) or name the Debian packages the tests use (.ci/packages)
+	@bash .ci/deps
+
+test: deps ## run the whole test suite with the race detector
 	$(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) $(RACE_PKGS)
 
 test-short: ## run the unit tests only (skips multi-process suites)
 	$(GO) test -short -count=1 ./...
 
-$(TOOLS)/protoc-gen-go $(TOOLS)/protoc-gen-go-grpc $(TOOLS)/staticcheck: go.mod go.sum
+$(TOOLS)/protoc-gen-go $(TOOLS)/protoc-gen-go-grpc $(TOOLS)/staticcheck $(TOOLS)/goimports: go.mod go.sum
 	@mkdir -p $(TOOLS)
-	$(GO) build -o $(TOOLS)/ google.golang.org/protobuf/cmd/protoc-gen-go google.golang.org/grpc/cmd/protoc-gen-go-grpc honnef.co/go/tools/cmd/staticcheck
+	$(GO) build -o $(TOOLS)/ google.golang.org/protobuf/cmd/protoc-gen-go google.golang.org/grpc/cmd/protoc-gen-go-grpc honnef.co/go/tools/cmd/staticcheck golang.org/x/tools/cmd/goimports
 
-tools: $(TOOLS)/protoc-gen-go $(TOOLS)/protoc-gen-go-grpc $(TOOLS)/staticcheck ## build the pinned code generators and linters
+tools: $(TOOLS)/protoc-gen-go $(TOOLS)/protoc-gen-go-grpc $(TOOLS)/staticcheck $(TOOLS)/goimports ## build the pinned code generators and linters
 
 proto: tools ## regenerate the Go code of api/*.proto
 	@command -v protoc >/dev/null || { echo "make proto: protoc not found; install it with: apt-get install protobuf-compiler" >&2; exit 1; }
@@ -43,8 +46,12 @@ proto-check: proto ## fail when the committed generated code is stale
 lint: tools ## run the pinned static checker
 	$(TOOLS)/staticcheck ./...
 
-verify: proto-check lint ## gofmt, go vet, staticcheck, go mod tidy and fresh generated code
+imports: tools ## fix import grouping (standard library, third party, cairn.io) in place
+	$(TOOLS)/goimports -local cairn.io -w $$(git ls-files '*.go' | grep -v '\.pb\.go$$')
+
+verify: proto-check lint ## gofmt, import grouping, go vet, staticcheck, go mod tidy and fresh generated code
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	@out=$$($(TOOLS)/goimports -local cairn.io -l $$(git ls-files '*.go' | grep -v '\.pb\.go$$')); if [ -n "$$out" ]; then echo "imports need grouping (make imports):"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	@$(GO) mod tidy -diff >/dev/null || { echo "go.mod/go.sum are not tidy: run go mod tidy and commit" >&2; exit 1; }
 

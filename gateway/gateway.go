@@ -1,7 +1,6 @@
 package gateway
 
 import (
-	"cairn.io/cairn/blockdev"
 	"context"
 	"errors"
 	"fmt"
@@ -12,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"cairn.io/cairn/blockdev"
 	"cairn.io/cairn/iscsi"
 	"cairn.io/cairn/mds/mdsclient"
 	"cairn.io/cairn/nbd"

@@ -11,7 +11,6 @@
 package main
 
 import (
-	"cairn.io/cairn/internal/units"
 	"context"
 	"errors"
 	"flag"
@@ -24,6 +23,7 @@ import (
 	"time"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/units"
 	"cairn.io/cairn/mds"
 )
 
