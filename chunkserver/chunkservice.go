@@ -133,8 +133,24 @@ func (s *Server) hasRoomForNewChunk() bool {
 	return st.Clean+st.Formatting > s.cfg.SpaceReserveChunks || st.Limit == ""
 }
 
+// chunkInspector is what the chunk service reads from a copyset's chunk
+// store beyond the copyset's own needs: a chunk's metadata and checksum.
+// The stores this chunkserver opens (datastore.Store) provide it.
+type chunkInspector interface {
+	Info(chunk uint64) (datastore.ChunkInfo, error)
+	Hash(chunk uint64, off, length int64) (uint32, error)
+}
+
+var _ chunkInspector = (*datastore.Store)(nil)
+
+// inspector returns the copyset's store as a chunkInspector.
+func inspector(c *copyset.Copyset) (chunkInspector, bool) {
+	ci, ok := c.Store().(chunkInspector)
+	return ci, ok
+}
+
 func chunkExists(c *copyset.Copyset, chunk uint64) bool {
-	ds, ok := c.Store().(*datastore.Store)
+	ds, ok := inspector(c)
 	if !ok {
 		return true
 	}
@@ -302,34 +318,49 @@ func (s *Server) deleteChunk(ctx context.Context, req *chunkpb.DeleteChunkReques
 
 func (cs *chunkService) GetChunkInfo(ctx context.Context, req *chunkpb.GetChunkInfoRequest) (*chunkpb.GetChunkInfoResponse, error) {
 	s := cs.s
-	resp := &chunkpb.GetChunkInfoResponse{}
-	c, e := s.lookup(req.GetCopyset(), req.GetChunkId())
-	if e == nil && !req.GetAnyReplica() {
-		rctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
-		if err := c.WaitReadable(rctx); err != nil {
-			e = s.fromCopysetErr(c, err)
-		}
-		cancel()
-	}
+	start := time.Now()
+	resp, e := s.chunkInfo(ctx, req)
+	s.m.observe("info", start, statusOf(e))
 	if e != nil {
 		resp.Status, resp.Message, resp.Leader = e.status, e.msg, e.leader
-		return resp, nil
+	}
+	return resp, nil
+}
+
+// chunkInfo reads a chunk's metadata, from the leader once it may serve
+// reads, or from any replica when the request says so.
+func (s *Server) chunkInfo(ctx context.Context, req *chunkpb.GetChunkInfoRequest) (*chunkpb.GetChunkInfoResponse, *reqError) {
+	resp := &chunkpb.GetChunkInfoResponse{}
+	release, e := s.admit(ctx)
+	if e != nil {
+		return resp, e
+	}
+	defer release()
+	c, e := s.lookup(req.GetCopyset(), req.GetChunkId())
+	if e != nil {
+		return resp, e
+	}
+	if !req.GetAnyReplica() {
+		rctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
+		err := c.WaitReadable(rctx)
+		cancel()
+		if err != nil {
+			return resp, s.fromCopysetErr(c, err)
+		}
 	}
 	resp.AppliedIndex = c.AppliedIndex()
-	ds, ok := c.Store().(*datastore.Store)
+	ds, ok := inspector(c)
 	if !ok {
-		resp.Status, resp.Message = chunkpb.Status_STATUS_INTERNAL_ERROR, "chunk store does not report chunk info"
-		return resp, nil
+		return resp, refuse(chunkpb.Status_STATUS_INTERNAL_ERROR, "chunk store does not report chunk info")
 	}
 	info, err := ds.Info(req.GetChunkId())
 	switch {
 	case errors.Is(err, datastore.ErrChunkNotExist):
-		resp.Status, resp.Message = chunkpb.Status_STATUS_CHUNK_NOTEXIST, "chunk does not exist"
+		return resp, refuse(chunkpb.Status_STATUS_CHUNK_NOTEXIST, "chunk does not exist")
 	case err != nil:
-		resp.Status, resp.Message = chunkpb.Status_STATUS_INTERNAL_ERROR, err.Error()
-	default:
-		resp.Exists, resp.Size, resp.Sn, resp.CorrectedSn = true, uint64(info.Size), info.SN, info.CorrectedSN
+		return resp, refuse(chunkpb.Status_STATUS_INTERNAL_ERROR, "chunk %d info: %v", req.GetChunkId(), err)
 	}
+	resp.Exists, resp.Size, resp.Sn, resp.CorrectedSn = true, uint64(info.Size), info.SN, info.CorrectedSN
 	return resp, nil
 }
 
@@ -337,26 +368,39 @@ func (cs *chunkService) GetChunkInfo(ctx context.Context, req *chunkpb.GetChunkI
 // applied index the hash was taken at.
 func (cs *chunkService) GetChunkHash(ctx context.Context, req *chunkpb.GetChunkHashRequest) (*chunkpb.GetChunkHashResponse, error) {
 	s := cs.s
-	resp := &chunkpb.GetChunkHashResponse{}
-	c, e := s.lookup(req.GetCopyset(), req.GetChunkId())
-	length := req.GetLength()
-	if e == nil {
-		if length == 0 && req.GetOffset() < uint64(s.geom.ChunkSize) {
-			length = uint64(s.geom.ChunkSize) - req.GetOffset()
-		}
-		e = s.checkRangeNoCap(req.GetOffset(), length)
-	}
+	start := time.Now()
+	resp, e := s.chunkHash(ctx, req)
+	s.m.observe("hash", start, statusOf(e))
 	if e != nil {
 		resp.Status, resp.Message = e.status, e.msg
-		return resp, nil
 	}
-	ds, ok := c.Store().(*datastore.Store)
+	return resp, nil
+}
+
+// chunkHash takes a chunk range's CRC32C between two equal readings of the
+// applied index, so that it describes exactly that index.
+func (s *Server) chunkHash(ctx context.Context, req *chunkpb.GetChunkHashRequest) (*chunkpb.GetChunkHashResponse, *reqError) {
+	resp := &chunkpb.GetChunkHashResponse{}
+	release, e := s.admit(ctx)
+	if e != nil {
+		return resp, e
+	}
+	defer release()
+	c, e := s.lookup(req.GetCopyset(), req.GetChunkId())
+	if e != nil {
+		return resp, e
+	}
+	length := req.GetLength()
+	if length == 0 && req.GetOffset() < uint64(s.geom.ChunkSize) {
+		length = uint64(s.geom.ChunkSize) - req.GetOffset()
+	}
+	if e := s.checkRangeNoCap(req.GetOffset(), length); e != nil {
+		return resp, e
+	}
+	ds, ok := inspector(c)
 	if !ok {
-		resp.Status, resp.Message = chunkpb.Status_STATUS_INTERNAL_ERROR, "chunk store does not hash"
-		return resp, nil
+		return resp, refuse(chunkpb.Status_STATUS_INTERNAL_ERROR, "chunk store does not hash")
 	}
-	// Take the hash between two equal readings of the applied index so
-	// that it describes exactly that index.
 	for attempt := 0; ; attempt++ {
 		before := c.AppliedIndex()
 		sum, err := ds.Hash(req.GetChunkId(), int64(req.GetOffset()), int64(length))
@@ -365,13 +409,12 @@ func (cs *chunkService) GetChunkHash(ctx context.Context, req *chunkpb.GetChunkH
 			sum, err, exists = zeroCRC(length), nil, false
 		}
 		if err != nil {
-			resp.Status, resp.Message = chunkpb.Status_STATUS_INTERNAL_ERROR, err.Error()
-			return resp, nil
+			return resp, refuse(chunkpb.Status_STATUS_INTERNAL_ERROR, "hash chunk %d: %v", req.GetChunkId(), err)
 		}
 		if c.AppliedIndex() == before || attempt == 20 || ctx.Err() != nil {
 			resp.Crc32C, resp.Exists, resp.AppliedIndex = sum, exists, before
 			if c.AppliedIndex() != before {
-				resp.Status, resp.Message = chunkpb.Status_STATUS_UNAVAILABLE, "copyset kept applying while the chunk was hashed; retry when writes pause"
+				return resp, refuse(chunkpb.Status_STATUS_UNAVAILABLE, "copyset kept applying while the chunk was hashed; retry when writes pause")
 			}
 			return resp, nil
 		}

@@ -80,7 +80,7 @@ func TestWriteReadReplicated(t *testing.T) {
 
 	// Delete goes through the log too.
 	leader := tc.leader(id)
-	if _, err := leader.Delete(context.Background(), 11, 1, 1); err != nil {
+	if _, err := deleteWait(context.Background(), leader, 11, 1, 1); err != nil {
 		t.Fatal(err)
 	}
 	tc.replicasConverge(id, []uint64{11, 12})
@@ -113,7 +113,7 @@ func TestFollowerRefusesProposalsAndReads(t *testing.T) {
 		if c == leader {
 			continue
 		}
-		_, err := c.Write(context.Background(), 1, 1, 1, 0, make([]byte, 512))
+		_, err := writeWait(context.Background(), c, 1, 1, 1, 0, make([]byte, 512))
 		var nl *NotLeaderError
 		if !errors.As(err, &nl) || nl.Leader != leader.e.cfg.NodeID {
 			t.Fatalf("write on follower %d: %v, want NotLeaderError naming %d", n.id, err, leader.e.cfg.NodeID)
@@ -183,7 +183,7 @@ func TestCrashLosesNothingAcknowledged(t *testing.T) {
 						b := w*perWriter + k%perWriter
 						tag := fmt.Sprintf("w%d-%d|", w, k)
 						wctx, wcancel := context.WithTimeout(ctx, 5*time.Second)
-						_, err := leader.Write(wctx, 5, 1, 1, int64(b)*testBlock, pattern(tag, testBlock))
+						_, err := writeWait(wctx, leader, 5, 1, 1, int64(b)*testBlock, pattern(tag, testBlock))
 						wcancel()
 						mu.Lock()
 						if err != nil {
@@ -335,7 +335,7 @@ func TestGoroutinesFlat(t *testing.T) {
 	}
 	// And they all work.
 	c, _ := n.engine.Get(MakeGroupID(3, 999))
-	if _, err := c.Write(context.Background(), 1, 1, 1, 0, make([]byte, 512)); err != nil {
+	if _, err := writeWait(context.Background(), c, 1, 1, 1, 0, make([]byte, 512)); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -297,7 +297,7 @@ func (tc *testCluster) writeRetry(id GroupID, chunk uint64, off int64, data []by
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
 		var err error
-		idx, err = c.Write(ctx, chunk, 1, 1, off, data)
+		idx, err = writeWait(ctx, c, chunk, 1, 1, off, data)
 		return err
 	})
 	return idx

@@ -151,7 +151,7 @@ func TestLinearizableUnderFaults(t *testing.T) {
 					seq++
 					v := uint64(cl+1)<<40 | seq
 					call := now()
-					_, err := c.Write(octx, chunk, 1, 1, int64(blk*testBlock), blockOf(v))
+					_, err := writeWait(octx, c, chunk, 1, 1, int64(blk*testBlock), blockOf(v))
 					ret := now()
 					switch {
 					case err == nil:

@@ -59,7 +59,7 @@ func startLoad(tc *testCluster, id GroupID, writers, chunks int) *loadGen {
 					continue
 				}
 				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-				_, err := c.Write(ctx, chunk, 1, 1, off, data)
+				_, err := writeWait(ctx, c, chunk, 1, 1, off, data)
 				cancel()
 				g.mu.Lock()
 				if err == nil {
@@ -214,7 +214,7 @@ func TestRestartedReplicaCatchesUpBySnapshot(t *testing.T) {
 	for i := 0; i < 200; i++ {
 		tc.writeRetry(id, uint64(i%6), int64(i%60)*testBlock, pattern(fmt.Sprintf("while-down-%d|", i), testBlock))
 	}
-	if _, err := tc.leader(id).Delete(context.Background(), 1, 1, 1); err != nil {
+	if _, err := deleteWait(context.Background(), tc.leader(id), 1, 1, 1); err != nil {
 		t.Fatal(err)
 	}
 	tc.start(follower)

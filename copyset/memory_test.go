@@ -53,7 +53,7 @@ func TestProposalsWaitForTheByteBudget(t *testing.T) {
 			id := ids[w%len(ids)]
 			for k := range 4 {
 				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-				_, err := leaders[id].Write(ctx, uint64(w%4), 1, 1, int64((w/4*4+k)%8)*(32<<10), pattern(fmt.Sprintf("m%d-%d|", w, k), 32<<10))
+				_, err := writeWait(ctx, leaders[id], uint64(w%4), 1, 1, int64((w/4*4+k)%8)*(32<<10), pattern(fmt.Sprintf("m%d-%d|", w, k), 32<<10))
 				cancel()
 				if err != nil {
 					errs <- fmt.Errorf("writer %d: %w", w, err)

@@ -77,24 +77,6 @@ func (c *Copyset) ProposeDelete(ctx context.Context, fence Fence, req ClientRequ
 	return c.proposeCommand(ctx, fence, &command{op: opDelete, chunk: chunk, volume: volume, epoch: epoch, req: req})
 }
 
-// Write proposes a chunk write and waits for it to be applied.
-func (c *Copyset) Write(ctx context.Context, chunk, volume, epoch uint64, off int64, data []byte) (uint64, error) {
-	p, err := c.ProposeWrite(ctx, nil, ClientRequest{}, chunk, volume, epoch, off, data)
-	if err != nil {
-		return 0, err
-	}
-	return p.Wait(ctx)
-}
-
-// Delete proposes a chunk delete and waits for it to be applied.
-func (c *Copyset) Delete(ctx context.Context, chunk, volume, epoch uint64) (uint64, error) {
-	p, err := c.ProposeDelete(ctx, nil, ClientRequest{}, chunk, volume, epoch)
-	if err != nil {
-		return 0, err
-	}
-	return p.Wait(ctx)
-}
-
 // proposalOverhead is what a proposal costs beyond its data: entry, message
 // and bookkeeping, counted in the budget so that small writes are bounded
 // too.

@@ -13,17 +13,14 @@ import (
 	"cairn.io/cairn/mds/mdsclient"
 )
 
-type leaderKey struct{}
-
 // leaderInterceptor answers every call on a follower with UNAVAILABLE and a
-// NotLeader detail, hands the leader state to handlers, and turns internal
-// errors into gRPC status codes.
+// NotLeader detail, and turns internal errors into gRPC status codes.
 func (s *Server) leaderInterceptor(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 	st := s.leader()
 	if st == nil {
 		return nil, s.notLeader(ctx)
 	}
-	resp, err := handler(context.WithValue(ctx, leaderKey{}, st), req)
+	resp, err := handler(ctx, req)
 	if err != nil {
 		if errors.Is(err, errNotLeader) {
 			return nil, s.notLeader(ctx)
@@ -53,106 +50,122 @@ func (s *Server) notLeader(ctx context.Context) error {
 	return mdsclient.NotLeaderError(addr)
 }
 
-func leaderFrom(ctx context.Context) *leaderState { return ctx.Value(leaderKey{}).(*leaderState) }
+// withLeader runs a handler against the leader state; it answers
+// errNotLeader when this MDS lost the leadership since the interceptor
+// checked it.
+func withLeader[T any](s *Server, f func(*leaderState) (T, error)) (T, error) {
+	st := s.leader()
+	if st == nil {
+		var zero T
+		return zero, errNotLeader
+	}
+	return f(st)
+}
 
 func registerServices(g *grpc.Server, s *Server) {
-	mdspb.RegisterTopologyServiceServer(g, topologyService{})
-	mdspb.RegisterHeartbeatServiceServer(g, heartbeatService{})
-	mdspb.RegisterVolumeServiceServer(g, volumeService{})
-	mdspb.RegisterClusterServiceServer(g, clusterService{})
+	mdspb.RegisterTopologyServiceServer(g, topologyService{s: s})
+	mdspb.RegisterHeartbeatServiceServer(g, heartbeatService{s: s})
+	mdspb.RegisterVolumeServiceServer(g, volumeService{s: s})
+	mdspb.RegisterClusterServiceServer(g, clusterService{s: s})
 }
 
 type topologyService struct {
+	s *Server
 	mdspb.UnimplementedTopologyServiceServer
 }
 
-func (topologyService) RegisterChunkServer(ctx context.Context, r *mdspb.RegisterChunkServerRequest) (*mdspb.RegisterChunkServerResponse, error) {
-	return leaderFrom(ctx).registerChunkServer(ctx, r)
+func (sv topologyService) RegisterChunkServer(ctx context.Context, r *mdspb.RegisterChunkServerRequest) (*mdspb.RegisterChunkServerResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.RegisterChunkServerResponse, error) {
+		return st.registerChunkServer(ctx, r)
+	})
 }
-func (topologyService) GetChunkServer(ctx context.Context, r *mdspb.GetChunkServerRequest) (*mdspb.GetChunkServerResponse, error) {
-	return leaderFrom(ctx).getChunkServer(r)
+func (sv topologyService) GetChunkServer(ctx context.Context, r *mdspb.GetChunkServerRequest) (*mdspb.GetChunkServerResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.GetChunkServerResponse, error) { return st.getChunkServer(r) })
 }
-func (topologyService) ListZones(ctx context.Context, r *mdspb.ListZonesRequest) (*mdspb.ListZonesResponse, error) {
-	return leaderFrom(ctx).listZones(), nil
+func (sv topologyService) ListZones(ctx context.Context, r *mdspb.ListZonesRequest) (*mdspb.ListZonesResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.ListZonesResponse, error) { return st.listZones(), nil })
 }
-func (topologyService) ListServers(ctx context.Context, r *mdspb.ListServersRequest) (*mdspb.ListServersResponse, error) {
-	return leaderFrom(ctx).listServers(), nil
+func (sv topologyService) ListServers(ctx context.Context, r *mdspb.ListServersRequest) (*mdspb.ListServersResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.ListServersResponse, error) { return st.listServers(), nil })
 }
-func (topologyService) ListChunkServers(ctx context.Context, r *mdspb.ListChunkServersRequest) (*mdspb.ListChunkServersResponse, error) {
-	return leaderFrom(ctx).listChunkServers(), nil
+func (sv topologyService) ListChunkServers(ctx context.Context, r *mdspb.ListChunkServersRequest) (*mdspb.ListChunkServersResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.ListChunkServersResponse, error) { return st.listChunkServers(), nil })
 }
-func (topologyService) ListPools(ctx context.Context, r *mdspb.ListPoolsRequest) (*mdspb.ListPoolsResponse, error) {
-	return leaderFrom(ctx).listPools(), nil
+func (sv topologyService) ListPools(ctx context.Context, r *mdspb.ListPoolsRequest) (*mdspb.ListPoolsResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.ListPoolsResponse, error) { return st.listPools(), nil })
 }
-func (topologyService) CreateLogicalPool(ctx context.Context, r *mdspb.CreateLogicalPoolRequest) (*mdspb.CreateLogicalPoolResponse, error) {
-	return leaderFrom(ctx).createLogicalPool(ctx, r)
+func (sv topologyService) CreateLogicalPool(ctx context.Context, r *mdspb.CreateLogicalPoolRequest) (*mdspb.CreateLogicalPoolResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.CreateLogicalPoolResponse, error) { return st.createLogicalPool(ctx, r) })
 }
-func (topologyService) ListCopysets(ctx context.Context, r *mdspb.ListCopysetsRequest) (*mdspb.ListCopysetsResponse, error) {
-	return leaderFrom(ctx).listCopysets(r)
+func (sv topologyService) ListCopysets(ctx context.Context, r *mdspb.ListCopysetsRequest) (*mdspb.ListCopysetsResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.ListCopysetsResponse, error) { return st.listCopysets(r) })
 }
-func (topologyService) GetCopysets(ctx context.Context, r *mdspb.GetCopysetsRequest) (*mdspb.GetCopysetsResponse, error) {
-	return leaderFrom(ctx).getCopysets(r)
+func (sv topologyService) GetCopysets(ctx context.Context, r *mdspb.GetCopysetsRequest) (*mdspb.GetCopysetsResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.GetCopysetsResponse, error) { return st.getCopysets(r) })
 }
 
 type heartbeatService struct {
+	s *Server
 	mdspb.UnimplementedHeartbeatServiceServer
 }
 
-func (heartbeatService) Heartbeat(ctx context.Context, r *mdspb.HeartbeatRequest) (*mdspb.HeartbeatResponse, error) {
-	return leaderFrom(ctx).heartbeat(ctx, r)
+func (sv heartbeatService) Heartbeat(ctx context.Context, r *mdspb.HeartbeatRequest) (*mdspb.HeartbeatResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.HeartbeatResponse, error) { return st.heartbeat(ctx, r) })
 }
 
 type volumeService struct {
+	s *Server
 	mdspb.UnimplementedVolumeServiceServer
 }
 
-func (volumeService) CreateVolume(ctx context.Context, r *mdspb.CreateVolumeRequest) (*mdspb.CreateVolumeResponse, error) {
-	return leaderFrom(ctx).createVolume(ctx, r)
+func (sv volumeService) CreateVolume(ctx context.Context, r *mdspb.CreateVolumeRequest) (*mdspb.CreateVolumeResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.CreateVolumeResponse, error) { return st.createVolume(ctx, r) })
 }
-func (volumeService) StatVolume(ctx context.Context, r *mdspb.StatVolumeRequest) (*mdspb.StatVolumeResponse, error) {
-	return leaderFrom(ctx).statVolume(ctx, r)
+func (sv volumeService) StatVolume(ctx context.Context, r *mdspb.StatVolumeRequest) (*mdspb.StatVolumeResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.StatVolumeResponse, error) { return st.statVolume(ctx, r) })
 }
-func (volumeService) ListVolumes(ctx context.Context, r *mdspb.ListVolumesRequest) (*mdspb.ListVolumesResponse, error) {
-	return leaderFrom(ctx).listVolumes(ctx)
+func (sv volumeService) ListVolumes(ctx context.Context, r *mdspb.ListVolumesRequest) (*mdspb.ListVolumesResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.ListVolumesResponse, error) { return st.listVolumes(ctx) })
 }
-func (volumeService) ExtendVolume(ctx context.Context, r *mdspb.ExtendVolumeRequest) (*mdspb.ExtendVolumeResponse, error) {
-	return leaderFrom(ctx).extendVolume(ctx, r)
+func (sv volumeService) ExtendVolume(ctx context.Context, r *mdspb.ExtendVolumeRequest) (*mdspb.ExtendVolumeResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.ExtendVolumeResponse, error) { return st.extendVolume(ctx, r) })
 }
-func (volumeService) RenameVolume(ctx context.Context, r *mdspb.RenameVolumeRequest) (*mdspb.RenameVolumeResponse, error) {
-	return leaderFrom(ctx).renameVolume(ctx, r)
+func (sv volumeService) RenameVolume(ctx context.Context, r *mdspb.RenameVolumeRequest) (*mdspb.RenameVolumeResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.RenameVolumeResponse, error) { return st.renameVolume(ctx, r) })
 }
-func (volumeService) DeleteVolume(ctx context.Context, r *mdspb.DeleteVolumeRequest) (*mdspb.DeleteVolumeResponse, error) {
-	return leaderFrom(ctx).deleteVolume(ctx, r)
+func (sv volumeService) DeleteVolume(ctx context.Context, r *mdspb.DeleteVolumeRequest) (*mdspb.DeleteVolumeResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.DeleteVolumeResponse, error) { return st.deleteVolume(ctx, r) })
 }
-func (volumeService) OpenVolume(ctx context.Context, r *mdspb.OpenVolumeRequest) (*mdspb.OpenVolumeResponse, error) {
-	return leaderFrom(ctx).openVolume(ctx, r)
+func (sv volumeService) OpenVolume(ctx context.Context, r *mdspb.OpenVolumeRequest) (*mdspb.OpenVolumeResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.OpenVolumeResponse, error) { return st.openVolume(ctx, r) })
 }
-func (volumeService) RefreshSession(ctx context.Context, r *mdspb.RefreshSessionRequest) (*mdspb.RefreshSessionResponse, error) {
-	return leaderFrom(ctx).refreshSession(ctx, r)
+func (sv volumeService) RefreshSession(ctx context.Context, r *mdspb.RefreshSessionRequest) (*mdspb.RefreshSessionResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.RefreshSessionResponse, error) { return st.refreshSession(ctx, r) })
 }
-func (volumeService) CloseVolume(ctx context.Context, r *mdspb.CloseVolumeRequest) (*mdspb.CloseVolumeResponse, error) {
-	return leaderFrom(ctx).closeVolume(ctx, r)
+func (sv volumeService) CloseVolume(ctx context.Context, r *mdspb.CloseVolumeRequest) (*mdspb.CloseVolumeResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.CloseVolumeResponse, error) { return st.closeVolume(ctx, r) })
 }
-func (volumeService) ListSessions(ctx context.Context, r *mdspb.ListSessionsRequest) (*mdspb.ListSessionsResponse, error) {
-	return leaderFrom(ctx).listSessions(ctx, r)
+func (sv volumeService) ListSessions(ctx context.Context, r *mdspb.ListSessionsRequest) (*mdspb.ListSessionsResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.ListSessionsResponse, error) { return st.listSessions(ctx, r) })
 }
-func (volumeService) GetSegment(ctx context.Context, r *mdspb.GetSegmentRequest) (*mdspb.GetSegmentResponse, error) {
-	return leaderFrom(ctx).getSegment(ctx, r)
+func (sv volumeService) GetSegment(ctx context.Context, r *mdspb.GetSegmentRequest) (*mdspb.GetSegmentResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.GetSegmentResponse, error) { return st.getSegment(ctx, r) })
 }
-func (volumeService) ListSegments(ctx context.Context, r *mdspb.ListSegmentsRequest) (*mdspb.ListSegmentsResponse, error) {
-	return leaderFrom(ctx).listSegments(ctx, r)
+func (sv volumeService) ListSegments(ctx context.Context, r *mdspb.ListSegmentsRequest) (*mdspb.ListSegmentsResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.ListSegmentsResponse, error) { return st.listSegments(ctx, r) })
 }
 
 type clusterService struct {
+	s *Server
 	mdspb.UnimplementedClusterServiceServer
 }
 
-func (clusterService) GetClusterStatus(ctx context.Context, r *mdspb.GetClusterStatusRequest) (*mdspb.GetClusterStatusResponse, error) {
-	return leaderFrom(ctx).clusterStatus(ctx)
+func (sv clusterService) GetClusterStatus(ctx context.Context, r *mdspb.GetClusterStatusRequest) (*mdspb.GetClusterStatusResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.GetClusterStatusResponse, error) { return st.clusterStatus(ctx) })
 }
-func (clusterService) TransferLeader(ctx context.Context, r *mdspb.TransferLeaderRequest) (*mdspb.TransferLeaderResponse, error) {
-	return leaderFrom(ctx).transferLeader(ctx, r)
+func (sv clusterService) TransferLeader(ctx context.Context, r *mdspb.TransferLeaderRequest) (*mdspb.TransferLeaderResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.TransferLeaderResponse, error) { return st.transferLeader(ctx, r) })
 }
-func (clusterService) ListOperators(ctx context.Context, r *mdspb.ListOperatorsRequest) (*mdspb.ListOperatorsResponse, error) {
-	return leaderFrom(ctx).listOperators(), nil
+func (sv clusterService) ListOperators(ctx context.Context, r *mdspb.ListOperatorsRequest) (*mdspb.ListOperatorsResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.ListOperatorsResponse, error) { return st.listOperators(), nil })
 }

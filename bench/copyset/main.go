@@ -217,7 +217,11 @@ func measure(dir string, n int, perCopyset bool, inflight int, d time.Duration, 
 	// Warm up: create each copyset's chunk so the run measures overwrites.
 	data := make([]byte, 4096)
 	for _, c := range leaders {
-		if _, err := c.Write(context.Background(), 1, 1, 1, 0, data); err != nil {
+		p, err := c.ProposeWrite(context.Background(), nil, copyset.ClientRequest{}, 1, 1, 1, 0, data)
+		if err == nil {
+			_, err = p.Wait(context.Background())
+		}
+		if err != nil {
 			return res, err
 		}
 	}
@@ -239,7 +243,11 @@ func measure(dir string, n int, perCopyset bool, inflight int, d time.Duration, 
 				c := leaders[(w+k)%n]
 				off := int64(rng.IntN(int(chunkSize/4096))) * 4096
 				t0 := time.Now()
-				if _, err := c.Write(ctx, 1, 1, 1, off, buf); err != nil {
+				p, err := c.ProposeWrite(ctx, nil, copyset.ClientRequest{}, 1, 1, 1, off, buf)
+				if err != nil {
+					continue
+				}
+				if _, err := p.Wait(ctx); err != nil {
 					continue
 				}
 				lat[w] = append(lat[w], time.Since(t0))
