@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"sync"
@@ -14,7 +13,6 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"golang.org/x/sync/semaphore"
 	"google.golang.org/grpc"
 
@@ -168,13 +166,12 @@ type Server struct {
 	id     *identity
 	geom   chunkfilepool.Geometry
 
-	grpc    *grpc.Server
-	lis     net.Listener
-	addr    string
-	http    *http.Server
-	httpLis net.Listener
-	reg     *prometheus.Registry
-	m       *metrics
+	grpc *grpc.Server
+	lis  net.Listener
+	addr string
+	http *httpdebug.Server
+	reg  *prometheus.Registry
+	m    *metrics
 
 	inflight  atomic.Int64
 	slots     *semaphore.Weighted // MaxInflight request slots
@@ -410,32 +407,16 @@ func absPath(p string) string {
 }
 
 func (s *Server) startHTTP() error {
-	if s.cfg.MetricsAddr == "-" {
-		return nil
-	}
-	lis, err := net.Listen("tcp", s.cfg.MetricsAddr)
-	if err != nil {
-		return fmt.Errorf("chunkserver: listen for metrics on %s: %w", s.cfg.MetricsAddr, err)
-	}
-	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{}))
-	httpdebug.Register(mux)
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
+	srv, err := httpdebug.Serve(s.cfg.MetricsAddr, httpdebug.Handler(s.reg, func(context.Context) (string, error) {
 		if s.stopped.Load() {
-			http.Error(w, "stopping", http.StatusServiceUnavailable)
-			return
+			return "", errors.New("stopping")
 		}
-		fmt.Fprintf(w, "ok chunkserver %d\n", s.id.ChunkServerID)
-	})
-	s.httpLis = lis
-	s.http = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	s.wg.Add(1)
-	go func() {
-		defer s.wg.Done()
-		if err := s.http.Serve(lis); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			s.log.Error("metrics server stopped", "err", err)
-		}
-	}()
+		return fmt.Sprintf("ok chunkserver %d", s.id.ChunkServerID), nil
+	}), s.log)
+	if err != nil {
+		return fmt.Errorf("chunkserver: %w", err)
+	}
+	s.http = srv
 	return nil
 }
 
@@ -443,12 +424,7 @@ func (s *Server) startHTTP() error {
 func (s *Server) Addr() string { return s.addr }
 
 // MetricsAddr is the bound metrics address ("" when disabled).
-func (s *Server) MetricsAddr() string {
-	if s.httpLis == nil {
-		return ""
-	}
-	return s.httpLis.Addr().String()
-}
+func (s *Server) MetricsAddr() string { return s.http.Addr() }
 
 // ID is the chunkserver id the MDS assigned.
 func (s *Server) ID() uint64 { return s.id.ChunkServerID }
@@ -481,9 +457,9 @@ func (s *Server) closeAll() {
 	} else if s.lis != nil {
 		s.lis.Close()
 	}
-	if s.http != nil {
-		s.http.Close()
-	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	s.http.Close(ctx)
+	cancel()
 	select {
 	case <-s.stop:
 	default:

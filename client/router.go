@@ -10,12 +10,12 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
 	"cairn.io/cairn/api/chunkpb"
 	"cairn.io/cairn/api/commonpb"
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/grpcconn"
 )
 
 // router maps pieces to chunks and copysets and sends chunk requests to
@@ -31,8 +31,7 @@ type router struct {
 	csMu     sync.Mutex
 	copysets map[csKey]*csInfo
 
-	connMu sync.Mutex
-	conns  map[string]*grpc.ClientConn
+	conns *grpcconn.Cache
 }
 
 type csKey struct{ pool, copyset uint32 }
@@ -55,18 +54,12 @@ type segCall struct {
 func newRouter(v *Volume) *router {
 	return &router{
 		v: v, segs: map[int64][]*mdspb.ChunkRef{}, absent: map[int64]time.Time{},
-		segCalls: map[int64]*segCall{}, copysets: map[csKey]*csInfo{}, conns: map[string]*grpc.ClientConn{},
+		segCalls: map[int64]*segCall{}, copysets: map[csKey]*csInfo{},
+		conns: grpcconn.NewCache("chunkserver", grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(16<<20), grpc.MaxCallSendMsgSize(16<<20))),
 	}
 }
 
-func (r *router) close() {
-	r.connMu.Lock()
-	defer r.connMu.Unlock()
-	for a, c := range r.conns {
-		c.Close()
-		delete(r.conns, a)
-	}
-}
+func (r *router) close() { r.conns.Close() }
 
 var errUnallocated = errors.New("segment not allocated")
 
@@ -227,17 +220,9 @@ func (r *router) setLeader(ref *commonpb.CopysetRef, addr string) {
 }
 
 func (r *router) client(addr string) (chunkpb.ChunkServiceClient, error) {
-	r.connMu.Lock()
-	defer r.connMu.Unlock()
-	c, ok := r.conns[addr]
-	if !ok {
-		var err error
-		c, err = grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
-			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(16<<20), grpc.MaxCallSendMsgSize(16<<20)))
-		if err != nil {
-			return nil, fmt.Errorf("dial chunkserver %s: %w", addr, err)
-		}
-		r.conns[addr] = c
+	c, err := r.conns.Get(addr)
+	if err != nil {
+		return nil, err
 	}
 	return chunkpb.NewChunkServiceClient(c), nil
 }

@@ -1,6 +1,8 @@
 package gateway
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"sort"
@@ -10,7 +12,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"cairn.io/cairn/client"
 	"cairn.io/cairn/internal/httpdebug"
@@ -82,13 +83,13 @@ func (m *metrics) pollFailed(err error) {
 }
 
 // health says whether the gateway is serving with a reachable MDS.
-func (m *metrics) health() (ok bool, msg string) {
+func (m *metrics) health(context.Context) (string, error) {
 	g := m.g
 	g.mu.Lock()
 	stopped := g.mu.stopped
 	g.mu.Unlock()
 	if stopped {
-		return false, "stopping"
+		return "", errors.New("stopping")
 	}
 	m.mu.Lock()
 	lastOK, lastErr := m.mu.lastOK, m.mu.lastErr
@@ -96,11 +97,11 @@ func (m *metrics) health() (ok bool, msg string) {
 	stale := 3 * g.cfg.PollInterval
 	switch {
 	case lastOK.IsZero() && lastErr != nil:
-		return false, fmt.Sprintf("MDS not reached yet: %v", lastErr)
+		return "", fmt.Errorf("MDS not reached yet: %v", lastErr)
 	case lastOK.IsZero():
-		return false, "MDS not reached yet"
+		return "", errors.New("MDS not reached yet")
 	case lastErr != nil && time.Since(lastOK) > stale:
-		return false, fmt.Sprintf("MDS unreachable for %s: %v", time.Since(lastOK).Round(time.Second), lastErr)
+		return "", fmt.Errorf("MDS unreachable for %s: %v", time.Since(lastOK).Round(time.Second), lastErr)
 	}
 	open := g.vols.snapshot()
 	names := make([]string, 0, len(open))
@@ -108,7 +109,7 @@ func (m *metrics) health() (ok bool, msg string) {
 		names = append(names, fmt.Sprintf("%s(%d)", n, users))
 	}
 	sort.Strings(names)
-	return true, fmt.Sprintf("ok nbd=%s iscsi=%s open=[%s]", orNone(g.NBDAddr()), orNone(g.ISCSIAddr()), strings.Join(names, " "))
+	return fmt.Sprintf("ok nbd=%s iscsi=%s open=[%s]", orNone(g.NBDAddr()), orNone(g.ISCSIAddr()), strings.Join(names, " ")), nil
 }
 
 func orNone(s string) string {
@@ -118,20 +119,7 @@ func orNone(s string) string {
 	return s
 }
 
-func (m *metrics) handler() http.Handler {
-	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{Registry: m.reg}))
-	httpdebug.Register(mux)
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
-		ok, msg := m.health()
-		if !ok {
-			http.Error(w, msg, http.StatusServiceUnavailable)
-			return
-		}
-		fmt.Fprintln(w, msg)
-	})
-	return mux
-}
+func (m *metrics) handler() http.Handler { return httpdebug.Handler(m.reg, m.health) }
 
 // statsCollector turns the NBD and iSCSI servers' counters and the open
 // volumes into metrics at scrape time.

@@ -191,7 +191,7 @@ func (l *leaderState) deleteChunk(ctx context.Context, v *mdspb.Volume, ref *mds
 }
 
 func (l *leaderState) deleteChunkOn(ctx context.Context, addr string, req *chunkpb.DeleteChunkRequest) (*chunkpb.DeleteChunkResponse, error) {
-	cc, err := l.s.conns.get(addr)
+	cc, err := l.s.conns.Get(addr)
 	if err != nil {
 		return nil, err
 	}

@@ -178,7 +178,7 @@ func maxTime(a, b time.Time) time.Time {
 
 // updateEpochOn pushes a volume's epoch to one chunkserver.
 func (l *leaderState) updateEpochOn(ctx context.Context, addr string, v *mdspb.Volume, timeout time.Duration) error {
-	cc, err := l.s.conns.get(addr)
+	cc, err := l.s.conns.Get(addr)
 	if err != nil {
 		return err
 	}

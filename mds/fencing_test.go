@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -140,12 +141,16 @@ func TestEpochPushReachesOfflineChunkServers(t *testing.T) {
 	c := newCluster(t, 3, 1, func(cfg *mds.Config) {
 		cfg.UnstableTimeout, cfg.OfflineTimeout = 200*time.Millisecond, 400*time.Millisecond
 	})
+	quiet := c.css[2]
+	// Every chunkserver heartbeats while the pool and the volume are made
+	// (the offline timeout is short); then one stops (as when cut off from
+	// the MDS) but still serves: the MDS must not skip it because it looks
+	// OFFLINE.
+	var silent atomic.Bool
+	c.heartbeatLoop(func(d *mdstest.ChunkServerDouble) bool { return silent.Load() && d == quiet })
 	c.createPool(3)
 	v := c.createVolume("vol0", seg)
-	quiet := c.css[2]
-	// It stops heartbeating (as when cut off from the MDS) but still serves:
-	// the MDS must not skip it because it looks OFFLINE.
-	c.heartbeatLoop(func(d *mdstest.ChunkServerDouble) bool { return d == quiet })
+	silent.Store(true)
 	soon.Succeeds(t, 10*time.Second, func() error {
 		got, err := c.conn.Topology().GetChunkServer(c.ctx, &mdspb.GetChunkServerRequest{ChunkserverId: quiet.ID()})
 		if err != nil {

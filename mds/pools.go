@@ -241,7 +241,7 @@ func (l *leaderState) finishLogicalPool(ctx context.Context, poolID uint32) (*md
 
 // createCopysetsOn sends a chunkserver its copysets, a few hundred per call.
 func (l *leaderState) createCopysetsOn(ctx context.Context, addr string, specs []*copysetpb.CopysetSpec) error {
-	cc, err := l.s.conns.get(addr)
+	cc, err := l.s.conns.Get(addr)
 	if err != nil {
 		return err
 	}

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"sync"
@@ -14,7 +13,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
 	"go.uber.org/zap"
@@ -22,6 +20,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/grpcconn"
 	"cairn.io/cairn/internal/httpdebug"
 	"cairn.io/cairn/mds/embedetcd"
 )
@@ -44,11 +43,10 @@ type Server struct {
 	keys     keys
 	grpc     *grpc.Server
 	lis      net.Listener
-	http     *http.Server
-	httpLis  net.Listener
+	http     *httpdebug.Server
 	registry *prometheus.Registry
 	metrics  *metrics
-	conns    *chunkServerConns
+	conns    *grpcconn.Cache
 	advAddr  string
 
 	cancel context.CancelFunc
@@ -71,7 +69,7 @@ func New(cfg Config) (*Server, error) {
 	s.metrics = newMetrics(s)
 	s.registry.MustRegister(s.metrics, collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	s.conns = newChunkServerConns()
+	s.conns = grpcconn.NewCache("chunkserver")
 	return s, nil
 }
 
@@ -122,17 +120,8 @@ func (s *Server) Start(ctx context.Context) (err error) {
 	s.grpc = grpc.NewServer(grpc.ChainUnaryInterceptor(s.leaderInterceptor))
 	registerServices(s.grpc, s)
 	go func() { _ = s.grpc.Serve(s.lis) }()
-	if s.cfg.MetricsAddr != "-" {
-		s.httpLis, err = net.Listen("tcp", s.cfg.MetricsAddr)
-		if err != nil {
-			return fmt.Errorf("mds: listen %s: %w", s.cfg.MetricsAddr, err)
-		}
-		mux := http.NewServeMux()
-		httpdebug.Register(mux)
-		mux.Handle("/metrics", promhttp.HandlerFor(s.registry, promhttp.HandlerOpts{}))
-		mux.HandleFunc("/healthz", s.serveHealth)
-		s.http = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-		go func() { _ = s.http.Serve(s.httpLis) }()
+	if s.http, err = httpdebug.Serve(s.cfg.MetricsAddr, httpdebug.Handler(s.registry, s.health), s.log); err != nil {
+		return fmt.Errorf("mds: %w", err)
 	}
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	s.cancel = cancel
@@ -276,12 +265,7 @@ func (s *Server) Leading() bool { return s.leader() != nil }
 func (s *Server) Addr() string { return s.advAddr }
 
 // MetricsAddr returns the bound address of /metrics and /healthz, or "".
-func (s *Server) MetricsAddr() string {
-	if s.httpLis == nil {
-		return ""
-	}
-	return s.httpLis.Addr().String()
-}
+func (s *Server) MetricsAddr() string { return s.http.Addr() }
 
 // EtcdEndpoints returns the etcd client URLs this MDS uses (the embedded
 // etcd's when it runs one), so that other MDS processes can share it in tests.
@@ -337,14 +321,10 @@ func (s *Server) closeResources() {
 	} else if s.lis != nil {
 		_ = s.lis.Close()
 	}
-	if s.http != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		_ = s.http.Shutdown(ctx)
-		cancel()
-	} else if s.httpLis != nil {
-		_ = s.httpLis.Close()
-	}
-	s.conns.close()
+	hctx, hcancel := context.WithTimeout(context.Background(), 2*time.Second)
+	s.http.Close(hctx)
+	hcancel()
+	s.conns.Close()
 	if s.cli != nil {
 		_ = s.cli.Close()
 	}
@@ -353,18 +333,14 @@ func (s *Server) closeResources() {
 	}
 }
 
-// serveHealth answers 200 when etcd is reachable, naming the role, and 503
-// otherwise.
-func (s *Server) serveHealth(w http.ResponseWriter, r *http.Request) {
-	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
-	defer cancel()
+// health is the /healthz answer: ok when etcd is reachable, naming the role;
+// otherwise why not.
+func (s *Server) health(ctx context.Context) (string, error) {
 	if _, err := s.cli.Get(ctx, s.keys.constants()); err != nil {
-		http.Error(w, "etcd unreachable: "+err.Error(), http.StatusServiceUnavailable)
-		return
+		return "", fmt.Errorf("etcd unreachable: %w", err)
 	}
-	role := "follower"
 	if s.Leading() {
-		role = "leader"
+		return "ok leader", nil
 	}
-	fmt.Fprintf(w, "ok %s\n", role)
+	return "ok follower", nil
 }

@@ -5,54 +5,26 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
-	"sync"
-	"time"
-
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"cairn.io/cairn/api/chunkpb"
 	"cairn.io/cairn/api/commonpb"
 	"cairn.io/cairn/api/copysetpb"
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/grpcconn"
 )
 
-// chunkServers caches one gRPC connection per chunkserver address.
+// chunkServers reaches chunkservers over one cached connection each.
 type chunkServers struct {
-	timeout time.Duration
-
-	mu struct {
-		sync.Mutex
-		conns map[string]*grpc.ClientConn
-	}
+	conns *grpcconn.Cache
 }
 
-func newChunkServers(timeout time.Duration) *chunkServers {
-	c := &chunkServers{timeout: timeout}
-	c.mu.conns = map[string]*grpc.ClientConn{}
-	return c
-}
-
-func (c *chunkServers) conn(addr string) (*grpc.ClientConn, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if cc, ok := c.mu.conns[addr]; ok {
-		return cc, nil
-	}
-	if addr == "" {
-		return nil, fmt.Errorf("chunkserver has no known address")
-	}
-	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		return nil, fmt.Errorf("dial chunkserver %s: %w", addr, err)
-	}
-	c.mu.conns[addr] = cc
-	return cc, nil
+func newChunkServers() *chunkServers {
+	return &chunkServers{conns: grpcconn.NewCache("chunkserver")}
 }
 
 // chunk returns the chunk service of the chunkserver at addr.
 func (c *chunkServers) chunk(addr string) (chunkpb.ChunkServiceClient, error) {
-	cc, err := c.conn(addr)
+	cc, err := c.conns.Get(addr)
 	if err != nil {
 		return nil, err
 	}
@@ -61,21 +33,14 @@ func (c *chunkServers) chunk(addr string) (chunkpb.ChunkServiceClient, error) {
 
 // copysets returns the copyset service of the chunkserver at addr.
 func (c *chunkServers) copysets(addr string) (copysetpb.CopysetServiceClient, error) {
-	cc, err := c.conn(addr)
+	cc, err := c.conns.Get(addr)
 	if err != nil {
 		return nil, err
 	}
 	return copysetpb.NewCopysetServiceClient(cc), nil
 }
 
-func (c *chunkServers) close() {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for _, cc := range c.mu.conns {
-		_ = cc.Close()
-	}
-	c.mu.conns = map[string]*grpc.ClientConn{}
-}
+func (c *chunkServers) close() { c.conns.Close() }
 
 // copysetName prints a copyset id as POOL:COPYSET.
 func copysetName(r *commonpb.CopysetRef) string {

@@ -163,7 +163,7 @@ func (a *app) setup(cmd *cobra.Command) error {
 	}
 	a.conn = conn
 	a.mdsAddrs = conn.Addresses()
-	a.cs = newChunkServers(a.timeout)
+	a.cs = newChunkServers()
 	return nil
 }
 
