@@ -264,7 +264,7 @@ func (e *Engine) Create(id GroupID, peers []uint64) error {
 		}
 		return fmt.Errorf("%w: %s with members %v", ErrExists, id, c.initialVoters)
 	}
-	dir := filepath.Join(e.cfg.Dir, "copysets", id.String())
+	dir := filepath.Join(e.cfg.Dir, "copysets", id.DirName())
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("copyset: create %s: %w", id, err)
 	}
@@ -354,7 +354,7 @@ func (e *Engine) Remove(id GroupID) error {
 	if c.ownWAL != nil {
 		c.ownWAL.Close()
 	}
-	dst := filepath.Join(e.cfg.Dir, "trash", fmt.Sprintf("%s.%d", id, time.Now().UnixNano()))
+	dst := filepath.Join(e.cfg.Dir, "trash", fmt.Sprintf("%s.%d", id.DirName(), time.Now().UnixNano()))
 	if err := os.Rename(c.dir, dst); err != nil {
 		return fmt.Errorf("copyset: move %s to trash: %w", id, err)
 	}

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+
+	"cairn.io/cairn/api/commonpb"
 )
 
 // GroupID identifies a copyset inside a chunkserver: the logical pool id in
@@ -12,7 +14,7 @@ import (
 type GroupID uint64
 
 // MakeGroupID packs a logical pool id and a copyset id.
-func MakeGroupID(pool, copyset uint32) GroupID { return GroupID(uint64(pool)<<32 | uint64(copyset)) }
+func MakeGroupID(pool, copyset uint32) GroupID { return GroupID(commonpb.CopysetKey(pool, copyset)) }
 
 // Pool is the logical pool id.
 func (g GroupID) Pool() uint32 { return uint32(g >> 32) }
@@ -20,9 +22,13 @@ func (g GroupID) Pool() uint32 { return uint32(g >> 32) }
 // Copyset is the copyset id within its pool.
 func (g GroupID) Copyset() uint32 { return uint32(g) }
 
-// String formats the id as "pool-copyset", the copyset's directory name.
-func (g GroupID) String() string { return fmt.Sprintf("%d-%d", g.Pool(), g.Copyset()) }
+// String prints the id as POOL:COPYSET, as operators read it.
+func (g GroupID) String() string { return commonpb.CopysetName(g.Pool(), g.Copyset()) }
 
+// DirName is the name of the copyset's directory: "pool-copyset".
+func (g GroupID) DirName() string { return fmt.Sprintf("%d-%d", g.Pool(), g.Copyset()) }
+
+// parseGroupID reads a directory name (DirName).
 func parseGroupID(s string) (GroupID, bool) {
 	a, b, ok := strings.Cut(s, "-")
 	if !ok {

@@ -144,7 +144,7 @@ func (l *leaderState) freeSegment(ctx context.Context, v *mdspb.Volume, seg *mds
 // exist counts as deleted.
 func (l *leaderState) deleteChunk(ctx context.Context, v *mdspb.Volume, ref *mdspb.ChunkRef) error {
 	l.mu.Lock()
-	c := l.mu.copysets[refKey(ref.Copyset)]
+	c := l.mu.copysets[ref.Copyset.Key()]
 	var candidates []string
 	if c != nil {
 		view := l.copysetViewLocked(c)

@@ -50,7 +50,7 @@ func (l *leaderState) heartbeat(ctx context.Context, r *mdspb.HeartbeatRequest) 
 		if cs == nil || cs.Copyset == nil {
 			continue
 		}
-		key := refKey(cs.Copyset)
+		key := cs.Copyset.Key()
 		rec := l.mu.copysets[key]
 		if rec == nil {
 			continue // not a copyset of this cluster's pools: leave it alone

@@ -22,7 +22,7 @@ func (l *leaderState) transferLeader(ctx context.Context, r *mdspb.TransferLeade
 	}
 	l.topoWrite.Lock()
 	defer l.topoWrite.Unlock()
-	key := refKey(r.Copyset)
+	key := r.Copyset.Key()
 	l.mu.Lock()
 	c := l.mu.copysets[key]
 	var op *mdspb.Operator
@@ -73,6 +73,6 @@ func (l *leaderState) listOperators() *mdspb.ListOperatorsResponse {
 	for _, op := range l.mu.operators {
 		out.Operators = append(out.Operators, proto.CloneOf(op))
 	}
-	sort.Slice(out.Operators, func(i, j int) bool { return refKey(out.Operators[i].Copyset) < refKey(out.Operators[j].Copyset) })
+	sort.Slice(out.Operators, func(i, j int) bool { return out.Operators[i].Copyset.Key() < out.Operators[j].Copyset.Key() })
 	return out
 }

@@ -149,7 +149,7 @@ func (l *leaderState) recordLogicalPool(ctx context.Context, r *mdspb.CreateLogi
 		}
 		l.mu.Lock()
 		for _, c := range batch {
-			l.mu.copysets[refKey(c.Id)] = c
+			l.mu.copysets[c.Id.Key()] = c
 		}
 		l.mu.Unlock()
 	}

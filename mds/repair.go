@@ -105,7 +105,7 @@ func (l *leaderState) memberOpLocked(rec *mdspb.Copyset, kind mdspb.OperatorKind
 		target.Address = e.rec.Address
 	}
 	op := &mdspb.Operator{Copyset: proto.CloneOf(rec.Id), Kind: kind, ConfEpoch: rec.ConfEpoch, Target: target}
-	l.mu.operators[refKey(rec.Id)] = op
+	l.mu.operators[rec.Id.Key()] = op
 	l.log.Info("operator queued to rebuild a broken replica", "pool", rec.Id.GetLogicalPoolId(), "copyset", rec.Id.GetCopysetId(),
 		"kind", kind.String(), "chunkserver", node, "conf_epoch", rec.ConfEpoch)
 	return op

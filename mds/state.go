@@ -11,7 +11,6 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
-	"cairn.io/cairn/api/commonpb"
 	"cairn.io/cairn/api/mdspb"
 )
 
@@ -73,12 +72,6 @@ type csEntry struct {
 	// its last heartbeat to this leader.
 	epochVersion uint64
 	capacity     *mdspb.Capacity
-}
-
-func copysetKey(pool, id uint32) uint64 { return uint64(pool)<<32 | uint64(id) }
-
-func refKey(r *commonpb.CopysetRef) uint64 {
-	return copysetKey(r.GetLogicalPoolId(), r.GetCopysetId())
 }
 
 func newLeaderState(s *Server, st *store) *leaderState {
@@ -169,12 +162,12 @@ func (l *leaderState) load(ctx context.Context) error {
 	}
 	l.mu.copysets = map[uint64]*mdspb.Copyset{}
 	for _, c := range copysets {
-		l.mu.copysets[refKey(c.Id)] = c
+		l.mu.copysets[c.Id.Key()] = c
 	}
 	l.mu.operators = map[uint64]*mdspb.Operator{}
 	l.mu.rebuilds = map[uint64]*rebuild{}
 	for _, o := range ops {
-		l.mu.operators[refKey(o.Copyset)] = o
+		l.mu.operators[o.Copyset.Key()] = o
 	}
 	l.mu.epochVersion = epochVersion
 	l.mu.segments = segments

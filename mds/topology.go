@@ -288,7 +288,7 @@ func (l *leaderState) listCopysets(r *mdspb.ListCopysetsRequest) (*mdspb.ListCop
 			out.Copysets = append(out.Copysets, l.copysetViewLocked(c))
 		}
 	}
-	sort.Slice(out.Copysets, func(i, j int) bool { return refKey(out.Copysets[i].Id) < refKey(out.Copysets[j].Id) })
+	sort.Slice(out.Copysets, func(i, j int) bool { return out.Copysets[i].Id.Key() < out.Copysets[j].Id.Key() })
 	return out, nil
 }
 
@@ -297,7 +297,7 @@ func (l *leaderState) getCopysets(r *mdspb.GetCopysetsRequest) (*mdspb.GetCopyse
 	defer l.mu.Unlock()
 	out := &mdspb.GetCopysetsResponse{}
 	for _, ref := range r.Copysets {
-		c := l.mu.copysets[refKey(ref)]
+		c := l.mu.copysets[ref.Key()]
 		if c == nil {
 			return nil, status.Errorf(codes.NotFound, "copyset (%d, %d) does not exist", ref.GetLogicalPoolId(), ref.GetCopysetId())
 		}

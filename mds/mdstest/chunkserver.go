@@ -48,10 +48,6 @@ type ChunkServerDouble struct {
 	}
 }
 
-func key(r *commonpb.CopysetRef) uint64 {
-	return uint64(r.GetLogicalPoolId())<<32 | uint64(r.GetCopysetId())
-}
-
 // StartChunkServerDouble starts a double listening on 127.0.0.1:0; it stops
 // when the test ends.
 func StartChunkServerDouble(t testing.TB, hostname, zone, physicalPool string) *ChunkServerDouble {
@@ -144,15 +140,15 @@ func (d *ChunkServerDouble) LeadFirstPeers() {
 func (d *ChunkServerDouble) SetLeading(ref *commonpb.CopysetRef, leading bool, term uint64) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.mu.leading[key(ref)] = leading
-	d.mu.term[key(ref)] = term
+	d.mu.leading[ref.Key()] = leading
+	d.mu.term[ref.Key()] = term
 }
 
 // SetConfEpoch sets the conf epoch the double reports for a copyset.
 func (d *ChunkServerDouble) SetConfEpoch(ref *commonpb.CopysetRef, epoch uint64) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.mu.confEpoch[key(ref)] = epoch
+	d.mu.confEpoch[ref.Key()] = epoch
 }
 
 // SetPeers sets the members the double reports for a copyset, as after a
@@ -160,7 +156,7 @@ func (d *ChunkServerDouble) SetConfEpoch(ref *commonpb.CopysetRef, epoch uint64)
 func (d *ChunkServerDouble) SetPeers(ref *commonpb.CopysetRef, peers []*commonpb.Peer) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if spec := d.mu.copysets[key(ref)]; spec != nil {
+	if spec := d.mu.copysets[ref.Key()]; spec != nil {
 		spec.Peers = peers
 	}
 }
@@ -171,9 +167,9 @@ func (d *ChunkServerDouble) SetRedirect(ref *commonpb.CopysetRef, hint *chunkpb.
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if hint == nil {
-		delete(d.mu.redirect, key(ref))
+		delete(d.mu.redirect, ref.Key())
 	} else {
-		d.mu.redirect[key(ref)] = hint
+		d.mu.redirect[ref.Key()] = hint
 	}
 }
 
@@ -226,7 +222,7 @@ func (d *ChunkServerDouble) Copysets() []*copysetpb.CopysetSpec {
 	for _, s := range d.mu.copysets {
 		out = append(out, s)
 	}
-	sort.Slice(out, func(i, j int) bool { return key(out[i].Copyset) < key(out[j].Copyset) })
+	sort.Slice(out, func(i, j int) bool { return out[i].Copyset.Key() < out[j].Copyset.Key() })
 	return out
 }
 
@@ -279,7 +275,7 @@ func (s copysetService) CreateCopysets(ctx context.Context, r *copysetpb.CreateC
 	}
 	created := uint32(0)
 	for _, spec := range r.Copysets {
-		k := key(spec.Copyset)
+		k := spec.Copyset.Key()
 		if old, ok := d.mu.copysets[k]; ok {
 			if !samePeers(old.Peers, spec.Peers) {
 				return nil, status.Errorf(codes.AlreadyExists, "copyset (%d, %d) exists with other members", spec.Copyset.LogicalPoolId, spec.Copyset.CopysetId)
@@ -340,7 +336,7 @@ func (s chunkService) DeleteChunk(ctx context.Context, r *chunkpb.DeleteChunkReq
 	if err := d.failingLocked(); err != nil {
 		return nil, err
 	}
-	k := key(r.Copyset)
+	k := r.Copyset.Key()
 	if _, ok := d.mu.copysets[k]; !ok {
 		return &chunkpb.DeleteChunkResponse{Status: chunkpb.Status_STATUS_COPYSET_NOTEXIST,
 			Message: fmt.Sprintf("copyset (%d, %d) not hosted here", r.Copyset.GetLogicalPoolId(), r.Copyset.GetCopysetId())}, nil

@@ -290,11 +290,11 @@ new leader.`,
 			resp, err := a.conn.Cluster().TransferLeader(cctx, &mdspb.TransferLeaderRequest{Copyset: ref, ToChunkserverId: to})
 			cancel()
 			if err != nil {
-				return rpcErr(fmt.Sprintf("transfer leadership of copyset %s to chunkserver %d", copysetName(ref), to), err)
+				return rpcErr(fmt.Sprintf("transfer leadership of copyset %s to chunkserver %d", ref.Name(), to), err)
 			}
 			out := &leaderChange{
-				Copyset: copysetName(ref), LogicalPoolID: ref.LogicalPoolId, CopysetID: ref.CopysetId,
-				From: before[refKey(ref)].GetLeaderId(), To: to, ConfEpoch: resp.Operator.GetConfEpoch(),
+				Copyset: ref.Name(), LogicalPoolID: ref.LogicalPoolId, CopysetID: ref.CopysetId,
+				From: before[ref.Key()].GetLeaderId(), To: to, ConfEpoch: resp.Operator.GetConfEpoch(),
 			}
 			if wait > 0 {
 				if err := a.waitLeader(ctx, ref, to, wait); err != nil {
@@ -342,12 +342,12 @@ func (a *app) waitLeader(ctx context.Context, ref *commonpb.CopysetRef, to uint6
 		if err != nil {
 			return err
 		}
-		if cs[refKey(ref)].GetLeaderId() == to {
+		if cs[ref.Key()].GetLeaderId() == to {
 			return nil
 		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("copyset %s: chunkserver %d is not the leader after %s (leader is %s); the operator stays queued until the leader carries it out or the configuration changes",
-				copysetName(ref), to, wait, idOrDash(cs[refKey(ref)].GetLeaderId()))
+				ref.Name(), to, wait, idOrDash(cs[ref.Key()].GetLeaderId()))
 		}
 		if err := sleepCtx(ctx, 100*time.Millisecond); err != nil {
 			return err

@@ -75,7 +75,7 @@ func TestCheckConsistency(t *testing.T) {
 	}
 	p := "problems.0"
 	if jnum(t, m, p+".chunk_id") != bad.ChunkId || jstr(t, m, p+".status") != "mismatch" ||
-		jstr(t, m, p+".copyset") != copysetName(bad.Copyset) || jnum(t, m, p+".volume_offset") != 16<<20+1<<20 {
+		jstr(t, m, p+".copyset") != bad.Copyset.Name() || jnum(t, m, p+".volume_offset") != 16<<20+1<<20 {
 		t.Errorf("problem %v", jget(t, m, p))
 	}
 	var differs []uint64
@@ -190,9 +190,9 @@ func TestCheckCopyset(t *testing.T) {
 	golden(t, "check_copyset_all_ok", c.normalize(c.mustRun("check", "copyset").stdout, nil))
 
 	cs := c.copysets()[0]
-	m = c.jsonRun(ExitOK, "check", "copyset", copysetName(cs.Id))
+	m = c.jsonRun(ExitOK, "check", "copyset", cs.Id.Name())
 	golden(t, "check_copyset_one_ok", c.normalize(c.mustRun("check", "copyset", "1").stdout, nil))
-	if jnum(t, m, "total") != 1 || jstr(t, m, "copysets.0.copyset") != copysetName(cs.Id) || jnum(t, m, "copysets.0.leader_id") != cs.LeaderId {
+	if jnum(t, m, "total") != 1 || jstr(t, m, "copysets.0.copyset") != cs.Id.Name() || jnum(t, m, "copysets.0.leader_id") != cs.LeaderId {
 		t.Fatalf("report %v", m)
 	}
 	for i, d := range c.replicas {
@@ -210,7 +210,7 @@ func TestCheckCopyset(t *testing.T) {
 	// A replica far behind, one installing a snapshot.
 	c.replicas[1].setApplied(cs.Id, 5000)
 	c.replicas[2].setInstalling(cs.Id, true)
-	m = c.jsonRun(ExitUnhealthy, "check", "copyset", copysetName(cs.Id))
+	m = c.jsonRun(ExitUnhealthy, "check", "copyset", cs.Id.Name())
 	reasons := jstrings(t, m, "copysets.0.reasons")
 	slices.Sort(reasons)
 	if !slices.Equal(reasons, []string{reasonInstallingSnapshot, reasonLogGap}) {
@@ -220,12 +220,12 @@ func TestCheckCopyset(t *testing.T) {
 		t.Errorf("applied_index_gap %d", gap)
 	}
 	c.replicas[2].setInstalling(cs.Id, false)
-	c.jsonRun(ExitOK, "check", "copyset", copysetName(cs.Id), "--max-log-gap", "10000", "--pool", "lp0")
+	c.jsonRun(ExitOK, "check", "copyset", cs.Id.Name(), "--max-log-gap", "10000", "--pool", "lp0")
 	c.replicas[1].setApplied(cs.Id, c.replicas[0].copyset(cs.Id).applied)
 
 	// A replica that stops answering.
 	c.replicas[2].stop()
-	r := c.run("--timeout", "2s", "check", "copyset", copysetName(cs.Id))
+	r := c.run("--timeout", "2s", "check", "copyset", cs.Id.Name())
 	if r.code != ExitUnhealthy {
 		t.Fatalf("exit %d, want %d\n%s%s", r.code, ExitUnhealthy, r.stdout, r.stderr)
 	}

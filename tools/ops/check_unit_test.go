@@ -34,7 +34,7 @@ func TestJudgeCopyset(t *testing.T) {
 	answersOf := func(sts map[uint64]*copysetpb.CopysetStatus) map[uint64]*memberAnswers {
 		out := map[uint64]*memberAnswers{}
 		for id, st := range sts {
-			out[id] = &memberAnswers{statuses: map[uint64]*copysetpb.CopysetStatus{refKey(st.Copyset): st}, missing: map[uint64]bool{}}
+			out[id] = &memberAnswers{statuses: map[uint64]*copysetpb.CopysetStatus{st.Copyset.Key(): st}, missing: map[uint64]bool{}}
 		}
 		return out
 	}
@@ -52,7 +52,7 @@ func TestJudgeCopyset(t *testing.T) {
 			a[2] = &memberAnswers{err: errors.New("connection refused")}
 		}, []string{reasonReplicaUnreachable}, 0},
 		{"not hosted", func(_ map[uint64]*copysetpb.CopysetStatus, a map[uint64]*memberAnswers) {
-			a[3] = &memberAnswers{statuses: map[uint64]*copysetpb.CopysetStatus{}, missing: map[uint64]bool{refKey(id): true}}
+			a[3] = &memberAnswers{statuses: map[uint64]*copysetpb.CopysetStatus{}, missing: map[uint64]bool{id.Key(): true}}
 		}, []string{reasonReplicaMissing}, 0},
 		{"no leader", func(s map[uint64]*copysetpb.CopysetStatus, _ map[uint64]*memberAnswers) {
 			s[1].Role, s[1].Progress = copysetpb.Role_ROLE_CANDIDATE, nil

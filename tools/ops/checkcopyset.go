@@ -109,7 +109,7 @@ Exit 0 when all are healthy, 3 when not.`,
 				if err != nil {
 					return err
 				}
-				copysets = append(copysets, m[refKey(ref)])
+				copysets = append(copysets, m[ref.Key()])
 			} else {
 				var poolID uint32
 				if pool != "" {
@@ -214,10 +214,10 @@ func (a *app) askCopysetStatus(ctx context.Context, addr string, refs []*commonp
 		return ans
 	}
 	for _, st := range resp.Copysets {
-		ans.statuses[refKey(st.Copyset)] = st
+		ans.statuses[st.Copyset.Key()] = st
 	}
 	for _, r := range resp.Missing {
-		ans.missing[refKey(r)] = true
+		ans.missing[r.Key()] = true
 	}
 	return ans
 }
@@ -253,10 +253,10 @@ func judgeCopyset(c *mdspb.Copyset, replicas uint32, answers map[uint64]*memberA
 	if replicas == 0 {
 		replicas = 3
 	}
-	key := refKey(c.Id)
+	key := c.Id.Key()
 	h := &health{}
 	chk := copysetCheck{
-		Copyset: copysetName(c.Id), LogicalPoolID: c.Id.GetLogicalPoolId(), CopysetID: c.Id.GetCopysetId(),
+		Copyset: c.Id.Name(), LogicalPoolID: c.Id.GetLogicalPoolId(), CopysetID: c.Id.GetCopysetId(),
 		Replicas: []replicaStatus{},
 	}
 	mdsPeers := peerIDs(c.Peers)

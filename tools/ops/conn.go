@@ -42,15 +42,6 @@ func (c *chunkServers) copysets(addr string) (copysetpb.CopysetServiceClient, er
 
 func (c *chunkServers) close() { c.conns.Close() }
 
-// copysetName prints a copyset id as POOL:COPYSET.
-func copysetName(r *commonpb.CopysetRef) string {
-	return fmt.Sprintf("%d:%d", r.GetLogicalPoolId(), r.GetCopysetId())
-}
-
-func refKey(r *commonpb.CopysetRef) uint64 {
-	return uint64(r.GetLogicalPoolId())<<32 | uint64(r.GetCopysetId())
-}
-
 // topology is one snapshot of the MDS's topology, fetched for a command.
 type topology struct {
 	zones        []*mdspb.Zone
@@ -160,7 +151,7 @@ func (a *app) getCopysets(ctx context.Context, refs []*commonpb.CopysetRef) (map
 			return nil, rpcErr("get copysets", err)
 		}
 		for _, c := range resp.Copysets {
-			out[refKey(c.Id)] = c
+			out[c.Id.Key()] = c
 		}
 	}
 	return out, nil

@@ -136,7 +136,7 @@ func (a *app) checkConsistency(ctx context.Context, name string, p consistencyPa
 	seen := map[uint64]bool{}
 	for _, s := range segs.Segments {
 		for _, c := range s.Chunks {
-			if k := refKey(c.Copyset); !seen[k] {
+			if k := c.Copyset.Key(); !seen[k] {
 				seen[k] = true
 				refs = append(refs, c.Copyset)
 			}
@@ -149,7 +149,7 @@ func (a *app) checkConsistency(ctx context.Context, name string, p consistencyPa
 	var tasks []chunkTask
 	for _, s := range segs.Segments {
 		for i, c := range s.Chunks {
-			tasks = append(tasks, chunkTask{chunkID: c.ChunkId, copyset: copysets[refKey(c.Copyset)], offset: s.Offset + uint64(i)*v.ChunkSize})
+			tasks = append(tasks, chunkTask{chunkID: c.ChunkId, copyset: copysets[c.Copyset.Key()], offset: s.Offset + uint64(i)*v.ChunkSize})
 		}
 	}
 	res := &consistencyResult{Volume: v.Name, VolumeID: v.Id, Segments: len(segs.Segments), Chunks: len(tasks), Problems: []chunkReport{}}
@@ -228,7 +228,7 @@ func (a *app) checkChunk(ctx context.Context, t chunkTask, p consistencyParams) 
 		rep.Status, rep.Problem = chunkUnverified, "the MDS has no record of the chunk's copyset"
 		return rep
 	}
-	rep.Copyset = copysetName(t.copyset.Id)
+	rep.Copyset = t.copyset.Id.Name()
 	rep.LogicalPoolID, rep.CopysetID = t.copyset.Id.GetLogicalPoolId(), t.copyset.Id.GetCopysetId()
 	if len(t.copyset.Peers) == 0 {
 		rep.Status, rep.Problem = chunkUnverified, "the copyset has no members"

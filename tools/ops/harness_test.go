@@ -202,7 +202,7 @@ func (c *doubleCluster) leadAll(i int) {
 		}
 		for _, cs := range resp.Copysets {
 			if cs.LeaderId != want {
-				return fmt.Errorf("copyset %s led by %d", copysetName(cs.Id), cs.LeaderId)
+				return fmt.Errorf("copyset %s led by %d", cs.Id.Name(), cs.LeaderId)
 			}
 		}
 		return nil

@@ -231,7 +231,7 @@ func TestLiveCluster(t *testing.T) {
 	// query chunk names the chunk, its copyset and its replicas.
 	target := chunks[70]
 	m = c.jsonRun(ExitOK, "query", "chunk", "vol", strconv.Itoa(70<<20+12345))
-	if jnum(t, m, "chunk_id") != target.ChunkId || jstr(t, m, "copyset") != copysetName(target.Copyset) ||
+	if jnum(t, m, "chunk_id") != target.ChunkId || jstr(t, m, "copyset") != target.Copyset.Name() ||
 		jlen(t, m, "replicas") != 3 || jnum(t, m, "chunk_offset") != 12345 {
 		t.Errorf("query chunk: %v", m)
 	}
@@ -283,12 +283,12 @@ func TestLiveCluster(t *testing.T) {
 			break
 		}
 	}
-	m = c.jsonRun(ExitOK, "update", "leader", "--copyset", copysetName(cs.Id), "--to", strconv.FormatUint(to, 10), "--wait", "30s")
+	m = c.jsonRun(ExitOK, "update", "leader", "--copyset", cs.Id.Name(), "--to", strconv.FormatUint(to, 10), "--wait", "30s")
 	if !jbool(t, m, "done") || jnum(t, m, "from") != cs.LeaderId {
 		t.Errorf("update leader: %v", m)
 	}
 	soon.Succeeds(t, 30*time.Second, func() error {
-		m := c.jsonRun(ExitOK, "check", "copyset", copysetName(cs.Id))
+		m := c.jsonRun(ExitOK, "check", "copyset", cs.Id.Name())
 		if got := jnum(t, m, "copysets.0.leader_id"); got != to {
 			return fmt.Errorf("chunkservers say %d leads", got)
 		}

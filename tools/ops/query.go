@@ -157,9 +157,9 @@ func (a *app) queryChunk(ctx context.Context, name string, off uint64) error {
 	if err != nil {
 		return err
 	}
-	c := copysets[refKey(ch.Copyset)]
+	c := copysets[ch.Copyset.Key()]
 	if c == nil {
-		return fmt.Errorf("the MDS returned no record of copyset %s", copysetName(ch.Copyset))
+		return fmt.Errorf("the MDS returned no record of copyset %s", ch.Copyset.Name())
 	}
 	cctx2, cancel2 := a.callCtx(ctx)
 	defer cancel2()
@@ -174,7 +174,7 @@ func (a *app) queryChunk(ctx context.Context, name string, off uint64) error {
 	out := chunkLocation{
 		Volume: v.Name, VolumeID: v.Id, Offset: off, SegmentOffset: s.Offset, ChunkIndex: idx,
 		ChunkOffset: off - s.Offset - idx*v.ChunkSize, ChunkID: ch.ChunkId, ChunkSize: v.ChunkSize,
-		Copyset: copysetName(ch.Copyset), LogicalPoolID: ch.Copyset.GetLogicalPoolId(), CopysetID: ch.Copyset.GetCopysetId(),
+		Copyset: ch.Copyset.Name(), LogicalPoolID: ch.Copyset.GetLogicalPoolId(), CopysetID: ch.Copyset.GetCopysetId(),
 		LeaderID: c.LeaderId, Replicas: []replicaView{},
 	}
 	for _, p := range c.Peers {

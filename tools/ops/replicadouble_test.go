@@ -158,7 +158,7 @@ func (d *replicaDouble) sortedLocked() []*doubleCopyset {
 	for _, c := range d.mu.copysets {
 		out = append(out, c)
 	}
-	sort.Slice(out, func(i, j int) bool { return refKey(out[i].ref) < refKey(out[j].ref) })
+	sort.Slice(out, func(i, j int) bool { return out[i].ref.Key() < out[j].ref.Key() })
 	return out
 }
 
@@ -182,21 +182,21 @@ func (d *replicaDouble) statusLocked(c *doubleCopyset) *copysetpb.CopysetStatus 
 func (d *replicaDouble) copyset(ref *commonpb.CopysetRef) *doubleCopyset {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	return d.mu.copysets[refKey(ref)]
+	return d.mu.copysets[ref.Key()]
 }
 
 // setApplied sets the applied index the replica reports for a copyset.
 func (d *replicaDouble) setApplied(ref *commonpb.CopysetRef, applied uint64) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.mu.copysets[refKey(ref)].applied = applied
+	d.mu.copysets[ref.Key()].applied = applied
 }
 
 // setInstalling sets whether the replica reports a snapshot install.
 func (d *replicaDouble) setInstalling(ref *commonpb.CopysetRef, installing bool) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.mu.copysets[refKey(ref)].installing = installing
+	d.mu.copysets[ref.Key()].installing = installing
 }
 
 // chunkPath is the file of a chunk of a copyset on this replica.
@@ -215,7 +215,7 @@ func (s doubleCopysetService) CreateCopysets(ctx context.Context, r *copysetpb.C
 	defer d.mu.Unlock()
 	created := uint32(0)
 	for _, spec := range r.Copysets {
-		k := refKey(spec.Copyset)
+		k := spec.Copyset.Key()
 		if _, ok := d.mu.copysets[k]; ok {
 			continue
 		}
@@ -246,7 +246,7 @@ func (s doubleCopysetService) GetCopysetStatus(ctx context.Context, r *copysetpb
 		return resp, nil
 	}
 	for _, ref := range r.Copysets {
-		if c := d.mu.copysets[refKey(ref)]; c != nil {
+		if c := d.mu.copysets[ref.Key()]; c != nil {
 			resp.Copysets = append(resp.Copysets, d.statusLocked(c))
 		} else {
 			resp.Missing = append(resp.Missing, proto.CloneOf(ref))
@@ -354,7 +354,7 @@ func newReplicaCluster(t *testing.T, perCS int) *replicaCluster {
 	soon.Succeeds(t, 10*time.Second, func() error {
 		for _, cs := range dc.copysets() {
 			if cs.LeaderId == 0 {
-				return fmt.Errorf("copyset %s has no leader yet", copysetName(cs.Id))
+				return fmt.Errorf("copyset %s has no leader yet", cs.Id.Name())
 			}
 		}
 		return nil

@@ -243,7 +243,7 @@ func (a *app) status(ctx context.Context, p healthParams) (*statusResult, error)
 			cc.ByReason[r]++
 		}
 		cc.UnhealthyCopysets = append(cc.UnhealthyCopysets, newCopysetView(c, h))
-		problem("copyset %s: %s", copysetName(c.Id), strings.Join(h.problems, "; "))
+		problem("copyset %s: %s", c.Id.Name(), strings.Join(h.problems, "; "))
 	}
 
 	// Volumes.
@@ -323,7 +323,7 @@ func newLogicalPoolView(lp *mdspb.LogicalPool, physNames map[uint32]string) logi
 
 func newCopysetView(c *mdspb.Copyset, h *health) copysetView {
 	v := copysetView{
-		Copyset: copysetName(c.Id), LogicalPoolID: c.Id.GetLogicalPoolId(), CopysetID: c.Id.GetCopysetId(),
+		Copyset: c.Id.Name(), LogicalPoolID: c.Id.GetLogicalPoolId(), CopysetID: c.Id.GetCopysetId(),
 		LeaderID: c.LeaderId, Peers: newPeerViews(c.Peers), ConfEpoch: c.ConfEpoch, Term: c.Term,
 		AppliedIndex: c.AppliedIndex, ReportedUnix: c.ReportedUnix,
 		Healthy: h.ok(), Reasons: []string{}, Problems: []string{},

@@ -134,7 +134,7 @@ func TestStatusNamesEachCopysetProblem(t *testing.T) {
 	soon.Succeeds(t, 10*time.Second, func() error {
 		for _, cs := range c.copysets() {
 			if cs.Id.CopysetId != 5 && cs.LeaderId != leader.ID() {
-				return fmt.Errorf("copyset %s has no leader recorded yet", copysetName(cs.Id))
+				return fmt.Errorf("copyset %s has no leader recorded yet", cs.Id.Name())
 			}
 		}
 		return nil

@@ -135,11 +135,11 @@ func TestQueryChunk(t *testing.T) {
 	want := seg.Segment.Chunks[3]
 	for _, arg := range []string{strconv.FormatUint(off, 10)} {
 		m := c.jsonRun(ExitOK, "query", "chunk", "v", arg)
-		if jnum(t, m, "chunk_id") != want.ChunkId || jstr(t, m, "copyset") != copysetName(want.Copyset) ||
+		if jnum(t, m, "chunk_id") != want.ChunkId || jstr(t, m, "copyset") != want.Copyset.Name() ||
 			jnum(t, m, "logical_pool_id") != uint64(want.Copyset.LogicalPoolId) || jnum(t, m, "copyset_id") != uint64(want.Copyset.CopysetId) ||
 			jnum(t, m, "chunk_index") != 3 || jnum(t, m, "chunk_offset") != 4096 || jnum(t, m, "segment_offset") != 8<<20 ||
 			jnum(t, m, "offset") != off || jnum(t, m, "leader_id") != c.css[0].ID() || jnum(t, m, "chunk_size") != 1<<20 {
-			t.Errorf("query chunk %s: %v (want chunk %d in %s)", arg, m, want.ChunkId, copysetName(want.Copyset))
+			t.Errorf("query chunk %s: %v (want chunk %d in %s)", arg, m, want.ChunkId, want.Copyset.Name())
 		}
 		if jlen(t, m, "replicas") != 3 {
 			t.Fatalf("replicas: %v", jget(t, m, "replicas"))
