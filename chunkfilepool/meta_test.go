@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"errors"
 	"testing"
+
+	"cairn.io/cairn/internal/geometry"
 )
 
 func TestPoolMetaRoundTrip(t *testing.T) {
-	g := Geometry{ChunkSize: DefaultChunkSize, MetaPageSize: DefaultMetaPageSize, BlockSize: DefaultBlockSize}
+	g := Geometry{ChunkSize: geometry.DefaultChunkSize, MetaPageSize: geometry.DefaultMetaPageSize, BlockSize: geometry.DefaultBlockSize}
 	b := EncodePoolMeta(g)
 	got, err := DecodePoolMeta(b)
 	if err != nil || got != g {
@@ -40,7 +42,7 @@ func TestPoolStateRoundTrip(t *testing.T) {
 // FuzzDecodePoolMeta checks that the decoder never panics, accepts only what
 // the encoder produces, and accepts nothing that fails validation.
 func FuzzDecodePoolMeta(f *testing.F) {
-	f.Add(EncodePoolMeta(Geometry{ChunkSize: DefaultChunkSize, MetaPageSize: DefaultMetaPageSize, BlockSize: DefaultBlockSize}))
+	f.Add(EncodePoolMeta(Geometry{ChunkSize: geometry.DefaultChunkSize, MetaPageSize: geometry.DefaultMetaPageSize, BlockSize: geometry.DefaultBlockSize}))
 	f.Add(EncodePoolMeta(Geometry{ChunkSize: 1 << 20, MetaPageSize: 4096, BlockSize: 4096}))
 	f.Add([]byte("CAIRNFP1"))
 	f.Add([]byte{})

@@ -11,13 +11,7 @@ import (
 	"time"
 
 	"cairn.io/cairn/chunkfilepool/fsutil"
-)
-
-// Production geometry; zero fields of Options take these values.
-const (
-	DefaultChunkSize    = 16 << 20
-	DefaultMetaPageSize = 4 << 10
-	DefaultBlockSize    = 512
+	"cairn.io/cairn/internal/geometry"
 )
 
 const (
@@ -152,13 +146,13 @@ func Open(opts Options) (*Pool, error) {
 		return nil, fmt.Errorf("%w: empty pool directory", ErrInvalidOptions)
 	}
 	if opts.ChunkSize == 0 {
-		opts.ChunkSize = DefaultChunkSize
+		opts.ChunkSize = geometry.DefaultChunkSize
 	}
 	if opts.MetaPageSize == 0 {
-		opts.MetaPageSize = DefaultMetaPageSize
+		opts.MetaPageSize = geometry.DefaultMetaPageSize
 	}
 	if opts.BlockSize == 0 {
-		opts.BlockSize = DefaultBlockSize
+		opts.BlockSize = geometry.DefaultBlockSize
 	}
 	geo := Geometry{ChunkSize: opts.ChunkSize, MetaPageSize: opts.MetaPageSize, BlockSize: opts.BlockSize}
 	if err := geo.Validate(); err != nil {

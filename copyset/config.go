@@ -8,6 +8,7 @@ import (
 
 	"cairn.io/cairn/copyset/transport"
 	"cairn.io/cairn/copyset/wal"
+	"cairn.io/cairn/internal/geometry"
 )
 
 // ChunkStore is a copyset's state machine: its chunk files. The chunkserver's
@@ -172,7 +173,7 @@ func (cfg *Config) validate() error {
 		cfg.MaxWALSegments = 16
 	}
 	if cfg.ChunkSize <= 0 {
-		cfg.ChunkSize = 16 << 20
+		cfg.ChunkSize = geometry.DefaultChunkSize
 	}
 	return nil
 }

@@ -7,15 +7,7 @@ import (
 	"time"
 
 	"cairn.io/cairn/api/mdspb"
-)
-
-// Default cluster constants, used on a cluster's first start when the Config
-// leaves them zero.
-const (
-	DefaultChunkSize    = 16 << 20
-	DefaultSegmentSize  = 1 << 30
-	DefaultBlockSize    = 512
-	DefaultMetaPageSize = 4096
+	"cairn.io/cairn/internal/geometry"
 )
 
 // maxEpochLease bounds Config.EpochLease: a writable open may wait that long.
@@ -186,16 +178,16 @@ func resolveConstants(want, stored *mdspb.ClusterConstants) (*mdspb.ClusterConst
 		MetaPageSize: want.GetMetaPageSize(),
 	}
 	if c.ChunkSize == 0 {
-		c.ChunkSize = DefaultChunkSize
+		c.ChunkSize = geometry.DefaultChunkSize
 	}
 	if c.SegmentSize == 0 {
-		c.SegmentSize = DefaultSegmentSize
+		c.SegmentSize = geometry.DefaultSegmentSize
 	}
 	if c.BlockSize == 0 {
-		c.BlockSize = DefaultBlockSize
+		c.BlockSize = geometry.DefaultBlockSize
 	}
 	if c.MetaPageSize == 0 {
-		c.MetaPageSize = DefaultMetaPageSize
+		c.MetaPageSize = geometry.DefaultMetaPageSize
 	}
 	if err := checkConstants(c); err != nil {
 		return nil, err

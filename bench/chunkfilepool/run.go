@@ -18,11 +18,12 @@ import (
 
 	"cairn.io/cairn/chunkfilepool"
 	"cairn.io/cairn/chunkfilepool/fsutil"
+	"cairn.io/cairn/internal/geometry"
 )
 
 // metaPage is the meta page in front of the data, as in a chunk file; every
 // target file has the same layout and writes go to the data part only.
-const metaPage = chunkfilepool.DefaultMetaPageSize
+const metaPage = geometry.DefaultMetaPageSize
 
 // Config describes one run.
 type Config struct {
@@ -94,7 +95,7 @@ func prepare(cfg Config, logf func(string, ...any)) (*env, error) {
 		Dir:           filepath.Join(work, "pool"),
 		ChunkSize:     cfg.Size,
 		MetaPageSize:  metaPage,
-		BlockSize:     chunkfilepool.DefaultBlockSize,
+		BlockSize:     geometry.DefaultBlockSize,
 		InitialChunks: 1,
 		MaxChunks:     1,
 		GetTimeout:    30 * time.Minute,
