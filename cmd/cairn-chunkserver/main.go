@@ -13,29 +13,19 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"log/slog"
 	"os"
-	"os/signal"
 	"runtime/debug"
 	"strings"
-	"syscall"
 	"time"
 
 	"sigs.k8s.io/yaml"
 
 	"cairn.io/cairn/chunkserver"
+	"cairn.io/cairn/internal/daemon"
 	"cairn.io/cairn/internal/units"
 )
 
-func main() {
-	if err := run(os.Args[1:]); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return
-		}
-		fmt.Fprintln(os.Stderr, "cairn-chunkserver:", err)
-		os.Exit(1)
-	}
-}
+func main() { daemon.Main("cairn-chunkserver", run) }
 
 func run(args []string) error {
 	fs := flag.NewFlagSet("cairn-chunkserver", flag.ContinueOnError)
@@ -45,7 +35,7 @@ func run(args []string) error {
 		listen       = fs.String("listen", "127.0.0.1:8200", "gRPC address for clients and peers")
 		advertise    = fs.String("advertise", "", "address registered with the MDS (default: the listen address)")
 		metrics      = fs.String("metrics-listen", "127.0.0.1:9200", "address of /metrics and /healthz (\"-\" disables)")
-		mds          = fs.String("mds", envOr("CAIRN_MDS", "127.0.0.1:6700"), "MDS addresses, comma-separated (env CAIRN_MDS)")
+		mds          = fs.String("mds", daemon.EnvOr("CAIRN_MDS", "127.0.0.1:6700"), "MDS addresses, comma-separated (env CAIRN_MDS)")
 		zone         = fs.String("zone", "", "failure domain (zone) of this chunkserver; required")
 		hostname     = fs.String("hostname", "", "host name registered with the MDS (default: this machine's)")
 		physicalPool = fs.String("physical-pool", "pool1", "physical pool to join")
@@ -78,11 +68,10 @@ func run(args []string) error {
 			return err
 		}
 	}
-	level := slog.LevelInfo
-	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
-		return fmt.Errorf("--log-level: %w", err)
+	logger, err := daemon.Logger(os.Stderr, *logLevel)
+	if err != nil {
+		return err
 	}
-	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	if *dataDir == "" {
 		return errors.New("--data-dir is required")
 	}
@@ -98,7 +87,7 @@ func run(args []string) error {
 	}
 	cfg := chunkserver.Config{
 		DataDir: *dataDir, ListenAddr: *listen, AdvertiseAddr: *advertise, MetricsAddr: *metrics,
-		MDSAddrs: splitList(*mds), Zone: *zone, Hostname: *hostname, PhysicalPool: *physicalPool,
+		MDSAddrs: daemon.SplitList(*mds), Zone: *zone, Hostname: *hostname, PhysicalPool: *physicalPool,
 		ChunkSize:        int64(chunkSize),
 		PoolInitialBytes: int64(poolSize), PoolMaxBytes: int64(poolMax), PoolReserveBytes: int64(poolReserve),
 		FormatBytesPerSec: int64(formatRate), SnapshotBytesPerSec: int64(snapRate),
@@ -110,7 +99,7 @@ func run(args []string) error {
 	if err != nil {
 		return err
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	ctx, stop := daemon.SignalContext()
 	defer stop()
 	startCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	err = s.Start(startCtx)
@@ -128,23 +117,6 @@ func run(args []string) error {
 		s.Stop()
 		return fmt.Errorf("storage failed: %w", ferr)
 	}
-}
-
-func envOr(k, def string) string {
-	if v := os.Getenv(k); v != "" {
-		return v
-	}
-	return def
-}
-
-func splitList(s string) []string {
-	var out []string
-	for _, p := range strings.Split(s, ",") {
-		if p = strings.TrimSpace(p); p != "" {
-			out = append(out, p)
-		}
-	}
-	return out
 }
 
 // applyConfigFile sets every flag the command line left unset from the file.

@@ -13,33 +13,21 @@
 package main
 
 import (
-	"context"
-	"errors"
 	"flag"
 	"fmt"
-	"log/slog"
 	"os"
-	"os/signal"
 	"strings"
-	"syscall"
 	"time"
 
 	"cairn.io/cairn/client"
 	"cairn.io/cairn/gateway"
+	"cairn.io/cairn/internal/daemon"
 	"cairn.io/cairn/internal/units"
 	"cairn.io/cairn/iscsi"
 	"cairn.io/cairn/nbd"
 )
 
-func main() {
-	if err := run(os.Args[1:]); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return
-		}
-		fmt.Fprintln(os.Stderr, "cairn-gateway:", err)
-		os.Exit(1)
-	}
-}
+func main() { daemon.Main("cairn-gateway", run) }
 
 func run(args []string) error {
 	cfg, err := parseConfig(args)
@@ -51,7 +39,7 @@ func run(args []string) error {
 	if err != nil {
 		return err
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	ctx, stop := daemon.SignalContext()
 	defer stop()
 	if err := g.Start(ctx); err != nil {
 		g.Stop()
@@ -67,7 +55,7 @@ func run(args []string) error {
 func parseConfig(args []string) (gateway.Config, error) {
 	fs := flag.NewFlagSet("cairn-gateway", flag.ContinueOnError)
 	var (
-		mds         = fs.String("mds", envOr("CAIRN_MDS", "127.0.0.1:6700"), "MDS addresses, comma-separated (env CAIRN_MDS)")
+		mds         = fs.String("mds", daemon.EnvOr("CAIRN_MDS", "127.0.0.1:6700"), "MDS addresses, comma-separated (env CAIRN_MDS)")
 		nbdListen   = fs.String("nbd-listen", gateway.DefaultNBDAddr, "NBD listen address (\"-\" disables NBD)")
 		iscsiListen = fs.String("iscsi-listen", gateway.DefaultISCSIAddr, "iSCSI portal address (\"-\" disables iSCSI)")
 		metrics     = fs.String("metrics-listen", gateway.DefaultMetricsAddr, "address of /metrics and /healthz (\"-\" disables)")
@@ -91,21 +79,20 @@ func parseConfig(args []string) (gateway.Config, error) {
 	if fs.NArg() > 0 {
 		return gateway.Config{}, fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))
 	}
-	var level slog.Level
-	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
-		return gateway.Config{}, fmt.Errorf("--log-level: %w", err)
+	logger, err := daemon.Logger(os.Stderr, *logLevel)
+	if err != nil {
+		return gateway.Config{}, err
 	}
-	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	if *clientName == "" {
 		host, _ := os.Hostname()
 		*clientName = "cairn-gateway@" + host
 	}
 	cfg := gateway.Config{
-		MDSAddrs:     splitList(*mds),
+		MDSAddrs:     daemon.SplitList(*mds),
 		NBDAddr:      *nbdListen,
 		ISCSIAddr:    *iscsiListen,
 		MetricsAddr:  *metrics,
-		Volumes:      splitList(*volumes),
+		Volumes:      daemon.SplitList(*volumes),
 		PollInterval: *poll,
 		Linger:       *linger,
 		ClientName:   *clientName,
@@ -130,21 +117,4 @@ func parseConfig(args []string) (gateway.Config, error) {
 			"default", secrets.Default != nil, "discovery", secrets.Discovery != nil)
 	}
 	return cfg, nil
-}
-
-func envOr(k, def string) string {
-	if v := os.Getenv(k); v != "" {
-		return v
-	}
-	return def
-}
-
-func splitList(s string) []string {
-	var out []string
-	for _, p := range strings.Split(s, ",") {
-		if p = strings.TrimSpace(p); p != "" {
-			out = append(out, p)
-		}
-	}
-	return out
 }

@@ -15,27 +15,17 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"log/slog"
 	"os"
-	"os/signal"
 	"strings"
-	"syscall"
 	"time"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/daemon"
 	"cairn.io/cairn/internal/units"
 	"cairn.io/cairn/mds"
 )
 
-func main() {
-	if err := run(os.Args[1:]); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return
-		}
-		fmt.Fprintln(os.Stderr, "cairn-mds:", err)
-		os.Exit(1)
-	}
-}
+func main() { daemon.Main("cairn-mds", run) }
 
 func run(args []string) error {
 	fs := flag.NewFlagSet("cairn-mds", flag.ContinueOnError)
@@ -62,11 +52,10 @@ func run(args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	var level slog.Level
-	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
-		return fmt.Errorf("--log-level: %w", err)
+	logger, err := daemon.Logger(os.Stderr, *logLevel)
+	if err != nil {
+		return err
 	}
-	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	consts := &mdspb.ClusterConstants{}
 	for _, f := range []struct {
 		name string
@@ -107,7 +96,7 @@ func run(args []string) error {
 	if err != nil {
 		return err
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	ctx, stop := daemon.SignalContext()
 	defer stop()
 	startCtx, cancel := context.WithTimeout(ctx, time.Minute)
 	err = s.Start(startCtx)

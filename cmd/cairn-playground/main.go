@@ -14,32 +14,24 @@ package main
 
 import (
 	"bufio"
-	"context"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"io/fs"
-	"log/slog"
 	"os"
-	"os/signal"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
 
+	"cairn.io/cairn/internal/daemon"
 	"cairn.io/cairn/internal/units"
 	"cairn.io/cairn/tools/playground"
 )
 
 func main() {
-	if err := run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return
-		}
-		fmt.Fprintln(os.Stderr, "cairn-playground:", err)
-		os.Exit(1)
-	}
+	daemon.Main("cairn-playground", func(args []string) error { return run(args, os.Stdin, os.Stdout, os.Stderr) })
 }
 
 func run(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
@@ -77,9 +69,9 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 	if *clean {
 		return cleanDir(*dir, *yes, stdin, stdout)
 	}
-	var level slog.Level
-	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
-		return fmt.Errorf("--log-level: %w", err)
+	logger, err := daemon.Logger(stderr, *logLevel)
+	if err != nil {
+		return err
 	}
 	if *copysets == 0 || *copysets > 1000 {
 		return fmt.Errorf("--copysets-per-chunkserver %d: want 1..1000", *copysets)
@@ -91,7 +83,7 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 		PoolSize:               uint64(poolSize), PoolMax: uint64(poolMax), PoolReserve: uint64(poolReserve),
 		Volume: *volume, VolumeSize: uint64(volumeSize),
 		StopTimeout: *stopTimeout,
-		Logger:      slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level})),
+		Logger:      logger,
 	}
 	if *basePort != 0 {
 		p, err := playground.PortsFrom(*basePort)
@@ -104,7 +96,7 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	ctx, stop := daemon.SignalContext()
 	defer stop()
 	start := time.Now()
 	if err := pg.Start(ctx); err != nil {

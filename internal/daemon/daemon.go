@@ -1,0 +1,65 @@
+// Package daemon is what every Cairn command's main shares: how it exits on
+// an error, how it reads --log-level, which signals stop it, and how
+// environment variables give flags their defaults.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+)
+
+// Main runs run with the command-line arguments and exits: 0 on success or
+// after -help, 1 with "name: error" on stderr otherwise.
+func Main(name string, run func(args []string) error) {
+	if err := run(os.Args[1:]); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return
+		}
+		fmt.Fprintf(os.Stderr, "%s: %v\n", name, err)
+		os.Exit(1)
+	}
+}
+
+// Logger returns a text logger writing to w at level (debug, info, warn or
+// error); a bad level is an error naming the --log-level flag.
+func Logger(w io.Writer, level string) (*slog.Logger, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level: %w", err)
+	}
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: l})), nil
+}
+
+// SignalContext is cancelled on SIGTERM or SIGINT, the signals that stop a
+// daemon cleanly; stop releases the signal handlers.
+func SignalContext() (ctx context.Context, stop context.CancelFunc) {
+	return signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+}
+
+// EnvOr returns the environment variable k, or def when it is unset or empty.
+func EnvOr(k, def string) string {
+	if v := os.Getenv(k); v != "" {
+		return v
+	}
+	return def
+}
+
+// SplitList splits a comma-separated list, dropping blanks around and
+// between the items.
+func SplitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
