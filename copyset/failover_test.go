@@ -1,7 +1,6 @@
 package copyset
 
 import (
-	"context"
 	"testing"
 	"time"
 
@@ -17,21 +16,8 @@ import (
 // a rare chance.
 func TestDesignatedSuccessorCampaignsAfterTheElectionTimeout(t *testing.T) {
 	const electionTicks = 100
-	clock := newTestClock()
-	tc := newTestCluster(t, 3, 16, func(c *Config) {
-		c.ElectionTicks = electionTicks
-		c.TestingKnobs.ManualTicks = true
-		c.TestingKnobs.Now = clock.Now
-	})
-	id := MakeGroupID(3, 1)
-	tc.create([]GroupID{id}, []uint64{1, 2, 3})
-	clock.Advance(time.Hour) // past every replica's vote refusal after start
+	tc, _, id := manualClusterWith(t, func(c *Config) { c.ElectionTicks = electionTicks })
 	c1 := copysetOn(t, tc, 1, id)
-	if err := c1.callWait(context.Background(), func() { _ = c1.rn.Campaign() }); err != nil {
-		t.Fatal(err)
-	}
-	soon.True(t, 10*time.Second, "node 1 leads", c1.IsLeader)
-	tc.writeRetry(id, 1, 0, pattern("before|", testBlock))
 	c2, c3 := copysetOn(t, tc, 2, id), copysetOn(t, tc, 3, id)
 	// Both followers hold the whole log, so either may win the vote.
 	soon.True(t, 10*time.Second, "followers caught up with their leader", func() bool {
@@ -57,7 +43,7 @@ func TestDesignatedSuccessorCampaignsAfterTheElectionTimeout(t *testing.T) {
 	tickBoth()
 	// The pre-vote and vote rounds need messages only, no more ticks.
 	soon.True(t, 10*time.Second, "node 2 elected without further ticks", c2.IsLeader)
-	if got := tc.readRetry(id, 1, 0, testBlock); string(got) != string(pattern("before|", testBlock)) {
+	if got := tc.readRetry(id, 1, 0, testBlock); string(got) != string(pattern("lease|", testBlock)) {
 		t.Fatalf("new leader reads %q", got[:16])
 	}
 }

@@ -35,15 +35,24 @@ func (k *testClock) Advance(d time.Duration) {
 // ticks them and whose clocks only when it advances them, and elects node 1
 // as the leader of one copyset.
 func manualCluster(t *testing.T) (*testCluster, *testClock, GroupID) {
+	return manualClusterWith(t, nil)
+}
+
+// manualClusterWith is manualCluster with tune applied to each node's
+// configuration.
+func manualClusterWith(t *testing.T, tune func(*Config)) (*testCluster, *testClock, GroupID) {
 	t.Helper()
 	clock := newTestClock()
 	tc := newTestCluster(t, 3, 16, func(c *Config) {
 		c.TestingKnobs.ManualTicks = true
 		c.TestingKnobs.Now = clock.Now
+		if tune != nil {
+			tune(c)
+		}
 	})
 	id := MakeGroupID(3, 1)
 	tc.create([]GroupID{id}, []uint64{1, 2, 3})
-	clock.Advance(time.Minute) // past every replica's vote refusal after start
+	clock.Advance(time.Hour) // past every replica's vote refusal after start
 	c1 := copysetOn(t, tc, 1, id)
 	if err := c1.callWait(context.Background(), func() { _ = c1.rn.Campaign() }); err != nil {
 		t.Fatal(err)
