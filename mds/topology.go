@@ -60,75 +60,100 @@ func constantsMismatch(have, want *mdspb.ClusterConstants) error {
 // registerChunkServer registers a chunkserver (or recognises it again) and
 // creates its physical pool, zone and server on first use.
 func (l *leaderState) registerChunkServer(ctx context.Context, r *mdspb.RegisterChunkServerRequest) (*mdspb.RegisterChunkServerResponse, error) {
-	for _, f := range []struct{ what, v string }{
-		{"hostname", r.Hostname}, {"zone", r.Zone}, {"physical pool", r.PhysicalPool},
-	} {
-		if err := checkName(f.what, f.v); err != nil {
-			return nil, err
-		}
-	}
-	if r.DataDir == "" || r.Address == "" {
-		return nil, status.Error(codes.InvalidArgument, "data_dir and address are required")
-	}
-	if err := constantsMismatch(r.Constants, l.consts); err != nil {
+	if err := l.checkRegistration(r); err != nil {
 		return nil, err
 	}
 	l.topoWrite.Lock()
 	defer l.topoWrite.Unlock()
-
 	l.mu.Lock()
-	var existing *csEntry
-	if r.ChunkserverId != 0 {
-		existing = l.mu.chunkServers[r.ChunkserverId]
-		if existing == nil {
-			l.mu.Unlock()
-			return nil, status.Errorf(codes.NotFound, "chunkserver %d is not registered", r.ChunkserverId)
-		}
-		if existing.token != r.Token {
-			l.mu.Unlock()
-			return nil, status.Errorf(codes.Unauthenticated, "chunkserver %d: token does not match", r.ChunkserverId)
-		}
-	} else {
-		for _, e := range l.mu.chunkServers {
-			if e.rec.Hostname == r.Hostname && e.rec.DataDir == r.DataDir {
-				existing = e
-				break
-			}
-		}
+	existing, err := l.registeredLocked(r)
+	l.mu.Unlock()
+	if err != nil {
+		return nil, err
 	}
 	if existing != nil {
-		pp := l.mu.physPools[existing.physPool]
-		rec := proto.CloneOf(existing.rec)
-		tok := existing.token
-		l.mu.Unlock()
-		switch {
-		case rec.Zone != r.Zone:
-			return nil, status.Errorf(codes.FailedPrecondition, "chunkserver %d is in zone %q, not %q", rec.Id, rec.Zone, r.Zone)
-		case pp.GetName() != r.PhysicalPool:
-			return nil, status.Errorf(codes.FailedPrecondition, "chunkserver %d is in physical pool %q, not %q", rec.Id, pp.GetName(), r.PhysicalPool)
-		case rec.Hostname != r.Hostname || rec.DataDir != r.DataDir:
-			return nil, status.Errorf(codes.FailedPrecondition, "chunkserver %d is %s:%s, not %s:%s", rec.Id, rec.Hostname, rec.DataDir, r.Hostname, r.DataDir)
-		}
-		if rec.Address != r.Address || r.Capacity != nil {
-			rec.Address = r.Address
-			if r.Capacity != nil {
-				rec.Capacity = r.Capacity
-			}
-			if _, err := l.st.txn(ctx, nil, putOp(l.st.k.chunkServer(rec.Id), rec)); err != nil {
-				return nil, err
-			}
-			l.mu.Lock()
-			existing.rec = rec
-			if r.Capacity != nil {
-				existing.capacity = r.Capacity
-			}
-			l.mu.Unlock()
-		}
-		l.log.Info("chunkserver registered again", "chunkserver", rec.Id, "address", r.Address)
-		return l.registerResponse(rec.Id, tok), nil
+		return l.registerAgain(ctx, existing, r)
 	}
+	return l.registerNew(ctx, r)
+}
 
-	// A new chunkserver: find or create its physical pool, zone and server.
+// checkRegistration refuses a registration with bad names, missing fields
+// or other cluster constants.
+func (l *leaderState) checkRegistration(r *mdspb.RegisterChunkServerRequest) error {
+	for _, f := range []struct{ what, v string }{
+		{"hostname", r.Hostname}, {"zone", r.Zone}, {"physical pool", r.PhysicalPool},
+	} {
+		if err := checkName(f.what, f.v); err != nil {
+			return err
+		}
+	}
+	if r.DataDir == "" || r.Address == "" {
+		return status.Error(codes.InvalidArgument, "data_dir and address are required")
+	}
+	return constantsMismatch(r.Constants, l.consts)
+}
+
+// registeredLocked finds the chunkserver a registration is from: by id and
+// token when it has them, else by host and data directory; nil when it is
+// new.
+func (l *leaderState) registeredLocked(r *mdspb.RegisterChunkServerRequest) (*csEntry, error) {
+	if r.ChunkserverId != 0 {
+		e := l.mu.chunkServers[r.ChunkserverId]
+		if e == nil {
+			return nil, status.Errorf(codes.NotFound, "chunkserver %d is not registered", r.ChunkserverId)
+		}
+		if e.token != r.Token {
+			return nil, status.Errorf(codes.Unauthenticated, "chunkserver %d: token does not match", r.ChunkserverId)
+		}
+		return e, nil
+	}
+	for _, e := range l.mu.chunkServers {
+		if e.rec.Hostname == r.Hostname && e.rec.DataDir == r.DataDir {
+			return e, nil
+		}
+	}
+	return nil, nil
+}
+
+// registerAgain recognises a known chunkserver: it must come from the same
+// place; a new address or capacity is recorded.
+func (l *leaderState) registerAgain(ctx context.Context, existing *csEntry, r *mdspb.RegisterChunkServerRequest) (*mdspb.RegisterChunkServerResponse, error) {
+	l.mu.Lock()
+	pp := l.mu.physPools[existing.physPool]
+	rec := proto.CloneOf(existing.rec)
+	tok := existing.token
+	l.mu.Unlock()
+	switch {
+	case rec.Zone != r.Zone:
+		return nil, status.Errorf(codes.FailedPrecondition, "chunkserver %d is in zone %q, not %q", rec.Id, rec.Zone, r.Zone)
+	case pp.GetName() != r.PhysicalPool:
+		return nil, status.Errorf(codes.FailedPrecondition, "chunkserver %d is in physical pool %q, not %q", rec.Id, pp.GetName(), r.PhysicalPool)
+	case rec.Hostname != r.Hostname || rec.DataDir != r.DataDir:
+		return nil, status.Errorf(codes.FailedPrecondition, "chunkserver %d is %s:%s, not %s:%s", rec.Id, rec.Hostname, rec.DataDir, r.Hostname, r.DataDir)
+	}
+	if rec.Address != r.Address || r.Capacity != nil {
+		rec.Address = r.Address
+		if r.Capacity != nil {
+			rec.Capacity = r.Capacity
+		}
+		if _, err := l.st.txn(ctx, nil, putOp(l.st.k.chunkServer(rec.Id), rec)); err != nil {
+			return nil, err
+		}
+		l.mu.Lock()
+		existing.rec = rec
+		if r.Capacity != nil {
+			existing.capacity = r.Capacity
+		}
+		l.mu.Unlock()
+	}
+	l.log.Info("chunkserver registered again", "chunkserver", rec.Id, "address", r.Address)
+	return l.registerResponse(rec.Id, tok), nil
+}
+
+// placeLocked finds the physical pool, zone and server a new chunkserver
+// joins; nil for those that do not exist yet. A known host must stay in its
+// zone.
+func (l *leaderState) placeLocked(r *mdspb.RegisterChunkServerRequest) (*mdspb.PhysicalPool, *mdspb.Zone, *mdspb.Server, error) {
 	var pp *mdspb.PhysicalPool
 	for _, p := range l.mu.physPools {
 		if p.Name == r.PhysicalPool {
@@ -151,40 +176,49 @@ func (l *leaderState) registerChunkServer(ctx context.Context, r *mdspb.Register
 	}
 	if server != nil && (zone == nil || server.ZoneId != zone.Id) {
 		z := l.mu.zones[server.ZoneId]
-		l.mu.Unlock()
-		return nil, status.Errorf(codes.FailedPrecondition, "host %q is in zone %q (physical pool %d), not zone %q of physical pool %q",
+		return nil, nil, nil, status.Errorf(codes.FailedPrecondition, "host %q is in zone %q (physical pool %d), not zone %q of physical pool %q",
 			r.Hostname, z.GetName(), z.GetPhysicalPoolId(), r.Zone, r.PhysicalPool)
 	}
-	l.mu.Unlock()
+	return pp, zone, server, nil
+}
 
+// registerNew registers a new chunkserver, creating its physical pool, zone
+// and server when they do not exist, in one etcd transaction.
+func (l *leaderState) registerNew(ctx context.Context, r *mdspb.RegisterChunkServerRequest) (*mdspb.RegisterChunkServerResponse, error) {
+	l.mu.Lock()
+	pp, zone, server, err := l.placeLocked(r)
+	l.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
 	var ops []clientv3.Op
-	var err error
+	// create reserves an id from counter and adds the record's put.
+	create := func(counter string, setID func(uint64), key func() string, rec proto.Message) error {
+		id, err := l.st.reserveIDs(ctx, counter, 1)
+		if err != nil {
+			return err
+		}
+		setID(id)
+		ops = append(ops, putOp(key(), rec))
+		return nil
+	}
 	if pp == nil {
 		pp = &mdspb.PhysicalPool{Name: r.PhysicalPool}
-		id, err := l.st.reserveIDs(ctx, counterPhysicalPool, 1)
-		if err != nil {
+		if err := create(counterPhysicalPool, func(id uint64) { pp.Id = uint32(id) }, func() string { return l.st.k.physicalPool(pp.Id) }, pp); err != nil {
 			return nil, err
 		}
-		pp.Id = uint32(id)
-		ops = append(ops, putOp(l.st.k.physicalPool(pp.Id), pp))
 	}
 	if zone == nil {
 		zone = &mdspb.Zone{Name: r.Zone, PhysicalPoolId: pp.Id}
-		id, err := l.st.reserveIDs(ctx, counterZone, 1)
-		if err != nil {
+		if err := create(counterZone, func(id uint64) { zone.Id = uint32(id) }, func() string { return l.st.k.zone(zone.Id) }, zone); err != nil {
 			return nil, err
 		}
-		zone.Id = uint32(id)
-		ops = append(ops, putOp(l.st.k.zone(zone.Id), zone))
 	}
 	if server == nil {
 		server = &mdspb.Server{Hostname: r.Hostname, ZoneId: zone.Id}
-		id, err := l.st.reserveIDs(ctx, counterServer, 1)
-		if err != nil {
+		if err := create(counterServer, func(id uint64) { server.Id = uint32(id) }, func() string { return l.st.k.server(server.Id) }, server); err != nil {
 			return nil, err
 		}
-		server.Id = uint32(id)
-		ops = append(ops, putOp(l.st.k.server(server.Id), server))
 	}
 	csID, err := l.st.reserveIDs(ctx, counterChunkServer, 1)
 	if err != nil {
