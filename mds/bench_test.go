@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/testlog"
 	"cairn.io/cairn/mds/mdsclient"
 	"cairn.io/cairn/mds/mdstest"
 )
@@ -15,9 +16,9 @@ import (
 // gRPC API on an embedded etcd.
 func BenchmarkAllocateSegment(b *testing.B) {
 	ctx := context.Background()
-	cfg := testConfig(b.TempDir())
+	cfg := testConfig(b, b.TempDir())
 	s := startMDSB(b, cfg)
-	conn, err := mdsclient.Dial([]string{s}, mdsclient.Options{Logger: testLogger()})
+	conn, err := mdsclient.Dial([]string{s}, mdsclient.Options{Logger: testlog.New(b)})
 	if err != nil {
 		b.Fatal(err)
 	}

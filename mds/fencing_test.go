@@ -291,7 +291,7 @@ func TestSessionsExpireWithoutRefresh(t *testing.T) {
 
 func TestEpochLeaseOutsideItsBoundsIsRefused(t *testing.T) {
 	for _, lease := range []time.Duration{150 * time.Millisecond, 11 * time.Minute} {
-		cfg := testConfig(t.TempDir()) // heartbeats every 100ms
+		cfg := testConfig(t, t.TempDir()) // heartbeats every 100ms
 		cfg.EpochLease = lease
 		_, err := mds.New(cfg)
 		if !errors.Is(err, mds.ErrInvalidConfig) || !strings.Contains(err.Error(), "epoch lease "+lease.String()) {

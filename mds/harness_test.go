@@ -3,9 +3,6 @@ package mds_test
 import (
 	"context"
 	"fmt"
-	"io"
-	"log/slog"
-	"os"
 	"testing"
 	"time"
 
@@ -14,6 +11,7 @@ import (
 
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/internal/soon"
+	"cairn.io/cairn/internal/testlog"
 	"cairn.io/cairn/mds"
 	"cairn.io/cairn/mds/mdsclient"
 	"cairn.io/cairn/mds/mdstest"
@@ -22,15 +20,8 @@ import (
 // Small cluster constants keep test segments cheap: 8 chunks per segment.
 var testConstants = &mdspb.ClusterConstants{ChunkSize: 1 << 20, SegmentSize: 8 << 20, BlockSize: 512, MetaPageSize: 4096}
 
-func testLogger() *slog.Logger {
-	if os.Getenv("CAIRN_TEST_LOG") != "" {
-		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	}
-	return slog.New(slog.NewTextHandler(io.Discard, nil))
-}
-
 // testConfig is an MDS config with ephemeral ports and short timeouts.
-func testConfig(dir string) mds.Config {
+func testConfig(t testing.TB, dir string) mds.Config {
 	return mds.Config{
 		DataDir:            dir,
 		ListenAddr:         "127.0.0.1:0",
@@ -43,7 +34,7 @@ func testConfig(dir string) mds.Config {
 		BackgroundInterval: 100 * time.Millisecond,
 		RPCTimeout:         2 * time.Second,
 		Constants:          testConstants,
-		Logger:             testLogger(),
+		Logger:             testlog.New(t),
 	}
 }
 
@@ -88,7 +79,7 @@ func startMDSB(b *testing.B, cfg mds.Config) string {
 
 func dial(t *testing.T, addrs ...string) *mdsclient.Conn {
 	t.Helper()
-	c, err := mdsclient.Dial(addrs, mdsclient.Options{Logger: testLogger(), RetryBudget: 20 * time.Second})
+	c, err := mdsclient.Dial(addrs, mdsclient.Options{Logger: testlog.New(t), RetryBudget: 20 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -117,7 +108,7 @@ type cluster struct {
 // host) in physical pool "pool0", all registered.
 func newCluster(t *testing.T, zones, perZone int, tweak func(*mds.Config)) *cluster {
 	t.Helper()
-	cfg := testConfig(t.TempDir())
+	cfg := testConfig(t, t.TempDir())
 	if tweak != nil {
 		tweak(&cfg)
 	}

@@ -195,7 +195,7 @@ func TestFailoverWhileAllocating(t *testing.T) {
 	}
 	t.Cleanup(etcd.Close)
 	cfgFor := func() mds.Config {
-		cfg := testConfig("")
+		cfg := testConfig(t, "")
 		cfg.EtcdEndpoints = etcd.Endpoints()
 		cfg.TestingKnobs.AbandonLeadershipOnStop = true
 		return cfg

@@ -6,8 +6,6 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
-	"io"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -20,6 +18,7 @@ import (
 	"cairn.io/cairn/api/commonpb"
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/internal/soon"
+	"cairn.io/cairn/internal/testlog"
 	"cairn.io/cairn/mds"
 	"cairn.io/cairn/mds/mdsclient"
 	"cairn.io/cairn/mds/mdstest"
@@ -30,15 +29,8 @@ var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
 // Small cluster constants keep test segments cheap: 8 chunks of 1 MiB.
 var testConstants = &mdspb.ClusterConstants{ChunkSize: 1 << 20, SegmentSize: 8 << 20, BlockSize: 512, MetaPageSize: 4096}
 
-func testLogger() *slog.Logger {
-	if os.Getenv("CAIRN_TEST_LOG") != "" {
-		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	}
-	return slog.New(slog.NewTextHandler(io.Discard, nil))
-}
-
 // testMDSConfig is an MDS config with ephemeral ports and short timeouts.
-func testMDSConfig(dir string) mds.Config {
+func testMDSConfig(t testing.TB, dir string) mds.Config {
 	return mds.Config{
 		DataDir:            dir,
 		ListenAddr:         "127.0.0.1:0",
@@ -51,7 +43,7 @@ func testMDSConfig(dir string) mds.Config {
 		BackgroundInterval: 100 * time.Millisecond,
 		RPCTimeout:         2 * time.Second,
 		Constants:          testConstants,
-		Logger:             testLogger(),
+		Logger:             testlog.New(t),
 	}
 }
 
@@ -79,7 +71,7 @@ type doubleCluster struct {
 func newDoubleCluster(t *testing.T, n int) *doubleCluster {
 	t.Helper()
 	ctx := context.Background()
-	s, err := mds.New(testMDSConfig(t.TempDir()))
+	s, err := mds.New(testMDSConfig(t, t.TempDir()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,7 +85,7 @@ func newDoubleCluster(t *testing.T, n int) *doubleCluster {
 		}
 		return nil
 	})
-	conn, err := mdsclient.Dial([]string{s.Addr()}, mdsclient.Options{Logger: testLogger(), RetryBudget: 10 * time.Second})
+	conn, err := mdsclient.Dial([]string{s.Addr()}, mdsclient.Options{Logger: testlog.New(t), RetryBudget: 10 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -366,7 +366,7 @@ func TestMDSCopysetHealthUnit(t *testing.T) {
 func TestStatusShowsFollowers(t *testing.T) {
 	c := newDoubleCluster(t, 3)
 	c.createPool(1)
-	cfg := testMDSConfig(t.TempDir())
+	cfg := testMDSConfig(t, t.TempDir())
 	cfg.EtcdEndpoints = c.mds.EtcdEndpoints()
 	follower, err := mds.New(cfg)
 	if err != nil {

@@ -3,8 +3,6 @@ package playground
 import (
 	"errors"
 	"fmt"
-	"io"
-	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -15,9 +13,8 @@ import (
 	"time"
 
 	"cairn.io/cairn/internal/soon"
+	"cairn.io/cairn/internal/testlog"
 )
-
-func quietLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
 
 func TestPortsFrom(t *testing.T) {
 	p, err := PortsFrom(20000)
@@ -95,31 +92,31 @@ func fakeBinDir(t *testing.T) string {
 
 func TestNewChecksBinariesAndLocksTheDirectory(t *testing.T) {
 	dir := t.TempDir()
-	_, err := New(Config{Dir: dir, BinDir: t.TempDir(), Logger: quietLogger()})
+	_, err := New(Config{Dir: dir, BinDir: t.TempDir(), Logger: testlog.New(t)})
 	if err == nil || !strings.Contains(err.Error(), "cairn-mds not found") {
 		t.Fatalf("New without binaries: %v", err)
 	}
 	bin := fakeBinDir(t)
-	pg, err := New(Config{Dir: dir, BinDir: bin, Logger: quietLogger()})
+	pg, err := New(Config{Dir: dir, BinDir: bin, Logger: testlog.New(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if running, _, err := Running(dir); err != nil || !running {
 		t.Errorf("Running while a playground holds the directory: %v, %v", running, err)
 	}
-	if _, err := New(Config{Dir: dir, BinDir: bin, Logger: quietLogger()}); err == nil || !strings.Contains(err.Error(), "another playground runs") {
+	if _, err := New(Config{Dir: dir, BinDir: bin, Logger: testlog.New(t)}); err == nil || !strings.Contains(err.Error(), "another playground runs") {
 		t.Fatalf("second New on one directory: %v", err)
 	}
 	pg.Stop()
 	if running, _, err := Running(dir); err != nil || running {
 		t.Errorf("Running after Stop: %v, %v", running, err)
 	}
-	pg2, err := New(Config{Dir: dir, BinDir: bin, Logger: quietLogger()})
+	pg2, err := New(Config{Dir: dir, BinDir: bin, Logger: testlog.New(t)})
 	if err != nil {
 		t.Fatalf("New after the first stopped: %v", err)
 	}
 	pg2.Stop()
-	if _, err := New(Config{Dir: dir, BinDir: bin, PoolSize: 2 << 30, PoolMax: 1 << 30, Logger: quietLogger()}); err == nil {
+	if _, err := New(Config{Dir: dir, BinDir: bin, PoolSize: 2 << 30, PoolMax: 1 << 30, Logger: testlog.New(t)}); err == nil {
 		t.Error("pool max below pool size accepted")
 	}
 	if _, err := ReadState(t.TempDir()); !errors.Is(err, ErrNotRunning) {
@@ -131,7 +128,7 @@ func TestNewChecksBinariesAndLocksTheDirectory(t *testing.T) {
 // supervision of arbitrary commands.
 func testPlayground(t *testing.T) *Playground {
 	t.Helper()
-	pg := &Playground{dir: t.TempDir(), log: quietLogger(), failed: make(chan struct{}), ports: DefaultPorts()}
+	pg := &Playground{dir: t.TempDir(), log: testlog.New(t), failed: make(chan struct{}), ports: DefaultPorts()}
 	pg.mu.ready = true
 	return pg
 }
@@ -184,7 +181,9 @@ func TestStopEscalatesToSIGKILL(t *testing.T) {
 	polite.launch()
 	soon.True(t, 5*time.Second, "the children to start", func() bool {
 		b, _ := os.ReadFile(stubborn.logPath)
-		return pidOf(polite) != 0 && strings.Contains(string(b), "ready")
+		// A line of its own: the log's header quotes the script, which
+		// names the word too.
+		return pidOf(polite) != 0 && strings.Contains(string(b), "\nready\n")
 	})
 	start := time.Now()
 	polite.stop(10 * time.Second)
