@@ -316,7 +316,7 @@ func (r *router) call(ctx context.Context, ref *commonpb.CopysetRef, f func(ctx 
 			if out.status == chunkpb.Status_STATUS_NOSPACE {
 				return out.status, fmt.Errorf("%w: %s", ErrNoSpace, last)
 			}
-			return out.status, fmt.Errorf("%w after %v (copyset %d-%d): %s", ErrTimeout, v.opts.RetryTimeout, ref.GetLogicalPoolId(), ref.GetCopysetId(), last)
+			return out.status, fmt.Errorf("%w after %v (copyset %s): %s", ErrTimeout, v.opts.RetryTimeout, ref.Name(), last)
 		}
 		v.stats.retries.Add(1)
 		backoff = min(backoff, maxBackoff)

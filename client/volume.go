@@ -27,7 +27,8 @@ type Options struct {
 	// RetryTimeout bounds how long one IO keeps retrying transient failures
 	// before it fails with ErrTimeout (default 60s).
 	RetryTimeout time.Duration
-	// AttemptTimeout bounds one attempt of a chunk request (default 2s).
+	// AttemptTimeout bounds one attempt of a chunk request (default 1.5s,
+	// a little more than the time a copyset needs to replace a lost leader).
 	// An attempt that gets no answer in time (its chunkserver paused, or
 	// cut off) is given up and the request sent to whichever replica leads
 	// then; each further attempt of the request that times out doubles it,
@@ -117,7 +118,7 @@ func OpenWithOptions(ctx context.Context, mdsAddrs []string, volume string, o Op
 		o.MaxInflight = 256
 	}
 	if o.AttemptTimeout <= 0 {
-		o.AttemptTimeout = 2 * time.Second
+		o.AttemptTimeout = 1500 * time.Millisecond
 	}
 	if o.MaxInflightBytes <= 0 {
 		o.MaxInflightBytes = DefaultMaxInflightBytes
