@@ -126,6 +126,21 @@ func (s *Server) fromCopysetErr(c *copyset.Copyset, err error) *reqError {
 	}
 }
 
+// enter admits a chunk request (see admit) and finds its copyset; release
+// ends the admission.
+func (s *Server) enter(ctx context.Context, ref *commonpb.CopysetRef, chunk uint64) (*copyset.Copyset, func(), *reqError) {
+	release, e := s.admit(ctx)
+	if e != nil {
+		return nil, nil, e
+	}
+	c, e := s.lookup(ref, chunk)
+	if e != nil {
+		release()
+		return nil, nil, e
+	}
+	return c, release, nil
+}
+
 // hasRoomForNewChunk reports whether a write creating a chunk may go ahead:
 // the pool keeps a reserve for the WAL unless it can still grow.
 func (s *Server) hasRoomForNewChunk() bool {
@@ -171,15 +186,11 @@ func (cs *chunkService) WriteChunk(ctx context.Context, req *chunkpb.WriteChunkR
 }
 
 func (s *Server) writeChunk(ctx context.Context, req *chunkpb.WriteChunkRequest) (uint64, *reqError) {
-	release, e := s.admit(ctx)
+	c, release, e := s.enter(ctx, req.GetCopyset(), req.GetChunkId())
 	if e != nil {
 		return 0, e
 	}
 	defer release()
-	c, e := s.lookup(req.GetCopyset(), req.GetChunkId())
-	if e != nil {
-		return 0, e
-	}
 	if e := s.checkRange(req.GetOffset(), uint64(len(req.GetData())), "write"); e != nil {
 		return 0, e
 	}
@@ -246,15 +257,11 @@ func (cs *chunkService) ReadChunk(ctx context.Context, req *chunkpb.ReadChunkReq
 }
 
 func (s *Server) readChunk(ctx context.Context, req *chunkpb.ReadChunkRequest) ([]byte, *reqError) {
-	release, e := s.admit(ctx)
+	c, release, e := s.enter(ctx, req.GetCopyset(), req.GetChunkId())
 	if e != nil {
 		return nil, e
 	}
 	defer release()
-	c, e := s.lookup(req.GetCopyset(), req.GetChunkId())
-	if e != nil {
-		return nil, e
-	}
 	if e := s.checkRange(req.GetOffset(), req.GetLength(), "read"); e != nil {
 		return nil, e
 	}
@@ -290,15 +297,11 @@ func (cs *chunkService) DeleteChunk(ctx context.Context, req *chunkpb.DeleteChun
 }
 
 func (s *Server) deleteChunk(ctx context.Context, req *chunkpb.DeleteChunkRequest) *reqError {
-	release, e := s.admit(ctx)
+	c, release, e := s.enter(ctx, req.GetCopyset(), req.GetChunkId())
 	if e != nil {
 		return e
 	}
 	defer release()
-	c, e := s.lookup(req.GetCopyset(), req.GetChunkId())
-	if e != nil {
-		return e
-	}
 	if !c.IsLeader() {
 		return s.notLeader(c)
 	}
@@ -331,15 +334,11 @@ func (cs *chunkService) GetChunkInfo(ctx context.Context, req *chunkpb.GetChunkI
 // reads, or from any replica when the request says so.
 func (s *Server) chunkInfo(ctx context.Context, req *chunkpb.GetChunkInfoRequest) (*chunkpb.GetChunkInfoResponse, *reqError) {
 	resp := &chunkpb.GetChunkInfoResponse{}
-	release, e := s.admit(ctx)
+	c, release, e := s.enter(ctx, req.GetCopyset(), req.GetChunkId())
 	if e != nil {
 		return resp, e
 	}
 	defer release()
-	c, e := s.lookup(req.GetCopyset(), req.GetChunkId())
-	if e != nil {
-		return resp, e
-	}
 	if !req.GetAnyReplica() {
 		rctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
 		err := c.WaitReadable(rctx)
@@ -381,15 +380,11 @@ func (cs *chunkService) GetChunkHash(ctx context.Context, req *chunkpb.GetChunkH
 // applied index, so that it describes exactly that index.
 func (s *Server) chunkHash(ctx context.Context, req *chunkpb.GetChunkHashRequest) (*chunkpb.GetChunkHashResponse, *reqError) {
 	resp := &chunkpb.GetChunkHashResponse{}
-	release, e := s.admit(ctx)
+	c, release, e := s.enter(ctx, req.GetCopyset(), req.GetChunkId())
 	if e != nil {
 		return resp, e
 	}
 	defer release()
-	c, e := s.lookup(req.GetCopyset(), req.GetChunkId())
-	if e != nil {
-		return resp, e
-	}
 	length := req.GetLength()
 	if length == 0 && req.GetOffset() < uint64(s.geom.ChunkSize) {
 		length = uint64(s.geom.ChunkSize) - req.GetOffset()
