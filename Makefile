@@ -64,7 +64,7 @@ bench-chunkfilepool: ## synced 4 KiB random writes into a pool chunk vs a falloc
 	$(GO) run ./bench/chunkfilepool $(BENCH_CFP_FLAGS)
 
 .PHONY: iscsi-conformance
-iscsi-conformance: ## run libiscsi's iscsi-test-cu against Cairn's iSCSI target and Debian's tgt side by side; writes docs/iscsi-conformance.md and fails on a regression
+iscsi-conformance: ## run libiscsi's iscsi-test-cu against Cairn's iSCSI target and Debian's tgt side by side; writes docs/generated/iscsi-conformance.md and fails on a regression
 	CAIRN_ISCSI_CONFORMANCE=1 CAIRN_ISCSI_CONFORMANCE_TGT=1 $(GO) test -count=1 -v -timeout 20m -run 'TestConformance$$' ./iscsi/
 
 .PHONY: bench-copyset

@@ -66,7 +66,7 @@ func readPassList(t *testing.T) []string {
 // minute and a half under -race) and is skipped with -short. With
 // CAIRN_ISCSI_CONFORMANCE_TGT=1 (make iscsi-conformance) it also runs the
 // suite against Debian's tgt and writes the comparison to
-// docs/iscsi-conformance.md; CAIRN_ISCSI_CONFORMANCE_RECORD=1 rewrites the
+// docs/generated/iscsi-conformance.md; CAIRN_ISCSI_CONFORMANCE_RECORD=1 rewrites the
 // pass list.
 func TestConformance(t *testing.T) {
 	if testing.Short() && os.Getenv("CAIRN_ISCSI_CONFORMANCE") == "" {
@@ -189,7 +189,7 @@ func writeConformanceDoc(t *testing.T, ours, tgt map[string]string, elapsed time
 	for _, n := range all {
 		fmt.Fprintf(&b, "| %s | %s | %s |\n", n, orDash(ours[n]), orDash(tgt[n]))
 	}
-	if err := os.WriteFile("../docs/iscsi-conformance.md", []byte(b.String()), 0o644); err != nil {
+	if err := os.WriteFile("../docs/generated/iscsi-conformance.md", []byte(b.String()), 0o644); err != nil {
 		t.Fatal(err)
 	}
 }
