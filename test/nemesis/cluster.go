@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/poll"
 	"cairn.io/cairn/mds/mdsclient"
 	"cairn.io/cairn/test/faultfs"
 	"cairn.io/cairn/test/nemesis/netns"
@@ -215,11 +216,11 @@ func (c *Cluster) Start(ctx context.Context) error {
 		return err
 	}
 	defer conn.Close()
-	if err := poll(ctx, "every chunkserver online", func() error { return c.allOnline(ctx, conn) }); err != nil {
+	if err := poll.Until(ctx, "every chunkserver online", func() error { return c.allOnline(ctx, conn) }); err != nil {
 		return err
 	}
 	var pool *mdspb.LogicalPool
-	err = poll(ctx, "the logical pool created", func() error {
+	err = poll.Until(ctx, "the logical pool created", func() error {
 		resp, err := conn.Topology().CreateLogicalPool(ctx, &mdspb.CreateLogicalPoolRequest{
 			Name: playground.LogicalPool, PhysicalPool: playground.PhysicalPool, CopysetsPerChunkserver: 6})
 		if err != nil {
@@ -235,7 +236,7 @@ func (c *Cluster) Start(ctx context.Context) error {
 		return err
 	}
 	for _, v := range []string{VolLib, VolNBD} {
-		err := poll(ctx, "volume "+v+" created", func() error {
+		err := poll.Until(ctx, "volume "+v+" created", func() error {
 			_, err := conn.Volumes().CreateVolume(ctx, &mdspb.CreateVolumeRequest{
 				Name: v, Size: VolSize, Owner: "nemesis", Pool: playground.LogicalPool})
 			return err
@@ -272,7 +273,7 @@ func (c *Cluster) allOnline(ctx context.Context, conn *mdsclient.Conn) error {
 // WaitLeaders waits until every copyset of the pool has a leader that
 // reported after since.
 func (c *Cluster) WaitLeaders(ctx context.Context, conn *mdsclient.Conn, pool uint32, since time.Time) error {
-	return poll(ctx, "every copyset led", func() error {
+	return poll.Until(ctx, "every copyset led", func() error {
 		resp, err := conn.Topology().ListCopysets(ctx, &mdspb.ListCopysetsRequest{LogicalPoolId: pool})
 		if err != nil {
 			return err
@@ -306,7 +307,7 @@ func (c *Cluster) Healthy(ctx context.Context) error {
 		return err
 	}
 	defer conn.Close()
-	if err := poll(ctx, "every chunkserver online", func() error { return c.allOnline(ctx, conn) }); err != nil {
+	if err := poll.Until(ctx, "every chunkserver online", func() error { return c.allOnline(ctx, conn) }); err != nil {
 		return err
 	}
 	return c.WaitLeaders(ctx, conn, 0, time.Time{})
@@ -315,7 +316,7 @@ func (c *Cluster) Healthy(ctx context.Context) error {
 // WaitHealthy waits until p runs and its /healthz answers 200.
 func (c *Cluster) WaitHealthy(ctx context.Context, p *Proc) error {
 	client := &http.Client{Timeout: 2 * time.Second}
-	err := poll(ctx, p.Name+" healthy", func() error {
+	err := poll.Until(ctx, p.Name+" healthy", func() error {
 		if !p.Running() {
 			return fmt.Errorf("%s is not running", p.Name)
 		}
@@ -356,21 +357,6 @@ func (c *Cluster) Stop() error {
 		}
 	}
 	return errors.Join(errs...)
-}
-
-// poll calls f every 100 ms until it returns nil or ctx ends.
-func poll(ctx context.Context, what string, f func() error) error {
-	for {
-		err := f()
-		if err == nil {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("waiting for %s: %w (last: %v)", what, ctx.Err(), err)
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
 }
 
 func quietLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"cairn.io/cairn/internal/poll"
 	"cairn.io/cairn/test/faultfs"
 )
 
@@ -158,7 +159,7 @@ func pauseFault(kind string, p *Proc, rng *rand.Rand) *fault {
 	return &fault{kind: kind, target: p.Name,
 		inject: func(context.Context) error { return p.Pause() },
 		effect: func(ctx context.Context) error {
-			return poll(ctx, p.Name+" stopped", func() error {
+			return poll.Until(ctx, p.Name+" stopped", func() error {
 				st, err := procState(p.Pid())
 				if err != nil {
 					return err
@@ -225,7 +226,7 @@ func (r *runner) syncFault(kind, pattern string, n int, rng *rand.Rand) *fault {
 		return err
 	}
 	f.effect = func(ctx context.Context) error {
-		err := poll(ctx, "an fsync to fail", func() error {
+		err := poll.Until(ctx, "an fsync to fail", func() error {
 			if got := fs.Stats().SyncFaults; got == before {
 				return errors.New("no fsync failed yet")
 			}
@@ -238,7 +239,7 @@ func (r *runner) syncFault(kind, pattern string, n int, rng *rand.Rand) *fault {
 		f.note = fmt.Sprintf("%d fsyncs failed", fs.Stats().SyncFaults-before)
 		if kind == FsyncEIOWAL {
 			// The chunkserver exits on purpose; the supervisor restarts it.
-			err := poll(ctx, p.Name+" to exit and be restarted", func() error {
+			err := poll.Until(ctx, p.Name+" to exit and be restarted", func() error {
 				if starts, _, _ := p.Counts(); starts == startsBefore {
 					return errors.New("not restarted yet")
 				}

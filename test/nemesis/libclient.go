@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"cairn.io/cairn/client"
+	"cairn.io/cairn/internal/poll"
 )
 
 // libVolume is the one place that calls package client's IO methods, so
@@ -56,7 +57,7 @@ func isPermanent(err error) bool {
 // h as an operation of client.
 func readFinal(ctx context.Context, h *History, mds, vol string, keys []Key, clientID int) (map[Key]uint64, error) {
 	var v *libVolume
-	err := poll(ctx, "a read-only handle on "+vol, func() error {
+	err := poll.Until(ctx, "a read-only handle on "+vol, func() error {
 		octx, cancel := context.WithTimeout(ctx, opTimeout)
 		defer cancel()
 		var err error
@@ -70,7 +71,7 @@ func readFinal(ctx context.Context, h *History, mds, vol string, keys []Key, cli
 	out := map[Key]uint64{}
 	buf := make([]byte, BlockSize)
 	for _, k := range keys {
-		err := poll(ctx, "the final read of "+k.String(), func() error {
+		err := poll.Until(ctx, "the final read of "+k.String(), func() error {
 			call := h.Now()
 			if err := v.ReadAt(ctx, buf, k.Block*BlockSize); err != nil {
 				return err

@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"cairn.io/cairn/internal/poll"
 	"cairn.io/cairn/test/nemesis/netns"
 )
 
@@ -172,7 +173,7 @@ func (r *runner) warmUp(ctx context.Context) error {
 	wctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
 	for _, s := range r.streams {
-		err := poll(wctx, s.name+" operations to complete", func() error {
+		err := poll.Until(wctx, s.name+" operations to complete", func() error {
 			if s.writes.Load() < 10 || s.reads.Load() < 10 {
 				msg := ""
 				if p := s.lastErr.Load(); p != nil {
@@ -237,7 +238,7 @@ func (r *runner) cycle(ctx context.Context, n int, kind string, rng *rand.Rand) 
 	healthy := r.h.Now()
 	ioctx, cancel := context.WithTimeout(ctx, 2*opTimeout)
 	for _, s := range r.streams {
-		if err := poll(ioctx, s.name+" IO to complete again", func() error { return s.completedSince(healthy) }); err != nil {
+		if err := poll.Until(ioctx, s.name+" IO to complete again", func() error { return s.completedSince(healthy) }); err != nil {
 			r.logf("cycle %d: %v", n, err)
 		}
 	}

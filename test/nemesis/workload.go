@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"cairn.io/cairn/internal/poll"
 	"cairn.io/cairn/test/nemesis/nbdc"
 )
 
@@ -184,7 +185,7 @@ func (s *stream) noteErr(err error) {
 // none still works on an older one.
 func (s *stream) switchGen(ctx context.Context, g int64) error {
 	s.gen.Store(g)
-	return poll(ctx, s.name+" workers to leave the old generation", func() error {
+	return poll.Until(ctx, s.name+" workers to leave the old generation", func() error {
 		s.mu.Lock()
 		defer s.mu.Unlock()
 		for w, wg := range s.workerGen {

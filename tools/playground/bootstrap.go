@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/poll"
 	"cairn.io/cairn/internal/units"
 	"cairn.io/cairn/mds/mdsclient"
 )
@@ -20,28 +21,12 @@ import (
 // The steps that bring a started playground to a usable cluster: healthy
 // daemons, online chunkservers, a formatted logical pool and the volume.
 
-// poll calls f every 100 ms until it returns nil or ctx ends; the error
-// then names what was waited for and f's last error.
-func poll(ctx context.Context, what string, f func() error) error {
-	for {
-		err := f()
-		if err == nil {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("waiting for %s: %w (last: %v)", what, ctx.Err(), err)
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
-}
-
 // waitHealthy waits for a child's /healthz to answer 200 (and, if given,
 // accept's approval of the body).
 func (pg *Playground) waitHealthy(ctx context.Context, c *child, accept func(string) bool) error {
 	url := "http://" + c.state.MetricsAddr + "/healthz"
 	client := &http.Client{Timeout: 2 * time.Second}
-	err := poll(ctx, c.name+" to report healthy", func() error {
+	err := poll.Until(ctx, c.name+" to report healthy", func() error {
 		resp, err := client.Get(url)
 		if err != nil {
 			return err
@@ -66,7 +51,7 @@ func (pg *Playground) waitHealthy(ctx context.Context, c *child, accept func(str
 // waitChunkServersOnline waits until the MDS has a heartbeat of each of the
 // playground's chunkservers.
 func (pg *Playground) waitChunkServersOnline(ctx context.Context, conn *mdsclient.Conn) error {
-	return poll(ctx, "the chunkservers to heartbeat to the MDS", func() error {
+	return poll.Until(ctx, "the chunkservers to heartbeat to the MDS", func() error {
 		resp, err := conn.Topology().ListChunkServers(ctx, &mdspb.ListChunkServersRequest{})
 		if err != nil {
 			return err
@@ -101,7 +86,7 @@ func (pg *Playground) ensurePool(ctx context.Context, conn *mdsclient.Conn) erro
 	}
 	if pool == nil {
 		pg.log.Info("creating logical pool", "name", LogicalPool, "copysets_per_chunkserver", pg.cfg.CopysetsPerChunkServer)
-		err := poll(ctx, "the logical pool to be created", func() error {
+		err := poll.Until(ctx, "the logical pool to be created", func() error {
 			resp, err := conn.Topology().CreateLogicalPool(ctx, &mdspb.CreateLogicalPoolRequest{
 				Name: LogicalPool, PhysicalPool: PhysicalPool, CopysetsPerChunkserver: pg.cfg.CopysetsPerChunkServer})
 			if err != nil {
@@ -118,7 +103,7 @@ func (pg *Playground) ensurePool(ctx context.Context, conn *mdsclient.Conn) erro
 		}
 	}
 	since := pg.startedAt().Unix()
-	return poll(ctx, "every copyset to have a leader", func() error {
+	return poll.Until(ctx, "every copyset to have a leader", func() error {
 		pools, err := conn.Topology().ListPools(ctx, &mdspb.ListPoolsRequest{})
 		if err != nil {
 			return err
@@ -163,7 +148,7 @@ func unwrapStop(err error) error {
 func (pg *Playground) ensureVolume(ctx context.Context, conn *mdsclient.Conn) error {
 	name := pg.cfg.Volume
 	var vol *mdspb.Volume
-	err := poll(ctx, "volume "+name, func() error {
+	err := poll.Until(ctx, "volume "+name, func() error {
 		st, err := conn.Volumes().StatVolume(ctx, &mdspb.StatVolumeRequest{Name: name})
 		if err == nil {
 			vol = st.GetVolume()
