@@ -37,6 +37,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"sort"
 	"strconv"
 	"strings"
 	"syscall"
@@ -63,6 +64,13 @@ type result struct {
 	MiBps    float64 `json:"mib_per_s"`
 	P50us    float64 `json:"p50_us,omitempty"`
 	P99us    float64 `json:"p99_us,omitempty"`
+	// CPUus is the CPU time of all Cairn processes per operation, and
+	// CPU the seconds of each process during the job.
+	CPUus float64            `json:"cpu_us_per_op,omitempty"`
+	CPU   map[string]float64 `json:"cpu_seconds,omitempty"`
+	// FsyncsPerWrite is the chunkservers' WAL fsyncs per write, divided by
+	// the three replicas: the fsyncs each replica did per write.
+	FsyncsPerWrite float64 `json:"fsyncs_per_write_per_replica,omitempty"`
 }
 
 func run() error {
@@ -131,7 +139,7 @@ func run() error {
 	}
 	var results []result
 	if *doNBD {
-		rs, err := nbdJobs(vol.NBDURL, size, *runtime_)
+		rs, err := nbdJobs(st, vol.NBDURL, size, *runtime_)
 		results = append(results, rs...)
 		if err != nil {
 			printTable(os.Stdout, results)
@@ -247,7 +255,7 @@ type fioJob struct {
 	timed    bool
 }
 
-func nbdJobs(url string, size uint64, rt time.Duration) ([]result, error) {
+func nbdJobs(st *playground.State, url string, size uint64, rt time.Duration) ([]result, error) {
 	jobs := []fioJob{
 		{"4 KiB random write, QD1", "randwrite", "4k", 1, true},
 		{"4 KiB random write, QD32", "randwrite", "4k", 32, true},
@@ -258,9 +266,22 @@ func nbdJobs(url string, size uint64, rt time.Duration) ([]result, error) {
 	var out []result
 	for _, j := range jobs {
 		logf("nbd: %s for %s", j.workload, rt)
+		before := sampleUsage(st)
 		r, err := runFio(url, size, rt, j)
 		if err != nil {
 			return out, err
+		}
+		u := sampleUsage(st).since(before)
+		// fio's rate leaves out its 2 s ramp; the samples include it.
+		if ops := r.IOPS * (rt + 2*time.Second).Seconds(); ops > 0 {
+			r.CPUus = float64(u.total().Microseconds()) / ops
+			if strings.Contains(j.rw, "write") {
+				r.FsyncsPerWrite = u.walFsyncs / 3 / ops
+			}
+		}
+		r.CPU = map[string]float64{}
+		for name, c := range u.cpu {
+			r.CPU[name] = c.Seconds()
 		}
 		out = append(out, r)
 	}
@@ -418,15 +439,39 @@ func printTable(w io.Writer, rs []result) {
 		return
 	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "frontend\tworkload\ttool\tIOPS\tMiB/s\tp50\tp99\t")
+	fmt.Fprintln(tw, "frontend\tworkload\ttool\tIOPS\tMiB/s\tp50\tp99\tCPU/op\tfsyncs/write\t")
 	for _, r := range rs {
 		tool := strings.Fields(r.Command)[0]
 		if tool == "qemu-img" {
 			tool = "qemu-img bench"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%.0f\t%.1f\t%s\t%s\t\n", r.Frontend, r.Workload, tool, r.IOPS, r.MiBps, lat(r.P50us), lat(r.P99us))
+		cpu, fs := "-", "-"
+		if r.CPUus > 0 {
+			cpu = lat(r.CPUus)
+		}
+		if r.FsyncsPerWrite > 0 {
+			fs = fmt.Sprintf("%.2f", r.FsyncsPerWrite)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%.0f\t%.1f\t%s\t%s\t%s\t%s\t\n", r.Frontend, r.Workload, tool, r.IOPS, r.MiBps, lat(r.P50us), lat(r.P99us), cpu, fs)
 	}
 	tw.Flush()
+	fmt.Fprintln(w, "\nCPU/op: CPU time of every Cairn process per operation; fsyncs/write: WAL fdatasyncs per write per replica.")
+	fmt.Fprintln(w, "CPU seconds per process and job:")
+	for _, r := range rs {
+		if len(r.CPU) == 0 {
+			continue
+		}
+		names := make([]string, 0, len(r.CPU))
+		for n := range r.CPU {
+			names = append(names, n)
+		}
+		sort.Strings(names)
+		parts := make([]string, 0, len(names))
+		for _, n := range names {
+			parts = append(parts, fmt.Sprintf("%s %.1f", n, r.CPU[n]))
+		}
+		fmt.Fprintf(w, "  %s %s: %s\n", r.Frontend, r.Workload, strings.Join(parts, ", "))
+	}
 	fmt.Fprintln(w, "\ncommands:")
 	for _, r := range rs {
 		fmt.Fprintf(w, "  %s\n", r.Command)

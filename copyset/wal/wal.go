@@ -76,7 +76,8 @@ type Options struct {
 	Source SegmentSource
 	// MaxBatchBytes caps the bytes written by one group commit (default 4 MiB).
 	MaxBatchBytes int
-	// OnSync, if set, is called after every group commit.
+	// OnSync, if set, is called after every group commit that wrote (and
+	// so fdatasynced) records.
 	OnSync func(SyncInfo)
 	// OnPressure, if set, is called (from the writer goroutine; it must not
 	// block) when a new segment is started, with the number of segments in

@@ -243,7 +243,9 @@ func (w *WAL) writeBatch(batch []request) error {
 		seg.f = nil
 	}
 	w.mu.Unlock()
-	if w.opts.OnSync != nil {
+	// A batch that wrote nothing (appends carrying only a commit index,
+	// which is not logged) did not sync.
+	if w.opts.OnSync != nil && b.written > 0 {
 		w.opts.OnSync(SyncInfo{Duration: b.synced, Entries: entries, Groups: len(batch), Bytes: b.written})
 	}
 	return nil

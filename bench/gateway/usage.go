@@ -1,0 +1,100 @@
+package main
+
+import (
+	"bufio"
+	"fmt"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"cairn.io/cairn/tools/playground"
+)
+
+// clockTicks is the kernel's USER_HZ, the unit of /proc/<pid>/stat's CPU
+// times (100 on every Linux architecture Cairn runs on).
+const clockTicks = 100
+
+// usage is what the cluster's processes spent during one job: CPU per
+// process and the chunkservers' WAL fsyncs.
+type usage struct {
+	cpu       map[string]time.Duration // by process name
+	walFsyncs float64                  // summed over the chunkservers
+}
+
+// sampleUsage reads the CPU time of every playground process and the WAL
+// fsync count of every chunkserver; a process it cannot read counts zero.
+func sampleUsage(st *playground.State) usage {
+	u := usage{cpu: map[string]time.Duration{}}
+	for _, p := range st.Processes {
+		if p.PID != 0 {
+			u.cpu[p.Name] = cpuTime(p.PID)
+		}
+		if strings.HasPrefix(p.Name, "cs") && p.MetricsAddr != "" {
+			u.walFsyncs += metricValue(p.MetricsAddr, "cairn_chunkserver_wal_fsync_seconds_count")
+		}
+	}
+	return u
+}
+
+// since is the usage between an earlier sample and u.
+func (u usage) since(before usage) usage {
+	d := usage{cpu: map[string]time.Duration{}, walFsyncs: u.walFsyncs - before.walFsyncs}
+	for name, t := range u.cpu {
+		d.cpu[name] = t - before.cpu[name]
+	}
+	return d
+}
+
+// total is the CPU time of every process.
+func (u usage) total() time.Duration {
+	var t time.Duration
+	for _, c := range u.cpu {
+		t += c
+	}
+	return t
+}
+
+// cpuTime is a process's user plus system CPU time from /proc/<pid>/stat.
+func cpuTime(pid int) time.Duration {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// The command name may hold spaces: fields start after its ')'.
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(s[i+1:])
+	// utime and stime are fields 14 and 15 of the line, 12 and 13 here.
+	if len(f) < 13 {
+		return 0
+	}
+	ut, _ := strconv.ParseUint(f[11], 10, 64)
+	stt, _ := strconv.ParseUint(f[12], 10, 64)
+	return time.Duration(ut+stt) * time.Second / clockTicks
+}
+
+// metricValue reads one sample of a Prometheus text exposition; 0 when
+// absent or unreachable.
+func metricValue(addr, name string) float64 {
+	c := http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get("http://" + addr + "/metrics")
+	if err != nil {
+		return 0
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if rest, ok := strings.CutPrefix(line, name+" "); ok {
+			v, _ := strconv.ParseFloat(strings.TrimSpace(rest), 64)
+			return v
+		}
+	}
+	return 0
+}
