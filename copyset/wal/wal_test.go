@@ -476,3 +476,29 @@ func TestRandomizedRecovery(t *testing.T) {
 		checkEntries(t, logs[g], want)
 	}
 }
+
+// TestEmptyAppendIsNotASync: an append with nothing to log (a commit index
+// only, which the copyset does not write) completes without a group commit
+// being reported: it wrote and synced nothing, and the fsync count in the
+// metrics must say so.
+func TestEmptyAppendIsNotASync(t *testing.T) {
+	var mu sync.Mutex
+	var syncs []SyncInfo
+	w, _, err := Open(Options{Dir: t.TempDir(), Source: &zeroSource{size: 1 << 20}, OnSync: func(si SyncInfo) {
+		mu.Lock()
+		syncs = append(syncs, si)
+		mu.Unlock()
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	submitSync(t, w, Append{Group: 1, Entries: []*raftpb.Entry{ent(1, 1, "x")}})
+	submitSync(t, w, Append{Group: 1})
+	submitSync(t, w, Append{Group: 2})
+	mu.Lock()
+	defer mu.Unlock()
+	if len(syncs) != 1 || syncs[0].Entries != 1 || syncs[0].Bytes == 0 {
+		t.Fatalf("reported group commits %+v, want the one that wrote an entry", syncs)
+	}
+}

@@ -140,18 +140,12 @@ func Start(t testing.TB, opts Options) *Cluster {
 		// Placement uses the chunkservers the MDS sees online: wait for
 		// every one's heartbeat, which a loaded machine may delay.
 		soon.Succeeds(t, time.Minute, func() error {
-			resp, err := c.Conn.Topology().ListChunkServers(ctx, &mdspb.ListChunkServersRequest{})
+			online, err := c.Conn.OnlineChunkServers(ctx)
 			if err != nil {
 				return err
 			}
-			online := 0
-			for _, cs := range resp.GetChunkservers() {
-				if cs.GetOnlineState() == mdspb.OnlineState_ONLINE_STATE_ONLINE {
-					online++
-				}
-			}
-			if online < opts.ChunkServers {
-				return fmt.Errorf("%d of %d chunkservers online", online, opts.ChunkServers)
+			if len(online) < opts.ChunkServers {
+				return fmt.Errorf("%d of %d chunkservers online", len(online), opts.ChunkServers)
 			}
 			return nil
 		})

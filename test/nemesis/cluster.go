@@ -252,15 +252,9 @@ func (c *Cluster) Start(ctx context.Context) error {
 }
 
 func (c *Cluster) allOnline(ctx context.Context, conn *mdsclient.Conn) error {
-	resp, err := conn.Topology().ListChunkServers(ctx, &mdspb.ListChunkServersRequest{})
+	online, err := conn.OnlineChunkServers(ctx)
 	if err != nil {
 		return err
-	}
-	online := map[string]bool{}
-	for _, cs := range resp.GetChunkservers() {
-		if cs.GetOnlineState() == mdspb.OnlineState_ONLINE_STATE_ONLINE {
-			online[cs.GetAddress()] = true
-		}
 	}
 	for i := range c.CS {
 		if a := addr(c.Net.Host(csName(i)), csPort); !online[a] {

@@ -52,15 +52,9 @@ func (pg *Playground) waitHealthy(ctx context.Context, c *child, accept func(str
 // playground's chunkservers.
 func (pg *Playground) waitChunkServersOnline(ctx context.Context, conn *mdsclient.Conn) error {
 	return poll.Until(ctx, "the chunkservers to heartbeat to the MDS", func() error {
-		resp, err := conn.Topology().ListChunkServers(ctx, &mdspb.ListChunkServersRequest{})
+		online, err := conn.OnlineChunkServers(ctx)
 		if err != nil {
 			return err
-		}
-		online := map[string]bool{}
-		for _, cs := range resp.GetChunkservers() {
-			if cs.GetOnlineState() == mdspb.OnlineState_ONLINE_STATE_ONLINE {
-				online[cs.GetAddress()] = true
-			}
 		}
 		for _, c := range pg.css {
 			if !online[c.state.Addr] {
