@@ -42,6 +42,15 @@ func newPool(t *testing.T, dir string, initial, maxFiles int) *chunkfilepool.Poo
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = p.Close() })
+	// A chunk create waits only Options.CreateWait (50ms) for the formatter;
+	// start each test with the initial files formatted so that a slow machine
+	// does not turn that short wait into a spurious ErrNoSpace.
+	soon.Succeeds(t, time.Minute, func() error {
+		if st := p.Stats(); st.FormatPercent < 100 {
+			return fmt.Errorf("pool formatting %d%%", st.FormatPercent)
+		}
+		return nil
+	})
 	return p
 }
 
