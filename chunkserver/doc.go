@@ -1,5 +1,5 @@
 // Package chunkserver is the chunkserver daemon's core: it hosts a
-// chunkserver's copysets and serves them over gRPC.
+// chunkserver's copysets and serves them over gRPC and the wire protocol.
 //
 // A chunkserver owns one data directory (one disk in production):
 //
@@ -12,8 +12,11 @@
 // On start it opens the chunk file pool (geometry from its flags, or asked
 // from the MDS on first start), registers with the MDS (re-using its
 // persisted identity), opens the copyset engine (package copyset), and serves
-// three gRPC services on one address: ChunkService for clients,
-// CopysetService for the MDS and tools, and the Raft transport for its peers.
+// on one address: ChunkService for clients (its IO calls, WriteChunk,
+// ReadChunk and DeleteChunk, on the wire protocol of package internal/wire;
+// all of it on gRPC), CopysetService for the MDS and tools (gRPC), and the
+// Raft transport for its peers (Raft batches on wire, snapshots on gRPC).
+// The first bytes of a connection choose its protocol (wire.Split).
 // It heartbeats to the MDS every few seconds with its capacity and the status
 // of every copyset it hosts, and carries out the operators the MDS returns
 // (transfer leader, add or remove a replica) when their configuration epoch

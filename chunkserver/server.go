@@ -24,6 +24,7 @@ import (
 	"cairn.io/cairn/copyset"
 	"cairn.io/cairn/copyset/transport"
 	"cairn.io/cairn/internal/httpdebug"
+	"cairn.io/cairn/internal/wire"
 	"cairn.io/cairn/mds/mdsclient"
 )
 
@@ -167,6 +168,7 @@ type Server struct {
 	geom   chunkfilepool.Geometry
 
 	grpc *grpc.Server
+	wire *wire.Server // the data path: chunk IO on the same port as gRPC
 	lis  net.Listener
 	addr string
 	http *httpdebug.Server
@@ -291,14 +293,28 @@ func (s *Server) Start(ctx context.Context) (err error) {
 		gopts = append(gopts, grpc.UnaryInterceptor(k))
 	}
 	s.grpc = grpc.NewServer(gopts...)
-	chunkpb.RegisterChunkServiceServer(s.grpc, &chunkService{s: s})
+	chunks := &chunkService{s: s}
+	chunkpb.RegisterChunkServiceServer(s.grpc, chunks)
 	copysetpb.RegisterCopysetServiceServer(s.grpc, &copysetService{s: s})
-	s.engine.RegisterGRPC(s.grpc)
-	s.wg.Add(1)
+	s.wire = wire.NewServer(wire.ServerOptions{
+		MaxFrame:      int(s.cfg.MaxIOSize) + (1 << 20),
+		MaxConcurrent: int(s.cfg.MaxStreams),
+		Logger:        s.log.With("component", "wire"),
+	})
+	chunkpb.RegisterWireServer(s.wire, chunks, s.cfg.TestingKnobs.UnaryInterceptor)
+	s.engine.Register(s.grpc, s.wire)
+	wireLis, grpcLis := wire.Split(s.lis)
+	s.wg.Add(2)
 	go func() {
 		defer s.wg.Done()
-		if err := s.grpc.Serve(s.lis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+		if err := s.grpc.Serve(grpcLis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
 			s.log.Error("gRPC server stopped", "err", err)
+		}
+	}()
+	go func() {
+		defer s.wg.Done()
+		if err := s.wire.Serve(wireLis); err != nil {
+			s.log.Error("wire server stopped", "err", err)
 		}
 	}()
 	if err := s.startHTTP(); err != nil {
@@ -446,6 +462,8 @@ func (s *Server) closeAll() {
 	if s.grpc != nil {
 		// Let requests in flight finish; peers' Raft streams never end on
 		// their own, so the graceful phase is bounded.
+		wireDone := make(chan struct{})
+		go func() { _ = s.wire.Shutdown(2 * time.Second); close(wireDone) }()
 		done := make(chan struct{})
 		go func() { s.grpc.GracefulStop(); close(done) }()
 		select {
@@ -454,6 +472,7 @@ func (s *Server) closeAll() {
 			s.grpc.Stop()
 			<-done
 		}
+		<-wireDone
 	} else if s.lis != nil {
 		s.lis.Close()
 	}

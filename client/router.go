@@ -8,14 +8,13 @@ import (
 	"sync"
 	"time"
 
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	"cairn.io/cairn/api/chunkpb"
 	"cairn.io/cairn/api/commonpb"
 	"cairn.io/cairn/api/mdspb"
-	"cairn.io/cairn/internal/grpcconn"
+	"cairn.io/cairn/internal/wire"
 )
 
 // router maps pieces to chunks and copysets and sends chunk requests to
@@ -31,7 +30,14 @@ type router struct {
 	csMu     sync.Mutex
 	copysets map[csKey]*csInfo
 
-	conns *grpcconn.Cache
+	conns *wire.Pool // to chunkservers, for chunk IO
+}
+
+// chunkIO is the data path of a chunkserver's chunk service.
+type chunkIO interface {
+	WriteChunk(ctx context.Context, req *chunkpb.WriteChunkRequest) (*chunkpb.WriteChunkResponse, error)
+	ReadChunk(ctx context.Context, req *chunkpb.ReadChunkRequest) (*chunkpb.ReadChunkResponse, error)
+	DeleteChunk(ctx context.Context, req *chunkpb.DeleteChunkRequest) (*chunkpb.DeleteChunkResponse, error)
 }
 
 type csKey struct{ pool, copyset uint32 }
@@ -55,7 +61,7 @@ func newRouter(v *Volume) *router {
 	return &router{
 		v: v, segs: map[int64][]*mdspb.ChunkRef{}, absent: map[int64]time.Time{},
 		segCalls: map[int64]*segCall{}, copysets: map[csKey]*csInfo{},
-		conns: grpcconn.NewCache("chunkserver", grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(16<<20), grpc.MaxCallSendMsgSize(16<<20))),
+		conns: wire.NewPool(wire.ClientOptions{MaxFrame: 16 << 20}),
 	}
 }
 
@@ -219,12 +225,12 @@ func (r *router) setLeader(ref *commonpb.CopysetRef, addr string) {
 	r.csMu.Unlock()
 }
 
-func (r *router) client(addr string) (chunkpb.ChunkServiceClient, error) {
-	c, err := r.conns.Get(addr)
+func (r *router) client(ctx context.Context, addr string) (chunkIO, error) {
+	c, err := r.conns.Get(ctx, addr)
 	if err != nil {
 		return nil, err
 	}
-	return chunkpb.NewChunkServiceClient(c), nil
+	return chunkpb.WireClient{C: c}, nil
 }
 
 // outcome is a chunk request's answer.
@@ -236,7 +242,7 @@ type outcome struct {
 
 // call sends one chunk request to its copyset's leader, following
 // redirects and retrying transient failures until the retry timeout.
-func (r *router) call(ctx context.Context, ref *commonpb.CopysetRef, f func(ctx context.Context, cl chunkpb.ChunkServiceClient) (outcome, error)) (chunkpb.Status, error) {
+func (r *router) call(ctx context.Context, ref *commonpb.CopysetRef, f func(ctx context.Context, cl chunkIO) (outcome, error)) (chunkpb.Status, error) {
 	v := r.v
 	deadline := time.Now().Add(v.opts.RetryTimeout)
 	backoff := 2 * time.Millisecond
@@ -255,17 +261,17 @@ func (r *router) call(ctx context.Context, ref *commonpb.CopysetRef, f func(ctx 
 		refresh = false
 		var out outcome
 		if err == nil {
-			var cl chunkpb.ChunkServiceClient
-			if cl, err = r.client(addr); err == nil {
-				rctx, cancel := context.WithTimeout(ctx, attemptTimeout)
+			rctx, cancel := context.WithTimeout(ctx, attemptTimeout)
+			var cl chunkIO
+			if cl, err = r.client(rctx, addr); err == nil {
 				out, err = f(rctx, cl)
-				cancel()
-				if err != nil && ctx.Err() == nil && rctx.Err() != nil {
-					// No answer in time: the next attempt goes to whoever
-					// leads then, and may wait longer.
-					attemptTimeout = min(2*attemptTimeout, 10*time.Second, v.opts.RetryTimeout)
-				}
 			}
+			if err != nil && ctx.Err() == nil && rctx.Err() != nil {
+				// No answer in time: the next attempt goes to whoever
+				// leads then, and may wait longer.
+				attemptTimeout = min(2*attemptTimeout, 10*time.Second, v.opts.RetryTimeout)
+			}
+			cancel()
 		}
 		switch {
 		case ctx.Err() != nil:
@@ -346,7 +352,7 @@ func (r *router) writePiece(ctx context.Context, pc piece) error {
 	}
 	seq := v.reqs.begin()
 	defer v.reqs.end(seq)
-	_, err = r.call(ctx, ref.GetCopyset(), func(ctx context.Context, cl chunkpb.ChunkServiceClient) (outcome, error) {
+	_, err = r.call(ctx, ref.GetCopyset(), func(ctx context.Context, cl chunkIO) (outcome, error) {
 		resp, err := cl.WriteChunk(ctx, &chunkpb.WriteChunkRequest{
 			Copyset: ref.GetCopyset(), ChunkId: ref.GetChunkId(), VolumeId: v.id, Epoch: v.epoch,
 			Offset: uint64(pc.off), Data: pc.buf, Request: v.reqs.attempt(seq),
@@ -367,7 +373,7 @@ func (r *router) readPiece(ctx context.Context, pc piece) error {
 		return err
 	}
 	var data []byte
-	st, err := r.call(ctx, ref.GetCopyset(), func(ctx context.Context, cl chunkpb.ChunkServiceClient) (outcome, error) {
+	st, err := r.call(ctx, ref.GetCopyset(), func(ctx context.Context, cl chunkIO) (outcome, error) {
 		resp, err := cl.ReadChunk(ctx, &chunkpb.ReadChunkRequest{
 			Copyset: ref.GetCopyset(), ChunkId: ref.GetChunkId(), VolumeId: v.id, Epoch: v.epoch,
 			Offset: uint64(pc.off), Length: uint64(len(pc.buf)),
@@ -404,7 +410,7 @@ func (r *router) unmapPiece(ctx context.Context, pc piece) error {
 	}
 	seq := v.reqs.begin()
 	defer v.reqs.end(seq)
-	_, err = r.call(ctx, ref.GetCopyset(), func(ctx context.Context, cl chunkpb.ChunkServiceClient) (outcome, error) {
+	_, err = r.call(ctx, ref.GetCopyset(), func(ctx context.Context, cl chunkIO) (outcome, error) {
 		resp, err := cl.DeleteChunk(ctx, &chunkpb.DeleteChunkRequest{
 			Copyset: ref.GetCopyset(), ChunkId: ref.GetChunkId(), VolumeId: v.id, Epoch: v.epoch,
 			Request: v.reqs.attempt(seq),

@@ -18,6 +18,7 @@ import (
 	"cairn.io/cairn/copyset/transport"
 	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/internal/testlog"
+	"cairn.io/cairn/internal/wire"
 	"cairn.io/cairn/test/faultfs"
 )
 
@@ -36,6 +37,7 @@ type testNode struct {
 	files  *datastore.FileCache
 	engine *Engine
 	srv    *grpc.Server
+	wsrv   *wire.Server
 }
 
 // crashSeed makes the pages a partial crash keeps repeatable.
@@ -167,10 +169,10 @@ func (tc *testCluster) start(id uint64) *testNode {
 	if err != nil {
 		tc.t.Fatalf("start engine of node %d: %v", id, err)
 	}
-	srv := grpc.NewServer()
-	e.RegisterGRPC(srv)
-	go srv.Serve(lis)
-	n := &testNode{id: id, dir: dir, pool: pool, files: files, engine: e, srv: srv}
+	srv, wsrv := grpc.NewServer(), wire.NewServer(wire.ServerOptions{})
+	e.Register(srv, wsrv)
+	wire.ServeSplit(lis, wsrv, srv)
+	n := &testNode{id: id, dir: dir, pool: pool, files: files, engine: e, srv: srv, wsrv: wsrv}
 	tc.mu.Lock()
 	tc.nodes[id] = n
 	tc.addrs[id] = lis.Addr().String()
@@ -212,6 +214,7 @@ func (tc *testCluster) halt(id uint64, crashed bool) {
 		return
 	}
 	n.srv.Stop()
+	_ = n.wsrv.Close()
 	if crashed {
 		_ = n.engine.Close() // every write and sync fails now: nothing more reaches the disk
 		_ = n.pool.Close()

@@ -22,6 +22,7 @@ import (
 	"cairn.io/cairn/chunkfilepool/fsutil"
 	"cairn.io/cairn/copyset/transport"
 	"cairn.io/cairn/copyset/wal"
+	"cairn.io/cairn/internal/wire"
 )
 
 // walAppender is what a copyset needs of a write-ahead log.
@@ -203,8 +204,9 @@ func (e *Engine) loadAll(logs map[uint64]*wal.GroupLog, damaged error) error {
 	return nil
 }
 
-// RegisterGRPC installs the Raft transport's service on s.
-func (e *Engine) RegisterGRPC(s *grpc.Server) { e.transport.Register(s) }
+// Register installs the Raft transport's receiving side on the
+// chunkserver's servers: Raft batches on w, snapshot transfers on g.
+func (e *Engine) Register(g *grpc.Server, w *wire.Server) { e.transport.Register(g, w) }
 
 // TransportStats returns the Raft transport's counters.
 func (e *Engine) TransportStats() transport.Stats { return e.transport.Stats() }

@@ -1,6 +1,8 @@
-// The Raft transport between chunkservers. Each chunkserver keeps one
-// long-lived stream to each peer it shares copysets with and sends its Raft
-// messages over it in batches. Heartbeats of all copysets between two
+// The Raft transport between chunkservers. Each chunkserver keeps long-lived
+// connections to each peer it shares copysets with (one for appends, one for
+// everything else) and sends its Raft messages over them in batches: each
+// RaftBatch is a one-way message of the wire protocol (internal/wire,
+// method transportpb.WireRaftBatch). Heartbeats of all copysets between two
 // chunkservers travel coalesced in one compact list instead of one message
 // per copyset. Snapshots (the chunk files of a copyset) travel on a separate
 // stream so that they never delay heartbeats or log replication.
@@ -233,44 +235,6 @@ func (x *RaftBatch) GetHeartbeats() []*Heartbeat {
 	return nil
 }
 
-// BatchAck is sent back on the stream; it carries nothing today but lets the
-// receiver end the stream with a status when it refuses the sender.
-type BatchAck struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *BatchAck) Reset() {
-	*x = BatchAck{}
-	mi := &file_transportpb_transport_proto_msgTypes[3]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *BatchAck) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*BatchAck) ProtoMessage() {}
-
-func (x *BatchAck) ProtoReflect() protoreflect.Message {
-	mi := &file_transportpb_transport_proto_msgTypes[3]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use BatchAck.ProtoReflect.Descriptor instead.
-func (*BatchAck) Descriptor() ([]byte, []int) {
-	return file_transportpb_transport_proto_rawDescGZIP(), []int{3}
-}
-
 // SnapshotFile describes one chunk file of a snapshot.
 type SnapshotFile struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -282,7 +246,7 @@ type SnapshotFile struct {
 
 func (x *SnapshotFile) Reset() {
 	*x = SnapshotFile{}
-	mi := &file_transportpb_transport_proto_msgTypes[4]
+	mi := &file_transportpb_transport_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -294,7 +258,7 @@ func (x *SnapshotFile) String() string {
 func (*SnapshotFile) ProtoMessage() {}
 
 func (x *SnapshotFile) ProtoReflect() protoreflect.Message {
-	mi := &file_transportpb_transport_proto_msgTypes[4]
+	mi := &file_transportpb_transport_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -307,7 +271,7 @@ func (x *SnapshotFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotFile.ProtoReflect.Descriptor instead.
 func (*SnapshotFile) Descriptor() ([]byte, []int) {
-	return file_transportpb_transport_proto_rawDescGZIP(), []int{4}
+	return file_transportpb_transport_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *SnapshotFile) GetChunkId() uint64 {
@@ -358,7 +322,7 @@ type SnapshotChunk struct {
 
 func (x *SnapshotChunk) Reset() {
 	*x = SnapshotChunk{}
-	mi := &file_transportpb_transport_proto_msgTypes[5]
+	mi := &file_transportpb_transport_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -370,7 +334,7 @@ func (x *SnapshotChunk) String() string {
 func (*SnapshotChunk) ProtoMessage() {}
 
 func (x *SnapshotChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_transportpb_transport_proto_msgTypes[5]
+	mi := &file_transportpb_transport_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -383,7 +347,7 @@ func (x *SnapshotChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotChunk.ProtoReflect.Descriptor instead.
 func (*SnapshotChunk) Descriptor() ([]byte, []int) {
-	return file_transportpb_transport_proto_rawDescGZIP(), []int{5}
+	return file_transportpb_transport_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *SnapshotChunk) GetFrom() uint64 {
@@ -481,7 +445,7 @@ type SnapshotResult struct {
 
 func (x *SnapshotResult) Reset() {
 	*x = SnapshotResult{}
-	mi := &file_transportpb_transport_proto_msgTypes[6]
+	mi := &file_transportpb_transport_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -493,7 +457,7 @@ func (x *SnapshotResult) String() string {
 func (*SnapshotResult) ProtoMessage() {}
 
 func (x *SnapshotResult) ProtoReflect() protoreflect.Message {
-	mi := &file_transportpb_transport_proto_msgTypes[6]
+	mi := &file_transportpb_transport_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -506,7 +470,7 @@ func (x *SnapshotResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotResult.ProtoReflect.Descriptor instead.
 func (*SnapshotResult) Descriptor() ([]byte, []int) {
-	return file_transportpb_transport_proto_rawDescGZIP(), []int{6}
+	return file_transportpb_transport_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *SnapshotResult) GetAccepted() bool {
@@ -543,9 +507,7 @@ const file_transportpb_transport_proto_rawDesc = "" +
 	"\bmessages\x18\x03 \x03(\v2 .cairn.transport.v1.GroupMessageR\bmessages\x12=\n" +
 	"\n" +
 	"heartbeats\x18\x04 \x03(\v2\x1d.cairn.transport.v1.HeartbeatR\n" +
-	"heartbeats\"\n" +
-	"\n" +
-	"\bBatchAck\"=\n" +
+	"heartbeats\"=\n" +
 	"\fSnapshotFile\x12\x19\n" +
 	"\bchunk_id\x18\x01 \x01(\x04R\achunkId\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x04R\x04size\"\xea\x02\n" +
@@ -567,9 +529,8 @@ const file_transportpb_transport_proto_rawDesc = "" +
 	"\x10applied_requests\x18\f \x01(\fR\x0fappliedRequests\"F\n" +
 	"\x0eSnapshotResult\x12\x1a\n" +
 	"\baccepted\x18\x01 \x01(\bR\baccepted\x12\x18\n" +
-	"\amessage\x18\x02 \x01(\tR\amessage2\xb6\x01\n" +
-	"\rRaftTransport\x12I\n" +
-	"\x06Stream\x12\x1d.cairn.transport.v1.RaftBatch\x1a\x1c.cairn.transport.v1.BatchAck(\x010\x01\x12Z\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage2k\n" +
+	"\rRaftTransport\x12Z\n" +
 	"\x0fInstallSnapshot\x12!.cairn.transport.v1.SnapshotChunk\x1a\".cairn.transport.v1.SnapshotResult(\x01B Z\x1ecairn.io/cairn/api/transportpbb\x06proto3"
 
 var (
@@ -584,26 +545,23 @@ func file_transportpb_transport_proto_rawDescGZIP() []byte {
 	return file_transportpb_transport_proto_rawDescData
 }
 
-var file_transportpb_transport_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
+var file_transportpb_transport_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
 var file_transportpb_transport_proto_goTypes = []any{
 	(*GroupMessage)(nil),   // 0: cairn.transport.v1.GroupMessage
 	(*Heartbeat)(nil),      // 1: cairn.transport.v1.Heartbeat
 	(*RaftBatch)(nil),      // 2: cairn.transport.v1.RaftBatch
-	(*BatchAck)(nil),       // 3: cairn.transport.v1.BatchAck
-	(*SnapshotFile)(nil),   // 4: cairn.transport.v1.SnapshotFile
-	(*SnapshotChunk)(nil),  // 5: cairn.transport.v1.SnapshotChunk
-	(*SnapshotResult)(nil), // 6: cairn.transport.v1.SnapshotResult
+	(*SnapshotFile)(nil),   // 3: cairn.transport.v1.SnapshotFile
+	(*SnapshotChunk)(nil),  // 4: cairn.transport.v1.SnapshotChunk
+	(*SnapshotResult)(nil), // 5: cairn.transport.v1.SnapshotResult
 }
 var file_transportpb_transport_proto_depIdxs = []int32{
 	0, // 0: cairn.transport.v1.RaftBatch.messages:type_name -> cairn.transport.v1.GroupMessage
 	1, // 1: cairn.transport.v1.RaftBatch.heartbeats:type_name -> cairn.transport.v1.Heartbeat
-	4, // 2: cairn.transport.v1.SnapshotChunk.files:type_name -> cairn.transport.v1.SnapshotFile
-	2, // 3: cairn.transport.v1.RaftTransport.Stream:input_type -> cairn.transport.v1.RaftBatch
-	5, // 4: cairn.transport.v1.RaftTransport.InstallSnapshot:input_type -> cairn.transport.v1.SnapshotChunk
-	3, // 5: cairn.transport.v1.RaftTransport.Stream:output_type -> cairn.transport.v1.BatchAck
-	6, // 6: cairn.transport.v1.RaftTransport.InstallSnapshot:output_type -> cairn.transport.v1.SnapshotResult
-	5, // [5:7] is the sub-list for method output_type
-	3, // [3:5] is the sub-list for method input_type
+	3, // 2: cairn.transport.v1.SnapshotChunk.files:type_name -> cairn.transport.v1.SnapshotFile
+	4, // 3: cairn.transport.v1.RaftTransport.InstallSnapshot:input_type -> cairn.transport.v1.SnapshotChunk
+	5, // 4: cairn.transport.v1.RaftTransport.InstallSnapshot:output_type -> cairn.transport.v1.SnapshotResult
+	4, // [4:5] is the sub-list for method output_type
+	3, // [3:4] is the sub-list for method input_type
 	3, // [3:3] is the sub-list for extension type_name
 	3, // [3:3] is the sub-list for extension extendee
 	0, // [0:3] is the sub-list for field type_name
@@ -620,7 +578,7 @@ func file_transportpb_transport_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_transportpb_transport_proto_rawDesc), len(file_transportpb_transport_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   7,
+			NumMessages:   6,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

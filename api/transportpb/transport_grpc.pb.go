@@ -1,6 +1,8 @@
-// The Raft transport between chunkservers. Each chunkserver keeps one
-// long-lived stream to each peer it shares copysets with and sends its Raft
-// messages over it in batches. Heartbeats of all copysets between two
+// The Raft transport between chunkservers. Each chunkserver keeps long-lived
+// connections to each peer it shares copysets with (one for appends, one for
+// everything else) and sends its Raft messages over them in batches: each
+// RaftBatch is a one-way message of the wire protocol (internal/wire,
+// method transportpb.WireRaftBatch). Heartbeats of all copysets between two
 // chunkservers travel coalesced in one compact list instead of one message
 // per copyset. Snapshots (the chunk files of a copyset) travel on a separate
 // stream so that they never delay heartbeats or log replication.
@@ -26,7 +28,6 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	RaftTransport_Stream_FullMethodName          = "/cairn.transport.v1.RaftTransport/Stream"
 	RaftTransport_InstallSnapshot_FullMethodName = "/cairn.transport.v1.RaftTransport/InstallSnapshot"
 )
 
@@ -36,8 +37,6 @@ const (
 //
 // RaftTransport is served by every chunkserver.
 type RaftTransportClient interface {
-	// Stream carries batches from the calling chunkserver to the served one.
-	Stream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[RaftBatch, BatchAck], error)
 	// InstallSnapshot streams a copyset's chunk files to a follower.
 	InstallSnapshot(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[SnapshotChunk, SnapshotResult], error)
 }
@@ -50,22 +49,9 @@ func NewRaftTransportClient(cc grpc.ClientConnInterface) RaftTransportClient {
 	return &raftTransportClient{cc}
 }
 
-func (c *raftTransportClient) Stream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[RaftBatch, BatchAck], error) {
-	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &RaftTransport_ServiceDesc.Streams[0], RaftTransport_Stream_FullMethodName, cOpts...)
-	if err != nil {
-		return nil, err
-	}
-	x := &grpc.GenericClientStream[RaftBatch, BatchAck]{ClientStream: stream}
-	return x, nil
-}
-
-// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
-type RaftTransport_StreamClient = grpc.BidiStreamingClient[RaftBatch, BatchAck]
-
 func (c *raftTransportClient) InstallSnapshot(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[SnapshotChunk, SnapshotResult], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &RaftTransport_ServiceDesc.Streams[1], RaftTransport_InstallSnapshot_FullMethodName, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &RaftTransport_ServiceDesc.Streams[0], RaftTransport_InstallSnapshot_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -82,8 +68,6 @@ type RaftTransport_InstallSnapshotClient = grpc.ClientStreamingClient[SnapshotCh
 //
 // RaftTransport is served by every chunkserver.
 type RaftTransportServer interface {
-	// Stream carries batches from the calling chunkserver to the served one.
-	Stream(grpc.BidiStreamingServer[RaftBatch, BatchAck]) error
 	// InstallSnapshot streams a copyset's chunk files to a follower.
 	InstallSnapshot(grpc.ClientStreamingServer[SnapshotChunk, SnapshotResult]) error
 	mustEmbedUnimplementedRaftTransportServer()
@@ -96,9 +80,6 @@ type RaftTransportServer interface {
 // pointer dereference when methods are called.
 type UnimplementedRaftTransportServer struct{}
 
-func (UnimplementedRaftTransportServer) Stream(grpc.BidiStreamingServer[RaftBatch, BatchAck]) error {
-	return status.Error(codes.Unimplemented, "method Stream not implemented")
-}
 func (UnimplementedRaftTransportServer) InstallSnapshot(grpc.ClientStreamingServer[SnapshotChunk, SnapshotResult]) error {
 	return status.Error(codes.Unimplemented, "method InstallSnapshot not implemented")
 }
@@ -123,13 +104,6 @@ func RegisterRaftTransportServer(s grpc.ServiceRegistrar, srv RaftTransportServe
 	s.RegisterService(&RaftTransport_ServiceDesc, srv)
 }
 
-func _RaftTransport_Stream_Handler(srv interface{}, stream grpc.ServerStream) error {
-	return srv.(RaftTransportServer).Stream(&grpc.GenericServerStream[RaftBatch, BatchAck]{ServerStream: stream})
-}
-
-// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
-type RaftTransport_StreamServer = grpc.BidiStreamingServer[RaftBatch, BatchAck]
-
 func _RaftTransport_InstallSnapshot_Handler(srv interface{}, stream grpc.ServerStream) error {
 	return srv.(RaftTransportServer).InstallSnapshot(&grpc.GenericServerStream[SnapshotChunk, SnapshotResult]{ServerStream: stream})
 }
@@ -145,12 +119,6 @@ var RaftTransport_ServiceDesc = grpc.ServiceDesc{
 	HandlerType: (*RaftTransportServer)(nil),
 	Methods:     []grpc.MethodDesc{},
 	Streams: []grpc.StreamDesc{
-		{
-			StreamName:    "Stream",
-			Handler:       _RaftTransport_Stream_Handler,
-			ServerStreams: true,
-			ClientStreams: true,
-		},
 		{
 			StreamName:    "InstallSnapshot",
 			Handler:       _RaftTransport_InstallSnapshot_Handler,

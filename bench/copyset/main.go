@@ -1,7 +1,7 @@
 // Command copyset measures what the shared group-commit WAL buys: committed
 // 4 KiB writes per second and Raft entries per fdatasync for 1, 10 and 100
-// copysets on three chunkservers (in one process, real files, real gRPC on
-// loopback), with the shared WAL and with one WAL per copyset (the
+// copysets on three chunkservers (in one process, real files, real gRPC and
+// wire on loopback), with the shared WAL and with one WAL per copyset (the
 // Curve/braft layout), side by side in one run.
 //
 //	go run ./bench/copyset -copysets 1,10,100 -duration 10s
@@ -32,6 +32,7 @@ import (
 	"cairn.io/cairn/copyset"
 	"cairn.io/cairn/copyset/wal"
 	"cairn.io/cairn/internal/units"
+	"cairn.io/cairn/internal/wire"
 )
 
 func main() {
@@ -138,9 +139,13 @@ func measure(dir string, n int, perCopyset bool, inflight int, d time.Duration, 
 	var engines []*copyset.Engine
 	var pools []*chunkfilepool.Pool
 	var servers []*grpc.Server
+	var wservers []*wire.Server
 	defer func() {
 		for _, s := range servers {
 			s.Stop()
+		}
+		for _, s := range wservers {
+			_ = s.Close()
 		}
 		for _, e := range engines {
 			e.Close()
@@ -185,10 +190,11 @@ func measure(dir string, n int, perCopyset bool, inflight int, d time.Duration, 
 			return res, err
 		}
 		engines = append(engines, e)
-		srv := grpc.NewServer()
-		e.RegisterGRPC(srv)
-		go srv.Serve(lis)
+		srv, wsrv := grpc.NewServer(), wire.NewServer(wire.ServerOptions{})
+		e.Register(srv, wsrv)
+		wire.ServeSplit(lis, wsrv, srv)
 		servers = append(servers, srv)
+		wservers = append(wservers, wsrv)
 	}
 	ids := make([]copyset.GroupID, n)
 	for i := range ids {

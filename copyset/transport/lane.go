@@ -7,11 +7,10 @@ import (
 	"time"
 
 	"go.etcd.io/raft/v3/raftpb"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/proto"
 
 	"cairn.io/cairn/api/transportpb"
+	"cairn.io/cairn/internal/wire"
 )
 
 // run drains the lane's queue into batches until the transport closes.
@@ -125,10 +124,10 @@ func (l *lane) sendBatch(q []outgoing) error {
 	return nil
 }
 
-// sendFrame sends one RaftBatch on the lane's stream.
+// sendFrame sends one RaftBatch on the lane's connection.
 func (l *lane) sendFrame(b *transportpb.RaftBatch) error {
 	p := l.p
-	if err := l.stream.Send(b); err != nil {
+	if err := l.client.Send(transportpb.WireRaftBatch, b); err != nil {
 		return fmt.Errorf("send to %d: %w", p.id, err)
 	}
 	p.t.batches.Add(1)
@@ -137,65 +136,32 @@ func (l *lane) sendFrame(b *transportpb.RaftBatch) error {
 	return nil
 }
 
-// connect opens the lane's stream, dialling the peer if needed.
+// connect opens the lane's connection to the peer: a wire connection of its
+// own, so that megabytes of appends on the data lane never sit in front of
+// the control lane's heartbeats in one socket.
 func (l *lane) connect() error {
-	if l.stream != nil {
+	if l.client != nil && l.client.Err() == nil {
 		return nil
 	}
-	conn, addr, err := l.p.dial()
+	l.disconnect()
+	p := l.p
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	addr, err := p.t.cfg.Resolver.Resolve(ctx, p.id)
 	if err != nil {
-		return err
+		return fmt.Errorf("resolve chunkserver %d: %w", p.id, err)
 	}
-	sctx, scancel := context.WithCancel(context.Background())
-	stream, err := transportpb.NewRaftTransportClient(conn).Stream(sctx)
+	c, err := wire.Dial(ctx, addr, wire.ClientOptions{Dialer: p.t.cfg.Dialer})
 	if err != nil {
-		scancel()
-		return fmt.Errorf("open raft stream to %d at %s: %w", l.p.id, addr, err)
+		return fmt.Errorf("connect to chunkserver %d: %w", p.id, err)
 	}
-	l.stream, l.cancel = stream, scancel
-	// Drain acks (and notice a refused stream) in the background.
-	go func() {
-		for {
-			if _, err := stream.Recv(); err != nil {
-				return
-			}
-		}
-	}()
+	l.client = c
 	return nil
 }
 
-// dial returns the peer's connection, (re)creating it when the peer's
-// address changed.
-func (p *peer) dial() (*grpc.ClientConn, string, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	addr, err := p.t.cfg.Resolver.Resolve(ctx, p.id)
-	cancel()
-	if err != nil {
-		return nil, "", fmt.Errorf("resolve chunkserver %d: %w", p.id, err)
-	}
-	p.connMu.Lock()
-	defer p.connMu.Unlock()
-	if p.closed {
-		return nil, "", fmt.Errorf("raft transport to %d closed", p.id)
-	}
-	if p.conn == nil || addr != p.addr {
-		if p.conn != nil {
-			p.conn.Close()
-		}
-		opts := append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}, p.t.cfg.DialOptions...)
-		conn, err := grpc.NewClient(addr, opts...)
-		if err != nil {
-			return nil, "", fmt.Errorf("dial chunkserver %d at %s: %w", p.id, addr, err)
-		}
-		p.conn, p.addr = conn, addr
-	}
-	return p.conn, addr, nil
-}
-
 func (l *lane) disconnect() {
-	if l.cancel != nil {
-		l.cancel()
-		l.cancel = nil
+	if l.client != nil {
+		_ = l.client.Close()
+		l.client = nil
 	}
-	l.stream = nil
 }

@@ -1,7 +1,7 @@
 package transport
 
 import (
-	"errors"
+	"fmt"
 	"io"
 
 	"go.etcd.io/raft/v3/raftpb"
@@ -12,41 +12,38 @@ import (
 	"cairn.io/cairn/api/transportpb"
 )
 
-// Stream is the server side of a peer's batch stream.
-func (t *Transport) Stream(srv transportpb.RaftTransport_StreamServer) error {
-	for {
-		b, err := srv.Recv()
-		if err != nil {
-			if errors.Is(err, io.EOF) || status.Code(err) == codes.Canceled {
-				return nil
-			}
-			return err
-		}
-		if b.GetTo() != t.cfg.NodeID {
-			return status.Errorf(codes.FailedPrecondition, "raft batch for chunkserver %d reached chunkserver %d", b.GetTo(), t.cfg.NodeID)
-		}
-		from := b.GetFrom()
-		for _, h := range b.GetHeartbeats() {
-			typ := raftpb.MsgHeartbeat
-			if h.GetResponse() {
-				typ = raftpb.MsgHeartbeatResp
-			}
-			m := &raftpb.Message{Type: &typ, To: &t.cfg.NodeID, From: &from, Term: new(h.GetTerm()), Context: h.GetContext()}
-			if !h.GetResponse() {
-				m.Commit = new(h.GetCommit())
-			}
-			t.cfg.Handler.HandleRaft(from, h.GetGroup(), m)
-		}
-		for _, gm := range b.GetMessages() {
-			m := &raftpb.Message{}
-			if err := proto.Unmarshal(gm.GetMessage(), m); err != nil {
-				return status.Errorf(codes.InvalidArgument, "decode raft message from %d: %v", from, err)
-			}
-			t.cfg.Handler.HandleRaft(from, gm.GetGroup(), m)
-		}
-		t.hbRecv.Add(uint64(len(b.GetHeartbeats())))
-		t.msgsRecv.Add(uint64(len(b.GetMessages())))
+// receive delivers one Raft batch that arrived on a wire connection; an
+// error closes that connection.
+func (t *Transport) receive(payload []byte) error {
+	var b transportpb.RaftBatch
+	if err := proto.Unmarshal(payload, &b); err != nil {
+		return fmt.Errorf("decode raft batch: %w", err)
 	}
+	if b.GetTo() != t.cfg.NodeID {
+		return fmt.Errorf("raft batch for chunkserver %d reached chunkserver %d", b.GetTo(), t.cfg.NodeID)
+	}
+	from := b.GetFrom()
+	for _, h := range b.GetHeartbeats() {
+		typ := raftpb.MsgHeartbeat
+		if h.GetResponse() {
+			typ = raftpb.MsgHeartbeatResp
+		}
+		m := &raftpb.Message{Type: &typ, To: &t.cfg.NodeID, From: &from, Term: new(h.GetTerm()), Context: h.GetContext()}
+		if !h.GetResponse() {
+			m.Commit = new(h.GetCommit())
+		}
+		t.cfg.Handler.HandleRaft(from, h.GetGroup(), m)
+	}
+	for _, gm := range b.GetMessages() {
+		m := &raftpb.Message{}
+		if err := proto.Unmarshal(gm.GetMessage(), m); err != nil {
+			return fmt.Errorf("decode raft message from %d: %w", from, err)
+		}
+		t.cfg.Handler.HandleRaft(from, gm.GetGroup(), m)
+	}
+	t.hbRecv.Add(uint64(len(b.GetHeartbeats())))
+	t.msgsRecv.Add(uint64(len(b.GetMessages())))
+	return nil
 }
 
 // InstallSnapshot is the server side of a snapshot transfer.

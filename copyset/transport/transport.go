@@ -3,6 +3,7 @@ package transport
 import (
 	"context"
 	"log/slog"
+	"net"
 	"sync"
 	"sync/atomic"
 
@@ -10,6 +11,7 @@ import (
 	"google.golang.org/grpc"
 
 	"cairn.io/cairn/api/transportpb"
+	"cairn.io/cairn/internal/wire"
 )
 
 // Resolver maps a chunkserver (Raft node) id to its gRPC address.
@@ -48,8 +50,12 @@ type Config struct {
 	// frames, so a burst of large appends never exceeds the receiving
 	// server's message size limit; a single larger message goes alone.
 	MaxBatchBytes int
-	// DialOptions are added to the defaults (insecure credentials).
+	// DialOptions are added to the defaults (insecure credentials) for
+	// snapshot transfers.
 	DialOptions []grpc.DialOption
+	// Dialer, if set, opens the connections that carry Raft batches
+	// (default: TCP with a 5s timeout).
+	Dialer func(ctx context.Context, addr string) (net.Conn, error)
 	// OnUnreachable, if set, is told when messages to a peer were dropped.
 	OnUnreachable func(to uint64, groups []uint64)
 	// Faults, if set, injects faults into outgoing traffic (tests only).
@@ -107,17 +113,11 @@ func laneOf(m *raftpb.Message) int {
 	return controlLane
 }
 
-// peer is the link to one other chunkserver: a connection shared by its
-// lanes.
+// peer is the link to one other chunkserver: its lanes.
 type peer struct {
 	t     *Transport
 	id    uint64
 	lanes [numLanes]*lane
-
-	connMu sync.Mutex
-	addr   string
-	conn   *grpc.ClientConn
-	closed bool
 }
 
 // lane is one queue and stream to a peer, drained by its own goroutine.
@@ -132,8 +132,7 @@ type lane struct {
 	closed bool
 
 	// owned by the lane's goroutine
-	stream  transportpb.RaftTransport_StreamClient
-	cancel  context.CancelFunc
+	client  *wire.Client
 	failing bool
 
 	// lastErr and failures describe the lane's last outage; guarded by mu.
@@ -175,7 +174,7 @@ func (t *Transport) Lanes() []LaneStatus {
 	return out
 }
 
-// New creates a Transport; Register it on the chunkserver's gRPC server.
+// New creates a Transport; Register it on the chunkserver's servers.
 func New(cfg Config) *Transport {
 	if cfg.QueueSize <= 0 {
 		cfg.QueueSize = 8192
@@ -192,9 +191,11 @@ func New(cfg Config) *Transport {
 	return &Transport{cfg: cfg, log: cfg.Logger.With("component", "raft-transport"), peers: make(map[uint64]*peer)}
 }
 
-// Register installs the transport's service on s.
-func (t *Transport) Register(s *grpc.Server) {
-	transportpb.RegisterRaftTransportServer(s, t)
+// Register installs the transport's receiving side: Raft batches on the
+// wire server w, snapshot transfers on the gRPC server g.
+func (t *Transport) Register(g *grpc.Server, w *wire.Server) {
+	transportpb.RegisterRaftTransportServer(g, t)
+	w.HandleMessage(transportpb.WireRaftBatch, "raft batch", t.receive)
 }
 
 // Stats returns traffic counters.
@@ -294,13 +295,4 @@ func (t *Transport) Close() {
 		}
 	}
 	t.wg.Wait()
-	for _, p := range peers {
-		p.connMu.Lock()
-		p.closed = true
-		if p.conn != nil {
-			p.conn.Close()
-			p.conn = nil
-		}
-		p.connMu.Unlock()
-	}
 }

@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc"
 
 	"cairn.io/cairn/api/transportpb"
+	"cairn.io/cairn/internal/wire"
 )
 
 type addrs map[uint64]string
@@ -49,6 +50,16 @@ func (c *collector) count() int {
 	return len(c.got)
 }
 
+// serve runs tr's receiving side on lis (a gRPC server for snapshots, a
+// wire server for Raft batches, frames of at most maxFrame bytes when it is
+// positive) until stop.
+func serve(tr *Transport, lis net.Listener, maxFrame int) (stop func()) {
+	srv, wsrv := grpc.NewServer(), wire.NewServer(wire.ServerOptions{MaxFrame: maxFrame})
+	tr.Register(srv, wsrv)
+	wire.ServeSplit(lis, wsrv, srv)
+	return func() { srv.Stop(); _ = wsrv.Close() }
+}
+
 // pair starts two transports (nodes 1 and 2) on loopback.
 func pair(t *testing.T, faults *Faults) (*Transport, *collector, *Transport) {
 	t.Helper()
@@ -63,10 +74,8 @@ func pair(t *testing.T, faults *Faults) (*Transport, *collector, *Transport) {
 		a[id] = lis.Addr().String()
 		col := &collector{}
 		tr := New(Config{NodeID: id, Resolver: a, Handler: col, Faults: faults})
-		srv := grpc.NewServer()
-		tr.Register(srv)
-		go srv.Serve(lis)
-		t.Cleanup(func() { tr.Close(); srv.Stop() })
+		stop := serve(tr, lis, 0)
+		t.Cleanup(func() { tr.Close(); stop() })
 		trs, cols = append(trs, tr), append(cols, col)
 	}
 	return trs[0], cols[1], trs[1]
@@ -184,10 +193,7 @@ func TestBatchForAnotherNodeIsRefused(t *testing.T) {
 	}
 	col := &collector{}
 	real := New(Config{NodeID: 2, Resolver: a, Handler: col})
-	srv := grpc.NewServer()
-	real.Register(srv)
-	go srv.Serve(lis)
-	defer srv.Stop()
+	defer serve(real, lis, 0)()
 	a[3] = lis.Addr().String()
 	wrong := New(Config{NodeID: 1, Resolver: a, Handler: &collector{}})
 	defer wrong.Close()
@@ -199,7 +205,7 @@ func TestBatchForAnotherNodeIsRefused(t *testing.T) {
 }
 
 // TestLargeAppendBurstFitsReceiveLimit queues a burst of large appends for
-// a peer whose gRPC server accepts at most 2 MiB per message, as a
+// a peer whose wire server accepts at most 2 MiB per frame, as a
 // chunkserver's does for its largest IO plus a margin: the burst must cross
 // in frames under the limit, with nothing dropped and every byte intact.
 func TestLargeAppendBurstFitsReceiveLimit(t *testing.T) {
@@ -211,10 +217,8 @@ func TestLargeAppendBurstFitsReceiveLimit(t *testing.T) {
 	}
 	a[2] = lis.Addr().String()
 	rx := New(Config{NodeID: 2, Resolver: a, Handler: col})
-	srv := grpc.NewServer(grpc.MaxRecvMsgSize(2 << 20))
-	rx.Register(srv)
-	go srv.Serve(lis)
-	t.Cleanup(func() { rx.Close(); srv.Stop() })
+	stop := serve(rx, lis, 2<<20)
+	t.Cleanup(func() { rx.Close(); stop() })
 	tx := New(Config{NodeID: 1, Resolver: a, Handler: &collector{}})
 	t.Cleanup(func() { tx.Close() })
 
@@ -283,10 +287,8 @@ func TestControlTrafficOvertakesStalledAppends(t *testing.T) {
 	}
 	a[2] = lis.Addr().String()
 	rx := New(Config{NodeID: 2, Resolver: a, Handler: h})
-	srv := grpc.NewServer()
-	rx.Register(srv)
-	go srv.Serve(lis)
-	t.Cleanup(func() { srv.Stop(); rx.Close() })
+	stop := serve(rx, lis, 0)
+	t.Cleanup(func() { stop(); rx.Close() })
 	tx := New(Config{NodeID: 1, Resolver: a, Handler: &collector{}})
 	t.Cleanup(func() { tx.Close() })
 	released := false

@@ -1,0 +1,334 @@
+package wire
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+)
+
+// Handler serves one call: req is the decoded request; the returned message
+// is the response. An error is sent to the client as a RemoteError.
+type Handler func(ctx context.Context, req proto.Message) (proto.Message, error)
+
+// MessageHandler handles one one-way message, in order, on the connection's
+// reader goroutine: it must not block. payload is valid only during the
+// call. An error closes the connection.
+type MessageHandler func(payload []byte) error
+
+// ServerOptions configure a Server.
+type ServerOptions struct {
+	// MaxFrame bounds a received frame's payload (default DefaultMaxFrame);
+	// a larger frame closes the connection.
+	MaxFrame int
+	// MaxConcurrent bounds the requests served at once per connection
+	// (default 1024); the connection is not read while that many run.
+	MaxConcurrent int
+	// MaxPending bounds the response bytes waiting to be written per
+	// connection (default 4 MiB); handlers wait beyond it.
+	MaxPending int
+	// WriteTimeout bounds one write to a connection (default 30s); a
+	// client that does not read for that long is disconnected.
+	WriteTimeout time.Duration
+	Logger       *slog.Logger
+}
+
+func (o *ServerOptions) setDefaults() {
+	if o.MaxFrame <= 0 {
+		o.MaxFrame = DefaultMaxFrame
+	}
+	if o.MaxConcurrent <= 0 {
+		o.MaxConcurrent = 1024
+	}
+	if o.MaxPending <= 0 {
+		o.MaxPending = 4 << 20
+	}
+	if o.WriteTimeout <= 0 {
+		o.WriteTimeout = 30 * time.Second
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+}
+
+type method struct {
+	name    string
+	newReq  func() proto.Message
+	handler Handler
+	message MessageHandler
+}
+
+// Server serves wire connections. Register methods before Serve.
+type Server struct {
+	opts    ServerOptions
+	methods [256]*method
+	bufs    bufferPool
+
+	mu     sync.Mutex
+	lis    []net.Listener
+	conns  map[*serverConn]struct{}
+	closed bool
+	wg     sync.WaitGroup
+}
+
+// NewServer returns a Server with no methods.
+func NewServer(opts ServerOptions) *Server {
+	opts.setDefaults()
+	return &Server{opts: opts, conns: map[*serverConn]struct{}{}}
+}
+
+// Handle registers a call: newReq makes an empty request message to decode
+// into; name is used in logs and errors.
+func (s *Server) Handle(m Method, name string, newReq func() proto.Message, h Handler) {
+	s.register(m, &method{name: name, newReq: newReq, handler: h})
+}
+
+// HandleMessage registers a one-way message.
+func (s *Server) HandleMessage(m Method, name string, h MessageHandler) {
+	s.register(m, &method{name: name, message: h})
+}
+
+func (s *Server) register(m Method, md *method) {
+	if s.methods[m] != nil {
+		panic(fmt.Sprintf("wire: method %d registered twice (%s, %s)", m, s.methods[m].name, md.name))
+	}
+	s.methods[m] = md
+}
+
+// Serve accepts connections on l until l fails or the server closes; it
+// returns nil after Close.
+func (s *Server) Serve(l net.Listener) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		_ = l.Close()
+		return nil
+	}
+	s.lis = append(s.lis, l)
+	s.mu.Unlock()
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			s.mu.Lock()
+			closed := s.closed
+			s.mu.Unlock()
+			if closed {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				time.Sleep(10 * time.Millisecond)
+				continue
+			}
+			return err
+		}
+		s.ServeConn(c)
+	}
+}
+
+// ServeConn serves one accepted connection in the background; the server
+// owns it from now on.
+func (s *Server) ServeConn(c net.Conn) {
+	sc := &serverConn{s: s, conn: c, cancels: map[uint64]context.CancelFunc{}}
+	sc.ctx, sc.cancel = context.WithCancel(context.Background())
+	sc.w = newWriter(c, s.opts.MaxPending, s.opts.WriteTimeout)
+	sc.slots = make(chan struct{}, s.opts.MaxConcurrent)
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		_ = c.Close()
+		return
+	}
+	s.conns[sc] = struct{}{}
+	s.wg.Add(1)
+	s.mu.Unlock()
+	go sc.serve()
+}
+
+// Close closes the listeners and every connection, cancels the calls in
+// progress and waits for their handlers to return.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	for _, l := range s.lis {
+		_ = l.Close()
+	}
+	for sc := range s.conns {
+		sc.close(ErrClosed)
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+	return nil
+}
+
+// Shutdown stops accepting connections, lets the calls in progress finish
+// for at most d, then closes like Close.
+func (s *Server) Shutdown(d time.Duration) error {
+	s.mu.Lock()
+	for _, l := range s.lis {
+		_ = l.Close()
+	}
+	s.lis = nil
+	s.mu.Unlock()
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) && s.busy() {
+		time.Sleep(5 * time.Millisecond)
+	}
+	return s.Close()
+}
+
+// busy tells whether any connection has a call in progress.
+func (s *Server) busy() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for sc := range s.conns {
+		if len(sc.slots) > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// serverConn is one client connection.
+type serverConn struct {
+	s      *Server
+	conn   net.Conn
+	w      *writer
+	ctx    context.Context // ends when the connection closes
+	cancel context.CancelFunc
+	slots   chan struct{} // requests in progress
+	running sync.WaitGroup
+
+	mu       sync.Mutex
+	cancels  map[uint64]context.CancelFunc // of the requests in progress
+	closeErr error
+}
+
+func (sc *serverConn) close(err error) {
+	sc.mu.Lock()
+	if sc.closeErr == nil {
+		sc.closeErr = err
+	}
+	sc.mu.Unlock()
+	sc.cancel()
+	sc.w.fail(ErrClosed)
+	_ = sc.conn.Close()
+}
+
+func (sc *serverConn) serve() {
+	s := sc.s
+	defer s.wg.Done()
+	err := sc.readLoop()
+	sc.close(err)
+	sc.running.Wait()
+	s.mu.Lock()
+	delete(s.conns, sc)
+	s.mu.Unlock()
+	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) && !errors.Is(err, ErrClosed) {
+		s.opts.Logger.Warn("wire connection closed", "peer", sc.conn.RemoteAddr().String(), "err", err)
+	}
+}
+
+func (sc *serverConn) readLoop() error {
+	s := sc.s
+	r := bufio.NewReaderSize(sc.conn, 64<<10)
+	_ = sc.conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if err := readPreface(r); err != nil {
+		return err
+	}
+	_ = sc.conn.SetReadDeadline(time.Time{})
+	if err := sc.w.sendPreface(); err != nil {
+		return err
+	}
+	hdr := make([]byte, HeaderSize)
+	for {
+		h, payload, err := readFrame(r, hdr, s.opts.MaxFrame, &s.bufs)
+		if err != nil {
+			return err
+		}
+		switch h.kind {
+		case kindRequest:
+			err = sc.request(h, payload)
+		case kindMessage:
+			err = sc.message(h, payload)
+		case kindCancel:
+			sc.mu.Lock()
+			if cancel := sc.cancels[h.id]; cancel != nil {
+				cancel()
+			}
+			sc.mu.Unlock()
+		default:
+			err = fmt.Errorf("%w: a client sent a %s frame", ErrProtocol, h.kind)
+		}
+		s.bufs.put(payload)
+		if err != nil {
+			return err
+		}
+	}
+}
+
+// message runs a one-way message's handler.
+func (sc *serverConn) message(h header, payload []byte) error {
+	md := sc.s.methods[h.method]
+	if md == nil || md.message == nil {
+		return fmt.Errorf("%w: message of unknown method %d", ErrProtocol, h.method)
+	}
+	if err := md.message(payload); err != nil {
+		return fmt.Errorf("message %s: %w", md.name, err)
+	}
+	return nil
+}
+
+// request decodes a request and starts its handler; it waits for a slot
+// when MaxConcurrent are running.
+func (sc *serverConn) request(h header, payload []byte) error {
+	md := sc.s.methods[h.method]
+	if md == nil || md.handler == nil {
+		return sc.w.send(context.Background(), header{kind: kindError, method: h.method, id: h.id}, nil, fmt.Sprintf("unknown method %d", h.method))
+	}
+	req := md.newReq()
+	if err := proto.Unmarshal(payload, req); err != nil {
+		return sc.w.send(context.Background(), header{kind: kindError, method: h.method, id: h.id}, nil, fmt.Sprintf("decode %s request: %v", md.name, err))
+	}
+	select {
+	case sc.slots <- struct{}{}:
+	case <-sc.ctx.Done():
+		return ErrClosed
+	}
+	ctx, cancel := sc.ctx, context.CancelFunc(nil)
+	if h.timeout > 0 {
+		ctx, cancel = context.WithTimeout(ctx, h.timeout)
+	} else {
+		ctx, cancel = context.WithCancel(ctx)
+	}
+	sc.mu.Lock()
+	sc.cancels[h.id] = cancel
+	sc.mu.Unlock()
+	sc.running.Add(1)
+	go func() {
+		defer sc.running.Done()
+		resp, err := md.handler(ctx, req)
+		sc.mu.Lock()
+		delete(sc.cancels, h.id)
+		sc.mu.Unlock()
+		cancel()
+		if err == nil {
+			err = sc.w.send(context.Background(), header{kind: kindResponse, method: h.method, id: h.id}, resp, "")
+			if err != nil && connectionFailed(err) {
+				err = nil // the connection is gone; nobody to tell
+			}
+		}
+		if err != nil {
+			_ = sc.w.send(context.Background(), header{kind: kindError, method: h.method, id: h.id}, nil, err.Error())
+		}
+		<-sc.slots
+	}()
+	return nil
+}
