@@ -198,11 +198,11 @@ func (s *Server) busy() bool {
 
 // serverConn is one client connection.
 type serverConn struct {
-	s      *Server
-	conn   net.Conn
-	w      *writer
-	ctx    context.Context // ends when the connection closes
-	cancel context.CancelFunc
+	s       *Server
+	conn    net.Conn
+	w       *writer
+	ctx     context.Context // ends when the connection closes
+	cancel  context.CancelFunc
 	slots   chan struct{} // requests in progress
 	running sync.WaitGroup
 
