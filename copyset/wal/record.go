@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"slices"
 
 	"go.etcd.io/raft/v3/raftpb"
 	"google.golang.org/protobuf/proto"
@@ -80,7 +81,17 @@ func decodeSegmentHeader(buf []byte) (seq uint64, ok bool, err error) {
 
 // appendRecord appends one framed record to buf.
 func appendRecord(buf []byte, seq uint64, typ byte, group uint64, payload []byte) []byte {
-	var hdr [recordHeaderSize]byte
+	return appendRecordWith(buf, seq, typ, group, len(payload), func(b []byte) []byte { return append(b, payload...) })
+}
+
+// appendRecordWith appends one framed record whose payload, of size bytes,
+// fill appends in place: a batch's entries are encoded straight into the
+// buffer that is written, not into a scratch buffer first.
+func appendRecordWith(buf []byte, seq uint64, typ byte, group uint64, size int, fill func([]byte) []byte) []byte {
+	start := len(buf)
+	buf = slices.Grow(buf, recordHeaderSize+size)[:start+recordHeaderSize]
+	buf = fill(buf)
+	hdr, payload := buf[start:start+recordHeaderSize], buf[start+recordHeaderSize:]
 	binary.LittleEndian.PutUint32(hdr[0:], uint32(len(payload)))
 	hdr[8] = typ
 	binary.LittleEndian.PutUint64(hdr[9:], group)
@@ -90,8 +101,7 @@ func appendRecord(buf []byte, seq uint64, typ byte, group uint64, payload []byte
 	crc = crc32.Update(crc, castagnoli, hdr[8:])
 	crc = crc32.Update(crc, castagnoli, payload)
 	binary.LittleEndian.PutUint32(hdr[4:], crc)
-	buf = append(buf, hdr[:]...)
-	return append(buf, payload...)
+	return buf
 }
 
 // record is a decoded record.

@@ -141,7 +141,12 @@ func (b *batchWriter) flush() error {
 
 // emit adds one record, finishing the segment first when it does not fit.
 func (b *batchWriter) emit(typ byte, group uint64, payload []byte, u segUpdate) error {
-	if !b.fits(len(payload)) {
+	return b.emitWith(typ, group, len(payload), func(buf []byte) []byte { return append(buf, payload...) }, u)
+}
+
+// emitWith is emit of a payload of size bytes that fill appends in place.
+func (b *batchWriter) emitWith(typ byte, group uint64, size int, fill func([]byte) []byte, u segUpdate) error {
+	if !b.fits(size) {
 		b.buf = appendRecord(b.buf, b.seg.seq, recEndSegment, 0, nil)
 		if err := b.flush(); err != nil {
 			return err
@@ -154,16 +159,16 @@ func (b *batchWriter) emit(typ byte, group uint64, payload []byte, u segUpdate) 
 		b.seg, b.off = next, 0
 		b.buf = append(b.buf[:0], make([]byte, headerBlockSize)...)
 		encodeSegmentHeader(b.buf, next.seq)
-		if !b.fits(len(payload)) {
-			return fmt.Errorf("wal: record of %d bytes does not fit in a segment of %d", len(payload), b.w.fileSize)
+		if !b.fits(size) {
+			return fmt.Errorf("wal: record of %d bytes does not fit in a segment of %d", size, b.w.fileSize)
 		}
 	}
-	if int64(len(b.buf)+recordHeaderSize+len(payload)) > b.w.tornWindow() {
+	if int64(len(b.buf)+recordHeaderSize+size) > b.w.tornWindow() {
 		if err := b.flush(); err != nil {
 			return err
 		}
 	}
-	b.buf = appendRecord(b.buf, b.seg.seq, typ, group, payload)
+	b.buf = appendRecordWith(b.buf, b.seg.seq, typ, group, size, fill)
 	u.seg, u.group = b.seg, group
 	b.updates = append(b.updates, u)
 	return nil
@@ -210,12 +215,11 @@ func (w *WAL) writeBatch(batch []request) error {
 				sz += esz
 				k++
 			}
-			p := appendEntriesPayload(scratch[:0], ents[:k])
+			some := ents[:k]
 			u := segUpdate{kind: kindEntries, first: ents[0].GetIndex(), last: ents[k-1].GetIndex()}
-			if err := b.emit(recEntries, a.Group, p, u); err != nil {
+			if err := b.emitWith(recEntries, a.Group, sz, func(buf []byte) []byte { return appendEntriesPayload(buf, some) }, u); err != nil {
 				return err
 			}
-			scratch = p
 			entries += k
 			ents = ents[k:]
 		}
