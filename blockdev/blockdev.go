@@ -39,7 +39,7 @@ type Catalog interface {
 	List(ctx context.Context) ([]string, error)
 	// Open opens the named device for one user (an NBD connection, an
 	// iSCSI target's sessions). It returns an error wrapping ErrNotFound
-	// when no device has that name. An implementation that must not open
+	// when no device has that name, ErrUnavailable when it cannot tell now. An implementation that must not open
 	// a store twice (opening a Cairn volume for writing fences earlier
 	// openers) shares one open store among the Devices it returns.
 	Open(ctx context.Context, name string) (Device, error)
@@ -49,3 +49,10 @@ type Catalog interface {
 // name. NBD answers it with NBD_REP_ERR_UNKNOWN, iSCSI with a login
 // failure "target not found".
 var ErrNotFound = errors.New("blockdev: no device of that name")
+
+// ErrUnavailable is wrapped by Catalog.Open when the device cannot be opened
+// now for a reason that may pass (the metadata it needs cannot be reached):
+// the device may exist. NBD answers it with NBD_REP_ERR_SHUTDOWN ("try
+// again later") and a message saying why, iSCSI with a login failure
+// "service unavailable".
+var ErrUnavailable = errors.New("blockdev: device temporarily unavailable")

@@ -20,6 +20,9 @@ var (
 	ErrReadOnly = errors.New("client: volume opened read-only")
 	// ErrNoSpace: the cluster has no room for the data.
 	ErrNoSpace = errors.New("client: no space left in the pool")
+	// ErrUnavailable: the metadata server could not be reached (or did not
+	// answer in time); the volume may exist, and a retry may succeed.
+	ErrUnavailable = errors.New("client: metadata server unavailable")
 	// ErrTimeout: a transient failure lasted longer than the retry timeout.
 	ErrTimeout = errors.New("client: IO did not succeed before the retry timeout")
 )

@@ -2,6 +2,7 @@ package client
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -137,8 +138,11 @@ func OpenWithOptions(ctx context.Context, mdsAddrs []string, volume string, o Op
 	resp, err := conn.Volumes().OpenVolume(ctx, &mdspb.OpenVolumeRequest{Name: volume, Writable: !o.ReadOnly, Client: o.ClientName})
 	if err != nil {
 		conn.Close()
-		if status.Code(err) == codes.NotFound {
+		switch {
+		case status.Code(err) == codes.NotFound:
 			return nil, fmt.Errorf("%w: %s", ErrNotFound, volume)
+		case status.Code(err) == codes.Unavailable || status.Code(err) == codes.DeadlineExceeded || errors.Is(err, context.DeadlineExceeded):
+			return nil, fmt.Errorf("client: open volume %s: %w: %w", volume, ErrUnavailable, err)
 		}
 		return nil, fmt.Errorf("client: open volume %s: %w", volume, err)
 	}

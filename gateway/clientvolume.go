@@ -20,8 +20,11 @@ func clientOpener(mdsAddrs []string, name string, maxInflightBytes int64, logger
 			Logger:           logger,
 		})
 		if err != nil {
-			if errors.Is(err, client.ErrNotFound) {
+			switch {
+			case errors.Is(err, client.ErrNotFound):
 				return nil, fmt.Errorf("%w: %w", blockdev.ErrNotFound, err)
+			case errors.Is(err, client.ErrUnavailable):
+				return nil, fmt.Errorf("%w: %w", blockdev.ErrUnavailable, err)
 			}
 			return nil, err
 		}

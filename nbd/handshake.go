@@ -228,8 +228,14 @@ func (c *serverConn) exportsErrorReply(err error) uint32 {
 	if c.srv.ctx.Err() != nil {
 		return repErrShutdown
 	}
-	if !errors.Is(err, blockdev.ErrNotFound) {
-		c.log.Warn("nbd: export unavailable", "err", err)
+	if errors.Is(err, blockdev.ErrNotFound) {
+		return repErrUnknown // "no such export"
+	}
+	c.log.Warn("nbd: export unavailable", "err", err)
+	if errors.Is(err, blockdev.ErrUnavailable) {
+		// The export may exist: say "not now" (clients print "server
+		// shutting down" or ESHUTDOWN with the message), never ENOENT.
+		return repErrShutdown
 	}
 	// NBD_REP_ERR_UNKNOWN reads "the requested export is not available"; the message says why.
 	return repErrUnknown

@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"cairn.io/cairn/blockdev"
 	"cairn.io/cairn/blockdev/blockdevtest"
 	"cairn.io/cairn/internal/soon"
 )
@@ -206,6 +207,26 @@ func TestMalformedInfoRequests(t *testing.T) {
 	replies := c.goExport(optGo, "vol")
 	if last := replies[len(replies)-1]; last.typ != repAck {
 		t.Fatalf("GO after malformed options: %#x", last.typ)
+	}
+}
+
+// TestUnavailableExport: an export that cannot be opened now (its metadata
+// server is unreachable) is answered "not now", never "no such export".
+func TestUnavailableExport(t *testing.T) {
+	env := newTestEnv(t)
+	env.createExport("vol", testSize, nil)
+	env.exports.OnOpen(func(context.Context, string) error {
+		return fmt.Errorf("open volume %q: %w: metadata server 127.0.0.1:1 unreachable", "vol", blockdev.ErrUnavailable)
+	})
+	c := dial(t, env.addr, clientFlagFixedNewstyle)
+	for _, opt := range []uint32{optInfo, optGo} {
+		replies := c.goExport(opt, "vol", infoBlockSize)
+		if len(replies) != 1 || replies[0].typ != repErrShutdown {
+			t.Fatalf("%s: replies %v, want one NBD_REP_ERR_SHUTDOWN", optionName(opt), replies)
+		}
+		if !strings.Contains(string(replies[0].data), "metadata server 127.0.0.1:1 unreachable") {
+			t.Fatalf("error message %q does not say why", replies[0].data)
+		}
 	}
 }
 

@@ -5,7 +5,9 @@ package nbd
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,6 +16,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"cairn.io/cairn/blockdev"
 	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/internal/testtool"
 )
@@ -99,6 +102,25 @@ func TestToolsUnknownExport(t *testing.T) {
 	out = run(t, true, "qemu-img", "info", env.uri("missing"))
 	if !strings.Contains(out, "unknown export") {
 		t.Fatalf("qemu-img on a missing export: %s", out)
+	}
+}
+
+func TestToolsUnavailableExport(t *testing.T) {
+	testtool.Need(t, "nbdinfo")
+	testtool.Need(t, "qemu-img")
+	env := newTestEnv(t)
+	env.createExport("vol", 1<<20, nil)
+	env.exports.OnOpen(func(context.Context, string) error {
+		return fmt.Errorf("%w: metadata server unreachable", blockdev.ErrUnavailable)
+	})
+	// Neither tool may say the export does not exist.
+	out := run(t, true, "nbdinfo", env.uri("vol"))
+	if strings.Contains(out, "No such file") || strings.Contains(out, "unknown export") {
+		t.Fatalf("nbdinfo on an unavailable export: %s", out)
+	}
+	out = run(t, true, "qemu-img", "info", env.uri("vol"))
+	if strings.Contains(out, "unknown export") || !strings.Contains(out, "metadata server unreachable") {
+		t.Fatalf("qemu-img on an unavailable export: %s", out)
 	}
 }
 
