@@ -299,7 +299,7 @@ func (s *Server) Start(ctx context.Context) (err error) {
 	s.wire = wire.NewServer(wire.ServerOptions{
 		MaxFrame:      int(s.cfg.MaxIOSize) + (1 << 20),
 		MaxConcurrent: int(s.cfg.MaxStreams),
-		Logger:        s.log.With("component", "wire"),
+		Logger:        s.cfg.Logger.With("component", "wire", "chunkserver", s.id.ChunkServerID),
 	})
 	chunkpb.RegisterWireServer(s.wire, chunks, s.cfg.TestingKnobs.UnaryInterceptor)
 	s.engine.Register(s.grpc, s.wire)
@@ -359,7 +359,7 @@ func (s *Server) openPool(consts *mdspb.ClusterConstants) error {
 		ChunkSize: chunk, MetaPageSize: meta, BlockSize: block,
 		InitialChunks: initial, MaxChunks: maxChunks, ReserveBytes: s.cfg.PoolReserveBytes,
 		FormatBytesPerSec: s.cfg.FormatBytesPerSec,
-		Logger:            s.cfg.Logger.With("component", "chunkfilepool"),
+		Logger:            s.cfg.Logger,
 	})
 	if err != nil {
 		return fmt.Errorf("chunkserver: open chunk file pool: %w", err)
@@ -370,7 +370,7 @@ func (s *Server) openPool(consts *mdspb.ClusterConstants) error {
 }
 
 func (s *Server) openStore(dir string) (copyset.ChunkStore, error) {
-	return datastore.Open(dir, s.pool, datastore.Options{Files: s.files, Logger: s.cfg.Logger.With("component", "datastore")})
+	return datastore.Open(dir, s.pool, datastore.Options{Files: s.files, Logger: s.cfg.Logger})
 }
 
 // register registers with the MDS (as the same chunkserver as before when an

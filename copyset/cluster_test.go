@@ -160,7 +160,7 @@ func (tc *testCluster) start(id uint64) *testNode {
 		ElectionTicks:   10,
 		CheckpointBytes: 256 << 10,
 		RetainBytes:     256 << 10,
-		Logger:          tc.log.With("node", id),
+		Logger:          tc.log,
 	}
 	if tc.tune != nil {
 		tc.tune(&cfg)

@@ -127,7 +127,7 @@ func startGateway(t *testing.T, c *cluster.Cluster, mutate func(*Config)) *Gatew
 		MetricsAddr:  "127.0.0.1:0",
 		PollInterval: 200 * time.Millisecond,
 		Linger:       300 * time.Millisecond,
-		Logger:       cluster.Logger().With("component", "gateway"),
+		Logger:       cluster.Logger(),
 	}
 	if mutate != nil {
 		mutate(&cfg)

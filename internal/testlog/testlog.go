@@ -1,6 +1,7 @@
 package testlog
 
 import (
+	"context"
 	"log/slog"
 	"os"
 	"strings"
@@ -19,14 +20,71 @@ func New(t testing.TB) *slog.Logger {
 		return l
 	}
 	r := newRing(Lines)
+	d := &dupReport{t: t}
 	t.Cleanup(func() {
+		d.mu.Lock()
+		d.done = true
+		d.mu.Unlock()
 		if t.Failed() {
 			if s := r.String(); s != "" {
 				t.Logf("last warnings logged during the test:\n%s", s)
 			}
 		}
 	})
-	return slog.New(slog.NewTextHandler(r, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	return slog.New(&dupCheck{Handler: slog.NewTextHandler(r, &slog.HandlerOptions{Level: slog.LevelWarn}), report: d, keys: map[string]bool{}})
+}
+
+// dupReport fails the test when a logger is given the same attribute key
+// twice (logger.With("component", "a").With("component", "b")): JSON log
+// parsers and queries by key break on such lines.
+type dupReport struct {
+	t    testing.TB
+	mu   sync.Mutex
+	done bool // the test has ended: report nothing more
+}
+
+func (d *dupReport) duplicate(key string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if !d.done {
+		d.t.Errorf("a logger was given the attribute %q twice", key)
+	}
+}
+
+// dupCheck is a slog.Handler that reports attribute keys added twice at the
+// same level of a logger (With, then With or a record's attributes).
+type dupCheck struct {
+	slog.Handler
+	report *dupReport
+	keys   map[string]bool // keys set by With since the last group
+}
+
+func (h *dupCheck) WithAttrs(attrs []slog.Attr) slog.Handler {
+	keys := make(map[string]bool, len(h.keys)+len(attrs))
+	for k := range h.keys {
+		keys[k] = true
+	}
+	for _, a := range attrs {
+		if keys[a.Key] {
+			h.report.duplicate(a.Key)
+		}
+		keys[a.Key] = true
+	}
+	return &dupCheck{Handler: h.Handler.WithAttrs(attrs), report: h.report, keys: keys}
+}
+
+func (h *dupCheck) WithGroup(name string) slog.Handler {
+	return &dupCheck{Handler: h.Handler.WithGroup(name), report: h.report, keys: map[string]bool{}}
+}
+
+func (h *dupCheck) Handle(ctx context.Context, rec slog.Record) error {
+	rec.Attrs(func(a slog.Attr) bool {
+		if h.keys[a.Key] {
+			h.report.duplicate(a.Key)
+		}
+		return true
+	})
+	return h.Handler.Handle(ctx, rec)
 }
 
 // FromEnv returns the stderr logger CAIRN_TEST_LOG asks for, or nil when it

@@ -46,6 +46,10 @@ func (f *fakeTB) Logf(format string, args ...any) {
 	f.logged = append(f.logged, fmt.Sprintf(format, args...))
 }
 func (f *fakeTB) Helper() {}
+func (f *fakeTB) Errorf(format string, args ...any) {
+	f.failed = true
+	f.Logf(format, args...)
+}
 
 func TestNewPrintsWarningsOnlyWhenTheTestFails(t *testing.T) {
 	t.Setenv("CAIRN_TEST_LOG", "")
@@ -59,5 +63,29 @@ func TestNewPrintsWarningsOnlyWhenTheTestFails(t *testing.T) {
 		if failed != strings.Contains(printed, `msg="replica lagging" copyset=1-2`) {
 			t.Errorf("failed=%v: printed %q", failed, printed)
 		}
+	}
+}
+
+func TestDuplicateAttributeKeysFailTheTest(t *testing.T) {
+	t.Setenv("CAIRN_TEST_LOG", "")
+	ft := &fakeTB{TB: t}
+	l := New(ft)
+	l.With("component", "a").With("volume", "v").Warn("fine")
+	if ft.failed {
+		t.Fatal("distinct keys failed the test")
+	}
+	l.With("component", "a").With("component", "b").Info("twice")
+	if !ft.failed {
+		t.Fatal("a key given twice by With did not fail the test")
+	}
+	ft2 := &fakeTB{TB: t}
+	New(ft2).With("volume", "v").Warn("and again", "volume", "w")
+	if !ft2.failed {
+		t.Fatal("a record repeating a With key did not fail the test")
+	}
+	ft3 := &fakeTB{TB: t}
+	New(ft3).With("k", 1).WithGroup("g").With("k", 2).Warn("grouped")
+	if ft3.failed {
+		t.Fatal("the same key inside a group failed the test")
 	}
 }

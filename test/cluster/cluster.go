@@ -118,7 +118,7 @@ func Start(t testing.TB, opts Options) *Cluster {
 		HeartbeatInterval: 200 * time.Millisecond,
 		EpochLease:        opts.EpochLease,
 		ElectionTTL:       2 * time.Second,
-		Logger:            c.log.With("component", "mds"),
+		Logger:            c.log,
 	})
 	if err != nil {
 		t.Fatalf("new MDS: %v", err)
@@ -189,7 +189,7 @@ func (c *Cluster) ChunkServerConfig(i int) chunkserver.Config {
 		TickInterval:      50 * time.Millisecond,
 		HeartbeatInterval: 200 * time.Millisecond,
 		Faults:            c.opts.Faults,
-		Logger:            c.log.With("chunkserver", i),
+		Logger:            c.log.With("cluster_index", i),
 	}
 	if c.opts.Tune != nil {
 		c.opts.Tune(i, &cfg)
