@@ -186,9 +186,10 @@ func (c *Client) Call(ctx context.Context, m Method, req, resp proto.Message) er
 		return err
 	case <-ctx.Done():
 		if c.forget(id) {
-			// Tell the server without waiting: a connection that
-			// takes no bytes must not hold the caller past its context.
-			go func() { _ = c.w.send(context.Background(), header{kind: kindCancel, method: m, id: id}, nil, "") }()
+			// Tell the server without waiting (a connection that takes
+			// no bytes must not hold the caller past its context), but
+			// ahead of every request sent after this call returns.
+			c.w.post(header{kind: kindCancel, method: m, id: id})
 			return ctx.Err()
 		}
 		return <-cl.done // the answer raced the context

@@ -519,3 +519,43 @@ func TestCallsReturnAtTheirDeadlineWhenThePeerStopsReading(t *testing.T) {
 		t.Fatalf("calls took %v to give up on a stalled peer", d)
 	}
 }
+
+// TestCancellationArrivesBeforeLaterRequests: once Call returns for a
+// cancelled request, the server has the cancellation ahead of any request
+// the caller sends next (the client library relies on it: nothing of a
+// cancelled write is proposed after a later write).
+func TestCancellationArrivesBeforeLaterRequests(t *testing.T) {
+	srv := NewServer(ServerOptions{})
+	var blocked atomic.Pointer[context.Context]
+	started := make(chan struct{}, 1)
+	srv.Handle(mBlock, "block", newBytes, func(ctx context.Context, _ proto.Message) (proto.Message, error) {
+		blocked.Store(&ctx)
+		started <- struct{}{}
+		<-ctx.Done()
+		return nil, ctx.Err()
+	})
+	srv.Handle(mEcho, "echo", newBytes, func(context.Context, proto.Message) (proto.Message, error) {
+		if p := blocked.Load(); p == nil || (*p).Err() == nil {
+			return nil, errors.New("a later request arrived before the cancellation")
+		}
+		return wrapperspb.Bytes(nil), nil
+	})
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = srv.Serve(l) }()
+	defer srv.Close()
+	c := dial(t, l.Addr().String(), ClientOptions{})
+	for range 50 {
+		blocked.Store(nil)
+		ctx, cancel := context.WithCancel(context.Background())
+		go func() { <-started; cancel() }()
+		if err := c.Call(ctx, mBlock, wrapperspb.Bytes(nil), &wrapperspb.BytesValue{}); !errors.Is(err, context.Canceled) {
+			t.Fatalf("cancelled call: %v", err)
+		}
+		if err := c.Call(context.Background(), mEcho, wrapperspb.Bytes(nil), &wrapperspb.BytesValue{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+}

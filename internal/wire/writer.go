@@ -96,6 +96,38 @@ func (w *writer) write(ctx context.Context, framed bool, h header, msg proto.Mes
 	if ctx.Done() != nil {
 		stop = context.AfterFunc(ctx, func() { _ = w.conn.SetWriteDeadline(time.Now()) })
 	}
+	err = w.flushLocked(ctx)
+	w.mu.Unlock()
+	if stop != nil {
+		stop()
+	}
+	return err
+}
+
+// post appends a small frame without waiting for room or for the write:
+// frames sent after it still leave after it. When nobody is writing, a
+// goroutine of its own writes what is pending.
+func (w *writer) post(h header) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.err != nil {
+		return
+	}
+	w.pending = appendHeader(w.pending, h)
+	if !w.flushing {
+		w.flushing = true
+		go func() {
+			w.mu.Lock()
+			_ = w.flushLocked(context.Background())
+			w.mu.Unlock()
+		}()
+	}
+}
+
+// flushLocked writes what is pending until nothing is, as the one writer
+// (w.flushing set by the caller, cleared here); it is called with w.mu held
+// and returns with it held.
+func (w *writer) flushLocked(ctx context.Context) error {
 	for len(w.pending) > 0 && w.err == nil {
 		b := w.pending
 		w.pending, w.spare = w.spare[:0], nil
@@ -118,12 +150,7 @@ func (w *writer) write(ctx context.Context, framed bool, h header, msg proto.Mes
 		w.space = make(chan struct{})
 	}
 	w.flushing = false
-	err = w.err
-	w.mu.Unlock()
-	if stop != nil {
-		stop()
-	}
-	return err
+	return w.err
 }
 
 // fail makes every later send fail with err and wakes waiting senders.
