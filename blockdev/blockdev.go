@@ -56,3 +56,20 @@ var ErrNotFound = errors.New("blockdev: no device of that name")
 // again later") and a message saying why, iSCSI with a login failure
 // "service unavailable".
 var ErrUnavailable = errors.New("blockdev: device temporarily unavailable")
+
+// Extent is a run of a device's bytes that are all allocated or all holes.
+type Extent struct {
+	Length int64
+	// Hole: the run was never written (or was unmapped) and reads as zeros
+	// without any storage behind it.
+	Hole bool
+}
+
+// Mapper may be implemented by a Device that knows which of its ranges are
+// holes, so that frontends can tell clients (NBD base:allocation) and copies
+// skip them. Map describes [off, off+length) from off in order; the extents
+// may cover less than length (the caller asks again from where they end)
+// but never more, and at least one is returned when length > 0.
+type Mapper interface {
+	Map(ctx context.Context, off, length int64) ([]Extent, error)
+}

@@ -53,6 +53,19 @@ func (c clientVolume) UnmapAt(ctx context.Context, off, length int64) error {
 
 func (c clientVolume) Flush(ctx context.Context) error { return translate(c.Volume.Flush(ctx)) }
 
+// Map tells allocated segments from holes (blockdev.Mapper).
+func (c clientVolume) Map(ctx context.Context, off, length int64) ([]blockdev.Extent, error) {
+	ext, err := c.Volume.Map(ctx, off, length)
+	if err != nil {
+		return nil, translate(err)
+	}
+	out := make([]blockdev.Extent, len(ext))
+	for i, e := range ext {
+		out[i] = blockdev.Extent{Length: e.Length, Hole: e.Hole}
+	}
+	return out, nil
+}
+
 func translate(err error) error {
 	switch {
 	case err == nil:

@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -154,5 +155,40 @@ func TestClusterFencedByAnotherWriter(t *testing.T) {
 		if !regexp.MustCompile(re).MatchString(body) {
 			t.Errorf("metrics lack %s:\n%s", re, grepLines(body, "cairn_gateway_"))
 		}
+	}
+}
+
+// TestClusterMapShowsUnallocatedSegments: nbdinfo --map over a volume shows
+// the segments never written as holes, so copies skip them.
+func TestClusterMapShowsUnallocatedSegments(t *testing.T) {
+	testtool.Need(t, "nbdinfo")
+	c := startCluster(t)
+	const seg = 64 << 20
+	createVolume(t, c, "sparse", 4*seg)
+	g := startGateway(t, c, nil)
+	h, err := catalog{g}.Open(context.Background(), "sparse")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	// One block into the third segment: only that segment is allocated.
+	if _, err := h.WriteAt(context.Background(), make([]byte, 4096), 2*seg+8192); err != nil {
+		t.Fatal(err)
+	}
+	out := testtool.MustRun(t, time.Minute, "nbdinfo", "--map", "--json", nbdURL(g, "sparse"))
+	var got []struct {
+		Offset, Length int64
+		Type           int
+	}
+	if err := json.Unmarshal([]byte(out), &got); err != nil {
+		t.Fatalf("nbdinfo --map --json: %v\n%s", err, out)
+	}
+	want := fmt.Sprint([]any{[]int64{0, 2 * seg, 3}, []int64{2 * seg, seg, 0}, []int64{3 * seg, seg, 3}})
+	var have []any
+	for _, e := range got {
+		have = append(have, []int64{e.Offset, e.Length, int64(e.Type)})
+	}
+	if fmt.Sprint(have) != want {
+		t.Fatalf("map (offset, length, type 3 = hole):\n got %v\nwant %v", have, want)
 	}
 }

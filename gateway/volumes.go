@@ -367,6 +367,18 @@ func (h *handle) Flush(ctx context.Context) error {
 	return err
 }
 
+// Map describes holes and data of the shared volume (blockdev.Mapper);
+// a volume that cannot tell is all data.
+func (h *handle) Map(ctx context.Context, off, length int64) ([]blockdev.Extent, error) {
+	if h.e.vanished.Load() {
+		return nil, fmt.Errorf("map %q: %w", h.e.name, ErrVolumeGone)
+	}
+	if m, ok := h.e.vol.(blockdev.Mapper); ok {
+		return m.Map(ctx, off, length)
+	}
+	return []blockdev.Extent{{Length: length}}, nil
+}
+
 // Size is the shared volume's size.
 func (h *handle) Size() int64 { return h.e.vol.Size() }
 

@@ -87,16 +87,22 @@ func dial(t testing.TB, addr string, clientFlags uint32) *testClient {
 	return c
 }
 
+// structuredReplies negotiates structured replies.
+func (c *testClient) structuredReplies() {
+	c.t.Helper()
+	c.sendOption(optStructuredReply, nil)
+	if r := c.optionReply(); r.typ != repAck {
+		c.t.Fatalf("NBD_OPT_STRUCTURED_REPLY: reply %#x", r.typ)
+	}
+	c.structured = true
+}
+
 // connect dials, negotiates (structured replies when asked) and enters transmission on name.
 func connect(t testing.TB, addr, name string, structured bool) *testClient {
 	t.Helper()
 	c := dial(t, addr, clientFlagFixedNewstyle|clientFlagNoZeroes)
 	if structured {
-		c.sendOption(optStructuredReply, nil)
-		if r := c.optionReply(); r.typ != repAck {
-			t.Fatalf("NBD_OPT_STRUCTURED_REPLY: reply %#x", r.typ)
-		}
-		c.structured = true
+		c.structuredReplies()
 	}
 	replies := c.goExport(optGo, name, infoBlockSize)
 	if last := replies[len(replies)-1]; last.typ != repAck {
@@ -343,6 +349,10 @@ func (c *testClient) recvChunk() (*reply, bool, error) {
 		}
 		if r.errno == 0 {
 			r.errno = errno
+		}
+	case replyTypeBlockStatus:
+		if req.typ != cmdBlockStatus || len(p) < 12 || (len(p)-4)%8 != 0 {
+			return nil, false, fmt.Errorf("block status chunk of %d bytes for %s", len(p), commandName(req.typ))
 		}
 	default:
 		return nil, false, fmt.Errorf("unknown chunk type %d", ch.typ)

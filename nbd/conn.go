@@ -43,6 +43,8 @@ type serverConn struct {
 	// Negotiated in the handshake.
 	noZeroes   bool
 	structured bool
+	allocation bool   // base:allocation selected (for metaExport)
+	metaExport string // the export NBD_OPT_SET_META_CONTEXT named
 
 	// Set when transmission starts.
 	export   *openedExport
@@ -174,6 +176,8 @@ func (c *serverConn) transmit(opened *openedExport) {
 		minBlock:   MinBlockSize,
 		maxPayload: c.srv.cfg.MaxPayload,
 		structured: c.structured,
+		// The metadata context holds only for the export it was set for.
+		blockStatus: c.structured && c.allocation && c.metaExport == opened.name,
 	}
 	c.lim = newLimiter(c.srv.cfg.MaxInFlight, c.srv.cfg.MaxInFlightBytes, &c.srv.stats.inFlightBytes, c.srv.cfg.TestingKnobs.OnInFlightBytes)
 	c.writes = newWriteTracker()
@@ -341,18 +345,22 @@ func (c *serverConn) run(op *operation) {
 		c.log.Warn("nbd: request failed", "cmd", commandName(op.req.typ), "offset", op.req.offset,
 			"length", op.req.length, "errno", errnoName(errno), "err", res.err)
 	}
-	if op.req.typ == cmdRead {
+	switch {
+	case op.req.typ == cmdRead:
 		_ = c.sendRead(op.req, *res.data, res.n, errno, msg)
 		putBuffer(res.data)
-	} else {
+	case op.req.typ == cmdBlockStatus && errno == 0:
+		_ = c.sendBlockStatus(op.req, res.ext)
+	default:
 		_ = c.sendStatus(op.req, errno, msg)
 	}
 	c.finish(op.req, op.arrived, errno)
 }
 
 type result struct {
-	data *[]byte // READ: buffer of the request's length
-	n    int     // READ: bytes read before an error
+	data *[]byte           // READ: buffer of the request's length
+	n    int               // READ: bytes read before an error
+	ext  []blockdev.Extent // BLOCK_STATUS
 	err  error
 }
 
@@ -378,6 +386,9 @@ func (c *serverConn) execute(op *operation) (res result) {
 	switch op.req.typ {
 	case cmdRead:
 		res.n, res.err = readFullAt(ctx, exp, *res.data, off)
+		return res
+	case cmdBlockStatus:
+		res.ext, res.err = c.blockStatus(ctx, exp, off, length, op.req.flags&cmdFlagReqOne != 0)
 		return res
 	case cmdWrite:
 		res.err = writeFullAt(ctx, exp, *op.payload, off)

@@ -155,9 +155,11 @@ func (c *serverConn) handleOption(option uint32, data []byte) (*openedExport, er
 		c.structured = true
 		return nil, c.writeHandshake(appendOptionReply(nil, option, repAck, nil))
 
+	case optListMetaContext, optSetMetaContext:
+		return nil, c.handleMetaContext(option, data)
+
 	default:
-		// NBD_OPT_STARTTLS (this server runs without TLS), the metadata context options (no
-		// NBD_CMD_BLOCK_STATUS) and anything unknown.
+		// NBD_OPT_STARTTLS (this server runs without TLS) and anything unknown.
 		return nil, c.replyOptionError(option, repErrUnsup, fmt.Sprintf("%s is not supported by this server", optionName(option)))
 	}
 }

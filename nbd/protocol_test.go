@@ -90,7 +90,7 @@ func TestOptionList(t *testing.T) {
 func TestOptionsUnsupportedAndAbort(t *testing.T) {
 	env := newTestEnv(t)
 	c := dial(t, env.addr, clientFlagFixedNewstyle)
-	for _, opt := range []uint32{optStartTLS, optListMetaContext, optSetMetaContext, 4, 11, 12345} {
+	for _, opt := range []uint32{optStartTLS, 4, 11, 12345} {
 		c.sendOption(opt, []byte("some data"))
 		if r := c.optionReply(); r.typ != repErrUnsup || r.option != opt {
 			t.Fatalf("option %d: reply %#x for option %d, want NBD_REP_ERR_UNSUP", opt, r.typ, r.option)
@@ -975,4 +975,115 @@ func TestInFlightBytesStayWithinBudget(t *testing.T) {
 		t.Fatalf("peak payload in flight %d, budget %d", peak, budget)
 	}
 	soon.True(t, 20*time.Second, "no payload left in flight", func() bool { return env.srv.Stats().InFlightBytes == 0 })
+}
+
+func encodeMetaContextRequest(export string, queries ...string) []byte {
+	b := binary.BigEndian.AppendUint32(nil, uint32(len(export)))
+	b = append(b, export...)
+	b = binary.BigEndian.AppendUint32(b, uint32(len(queries)))
+	for _, q := range queries {
+		b = binary.BigEndian.AppendUint32(b, uint32(len(q)))
+		b = append(b, q...)
+	}
+	return b
+}
+
+// metaContexts sends a metadata context option and returns the names of
+// the contexts the server replied with, or the error reply.
+func (c *testClient) metaContexts(option uint32, export string, queries ...string) ([]string, uint32) {
+	c.t.Helper()
+	c.sendOption(option, encodeMetaContextRequest(export, queries...))
+	var names []string
+	for {
+		r := c.optionReply()
+		switch r.typ {
+		case repMetaContext:
+			if len(r.data) < 4 || binary.BigEndian.Uint32(r.data) != contextAllocationID {
+				c.t.Fatalf("meta context reply %v", r.data)
+			}
+			names = append(names, string(r.data[4:]))
+		case repAck:
+			return names, 0
+		default:
+			return names, r.typ
+		}
+	}
+}
+
+// descriptors decodes a block status reply's (length, flags) pairs.
+func descriptors(t *testing.T, r *reply) [][2]uint32 {
+	t.Helper()
+	if r.errno != 0 || len(r.chunks) != 1 || r.chunks[0].typ != replyTypeBlockStatus {
+		t.Fatalf("block status reply: errno %d %q, chunks %v", r.errno, r.msg, r.chunks)
+	}
+	p := r.chunks[0].payload
+	if id := binary.BigEndian.Uint32(p); id != contextAllocationID {
+		t.Fatalf("context id %d", id)
+	}
+	var out [][2]uint32
+	for p = p[4:]; len(p) >= 8; p = p[8:] {
+		out = append(out, [2]uint32{binary.BigEndian.Uint32(p), binary.BigEndian.Uint32(p[4:])})
+	}
+	return out
+}
+
+func TestBlockStatusNegotiationAndReplies(t *testing.T) {
+	env := newTestEnv(t)
+	content := make([]byte, 2*blockdevtest.MapGranularity)
+	for i := range blockdevtest.MapGranularity {
+		content[blockdevtest.MapGranularity+i] = 1
+	}
+	env.createExport("vol", 1<<20, content)
+	env.createExport("other", 1<<20, nil)
+
+	// Listing needs no structured replies; unknown queries select nothing.
+	c := dial(t, env.addr, clientFlagFixedNewstyle)
+	for _, q := range [][]string{nil, {"base:"}, {"base:allocation"}} {
+		if names, e := c.metaContexts(optListMetaContext, "vol", q...); e != 0 || fmt.Sprint(names) != "[base:allocation]" {
+			t.Fatalf("list %q: %v, error %#x", q, names, e)
+		}
+	}
+	if names, e := c.metaContexts(optListMetaContext, "vol", "qemu:dirty-bitmap:x"); e != 0 || len(names) != 0 {
+		t.Fatalf("list of an unknown context: %v, error %#x", names, e)
+	}
+	if _, e := c.metaContexts(optSetMetaContext, "vol", "base:allocation"); e != repErrInvalid {
+		t.Fatalf("set before structured replies: error %#x, want NBD_REP_ERR_INVALID", e)
+	}
+	c.sendOption(optSetMetaContext, []byte{0, 0, 0, 9, 'v'})
+	if r := c.optionReply(); r.typ != repErrInvalid {
+		t.Fatalf("malformed set: reply %#x", r.typ)
+	}
+
+	// Set for vol, go to vol: holes and data at the device's granularity.
+	c = dial(t, env.addr, clientFlagFixedNewstyle)
+	c.structuredReplies()
+	if names, e := c.metaContexts(optSetMetaContext, "vol", "base:allocation"); e != 0 || len(names) != 1 {
+		t.Fatalf("set: %v, error %#x", names, e)
+	}
+	c.goExport(optGo, "vol")
+	g := uint32(blockdevtest.MapGranularity)
+	want := [][2]uint32{{g, stateHole | stateZero}, {g, 0}, {1<<20 - 2*g, stateHole | stateZero}}
+	if got := descriptors(t, c.do(0, cmdBlockStatus, 0, 1<<20, nil)); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("block status: %v, want %v", got, want)
+	}
+	if got := descriptors(t, c.do(cmdFlagReqOne, cmdBlockStatus, uint64(g), 1<<20-g, nil)); fmt.Sprint(got) != fmt.Sprint([][2]uint32{{g, 0}}) {
+		t.Fatalf("block status with REQ_ONE: %v", got)
+	}
+	for _, bad := range []struct {
+		off uint64
+		n   uint32
+	}{{0, 0}, {1 << 20, 512}, {100, 512}} {
+		if r := c.do(0, cmdBlockStatus, bad.off, bad.n, nil); r.errno != errnoInval {
+			t.Fatalf("block status at %d length %d: errno %d, want EINVAL", bad.off, bad.n, r.errno)
+		}
+	}
+
+	// A context set for another export does not carry over.
+	c = dial(t, env.addr, clientFlagFixedNewstyle)
+	c.structuredReplies()
+	c.metaContexts(optSetMetaContext, "other", "base:allocation")
+	c.goExport(optGo, "vol")
+	if r := c.do(0, cmdBlockStatus, 0, 4096, nil); r.errno != errnoInval {
+		t.Fatalf("block status with the context of another export: errno %d", r.errno)
+	}
 }

@@ -38,10 +38,11 @@ func (r request) hasPayload() bool { return r.typ == cmdWrite }
 // exportLimits is what the server told the client in the handshake: the export's size, the
 // block size constraints and which features the transmission flags expose.
 type exportLimits struct {
-	size       uint64
-	minBlock   uint32
-	maxPayload uint32
-	structured bool // structured replies negotiated; NBD_FLAG_SEND_DF is advertised with them
+	size        uint64
+	minBlock    uint32
+	maxPayload  uint32
+	structured  bool // structured replies negotiated; NBD_FLAG_SEND_DF is advertised with them
+	blockStatus bool // base:allocation negotiated for this export: NBD_CMD_BLOCK_STATUS allowed
 }
 
 // rejection is why a request is refused before it reaches the backend: a protocol error value and
@@ -63,6 +64,14 @@ func (l exportLimits) check(r request) *rejection {
 		}
 	case cmdWriteZeroes:
 		allowed |= cmdFlagNoHole
+	case cmdBlockStatus:
+		if !l.blockStatus {
+			return &rejection{errnoInval, "NBD_CMD_BLOCK_STATUS without the base:allocation metadata context"}
+		}
+		if r.length == 0 {
+			return &rejection{errnoInval, "NBD_CMD_BLOCK_STATUS of 0 bytes"}
+		}
+		allowed |= cmdFlagReqOne
 	case cmdWrite, cmdFlush, cmdTrim:
 	default:
 		return &rejection{errnoInval, fmt.Sprintf("unsupported command %s", commandName(r.typ))}

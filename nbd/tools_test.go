@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -17,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"cairn.io/cairn/blockdev"
+	"cairn.io/cairn/blockdev/blockdevtest"
 	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/internal/testtool"
 )
@@ -303,5 +305,63 @@ func corrupt(off int64, p []byte) {
 	const bad = 1<<20 + 100
 	if off <= bad && bad < off+int64(len(p)) {
 		p[bad-off] ^= 0x01
+	}
+}
+
+// TestToolsMapAndSparseCopy: nbdinfo --map shows what an export holds, and
+// nbdcopy reads only that (base:allocation, NBD_CMD_BLOCK_STATUS).
+func TestToolsMapAndSparseCopy(t *testing.T) {
+	testtool.Need(t, "nbdinfo")
+	testtool.Need(t, "nbdcopy")
+	const size = 64 << 20
+	env := newTestEnv(t)
+	path := env.createExport("sparse", size, nil)
+	data := bytes.Repeat([]byte{0xa5}, 128<<10)
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, off := range []int64{0, 32 << 20} {
+		if _, err := f.WriteAt(data, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.Close()
+
+	out := run(t, false, "nbdinfo", "--map", "--json", env.uri("sparse"))
+	var extents []struct {
+		Offset, Length int64
+		Type           int
+	}
+	if err := json.Unmarshal([]byte(out), &extents); err != nil {
+		t.Fatalf("nbdinfo --map --json: %v\n%s", err, out)
+	}
+	type ext struct {
+		off, n int64
+		hole   bool
+	}
+	var got []ext
+	for _, e := range extents {
+		got = append(got, ext{e.Offset, e.Length, e.Type == 3})
+	}
+	want := []ext{{0, 128 << 10, false}, {128 << 10, 32<<20 - 128<<10, true}, {32 << 20, 128 << 10, false}, {32<<20 + 128<<10, 32<<20 - 128<<10, true}}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("map:\n got %v\nwant %v\n%s", got, want, out)
+	}
+
+	dst := filepath.Join(t.TempDir(), "copy.raw")
+	dev := env.device("sparse")
+	before := dev.Bytes(blockdevtest.OpRead)
+	run(t, false, "nbdcopy", env.uri("sparse"), dst)
+	if read := dev.Bytes(blockdevtest.OpRead) - before; read > 1<<20 {
+		t.Fatalf("nbdcopy read %d bytes of a %d-byte export holding 256 KiB", read, size)
+	}
+	copied, err := os.ReadFile(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(copied) != size || !bytes.Equal(copied[:128<<10], data) || !bytes.Equal(copied[32<<20:32<<20+128<<10], data) ||
+		slices.ContainsFunc(copied[128<<10:32<<20], func(b byte) bool { return b != 0 }) {
+		t.Fatal("the sparse copy differs from the export")
 	}
 }

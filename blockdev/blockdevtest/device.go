@@ -5,11 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"cairn.io/cairn/blockdev"
 )
 
 // Op names the kind of a call into a Device.
@@ -444,4 +447,34 @@ func (h *Hold) Cancelled() bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	return h.ctx != nil && h.ctx.Err() != nil
+}
+
+// MapGranularity is the unit in which Map tells holes from data.
+const MapGranularity = 64 << 10
+
+// Map implements blockdev.Mapper. The double keeps no allocation map: a
+// MapGranularity-aligned run that reads as all zeros counts as a hole.
+func (d *Device) Map(ctx context.Context, off, length int64) ([]blockdev.Extent, error) {
+	if err := d.check(off, length); err != nil {
+		return nil, err
+	}
+	var out []blockdev.Extent
+	buf := make([]byte, MapGranularity)
+	for length > 0 {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		n := min(length, MapGranularity-off%MapGranularity)
+		if _, err := d.read(buf[:n], off); err != nil {
+			return nil, err
+		}
+		hole := !slices.ContainsFunc(buf[:n], func(b byte) bool { return b != 0 })
+		if k := len(out) - 1; k >= 0 && out[k].Hole == hole {
+			out[k].Length += n
+		} else {
+			out = append(out, blockdev.Extent{Length: n, Hole: hole})
+		}
+		off, length = off+n, length-n
+	}
+	return out, nil
 }
