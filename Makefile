@@ -16,7 +16,7 @@ help: ## list the targets
 
 build: ## build every binary into bin/
 	@mkdir -p $(BIN)
-	$(GO) build -o $(BIN)/ ./cmd/...
+	$(GO) build -buildvcs=auto -o $(BIN)/ ./cmd/...
 
 deps: ## install (as root) or name the Debian packages the tests use (.ci/packages)
 	@bash .ci/deps

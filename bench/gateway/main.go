@@ -82,6 +82,8 @@ func run() error {
 		runtime_ = flag.Duration("runtime", 30*time.Second, "measured time of each job")
 		jsonOut  = flag.String("json", "", "also write the results to this JSON file")
 		keep     = flag.Bool("keep", false, "keep the temporary playground directory")
+		copysets = flag.Int("copysets", 0, "copyset replicas per chunkserver of the playground this program starts (0: the playground's default)")
+		only     = flag.String("only", "", "run only the NBD jobs whose workload contains this text (e.g. 'write, QD32')")
 		fill     units.Bytes
 	)
 	fill = 1 << 30
@@ -114,7 +116,7 @@ func run() error {
 		}
 		st = s
 	} else {
-		pg, err := startPlayground(*bin, uint64(fill), *keep)
+		pg, err := startPlayground(*bin, uint64(fill), *copysets, *keep)
 		if err != nil {
 			return err
 		}
@@ -139,7 +141,7 @@ func run() error {
 	}
 	var results []result
 	if *doNBD {
-		rs, err := nbdJobs(st, vol.NBDURL, size, *runtime_)
+		rs, err := nbdJobs(st, vol.NBDURL, size, *runtime_, *only)
 		results = append(results, rs...)
 		if err != nil {
 			printTable(os.Stdout, results)
@@ -181,7 +183,7 @@ type startedPlayground struct {
 
 // startPlayground runs cairn-playground in a temporary directory on free
 // ports with vol0 of the fill size, and waits until it is ready.
-func startPlayground(bin string, volSize uint64, keep bool) (*startedPlayground, error) {
+func startPlayground(bin string, volSize uint64, copysets int, keep bool) (*startedPlayground, error) {
 	exe, err := filepath.Abs(filepath.Join(bin, "cairn-playground"))
 	if err != nil {
 		return nil, err
@@ -198,7 +200,11 @@ func startPlayground(bin string, volSize uint64, keep bool) (*startedPlayground,
 		return nil, err
 	}
 	out := &bytes.Buffer{}
-	cmd := exec.Command(exe, "--dir", dir, "--base-port", strconv.Itoa(base), "--volume-size", strconv.FormatUint(volSize, 10))
+	args := []string{"--dir", dir, "--base-port", strconv.Itoa(base), "--volume-size", strconv.FormatUint(volSize, 10)}
+	if copysets > 0 {
+		args = append(args, "--copysets-per-chunkserver", strconv.Itoa(copysets))
+	}
+	cmd := exec.Command(exe, args...)
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
 	logf("starting a playground in %s (ports %d..%d)", dir, base, base+playground.PortSpan-1)
@@ -255,7 +261,7 @@ type fioJob struct {
 	timed    bool
 }
 
-func nbdJobs(st *playground.State, url string, size uint64, rt time.Duration) ([]result, error) {
+func nbdJobs(st *playground.State, url string, size uint64, rt time.Duration, only string) ([]result, error) {
 	jobs := []fioJob{
 		{"4 KiB random write, QD1", "randwrite", "4k", 1, true},
 		{"4 KiB random write, QD32", "randwrite", "4k", 32, true},
@@ -265,6 +271,9 @@ func nbdJobs(st *playground.State, url string, size uint64, rt time.Duration) ([
 	}
 	var out []result
 	for _, j := range jobs {
+		if !strings.Contains(j.workload, only) {
+			continue
+		}
 		logf("nbd: %s for %s", j.workload, rt)
 		before := sampleUsage(st)
 		r, err := runFio(url, size, rt, j)

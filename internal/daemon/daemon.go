@@ -17,8 +17,13 @@ import (
 )
 
 // Main runs run with the command-line arguments and exits: 0 on success or
-// after -help, 1 with "name: error" on stderr otherwise.
+// after -help, 1 with "name: error" on stderr otherwise. --version prints
+// the name and Version and exits 0.
 func Main(name string, run func(args []string) error) {
+	if versionRequested(os.Args[1:]) {
+		fmt.Printf("%s %s\n", name, Version())
+		return
+	}
 	if err := run(os.Args[1:]); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return

@@ -12,6 +12,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"cairn.io/cairn/internal/daemon"
 	"cairn.io/cairn/mds/mdsclient"
 )
 
@@ -112,10 +113,12 @@ Exit codes: 0 success (healthy), 1 command failed, 2 usage, 3 not healthy,
 4 replicas inconsistent, 5 server unreachable, 6 not found.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
+		Version:       daemon.Version(),
 		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
 			return a.setup(cmd)
 		},
 	}
+	root.SetVersionTemplate("cairn-ops {{.Version}}\n")
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError(err) })
 	pf := root.PersistentFlags()
 	pf.StringSliceVar(&a.mdsAddrs, "mds", nil, "MDS addresses, comma-separated or repeated (env "+EnvMDS+", default "+DefaultMDS+")")
