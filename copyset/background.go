@@ -30,8 +30,13 @@ func (e *Engine) ticker() {
 func (e *Engine) tickAll() {
 	e.mu.RLock()
 	defer e.mu.RUnlock()
+	quiesce := e.quiesceEnabled()
 	for _, c := range e.groups {
-		c.tick()
+		if quiesce && c.quiesced.Load() {
+			c.tickQuiesced()
+		} else {
+			c.tick()
+		}
 	}
 }
 

@@ -56,7 +56,7 @@ func (c *Copyset) checkpointLocked() error {
 	c.sm.ckptDedup = c.sm.dedup.clone()
 	c.wal.SetCheckpoint(uint64(c.id), c.sm.applied, m.hardState())
 	idx, cs, epoch, reqs := c.sm.applied, c.sm.confState, c.sm.confEpoch, m.Requests
-	c.call(func() { c.compact(idx, cs, epoch, reqs) })
+	c.callQuiet(func() { c.compact(idx, cs, epoch, reqs) })
 	return nil
 }
 

@@ -54,6 +54,11 @@ type Config struct {
 	// 10) and HeartbeatTicks (default 1) are in ticks.
 	TickInterval                  time.Duration
 	ElectionTicks, HeartbeatTicks int
+	// QuiesceTicks is how long, in ticks, a leader must see nothing but
+	// heartbeats before its group stops ticking (default 20; negative:
+	// never). IdleBeatTicks is how often a quiesced leader tells its
+	// followers it is alive (default ElectionTicks/2). See quiesce.go.
+	QuiesceTicks, IdleBeatTicks int
 	// A copyset checkpoints after CheckpointBytes of applied commands
 	// (default 4 MiB) or CheckpointInterval (default 30s).
 	CheckpointBytes    uint64
@@ -144,6 +149,12 @@ func (cfg *Config) validate() error {
 	}
 	if cfg.HeartbeatTicks <= 0 {
 		cfg.HeartbeatTicks = 1
+	}
+	if cfg.QuiesceTicks == 0 {
+		cfg.QuiesceTicks = 2 * cfg.ElectionTicks
+	}
+	if cfg.IdleBeatTicks <= 0 {
+		cfg.IdleBeatTicks = max(cfg.ElectionTicks/2, 1)
 	}
 	if cfg.CheckpointBytes == 0 {
 		cfg.CheckpointBytes = 4 << 20

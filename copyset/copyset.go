@@ -56,12 +56,19 @@ type Copyset struct {
 	loggedHS    *raftpb.HardState // the last hard state submitted to the WAL
 	knownLead   uint64            // last non-zero leader seen, for logging leader changes
 	silentTicks int               // ticks since the leader was last heard (see maybeCampaign)
+	idleTicks   int               // a leader's ticks without work (see noteQuiet)
+	beatAcks    map[uint64]uint64 // quiesced leader: follower -> round of its last quiesce heartbeat answer
+	beatRound   uint64            // quiesced leader: rounds of quiesce heartbeats sent
 	leaseUntil  time.Time
 	readSeq     uint64
 	readBatches map[uint64]*readBatch
 	renewing    bool
 	snapSending map[uint64]uint64 // peer -> snapshot index being sent
 	pending     *PendingChange    // membership change proposed here, not yet applied
+
+	// Quiescence (quiesce.go): set while the group does not tick.
+	quiesced   atomic.Bool
+	quietTicks atomic.Int64 // ticks since quiesced, or since a follower's last quiesce heartbeat
 
 	// Published state.
 	leader    atomic.Uint64
@@ -127,9 +134,12 @@ type inbox struct {
 	local    []*raftpb.Message
 	msgs     []*raftpb.Message
 	calls    []func()
+	quiet    []func() // calls that do not wake a quiesced group (status, compaction)
 	ticks    int
 	props    []*Proposal
 	reads    []*readWaiter
+	idleBeat bool // a quiesced leader's turn to send quiesce heartbeats
+	wake     bool // a quiesced follower's leader went silent
 }
 
 type appendDone struct {
@@ -156,6 +166,7 @@ func (e *Engine) open(id GroupID, dir string, gl *wal.GroupLog) (*Copyset, error
 		log:         e.log.With("copyset", id.String()),
 		storage:     raft.NewMemoryStorage(),
 		readBatches: make(map[uint64]*readBatch),
+		beatAcks:    make(map[uint64]uint64),
 		snapSending: make(map[uint64]uint64),
 		waiters:     make(map[uint64]*Proposal),
 		byIndex:     make(map[uint64]*Proposal),

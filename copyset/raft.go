@@ -40,10 +40,25 @@ func (c *Copyset) call(f func()) bool {
 	return c.enqueue(func(in *inbox) { in.calls = append(in.calls, f) })
 }
 
+// callQuiet is call for work that does not wake a quiesced group (it
+// reads state or trims memory).
+func (c *Copyset) callQuiet(f func()) bool {
+	return c.enqueue(func(in *inbox) { in.quiet = append(in.quiet, f) })
+}
+
 // callWait runs f on the Raft worker and waits for it.
 func (c *Copyset) callWait(ctx context.Context, f func()) error {
+	return c.waitFor(ctx, c.call, f)
+}
+
+// callQuietWait is callWait for work that does not wake a quiesced group.
+func (c *Copyset) callQuietWait(ctx context.Context, f func()) error {
+	return c.waitFor(ctx, c.callQuiet, f)
+}
+
+func (c *Copyset) waitFor(ctx context.Context, call func(func()) bool, f func()) error {
 	done := make(chan struct{})
-	if !c.call(func() { f(); close(done) }) {
+	if !call(func() { f(); close(done) }) {
 		return ErrStopped
 	}
 	select {
@@ -172,6 +187,9 @@ func (c *Copyset) process(in *inbox) {
 	// election timeout from the last message of its leader, and the
 	// leader's read lease relies on that count never running ahead of the
 	// clock (see leaseDuration).
+	if c.quiesced.Load() && !in.active() {
+		in.ticks = 0 // queued before the group quiesced
+	}
 	for i := 0; i < min(in.ticks, 3); i++ {
 		rn.Tick()
 		c.silentTicks++
@@ -187,6 +205,12 @@ func (c *Copyset) process(in *inbox) {
 		if m.GetFrom() == lead {
 			c.silentTicks = 0
 		}
+		if m.GetType() == raftpb.MsgHeartbeatResp && isQuiesceBeat(m) {
+			// Raft reads a heartbeat answer's context as a count of
+			// confirmed reads: the marker is ours alone.
+			c.beatAcks[m.GetFrom()] = c.beatRound
+			m.Context = nil
+		}
 		_ = rn.Step(m)
 	}
 	if in.ticks > 0 {
@@ -195,12 +219,16 @@ func (c *Copyset) process(in *inbox) {
 	for _, f := range in.calls {
 		f()
 	}
+	for _, f := range in.quiet {
+		f()
+	}
 	for _, p := range in.props {
 		c.propose(p)
 	}
 	if len(in.reads) > 0 {
 		c.startReads(in.reads)
 	}
+	c.noteQuiet(in)
 	for rn.HasReady() {
 		c.handleReady(rn.Ready())
 	}

@@ -75,7 +75,7 @@ func (c *Copyset) Status(ctx context.Context) (Status, error) {
 		}, nil
 	}
 	var st Status
-	err := c.callWait(ctx, func() {
+	err := c.callQuietWait(ctx, func() {
 		bs := c.rn.BasicStatus()
 		st = Status{
 			ID: c.id, Node: c.e.cfg.NodeID, Leader: bs.Lead,

@@ -1,0 +1,203 @@
+package copyset
+
+import (
+	"go.etcd.io/raft/v3"
+	"go.etcd.io/raft/v3/raftpb"
+	"go.etcd.io/raft/v3/tracker"
+)
+
+// Quiescence: a copyset with nothing to do stops ticking.
+//
+// A Raft group ticks ten times a second and its leader heartbeats every
+// follower at each tick, written or not; a chunkserver with a thousand
+// replicas spent a third of a core on that alone. Once a leader has seen
+// nothing but heartbeats for QuiesceTicks, with every follower caught up
+// and everything applied, it sends each follower a quiesce heartbeat (a
+// MsgHeartbeat whose context is quiesceContext) and stops ticking; a
+// follower that gets one from its leader stops too. A quiesced group costs
+// one quiesce heartbeat per follower every IdleBeatTicks, sent by the
+// leader, and a counter the ticker increments.
+//
+// Anything else wakes a group on the spot: a proposal, a read, a call, any
+// message other than quiesce heartbeats and their answers. Raft then runs as
+// before (a read confirms the leader with a fresh round: quiescence lets the
+// lease lapse).
+//
+// Failure detection: a quiesced follower that has heard no quiesce
+// heartbeat for an election timeout and two ticks (two beats lost) wakes
+// with its election clock run forward, so that its designated successor
+// campaigns at once (a leader that died, a replica that failed): the same
+// 1.2 s as for a group at work. That is safe for the leader's read lease,
+// which is shorter than one election timeout since the leader's last
+// confirmed round. A quiesced leader wakes when a follower stops answering
+// its quiesce heartbeats for two election timeouts.
+const quiesceContext = "quiesce"
+
+// Quiesced tells whether the replica has stopped ticking because its group
+// is idle.
+func (c *Copyset) Quiesced() bool { return c.quiesced.Load() }
+
+// isQuiesceBeat tells a quiesce heartbeat or its answer.
+func isQuiesceBeat(m *raftpb.Message) bool {
+	t := m.GetType()
+	return (t == raftpb.MsgHeartbeat || t == raftpb.MsgHeartbeatResp) && string(m.GetContext()) == quiesceContext
+}
+
+// quiesceEnabled tells whether the engine quiesces idle groups: not with
+// manual ticks, where tests drive Raft's clock themselves.
+func (e *Engine) quiesceEnabled() bool {
+	return e.cfg.QuiesceTicks > 0 && !e.cfg.TestingKnobs.ManualTicks
+}
+
+// tickQuiesced is the ticker's work for a quiesced copyset instead of a Raft
+// tick: count, have the leader send its idle heartbeat every IdleBeatTicks,
+// and wake a follower whose leader went silent. It must not block.
+func (c *Copyset) tickQuiesced() {
+	n := c.quietTicks.Add(1)
+	switch {
+	case c.isLeader.Load():
+		if n%int64(c.e.cfg.IdleBeatTicks) == 0 {
+			c.enqueue(func(in *inbox) { in.idleBeat = true })
+		}
+	case n >= int64(c.e.cfg.ElectionTicks+campaignMarginTicks):
+		c.enqueue(func(in *inbox) { in.wake = true })
+	}
+}
+
+// active tells whether an inbox holds work: anything but ticks, quiet
+// calls, quiescence bookkeeping and heartbeats. It wakes a quiesced group
+// and restarts a leader's count of idle ticks.
+func (in *inbox) active() bool {
+	if len(in.props) > 0 || len(in.reads) > 0 || len(in.calls) > 0 || len(in.local) > 0 || len(in.appended) > 0 || in.wake {
+		return true
+	}
+	for _, m := range in.msgs {
+		if t := m.GetType(); t != raftpb.MsgHeartbeat && t != raftpb.MsgHeartbeatResp {
+			return true
+		}
+	}
+	return false
+}
+
+// noteQuiet runs on the Raft worker after the inbox's messages were
+// stepped and before its Ready is handled: it wakes the group on work (a
+// follower also on a heartbeat of a leader that is awake), puts a follower
+// to sleep on its leader's quiesce heartbeat, sends a quiesced leader's
+// idle heartbeats and quiesces a leader idle for QuiesceTicks.
+func (c *Copyset) noteQuiet(in *inbox) {
+	if !c.e.quiesceEnabled() {
+		return
+	}
+	active := in.active()
+	if active {
+		if in.wake && c.quiesced.Load() {
+			c.wakeForward()
+		}
+		c.quiesced.Store(false)
+		c.idleTicks = 0
+	}
+	lead := c.rn.BasicStatus().Lead
+	for _, m := range in.msgs {
+		switch {
+		case m.GetType() != raftpb.MsgHeartbeat || m.GetFrom() != lead || c.isLeader.Load():
+			// Answers to quiesce heartbeats were counted as they were
+			// stepped (process).
+		case !isQuiesceBeat(m):
+			c.quiesced.Store(false) // the leader is awake
+		case !active:
+			c.quiesced.Store(true)
+			c.quietTicks.Store(0)
+		}
+	}
+	if in.idleBeat && c.quiesced.Load() && c.isLeader.Load() {
+		c.idleBeatRound()
+	}
+	if in.ticks > 0 && c.isLeader.Load() && !c.quiesced.Load() {
+		c.idleTicks += in.ticks
+		if c.idleTicks >= c.e.cfg.QuiesceTicks {
+			c.maybeQuiesce()
+		}
+	}
+}
+
+// wakeForward wakes a follower whose quiesced leader went silent, with its
+// election clock run forward by an election timeout, so that Raft lets it
+// vote for another candidate and its designated successor campaigns at once
+// (see maybeCampaign).
+func (c *Copyset) wakeForward() {
+	if c.isLeader.Load() {
+		return
+	}
+	c.log.Info("quiesced copyset heard nothing from its leader for an election timeout; waking", "leader", c.rn.BasicStatus().Lead)
+	for range c.e.cfg.ElectionTicks {
+		c.rn.Tick()
+	}
+	c.silentTicks = c.e.cfg.ElectionTicks + campaignMarginTicks
+	c.maybeCampaign()
+}
+
+// maybeQuiesce quiesces an idle leader whose followers are all caught up and
+// answering: it sends them quiesce heartbeats and stops ticking.
+func (c *Copyset) maybeQuiesce() {
+	st := c.rn.Status()
+	if st.RaftState != raft.StateLeader || st.LeadTransferee != 0 || c.pending != nil ||
+		len(c.readBatches) > 0 || len(c.snapSending) > 0 || c.termStart == 0 || len(st.Config.Learners) > 0 {
+		return
+	}
+	last, err := c.storage.LastIndex()
+	if err != nil || st.GetCommit() != last || c.applied.Load() != last {
+		return
+	}
+	c.wmu.Lock()
+	busy := len(c.waiters) > 0
+	c.wmu.Unlock()
+	if busy {
+		return
+	}
+	for _, pr := range st.Progress { // the leader's own too: its append is durable
+		if pr.Match != last || pr.State != tracker.StateReplicate || !pr.RecentActive {
+			return
+		}
+	}
+	c.quiesced.Store(true)
+	c.quietTicks.Store(0)
+	c.beatAcks = map[uint64]uint64{}
+	c.beatRound = 0
+	c.sendQuiesceBeats(st)
+}
+
+// idleBeatRound sends a quiesced leader's periodic quiesce heartbeats, or
+// wakes it when a follower left the last two election timeouts' rounds
+// unanswered.
+func (c *Copyset) idleBeatRound() {
+	st := c.rn.Status()
+	if st.RaftState != raft.StateLeader {
+		c.quiesced.Store(false)
+		return
+	}
+	rounds := uint64(max(2*c.e.cfg.ElectionTicks/c.e.cfg.IdleBeatTicks, 1))
+	c.beatRound++
+	for id := range st.Progress {
+		if id != c.e.cfg.NodeID && c.beatRound > rounds && c.beatAcks[id]+rounds < c.beatRound {
+			c.log.Info("a follower of a quiesced copyset stopped answering; waking", "follower", id)
+			c.quiesced.Store(false)
+			c.idleTicks = 0
+			return
+		}
+	}
+	c.sendQuiesceBeats(st)
+}
+
+// sendQuiesceBeats sends every follower a quiesce heartbeat of the current
+// term, with a commit index the follower holds (as Raft's own heartbeats).
+func (c *Copyset) sendQuiesceBeats(st raft.Status) {
+	typ := raftpb.MsgHeartbeat
+	from, term := c.e.cfg.NodeID, st.GetTerm()
+	for id, pr := range st.Progress {
+		if id == from {
+			continue
+		}
+		to, commit := id, min(pr.Match, st.GetCommit())
+		c.send(&raftpb.Message{Type: &typ, To: &to, From: &from, Term: &term, Commit: &commit, Context: []byte(quiesceContext)})
+	}
+}

@@ -1,0 +1,124 @@
+package copyset
+
+import (
+	"bytes"
+	"fmt"
+	"testing"
+	"time"
+
+	"cairn.io/cairn/internal/soon"
+)
+
+// allQuiesced waits until every replica of ids on the running nodes stops
+// ticking.
+func allQuiesced(t *testing.T, tc *testCluster, ids []GroupID) {
+	t.Helper()
+	soon.Succeeds(t, 30*time.Second, func() error {
+		for _, n := range tc.running() {
+			for _, id := range ids {
+				c, err := n.engine.Get(id)
+				if err != nil {
+					return err
+				}
+				if !c.quiesced.Load() {
+					return fmt.Errorf("%s on node %d still ticks", id, n.id)
+				}
+			}
+		}
+		return nil
+	})
+}
+
+// TestIdleCopysetsQuiesceAndWakeOnWork: idle groups stop ticking and
+// heartbeating (a quiesce heartbeat per follower every IdleBeatTicks is all
+// that is left), and a write or a read wakes one at once.
+func TestIdleCopysetsQuiesceAndWakeOnWork(t *testing.T) {
+	tc := newTestCluster(t, 3, 32, nil)
+	ids := make([]GroupID, 8)
+	for i := range ids {
+		ids[i] = MakeGroupID(12, uint32(i+1))
+	}
+	tc.create(ids, []uint64{1, 2, 3})
+	for _, id := range ids {
+		tc.writeRetry(id, 1, 0, pattern("before|", testBlock))
+	}
+	allQuiesced(t, tc, ids)
+
+	// Idle: per second and chunkserver, at most the quiesce heartbeats of
+	// the groups it leads (ticks of 20 ms, a beat every 5 ticks: 10 a
+	// second per follower), where Raft alone sends 50 per follower.
+	sent := func() (n uint64) {
+		for _, nd := range tc.running() {
+			n += nd.engine.TransportStats().HeartbeatsSent
+		}
+		return n
+	}
+	before := sent()
+	time.Sleep(time.Second)
+	perSecond := sent() - before
+	if limit := uint64(len(ids) * 2 * 10 * 2); perSecond > limit { // twice for the answers
+		t.Fatalf("idle groups sent %d heartbeats in a second; quiesced ones send at most %d", perSecond, limit)
+	}
+
+	// Work wakes a group: the write commits, and a read sees it.
+	data := pattern("after|", testBlock)
+	tc.writeRetry(ids[3], 1, 0, data)
+	if got := tc.readRetry(ids[3], 1, 0, testBlock); !bytes.Equal(got, data) {
+		t.Fatal("read after waking returned other data")
+	}
+	// ...and it goes back to sleep.
+	allQuiesced(t, tc, ids)
+}
+
+// TestQuiescedGroupElectsWhenItsLeaderStops: the followers of a quiesced
+// group whose leader's chunkserver stops get no quiesce heartbeats, wake
+// and elect a leader, and writes go on.
+func TestQuiescedGroupElectsWhenItsLeaderStops(t *testing.T) {
+	tc := newTestCluster(t, 3, 16, nil)
+	id := MakeGroupID(13, 1)
+	tc.create([]GroupID{id}, []uint64{1, 2, 3})
+	tc.writeRetry(id, 1, 0, pattern("q|", testBlock))
+	allQuiesced(t, tc, []GroupID{id})
+	old := tc.leader(id).e.cfg.NodeID
+	tc.stop(old, false, 0)
+	start := time.Now()
+	c := tc.leader(id)
+	if c.e.cfg.NodeID == old {
+		t.Fatal("the stopped node still leads")
+	}
+	t.Logf("new leader %d after %v", c.e.cfg.NodeID, time.Since(start).Round(time.Millisecond))
+	data := pattern("new leader|", testBlock)
+	tc.writeRetry(id, 1, 0, data)
+	if got := tc.readRetry(id, 1, 0, testBlock); !bytes.Equal(got, data) {
+		t.Fatal("read after the election returned other data")
+	}
+}
+
+// TestQuiescedLeaderWakesWhenAFollowerGoesSilent: a follower that stops
+// answering quiesce heartbeats (cut off by a partition that drops messages
+// without any send error) wakes its leader, so that Raft sees the follower
+// inactive (and the chunkserver reports it) as it would awake.
+func TestQuiescedLeaderWakesWhenAFollowerGoesSilent(t *testing.T) {
+	tc := newTestCluster(t, 3, 16, nil)
+	id := MakeGroupID(14, 1)
+	tc.create([]GroupID{id}, []uint64{1, 2, 3})
+	tc.writeRetry(id, 1, 0, pattern("q|", testBlock))
+	allQuiesced(t, tc, []GroupID{id})
+	lead := tc.leader(id)
+	var follower uint64
+	for _, n := range []uint64{1, 2, 3} {
+		if n != lead.e.cfg.NodeID {
+			follower = n
+			break
+		}
+	}
+	tc.faults.Partition(lead.e.cfg.NodeID, follower)
+	soon.Succeeds(t, 10*time.Second, func() error {
+		if lead.quiesced.Load() {
+			return fmt.Errorf("leader %d still quiesced with node %d cut off", lead.e.cfg.NodeID, follower)
+		}
+		return nil
+	})
+	tc.writeRetry(id, 1, 0, pattern("two of three|", testBlock))
+	tc.faults.Heal()
+}
