@@ -163,41 +163,46 @@ func (c *Copyset) maybeQuiesce() {
 	c.quietTicks.Store(0)
 	c.beatAcks = map[uint64]uint64{}
 	c.beatRound = 0
-	c.sendQuiesceBeats(st)
+	c.sendQuiesceBeats(st.GetTerm(), st.GetCommit())
 }
 
 // idleBeatRound sends a quiesced leader's periodic quiesce heartbeats, or
 // wakes it when a follower left the last two election timeouts' rounds
-// unanswered.
+// unanswered. It runs every IdleBeatTicks on every quiesced leader, so it
+// reads Raft's state without copying it (BasicStatus, WithProgress).
 func (c *Copyset) idleBeatRound() {
-	st := c.rn.Status()
+	st := c.rn.BasicStatus()
 	if st.RaftState != raft.StateLeader {
 		c.quiesced.Store(false)
 		return
 	}
 	rounds := uint64(max(2*c.e.cfg.ElectionTicks/c.e.cfg.IdleBeatTicks, 1))
 	c.beatRound++
-	for id := range st.Progress {
+	silent := uint64(0)
+	c.rn.WithProgress(func(id uint64, _ raft.ProgressType, _ tracker.Progress) {
 		if id != c.e.cfg.NodeID && c.beatRound > rounds && c.beatAcks[id]+rounds < c.beatRound {
-			c.log.Info("a follower of a quiesced copyset stopped answering; waking", "follower", id)
-			c.quiesced.Store(false)
-			c.idleTicks = 0
-			return
+			silent = id
 		}
+	})
+	if silent != 0 {
+		c.log.Info("a follower of a quiesced copyset stopped answering; waking", "follower", silent)
+		c.quiesced.Store(false)
+		c.idleTicks = 0
+		return
 	}
-	c.sendQuiesceBeats(st)
+	c.sendQuiesceBeats(st.GetTerm(), st.GetCommit())
 }
 
 // sendQuiesceBeats sends every follower a quiesce heartbeat of the current
 // term, with a commit index the follower holds (as Raft's own heartbeats).
-func (c *Copyset) sendQuiesceBeats(st raft.Status) {
+func (c *Copyset) sendQuiesceBeats(term, committed uint64) {
 	typ := raftpb.MsgHeartbeat
-	from, term := c.e.cfg.NodeID, st.GetTerm()
-	for id, pr := range st.Progress {
+	from := c.e.cfg.NodeID
+	c.rn.WithProgress(func(id uint64, _ raft.ProgressType, pr tracker.Progress) {
 		if id == from {
-			continue
+			return
 		}
-		to, commit := id, min(pr.Match, st.GetCommit())
+		to, commit := id, min(pr.Match, committed)
 		c.send(&raftpb.Message{Type: &typ, To: &to, From: &from, Term: &term, Commit: &commit, Context: []byte(quiesceContext)})
-	}
+	})
 }
