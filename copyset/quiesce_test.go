@@ -70,15 +70,23 @@ func TestIdleCopysetsQuiesceAndWakeOnWork(t *testing.T) {
 	allQuiesced(t, tc, ids)
 }
 
+// quiescedGroup starts three nodes with one copyset of pool, writes to it
+// and waits until it quiesces.
+func quiescedGroup(t *testing.T, pool uint32) (*testCluster, GroupID) {
+	t.Helper()
+	tc := newTestCluster(t, 3, 16, nil)
+	id := MakeGroupID(pool, 1)
+	tc.create([]GroupID{id}, []uint64{1, 2, 3})
+	tc.writeRetry(id, 1, 0, pattern("q|", testBlock))
+	allQuiesced(t, tc, []GroupID{id})
+	return tc, id
+}
+
 // TestQuiescedGroupElectsWhenItsLeaderStops: the followers of a quiesced
 // group whose leader's chunkserver stops get no quiesce heartbeats, wake
 // and elect a leader, and writes go on.
 func TestQuiescedGroupElectsWhenItsLeaderStops(t *testing.T) {
-	tc := newTestCluster(t, 3, 16, nil)
-	id := MakeGroupID(13, 1)
-	tc.create([]GroupID{id}, []uint64{1, 2, 3})
-	tc.writeRetry(id, 1, 0, pattern("q|", testBlock))
-	allQuiesced(t, tc, []GroupID{id})
+	tc, id := quiescedGroup(t, 13)
 	old := tc.leader(id).e.cfg.NodeID
 	tc.stop(old, false, 0)
 	start := time.Now()
@@ -99,11 +107,7 @@ func TestQuiescedGroupElectsWhenItsLeaderStops(t *testing.T) {
 // without any send error) wakes its leader, so that Raft sees the follower
 // inactive (and the chunkserver reports it) as it would awake.
 func TestQuiescedLeaderWakesWhenAFollowerGoesSilent(t *testing.T) {
-	tc := newTestCluster(t, 3, 16, nil)
-	id := MakeGroupID(14, 1)
-	tc.create([]GroupID{id}, []uint64{1, 2, 3})
-	tc.writeRetry(id, 1, 0, pattern("q|", testBlock))
-	allQuiesced(t, tc, []GroupID{id})
+	tc, id := quiescedGroup(t, 14)
 	lead := tc.leader(id)
 	var follower uint64
 	for _, n := range []uint64{1, 2, 3} {

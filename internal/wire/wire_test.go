@@ -79,14 +79,21 @@ func startServer(t *testing.T, opts ServerOptions) *testServer {
 		ts.mu.Unlock()
 		return nil
 	})
+	ts.addr = serveOn(t, ts.srv)
+	return ts
+}
+
+// serveOn serves srv on a loopback port until the test ends and returns
+// the address.
+func serveOn(t *testing.T, srv *Server) string {
+	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	ts.addr = l.Addr().String()
-	go func() { _ = ts.srv.Serve(l) }()
-	t.Cleanup(func() { _ = ts.srv.Close() })
-	return ts
+	go func() { _ = srv.Serve(l) }()
+	t.Cleanup(func() { _ = srv.Close() })
+	return l.Addr().String()
 }
 
 func dial(t *testing.T, addr string, opts ClientOptions) *Client {
@@ -327,13 +334,7 @@ func TestMaxConcurrentBoundsRunningHandlers(t *testing.T) {
 		running.Add(-1)
 		return wrapperspb.Bytes(nil), nil
 	})
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = srv.Serve(l) }()
-	defer srv.Close()
-	c := dial(t, l.Addr().String(), ClientOptions{})
+	c := dial(t, serveOn(t, srv), ClientOptions{})
 	var wg sync.WaitGroup
 	for range 6 {
 		wg.Go(func() {
@@ -540,13 +541,7 @@ func TestCancellationArrivesBeforeLaterRequests(t *testing.T) {
 		}
 		return wrapperspb.Bytes(nil), nil
 	})
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = srv.Serve(l) }()
-	defer srv.Close()
-	c := dial(t, l.Addr().String(), ClientOptions{})
+	c := dial(t, serveOn(t, srv), ClientOptions{})
 	for range 50 {
 		blocked.Store(nil)
 		ctx, cancel := context.WithCancel(context.Background())
