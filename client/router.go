@@ -187,8 +187,9 @@ func (r *router) fetchCopysets(ctx context.Context, refs []*commonpb.CopysetRef)
 }
 
 // target picks the address to send a copyset request to: the known leader,
-// or else the members in turn.
-func (r *router) target(ctx context.Context, ref *commonpb.CopysetRef, attempt int, refresh bool) (string, error) {
+// or else the members in turn; avoid, when not "", is passed over while
+// another member is known (a chunkserver that just gave no answer).
+func (r *router) target(ctx context.Context, ref *commonpb.CopysetRef, attempt int, refresh bool, avoid string) (string, error) {
 	k := csKey{ref.GetLogicalPoolId(), ref.GetCopysetId()}
 	r.csMu.Lock()
 	info := r.copysets[k]
@@ -207,13 +208,19 @@ func (r *router) target(ctx context.Context, ref *commonpb.CopysetRef, attempt i
 	}
 	r.csMu.Lock()
 	defer r.csMu.Unlock()
-	if info.leader != "" {
+	if info.leader != "" && info.leader != avoid {
 		return info.leader, nil
 	}
-	if len(info.peers) == 0 {
+	n := len(info.peers)
+	if n == 0 {
 		return "", fmt.Errorf("copyset %d-%d has no members", k.pool, k.copyset)
 	}
-	return info.peers[attempt%len(info.peers)].GetAddress(), nil
+	for i := range n {
+		if a := info.peers[(attempt+i)%n].GetAddress(); a != avoid {
+			return a, nil
+		}
+	}
+	return info.peers[attempt%n].GetAddress(), nil
 }
 
 func (r *router) setLeader(ref *commonpb.CopysetRef, addr string) {
@@ -240,6 +247,11 @@ type outcome struct {
 	msg    string
 }
 
+// suspectFor is how long a request passes over a chunkserver that gave no
+// answer: two election timeouts, by when its copysets have a new leader if
+// it lost them.
+const suspectFor = 2 * time.Second
+
 // call sends one chunk request to its copyset's leader, following
 // redirects and retrying transient failures until the retry timeout.
 func (r *router) call(ctx context.Context, ref *commonpb.CopysetRef, f func(ctx context.Context, cl chunkIO) (outcome, error)) (chunkpb.Status, error) {
@@ -249,6 +261,13 @@ func (r *router) call(ctx context.Context, ref *commonpb.CopysetRef, f func(ctx 
 	attemptTimeout := min(v.opts.AttemptTimeout, v.opts.RetryTimeout)
 	refresh := false
 	var last string
+	// A chunkserver that gave no answer (hung, paused, cut off from the
+	// client, gone) is passed over for a while: the MDS and the other
+	// members may still name it leader until they learn better, and going
+	// back to it would cost another attempt timeout while its copyset
+	// elects a new leader elsewhere.
+	var suspect string
+	var suspectUntil time.Time
 	for attempt := 0; ; attempt++ {
 		// While the copyset is without a reachable leader, poll briskly:
 		// a new one is elected within an election timeout or two.
@@ -257,7 +276,11 @@ func (r *router) call(ctx context.Context, ref *commonpb.CopysetRef, f func(ctx 
 			return 0, ErrFenced
 		}
 		v.stats.chunkReqs.Add(1)
-		addr, err := r.target(ctx, ref, attempt, refresh)
+		avoid := ""
+		if time.Now().Before(suspectUntil) {
+			avoid = suspect
+		}
+		addr, err := r.target(ctx, ref, attempt, refresh, avoid)
 		refresh = false
 		var out outcome
 		if err == nil {
@@ -282,12 +305,15 @@ func (r *router) call(ctx context.Context, ref *commonpb.CopysetRef, f func(ctx 
 			last = err.Error()
 			r.setLeader(ref, "")
 			refresh = true
+			if addr != "" {
+				suspect, suspectUntil = addr, time.Now().Add(suspectFor)
+			}
 		case out.status == chunkpb.Status_STATUS_OK || out.status == chunkpb.Status_STATUS_CHUNK_NOTEXIST:
 			return out.status, nil
 		case out.status == chunkpb.Status_STATUS_REDIRECTED:
 			v.stats.redirects.Add(1)
 			last = out.msg
-			if a := out.leader.GetAddress(); a != "" && a != addr {
+			if a := out.leader.GetAddress(); a != "" && a != addr && a != avoid {
 				r.setLeader(ref, a)
 				if attempt < 3 {
 					continue // go straight to the new leader

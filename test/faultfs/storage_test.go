@@ -101,6 +101,9 @@ func TestWALOnPoolSurvivesCrashes(t *testing.T) {
 		var mu sync.Mutex
 		var wg sync.WaitGroup
 		for g := uint64(1); g <= groups; g++ {
+			mu.Lock() // the writers of the groups started before update acked
+			first := acked[g] + 1
+			mu.Unlock()
 			wg.Add(1)
 			go func(first uint64) {
 				defer wg.Done()
@@ -114,7 +117,7 @@ func TestWALOnPoolSurvivesCrashes(t *testing.T) {
 					acked[g] = i
 					mu.Unlock()
 				}
-			}(acked[g] + 1)
+			}(first)
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		rep, err := f.WaitCrash(ctx)
