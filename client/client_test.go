@@ -500,12 +500,7 @@ func TestFencedSessionFencesTheHandle(t *testing.T) {
 	var cut atomic.Bool
 	c := cluster.Start(t, cluster.Options{EpochLease: time.Second, Tune: func(i int, cfg *chunkserver.Config) {
 		cfg.TestingKnobs = chunkserver.TestingKnobs{
-			InterceptHeartbeat: func(ctx context.Context, call func(context.Context) (*mdspb.HeartbeatResponse, error)) (*mdspb.HeartbeatResponse, error) {
-				if cut.Load() {
-					return nil, status.Error(codes.Unavailable, "test: heartbeats cut")
-				}
-				return call(ctx)
-			},
+			InterceptHeartbeat: heartbeatsCut(&cut),
 			UnaryInterceptor: func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 				if cut.Load() && info.FullMethod == chunkpb.ChunkService_UpdateEpoch_FullMethodName {
 					return nil, status.Error(codes.Unavailable, "test: the MDS cannot reach this chunkserver")

@@ -18,6 +18,17 @@ import (
 	"cairn.io/cairn/test/cluster"
 )
 
+// heartbeatsCut fails a chunkserver's heartbeats to the MDS while cut is
+// set.
+func heartbeatsCut(cut *atomic.Bool) func(context.Context, func(context.Context) (*mdspb.HeartbeatResponse, error)) (*mdspb.HeartbeatResponse, error) {
+	return func(ctx context.Context, call func(context.Context) (*mdspb.HeartbeatResponse, error)) (*mdspb.HeartbeatResponse, error) {
+		if cut.Load() {
+			return nil, status.Error(codes.Unavailable, "test: heartbeats cut")
+		}
+		return call(ctx)
+	}
+}
+
 // TestHungLeaderIsPassedOver: a leader that hangs (its requests get no
 // answer, its Raft traffic stops: a paused process) loses its copyset to
 // the other members, while the MDS still names it leader (it learns leaders
@@ -33,12 +44,7 @@ func TestHungLeaderIsPassedOver(t *testing.T) {
 	defer close(release)
 	c := cluster.Start(t, cluster.Options{Faults: faults, EpochLease: time.Minute, Tune: func(i int, cfg *chunkserver.Config) {
 		cfg.TestingKnobs = chunkserver.TestingKnobs{
-			InterceptHeartbeat: func(ctx context.Context, call func(context.Context) (*mdspb.HeartbeatResponse, error)) (*mdspb.HeartbeatResponse, error) {
-				if frozen.Load() {
-					return nil, status.Error(codes.Unavailable, "test: heartbeats cut")
-				}
-				return call(ctx)
-			},
+			InterceptHeartbeat: heartbeatsCut(&frozen),
 			UnaryInterceptor: func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 				if hung.Load() == int64(i) {
 					<-release
