@@ -1,0 +1,111 @@
+package nbd
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"time"
+)
+
+// Replies of the transmission phase: simple replies, structured reply
+// chunks, and the one write per reply under the connection's write lock.
+
+// sendRead answers a READ. data is the request's buffer; n bytes of it are valid when errno is set.
+//
+// Simple replies carry the data after a zero error, or an error and no data. Structured replies
+// carry one NBD_REPLY_TYPE_OFFSET_DATA chunk with the whole range (the reply is complete in memory
+// before it is sent, so the chunk can be final); on an error, the whole blocks read before it in a
+// data chunk, then an NBD_REPLY_TYPE_ERROR_OFFSET chunk at the first block not read.
+func (c *serverConn) sendRead(req request, data []byte, n int, errno uint32, msg string) error {
+	if !c.structured {
+		if errno != 0 {
+			return c.send(appendSimpleReply(nil, errno, req.cookie))
+		}
+		return c.send(appendSimpleReply(nil, 0, req.cookie), data)
+	}
+	if errno == 0 {
+		if len(data) == 0 {
+			return c.send(appendChunkHeader(nil, replyFlagDone, replyTypeNone, req.cookie, 0))
+		}
+		hdr := appendChunkHeader(nil, replyFlagDone, replyTypeOffsetData, req.cookie, uint32(8+len(data)))
+		hdr = binary.BigEndian.AppendUint64(hdr, req.offset)
+		return c.send(hdr, data)
+	}
+	good := n - n%int(c.limits.minBlock)
+	var bufs [][]byte
+	if good > 0 {
+		hdr := appendChunkHeader(nil, 0, replyTypeOffsetData, req.cookie, uint32(8+good))
+		hdr = binary.BigEndian.AppendUint64(hdr, req.offset)
+		bufs = append(bufs, hdr, data[:good])
+	}
+	errOffset := req.offset + uint64(good)
+	bufs = append(bufs, appendErrorChunk(nil, req.cookie, replyTypeErrorOffset, errno, msg, errOffset))
+	return c.send(bufs...)
+}
+
+// sendStatus answers a request that carries no data back, or refuses any request (READ included)
+// before it ran.
+func (c *serverConn) sendStatus(req request, errno uint32, msg string) error {
+	if !c.structured {
+		return c.send(appendSimpleReply(nil, errno, req.cookie))
+	}
+	if errno == 0 {
+		return c.send(appendChunkHeader(nil, replyFlagDone, replyTypeNone, req.cookie, 0))
+	}
+	return c.send(appendErrorChunk(nil, req.cookie, replyTypeError, errno, msg, 0))
+}
+
+// send writes one whole reply (its chunks in order) under the write lock, with one writev.
+func (c *serverConn) send(bufs ...[]byte) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.writeFailed {
+		return errors.New("nbd: connection broken")
+	}
+	if err := c.nc.SetWriteDeadline(time.Now().Add(c.srv.cfg.WriteTimeout)); err != nil {
+		c.writeFailed = true
+		c.kill("cannot set write deadline")
+		return err
+	}
+	nb := net.Buffers(bufs)
+	if _, err := nb.WriteTo(c.nc); err != nil {
+		c.writeFailed = true
+		c.log.Info("nbd: reply not delivered; closing", "err", err)
+		c.kill("reply could not be sent")
+		return fmt.Errorf("send reply: %w", err)
+	}
+	return nil
+}
+
+func appendSimpleReply(b []byte, errno uint32, cookie uint64) []byte {
+	b = binary.BigEndian.AppendUint32(b, magicSimpleReply)
+	b = binary.BigEndian.AppendUint32(b, errno)
+	return binary.BigEndian.AppendUint64(b, cookie)
+}
+
+func appendChunkHeader(b []byte, flags, typ uint16, cookie uint64, length uint32) []byte {
+	b = binary.BigEndian.AppendUint32(b, magicStructuredReply)
+	b = binary.BigEndian.AppendUint16(b, flags)
+	b = binary.BigEndian.AppendUint16(b, typ)
+	b = binary.BigEndian.AppendUint64(b, cookie)
+	return binary.BigEndian.AppendUint32(b, length)
+}
+
+// appendErrorChunk appends a final error chunk: NBD_REPLY_TYPE_ERROR, or NBD_REPLY_TYPE_ERROR_OFFSET
+// with offset.
+func appendErrorChunk(b []byte, cookie uint64, typ uint16, errno uint32, msg string, offset uint64) []byte {
+	msg = truncateString(msg)
+	length := 6 + len(msg)
+	if typ == replyTypeErrorOffset {
+		length += 8
+	}
+	b = appendChunkHeader(b, replyFlagDone, typ, cookie, uint32(length))
+	b = binary.BigEndian.AppendUint32(b, errno)
+	b = binary.BigEndian.AppendUint16(b, uint16(len(msg)))
+	b = append(b, msg...)
+	if typ == replyTypeErrorOffset {
+		b = binary.BigEndian.AppendUint64(b, offset)
+	}
+	return b
+}
