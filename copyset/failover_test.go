@@ -1,6 +1,7 @@
 package copyset
 
 import (
+	"context"
 	"testing"
 	"time"
 
@@ -45,5 +46,52 @@ func TestDesignatedSuccessorCampaignsAfterTheElectionTimeout(t *testing.T) {
 	soon.True(t, 10*time.Second, "node 2 elected without further ticks", c2.IsLeader)
 	if got := tc.readRetry(id, 1, 0, testBlock); string(got) != string(pattern("lease|", testBlock)) {
 		t.Fatalf("new leader reads %q", got[:16])
+	}
+}
+
+// TestFormerLeaderDoesNotCampaignAfterATransfer: a leader that handed its
+// leadership over counts its new leader's silence from then. Before, its
+// count had run on while it led, and at its first tick as a follower, as
+// the designated successor of the new leader, it campaigned (and, with a
+// third replica not yet in the new leader's lease, took the leadership
+// back).
+func TestFormerLeaderDoesNotCampaignAfterATransfer(t *testing.T) {
+	const electionTicks = 50
+	tc := newTestCluster(t, 3, 16, func(c *Config) {
+		c.TickInterval = 10 * time.Millisecond
+		c.ElectionTicks = electionTicks
+		c.QuiesceTicks = -1
+	})
+	id := MakeGroupID(3, 2)
+	tc.create([]GroupID{id}, []uint64{1, 2, 3})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	soon.Succeeds(t, 20*time.Second, func() error {
+		l := tc.leader(id)
+		if l.e.cfg.NodeID == 1 {
+			return nil
+		}
+		tctx, tcancel := context.WithTimeout(ctx, 5*time.Second)
+		defer tcancel()
+		return l.TransferLeader(tctx, 1, l.ConfEpoch())
+	})
+	c1 := copysetOn(t, tc, 1, id)
+	// Lead for three election timeouts: a leader counts no silence.
+	time.Sleep(3 * electionTicks * 10 * time.Millisecond)
+	var silent int
+	if err := c1.callWait(ctx, func() { silent = c1.silentTicks }); err != nil {
+		t.Fatal(err)
+	}
+	if !c1.IsLeader() || silent != 0 {
+		t.Fatalf("node 1 leads: %v, counts %d ticks of its own silence", c1.IsLeader(), silent)
+	}
+	if err := c1.TransferLeader(ctx, 3, c1.ConfEpoch()); err != nil {
+		t.Fatal(err)
+	}
+	if err := c1.callWait(ctx, func() { silent = c1.silentTicks }); err != nil {
+		t.Fatal(err)
+	}
+	if silent >= electionTicks {
+		t.Fatalf("node 1 counts %d ticks of silence from leader 3 right after handing leadership over (election timeout %d ticks)", silent, electionTicks)
 	}
 }

@@ -190,14 +190,19 @@ func (c *Copyset) process(in *inbox) {
 	if c.quiesced.Load() && !in.active() {
 		in.ticks = 0 // queued before the group quiesced
 	}
+	lead := rn.BasicStatus().Lead
 	for i := 0; i < min(in.ticks, 3); i++ {
 		rn.Tick()
-		c.silentTicks++
+		// A leader hears itself: only a follower counts silence.
+		if lead = rn.BasicStatus().Lead; lead == c.e.cfg.NodeID {
+			c.silentTicks = 0
+		} else {
+			c.silentTicks++
+		}
 	}
 	if in.ticks > 0 {
 		c.expireReads()
 	}
-	lead := rn.BasicStatus().Lead
 	for _, m := range in.msgs {
 		if c.refuseVote(m) {
 			continue
@@ -212,6 +217,10 @@ func (c *Copyset) process(in *inbox) {
 			m.Context = nil
 		}
 		_ = rn.Step(m)
+	}
+	if len(in.msgs) > 0 && rn.BasicStatus().Lead != lead {
+		// A new leader (or none): its silence counts from now.
+		c.silentTicks = 0
 	}
 	if in.ticks > 0 {
 		c.maybeCampaign()
@@ -287,7 +296,7 @@ func (c *Copyset) maybeCampaign() {
 	if successor != c.e.cfg.NodeID {
 		return
 	}
-	c.log.Info("leader silent for the election timeout; campaigning as its designated successor", "leader", st.Lead, "term", st.Term)
+	c.log.Info("leader silent for the election timeout; campaigning as its designated successor", "leader", st.Lead, "term", st.GetTerm())
 	_ = c.rn.Campaign()
 }
 

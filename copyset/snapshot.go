@@ -36,6 +36,17 @@ func (c *Copyset) startSnapshotSend(m *raftpb.Message) {
 		return // the transfer under way reports to Raft when it ends
 	}
 	idx := m.GetSnapshot().GetMetadata().GetIndex()
+	if cs := m.GetSnapshot().GetMetadata().GetConfState(); !slices.Contains(cs.GetVoters(), to) && !slices.Contains(cs.GetLearners(), to) &&
+		!slices.Contains(cs.GetVotersOutgoing(), to) && !slices.Contains(cs.GetLearnersNext(), to) {
+		// The last checkpoint predates the member (just added): the
+		// member would refuse this snapshot after receiving all of it.
+		// Take a checkpoint, which records a snapshot that includes it,
+		// and let Raft ask again.
+		c.log.Debug("snapshot predates the member it is for; checkpointing first", "to", to, "index", idx)
+		c.requestCheckpoint()
+		c.call(func() { c.rn.ReportSnapshot(to, raft.SnapshotFailure) })
+		return
+	}
 	c.snapSending[to] = idx
 	epoch, reqs := c.snapConfEpoch.Load(), c.snapDedup
 	c.e.wg.Add(1)
