@@ -24,6 +24,8 @@ func (s *Server) heartbeatLoop() {
 		case <-s.stop:
 			return
 		case <-t.C:
+		case <-s.hbKick:
+			t.Stop() // reset below; no stale tick is delivered after Stop
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), max(2*s.hbEvery, 5*time.Second))
 		err := s.heartbeat(ctx)
@@ -40,6 +42,16 @@ func (s *Server) heartbeatLoop() {
 			failures = 0
 		}
 		t.Reset(s.hbEvery)
+	}
+}
+
+// reportSoon asks for a heartbeat now: an operator ended, and the MDS
+// learns it (and answers with the next step) without waiting for the
+// period.
+func (s *Server) reportSoon() {
+	select {
+	case s.hbKick <- struct{}{}:
+	default:
 	}
 }
 

@@ -64,6 +64,7 @@ func (s *Server) startOperator(op *mdspb.Operator) {
 			log.Warn("unknown operator ignored")
 			return
 		}
+		s.reportSoon()
 		switch {
 		case errors.Is(err, copyset.ErrStaleEpoch):
 			log.Info("operator refused: the copyset's configuration changed since the MDS computed it", "err", err)

@@ -180,6 +180,8 @@ type Server struct {
 	hbEvery   time.Duration
 	opsMu     sync.Mutex
 	opsActive map[copyset.GroupID]bool
+	// hbKick asks the heartbeat loop for a heartbeat now.
+	hbKick chan struct{}
 
 	stop    chan struct{}
 	wg      sync.WaitGroup
@@ -203,6 +205,7 @@ func New(cfg Config) (*Server, error) {
 		log:       cfg.Logger.With("component", "chunkserver"),
 		stop:      make(chan struct{}),
 		opsActive: map[copyset.GroupID]bool{},
+		hbKick:    make(chan struct{}, 1),
 		failed:    make(chan error, 1),
 		slots:     semaphore.NewWeighted(int64(cfg.MaxInflight)),
 	}, nil

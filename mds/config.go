@@ -77,11 +77,43 @@ type Config struct {
 	// RPCTimeout bounds each call the MDS makes to a chunkserver; default 5s.
 	RPCTimeout time.Duration
 
+	// Schedule configures the schedulers that repair and balance copysets.
+	Schedule ScheduleConfig
+
 	// Logger receives structured logs; default slog.Default().
 	Logger *slog.Logger
 
 	// TestingKnobs change behaviour for tests only.
 	TestingKnobs TestingKnobs
+}
+
+// ScheduleConfig configures the recover, drain and balance schedulers
+// (package mds/schedule). Zero values take the defaults named.
+type ScheduleConfig struct {
+	// Interval paces scheduling rounds; default 2s.
+	Interval time.Duration
+	// RecoverAfter is how long a chunkserver may go unheard before its
+	// replicas are rebuilt on others; default 10m. It is at least the
+	// offline timeout, so that a restart or a short network cut moves
+	// nothing.
+	RecoverAfter time.Duration
+	// OperatorTimeout drops an operator that has not taken effect in this
+	// long (its copyset is planned again, avoiding the chunkserver that did
+	// not take the replica); default 10m.
+	OperatorTimeout time.Duration
+	// MaxOperatorsPerChunkServer bounds the operators that involve one
+	// chunkserver at a time (sending or receiving a snapshot, handing
+	// over leadership); default 2.
+	MaxOperatorsPerChunkServer int
+	// BalanceTolerance is how far from its share a chunkserver's replica
+	// and leader counts may be, as a fraction of the share; default 0.1.
+	BalanceTolerance float64
+	// NoBalance turns the balance schedulers off; repair and drain go on.
+	NoBalance bool
+	// SpaceWarn and SpaceFull are the fractions of a chunkserver's space in
+	// use past which status warns and past which it takes no new
+	// replicas; defaults 0.8 and 0.95.
+	SpaceWarn, SpaceFull float64
 }
 
 // TestingKnobs are switches for tests; production code leaves them zero.
@@ -131,6 +163,7 @@ func (c *Config) setDefaults() error {
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
+	c.Schedule.setDefaults()
 	if c.Constants == nil {
 		c.Constants = &mdspb.ClusterConstants{}
 	}
@@ -147,8 +180,37 @@ func (c *Config) setDefaults() error {
 		return fmt.Errorf("%w: epoch lease %s exceeds %s: a writable open may wait that long", ErrInvalidConfig, c.EpochLease, maxEpochLease)
 	case c.SessionLease < time.Second:
 		return fmt.Errorf("%w: session lease %s is under 1s", ErrInvalidConfig, c.SessionLease)
+	case c.Schedule.RecoverAfter < c.OfflineTimeout:
+		return fmt.Errorf("%w: recover-after %s is under the offline timeout %s: replicas would move off chunkservers that only restart",
+			ErrInvalidConfig, c.Schedule.RecoverAfter, c.OfflineTimeout)
+	case c.Schedule.SpaceWarn > c.Schedule.SpaceFull || c.Schedule.SpaceFull > 1:
+		return fmt.Errorf("%w: space thresholds warn %.2f, full %.2f: want warn <= full <= 1", ErrInvalidConfig, c.Schedule.SpaceWarn, c.Schedule.SpaceFull)
 	}
 	return nil
+}
+
+func (c *ScheduleConfig) setDefaults() {
+	if c.Interval == 0 {
+		c.Interval = 2 * time.Second
+	}
+	if c.RecoverAfter == 0 {
+		c.RecoverAfter = 10 * time.Minute
+	}
+	if c.OperatorTimeout == 0 {
+		c.OperatorTimeout = 10 * time.Minute
+	}
+	if c.MaxOperatorsPerChunkServer == 0 {
+		c.MaxOperatorsPerChunkServer = 2
+	}
+	if c.BalanceTolerance == 0 {
+		c.BalanceTolerance = 0.1
+	}
+	if c.SpaceWarn == 0 {
+		c.SpaceWarn = 0.8
+	}
+	if c.SpaceFull == 0 {
+		c.SpaceFull = 0.95
+	}
 }
 
 // resolveConstants merges the configured constants with the stored ones

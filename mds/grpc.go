@@ -103,6 +103,12 @@ func (sv topologyService) ListCopysets(ctx context.Context, r *mdspb.ListCopyset
 func (sv topologyService) GetCopysets(ctx context.Context, r *mdspb.GetCopysetsRequest) (*mdspb.GetCopysetsResponse, error) {
 	return withLeader(sv.s, func(st *leaderState) (*mdspb.GetCopysetsResponse, error) { return st.getCopysets(r) })
 }
+func (sv topologyService) UpdateChunkServer(ctx context.Context, r *mdspb.UpdateChunkServerRequest) (*mdspb.UpdateChunkServerResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.UpdateChunkServerResponse, error) { return st.updateChunkServer(ctx, r) })
+}
+func (sv topologyService) DeleteChunkServer(ctx context.Context, r *mdspb.DeleteChunkServerRequest) (*mdspb.DeleteChunkServerResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.DeleteChunkServerResponse, error) { return st.deleteChunkServer(ctx, r) })
+}
 
 type heartbeatService struct {
 	s *Server
@@ -168,4 +174,9 @@ func (sv clusterService) TransferLeader(ctx context.Context, r *mdspb.TransferLe
 }
 func (sv clusterService) ListOperators(ctx context.Context, r *mdspb.ListOperatorsRequest) (*mdspb.ListOperatorsResponse, error) {
 	return withLeader(sv.s, func(st *leaderState) (*mdspb.ListOperatorsResponse, error) { return st.listOperators(), nil })
+}
+func (sv clusterService) GetScheduleStatus(ctx context.Context, r *mdspb.GetScheduleStatusRequest) (*mdspb.GetScheduleStatusResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.GetScheduleStatusResponse, error) {
+		return st.scheduleStatus(time.Now()), nil
+	})
 }

@@ -35,6 +35,8 @@ func testConfig(t testing.TB, dir string) mds.Config {
 		RPCTimeout:         2 * time.Second,
 		Constants:          testConstants,
 		Logger:             testlog.New(t),
+		// Doubles carry out no operator: balance moves would only wait.
+		Schedule: mds.ScheduleConfig{NoBalance: true},
 	}
 }
 

@@ -25,6 +25,7 @@ func (l *leaderState) heartbeat(ctx context.Context, r *mdspb.HeartbeatRequest) 
 	var dropOps []uint64
 	var newOps []*mdspb.Operator
 	var newAddr *mdspb.ChunkServer
+	ended := false // an operator ended: the schedulers may have room
 
 	l.mu.Lock()
 	e := l.mu.chunkServers[r.ChunkserverId]
@@ -88,15 +89,37 @@ func (l *leaderState) heartbeat(ctx context.Context, r *mdspb.HeartbeatRequest) 
 			changed = append(changed, key)
 		}
 		if op := l.mu.operators[key]; op != nil && leader {
-			if operatorDone(op, cs, r.ChunkserverId) {
+			switch result := operatorResult(op, cs, r.ChunkserverId); result {
+			case "":
+			case "continue":
+				// An add whose learner joined: the same operator goes on
+				// against the new configuration (promotion).
+				op = proto.CloneOf(op)
+				op.ConfEpoch = cs.ConfEpoch
+				l.mu.operators[key] = op
+				l.mu.unsaved[op] = true
+				newOps = append(newOps, op)
+			default:
+				if result == "done" && op.Kind == mdspb.OperatorKind_OPERATOR_KIND_ADD_PEER {
+					l.noteMovedLocked(now, cs.ChunkCount*l.consts.ChunkSize)
+				}
 				delete(l.mu.operators, key)
 				dropOps = append(dropOps, key)
+				ended = true
+				l.s.metrics.operatorsEnded.WithLabelValues(kindLabel(op.Kind), op.Reason, result).Inc()
+				l.log.Info("operator ended", "pool", op.Copyset.LogicalPoolId, "copyset", op.Copyset.CopysetId,
+					"kind", kindLabel(op.Kind), "target", op.Target.GetChunkserverId(), "reason", op.Reason, "result", result)
+				if next := l.nextStepLocked(key, now); next != nil {
+					newOps = append(newOps, next)
+				}
 			}
 		}
 		if op := l.continueRebuildLocked(key, rec, r.ChunkserverId, cs); op != nil {
 			newOps = append(newOps, op)
 		}
-		if op := l.mu.operators[key]; op != nil && leader {
+		// An operator goes out once durable; those queued by this call are
+		// written before it answers.
+		if op := l.mu.operators[key]; op != nil && leader && (!l.mu.unsaved[op] || slices.Contains(newOps, op)) {
 			resp.Operators = append(resp.Operators, proto.CloneOf(op))
 		}
 	}
@@ -110,10 +133,14 @@ func (l *leaderState) heartbeat(ctx context.Context, r *mdspb.HeartbeatRequest) 
 		}
 	}
 	if err := l.persistCopysets(ctx, changed, dropOps); err != nil {
+		l.forgetUnsaved(newOps)
 		return nil, err
 	}
 	if err := l.persistOperators(ctx, newOps); err != nil {
 		return nil, err
+	}
+	if ended {
+		l.wakeScheduler()
 	}
 	if behind {
 		vols, err := list[mdspb.Volume](ctx, l.st, l.st.k.volumes())
@@ -134,13 +161,15 @@ func (l *leaderState) heartbeat(ctx context.Context, r *mdspb.HeartbeatRequest) 
 // anything worth persisting changed.
 func (l *leaderState) applyReportLocked(rec *mdspb.Copyset, cs *copysetpb.CopysetStatus, reporter uint64, now time.Time) bool {
 	persist := rec.LeaderId != reporter || rec.ConfEpoch != cs.ConfEpoch || rec.Term != cs.Term ||
-		!samePeers(rec.Peers, cs.Peers)
+		!samePeers(rec.Peers, cs.Peers) || !samePeers(rec.Learners, cs.Learners)
 	rec.LeaderId = reporter
 	rec.ConfEpoch = cs.ConfEpoch
 	rec.Term = cs.Term
 	if len(cs.Peers) > 0 {
 		rec.Peers = clonePeers(cs.Peers)
 	}
+	rec.Learners = clonePeers(cs.Learners)
+	rec.ChunkCount = cs.ChunkCount
 	rec.AppliedIndex = cs.AppliedIndex
 	rec.ReportedUnix = now.Unix()
 	rec.Pending = proto.CloneOf(cs.Pending)
@@ -151,18 +180,36 @@ func (l *leaderState) applyReportLocked(rec *mdspb.Copyset, cs *copysetpb.Copyse
 	return persist
 }
 
-// operatorDone reports whether an operator has taken effect or become moot
-// (the copyset's configuration moved on since it was computed).
-func operatorDone(op *mdspb.Operator, cs *copysetpb.CopysetStatus, reporter uint64) bool {
-	if cs.ConfEpoch != op.ConfEpoch {
-		return true
+// operatorResult says what a leader's report means for an operator: ""
+// while it is under way; "continue" for an add whose target joined as a
+// learner (the operator carries on against the new conf epoch); "done"
+// when it took effect; "moot" when the configuration moved on without it.
+func operatorResult(op *mdspb.Operator, cs *copysetpb.CopysetStatus, reporter uint64) string {
+	target := op.Target.GetChunkserverId()
+	has := func(ps []*commonpb.Peer) bool {
+		return slices.ContainsFunc(ps, func(p *commonpb.Peer) bool { return p.ChunkserverId == target })
 	}
 	switch op.Kind {
 	case mdspb.OperatorKind_OPERATOR_KIND_TRANSFER_LEADER:
-		return reporter == op.Target.GetChunkserverId()
-	default:
-		return false
+		if reporter == target {
+			return "done"
+		}
+	case mdspb.OperatorKind_OPERATOR_KIND_ADD_PEER:
+		switch {
+		case has(cs.Peers):
+			return "done"
+		case cs.ConfEpoch != op.ConfEpoch && has(cs.Learners):
+			return "continue"
+		}
+	case mdspb.OperatorKind_OPERATOR_KIND_REMOVE_PEER:
+		if cs.ConfEpoch != op.ConfEpoch && !has(cs.Peers) && !has(cs.Learners) {
+			return "done"
+		}
 	}
+	if cs.ConfEpoch != op.ConfEpoch {
+		return "moot"
+	}
+	return ""
 }
 
 func clonePeers(ps []*commonpb.Peer) []*commonpb.Peer {

@@ -15,6 +15,13 @@ import (
 type metrics struct {
 	s                 *Server
 	segmentsAllocated prometheus.Counter
+	// operatorsStarted counts operators queued, by kind and reason;
+	// operatorsEnded those that ended, by kind, reason and result (done,
+	// moot: the copyset moved on, timed_out).
+	operatorsStarted *prometheus.CounterVec
+	operatorsEnded   *prometheus.CounterVec
+	// movedBytes counts replica bytes filled by add-peer operators.
+	movedBytes prometheus.Counter
 
 	leader       *prometheus.Desc
 	chunkServers *prometheus.Desc
@@ -33,6 +40,15 @@ func newMetrics(s *Server) *metrics {
 		segmentsAllocated: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "cairn_mds_segments_allocated_total", Help: "Segments allocated by this MDS since it started.",
 		}),
+		operatorsStarted: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cairn_mds_operators_started_total", Help: "Operators queued by this MDS, by kind and reason (manual, rebuild, recover, drain, balance-leader, balance-copyset, cleanup).",
+		}, []string{"kind", "reason"}),
+		operatorsEnded: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cairn_mds_operators_ended_total", Help: "Operators that ended while this MDS led, by kind, reason and result (done, moot, timed_out).",
+		}, []string{"kind", "reason", "result"}),
+		movedBytes: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "cairn_mds_replica_bytes_moved_total", Help: "Replica bytes filled by add-peer operators (recover, drain, balance, rebuild) that finished while this MDS led; estimated from the copyset's chunk count.",
+		}),
 		leader:       prometheus.NewDesc("cairn_mds_leader", "1 when this MDS is the elected leader.", nil, nil),
 		chunkServers: prometheus.NewDesc("cairn_mds_chunkservers", "Chunkservers by online state.", []string{"state"}, nil),
 		copysets: prometheus.NewDesc("cairn_mds_copysets",
@@ -50,6 +66,9 @@ func newMetrics(s *Server) *metrics {
 // Describe implements prometheus.Collector.
 func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
 	m.segmentsAllocated.Describe(ch)
+	m.operatorsStarted.Describe(ch)
+	m.operatorsEnded.Describe(ch)
+	m.movedBytes.Describe(ch)
 	for _, d := range []*prometheus.Desc{m.leader, m.chunkServers, m.copysets, m.leaders, m.segments, m.volumes, m.capacity, m.allocated, m.operators} {
 		ch <- d
 	}
@@ -58,6 +77,9 @@ func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
 // Collect implements prometheus.Collector.
 func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	m.segmentsAllocated.Collect(ch)
+	m.operatorsStarted.Collect(ch)
+	m.operatorsEnded.Collect(ch)
+	m.movedBytes.Collect(ch)
 	l := m.s.leader()
 	if l == nil {
 		ch <- prometheus.MustNewConstMetric(m.leader, prometheus.GaugeValue, 0)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"slices"
 	"sort"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -47,8 +48,12 @@ func (l *leaderState) transferLeader(ctx context.Context, r *mdspb.TransferLeade
 		}
 		op = &mdspb.Operator{
 			Copyset: proto.CloneOf(c.Id), Kind: mdspb.OperatorKind_OPERATOR_KIND_TRANSFER_LEADER,
-			ConfEpoch: c.ConfEpoch, Target: target,
+			ConfEpoch: c.ConfEpoch, Target: target, Reason: "manual", CreatedUnix: time.Now().Unix(),
 		}
+		// Queued at once, so that no scheduler takes the copyset while
+		// the operator is written.
+		l.mu.operators[key] = op
+		l.mu.unsaved[op] = true
 		return nil
 	}()
 	l.mu.Unlock()
@@ -56,11 +61,18 @@ func (l *leaderState) transferLeader(ctx context.Context, r *mdspb.TransferLeade
 		return nil, err
 	}
 	if _, err := l.st.txn(ctx, nil, putOp(l.st.k.operator(op.Copyset.LogicalPoolId, op.Copyset.CopysetId), op)); err != nil {
+		l.mu.Lock()
+		if l.mu.operators[key] == op {
+			delete(l.mu.operators, key)
+		}
+		delete(l.mu.unsaved, op)
+		l.mu.Unlock()
 		return nil, err
 	}
 	l.mu.Lock()
-	l.mu.operators[key] = op
+	delete(l.mu.unsaved, op)
 	l.mu.Unlock()
+	l.s.metrics.operatorsStarted.WithLabelValues(kindLabel(op.Kind), op.Reason).Inc()
 	l.log.Info("transfer-leader operator queued", "pool", op.Copyset.LogicalPoolId, "copyset", op.Copyset.CopysetId,
 		"to", r.ToChunkserverId, "conf_epoch", op.ConfEpoch)
 	return &mdspb.TransferLeaderResponse{Operator: proto.CloneOf(op)}, nil
@@ -71,7 +83,9 @@ func (l *leaderState) listOperators() *mdspb.ListOperatorsResponse {
 	defer l.mu.Unlock()
 	out := &mdspb.ListOperatorsResponse{}
 	for _, op := range l.mu.operators {
-		out.Operators = append(out.Operators, proto.CloneOf(op))
+		if !l.mu.unsaved[op] {
+			out.Operators = append(out.Operators, proto.CloneOf(op))
+		}
 	}
 	sort.Slice(out.Operators, func(i, j int) bool { return out.Operators[i].Copyset.Key() < out.Operators[j].Copyset.Key() })
 	return out

@@ -3,6 +3,7 @@ package mds
 import (
 	"context"
 	"slices"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 
@@ -21,8 +22,8 @@ import (
 // another to add the same chunkserver back, which creates an empty replica
 // there (the broken one goes to the trash), fills it with a snapshot and
 // promotes it once it caught up. A replica that breaks again is rebuilt at
-// most maxRebuilds times; after that it is left out and an operator must
-// act (or a recovery scheduler place it elsewhere).
+// most maxRebuilds times; after that the recover scheduler replaces it with
+// a replica on another chunkserver.
 
 // maxRebuilds bounds the rebuilds of one replica in one MDS term.
 const maxRebuilds = 3
@@ -32,6 +33,9 @@ type rebuild struct {
 	node     uint64 // chunkserver of the broken replica
 	reason   string
 	attempts int
+	// gaveUp is set when the replica broke again after its last rebuild:
+	// the schedulers replace it elsewhere.
+	gaveUp bool
 }
 
 // noteBrokenLocked records a replica's report that it is broken and, when
@@ -49,7 +53,12 @@ func (l *leaderState) noteBrokenLocked(key uint64, rec *mdspb.Copyset, reporter 
 			"copyset", rec.Id.GetCopysetId(), "chunkserver", reporter, "reason", reason)
 	}
 	voter := slices.ContainsFunc(rec.Peers, func(p *commonpb.Peer) bool { return p.ChunkserverId == reporter })
-	if !voter || l.mu.operators[key] != nil || rec.LeaderId == 0 || rec.LeaderId == reporter || rb.attempts >= maxRebuilds {
+	if voter && rb.attempts >= maxRebuilds && !rb.gaveUp {
+		rb.gaveUp = true
+		l.log.Warn("replica broke again after its last rebuild; replacing it on another chunkserver", "pool", rec.Id.GetLogicalPoolId(),
+			"copyset", rec.Id.GetCopysetId(), "chunkserver", reporter, "rebuilds", rb.attempts)
+	}
+	if !voter || l.mu.operators[key] != nil || rec.LeaderId == 0 || rec.LeaderId == reporter || rb.gaveUp {
 		return nil
 	}
 	rb.attempts++
@@ -67,6 +76,11 @@ func (l *leaderState) continueRebuildLocked(key uint64, rec *mdspb.Copyset, repo
 	}
 	voter := slices.ContainsFunc(rec.Peers, func(p *commonpb.Peer) bool { return p.ChunkserverId == rb.node })
 	switch {
+	case rb.gaveUp:
+		// The schedulers own it: done once they replaced it.
+		if !voter {
+			delete(l.mu.rebuilds, key)
+		}
 	case voter && reporter == rb.node:
 		l.log.Info("broken replica rebuilt", "pool", rec.Id.GetLogicalPoolId(), "copyset", rec.Id.GetCopysetId(), "chunkserver", rb.node)
 		delete(l.mu.rebuilds, key)
@@ -104,25 +118,46 @@ func (l *leaderState) memberOpLocked(rec *mdspb.Copyset, kind mdspb.OperatorKind
 	if e := l.mu.chunkServers[node]; e != nil {
 		target.Address = e.rec.Address
 	}
-	op := &mdspb.Operator{Copyset: proto.CloneOf(rec.Id), Kind: kind, ConfEpoch: rec.ConfEpoch, Target: target}
+	op := &mdspb.Operator{Copyset: proto.CloneOf(rec.Id), Kind: kind, ConfEpoch: rec.ConfEpoch, Target: target,
+		Reason: "rebuild", CreatedUnix: time.Now().Unix()}
 	l.mu.operators[rec.Id.Key()] = op
+	l.mu.unsaved[op] = true
+	l.s.metrics.operatorsStarted.WithLabelValues(kindLabel(kind), op.Reason).Inc()
 	l.log.Info("operator queued to rebuild a broken replica", "pool", rec.Id.GetLogicalPoolId(), "copyset", rec.Id.GetCopysetId(),
 		"kind", kind.String(), "chunkserver", node, "conf_epoch", rec.ConfEpoch)
 	return op
 }
 
+// forgetUnsaved drops operators queued in memory that could not be
+// written; the schedulers plan again.
+func (l *leaderState) forgetUnsaved(ops []*mdspb.Operator) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, op := range ops {
+		if key := op.Copyset.Key(); l.mu.operators[key] == op {
+			delete(l.mu.operators, key)
+		}
+		delete(l.mu.unsaved, op)
+	}
+}
+
 // persistOperators writes operators queued in memory to etcd, so that they
-// survive an MDS failover.
+// survive an MDS failover; from then on they are handed out. Those it could
+// not write are dropped.
 func (l *leaderState) persistOperators(ctx context.Context, ops []*mdspb.Operator) error {
 	if len(ops) == 0 {
 		return nil
 	}
 	l.topoWrite.Lock()
 	defer l.topoWrite.Unlock()
-	for _, op := range ops {
+	for i, op := range ops {
 		if _, err := l.st.txn(ctx, nil, putOp(l.st.k.operator(op.Copyset.LogicalPoolId, op.Copyset.CopysetId), op)); err != nil {
+			l.forgetUnsaved(ops[i:])
 			return err
 		}
+		l.mu.Lock()
+		delete(l.mu.unsaved, op)
+		l.mu.Unlock()
 	}
 	return nil
 }

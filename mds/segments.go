@@ -2,6 +2,7 @@ package mds
 
 import (
 	"context"
+	"slices"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -9,6 +10,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"cairn.io/cairn/api/commonpb"
 	"cairn.io/cairn/api/mdspb"
 )
 
@@ -103,6 +105,14 @@ func (l *leaderState) placeSegment(ctx context.Context, v *mdspb.Volume, index u
 		l.mu.Unlock()
 		return nil, status.Errorf(codes.Unavailable, "logical pool %q has no healthy copyset (all have a member offline)", pool.Name)
 	}
+	// New chunks go to copysets whose members all have room.
+	roomy, full := l.withRoomLocked(healthy)
+	if len(roomy) == 0 {
+		l.mu.Unlock()
+		return nil, status.Errorf(codes.ResourceExhausted, "logical pool %q has no copyset whose chunkservers all have room: chunkservers %v are past %.0f%% full",
+			pool.Name, full, 100*l.s.cfg.Schedule.SpaceFull)
+	}
+	healthy = roomy
 	free, reported := l.poolFreeChunksLocked(pool.PhysicalPoolId, now)
 	need := n * uint64(pool.Replicas)
 	if reported && free < need {
@@ -125,6 +135,27 @@ func (l *leaderState) placeSegment(ctx context.Context, v *mdspb.Volume, index u
 		ref.ChunkId = first + uint64(i)
 	}
 	return &mdspb.Segment{VolumeId: v.Id, Offset: index * l.consts.SegmentSize, Chunks: refs}, nil
+}
+
+// withRoomLocked keeps the copysets none of whose members is past the
+// space-full threshold, and names the chunkservers that are. l.mu held.
+func (l *leaderState) withRoomLocked(copysets []*mdspb.Copyset) (roomy []*mdspb.Copyset, full []uint64) {
+	isFull := map[uint64]bool{}
+	for id, e := range l.mu.chunkServers {
+		if spaceUsed(e.capacity) >= l.s.cfg.Schedule.SpaceFull {
+			isFull[id] = true
+		}
+	}
+	for _, c := range copysets {
+		if !slices.ContainsFunc(c.Peers, func(p *commonpb.Peer) bool { return isFull[p.ChunkserverId] }) {
+			roomy = append(roomy, c)
+		}
+	}
+	for id := range isFull {
+		full = append(full, id)
+	}
+	slices.Sort(full)
+	return roomy, full
 }
 
 // poolFreeChunksLocked sums the free chunk files reported by the chunkservers

@@ -230,6 +230,7 @@ func (s *Server) campaignOnce(ctx context.Context) error {
 	s.mu.Unlock()
 	s.log.Info("leading", "addr", s.advAddr)
 	st.startBackground()
+	st.startScheduler()
 	select {
 	case <-sess.Done():
 		s.log.Warn("leadership lost: etcd session expired")

@@ -12,6 +12,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/mds/schedule"
 )
 
 // leaderState is what the MDS holds while it leads: the topology, copysets
@@ -32,6 +33,8 @@ type leaderState struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	kick   chan struct{} // wakes the background loop
+	// schedKick wakes the schedulers.
+	schedKick chan struct{}
 	// stepDown is closed when this leader must give up its leadership.
 	stepDown     chan struct{}
 	stepDownOnce sync.Once
@@ -55,7 +58,14 @@ type leaderState struct {
 		logicalPools map[uint32]*mdspb.LogicalPool
 		copysets     map[uint64]*mdspb.Copyset // by copysetKey
 		operators    map[uint64]*mdspb.Operator
+		// unsaved are operators queued in memory whose etcd write has not
+		// finished: nobody is handed them (or shown them) before they are
+		// durable, so that a new MDS leader knows every operator under way.
+		unsaved map[*mdspb.Operator]bool
 		rebuilds     map[uint64]*rebuild // broken replicas being rebuilt, by copysetKey
+		avoid        map[uint64]avoid    // targets that did not take a copyset's replica in time
+		blocked      []schedule.Blocked  // copysets the schedulers cannot repair now
+		moved        []movedBytes        // replicas filled in the last minute
 		epochVersion uint64
 		rr           map[uint32]int // next copyset index per logical pool
 		segments     int64          // allocated segments of every volume
@@ -78,7 +88,7 @@ func newLeaderState(s *Server, st *store) *leaderState {
 	ctx, cancel := context.WithCancel(context.Background())
 	l := &leaderState{
 		s: s, st: st, consts: s.consts, log: s.log, since: time.Now(),
-		ctx: ctx, cancel: cancel, kick: make(chan struct{}, 1), stepDown: make(chan struct{}),
+		ctx: ctx, cancel: cancel, kick: make(chan struct{}, 1), schedKick: make(chan struct{}, 1), stepDown: make(chan struct{}),
 	}
 	st.uncertain = func(err error) {
 		l.stepDownOnce.Do(func() {
@@ -165,7 +175,9 @@ func (l *leaderState) load(ctx context.Context) error {
 		l.mu.copysets[c.Id.Key()] = c
 	}
 	l.mu.operators = map[uint64]*mdspb.Operator{}
+	l.mu.unsaved = map[*mdspb.Operator]bool{}
 	l.mu.rebuilds = map[uint64]*rebuild{}
+	l.mu.avoid = map[uint64]avoid{}
 	for _, o := range ops {
 		l.mu.operators[o.Copyset.Key()] = o
 	}

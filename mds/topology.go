@@ -66,7 +66,7 @@ func (l *leaderState) registerChunkServer(ctx context.Context, r *mdspb.Register
 	l.topoWrite.Lock()
 	defer l.topoWrite.Unlock()
 	l.mu.Lock()
-	existing, err := l.registeredLocked(r)
+	existing, replaced, err := l.registeredLocked(r)
 	l.mu.Unlock()
 	if err != nil {
 		return nil, err
@@ -74,7 +74,7 @@ func (l *leaderState) registerChunkServer(ctx context.Context, r *mdspb.Register
 	if existing != nil {
 		return l.registerAgain(ctx, existing, r)
 	}
-	return l.registerNew(ctx, r)
+	return l.registerNew(ctx, r, replaced)
 }
 
 // checkRegistration refuses a registration with bad names, missing fields
@@ -93,26 +93,31 @@ func (l *leaderState) checkRegistration(r *mdspb.RegisterChunkServerRequest) err
 	return constantsMismatch(r.Constants, l.consts)
 }
 
-// registeredLocked finds the chunkserver a registration is from: by id and
-// token when it has them, else by host and data directory; nil when it is
-// new.
-func (l *leaderState) registeredLocked(r *mdspb.RegisterChunkServerRequest) (*csEntry, error) {
+// registeredLocked finds the chunkserver a registration is from, by id and
+// token; nil when it is new. A registration without an identity from the
+// host and data directory of a known chunkserver is a new disk (or a wiped
+// one) in its place: it is new, and replaced names the chunkserver it
+// replaces.
+func (l *leaderState) registeredLocked(r *mdspb.RegisterChunkServerRequest) (existing, replaced *csEntry, err error) {
 	if r.ChunkserverId != 0 {
 		e := l.mu.chunkServers[r.ChunkserverId]
 		if e == nil {
-			return nil, status.Errorf(codes.NotFound, "chunkserver %d is not registered", r.ChunkserverId)
+			return nil, nil, status.Errorf(codes.NotFound, "chunkserver %d is not registered", r.ChunkserverId)
 		}
 		if e.token != r.Token {
-			return nil, status.Errorf(codes.Unauthenticated, "chunkserver %d: token does not match", r.ChunkserverId)
+			return nil, nil, status.Errorf(codes.Unauthenticated, "chunkserver %d: token does not match", r.ChunkserverId)
 		}
-		return e, nil
+		return e, nil, nil
 	}
 	for _, e := range l.mu.chunkServers {
-		if e.rec.Hostname == r.Hostname && e.rec.DataDir == r.DataDir {
-			return e, nil
+		if e.rec.Hostname == r.Hostname && e.rec.DataDir == r.DataDir && e.rec.RwState != mdspb.RWState_RW_STATE_RETIRED {
+			if e.rec.Zone != r.Zone {
+				return nil, nil, status.Errorf(codes.FailedPrecondition, "chunkserver %d at %s:%s is in zone %q, not %q", e.rec.Id, r.Hostname, r.DataDir, e.rec.Zone, r.Zone)
+			}
+			return nil, e, nil
 		}
 	}
-	return nil, nil
+	return nil, nil, nil
 }
 
 // registerAgain recognises a known chunkserver: it must come from the same
@@ -184,7 +189,7 @@ func (l *leaderState) placeLocked(r *mdspb.RegisterChunkServerRequest) (*mdspb.P
 
 // registerNew registers a new chunkserver, creating its physical pool, zone
 // and server when they do not exist, in one etcd transaction.
-func (l *leaderState) registerNew(ctx context.Context, r *mdspb.RegisterChunkServerRequest) (*mdspb.RegisterChunkServerResponse, error) {
+func (l *leaderState) registerNew(ctx context.Context, r *mdspb.RegisterChunkServerRequest, replaced *csEntry) (*mdspb.RegisterChunkServerResponse, error) {
 	l.mu.Lock()
 	pp, zone, server, err := l.placeLocked(r)
 	l.mu.Unlock()
@@ -230,10 +235,21 @@ func (l *leaderState) registerNew(ctx context.Context, r *mdspb.RegisterChunkSer
 	}
 	tok := newToken()
 	ops = append(ops, putOp(l.st.k.chunkServer(csID), rec), clientv3.OpPut(l.st.k.token(csID), tok))
+	var old *mdspb.ChunkServer
+	if replaced != nil {
+		l.mu.Lock()
+		old = proto.CloneOf(replaced.rec)
+		l.mu.Unlock()
+		old.RwState = mdspb.RWState_RW_STATE_RETIRED
+		ops = append(ops, putOp(l.st.k.chunkServer(old.Id), old))
+	}
 	if _, err := l.st.txn(ctx, nil, ops...); err != nil {
 		return nil, err
 	}
 	l.mu.Lock()
+	if old != nil {
+		replaced.rec = old
+	}
 	l.mu.physPools[pp.Id] = pp
 	l.mu.zones[zone.Id] = zone
 	l.mu.servers[server.Id] = server
@@ -241,6 +257,10 @@ func (l *leaderState) registerNew(ctx context.Context, r *mdspb.RegisterChunkSer
 	l.mu.Unlock()
 	l.log.Info("chunkserver registered", "chunkserver", csID, "host", r.Hostname, "zone", r.Zone,
 		"physical_pool", r.PhysicalPool, "address", r.Address)
+	if old != nil {
+		l.log.Warn("a new disk registered in place of a known chunkserver; the old one is retired and its replicas are rebuilt elsewhere",
+			"retired", old.Id, "chunkserver", csID, "host", r.Hostname, "data_dir", r.DataDir)
+	}
 	return l.registerResponse(csID, tok), nil
 }
 

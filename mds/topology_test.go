@@ -65,19 +65,22 @@ func TestReRegisterKeepsIdentity(t *testing.T) {
 	id, tok := d.ID(), d.Token()
 	// With the persisted id and token, from a new address.
 	d2 := mdstest.StartChunkServerDouble(t, d.Hostname, d.Zone, d.PhysicalPool)
-	d2.DataDir = d.DataDir
-	if err := d2.Register(c.ctx, c.conn.Topology(), testConstants); err != nil {
+	resp, err := c.conn.Topology().RegisterChunkServer(c.ctx, &mdspb.RegisterChunkServerRequest{
+		Hostname: d.Hostname, DataDir: d.DataDir, Zone: d.Zone, PhysicalPool: d.PhysicalPool, Address: d2.Addr,
+		Constants: testConstants, ChunkserverId: id, Token: tok,
+	})
+	if err != nil {
 		t.Fatal(err)
 	}
-	if d2.ID() != id || d2.Token() != tok {
-		t.Fatalf("same host and data dir: id %d token %s, want %d %s", d2.ID(), d2.Token(), id, tok)
+	if resp.ChunkserverId != id || resp.Token != tok {
+		t.Fatalf("same identity: id %d token %s, want %d %s", resp.ChunkserverId, resp.Token, id, tok)
 	}
 	got, err := c.conn.Topology().GetChunkServer(c.ctx, &mdspb.GetChunkServerRequest{ChunkserverId: id})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got.Chunkserver.Address != d2.Addr {
-		t.Fatalf("address %s, want the new %s", got.Chunkserver.Address, d2.Addr)
+	if got.Chunkserver.Address != d2.Addr || got.Chunkserver.RwState != mdspb.RWState_RW_STATE_READWRITE {
+		t.Fatalf("address %s state %s, want the new %s and READWRITE", got.Chunkserver.Address, got.Chunkserver.RwState, d2.Addr)
 	}
 	// Id with the wrong token.
 	_, err = c.conn.Topology().RegisterChunkServer(c.ctx, &mdspb.RegisterChunkServerRequest{
@@ -103,6 +106,52 @@ func TestReRegisterKeepsIdentity(t *testing.T) {
 		Constants: testConstants,
 	})
 	wantCode(t, err, codes.FailedPrecondition)
+}
+
+// TestReplacedDiskRegistersAsNewChunkServer: a chunkserver that comes back
+// without its identity (a replaced or wiped disk at the same host and data
+// directory) gets a new id, and the old one is retired so that its
+// replicas are rebuilt at once.
+func TestReplacedDiskRegistersAsNewChunkServer(t *testing.T) {
+	c := newCluster(t, 3, 1, nil)
+	d := c.css[0]
+	d2 := mdstest.StartChunkServerDouble(t, d.Hostname, d.Zone, d.PhysicalPool)
+	d2.DataDir = d.DataDir
+	if err := d2.Register(c.ctx, c.conn.Topology(), testConstants); err != nil {
+		t.Fatal(err)
+	}
+	if d2.ID() == d.ID() || d2.Token() == d.Token() {
+		t.Fatalf("a disk without identity got the old id %d", d.ID())
+	}
+	old, err := c.conn.Topology().GetChunkServer(c.ctx, &mdspb.GetChunkServerRequest{ChunkserverId: d.ID()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if old.Chunkserver.RwState != mdspb.RWState_RW_STATE_RETIRED {
+		t.Fatalf("replaced chunkserver is %s, want RETIRED", old.Chunkserver.RwState)
+	}
+	// The old identity still registers (as the retired chunkserver).
+	resp, err := c.conn.Topology().RegisterChunkServer(c.ctx, &mdspb.RegisterChunkServerRequest{
+		Hostname: d.Hostname, DataDir: d.DataDir, Zone: d.Zone, PhysicalPool: d.PhysicalPool, Address: d.Addr,
+		Constants: testConstants, ChunkserverId: d.ID(), Token: d.Token(),
+	})
+	if err != nil || resp.ChunkserverId != d.ID() {
+		t.Fatalf("old identity: %v, %v", resp, err)
+	}
+	// A third registration without identity replaces the new one, not the
+	// retired one.
+	d3 := mdstest.StartChunkServerDouble(t, d.Hostname, d.Zone, d.PhysicalPool)
+	d3.DataDir = d.DataDir
+	if err := d3.Register(c.ctx, c.conn.Topology(), testConstants); err != nil {
+		t.Fatal(err)
+	}
+	mid, err := c.conn.Topology().GetChunkServer(c.ctx, &mdspb.GetChunkServerRequest{ChunkserverId: d2.ID()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if mid.Chunkserver.RwState != mdspb.RWState_RW_STATE_RETIRED || d3.ID() == d2.ID() {
+		t.Fatalf("second replacement: %v, new id %d", mid.Chunkserver, d3.ID())
+	}
 }
 
 func TestRegisterRefusesBadRequestsAndChangesNothing(t *testing.T) {

@@ -97,7 +97,12 @@ type RWState int32
 const (
 	RWState_RW_STATE_UNKNOWN   RWState = 0
 	RWState_RW_STATE_READWRITE RWState = 1
-	RWState_RW_STATE_RETIRED   RWState = 2
+	// Holds no replicas and receives none: drained, or its disk replaced (a
+	// chunkserver that registered again without its identity took its place).
+	RWState_RW_STATE_RETIRED RWState = 2
+	// Being drained: the schedulers move every replica off it, then mark it
+	// RETIRED. Setting READWRITE again cancels.
+	RWState_RW_STATE_RETIRING RWState = 3
 )
 
 // Enum value maps for RWState.
@@ -106,11 +111,13 @@ var (
 		0: "RW_STATE_UNKNOWN",
 		1: "RW_STATE_READWRITE",
 		2: "RW_STATE_RETIRED",
+		3: "RW_STATE_RETIRING",
 	}
 	RWState_value = map[string]int32{
 		"RW_STATE_UNKNOWN":   0,
 		"RW_STATE_READWRITE": 1,
 		"RW_STATE_RETIRED":   2,
+		"RW_STATE_RETIRING":  3,
 	}
 )
 
@@ -923,7 +930,11 @@ type Copyset struct {
 	ReportedUnix int64                        `protobuf:"varint,7,opt,name=reported_unix,json=reportedUnix,proto3" json:"reported_unix,omitempty"`
 	Pending      *copysetpb.PendingConfChange `protobuf:"bytes,8,opt,name=pending,proto3" json:"pending,omitempty"`
 	// Followers the leader reports as lagging or unreachable.
-	Progress      []*copysetpb.PeerProgress `protobuf:"bytes,9,rep,name=progress,proto3" json:"progress,omitempty"`
+	Progress []*copysetpb.PeerProgress `protobuf:"bytes,9,rep,name=progress,proto3" json:"progress,omitempty"`
+	// Learners (replicas being added, not voting yet) as the leader reports.
+	Learners []*commonpb.Peer `protobuf:"bytes,10,rep,name=learners,proto3" json:"learners,omitempty"`
+	// Chunks the leader holds: what a new replica must copy.
+	ChunkCount    uint64 `protobuf:"varint,11,opt,name=chunk_count,json=chunkCount,proto3" json:"chunk_count,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1019,6 +1030,20 @@ func (x *Copyset) GetProgress() []*copysetpb.PeerProgress {
 		return x.Progress
 	}
 	return nil
+}
+
+func (x *Copyset) GetLearners() []*commonpb.Peer {
+	if x != nil {
+		return x.Learners
+	}
+	return nil
+}
+
+func (x *Copyset) GetChunkCount() uint64 {
+	if x != nil {
+		return x.ChunkCount
+	}
+	return 0
 }
 
 type RegisterChunkServerRequest struct {
@@ -1915,6 +1940,204 @@ func (x *GetCopysetsResponse) GetCopysets() []*Copyset {
 	return nil
 }
 
+// UpdateChunkServerRequest changes the read-write state of one chunkserver,
+// or of every chunkserver of a server or zone (exactly one selector). The
+// only states that may be asked for are RETIRING (drain) and READWRITE
+// (cancel a drain, or bring a retired chunkserver back into use).
+type UpdateChunkServerRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	ChunkserverId uint64                 `protobuf:"varint,1,opt,name=chunkserver_id,json=chunkserverId,proto3" json:"chunkserver_id,omitempty"`
+	ServerId      uint32                 `protobuf:"varint,2,opt,name=server_id,json=serverId,proto3" json:"server_id,omitempty"`
+	ZoneId        uint32                 `protobuf:"varint,3,opt,name=zone_id,json=zoneId,proto3" json:"zone_id,omitempty"`
+	RwState       RWState                `protobuf:"varint,4,opt,name=rw_state,json=rwState,proto3,enum=cairn.mds.v1.RWState" json:"rw_state,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateChunkServerRequest) Reset() {
+	*x = UpdateChunkServerRequest{}
+	mi := &file_mdspb_mds_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateChunkServerRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateChunkServerRequest) ProtoMessage() {}
+
+func (x *UpdateChunkServerRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateChunkServerRequest.ProtoReflect.Descriptor instead.
+func (*UpdateChunkServerRequest) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *UpdateChunkServerRequest) GetChunkserverId() uint64 {
+	if x != nil {
+		return x.ChunkserverId
+	}
+	return 0
+}
+
+func (x *UpdateChunkServerRequest) GetServerId() uint32 {
+	if x != nil {
+		return x.ServerId
+	}
+	return 0
+}
+
+func (x *UpdateChunkServerRequest) GetZoneId() uint32 {
+	if x != nil {
+		return x.ZoneId
+	}
+	return 0
+}
+
+func (x *UpdateChunkServerRequest) GetRwState() RWState {
+	if x != nil {
+		return x.RwState
+	}
+	return RWState_RW_STATE_UNKNOWN
+}
+
+type UpdateChunkServerResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Chunkservers  []*ChunkServer         `protobuf:"bytes,1,rep,name=chunkservers,proto3" json:"chunkservers,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateChunkServerResponse) Reset() {
+	*x = UpdateChunkServerResponse{}
+	mi := &file_mdspb_mds_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateChunkServerResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateChunkServerResponse) ProtoMessage() {}
+
+func (x *UpdateChunkServerResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateChunkServerResponse.ProtoReflect.Descriptor instead.
+func (*UpdateChunkServerResponse) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *UpdateChunkServerResponse) GetChunkservers() []*ChunkServer {
+	if x != nil {
+		return x.Chunkservers
+	}
+	return nil
+}
+
+// DeleteChunkServerRequest removes a chunkserver from the topology. Refused
+// while any copyset still names it, and unless it is RETIRED or OFFLINE.
+type DeleteChunkServerRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	ChunkserverId uint64                 `protobuf:"varint,1,opt,name=chunkserver_id,json=chunkserverId,proto3" json:"chunkserver_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteChunkServerRequest) Reset() {
+	*x = DeleteChunkServerRequest{}
+	mi := &file_mdspb_mds_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteChunkServerRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteChunkServerRequest) ProtoMessage() {}
+
+func (x *DeleteChunkServerRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteChunkServerRequest.ProtoReflect.Descriptor instead.
+func (*DeleteChunkServerRequest) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *DeleteChunkServerRequest) GetChunkserverId() uint64 {
+	if x != nil {
+		return x.ChunkserverId
+	}
+	return 0
+}
+
+type DeleteChunkServerResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteChunkServerResponse) Reset() {
+	*x = DeleteChunkServerResponse{}
+	mi := &file_mdspb_mds_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteChunkServerResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteChunkServerResponse) ProtoMessage() {}
+
+func (x *DeleteChunkServerResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteChunkServerResponse.ProtoReflect.Descriptor instead.
+func (*DeleteChunkServerResponse) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{30}
+}
+
 // CopysetReport is what a replica says about its copyset in a heartbeat. The
 // MDS trusts leaders' reports and the newest conf epoch.
 type CopysetReport struct {
@@ -1926,7 +2149,7 @@ type CopysetReport struct {
 
 func (x *CopysetReport) Reset() {
 	*x = CopysetReport{}
-	mi := &file_mdspb_mds_proto_msgTypes[27]
+	mi := &file_mdspb_mds_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1938,7 +2161,7 @@ func (x *CopysetReport) String() string {
 func (*CopysetReport) ProtoMessage() {}
 
 func (x *CopysetReport) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[27]
+	mi := &file_mdspb_mds_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1951,7 +2174,7 @@ func (x *CopysetReport) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CopysetReport.ProtoReflect.Descriptor instead.
 func (*CopysetReport) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{27}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *CopysetReport) GetStatus() *copysetpb.CopysetStatus {
@@ -1977,7 +2200,7 @@ type HeartbeatRequest struct {
 
 func (x *HeartbeatRequest) Reset() {
 	*x = HeartbeatRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[28]
+	mi := &file_mdspb_mds_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1989,7 +2212,7 @@ func (x *HeartbeatRequest) String() string {
 func (*HeartbeatRequest) ProtoMessage() {}
 
 func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[28]
+	mi := &file_mdspb_mds_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2002,7 +2225,7 @@ func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatRequest.ProtoReflect.Descriptor instead.
 func (*HeartbeatRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{28}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *HeartbeatRequest) GetChunkserverId() uint64 {
@@ -2055,14 +2278,20 @@ type Operator struct {
 	Kind      OperatorKind           `protobuf:"varint,2,opt,name=kind,proto3,enum=cairn.mds.v1.OperatorKind" json:"kind,omitempty"`
 	ConfEpoch uint64                 `protobuf:"varint,3,opt,name=conf_epoch,json=confEpoch,proto3" json:"conf_epoch,omitempty"`
 	// The chunkserver to transfer leadership to, add or remove.
-	Target        *commonpb.Peer `protobuf:"bytes,4,opt,name=target,proto3" json:"target,omitempty"`
+	Target *commonpb.Peer `protobuf:"bytes,4,opt,name=target,proto3" json:"target,omitempty"`
+	// Why the operator exists: "manual", "rebuild", "recover", "drain",
+	// "balance-leader", "balance-copyset" or "cleanup".
+	Reason string `protobuf:"bytes,5,opt,name=reason,proto3" json:"reason,omitempty"`
+	// Unix time (seconds) the operator was queued; an operator that has not
+	// taken effect within the MDS's operator timeout is dropped.
+	CreatedUnix   int64 `protobuf:"varint,6,opt,name=created_unix,json=createdUnix,proto3" json:"created_unix,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Operator) Reset() {
 	*x = Operator{}
-	mi := &file_mdspb_mds_proto_msgTypes[29]
+	mi := &file_mdspb_mds_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2074,7 +2303,7 @@ func (x *Operator) String() string {
 func (*Operator) ProtoMessage() {}
 
 func (x *Operator) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[29]
+	mi := &file_mdspb_mds_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2087,7 +2316,7 @@ func (x *Operator) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Operator.ProtoReflect.Descriptor instead.
 func (*Operator) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{29}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *Operator) GetCopyset() *commonpb.CopysetRef {
@@ -2118,6 +2347,20 @@ func (x *Operator) GetTarget() *commonpb.Peer {
 	return nil
 }
 
+func (x *Operator) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *Operator) GetCreatedUnix() int64 {
+	if x != nil {
+		return x.CreatedUnix
+	}
+	return 0
+}
+
 // VolumeEpoch is the current epoch of a volume.
 type VolumeEpoch struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -2129,7 +2372,7 @@ type VolumeEpoch struct {
 
 func (x *VolumeEpoch) Reset() {
 	*x = VolumeEpoch{}
-	mi := &file_mdspb_mds_proto_msgTypes[30]
+	mi := &file_mdspb_mds_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2141,7 +2384,7 @@ func (x *VolumeEpoch) String() string {
 func (*VolumeEpoch) ProtoMessage() {}
 
 func (x *VolumeEpoch) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[30]
+	mi := &file_mdspb_mds_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2154,7 +2397,7 @@ func (x *VolumeEpoch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeEpoch.ProtoReflect.Descriptor instead.
 func (*VolumeEpoch) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{30}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *VolumeEpoch) GetVolumeId() uint64 {
@@ -2194,7 +2437,7 @@ type HeartbeatResponse struct {
 
 func (x *HeartbeatResponse) Reset() {
 	*x = HeartbeatResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[31]
+	mi := &file_mdspb_mds_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2206,7 +2449,7 @@ func (x *HeartbeatResponse) String() string {
 func (*HeartbeatResponse) ProtoMessage() {}
 
 func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[31]
+	mi := &file_mdspb_mds_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2219,7 +2462,7 @@ func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatResponse.ProtoReflect.Descriptor instead.
 func (*HeartbeatResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{31}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *HeartbeatResponse) GetOperators() []*Operator {
@@ -2279,7 +2522,7 @@ type Volume struct {
 
 func (x *Volume) Reset() {
 	*x = Volume{}
-	mi := &file_mdspb_mds_proto_msgTypes[32]
+	mi := &file_mdspb_mds_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2291,7 +2534,7 @@ func (x *Volume) String() string {
 func (*Volume) ProtoMessage() {}
 
 func (x *Volume) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[32]
+	mi := &file_mdspb_mds_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2304,7 +2547,7 @@ func (x *Volume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Volume.ProtoReflect.Descriptor instead.
 func (*Volume) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{32}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *Volume) GetId() uint64 {
@@ -2402,7 +2645,7 @@ type Session struct {
 
 func (x *Session) Reset() {
 	*x = Session{}
-	mi := &file_mdspb_mds_proto_msgTypes[33]
+	mi := &file_mdspb_mds_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2414,7 +2657,7 @@ func (x *Session) String() string {
 func (*Session) ProtoMessage() {}
 
 func (x *Session) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[33]
+	mi := &file_mdspb_mds_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2427,7 +2670,7 @@ func (x *Session) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Session.ProtoReflect.Descriptor instead.
 func (*Session) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{33}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *Session) GetSessionId() string {
@@ -2500,7 +2743,7 @@ type CreateVolumeRequest struct {
 
 func (x *CreateVolumeRequest) Reset() {
 	*x = CreateVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[34]
+	mi := &file_mdspb_mds_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2512,7 +2755,7 @@ func (x *CreateVolumeRequest) String() string {
 func (*CreateVolumeRequest) ProtoMessage() {}
 
 func (x *CreateVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[34]
+	mi := &file_mdspb_mds_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2525,7 +2768,7 @@ func (x *CreateVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateVolumeRequest.ProtoReflect.Descriptor instead.
 func (*CreateVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{34}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *CreateVolumeRequest) GetName() string {
@@ -2565,7 +2808,7 @@ type CreateVolumeResponse struct {
 
 func (x *CreateVolumeResponse) Reset() {
 	*x = CreateVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[35]
+	mi := &file_mdspb_mds_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2577,7 +2820,7 @@ func (x *CreateVolumeResponse) String() string {
 func (*CreateVolumeResponse) ProtoMessage() {}
 
 func (x *CreateVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[35]
+	mi := &file_mdspb_mds_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2590,7 +2833,7 @@ func (x *CreateVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateVolumeResponse.ProtoReflect.Descriptor instead.
 func (*CreateVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{35}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *CreateVolumeResponse) GetVolume() *Volume {
@@ -2609,7 +2852,7 @@ type StatVolumeRequest struct {
 
 func (x *StatVolumeRequest) Reset() {
 	*x = StatVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[36]
+	mi := &file_mdspb_mds_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2621,7 +2864,7 @@ func (x *StatVolumeRequest) String() string {
 func (*StatVolumeRequest) ProtoMessage() {}
 
 func (x *StatVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[36]
+	mi := &file_mdspb_mds_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2634,7 +2877,7 @@ func (x *StatVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatVolumeRequest.ProtoReflect.Descriptor instead.
 func (*StatVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{36}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *StatVolumeRequest) GetName() string {
@@ -2654,7 +2897,7 @@ type StatVolumeResponse struct {
 
 func (x *StatVolumeResponse) Reset() {
 	*x = StatVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[37]
+	mi := &file_mdspb_mds_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2666,7 +2909,7 @@ func (x *StatVolumeResponse) String() string {
 func (*StatVolumeResponse) ProtoMessage() {}
 
 func (x *StatVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[37]
+	mi := &file_mdspb_mds_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2679,7 +2922,7 @@ func (x *StatVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatVolumeResponse.ProtoReflect.Descriptor instead.
 func (*StatVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{37}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *StatVolumeResponse) GetVolume() *Volume {
@@ -2704,7 +2947,7 @@ type ListVolumesRequest struct {
 
 func (x *ListVolumesRequest) Reset() {
 	*x = ListVolumesRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[38]
+	mi := &file_mdspb_mds_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2716,7 +2959,7 @@ func (x *ListVolumesRequest) String() string {
 func (*ListVolumesRequest) ProtoMessage() {}
 
 func (x *ListVolumesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[38]
+	mi := &file_mdspb_mds_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2729,7 +2972,7 @@ func (x *ListVolumesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVolumesRequest.ProtoReflect.Descriptor instead.
 func (*ListVolumesRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{38}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{42}
 }
 
 type ListVolumesResponse struct {
@@ -2741,7 +2984,7 @@ type ListVolumesResponse struct {
 
 func (x *ListVolumesResponse) Reset() {
 	*x = ListVolumesResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[39]
+	mi := &file_mdspb_mds_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2753,7 +2996,7 @@ func (x *ListVolumesResponse) String() string {
 func (*ListVolumesResponse) ProtoMessage() {}
 
 func (x *ListVolumesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[39]
+	mi := &file_mdspb_mds_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2766,7 +3009,7 @@ func (x *ListVolumesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVolumesResponse.ProtoReflect.Descriptor instead.
 func (*ListVolumesResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{39}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *ListVolumesResponse) GetVolumes() []*Volume {
@@ -2787,7 +3030,7 @@ type ExtendVolumeRequest struct {
 
 func (x *ExtendVolumeRequest) Reset() {
 	*x = ExtendVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[40]
+	mi := &file_mdspb_mds_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2799,7 +3042,7 @@ func (x *ExtendVolumeRequest) String() string {
 func (*ExtendVolumeRequest) ProtoMessage() {}
 
 func (x *ExtendVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[40]
+	mi := &file_mdspb_mds_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2812,7 +3055,7 @@ func (x *ExtendVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExtendVolumeRequest.ProtoReflect.Descriptor instead.
 func (*ExtendVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{40}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *ExtendVolumeRequest) GetName() string {
@@ -2838,7 +3081,7 @@ type ExtendVolumeResponse struct {
 
 func (x *ExtendVolumeResponse) Reset() {
 	*x = ExtendVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[41]
+	mi := &file_mdspb_mds_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2850,7 +3093,7 @@ func (x *ExtendVolumeResponse) String() string {
 func (*ExtendVolumeResponse) ProtoMessage() {}
 
 func (x *ExtendVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[41]
+	mi := &file_mdspb_mds_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2863,7 +3106,7 @@ func (x *ExtendVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExtendVolumeResponse.ProtoReflect.Descriptor instead.
 func (*ExtendVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{41}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *ExtendVolumeResponse) GetVolume() *Volume {
@@ -2883,7 +3126,7 @@ type RenameVolumeRequest struct {
 
 func (x *RenameVolumeRequest) Reset() {
 	*x = RenameVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[42]
+	mi := &file_mdspb_mds_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2895,7 +3138,7 @@ func (x *RenameVolumeRequest) String() string {
 func (*RenameVolumeRequest) ProtoMessage() {}
 
 func (x *RenameVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[42]
+	mi := &file_mdspb_mds_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2908,7 +3151,7 @@ func (x *RenameVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenameVolumeRequest.ProtoReflect.Descriptor instead.
 func (*RenameVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{42}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *RenameVolumeRequest) GetName() string {
@@ -2934,7 +3177,7 @@ type RenameVolumeResponse struct {
 
 func (x *RenameVolumeResponse) Reset() {
 	*x = RenameVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[43]
+	mi := &file_mdspb_mds_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2946,7 +3189,7 @@ func (x *RenameVolumeResponse) String() string {
 func (*RenameVolumeResponse) ProtoMessage() {}
 
 func (x *RenameVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[43]
+	mi := &file_mdspb_mds_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2959,7 +3202,7 @@ func (x *RenameVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenameVolumeResponse.ProtoReflect.Descriptor instead.
 func (*RenameVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{43}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *RenameVolumeResponse) GetVolume() *Volume {
@@ -2981,7 +3224,7 @@ type DeleteVolumeRequest struct {
 
 func (x *DeleteVolumeRequest) Reset() {
 	*x = DeleteVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[44]
+	mi := &file_mdspb_mds_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2993,7 +3236,7 @@ func (x *DeleteVolumeRequest) String() string {
 func (*DeleteVolumeRequest) ProtoMessage() {}
 
 func (x *DeleteVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[44]
+	mi := &file_mdspb_mds_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3006,7 +3249,7 @@ func (x *DeleteVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteVolumeRequest.ProtoReflect.Descriptor instead.
 func (*DeleteVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{44}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *DeleteVolumeRequest) GetName() string {
@@ -3031,7 +3274,7 @@ type DeleteVolumeResponse struct {
 
 func (x *DeleteVolumeResponse) Reset() {
 	*x = DeleteVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[45]
+	mi := &file_mdspb_mds_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3043,7 +3286,7 @@ func (x *DeleteVolumeResponse) String() string {
 func (*DeleteVolumeResponse) ProtoMessage() {}
 
 func (x *DeleteVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[45]
+	mi := &file_mdspb_mds_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3056,7 +3299,7 @@ func (x *DeleteVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteVolumeResponse.ProtoReflect.Descriptor instead.
 func (*DeleteVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{45}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{49}
 }
 
 // OpenVolumeRequest opens a volume. A writable open bumps the volume's epoch,
@@ -3072,7 +3315,7 @@ type OpenVolumeRequest struct {
 
 func (x *OpenVolumeRequest) Reset() {
 	*x = OpenVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[46]
+	mi := &file_mdspb_mds_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3084,7 +3327,7 @@ func (x *OpenVolumeRequest) String() string {
 func (*OpenVolumeRequest) ProtoMessage() {}
 
 func (x *OpenVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[46]
+	mi := &file_mdspb_mds_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3097,7 +3340,7 @@ func (x *OpenVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OpenVolumeRequest.ProtoReflect.Descriptor instead.
 func (*OpenVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{46}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *OpenVolumeRequest) GetName() string {
@@ -3134,7 +3377,7 @@ type OpenVolumeResponse struct {
 
 func (x *OpenVolumeResponse) Reset() {
 	*x = OpenVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[47]
+	mi := &file_mdspb_mds_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3146,7 +3389,7 @@ func (x *OpenVolumeResponse) String() string {
 func (*OpenVolumeResponse) ProtoMessage() {}
 
 func (x *OpenVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[47]
+	mi := &file_mdspb_mds_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3159,7 +3402,7 @@ func (x *OpenVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OpenVolumeResponse.ProtoReflect.Descriptor instead.
 func (*OpenVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{47}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *OpenVolumeResponse) GetVolume() *Volume {
@@ -3200,7 +3443,7 @@ type RefreshSessionRequest struct {
 
 func (x *RefreshSessionRequest) Reset() {
 	*x = RefreshSessionRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[48]
+	mi := &file_mdspb_mds_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3212,7 +3455,7 @@ func (x *RefreshSessionRequest) String() string {
 func (*RefreshSessionRequest) ProtoMessage() {}
 
 func (x *RefreshSessionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[48]
+	mi := &file_mdspb_mds_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3225,7 +3468,7 @@ func (x *RefreshSessionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefreshSessionRequest.ProtoReflect.Descriptor instead.
 func (*RefreshSessionRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{48}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *RefreshSessionRequest) GetName() string {
@@ -3253,7 +3496,7 @@ type RefreshSessionResponse struct {
 
 func (x *RefreshSessionResponse) Reset() {
 	*x = RefreshSessionResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[49]
+	mi := &file_mdspb_mds_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3265,7 +3508,7 @@ func (x *RefreshSessionResponse) String() string {
 func (*RefreshSessionResponse) ProtoMessage() {}
 
 func (x *RefreshSessionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[49]
+	mi := &file_mdspb_mds_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3278,7 +3521,7 @@ func (x *RefreshSessionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefreshSessionResponse.ProtoReflect.Descriptor instead.
 func (*RefreshSessionResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{49}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *RefreshSessionResponse) GetVolume() *Volume {
@@ -3305,7 +3548,7 @@ type CloseVolumeRequest struct {
 
 func (x *CloseVolumeRequest) Reset() {
 	*x = CloseVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[50]
+	mi := &file_mdspb_mds_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3317,7 +3560,7 @@ func (x *CloseVolumeRequest) String() string {
 func (*CloseVolumeRequest) ProtoMessage() {}
 
 func (x *CloseVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[50]
+	mi := &file_mdspb_mds_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3330,7 +3573,7 @@ func (x *CloseVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseVolumeRequest.ProtoReflect.Descriptor instead.
 func (*CloseVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{50}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *CloseVolumeRequest) GetName() string {
@@ -3355,7 +3598,7 @@ type CloseVolumeResponse struct {
 
 func (x *CloseVolumeResponse) Reset() {
 	*x = CloseVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[51]
+	mi := &file_mdspb_mds_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3367,7 +3610,7 @@ func (x *CloseVolumeResponse) String() string {
 func (*CloseVolumeResponse) ProtoMessage() {}
 
 func (x *CloseVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[51]
+	mi := &file_mdspb_mds_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3380,7 +3623,7 @@ func (x *CloseVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseVolumeResponse.ProtoReflect.Descriptor instead.
 func (*CloseVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{51}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{55}
 }
 
 type ListSessionsRequest struct {
@@ -3393,7 +3636,7 @@ type ListSessionsRequest struct {
 
 func (x *ListSessionsRequest) Reset() {
 	*x = ListSessionsRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[52]
+	mi := &file_mdspb_mds_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3405,7 +3648,7 @@ func (x *ListSessionsRequest) String() string {
 func (*ListSessionsRequest) ProtoMessage() {}
 
 func (x *ListSessionsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[52]
+	mi := &file_mdspb_mds_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3418,7 +3661,7 @@ func (x *ListSessionsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSessionsRequest.ProtoReflect.Descriptor instead.
 func (*ListSessionsRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{52}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *ListSessionsRequest) GetName() string {
@@ -3437,7 +3680,7 @@ type ListSessionsResponse struct {
 
 func (x *ListSessionsResponse) Reset() {
 	*x = ListSessionsResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[53]
+	mi := &file_mdspb_mds_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3449,7 +3692,7 @@ func (x *ListSessionsResponse) String() string {
 func (*ListSessionsResponse) ProtoMessage() {}
 
 func (x *ListSessionsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[53]
+	mi := &file_mdspb_mds_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3462,7 +3705,7 @@ func (x *ListSessionsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSessionsResponse.ProtoReflect.Descriptor instead.
 func (*ListSessionsResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{53}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *ListSessionsResponse) GetSessions() []*Session {
@@ -3483,7 +3726,7 @@ type ChunkRef struct {
 
 func (x *ChunkRef) Reset() {
 	*x = ChunkRef{}
-	mi := &file_mdspb_mds_proto_msgTypes[54]
+	mi := &file_mdspb_mds_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3495,7 +3738,7 @@ func (x *ChunkRef) String() string {
 func (*ChunkRef) ProtoMessage() {}
 
 func (x *ChunkRef) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[54]
+	mi := &file_mdspb_mds_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3508,7 +3751,7 @@ func (x *ChunkRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChunkRef.ProtoReflect.Descriptor instead.
 func (*ChunkRef) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{54}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *ChunkRef) GetChunkId() uint64 {
@@ -3539,7 +3782,7 @@ type Segment struct {
 
 func (x *Segment) Reset() {
 	*x = Segment{}
-	mi := &file_mdspb_mds_proto_msgTypes[55]
+	mi := &file_mdspb_mds_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3551,7 +3794,7 @@ func (x *Segment) String() string {
 func (*Segment) ProtoMessage() {}
 
 func (x *Segment) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[55]
+	mi := &file_mdspb_mds_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3564,7 +3807,7 @@ func (x *Segment) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Segment.ProtoReflect.Descriptor instead.
 func (*Segment) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{55}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *Segment) GetVolumeId() uint64 {
@@ -3603,7 +3846,7 @@ type GetSegmentRequest struct {
 
 func (x *GetSegmentRequest) Reset() {
 	*x = GetSegmentRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[56]
+	mi := &file_mdspb_mds_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3615,7 +3858,7 @@ func (x *GetSegmentRequest) String() string {
 func (*GetSegmentRequest) ProtoMessage() {}
 
 func (x *GetSegmentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[56]
+	mi := &file_mdspb_mds_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3628,7 +3871,7 @@ func (x *GetSegmentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSegmentRequest.ProtoReflect.Descriptor instead.
 func (*GetSegmentRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{56}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *GetSegmentRequest) GetName() string {
@@ -3661,7 +3904,7 @@ type GetSegmentResponse struct {
 
 func (x *GetSegmentResponse) Reset() {
 	*x = GetSegmentResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[57]
+	mi := &file_mdspb_mds_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3673,7 +3916,7 @@ func (x *GetSegmentResponse) String() string {
 func (*GetSegmentResponse) ProtoMessage() {}
 
 func (x *GetSegmentResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[57]
+	mi := &file_mdspb_mds_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3686,7 +3929,7 @@ func (x *GetSegmentResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSegmentResponse.ProtoReflect.Descriptor instead.
 func (*GetSegmentResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{57}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *GetSegmentResponse) GetSegment() *Segment {
@@ -3705,7 +3948,7 @@ type ListSegmentsRequest struct {
 
 func (x *ListSegmentsRequest) Reset() {
 	*x = ListSegmentsRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[58]
+	mi := &file_mdspb_mds_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3717,7 +3960,7 @@ func (x *ListSegmentsRequest) String() string {
 func (*ListSegmentsRequest) ProtoMessage() {}
 
 func (x *ListSegmentsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[58]
+	mi := &file_mdspb_mds_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3730,7 +3973,7 @@ func (x *ListSegmentsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSegmentsRequest.ProtoReflect.Descriptor instead.
 func (*ListSegmentsRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{58}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *ListSegmentsRequest) GetName() string {
@@ -3749,7 +3992,7 @@ type ListSegmentsResponse struct {
 
 func (x *ListSegmentsResponse) Reset() {
 	*x = ListSegmentsResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[59]
+	mi := &file_mdspb_mds_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3761,7 +4004,7 @@ func (x *ListSegmentsResponse) String() string {
 func (*ListSegmentsResponse) ProtoMessage() {}
 
 func (x *ListSegmentsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[59]
+	mi := &file_mdspb_mds_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3774,7 +4017,7 @@ func (x *ListSegmentsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSegmentsResponse.ProtoReflect.Descriptor instead.
 func (*ListSegmentsResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{59}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *ListSegmentsResponse) GetSegments() []*Segment {
@@ -3795,7 +4038,7 @@ type MDSInstance struct {
 
 func (x *MDSInstance) Reset() {
 	*x = MDSInstance{}
-	mi := &file_mdspb_mds_proto_msgTypes[60]
+	mi := &file_mdspb_mds_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3807,7 +4050,7 @@ func (x *MDSInstance) String() string {
 func (*MDSInstance) ProtoMessage() {}
 
 func (x *MDSInstance) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[60]
+	mi := &file_mdspb_mds_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3820,7 +4063,7 @@ func (x *MDSInstance) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MDSInstance.ProtoReflect.Descriptor instead.
 func (*MDSInstance) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{60}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *MDSInstance) GetAddress() string {
@@ -3848,7 +4091,7 @@ type EtcdMember struct {
 
 func (x *EtcdMember) Reset() {
 	*x = EtcdMember{}
-	mi := &file_mdspb_mds_proto_msgTypes[61]
+	mi := &file_mdspb_mds_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3860,7 +4103,7 @@ func (x *EtcdMember) String() string {
 func (*EtcdMember) ProtoMessage() {}
 
 func (x *EtcdMember) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[61]
+	mi := &file_mdspb_mds_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3873,7 +4116,7 @@ func (x *EtcdMember) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EtcdMember.ProtoReflect.Descriptor instead.
 func (*EtcdMember) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{61}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *EtcdMember) GetName() string {
@@ -3905,7 +4148,7 @@ type GetClusterStatusRequest struct {
 
 func (x *GetClusterStatusRequest) Reset() {
 	*x = GetClusterStatusRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[62]
+	mi := &file_mdspb_mds_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3917,7 +4160,7 @@ func (x *GetClusterStatusRequest) String() string {
 func (*GetClusterStatusRequest) ProtoMessage() {}
 
 func (x *GetClusterStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[62]
+	mi := &file_mdspb_mds_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3930,7 +4173,7 @@ func (x *GetClusterStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetClusterStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetClusterStatusRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{62}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{66}
 }
 
 type GetClusterStatusResponse struct {
@@ -3944,7 +4187,7 @@ type GetClusterStatusResponse struct {
 
 func (x *GetClusterStatusResponse) Reset() {
 	*x = GetClusterStatusResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[63]
+	mi := &file_mdspb_mds_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3956,7 +4199,7 @@ func (x *GetClusterStatusResponse) String() string {
 func (*GetClusterStatusResponse) ProtoMessage() {}
 
 func (x *GetClusterStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[63]
+	mi := &file_mdspb_mds_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3969,7 +4212,7 @@ func (x *GetClusterStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetClusterStatusResponse.ProtoReflect.Descriptor instead.
 func (*GetClusterStatusResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{63}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *GetClusterStatusResponse) GetMds() []*MDSInstance {
@@ -4005,7 +4248,7 @@ type TransferLeaderRequest struct {
 
 func (x *TransferLeaderRequest) Reset() {
 	*x = TransferLeaderRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[64]
+	mi := &file_mdspb_mds_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4017,7 +4260,7 @@ func (x *TransferLeaderRequest) String() string {
 func (*TransferLeaderRequest) ProtoMessage() {}
 
 func (x *TransferLeaderRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[64]
+	mi := &file_mdspb_mds_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4030,7 +4273,7 @@ func (x *TransferLeaderRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeaderRequest.ProtoReflect.Descriptor instead.
 func (*TransferLeaderRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{64}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *TransferLeaderRequest) GetCopyset() *commonpb.CopysetRef {
@@ -4056,7 +4299,7 @@ type TransferLeaderResponse struct {
 
 func (x *TransferLeaderResponse) Reset() {
 	*x = TransferLeaderResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[65]
+	mi := &file_mdspb_mds_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4068,7 +4311,7 @@ func (x *TransferLeaderResponse) String() string {
 func (*TransferLeaderResponse) ProtoMessage() {}
 
 func (x *TransferLeaderResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[65]
+	mi := &file_mdspb_mds_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4081,7 +4324,7 @@ func (x *TransferLeaderResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeaderResponse.ProtoReflect.Descriptor instead.
 func (*TransferLeaderResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{65}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{69}
 }
 
 func (x *TransferLeaderResponse) GetOperator() *Operator {
@@ -4099,7 +4342,7 @@ type ListOperatorsRequest struct {
 
 func (x *ListOperatorsRequest) Reset() {
 	*x = ListOperatorsRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[66]
+	mi := &file_mdspb_mds_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4111,7 +4354,7 @@ func (x *ListOperatorsRequest) String() string {
 func (*ListOperatorsRequest) ProtoMessage() {}
 
 func (x *ListOperatorsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[66]
+	mi := &file_mdspb_mds_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4124,7 +4367,285 @@ func (x *ListOperatorsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListOperatorsRequest.ProtoReflect.Descriptor instead.
 func (*ListOperatorsRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{66}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{70}
+}
+
+// GetScheduleStatusRequest asks what the schedulers are doing.
+type GetScheduleStatusRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetScheduleStatusRequest) Reset() {
+	*x = GetScheduleStatusRequest{}
+	mi := &file_mdspb_mds_proto_msgTypes[71]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetScheduleStatusRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetScheduleStatusRequest) ProtoMessage() {}
+
+func (x *GetScheduleStatusRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[71]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetScheduleStatusRequest.ProtoReflect.Descriptor instead.
+func (*GetScheduleStatusRequest) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{71}
+}
+
+// BlockedCopyset is a copyset that needs a repair no chunkserver can take.
+type BlockedCopyset struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Copyset       *commonpb.CopysetRef   `protobuf:"bytes,1,opt,name=copyset,proto3" json:"copyset,omitempty"`
+	Reason        string                 `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BlockedCopyset) Reset() {
+	*x = BlockedCopyset{}
+	mi := &file_mdspb_mds_proto_msgTypes[72]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BlockedCopyset) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BlockedCopyset) ProtoMessage() {}
+
+func (x *BlockedCopyset) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[72]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BlockedCopyset.ProtoReflect.Descriptor instead.
+func (*BlockedCopyset) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{72}
+}
+
+func (x *BlockedCopyset) GetCopyset() *commonpb.CopysetRef {
+	if x != nil {
+		return x.Copyset
+	}
+	return nil
+}
+
+func (x *BlockedCopyset) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+// OperatorCount is the number of operators running for one reason.
+type OperatorCount struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Reason        string                 `protobuf:"bytes,1,opt,name=reason,proto3" json:"reason,omitempty"`
+	Count         uint32                 `protobuf:"varint,2,opt,name=count,proto3" json:"count,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *OperatorCount) Reset() {
+	*x = OperatorCount{}
+	mi := &file_mdspb_mds_proto_msgTypes[73]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *OperatorCount) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*OperatorCount) ProtoMessage() {}
+
+func (x *OperatorCount) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[73]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use OperatorCount.ProtoReflect.Descriptor instead.
+func (*OperatorCount) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{73}
+}
+
+func (x *OperatorCount) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *OperatorCount) GetCount() uint32 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
+}
+
+type GetScheduleStatusResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Copysets missing a replica or holding one that must be replaced
+	// (its chunkserver down, retiring or retired, or the replica broken).
+	CopysetsToRepair uint32 `protobuf:"varint,1,opt,name=copysets_to_repair,json=copysetsToRepair,proto3" json:"copysets_to_repair,omitempty"`
+	// Copysets with a replica on its way in (a learner) or out (a voter
+	// too many).
+	CopysetsMoving uint32            `protobuf:"varint,2,opt,name=copysets_moving,json=copysetsMoving,proto3" json:"copysets_moving,omitempty"`
+	Blocked        []*BlockedCopyset `protobuf:"bytes,3,rep,name=blocked,proto3" json:"blocked,omitempty"`
+	Operators      []*OperatorCount  `protobuf:"bytes,4,rep,name=operators,proto3" json:"operators,omitempty"`
+	// Estimated replica bytes still to copy: the chunks of every copyset
+	// that needs or is receiving a new replica.
+	BytesToMove uint64 `protobuf:"varint,5,opt,name=bytes_to_move,json=bytesToMove,proto3" json:"bytes_to_move,omitempty"`
+	// Replica bytes copied by adds that finished in the last minute, and the
+	// rate that makes (0 when none finished).
+	BytesMovedLastMinute uint64  `protobuf:"varint,6,opt,name=bytes_moved_last_minute,json=bytesMovedLastMinute,proto3" json:"bytes_moved_last_minute,omitempty"`
+	BytesPerSecond       float64 `protobuf:"fixed64,7,opt,name=bytes_per_second,json=bytesPerSecond,proto3" json:"bytes_per_second,omitempty"`
+	// Space thresholds: status warns past space_warn; a chunkserver past
+	// space_full receives no new replicas.
+	SpaceWarn float64 `protobuf:"fixed64,8,opt,name=space_warn,json=spaceWarn,proto3" json:"space_warn,omitempty"`
+	SpaceFull float64 `protobuf:"fixed64,9,opt,name=space_full,json=spaceFull,proto3" json:"space_full,omitempty"`
+	// How long a chunkserver may be unheard before its replicas are rebuilt.
+	RecoverAfterSeconds uint32 `protobuf:"varint,10,opt,name=recover_after_seconds,json=recoverAfterSeconds,proto3" json:"recover_after_seconds,omitempty"`
+	BalanceEnabled      bool   `protobuf:"varint,11,opt,name=balance_enabled,json=balanceEnabled,proto3" json:"balance_enabled,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
+}
+
+func (x *GetScheduleStatusResponse) Reset() {
+	*x = GetScheduleStatusResponse{}
+	mi := &file_mdspb_mds_proto_msgTypes[74]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetScheduleStatusResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetScheduleStatusResponse) ProtoMessage() {}
+
+func (x *GetScheduleStatusResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[74]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetScheduleStatusResponse.ProtoReflect.Descriptor instead.
+func (*GetScheduleStatusResponse) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{74}
+}
+
+func (x *GetScheduleStatusResponse) GetCopysetsToRepair() uint32 {
+	if x != nil {
+		return x.CopysetsToRepair
+	}
+	return 0
+}
+
+func (x *GetScheduleStatusResponse) GetCopysetsMoving() uint32 {
+	if x != nil {
+		return x.CopysetsMoving
+	}
+	return 0
+}
+
+func (x *GetScheduleStatusResponse) GetBlocked() []*BlockedCopyset {
+	if x != nil {
+		return x.Blocked
+	}
+	return nil
+}
+
+func (x *GetScheduleStatusResponse) GetOperators() []*OperatorCount {
+	if x != nil {
+		return x.Operators
+	}
+	return nil
+}
+
+func (x *GetScheduleStatusResponse) GetBytesToMove() uint64 {
+	if x != nil {
+		return x.BytesToMove
+	}
+	return 0
+}
+
+func (x *GetScheduleStatusResponse) GetBytesMovedLastMinute() uint64 {
+	if x != nil {
+		return x.BytesMovedLastMinute
+	}
+	return 0
+}
+
+func (x *GetScheduleStatusResponse) GetBytesPerSecond() float64 {
+	if x != nil {
+		return x.BytesPerSecond
+	}
+	return 0
+}
+
+func (x *GetScheduleStatusResponse) GetSpaceWarn() float64 {
+	if x != nil {
+		return x.SpaceWarn
+	}
+	return 0
+}
+
+func (x *GetScheduleStatusResponse) GetSpaceFull() float64 {
+	if x != nil {
+		return x.SpaceFull
+	}
+	return 0
+}
+
+func (x *GetScheduleStatusResponse) GetRecoverAfterSeconds() uint32 {
+	if x != nil {
+		return x.RecoverAfterSeconds
+	}
+	return 0
+}
+
+func (x *GetScheduleStatusResponse) GetBalanceEnabled() bool {
+	if x != nil {
+		return x.BalanceEnabled
+	}
+	return false
 }
 
 type ListOperatorsResponse struct {
@@ -4136,7 +4657,7 @@ type ListOperatorsResponse struct {
 
 func (x *ListOperatorsResponse) Reset() {
 	*x = ListOperatorsResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[67]
+	mi := &file_mdspb_mds_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4148,7 +4669,7 @@ func (x *ListOperatorsResponse) String() string {
 func (*ListOperatorsResponse) ProtoMessage() {}
 
 func (x *ListOperatorsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[67]
+	mi := &file_mdspb_mds_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4161,7 +4682,7 @@ func (x *ListOperatorsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListOperatorsResponse.ProtoReflect.Descriptor instead.
 func (*ListOperatorsResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{67}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *ListOperatorsResponse) GetOperators() []*Operator {
@@ -4225,7 +4746,7 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\breplicas\x18\x04 \x01(\rR\breplicas\x12#\n" +
 	"\rcopyset_count\x18\x05 \x01(\rR\fcopysetCount\x128\n" +
 	"\x18copysets_per_chunkserver\x18\x06 \x01(\rR\x16copysetsPerChunkserver\x127\n" +
-	"\x06status\x18\a \x01(\x0e2\x1f.cairn.mds.v1.LogicalPoolStatusR\x06status\"\xf8\x02\n" +
+	"\x06status\x18\a \x01(\x0e2\x1f.cairn.mds.v1.LogicalPoolStatusR\x06status\"\xcc\x03\n" +
 	"\aCopyset\x12+\n" +
 	"\x02id\x18\x01 \x01(\v2\x1b.cairn.common.v1.CopysetRefR\x02id\x12+\n" +
 	"\x05peers\x18\x02 \x03(\v2\x15.cairn.common.v1.PeerR\x05peers\x12\x1b\n" +
@@ -4236,7 +4757,11 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\rapplied_index\x18\x06 \x01(\x04R\fappliedIndex\x12#\n" +
 	"\rreported_unix\x18\a \x01(\x03R\freportedUnix\x12=\n" +
 	"\apending\x18\b \x01(\v2#.cairn.copyset.v1.PendingConfChangeR\apending\x12:\n" +
-	"\bprogress\x18\t \x03(\v2\x1e.cairn.copyset.v1.PeerProgressR\bprogress\"\xd5\x02\n" +
+	"\bprogress\x18\t \x03(\v2\x1e.cairn.copyset.v1.PeerProgressR\bprogress\x121\n" +
+	"\blearners\x18\n" +
+	" \x03(\v2\x15.cairn.common.v1.PeerR\blearners\x12\x1f\n" +
+	"\vchunk_count\x18\v \x01(\x04R\n" +
+	"chunkCount\"\xd5\x02\n" +
 	"\x1aRegisterChunkServerRequest\x12\x1a\n" +
 	"\bhostname\x18\x01 \x01(\tR\bhostname\x12\x19\n" +
 	"\bdata_dir\x18\x02 \x01(\tR\adataDir\x12\x12\n" +
@@ -4283,7 +4808,17 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\x12GetCopysetsRequest\x127\n" +
 	"\bcopysets\x18\x01 \x03(\v2\x1b.cairn.common.v1.CopysetRefR\bcopysets\"H\n" +
 	"\x13GetCopysetsResponse\x121\n" +
-	"\bcopysets\x18\x01 \x03(\v2\x15.cairn.mds.v1.CopysetR\bcopysets\"H\n" +
+	"\bcopysets\x18\x01 \x03(\v2\x15.cairn.mds.v1.CopysetR\bcopysets\"\xa9\x01\n" +
+	"\x18UpdateChunkServerRequest\x12%\n" +
+	"\x0echunkserver_id\x18\x01 \x01(\x04R\rchunkserverId\x12\x1b\n" +
+	"\tserver_id\x18\x02 \x01(\rR\bserverId\x12\x17\n" +
+	"\azone_id\x18\x03 \x01(\rR\x06zoneId\x120\n" +
+	"\brw_state\x18\x04 \x01(\x0e2\x15.cairn.mds.v1.RWStateR\arwState\"Z\n" +
+	"\x19UpdateChunkServerResponse\x12=\n" +
+	"\fchunkservers\x18\x01 \x03(\v2\x19.cairn.mds.v1.ChunkServerR\fchunkservers\"A\n" +
+	"\x18DeleteChunkServerRequest\x12%\n" +
+	"\x0echunkserver_id\x18\x01 \x01(\x04R\rchunkserverId\"\x1b\n" +
+	"\x19DeleteChunkServerResponse\"H\n" +
 	"\rCopysetReport\x127\n" +
 	"\x06status\x18\x01 \x01(\v2\x1f.cairn.copyset.v1.CopysetStatusR\x06status\"\x86\x02\n" +
 	"\x10HeartbeatRequest\x12%\n" +
@@ -4292,13 +4827,15 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\aaddress\x18\x03 \x01(\tR\aaddress\x122\n" +
 	"\bcapacity\x18\x04 \x01(\v2\x16.cairn.mds.v1.CapacityR\bcapacity\x127\n" +
 	"\bcopysets\x18\x05 \x03(\v2\x1b.cairn.mds.v1.CopysetReportR\bcopysets\x12.\n" +
-	"\x13epoch_table_version\x18\x06 \x01(\x04R\x11epochTableVersion\"\xbf\x01\n" +
+	"\x13epoch_table_version\x18\x06 \x01(\x04R\x11epochTableVersion\"\xfa\x01\n" +
 	"\bOperator\x125\n" +
 	"\acopyset\x18\x01 \x01(\v2\x1b.cairn.common.v1.CopysetRefR\acopyset\x12.\n" +
 	"\x04kind\x18\x02 \x01(\x0e2\x1a.cairn.mds.v1.OperatorKindR\x04kind\x12\x1d\n" +
 	"\n" +
 	"conf_epoch\x18\x03 \x01(\x04R\tconfEpoch\x12-\n" +
-	"\x06target\x18\x04 \x01(\v2\x15.cairn.common.v1.PeerR\x06target\"@\n" +
+	"\x06target\x18\x04 \x01(\v2\x15.cairn.common.v1.PeerR\x06target\x12\x16\n" +
+	"\x06reason\x18\x05 \x01(\tR\x06reason\x12!\n" +
+	"\fcreated_unix\x18\x06 \x01(\x03R\vcreatedUnix\"@\n" +
 	"\vVolumeEpoch\x12\x1b\n" +
 	"\tvolume_id\x18\x01 \x01(\x04R\bvolumeId\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\"\x98\x02\n" +
@@ -4423,18 +4960,41 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\x11to_chunkserver_id\x18\x02 \x01(\x04R\x0ftoChunkserverId\"L\n" +
 	"\x16TransferLeaderResponse\x122\n" +
 	"\boperator\x18\x01 \x01(\v2\x16.cairn.mds.v1.OperatorR\boperator\"\x16\n" +
-	"\x14ListOperatorsRequest\"M\n" +
+	"\x14ListOperatorsRequest\"\x1a\n" +
+	"\x18GetScheduleStatusRequest\"_\n" +
+	"\x0eBlockedCopyset\x125\n" +
+	"\acopyset\x18\x01 \x01(\v2\x1b.cairn.common.v1.CopysetRefR\acopyset\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\"=\n" +
+	"\rOperatorCount\x12\x16\n" +
+	"\x06reason\x18\x01 \x01(\tR\x06reason\x12\x14\n" +
+	"\x05count\x18\x02 \x01(\rR\x05count\"\x85\x04\n" +
+	"\x19GetScheduleStatusResponse\x12,\n" +
+	"\x12copysets_to_repair\x18\x01 \x01(\rR\x10copysetsToRepair\x12'\n" +
+	"\x0fcopysets_moving\x18\x02 \x01(\rR\x0ecopysetsMoving\x126\n" +
+	"\ablocked\x18\x03 \x03(\v2\x1c.cairn.mds.v1.BlockedCopysetR\ablocked\x129\n" +
+	"\toperators\x18\x04 \x03(\v2\x1b.cairn.mds.v1.OperatorCountR\toperators\x12\"\n" +
+	"\rbytes_to_move\x18\x05 \x01(\x04R\vbytesToMove\x125\n" +
+	"\x17bytes_moved_last_minute\x18\x06 \x01(\x04R\x14bytesMovedLastMinute\x12(\n" +
+	"\x10bytes_per_second\x18\a \x01(\x01R\x0ebytesPerSecond\x12\x1d\n" +
+	"\n" +
+	"space_warn\x18\b \x01(\x01R\tspaceWarn\x12\x1d\n" +
+	"\n" +
+	"space_full\x18\t \x01(\x01R\tspaceFull\x122\n" +
+	"\x15recover_after_seconds\x18\n" +
+	" \x01(\rR\x13recoverAfterSeconds\x12'\n" +
+	"\x0fbalance_enabled\x18\v \x01(\bR\x0ebalanceEnabled\"M\n" +
 	"\x15ListOperatorsResponse\x124\n" +
 	"\toperators\x18\x01 \x03(\v2\x16.cairn.mds.v1.OperatorR\toperators*u\n" +
 	"\vOnlineState\x12\x18\n" +
 	"\x14ONLINE_STATE_UNKNOWN\x10\x00\x12\x17\n" +
 	"\x13ONLINE_STATE_ONLINE\x10\x01\x12\x19\n" +
 	"\x15ONLINE_STATE_UNSTABLE\x10\x02\x12\x18\n" +
-	"\x14ONLINE_STATE_OFFLINE\x10\x03*M\n" +
+	"\x14ONLINE_STATE_OFFLINE\x10\x03*d\n" +
 	"\aRWState\x12\x14\n" +
 	"\x10RW_STATE_UNKNOWN\x10\x00\x12\x16\n" +
 	"\x12RW_STATE_READWRITE\x10\x01\x12\x14\n" +
-	"\x10RW_STATE_RETIRED\x10\x02*u\n" +
+	"\x10RW_STATE_RETIRED\x10\x02\x12\x15\n" +
+	"\x11RW_STATE_RETIRING\x10\x03*u\n" +
 	"\x11LogicalPoolStatus\x12\x1f\n" +
 	"\x1bLOGICAL_POOL_STATUS_UNKNOWN\x10\x00\x12 \n" +
 	"\x1cLOGICAL_POOL_STATUS_CREATING\x10\x01\x12\x1d\n" +
@@ -4447,7 +5007,7 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\fVolumeStatus\x12\x19\n" +
 	"\x15VOLUME_STATUS_UNKNOWN\x10\x00\x12\x19\n" +
 	"\x15VOLUME_STATUS_CREATED\x10\x01\x12\x1a\n" +
-	"\x16VOLUME_STATUS_DELETING\x10\x022\xbe\x06\n" +
+	"\x16VOLUME_STATUS_DELETING\x10\x022\x8a\b\n" +
 	"\x0fTopologyService\x12j\n" +
 	"\x13RegisterChunkServer\x12(.cairn.mds.v1.RegisterChunkServerRequest\x1a).cairn.mds.v1.RegisterChunkServerResponse\x12[\n" +
 	"\x0eGetChunkServer\x12#.cairn.mds.v1.GetChunkServerRequest\x1a$.cairn.mds.v1.GetChunkServerResponse\x12L\n" +
@@ -4457,7 +5017,9 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\tListPools\x12\x1e.cairn.mds.v1.ListPoolsRequest\x1a\x1f.cairn.mds.v1.ListPoolsResponse\x12d\n" +
 	"\x11CreateLogicalPool\x12&.cairn.mds.v1.CreateLogicalPoolRequest\x1a'.cairn.mds.v1.CreateLogicalPoolResponse\x12U\n" +
 	"\fListCopysets\x12!.cairn.mds.v1.ListCopysetsRequest\x1a\".cairn.mds.v1.ListCopysetsResponse\x12R\n" +
-	"\vGetCopysets\x12 .cairn.mds.v1.GetCopysetsRequest\x1a!.cairn.mds.v1.GetCopysetsResponse2`\n" +
+	"\vGetCopysets\x12 .cairn.mds.v1.GetCopysetsRequest\x1a!.cairn.mds.v1.GetCopysetsResponse\x12d\n" +
+	"\x11UpdateChunkServer\x12&.cairn.mds.v1.UpdateChunkServerRequest\x1a'.cairn.mds.v1.UpdateChunkServerResponse\x12d\n" +
+	"\x11DeleteChunkServer\x12&.cairn.mds.v1.DeleteChunkServerRequest\x1a'.cairn.mds.v1.DeleteChunkServerResponse2`\n" +
 	"\x10HeartbeatService\x12L\n" +
 	"\tHeartbeat\x12\x1e.cairn.mds.v1.HeartbeatRequest\x1a\x1f.cairn.mds.v1.HeartbeatResponse2\x91\b\n" +
 	"\rVolumeService\x12U\n" +
@@ -4475,11 +5037,12 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\fListSessions\x12!.cairn.mds.v1.ListSessionsRequest\x1a\".cairn.mds.v1.ListSessionsResponse\x12O\n" +
 	"\n" +
 	"GetSegment\x12\x1f.cairn.mds.v1.GetSegmentRequest\x1a .cairn.mds.v1.GetSegmentResponse\x12U\n" +
-	"\fListSegments\x12!.cairn.mds.v1.ListSegmentsRequest\x1a\".cairn.mds.v1.ListSegmentsResponse2\xaa\x02\n" +
+	"\fListSegments\x12!.cairn.mds.v1.ListSegmentsRequest\x1a\".cairn.mds.v1.ListSegmentsResponse2\x90\x03\n" +
 	"\x0eClusterService\x12a\n" +
 	"\x10GetClusterStatus\x12%.cairn.mds.v1.GetClusterStatusRequest\x1a&.cairn.mds.v1.GetClusterStatusResponse\x12[\n" +
 	"\x0eTransferLeader\x12#.cairn.mds.v1.TransferLeaderRequest\x1a$.cairn.mds.v1.TransferLeaderResponse\x12X\n" +
-	"\rListOperators\x12\".cairn.mds.v1.ListOperatorsRequest\x1a#.cairn.mds.v1.ListOperatorsResponseB\x1aZ\x18cairn.io/cairn/api/mdspbb\x06proto3"
+	"\rListOperators\x12\".cairn.mds.v1.ListOperatorsRequest\x1a#.cairn.mds.v1.ListOperatorsResponse\x12d\n" +
+	"\x11GetScheduleStatus\x12&.cairn.mds.v1.GetScheduleStatusRequest\x1a'.cairn.mds.v1.GetScheduleStatusResponseB\x1aZ\x18cairn.io/cairn/api/mdspbb\x06proto3"
 
 var (
 	file_mdspb_mds_proto_rawDescOnce sync.Once
@@ -4494,7 +5057,7 @@ func file_mdspb_mds_proto_rawDescGZIP() []byte {
 }
 
 var file_mdspb_mds_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_mdspb_mds_proto_msgTypes = make([]protoimpl.MessageInfo, 68)
+var file_mdspb_mds_proto_msgTypes = make([]protoimpl.MessageInfo, 76)
 var file_mdspb_mds_proto_goTypes = []any{
 	(OnlineState)(0),                    // 0: cairn.mds.v1.OnlineState
 	(RWState)(0),                        // 1: cairn.mds.v1.RWState
@@ -4528,162 +5091,182 @@ var file_mdspb_mds_proto_goTypes = []any{
 	(*ListCopysetsResponse)(nil),        // 29: cairn.mds.v1.ListCopysetsResponse
 	(*GetCopysetsRequest)(nil),          // 30: cairn.mds.v1.GetCopysetsRequest
 	(*GetCopysetsResponse)(nil),         // 31: cairn.mds.v1.GetCopysetsResponse
-	(*CopysetReport)(nil),               // 32: cairn.mds.v1.CopysetReport
-	(*HeartbeatRequest)(nil),            // 33: cairn.mds.v1.HeartbeatRequest
-	(*Operator)(nil),                    // 34: cairn.mds.v1.Operator
-	(*VolumeEpoch)(nil),                 // 35: cairn.mds.v1.VolumeEpoch
-	(*HeartbeatResponse)(nil),           // 36: cairn.mds.v1.HeartbeatResponse
-	(*Volume)(nil),                      // 37: cairn.mds.v1.Volume
-	(*Session)(nil),                     // 38: cairn.mds.v1.Session
-	(*CreateVolumeRequest)(nil),         // 39: cairn.mds.v1.CreateVolumeRequest
-	(*CreateVolumeResponse)(nil),        // 40: cairn.mds.v1.CreateVolumeResponse
-	(*StatVolumeRequest)(nil),           // 41: cairn.mds.v1.StatVolumeRequest
-	(*StatVolumeResponse)(nil),          // 42: cairn.mds.v1.StatVolumeResponse
-	(*ListVolumesRequest)(nil),          // 43: cairn.mds.v1.ListVolumesRequest
-	(*ListVolumesResponse)(nil),         // 44: cairn.mds.v1.ListVolumesResponse
-	(*ExtendVolumeRequest)(nil),         // 45: cairn.mds.v1.ExtendVolumeRequest
-	(*ExtendVolumeResponse)(nil),        // 46: cairn.mds.v1.ExtendVolumeResponse
-	(*RenameVolumeRequest)(nil),         // 47: cairn.mds.v1.RenameVolumeRequest
-	(*RenameVolumeResponse)(nil),        // 48: cairn.mds.v1.RenameVolumeResponse
-	(*DeleteVolumeRequest)(nil),         // 49: cairn.mds.v1.DeleteVolumeRequest
-	(*DeleteVolumeResponse)(nil),        // 50: cairn.mds.v1.DeleteVolumeResponse
-	(*OpenVolumeRequest)(nil),           // 51: cairn.mds.v1.OpenVolumeRequest
-	(*OpenVolumeResponse)(nil),          // 52: cairn.mds.v1.OpenVolumeResponse
-	(*RefreshSessionRequest)(nil),       // 53: cairn.mds.v1.RefreshSessionRequest
-	(*RefreshSessionResponse)(nil),      // 54: cairn.mds.v1.RefreshSessionResponse
-	(*CloseVolumeRequest)(nil),          // 55: cairn.mds.v1.CloseVolumeRequest
-	(*CloseVolumeResponse)(nil),         // 56: cairn.mds.v1.CloseVolumeResponse
-	(*ListSessionsRequest)(nil),         // 57: cairn.mds.v1.ListSessionsRequest
-	(*ListSessionsResponse)(nil),        // 58: cairn.mds.v1.ListSessionsResponse
-	(*ChunkRef)(nil),                    // 59: cairn.mds.v1.ChunkRef
-	(*Segment)(nil),                     // 60: cairn.mds.v1.Segment
-	(*GetSegmentRequest)(nil),           // 61: cairn.mds.v1.GetSegmentRequest
-	(*GetSegmentResponse)(nil),          // 62: cairn.mds.v1.GetSegmentResponse
-	(*ListSegmentsRequest)(nil),         // 63: cairn.mds.v1.ListSegmentsRequest
-	(*ListSegmentsResponse)(nil),        // 64: cairn.mds.v1.ListSegmentsResponse
-	(*MDSInstance)(nil),                 // 65: cairn.mds.v1.MDSInstance
-	(*EtcdMember)(nil),                  // 66: cairn.mds.v1.EtcdMember
-	(*GetClusterStatusRequest)(nil),     // 67: cairn.mds.v1.GetClusterStatusRequest
-	(*GetClusterStatusResponse)(nil),    // 68: cairn.mds.v1.GetClusterStatusResponse
-	(*TransferLeaderRequest)(nil),       // 69: cairn.mds.v1.TransferLeaderRequest
-	(*TransferLeaderResponse)(nil),      // 70: cairn.mds.v1.TransferLeaderResponse
-	(*ListOperatorsRequest)(nil),        // 71: cairn.mds.v1.ListOperatorsRequest
-	(*ListOperatorsResponse)(nil),       // 72: cairn.mds.v1.ListOperatorsResponse
-	(*commonpb.CopysetRef)(nil),         // 73: cairn.common.v1.CopysetRef
-	(*commonpb.Peer)(nil),               // 74: cairn.common.v1.Peer
-	(*copysetpb.PendingConfChange)(nil), // 75: cairn.copyset.v1.PendingConfChange
-	(*copysetpb.PeerProgress)(nil),      // 76: cairn.copyset.v1.PeerProgress
-	(*copysetpb.CopysetStatus)(nil),     // 77: cairn.copyset.v1.CopysetStatus
+	(*UpdateChunkServerRequest)(nil),    // 32: cairn.mds.v1.UpdateChunkServerRequest
+	(*UpdateChunkServerResponse)(nil),   // 33: cairn.mds.v1.UpdateChunkServerResponse
+	(*DeleteChunkServerRequest)(nil),    // 34: cairn.mds.v1.DeleteChunkServerRequest
+	(*DeleteChunkServerResponse)(nil),   // 35: cairn.mds.v1.DeleteChunkServerResponse
+	(*CopysetReport)(nil),               // 36: cairn.mds.v1.CopysetReport
+	(*HeartbeatRequest)(nil),            // 37: cairn.mds.v1.HeartbeatRequest
+	(*Operator)(nil),                    // 38: cairn.mds.v1.Operator
+	(*VolumeEpoch)(nil),                 // 39: cairn.mds.v1.VolumeEpoch
+	(*HeartbeatResponse)(nil),           // 40: cairn.mds.v1.HeartbeatResponse
+	(*Volume)(nil),                      // 41: cairn.mds.v1.Volume
+	(*Session)(nil),                     // 42: cairn.mds.v1.Session
+	(*CreateVolumeRequest)(nil),         // 43: cairn.mds.v1.CreateVolumeRequest
+	(*CreateVolumeResponse)(nil),        // 44: cairn.mds.v1.CreateVolumeResponse
+	(*StatVolumeRequest)(nil),           // 45: cairn.mds.v1.StatVolumeRequest
+	(*StatVolumeResponse)(nil),          // 46: cairn.mds.v1.StatVolumeResponse
+	(*ListVolumesRequest)(nil),          // 47: cairn.mds.v1.ListVolumesRequest
+	(*ListVolumesResponse)(nil),         // 48: cairn.mds.v1.ListVolumesResponse
+	(*ExtendVolumeRequest)(nil),         // 49: cairn.mds.v1.ExtendVolumeRequest
+	(*ExtendVolumeResponse)(nil),        // 50: cairn.mds.v1.ExtendVolumeResponse
+	(*RenameVolumeRequest)(nil),         // 51: cairn.mds.v1.RenameVolumeRequest
+	(*RenameVolumeResponse)(nil),        // 52: cairn.mds.v1.RenameVolumeResponse
+	(*DeleteVolumeRequest)(nil),         // 53: cairn.mds.v1.DeleteVolumeRequest
+	(*DeleteVolumeResponse)(nil),        // 54: cairn.mds.v1.DeleteVolumeResponse
+	(*OpenVolumeRequest)(nil),           // 55: cairn.mds.v1.OpenVolumeRequest
+	(*OpenVolumeResponse)(nil),          // 56: cairn.mds.v1.OpenVolumeResponse
+	(*RefreshSessionRequest)(nil),       // 57: cairn.mds.v1.RefreshSessionRequest
+	(*RefreshSessionResponse)(nil),      // 58: cairn.mds.v1.RefreshSessionResponse
+	(*CloseVolumeRequest)(nil),          // 59: cairn.mds.v1.CloseVolumeRequest
+	(*CloseVolumeResponse)(nil),         // 60: cairn.mds.v1.CloseVolumeResponse
+	(*ListSessionsRequest)(nil),         // 61: cairn.mds.v1.ListSessionsRequest
+	(*ListSessionsResponse)(nil),        // 62: cairn.mds.v1.ListSessionsResponse
+	(*ChunkRef)(nil),                    // 63: cairn.mds.v1.ChunkRef
+	(*Segment)(nil),                     // 64: cairn.mds.v1.Segment
+	(*GetSegmentRequest)(nil),           // 65: cairn.mds.v1.GetSegmentRequest
+	(*GetSegmentResponse)(nil),          // 66: cairn.mds.v1.GetSegmentResponse
+	(*ListSegmentsRequest)(nil),         // 67: cairn.mds.v1.ListSegmentsRequest
+	(*ListSegmentsResponse)(nil),        // 68: cairn.mds.v1.ListSegmentsResponse
+	(*MDSInstance)(nil),                 // 69: cairn.mds.v1.MDSInstance
+	(*EtcdMember)(nil),                  // 70: cairn.mds.v1.EtcdMember
+	(*GetClusterStatusRequest)(nil),     // 71: cairn.mds.v1.GetClusterStatusRequest
+	(*GetClusterStatusResponse)(nil),    // 72: cairn.mds.v1.GetClusterStatusResponse
+	(*TransferLeaderRequest)(nil),       // 73: cairn.mds.v1.TransferLeaderRequest
+	(*TransferLeaderResponse)(nil),      // 74: cairn.mds.v1.TransferLeaderResponse
+	(*ListOperatorsRequest)(nil),        // 75: cairn.mds.v1.ListOperatorsRequest
+	(*GetScheduleStatusRequest)(nil),    // 76: cairn.mds.v1.GetScheduleStatusRequest
+	(*BlockedCopyset)(nil),              // 77: cairn.mds.v1.BlockedCopyset
+	(*OperatorCount)(nil),               // 78: cairn.mds.v1.OperatorCount
+	(*GetScheduleStatusResponse)(nil),   // 79: cairn.mds.v1.GetScheduleStatusResponse
+	(*ListOperatorsResponse)(nil),       // 80: cairn.mds.v1.ListOperatorsResponse
+	(*commonpb.CopysetRef)(nil),         // 81: cairn.common.v1.CopysetRef
+	(*commonpb.Peer)(nil),               // 82: cairn.common.v1.Peer
+	(*copysetpb.PendingConfChange)(nil), // 83: cairn.copyset.v1.PendingConfChange
+	(*copysetpb.PeerProgress)(nil),      // 84: cairn.copyset.v1.PeerProgress
+	(*copysetpb.CopysetStatus)(nil),     // 85: cairn.copyset.v1.CopysetStatus
 }
 var file_mdspb_mds_proto_depIdxs = []int32{
 	0,  // 0: cairn.mds.v1.ChunkServer.online_state:type_name -> cairn.mds.v1.OnlineState
 	1,  // 1: cairn.mds.v1.ChunkServer.rw_state:type_name -> cairn.mds.v1.RWState
 	9,  // 2: cairn.mds.v1.ChunkServer.capacity:type_name -> cairn.mds.v1.Capacity
 	2,  // 3: cairn.mds.v1.LogicalPool.status:type_name -> cairn.mds.v1.LogicalPoolStatus
-	73, // 4: cairn.mds.v1.Copyset.id:type_name -> cairn.common.v1.CopysetRef
-	74, // 5: cairn.mds.v1.Copyset.peers:type_name -> cairn.common.v1.Peer
-	75, // 6: cairn.mds.v1.Copyset.pending:type_name -> cairn.copyset.v1.PendingConfChange
-	76, // 7: cairn.mds.v1.Copyset.progress:type_name -> cairn.copyset.v1.PeerProgress
-	6,  // 8: cairn.mds.v1.RegisterChunkServerRequest.constants:type_name -> cairn.mds.v1.ClusterConstants
-	9,  // 9: cairn.mds.v1.RegisterChunkServerRequest.capacity:type_name -> cairn.mds.v1.Capacity
-	6,  // 10: cairn.mds.v1.RegisterChunkServerResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
-	10, // 11: cairn.mds.v1.GetChunkServerResponse.chunkserver:type_name -> cairn.mds.v1.ChunkServer
-	7,  // 12: cairn.mds.v1.ListZonesResponse.zones:type_name -> cairn.mds.v1.Zone
-	8,  // 13: cairn.mds.v1.ListServersResponse.servers:type_name -> cairn.mds.v1.Server
-	10, // 14: cairn.mds.v1.ListChunkServersResponse.chunkservers:type_name -> cairn.mds.v1.ChunkServer
-	11, // 15: cairn.mds.v1.ListPoolsResponse.physical_pools:type_name -> cairn.mds.v1.PhysicalPool
-	12, // 16: cairn.mds.v1.ListPoolsResponse.logical_pools:type_name -> cairn.mds.v1.LogicalPool
-	12, // 17: cairn.mds.v1.CreateLogicalPoolResponse.pool:type_name -> cairn.mds.v1.LogicalPool
-	13, // 18: cairn.mds.v1.ListCopysetsResponse.copysets:type_name -> cairn.mds.v1.Copyset
-	73, // 19: cairn.mds.v1.GetCopysetsRequest.copysets:type_name -> cairn.common.v1.CopysetRef
-	13, // 20: cairn.mds.v1.GetCopysetsResponse.copysets:type_name -> cairn.mds.v1.Copyset
-	77, // 21: cairn.mds.v1.CopysetReport.status:type_name -> cairn.copyset.v1.CopysetStatus
-	9,  // 22: cairn.mds.v1.HeartbeatRequest.capacity:type_name -> cairn.mds.v1.Capacity
-	32, // 23: cairn.mds.v1.HeartbeatRequest.copysets:type_name -> cairn.mds.v1.CopysetReport
-	73, // 24: cairn.mds.v1.Operator.copyset:type_name -> cairn.common.v1.CopysetRef
-	3,  // 25: cairn.mds.v1.Operator.kind:type_name -> cairn.mds.v1.OperatorKind
-	74, // 26: cairn.mds.v1.Operator.target:type_name -> cairn.common.v1.Peer
-	34, // 27: cairn.mds.v1.HeartbeatResponse.operators:type_name -> cairn.mds.v1.Operator
-	73, // 28: cairn.mds.v1.HeartbeatResponse.remove_copysets:type_name -> cairn.common.v1.CopysetRef
-	35, // 29: cairn.mds.v1.HeartbeatResponse.epochs:type_name -> cairn.mds.v1.VolumeEpoch
-	4,  // 30: cairn.mds.v1.Volume.status:type_name -> cairn.mds.v1.VolumeStatus
-	37, // 31: cairn.mds.v1.CreateVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	37, // 32: cairn.mds.v1.StatVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	38, // 33: cairn.mds.v1.StatVolumeResponse.sessions:type_name -> cairn.mds.v1.Session
-	37, // 34: cairn.mds.v1.ListVolumesResponse.volumes:type_name -> cairn.mds.v1.Volume
-	37, // 35: cairn.mds.v1.ExtendVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	37, // 36: cairn.mds.v1.RenameVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	37, // 37: cairn.mds.v1.OpenVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	38, // 38: cairn.mds.v1.OpenVolumeResponse.session:type_name -> cairn.mds.v1.Session
-	6,  // 39: cairn.mds.v1.OpenVolumeResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
-	37, // 40: cairn.mds.v1.RefreshSessionResponse.volume:type_name -> cairn.mds.v1.Volume
-	38, // 41: cairn.mds.v1.RefreshSessionResponse.session:type_name -> cairn.mds.v1.Session
-	38, // 42: cairn.mds.v1.ListSessionsResponse.sessions:type_name -> cairn.mds.v1.Session
-	73, // 43: cairn.mds.v1.ChunkRef.copyset:type_name -> cairn.common.v1.CopysetRef
-	59, // 44: cairn.mds.v1.Segment.chunks:type_name -> cairn.mds.v1.ChunkRef
-	60, // 45: cairn.mds.v1.GetSegmentResponse.segment:type_name -> cairn.mds.v1.Segment
-	60, // 46: cairn.mds.v1.ListSegmentsResponse.segments:type_name -> cairn.mds.v1.Segment
-	65, // 47: cairn.mds.v1.GetClusterStatusResponse.mds:type_name -> cairn.mds.v1.MDSInstance
-	66, // 48: cairn.mds.v1.GetClusterStatusResponse.etcd:type_name -> cairn.mds.v1.EtcdMember
-	6,  // 49: cairn.mds.v1.GetClusterStatusResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
-	73, // 50: cairn.mds.v1.TransferLeaderRequest.copyset:type_name -> cairn.common.v1.CopysetRef
-	34, // 51: cairn.mds.v1.TransferLeaderResponse.operator:type_name -> cairn.mds.v1.Operator
-	34, // 52: cairn.mds.v1.ListOperatorsResponse.operators:type_name -> cairn.mds.v1.Operator
-	14, // 53: cairn.mds.v1.TopologyService.RegisterChunkServer:input_type -> cairn.mds.v1.RegisterChunkServerRequest
-	16, // 54: cairn.mds.v1.TopologyService.GetChunkServer:input_type -> cairn.mds.v1.GetChunkServerRequest
-	18, // 55: cairn.mds.v1.TopologyService.ListZones:input_type -> cairn.mds.v1.ListZonesRequest
-	20, // 56: cairn.mds.v1.TopologyService.ListServers:input_type -> cairn.mds.v1.ListServersRequest
-	22, // 57: cairn.mds.v1.TopologyService.ListChunkServers:input_type -> cairn.mds.v1.ListChunkServersRequest
-	24, // 58: cairn.mds.v1.TopologyService.ListPools:input_type -> cairn.mds.v1.ListPoolsRequest
-	26, // 59: cairn.mds.v1.TopologyService.CreateLogicalPool:input_type -> cairn.mds.v1.CreateLogicalPoolRequest
-	28, // 60: cairn.mds.v1.TopologyService.ListCopysets:input_type -> cairn.mds.v1.ListCopysetsRequest
-	30, // 61: cairn.mds.v1.TopologyService.GetCopysets:input_type -> cairn.mds.v1.GetCopysetsRequest
-	33, // 62: cairn.mds.v1.HeartbeatService.Heartbeat:input_type -> cairn.mds.v1.HeartbeatRequest
-	39, // 63: cairn.mds.v1.VolumeService.CreateVolume:input_type -> cairn.mds.v1.CreateVolumeRequest
-	41, // 64: cairn.mds.v1.VolumeService.StatVolume:input_type -> cairn.mds.v1.StatVolumeRequest
-	43, // 65: cairn.mds.v1.VolumeService.ListVolumes:input_type -> cairn.mds.v1.ListVolumesRequest
-	45, // 66: cairn.mds.v1.VolumeService.ExtendVolume:input_type -> cairn.mds.v1.ExtendVolumeRequest
-	47, // 67: cairn.mds.v1.VolumeService.RenameVolume:input_type -> cairn.mds.v1.RenameVolumeRequest
-	49, // 68: cairn.mds.v1.VolumeService.DeleteVolume:input_type -> cairn.mds.v1.DeleteVolumeRequest
-	51, // 69: cairn.mds.v1.VolumeService.OpenVolume:input_type -> cairn.mds.v1.OpenVolumeRequest
-	53, // 70: cairn.mds.v1.VolumeService.RefreshSession:input_type -> cairn.mds.v1.RefreshSessionRequest
-	55, // 71: cairn.mds.v1.VolumeService.CloseVolume:input_type -> cairn.mds.v1.CloseVolumeRequest
-	57, // 72: cairn.mds.v1.VolumeService.ListSessions:input_type -> cairn.mds.v1.ListSessionsRequest
-	61, // 73: cairn.mds.v1.VolumeService.GetSegment:input_type -> cairn.mds.v1.GetSegmentRequest
-	63, // 74: cairn.mds.v1.VolumeService.ListSegments:input_type -> cairn.mds.v1.ListSegmentsRequest
-	67, // 75: cairn.mds.v1.ClusterService.GetClusterStatus:input_type -> cairn.mds.v1.GetClusterStatusRequest
-	69, // 76: cairn.mds.v1.ClusterService.TransferLeader:input_type -> cairn.mds.v1.TransferLeaderRequest
-	71, // 77: cairn.mds.v1.ClusterService.ListOperators:input_type -> cairn.mds.v1.ListOperatorsRequest
-	15, // 78: cairn.mds.v1.TopologyService.RegisterChunkServer:output_type -> cairn.mds.v1.RegisterChunkServerResponse
-	17, // 79: cairn.mds.v1.TopologyService.GetChunkServer:output_type -> cairn.mds.v1.GetChunkServerResponse
-	19, // 80: cairn.mds.v1.TopologyService.ListZones:output_type -> cairn.mds.v1.ListZonesResponse
-	21, // 81: cairn.mds.v1.TopologyService.ListServers:output_type -> cairn.mds.v1.ListServersResponse
-	23, // 82: cairn.mds.v1.TopologyService.ListChunkServers:output_type -> cairn.mds.v1.ListChunkServersResponse
-	25, // 83: cairn.mds.v1.TopologyService.ListPools:output_type -> cairn.mds.v1.ListPoolsResponse
-	27, // 84: cairn.mds.v1.TopologyService.CreateLogicalPool:output_type -> cairn.mds.v1.CreateLogicalPoolResponse
-	29, // 85: cairn.mds.v1.TopologyService.ListCopysets:output_type -> cairn.mds.v1.ListCopysetsResponse
-	31, // 86: cairn.mds.v1.TopologyService.GetCopysets:output_type -> cairn.mds.v1.GetCopysetsResponse
-	36, // 87: cairn.mds.v1.HeartbeatService.Heartbeat:output_type -> cairn.mds.v1.HeartbeatResponse
-	40, // 88: cairn.mds.v1.VolumeService.CreateVolume:output_type -> cairn.mds.v1.CreateVolumeResponse
-	42, // 89: cairn.mds.v1.VolumeService.StatVolume:output_type -> cairn.mds.v1.StatVolumeResponse
-	44, // 90: cairn.mds.v1.VolumeService.ListVolumes:output_type -> cairn.mds.v1.ListVolumesResponse
-	46, // 91: cairn.mds.v1.VolumeService.ExtendVolume:output_type -> cairn.mds.v1.ExtendVolumeResponse
-	48, // 92: cairn.mds.v1.VolumeService.RenameVolume:output_type -> cairn.mds.v1.RenameVolumeResponse
-	50, // 93: cairn.mds.v1.VolumeService.DeleteVolume:output_type -> cairn.mds.v1.DeleteVolumeResponse
-	52, // 94: cairn.mds.v1.VolumeService.OpenVolume:output_type -> cairn.mds.v1.OpenVolumeResponse
-	54, // 95: cairn.mds.v1.VolumeService.RefreshSession:output_type -> cairn.mds.v1.RefreshSessionResponse
-	56, // 96: cairn.mds.v1.VolumeService.CloseVolume:output_type -> cairn.mds.v1.CloseVolumeResponse
-	58, // 97: cairn.mds.v1.VolumeService.ListSessions:output_type -> cairn.mds.v1.ListSessionsResponse
-	62, // 98: cairn.mds.v1.VolumeService.GetSegment:output_type -> cairn.mds.v1.GetSegmentResponse
-	64, // 99: cairn.mds.v1.VolumeService.ListSegments:output_type -> cairn.mds.v1.ListSegmentsResponse
-	68, // 100: cairn.mds.v1.ClusterService.GetClusterStatus:output_type -> cairn.mds.v1.GetClusterStatusResponse
-	70, // 101: cairn.mds.v1.ClusterService.TransferLeader:output_type -> cairn.mds.v1.TransferLeaderResponse
-	72, // 102: cairn.mds.v1.ClusterService.ListOperators:output_type -> cairn.mds.v1.ListOperatorsResponse
-	78, // [78:103] is the sub-list for method output_type
-	53, // [53:78] is the sub-list for method input_type
-	53, // [53:53] is the sub-list for extension type_name
-	53, // [53:53] is the sub-list for extension extendee
-	0,  // [0:53] is the sub-list for field type_name
+	81, // 4: cairn.mds.v1.Copyset.id:type_name -> cairn.common.v1.CopysetRef
+	82, // 5: cairn.mds.v1.Copyset.peers:type_name -> cairn.common.v1.Peer
+	83, // 6: cairn.mds.v1.Copyset.pending:type_name -> cairn.copyset.v1.PendingConfChange
+	84, // 7: cairn.mds.v1.Copyset.progress:type_name -> cairn.copyset.v1.PeerProgress
+	82, // 8: cairn.mds.v1.Copyset.learners:type_name -> cairn.common.v1.Peer
+	6,  // 9: cairn.mds.v1.RegisterChunkServerRequest.constants:type_name -> cairn.mds.v1.ClusterConstants
+	9,  // 10: cairn.mds.v1.RegisterChunkServerRequest.capacity:type_name -> cairn.mds.v1.Capacity
+	6,  // 11: cairn.mds.v1.RegisterChunkServerResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
+	10, // 12: cairn.mds.v1.GetChunkServerResponse.chunkserver:type_name -> cairn.mds.v1.ChunkServer
+	7,  // 13: cairn.mds.v1.ListZonesResponse.zones:type_name -> cairn.mds.v1.Zone
+	8,  // 14: cairn.mds.v1.ListServersResponse.servers:type_name -> cairn.mds.v1.Server
+	10, // 15: cairn.mds.v1.ListChunkServersResponse.chunkservers:type_name -> cairn.mds.v1.ChunkServer
+	11, // 16: cairn.mds.v1.ListPoolsResponse.physical_pools:type_name -> cairn.mds.v1.PhysicalPool
+	12, // 17: cairn.mds.v1.ListPoolsResponse.logical_pools:type_name -> cairn.mds.v1.LogicalPool
+	12, // 18: cairn.mds.v1.CreateLogicalPoolResponse.pool:type_name -> cairn.mds.v1.LogicalPool
+	13, // 19: cairn.mds.v1.ListCopysetsResponse.copysets:type_name -> cairn.mds.v1.Copyset
+	81, // 20: cairn.mds.v1.GetCopysetsRequest.copysets:type_name -> cairn.common.v1.CopysetRef
+	13, // 21: cairn.mds.v1.GetCopysetsResponse.copysets:type_name -> cairn.mds.v1.Copyset
+	1,  // 22: cairn.mds.v1.UpdateChunkServerRequest.rw_state:type_name -> cairn.mds.v1.RWState
+	10, // 23: cairn.mds.v1.UpdateChunkServerResponse.chunkservers:type_name -> cairn.mds.v1.ChunkServer
+	85, // 24: cairn.mds.v1.CopysetReport.status:type_name -> cairn.copyset.v1.CopysetStatus
+	9,  // 25: cairn.mds.v1.HeartbeatRequest.capacity:type_name -> cairn.mds.v1.Capacity
+	36, // 26: cairn.mds.v1.HeartbeatRequest.copysets:type_name -> cairn.mds.v1.CopysetReport
+	81, // 27: cairn.mds.v1.Operator.copyset:type_name -> cairn.common.v1.CopysetRef
+	3,  // 28: cairn.mds.v1.Operator.kind:type_name -> cairn.mds.v1.OperatorKind
+	82, // 29: cairn.mds.v1.Operator.target:type_name -> cairn.common.v1.Peer
+	38, // 30: cairn.mds.v1.HeartbeatResponse.operators:type_name -> cairn.mds.v1.Operator
+	81, // 31: cairn.mds.v1.HeartbeatResponse.remove_copysets:type_name -> cairn.common.v1.CopysetRef
+	39, // 32: cairn.mds.v1.HeartbeatResponse.epochs:type_name -> cairn.mds.v1.VolumeEpoch
+	4,  // 33: cairn.mds.v1.Volume.status:type_name -> cairn.mds.v1.VolumeStatus
+	41, // 34: cairn.mds.v1.CreateVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	41, // 35: cairn.mds.v1.StatVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	42, // 36: cairn.mds.v1.StatVolumeResponse.sessions:type_name -> cairn.mds.v1.Session
+	41, // 37: cairn.mds.v1.ListVolumesResponse.volumes:type_name -> cairn.mds.v1.Volume
+	41, // 38: cairn.mds.v1.ExtendVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	41, // 39: cairn.mds.v1.RenameVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	41, // 40: cairn.mds.v1.OpenVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	42, // 41: cairn.mds.v1.OpenVolumeResponse.session:type_name -> cairn.mds.v1.Session
+	6,  // 42: cairn.mds.v1.OpenVolumeResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
+	41, // 43: cairn.mds.v1.RefreshSessionResponse.volume:type_name -> cairn.mds.v1.Volume
+	42, // 44: cairn.mds.v1.RefreshSessionResponse.session:type_name -> cairn.mds.v1.Session
+	42, // 45: cairn.mds.v1.ListSessionsResponse.sessions:type_name -> cairn.mds.v1.Session
+	81, // 46: cairn.mds.v1.ChunkRef.copyset:type_name -> cairn.common.v1.CopysetRef
+	63, // 47: cairn.mds.v1.Segment.chunks:type_name -> cairn.mds.v1.ChunkRef
+	64, // 48: cairn.mds.v1.GetSegmentResponse.segment:type_name -> cairn.mds.v1.Segment
+	64, // 49: cairn.mds.v1.ListSegmentsResponse.segments:type_name -> cairn.mds.v1.Segment
+	69, // 50: cairn.mds.v1.GetClusterStatusResponse.mds:type_name -> cairn.mds.v1.MDSInstance
+	70, // 51: cairn.mds.v1.GetClusterStatusResponse.etcd:type_name -> cairn.mds.v1.EtcdMember
+	6,  // 52: cairn.mds.v1.GetClusterStatusResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
+	81, // 53: cairn.mds.v1.TransferLeaderRequest.copyset:type_name -> cairn.common.v1.CopysetRef
+	38, // 54: cairn.mds.v1.TransferLeaderResponse.operator:type_name -> cairn.mds.v1.Operator
+	81, // 55: cairn.mds.v1.BlockedCopyset.copyset:type_name -> cairn.common.v1.CopysetRef
+	77, // 56: cairn.mds.v1.GetScheduleStatusResponse.blocked:type_name -> cairn.mds.v1.BlockedCopyset
+	78, // 57: cairn.mds.v1.GetScheduleStatusResponse.operators:type_name -> cairn.mds.v1.OperatorCount
+	38, // 58: cairn.mds.v1.ListOperatorsResponse.operators:type_name -> cairn.mds.v1.Operator
+	14, // 59: cairn.mds.v1.TopologyService.RegisterChunkServer:input_type -> cairn.mds.v1.RegisterChunkServerRequest
+	16, // 60: cairn.mds.v1.TopologyService.GetChunkServer:input_type -> cairn.mds.v1.GetChunkServerRequest
+	18, // 61: cairn.mds.v1.TopologyService.ListZones:input_type -> cairn.mds.v1.ListZonesRequest
+	20, // 62: cairn.mds.v1.TopologyService.ListServers:input_type -> cairn.mds.v1.ListServersRequest
+	22, // 63: cairn.mds.v1.TopologyService.ListChunkServers:input_type -> cairn.mds.v1.ListChunkServersRequest
+	24, // 64: cairn.mds.v1.TopologyService.ListPools:input_type -> cairn.mds.v1.ListPoolsRequest
+	26, // 65: cairn.mds.v1.TopologyService.CreateLogicalPool:input_type -> cairn.mds.v1.CreateLogicalPoolRequest
+	28, // 66: cairn.mds.v1.TopologyService.ListCopysets:input_type -> cairn.mds.v1.ListCopysetsRequest
+	30, // 67: cairn.mds.v1.TopologyService.GetCopysets:input_type -> cairn.mds.v1.GetCopysetsRequest
+	32, // 68: cairn.mds.v1.TopologyService.UpdateChunkServer:input_type -> cairn.mds.v1.UpdateChunkServerRequest
+	34, // 69: cairn.mds.v1.TopologyService.DeleteChunkServer:input_type -> cairn.mds.v1.DeleteChunkServerRequest
+	37, // 70: cairn.mds.v1.HeartbeatService.Heartbeat:input_type -> cairn.mds.v1.HeartbeatRequest
+	43, // 71: cairn.mds.v1.VolumeService.CreateVolume:input_type -> cairn.mds.v1.CreateVolumeRequest
+	45, // 72: cairn.mds.v1.VolumeService.StatVolume:input_type -> cairn.mds.v1.StatVolumeRequest
+	47, // 73: cairn.mds.v1.VolumeService.ListVolumes:input_type -> cairn.mds.v1.ListVolumesRequest
+	49, // 74: cairn.mds.v1.VolumeService.ExtendVolume:input_type -> cairn.mds.v1.ExtendVolumeRequest
+	51, // 75: cairn.mds.v1.VolumeService.RenameVolume:input_type -> cairn.mds.v1.RenameVolumeRequest
+	53, // 76: cairn.mds.v1.VolumeService.DeleteVolume:input_type -> cairn.mds.v1.DeleteVolumeRequest
+	55, // 77: cairn.mds.v1.VolumeService.OpenVolume:input_type -> cairn.mds.v1.OpenVolumeRequest
+	57, // 78: cairn.mds.v1.VolumeService.RefreshSession:input_type -> cairn.mds.v1.RefreshSessionRequest
+	59, // 79: cairn.mds.v1.VolumeService.CloseVolume:input_type -> cairn.mds.v1.CloseVolumeRequest
+	61, // 80: cairn.mds.v1.VolumeService.ListSessions:input_type -> cairn.mds.v1.ListSessionsRequest
+	65, // 81: cairn.mds.v1.VolumeService.GetSegment:input_type -> cairn.mds.v1.GetSegmentRequest
+	67, // 82: cairn.mds.v1.VolumeService.ListSegments:input_type -> cairn.mds.v1.ListSegmentsRequest
+	71, // 83: cairn.mds.v1.ClusterService.GetClusterStatus:input_type -> cairn.mds.v1.GetClusterStatusRequest
+	73, // 84: cairn.mds.v1.ClusterService.TransferLeader:input_type -> cairn.mds.v1.TransferLeaderRequest
+	75, // 85: cairn.mds.v1.ClusterService.ListOperators:input_type -> cairn.mds.v1.ListOperatorsRequest
+	76, // 86: cairn.mds.v1.ClusterService.GetScheduleStatus:input_type -> cairn.mds.v1.GetScheduleStatusRequest
+	15, // 87: cairn.mds.v1.TopologyService.RegisterChunkServer:output_type -> cairn.mds.v1.RegisterChunkServerResponse
+	17, // 88: cairn.mds.v1.TopologyService.GetChunkServer:output_type -> cairn.mds.v1.GetChunkServerResponse
+	19, // 89: cairn.mds.v1.TopologyService.ListZones:output_type -> cairn.mds.v1.ListZonesResponse
+	21, // 90: cairn.mds.v1.TopologyService.ListServers:output_type -> cairn.mds.v1.ListServersResponse
+	23, // 91: cairn.mds.v1.TopologyService.ListChunkServers:output_type -> cairn.mds.v1.ListChunkServersResponse
+	25, // 92: cairn.mds.v1.TopologyService.ListPools:output_type -> cairn.mds.v1.ListPoolsResponse
+	27, // 93: cairn.mds.v1.TopologyService.CreateLogicalPool:output_type -> cairn.mds.v1.CreateLogicalPoolResponse
+	29, // 94: cairn.mds.v1.TopologyService.ListCopysets:output_type -> cairn.mds.v1.ListCopysetsResponse
+	31, // 95: cairn.mds.v1.TopologyService.GetCopysets:output_type -> cairn.mds.v1.GetCopysetsResponse
+	33, // 96: cairn.mds.v1.TopologyService.UpdateChunkServer:output_type -> cairn.mds.v1.UpdateChunkServerResponse
+	35, // 97: cairn.mds.v1.TopologyService.DeleteChunkServer:output_type -> cairn.mds.v1.DeleteChunkServerResponse
+	40, // 98: cairn.mds.v1.HeartbeatService.Heartbeat:output_type -> cairn.mds.v1.HeartbeatResponse
+	44, // 99: cairn.mds.v1.VolumeService.CreateVolume:output_type -> cairn.mds.v1.CreateVolumeResponse
+	46, // 100: cairn.mds.v1.VolumeService.StatVolume:output_type -> cairn.mds.v1.StatVolumeResponse
+	48, // 101: cairn.mds.v1.VolumeService.ListVolumes:output_type -> cairn.mds.v1.ListVolumesResponse
+	50, // 102: cairn.mds.v1.VolumeService.ExtendVolume:output_type -> cairn.mds.v1.ExtendVolumeResponse
+	52, // 103: cairn.mds.v1.VolumeService.RenameVolume:output_type -> cairn.mds.v1.RenameVolumeResponse
+	54, // 104: cairn.mds.v1.VolumeService.DeleteVolume:output_type -> cairn.mds.v1.DeleteVolumeResponse
+	56, // 105: cairn.mds.v1.VolumeService.OpenVolume:output_type -> cairn.mds.v1.OpenVolumeResponse
+	58, // 106: cairn.mds.v1.VolumeService.RefreshSession:output_type -> cairn.mds.v1.RefreshSessionResponse
+	60, // 107: cairn.mds.v1.VolumeService.CloseVolume:output_type -> cairn.mds.v1.CloseVolumeResponse
+	62, // 108: cairn.mds.v1.VolumeService.ListSessions:output_type -> cairn.mds.v1.ListSessionsResponse
+	66, // 109: cairn.mds.v1.VolumeService.GetSegment:output_type -> cairn.mds.v1.GetSegmentResponse
+	68, // 110: cairn.mds.v1.VolumeService.ListSegments:output_type -> cairn.mds.v1.ListSegmentsResponse
+	72, // 111: cairn.mds.v1.ClusterService.GetClusterStatus:output_type -> cairn.mds.v1.GetClusterStatusResponse
+	74, // 112: cairn.mds.v1.ClusterService.TransferLeader:output_type -> cairn.mds.v1.TransferLeaderResponse
+	80, // 113: cairn.mds.v1.ClusterService.ListOperators:output_type -> cairn.mds.v1.ListOperatorsResponse
+	79, // 114: cairn.mds.v1.ClusterService.GetScheduleStatus:output_type -> cairn.mds.v1.GetScheduleStatusResponse
+	87, // [87:115] is the sub-list for method output_type
+	59, // [59:87] is the sub-list for method input_type
+	59, // [59:59] is the sub-list for extension type_name
+	59, // [59:59] is the sub-list for extension extendee
+	0,  // [0:59] is the sub-list for field type_name
 }
 
 func init() { file_mdspb_mds_proto_init() }
@@ -4697,7 +5280,7 @@ func file_mdspb_mds_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_mdspb_mds_proto_rawDesc), len(file_mdspb_mds_proto_rawDesc)),
 			NumEnums:      5,
-			NumMessages:   68,
+			NumMessages:   76,
 			NumExtensions: 0,
 			NumServices:   4,
 		},

@@ -41,6 +41,8 @@ const (
 	TopologyService_CreateLogicalPool_FullMethodName   = "/cairn.mds.v1.TopologyService/CreateLogicalPool"
 	TopologyService_ListCopysets_FullMethodName        = "/cairn.mds.v1.TopologyService/ListCopysets"
 	TopologyService_GetCopysets_FullMethodName         = "/cairn.mds.v1.TopologyService/GetCopysets"
+	TopologyService_UpdateChunkServer_FullMethodName   = "/cairn.mds.v1.TopologyService/UpdateChunkServer"
+	TopologyService_DeleteChunkServer_FullMethodName   = "/cairn.mds.v1.TopologyService/DeleteChunkServer"
 )
 
 // TopologyServiceClient is the client API for TopologyService service.
@@ -59,6 +61,8 @@ type TopologyServiceClient interface {
 	CreateLogicalPool(ctx context.Context, in *CreateLogicalPoolRequest, opts ...grpc.CallOption) (*CreateLogicalPoolResponse, error)
 	ListCopysets(ctx context.Context, in *ListCopysetsRequest, opts ...grpc.CallOption) (*ListCopysetsResponse, error)
 	GetCopysets(ctx context.Context, in *GetCopysetsRequest, opts ...grpc.CallOption) (*GetCopysetsResponse, error)
+	UpdateChunkServer(ctx context.Context, in *UpdateChunkServerRequest, opts ...grpc.CallOption) (*UpdateChunkServerResponse, error)
+	DeleteChunkServer(ctx context.Context, in *DeleteChunkServerRequest, opts ...grpc.CallOption) (*DeleteChunkServerResponse, error)
 }
 
 type topologyServiceClient struct {
@@ -159,6 +163,26 @@ func (c *topologyServiceClient) GetCopysets(ctx context.Context, in *GetCopysets
 	return out, nil
 }
 
+func (c *topologyServiceClient) UpdateChunkServer(ctx context.Context, in *UpdateChunkServerRequest, opts ...grpc.CallOption) (*UpdateChunkServerResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(UpdateChunkServerResponse)
+	err := c.cc.Invoke(ctx, TopologyService_UpdateChunkServer_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *topologyServiceClient) DeleteChunkServer(ctx context.Context, in *DeleteChunkServerRequest, opts ...grpc.CallOption) (*DeleteChunkServerResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeleteChunkServerResponse)
+	err := c.cc.Invoke(ctx, TopologyService_DeleteChunkServer_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // TopologyServiceServer is the server API for TopologyService service.
 // All implementations must embed UnimplementedTopologyServiceServer
 // for forward compatibility.
@@ -175,6 +199,8 @@ type TopologyServiceServer interface {
 	CreateLogicalPool(context.Context, *CreateLogicalPoolRequest) (*CreateLogicalPoolResponse, error)
 	ListCopysets(context.Context, *ListCopysetsRequest) (*ListCopysetsResponse, error)
 	GetCopysets(context.Context, *GetCopysetsRequest) (*GetCopysetsResponse, error)
+	UpdateChunkServer(context.Context, *UpdateChunkServerRequest) (*UpdateChunkServerResponse, error)
+	DeleteChunkServer(context.Context, *DeleteChunkServerRequest) (*DeleteChunkServerResponse, error)
 	mustEmbedUnimplementedTopologyServiceServer()
 }
 
@@ -211,6 +237,12 @@ func (UnimplementedTopologyServiceServer) ListCopysets(context.Context, *ListCop
 }
 func (UnimplementedTopologyServiceServer) GetCopysets(context.Context, *GetCopysetsRequest) (*GetCopysetsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetCopysets not implemented")
+}
+func (UnimplementedTopologyServiceServer) UpdateChunkServer(context.Context, *UpdateChunkServerRequest) (*UpdateChunkServerResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method UpdateChunkServer not implemented")
+}
+func (UnimplementedTopologyServiceServer) DeleteChunkServer(context.Context, *DeleteChunkServerRequest) (*DeleteChunkServerResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DeleteChunkServer not implemented")
 }
 func (UnimplementedTopologyServiceServer) mustEmbedUnimplementedTopologyServiceServer() {}
 func (UnimplementedTopologyServiceServer) testEmbeddedByValue()                         {}
@@ -395,6 +427,42 @@ func _TopologyService_GetCopysets_Handler(srv interface{}, ctx context.Context, 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _TopologyService_UpdateChunkServer_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UpdateChunkServerRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(TopologyServiceServer).UpdateChunkServer(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: TopologyService_UpdateChunkServer_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(TopologyServiceServer).UpdateChunkServer(ctx, req.(*UpdateChunkServerRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _TopologyService_DeleteChunkServer_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteChunkServerRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(TopologyServiceServer).DeleteChunkServer(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: TopologyService_DeleteChunkServer_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(TopologyServiceServer).DeleteChunkServer(ctx, req.(*DeleteChunkServerRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // TopologyService_ServiceDesc is the grpc.ServiceDesc for TopologyService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -437,6 +505,14 @@ var TopologyService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetCopysets",
 			Handler:    _TopologyService_GetCopysets_Handler,
+		},
+		{
+			MethodName: "UpdateChunkServer",
+			Handler:    _TopologyService_UpdateChunkServer_Handler,
+		},
+		{
+			MethodName: "DeleteChunkServer",
+			Handler:    _TopologyService_DeleteChunkServer_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
@@ -1076,9 +1152,10 @@ var VolumeService_ServiceDesc = grpc.ServiceDesc{
 }
 
 const (
-	ClusterService_GetClusterStatus_FullMethodName = "/cairn.mds.v1.ClusterService/GetClusterStatus"
-	ClusterService_TransferLeader_FullMethodName   = "/cairn.mds.v1.ClusterService/TransferLeader"
-	ClusterService_ListOperators_FullMethodName    = "/cairn.mds.v1.ClusterService/ListOperators"
+	ClusterService_GetClusterStatus_FullMethodName  = "/cairn.mds.v1.ClusterService/GetClusterStatus"
+	ClusterService_TransferLeader_FullMethodName    = "/cairn.mds.v1.ClusterService/TransferLeader"
+	ClusterService_ListOperators_FullMethodName     = "/cairn.mds.v1.ClusterService/ListOperators"
+	ClusterService_GetScheduleStatus_FullMethodName = "/cairn.mds.v1.ClusterService/GetScheduleStatus"
 )
 
 // ClusterServiceClient is the client API for ClusterService service.
@@ -1090,6 +1167,7 @@ type ClusterServiceClient interface {
 	GetClusterStatus(ctx context.Context, in *GetClusterStatusRequest, opts ...grpc.CallOption) (*GetClusterStatusResponse, error)
 	TransferLeader(ctx context.Context, in *TransferLeaderRequest, opts ...grpc.CallOption) (*TransferLeaderResponse, error)
 	ListOperators(ctx context.Context, in *ListOperatorsRequest, opts ...grpc.CallOption) (*ListOperatorsResponse, error)
+	GetScheduleStatus(ctx context.Context, in *GetScheduleStatusRequest, opts ...grpc.CallOption) (*GetScheduleStatusResponse, error)
 }
 
 type clusterServiceClient struct {
@@ -1130,6 +1208,16 @@ func (c *clusterServiceClient) ListOperators(ctx context.Context, in *ListOperat
 	return out, nil
 }
 
+func (c *clusterServiceClient) GetScheduleStatus(ctx context.Context, in *GetScheduleStatusRequest, opts ...grpc.CallOption) (*GetScheduleStatusResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetScheduleStatusResponse)
+	err := c.cc.Invoke(ctx, ClusterService_GetScheduleStatus_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ClusterServiceServer is the server API for ClusterService service.
 // All implementations must embed UnimplementedClusterServiceServer
 // for forward compatibility.
@@ -1139,6 +1227,7 @@ type ClusterServiceServer interface {
 	GetClusterStatus(context.Context, *GetClusterStatusRequest) (*GetClusterStatusResponse, error)
 	TransferLeader(context.Context, *TransferLeaderRequest) (*TransferLeaderResponse, error)
 	ListOperators(context.Context, *ListOperatorsRequest) (*ListOperatorsResponse, error)
+	GetScheduleStatus(context.Context, *GetScheduleStatusRequest) (*GetScheduleStatusResponse, error)
 	mustEmbedUnimplementedClusterServiceServer()
 }
 
@@ -1157,6 +1246,9 @@ func (UnimplementedClusterServiceServer) TransferLeader(context.Context, *Transf
 }
 func (UnimplementedClusterServiceServer) ListOperators(context.Context, *ListOperatorsRequest) (*ListOperatorsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListOperators not implemented")
+}
+func (UnimplementedClusterServiceServer) GetScheduleStatus(context.Context, *GetScheduleStatusRequest) (*GetScheduleStatusResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetScheduleStatus not implemented")
 }
 func (UnimplementedClusterServiceServer) mustEmbedUnimplementedClusterServiceServer() {}
 func (UnimplementedClusterServiceServer) testEmbeddedByValue()                        {}
@@ -1233,6 +1325,24 @@ func _ClusterService_ListOperators_Handler(srv interface{}, ctx context.Context,
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ClusterService_GetScheduleStatus_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetScheduleStatusRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ClusterServiceServer).GetScheduleStatus(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ClusterService_GetScheduleStatus_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ClusterServiceServer).GetScheduleStatus(ctx, req.(*GetScheduleStatusRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // ClusterService_ServiceDesc is the grpc.ServiceDesc for ClusterService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -1251,6 +1361,10 @@ var ClusterService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListOperators",
 			Handler:    _ClusterService_ListOperators_Handler,
+		},
+		{
+			MethodName: "GetScheduleStatus",
+			Handler:    _ClusterService_GetScheduleStatus_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

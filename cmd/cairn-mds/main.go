@@ -30,24 +30,30 @@ func main() { daemon.Main("cairn-mds", run) }
 func run(args []string) error {
 	fs := flag.NewFlagSet("cairn-mds", flag.ContinueOnError)
 	var (
-		dataDir     = fs.String("data-dir", "", "directory for the embedded etcd's data (required without --etcd-endpoints)")
-		listen      = fs.String("listen", "127.0.0.1:6700", "gRPC listen address")
-		advertise   = fs.String("advertise", "", "address other processes reach this MDS at (default: the bound listen address)")
-		metrics     = fs.String("metrics-listen", "127.0.0.1:6701", "HTTP address of /metrics and /healthz (\"-\" disables)")
-		endpoints   = fs.String("etcd-endpoints", "", "comma-separated client URLs of an external etcd cluster (default: embedded etcd)")
-		etcdListen  = fs.String("embedded-etcd-listen", "127.0.0.1:6702", "client listen address of the embedded etcd (loopback only)")
-		prefix      = fs.String("etcd-prefix", "/cairn/", "prefix of every etcd key")
-		chunkSize   = fs.String("chunk-size", "", "chunk size on the cluster's first start (default 16MiB)")
-		segmentSize = fs.String("segment-size", "", "segment size on the cluster's first start (default 1GiB)")
-		blockSize   = fs.String("block-size", "", "IO block size on the cluster's first start (default 512)")
-		metaPage    = fs.String("meta-page-size", "", "chunk meta page size on the cluster's first start (default 4096)")
-		hbInterval  = fs.Duration("heartbeat-interval", 3*time.Second, "heartbeat period asked of chunkservers")
-		unstable    = fs.Duration("unstable-timeout", 0, "heartbeat age after which a chunkserver is UNSTABLE (default 3 heartbeat intervals)")
-		offline     = fs.Duration("offline-timeout", 0, "heartbeat age after which a chunkserver is OFFLINE (default 10 heartbeat intervals)")
-		lease       = fs.Duration("session-lease", 30*time.Second, "lifetime of a volume session without refresh")
-		epochLease  = fs.Duration("epoch-lease", 0, "how long a chunkserver trusts its volume epochs after a heartbeat; a writable open that cannot reach a chunkserver waits this long (default 5 heartbeat intervals)")
-		electionTTL = fs.Duration("election-ttl", 5*time.Second, "lease of the leader's election key (failover time after a crash)")
-		logLevel    = fs.String("log-level", "info", "debug, info, warn or error")
+		dataDir      = fs.String("data-dir", "", "directory for the embedded etcd's data (required without --etcd-endpoints)")
+		listen       = fs.String("listen", "127.0.0.1:6700", "gRPC listen address")
+		advertise    = fs.String("advertise", "", "address other processes reach this MDS at (default: the bound listen address)")
+		metrics      = fs.String("metrics-listen", "127.0.0.1:6701", "HTTP address of /metrics and /healthz (\"-\" disables)")
+		endpoints    = fs.String("etcd-endpoints", "", "comma-separated client URLs of an external etcd cluster (default: embedded etcd)")
+		etcdListen   = fs.String("embedded-etcd-listen", "127.0.0.1:6702", "client listen address of the embedded etcd (loopback only)")
+		prefix       = fs.String("etcd-prefix", "/cairn/", "prefix of every etcd key")
+		chunkSize    = fs.String("chunk-size", "", "chunk size on the cluster's first start (default 16MiB)")
+		segmentSize  = fs.String("segment-size", "", "segment size on the cluster's first start (default 1GiB)")
+		blockSize    = fs.String("block-size", "", "IO block size on the cluster's first start (default 512)")
+		metaPage     = fs.String("meta-page-size", "", "chunk meta page size on the cluster's first start (default 4096)")
+		hbInterval   = fs.Duration("heartbeat-interval", 3*time.Second, "heartbeat period asked of chunkservers")
+		unstable     = fs.Duration("unstable-timeout", 0, "heartbeat age after which a chunkserver is UNSTABLE (default 3 heartbeat intervals)")
+		offline      = fs.Duration("offline-timeout", 0, "heartbeat age after which a chunkserver is OFFLINE (default 10 heartbeat intervals)")
+		lease        = fs.Duration("session-lease", 30*time.Second, "lifetime of a volume session without refresh")
+		epochLease   = fs.Duration("epoch-lease", 0, "how long a chunkserver trusts its volume epochs after a heartbeat; a writable open that cannot reach a chunkserver waits this long (default 5 heartbeat intervals)")
+		electionTTL  = fs.Duration("election-ttl", 5*time.Second, "lease of the leader's election key (failover time after a crash)")
+		recoverAfter = fs.Duration("recover-after", 10*time.Minute, "how long a chunkserver may be unheard before its replicas are rebuilt on others")
+		opTimeout    = fs.Duration("operator-timeout", 10*time.Minute, "drop an operator (a replica move, a leader transfer) that has not taken effect in this long")
+		maxOps       = fs.Int("max-operators-per-chunkserver", 2, "operators (snapshot sends and receives, transfers) one chunkserver takes part in at once")
+		noBalance    = fs.Bool("no-balance", false, "do not balance copysets and leaders (recovery and drains go on)")
+		spaceWarn    = fs.Float64("space-warn", 0.8, "fraction of a chunkserver's space in use past which status warns")
+		spaceFull    = fs.Float64("space-full", 0.95, "fraction of a chunkserver's space in use past which it takes no new replicas")
+		logLevel     = fs.String("log-level", "info", "debug, info, warn or error")
 	)
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -84,6 +90,10 @@ func run(args []string) error {
 		EmbeddedEtcdAddr: *etcdListen, EtcdPrefix: *prefix, ElectionTTL: *electionTTL, Constants: consts,
 		HeartbeatInterval: *hbInterval, UnstableTimeout: *unstable, OfflineTimeout: *offline,
 		SessionLease: *lease, EpochLease: *epochLease, Logger: logger,
+		Schedule: mds.ScheduleConfig{
+			RecoverAfter: *recoverAfter, OperatorTimeout: *opTimeout, MaxOperatorsPerChunkServer: *maxOps,
+			NoBalance: *noBalance, SpaceWarn: *spaceWarn, SpaceFull: *spaceFull,
+		},
 	}
 	if *endpoints != "" {
 		for _, e := range strings.Split(*endpoints, ",") {

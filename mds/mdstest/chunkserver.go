@@ -161,6 +161,29 @@ func (d *ChunkServerDouble) SetPeers(ref *commonpb.CopysetRef, peers []*commonpb
 	}
 }
 
+// Host makes the double hold a replica of spec's copyset with spec's
+// members at the given conf epoch, as after a membership change that added
+// it or that it applied.
+func (d *ChunkServerDouble) Host(spec *copysetpb.CopysetSpec, epoch uint64) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	key := spec.Copyset.Key()
+	d.mu.copysets[key] = proto.CloneOf(spec)
+	d.mu.confEpoch[key] = epoch
+}
+
+// Drop makes the double forget its replica of a copyset, as after it was
+// removed and trashed.
+func (d *ChunkServerDouble) Drop(ref *commonpb.CopysetRef) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	key := ref.Key()
+	delete(d.mu.copysets, key)
+	delete(d.mu.leading, key)
+	delete(d.mu.confEpoch, key)
+	delete(d.mu.term, key)
+}
+
 // SetRedirect makes DeleteChunk on a copyset answer REDIRECTED with hint
 // (nil to serve it again).
 func (d *ChunkServerDouble) SetRedirect(ref *commonpb.CopysetRef, hint *chunkpb.LeaderHint) {

@@ -33,8 +33,10 @@ import (
 
 // Options shape a test cluster. Zero values take the defaults named.
 type Options struct {
-	// ChunkServers is the number of chunkservers, one per zone (default 3).
-	ChunkServers int
+	// ChunkServers is the number of chunkservers (default 3), spread over
+	// Zones zones round-robin: chunkserver i is in zone i%Zones+1 (default
+	// one zone per chunkserver).
+	ChunkServers, Zones int
 	// ChunkSize (default 1 MiB) and SegmentSize (default 64 MiB).
 	ChunkSize, SegmentSize uint64
 	// CopysetsPerChunkServer for the logical pool (default 8). With
@@ -53,6 +55,9 @@ type Options struct {
 	Faults *transport.Faults
 	// Tune, if set, adjusts each chunkserver's config before it starts.
 	Tune func(i int, c *chunkserver.Config)
+	// Schedule configures the MDS's schedulers (default: the MDS's
+	// defaults, which recover only after 10 minutes).
+	Schedule mds.ScheduleConfig
 }
 
 // Cluster is a running test cluster.
@@ -88,6 +93,9 @@ func Start(t testing.TB, opts Options) *Cluster {
 	if opts.ChunkServers == 0 {
 		opts.ChunkServers = 3
 	}
+	if opts.Zones == 0 {
+		opts.Zones = opts.ChunkServers
+	}
 	if opts.ChunkSize == 0 {
 		opts.ChunkSize = 1 << 20
 	}
@@ -118,6 +126,7 @@ func Start(t testing.TB, opts Options) *Cluster {
 		HeartbeatInterval: 200 * time.Millisecond,
 		EpochLease:        opts.EpochLease,
 		ElectionTTL:       2 * time.Second,
+		Schedule:          opts.Schedule,
 		Logger:            c.log,
 	})
 	if err != nil {
@@ -180,7 +189,7 @@ func (c *Cluster) ChunkServerConfig(i int) chunkserver.Config {
 		ListenAddr:        listen,
 		MetricsAddr:       "-",
 		MDSAddrs:          []string{c.MDS.Addr()},
-		Zone:              fmt.Sprintf("zone%d", i+1),
+		Zone:              fmt.Sprintf("zone%d", i%c.opts.Zones+1),
 		Hostname:          fmt.Sprintf("host%d", i+1),
 		PhysicalPool:      "pool1",
 		PoolInitialBytes:  c.opts.PoolBytes,
@@ -229,6 +238,28 @@ func (c *Cluster) StartChunkServer(i int) *chunkserver.Server {
 	c.addrs[i] = s.Addr()
 	c.mu.Unlock()
 	return s
+}
+
+// AddChunkServer starts a new chunkserver in the given zone (1-based) and
+// returns its index.
+func (c *Cluster) AddChunkServer(zone int) int {
+	c.t.Helper()
+	c.mu.Lock()
+	i := len(c.cs)
+	c.cs = append(c.cs, nil)
+	c.addrs = append(c.addrs, "")
+	c.mu.Unlock()
+	prev := c.opts.Tune
+	c.opts.Tune = func(j int, cfg *chunkserver.Config) {
+		if prev != nil {
+			prev(j, cfg)
+		}
+		if j == i {
+			cfg.Zone = fmt.Sprintf("zone%d", zone)
+		}
+	}
+	c.StartChunkServer(i)
+	return i
 }
 
 func isAddrInUse(err error) bool {

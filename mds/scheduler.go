@@ -1,0 +1,427 @@
+package mds
+
+import (
+	"context"
+	"slices"
+	"strings"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	"cairn.io/cairn/api/commonpb"
+	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/mds/schedule"
+)
+
+// The schedulers. Every Schedule.Interval the leader hands package schedule
+// a snapshot of the cluster and queues the operators it plans; they reach
+// each copyset's leader with its next heartbeat answer, like a manual
+// transfer-leader. Operators are kept in etcd, so a new MDS leader finds
+// the ones under way; one that has not taken effect within the operator
+// timeout is dropped, and its target avoided for that copyset for as long.
+// A RETIRING chunkserver that no copyset names any more becomes RETIRED.
+
+// transferTimeout bounds a transfer-leader operator: leadership moves in
+// an election timeout or not at all.
+const transferTimeout = time.Minute
+
+// avoid is a chunkserver that did not take a copyset's replica in time.
+type avoid struct {
+	node  uint64
+	until time.Time
+}
+
+// startScheduler runs scheduling rounds while this MDS leads.
+func (l *leaderState) startScheduler() {
+	l.wg.Add(1)
+	go func() {
+		defer l.wg.Done()
+		t := time.NewTicker(l.s.cfg.Schedule.Interval)
+		defer t.Stop()
+		for {
+			select {
+			case <-l.ctx.Done():
+				return
+			case <-t.C:
+			case <-l.schedKick:
+			}
+			l.scheduleOnce(l.ctx, time.Now())
+		}
+	}()
+}
+
+// scheduleOnce runs one round: drop operators past their timeout, plan and
+// queue new ones, retire drained chunkservers.
+func (l *leaderState) scheduleOnce(ctx context.Context, now time.Time) {
+	cfg := &l.s.cfg.Schedule
+	var expired []uint64
+	var queued []*mdspb.Operator
+	var retired []*mdspb.ChunkServer
+	l.mu.Lock()
+	for key, op := range l.mu.operators {
+		timeout := cfg.OperatorTimeout
+		if op.Kind == mdspb.OperatorKind_OPERATOR_KIND_TRANSFER_LEADER {
+			timeout = min(timeout, transferTimeout)
+		}
+		if l.operatorCreatedLocked(op).Add(timeout).After(now) {
+			continue
+		}
+		delete(l.mu.operators, key)
+		expired = append(expired, key)
+		if op.Kind == mdspb.OperatorKind_OPERATOR_KIND_ADD_PEER {
+			l.mu.avoid[key] = avoid{node: op.Target.GetChunkserverId(), until: now.Add(cfg.OperatorTimeout)}
+		}
+		l.s.metrics.operatorsEnded.WithLabelValues(kindLabel(op.Kind), op.Reason, "timed_out").Inc()
+		l.log.Warn("operator timed out; dropped", "pool", op.Copyset.LogicalPoolId, "copyset", op.Copyset.CopysetId,
+			"kind", kindLabel(op.Kind), "target", op.Target.GetChunkserverId(), "reason", op.Reason, "age", now.Sub(l.operatorCreatedLocked(op)).Round(time.Second))
+	}
+	in := l.scheduleInputLocked(now)
+	ops, blocked := schedule.Plan(in, schedule.Limits{
+		MaxOpsPerChunkServer: cfg.MaxOperatorsPerChunkServer, Tolerance: cfg.BalanceTolerance, NoBalance: cfg.NoBalance,
+	})
+	for _, p := range ops {
+		if op := l.queueLocked(p, now); op != nil {
+			queued = append(queued, op)
+		}
+	}
+	l.noteBlockedLocked(blocked)
+	retired = l.drainedLocked()
+	l.mu.Unlock()
+
+	if err := l.persistCopysets(ctx, nil, expired); err != nil && ctx.Err() == nil {
+		l.log.Warn("schedule: drop expired operators", "err", err)
+	}
+	if err := l.persistOperators(ctx, queued); err != nil && ctx.Err() == nil {
+		l.log.Warn("schedule: persist operators", "err", err)
+	}
+	for _, rec := range retired {
+		if err := l.setRWState(ctx, rec, mdspb.RWState_RW_STATE_RETIRED); err != nil && ctx.Err() == nil {
+			l.log.Warn("schedule: retire drained chunkserver", "chunkserver", rec.Id, "err", err)
+		}
+	}
+}
+
+// queueLocked turns a planned operator into a queued one, unless the
+// copyset moved on or took another meanwhile. l.mu held; the caller
+// persists it.
+func (l *leaderState) queueLocked(p schedule.Op, now time.Time) *mdspb.Operator {
+	key := (&commonpb.CopysetRef{LogicalPoolId: p.Pool, CopysetId: p.Copyset}).Key()
+	rec := l.mu.copysets[key]
+	if rec == nil || l.mu.operators[key] != nil || rec.ConfEpoch != p.ConfEpoch {
+		return nil
+	}
+	op := &mdspb.Operator{
+		Copyset: proto.CloneOf(rec.Id), Kind: opKind(p.Kind), ConfEpoch: p.ConfEpoch,
+		Target: &commonpb.Peer{ChunkserverId: p.Target}, Reason: p.Reason, CreatedUnix: now.Unix(),
+	}
+	if e := l.mu.chunkServers[p.Target]; e != nil {
+		op.Target.Address = e.rec.Address
+	}
+	l.mu.operators[key] = op
+	l.mu.unsaved[op] = true
+	l.s.metrics.operatorsStarted.WithLabelValues(kindLabel(op.Kind), op.Reason).Inc()
+	l.log.Info("operator queued", "pool", p.Pool, "copyset", p.Copyset, "kind", kindLabel(op.Kind),
+		"target", p.Target, "leader", rec.LeaderId, "reason", p.Reason, "conf_epoch", p.ConfEpoch)
+	return op
+}
+
+// nextStepLocked plans the repair step that follows an operator that just
+// ended on a copyset (the removal after an add, the removal after a
+// leadership moved off the replica to remove), so that the leader gets it
+// with the answer to the report that ended the first step instead of a
+// scheduling round and a heartbeat later. l.mu held; the caller persists
+// the operator.
+func (l *leaderState) nextStepLocked(key uint64, now time.Time) *mdspb.Operator {
+	op, ok := schedule.PlanCopyset(l.scheduleInputLocked(now),
+		schedule.Limits{MaxOpsPerChunkServer: l.s.cfg.Schedule.MaxOperatorsPerChunkServer}, uint32(key>>32), uint32(key))
+	if !ok {
+		return nil
+	}
+	return l.queueLocked(op, now)
+}
+
+// wakeScheduler asks for a scheduling round now (an operator ended: there
+// may be room for another).
+func (l *leaderState) wakeScheduler() {
+	select {
+	case l.schedKick <- struct{}{}:
+	default:
+	}
+}
+
+// operatorCreatedLocked is when an operator was queued; one from an older
+// MDS that did not record it counts from this leader's start.
+func (l *leaderState) operatorCreatedLocked(op *mdspb.Operator) time.Time {
+	if op.CreatedUnix == 0 {
+		return l.since
+	}
+	if t := time.Unix(op.CreatedUnix, 0); t.After(l.since) {
+		return t
+	}
+	return l.since
+}
+
+// scheduleInputLocked is the snapshot the schedulers plan from. l.mu held.
+func (l *leaderState) scheduleInputLocked(now time.Time) schedule.Input {
+	cfg := &l.s.cfg.Schedule
+	in := schedule.Input{Running: map[uint64]int{}}
+	for id, e := range l.mu.chunkServers {
+		heard := e.lastHB
+		if heard.IsZero() {
+			heard = l.since
+		}
+		used := spaceUsed(e.capacity)
+		in.ChunkServers = append(in.ChunkServers, schedule.ChunkServer{
+			ID: id, Zone: e.rec.ZoneId, PhysPool: e.physPool,
+			Online:   l.onlineStateLocked(e, now) == mdspb.OnlineState_ONLINE_STATE_ONLINE,
+			Down:     now.Sub(heard) > cfg.RecoverAfter,
+			Retiring: e.rec.RwState == mdspb.RWState_RW_STATE_RETIRING,
+			Retired:  e.rec.RwState == mdspb.RWState_RW_STATE_RETIRED,
+			Full:     used >= cfg.SpaceFull,
+			Used:     used,
+		})
+	}
+	for key, op := range l.mu.operators {
+		if c := l.mu.copysets[key]; c != nil && c.LeaderId != 0 {
+			in.Running[c.LeaderId]++
+		}
+		if op.Kind != mdspb.OperatorKind_OPERATOR_KIND_REMOVE_PEER {
+			in.Running[op.Target.GetChunkserverId()]++
+		}
+	}
+	for key, c := range l.mu.copysets {
+		pool := l.mu.logicalPools[c.Id.GetLogicalPoolId()]
+		if pool == nil || pool.Status != mdspb.LogicalPoolStatus_LOGICAL_POOL_STATUS_READY {
+			continue
+		}
+		cs := schedule.Copyset{
+			Pool: pool.Id, PhysPool: pool.PhysicalPoolId, ID: c.Id.GetCopysetId(), Replicas: int(max(pool.Replicas, 1)),
+			Leader: c.LeaderId, ConfEpoch: c.ConfEpoch,
+			Busy: l.mu.operators[key] != nil || c.Pending.GetKind() != 0,
+		}
+		for _, p := range c.Peers {
+			cs.Voters = append(cs.Voters, p.ChunkserverId)
+		}
+		for _, p := range c.Learners {
+			cs.Learners = append(cs.Learners, p.ChunkserverId)
+		}
+		if rb := l.mu.rebuilds[key]; rb != nil {
+			if rb.gaveUp {
+				cs.Broken = append(cs.Broken, rb.node)
+			} else {
+				cs.Busy = true
+			}
+		}
+		if a, ok := l.mu.avoid[key]; ok {
+			if now.After(a.until) {
+				delete(l.mu.avoid, key)
+			} else {
+				cs.Avoid = append(cs.Avoid, a.node)
+			}
+		}
+		in.Copysets = append(in.Copysets, cs)
+	}
+	return in
+}
+
+// spaceUsed is the fraction of a chunkserver's space in use: of its chunk
+// file pool (counting what the pool may still grow into as free) or of its
+// disk, whichever is fuller.
+func spaceUsed(c *mdspb.Capacity) float64 {
+	if c == nil {
+		return 0
+	}
+	var used float64
+	if total := c.PoolUsedChunks + c.PoolFreeChunks; total > 0 {
+		used = float64(c.PoolUsedChunks) / float64(total)
+	}
+	if c.DiskTotalBytes > 0 {
+		used = max(used, 1-float64(c.DiskFreeBytes)/float64(c.DiskTotalBytes))
+	}
+	return used
+}
+
+// noteBlockedLocked keeps the copysets the schedulers cannot repair now and
+// logs when that set changes. l.mu held.
+func (l *leaderState) noteBlockedLocked(blocked []schedule.Blocked) {
+	changed := len(blocked) != len(l.mu.blocked)
+	for i := range blocked {
+		if !changed && blocked[i] != l.mu.blocked[i] {
+			changed = true
+		}
+	}
+	if !changed {
+		return
+	}
+	l.mu.blocked = blocked
+	if len(blocked) > 0 {
+		l.log.Warn("copysets need a repair no chunkserver can take", "copysets", len(blocked),
+			"first", blocked[0].Pool, "first_copyset", blocked[0].Copyset, "why", blocked[0].Reason)
+	}
+}
+
+// drainedLocked returns the RETIRING chunkservers that no copyset names
+// and no operator targets any more. l.mu held.
+func (l *leaderState) drainedLocked() []*mdspb.ChunkServer {
+	var out []*mdspb.ChunkServer
+	for id, e := range l.mu.chunkServers {
+		if e.rec.RwState != mdspb.RWState_RW_STATE_RETIRING || l.holdsReplicasLocked(id) {
+			continue
+		}
+		out = append(out, proto.CloneOf(e.rec))
+	}
+	return out
+}
+
+// holdsReplicasLocked reports whether any copyset names a chunkserver as a
+// voter or learner, or any operator targets it. l.mu held.
+func (l *leaderState) holdsReplicasLocked(id uint64) bool {
+	for _, c := range l.mu.copysets {
+		has := func(p *commonpb.Peer) bool { return p.ChunkserverId == id }
+		if slices.ContainsFunc(c.Peers, has) || slices.ContainsFunc(c.Learners, has) {
+			return true
+		}
+	}
+	for _, op := range l.mu.operators {
+		if op.Target.GetChunkserverId() == id && op.Kind == mdspb.OperatorKind_OPERATOR_KIND_ADD_PEER {
+			return true
+		}
+	}
+	return false
+}
+
+// setRWState records a chunkserver's read-write state.
+func (l *leaderState) setRWState(ctx context.Context, rec *mdspb.ChunkServer, st mdspb.RWState) error {
+	l.topoWrite.Lock()
+	defer l.topoWrite.Unlock()
+	l.mu.Lock()
+	e := l.mu.chunkServers[rec.Id]
+	if e == nil {
+		l.mu.Unlock()
+		return nil
+	}
+	next := proto.CloneOf(e.rec)
+	l.mu.Unlock()
+	from := next.RwState
+	next.RwState = st
+	if _, err := l.st.txn(ctx, nil, putOp(l.st.k.chunkServer(next.Id), next)); err != nil {
+		return err
+	}
+	l.mu.Lock()
+	if e := l.mu.chunkServers[rec.Id]; e != nil {
+		e.rec = next
+	}
+	l.mu.Unlock()
+	l.log.Info("chunkserver state changed", "chunkserver", next.Id, "from", rwLabel(from), "to", rwLabel(st))
+	return nil
+}
+
+func opKind(k schedule.Kind) mdspb.OperatorKind {
+	switch k {
+	case schedule.TransferLeader:
+		return mdspb.OperatorKind_OPERATOR_KIND_TRANSFER_LEADER
+	case schedule.AddPeer:
+		return mdspb.OperatorKind_OPERATOR_KIND_ADD_PEER
+	case schedule.RemovePeer:
+		return mdspb.OperatorKind_OPERATOR_KIND_REMOVE_PEER
+	}
+	return mdspb.OperatorKind_OPERATOR_KIND_UNKNOWN
+}
+
+// kindLabel names an operator kind in logs and metrics.
+func kindLabel(k mdspb.OperatorKind) string {
+	switch k {
+	case mdspb.OperatorKind_OPERATOR_KIND_TRANSFER_LEADER:
+		return "transfer-leader"
+	case mdspb.OperatorKind_OPERATOR_KIND_ADD_PEER:
+		return "add-peer"
+	case mdspb.OperatorKind_OPERATOR_KIND_REMOVE_PEER:
+		return "remove-peer"
+	}
+	return "unknown"
+}
+
+// rwLabel names a read-write state in logs.
+func rwLabel(s mdspb.RWState) string {
+	switch s {
+	case mdspb.RWState_RW_STATE_READWRITE:
+		return "readwrite"
+	case mdspb.RWState_RW_STATE_RETIRING:
+		return "retiring"
+	case mdspb.RWState_RW_STATE_RETIRED:
+		return "retired"
+	}
+	return "unknown"
+}
+
+// movedBytes is a replica filled: when, and about how many bytes.
+type movedBytes struct {
+	at    time.Time
+	bytes uint64
+}
+
+// movedWindow is how far back the copy rate looks.
+const movedWindow = time.Minute
+
+// noteMovedLocked records a replica filled. l.mu held.
+func (l *leaderState) noteMovedLocked(now time.Time, bytes uint64) {
+	l.mu.moved = append(l.mu.moved, movedBytes{at: now, bytes: bytes})
+	l.s.metrics.movedBytes.Add(float64(bytes))
+	l.trimMovedLocked(now)
+}
+
+func (l *leaderState) trimMovedLocked(now time.Time) {
+	i := 0
+	for i < len(l.mu.moved) && now.Sub(l.mu.moved[i].at) > movedWindow {
+		i++
+	}
+	l.mu.moved = l.mu.moved[i:]
+}
+
+// scheduleStatus reports what the schedulers have left to do and how fast
+// they go.
+func (l *leaderState) scheduleStatus(now time.Time) *mdspb.GetScheduleStatusResponse {
+	cfg := &l.s.cfg.Schedule
+	out := &mdspb.GetScheduleStatusResponse{
+		SpaceWarn: cfg.SpaceWarn, SpaceFull: cfg.SpaceFull,
+		RecoverAfterSeconds: uint32(cfg.RecoverAfter / time.Second), BalanceEnabled: !cfg.NoBalance,
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	sum := schedule.Summarize(l.scheduleInputLocked(now))
+	out.CopysetsToRepair, out.CopysetsMoving = uint32(len(sum.ToRepair)), uint32(len(sum.Moving))
+	receiving := map[uint64]bool{}
+	for _, id := range sum.ToRepair {
+		receiving[(&commonpb.CopysetRef{LogicalPoolId: id[0], CopysetId: id[1]}).Key()] = true
+	}
+	reasons := map[string]uint32{}
+	for key, op := range l.mu.operators {
+		reasons[op.Reason]++
+		if op.Kind == mdspb.OperatorKind_OPERATOR_KIND_ADD_PEER {
+			receiving[key] = true
+		}
+	}
+	for key := range receiving {
+		if c := l.mu.copysets[key]; c != nil {
+			out.BytesToMove += c.ChunkCount * l.consts.ChunkSize
+		}
+	}
+	for r, n := range reasons {
+		out.Operators = append(out.Operators, &mdspb.OperatorCount{Reason: r, Count: n})
+	}
+	slices.SortFunc(out.Operators, func(a, b *mdspb.OperatorCount) int { return strings.Compare(a.Reason, b.Reason) })
+	for _, b := range l.mu.blocked {
+		out.Blocked = append(out.Blocked, &mdspb.BlockedCopyset{
+			Copyset: &commonpb.CopysetRef{LogicalPoolId: b.Pool, CopysetId: b.Copyset}, Reason: b.Reason,
+		})
+	}
+	l.trimMovedLocked(now)
+	for _, m := range l.mu.moved {
+		out.BytesMovedLastMinute += m.bytes
+	}
+	if out.BytesMovedLastMinute > 0 {
+		span := min(movedWindow, now.Sub(l.since))
+		out.BytesPerSecond = float64(out.BytesMovedLastMinute) / max(span.Seconds(), 1)
+	}
+	return out
+}
