@@ -51,7 +51,7 @@ func (a *app) extendCommand() *cobra.Command {
 }
 
 func (a *app) deleteCommand() *cobra.Command {
-	cmd := &cobra.Command{Use: "delete", Short: "Delete a volume"}
+	cmd := &cobra.Command{Use: "delete", Short: "Delete a volume or a retired chunkserver"}
 	var yes, force bool
 	vol := &cobra.Command{
 		Use:   "volume NAME",
@@ -81,7 +81,7 @@ unless --yes is given. A volume open for writing is refused unless --force.`,
 	}
 	vol.Flags().BoolVarP(&yes, "yes", "y", false, "do not ask for confirmation")
 	vol.Flags().BoolVar(&force, "force", false, "delete even while a client has the volume open for writing")
-	cmd.AddCommand(vol)
+	cmd.AddCommand(vol, a.deleteChunkServerCommand())
 	return cmd
 }
 
@@ -261,7 +261,7 @@ func (v *logicalPoolView) writeTable(t *table) {
 }
 
 func (a *app) updateCommand() *cobra.Command {
-	cmd := &cobra.Command{Use: "update", Short: "Change a copyset's leader"}
+	cmd := &cobra.Command{Use: "update", Short: "Change a copyset's leader, or drain chunkservers"}
 	var copyset string
 	var to uint64
 	var wait time.Duration
@@ -311,6 +311,7 @@ new leader.`,
 	_ = leader.MarkFlagRequired("copyset")
 	_ = leader.MarkFlagRequired("to")
 	cmd.AddCommand(leader)
+	cmd.AddCommand(a.stateCommands()...)
 	return cmd
 }
 

@@ -14,7 +14,7 @@ import (
 func (a *app) listCommand() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "list",
-		Short: "List zones, servers, chunkservers, pools, copysets or volumes",
+		Short: "List zones, servers, chunkservers, pools, copysets, operators or volumes",
 	}
 	cmd.AddCommand(
 		&cobra.Command{
@@ -35,6 +35,7 @@ func (a *app) listCommand() *cobra.Command {
 			RunE: a.runE(func(ctx context.Context, _ *cobra.Command, _ []string) error { return a.listPoolsCmd(ctx) }),
 		},
 		a.listCopysetCommand(),
+		a.listOperatorCommand(),
 		&cobra.Command{
 			Use: "volume", Aliases: []string{"volumes"}, Short: "List volumes", Args: exactArgs(0, "none"),
 			RunE: a.runE(func(ctx context.Context, _ *cobra.Command, _ []string) error { return a.listVolumes(ctx) }),

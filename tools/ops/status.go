@@ -30,6 +30,7 @@ type statusResult struct {
 	Formatting       formattingView    `json:"formatting"`
 	Volumes          volumeCounts      `json:"volumes"`
 	PendingOperators int               `json:"pending_operators"`
+	Recovery         recoveryView      `json:"recovery"`
 }
 
 type mdsView struct {
@@ -184,7 +185,9 @@ func (a *app) status(ctx context.Context, p healthParams) (*statusResult, error)
 			counts.Unknown++
 			state = "unknown (no heartbeat since the MDS leader took over)"
 		}
-		if cs.OnlineState != mdspb.OnlineState_ONLINE_STATE_ONLINE {
+		// A retired chunkserver is expected to be gone (a replaced disk, a
+		// drained machine).
+		if cs.OnlineState != mdspb.OnlineState_ONLINE_STATE_ONLINE && cs.RwState != mdspb.RWState_RW_STATE_RETIRED {
 			problem("chunkserver %d (%s, %s, zone %s) is %s", cs.Id, cs.Hostname, cs.Address, cs.Zone, state)
 		}
 		if cs.OnlineState == mdspb.OnlineState_ONLINE_STATE_OFFLINE {
@@ -244,6 +247,11 @@ func (a *app) status(ctx context.Context, p healthParams) (*statusResult, error)
 		}
 		cc.UnhealthyCopysets = append(cc.UnhealthyCopysets, newCopysetView(c, h))
 		problem("copyset %s: %s", c.Id.Name(), strings.Join(h.problems, "; "))
+	}
+
+	// Recovery, drains and space.
+	if err := a.addRecovery(ctx, res, topo, problem); err != nil {
+		return nil, err
 	}
 
 	// Volumes.
@@ -385,6 +393,7 @@ func (r *statusResult) writeTable(t *table) {
 	}
 	t.row("formatting:", format)
 	t.row("operators:", fmt.Sprintf("%d pending", r.PendingOperators))
+	t.row("recovery:", r.Recovery.line())
 	if len(r.Problems) > 0 {
 		t.line("")
 		t.line("problems:")

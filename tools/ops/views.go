@@ -131,6 +131,8 @@ func rwStateName(s mdspb.RWState) string {
 		return "readwrite"
 	case mdspb.RWState_RW_STATE_RETIRED:
 		return "retired"
+	case mdspb.RWState_RW_STATE_RETIRING:
+		return "retiring"
 	default:
 		return "unknown"
 	}

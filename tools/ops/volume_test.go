@@ -299,7 +299,7 @@ func TestUsageErrors(t *testing.T) {
 		msg  string
 	}{
 		{[]string{"frobnicate"}, `unknown command "frobnicate"`},
-		{[]string{"list"}, "cairn-ops list needs one of: chunkserver, copyset, pool, server, volume, zone"},
+		{[]string{"list"}, "cairn-ops list needs one of: chunkserver, copyset, operator, pool, server, volume, zone"},
 		{[]string{"list", "disks"}, `unknown command "disks" for cairn-ops list`},
 		{[]string{"status", "--bogus"}, "unknown flag: --bogus"},
 		{[]string{"-o", "yaml", "status"}, `unknown output format "yaml": use table or json`},
