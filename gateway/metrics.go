@@ -25,6 +25,7 @@ type metrics struct {
 	reg *prometheus.Registry
 
 	nbdLatency *prometheus.HistogramVec
+	volumes    *volumeMetrics
 	opens      prometheus.Counter
 	openErrors prometheus.Counter
 	closes     prometheus.Counter
@@ -61,6 +62,7 @@ func newMetrics(g *Gateway) *metrics {
 	m.reg.MustRegister(m.nbdLatency, m.opens, m.openErrors, m.closes, m.fenced, m.pollErrors, m.exported,
 		statsCollector{m},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	m.volumes = newVolumeMetrics(m.reg)
 	return m
 }
 

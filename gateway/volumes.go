@@ -134,6 +134,7 @@ func (r *registry) open(e *entry) {
 	r.mu.Unlock()
 	close(e.ready)
 	r.g.metrics.opens.Inc()
+	r.g.metrics.volumes.start(e.name)
 	r.g.log.Info("volume opened", "volume", e.name, "size", units.FormatBytes(uint64(max(vol.Size(), 0))),
 		"took", time.Since(start).Round(time.Millisecond))
 	if idle {
@@ -224,6 +225,7 @@ func (r *registry) closeVolume(e *entry) error {
 	delete(r.live, e)
 	r.mu.Unlock()
 	r.g.metrics.closes.Inc()
+	r.g.metrics.volumes.forget(e.name)
 	if err := errors.Join(errs...); err != nil {
 		r.g.log.Warn("close volume", "volume", e.name, "err", err)
 		return fmt.Errorf("volume %q: %w", e.name, err)
@@ -328,7 +330,10 @@ func (h *handle) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 	if h.e.vanished.Load() {
 		return 0, fmt.Errorf("read %q: %w", h.e.name, ErrVolumeGone)
 	}
-	return h.e.vol.ReadAt(ctx, p, off)
+	start := time.Now()
+	n, err := h.e.vol.ReadAt(ctx, p, off)
+	h.r.g.metrics.volumes.observe(h.e.name, "read", n, start, err)
+	return n, err
 }
 
 // WriteAt writes through the shared volume.
@@ -336,7 +341,9 @@ func (h *handle) WriteAt(ctx context.Context, p []byte, off int64) (int, error) 
 	if h.e.vanished.Load() {
 		return 0, fmt.Errorf("write %q: %w", h.e.name, ErrVolumeGone)
 	}
+	start := time.Now()
 	n, err := h.e.vol.WriteAt(ctx, p, off)
+	h.r.g.metrics.volumes.observe(h.e.name, "write", n, start, err)
 	if err != nil {
 		h.noteErr(err)
 	}
@@ -348,7 +355,9 @@ func (h *handle) UnmapAt(ctx context.Context, off, length int64) error {
 	if h.e.vanished.Load() {
 		return fmt.Errorf("unmap %q: %w", h.e.name, ErrVolumeGone)
 	}
+	start := time.Now()
 	err := h.e.vol.UnmapAt(ctx, off, length)
+	h.r.g.metrics.volumes.observe(h.e.name, "unmap", 0, start, err)
 	if err != nil {
 		h.noteErr(err)
 	}
@@ -360,7 +369,9 @@ func (h *handle) Flush(ctx context.Context) error {
 	if h.e.vanished.Load() {
 		return fmt.Errorf("flush %q: %w", h.e.name, ErrVolumeGone)
 	}
+	start := time.Now()
 	err := h.e.vol.Flush(ctx)
+	h.r.g.metrics.volumes.observe(h.e.name, "flush", 0, start, err)
 	if err != nil {
 		h.noteErr(err)
 	}
