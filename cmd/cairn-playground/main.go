@@ -38,21 +38,23 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("cairn-playground", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var (
-		dir         = fs.String("dir", playground.DefaultDir, "directory for data, logs and the state file (reused by the next start)")
-		binDir      = fs.String("bin-dir", "", "directory of cairn-mds, cairn-chunkserver and cairn-gateway (default: this program's)")
-		basePort    = fs.Int("base-port", 0, fmt.Sprintf("lay every port out from this one (base..base+%d) instead of the defaults (MDS 6700, NBD 10809, iSCSI 3260, ...)", playground.PortSpan-1))
-		copysets    = fs.Uint("copysets-per-chunkserver", playground.DefaultCopysetsPerChunkServer, "copyset replicas per chunkserver in the logical pool (when it is created)")
-		volume      = fs.String("volume", playground.DefaultVolume, "volume created if absent")
-		stopTimeout = fs.Duration("stop-timeout", playground.DefaultStopTimeout, "how long a process may take to stop after SIGTERM before SIGKILL")
-		clean       = fs.Bool("clean", false, "remove the playground's directory (after confirming) and exit")
-		yes         = fs.Bool("yes", false, "with --clean: do not ask")
-		logLevel    = fs.String("log-level", "info", "level of the playground's own messages: debug, info, warn or error")
-		chunkSize   units.Bytes
-		segmentSize units.Bytes
-		poolSize    = units.Bytes(playground.DefaultPoolSize)
-		poolMax     = units.Bytes(playground.DefaultPoolMax)
-		poolReserve = units.Bytes(playground.DefaultPoolReserve)
-		volumeSize  = units.Bytes(playground.DefaultVolumeSize)
+		dir          = fs.String("dir", playground.DefaultDir, "directory for data, logs and the state file (reused by the next start)")
+		binDir       = fs.String("bin-dir", "", "directory of cairn-mds, cairn-chunkserver and cairn-gateway (default: this program's)")
+		basePort     = fs.Int("base-port", 0, fmt.Sprintf("lay every port out from this one (base..base+%d) instead of the defaults (MDS 6700, NBD 10809, iSCSI 3260, ...)", playground.PortSpan-1))
+		copysets     = fs.Uint("copysets-per-chunkserver", playground.DefaultCopysetsPerChunkServer, "copyset replicas per chunkserver in the logical pool (when it is created)")
+		volume       = fs.String("volume", playground.DefaultVolume, "volume created if absent")
+		stopTimeout  = fs.Duration("stop-timeout", playground.DefaultStopTimeout, "how long a process may take to stop after SIGTERM before SIGKILL")
+		clean        = fs.Bool("clean", false, "remove the playground's directory (after confirming) and exit")
+		yes          = fs.Bool("yes", false, "with --clean: do not ask")
+		logLevel     = fs.String("log-level", "info", "level of the playground's own messages: debug, info, warn or error")
+		perZone      = fs.Int("chunkservers-per-zone", 1, fmt.Sprintf("chunkservers in each of the %d zones (1..%d; more than one lets recovery and balancing be tried)", playground.Zones, playground.MaxChunkServersPerZone))
+		recoverAfter = fs.Duration("recover-after", playground.DefaultRecoverAfter, "how long the MDS waits for a lost chunkserver before rebuilding its replicas elsewhere")
+		chunkSize    units.Bytes
+		segmentSize  units.Bytes
+		poolSize     = units.Bytes(playground.DefaultPoolSize)
+		poolMax      = units.Bytes(playground.DefaultPoolMax)
+		poolReserve  = units.Bytes(playground.DefaultPoolReserve)
+		volumeSize   = units.Bytes(playground.DefaultVolumeSize)
 	)
 	fs.Var(&chunkSize, "chunk-size", "chunk size on the cluster's first start (default 16MiB)")
 	fs.Var(&segmentSize, "segment-size", "segment size on the cluster's first start (default 1GiB)")
@@ -82,11 +84,15 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 		CopysetsPerChunkServer: uint32(*copysets),
 		PoolSize:               uint64(poolSize), PoolMax: uint64(poolMax), PoolReserve: uint64(poolReserve),
 		Volume: *volume, VolumeSize: uint64(volumeSize),
-		StopTimeout: *stopTimeout,
-		Logger:      logger,
+		StopTimeout:         *stopTimeout,
+		Logger:              logger,
+		ChunkServersPerZone: *perZone, RecoverAfter: *recoverAfter,
+	}
+	if *perZone < 1 || *perZone > playground.MaxChunkServersPerZone {
+		return fmt.Errorf("--chunkservers-per-zone %d: want 1..%d", *perZone, playground.MaxChunkServersPerZone)
 	}
 	if *basePort != 0 {
-		p, err := playground.PortsFrom(*basePort)
+		p, err := playground.PortsFrom(*basePort, playground.Zones**perZone)
 		if err != nil {
 			return fmt.Errorf("--base-port: %w", err)
 		}

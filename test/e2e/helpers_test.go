@@ -80,13 +80,14 @@ type pgProcess struct {
 	err    error // exit status, once exited is closed
 }
 
-// startPlayground runs cairn-playground on dir and base port and waits until
-// its state file says it is ready.
-func startPlayground(t *testing.T, dir string, base int) *pgProcess {
+// startPlayground runs cairn-playground on dir and base port (with extra
+// flags) and waits until its state file says it is ready.
+func startPlayground(t *testing.T, dir string, base int, extra ...string) *pgProcess {
 	t.Helper()
 	p := &pgProcess{dir: dir, base: base, out: &syncBuffer{}, exited: make(chan struct{})}
-	p.cmd = exec.Command(filepath.Join(binDir, "cairn-playground"), "--dir", dir, "--base-port", strconv.Itoa(base),
-		"--pool-max", "2GiB", "--pool-reserve", "512MiB", "--stop-timeout", "30s")
+	args := append([]string{"--dir", dir, "--base-port", strconv.Itoa(base),
+		"--pool-max", "2GiB", "--pool-reserve", "512MiB", "--stop-timeout", "30s"}, extra...)
+	p.cmd = exec.Command(filepath.Join(binDir, "cairn-playground"), args...)
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
 	// If the test process dies, the playground stops (and its children
 	// with it).

@@ -31,6 +31,7 @@ const (
 	DefaultPoolMax                = 4 << 30
 	DefaultPoolReserve            = 1 << 30
 	DefaultStopTimeout            = 20 * time.Second
+	DefaultRecoverAfter           = 30 * time.Second
 	// LogicalPool and PhysicalPool name the pools the playground uses.
 	LogicalPool  = "pool0"
 	PhysicalPool = "pool1"
@@ -49,8 +50,17 @@ type Config struct {
 	// BinDir holds cairn-mds, cairn-chunkserver and cairn-gateway
 	// (default: the directory of the running executable).
 	BinDir string
-	// Ports of the services (default DefaultPorts()).
+	// Ports of the services (default DefaultPorts); they must name one
+	// port per chunkserver.
 	Ports *Ports
+	// ChunkServersPerZone is the number of chunkservers in each of the
+	// three zones (default 1, at most MaxChunkServersPerZone): with more
+	// than one, recovery and balancing can be tried on one machine.
+	ChunkServersPerZone int
+	// RecoverAfter is how long the MDS waits for a lost chunkserver before
+	// rebuilding its replicas elsewhere (default 30 s; production's
+	// default is 10 min).
+	RecoverAfter time.Duration
 	// ChunkSize and SegmentSize set the cluster's geometry on its first
 	// start (default: the MDS's, 16 MiB and 1 GiB). A later start with
 	// other values is refused by the MDS.
@@ -131,11 +141,21 @@ func New(cfg Config) (*Playground, error) {
 			return nil, fmt.Errorf("%s not found in %s (build them with make build, or name their directory with --bin-dir)", b, cfg.BinDir)
 		}
 	}
-	ports := DefaultPorts()
+	if cfg.ChunkServersPerZone == 0 {
+		cfg.ChunkServersPerZone = 1
+	}
+	if cfg.ChunkServersPerZone < 0 || cfg.ChunkServersPerZone > MaxChunkServersPerZone {
+		return nil, fmt.Errorf("%d chunkservers per zone: want 1..%d", cfg.ChunkServersPerZone, MaxChunkServersPerZone)
+	}
+	if cfg.RecoverAfter == 0 {
+		cfg.RecoverAfter = DefaultRecoverAfter
+	}
+	n := Zones * cfg.ChunkServersPerZone
+	ports := DefaultPorts(n)
 	if cfg.Ports != nil {
 		ports = *cfg.Ports
 	}
-	if err := ports.validate(); err != nil {
+	if err := ports.validate(n); err != nil {
 		return nil, err
 	}
 	if cfg.Volume == "" {
@@ -213,7 +233,7 @@ func (pg *Playground) buildChildren() {
 
 	mdsDir := filepath.Join(pg.dir, "mds")
 	mdsArgs := []string{"--data-dir", mdsDir, "--listen", loopback(p.MDS), "--metrics-listen", loopback(p.MDSMetrics),
-		"--embedded-etcd-listen", loopback(p.Etcd)}
+		"--embedded-etcd-listen", loopback(p.Etcd), "--recover-after", pg.cfg.RecoverAfter.String()}
 	if pg.cfg.ChunkSize != 0 {
 		mdsArgs = append(mdsArgs, "--chunk-size", strconv.FormatUint(pg.cfg.ChunkSize, 10))
 	}
@@ -224,10 +244,10 @@ func (pg *Playground) buildChildren() {
 		Addr: loopback(p.MDS), MetricsAddr: loopback(p.MDSMetrics), DataDir: mdsDir, Log: logOf("mds")})
 	pg.children = append(pg.children, pg.mds)
 
-	for i := range ChunkServers {
+	for i := range p.ChunkServer {
 		name := fmt.Sprintf("cs%d", i)
 		dataDir := filepath.Join(pg.dir, name)
-		zone := fmt.Sprintf("zone%d", i+1)
+		zone := fmt.Sprintf("zone%d", i%Zones+1)
 		args := []string{"--data-dir", dataDir, "--listen", loopback(p.ChunkServer[i]),
 			"--metrics-listen", loopback(p.ChunkServerMetrics[i]), "--mds", pg.mdsAddr(),
 			"--zone", zone, "--hostname", "playground-" + name, "--physical-pool", PhysicalPool,
@@ -299,7 +319,7 @@ func (pg *Playground) start(ctx context.Context) error {
 	}
 	defer conn.Close()
 
-	pg.log.Info("starting chunkservers", "zones", ChunkServers)
+	pg.log.Info("starting chunkservers", "chunkservers", len(pg.css), "zones", Zones)
 	for _, c := range pg.css {
 		c.launch()
 	}

@@ -17,11 +17,11 @@ import (
 )
 
 func TestPortsFrom(t *testing.T) {
-	p, err := PortsFrom(20000)
+	p, err := PortsFrom(20000, 3)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := p.validate(); err != nil {
+	if err := p.validate(3); err != nil {
 		t.Fatal(err)
 	}
 	want := Ports{MDS: 20000, MDSMetrics: 20001, Etcd: 20002, ChunkServer: []int{20010, 20011, 20012},
@@ -30,16 +30,16 @@ func TestPortsFrom(t *testing.T) {
 		t.Fatalf("PortsFrom(20000) = %+v, want %+v", p, want)
 	}
 	for _, base := range []int{0, 80, 65535 - PortSpan + 2} {
-		if _, err := PortsFrom(base); err == nil {
+		if _, err := PortsFrom(base, 3); err == nil {
 			t.Errorf("PortsFrom(%d) accepted", base)
 		}
 	}
-	if err := DefaultPorts().validate(); err != nil {
+	if err := DefaultPorts(3).validate(3); err != nil {
 		t.Fatal(err)
 	}
-	dup := DefaultPorts()
+	dup := DefaultPorts(3)
 	dup.NBD = dup.MDS
-	if err := dup.validate(); err == nil || !strings.Contains(err.Error(), "both use port 6700") {
+	if err := dup.validate(3); err == nil || !strings.Contains(err.Error(), "both use port 6700") {
 		t.Errorf("duplicate port: %v", err)
 	}
 }
@@ -57,7 +57,7 @@ func freeBase(t *testing.T) int {
 // TestCheckPortsNamesTheHolder: a taken port is reported with its use and
 // the process that holds it.
 func TestCheckPortsNamesTheHolder(t *testing.T) {
-	p, _ := PortsFrom(freeBase(t))
+	p, _ := PortsFrom(freeBase(t), 3)
 	ln, err := net.Listen("tcp", loopback(p.ISCSI))
 	if err != nil {
 		t.Fatal(err)
@@ -128,7 +128,7 @@ func TestNewChecksBinariesAndLocksTheDirectory(t *testing.T) {
 // supervision of arbitrary commands.
 func testPlayground(t *testing.T) *Playground {
 	t.Helper()
-	pg := &Playground{dir: t.TempDir(), log: testlog.New(t), failed: make(chan struct{}), ports: DefaultPorts()}
+	pg := &Playground{dir: t.TempDir(), log: testlog.New(t), failed: make(chan struct{}), ports: DefaultPorts(3)}
 	pg.mu.ready = true
 	return pg
 }
@@ -258,7 +258,7 @@ func TestFindFreeBaseAvoidsEphemeralPorts(t *testing.T) {
 		if base+PortSpan > lo && base <= hi {
 			t.Errorf("seed %d: base %d overlaps the ephemeral range %d-%d", seed, base, lo, hi)
 		}
-		p, _ := PortsFrom(base)
+		p, _ := PortsFrom(base, 3)
 		if err := checkPorts(p); err != nil {
 			t.Errorf("seed %d: %v", seed, err)
 		}

@@ -11,9 +11,13 @@ import (
 	"strings"
 )
 
-// ChunkServers is the number of chunkservers a playground runs, one per
-// zone: the fewest that place three replicas in three zones.
-const ChunkServers = 3
+// Zones is the number of zones a playground spreads its chunkservers over:
+// the fewest that place three replicas in three zones.
+const Zones = 3
+
+// MaxChunkServersPerZone bounds Config.ChunkServersPerZone (PortsFrom lays
+// out room for that many).
+const MaxChunkServersPerZone = 3
 
 // Ports are the TCP ports of a playground's services, all on 127.0.0.1.
 type Ports struct {
@@ -23,12 +27,12 @@ type Ports struct {
 	NBD, ISCSI, GatewayMetrics      int
 }
 
-// DefaultPorts are the ports of docs/architecture.md: MDS 6700/6701,
-// embedded etcd 6702, chunkservers 8200+ and 9200+, iSCSI 3260, NBD 10809;
-// the gateway's metrics on 9300.
-func DefaultPorts() Ports {
+// DefaultPorts are the ports of docs/architecture.md for a playground of n
+// chunkservers: MDS 6700/6701, embedded etcd 6702, chunkservers 8200+ and
+// 9200+, iSCSI 3260, NBD 10809; the gateway's metrics on 9300.
+func DefaultPorts(n int) Ports {
 	p := Ports{MDS: 6700, MDSMetrics: 6701, Etcd: 6702, NBD: 10809, ISCSI: 3260, GatewayMetrics: 9300}
-	for i := range ChunkServers {
+	for i := range n {
 		p.ChunkServer = append(p.ChunkServer, 8200+i)
 		p.ChunkServerMetrics = append(p.ChunkServerMetrics, 9200+i)
 	}
@@ -38,16 +42,20 @@ func DefaultPorts() Ports {
 // PortSpan is the number of ports PortsFrom uses above its base.
 const PortSpan = 33
 
-// PortsFrom lays every port out above base, for running a playground
-// beside another one (tests use free ranges): MDS base, its metrics
-// base+1, etcd base+2, chunkserver i at base+10+i with metrics at
-// base+20+i, NBD base+30, iSCSI base+31, gateway metrics base+32.
-func PortsFrom(base int) (Ports, error) {
+// PortsFrom lays every port of a playground of n chunkservers out above
+// base, for running a playground beside another one (tests use free
+// ranges): MDS base, its metrics base+1, etcd base+2, chunkserver i at
+// base+10+i with metrics at base+20+i, NBD base+30, iSCSI base+31,
+// gateway metrics base+32.
+func PortsFrom(base, n int) (Ports, error) {
 	if base < 1024 || base+PortSpan > 65536 {
 		return Ports{}, fmt.Errorf("base port %d: want 1024..%d so that base+%d fits", base, 65536-PortSpan, PortSpan-1)
 	}
+	if n < 1 || n > Zones*MaxChunkServersPerZone {
+		return Ports{}, fmt.Errorf("%d chunkservers: want 1..%d", n, Zones*MaxChunkServersPerZone)
+	}
 	p := Ports{MDS: base, MDSMetrics: base + 1, Etcd: base + 2, NBD: base + 30, ISCSI: base + 31, GatewayMetrics: base + 32}
-	for i := range ChunkServers {
+	for i := range n {
 		p.ChunkServer = append(p.ChunkServer, base+10+i)
 		p.ChunkServerMetrics = append(p.ChunkServerMetrics, base+20+i)
 	}
@@ -72,10 +80,10 @@ func (p Ports) list() []namedPort {
 		namedPort{p.GatewayMetrics, "gateway metrics"})
 }
 
-func (p Ports) validate() error {
-	if len(p.ChunkServer) != ChunkServers || len(p.ChunkServerMetrics) != ChunkServers {
+func (p Ports) validate(n int) error {
+	if len(p.ChunkServer) != n || len(p.ChunkServerMetrics) != n {
 		return fmt.Errorf("ports: want %d chunkserver ports and %d metrics ports, have %d and %d",
-			ChunkServers, ChunkServers, len(p.ChunkServer), len(p.ChunkServerMetrics))
+			n, n, len(p.ChunkServer), len(p.ChunkServerMetrics))
 	}
 	seen := map[int]string{}
 	for _, np := range p.list() {
@@ -222,7 +230,7 @@ func FindFreeBase(seed int) (int, error) {
 	start := (seed%len(bases) + len(bases)) % len(bases)
 	for i := range bases {
 		base := bases[(start+i)%len(bases)]
-		p, err := PortsFrom(base)
+		p, err := PortsFrom(base, Zones*MaxChunkServersPerZone)
 		if err == nil && checkPorts(p) == nil {
 			return base, nil
 		}
