@@ -14,6 +14,22 @@ import (
 	"cairn.io/cairn/copyset"
 )
 
+// operatorService takes operators the MDS pushes as soon as it queued them
+// (mdspb.OperatorService); heartbeat answers carry the same ones until they
+// take effect.
+type operatorService struct {
+	mdspb.UnimplementedOperatorServiceServer
+	s *Server
+}
+
+// StartOperators starts each operator whose copyset this chunkserver leads.
+func (o operatorService) StartOperators(_ context.Context, req *mdspb.StartOperatorsRequest) (*mdspb.StartOperatorsResponse, error) {
+	for _, op := range req.GetOperators() {
+		o.s.startOperator(op)
+	}
+	return &mdspb.StartOperatorsResponse{}, nil
+}
+
 // startOperator carries out an MDS operator in the background, one per
 // copyset at a time; the MDS repeats it until the copyset reports it done.
 func (s *Server) startOperator(op *mdspb.Operator) {
@@ -33,6 +49,9 @@ func (s *Server) startOperator(op *mdspb.Operator) {
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
+		// Last: report at once, so that the MDS learns the step is done
+		// and answers with the next; the copyset is free for it by then.
+		defer s.reportSoon()
 		defer func() {
 			s.opsMu.Lock()
 			delete(s.opsActive, id)
@@ -64,7 +83,6 @@ func (s *Server) startOperator(op *mdspb.Operator) {
 			log.Warn("unknown operator ignored")
 			return
 		}
-		s.reportSoon()
 		switch {
 		case errors.Is(err, copyset.ErrStaleEpoch):
 			log.Info("operator refused: the copyset's configuration changed since the MDS computed it", "err", err)

@@ -299,6 +299,7 @@ func (s *Server) Start(ctx context.Context) (err error) {
 	chunks := &chunkService{s: s}
 	chunkpb.RegisterChunkServiceServer(s.grpc, chunks)
 	copysetpb.RegisterCopysetServiceServer(s.grpc, &copysetService{s: s})
+	mdspb.RegisterOperatorServiceServer(s.grpc, operatorService{s: s})
 	s.wire = wire.NewServer(wire.ServerOptions{
 		MaxFrame:      int(s.cfg.MaxIOSize) + (1 << 20),
 		MaxConcurrent: int(s.cfg.MaxStreams),

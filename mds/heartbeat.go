@@ -26,6 +26,9 @@ func (l *leaderState) heartbeat(ctx context.Context, r *mdspb.HeartbeatRequest) 
 	var newOps []*mdspb.Operator
 	var newAddr *mdspb.ChunkServer
 	ended := false // an operator ended: the schedulers may have room
+	// push are operators queued here for copysets the reporter does not
+	// lead: they go to their leaders once written.
+	var push []*mdspb.Operator
 
 	l.mu.Lock()
 	e := l.mu.chunkServers[r.ChunkserverId]
@@ -100,18 +103,22 @@ func (l *leaderState) heartbeat(ctx context.Context, r *mdspb.HeartbeatRequest) 
 				l.mu.unsaved[op] = true
 				newOps = append(newOps, op)
 			default:
-				if result == "done" && op.Kind == mdspb.OperatorKind_OPERATOR_KIND_ADD_PEER {
-					l.noteMovedLocked(now, cs.ChunkCount*l.consts.ChunkSize)
-				}
-				delete(l.mu.operators, key)
-				dropOps = append(dropOps, key)
-				ended = true
-				l.s.metrics.operatorsEnded.WithLabelValues(kindLabel(op.Kind), op.Reason, result).Inc()
-				l.log.Info("operator ended", "pool", op.Copyset.LogicalPoolId, "copyset", op.Copyset.CopysetId,
-					"kind", kindLabel(op.Kind), "target", op.Target.GetChunkserverId(), "reason", op.Reason, "result", result)
-				if next := l.nextStepLocked(key, now); next != nil {
+				dropOps, ended = append(dropOps, key), true
+				if next := l.endOperatorLocked(key, op, result, cs, now); next != nil {
 					newOps = append(newOps, next)
 				}
+			}
+		} else if op != nil && op.Kind == mdspb.OperatorKind_OPERATOR_KIND_TRANSFER_LEADER && cs.LeaderId == op.Target.GetChunkserverId() &&
+			cs.Term > rec.Term && cs.ConfEpoch == rec.ConfEpoch {
+			// The old leader, right after handing over: the target leads
+			// at a newer term. Done without waiting for the target's own
+			// report; the next step goes to the target directly.
+			rec.LeaderId, rec.Term = cs.LeaderId, cs.Term
+			changed = append(changed, key)
+			dropOps, ended = append(dropOps, key), true
+			if next := l.endOperatorLocked(key, op, "done", cs, now); next != nil {
+				newOps = append(newOps, next)
+				push = append(push, next)
 			}
 		}
 		if op := l.continueRebuildLocked(key, rec, r.ChunkserverId, cs); op != nil {
@@ -139,6 +146,7 @@ func (l *leaderState) heartbeat(ctx context.Context, r *mdspb.HeartbeatRequest) 
 	if err := l.persistOperators(ctx, newOps); err != nil {
 		return nil, err
 	}
+	l.pushOperators(push)
 	if ended {
 		l.wakeScheduler()
 	}
@@ -178,6 +186,19 @@ func (l *leaderState) applyReportLocked(rec *mdspb.Copyset, cs *copysetpb.Copyse
 		rec.Progress = append(rec.Progress, proto.CloneOf(p))
 	}
 	return persist
+}
+
+// endOperatorLocked records the end of an operator (the caller deletes its
+// etcd record) and returns the next step of its copyset, if any. l.mu held.
+func (l *leaderState) endOperatorLocked(key uint64, op *mdspb.Operator, result string, cs *copysetpb.CopysetStatus, now time.Time) *mdspb.Operator {
+	if result == "done" && op.Kind == mdspb.OperatorKind_OPERATOR_KIND_ADD_PEER {
+		l.noteMovedLocked(now, cs.ChunkCount*l.consts.ChunkSize)
+	}
+	delete(l.mu.operators, key)
+	l.s.metrics.operatorsEnded.WithLabelValues(kindLabel(op.Kind), op.Reason, result).Inc()
+	l.log.Info("operator ended", "pool", op.Copyset.LogicalPoolId, "copyset", op.Copyset.CopysetId,
+		"kind", kindLabel(op.Kind), "target", op.Target.GetChunkserverId(), "reason", op.Reason, "result", result)
+	return l.nextStepLocked(key, now)
 }
 
 // operatorResult says what a leader's report means for an operator: ""

@@ -94,6 +94,7 @@ func (l *leaderState) scheduleOnce(ctx context.Context, now time.Time) {
 	if err := l.persistOperators(ctx, queued); err != nil && ctx.Err() == nil {
 		l.log.Warn("schedule: persist operators", "err", err)
 	}
+	l.pushOperators(queued)
 	for _, rec := range retired {
 		if err := l.setRWState(ctx, rec, mdspb.RWState_RW_STATE_RETIRED); err != nil && ctx.Err() == nil {
 			l.log.Warn("schedule: retire drained chunkserver", "chunkserver", rec.Id, "err", err)
@@ -138,6 +139,41 @@ func (l *leaderState) nextStepLocked(key uint64, now time.Time) *mdspb.Operator 
 		return nil
 	}
 	return l.queueLocked(op, now)
+}
+
+// pushOperators hands operators just written to their copysets' leaders at
+// once (mdspb.OperatorService), so that a step does not wait for the
+// leader's next heartbeat; best effort, as heartbeat answers carry them
+// until they take effect.
+func (l *leaderState) pushOperators(ops []*mdspb.Operator) {
+	byAddr := map[string][]*mdspb.Operator{}
+	l.mu.Lock()
+	for _, op := range ops {
+		key := op.Copyset.Key()
+		c := l.mu.copysets[key]
+		if l.mu.operators[key] != op || l.mu.unsaved[op] || c == nil || c.LeaderId == 0 {
+			continue // dropped, not written, or no leader to hand it to
+		}
+		if e := l.mu.chunkServers[c.LeaderId]; e != nil && e.rec.Address != "" {
+			byAddr[e.rec.Address] = append(byAddr[e.rec.Address], proto.CloneOf(op))
+		}
+	}
+	l.mu.Unlock()
+	for addr, ops := range byAddr {
+		l.wg.Add(1)
+		go func() {
+			defer l.wg.Done()
+			cc, err := l.s.conns.Get(addr)
+			if err == nil {
+				ctx, cancel := context.WithTimeout(l.ctx, l.s.cfg.RPCTimeout)
+				_, err = mdspb.NewOperatorServiceClient(cc).StartOperators(ctx, &mdspb.StartOperatorsRequest{Operators: ops})
+				cancel()
+			}
+			if err != nil {
+				l.log.Debug("hand operators to a leader (its heartbeat will carry them)", "address", addr, "operators", len(ops), "err", err)
+			}
+		}()
+	}
 }
 
 // wakeScheduler asks for a scheduling round now (an operator ended: there

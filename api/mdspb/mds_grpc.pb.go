@@ -520,6 +520,120 @@ var TopologyService_ServiceDesc = grpc.ServiceDesc{
 }
 
 const (
+	OperatorService_StartOperators_FullMethodName = "/cairn.mds.v1.OperatorService/StartOperators"
+)
+
+// OperatorServiceClient is the client API for OperatorService service.
+//
+// For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
+//
+// OperatorService is served by chunkservers and called by the MDS: it hands
+// a copyset's leader the operators the MDS just queued instead of waiting
+// for that leader's next heartbeat (whose answers still carry them until
+// they take effect). The chunkserver carries out only those for copysets
+// it leads at the conf epoch they name, one per copyset at a time.
+type OperatorServiceClient interface {
+	StartOperators(ctx context.Context, in *StartOperatorsRequest, opts ...grpc.CallOption) (*StartOperatorsResponse, error)
+}
+
+type operatorServiceClient struct {
+	cc grpc.ClientConnInterface
+}
+
+func NewOperatorServiceClient(cc grpc.ClientConnInterface) OperatorServiceClient {
+	return &operatorServiceClient{cc}
+}
+
+func (c *operatorServiceClient) StartOperators(ctx context.Context, in *StartOperatorsRequest, opts ...grpc.CallOption) (*StartOperatorsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(StartOperatorsResponse)
+	err := c.cc.Invoke(ctx, OperatorService_StartOperators_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// OperatorServiceServer is the server API for OperatorService service.
+// All implementations must embed UnimplementedOperatorServiceServer
+// for forward compatibility.
+//
+// OperatorService is served by chunkservers and called by the MDS: it hands
+// a copyset's leader the operators the MDS just queued instead of waiting
+// for that leader's next heartbeat (whose answers still carry them until
+// they take effect). The chunkserver carries out only those for copysets
+// it leads at the conf epoch they name, one per copyset at a time.
+type OperatorServiceServer interface {
+	StartOperators(context.Context, *StartOperatorsRequest) (*StartOperatorsResponse, error)
+	mustEmbedUnimplementedOperatorServiceServer()
+}
+
+// UnimplementedOperatorServiceServer must be embedded to have
+// forward compatible implementations.
+//
+// NOTE: this should be embedded by value instead of pointer to avoid a nil
+// pointer dereference when methods are called.
+type UnimplementedOperatorServiceServer struct{}
+
+func (UnimplementedOperatorServiceServer) StartOperators(context.Context, *StartOperatorsRequest) (*StartOperatorsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method StartOperators not implemented")
+}
+func (UnimplementedOperatorServiceServer) mustEmbedUnimplementedOperatorServiceServer() {}
+func (UnimplementedOperatorServiceServer) testEmbeddedByValue()                         {}
+
+// UnsafeOperatorServiceServer may be embedded to opt out of forward compatibility for this service.
+// Use of this interface is not recommended, as added methods to OperatorServiceServer will
+// result in compilation errors.
+type UnsafeOperatorServiceServer interface {
+	mustEmbedUnimplementedOperatorServiceServer()
+}
+
+func RegisterOperatorServiceServer(s grpc.ServiceRegistrar, srv OperatorServiceServer) {
+	// If the following call panics, it indicates UnimplementedOperatorServiceServer was
+	// embedded by pointer and is nil.  This will cause panics if an
+	// unimplemented method is ever invoked, so we test this at initialization
+	// time to prevent it from happening at runtime later due to I/O.
+	if t, ok := srv.(interface{ testEmbeddedByValue() }); ok {
+		t.testEmbeddedByValue()
+	}
+	s.RegisterService(&OperatorService_ServiceDesc, srv)
+}
+
+func _OperatorService_StartOperators_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(StartOperatorsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(OperatorServiceServer).StartOperators(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: OperatorService_StartOperators_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(OperatorServiceServer).StartOperators(ctx, req.(*StartOperatorsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+// OperatorService_ServiceDesc is the grpc.ServiceDesc for OperatorService service.
+// It's only intended for direct use with grpc.RegisterService,
+// and not to be introspected or modified (even as a copy)
+var OperatorService_ServiceDesc = grpc.ServiceDesc{
+	ServiceName: "cairn.mds.v1.OperatorService",
+	HandlerType: (*OperatorServiceServer)(nil),
+	Methods: []grpc.MethodDesc{
+		{
+			MethodName: "StartOperators",
+			Handler:    _OperatorService_StartOperators_Handler,
+		},
+	},
+	Streams:  []grpc.StreamDesc{},
+	Metadata: "mdspb/mds.proto",
+}
+
+const (
 	HeartbeatService_Heartbeat_FullMethodName = "/cairn.mds.v1.HeartbeatService/Heartbeat"
 )
 

@@ -14,6 +14,11 @@
 // With -dir it measures the playground already running in that directory
 // (its vol0 as it is; only the first -fill bytes are used by the NBD jobs).
 //
+// With -recovery it measures the schedulers instead (recovery.go): after
+// the fill, a playground with two chunkservers per zone loses cs0's disk,
+// and it reports the rate at which the lost replicas are rebuilt and the
+// 4 KiB QD1 write latency before and during the rebuild.
+//
 // First the measured range is filled with 1 MiB sequential writes through
 // NBD, so that reads hit written data. NBD jobs: 4 KiB
 // random writes and reads at queue depth 1 and 32 and 1 MiB sequential
@@ -84,6 +89,7 @@ func run() error {
 		keep     = flag.Bool("keep", false, "keep the temporary playground directory")
 		copysets = flag.Int("copysets", 0, "copyset replicas per chunkserver of the playground this program starts (0: the playground's default)")
 		only     = flag.String("only", "", "run only the NBD jobs whose workload contains this text (e.g. 'write, QD32')")
+		recovery = flag.Bool("recovery", false, "measure recovery instead: a playground with two chunkservers per zone loses a disk after the fill; the rebuild rate and the 4 KiB QD1 write latency before and during it")
 		fill     units.Bytes
 	)
 	fill = 1 << 30
@@ -105,6 +111,9 @@ func run() error {
 		}
 	}
 
+	if *recovery {
+		return measureRecovery(*bin, uint64(fill), *copysets, *runtime_, *keep)
+	}
 	var st *playground.State
 	if *dir != "" {
 		s, err := playground.ReadState(*dir)
@@ -183,7 +192,7 @@ type startedPlayground struct {
 
 // startPlayground runs cairn-playground in a temporary directory on free
 // ports with vol0 of the fill size, and waits until it is ready.
-func startPlayground(bin string, volSize uint64, copysets int, keep bool) (*startedPlayground, error) {
+func startPlayground(bin string, volSize uint64, copysets int, keep bool, extra ...string) (*startedPlayground, error) {
 	exe, err := filepath.Abs(filepath.Join(bin, "cairn-playground"))
 	if err != nil {
 		return nil, err
@@ -204,6 +213,7 @@ func startPlayground(bin string, volSize uint64, copysets int, keep bool) (*star
 	if copysets > 0 {
 		args = append(args, "--copysets-per-chunkserver", strconv.Itoa(copysets))
 	}
+	args = append(args, extra...)
 	cmd := exec.Command(exe, args...)
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}

@@ -237,9 +237,12 @@ func (p *planner) bad(c *Copyset, m uint64) bool {
 	return cs == nil || cs.Down || cs.Retired || cs.Retiring || slices.Contains(c.Broken, m)
 }
 
+// leaderLive reports whether the copyset's known leader can carry out an
+// operator: online, not a retired chunkserver (a replaced disk's old
+// identity may look online until its heartbeats age out), not broken.
 func (p *planner) leaderLive(c *Copyset) bool {
 	l := p.css[c.Leader]
-	return c.Leader != 0 && l != nil && l.Online && !slices.Contains(c.Broken, c.Leader)
+	return c.Leader != 0 && l != nil && l.Online && !l.Down && !l.Retired && !slices.Contains(c.Broken, c.Leader)
 }
 
 // needsRecovery reports whether a copyset lacks a replica or has one that

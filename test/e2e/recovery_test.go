@@ -32,7 +32,8 @@ import (
 // chunkserver; the old one is retired), the MDS rebuilds every replica the
 // lost disk held, and then: cairn-ops status is healthy, every copyset has
 // three replicas in three zones, check consistency passes, and both
-// volumes read back byte for byte.
+// volumes read back byte for byte. The MDS is killed half way through the
+// rebuild; the restarted one finishes it.
 func TestPlaygroundRecovers(t *testing.T) {
 	if testing.Short() {
 		t.Skip("end-to-end test: builds the binaries and runs a multi-process cluster")
@@ -86,6 +87,24 @@ func TestPlaygroundRecovers(t *testing.T) {
 	}
 	start := time.Now()
 	t.Logf("deleted %s and killed cs0 (chunkserver %d)", victim.DataDir, oldID)
+
+	// Half way through, the MDS dies; the one the playground restarts
+	// finds the operators in etcd and finishes the rebuild.
+	soon.Succeeds(t, 5*time.Minute, func() error {
+		st, err := conn.Cluster().GetScheduleStatus(context.Background(), &mdspb.GetScheduleStatusRequest{})
+		if err != nil {
+			return err
+		}
+		if st.CopysetsToRepair == 0 || st.CopysetsToRepair > 12 {
+			return fmt.Errorf("%d copysets to repair", st.CopysetsToRepair)
+		}
+		return nil
+	})
+	mdsProc := *pg.state(t).Process("mds")
+	if err := syscall.Kill(mdsProc.PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("killed the MDS (pid %d) with the rebuild half done", mdsProc.PID)
 
 	var whole time.Duration
 	soon.Succeeds(t, 5*time.Minute, func() error {
