@@ -195,9 +195,9 @@ func (l *leaderState) endOperatorLocked(key uint64, op *mdspb.Operator, result s
 		l.noteMovedLocked(now, cs.ChunkCount*l.consts.ChunkSize)
 	}
 	delete(l.mu.operators, key)
-	l.s.metrics.operatorsEnded.WithLabelValues(kindLabel(op.Kind), op.Reason, result).Inc()
+	l.s.metrics.operatorsEnded.WithLabelValues(op.Kind.Label(), op.Reason, result).Inc()
 	l.log.Info("operator ended", "pool", op.Copyset.LogicalPoolId, "copyset", op.Copyset.CopysetId,
-		"kind", kindLabel(op.Kind), "target", op.Target.GetChunkserverId(), "reason", op.Reason, "result", result)
+		"kind", op.Kind.Label(), "target", op.Target.GetChunkserverId(), "reason", op.Reason, "result", result)
 	return l.nextStepLocked(key, now)
 }
 

@@ -73,7 +73,7 @@ func (l *leaderState) transferLeader(ctx context.Context, r *mdspb.TransferLeade
 	delete(l.mu.unsaved, op)
 	l.mu.Unlock()
 	l.pushOperators([]*mdspb.Operator{op})
-	l.s.metrics.operatorsStarted.WithLabelValues(kindLabel(op.Kind), op.Reason).Inc()
+	l.s.metrics.operatorsStarted.WithLabelValues(op.Kind.Label(), op.Reason).Inc()
 	l.log.Info("transfer-leader operator queued", "pool", op.Copyset.LogicalPoolId, "copyset", op.Copyset.CopysetId,
 		"to", r.ToChunkserverId, "conf_epoch", op.ConfEpoch)
 	return &mdspb.TransferLeaderResponse{Operator: proto.CloneOf(op)}, nil

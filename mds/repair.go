@@ -122,7 +122,7 @@ func (l *leaderState) memberOpLocked(rec *mdspb.Copyset, kind mdspb.OperatorKind
 		Reason: "rebuild", CreatedUnix: time.Now().Unix()}
 	l.mu.operators[rec.Id.Key()] = op
 	l.mu.unsaved[op] = true
-	l.s.metrics.operatorsStarted.WithLabelValues(kindLabel(kind), op.Reason).Inc()
+	l.s.metrics.operatorsStarted.WithLabelValues(kind.Label(), op.Reason).Inc()
 	l.log.Info("operator queued to rebuild a broken replica", "pool", rec.Id.GetLogicalPoolId(), "copyset", rec.Id.GetCopysetId(),
 		"kind", kind.String(), "chunkserver", node, "conf_epoch", rec.ConfEpoch)
 	return op

@@ -95,7 +95,7 @@ func (l *leaderState) deleteChunkServer(ctx context.Context, r *mdspb.DeleteChun
 		}
 	case e.rec.RwState != mdspb.RWState_RW_STATE_RETIRED && l.onlineStateLocked(e, time.Now()) != mdspb.OnlineState_ONLINE_STATE_OFFLINE:
 		err = status.Errorf(codes.FailedPrecondition, "chunkserver %d is %s and online: retire it first (update chunkserver %d --state retiring)",
-			r.ChunkserverId, rwLabel(e.rec.RwState), r.ChunkserverId)
+			r.ChunkserverId, e.rec.RwState.Label(), r.ChunkserverId)
 	}
 	l.mu.Unlock()
 	if err != nil {

@@ -71,9 +71,9 @@ func (l *leaderState) scheduleOnce(ctx context.Context, now time.Time) {
 		if op.Kind == mdspb.OperatorKind_OPERATOR_KIND_ADD_PEER {
 			l.mu.avoid[key] = avoid{node: op.Target.GetChunkserverId(), until: now.Add(cfg.OperatorTimeout)}
 		}
-		l.s.metrics.operatorsEnded.WithLabelValues(kindLabel(op.Kind), op.Reason, "timed_out").Inc()
+		l.s.metrics.operatorsEnded.WithLabelValues(op.Kind.Label(), op.Reason, "timed_out").Inc()
 		l.log.Warn("operator timed out; dropped", "pool", op.Copyset.LogicalPoolId, "copyset", op.Copyset.CopysetId,
-			"kind", kindLabel(op.Kind), "target", op.Target.GetChunkserverId(), "reason", op.Reason, "age", now.Sub(l.operatorCreatedLocked(op)).Round(time.Second))
+			"kind", op.Kind.Label(), "target", op.Target.GetChunkserverId(), "reason", op.Reason, "age", now.Sub(l.operatorCreatedLocked(op)).Round(time.Second))
 	}
 	in := l.scheduleInputLocked(now)
 	ops, blocked := schedule.Plan(in, schedule.Limits{
@@ -120,8 +120,8 @@ func (l *leaderState) queueLocked(p schedule.Op, now time.Time) *mdspb.Operator 
 	}
 	l.mu.operators[key] = op
 	l.mu.unsaved[op] = true
-	l.s.metrics.operatorsStarted.WithLabelValues(kindLabel(op.Kind), op.Reason).Inc()
-	l.log.Info("operator queued", "pool", p.Pool, "copyset", p.Copyset, "kind", kindLabel(op.Kind),
+	l.s.metrics.operatorsStarted.WithLabelValues(op.Kind.Label(), op.Reason).Inc()
+	l.log.Info("operator queued", "pool", p.Pool, "copyset", p.Copyset, "kind", op.Kind.Label(),
 		"target", p.Target, "leader", rec.LeaderId, "reason", p.Reason, "conf_epoch", p.ConfEpoch)
 	return op
 }
@@ -348,7 +348,7 @@ func (l *leaderState) setRWState(ctx context.Context, rec *mdspb.ChunkServer, st
 		e.rec = next
 	}
 	l.mu.Unlock()
-	l.log.Info("chunkserver state changed", "chunkserver", next.Id, "from", rwLabel(from), "to", rwLabel(st))
+	l.log.Info("chunkserver state changed", "chunkserver", next.Id, "from", from.Label(), "to", st.Label())
 	return nil
 }
 
@@ -362,32 +362,6 @@ func opKind(k schedule.Kind) mdspb.OperatorKind {
 		return mdspb.OperatorKind_OPERATOR_KIND_REMOVE_PEER
 	}
 	return mdspb.OperatorKind_OPERATOR_KIND_UNKNOWN
-}
-
-// kindLabel names an operator kind in logs and metrics.
-func kindLabel(k mdspb.OperatorKind) string {
-	switch k {
-	case mdspb.OperatorKind_OPERATOR_KIND_TRANSFER_LEADER:
-		return "transfer-leader"
-	case mdspb.OperatorKind_OPERATOR_KIND_ADD_PEER:
-		return "add-peer"
-	case mdspb.OperatorKind_OPERATOR_KIND_REMOVE_PEER:
-		return "remove-peer"
-	}
-	return "unknown"
-}
-
-// rwLabel names a read-write state in logs.
-func rwLabel(s mdspb.RWState) string {
-	switch s {
-	case mdspb.RWState_RW_STATE_READWRITE:
-		return "readwrite"
-	case mdspb.RWState_RW_STATE_RETIRING:
-		return "retiring"
-	case mdspb.RWState_RW_STATE_RETIRED:
-		return "retired"
-	}
-	return "unknown"
 }
 
 // movedBytes is a replica filled: when, and about how many bytes.

@@ -61,7 +61,7 @@ type leaderState struct {
 		// unsaved are operators queued in memory whose etcd write has not
 		// finished: nobody is handed them (or shown them) before they are
 		// durable, so that a new MDS leader knows every operator under way.
-		unsaved map[*mdspb.Operator]bool
+		unsaved      map[*mdspb.Operator]bool
 		rebuilds     map[uint64]*rebuild // broken replicas being rebuilt, by copysetKey
 		avoid        map[uint64]avoid    // targets that did not take a copyset's replica in time
 		blocked      []schedule.Blocked  // copysets the schedulers cannot repair now

@@ -44,7 +44,7 @@ under way finish) or brings a retired chunkserver back into use.`, what, what),
 				if err != nil {
 					return rpcErr(fmt.Sprintf("update %s %s", what, args[0]), err)
 				}
-				out := &stateChange{State: rwStateName(st), ChunkServers: []chunkServerView{}}
+				out := &stateChange{State: st.Label(), ChunkServers: []chunkServerView{}}
 				for _, cs := range resp.Chunkservers {
 					out.ChunkServers = append(out.ChunkServers, newChunkServerView(cs))
 				}
@@ -183,7 +183,7 @@ func (a *app) listOperatorCommand() *cobra.Command {
 			out := &operatorList{Operators: []operatorView{}}
 			for _, op := range resp.Operators {
 				v := operatorView{
-					Copyset: op.Copyset.Name(), Kind: operatorKindName(op.Kind), Target: op.Target.GetChunkserverId(),
+					Copyset: op.Copyset.Name(), Kind: op.Kind.Label(), Target: op.Target.GetChunkserverId(),
 					Reason: op.Reason, ConfEpoch: op.ConfEpoch,
 				}
 				if op.CreatedUnix > 0 {
@@ -218,16 +218,4 @@ func (l *operatorList) writeTable(t *table) {
 	for _, o := range l.Operators {
 		t.row(o.Copyset, o.Kind, o.Target, o.Reason, (time.Duration(o.AgeSeconds) * time.Second).String(), o.ConfEpoch)
 	}
-}
-
-func operatorKindName(k mdspb.OperatorKind) string {
-	switch k {
-	case mdspb.OperatorKind_OPERATOR_KIND_TRANSFER_LEADER:
-		return "transfer-leader"
-	case mdspb.OperatorKind_OPERATOR_KIND_ADD_PEER:
-		return "add-peer"
-	case mdspb.OperatorKind_OPERATOR_KIND_REMOVE_PEER:
-		return "remove-peer"
-	}
-	return "unknown"
 }

@@ -125,19 +125,6 @@ func onlineStateName(s mdspb.OnlineState) string {
 	}
 }
 
-func rwStateName(s mdspb.RWState) string {
-	switch s {
-	case mdspb.RWState_RW_STATE_READWRITE:
-		return "readwrite"
-	case mdspb.RWState_RW_STATE_RETIRED:
-		return "retired"
-	case mdspb.RWState_RW_STATE_RETIRING:
-		return "retiring"
-	default:
-		return "unknown"
-	}
-}
-
 func poolStatusName(s mdspb.LogicalPoolStatus) string {
 	switch s {
 	case mdspb.LogicalPoolStatus_LOGICAL_POOL_STATUS_CREATING:
@@ -165,7 +152,7 @@ func newChunkServerView(cs *mdspb.ChunkServer) chunkServerView {
 	return chunkServerView{
 		ID: cs.Id, Hostname: cs.Hostname, ServerID: cs.ServerId, ZoneID: cs.ZoneId, Zone: cs.Zone,
 		Address: cs.Address, DataDir: cs.DataDir,
-		OnlineState: onlineStateName(cs.OnlineState), RWState: rwStateName(cs.RwState),
+		OnlineState: onlineStateName(cs.OnlineState), RWState: cs.RwState.Label(),
 		Copysets: cs.CopysetCount, Leaders: cs.LeaderCount,
 		DiskTotalBytes: c.GetDiskTotalBytes(), DiskFreeBytes: c.GetDiskFreeBytes(),
 		PoolFreeChunks: c.GetPoolFreeChunks(), PoolUsedChunks: c.GetPoolUsedChunks(),

@@ -1,0 +1,29 @@
+package mdspb
+
+// Label is the operator kind's short name in logs, metrics and the CLI:
+// "transfer-leader", "add-peer", "remove-peer" or "unknown".
+func (k OperatorKind) Label() string {
+	switch k {
+	case OperatorKind_OPERATOR_KIND_TRANSFER_LEADER:
+		return "transfer-leader"
+	case OperatorKind_OPERATOR_KIND_ADD_PEER:
+		return "add-peer"
+	case OperatorKind_OPERATOR_KIND_REMOVE_PEER:
+		return "remove-peer"
+	}
+	return "unknown"
+}
+
+// Label is the read-write state's short name in logs and the CLI:
+// "readwrite", "retiring", "retired" or "unknown".
+func (s RWState) Label() string {
+	switch s {
+	case RWState_RW_STATE_READWRITE:
+		return "readwrite"
+	case RWState_RW_STATE_RETIRING:
+		return "retiring"
+	case RWState_RW_STATE_RETIRED:
+		return "retired"
+	}
+	return "unknown"
+}
