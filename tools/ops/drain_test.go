@@ -112,3 +112,21 @@ func TestDrainVerbs(t *testing.T) {
 		t.Fatalf("chunkserver %d is %s after refused changes", id, resp.Chunkserver.RwState)
 	}
 }
+
+// TestStatusWarnsOfFullChunkServers: status is not healthy while a
+// chunkserver is past the space warning, and says which and how full.
+func TestStatusWarnsOfFullChunkServers(t *testing.T) {
+	c := newDoubleCluster(t, 3)
+	c.createPool(2)
+	c.css[1].SetCapacity(&mdspb.Capacity{DiskTotalBytes: 100 << 30, DiskFreeBytes: 60 << 30, PoolUsedChunks: 850, PoolFreeChunks: 150, PoolTargetChunks: 1000, FormatPercent: 100})
+	c.css[2].SetCapacity(&mdspb.Capacity{DiskTotalBytes: 100 << 30, DiskFreeBytes: 60 << 30, PoolUsedChunks: 1000, PoolFreeChunks: 0, PoolTargetChunks: 1000, FormatPercent: 100})
+	soon.Succeeds(t, 10*time.Second, func() error {
+		r := c.run("status")
+		warn := fmt.Sprintf("chunkserver %d (host-1, zone zone-1) is 85%% full (warning at 80%%)", c.css[1].ID())
+		full := fmt.Sprintf("chunkserver %d (host-2, zone zone-2) is 100%% full: it takes no new replicas (full at 95%%)", c.css[2].ID())
+		if r.code != ExitUnhealthy || !strings.Contains(r.stdout, warn) || !strings.Contains(r.stdout, full) {
+			return fmt.Errorf("status: exit %d\n%s", r.code, r.stdout)
+		}
+		return nil
+	})
+}
