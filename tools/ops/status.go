@@ -230,7 +230,9 @@ func (a *app) status(ctx context.Context, p healthParams) (*statusResult, error)
 		problem("no logical pool exists (create one with: cairn-ops create pool)")
 	}
 
-	// Copysets.
+	// Copysets: their problems are reported grouped by cause, once the
+	// volumes are known.
+	var grouped causes
 	cc := &res.Copysets
 	cc.ByReason = map[string]int{}
 	cc.UnhealthyCopysets = []copysetView{}
@@ -246,7 +248,7 @@ func (a *app) status(ctx context.Context, p healthParams) (*statusResult, error)
 			cc.ByReason[r]++
 		}
 		cc.UnhealthyCopysets = append(cc.UnhealthyCopysets, newCopysetView(c, h))
-		problem("copyset %s: %s", c.Id.Name(), strings.Join(h.problems, "; "))
+		grouped.add(c.Id, h.problems)
 	}
 
 	// Recovery, drains and space.
@@ -263,6 +265,8 @@ func (a *app) status(ctx context.Context, p healthParams) (*statusResult, error)
 		res.Space.ProvisionedBytes += v.Size
 		res.Space.AllocatedBytes += v.AllocatedSegments * v.SegmentSize
 	}
+
+	a.reportCauses(ctx, &grouped, vols.Volumes, problem)
 
 	res.Healthy = len(res.Problems) == 0
 	return res, nil

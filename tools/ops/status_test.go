@@ -196,10 +196,15 @@ func TestStatusNamesEachCopysetProblem(t *testing.T) {
 }
 
 // TestStatusOfflineChunkserver stops one chunkserver's heartbeats and expects
-// status to name it and every copyset it is a member of.
+// status to name it, and the copysets it is a member of and the volumes
+// with data in them in one line for the one cause.
 func TestStatusOfflineChunkserver(t *testing.T) {
 	c := newDoubleCluster(t, 3)
 	c.createPool(3)
+	c.mustRun("create", "volume", "v", "--size", "8MiB")
+	if _, err := c.conn.Volumes().GetSegment(c.ctx, &mdspb.GetSegmentRequest{Name: "v", Offset: 0, Allocate: true}); err != nil {
+		t.Fatal(err)
+	}
 	c.setSilent(2, true)
 	dead := c.css[2]
 	var m map[string]any
@@ -223,11 +228,14 @@ func TestStatusOfflineChunkserver(t *testing.T) {
 	problems := strings.Join(jstrings(t, m, "problems"), "\n")
 	for _, frag := range []string{
 		fmt.Sprintf("chunkserver %d (host-2, %s, zone zone-2) is offline", dead.ID(), dead.Addr),
-		fmt.Sprintf("member chunkserver %d (%s) is offline", dead.ID(), dead.Addr),
+		fmt.Sprintf("member chunkserver %d (%s) is offline: 3 copysets (1:1, 1:2, 1:3) (volumes v)", dead.ID(), dead.Addr),
 	} {
 		if !strings.Contains(problems, frag) {
 			t.Errorf("problems do not say %q:\n%s", frag, problems)
 		}
+	}
+	if n := strings.Count(problems, "member chunkserver"); n != 1 {
+		t.Errorf("the offline member is named in %d problems, want one for the cause:\n%s", n, problems)
 	}
 	// Offline chunkservers' space is not counted.
 	if got := jnum(t, m, "space.disk_total_bytes"); got != 200<<30 {
