@@ -3,6 +3,7 @@ package chunkserver
 import (
 	"context"
 	"errors"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -111,6 +112,7 @@ func (s *Server) statusProto(st copyset.Status) *copysetpb.CopysetStatus {
 	for _, p := range st.Progress {
 		out.Progress = append(out.Progress, &copysetpb.PeerProgress{
 			ChunkserverId: p.Node, MatchIndex: p.Match, State: progressState(p.State), RecentActive: p.RecentActive, Learner: p.Learner,
+			HeardMsAgo: uint64(p.Silent / time.Millisecond),
 		})
 	}
 	if st.Pending != nil {

@@ -56,6 +56,11 @@ type Copyset struct {
 	loggedHS    *raftpb.HardState // the last hard state submitted to the WAL
 	knownLead   uint64            // last non-zero leader seen, for logging leader changes
 	silentTicks int               // ticks since the leader was last heard (see maybeCampaign)
+	// heard is when each peer's last message arrived, and leadSince when
+	// this replica last became leader: the leader reports how long each
+	// peer has been silent (Status). Raft worker only.
+	heard       map[uint64]time.Time
+	leadSince   time.Time
 	idleTicks   int               // a leader's ticks without work (see noteQuiet)
 	beatAcks    map[uint64]uint64 // quiesced leader: follower -> round of its last quiesce heartbeat answer
 	beatRound   uint64            // quiesced leader: rounds of quiesce heartbeats sent

@@ -2,6 +2,7 @@ package copyset
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -93,5 +94,52 @@ func TestFormerLeaderDoesNotCampaignAfterATransfer(t *testing.T) {
 	}
 	if silent >= electionTicks {
 		t.Fatalf("node 1 counts %d ticks of silence from leader 3 right after handing leadership over (election timeout %d ticks)", silent, electionTicks)
+	}
+}
+
+// TestLeaderReportsHowLongEachPeerWasSilent: the leader's status says how
+// long ago each peer was last heard from, which grows for a stopped one and
+// stays small for a live one (Raft's RecentActive flickers at each quorum
+// check, so it cannot tell them apart from one sample).
+func TestLeaderReportsHowLongEachPeerWasSilent(t *testing.T) {
+	tc := newTestCluster(t, 3, 16, func(c *Config) { c.TickInterval = 20 * time.Millisecond; c.QuiesceTicks = -1 })
+	id := MakeGroupID(3, 3)
+	tc.create([]GroupID{id}, []uint64{1, 2, 3})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	silence := func(l *Copyset) map[uint64]time.Duration {
+		st, err := l.Status(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := map[uint64]time.Duration{}
+		for _, p := range st.Progress {
+			out[p.Node] = p.Silent
+		}
+		return out
+	}
+	l := tc.leader(id)
+	var follower, stopped uint64
+	for _, n := range []uint64{1, 2, 3} {
+		if n != l.e.cfg.NodeID {
+			if follower == 0 {
+				follower = n
+			} else {
+				stopped = n
+			}
+		}
+	}
+	soon.Succeeds(t, 10*time.Second, func() error {
+		s := silence(l)
+		if s[follower] > time.Second || s[stopped] > time.Second {
+			return fmt.Errorf("silences %v right after the election", s)
+		}
+		return nil
+	})
+	tc.stop(stopped, false, 0)
+	time.Sleep(1500 * time.Millisecond)
+	s := silence(l)
+	if s[stopped] < time.Second || s[follower] > time.Second {
+		t.Fatalf("1.5 s after stopping node %d: silences %v", stopped, s)
 	}
 }

@@ -203,6 +203,13 @@ func (c *Copyset) process(in *inbox) {
 	if in.ticks > 0 {
 		c.expireReads()
 	}
+	var now time.Time
+	if len(in.msgs) > 0 {
+		now = c.e.now()
+		if c.heard == nil {
+			c.heard = map[uint64]time.Time{}
+		}
+	}
 	for _, m := range in.msgs {
 		if c.refuseVote(m) {
 			continue
@@ -210,6 +217,7 @@ func (c *Copyset) process(in *inbox) {
 		if m.GetFrom() == lead {
 			c.silentTicks = 0
 		}
+		c.heard[m.GetFrom()] = now
 		if m.GetType() == raftpb.MsgHeartbeatResp && isQuiesceBeat(m) {
 			// Raft reads a heartbeat answer's context as a count of
 			// confirmed reads: the marker is ours alone.
@@ -404,6 +412,7 @@ func (c *Copyset) handleReady(rd raft.Ready) {
 		}
 		if isLeader && !wasLeader {
 			c.termStart = 0
+			c.leadSince = c.e.now()
 			c.log.Debug("became leader")
 		}
 		if !isLeader && wasLeader {

@@ -3,6 +3,7 @@ package copyset
 import (
 	"context"
 	"slices"
+	"time"
 
 	"go.etcd.io/raft/v3"
 	"go.etcd.io/raft/v3/raftpb"
@@ -32,6 +33,9 @@ type PeerProgress struct {
 	State        string // probe, replicate or snapshot
 	RecentActive bool
 	Learner      bool
+	// Silent is how long ago the leader last heard from the peer (since
+	// it became leader, if not yet).
+	Silent time.Duration
 }
 
 // PendingChange is a membership change proposed by this replica and not yet
@@ -94,11 +98,20 @@ func (c *Copyset) Status(ctx context.Context) (Status, error) {
 		st.FirstIndex, _ = c.storage.FirstIndex()
 		st.LastIndex, _ = c.storage.LastIndex()
 		if bs.RaftState == raft.StateLeader {
+			now := c.e.now()
 			c.rn.WithProgress(func(id uint64, typ raft.ProgressType, pr tracker.Progress) {
-				st.Progress = append(st.Progress, PeerProgress{
+				p := PeerProgress{
 					Node: id, Match: pr.Match, State: pr.State.String(),
 					RecentActive: pr.RecentActive || id == c.e.cfg.NodeID, Learner: pr.IsLearner,
-				})
+				}
+				if id != c.e.cfg.NodeID {
+					heard := c.heard[id]
+					if heard.Before(c.leadSince) {
+						heard = c.leadSince
+					}
+					p.Silent = max(now.Sub(heard), 0)
+				}
+				st.Progress = append(st.Progress, p)
 			})
 			slices.SortFunc(st.Progress, func(a, b PeerProgress) int { return int(a.Node) - int(b.Node) })
 		}

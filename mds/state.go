@@ -11,6 +11,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
+	"cairn.io/cairn/api/copysetpb"
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/mds/schedule"
 )
@@ -269,7 +270,9 @@ func (l *leaderState) copysetViewLocked(c *mdspb.Copyset) *mdspb.Copyset {
 //     replicas; a copyset with no leader reported yet is allocatable.
 //   - noLeader: no leader reported, or the reported leader is OFFLINE.
 //   - underReplicated: fewer members than the pool's replicas, a member
-//     OFFLINE, or the leader reports a member it does not hear from.
+//     OFFLINE, or the leader reports a member it has not heard from for
+//     copysetpb.PeerSilenceLimit (not Raft's RecentActive, which every
+//     quorum check clears).
 func (l *leaderState) copysetHealthLocked(c *mdspb.Copyset, now time.Time) (allocatable, noLeader, underReplicated bool) {
 	replicas := uint32(3)
 	if p := l.mu.logicalPools[c.Id.GetLogicalPoolId()]; p != nil && p.Replicas != 0 {
@@ -284,7 +287,7 @@ func (l *leaderState) copysetHealthLocked(c *mdspb.Copyset, now time.Time) (allo
 	}
 	underReplicated = uint32(len(c.Peers)) < replicas || offline > 0
 	for _, pr := range c.Progress {
-		if !pr.RecentActive && pr.ChunkserverId != c.LeaderId {
+		if pr.Silence() > copysetpb.PeerSilenceLimit && pr.ChunkserverId != c.LeaderId {
 			underReplicated = true
 		}
 	}

@@ -293,9 +293,15 @@ type PeerProgress struct {
 	MatchIndex uint64 `protobuf:"varint,2,opt,name=match_index,json=matchIndex,proto3" json:"match_index,omitempty"`
 	// Replication state: "probe", "replicate" or "snapshot".
 	State string `protobuf:"bytes,3,opt,name=state,proto3" json:"state,omitempty"`
-	// Whether the leader heard from the peer recently.
-	RecentActive  bool `protobuf:"varint,4,opt,name=recent_active,json=recentActive,proto3" json:"recent_active,omitempty"`
-	Learner       bool `protobuf:"varint,5,opt,name=learner,proto3" json:"learner,omitempty"`
+	// Raft's flag that the leader heard from the peer since its last quorum
+	// check. It is cleared at every check (each election timeout), so a
+	// sample taken just after one reads false for a healthy peer: judge
+	// liveness by heard_ms_ago.
+	RecentActive bool `protobuf:"varint,4,opt,name=recent_active,json=recentActive,proto3" json:"recent_active,omitempty"`
+	Learner      bool `protobuf:"varint,5,opt,name=learner,proto3" json:"learner,omitempty"`
+	// Milliseconds since the leader last received a message from the peer
+	// (counted from when it became leader if it has heard nothing since).
+	HeardMsAgo    uint64 `protobuf:"varint,6,opt,name=heard_ms_ago,json=heardMsAgo,proto3" json:"heard_ms_ago,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -363,6 +369,13 @@ func (x *PeerProgress) GetLearner() bool {
 		return x.Learner
 	}
 	return false
+}
+
+func (x *PeerProgress) GetHeardMsAgo() uint64 {
+	if x != nil {
+		return x.HeardMsAgo
+	}
+	return 0
 }
 
 // PendingConfChange is a membership change proposed but not yet applied.
@@ -716,14 +729,16 @@ const file_copysetpb_copyset_proto_rawDesc = "" +
 	"\x15CreateCopysetsRequest\x129\n" +
 	"\bcopysets\x18\x01 \x03(\v2\x1d.cairn.copyset.v1.CopysetSpecR\bcopysets\"2\n" +
 	"\x16CreateCopysetsResponse\x12\x18\n" +
-	"\acreated\x18\x01 \x01(\rR\acreated\"\xab\x01\n" +
+	"\acreated\x18\x01 \x01(\rR\acreated\"\xcd\x01\n" +
 	"\fPeerProgress\x12%\n" +
 	"\x0echunkserver_id\x18\x01 \x01(\x04R\rchunkserverId\x12\x1f\n" +
 	"\vmatch_index\x18\x02 \x01(\x04R\n" +
 	"matchIndex\x12\x14\n" +
 	"\x05state\x18\x03 \x01(\tR\x05state\x12#\n" +
 	"\rrecent_active\x18\x04 \x01(\bR\frecentActive\x12\x18\n" +
-	"\alearner\x18\x05 \x01(\bR\alearner\"p\n" +
+	"\alearner\x18\x05 \x01(\bR\alearner\x12 \n" +
+	"\fheard_ms_ago\x18\x06 \x01(\x04R\n" +
+	"heardMsAgo\"p\n" +
 	"\x11PendingConfChange\x124\n" +
 	"\x04kind\x18\x01 \x01(\x0e2 .cairn.copyset.v1.ConfChangeKindR\x04kind\x12%\n" +
 	"\x0echunkserver_id\x18\x02 \x01(\x04R\rchunkserverId\"\xc4\x05\n" +

@@ -55,8 +55,9 @@ type Options struct {
 	Faults *transport.Faults
 	// Tune, if set, adjusts each chunkserver's config before it starts.
 	Tune func(i int, c *chunkserver.Config)
-	// Schedule configures the MDS's schedulers (default: the MDS's
-	// defaults, which recover only after 10 minutes).
+	// Schedule configures the MDS's schedulers. The zero value keeps the
+	// MDS's defaults (recovery only after 10 minutes) but turns balancing
+	// off, so that leaderships stay where a test found them.
 	Schedule mds.ScheduleConfig
 }
 
@@ -113,6 +114,9 @@ func Start(t testing.TB, opts Options) *Cluster {
 	}
 	if opts.EpochLease == 0 {
 		opts.EpochLease = 5 * time.Second
+	}
+	if opts.Schedule == (mds.ScheduleConfig{}) {
+		opts.Schedule.NoBalance = true
 	}
 	c := &Cluster{t: t, opts: opts, dir: t.TempDir(), log: testlog.New(t)}
 	t.Cleanup(c.Stop)

@@ -66,9 +66,14 @@ func TestJudgeCopyset(t *testing.T) {
 			s[2].InstallingSnapshot = true
 			s[1].Progress[1].State = "snapshot"
 		}, []string{reasonInstallingSnapshot}, 0},
-		{"leader does not hear a follower", func(s map[uint64]*copysetpb.CopysetStatus, _ map[uint64]*memberAnswers) {
+		{"leader has not heard a follower for long", func(s map[uint64]*copysetpb.CopysetStatus, _ map[uint64]*memberAnswers) {
 			s[1].Progress[2].RecentActive = false
+			s[1].Progress[2].HeardMsAgo = 4000
 		}, []string{reasonUnderReplicated}, 0},
+		{"a quorum check just cleared RecentActive", func(s map[uint64]*copysetpb.CopysetStatus, _ map[uint64]*memberAnswers) {
+			s[1].Progress[2].RecentActive = false
+			s[1].Progress[2].HeardMsAgo = 90
+		}, nil, 0},
 		{"conf epoch differs", func(s map[uint64]*copysetpb.CopysetStatus, _ map[uint64]*memberAnswers) { s[2].ConfEpoch = 3 },
 			[]string{reasonConfMismatch}, 0},
 		{"members differ from the MDS", func(s map[uint64]*copysetpb.CopysetStatus, _ map[uint64]*memberAnswers) {

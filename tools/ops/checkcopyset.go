@@ -7,6 +7,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -328,8 +329,8 @@ func judgeCopyset(c *mdspb.Copyset, replicas uint32, answers map[uint64]*memberA
 			if pr.ChunkserverId == leader.ChunkserverId {
 				continue
 			}
-			if !pr.RecentActive && !pr.Learner {
-				h.add(reasonUnderReplicated, "leader does not hear from %s", csName(pr.ChunkserverId, byID))
+			if silent(pr) {
+				h.add(reasonUnderReplicated, "leader has not heard from %s for %s", csName(pr.ChunkserverId, byID), pr.Silence().Truncate(time.Second))
 			}
 			if strings.Contains(strings.ToLower(pr.State), "snapshot") {
 				h.add(reasonInstallingSnapshot, "leader is sending a snapshot to %s", csName(pr.ChunkserverId, byID))

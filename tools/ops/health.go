@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"cairn.io/cairn/api/commonpb"
+	"cairn.io/cairn/api/copysetpb"
 	"cairn.io/cairn/api/mdspb"
 )
 
@@ -56,6 +57,14 @@ type healthParams struct {
 	// staleAfter is how old a leader's last report may be.
 	staleAfter time.Duration
 	now        time.Time
+}
+
+// silent reports whether a copyset's leader has not heard from a voting
+// member for longer than copysetpb.PeerSilenceLimit. Raft's RecentActive
+// is not used: every quorum check clears it, so a sample reads false for
+// healthy members now and then.
+func silent(pr *copysetpb.PeerProgress) bool {
+	return !pr.Learner && pr.Silence() > copysetpb.PeerSilenceLimit
 }
 
 // csName names a chunkserver in problem sentences.
@@ -111,8 +120,8 @@ func mdsCopysetHealth(c *mdspb.Copyset, replicas uint32, byID map[uint64]*mdspb.
 			continue
 		}
 		name := csName(pr.ChunkserverId, byID)
-		if !pr.RecentActive && !pr.Learner {
-			h.add(reasonUnderReplicated, "leader does not hear from %s", name)
+		if silent(pr) {
+			h.add(reasonUnderReplicated, "leader has not heard from %s for %s", name, pr.Silence().Truncate(time.Second))
 		}
 		if strings.Contains(strings.ToLower(pr.State), "snapshot") {
 			h.add(reasonInstallingSnapshot, "%s is receiving a snapshot", name)

@@ -112,12 +112,13 @@ func TestStatusNamesEachCopysetProblem(t *testing.T) {
 			Peers: spec.Peers, Term: 2, CommitIndex: applied, AppliedIndex: applied, LastLogIndex: applied,
 		}
 		for _, id := range ids {
-			st.Progress = append(st.Progress, &copysetpb.PeerProgress{ChunkserverId: id, MatchIndex: applied, State: "replicate", RecentActive: true})
+			st.Progress = append(st.Progress, &copysetpb.PeerProgress{ChunkserverId: id, MatchIndex: applied, State: "replicate", RecentActive: true, HeardMsAgo: 80})
 		}
 		switch spec.Copyset.CopysetId {
 		case 1: // healthy
 		case 2:
 			st.Progress[1].RecentActive = false
+			st.Progress[1].HeardMsAgo = 12_400
 			st.Progress[1].State = "probe"
 		case 3:
 			st.Progress[2].State = "snapshot"
@@ -173,7 +174,7 @@ func TestStatusNamesEachCopysetProblem(t *testing.T) {
 	}
 	problems := strings.Join(jstrings(t, m, "problems"), "\n")
 	for _, frag := range []string{
-		fmt.Sprintf("copyset 1:2: leader does not hear from chunkserver %d", ids[1]),
+		fmt.Sprintf("copyset 1:2: leader has not heard from chunkserver %d (%s) for 12s", ids[1], c.css[1].Addr),
 		fmt.Sprintf("copyset 1:3: chunkserver %d (%s) is receiving a snapshot", ids[2], c.css[2].Addr),
 		fmt.Sprintf("copyset 1:4: chunkserver %d (%s) is 1500 entries behind the leader (allowed 1000)", ids[1], c.css[1].Addr),
 		"copyset 1:5: no leader has reported",
@@ -334,7 +335,11 @@ func TestMDSCopysetHealthUnit(t *testing.T) {
 		return out
 	}
 	progress := func(id, match uint64, state string, active bool) *copysetpb.PeerProgress {
-		return &copysetpb.PeerProgress{ChunkserverId: id, MatchIndex: match, State: state, RecentActive: active}
+		pr := &copysetpb.PeerProgress{ChunkserverId: id, MatchIndex: match, State: state, RecentActive: active}
+		if !active {
+			pr.HeardMsAgo = 5000
+		}
+		return pr
 	}
 	p := healthParams{maxLogGap: 100, staleAfter: 30 * time.Second, now: now}
 	fresh := now.Unix()
