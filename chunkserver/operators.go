@@ -57,7 +57,13 @@ func (s *Server) startOperator(op *mdspb.Operator) {
 			delete(s.opsActive, id)
 			s.opsMu.Unlock()
 		}()
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		// A transfer is done in an election timeout or two; a stuck one
+		// must not hold the copyset from the next operator for long.
+		timeout := 2 * time.Minute
+		if op.GetKind() == mdspb.OperatorKind_OPERATOR_KIND_TRANSFER_LEADER {
+			timeout = 15 * time.Second
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), timeout)
 		defer cancel()
 		go func() {
 			select {

@@ -66,14 +66,23 @@ func (c *Copyset) TransferLeader(ctx context.Context, node, epoch uint64) error 
 	if err := c.callWait(ctx, func() { c.rn.TransferLeader(node) }); err != nil {
 		return err
 	}
+	asked := time.Now()
 	for c.Leader() != node {
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("copyset %s: leadership did not move to %d: %w", c.id, node, ctx.Err())
 		case <-time.After(10 * time.Millisecond):
 		}
-		if c.Leader() != c.e.cfg.NodeID && c.Leader() != node && c.Leader() != 0 {
-			return fmt.Errorf("copyset %s: leadership moved to %d instead of %d", c.id, c.Leader(), node)
+		switch lead := c.Leader(); {
+		case lead != c.e.cfg.NodeID && lead != node && lead != 0:
+			return fmt.Errorf("copyset %s: leadership moved to %d instead of %d", c.id, lead, node)
+		case lead == c.e.cfg.NodeID && time.Since(asked) > c.e.electionTimeout():
+			// Raft gives a transfer up after an election timeout (the
+			// target did not catch up in time): ask again.
+			if err := c.callWait(ctx, func() { c.rn.TransferLeader(node) }); err != nil {
+				return err
+			}
+			asked = time.Now()
 		}
 	}
 	return nil

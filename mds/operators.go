@@ -14,6 +14,11 @@ import (
 	"cairn.io/cairn/api/mdspb"
 )
 
+// manualHold is how long the balance scheduler leaves a copyset alone after
+// an operator chose its leader by hand, so that it does not move the
+// leadership straight back.
+const manualHold = 30 * time.Minute
+
 // transferLeader queues a transfer-leader operator. The copyset's leader
 // receives it with its next heartbeat responses until its report shows the
 // transfer done or the configuration moved on.
@@ -54,6 +59,7 @@ func (l *leaderState) transferLeader(ctx context.Context, r *mdspb.TransferLeade
 		// the operator is written.
 		l.mu.operators[key] = op
 		l.mu.unsaved[op] = true
+		l.mu.pinned[key] = time.Now().Add(manualHold)
 		return nil
 	}()
 	l.mu.Unlock()

@@ -248,6 +248,13 @@ func (l *leaderState) scheduleInputLocked(now time.Time) schedule.Input {
 				cs.Busy = true
 			}
 		}
+		if until, ok := l.mu.pinned[key]; ok {
+			if now.After(until) {
+				delete(l.mu.pinned, key)
+			} else {
+				cs.Pinned = true
+			}
+		}
 		if a, ok := l.mu.avoid[key]; ok {
 			if now.After(a.until) {
 				delete(l.mu.avoid, key)

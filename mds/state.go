@@ -63,10 +63,11 @@ type leaderState struct {
 		// finished: nobody is handed them (or shown them) before they are
 		// durable, so that a new MDS leader knows every operator under way.
 		unsaved      map[*mdspb.Operator]bool
-		rebuilds     map[uint64]*rebuild // broken replicas being rebuilt, by copysetKey
-		avoid        map[uint64]avoid    // targets that did not take a copyset's replica in time
-		blocked      []schedule.Blocked  // copysets the schedulers cannot repair now
-		moved        []movedBytes        // replicas filled in the last minute
+		rebuilds     map[uint64]*rebuild  // broken replicas being rebuilt, by copysetKey
+		avoid        map[uint64]avoid     // targets that did not take a copyset's replica in time
+		blocked      []schedule.Blocked   // copysets the schedulers cannot repair now
+		moved        []movedBytes         // replicas filled in the last minute
+		pinned       map[uint64]time.Time // copysets whose leader an operator chose, until when
 		epochVersion uint64
 		rr           map[uint32]int // next copyset index per logical pool
 		segments     int64          // allocated segments of every volume
@@ -179,6 +180,7 @@ func (l *leaderState) load(ctx context.Context) error {
 	l.mu.unsaved = map[*mdspb.Operator]bool{}
 	l.mu.rebuilds = map[uint64]*rebuild{}
 	l.mu.avoid = map[uint64]avoid{}
+	l.mu.pinned = map[uint64]time.Time{}
 	for _, o := range ops {
 		l.mu.operators[o.Copyset.Key()] = o
 	}

@@ -6,9 +6,9 @@ import (
 )
 
 // eligible reports whether a copyset can take part in balancing: healthy,
-// whole, led, and untouched this round.
+// whole, led, not pinned by an operator's choice, and untouched this round.
 func (p *planner) eligible(c *Copyset) bool {
-	return !c.Busy && p.leaderLive(c) && len(c.Learners) == 0 && len(c.Voters) == c.Replicas &&
+	return !c.Busy && !c.Pinned && p.leaderLive(c) && len(c.Learners) == 0 && len(c.Voters) == c.Replicas &&
 		!p.needsRecovery(c) && !p.touched[[2]uint32{c.Pool, c.ID}]
 }
 

@@ -83,6 +83,9 @@ type Copyset struct {
 	// Avoid lists chunkservers that recently failed to take a replica of
 	// this copyset in time; they are not chosen again while listed.
 	Avoid []uint64
+	// Pinned: an operator chose this copyset's leader by hand recently;
+	// balancing leaves the copyset alone (repairs do not).
+	Pinned bool
 }
 
 // Op is an operator to queue.

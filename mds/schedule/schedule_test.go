@@ -543,3 +543,20 @@ func TestPlanCopysetRemovesTheSourceOfAMove(t *testing.T) {
 		t.Fatalf("after adding 7 to copyset %d (voters %v): next step %v, %v", add.Copyset, src, next, ok)
 	}
 }
+
+func TestPinnedCopysetsAreNotBalancedButRepaired(t *testing.T) {
+	c := newCluster(t, []int{1, 1, 1}, 9, 14)
+	for i := range c.in.Copysets {
+		c.in.Copysets[i].Leader = 1
+		c.in.Copysets[i].Pinned = true
+	}
+	if ops, _ := Plan(c.in, Limits{}); len(ops) != 0 {
+		t.Fatalf("balanced pinned copysets: %v", ops)
+	}
+	c.in.ChunkServers = append(c.in.ChunkServers, ChunkServer{ID: 4, Zone: 4, PhysPool: 1, Online: true})
+	c.cs(2).Online, c.cs(2).Down = false, true
+	ops, _ := Plan(c.in, Limits{MaxOpsPerChunkServer: 100})
+	if len(ops) == 0 || ops[0].Reason != ReasonRecover {
+		t.Fatalf("pinned copysets not repaired: %v", ops)
+	}
+}

@@ -17,6 +17,7 @@ import (
 	"cairn.io/cairn/api/commonpb"
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/internal/soon"
+	"cairn.io/cairn/mds"
 	"cairn.io/cairn/test/cluster"
 )
 
@@ -30,7 +31,7 @@ type liveCluster struct {
 
 func startLive(t *testing.T) *liveCluster {
 	t.Helper()
-	return &liveCluster{Cluster: cluster.Start(t, cluster.Options{CopysetsPerChunkServer: 4}), t: t}
+	return &liveCluster{Cluster: cluster.Start(t, cluster.Options{CopysetsPerChunkServer: 4, Schedule: mds.ScheduleConfig{Interval: 2 * time.Second}}), t: t}
 }
 
 func (c *liveCluster) run(args ...string) runResult {
