@@ -1,0 +1,182 @@
+package csi
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"cairn.io/cairn/mds/mdsclient"
+)
+
+// DriverName is the name the driver registers under.
+const DriverName = "csi.cairn.io"
+
+// Modes the driver runs in.
+const (
+	ModeController = "controller"
+	ModeNode       = "node"
+	ModeAll        = "all"
+)
+
+// ErrModeNotBuilt is returned by New for a mode whose services are not
+// built yet.
+var ErrModeNotBuilt = errors.New("csi: the node service is not built yet; run --mode controller")
+
+// Config configures a driver.
+type Config struct {
+	// Endpoint is where the CSI services listen: unix:///path/csi.sock (or
+	// a bare path).
+	Endpoint string
+	// MDSAddrs are the MDS addresses.
+	MDSAddrs []string
+	// NodeID identifies this node (node mode).
+	NodeID string
+	// Mode is controller (default), node or all.
+	Mode string
+	// Version is reported by GetPluginInfo.
+	Version string
+	// CallTimeout bounds each call the driver makes to the MDS (default
+	// 30s, shortened by the caller's deadline).
+	CallTimeout time.Duration
+	// Logger receives the driver's logs (default slog.Default()).
+	Logger *slog.Logger
+}
+
+// Driver is a running CSI driver.
+type Driver struct {
+	cfg  Config
+	log  *slog.Logger
+	mds  *mdsclient.Conn
+	srv  *grpc.Server
+	lis  net.Listener
+	path string
+
+	// volumeLocks serialises calls on one volume name, as the CSI
+	// specification asks of a plugin that may see retried calls.
+	volumeLocks sync.Map // name -> *sync.Mutex
+}
+
+// New checks cfg and connects to the MDS; Start serves.
+func New(cfg Config) (*Driver, error) {
+	if cfg.Mode == "" {
+		cfg.Mode = ModeController
+	}
+	switch cfg.Mode {
+	case ModeController:
+	case ModeNode, ModeAll:
+		return nil, ErrModeNotBuilt
+	default:
+		return nil, fmt.Errorf("csi: mode %q: want controller, node or all", cfg.Mode)
+	}
+	if cfg.Endpoint == "" {
+		return nil, errors.New("csi: an endpoint is required (unix:///path/csi.sock)")
+	}
+	if len(cfg.MDSAddrs) == 0 {
+		return nil, errors.New("csi: at least one MDS address is required")
+	}
+	if cfg.CallTimeout <= 0 {
+		cfg.CallTimeout = 30 * time.Second
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	path, err := socketPath(cfg.Endpoint)
+	if err != nil {
+		return nil, err
+	}
+	conn, err := mdsclient.Dial(cfg.MDSAddrs, mdsclient.Options{Logger: cfg.Logger})
+	if err != nil {
+		return nil, fmt.Errorf("csi: dial MDS: %w", err)
+	}
+	return &Driver{cfg: cfg, log: cfg.Logger.With("component", "csi"), mds: conn, path: path}, nil
+}
+
+// socketPath turns unix:///path (or a bare path) into the path.
+func socketPath(endpoint string) (string, error) {
+	p := endpoint
+	if rest, ok := strings.CutPrefix(endpoint, "unix://"); ok {
+		p = rest
+	} else if strings.Contains(endpoint, "://") {
+		return "", fmt.Errorf("csi: endpoint %q: only unix:// sockets are served", endpoint)
+	}
+	if p == "" || !strings.HasPrefix(p, "/") {
+		return "", fmt.Errorf("csi: endpoint %q: want an absolute socket path", endpoint)
+	}
+	return p, nil
+}
+
+// Start listens on the endpoint (a stale socket file is replaced) and
+// serves in the background.
+func (d *Driver) Start() error {
+	if err := os.Remove(d.path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("csi: remove stale socket %s: %w", d.path, err)
+	}
+	lis, err := net.Listen("unix", d.path)
+	if err != nil {
+		return fmt.Errorf("csi: listen on %s: %w", d.path, err)
+	}
+	d.lis = lis
+	d.srv = grpc.NewServer(grpc.UnaryInterceptor(d.logCalls))
+	csipb.RegisterIdentityServer(d.srv, identity{d: d})
+	csipb.RegisterControllerServer(d.srv, controller{d: d})
+	go func() { _ = d.srv.Serve(lis) }()
+	d.log.Info("csi driver serving", "endpoint", d.cfg.Endpoint, "mode", d.cfg.Mode, "mds", strings.Join(d.cfg.MDSAddrs, ","))
+	return nil
+}
+
+// Stop stops serving and closes the MDS connection.
+func (d *Driver) Stop() {
+	if d.srv != nil {
+		d.srv.GracefulStop()
+	}
+	_ = d.mds.Close()
+	_ = os.Remove(d.path)
+}
+
+// logCalls logs every call's method, duration and error code, the way
+// operators of CSI drivers read them next to the sidecars' logs.
+func (d *Driver) logCalls(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+	start := time.Now()
+	resp, err := h(ctx, req)
+	if err != nil {
+		d.log.Info("csi call failed", "method", info.FullMethod, "code", status.Code(err).String(), "err", status.Convert(err).Message(),
+			"took", time.Since(start).Round(time.Millisecond))
+	} else {
+		d.log.Debug("csi call", "method", info.FullMethod, "took", time.Since(start).Round(time.Millisecond))
+	}
+	return resp, err
+}
+
+// lockVolume serialises calls on one volume name.
+func (d *Driver) lockVolume(name string) func() {
+	m, _ := d.volumeLocks.LoadOrStore(name, &sync.Mutex{})
+	mu := m.(*sync.Mutex)
+	mu.Lock()
+	return mu.Unlock
+}
+
+// callCtx bounds one call to the MDS.
+func (d *Driver) callCtx(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, d.cfg.CallTimeout)
+}
+
+// mdsErr passes an MDS error on with its code (the MDS uses the same
+// codes), adding what was being done.
+func mdsErr(what string, err error) error {
+	st, ok := status.FromError(err)
+	if !ok {
+		return status.Errorf(codes.Internal, "%s: %v", what, err)
+	}
+	return status.Errorf(st.Code(), "%s: %s", what, st.Message())
+}
