@@ -158,7 +158,7 @@ func (l *leaderState) deleteChunk(ctx context.Context, v *mdspb.Volume, ref *mds
 	}
 	l.mu.Unlock()
 	if len(candidates) == 0 {
-		return fmt.Errorf("chunk %d: copyset (%d, %d) is unknown", ref.ChunkId, ref.Copyset.GetLogicalPoolId(), ref.Copyset.GetCopysetId())
+		return fmt.Errorf("chunk %d: copyset %s is unknown", ref.ChunkId, ref.Copyset.Name())
 	}
 	req := &chunkpb.DeleteChunkRequest{Copyset: ref.Copyset, ChunkId: ref.ChunkId, VolumeId: v.Id, Epoch: v.Epoch}
 	var lastErr error
@@ -187,7 +187,7 @@ func (l *leaderState) deleteChunk(ctx context.Context, v *mdspb.Volume, ref *mds
 			lastErr = fmt.Errorf("%s: %s: %s", addr, resp.Status, resp.Message)
 		}
 	}
-	return fmt.Errorf("delete chunk %d of copyset (%d, %d): %w", ref.ChunkId, ref.Copyset.GetLogicalPoolId(), ref.Copyset.GetCopysetId(), lastErr)
+	return fmt.Errorf("delete chunk %d of copyset %s: %w", ref.ChunkId, ref.Copyset.Name(), lastErr)
 }
 
 func (l *leaderState) deleteChunkOn(ctx context.Context, addr string, req *chunkpb.DeleteChunkRequest) (*chunkpb.DeleteChunkResponse, error) {

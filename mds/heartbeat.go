@@ -196,7 +196,7 @@ func (l *leaderState) endOperatorLocked(key uint64, op *mdspb.Operator, result s
 	}
 	delete(l.mu.operators, key)
 	l.s.metrics.operatorsEnded.WithLabelValues(op.Kind.Label(), op.Reason, result).Inc()
-	l.log.Info("operator ended", "pool", op.Copyset.LogicalPoolId, "copyset", op.Copyset.CopysetId,
+	l.log.Info("operator ended", "copyset", op.Copyset.Name(),
 		"kind", op.Kind.Label(), "target", op.Target.GetChunkserverId(), "reason", op.Reason, "result", result)
 	return l.nextStepLocked(key, now)
 }

@@ -34,18 +34,18 @@ func (l *leaderState) transferLeader(ctx context.Context, r *mdspb.TransferLeade
 	var op *mdspb.Operator
 	err := func() error {
 		if c == nil {
-			return status.Errorf(codes.NotFound, "copyset (%d, %d) does not exist", r.Copyset.LogicalPoolId, r.Copyset.CopysetId)
+			return status.Errorf(codes.NotFound, "copyset %s does not exist", r.Copyset.Name())
 		}
 		i := slices.IndexFunc(c.Peers, func(p *commonpb.Peer) bool { return p.ChunkserverId == r.ToChunkserverId })
 		switch {
 		case i < 0:
-			return status.Errorf(codes.InvalidArgument, "chunkserver %d is not a member of copyset (%d, %d)", r.ToChunkserverId, r.Copyset.LogicalPoolId, r.Copyset.CopysetId)
+			return status.Errorf(codes.InvalidArgument, "chunkserver %d is not a member of copyset %s", r.ToChunkserverId, r.Copyset.Name())
 		case c.LeaderId == 0:
-			return status.Errorf(codes.FailedPrecondition, "copyset (%d, %d) has no leader reported yet", r.Copyset.LogicalPoolId, r.Copyset.CopysetId)
+			return status.Errorf(codes.FailedPrecondition, "copyset %s has no leader reported yet", r.Copyset.Name())
 		case c.LeaderId == r.ToChunkserverId:
-			return status.Errorf(codes.FailedPrecondition, "chunkserver %d already leads copyset (%d, %d)", r.ToChunkserverId, r.Copyset.LogicalPoolId, r.Copyset.CopysetId)
+			return status.Errorf(codes.FailedPrecondition, "chunkserver %d already leads copyset %s", r.ToChunkserverId, r.Copyset.Name())
 		case l.mu.operators[key] != nil:
-			return status.Errorf(codes.FailedPrecondition, "copyset (%d, %d) already has a pending operator", r.Copyset.LogicalPoolId, r.Copyset.CopysetId)
+			return status.Errorf(codes.FailedPrecondition, "copyset %s already has a pending operator", r.Copyset.Name())
 		}
 		target := proto.CloneOf(c.Peers[i])
 		if e := l.mu.chunkServers[target.ChunkserverId]; e != nil {
@@ -80,7 +80,7 @@ func (l *leaderState) transferLeader(ctx context.Context, r *mdspb.TransferLeade
 	l.mu.Unlock()
 	l.pushOperators([]*mdspb.Operator{op})
 	l.s.metrics.operatorsStarted.WithLabelValues(op.Kind.Label(), op.Reason).Inc()
-	l.log.Info("transfer-leader operator queued", "pool", op.Copyset.LogicalPoolId, "copyset", op.Copyset.CopysetId,
+	l.log.Info("transfer-leader operator queued", "copyset", op.Copyset.Name(),
 		"to", r.ToChunkserverId, "conf_epoch", op.ConfEpoch)
 	return &mdspb.TransferLeaderResponse{Operator: proto.CloneOf(op)}, nil
 }

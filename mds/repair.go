@@ -49,14 +49,14 @@ func (l *leaderState) noteBrokenLocked(key uint64, rec *mdspb.Copyset, reporter 
 	}
 	if rb.reason != reason {
 		rb.reason = reason
-		l.log.Warn("replica broken; rebuilding it from its peers", "pool", rec.Id.GetLogicalPoolId(),
-			"copyset", rec.Id.GetCopysetId(), "chunkserver", reporter, "reason", reason)
+		l.log.Warn("replica broken; rebuilding it from its peers", "copyset", rec.Id.Name(),
+			"chunkserver", reporter, "reason", reason)
 	}
 	voter := slices.ContainsFunc(rec.Peers, func(p *commonpb.Peer) bool { return p.ChunkserverId == reporter })
 	if voter && rb.attempts >= maxRebuilds && !rb.gaveUp {
 		rb.gaveUp = true
-		l.log.Warn("replica broke again after its last rebuild; replacing it on another chunkserver", "pool", rec.Id.GetLogicalPoolId(),
-			"copyset", rec.Id.GetCopysetId(), "chunkserver", reporter, "rebuilds", rb.attempts)
+		l.log.Warn("replica broke again after its last rebuild; replacing it on another chunkserver", "copyset", rec.Id.Name(),
+			"chunkserver", reporter, "rebuilds", rb.attempts)
 	}
 	if !voter || l.mu.operators[key] != nil || rec.LeaderId == 0 || rec.LeaderId == reporter || rb.gaveUp {
 		return nil
@@ -82,7 +82,7 @@ func (l *leaderState) continueRebuildLocked(key uint64, rec *mdspb.Copyset, repo
 			delete(l.mu.rebuilds, key)
 		}
 	case voter && reporter == rb.node:
-		l.log.Info("broken replica rebuilt", "pool", rec.Id.GetLogicalPoolId(), "copyset", rec.Id.GetCopysetId(), "chunkserver", rb.node)
+		l.log.Info("broken replica rebuilt", "copyset", rec.Id.Name(), "chunkserver", rb.node)
 		delete(l.mu.rebuilds, key)
 	case !voter && reporter == rec.LeaderId && l.mu.operators[key] == nil:
 		// Gone from the copyset (or a learner still catching up): add it
@@ -123,7 +123,7 @@ func (l *leaderState) memberOpLocked(rec *mdspb.Copyset, kind mdspb.OperatorKind
 	l.mu.operators[rec.Id.Key()] = op
 	l.mu.unsaved[op] = true
 	l.s.metrics.operatorsStarted.WithLabelValues(kind.Label(), op.Reason).Inc()
-	l.log.Info("operator queued to rebuild a broken replica", "pool", rec.Id.GetLogicalPoolId(), "copyset", rec.Id.GetCopysetId(),
+	l.log.Info("operator queued to rebuild a broken replica", "copyset", rec.Id.Name(),
 		"kind", kind.String(), "chunkserver", node, "conf_epoch", rec.ConfEpoch)
 	return op
 }

@@ -72,7 +72,7 @@ func (l *leaderState) scheduleOnce(ctx context.Context, now time.Time) {
 			l.mu.avoid[key] = avoid{node: op.Target.GetChunkserverId(), until: now.Add(cfg.OperatorTimeout)}
 		}
 		l.s.metrics.operatorsEnded.WithLabelValues(op.Kind.Label(), op.Reason, "timed_out").Inc()
-		l.log.Warn("operator timed out; dropped", "pool", op.Copyset.LogicalPoolId, "copyset", op.Copyset.CopysetId,
+		l.log.Warn("operator timed out; dropped", "copyset", op.Copyset.Name(),
 			"kind", op.Kind.Label(), "target", op.Target.GetChunkserverId(), "reason", op.Reason, "age", now.Sub(l.operatorCreatedLocked(op)).Round(time.Second))
 	}
 	in := l.scheduleInputLocked(now)
@@ -121,7 +121,7 @@ func (l *leaderState) queueLocked(p schedule.Op, now time.Time) *mdspb.Operator 
 	l.mu.operators[key] = op
 	l.mu.unsaved[op] = true
 	l.s.metrics.operatorsStarted.WithLabelValues(op.Kind.Label(), op.Reason).Inc()
-	l.log.Info("operator queued", "pool", p.Pool, "copyset", p.Copyset, "kind", op.Kind.Label(),
+	l.log.Info("operator queued", "copyset", commonpb.CopysetName(p.Pool, p.Copyset), "kind", op.Kind.Label(),
 		"target", p.Target, "leader", rec.LeaderId, "reason", p.Reason, "conf_epoch", p.ConfEpoch)
 	return op
 }

@@ -353,7 +353,7 @@ func (l *leaderState) getCopysets(r *mdspb.GetCopysetsRequest) (*mdspb.GetCopyse
 	for _, ref := range r.Copysets {
 		c := l.mu.copysets[ref.Key()]
 		if c == nil {
-			return nil, status.Errorf(codes.NotFound, "copyset (%d, %d) does not exist", ref.GetLogicalPoolId(), ref.GetCopysetId())
+			return nil, status.Errorf(codes.NotFound, "copyset %s does not exist", ref.Name())
 		}
 		out.Copysets = append(out.Copysets, l.copysetViewLocked(c))
 	}

@@ -301,7 +301,7 @@ func (s copysetService) CreateCopysets(ctx context.Context, r *copysetpb.CreateC
 		k := spec.Copyset.Key()
 		if old, ok := d.mu.copysets[k]; ok {
 			if !samePeers(old.Peers, spec.Peers) {
-				return nil, status.Errorf(codes.AlreadyExists, "copyset (%d, %d) exists with other members", spec.Copyset.LogicalPoolId, spec.Copyset.CopysetId)
+				return nil, status.Errorf(codes.AlreadyExists, "copyset %s exists with other members", spec.Copyset.Name())
 			}
 			continue
 		}
@@ -310,7 +310,7 @@ func (s copysetService) CreateCopysets(ctx context.Context, r *copysetpb.CreateC
 			member = member || p.ChunkserverId == d.mu.id
 		}
 		if !member {
-			return nil, status.Errorf(codes.InvalidArgument, "chunkserver %d is not a member of copyset (%d, %d)", d.mu.id, spec.Copyset.LogicalPoolId, spec.Copyset.CopysetId)
+			return nil, status.Errorf(codes.InvalidArgument, "chunkserver %d is not a member of copyset %s", d.mu.id, spec.Copyset.Name())
 		}
 		d.mu.copysets[k] = proto.CloneOf(spec)
 		created++
@@ -362,7 +362,7 @@ func (s chunkService) DeleteChunk(ctx context.Context, r *chunkpb.DeleteChunkReq
 	k := r.Copyset.Key()
 	if _, ok := d.mu.copysets[k]; !ok {
 		return &chunkpb.DeleteChunkResponse{Status: chunkpb.Status_STATUS_COPYSET_NOTEXIST,
-			Message: fmt.Sprintf("copyset (%d, %d) not hosted here", r.Copyset.GetLogicalPoolId(), r.Copyset.GetCopysetId())}, nil
+			Message: fmt.Sprintf("copyset %s not hosted here", r.Copyset.Name())}, nil
 	}
 	if hint := d.mu.redirect[k]; hint != nil {
 		return &chunkpb.DeleteChunkResponse{Status: chunkpb.Status_STATUS_REDIRECTED, Leader: proto.CloneOf(hint)}, nil

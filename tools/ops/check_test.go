@@ -246,7 +246,7 @@ func TestCheckCopyset(t *testing.T) {
 		code int
 		msg  string
 	}{
-		{[]string{"check", "copyset", "1:99"}, ExitNotFound, "copyset (1, 99) does not exist"},
+		{[]string{"check", "copyset", "1:99"}, ExitNotFound, "copyset 1:99 does not exist"},
 		{[]string{"check", "copyset", "x:1"}, ExitNotFound, `logical pool "x" does not exist`},
 		{[]string{"check", "copyset", "--pool", "nope"}, ExitNotFound, `logical pool "nope" does not exist`},
 	} {

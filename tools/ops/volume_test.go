@@ -215,9 +215,9 @@ func TestUpdateLeader(t *testing.T) {
 		msg  string
 	}{
 		{[]string{"update", "leader", "--copyset", "1:2", "--to", strconv.FormatUint(to, 10)}, ExitError, "already has a pending operator"},
-		{[]string{"update", "leader", "--copyset", "1:1", "--to", "99"}, ExitUsage, "chunkserver 99 is not a member of copyset (1, 1)"},
-		{[]string{"update", "leader", "--copyset", "1:1", "--to", strconv.FormatUint(from, 10)}, ExitError, "already leads copyset (1, 1)"},
-		{[]string{"update", "leader", "--copyset", "1:9", "--to", "2"}, ExitNotFound, "copyset (1, 9) does not exist"},
+		{[]string{"update", "leader", "--copyset", "1:1", "--to", "99"}, ExitUsage, "chunkserver 99 is not a member of copyset 1:1"},
+		{[]string{"update", "leader", "--copyset", "1:1", "--to", strconv.FormatUint(from, 10)}, ExitError, "already leads copyset 1:1"},
+		{[]string{"update", "leader", "--copyset", "1:9", "--to", "2"}, ExitNotFound, "copyset 1:9 does not exist"},
 		{[]string{"update", "leader", "--copyset", "7:1", "--to", "2"}, ExitNotFound, `logical pool "7" does not exist`},
 		{[]string{"update", "leader", "--copyset", "x", "--to", "2"}, ExitUsage, `copyset id "x": want POOL:COPYSET`},
 		{[]string{"update", "leader", "--to", "2"}, ExitUsage, `required flag(s) "copyset" not set`},
