@@ -243,6 +243,21 @@ func (p *planner) bad(c *Copyset, m uint64) bool {
 // leaderLive reports whether the copyset's known leader can carry out an
 // operator: online, not a retired chunkserver (a replaced disk's old
 // identity may look online until its heartbeats age out), not broken.
+// risk ranks why a member must be replaced: 3 lost (down, unknown or
+// broken), 2 retired, 1 retiring, 0 not at all.
+func (p *planner) risk(c *Copyset, m uint64) int {
+	cs := p.css[m]
+	switch {
+	case cs == nil || cs.Down || slices.Contains(c.Broken, m):
+		return 3
+	case cs.Retired:
+		return 2
+	case cs.Retiring:
+		return 1
+	}
+	return 0
+}
+
 func (p *planner) leaderLive(c *Copyset) bool {
 	l := p.css[c.Leader]
 	return c.Leader != 0 && l != nil && l.Online && !l.Down && !l.Retired && !slices.Contains(c.Broken, c.Leader)
@@ -312,10 +327,12 @@ func (p *planner) repair(c *Copyset) {
 	if !p.needsRecovery(c) {
 		return
 	}
+	// The replica replaced first is the one most at risk: a lost or broken
+	// one before a retired one, a retired one before one being drained.
 	var replaced uint64
 	live := 0
 	for _, v := range c.Voters {
-		if p.bad(c, v) && replaced == 0 {
+		if p.bad(c, v) && (replaced == 0 || p.risk(c, v) > p.risk(c, replaced)) {
 			replaced = v
 		}
 		if cs := p.css[v]; cs != nil && cs.Online && !cs.Down && !slices.Contains(c.Broken, v) {

@@ -560,3 +560,17 @@ func TestPinnedCopysetsAreNotBalancedButRepaired(t *testing.T) {
 		t.Fatalf("pinned copysets not repaired: %v", ops)
 	}
 }
+
+func TestALostReplicaIsReplacedBeforeADrainedOne(t *testing.T) {
+	c := newCluster(t, []int{2, 2, 2}, 4, 15)
+	cs := &c.in.Copysets[0]
+	drained, lost := cs.Voters[0], cs.Voters[1]
+	c.cs(drained).Retiring = true
+	c.cs(lost).Online, c.cs(lost).Down = false, true
+	c.elect()
+	ops, _ := Plan(c.in, Limits{NoBalance: true, MaxOpsPerChunkServer: 100})
+	i := slices.IndexFunc(ops, func(o Op) bool { return o.Copyset == cs.ID })
+	if i < 0 || ops[i].Kind != AddPeer || c.cs(ops[i].Target).Zone != c.cs(lost).Zone || ops[i].Reason != ReasonRecover {
+		t.Fatalf("first step for copyset %d (drained %d, lost %d): %v", cs.ID, drained, lost, ops)
+	}
+}
