@@ -42,6 +42,11 @@ type Engine struct {
 
 	mu     sync.RWMutex
 	groups map[GroupID]*Copyset
+	// replaceMu serializes Create and Remove. Remove takes a copyset out of
+	// groups before it moves the copyset's directory to the trash: a Create
+	// of the same copyset in between would open that directory, adopting
+	// the old replica's chunk files, and lose it to the trash right after.
+	replaceMu sync.Mutex
 
 	raftQ, applyQ *workQueue
 	limiter       *rateLimiter
@@ -250,11 +255,13 @@ func (e *Engine) Create(id GroupID, peers []uint64) error {
 			return fmt.Errorf("copyset: member list %v does not include this chunkserver (%d)", peers, e.cfg.NodeID)
 		}
 	}
+	e.replaceMu.Lock()
+	defer e.replaceMu.Unlock()
 	if c := e.get(id); c != nil && len(peers) == 0 && c.Broken() != nil {
 		// A replica being rebuilt from its peers: the broken one goes to
 		// the trash and an empty one takes its place.
 		e.log.Info("replacing a broken replica with an empty one to be rebuilt from its peers", "copyset", id, "broken", c.Broken())
-		if err := e.Remove(id); err != nil {
+		if err := e.remove(id); err != nil {
 			return fmt.Errorf("copyset: replace broken %s: %w", id, err)
 		}
 	}
@@ -334,6 +341,30 @@ func (e *Engine) List() []*Copyset {
 // Remove stops a copyset and moves its directory to the trash. Its chunk
 // files stay there until PurgeTrash returns them to the pool.
 func (e *Engine) Remove(id GroupID) error {
+	e.replaceMu.Lock()
+	defer e.replaceMu.Unlock()
+	return e.remove(id)
+}
+
+// ErrReplaced is returned by RemoveReplica when the copyset's replica is no
+// longer the one named: a new one took its place.
+var ErrReplaced = errors.New("copyset: the replica was replaced")
+
+// RemoveReplica is Remove of one replica: it does nothing, and returns
+// ErrReplaced, when the copyset now has another replica here (a broken one
+// was replaced by an empty one since the caller looked).
+func (e *Engine) RemoveReplica(c *Copyset) error {
+	e.replaceMu.Lock()
+	defer e.replaceMu.Unlock()
+	if now := e.get(c.id); now != c {
+		return fmt.Errorf("%w: %s", ErrReplaced, c.id)
+	}
+	return e.remove(c.id)
+}
+
+// remove is Remove, called with e.replaceMu held: no Create of the copyset
+// runs until its directory is in the trash.
+func (e *Engine) remove(id GroupID) error {
 	e.mu.Lock()
 	c := e.groups[id]
 	delete(e.groups, id)
