@@ -8,7 +8,6 @@ import (
 	"syscall"
 	"time"
 
-	"cairn.io/cairn/api/commonpb"
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/copyset"
 )
@@ -65,6 +64,7 @@ func (s *Server) heartbeat(ctx context.Context) error {
 		EpochTableVersion: s.epochs.currentVersion(),
 	}
 	leaders := 0
+	reported := map[copyset.GroupID]*copyset.Copyset{}
 	for _, c := range s.engine.List() {
 		sctx, cancel := context.WithTimeout(ctx, time.Second)
 		st, err := c.Status(sctx)
@@ -76,6 +76,7 @@ func (s *Server) heartbeat(ctx context.Context) error {
 			leaders++
 		}
 		req.Copysets = append(req.Copysets, &mdspb.CopysetReport{Status: s.statusProto(st)})
+		reported[c.ID()] = c
 	}
 	s.m.copysets.Set(float64(len(req.Copysets)))
 	s.m.leaders.Set(float64(leaders))
@@ -109,7 +110,9 @@ func (s *Server) heartbeat(ctx context.Context) error {
 		s.startOperator(op)
 	}
 	for _, ref := range resp.GetRemoveCopysets() {
-		s.removeCopyset(ref)
+		if c := reported[copyset.MakeGroupID(ref.GetLogicalPoolId(), ref.GetCopysetId())]; c != nil {
+			s.removeCopyset(c)
+		}
 	}
 	if lease <= 0 {
 		return errors.New("the MDS granted no epoch lease (an MDS older than this chunkserver?): epoch-checked requests stay refused")
@@ -142,14 +145,13 @@ func (s *Server) capacity() *mdspb.Capacity {
 	return c
 }
 
-// removeCopyset moves a copyset the MDS no longer places here to the trash,
-// unless its own configuration still names this chunkserver.
-func (s *Server) removeCopyset(ref *commonpb.CopysetRef) {
-	id := copyset.MakeGroupID(ref.GetLogicalPoolId(), ref.GetCopysetId())
-	c, err := s.engine.Get(id)
-	if err != nil {
-		return
-	}
+// removeCopyset moves a replica the MDS no longer places here to the trash,
+// unless its own configuration still names this chunkserver, or another
+// replica took its place since the heartbeat reported it (a broken one
+// replaced by an empty one being rebuilt: the answer was about the broken
+// one).
+func (s *Server) removeCopyset(c *copyset.Copyset) {
+	id := c.ID()
 	// A broken replica stopped applying: its own configuration is stale, and
 	// the MDS's word that the copyset went on without it is enough.
 	cs := c.ConfState()
@@ -157,7 +159,9 @@ func (s *Server) removeCopyset(ref *commonpb.CopysetRef) {
 		s.log.Warn("MDS asked to remove a copyset whose configuration still includes this chunkserver; keeping it", "copyset", id)
 		return
 	}
-	if err := s.engine.Remove(id); err != nil {
+	switch err := s.engine.RemoveReplica(c); {
+	case errors.Is(err, copyset.ErrReplaced), errors.Is(err, copyset.ErrNotFound):
+	case err != nil:
 		s.log.Error("removing copyset", "copyset", id, "err", err)
 	}
 }
