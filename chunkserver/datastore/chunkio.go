@@ -223,7 +223,17 @@ func (s *Store) Delete(id uint64) error {
 	c.gone = ErrChunkNotExist
 	s.files.remove(c)
 	c.mu.Unlock()
-	if err := s.pool.Recycle(c.path); err != nil {
+	err := s.pool.Recycle(c.path)
+	if k := s.knobs.AfterRecycle; k != nil && err == nil {
+		err = k(id)
+	}
+	if err != nil {
+		if _, serr := os.Lstat(c.path); errors.Is(serr, os.ErrNotExist) {
+			// Moved to the pool, but a directory fsync failed: the chunk is
+			// gone here either way (a chunk put back would name a file that
+			// no longer exists).
+			return fmt.Errorf("delete chunk %d: %w", id, err)
+		}
 		// The file is still in place: keep the chunk.
 		back := &chunk{id: id, path: c.path, meta: c.meta, corrupt: c.corrupt}
 		back.dirty.Store(c.dirty.Load())

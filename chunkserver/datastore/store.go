@@ -52,6 +52,10 @@ type TestingKnobs struct {
 	// before the file is renamed to its final name. A returned error fails
 	// the creation there.
 	BeforeCreateRename func(chunkID uint64) error
+	// AfterRecycle is called when Delete has handed a chunk's file back to
+	// the pool; a returned error stands for a failure after the file moved
+	// (a directory fsync).
+	AfterRecycle func(chunkID uint64) error
 }
 
 // ChunkInfo describes a chunk.

@@ -641,3 +641,32 @@ func TestOpenIsExclusive(t *testing.T) {
 	}
 	e.open(t, Options{})
 }
+
+// TestDeleteAfterTheFileMovedDoesNotBringTheChunkBack: when handing a
+// chunk's file to the pool fails after the file moved (a directory fsync),
+// the chunk is gone from the store: put back, it would name a file that no
+// longer exists, and every later read, write or snapshot of it would fail.
+func TestDeleteAfterTheFileMovedDoesNotBringTheChunkBack(t *testing.T) {
+	e := newEnv(t, 2, 2)
+	failSync := errors.New("test: directory fsync failed")
+	s := e.open(t, Options{Knobs: TestingKnobs{AfterRecycle: func(uint64) error { return failSync }}})
+	if err := s.WriteAt(1, pattern(1, 512), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Delete(1); !errors.Is(err, failSync) {
+		t.Fatalf("delete: %v, want the fsync failure", err)
+	}
+	if ids := s.List(); len(ids) != 0 {
+		t.Fatalf("chunks after the delete: %v", ids)
+	}
+	if err := s.ReadAt(1, make([]byte, 512), 0); !errors.Is(err, ErrChunkNotExist) {
+		t.Fatalf("read of the deleted chunk: %v", err)
+	}
+	// The apply retries the delete: done.
+	if err := s.Delete(1); err != nil {
+		t.Fatalf("second delete: %v", err)
+	}
+	if err := s.WriteAt(1, pattern(2, 512), 0); err != nil {
+		t.Fatalf("a new chunk 1: %v", err)
+	}
+}
