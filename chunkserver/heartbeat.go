@@ -109,9 +109,13 @@ func (s *Server) heartbeat(ctx context.Context) error {
 	for _, op := range resp.GetOperators() {
 		s.startOperator(op)
 	}
-	for _, ref := range resp.GetRemoveCopysets() {
+	for i, ref := range resp.GetRemoveCopysets() {
+		var epoch uint64
+		if i < len(resp.GetRemoveConfEpochs()) {
+			epoch = resp.GetRemoveConfEpochs()[i]
+		}
 		if c := reported[copyset.MakeGroupID(ref.GetLogicalPoolId(), ref.GetCopysetId())]; c != nil {
-			s.removeCopyset(c)
+			s.removeCopyset(c, epoch)
 		}
 	}
 	if lease <= 0 {
@@ -146,16 +150,19 @@ func (s *Server) capacity() *mdspb.Capacity {
 }
 
 // removeCopyset moves a replica the MDS no longer places here to the trash,
-// unless its own configuration still names this chunkserver, or another
-// replica took its place since the heartbeat reported it (a broken one
-// replaced by an empty one being rebuilt: the answer was about the broken
-// one).
-func (s *Server) removeCopyset(c *copyset.Copyset) {
+// unless its own configuration at the MDS's conf epoch or later still names
+// this chunkserver, or another replica took its place since the heartbeat
+// reported it (a broken one replaced by an empty one being rebuilt: the
+// answer was about the broken one).
+func (s *Server) removeCopyset(c *copyset.Copyset, mdsEpoch uint64) {
 	id := c.ID()
-	// A broken replica stopped applying: its own configuration is stale, and
-	// the MDS's word that the copyset went on without it is enough.
+	// A broken replica stopped applying, and one whose configuration is
+	// older than the MDS's was removed while it could not apply that (it
+	// was down, or a learner given up): their own configuration is stale,
+	// and the MDS's word that the copyset went on without them is enough.
 	cs := c.ConfState()
-	if c.Broken() == nil && (slices.Contains(cs.GetVoters(), s.id.ChunkServerID) || slices.Contains(cs.GetLearners(), s.id.ChunkServerID)) {
+	stale := c.Broken() != nil || c.ConfEpoch() < mdsEpoch
+	if !stale && (slices.Contains(cs.GetVoters(), s.id.ChunkServerID) || slices.Contains(cs.GetLearners(), s.id.ChunkServerID)) {
 		s.log.Warn("MDS asked to remove a copyset whose configuration still includes this chunkserver; keeping it", "copyset", id)
 		return
 	}

@@ -381,3 +381,29 @@ func TestNewChunkServerIsBalanced(t *testing.T) {
 func within(n int, share float64) bool {
 	return n >= int(math.Floor(share*0.9)) && n <= int(math.Ceil(share*1.1))
 }
+
+// TestReplicasRebuiltElsewhereAreTrashedWhenTheirChunkServerReturns: a
+// chunkserver down past recover-after loses its replicas to others; when it
+// comes back with its data, the replicas it still holds (whose own
+// configuration, older than the copyset's, still names it) go to the trash
+// instead of lingering and campaigning.
+func TestReplicasRebuiltElsewhereAreTrashedWhenTheirChunkServerReturns(t *testing.T) {
+	c := scheduleCluster(t, false)
+	lost := c.ChunkServer(0).ID()
+	held := len(c.ChunkServer(0).Engine().List())
+	if held == 0 {
+		t.Fatal("chunkserver 0 holds no replica")
+	}
+	c.StopChunkServer(0)
+	soon.Succeeds(t, 2*time.Minute, func() error { return whole(t, c, lost) })
+	s := c.StartChunkServer(0)
+	if s.ID() != lost {
+		t.Fatalf("came back as %d, not %d", s.ID(), lost)
+	}
+	soon.Succeeds(t, 30*time.Second, func() error {
+		if n := len(s.Engine().List()); n > 0 {
+			return fmt.Errorf("chunkserver %d still holds %d of its %d old replicas", lost, n, held)
+		}
+		return nil
+	})
+}

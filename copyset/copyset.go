@@ -303,6 +303,9 @@ func (e *Engine) open(id GroupID, dir string, gl *wal.GroupLog) (*Copyset, error
 		MaxInflightBytes:          e.cfg.MaxAppendBytes,
 		CheckQuorum:               true,
 		PreVote:                   true,
+		// A leader removed from its copyset steps down instead of leading
+		// a group it is no longer part of.
+		StepDownOnRemoval:         true,
 		ReadOnlyOption:            raft.ReadOnlySafe,
 		DisableProposalForwarding: true,
 		Logger:                    raftLogger{c.log},

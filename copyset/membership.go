@@ -44,6 +44,9 @@ func (c *Copyset) RemovePeer(ctx context.Context, node, epoch uint64) error {
 	if err := c.checkEpoch(epoch); err != nil {
 		return err
 	}
+	if node == c.e.cfg.NodeID {
+		return fmt.Errorf("copyset %s: remove %d: the leader does not remove itself; transfer leadership first", c.id, node)
+	}
 	cs := c.ConfState()
 	if !slices.Contains(cs.GetVoters(), node) && !slices.Contains(cs.GetLearners(), node) {
 		return nil

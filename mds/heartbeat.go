@@ -71,6 +71,7 @@ func (l *leaderState) heartbeat(ctx context.Context, r *mdspb.HeartbeatRequest) 
 			// configuration from the snapshot it waits for).
 			if !member && !l.joiningLocked(key, rec, r.ChunkserverId, cs) {
 				resp.RemoveCopysets = append(resp.RemoveCopysets, proto.CloneOf(cs.Copyset))
+				resp.RemoveConfEpochs = append(resp.RemoveConfEpochs, rec.ConfEpoch)
 			}
 			continue
 		}
@@ -85,6 +86,7 @@ func (l *leaderState) heartbeat(ctx context.Context, r *mdspb.HeartbeatRequest) 
 			// A follower that applied a newer configuration than any leader
 			// reported: trust the membership, not its idea of the leader.
 			rec.Peers = clonePeers(cs.Peers)
+			rec.Learners = clonePeers(cs.Learners)
 			rec.ConfEpoch = cs.ConfEpoch
 			if cs.Term > rec.Term {
 				rec.Term, rec.LeaderId = cs.Term, cs.LeaderId
@@ -92,6 +94,7 @@ func (l *leaderState) heartbeat(ctx context.Context, r *mdspb.HeartbeatRequest) 
 			changed = append(changed, key)
 		}
 		if op := l.mu.operators[key]; op != nil && leader {
+			l.noteAddProgressLocked(key, op, cs, now)
 			switch result := operatorResult(op, cs, r.ChunkserverId); result {
 			case "":
 			case "continue":
@@ -136,6 +139,7 @@ func (l *leaderState) heartbeat(ctx context.Context, r *mdspb.HeartbeatRequest) 
 
 	if newAddr != nil {
 		if err := l.persistChunkServer(ctx, newAddr); err != nil {
+			l.forgetUnsaved(newOps)
 			return nil, err
 		}
 	}
@@ -195,6 +199,8 @@ func (l *leaderState) endOperatorLocked(key uint64, op *mdspb.Operator, result s
 		l.noteMovedLocked(now, cs.ChunkCount*l.consts.ChunkSize)
 	}
 	delete(l.mu.operators, key)
+	delete(l.mu.unsaved, op)
+	delete(l.mu.progress, key)
 	l.s.metrics.operatorsEnded.WithLabelValues(op.Kind.Label(), op.Reason, result).Inc()
 	l.log.Info("operator ended", "copyset", op.Copyset.Name(),
 		"kind", op.Kind.Label(), "target", op.Target.GetChunkserverId(), "reason", op.Reason, "result", result)
@@ -225,6 +231,11 @@ func operatorResult(op *mdspb.Operator, cs *copysetpb.CopysetStatus, reporter ui
 	case mdspb.OperatorKind_OPERATOR_KIND_REMOVE_PEER:
 		if cs.ConfEpoch != op.ConfEpoch && !has(cs.Peers) && !has(cs.Learners) {
 			return "done"
+		}
+		if reporter == target {
+			// The replica to remove leads now: it cannot remove itself;
+			// planned again, leadership moves first.
+			return "moot"
 		}
 	}
 	if cs.ConfEpoch != op.ConfEpoch {

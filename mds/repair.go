@@ -151,6 +151,15 @@ func (l *leaderState) persistOperators(ctx context.Context, ops []*mdspb.Operato
 	l.topoWrite.Lock()
 	defer l.topoWrite.Unlock()
 	for i, op := range ops {
+		l.mu.Lock()
+		current := l.mu.operators[op.Copyset.Key()] == op
+		if !current {
+			delete(l.mu.unsaved, op)
+		}
+		l.mu.Unlock()
+		if !current {
+			continue // ended or replaced before it was written: not a ghost in etcd
+		}
 		if _, err := l.st.txn(ctx, nil, putOp(l.st.k.operator(op.Copyset.LogicalPoolId, op.Copyset.CopysetId), op)); err != nil {
 			l.forgetUnsaved(ops[i:])
 			return err

@@ -9,6 +9,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"cairn.io/cairn/api/commonpb"
+	"cairn.io/cairn/api/copysetpb"
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/mds/schedule"
 )
@@ -63,10 +64,16 @@ func (l *leaderState) scheduleOnce(ctx context.Context, now time.Time) {
 		if op.Kind == mdspb.OperatorKind_OPERATOR_KIND_TRANSFER_LEADER {
 			timeout = min(timeout, transferTimeout)
 		}
-		if l.operatorCreatedLocked(op).Add(timeout).After(now) {
+		since := l.operatorCreatedLocked(op)
+		if pr, ok := l.mu.progress[key]; ok && pr.at.After(since) {
+			since = pr.at // an add counts from the last sign of its replica filling
+		}
+		if since.Add(timeout).After(now) {
 			continue
 		}
 		delete(l.mu.operators, key)
+		delete(l.mu.unsaved, op)
+		delete(l.mu.progress, key)
 		expired = append(expired, key)
 		if op.Kind == mdspb.OperatorKind_OPERATOR_KIND_ADD_PEER {
 			l.mu.avoid[key] = avoid{node: op.Target.GetChunkserverId(), until: now.Add(cfg.OperatorTimeout)}
@@ -159,10 +166,13 @@ func (l *leaderState) pushOperators(ops []*mdspb.Operator) {
 		}
 	}
 	l.mu.Unlock()
+	if l.ctx.Err() != nil {
+		return // leadership ended
+	}
 	for addr, ops := range byAddr {
-		l.wg.Add(1)
+		// Bound by the leadership's context, not its wait group: this may
+		// run from a call that outlives the leadership's stop.
 		go func() {
-			defer l.wg.Done()
 			cc, err := l.s.conns.Get(addr)
 			if err == nil {
 				ctx, cancel := context.WithTimeout(l.ctx, l.s.cfg.RPCTimeout)
@@ -369,6 +379,32 @@ func opKind(k schedule.Kind) mdspb.OperatorKind {
 		return mdspb.OperatorKind_OPERATOR_KIND_REMOVE_PEER
 	}
 	return mdspb.OperatorKind_OPERATOR_KIND_UNKNOWN
+}
+
+// addProgress is the last sign that an add's new replica is being filled:
+// a snapshot on its way, or its match index moving.
+type addProgress struct {
+	match uint64
+	at    time.Time
+}
+
+// noteAddProgressLocked records, from the leader's report, that the target
+// of an add is receiving a snapshot or catching up, so that a large
+// replica filling slowly is not timed out while it fills. l.mu held.
+func (l *leaderState) noteAddProgressLocked(key uint64, op *mdspb.Operator, cs *copysetpb.CopysetStatus, now time.Time) {
+	if op.Kind != mdspb.OperatorKind_OPERATOR_KIND_ADD_PEER {
+		delete(l.mu.progress, key)
+		return
+	}
+	for _, p := range cs.Progress {
+		if p.ChunkserverId != op.Target.GetChunkserverId() {
+			continue
+		}
+		last := l.mu.progress[key]
+		if p.State == "snapshot" || p.MatchIndex > last.match {
+			l.mu.progress[key] = addProgress{match: max(p.MatchIndex, last.match), at: now}
+		}
+	}
 }
 
 // movedBytes is a replica filled: when, and about how many bytes.

@@ -63,11 +63,12 @@ type leaderState struct {
 		// finished: nobody is handed them (or shown them) before they are
 		// durable, so that a new MDS leader knows every operator under way.
 		unsaved      map[*mdspb.Operator]bool
-		rebuilds     map[uint64]*rebuild  // broken replicas being rebuilt, by copysetKey
-		avoid        map[uint64]avoid     // targets that did not take a copyset's replica in time
-		blocked      []schedule.Blocked   // copysets the schedulers cannot repair now
-		moved        []movedBytes         // replicas filled in the last minute
-		pinned       map[uint64]time.Time // copysets whose leader an operator chose, until when
+		rebuilds     map[uint64]*rebuild    // broken replicas being rebuilt, by copysetKey
+		avoid        map[uint64]avoid       // targets that did not take a copyset's replica in time
+		blocked      []schedule.Blocked     // copysets the schedulers cannot repair now
+		moved        []movedBytes           // replicas filled in the last minute
+		pinned       map[uint64]time.Time   // copysets whose leader an operator chose, until when
+		progress     map[uint64]addProgress // adds whose new replica is still being filled
 		epochVersion uint64
 		rr           map[uint32]int // next copyset index per logical pool
 		segments     int64          // allocated segments of every volume
@@ -181,6 +182,7 @@ func (l *leaderState) load(ctx context.Context) error {
 	l.mu.rebuilds = map[uint64]*rebuild{}
 	l.mu.avoid = map[uint64]avoid{}
 	l.mu.pinned = map[uint64]time.Time{}
+	l.mu.progress = map[uint64]addProgress{}
 	for _, o := range ops {
 		l.mu.operators[o.Copyset.Key()] = o
 	}

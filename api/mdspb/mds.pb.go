@@ -2511,9 +2511,14 @@ type HeartbeatResponse struct {
 	// whether it carries the table or says the chunkserver's copy is current.
 	// The MDS decides the length cluster-wide, so that a writable open knows
 	// how long a chunkserver it could not reach may still hold an old epoch.
-	EpochLeaseMs  uint32 `protobuf:"varint,5,opt,name=epoch_lease_ms,json=epochLeaseMs,proto3" json:"epoch_lease_ms,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	EpochLeaseMs uint32 `protobuf:"varint,5,opt,name=epoch_lease_ms,json=epochLeaseMs,proto3" json:"epoch_lease_ms,omitempty"`
+	// The conf epoch of the MDS's record of each copyset in remove_copysets,
+	// in the same order: a replica whose own configuration, older than that,
+	// still names its chunkserver was removed while it could not apply its
+	// removal (down, or a learner given up) and goes to the trash too.
+	RemoveConfEpochs []uint64 `protobuf:"varint,6,rep,packed,name=remove_conf_epochs,json=removeConfEpochs,proto3" json:"remove_conf_epochs,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *HeartbeatResponse) Reset() {
@@ -2579,6 +2584,13 @@ func (x *HeartbeatResponse) GetEpochLeaseMs() uint32 {
 		return x.EpochLeaseMs
 	}
 	return 0
+}
+
+func (x *HeartbeatResponse) GetRemoveConfEpochs() []uint64 {
+	if x != nil {
+		return x.RemoveConfEpochs
+	}
+	return nil
 }
 
 type Volume struct {
@@ -4922,13 +4934,14 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\x16StartOperatorsResponse\"@\n" +
 	"\vVolumeEpoch\x12\x1b\n" +
 	"\tvolume_id\x18\x01 \x01(\x04R\bvolumeId\x12\x14\n" +
-	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\"\x98\x02\n" +
+	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\"\xc6\x02\n" +
 	"\x11HeartbeatResponse\x124\n" +
 	"\toperators\x18\x01 \x03(\v2\x16.cairn.mds.v1.OperatorR\toperators\x12D\n" +
 	"\x0fremove_copysets\x18\x02 \x03(\v2\x1b.cairn.common.v1.CopysetRefR\x0eremoveCopysets\x12.\n" +
 	"\x13epoch_table_version\x18\x03 \x01(\x04R\x11epochTableVersion\x121\n" +
 	"\x06epochs\x18\x04 \x03(\v2\x19.cairn.mds.v1.VolumeEpochR\x06epochs\x12$\n" +
-	"\x0eepoch_lease_ms\x18\x05 \x01(\rR\fepochLeaseMs\"\xdc\x02\n" +
+	"\x0eepoch_lease_ms\x18\x05 \x01(\rR\fepochLeaseMs\x12,\n" +
+	"\x12remove_conf_epochs\x18\x06 \x03(\x04R\x10removeConfEpochs\"\xdc\x02\n" +
 	"\x06Volume\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x12\n" +

@@ -51,6 +51,9 @@ func (p *planner) balanceLeaders(pool uint32) {
 	}
 	lo, hi := p.bounds(float64(total) / float64(len(hs)))
 	count := p.leaders[pool]
+	if !slices.ContainsFunc(hs, func(cs *ChunkServer) bool { return count[cs.ID] < lo || count[cs.ID] > hi }) {
+		return // every chunkserver within bounds: no search
+	}
 	byCount := slices.Clone(hs)
 	for range len(p.copysets) {
 		slices.SortStableFunc(byCount, func(a, b *ChunkServer) int { return count[a.ID] - count[b.ID] })

@@ -302,9 +302,12 @@ func (p *planner) emit(c *Copyset, kind Kind, target uint64, reason string, invo
 // set of good replicas.
 func (p *planner) repair(c *Copyset) {
 	// 1. A learner nobody is adding.
-	if len(c.Learners) > 0 {
+	for _, l := range c.Learners {
+		if slices.Contains(c.Voters, l) {
+			continue // a stale record: it was promoted
+		}
 		if p.free(c.Leader) {
-			p.emit(c, RemovePeer, c.Learners[0], ReasonCleanup, c.Leader)
+			p.emit(c, RemovePeer, l, ReasonCleanup, c.Leader)
 		}
 		return
 	}
@@ -371,10 +374,11 @@ func (p *planner) reasonFor(c *Copyset, m uint64) string {
 	return ReasonRecover
 }
 
-// victim chooses the voter a copyset with a voter too many loses: a bad
-// one first, then one sharing its zone with another voter, then the one on
-// the chunkserver with the most replicas of the pool (the source of a
-// balance move), the highest id last.
+// victim chooses the voter a copyset with a voter too many loses: a lost
+// one first, then one that is not online (the quorum is made of the live
+// ones), then a retired or retiring one, then one sharing its zone with another voter, then the one on the
+// chunkserver with the most replicas of the pool (the source of a balance
+// move), the highest id last.
 func (p *planner) victim(c *Copyset) uint64 {
 	zones := map[uint32]int{}
 	for _, v := range c.Voters {
@@ -382,19 +386,23 @@ func (p *planner) victim(c *Copyset) uint64 {
 			zones[cs.Zone]++
 		}
 	}
-	score := func(v uint64) [4]int {
-		s := [4]int{}
-		if p.bad(c, v) {
-			s[0] = 1
+	score := func(v uint64) [5]int {
+		s := [5]int{}
+		if p.risk(c, v) == 3 {
+			s[0] = 1 // lost
 		}
+		if cs := p.css[v]; cs == nil || !cs.Online {
+			s[1] = 1 // keep the live ones: the quorum is made of them
+		}
+		s[2] = p.risk(c, v) // retired, retiring
 		if cs := p.css[v]; cs != nil && zones[cs.Zone] > 1 {
-			s[1] = 1
+			s[3] = 1
 		}
-		s[2] = p.members[c.Pool][v]
+		s[4] = p.members[c.Pool][v]
 		return s
 	}
 	var best uint64
-	var bestScore [4]int
+	var bestScore [5]int
 	for _, v := range c.Voters {
 		s := score(v)
 		if best == 0 || slices.Compare(s[:], bestScore[:]) > 0 || (s == bestScore && v > best) {

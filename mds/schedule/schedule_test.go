@@ -574,3 +574,26 @@ func TestALostReplicaIsReplacedBeforeADrainedOne(t *testing.T) {
 		t.Fatalf("first step for copyset %d (drained %d, lost %d): %v", cs.ID, drained, lost, ops)
 	}
 }
+
+// TestShrinkKeepsTheLiveVoters: with a voter too many, an offline voter goes
+// before a live one being drained, so the three left are all live.
+func TestShrinkKeepsTheLiveVoters(t *testing.T) {
+	c := newCluster(t, []int{2, 2, 2}, 4, 16)
+	cs := &c.in.Copysets[0]
+	var extra uint64
+	for _, s := range c.in.ChunkServers {
+		if !slices.Contains(cs.Voters, s.ID) && s.Zone == c.cs(cs.Voters[0]).Zone {
+			extra = s.ID
+		}
+	}
+	cs.Voters = append(cs.Voters, extra)
+	cs.Leader = cs.Voters[0]
+	offline, retiring := cs.Voters[1], cs.Voters[2]
+	c.cs(offline).Online = false
+	c.cs(retiring).Retiring = true
+	ops, _ := Plan(c.in, Limits{NoBalance: true, MaxOpsPerChunkServer: 100})
+	i := slices.IndexFunc(ops, func(o Op) bool { return o.Copyset == cs.ID })
+	if i < 0 || ops[i].Kind != RemovePeer || ops[i].Target != offline {
+		t.Fatalf("voters %v (offline %d, retiring %d): %v", cs.Voters, offline, retiring, ops)
+	}
+}
