@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -153,6 +154,158 @@ func TestTornLastRecordIsCut(t *testing.T) {
 	w, logs := openWAL(t, dir, src)
 	defer w.Close()
 	checkEntries(t, logs[1], []*raftpb.Entry{a})
+}
+
+// tornBatch writes batch at off of a segment, as an interrupted group commit
+// starting at the synced offset off does, then puts the pages in lost back
+// to their content at the last sync (zeros from off on), as a power cut that
+// writes back only some of the batch's 4 KiB pages leaves them.
+func tornBatch(t *testing.T, path string, off int64, batch []byte, lost ...int64) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt(batch, off); err != nil {
+		t.Fatal(err)
+	}
+	const page = 4096
+	for _, p := range lost {
+		from := max(p*page, off)
+		if _, err := f.WriteAt(make([]byte, (p+1)*page-from), from); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestTornBatchIsNotCorruption cuts the power in the middle of a group
+// commit that spans several pages, keeping some of its pages and losing
+// others, in the shapes where the first invalid record holds no whole zero
+// sector: its header lost with the page it starts in (the length reads 0, so
+// the record looks 17 bytes long and complete), or a small record across a
+// page boundary whose second part is lost. Later pages of the batch survive.
+// Nothing of the batch was acknowledged: recovery must cut it, not refuse
+// the log as damaged (after a power cut of a whole copyset, that left two of
+// three replicas unable to start).
+func TestTornBatchIsNotCorruption(t *testing.T) {
+	data := func(n int, c byte) string { return string(bytes.Repeat([]byte{c}, n)) }
+	rec := func(e *raftpb.Entry) []byte {
+		return appendRecord(nil, 1, recEntries, 1, appendEntriesPayload(nil, []*raftpb.Entry{e}))
+	}
+	acked := []*raftpb.Entry{ent(1, 1, data(1000, 'a')), ent(2, 1, data(1000, 'b'))}
+	// The acknowledged records end mid-page: the batch starts there.
+	synced := int64(headerBlockSize + 2*(recordHeaderSize+entriesPayloadSize(acked[:1])))
+	for _, tc := range []struct {
+		name  string
+		batch func() ([]byte, []*raftpb.Entry) // the torn batch and what recovery keeps of it
+		lost  []int64
+	}{{
+		name: "first page lost",
+		batch: func() ([]byte, []*raftpb.Entry) {
+			var b []byte
+			for i := uint64(3); i <= 6; i++ {
+				b = append(b, rec(ent(i, 1, data(1500, byte('a'+i))))...)
+			}
+			return b, nil
+		},
+		lost: []int64{synced / 4096},
+	}, {
+		name: "small record across a lost page",
+		batch: func() ([]byte, []*raftpb.Entry) {
+			// An entries record up to 24 bytes before the page boundary, a
+			// hard state record across it, then a long record over the next
+			// two pages.
+			boundary := (synced/4096 + 1) * 4096
+			e3 := ent(3, 1, data(int(boundary-24-synced)-recordHeaderSize-entriesPayloadSize([]*raftpb.Entry{ent(3, 1, "")}), 'c'))
+			b := rec(e3)
+			if synced+int64(len(b)) != boundary-24 {
+				t.Fatalf("entries record ends at %d, want %d", synced+int64(len(b)), boundary-24)
+			}
+			b = appendRecord(b, 1, recHardState, 1, appendHardStatePayload(nil, hs(1, 1, 3)))
+			b = append(b, rec(ent(4, 1, data(5000, 'd')))...)
+			return b, []*raftpb.Entry{e3}
+		},
+		lost: []int64{synced/4096 + 1},
+	}} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			src := &zeroSource{size: 1 << 20}
+			w, _ := openWAL(t, dir, src)
+			for _, e := range acked {
+				submitSync(t, w, Append{Group: 1, Entries: []*raftpb.Entry{e}})
+			}
+			w.Close()
+			batch, kept := tc.batch()
+			tornBatch(t, segmentFiles(t, dir)[0], synced, batch, tc.lost...)
+
+			w, logs := openWAL(t, dir, src)
+			want := append(slices.Clone(acked), kept...)
+			checkEntries(t, logs[1], want)
+			// The cut zeroed what survived of the batch: the next append
+			// goes where it was, and nothing of it comes back after.
+			next := ent(uint64(len(want)+1), 2, "after")
+			submitSync(t, w, Append{Group: 1, Entries: []*raftpb.Entry{next}})
+			w.Close()
+			w, logs = openWAL(t, dir, src)
+			defer w.Close()
+			checkEntries(t, logs[1], append(want, next))
+		})
+	}
+}
+
+// TestCorruptSmallRecordInLastSegmentIsErrCorrupt damages acknowledged
+// records of the last segment that hold no whole sector of their own (a
+// hard state record) or whose header is wiped while the rest of the record
+// shares its sector: every sector is on disk, so this is not a torn write.
+func TestCorruptSmallRecordInLastSegmentIsErrCorrupt(t *testing.T) {
+	const batches = 10
+	// Each batch: an entries record with 3000 bytes of data, then a hard
+	// state record.
+	entriesSize := int64(recordHeaderSize + entriesPayloadSize([]*raftpb.Entry{ent(1, 1, string(make([]byte, 3000)))}))
+	batchSize := entriesSize + recordHeaderSize + 24
+	fifth := int64(headerBlockSize) + 4*batchSize
+	for _, tc := range []struct {
+		name   string
+		damage func(t *testing.T, path string)
+	}{{
+		name:   "hard state flipped",
+		damage: func(t *testing.T, path string) { flipByte(t, path, fifth+entriesSize+recordHeaderSize+3) },
+	}, {
+		name: "header zeroed",
+		damage: func(t *testing.T, path string) {
+			if fifth%sectorSize+recordHeaderSize >= sectorSize-8 {
+				t.Fatalf("record at %d: its payload does not share the header's sector", fifth)
+			}
+			f, err := os.OpenFile(path, os.O_RDWR, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			if _, err := f.WriteAt(make([]byte, recordHeaderSize), fifth); err != nil {
+				t.Fatal(err)
+			}
+		},
+	}} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			src := &zeroSource{size: 1 << 20}
+			w, _ := openWAL(t, dir, src)
+			for i := uint64(1); i <= batches; i++ {
+				e := ent(i, 1, string(bytes.Repeat([]byte{byte('a' + i)}, 3000)))
+				submitSync(t, w, Append{Group: 1, Entries: []*raftpb.Entry{e}, HardState: hs(1, 1, i)})
+			}
+			w.Close()
+			segs := segmentFiles(t, dir)
+			if len(segs) != 1 {
+				t.Fatalf("%d segments", len(segs))
+			}
+			tc.damage(t, segs[0])
+			if _, _, err := Open(Options{Dir: dir, Source: src}); !errors.Is(err, ErrCorrupt) {
+				t.Fatalf("open: err = %v, want ErrCorrupt", err)
+			}
+		})
+	}
 }
 
 // TestForgetThenRecreate forgets a group and starts it again: the old

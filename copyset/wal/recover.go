@@ -14,8 +14,10 @@ import (
 )
 
 // sectorSize is the unit a device writes atomically: after a power cut
-// every sector of an interrupted write holds either its old content (zeros,
-// as segments are preformatted) or its new content.
+// every sector of an interrupted write holds either its old content or its
+// new content. Its old content is zeros from the last synced offset on:
+// segments are preformatted with zeros and recovery zeroes (and syncs)
+// everything after the last valid record.
 const sectorSize = 512
 
 // recover reads every segment, rebuilds per-group logs and the recycling
@@ -135,10 +137,19 @@ func (w *WAL) recover() (map[uint64]*GroupLog, error) {
 // checkTornTail decides whether the bytes at off of the last segment (where
 // no valid record starts) are the tail of an interrupted write or damage to
 // data that was acknowledged. An interrupted write is one group commit: it
-// spans at most tornWindow bytes, and every sector of it holds either zeros
-// or what was written. So it is damage when non-zero bytes lie further than
-// one write beyond off, or when the record at off is complete (every sector
-// of it written) and still fails its checksum.
+// starts at the last synced offset, spans at most tornWindow bytes, and
+// every sector of it holds either its old content (zeros from the synced
+// offset on) or what was written. So it is damage when non-zero bytes lie
+// further than one write beyond off, or when the record at off is complete
+// (no sector of it can have kept its old content) and still fails its
+// checksum.
+//
+// A sector that kept its old content is zero from the synced offset, so
+// from off (or, past the record's first sector, from the sector's start) to
+// the sector's end, whatever part of it the record covers: the record's
+// header when the write was torn right at its start (the length then reads
+// 0), a few bytes of a small record across a page boundary. Only when no
+// sector of the record is zero that far is the record known to be complete.
 func (w *WAL) checkTornTail(buf []byte, off int64) error {
 	rest := buf[off:]
 	end := int64(len(bytes.TrimRight(rest, "\x00"))) // bytes up to the last non-zero one
@@ -156,9 +167,8 @@ func (w *WAL) checkTornTail(buf []byte, off int64) error {
 		return nil // the record was never completely written
 	}
 	for s := (off / sectorSize) * sectorSize; s < off+n; s += sectorSize {
-		lo, hi := max(s, off), min(s+sectorSize, off+n)
-		if hi-lo == sectorSize && allZero(buf[lo:hi]) {
-			return nil // a whole sector of the record never reached the disk
+		if allZero(buf[max(s, off):min(s+sectorSize, int64(len(buf)))]) {
+			return nil // a sector of the record may never have reached the disk
 		}
 	}
 	return fmt.Errorf("%w: record at offset %d (%d bytes) is complete on disk but fails its checksum", ErrCorrupt, off, n)
