@@ -7,7 +7,9 @@ import (
 	"fmt"
 	"math"
 	"os"
+	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -17,6 +19,7 @@ import (
 
 	"cairn.io/cairn/api/chunkpb"
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/chunkserver"
 	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/mds"
 	"cairn.io/cairn/test/cluster"
@@ -406,4 +409,29 @@ func TestReplicasRebuiltElsewhereAreTrashedWhenTheirChunkServerReturns(t *testin
 		}
 		return nil
 	})
+}
+
+// TestLostIdentityWithDataIsRefused: a data directory that holds replicas
+// but lost its identity file does not start as a new chunkserver (which
+// would retire the old identity and discard those replicas).
+func TestLostIdentityWithDataIsRefused(t *testing.T) {
+	c := cluster.Start(t, cluster.Options{})
+	c.StopChunkServer(0)
+	if err := os.Remove(filepath.Join(c.ChunkServerDir(0), "identity.json")); err != nil {
+		t.Fatal(err)
+	}
+	s, err := chunkserver.New(c.ChunkServerConfig(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	err = s.Start(ctx)
+	if err == nil {
+		s.Stop()
+		t.Fatal("started without its identity over existing replicas")
+	}
+	if !strings.Contains(err.Error(), "but no identity.json") {
+		t.Fatalf("error does not say why: %v", err)
+	}
 }

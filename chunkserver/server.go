@@ -232,6 +232,16 @@ func (s *Server) Start(ctx context.Context) (err error) {
 	if s.id, err = loadIdentity(s.cfg.DataDir); err != nil {
 		return fmt.Errorf("chunkserver: %w", err)
 	}
+	if s.id == nil {
+		// Without its identity this disk registers as a new chunkserver,
+		// and the MDS retires the old one: replicas already here would be
+		// discarded and rebuilt elsewhere. Refuse rather than do that to
+		// a disk whose identity file alone was lost.
+		if des, err := os.ReadDir(filepath.Join(s.cfg.DataDir, "engine", "copysets")); err == nil && len(des) > 0 {
+			return fmt.Errorf("chunkserver: %s holds %d copyset replicas but no %s: restore that file (or move the data away to start this disk as a new chunkserver)",
+				s.cfg.DataDir, len(des), identityFile)
+		}
+	}
 	if s.id != nil && (s.id.Zone != s.cfg.Zone || s.id.PhysicalPool != s.cfg.PhysicalPool) {
 		return fmt.Errorf("chunkserver: %s was registered in zone %q, physical pool %q; it cannot move to zone %q, pool %q",
 			s.cfg.DataDir, s.id.Zone, s.id.PhysicalPool, s.cfg.Zone, s.cfg.PhysicalPool)
