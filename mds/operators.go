@@ -72,6 +72,7 @@ func (l *leaderState) transferLeader(ctx context.Context, r *mdspb.TransferLeade
 			delete(l.mu.operators, key)
 		}
 		delete(l.mu.unsaved, op)
+		delete(l.mu.pinned, key)
 		l.mu.Unlock()
 		return nil, err
 	}

@@ -103,7 +103,10 @@ func (l *leaderState) scheduleOnce(ctx context.Context, now time.Time) {
 	}
 	l.pushOperators(queued)
 	for _, rec := range retired {
-		if err := l.setRWState(ctx, rec, mdspb.RWState_RW_STATE_RETIRED); err != nil && ctx.Err() == nil {
+		stillDrained := func(e *csEntry) bool {
+			return e.rec.RwState == mdspb.RWState_RW_STATE_RETIRING && !l.holdsReplicasLocked(e.rec.Id)
+		}
+		if err := l.setRWStateIf(ctx, rec, mdspb.RWState_RW_STATE_RETIRED, stillDrained); err != nil && ctx.Err() == nil {
 			l.log.Warn("schedule: retire drained chunkserver", "chunkserver", rec.Id, "err", err)
 		}
 	}
@@ -345,11 +348,18 @@ func (l *leaderState) holdsReplicasLocked(id uint64) bool {
 
 // setRWState records a chunkserver's read-write state.
 func (l *leaderState) setRWState(ctx context.Context, rec *mdspb.ChunkServer, st mdspb.RWState) error {
+	return l.setRWStateIf(ctx, rec, st, nil)
+}
+
+// setRWStateIf is setRWState when ok, checked under the write lock, still
+// holds: a drained chunkserver becomes RETIRED only if nobody cancelled its
+// drain or gave it a replica meanwhile. l.mu held while ok runs.
+func (l *leaderState) setRWStateIf(ctx context.Context, rec *mdspb.ChunkServer, st mdspb.RWState, ok func(*csEntry) bool) error {
 	l.topoWrite.Lock()
 	defer l.topoWrite.Unlock()
 	l.mu.Lock()
 	e := l.mu.chunkServers[rec.Id]
-	if e == nil {
+	if e == nil || (ok != nil && !ok(e)) {
 		l.mu.Unlock()
 		return nil
 	}
