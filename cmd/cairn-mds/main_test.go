@@ -242,13 +242,13 @@ func TestKilledLeaderHandsOverWithNothingLost(t *testing.T) {
 }
 
 func TestParseSize(t *testing.T) {
-	for in, want := range map[string]uint64{"512": 512, "1MiB": 1 << 20, "16M": 16 << 20, "1GiB": 1 << 30, "2 TiB": 2 << 40} {
+	for in, want := range map[string]uint64{"512": 512, "1MiB": 1 << 20, "16M": 16 << 20, "1GiB": 1 << 30, "2 TiB": 2 << 40, "1.5GiB": 1536 << 20, "64mb": 64 << 20} {
 		got, err := parseSize(in)
 		if err != nil || got != want {
 			t.Errorf("parseSize(%q) = %d, %v; want %d", in, got, err, want)
 		}
 	}
-	for _, in := range []string{"", "0", "x", "1.5GiB", "-1", "99999999999999TiB"} {
+	for _, in := range []string{"", "0", "x", "0.3KiB", "-1", "99999999999999TiB"} {
 		if _, err := parseSize(in); err == nil {
 			t.Errorf("parseSize(%q) accepted", in)
 		}
