@@ -219,7 +219,7 @@ func (l *leaderState) scheduleInputLocked(now time.Time) schedule.Input {
 		if heard.IsZero() {
 			heard = l.since
 		}
-		used := spaceUsed(e.capacity)
+		used := e.capacity.UsedFraction()
 		in.ChunkServers = append(in.ChunkServers, schedule.ChunkServer{
 			ID: id, Zone: e.rec.ZoneId, PhysPool: e.physPool,
 			Online:   l.onlineStateLocked(e, now) == mdspb.OnlineState_ONLINE_STATE_ONLINE,
@@ -278,23 +278,6 @@ func (l *leaderState) scheduleInputLocked(now time.Time) schedule.Input {
 		in.Copysets = append(in.Copysets, cs)
 	}
 	return in
-}
-
-// spaceUsed is the fraction of a chunkserver's space in use: of its chunk
-// file pool (counting what the pool may still grow into as free) or of its
-// disk, whichever is fuller.
-func spaceUsed(c *mdspb.Capacity) float64 {
-	if c == nil {
-		return 0
-	}
-	var used float64
-	if total := c.PoolUsedChunks + c.PoolFreeChunks; total > 0 {
-		used = float64(c.PoolUsedChunks) / float64(total)
-	}
-	if c.DiskTotalBytes > 0 {
-		used = max(used, 1-float64(c.DiskFreeBytes)/float64(c.DiskTotalBytes))
-	}
-	return used
 }
 
 // noteBlockedLocked keeps the copysets the schedulers cannot repair now and

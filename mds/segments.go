@@ -142,7 +142,7 @@ func (l *leaderState) placeSegment(ctx context.Context, v *mdspb.Volume, index u
 func (l *leaderState) withRoomLocked(copysets []*mdspb.Copyset) (roomy []*mdspb.Copyset, full []uint64) {
 	isFull := map[uint64]bool{}
 	for id, e := range l.mu.chunkServers {
-		if spaceUsed(e.capacity) >= l.s.cfg.Schedule.SpaceFull {
+		if e.capacity.UsedFraction() >= l.s.cfg.Schedule.SpaceFull {
 			isFull[id] = true
 		}
 	}

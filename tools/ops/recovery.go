@@ -59,7 +59,7 @@ func (a *app) addRecovery(ctx context.Context, res *statusResult, topo *topology
 		if cs.OnlineState == mdspb.OnlineState_ONLINE_STATE_OFFLINE || cs.RwState == mdspb.RWState_RW_STATE_RETIRED {
 			continue
 		}
-		switch used := spaceUsed(cs.GetCapacity()); {
+		switch used := cs.GetCapacity().UsedFraction(); {
 		case used >= st.SpaceFull:
 			problem("chunkserver %d (%s, zone %s) is %.0f%% full: it takes no new replicas (full at %.0f%%)", cs.Id, cs.Hostname, cs.Zone, 100*used, 100*st.SpaceFull)
 		case used >= st.SpaceWarn:
@@ -67,20 +67,6 @@ func (a *app) addRecovery(ctx context.Context, res *statusResult, topo *topology
 		}
 	}
 	return nil
-}
-
-// spaceUsed is the fraction of a chunkserver's space in use, as the MDS's
-// schedulers count it: of its chunk file pool (with the room it may still
-// grow into as free) or of its disk, whichever is fuller.
-func spaceUsed(c *mdspb.Capacity) float64 {
-	var used float64
-	if total := c.GetPoolUsedChunks() + c.GetPoolFreeChunks(); total > 0 {
-		used = float64(c.GetPoolUsedChunks()) / float64(total)
-	}
-	if c.GetDiskTotalBytes() > 0 {
-		used = max(used, 1-float64(c.GetDiskFreeBytes())/float64(c.GetDiskTotalBytes()))
-	}
-	return used
 }
 
 // line is the one-line summary in the status table.

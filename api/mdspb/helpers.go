@@ -27,3 +27,18 @@ func (s RWState) Label() string {
 	}
 	return "unknown"
 }
+
+// UsedFraction is the fraction of a chunkserver's space in use, as the
+// schedulers and status judge it: of its chunk file pool (counting what the
+// pool may still grow into as free) or of its disk, whichever is fuller; 0
+// when nothing is reported.
+func (c *Capacity) UsedFraction() float64 {
+	var used float64
+	if total := c.GetPoolUsedChunks() + c.GetPoolFreeChunks(); total > 0 {
+		used = float64(c.GetPoolUsedChunks()) / float64(total)
+	}
+	if c.GetDiskTotalBytes() > 0 {
+		used = max(used, 1-float64(c.GetDiskFreeBytes())/float64(c.GetDiskTotalBytes()))
+	}
+	return used
+}
