@@ -25,6 +25,10 @@ type Options struct {
 	// ClientName is recorded in the MDS session (who has the volume open);
 	// default "<host>/pid-<pid>".
 	ClientName string
+	// Node is the node a CSI node plugin opens the volume on: the MDS
+	// admits the open only if the volume is published to that node
+	// (writable, for a writable open). Empty outside CSI.
+	Node string
 	// RetryTimeout bounds how long one IO keeps retrying transient failures
 	// before it fails with ErrTimeout (default 60s).
 	RetryTimeout time.Duration
@@ -135,7 +139,7 @@ func OpenWithOptions(ctx context.Context, mdsAddrs []string, volume string, o Op
 	if err != nil {
 		return nil, fmt.Errorf("client: connect to the MDS: %w", err)
 	}
-	resp, err := conn.Volumes().OpenVolume(ctx, &mdspb.OpenVolumeRequest{Name: volume, Writable: !o.ReadOnly, Client: o.ClientName})
+	resp, err := conn.Volumes().OpenVolume(ctx, &mdspb.OpenVolumeRequest{Name: volume, Writable: !o.ReadOnly, Client: o.ClientName, Node: o.Node})
 	if err != nil {
 		conn.Close()
 		switch {

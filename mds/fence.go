@@ -16,7 +16,7 @@ import (
 	"cairn.io/cairn/api/mdspb"
 )
 
-// Fencing: a writable open bumps the volume's epoch (bumpEpoch) and then
+// Fencing: a writable open bumps the volume's epoch (updateVolume) and then
 // makes it binding on every chunkserver before it returns (fenceEpoch).
 //
 // A chunkserver trusts its epoch table only under the epoch lease that each

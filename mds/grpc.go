@@ -142,6 +142,18 @@ func (sv volumeService) RenameVolume(ctx context.Context, r *mdspb.RenameVolumeR
 func (sv volumeService) DeleteVolume(ctx context.Context, r *mdspb.DeleteVolumeRequest) (*mdspb.DeleteVolumeResponse, error) {
 	return withLeader(sv.s, func(st *leaderState) (*mdspb.DeleteVolumeResponse, error) { return st.deleteVolume(ctx, r) })
 }
+func (sv volumeService) RegisterNode(ctx context.Context, r *mdspb.RegisterNodeRequest) (*mdspb.RegisterNodeResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.RegisterNodeResponse, error) { return st.registerNode(ctx, r) })
+}
+func (sv volumeService) ListNodes(ctx context.Context, r *mdspb.ListNodesRequest) (*mdspb.ListNodesResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.ListNodesResponse, error) { return st.listNodes(ctx) })
+}
+func (sv volumeService) PublishVolume(ctx context.Context, r *mdspb.PublishVolumeRequest) (*mdspb.PublishVolumeResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.PublishVolumeResponse, error) { return st.publishVolume(ctx, r) })
+}
+func (sv volumeService) UnpublishVolume(ctx context.Context, r *mdspb.UnpublishVolumeRequest) (*mdspb.UnpublishVolumeResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.UnpublishVolumeResponse, error) { return st.unpublishVolume(ctx, r) })
+}
 func (sv volumeService) OpenVolume(ctx context.Context, r *mdspb.OpenVolumeRequest) (*mdspb.OpenVolumeResponse, error) {
 	return withLeader(sv.s, func(st *leaderState) (*mdspb.OpenVolumeResponse, error) { return st.openVolume(ctx, r) })
 }

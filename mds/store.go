@@ -72,7 +72,9 @@ func (k keys) volumeSegments(vol uint64) string {
 func (k keys) segment(vol, index uint64) string {
 	return fmt.Sprintf("%s%016d", k.volumeSegments(vol), index)
 }
-func (k keys) sessions() string { return k.p + "session/" }
+func (k keys) sessions() string        { return k.p + "session/" }
+func (k keys) nodes() string           { return k.p + "node/" }
+func (k keys) node(name string) string { return k.nodes() + name }
 func (k keys) volumeSessions(vol uint64) string {
 	return fmt.Sprintf("%s%016d/", k.sessions(), vol)
 }

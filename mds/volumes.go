@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"sort"
 	"strconv"
@@ -235,13 +236,17 @@ func (l *leaderState) deleteVolume(ctx context.Context, r *mdspb.DeleteVolumeReq
 		if err != nil {
 			return nil, err
 		}
+		if len(v.Publications) > 0 && !r.Force {
+			return nil, status.Errorf(codes.FailedPrecondition, "volume %q is published to %s; unpublish it first or delete with force",
+				r.Name, publishedTo(v))
+		}
 		if !r.Force {
 			sessions, err := l.liveSessions(ctx, v.Id)
 			if err != nil {
 				return nil, err
 			}
 			for _, s := range sessions {
-				if s.Writable {
+				if s.Writable && s.Epoch == v.Epoch { // a fenced writer cannot write
 					return nil, status.Errorf(codes.FailedPrecondition, "volume %q is open for writing by %q (session %s); close it or delete with force",
 						r.Name, s.Client, s.SessionId)
 				}
@@ -275,9 +280,14 @@ func (l *leaderState) openVolume(ctx context.Context, r *mdspb.OpenVolumeRequest
 	if err := checkName("volume name", r.Name); err != nil {
 		return nil, err
 	}
+	if r.Node != "" {
+		if err := checkName("node name", r.Node); err != nil {
+			return nil, err
+		}
+	}
 	now := time.Now()
 	sess := &mdspb.Session{
-		SessionId: newSessionID(), Volume: r.Name, Client: r.Client, Writable: r.Writable,
+		SessionId: newSessionID(), Volume: r.Name, Client: r.Client, Writable: r.Writable, Node: r.Node,
 		OpenedUnix: now.Unix(), ExpiresUnix: leaseEnd(now, l.s.cfg.SessionLease),
 	}
 	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
@@ -288,13 +298,18 @@ func (l *leaderState) openVolume(ctx context.Context, r *mdspb.OpenVolumeRequest
 		if err != nil {
 			return nil, err
 		}
+		if err := checkPublishedOpen(v, r.Node, false); err != nil {
+			return nil, err
+		}
 		sess.Epoch = v.Epoch
 		if _, err := l.st.txn(ctx, nil, putOp(l.st.k.session(v.Id, sess.SessionId), sess)); err != nil {
 			return nil, err
 		}
 		return l.openResponse(v, sess), nil
 	}
-	v, version, bumped, err := l.bumpEpoch(ctx, r.Name, sess)
+	v, version, bumped, err := l.updateVolume(ctx, r.Name, sess, func(v *mdspb.Volume) (bool, error) {
+		return true, checkPublishedOpen(v, r.Node, true)
+	})
 	if err != nil {
 		return nil, err
 	}
@@ -305,11 +320,20 @@ func (l *leaderState) openVolume(ctx context.Context, r *mdspb.OpenVolumeRequest
 	return l.openResponse(v, sess), nil
 }
 
-// bumpEpoch raises a volume's epoch and the epoch table version and records
-// the session, in one transaction. Besides the volume it returns the new
-// table version and when the bump took effect: every heartbeat answered after
-// that moment carries the new table to a chunkserver that does not hold it.
-func (l *leaderState) bumpEpoch(ctx context.Context, name string, sess *mdspb.Session) (*mdspb.Volume, uint64, time.Time, error) {
+// errNoChange is returned by an updateVolume function when the volume
+// already is as asked: nothing is written.
+var errNoChange = errors.New("volume unchanged")
+
+// updateVolume applies fn to the volume named name and writes the result in
+// one transaction, retrying on conflict. When fn asks to fence, the same
+// transaction raises the volume's epoch and the epoch table version, and
+// records sess (if any) at the new epoch; updateVolume then returns the new
+// table version and when the bump took effect: every heartbeat answered
+// after that moment carries the new table to a chunkserver that does not
+// hold it (fenceEpoch waits for that). Without a fence it returns version 0.
+// fn may be called several times, each time on a fresh copy.
+func (l *leaderState) updateVolume(ctx context.Context, name string, sess *mdspb.Session,
+	fn func(v *mdspb.Volume) (fence bool, err error)) (*mdspb.Volume, uint64, time.Time, error) {
 	l.epochWrite.Lock()
 	defer l.epochWrite.Unlock()
 	for {
@@ -317,24 +341,43 @@ func (l *leaderState) bumpEpoch(ctx context.Context, name string, sess *mdspb.Se
 		if err != nil {
 			return nil, 0, time.Time{}, err
 		}
-		l.mu.Lock()
-		ver := l.mu.epochVersion
-		l.mu.Unlock()
-		verKey := l.st.k.counter(counterEpochTable)
-		verCmp := clientv3.Compare(clientv3.CreateRevision(verKey), "=", 0)
-		if ver > 0 {
-			verCmp = clientv3.Compare(clientv3.Value(verKey), "=", strconv.FormatUint(ver, 10))
+		fence, err := fn(v)
+		if errors.Is(err, errNoChange) {
+			return v, 0, time.Time{}, nil
 		}
-		v.Epoch++
-		sess.Epoch = v.Epoch
+		if err != nil {
+			return nil, 0, time.Time{}, err
+		}
 		key := l.st.k.volume(v.Id)
-		ok, err := l.st.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(key), "=", rev), verCmp},
-			putOp(key, v), clientv3.OpPut(verKey, strconv.FormatUint(ver+1, 10)),
-			putOp(l.st.k.session(v.Id, sess.SessionId), sess))
+		cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(key), "=", rev)}
+		var ops []clientv3.Op
+		var ver uint64
+		verKey := l.st.k.counter(counterEpochTable)
+		if fence {
+			l.mu.Lock()
+			ver = l.mu.epochVersion
+			l.mu.Unlock()
+			verCmp := clientv3.Compare(clientv3.CreateRevision(verKey), "=", 0)
+			if ver > 0 {
+				verCmp = clientv3.Compare(clientv3.Value(verKey), "=", strconv.FormatUint(ver, 10))
+			}
+			cmps = append(cmps, verCmp)
+			v.Epoch++
+			ops = append(ops, clientv3.OpPut(verKey, strconv.FormatUint(ver+1, 10)))
+		}
+		ops = append(ops, putOp(key, v))
+		if sess != nil {
+			sess.Epoch = v.Epoch
+			ops = append(ops, putOp(l.st.k.session(v.Id, sess.SessionId), sess))
+		}
+		ok, err := l.st.txn(ctx, cmps, ops...)
 		if err != nil {
 			return nil, 0, time.Time{}, err
 		}
 		if ok {
+			if !fence {
+				return v, 0, time.Time{}, nil
+			}
 			l.mu.Lock()
 			l.mu.epochVersion = ver + 1
 			l.mu.Unlock()
@@ -342,13 +385,15 @@ func (l *leaderState) bumpEpoch(ctx context.Context, name string, sess *mdspb.Se
 		}
 		// The volume changed under us, or the version counter is not what
 		// we cached: reload it and try again.
-		cur, err := l.st.readCounter(ctx, counterEpochTable)
-		if err != nil {
-			return nil, 0, time.Time{}, err
+		if fence {
+			cur, err := l.st.readCounter(ctx, counterEpochTable)
+			if err != nil {
+				return nil, 0, time.Time{}, err
+			}
+			l.mu.Lock()
+			l.mu.epochVersion = max(l.mu.epochVersion, cur)
+			l.mu.Unlock()
 		}
-		l.mu.Lock()
-		l.mu.epochVersion = max(l.mu.epochVersion, cur)
-		l.mu.Unlock()
 	}
 }
 

@@ -2609,8 +2609,12 @@ type Volume struct {
 	CreatedUnix int64        `protobuf:"varint,10,opt,name=created_unix,json=createdUnix,proto3" json:"created_unix,omitempty"`
 	// Segments allocated so far.
 	AllocatedSegments uint64 `protobuf:"varint,11,opt,name=allocated_segments,json=allocatedSegments,proto3" json:"allocated_segments,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// The nodes the volume is published to (CSI ControllerPublish): when any
+	// exist, only their nodes may open the volume with OpenVolumeRequest.node,
+	// and a writable open needs a writable publication.
+	Publications  []*Publication `protobuf:"bytes,12,rep,name=publications,proto3" json:"publications,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Volume) Reset() {
@@ -2720,6 +2724,77 @@ func (x *Volume) GetAllocatedSegments() uint64 {
 	return 0
 }
 
+func (x *Volume) GetPublications() []*Publication {
+	if x != nil {
+		return x.Publications
+	}
+	return nil
+}
+
+// Publication records that a volume is attached to a node (the CSI
+// ControllerPublish of a volume to a node). At most one publication of a
+// volume is writable, and a writable one is the volume's only publication:
+// the node it names is the volume's only writer.
+type Publication struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	ReadOnly      bool                   `protobuf:"varint,2,opt,name=read_only,json=readOnly,proto3" json:"read_only,omitempty"`
+	PublishedUnix int64                  `protobuf:"varint,3,opt,name=published_unix,json=publishedUnix,proto3" json:"published_unix,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Publication) Reset() {
+	*x = Publication{}
+	mi := &file_mdspb_mds_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Publication) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Publication) ProtoMessage() {}
+
+func (x *Publication) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Publication.ProtoReflect.Descriptor instead.
+func (*Publication) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *Publication) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *Publication) GetReadOnly() bool {
+	if x != nil {
+		return x.ReadOnly
+	}
+	return false
+}
+
+func (x *Publication) GetPublishedUnix() int64 {
+	if x != nil {
+		return x.PublishedUnix
+	}
+	return 0
+}
+
 // Session is one client's open of a volume, kept alive by RefreshSession.
 type Session struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
@@ -2732,13 +2807,16 @@ type Session struct {
 	Epoch         uint64 `protobuf:"varint,6,opt,name=epoch,proto3" json:"epoch,omitempty"`
 	OpenedUnix    int64  `protobuf:"varint,7,opt,name=opened_unix,json=openedUnix,proto3" json:"opened_unix,omitempty"`
 	ExpiresUnix   int64  `protobuf:"varint,8,opt,name=expires_unix,json=expiresUnix,proto3" json:"expires_unix,omitempty"`
+	// The node the volume was opened on through its publication (empty for
+	// opens outside CSI).
+	Node          string `protobuf:"bytes,9,opt,name=node,proto3" json:"node,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Session) Reset() {
 	*x = Session{}
-	mi := &file_mdspb_mds_proto_msgTypes[39]
+	mi := &file_mdspb_mds_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2750,7 +2828,7 @@ func (x *Session) String() string {
 func (*Session) ProtoMessage() {}
 
 func (x *Session) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[39]
+	mi := &file_mdspb_mds_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2763,7 +2841,7 @@ func (x *Session) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Session.ProtoReflect.Descriptor instead.
 func (*Session) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{39}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *Session) GetSessionId() string {
@@ -2822,6 +2900,13 @@ func (x *Session) GetExpiresUnix() int64 {
 	return 0
 }
 
+func (x *Session) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
 type CreateVolumeRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -2836,7 +2921,7 @@ type CreateVolumeRequest struct {
 
 func (x *CreateVolumeRequest) Reset() {
 	*x = CreateVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[40]
+	mi := &file_mdspb_mds_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2848,7 +2933,7 @@ func (x *CreateVolumeRequest) String() string {
 func (*CreateVolumeRequest) ProtoMessage() {}
 
 func (x *CreateVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[40]
+	mi := &file_mdspb_mds_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2861,7 +2946,7 @@ func (x *CreateVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateVolumeRequest.ProtoReflect.Descriptor instead.
 func (*CreateVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{40}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *CreateVolumeRequest) GetName() string {
@@ -2901,7 +2986,7 @@ type CreateVolumeResponse struct {
 
 func (x *CreateVolumeResponse) Reset() {
 	*x = CreateVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[41]
+	mi := &file_mdspb_mds_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2913,7 +2998,7 @@ func (x *CreateVolumeResponse) String() string {
 func (*CreateVolumeResponse) ProtoMessage() {}
 
 func (x *CreateVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[41]
+	mi := &file_mdspb_mds_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2926,7 +3011,7 @@ func (x *CreateVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateVolumeResponse.ProtoReflect.Descriptor instead.
 func (*CreateVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{41}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *CreateVolumeResponse) GetVolume() *Volume {
@@ -2945,7 +3030,7 @@ type StatVolumeRequest struct {
 
 func (x *StatVolumeRequest) Reset() {
 	*x = StatVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[42]
+	mi := &file_mdspb_mds_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2957,7 +3042,7 @@ func (x *StatVolumeRequest) String() string {
 func (*StatVolumeRequest) ProtoMessage() {}
 
 func (x *StatVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[42]
+	mi := &file_mdspb_mds_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2970,7 +3055,7 @@ func (x *StatVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatVolumeRequest.ProtoReflect.Descriptor instead.
 func (*StatVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{42}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *StatVolumeRequest) GetName() string {
@@ -2990,7 +3075,7 @@ type StatVolumeResponse struct {
 
 func (x *StatVolumeResponse) Reset() {
 	*x = StatVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[43]
+	mi := &file_mdspb_mds_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3002,7 +3087,7 @@ func (x *StatVolumeResponse) String() string {
 func (*StatVolumeResponse) ProtoMessage() {}
 
 func (x *StatVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[43]
+	mi := &file_mdspb_mds_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3015,7 +3100,7 @@ func (x *StatVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatVolumeResponse.ProtoReflect.Descriptor instead.
 func (*StatVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{43}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *StatVolumeResponse) GetVolume() *Volume {
@@ -3040,7 +3125,7 @@ type ListVolumesRequest struct {
 
 func (x *ListVolumesRequest) Reset() {
 	*x = ListVolumesRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[44]
+	mi := &file_mdspb_mds_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3052,7 +3137,7 @@ func (x *ListVolumesRequest) String() string {
 func (*ListVolumesRequest) ProtoMessage() {}
 
 func (x *ListVolumesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[44]
+	mi := &file_mdspb_mds_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3065,7 +3150,7 @@ func (x *ListVolumesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVolumesRequest.ProtoReflect.Descriptor instead.
 func (*ListVolumesRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{44}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{45}
 }
 
 type ListVolumesResponse struct {
@@ -3077,7 +3162,7 @@ type ListVolumesResponse struct {
 
 func (x *ListVolumesResponse) Reset() {
 	*x = ListVolumesResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[45]
+	mi := &file_mdspb_mds_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3089,7 +3174,7 @@ func (x *ListVolumesResponse) String() string {
 func (*ListVolumesResponse) ProtoMessage() {}
 
 func (x *ListVolumesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[45]
+	mi := &file_mdspb_mds_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3102,7 +3187,7 @@ func (x *ListVolumesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVolumesResponse.ProtoReflect.Descriptor instead.
 func (*ListVolumesResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{45}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *ListVolumesResponse) GetVolumes() []*Volume {
@@ -3123,7 +3208,7 @@ type ExtendVolumeRequest struct {
 
 func (x *ExtendVolumeRequest) Reset() {
 	*x = ExtendVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[46]
+	mi := &file_mdspb_mds_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3135,7 +3220,7 @@ func (x *ExtendVolumeRequest) String() string {
 func (*ExtendVolumeRequest) ProtoMessage() {}
 
 func (x *ExtendVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[46]
+	mi := &file_mdspb_mds_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3148,7 +3233,7 @@ func (x *ExtendVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExtendVolumeRequest.ProtoReflect.Descriptor instead.
 func (*ExtendVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{46}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *ExtendVolumeRequest) GetName() string {
@@ -3174,7 +3259,7 @@ type ExtendVolumeResponse struct {
 
 func (x *ExtendVolumeResponse) Reset() {
 	*x = ExtendVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[47]
+	mi := &file_mdspb_mds_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3186,7 +3271,7 @@ func (x *ExtendVolumeResponse) String() string {
 func (*ExtendVolumeResponse) ProtoMessage() {}
 
 func (x *ExtendVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[47]
+	mi := &file_mdspb_mds_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3199,7 +3284,7 @@ func (x *ExtendVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExtendVolumeResponse.ProtoReflect.Descriptor instead.
 func (*ExtendVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{47}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *ExtendVolumeResponse) GetVolume() *Volume {
@@ -3219,7 +3304,7 @@ type RenameVolumeRequest struct {
 
 func (x *RenameVolumeRequest) Reset() {
 	*x = RenameVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[48]
+	mi := &file_mdspb_mds_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3231,7 +3316,7 @@ func (x *RenameVolumeRequest) String() string {
 func (*RenameVolumeRequest) ProtoMessage() {}
 
 func (x *RenameVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[48]
+	mi := &file_mdspb_mds_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3244,7 +3329,7 @@ func (x *RenameVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenameVolumeRequest.ProtoReflect.Descriptor instead.
 func (*RenameVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{48}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *RenameVolumeRequest) GetName() string {
@@ -3270,7 +3355,7 @@ type RenameVolumeResponse struct {
 
 func (x *RenameVolumeResponse) Reset() {
 	*x = RenameVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[49]
+	mi := &file_mdspb_mds_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3282,7 +3367,7 @@ func (x *RenameVolumeResponse) String() string {
 func (*RenameVolumeResponse) ProtoMessage() {}
 
 func (x *RenameVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[49]
+	mi := &file_mdspb_mds_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3295,7 +3380,7 @@ func (x *RenameVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenameVolumeResponse.ProtoReflect.Descriptor instead.
 func (*RenameVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{49}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *RenameVolumeResponse) GetVolume() *Volume {
@@ -3306,7 +3391,7 @@ func (x *RenameVolumeResponse) GetVolume() *Volume {
 }
 
 // DeleteVolumeRequest deletes a volume. It is refused while a writable session
-// is open unless force is set.
+// is open or the volume is published to a node, unless force is set.
 type DeleteVolumeRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -3317,7 +3402,7 @@ type DeleteVolumeRequest struct {
 
 func (x *DeleteVolumeRequest) Reset() {
 	*x = DeleteVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[50]
+	mi := &file_mdspb_mds_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3329,7 +3414,7 @@ func (x *DeleteVolumeRequest) String() string {
 func (*DeleteVolumeRequest) ProtoMessage() {}
 
 func (x *DeleteVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[50]
+	mi := &file_mdspb_mds_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3342,7 +3427,7 @@ func (x *DeleteVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteVolumeRequest.ProtoReflect.Descriptor instead.
 func (*DeleteVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{50}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *DeleteVolumeRequest) GetName() string {
@@ -3367,7 +3452,7 @@ type DeleteVolumeResponse struct {
 
 func (x *DeleteVolumeResponse) Reset() {
 	*x = DeleteVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[51]
+	mi := &file_mdspb_mds_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3379,7 +3464,7 @@ func (x *DeleteVolumeResponse) String() string {
 func (*DeleteVolumeResponse) ProtoMessage() {}
 
 func (x *DeleteVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[51]
+	mi := &file_mdspb_mds_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3392,23 +3477,28 @@ func (x *DeleteVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteVolumeResponse.ProtoReflect.Descriptor instead.
 func (*DeleteVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{51}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{52}
 }
 
 // OpenVolumeRequest opens a volume. A writable open bumps the volume's epoch,
 // which fences every earlier writer at the chunkservers.
 type OpenVolumeRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Writable      bool                   `protobuf:"varint,2,opt,name=writable,proto3" json:"writable,omitempty"`
-	Client        string                 `protobuf:"bytes,3,opt,name=client,proto3" json:"client,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Name     string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Writable bool                   `protobuf:"varint,2,opt,name=writable,proto3" json:"writable,omitempty"`
+	Client   string                 `protobuf:"bytes,3,opt,name=client,proto3" json:"client,omitempty"`
+	// The node opening the volume through its publication (the CSI node
+	// plugin): refused with FAILED_PRECONDITION unless the volume is published
+	// to this node (writable, for a writable open). Without a node, a writable
+	// open of a volume published for writing is refused too.
+	Node          string `protobuf:"bytes,4,opt,name=node,proto3" json:"node,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *OpenVolumeRequest) Reset() {
 	*x = OpenVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[52]
+	mi := &file_mdspb_mds_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3420,7 +3510,7 @@ func (x *OpenVolumeRequest) String() string {
 func (*OpenVolumeRequest) ProtoMessage() {}
 
 func (x *OpenVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[52]
+	mi := &file_mdspb_mds_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3433,7 +3523,7 @@ func (x *OpenVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OpenVolumeRequest.ProtoReflect.Descriptor instead.
 func (*OpenVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{52}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *OpenVolumeRequest) GetName() string {
@@ -3457,6 +3547,13 @@ func (x *OpenVolumeRequest) GetClient() string {
 	return ""
 }
 
+func (x *OpenVolumeRequest) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
 type OpenVolumeResponse struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	Volume  *Volume                `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
@@ -3470,7 +3567,7 @@ type OpenVolumeResponse struct {
 
 func (x *OpenVolumeResponse) Reset() {
 	*x = OpenVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[53]
+	mi := &file_mdspb_mds_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3482,7 +3579,7 @@ func (x *OpenVolumeResponse) String() string {
 func (*OpenVolumeResponse) ProtoMessage() {}
 
 func (x *OpenVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[53]
+	mi := &file_mdspb_mds_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3495,7 +3592,7 @@ func (x *OpenVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OpenVolumeResponse.ProtoReflect.Descriptor instead.
 func (*OpenVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{53}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *OpenVolumeResponse) GetVolume() *Volume {
@@ -3536,7 +3633,7 @@ type RefreshSessionRequest struct {
 
 func (x *RefreshSessionRequest) Reset() {
 	*x = RefreshSessionRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[54]
+	mi := &file_mdspb_mds_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3548,7 +3645,7 @@ func (x *RefreshSessionRequest) String() string {
 func (*RefreshSessionRequest) ProtoMessage() {}
 
 func (x *RefreshSessionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[54]
+	mi := &file_mdspb_mds_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3561,7 +3658,7 @@ func (x *RefreshSessionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefreshSessionRequest.ProtoReflect.Descriptor instead.
 func (*RefreshSessionRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{54}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *RefreshSessionRequest) GetName() string {
@@ -3589,7 +3686,7 @@ type RefreshSessionResponse struct {
 
 func (x *RefreshSessionResponse) Reset() {
 	*x = RefreshSessionResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[55]
+	mi := &file_mdspb_mds_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3601,7 +3698,7 @@ func (x *RefreshSessionResponse) String() string {
 func (*RefreshSessionResponse) ProtoMessage() {}
 
 func (x *RefreshSessionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[55]
+	mi := &file_mdspb_mds_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3614,7 +3711,7 @@ func (x *RefreshSessionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefreshSessionResponse.ProtoReflect.Descriptor instead.
 func (*RefreshSessionResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{55}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *RefreshSessionResponse) GetVolume() *Volume {
@@ -3641,7 +3738,7 @@ type CloseVolumeRequest struct {
 
 func (x *CloseVolumeRequest) Reset() {
 	*x = CloseVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[56]
+	mi := &file_mdspb_mds_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3653,7 +3750,7 @@ func (x *CloseVolumeRequest) String() string {
 func (*CloseVolumeRequest) ProtoMessage() {}
 
 func (x *CloseVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[56]
+	mi := &file_mdspb_mds_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3666,7 +3763,7 @@ func (x *CloseVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseVolumeRequest.ProtoReflect.Descriptor instead.
 func (*CloseVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{56}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *CloseVolumeRequest) GetName() string {
@@ -3691,7 +3788,7 @@ type CloseVolumeResponse struct {
 
 func (x *CloseVolumeResponse) Reset() {
 	*x = CloseVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[57]
+	mi := &file_mdspb_mds_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3703,7 +3800,7 @@ func (x *CloseVolumeResponse) String() string {
 func (*CloseVolumeResponse) ProtoMessage() {}
 
 func (x *CloseVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[57]
+	mi := &file_mdspb_mds_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3716,7 +3813,7 @@ func (x *CloseVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseVolumeResponse.ProtoReflect.Descriptor instead.
 func (*CloseVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{57}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{58}
 }
 
 type ListSessionsRequest struct {
@@ -3729,7 +3826,7 @@ type ListSessionsRequest struct {
 
 func (x *ListSessionsRequest) Reset() {
 	*x = ListSessionsRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[58]
+	mi := &file_mdspb_mds_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3741,7 +3838,7 @@ func (x *ListSessionsRequest) String() string {
 func (*ListSessionsRequest) ProtoMessage() {}
 
 func (x *ListSessionsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[58]
+	mi := &file_mdspb_mds_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3754,7 +3851,7 @@ func (x *ListSessionsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSessionsRequest.ProtoReflect.Descriptor instead.
 func (*ListSessionsRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{58}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *ListSessionsRequest) GetName() string {
@@ -3773,7 +3870,7 @@ type ListSessionsResponse struct {
 
 func (x *ListSessionsResponse) Reset() {
 	*x = ListSessionsResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[59]
+	mi := &file_mdspb_mds_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3785,7 +3882,7 @@ func (x *ListSessionsResponse) String() string {
 func (*ListSessionsResponse) ProtoMessage() {}
 
 func (x *ListSessionsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[59]
+	mi := &file_mdspb_mds_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3798,12 +3895,458 @@ func (x *ListSessionsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSessionsResponse.ProtoReflect.Descriptor instead.
 func (*ListSessionsResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{59}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *ListSessionsResponse) GetSessions() []*Session {
 	if x != nil {
 		return x.Sessions
+	}
+	return nil
+}
+
+// Node is a machine that attaches volumes through the CSI node plugin,
+// registered by the plugin when it starts; volumes are published only to
+// registered nodes.
+type Node struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The CSI node id (the Kubernetes node name).
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The node's topology segments as the node plugin reports them.
+	Topology       map[string]string `protobuf:"bytes,2,rep,name=topology,proto3" json:"topology,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	RegisteredUnix int64             `protobuf:"varint,3,opt,name=registered_unix,json=registeredUnix,proto3" json:"registered_unix,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *Node) Reset() {
+	*x = Node{}
+	mi := &file_mdspb_mds_proto_msgTypes[61]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Node) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Node) ProtoMessage() {}
+
+func (x *Node) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[61]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Node.ProtoReflect.Descriptor instead.
+func (*Node) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{61}
+}
+
+func (x *Node) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Node) GetTopology() map[string]string {
+	if x != nil {
+		return x.Topology
+	}
+	return nil
+}
+
+func (x *Node) GetRegisteredUnix() int64 {
+	if x != nil {
+		return x.RegisteredUnix
+	}
+	return 0
+}
+
+// RegisterNodeRequest registers a node or updates its topology.
+type RegisterNodeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Node          *Node                  `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RegisterNodeRequest) Reset() {
+	*x = RegisterNodeRequest{}
+	mi := &file_mdspb_mds_proto_msgTypes[62]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RegisterNodeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RegisterNodeRequest) ProtoMessage() {}
+
+func (x *RegisterNodeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[62]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RegisterNodeRequest.ProtoReflect.Descriptor instead.
+func (*RegisterNodeRequest) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{62}
+}
+
+func (x *RegisterNodeRequest) GetNode() *Node {
+	if x != nil {
+		return x.Node
+	}
+	return nil
+}
+
+type RegisterNodeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Node          *Node                  `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RegisterNodeResponse) Reset() {
+	*x = RegisterNodeResponse{}
+	mi := &file_mdspb_mds_proto_msgTypes[63]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RegisterNodeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RegisterNodeResponse) ProtoMessage() {}
+
+func (x *RegisterNodeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[63]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RegisterNodeResponse.ProtoReflect.Descriptor instead.
+func (*RegisterNodeResponse) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{63}
+}
+
+func (x *RegisterNodeResponse) GetNode() *Node {
+	if x != nil {
+		return x.Node
+	}
+	return nil
+}
+
+type ListNodesRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListNodesRequest) Reset() {
+	*x = ListNodesRequest{}
+	mi := &file_mdspb_mds_proto_msgTypes[64]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListNodesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListNodesRequest) ProtoMessage() {}
+
+func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[64]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListNodesRequest.ProtoReflect.Descriptor instead.
+func (*ListNodesRequest) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{64}
+}
+
+type ListNodesResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Nodes         []*Node                `protobuf:"bytes,1,rep,name=nodes,proto3" json:"nodes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListNodesResponse) Reset() {
+	*x = ListNodesResponse{}
+	mi := &file_mdspb_mds_proto_msgTypes[65]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListNodesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListNodesResponse) ProtoMessage() {}
+
+func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[65]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListNodesResponse.ProtoReflect.Descriptor instead.
+func (*ListNodesResponse) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{65}
+}
+
+func (x *ListNodesResponse) GetNodes() []*Node {
+	if x != nil {
+		return x.Nodes
+	}
+	return nil
+}
+
+// PublishVolumeRequest publishes a volume to a node (CSI ControllerPublish);
+// NOT_FOUND when the volume or the node is unknown.
+// Publishing again with the same read_only is a no-op; with the other one it
+// is refused with ALREADY_EXISTS. A writable publication is refused with
+// FAILED_PRECONDITION while the volume is published to another node, unless
+// that node's publication is writable and it has no live session (the node
+// died): then that publication is replaced and the node fenced. A read-only
+// publication is refused while another node holds a writable one.
+type PublishVolumeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Node          string                 `protobuf:"bytes,2,opt,name=node,proto3" json:"node,omitempty"`
+	ReadOnly      bool                   `protobuf:"varint,3,opt,name=read_only,json=readOnly,proto3" json:"read_only,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PublishVolumeRequest) Reset() {
+	*x = PublishVolumeRequest{}
+	mi := &file_mdspb_mds_proto_msgTypes[66]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PublishVolumeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PublishVolumeRequest) ProtoMessage() {}
+
+func (x *PublishVolumeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[66]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PublishVolumeRequest.ProtoReflect.Descriptor instead.
+func (*PublishVolumeRequest) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{66}
+}
+
+func (x *PublishVolumeRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *PublishVolumeRequest) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *PublishVolumeRequest) GetReadOnly() bool {
+	if x != nil {
+		return x.ReadOnly
+	}
+	return false
+}
+
+type PublishVolumeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        *Volume                `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PublishVolumeResponse) Reset() {
+	*x = PublishVolumeResponse{}
+	mi := &file_mdspb_mds_proto_msgTypes[67]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PublishVolumeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PublishVolumeResponse) ProtoMessage() {}
+
+func (x *PublishVolumeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[67]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PublishVolumeResponse.ProtoReflect.Descriptor instead.
+func (*PublishVolumeResponse) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{67}
+}
+
+func (x *PublishVolumeResponse) GetVolume() *Volume {
+	if x != nil {
+		return x.Volume
+	}
+	return nil
+}
+
+// UnpublishVolumeRequest removes a volume's publication to a node (all of
+// them when node is empty); removing a writable one fences the node: the
+// volume's epoch moves, so its late writes are refused, before the call
+// returns. Unpublishing what is not published succeeds.
+type UnpublishVolumeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Node          string                 `protobuf:"bytes,2,opt,name=node,proto3" json:"node,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UnpublishVolumeRequest) Reset() {
+	*x = UnpublishVolumeRequest{}
+	mi := &file_mdspb_mds_proto_msgTypes[68]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UnpublishVolumeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UnpublishVolumeRequest) ProtoMessage() {}
+
+func (x *UnpublishVolumeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[68]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UnpublishVolumeRequest.ProtoReflect.Descriptor instead.
+func (*UnpublishVolumeRequest) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{68}
+}
+
+func (x *UnpublishVolumeRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *UnpublishVolumeRequest) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+type UnpublishVolumeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        *Volume                `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UnpublishVolumeResponse) Reset() {
+	*x = UnpublishVolumeResponse{}
+	mi := &file_mdspb_mds_proto_msgTypes[69]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UnpublishVolumeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UnpublishVolumeResponse) ProtoMessage() {}
+
+func (x *UnpublishVolumeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[69]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UnpublishVolumeResponse.ProtoReflect.Descriptor instead.
+func (*UnpublishVolumeResponse) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{69}
+}
+
+func (x *UnpublishVolumeResponse) GetVolume() *Volume {
+	if x != nil {
+		return x.Volume
 	}
 	return nil
 }
@@ -3819,7 +4362,7 @@ type ChunkRef struct {
 
 func (x *ChunkRef) Reset() {
 	*x = ChunkRef{}
-	mi := &file_mdspb_mds_proto_msgTypes[60]
+	mi := &file_mdspb_mds_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3831,7 +4374,7 @@ func (x *ChunkRef) String() string {
 func (*ChunkRef) ProtoMessage() {}
 
 func (x *ChunkRef) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[60]
+	mi := &file_mdspb_mds_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3844,7 +4387,7 @@ func (x *ChunkRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChunkRef.ProtoReflect.Descriptor instead.
 func (*ChunkRef) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{60}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *ChunkRef) GetChunkId() uint64 {
@@ -3875,7 +4418,7 @@ type Segment struct {
 
 func (x *Segment) Reset() {
 	*x = Segment{}
-	mi := &file_mdspb_mds_proto_msgTypes[61]
+	mi := &file_mdspb_mds_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3887,7 +4430,7 @@ func (x *Segment) String() string {
 func (*Segment) ProtoMessage() {}
 
 func (x *Segment) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[61]
+	mi := &file_mdspb_mds_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3900,7 +4443,7 @@ func (x *Segment) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Segment.ProtoReflect.Descriptor instead.
 func (*Segment) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{61}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{71}
 }
 
 func (x *Segment) GetVolumeId() uint64 {
@@ -3939,7 +4482,7 @@ type GetSegmentRequest struct {
 
 func (x *GetSegmentRequest) Reset() {
 	*x = GetSegmentRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[62]
+	mi := &file_mdspb_mds_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3951,7 +4494,7 @@ func (x *GetSegmentRequest) String() string {
 func (*GetSegmentRequest) ProtoMessage() {}
 
 func (x *GetSegmentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[62]
+	mi := &file_mdspb_mds_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3964,7 +4507,7 @@ func (x *GetSegmentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSegmentRequest.ProtoReflect.Descriptor instead.
 func (*GetSegmentRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{62}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *GetSegmentRequest) GetName() string {
@@ -3997,7 +4540,7 @@ type GetSegmentResponse struct {
 
 func (x *GetSegmentResponse) Reset() {
 	*x = GetSegmentResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[63]
+	mi := &file_mdspb_mds_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4009,7 +4552,7 @@ func (x *GetSegmentResponse) String() string {
 func (*GetSegmentResponse) ProtoMessage() {}
 
 func (x *GetSegmentResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[63]
+	mi := &file_mdspb_mds_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4022,7 +4565,7 @@ func (x *GetSegmentResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSegmentResponse.ProtoReflect.Descriptor instead.
 func (*GetSegmentResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{63}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{73}
 }
 
 func (x *GetSegmentResponse) GetSegment() *Segment {
@@ -4041,7 +4584,7 @@ type ListSegmentsRequest struct {
 
 func (x *ListSegmentsRequest) Reset() {
 	*x = ListSegmentsRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[64]
+	mi := &file_mdspb_mds_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4053,7 +4596,7 @@ func (x *ListSegmentsRequest) String() string {
 func (*ListSegmentsRequest) ProtoMessage() {}
 
 func (x *ListSegmentsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[64]
+	mi := &file_mdspb_mds_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4066,7 +4609,7 @@ func (x *ListSegmentsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSegmentsRequest.ProtoReflect.Descriptor instead.
 func (*ListSegmentsRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{64}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *ListSegmentsRequest) GetName() string {
@@ -4085,7 +4628,7 @@ type ListSegmentsResponse struct {
 
 func (x *ListSegmentsResponse) Reset() {
 	*x = ListSegmentsResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[65]
+	mi := &file_mdspb_mds_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4097,7 +4640,7 @@ func (x *ListSegmentsResponse) String() string {
 func (*ListSegmentsResponse) ProtoMessage() {}
 
 func (x *ListSegmentsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[65]
+	mi := &file_mdspb_mds_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4110,7 +4653,7 @@ func (x *ListSegmentsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSegmentsResponse.ProtoReflect.Descriptor instead.
 func (*ListSegmentsResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{65}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *ListSegmentsResponse) GetSegments() []*Segment {
@@ -4131,7 +4674,7 @@ type MDSInstance struct {
 
 func (x *MDSInstance) Reset() {
 	*x = MDSInstance{}
-	mi := &file_mdspb_mds_proto_msgTypes[66]
+	mi := &file_mdspb_mds_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4143,7 +4686,7 @@ func (x *MDSInstance) String() string {
 func (*MDSInstance) ProtoMessage() {}
 
 func (x *MDSInstance) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[66]
+	mi := &file_mdspb_mds_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4156,7 +4699,7 @@ func (x *MDSInstance) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MDSInstance.ProtoReflect.Descriptor instead.
 func (*MDSInstance) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{66}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{76}
 }
 
 func (x *MDSInstance) GetAddress() string {
@@ -4184,7 +4727,7 @@ type EtcdMember struct {
 
 func (x *EtcdMember) Reset() {
 	*x = EtcdMember{}
-	mi := &file_mdspb_mds_proto_msgTypes[67]
+	mi := &file_mdspb_mds_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4196,7 +4739,7 @@ func (x *EtcdMember) String() string {
 func (*EtcdMember) ProtoMessage() {}
 
 func (x *EtcdMember) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[67]
+	mi := &file_mdspb_mds_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4209,7 +4752,7 @@ func (x *EtcdMember) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EtcdMember.ProtoReflect.Descriptor instead.
 func (*EtcdMember) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{67}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *EtcdMember) GetName() string {
@@ -4241,7 +4784,7 @@ type GetClusterStatusRequest struct {
 
 func (x *GetClusterStatusRequest) Reset() {
 	*x = GetClusterStatusRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[68]
+	mi := &file_mdspb_mds_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4253,7 +4796,7 @@ func (x *GetClusterStatusRequest) String() string {
 func (*GetClusterStatusRequest) ProtoMessage() {}
 
 func (x *GetClusterStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[68]
+	mi := &file_mdspb_mds_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4266,7 +4809,7 @@ func (x *GetClusterStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetClusterStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetClusterStatusRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{68}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{78}
 }
 
 type GetClusterStatusResponse struct {
@@ -4280,7 +4823,7 @@ type GetClusterStatusResponse struct {
 
 func (x *GetClusterStatusResponse) Reset() {
 	*x = GetClusterStatusResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[69]
+	mi := &file_mdspb_mds_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4292,7 +4835,7 @@ func (x *GetClusterStatusResponse) String() string {
 func (*GetClusterStatusResponse) ProtoMessage() {}
 
 func (x *GetClusterStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[69]
+	mi := &file_mdspb_mds_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4305,7 +4848,7 @@ func (x *GetClusterStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetClusterStatusResponse.ProtoReflect.Descriptor instead.
 func (*GetClusterStatusResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{69}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{79}
 }
 
 func (x *GetClusterStatusResponse) GetMds() []*MDSInstance {
@@ -4341,7 +4884,7 @@ type TransferLeaderRequest struct {
 
 func (x *TransferLeaderRequest) Reset() {
 	*x = TransferLeaderRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[70]
+	mi := &file_mdspb_mds_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4353,7 +4896,7 @@ func (x *TransferLeaderRequest) String() string {
 func (*TransferLeaderRequest) ProtoMessage() {}
 
 func (x *TransferLeaderRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[70]
+	mi := &file_mdspb_mds_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4366,7 +4909,7 @@ func (x *TransferLeaderRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeaderRequest.ProtoReflect.Descriptor instead.
 func (*TransferLeaderRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{70}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{80}
 }
 
 func (x *TransferLeaderRequest) GetCopyset() *commonpb.CopysetRef {
@@ -4392,7 +4935,7 @@ type TransferLeaderResponse struct {
 
 func (x *TransferLeaderResponse) Reset() {
 	*x = TransferLeaderResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[71]
+	mi := &file_mdspb_mds_proto_msgTypes[81]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4404,7 +4947,7 @@ func (x *TransferLeaderResponse) String() string {
 func (*TransferLeaderResponse) ProtoMessage() {}
 
 func (x *TransferLeaderResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[71]
+	mi := &file_mdspb_mds_proto_msgTypes[81]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4417,7 +4960,7 @@ func (x *TransferLeaderResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeaderResponse.ProtoReflect.Descriptor instead.
 func (*TransferLeaderResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{71}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{81}
 }
 
 func (x *TransferLeaderResponse) GetOperator() *Operator {
@@ -4435,7 +4978,7 @@ type ListOperatorsRequest struct {
 
 func (x *ListOperatorsRequest) Reset() {
 	*x = ListOperatorsRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[72]
+	mi := &file_mdspb_mds_proto_msgTypes[82]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4447,7 +4990,7 @@ func (x *ListOperatorsRequest) String() string {
 func (*ListOperatorsRequest) ProtoMessage() {}
 
 func (x *ListOperatorsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[72]
+	mi := &file_mdspb_mds_proto_msgTypes[82]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4460,7 +5003,7 @@ func (x *ListOperatorsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListOperatorsRequest.ProtoReflect.Descriptor instead.
 func (*ListOperatorsRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{72}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{82}
 }
 
 // GetScheduleStatusRequest asks what the schedulers are doing.
@@ -4472,7 +5015,7 @@ type GetScheduleStatusRequest struct {
 
 func (x *GetScheduleStatusRequest) Reset() {
 	*x = GetScheduleStatusRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[73]
+	mi := &file_mdspb_mds_proto_msgTypes[83]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4484,7 +5027,7 @@ func (x *GetScheduleStatusRequest) String() string {
 func (*GetScheduleStatusRequest) ProtoMessage() {}
 
 func (x *GetScheduleStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[73]
+	mi := &file_mdspb_mds_proto_msgTypes[83]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4497,7 +5040,7 @@ func (x *GetScheduleStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetScheduleStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetScheduleStatusRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{73}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{83}
 }
 
 // BlockedCopyset is a copyset that needs a repair no chunkserver can take.
@@ -4511,7 +5054,7 @@ type BlockedCopyset struct {
 
 func (x *BlockedCopyset) Reset() {
 	*x = BlockedCopyset{}
-	mi := &file_mdspb_mds_proto_msgTypes[74]
+	mi := &file_mdspb_mds_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4523,7 +5066,7 @@ func (x *BlockedCopyset) String() string {
 func (*BlockedCopyset) ProtoMessage() {}
 
 func (x *BlockedCopyset) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[74]
+	mi := &file_mdspb_mds_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4536,7 +5079,7 @@ func (x *BlockedCopyset) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BlockedCopyset.ProtoReflect.Descriptor instead.
 func (*BlockedCopyset) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{74}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{84}
 }
 
 func (x *BlockedCopyset) GetCopyset() *commonpb.CopysetRef {
@@ -4564,7 +5107,7 @@ type OperatorCount struct {
 
 func (x *OperatorCount) Reset() {
 	*x = OperatorCount{}
-	mi := &file_mdspb_mds_proto_msgTypes[75]
+	mi := &file_mdspb_mds_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4576,7 +5119,7 @@ func (x *OperatorCount) String() string {
 func (*OperatorCount) ProtoMessage() {}
 
 func (x *OperatorCount) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[75]
+	mi := &file_mdspb_mds_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4589,7 +5132,7 @@ func (x *OperatorCount) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OperatorCount.ProtoReflect.Descriptor instead.
 func (*OperatorCount) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{75}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{85}
 }
 
 func (x *OperatorCount) GetReason() string {
@@ -4636,7 +5179,7 @@ type GetScheduleStatusResponse struct {
 
 func (x *GetScheduleStatusResponse) Reset() {
 	*x = GetScheduleStatusResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[76]
+	mi := &file_mdspb_mds_proto_msgTypes[86]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4648,7 +5191,7 @@ func (x *GetScheduleStatusResponse) String() string {
 func (*GetScheduleStatusResponse) ProtoMessage() {}
 
 func (x *GetScheduleStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[76]
+	mi := &file_mdspb_mds_proto_msgTypes[86]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4661,7 +5204,7 @@ func (x *GetScheduleStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetScheduleStatusResponse.ProtoReflect.Descriptor instead.
 func (*GetScheduleStatusResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{76}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{86}
 }
 
 func (x *GetScheduleStatusResponse) GetCopysetsToRepair() uint32 {
@@ -4750,7 +5293,7 @@ type ListOperatorsResponse struct {
 
 func (x *ListOperatorsResponse) Reset() {
 	*x = ListOperatorsResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[77]
+	mi := &file_mdspb_mds_proto_msgTypes[87]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4762,7 +5305,7 @@ func (x *ListOperatorsResponse) String() string {
 func (*ListOperatorsResponse) ProtoMessage() {}
 
 func (x *ListOperatorsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[77]
+	mi := &file_mdspb_mds_proto_msgTypes[87]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4775,7 +5318,7 @@ func (x *ListOperatorsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListOperatorsResponse.ProtoReflect.Descriptor instead.
 func (*ListOperatorsResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{77}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{87}
 }
 
 func (x *ListOperatorsResponse) GetOperators() []*Operator {
@@ -4941,7 +5484,7 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\x13epoch_table_version\x18\x03 \x01(\x04R\x11epochTableVersion\x121\n" +
 	"\x06epochs\x18\x04 \x03(\v2\x19.cairn.mds.v1.VolumeEpochR\x06epochs\x12$\n" +
 	"\x0eepoch_lease_ms\x18\x05 \x01(\rR\fepochLeaseMs\x12,\n" +
-	"\x12remove_conf_epochs\x18\x06 \x03(\x04R\x10removeConfEpochs\"\xdc\x02\n" +
+	"\x12remove_conf_epochs\x18\x06 \x03(\x04R\x10removeConfEpochs\"\x9b\x03\n" +
 	"\x06Volume\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x12\n" +
@@ -4955,7 +5498,12 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\x06status\x18\t \x01(\x0e2\x1a.cairn.mds.v1.VolumeStatusR\x06status\x12!\n" +
 	"\fcreated_unix\x18\n" +
 	" \x01(\x03R\vcreatedUnix\x12-\n" +
-	"\x12allocated_segments\x18\v \x01(\x04R\x11allocatedSegments\"\xf5\x01\n" +
+	"\x12allocated_segments\x18\v \x01(\x04R\x11allocatedSegments\x12=\n" +
+	"\fpublications\x18\f \x03(\v2\x19.cairn.mds.v1.PublicationR\fpublications\"e\n" +
+	"\vPublication\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1b\n" +
+	"\tread_only\x18\x02 \x01(\bR\breadOnly\x12%\n" +
+	"\x0epublished_unix\x18\x03 \x01(\x03R\rpublishedUnix\"\x89\x02\n" +
 	"\aSession\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x16\n" +
@@ -4966,7 +5514,8 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\x05epoch\x18\x06 \x01(\x04R\x05epoch\x12\x1f\n" +
 	"\vopened_unix\x18\a \x01(\x03R\n" +
 	"openedUnix\x12!\n" +
-	"\fexpires_unix\x18\b \x01(\x03R\vexpiresUnix\"g\n" +
+	"\fexpires_unix\x18\b \x01(\x03R\vexpiresUnix\x12\x12\n" +
+	"\x04node\x18\t \x01(\tR\x04node\"g\n" +
 	"\x13CreateVolumeRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x04R\x04size\x12\x14\n" +
@@ -4995,11 +5544,12 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\x13DeleteVolumeRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05force\x18\x02 \x01(\bR\x05force\"\x16\n" +
-	"\x14DeleteVolumeResponse\"[\n" +
+	"\x14DeleteVolumeResponse\"o\n" +
 	"\x11OpenVolumeRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\bwritable\x18\x02 \x01(\bR\bwritable\x12\x16\n" +
-	"\x06client\x18\x03 \x01(\tR\x06client\"\xd6\x01\n" +
+	"\x06client\x18\x03 \x01(\tR\x06client\x12\x12\n" +
+	"\x04node\x18\x04 \x01(\tR\x04node\"\xd6\x01\n" +
 	"\x12OpenVolumeResponse\x12,\n" +
 	"\x06volume\x18\x01 \x01(\v2\x14.cairn.mds.v1.VolumeR\x06volume\x12/\n" +
 	"\asession\x18\x02 \x01(\v2\x15.cairn.mds.v1.SessionR\asession\x12#\n" +
@@ -5020,7 +5570,32 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\x13ListSessionsRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"I\n" +
 	"\x14ListSessionsResponse\x121\n" +
-	"\bsessions\x18\x01 \x03(\v2\x15.cairn.mds.v1.SessionR\bsessions\"\\\n" +
+	"\bsessions\x18\x01 \x03(\v2\x15.cairn.mds.v1.SessionR\bsessions\"\xbe\x01\n" +
+	"\x04Node\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12<\n" +
+	"\btopology\x18\x02 \x03(\v2 .cairn.mds.v1.Node.TopologyEntryR\btopology\x12'\n" +
+	"\x0fregistered_unix\x18\x03 \x01(\x03R\x0eregisteredUnix\x1a;\n" +
+	"\rTopologyEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"=\n" +
+	"\x13RegisterNodeRequest\x12&\n" +
+	"\x04node\x18\x01 \x01(\v2\x12.cairn.mds.v1.NodeR\x04node\">\n" +
+	"\x14RegisterNodeResponse\x12&\n" +
+	"\x04node\x18\x01 \x01(\v2\x12.cairn.mds.v1.NodeR\x04node\"\x12\n" +
+	"\x10ListNodesRequest\"=\n" +
+	"\x11ListNodesResponse\x12(\n" +
+	"\x05nodes\x18\x01 \x03(\v2\x12.cairn.mds.v1.NodeR\x05nodes\"[\n" +
+	"\x14PublishVolumeRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04node\x18\x02 \x01(\tR\x04node\x12\x1b\n" +
+	"\tread_only\x18\x03 \x01(\bR\breadOnly\"E\n" +
+	"\x15PublishVolumeResponse\x12,\n" +
+	"\x06volume\x18\x01 \x01(\v2\x14.cairn.mds.v1.VolumeR\x06volume\"@\n" +
+	"\x16UnpublishVolumeRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04node\x18\x02 \x01(\tR\x04node\"G\n" +
+	"\x17UnpublishVolumeResponse\x12,\n" +
+	"\x06volume\x18\x01 \x01(\v2\x14.cairn.mds.v1.VolumeR\x06volume\"\\\n" +
 	"\bChunkRef\x12\x19\n" +
 	"\bchunk_id\x18\x01 \x01(\x04R\achunkId\x125\n" +
 	"\acopyset\x18\x02 \x01(\v2\x1b.cairn.common.v1.CopysetRefR\acopyset\"n\n" +
@@ -5120,7 +5695,8 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\x0fOperatorService\x12[\n" +
 	"\x0eStartOperators\x12#.cairn.mds.v1.StartOperatorsRequest\x1a$.cairn.mds.v1.StartOperatorsResponse2`\n" +
 	"\x10HeartbeatService\x12L\n" +
-	"\tHeartbeat\x12\x1e.cairn.mds.v1.HeartbeatRequest\x1a\x1f.cairn.mds.v1.HeartbeatResponse2\x91\b\n" +
+	"\tHeartbeat\x12\x1e.cairn.mds.v1.HeartbeatRequest\x1a\x1f.cairn.mds.v1.HeartbeatResponse2\xf0\n" +
+	"\n" +
 	"\rVolumeService\x12U\n" +
 	"\fCreateVolume\x12!.cairn.mds.v1.CreateVolumeRequest\x1a\".cairn.mds.v1.CreateVolumeResponse\x12O\n" +
 	"\n" +
@@ -5130,7 +5706,11 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\fRenameVolume\x12!.cairn.mds.v1.RenameVolumeRequest\x1a\".cairn.mds.v1.RenameVolumeResponse\x12U\n" +
 	"\fDeleteVolume\x12!.cairn.mds.v1.DeleteVolumeRequest\x1a\".cairn.mds.v1.DeleteVolumeResponse\x12O\n" +
 	"\n" +
-	"OpenVolume\x12\x1f.cairn.mds.v1.OpenVolumeRequest\x1a .cairn.mds.v1.OpenVolumeResponse\x12[\n" +
+	"OpenVolume\x12\x1f.cairn.mds.v1.OpenVolumeRequest\x1a .cairn.mds.v1.OpenVolumeResponse\x12U\n" +
+	"\fRegisterNode\x12!.cairn.mds.v1.RegisterNodeRequest\x1a\".cairn.mds.v1.RegisterNodeResponse\x12L\n" +
+	"\tListNodes\x12\x1e.cairn.mds.v1.ListNodesRequest\x1a\x1f.cairn.mds.v1.ListNodesResponse\x12X\n" +
+	"\rPublishVolume\x12\".cairn.mds.v1.PublishVolumeRequest\x1a#.cairn.mds.v1.PublishVolumeResponse\x12^\n" +
+	"\x0fUnpublishVolume\x12$.cairn.mds.v1.UnpublishVolumeRequest\x1a%.cairn.mds.v1.UnpublishVolumeResponse\x12[\n" +
 	"\x0eRefreshSession\x12#.cairn.mds.v1.RefreshSessionRequest\x1a$.cairn.mds.v1.RefreshSessionResponse\x12R\n" +
 	"\vCloseVolume\x12 .cairn.mds.v1.CloseVolumeRequest\x1a!.cairn.mds.v1.CloseVolumeResponse\x12U\n" +
 	"\fListSessions\x12!.cairn.mds.v1.ListSessionsRequest\x1a\".cairn.mds.v1.ListSessionsResponse\x12O\n" +
@@ -5156,7 +5736,7 @@ func file_mdspb_mds_proto_rawDescGZIP() []byte {
 }
 
 var file_mdspb_mds_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_mdspb_mds_proto_msgTypes = make([]protoimpl.MessageInfo, 78)
+var file_mdspb_mds_proto_msgTypes = make([]protoimpl.MessageInfo, 89)
 var file_mdspb_mds_proto_goTypes = []any{
 	(OnlineState)(0),                    // 0: cairn.mds.v1.OnlineState
 	(RWState)(0),                        // 1: cairn.mds.v1.RWState
@@ -5202,175 +5782,201 @@ var file_mdspb_mds_proto_goTypes = []any{
 	(*VolumeEpoch)(nil),                 // 41: cairn.mds.v1.VolumeEpoch
 	(*HeartbeatResponse)(nil),           // 42: cairn.mds.v1.HeartbeatResponse
 	(*Volume)(nil),                      // 43: cairn.mds.v1.Volume
-	(*Session)(nil),                     // 44: cairn.mds.v1.Session
-	(*CreateVolumeRequest)(nil),         // 45: cairn.mds.v1.CreateVolumeRequest
-	(*CreateVolumeResponse)(nil),        // 46: cairn.mds.v1.CreateVolumeResponse
-	(*StatVolumeRequest)(nil),           // 47: cairn.mds.v1.StatVolumeRequest
-	(*StatVolumeResponse)(nil),          // 48: cairn.mds.v1.StatVolumeResponse
-	(*ListVolumesRequest)(nil),          // 49: cairn.mds.v1.ListVolumesRequest
-	(*ListVolumesResponse)(nil),         // 50: cairn.mds.v1.ListVolumesResponse
-	(*ExtendVolumeRequest)(nil),         // 51: cairn.mds.v1.ExtendVolumeRequest
-	(*ExtendVolumeResponse)(nil),        // 52: cairn.mds.v1.ExtendVolumeResponse
-	(*RenameVolumeRequest)(nil),         // 53: cairn.mds.v1.RenameVolumeRequest
-	(*RenameVolumeResponse)(nil),        // 54: cairn.mds.v1.RenameVolumeResponse
-	(*DeleteVolumeRequest)(nil),         // 55: cairn.mds.v1.DeleteVolumeRequest
-	(*DeleteVolumeResponse)(nil),        // 56: cairn.mds.v1.DeleteVolumeResponse
-	(*OpenVolumeRequest)(nil),           // 57: cairn.mds.v1.OpenVolumeRequest
-	(*OpenVolumeResponse)(nil),          // 58: cairn.mds.v1.OpenVolumeResponse
-	(*RefreshSessionRequest)(nil),       // 59: cairn.mds.v1.RefreshSessionRequest
-	(*RefreshSessionResponse)(nil),      // 60: cairn.mds.v1.RefreshSessionResponse
-	(*CloseVolumeRequest)(nil),          // 61: cairn.mds.v1.CloseVolumeRequest
-	(*CloseVolumeResponse)(nil),         // 62: cairn.mds.v1.CloseVolumeResponse
-	(*ListSessionsRequest)(nil),         // 63: cairn.mds.v1.ListSessionsRequest
-	(*ListSessionsResponse)(nil),        // 64: cairn.mds.v1.ListSessionsResponse
-	(*ChunkRef)(nil),                    // 65: cairn.mds.v1.ChunkRef
-	(*Segment)(nil),                     // 66: cairn.mds.v1.Segment
-	(*GetSegmentRequest)(nil),           // 67: cairn.mds.v1.GetSegmentRequest
-	(*GetSegmentResponse)(nil),          // 68: cairn.mds.v1.GetSegmentResponse
-	(*ListSegmentsRequest)(nil),         // 69: cairn.mds.v1.ListSegmentsRequest
-	(*ListSegmentsResponse)(nil),        // 70: cairn.mds.v1.ListSegmentsResponse
-	(*MDSInstance)(nil),                 // 71: cairn.mds.v1.MDSInstance
-	(*EtcdMember)(nil),                  // 72: cairn.mds.v1.EtcdMember
-	(*GetClusterStatusRequest)(nil),     // 73: cairn.mds.v1.GetClusterStatusRequest
-	(*GetClusterStatusResponse)(nil),    // 74: cairn.mds.v1.GetClusterStatusResponse
-	(*TransferLeaderRequest)(nil),       // 75: cairn.mds.v1.TransferLeaderRequest
-	(*TransferLeaderResponse)(nil),      // 76: cairn.mds.v1.TransferLeaderResponse
-	(*ListOperatorsRequest)(nil),        // 77: cairn.mds.v1.ListOperatorsRequest
-	(*GetScheduleStatusRequest)(nil),    // 78: cairn.mds.v1.GetScheduleStatusRequest
-	(*BlockedCopyset)(nil),              // 79: cairn.mds.v1.BlockedCopyset
-	(*OperatorCount)(nil),               // 80: cairn.mds.v1.OperatorCount
-	(*GetScheduleStatusResponse)(nil),   // 81: cairn.mds.v1.GetScheduleStatusResponse
-	(*ListOperatorsResponse)(nil),       // 82: cairn.mds.v1.ListOperatorsResponse
-	(*commonpb.CopysetRef)(nil),         // 83: cairn.common.v1.CopysetRef
-	(*commonpb.Peer)(nil),               // 84: cairn.common.v1.Peer
-	(*copysetpb.PendingConfChange)(nil), // 85: cairn.copyset.v1.PendingConfChange
-	(*copysetpb.PeerProgress)(nil),      // 86: cairn.copyset.v1.PeerProgress
-	(*copysetpb.CopysetStatus)(nil),     // 87: cairn.copyset.v1.CopysetStatus
+	(*Publication)(nil),                 // 44: cairn.mds.v1.Publication
+	(*Session)(nil),                     // 45: cairn.mds.v1.Session
+	(*CreateVolumeRequest)(nil),         // 46: cairn.mds.v1.CreateVolumeRequest
+	(*CreateVolumeResponse)(nil),        // 47: cairn.mds.v1.CreateVolumeResponse
+	(*StatVolumeRequest)(nil),           // 48: cairn.mds.v1.StatVolumeRequest
+	(*StatVolumeResponse)(nil),          // 49: cairn.mds.v1.StatVolumeResponse
+	(*ListVolumesRequest)(nil),          // 50: cairn.mds.v1.ListVolumesRequest
+	(*ListVolumesResponse)(nil),         // 51: cairn.mds.v1.ListVolumesResponse
+	(*ExtendVolumeRequest)(nil),         // 52: cairn.mds.v1.ExtendVolumeRequest
+	(*ExtendVolumeResponse)(nil),        // 53: cairn.mds.v1.ExtendVolumeResponse
+	(*RenameVolumeRequest)(nil),         // 54: cairn.mds.v1.RenameVolumeRequest
+	(*RenameVolumeResponse)(nil),        // 55: cairn.mds.v1.RenameVolumeResponse
+	(*DeleteVolumeRequest)(nil),         // 56: cairn.mds.v1.DeleteVolumeRequest
+	(*DeleteVolumeResponse)(nil),        // 57: cairn.mds.v1.DeleteVolumeResponse
+	(*OpenVolumeRequest)(nil),           // 58: cairn.mds.v1.OpenVolumeRequest
+	(*OpenVolumeResponse)(nil),          // 59: cairn.mds.v1.OpenVolumeResponse
+	(*RefreshSessionRequest)(nil),       // 60: cairn.mds.v1.RefreshSessionRequest
+	(*RefreshSessionResponse)(nil),      // 61: cairn.mds.v1.RefreshSessionResponse
+	(*CloseVolumeRequest)(nil),          // 62: cairn.mds.v1.CloseVolumeRequest
+	(*CloseVolumeResponse)(nil),         // 63: cairn.mds.v1.CloseVolumeResponse
+	(*ListSessionsRequest)(nil),         // 64: cairn.mds.v1.ListSessionsRequest
+	(*ListSessionsResponse)(nil),        // 65: cairn.mds.v1.ListSessionsResponse
+	(*Node)(nil),                        // 66: cairn.mds.v1.Node
+	(*RegisterNodeRequest)(nil),         // 67: cairn.mds.v1.RegisterNodeRequest
+	(*RegisterNodeResponse)(nil),        // 68: cairn.mds.v1.RegisterNodeResponse
+	(*ListNodesRequest)(nil),            // 69: cairn.mds.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),           // 70: cairn.mds.v1.ListNodesResponse
+	(*PublishVolumeRequest)(nil),        // 71: cairn.mds.v1.PublishVolumeRequest
+	(*PublishVolumeResponse)(nil),       // 72: cairn.mds.v1.PublishVolumeResponse
+	(*UnpublishVolumeRequest)(nil),      // 73: cairn.mds.v1.UnpublishVolumeRequest
+	(*UnpublishVolumeResponse)(nil),     // 74: cairn.mds.v1.UnpublishVolumeResponse
+	(*ChunkRef)(nil),                    // 75: cairn.mds.v1.ChunkRef
+	(*Segment)(nil),                     // 76: cairn.mds.v1.Segment
+	(*GetSegmentRequest)(nil),           // 77: cairn.mds.v1.GetSegmentRequest
+	(*GetSegmentResponse)(nil),          // 78: cairn.mds.v1.GetSegmentResponse
+	(*ListSegmentsRequest)(nil),         // 79: cairn.mds.v1.ListSegmentsRequest
+	(*ListSegmentsResponse)(nil),        // 80: cairn.mds.v1.ListSegmentsResponse
+	(*MDSInstance)(nil),                 // 81: cairn.mds.v1.MDSInstance
+	(*EtcdMember)(nil),                  // 82: cairn.mds.v1.EtcdMember
+	(*GetClusterStatusRequest)(nil),     // 83: cairn.mds.v1.GetClusterStatusRequest
+	(*GetClusterStatusResponse)(nil),    // 84: cairn.mds.v1.GetClusterStatusResponse
+	(*TransferLeaderRequest)(nil),       // 85: cairn.mds.v1.TransferLeaderRequest
+	(*TransferLeaderResponse)(nil),      // 86: cairn.mds.v1.TransferLeaderResponse
+	(*ListOperatorsRequest)(nil),        // 87: cairn.mds.v1.ListOperatorsRequest
+	(*GetScheduleStatusRequest)(nil),    // 88: cairn.mds.v1.GetScheduleStatusRequest
+	(*BlockedCopyset)(nil),              // 89: cairn.mds.v1.BlockedCopyset
+	(*OperatorCount)(nil),               // 90: cairn.mds.v1.OperatorCount
+	(*GetScheduleStatusResponse)(nil),   // 91: cairn.mds.v1.GetScheduleStatusResponse
+	(*ListOperatorsResponse)(nil),       // 92: cairn.mds.v1.ListOperatorsResponse
+	nil,                                 // 93: cairn.mds.v1.Node.TopologyEntry
+	(*commonpb.CopysetRef)(nil),         // 94: cairn.common.v1.CopysetRef
+	(*commonpb.Peer)(nil),               // 95: cairn.common.v1.Peer
+	(*copysetpb.PendingConfChange)(nil), // 96: cairn.copyset.v1.PendingConfChange
+	(*copysetpb.PeerProgress)(nil),      // 97: cairn.copyset.v1.PeerProgress
+	(*copysetpb.CopysetStatus)(nil),     // 98: cairn.copyset.v1.CopysetStatus
 }
 var file_mdspb_mds_proto_depIdxs = []int32{
-	0,  // 0: cairn.mds.v1.ChunkServer.online_state:type_name -> cairn.mds.v1.OnlineState
-	1,  // 1: cairn.mds.v1.ChunkServer.rw_state:type_name -> cairn.mds.v1.RWState
-	9,  // 2: cairn.mds.v1.ChunkServer.capacity:type_name -> cairn.mds.v1.Capacity
-	2,  // 3: cairn.mds.v1.LogicalPool.status:type_name -> cairn.mds.v1.LogicalPoolStatus
-	83, // 4: cairn.mds.v1.Copyset.id:type_name -> cairn.common.v1.CopysetRef
-	84, // 5: cairn.mds.v1.Copyset.peers:type_name -> cairn.common.v1.Peer
-	85, // 6: cairn.mds.v1.Copyset.pending:type_name -> cairn.copyset.v1.PendingConfChange
-	86, // 7: cairn.mds.v1.Copyset.progress:type_name -> cairn.copyset.v1.PeerProgress
-	84, // 8: cairn.mds.v1.Copyset.learners:type_name -> cairn.common.v1.Peer
-	6,  // 9: cairn.mds.v1.RegisterChunkServerRequest.constants:type_name -> cairn.mds.v1.ClusterConstants
-	9,  // 10: cairn.mds.v1.RegisterChunkServerRequest.capacity:type_name -> cairn.mds.v1.Capacity
-	6,  // 11: cairn.mds.v1.RegisterChunkServerResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
-	10, // 12: cairn.mds.v1.GetChunkServerResponse.chunkserver:type_name -> cairn.mds.v1.ChunkServer
-	7,  // 13: cairn.mds.v1.ListZonesResponse.zones:type_name -> cairn.mds.v1.Zone
-	8,  // 14: cairn.mds.v1.ListServersResponse.servers:type_name -> cairn.mds.v1.Server
-	10, // 15: cairn.mds.v1.ListChunkServersResponse.chunkservers:type_name -> cairn.mds.v1.ChunkServer
-	11, // 16: cairn.mds.v1.ListPoolsResponse.physical_pools:type_name -> cairn.mds.v1.PhysicalPool
-	12, // 17: cairn.mds.v1.ListPoolsResponse.logical_pools:type_name -> cairn.mds.v1.LogicalPool
-	12, // 18: cairn.mds.v1.CreateLogicalPoolResponse.pool:type_name -> cairn.mds.v1.LogicalPool
-	13, // 19: cairn.mds.v1.ListCopysetsResponse.copysets:type_name -> cairn.mds.v1.Copyset
-	83, // 20: cairn.mds.v1.GetCopysetsRequest.copysets:type_name -> cairn.common.v1.CopysetRef
-	13, // 21: cairn.mds.v1.GetCopysetsResponse.copysets:type_name -> cairn.mds.v1.Copyset
-	1,  // 22: cairn.mds.v1.UpdateChunkServerRequest.rw_state:type_name -> cairn.mds.v1.RWState
-	10, // 23: cairn.mds.v1.UpdateChunkServerResponse.chunkservers:type_name -> cairn.mds.v1.ChunkServer
-	87, // 24: cairn.mds.v1.CopysetReport.status:type_name -> cairn.copyset.v1.CopysetStatus
-	9,  // 25: cairn.mds.v1.HeartbeatRequest.capacity:type_name -> cairn.mds.v1.Capacity
-	36, // 26: cairn.mds.v1.HeartbeatRequest.copysets:type_name -> cairn.mds.v1.CopysetReport
-	83, // 27: cairn.mds.v1.Operator.copyset:type_name -> cairn.common.v1.CopysetRef
-	3,  // 28: cairn.mds.v1.Operator.kind:type_name -> cairn.mds.v1.OperatorKind
-	84, // 29: cairn.mds.v1.Operator.target:type_name -> cairn.common.v1.Peer
-	38, // 30: cairn.mds.v1.StartOperatorsRequest.operators:type_name -> cairn.mds.v1.Operator
-	38, // 31: cairn.mds.v1.HeartbeatResponse.operators:type_name -> cairn.mds.v1.Operator
-	83, // 32: cairn.mds.v1.HeartbeatResponse.remove_copysets:type_name -> cairn.common.v1.CopysetRef
-	41, // 33: cairn.mds.v1.HeartbeatResponse.epochs:type_name -> cairn.mds.v1.VolumeEpoch
-	4,  // 34: cairn.mds.v1.Volume.status:type_name -> cairn.mds.v1.VolumeStatus
-	43, // 35: cairn.mds.v1.CreateVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	43, // 36: cairn.mds.v1.StatVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	44, // 37: cairn.mds.v1.StatVolumeResponse.sessions:type_name -> cairn.mds.v1.Session
-	43, // 38: cairn.mds.v1.ListVolumesResponse.volumes:type_name -> cairn.mds.v1.Volume
-	43, // 39: cairn.mds.v1.ExtendVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	43, // 40: cairn.mds.v1.RenameVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	43, // 41: cairn.mds.v1.OpenVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	44, // 42: cairn.mds.v1.OpenVolumeResponse.session:type_name -> cairn.mds.v1.Session
-	6,  // 43: cairn.mds.v1.OpenVolumeResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
-	43, // 44: cairn.mds.v1.RefreshSessionResponse.volume:type_name -> cairn.mds.v1.Volume
-	44, // 45: cairn.mds.v1.RefreshSessionResponse.session:type_name -> cairn.mds.v1.Session
-	44, // 46: cairn.mds.v1.ListSessionsResponse.sessions:type_name -> cairn.mds.v1.Session
-	83, // 47: cairn.mds.v1.ChunkRef.copyset:type_name -> cairn.common.v1.CopysetRef
-	65, // 48: cairn.mds.v1.Segment.chunks:type_name -> cairn.mds.v1.ChunkRef
-	66, // 49: cairn.mds.v1.GetSegmentResponse.segment:type_name -> cairn.mds.v1.Segment
-	66, // 50: cairn.mds.v1.ListSegmentsResponse.segments:type_name -> cairn.mds.v1.Segment
-	71, // 51: cairn.mds.v1.GetClusterStatusResponse.mds:type_name -> cairn.mds.v1.MDSInstance
-	72, // 52: cairn.mds.v1.GetClusterStatusResponse.etcd:type_name -> cairn.mds.v1.EtcdMember
-	6,  // 53: cairn.mds.v1.GetClusterStatusResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
-	83, // 54: cairn.mds.v1.TransferLeaderRequest.copyset:type_name -> cairn.common.v1.CopysetRef
-	38, // 55: cairn.mds.v1.TransferLeaderResponse.operator:type_name -> cairn.mds.v1.Operator
-	83, // 56: cairn.mds.v1.BlockedCopyset.copyset:type_name -> cairn.common.v1.CopysetRef
-	79, // 57: cairn.mds.v1.GetScheduleStatusResponse.blocked:type_name -> cairn.mds.v1.BlockedCopyset
-	80, // 58: cairn.mds.v1.GetScheduleStatusResponse.operators:type_name -> cairn.mds.v1.OperatorCount
-	38, // 59: cairn.mds.v1.ListOperatorsResponse.operators:type_name -> cairn.mds.v1.Operator
-	14, // 60: cairn.mds.v1.TopologyService.RegisterChunkServer:input_type -> cairn.mds.v1.RegisterChunkServerRequest
-	16, // 61: cairn.mds.v1.TopologyService.GetChunkServer:input_type -> cairn.mds.v1.GetChunkServerRequest
-	18, // 62: cairn.mds.v1.TopologyService.ListZones:input_type -> cairn.mds.v1.ListZonesRequest
-	20, // 63: cairn.mds.v1.TopologyService.ListServers:input_type -> cairn.mds.v1.ListServersRequest
-	22, // 64: cairn.mds.v1.TopologyService.ListChunkServers:input_type -> cairn.mds.v1.ListChunkServersRequest
-	24, // 65: cairn.mds.v1.TopologyService.ListPools:input_type -> cairn.mds.v1.ListPoolsRequest
-	26, // 66: cairn.mds.v1.TopologyService.CreateLogicalPool:input_type -> cairn.mds.v1.CreateLogicalPoolRequest
-	28, // 67: cairn.mds.v1.TopologyService.ListCopysets:input_type -> cairn.mds.v1.ListCopysetsRequest
-	30, // 68: cairn.mds.v1.TopologyService.GetCopysets:input_type -> cairn.mds.v1.GetCopysetsRequest
-	32, // 69: cairn.mds.v1.TopologyService.UpdateChunkServer:input_type -> cairn.mds.v1.UpdateChunkServerRequest
-	34, // 70: cairn.mds.v1.TopologyService.DeleteChunkServer:input_type -> cairn.mds.v1.DeleteChunkServerRequest
-	39, // 71: cairn.mds.v1.OperatorService.StartOperators:input_type -> cairn.mds.v1.StartOperatorsRequest
-	37, // 72: cairn.mds.v1.HeartbeatService.Heartbeat:input_type -> cairn.mds.v1.HeartbeatRequest
-	45, // 73: cairn.mds.v1.VolumeService.CreateVolume:input_type -> cairn.mds.v1.CreateVolumeRequest
-	47, // 74: cairn.mds.v1.VolumeService.StatVolume:input_type -> cairn.mds.v1.StatVolumeRequest
-	49, // 75: cairn.mds.v1.VolumeService.ListVolumes:input_type -> cairn.mds.v1.ListVolumesRequest
-	51, // 76: cairn.mds.v1.VolumeService.ExtendVolume:input_type -> cairn.mds.v1.ExtendVolumeRequest
-	53, // 77: cairn.mds.v1.VolumeService.RenameVolume:input_type -> cairn.mds.v1.RenameVolumeRequest
-	55, // 78: cairn.mds.v1.VolumeService.DeleteVolume:input_type -> cairn.mds.v1.DeleteVolumeRequest
-	57, // 79: cairn.mds.v1.VolumeService.OpenVolume:input_type -> cairn.mds.v1.OpenVolumeRequest
-	59, // 80: cairn.mds.v1.VolumeService.RefreshSession:input_type -> cairn.mds.v1.RefreshSessionRequest
-	61, // 81: cairn.mds.v1.VolumeService.CloseVolume:input_type -> cairn.mds.v1.CloseVolumeRequest
-	63, // 82: cairn.mds.v1.VolumeService.ListSessions:input_type -> cairn.mds.v1.ListSessionsRequest
-	67, // 83: cairn.mds.v1.VolumeService.GetSegment:input_type -> cairn.mds.v1.GetSegmentRequest
-	69, // 84: cairn.mds.v1.VolumeService.ListSegments:input_type -> cairn.mds.v1.ListSegmentsRequest
-	73, // 85: cairn.mds.v1.ClusterService.GetClusterStatus:input_type -> cairn.mds.v1.GetClusterStatusRequest
-	75, // 86: cairn.mds.v1.ClusterService.TransferLeader:input_type -> cairn.mds.v1.TransferLeaderRequest
-	77, // 87: cairn.mds.v1.ClusterService.ListOperators:input_type -> cairn.mds.v1.ListOperatorsRequest
-	78, // 88: cairn.mds.v1.ClusterService.GetScheduleStatus:input_type -> cairn.mds.v1.GetScheduleStatusRequest
-	15, // 89: cairn.mds.v1.TopologyService.RegisterChunkServer:output_type -> cairn.mds.v1.RegisterChunkServerResponse
-	17, // 90: cairn.mds.v1.TopologyService.GetChunkServer:output_type -> cairn.mds.v1.GetChunkServerResponse
-	19, // 91: cairn.mds.v1.TopologyService.ListZones:output_type -> cairn.mds.v1.ListZonesResponse
-	21, // 92: cairn.mds.v1.TopologyService.ListServers:output_type -> cairn.mds.v1.ListServersResponse
-	23, // 93: cairn.mds.v1.TopologyService.ListChunkServers:output_type -> cairn.mds.v1.ListChunkServersResponse
-	25, // 94: cairn.mds.v1.TopologyService.ListPools:output_type -> cairn.mds.v1.ListPoolsResponse
-	27, // 95: cairn.mds.v1.TopologyService.CreateLogicalPool:output_type -> cairn.mds.v1.CreateLogicalPoolResponse
-	29, // 96: cairn.mds.v1.TopologyService.ListCopysets:output_type -> cairn.mds.v1.ListCopysetsResponse
-	31, // 97: cairn.mds.v1.TopologyService.GetCopysets:output_type -> cairn.mds.v1.GetCopysetsResponse
-	33, // 98: cairn.mds.v1.TopologyService.UpdateChunkServer:output_type -> cairn.mds.v1.UpdateChunkServerResponse
-	35, // 99: cairn.mds.v1.TopologyService.DeleteChunkServer:output_type -> cairn.mds.v1.DeleteChunkServerResponse
-	40, // 100: cairn.mds.v1.OperatorService.StartOperators:output_type -> cairn.mds.v1.StartOperatorsResponse
-	42, // 101: cairn.mds.v1.HeartbeatService.Heartbeat:output_type -> cairn.mds.v1.HeartbeatResponse
-	46, // 102: cairn.mds.v1.VolumeService.CreateVolume:output_type -> cairn.mds.v1.CreateVolumeResponse
-	48, // 103: cairn.mds.v1.VolumeService.StatVolume:output_type -> cairn.mds.v1.StatVolumeResponse
-	50, // 104: cairn.mds.v1.VolumeService.ListVolumes:output_type -> cairn.mds.v1.ListVolumesResponse
-	52, // 105: cairn.mds.v1.VolumeService.ExtendVolume:output_type -> cairn.mds.v1.ExtendVolumeResponse
-	54, // 106: cairn.mds.v1.VolumeService.RenameVolume:output_type -> cairn.mds.v1.RenameVolumeResponse
-	56, // 107: cairn.mds.v1.VolumeService.DeleteVolume:output_type -> cairn.mds.v1.DeleteVolumeResponse
-	58, // 108: cairn.mds.v1.VolumeService.OpenVolume:output_type -> cairn.mds.v1.OpenVolumeResponse
-	60, // 109: cairn.mds.v1.VolumeService.RefreshSession:output_type -> cairn.mds.v1.RefreshSessionResponse
-	62, // 110: cairn.mds.v1.VolumeService.CloseVolume:output_type -> cairn.mds.v1.CloseVolumeResponse
-	64, // 111: cairn.mds.v1.VolumeService.ListSessions:output_type -> cairn.mds.v1.ListSessionsResponse
-	68, // 112: cairn.mds.v1.VolumeService.GetSegment:output_type -> cairn.mds.v1.GetSegmentResponse
-	70, // 113: cairn.mds.v1.VolumeService.ListSegments:output_type -> cairn.mds.v1.ListSegmentsResponse
-	74, // 114: cairn.mds.v1.ClusterService.GetClusterStatus:output_type -> cairn.mds.v1.GetClusterStatusResponse
-	76, // 115: cairn.mds.v1.ClusterService.TransferLeader:output_type -> cairn.mds.v1.TransferLeaderResponse
-	82, // 116: cairn.mds.v1.ClusterService.ListOperators:output_type -> cairn.mds.v1.ListOperatorsResponse
-	81, // 117: cairn.mds.v1.ClusterService.GetScheduleStatus:output_type -> cairn.mds.v1.GetScheduleStatusResponse
-	89, // [89:118] is the sub-list for method output_type
-	60, // [60:89] is the sub-list for method input_type
-	60, // [60:60] is the sub-list for extension type_name
-	60, // [60:60] is the sub-list for extension extendee
-	0,  // [0:60] is the sub-list for field type_name
+	0,   // 0: cairn.mds.v1.ChunkServer.online_state:type_name -> cairn.mds.v1.OnlineState
+	1,   // 1: cairn.mds.v1.ChunkServer.rw_state:type_name -> cairn.mds.v1.RWState
+	9,   // 2: cairn.mds.v1.ChunkServer.capacity:type_name -> cairn.mds.v1.Capacity
+	2,   // 3: cairn.mds.v1.LogicalPool.status:type_name -> cairn.mds.v1.LogicalPoolStatus
+	94,  // 4: cairn.mds.v1.Copyset.id:type_name -> cairn.common.v1.CopysetRef
+	95,  // 5: cairn.mds.v1.Copyset.peers:type_name -> cairn.common.v1.Peer
+	96,  // 6: cairn.mds.v1.Copyset.pending:type_name -> cairn.copyset.v1.PendingConfChange
+	97,  // 7: cairn.mds.v1.Copyset.progress:type_name -> cairn.copyset.v1.PeerProgress
+	95,  // 8: cairn.mds.v1.Copyset.learners:type_name -> cairn.common.v1.Peer
+	6,   // 9: cairn.mds.v1.RegisterChunkServerRequest.constants:type_name -> cairn.mds.v1.ClusterConstants
+	9,   // 10: cairn.mds.v1.RegisterChunkServerRequest.capacity:type_name -> cairn.mds.v1.Capacity
+	6,   // 11: cairn.mds.v1.RegisterChunkServerResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
+	10,  // 12: cairn.mds.v1.GetChunkServerResponse.chunkserver:type_name -> cairn.mds.v1.ChunkServer
+	7,   // 13: cairn.mds.v1.ListZonesResponse.zones:type_name -> cairn.mds.v1.Zone
+	8,   // 14: cairn.mds.v1.ListServersResponse.servers:type_name -> cairn.mds.v1.Server
+	10,  // 15: cairn.mds.v1.ListChunkServersResponse.chunkservers:type_name -> cairn.mds.v1.ChunkServer
+	11,  // 16: cairn.mds.v1.ListPoolsResponse.physical_pools:type_name -> cairn.mds.v1.PhysicalPool
+	12,  // 17: cairn.mds.v1.ListPoolsResponse.logical_pools:type_name -> cairn.mds.v1.LogicalPool
+	12,  // 18: cairn.mds.v1.CreateLogicalPoolResponse.pool:type_name -> cairn.mds.v1.LogicalPool
+	13,  // 19: cairn.mds.v1.ListCopysetsResponse.copysets:type_name -> cairn.mds.v1.Copyset
+	94,  // 20: cairn.mds.v1.GetCopysetsRequest.copysets:type_name -> cairn.common.v1.CopysetRef
+	13,  // 21: cairn.mds.v1.GetCopysetsResponse.copysets:type_name -> cairn.mds.v1.Copyset
+	1,   // 22: cairn.mds.v1.UpdateChunkServerRequest.rw_state:type_name -> cairn.mds.v1.RWState
+	10,  // 23: cairn.mds.v1.UpdateChunkServerResponse.chunkservers:type_name -> cairn.mds.v1.ChunkServer
+	98,  // 24: cairn.mds.v1.CopysetReport.status:type_name -> cairn.copyset.v1.CopysetStatus
+	9,   // 25: cairn.mds.v1.HeartbeatRequest.capacity:type_name -> cairn.mds.v1.Capacity
+	36,  // 26: cairn.mds.v1.HeartbeatRequest.copysets:type_name -> cairn.mds.v1.CopysetReport
+	94,  // 27: cairn.mds.v1.Operator.copyset:type_name -> cairn.common.v1.CopysetRef
+	3,   // 28: cairn.mds.v1.Operator.kind:type_name -> cairn.mds.v1.OperatorKind
+	95,  // 29: cairn.mds.v1.Operator.target:type_name -> cairn.common.v1.Peer
+	38,  // 30: cairn.mds.v1.StartOperatorsRequest.operators:type_name -> cairn.mds.v1.Operator
+	38,  // 31: cairn.mds.v1.HeartbeatResponse.operators:type_name -> cairn.mds.v1.Operator
+	94,  // 32: cairn.mds.v1.HeartbeatResponse.remove_copysets:type_name -> cairn.common.v1.CopysetRef
+	41,  // 33: cairn.mds.v1.HeartbeatResponse.epochs:type_name -> cairn.mds.v1.VolumeEpoch
+	4,   // 34: cairn.mds.v1.Volume.status:type_name -> cairn.mds.v1.VolumeStatus
+	44,  // 35: cairn.mds.v1.Volume.publications:type_name -> cairn.mds.v1.Publication
+	43,  // 36: cairn.mds.v1.CreateVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	43,  // 37: cairn.mds.v1.StatVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	45,  // 38: cairn.mds.v1.StatVolumeResponse.sessions:type_name -> cairn.mds.v1.Session
+	43,  // 39: cairn.mds.v1.ListVolumesResponse.volumes:type_name -> cairn.mds.v1.Volume
+	43,  // 40: cairn.mds.v1.ExtendVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	43,  // 41: cairn.mds.v1.RenameVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	43,  // 42: cairn.mds.v1.OpenVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	45,  // 43: cairn.mds.v1.OpenVolumeResponse.session:type_name -> cairn.mds.v1.Session
+	6,   // 44: cairn.mds.v1.OpenVolumeResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
+	43,  // 45: cairn.mds.v1.RefreshSessionResponse.volume:type_name -> cairn.mds.v1.Volume
+	45,  // 46: cairn.mds.v1.RefreshSessionResponse.session:type_name -> cairn.mds.v1.Session
+	45,  // 47: cairn.mds.v1.ListSessionsResponse.sessions:type_name -> cairn.mds.v1.Session
+	93,  // 48: cairn.mds.v1.Node.topology:type_name -> cairn.mds.v1.Node.TopologyEntry
+	66,  // 49: cairn.mds.v1.RegisterNodeRequest.node:type_name -> cairn.mds.v1.Node
+	66,  // 50: cairn.mds.v1.RegisterNodeResponse.node:type_name -> cairn.mds.v1.Node
+	66,  // 51: cairn.mds.v1.ListNodesResponse.nodes:type_name -> cairn.mds.v1.Node
+	43,  // 52: cairn.mds.v1.PublishVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	43,  // 53: cairn.mds.v1.UnpublishVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	94,  // 54: cairn.mds.v1.ChunkRef.copyset:type_name -> cairn.common.v1.CopysetRef
+	75,  // 55: cairn.mds.v1.Segment.chunks:type_name -> cairn.mds.v1.ChunkRef
+	76,  // 56: cairn.mds.v1.GetSegmentResponse.segment:type_name -> cairn.mds.v1.Segment
+	76,  // 57: cairn.mds.v1.ListSegmentsResponse.segments:type_name -> cairn.mds.v1.Segment
+	81,  // 58: cairn.mds.v1.GetClusterStatusResponse.mds:type_name -> cairn.mds.v1.MDSInstance
+	82,  // 59: cairn.mds.v1.GetClusterStatusResponse.etcd:type_name -> cairn.mds.v1.EtcdMember
+	6,   // 60: cairn.mds.v1.GetClusterStatusResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
+	94,  // 61: cairn.mds.v1.TransferLeaderRequest.copyset:type_name -> cairn.common.v1.CopysetRef
+	38,  // 62: cairn.mds.v1.TransferLeaderResponse.operator:type_name -> cairn.mds.v1.Operator
+	94,  // 63: cairn.mds.v1.BlockedCopyset.copyset:type_name -> cairn.common.v1.CopysetRef
+	89,  // 64: cairn.mds.v1.GetScheduleStatusResponse.blocked:type_name -> cairn.mds.v1.BlockedCopyset
+	90,  // 65: cairn.mds.v1.GetScheduleStatusResponse.operators:type_name -> cairn.mds.v1.OperatorCount
+	38,  // 66: cairn.mds.v1.ListOperatorsResponse.operators:type_name -> cairn.mds.v1.Operator
+	14,  // 67: cairn.mds.v1.TopologyService.RegisterChunkServer:input_type -> cairn.mds.v1.RegisterChunkServerRequest
+	16,  // 68: cairn.mds.v1.TopologyService.GetChunkServer:input_type -> cairn.mds.v1.GetChunkServerRequest
+	18,  // 69: cairn.mds.v1.TopologyService.ListZones:input_type -> cairn.mds.v1.ListZonesRequest
+	20,  // 70: cairn.mds.v1.TopologyService.ListServers:input_type -> cairn.mds.v1.ListServersRequest
+	22,  // 71: cairn.mds.v1.TopologyService.ListChunkServers:input_type -> cairn.mds.v1.ListChunkServersRequest
+	24,  // 72: cairn.mds.v1.TopologyService.ListPools:input_type -> cairn.mds.v1.ListPoolsRequest
+	26,  // 73: cairn.mds.v1.TopologyService.CreateLogicalPool:input_type -> cairn.mds.v1.CreateLogicalPoolRequest
+	28,  // 74: cairn.mds.v1.TopologyService.ListCopysets:input_type -> cairn.mds.v1.ListCopysetsRequest
+	30,  // 75: cairn.mds.v1.TopologyService.GetCopysets:input_type -> cairn.mds.v1.GetCopysetsRequest
+	32,  // 76: cairn.mds.v1.TopologyService.UpdateChunkServer:input_type -> cairn.mds.v1.UpdateChunkServerRequest
+	34,  // 77: cairn.mds.v1.TopologyService.DeleteChunkServer:input_type -> cairn.mds.v1.DeleteChunkServerRequest
+	39,  // 78: cairn.mds.v1.OperatorService.StartOperators:input_type -> cairn.mds.v1.StartOperatorsRequest
+	37,  // 79: cairn.mds.v1.HeartbeatService.Heartbeat:input_type -> cairn.mds.v1.HeartbeatRequest
+	46,  // 80: cairn.mds.v1.VolumeService.CreateVolume:input_type -> cairn.mds.v1.CreateVolumeRequest
+	48,  // 81: cairn.mds.v1.VolumeService.StatVolume:input_type -> cairn.mds.v1.StatVolumeRequest
+	50,  // 82: cairn.mds.v1.VolumeService.ListVolumes:input_type -> cairn.mds.v1.ListVolumesRequest
+	52,  // 83: cairn.mds.v1.VolumeService.ExtendVolume:input_type -> cairn.mds.v1.ExtendVolumeRequest
+	54,  // 84: cairn.mds.v1.VolumeService.RenameVolume:input_type -> cairn.mds.v1.RenameVolumeRequest
+	56,  // 85: cairn.mds.v1.VolumeService.DeleteVolume:input_type -> cairn.mds.v1.DeleteVolumeRequest
+	58,  // 86: cairn.mds.v1.VolumeService.OpenVolume:input_type -> cairn.mds.v1.OpenVolumeRequest
+	67,  // 87: cairn.mds.v1.VolumeService.RegisterNode:input_type -> cairn.mds.v1.RegisterNodeRequest
+	69,  // 88: cairn.mds.v1.VolumeService.ListNodes:input_type -> cairn.mds.v1.ListNodesRequest
+	71,  // 89: cairn.mds.v1.VolumeService.PublishVolume:input_type -> cairn.mds.v1.PublishVolumeRequest
+	73,  // 90: cairn.mds.v1.VolumeService.UnpublishVolume:input_type -> cairn.mds.v1.UnpublishVolumeRequest
+	60,  // 91: cairn.mds.v1.VolumeService.RefreshSession:input_type -> cairn.mds.v1.RefreshSessionRequest
+	62,  // 92: cairn.mds.v1.VolumeService.CloseVolume:input_type -> cairn.mds.v1.CloseVolumeRequest
+	64,  // 93: cairn.mds.v1.VolumeService.ListSessions:input_type -> cairn.mds.v1.ListSessionsRequest
+	77,  // 94: cairn.mds.v1.VolumeService.GetSegment:input_type -> cairn.mds.v1.GetSegmentRequest
+	79,  // 95: cairn.mds.v1.VolumeService.ListSegments:input_type -> cairn.mds.v1.ListSegmentsRequest
+	83,  // 96: cairn.mds.v1.ClusterService.GetClusterStatus:input_type -> cairn.mds.v1.GetClusterStatusRequest
+	85,  // 97: cairn.mds.v1.ClusterService.TransferLeader:input_type -> cairn.mds.v1.TransferLeaderRequest
+	87,  // 98: cairn.mds.v1.ClusterService.ListOperators:input_type -> cairn.mds.v1.ListOperatorsRequest
+	88,  // 99: cairn.mds.v1.ClusterService.GetScheduleStatus:input_type -> cairn.mds.v1.GetScheduleStatusRequest
+	15,  // 100: cairn.mds.v1.TopologyService.RegisterChunkServer:output_type -> cairn.mds.v1.RegisterChunkServerResponse
+	17,  // 101: cairn.mds.v1.TopologyService.GetChunkServer:output_type -> cairn.mds.v1.GetChunkServerResponse
+	19,  // 102: cairn.mds.v1.TopologyService.ListZones:output_type -> cairn.mds.v1.ListZonesResponse
+	21,  // 103: cairn.mds.v1.TopologyService.ListServers:output_type -> cairn.mds.v1.ListServersResponse
+	23,  // 104: cairn.mds.v1.TopologyService.ListChunkServers:output_type -> cairn.mds.v1.ListChunkServersResponse
+	25,  // 105: cairn.mds.v1.TopologyService.ListPools:output_type -> cairn.mds.v1.ListPoolsResponse
+	27,  // 106: cairn.mds.v1.TopologyService.CreateLogicalPool:output_type -> cairn.mds.v1.CreateLogicalPoolResponse
+	29,  // 107: cairn.mds.v1.TopologyService.ListCopysets:output_type -> cairn.mds.v1.ListCopysetsResponse
+	31,  // 108: cairn.mds.v1.TopologyService.GetCopysets:output_type -> cairn.mds.v1.GetCopysetsResponse
+	33,  // 109: cairn.mds.v1.TopologyService.UpdateChunkServer:output_type -> cairn.mds.v1.UpdateChunkServerResponse
+	35,  // 110: cairn.mds.v1.TopologyService.DeleteChunkServer:output_type -> cairn.mds.v1.DeleteChunkServerResponse
+	40,  // 111: cairn.mds.v1.OperatorService.StartOperators:output_type -> cairn.mds.v1.StartOperatorsResponse
+	42,  // 112: cairn.mds.v1.HeartbeatService.Heartbeat:output_type -> cairn.mds.v1.HeartbeatResponse
+	47,  // 113: cairn.mds.v1.VolumeService.CreateVolume:output_type -> cairn.mds.v1.CreateVolumeResponse
+	49,  // 114: cairn.mds.v1.VolumeService.StatVolume:output_type -> cairn.mds.v1.StatVolumeResponse
+	51,  // 115: cairn.mds.v1.VolumeService.ListVolumes:output_type -> cairn.mds.v1.ListVolumesResponse
+	53,  // 116: cairn.mds.v1.VolumeService.ExtendVolume:output_type -> cairn.mds.v1.ExtendVolumeResponse
+	55,  // 117: cairn.mds.v1.VolumeService.RenameVolume:output_type -> cairn.mds.v1.RenameVolumeResponse
+	57,  // 118: cairn.mds.v1.VolumeService.DeleteVolume:output_type -> cairn.mds.v1.DeleteVolumeResponse
+	59,  // 119: cairn.mds.v1.VolumeService.OpenVolume:output_type -> cairn.mds.v1.OpenVolumeResponse
+	68,  // 120: cairn.mds.v1.VolumeService.RegisterNode:output_type -> cairn.mds.v1.RegisterNodeResponse
+	70,  // 121: cairn.mds.v1.VolumeService.ListNodes:output_type -> cairn.mds.v1.ListNodesResponse
+	72,  // 122: cairn.mds.v1.VolumeService.PublishVolume:output_type -> cairn.mds.v1.PublishVolumeResponse
+	74,  // 123: cairn.mds.v1.VolumeService.UnpublishVolume:output_type -> cairn.mds.v1.UnpublishVolumeResponse
+	61,  // 124: cairn.mds.v1.VolumeService.RefreshSession:output_type -> cairn.mds.v1.RefreshSessionResponse
+	63,  // 125: cairn.mds.v1.VolumeService.CloseVolume:output_type -> cairn.mds.v1.CloseVolumeResponse
+	65,  // 126: cairn.mds.v1.VolumeService.ListSessions:output_type -> cairn.mds.v1.ListSessionsResponse
+	78,  // 127: cairn.mds.v1.VolumeService.GetSegment:output_type -> cairn.mds.v1.GetSegmentResponse
+	80,  // 128: cairn.mds.v1.VolumeService.ListSegments:output_type -> cairn.mds.v1.ListSegmentsResponse
+	84,  // 129: cairn.mds.v1.ClusterService.GetClusterStatus:output_type -> cairn.mds.v1.GetClusterStatusResponse
+	86,  // 130: cairn.mds.v1.ClusterService.TransferLeader:output_type -> cairn.mds.v1.TransferLeaderResponse
+	92,  // 131: cairn.mds.v1.ClusterService.ListOperators:output_type -> cairn.mds.v1.ListOperatorsResponse
+	91,  // 132: cairn.mds.v1.ClusterService.GetScheduleStatus:output_type -> cairn.mds.v1.GetScheduleStatusResponse
+	100, // [100:133] is the sub-list for method output_type
+	67,  // [67:100] is the sub-list for method input_type
+	67,  // [67:67] is the sub-list for extension type_name
+	67,  // [67:67] is the sub-list for extension extendee
+	0,   // [0:67] is the sub-list for field type_name
 }
 
 func init() { file_mdspb_mds_proto_init() }
@@ -5384,7 +5990,7 @@ func file_mdspb_mds_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_mdspb_mds_proto_rawDesc), len(file_mdspb_mds_proto_rawDesc)),
 			NumEnums:      5,
-			NumMessages:   78,
+			NumMessages:   89,
 			NumExtensions: 0,
 			NumServices:   5,
 		},

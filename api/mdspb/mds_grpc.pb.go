@@ -740,18 +740,22 @@ var HeartbeatService_ServiceDesc = grpc.ServiceDesc{
 }
 
 const (
-	VolumeService_CreateVolume_FullMethodName   = "/cairn.mds.v1.VolumeService/CreateVolume"
-	VolumeService_StatVolume_FullMethodName     = "/cairn.mds.v1.VolumeService/StatVolume"
-	VolumeService_ListVolumes_FullMethodName    = "/cairn.mds.v1.VolumeService/ListVolumes"
-	VolumeService_ExtendVolume_FullMethodName   = "/cairn.mds.v1.VolumeService/ExtendVolume"
-	VolumeService_RenameVolume_FullMethodName   = "/cairn.mds.v1.VolumeService/RenameVolume"
-	VolumeService_DeleteVolume_FullMethodName   = "/cairn.mds.v1.VolumeService/DeleteVolume"
-	VolumeService_OpenVolume_FullMethodName     = "/cairn.mds.v1.VolumeService/OpenVolume"
-	VolumeService_RefreshSession_FullMethodName = "/cairn.mds.v1.VolumeService/RefreshSession"
-	VolumeService_CloseVolume_FullMethodName    = "/cairn.mds.v1.VolumeService/CloseVolume"
-	VolumeService_ListSessions_FullMethodName   = "/cairn.mds.v1.VolumeService/ListSessions"
-	VolumeService_GetSegment_FullMethodName     = "/cairn.mds.v1.VolumeService/GetSegment"
-	VolumeService_ListSegments_FullMethodName   = "/cairn.mds.v1.VolumeService/ListSegments"
+	VolumeService_CreateVolume_FullMethodName    = "/cairn.mds.v1.VolumeService/CreateVolume"
+	VolumeService_StatVolume_FullMethodName      = "/cairn.mds.v1.VolumeService/StatVolume"
+	VolumeService_ListVolumes_FullMethodName     = "/cairn.mds.v1.VolumeService/ListVolumes"
+	VolumeService_ExtendVolume_FullMethodName    = "/cairn.mds.v1.VolumeService/ExtendVolume"
+	VolumeService_RenameVolume_FullMethodName    = "/cairn.mds.v1.VolumeService/RenameVolume"
+	VolumeService_DeleteVolume_FullMethodName    = "/cairn.mds.v1.VolumeService/DeleteVolume"
+	VolumeService_OpenVolume_FullMethodName      = "/cairn.mds.v1.VolumeService/OpenVolume"
+	VolumeService_RegisterNode_FullMethodName    = "/cairn.mds.v1.VolumeService/RegisterNode"
+	VolumeService_ListNodes_FullMethodName       = "/cairn.mds.v1.VolumeService/ListNodes"
+	VolumeService_PublishVolume_FullMethodName   = "/cairn.mds.v1.VolumeService/PublishVolume"
+	VolumeService_UnpublishVolume_FullMethodName = "/cairn.mds.v1.VolumeService/UnpublishVolume"
+	VolumeService_RefreshSession_FullMethodName  = "/cairn.mds.v1.VolumeService/RefreshSession"
+	VolumeService_CloseVolume_FullMethodName     = "/cairn.mds.v1.VolumeService/CloseVolume"
+	VolumeService_ListSessions_FullMethodName    = "/cairn.mds.v1.VolumeService/ListSessions"
+	VolumeService_GetSegment_FullMethodName      = "/cairn.mds.v1.VolumeService/GetSegment"
+	VolumeService_ListSegments_FullMethodName    = "/cairn.mds.v1.VolumeService/ListSegments"
 )
 
 // VolumeServiceClient is the client API for VolumeService service.
@@ -768,6 +772,10 @@ type VolumeServiceClient interface {
 	RenameVolume(ctx context.Context, in *RenameVolumeRequest, opts ...grpc.CallOption) (*RenameVolumeResponse, error)
 	DeleteVolume(ctx context.Context, in *DeleteVolumeRequest, opts ...grpc.CallOption) (*DeleteVolumeResponse, error)
 	OpenVolume(ctx context.Context, in *OpenVolumeRequest, opts ...grpc.CallOption) (*OpenVolumeResponse, error)
+	RegisterNode(ctx context.Context, in *RegisterNodeRequest, opts ...grpc.CallOption) (*RegisterNodeResponse, error)
+	ListNodes(ctx context.Context, in *ListNodesRequest, opts ...grpc.CallOption) (*ListNodesResponse, error)
+	PublishVolume(ctx context.Context, in *PublishVolumeRequest, opts ...grpc.CallOption) (*PublishVolumeResponse, error)
+	UnpublishVolume(ctx context.Context, in *UnpublishVolumeRequest, opts ...grpc.CallOption) (*UnpublishVolumeResponse, error)
 	RefreshSession(ctx context.Context, in *RefreshSessionRequest, opts ...grpc.CallOption) (*RefreshSessionResponse, error)
 	CloseVolume(ctx context.Context, in *CloseVolumeRequest, opts ...grpc.CallOption) (*CloseVolumeResponse, error)
 	ListSessions(ctx context.Context, in *ListSessionsRequest, opts ...grpc.CallOption) (*ListSessionsResponse, error)
@@ -853,6 +861,46 @@ func (c *volumeServiceClient) OpenVolume(ctx context.Context, in *OpenVolumeRequ
 	return out, nil
 }
 
+func (c *volumeServiceClient) RegisterNode(ctx context.Context, in *RegisterNodeRequest, opts ...grpc.CallOption) (*RegisterNodeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RegisterNodeResponse)
+	err := c.cc.Invoke(ctx, VolumeService_RegisterNode_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *volumeServiceClient) ListNodes(ctx context.Context, in *ListNodesRequest, opts ...grpc.CallOption) (*ListNodesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListNodesResponse)
+	err := c.cc.Invoke(ctx, VolumeService_ListNodes_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *volumeServiceClient) PublishVolume(ctx context.Context, in *PublishVolumeRequest, opts ...grpc.CallOption) (*PublishVolumeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PublishVolumeResponse)
+	err := c.cc.Invoke(ctx, VolumeService_PublishVolume_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *volumeServiceClient) UnpublishVolume(ctx context.Context, in *UnpublishVolumeRequest, opts ...grpc.CallOption) (*UnpublishVolumeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(UnpublishVolumeResponse)
+	err := c.cc.Invoke(ctx, VolumeService_UnpublishVolume_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *volumeServiceClient) RefreshSession(ctx context.Context, in *RefreshSessionRequest, opts ...grpc.CallOption) (*RefreshSessionResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(RefreshSessionResponse)
@@ -917,6 +965,10 @@ type VolumeServiceServer interface {
 	RenameVolume(context.Context, *RenameVolumeRequest) (*RenameVolumeResponse, error)
 	DeleteVolume(context.Context, *DeleteVolumeRequest) (*DeleteVolumeResponse, error)
 	OpenVolume(context.Context, *OpenVolumeRequest) (*OpenVolumeResponse, error)
+	RegisterNode(context.Context, *RegisterNodeRequest) (*RegisterNodeResponse, error)
+	ListNodes(context.Context, *ListNodesRequest) (*ListNodesResponse, error)
+	PublishVolume(context.Context, *PublishVolumeRequest) (*PublishVolumeResponse, error)
+	UnpublishVolume(context.Context, *UnpublishVolumeRequest) (*UnpublishVolumeResponse, error)
 	RefreshSession(context.Context, *RefreshSessionRequest) (*RefreshSessionResponse, error)
 	CloseVolume(context.Context, *CloseVolumeRequest) (*CloseVolumeResponse, error)
 	ListSessions(context.Context, *ListSessionsRequest) (*ListSessionsResponse, error)
@@ -952,6 +1004,18 @@ func (UnimplementedVolumeServiceServer) DeleteVolume(context.Context, *DeleteVol
 }
 func (UnimplementedVolumeServiceServer) OpenVolume(context.Context, *OpenVolumeRequest) (*OpenVolumeResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method OpenVolume not implemented")
+}
+func (UnimplementedVolumeServiceServer) RegisterNode(context.Context, *RegisterNodeRequest) (*RegisterNodeResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RegisterNode not implemented")
+}
+func (UnimplementedVolumeServiceServer) ListNodes(context.Context, *ListNodesRequest) (*ListNodesResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListNodes not implemented")
+}
+func (UnimplementedVolumeServiceServer) PublishVolume(context.Context, *PublishVolumeRequest) (*PublishVolumeResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method PublishVolume not implemented")
+}
+func (UnimplementedVolumeServiceServer) UnpublishVolume(context.Context, *UnpublishVolumeRequest) (*UnpublishVolumeResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method UnpublishVolume not implemented")
 }
 func (UnimplementedVolumeServiceServer) RefreshSession(context.Context, *RefreshSessionRequest) (*RefreshSessionResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method RefreshSession not implemented")
@@ -1115,6 +1179,78 @@ func _VolumeService_OpenVolume_Handler(srv interface{}, ctx context.Context, dec
 	return interceptor(ctx, in, info, handler)
 }
 
+func _VolumeService_RegisterNode_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RegisterNodeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VolumeServiceServer).RegisterNode(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VolumeService_RegisterNode_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VolumeServiceServer).RegisterNode(ctx, req.(*RegisterNodeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _VolumeService_ListNodes_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListNodesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VolumeServiceServer).ListNodes(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VolumeService_ListNodes_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VolumeServiceServer).ListNodes(ctx, req.(*ListNodesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _VolumeService_PublishVolume_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PublishVolumeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VolumeServiceServer).PublishVolume(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VolumeService_PublishVolume_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VolumeServiceServer).PublishVolume(ctx, req.(*PublishVolumeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _VolumeService_UnpublishVolume_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UnpublishVolumeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VolumeServiceServer).UnpublishVolume(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VolumeService_UnpublishVolume_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VolumeServiceServer).UnpublishVolume(ctx, req.(*UnpublishVolumeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _VolumeService_RefreshSession_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(RefreshSessionRequest)
 	if err := dec(in); err != nil {
@@ -1239,6 +1375,22 @@ var VolumeService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "OpenVolume",
 			Handler:    _VolumeService_OpenVolume_Handler,
+		},
+		{
+			MethodName: "RegisterNode",
+			Handler:    _VolumeService_RegisterNode_Handler,
+		},
+		{
+			MethodName: "ListNodes",
+			Handler:    _VolumeService_ListNodes_Handler,
+		},
+		{
+			MethodName: "PublishVolume",
+			Handler:    _VolumeService_PublishVolume_Handler,
+		},
+		{
+			MethodName: "UnpublishVolume",
+			Handler:    _VolumeService_UnpublishVolume_Handler,
 		},
 		{
 			MethodName: "RefreshSession",
