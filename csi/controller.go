@@ -25,7 +25,7 @@ const defaultCapacity = 1 << 30
 const owner = "csi.cairn.io"
 
 // controller is the CSI controller service. Calls for capabilities it does
-// not advertise (publishing, snapshots, volume health) answer UNIMPLEMENTED.
+// not advertise (snapshots, volume health) answer UNIMPLEMENTED.
 type controller struct {
 	csipb.UnimplementedControllerServer
 	d *Driver
@@ -39,6 +39,8 @@ func (c controller) ControllerGetCapabilities(context.Context, *csipb.Controller
 		csipb.ControllerServiceCapability_RPC_EXPAND_VOLUME,
 		csipb.ControllerServiceCapability_RPC_LIST_VOLUMES,
 		csipb.ControllerServiceCapability_RPC_GET_CAPACITY,
+		csipb.ControllerServiceCapability_RPC_PUBLISH_UNPUBLISH_VOLUME,
+		csipb.ControllerServiceCapability_RPC_PUBLISH_READONLY,
 	} {
 		caps = append(caps, &csipb.ControllerServiceCapability{Type: &csipb.ControllerServiceCapability_Rpc{
 			Rpc: &csipb.ControllerServiceCapability_RPC{Type: t}}})
@@ -98,23 +100,14 @@ func (c controller) CreateVolume(ctx context.Context, req *csipb.CreateVolumeReq
 }
 
 // DeleteVolume deletes a volume; an unknown one counts as deleted. A
-// volume open for writing is refused.
+// volume still published to a node or open for writing is refused (the
+// MDS checks both in the same transaction as the delete).
 func (c controller) DeleteVolume(ctx context.Context, req *csipb.DeleteVolumeRequest) (*csipb.DeleteVolumeResponse, error) {
 	name := req.GetVolumeId()
 	if name == "" {
 		return nil, status.Error(codes.InvalidArgument, "volume id is required")
 	}
 	defer c.d.lockVolume(name)()
-	st, err := c.stat(ctx, name)
-	if status.Code(err) == codes.NotFound {
-		return &csipb.DeleteVolumeResponse{}, nil
-	}
-	if err != nil {
-		return nil, err
-	}
-	if i := slices.IndexFunc(st.Sessions, func(s *mdspb.Session) bool { return s.Writable }); i >= 0 {
-		return nil, status.Errorf(codes.FailedPrecondition, "volume %q is open for writing by %q: unpublish it first", name, st.Sessions[i].Client)
-	}
 	cctx, cancel := c.d.callCtx(ctx)
 	defer cancel()
 	if _, err := c.d.mds.Volumes().DeleteVolume(cctx, &mdspb.DeleteVolumeRequest{Name: name}); err != nil {

@@ -2,7 +2,6 @@ package csi_test
 
 import (
 	"context"
-	"errors"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -108,16 +107,23 @@ func TestIdentity(t *testing.T) {
 		t.Fatalf("probe %v, %v", probe, err)
 	}
 	caps, err := e.ctl.ControllerGetCapabilities(e.ctx, &csipb.ControllerGetCapabilitiesRequest{})
-	if err != nil || len(caps.Capabilities) != 4 {
+	if err != nil || len(caps.Capabilities) != 6 {
 		t.Fatalf("controller capabilities %v, %v", caps, err)
 	}
 	for _, c := range caps.Capabilities {
-		if c.GetRpc().GetType() == csipb.ControllerServiceCapability_RPC_PUBLISH_UNPUBLISH_VOLUME {
-			t.Fatal("advertises publishing, which is not built")
+		if c.GetRpc().GetType() == csipb.ControllerServiceCapability_RPC_CREATE_DELETE_SNAPSHOT {
+			t.Fatal("advertises snapshots, which are not built")
 		}
 	}
-	if _, err := csi.New(csi.Config{Endpoint: "unix:///tmp/x.sock", MDSAddrs: []string{"127.0.0.1:1"}, Mode: csi.ModeNode}); !errors.Is(err, csi.ErrModeNotBuilt) {
-		t.Fatalf("node mode: %v", err)
+	// Node mode needs a node id and an absolute state directory.
+	for _, cfg := range []csi.Config{
+		{Endpoint: "unix:///tmp/x.sock", MDSAddrs: []string{"127.0.0.1:1"}, Mode: csi.ModeNode, StateDir: t.TempDir()},
+		{Endpoint: "unix:///tmp/x.sock", MDSAddrs: []string{"127.0.0.1:1"}, Mode: csi.ModeNode, NodeID: "n1", StateDir: "relative"},
+		{Endpoint: "unix:///tmp/x.sock", MDSAddrs: []string{"127.0.0.1:1"}, Mode: "nodes", NodeID: "n1", StateDir: t.TempDir()},
+	} {
+		if _, err := csi.New(cfg); err == nil {
+			t.Fatalf("%+v accepted", cfg)
+		}
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -15,6 +16,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	mount "k8s.io/mount-utils"
+	utilexec "k8s.io/utils/exec"
 
 	"cairn.io/cairn/mds/mdsclient"
 )
@@ -29,10 +32,6 @@ const (
 	ModeAll        = "all"
 )
 
-// ErrModeNotBuilt is returned by New for a mode whose services are not
-// built yet.
-var ErrModeNotBuilt = errors.New("csi: the node service is not built yet; run --mode controller")
-
 // Config configures a driver.
 type Config struct {
 	// Endpoint is where the CSI services listen: unix:///path/csi.sock (or
@@ -40,10 +39,25 @@ type Config struct {
 	Endpoint string
 	// MDSAddrs are the MDS addresses.
 	MDSAddrs []string
-	// NodeID identifies this node (node mode).
+	// NodeID identifies this node (node and all modes): the name the
+	// controller publishes volumes to.
 	NodeID string
 	// Mode is controller (default), node or all.
 	Mode string
+	// StateDir keeps the node's attachments (node and all modes); it must
+	// outlive the process (a host path in Kubernetes) so that a restarted
+	// node plugin finds the volumes it staged.
+	StateDir string
+	// Topology is the node's topology (zone=a), reported by NodeGetInfo
+	// with TopologyPrefix and registered with the MDS.
+	Topology map[string]string
+	// DefaultFsType is the file system of mount volumes whose capability
+	// names none (default ext4; Kubernetes passes the StorageClass's
+	// csi.storage.k8s.io/fstype, so this matters to other callers).
+	DefaultFsType string
+	// Executable is the cairn-csi binary the node runs as attach processes
+	// (default: this process's executable).
+	Executable string
 	// Version is reported by GetPluginInfo.
 	Version string
 	// CallTimeout bounds each call the driver makes to the MDS (default
@@ -65,6 +79,13 @@ type Driver struct {
 	// volumeLocks serialises calls on one volume name, as the CSI
 	// specification asks of a plugin that may see retried calls.
 	volumeLocks sync.Map // name -> *sync.Mutex
+
+	// Node mode.
+	mounter    *mount.SafeFormatAndMount
+	exec       utilexec.Interface
+	exe        string
+	registered chan struct{}
+	cancel     context.CancelFunc
 }
 
 // New checks cfg and connects to the MDS; Start serves.
@@ -73,11 +94,15 @@ func New(cfg Config) (*Driver, error) {
 		cfg.Mode = ModeController
 	}
 	switch cfg.Mode {
-	case ModeController:
-	case ModeNode, ModeAll:
-		return nil, ErrModeNotBuilt
+	case ModeController, ModeNode, ModeAll:
 	default:
 		return nil, fmt.Errorf("csi: mode %q: want controller, node or all", cfg.Mode)
+	}
+	d := &Driver{cfg: cfg, registered: make(chan struct{})}
+	if cfg.Mode != ModeController {
+		if err := d.setUpNode(); err != nil {
+			return nil, err
+		}
 	}
 	if cfg.Endpoint == "" {
 		return nil, errors.New("csi: an endpoint is required (unix:///path/csi.sock)")
@@ -99,7 +124,41 @@ func New(cfg Config) (*Driver, error) {
 	if err != nil {
 		return nil, fmt.Errorf("csi: dial MDS: %w", err)
 	}
-	return &Driver{cfg: cfg, log: cfg.Logger.With("component", "csi"), mds: conn, path: path}, nil
+	d.cfg, d.log, d.mds, d.path = cfg, cfg.Logger.With("component", "csi"), conn, path
+	return d, nil
+}
+
+// setUpNode checks the node mode's configuration.
+func (d *Driver) setUpNode() error {
+	cfg := &d.cfg
+	if cfg.NodeID == "" {
+		return errors.New("csi: node mode needs a node id (--node-id)")
+	}
+	if cfg.StateDir == "" || !filepath.IsAbs(cfg.StateDir) {
+		return fmt.Errorf("csi: node mode needs an absolute state directory, not %q (--state-dir)", cfg.StateDir)
+	}
+	cfg.StateDir = filepath.Clean(cfg.StateDir)
+	switch cfg.DefaultFsType {
+	case "":
+		cfg.DefaultFsType = "ext4"
+	case "ext4", "xfs":
+	default:
+		return fmt.Errorf("csi: default file system %q: want ext4 or xfs", cfg.DefaultFsType)
+	}
+	if cfg.Executable == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return fmt.Errorf("csi: find the executable for attach processes: %w", err)
+		}
+		cfg.Executable = exe
+	}
+	if err := os.MkdirAll(filepath.Join(cfg.StateDir, "volumes"), 0o700); err != nil {
+		return fmt.Errorf("csi: state directory: %w", err)
+	}
+	d.exe = cfg.Executable
+	d.exec = utilexec.New()
+	d.mounter = &mount.SafeFormatAndMount{Interface: mount.New(""), Exec: d.exec}
+	return nil
 }
 
 // socketPath turns unix:///path (or a bare path) into the path.
@@ -129,14 +188,27 @@ func (d *Driver) Start() error {
 	d.lis = lis
 	d.srv = grpc.NewServer(grpc.UnaryInterceptor(d.logCalls))
 	csipb.RegisterIdentityServer(d.srv, identity{d: d})
-	csipb.RegisterControllerServer(d.srv, controller{d: d})
+	if d.cfg.Mode != ModeNode {
+		csipb.RegisterControllerServer(d.srv, controller{d: d})
+	}
+	var ctx context.Context
+	ctx, d.cancel = context.WithCancel(context.Background())
+	if d.cfg.Mode != ModeController {
+		csipb.RegisterNodeServer(d.srv, node{d: d})
+		d.adopt()
+		go d.registerNode(ctx)
+	}
 	go func() { _ = d.srv.Serve(lis) }()
 	d.log.Info("csi driver serving", "endpoint", d.cfg.Endpoint, "mode", d.cfg.Mode, "mds", strings.Join(d.cfg.MDSAddrs, ","))
 	return nil
 }
 
-// Stop stops serving and closes the MDS connection.
+// Stop stops serving and closes the MDS connection. Volumes the node
+// staged stay attached: their attach processes run on.
 func (d *Driver) Stop() {
+	if d.cancel != nil {
+		d.cancel()
+	}
 	if d.srv != nil {
 		d.srv.GracefulStop()
 	}

@@ -8,24 +8,32 @@
 package main
 
 import (
-	"errors"
 	"flag"
 	"fmt"
 	"os"
+	"strings"
 
 	"cairn.io/cairn/csi"
+	"cairn.io/cairn/csi/attach"
 	"cairn.io/cairn/internal/daemon"
 )
 
 func main() { daemon.Main("cairn-csi", run) }
 
 func run(args []string) error {
+	if len(args) > 0 && args[0] == attach.Subcommand {
+		return runAttach(args[1:])
+	}
 	fs := flag.NewFlagSet("cairn-csi", flag.ContinueOnError)
 	var (
 		endpoint = fs.String("endpoint", daemon.EnvOr("CSI_ENDPOINT", "unix:///csi/csi.sock"), "unix socket the CSI services listen on (env CSI_ENDPOINT)")
 		mdsAddrs = fs.String("mds", daemon.EnvOr("CAIRN_MDS", "127.0.0.1:6700"), "MDS addresses, comma-separated (env CAIRN_MDS)")
 		nodeID   = fs.String("node-id", daemon.EnvOr("NODE_ID", ""), "this node's name (env NODE_ID; node mode)")
-		mode     = fs.String("mode", csi.ModeController, "controller (node and all are not built yet)")
+		mode     = fs.String("mode", csi.ModeController, "controller, node or all")
+		stateDir = fs.String("state-dir", "/var/lib/cairn-csi", "where the node keeps its attachments (node mode; must outlive the process)")
+		topology = fs.String("topology", daemon.EnvOr("CAIRN_TOPOLOGY", ""), "the node's topology, key=value pairs comma-separated, e.g. zone=a (env CAIRN_TOPOLOGY)")
+		defFs    = fs.String("default-fs-type", "ext4", "file system of mount volumes that name none: ext4 or xfs")
+		attachBy = fs.String("attach", "fuse", "how the node attaches volumes: fuse (a FUSE file behind a loop device)")
 		logLevel = fs.String("log-level", "info", "debug, info, warn or error")
 	)
 	if err := fs.Parse(args); err != nil {
@@ -34,17 +42,26 @@ func run(args []string) error {
 	if fs.NArg() > 0 {
 		return fmt.Errorf("unexpected arguments: %v", fs.Args())
 	}
+	if *attachBy != "fuse" {
+		return fmt.Errorf("--attach %s: only fuse is built (kernel NBD and iSCSI attach are not)", *attachBy)
+	}
+	topo := map[string]string{}
+	for _, kv := range daemon.SplitList(*topology) {
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok || k == "" {
+			return fmt.Errorf("--topology %q: want key=value pairs", *topology)
+		}
+		topo[k] = v
+	}
 	logger, err := daemon.Logger(os.Stderr, *logLevel)
 	if err != nil {
 		return err
 	}
 	d, err := csi.New(csi.Config{
 		Endpoint: *endpoint, MDSAddrs: daemon.SplitList(*mdsAddrs), NodeID: *nodeID, Mode: *mode,
+		StateDir: *stateDir, Topology: topo, DefaultFsType: *defFs,
 		Version: daemon.Version(), Logger: logger,
 	})
-	if errors.Is(err, csi.ErrModeNotBuilt) {
-		return fmt.Errorf("--mode %s: %w", *mode, err)
-	}
 	if err != nil {
 		return err
 	}

@@ -1,0 +1,21 @@
+// Package attach exposes a Cairn volume to a node's kernel as a block
+// device, for the CSI node plugin.
+//
+// One attach process (cairn-csi attach) serves one volume: it opens the
+// volume with the node's publication (client.Options.Node), serves it as a
+// one-file FUSE file system in its state directory, and backs a loop device
+// with that file. Reads and writes of the loop device reach the volume
+// directly (the file is opened for direct IO: no second page cache), a
+// flush of the loop device is a Flush of the volume, and a discard unmaps.
+// The process runs in its own session, apart from the node plugin, so a
+// restart of the plugin leaves mounted volumes working: the plugin finds
+// the process again from the record it left in the state directory
+// (Record) and stops it when the volume is unstaged. A small control socket
+// in the same directory lets the plugin grow the device after the volume
+// was extended and ask whether the volume still answers.
+//
+// This is the attach for machines without the nbd kernel module or an
+// iSCSI initiator. It is its own FUSE file system rather than nbdfuse over
+// NBD because a FUSE file can grow while attached: nbdfuse fixes the size
+// when it connects, and a loop device cannot be moved to a new file.
+package attach

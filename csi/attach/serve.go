@@ -1,0 +1,229 @@
+package attach
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+
+	"cairn.io/cairn/blockdev"
+)
+
+// Spec is what one attach process serves.
+type Spec struct {
+	// Volume is the Cairn volume's name.
+	Volume string `json:"volume"`
+	// Node is the node the volume is published to (the CSI node id).
+	Node string `json:"node"`
+	// MDSAddrs are the MDS addresses.
+	MDSAddrs []string `json:"mds"`
+	// ReadOnly opens the volume and the device read-only.
+	ReadOnly bool `json:"read_only"`
+	// Dir is the attachment's state directory (absolute): the FUSE mount,
+	// the control socket and the record live in it.
+	Dir string `json:"dir"`
+}
+
+// Record is what an attach process writes to its directory once the
+// device is attached, and to its ready line.
+type Record struct {
+	Spec
+	// Pid is the attach process.
+	Pid int `json:"pid"`
+	// Device is the loop device, /dev/loopN.
+	Device string `json:"device"`
+	// StartedUnix is when the device was attached.
+	StartedUnix int64 `json:"started_unix"`
+}
+
+// Files in an attachment's directory.
+const (
+	recordFile  = "record.json"
+	controlSock = "control.sock"
+	fuseDir     = "fuse"
+	// LogFile receives the attach process's log.
+	LogFile = "attach.log"
+)
+
+// backingFile is the file behind the loop device of an attachment.
+func backingFile(dir string) string { return filepath.Join(dir, fuseDir, FileName) }
+
+// Refresher is implemented by devices that learn a new size when asked
+// (client.Volume): the control socket's resize asks before growing the
+// loop device.
+type Refresher interface {
+	Refresh(ctx context.Context) error
+}
+
+// Serve attaches dev as spec says, writes the Record to the directory and
+// as one JSON line to ready, and serves until ctx ends; then it detaches
+// the loop device, unmounts the file system and closes dev. Serve owns
+// dev from the start: it closes it on every return.
+func Serve(ctx context.Context, spec Spec, dev blockdev.Device, ready io.Writer, log *slog.Logger) (err error) {
+	defer func() {
+		if cerr := dev.Close(); cerr != nil && err == nil {
+			err = fmt.Errorf("close volume %s: %w", spec.Volume, cerr)
+		}
+	}()
+	mnt := filepath.Join(spec.Dir, fuseDir)
+	if err := os.MkdirAll(mnt, 0o700); err != nil {
+		return fmt.Errorf("attach %s: %w", spec.Volume, err)
+	}
+	file := &volumeFile{dev: dev, readOnly: spec.ReadOnly, log: log}
+	root := &volumeRoot{file: file}
+	zero := time.Duration(0)
+	srv, err := fs.Mount(mnt, root, &fs.Options{
+		// Sizes are the volume's: never cache them for long.
+		AttrTimeout: &zero, EntryTimeout: &zero,
+		MountOptions: fuse.MountOptions{
+			FsName: "cairn:" + spec.Volume, Name: "cairn", MaxWrite: 1 << 20,
+			DirectMount: true, DisableXAttrs: true,
+		},
+	})
+	if err != nil {
+		return fmt.Errorf("attach %s: mount the volume's file system on %s: %w", spec.Volume, mnt, err)
+	}
+	defer func() {
+		if uerr := srv.Unmount(); uerr != nil {
+			log.Warn("unmount the volume's file system", "dir", mnt, "err", uerr)
+			if err == nil {
+				err = fmt.Errorf("unmount %s: %w", mnt, uerr)
+			}
+		}
+	}()
+	bctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	loopDev, err := loopAttach(bctx, backingFile(spec.Dir), spec.ReadOnly)
+	if err != nil {
+		return fmt.Errorf("attach %s: %w", spec.Volume, err)
+	}
+	defer func() {
+		dctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if derr := loopDetach(dctx, loopDev, backingFile(spec.Dir)); derr != nil && err == nil {
+			err = derr
+		}
+	}()
+	rec := Record{Spec: spec, Pid: os.Getpid(), Device: loopDev, StartedUnix: time.Now().Unix()}
+	ctl, err := serveControl(spec.Dir, rec, dev, root, log)
+	if err != nil {
+		return err
+	}
+	defer ctl.Close()
+	if err := writeRecord(rec); err != nil {
+		return err
+	}
+	line, _ := json.Marshal(rec)
+	if _, err := ready.Write(append(line, '\n')); err != nil {
+		log.Warn("could not report the attach as ready", "err", err)
+	}
+	log.Info("volume attached", "volume", spec.Volume, "device", loopDev, "read_only", spec.ReadOnly, "size", dev.Size())
+	<-ctx.Done()
+	log.Info("detaching", "volume", spec.Volume, "device", loopDev)
+	return nil
+}
+
+// writeRecord writes rec to its directory atomically.
+func writeRecord(rec Record) error {
+	b, err := json.MarshalIndent(rec, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := filepath.Join(rec.Dir, recordFile+".tmp")
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return fmt.Errorf("write attach record: %w", err)
+	}
+	if err := os.Rename(tmp, filepath.Join(rec.Dir, recordFile)); err != nil {
+		return fmt.Errorf("write attach record: %w", err)
+	}
+	return nil
+}
+
+// ReadRecord reads the record an attach process left in dir; os.ErrNotExist
+// when there is none.
+func ReadRecord(dir string) (*Record, error) {
+	b, err := os.ReadFile(filepath.Join(dir, recordFile))
+	if err != nil {
+		return nil, err
+	}
+	rec := &Record{}
+	if err := json.Unmarshal(b, rec); err != nil {
+		return nil, fmt.Errorf("attach record in %s: %w", dir, err)
+	}
+	return rec, nil
+}
+
+// Status is the control socket's answer about an attachment.
+type Status struct {
+	Device string `json:"device"`
+	// Size is the device's size in bytes.
+	Size int64 `json:"size"`
+	// Error says why the volume does not answer ("" when it does).
+	Error string `json:"error,omitempty"`
+}
+
+// serveControl serves the control socket: GET /status reads the volume's
+// first sector to tell whether it answers; POST /resize learns the
+// volume's size from the MDS and grows the loop device to it.
+func serveControl(dir string, rec Record, dev blockdev.Device, root *volumeRoot, log *slog.Logger) (io.Closer, error) {
+	path := filepath.Join(dir, controlSock)
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	lis, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
+		st := Status{Device: rec.Device, Size: dev.Size()}
+		ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
+		defer cancel()
+		if _, err := dev.ReadAt(ctx, make([]byte, sectorSize), 0); err != nil {
+			st.Error = err.Error()
+		}
+		writeJSON(w, st)
+	})
+	mux.HandleFunc("POST /resize", func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
+		defer cancel()
+		if rf, ok := dev.(Refresher); ok {
+			if err := rf.Refresh(ctx); err != nil {
+				http.Error(w, err.Error(), http.StatusServiceUnavailable)
+				return
+			}
+		}
+		// Drop the kernel's idea of the file's size, read it again (the
+		// loop device takes the size of the file's inode), then grow the
+		// device.
+		root.file.NotifyContent(0, 0)
+		if _, err := os.Stat(backingFile(dir)); err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		if err := loopSetCapacity(ctx, rec.Device); err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		log.Info("device resized", "device", rec.Device, "size", dev.Size())
+		writeJSON(w, Status{Device: rec.Device, Size: dev.Size()})
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() { _ = srv.Serve(lis) }()
+	return srv, nil
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(v)
+}
