@@ -15,7 +15,17 @@
 // a volume still open for writing, ABORTED for a bad pagination token; a
 // refused call changes nothing.
 //
-// The node service (attaching a volume as a block device, formatting and
-// mounting it) and ControllerPublish fencing are not built yet: the driver
-// runs in controller mode only and advertises no capability it lacks.
+// ControllerPublish records a publication in the MDS, which enforces it
+// where writers are admitted: a writable publication makes its node the
+// volume's only writer, and unpublishing it (or publishing the volume to
+// another node once the old one's session expired) fences the old node
+// before the call returns.
+//
+// The node service attaches each staged volume through an attach process
+// of its own (package attach: a loop device over a FUSE file), formats an
+// empty device (blkid first), mounts it at the staging path and bind-mounts
+// it for each pod (or the device itself, for block volumes); it grows file
+// systems online, reports usage and health, and keeps its state in a
+// directory that outlives it, so a restarted plugin finds the volumes it
+// staged.
 package csi

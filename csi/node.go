@@ -118,8 +118,17 @@ func (n node) attachment(ctx context.Context, st *stageRecord) (*attach.Record, 
 		if err == nil && rec.Alive() {
 			return rec, nil
 		}
-		// The attach process is gone (it failed or the machine
-		// restarted): clean up after it and attach again.
+		// The attach process is gone. After a reboot nothing of it is
+		// left but its records: attach again. Its file system still
+		// mounted means pods still hold the dead device: that cannot be
+		// repaired under them.
+		if !st.Block {
+			if mounted, _ := n.d.mounter.IsMountPoint(st.StagingPath); mounted {
+				return nil, status.Errorf(codes.FailedPrecondition,
+					"the attach process of volume %q is gone and its file system is still mounted at %s: stop the pods using it so that it is unstaged, then stage it again",
+					st.Volume, st.StagingPath)
+			}
+		}
 		if rec != nil {
 			if err := rec.Stop(ctx); err != nil {
 				return nil, status.Errorf(codes.Internal, "clean up the earlier attach of %q: %v", st.Volume, err)

@@ -497,3 +497,60 @@ func readRecord(t *testing.T, n *nodeEnv, vol string) *attach.Record {
 	}
 	return rec
 }
+
+func TestNodeStageAfterAttachProcessDied(t *testing.T) {
+	needNode(t)
+	testtool.Need(t, "mkfs.xfs")
+	c := cluster.Start(t, cluster.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	base := t.TempDir()
+	a := startNode(t, c, "node-a")
+	vc := mountCap(csipb.VolumeCapability_AccessMode_SINGLE_NODE_WRITER, testFs)
+	if _, err := a.ctl.CreateVolume(ctx, &csipb.CreateVolumeRequest{
+		Name: "pvc-d", CapacityRange: &csipb.CapacityRange{RequiredBytes: 5 * seg}, VolumeCapabilities: []*csipb.VolumeCapability{vc},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	staging, target := a.stage(t, ctx, "pvc-d", base)
+	data := bytes.Repeat([]byte("survives the attach process "), 1<<12)
+	if err := writeSynced(filepath.Join(target, "f"), data); err != nil {
+		t.Fatal(err)
+	}
+	rec := readRecord(t, a, "pvc-d")
+	if err := unix.Kill(rec.Pid, unix.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	soon.Succeeds(t, 10*time.Second, func() error {
+		if rec.Alive() {
+			return fmt.Errorf("attach process %d still alive", rec.Pid)
+		}
+		return nil
+	})
+	health, err := a.node.NodeGetVolumeHealth(ctx, &csipb.NodeGetVolumeHealthRequest{VolumeId: "pvc-d"})
+	if err != nil || len(health.VolumeHealth.GetHealthStatuses()) != 1 ||
+		health.VolumeHealth.HealthStatuses[0].Status != csipb.VolumeHealthErrorType_INACCESSIBLE {
+		t.Fatalf("health of a volume whose attach process died: %v, %v", health, err)
+	}
+	// Its file system is still mounted: staging again cannot repair it.
+	_, err = a.node.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: "pvc-d", StagingTargetPath: staging, VolumeCapability: vc})
+	wantCode(t, "stage over a dead attachment", err, codes.FailedPrecondition, "is gone")
+	// What a reboot leaves: no mounts, no loop device, the records. The
+	// pods' mounts go first (lazily: the device under them is dead).
+	for _, p := range []string{target, staging} {
+		if err := unix.Unmount(p, unix.MNT_DETACH); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := attach.Cleanup(ctx, rec.Dir, rec.Device); err != nil {
+		t.Fatal(err)
+	}
+	staging, target = a.stage(t, ctx, "pvc-d", base)
+	if got, err := os.ReadFile(filepath.Join(target, "f")); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("after attaching again: %d bytes, %v", len(got), err)
+	}
+	if now := readRecord(t, a, "pvc-d"); now.Pid == rec.Pid || !now.Alive() {
+		t.Fatalf("no new attach process: %+v", now)
+	}
+	a.unstage(t, ctx, "pvc-d", staging, target)
+}

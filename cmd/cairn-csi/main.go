@@ -1,10 +1,12 @@
 // Command cairn-csi is Cairn's CSI driver (csi.cairn.io) for Kubernetes:
 //
 //	cairn-csi --endpoint unix:///csi/csi.sock --mds 10.0.0.5:6700 --mode controller
+//	cairn-csi --endpoint unix:///csi/csi.sock --mds 10.0.0.5:6700 --mode node --node-id worker-3
 //
-// It serves the CSI identity and controller services on the unix socket
-// the sidecars (external-provisioner, external-resizer) talk to. See
-// docs/csi.md.
+// It serves the CSI identity service and the controller service, the node
+// service or both on the unix socket the sidecars talk to. The node runs
+// the same binary as the attach process of each staged volume
+// (cairn-csi attach ...). See docs/csi.md.
 package main
 
 import (

@@ -56,8 +56,16 @@ func (a *app) statVolume(ctx context.Context, name string) (*mdspb.StatVolumeRes
 }
 
 type volumeDetail struct {
-	Volume   volumeView    `json:"volume"`
-	Sessions []sessionView `json:"sessions"`
+	Volume       volumeView        `json:"volume"`
+	Publications []publicationView `json:"publications"`
+	Sessions     []sessionView     `json:"sessions"`
+}
+
+// publicationView is a volume's publication to a CSI node.
+type publicationView struct {
+	Node          string `json:"node"`
+	ReadOnly      bool   `json:"read_only"`
+	PublishedUnix int64  `json:"published_unix"`
 }
 
 func (a *app) queryVolume(ctx context.Context, name string) error {
@@ -69,7 +77,11 @@ func (a *app) queryVolume(ctx context.Context, name string) error {
 	if err != nil {
 		return err
 	}
-	out := volumeDetail{Volume: newVolumeView(resp.Volume, logicalPoolNames(pools.LogicalPools)), Sessions: []sessionView{}}
+	out := volumeDetail{Volume: newVolumeView(resp.Volume, logicalPoolNames(pools.LogicalPools)), Sessions: []sessionView{},
+		Publications: []publicationView{}}
+	for _, p := range resp.Volume.Publications {
+		out.Publications = append(out.Publications, publicationView{Node: p.Node, ReadOnly: p.ReadOnly, PublishedUnix: p.PublishedUnix})
+	}
 	for _, s := range resp.Sessions {
 		out.Sessions = append(out.Sessions, newSessionView(s))
 	}
@@ -93,14 +105,28 @@ func (d *volumeDetail) writeTable(t *table) {
 		v.AllocatedSegments, segments, formatBytes(v.AllocatedBytes), formatBytes(v.Size),
 		formatBytes(v.SegmentSize), formatBytes(v.ChunkSize)))
 	t.row("created:", formatUnix(v.CreatedUnix))
+	if len(d.Publications) == 0 {
+		t.row("published:", "-")
+	}
+	for i, p := range d.Publications {
+		label := ""
+		if i == 0 {
+			label = "published:"
+		}
+		access := "for writing"
+		if p.ReadOnly {
+			access = "read-only"
+		}
+		t.row(label, fmt.Sprintf("to node %s, %s, since %s", p.Node, access, formatUnix(p.PublishedUnix)))
+	}
 	t.row("sessions:", len(d.Sessions))
 	if len(d.Sessions) == 0 {
 		return
 	}
 	t.line("")
-	t.row("SESSION", "CLIENT", "ADDRESS", "WRITABLE", "EPOCH", "OPENED", "EXPIRES")
+	t.row("SESSION", "CLIENT", "NODE", "ADDRESS", "WRITABLE", "EPOCH", "OPENED", "EXPIRES")
 	for _, s := range d.Sessions {
-		t.row(s.SessionID, dash(s.Client), dash(s.ClientAddress), s.Writable, s.Epoch, formatUnix(s.OpenedUnix), formatUnix(s.ExpiresUnix))
+		t.row(s.SessionID, dash(s.Client), dash(s.Node), dash(s.ClientAddress), s.Writable, s.Epoch, formatUnix(s.OpenedUnix), formatUnix(s.ExpiresUnix))
 	}
 }
 

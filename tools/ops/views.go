@@ -105,6 +105,7 @@ type volumeView struct {
 type sessionView struct {
 	SessionID     string `json:"session_id"`
 	Client        string `json:"client"`
+	Node          string `json:"node"`
 	ClientAddress string `json:"client_address"`
 	Writable      bool   `json:"writable"`
 	Epoch         uint64 `json:"epoch"`
@@ -173,7 +174,7 @@ func newVolumeView(v *mdspb.Volume, poolNames map[uint32]string) volumeView {
 
 func newSessionView(s *mdspb.Session) sessionView {
 	return sessionView{
-		SessionID: s.SessionId, Client: s.Client, ClientAddress: s.ClientAddress, Writable: s.Writable,
+		SessionID: s.SessionId, Client: s.Client, Node: s.Node, ClientAddress: s.ClientAddress, Writable: s.Writable,
 		Epoch: s.Epoch, OpenedUnix: s.OpenedUnix, ExpiresUnix: s.ExpiresUnix,
 	}
 }

@@ -79,7 +79,17 @@ func TestVolumeLifecycle(t *testing.T) {
 	if _, err := c.conn.Volumes().GetSegment(c.ctx, &mdspb.GetSegmentRequest{Name: "vol1", Offset: 0, Allocate: true}); err != nil {
 		t.Fatal(err)
 	}
+	// Published read-only to a CSI node beside the writer.
+	if _, err := c.conn.Volumes().RegisterNode(c.ctx, &mdspb.RegisterNodeRequest{Node: &mdspb.Node{Name: "node-r"}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.conn.Volumes().PublishVolume(c.ctx, &mdspb.PublishVolumeRequest{Name: "vol1", Node: "node-r", ReadOnly: true}); err != nil {
+		t.Fatal(err)
+	}
 	m = c.jsonRun(ExitOK, "query", "volume", "vol1")
+	if jlen(t, m, "publications") != 1 || jstr(t, m, "publications.0.node") != "node-r" || !jbool(t, m, "publications.0.read_only") {
+		t.Errorf("publications: %v", jget(t, m, "publications"))
+	}
 	if jnum(t, m, "volume.size") != 1<<30 || jnum(t, m, "volume.epoch") != open.Volume.Epoch || jnum(t, m, "volume.epoch") == 0 ||
 		jnum(t, m, "volume.allocated_segments") != 1 || jnum(t, m, "volume.allocated_bytes") != 8<<20 {
 		t.Errorf("query volume: %v", m)
@@ -91,6 +101,9 @@ func TestVolumeLifecycle(t *testing.T) {
 	}
 	r = c.mustRun("query", "volume", "vol1")
 	golden(t, "query_volume", c.normalize(r.stdout, map[string]string{open.Session.SessionId: "SESSION"}))
+	if _, err := c.conn.Volumes().UnpublishVolume(c.ctx, &mdspb.UnpublishVolumeRequest{Name: "vol1", Node: "node-r"}); err != nil {
+		t.Fatal(err)
+	}
 
 	// Delete: refused while open for writing, unless --force.
 	r = c.run("delete", "volume", "vol1", "--yes")
