@@ -491,11 +491,14 @@ func restartNode(t *testing.T, c *cluster.Cluster, old *nodeEnv) *nodeEnv {
 // readRecord reads the attach record of a volume staged on n.
 func readRecord(t *testing.T, n *nodeEnv, vol string) *attach.Record {
 	t.Helper()
-	rec, err := attach.ReadRecord(filepath.Join(n.state, "volumes", vol))
-	if err != nil {
-		t.Fatal(err)
+	dirs, _ := filepath.Glob(filepath.Join(n.state, "volumes", "*"))
+	for _, dir := range dirs {
+		if rec, err := attach.ReadRecord(dir); err == nil && rec.Volume == vol {
+			return rec
+		}
 	}
-	return rec
+	t.Fatalf("no attach record of %s on %s", vol, n.id)
+	return nil
 }
 
 func TestNodeStageAfterAttachProcessDied(t *testing.T) {

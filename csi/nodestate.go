@@ -2,11 +2,12 @@ package csi
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net/url"
-	"os"
+		"os"
 	"path/filepath"
 	"time"
 
@@ -36,9 +37,13 @@ type stageRecord struct {
 	ReadOnly    bool     `json:"read_only"`
 }
 
-// volumeDir is a volume's state directory on this node.
+// volumeDir is a volume's state directory on this node, named by a hash of
+// the volume id: ids may be long, and the directory holds a unix socket,
+// whose path the kernel limits to 107 bytes. The records in it name the
+// volume.
 func (d *Driver) volumeDir(id string) string {
-	return filepath.Join(d.cfg.StateDir, "volumes", url.PathEscape(id))
+	sum := sha256.Sum256([]byte(id))
+	return filepath.Join(d.cfg.StateDir, "volumes", hex.EncodeToString(sum[:10]))
 }
 
 func readStage(dir string) (*stageRecord, error) {

@@ -55,6 +55,10 @@ const (
 	LogFile = "attach.log"
 )
 
+// maxSocketPath is the longest path a unix socket may have on Linux
+// (sun_path is 108 bytes with its terminating NUL).
+const maxSocketPath = 107
+
 // backingFile is the file behind the loop device of an attachment.
 func backingFile(dir string) string { return filepath.Join(dir, fuseDir, FileName) }
 
@@ -177,6 +181,9 @@ type Status struct {
 // volume's size from the MDS and grows the loop device to it.
 func serveControl(dir string, rec Record, dev blockdev.Device, root *volumeRoot, log *slog.Logger) (io.Closer, error) {
 	path := filepath.Join(dir, controlSock)
+	if len(path) > maxSocketPath {
+		return nil, fmt.Errorf("control socket %s: the path is longer than the %d bytes a unix socket may have; use a shorter state directory", path, maxSocketPath)
+	}
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, err
 	}

@@ -36,7 +36,7 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	args := []string{"build", "-o", dir + "/"}
-	for _, b := range []string{"cairn-mds", "cairn-chunkserver", "cairn-gateway", "cairn-playground", "cairn-ops"} {
+	for _, b := range []string{"cairn-mds", "cairn-chunkserver", "cairn-gateway", "cairn-playground", "cairn-ops", "cairn-csi"} {
 		args = append(args, "cairn.io/cairn/cmd/"+b)
 	}
 	build := exec.Command("go", args...)
