@@ -81,11 +81,10 @@ type Driver struct {
 	volumeLocks sync.Map // name -> *sync.Mutex
 
 	// Node mode.
-	mounter    *mount.SafeFormatAndMount
-	exec       utilexec.Interface
-	exe        string
-	registered chan struct{}
-	cancel     context.CancelFunc
+	mounter *mount.SafeFormatAndMount
+	exec    utilexec.Interface
+	exe     string
+	cancel  context.CancelFunc
 }
 
 // New checks cfg and connects to the MDS; Start serves.
@@ -98,7 +97,7 @@ func New(cfg Config) (*Driver, error) {
 	default:
 		return nil, fmt.Errorf("csi: mode %q: want controller, node or all", cfg.Mode)
 	}
-	d := &Driver{cfg: cfg, registered: make(chan struct{})}
+	d := &Driver{cfg: cfg}
 	if cfg.Mode != ModeController {
 		if err := d.setUpNode(); err != nil {
 			return nil, err
@@ -155,6 +154,12 @@ func (d *Driver) setUpNode() error {
 	if err := os.MkdirAll(filepath.Join(cfg.StateDir, "volumes"), 0o700); err != nil {
 		return fmt.Errorf("csi: state directory: %w", err)
 	}
+	// The kernel names a loop device's file by its resolved path.
+	real, err := filepath.EvalSymlinks(cfg.StateDir)
+	if err != nil {
+		return fmt.Errorf("csi: state directory: %w", err)
+	}
+	cfg.StateDir = real
 	d.exe = cfg.Executable
 	d.exec = utilexec.New()
 	d.mounter = &mount.SafeFormatAndMount{Interface: mount.New(""), Exec: d.exec}

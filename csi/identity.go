@@ -31,8 +31,14 @@ func (i identity) GetPluginCapabilities(context.Context, *csipb.GetPluginCapabil
 	}}, nil
 }
 
-// Probe is ready while the MDS answers.
+// Probe is ready while the MDS answers, for the controller. A node plugin
+// is ready while it serves: a liveness probe that failed with the MDS would
+// restart its container, and that kills the attach processes of every
+// volume mounted on the node.
 func (i identity) Probe(ctx context.Context, _ *csipb.ProbeRequest) (*csipb.ProbeResponse, error) {
+	if i.d.cfg.Mode != ModeController {
+		return &csipb.ProbeResponse{Ready: wrapperspb.Bool(true)}, nil
+	}
 	cctx, cancel := i.d.callCtx(ctx)
 	defer cancel()
 	if _, err := i.d.mds.Topology().ListPools(cctx, &mdspb.ListPoolsRequest{}); err != nil {

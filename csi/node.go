@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
@@ -177,10 +179,18 @@ func (n node) NodeUnstageVolume(ctx context.Context, req *csipb.NodeUnstageVolum
 		return nil, status.Error(codes.InvalidArgument, "staging target path is required")
 	}
 	defer n.d.lockVolume(id)()
+	if rec, err := attach.ReadRecord(n.d.volumeDir(id)); err == nil {
+		if others := mountsOf(n.d.mounter, rec.Device, staging); len(others) > 0 {
+			return nil, status.Errorf(codes.FailedPrecondition, "volume %q is still mounted at %s: unpublish it there first",
+				id, strings.Join(others, ", "))
+		}
+	}
 	if err := unmountIfMounted(n.d.mounter, staging); err != nil {
 		return nil, status.Errorf(codes.Internal, "%v", err)
 	}
-	if err := n.d.detach(ctx, id); err != nil {
+	if err := n.d.detach(ctx, id); errors.Is(err, attach.ErrDeviceBusy) {
+		return nil, status.Errorf(codes.FailedPrecondition, "%v: unpublish it everywhere first", err)
+	} else if err != nil {
 		return nil, status.Errorf(codes.Internal, "%v", err)
 	}
 	n.d.log.Info("volume unstaged", "volume", id, "staging", staging)
@@ -213,11 +223,18 @@ func (n node) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolum
 	if st.StagingPath != staging || st.Block != (vc.GetBlock() != nil) {
 		return nil, status.Errorf(codes.FailedPrecondition, "volume %q is staged at %s (block %t), not as asked", id, st.StagingPath, st.Block)
 	}
+	readOnly := req.GetReadonly() || st.ReadOnly
 	opts := []string{"bind"}
-	if req.GetReadonly() || st.ReadOnly {
+	if readOnly {
 		opts = append(opts, "ro")
 	}
 	source := staging
+	if st.Block && readOnly && !st.ReadOnly {
+		// A read-only bind mount of a device node does not stop writes
+		// through it.
+		return nil, status.Errorf(codes.FailedPrecondition,
+			"volume %q is a block volume attached for writing: a read-only publish needs it published read-only to the node (ControllerPublish readonly)", id)
+	}
 	if st.Block {
 		rec, err := attach.ReadRecord(dir)
 		if err != nil {
@@ -241,6 +258,9 @@ func (n node) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolum
 	if mounted, err := n.d.mounter.IsMountPoint(target); err != nil {
 		return nil, status.Errorf(codes.Internal, "target path %s: %v", target, err)
 	} else if mounted {
+		if ro, ok := mountReadOnly(n.d.mounter, target); ok && ro != readOnly {
+			return nil, status.Errorf(codes.AlreadyExists, "volume %q is already published at %s with read-only %t", id, target, ro)
+		}
 		return &csipb.NodePublishVolumeResponse{}, nil
 	}
 	if err := n.d.mounter.Mount(source, target, "", opts); err != nil {
@@ -402,6 +422,36 @@ func unmountIfMounted(m mount.Interface, path string) error {
 		return fmt.Errorf("unmount %s: %w", path, err)
 	}
 	return nil
+}
+
+// mountsOf lists where device is mounted, but for path.
+func mountsOf(m mount.Interface, device, path string) []string {
+	mps, err := m.List()
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, mp := range mps {
+		if mp.Device == device && mp.Path != path {
+			out = append(out, mp.Path)
+		}
+	}
+	return out
+}
+
+// mountReadOnly reports whether the mount at path is read-only (ok false
+// when path is not found among the mounts).
+func mountReadOnly(m mount.Interface, path string) (ro, ok bool) {
+	mps, err := m.List()
+	if err != nil {
+		return false, false
+	}
+	for i := len(mps) - 1; i >= 0; i-- { // the last mount at a path is the one in effect
+		if mps[i].Path == path {
+			return slices.Contains(mps[i].Opts, "ro"), true
+		}
+	}
+	return false, false
 }
 
 // deviceSize is a block device's size in bytes.

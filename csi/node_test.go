@@ -266,6 +266,22 @@ func TestNodeStagesMovesExpandsAndFences(t *testing.T) {
 	}
 	files["big"] = big
 
+	// Publishing again at the same path is a no-op; read-only there is
+	// ALREADY_EXISTS; unstaging while published is refused and changes
+	// nothing.
+	if _, err := a.node.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: "pvc-1", StagingTargetPath: stagingA,
+		TargetPath: targetA, VolumeCapability: vc}); err != nil {
+		t.Fatalf("publish again: %v", err)
+	}
+	_, err = a.node.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: "pvc-1", StagingTargetPath: stagingA,
+		TargetPath: targetA, VolumeCapability: vc, Readonly: true})
+	wantCode(t, "publish read-only over a writable publish", err, codes.AlreadyExists, "read-only false")
+	_, err = a.node.NodeUnstageVolume(ctx, &csipb.NodeUnstageVolumeRequest{VolumeId: "pvc-1", StagingTargetPath: stagingA})
+	wantCode(t, "unstage while published", err, codes.FailedPrecondition, "still mounted at "+targetA)
+	if err := writeSynced(filepath.Join(targetA, "after-refusal"), []byte("still attached")); err != nil {
+		t.Fatalf("the refused unstage changed something: %v", err)
+	}
+
 	// Move to node b the way Kubernetes does: unstage, unpublish, publish
 	// elsewhere; b reads back every byte.
 	a.unstage(t, ctx, "pvc-1", stagingA, targetA)
@@ -426,6 +442,11 @@ func TestNodeBlockVolumesAndReaders(t *testing.T) {
 	if err != nil || len(stats.Usage) != 1 || stats.Usage[0].Total != seg {
 		t.Fatalf("block stats %v, %v", stats, err)
 	}
+	// A read-only bind of a device attached for writing would not stop
+	// writes: refused.
+	_, err = a.node.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: "pvc-b", StagingTargetPath: filepath.Join(base, "bstaging-node-a"),
+		TargetPath: filepath.Join(base, "bdev-ro"), VolumeCapability: rw, Readonly: true})
+	wantCode(t, "read-only publish of a writable block attach", err, codes.FailedPrecondition, "published read-only")
 	// A reader elsewhere is refused while a writes.
 	ro := blockCap(csipb.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY)
 	_, err = b.ctl.ControllerPublishVolume(ctx, &csipb.ControllerPublishVolumeRequest{VolumeId: "pvc-b", NodeId: "node-b", VolumeCapability: ro, Readonly: true})
@@ -545,9 +566,17 @@ func TestNodeStageAfterAttachProcessDied(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := attach.Cleanup(ctx, rec.Dir, rec.Device); err != nil {
+	if err := rec.Cleanup(ctx); err != nil {
 		t.Fatal(err)
 	}
+	// The dead attachment's loop device is freed (once the lazily
+	// unmounted file system lets go of it).
+	soon.Succeeds(t, 30*time.Second, func() error {
+		if _, err := os.Stat(filepath.Join("/sys/block", filepath.Base(rec.Device), "loop", "backing_file")); err == nil {
+			return fmt.Errorf("%s is still bound", rec.Device)
+		}
+		return nil
+	})
 	staging, target = a.stage(t, ctx, "pvc-d", base)
 	if got, err := os.ReadFile(filepath.Join(target, "f")); err != nil || !bytes.Equal(got, data) {
 		t.Fatalf("after attaching again: %d bytes, %v", len(got), err)

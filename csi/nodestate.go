@@ -7,7 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-		"os"
+	"os"
 	"path/filepath"
 	"time"
 
@@ -131,7 +131,6 @@ func (d *Driver) registerNode(ctx context.Context) {
 		cancel()
 		if err == nil {
 			d.log.Info("node registered with the MDS", "node", d.cfg.NodeID)
-			close(d.registered)
 			return
 		}
 		d.log.Warn("cannot register the node with the MDS; retrying", "node", d.cfg.NodeID, "err", err, "retry_in", delay)

@@ -125,6 +125,7 @@ func (l *leaderState) fenceEpoch(ctx context.Context, v *mdspb.Volume, version u
 	}
 	wg.Wait()
 	if len(missed) == 0 {
+		l.fenced(v.Id, version)
 		return nil
 	}
 	deadline := bumped.Add(lease + fenceMargin(lease))
@@ -152,11 +153,13 @@ func (l *leaderState) fenceEpoch(ctx context.Context, v *mdspb.Volume, version u
 		if len(missed) == 0 {
 			l.log.Info("writable open: every chunkserver that missed the epoch push has reported the new epoch table",
 				"volume", v.Name, "epoch", v.Epoch)
+			l.fenced(v.Id, version)
 			return nil
 		}
 		if !time.Now().Before(deadline) {
 			l.log.Info("writable open: the epoch leases of the chunkservers that missed the push have run out",
 				"volume", v.Name, "epoch", v.Epoch, "waited", time.Since(bumped).Round(time.Millisecond))
+			l.fenced(v.Id, version)
 			return nil
 		}
 		select {
@@ -167,6 +170,40 @@ func (l *leaderState) fenceEpoch(ctx context.Context, v *mdspb.Volume, version u
 		case <-tick.C:
 		}
 	}
+}
+
+// pendingFence is an epoch raise whose fence has not completed: the epoch
+// table version it was recorded at and when.
+type pendingFence struct {
+	version uint64
+	bumped  time.Time
+}
+
+// fenced forgets the pending fence of a volume once a fence at or past its
+// version completed.
+func (l *leaderState) fenced(volID, version uint64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if f, ok := l.mu.fences[volID]; ok && f.version <= version {
+		delete(l.mu.fences, volID)
+	}
+}
+
+// fenceAgain completes whatever fence of v may still be pending: a retried
+// unpublish or take-over that finds nothing left to change calls it,
+// because the attempt that changed it may have ended (its caller's deadline)
+// before its fence completed. A raise this leader recorded is waited for
+// from when it was made; one an earlier leader made happened before this
+// leader took over, so waiting from then is safe. When every chunkserver
+// takes the push at once, it returns at once.
+func (l *leaderState) fenceAgain(ctx context.Context, v *mdspb.Volume) error {
+	l.mu.Lock()
+	f, ok := l.mu.fences[v.Id]
+	if !ok {
+		f = pendingFence{version: l.mu.epochVersion, bumped: l.since}
+	}
+	l.mu.Unlock()
+	return l.fenceEpoch(ctx, v, f.version, f.bumped)
 }
 
 func maxTime(a, b time.Time) time.Time {

@@ -66,11 +66,15 @@ func (l *leaderState) publishVolume(ctx context.Context, r *mdspb.PublishVolumeR
 	if !found {
 		return nil, status.Errorf(codes.NotFound, "node %q is not registered: no Cairn CSI node plugin has started there", r.Node)
 	}
-	var fenced string
+	var (
+		fenced    string
+		unchanged bool
+	)
 	v, version, bumped, err := l.updateVolume(ctx, r.Name, nil, func(v *mdspb.Volume) (bool, error) {
-		fenced = ""
+		fenced, unchanged = "", false
 		if p := publicationOf(v, r.Node); p != nil {
 			if p.ReadOnly == r.ReadOnly {
+				unchanged = true
 				return false, errNoChange
 			}
 			return false, status.Errorf(codes.AlreadyExists, "volume %q is already published to node %q %s",
@@ -113,6 +117,13 @@ func (l *leaderState) publishVolume(ctx context.Context, r *mdspb.PublishVolumeR
 	if err != nil {
 		return nil, err
 	}
+	if unchanged && !r.ReadOnly && v.Epoch > 0 {
+		// Published already: the attempt that published it may have taken
+		// the volume over and ended before its fence completed.
+		if err := l.fenceAgain(ctx, v); err != nil {
+			return nil, err
+		}
+	}
 	if version != 0 {
 		if err := l.fenceEpoch(ctx, v, version, bumped); err != nil {
 			return nil, err
@@ -151,11 +162,19 @@ func (l *leaderState) unpublishVolume(ctx context.Context, r *mdspb.UnpublishVol
 	if err != nil {
 		return nil, err
 	}
-	if version != 0 {
+	switch {
+	case version != 0:
 		if err := l.fenceEpoch(ctx, v, version, bumped); err != nil {
 			return nil, err
 		}
 		l.log.Info("volume unpublished; the node is fenced", "volume", r.Name, "node", r.Node, "epoch", v.Epoch)
+	case writablePublication(v) == nil && v.Epoch > 0:
+		// Nothing left to remove: an earlier attempt may have removed a
+		// writable publication and ended before its fence completed. The
+		// node is not unpublished until it is fenced.
+		if err := l.fenceAgain(ctx, v); err != nil {
+			return nil, err
+		}
 	}
 	return &mdspb.UnpublishVolumeResponse{Volume: v}, nil
 }

@@ -1,6 +1,7 @@
 package mds_test
 
 import (
+	"context"
 	"testing"
 	"time"
 
@@ -179,5 +180,49 @@ func TestPublishTakesOverFromADeadNodeAndFencesIt(t *testing.T) {
 	wantCode(t, err, codes.FailedPrecondition)
 	if _, err := vols.OpenVolume(c.ctx, &mdspb.OpenVolumeRequest{Name: "vol0", Writable: true, Node: "b"}); err != nil {
 		t.Fatal(err)
+	}
+}
+
+func TestRetriedUnpublishWaitsForTheFenceTheFirstAttemptBegan(t *testing.T) {
+	const lease = 3 * time.Second
+	c := newCluster(t, 3, 1, func(cfg *mds.Config) { cfg.EpochLease = lease })
+	c.createPool(3)
+	v := c.createVolume("vol0", seg)
+	c.heartbeatAll()
+	vols := c.conn.Volumes()
+	registerNodes(t, c, "a")
+	if _, err := vols.PublishVolume(c.ctx, &mdspb.PublishVolumeRequest{Name: "vol0", Node: "a"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := vols.OpenVolume(c.ctx, &mdspb.OpenVolumeRequest{Name: "vol0", Writable: true, Node: "a"}); err != nil {
+		t.Fatal(err)
+	}
+	// One chunkserver cannot be reached: the unpublish must wait out its
+	// epoch lease, and its caller gives up first (as csi-attacher does).
+	gone := c.css[1]
+	gone.SetFailing(true)
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(c.ctx, 500*time.Millisecond)
+	defer cancel()
+	_, err := vols.UnpublishVolume(ctx, &mdspb.UnpublishVolumeRequest{Name: "vol0", Node: "a"})
+	wantCode(t, err, codes.DeadlineExceeded)
+	// The retry finds nothing to remove, and still returns only once the
+	// unreachable chunkserver can no longer admit node a's writes.
+	u, err := vols.UnpublishVolume(c.ctx, &mdspb.UnpublishVolumeRequest{Name: "vol0", Node: "a"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if waited := time.Since(start); waited < lease && gone.Epoch(v.Id) != u.Volume.Epoch {
+		t.Fatalf("the retried unpublish returned %s after the first began, before the %s lease of the chunkserver that missed the epoch ran out",
+			waited, lease)
+	}
+	// Once fenced, a further retry returns at once even with the
+	// chunkserver still unreachable (its lease ran out long ago).
+	again := time.Now()
+	if _, err := vols.UnpublishVolume(c.ctx, &mdspb.UnpublishVolumeRequest{Name: "vol0", Node: "a"}); err != nil {
+		t.Fatal(err)
+	}
+	if took := time.Since(again); took > lease {
+		t.Fatalf("a retry after the fence completed took %s", took)
 	}
 }

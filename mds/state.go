@@ -70,8 +70,12 @@ type leaderState struct {
 		pinned       map[uint64]time.Time   // copysets whose leader an operator chose, until when
 		progress     map[uint64]addProgress // adds whose new replica is still being filled
 		epochVersion uint64
-		rr           map[uint32]int // next copyset index per logical pool
-		segments     int64          // allocated segments of every volume
+		// fences are epoch raises whose fenceEpoch has not completed yet,
+		// by volume id: a retried unpublish finds the publication gone and
+		// must still wait for the fence the first attempt began.
+		fences   map[uint64]pendingFence
+		rr       map[uint32]int // next copyset index per logical pool
+		segments int64          // allocated segments of every volume
 	}
 }
 
@@ -101,6 +105,7 @@ func newLeaderState(s *Server, st *store) *leaderState {
 	}
 	l.chunkIDs = idBatcher{st: st, kind: counterChunk, batch: 4096}
 	l.mu.rr = map[uint32]int{}
+	l.mu.fences = map[uint64]pendingFence{}
 	return l
 }
 

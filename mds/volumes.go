@@ -294,18 +294,27 @@ func (l *leaderState) openVolume(ctx context.Context, r *mdspb.OpenVolumeRequest
 		sess.ClientAddress = p.Addr.String()
 	}
 	if !r.Writable {
-		v, _, err := l.volumeByName(ctx, r.Name)
-		if err != nil {
-			return nil, err
+		for {
+			v, rev, err := l.volumeByName(ctx, r.Name)
+			if err != nil {
+				return nil, err
+			}
+			if err := checkPublishedOpen(v, r.Node, false); err != nil {
+				return nil, err
+			}
+			sess.Epoch = v.Epoch
+			// The publication checked is the one in force when the
+			// session is recorded.
+			key := l.st.k.volume(v.Id)
+			ok, err := l.st.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(key), "=", rev)},
+				putOp(l.st.k.session(v.Id, sess.SessionId), sess))
+			if err != nil {
+				return nil, err
+			}
+			if ok {
+				return l.openResponse(v, sess), nil
+			}
 		}
-		if err := checkPublishedOpen(v, r.Node, false); err != nil {
-			return nil, err
-		}
-		sess.Epoch = v.Epoch
-		if _, err := l.st.txn(ctx, nil, putOp(l.st.k.session(v.Id, sess.SessionId), sess)); err != nil {
-			return nil, err
-		}
-		return l.openResponse(v, sess), nil
 	}
 	v, version, bumped, err := l.updateVolume(ctx, r.Name, sess, func(v *mdspb.Volume) (bool, error) {
 		return true, checkPublishedOpen(v, r.Node, true)
@@ -378,10 +387,12 @@ func (l *leaderState) updateVolume(ctx context.Context, name string, sess *mdspb
 			if !fence {
 				return v, 0, time.Time{}, nil
 			}
+			now := time.Now()
 			l.mu.Lock()
 			l.mu.epochVersion = ver + 1
+			l.mu.fences[v.Id] = pendingFence{version: ver + 1, bumped: now}
 			l.mu.Unlock()
-			return v, ver + 1, time.Now(), nil
+			return v, ver + 1, now, nil
 		}
 		// The volume changed under us, or the version counter is not what
 		// we cached: reload it and try again.

@@ -6,9 +6,12 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"cairn.io/cairn/client"
 	"cairn.io/cairn/csi/attach"
@@ -44,6 +47,7 @@ func runAttach(args []string) error {
 		return err
 	}
 	logger = logger.With("volume", *volume)
+	shieldFromReclaim(logger)
 	ctx, stop := daemon.SignalContext()
 	defer stop()
 	spec := attach.Spec{Volume: *volume, Node: *nodeID, MDSAddrs: daemon.SplitList(*mdsAddrs), ReadOnly: *readOnly, Dir: *dir}
@@ -56,6 +60,21 @@ func runAttach(args []string) error {
 		return err
 	}
 	return attach.Serve(ctx, spec, vol, onceWriter{os.Stdout}, logger)
+}
+
+// shieldFromReclaim keeps the kernel from deadlocking on this process: it
+// serves the writeback of a file system, so memory reclaim that waits for
+// that writeback must not wait for this process's own allocations
+// (PR_SET_IO_FLUSHER), and the OOM killer must not pick it (which would
+// fail every IO of the volume). Both need CAP_SYS_RESOURCE; without it the
+// process runs unshielded and says so.
+func shieldFromReclaim(log *slog.Logger) {
+	if err := unix.Prctl(unix.PR_SET_IO_FLUSHER, 1, 0, 0, 0); err != nil {
+		log.Warn("cannot mark the attach process as an IO flusher (PR_SET_IO_FLUSHER)", "err", err)
+	}
+	if err := os.WriteFile("/proc/self/oom_score_adj", []byte("-1000"), 0); err != nil {
+		log.Warn("cannot exempt the attach process from the OOM killer", "err", err)
+	}
 }
 
 // onceWriter writes the ready line and closes the output: the node plugin

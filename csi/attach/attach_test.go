@@ -14,6 +14,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"cairn.io/cairn/blockdev"
 	"cairn.io/cairn/blockdev/blockdevtest"
 	"cairn.io/cairn/csi/attach"
 	"cairn.io/cairn/internal/testlog"
@@ -37,7 +38,7 @@ func needRoot(t *testing.T) {
 
 // serve runs Serve on dev in the background and returns its record; the
 // returned stop ends it and returns its error.
-func serve(t *testing.T, dev *blockdevtest.Device, readOnly bool) (*attach.Record, func() error) {
+func serve(t *testing.T, dev blockdev.Device, readOnly bool) (*attach.Record, func() error) {
 	t.Helper()
 	dir := t.TempDir()
 	ctx, cancel := context.WithCancel(context.Background())
@@ -183,7 +184,7 @@ func TestLoopDeviceReachesTheVolume(t *testing.T) {
 	if b, _ := os.ReadFile(filepath.Join("/sys/block", filepath.Base(rec.Device), "loop", "backing_file")); bytes.Contains(b, []byte(rec.Dir)) {
 		t.Fatalf("%s still backed by %s", rec.Device, b)
 	}
-	if err := attach.Cleanup(ctx, rec.Dir, rec.Device); err != nil {
+	if err := rec.Cleanup(ctx); err != nil {
 		t.Fatalf("cleanup after a clean stop: %v", err)
 	}
 }
@@ -230,4 +231,41 @@ func loopSize(t *testing.T, dev string) int64 {
 		t.Fatal(err)
 	}
 	return n
+}
+
+// sized is a test device with a block size.
+type sized struct {
+	*blockdevtest.Device
+	bs int64
+}
+
+func (s sized) BlockSize() int64 { return s.bs }
+
+func TestLoopSectorsAreTheVolumesBlocks(t *testing.T) {
+	needRoot(t)
+	dev := sized{blockdevtest.New(4 * mib), 4096}
+	rec, _ := serve(t, dev, false)
+	b, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(rec.Device), "queue", "logical_block_size"))
+	if err != nil || string(bytes.TrimSpace(b)) != "4096" {
+		t.Fatalf("loop device sector %q, %v; want 4096", b, err)
+	}
+	ff, err := os.OpenFile(filepath.Join(rec.Dir, "fuse", attach.FileName), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ff.Close()
+	if _, err := ff.WriteAt(make([]byte, 512), 512); !errors.Is(err, syscall.EINVAL) {
+		t.Fatalf("a 512-byte write to a 4096-byte-block volume: %v, want EINVAL", err)
+	}
+	if _, err := ff.WriteAt(bytes.Repeat([]byte{7}, 4096), 4096); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(dev.Contents(4096, 4096), bytes.Repeat([]byte{7}, 4096)) {
+		t.Fatal("the block did not reach the volume")
+	}
+	// A block size a loop device cannot have is refused.
+	if err := attach.Serve(context.Background(), attach.Spec{Volume: "big", Dir: t.TempDir()},
+		sized{blockdevtest.New(4 * mib), 8192}, io.Discard, testlog.New(t)); err == nil {
+		t.Fatal("attached a volume with 8 KiB blocks")
+	}
 }

@@ -3,6 +3,7 @@ package attach
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"syscall"
 
@@ -15,9 +16,32 @@ import (
 // FileName is the name of the volume's file in the FUSE mount.
 const FileName = "volume"
 
-// sectorSize is the granularity of IO through the file: the loop device
-// issues whole 512-byte sectors.
-const sectorSize = 512
+// minSector is the smallest sector a loop device has, and the sector of
+// volumes that say nothing of their block size.
+const minSector = 512
+
+// maxSector is the largest sector a loop device takes.
+const maxSector = 4096
+
+// blockSizer is implemented by devices with a block size (client.Volume):
+// the loop device's sectors are that size, so that every IO it issues is
+// one the volume takes.
+type blockSizer interface {
+	BlockSize() int64
+}
+
+// sectorOf is dev's IO granularity through the file and the loop device.
+func sectorOf(dev blockdev.Device) (int64, error) {
+	b, ok := dev.(blockSizer)
+	if !ok || b.BlockSize() <= minSector {
+		return minSector, nil
+	}
+	bs := b.BlockSize()
+	if bs > maxSector || bs&(bs-1) != 0 {
+		return 0, fmt.Errorf("the volume's block size %d is not one a loop device takes (a power of two up to %d)", bs, maxSector)
+	}
+	return bs, nil
+}
 
 // fallocate modes (linux/falloc.h).
 const (
@@ -45,6 +69,7 @@ func (r *volumeRoot) OnAdd(ctx context.Context) {
 type volumeFile struct {
 	fs.Inode
 	dev      blockdev.Device
+	sector   int64 // IO granularity (sectorOf)
 	readOnly bool
 	log      *slog.Logger
 }
@@ -67,7 +92,7 @@ func (f *volumeFile) attr(out *fuse.Attr) {
 	}
 	size := uint64(f.dev.Size())
 	out.Size = size
-	out.Blocks = (size + sectorSize - 1) / sectorSize
+	out.Blocks = (size + minSector - 1) / minSector // st_blocks counts 512-byte units
 	out.Blksize = 4096
 	out.Nlink = 1
 }
@@ -109,7 +134,7 @@ func (f *volumeFile) Read(ctx context.Context, _ fs.FileHandle, dest []byte, off
 	if off+n > size {
 		n = size - off
 	}
-	if off%sectorSize != 0 || n%sectorSize != 0 {
+	if off%f.sector != 0 || n%f.sector != 0 {
 		return nil, syscall.EINVAL
 	}
 	if _, err := f.dev.ReadAt(ctx, dest[:n], off); err != nil {
@@ -128,7 +153,7 @@ func (f *volumeFile) Write(ctx context.Context, _ fs.FileHandle, data []byte, of
 	switch {
 	case off+n > f.dev.Size():
 		return 0, syscall.ENOSPC
-	case off%sectorSize != 0 || n%sectorSize != 0:
+	case off%f.sector != 0 || n%f.sector != 0:
 		return 0, syscall.EINVAL
 	}
 	if _, err := f.dev.WriteAt(ctx, data, off); err != nil {
@@ -166,7 +191,7 @@ func (f *volumeFile) Allocate(ctx context.Context, _ fs.FileHandle, off, size ui
 	case mode == 0 || mode == fallocKeepSize:
 		return 0
 	case mode&(fallocPunchHole|fallocZeroRange) != 0 && mode&^(fallocPunchHole|fallocZeroRange|fallocKeepSize) == 0:
-		if off%sectorSize != 0 || size%sectorSize != 0 {
+		if int64(off)%f.sector != 0 || int64(size)%f.sector != 0 {
 			return syscall.EINVAL
 		}
 		if err := f.dev.UnmapAt(ctx, int64(off), int64(size)); err != nil {

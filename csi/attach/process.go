@@ -89,7 +89,21 @@ func Start(ctx context.Context, exe string, spec Spec) (*Record, error) {
 		}
 		return rec, nil
 	case <-ctx.Done():
+		// Stop it before returning: a retried stage must not find a second
+		// process mounting the same directory.
 		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-lines:
+		case <-time.After(30 * time.Second):
+			_ = cmd.Process.Kill()
+			<-lines
+		}
+		<-exited
+		if rec, err := ReadRecord(spec.Dir); err == nil {
+			_ = rec.Cleanup(context.Background())
+		} else {
+			_ = unmountFUSE(spec.Dir)
+		}
 		return fail(fmt.Errorf("the attach did not finish: %w", ctx.Err()))
 	}
 }
@@ -135,12 +149,20 @@ func stateOf(pid int) byte {
 	return 0
 }
 
+// ErrDeviceBusy is returned by Stop while the device is still in use (a
+// file system on it is mounted): stopping would fail its IO.
+var ErrDeviceBusy = errors.New("attach: the device is still in use")
+
 // Stop ends the attach process (SIGTERM: it detaches the device and closes
 // the volume), waiting up to ctx's deadline before it kills it, then
 // removes whatever a process that died left behind (the loop device, the
-// FUSE mount). The caller unmounts file systems on the device first.
+// FUSE mount). It refuses with ErrDeviceBusy while the device is in use:
+// the caller unmounts file systems on it first.
 func (r *Record) Stop(ctx context.Context) error {
 	if r.Alive() {
+		if loopBusy(r.Device) {
+			return fmt.Errorf("stop the attach of %s: %w (%s is mounted or open)", r.Volume, ErrDeviceBusy, r.Device)
+		}
 		_ = syscall.Kill(r.Pid, syscall.SIGTERM)
 		t := time.NewTicker(50 * time.Millisecond)
 		defer t.Stop()
@@ -148,21 +170,31 @@ func (r *Record) Stop(ctx context.Context) error {
 			select {
 			case <-ctx.Done():
 				_ = syscall.Kill(r.Pid, syscall.SIGKILL)
-				return fmt.Errorf("attach process %d of %s did not stop: killed: %w", r.Pid, r.Volume, ctx.Err())
+				for i := 0; i < 100 && r.Alive(); i++ {
+					time.Sleep(50 * time.Millisecond)
+				}
+				cerr := r.Cleanup(context.Background())
+				return errors.Join(fmt.Errorf("attach process %d of %s did not stop: killed: %w", r.Pid, r.Volume, ctx.Err()), cerr)
 			case <-t.C:
 			}
 		}
 	}
-	return Cleanup(ctx, r.Dir, r.Device)
+	return r.Cleanup(ctx)
 }
 
-// Cleanup detaches a loop device still backed by the directory's file and
-// unmounts its FUSE mount: what an attach process that was killed leaves.
+// Cleanup detaches the loop device if it is still this attachment's and
+// unmounts the FUSE mount: what an attach process that was killed leaves.
 // It does nothing when they are gone.
-func Cleanup(ctx context.Context, dir, device string) error {
-	if err := loopDetach(ctx, device, backingFile(dir)); err != nil {
+func (r *Record) Cleanup(ctx context.Context) error {
+	if err := loopDetach(ctx, r.Device, r.Backing, backingFile(r.Dir)); err != nil {
 		return err
 	}
+	return unmountFUSE(r.Dir)
+}
+
+// unmountFUSE unmounts an attachment's FUSE mount if it is mounted (lazily:
+// a dead one cannot be unmounted otherwise).
+func unmountFUSE(dir string) error {
 	mnt := filepath.Join(dir, fuseDir)
 	if mounted(mnt) {
 		if err := syscall.Unmount(mnt, syscall.MNT_DETACH); err != nil {

@@ -42,6 +42,9 @@ type Record struct {
 	Pid int `json:"pid"`
 	// Device is the loop device, /dev/loopN.
 	Device string `json:"device"`
+	// Backing identifies the FUSE file behind the device, so that a device
+	// is detached only while it is still this attachment's.
+	Backing fileID `json:"backing"`
 	// StartedUnix is when the device was attached.
 	StartedUnix int64 `json:"started_unix"`
 }
@@ -83,7 +86,11 @@ func Serve(ctx context.Context, spec Spec, dev blockdev.Device, ready io.Writer,
 	if err := os.MkdirAll(mnt, 0o700); err != nil {
 		return fmt.Errorf("attach %s: %w", spec.Volume, err)
 	}
-	file := &volumeFile{dev: dev, readOnly: spec.ReadOnly, log: log}
+	sector, err := sectorOf(dev)
+	if err != nil {
+		return fmt.Errorf("attach %s: %w", spec.Volume, err)
+	}
+	file := &volumeFile{dev: dev, sector: sector, readOnly: spec.ReadOnly, log: log}
 	root := &volumeRoot{file: file}
 	zero := time.Duration(0)
 	srv, err := fs.Mount(mnt, root, &fs.Options{
@@ -105,20 +112,24 @@ func Serve(ctx context.Context, spec Spec, dev blockdev.Device, ready io.Writer,
 			}
 		}
 	}()
+	id, err := idOf(backingFile(spec.Dir))
+	if err != nil {
+		return fmt.Errorf("attach %s: %w", spec.Volume, err)
+	}
 	bctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	loopDev, err := loopAttach(bctx, backingFile(spec.Dir), spec.ReadOnly)
+	loopDev, err := loopAttach(bctx, backingFile(spec.Dir), sector, spec.ReadOnly)
 	if err != nil {
 		return fmt.Errorf("attach %s: %w", spec.Volume, err)
 	}
 	defer func() {
 		dctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		if derr := loopDetach(dctx, loopDev, backingFile(spec.Dir)); derr != nil && err == nil {
+		if derr := loopDetach(dctx, loopDev, id, backingFile(spec.Dir)); derr != nil && err == nil {
 			err = derr
 		}
 	}()
-	rec := Record{Spec: spec, Pid: os.Getpid(), Device: loopDev, StartedUnix: time.Now().Unix()}
+	rec := Record{Spec: spec, Pid: os.Getpid(), Device: loopDev, Backing: id, StartedUnix: time.Now().Unix()}
 	ctl, err := serveControl(spec.Dir, rec, dev, root, log)
 	if err != nil {
 		return err
@@ -196,7 +207,7 @@ func serveControl(dir string, rec Record, dev blockdev.Device, root *volumeRoot,
 		st := Status{Device: rec.Device, Size: dev.Size()}
 		ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
 		defer cancel()
-		if _, err := dev.ReadAt(ctx, make([]byte, sectorSize), 0); err != nil {
+		if _, err := dev.ReadAt(ctx, make([]byte, root.file.sector), 0); err != nil {
 			st.Error = err.Error()
 		}
 		writeJSON(w, st)
