@@ -269,3 +269,44 @@ func TestLoopSectorsAreTheVolumesBlocks(t *testing.T) {
 		t.Fatal("attached a volume with 8 KiB blocks")
 	}
 }
+
+func TestStopWaitsWhileTheDeviceIsInUse(t *testing.T) {
+	needRoot(t)
+	dev := blockdevtest.New(4 * mib)
+	rec, stop := serve(t, dev, false)
+	// Held exclusively, as a mounted file system holds it.
+	fd, err := unix.Open(rec.Device, unix.O_RDWR|unix.O_EXCL|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stopped := make(chan error, 1)
+	go func() { stopped <- stop() }()
+	select {
+	case err := <-stopped:
+		unix.Close(fd)
+		t.Fatalf("Serve returned (%v) while its device was in use", err)
+	case <-time.After(1500 * time.Millisecond):
+	}
+	// Still serving.
+	if _, err := unix.Pwrite(fd, bytes.Repeat([]byte{9}, 4096), 0); err != nil {
+		t.Fatalf("write while the stop waits: %v", err)
+	}
+	if err := unix.Fsync(fd); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(dev.Contents(0, 4096), bytes.Repeat([]byte{9}, 4096)) {
+		t.Fatal("the write did not reach the volume")
+	}
+	unix.Close(fd)
+	select {
+	case err := <-stopped:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("Serve did not return once the device was released")
+	}
+	if !dev.Closed() {
+		t.Fatal("the volume was not closed")
+	}
+}

@@ -144,6 +144,15 @@ func Serve(ctx context.Context, spec Spec, dev blockdev.Device, ready io.Writer,
 	}
 	log.Info("volume attached", "volume", spec.Volume, "device", loopDev, "read_only", spec.ReadOnly, "size", dev.Size())
 	<-ctx.Done()
+	// A file system still mounted on the device would fail every IO once
+	// the volume closes: serve on until it is released (Record.Stop does
+	// not ask while it is; SIGKILL still ends this process).
+	for warned := false; loopBusy(loopDev); time.Sleep(time.Second) {
+		if !warned {
+			log.Error("asked to stop while the device is in use; detaching once it is released", "device", loopDev)
+			warned = true
+		}
+	}
 	log.Info("detaching", "volume", spec.Volume, "device", loopDev)
 	return nil
 }
