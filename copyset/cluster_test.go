@@ -46,7 +46,7 @@ var crashSeed atomic.Uint64
 // testCluster runs several chunkservers in one process with a shared
 // resolver and fault injector.
 type testCluster struct {
-	t      *testing.T
+	t      testing.TB
 	dir    string
 	faults *transport.Faults
 	tune   func(*Config)
@@ -73,7 +73,7 @@ func (tc *testCluster) Resolve(_ context.Context, id uint64) (string, error) {
 }
 
 // newTestCluster starts nodes 1..n. poolChunks sizes each node's pool.
-func newTestCluster(t *testing.T, n, poolChunks int, tune func(*Config)) *testCluster {
+func newTestCluster(t testing.TB, n, poolChunks int, tune func(*Config)) *testCluster {
 	t.Helper()
 	tc := &testCluster{
 		t: t, dir: t.TempDir(), faults: transport.NewFaults(1), tune: tune, poolN: poolChunks,

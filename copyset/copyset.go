@@ -56,6 +56,11 @@ type Copyset struct {
 	loggedHS    *raftpb.HardState // the last hard state submitted to the WAL
 	knownLead   uint64            // last non-zero leader seen, for logging leader changes
 	silentTicks int               // ticks since the leader was last heard (see maybeCampaign)
+	// logLast is the index of the last entry of the Raft log as far as the
+	// Ready states handled so far tell (Raft's own may be ahead until the
+	// next one): the bound admit holds messages to. Raft worker only.
+	logLast       uint64
+	refusedLogged time.Time // when admit last logged a refusal
 	// heard is when each peer's last message arrived, and leadSince when
 	// this replica last became leader: the leader reports how long each
 	// peer has been silent (Status). Raft worker only.
@@ -271,6 +276,7 @@ func (e *Engine) open(id GroupID, dir string, gl *wal.GroupLog) (*Copyset, error
 		c.addLog(n)
 	}
 	last, _ := c.storage.LastIndex()
+	c.logLast = last
 	commit := min(max(hs.GetCommit(), base.Index), last)
 	hs.Commit = &commit
 	if err := c.storage.SetHardState(hs); err != nil {

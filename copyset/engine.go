@@ -37,6 +37,10 @@ type Engine struct {
 	cfg Config
 	log *slog.Logger
 
+	// refused counts the Raft messages from the network that failed their
+	// checks (see admit).
+	refused atomic.Uint64
+
 	wal       *wal.WAL // shared WAL (nil with PerCopysetWAL)
 	transport *transport.Transport
 

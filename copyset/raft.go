@@ -180,7 +180,9 @@ func (c *Copyset) process(in *inbox) {
 		c.finishAppend(a)
 	}
 	for _, m := range in.local {
-		_ = rn.Step(m)
+		if !c.step(m) {
+			return
+		}
 	}
 	// Ticks go first: a tick that was due before a message arrived must not
 	// count as time passed since that message. A follower counts its
@@ -210,7 +212,12 @@ func (c *Copyset) process(in *inbox) {
 			c.heard = map[uint64]time.Time{}
 		}
 	}
+	lastIndex := c.logLast
 	for _, m := range in.msgs {
+		if err := c.admit(m, lastIndex); err != nil {
+			c.refuse(m, err)
+			continue
+		}
 		if c.refuseVote(m) {
 			continue
 		}
@@ -224,7 +231,9 @@ func (c *Copyset) process(in *inbox) {
 			c.beatAcks[m.GetFrom()] = c.beatRound
 			m.Context = nil
 		}
-		_ = rn.Step(m)
+		if !c.step(m) {
+			return
+		}
 	}
 	if len(in.msgs) > 0 && rn.BasicStatus().Lead != lead {
 		// A new leader (or none): its silence counts from now.
@@ -422,6 +431,12 @@ func (c *Copyset) handleReady(rd raft.Ready) {
 	}
 	if hs := rd.HardState; hs != nil && hs.Term != nil {
 		c.term.Store(hs.GetTerm())
+	}
+	if n := len(rd.Entries); n > 0 {
+		c.logLast = rd.Entries[n-1].GetIndex()
+	}
+	if s := rd.Snapshot; s != nil && !raft.IsEmptySnap(s) {
+		c.logLast = max(c.logLast, s.GetMetadata().GetIndex())
 	}
 	for _, rs := range rd.ReadStates {
 		c.readIndexDone(rs)

@@ -159,6 +159,12 @@ func (c *Copyset) installSnapshot(ctx context.Context, header *transportpb.Snaps
 	if c.isLeader.Load() {
 		return fmt.Errorf("%w: this replica leads the copyset", ErrSnapshotRefused)
 	}
+	// Only the leader this replica follows sends it snapshots (it probes
+	// with appends first, so the follower knows it by then).
+	if lead := c.leader.Load(); lead == 0 || m.GetFrom() != lead || m.GetTo() != c.e.cfg.NodeID || m.GetTerm() < c.term.Load() {
+		return fmt.Errorf("%w: snapshot from %d (term %d) to %d, while this replica (%d) follows %d in term %d",
+			ErrSnapshotRefused, m.GetFrom(), m.GetTerm(), m.GetTo(), c.e.cfg.NodeID, lead, c.term.Load())
+	}
 	if idx <= c.applied.Load() {
 		return fmt.Errorf("%w: snapshot index %d is not past applied index %d", ErrSnapshotRefused, idx, c.applied.Load())
 	}
@@ -248,7 +254,8 @@ func (c *Copyset) installSnapshot(ctx context.Context, header *transportpb.Snaps
 	c.installEpoch.Store(header.GetConfEpoch())
 	reqs := header.GetAppliedRequests()
 	c.installDedup.Store(&reqs)
-	c.deliver(m)
+	// Checked above, and not a message admit takes from the network.
+	c.enqueue(func(in *inbox) { in.local = append(in.local, m) })
 	c.log.Info("snapshot installed", "index", idx)
 	return nil
 }

@@ -113,7 +113,12 @@ func TestHeartbeatsTravelCoalesced(t *testing.T) {
 	app.Entries = []*raftpb.Entry{{Index: new(uint64(6)), Term: new(uint64(7)), Data: []byte("payload")}}
 	tr1.Send(999, app)
 	waitCount(t, col2, groups+1)
+	// The sender counts a batch once its write returned, which may be
+	// after the receiver handled it.
 	st := tr1.Stats()
+	for deadline := time.Now().Add(10 * time.Second); st.HeartbeatsSent < groups && time.Now().Before(deadline); st = tr1.Stats() {
+		time.Sleep(5 * time.Millisecond)
+	}
 	if st.HeartbeatsSent != groups || st.MessagesSent != 1 {
 		t.Fatalf("sent %d heartbeats and %d messages, want %d and 1", st.HeartbeatsSent, st.MessagesSent, groups)
 	}
