@@ -95,6 +95,11 @@ type Stats struct {
 	FormatPercent int
 	// Limit says why the pool stopped growing ("" while it can grow).
 	Limit string
+	// Growable is how many more files the pool may still create on demand:
+	// up to MaxChunks, and as many as the disk's free space above
+	// ReserveBytes holds (0 while growth is stopped). Clean plus Growable is
+	// what new data can still take.
+	Growable int
 	// ChunkSize and FileSize describe the files.
 	ChunkSize, FileSize int64
 }
@@ -231,8 +236,33 @@ func (p *Pool) BlockSize() int64 { return p.geo.BlockSize }
 // Stats returns the pool's current accounting.
 func (p *Pool) Stats() Stats {
 	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.statsLocked()
+	s := p.statsLocked()
+	p.mu.Unlock()
+	s.Growable = p.growable(s)
+	return s
+}
+
+// growable is how many more files the pool may create (Stats.Growable).
+func (p *Pool) growable(s Stats) int {
+	if s.Limit != "" {
+		return 0
+	}
+	room := -1 // unbounded by MaxChunks
+	if p.opts.MaxChunks > 0 {
+		room = max(0, p.opts.MaxChunks-s.Owned)
+	}
+	if p.opts.Knobs.SkipSpaceCheck {
+		return max(room, 0)
+	}
+	free, err := fsutil.FreeBytes(p.dir)
+	if err != nil {
+		return 0
+	}
+	fits := max(0, (free-p.opts.ReserveBytes)/p.fileSize)
+	if room < 0 || int64(room) > fits {
+		return int(fits)
+	}
+	return room
 }
 
 func (p *Pool) statsLocked() Stats {

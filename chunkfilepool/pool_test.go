@@ -240,12 +240,13 @@ func TestGrowsOnDemand(t *testing.T) {
 	o.GrowBy = 2
 	o.MaxChunks = 5
 	p := openPool(t, o)
-	waitStats(t, p, func(s Stats) bool { return s.Clean == 2 && s.Owned == 2 && s.FormatPercent == 100 })
+	// Growable: what the pool may still create, up to MaxChunks.
+	waitStats(t, p, func(s Stats) bool { return s.Clean == 2 && s.Owned == 2 && s.FormatPercent == 100 && s.Growable == 3 })
 	if err := p.Get(filepath.Join(root, "c0")); err != nil {
 		t.Fatal(err)
 	}
 	// One clean left, below the low water mark of 2: the pool grows by 2.
-	waitStats(t, p, func(s Stats) bool { return s.Clean == 3 && s.Owned == 4 && s.InUse == 1 })
+	waitStats(t, p, func(s Stats) bool { return s.Clean == 3 && s.Owned == 4 && s.InUse == 1 && s.Growable == 1 })
 	for i := 1; i < 5; i++ {
 		if err := p.Get(filepath.Join(root, fmt.Sprint("c", i))); err != nil {
 			t.Fatalf("get %d: %v", i, err)
@@ -254,7 +255,7 @@ func TestGrowsOnDemand(t *testing.T) {
 	if err := p.Get(filepath.Join(root, "c5")); !errors.Is(err, ErrPoolEmpty) {
 		t.Fatalf("get beyond MaxChunks: %v", err)
 	}
-	if st := p.Stats(); st.Owned != 5 || st.InUse != 5 || st.FormatPercent != 100 {
+	if st := p.Stats(); st.Owned != 5 || st.InUse != 5 || st.FormatPercent != 100 || st.Growable != 0 {
 		t.Fatalf("stats %+v", st)
 	}
 }
@@ -609,13 +610,30 @@ func mountTmpfs(t *testing.T, size string) string {
 	return dir
 }
 
+func TestGrowableIsWhatTheDiskHolds(t *testing.T) {
+	mnt := mountTmpfs(t, "1m") // room for fifteen 68 KiB files
+	o := testOptions(filepath.Join(mnt, "pool"))
+	o.InitialChunks = 2
+	o.ReserveBytes = 200 << 10
+	p := openPool(t, o)
+	st := waitStats(t, p, func(s Stats) bool { return s.Owned == 2 && s.FormatPercent == 100 })
+	var fs unix.Statfs_t
+	if err := unix.Statfs(mnt, &fs); err != nil {
+		t.Fatal(err)
+	}
+	want := (int64(fs.Bavail)*fs.Bsize - o.ReserveBytes) / testFile
+	if int64(st.Growable) != want || want <= 0 {
+		t.Fatalf("growable %d, want %d (free space above the reserve, in files)", st.Growable, want)
+	}
+}
+
 func TestDiskFullStopsGrowth(t *testing.T) {
 	mnt := mountTmpfs(t, "300k") // room for four 68 KiB files
 	o := testOptions(filepath.Join(mnt, "pool"))
 	o.InitialChunks = 10
 	p := openPool(t, o)
 	st := waitStats(t, p, func(s Stats) bool { return s.Limit != "" })
-	if !strings.Contains(st.Limit, "disk full") || st.Owned < 3 || st.Owned > 4 || st.Target != st.Owned {
+	if !strings.Contains(st.Limit, "disk full") || st.Owned < 3 || st.Owned > 4 || st.Target != st.Owned || st.Growable != 0 {
 		t.Fatalf("stats when full: %+v", st)
 	}
 	owned := st.Owned

@@ -138,13 +138,7 @@ func (s *Server) capacity() *mdspb.Capacity {
 		c.PoolUsedChunks = uint64(ps.InUse)
 		c.PoolTargetChunks = uint64(ps.Target)
 		c.FormatPercent = uint32(ps.FormatPercent)
-		if ps.Limit == "" && s.cfg.PoolMaxBytes > 0 {
-			// The pool grows on demand: count what it may still format.
-			if room := int(s.cfg.PoolMaxBytes/ps.FileSize) - ps.Owned; room > 0 {
-				c.PoolFreeChunks += uint64(room)
-				c.PoolTargetChunks = uint64(s.cfg.PoolMaxBytes / ps.FileSize)
-			}
-		}
+		c.PoolGrowableChunks = uint64(ps.Growable)
 	}
 	return c
 }

@@ -63,6 +63,7 @@ func (m *metrics) register(s *Server) {
 	}
 	m.reg.MustRegister(
 		gauge("cairn_chunkserver_pool_free_chunks", "Clean preformatted chunk files ready for use.", func() float64 { return float64(s.pool.Stats().Clean) }),
+		gauge("cairn_chunkserver_pool_growable_chunks", "Chunk files the pool may still create on demand (up to --pool-max and the disk's free space above --pool-reserve).", func() float64 { return float64(s.pool.Stats().Growable) }),
 		gauge("cairn_chunkserver_pool_used_chunks", "Chunk files in use (chunks and WAL segments).", func() float64 { return float64(s.pool.Stats().InUse) }),
 		gauge("cairn_chunkserver_pool_format_percent", "How far the chunk file pool's formatting has come.", func() float64 { return float64(s.pool.Stats().FormatPercent) }),
 		gauge("cairn_chunkserver_wal_segments", "Segments held by the shared WAL.", func() float64 { return float64(s.engine.WALStats().Segments) }),

@@ -264,7 +264,7 @@ func (c controller) GetCapacity(ctx context.Context, req *csipb.GetCapacityReque
 			cs.RwState != mdspb.RWState_RW_STATE_READWRITE {
 			continue
 		}
-		free += cs.GetCapacity().GetPoolFreeChunks() * geo.ChunkSize
+		free += cs.GetCapacity().AvailableChunks() * geo.ChunkSize
 	}
 	return &csipb.GetCapacityResponse{AvailableCapacity: int64(free / uint64(max(pool.Replicas, 1)))}, nil
 }

@@ -57,7 +57,7 @@ func newMetrics(s *Server) *metrics {
 		leaders:   prometheus.NewDesc("cairn_mds_copyset_leaders", "Copysets led by each chunkserver.", []string{"chunkserver"}, nil),
 		segments:  prometheus.NewDesc("cairn_mds_segments", "Segments allocated over all volumes.", nil, nil),
 		volumes:   prometheus.NewDesc("cairn_mds_volumes", "Volumes by status.", []string{"status"}, nil),
-		capacity:  prometheus.NewDesc("cairn_mds_capacity_bytes", "Capacity reported by chunkservers that are not offline.", []string{"kind"}, nil),
+		capacity:  prometheus.NewDesc("cairn_mds_capacity_bytes", "Capacity reported by chunkservers that are not offline: disk_total, disk_free, pool_free (formatted chunk files ready, in chunk bytes), pool_growable (chunk files the pools may still create).", []string{"kind"}, nil),
 		allocated: prometheus.NewDesc("cairn_mds_allocated_bytes", "Volume bytes backed by allocated segments (before replication).", nil, nil),
 		operators: prometheus.NewDesc("cairn_mds_operators", "Operators waiting for their copyset leader.", nil, nil),
 	}
@@ -88,7 +88,7 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(m.leader, prometheus.GaugeValue, 1)
 	now := time.Now()
 	states := map[mdspb.OnlineState]float64{}
-	var diskTotal, diskFree, poolFree float64
+	var diskTotal, diskFree, poolFree, poolGrowable float64
 	leaders := map[uint64]float64{}
 	var healthy, noLeader, under float64
 	l.mu.Lock()
@@ -100,6 +100,7 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 			diskTotal += float64(e.capacity.DiskTotalBytes)
 			diskFree += float64(e.capacity.DiskFreeBytes)
 			poolFree += float64(e.capacity.PoolFreeChunks) * float64(l.consts.ChunkSize)
+			poolGrowable += float64(e.capacity.PoolGrowableChunks) * float64(l.consts.ChunkSize)
 		}
 	}
 	for _, c := range l.mu.copysets {
@@ -135,6 +136,7 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(m.capacity, prometheus.GaugeValue, diskTotal, "disk_total")
 	ch <- prometheus.MustNewConstMetric(m.capacity, prometheus.GaugeValue, diskFree, "disk_free")
 	ch <- prometheus.MustNewConstMetric(m.capacity, prometheus.GaugeValue, poolFree, "pool_free")
+	ch <- prometheus.MustNewConstMetric(m.capacity, prometheus.GaugeValue, poolGrowable, "pool_growable")
 	ch <- prometheus.MustNewConstMetric(m.operators, prometheus.GaugeValue, float64(ops))
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()

@@ -158,8 +158,9 @@ func (l *leaderState) withRoomLocked(copysets []*mdspb.Copyset) (roomy []*mdspb.
 	return roomy, full
 }
 
-// poolFreeChunksLocked sums the free chunk files reported by the chunkservers
-// of a physical pool that are not OFFLINE. reported is false while none has
+// poolFreeChunksLocked sums the chunk files new data can still take
+// (formatted and free, or still to be created) on the chunkservers of a
+// physical pool that are not OFFLINE. reported is false while none has
 // reported a capacity.
 func (l *leaderState) poolFreeChunksLocked(physPool uint32, now time.Time) (free uint64, reported bool) {
 	for _, e := range l.mu.chunkServers {
@@ -170,7 +171,7 @@ func (l *leaderState) poolFreeChunksLocked(physPool uint32, now time.Time) (free
 			continue
 		}
 		reported = true
-		free += e.capacity.PoolFreeChunks
+		free += e.capacity.AvailableChunks()
 	}
 	return free, reported
 }

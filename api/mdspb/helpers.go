@@ -28,13 +28,19 @@ func (s RWState) Label() string {
 	return "unknown"
 }
 
+// AvailableChunks is how many chunk files new data can still take on a
+// chunkserver: the free formatted ones and those its pool may still create.
+func (c *Capacity) AvailableChunks() uint64 {
+	return c.GetPoolFreeChunks() + c.GetPoolGrowableChunks()
+}
+
 // UsedFraction is the fraction of a chunkserver's space in use, as the
 // schedulers and status judge it: of its chunk file pool (counting what the
 // pool may still grow into as free) or of its disk, whichever is fuller; 0
 // when nothing is reported.
 func (c *Capacity) UsedFraction() float64 {
 	var used float64
-	if total := c.GetPoolUsedChunks() + c.GetPoolFreeChunks(); total > 0 {
+	if total := c.GetPoolUsedChunks() + c.AvailableChunks(); total > 0 {
 		used = float64(c.GetPoolUsedChunks()) / float64(total)
 	}
 	if c.GetDiskTotalBytes() > 0 {

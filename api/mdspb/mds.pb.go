@@ -546,16 +546,20 @@ type Capacity struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
 	DiskTotalBytes uint64                 `protobuf:"varint,1,opt,name=disk_total_bytes,json=diskTotalBytes,proto3" json:"disk_total_bytes,omitempty"`
 	DiskFreeBytes  uint64                 `protobuf:"varint,2,opt,name=disk_free_bytes,json=diskFreeBytes,proto3" json:"disk_free_bytes,omitempty"`
-	// Chunk files preformatted and free to hand out.
+	// Chunk files formatted and free to hand out now.
 	PoolFreeChunks uint64 `protobuf:"varint,3,opt,name=pool_free_chunks,json=poolFreeChunks,proto3" json:"pool_free_chunks,omitempty"`
 	// Chunk files in use (chunks and WAL segments).
 	PoolUsedChunks uint64 `protobuf:"varint,4,opt,name=pool_used_chunks,json=poolUsedChunks,proto3" json:"pool_used_chunks,omitempty"`
-	// Chunk files the pool will hold when formatting ends.
+	// Chunk files the pool will hold when the formatting under way ends.
 	PoolTargetChunks uint64 `protobuf:"varint,5,opt,name=pool_target_chunks,json=poolTargetChunks,proto3" json:"pool_target_chunks,omitempty"`
-	// Percent of the pool formatted so far (100 when done).
+	// Percent of that formatting done so far (100 when none is under way).
 	FormatPercent uint32 `protobuf:"varint,6,opt,name=format_percent,json=formatPercent,proto3" json:"format_percent,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// Chunk files the pool may still create on demand (up to its maximum and
+	// the disk's free space above its reserve). Free plus growable is what
+	// new data can still take (Capacity.AvailableChunks).
+	PoolGrowableChunks uint64 `protobuf:"varint,7,opt,name=pool_growable_chunks,json=poolGrowableChunks,proto3" json:"pool_growable_chunks,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *Capacity) Reset() {
@@ -626,6 +630,13 @@ func (x *Capacity) GetPoolTargetChunks() uint64 {
 func (x *Capacity) GetFormatPercent() uint32 {
 	if x != nil {
 		return x.FormatPercent
+	}
+	return 0
+}
+
+func (x *Capacity) GetPoolGrowableChunks() uint64 {
+	if x != nil {
+		return x.PoolGrowableChunks
 	}
 	return 0
 }
@@ -5349,14 +5360,15 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\x06Server\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x1a\n" +
 	"\bhostname\x18\x02 \x01(\tR\bhostname\x12\x17\n" +
-	"\azone_id\x18\x03 \x01(\rR\x06zoneId\"\x85\x02\n" +
+	"\azone_id\x18\x03 \x01(\rR\x06zoneId\"\xb7\x02\n" +
 	"\bCapacity\x12(\n" +
 	"\x10disk_total_bytes\x18\x01 \x01(\x04R\x0ediskTotalBytes\x12&\n" +
 	"\x0fdisk_free_bytes\x18\x02 \x01(\x04R\rdiskFreeBytes\x12(\n" +
 	"\x10pool_free_chunks\x18\x03 \x01(\x04R\x0epoolFreeChunks\x12(\n" +
 	"\x10pool_used_chunks\x18\x04 \x01(\x04R\x0epoolUsedChunks\x12,\n" +
 	"\x12pool_target_chunks\x18\x05 \x01(\x04R\x10poolTargetChunks\x12%\n" +
-	"\x0eformat_percent\x18\x06 \x01(\rR\rformatPercent\"\xd4\x03\n" +
+	"\x0eformat_percent\x18\x06 \x01(\rR\rformatPercent\x120\n" +
+	"\x14pool_growable_chunks\x18\a \x01(\x04R\x12poolGrowableChunks\"\xd4\x03\n" +
 	"\vChunkServer\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x1b\n" +
 	"\tserver_id\x18\x02 \x01(\rR\bserverId\x12\x17\n" +

@@ -68,6 +68,7 @@ func TestPlayground(t *testing.T) {
 	}
 	defer e.mds.Close()
 
+	t.Run("FiguresAgree", e.figuresAgree)
 	t.Run("NBDCopyRoundTrip", e.nbdCopyRoundTrip)
 	t.Run("KillLeaderDuringCopy", e.killLeaderDuringCopy)
 	t.Run("RestartPlayground", e.restartPlayground)

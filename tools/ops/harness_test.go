@@ -102,7 +102,7 @@ func newDoubleCluster(t *testing.T, n int) *doubleCluster {
 		d := mdstest.StartChunkServerDouble(t, fmt.Sprintf("host-%d", i), fmt.Sprintf("zone-%d", i), "pool0")
 		d.SetCapacity(&mdspb.Capacity{
 			DiskTotalBytes: 100 << 30, DiskFreeBytes: 60 << 30,
-			PoolFreeChunks: 900, PoolUsedChunks: 100, PoolTargetChunks: 1000, FormatPercent: 100,
+			PoolFreeChunks: 900, PoolUsedChunks: 100, PoolTargetChunks: 1000, FormatPercent: 100, PoolGrowableChunks: 2000,
 		})
 		if err := d.Register(ctx, conn.Topology(), testConstants); err != nil {
 			t.Fatal(err)

@@ -144,13 +144,24 @@ func (a *app) listChunkServers(ctx context.Context) error {
 }
 
 func (l *chunkServerList) writeTable(t *table) {
-	t.row("ID", "HOSTNAME", "ZONE", "ADDRESS", "STATE", "RW", "COPYSETS", "LEADERS", "DISK USED", "DISK TOTAL", "CHUNK FILES FREE", "FORMATTED")
+	t.row("ID", "HOSTNAME", "ZONE", "ADDRESS", "STATE", "RW", "COPYSETS", "LEADERS", "DISK USED", "DISK TOTAL",
+		"CHUNK FILES FREE", "GROWABLE", "FORMATTING")
 	for _, c := range l.ChunkServers {
 		t.row(c.ID, c.Hostname, c.Zone, c.Address, c.OnlineState, c.RWState, c.Copysets, c.Leaders,
 			formatBytes(c.DiskTotalBytes-min(c.DiskFreeBytes, c.DiskTotalBytes)), formatBytes(c.DiskTotalBytes),
 			fmt.Sprintf("%d (%s)", c.PoolFreeChunks, formatBytes(c.PoolFreeChunks*l.chunkSize)),
-			fmt.Sprintf("%d%%", c.FormatPercent))
+			fmt.Sprintf("%d (%s)", c.PoolGrowableChunks, formatBytes(c.PoolGrowableChunks*l.chunkSize)),
+			formattingCell(c))
 	}
+}
+
+// formattingCell says whether a chunkserver's pool is formatting and how
+// far it has come.
+func formattingCell(c chunkServerView) string {
+	if c.FormatPercent >= 100 {
+		return "done"
+	}
+	return fmt.Sprintf("%d%% of %d files", c.FormatPercent, c.PoolTargetChunks)
 }
 
 // ---------------------------------------------------------------- pools

@@ -73,6 +73,9 @@ type spaceView struct {
 	PoolTotalBytes uint64 `json:"pool_total_bytes"`
 	PoolUsedBytes  uint64 `json:"pool_used_bytes"`
 	PoolFreeBytes  uint64 `json:"pool_free_bytes"`
+	// PoolGrowableBytes is what the pools may still create on demand:
+	// free plus growable is what new data can take.
+	PoolGrowableBytes uint64 `json:"pool_growable_bytes"`
 	// Volumes (logical, before replication).
 	ProvisionedBytes uint64 `json:"provisioned_bytes"`
 	AllocatedBytes   uint64 `json:"allocated_bytes"`
@@ -199,6 +202,7 @@ func (a *app) status(ctx context.Context, p healthParams) (*statusResult, error)
 		formatted := c.GetPoolFreeChunks() + c.GetPoolUsedChunks()
 		res.Space.PoolUsedBytes += c.GetPoolUsedChunks() * chunkSize
 		res.Space.PoolFreeBytes += c.GetPoolFreeChunks() * chunkSize
+		res.Space.PoolGrowableBytes += c.GetPoolGrowableChunks() * chunkSize
 		res.Formatting.FormattedChunks += formatted
 		target := max(c.GetPoolTargetChunks(), formatted)
 		res.Formatting.TargetChunks += target
@@ -387,7 +391,8 @@ func (r *statusResult) writeTable(t *table) {
 	t.row("copysets:", line)
 	s := r.Space
 	t.row("disk:", fmt.Sprintf("%s total, %s used, %s free", formatBytes(s.DiskTotalBytes), formatBytes(s.DiskUsedBytes), formatBytes(s.DiskFreeBytes)))
-	t.row("chunk files:", fmt.Sprintf("%s total, %s used, %s free", formatBytes(s.PoolTotalBytes), formatBytes(s.PoolUsedBytes), formatBytes(s.PoolFreeBytes)))
+	t.row("chunk files:", fmt.Sprintf("%s formatted (%s used, %s free), %s more may be formatted on demand",
+		formatBytes(s.PoolTotalBytes), formatBytes(s.PoolUsedBytes), formatBytes(s.PoolFreeBytes), formatBytes(s.PoolGrowableBytes)))
 	t.row("volumes:", fmt.Sprintf("%d (%d being deleted), %s provisioned, %s allocated",
 		r.Volumes.Total, r.Volumes.Deleting, formatBytes(s.ProvisionedBytes), formatBytes(s.AllocatedBytes)))
 	f := r.Formatting

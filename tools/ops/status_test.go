@@ -68,7 +68,7 @@ type statusReporter struct {
 func (r *statusReporter) send(ctx context.Context) error {
 	d := r.c.css[r.i]
 	req := &mdspb.HeartbeatRequest{ChunkserverId: d.ID(), Token: d.Token(), Address: d.Addr,
-		Capacity: &mdspb.Capacity{DiskTotalBytes: 100 << 30, DiskFreeBytes: 60 << 30, PoolFreeChunks: 900, PoolUsedChunks: 100, PoolTargetChunks: 1000, FormatPercent: 100}}
+		Capacity: &mdspb.Capacity{DiskTotalBytes: 100 << 30, DiskFreeBytes: 60 << 30, PoolFreeChunks: 900, PoolUsedChunks: 100, PoolTargetChunks: 1000, FormatPercent: 100, PoolGrowableChunks: 2000}}
 	for _, spec := range d.Copysets() {
 		if st := r.report(spec); st != nil {
 			req.Copysets = append(req.Copysets, &mdspb.CopysetReport{Status: st})

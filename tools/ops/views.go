@@ -28,24 +28,27 @@ type serverView struct {
 }
 
 type chunkServerView struct {
-	ID                uint64 `json:"id"`
-	Hostname          string `json:"hostname"`
-	ServerID          uint32 `json:"server_id"`
-	ZoneID            uint32 `json:"zone_id"`
-	Zone              string `json:"zone"`
-	Address           string `json:"address"`
-	DataDir           string `json:"data_dir"`
-	OnlineState       string `json:"online_state"`
-	RWState           string `json:"rw_state"`
-	Copysets          uint32 `json:"copysets"`
-	Leaders           uint32 `json:"leaders"`
-	DiskTotalBytes    uint64 `json:"disk_total_bytes"`
-	DiskFreeBytes     uint64 `json:"disk_free_bytes"`
-	PoolFreeChunks    uint64 `json:"pool_free_chunks"`
-	PoolUsedChunks    uint64 `json:"pool_used_chunks"`
-	PoolTargetChunks  uint64 `json:"pool_target_chunks"`
-	FormatPercent     uint32 `json:"format_percent"`
-	LastHeartbeatUnix int64  `json:"last_heartbeat_unix"`
+	ID               uint64 `json:"id"`
+	Hostname         string `json:"hostname"`
+	ServerID         uint32 `json:"server_id"`
+	ZoneID           uint32 `json:"zone_id"`
+	Zone             string `json:"zone"`
+	Address          string `json:"address"`
+	DataDir          string `json:"data_dir"`
+	OnlineState      string `json:"online_state"`
+	RWState          string `json:"rw_state"`
+	Copysets         uint32 `json:"copysets"`
+	Leaders          uint32 `json:"leaders"`
+	DiskTotalBytes   uint64 `json:"disk_total_bytes"`
+	DiskFreeBytes    uint64 `json:"disk_free_bytes"`
+	PoolFreeChunks   uint64 `json:"pool_free_chunks"`
+	PoolUsedChunks   uint64 `json:"pool_used_chunks"`
+	PoolTargetChunks uint64 `json:"pool_target_chunks"`
+	// PoolGrowableChunks is how many more chunk files the pool may create
+	// on demand; free plus growable is what new data can take.
+	PoolGrowableChunks uint64 `json:"pool_growable_chunks"`
+	FormatPercent      uint32 `json:"format_percent"`
+	LastHeartbeatUnix  int64  `json:"last_heartbeat_unix"`
 }
 
 type physicalPoolView struct {
@@ -157,7 +160,7 @@ func newChunkServerView(cs *mdspb.ChunkServer) chunkServerView {
 		Copysets: cs.CopysetCount, Leaders: cs.LeaderCount,
 		DiskTotalBytes: c.GetDiskTotalBytes(), DiskFreeBytes: c.GetDiskFreeBytes(),
 		PoolFreeChunks: c.GetPoolFreeChunks(), PoolUsedChunks: c.GetPoolUsedChunks(),
-		PoolTargetChunks: c.GetPoolTargetChunks(), FormatPercent: c.GetFormatPercent(),
+		PoolTargetChunks: c.GetPoolTargetChunks(), FormatPercent: c.GetFormatPercent(), PoolGrowableChunks: c.GetPoolGrowableChunks(),
 		LastHeartbeatUnix: cs.LastHeartbeatUnix,
 	}
 }
