@@ -51,7 +51,7 @@ func (a *app) extendCommand() *cobra.Command {
 }
 
 func (a *app) deleteCommand() *cobra.Command {
-	cmd := &cobra.Command{Use: "delete", Short: "Delete a volume or a retired chunkserver"}
+	cmd := &cobra.Command{Use: "delete", Short: "Delete a volume, a retired chunkserver or a stale session"}
 	var yes, force bool
 	vol := &cobra.Command{
 		Use:   "volume NAME",
@@ -81,7 +81,7 @@ unless --yes is given. A volume open for writing is refused unless --force.`,
 	}
 	vol.Flags().BoolVarP(&yes, "yes", "y", false, "do not ask for confirmation")
 	vol.Flags().BoolVar(&force, "force", false, "delete even while a client has the volume open for writing")
-	cmd.AddCommand(vol, a.deleteChunkServerCommand())
+	cmd.AddCommand(vol, a.deleteChunkServerCommand(), a.deleteSessionCommand())
 	return cmd
 }
 

@@ -120,17 +120,19 @@ type chunkTask struct {
 	offset  uint64
 }
 
-func (a *app) checkConsistency(ctx context.Context, name string, p consistencyParams) (*consistencyResult, error) {
+// volumeChunks lists a volume's chunks (those of its allocated segments)
+// with their copysets and offsets.
+func (a *app) volumeChunks(ctx context.Context, name string) (*mdspb.Volume, int, []chunkTask, error) {
 	st, err := a.statVolume(ctx, name)
 	if err != nil {
-		return nil, err
+		return nil, 0, nil, err
 	}
 	v := st.Volume
 	cctx, cancel := a.callCtx(ctx)
 	segs, err := a.conn.Volumes().ListSegments(cctx, &mdspb.ListSegmentsRequest{Name: name})
 	cancel()
 	if err != nil {
-		return nil, rpcErr(fmt.Sprintf("list segments of volume %q", name), err)
+		return nil, 0, nil, rpcErr(fmt.Sprintf("list segments of volume %q", name), err)
 	}
 	var refs []*commonpb.CopysetRef
 	seen := map[uint64]bool{}
@@ -144,7 +146,7 @@ func (a *app) checkConsistency(ctx context.Context, name string, p consistencyPa
 	}
 	copysets, err := a.getCopysets(ctx, refs)
 	if err != nil {
-		return nil, err
+		return nil, 0, nil, err
 	}
 	var tasks []chunkTask
 	for _, s := range segs.Segments {
@@ -152,7 +154,15 @@ func (a *app) checkConsistency(ctx context.Context, name string, p consistencyPa
 			tasks = append(tasks, chunkTask{chunkID: c.ChunkId, copyset: copysets[c.Copyset.Key()], offset: s.Offset + uint64(i)*v.ChunkSize})
 		}
 	}
-	res := &consistencyResult{Volume: v.Name, VolumeID: v.Id, Segments: len(segs.Segments), Chunks: len(tasks), Problems: []chunkReport{}}
+	return v, len(segs.Segments), tasks, nil
+}
+
+func (a *app) checkConsistency(ctx context.Context, name string, p consistencyParams) (*consistencyResult, error) {
+	v, nsegs, tasks, err := a.volumeChunks(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	res := &consistencyResult{Volume: v.Name, VolumeID: v.Id, Segments: nsegs, Chunks: len(tasks), Problems: []chunkReport{}}
 
 	bar := a.progressBar(len(tasks), fmt.Sprintf("checking %s", name))
 	var mu sync.Mutex

@@ -14,9 +14,9 @@ import (
 func (a *app) listCommand() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "list",
-		Short: "List zones, servers, chunkservers, pools, copysets, operators or volumes",
+		Short: "List zones, servers, chunkservers, pools, copysets, operators, volumes, sessions or CSI nodes",
 	}
-	cmd.AddCommand(
+	cmd.AddCommand(a.listSessionCommand(), a.listNodeCommand(),
 		&cobra.Command{
 			Use: "zone", Aliases: []string{"zones"}, Short: "List zones", Args: exactArgs(0, "none"),
 			RunE: a.runE(func(ctx context.Context, _ *cobra.Command, _ []string) error { return a.listZones(ctx) }),

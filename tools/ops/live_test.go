@@ -174,6 +174,20 @@ func TestLiveCluster(t *testing.T) {
 	if jnum(t, m, "chunks") != 128 || jnum(t, m, "consistent") != 128 || jnum(t, m, "segments") != 2 {
 		t.Fatalf("check consistency: %v", m)
 	}
+	// du: eight chunks written of 128 allocated in two segments.
+	m = c.jsonRun(ExitOK, "du")
+	if jlen(t, m, "volumes") != 1 || jstr(t, m, "volumes.0.name") != "vol" || jnum(t, m, "volumes.0.chunks_written") != 8 ||
+		jnum(t, m, "volumes.0.chunks_allocated") != 128 || jnum(t, m, "volumes.0.chunks_unknown") != 0 ||
+		jnum(t, m, "volumes.0.used_bytes") != 8*vol.ChunkSize || jnum(t, m, "volumes.0.allocated_bytes") != 128<<20 ||
+		jnum(t, m, "volumes.0.provisioned_bytes") != 128<<20 || jnum(t, m, "total.used_bytes") != 8*vol.ChunkSize {
+		t.Fatalf("du: %v", m)
+	}
+	if r := c.run("du", "vol"); r.code != ExitOK || !strings.Contains(r.stdout, "8 of 128") {
+		t.Fatalf("du vol: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	if r := c.run("du", "nosuch"); r.code != ExitNotFound {
+		t.Fatalf("du of an unknown volume: exit %d, want %d\n%s", r.code, ExitNotFound, r.stderr)
+	}
 	// Also while writes are in flight: replicas at different applied
 	// indexes are asked again until they meet, never compared.
 	writerDone := make(chan error, 1)

@@ -127,7 +127,7 @@ Exit codes: 0 success (healthy), 1 command failed, 2 usage, 3 not healthy,
 	pf.BoolVarP(&a.verbose, "verbose", "v", false, "log connection events to stderr")
 
 	root.AddCommand(a.statusCommand(), a.listCommand(), a.queryCommand(), a.createCommand(),
-		a.extendCommand(), a.deleteCommand(), a.updateCommand(), a.checkCommand())
+		a.extendCommand(), a.deleteCommand(), a.updateCommand(), a.checkCommand(), a.duCommand(), a.renameCommand())
 	for _, c := range root.Commands() {
 		if c.HasSubCommands() && c.RunE == nil && c.Run == nil {
 			makeGroup(c)

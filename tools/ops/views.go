@@ -106,6 +106,7 @@ type volumeView struct {
 }
 
 type sessionView struct {
+	Volume        string `json:"volume"`
 	SessionID     string `json:"session_id"`
 	Client        string `json:"client"`
 	Node          string `json:"node"`
@@ -177,7 +178,7 @@ func newVolumeView(v *mdspb.Volume, poolNames map[uint32]string) volumeView {
 
 func newSessionView(s *mdspb.Session) sessionView {
 	return sessionView{
-		SessionID: s.SessionId, Client: s.Client, Node: s.Node, ClientAddress: s.ClientAddress, Writable: s.Writable,
+		Volume: s.Volume, SessionID: s.SessionId, Client: s.Client, Node: s.Node, ClientAddress: s.ClientAddress, Writable: s.Writable,
 		Epoch: s.Epoch, OpenedUnix: s.OpenedUnix, ExpiresUnix: s.ExpiresUnix,
 	}
 }

@@ -341,3 +341,82 @@ func TestFormatBytes(t *testing.T) {
 		}
 	}
 }
+
+func TestSessionsNodesAndRename(t *testing.T) {
+	c := newDoubleCluster(t, 3)
+	c.createPool(3)
+	c.mustRun("create", "volume", "va", "--size", "24MiB")
+	c.mustRun("create", "volume", "vb", "--size", "24MiB")
+	vols := c.conn.Volumes()
+	wa, err := vols.OpenVolume(c.ctx, &mdspb.OpenVolumeRequest{Name: "va", Writable: true, Client: "host-a/pid-1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rb, err := vols.OpenVolume(c.ctx, &mdspb.OpenVolumeRequest{Name: "vb", Client: "host-b/pid-2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Sessions across volumes, and of one.
+	m := c.jsonRun(ExitOK, "list", "session")
+	if jlen(t, m, "sessions") != 2 || jstr(t, m, "sessions.0.volume") != "va" || jstr(t, m, "sessions.1.volume") != "vb" ||
+		!jbool(t, m, "sessions.0.writable") || jbool(t, m, "sessions.1.writable") {
+		t.Fatalf("list session: %v", m)
+	}
+	r := c.mustRun("list", "session")
+	golden(t, "list_session", c.normalize(r.stdout, map[string]string{wa.Session.SessionId: "SESSION_A", rb.Session.SessionId: "SESSION_B"}))
+	if m = c.jsonRun(ExitOK, "list", "session", "vb"); jlen(t, m, "sessions") != 1 {
+		t.Fatalf("list session vb: %v", m)
+	}
+	// Closing a stale session; an unknown one is NOT FOUND and changes
+	// nothing.
+	if r := c.run("delete", "session", "va", "nosuch"); r.code != ExitNotFound || !strings.Contains(r.stderr, `volume "va" has no open session nosuch`) {
+		t.Fatalf("delete of an unknown session: exit %d, %s", r.code, r.stderr)
+	}
+	if m = c.jsonRun(ExitOK, "delete", "session", "va", wa.Session.SessionId); jstr(t, m, "closed") != wa.Session.SessionId {
+		t.Fatalf("delete session: %v", m)
+	}
+	if m = c.jsonRun(ExitOK, "list", "session", "va"); jlen(t, m, "sessions") != 0 {
+		t.Fatalf("sessions of va after closing: %v", m)
+	}
+	// The writer gone, the volume deletes without --force.
+	if r := c.run("delete", "volume", "va", "--yes"); r.code != ExitOK {
+		t.Fatalf("delete after closing the stale session: exit %d, %s", r.code, r.stderr)
+	}
+
+	// CSI nodes and what is published to them.
+	if _, err := vols.RegisterNode(c.ctx, &mdspb.RegisterNodeRequest{Node: &mdspb.Node{Name: "worker-1", Topology: map[string]string{"zone": "a"}}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := vols.RegisterNode(c.ctx, &mdspb.RegisterNodeRequest{Node: &mdspb.Node{Name: "worker-2"}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := vols.PublishVolume(c.ctx, &mdspb.PublishVolumeRequest{Name: "vb", Node: "worker-1", ReadOnly: true}); err != nil {
+		t.Fatal(err)
+	}
+	m = c.jsonRun(ExitOK, "list", "node")
+	if jlen(t, m, "nodes") != 2 || jstr(t, m, "nodes.0.name") != "worker-1" || jstr(t, m, "nodes.0.volumes.0") != "vb (ro)" ||
+		jstr(t, m, "nodes.0.topology.zone") != "a" || jlen(t, m, "nodes.1.volumes") != 0 {
+		t.Fatalf("list node: %v", m)
+	}
+	r = c.mustRun("list", "node")
+	golden(t, "list_node", c.normalize(r.stdout, nil))
+
+	// Rename: the session and the publication follow the volume.
+	m = c.jsonRun(ExitOK, "rename", "volume", "vb", "vc")
+	if jstr(t, m, "renamed") != "vb" || jstr(t, m, "volume.name") != "vc" {
+		t.Fatalf("rename: %v", m)
+	}
+	if m = c.jsonRun(ExitOK, "list", "node"); jstr(t, m, "nodes.0.volumes.0") != "vc (ro)" {
+		t.Fatalf("publication after the rename: %v", m)
+	}
+	if m = c.jsonRun(ExitOK, "list", "session", "vc"); jlen(t, m, "sessions") != 1 || jstr(t, m, "sessions.0.volume") != "vc" {
+		t.Fatalf("session after the rename: %v", m)
+	}
+	c.mustRun("create", "volume", "vd", "--size", "24MiB")
+	if r := c.run("rename", "volume", "vc", "vd"); r.code == ExitOK || !strings.Contains(r.stderr, `volume "vd" already exists`) {
+		t.Fatalf("rename onto another volume: exit %d, %s", r.code, r.stderr)
+	}
+	if r := c.run("rename", "volume", "nosuch", "x"); r.code != ExitNotFound {
+		t.Fatalf("rename of an unknown volume: exit %d, %s", r.code, r.stderr)
+	}
+}
