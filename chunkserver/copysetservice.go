@@ -48,6 +48,9 @@ func (cs *copysetService) CreateCopysets(ctx context.Context, req *copysetpb.Cre
 			created++
 		}
 	}
+	if created > 0 {
+		s.log.Info("copysets created", "count", created, "asked", len(req.GetCopysets()))
+	}
 	return &copysetpb.CreateCopysetsResponse{Created: created}, nil
 }
 

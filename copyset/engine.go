@@ -300,7 +300,7 @@ func (e *Engine) Create(id GroupID, peers []uint64) error {
 		return fmt.Errorf("copyset: open new %s: %w", id, err)
 	}
 	e.groups[id] = c
-	e.log.Info("copyset created", "copyset", id, "peers", peers)
+	e.log.Debug("copyset created", "copyset", id, "peers", peers) // the caller logs batches
 	return nil
 }
 

@@ -211,7 +211,8 @@ func (s *Store) load() error {
 		}
 		s.mu.chunks[id] = c
 	}
-	s.log.Info("chunk store open", "chunks", len(s.mu.chunks), "corrupt", corrupt)
+	// One per copyset: the engine logs the sum.
+	s.log.Debug("chunk store open", "chunks", len(s.mu.chunks), "corrupt", corrupt)
 	return nil
 }
 

@@ -97,7 +97,7 @@ func TestExitCodesReachTheShell(t *testing.T) {
 	}
 
 	stdout, stderr, code = run(t, nil, "--mds", s.Addr(), "query", "volume", "nope")
-	if code != ops.ExitNotFound || stdout != "" || stderr != "cairn-ops: volume \"nope\": volume \"nope\" does not exist\n" {
+	if code != ops.ExitNotFound || stdout != "" || stderr != "cairn-ops: volume \"nope\" does not exist\n" {
 		t.Errorf("query unknown volume: exit %d, stdout %q, stderr %q", code, stdout, stderr)
 	}
 

@@ -35,13 +35,21 @@ func (a *app) extendCommand() *cobra.Command {
 			if err != nil {
 				return usageError(fmt.Errorf("--size: %w", err))
 			}
+			before, err := a.statVolume(ctx, args[0])
+			if err != nil {
+				return err
+			}
 			cctx, cancel := a.callCtx(ctx)
 			defer cancel()
 			resp, err := a.conn.Volumes().ExtendVolume(cctx, &mdspb.ExtendVolumeRequest{Name: args[0], NewSize: n})
 			if err != nil {
 				return rpcErr(fmt.Sprintf("extend volume %q", args[0]), err)
 			}
-			return a.emitVolumeChange(ctx, "extended", resp.Volume, n)
+			action := "extended"
+			if resp.Volume.Size == before.Volume.Size {
+				action = "unchanged"
+			}
+			return a.emitVolumeChange(ctx, action, resp.Volume, n)
 		}),
 	}
 	vol.Flags().StringVar(&size, "size", "", "new size: bytes or a size such as 20GiB")

@@ -62,6 +62,15 @@ func (e *rpcError) Error() string {
 	if i := strings.Index(msg, "no MDS leader answered"); i > 0 {
 		msg = msg[i:]
 	}
+	if strings.Contains(msg, "looked like an HTTP/1.1 header") {
+		// An HTTP server answered where gRPC was expected.
+		msg = "the address answers HTTP/1.1, not gRPC: is it a metrics port rather than the MDS's (or chunkserver's) gRPC port? (" + msg + ")"
+	}
+	// Say each thing once: "volume "x" does not exist", not
+	// "volume "x": volume "x" does not exist".
+	if strings.HasPrefix(msg, e.what) {
+		return msg
+	}
 	return e.what + ": " + msg
 }
 

@@ -81,6 +81,11 @@ func RunWithInput(ctx context.Context, args []string, stdin io.Reader, stdout, s
 	root.SetIn(stdin)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
+	if len(args) == 0 {
+		// Plain cairn-ops: the help, and the usage code (no command ran).
+		_ = root.Help()
+		return ExitUsage
+	}
 	err := root.ExecuteContext(ctx)
 	if err == nil {
 		return ExitOK

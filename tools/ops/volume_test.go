@@ -3,6 +3,8 @@ package ops
 import (
 	"errors"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"regexp"
 	"strconv"
 	"strings"
@@ -47,7 +49,7 @@ func TestVolumeLifecycle(t *testing.T) {
 		{[]string{"create", "volume", "vol3", "--size", "8MiB", "--pool", "nope"}, ExitNotFound, `logical pool "nope" does not exist`},
 		{[]string{"extend", "volume", "vol1", "--size", "8MiB"}, ExitUsage, `shrinking to 8388608 is not supported`},
 		{[]string{"extend", "volume", "nope", "--size", "8MiB"}, ExitNotFound, `volume "nope" does not exist`},
-		{[]string{"query", "volume", "nope"}, ExitNotFound, `volume "nope": volume "nope" does not exist`},
+		{[]string{"query", "volume", "nope"}, ExitNotFound, `cairn-ops: volume "nope" does not exist`},
 		{[]string{"delete", "volume", "nope", "--yes"}, ExitNotFound, `volume "nope" does not exist`},
 	} {
 		r := c.run(tc.args...)
@@ -65,10 +67,13 @@ func TestVolumeLifecycle(t *testing.T) {
 		t.Errorf("error object %v", m)
 	}
 
-	// Extend.
+	// Extend; again to the same size is "unchanged".
 	m = c.jsonRun(ExitOK, "extend", "volume", "vol1", "--size", "1GiB")
 	if jstr(t, m, "action") != "extended" || jnum(t, m, "volume.size") != 1<<30 {
 		t.Errorf("extend: %v", m)
+	}
+	if r := c.mustRun("extend", "volume", "vol1", "--size", "1GiB"); !strings.Contains(r.stdout, `volume "vol1" (id 1) unchanged: 1GiB`) {
+		t.Errorf("same-size extend: %s", r.stdout)
 	}
 
 	// Query with an open session and an allocated segment.
@@ -287,6 +292,13 @@ func TestUnreachableMDS(t *testing.T) {
 	if jstr(t, m, "error.code") != "unreachable" || !strings.Contains(jstr(t, m, "error.message"), "tried 127.0.0.1:1") {
 		t.Errorf("JSON error: %v", m)
 	}
+	// An HTTP port given as the MDS (a metrics listener) gets a hint.
+	web := httptest.NewServer(http.NotFoundHandler())
+	defer web.Close()
+	r = runOps(t, "", "--mds", strings.TrimPrefix(web.URL, "http://"), "--timeout", "2s", "status")
+	if r.code != ExitUnreachable || !strings.Contains(r.stderr, "answers HTTP/1.1, not gRPC: is it a metrics port") {
+		t.Errorf("HTTP port as the MDS: exit %d, stderr %q", r.code, r.stderr)
+	}
 }
 
 func TestMDSAddressFromEnvironment(t *testing.T) {
@@ -308,12 +320,16 @@ func TestMDSAddressFromEnvironment(t *testing.T) {
 }
 
 func TestUsageErrors(t *testing.T) {
+	// Plain cairn-ops prints its help and exits with the usage code.
+	if r := runOps(t, ""); r.code != ExitUsage || !strings.Contains(r.stdout, "Available Commands") {
+		t.Errorf("plain cairn-ops: exit %d, stdout %q", r.code, r.stdout)
+	}
 	for _, tc := range []struct {
 		args []string
 		msg  string
 	}{
 		{[]string{"frobnicate"}, `unknown command "frobnicate"`},
-		{[]string{"list"}, "cairn-ops list needs one of: chunkserver, copyset, operator, pool, server, volume, zone"},
+		{[]string{"list"}, "cairn-ops list needs one of: chunkserver, copyset, node, operator, pool, server, session, volume, zone"},
 		{[]string{"list", "disks"}, `unknown command "disks" for cairn-ops list`},
 		{[]string{"status", "--bogus"}, "unknown flag: --bogus"},
 		{[]string{"-o", "yaml", "status"}, `unknown output format "yaml": use table or json`},
