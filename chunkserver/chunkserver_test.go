@@ -367,8 +367,8 @@ func TestMetricsEndpoint(t *testing.T) {
 		body += string(b)
 	}
 	for _, want := range []string{
-		`cairn_chunkserver_requests_total{op="write",status="STATUS_OK"} 1`,
-		"cairn_chunkserver_wal_fsync_seconds_bucket",
+		`cairn_chunkserver_requests_total{op="write",status="ok"} 1`,
+		"cairn_chunkserver_wal_fsync_duration_seconds_bucket",
 		"cairn_chunkserver_wal_entries_per_fsync_count",
 		"cairn_chunkserver_pool_free_chunks",
 		"cairn_chunkserver_raft_heartbeats_sent_total",

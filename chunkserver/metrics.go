@@ -1,6 +1,7 @@
 package chunkserver
 
 import (
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -30,11 +31,11 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 			Name: "cairn_chunkserver_requests_total", Help: "Chunk requests by operation and status.",
 		}, []string{"op", "status"}),
 		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Name: "cairn_chunkserver_request_seconds", Help: "Chunk request latency by operation.",
+			Name: "cairn_chunkserver_request_duration_seconds", Help: "Chunk request latency by operation.",
 			Buckets: prometheus.ExponentialBuckets(50e-6, 2, 16),
 		}, []string{"op"}),
 		walSync: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "cairn_chunkserver_wal_fsync_seconds", Help: "Latency of the shared WAL's fdatasync.",
+			Name: "cairn_chunkserver_wal_fsync_duration_seconds", Help: "Latency of the shared WAL's fdatasync.",
 			Buckets: prometheus.ExponentialBuckets(50e-6, 2, 16),
 		}),
 		walEntries: prometheus.NewHistogram(prometheus.HistogramOpts{
@@ -65,7 +66,7 @@ func (m *metrics) register(s *Server) {
 		gauge("cairn_chunkserver_pool_free_chunks", "Clean preformatted chunk files ready for use.", func() float64 { return float64(s.pool.Stats().Clean) }),
 		gauge("cairn_chunkserver_pool_growable_chunks", "Chunk files the pool may still create on demand (up to --pool-max and the disk's free space above --pool-reserve).", func() float64 { return float64(s.pool.Stats().Growable) }),
 		gauge("cairn_chunkserver_pool_used_chunks", "Chunk files in use (chunks and WAL segments).", func() float64 { return float64(s.pool.Stats().InUse) }),
-		gauge("cairn_chunkserver_pool_format_percent", "How far the chunk file pool's formatting has come.", func() float64 { return float64(s.pool.Stats().FormatPercent) }),
+		gauge("cairn_chunkserver_pool_format_ratio", "How far the chunk file pool's formatting under way has come (1 when none is).", func() float64 { return float64(s.pool.Stats().FormatPercent) / 100 }),
 		gauge("cairn_chunkserver_wal_segments", "Segments held by the shared WAL.", func() float64 { return float64(s.engine.WALStats().Segments) }),
 		gauge("cairn_chunkserver_requests_inflight", "Chunk requests in flight.", func() float64 { return float64(s.inflight.Load()) }),
 		gauge("cairn_chunkserver_proposal_bytes_inflight", "Bytes of proposals led here that are admitted and not yet applied or failed (bounded by --max-inflight-bytes).", func() float64 { return float64(s.engine.InflightBytes()) }),
@@ -102,8 +103,14 @@ func (m *metrics) register(s *Server) {
 }
 
 func (m *metrics) observe(op string, start time.Time, st chunkpb.Status) {
-	m.requests.WithLabelValues(op, st.String()).Inc()
+	m.requests.WithLabelValues(op, statusLabel(st)).Inc()
 	m.latency.WithLabelValues(op).Observe(time.Since(start).Seconds())
+}
+
+// statusLabel is a chunk status as a metric label: lower case, without
+// the enum's prefix ("ok", "epoch_too_old").
+func statusLabel(st chunkpb.Status) string {
+	return strings.ToLower(strings.TrimPrefix(st.String(), "STATUS_"))
 }
 
 func (m *metrics) observeWALSync(si wal.SyncInfo) {

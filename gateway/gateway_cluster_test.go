@@ -152,8 +152,8 @@ func TestClusterFencedByAnotherWriter(t *testing.T) {
 	}
 	for _, re := range []string{`cairn_gateway_volumes_fenced_total 1`, `cairn_gateway_volume_opens_total 2`,
 		`cairn_gateway_client_chunk_requests_total\{volume="v"\} [1-9]`,
-		`cairn_gateway_volume_op_seconds_count\{op="write",volume="v"\} [1-9]`,
-		`cairn_gateway_volume_op_seconds_count\{op="read",volume="v"\} [1-9]`,
+		`cairn_gateway_volume_op_duration_seconds_count\{op="write",volume="v"\} [1-9]`,
+		`cairn_gateway_volume_op_duration_seconds_count\{op="read",volume="v"\} [1-9]`,
 		`cairn_gateway_volume_bytes_total\{op="write",volume="v"\} [1-9]`,
 		`cairn_gateway_volume_errors_total\{op="write",volume="v"\} 0`} {
 		if !regexp.MustCompile(re).MatchString(body) {

@@ -20,7 +20,7 @@ type volumeMetrics struct {
 func newVolumeMetrics(reg *prometheus.Registry) *volumeMetrics {
 	v := &volumeMetrics{
 		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Name:    "cairn_gateway_volume_op_seconds",
+			Name:    "cairn_gateway_volume_op_duration_seconds",
 			Help:    "Latency of IO on each open volume, by operation; its count is the operations done (IOPS as a rate).",
 			Buckets: prometheus.ExponentialBuckets(50e-6, 2, 18), // 50 µs .. 6.5 s
 		}, []string{"volume", "op"}),

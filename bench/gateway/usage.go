@@ -32,7 +32,7 @@ func sampleUsage(st *playground.State) usage {
 			u.cpu[p.Name] = cpuTime(p.PID)
 		}
 		if strings.HasPrefix(p.Name, "cs") && p.MetricsAddr != "" {
-			u.walFsyncs += metricValue(p.MetricsAddr, "cairn_chunkserver_wal_fsync_seconds_count")
+			u.walFsyncs += metricValue(p.MetricsAddr, "cairn_chunkserver_wal_fsync_duration_seconds_count")
 		}
 	}
 	return u
