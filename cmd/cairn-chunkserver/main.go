@@ -29,6 +29,7 @@ func main() { daemon.Main("cairn-chunkserver", run) }
 
 func run(args []string) error {
 	fs := flag.NewFlagSet("cairn-chunkserver", flag.ContinueOnError)
+	logFlags := daemon.AddLogFlags(fs)
 	var (
 		configFile   = fs.String("config", "", "YAML or JSON file with settings (keys are flag names)")
 		dataDir      = fs.String("data-dir", "", "data directory (one disk); required")
@@ -39,7 +40,6 @@ func run(args []string) error {
 		zone         = fs.String("zone", "", "failure domain (zone) of this chunkserver; required")
 		hostname     = fs.String("hostname", "", "host name registered with the MDS (default: this machine's)")
 		physicalPool = fs.String("physical-pool", "pool1", "physical pool to join")
-		logLevel     = fs.String("log-level", "info", "debug, info, warn or error")
 		poolSize     units.Bytes
 		poolMax      units.Bytes
 		poolReserve  units.Bytes
@@ -68,7 +68,7 @@ func run(args []string) error {
 			return err
 		}
 	}
-	logger, err := daemon.Logger(os.Stderr, *logLevel)
+	logger, err := logFlags.Logger(os.Stderr)
 	if err != nil {
 		return err
 	}

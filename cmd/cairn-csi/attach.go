@@ -23,13 +23,13 @@ import (
 // it serves the volume as a loop device until it is told to stop (SIGTERM).
 func runAttach(args []string) error {
 	fs := flag.NewFlagSet("cairn-csi attach", flag.ContinueOnError)
+	logFlags := daemon.AddLogFlags(fs)
 	var (
 		dir      = fs.String("dir", "", "the attachment's state directory (absolute)")
 		volume   = fs.String("volume", "", "the volume to attach")
 		nodeID   = fs.String("node-id", "", "this node's name: the volume must be published to it")
 		mdsAddrs = fs.String("mds", "", "MDS addresses, comma-separated")
 		readOnly = fs.Bool("read-only", false, "attach read-only")
-		logLevel = fs.String("log-level", "info", "debug, info, warn or error")
 	)
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -42,7 +42,7 @@ func runAttach(args []string) error {
 	case *volume == "" || *nodeID == "" || *mdsAddrs == "":
 		return errors.New("--volume, --node-id and --mds are required")
 	}
-	logger, err := daemon.Logger(os.Stderr, *logLevel)
+	logger, err := logFlags.Logger(os.Stderr)
 	if err != nil {
 		return err
 	}

@@ -27,6 +27,7 @@ func run(args []string) error {
 		return runAttach(args[1:])
 	}
 	fs := flag.NewFlagSet("cairn-csi", flag.ContinueOnError)
+	logFlags := daemon.AddLogFlags(fs)
 	var (
 		endpoint = fs.String("endpoint", daemon.EnvOr("CSI_ENDPOINT", "unix:///csi/csi.sock"), "unix socket the CSI services listen on (env CSI_ENDPOINT)")
 		mdsAddrs = fs.String("mds", daemon.EnvOr("CAIRN_MDS", "127.0.0.1:6700"), "MDS addresses, comma-separated (env CAIRN_MDS)")
@@ -36,7 +37,6 @@ func run(args []string) error {
 		topology = fs.String("topology", daemon.EnvOr("CAIRN_TOPOLOGY", ""), "the node's topology, key=value pairs comma-separated, e.g. zone=a (env CAIRN_TOPOLOGY)")
 		defFs    = fs.String("default-fs-type", "ext4", "file system of mount volumes that name none: ext4 or xfs")
 		attachBy = fs.String("attach", "fuse", "how the node attaches volumes: fuse (a FUSE file behind a loop device)")
-		logLevel = fs.String("log-level", "info", "debug, info, warn or error")
 	)
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -55,7 +55,7 @@ func run(args []string) error {
 		}
 		topo[k] = v
 	}
-	logger, err := daemon.Logger(os.Stderr, *logLevel)
+	logger, err := logFlags.Logger(os.Stderr)
 	if err != nil {
 		return err
 	}

@@ -54,6 +54,7 @@ func run(args []string) error {
 // reading the CHAP secrets file when one is named.
 func parseConfig(args []string) (gateway.Config, error) {
 	fs := flag.NewFlagSet("cairn-gateway", flag.ContinueOnError)
+	logFlags := daemon.AddLogFlags(fs)
 	var (
 		mds         = fs.String("mds", daemon.EnvOr("CAIRN_MDS", "127.0.0.1:6700"), "MDS addresses, comma-separated (env CAIRN_MDS)")
 		nbdListen   = fs.String("nbd-listen", gateway.DefaultNBDAddr, "NBD listen address (\"-\" disables NBD)")
@@ -65,7 +66,6 @@ func parseConfig(args []string) (gateway.Config, error) {
 		clientName  = fs.String("client-name", "", "name of the gateway's volume sessions at the MDS (default cairn-gateway@<host>)")
 		nopInterval = fs.Duration("iscsi-nop-interval", 10*time.Second, "idle time after which the target pings an iSCSI initiator")
 		chapFile    = fs.String("iscsi-chap", "", "JSON file of iSCSI CHAP secrets: default, discovery and per-volume targets (docs/gateway.md)")
-		logLevel    = fs.String("log-level", "info", "debug, info, warn or error")
 		nbdBytes    = units.Bytes(nbd.DefaultMaxInFlightBytes)
 		iscsiBytes  = units.Bytes(iscsi.DefaultMaxSessionBuffer)
 		volumeBytes = units.Bytes(client.DefaultMaxInflightBytes)
@@ -79,7 +79,7 @@ func parseConfig(args []string) (gateway.Config, error) {
 	if fs.NArg() > 0 {
 		return gateway.Config{}, fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))
 	}
-	logger, err := daemon.Logger(os.Stderr, *logLevel)
+	logger, err := logFlags.Logger(os.Stderr)
 	if err != nil {
 		return gateway.Config{}, err
 	}

@@ -29,6 +29,7 @@ func main() { daemon.Main("cairn-mds", run) }
 
 func run(args []string) error {
 	fs := flag.NewFlagSet("cairn-mds", flag.ContinueOnError)
+	logFlags := daemon.AddLogFlags(fs)
 	var (
 		dataDir      = fs.String("data-dir", "", "directory for the embedded etcd's data (required without --etcd-endpoints)")
 		listen       = fs.String("listen", "127.0.0.1:6700", "gRPC listen address")
@@ -53,12 +54,11 @@ func run(args []string) error {
 		noBalance    = fs.Bool("no-balance", false, "do not balance copysets and leaders (recovery and drains go on)")
 		spaceWarn    = fs.Float64("space-warn", 0.8, "fraction of a chunkserver's space in use past which status warns")
 		spaceFull    = fs.Float64("space-full", 0.95, "fraction of a chunkserver's space in use past which it takes no new replicas")
-		logLevel     = fs.String("log-level", "info", "debug, info, warn or error")
 	)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	logger, err := daemon.Logger(os.Stderr, *logLevel)
+	logger, err := logFlags.Logger(os.Stderr)
 	if err != nil {
 		return err
 	}

@@ -36,6 +36,7 @@ func main() {
 
 func run(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("cairn-playground", flag.ContinueOnError)
+	logFlags := daemon.AddLogFlags(fs)
 	fs.SetOutput(stderr)
 	var (
 		dir          = fs.String("dir", playground.DefaultDir, "directory for data, logs and the state file (reused by the next start)")
@@ -46,7 +47,6 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 		stopTimeout  = fs.Duration("stop-timeout", playground.DefaultStopTimeout, "how long a process may take to stop after SIGTERM before SIGKILL")
 		clean        = fs.Bool("clean", false, "remove the playground's directory (after confirming) and exit")
 		yes          = fs.Bool("yes", false, "with --clean: do not ask")
-		logLevel     = fs.String("log-level", "info", "level of the playground's own messages: debug, info, warn or error")
 		perZone      = fs.Int("chunkservers-per-zone", 1, fmt.Sprintf("chunkservers in each of the %d zones (1..%d; more than one lets recovery and balancing be tried)", playground.Zones, playground.MaxChunkServersPerZone))
 		recoverAfter = fs.Duration("recover-after", playground.DefaultRecoverAfter, "how long the MDS waits for a lost chunkserver before rebuilding its replicas elsewhere")
 		chunkSize    units.Bytes
@@ -71,7 +71,7 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 	if *clean {
 		return cleanDir(*dir, *yes, stdin, stdout)
 	}
-	logger, err := daemon.Logger(stderr, *logLevel)
+	logger, err := logFlags.Logger(stderr)
 	if err != nil {
 		return err
 	}

@@ -1,6 +1,6 @@
 // Package daemon is what every Cairn command's main shares: how it exits on
-// an error, how it reads --log-level, which signals stop it, and how
-// environment variables give flags their defaults.
+// an error, how it reads --log-level and --log-format, which signals stop
+// it, and how environment variables give flags their defaults.
 package daemon
 
 import (
@@ -8,8 +8,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io"
-	"log/slog"
 	"os"
 	"os/signal"
 	"strings"
@@ -31,16 +29,6 @@ func Main(name string, run func(args []string) error) {
 		fmt.Fprintf(os.Stderr, "%s: %v\n", name, err)
 		os.Exit(1)
 	}
-}
-
-// Logger returns a text logger writing to w at level (debug, info, warn or
-// error); a bad level is an error naming the --log-level flag.
-func Logger(w io.Writer, level string) (*slog.Logger, error) {
-	var l slog.Level
-	if err := l.UnmarshalText([]byte(level)); err != nil {
-		return nil, fmt.Errorf("--log-level: %w", err)
-	}
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: l})), nil
 }
 
 // SignalContext is cancelled on SIGTERM or SIGINT, the signals that stop a

@@ -2,14 +2,26 @@ package daemon
 
 import (
 	"bytes"
+	"encoding/json"
+	"flag"
+	"log/slog"
 	"reflect"
 	"strings"
 	"testing"
 )
 
 func TestLogger(t *testing.T) {
-	var b bytes.Buffer
-	l, err := Logger(&b, "warn")
+	logger := func(args ...string) (*slog.Logger, *bytes.Buffer, error) {
+		fs := flag.NewFlagSet("t", flag.ContinueOnError)
+		lf := AddLogFlags(fs)
+		if err := fs.Parse(args); err != nil {
+			t.Fatal(err)
+		}
+		var b bytes.Buffer
+		l, err := lf.Logger(&b)
+		return l, &b, err
+	}
+	l, b, err := logger("--log-level", "warn")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -18,8 +30,28 @@ func TestLogger(t *testing.T) {
 	if strings.Contains(b.String(), "hidden") || !strings.Contains(b.String(), "shown") {
 		t.Fatalf("log %q", b.String())
 	}
-	if _, err := Logger(&b, "loud"); err == nil || !strings.Contains(err.Error(), "--log-level") {
+	// The level changes while the process runs.
+	LogLevel.Set(slog.LevelDebug)
+	l.Debug("now shown")
+	if !strings.Contains(b.String(), "now shown") {
+		t.Fatalf("log after lowering the level: %q", b.String())
+	}
+	if _, _, err := logger("--log-level", "loud"); err == nil || !strings.Contains(err.Error(), "--log-level") {
 		t.Fatalf("bad level: %v", err)
+	}
+	// JSON, one object per line; the environment gives the default.
+	t.Setenv("CAIRN_LOG_FORMAT", "json")
+	l, b, err = logger()
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Info("hello", "component", "x")
+	var m map[string]any
+	if err := json.Unmarshal(b.Bytes(), &m); err != nil || m["msg"] != "hello" || m["component"] != "x" {
+		t.Fatalf("json log %q: %v", b.String(), err)
+	}
+	if _, _, err := logger("--log-format", "xml"); err == nil || !strings.Contains(err.Error(), "--log-format") {
+		t.Fatalf("bad format: %v", err)
 	}
 }
 

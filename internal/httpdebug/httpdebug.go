@@ -1,17 +1,22 @@
 package httpdebug
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"cairn.io/cairn/internal/daemon"
 )
 
 // Health reports a daemon's health: a one-line status when it serves, an
@@ -25,6 +30,31 @@ func Register(mux *http.ServeMux) {
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	mux.HandleFunc("/debug/loglevel", logLevel)
+}
+
+// logLevel shows the process's log level (GET) or sets it (PUT or POST
+// with the level as the body: debug, info, warn or error).
+func logLevel(w http.ResponseWriter, r *http.Request) {
+	switch r.Method {
+	case http.MethodGet:
+	case http.MethodPut, http.MethodPost:
+		body, err := io.ReadAll(io.LimitReader(r.Body, 64))
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		var l slog.Level
+		if err := l.UnmarshalText(bytes.TrimSpace(body)); err != nil {
+			http.Error(w, fmt.Sprintf("log level %q: %v (want debug, info, warn or error)", body, err), http.StatusBadRequest)
+			return
+		}
+		daemon.LogLevel.Set(l)
+	default:
+		http.Error(w, "GET shows the log level; PUT sets it", http.StatusMethodNotAllowed)
+		return
+	}
+	fmt.Fprintln(w, strings.ToLower(daemon.LogLevel.Level().String()))
 }
 
 // Handler serves /metrics from reg, /healthz from health and the profiler.

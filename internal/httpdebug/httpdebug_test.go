@@ -12,6 +12,8 @@ import (
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"cairn.io/cairn/internal/daemon"
 )
 
 func TestRegisterServesProfiles(t *testing.T) {
@@ -82,4 +84,37 @@ func TestServeDisabled(t *testing.T) {
 		t.Fatalf("disabled listener: %v %v", s, err)
 	}
 	s.Close(context.Background())
+}
+
+func TestLogLevelChangesAtRunTime(t *testing.T) {
+	mux := http.NewServeMux()
+	Register(mux)
+	srv := httptest.NewServer(mux)
+	defer srv.Close()
+	defer daemon.LogLevel.Set(daemon.LogLevel.Level())
+	call := func(method, body string) (int, string) {
+		req, err := http.NewRequest(method, srv.URL+"/debug/loglevel", strings.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, strings.TrimSpace(string(b))
+	}
+	if code, got := call(http.MethodPut, "debug\n"); code != http.StatusOK || got != "debug" || daemon.LogLevel.Level() != slog.LevelDebug {
+		t.Fatalf("PUT debug: %d %q", code, got)
+	}
+	if code, got := call(http.MethodGet, ""); code != http.StatusOK || got != "debug" {
+		t.Fatalf("GET: %d %q", code, got)
+	}
+	if code, _ := call(http.MethodPut, "loud"); code != http.StatusBadRequest || daemon.LogLevel.Level() != slog.LevelDebug {
+		t.Fatalf("PUT loud: %d, level now %v", code, daemon.LogLevel.Level())
+	}
+	if code, _ := call(http.MethodDelete, ""); code != http.StatusMethodNotAllowed {
+		t.Fatalf("DELETE: %d", code)
+	}
 }
