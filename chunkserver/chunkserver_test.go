@@ -371,12 +371,19 @@ func TestMetricsEndpoint(t *testing.T) {
 		"cairn_chunkserver_wal_fsync_duration_seconds_bucket",
 		"cairn_chunkserver_wal_entries_per_fsync_count",
 		"cairn_chunkserver_pool_free_chunks",
+		"cairn_chunkserver_pool_growable_chunks",
+		"cairn_chunkserver_pool_format_ratio",
+		"cairn_chunkserver_leader_changes_total",
 		"cairn_chunkserver_raft_heartbeats_sent_total",
 		"cairn_chunkserver_copysets 8",
 	} {
 		if !strings.Contains(body, want) {
 			t.Errorf("metrics lack %q", want)
 		}
+	}
+	// Correct peers never send what the transport's checks refuse.
+	if n := strings.Count(body, "\ncairn_chunkserver_raft_messages_refused_total 0\n"); n != 3 {
+		t.Errorf("%d of 3 chunkservers report no refused Raft messages", n)
 	}
 }
 

@@ -94,6 +94,7 @@ func (m *metrics) register(s *Server) {
 		counter("cairn_chunkserver_raft_heartbeats_sent_total", "Coalesced Raft heartbeats sent.", func() float64 { return float64(s.engine.TransportStats().HeartbeatsSent) }),
 		counter("cairn_chunkserver_raft_heartbeats_received_total", "Coalesced Raft heartbeats received.", func() float64 { return float64(s.engine.TransportStats().HeartbeatsReceived) }),
 		counter("cairn_chunkserver_raft_batches_sent_total", "Raft batches sent to peers.", func() float64 { return float64(s.engine.TransportStats().BatchesSent) }),
+		counter("cairn_chunkserver_leader_changes_total", "Leader changes the replicas here saw after their first leader (elections and transfers, each counted by every replica that saw it).", func() float64 { return float64(s.engine.LeaderChanges()) }),
 		counter("cairn_chunkserver_raft_messages_refused_total", "Raft messages from the network refused before Raft saw them (malformed or impossible: see the chunkserver log).", func() float64 { return float64(s.engine.RefusedMessages()) }),
 		counter("cairn_chunkserver_raft_messages_dropped_total", "Raft messages dropped (queue full or peer unreachable).", func() float64 { return float64(s.engine.TransportStats().Dropped) }),
 	)

@@ -40,6 +40,9 @@ type Engine struct {
 	// refused counts the Raft messages from the network that failed their
 	// checks (see admit).
 	refused atomic.Uint64
+	// leaderChanges counts the leader changes replicas here saw after their
+	// first leader (elections and transfers).
+	leaderChanges atomic.Uint64
 
 	wal       *wal.WAL // shared WAL (nil with PerCopysetWAL)
 	transport *transport.Transport
@@ -498,6 +501,10 @@ func (e *Engine) HandleSnapshot(ctx context.Context, header *transportpb.Snapsho
 	}
 	return c.installSnapshot(ctx, header, next)
 }
+
+// LeaderChanges is how many times a replica here saw its copyset's leader
+// change after the first one it knew (a metric).
+func (e *Engine) LeaderChanges() uint64 { return e.leaderChanges.Load() }
 
 func (e *Engine) newProposalID() uint64 { return e.idBase + e.nextID.Add(1) }
 

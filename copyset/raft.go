@@ -406,6 +406,7 @@ func (c *Copyset) logLeaderChange(lead uint64, state raft.StateType) {
 	default:
 		c.log.Info("copyset leader elected", "previous", c.knownLead, "leader", lead, "term", c.rn.BasicStatus().GetTerm())
 		c.knownLead = lead
+		c.e.leaderChanges.Add(1)
 	}
 }
 

@@ -3,6 +3,7 @@ package mds
 import (
 	"context"
 	"errors"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc"
@@ -15,12 +16,18 @@ import (
 
 // leaderInterceptor answers every call on a follower with UNAVAILABLE and a
 // NotLeader detail, and turns internal errors into gRPC status codes.
-func (s *Server) leaderInterceptor(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+func (s *Server) leaderInterceptor(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (resp any, err error) {
+	start := time.Now()
+	defer func() {
+		method := info.FullMethod[strings.LastIndexByte(info.FullMethod, '/')+1:]
+		code := strings.ToLower(toSnake(status.Code(err).String()))
+		s.metrics.rpcs.WithLabelValues(method, code).Observe(time.Since(start).Seconds())
+	}()
 	st := s.leader()
 	if st == nil {
 		return nil, s.notLeader(ctx)
 	}
-	resp, err := handler(ctx, req)
+	resp, err = handler(ctx, req)
 	if err != nil {
 		if errors.Is(err, errNotLeader) {
 			return nil, s.notLeader(ctx)
@@ -38,6 +45,22 @@ func (s *Server) leaderInterceptor(ctx context.Context, req any, info *grpc.Unar
 		}
 	}
 	return resp, err
+}
+
+// toSnake turns a gRPC code name (DeadlineExceeded) into a label value
+// (deadline_exceeded).
+func toSnake(name string) string {
+	var b strings.Builder
+	prevLower := false
+	for _, r := range name {
+		upper := r >= 'A' && r <= 'Z'
+		if upper && prevLower {
+			b.WriteByte('_')
+		}
+		prevLower = !upper
+		b.WriteRune(r)
+	}
+	return b.String()
 }
 
 func (s *Server) notLeader(ctx context.Context) error {

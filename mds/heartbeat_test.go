@@ -209,6 +209,9 @@ func TestMetricsAndHealth(t *testing.T) {
 		"cairn_mds_allocated_bytes " + strconv.FormatFloat(seg, 'g', -1, 64),
 		`cairn_mds_volumes{status="created"} 1`,
 		`cairn_mds_copyset_leaders{chunkserver="1"}`,
+		`cairn_mds_chunkserver_heartbeat_age_seconds{chunkserver="1"}`,
+		`cairn_mds_rpc_duration_seconds_count{code="ok",method="Heartbeat"}`,
+		`cairn_mds_rpc_duration_seconds_count{code="ok",method="CreateVolume"} 1`,
 	} {
 		if !strings.Contains(m, want) {
 			t.Errorf("metrics lack %q", want)

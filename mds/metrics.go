@@ -22,6 +22,9 @@ type metrics struct {
 	operatorsEnded   *prometheus.CounterVec
 	// movedBytes counts replica bytes filled by add-peer operators.
 	movedBytes prometheus.Counter
+	// rpcs times the calls the MDS answers.
+	rpcs         *prometheus.HistogramVec
+	heartbeatAge *prometheus.Desc
 
 	leader       *prometheus.Desc
 	chunkServers *prometheus.Desc
@@ -49,6 +52,12 @@ func newMetrics(s *Server) *metrics {
 		movedBytes: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "cairn_mds_replica_bytes_moved_total", Help: "Replica bytes filled by add-peer operators (recover, drain, balance, rebuild) that finished while this MDS led; estimated from the copyset's chunk count.",
 		}),
+		rpcs: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "cairn_mds_rpc_duration_seconds", Help: "Latency of the calls this MDS answered, by method and code (followers answer unavailable).",
+			Buckets: prometheus.ExponentialBuckets(100e-6, 2, 16),
+		}, []string{"method", "code"}),
+		heartbeatAge: prometheus.NewDesc("cairn_mds_chunkserver_heartbeat_age_seconds",
+			"Seconds since each chunkserver's last heartbeat to this leader (absent until its first).", []string{"chunkserver"}, nil),
 		leader:       prometheus.NewDesc("cairn_mds_leader", "1 when this MDS is the elected leader.", nil, nil),
 		chunkServers: prometheus.NewDesc("cairn_mds_chunkservers", "Chunkservers by online state.", []string{"state"}, nil),
 		copysets: prometheus.NewDesc("cairn_mds_copysets",
@@ -69,7 +78,8 @@ func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
 	m.operatorsStarted.Describe(ch)
 	m.operatorsEnded.Describe(ch)
 	m.movedBytes.Describe(ch)
-	for _, d := range []*prometheus.Desc{m.leader, m.chunkServers, m.copysets, m.leaders, m.segments, m.volumes, m.capacity, m.allocated, m.operators} {
+	m.rpcs.Describe(ch)
+	for _, d := range []*prometheus.Desc{m.heartbeatAge, m.leader, m.chunkServers, m.copysets, m.leaders, m.segments, m.volumes, m.capacity, m.allocated, m.operators} {
 		ch <- d
 	}
 }
@@ -80,6 +90,7 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	m.operatorsStarted.Collect(ch)
 	m.operatorsEnded.Collect(ch)
 	m.movedBytes.Collect(ch)
+	m.rpcs.Collect(ch)
 	l := m.s.leader()
 	if l == nil {
 		ch <- prometheus.MustNewConstMetric(m.leader, prometheus.GaugeValue, 0)
@@ -93,6 +104,9 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	var healthy, noLeader, under float64
 	l.mu.Lock()
 	for id, e := range l.mu.chunkServers {
+		if !e.lastHB.IsZero() {
+			ch <- prometheus.MustNewConstMetric(m.heartbeatAge, prometheus.GaugeValue, now.Sub(e.lastHB).Seconds(), strconv.FormatUint(id, 10))
+		}
 		st := l.onlineStateLocked(e, now)
 		states[st]++
 		leaders[id] = 0
