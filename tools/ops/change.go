@@ -137,6 +137,9 @@ func (a *app) createVolumeCommand() *cobra.Command {
 			if err != nil {
 				return rpcErr(fmt.Sprintf("create volume %q", args[0]), err)
 			}
+			if note := a.overcommitNote(ctx, resp.Volume); note != "" {
+				fmt.Fprintf(a.stderr, "cairn-ops: warning: %s\n", note)
+			}
 			return a.emitVolumeChange(ctx, "created", resp.Volume, n)
 		}),
 	}

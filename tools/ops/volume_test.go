@@ -436,3 +436,20 @@ func TestSessionsNodesAndRename(t *testing.T) {
 		t.Fatalf("rename of an unknown volume: exit %d, %s", r.code, r.stderr)
 	}
 }
+
+func TestCreateWarnsAboutOvercommit(t *testing.T) {
+	c := newDoubleCluster(t, 3)
+	c.createPool(3)
+	// Each chunkserver reports 100 used, 900 free and 2000 growable chunk
+	// files of 1 MiB: the pool holds 3 x 3000 MiB / 3 replicas.
+	if r := c.mustRun("create", "volume", "fits", "--size", "512MiB"); strings.Contains(r.stderr, "warning") {
+		t.Fatalf("warning for a volume that fits: %s", r.stderr)
+	}
+	r := c.mustRun("create", "volume", "big", "--size", "4GiB")
+	if !strings.Contains(r.stderr, "cairn-ops: warning: the volumes of pool lp0 now provision 4.5GiB, 1.5x the 2.9GiB its chunkservers can hold with 3 replicas") {
+		t.Fatalf("no overcommit warning: %q", r.stderr)
+	}
+	if !strings.Contains(r.stdout, `volume "big" (id 2) created`) {
+		t.Fatalf("the volume was not created: %s", r.stdout)
+	}
+}
