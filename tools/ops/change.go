@@ -277,14 +277,23 @@ func (a *app) updateCommand() *cobra.Command {
 	var to uint64
 	var wait time.Duration
 	leader := &cobra.Command{
-		Use:   "leader --copyset ID --to CHUNKSERVER",
+		Use:   "leader ID --to CHUNKSERVER",
 		Short: "Move a copyset's leadership to one of its members",
 		Long: `update leader queues a transfer-leader operator at the MDS; the copyset's
 leader carries it out after its next heartbeat. ID is POOL:COPYSET (or COPYSET
-when there is one logical pool). With --wait it waits until the MDS sees the
-new leader.`,
-		Args: exactArgs(0, "none"),
-		RunE: a.runE(func(ctx context.Context, _ *cobra.Command, _ []string) error {
+when there is one logical pool), given as the argument, as check copyset takes
+it (--copyset ID works too). With --wait it waits until the MDS sees the new
+leader.`,
+		Args: cobra.MaximumNArgs(1),
+		RunE: a.runE(func(ctx context.Context, _ *cobra.Command, args []string) error {
+			switch {
+			case len(args) == 1 && copyset != "" && args[0] != copyset:
+				return usageError(fmt.Errorf("copyset %s given twice, as %s and --copyset %s", args[0], args[0], copyset))
+			case len(args) == 1:
+				copyset = args[0]
+			case copyset == "":
+				return usageError(errors.New("update leader needs the copyset: update leader POOL:COPYSET --to CHUNKSERVER"))
+			}
 			pools, err := a.listPools(ctx)
 			if err != nil {
 				return err
@@ -316,10 +325,9 @@ new leader.`,
 			return a.emit(out)
 		}),
 	}
-	leader.Flags().StringVar(&copyset, "copyset", "", "copyset id: POOL:COPYSET, or COPYSET with a single logical pool")
+	leader.Flags().StringVar(&copyset, "copyset", "", "copyset id, instead of the argument: POOL:COPYSET, or COPYSET with a single logical pool")
 	leader.Flags().Uint64Var(&to, "to", 0, "chunkserver id of the new leader (a member of the copyset)")
 	leader.Flags().DurationVar(&wait, "wait", 0, "wait up to this long for the new leader to be reported")
-	_ = leader.MarkFlagRequired("copyset")
 	_ = leader.MarkFlagRequired("to")
 	cmd.AddCommand(leader)
 	cmd.AddCommand(a.stateCommands()...)

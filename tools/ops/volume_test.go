@@ -239,7 +239,9 @@ func TestUpdateLeader(t *testing.T) {
 		{[]string{"update", "leader", "--copyset", "1:9", "--to", "2"}, ExitNotFound, "copyset 1:9 does not exist"},
 		{[]string{"update", "leader", "--copyset", "7:1", "--to", "2"}, ExitNotFound, `logical pool "7" does not exist`},
 		{[]string{"update", "leader", "--copyset", "x", "--to", "2"}, ExitUsage, `copyset id "x": want POOL:COPYSET`},
-		{[]string{"update", "leader", "--to", "2"}, ExitUsage, `required flag(s) "copyset" not set`},
+		{[]string{"update", "leader", "--to", "2"}, ExitUsage, `update leader needs the copyset`},
+		{[]string{"update", "leader", "1:9", "--to", "2"}, ExitNotFound, "copyset 1:9 does not exist"},
+		{[]string{"update", "leader", "1:2", "--copyset", "1:3", "--to", "2"}, ExitUsage, "copyset 1:2 given twice"},
 	} {
 		r := c.run(tc.args...)
 		if r.code != tc.code || !strings.Contains(r.stderr, tc.msg) {
@@ -252,7 +254,7 @@ func TestUpdateLeader(t *testing.T) {
 	// newer term once the operator is queued.
 	done := make(chan runResult, 1)
 	go func() {
-		done <- c.run("-o", "json", "update", "leader", "--copyset", "lp0:3", "--to", strconv.FormatUint(to, 10), "--wait", "20s")
+		done <- c.run("-o", "json", "update", "leader", "lp0:3", "--to", strconv.FormatUint(to, 10), "--wait", "20s")
 	}()
 	soon.Succeeds(t, 10*time.Second, func() error {
 		ops, err := c.conn.Cluster().ListOperators(c.ctx, &mdspb.ListOperatorsRequest{})
