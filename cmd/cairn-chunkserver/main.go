@@ -15,10 +15,7 @@ import (
 	"fmt"
 	"os"
 	"runtime/debug"
-	"strings"
 	"time"
-
-	"sigs.k8s.io/yaml"
 
 	"cairn.io/cairn/chunkserver"
 	"cairn.io/cairn/internal/daemon"
@@ -31,7 +28,6 @@ func run(args []string) error {
 	fs := flag.NewFlagSet("cairn-chunkserver", flag.ContinueOnError)
 	logFlags := daemon.AddLogFlags(fs)
 	var (
-		configFile   = fs.String("config", "", "YAML or JSON file with settings (keys are flag names)")
 		dataDir      = fs.String("data-dir", "", "data directory (one disk); required")
 		listen       = fs.String("listen", "127.0.0.1:8200", "gRPC address for clients and peers")
 		advertise    = fs.String("advertise", "", "address registered with the MDS (default: the listen address)")
@@ -60,13 +56,8 @@ func run(args []string) error {
 	fs.Var(&memLimit, "memory-limit", "soft memory limit of the Go runtime: the garbage collector works harder near it (default 768MiB; env GOMEMLIMIT wins)")
 	fs.Var(&inflight, "max-inflight-bytes", "bytes of proposals this chunkserver leads that may be in flight; more wait (default 64MiB)")
 	fs.Var(&logMem, "max-log-memory", "bytes of Raft log entries all copysets may hold in memory (default 128MiB)")
-	if err := fs.Parse(args); err != nil {
+	if err := daemon.Parse(fs, args); err != nil {
 		return err
-	}
-	if *configFile != "" {
-		if err := applyConfigFile(fs, *configFile); err != nil {
-			return err
-		}
 	}
 	logger, err := logFlags.Logger(os.Stderr)
 	if err != nil {
@@ -117,44 +108,4 @@ func run(args []string) error {
 		s.Stop()
 		return fmt.Errorf("storage failed: %w", ferr)
 	}
-}
-
-// applyConfigFile sets every flag the command line left unset from the file.
-func applyConfigFile(fs *flag.FlagSet, path string) error {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return fmt.Errorf("read config: %w", err)
-	}
-	var m map[string]any
-	if err := yaml.Unmarshal(b, &m); err != nil {
-		return fmt.Errorf("config %s: %w", path, err)
-	}
-	set := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-	for k, v := range m {
-		f := fs.Lookup(k)
-		if f == nil || k == "config" {
-			return fmt.Errorf("config %s: unknown setting %q", path, k)
-		}
-		if set[k] {
-			continue
-		}
-		var s string
-		switch x := v.(type) {
-		case []any:
-			parts := make([]string, len(x))
-			for i, p := range x {
-				parts[i] = fmt.Sprint(p)
-			}
-			s = strings.Join(parts, ",")
-		case float64:
-			s = fmt.Sprintf("%.0f", x)
-		default:
-			s = fmt.Sprint(x)
-		}
-		if err := f.Value.Set(s); err != nil {
-			return fmt.Errorf("config %s: %s: %w", path, k, err)
-		}
-	}
-	return nil
 }

@@ -38,7 +38,7 @@ func run(args []string) error {
 		defFs    = fs.String("default-fs-type", "ext4", "file system of mount volumes that name none: ext4 or xfs")
 		attachBy = fs.String("attach", "fuse", "how the node attaches volumes: fuse (a FUSE file behind a loop device)")
 	)
-	if err := fs.Parse(args); err != nil {
+	if err := daemon.Parse(fs, args); err != nil {
 		return err
 	}
 	if fs.NArg() > 0 {

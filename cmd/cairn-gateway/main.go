@@ -73,7 +73,7 @@ func parseConfig(args []string) (gateway.Config, error) {
 	fs.Var(&nbdBytes, "nbd-max-inflight-bytes", "READ/WRITE payload one NBD connection may hold in memory; beyond it the gateway stops reading that connection")
 	fs.Var(&iscsiBytes, "iscsi-session-buffer", "data buffers one iSCSI session may hold (unsolicited, solicited and read data); it also sizes the CmdSN window and the maximum transfer length")
 	fs.Var(&volumeBytes, "volume-max-inflight-bytes", "data of the chunk requests in flight per open volume; IO beyond it waits")
-	if err := fs.Parse(args); err != nil {
+	if err := daemon.Parse(fs, args); err != nil {
 		return gateway.Config{}, err
 	}
 	if fs.NArg() > 0 {

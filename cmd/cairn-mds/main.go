@@ -55,7 +55,7 @@ func run(args []string) error {
 		spaceWarn    = fs.Float64("space-warn", 0.8, "fraction of a chunkserver's space in use past which status warns")
 		spaceFull    = fs.Float64("space-full", 0.95, "fraction of a chunkserver's space in use past which it takes no new replicas")
 	)
-	if err := fs.Parse(args); err != nil {
+	if err := daemon.Parse(fs, args); err != nil {
 		return err
 	}
 	logger, err := logFlags.Logger(os.Stderr)

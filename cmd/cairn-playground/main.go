@@ -62,7 +62,7 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 	fs.Var(&poolMax, "pool-max", "largest size a chunkserver's pool grows to on demand")
 	fs.Var(&poolReserve, "pool-reserve", "disk space the pools always leave free")
 	fs.Var(&volumeSize, "volume-size", "size of the volume when it is created")
-	if err := fs.Parse(args); err != nil {
+	if err := daemon.Parse(fs, args); err != nil {
 		return err
 	}
 	if fs.NArg() > 0 {
