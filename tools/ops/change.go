@@ -229,7 +229,9 @@ created its copysets (the pool is ready).`,
 // waitPoolReady polls the pool until it is READY or wait passes.
 func (a *app) waitPoolReady(ctx context.Context, name string, wait time.Duration) (*mdspb.LogicalPool, error) {
 	deadline := time.Now().Add(wait)
-	for {
+	tick, done := a.spinner(fmt.Sprintf("waiting for the chunkservers to create the copysets of pool %s", name))
+	defer done()
+	for ; ; tick() {
 		pools, err := a.listPools(ctx)
 		if err != nil {
 			return nil, err
@@ -357,7 +359,9 @@ func (r *leaderChange) writeTable(t *table) {
 // waitLeader polls the MDS until it records to as the copyset's leader.
 func (a *app) waitLeader(ctx context.Context, ref *commonpb.CopysetRef, to uint64, wait time.Duration) error {
 	deadline := time.Now().Add(wait)
-	for {
+	tick, done := a.spinner(fmt.Sprintf("waiting for chunkserver %d to lead copyset %s", to, ref.Name()))
+	defer done()
+	for ; ; tick() {
 		cs, err := a.getCopysets(ctx, []*commonpb.CopysetRef{ref})
 		if err != nil {
 			return err

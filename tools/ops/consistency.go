@@ -213,6 +213,23 @@ feed:
 	return res, nil
 }
 
+// spinner returns an indeterminate progress indicator on stderr for a
+// wait, when stderr is a terminal, else nil; done clears it.
+func (a *app) spinner(desc string) (tick func(), done func()) {
+	f, ok := a.stderr.(*os.File)
+	if !ok || !term.IsTerminal(int(f.Fd())) {
+		return func() {}, func() {}
+	}
+	bar := progressbar.NewOptions(-1,
+		progressbar.OptionSetWriter(io.Writer(f)),
+		progressbar.OptionSetDescription(desc),
+		progressbar.OptionSpinnerType(14),
+		progressbar.OptionShowElapsedTimeOnFinish(),
+		progressbar.OptionThrottle(100*time.Millisecond),
+	)
+	return func() { _ = bar.Add(1) }, func() { _ = bar.Finish(); fmt.Fprintln(a.stderr) }
+}
+
 // progressBar returns a bar on stderr when stderr is a terminal, else nil.
 func (a *app) progressBar(total int, desc string) *progressbar.ProgressBar {
 	f, ok := a.stderr.(*os.File)
