@@ -172,11 +172,8 @@ func (n node) attachment(ctx context.Context, st *stageRecord) (*attach.Record, 
 // Unstaging what is not staged succeeds.
 func (n node) NodeUnstageVolume(ctx context.Context, req *csipb.NodeUnstageVolumeRequest) (*csipb.NodeUnstageVolumeResponse, error) {
 	id, staging := req.GetVolumeId(), req.GetStagingTargetPath()
-	switch {
-	case id == "":
-		return nil, status.Error(codes.InvalidArgument, "volume id is required")
-	case staging == "":
-		return nil, status.Error(codes.InvalidArgument, "staging target path is required")
+	if err := required("volume id", id, "staging target path", staging); err != nil {
+		return nil, err
 	}
 	defer n.d.lockVolume(id)()
 	if rec, err := attach.ReadRecord(n.d.volumeDir(id)); err == nil {
@@ -273,11 +270,8 @@ func (n node) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolum
 // NodeUnpublishVolume unmounts the target path and removes it.
 func (n node) NodeUnpublishVolume(ctx context.Context, req *csipb.NodeUnpublishVolumeRequest) (*csipb.NodeUnpublishVolumeResponse, error) {
 	id, target := req.GetVolumeId(), req.GetTargetPath()
-	switch {
-	case id == "":
-		return nil, status.Error(codes.InvalidArgument, "volume id is required")
-	case target == "":
-		return nil, status.Error(codes.InvalidArgument, "target path is required")
+	if err := required("volume id", id, "target path", target); err != nil {
+		return nil, err
 	}
 	defer n.d.lockVolume(id)()
 	if err := unmountIfMounted(n.d.mounter, target); err != nil {
@@ -292,11 +286,8 @@ func (n node) NodeUnpublishVolume(ctx context.Context, req *csipb.NodeUnpublishV
 // NodeGetVolumeStats reports the file system's (or device's) usage.
 func (n node) NodeGetVolumeStats(ctx context.Context, req *csipb.NodeGetVolumeStatsRequest) (*csipb.NodeGetVolumeStatsResponse, error) {
 	id, path := req.GetVolumeId(), req.GetVolumePath()
-	switch {
-	case id == "":
-		return nil, status.Error(codes.InvalidArgument, "volume id is required")
-	case path == "":
-		return nil, status.Error(codes.InvalidArgument, "volume path is required")
+	if err := required("volume id", id, "volume path", path); err != nil {
+		return nil, err
 	}
 	rec, err := attach.ReadRecord(n.d.volumeDir(id))
 	if err != nil {
@@ -361,11 +352,8 @@ func (n node) NodeGetVolumeHealth(ctx context.Context, req *csipb.NodeGetVolumeH
 // file system on it, online.
 func (n node) NodeExpandVolume(ctx context.Context, req *csipb.NodeExpandVolumeRequest) (*csipb.NodeExpandVolumeResponse, error) {
 	id, path := req.GetVolumeId(), req.GetVolumePath()
-	switch {
-	case id == "":
-		return nil, status.Error(codes.InvalidArgument, "volume id is required")
-	case path == "":
-		return nil, status.Error(codes.InvalidArgument, "volume path is required")
+	if err := required("volume id", id, "volume path", path); err != nil {
+		return nil, err
 	}
 	defer n.d.lockVolume(id)()
 	dir := n.d.volumeDir(id)
@@ -394,6 +382,17 @@ func (n node) NodeExpandVolume(ctx context.Context, req *csipb.NodeExpandVolumeR
 	}
 	n.d.log.Info("volume expanded on the node", "volume", id, "size", size)
 	return &csipb.NodeExpandVolumeResponse{CapacityBytes: size}, nil
+}
+
+// required refuses a request missing one of its fields, given as name,
+// value pairs, with INVALID_ARGUMENT naming the first one missing.
+func required(fields ...string) error {
+	for i := 0; i+1 < len(fields); i += 2 {
+		if fields[i+1] == "" {
+			return status.Errorf(codes.InvalidArgument, "%s is required", fields[i])
+		}
+	}
+	return nil
 }
 
 // publishedTo reports whether v is published to node (writable, if asked).

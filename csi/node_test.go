@@ -339,19 +339,7 @@ func TestNodeStagesMovesExpandsAndFences(t *testing.T) {
 }
 
 func TestNodeRestartKeepsVolumesMounted(t *testing.T) {
-	needNode(t)
-	testtool.Need(t, "mkfs.xfs")
-	c := cluster.Start(t, cluster.Options{})
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	base := t.TempDir()
-	a := startNode(t, c, "node-a")
-	vc := mountCap(csipb.VolumeCapability_AccessMode_SINGLE_NODE_WRITER, testFs)
-	if _, err := a.ctl.CreateVolume(ctx, &csipb.CreateVolumeRequest{
-		Name: "pvc-r", CapacityRange: &csipb.CapacityRange{RequiredBytes: 5 * seg}, VolumeCapabilities: []*csipb.VolumeCapability{vc},
-	}); err != nil {
-		t.Fatal(err)
-	}
+	c, a, ctx, base, _ := oneNodeVolume(t, "pvc-r")
 	staging, target := a.stage(t, ctx, "pvc-r", base)
 	before := bytes.Repeat([]byte("before the restart "), 1<<14)
 	if err := writeSynced(filepath.Join(target, "before"), before); err != nil {
@@ -484,6 +472,25 @@ func TestNodeBlockVolumesAndReaders(t *testing.T) {
 	}
 }
 
+// oneNodeVolume starts a cluster and one node (mode all) and creates an
+// xfs-sized volume named name, for the node tests that need no second node.
+func oneNodeVolume(t *testing.T, name string) (*cluster.Cluster, *nodeEnv, context.Context, string, *csipb.VolumeCapability) {
+	t.Helper()
+	needNode(t)
+	testtool.Need(t, "mkfs.xfs")
+	c := cluster.Start(t, cluster.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	t.Cleanup(cancel)
+	a := startNode(t, c, "node-a")
+	vc := mountCap(csipb.VolumeCapability_AccessMode_SINGLE_NODE_WRITER, testFs)
+	if _, err := a.ctl.CreateVolume(ctx, &csipb.CreateVolumeRequest{
+		Name: name, CapacityRange: &csipb.CapacityRange{RequiredBytes: 5 * seg}, VolumeCapabilities: []*csipb.VolumeCapability{vc},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return c, a, ctx, t.TempDir(), vc
+}
+
 // restartNode starts a node's driver again on the same state directory;
 // old then speaks to the new driver.
 func restartNode(t *testing.T, c *cluster.Cluster, old *nodeEnv) *nodeEnv {
@@ -523,19 +530,7 @@ func readRecord(t *testing.T, n *nodeEnv, vol string) *attach.Record {
 }
 
 func TestNodeStageAfterAttachProcessDied(t *testing.T) {
-	needNode(t)
-	testtool.Need(t, "mkfs.xfs")
-	c := cluster.Start(t, cluster.Options{})
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	base := t.TempDir()
-	a := startNode(t, c, "node-a")
-	vc := mountCap(csipb.VolumeCapability_AccessMode_SINGLE_NODE_WRITER, testFs)
-	if _, err := a.ctl.CreateVolume(ctx, &csipb.CreateVolumeRequest{
-		Name: "pvc-d", CapacityRange: &csipb.CapacityRange{RequiredBytes: 5 * seg}, VolumeCapabilities: []*csipb.VolumeCapability{vc},
-	}); err != nil {
-		t.Fatal(err)
-	}
+	_, a, ctx, base, vc := oneNodeVolume(t, "pvc-d")
 	staging, target := a.stage(t, ctx, "pvc-d", base)
 	data := bytes.Repeat([]byte("survives the attach process "), 1<<12)
 	if err := writeSynced(filepath.Join(target, "f"), data); err != nil {

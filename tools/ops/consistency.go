@@ -164,28 +164,42 @@ func (a *app) checkConsistency(ctx context.Context, name string, p consistencyPa
 	}
 	res := &consistencyResult{Volume: v.Name, VolumeID: v.Id, Segments: nsegs, Chunks: len(tasks), Problems: []chunkReport{}}
 
-	bar := a.progressBar(len(tasks), fmt.Sprintf("checking %s", name))
 	var mu sync.Mutex
+	a.forEachChunk(ctx, tasks, p.parallel, fmt.Sprintf("checking %s", name), func(t chunkTask) {
+		rep := a.checkChunk(ctx, t, p)
+		mu.Lock()
+		defer mu.Unlock()
+		switch rep.Status {
+		case chunkConsistent:
+			res.Consistent++
+		case chunkMismatch:
+			res.Mismatched++
+			res.Problems = append(res.Problems, rep)
+		default:
+			res.Unverified++
+			res.Problems = append(res.Problems, rep)
+		}
+	})
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("check consistency of volume %q: %w", name, err)
+	}
+	sort.Slice(res.Problems, func(i, j int) bool { return res.Problems[i].VolumeOffset < res.Problems[j].VolumeOffset })
+	return res, nil
+}
+
+// forEachChunk runs fn on every task, parallel at a time, with a progress
+// bar on a terminal; it returns when all ran or ctx ended (the caller checks
+// ctx).
+func (a *app) forEachChunk(ctx context.Context, tasks []chunkTask, parallel int, desc string, fn func(chunkTask)) {
+	bar := a.progressBar(len(tasks), desc)
 	work := make(chan chunkTask)
 	var wg sync.WaitGroup
-	for range min(p.parallel, max(len(tasks), 1)) {
+	for range min(max(parallel, 1), max(len(tasks), 1)) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for t := range work {
-				rep := a.checkChunk(ctx, t, p)
-				mu.Lock()
-				switch rep.Status {
-				case chunkConsistent:
-					res.Consistent++
-				case chunkMismatch:
-					res.Mismatched++
-					res.Problems = append(res.Problems, rep)
-				default:
-					res.Unverified++
-					res.Problems = append(res.Problems, rep)
-				}
-				mu.Unlock()
+				fn(t)
 				if bar != nil {
 					_ = bar.Add(1)
 				}
@@ -206,11 +220,6 @@ feed:
 		_ = bar.Finish()
 		fmt.Fprintln(a.stderr)
 	}
-	if err := ctx.Err(); err != nil {
-		return nil, fmt.Errorf("check consistency of volume %q: %w", name, err)
-	}
-	sort.Slice(res.Problems, func(i, j int) bool { return res.Problems[i].VolumeOffset < res.Problems[j].VolumeOffset })
-	return res, nil
 }
 
 // spinner returns an indeterminate progress indicator on stderr for a

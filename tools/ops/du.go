@@ -89,44 +89,18 @@ func (a *app) du(ctx context.Context, name string) (*duVolume, error) {
 		return nil, err
 	}
 	d := &duVolume{Name: v.Name, ProvisionedBytes: v.Size, AllocatedBytes: uint64(nsegs) * v.SegmentSize, ChunksAllocated: len(tasks)}
-	bar := a.progressBar(len(tasks), fmt.Sprintf("measuring %s", name))
 	var mu sync.Mutex
-	work := make(chan chunkTask)
-	var wg sync.WaitGroup
-	for range min(duParallel, max(len(tasks), 1)) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for t := range work {
-				written, known := a.chunkWritten(ctx, t)
-				mu.Lock()
-				switch {
-				case !known:
-					d.ChunksUnknown++
-				case written:
-					d.ChunksWritten++
-				}
-				mu.Unlock()
-				if bar != nil {
-					_ = bar.Add(1)
-				}
-			}
-		}()
-	}
-feed:
-	for _, t := range tasks {
-		select {
-		case work <- t:
-		case <-ctx.Done():
-			break feed
+	a.forEachChunk(ctx, tasks, duParallel, fmt.Sprintf("measuring %s", name), func(t chunkTask) {
+		written, known := a.chunkWritten(ctx, t)
+		mu.Lock()
+		defer mu.Unlock()
+		switch {
+		case !known:
+			d.ChunksUnknown++
+		case written:
+			d.ChunksWritten++
 		}
-	}
-	close(work)
-	wg.Wait()
-	if bar != nil {
-		_ = bar.Finish()
-		fmt.Fprintln(a.stderr)
-	}
+	})
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("du of volume %q: %w", name, err)
 	}
