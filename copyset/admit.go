@@ -27,8 +27,14 @@ var networkTypes = map[raftpb.MessageType]bool{
 	raftpb.MsgPreVote: true, raftpb.MsgPreVoteResp: true,
 	raftpb.MsgHeartbeat: true, raftpb.MsgHeartbeatResp: true,
 	raftpb.MsgTimeoutNow: true, raftpb.MsgTransferLeader: true,
-	raftpb.MsgReadIndex: true, raftpb.MsgReadIndexResp: true,
+	// Not MsgReadIndex or its answer: only leaders take read indexes here,
+	// so no peer forwards one.
 }
+
+// maxTermLeap bounds how far past this replica's term a message's term may
+// be: each election adds one, so no correct peer is 2^32 ahead, and a term
+// near 2^64 would overflow in Raft's next campaign.
+const maxTermLeap = 1 << 32
 
 // RefusedMessages is how many Raft messages from the network failed their
 // checks since the engine started (a metric).
@@ -48,13 +54,22 @@ func (c *Copyset) admit(m *raftpb.Message, lastIndex uint64) error {
 		return fmt.Errorf("%s from %d", t, m.GetFrom())
 	case m.GetSnapshot() != nil:
 		return fmt.Errorf("%s carries a snapshot", t)
+	case m.GetTerm() == 0:
+		// Raft takes a message of term 0 for a local one and skips its
+		// term checks.
+		return fmt.Errorf("%s from %d has no term", t, m.GetFrom())
+	case m.GetTerm() > c.term.Load()+maxTermLeap:
+		return fmt.Errorf("%s from %d has term %d, far past this replica's %d", t, m.GetFrom(), m.GetTerm(), c.term.Load())
 	}
 	switch t {
 	case raftpb.MsgHeartbeat:
-		// A leader never commits past what the follower has: clamp (the
-		// follower's log may be ahead of lastIndex within this batch).
+		// A leader commits on a follower only what the follower
+		// acknowledged (after that was durable, so after lastIndex took
+		// it in). A commit past the log commits nothing: commits never go
+		// back, and the heartbeat's context (read confirmation) still
+		// counts.
 		if m.GetCommit() > lastIndex {
-			m.Commit = new(lastIndex)
+			m.Commit = new(uint64(0))
 		}
 	case raftpb.MsgApp:
 		for i, e := range m.GetEntries() {

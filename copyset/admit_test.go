@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"testing"
 	"time"
 
@@ -72,6 +73,17 @@ func TestForgedRaftMessagesAreRefused(t *testing.T) {
 	}
 	forged["addressed to another replica"] = forgery{follower, msg(raftpb.MsgHeartbeat, lead, 99)}
 	forged["from nobody"] = forgery{follower, msg(raftpb.MsgHeartbeat, 0, fid)}
+	// Term 0 skips Raft's term checks; a transfer vote of term 0 from the
+	// leader made every follower that voted for it panic.
+	vote0 := msg(raftpb.MsgVote, lead, fid)
+	vote0.Term, vote0.Context = new(uint64(0)), []byte(campaignTransfer)
+	vote0.Index, vote0.LogTerm = new(uint64(1<<40)), new(uint64(1<<40))
+	forged["transfer vote of term 0"] = forgery{follower, vote0}
+	// A term near 2^64 overflows at the next campaign, outside any Step.
+	huge := msg(raftpb.MsgHeartbeat, lead, fid)
+	huge.Term = new(uint64(math.MaxUint64))
+	forged["heartbeat of term 2^64-1"] = forgery{follower, huge}
+	forged["read index (only leaders take them here)"] = forgery{leader, msg(raftpb.MsgReadIndex, fid, lead)}
 	for _, f := range forged {
 		f.to.e.HandleRaft(f.m.GetFrom(), uint64(id), f.m)
 	}
@@ -82,6 +94,10 @@ func TestForgedRaftMessagesAreRefused(t *testing.T) {
 		}
 		return nil
 	})
+
+	if got := follower.term.Load(); got != term {
+		t.Fatalf("the follower's term moved from %d to %d", term, got)
+	}
 
 	// A snapshot from a replica that does not lead is refused before any
 	// chunk file is written.
@@ -140,6 +156,11 @@ func FuzzRaftMessagesNeverBreakAReplica(f *testing.F) {
 		seed(&raftpb.Message{Type: &typ, From: new(uint64(2)), To: new(uint64(1)), Term: new(uint64(1)),
 			Commit: new(uint64(1 << 40)), Index: new(uint64(1 << 40)), LogTerm: new(uint64(1)),
 			Entries: []*raftpb.Entry{{Index: new(uint64(3)), Term: new(uint64(9))}}})
+	}
+	for _, term := range []uint64{0, math.MaxUint64} {
+		typ := raftpb.MsgVote
+		seed(&raftpb.Message{Type: &typ, From: new(uint64(2)), To: new(uint64(1)), Term: new(term), Context: []byte(campaignTransfer),
+			Index: new(uint64(1 << 40)), LogTerm: new(uint64(1 << 40))})
 	}
 	tc := newTestCluster(f, 3, 16, nil)
 	id := MakeGroupID(4, 1)

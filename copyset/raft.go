@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"runtime/debug"
 	"time"
 
 	"go.etcd.io/raft/v3"
@@ -163,7 +164,7 @@ func (c *Copyset) runRaft() {
 	stopped := c.stopped
 	c.mu.Unlock()
 	if !stopped {
-		c.process(&in)
+		c.processSafely(&in)
 	}
 	c.mu.Lock()
 	again := c.sched.end() && !c.stopped
@@ -174,12 +175,31 @@ func (c *Copyset) runRaft() {
 	}
 }
 
+// processSafely is process with Raft's panics contained: a panic (state a
+// message planted that the checks did not foresee, surfacing in a tick, a
+// campaign or a Ready) takes this replica out of service, not the process.
+func (c *Copyset) processSafely(in *inbox) {
+	defer func() {
+		if r := recover(); r != nil {
+			c.fail(fmt.Errorf("raft panicked: %v\n%s", r, debug.Stack()))
+		}
+	}()
+	c.process(in)
+}
+
 func (c *Copyset) process(in *inbox) {
 	rn := c.rn
 	for _, a := range in.appended {
 		c.finishAppend(a)
 	}
 	for _, m := range in.local {
+		if m.GetType() == raftpb.MsgSnap { // from the install stream: heard from its leader
+			if c.heard == nil {
+				c.heard = map[uint64]time.Time{}
+			}
+			c.heard[m.GetFrom()] = c.e.now()
+			c.silentTicks = 0
+		}
 		if !c.step(m) {
 			return
 		}
@@ -233,6 +253,11 @@ func (c *Copyset) process(in *inbox) {
 		}
 		if !c.step(m) {
 			return
+		}
+		if n := len(m.GetEntries()); m.GetType() == raftpb.MsgApp && n > 0 {
+			// The append may have cut a divergent tail: hold the rest of
+			// the batch to the log it can have left (never above).
+			lastIndex = min(lastIndex, m.GetIndex()+uint64(n))
 		}
 	}
 	if len(in.msgs) > 0 && rn.BasicStatus().Lead != lead {
@@ -433,11 +458,11 @@ func (c *Copyset) handleReady(rd raft.Ready) {
 	if hs := rd.HardState; hs != nil && hs.Term != nil {
 		c.term.Store(hs.GetTerm())
 	}
+	if s := rd.Snapshot; s != nil && !raft.IsEmptySnap(s) {
+		c.logLast = s.GetMetadata().GetIndex() // the log restarts at the snapshot
+	}
 	if n := len(rd.Entries); n > 0 {
 		c.logLast = rd.Entries[n-1].GetIndex()
-	}
-	if s := rd.Snapshot; s != nil && !raft.IsEmptySnap(s) {
-		c.logLast = max(c.logLast, s.GetMetadata().GetIndex())
 	}
 	for _, rs := range rd.ReadStates {
 		c.readIndexDone(rs)
