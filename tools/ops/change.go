@@ -61,6 +61,7 @@ func (a *app) extendCommand() *cobra.Command {
 func (a *app) deleteCommand() *cobra.Command {
 	cmd := &cobra.Command{Use: "delete", Short: "Delete a volume, a retired chunkserver or a stale session"}
 	var yes, force bool
+	var wait time.Duration
 	vol := &cobra.Command{
 		Use:   "volume NAME",
 		Short: "Delete a volume (asks for its name as confirmation unless --yes)",
@@ -84,9 +85,17 @@ unless --yes is given. A volume open for writing is refused unless --force.`,
 			if _, err := a.conn.Volumes().DeleteVolume(cctx, &mdspb.DeleteVolumeRequest{Name: name, Force: force}); err != nil {
 				return rpcErr(fmt.Sprintf("delete volume %q", name), err)
 			}
-			return a.emit(&deleteResult{Deleted: name, VolumeID: st.Volume.Id})
+			res := &deleteResult{Deleted: name, VolumeID: st.Volume.Id}
+			if wait > 0 {
+				if err := a.waitFreed(ctx, st.Volume, wait); err != nil {
+					return err
+				}
+				res.Freed = true
+			}
+			return a.emit(res)
 		}),
 	}
+	vol.Flags().DurationVar(&wait, "wait", 0, "wait up to this long for the volume's chunks to be freed")
 	vol.Flags().BoolVarP(&yes, "yes", "y", false, "do not ask for confirmation")
 	vol.Flags().BoolVar(&force, "force", false, "delete even while a client has the volume open for writing")
 	cmd.AddCommand(vol, a.deleteChunkServerCommand(), a.deleteSessionCommand())
@@ -115,10 +124,45 @@ func (a *app) confirm(v *mdspb.Volume, sessions []*mdspb.Session) error {
 type deleteResult struct {
 	Deleted  string `json:"deleted"`
 	VolumeID uint64 `json:"volume_id"`
+	// Freed is true once its chunks were freed (only with --wait).
+	Freed bool `json:"freed"`
 }
 
 func (r *deleteResult) writeTable(t *table) {
+	if r.Freed {
+		t.line("volume %q (id %d) deleted and its chunks freed", r.Deleted, r.VolumeID)
+		return
+	}
 	t.line("volume %q (id %d) deleted; its chunks are freed in the background", r.Deleted, r.VolumeID)
+}
+
+// waitFreed waits until the MDS has freed a deleted volume's chunks and
+// removed its record, showing a spinner on a terminal.
+func (a *app) waitFreed(ctx context.Context, v *mdspb.Volume, wait time.Duration) error {
+	deadline := time.Now().Add(wait)
+	tick, done := a.spinner(fmt.Sprintf("freeing the chunks of volume %s (%d segments)", v.Name, v.AllocatedSegments))
+	defer done()
+	for ; ; tick() {
+		cctx, cancel := a.callCtx(ctx)
+		vols, err := a.conn.Volumes().ListVolumes(cctx, &mdspb.ListVolumesRequest{})
+		cancel()
+		if err != nil {
+			return rpcErr("list volumes", err)
+		}
+		gone := true
+		for _, x := range vols.Volumes {
+			gone = gone && x.Id != v.Id
+		}
+		if gone {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("volume %q (id %d) is deleted, but its chunks are not all freed after %s; the MDS goes on freeing them", v.Name, v.Id, wait)
+		}
+		if err := sleepCtx(ctx, 200*time.Millisecond); err != nil {
+			return err
+		}
+	}
 }
 
 func (a *app) createVolumeCommand() *cobra.Command {

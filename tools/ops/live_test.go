@@ -188,6 +188,33 @@ func TestLiveCluster(t *testing.T) {
 	if r := c.run("du", "nosuch"); r.code != ExitNotFound {
 		t.Fatalf("du of an unknown volume: exit %d, want %d\n%s", r.code, ExitNotFound, r.stderr)
 	}
+	// delete --wait returns once the chunks are freed.
+	c.jsonRun(ExitOK, "create", "volume", "scratch", "--size", "64MiB")
+	so, err := c.Conn.Volumes().OpenVolume(ctx, &mdspb.OpenVolumeRequest{Name: "scratch", Writable: true, Client: "live-test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sseg, err := c.Conn.Volumes().GetSegment(ctx, &mdspb.GetSegmentRequest{Name: "scratch", Offset: 0, Allocate: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sc := sseg.Segment.Chunks[0]
+	if st, err := cc.Write(ctx, sc.Copyset, sc.ChunkId, so.Volume.Id, so.Volume.Epoch, 0, make([]byte, 4096)); err != nil || st != chunkpb.Status_STATUS_OK {
+		t.Fatalf("write scratch: %v %v", st, err)
+	}
+	m = c.jsonRun(ExitOK, "delete", "volume", "scratch", "--yes", "--force", "--wait", "60s")
+	if !jbool(t, m, "freed") {
+		t.Fatalf("delete --wait: %v", m)
+	}
+	vols, err := c.Conn.Volumes().ListVolumes(ctx, &mdspb.ListVolumesRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range vols.Volumes {
+		if v.Id == so.Volume.Id {
+			t.Fatalf("volume record %v left after delete --wait", v)
+		}
+	}
 	// Also while writes are in flight: replicas at different applied
 	// indexes are asked again until they meet, never compared.
 	writerDone := make(chan error, 1)
