@@ -374,6 +374,8 @@ func TestMetricsEndpoint(t *testing.T) {
 		"cairn_chunkserver_pool_growable_chunks",
 		"cairn_chunkserver_pool_format_ratio",
 		"cairn_chunkserver_leader_changes_total",
+		"cairn_chunkserver_snapshots_sent_total",
+		"cairn_chunkserver_apply_lag_entries",
 		"cairn_chunkserver_raft_heartbeats_sent_total",
 		"cairn_chunkserver_copysets 8",
 	} {

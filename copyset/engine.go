@@ -43,6 +43,8 @@ type Engine struct {
 	// leaderChanges counts the leader changes replicas here saw after their
 	// first leader (elections and transfers).
 	leaderChanges atomic.Uint64
+	// snapshots counts snapshot transfers (see SnapshotStats).
+	snapshots struct{ sent, sendFailed, installed atomic.Uint64 }
 
 	wal       *wal.WAL // shared WAL (nil with PerCopysetWAL)
 	transport *transport.Transport
@@ -500,6 +502,30 @@ func (e *Engine) HandleSnapshot(ctx context.Context, header *transportpb.Snapsho
 		return fmt.Errorf("%w: %s", ErrNotFound, GroupID(header.GetGroup()))
 	}
 	return c.installSnapshot(ctx, header, next)
+}
+
+// SnapshotStats counts snapshot transfers since the engine started: sent to
+// peers (and failed), and installed here.
+type SnapshotStats struct{ Sent, SendFailed, Installed uint64 }
+
+// SnapshotStats returns the engine's snapshot counts (metrics).
+func (e *Engine) SnapshotStats() SnapshotStats {
+	return SnapshotStats{Sent: e.snapshots.sent.Load(), SendFailed: e.snapshots.sendFailed.Load(), Installed: e.snapshots.installed.Load()}
+}
+
+// ApplyLag is how many committed entries the replicas here have not applied
+// yet, summed (a metric: a lasting rise means apply cannot keep up).
+func (e *Engine) ApplyLag() uint64 {
+	var lag uint64
+	for _, c := range e.List() {
+		c.hsMu.Lock()
+		commit := c.durableHS.GetCommit()
+		c.hsMu.Unlock()
+		if a := c.applied.Load(); commit > a {
+			lag += commit - a
+		}
+	}
+	return lag
 }
 
 // LeaderChanges is how many times a replica here saw its copyset's leader

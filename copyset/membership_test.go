@@ -223,4 +223,15 @@ func TestRestartedReplicaCatchesUpBySnapshot(t *testing.T) {
 	if slices.Contains(c.Store().List(), 1) {
 		t.Fatal("the caught-up replica kept a chunk deleted while it was down")
 	}
+	// The metrics saw it: one install here, a send from the leader's node.
+	if got := tc.node(follower).engine.SnapshotStats(); got.Installed == 0 {
+		t.Fatalf("snapshot stats of the caught-up replica: %+v", got)
+	}
+	sent := uint64(0)
+	for _, n := range tc.running() {
+		sent += n.engine.SnapshotStats().Sent
+	}
+	if sent == 0 {
+		t.Fatal("no node counted the snapshot it sent")
+	}
 }

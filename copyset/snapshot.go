@@ -56,8 +56,10 @@ func (c *Copyset) startSnapshotSend(m *raftpb.Message) {
 		status := raft.SnapshotFinish
 		if err != nil {
 			status = raft.SnapshotFailure
+			c.e.snapshots.sendFailed.Add(1)
 			c.log.Warn("snapshot transfer failed", "to", to, "index", idx, "err", err)
 		} else {
+			c.e.snapshots.sent.Add(1)
 			c.log.Info("snapshot sent", "to", to, "index", idx)
 		}
 		c.call(func() {
@@ -256,6 +258,7 @@ func (c *Copyset) installSnapshot(ctx context.Context, header *transportpb.Snaps
 	c.installDedup.Store(&reqs)
 	// Checked above, and not a message admit takes from the network.
 	c.enqueue(func(in *inbox) { in.local = append(in.local, m) })
+	c.e.snapshots.installed.Add(1)
 	c.log.Info("snapshot installed", "index", idx)
 	return nil
 }
