@@ -256,7 +256,7 @@ func (p *Pool) writeZeros(f *os.File, progress func(done int64)) error {
 			return err
 		}
 		n := min(int64(len(p.zeros)), p.fileSize-off)
-		if hook := p.opts.Knobs.BeforeWrite; hook != nil {
+		if hook := p.opts.TestingKnobs.BeforeWrite; hook != nil {
 			if err := hook(f.Name(), off); err != nil {
 				return err
 			}

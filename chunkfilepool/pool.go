@@ -58,8 +58,8 @@ type Options struct {
 	GetTimeout time.Duration
 	// Logger receives progress and error logs. Default: discard.
 	Logger *slog.Logger
-	// Knobs are hooks for tests; zero in production.
-	Knobs TestingKnobs
+	// TestingKnobs are hooks for tests; zero in production.
+	TestingKnobs TestingKnobs
 }
 
 // TestingKnobs let tests reach states that are otherwise hard to produce.
@@ -251,7 +251,7 @@ func (p *Pool) growable(s Stats) int {
 	if p.opts.MaxChunks > 0 {
 		room = max(0, p.opts.MaxChunks-s.Owned)
 	}
-	if p.opts.Knobs.SkipSpaceCheck {
+	if p.opts.TestingKnobs.SkipSpaceCheck {
 		return max(room, 0)
 	}
 	free, err := fsutil.FreeBytes(p.dir)
@@ -402,7 +402,7 @@ func (p *Pool) cannotProduceLocked(lifted *bool) string {
 
 // spaceShortage returns why one more file would not fit, or "".
 func (p *Pool) spaceShortage() string {
-	if p.opts.Knobs.SkipSpaceCheck {
+	if p.opts.TestingKnobs.SkipSpaceCheck {
 		return ""
 	}
 	free, err := fsutil.FreeBytes(p.dir)

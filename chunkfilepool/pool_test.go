@@ -348,7 +348,7 @@ func TestServesWhileFormattingAndReportsProgress(t *testing.T) {
 	o.ChunkSize = 1 << 20 // two writes per file, so a file can be paused half way
 	o.InitialChunks = 4
 	knob, reached, release := blockAt("3")
-	o.Knobs.BeforeWrite = knob
+	o.TestingKnobs.BeforeWrite = knob
 	p := openPool(t, o)
 	<-reached
 	st := p.Stats()
@@ -386,7 +386,7 @@ func TestRestartInTheMiddleOfFormatting(t *testing.T) {
 	o.InitialChunks = 3
 	fileSize := int64(1<<20 + testMeta)
 	knob, reached, release := blockAt("2")
-	o.Knobs.BeforeWrite = knob
+	o.TestingKnobs.BeforeWrite = knob
 	p, err := Open(o)
 	if err != nil {
 		t.Fatal(err)
@@ -419,7 +419,7 @@ func TestRestartInTheMiddleOfFormatting(t *testing.T) {
 		t.Fatalf("clean holds %d files, want 1", len(ents))
 	}
 
-	o.Knobs.BeforeWrite = nil
+	o.TestingKnobs.BeforeWrite = nil
 	p = openPool(t, o)
 	st := p.Stats()
 	if st.Owned != 2 || st.Target != 3 {
@@ -473,7 +473,7 @@ func TestCrashLeftovers(t *testing.T) {
 	// Hold the formatter's first write until the state found at open has
 	// been read: on a fast disk it would otherwise be done already.
 	release := make(chan struct{})
-	o.Knobs.BeforeWrite = func(string, int64) error { <-release; return nil }
+	o.TestingKnobs.BeforeWrite = func(string, int64) error { <-release; return nil }
 	p = openPool(t, o)
 	st := p.Stats()
 	close(release)
@@ -660,7 +660,7 @@ func TestENOSPCWhileFormattingLeavesNothingHalfDone(t *testing.T) {
 	mnt := mountTmpfs(t, "300k")
 	o := testOptions(filepath.Join(mnt, "pool"))
 	o.InitialChunks = 10
-	o.Knobs.SkipSpaceCheck = true // reach the filesystem's own ENOSPC
+	o.TestingKnobs.SkipSpaceCheck = true // reach the filesystem's own ENOSPC
 	p := openPool(t, o)
 	st := waitStats(t, p, func(s Stats) bool { return s.Limit != "" })
 	if !strings.Contains(st.Limit, "disk full") || st.Formatting != 1 {

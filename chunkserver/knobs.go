@@ -6,6 +6,7 @@ import (
 	"google.golang.org/grpc"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/copyset/transport"
 )
 
 // TestingKnobs are switches for tests; production code leaves them zero.
@@ -19,4 +20,6 @@ type TestingKnobs struct {
 	// gRPC server handles (chunk IO, UpdateEpoch, copyset service), so that
 	// a test can refuse or hold chosen calls.
 	UnaryInterceptor grpc.UnaryServerInterceptor
+	// Faults injects Raft network faults.
+	Faults *transport.Faults
 }

@@ -66,7 +66,9 @@ func startCutCluster(t *testing.T, lease time.Duration) (*cluster.Cluster, []*md
 	t.Helper()
 	cuts := []*mdsCut{{}, {}, {}}
 	c := cluster.Start(t, cluster.Options{EpochLease: lease, Tune: func(i int, cfg *chunkserver.Config) {
+		faults := cfg.TestingKnobs.Faults
 		cfg.TestingKnobs = cuts[i].knobs()
+		cfg.TestingKnobs.Faults = faults
 	}})
 	return c, cuts
 }

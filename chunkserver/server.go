@@ -22,7 +22,6 @@ import (
 	"cairn.io/cairn/chunkfilepool"
 	"cairn.io/cairn/chunkserver/datastore"
 	"cairn.io/cairn/copyset"
-	"cairn.io/cairn/copyset/transport"
 	"cairn.io/cairn/internal/httpdebug"
 	"cairn.io/cairn/internal/wire"
 	"cairn.io/cairn/mds/mdsclient"
@@ -89,8 +88,6 @@ type Config struct {
 	// HeartbeatInterval overrides the interval the MDS asks for.
 	HeartbeatInterval time.Duration
 
-	// Faults injects Raft network faults (tests only).
-	Faults *transport.Faults
 	Logger *slog.Logger
 
 	// TestingKnobs change behaviour for tests only.
@@ -275,7 +272,7 @@ func (s *Server) Start(ctx context.Context) (err error) {
 		OpenStore:           s.openStore,
 		ChunkSize:           s.geom.ChunkSize,
 		Resolver:            s.res,
-		Faults:              s.cfg.Faults,
+		TestingKnobs:        copyset.TestingKnobs{Faults: s.cfg.TestingKnobs.Faults},
 		TickInterval:        s.cfg.TickInterval,
 		ElectionTicks:       s.cfg.ElectionTicks,
 		SnapshotBytesPerSec: s.cfg.SnapshotBytesPerSec,

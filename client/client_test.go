@@ -500,6 +500,7 @@ func TestFencedSessionFencesTheHandle(t *testing.T) {
 	var cut atomic.Bool
 	c := cluster.Start(t, cluster.Options{EpochLease: time.Second, Tune: func(i int, cfg *chunkserver.Config) {
 		cfg.TestingKnobs = chunkserver.TestingKnobs{
+			Faults:             cfg.TestingKnobs.Faults,
 			InterceptHeartbeat: heartbeatsCut(&cut),
 			UnaryInterceptor: func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 				if cut.Load() && info.FullMethod == chunkpb.ChunkService_UpdateEpoch_FullMethodName {

@@ -44,6 +44,7 @@ func TestHungLeaderIsPassedOver(t *testing.T) {
 	defer close(release)
 	c := cluster.Start(t, cluster.Options{Faults: faults, EpochLease: time.Minute, Tune: func(i int, cfg *chunkserver.Config) {
 		cfg.TestingKnobs = chunkserver.TestingKnobs{
+			Faults:             cfg.TestingKnobs.Faults, // the cluster's network faults
 			InterceptHeartbeat: heartbeatsCut(&frozen),
 			UnaryInterceptor: func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 				if hung.Load() == int64(i) {

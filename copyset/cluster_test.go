@@ -155,7 +155,7 @@ func (tc *testCluster) start(id uint64) *testNode {
 		},
 		ChunkSize:       testChunkSize,
 		Resolver:        tc,
-		Faults:          tc.faults,
+		TestingKnobs:    TestingKnobs{Faults: tc.faults},
 		TickInterval:    20 * time.Millisecond,
 		ElectionTicks:   10,
 		CheckpointBytes: 256 << 10,

@@ -44,8 +44,6 @@ type Config struct {
 	ChunkSize int64
 	// Resolver maps peer chunkserver ids to addresses. Required.
 	Resolver transport.Resolver
-	// Faults injects network faults (tests only).
-	Faults *transport.Faults
 
 	// RaftWorkers and ApplyWorkers size the two worker pools (default
 	// 2*GOMAXPROCS each, at least 4).
@@ -121,6 +119,8 @@ type TestingKnobs struct {
 	// the test ticks them (tickAll) so that Raft's timers move only when
 	// it says.
 	ManualTicks bool
+	// Faults injects network faults into the Raft transport.
+	Faults *transport.Faults
 }
 
 // validate checks the required fields and fills in defaults.

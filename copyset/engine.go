@@ -131,7 +131,7 @@ func NewEngine(cfg Config) (*Engine, error) {
 		NodeID:     cfg.NodeID,
 		Resolver:   cfg.Resolver,
 		Handler:    e,
-		Faults:     cfg.Faults,
+		Faults:     cfg.TestingKnobs.Faults,
 		QueueBytes: cfg.QueueBytes,
 		Logger:     cfg.Logger,
 		OnUnreachable: func(to uint64, groups []uint64) {

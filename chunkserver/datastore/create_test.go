@@ -21,7 +21,7 @@ func TestCreateDoesNotWaitForTheFormatter(t *testing.T) {
 	pool, err := chunkfilepool.Open(chunkfilepool.Options{
 		Dir: filepath.Join(root, "pool"), ChunkSize: testChunk, MetaPageSize: testMeta, BlockSize: testBlock,
 		InitialChunks: 1, MaxChunks: 8, LowWater: 1, GrowBy: 1, GetTimeout: time.Hour,
-		Knobs: chunkfilepool.TestingKnobs{BeforeWrite: func(string, int64) error {
+		TestingKnobs: chunkfilepool.TestingKnobs{BeforeWrite: func(string, int64) error {
 			<-release
 			return nil
 		}},

@@ -40,8 +40,8 @@ type Options struct {
 	// fails with an error wrapping chunkfilepool.ErrPoolEmpty and is
 	// retried later, instead of holding a worker for the formatter.
 	CreateWait time.Duration
-	// Knobs are hooks for tests; zero in production.
-	Knobs TestingKnobs
+	// TestingKnobs are hooks for tests; zero in production.
+	TestingKnobs TestingKnobs
 }
 
 // TestingKnobs let tests observe or fail steps that are otherwise invisible.
@@ -142,7 +142,7 @@ func Open(dir string, pool *chunkfilepool.Pool, opts Options) (*Store, error) {
 		geo:   pool.Geometry(),
 		log:   opts.Logger.With("component", "datastore", "dir", dir),
 		files: opts.Files,
-		knobs: opts.Knobs,
+		knobs: opts.TestingKnobs,
 		wait:  opts.CreateWait,
 	}
 	s.hashBufs.New = func() any { b := make([]byte, 256<<10); return &b }

@@ -333,7 +333,7 @@ func TestCorruptMetaPageIsReportedNotTrusted(t *testing.T) {
 func TestInterruptedCreationGoesBackToPool(t *testing.T) {
 	e := newEnv(t, 2, 2)
 	failRename := errors.New("test: crash before rename")
-	s := e.open(t, Options{Knobs: TestingKnobs{BeforeCreateRename: func(uint64) error { return failRename }}})
+	s := e.open(t, Options{TestingKnobs: TestingKnobs{BeforeCreateRename: func(uint64) error { return failRename }}})
 	if err := s.WriteAt(1, pattern(1, 512), 0); !errors.Is(err, failRename) {
 		t.Fatalf("write: %v", err)
 	}
@@ -382,7 +382,7 @@ func TestSyncCoversCompletedWrites(t *testing.T) {
 	const blocks = testChunk / testBlock
 	e := newEnv(t, chunks, chunks)
 	var completed, covered [chunks + 1]atomic.Int64
-	s := e.open(t, Options{Knobs: TestingKnobs{BeforeFdatasync: func(id uint64) {
+	s := e.open(t, Options{TestingKnobs: TestingKnobs{BeforeFdatasync: func(id uint64) {
 		data, err := os.ReadFile(filepath.Join(e.dir, chunkName(id)))
 		if err != nil {
 			t.Error(err)
@@ -649,7 +649,7 @@ func TestOpenIsExclusive(t *testing.T) {
 func TestDeleteAfterTheFileMovedDoesNotBringTheChunkBack(t *testing.T) {
 	e := newEnv(t, 2, 2)
 	failSync := errors.New("test: directory fsync failed")
-	s := e.open(t, Options{Knobs: TestingKnobs{AfterRecycle: func(uint64) error { return failSync }}})
+	s := e.open(t, Options{TestingKnobs: TestingKnobs{AfterRecycle: func(uint64) error { return failSync }}})
 	if err := s.WriteAt(1, pattern(1, 512), 0); err != nil {
 		t.Fatal(err)
 	}

@@ -201,7 +201,7 @@ func (c *Cluster) ChunkServerConfig(i int) chunkserver.Config {
 		PoolReserveBytes:  64 << 20,
 		TickInterval:      50 * time.Millisecond,
 		HeartbeatInterval: 200 * time.Millisecond,
-		Faults:            c.opts.Faults,
+		TestingKnobs:      chunkserver.TestingKnobs{Faults: c.opts.Faults},
 		Logger:            c.log.With("cluster_index", i),
 	}
 	if c.opts.Tune != nil {
