@@ -35,6 +35,15 @@ var (
 	buildErr  error
 )
 
+// TestMain removes the cairn-csi binary csiBinary built, if any.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if binPath != "" {
+		_ = os.RemoveAll(filepath.Dir(binPath))
+	}
+	os.Exit(code)
+}
+
 // csiBinary builds cairn-csi once per test binary: the node runs it as its
 // attach processes.
 func csiBinary(t *testing.T) string {
