@@ -70,7 +70,7 @@ func (p *Pool) nextJob() (jobKind, string) {
 	}
 	maxFiles := p.opts.MaxChunks
 	spare := len(p.mu.clean) + len(p.mu.dirty)
-	want := p.opts.LowWater + p.mu.waiters
+	want := max(p.opts.LowWater, p.demandLocked(time.Now())) + p.mu.waiters
 	if p.mu.target <= p.mu.owned && spare < want && (maxFiles == 0 || p.mu.owned < maxFiles) {
 		t := p.mu.owned + max(p.opts.GrowBy, want-spare)
 		if maxFiles > 0 {

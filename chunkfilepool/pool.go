@@ -49,7 +49,8 @@ type Options struct {
 	ReserveBytes int64
 	// FormatBytesPerSec throttles formatting and zeroing; 0 means unlimited.
 	FormatBytesPerSec int64
-	// LowWater: when clean plus dirty files drop below it, the pool formats
+	// LowWater: when clean plus dirty files drop below it (or below the
+	// files handed out in the last demandWindow, when more), the pool formats
 	// more. Default: 4.
 	LowWater int
 	// GrowBy is how many files one growth step adds. Default: 2*LowWater.
@@ -135,6 +136,10 @@ type Pool struct {
 		target     int
 		limit      string
 		waiters    int
+		// handouts are the times of the Gets of the last demandWindow,
+		// oldest first (at most maxDemand): the pool keeps as many clean
+		// files ready as were taken in that window.
+		handouts   []time.Time
 		recycleSeq uint64
 		changed    chan struct{} // closed and replaced on every change
 		closed     bool
@@ -232,6 +237,40 @@ func (p *Pool) MetaPageSize() int64 { return p.geo.MetaPageSize }
 
 // BlockSize is the IO granularity inside a chunk.
 func (p *Pool) BlockSize() int64 { return p.geo.BlockSize }
+
+// Demand-following growth: a burst of new chunks (a fresh volume's first
+// writes touch a chunk per copyset) empties a pool that keeps only LowWater
+// files ready, and the writes then wait for formatting. The pool therefore
+// keeps as many clean files as were handed out in the last demandWindow,
+// formatting ahead of the next burst off the write path.
+const (
+	demandWindow = 10 * time.Second
+	// maxDemand bounds the hand-out times kept, and so how many files the
+	// pool formats ahead of demand (4 GiB of 16 MiB chunks).
+	maxDemand = 256
+)
+
+// noteHandoutLocked records a Get at now.
+func (p *Pool) noteHandoutLocked(now time.Time) {
+	h := p.mu.handouts
+	cut := 0
+	for cut < len(h) && now.Sub(h[cut]) > demandWindow {
+		cut++
+	}
+	if len(h)-cut >= maxDemand {
+		cut = len(h) - maxDemand + 1
+	}
+	p.mu.handouts = append(h[cut:], now)
+}
+
+// demandLocked is how many files were handed out in the last demandWindow.
+func (p *Pool) demandLocked(now time.Time) int {
+	n := 0
+	for i := len(p.mu.handouts) - 1; i >= 0 && now.Sub(p.mu.handouts[i]) <= demandWindow; i-- {
+		n++
+	}
+	return n
+}
 
 // Stats returns the pool's current accounting.
 func (p *Pool) Stats() Stats {
@@ -335,6 +374,7 @@ func (p *Pool) GetContext(ctx context.Context, dst string) error {
 		if len(p.mu.clean) > 0 {
 			name := p.mu.clean[0]
 			p.mu.clean = p.mu.clean[1:]
+			p.noteHandoutLocked(time.Now())
 			p.kick() // the worker may want to grow
 			p.mu.Unlock()
 			if err := p.handOut(name, dst); err != nil {

@@ -370,8 +370,9 @@ func TestServesWhileFormattingAndReportsProgress(t *testing.T) {
 	if err := p.Get(filepath.Join(root, "c2")); err != nil {
 		t.Fatal(err)
 	}
-	st = waitStats(t, p, func(s Stats) bool { return s.FormatPercent == 100 && s.Clean == 1 })
-	if st.InUse != 3 || st.Owned != 4 || st.Limit != "" {
+	// Three files were taken in the last seconds: the pool keeps three ready.
+	st = waitStats(t, p, func(s Stats) bool { return s.FormatPercent == 100 && s.Clean == 3 })
+	if st.InUse != 3 || st.Owned != 6 || st.Limit != "" {
 		t.Fatalf("after format: %+v", st)
 	}
 	for i := range 3 {
@@ -687,5 +688,26 @@ func TestENOSPCWhileFormattingLeavesNothingHalfDone(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(mnt, "more")); !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("failed get left a file: %v", err)
+	}
+}
+
+func TestGrowsAheadOfDemand(t *testing.T) {
+	root := t.TempDir()
+	o := testOptions(filepath.Join(root, "pool"))
+	o.InitialChunks = 2
+	o.LowWater = 1
+	o.GrowBy = 1
+	p := openPool(t, o)
+	waitStats(t, p, func(s Stats) bool { return s.Clean == 2 && s.FormatPercent == 100 })
+	// A burst of eight Gets (a fresh volume's first writes): the pool then
+	// keeps eight clean files ready for the next burst, not LowWater.
+	for i := range 8 {
+		if err := p.Get(filepath.Join(root, fmt.Sprint("c", i))); err != nil {
+			t.Fatalf("get %d: %v", i, err)
+		}
+	}
+	st := waitStats(t, p, func(s Stats) bool { return s.Clean >= 8 && s.FormatPercent == 100 })
+	if st.InUse != 8 {
+		t.Fatalf("stats %+v", st)
 	}
 }
