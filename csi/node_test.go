@@ -9,7 +9,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"sync"
 	"testing"
 	"time"
 
@@ -29,43 +28,18 @@ import (
 	"cairn.io/cairn/test/faultfs"
 )
 
-var (
-	buildOnce sync.Once
-	binPath   string
-	buildErr  error
-)
+// csiBuild builds cairn-csi once: the node runs it as its attach
+// processes.
+var csiBuild = testtool.NewBuilder("cairn.io/cairn/cmd/cairn-csi")
 
-// TestMain removes the cairn-csi binary csiBinary built, if any.
+// TestMain removes the cairn-csi binary csiBuild built, if any.
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if binPath != "" {
-		_ = os.RemoveAll(filepath.Dir(binPath))
-	}
+	csiBuild.Remove()
 	os.Exit(code)
 }
 
-// csiBinary builds cairn-csi once per test binary: the node runs it as its
-// attach processes.
-func csiBinary(t *testing.T) string {
-	t.Helper()
-	buildOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "cairn-csi-bin-")
-		if err != nil {
-			buildErr = err
-			return
-		}
-		binPath = filepath.Join(dir, "cairn-csi")
-		out, err := exec.Command("go", "build", "-o", binPath, "cairn.io/cairn/cmd/cairn-csi").CombinedOutput()
-		if err != nil {
-			buildErr = err
-			t.Logf("go build: %s", out)
-		}
-	})
-	if buildErr != nil {
-		t.Fatalf("build cairn-csi: %v", buildErr)
-	}
-	return binPath
-}
+func csiBinary(t *testing.T) string { return csiBuild.Path(t) }
 
 // needNode skips (or, in CI, fails) a test of the node service where it
 // cannot run: it needs root, FUSE and loop devices.

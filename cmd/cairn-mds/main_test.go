@@ -8,7 +8,6 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"regexp"
 	"strings"
 	"sync"
@@ -21,45 +20,23 @@ import (
 
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/internal/soon"
+	"cairn.io/cairn/internal/testtool"
 	"cairn.io/cairn/mds/embedetcd"
 	"cairn.io/cairn/mds/mdsclient"
 	"cairn.io/cairn/mds/mdstest"
 )
 
-var (
-	buildOnce sync.Once
-	binPath   string
-	buildErr  error
-)
+// build builds cairn-mds once per test run.
+var build = testtool.NewBuilder(".")
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if binPath != "" {
-		_ = os.RemoveAll(filepath.Dir(binPath))
-	}
+	build.Remove()
 	os.Exit(code)
 }
 
-// binary builds cairn-mds once per test run.
-func binary(t *testing.T) string {
-	t.Helper()
-	buildOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "cairn-mds-bin")
-		if err != nil {
-			buildErr = err
-			return
-		}
-		binPath = filepath.Join(dir, "cairn-mds")
-		out, err := exec.Command("go", "build", "-o", binPath, ".").CombinedOutput()
-		if err != nil {
-			buildErr = fmt.Errorf("go build: %v: %s", err, out)
-		}
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
-	return binPath
-}
+// binary is the cairn-mds built for the tests.
+func binary(t *testing.T) string { return build.Path(t) }
 
 // proc is a running cairn-mds.
 type proc struct {
