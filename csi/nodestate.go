@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/chunkfilepool/fsutil"
 	"cairn.io/cairn/csi/attach"
 )
 
@@ -63,11 +64,11 @@ func writeStage(dir string, st *stageRecord) error {
 	if err != nil {
 		return err
 	}
-	tmp := filepath.Join(dir, stageFile+".tmp")
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+	// Durable: after a reboot the record is what says how to stage again.
+	if err := fsutil.WriteFileAtomic(filepath.Join(dir, stageFile), b, 0o600); err != nil {
 		return fmt.Errorf("write stage record: %w", err)
 	}
-	return os.Rename(tmp, filepath.Join(dir, stageFile))
+	return nil
 }
 
 // detach stops a volume's attach process (or cleans up after one that

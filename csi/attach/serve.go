@@ -17,6 +17,7 @@ import (
 	"github.com/hanwen/go-fuse/v2/fuse"
 
 	"cairn.io/cairn/blockdev"
+	"cairn.io/cairn/chunkfilepool/fsutil"
 )
 
 // Spec is what one attach process serves.
@@ -163,11 +164,9 @@ func writeRecord(rec Record) error {
 	if err != nil {
 		return err
 	}
-	tmp := filepath.Join(rec.Dir, recordFile+".tmp")
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return fmt.Errorf("write attach record: %w", err)
-	}
-	if err := os.Rename(tmp, filepath.Join(rec.Dir, recordFile)); err != nil {
+	// Durable: after a crash or reboot it is how the device is found and
+	// cleaned up.
+	if err := fsutil.WriteFileAtomic(filepath.Join(rec.Dir, recordFile), b, 0o600); err != nil {
 		return fmt.Errorf("write attach record: %w", err)
 	}
 	return nil
