@@ -79,12 +79,17 @@ func TestPlaygroundRecovers(t *testing.T) {
 	// Lose cs0's disk.
 	victim := *st.Process("cs0")
 	oldID := chunkServerAt(t, conn, victim.Addr)
-	if err := os.RemoveAll(victim.DataDir); err != nil {
+	// Move the directory away in one step (the running chunkserver keeps
+	// formatting pool files into it, so removing it in place races), then
+	// kill the process and remove what it left.
+	lost := victim.DataDir + ".lost"
+	if err := os.Rename(victim.DataDir, lost); err != nil {
 		t.Fatal(err)
 	}
 	if err := syscall.Kill(victim.PID, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
+	soon.Succeeds(t, 10*time.Second, func() error { return os.RemoveAll(lost) })
 	start := time.Now()
 	t.Logf("deleted %s and killed cs0 (chunkserver %d)", victim.DataDir, oldID)
 
