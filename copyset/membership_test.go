@@ -198,6 +198,9 @@ func TestRestartedReplicaCatchesUpBySnapshot(t *testing.T) {
 	tc := newTestCluster(t, 3, 48, func(c *Config) {
 		c.CheckpointBytes = 64 << 10
 		c.RetainBytes = 32 << 10
+		// The leader keeps the log for a follower it heard from within an
+		// election timeout; the writes below may take less than that.
+		c.MaxFollowerLagBytes = 32 << 10
 	})
 	id := MakeGroupID(5, 1)
 	tc.create([]GroupID{id}, []uint64{1, 2, 3})

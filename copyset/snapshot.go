@@ -256,9 +256,11 @@ func (c *Copyset) installSnapshot(ctx context.Context, header *transportpb.Snaps
 	c.installEpoch.Store(header.GetConfEpoch())
 	reqs := header.GetAppliedRequests()
 	c.installDedup.Store(&reqs)
+	// Counted before Raft hears of it: once it has, the replica may apply
+	// and be seen caught up before this function returns.
+	c.e.snapshots.installed.Add(1)
 	// Checked above, and not a message admit takes from the network.
 	c.enqueue(func(in *inbox) { in.local = append(in.local, m) })
-	c.e.snapshots.installed.Add(1)
 	c.log.Info("snapshot installed", "index", idx)
 	return nil
 }
