@@ -43,9 +43,7 @@ func (e *Engine) tickAll() {
 // housekeeping bounds the WAL and lets idle copysets checkpoint on their
 // interval.
 func (e *Engine) housekeeping() {
-	if e.wal != nil {
-		e.walPressure(e.wal.Stats().Segments)
-	}
+	e.walPressure(e.wal.Stats().Segments)
 	for _, c := range e.List() {
 		c.maybeTimedCheckpoint()
 	}
@@ -79,6 +77,8 @@ func (e *Engine) relieveLogPressure() {
 // one) and by housekeeping; it must not block.
 func (e *Engine) walPressure(segments int) {
 	excess := segments - e.cfg.MaxWALSegments/2
+	// e.wal is nil while the log is being opened (recovery may report
+	// pressure before any copyset exists).
 	if segments <= e.cfg.MaxWALSegments || excess <= 0 || e.wal == nil {
 		return
 	}

@@ -95,9 +95,6 @@ type Config struct {
 	// SnapshotBytesPerSec throttles outgoing snapshot data per chunkserver
 	// (0: unlimited).
 	SnapshotBytesPerSec int64
-	// PerCopysetWAL gives every copyset its own WAL instead of the shared
-	// one (the Curve/braft layout; for comparison benchmarks).
-	PerCopysetWAL bool
 	// OnWALSync is called after every WAL group commit (metrics).
 	OnWALSync func(wal.SyncInfo)
 	// OnStorageFailure is called once when the shared WAL fails (a write or

@@ -22,13 +22,12 @@ import (
 // applied by the engine's apply workers, again one at a time per copyset.
 // Other goroutines hand work over through the copyset's inbox.
 type Copyset struct {
-	e      *Engine
-	id     GroupID
-	dir    string
-	store  ChunkStore
-	wal    walAppender
-	ownWAL *wal.WAL // set with Config.PerCopysetWAL
-	log    *slog.Logger
+	e     *Engine
+	id    GroupID
+	dir   string
+	store ChunkStore
+	wal   walAppender
+	log   *slog.Logger
 
 	storage *raft.MemoryStorage
 	rn      *raft.RawNode // Raft worker only
@@ -186,26 +185,8 @@ func (e *Engine) open(id GroupID, dir string, gl *wal.GroupLog) (*Copyset, error
 	c.quit = make(chan struct{})
 	c.aidle = sync.NewCond(&c.amu)
 	c.initialVoters = append([]uint64(nil), m.Voters...)
-	if e.cfg.PerCopysetWAL {
-		w, logs, err := wal.Open(wal.Options{
-			Dir: filepath.Join(dir, "wal"), Source: e.cfg.Segments, OnSync: e.cfg.OnWALSync, Logger: e.cfg.Logger,
-			OnPressure: func(n int) {
-				if n > 2 {
-					c.requestCheckpoint()
-				}
-			},
-		})
-		if err != nil {
-			return nil, err
-		}
-		c.ownWAL, c.wal, gl = w, w, logs[uint64(id)]
-	} else {
-		c.wal = e.wal
-	}
+	c.wal = e.wal
 	fail := func(err error) (*Copyset, error) {
-		if c.ownWAL != nil {
-			c.ownWAL.Close()
-		}
 		if c.store != nil {
 			c.store.Close()
 		}

@@ -46,7 +46,7 @@ type Engine struct {
 	// snapshots counts snapshot transfers (see SnapshotStats).
 	snapshots struct{ sent, sendFailed, installed atomic.Uint64 }
 
-	wal       *wal.WAL // shared WAL (nil with PerCopysetWAL)
+	wal       *wal.WAL // the shared write-ahead log
 	transport *transport.Transport
 
 	mu     sync.RWMutex
@@ -98,34 +98,9 @@ func NewEngine(cfg Config) (*Engine, error) {
 			return nil, fmt.Errorf("copyset: create %s: %w", d, err)
 		}
 	}
-	var logs map[uint64]*wal.GroupLog
-	var damaged error // the WAL could not be trusted: every copyset is broken
-	if !cfg.PerCopysetWAL {
-		open := func() (*wal.WAL, map[uint64]*wal.GroupLog, error) {
-			return wal.Open(wal.Options{
-				Dir: filepath.Join(cfg.Dir, "wal"), Source: cfg.Segments, OnSync: cfg.OnWALSync, Logger: cfg.Logger,
-				OnPressure: e.walPressure,
-			})
-		}
-		w, l, err := open()
-		if errors.Is(err, wal.ErrCorrupt) {
-			// Entries this chunkserver made durable, of copysets unknown,
-			// are gone. Its replicas cannot be trusted, their peers can:
-			// every one is loaded broken and rebuilt from its peers, on a
-			// new, empty log. The damaged log is kept aside for diagnosis.
-			aside := filepath.Join(cfg.Dir, fmt.Sprintf("wal.damaged-%d", time.Now().UnixNano()))
-			e.log.Error("write-ahead log damaged; every copyset of this chunkserver will be rebuilt from its peers",
-				"err", err, "kept_at", aside)
-			if rerr := os.Rename(filepath.Join(cfg.Dir, "wal"), aside); rerr != nil {
-				return nil, fmt.Errorf("copyset: set aside damaged wal: %w (after %w)", rerr, err)
-			}
-			damaged = fmt.Errorf("write-ahead log damaged (kept at %s): %w", aside, err)
-			w, l, err = open()
-		}
-		if err != nil {
-			return nil, fmt.Errorf("copyset: open wal: %w", err)
-		}
-		e.wal, logs = w, l
+	logs, damaged, err := e.openWAL()
+	if err != nil {
+		return nil, err
 	}
 	e.transport = transport.New(transport.Config{
 		NodeID:     cfg.NodeID,
@@ -144,9 +119,7 @@ func NewEngine(cfg Config) (*Engine, error) {
 	})
 	if err := e.loadAll(logs, damaged); err != nil {
 		e.shutdownWorkers()
-		if e.wal != nil {
-			e.wal.Close()
-		}
+		e.wal.Close()
 		return nil, err
 	}
 	for i := 0; i < cfg.RaftWorkers; i++ {
@@ -227,9 +200,6 @@ func (e *Engine) TransportStats() transport.Stats { return e.transport.Stats() }
 
 // WALStats returns the shared WAL's segment stats.
 func (e *Engine) WALStats() wal.Stats {
-	if e.wal == nil {
-		return wal.Stats{}
-	}
 	return e.wal.Stats()
 }
 
@@ -388,13 +358,8 @@ func (e *Engine) remove(id GroupID) error {
 			e.log.Warn("closing removed copyset's store", "copyset", id, "err", err)
 		}
 	}
-	if c.wal != nil { // nil only for a broken replica of a per-copyset WAL layout
-		if err := c.wal.Forget(uint64(id)); err != nil {
-			return fmt.Errorf("copyset: forget %s in the write-ahead log: %w", id, err)
-		}
-	}
-	if c.ownWAL != nil {
-		c.ownWAL.Close()
+	if err := c.wal.Forget(uint64(id)); err != nil {
+		return fmt.Errorf("copyset: forget %s in the write-ahead log: %w", id, err)
 	}
 	dst := filepath.Join(e.cfg.Dir, "trash", fmt.Sprintf("%s.%d", id.DirName(), time.Now().UnixNano()))
 	if err := os.Rename(c.dir, dst); err != nil {
@@ -462,19 +427,47 @@ func (e *Engine) Close() error {
 		if err := c.finalCheckpoint(); err != nil && firstErr == nil {
 			firstErr = err
 		}
-		if c.ownWAL != nil {
-			c.ownWAL.Close()
-		}
 		if err := c.store.Close(); err != nil && firstErr == nil {
 			firstErr = err
 		}
 	}
-	if e.wal != nil {
-		if err := e.wal.Close(); err != nil && firstErr == nil {
-			firstErr = err
-		}
+	if err := e.wal.Close(); err != nil && firstErr == nil {
+		firstErr = err
 	}
 	return firstErr
+}
+
+// openWAL opens the engine's shared write-ahead log and returns what it
+// recovered per copyset. A log that cannot be trusted is set aside and a
+// new one opened; damaged then says why, and every copyset is loaded
+// broken, to be rebuilt from its peers.
+func (e *Engine) openWAL() (logs map[uint64]*wal.GroupLog, damaged error, err error) {
+	open := func() (*wal.WAL, map[uint64]*wal.GroupLog, error) {
+		return wal.Open(wal.Options{
+			Dir: filepath.Join(e.cfg.Dir, "wal"), Source: e.cfg.Segments, OnSync: e.cfg.OnWALSync, Logger: e.cfg.Logger,
+			OnPressure: e.walPressure,
+		})
+	}
+	w, logs, err := open()
+	if errors.Is(err, wal.ErrCorrupt) {
+		// Entries this chunkserver made durable, of copysets unknown,
+		// are gone. Its replicas cannot be trusted, their peers can:
+		// every one is loaded broken and rebuilt from its peers, on a
+		// new, empty log. The damaged log is kept aside for diagnosis.
+		aside := filepath.Join(e.cfg.Dir, fmt.Sprintf("wal.damaged-%d", time.Now().UnixNano()))
+		e.log.Error("write-ahead log damaged; every copyset of this chunkserver will be rebuilt from its peers",
+			"err", err, "kept_at", aside)
+		if rerr := os.Rename(filepath.Join(e.cfg.Dir, "wal"), aside); rerr != nil {
+			return nil, nil, fmt.Errorf("copyset: set aside damaged wal: %w (after %w)", rerr, err)
+		}
+		damaged = fmt.Errorf("write-ahead log damaged (kept at %s): %w", aside, err)
+		w, logs, err = open()
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("copyset: open wal: %w", err)
+	}
+	e.wal = w
+	return logs, damaged, nil
 }
 
 func (e *Engine) shutdownWorkers() {

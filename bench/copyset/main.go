@@ -123,6 +123,66 @@ func (r *resolver) Resolve(_ context.Context, id uint64) (string, error) {
 	return "", fmt.Errorf("no chunkserver %d", id)
 }
 
+// cluster is the engines of one measurement and what they run on.
+type cluster struct {
+	engines  []*copyset.Engine
+	pools    []*chunkfilepool.Pool
+	servers  []*grpc.Server
+	wservers []*wire.Server
+}
+
+func (cl *cluster) close() {
+	for _, s := range cl.servers {
+		s.Stop()
+	}
+	for _, s := range cl.wservers {
+		_ = s.Close()
+	}
+	for _, e := range cl.engines {
+		e.Close()
+	}
+	for _, p := range cl.pools {
+		p.Close()
+	}
+}
+
+// startEngine starts chunkserver id's engine in dir, serving on loopback,
+// and records its address in rs.
+func (cl *cluster) startEngine(id uint64, dir string, pool *chunkfilepool.Pool, fc *datastore.FileCache, rs *resolver,
+	onSync func(wal.SyncInfo), workers int, chunkSize int64) (*copyset.Engine, error) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	rs.mu.Lock()
+	rs.addrs[id] = lis.Addr().String()
+	rs.mu.Unlock()
+	e, err := copyset.NewEngine(copyset.Config{
+		NodeID: id, Dir: dir, Segments: pool, ChunkSize: chunkSize,
+		OpenStore: func(d string) (copyset.ChunkStore, error) {
+			return datastore.Open(d, pool, datastore.Options{Files: fc})
+		},
+		Resolver: rs, OnWALSync: onSync, RaftWorkers: workers, ApplyWorkers: workers,
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
+	})
+	if err != nil {
+		lis.Close()
+		return nil, err
+	}
+	cl.engines = append(cl.engines, e)
+	srv, wsrv := grpc.NewServer(), wire.NewServer(wire.ServerOptions{})
+	e.Register(srv, wsrv)
+	wire.ServeSplit(lis, wsrv, srv)
+	cl.servers = append(cl.servers, srv)
+	cl.wservers = append(cl.wservers, wsrv)
+	return e, nil
+}
+
+// measure runs the load on n copysets over three chunkservers. With the
+// shared layout each chunkserver is one engine (one WAL for all its
+// copysets); with perCopyset each copyset replica is an engine of its own
+// (its own WAL, as in Curve and braft), the replicas of one copyset
+// finding each other through a resolver of their own.
 func measure(dir string, n int, perCopyset bool, inflight int, d time.Duration, chunkSize int64) (result, error) {
 	res := result{copysets: n, layout: "shared"}
 	if perCopyset {
@@ -135,28 +195,22 @@ func measure(dir string, n int, perCopyset bool, inflight int, d time.Duration, 
 		ents.Add(uint64(si.Entries))
 	}
 	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
-	rs := &resolver{addrs: map[uint64]string{}}
-	var engines []*copyset.Engine
-	var pools []*chunkfilepool.Pool
-	var servers []*grpc.Server
-	var wservers []*wire.Server
-	defer func() {
-		for _, s := range servers {
-			s.Stop()
-		}
-		for _, s := range wservers {
-			_ = s.Close()
-		}
-		for _, e := range engines {
-			e.Close()
-		}
-		for _, p := range pools {
-			p.Close()
-		}
-	}()
+	cl := &cluster{}
+	defer cl.close()
 	files := n + 64
 	if perCopyset {
 		files += 4 * n
+	}
+	ids := make([]copyset.GroupID, n)
+	for i := range ids {
+		ids[i] = copyset.MakeGroupID(1, uint32(i+1))
+	}
+	// hosts[i] are the engines holding copyset i's replicas.
+	hosts := make([][]*copyset.Engine, n)
+	shared := &resolver{addrs: map[uint64]string{}}
+	perGroup := make([]*resolver, n)
+	for i := range perGroup {
+		perGroup[i] = &resolver{addrs: map[uint64]string{}}
 	}
 	for id := uint64(1); id <= 3; id++ {
 		nd := filepath.Join(dir, fmt.Sprint("cs", id))
@@ -167,39 +221,31 @@ func measure(dir string, n int, perCopyset bool, inflight int, d time.Duration, 
 		if err != nil {
 			return res, err
 		}
-		pools = append(pools, pool)
+		cl.pools = append(cl.pools, pool)
 		for pool.Stats().FormatPercent < 100 {
 			time.Sleep(50 * time.Millisecond)
 		}
 		fc := datastore.NewFileCache(1024)
-		lis, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return res, err
+		if !perCopyset {
+			e, err := cl.startEngine(id, filepath.Join(nd, "engine"), pool, fc, shared, onSync, 0, chunkSize)
+			if err != nil {
+				return res, err
+			}
+			for i := range hosts {
+				hosts[i] = append(hosts[i], e)
+			}
+			continue
 		}
-		rs.mu.Lock()
-		rs.addrs[id] = lis.Addr().String()
-		rs.mu.Unlock()
-		e, err := copyset.NewEngine(copyset.Config{
-			NodeID: id, Dir: filepath.Join(nd, "engine"), Segments: pool, ChunkSize: chunkSize,
-			OpenStore: func(d string) (copyset.ChunkStore, error) {
-				return datastore.Open(d, pool, datastore.Options{Files: fc})
-			},
-			Resolver: rs, PerCopysetWAL: perCopyset, OnWALSync: onSync, Logger: quiet,
-		})
-		if err != nil {
-			return res, err
+		for i := range hosts {
+			e, err := cl.startEngine(id, filepath.Join(nd, fmt.Sprint("engine-", i)), pool, fc, perGroup[i], onSync, 1, chunkSize)
+			if err != nil {
+				return res, err
+			}
+			hosts[i] = append(hosts[i], e)
 		}
-		engines = append(engines, e)
-		srv, wsrv := grpc.NewServer(), wire.NewServer(wire.ServerOptions{})
-		e.Register(srv, wsrv)
-		wire.ServeSplit(lis, wsrv, srv)
-		servers = append(servers, srv)
-		wservers = append(wservers, wsrv)
 	}
-	ids := make([]copyset.GroupID, n)
 	for i := range ids {
-		ids[i] = copyset.MakeGroupID(1, uint32(i+1))
-		for _, e := range engines {
+		for _, e := range hosts[i] {
 			if err := e.Create(ids[i], []uint64{1, 2, 3}); err != nil {
 				return res, err
 			}
@@ -209,7 +255,7 @@ func measure(dir string, n int, perCopyset bool, inflight int, d time.Duration, 
 	deadline := time.Now().Add(time.Minute)
 	for i := range ids {
 		for leaders[i] == nil {
-			for _, e := range engines {
+			for _, e := range hosts[i] {
 				if c, err := e.Get(ids[i]); err == nil && c.IsLeader() {
 					leaders[i] = c
 				}
