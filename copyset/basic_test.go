@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"cairn.io/cairn/copyset/transport"
+
 	"cairn.io/cairn/internal/soon"
 )
 
@@ -288,8 +290,10 @@ func (tc *testCluster) allApplied(ids []GroupID, d time.Duration) {
 			var stats []string
 			for _, n := range tc.running() {
 				stats = append(stats, fmt.Sprintf("  node %d: %+v", n.id, n.engine.TransportStats()))
-				for _, l := range n.engine.transport.Lanes() {
-					stats = append(stats, fmt.Sprintf("  node %d lane %s to %d: %+v", n.id, l.Lane, l.To, l))
+				if tr, ok := n.engine.transport.(*transport.Transport); ok {
+					for _, l := range tr.Lanes() {
+						stats = append(stats, fmt.Sprintf("  node %d lane %s to %d: %+v", n.id, l.Lane, l.To, l))
+					}
 				}
 			}
 			slices.Sort(stats)

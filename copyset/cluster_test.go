@@ -49,9 +49,12 @@ type testCluster struct {
 	t      testing.TB
 	dir    string
 	faults *transport.Faults
-	tune   func(*Config)
-	poolN  int
-	log    *slog.Logger
+	// network, when set, carries Raft traffic in memory (newMemoryCluster)
+	// instead of over loopback sockets.
+	network *transport.Network
+	tune    func(*Config)
+	poolN   int
+	log     *slog.Logger
 
 	// disks holds each node's faultfs when the cluster was made with
 	// newCrashableCluster: its data directory is on the mount, so that a
@@ -78,6 +81,23 @@ func newTestCluster(t testing.TB, n, poolChunks int, tune func(*Config)) *testCl
 	tc := &testCluster{
 		t: t, dir: t.TempDir(), faults: transport.NewFaults(1), tune: tune, poolN: poolChunks,
 		addrs: map[uint64]string{}, nodes: map[uint64]*testNode{}, log: testlog.New(t),
+	}
+	for id := uint64(1); id <= uint64(n); id++ {
+		tc.start(id)
+	}
+	t.Cleanup(tc.close)
+	tc.waitFormatted()
+	return tc
+}
+
+// newMemoryCluster is newTestCluster with Raft traffic carried in memory:
+// no sockets, no connection goroutines; with manual ticks (see
+// manualCluster) what happens depends only on what the test does.
+func newMemoryCluster(t testing.TB, n, poolChunks int, tune func(*Config)) *testCluster {
+	t.Helper()
+	tc := &testCluster{
+		t: t, dir: t.TempDir(), faults: transport.NewFaults(1), network: transport.NewNetwork(), tune: tune,
+		poolN: poolChunks, addrs: map[uint64]string{}, nodes: map[uint64]*testNode{}, log: testlog.New(t),
 	}
 	for id := uint64(1); id <= uint64(n); id++ {
 		tc.start(id)
@@ -142,10 +162,6 @@ func (tc *testCluster) start(id uint64) *testNode {
 		tc.t.Fatalf("open pool of node %d: %v", id, err)
 	}
 	files := datastore.NewFileCache(256)
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		tc.t.Fatal(err)
-	}
 	cfg := Config{
 		NodeID:   id,
 		Dir:      filepath.Join(dir, "engine"),
@@ -155,7 +171,7 @@ func (tc *testCluster) start(id uint64) *testNode {
 		},
 		ChunkSize:       testChunkSize,
 		Resolver:        tc,
-		TestingKnobs:    TestingKnobs{Faults: tc.faults},
+		TestingKnobs:    TestingKnobs{Faults: tc.faults, Network: tc.network},
 		TickInterval:    20 * time.Millisecond,
 		ElectionTicks:   10,
 		CheckpointBytes: 256 << 10,
@@ -169,13 +185,21 @@ func (tc *testCluster) start(id uint64) *testNode {
 	if err != nil {
 		tc.t.Fatalf("start engine of node %d: %v", id, err)
 	}
-	srv, wsrv := grpc.NewServer(), wire.NewServer(wire.ServerOptions{})
-	e.Register(srv, wsrv)
-	wire.ServeSplit(lis, wsrv, srv)
-	n := &testNode{id: id, dir: dir, pool: pool, files: files, engine: e, srv: srv, wsrv: wsrv}
+	n := &testNode{id: id, dir: dir, pool: pool, files: files, engine: e}
+	addr := "memory"
+	if tc.network == nil {
+		lis, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			tc.t.Fatal(err)
+		}
+		n.srv, n.wsrv = grpc.NewServer(), wire.NewServer(wire.ServerOptions{})
+		e.Register(n.srv, n.wsrv)
+		wire.ServeSplit(lis, n.wsrv, n.srv)
+		addr = lis.Addr().String()
+	}
 	tc.mu.Lock()
 	tc.nodes[id] = n
-	tc.addrs[id] = lis.Addr().String()
+	tc.addrs[id] = addr
 	tc.mu.Unlock()
 	return n
 }
@@ -213,8 +237,10 @@ func (tc *testCluster) halt(id uint64, crashed bool) {
 	if n == nil {
 		return
 	}
-	n.srv.Stop()
-	_ = n.wsrv.Close()
+	if n.srv != nil {
+		n.srv.Stop()
+		_ = n.wsrv.Close()
+	}
 	if crashed {
 		_ = n.engine.Close() // every write and sync fails now: nothing more reaches the disk
 		_ = n.pool.Close()

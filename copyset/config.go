@@ -118,6 +118,9 @@ type TestingKnobs struct {
 	ManualTicks bool
 	// Faults injects network faults into the Raft transport.
 	Faults *transport.Faults
+	// Network, if set, carries the engine's Raft traffic in memory
+	// instead of over sockets (Register then serves nothing).
+	Network *transport.Network
 }
 
 // validate checks the required fields and fills in defaults.

@@ -47,7 +47,7 @@ type Engine struct {
 	snapshots struct{ sent, sendFailed, installed atomic.Uint64 }
 
 	wal       *wal.WAL // the shared write-ahead log
-	transport *transport.Transport
+	transport raftTransport
 
 	mu     sync.RWMutex
 	groups map[GroupID]*Copyset
@@ -102,7 +102,7 @@ func NewEngine(cfg Config) (*Engine, error) {
 	if err != nil {
 		return nil, err
 	}
-	e.transport = transport.New(transport.Config{
+	tcfg := transport.Config{
 		NodeID:     cfg.NodeID,
 		Resolver:   cfg.Resolver,
 		Handler:    e,
@@ -116,7 +116,12 @@ func NewEngine(cfg Config) (*Engine, error) {
 				}
 			}
 		},
-	})
+	}
+	if nw := cfg.TestingKnobs.Network; nw != nil {
+		e.transport = nw.Join(tcfg)
+	} else {
+		e.transport = transport.New(tcfg)
+	}
 	if err := e.loadAll(logs, damaged); err != nil {
 		e.shutdownWorkers()
 		e.wal.Close()
@@ -479,6 +484,19 @@ func (e *Engine) shutdownWorkers() {
 	e.raftQ.close()
 	e.applyQ.close()
 	e.wg.Wait()
+}
+
+// raftTransport is what the engine needs of its Raft transport: the
+// network one (transport.Transport) or, in tests, an in-memory one
+// (transport.Memory).
+type raftTransport interface {
+	// Send queues m of copyset group for its destination; false when it
+	// was dropped.
+	Send(group uint64, m *raftpb.Message) bool
+	OpenSnapshot(ctx context.Context, to uint64) (*transport.SnapshotStream, error)
+	Register(g *grpc.Server, w *wire.Server)
+	Stats() transport.Stats
+	Close()
 }
 
 // HandleRaft implements transport.Handler.

@@ -43,7 +43,7 @@ func manualCluster(t *testing.T) (*testCluster, *testClock, GroupID) {
 func manualClusterWith(t *testing.T, tune func(*Config)) (*testCluster, *testClock, GroupID) {
 	t.Helper()
 	clock := newTestClock()
-	tc := newTestCluster(t, 3, 16, func(c *Config) {
+	tc := newMemoryCluster(t, 3, 16, func(c *Config) {
 		c.TestingKnobs.ManualTicks = true
 		c.TestingKnobs.Now = clock.Now
 		if tune != nil {

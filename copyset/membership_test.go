@@ -193,9 +193,15 @@ func TestMembershipUnderLoad(t *testing.T) {
 
 // TestRestartedReplicaCatchesUpBySnapshot stops a follower, writes far
 // past what the leader retains, and restarts it: it must be brought back by
-// a snapshot and end with the same chunks.
+// a snapshot and end with the same chunks. Over loopback sockets and over
+// the in-memory network.
 func TestRestartedReplicaCatchesUpBySnapshot(t *testing.T) {
-	tc := newTestCluster(t, 3, 48, func(c *Config) {
+	t.Run("sockets", func(t *testing.T) { testCatchUpBySnapshot(t, newTestCluster) })
+	t.Run("memory", func(t *testing.T) { testCatchUpBySnapshot(t, newMemoryCluster) })
+}
+
+func testCatchUpBySnapshot(t *testing.T, newCluster func(testing.TB, int, int, func(*Config)) *testCluster) {
+	tc := newCluster(t, 3, 48, func(c *Config) {
 		c.CheckpointBytes = 64 << 10
 		c.RetainBytes = 32 << 10
 		// The leader keeps the log for a follower it heard from within an

@@ -22,6 +22,11 @@
 // Peer addresses are not part of Raft: a Resolver maps a chunkserver id to
 // its current address (the chunkserver asks the MDS topology).
 //
+// Network and Memory carry the same traffic in memory between engines of
+// one process, for tests that must not depend on sockets or connection
+// goroutines (with manual ticks, copyset tests then move only when the
+// test says).
+//
 // Faults is a fault-injection seam for tests: it drops, delays, duplicates
 // and reorders messages and partitions pairs of chunkservers, seeded and
 // repeatable.

@@ -13,11 +13,38 @@ import (
 
 // SnapshotStream is the sending side of one snapshot transfer.
 type SnapshotStream struct {
-	stream transportpb.RaftTransport_InstallSnapshotClient
-	conn   *grpc.ClientConn
+	out    snapshotOut
 	faults *Faults
 	from   uint64
 	to     uint64
+}
+
+// snapshotOut is where a SnapshotStream's frames go: a gRPC client stream
+// (Transport) or a receiver in the same process (Memory).
+type snapshotOut interface {
+	send(*transportpb.SnapshotChunk) error
+	// closeAndRecv ends the transfer and waits for the receiver's verdict.
+	closeAndRecv() (*transportpb.SnapshotResult, error)
+	// abort abandons the transfer.
+	abort()
+}
+
+// grpcOut sends a snapshot on an InstallSnapshot client stream.
+type grpcOut struct {
+	stream transportpb.RaftTransport_InstallSnapshotClient
+	conn   *grpc.ClientConn
+}
+
+func (g *grpcOut) send(c *transportpb.SnapshotChunk) error { return g.stream.Send(c) }
+
+func (g *grpcOut) closeAndRecv() (*transportpb.SnapshotResult, error) {
+	defer g.conn.Close()
+	return g.stream.CloseAndRecv()
+}
+
+func (g *grpcOut) abort() {
+	_ = g.stream.CloseSend()
+	g.conn.Close()
 }
 
 // OpenSnapshot opens a snapshot transfer to a peer.
@@ -36,7 +63,7 @@ func (t *Transport) OpenSnapshot(ctx context.Context, to uint64) (*SnapshotStrea
 		conn.Close()
 		return nil, fmt.Errorf("open snapshot stream to %d: %w", to, err)
 	}
-	return &SnapshotStream{stream: stream, conn: conn, faults: t.cfg.Faults, from: t.cfg.NodeID, to: to}, nil
+	return &SnapshotStream{out: &grpcOut{stream: stream, conn: conn}, faults: t.cfg.Faults, from: t.cfg.NodeID, to: to}, nil
 }
 
 // ErrPartitioned is returned when a fault injector cuts a snapshot transfer.
@@ -48,16 +75,16 @@ func (s *SnapshotStream) Send(c *transportpb.SnapshotChunk) error {
 		return ErrPartitioned
 	}
 	c.From, c.To = s.from, s.to
-	return s.stream.Send(c)
+	return s.out.send(c)
 }
 
 // Finish ends the transfer and returns the receiver's verdict.
 func (s *SnapshotStream) Finish() error {
-	defer s.conn.Close()
-	if err := s.stream.Send(&transportpb.SnapshotChunk{From: s.from, To: s.to, Done: true}); err != nil {
+	if err := s.out.send(&transportpb.SnapshotChunk{From: s.from, To: s.to, Done: true}); err != nil {
+		s.out.abort()
 		return fmt.Errorf("finish snapshot: %w", err)
 	}
-	res, err := s.stream.CloseAndRecv()
+	res, err := s.out.closeAndRecv()
 	if err != nil {
 		return fmt.Errorf("finish snapshot: %w", err)
 	}
@@ -68,7 +95,4 @@ func (s *SnapshotStream) Finish() error {
 }
 
 // Abort abandons the transfer.
-func (s *SnapshotStream) Abort() {
-	_ = s.stream.CloseSend()
-	s.conn.Close()
-}
+func (s *SnapshotStream) Abort() { s.out.abort() }
