@@ -5,7 +5,6 @@ import (
 	"math"
 	"math/rand/v2"
 	"slices"
-	"strings"
 	"testing"
 
 	"cairn.io/cairn/mds/placement"
@@ -312,39 +311,6 @@ func TestLeadersPiledOnOneChunkServerSpread(t *testing.T) {
 	}
 }
 
-func TestNoQuorumIsBlocked(t *testing.T) {
-	c := newCluster(t, []int{2, 2, 2}, 4, 5)
-	cs := &c.in.Copysets[0]
-	for _, v := range cs.Voters[1:] {
-		c.cs(v).Online, c.cs(v).Down = false, true
-	}
-	cs.Leader = cs.Voters[0]
-	_, blocked := Plan(c.in, Limits{})
-	i := slices.IndexFunc(blocked, func(b Blocked) bool { return b.Copyset == cs.ID })
-	if i < 0 || !strings.Contains(blocked[i].Reason, "no quorum") {
-		t.Fatalf("copyset with one live voter of three: blocked %v", blocked)
-	}
-}
-
-func TestNoChunkServerLeftIsBlocked(t *testing.T) {
-	c := newCluster(t, []int{1, 1, 1}, 4, 6)
-	c.cs(2).Online, c.cs(2).Down = false, true
-	c.elect()
-	ops, blocked := Plan(c.in, Limits{})
-	for _, op := range ops {
-		if op.Kind == AddPeer {
-			t.Fatalf("planned %v with no chunkserver in a free zone", op)
-		}
-	}
-	if len(blocked) != len(c.in.Copysets) || !strings.Contains(blocked[0].Reason, "outside zones") {
-		t.Fatalf("blocked: %v", blocked)
-	}
-	// A fourth zone lets recovery go on.
-	c.in.ChunkServers = append(c.in.ChunkServers, ChunkServer{ID: 9, Zone: 4, PhysPool: 1, Online: true})
-	c.converge(t, Limits{})
-	c.checkWhole(t)
-}
-
 func TestFullAndOtherPoolChunkServersAreNotTargets(t *testing.T) {
 	c := newCluster(t, []int{2, 2, 2}, 4, 7)
 	c.cs(2).Full = true
@@ -361,45 +327,6 @@ func TestFullAndOtherPoolChunkServersAreNotTargets(t *testing.T) {
 	}
 }
 
-func TestLeaderIsNotRemovedButTransferred(t *testing.T) {
-	c := newCluster(t, []int{2, 2, 2}, 4, 8)
-	cs := &c.in.Copysets[0]
-	// A move half done: four voters, the leader in a zone twice and on the
-	// most loaded chunkserver.
-	leader := cs.Voters[0]
-	var twin uint64
-	for _, s := range c.in.ChunkServers {
-		if s.Zone == c.cs(leader).Zone && s.ID != leader {
-			twin = s.ID
-		}
-	}
-	cs.Voters = append(cs.Voters, twin)
-	cs.Leader = leader
-	c.cs(leader).Retiring = true
-	ops, _ := Plan(c.in, Limits{NoBalance: true})
-	i := slices.IndexFunc(ops, func(o Op) bool { return o.Copyset == cs.ID })
-	if i < 0 || ops[i].Kind != TransferLeader || ops[i].Target == leader {
-		t.Fatalf("operators: %v", ops)
-	}
-	c.apply(t, ops)
-	ops, _ = Plan(c.in, Limits{NoBalance: true})
-	i = slices.IndexFunc(ops, func(o Op) bool { return o.Copyset == cs.ID })
-	if i < 0 || ops[i].Kind != RemovePeer || ops[i].Target != leader {
-		t.Fatalf("second round: %v", ops)
-	}
-}
-
-func TestOrphanLearnerIsRemovedAndBusyCopysetsAreLeftAlone(t *testing.T) {
-	c := newCluster(t, []int{2, 2, 2}, 4, 9)
-	c.in.Copysets[0].Learners = []uint64{c.in.Copysets[0].Voters[0] + 100}
-	c.in.Copysets[1].Busy = true
-	c.in.Copysets[1].Voters = c.in.Copysets[1].Voters[:2]
-	ops, _ := Plan(c.in, Limits{NoBalance: true})
-	if len(ops) != 1 || ops[0].Copyset != c.in.Copysets[0].ID || ops[0].Kind != RemovePeer || ops[0].Reason != ReasonCleanup {
-		t.Fatalf("operators: %v", ops)
-	}
-}
-
 func TestBalanceWaitsForRecovery(t *testing.T) {
 	c := newCluster(t, []int{2, 2, 2}, 8, 10)
 	c.in.ChunkServers = append(c.in.ChunkServers, ChunkServer{ID: 7, Zone: 1, PhysPool: 1, Online: true})
@@ -409,15 +336,6 @@ func TestBalanceWaitsForRecovery(t *testing.T) {
 		if op.Reason != ReasonRecover {
 			t.Fatalf("planned %v while the pool is degraded", op)
 		}
-	}
-}
-
-func TestRunningOperatorsCountAgainstTheLimit(t *testing.T) {
-	c := newCluster(t, []int{2, 2, 2}, 8, 11)
-	c.cs(1).Online, c.cs(1).Down = false, true
-	c.in.Running = map[uint64]int{2: 2}
-	if ops, _ := Plan(c.in, Limits{}); len(ops) != 0 {
-		t.Fatalf("planned %v with chunkserver 2 at its limit", ops)
 	}
 }
 
