@@ -195,7 +195,7 @@ func New(cfg Config) *Transport {
 // wire server w, snapshot transfers on the gRPC server g.
 func (t *Transport) Register(g *grpc.Server, w *wire.Server) {
 	transportpb.RegisterRaftTransportServer(g, t)
-	w.HandleMessage(transportpb.WireRaftBatch, "raft batch", t.receive)
+	w.HandleMessage(transportpb.WireRaftBatch, transportpb.WireRaftBatchName, t.receive)
 }
 
 // Stats returns traffic counters.

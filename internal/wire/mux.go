@@ -134,6 +134,10 @@ func (c *prefixConn) Read(b []byte) (int, error) {
 	return c.Conn.Read(b)
 }
 
+// NetConn returns the connection under the routing wrapper (a TLS one when
+// the listener split was a TLS listener).
+func (c *prefixConn) NetConn() net.Conn { return c.Conn }
+
 // ServeSplit serves w and a gRPC server g on one listener (see Split) in the
 // background; stop them with w.Close and g.Stop.
 func ServeSplit(l net.Listener, w *Server, g interface{ Serve(net.Listener) error }) {

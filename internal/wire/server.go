@@ -37,7 +37,22 @@ type ServerOptions struct {
 	// WriteTimeout bounds one write to a connection (default 30s); a
 	// client that does not read for that long is disconnected.
 	WriteTimeout time.Duration
-	Logger       *slog.Logger
+	// Authorize, if set, is asked before every request and one-way
+	// message with the method's registered name; ctx carries the
+	// connection (ConnOf). A refused request is answered with the error;
+	// a refused message closes the connection.
+	Authorize func(ctx context.Context, method string) error
+	Logger    *slog.Logger
+}
+
+// connKey is the context key of the connection a request arrived on.
+type connKey struct{}
+
+// ConnOf returns the connection a request or message arrived on, from
+// the context a Server gives its handlers (and Authorize), or nil.
+func ConnOf(ctx context.Context) net.Conn {
+	c, _ := ctx.Value(connKey{}).(net.Conn)
+	return c
 }
 
 func (o *ServerOptions) setDefaults() {
@@ -137,7 +152,7 @@ func (s *Server) Serve(l net.Listener) error {
 // owns it from now on.
 func (s *Server) ServeConn(c net.Conn) {
 	sc := &serverConn{s: s, conn: c, cancels: map[uint64]context.CancelFunc{}}
-	sc.ctx, sc.cancel = context.WithCancel(context.Background())
+	sc.ctx, sc.cancel = context.WithCancel(context.WithValue(context.Background(), connKey{}, c))
 	sc.w = newWriter(c, s.opts.MaxPending, s.opts.WriteTimeout)
 	sc.slots = make(chan struct{}, s.opts.MaxConcurrent)
 	s.mu.Lock()
@@ -280,6 +295,11 @@ func (sc *serverConn) message(h header, payload []byte) error {
 	if md == nil || md.message == nil {
 		return fmt.Errorf("%w: message of unknown method %d", ErrProtocol, h.method)
 	}
+	if auth := sc.s.opts.Authorize; auth != nil {
+		if err := auth(sc.ctx, md.name); err != nil {
+			return fmt.Errorf("message %s refused: %w", md.name, err)
+		}
+	}
 	if err := md.message(payload); err != nil {
 		return fmt.Errorf("message %s: %w", md.name, err)
 	}
@@ -292,6 +312,11 @@ func (sc *serverConn) request(h header, payload []byte) error {
 	md := sc.s.methods[h.method]
 	if md == nil || md.handler == nil {
 		return sc.w.send(context.Background(), header{kind: kindError, method: h.method, id: h.id}, nil, fmt.Sprintf("unknown method %d", h.method))
+	}
+	if auth := sc.s.opts.Authorize; auth != nil {
+		if err := auth(sc.ctx, md.name); err != nil {
+			return sc.w.send(context.Background(), header{kind: kindError, method: h.method, id: h.id}, nil, err.Error())
+		}
 	}
 	req := md.newReq()
 	if err := proto.Unmarshal(payload, req); err != nil {

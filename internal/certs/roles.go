@@ -1,0 +1,119 @@
+package certs
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"slices"
+	"strings"
+
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
+)
+
+// Role is what a certificate allows its holder to do in a Cairn cluster.
+// A certificate names its roles as organizational units of its subject
+// (OU=chunkserver); one certificate may hold several.
+type Role string
+
+// The roles.
+const (
+	// RoleMDS: the metadata server. It creates and removes copysets and
+	// runs operators on chunkservers.
+	RoleMDS Role = "mds"
+	// RoleChunkServer: a chunkserver. It registers and reports to the
+	// MDS and exchanges Raft traffic with other chunkservers.
+	RoleChunkServer Role = "chunkserver"
+	// RoleClient: a process doing volume IO (the gateway, the client
+	// library, the CSI node plugin): it opens volumes and reads and writes
+	// chunks under a volume epoch.
+	RoleClient Role = "client"
+	// RoleOperator: an administrator (cairn-ops, the CSI controller): it
+	// may also change the topology and create, delete and publish
+	// volumes.
+	RoleOperator Role = "operator"
+)
+
+// Roles lists every role.
+var Roles = []Role{RoleMDS, RoleChunkServer, RoleClient, RoleOperator}
+
+// RolesOf returns the Cairn roles a certificate names.
+func RolesOf(c *x509.Certificate) []Role {
+	if c == nil {
+		return nil
+	}
+	var out []Role
+	for _, ou := range c.Subject.OrganizationalUnit {
+		if r := Role(strings.ToLower(strings.TrimSpace(ou))); slices.Contains(Roles, r) && !slices.Contains(out, r) {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// ErrNoIdentity is returned for a caller that presented no verified
+// certificate (a plaintext connection to a server that runs with TLS
+// cannot get this far; a server without TLS has no identities).
+var ErrNoIdentity = errors.New("caller presented no certificate")
+
+// Peer is a caller as a server sees it.
+type Peer struct {
+	Addr  string
+	Name  string // the certificate's subject common name
+	Roles []Role
+}
+
+func (p Peer) String() string {
+	if p.Name == "" {
+		return p.Addr
+	}
+	return fmt.Sprintf("%s (%s, roles %v)", p.Addr, p.Name, p.Roles)
+}
+
+// PeerOf returns the caller of a gRPC call or of a wire request or
+// message (the connection's verified certificate), or ErrNoIdentity.
+func PeerOf(ctx context.Context) (Peer, error) {
+	if st, addr, ok := wireState(ctx); ok {
+		return peerFromState(st, addr)
+	}
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return Peer{}, ErrNoIdentity
+	}
+	addr := ""
+	if p.Addr != nil {
+		addr = p.Addr.String()
+	}
+	info, ok := p.AuthInfo.(credentials.TLSInfo)
+	if !ok {
+		return Peer{Addr: addr}, ErrNoIdentity
+	}
+	return peerFromState(&info.State, addr)
+}
+
+func peerFromState(st *tls.ConnectionState, addr string) (Peer, error) {
+	if len(st.VerifiedChains) == 0 || len(st.VerifiedChains[0]) == 0 {
+		return Peer{Addr: addr}, ErrNoIdentity
+	}
+	leaf := st.VerifiedChains[0][0]
+	return Peer{Addr: addr, Name: leaf.Subject.CommonName, Roles: RolesOf(leaf)}, nil
+}
+
+// tlsConn finds the TLS connection under c (c itself, or what a wrapper
+// such as the wire protocol's listener split returns from NetConn).
+func tlsConn(c net.Conn) (*tls.Conn, bool) {
+	for c != nil {
+		if t, ok := c.(*tls.Conn); ok {
+			return t, true
+		}
+		u, ok := c.(interface{ NetConn() net.Conn })
+		if !ok {
+			return nil, false
+		}
+		c = u.NetConn()
+	}
+	return nil, false
+}
