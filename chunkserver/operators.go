@@ -6,12 +6,12 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"cairn.io/cairn/api/commonpb"
 	"cairn.io/cairn/api/copysetpb"
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/copyset"
+	"cairn.io/cairn/internal/certs"
 )
 
 // operatorService takes operators the MDS pushes as soon as it queued them
@@ -107,7 +107,7 @@ func (s *Server) prepareNewReplica(ctx context.Context, id copyset.GroupID, targ
 	if err != nil {
 		return err
 	}
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient(addr, certs.DialOption(s.cfg.TLS))
 	if err != nil {
 		return err
 	}

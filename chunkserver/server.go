@@ -22,6 +22,7 @@ import (
 	"cairn.io/cairn/chunkfilepool"
 	"cairn.io/cairn/chunkserver/datastore"
 	"cairn.io/cairn/copyset"
+	"cairn.io/cairn/internal/certs"
 	"cairn.io/cairn/internal/httpdebug"
 	"cairn.io/cairn/internal/wire"
 	"cairn.io/cairn/mds/mdsclient"
@@ -88,6 +89,11 @@ type Config struct {
 	// HeartbeatInterval overrides the interval the MDS asks for.
 	HeartbeatInterval time.Duration
 
+	// TLS is the chunkserver's identity: its listener then speaks mutual
+	// TLS only, each call and Raft message is checked against the caller's
+	// roles (Policy), and its own connections (to the MDS, to peers) use
+	// it too. Nil: plaintext, nothing checked.
+	TLS    *certs.Source
 	Logger *slog.Logger
 
 	// TestingKnobs change behaviour for tests only.
@@ -219,7 +225,7 @@ func (s *Server) Start(ctx context.Context) (err error) {
 	if err := os.MkdirAll(s.cfg.DataDir, 0o755); err != nil {
 		return fmt.Errorf("chunkserver: create data dir: %w", err)
 	}
-	s.mds, err = mdsclient.Dial(s.cfg.MDSAddrs, mdsclient.Options{Logger: s.cfg.Logger})
+	s.mds, err = mdsclient.Dial(s.cfg.MDSAddrs, mdsclient.Options{Logger: s.cfg.Logger, TLS: s.cfg.TLS})
 	if err != nil {
 		return fmt.Errorf("chunkserver: connect to MDS: %w", err)
 	}
@@ -272,6 +278,8 @@ func (s *Server) Start(ctx context.Context) (err error) {
 		OpenStore:           s.openStore,
 		ChunkSize:           s.geom.ChunkSize,
 		Resolver:            s.res,
+		Dialer:              certs.Dialer(s.cfg.TLS),
+		DialOptions:         []grpc.DialOption{certs.DialOption(s.cfg.TLS)},
 		TestingKnobs:        copyset.TestingKnobs{Faults: s.cfg.TestingKnobs.Faults},
 		TickInterval:        s.cfg.TickInterval,
 		ElectionTicks:       s.cfg.ElectionTicks,
@@ -299,8 +307,14 @@ func (s *Server) Start(ctx context.Context) (err error) {
 		grpc.MaxRecvMsgSize(int(s.cfg.MaxIOSize) + (1 << 20)), grpc.MaxSendMsgSize(int(s.cfg.MaxIOSize) + (1 << 20)),
 		grpc.MaxConcurrentStreams(s.cfg.MaxStreams),
 	}
+	var authorize func(context.Context, string) error
+	if s.cfg.TLS != nil {
+		s.lis = certs.NewListener(s.lis, s.cfg.TLS, s.log)
+		gopts = append(gopts, Policy.ServerOptions()...)
+		authorize = Policy.WireAuthorize()
+	}
 	if k := s.cfg.TestingKnobs.UnaryInterceptor; k != nil {
-		gopts = append(gopts, grpc.UnaryInterceptor(k))
+		gopts = append(gopts, grpc.ChainUnaryInterceptor(k))
 	}
 	s.grpc = grpc.NewServer(gopts...)
 	chunks := &chunkService{s: s}
@@ -310,6 +324,7 @@ func (s *Server) Start(ctx context.Context) (err error) {
 	s.wire = wire.NewServer(wire.ServerOptions{
 		MaxFrame:      int(s.cfg.MaxIOSize) + (1 << 20),
 		MaxConcurrent: int(s.cfg.MaxStreams),
+		Authorize:     authorize,
 		Logger:        s.cfg.Logger.With("component", "wire", "chunkserver", s.id.ChunkServerID),
 	})
 	chunkpb.RegisterWireServer(s.wire, chunks, s.cfg.TestingKnobs.UnaryInterceptor)

@@ -1,6 +1,11 @@
 package client
 
-import "errors"
+import (
+	"errors"
+	"strings"
+
+	"cairn.io/cairn/internal/wire"
+)
 
 // Errors callers branch on (errors.Is).
 var (
@@ -25,4 +30,13 @@ var (
 	ErrUnavailable = errors.New("client: metadata server unavailable")
 	// ErrTimeout: a transient failure lasted longer than the retry timeout.
 	ErrTimeout = errors.New("client: IO did not succeed before the retry timeout")
+	// ErrDenied: a chunkserver refused this process's certificate the
+	// request (its role does not allow chunk IO); retrying cannot help.
+	ErrDenied = errors.New("client: chunkserver refused the request to this process's certificate")
 )
+
+// denied reports whether err is a chunkserver's refusal by role.
+func denied(err error) bool {
+	var re *wire.RemoteError
+	return errors.As(err, &re) && (strings.Contains(re.Msg, "code = PermissionDenied") || strings.Contains(re.Msg, "code = Unauthenticated"))
+}

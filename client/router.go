@@ -14,6 +14,7 @@ import (
 	"cairn.io/cairn/api/chunkpb"
 	"cairn.io/cairn/api/commonpb"
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/certs"
 	"cairn.io/cairn/internal/wire"
 )
 
@@ -61,7 +62,7 @@ func newRouter(v *Volume) *router {
 	return &router{
 		v: v, segs: map[int64][]*mdspb.ChunkRef{}, absent: map[int64]time.Time{},
 		segCalls: map[int64]*segCall{}, copysets: map[csKey]*csInfo{},
-		conns: wire.NewPool(wire.ClientOptions{MaxFrame: 16 << 20}),
+		conns: wire.NewPool(wire.ClientOptions{MaxFrame: 16 << 20, Dialer: certs.Dialer(v.opts.TLS)}),
 	}
 }
 
@@ -299,6 +300,8 @@ func (r *router) call(ctx context.Context, ref *commonpb.CopysetRef, f func(ctx 
 		switch {
 		case ctx.Err() != nil:
 			return 0, ctx.Err()
+		case denied(err):
+			return 0, fmt.Errorf("%w: %v", ErrDenied, err)
 		case err != nil:
 			// The chunkserver is unreachable or restarting: forget the
 			// leader and ask the members (and the MDS) again.

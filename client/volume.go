@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/certs"
 	"cairn.io/cairn/mds/mdsclient"
 )
 
@@ -48,7 +49,10 @@ type Options struct {
 	// would exceed it waits until earlier pieces completed (default
 	// DefaultMaxInflightBytes; at least one piece, 1 MiB).
 	MaxInflightBytes int64
-	Logger           *slog.Logger
+	// TLS is this process's identity (a certificate with the client role)
+	// for mutual TLS with the MDS and the chunkservers; nil: plaintext.
+	TLS    *certs.Source
+	Logger *slog.Logger
 	// TestingKnobs are hooks for tests; zero in production.
 	TestingKnobs TestingKnobs
 }
@@ -135,7 +139,7 @@ func OpenWithOptions(ctx context.Context, mdsAddrs []string, volume string, o Op
 		h, _ := os.Hostname()
 		o.ClientName = fmt.Sprintf("%s/pid-%d", h, os.Getpid())
 	}
-	conn, err := mdsclient.Dial(mdsAddrs, mdsclient.Options{Logger: o.Logger, RetryBudget: o.RetryTimeout})
+	conn, err := mdsclient.Dial(mdsAddrs, mdsclient.Options{Logger: o.Logger, RetryBudget: o.RetryTimeout, TLS: o.TLS})
 	if err != nil {
 		return nil, fmt.Errorf("client: connect to the MDS: %w", err)
 	}

@@ -1,10 +1,14 @@
 package copyset
 
 import (
+	"context"
 	"errors"
 	"log/slog"
+	"net"
 	"runtime"
 	"time"
+
+	"google.golang.org/grpc"
 
 	"cairn.io/cairn/copyset/transport"
 	"cairn.io/cairn/copyset/wal"
@@ -44,6 +48,11 @@ type Config struct {
 	ChunkSize int64
 	// Resolver maps peer chunkserver ids to addresses. Required.
 	Resolver transport.Resolver
+	// Dialer opens the connections Raft messages travel on (default TCP);
+	// DialOptions are added to those of snapshot transfers (gRPC). The
+	// chunkserver sets both for TLS.
+	Dialer      func(ctx context.Context, addr string) (net.Conn, error)
+	DialOptions []grpc.DialOption
 
 	// RaftWorkers and ApplyWorkers size the two worker pools (default
 	// 2*GOMAXPROCS each, at least 4).

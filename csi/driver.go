@@ -19,6 +19,7 @@ import (
 	mount "k8s.io/mount-utils"
 	utilexec "k8s.io/utils/exec"
 
+	"cairn.io/cairn/internal/certs"
 	"cairn.io/cairn/mds/mdsclient"
 )
 
@@ -63,6 +64,10 @@ type Config struct {
 	// CallTimeout bounds each call the driver makes to the MDS (default
 	// 30s, shortened by the caller's deadline).
 	CallTimeout time.Duration
+	// TLS is the driver's identity towards the MDS (the controller needs
+	// the operator role, the node the client role; attach processes get
+	// the same files); nil: plaintext.
+	TLS *certs.Source
 	// Logger receives the driver's logs (default slog.Default()).
 	Logger *slog.Logger
 }
@@ -119,7 +124,7 @@ func New(cfg Config) (*Driver, error) {
 	if err != nil {
 		return nil, err
 	}
-	conn, err := mdsclient.Dial(cfg.MDSAddrs, mdsclient.Options{Logger: cfg.Logger})
+	conn, err := mdsclient.Dial(cfg.MDSAddrs, mdsclient.Options{Logger: cfg.Logger, TLS: cfg.TLS})
 	if err != nil {
 		return nil, fmt.Errorf("csi: dial MDS: %w", err)
 	}
@@ -256,4 +261,12 @@ func mdsErr(what string, err error) error {
 		return status.Errorf(codes.Internal, "%s: %v", what, err)
 	}
 	return status.Errorf(st.Code(), "%s: %s", what, st.Message())
+}
+
+// tlsFiles names the identity files attach processes open volumes with.
+func (d *Driver) tlsFiles() certs.Files {
+	if d.cfg.TLS == nil {
+		return certs.Files{}
+	}
+	return d.cfg.TLS.Files()
 }

@@ -160,6 +160,7 @@ func (n node) attachment(ctx context.Context, st *stageRecord) (*attach.Record, 
 	defer cancel()
 	rec, err := attach.Start(actx, n.d.exe, attach.Spec{
 		Volume: st.Volume, Node: n.d.cfg.NodeID, MDSAddrs: n.d.cfg.MDSAddrs, ReadOnly: st.ReadOnly, Dir: dir,
+		TLS: n.d.tlsFiles(),
 	})
 	if err != nil {
 		_ = os.RemoveAll(dir)

@@ -12,11 +12,12 @@ import (
 )
 
 // clientOpener opens volumes for writing through the client library.
-func clientOpener(mdsAddrs []string, name string, maxInflightBytes int64, logger *slog.Logger) func(context.Context, string) (blockdev.Device, error) {
+func clientOpener(cfg Config, logger *slog.Logger) func(context.Context, string) (blockdev.Device, error) {
 	return func(ctx context.Context, volume string) (blockdev.Device, error) {
-		v, err := client.OpenWithOptions(ctx, mdsAddrs, volume, client.Options{
-			ClientName:       name,
-			MaxInflightBytes: maxInflightBytes,
+		v, err := client.OpenWithOptions(ctx, cfg.MDSAddrs, volume, client.Options{
+			ClientName:       cfg.ClientName,
+			MaxInflightBytes: cfg.VolumeMaxInflightBytes,
+			TLS:              cfg.TLS,
 			Logger:           logger,
 		})
 		if err != nil {

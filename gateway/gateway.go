@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"cairn.io/cairn/blockdev"
+	"cairn.io/cairn/internal/certs"
 	"cairn.io/cairn/iscsi"
 	"cairn.io/cairn/mds/mdsclient"
 	"cairn.io/cairn/nbd"
@@ -84,6 +85,9 @@ type Config struct {
 	// the client library. Tests substitute it to observe opens; it must
 	// wrap blockdev.ErrNotFound when the volume does not exist.
 	OpenVolume func(ctx context.Context, name string) (blockdev.Device, error)
+	// TLS is the gateway's identity (a certificate with the client role)
+	// towards the MDS and the chunkservers; nil: plaintext.
+	TLS *certs.Source
 	// Logger receives structured logs (default slog.Default()).
 	Logger *slog.Logger
 }
@@ -164,9 +168,9 @@ func New(cfg Config) (*Gateway, error) {
 		}
 	}
 	if g.cfg.OpenVolume == nil {
-		g.cfg.OpenVolume = clientOpener(cfg.MDSAddrs, cfg.ClientName, cfg.VolumeMaxInflightBytes, cfg.Logger)
+		g.cfg.OpenVolume = clientOpener(g.cfg, cfg.Logger)
 	}
-	conn, err := mdsclient.Dial(cfg.MDSAddrs, mdsclient.Options{Logger: g.log, RetryBudget: 10 * time.Second})
+	conn, err := mdsclient.Dial(cfg.MDSAddrs, mdsclient.Options{Logger: g.log, RetryBudget: 10 * time.Second, TLS: cfg.TLS})
 	if err != nil {
 		return nil, fmt.Errorf("gateway: %w", err)
 	}

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/certs"
 	"cairn.io/cairn/internal/geometry"
 )
 
@@ -80,6 +81,10 @@ type Config struct {
 	// Schedule configures the schedulers that repair and balance copysets.
 	Schedule ScheduleConfig
 
+	// TLS is the MDS's identity: its listener then speaks mutual TLS only,
+	// each call is checked against the caller's roles (Policy), and calls
+	// to chunkservers use it too. Nil: plaintext, nothing checked.
+	TLS *certs.Source
 	// Logger receives structured logs; default slog.Default().
 	Logger *slog.Logger
 

@@ -20,6 +20,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/certs"
 	"cairn.io/cairn/internal/grpcconn"
 	"cairn.io/cairn/internal/httpdebug"
 	"cairn.io/cairn/mds/embedetcd"
@@ -69,7 +70,7 @@ func New(cfg Config) (*Server, error) {
 	s.metrics = newMetrics(s)
 	s.registry.MustRegister(s.metrics, collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	s.conns = grpcconn.NewCache("chunkserver")
+	s.conns = grpcconn.NewCache("chunkserver", certs.DialOption(cfg.TLS))
 	return s, nil
 }
 
@@ -117,7 +118,12 @@ func (s *Server) Start(ctx context.Context) (err error) {
 			return fmt.Errorf("%w: listening on %s needs an advertise address that others can reach", ErrInvalidConfig, s.advAddr)
 		}
 	}
-	s.grpc = grpc.NewServer(grpc.ChainUnaryInterceptor(s.leaderInterceptor))
+	var opts []grpc.ServerOption
+	if s.cfg.TLS != nil {
+		s.lis = certs.NewListener(s.lis, s.cfg.TLS, s.log)
+		opts = Policy.ServerOptions()
+	}
+	s.grpc = grpc.NewServer(append(opts, grpc.ChainUnaryInterceptor(s.leaderInterceptor))...)
 	registerServices(s.grpc, s)
 	go func() { _ = s.grpc.Serve(s.lis) }()
 	if s.http, err = httpdebug.Serve(s.cfg.MetricsAddr, httpdebug.Handler(s.registry, s.health), s.log); err != nil {

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/certs"
 	"cairn.io/cairn/internal/units"
 	"cairn.io/cairn/mds/mdsclient"
 )
@@ -30,7 +31,13 @@ func measureRecovery(bin string, fill uint64, copysets int, rt time.Duration, ke
 	defer pg.stop()
 	st := pg.state
 	vol := st.Volume
-	conn, err := mdsclient.Dial([]string{st.MDS}, mdsclient.Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	var id *certs.Source
+	if st.TLS != nil {
+		if id, err = certs.Load(st.TLS.Files(), nil); err != nil {
+			return err
+		}
+	}
+	conn, err := mdsclient.Dial([]string{st.MDS}, mdsclient.Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), TLS: id})
 	if err != nil {
 		return err
 	}

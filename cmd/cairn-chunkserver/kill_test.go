@@ -57,7 +57,7 @@ func (p *proc) start(t *testing.T, mdsAddr string) {
 	p.log = &bytes.Buffer{}
 	p.cmd = exec.Command(binPath, "--data-dir", p.dir, "--listen", p.addr, "--metrics-listen", "-",
 		"--mds", mdsAddr, "--zone", p.zone, "--hostname", "host-"+p.zone,
-		"--pool-size", "16MiB", "--pool-max", "512MiB", "--pool-reserve", "64MiB", "--log-level", "warn")
+		"--pool-size", "16MiB", "--pool-max", "512MiB", "--pool-reserve", "64MiB", "--log-level", "warn", "--insecure")
 	p.cmd.Stdout, p.cmd.Stderr = p.log, p.log
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"cairn.io/cairn/chunkserver"
+	"cairn.io/cairn/internal/certs"
 	"cairn.io/cairn/internal/daemon"
 	"cairn.io/cairn/internal/units"
 )
@@ -27,6 +28,7 @@ func main() { daemon.Main("cairn-chunkserver", run) }
 func run(args []string) error {
 	fs := flag.NewFlagSet("cairn-chunkserver", flag.ContinueOnError)
 	logFlags := daemon.AddLogFlags(fs)
+	tlsFlags := certs.AddFlags(fs)
 	var (
 		dataDir      = fs.String("data-dir", "", "data directory (one disk); required")
 		listen       = fs.String("listen", "127.0.0.1:8200", "gRPC address for clients and peers")
@@ -76,6 +78,10 @@ func run(args []string) error {
 	if *zone == "" {
 		return errors.New("--zone is required: name the failure domain of this chunkserver")
 	}
+	identity, err := tlsFlags.Load(logger)
+	if err != nil {
+		return err
+	}
 	cfg := chunkserver.Config{
 		DataDir: *dataDir, ListenAddr: *listen, AdvertiseAddr: *advertise, MetricsAddr: *metrics,
 		MDSAddrs: daemon.SplitList(*mds), Zone: *zone, Hostname: *hostname, PhysicalPool: *physicalPool,
@@ -84,6 +90,7 @@ func run(args []string) error {
 		FormatBytesPerSec: int64(formatRate), SnapshotBytesPerSec: int64(snapRate),
 		TrashExpiry:      *trashExpiry,
 		MaxInflightBytes: int64(inflight), MaxLogBytes: int64(logMem),
+		TLS:    identity,
 		Logger: logger,
 	}
 	s, err := chunkserver.New(cfg)

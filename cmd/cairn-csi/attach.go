@@ -15,6 +15,7 @@ import (
 
 	"cairn.io/cairn/client"
 	"cairn.io/cairn/csi/attach"
+	"cairn.io/cairn/internal/certs"
 	"cairn.io/cairn/internal/daemon"
 )
 
@@ -24,6 +25,7 @@ import (
 func runAttach(args []string) error {
 	fs := flag.NewFlagSet("cairn-csi attach", flag.ContinueOnError)
 	logFlags := daemon.AddLogFlags(fs)
+	tlsFlags := certs.AddFlags(fs)
 	var (
 		dir      = fs.String("dir", "", "the attachment's state directory (absolute)")
 		volume   = fs.String("volume", "", "the volume to attach")
@@ -46,14 +48,21 @@ func runAttach(args []string) error {
 	if err != nil {
 		return err
 	}
+	identity, err := tlsFlags.Load(logger)
+	if err != nil {
+		return err
+	}
 	logger = logger.With("volume", *volume)
 	shieldFromReclaim(logger)
 	ctx, stop := daemon.SignalContext()
 	defer stop()
 	spec := attach.Spec{Volume: *volume, Node: *nodeID, MDSAddrs: daemon.SplitList(*mdsAddrs), ReadOnly: *readOnly, Dir: *dir}
+	if identity != nil {
+		spec.TLS = identity.Files()
+	}
 	octx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	vol, err := client.OpenWithOptions(octx, spec.MDSAddrs, spec.Volume, client.Options{
-		ReadOnly: spec.ReadOnly, Node: spec.Node, ClientName: "csi-node/" + spec.Node, Logger: logger,
+		ReadOnly: spec.ReadOnly, Node: spec.Node, ClientName: "csi-node/" + spec.Node, TLS: identity, Logger: logger,
 	})
 	cancel()
 	if err != nil {

@@ -17,6 +17,7 @@ import (
 
 	"cairn.io/cairn/csi"
 	"cairn.io/cairn/csi/attach"
+	"cairn.io/cairn/internal/certs"
 	"cairn.io/cairn/internal/daemon"
 )
 
@@ -28,6 +29,7 @@ func run(args []string) error {
 	}
 	fs := flag.NewFlagSet("cairn-csi", flag.ContinueOnError)
 	logFlags := daemon.AddLogFlags(fs)
+	tlsFlags := certs.AddFlags(fs)
 	var (
 		endpoint = fs.String("endpoint", daemon.EnvOr("CSI_ENDPOINT", "unix:///csi/csi.sock"), "unix socket the CSI services listen on (env CSI_ENDPOINT)")
 		mdsAddrs = fs.String("mds", daemon.EnvOr("CAIRN_MDS", "127.0.0.1:6700"), "MDS addresses, comma-separated (env CAIRN_MDS)")
@@ -59,10 +61,14 @@ func run(args []string) error {
 	if err != nil {
 		return err
 	}
+	identity, err := tlsFlags.Load(logger)
+	if err != nil {
+		return err
+	}
 	d, err := csi.New(csi.Config{
 		Endpoint: *endpoint, MDSAddrs: daemon.SplitList(*mdsAddrs), NodeID: *nodeID, Mode: *mode,
 		StateDir: *stateDir, Topology: topo, DefaultFsType: *defFs,
-		Version: daemon.Version(), Logger: logger,
+		Version: daemon.Version(), TLS: identity, Logger: logger,
 	})
 	if err != nil {
 		return err

@@ -21,6 +21,7 @@ import (
 
 	"cairn.io/cairn/client"
 	"cairn.io/cairn/gateway"
+	"cairn.io/cairn/internal/certs"
 	"cairn.io/cairn/internal/daemon"
 	"cairn.io/cairn/internal/units"
 	"cairn.io/cairn/iscsi"
@@ -55,6 +56,7 @@ func run(args []string) error {
 func parseConfig(args []string) (gateway.Config, error) {
 	fs := flag.NewFlagSet("cairn-gateway", flag.ContinueOnError)
 	logFlags := daemon.AddLogFlags(fs)
+	tlsFlags := certs.AddFlags(fs)
 	var (
 		mds         = fs.String("mds", daemon.EnvOr("CAIRN_MDS", "127.0.0.1:6700"), "MDS addresses, comma-separated (env CAIRN_MDS)")
 		nbdListen   = fs.String("nbd-listen", gateway.DefaultNBDAddr, "NBD listen address (\"-\" disables NBD)")
@@ -83,6 +85,10 @@ func parseConfig(args []string) (gateway.Config, error) {
 	if err != nil {
 		return gateway.Config{}, err
 	}
+	identity, err := tlsFlags.Load(logger)
+	if err != nil {
+		return gateway.Config{}, err
+	}
 	if *clientName == "" {
 		host, _ := os.Hostname()
 		*clientName = "cairn-gateway@" + host
@@ -96,6 +102,7 @@ func parseConfig(args []string) (gateway.Config, error) {
 		PollInterval: *poll,
 		Linger:       *linger,
 		ClientName:   *clientName,
+		TLS:          identity,
 		Logger:       logger,
 
 		VolumeMaxInflightBytes: int64(volumeBytes),

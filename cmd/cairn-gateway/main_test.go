@@ -17,8 +17,14 @@ func TestFlagErrors(t *testing.T) {
 		{[]string{"--log-level", "loud"}, "--log-level"},
 		{[]string{"--poll-interval", "-1s"}, "poll interval"},
 		{[]string{"stray"}, "unexpected arguments"},
+		{[]string{"--tls-cert", "a.crt"}, "are all needed"},
+		{nil, "TLS is required"},
 	} {
-		err := run(tc.args)
+		args := tc.args
+		if !strings.Contains(tc.want, "TLS") && !strings.Contains(tc.want, "all needed") {
+			args = append([]string{"--insecure"}, args...)
+		}
+		err := run(args)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%v: %v, want an error about %q", tc.args, err, tc.want)
 		}
@@ -32,7 +38,7 @@ func TestCHAPSecretsFlag(t *testing.T) {
 		"targets": {"db": {"user": "db", "secret": "db-secret-16char"}}}`), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cfg, err := parseConfig([]string{"--iscsi-chap", good})
+	cfg, err := parseConfig([]string{"--iscsi-chap", good, "--insecure"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -50,28 +56,28 @@ func TestCHAPSecretsFlag(t *testing.T) {
 		{bad, "--iscsi-chap: " + bad + ": iscsi: CHAP secrets: default: secret of 5 bytes"},
 		{filepath.Join(dir, "missing.json"), "no such file"},
 	} {
-		if _, err := parseConfig([]string{"--iscsi-chap", tc.file}); err == nil || !strings.Contains(err.Error(), tc.want) {
+		if _, err := parseConfig([]string{"--iscsi-chap", tc.file, "--insecure"}); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: %v, want an error containing %q", tc.file, err, tc.want)
 		}
 	}
 }
 
 func TestMemoryBudgetFlags(t *testing.T) {
-	cfg, err := parseConfig(nil)
+	cfg, err := parseConfig([]string{"--insecure"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if cfg.NBD.MaxInFlightBytes != 64<<20 || cfg.ISCSI.MaxSessionBuffer != 64<<20 || cfg.VolumeMaxInflightBytes != 64<<20 {
 		t.Fatalf("defaults: nbd %d, iscsi %d, volume %d", cfg.NBD.MaxInFlightBytes, cfg.ISCSI.MaxSessionBuffer, cfg.VolumeMaxInflightBytes)
 	}
-	cfg, err = parseConfig([]string{"--nbd-max-inflight-bytes", "128MiB", "--iscsi-session-buffer", "32MiB", "--volume-max-inflight-bytes", "16MiB"})
+	cfg, err = parseConfig([]string{"--nbd-max-inflight-bytes", "128MiB", "--iscsi-session-buffer", "32MiB", "--volume-max-inflight-bytes", "16MiB", "--insecure"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if cfg.NBD.MaxInFlightBytes != 128<<20 || cfg.ISCSI.MaxSessionBuffer != 32<<20 || cfg.VolumeMaxInflightBytes != 16<<20 {
 		t.Fatalf("set: nbd %d, iscsi %d, volume %d", cfg.NBD.MaxInFlightBytes, cfg.ISCSI.MaxSessionBuffer, cfg.VolumeMaxInflightBytes)
 	}
-	if _, err := parseConfig([]string{"--iscsi-session-buffer", "lots"}); err == nil {
+	if _, err := parseConfig([]string{"--iscsi-session-buffer", "lots", "--insecure"}); err == nil {
 		t.Fatal("a malformed size was accepted")
 	}
 }

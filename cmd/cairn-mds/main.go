@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/certs"
 	"cairn.io/cairn/internal/daemon"
 	"cairn.io/cairn/internal/units"
 	"cairn.io/cairn/mds"
@@ -30,6 +31,7 @@ func main() { daemon.Main("cairn-mds", run) }
 func run(args []string) error {
 	fs := flag.NewFlagSet("cairn-mds", flag.ContinueOnError)
 	logFlags := daemon.AddLogFlags(fs)
+	tlsFlags := certs.AddFlags(fs)
 	var (
 		dataDir      = fs.String("data-dir", "", "directory for the embedded etcd's data (required without --etcd-endpoints)")
 		listen       = fs.String("listen", "127.0.0.1:6700", "gRPC listen address")
@@ -62,6 +64,10 @@ func run(args []string) error {
 	if err != nil {
 		return err
 	}
+	identity, err := tlsFlags.Load(logger)
+	if err != nil {
+		return err
+	}
 	consts := &mdspb.ClusterConstants{}
 	for _, f := range []struct {
 		name string
@@ -89,7 +95,7 @@ func run(args []string) error {
 		DataDir: *dataDir, ListenAddr: *listen, AdvertiseAddr: *advertise, MetricsAddr: *metrics,
 		EmbeddedEtcdAddr: *etcdListen, EtcdPrefix: *prefix, ElectionTTL: *electionTTL, Constants: consts,
 		HeartbeatInterval: *hbInterval, UnstableTimeout: *unstable, OfflineTimeout: *offline,
-		SessionLease: *lease, EpochLease: *epochLease, Logger: logger,
+		SessionLease: *lease, EpochLease: *epochLease, TLS: identity, Logger: logger,
 		Schedule: mds.ScheduleConfig{
 			RecoverAfter: *recoverAfter, OperatorTimeout: *opTimeout, MaxOperatorsPerChunkServer: *maxOps,
 			NoBalance: *noBalance, SpaceWarn: *spaceWarn, SpaceFull: *spaceFull,

@@ -53,7 +53,7 @@ var startedRE = regexp.MustCompile(`msg="mds started".* addr=(\S+) metrics=(\S+)
 func startProc(t *testing.T, args ...string) *proc {
 	t.Helper()
 	p := &proc{cmd: exec.Command(binary(t), append([]string{"--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
-		"--embedded-etcd-listen", "127.0.0.1:0", "--log-level", "info"}, args...)...), done: make(chan struct{})}
+		"--embedded-etcd-listen", "127.0.0.1:0", "--log-level", "info", "--insecure"}, args...)...), done: make(chan struct{})}
 	errPipe, err := p.cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -153,7 +153,7 @@ func TestServesAndShutsDownOnSIGTERM(t *testing.T) {
 	}
 	// The constants are fixed: another chunk size is refused at start.
 	bad := exec.Command(binary(t), "--data-dir", dir, "--listen", "127.0.0.1:0", "--metrics-listen", "-",
-		"--embedded-etcd-listen", "127.0.0.1:0", "--chunk-size", "16MiB")
+		"--embedded-etcd-listen", "127.0.0.1:0", "--chunk-size", "16MiB", "--insecure")
 	out, err := bad.CombinedOutput()
 	if err == nil || !strings.Contains(string(out), "chunk size 16777216 was configured but the cluster was created with 1048576") {
 		t.Fatalf("restart with another chunk size: %v: %s", err, out)

@@ -49,6 +49,7 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 		yes          = fs.Bool("yes", false, "with --clean: do not ask")
 		perZone      = fs.Int("chunkservers-per-zone", 1, fmt.Sprintf("chunkservers in each of the %d zones (1..%d; more than one lets recovery and balancing be tried)", playground.Zones, playground.MaxChunkServersPerZone))
 		recoverAfter = fs.Duration("recover-after", playground.DefaultRecoverAfter, "how long the MDS waits for a lost chunkserver before rebuilding its replicas elsewhere")
+		insecure     = fs.Bool("insecure", false, "run every process without TLS (by default the playground makes a CA in <dir>/tls and gives each process a certificate)")
 		chunkSize    units.Bytes
 		segmentSize  units.Bytes
 		poolSize     = units.Bytes(playground.DefaultPoolSize)
@@ -87,6 +88,7 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 		StopTimeout:         *stopTimeout,
 		Logger:              logger,
 		ChunkServersPerZone: *perZone, RecoverAfter: *recoverAfter,
+		Insecure: *insecure,
 	}
 	if *perZone < 1 || *perZone > playground.MaxChunkServersPerZone {
 		return fmt.Errorf("--chunkservers-per-zone %d: want 1..%d", *perZone, playground.MaxChunkServersPerZone)
@@ -140,7 +142,7 @@ func printBanner(w io.Writer, st playground.State, took time.Duration, binDir st
 	gw := st.Process("gateway")
 	v := st.Volume
 	fmt.Fprintf(w, "\nCairn playground ready in %s\n\n", took.Round(100*time.Millisecond))
-	fmt.Fprintf(w, "  MDS           %s    (export CAIRN_MDS=%s)\n", st.MDS, st.MDS)
+	fmt.Fprintf(w, "  MDS           %s\n", st.MDS)
 	fmt.Fprintf(w, "  chunkservers  %s\n", strings.Join(css, ", "))
 	fmt.Fprintf(w, "  gateway       NBD %s, iSCSI %s, metrics http://%s/metrics\n", st.NBD, st.ISCSI, gw.MetricsAddr)
 	fmt.Fprintf(w, "\n  volume %s (%s)\n    %s\n    %s\n", v.Name, units.FormatBytes(v.Size), v.NBDURL, v.ISCSIURL)
@@ -153,8 +155,19 @@ func printBanner(w io.Writer, st playground.State, took time.Duration, binDir st
 	fmt.Fprintf(w, "    iscsi-readcapacity16 %s\n", v.ISCSIURL)
 	fmt.Fprintf(w, "    qemu-img bench -w -d 32 -c 100000 -s 4k -f raw %s\n", v.ISCSIURL)
 	if ops := filepath.Join(binDir, "cairn-ops"); isExecutable(ops) {
-		fmt.Fprintf(w, "    %s --mds %s status\n", rel(ops), st.MDS)
-		fmt.Fprintf(w, "    %s --mds %s list volume\n", rel(ops), st.MDS)
+		flags := "--insecure"
+		if t := st.TLS; t != nil {
+			flags = fmt.Sprintf("--tls-cert %s --tls-key %s --tls-ca %s", rel(t.OperatorCert), rel(t.OperatorKey), rel(t.CA))
+		}
+		fmt.Fprintf(w, "    %s --mds %s %s status\n", rel(ops), st.MDS, flags)
+		fmt.Fprintf(w, "    %s --mds %s %s list volume\n", rel(ops), st.MDS, flags)
+	}
+	if t := st.TLS; t != nil {
+		fmt.Fprintf(w, "\n  Every process speaks mutual TLS (CA %s). For cairn-ops in this shell:\n", rel(t.CA))
+		fmt.Fprintf(w, "    export CAIRN_MDS=%s CAIRN_TLS_CERT=%s CAIRN_TLS_KEY=%s CAIRN_TLS_CA=%s\n",
+			st.MDS, abs(t.OperatorCert), abs(t.OperatorKey), abs(t.CA))
+	} else {
+		fmt.Fprintf(w, "\n  Running without TLS. For cairn-ops in this shell:\n    export CAIRN_MDS=%s CAIRN_INSECURE=1\n", st.MDS)
 	}
 	fmt.Fprintf(w, "\n  Logs: %s/*.log   State: %s\n", rel(filepath.Join(st.Dir, "logs")), rel(filepath.Join(st.Dir, playground.StateFile)))
 	fmt.Fprintf(w, "  Ctrl-C stops the playground; its data stays in %s for the next start (--clean removes it).\n\n", rel(st.Dir))
@@ -220,4 +233,11 @@ func duBytes(dir string) uint64 {
 func isExecutable(path string) bool {
 	st, err := os.Stat(path)
 	return err == nil && !st.IsDir() && st.Mode()&0o111 != 0
+}
+
+func abs(p string) string {
+	if a, err := filepath.Abs(p); err == nil {
+		return a
+	}
+	return p
 }

@@ -17,6 +17,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"cairn.io/cairn/internal/certs"
 )
 
 // Subcommand is the argument that makes cairn-csi an attach process.
@@ -30,7 +32,10 @@ func Args(spec Spec) []string {
 	if spec.ReadOnly {
 		args = append(args, "--read-only")
 	}
-	return args
+	if spec.TLS == (certs.Files{}) {
+		return append(args, "--insecure")
+	}
+	return append(args, "--tls-cert", spec.TLS.Cert, "--tls-key", spec.TLS.Key, "--tls-ca", spec.TLS.CA)
 }
 
 // Start runs exe as the attach process for spec, in a session of its own

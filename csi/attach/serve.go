@@ -18,6 +18,7 @@ import (
 
 	"cairn.io/cairn/blockdev"
 	"cairn.io/cairn/chunkfilepool/fsutil"
+	"cairn.io/cairn/internal/certs"
 )
 
 // Spec is what one attach process serves.
@@ -33,6 +34,9 @@ type Spec struct {
 	// Dir is the attachment's state directory (absolute): the FUSE mount,
 	// the control socket and the record live in it.
 	Dir string `json:"dir"`
+	// TLS names the identity the attach process opens the volume with
+	// (the node plugin's); empty: plaintext.
+	TLS certs.Files `json:"tls,omitzero"`
 }
 
 // Record is what an attach process writes to its directory once the

@@ -30,6 +30,7 @@ const (
 // any value).
 var cairnFlags = map[string][]string{
 	"endpoint": nil, "mds": nil, "node-id": nil, "state-dir": nil, "log-level": nil,
+	"tls-cert": nil, "tls-key": nil, "tls-ca": nil,
 	"mode":   {"all", "controller", "node"},
 	"attach": {"fuse"},
 }
@@ -318,6 +319,13 @@ func checkArgs(args []string) error {
 			return fmt.Errorf("flag %q: value %q is not one of %q", name, value, allowed)
 		}
 	}
+	// cairn-csi refuses to start without TLS unless told --insecure: the
+	// manifests give it certificates.
+	for _, f := range []string{"tls-cert", "tls-key", "tls-ca"} {
+		if !slices.ContainsFunc(args, func(a string) bool { return strings.HasPrefix(strings.TrimLeft(a, "-"), f) }) {
+			return fmt.Errorf("no --%s: cairn-csi would refuse to start", f)
+		}
+	}
 	return nil
 }
 
@@ -370,10 +378,10 @@ func TestStrictDecodeFails(t *testing.T) {
 	if err := strictDecode([]byte(good), new(corev1.Pod)); err != nil {
 		t.Errorf("good pod: %v", err)
 	}
-	if err := checkArgs([]string{"--mode", "node", "--attach=fuse", "--log-level=info"}); err != nil {
+	if err := checkArgs([]string{"--mode", "node", "--attach=fuse", "--log-level=info", "--tls-cert=c", "--tls-key=k", "--tls-ca=a"}); err != nil {
 		t.Errorf("good args: %v", err)
 	}
-	for _, args := range [][]string{{"--mds"}, {"--mode=nodes"}, {"--nodeid=a"}, {"node"}, {"--attach=nbd"}} {
+	for _, args := range [][]string{{"--mds"}, {"--mode=nodes"}, {"--nodeid=a"}, {"node"}, {"--attach=nbd"}, {"--mode=node"}} {
 		if checkArgs(args) == nil {
 			t.Errorf("args %q accepted", args)
 		}

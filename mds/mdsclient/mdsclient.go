@@ -11,10 +11,10 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/certs"
 )
 
 // ErrNoAddress is returned by Dial when no MDS address is given.
@@ -22,8 +22,10 @@ var ErrNoAddress = errors.New("mdsclient: no MDS address")
 
 // Options tune a Conn. Zero values take the defaults.
 type Options struct {
-	// DialOptions are added to every connection; insecure transport
-	// credentials are used when none are given.
+	// TLS is this process's identity for mutual TLS; nil: plaintext.
+	TLS *certs.Source
+	// DialOptions are added to every connection, after the transport
+	// security TLS selects.
 	DialOptions []grpc.DialOption
 	// RetryBudget bounds the retries of one call whose context has no
 	// deadline; default 30s.
@@ -81,9 +83,7 @@ func Dial(addrs []string, opts Options) (*Conn, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
-	if len(opts.DialOptions) == 0 {
-		opts.DialOptions = []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
-	}
+	opts.DialOptions = append([]grpc.DialOption{certs.DialOption(opts.TLS)}, opts.DialOptions...)
 	c := &Conn{opts: opts}
 	c.mu.addrs = clean
 	c.mu.conns = map[string]*grpc.ClientConn{}
@@ -204,6 +204,16 @@ func (c *Conn) Invoke(ctx context.Context, method string, args, reply any, opts 
 			return err
 		}
 		lastErr = err
+		if handshakeFailed(err) && len(tried) >= len(c.Addresses()) {
+			// Every MDS refused this process's certificate or presented
+			// one it does not trust: retrying changes nothing.
+			return status.Errorf(codes.Unauthenticated, "mdsclient: %s: TLS with %s failed: %s",
+				method, strings.Join(tried, ", "), status.Convert(err).Message())
+		}
+		if c.opts.TLS == nil && closedBeforePreface(err) && len(tried) >= len(c.Addresses()) {
+			return status.Errorf(codes.Unavailable, "mdsclient: %s: %s closed the connection at once: it probably requires TLS (give --tls-cert, --tls-key and --tls-ca)",
+				method, strings.Join(tried, ", "))
+		}
 		if ctx.Err() != nil {
 			break
 		}
@@ -230,6 +240,19 @@ func (c *Conn) Invoke(ctx context.Context, method string, args, reply any, opts 
 	}
 	return status.Errorf(codes.Unavailable, "mdsclient: %s: no MDS leader answered (tried %s): %v",
 		method, strings.Join(tried, ", "), status.Convert(lastErr).Message())
+}
+
+// handshakeFailed reports whether err is gRPC's report of a failed TLS
+// handshake (a certificate refused on either side).
+func handshakeFailed(err error) bool {
+	return strings.Contains(status.Convert(err).Message(), "authentication handshake failed")
+}
+
+// closedBeforePreface reports whether err is gRPC's report of a server
+// that closed a plaintext connection before speaking HTTP/2 (what a TLS
+// listener does with a plaintext client).
+func closedBeforePreface(err error) bool {
+	return strings.Contains(status.Convert(err).Message(), "error reading server preface")
 }
 
 // NewStream opens a stream on the current leader. Streams are not retried.

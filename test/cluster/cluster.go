@@ -25,6 +25,7 @@ import (
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/chunkserver"
 	"cairn.io/cairn/copyset/transport"
+	"cairn.io/cairn/internal/certs"
 	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/internal/testlog"
 	"cairn.io/cairn/mds"
@@ -59,6 +60,9 @@ type Options struct {
 	// MDS's defaults (recovery only after 10 minutes) but turns balancing
 	// off, so that leaderships stay where a test found them.
 	Schedule mds.ScheduleConfig
+	// TLS runs the cluster with mutual TLS: a CA in the cluster's
+	// directory, a certificate per role (Identity), Conn as an operator.
+	TLS bool
 }
 
 // Cluster is a running test cluster.
@@ -77,6 +81,45 @@ type Cluster struct {
 	mu    sync.Mutex
 	cs    []*chunkserver.Server
 	addrs []string
+	ca    *certs.CA
+	ids   map[certs.Role]*certs.Source
+}
+
+// Issue writes a certificate for name with roles, valid for loopback, from
+// the cluster's CA (TLS clusters only).
+func (c *Cluster) Issue(name string, req certs.Request) certs.Files {
+	c.t.Helper()
+	if c.ca == nil {
+		c.t.Fatal("Issue on a cluster without TLS")
+	}
+	if req.Name == "" {
+		req.Name = name
+	}
+	if req.Hosts == nil {
+		req.Hosts = []string{"127.0.0.1", "localhost"}
+	}
+	f, err := c.ca.Issue(filepath.Join(c.dir, "tls"), name, req)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return f
+}
+
+// Identity returns the identity of role in a TLS cluster (nil without
+// TLS): the one the cluster's own processes use.
+func (c *Cluster) Identity(role certs.Role) *certs.Source {
+	if c.ids == nil {
+		return nil
+	}
+	if id := c.ids[role]; id != nil {
+		return id
+	}
+	id, err := certs.Load(c.Issue(string(role), certs.Request{Roles: []certs.Role{role}}), c.log)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	c.ids[role] = id
+	return id
 }
 
 // Logger returns the logger tests use: quiet unless CAIRN_TEST_LOG is set
@@ -120,6 +163,13 @@ func Start(t testing.TB, opts Options) *Cluster {
 	}
 	c := &Cluster{t: t, opts: opts, dir: t.TempDir(), log: testlog.New(t)}
 	t.Cleanup(c.Stop)
+	if opts.TLS {
+		ca, err := certs.OpenCA(filepath.Join(c.dir, "tls"), "test CA")
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.ca, c.ids = ca, map[certs.Role]*certs.Source{}
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	m, err := mds.New(mds.Config{
@@ -131,6 +181,7 @@ func Start(t testing.TB, opts Options) *Cluster {
 		EpochLease:        opts.EpochLease,
 		ElectionTTL:       2 * time.Second,
 		Schedule:          opts.Schedule,
+		TLS:               c.Identity(certs.RoleMDS),
 		Logger:            c.log,
 	})
 	if err != nil {
@@ -140,7 +191,7 @@ func Start(t testing.TB, opts Options) *Cluster {
 		t.Fatalf("start MDS: %v", err)
 	}
 	c.MDS = m
-	c.Conn, err = mdsclient.Dial([]string{m.Addr()}, mdsclient.Options{Logger: c.log})
+	c.Conn, err = mdsclient.Dial([]string{m.Addr()}, mdsclient.Options{Logger: c.log, TLS: c.Identity(certs.RoleOperator)})
 	if err != nil {
 		t.Fatalf("dial MDS: %v", err)
 	}
@@ -202,6 +253,7 @@ func (c *Cluster) ChunkServerConfig(i int) chunkserver.Config {
 		TickInterval:      50 * time.Millisecond,
 		HeartbeatInterval: 200 * time.Millisecond,
 		TestingKnobs:      chunkserver.TestingKnobs{Faults: c.opts.Faults},
+		TLS:               c.Identity(certs.RoleChunkServer),
 		Logger:            c.log.With("cluster_index", i),
 	}
 	if c.opts.Tune != nil {

@@ -35,7 +35,7 @@ type csiProcess struct {
 // startCSI runs cairn-csi --mode all for node against the playground's MDS
 // and stops it (by pid) when the test ends; whatever it left attached is
 // detached then.
-func startCSI(t *testing.T, mds, node string) *csiProcess {
+func startCSI(t *testing.T, st *playground.State, node string) *csiProcess {
 	t.Helper()
 	dir := t.TempDir()
 	p := &csiProcess{node: node, sock: filepath.Join(dir, "csi.sock"), state: filepath.Join(dir, "state")}
@@ -43,8 +43,11 @@ func startCSI(t *testing.T, mds, node string) *csiProcess {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p.cmd = exec.Command(filepath.Join(binDir, "cairn-csi"), "--mode", "all", "--node-id", node, "--mds", mds,
-		"--endpoint", "unix://"+p.sock, "--state-dir", p.state, "--default-fs-type", "xfs", "--log-level", "debug")
+	// The operator's certificate: the controller needs the operator role,
+	// the node (and its attach processes) the client role.
+	args := append([]string{"--mode", "all", "--node-id", node, "--endpoint", "unix://" + p.sock, "--state-dir", p.state,
+		"--default-fs-type", "xfs", "--log-level", "debug"}, opsArgs(st)...)
+	p.cmd = exec.Command(filepath.Join(binDir, "cairn-csi"), args...)
 	p.cmd.Stdout, p.cmd.Stderr = logf, logf
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
 	if err := p.cmd.Start(); err != nil {
@@ -149,8 +152,8 @@ func TestCSIOnPlayground(t *testing.T) {
 		}
 		pg.stop(t)
 	})
-	mds := pg.state(t).MDS
-	a, b := startCSI(t, mds, "node-a"), startCSI(t, mds, "node-b")
+	st := pg.state(t)
+	a, b := startCSI(t, st, "node-a"), startCSI(t, st, "node-b")
 
 	t.Run("sanity", func(t *testing.T) {
 		cfg := sanity.NewTestConfig()

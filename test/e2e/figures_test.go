@@ -21,7 +21,7 @@ func (e *env) figuresAgree(t *testing.T) {
 	st := e.pg.state(t)
 	ops := func(args ...string) map[string]any {
 		t.Helper()
-		out, err := testtool.Run(t, time.Minute, filepath.Join(binDir, "cairn-ops"), append([]string{"--mds", st.MDS, "-o", "json"}, args...)...)
+		out, err := testtool.Run(t, time.Minute, filepath.Join(binDir, "cairn-ops"), append(append(opsArgs(st), "-o", "json"), args...)...)
 		m := map[string]any{}
 		if jerr := json.Unmarshal([]byte(out), &m); jerr != nil {
 			t.Fatalf("cairn-ops %v: %v, %v\n%s", args, err, jerr, out)

@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"os"
 	"os/exec"
@@ -19,6 +20,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"cairn.io/cairn/internal/certs"
+	"cairn.io/cairn/mds/mdsclient"
 	"cairn.io/cairn/tools/playground"
 )
 
@@ -268,4 +271,28 @@ func diskUsage(dir string) int64 {
 		return nil
 	})
 	return n
+}
+
+// opsArgs are cairn-ops's connection flags for the playground st: its
+// MDS and its operator certificate.
+func opsArgs(st *playground.State) []string {
+	return append([]string{"--mds", st.MDS}, st.TLS.Flags()...)
+}
+
+// dialMDS connects to the playground's MDS as its operator.
+func dialMDS(t *testing.T, st *playground.State) *mdsclient.Conn {
+	t.Helper()
+	var id *certs.Source
+	if st.TLS != nil {
+		var err error
+		if id, err = certs.Load(st.TLS.Files(), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	conn, err := mdsclient.Dial([]string{st.MDS}, mdsclient.Options{Logger: slog.New(slog.DiscardHandler), TLS: id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return conn
 }

@@ -3,8 +3,6 @@ package e2e
 import (
 	"context"
 	"fmt"
-	"io"
-	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -62,11 +60,7 @@ func TestPlayground(t *testing.T) {
 	if e.vol0.Size != 10*gib {
 		t.Fatalf("vol0 is %d bytes, want 10 GiB", e.vol0.Size)
 	}
-	e.mds, err = mdsclient.Dial([]string{st.MDS}, mdsclient.Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer e.mds.Close()
+	e.mds = dialMDS(t, st)
 
 	t.Run("FiguresAgree", e.figuresAgree)
 	t.Run("NBDCopyRoundTrip", e.nbdCopyRoundTrip)

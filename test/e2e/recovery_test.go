@@ -6,8 +6,6 @@ import (
 	"crypto/rand"
 	"encoding/json"
 	"fmt"
-	"io"
-	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -53,14 +51,10 @@ func TestPlaygroundRecovers(t *testing.T) {
 		pg.stop(t)
 	})
 	st := pg.state(t)
-	conn, err := mdsclient.Dial([]string{st.MDS}, mdsclient.Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
+	conn := dialMDS(t, st)
 	work := t.TempDir()
 	ops := func(timeout time.Duration, args ...string) (string, error) {
-		return testtool.Run(t, timeout, filepath.Join(binDir, "cairn-ops"), append([]string{"--mds", st.MDS}, args...)...)
+		return testtool.Run(t, timeout, filepath.Join(binDir, "cairn-ops"), append(opsArgs(st), args...)...)
 	}
 
 	// Data on vol0.

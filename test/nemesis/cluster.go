@@ -146,7 +146,7 @@ func NewCluster(dir, binDir string, net *netns.Net, logf func(string, ...any)) (
 			"--chunk-size", "1MiB", "--segment-size", "64MiB",
 			// Fast heartbeats: a 5 s epoch lease and a chunkserver
 			// offline (and its replicas rebuilt elsewhere) after 10 s.
-			"--heartbeat-interval", "1s", "--election-ttl", "2s")
+			"--heartbeat-interval", "1s", "--election-ttl", "2s", "--insecure")
 	}}
 	for i := range ChunkServers {
 		name := csName(i)
@@ -184,7 +184,7 @@ func NewCluster(dir, binDir string, net *netns.Net, logf func(string, ...any)) (
 				"--listen", addr(h, csPort), "--metrics-listen", addr(h, metricsPort), "--mds", mdsAddr,
 				"--zone", zone, "--hostname", "nemesis-"+name, "--physical-pool", playground.PhysicalPool,
 				"--pool-size", "24MiB", "--pool-max", "192MiB", "--pool-reserve", "16MiB",
-				"--memory-limit", "256MiB")
+				"--memory-limit", "256MiB", "--insecure")
 		}})
 	}
 	gh := net.Host(HostGateway)
@@ -192,7 +192,7 @@ func NewCluster(dir, binDir string, net *netns.Net, logf func(string, ...any)) (
 		return gh.Command(bin("cairn-gateway"), "--mds", c.MDSAddr(),
 			"--nbd-listen", addr(gh, nbdPort), "--iscsi-listen", addr(gh, iscsiPort),
 			"--metrics-listen", addr(gh, metricsPort), "--volumes", VolNBD,
-			"--client-name", "nemesis-gateway", "--linger", "2s")
+			"--client-name", "nemesis-gateway", "--linger", "2s", "--insecure")
 	}}
 	return c, nil
 }

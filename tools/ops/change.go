@@ -19,8 +19,8 @@ import (
 )
 
 func (a *app) createCommand() *cobra.Command {
-	cmd := &cobra.Command{Use: "create", Short: "Create a volume or a logical pool"}
-	cmd.AddCommand(a.createVolumeCommand(), a.createPoolCommand())
+	cmd := &cobra.Command{Use: "create", Short: "Create a volume, a logical pool or a certificate"}
+	cmd.AddCommand(a.createVolumeCommand(), a.createPoolCommand(), a.createCertCommand())
 	return cmd
 }
 

@@ -294,7 +294,7 @@ func TestCheckConsistencyProgressBar(t *testing.T) {
 		_, _ = io.Copy(&tty, master) // ends with EIO once the slave is closed
 	}()
 	var stdout bytes.Buffer
-	code := RunWithInput(context.Background(), []string{"--mds", c.mds.Addr(), "check", "consistency", "vol"}, strings.NewReader(""), &stdout, slave)
+	code := RunWithInput(context.Background(), []string{"--insecure", "--mds", c.mds.Addr(), "check", "consistency", "vol"}, strings.NewReader(""), &stdout, slave)
 	_ = slave.Close()
 	<-read
 	if code != ExitOK {

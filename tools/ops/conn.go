@@ -10,6 +10,7 @@ import (
 	"cairn.io/cairn/api/commonpb"
 	"cairn.io/cairn/api/copysetpb"
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/certs"
 	"cairn.io/cairn/internal/grpcconn"
 )
 
@@ -18,8 +19,8 @@ type chunkServers struct {
 	conns *grpcconn.Cache
 }
 
-func newChunkServers() *chunkServers {
-	return &chunkServers{conns: grpcconn.NewCache("chunkserver")}
+func newChunkServers(identity *certs.Source) *chunkServers {
+	return &chunkServers{conns: grpcconn.NewCache("chunkserver", certs.DialOption(identity))}
 }
 
 // chunk returns the chunk service of the chunkserver at addr.

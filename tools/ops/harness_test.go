@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -242,6 +243,10 @@ func runOps(t *testing.T, stdin string, args ...string) runResult {
 	var out, errb bytes.Buffer
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
+	if !slices.Contains(args, "--tls-cert") {
+		// The in-process clusters of these tests run without TLS.
+		args = append([]string{"--insecure"}, args...)
+	}
 	code := RunWithInput(ctx, args, strings.NewReader(stdin), &out, &errb)
 	return runResult{stdout: out.String(), stderr: errb.String(), code: code}
 }

@@ -415,7 +415,7 @@ func BenchmarkCheckConsistency(b *testing.B) {
 			}
 		}
 	}
-	args := []string{"--mds", c.MDS.Addr(), "check", "consistency", "bench"}
+	args := []string{"--insecure", "--mds", c.MDS.Addr(), "check", "consistency", "bench"}
 	b.SetBytes(int64(len(seg.Segment.Chunks)) * (1 << 20) * 3)
 	b.ResetTimer()
 	for range b.N {

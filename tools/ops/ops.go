@@ -12,6 +12,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"cairn.io/cairn/internal/certs"
 	"cairn.io/cairn/internal/daemon"
 	"cairn.io/cairn/mds/mdsclient"
 )
@@ -46,6 +47,14 @@ const DefaultMDS = "127.0.0.1:6700"
 // (comma-separated).
 const EnvMDS = "CAIRN_MDS"
 
+// The environment variables of the TLS flags.
+const (
+	EnvTLSCert  = "CAIRN_TLS_CERT"
+	EnvTLSKey   = "CAIRN_TLS_KEY"
+	EnvTLSCA    = "CAIRN_TLS_CA"
+	EnvInsecure = "CAIRN_INSECURE"
+)
+
 // app holds one invocation's flags, streams and connections.
 type app struct {
 	stdin          io.Reader
@@ -55,6 +64,9 @@ type app struct {
 	output   string
 	timeout  time.Duration
 	verbose  bool
+	tlsFiles certs.Files
+	insecure bool
+	identity *certs.Source
 
 	log  *slog.Logger
 	conn *mdsclient.Conn
@@ -130,6 +142,10 @@ Exit codes: 0 success (healthy), 1 command failed, 2 usage, 3 not healthy,
 	pf.StringVarP(&a.output, "output", "o", outputTable, "output format: table or json")
 	pf.DurationVar(&a.timeout, "timeout", 10*time.Second, "bound of each call, including retries across MDS leader changes")
 	pf.BoolVarP(&a.verbose, "verbose", "v", false, "log connection events to stderr")
+	pf.StringVar(&a.tlsFiles.Cert, "tls-cert", os.Getenv(EnvTLSCert), "certificate with the operator role (PEM; env "+EnvTLSCert+")")
+	pf.StringVar(&a.tlsFiles.Key, "tls-key", os.Getenv(EnvTLSKey), "its private key (PEM; env "+EnvTLSKey+")")
+	pf.StringVar(&a.tlsFiles.CA, "tls-ca", os.Getenv(EnvTLSCA), "authorities trusted for the cluster's servers (PEM; env "+EnvTLSCA+")")
+	pf.BoolVar(&a.insecure, "insecure", os.Getenv(EnvInsecure) == "1", "talk to a cluster that runs without TLS (env "+EnvInsecure+"=1)")
 
 	root.AddCommand(a.statusCommand(), a.listCommand(), a.queryCommand(), a.createCommand(),
 		a.extendCommand(), a.deleteCommand(), a.updateCommand(), a.checkCommand(), a.duCommand(), a.renameCommand())
@@ -157,6 +173,9 @@ func (a *app) setup(cmd *cobra.Command) error {
 		level = slog.LevelDebug
 	}
 	a.log = slog.New(slog.NewTextHandler(a.stderr, &slog.HandlerOptions{Level: level}))
+	if cmd.Annotations[offline] != "" {
+		return nil
+	}
 	addrs := a.mdsAddrs
 	if !cmd.Flags().Changed("mds") {
 		if env := strings.TrimSpace(os.Getenv(EnvMDS)); env != "" {
@@ -165,13 +184,18 @@ func (a *app) setup(cmd *cobra.Command) error {
 			addrs = []string{DefaultMDS}
 		}
 	}
-	conn, err := mdsclient.Dial(addrs, mdsclient.Options{Logger: a.log, RetryBudget: a.timeout})
+	identity, err := certs.Choose(a.tlsFiles, a.insecure, a.log)
+	if err != nil {
+		return usageError(err)
+	}
+	a.identity = identity
+	conn, err := mdsclient.Dial(addrs, mdsclient.Options{Logger: a.log, RetryBudget: a.timeout, TLS: identity})
 	if err != nil {
 		return usageError(fmt.Errorf("--mds: %w", err))
 	}
 	a.conn = conn
 	a.mdsAddrs = conn.Addresses()
-	a.cs = newChunkServers()
+	a.cs = newChunkServers(identity)
 	return nil
 }
 

@@ -11,9 +11,9 @@ import (
 
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/certs"
 	"cairn.io/cairn/mds/mdsclient"
 )
 
@@ -308,7 +308,7 @@ func (a *app) probeMDS(ctx context.Context, elected []*mdspb.MDSInstance) []mdsV
 
 func (a *app) probeOneMDS(ctx context.Context, addr string) mdsView {
 	v := mdsView{Address: addr}
-	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	cc, err := grpc.NewClient(addr, certs.DialOption(a.identity))
 	if err != nil {
 		v.Role, v.Error = "unreachable", err.Error()
 		return v

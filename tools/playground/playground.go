@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"cairn.io/cairn/chunkfilepool/fsutil"
+	"cairn.io/cairn/internal/certs"
 	"cairn.io/cairn/internal/units"
 	"cairn.io/cairn/mds/mdsclient"
 )
@@ -80,6 +81,9 @@ type Config struct {
 	StopTimeout time.Duration
 	// ReadyTimeout bounds Start (default 5 min).
 	ReadyTimeout time.Duration
+	// Insecure runs every process without TLS. By default the playground
+	// keeps a CA in Dir/tls and gives each process a certificate.
+	Insecure bool
 	// Logger receives the playground's own messages (default: text to
 	// stderr).
 	Logger *slog.Logger
@@ -93,6 +97,11 @@ type Playground struct {
 	dir   string
 	log   *slog.Logger
 	lock  *os.File
+
+	// tls names the certificate files (nil with Config.Insecure);
+	// identity is the operator's, used by the playground itself.
+	tls      *TLSState
+	identity *certs.Source
 
 	mds      *child
 	css      []*child
@@ -198,7 +207,19 @@ func New(cfg Config) (*Playground, error) {
 	if err := pg.takeLock(); err != nil {
 		return nil, err
 	}
-	pg.buildChildren()
+	var ids map[string]certs.Files
+	if !cfg.Insecure {
+		var err error
+		if ids, pg.tls, err = pg.issueCerts(); err != nil {
+			pg.lock.Close()
+			return nil, err
+		}
+		if pg.identity, err = certs.Load(ids["operator"], slog.New(slog.DiscardHandler)); err != nil {
+			pg.lock.Close()
+			return nil, err
+		}
+	}
+	pg.buildChildren(ids)
 	return pg, nil
 }
 
@@ -225,8 +246,16 @@ func loopback(port int) string { return net.JoinHostPort("127.0.0.1", strconv.It
 
 func (pg *Playground) mdsAddr() string { return loopback(pg.ports.MDS) }
 
-// buildChildren lays out the processes and their command lines.
-func (pg *Playground) buildChildren() {
+// buildChildren lays out the processes and their command lines; ids are
+// the processes' certificates (nil: insecure).
+func (pg *Playground) buildChildren(ids map[string]certs.Files) {
+	idOf := func(name string) []string {
+		if ids == nil {
+			return tlsArgs(nil)
+		}
+		f := ids[name]
+		return tlsArgs(&f)
+	}
 	bin := func(name string) string { return filepath.Join(pg.cfg.BinDir, name) }
 	logOf := func(name string) string { return filepath.Join(pg.dir, "logs", name+".log") }
 	p := pg.ports
@@ -234,6 +263,7 @@ func (pg *Playground) buildChildren() {
 	mdsDir := filepath.Join(pg.dir, "mds")
 	mdsArgs := []string{"--data-dir", mdsDir, "--listen", loopback(p.MDS), "--metrics-listen", loopback(p.MDSMetrics),
 		"--embedded-etcd-listen", loopback(p.Etcd), "--recover-after", pg.cfg.RecoverAfter.String()}
+	mdsArgs = append(mdsArgs, idOf("mds")...)
 	if pg.cfg.ChunkSize != 0 {
 		mdsArgs = append(mdsArgs, "--chunk-size", strconv.FormatUint(pg.cfg.ChunkSize, 10))
 	}
@@ -254,6 +284,7 @@ func (pg *Playground) buildChildren() {
 			"--pool-size", strconv.FormatUint(pg.cfg.PoolSize, 10),
 			"--pool-max", strconv.FormatUint(pg.cfg.PoolMax, 10),
 			"--pool-reserve", strconv.FormatUint(pg.cfg.PoolReserve, 10)}
+		args = append(args, idOf("chunkserver")...)
 		c := newChild(pg, name, bin("cairn-chunkserver"), args, ProcessState{
 			Addr: loopback(p.ChunkServer[i]), MetricsAddr: loopback(p.ChunkServerMetrics[i]),
 			DataDir: dataDir, Zone: zone, Log: logOf(name)})
@@ -261,9 +292,11 @@ func (pg *Playground) buildChildren() {
 		pg.children = append(pg.children, c)
 	}
 
-	pg.gateway = newChild(pg, "gateway", bin("cairn-gateway"), []string{"--mds", pg.mdsAddr(),
+	gwArgs := append([]string{"--mds", pg.mdsAddr(),
 		"--nbd-listen", loopback(p.NBD), "--iscsi-listen", loopback(p.ISCSI),
 		"--metrics-listen", loopback(p.GatewayMetrics), "--client-name", "cairn-playground-gateway"},
+		idOf("gateway")...)
+	pg.gateway = newChild(pg, "gateway", bin("cairn-gateway"), gwArgs,
 		ProcessState{MetricsAddr: loopback(p.GatewayMetrics), Log: logOf("gateway")})
 	pg.children = append(pg.children, pg.gateway)
 }
@@ -313,7 +346,7 @@ func (pg *Playground) start(ctx context.Context) error {
 	if err := pg.waitHealthy(ctx, pg.mds, func(body string) bool { return strings.Contains(body, "leader") }); err != nil {
 		return err
 	}
-	conn, err := mdsclient.Dial([]string{pg.mdsAddr()}, mdsclient.Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	conn, err := mdsclient.Dial([]string{pg.mdsAddr()}, mdsclient.Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), TLS: pg.identity})
 	if err != nil {
 		return err
 	}
@@ -430,6 +463,7 @@ func (pg *Playground) State() State {
 		NBD:       loopback(pg.ports.NBD),
 		ISCSI:     loopback(pg.ports.ISCSI),
 		Volume:    pg.mu.volume,
+		TLS:       pg.tls,
 	}
 	pg.mu.Unlock()
 	for _, c := range pg.children {

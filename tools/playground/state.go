@@ -30,6 +30,9 @@ type State struct {
 	ISCSI string `json:"iscsi"`
 	// Volume is the volume the playground creates.
 	Volume VolumeState `json:"volume"`
+	// TLS names the CA and the operator's certificate (absent when the
+	// playground runs without TLS).
+	TLS *TLSState `json:"tls,omitempty"`
 	// Processes are the children: mds, cs0..cs2, gateway.
 	Processes []ProcessState `json:"processes"`
 }
