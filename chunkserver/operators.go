@@ -107,7 +107,7 @@ func (s *Server) prepareNewReplica(ctx context.Context, id copyset.GroupID, targ
 	if err != nil {
 		return err
 	}
-	conn, err := grpc.NewClient(addr, certs.DialOption(s.cfg.TLS))
+	conn, err := grpc.NewClient(addr, certs.DialOption(s.cfg.TLS, certs.RoleChunkServer))
 	if err != nil {
 		return err
 	}

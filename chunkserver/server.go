@@ -263,6 +263,8 @@ func (s *Server) Start(ctx context.Context) (err error) {
 	s.addr = s.lis.Addr().String()
 	if s.cfg.AdvertiseAddr != "" {
 		s.addr = s.cfg.AdvertiseAddr
+	} else if host, _, err := net.SplitHostPort(s.addr); err == nil && net.ParseIP(host).IsUnspecified() {
+		return fmt.Errorf("chunkserver: listening on %s needs --advertise: the address clients and peers reach (and verify) this chunkserver at", s.addr)
 	}
 	if err := s.register(ctx, consts); err != nil {
 		return err
@@ -278,8 +280,8 @@ func (s *Server) Start(ctx context.Context) (err error) {
 		OpenStore:           s.openStore,
 		ChunkSize:           s.geom.ChunkSize,
 		Resolver:            s.res,
-		Dialer:              certs.Dialer(s.cfg.TLS),
-		DialOptions:         []grpc.DialOption{certs.DialOption(s.cfg.TLS)},
+		Dialer:              certs.Dialer(s.cfg.TLS, certs.RoleChunkServer),
+		DialOptions:         []grpc.DialOption{certs.DialOption(s.cfg.TLS, certs.RoleChunkServer)},
 		TestingKnobs:        copyset.TestingKnobs{Faults: s.cfg.TestingKnobs.Faults},
 		TickInterval:        s.cfg.TickInterval,
 		ElectionTicks:       s.cfg.ElectionTicks,
@@ -317,18 +319,13 @@ func (s *Server) Start(ctx context.Context) (err error) {
 		gopts = append(gopts, grpc.ChainUnaryInterceptor(k))
 	}
 	s.grpc = grpc.NewServer(gopts...)
-	chunks := &chunkService{s: s}
-	chunkpb.RegisterChunkServiceServer(s.grpc, chunks)
-	copysetpb.RegisterCopysetServiceServer(s.grpc, &copysetService{s: s})
-	mdspb.RegisterOperatorServiceServer(s.grpc, operatorService{s: s})
 	s.wire = wire.NewServer(wire.ServerOptions{
 		MaxFrame:      int(s.cfg.MaxIOSize) + (1 << 20),
 		MaxConcurrent: int(s.cfg.MaxStreams),
 		Authorize:     authorize,
 		Logger:        s.cfg.Logger.With("component", "wire", "chunkserver", s.id.ChunkServerID),
 	})
-	chunkpb.RegisterWireServer(s.wire, chunks, s.cfg.TestingKnobs.UnaryInterceptor)
-	s.engine.Register(s.grpc, s.wire)
+	s.registerServices(s.grpc, s.wire, s.engine)
 	wireLis, grpcLis := wire.Split(s.lis)
 	s.wg.Add(2)
 	go func() {
@@ -542,4 +539,17 @@ func (s *Server) trashLoop() {
 			}
 		}
 	}
+}
+
+// registerServices installs what the chunkserver serves: chunk IO (gRPC
+// and the wire protocol), copysets, operators, and raft's transport.
+func (s *Server) registerServices(g *grpc.Server, w *wire.Server, raft interface {
+	Register(*grpc.Server, *wire.Server)
+}) {
+	chunks := &chunkService{s: s}
+	chunkpb.RegisterChunkServiceServer(g, chunks)
+	copysetpb.RegisterCopysetServiceServer(g, &copysetService{s: s})
+	mdspb.RegisterOperatorServiceServer(g, operatorService{s: s})
+	chunkpb.RegisterWireServer(w, chunks, s.cfg.TestingKnobs.UnaryInterceptor)
+	raft.Register(g, w)
 }

@@ -62,7 +62,7 @@ func newRouter(v *Volume) *router {
 	return &router{
 		v: v, segs: map[int64][]*mdspb.ChunkRef{}, absent: map[int64]time.Time{},
 		segCalls: map[int64]*segCall{}, copysets: map[csKey]*csInfo{},
-		conns: wire.NewPool(wire.ClientOptions{MaxFrame: 16 << 20, Dialer: certs.Dialer(v.opts.TLS)}),
+		conns: wire.NewPool(wire.ClientOptions{MaxFrame: 16 << 20, Dialer: certs.Dialer(v.opts.TLS, certs.RoleChunkServer)}),
 	}
 }
 

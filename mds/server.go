@@ -70,7 +70,7 @@ func New(cfg Config) (*Server, error) {
 	s.metrics = newMetrics(s)
 	s.registry.MustRegister(s.metrics, collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	s.conns = grpcconn.NewCache("chunkserver", certs.DialOption(cfg.TLS))
+	s.conns = grpcconn.NewCache("chunkserver", certs.DialOption(cfg.TLS, certs.RoleChunkServer))
 	return s, nil
 }
 

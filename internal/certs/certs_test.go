@@ -3,11 +3,14 @@ package certs
 import (
 	"context"
 	"crypto/tls"
+	"errors"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -72,6 +75,7 @@ func TestChooseNeedsTLSOrInsecure(t *testing.T) {
 		{Files{Cert: f.Cert}, false, "all needed"},
 		{Files{Cert: f.Cert, Key: f.Key, CA: filepath.Join(dir, "missing")}, false, "no such file"},
 		{Files{Cert: f.Cert, Key: f.Key, CA: f.Key}, false, "no PEM certificate"},
+		{Files{Cert: f.Cert, Key: f.Key, CA: otherCA(t)}, false, "does not verify"},
 		{f, false, ""},
 	} {
 		s, err := Choose(tc.files, tc.insecure, nil)
@@ -144,7 +148,7 @@ func TestHandshakeAndPolicy(t *testing.T) {
 	dial := func(id *Source, addr string) error {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		c, err := Dialer(id)(ctx, addr)
+		c, err := Dialer(id, RoleMDS)(ctx, addr)
 		if err == nil {
 			err = c.(*tls.Conn).HandshakeContext(ctx)
 			c.Close()
@@ -172,6 +176,12 @@ func TestHandshakeAndPolicy(t *testing.T) {
 	if err := p.Check(context.Background(), "/x/List"); status.Code(err) != codes.Unauthenticated {
 		t.Errorf("no identity: %v", err)
 	}
+	// A server is taken only with the role the caller expects of it.
+	ctx5, cancel5 := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel5()
+	if _, err := Dialer(client, RoleChunkServer)(ctx5, l.Addr().String()); err == nil || !strings.Contains(err.Error(), "chunkserver role") {
+		t.Errorf("the MDS's certificate taken for a chunkserver's: %v", err)
+	}
 
 	otherCA, otherDir := newCA(t)
 	stranger, err := Load(issue(t, otherCA, otherDir, "gw", RoleClient), nil)
@@ -185,5 +195,74 @@ func TestHandshakeAndPolicy(t *testing.T) {
 	// localhost (the same listener) it fails verification of the host.
 	if err := dial(client, strings.Replace(l.Addr().String(), "127.0.0.1", "localhost", 1)); err == nil || !strings.Contains(err.Error(), "localhost") {
 		t.Fatalf("a server certificate without the dialled host name: %v", err)
+	}
+}
+
+// otherCA returns the certificate file of a CA that signed nothing here.
+func otherCA(t *testing.T) string {
+	t.Helper()
+	ca, _ := newCA(t)
+	return ca.CertFile
+}
+
+func TestExpiredCertificatesDoNotLoad(t *testing.T) {
+	ca, dir := newCA(t)
+	f, err := ca.Issue(dir, "old", Request{Roles: []Role{RoleClient}, NotBefore: time.Now().Add(-48 * time.Hour), Valid: 24 * time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Load(f, nil); err == nil || !strings.Contains(err.Error(), "expired") {
+		t.Fatalf("an expired certificate: %v", err)
+	}
+}
+
+// flakyListener fails its first Accept, as a process out of file
+// descriptors does.
+type flakyListener struct {
+	net.Listener
+	failed atomic.Bool
+}
+
+func (f *flakyListener) Accept() (net.Conn, error) {
+	if !f.failed.Swap(true) {
+		return nil, errors.New("accept4: too many open files")
+	}
+	return f.Listener.Accept()
+}
+
+// TestListenerSurvivesAcceptErrors: an accept error other than the
+// listener's closing is waited out, not fatal.
+func TestListenerSurvivesAcceptErrors(t *testing.T) {
+	ca, dir := newCA(t)
+	srv, err := Load(issue(t, ca, dir, "mds", RoleMDS), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	client, err := Load(issue(t, ca, dir, "gw", RoleClient), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	inner, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := NewListener(&flakyListener{Listener: inner}, srv, slog.New(slog.DiscardHandler))
+	defer l.Close()
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if c, err := Dialer(client, RoleMDS)(ctx, inner.Addr().String()); err == nil {
+			defer c.Close()
+			_, _ = c.Read(make([]byte, 1))
+		}
+	}()
+	c, err := l.Accept()
+	if err != nil {
+		t.Fatalf("accept after a failed one: %v", err)
+	}
+	c.Close()
+	l.Close()
+	if _, err := l.Accept(); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("accept after Close: %v", err)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"net"
 	"slices"
 	"strings"
+	"time"
 
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
@@ -99,7 +100,17 @@ func peerFromState(st *tls.ConnectionState, addr string) (Peer, error) {
 		return Peer{Addr: addr}, ErrNoIdentity
 	}
 	leaf := st.VerifiedChains[0][0]
-	return Peer{Addr: addr, Name: leaf.Subject.CommonName, Roles: RolesOf(leaf)}, nil
+	p := Peer{Addr: addr, Name: leaf.Subject.CommonName, Roles: RolesOf(leaf)}
+	// Connections outlive certificates: one whose certificate (or an
+	// authority above it) has expired since the handshake has no identity
+	// left; its holder must connect again with a current one.
+	now := time.Now()
+	for _, c := range st.VerifiedChains[0] {
+		if now.After(c.NotAfter) {
+			return p, fmt.Errorf("%w: the certificate %q of this connection expired at %s", ErrNoIdentity, c.Subject.CommonName, c.NotAfter.UTC().Format(time.RFC3339))
+		}
+	}
+	return p, nil
 }
 
 // tlsConn finds the TLS connection under c (c itself, or what a wrapper

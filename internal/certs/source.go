@@ -32,7 +32,11 @@ type Source struct {
 
 	mu      sync.Mutex
 	checked time.Time
-	stamp   [3]time.Time // modification times of Cert, Key, CA
+	stamp   [3]time.Time // modification times of Cert, Key, CA loaded
+	// failed is the last reload error logged, and when: a change that does
+	// not load is tried again every second, logged once a minute.
+	failed   string
+	failedAt time.Time
 	cert    *tls.Certificate
 	leaf    *x509.Certificate
 	pool    *x509.CertPool
@@ -91,6 +95,17 @@ func (s *Source) load(stamp [3]time.Time) error {
 	if len(RolesOf(leaf)) == 0 {
 		return fmt.Errorf("tls: %s names no Cairn role (an organizational unit such as %q)", s.files.Cert, RoleChunkServer)
 	}
+	// Only an identity peers will take: valid now, from an authority of
+	// the CA file (the one the cluster trusts).
+	inter := x509.NewCertPool()
+	for _, der := range cert.Certificate[1:] {
+		if c, err := x509.ParseCertificate(der); err == nil {
+			inter.AddCert(c)
+		}
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: pool, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+		return fmt.Errorf("tls: %s (%s) does not verify against %s: %w", s.files.Cert, leaf.Subject, s.files.CA, err)
+	}
 	s.cert, s.leaf, s.pool, s.stamp = &cert, leaf, pool, stamp
 	return nil
 }
@@ -104,9 +119,12 @@ func (s *Source) current() (*tls.Certificate, *x509.CertPool) {
 		stamp, err := s.stamps()
 		if err == nil && stamp != s.stamp {
 			if err := s.load(stamp); err != nil {
-				s.log.Warn("certificate files changed but do not load; keeping the previous ones", "err", err)
-				s.stamp = stamp // do not retry until they change again
+				if err.Error() != s.failed || now.Sub(s.failedAt) >= time.Minute {
+					s.log.Warn("certificate files changed but do not load; keeping the previous ones", "err", err)
+					s.failed, s.failedAt = err.Error(), now
+				}
 			} else {
+				s.failed = ""
 				s.log.Info("certificates reloaded", "subject", s.leaf.Subject.String(), "not_after", s.leaf.NotAfter)
 			}
 		}

@@ -110,6 +110,17 @@ func (s *Server) HandleMessage(m Method, name string, h MessageHandler) {
 	s.register(m, &method{name: name, message: h})
 }
 
+// Methods returns the names of the registered requests and messages.
+func (s *Server) Methods() []string {
+	var out []string
+	for _, md := range s.methods {
+		if md != nil {
+			out = append(out, md.name)
+		}
+	}
+	return out
+}
+
 func (s *Server) register(m Method, md *method) {
 	if s.methods[m] != nil {
 		panic(fmt.Sprintf("wire: method %d registered twice (%s, %s)", m, s.methods[m].name, md.name))

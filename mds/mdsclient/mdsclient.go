@@ -83,7 +83,7 @@ func Dial(addrs []string, opts Options) (*Conn, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
-	opts.DialOptions = append([]grpc.DialOption{certs.DialOption(opts.TLS)}, opts.DialOptions...)
+	opts.DialOptions = append([]grpc.DialOption{certs.DialOption(opts.TLS, certs.RoleMDS)}, opts.DialOptions...)
 	c := &Conn{opts: opts}
 	c.mu.addrs = clean
 	c.mu.conns = map[string]*grpc.ClientConn{}
@@ -189,6 +189,7 @@ func (c *Conn) Invoke(ctx context.Context, method string, args, reply any, opts 
 	backoff := c.opts.InitialBackoff
 	var tried []string
 	var lastErr error
+	var tlsSince time.Time // since when every attempt failed for TLS reasons
 	redirects := 0
 	for {
 		addr := c.Leader()
@@ -204,13 +205,20 @@ func (c *Conn) Invoke(ctx context.Context, method string, args, reply any, opts 
 			return err
 		}
 		lastErr = err
-		if handshakeFailed(err) && len(tried) >= len(c.Addresses()) {
-			// Every MDS refused this process's certificate or presented
-			// one it does not trust: retrying changes nothing.
+		// A certificate refused on either side, or a plaintext client
+		// hung up on by TLS servers, stays so: once every MDS answered so
+		// for a second (not a blip of a restarting one), say why at once
+		// rather than retrying for the whole budget.
+		refused, plainToTLS := certificateRefused(err), c.opts.TLS == nil && closedBeforePreface(err)
+		switch {
+		case !refused && !plainToTLS:
+			tlsSince = time.Time{}
+		case tlsSince.IsZero():
+			tlsSince = time.Now()
+		case len(tried) >= len(c.Addresses()) && time.Since(tlsSince) >= tlsPersist && refused:
 			return status.Errorf(codes.Unauthenticated, "mdsclient: %s: TLS with %s failed: %s",
 				method, strings.Join(tried, ", "), status.Convert(err).Message())
-		}
-		if c.opts.TLS == nil && closedBeforePreface(err) && len(tried) >= len(c.Addresses()) {
+		case len(tried) >= len(c.Addresses()) && time.Since(tlsSince) >= tlsPersist:
 			return status.Errorf(codes.Unavailable, "mdsclient: %s: %s closed the connection at once: it probably requires TLS (give --tls-cert, --tls-key and --tls-ca)",
 				method, strings.Join(tried, ", "))
 		}
@@ -242,17 +250,29 @@ func (c *Conn) Invoke(ctx context.Context, method string, args, reply any, opts 
 		method, strings.Join(tried, ", "), status.Convert(lastErr).Message())
 }
 
-// handshakeFailed reports whether err is gRPC's report of a failed TLS
-// handshake (a certificate refused on either side).
-func handshakeFailed(err error) bool {
-	return strings.Contains(status.Convert(err).Message(), "authentication handshake failed")
+// tlsPersist is how long TLS failures must last before a call gives up on
+// them.
+const tlsPersist = time.Second
+
+// certificateRefused reports whether err is gRPC's report of a
+// certificate refused: the server's by this process (x509 verification,
+// the server's role) or this process's own (expired here, or the server's
+// alert). A connection that merely broke is not one.
+func certificateRefused(err error) bool {
+	msg := status.Convert(err).Message()
+	for _, s := range []string{"x509:", "this process's certificate", "does not have the", "remote error: tls:"} {
+		if strings.Contains(msg, s) {
+			return true
+		}
+	}
+	return false
 }
 
 // closedBeforePreface reports whether err is gRPC's report of a server
 // that closed a plaintext connection before speaking HTTP/2 (what a TLS
 // listener does with a plaintext client).
 func closedBeforePreface(err error) bool {
-	return strings.Contains(status.Convert(err).Message(), "error reading server preface")
+	return strings.Contains(status.Convert(err).Message(), "error reading server preface: EOF")
 }
 
 // NewStream opens a stream on the current leader. Streams are not retried.

@@ -96,7 +96,7 @@ func sendRaft(t *testing.T, addr string, id *certs.Source, b *transportpb.RaftBa
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	cl, err := wire.Dial(ctx, addr, wire.ClientOptions{Dialer: certs.Dialer(id)})
+	cl, err := wire.Dial(ctx, addr, wire.ClientOptions{Dialer: certs.Dialer(id, certs.RoleChunkServer)})
 	if err != nil {
 		return false, err
 	}
@@ -178,7 +178,7 @@ func TestRolesAreEnforced(t *testing.T) {
 	denied("chunkserver opens a volume", err)
 
 	// On a chunkserver: epochs are the MDS's; chunk IO is a client's.
-	cc, err := grpc.NewClient(c.ChunkServer(0).Addr(), certs.DialOption(c.Identity(certs.RoleClient)))
+	cc, err := grpc.NewClient(c.ChunkServer(0).Addr(), certs.DialOption(c.Identity(certs.RoleClient), certs.RoleChunkServer))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -191,7 +191,7 @@ func TestRolesAreEnforced(t *testing.T) {
 		_, err = stream.CloseAndRecv()
 	}
 	denied("client installs a snapshot", err)
-	mdsCC, err := grpc.NewClient(c.ChunkServer(0).Addr(), certs.DialOption(c.Identity(certs.RoleMDS)))
+	mdsCC, err := grpc.NewClient(c.ChunkServer(0).Addr(), certs.DialOption(c.Identity(certs.RoleMDS), certs.RoleChunkServer))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -199,7 +199,7 @@ func TestRolesAreEnforced(t *testing.T) {
 	_, err = chunkpb.NewChunkServiceClient(mdsCC).WriteChunk(ctx, &chunkpb.WriteChunkRequest{})
 	denied("the MDS writes a chunk", err)
 	// The same over the wire protocol, the data path.
-	wc, err := wire.Dial(ctx, c.ChunkServer(0).Addr(), wire.ClientOptions{Dialer: certs.Dialer(c.Identity(certs.RoleMDS))})
+	wc, err := wire.Dial(ctx, c.ChunkServer(0).Addr(), wire.ClientOptions{Dialer: certs.Dialer(c.Identity(certs.RoleMDS), certs.RoleChunkServer)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -236,12 +236,15 @@ func TestHandshakeFailuresSayWhy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	expired, err := certs.Load(c.Issue("expired", certs.Request{
-		Roles: []certs.Role{certs.RoleOperator}, NotBefore: time.Now().Add(-48 * time.Hour), Valid: 24 * time.Hour,
+	// A certificate that expires while its process runs: loaded when
+	// valid, then the clock passes its end.
+	expiring, err := certs.Load(c.Issue("expiring", certs.Request{
+		Roles: []certs.Role{certs.RoleOperator}, NotBefore: time.Now().Add(-time.Hour), Valid: time.Hour + 3*time.Second,
 	}), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
+	time.Sleep(3 * time.Second) // past the end of expiring
 	for _, tc := range []struct {
 		name string
 		id   *certs.Source
@@ -250,7 +253,7 @@ func TestHandshakeFailuresSayWhy(t *testing.T) {
 		// Our CA does not know the other one's certificates, nor does
 		// the other CA's holder trust our MDS's certificate.
 		{"foreign CA", foreign, "certificate signed by unknown authority"},
-		{"expired", expired, "expired at"},
+		{"expired", expiring, "expired at"},
 		{"plaintext", nil, "requires TLS"},
 	} {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

@@ -20,7 +20,7 @@ type chunkServers struct {
 }
 
 func newChunkServers(identity *certs.Source) *chunkServers {
-	return &chunkServers{conns: grpcconn.NewCache("chunkserver", certs.DialOption(identity))}
+	return &chunkServers{conns: grpcconn.NewCache("chunkserver", certs.DialOption(identity, certs.RoleChunkServer))}
 }
 
 // chunk returns the chunk service of the chunkserver at addr.

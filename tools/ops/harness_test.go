@@ -243,7 +243,7 @@ func runOps(t *testing.T, stdin string, args ...string) runResult {
 	var out, errb bytes.Buffer
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	if !slices.Contains(args, "--tls-cert") {
+	if len(args) > 0 && !slices.Contains(args, "--tls-cert") {
 		// The in-process clusters of these tests run without TLS.
 		args = append([]string{"--insecure"}, args...)
 	}

@@ -308,7 +308,7 @@ func (a *app) probeMDS(ctx context.Context, elected []*mdspb.MDSInstance) []mdsV
 
 func (a *app) probeOneMDS(ctx context.Context, addr string) mdsView {
 	v := mdsView{Address: addr}
-	cc, err := grpc.NewClient(addr, certs.DialOption(a.identity))
+	cc, err := grpc.NewClient(addr, certs.DialOption(a.identity, certs.RoleMDS))
 	if err != nil {
 		v.Role, v.Error = "unreachable", err.Error()
 		return v
