@@ -1,6 +1,14 @@
 package chunkserver
 
 import (
+	"context"
+	"fmt"
+	"net"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	"cairn.io/cairn/api/chunkpb"
 	"cairn.io/cairn/api/copysetpb"
 	"cairn.io/cairn/api/mdspb"
@@ -29,4 +37,41 @@ var Policy = &certs.Policy{
 		transportpb.RaftTransport_InstallSnapshot_FullMethodName: {certs.RoleChunkServer},
 		transportpb.WireRaftBatchName:                            {certs.RoleChunkServer},
 	},
+}
+
+// authorizeSender binds a Raft sender to its certificate (with TLS only):
+// a batch or snapshot from chunkserver N is taken only from a caller whose
+// certificate names the host N registered with the MDS, so a chunkserver
+// cannot speak for another on another host. Chunkservers that share a host
+// (the playground) share its name. When the address cannot be learned (the
+// MDS is away and it is not cached), the batch is taken: Raft must go on
+// without the MDS, and the caller holds a chunkserver certificate. A
+// chunkserver the MDS does not know is refused.
+func (s *Server) authorizeSender() func(ctx context.Context, from uint64) error {
+	if s.cfg.TLS == nil {
+		return nil
+	}
+	return func(ctx context.Context, from uint64) error {
+		p, err := certs.PeerOf(ctx)
+		if err != nil {
+			return err
+		}
+		rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		addr, err := s.res.Resolve(rctx, from)
+		switch {
+		case status.Code(err) == codes.NotFound:
+			return fmt.Errorf("%s speaks for chunkserver %d, which the MDS does not know", p, from)
+		case err != nil:
+			return nil
+		}
+		host, _, err := net.SplitHostPort(addr)
+		if err != nil {
+			host = addr
+		}
+		if err := p.Cert.VerifyHostname(host); err != nil {
+			return fmt.Errorf("%s may not speak for chunkserver %d at %s: %w", p, from, addr, err)
+		}
+		return nil
+	}
 }

@@ -187,7 +187,9 @@ func (tc *testCluster) start(id uint64) *testNode {
 	}
 	n := &testNode{id: id, dir: dir, pool: pool, files: files, engine: e}
 	addr := "memory"
-	if tc.network == nil {
+	if tc.network != nil {
+		e.Register(nil, nil)
+	} else {
 		lis, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
 			tc.t.Fatal(err)

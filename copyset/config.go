@@ -53,6 +53,10 @@ type Config struct {
 	// chunkserver sets both for TLS.
 	Dialer      func(ctx context.Context, addr string) (net.Conn, error)
 	DialOptions []grpc.DialOption
+	// AuthorizeSender, if set, decides whether the caller of a received
+	// Raft batch or snapshot may speak for the chunkserver it names
+	// (transport.Config.AuthorizeSender).
+	AuthorizeSender func(ctx context.Context, from uint64) error
 
 	// RaftWorkers and ApplyWorkers size the two worker pools (default
 	// 2*GOMAXPROCS each, at least 4).

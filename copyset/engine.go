@@ -103,14 +103,15 @@ func NewEngine(cfg Config) (*Engine, error) {
 		return nil, err
 	}
 	tcfg := transport.Config{
-		NodeID:      cfg.NodeID,
-		Resolver:    cfg.Resolver,
-		Dialer:      cfg.Dialer,
-		DialOptions: cfg.DialOptions,
-		Handler:     e,
-		Faults:      cfg.TestingKnobs.Faults,
-		QueueBytes:  cfg.QueueBytes,
-		Logger:      cfg.Logger,
+		NodeID:          cfg.NodeID,
+		Resolver:        cfg.Resolver,
+		Dialer:          cfg.Dialer,
+		DialOptions:     cfg.DialOptions,
+		AuthorizeSender: cfg.AuthorizeSender,
+		Handler:         e,
+		Faults:          cfg.TestingKnobs.Faults,
+		QueueBytes:      cfg.QueueBytes,
+		Logger:          cfg.Logger,
 		OnUnreachable: func(to uint64, groups []uint64) {
 			for _, g := range groups {
 				if c := e.get(GroupID(g)); c != nil {

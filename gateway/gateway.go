@@ -88,9 +88,23 @@ type Config struct {
 	// TLS is the gateway's identity (a certificate with the client role)
 	// towards the MDS and the chunkservers; nil: plaintext.
 	TLS *certs.Source
+	// NBDTLS is what NBD clients get: NBDTLSOff (no NBD_OPT_STARTTLS),
+	// NBDTLSAllow (TLS for clients that ask, plaintext for the others) or
+	// NBDTLSRequire. With TLS, an NBD client must present a certificate
+	// of the CA with the client or operator role, and the gateway
+	// presents its own (which must name the host clients dial). Default:
+	// allow when TLS is set, else off.
+	NBDTLS string
 	// Logger receives structured logs (default slog.Default()).
 	Logger *slog.Logger
 }
+
+// The NBD TLS modes (Config.NBDTLS).
+const (
+	NBDTLSOff     = "off"
+	NBDTLSAllow   = "allow"
+	NBDTLSRequire = "require"
+)
 
 // Gateway serves a cluster's volumes over NBD and iSCSI.
 type Gateway struct {
@@ -140,6 +154,16 @@ func New(cfg Config) (*Gateway, error) {
 	if cfg.MetricsAddr == "" {
 		cfg.MetricsAddr = DefaultMetricsAddr
 	}
+	switch {
+	case cfg.NBDTLS == "" && cfg.TLS != nil:
+		cfg.NBDTLS = NBDTLSAllow
+	case cfg.NBDTLS == "":
+		cfg.NBDTLS = NBDTLSOff
+	case cfg.NBDTLS != NBDTLSOff && cfg.NBDTLS != NBDTLSAllow && cfg.NBDTLS != NBDTLSRequire:
+		return nil, fmt.Errorf("gateway: NBD TLS mode %q: want off, allow or require", cfg.NBDTLS)
+	case cfg.NBDTLS != NBDTLSOff && cfg.TLS == nil:
+		return nil, fmt.Errorf("gateway: NBD TLS %s needs the gateway's certificate (--tls-cert, --tls-key, --tls-ca)", cfg.NBDTLS)
+	}
 	if cfg.NBDAddr == Disabled && cfg.ISCSIAddr == Disabled {
 		return nil, errors.New("gateway: config: both NBD and iSCSI are disabled; nothing to serve")
 	}
@@ -184,6 +208,12 @@ func New(cfg Config) (*Gateway, error) {
 		nc.Exports = catalog{g}
 		nc.Logger = cfg.Logger
 		nc.MultiConn = true
+		switch cfg.NBDTLS {
+		case NBDTLSOff:
+		case NBDTLSAllow, NBDTLSRequire:
+			nc.TLS = cfg.TLS.ServerConfigFor(certs.RoleClient, certs.RoleOperator)
+			nc.RequireTLS = cfg.NBDTLS == NBDTLSRequire
+		}
 		user := nc.OnRequest
 		nc.OnRequest = func(ev nbd.RequestEvent) {
 			g.metrics.observeNBD(ev)

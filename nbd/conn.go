@@ -40,6 +40,7 @@ type serverConn struct {
 	exportName string        // the export in transmission, for DropExport
 
 	// Negotiated in the handshake.
+	tls        bool // NBD_OPT_STARTTLS upgraded the connection
 	noZeroes   bool
 	structured bool
 	allocation bool   // base:allocation selected (for metaExport)

@@ -18,8 +18,11 @@
 // with NBD_FLAG_C_NO_ZEROES. Options: NBD_OPT_EXPORT_NAME, NBD_OPT_LIST, NBD_OPT_INFO and
 // NBD_OPT_GO (answering NBD_INFO_EXPORT, NBD_INFO_NAME, NBD_INFO_DESCRIPTION and
 // NBD_INFO_BLOCK_SIZE: minimum 512, preferred 4096, maximum Config.MaxPayload), NBD_OPT_ABORT,
-// NBD_OPT_STRUCTURED_REPLY and the metadata context options with the one context base:allocation;
-// anything else is answered with NBD_REP_ERR_UNSUP. Commands: NBD_CMD_READ, WRITE (with FUA),
+// NBD_OPT_STRUCTURED_REPLY, the metadata context options with the one context base:allocation, and
+// NBD_OPT_STARTTLS when Config.TLS is set (the rest of the negotiation and the transmission then go
+// over TLS; with Config.RequireTLS every other option is refused with NBD_REP_ERR_TLS_REQD until
+// then, and NBD_OPT_EXPORT_NAME hangs up, as qemu-nbd and nbdkit do); anything else is answered
+// with NBD_REP_ERR_UNSUP. Commands: NBD_CMD_READ, WRITE (with FUA),
 // FLUSH, TRIM, WRITE_ZEROES (NBD_CMD_FLAG_NO_HOLE writes zeros, otherwise the range is unmapped),
 // BLOCK_STATUS (holes of devices that implement blockdev.Mapper; blockstatus.go) and DISC. Requests are checked for known command and flags,
 // alignment to 512 bytes, payload size and bounds, and refused with the protocol's error values

@@ -1,7 +1,9 @@
 package nbd
 
 import (
+	"bufio"
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -80,7 +82,20 @@ func (c *serverConn) handshake() (*openedExport, error) {
 // handleOption answers one option. It returns a non-nil export when the client entered
 // transmission, an error when the connection must end.
 func (c *serverConn) handleOption(option uint32, data []byte) (*openedExport, error) {
+	if c.srv.cfg.RequireTLS && !c.tls {
+		switch option {
+		case optStartTLS, optAbort:
+		case optExportName:
+			// No error reply exists for this option: hang up.
+			return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS on a server that requires TLS: %w", errProtocol)
+		default:
+			return nil, c.replyOptionError(option, repErrTLSReqd, "this server requires TLS: send NBD_OPT_STARTTLS first")
+		}
+	}
 	switch option {
+	case optStartTLS:
+		return nil, c.startTLS(data)
+
 	case optExportName:
 		name := string(data)
 		if err := checkExportName(name); err != nil {
@@ -159,9 +174,41 @@ func (c *serverConn) handleOption(option uint32, data []byte) (*openedExport, er
 		return nil, c.handleMetaContext(option, data)
 
 	default:
-		// NBD_OPT_STARTTLS (this server runs without TLS) and anything unknown.
 		return nil, c.replyOptionError(option, repErrUnsup, fmt.Sprintf("%s is not supported by this server", optionName(option)))
 	}
+}
+
+// startTLS answers NBD_OPT_STARTTLS: an acknowledgement, then the TLS handshake on the same
+// connection; the rest of the negotiation and the transmission phase go over TLS.
+func (c *serverConn) startTLS(data []byte) error {
+	switch {
+	case c.srv.cfg.TLS == nil:
+		return c.replyOptionError(optStartTLS, repErrUnsup, "this server has no TLS configured")
+	case len(data) != 0:
+		return c.replyOptionError(optStartTLS, repErrInvalid, "NBD_OPT_STARTTLS carries no data")
+	case c.tls:
+		return c.replyOptionError(optStartTLS, repErrInvalid, "the connection already runs TLS")
+	}
+	if err := c.writeHandshake(appendOptionReply(nil, optStartTLS, repAck, nil)); err != nil {
+		return err
+	}
+	if c.r.Buffered() > 0 {
+		// Bytes sent after NBD_OPT_STARTTLS before the handshake would be read as plaintext.
+		return fmt.Errorf("client sent data after NBD_OPT_STARTTLS before the TLS handshake: %w", errProtocol)
+	}
+	t := tls.Server(c.nc, c.srv.cfg.TLS)
+	ctx, cancel := context.WithTimeout(c.srv.ctx, c.srv.cfg.HandshakeTimeout)
+	defer cancel()
+	if err := t.HandshakeContext(ctx); err != nil {
+		return fmt.Errorf("TLS handshake: %w", err)
+	}
+	c.dmu.Lock()
+	c.nc = t
+	c.dmu.Unlock()
+	c.r = bufio.NewReaderSize(t, 64<<10)
+	c.tls = true
+	c.log.Debug("nbd: TLS started", "version", tls.VersionName(t.ConnectionState().Version))
+	return nil
 }
 
 // appendInfoReplies appends the NBD_REP_INFO replies of a successful NBD_OPT_INFO or NBD_OPT_GO.

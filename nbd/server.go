@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -68,6 +69,12 @@ type Config struct {
 	// WriteTimeout bounds the sending of one reply; a client that stops reading is disconnected.
 	// Default 30 s.
 	WriteTimeout time.Duration
+	// TLS, if set, lets clients upgrade a connection with NBD_OPT_STARTTLS (the server's
+	// certificate, and whatever it asks of clients' certificates); RequireTLS then refuses every
+	// option but NBD_OPT_STARTTLS and NBD_OPT_ABORT before the upgrade (NBD_REP_ERR_TLS_REQD), as
+	// qemu-nbd and nbdkit do with --tls=require.
+	TLS        *tls.Config
+	RequireTLS bool
 	// OnRequest, if set, is called after every transmission request has been answered, from the
 	// goroutine that answered it. It must be fast and safe for concurrent use; it is the hook for
 	// latency histograms.

@@ -87,6 +87,7 @@ func run() error {
 		runtime_ = flag.Duration("runtime", 30*time.Second, "measured time of each job")
 		jsonOut  = flag.String("json", "", "also write the results to this JSON file")
 		keep     = flag.Bool("keep", false, "keep the temporary playground directory")
+		insecure = flag.Bool("insecure", false, "run the playground without TLS (to measure what TLS costs)")
 		copysets = flag.Int("copysets", 0, "copyset replicas per chunkserver of the playground this program starts (0: the playground's default)")
 		only     = flag.String("only", "", "run only the NBD jobs whose workload contains this text (e.g. 'write, QD32')")
 		recovery = flag.Bool("recovery", false, "measure recovery instead: a playground with two chunkservers per zone loses a disk after the fill; the rebuild rate and the 4 KiB QD1 write latency before and during it")
@@ -125,7 +126,11 @@ func run() error {
 		}
 		st = s
 	} else {
-		pg, err := startPlayground(*bin, uint64(fill), *copysets, *keep)
+		var extra []string
+		if *insecure {
+			extra = append(extra, "--insecure")
+		}
+		pg, err := startPlayground(*bin, uint64(fill), *copysets, *keep, extra...)
 		if err != nil {
 			return err
 		}
@@ -136,7 +141,11 @@ func run() error {
 	size := min(uint64(fill), vol.Size)
 	fmt.Printf("Cairn gateway benchmark: %s (%s), %s filled, %s per job, %d CPUs\n",
 		vol.Name, units.FormatBytes(vol.Size), units.FormatBytes(size), *runtime_, runtime.NumCPU())
-	fmt.Printf("playground %s, MDS %s, load average before: %s\n\n", st.Dir, st.MDS, loadAverage())
+	tlsNote := "mutual TLS between all processes"
+	if st.TLS == nil {
+		tlsNote = "no TLS"
+	}
+	fmt.Printf("playground %s, MDS %s, %s, load average before: %s\n\n", st.Dir, st.MDS, tlsNote, loadAverage())
 
 	if vol.Size > size && *doISCSI {
 		fmt.Printf("note: iscsi-perf reads at random over all %s of %s; only the first %s are written\n\n",

@@ -67,6 +67,7 @@ func parseConfig(args []string) (gateway.Config, error) {
 		linger      = fs.Duration("linger", gateway.DefaultLinger, "how long a volume stays open after its last user left")
 		clientName  = fs.String("client-name", "", "name of the gateway's volume sessions at the MDS (default cairn-gateway@<host>)")
 		nopInterval = fs.Duration("iscsi-nop-interval", 10*time.Second, "idle time after which the target pings an iSCSI initiator")
+		nbdTLS      = fs.String("nbd-tls", "", "TLS for NBD clients (NBD_OPT_STARTTLS, nbds://): off, allow or require (default allow with --tls-cert, else off); clients present a certificate with the client or operator role")
 		chapFile    = fs.String("iscsi-chap", "", "JSON file of iSCSI CHAP secrets: default, discovery and per-volume targets (docs/gateway.md)")
 		nbdBytes    = units.Bytes(nbd.DefaultMaxInFlightBytes)
 		iscsiBytes  = units.Bytes(iscsi.DefaultMaxSessionBuffer)
@@ -103,6 +104,7 @@ func parseConfig(args []string) (gateway.Config, error) {
 		Linger:       *linger,
 		ClientName:   *clientName,
 		TLS:          identity,
+		NBDTLS:       *nbdTLS,
 		Logger:       logger,
 
 		VolumeMaxInflightBytes: int64(volumeBytes),

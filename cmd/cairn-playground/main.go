@@ -148,6 +148,9 @@ func printBanner(w io.Writer, st playground.State, took time.Duration, binDir st
 	fmt.Fprintf(w, "\n  volume %s (%s)\n    %s\n    %s\n", v.Name, units.FormatBytes(v.Size), v.NBDURL, v.ISCSIURL)
 	fmt.Fprintf(w, "\n  Try:\n")
 	fmt.Fprintf(w, "    nbdinfo %s\n", v.NBDURL)
+	if t := st.TLS; t != nil {
+		fmt.Fprintf(w, "    nbdinfo '%s'   (NBD over TLS)\n", t.NBDSURL(v.NBDURL))
+	}
 	fmt.Fprintf(w, "    qemu-img convert -n -f raw -O raw disk.raw %s\n", v.NBDURL)
 	fmt.Fprintf(w, "    nbdcopy %s backup.raw\n", v.NBDURL)
 	fmt.Fprintf(w, "    fio --name=rw --ioengine=nbd --uri=%s --rw=randwrite --bs=4k --iodepth=32 --size=1g --runtime=30 --time_based\n", v.NBDURL)

@@ -34,6 +34,8 @@ func NewNetwork() *Network { return &Network{nodes: map[uint64]*Memory{}} }
 // Join attaches node cfg.NodeID to the network, replacing an earlier
 // transport of the same node (a restart). Of cfg it uses NodeID, Handler,
 // OnUnreachable, Faults and Logger; there is nothing to resolve or dial.
+// Nothing reaches the node until Register is called (as nothing reaches a
+// Transport before its servers serve).
 func (n *Network) Join(cfg Config) *Memory {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -50,7 +52,7 @@ func (n *Network) node(id uint64) *Memory {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	m := n.nodes[id]
-	if m == nil || m.closed.Load() {
+	if m == nil || m.closed.Load() || !m.serving.Load() {
 		return nil
 	}
 	return m
@@ -62,16 +64,17 @@ var errNoPeer = errors.New("transport: peer not on the network")
 // Memory is one engine's end of a Network: it does what Transport does,
 // without sockets.
 type Memory struct {
-	net    *Network
-	cfg    Config
-	closed atomic.Bool
+	net     *Network
+	cfg     Config
+	closed  atomic.Bool
+	serving atomic.Bool // set by Register
 
 	msgsSent, msgsRecv, dropped atomic.Uint64
 }
 
-// Register does nothing: a Memory receives from its Network, not from
-// servers.
-func (m *Memory) Register(*grpc.Server, *wire.Server) {}
+// Register makes the node reachable on its Network (it receives from the
+// Network, not from the servers, which may be nil).
+func (m *Memory) Register(*grpc.Server, *wire.Server) { m.serving.Store(true) }
 
 // Stats returns traffic counters (heartbeats are counted as messages).
 func (m *Memory) Stats() Stats {

@@ -31,6 +31,11 @@ func TestMemoryDeliversCopies(t *testing.T) {
 	}})
 	got := &collector{}
 	b := nw.Join(Config{NodeID: 2, Handler: got, Faults: faults})
+	if a.Send(9, msg(raftpb.MsgHeartbeat, 2, 1, 3, 7, nil)) {
+		t.Fatal("a message reached a node before it registered")
+	}
+	a.Register(nil, nil)
+	b.Register(nil, nil)
 
 	m := msg(raftpb.MsgApp, 2, 1, 3, 7, []byte("ctx"))
 	m.Entries = []*raftpb.Entry{{Data: []byte("payload")}}
@@ -60,10 +65,10 @@ func TestMemoryDeliversCopies(t *testing.T) {
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	if len(unreachable) != 1 || unreachable[0] != "2 [4]" {
-		t.Fatalf("unreachable reports %q, want [\"2 [4]\"]", unreachable)
+	if len(unreachable) != 2 || unreachable[1] != "2 [4]" {
+		t.Fatalf("unreachable reports %q, want [\"2 [9]\" \"2 [4]\"]", unreachable)
 	}
-	if st := a.Stats(); st.MessagesSent != 1 || st.Dropped != 1 {
+	if st := a.Stats(); st.MessagesSent != 1 || st.Dropped != 2 {
 		t.Fatalf("sender stats %+v", st)
 	}
 }
@@ -100,7 +105,7 @@ func TestMemorySnapshotTransfers(t *testing.T) {
 	nw := NewNetwork()
 	a := nw.Join(Config{NodeID: 1, Handler: &collector{}})
 	recv := &snapshotReceiver{}
-	nw.Join(Config{NodeID: 2, Handler: recv})
+	nw.Join(Config{NodeID: 2, Handler: recv}).Register(nil, nil)
 
 	s, err := a.OpenSnapshot(context.Background(), 2)
 	if err != nil {

@@ -1,6 +1,7 @@
 package transport
 
 import (
+	"context"
 	"fmt"
 	"io"
 
@@ -14,7 +15,7 @@ import (
 
 // receive delivers one Raft batch that arrived on a wire connection; an
 // error closes that connection.
-func (t *Transport) receive(payload []byte) error {
+func (t *Transport) receive(ctx context.Context, payload []byte) error {
 	var b transportpb.RaftBatch
 	if err := proto.Unmarshal(payload, &b); err != nil {
 		return fmt.Errorf("decode raft batch: %w", err)
@@ -23,6 +24,11 @@ func (t *Transport) receive(payload []byte) error {
 		return fmt.Errorf("raft batch for chunkserver %d reached chunkserver %d", b.GetTo(), t.cfg.NodeID)
 	}
 	from := b.GetFrom()
+	if auth := t.cfg.AuthorizeSender; auth != nil {
+		if err := auth(ctx, from); err != nil {
+			return fmt.Errorf("raft batch from chunkserver %d refused: %w", from, err)
+		}
+	}
 	for _, h := range b.GetHeartbeats() {
 		typ := raftpb.MsgHeartbeat
 		if h.GetResponse() {
@@ -54,6 +60,11 @@ func (t *Transport) InstallSnapshot(srv transportpb.RaftTransport_InstallSnapsho
 	}
 	if header.GetTo() != t.cfg.NodeID {
 		return status.Errorf(codes.FailedPrecondition, "snapshot for chunkserver %d reached chunkserver %d", header.GetTo(), t.cfg.NodeID)
+	}
+	if auth := t.cfg.AuthorizeSender; auth != nil {
+		if err := auth(srv.Context(), header.GetFrom()); err != nil {
+			return status.Errorf(codes.PermissionDenied, "snapshot from chunkserver %d refused: %v", header.GetFrom(), err)
+		}
 	}
 	err = t.cfg.Handler.HandleSnapshot(srv.Context(), header, func() (*transportpb.SnapshotChunk, error) {
 		c, err := srv.Recv()

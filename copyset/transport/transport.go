@@ -56,6 +56,11 @@ type Config struct {
 	// Dialer, if set, opens the connections that carry Raft batches
 	// (default: TCP with a 5s timeout).
 	Dialer func(ctx context.Context, addr string) (net.Conn, error)
+	// AuthorizeSender, if set, is asked whether the caller of a received
+	// Raft batch or snapshot (ctx carries its connection) may speak for
+	// chunkserver from; a refused batch closes its connection, a refused
+	// snapshot is not taken.
+	AuthorizeSender func(ctx context.Context, from uint64) error
 	// OnUnreachable, if set, is told when messages to a peer were dropped.
 	OnUnreachable func(to uint64, groups []uint64)
 	// Faults, if set, injects faults into outgoing traffic (tests only).

@@ -65,6 +65,8 @@ type Peer struct {
 	Addr  string
 	Name  string // the certificate's subject common name
 	Roles []Role
+	// Cert is the caller's verified certificate (nil without one).
+	Cert *x509.Certificate
 }
 
 func (p Peer) String() string {
@@ -100,7 +102,7 @@ func peerFromState(st *tls.ConnectionState, addr string) (Peer, error) {
 		return Peer{Addr: addr}, ErrNoIdentity
 	}
 	leaf := st.VerifiedChains[0][0]
-	p := Peer{Addr: addr, Name: leaf.Subject.CommonName, Roles: RolesOf(leaf)}
+	p := Peer{Addr: addr, Name: leaf.Subject.CommonName, Roles: RolesOf(leaf), Cert: leaf}
 	// Connections outlive certificates: one whose certificate (or an
 	// authority above it) has expired since the handshake has no identity
 	// left; its holder must connect again with a current one.

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"sync"
 	"time"
 )
@@ -37,9 +38,9 @@ type Source struct {
 	// not load is tried again every second, logged once a minute.
 	failed   string
 	failedAt time.Time
-	cert    *tls.Certificate
-	leaf    *x509.Certificate
-	pool    *x509.CertPool
+	cert     *tls.Certificate
+	leaf     *x509.Certificate
+	pool     *x509.CertPool
 }
 
 // Load reads files. Every file must be given and load.
@@ -156,6 +157,31 @@ func (s *Source) ServerConfig() *tls.Config {
 			ClientCAs:    pool,
 			NextProtos:   []string{"h2"},
 		}, nil
+	}
+	return base
+}
+
+// ServerConfigFor is ServerConfig for a listener that serves only
+// callers with one of roles (a gateway's NBD port: clients and operators).
+func (s *Source) ServerConfigFor(roles ...Role) *tls.Config {
+	base := s.ServerConfig()
+	get := base.GetConfigForClient
+	base.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+		cfg, err := get(hello)
+		if err != nil {
+			return nil, err
+		}
+		cfg.VerifyConnection = func(cs tls.ConnectionState) error {
+			if len(cs.PeerCertificates) > 0 {
+				for _, r := range RolesOf(cs.PeerCertificates[0]) {
+					if slices.Contains(roles, r) {
+						return nil
+					}
+				}
+			}
+			return fmt.Errorf("tls: a certificate with one of the roles %v is needed here", roles)
+		}
+		return cfg, nil
 	}
 	return base
 }

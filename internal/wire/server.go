@@ -19,9 +19,10 @@ import (
 type Handler func(ctx context.Context, req proto.Message) (proto.Message, error)
 
 // MessageHandler handles one one-way message, in order, on the connection's
-// reader goroutine: it must not block. payload is valid only during the
-// call. An error closes the connection.
-type MessageHandler func(payload []byte) error
+// reader goroutine: it must not block. ctx carries the connection (ConnOf)
+// and ends when it closes; payload is valid only during the call. An error
+// closes the connection.
+type MessageHandler func(ctx context.Context, payload []byte) error
 
 // ServerOptions configure a Server.
 type ServerOptions struct {
@@ -311,7 +312,7 @@ func (sc *serverConn) message(h header, payload []byte) error {
 			return fmt.Errorf("message %s refused: %w", md.name, err)
 		}
 	}
-	if err := md.message(payload); err != nil {
+	if err := md.message(sc.ctx, payload); err != nil {
 		return fmt.Errorf("message %s: %w", md.name, err)
 	}
 	return nil

@@ -69,7 +69,7 @@ func startServer(t *testing.T, opts ServerOptions) *testServer {
 	ts.srv.Handle(mFail, "fail", newBytes, func(context.Context, proto.Message) (proto.Message, error) {
 		return nil, errors.New("the disk is on fire")
 	})
-	ts.srv.HandleMessage(mNote, "note", func(p []byte) error {
+	ts.srv.HandleMessage(mNote, "note", func(_ context.Context, p []byte) error {
 		var v wrapperspb.StringValue
 		if err := proto.Unmarshal(p, &v); err != nil {
 			return err
@@ -458,7 +458,7 @@ func FuzzServerConnection(f *testing.F) {
 	f.Add([]byte{0, 0, 0, 1, 1, 1, 0, 0})
 	srv := NewServer(ServerOptions{MaxFrame: 1 << 16})
 	srv.Handle(mEcho, "echo", newBytes, func(_ context.Context, req proto.Message) (proto.Message, error) { return req, nil })
-	srv.HandleMessage(mNote, "note", func(p []byte) error {
+	srv.HandleMessage(mNote, "note", func(_ context.Context, p []byte) error {
 		return proto.Unmarshal(p, &wrapperspb.StringValue{})
 	})
 	l, err := net.Listen("tcp", "127.0.0.1:0")

@@ -56,7 +56,7 @@ func TestPlayground(t *testing.T) {
 		e.pg.stop(t)
 	})
 	st := e.pg.state(t)
-	e.vol0 = st.Volume
+	e.vol0, e.tls = st.Volume, st.TLS
 	if e.vol0.Size != 10*gib {
 		t.Fatalf("vol0 is %d bytes, want 10 GiB", e.vol0.Size)
 	}
@@ -80,6 +80,7 @@ type env struct {
 	work string // scratch files
 	pg   *pgProcess
 	mds  *mdsclient.Conn
+	tls  *playground.TLSState
 	vol0 playground.VolumeState
 	// want is the expected content of vol0's first copySize bytes; nil
 	// until a copy succeeded.
@@ -94,17 +95,25 @@ func (e *env) path(name string) string { return filepath.Join(e.work, name) }
 // readBack copies all of vol0 out through NBD and compares it with want.
 func (e *env) readBack(t *testing.T) {
 	t.Helper()
+	e.readBackFrom(t, e.vol0.NBDURL)
+}
+
+// readBackFrom reads vol0 through url (nbd:// or nbds://) and compares.
+func (e *env) readBackFrom(t *testing.T, url string) {
+	t.Helper()
 	if e.want == nil {
 		t.Skip("no copy of vol0 to compare with (an earlier step failed)")
 	}
 	back := e.path("back")
 	os.Remove(back)
 	defer os.Remove(back)
-	testtool.MustRun(t, 5*time.Minute, "nbdcopy", e.vol0.NBDURL, back)
+	testtool.MustRun(t, 5*time.Minute, "nbdcopy", url, back)
 	checkImage(t, back, e.want, int64(e.vol0.Size))
 }
 
-// 1. A random 256 MiB file written with nbdcopy reads back byte for byte.
+// 1. A random 256 MiB file written with nbdcopy reads back byte for byte,
+// read over NBD with TLS (nbds://, the playground's NBD client
+// certificate).
 func (e *env) nbdCopyRoundTrip(t *testing.T) {
 	testtool.Need(t, "nbdcopy")
 	src := e.path("first")
@@ -112,7 +121,10 @@ func (e *env) nbdCopyRoundTrip(t *testing.T) {
 	testtool.MustRun(t, 5*time.Minute, "nbdcopy", src, e.vol0.NBDURL)
 	os.Remove(src)
 	e.want = data
-	e.readBack(t)
+	if e.tls == nil {
+		t.Fatal("the playground runs without TLS")
+	}
+	e.readBackFrom(t, e.tls.NBDSURL(e.vol0.NBDURL))
 }
 
 // 2. The chunkserver leading the most copysets is killed with SIGKILL while

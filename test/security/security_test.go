@@ -114,10 +114,13 @@ func sendRaft(t *testing.T, addr string, id *certs.Source, b *transportpb.RaftBa
 
 // TestOnlyChunkServersSpeakRaft: a forged heartbeat with a higher term
 // reaches a follower's Raft only from a certificate of the chunkserver
-// role. From a plaintext connection (the handshake fails) or a client's
-// certificate (the message is refused and the connection closed) nothing
-// changes; from a chunkserver's certificate the same message is taken
-// (the term moves: the check is what stops the others).
+// role that names the host of the chunkserver it claims to be. From a
+// plaintext connection (the handshake fails), a client's certificate, a
+// chunkserver's certificate of another host, or in the name of a
+// chunkserver the MDS does not know (the message is refused and the
+// connection closed) nothing changes; from a chunkserver's certificate for
+// this host the same message is taken (the term moves: the checks are what
+// stop the others).
 func TestOnlyChunkServersSpeakRaft(t *testing.T) {
 	c := startCluster(t)
 	i, cs := follower(t, c)
@@ -132,6 +135,21 @@ func TestOnlyChunkServersSpeakRaft(t *testing.T) {
 		t.Fatal("a Raft batch from a client's certificate was taken")
 	}
 	t.Logf("client's Raft batch: connection closed (%v)", err)
+	// A chunkserver's certificate for another host may not speak for a
+	// chunkserver registered here, nor may any speak for one the MDS does
+	// not know.
+	elsewhere, err := certs.Load(c.Issue("cs-elsewhere", certs.Request{Roles: []certs.Role{certs.RoleChunkServer}, Hosts: []string{"10.9.9.9"}}), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if kept, _ := sendRaft(t, s.Addr(), elsewhere, forgedHeartbeat(cs, s.ID(), before)); kept {
+		t.Fatal("a chunkserver certificate of another host spoke for the leader")
+	}
+	unknown := forgedHeartbeat(cs, s.ID(), before)
+	unknown.From = 9999
+	if kept, _ := sendRaft(t, s.Addr(), c.Identity(certs.RoleChunkServer), unknown); kept {
+		t.Fatal("a batch from a chunkserver the MDS does not know was taken")
+	}
 	if got := termOf(t, cs); got != before {
 		t.Fatalf("term moved from %d to %d after refused messages", before, got)
 	}

@@ -2,8 +2,11 @@ package playground
 
 import (
 	"fmt"
+	"os"
 	"path/filepath"
+	"strings"
 
+	"cairn.io/cairn/chunkfilepool/fsutil"
 	"cairn.io/cairn/internal/certs"
 )
 
@@ -13,6 +16,16 @@ type TLSState struct {
 	CA           string `json:"ca"`
 	OperatorCert string `json:"operator_cert"`
 	OperatorKey  string `json:"operator_key"`
+	// NBDClientDir holds an NBD client's credentials in the layout libnbd
+	// (nbds://...?tls-certificates=DIR) and qemu (tls-creds-x509 dir=DIR)
+	// read: ca-cert.pem, client-cert.pem, client-key.pem.
+	NBDClientDir string `json:"nbd_client_dir"`
+}
+
+// NBDSURL is the nbds:// form of an nbd:// URL, with the playground's NBD
+// client credentials.
+func (t *TLSState) NBDSURL(nbdURL string) string {
+	return "nbds://" + strings.TrimPrefix(nbdURL, "nbd://") + "?tls-certificates=" + t.NBDClientDir
 }
 
 // Files is the operator identity (what cairn-ops --tls-* take).
@@ -58,7 +71,24 @@ func (pg *Playground) issueCerts() (map[string]certs.Files, *TLSState, error) {
 		out[p.name] = f
 	}
 	op := out["operator"]
-	return out, &TLSState{CA: op.CA, OperatorCert: op.Cert, OperatorKey: op.Key}, nil
+	st := &TLSState{CA: op.CA, OperatorCert: op.Cert, OperatorKey: op.Key, NBDClientDir: filepath.Join(dir, "nbd-client")}
+	nbdc, err := ca.Issue(dir, "nbd-client", certs.Request{Name: "playground-nbd-client", Roles: []certs.Role{certs.RoleClient}})
+	if err != nil {
+		return nil, nil, fmt.Errorf("playground NBD client certificate: %w", err)
+	}
+	if err := os.MkdirAll(st.NBDClientDir, 0o700); err != nil {
+		return nil, nil, err
+	}
+	for from, to := range map[string]string{ca.CertFile: "ca-cert.pem", nbdc.Cert: "client-cert.pem", nbdc.Key: "client-key.pem"} {
+		b, err := os.ReadFile(from)
+		if err == nil {
+			err = fsutil.WriteFileAtomic(filepath.Join(st.NBDClientDir, to), b, 0o600)
+		}
+		if err != nil {
+			return nil, nil, fmt.Errorf("NBD client credentials: %w", err)
+		}
+	}
+	return out, st, nil
 }
 
 // tlsArgs are the TLS flags of a daemon with identity f (or --insecure).
