@@ -76,7 +76,7 @@ func (clientCreds) Info() credentials.ProtocolInfo {
 
 func (c clientCreds) Clone() credentials.TransportCredentials { return clientCreds{c.s, c.server} }
 
-//lint:ignore SA1019 part of the TransportCredentials interface.
+// OverrideServerName is part of the TransportCredentials interface.
 func (clientCreds) OverrideServerName(string) error { return nil }
 
 // clientConfigFor is ClientConfig, also requiring that the server's

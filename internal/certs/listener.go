@@ -181,5 +181,5 @@ func (terminated) Info() credentials.ProtocolInfo {
 
 func (terminated) Clone() credentials.TransportCredentials { return terminated{} }
 
-//lint:ignore SA1019 part of the TransportCredentials interface.
+// OverrideServerName is part of the TransportCredentials interface.
 func (terminated) OverrideServerName(string) error { return nil }
