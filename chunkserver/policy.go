@@ -13,6 +13,7 @@ import (
 	"cairn.io/cairn/api/copysetpb"
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/api/transportpb"
+	"cairn.io/cairn/copyset"
 	"cairn.io/cairn/internal/certs"
 )
 
@@ -74,4 +75,14 @@ func (s *Server) authorizeSender() func(ctx context.Context, from uint64) error 
 		}
 		return nil
 	}
+}
+
+// membersOracle is the copysets' view of membership beyond their own (with
+// TLS only, where a sender's id is bound to its certificate): see
+// memberCache.
+func (s *Server) membersOracle() func(copyset.GroupID, uint64) copyset.MemberAnswer {
+	if s.cfg.TLS == nil {
+		return nil
+	}
+	return newMemberCache(s.mds.Topology()).answer
 }

@@ -282,6 +282,7 @@ func (s *Server) Start(ctx context.Context) (err error) {
 		Resolver:            s.res,
 		Dialer:              certs.Dialer(s.cfg.TLS, certs.RoleChunkServer),
 		AuthorizeSender:     s.authorizeSender(),
+		Members:             s.membersOracle(),
 		DialOptions:         []grpc.DialOption{certs.DialOption(s.cfg.TLS, certs.RoleChunkServer)},
 		TestingKnobs:        copyset.TestingKnobs{Faults: s.cfg.TestingKnobs.Faults},
 		TickInterval:        s.cfg.TickInterval,

@@ -36,6 +36,52 @@ var networkTypes = map[raftpb.MessageType]bool{
 // near 2^64 would overflow in Raft's next campaign.
 const maxTermLeap = 1 << 32
 
+// MemberAnswer is what Config.Members says of a node.
+type MemberAnswer int
+
+// The answers of Config.Members.
+const (
+	// MemberYes: the node is a member (or membership cannot be learned,
+	// and the message is taken rather than stall the copyset).
+	MemberYes MemberAnswer = iota
+	// MemberNo: the node is not a member of the copyset.
+	MemberNo
+	// MemberPending: not known yet; asked for.
+	MemberPending
+)
+
+// setMembers records the configuration Raft runs with (Raft worker only).
+func (c *Copyset) setMembers(cs *raftpb.ConfState) {
+	m := map[uint64]bool{}
+	for _, ids := range [][]uint64{cs.GetVoters(), cs.GetLearners(), cs.GetVotersOutgoing(), cs.GetLearnersNext()} {
+		for _, id := range ids {
+			m[id] = true
+		}
+	}
+	if len(m) > 0 {
+		c.members = m
+	}
+}
+
+// checkMember refuses a message from a node that is not a member of the
+// copyset: by this replica's configuration, or, when that does not name
+// it (a replica that missed changes), by Config.Members. A replica that
+// knows no configuration yet (new, waiting for its first snapshot) takes
+// messages from anyone: snapshots come only from the leader it follows.
+func (c *Copyset) checkMember(m *raftpb.Message) error {
+	from := m.GetFrom()
+	if len(c.members) == 0 || c.members[from] || c.e.cfg.Members == nil {
+		return nil
+	}
+	switch c.e.cfg.Members(c.id, from) {
+	case MemberNo:
+		return fmt.Errorf("%s from %d, which is not a member of the copyset", m.GetType(), from)
+	case MemberPending:
+		return fmt.Errorf("%s from %d, not a member here; asking the MDS", m.GetType(), from)
+	}
+	return nil
+}
+
 // RefusedMessages is how many Raft messages from the network failed their
 // checks since the engine started (a metric).
 func (e *Engine) RefusedMessages() uint64 { return e.refused.Load() }
@@ -60,6 +106,9 @@ func (c *Copyset) admit(m *raftpb.Message, lastIndex uint64) error {
 		return fmt.Errorf("%s from %d has no term", t, m.GetFrom())
 	case m.GetTerm() > c.term.Load()+maxTermLeap:
 		return fmt.Errorf("%s from %d has term %d, far past this replica's %d", t, m.GetFrom(), m.GetTerm(), c.term.Load())
+	}
+	if err := c.checkMember(m); err != nil {
+		return err
 	}
 	switch t {
 	case raftpb.MsgHeartbeat:

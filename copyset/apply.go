@@ -247,7 +247,7 @@ func (c *Copyset) applyConfChange(en *raftpb.Entry) bool {
 	}
 	var cs *raftpb.ConfState
 	done := make(chan struct{})
-	if !c.call(func() { cs = c.rn.ApplyConfChange(cc); close(done) }) {
+	if !c.call(func() { cs = c.rn.ApplyConfChange(cc); c.setMembers(cs); close(done) }) {
 		return false
 	}
 	select {

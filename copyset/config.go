@@ -53,6 +53,12 @@ type Config struct {
 	// chunkserver sets both for TLS.
 	Dialer      func(ctx context.Context, addr string) (net.Conn, error)
 	DialOptions []grpc.DialOption
+	// Members, if set, is asked about a Raft message from a node this
+	// replica does not count among its copyset's members (its own view
+	// may be stale): MemberYes takes it, MemberNo and MemberPending refuse
+	// it (Raft resends). It runs on a Raft worker and must not block. Nil:
+	// messages from any node are taken.
+	Members func(group GroupID, node uint64) MemberAnswer
 	// AuthorizeSender, if set, decides whether the caller of a received
 	// Raft batch or snapshot may speak for the chunkserver it names
 	// (transport.Config.AuthorizeSender).

@@ -60,6 +60,10 @@ type Copyset struct {
 	// next one): the bound admit holds messages to. Raft worker only.
 	logLast       uint64
 	refusedLogged time.Time // when admit last logged a refusal
+	// members are the nodes of the configuration Raft runs with (voters
+	// and learners, both sides of a joint one); empty until a replica
+	// knows one. Raft worker only (see checkMember).
+	members map[uint64]bool
 	// heard is when each peer's last message arrived, and leadSince when
 	// this replica last became leader: the leader reports how long each
 	// peer has been silent (Status). Raft worker only.
@@ -268,6 +272,10 @@ func (e *Engine) open(id GroupID, dir string, gl *wal.GroupLog) (*Copyset, error
 		applied: base.Index, appliedTerm: base.Term, confState: base.ConfState, confEpoch: confEpoch,
 		lastCkpt: base.Index,
 		dedup:    dedup, ckptDedup: dedup.clone(),
+	}
+	c.setMembers(base.ConfState)
+	if len(c.members) == 0 {
+		c.setMembers(&raftpb.ConfState{Voters: c.initialVoters})
 	}
 	c.snapConfEpoch.Store(confEpoch)
 	c.applied.Store(base.Index)

@@ -514,6 +514,7 @@ func (c *Copyset) submitAppend(m *raftpb.Message) {
 	}
 	if s := m.GetSnapshot(); s != nil && !raft.IsEmptySnap(s) {
 		md := s.GetMetadata()
+		c.setMembers(md.GetConfState())
 		a.Snapshot = &wal.SnapshotMark{Index: md.GetIndex(), Term: md.GetTerm(), ConfState: md.GetConfState(), ConfEpoch: c.installEpoch.Load()}
 		if reqs := c.installDedup.Load(); reqs != nil {
 			a.Snapshot.Requests = *reqs

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -352,5 +353,46 @@ func TestCertificatesRotateUnderIO(t *testing.T) {
 	blk, _ := pem.Decode(pemBytes)
 	if blk == nil || !bytes.Equal(presented.Raw, blk.Bytes) {
 		t.Fatal("a new connection to the MDS was not given its new certificate")
+	}
+}
+
+// TestNonMembersDoNotSpeakRaft: a chunkserver of the cluster, with its own
+// valid certificate, sends a copyset it is not a member of a heartbeat of
+// a higher term in its own name: the replica refuses it (by its own
+// configuration and the MDS's) and its term stays.
+func TestNonMembersDoNotSpeakRaft(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a cluster")
+	}
+	c := cluster.Start(t, cluster.Options{TLS: true, ChunkServers: 4, Zones: 4, CopysetsPerChunkServer: 3})
+	i, cs := follower(t, c)
+	s := c.ChunkServer(i)
+	st, err := cs.Status(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var outsider uint64
+	for _, o := range c.ChunkServers() {
+		if !slices.Contains(st.Voters, o.ID()) && !slices.Contains(st.Learners, o.ID()) {
+			outsider = o.ID()
+		}
+	}
+	if outsider == 0 {
+		t.Fatalf("every chunkserver is a member of %s", cs.ID())
+	}
+	refused := s.Engine().RefusedMessages()
+	b := forgedHeartbeat(cs, s.ID(), st.Term)
+	b.From = outsider
+	deadline := time.Now().Add(2 * time.Second) // past the MDS's answer
+	for time.Now().Before(deadline) {
+		if _, err := sendRaft(t, s.Addr(), c.Identity(certs.RoleChunkServer), b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := termOf(t, cs); got != st.Term {
+		t.Fatalf("term moved from %d to %d on a heartbeat from chunkserver %d, not a member", st.Term, got, outsider)
+	}
+	if s.Engine().RefusedMessages() == refused {
+		t.Fatal("no message was counted refused")
 	}
 }
