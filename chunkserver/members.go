@@ -5,6 +5,9 @@ import (
 	"sync"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	"cairn.io/cairn/api/commonpb"
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/copyset"
@@ -16,6 +19,9 @@ import (
 const (
 	memberTTL    = 30 * time.Second
 	nonMemberTTL = time.Second
+	// retryFailed is how long after a failed question the MDS is asked
+	// again (everyone is let in meanwhile).
+	retryFailed = time.Second
 	// maxMemberEntries bounds the cache; beyond it, it starts over.
 	maxMemberEntries = 4096
 )
@@ -36,7 +42,7 @@ type memberCache struct {
 
 type memberEntry struct {
 	members  map[uint64]bool
-	at       time.Time // when members were learned
+	at       time.Time // when the MDS last answered (or failed to)
 	fetching bool
 	failed   bool // the last question did not reach the MDS
 }
@@ -52,13 +58,18 @@ func (m *memberCache) answer(g copyset.GroupID, node uint64) copyset.MemberAnswe
 	e := m.entries[g]
 	if e == nil {
 		if len(m.entries) >= maxMemberEntries {
-			m.entries = map[copyset.GroupID]*memberEntry{}
+			for k := range m.entries { // make room: drop one
+				delete(m.entries, k)
+				break
+			}
 		}
 		e = &memberEntry{}
 		m.entries[g] = e
 	}
 	age := time.Since(e.at)
 	switch {
+	case e.failed && age < retryFailed:
+		return copyset.MemberYes // the MDS is away: Raft must go on
 	case e.members != nil && e.members[node] && age < memberTTL:
 		return copyset.MemberYes
 	case e.members != nil && !e.members[node] && age < nonMemberTTL:
@@ -68,18 +79,18 @@ func (m *memberCache) answer(g copyset.GroupID, node uint64) copyset.MemberAnswe
 		e.fetching = true
 		go m.fetch(g)
 	}
-	if e.failed {
-		return copyset.MemberYes
-	}
-	if e.members != nil && !e.members[node] {
-		return copyset.MemberNo // asked again meanwhile
+	switch {
+	case e.failed, e.members != nil && e.members[node]:
+		return copyset.MemberYes // while asking again
+	case e.members != nil:
+		return copyset.MemberNo
 	}
 	return copyset.MemberPending
 }
 
 // fetch asks the MDS for a copyset's members.
 func (m *memberCache) fetch(g copyset.GroupID) {
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
 	resp, err := m.topo.GetCopysets(ctx, &mdspb.GetCopysetsRequest{Copysets: []*commonpb.CopysetRef{{LogicalPoolId: g.Pool(), CopysetId: g.Copyset()}}})
 	m.mu.Lock()
@@ -88,12 +99,13 @@ func (m *memberCache) fetch(g copyset.GroupID) {
 	if e == nil {
 		return
 	}
-	e.fetching = false
-	if err != nil || len(resp.GetCopysets()) == 0 {
-		e.failed = err != nil
-		if err == nil {
-			e.members, e.at = map[uint64]bool{}, time.Now() // the MDS knows no such copyset
-		}
+	e.fetching, e.at = false, time.Now()
+	switch {
+	case status.Code(err) == codes.NotFound || err == nil && len(resp.GetCopysets()) == 0:
+		e.failed, e.members = false, map[uint64]bool{} // the MDS knows no such copyset: no members
+		return
+	case err != nil:
+		e.failed = true
 		return
 	}
 	e.failed = false
@@ -105,5 +117,5 @@ func (m *memberCache) fetch(g copyset.GroupID) {
 	if p := cs.GetPending(); p.GetChunkserverId() != 0 {
 		members[p.GetChunkserverId()] = true
 	}
-	e.members, e.at = members, time.Now()
+	e.members = members
 }

@@ -69,3 +69,28 @@ func TestMemberCache(t *testing.T) {
 		return nil
 	})
 }
+
+// TestMemberCacheKeepsMembersWhileRefreshing: once the view is stale, a
+// known member is still let in while it is asked again; a copyset the MDS
+// does not know has no members.
+func TestMemberCacheKeepsMembersWhileRefreshing(t *testing.T) {
+	topo := &fakeTopology{members: []uint64{1, 2, 3}}
+	m := newMemberCache(topo)
+	g := copyset.MakeGroupID(1, 5)
+	m.answer(g, 2)
+	soon.Succeeds(t, 5*time.Second, func() error {
+		if m.answer(g, 2) != copyset.MemberYes {
+			return errors.New("member 2 not known yet")
+		}
+		return nil
+	})
+	m.mu.Lock()
+	m.entries[g].at = time.Now().Add(-time.Hour) // stale
+	m.mu.Unlock()
+	if a := m.answer(g, 2); a != copyset.MemberYes {
+		t.Fatalf("a known member while refreshing: %d", a)
+	}
+	if a := m.answer(g, 7); a != copyset.MemberNo {
+		t.Fatalf("a non-member while refreshing: %d", a)
+	}
+}

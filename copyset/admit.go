@@ -65,12 +65,11 @@ func (c *Copyset) setMembers(cs *raftpb.ConfState) {
 
 // checkMember refuses a message from a node that is not a member of the
 // copyset: by this replica's configuration, or, when that does not name
-// it (a replica that missed changes), by Config.Members. A replica that
-// knows no configuration yet (new, waiting for its first snapshot) takes
-// messages from anyone: snapshots come only from the leader it follows.
+// it (a replica that missed changes, or a new one that knows no
+// configuration yet), by Config.Members.
 func (c *Copyset) checkMember(m *raftpb.Message) error {
 	from := m.GetFrom()
-	if len(c.members) == 0 || c.members[from] || c.e.cfg.Members == nil {
+	if c.members[from] || c.e.cfg.Members == nil {
 		return nil
 	}
 	switch c.e.cfg.Members(c.id, from) {

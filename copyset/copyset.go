@@ -274,9 +274,6 @@ func (e *Engine) open(id GroupID, dir string, gl *wal.GroupLog) (*Copyset, error
 		dedup:    dedup, ckptDedup: dedup.clone(),
 	}
 	c.setMembers(base.ConfState)
-	if len(c.members) == 0 {
-		c.setMembers(&raftpb.ConfState{Voters: c.initialVoters})
-	}
 	c.snapConfEpoch.Store(confEpoch)
 	c.applied.Store(base.Index)
 	c.ckptIndex.Store(base.Index)

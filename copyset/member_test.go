@@ -7,8 +7,8 @@ import (
 )
 
 // TestCheckMember: a message from a node of the replica's configuration
-// passes without asking; from another node, what Config.Members says
-// decides; a replica that knows no configuration takes any sender.
+// passes without asking; from another node, or to a replica that knows no
+// configuration yet, what Config.Members says decides.
 func TestCheckMember(t *testing.T) {
 	var asked []uint64
 	answer := MemberYes
@@ -18,9 +18,15 @@ func TestCheckMember(t *testing.T) {
 	}}}}
 	typ := raftpb.MsgHeartbeat
 	from := func(n uint64) *raftpb.Message { return &raftpb.Message{Type: &typ, From: &n} }
-	if err := c.checkMember(from(9)); err != nil || len(asked) != 0 {
-		t.Fatalf("no configuration yet: %v (asked %v)", err, asked)
+	answer = MemberNo
+	if err := c.checkMember(from(9)); err == nil || len(asked) != 1 {
+		t.Fatalf("no configuration yet, a non-member: %v (asked %v)", err, asked)
 	}
+	answer = MemberYes
+	if err := c.checkMember(from(1)); err != nil {
+		t.Fatalf("no configuration yet, a member: %v", err)
+	}
+	asked = nil
 	c.setMembers(&raftpb.ConfState{Voters: []uint64{1, 2}, Learners: []uint64{3}})
 	for _, n := range []uint64{1, 2, 3} {
 		if err := c.checkMember(from(n)); err != nil {

@@ -15,9 +15,11 @@ import (
 	"testing"
 	"time"
 
+	"go.etcd.io/raft/v3/raftpb"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"cairn.io/cairn/api/chunkpb"
 	"cairn.io/cairn/api/mdspb"
@@ -357,9 +359,10 @@ func TestCertificatesRotateUnderIO(t *testing.T) {
 }
 
 // TestNonMembersDoNotSpeakRaft: a chunkserver of the cluster, with its own
-// valid certificate, sends a copyset it is not a member of a heartbeat of
-// a higher term in its own name: the replica refuses it (by its own
-// configuration and the MDS's) and its term stays.
+// valid certificate, sends a copyset it is not a member of a heartbeat, a
+// vote request and an append of a higher term, and a snapshot, in its own
+// name: the replica refuses them all (by its own configuration and the
+// MDS's), its term stays and no chunk is written.
 func TestNonMembersDoNotSpeakRaft(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts a cluster")
@@ -383,6 +386,19 @@ func TestNonMembersDoNotSpeakRaft(t *testing.T) {
 	refused := s.Engine().RefusedMessages()
 	b := forgedHeartbeat(cs, s.ID(), st.Term)
 	b.From = outsider
+	term, last := st.Term+100, st.LastIndex
+	for _, typ := range []raftpb.MessageType{raftpb.MsgVote, raftpb.MsgPreVote, raftpb.MsgApp} {
+		m := &raftpb.Message{Type: &typ, From: &outsider, To: new(s.ID()), Term: &term, Index: &last, LogTerm: &term}
+		if typ == raftpb.MsgApp {
+			next := last + 1
+			m.Entries = []*raftpb.Entry{{Index: &next, Term: &term, Data: []byte("forged")}}
+		}
+		raw, err := proto.Marshal(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b.Messages = append(b.Messages, &transportpb.GroupMessage{Group: uint64(cs.ID()), Message: raw})
+	}
 	deadline := time.Now().Add(2 * time.Second) // past the MDS's answer
 	for time.Now().Before(deadline) {
 		if _, err := sendRaft(t, s.Addr(), c.Identity(certs.RoleChunkServer), b); err != nil {
@@ -394,5 +410,40 @@ func TestNonMembersDoNotSpeakRaft(t *testing.T) {
 	}
 	if s.Engine().RefusedMessages() == refused {
 		t.Fatal("no message was counted refused")
+	}
+
+	// A snapshot in the outsider's name is refused before any chunk file
+	// is written.
+	cc, err := grpc.NewClient(s.Addr(), certs.DialOption(c.Identity(certs.RoleChunkServer), certs.RoleChunkServer))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	stream, err := transportpb.NewRaftTransportClient(cc).InstallSnapshot(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	snapTyp, idx := raftpb.MsgSnap, st.Applied+1000
+	snap, _ := proto.Marshal(&raftpb.Message{Type: &snapTyp, From: &outsider, To: new(s.ID()), Term: &term,
+		Snapshot: &raftpb.Snapshot{Metadata: &raftpb.SnapshotMetadata{Index: &idx, Term: &term,
+			ConfState: &raftpb.ConfState{Voters: []uint64{outsider, s.ID()}}}}})
+	before := cs.Store().List()
+	if err := stream.Send(&transportpb.SnapshotChunk{From: outsider, To: s.ID(), Group: uint64(cs.ID()), RaftMessage: snap,
+		Files: []*transportpb.SnapshotFile{{ChunkId: 424242, Size: 1 << 20}}}); err != nil {
+		t.Fatal(err)
+	}
+	_ = stream.Send(&transportpb.SnapshotChunk{From: outsider, To: s.ID(), ChunkId: 424242, Data: []byte("forged")})
+	_ = stream.Send(&transportpb.SnapshotChunk{From: outsider, To: s.ID(), Done: true})
+	res, err := stream.CloseAndRecv()
+	if err == nil && res.GetAccepted() {
+		t.Fatal("a snapshot from a non-member was accepted")
+	}
+	if got := cs.Store().List(); slices.Contains(got, 424242) || len(got) != len(before) {
+		t.Fatalf("chunks %v after a refused snapshot, %v before", got, before)
+	}
+	if got := termOf(t, cs); got != st.Term {
+		t.Fatalf("term moved from %d to %d", st.Term, got)
 	}
 }
