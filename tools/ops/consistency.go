@@ -272,20 +272,7 @@ func (a *app) checkChunk(ctx context.Context, t chunkTask, p consistencyParams) 
 	}
 	for attempt := 0; ; attempt++ {
 		last := attempt >= p.retries
-		infos := a.fanOut(ctx, t, func(ctx context.Context, c chunkpb.ChunkServiceClient, r *replicaHash) error {
-			resp, err := c.GetChunkInfo(ctx, &chunkpb.GetChunkInfoRequest{Copyset: t.copyset.Id, ChunkId: t.chunkID, AnyReplica: true})
-			if err != nil {
-				return rpcErr("get chunk info", err)
-			}
-			switch resp.Status {
-			case chunkpb.Status_STATUS_OK, chunkpb.Status_STATUS_CHUNK_NOTEXIST:
-				r.Exists = resp.Exists && resp.Status == chunkpb.Status_STATUS_OK
-				r.AppliedIndex = resp.AppliedIndex
-				return nil
-			default:
-				return chunkStatusError(resp.Status, resp.Message)
-			}
-		})
+		infos := a.fanOut(ctx, t, chunkInfoProbe(t))
 		if problem := replicaErrors(infos); problem != "" {
 			if last {
 				return finish(rep, infos, chunkUnverified, problem)
@@ -454,5 +441,24 @@ func (r *consistencyResult) writeTable(t *table) {
 	t.row("CHUNK", "COPYSET", "VOLUME OFFSET", "STATUS", "PROBLEM")
 	for _, p := range r.Problems {
 		t.row(p.ChunkID, dash(p.Copyset), p.VolumeOffset, p.Status, p.Problem)
+	}
+}
+
+// chunkInfoProbe asks one replica whether it holds the chunk of t and at
+// which applied index (for fanOut).
+func chunkInfoProbe(t chunkTask) func(ctx context.Context, c chunkpb.ChunkServiceClient, r *replicaHash) error {
+	return func(ctx context.Context, c chunkpb.ChunkServiceClient, r *replicaHash) error {
+		resp, err := c.GetChunkInfo(ctx, &chunkpb.GetChunkInfoRequest{Copyset: t.copyset.Id, ChunkId: t.chunkID, AnyReplica: true})
+		if err != nil {
+			return rpcErr("get chunk info", err)
+		}
+		switch resp.Status {
+		case chunkpb.Status_STATUS_OK, chunkpb.Status_STATUS_CHUNK_NOTEXIST:
+			r.Exists = resp.Exists && resp.Status == chunkpb.Status_STATUS_OK
+			r.AppliedIndex = resp.AppliedIndex
+			return nil
+		default:
+			return chunkStatusError(resp.Status, resp.Message)
+		}
 	}
 }

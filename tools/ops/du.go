@@ -8,7 +8,6 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"cairn.io/cairn/api/chunkpb"
 	"cairn.io/cairn/api/mdspb"
 )
 
@@ -114,19 +113,7 @@ func (a *app) chunkWritten(ctx context.Context, t chunkTask) (written, known boo
 	if t.copyset == nil || len(t.copyset.Peers) == 0 {
 		return false, false
 	}
-	infos := a.fanOut(ctx, t, func(ctx context.Context, c chunkpb.ChunkServiceClient, r *replicaHash) error {
-		resp, err := c.GetChunkInfo(ctx, &chunkpb.GetChunkInfoRequest{Copyset: t.copyset.Id, ChunkId: t.chunkID, AnyReplica: true})
-		if err != nil {
-			return rpcErr("get chunk info", err)
-		}
-		switch resp.Status {
-		case chunkpb.Status_STATUS_OK, chunkpb.Status_STATUS_CHUNK_NOTEXIST:
-			r.Exists = resp.Exists && resp.Status == chunkpb.Status_STATUS_OK
-			return nil
-		default:
-			return chunkStatusError(resp.Status, resp.Message)
-		}
-	})
+	infos := a.fanOut(ctx, t, chunkInfoProbe(t))
 	for _, r := range infos {
 		if r.Error == "" {
 			known = true
