@@ -5,13 +5,8 @@ import (
 	"errors"
 	"time"
 
-	"google.golang.org/grpc"
-
-	"cairn.io/cairn/api/commonpb"
-	"cairn.io/cairn/api/copysetpb"
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/copyset"
-	"cairn.io/cairn/internal/certs"
 )
 
 // operatorService takes operators the MDS pushes as soon as it queued them
@@ -80,9 +75,9 @@ func (s *Server) startOperator(op *mdspb.Operator) {
 		case mdspb.OperatorKind_OPERATOR_KIND_TRANSFER_LEADER:
 			err = c.TransferLeader(ctx, target, op.GetConfEpoch())
 		case mdspb.OperatorKind_OPERATOR_KIND_ADD_PEER:
-			if err = s.prepareNewReplica(ctx, id, target); err == nil {
-				err = c.AddPeer(ctx, target, op.GetConfEpoch())
-			}
+			// The MDS created the empty replica on the target before it
+			// handed out the operator.
+			err = c.AddPeer(ctx, target, op.GetConfEpoch())
 		case mdspb.OperatorKind_OPERATOR_KIND_REMOVE_PEER:
 			err = c.RemovePeer(ctx, target, op.GetConfEpoch())
 		default:
@@ -98,22 +93,4 @@ func (s *Server) startOperator(op *mdspb.Operator) {
 			log.Info("operator done")
 		}
 	}()
-}
-
-// prepareNewReplica asks the target chunkserver to create an empty replica
-// that the leader then fills with a snapshot.
-func (s *Server) prepareNewReplica(ctx context.Context, id copyset.GroupID, target uint64) error {
-	addr, err := s.res.Resolve(ctx, target)
-	if err != nil {
-		return err
-	}
-	conn, err := grpc.NewClient(addr, certs.DialOption(s.cfg.TLS, certs.RoleChunkServer))
-	if err != nil {
-		return err
-	}
-	defer conn.Close()
-	_, err = copysetpb.NewCopysetServiceClient(conn).CreateCopysets(ctx, &copysetpb.CreateCopysetsRequest{
-		Copysets: []*copysetpb.CopysetSpec{{Copyset: &commonpb.CopysetRef{LogicalPoolId: id.Pool(), CopysetId: id.Copyset()}}},
-	})
-	return err
 }

@@ -19,8 +19,8 @@ import (
 
 // Policy is who may call what on a chunkserver when it runs with TLS:
 // chunk IO for clients and operators (under a volume epoch, as without
-// TLS); epochs, copyset creation and operators for the MDS (a copyset's
-// leader also creates the replica it is about to add); Raft traffic and
+// TLS); epochs, copyset creation and operators for the MDS (which also
+// creates the empty replica an add operator fills); Raft traffic and
 // snapshots for chunkservers only. Anything else is refused.
 var Policy = &certs.Policy{
 	Methods: map[string][]certs.Role{
@@ -31,7 +31,7 @@ var Policy = &certs.Policy{
 		chunkpb.ChunkService_GetChunkHash_FullMethodName: {certs.RoleClient, certs.RoleOperator, certs.RoleMDS},
 		chunkpb.ChunkService_UpdateEpoch_FullMethodName:  {certs.RoleMDS},
 
-		copysetpb.CopysetService_CreateCopysets_FullMethodName:   {certs.RoleMDS, certs.RoleChunkServer},
+		copysetpb.CopysetService_CreateCopysets_FullMethodName:   {certs.RoleMDS},
 		copysetpb.CopysetService_GetCopysetStatus_FullMethodName: {certs.RoleMDS, certs.RoleOperator, certs.RoleChunkServer},
 		mdspb.OperatorService_StartOperators_FullMethodName:      {certs.RoleMDS},
 

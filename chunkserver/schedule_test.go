@@ -14,9 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-
 	"cairn.io/cairn/api/chunkpb"
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/chunkserver"
@@ -33,8 +30,14 @@ import (
 // scheduleCluster starts two chunkservers in each of three zones with
 // schedulers that act within seconds.
 func scheduleCluster(t *testing.T, balance bool) *cluster.Cluster {
+	return scheduleClusterTLS(t, balance, false)
+}
+
+// scheduleClusterTLS is scheduleCluster, with mutual TLS if tls: only the
+// MDS may create the replicas the moves fill.
+func scheduleClusterTLS(t *testing.T, balance, tls bool) *cluster.Cluster {
 	return cluster.Start(t, cluster.Options{
-		ChunkServers: 6, Zones: 3, CopysetsPerChunkServer: 4,
+		TLS: tls, ChunkServers: 6, Zones: 3, CopysetsPerChunkServer: 4,
 		Schedule: mds.ScheduleConfig{
 			Interval: 200 * time.Millisecond, RecoverAfter: 3 * time.Second, NoBalance: !balance,
 		},
@@ -186,7 +189,7 @@ func sameOnEveryReplica(t *testing.T, c *cluster.Cluster, v volume, chunks int) 
 		var first uint32
 		for n, p := range copysets[i].GetPeers() {
 			soon.Succeeds(t, 30*time.Second, func() error {
-				conn, err := grpc.NewClient(byID[p.GetChunkserverId()].GetAddress(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+				conn, err := c.DialChunkServer(byID[p.GetChunkserverId()].GetAddress())
 				if err != nil {
 					return err
 				}
@@ -299,9 +302,11 @@ func TestReplacedDiskIsRebuiltAtOnce(t *testing.T) {
 }
 
 // TestRetiredChunkServerIsDrained drains a chunkserver under writes: it
-// ends RETIRED with no replica, and a readwrite one cannot be deleted.
+// ends RETIRED with no replica, and a readwrite one cannot be deleted. The
+// cluster runs with TLS, where only the MDS creates the replicas that
+// replace the drained ones.
 func TestRetiredChunkServerIsDrained(t *testing.T) {
-	c := scheduleCluster(t, false)
+	c := scheduleClusterTLS(t, false, true)
 	v := openVolume(t, c, "drain")
 	const chunks = 8
 	w := startWriter(t, c, v, chunks)

@@ -104,6 +104,7 @@ func (l *leaderState) heartbeat(ctx context.Context, r *mdspb.HeartbeatRequest) 
 				op.ConfEpoch = cs.ConfEpoch
 				l.mu.operators[key] = op
 				l.mu.unsaved[op] = true
+				l.preparedLocked(key, op)
 				newOps = append(newOps, op)
 			default:
 				dropOps, ended = append(dropOps, key), true
@@ -129,7 +130,7 @@ func (l *leaderState) heartbeat(ctx context.Context, r *mdspb.HeartbeatRequest) 
 		}
 		// An operator goes out once durable; those queued by this call are
 		// written before it answers.
-		if op := l.mu.operators[key]; op != nil && leader && (!l.mu.unsaved[op] || slices.Contains(newOps, op)) {
+		if op := l.mu.operators[key]; op != nil && leader && (!l.mu.unsaved[op] || slices.Contains(newOps, op)) && l.readyLocked(key, op) {
 			resp.Operators = append(resp.Operators, proto.CloneOf(op))
 		}
 	}
@@ -151,6 +152,9 @@ func (l *leaderState) heartbeat(ctx context.Context, r *mdspb.HeartbeatRequest) 
 		return nil, err
 	}
 	l.pushOperators(push)
+	if len(newOps) > 0 {
+		l.prepareAdds()
+	}
 	if ended {
 		l.wakeScheduler()
 	}

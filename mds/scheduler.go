@@ -102,6 +102,7 @@ func (l *leaderState) scheduleOnce(ctx context.Context, now time.Time) {
 		l.log.Warn("schedule: persist operators", "err", err)
 	}
 	l.pushOperators(queued)
+	l.prepareAdds()
 	for _, rec := range retired {
 		stillDrained := func(e *csEntry) bool {
 			return e.rec.RwState == mdspb.RWState_RW_STATE_RETIRING && !l.holdsReplicasLocked(e.rec.Id)
@@ -161,8 +162,8 @@ func (l *leaderState) pushOperators(ops []*mdspb.Operator) {
 	for _, op := range ops {
 		key := op.Copyset.Key()
 		c := l.mu.copysets[key]
-		if l.mu.operators[key] != op || l.mu.unsaved[op] || c == nil || c.LeaderId == 0 {
-			continue // dropped, not written, or no leader to hand it to
+		if l.mu.operators[key] != op || l.mu.unsaved[op] || !l.readyLocked(key, op) || c == nil || c.LeaderId == 0 {
+			continue // dropped, not written, its replica not created, or no leader to hand it to
 		}
 		if e := l.mu.chunkServers[c.LeaderId]; e != nil && e.rec.Address != "" {
 			byAddr[e.rec.Address] = append(byAddr[e.rec.Address], proto.CloneOf(op))

@@ -149,6 +149,93 @@ func TestDrainGoesOnAfterMDSRestart(t *testing.T) {
 	}
 }
 
+// TestAddCreatesItsReplicaFirst: the MDS creates the empty replica an add
+// fills on its target before the copyset's leader is handed the add (only
+// the MDS may create copysets on a chunkserver); while the target cannot
+// take it, the leader is not told to add it.
+func TestAddCreatesItsReplicaFirst(t *testing.T) {
+	c := newCluster(t, 4, 1, func(cfg *mds.Config) {
+		cfg.Schedule.Interval = 50 * time.Millisecond
+		cfg.Schedule.MaxOperatorsPerChunkServer = 100
+	})
+	c.createPool(3)
+	c.heartbeatLoop(nil)
+	for _, d := range c.css {
+		d.SetFailing(true)
+	}
+	x := c.css[0].ID()
+	if _, err := c.conn.Topology().UpdateChunkServer(c.ctx, &mdspb.UpdateChunkServerRequest{ChunkserverId: x, RwState: mdspb.RWState_RW_STATE_RETIRING}); err != nil {
+		t.Fatal(err)
+	}
+	var adds []*mdspb.Operator
+	soon.Succeeds(t, 10*time.Second, func() error {
+		ops, err := c.conn.Cluster().ListOperators(c.ctx, &mdspb.ListOperatorsRequest{})
+		if err != nil {
+			return err
+		}
+		adds = slices.DeleteFunc(ops.Operators, func(op *mdspb.Operator) bool { return op.Kind != mdspb.OperatorKind_OPERATOR_KIND_ADD_PEER })
+		if len(adds) == 0 {
+			return fmt.Errorf("no add queued")
+		}
+		return nil
+	})
+	// Chunkservers asking who may speak for the copyset learn of the
+	// joining replica before the leader's next report.
+	view, err := c.conn.Topology().GetCopysets(c.ctx, &mdspb.GetCopysetsRequest{Copysets: []*commonpb.CopysetRef{adds[0].Copyset}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.ContainsFunc(view.Copysets[0].Learners, func(p *commonpb.Peer) bool { return p.ChunkserverId == adds[0].Target.GetChunkserverId() }) {
+		t.Fatalf("copyset view %v does not name the target of %v", view.Copysets[0], adds[0])
+	}
+	leaders := map[uint64]uint64{} // copyset -> its leader
+	list, err := c.conn.Topology().ListCopysets(c.ctx, &mdspb.ListCopysetsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, cs := range list.Copysets {
+		leaders[cs.Id.Key()] = cs.LeaderId
+	}
+	// handedOut reports how many of the adds the leaders' heartbeat
+	// answers carry.
+	handedOut := func() int {
+		n := 0
+		for _, op := range adds {
+			resp, err := c.double(leaders[op.Copyset.Key()]).Heartbeat(c.ctx, c.conn.Heartbeats())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if slices.ContainsFunc(resp.Operators, func(o *mdspb.Operator) bool {
+				return o.Copyset.Key() == op.Copyset.Key() && o.Kind == op.Kind && o.Target.GetChunkserverId() == op.Target.GetChunkserverId()
+			}) {
+				n++
+			}
+		}
+		return n
+	}
+	for range 5 { // a few scheduling rounds, each trying the targets again
+		if n := handedOut(); n != 0 {
+			t.Fatalf("%d of %d adds handed to their leaders before their targets held the replicas", n, len(adds))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	for _, d := range c.css {
+		d.SetFailing(false)
+	}
+	soon.Succeeds(t, 10*time.Second, func() error {
+		if n := handedOut(); n != len(adds) {
+			return fmt.Errorf("%d of %d adds handed out", n, len(adds))
+		}
+		return nil
+	})
+	for _, op := range adds {
+		held := c.double(op.Target.GetChunkserverId()).Copysets()
+		if !slices.ContainsFunc(held, func(s *copysetpb.CopysetSpec) bool { return s.Copyset.Key() == op.Copyset.Key() && len(s.Peers) == 0 }) {
+			t.Fatalf("add %v handed out, but its target holds no empty replica of the copyset", op)
+		}
+	}
+}
+
 // TestAddThatDoesNotTakeEffectTimesOut: an add-peer operator whose leader
 // never carries it out is dropped after the operator timeout, and the
 // copyset is given to another chunkserver.

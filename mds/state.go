@@ -62,13 +62,18 @@ type leaderState struct {
 		// unsaved are operators queued in memory whose etcd write has not
 		// finished: nobody is handed them (or shown them) before they are
 		// durable, so that a new MDS leader knows every operator under way.
-		unsaved      map[*mdspb.Operator]bool
-		rebuilds     map[uint64]*rebuild    // broken replicas being rebuilt, by copysetKey
-		avoid        map[uint64]avoid       // targets that did not take a copyset's replica in time
-		blocked      []schedule.Blocked     // copysets the schedulers cannot repair now
-		moved        []movedBytes           // replicas filled in the last minute
-		pinned       map[uint64]time.Time   // copysets whose leader an operator chose, until when
-		progress     map[uint64]addProgress // adds whose new replica is still being filled
+		unsaved  map[*mdspb.Operator]bool
+		rebuilds map[uint64]*rebuild    // broken replicas being rebuilt, by copysetKey
+		avoid    map[uint64]avoid       // targets that did not take a copyset's replica in time
+		blocked  []schedule.Blocked     // copysets the schedulers cannot repair now
+		moved    []movedBytes           // replicas filled in the last minute
+		pinned   map[uint64]time.Time   // copysets whose leader an operator chose, until when
+		progress map[uint64]addProgress // adds whose new replica is still being filled
+		// prepared are the add operators whose target holds the empty
+		// replica they fill, by copysetKey; preparing, those being
+		// created (prepare.go).
+		prepared     map[uint64]*mdspb.Operator
+		preparing    map[uint64]bool
 		epochVersion uint64
 		// fences are epoch raises whose fenceEpoch has not completed yet,
 		// by volume id: a retried unpublish finds the publication gone and
@@ -188,6 +193,8 @@ func (l *leaderState) load(ctx context.Context) error {
 	l.mu.avoid = map[uint64]avoid{}
 	l.mu.pinned = map[uint64]time.Time{}
 	l.mu.progress = map[uint64]addProgress{}
+	l.mu.prepared = map[uint64]*mdspb.Operator{}
+	l.mu.preparing = map[uint64]bool{}
 	for _, o := range ops {
 		l.mu.operators[o.Copyset.Key()] = o
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -14,6 +15,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"cairn.io/cairn/api/commonpb"
 	"cairn.io/cairn/api/mdspb"
 )
 
@@ -355,7 +357,30 @@ func (l *leaderState) getCopysets(r *mdspb.GetCopysetsRequest) (*mdspb.GetCopyse
 		if c == nil {
 			return nil, status.Errorf(codes.NotFound, "copyset %s does not exist", ref.Name())
 		}
-		out.Copysets = append(out.Copysets, l.copysetViewLocked(c))
+		v := l.copysetViewLocked(c)
+		l.addJoiningLocked(v)
+		out.Copysets = append(out.Copysets, v)
 	}
 	return out, nil
+}
+
+// addJoiningLocked adds the target of a running add operator to a copyset's
+// learners in a GetCopysets answer: chunkservers ask it who may speak for
+// the copyset, and the leader makes the target a learner before its next
+// report reaches the MDS. l.mu held.
+func (l *leaderState) addJoiningLocked(v *mdspb.Copyset) {
+	op := l.mu.operators[v.Id.Key()]
+	if op == nil || op.Kind != mdspb.OperatorKind_OPERATOR_KIND_ADD_PEER || l.mu.unsaved[op] {
+		return
+	}
+	target := op.Target.GetChunkserverId()
+	named := func(p *commonpb.Peer) bool { return p.ChunkserverId == target }
+	if slices.ContainsFunc(v.Peers, named) || slices.ContainsFunc(v.Learners, named) {
+		return
+	}
+	p := &commonpb.Peer{ChunkserverId: target}
+	if e := l.mu.chunkServers[target]; e != nil {
+		p.Address = e.rec.Address
+	}
+	v.Learners = append(v.Learners, p)
 }

@@ -299,7 +299,18 @@ func (s copysetService) CreateCopysets(ctx context.Context, r *copysetpb.CreateC
 	created := uint32(0)
 	for _, spec := range r.Copysets {
 		k := spec.Copyset.Key()
-		if old, ok := d.mu.copysets[k]; ok {
+		old, ok := d.mu.copysets[k]
+		switch {
+		case len(spec.Peers) == 0 && ok:
+			continue // the replica an add fills exists already
+		case len(spec.Peers) == 0:
+			// An empty replica an add operator fills; it learns its
+			// members from the leader.
+			d.mu.copysets[k] = proto.CloneOf(spec)
+			created++
+			continue
+		}
+		if ok {
 			if !samePeers(old.Peers, spec.Peers) {
 				return nil, status.Errorf(codes.AlreadyExists, "copyset %s exists with other members", spec.Copyset.Name())
 			}

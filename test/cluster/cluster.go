@@ -405,12 +405,17 @@ func (c *Cluster) Stop() {
 type ChunkClient struct {
 	t     testing.TB
 	mds   *mdsclient.Conn
+	tls   *certs.Source // nil: plaintext
 	mu    sync.Mutex
 	conns map[string]chunkpb.ChunkServiceClient
 }
 
 // ChunkClient returns a chunk client for the cluster.
-func (c *Cluster) ChunkClient() *ChunkClient { return NewChunkClient(c.t, c.Conn) }
+func (c *Cluster) ChunkClient() *ChunkClient {
+	cc := NewChunkClient(c.t, c.Conn)
+	cc.tls = c.Identity(certs.RoleOperator)
+	return cc
+}
 
 // NewChunkClient returns a chunk client that finds leaders through mds.
 func NewChunkClient(t testing.TB, mds *mdsclient.Conn) *ChunkClient {
@@ -424,7 +429,7 @@ func (cc *ChunkClient) Client(addr string) chunkpb.ChunkServiceClient {
 	if cl, ok := cc.conns[addr]; ok {
 		return cl
 	}
-	conn, err := dial(addr)
+	conn, err := dial(addr, cc.tls)
 	if err != nil {
 		cc.t.Fatalf("dial %s: %v", addr, err)
 	}

@@ -22,6 +22,8 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"cairn.io/cairn/api/chunkpb"
+	"cairn.io/cairn/api/commonpb"
+	"cairn.io/cairn/api/copysetpb"
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/api/transportpb"
 	"cairn.io/cairn/client"
@@ -197,6 +199,17 @@ func TestRolesAreEnforced(t *testing.T) {
 	csConn := dialMDS(t, c, c.Identity(certs.RoleChunkServer))
 	_, err = csConn.Volumes().OpenVolume(ctx, &mdspb.OpenVolumeRequest{Name: "vol", Writable: true, Client: "rogue"})
 	denied("chunkserver opens a volume", err)
+
+	// Only the MDS plants replicas on a chunkserver.
+	peerCC, err := grpc.NewClient(c.ChunkServer(0).Addr(), certs.DialOption(c.Identity(certs.RoleChunkServer), certs.RoleChunkServer))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer peerCC.Close()
+	_, err = copysetpb.NewCopysetServiceClient(peerCC).CreateCopysets(ctx, &copysetpb.CreateCopysetsRequest{
+		Copysets: []*copysetpb.CopysetSpec{{Copyset: &commonpb.CopysetRef{LogicalPoolId: 1, CopysetId: 999}}},
+	})
+	denied("a chunkserver creates a copyset on another", err)
 
 	// On a chunkserver: epochs are the MDS's; chunk IO is a client's.
 	cc, err := grpc.NewClient(c.ChunkServer(0).Addr(), certs.DialOption(c.Identity(certs.RoleClient), certs.RoleChunkServer))
