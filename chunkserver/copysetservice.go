@@ -36,7 +36,15 @@ func (cs *copysetService) CreateCopysets(ctx context.Context, req *copysetpb.Cre
 		if len(peers) > 0 && !contains(peers, s.id.ChunkServerID) {
 			return nil, status.Errorf(codes.InvalidArgument, "copyset %s: members %v do not include chunkserver %d", id, peers, s.id.ChunkServerID)
 		}
-		_, lookupErr := s.engine.Get(id)
+		old, lookupErr := s.engine.Get(id)
+		if e := spec.GetAddConfEpoch(); lookupErr == nil && len(peers) == 0 && e != 0 && old.Broken() != nil &&
+			old.ConfEpoch() >= e && contains(old.ConfState().GetVoters(), s.id.ChunkServerID) {
+			// A voter replaced by an empty replica would forget its log
+			// and its vote; it is rebuilt by removing it first.
+			return nil, status.Errorf(codes.FailedPrecondition,
+				"copyset %s: the broken replica here is a voter at configuration epoch %d, not before the add's %d: not replaced by an empty one",
+				id, old.ConfEpoch(), e)
+		}
 		err := s.engine.Create(id, peers)
 		switch {
 		case errors.Is(err, copyset.ErrExists):

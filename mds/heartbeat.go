@@ -49,12 +49,14 @@ func (l *leaderState) heartbeat(ctx context.Context, r *mdspb.HeartbeatRequest) 
 		newAddr = proto.CloneOf(e.rec)
 		newAddr.Address = r.Address
 	}
+	held := make(map[uint64]bool, len(r.Copysets)) // copysets the reporter holds a healthy replica of
 	for _, rep := range r.Copysets {
 		cs := rep.GetStatus()
 		if cs == nil || cs.Copyset == nil {
 			continue
 		}
 		key := cs.Copyset.Key()
+		held[key] = cs.GetBroken() == ""
 		rec := l.mu.copysets[key]
 		if rec == nil {
 			continue // not a copyset of this cluster's pools: leave it alone
@@ -134,6 +136,7 @@ func (l *leaderState) heartbeat(ctx context.Context, r *mdspb.HeartbeatRequest) 
 			resp.Operators = append(resp.Operators, proto.CloneOf(op))
 		}
 	}
+	l.revokePreparedLocked(r.ChunkserverId, held)
 	behind := r.EpochTableVersion < l.mu.epochVersion
 	version := l.mu.epochVersion
 	l.mu.Unlock()
@@ -181,6 +184,7 @@ func (l *leaderState) applyReportLocked(rec *mdspb.Copyset, cs *copysetpb.Copyse
 	rec.LeaderId = reporter
 	rec.ConfEpoch = cs.ConfEpoch
 	rec.Term = cs.Term
+	l.mu.reported[rec.Id.Key()] = true
 	if len(cs.Peers) > 0 {
 		rec.Peers = clonePeers(cs.Peers)
 	}

@@ -2,7 +2,9 @@ package mds
 
 import (
 	"context"
+	"slices"
 
+	"cairn.io/cairn/api/commonpb"
 	"cairn.io/cairn/api/copysetpb"
 	"cairn.io/cairn/api/mdspb"
 )
@@ -43,8 +45,14 @@ func (l *leaderState) prepareAdds() {
 	}
 	var jobs []job
 	l.mu.Lock()
+	for key, op := range l.mu.prepared {
+		if l.mu.operators[key] != op {
+			delete(l.mu.prepared, key) // ended or replaced
+		}
+	}
 	for key, op := range l.mu.operators {
-		if op.Kind != mdspb.OperatorKind_OPERATOR_KIND_ADD_PEER || l.mu.unsaved[op] || l.mu.prepared[key] == op || l.mu.preparing[key] {
+		if op.Kind != mdspb.OperatorKind_OPERATOR_KIND_ADD_PEER || l.mu.unsaved[op] || l.mu.prepared[key] == op || l.mu.preparing[key] ||
+			!l.mayPrepareLocked(key, op) {
 			continue
 		}
 		e := l.mu.chunkServers[op.Target.GetChunkserverId()]
@@ -60,7 +68,7 @@ func (l *leaderState) prepareAdds() {
 		// run from a call that outlives the leadership's stop.
 		go func() {
 			ctx, cancel := context.WithTimeout(l.ctx, l.s.cfg.RPCTimeout)
-			err := l.createCopysetsOn(ctx, j.addr, []*copysetpb.CopysetSpec{{Copyset: j.op.Copyset}})
+			err := l.createCopysetsOn(ctx, j.addr, []*copysetpb.CopysetSpec{{Copyset: j.op.Copyset, AddConfEpoch: j.op.ConfEpoch}})
 			cancel()
 			l.mu.Lock()
 			delete(l.mu.preparing, j.key)
@@ -77,5 +85,41 @@ func (l *leaderState) prepareAdds() {
 				l.pushOperators([]*mdspb.Operator{j.op})
 			}
 		}()
+	}
+}
+
+// mayPrepareLocked reports whether the MDS may create the replica an add
+// fills now. Never on a voter: a broken voter replaced by an empty replica
+// would forget its log and its vote. An add loaded from etcd at the start
+// of this leadership may have finished under the previous leader without
+// its end being recorded: it waits for the copyset's leader to report to
+// this one (the report ends it if it is done). And the add must still
+// apply: its epoch is the copyset's, or its target a learner (it goes on
+// to promotion). l.mu held.
+func (l *leaderState) mayPrepareLocked(key uint64, op *mdspb.Operator) bool {
+	rec := l.mu.copysets[key]
+	if rec == nil {
+		return false
+	}
+	target := op.Target.GetChunkserverId()
+	named := func(p *commonpb.Peer) bool { return p.ChunkserverId == target }
+	if slices.ContainsFunc(rec.Peers, named) {
+		return false
+	}
+	if l.mu.inherited[key] == op && !l.mu.reported[key] {
+		return false
+	}
+	return op.ConfEpoch == rec.ConfEpoch || slices.ContainsFunc(rec.Learners, named)
+}
+
+// revokePreparedLocked forgets that the targets' replicas of adds exist
+// when the target reports without a healthy one (it was removed, or it
+// broke while being filled): the next round creates it again. held are
+// the copysets the reporter holds a healthy replica of. l.mu held.
+func (l *leaderState) revokePreparedLocked(reporter uint64, held map[uint64]bool) {
+	for key, op := range l.mu.prepared {
+		if op.Target.GetChunkserverId() == reporter && l.mu.operators[key] == op && !held[key] {
+			delete(l.mu.prepared, key)
+		}
 	}
 }

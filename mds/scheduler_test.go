@@ -236,6 +236,64 @@ func TestAddCreatesItsReplicaFirst(t *testing.T) {
 	}
 }
 
+// TestInheritedAddIsNotPreparedBeforeItsLeaderReports: an add that a
+// previous MDS leader handed out may have finished before the new leader
+// hears of it; the new leader does not create its replica again (on a
+// voter that would replace a broken replica's log) until the copyset's
+// leader has reported, and then sees the add done.
+func TestInheritedAddIsNotPreparedBeforeItsLeaderReports(t *testing.T) {
+	c := newCluster(t, 4, 1, func(cfg *mds.Config) {
+		cfg.Schedule.Interval = 50 * time.Millisecond
+		cfg.Schedule.MaxOperatorsPerChunkServer = 100
+	})
+	c.createPool(3)
+	x := c.css[0].ID()
+	if _, err := c.conn.Topology().UpdateChunkServer(c.ctx, &mdspb.UpdateChunkServerRequest{ChunkserverId: x, RwState: mdspb.RWState_RW_STATE_RETIRING}); err != nil {
+		t.Fatal(err)
+	}
+	var add *mdspb.Operator
+	soon.Succeeds(t, 10*time.Second, func() error {
+		c.heartbeatAll()
+		ops, err := c.conn.Cluster().ListOperators(c.ctx, &mdspb.ListOperatorsRequest{})
+		if err != nil {
+			return err
+		}
+		for _, op := range ops.Operators {
+			if op.Kind == mdspb.OperatorKind_OPERATOR_KIND_ADD_PEER && c.double(op.Target.GetChunkserverId()).CreateCalls() > 1 {
+				add = op
+				return nil
+			}
+		}
+		return fmt.Errorf("no add prepared yet")
+	})
+	target := c.double(add.Target.GetChunkserverId())
+	// The add is carried out, and the MDS leader changes before anyone
+	// reports it.
+	c.act(c.conn)
+	c.mds.Stop()
+	c.mds = startMDS(t, c.cfg, true)
+	c.conn = dial(t, c.mds.Addr())
+	before := target.CreateCalls()
+	time.Sleep(500 * time.Millisecond) // ten scheduling rounds
+	if n := target.CreateCalls(); n != before {
+		t.Fatalf("the new MDS leader created the replica of an inherited add %d times before its leader reported", n-before)
+	}
+	soon.Succeeds(t, 10*time.Second, func() error {
+		c.heartbeatAll()
+		ops, err := c.conn.Cluster().ListOperators(c.ctx, &mdspb.ListOperatorsRequest{})
+		if err != nil {
+			return err
+		}
+		if slices.ContainsFunc(ops.Operators, func(op *mdspb.Operator) bool { return op.Copyset.Key() == add.Copyset.Key() && op.Kind == add.Kind && op.Target.GetChunkserverId() == add.Target.GetChunkserverId() }) {
+			return fmt.Errorf("add still listed")
+		}
+		return nil
+	})
+	if n := target.CreateCalls(); n != before {
+		t.Fatalf("the replica of an add that was done was created again (%d calls)", n-before)
+	}
+}
+
 // TestAddThatDoesNotTakeEffectTimesOut: an add-peer operator whose leader
 // never carries it out is dropped after the operator timeout, and the
 // copyset is given to another chunkserver.

@@ -74,6 +74,11 @@ type leaderState struct {
 		// created (prepare.go).
 		prepared     map[uint64]*mdspb.Operator
 		preparing    map[uint64]bool
+		// inherited are the operators loaded from etcd at the start of
+		// this leadership; reported, the copysets whose leader has
+		// reported to it since (prepare.go).
+		inherited map[uint64]*mdspb.Operator
+		reported  map[uint64]bool
 		epochVersion uint64
 		// fences are epoch raises whose fenceEpoch has not completed yet,
 		// by volume id: a retried unpublish finds the publication gone and
@@ -195,8 +200,11 @@ func (l *leaderState) load(ctx context.Context) error {
 	l.mu.progress = map[uint64]addProgress{}
 	l.mu.prepared = map[uint64]*mdspb.Operator{}
 	l.mu.preparing = map[uint64]bool{}
+	l.mu.inherited = map[uint64]*mdspb.Operator{}
+	l.mu.reported = map[uint64]bool{}
 	for _, o := range ops {
 		l.mu.operators[o.Copyset.Key()] = o
+		l.mu.inherited[o.Copyset.Key()] = o
 	}
 	l.mu.epochVersion = epochVersion
 	l.mu.segments = segments

@@ -142,9 +142,15 @@ func (ConfChangeKind) EnumDescriptor() ([]byte, []int) {
 
 // CopysetSpec describes a copyset to create: its id and its initial members.
 type CopysetSpec struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Copyset       *commonpb.CopysetRef   `protobuf:"bytes,1,opt,name=copyset,proto3" json:"copyset,omitempty"`
-	Peers         []*commonpb.Peer       `protobuf:"bytes,2,rep,name=peers,proto3" json:"peers,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Copyset *commonpb.CopysetRef   `protobuf:"bytes,1,opt,name=copyset,proto3" json:"copyset,omitempty"`
+	Peers   []*commonpb.Peer       `protobuf:"bytes,2,rep,name=peers,proto3" json:"peers,omitempty"`
+	// Set, with no peers, when the MDS creates the empty replica an add
+	// operator fills: the operator's configuration epoch. A broken replica
+	// of the copyset there is replaced by an empty one only if it had not
+	// reached that epoch (a replica that had is a member, and is rebuilt by
+	// removing it first).
+	AddConfEpoch  uint64 `protobuf:"varint,3,opt,name=add_conf_epoch,json=addConfEpoch,proto3" json:"add_conf_epoch,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -191,6 +197,13 @@ func (x *CopysetSpec) GetPeers() []*commonpb.Peer {
 		return x.Peers
 	}
 	return nil
+}
+
+func (x *CopysetSpec) GetAddConfEpoch() uint64 {
+	if x != nil {
+		return x.AddConfEpoch
+	}
+	return 0
 }
 
 // CreateCopysetsRequest asks a chunkserver to create copysets it is a member
@@ -722,10 +735,11 @@ var File_copysetpb_copyset_proto protoreflect.FileDescriptor
 
 const file_copysetpb_copyset_proto_rawDesc = "" +
 	"\n" +
-	"\x17copysetpb/copyset.proto\x12\x10cairn.copyset.v1\x1a\x15commonpb/common.proto\"q\n" +
+	"\x17copysetpb/copyset.proto\x12\x10cairn.copyset.v1\x1a\x15commonpb/common.proto\"\x97\x01\n" +
 	"\vCopysetSpec\x125\n" +
 	"\acopyset\x18\x01 \x01(\v2\x1b.cairn.common.v1.CopysetRefR\acopyset\x12+\n" +
-	"\x05peers\x18\x02 \x03(\v2\x15.cairn.common.v1.PeerR\x05peers\"R\n" +
+	"\x05peers\x18\x02 \x03(\v2\x15.cairn.common.v1.PeerR\x05peers\x12$\n" +
+	"\x0eadd_conf_epoch\x18\x03 \x01(\x04R\faddConfEpoch\"R\n" +
 	"\x15CreateCopysetsRequest\x129\n" +
 	"\bcopysets\x18\x01 \x03(\v2\x1d.cairn.copyset.v1.CopysetSpecR\bcopysets\"2\n" +
 	"\x16CreateCopysetsResponse\x12\x18\n" +
