@@ -359,7 +359,7 @@ func (s *Server) chunkInfo(ctx context.Context, req *chunkpb.GetChunkInfoRequest
 	case err != nil:
 		return resp, refuse(chunkpb.Status_STATUS_INTERNAL_ERROR, "chunk %d info: %v", req.GetChunkId(), err)
 	}
-	resp.Exists, resp.Size, resp.Sn, resp.CorrectedSn = true, uint64(info.Size), info.SN, info.CorrectedSN
+	resp.Exists, resp.Size, resp.Sn, resp.CreatedSn = true, uint64(info.Size), info.SN, info.CreatedSN
 	return resp, nil
 }
 

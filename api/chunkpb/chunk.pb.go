@@ -773,9 +773,10 @@ type GetChunkInfoResponse struct {
 	Exists  bool                   `protobuf:"varint,4,opt,name=exists,proto3" json:"exists,omitempty"`
 	// Data size of the chunk in bytes (the cluster's chunk size).
 	Size uint64 `protobuf:"varint,5,opt,name=size,proto3" json:"size,omitempty"`
-	// Sequence numbers kept in the chunk meta page for snapshots.
-	Sn          uint64 `protobuf:"varint,6,opt,name=sn,proto3" json:"sn,omitempty"`
-	CorrectedSn uint64 `protobuf:"varint,7,opt,name=corrected_sn,json=correctedSn,proto3" json:"corrected_sn,omitempty"`
+	// The volume sequence number the chunk's data is at, and the one it was
+	// created under (snapshots taken before read it as zeros).
+	Sn        uint64 `protobuf:"varint,6,opt,name=sn,proto3" json:"sn,omitempty"`
+	CreatedSn uint64 `protobuf:"varint,7,opt,name=created_sn,json=createdSn,proto3" json:"created_sn,omitempty"`
 	// Applied index of the replica that answered.
 	AppliedIndex  uint64 `protobuf:"varint,8,opt,name=applied_index,json=appliedIndex,proto3" json:"applied_index,omitempty"`
 	unknownFields protoimpl.UnknownFields
@@ -854,9 +855,9 @@ func (x *GetChunkInfoResponse) GetSn() uint64 {
 	return 0
 }
 
-func (x *GetChunkInfoResponse) GetCorrectedSn() uint64 {
+func (x *GetChunkInfoResponse) GetCreatedSn() uint64 {
 	if x != nil {
-		return x.CorrectedSn
+		return x.CreatedSn
 	}
 	return 0
 }
@@ -1184,15 +1185,16 @@ const file_chunkpb_chunk_proto_rawDesc = "" +
 	"\acopyset\x18\x01 \x01(\v2\x1b.cairn.common.v1.CopysetRefR\acopyset\x12\x19\n" +
 	"\bchunk_id\x18\x02 \x01(\x04R\achunkId\x12\x1f\n" +
 	"\vany_replica\x18\x03 \x01(\bR\n" +
-	"anyReplica\"\x98\x02\n" +
+	"anyReplica\"\x94\x02\n" +
 	"\x14GetChunkInfoResponse\x12.\n" +
 	"\x06status\x18\x01 \x01(\x0e2\x16.cairn.chunk.v1.StatusR\x06status\x122\n" +
 	"\x06leader\x18\x02 \x01(\v2\x1a.cairn.chunk.v1.LeaderHintR\x06leader\x12\x18\n" +
 	"\amessage\x18\x03 \x01(\tR\amessage\x12\x16\n" +
 	"\x06exists\x18\x04 \x01(\bR\x06exists\x12\x12\n" +
 	"\x04size\x18\x05 \x01(\x04R\x04size\x12\x0e\n" +
-	"\x02sn\x18\x06 \x01(\x04R\x02sn\x12!\n" +
-	"\fcorrected_sn\x18\a \x01(\x04R\vcorrectedSn\x12#\n" +
+	"\x02sn\x18\x06 \x01(\x04R\x02sn\x12\x1d\n" +
+	"\n" +
+	"created_sn\x18\a \x01(\x04R\tcreatedSn\x12#\n" +
 	"\rapplied_index\x18\b \x01(\x04R\fappliedIndex\"\x97\x01\n" +
 	"\x13GetChunkHashRequest\x125\n" +
 	"\acopyset\x18\x01 \x01(\v2\x1b.cairn.common.v1.CopysetRefR\acopyset\x12\x19\n" +

@@ -30,7 +30,7 @@ func (s *Store) WriteAt(id uint64, p []byte, off int64) error {
 			return err
 		}
 		if c == nil {
-			if c, err = s.create(id); err != nil {
+			if c, err = s.create(id, 0); err != nil {
 				return err
 			}
 		}
@@ -64,9 +64,9 @@ func (s *Store) writeChunk(c *chunk, p []byte, off int64) (retry bool, err error
 	return false, nil
 }
 
-// create makes chunk id from a pool file, or waits for a creation of the same
-// chunk under way.
-func (s *Store) create(id uint64) (*chunk, error) {
+// create makes chunk id from a pool file, created under sequence number sn,
+// or waits for a creation of the same chunk under way.
+func (s *Store) create(id, sn uint64) (*chunk, error) {
 	for {
 		s.mu.Lock()
 		if s.mu.closed {
@@ -91,7 +91,7 @@ func (s *Store) create(id uint64) (*chunk, error) {
 	s.mu.creating[id] = cr
 	s.mu.Unlock()
 
-	c, err := s.createFile(id)
+	c, err := s.createFile(id, sn)
 
 	s.mu.Lock()
 	delete(s.mu.creating, id)
@@ -113,7 +113,7 @@ func (s *Store) create(id uint64) (*chunk, error) {
 // createFile takes a pool file under a temporary name, writes and
 // fdatasyncs the meta page, renames the file to its final name and fsyncs
 // the directory. On failure the file goes back to the pool.
-func (s *Store) createFile(id uint64) (*chunk, error) {
+func (s *Store) createFile(id, sn uint64) (*chunk, error) {
 	final := filepath.Join(s.dir, chunkName(id))
 	tmp := final + creatingSuffix
 	ctx, cancel := context.WithTimeout(context.Background(), s.wait)
@@ -129,7 +129,7 @@ func (s *Store) createFile(id uint64) (*chunk, error) {
 	f, err := os.OpenFile(tmp, os.O_RDWR, 0)
 	if err == nil {
 		err = func() error {
-			meta := ChunkMeta{Version: MetaVersion, ChunkID: id, ChunkSize: s.geo.ChunkSize}
+			meta := ChunkMeta{Version: MetaVersion, ChunkID: id, CreatedSN: sn, ChunkSize: s.geo.ChunkSize}
 			if _, err := f.WriteAt(EncodeMetaPage(meta, int(s.geo.MetaPageSize)), 0); err != nil {
 				return err
 			}
@@ -160,7 +160,8 @@ func (s *Store) createFile(id uint64) (*chunk, error) {
 	c := &chunk{
 		id:   id,
 		path: final,
-		meta: ChunkMeta{Version: MetaVersion, ChunkID: id, ChunkSize: s.geo.ChunkSize},
+		meta: ChunkMeta{Version: MetaVersion, ChunkID: id, CreatedSN: sn, ChunkSize: s.geo.ChunkSize},
+		sn:   sn,
 	}
 	s.files.insert(c, f).release()
 	return c, nil
@@ -204,9 +205,9 @@ func (s *Store) readChunk(c *chunk, p []byte, off int64) error {
 	return nil
 }
 
-// Delete removes the chunk and returns its file to the pool, which zeroes it
-// before reuse. Deleting a missing chunk succeeds. Corrupt chunks can be
-// deleted.
+// Delete removes the chunk and its version files and returns their files to
+// the pool, which zeroes them before reuse. Deleting a missing chunk
+// succeeds. Corrupt chunks can be deleted.
 func (s *Store) Delete(id uint64) error {
 	s.mu.Lock()
 	if s.mu.closed {
@@ -235,7 +236,7 @@ func (s *Store) Delete(id uint64) error {
 			return fmt.Errorf("delete chunk %d: %w", id, err)
 		}
 		// The file is still in place: keep the chunk.
-		back := &chunk{id: id, path: c.path, meta: c.meta, corrupt: c.corrupt}
+		back := &chunk{id: id, path: c.path, meta: c.meta, corrupt: c.corrupt, sn: c.sn, versions: c.versions}
 		back.dirty.Store(c.dirty.Load())
 		s.mu.Lock()
 		if s.mu.chunks[id] == nil && !s.mu.closed {
@@ -243,6 +244,13 @@ func (s *Store) Delete(id uint64) error {
 		}
 		s.mu.Unlock()
 		return fmt.Errorf("delete chunk %d: %w", id, err)
+	}
+	// The chunk is gone; a version file left by a failure here is found
+	// without its chunk at the next Open and recycled then.
+	for _, v := range c.versions {
+		if err := s.pool.Recycle(v.path); err != nil {
+			return fmt.Errorf("delete chunk %d: version file: %w", id, err)
+		}
 	}
 	return nil
 }
@@ -260,7 +268,13 @@ func (s *Store) Info(id uint64) (ChunkInfo, error) {
 	if c.corrupt != nil {
 		return ChunkInfo{}, c.corrupt
 	}
-	return ChunkInfo{ID: id, Size: s.geo.ChunkSize, SN: c.meta.SN, CorrectedSN: c.meta.CorrectedSN, Version: c.meta.Version}, nil
+	c.cow.RLock()
+	defer c.cow.RUnlock()
+	info := ChunkInfo{ID: id, Size: s.geo.ChunkSize, SN: c.sn, CreatedSN: c.meta.CreatedSN, Version: c.meta.Version}
+	for _, v := range c.versions {
+		info.Versions = append(info.Versions, VersionInfo{From: v.meta.From, To: v.meta.To, Pages: v.meta.held(), CopyUnit: v.meta.Unit})
+	}
+	return info, nil
 }
 
 // Hash returns the CRC32C (Castagnoli) of length bytes at off of the chunk's

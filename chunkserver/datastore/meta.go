@@ -16,8 +16,8 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 //	  8   4 format version (1)
 //	 12   4 reserved, zero
 //	 16   8 chunk id
-//	 24   8 sequence number (sn) of the chunk's data, for snapshots
-//	 32   8 corrected sequence number, for snapshots
+//	 24   8 sequence number the chunk was created under (0: none)
+//	 32   8 reserved, zero
 //	 40   8 chunk size (data bytes after the page)
 //	 48   …  zero up to the last 4 bytes
 //	 -4   4 CRC32C (Castagnoli) of every byte of the page before it
@@ -30,13 +30,16 @@ const (
 	metaFieldsLen   = 48
 )
 
-// ChunkMeta is the content of a chunk's meta page.
+// ChunkMeta is the content of a chunk's meta page. It is written once, when
+// the chunk is created, and never rewritten: what snapshots need later is
+// kept in the chunk's version files (version.go).
 type ChunkMeta struct {
-	Version     uint32
-	ChunkID     uint64
-	SN          uint64
-	CorrectedSN uint64
-	ChunkSize   int64
+	Version uint32
+	ChunkID uint64
+	// CreatedSN is the volume sequence number of the write that created
+	// the chunk: snapshots taken before it read the chunk as zeros.
+	CreatedSN uint64
+	ChunkSize int64
 }
 
 // EncodeMetaPage returns a meta page of pageSize bytes for m, with its CRC.
@@ -46,8 +49,7 @@ func EncodeMetaPage(m ChunkMeta, pageSize int) []byte {
 	copy(b, metaMagic)
 	binary.LittleEndian.PutUint32(b[8:], m.Version)
 	binary.LittleEndian.PutUint64(b[16:], m.ChunkID)
-	binary.LittleEndian.PutUint64(b[24:], m.SN)
-	binary.LittleEndian.PutUint64(b[32:], m.CorrectedSN)
+	binary.LittleEndian.PutUint64(b[24:], m.CreatedSN)
 	binary.LittleEndian.PutUint64(b[40:], uint64(m.ChunkSize))
 	binary.LittleEndian.PutUint32(b[pageSize-4:], crc32.Checksum(b[:pageSize-4], castagnoli))
 	return b
@@ -67,16 +69,15 @@ func DecodeMetaPage(page []byte) (ChunkMeta, error) {
 		return ChunkMeta{}, fmt.Errorf("%w: meta page magic %q", ErrCorrupt, page[:8])
 	}
 	m := ChunkMeta{
-		Version:     binary.LittleEndian.Uint32(page[8:]),
-		ChunkID:     binary.LittleEndian.Uint64(page[16:]),
-		SN:          binary.LittleEndian.Uint64(page[24:]),
-		CorrectedSN: binary.LittleEndian.Uint64(page[32:]),
-		ChunkSize:   int64(binary.LittleEndian.Uint64(page[40:])),
+		Version:   binary.LittleEndian.Uint32(page[8:]),
+		ChunkID:   binary.LittleEndian.Uint64(page[16:]),
+		CreatedSN: binary.LittleEndian.Uint64(page[24:]),
+		ChunkSize: int64(binary.LittleEndian.Uint64(page[40:])),
 	}
 	if m.Version != MetaVersion {
 		return ChunkMeta{}, fmt.Errorf("%w: meta page version %d, this build reads %d", ErrCorrupt, m.Version, MetaVersion)
 	}
-	if binary.LittleEndian.Uint32(page[12:]) != 0 {
+	if binary.LittleEndian.Uint32(page[12:]) != 0 || binary.LittleEndian.Uint64(page[32:]) != 0 {
 		return ChunkMeta{}, fmt.Errorf("%w: meta page reserved field set", ErrCorrupt)
 	}
 	for _, c := range page[metaFieldsLen : n-4] {

@@ -7,7 +7,7 @@ import (
 )
 
 func TestMetaPageRoundTripAndDamage(t *testing.T) {
-	m := ChunkMeta{Version: MetaVersion, ChunkID: 77, SN: 3, CorrectedSN: 2, ChunkSize: 16 << 20}
+	m := ChunkMeta{Version: MetaVersion, ChunkID: 77, CreatedSN: 3, ChunkSize: 16 << 20}
 	page := EncodeMetaPage(m, 4096)
 	got, err := DecodeMetaPage(page)
 	if err != nil || got != m {
@@ -33,7 +33,7 @@ func TestMetaPageRoundTripAndDamage(t *testing.T) {
 // the encoder produces, and reports every rejection as ErrCorrupt.
 func FuzzDecodeMetaPage(f *testing.F) {
 	f.Add(EncodeMetaPage(ChunkMeta{Version: MetaVersion, ChunkID: 1, ChunkSize: 16 << 20}, 512))
-	f.Add(EncodeMetaPage(ChunkMeta{Version: MetaVersion, ChunkID: 1 << 40, SN: 9, CorrectedSN: 8, ChunkSize: 1 << 20}, 1024))
+	f.Add(EncodeMetaPage(ChunkMeta{Version: MetaVersion, ChunkID: 1 << 40, CreatedSN: 9, ChunkSize: 1 << 20}, 1024))
 	f.Add(make([]byte, 512))
 	f.Add([]byte("CAIRNCK1"))
 	f.Fuzz(func(t *testing.T, page []byte) {

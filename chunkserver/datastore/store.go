@@ -63,10 +63,22 @@ type ChunkInfo struct {
 	ID uint64
 	// Size is the chunk's data size (the pool's chunk size).
 	Size int64
-	// SN and CorrectedSN are the sequence numbers kept for snapshots.
-	SN, CorrectedSN uint64
+	// SN is the volume sequence number the chunk's data is at; CreatedSN
+	// the one it was created under (snapshot.go).
+	SN, CreatedSN uint64
+	// Versions are the chunk's version files, oldest first.
+	Versions []VersionInfo
 	// Version is the meta page format version.
 	Version uint32
+}
+
+// VersionInfo describes a chunk's version file: the pages it holds of the
+// chunk as it was at the end of the sequence numbers From..To.
+type VersionInfo struct {
+	From, To uint64
+	// Pages is how many pages of CopyUnit bytes it holds.
+	Pages    int
+	CopyUnit int64
 }
 
 // chunk is a chunk file of the store. IO holds mu for reading; Delete and
@@ -81,6 +93,12 @@ type chunk struct {
 
 	mu   sync.RWMutex
 	gone error // ErrChunkNotExist after Delete, ErrClosed after Close; guarded by mu
+
+	// cow orders sequenced writes, trims and snapshot reads of the chunk
+	// (snapshot.go); it guards sn and versions.
+	cow      sync.RWMutex
+	sn       uint64     // sequence number of the data
+	versions []*version // by From, ascending
 
 	// Guarded by the FileCache's mutex.
 	h          *handle
@@ -103,6 +121,7 @@ type Store struct {
 	wait     time.Duration // CreateWait
 	lockFd   *os.File
 	hashBufs sync.Pool
+	unit     int64 // copy unit of version files
 
 	mu struct {
 		sync.RWMutex
@@ -145,6 +164,7 @@ func Open(dir string, pool *chunkfilepool.Pool, opts Options) (*Store, error) {
 		knobs: opts.TestingKnobs,
 		wait:  opts.CreateWait,
 	}
+	s.unit = copyUnit(s.geo.ChunkSize, s.geo.MetaPageSize, s.geo.BlockSize)
 	s.hashBufs.New = func() any { b := make([]byte, 256<<10); return &b }
 	s.mu.chunks = make(map[uint64]*chunk)
 	s.mu.creating = make(map[uint64]*creation)
@@ -183,6 +203,7 @@ func (s *Store) load() error {
 	}
 	page := make([]byte, s.geo.MetaPageSize)
 	corrupt := 0
+	versions := map[uint64][]*version{}
 	for _, e := range ents {
 		name := e.Name()
 		path := filepath.Join(s.dir, name)
@@ -198,6 +219,16 @@ func (s *Store) load() error {
 			}
 			continue
 		}
+		if id, from, ok := parseVersionName(name); ok {
+			v := &version{path: path}
+			v.meta, v.corrupt = s.readVersionMeta(id, from, path, page)
+			if v.corrupt != nil {
+				s.log.Error("version file of a chunk is corrupt; snapshots that read it fail", "chunk", id, "file", name, "err", v.corrupt)
+				v.meta = versionMeta{ChunkID: id, From: from, To: from, Unit: s.unit, Bitmap: make([]byte, s.bitmapLen())}
+			}
+			versions[id] = append(versions[id], v)
+			continue
+		}
 		id, ok := parseChunkName(name)
 		if !ok {
 			s.log.Warn("ignoring unexpected file in store directory", "name", name)
@@ -210,6 +241,9 @@ func (s *Store) load() error {
 			s.log.Error("chunk is corrupt; it will not be served", "chunk", id, "err", c.corrupt)
 		}
 		s.mu.chunks[id] = c
+	}
+	if err := s.attachVersions(versions); err != nil {
+		return err
 	}
 	// One per copyset: the engine logs the sum.
 	s.log.Debug("chunk store open", "chunks", len(s.mu.chunks), "corrupt", corrupt)

@@ -276,7 +276,7 @@ func (s doubleChunkService) GetChunkInfo(ctx context.Context, r *chunkpb.GetChun
 		return &chunkpb.GetChunkInfoResponse{Status: chunkpb.Status_STATUS_INTERNAL_ERROR, Message: err.Error()}, nil
 	}
 	return &chunkpb.GetChunkInfoResponse{Status: chunkpb.Status_STATUS_OK, Exists: true, Size: uint64(info.Size),
-		Sn: info.SN, CorrectedSn: info.CorrectedSN, AppliedIndex: applied}, nil
+		Sn: info.SN, CreatedSn: info.CreatedSN, AppliedIndex: applied}, nil
 }
 
 func (s doubleChunkService) GetChunkHash(ctx context.Context, r *chunkpb.GetChunkHashRequest) (*chunkpb.GetChunkHashResponse, error) {
