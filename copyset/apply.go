@@ -217,9 +217,12 @@ func (c *Copyset) execCommand(en *raftpb.Entry, t *dedupTable) (bool, error) {
 	}
 	switch cmd.op {
 	case opWrite:
-		err = c.store.WriteAt(cmd.chunk, cmd.data, int64(cmd.offset))
+		err = c.store.WriteAtSN(cmd.chunk, cmd.data, int64(cmd.offset), cmd.seq.SN, cmd.seq.Keep)
 	case opDelete:
 		err = c.store.Delete(cmd.chunk)
+	case opTrim:
+		live, bound, _ := decodeTrim(cmd.data) // checked by decodeCommand
+		err = c.store.Trim(cmd.chunk, live, bound)
 	}
 	if err != nil {
 		return false, fmt.Errorf("entry %d, chunk %d: %w", en.GetIndex(), cmd.chunk, err)

@@ -17,6 +17,9 @@ func TestCommandRoundTrip(t *testing.T) {
 		{op: opWrite, proposer: 1, id: 1, chunk: 1, volume: 1, epoch: 1, req: ClientRequest{Client: 77, Seq: 12, Low: 10}, data: []byte("x")},
 		{op: opDelete, proposer: 2, id: 3, chunk: 4, volume: 5, epoch: 6, data: []byte{}},
 		{op: opDelete, chunk: 4, req: ClientRequest{Client: 1, Seq: 2, Low: 2}, data: []byte{}},
+		{op: opWrite, chunk: 8, seq: Seq{SN: 5, Keep: 3}, data: []byte("seq")},
+		{op: opWrite, chunk: 8, req: ClientRequest{Client: 9, Seq: 4, Low: 4}, seq: Seq{SN: 2}, data: []byte("both")},
+		{op: opTrim, chunk: 8, volume: 3, data: encodeTrim([]uint64{2, 4}, 6)},
 	} {
 		b := c.encode()
 		got, err := decodeCommand(b)
@@ -37,11 +40,16 @@ func TestDecodeCommandRefusesMalformed(t *testing.T) {
 	withReq := (&command{op: opWrite, chunk: 1, req: ClientRequest{Client: 5, Seq: 1, Low: 1}}).encode()
 	badOp := append([]byte(nil), good...)
 	badOp[0] = 9
+	withSeq := (&command{op: opWrite, chunk: 1, seq: Seq{SN: 2, Keep: 1}}).encode()
+	trim := (&command{op: opTrim, chunk: 1, data: encodeTrim([]uint64{1}, 2)}).encode()
 	for name, b := range map[string][]byte{
-		"empty":                       nil,
-		"short":                       good[:commandFixedSize-1],
-		"unknown op":                  badOp,
-		"request flag, request short": withReq[:commandFixedSize+requestSize-1],
+		"sequence flag, numbers short": withSeq[:commandFixedSize+seqSize-1],
+		"trim cut short":               trim[:len(trim)-1],
+		"trim of no data":              trim[:commandFixedSize],
+		"empty":                        nil,
+		"short":                        good[:commandFixedSize-1],
+		"unknown op":                   badOp,
+		"request flag, request short":  withReq[:commandFixedSize+requestSize-1],
 	} {
 		if _, err := decodeCommand(b); !errors.Is(err, errBadCommand) {
 			t.Errorf("%s: %v, want errBadCommand", name, err)
@@ -58,6 +66,8 @@ func FuzzDecodeCommand(f *testing.F) {
 	f.Add((&command{op: opWrite, proposer: 3, id: 9, chunk: 7, offset: 512, data: []byte("abc")}).encode())
 	f.Add((&command{op: opDelete, req: ClientRequest{Client: 5, Seq: 2, Low: 1}}).encode())
 	f.Add([]byte{opWrite | opHasRequest})
+	f.Add((&command{op: opTrim, chunk: 1, data: encodeTrim([]uint64{1, 2}, 3)}).encode())
+	f.Add((&command{op: opWrite, seq: Seq{SN: 3, Keep: 2}, data: []byte("x")}).encode())
 	f.Fuzz(func(t *testing.T, b []byte) {
 		c, err := decodeCommand(b)
 		if err != nil {

@@ -10,18 +10,35 @@ import (
 const (
 	opWrite  byte = 1
 	opDelete byte = 2
+	// opTrim drops what no live snapshot of the chunk's volume reads any
+	// more of the chunk's versions; its data is the trim's bound and live
+	// list (encodeTrim).
+	opTrim byte = 3
 	// opHasRequest, or-ed into the op, says a client request (client, seq,
 	// low: 24 bytes) follows the fixed fields, before the data.
 	opHasRequest byte = 0x80
+	// opHasSeq, or-ed into the op, says the write's sequence numbers (sn,
+	// keep: 16 bytes) follow the fixed fields and the request, before the
+	// data.
+	opHasSeq byte = 0x40
+	opFlags       = opHasRequest | opHasSeq
 )
 
 // commandHeaderSize is op u8 + proposer u64 + proposal id u64.
 const commandHeaderSize = 17
 
+// Seq is what a write carries for snapshots: the volume's sequence number
+// and the newest live snapshot's (0: none). A zero Seq is a write outside
+// snapshots.
+type Seq struct {
+	SN, Keep uint64
+}
+
 // command is one state-machine operation as it travels in a Raft entry:
 //
 //	op u8 | proposer u64 | id u64 | chunk u64 | volume u64 | epoch u64 | offset u64 |
-//	[client u64 | seq u64 | low u64, when op has opHasRequest] | data...
+//	[client u64 | seq u64 | low u64, when op has opHasRequest] |
+//	[sn u64 | keep u64, when op has opHasSeq] | data...
 //
 // proposer and id let the replica that proposed the entry match it with its
 // waiting caller when it is applied; other replicas ignore them. The client
@@ -35,6 +52,7 @@ type command struct {
 	epoch    uint64
 	offset   uint64
 	req      ClientRequest
+	seq      Seq
 	data     []byte
 }
 
@@ -42,28 +60,43 @@ const commandFixedSize = commandHeaderSize + 32
 
 var errBadCommand = errors.New("copyset: malformed command")
 
-// requestSize is the size of the client request fields.
-const requestSize = 24
+// requestSize is the size of the client request fields; seqSize of the
+// sequence numbers.
+const (
+	requestSize = 24
+	seqSize     = 16
+)
 
 func (c *command) encode() []byte {
 	size := commandFixedSize
+	op := c.op
 	if c.req.Client != 0 {
 		size += requestSize
+		op |= opHasRequest
+	}
+	if c.seq != (Seq{}) {
+		size += seqSize
+		op |= opHasSeq
 	}
 	buf := make([]byte, size, size+len(c.data))
-	buf[0] = c.op
-	if c.req.Client != 0 {
-		buf[0] |= opHasRequest
-		binary.LittleEndian.PutUint64(buf[49:], c.req.Client)
-		binary.LittleEndian.PutUint64(buf[57:], c.req.Seq)
-		binary.LittleEndian.PutUint64(buf[65:], c.req.Low)
-	}
+	buf[0] = op
 	binary.LittleEndian.PutUint64(buf[1:], c.proposer)
 	binary.LittleEndian.PutUint64(buf[9:], c.id)
 	binary.LittleEndian.PutUint64(buf[17:], c.chunk)
 	binary.LittleEndian.PutUint64(buf[25:], c.volume)
 	binary.LittleEndian.PutUint64(buf[33:], c.epoch)
 	binary.LittleEndian.PutUint64(buf[41:], c.offset)
+	at := commandFixedSize
+	if c.req.Client != 0 {
+		binary.LittleEndian.PutUint64(buf[at:], c.req.Client)
+		binary.LittleEndian.PutUint64(buf[at+8:], c.req.Seq)
+		binary.LittleEndian.PutUint64(buf[at+16:], c.req.Low)
+		at += requestSize
+	}
+	if c.seq != (Seq{}) {
+		binary.LittleEndian.PutUint64(buf[at:], c.seq.SN)
+		binary.LittleEndian.PutUint64(buf[at+8:], c.seq.Keep)
+	}
 	return append(buf, c.data...)
 }
 
@@ -73,30 +106,74 @@ func decodeCommand(b []byte) (command, error) {
 		return command{}, fmt.Errorf("%w: %d bytes", errBadCommand, len(b))
 	}
 	c := command{
-		op:       b[0] &^ opHasRequest,
+		op:       b[0] &^ opFlags,
 		proposer: binary.LittleEndian.Uint64(b[1:]),
 		id:       binary.LittleEndian.Uint64(b[9:]),
 		chunk:    binary.LittleEndian.Uint64(b[17:]),
 		volume:   binary.LittleEndian.Uint64(b[25:]),
 		epoch:    binary.LittleEndian.Uint64(b[33:]),
 		offset:   binary.LittleEndian.Uint64(b[41:]),
-		data:     b[commandFixedSize:],
 	}
+	at := commandFixedSize
 	if b[0]&opHasRequest != 0 {
-		if len(b) < commandFixedSize+requestSize {
+		if len(b) < at+requestSize {
 			return command{}, fmt.Errorf("%w: %d bytes with a client request", errBadCommand, len(b))
 		}
 		c.req = ClientRequest{
-			Client: binary.LittleEndian.Uint64(b[49:]),
-			Seq:    binary.LittleEndian.Uint64(b[57:]),
-			Low:    binary.LittleEndian.Uint64(b[65:]),
+			Client: binary.LittleEndian.Uint64(b[at:]),
+			Seq:    binary.LittleEndian.Uint64(b[at+8:]),
+			Low:    binary.LittleEndian.Uint64(b[at+16:]),
 		}
-		c.data = b[commandFixedSize+requestSize:]
+		at += requestSize
 	}
-	if c.op != opWrite && c.op != opDelete {
+	if b[0]&opHasSeq != 0 {
+		if len(b) < at+seqSize {
+			return command{}, fmt.Errorf("%w: %d bytes with sequence numbers", errBadCommand, len(b))
+		}
+		c.seq = Seq{SN: binary.LittleEndian.Uint64(b[at:]), Keep: binary.LittleEndian.Uint64(b[at+8:])}
+		at += seqSize
+	}
+	c.data = b[at:]
+	switch c.op {
+	case opWrite, opDelete:
+	case opTrim:
+		if _, _, err := decodeTrim(c.data); err != nil {
+			return command{}, err
+		}
+	default:
 		return command{}, fmt.Errorf("%w: op %d", errBadCommand, b[0])
 	}
 	return c, nil
+}
+
+// maxTrimLive bounds the live snapshots a trim lists.
+const maxTrimLive = 4096
+
+// encodeTrim is a trim's data: bound u64 | count u32 | live u64 * count.
+func encodeTrim(live []uint64, bound uint64) []byte {
+	b := make([]byte, 12+8*len(live))
+	binary.LittleEndian.PutUint64(b, bound)
+	binary.LittleEndian.PutUint32(b[8:], uint32(len(live)))
+	for i, s := range live {
+		binary.LittleEndian.PutUint64(b[12+8*i:], s)
+	}
+	return b
+}
+
+func decodeTrim(b []byte) (live []uint64, bound uint64, err error) {
+	if len(b) < 12 {
+		return nil, 0, fmt.Errorf("%w: trim of %d bytes", errBadCommand, len(b))
+	}
+	bound = binary.LittleEndian.Uint64(b)
+	n := binary.LittleEndian.Uint32(b[8:])
+	if n > maxTrimLive || len(b) != 12+8*int(n) {
+		return nil, 0, fmt.Errorf("%w: trim of %d bytes lists %d snapshots", errBadCommand, len(b), n)
+	}
+	live = make([]uint64, n)
+	for i := range live {
+		live[i] = binary.LittleEndian.Uint64(b[12+8*i:])
+	}
+	return live, bound, nil
 }
 
 // proposalKey reads the proposer and id of an encoded command without

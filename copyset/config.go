@@ -20,8 +20,30 @@ import (
 type ChunkStore interface {
 	// WriteAt writes p at off of a chunk, creating the chunk if needed.
 	WriteAt(chunkID uint64, p []byte, off int64) error
+	// WriteAtSN is WriteAt for a write of a volume at sequence number sn
+	// whose newest live snapshot is keep: it first keeps what the
+	// volume's snapshots need of the data it overwrites (copy on write).
+	// sn 0 is WriteAt.
+	WriteAtSN(chunkID uint64, p []byte, off int64, sn, keep uint64) error
 	// ReadAt reads len(p) bytes at off of an existing chunk.
 	ReadAt(chunkID uint64, p []byte, off int64) error
+	// ReadAtSN reads a chunk as it was at the end of sequence number
+	// snap (a snapshot of its volume).
+	ReadAtSN(chunkID uint64, p []byte, off int64, snap uint64) error
+	// Trim drops what the volume's live snapshots below bound no longer
+	// read of a chunk's kept versions.
+	Trim(chunkID uint64, live []uint64, bound uint64) error
+
+	// What a Raft snapshot moves of a chunk beside its data: the sequence
+	// number it was created under and its kept versions (the datastore's
+	// transfer.go tells the protocol).
+	CreatedSN(chunkID uint64) (uint64, error)
+	EachKept(chunkID uint64, f func(from, to uint64, unit int64, bitmap []byte)) error
+	ReadKept(chunkID, from uint64, p []byte, off int64) error
+	ResetChunk(chunkID, createdSN uint64) (fresh bool, err error)
+	BeginKept(chunkID, from, to uint64) error
+	WriteKept(chunkID, from uint64, p []byte, off int64) error
+	SealKept(chunkID, from uint64, bitmap []byte) error
 	// Delete removes a chunk; deleting a missing chunk succeeds.
 	Delete(chunkID uint64) error
 	// List returns the ids of the chunks held, sorted.

@@ -223,6 +223,9 @@ func (e *Engine) open(id GroupID, dir string, gl *wal.GroupLog) (*Copyset, error
 			return fail(fmt.Errorf("record installed snapshot %d: %w", base.Index, err))
 		}
 	}
+	if err := checkInstall(dir, base.Index); err != nil {
+		return fail(err)
+	}
 	dedup, err := decodeDedupTable(m.Requests)
 	if err != nil {
 		return fail(fmt.Errorf("%w: %s: %v", ErrMetaCorrupt, dir, err))

@@ -174,7 +174,7 @@ func (e *Engine) loadAll(logs map[uint64]*wal.GroupLog, damaged error) error {
 			continue
 		}
 		c, err := e.open(id, dir, gl)
-		if errors.Is(err, ErrLogDamaged) || errors.Is(err, ErrMetaCorrupt) {
+		if errors.Is(err, ErrLogDamaged) || errors.Is(err, ErrMetaCorrupt) || errors.Is(err, ErrInstallInterrupted) {
 			// This replica cannot be trusted; its peers can. It is kept,
 			// broken, so that it is reported and rebuilt from them.
 			c = e.brokenReplica(id, dir, fmt.Errorf("recover: %w", err))

@@ -28,6 +28,9 @@ var (
 	ErrReadTimeout = errors.New("copyset: read index not confirmed")
 	// ErrTooLarge: a write is larger than MaxWriteSize.
 	ErrTooLarge = errors.New("copyset: write too large")
+	// ErrInvalidArgument: a proposal's sequence numbers or snapshot list
+	// do not make sense; nothing is proposed.
+	ErrInvalidArgument = errors.New("copyset: invalid argument")
 	// ErrLogDamaged: a copyset's durable log does not continue its
 	// checkpoint; entries it made durable are lost. The replica must be
 	// rebuilt from its peers.

@@ -2,6 +2,7 @@ package copyset
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"testing"
 	"time"
@@ -104,4 +105,64 @@ func TestRestartAfterInstallBeforeCheckpointKeepsTheLog(t *testing.T) {
 		t.Fatalf("idle copyset restarted at applied index %d, below the %d it had installed", got, installed)
 	}
 	tc.replicasConverge(idle, []uint64{1})
+}
+
+// TestInterruptedInstallBreaksTheReplica: a follower loses its power in
+// the middle of a snapshot install, once chunk files changed. It starts
+// again broken (its chunk files mix two states that replaying its log
+// cannot reconcile) instead of serving them; its peers go on.
+func TestInterruptedInstallBreaksTheReplica(t *testing.T) {
+	tc := newCrashableCluster(t, 3, 64, func(c *Config) {
+		c.RetainBytes = 8 << 10
+		c.CheckpointInterval = time.Hour
+	})
+	id := MakeGroupID(12, 1)
+	tc.create([]GroupID{id}, []uint64{1, 2, 3})
+	follower := uint64(3)
+	if l := tc.leader(id); l.e.cfg.NodeID == follower {
+		if err := l.TransferLeader(context.Background(), 1, l.ConfEpoch()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tc.stop(follower, false, 0)
+	for k := range 40 {
+		tc.writeRetry(id, uint64(1+k%3), int64(k%16)*testBlock, pattern(fmt.Sprintf("i%d|", k), testBlock))
+	}
+	soon.Succeeds(t, 30*time.Second, func() error {
+		for _, n := range tc.running() {
+			c, _ := n.engine.Get(id)
+			c.requestCheckpoint()
+		}
+		st, err := tc.leader(id).Status(context.Background())
+		if err != nil {
+			return err
+		}
+		if st.FirstIndex < 30 {
+			return fmt.Errorf("leader's log still starts at %d", st.FirstIndex)
+		}
+		return nil
+	})
+	// The power goes at the first fdatasync of a chunk file the install
+	// writes.
+	disk := tc.disks[follower]
+	if _, err := disk.CrashAtSync(`/chunks/chunk_`, 1, faultfs.CrashOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	tc.start(follower)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	if _, err := disk.WaitCrash(ctx); err != nil {
+		cancel()
+		t.Fatalf("no power cut during the install: %v", err)
+	}
+	cancel()
+	tc.halt(follower, true)
+	c := tc.start(follower)
+	cs, err := c.engine.Get(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cs.Broken(); !errors.Is(err, ErrInstallInterrupted) {
+		t.Fatalf("replica after a power cut in its install: broken = %v, want ErrInstallInterrupted", err)
+	}
+	tc.writeRetry(id, 1, 0, pattern("after|", testBlock))
 }

@@ -66,10 +66,35 @@ type Fence func() (release func(), err error)
 // once, so a retry of a write that was applied already succeeds without
 // writing again (see ClientRequest).
 func (c *Copyset) ProposeWrite(ctx context.Context, fence Fence, req ClientRequest, chunk, volume, epoch uint64, off int64, data []byte) (*Proposal, error) {
+	return c.ProposeSeqWrite(ctx, fence, req, chunk, volume, epoch, Seq{}, off, data)
+}
+
+// ProposeSeqWrite is ProposeWrite for a write under the volume's sequence
+// numbers: when it is applied, every replica first keeps what the volume's
+// snapshots need of the data it overwrites (see ChunkStore.WriteAtSN).
+func (c *Copyset) ProposeSeqWrite(ctx context.Context, fence Fence, req ClientRequest, chunk, volume, epoch uint64, seq Seq, off int64, data []byte) (*Proposal, error) {
 	if int64(len(data)) > c.e.MaxWriteSize() {
 		return nil, fmt.Errorf("%w: %d bytes (limit %d)", ErrTooLarge, len(data), c.e.MaxWriteSize())
 	}
-	return c.proposeCommand(ctx, fence, &command{op: opWrite, chunk: chunk, volume: volume, epoch: epoch, offset: uint64(off), req: req, data: data})
+	if seq.Keep >= seq.SN && seq != (Seq{}) {
+		return nil, fmt.Errorf("%w: newest live snapshot %d is not before the write's sequence number %d", ErrInvalidArgument, seq.Keep, seq.SN)
+	}
+	return c.proposeCommand(ctx, fence, &command{op: opWrite, chunk: chunk, volume: volume, epoch: epoch, offset: uint64(off), req: req, seq: seq, data: data})
+}
+
+// ProposeTrim hands the copyset's log a trim of a chunk's kept versions:
+// live are the chunk's volume's live snapshots below bound, the volume's
+// sequence number when they were listed (see ChunkStore.Trim).
+func (c *Copyset) ProposeTrim(ctx context.Context, fence Fence, chunk, volume, epoch uint64, live []uint64, bound uint64) (*Proposal, error) {
+	if len(live) > maxTrimLive {
+		return nil, fmt.Errorf("%w: %d live snapshots (limit %d)", ErrInvalidArgument, len(live), maxTrimLive)
+	}
+	for _, s := range live {
+		if s == 0 || s >= bound {
+			return nil, fmt.Errorf("%w: live snapshot %d outside 1..%d", ErrInvalidArgument, s, bound-1)
+		}
+	}
+	return c.proposeCommand(ctx, fence, &command{op: opTrim, chunk: chunk, volume: volume, epoch: epoch, data: encodeTrim(live, bound)})
 }
 
 // ProposeDelete hands a chunk delete to the copyset's log, as ProposeWrite.

@@ -53,6 +53,15 @@ func (c *Copyset) Read(ctx context.Context, chunk uint64, off int64, p []byte) e
 	return c.store.ReadAt(chunk, p, off)
 }
 
+// ReadSnapshot reads a range of a chunk as it was at the end of sequence
+// number snap (a snapshot of its volume), from the leader, as Read.
+func (c *Copyset) ReadSnapshot(ctx context.Context, chunk uint64, off int64, p []byte, snap uint64) error {
+	if err := c.WaitReadable(ctx); err != nil {
+		return err
+	}
+	return c.store.ReadAtSN(chunk, p, off, snap)
+}
+
 // startReads runs on the Raft worker.
 func (c *Copyset) startReads(reads []*readWaiter) {
 	st := c.rn.BasicStatus()

@@ -237,9 +237,11 @@ func (x *RaftBatch) GetHeartbeats() []*Heartbeat {
 
 // SnapshotFile describes one chunk file of a snapshot.
 type SnapshotFile struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	ChunkId       uint64                 `protobuf:"varint,1,opt,name=chunk_id,json=chunkId,proto3" json:"chunk_id,omitempty"`
-	Size          uint64                 `protobuf:"varint,2,opt,name=size,proto3" json:"size,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	ChunkId uint64                 `protobuf:"varint,1,opt,name=chunk_id,json=chunkId,proto3" json:"chunk_id,omitempty"`
+	Size    uint64                 `protobuf:"varint,2,opt,name=size,proto3" json:"size,omitempty"`
+	// The volume sequence number the chunk was created under (snapshots).
+	CreatedSn     uint64 `protobuf:"varint,3,opt,name=created_sn,json=createdSn,proto3" json:"created_sn,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -288,6 +290,13 @@ func (x *SnapshotFile) GetSize() uint64 {
 	return 0
 }
 
+func (x *SnapshotFile) GetCreatedSn() uint64 {
+	if x != nil {
+		return x.CreatedSn
+	}
+	return 0
+}
+
 // SnapshotChunk is one frame of a snapshot stream. The first frame carries the
 // header (the MsgSnap and the list of files); the frames after it carry each
 // file's pieces in order, a run of zeros as a zero range without data; the
@@ -316,8 +325,19 @@ type SnapshotChunk struct {
 	// copyset's deduplication table, encoded by package copyset), so that
 	// the follower skips retries of requests the snapshot already holds.
 	AppliedRequests []byte `protobuf:"bytes,12,opt,name=applied_requests,json=appliedRequests,proto3" json:"applied_requests,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Body, after a chunk's data: a version the chunk keeps for snapshots.
+	// A frame with version_bitmap set begins the version version_from ..
+	// version_to (one bit per page of version_unit bytes it holds); the
+	// frames after it with version_from set and data carry its pages, at
+	// their offsets in the chunk.
+	VersionFrom   uint64 `protobuf:"varint,13,opt,name=version_from,json=versionFrom,proto3" json:"version_from,omitempty"`
+	VersionTo     uint64 `protobuf:"varint,14,opt,name=version_to,json=versionTo,proto3" json:"version_to,omitempty"`
+	VersionUnit   int64  `protobuf:"varint,15,opt,name=version_unit,json=versionUnit,proto3" json:"version_unit,omitempty"`
+	VersionBitmap []byte `protobuf:"bytes,16,opt,name=version_bitmap,json=versionBitmap,proto3" json:"version_bitmap,omitempty"`
+	// Body: chunk_id is absent at the sender (deleted while it was sent).
+	Absent        bool `protobuf:"varint,17,opt,name=absent,proto3" json:"absent,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SnapshotChunk) Reset() {
@@ -434,6 +454,41 @@ func (x *SnapshotChunk) GetAppliedRequests() []byte {
 	return nil
 }
 
+func (x *SnapshotChunk) GetVersionFrom() uint64 {
+	if x != nil {
+		return x.VersionFrom
+	}
+	return 0
+}
+
+func (x *SnapshotChunk) GetVersionTo() uint64 {
+	if x != nil {
+		return x.VersionTo
+	}
+	return 0
+}
+
+func (x *SnapshotChunk) GetVersionUnit() int64 {
+	if x != nil {
+		return x.VersionUnit
+	}
+	return 0
+}
+
+func (x *SnapshotChunk) GetVersionBitmap() []byte {
+	if x != nil {
+		return x.VersionBitmap
+	}
+	return nil
+}
+
+func (x *SnapshotChunk) GetAbsent() bool {
+	if x != nil {
+		return x.Absent
+	}
+	return false
+}
+
 type SnapshotResult struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Whether the receiver installed the files; when false, message says why.
@@ -507,10 +562,12 @@ const file_transportpb_transport_proto_rawDesc = "" +
 	"\bmessages\x18\x03 \x03(\v2 .cairn.transport.v1.GroupMessageR\bmessages\x12=\n" +
 	"\n" +
 	"heartbeats\x18\x04 \x03(\v2\x1d.cairn.transport.v1.HeartbeatR\n" +
-	"heartbeats\"=\n" +
+	"heartbeats\"\\\n" +
 	"\fSnapshotFile\x12\x19\n" +
 	"\bchunk_id\x18\x01 \x01(\x04R\achunkId\x12\x12\n" +
-	"\x04size\x18\x02 \x01(\x04R\x04size\"\xea\x02\n" +
+	"\x04size\x18\x02 \x01(\x04R\x04size\x12\x1d\n" +
+	"\n" +
+	"created_sn\x18\x03 \x01(\x04R\tcreatedSn\"\x8e\x04\n" +
 	"\rSnapshotChunk\x12\x12\n" +
 	"\x04from\x18\x01 \x01(\x04R\x04from\x12\x0e\n" +
 	"\x02to\x18\x02 \x01(\x04R\x02to\x12\x14\n" +
@@ -526,7 +583,13 @@ const file_transportpb_transport_proto_rawDesc = "" +
 	" \x01(\x04R\tconfEpoch\x12\x1f\n" +
 	"\vzero_length\x18\v \x01(\x04R\n" +
 	"zeroLength\x12)\n" +
-	"\x10applied_requests\x18\f \x01(\fR\x0fappliedRequests\"F\n" +
+	"\x10applied_requests\x18\f \x01(\fR\x0fappliedRequests\x12!\n" +
+	"\fversion_from\x18\r \x01(\x04R\vversionFrom\x12\x1d\n" +
+	"\n" +
+	"version_to\x18\x0e \x01(\x04R\tversionTo\x12!\n" +
+	"\fversion_unit\x18\x0f \x01(\x03R\vversionUnit\x12%\n" +
+	"\x0eversion_bitmap\x18\x10 \x01(\fR\rversionBitmap\x12\x16\n" +
+	"\x06absent\x18\x11 \x01(\bR\x06absent\"F\n" +
 	"\x0eSnapshotResult\x12\x1a\n" +
 	"\baccepted\x18\x01 \x01(\bR\baccepted\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage2k\n" +
