@@ -284,7 +284,9 @@ func TestInheritedAddIsNotPreparedBeforeItsLeaderReports(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		if slices.ContainsFunc(ops.Operators, func(op *mdspb.Operator) bool { return op.Copyset.Key() == add.Copyset.Key() && op.Kind == add.Kind && op.Target.GetChunkserverId() == add.Target.GetChunkserverId() }) {
+		if slices.ContainsFunc(ops.Operators, func(op *mdspb.Operator) bool {
+			return op.Copyset.Key() == add.Copyset.Key() && op.Kind == add.Kind && op.Target.GetChunkserverId() == add.Target.GetChunkserverId()
+		}) {
 			return fmt.Errorf("add still listed")
 		}
 		return nil

@@ -72,13 +72,13 @@ type leaderState struct {
 		// prepared are the add operators whose target holds the empty
 		// replica they fill, by copysetKey; preparing, those being
 		// created (prepare.go).
-		prepared     map[uint64]*mdspb.Operator
-		preparing    map[uint64]bool
+		prepared  map[uint64]*mdspb.Operator
+		preparing map[uint64]bool
 		// inherited are the operators loaded from etcd at the start of
 		// this leadership; reported, the copysets whose leader has
 		// reported to it since (prepare.go).
-		inherited map[uint64]*mdspb.Operator
-		reported  map[uint64]bool
+		inherited    map[uint64]*mdspb.Operator
+		reported     map[uint64]bool
 		epochVersion uint64
 		// fences are epoch raises whose fenceEpoch has not completed yet,
 		// by volume id: a retried unpublish finds the publication gone and
