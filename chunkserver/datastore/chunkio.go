@@ -224,6 +224,25 @@ func (s *Store) Delete(id uint64) error {
 	c.gone = ErrChunkNotExist
 	s.files.remove(c)
 	c.mu.Unlock()
+	// Versions first, newest first: one left by a failure stays with its
+	// chunk (a retried Delete finds both), never orphaned beside a chunk
+	// created again under the same id.
+	for len(c.versions) > 0 {
+		v := c.versions[len(c.versions)-1]
+		if err := s.pool.Recycle(v.path); err != nil {
+			if _, serr := os.Lstat(v.path); serr == nil {
+				back := &chunk{id: id, path: c.path, meta: c.meta, corrupt: c.corrupt, sn: c.sn, versions: c.versions}
+				back.dirty.Store(c.dirty.Load())
+				s.mu.Lock()
+				if s.mu.chunks[id] == nil && !s.mu.closed {
+					s.mu.chunks[id] = back
+				}
+				s.mu.Unlock()
+			}
+			return fmt.Errorf("delete chunk %d: version file: %w", id, err)
+		}
+		c.versions = c.versions[:len(c.versions)-1]
+	}
 	err := s.pool.Recycle(c.path)
 	if k := s.knobs.AfterRecycle; k != nil && err == nil {
 		err = k(id)
@@ -244,13 +263,6 @@ func (s *Store) Delete(id uint64) error {
 		}
 		s.mu.Unlock()
 		return fmt.Errorf("delete chunk %d: %w", id, err)
-	}
-	// The chunk is gone; a version file left by a failure here is found
-	// without its chunk at the next Open and recycled then.
-	for _, v := range c.versions {
-		if err := s.pool.Recycle(v.path); err != nil {
-			return fmt.Errorf("delete chunk %d: version file: %w", id, err)
-		}
 	}
 	return nil
 }

@@ -104,6 +104,20 @@ func (s *Store) attachVersions(versions map[uint64][]*version) error {
 			continue
 		}
 		slices.SortFunc(vs, func(a, b *version) int { return compareU64(a.meta.From, b.meta.From) })
+		var kept []*version
+		for _, v := range vs {
+			if n := len(kept); n > 0 && kept[n-1].corrupt == nil && v.corrupt == nil && kept[n-1].meta.To >= v.meta.To {
+				// A merge into the version before finished; recycling
+				// this one did not.
+				s.log.Info("returning a version merged into the one before it to the pool", "file", filepath.Base(v.path))
+				if err := s.pool.Recycle(v.path); err != nil {
+					return fmt.Errorf("datastore: open: %w", err)
+				}
+				continue
+			}
+			kept = append(kept, v)
+		}
+		vs = kept
 		c.versions = vs
 		c.sn = max(c.sn, vs[len(vs)-1].meta.To+1)
 	}
@@ -384,37 +398,54 @@ func (s *Store) ReadAtSN(id uint64, p []byte, off int64, snap uint64) error {
 			_ = f.Close()
 		}
 	}()
+	// source returns where page i of the snapshot is read from.
+	source := func(i int64) (*os.File, error) {
+		if snap >= c.sn {
+			return h.f, nil
+		}
+		for _, v := range c.versions {
+			if v.corrupt != nil && v.meta.From <= snap {
+				// Its range and pages are unknown: it may hold this.
+				return nil, v.corrupt
+			}
+			if v.meta.To < snap || !v.meta.has(i) {
+				continue
+			}
+			f := open[v]
+			if f == nil {
+				f, err := os.Open(v.path)
+				if err != nil {
+					return nil, err
+				}
+				if open == nil {
+					open = map[*version]*os.File{}
+				}
+				open[v] = f
+				return f, nil
+			}
+			return f, nil
+		}
+		return h.f, nil
+	}
+	// Runs of pages read from the same file go in one read.
 	first, last := s.pages(off, int64(len(p)))
-	for i := first; i <= last; i++ {
-		po, pn := s.pageSpan(i)
-		lo, hi := max(po, off), min(po+pn, off+int64(len(p)))
-		dst := p[lo-off : hi-off]
-		src := h.f
-		if snap < c.sn {
-			for _, v := range c.versions {
-				if v.meta.To < snap || !v.meta.has(i) {
-					continue
-				}
-				if v.corrupt != nil {
-					return fmt.Errorf("read chunk %d at %d: %w", c.id, snap, v.corrupt)
-				}
-				f := open[v]
-				if f == nil {
-					if f, err = os.Open(v.path); err != nil {
-						return fmt.Errorf("read chunk %d at %d: %w", c.id, snap, err)
-					}
-					if open == nil {
-						open = map[*version]*os.File{}
-					}
-					open[v] = f
-				}
-				src = f
+	for i := first; i <= last; {
+		src, err := source(i)
+		if err != nil {
+			return fmt.Errorf("read chunk %d at %d: %w", c.id, snap, err)
+		}
+		j := i + 1
+		for ; j <= last; j++ {
+			if next, err := source(j); err != nil || next != src {
 				break
 			}
 		}
-		if _, err := src.ReadAt(dst, s.geo.MetaPageSize+lo); err != nil {
+		lo := max(i*s.unit, off)
+		hi := min(j*s.unit, off+int64(len(p)), s.geo.ChunkSize)
+		if _, err := src.ReadAt(p[lo-off:hi-off], s.geo.MetaPageSize+lo); err != nil {
 			return fmt.Errorf("read chunk %d at %d: %w", c.id, snap, err)
 		}
+		i = j
 	}
 	return nil
 }
@@ -441,7 +472,16 @@ func (s *Store) Trim(id uint64, live []uint64, bound uint64) error {
 	}
 	c.cow.Lock()
 	defer c.cow.Unlock()
-	live = slices.Sorted(slices.Values(live))
+	for _, v := range c.versions {
+		if v.corrupt != nil {
+			// Its range is unknown: dropping or merging around it could
+			// lose what a snapshot reads. Kept until the replica is
+			// rebuilt.
+			return nil
+		}
+	}
+	// Snapshots taken before the chunk was created read it as zeros.
+	live = slices.DeleteFunc(slices.Sorted(slices.Values(live)), func(x uint64) bool { return x < c.meta.CreatedSN })
 	liveIn := func(a, b uint64) bool {
 		i, _ := slices.BinarySearch(live, a)
 		return i < len(live) && live[i] <= b
@@ -459,8 +499,8 @@ func (s *Store) Trim(id uint64, live []uint64, bound uint64) error {
 				c.versions = c.versions[1:]
 			}
 			return nil
-		case liveIn(v.meta.From, v.meta.To) || i == 0 || v.corrupt != nil:
-		case c.versions[i-1].meta.To+1 == v.meta.From && c.versions[i-1].corrupt == nil:
+		case liveIn(v.meta.From, v.meta.To) || i == 0:
+		case c.versions[i-1].meta.To+1 == v.meta.From:
 			if err := s.merge(c.versions[i-1], v); err != nil {
 				return fmt.Errorf("trim chunk %d: %w", id, err)
 			}

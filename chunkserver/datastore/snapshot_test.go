@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"math/rand/v2"
+	"os"
 	"slices"
 	"testing"
 )
@@ -233,5 +234,121 @@ func TestVersionMetaSlots(t *testing.T) {
 		if _, _, ok := parseVersionName(bad); ok {
 			t.Fatalf("%q parsed as a version name", bad)
 		}
+	}
+}
+
+// TestVersionHousekeeping: versions do not outlive what reads them, and
+// no file leaks from the pool: a deleted and re-created chunk starts
+// without versions, a snapshot older than the chunk keeps none, a merge
+// interrupted before its source was recycled is finished at open, a
+// destroyed store gives every file back, and a damaged version fails the
+// reads that may need it instead of reading the current data.
+func TestVersionHousekeeping(t *testing.T) {
+	e := newEnv(t, 8, 16)
+	s := e.open(t, Options{})
+	a, b := pattern(1, testChunk), pattern(2, testChunk)
+	versions := func(id uint64) []VersionInfo {
+		t.Helper()
+		info, err := s.Info(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return info.Versions
+	}
+
+	// Delete and create again.
+	if err := s.WriteAtSN(1, a, 0, 1, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.WriteAtSN(1, b[:4096], 0, 2, 1); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(versions(1)); n != 1 {
+		t.Fatalf("%d versions after a write under a snapshot", n)
+	}
+	if err := s.Delete(1); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.WriteAtSN(1, b[:4096], 0, 2, 1); err != nil {
+		t.Fatal(err)
+	}
+	if v := versions(1); len(v) != 0 {
+		t.Fatalf("re-created chunk has versions %+v", v)
+	}
+
+	// A snapshot taken before the chunk existed keeps nothing of it.
+	if err := s.WriteAtSN(2, a, 0, 2, 1); err != nil { // created under 2; snapshot 1 is older
+		t.Fatal(err)
+	}
+	if err := s.WriteAtSN(2, b[:4096], 0, 3, 2); err != nil { // snapshot 2 keeps [2,2]
+		t.Fatal(err)
+	}
+	if err := s.Trim(2, []uint64{1}, 3); err != nil { // snapshot 2 deleted
+		t.Fatal(err)
+	}
+	if v := versions(2); len(v) != 0 {
+		t.Fatalf("versions %+v kept for a snapshot older than the chunk", v)
+	}
+
+	// A merge that made its target durable, then crashed before recycling
+	// its source.
+	if err := s.WriteAtSN(3, a, 0, 1, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.WriteAtSN(3, b[:4096], 0, 2, 1); err != nil { // [1,1] holds page 0
+		t.Fatal(err)
+	}
+	if err := s.WriteAtSN(3, b[4096:8192], 4096, 3, 2); err != nil { // [2,2] holds page 1
+		t.Fatal(err)
+	}
+	c, _ := s.lookup(3)
+	if err := s.merge(c.versions[0], c.versions[1]); err != nil { // and no recycle
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s = e.open(t, Options{})
+	if v := versions(3); len(v) != 1 || v[0].From != 1 || v[0].To != 2 || v[0].Pages != 2 {
+		t.Fatalf("after an interrupted merge and a reopen: versions %+v", v)
+	}
+	got := make([]byte, testChunk)
+	for _, snap := range []uint64{1, 2} {
+		if err := s.ReadAtSN(3, got, 0, snap); err != nil || !bytes.Equal(got, a) {
+			t.Fatalf("snapshot %d after the merge: %v (equal %v)", snap, err, bytes.Equal(got, a))
+		}
+	}
+
+	// A damaged version fails the reads that may need it.
+	c, _ = s.lookup(3)
+	path := c.versions[0].path
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(make([]byte, testMeta), 0); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	s = e.open(t, Options{})
+	if err := s.ReadAtSN(3, got, 0, 1); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("read through a damaged version: %v, want ErrCorrupt", err)
+	}
+	if err := s.Trim(3, nil, 5); err != nil {
+		t.Fatal(err)
+	}
+	if v := versions(3); len(v) != 1 {
+		t.Fatalf("trim dropped a damaged version: %+v", v)
+	}
+
+	// Destroy gives every file back, versions included.
+	if err := s.Destroy(); err != nil {
+		t.Fatal(err)
+	}
+	if st := e.pool.Stats(); st.InUse != 0 {
+		t.Fatalf("after Destroy the pool counts %d files in use", st.InUse)
 	}
 }

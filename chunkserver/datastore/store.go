@@ -63,8 +63,10 @@ type ChunkInfo struct {
 	ID uint64
 	// Size is the chunk's data size (the pool's chunk size).
 	Size int64
-	// SN is the volume sequence number the chunk's data is at; CreatedSN
-	// the one it was created under (snapshot.go).
+	// SN is the volume sequence number the chunk's data is at, as far as
+	// the store knows (a lower bound after a restart: a move to a newer
+	// number that kept no version is not written down); CreatedSN the one
+	// it was created under (snapshot.go).
 	SN, CreatedSN uint64
 	// Versions are the chunk's version files, oldest first.
 	Versions []VersionInfo

@@ -123,7 +123,9 @@ func (s *Store) Destroy() error {
 		if !e.Type().IsRegular() {
 			continue
 		}
-		if _, ok := parseChunkName(name); !ok && !strings.HasSuffix(name, creatingSuffix) {
+		_, isChunk := parseChunkName(name)
+		_, _, isVersion := parseVersionName(name)
+		if !isChunk && !isVersion && !strings.HasSuffix(name, creatingSuffix) {
 			continue
 		}
 		if err := s.pool.Recycle(filepath.Join(s.dir, name)); err != nil {
