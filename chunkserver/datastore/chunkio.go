@@ -161,7 +161,7 @@ func (s *Store) createFile(id, sn uint64) (*chunk, error) {
 		id:   id,
 		path: final,
 		meta: ChunkMeta{Version: MetaVersion, ChunkID: id, CreatedSN: sn, ChunkSize: s.geo.ChunkSize},
-		sn:   sn,
+		sn:   max(sn, 1),
 	}
 	s.files.insert(c, f).release()
 	return c, nil

@@ -90,7 +90,7 @@ func (s *Store) readVersionMeta(id, from uint64, path string, page []byte) (vers
 // without its chunk (a delete interrupted) goes back to the pool.
 func (s *Store) attachVersions(versions map[uint64][]*version) error {
 	for _, c := range s.mu.chunks {
-		c.sn = c.meta.CreatedSN
+		c.sn = max(c.meta.CreatedSN, 1) // sequence numbers start at 1
 	}
 	for id, vs := range versions {
 		c := s.mu.chunks[id]

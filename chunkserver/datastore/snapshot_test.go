@@ -352,3 +352,26 @@ func TestVersionHousekeeping(t *testing.T) {
 		t.Fatalf("after Destroy the pool counts %d files in use", st.InUse)
 	}
 }
+
+// TestChunkWrittenOutsideSnapshotsJoinsThem: a chunk written before its
+// volume had snapshots (sequence number 0) keeps its state for the first
+// snapshot like any other.
+func TestChunkWrittenOutsideSnapshotsJoinsThem(t *testing.T) {
+	e := newEnv(t, 4, 8)
+	s := e.open(t, Options{})
+	a, b := pattern(1, testChunk), pattern(2, 4096)
+	if err := s.WriteAt(1, a, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s = e.open(t, Options{})
+	if err := s.WriteAtSN(1, b, 0, 2, 1); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, testChunk)
+	if err := s.ReadAtSN(1, got, 0, 1); err != nil || !bytes.Equal(got, a) {
+		t.Fatalf("first snapshot of a chunk written outside snapshots: %v (equal %v)", err, bytes.Equal(got, a))
+	}
+}

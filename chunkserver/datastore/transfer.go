@@ -112,7 +112,7 @@ func (s *Store) ResetChunk(id, createdSN uint64) (fresh bool, err error) {
 		}
 		c.versions = c.versions[1:]
 	}
-	c.sn = c.meta.CreatedSN
+	c.sn = max(c.meta.CreatedSN, 1)
 	return false, nil
 }
 
