@@ -117,7 +117,7 @@ func (s *Server) fromCopysetErr(c *copyset.Copyset, err error) *reqError {
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled), errors.Is(err, copyset.ErrProposalLost),
 		errors.Is(err, copyset.ErrReadTimeout), errors.Is(err, copyset.ErrStopped), errors.Is(err, copyset.ErrBroken):
 		return refuse(chunkpb.Status_STATUS_UNAVAILABLE, "copyset %s: %v", c.ID(), err)
-	case errors.Is(err, copyset.ErrTooLarge), errors.Is(err, datastore.ErrInvalidRange):
+	case errors.Is(err, copyset.ErrTooLarge), errors.Is(err, datastore.ErrInvalidRange), errors.Is(err, copyset.ErrInvalidArgument):
 		return refuse(chunkpb.Status_STATUS_INVALID_REQUEST, "%v", err)
 	case errors.Is(err, datastore.ErrNoSpace), errors.Is(err, chunkfilepool.ErrPoolEmpty):
 		return refuse(chunkpb.Status_STATUS_NOSPACE, "%v", err)
@@ -206,7 +206,8 @@ func (s *Server) writeChunk(ctx context.Context, req *chunkpb.WriteChunkRequest)
 	wctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
 	defer cancel()
 	p, e := s.propose(c, req.GetVolumeId(), req.GetEpoch(), func(fence copyset.Fence) (*copyset.Proposal, error) {
-		return c.ProposeWrite(wctx, fence, clientRequest(req.GetRequest()), req.GetChunkId(), req.GetVolumeId(), req.GetEpoch(), int64(req.GetOffset()), req.GetData())
+		seq := copyset.Seq{SN: req.GetSn(), Keep: req.GetKeep()}
+		return c.ProposeSeqWrite(wctx, fence, clientRequest(req.GetRequest()), req.GetChunkId(), req.GetVolumeId(), req.GetEpoch(), seq, int64(req.GetOffset()), req.GetData())
 	})
 	if e != nil {
 		return 0, e
@@ -278,7 +279,13 @@ func (s *Server) readChunk(ctx context.Context, req *chunkpb.ReadChunkRequest) (
 	rctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
 	defer cancel()
 	buf := make([]byte, req.GetLength())
-	if err := c.Read(rctx, req.GetChunkId(), int64(req.GetOffset()), buf); err != nil {
+	var err error
+	if snap := req.GetSnapshotSn(); snap != 0 {
+		err = c.ReadSnapshot(rctx, req.GetChunkId(), int64(req.GetOffset()), buf, snap)
+	} else {
+		err = c.Read(rctx, req.GetChunkId(), int64(req.GetOffset()), buf)
+	}
+	if err != nil {
 		return nil, s.fromCopysetErr(c, err)
 	}
 	return buf, nil
@@ -312,6 +319,41 @@ func (s *Server) deleteChunk(ctx context.Context, req *chunkpb.DeleteChunkReques
 	})
 	if e != nil {
 		return e
+	}
+	if _, err := p.Wait(wctx); err != nil {
+		return s.fromCopysetErr(c, err)
+	}
+	return nil
+}
+
+// TrimChunk drops what a volume's live snapshots no longer read of a
+// chunk's kept versions, through the copyset's log.
+func (cs *chunkService) TrimChunk(ctx context.Context, req *chunkpb.TrimChunkRequest) (*chunkpb.TrimChunkResponse, error) {
+	s := cs.s
+	start := time.Now()
+	e := s.trimChunk(ctx, req)
+	s.m.observe("trim", start, statusOf(e))
+	resp := &chunkpb.TrimChunkResponse{}
+	if e != nil {
+		resp.Status, resp.Message, resp.Leader = e.status, e.msg, e.leader
+	}
+	return resp, nil
+}
+
+func (s *Server) trimChunk(ctx context.Context, req *chunkpb.TrimChunkRequest) *reqError {
+	c, release, e := s.enter(ctx, req.GetCopyset(), req.GetChunkId())
+	if e != nil {
+		return e
+	}
+	defer release()
+	if !c.IsLeader() {
+		return s.notLeader(c)
+	}
+	wctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
+	defer cancel()
+	p, err := c.ProposeTrim(wctx, nil, req.GetChunkId(), req.GetVolumeId(), 0, req.GetLive(), req.GetBound())
+	if err != nil {
+		return s.fromCopysetErr(c, err)
 	}
 	if _, err := p.Wait(wctx); err != nil {
 		return s.fromCopysetErr(c, err)

@@ -27,6 +27,7 @@ var Policy = &certs.Policy{
 		chunkpb.ChunkService_WriteChunk_FullMethodName:   {certs.RoleClient, certs.RoleOperator},
 		chunkpb.ChunkService_ReadChunk_FullMethodName:    {certs.RoleClient, certs.RoleOperator},
 		chunkpb.ChunkService_DeleteChunk_FullMethodName:  {certs.RoleClient, certs.RoleOperator, certs.RoleMDS},
+		chunkpb.ChunkService_TrimChunk_FullMethodName:    {certs.RoleMDS},
 		chunkpb.ChunkService_GetChunkInfo_FullMethodName: {certs.RoleClient, certs.RoleOperator, certs.RoleMDS},
 		chunkpb.ChunkService_GetChunkHash_FullMethodName: {certs.RoleClient, certs.RoleOperator, certs.RoleMDS},
 		chunkpb.ChunkService_UpdateEpoch_FullMethodName:  {certs.RoleMDS},

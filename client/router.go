@@ -81,7 +81,7 @@ func (r *router) segment(ctx context.Context, seg int64, allocate bool) ([]*mdsp
 		}
 		// A writer allocates every segment it writes, so its negative
 		// cache stays right; a read-only handle asks again after a while.
-		if t, ok := r.absent[seg]; ok && !allocate && (r.v.epoch != 0 || time.Since(t) < 2*time.Second) {
+		if t, ok := r.absent[seg]; ok && !allocate && (r.v.Epoch() != 0 || time.Since(t) < 2*time.Second) {
 			r.segMu.Unlock()
 			return nil, errUnallocated
 		}
@@ -284,6 +284,7 @@ func (r *router) call(ctx context.Context, ref *commonpb.CopysetRef, f func(ctx 
 		addr, err := r.target(ctx, ref, attempt, refresh, avoid)
 		refresh = false
 		var out outcome
+		refusedEpoch := v.Epoch() // what this attempt carries
 		if err == nil {
 			rctx, cancel := context.WithTimeout(ctx, attemptTimeout)
 			var cl chunkIO
@@ -326,10 +327,17 @@ func (r *router) call(ctx context.Context, ref *commonpb.CopysetRef, f func(ctx 
 				refresh = true
 			}
 		case out.status == chunkpb.Status_STATUS_EPOCH_TOO_OLD:
-			if !v.fenced.Swap(true) {
-				v.log.Warn("fenced: the volume was opened for writing by another client", "detail", out.msg)
+			// A snapshot raised the epoch (go on under the new one), or
+			// another writer opened the volume (fenced).
+			retry, err := v.renew(ctx, refusedEpoch)
+			switch {
+			case retry:
+				continue
+			case err == nil:
+				return out.status, ErrFenced
 			}
-			return out.status, ErrFenced
+			last = fmt.Sprintf("epoch refused, and the MDS cannot say why: %v", err)
+			maxBackoff = 500 * time.Millisecond
 		case out.status == chunkpb.Status_STATUS_INVALID_REQUEST:
 			return out.status, fmt.Errorf("chunkserver %s refused the request: %s", addr, out.msg)
 		case out.status == chunkpb.Status_STATUS_COPYSET_NOTEXIST:
@@ -382,9 +390,10 @@ func (r *router) writePiece(ctx context.Context, pc piece) error {
 	seq := v.reqs.begin()
 	defer v.reqs.end(seq)
 	_, err = r.call(ctx, ref.GetCopyset(), func(ctx context.Context, cl chunkIO) (outcome, error) {
+		w := v.ws.Load()
 		resp, err := cl.WriteChunk(ctx, &chunkpb.WriteChunkRequest{
-			Copyset: ref.GetCopyset(), ChunkId: ref.GetChunkId(), VolumeId: v.id, Epoch: v.epoch,
-			Offset: uint64(pc.off), Data: pc.buf, Request: v.reqs.attempt(seq),
+			Copyset: ref.GetCopyset(), ChunkId: ref.GetChunkId(), VolumeId: v.id, Epoch: w.epoch,
+			Offset: uint64(pc.off), Data: pc.buf, Request: v.reqs.attempt(seq), Sn: w.sn, Keep: w.keep,
 		})
 		return outcome{resp.GetStatus(), resp.GetLeader(), resp.GetMessage()}, err
 	})
@@ -404,8 +413,8 @@ func (r *router) readPiece(ctx context.Context, pc piece) error {
 	var data []byte
 	st, err := r.call(ctx, ref.GetCopyset(), func(ctx context.Context, cl chunkIO) (outcome, error) {
 		resp, err := cl.ReadChunk(ctx, &chunkpb.ReadChunkRequest{
-			Copyset: ref.GetCopyset(), ChunkId: ref.GetChunkId(), VolumeId: v.id, Epoch: v.epoch,
-			Offset: uint64(pc.off), Length: uint64(len(pc.buf)),
+			Copyset: ref.GetCopyset(), ChunkId: ref.GetChunkId(), VolumeId: v.id, Epoch: v.Epoch(),
+			Offset: uint64(pc.off), Length: uint64(len(pc.buf)), SnapshotSn: v.snap,
 		})
 		data = resp.GetData()
 		return outcome{resp.GetStatus(), resp.GetLeader(), resp.GetMessage()}, err
@@ -437,11 +446,23 @@ func (r *router) unmapPiece(ctx context.Context, pc piece) error {
 	if pc.buf != nil {
 		return r.writePiece(ctx, pc)
 	}
+	if v.ws.Load().keep != 0 {
+		// Snapshots may read the chunk: it is zeroed through copy on
+		// write, never deleted.
+		zeros := make([]byte, v.pieceSize)
+		for off := int64(0); off < v.chunkSize; off += v.pieceSize {
+			z := piece{seg: pc.seg, chunkIdx: pc.chunkIdx, off: off, buf: zeros[:min(v.pieceSize, v.chunkSize-off)]}
+			if err := r.writePiece(ctx, z); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
 	seq := v.reqs.begin()
 	defer v.reqs.end(seq)
 	_, err = r.call(ctx, ref.GetCopyset(), func(ctx context.Context, cl chunkIO) (outcome, error) {
 		resp, err := cl.DeleteChunk(ctx, &chunkpb.DeleteChunkRequest{
-			Copyset: ref.GetCopyset(), ChunkId: ref.GetChunkId(), VolumeId: v.id, Epoch: v.epoch,
+			Copyset: ref.GetCopyset(), ChunkId: ref.GetChunkId(), VolumeId: v.id, Epoch: v.Epoch(),
 			Request: v.reqs.attempt(seq),
 		})
 		return outcome{resp.GetStatus(), resp.GetLeader(), resp.GetMessage()}, err

@@ -23,6 +23,10 @@ type Options struct {
 	// ReadOnly opens the volume without taking the write epoch: it fences
 	// no one and cannot write.
 	ReadOnly bool
+	// Snapshot opens the volume's snapshot of that name instead (read
+	// only): reads return the volume as it was when the snapshot was
+	// taken.
+	Snapshot string
 	// ClientName is recorded in the MDS session (who has the volume open);
 	// default "<host>/pid-<pid>".
 	ClientName string
@@ -85,9 +89,12 @@ type Volume struct {
 	log  *slog.Logger
 	mds  *mdsclient.Conn
 
-	id        uint64
-	epoch     uint64 // 0 for read-only handles
-	session   string
+	id      uint64
+	ws      atomic.Pointer[writeState]
+	snap    uint64 // the snapshot's sequence number (snapshot handles)
+	session string
+	// renewMu makes one renewal at a time (renew).
+	renewMu   sync.Mutex
 	lease     time.Duration
 	chunkSize int64
 	segSize   int64
@@ -101,6 +108,7 @@ type Volume struct {
 	sem    chan struct{}
 	budget byteBudget // bytes of pieces in flight
 	fenced atomic.Bool
+	gone   atomic.Bool // the snapshot this handle reads was deleted
 	closed atomic.Bool
 	stop   chan struct{}
 	ctx    context.Context // cancelled by Close: IO in flight stops
@@ -143,6 +151,9 @@ func OpenWithOptions(ctx context.Context, mdsAddrs []string, volume string, o Op
 	if err != nil {
 		return nil, fmt.Errorf("client: connect to the MDS: %w", err)
 	}
+	if o.Snapshot != "" {
+		o.ReadOnly = true
+	}
 	resp, err := conn.Volumes().OpenVolume(ctx, &mdspb.OpenVolumeRequest{Name: volume, Writable: !o.ReadOnly, Client: o.ClientName, Node: o.Node})
 	if err != nil {
 		conn.Close()
@@ -170,8 +181,20 @@ func OpenWithOptions(ctx context.Context, mdsAddrs []string, volume string, o Op
 		stop:      make(chan struct{}),
 	}
 	v.ctx, v.cancel = context.WithCancel(context.Background())
+	v.ws.Store(&writeState{})
 	if !o.ReadOnly {
-		v.epoch = vol.GetEpoch()
+		v.adopt(vol)
+	}
+	size := int64(vol.GetSize())
+	if o.Snapshot != "" {
+		snap := vol.LiveSnapshot(o.Snapshot)
+		if snap == nil {
+			_, _ = conn.Volumes().CloseVolume(ctx, &mdspb.CloseVolumeRequest{Name: volume, SessionId: v.session})
+			conn.Close()
+			return nil, fmt.Errorf("%w: volume %s has no snapshot %q", ErrNotFound, volume, o.Snapshot)
+		}
+		v.snap, size = snap.GetSeq(), int64(snap.GetSize())
+		v.log = v.log.With("snapshot", o.Snapshot)
 	}
 	if v.chunkSize <= 0 || v.segSize <= 0 || v.segSize%v.chunkSize != 0 {
 		conn.Close()
@@ -184,7 +207,7 @@ func OpenWithOptions(ctx context.Context, mdsAddrs []string, volume string, o Op
 	// quarter of a chunk file).
 	v.pieceSize = min(1<<20, v.chunkSize/8)
 	v.budget = byteBudget{max: max(o.MaxInflightBytes, v.pieceSize), observe: o.TestingKnobs.OnInflightBytes}
-	v.size.Store(int64(vol.GetSize()))
+	v.size.Store(size)
 	v.r = newRouter(v)
 	v.reqs = newRequests()
 	if v.lease <= 0 {
@@ -192,7 +215,7 @@ func OpenWithOptions(ctx context.Context, mdsAddrs []string, volume string, o Op
 	}
 	v.wg.Add(1)
 	go v.refreshLoop()
-	v.log.Debug("volume opened", "id", v.id, "epoch", v.epoch, "size", v.Size())
+	v.log.Debug("volume opened", "id", v.id, "epoch", v.Epoch(), "size", v.Size())
 	return v, nil
 }
 
@@ -206,7 +229,56 @@ func (v *Volume) Size() int64 { return v.size.Load() }
 func (v *Volume) BlockSize() int64 { return v.blockSize }
 
 // Epoch is the write epoch this handle holds (0 when read-only).
-func (v *Volume) Epoch() uint64 { return v.epoch }
+func (v *Volume) Epoch() uint64 { return v.ws.Load().epoch }
+
+// writeState is what a writer's requests carry: the volume's epoch, its
+// sequence number and its newest live snapshot's. A snapshot raises all
+// three at once; the handle takes them together (adopt).
+type writeState struct {
+	epoch, sn, keep uint64
+}
+
+// adopt takes a writer's state from the volume's record, when it is newer
+// than the handle's.
+func (v *Volume) adopt(vol *mdspb.Volume) bool {
+	for {
+		cur := v.ws.Load()
+		if vol.GetEpoch() <= cur.epoch {
+			return false
+		}
+		next := &writeState{epoch: vol.GetEpoch(), sn: vol.WriteSeq(), keep: vol.NewestLiveSnapshot()}
+		if v.ws.CompareAndSwap(cur, next) {
+			if cur.epoch != 0 {
+				v.log.Info("volume moved to a new sequence number (a snapshot was taken)", "epoch", next.epoch, "seq", next.sn)
+			}
+			return true
+		}
+	}
+}
+
+// renew asks the MDS about this writer's session after a chunkserver
+// refused its epoch: a snapshot raised the epoch (the session stands: the
+// handle takes the new epoch and retries), or another writer opened the
+// volume (the session is fenced). An MDS that cannot be asked leaves the
+// question open (err).
+func (v *Volume) renew(ctx context.Context, refused uint64) (retry bool, err error) {
+	v.renewMu.Lock()
+	defer v.renewMu.Unlock()
+	if v.ws.Load().epoch > refused {
+		return true, nil // renewed meanwhile
+	}
+	resp, err := v.mds.Volumes().RefreshSession(ctx, &mdspb.RefreshSessionRequest{Name: v.name, SessionId: v.session})
+	switch {
+	case status.Code(err) == codes.FailedPrecondition || status.Code(err) == codes.NotFound:
+		if !v.fenced.Swap(true) {
+			v.log.Warn("fenced: the volume was opened for writing by another client", "detail", err)
+		}
+		return false, nil
+	case err != nil:
+		return false, err
+	}
+	return v.adopt(resp.GetVolume()), nil
+}
 
 // Stats returns the handle's counters.
 func (v *Volume) Stats() Stats {
@@ -271,7 +343,7 @@ func (v *Volume) refreshLoop() {
 		resp, err := v.mds.Volumes().RefreshSession(ctx, &mdspb.RefreshSessionRequest{Name: v.name, SessionId: v.session})
 		cancel()
 		if err != nil {
-			if v.epoch != 0 && status.Code(err) == codes.FailedPrecondition {
+			if v.Epoch() != 0 && status.Code(err) == codes.FailedPrecondition {
 				// The MDS fenced the session: the volume was opened for
 				// writing again. Chunkservers that cannot confirm epochs
 				// (cut off from the MDS) answer this handle's writes with
@@ -290,9 +362,12 @@ func (v *Volume) refreshLoop() {
 			v.log.Info("volume grew", "size", sz)
 			v.size.Store(sz)
 		}
-		if e := resp.GetVolume().GetEpoch(); v.epoch != 0 && e > v.epoch && !v.fenced.Load() {
-			v.log.Warn("volume opened for writing elsewhere; this handle is fenced", "epoch", v.epoch, "now", e)
-			v.fenced.Store(true)
+		// The session stands: a newer epoch is a snapshot's.
+		if v.Epoch() != 0 {
+			v.adopt(resp.GetVolume())
+		}
+		if v.opts.Snapshot != "" && resp.GetVolume().LiveSnapshot(v.opts.Snapshot) == nil && !v.gone.Swap(true) {
+			v.log.Warn("the snapshot this handle reads was deleted")
 		}
 	}
 }
@@ -316,6 +391,8 @@ func (v *Volume) usable(write bool) error {
 		return ErrClosed
 	case v.fenced.Load():
 		return ErrFenced
+	case v.gone.Load():
+		return fmt.Errorf("%w: snapshot %q of volume %s was deleted", ErrNotFound, v.opts.Snapshot, v.name)
 	case write && v.opts.ReadOnly:
 		return ErrReadOnly
 	}

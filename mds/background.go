@@ -43,6 +43,9 @@ func (l *leaderState) runBackground(ctx context.Context) {
 	if err := l.freeDeletedVolumes(ctx); err != nil && ctx.Err() == nil {
 		l.log.Warn("free deleted volumes", "err", err)
 	}
+	if err := l.trimDeletedSnapshots(ctx); err != nil && ctx.Err() == nil {
+		l.log.Warn("finish snapshot deletions", "err", err)
+	}
 }
 
 func (l *leaderState) expireSessions(ctx context.Context) error {
@@ -139,63 +142,16 @@ func (l *leaderState) freeSegment(ctx context.Context, v *mdspb.Volume, seg *mds
 	return firstErr
 }
 
-// deleteChunk deletes one chunk through its copyset's leader, following
-// redirects and falling back to the other members. A chunk that does not
-// exist counts as deleted.
+// deleteChunk deletes one chunk through its copyset's leader. A chunk that
+// does not exist counts as deleted.
 func (l *leaderState) deleteChunk(ctx context.Context, v *mdspb.Volume, ref *mdspb.ChunkRef) error {
-	l.mu.Lock()
-	c := l.mu.copysets[ref.Copyset.Key()]
-	var candidates []string
-	if c != nil {
-		view := l.copysetViewLocked(c)
-		for _, p := range view.Peers {
-			if p.ChunkserverId == c.LeaderId {
-				candidates = append([]string{p.Address}, candidates...)
-			} else {
-				candidates = append(candidates, p.Address)
-			}
-		}
-	}
-	l.mu.Unlock()
-	if len(candidates) == 0 {
-		return fmt.Errorf("chunk %d: copyset %s is unknown", ref.ChunkId, ref.Copyset.Name())
-	}
 	req := &chunkpb.DeleteChunkRequest{Copyset: ref.Copyset, ChunkId: ref.ChunkId, VolumeId: v.Id, Epoch: v.Epoch}
-	var lastErr error
-	tried := map[string]int{}
-	for i := 0; i < len(candidates)+3 && len(candidates) > 0; i++ {
-		addr := candidates[0]
-		candidates = candidates[1:]
-		if tried[addr] >= 2 {
-			continue
-		}
-		tried[addr]++
-		resp, err := l.deleteChunkOn(ctx, addr, req)
-		if err != nil {
-			lastErr = fmt.Errorf("%s: %w", addr, err)
-			continue
-		}
-		switch resp.Status {
-		case chunkpb.Status_STATUS_OK, chunkpb.Status_STATUS_CHUNK_NOTEXIST:
-			return nil
-		case chunkpb.Status_STATUS_REDIRECTED:
-			if h := resp.GetLeader().GetAddress(); h != "" {
-				candidates = append([]string{h}, candidates...)
-			}
-			lastErr = fmt.Errorf("%s: redirected to %q", addr, resp.GetLeader().GetAddress())
-		default:
-			lastErr = fmt.Errorf("%s: %s: %s", addr, resp.Status, resp.Message)
-		}
-	}
-	return fmt.Errorf("delete chunk %d of copyset %s: %w", ref.ChunkId, ref.Copyset.Name(), lastErr)
-}
-
-func (l *leaderState) deleteChunkOn(ctx context.Context, addr string, req *chunkpb.DeleteChunkRequest) (*chunkpb.DeleteChunkResponse, error) {
-	cc, err := l.s.conns.Get(addr)
+	err := l.onChunkLeader(ctx, ref, func(ctx context.Context, cl chunkpb.ChunkServiceClient) (chunkpb.Status, *chunkpb.LeaderHint, string, error) {
+		resp, err := cl.DeleteChunk(ctx, req)
+		return resp.GetStatus(), resp.GetLeader(), resp.GetMessage(), err
+	})
 	if err != nil {
-		return nil, err
+		return fmt.Errorf("delete chunk %d: %w", ref.ChunkId, err)
 	}
-	cctx, cancel := context.WithTimeout(ctx, l.s.cfg.RPCTimeout)
-	defer cancel()
-	return chunkpb.NewChunkServiceClient(cc).DeleteChunk(cctx, req)
+	return nil
 }

@@ -180,6 +180,15 @@ func (sv volumeService) UnpublishVolume(ctx context.Context, r *mdspb.UnpublishV
 func (sv volumeService) OpenVolume(ctx context.Context, r *mdspb.OpenVolumeRequest) (*mdspb.OpenVolumeResponse, error) {
 	return withLeader(sv.s, func(st *leaderState) (*mdspb.OpenVolumeResponse, error) { return st.openVolume(ctx, r) })
 }
+func (sv volumeService) CreateSnapshot(ctx context.Context, r *mdspb.CreateSnapshotRequest) (*mdspb.CreateSnapshotResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.CreateSnapshotResponse, error) { return st.createSnapshot(ctx, r) })
+}
+func (sv volumeService) ListSnapshots(ctx context.Context, r *mdspb.ListSnapshotsRequest) (*mdspb.ListSnapshotsResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.ListSnapshotsResponse, error) { return st.listSnapshots(ctx, r) })
+}
+func (sv volumeService) DeleteSnapshot(ctx context.Context, r *mdspb.DeleteSnapshotRequest) (*mdspb.DeleteSnapshotResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.DeleteSnapshotResponse, error) { return st.deleteSnapshot(ctx, r) })
+}
 func (sv volumeService) RefreshSession(ctx context.Context, r *mdspb.RefreshSessionRequest) (*mdspb.RefreshSessionResponse, error) {
 	return withLeader(sv.s, func(st *leaderState) (*mdspb.RefreshSessionResponse, error) { return st.refreshSession(ctx, r) })
 }

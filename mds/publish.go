@@ -70,49 +70,49 @@ func (l *leaderState) publishVolume(ctx context.Context, r *mdspb.PublishVolumeR
 		fenced    string
 		unchanged bool
 	)
-	v, version, bumped, err := l.updateVolume(ctx, r.Name, nil, func(v *mdspb.Volume) (bool, error) {
+	v, version, bumped, err := l.updateVolume(ctx, r.Name, nil, func(v *mdspb.Volume) (fenceKind, error) {
 		fenced, unchanged = "", false
 		if p := publicationOf(v, r.Node); p != nil {
 			if p.ReadOnly == r.ReadOnly {
 				unchanged = true
-				return false, errNoChange
+				return noFence, errNoChange
 			}
-			return false, status.Errorf(codes.AlreadyExists, "volume %q is already published to node %q %s",
+			return noFence, status.Errorf(codes.AlreadyExists, "volume %q is already published to node %q %s",
 				r.Name, r.Node, accessWord(p.ReadOnly))
 		}
 		if w := writablePublication(v); w != nil {
 			if r.ReadOnly {
-				return false, status.Errorf(codes.FailedPrecondition, "volume %q is published for writing to node %q; a reader elsewhere would see it change",
+				return noFence, status.Errorf(codes.FailedPrecondition, "volume %q is published for writing to node %q; a reader elsewhere would see it change",
 					r.Name, w.Node)
 			}
 			live, err := l.liveWriter(ctx, v, w.Node)
 			if err != nil {
-				return false, err
+				return noFence, err
 			}
 			if live != nil {
-				return false, status.Errorf(codes.FailedPrecondition, "volume %q is published for writing to node %q, which has it open (session %s); unpublish it there first",
+				return noFence, status.Errorf(codes.FailedPrecondition, "volume %q is published for writing to node %q, which has it open (session %s); unpublish it there first",
 					r.Name, w.Node, live.SessionId)
 			}
 			// The old node holds no live session: it died or detached
 			// without being unpublished. Take the volume over and fence it.
 			fenced = w.Node
 			v.Publications = []*mdspb.Publication{{Node: r.Node, PublishedUnix: time.Now().Unix()}}
-			return true, nil
+			return fenceWriters, nil
 		}
 		if !r.ReadOnly {
 			if len(v.Publications) > 0 {
-				return false, status.Errorf(codes.FailedPrecondition, "volume %q is published read-only to %s; a writer needs it to itself",
+				return noFence, status.Errorf(codes.FailedPrecondition, "volume %q is published read-only to %s; a writer needs it to itself",
 					r.Name, publishedTo(v))
 			}
 			if live, err := l.liveWriter(ctx, v, ""); err != nil {
-				return false, err
+				return noFence, err
 			} else if live != nil {
-				return false, status.Errorf(codes.FailedPrecondition, "volume %q is open for writing by %q outside the CSI driver (session %s); close it first",
+				return noFence, status.Errorf(codes.FailedPrecondition, "volume %q is open for writing by %q outside the CSI driver (session %s); close it first",
 					r.Name, live.Client, live.SessionId)
 			}
 		}
 		v.Publications = append(v.Publications, &mdspb.Publication{Node: r.Node, ReadOnly: r.ReadOnly, PublishedUnix: time.Now().Unix()})
-		return false, nil
+		return noFence, nil
 	})
 	if err != nil {
 		return nil, err
@@ -143,18 +143,20 @@ func (l *leaderState) unpublishVolume(ctx context.Context, r *mdspb.UnpublishVol
 			return nil, err
 		}
 	}
-	v, version, bumped, err := l.updateVolume(ctx, r.Name, nil, func(v *mdspb.Volume) (bool, error) {
-		fence := false
+	v, version, bumped, err := l.updateVolume(ctx, r.Name, nil, func(v *mdspb.Volume) (fenceKind, error) {
+		fence := noFence
 		kept := v.Publications[:0:0]
 		for _, p := range v.Publications {
 			if r.Node == "" || p.Node == r.Node {
-				fence = fence || !p.ReadOnly
+				if !p.ReadOnly {
+					fence = fenceWriters
+				}
 				continue
 			}
 			kept = append(kept, p)
 		}
 		if len(kept) == len(v.Publications) {
-			return false, errNoChange
+			return noFence, errNoChange
 		}
 		v.Publications = kept
 		return fence, nil
@@ -187,7 +189,7 @@ func (l *leaderState) liveWriter(ctx context.Context, v *mdspb.Volume, node stri
 		return nil, err
 	}
 	for _, s := range sessions {
-		if s.Writable && s.Node == node && s.Epoch == v.Epoch {
+		if s.Writable && s.Node == node && s.Epoch >= writerEpoch(v) {
 			return s, nil
 		}
 	}

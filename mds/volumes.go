@@ -240,13 +240,16 @@ func (l *leaderState) deleteVolume(ctx context.Context, r *mdspb.DeleteVolumeReq
 			return nil, status.Errorf(codes.FailedPrecondition, "volume %q is published to %s; unpublish it first or delete with force",
 				r.Name, publishedTo(v))
 		}
+		if n := len(liveSnapshots(v)); n > 0 && !r.Force {
+			return nil, status.Errorf(codes.FailedPrecondition, "volume %q has %d snapshot(s); delete them first or delete with force", r.Name, n)
+		}
 		if !r.Force {
 			sessions, err := l.liveSessions(ctx, v.Id)
 			if err != nil {
 				return nil, err
 			}
 			for _, s := range sessions {
-				if s.Writable && s.Epoch == v.Epoch { // a fenced writer cannot write
+				if s.Writable && s.Epoch >= writerEpoch(v) { // a fenced writer cannot write
 					return nil, status.Errorf(codes.FailedPrecondition, "volume %q is open for writing by %q (session %s); close it or delete with force",
 						r.Name, s.Client, s.SessionId)
 				}
@@ -316,8 +319,8 @@ func (l *leaderState) openVolume(ctx context.Context, r *mdspb.OpenVolumeRequest
 			}
 		}
 	}
-	v, version, bumped, err := l.updateVolume(ctx, r.Name, sess, func(v *mdspb.Volume) (bool, error) {
-		return true, checkPublishedOpen(v, r.Node, true)
+	v, version, bumped, err := l.updateVolume(ctx, r.Name, sess, func(v *mdspb.Volume) (fenceKind, error) {
+		return fenceWriters, checkPublishedOpen(v, r.Node, true)
 	})
 	if err != nil {
 		return nil, err
@@ -333,6 +336,30 @@ func (l *leaderState) openVolume(ctx context.Context, r *mdspb.OpenVolumeRequest
 // already is as asked: nothing is written.
 var errNoChange = errors.New("volume unchanged")
 
+// fenceKind is what an updateVolume change asks of the volume's epoch.
+type fenceKind int
+
+const (
+	// noFence leaves the epoch alone.
+	noFence fenceKind = iota
+	// fenceWriters raises the epoch and fences every earlier writer
+	// (a writable open, a publication change).
+	fenceWriters
+	// newSequence raises the epoch so that chunkservers refuse writes
+	// under the volume's old sequence number; the writer is not fenced
+	// and takes the new epoch (a snapshot).
+	newSequence
+)
+
+// writerEpoch is the epoch a writable session needs to be the volume's
+// writer (Volume.writer_epoch; 0 on records from before snapshots).
+func writerEpoch(v *mdspb.Volume) uint64 {
+	if v.WriterEpoch == 0 {
+		return v.Epoch
+	}
+	return v.WriterEpoch
+}
+
 // updateVolume applies fn to the volume named name and writes the result in
 // one transaction, retrying on conflict. When fn asks to fence, the same
 // transaction raises the volume's epoch and the epoch table version, and
@@ -342,7 +369,7 @@ var errNoChange = errors.New("volume unchanged")
 // hold it (fenceEpoch waits for that). Without a fence it returns version 0.
 // fn may be called several times, each time on a fresh copy.
 func (l *leaderState) updateVolume(ctx context.Context, name string, sess *mdspb.Session,
-	fn func(v *mdspb.Volume) (fence bool, err error)) (*mdspb.Volume, uint64, time.Time, error) {
+	fn func(v *mdspb.Volume) (fenceKind, error)) (*mdspb.Volume, uint64, time.Time, error) {
 	l.epochWrite.Lock()
 	defer l.epochWrite.Unlock()
 	for {
@@ -350,7 +377,8 @@ func (l *leaderState) updateVolume(ctx context.Context, name string, sess *mdspb
 		if err != nil {
 			return nil, 0, time.Time{}, err
 		}
-		fence, err := fn(v)
+		kind, err := fn(v)
+		fence := kind != noFence
 		if errors.Is(err, errNoChange) {
 			return v, 0, time.Time{}, nil
 		}
@@ -371,7 +399,13 @@ func (l *leaderState) updateVolume(ctx context.Context, name string, sess *mdspb
 				verCmp = clientv3.Compare(clientv3.Value(verKey), "=", strconv.FormatUint(ver, 10))
 			}
 			cmps = append(cmps, verCmp)
+			if v.WriterEpoch == 0 {
+				v.WriterEpoch = v.Epoch
+			}
 			v.Epoch++
+			if kind == fenceWriters {
+				v.WriterEpoch = v.Epoch
+			}
 			ops = append(ops, clientv3.OpPut(verKey, strconv.FormatUint(ver+1, 10)))
 		}
 		ops = append(ops, putOp(key, v))
@@ -459,9 +493,9 @@ func (l *leaderState) refreshSession(ctx context.Context, r *mdspb.RefreshSessio
 	if !found || sess.ExpiresUnix <= now.Unix() {
 		return nil, status.Errorf(codes.NotFound, "session %s of volume %q expired or never existed; open the volume again", r.SessionId, r.Name)
 	}
-	if sess.Writable && sess.Epoch < v.Epoch {
+	if sess.Writable && sess.Epoch < writerEpoch(v) {
 		return nil, status.Errorf(codes.FailedPrecondition, "session %s of volume %q was fenced: the volume was opened for writing again (epoch %d > %d)",
-			r.SessionId, r.Name, v.Epoch, sess.Epoch)
+			r.SessionId, r.Name, writerEpoch(v), sess.Epoch)
 	}
 	sess.Volume = v.Name
 	sess.ExpiresUnix = leaseEnd(now, l.s.cfg.SessionLease)

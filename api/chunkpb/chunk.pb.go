@@ -186,7 +186,13 @@ type WriteChunkRequest struct {
 	Offset uint64 `protobuf:"varint,5,opt,name=offset,proto3" json:"offset,omitempty"`
 	Data   []byte `protobuf:"bytes,6,opt,name=data,proto3" json:"data,omitempty"`
 	// Identifies the request so that a retry of it is applied at most once.
-	Request       *ClientRequest `protobuf:"bytes,7,opt,name=request,proto3" json:"request,omitempty"`
+	Request *ClientRequest `protobuf:"bytes,7,opt,name=request,proto3" json:"request,omitempty"`
+	// The volume's sequence number and its newest live snapshot's (0: none):
+	// the first write of a chunk under a newer sequence number first keeps
+	// what the snapshots need of the chunk (copy on write). sn 0: a writer
+	// that knows no snapshots.
+	Sn            uint64 `protobuf:"varint,8,opt,name=sn,proto3" json:"sn,omitempty"`
+	Keep          uint64 `protobuf:"varint,9,opt,name=keep,proto3" json:"keep,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -268,6 +274,20 @@ func (x *WriteChunkRequest) GetRequest() *ClientRequest {
 		return x.Request
 	}
 	return nil
+}
+
+func (x *WriteChunkRequest) GetSn() uint64 {
+	if x != nil {
+		return x.Sn
+	}
+	return 0
+}
+
+func (x *WriteChunkRequest) GetKeep() uint64 {
+	if x != nil {
+		return x.Keep
+	}
+	return 0
 }
 
 // ClientRequest names one request of one client so that the copyset
@@ -416,9 +436,12 @@ type ReadChunkRequest struct {
 	ChunkId  uint64                 `protobuf:"varint,2,opt,name=chunk_id,json=chunkId,proto3" json:"chunk_id,omitempty"`
 	VolumeId uint64                 `protobuf:"varint,3,opt,name=volume_id,json=volumeId,proto3" json:"volume_id,omitempty"`
 	// Epoch of the reader; 0 skips the epoch check (read-only openers).
-	Epoch         uint64 `protobuf:"varint,4,opt,name=epoch,proto3" json:"epoch,omitempty"`
-	Offset        uint64 `protobuf:"varint,5,opt,name=offset,proto3" json:"offset,omitempty"`
-	Length        uint64 `protobuf:"varint,6,opt,name=length,proto3" json:"length,omitempty"`
+	Epoch  uint64 `protobuf:"varint,4,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	Offset uint64 `protobuf:"varint,5,opt,name=offset,proto3" json:"offset,omitempty"`
+	Length uint64 `protobuf:"varint,6,opt,name=length,proto3" json:"length,omitempty"`
+	// Read the chunk as it was in the snapshot at this sequence number of
+	// its volume (0: as it is now).
+	SnapshotSn    uint64 `protobuf:"varint,7,opt,name=snapshot_sn,json=snapshotSn,proto3" json:"snapshot_sn,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -491,6 +514,13 @@ func (x *ReadChunkRequest) GetOffset() uint64 {
 func (x *ReadChunkRequest) GetLength() uint64 {
 	if x != nil {
 		return x.Length
+	}
+	return 0
+}
+
+func (x *ReadChunkRequest) GetSnapshotSn() uint64 {
+	if x != nil {
+		return x.SnapshotSn
 	}
 	return 0
 }
@@ -702,6 +732,146 @@ func (x *DeleteChunkResponse) GetMessage() string {
 	return ""
 }
 
+// TrimChunkRequest drops what the volume's live snapshots no longer read of
+// a chunk's kept versions (after a snapshot was deleted): live lists every
+// live snapshot of the volume below bound, the volume's sequence number
+// when the list was made. Trimming a missing chunk succeeds.
+type TrimChunkRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Copyset       *commonpb.CopysetRef   `protobuf:"bytes,1,opt,name=copyset,proto3" json:"copyset,omitempty"`
+	ChunkId       uint64                 `protobuf:"varint,2,opt,name=chunk_id,json=chunkId,proto3" json:"chunk_id,omitempty"`
+	VolumeId      uint64                 `protobuf:"varint,3,opt,name=volume_id,json=volumeId,proto3" json:"volume_id,omitempty"`
+	Live          []uint64               `protobuf:"varint,4,rep,packed,name=live,proto3" json:"live,omitempty"`
+	Bound         uint64                 `protobuf:"varint,5,opt,name=bound,proto3" json:"bound,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TrimChunkRequest) Reset() {
+	*x = TrimChunkRequest{}
+	mi := &file_chunkpb_chunk_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TrimChunkRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TrimChunkRequest) ProtoMessage() {}
+
+func (x *TrimChunkRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chunkpb_chunk_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TrimChunkRequest.ProtoReflect.Descriptor instead.
+func (*TrimChunkRequest) Descriptor() ([]byte, []int) {
+	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *TrimChunkRequest) GetCopyset() *commonpb.CopysetRef {
+	if x != nil {
+		return x.Copyset
+	}
+	return nil
+}
+
+func (x *TrimChunkRequest) GetChunkId() uint64 {
+	if x != nil {
+		return x.ChunkId
+	}
+	return 0
+}
+
+func (x *TrimChunkRequest) GetVolumeId() uint64 {
+	if x != nil {
+		return x.VolumeId
+	}
+	return 0
+}
+
+func (x *TrimChunkRequest) GetLive() []uint64 {
+	if x != nil {
+		return x.Live
+	}
+	return nil
+}
+
+func (x *TrimChunkRequest) GetBound() uint64 {
+	if x != nil {
+		return x.Bound
+	}
+	return 0
+}
+
+type TrimChunkResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Status        Status                 `protobuf:"varint,1,opt,name=status,proto3,enum=cairn.chunk.v1.Status" json:"status,omitempty"`
+	Leader        *LeaderHint            `protobuf:"bytes,2,opt,name=leader,proto3" json:"leader,omitempty"`
+	Message       string                 `protobuf:"bytes,3,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TrimChunkResponse) Reset() {
+	*x = TrimChunkResponse{}
+	mi := &file_chunkpb_chunk_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TrimChunkResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TrimChunkResponse) ProtoMessage() {}
+
+func (x *TrimChunkResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chunkpb_chunk_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TrimChunkResponse.ProtoReflect.Descriptor instead.
+func (*TrimChunkResponse) Descriptor() ([]byte, []int) {
+	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *TrimChunkResponse) GetStatus() Status {
+	if x != nil {
+		return x.Status
+	}
+	return Status_STATUS_OK
+}
+
+func (x *TrimChunkResponse) GetLeader() *LeaderHint {
+	if x != nil {
+		return x.Leader
+	}
+	return nil
+}
+
+func (x *TrimChunkResponse) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
 // GetChunkInfoRequest asks for a chunk's metadata.
 type GetChunkInfoRequest struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
@@ -716,7 +886,7 @@ type GetChunkInfoRequest struct {
 
 func (x *GetChunkInfoRequest) Reset() {
 	*x = GetChunkInfoRequest{}
-	mi := &file_chunkpb_chunk_proto_msgTypes[8]
+	mi := &file_chunkpb_chunk_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -728,7 +898,7 @@ func (x *GetChunkInfoRequest) String() string {
 func (*GetChunkInfoRequest) ProtoMessage() {}
 
 func (x *GetChunkInfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chunkpb_chunk_proto_msgTypes[8]
+	mi := &file_chunkpb_chunk_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -741,7 +911,7 @@ func (x *GetChunkInfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetChunkInfoRequest.ProtoReflect.Descriptor instead.
 func (*GetChunkInfoRequest) Descriptor() ([]byte, []int) {
-	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{8}
+	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *GetChunkInfoRequest) GetCopyset() *commonpb.CopysetRef {
@@ -785,7 +955,7 @@ type GetChunkInfoResponse struct {
 
 func (x *GetChunkInfoResponse) Reset() {
 	*x = GetChunkInfoResponse{}
-	mi := &file_chunkpb_chunk_proto_msgTypes[9]
+	mi := &file_chunkpb_chunk_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -797,7 +967,7 @@ func (x *GetChunkInfoResponse) String() string {
 func (*GetChunkInfoResponse) ProtoMessage() {}
 
 func (x *GetChunkInfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chunkpb_chunk_proto_msgTypes[9]
+	mi := &file_chunkpb_chunk_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -810,7 +980,7 @@ func (x *GetChunkInfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetChunkInfoResponse.ProtoReflect.Descriptor instead.
 func (*GetChunkInfoResponse) Descriptor() ([]byte, []int) {
-	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{9}
+	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *GetChunkInfoResponse) GetStatus() Status {
@@ -884,7 +1054,7 @@ type GetChunkHashRequest struct {
 
 func (x *GetChunkHashRequest) Reset() {
 	*x = GetChunkHashRequest{}
-	mi := &file_chunkpb_chunk_proto_msgTypes[10]
+	mi := &file_chunkpb_chunk_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -896,7 +1066,7 @@ func (x *GetChunkHashRequest) String() string {
 func (*GetChunkHashRequest) ProtoMessage() {}
 
 func (x *GetChunkHashRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chunkpb_chunk_proto_msgTypes[10]
+	mi := &file_chunkpb_chunk_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -909,7 +1079,7 @@ func (x *GetChunkHashRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetChunkHashRequest.ProtoReflect.Descriptor instead.
 func (*GetChunkHashRequest) Descriptor() ([]byte, []int) {
-	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{10}
+	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *GetChunkHashRequest) GetCopyset() *commonpb.CopysetRef {
@@ -955,7 +1125,7 @@ type GetChunkHashResponse struct {
 
 func (x *GetChunkHashResponse) Reset() {
 	*x = GetChunkHashResponse{}
-	mi := &file_chunkpb_chunk_proto_msgTypes[11]
+	mi := &file_chunkpb_chunk_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -967,7 +1137,7 @@ func (x *GetChunkHashResponse) String() string {
 func (*GetChunkHashResponse) ProtoMessage() {}
 
 func (x *GetChunkHashResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chunkpb_chunk_proto_msgTypes[11]
+	mi := &file_chunkpb_chunk_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -980,7 +1150,7 @@ func (x *GetChunkHashResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetChunkHashResponse.ProtoReflect.Descriptor instead.
 func (*GetChunkHashResponse) Descriptor() ([]byte, []int) {
-	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{11}
+	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *GetChunkHashResponse) GetStatus() Status {
@@ -1030,7 +1200,7 @@ type UpdateEpochRequest struct {
 
 func (x *UpdateEpochRequest) Reset() {
 	*x = UpdateEpochRequest{}
-	mi := &file_chunkpb_chunk_proto_msgTypes[12]
+	mi := &file_chunkpb_chunk_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1042,7 +1212,7 @@ func (x *UpdateEpochRequest) String() string {
 func (*UpdateEpochRequest) ProtoMessage() {}
 
 func (x *UpdateEpochRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chunkpb_chunk_proto_msgTypes[12]
+	mi := &file_chunkpb_chunk_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1055,7 +1225,7 @@ func (x *UpdateEpochRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateEpochRequest.ProtoReflect.Descriptor instead.
 func (*UpdateEpochRequest) Descriptor() ([]byte, []int) {
-	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{12}
+	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *UpdateEpochRequest) GetVolumeId() uint64 {
@@ -1084,7 +1254,7 @@ type UpdateEpochResponse struct {
 
 func (x *UpdateEpochResponse) Reset() {
 	*x = UpdateEpochResponse{}
-	mi := &file_chunkpb_chunk_proto_msgTypes[13]
+	mi := &file_chunkpb_chunk_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1096,7 +1266,7 @@ func (x *UpdateEpochResponse) String() string {
 func (*UpdateEpochResponse) ProtoMessage() {}
 
 func (x *UpdateEpochResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chunkpb_chunk_proto_msgTypes[13]
+	mi := &file_chunkpb_chunk_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1109,7 +1279,7 @@ func (x *UpdateEpochResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateEpochResponse.ProtoReflect.Descriptor instead.
 func (*UpdateEpochResponse) Descriptor() ([]byte, []int) {
-	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{13}
+	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *UpdateEpochResponse) GetStatus() Status {
@@ -1141,7 +1311,7 @@ const file_chunkpb_chunk_proto_rawDesc = "" +
 	"\n" +
 	"LeaderHint\x12%\n" +
 	"\x0echunkserver_id\x18\x01 \x01(\x04R\rchunkserverId\x12\x18\n" +
-	"\aaddress\x18\x02 \x01(\tR\aaddress\"\xfd\x01\n" +
+	"\aaddress\x18\x02 \x01(\tR\aaddress\"\xa1\x02\n" +
 	"\x11WriteChunkRequest\x125\n" +
 	"\acopyset\x18\x01 \x01(\v2\x1b.cairn.common.v1.CopysetRefR\acopyset\x12\x19\n" +
 	"\bchunk_id\x18\x02 \x01(\x04R\achunkId\x12\x1b\n" +
@@ -1149,7 +1319,9 @@ const file_chunkpb_chunk_proto_rawDesc = "" +
 	"\x05epoch\x18\x04 \x01(\x04R\x05epoch\x12\x16\n" +
 	"\x06offset\x18\x05 \x01(\x04R\x06offset\x12\x12\n" +
 	"\x04data\x18\x06 \x01(\fR\x04data\x127\n" +
-	"\arequest\x18\a \x01(\v2\x1d.cairn.chunk.v1.ClientRequestR\arequest\"W\n" +
+	"\arequest\x18\a \x01(\v2\x1d.cairn.chunk.v1.ClientRequestR\arequest\x12\x0e\n" +
+	"\x02sn\x18\b \x01(\x04R\x02sn\x12\x12\n" +
+	"\x04keep\x18\t \x01(\x04R\x04keep\"W\n" +
 	"\rClientRequest\x12\x1b\n" +
 	"\tclient_id\x18\x01 \x01(\x04R\bclientId\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12\x17\n" +
@@ -1158,14 +1330,16 @@ const file_chunkpb_chunk_proto_rawDesc = "" +
 	"\x06status\x18\x01 \x01(\x0e2\x16.cairn.chunk.v1.StatusR\x06status\x122\n" +
 	"\x06leader\x18\x02 \x01(\v2\x1a.cairn.chunk.v1.LeaderHintR\x06leader\x12\x18\n" +
 	"\amessage\x18\x03 \x01(\tR\amessage\x12#\n" +
-	"\rapplied_index\x18\x04 \x01(\x04R\fappliedIndex\"\xc7\x01\n" +
+	"\rapplied_index\x18\x04 \x01(\x04R\fappliedIndex\"\xe8\x01\n" +
 	"\x10ReadChunkRequest\x125\n" +
 	"\acopyset\x18\x01 \x01(\v2\x1b.cairn.common.v1.CopysetRefR\acopyset\x12\x19\n" +
 	"\bchunk_id\x18\x02 \x01(\x04R\achunkId\x12\x1b\n" +
 	"\tvolume_id\x18\x03 \x01(\x04R\bvolumeId\x12\x14\n" +
 	"\x05epoch\x18\x04 \x01(\x04R\x05epoch\x12\x16\n" +
 	"\x06offset\x18\x05 \x01(\x04R\x06offset\x12\x16\n" +
-	"\x06length\x18\x06 \x01(\x04R\x06length\"\xa5\x01\n" +
+	"\x06length\x18\x06 \x01(\x04R\x06length\x12\x1f\n" +
+	"\vsnapshot_sn\x18\a \x01(\x04R\n" +
+	"snapshotSn\"\xa5\x01\n" +
 	"\x11ReadChunkResponse\x12.\n" +
 	"\x06status\x18\x01 \x01(\x0e2\x16.cairn.chunk.v1.StatusR\x06status\x122\n" +
 	"\x06leader\x18\x02 \x01(\v2\x1a.cairn.chunk.v1.LeaderHintR\x06leader\x12\x18\n" +
@@ -1178,6 +1352,16 @@ const file_chunkpb_chunk_proto_rawDesc = "" +
 	"\x05epoch\x18\x04 \x01(\x04R\x05epoch\x127\n" +
 	"\arequest\x18\x05 \x01(\v2\x1d.cairn.chunk.v1.ClientRequestR\arequest\"\x93\x01\n" +
 	"\x13DeleteChunkResponse\x12.\n" +
+	"\x06status\x18\x01 \x01(\x0e2\x16.cairn.chunk.v1.StatusR\x06status\x122\n" +
+	"\x06leader\x18\x02 \x01(\v2\x1a.cairn.chunk.v1.LeaderHintR\x06leader\x12\x18\n" +
+	"\amessage\x18\x03 \x01(\tR\amessage\"\xab\x01\n" +
+	"\x10TrimChunkRequest\x125\n" +
+	"\acopyset\x18\x01 \x01(\v2\x1b.cairn.common.v1.CopysetRefR\acopyset\x12\x19\n" +
+	"\bchunk_id\x18\x02 \x01(\x04R\achunkId\x12\x1b\n" +
+	"\tvolume_id\x18\x03 \x01(\x04R\bvolumeId\x12\x12\n" +
+	"\x04live\x18\x04 \x03(\x04R\x04live\x12\x14\n" +
+	"\x05bound\x18\x05 \x01(\x04R\x05bound\"\x91\x01\n" +
+	"\x11TrimChunkResponse\x12.\n" +
 	"\x06status\x18\x01 \x01(\x0e2\x16.cairn.chunk.v1.StatusR\x06status\x122\n" +
 	"\x06leader\x18\x02 \x01(\v2\x1a.cairn.chunk.v1.LeaderHintR\x06leader\x12\x18\n" +
 	"\amessage\x18\x03 \x01(\tR\amessage\"\x88\x01\n" +
@@ -1224,12 +1408,13 @@ const file_chunkpb_chunk_proto_rawDesc = "" +
 	"\x0fSTATUS_OVERLOAD\x10\x06\x12\x1b\n" +
 	"\x17STATUS_COPYSET_NOTEXIST\x10\a\x12\x16\n" +
 	"\x12STATUS_UNAVAILABLE\x10\b\x12\x19\n" +
-	"\x15STATUS_INTERNAL_ERROR\x10\t2\x9b\x04\n" +
+	"\x15STATUS_INTERNAL_ERROR\x10\t2\xed\x04\n" +
 	"\fChunkService\x12S\n" +
 	"\n" +
 	"WriteChunk\x12!.cairn.chunk.v1.WriteChunkRequest\x1a\".cairn.chunk.v1.WriteChunkResponse\x12P\n" +
 	"\tReadChunk\x12 .cairn.chunk.v1.ReadChunkRequest\x1a!.cairn.chunk.v1.ReadChunkResponse\x12V\n" +
-	"\vDeleteChunk\x12\".cairn.chunk.v1.DeleteChunkRequest\x1a#.cairn.chunk.v1.DeleteChunkResponse\x12Y\n" +
+	"\vDeleteChunk\x12\".cairn.chunk.v1.DeleteChunkRequest\x1a#.cairn.chunk.v1.DeleteChunkResponse\x12P\n" +
+	"\tTrimChunk\x12 .cairn.chunk.v1.TrimChunkRequest\x1a!.cairn.chunk.v1.TrimChunkResponse\x12Y\n" +
 	"\fGetChunkInfo\x12#.cairn.chunk.v1.GetChunkInfoRequest\x1a$.cairn.chunk.v1.GetChunkInfoResponse\x12Y\n" +
 	"\fGetChunkHash\x12#.cairn.chunk.v1.GetChunkHashRequest\x1a$.cairn.chunk.v1.GetChunkHashResponse\x12V\n" +
 	"\vUpdateEpoch\x12\".cairn.chunk.v1.UpdateEpochRequest\x1a#.cairn.chunk.v1.UpdateEpochResponseB\x1cZ\x1acairn.io/cairn/api/chunkpbb\x06proto3"
@@ -1247,7 +1432,7 @@ func file_chunkpb_chunk_proto_rawDescGZIP() []byte {
 }
 
 var file_chunkpb_chunk_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_chunkpb_chunk_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
+var file_chunkpb_chunk_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
 var file_chunkpb_chunk_proto_goTypes = []any{
 	(Status)(0),                  // 0: cairn.chunk.v1.Status
 	(*LeaderHint)(nil),           // 1: cairn.chunk.v1.LeaderHint
@@ -1258,49 +1443,56 @@ var file_chunkpb_chunk_proto_goTypes = []any{
 	(*ReadChunkResponse)(nil),    // 6: cairn.chunk.v1.ReadChunkResponse
 	(*DeleteChunkRequest)(nil),   // 7: cairn.chunk.v1.DeleteChunkRequest
 	(*DeleteChunkResponse)(nil),  // 8: cairn.chunk.v1.DeleteChunkResponse
-	(*GetChunkInfoRequest)(nil),  // 9: cairn.chunk.v1.GetChunkInfoRequest
-	(*GetChunkInfoResponse)(nil), // 10: cairn.chunk.v1.GetChunkInfoResponse
-	(*GetChunkHashRequest)(nil),  // 11: cairn.chunk.v1.GetChunkHashRequest
-	(*GetChunkHashResponse)(nil), // 12: cairn.chunk.v1.GetChunkHashResponse
-	(*UpdateEpochRequest)(nil),   // 13: cairn.chunk.v1.UpdateEpochRequest
-	(*UpdateEpochResponse)(nil),  // 14: cairn.chunk.v1.UpdateEpochResponse
-	(*commonpb.CopysetRef)(nil),  // 15: cairn.common.v1.CopysetRef
+	(*TrimChunkRequest)(nil),     // 9: cairn.chunk.v1.TrimChunkRequest
+	(*TrimChunkResponse)(nil),    // 10: cairn.chunk.v1.TrimChunkResponse
+	(*GetChunkInfoRequest)(nil),  // 11: cairn.chunk.v1.GetChunkInfoRequest
+	(*GetChunkInfoResponse)(nil), // 12: cairn.chunk.v1.GetChunkInfoResponse
+	(*GetChunkHashRequest)(nil),  // 13: cairn.chunk.v1.GetChunkHashRequest
+	(*GetChunkHashResponse)(nil), // 14: cairn.chunk.v1.GetChunkHashResponse
+	(*UpdateEpochRequest)(nil),   // 15: cairn.chunk.v1.UpdateEpochRequest
+	(*UpdateEpochResponse)(nil),  // 16: cairn.chunk.v1.UpdateEpochResponse
+	(*commonpb.CopysetRef)(nil),  // 17: cairn.common.v1.CopysetRef
 }
 var file_chunkpb_chunk_proto_depIdxs = []int32{
-	15, // 0: cairn.chunk.v1.WriteChunkRequest.copyset:type_name -> cairn.common.v1.CopysetRef
+	17, // 0: cairn.chunk.v1.WriteChunkRequest.copyset:type_name -> cairn.common.v1.CopysetRef
 	3,  // 1: cairn.chunk.v1.WriteChunkRequest.request:type_name -> cairn.chunk.v1.ClientRequest
 	0,  // 2: cairn.chunk.v1.WriteChunkResponse.status:type_name -> cairn.chunk.v1.Status
 	1,  // 3: cairn.chunk.v1.WriteChunkResponse.leader:type_name -> cairn.chunk.v1.LeaderHint
-	15, // 4: cairn.chunk.v1.ReadChunkRequest.copyset:type_name -> cairn.common.v1.CopysetRef
+	17, // 4: cairn.chunk.v1.ReadChunkRequest.copyset:type_name -> cairn.common.v1.CopysetRef
 	0,  // 5: cairn.chunk.v1.ReadChunkResponse.status:type_name -> cairn.chunk.v1.Status
 	1,  // 6: cairn.chunk.v1.ReadChunkResponse.leader:type_name -> cairn.chunk.v1.LeaderHint
-	15, // 7: cairn.chunk.v1.DeleteChunkRequest.copyset:type_name -> cairn.common.v1.CopysetRef
+	17, // 7: cairn.chunk.v1.DeleteChunkRequest.copyset:type_name -> cairn.common.v1.CopysetRef
 	3,  // 8: cairn.chunk.v1.DeleteChunkRequest.request:type_name -> cairn.chunk.v1.ClientRequest
 	0,  // 9: cairn.chunk.v1.DeleteChunkResponse.status:type_name -> cairn.chunk.v1.Status
 	1,  // 10: cairn.chunk.v1.DeleteChunkResponse.leader:type_name -> cairn.chunk.v1.LeaderHint
-	15, // 11: cairn.chunk.v1.GetChunkInfoRequest.copyset:type_name -> cairn.common.v1.CopysetRef
-	0,  // 12: cairn.chunk.v1.GetChunkInfoResponse.status:type_name -> cairn.chunk.v1.Status
-	1,  // 13: cairn.chunk.v1.GetChunkInfoResponse.leader:type_name -> cairn.chunk.v1.LeaderHint
-	15, // 14: cairn.chunk.v1.GetChunkHashRequest.copyset:type_name -> cairn.common.v1.CopysetRef
-	0,  // 15: cairn.chunk.v1.GetChunkHashResponse.status:type_name -> cairn.chunk.v1.Status
-	0,  // 16: cairn.chunk.v1.UpdateEpochResponse.status:type_name -> cairn.chunk.v1.Status
-	2,  // 17: cairn.chunk.v1.ChunkService.WriteChunk:input_type -> cairn.chunk.v1.WriteChunkRequest
-	5,  // 18: cairn.chunk.v1.ChunkService.ReadChunk:input_type -> cairn.chunk.v1.ReadChunkRequest
-	7,  // 19: cairn.chunk.v1.ChunkService.DeleteChunk:input_type -> cairn.chunk.v1.DeleteChunkRequest
-	9,  // 20: cairn.chunk.v1.ChunkService.GetChunkInfo:input_type -> cairn.chunk.v1.GetChunkInfoRequest
-	11, // 21: cairn.chunk.v1.ChunkService.GetChunkHash:input_type -> cairn.chunk.v1.GetChunkHashRequest
-	13, // 22: cairn.chunk.v1.ChunkService.UpdateEpoch:input_type -> cairn.chunk.v1.UpdateEpochRequest
-	4,  // 23: cairn.chunk.v1.ChunkService.WriteChunk:output_type -> cairn.chunk.v1.WriteChunkResponse
-	6,  // 24: cairn.chunk.v1.ChunkService.ReadChunk:output_type -> cairn.chunk.v1.ReadChunkResponse
-	8,  // 25: cairn.chunk.v1.ChunkService.DeleteChunk:output_type -> cairn.chunk.v1.DeleteChunkResponse
-	10, // 26: cairn.chunk.v1.ChunkService.GetChunkInfo:output_type -> cairn.chunk.v1.GetChunkInfoResponse
-	12, // 27: cairn.chunk.v1.ChunkService.GetChunkHash:output_type -> cairn.chunk.v1.GetChunkHashResponse
-	14, // 28: cairn.chunk.v1.ChunkService.UpdateEpoch:output_type -> cairn.chunk.v1.UpdateEpochResponse
-	23, // [23:29] is the sub-list for method output_type
-	17, // [17:23] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	17, // 11: cairn.chunk.v1.TrimChunkRequest.copyset:type_name -> cairn.common.v1.CopysetRef
+	0,  // 12: cairn.chunk.v1.TrimChunkResponse.status:type_name -> cairn.chunk.v1.Status
+	1,  // 13: cairn.chunk.v1.TrimChunkResponse.leader:type_name -> cairn.chunk.v1.LeaderHint
+	17, // 14: cairn.chunk.v1.GetChunkInfoRequest.copyset:type_name -> cairn.common.v1.CopysetRef
+	0,  // 15: cairn.chunk.v1.GetChunkInfoResponse.status:type_name -> cairn.chunk.v1.Status
+	1,  // 16: cairn.chunk.v1.GetChunkInfoResponse.leader:type_name -> cairn.chunk.v1.LeaderHint
+	17, // 17: cairn.chunk.v1.GetChunkHashRequest.copyset:type_name -> cairn.common.v1.CopysetRef
+	0,  // 18: cairn.chunk.v1.GetChunkHashResponse.status:type_name -> cairn.chunk.v1.Status
+	0,  // 19: cairn.chunk.v1.UpdateEpochResponse.status:type_name -> cairn.chunk.v1.Status
+	2,  // 20: cairn.chunk.v1.ChunkService.WriteChunk:input_type -> cairn.chunk.v1.WriteChunkRequest
+	5,  // 21: cairn.chunk.v1.ChunkService.ReadChunk:input_type -> cairn.chunk.v1.ReadChunkRequest
+	7,  // 22: cairn.chunk.v1.ChunkService.DeleteChunk:input_type -> cairn.chunk.v1.DeleteChunkRequest
+	9,  // 23: cairn.chunk.v1.ChunkService.TrimChunk:input_type -> cairn.chunk.v1.TrimChunkRequest
+	11, // 24: cairn.chunk.v1.ChunkService.GetChunkInfo:input_type -> cairn.chunk.v1.GetChunkInfoRequest
+	13, // 25: cairn.chunk.v1.ChunkService.GetChunkHash:input_type -> cairn.chunk.v1.GetChunkHashRequest
+	15, // 26: cairn.chunk.v1.ChunkService.UpdateEpoch:input_type -> cairn.chunk.v1.UpdateEpochRequest
+	4,  // 27: cairn.chunk.v1.ChunkService.WriteChunk:output_type -> cairn.chunk.v1.WriteChunkResponse
+	6,  // 28: cairn.chunk.v1.ChunkService.ReadChunk:output_type -> cairn.chunk.v1.ReadChunkResponse
+	8,  // 29: cairn.chunk.v1.ChunkService.DeleteChunk:output_type -> cairn.chunk.v1.DeleteChunkResponse
+	10, // 30: cairn.chunk.v1.ChunkService.TrimChunk:output_type -> cairn.chunk.v1.TrimChunkResponse
+	12, // 31: cairn.chunk.v1.ChunkService.GetChunkInfo:output_type -> cairn.chunk.v1.GetChunkInfoResponse
+	14, // 32: cairn.chunk.v1.ChunkService.GetChunkHash:output_type -> cairn.chunk.v1.GetChunkHashResponse
+	16, // 33: cairn.chunk.v1.ChunkService.UpdateEpoch:output_type -> cairn.chunk.v1.UpdateEpochResponse
+	27, // [27:34] is the sub-list for method output_type
+	20, // [20:27] is the sub-list for method input_type
+	20, // [20:20] is the sub-list for extension type_name
+	20, // [20:20] is the sub-list for extension extendee
+	0,  // [0:20] is the sub-list for field type_name
 }
 
 func init() { file_chunkpb_chunk_proto_init() }
@@ -1314,7 +1506,7 @@ func file_chunkpb_chunk_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chunkpb_chunk_proto_rawDesc), len(file_chunkpb_chunk_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   14,
+			NumMessages:   16,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -27,6 +27,7 @@ const (
 	ChunkService_WriteChunk_FullMethodName   = "/cairn.chunk.v1.ChunkService/WriteChunk"
 	ChunkService_ReadChunk_FullMethodName    = "/cairn.chunk.v1.ChunkService/ReadChunk"
 	ChunkService_DeleteChunk_FullMethodName  = "/cairn.chunk.v1.ChunkService/DeleteChunk"
+	ChunkService_TrimChunk_FullMethodName    = "/cairn.chunk.v1.ChunkService/TrimChunk"
 	ChunkService_GetChunkInfo_FullMethodName = "/cairn.chunk.v1.ChunkService/GetChunkInfo"
 	ChunkService_GetChunkHash_FullMethodName = "/cairn.chunk.v1.ChunkService/GetChunkHash"
 	ChunkService_UpdateEpoch_FullMethodName  = "/cairn.chunk.v1.ChunkService/UpdateEpoch"
@@ -41,6 +42,7 @@ type ChunkServiceClient interface {
 	WriteChunk(ctx context.Context, in *WriteChunkRequest, opts ...grpc.CallOption) (*WriteChunkResponse, error)
 	ReadChunk(ctx context.Context, in *ReadChunkRequest, opts ...grpc.CallOption) (*ReadChunkResponse, error)
 	DeleteChunk(ctx context.Context, in *DeleteChunkRequest, opts ...grpc.CallOption) (*DeleteChunkResponse, error)
+	TrimChunk(ctx context.Context, in *TrimChunkRequest, opts ...grpc.CallOption) (*TrimChunkResponse, error)
 	GetChunkInfo(ctx context.Context, in *GetChunkInfoRequest, opts ...grpc.CallOption) (*GetChunkInfoResponse, error)
 	GetChunkHash(ctx context.Context, in *GetChunkHashRequest, opts ...grpc.CallOption) (*GetChunkHashResponse, error)
 	UpdateEpoch(ctx context.Context, in *UpdateEpochRequest, opts ...grpc.CallOption) (*UpdateEpochResponse, error)
@@ -78,6 +80,16 @@ func (c *chunkServiceClient) DeleteChunk(ctx context.Context, in *DeleteChunkReq
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(DeleteChunkResponse)
 	err := c.cc.Invoke(ctx, ChunkService_DeleteChunk_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *chunkServiceClient) TrimChunk(ctx context.Context, in *TrimChunkRequest, opts ...grpc.CallOption) (*TrimChunkResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(TrimChunkResponse)
+	err := c.cc.Invoke(ctx, ChunkService_TrimChunk_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -123,6 +135,7 @@ type ChunkServiceServer interface {
 	WriteChunk(context.Context, *WriteChunkRequest) (*WriteChunkResponse, error)
 	ReadChunk(context.Context, *ReadChunkRequest) (*ReadChunkResponse, error)
 	DeleteChunk(context.Context, *DeleteChunkRequest) (*DeleteChunkResponse, error)
+	TrimChunk(context.Context, *TrimChunkRequest) (*TrimChunkResponse, error)
 	GetChunkInfo(context.Context, *GetChunkInfoRequest) (*GetChunkInfoResponse, error)
 	GetChunkHash(context.Context, *GetChunkHashRequest) (*GetChunkHashResponse, error)
 	UpdateEpoch(context.Context, *UpdateEpochRequest) (*UpdateEpochResponse, error)
@@ -144,6 +157,9 @@ func (UnimplementedChunkServiceServer) ReadChunk(context.Context, *ReadChunkRequ
 }
 func (UnimplementedChunkServiceServer) DeleteChunk(context.Context, *DeleteChunkRequest) (*DeleteChunkResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DeleteChunk not implemented")
+}
+func (UnimplementedChunkServiceServer) TrimChunk(context.Context, *TrimChunkRequest) (*TrimChunkResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method TrimChunk not implemented")
 }
 func (UnimplementedChunkServiceServer) GetChunkInfo(context.Context, *GetChunkInfoRequest) (*GetChunkInfoResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetChunkInfo not implemented")
@@ -229,6 +245,24 @@ func _ChunkService_DeleteChunk_Handler(srv interface{}, ctx context.Context, dec
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ChunkService_TrimChunk_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(TrimChunkRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ChunkServiceServer).TrimChunk(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ChunkService_TrimChunk_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ChunkServiceServer).TrimChunk(ctx, req.(*TrimChunkRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _ChunkService_GetChunkInfo_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(GetChunkInfoRequest)
 	if err := dec(in); err != nil {
@@ -301,6 +335,10 @@ var ChunkService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "DeleteChunk",
 			Handler:    _ChunkService_DeleteChunk_Handler,
+		},
+		{
+			MethodName: "TrimChunk",
+			Handler:    _ChunkService_TrimChunk_Handler,
 		},
 		{
 			MethodName: "GetChunkInfo",

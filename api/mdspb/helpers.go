@@ -28,6 +28,43 @@ func (s RWState) Label() string {
 	return "unknown"
 }
 
+// Label is the snapshot status's short name in logs and the CLI: "ready",
+// "deleting" or "unknown".
+func (s SnapshotStatus) Label() string {
+	switch s {
+	case SnapshotStatus_SNAPSHOT_STATUS_READY:
+		return "ready"
+	case SnapshotStatus_SNAPSHOT_STATUS_DELETING:
+		return "deleting"
+	}
+	return "unknown"
+}
+
+// LiveSnapshot returns the volume's readable snapshot named name, or nil.
+func (v *Volume) LiveSnapshot(name string) *Snapshot {
+	for _, s := range v.GetSnapshots() {
+		if s.GetName() == name && s.GetStatus() == SnapshotStatus_SNAPSHOT_STATUS_READY {
+			return s
+		}
+	}
+	return nil
+}
+
+// NewestLiveSnapshot returns the sequence number of the volume's newest
+// readable snapshot (0: none): what its writes keep chunks for.
+func (v *Volume) NewestLiveSnapshot() uint64 {
+	var n uint64
+	for _, s := range v.GetSnapshots() {
+		if s.GetStatus() == SnapshotStatus_SNAPSHOT_STATUS_READY {
+			n = max(n, s.GetSeq())
+		}
+	}
+	return n
+}
+
+// WriteSeq is the sequence number the volume's writes carry.
+func (v *Volume) WriteSeq() uint64 { return max(v.GetSeq(), 1) }
+
 // AvailableChunks is how many chunk files new data can still take on a
 // chunkserver: the free formatted ones and those its pool may still create.
 func (c *Capacity) AvailableChunks() uint64 {

@@ -304,6 +304,56 @@ func (VolumeStatus) EnumDescriptor() ([]byte, []int) {
 	return file_mdspb_mds_proto_rawDescGZIP(), []int{4}
 }
 
+type SnapshotStatus int32
+
+const (
+	SnapshotStatus_SNAPSHOT_STATUS_UNKNOWN SnapshotStatus = 0
+	SnapshotStatus_SNAPSHOT_STATUS_READY   SnapshotStatus = 1
+	// Being deleted: what only it kept is dropped from every chunk.
+	SnapshotStatus_SNAPSHOT_STATUS_DELETING SnapshotStatus = 2
+)
+
+// Enum value maps for SnapshotStatus.
+var (
+	SnapshotStatus_name = map[int32]string{
+		0: "SNAPSHOT_STATUS_UNKNOWN",
+		1: "SNAPSHOT_STATUS_READY",
+		2: "SNAPSHOT_STATUS_DELETING",
+	}
+	SnapshotStatus_value = map[string]int32{
+		"SNAPSHOT_STATUS_UNKNOWN":  0,
+		"SNAPSHOT_STATUS_READY":    1,
+		"SNAPSHOT_STATUS_DELETING": 2,
+	}
+)
+
+func (x SnapshotStatus) Enum() *SnapshotStatus {
+	p := new(SnapshotStatus)
+	*p = x
+	return p
+}
+
+func (x SnapshotStatus) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (SnapshotStatus) Descriptor() protoreflect.EnumDescriptor {
+	return file_mdspb_mds_proto_enumTypes[5].Descriptor()
+}
+
+func (SnapshotStatus) Type() protoreflect.EnumType {
+	return &file_mdspb_mds_proto_enumTypes[5]
+}
+
+func (x SnapshotStatus) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use SnapshotStatus.Descriptor instead.
+func (SnapshotStatus) EnumDescriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{5}
+}
+
 // NotLeader is attached as a status detail to UNAVAILABLE errors from an MDS
 // that is not the leader. Callers retry against leader_address.
 type NotLeader struct {
@@ -2623,7 +2673,19 @@ type Volume struct {
 	// The nodes the volume is published to (CSI ControllerPublish): when any
 	// exist, only their nodes may open the volume with OpenVolumeRequest.node,
 	// and a writable open needs a writable publication.
-	Publications  []*Publication `protobuf:"bytes,12,rep,name=publications,proto3" json:"publications,omitempty"`
+	Publications []*Publication `protobuf:"bytes,12,rep,name=publications,proto3" json:"publications,omitempty"`
+	// The sequence number writes carry (0 on a volume that never had a
+	// snapshot: the same as 1). Taking a snapshot records the current one
+	// and moves the volume to the next.
+	Seq uint64 `protobuf:"varint,13,opt,name=seq,proto3" json:"seq,omitempty"`
+	// The volume's snapshots, oldest first.
+	Snapshots []*Snapshot `protobuf:"bytes,14,rep,name=snapshots,proto3" json:"snapshots,omitempty"`
+	// The epoch from which on earlier writers are fenced: raised with epoch
+	// by writable opens and publication changes, not by snapshots (0: the
+	// same as epoch). A snapshot raises epoch alone: chunkservers refuse the
+	// writer's writes under the old sequence number, and the writer, whose
+	// session is not fenced, takes the new epoch and sequence number.
+	WriterEpoch   uint64 `protobuf:"varint,15,opt,name=writer_epoch,json=writerEpoch,proto3" json:"writer_epoch,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2742,6 +2804,106 @@ func (x *Volume) GetPublications() []*Publication {
 	return nil
 }
 
+func (x *Volume) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+func (x *Volume) GetSnapshots() []*Snapshot {
+	if x != nil {
+		return x.Snapshots
+	}
+	return nil
+}
+
+func (x *Volume) GetWriterEpoch() uint64 {
+	if x != nil {
+		return x.WriterEpoch
+	}
+	return 0
+}
+
+// Snapshot is a crash-consistent point-in-time image of a volume: the
+// volume's chunks as they were at the end of sequence number seq.
+type Snapshot struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Name        string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Seq         uint64                 `protobuf:"varint,2,opt,name=seq,proto3" json:"seq,omitempty"`
+	CreatedUnix int64                  `protobuf:"varint,3,opt,name=created_unix,json=createdUnix,proto3" json:"created_unix,omitempty"`
+	Status      SnapshotStatus         `protobuf:"varint,4,opt,name=status,proto3,enum=cairn.mds.v1.SnapshotStatus" json:"status,omitempty"`
+	// The volume's length when the snapshot was taken.
+	Size          uint64 `protobuf:"varint,5,opt,name=size,proto3" json:"size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Snapshot) Reset() {
+	*x = Snapshot{}
+	mi := &file_mdspb_mds_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Snapshot) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Snapshot) ProtoMessage() {}
+
+func (x *Snapshot) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Snapshot.ProtoReflect.Descriptor instead.
+func (*Snapshot) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *Snapshot) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Snapshot) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+func (x *Snapshot) GetCreatedUnix() int64 {
+	if x != nil {
+		return x.CreatedUnix
+	}
+	return 0
+}
+
+func (x *Snapshot) GetStatus() SnapshotStatus {
+	if x != nil {
+		return x.Status
+	}
+	return SnapshotStatus_SNAPSHOT_STATUS_UNKNOWN
+}
+
+func (x *Snapshot) GetSize() uint64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
 // Publication records that a volume is attached to a node (the CSI
 // ControllerPublish of a volume to a node). At most one publication of a
 // volume is writable, and a writable one is the volume's only publication:
@@ -2757,7 +2919,7 @@ type Publication struct {
 
 func (x *Publication) Reset() {
 	*x = Publication{}
-	mi := &file_mdspb_mds_proto_msgTypes[39]
+	mi := &file_mdspb_mds_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2769,7 +2931,7 @@ func (x *Publication) String() string {
 func (*Publication) ProtoMessage() {}
 
 func (x *Publication) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[39]
+	mi := &file_mdspb_mds_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2782,7 +2944,7 @@ func (x *Publication) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Publication.ProtoReflect.Descriptor instead.
 func (*Publication) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{39}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *Publication) GetNode() string {
@@ -2827,7 +2989,7 @@ type Session struct {
 
 func (x *Session) Reset() {
 	*x = Session{}
-	mi := &file_mdspb_mds_proto_msgTypes[40]
+	mi := &file_mdspb_mds_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2839,7 +3001,7 @@ func (x *Session) String() string {
 func (*Session) ProtoMessage() {}
 
 func (x *Session) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[40]
+	mi := &file_mdspb_mds_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2852,7 +3014,7 @@ func (x *Session) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Session.ProtoReflect.Descriptor instead.
 func (*Session) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{40}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *Session) GetSessionId() string {
@@ -2932,7 +3094,7 @@ type CreateVolumeRequest struct {
 
 func (x *CreateVolumeRequest) Reset() {
 	*x = CreateVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[41]
+	mi := &file_mdspb_mds_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2944,7 +3106,7 @@ func (x *CreateVolumeRequest) String() string {
 func (*CreateVolumeRequest) ProtoMessage() {}
 
 func (x *CreateVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[41]
+	mi := &file_mdspb_mds_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2957,7 +3119,7 @@ func (x *CreateVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateVolumeRequest.ProtoReflect.Descriptor instead.
 func (*CreateVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{41}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *CreateVolumeRequest) GetName() string {
@@ -2997,7 +3159,7 @@ type CreateVolumeResponse struct {
 
 func (x *CreateVolumeResponse) Reset() {
 	*x = CreateVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[42]
+	mi := &file_mdspb_mds_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3009,7 +3171,7 @@ func (x *CreateVolumeResponse) String() string {
 func (*CreateVolumeResponse) ProtoMessage() {}
 
 func (x *CreateVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[42]
+	mi := &file_mdspb_mds_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3022,7 +3184,7 @@ func (x *CreateVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateVolumeResponse.ProtoReflect.Descriptor instead.
 func (*CreateVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{42}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *CreateVolumeResponse) GetVolume() *Volume {
@@ -3041,7 +3203,7 @@ type StatVolumeRequest struct {
 
 func (x *StatVolumeRequest) Reset() {
 	*x = StatVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[43]
+	mi := &file_mdspb_mds_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3053,7 +3215,7 @@ func (x *StatVolumeRequest) String() string {
 func (*StatVolumeRequest) ProtoMessage() {}
 
 func (x *StatVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[43]
+	mi := &file_mdspb_mds_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3066,7 +3228,7 @@ func (x *StatVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatVolumeRequest.ProtoReflect.Descriptor instead.
 func (*StatVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{43}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *StatVolumeRequest) GetName() string {
@@ -3086,7 +3248,7 @@ type StatVolumeResponse struct {
 
 func (x *StatVolumeResponse) Reset() {
 	*x = StatVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[44]
+	mi := &file_mdspb_mds_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3098,7 +3260,7 @@ func (x *StatVolumeResponse) String() string {
 func (*StatVolumeResponse) ProtoMessage() {}
 
 func (x *StatVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[44]
+	mi := &file_mdspb_mds_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3111,7 +3273,7 @@ func (x *StatVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatVolumeResponse.ProtoReflect.Descriptor instead.
 func (*StatVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{44}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *StatVolumeResponse) GetVolume() *Volume {
@@ -3136,7 +3298,7 @@ type ListVolumesRequest struct {
 
 func (x *ListVolumesRequest) Reset() {
 	*x = ListVolumesRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[45]
+	mi := &file_mdspb_mds_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3148,7 +3310,7 @@ func (x *ListVolumesRequest) String() string {
 func (*ListVolumesRequest) ProtoMessage() {}
 
 func (x *ListVolumesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[45]
+	mi := &file_mdspb_mds_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3161,7 +3323,7 @@ func (x *ListVolumesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVolumesRequest.ProtoReflect.Descriptor instead.
 func (*ListVolumesRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{45}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{46}
 }
 
 type ListVolumesResponse struct {
@@ -3173,7 +3335,7 @@ type ListVolumesResponse struct {
 
 func (x *ListVolumesResponse) Reset() {
 	*x = ListVolumesResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[46]
+	mi := &file_mdspb_mds_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3185,7 +3347,7 @@ func (x *ListVolumesResponse) String() string {
 func (*ListVolumesResponse) ProtoMessage() {}
 
 func (x *ListVolumesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[46]
+	mi := &file_mdspb_mds_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3198,7 +3360,7 @@ func (x *ListVolumesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVolumesResponse.ProtoReflect.Descriptor instead.
 func (*ListVolumesResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{46}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *ListVolumesResponse) GetVolumes() []*Volume {
@@ -3219,7 +3381,7 @@ type ExtendVolumeRequest struct {
 
 func (x *ExtendVolumeRequest) Reset() {
 	*x = ExtendVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[47]
+	mi := &file_mdspb_mds_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3231,7 +3393,7 @@ func (x *ExtendVolumeRequest) String() string {
 func (*ExtendVolumeRequest) ProtoMessage() {}
 
 func (x *ExtendVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[47]
+	mi := &file_mdspb_mds_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3244,7 +3406,7 @@ func (x *ExtendVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExtendVolumeRequest.ProtoReflect.Descriptor instead.
 func (*ExtendVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{47}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *ExtendVolumeRequest) GetName() string {
@@ -3270,7 +3432,7 @@ type ExtendVolumeResponse struct {
 
 func (x *ExtendVolumeResponse) Reset() {
 	*x = ExtendVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[48]
+	mi := &file_mdspb_mds_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3282,7 +3444,7 @@ func (x *ExtendVolumeResponse) String() string {
 func (*ExtendVolumeResponse) ProtoMessage() {}
 
 func (x *ExtendVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[48]
+	mi := &file_mdspb_mds_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3295,7 +3457,7 @@ func (x *ExtendVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExtendVolumeResponse.ProtoReflect.Descriptor instead.
 func (*ExtendVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{48}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *ExtendVolumeResponse) GetVolume() *Volume {
@@ -3315,7 +3477,7 @@ type RenameVolumeRequest struct {
 
 func (x *RenameVolumeRequest) Reset() {
 	*x = RenameVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[49]
+	mi := &file_mdspb_mds_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3327,7 +3489,7 @@ func (x *RenameVolumeRequest) String() string {
 func (*RenameVolumeRequest) ProtoMessage() {}
 
 func (x *RenameVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[49]
+	mi := &file_mdspb_mds_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3340,7 +3502,7 @@ func (x *RenameVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenameVolumeRequest.ProtoReflect.Descriptor instead.
 func (*RenameVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{49}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *RenameVolumeRequest) GetName() string {
@@ -3366,7 +3528,7 @@ type RenameVolumeResponse struct {
 
 func (x *RenameVolumeResponse) Reset() {
 	*x = RenameVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[50]
+	mi := &file_mdspb_mds_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3378,7 +3540,7 @@ func (x *RenameVolumeResponse) String() string {
 func (*RenameVolumeResponse) ProtoMessage() {}
 
 func (x *RenameVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[50]
+	mi := &file_mdspb_mds_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3391,7 +3553,7 @@ func (x *RenameVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenameVolumeResponse.ProtoReflect.Descriptor instead.
 func (*RenameVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{50}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *RenameVolumeResponse) GetVolume() *Volume {
@@ -3413,7 +3575,7 @@ type DeleteVolumeRequest struct {
 
 func (x *DeleteVolumeRequest) Reset() {
 	*x = DeleteVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[51]
+	mi := &file_mdspb_mds_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3425,7 +3587,7 @@ func (x *DeleteVolumeRequest) String() string {
 func (*DeleteVolumeRequest) ProtoMessage() {}
 
 func (x *DeleteVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[51]
+	mi := &file_mdspb_mds_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3438,7 +3600,7 @@ func (x *DeleteVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteVolumeRequest.ProtoReflect.Descriptor instead.
 func (*DeleteVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{51}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *DeleteVolumeRequest) GetName() string {
@@ -3463,7 +3625,7 @@ type DeleteVolumeResponse struct {
 
 func (x *DeleteVolumeResponse) Reset() {
 	*x = DeleteVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[52]
+	mi := &file_mdspb_mds_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3475,7 +3637,7 @@ func (x *DeleteVolumeResponse) String() string {
 func (*DeleteVolumeResponse) ProtoMessage() {}
 
 func (x *DeleteVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[52]
+	mi := &file_mdspb_mds_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3488,7 +3650,283 @@ func (x *DeleteVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteVolumeResponse.ProtoReflect.Descriptor instead.
 func (*DeleteVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{52}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{53}
+}
+
+// CreateSnapshotRequest takes a snapshot of a volume; it returns once every
+// chunkserver refuses writes under the volume's old sequence number.
+type CreateSnapshotRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	Name          string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateSnapshotRequest) Reset() {
+	*x = CreateSnapshotRequest{}
+	mi := &file_mdspb_mds_proto_msgTypes[54]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateSnapshotRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateSnapshotRequest) ProtoMessage() {}
+
+func (x *CreateSnapshotRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[54]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateSnapshotRequest.ProtoReflect.Descriptor instead.
+func (*CreateSnapshotRequest) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{54}
+}
+
+func (x *CreateSnapshotRequest) GetVolume() string {
+	if x != nil {
+		return x.Volume
+	}
+	return ""
+}
+
+func (x *CreateSnapshotRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type CreateSnapshotResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Snapshot      *Snapshot              `protobuf:"bytes,1,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateSnapshotResponse) Reset() {
+	*x = CreateSnapshotResponse{}
+	mi := &file_mdspb_mds_proto_msgTypes[55]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateSnapshotResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateSnapshotResponse) ProtoMessage() {}
+
+func (x *CreateSnapshotResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[55]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateSnapshotResponse.ProtoReflect.Descriptor instead.
+func (*CreateSnapshotResponse) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{55}
+}
+
+func (x *CreateSnapshotResponse) GetSnapshot() *Snapshot {
+	if x != nil {
+		return x.Snapshot
+	}
+	return nil
+}
+
+type ListSnapshotsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListSnapshotsRequest) Reset() {
+	*x = ListSnapshotsRequest{}
+	mi := &file_mdspb_mds_proto_msgTypes[56]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListSnapshotsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListSnapshotsRequest) ProtoMessage() {}
+
+func (x *ListSnapshotsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[56]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListSnapshotsRequest.ProtoReflect.Descriptor instead.
+func (*ListSnapshotsRequest) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{56}
+}
+
+func (x *ListSnapshotsRequest) GetVolume() string {
+	if x != nil {
+		return x.Volume
+	}
+	return ""
+}
+
+type ListSnapshotsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Snapshots     []*Snapshot            `protobuf:"bytes,1,rep,name=snapshots,proto3" json:"snapshots,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListSnapshotsResponse) Reset() {
+	*x = ListSnapshotsResponse{}
+	mi := &file_mdspb_mds_proto_msgTypes[57]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListSnapshotsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListSnapshotsResponse) ProtoMessage() {}
+
+func (x *ListSnapshotsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[57]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListSnapshotsResponse.ProtoReflect.Descriptor instead.
+func (*ListSnapshotsResponse) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{57}
+}
+
+func (x *ListSnapshotsResponse) GetSnapshots() []*Snapshot {
+	if x != nil {
+		return x.Snapshots
+	}
+	return nil
+}
+
+// DeleteSnapshotRequest deletes a snapshot: it is no longer readable at once,
+// and its space is given back in the background.
+type DeleteSnapshotRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	Name          string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteSnapshotRequest) Reset() {
+	*x = DeleteSnapshotRequest{}
+	mi := &file_mdspb_mds_proto_msgTypes[58]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteSnapshotRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteSnapshotRequest) ProtoMessage() {}
+
+func (x *DeleteSnapshotRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[58]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteSnapshotRequest.ProtoReflect.Descriptor instead.
+func (*DeleteSnapshotRequest) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{58}
+}
+
+func (x *DeleteSnapshotRequest) GetVolume() string {
+	if x != nil {
+		return x.Volume
+	}
+	return ""
+}
+
+func (x *DeleteSnapshotRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type DeleteSnapshotResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteSnapshotResponse) Reset() {
+	*x = DeleteSnapshotResponse{}
+	mi := &file_mdspb_mds_proto_msgTypes[59]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteSnapshotResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteSnapshotResponse) ProtoMessage() {}
+
+func (x *DeleteSnapshotResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[59]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteSnapshotResponse.ProtoReflect.Descriptor instead.
+func (*DeleteSnapshotResponse) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{59}
 }
 
 // OpenVolumeRequest opens a volume. A writable open bumps the volume's epoch,
@@ -3509,7 +3947,7 @@ type OpenVolumeRequest struct {
 
 func (x *OpenVolumeRequest) Reset() {
 	*x = OpenVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[53]
+	mi := &file_mdspb_mds_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3521,7 +3959,7 @@ func (x *OpenVolumeRequest) String() string {
 func (*OpenVolumeRequest) ProtoMessage() {}
 
 func (x *OpenVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[53]
+	mi := &file_mdspb_mds_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3534,7 +3972,7 @@ func (x *OpenVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OpenVolumeRequest.ProtoReflect.Descriptor instead.
 func (*OpenVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{53}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *OpenVolumeRequest) GetName() string {
@@ -3578,7 +4016,7 @@ type OpenVolumeResponse struct {
 
 func (x *OpenVolumeResponse) Reset() {
 	*x = OpenVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[54]
+	mi := &file_mdspb_mds_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3590,7 +4028,7 @@ func (x *OpenVolumeResponse) String() string {
 func (*OpenVolumeResponse) ProtoMessage() {}
 
 func (x *OpenVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[54]
+	mi := &file_mdspb_mds_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3603,7 +4041,7 @@ func (x *OpenVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OpenVolumeResponse.ProtoReflect.Descriptor instead.
 func (*OpenVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{54}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *OpenVolumeResponse) GetVolume() *Volume {
@@ -3644,7 +4082,7 @@ type RefreshSessionRequest struct {
 
 func (x *RefreshSessionRequest) Reset() {
 	*x = RefreshSessionRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[55]
+	mi := &file_mdspb_mds_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3656,7 +4094,7 @@ func (x *RefreshSessionRequest) String() string {
 func (*RefreshSessionRequest) ProtoMessage() {}
 
 func (x *RefreshSessionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[55]
+	mi := &file_mdspb_mds_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3669,7 +4107,7 @@ func (x *RefreshSessionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefreshSessionRequest.ProtoReflect.Descriptor instead.
 func (*RefreshSessionRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{55}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *RefreshSessionRequest) GetName() string {
@@ -3697,7 +4135,7 @@ type RefreshSessionResponse struct {
 
 func (x *RefreshSessionResponse) Reset() {
 	*x = RefreshSessionResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[56]
+	mi := &file_mdspb_mds_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3709,7 +4147,7 @@ func (x *RefreshSessionResponse) String() string {
 func (*RefreshSessionResponse) ProtoMessage() {}
 
 func (x *RefreshSessionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[56]
+	mi := &file_mdspb_mds_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3722,7 +4160,7 @@ func (x *RefreshSessionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefreshSessionResponse.ProtoReflect.Descriptor instead.
 func (*RefreshSessionResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{56}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *RefreshSessionResponse) GetVolume() *Volume {
@@ -3749,7 +4187,7 @@ type CloseVolumeRequest struct {
 
 func (x *CloseVolumeRequest) Reset() {
 	*x = CloseVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[57]
+	mi := &file_mdspb_mds_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3761,7 +4199,7 @@ func (x *CloseVolumeRequest) String() string {
 func (*CloseVolumeRequest) ProtoMessage() {}
 
 func (x *CloseVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[57]
+	mi := &file_mdspb_mds_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3774,7 +4212,7 @@ func (x *CloseVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseVolumeRequest.ProtoReflect.Descriptor instead.
 func (*CloseVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{57}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *CloseVolumeRequest) GetName() string {
@@ -3799,7 +4237,7 @@ type CloseVolumeResponse struct {
 
 func (x *CloseVolumeResponse) Reset() {
 	*x = CloseVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[58]
+	mi := &file_mdspb_mds_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3811,7 +4249,7 @@ func (x *CloseVolumeResponse) String() string {
 func (*CloseVolumeResponse) ProtoMessage() {}
 
 func (x *CloseVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[58]
+	mi := &file_mdspb_mds_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3824,7 +4262,7 @@ func (x *CloseVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseVolumeResponse.ProtoReflect.Descriptor instead.
 func (*CloseVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{58}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{65}
 }
 
 type ListSessionsRequest struct {
@@ -3837,7 +4275,7 @@ type ListSessionsRequest struct {
 
 func (x *ListSessionsRequest) Reset() {
 	*x = ListSessionsRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[59]
+	mi := &file_mdspb_mds_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3849,7 +4287,7 @@ func (x *ListSessionsRequest) String() string {
 func (*ListSessionsRequest) ProtoMessage() {}
 
 func (x *ListSessionsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[59]
+	mi := &file_mdspb_mds_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3862,7 +4300,7 @@ func (x *ListSessionsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSessionsRequest.ProtoReflect.Descriptor instead.
 func (*ListSessionsRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{59}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *ListSessionsRequest) GetName() string {
@@ -3881,7 +4319,7 @@ type ListSessionsResponse struct {
 
 func (x *ListSessionsResponse) Reset() {
 	*x = ListSessionsResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[60]
+	mi := &file_mdspb_mds_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3893,7 +4331,7 @@ func (x *ListSessionsResponse) String() string {
 func (*ListSessionsResponse) ProtoMessage() {}
 
 func (x *ListSessionsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[60]
+	mi := &file_mdspb_mds_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3906,7 +4344,7 @@ func (x *ListSessionsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSessionsResponse.ProtoReflect.Descriptor instead.
 func (*ListSessionsResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{60}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *ListSessionsResponse) GetSessions() []*Session {
@@ -3932,7 +4370,7 @@ type Node struct {
 
 func (x *Node) Reset() {
 	*x = Node{}
-	mi := &file_mdspb_mds_proto_msgTypes[61]
+	mi := &file_mdspb_mds_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3944,7 +4382,7 @@ func (x *Node) String() string {
 func (*Node) ProtoMessage() {}
 
 func (x *Node) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[61]
+	mi := &file_mdspb_mds_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3957,7 +4395,7 @@ func (x *Node) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Node.ProtoReflect.Descriptor instead.
 func (*Node) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{61}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *Node) GetName() string {
@@ -3991,7 +4429,7 @@ type RegisterNodeRequest struct {
 
 func (x *RegisterNodeRequest) Reset() {
 	*x = RegisterNodeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[62]
+	mi := &file_mdspb_mds_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4003,7 +4441,7 @@ func (x *RegisterNodeRequest) String() string {
 func (*RegisterNodeRequest) ProtoMessage() {}
 
 func (x *RegisterNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[62]
+	mi := &file_mdspb_mds_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4016,7 +4454,7 @@ func (x *RegisterNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterNodeRequest.ProtoReflect.Descriptor instead.
 func (*RegisterNodeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{62}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{69}
 }
 
 func (x *RegisterNodeRequest) GetNode() *Node {
@@ -4035,7 +4473,7 @@ type RegisterNodeResponse struct {
 
 func (x *RegisterNodeResponse) Reset() {
 	*x = RegisterNodeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[63]
+	mi := &file_mdspb_mds_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4047,7 +4485,7 @@ func (x *RegisterNodeResponse) String() string {
 func (*RegisterNodeResponse) ProtoMessage() {}
 
 func (x *RegisterNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[63]
+	mi := &file_mdspb_mds_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4060,7 +4498,7 @@ func (x *RegisterNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterNodeResponse.ProtoReflect.Descriptor instead.
 func (*RegisterNodeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{63}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *RegisterNodeResponse) GetNode() *Node {
@@ -4078,7 +4516,7 @@ type ListNodesRequest struct {
 
 func (x *ListNodesRequest) Reset() {
 	*x = ListNodesRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[64]
+	mi := &file_mdspb_mds_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4090,7 +4528,7 @@ func (x *ListNodesRequest) String() string {
 func (*ListNodesRequest) ProtoMessage() {}
 
 func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[64]
+	mi := &file_mdspb_mds_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4103,7 +4541,7 @@ func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesRequest.ProtoReflect.Descriptor instead.
 func (*ListNodesRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{64}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{71}
 }
 
 type ListNodesResponse struct {
@@ -4115,7 +4553,7 @@ type ListNodesResponse struct {
 
 func (x *ListNodesResponse) Reset() {
 	*x = ListNodesResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[65]
+	mi := &file_mdspb_mds_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4127,7 +4565,7 @@ func (x *ListNodesResponse) String() string {
 func (*ListNodesResponse) ProtoMessage() {}
 
 func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[65]
+	mi := &file_mdspb_mds_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4140,7 +4578,7 @@ func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesResponse.ProtoReflect.Descriptor instead.
 func (*ListNodesResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{65}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *ListNodesResponse) GetNodes() []*Node {
@@ -4169,7 +4607,7 @@ type PublishVolumeRequest struct {
 
 func (x *PublishVolumeRequest) Reset() {
 	*x = PublishVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[66]
+	mi := &file_mdspb_mds_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4181,7 +4619,7 @@ func (x *PublishVolumeRequest) String() string {
 func (*PublishVolumeRequest) ProtoMessage() {}
 
 func (x *PublishVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[66]
+	mi := &file_mdspb_mds_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4194,7 +4632,7 @@ func (x *PublishVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PublishVolumeRequest.ProtoReflect.Descriptor instead.
 func (*PublishVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{66}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{73}
 }
 
 func (x *PublishVolumeRequest) GetName() string {
@@ -4227,7 +4665,7 @@ type PublishVolumeResponse struct {
 
 func (x *PublishVolumeResponse) Reset() {
 	*x = PublishVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[67]
+	mi := &file_mdspb_mds_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4239,7 +4677,7 @@ func (x *PublishVolumeResponse) String() string {
 func (*PublishVolumeResponse) ProtoMessage() {}
 
 func (x *PublishVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[67]
+	mi := &file_mdspb_mds_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4252,7 +4690,7 @@ func (x *PublishVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PublishVolumeResponse.ProtoReflect.Descriptor instead.
 func (*PublishVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{67}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *PublishVolumeResponse) GetVolume() *Volume {
@@ -4276,7 +4714,7 @@ type UnpublishVolumeRequest struct {
 
 func (x *UnpublishVolumeRequest) Reset() {
 	*x = UnpublishVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[68]
+	mi := &file_mdspb_mds_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4288,7 +4726,7 @@ func (x *UnpublishVolumeRequest) String() string {
 func (*UnpublishVolumeRequest) ProtoMessage() {}
 
 func (x *UnpublishVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[68]
+	mi := &file_mdspb_mds_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4301,7 +4739,7 @@ func (x *UnpublishVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnpublishVolumeRequest.ProtoReflect.Descriptor instead.
 func (*UnpublishVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{68}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *UnpublishVolumeRequest) GetName() string {
@@ -4327,7 +4765,7 @@ type UnpublishVolumeResponse struct {
 
 func (x *UnpublishVolumeResponse) Reset() {
 	*x = UnpublishVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[69]
+	mi := &file_mdspb_mds_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4339,7 +4777,7 @@ func (x *UnpublishVolumeResponse) String() string {
 func (*UnpublishVolumeResponse) ProtoMessage() {}
 
 func (x *UnpublishVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[69]
+	mi := &file_mdspb_mds_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4352,7 +4790,7 @@ func (x *UnpublishVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnpublishVolumeResponse.ProtoReflect.Descriptor instead.
 func (*UnpublishVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{69}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{76}
 }
 
 func (x *UnpublishVolumeResponse) GetVolume() *Volume {
@@ -4373,7 +4811,7 @@ type ChunkRef struct {
 
 func (x *ChunkRef) Reset() {
 	*x = ChunkRef{}
-	mi := &file_mdspb_mds_proto_msgTypes[70]
+	mi := &file_mdspb_mds_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4385,7 +4823,7 @@ func (x *ChunkRef) String() string {
 func (*ChunkRef) ProtoMessage() {}
 
 func (x *ChunkRef) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[70]
+	mi := &file_mdspb_mds_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4398,7 +4836,7 @@ func (x *ChunkRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChunkRef.ProtoReflect.Descriptor instead.
 func (*ChunkRef) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{70}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *ChunkRef) GetChunkId() uint64 {
@@ -4429,7 +4867,7 @@ type Segment struct {
 
 func (x *Segment) Reset() {
 	*x = Segment{}
-	mi := &file_mdspb_mds_proto_msgTypes[71]
+	mi := &file_mdspb_mds_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4441,7 +4879,7 @@ func (x *Segment) String() string {
 func (*Segment) ProtoMessage() {}
 
 func (x *Segment) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[71]
+	mi := &file_mdspb_mds_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4454,7 +4892,7 @@ func (x *Segment) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Segment.ProtoReflect.Descriptor instead.
 func (*Segment) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{71}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{78}
 }
 
 func (x *Segment) GetVolumeId() uint64 {
@@ -4493,7 +4931,7 @@ type GetSegmentRequest struct {
 
 func (x *GetSegmentRequest) Reset() {
 	*x = GetSegmentRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[72]
+	mi := &file_mdspb_mds_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4505,7 +4943,7 @@ func (x *GetSegmentRequest) String() string {
 func (*GetSegmentRequest) ProtoMessage() {}
 
 func (x *GetSegmentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[72]
+	mi := &file_mdspb_mds_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4518,7 +4956,7 @@ func (x *GetSegmentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSegmentRequest.ProtoReflect.Descriptor instead.
 func (*GetSegmentRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{72}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{79}
 }
 
 func (x *GetSegmentRequest) GetName() string {
@@ -4551,7 +4989,7 @@ type GetSegmentResponse struct {
 
 func (x *GetSegmentResponse) Reset() {
 	*x = GetSegmentResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[73]
+	mi := &file_mdspb_mds_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4563,7 +5001,7 @@ func (x *GetSegmentResponse) String() string {
 func (*GetSegmentResponse) ProtoMessage() {}
 
 func (x *GetSegmentResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[73]
+	mi := &file_mdspb_mds_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4576,7 +5014,7 @@ func (x *GetSegmentResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSegmentResponse.ProtoReflect.Descriptor instead.
 func (*GetSegmentResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{73}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{80}
 }
 
 func (x *GetSegmentResponse) GetSegment() *Segment {
@@ -4595,7 +5033,7 @@ type ListSegmentsRequest struct {
 
 func (x *ListSegmentsRequest) Reset() {
 	*x = ListSegmentsRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[74]
+	mi := &file_mdspb_mds_proto_msgTypes[81]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4607,7 +5045,7 @@ func (x *ListSegmentsRequest) String() string {
 func (*ListSegmentsRequest) ProtoMessage() {}
 
 func (x *ListSegmentsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[74]
+	mi := &file_mdspb_mds_proto_msgTypes[81]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4620,7 +5058,7 @@ func (x *ListSegmentsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSegmentsRequest.ProtoReflect.Descriptor instead.
 func (*ListSegmentsRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{74}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{81}
 }
 
 func (x *ListSegmentsRequest) GetName() string {
@@ -4639,7 +5077,7 @@ type ListSegmentsResponse struct {
 
 func (x *ListSegmentsResponse) Reset() {
 	*x = ListSegmentsResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[75]
+	mi := &file_mdspb_mds_proto_msgTypes[82]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4651,7 +5089,7 @@ func (x *ListSegmentsResponse) String() string {
 func (*ListSegmentsResponse) ProtoMessage() {}
 
 func (x *ListSegmentsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[75]
+	mi := &file_mdspb_mds_proto_msgTypes[82]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4664,7 +5102,7 @@ func (x *ListSegmentsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSegmentsResponse.ProtoReflect.Descriptor instead.
 func (*ListSegmentsResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{75}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{82}
 }
 
 func (x *ListSegmentsResponse) GetSegments() []*Segment {
@@ -4685,7 +5123,7 @@ type MDSInstance struct {
 
 func (x *MDSInstance) Reset() {
 	*x = MDSInstance{}
-	mi := &file_mdspb_mds_proto_msgTypes[76]
+	mi := &file_mdspb_mds_proto_msgTypes[83]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4697,7 +5135,7 @@ func (x *MDSInstance) String() string {
 func (*MDSInstance) ProtoMessage() {}
 
 func (x *MDSInstance) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[76]
+	mi := &file_mdspb_mds_proto_msgTypes[83]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4710,7 +5148,7 @@ func (x *MDSInstance) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MDSInstance.ProtoReflect.Descriptor instead.
 func (*MDSInstance) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{76}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{83}
 }
 
 func (x *MDSInstance) GetAddress() string {
@@ -4738,7 +5176,7 @@ type EtcdMember struct {
 
 func (x *EtcdMember) Reset() {
 	*x = EtcdMember{}
-	mi := &file_mdspb_mds_proto_msgTypes[77]
+	mi := &file_mdspb_mds_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4750,7 +5188,7 @@ func (x *EtcdMember) String() string {
 func (*EtcdMember) ProtoMessage() {}
 
 func (x *EtcdMember) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[77]
+	mi := &file_mdspb_mds_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4763,7 +5201,7 @@ func (x *EtcdMember) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EtcdMember.ProtoReflect.Descriptor instead.
 func (*EtcdMember) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{77}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{84}
 }
 
 func (x *EtcdMember) GetName() string {
@@ -4795,7 +5233,7 @@ type GetClusterStatusRequest struct {
 
 func (x *GetClusterStatusRequest) Reset() {
 	*x = GetClusterStatusRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[78]
+	mi := &file_mdspb_mds_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4807,7 +5245,7 @@ func (x *GetClusterStatusRequest) String() string {
 func (*GetClusterStatusRequest) ProtoMessage() {}
 
 func (x *GetClusterStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[78]
+	mi := &file_mdspb_mds_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4820,7 +5258,7 @@ func (x *GetClusterStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetClusterStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetClusterStatusRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{78}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{85}
 }
 
 type GetClusterStatusResponse struct {
@@ -4834,7 +5272,7 @@ type GetClusterStatusResponse struct {
 
 func (x *GetClusterStatusResponse) Reset() {
 	*x = GetClusterStatusResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[79]
+	mi := &file_mdspb_mds_proto_msgTypes[86]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4846,7 +5284,7 @@ func (x *GetClusterStatusResponse) String() string {
 func (*GetClusterStatusResponse) ProtoMessage() {}
 
 func (x *GetClusterStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[79]
+	mi := &file_mdspb_mds_proto_msgTypes[86]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4859,7 +5297,7 @@ func (x *GetClusterStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetClusterStatusResponse.ProtoReflect.Descriptor instead.
 func (*GetClusterStatusResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{79}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{86}
 }
 
 func (x *GetClusterStatusResponse) GetMds() []*MDSInstance {
@@ -4895,7 +5333,7 @@ type TransferLeaderRequest struct {
 
 func (x *TransferLeaderRequest) Reset() {
 	*x = TransferLeaderRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[80]
+	mi := &file_mdspb_mds_proto_msgTypes[87]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4907,7 +5345,7 @@ func (x *TransferLeaderRequest) String() string {
 func (*TransferLeaderRequest) ProtoMessage() {}
 
 func (x *TransferLeaderRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[80]
+	mi := &file_mdspb_mds_proto_msgTypes[87]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4920,7 +5358,7 @@ func (x *TransferLeaderRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeaderRequest.ProtoReflect.Descriptor instead.
 func (*TransferLeaderRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{80}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{87}
 }
 
 func (x *TransferLeaderRequest) GetCopyset() *commonpb.CopysetRef {
@@ -4946,7 +5384,7 @@ type TransferLeaderResponse struct {
 
 func (x *TransferLeaderResponse) Reset() {
 	*x = TransferLeaderResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[81]
+	mi := &file_mdspb_mds_proto_msgTypes[88]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4958,7 +5396,7 @@ func (x *TransferLeaderResponse) String() string {
 func (*TransferLeaderResponse) ProtoMessage() {}
 
 func (x *TransferLeaderResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[81]
+	mi := &file_mdspb_mds_proto_msgTypes[88]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4971,7 +5409,7 @@ func (x *TransferLeaderResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeaderResponse.ProtoReflect.Descriptor instead.
 func (*TransferLeaderResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{81}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{88}
 }
 
 func (x *TransferLeaderResponse) GetOperator() *Operator {
@@ -4989,7 +5427,7 @@ type ListOperatorsRequest struct {
 
 func (x *ListOperatorsRequest) Reset() {
 	*x = ListOperatorsRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[82]
+	mi := &file_mdspb_mds_proto_msgTypes[89]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5001,7 +5439,7 @@ func (x *ListOperatorsRequest) String() string {
 func (*ListOperatorsRequest) ProtoMessage() {}
 
 func (x *ListOperatorsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[82]
+	mi := &file_mdspb_mds_proto_msgTypes[89]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5014,7 +5452,7 @@ func (x *ListOperatorsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListOperatorsRequest.ProtoReflect.Descriptor instead.
 func (*ListOperatorsRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{82}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{89}
 }
 
 // GetScheduleStatusRequest asks what the schedulers are doing.
@@ -5026,7 +5464,7 @@ type GetScheduleStatusRequest struct {
 
 func (x *GetScheduleStatusRequest) Reset() {
 	*x = GetScheduleStatusRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[83]
+	mi := &file_mdspb_mds_proto_msgTypes[90]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5038,7 +5476,7 @@ func (x *GetScheduleStatusRequest) String() string {
 func (*GetScheduleStatusRequest) ProtoMessage() {}
 
 func (x *GetScheduleStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[83]
+	mi := &file_mdspb_mds_proto_msgTypes[90]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5051,7 +5489,7 @@ func (x *GetScheduleStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetScheduleStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetScheduleStatusRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{83}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{90}
 }
 
 // BlockedCopyset is a copyset that needs a repair no chunkserver can take.
@@ -5065,7 +5503,7 @@ type BlockedCopyset struct {
 
 func (x *BlockedCopyset) Reset() {
 	*x = BlockedCopyset{}
-	mi := &file_mdspb_mds_proto_msgTypes[84]
+	mi := &file_mdspb_mds_proto_msgTypes[91]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5077,7 +5515,7 @@ func (x *BlockedCopyset) String() string {
 func (*BlockedCopyset) ProtoMessage() {}
 
 func (x *BlockedCopyset) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[84]
+	mi := &file_mdspb_mds_proto_msgTypes[91]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5090,7 +5528,7 @@ func (x *BlockedCopyset) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BlockedCopyset.ProtoReflect.Descriptor instead.
 func (*BlockedCopyset) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{84}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{91}
 }
 
 func (x *BlockedCopyset) GetCopyset() *commonpb.CopysetRef {
@@ -5118,7 +5556,7 @@ type OperatorCount struct {
 
 func (x *OperatorCount) Reset() {
 	*x = OperatorCount{}
-	mi := &file_mdspb_mds_proto_msgTypes[85]
+	mi := &file_mdspb_mds_proto_msgTypes[92]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5130,7 +5568,7 @@ func (x *OperatorCount) String() string {
 func (*OperatorCount) ProtoMessage() {}
 
 func (x *OperatorCount) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[85]
+	mi := &file_mdspb_mds_proto_msgTypes[92]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5143,7 +5581,7 @@ func (x *OperatorCount) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OperatorCount.ProtoReflect.Descriptor instead.
 func (*OperatorCount) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{85}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{92}
 }
 
 func (x *OperatorCount) GetReason() string {
@@ -5190,7 +5628,7 @@ type GetScheduleStatusResponse struct {
 
 func (x *GetScheduleStatusResponse) Reset() {
 	*x = GetScheduleStatusResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[86]
+	mi := &file_mdspb_mds_proto_msgTypes[93]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5202,7 +5640,7 @@ func (x *GetScheduleStatusResponse) String() string {
 func (*GetScheduleStatusResponse) ProtoMessage() {}
 
 func (x *GetScheduleStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[86]
+	mi := &file_mdspb_mds_proto_msgTypes[93]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5215,7 +5653,7 @@ func (x *GetScheduleStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetScheduleStatusResponse.ProtoReflect.Descriptor instead.
 func (*GetScheduleStatusResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{86}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{93}
 }
 
 func (x *GetScheduleStatusResponse) GetCopysetsToRepair() uint32 {
@@ -5304,7 +5742,7 @@ type ListOperatorsResponse struct {
 
 func (x *ListOperatorsResponse) Reset() {
 	*x = ListOperatorsResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[87]
+	mi := &file_mdspb_mds_proto_msgTypes[94]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5316,7 +5754,7 @@ func (x *ListOperatorsResponse) String() string {
 func (*ListOperatorsResponse) ProtoMessage() {}
 
 func (x *ListOperatorsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[87]
+	mi := &file_mdspb_mds_proto_msgTypes[94]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5329,7 +5767,7 @@ func (x *ListOperatorsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListOperatorsResponse.ProtoReflect.Descriptor instead.
 func (*ListOperatorsResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{87}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{94}
 }
 
 func (x *ListOperatorsResponse) GetOperators() []*Operator {
@@ -5496,7 +5934,7 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\x13epoch_table_version\x18\x03 \x01(\x04R\x11epochTableVersion\x121\n" +
 	"\x06epochs\x18\x04 \x03(\v2\x19.cairn.mds.v1.VolumeEpochR\x06epochs\x12$\n" +
 	"\x0eepoch_lease_ms\x18\x05 \x01(\rR\fepochLeaseMs\x12,\n" +
-	"\x12remove_conf_epochs\x18\x06 \x03(\x04R\x10removeConfEpochs\"\x9b\x03\n" +
+	"\x12remove_conf_epochs\x18\x06 \x03(\x04R\x10removeConfEpochs\"\x86\x04\n" +
 	"\x06Volume\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x12\n" +
@@ -5511,7 +5949,16 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\fcreated_unix\x18\n" +
 	" \x01(\x03R\vcreatedUnix\x12-\n" +
 	"\x12allocated_segments\x18\v \x01(\x04R\x11allocatedSegments\x12=\n" +
-	"\fpublications\x18\f \x03(\v2\x19.cairn.mds.v1.PublicationR\fpublications\"e\n" +
+	"\fpublications\x18\f \x03(\v2\x19.cairn.mds.v1.PublicationR\fpublications\x12\x10\n" +
+	"\x03seq\x18\r \x01(\x04R\x03seq\x124\n" +
+	"\tsnapshots\x18\x0e \x03(\v2\x16.cairn.mds.v1.SnapshotR\tsnapshots\x12!\n" +
+	"\fwriter_epoch\x18\x0f \x01(\x04R\vwriterEpoch\"\x9d\x01\n" +
+	"\bSnapshot\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x10\n" +
+	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12!\n" +
+	"\fcreated_unix\x18\x03 \x01(\x03R\vcreatedUnix\x124\n" +
+	"\x06status\x18\x04 \x01(\x0e2\x1c.cairn.mds.v1.SnapshotStatusR\x06status\x12\x12\n" +
+	"\x04size\x18\x05 \x01(\x04R\x04size\"e\n" +
 	"\vPublication\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1b\n" +
 	"\tread_only\x18\x02 \x01(\bR\breadOnly\x12%\n" +
@@ -5556,7 +6003,20 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\x13DeleteVolumeRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05force\x18\x02 \x01(\bR\x05force\"\x16\n" +
-	"\x14DeleteVolumeResponse\"o\n" +
+	"\x14DeleteVolumeResponse\"C\n" +
+	"\x15CreateSnapshotRequest\x12\x16\n" +
+	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\"L\n" +
+	"\x16CreateSnapshotResponse\x122\n" +
+	"\bsnapshot\x18\x01 \x01(\v2\x16.cairn.mds.v1.SnapshotR\bsnapshot\".\n" +
+	"\x14ListSnapshotsRequest\x12\x16\n" +
+	"\x06volume\x18\x01 \x01(\tR\x06volume\"M\n" +
+	"\x15ListSnapshotsResponse\x124\n" +
+	"\tsnapshots\x18\x01 \x03(\v2\x16.cairn.mds.v1.SnapshotR\tsnapshots\"C\n" +
+	"\x15DeleteSnapshotRequest\x12\x16\n" +
+	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\"\x18\n" +
+	"\x16DeleteSnapshotResponse\"o\n" +
 	"\x11OpenVolumeRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\bwritable\x18\x02 \x01(\bR\bwritable\x12\x16\n" +
@@ -5691,7 +6151,11 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\fVolumeStatus\x12\x19\n" +
 	"\x15VOLUME_STATUS_UNKNOWN\x10\x00\x12\x19\n" +
 	"\x15VOLUME_STATUS_CREATED\x10\x01\x12\x1a\n" +
-	"\x16VOLUME_STATUS_DELETING\x10\x022\x8a\b\n" +
+	"\x16VOLUME_STATUS_DELETING\x10\x02*f\n" +
+	"\x0eSnapshotStatus\x12\x1b\n" +
+	"\x17SNAPSHOT_STATUS_UNKNOWN\x10\x00\x12\x19\n" +
+	"\x15SNAPSHOT_STATUS_READY\x10\x01\x12\x1c\n" +
+	"\x18SNAPSHOT_STATUS_DELETING\x10\x022\x8a\b\n" +
 	"\x0fTopologyService\x12j\n" +
 	"\x13RegisterChunkServer\x12(.cairn.mds.v1.RegisterChunkServerRequest\x1a).cairn.mds.v1.RegisterChunkServerResponse\x12[\n" +
 	"\x0eGetChunkServer\x12#.cairn.mds.v1.GetChunkServerRequest\x1a$.cairn.mds.v1.GetChunkServerResponse\x12L\n" +
@@ -5707,8 +6171,7 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\x0fOperatorService\x12[\n" +
 	"\x0eStartOperators\x12#.cairn.mds.v1.StartOperatorsRequest\x1a$.cairn.mds.v1.StartOperatorsResponse2`\n" +
 	"\x10HeartbeatService\x12L\n" +
-	"\tHeartbeat\x12\x1e.cairn.mds.v1.HeartbeatRequest\x1a\x1f.cairn.mds.v1.HeartbeatResponse2\xf0\n" +
-	"\n" +
+	"\tHeartbeat\x12\x1e.cairn.mds.v1.HeartbeatRequest\x1a\x1f.cairn.mds.v1.HeartbeatResponse2\x84\r\n" +
 	"\rVolumeService\x12U\n" +
 	"\fCreateVolume\x12!.cairn.mds.v1.CreateVolumeRequest\x1a\".cairn.mds.v1.CreateVolumeResponse\x12O\n" +
 	"\n" +
@@ -5718,7 +6181,10 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\fRenameVolume\x12!.cairn.mds.v1.RenameVolumeRequest\x1a\".cairn.mds.v1.RenameVolumeResponse\x12U\n" +
 	"\fDeleteVolume\x12!.cairn.mds.v1.DeleteVolumeRequest\x1a\".cairn.mds.v1.DeleteVolumeResponse\x12O\n" +
 	"\n" +
-	"OpenVolume\x12\x1f.cairn.mds.v1.OpenVolumeRequest\x1a .cairn.mds.v1.OpenVolumeResponse\x12U\n" +
+	"OpenVolume\x12\x1f.cairn.mds.v1.OpenVolumeRequest\x1a .cairn.mds.v1.OpenVolumeResponse\x12[\n" +
+	"\x0eCreateSnapshot\x12#.cairn.mds.v1.CreateSnapshotRequest\x1a$.cairn.mds.v1.CreateSnapshotResponse\x12X\n" +
+	"\rListSnapshots\x12\".cairn.mds.v1.ListSnapshotsRequest\x1a#.cairn.mds.v1.ListSnapshotsResponse\x12[\n" +
+	"\x0eDeleteSnapshot\x12#.cairn.mds.v1.DeleteSnapshotRequest\x1a$.cairn.mds.v1.DeleteSnapshotResponse\x12U\n" +
 	"\fRegisterNode\x12!.cairn.mds.v1.RegisterNodeRequest\x1a\".cairn.mds.v1.RegisterNodeResponse\x12L\n" +
 	"\tListNodes\x12\x1e.cairn.mds.v1.ListNodesRequest\x1a\x1f.cairn.mds.v1.ListNodesResponse\x12X\n" +
 	"\rPublishVolume\x12\".cairn.mds.v1.PublishVolumeRequest\x1a#.cairn.mds.v1.PublishVolumeResponse\x12^\n" +
@@ -5747,248 +6213,266 @@ func file_mdspb_mds_proto_rawDescGZIP() []byte {
 	return file_mdspb_mds_proto_rawDescData
 }
 
-var file_mdspb_mds_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_mdspb_mds_proto_msgTypes = make([]protoimpl.MessageInfo, 89)
+var file_mdspb_mds_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
+var file_mdspb_mds_proto_msgTypes = make([]protoimpl.MessageInfo, 96)
 var file_mdspb_mds_proto_goTypes = []any{
 	(OnlineState)(0),                    // 0: cairn.mds.v1.OnlineState
 	(RWState)(0),                        // 1: cairn.mds.v1.RWState
 	(LogicalPoolStatus)(0),              // 2: cairn.mds.v1.LogicalPoolStatus
 	(OperatorKind)(0),                   // 3: cairn.mds.v1.OperatorKind
 	(VolumeStatus)(0),                   // 4: cairn.mds.v1.VolumeStatus
-	(*NotLeader)(nil),                   // 5: cairn.mds.v1.NotLeader
-	(*ClusterConstants)(nil),            // 6: cairn.mds.v1.ClusterConstants
-	(*Zone)(nil),                        // 7: cairn.mds.v1.Zone
-	(*Server)(nil),                      // 8: cairn.mds.v1.Server
-	(*Capacity)(nil),                    // 9: cairn.mds.v1.Capacity
-	(*ChunkServer)(nil),                 // 10: cairn.mds.v1.ChunkServer
-	(*PhysicalPool)(nil),                // 11: cairn.mds.v1.PhysicalPool
-	(*LogicalPool)(nil),                 // 12: cairn.mds.v1.LogicalPool
-	(*Copyset)(nil),                     // 13: cairn.mds.v1.Copyset
-	(*RegisterChunkServerRequest)(nil),  // 14: cairn.mds.v1.RegisterChunkServerRequest
-	(*RegisterChunkServerResponse)(nil), // 15: cairn.mds.v1.RegisterChunkServerResponse
-	(*GetChunkServerRequest)(nil),       // 16: cairn.mds.v1.GetChunkServerRequest
-	(*GetChunkServerResponse)(nil),      // 17: cairn.mds.v1.GetChunkServerResponse
-	(*ListZonesRequest)(nil),            // 18: cairn.mds.v1.ListZonesRequest
-	(*ListZonesResponse)(nil),           // 19: cairn.mds.v1.ListZonesResponse
-	(*ListServersRequest)(nil),          // 20: cairn.mds.v1.ListServersRequest
-	(*ListServersResponse)(nil),         // 21: cairn.mds.v1.ListServersResponse
-	(*ListChunkServersRequest)(nil),     // 22: cairn.mds.v1.ListChunkServersRequest
-	(*ListChunkServersResponse)(nil),    // 23: cairn.mds.v1.ListChunkServersResponse
-	(*ListPoolsRequest)(nil),            // 24: cairn.mds.v1.ListPoolsRequest
-	(*ListPoolsResponse)(nil),           // 25: cairn.mds.v1.ListPoolsResponse
-	(*CreateLogicalPoolRequest)(nil),    // 26: cairn.mds.v1.CreateLogicalPoolRequest
-	(*CreateLogicalPoolResponse)(nil),   // 27: cairn.mds.v1.CreateLogicalPoolResponse
-	(*ListCopysetsRequest)(nil),         // 28: cairn.mds.v1.ListCopysetsRequest
-	(*ListCopysetsResponse)(nil),        // 29: cairn.mds.v1.ListCopysetsResponse
-	(*GetCopysetsRequest)(nil),          // 30: cairn.mds.v1.GetCopysetsRequest
-	(*GetCopysetsResponse)(nil),         // 31: cairn.mds.v1.GetCopysetsResponse
-	(*UpdateChunkServerRequest)(nil),    // 32: cairn.mds.v1.UpdateChunkServerRequest
-	(*UpdateChunkServerResponse)(nil),   // 33: cairn.mds.v1.UpdateChunkServerResponse
-	(*DeleteChunkServerRequest)(nil),    // 34: cairn.mds.v1.DeleteChunkServerRequest
-	(*DeleteChunkServerResponse)(nil),   // 35: cairn.mds.v1.DeleteChunkServerResponse
-	(*CopysetReport)(nil),               // 36: cairn.mds.v1.CopysetReport
-	(*HeartbeatRequest)(nil),            // 37: cairn.mds.v1.HeartbeatRequest
-	(*Operator)(nil),                    // 38: cairn.mds.v1.Operator
-	(*StartOperatorsRequest)(nil),       // 39: cairn.mds.v1.StartOperatorsRequest
-	(*StartOperatorsResponse)(nil),      // 40: cairn.mds.v1.StartOperatorsResponse
-	(*VolumeEpoch)(nil),                 // 41: cairn.mds.v1.VolumeEpoch
-	(*HeartbeatResponse)(nil),           // 42: cairn.mds.v1.HeartbeatResponse
-	(*Volume)(nil),                      // 43: cairn.mds.v1.Volume
-	(*Publication)(nil),                 // 44: cairn.mds.v1.Publication
-	(*Session)(nil),                     // 45: cairn.mds.v1.Session
-	(*CreateVolumeRequest)(nil),         // 46: cairn.mds.v1.CreateVolumeRequest
-	(*CreateVolumeResponse)(nil),        // 47: cairn.mds.v1.CreateVolumeResponse
-	(*StatVolumeRequest)(nil),           // 48: cairn.mds.v1.StatVolumeRequest
-	(*StatVolumeResponse)(nil),          // 49: cairn.mds.v1.StatVolumeResponse
-	(*ListVolumesRequest)(nil),          // 50: cairn.mds.v1.ListVolumesRequest
-	(*ListVolumesResponse)(nil),         // 51: cairn.mds.v1.ListVolumesResponse
-	(*ExtendVolumeRequest)(nil),         // 52: cairn.mds.v1.ExtendVolumeRequest
-	(*ExtendVolumeResponse)(nil),        // 53: cairn.mds.v1.ExtendVolumeResponse
-	(*RenameVolumeRequest)(nil),         // 54: cairn.mds.v1.RenameVolumeRequest
-	(*RenameVolumeResponse)(nil),        // 55: cairn.mds.v1.RenameVolumeResponse
-	(*DeleteVolumeRequest)(nil),         // 56: cairn.mds.v1.DeleteVolumeRequest
-	(*DeleteVolumeResponse)(nil),        // 57: cairn.mds.v1.DeleteVolumeResponse
-	(*OpenVolumeRequest)(nil),           // 58: cairn.mds.v1.OpenVolumeRequest
-	(*OpenVolumeResponse)(nil),          // 59: cairn.mds.v1.OpenVolumeResponse
-	(*RefreshSessionRequest)(nil),       // 60: cairn.mds.v1.RefreshSessionRequest
-	(*RefreshSessionResponse)(nil),      // 61: cairn.mds.v1.RefreshSessionResponse
-	(*CloseVolumeRequest)(nil),          // 62: cairn.mds.v1.CloseVolumeRequest
-	(*CloseVolumeResponse)(nil),         // 63: cairn.mds.v1.CloseVolumeResponse
-	(*ListSessionsRequest)(nil),         // 64: cairn.mds.v1.ListSessionsRequest
-	(*ListSessionsResponse)(nil),        // 65: cairn.mds.v1.ListSessionsResponse
-	(*Node)(nil),                        // 66: cairn.mds.v1.Node
-	(*RegisterNodeRequest)(nil),         // 67: cairn.mds.v1.RegisterNodeRequest
-	(*RegisterNodeResponse)(nil),        // 68: cairn.mds.v1.RegisterNodeResponse
-	(*ListNodesRequest)(nil),            // 69: cairn.mds.v1.ListNodesRequest
-	(*ListNodesResponse)(nil),           // 70: cairn.mds.v1.ListNodesResponse
-	(*PublishVolumeRequest)(nil),        // 71: cairn.mds.v1.PublishVolumeRequest
-	(*PublishVolumeResponse)(nil),       // 72: cairn.mds.v1.PublishVolumeResponse
-	(*UnpublishVolumeRequest)(nil),      // 73: cairn.mds.v1.UnpublishVolumeRequest
-	(*UnpublishVolumeResponse)(nil),     // 74: cairn.mds.v1.UnpublishVolumeResponse
-	(*ChunkRef)(nil),                    // 75: cairn.mds.v1.ChunkRef
-	(*Segment)(nil),                     // 76: cairn.mds.v1.Segment
-	(*GetSegmentRequest)(nil),           // 77: cairn.mds.v1.GetSegmentRequest
-	(*GetSegmentResponse)(nil),          // 78: cairn.mds.v1.GetSegmentResponse
-	(*ListSegmentsRequest)(nil),         // 79: cairn.mds.v1.ListSegmentsRequest
-	(*ListSegmentsResponse)(nil),        // 80: cairn.mds.v1.ListSegmentsResponse
-	(*MDSInstance)(nil),                 // 81: cairn.mds.v1.MDSInstance
-	(*EtcdMember)(nil),                  // 82: cairn.mds.v1.EtcdMember
-	(*GetClusterStatusRequest)(nil),     // 83: cairn.mds.v1.GetClusterStatusRequest
-	(*GetClusterStatusResponse)(nil),    // 84: cairn.mds.v1.GetClusterStatusResponse
-	(*TransferLeaderRequest)(nil),       // 85: cairn.mds.v1.TransferLeaderRequest
-	(*TransferLeaderResponse)(nil),      // 86: cairn.mds.v1.TransferLeaderResponse
-	(*ListOperatorsRequest)(nil),        // 87: cairn.mds.v1.ListOperatorsRequest
-	(*GetScheduleStatusRequest)(nil),    // 88: cairn.mds.v1.GetScheduleStatusRequest
-	(*BlockedCopyset)(nil),              // 89: cairn.mds.v1.BlockedCopyset
-	(*OperatorCount)(nil),               // 90: cairn.mds.v1.OperatorCount
-	(*GetScheduleStatusResponse)(nil),   // 91: cairn.mds.v1.GetScheduleStatusResponse
-	(*ListOperatorsResponse)(nil),       // 92: cairn.mds.v1.ListOperatorsResponse
-	nil,                                 // 93: cairn.mds.v1.Node.TopologyEntry
-	(*commonpb.CopysetRef)(nil),         // 94: cairn.common.v1.CopysetRef
-	(*commonpb.Peer)(nil),               // 95: cairn.common.v1.Peer
-	(*copysetpb.PendingConfChange)(nil), // 96: cairn.copyset.v1.PendingConfChange
-	(*copysetpb.PeerProgress)(nil),      // 97: cairn.copyset.v1.PeerProgress
-	(*copysetpb.CopysetStatus)(nil),     // 98: cairn.copyset.v1.CopysetStatus
+	(SnapshotStatus)(0),                 // 5: cairn.mds.v1.SnapshotStatus
+	(*NotLeader)(nil),                   // 6: cairn.mds.v1.NotLeader
+	(*ClusterConstants)(nil),            // 7: cairn.mds.v1.ClusterConstants
+	(*Zone)(nil),                        // 8: cairn.mds.v1.Zone
+	(*Server)(nil),                      // 9: cairn.mds.v1.Server
+	(*Capacity)(nil),                    // 10: cairn.mds.v1.Capacity
+	(*ChunkServer)(nil),                 // 11: cairn.mds.v1.ChunkServer
+	(*PhysicalPool)(nil),                // 12: cairn.mds.v1.PhysicalPool
+	(*LogicalPool)(nil),                 // 13: cairn.mds.v1.LogicalPool
+	(*Copyset)(nil),                     // 14: cairn.mds.v1.Copyset
+	(*RegisterChunkServerRequest)(nil),  // 15: cairn.mds.v1.RegisterChunkServerRequest
+	(*RegisterChunkServerResponse)(nil), // 16: cairn.mds.v1.RegisterChunkServerResponse
+	(*GetChunkServerRequest)(nil),       // 17: cairn.mds.v1.GetChunkServerRequest
+	(*GetChunkServerResponse)(nil),      // 18: cairn.mds.v1.GetChunkServerResponse
+	(*ListZonesRequest)(nil),            // 19: cairn.mds.v1.ListZonesRequest
+	(*ListZonesResponse)(nil),           // 20: cairn.mds.v1.ListZonesResponse
+	(*ListServersRequest)(nil),          // 21: cairn.mds.v1.ListServersRequest
+	(*ListServersResponse)(nil),         // 22: cairn.mds.v1.ListServersResponse
+	(*ListChunkServersRequest)(nil),     // 23: cairn.mds.v1.ListChunkServersRequest
+	(*ListChunkServersResponse)(nil),    // 24: cairn.mds.v1.ListChunkServersResponse
+	(*ListPoolsRequest)(nil),            // 25: cairn.mds.v1.ListPoolsRequest
+	(*ListPoolsResponse)(nil),           // 26: cairn.mds.v1.ListPoolsResponse
+	(*CreateLogicalPoolRequest)(nil),    // 27: cairn.mds.v1.CreateLogicalPoolRequest
+	(*CreateLogicalPoolResponse)(nil),   // 28: cairn.mds.v1.CreateLogicalPoolResponse
+	(*ListCopysetsRequest)(nil),         // 29: cairn.mds.v1.ListCopysetsRequest
+	(*ListCopysetsResponse)(nil),        // 30: cairn.mds.v1.ListCopysetsResponse
+	(*GetCopysetsRequest)(nil),          // 31: cairn.mds.v1.GetCopysetsRequest
+	(*GetCopysetsResponse)(nil),         // 32: cairn.mds.v1.GetCopysetsResponse
+	(*UpdateChunkServerRequest)(nil),    // 33: cairn.mds.v1.UpdateChunkServerRequest
+	(*UpdateChunkServerResponse)(nil),   // 34: cairn.mds.v1.UpdateChunkServerResponse
+	(*DeleteChunkServerRequest)(nil),    // 35: cairn.mds.v1.DeleteChunkServerRequest
+	(*DeleteChunkServerResponse)(nil),   // 36: cairn.mds.v1.DeleteChunkServerResponse
+	(*CopysetReport)(nil),               // 37: cairn.mds.v1.CopysetReport
+	(*HeartbeatRequest)(nil),            // 38: cairn.mds.v1.HeartbeatRequest
+	(*Operator)(nil),                    // 39: cairn.mds.v1.Operator
+	(*StartOperatorsRequest)(nil),       // 40: cairn.mds.v1.StartOperatorsRequest
+	(*StartOperatorsResponse)(nil),      // 41: cairn.mds.v1.StartOperatorsResponse
+	(*VolumeEpoch)(nil),                 // 42: cairn.mds.v1.VolumeEpoch
+	(*HeartbeatResponse)(nil),           // 43: cairn.mds.v1.HeartbeatResponse
+	(*Volume)(nil),                      // 44: cairn.mds.v1.Volume
+	(*Snapshot)(nil),                    // 45: cairn.mds.v1.Snapshot
+	(*Publication)(nil),                 // 46: cairn.mds.v1.Publication
+	(*Session)(nil),                     // 47: cairn.mds.v1.Session
+	(*CreateVolumeRequest)(nil),         // 48: cairn.mds.v1.CreateVolumeRequest
+	(*CreateVolumeResponse)(nil),        // 49: cairn.mds.v1.CreateVolumeResponse
+	(*StatVolumeRequest)(nil),           // 50: cairn.mds.v1.StatVolumeRequest
+	(*StatVolumeResponse)(nil),          // 51: cairn.mds.v1.StatVolumeResponse
+	(*ListVolumesRequest)(nil),          // 52: cairn.mds.v1.ListVolumesRequest
+	(*ListVolumesResponse)(nil),         // 53: cairn.mds.v1.ListVolumesResponse
+	(*ExtendVolumeRequest)(nil),         // 54: cairn.mds.v1.ExtendVolumeRequest
+	(*ExtendVolumeResponse)(nil),        // 55: cairn.mds.v1.ExtendVolumeResponse
+	(*RenameVolumeRequest)(nil),         // 56: cairn.mds.v1.RenameVolumeRequest
+	(*RenameVolumeResponse)(nil),        // 57: cairn.mds.v1.RenameVolumeResponse
+	(*DeleteVolumeRequest)(nil),         // 58: cairn.mds.v1.DeleteVolumeRequest
+	(*DeleteVolumeResponse)(nil),        // 59: cairn.mds.v1.DeleteVolumeResponse
+	(*CreateSnapshotRequest)(nil),       // 60: cairn.mds.v1.CreateSnapshotRequest
+	(*CreateSnapshotResponse)(nil),      // 61: cairn.mds.v1.CreateSnapshotResponse
+	(*ListSnapshotsRequest)(nil),        // 62: cairn.mds.v1.ListSnapshotsRequest
+	(*ListSnapshotsResponse)(nil),       // 63: cairn.mds.v1.ListSnapshotsResponse
+	(*DeleteSnapshotRequest)(nil),       // 64: cairn.mds.v1.DeleteSnapshotRequest
+	(*DeleteSnapshotResponse)(nil),      // 65: cairn.mds.v1.DeleteSnapshotResponse
+	(*OpenVolumeRequest)(nil),           // 66: cairn.mds.v1.OpenVolumeRequest
+	(*OpenVolumeResponse)(nil),          // 67: cairn.mds.v1.OpenVolumeResponse
+	(*RefreshSessionRequest)(nil),       // 68: cairn.mds.v1.RefreshSessionRequest
+	(*RefreshSessionResponse)(nil),      // 69: cairn.mds.v1.RefreshSessionResponse
+	(*CloseVolumeRequest)(nil),          // 70: cairn.mds.v1.CloseVolumeRequest
+	(*CloseVolumeResponse)(nil),         // 71: cairn.mds.v1.CloseVolumeResponse
+	(*ListSessionsRequest)(nil),         // 72: cairn.mds.v1.ListSessionsRequest
+	(*ListSessionsResponse)(nil),        // 73: cairn.mds.v1.ListSessionsResponse
+	(*Node)(nil),                        // 74: cairn.mds.v1.Node
+	(*RegisterNodeRequest)(nil),         // 75: cairn.mds.v1.RegisterNodeRequest
+	(*RegisterNodeResponse)(nil),        // 76: cairn.mds.v1.RegisterNodeResponse
+	(*ListNodesRequest)(nil),            // 77: cairn.mds.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),           // 78: cairn.mds.v1.ListNodesResponse
+	(*PublishVolumeRequest)(nil),        // 79: cairn.mds.v1.PublishVolumeRequest
+	(*PublishVolumeResponse)(nil),       // 80: cairn.mds.v1.PublishVolumeResponse
+	(*UnpublishVolumeRequest)(nil),      // 81: cairn.mds.v1.UnpublishVolumeRequest
+	(*UnpublishVolumeResponse)(nil),     // 82: cairn.mds.v1.UnpublishVolumeResponse
+	(*ChunkRef)(nil),                    // 83: cairn.mds.v1.ChunkRef
+	(*Segment)(nil),                     // 84: cairn.mds.v1.Segment
+	(*GetSegmentRequest)(nil),           // 85: cairn.mds.v1.GetSegmentRequest
+	(*GetSegmentResponse)(nil),          // 86: cairn.mds.v1.GetSegmentResponse
+	(*ListSegmentsRequest)(nil),         // 87: cairn.mds.v1.ListSegmentsRequest
+	(*ListSegmentsResponse)(nil),        // 88: cairn.mds.v1.ListSegmentsResponse
+	(*MDSInstance)(nil),                 // 89: cairn.mds.v1.MDSInstance
+	(*EtcdMember)(nil),                  // 90: cairn.mds.v1.EtcdMember
+	(*GetClusterStatusRequest)(nil),     // 91: cairn.mds.v1.GetClusterStatusRequest
+	(*GetClusterStatusResponse)(nil),    // 92: cairn.mds.v1.GetClusterStatusResponse
+	(*TransferLeaderRequest)(nil),       // 93: cairn.mds.v1.TransferLeaderRequest
+	(*TransferLeaderResponse)(nil),      // 94: cairn.mds.v1.TransferLeaderResponse
+	(*ListOperatorsRequest)(nil),        // 95: cairn.mds.v1.ListOperatorsRequest
+	(*GetScheduleStatusRequest)(nil),    // 96: cairn.mds.v1.GetScheduleStatusRequest
+	(*BlockedCopyset)(nil),              // 97: cairn.mds.v1.BlockedCopyset
+	(*OperatorCount)(nil),               // 98: cairn.mds.v1.OperatorCount
+	(*GetScheduleStatusResponse)(nil),   // 99: cairn.mds.v1.GetScheduleStatusResponse
+	(*ListOperatorsResponse)(nil),       // 100: cairn.mds.v1.ListOperatorsResponse
+	nil,                                 // 101: cairn.mds.v1.Node.TopologyEntry
+	(*commonpb.CopysetRef)(nil),         // 102: cairn.common.v1.CopysetRef
+	(*commonpb.Peer)(nil),               // 103: cairn.common.v1.Peer
+	(*copysetpb.PendingConfChange)(nil), // 104: cairn.copyset.v1.PendingConfChange
+	(*copysetpb.PeerProgress)(nil),      // 105: cairn.copyset.v1.PeerProgress
+	(*copysetpb.CopysetStatus)(nil),     // 106: cairn.copyset.v1.CopysetStatus
 }
 var file_mdspb_mds_proto_depIdxs = []int32{
 	0,   // 0: cairn.mds.v1.ChunkServer.online_state:type_name -> cairn.mds.v1.OnlineState
 	1,   // 1: cairn.mds.v1.ChunkServer.rw_state:type_name -> cairn.mds.v1.RWState
-	9,   // 2: cairn.mds.v1.ChunkServer.capacity:type_name -> cairn.mds.v1.Capacity
+	10,  // 2: cairn.mds.v1.ChunkServer.capacity:type_name -> cairn.mds.v1.Capacity
 	2,   // 3: cairn.mds.v1.LogicalPool.status:type_name -> cairn.mds.v1.LogicalPoolStatus
-	94,  // 4: cairn.mds.v1.Copyset.id:type_name -> cairn.common.v1.CopysetRef
-	95,  // 5: cairn.mds.v1.Copyset.peers:type_name -> cairn.common.v1.Peer
-	96,  // 6: cairn.mds.v1.Copyset.pending:type_name -> cairn.copyset.v1.PendingConfChange
-	97,  // 7: cairn.mds.v1.Copyset.progress:type_name -> cairn.copyset.v1.PeerProgress
-	95,  // 8: cairn.mds.v1.Copyset.learners:type_name -> cairn.common.v1.Peer
-	6,   // 9: cairn.mds.v1.RegisterChunkServerRequest.constants:type_name -> cairn.mds.v1.ClusterConstants
-	9,   // 10: cairn.mds.v1.RegisterChunkServerRequest.capacity:type_name -> cairn.mds.v1.Capacity
-	6,   // 11: cairn.mds.v1.RegisterChunkServerResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
-	10,  // 12: cairn.mds.v1.GetChunkServerResponse.chunkserver:type_name -> cairn.mds.v1.ChunkServer
-	7,   // 13: cairn.mds.v1.ListZonesResponse.zones:type_name -> cairn.mds.v1.Zone
-	8,   // 14: cairn.mds.v1.ListServersResponse.servers:type_name -> cairn.mds.v1.Server
-	10,  // 15: cairn.mds.v1.ListChunkServersResponse.chunkservers:type_name -> cairn.mds.v1.ChunkServer
-	11,  // 16: cairn.mds.v1.ListPoolsResponse.physical_pools:type_name -> cairn.mds.v1.PhysicalPool
-	12,  // 17: cairn.mds.v1.ListPoolsResponse.logical_pools:type_name -> cairn.mds.v1.LogicalPool
-	12,  // 18: cairn.mds.v1.CreateLogicalPoolResponse.pool:type_name -> cairn.mds.v1.LogicalPool
-	13,  // 19: cairn.mds.v1.ListCopysetsResponse.copysets:type_name -> cairn.mds.v1.Copyset
-	94,  // 20: cairn.mds.v1.GetCopysetsRequest.copysets:type_name -> cairn.common.v1.CopysetRef
-	13,  // 21: cairn.mds.v1.GetCopysetsResponse.copysets:type_name -> cairn.mds.v1.Copyset
+	102, // 4: cairn.mds.v1.Copyset.id:type_name -> cairn.common.v1.CopysetRef
+	103, // 5: cairn.mds.v1.Copyset.peers:type_name -> cairn.common.v1.Peer
+	104, // 6: cairn.mds.v1.Copyset.pending:type_name -> cairn.copyset.v1.PendingConfChange
+	105, // 7: cairn.mds.v1.Copyset.progress:type_name -> cairn.copyset.v1.PeerProgress
+	103, // 8: cairn.mds.v1.Copyset.learners:type_name -> cairn.common.v1.Peer
+	7,   // 9: cairn.mds.v1.RegisterChunkServerRequest.constants:type_name -> cairn.mds.v1.ClusterConstants
+	10,  // 10: cairn.mds.v1.RegisterChunkServerRequest.capacity:type_name -> cairn.mds.v1.Capacity
+	7,   // 11: cairn.mds.v1.RegisterChunkServerResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
+	11,  // 12: cairn.mds.v1.GetChunkServerResponse.chunkserver:type_name -> cairn.mds.v1.ChunkServer
+	8,   // 13: cairn.mds.v1.ListZonesResponse.zones:type_name -> cairn.mds.v1.Zone
+	9,   // 14: cairn.mds.v1.ListServersResponse.servers:type_name -> cairn.mds.v1.Server
+	11,  // 15: cairn.mds.v1.ListChunkServersResponse.chunkservers:type_name -> cairn.mds.v1.ChunkServer
+	12,  // 16: cairn.mds.v1.ListPoolsResponse.physical_pools:type_name -> cairn.mds.v1.PhysicalPool
+	13,  // 17: cairn.mds.v1.ListPoolsResponse.logical_pools:type_name -> cairn.mds.v1.LogicalPool
+	13,  // 18: cairn.mds.v1.CreateLogicalPoolResponse.pool:type_name -> cairn.mds.v1.LogicalPool
+	14,  // 19: cairn.mds.v1.ListCopysetsResponse.copysets:type_name -> cairn.mds.v1.Copyset
+	102, // 20: cairn.mds.v1.GetCopysetsRequest.copysets:type_name -> cairn.common.v1.CopysetRef
+	14,  // 21: cairn.mds.v1.GetCopysetsResponse.copysets:type_name -> cairn.mds.v1.Copyset
 	1,   // 22: cairn.mds.v1.UpdateChunkServerRequest.rw_state:type_name -> cairn.mds.v1.RWState
-	10,  // 23: cairn.mds.v1.UpdateChunkServerResponse.chunkservers:type_name -> cairn.mds.v1.ChunkServer
-	98,  // 24: cairn.mds.v1.CopysetReport.status:type_name -> cairn.copyset.v1.CopysetStatus
-	9,   // 25: cairn.mds.v1.HeartbeatRequest.capacity:type_name -> cairn.mds.v1.Capacity
-	36,  // 26: cairn.mds.v1.HeartbeatRequest.copysets:type_name -> cairn.mds.v1.CopysetReport
-	94,  // 27: cairn.mds.v1.Operator.copyset:type_name -> cairn.common.v1.CopysetRef
+	11,  // 23: cairn.mds.v1.UpdateChunkServerResponse.chunkservers:type_name -> cairn.mds.v1.ChunkServer
+	106, // 24: cairn.mds.v1.CopysetReport.status:type_name -> cairn.copyset.v1.CopysetStatus
+	10,  // 25: cairn.mds.v1.HeartbeatRequest.capacity:type_name -> cairn.mds.v1.Capacity
+	37,  // 26: cairn.mds.v1.HeartbeatRequest.copysets:type_name -> cairn.mds.v1.CopysetReport
+	102, // 27: cairn.mds.v1.Operator.copyset:type_name -> cairn.common.v1.CopysetRef
 	3,   // 28: cairn.mds.v1.Operator.kind:type_name -> cairn.mds.v1.OperatorKind
-	95,  // 29: cairn.mds.v1.Operator.target:type_name -> cairn.common.v1.Peer
-	38,  // 30: cairn.mds.v1.StartOperatorsRequest.operators:type_name -> cairn.mds.v1.Operator
-	38,  // 31: cairn.mds.v1.HeartbeatResponse.operators:type_name -> cairn.mds.v1.Operator
-	94,  // 32: cairn.mds.v1.HeartbeatResponse.remove_copysets:type_name -> cairn.common.v1.CopysetRef
-	41,  // 33: cairn.mds.v1.HeartbeatResponse.epochs:type_name -> cairn.mds.v1.VolumeEpoch
+	103, // 29: cairn.mds.v1.Operator.target:type_name -> cairn.common.v1.Peer
+	39,  // 30: cairn.mds.v1.StartOperatorsRequest.operators:type_name -> cairn.mds.v1.Operator
+	39,  // 31: cairn.mds.v1.HeartbeatResponse.operators:type_name -> cairn.mds.v1.Operator
+	102, // 32: cairn.mds.v1.HeartbeatResponse.remove_copysets:type_name -> cairn.common.v1.CopysetRef
+	42,  // 33: cairn.mds.v1.HeartbeatResponse.epochs:type_name -> cairn.mds.v1.VolumeEpoch
 	4,   // 34: cairn.mds.v1.Volume.status:type_name -> cairn.mds.v1.VolumeStatus
-	44,  // 35: cairn.mds.v1.Volume.publications:type_name -> cairn.mds.v1.Publication
-	43,  // 36: cairn.mds.v1.CreateVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	43,  // 37: cairn.mds.v1.StatVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	45,  // 38: cairn.mds.v1.StatVolumeResponse.sessions:type_name -> cairn.mds.v1.Session
-	43,  // 39: cairn.mds.v1.ListVolumesResponse.volumes:type_name -> cairn.mds.v1.Volume
-	43,  // 40: cairn.mds.v1.ExtendVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	43,  // 41: cairn.mds.v1.RenameVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	43,  // 42: cairn.mds.v1.OpenVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	45,  // 43: cairn.mds.v1.OpenVolumeResponse.session:type_name -> cairn.mds.v1.Session
-	6,   // 44: cairn.mds.v1.OpenVolumeResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
-	43,  // 45: cairn.mds.v1.RefreshSessionResponse.volume:type_name -> cairn.mds.v1.Volume
-	45,  // 46: cairn.mds.v1.RefreshSessionResponse.session:type_name -> cairn.mds.v1.Session
-	45,  // 47: cairn.mds.v1.ListSessionsResponse.sessions:type_name -> cairn.mds.v1.Session
-	93,  // 48: cairn.mds.v1.Node.topology:type_name -> cairn.mds.v1.Node.TopologyEntry
-	66,  // 49: cairn.mds.v1.RegisterNodeRequest.node:type_name -> cairn.mds.v1.Node
-	66,  // 50: cairn.mds.v1.RegisterNodeResponse.node:type_name -> cairn.mds.v1.Node
-	66,  // 51: cairn.mds.v1.ListNodesResponse.nodes:type_name -> cairn.mds.v1.Node
-	43,  // 52: cairn.mds.v1.PublishVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	43,  // 53: cairn.mds.v1.UnpublishVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	94,  // 54: cairn.mds.v1.ChunkRef.copyset:type_name -> cairn.common.v1.CopysetRef
-	75,  // 55: cairn.mds.v1.Segment.chunks:type_name -> cairn.mds.v1.ChunkRef
-	76,  // 56: cairn.mds.v1.GetSegmentResponse.segment:type_name -> cairn.mds.v1.Segment
-	76,  // 57: cairn.mds.v1.ListSegmentsResponse.segments:type_name -> cairn.mds.v1.Segment
-	81,  // 58: cairn.mds.v1.GetClusterStatusResponse.mds:type_name -> cairn.mds.v1.MDSInstance
-	82,  // 59: cairn.mds.v1.GetClusterStatusResponse.etcd:type_name -> cairn.mds.v1.EtcdMember
-	6,   // 60: cairn.mds.v1.GetClusterStatusResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
-	94,  // 61: cairn.mds.v1.TransferLeaderRequest.copyset:type_name -> cairn.common.v1.CopysetRef
-	38,  // 62: cairn.mds.v1.TransferLeaderResponse.operator:type_name -> cairn.mds.v1.Operator
-	94,  // 63: cairn.mds.v1.BlockedCopyset.copyset:type_name -> cairn.common.v1.CopysetRef
-	89,  // 64: cairn.mds.v1.GetScheduleStatusResponse.blocked:type_name -> cairn.mds.v1.BlockedCopyset
-	90,  // 65: cairn.mds.v1.GetScheduleStatusResponse.operators:type_name -> cairn.mds.v1.OperatorCount
-	38,  // 66: cairn.mds.v1.ListOperatorsResponse.operators:type_name -> cairn.mds.v1.Operator
-	14,  // 67: cairn.mds.v1.TopologyService.RegisterChunkServer:input_type -> cairn.mds.v1.RegisterChunkServerRequest
-	16,  // 68: cairn.mds.v1.TopologyService.GetChunkServer:input_type -> cairn.mds.v1.GetChunkServerRequest
-	18,  // 69: cairn.mds.v1.TopologyService.ListZones:input_type -> cairn.mds.v1.ListZonesRequest
-	20,  // 70: cairn.mds.v1.TopologyService.ListServers:input_type -> cairn.mds.v1.ListServersRequest
-	22,  // 71: cairn.mds.v1.TopologyService.ListChunkServers:input_type -> cairn.mds.v1.ListChunkServersRequest
-	24,  // 72: cairn.mds.v1.TopologyService.ListPools:input_type -> cairn.mds.v1.ListPoolsRequest
-	26,  // 73: cairn.mds.v1.TopologyService.CreateLogicalPool:input_type -> cairn.mds.v1.CreateLogicalPoolRequest
-	28,  // 74: cairn.mds.v1.TopologyService.ListCopysets:input_type -> cairn.mds.v1.ListCopysetsRequest
-	30,  // 75: cairn.mds.v1.TopologyService.GetCopysets:input_type -> cairn.mds.v1.GetCopysetsRequest
-	32,  // 76: cairn.mds.v1.TopologyService.UpdateChunkServer:input_type -> cairn.mds.v1.UpdateChunkServerRequest
-	34,  // 77: cairn.mds.v1.TopologyService.DeleteChunkServer:input_type -> cairn.mds.v1.DeleteChunkServerRequest
-	39,  // 78: cairn.mds.v1.OperatorService.StartOperators:input_type -> cairn.mds.v1.StartOperatorsRequest
-	37,  // 79: cairn.mds.v1.HeartbeatService.Heartbeat:input_type -> cairn.mds.v1.HeartbeatRequest
-	46,  // 80: cairn.mds.v1.VolumeService.CreateVolume:input_type -> cairn.mds.v1.CreateVolumeRequest
-	48,  // 81: cairn.mds.v1.VolumeService.StatVolume:input_type -> cairn.mds.v1.StatVolumeRequest
-	50,  // 82: cairn.mds.v1.VolumeService.ListVolumes:input_type -> cairn.mds.v1.ListVolumesRequest
-	52,  // 83: cairn.mds.v1.VolumeService.ExtendVolume:input_type -> cairn.mds.v1.ExtendVolumeRequest
-	54,  // 84: cairn.mds.v1.VolumeService.RenameVolume:input_type -> cairn.mds.v1.RenameVolumeRequest
-	56,  // 85: cairn.mds.v1.VolumeService.DeleteVolume:input_type -> cairn.mds.v1.DeleteVolumeRequest
-	58,  // 86: cairn.mds.v1.VolumeService.OpenVolume:input_type -> cairn.mds.v1.OpenVolumeRequest
-	67,  // 87: cairn.mds.v1.VolumeService.RegisterNode:input_type -> cairn.mds.v1.RegisterNodeRequest
-	69,  // 88: cairn.mds.v1.VolumeService.ListNodes:input_type -> cairn.mds.v1.ListNodesRequest
-	71,  // 89: cairn.mds.v1.VolumeService.PublishVolume:input_type -> cairn.mds.v1.PublishVolumeRequest
-	73,  // 90: cairn.mds.v1.VolumeService.UnpublishVolume:input_type -> cairn.mds.v1.UnpublishVolumeRequest
-	60,  // 91: cairn.mds.v1.VolumeService.RefreshSession:input_type -> cairn.mds.v1.RefreshSessionRequest
-	62,  // 92: cairn.mds.v1.VolumeService.CloseVolume:input_type -> cairn.mds.v1.CloseVolumeRequest
-	64,  // 93: cairn.mds.v1.VolumeService.ListSessions:input_type -> cairn.mds.v1.ListSessionsRequest
-	77,  // 94: cairn.mds.v1.VolumeService.GetSegment:input_type -> cairn.mds.v1.GetSegmentRequest
-	79,  // 95: cairn.mds.v1.VolumeService.ListSegments:input_type -> cairn.mds.v1.ListSegmentsRequest
-	83,  // 96: cairn.mds.v1.ClusterService.GetClusterStatus:input_type -> cairn.mds.v1.GetClusterStatusRequest
-	85,  // 97: cairn.mds.v1.ClusterService.TransferLeader:input_type -> cairn.mds.v1.TransferLeaderRequest
-	87,  // 98: cairn.mds.v1.ClusterService.ListOperators:input_type -> cairn.mds.v1.ListOperatorsRequest
-	88,  // 99: cairn.mds.v1.ClusterService.GetScheduleStatus:input_type -> cairn.mds.v1.GetScheduleStatusRequest
-	15,  // 100: cairn.mds.v1.TopologyService.RegisterChunkServer:output_type -> cairn.mds.v1.RegisterChunkServerResponse
-	17,  // 101: cairn.mds.v1.TopologyService.GetChunkServer:output_type -> cairn.mds.v1.GetChunkServerResponse
-	19,  // 102: cairn.mds.v1.TopologyService.ListZones:output_type -> cairn.mds.v1.ListZonesResponse
-	21,  // 103: cairn.mds.v1.TopologyService.ListServers:output_type -> cairn.mds.v1.ListServersResponse
-	23,  // 104: cairn.mds.v1.TopologyService.ListChunkServers:output_type -> cairn.mds.v1.ListChunkServersResponse
-	25,  // 105: cairn.mds.v1.TopologyService.ListPools:output_type -> cairn.mds.v1.ListPoolsResponse
-	27,  // 106: cairn.mds.v1.TopologyService.CreateLogicalPool:output_type -> cairn.mds.v1.CreateLogicalPoolResponse
-	29,  // 107: cairn.mds.v1.TopologyService.ListCopysets:output_type -> cairn.mds.v1.ListCopysetsResponse
-	31,  // 108: cairn.mds.v1.TopologyService.GetCopysets:output_type -> cairn.mds.v1.GetCopysetsResponse
-	33,  // 109: cairn.mds.v1.TopologyService.UpdateChunkServer:output_type -> cairn.mds.v1.UpdateChunkServerResponse
-	35,  // 110: cairn.mds.v1.TopologyService.DeleteChunkServer:output_type -> cairn.mds.v1.DeleteChunkServerResponse
-	40,  // 111: cairn.mds.v1.OperatorService.StartOperators:output_type -> cairn.mds.v1.StartOperatorsResponse
-	42,  // 112: cairn.mds.v1.HeartbeatService.Heartbeat:output_type -> cairn.mds.v1.HeartbeatResponse
-	47,  // 113: cairn.mds.v1.VolumeService.CreateVolume:output_type -> cairn.mds.v1.CreateVolumeResponse
-	49,  // 114: cairn.mds.v1.VolumeService.StatVolume:output_type -> cairn.mds.v1.StatVolumeResponse
-	51,  // 115: cairn.mds.v1.VolumeService.ListVolumes:output_type -> cairn.mds.v1.ListVolumesResponse
-	53,  // 116: cairn.mds.v1.VolumeService.ExtendVolume:output_type -> cairn.mds.v1.ExtendVolumeResponse
-	55,  // 117: cairn.mds.v1.VolumeService.RenameVolume:output_type -> cairn.mds.v1.RenameVolumeResponse
-	57,  // 118: cairn.mds.v1.VolumeService.DeleteVolume:output_type -> cairn.mds.v1.DeleteVolumeResponse
-	59,  // 119: cairn.mds.v1.VolumeService.OpenVolume:output_type -> cairn.mds.v1.OpenVolumeResponse
-	68,  // 120: cairn.mds.v1.VolumeService.RegisterNode:output_type -> cairn.mds.v1.RegisterNodeResponse
-	70,  // 121: cairn.mds.v1.VolumeService.ListNodes:output_type -> cairn.mds.v1.ListNodesResponse
-	72,  // 122: cairn.mds.v1.VolumeService.PublishVolume:output_type -> cairn.mds.v1.PublishVolumeResponse
-	74,  // 123: cairn.mds.v1.VolumeService.UnpublishVolume:output_type -> cairn.mds.v1.UnpublishVolumeResponse
-	61,  // 124: cairn.mds.v1.VolumeService.RefreshSession:output_type -> cairn.mds.v1.RefreshSessionResponse
-	63,  // 125: cairn.mds.v1.VolumeService.CloseVolume:output_type -> cairn.mds.v1.CloseVolumeResponse
-	65,  // 126: cairn.mds.v1.VolumeService.ListSessions:output_type -> cairn.mds.v1.ListSessionsResponse
-	78,  // 127: cairn.mds.v1.VolumeService.GetSegment:output_type -> cairn.mds.v1.GetSegmentResponse
-	80,  // 128: cairn.mds.v1.VolumeService.ListSegments:output_type -> cairn.mds.v1.ListSegmentsResponse
-	84,  // 129: cairn.mds.v1.ClusterService.GetClusterStatus:output_type -> cairn.mds.v1.GetClusterStatusResponse
-	86,  // 130: cairn.mds.v1.ClusterService.TransferLeader:output_type -> cairn.mds.v1.TransferLeaderResponse
-	92,  // 131: cairn.mds.v1.ClusterService.ListOperators:output_type -> cairn.mds.v1.ListOperatorsResponse
-	91,  // 132: cairn.mds.v1.ClusterService.GetScheduleStatus:output_type -> cairn.mds.v1.GetScheduleStatusResponse
-	100, // [100:133] is the sub-list for method output_type
-	67,  // [67:100] is the sub-list for method input_type
-	67,  // [67:67] is the sub-list for extension type_name
-	67,  // [67:67] is the sub-list for extension extendee
-	0,   // [0:67] is the sub-list for field type_name
+	46,  // 35: cairn.mds.v1.Volume.publications:type_name -> cairn.mds.v1.Publication
+	45,  // 36: cairn.mds.v1.Volume.snapshots:type_name -> cairn.mds.v1.Snapshot
+	5,   // 37: cairn.mds.v1.Snapshot.status:type_name -> cairn.mds.v1.SnapshotStatus
+	44,  // 38: cairn.mds.v1.CreateVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	44,  // 39: cairn.mds.v1.StatVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	47,  // 40: cairn.mds.v1.StatVolumeResponse.sessions:type_name -> cairn.mds.v1.Session
+	44,  // 41: cairn.mds.v1.ListVolumesResponse.volumes:type_name -> cairn.mds.v1.Volume
+	44,  // 42: cairn.mds.v1.ExtendVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	44,  // 43: cairn.mds.v1.RenameVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	45,  // 44: cairn.mds.v1.CreateSnapshotResponse.snapshot:type_name -> cairn.mds.v1.Snapshot
+	45,  // 45: cairn.mds.v1.ListSnapshotsResponse.snapshots:type_name -> cairn.mds.v1.Snapshot
+	44,  // 46: cairn.mds.v1.OpenVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	47,  // 47: cairn.mds.v1.OpenVolumeResponse.session:type_name -> cairn.mds.v1.Session
+	7,   // 48: cairn.mds.v1.OpenVolumeResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
+	44,  // 49: cairn.mds.v1.RefreshSessionResponse.volume:type_name -> cairn.mds.v1.Volume
+	47,  // 50: cairn.mds.v1.RefreshSessionResponse.session:type_name -> cairn.mds.v1.Session
+	47,  // 51: cairn.mds.v1.ListSessionsResponse.sessions:type_name -> cairn.mds.v1.Session
+	101, // 52: cairn.mds.v1.Node.topology:type_name -> cairn.mds.v1.Node.TopologyEntry
+	74,  // 53: cairn.mds.v1.RegisterNodeRequest.node:type_name -> cairn.mds.v1.Node
+	74,  // 54: cairn.mds.v1.RegisterNodeResponse.node:type_name -> cairn.mds.v1.Node
+	74,  // 55: cairn.mds.v1.ListNodesResponse.nodes:type_name -> cairn.mds.v1.Node
+	44,  // 56: cairn.mds.v1.PublishVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	44,  // 57: cairn.mds.v1.UnpublishVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	102, // 58: cairn.mds.v1.ChunkRef.copyset:type_name -> cairn.common.v1.CopysetRef
+	83,  // 59: cairn.mds.v1.Segment.chunks:type_name -> cairn.mds.v1.ChunkRef
+	84,  // 60: cairn.mds.v1.GetSegmentResponse.segment:type_name -> cairn.mds.v1.Segment
+	84,  // 61: cairn.mds.v1.ListSegmentsResponse.segments:type_name -> cairn.mds.v1.Segment
+	89,  // 62: cairn.mds.v1.GetClusterStatusResponse.mds:type_name -> cairn.mds.v1.MDSInstance
+	90,  // 63: cairn.mds.v1.GetClusterStatusResponse.etcd:type_name -> cairn.mds.v1.EtcdMember
+	7,   // 64: cairn.mds.v1.GetClusterStatusResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
+	102, // 65: cairn.mds.v1.TransferLeaderRequest.copyset:type_name -> cairn.common.v1.CopysetRef
+	39,  // 66: cairn.mds.v1.TransferLeaderResponse.operator:type_name -> cairn.mds.v1.Operator
+	102, // 67: cairn.mds.v1.BlockedCopyset.copyset:type_name -> cairn.common.v1.CopysetRef
+	97,  // 68: cairn.mds.v1.GetScheduleStatusResponse.blocked:type_name -> cairn.mds.v1.BlockedCopyset
+	98,  // 69: cairn.mds.v1.GetScheduleStatusResponse.operators:type_name -> cairn.mds.v1.OperatorCount
+	39,  // 70: cairn.mds.v1.ListOperatorsResponse.operators:type_name -> cairn.mds.v1.Operator
+	15,  // 71: cairn.mds.v1.TopologyService.RegisterChunkServer:input_type -> cairn.mds.v1.RegisterChunkServerRequest
+	17,  // 72: cairn.mds.v1.TopologyService.GetChunkServer:input_type -> cairn.mds.v1.GetChunkServerRequest
+	19,  // 73: cairn.mds.v1.TopologyService.ListZones:input_type -> cairn.mds.v1.ListZonesRequest
+	21,  // 74: cairn.mds.v1.TopologyService.ListServers:input_type -> cairn.mds.v1.ListServersRequest
+	23,  // 75: cairn.mds.v1.TopologyService.ListChunkServers:input_type -> cairn.mds.v1.ListChunkServersRequest
+	25,  // 76: cairn.mds.v1.TopologyService.ListPools:input_type -> cairn.mds.v1.ListPoolsRequest
+	27,  // 77: cairn.mds.v1.TopologyService.CreateLogicalPool:input_type -> cairn.mds.v1.CreateLogicalPoolRequest
+	29,  // 78: cairn.mds.v1.TopologyService.ListCopysets:input_type -> cairn.mds.v1.ListCopysetsRequest
+	31,  // 79: cairn.mds.v1.TopologyService.GetCopysets:input_type -> cairn.mds.v1.GetCopysetsRequest
+	33,  // 80: cairn.mds.v1.TopologyService.UpdateChunkServer:input_type -> cairn.mds.v1.UpdateChunkServerRequest
+	35,  // 81: cairn.mds.v1.TopologyService.DeleteChunkServer:input_type -> cairn.mds.v1.DeleteChunkServerRequest
+	40,  // 82: cairn.mds.v1.OperatorService.StartOperators:input_type -> cairn.mds.v1.StartOperatorsRequest
+	38,  // 83: cairn.mds.v1.HeartbeatService.Heartbeat:input_type -> cairn.mds.v1.HeartbeatRequest
+	48,  // 84: cairn.mds.v1.VolumeService.CreateVolume:input_type -> cairn.mds.v1.CreateVolumeRequest
+	50,  // 85: cairn.mds.v1.VolumeService.StatVolume:input_type -> cairn.mds.v1.StatVolumeRequest
+	52,  // 86: cairn.mds.v1.VolumeService.ListVolumes:input_type -> cairn.mds.v1.ListVolumesRequest
+	54,  // 87: cairn.mds.v1.VolumeService.ExtendVolume:input_type -> cairn.mds.v1.ExtendVolumeRequest
+	56,  // 88: cairn.mds.v1.VolumeService.RenameVolume:input_type -> cairn.mds.v1.RenameVolumeRequest
+	58,  // 89: cairn.mds.v1.VolumeService.DeleteVolume:input_type -> cairn.mds.v1.DeleteVolumeRequest
+	66,  // 90: cairn.mds.v1.VolumeService.OpenVolume:input_type -> cairn.mds.v1.OpenVolumeRequest
+	60,  // 91: cairn.mds.v1.VolumeService.CreateSnapshot:input_type -> cairn.mds.v1.CreateSnapshotRequest
+	62,  // 92: cairn.mds.v1.VolumeService.ListSnapshots:input_type -> cairn.mds.v1.ListSnapshotsRequest
+	64,  // 93: cairn.mds.v1.VolumeService.DeleteSnapshot:input_type -> cairn.mds.v1.DeleteSnapshotRequest
+	75,  // 94: cairn.mds.v1.VolumeService.RegisterNode:input_type -> cairn.mds.v1.RegisterNodeRequest
+	77,  // 95: cairn.mds.v1.VolumeService.ListNodes:input_type -> cairn.mds.v1.ListNodesRequest
+	79,  // 96: cairn.mds.v1.VolumeService.PublishVolume:input_type -> cairn.mds.v1.PublishVolumeRequest
+	81,  // 97: cairn.mds.v1.VolumeService.UnpublishVolume:input_type -> cairn.mds.v1.UnpublishVolumeRequest
+	68,  // 98: cairn.mds.v1.VolumeService.RefreshSession:input_type -> cairn.mds.v1.RefreshSessionRequest
+	70,  // 99: cairn.mds.v1.VolumeService.CloseVolume:input_type -> cairn.mds.v1.CloseVolumeRequest
+	72,  // 100: cairn.mds.v1.VolumeService.ListSessions:input_type -> cairn.mds.v1.ListSessionsRequest
+	85,  // 101: cairn.mds.v1.VolumeService.GetSegment:input_type -> cairn.mds.v1.GetSegmentRequest
+	87,  // 102: cairn.mds.v1.VolumeService.ListSegments:input_type -> cairn.mds.v1.ListSegmentsRequest
+	91,  // 103: cairn.mds.v1.ClusterService.GetClusterStatus:input_type -> cairn.mds.v1.GetClusterStatusRequest
+	93,  // 104: cairn.mds.v1.ClusterService.TransferLeader:input_type -> cairn.mds.v1.TransferLeaderRequest
+	95,  // 105: cairn.mds.v1.ClusterService.ListOperators:input_type -> cairn.mds.v1.ListOperatorsRequest
+	96,  // 106: cairn.mds.v1.ClusterService.GetScheduleStatus:input_type -> cairn.mds.v1.GetScheduleStatusRequest
+	16,  // 107: cairn.mds.v1.TopologyService.RegisterChunkServer:output_type -> cairn.mds.v1.RegisterChunkServerResponse
+	18,  // 108: cairn.mds.v1.TopologyService.GetChunkServer:output_type -> cairn.mds.v1.GetChunkServerResponse
+	20,  // 109: cairn.mds.v1.TopologyService.ListZones:output_type -> cairn.mds.v1.ListZonesResponse
+	22,  // 110: cairn.mds.v1.TopologyService.ListServers:output_type -> cairn.mds.v1.ListServersResponse
+	24,  // 111: cairn.mds.v1.TopologyService.ListChunkServers:output_type -> cairn.mds.v1.ListChunkServersResponse
+	26,  // 112: cairn.mds.v1.TopologyService.ListPools:output_type -> cairn.mds.v1.ListPoolsResponse
+	28,  // 113: cairn.mds.v1.TopologyService.CreateLogicalPool:output_type -> cairn.mds.v1.CreateLogicalPoolResponse
+	30,  // 114: cairn.mds.v1.TopologyService.ListCopysets:output_type -> cairn.mds.v1.ListCopysetsResponse
+	32,  // 115: cairn.mds.v1.TopologyService.GetCopysets:output_type -> cairn.mds.v1.GetCopysetsResponse
+	34,  // 116: cairn.mds.v1.TopologyService.UpdateChunkServer:output_type -> cairn.mds.v1.UpdateChunkServerResponse
+	36,  // 117: cairn.mds.v1.TopologyService.DeleteChunkServer:output_type -> cairn.mds.v1.DeleteChunkServerResponse
+	41,  // 118: cairn.mds.v1.OperatorService.StartOperators:output_type -> cairn.mds.v1.StartOperatorsResponse
+	43,  // 119: cairn.mds.v1.HeartbeatService.Heartbeat:output_type -> cairn.mds.v1.HeartbeatResponse
+	49,  // 120: cairn.mds.v1.VolumeService.CreateVolume:output_type -> cairn.mds.v1.CreateVolumeResponse
+	51,  // 121: cairn.mds.v1.VolumeService.StatVolume:output_type -> cairn.mds.v1.StatVolumeResponse
+	53,  // 122: cairn.mds.v1.VolumeService.ListVolumes:output_type -> cairn.mds.v1.ListVolumesResponse
+	55,  // 123: cairn.mds.v1.VolumeService.ExtendVolume:output_type -> cairn.mds.v1.ExtendVolumeResponse
+	57,  // 124: cairn.mds.v1.VolumeService.RenameVolume:output_type -> cairn.mds.v1.RenameVolumeResponse
+	59,  // 125: cairn.mds.v1.VolumeService.DeleteVolume:output_type -> cairn.mds.v1.DeleteVolumeResponse
+	67,  // 126: cairn.mds.v1.VolumeService.OpenVolume:output_type -> cairn.mds.v1.OpenVolumeResponse
+	61,  // 127: cairn.mds.v1.VolumeService.CreateSnapshot:output_type -> cairn.mds.v1.CreateSnapshotResponse
+	63,  // 128: cairn.mds.v1.VolumeService.ListSnapshots:output_type -> cairn.mds.v1.ListSnapshotsResponse
+	65,  // 129: cairn.mds.v1.VolumeService.DeleteSnapshot:output_type -> cairn.mds.v1.DeleteSnapshotResponse
+	76,  // 130: cairn.mds.v1.VolumeService.RegisterNode:output_type -> cairn.mds.v1.RegisterNodeResponse
+	78,  // 131: cairn.mds.v1.VolumeService.ListNodes:output_type -> cairn.mds.v1.ListNodesResponse
+	80,  // 132: cairn.mds.v1.VolumeService.PublishVolume:output_type -> cairn.mds.v1.PublishVolumeResponse
+	82,  // 133: cairn.mds.v1.VolumeService.UnpublishVolume:output_type -> cairn.mds.v1.UnpublishVolumeResponse
+	69,  // 134: cairn.mds.v1.VolumeService.RefreshSession:output_type -> cairn.mds.v1.RefreshSessionResponse
+	71,  // 135: cairn.mds.v1.VolumeService.CloseVolume:output_type -> cairn.mds.v1.CloseVolumeResponse
+	73,  // 136: cairn.mds.v1.VolumeService.ListSessions:output_type -> cairn.mds.v1.ListSessionsResponse
+	86,  // 137: cairn.mds.v1.VolumeService.GetSegment:output_type -> cairn.mds.v1.GetSegmentResponse
+	88,  // 138: cairn.mds.v1.VolumeService.ListSegments:output_type -> cairn.mds.v1.ListSegmentsResponse
+	92,  // 139: cairn.mds.v1.ClusterService.GetClusterStatus:output_type -> cairn.mds.v1.GetClusterStatusResponse
+	94,  // 140: cairn.mds.v1.ClusterService.TransferLeader:output_type -> cairn.mds.v1.TransferLeaderResponse
+	100, // 141: cairn.mds.v1.ClusterService.ListOperators:output_type -> cairn.mds.v1.ListOperatorsResponse
+	99,  // 142: cairn.mds.v1.ClusterService.GetScheduleStatus:output_type -> cairn.mds.v1.GetScheduleStatusResponse
+	107, // [107:143] is the sub-list for method output_type
+	71,  // [71:107] is the sub-list for method input_type
+	71,  // [71:71] is the sub-list for extension type_name
+	71,  // [71:71] is the sub-list for extension extendee
+	0,   // [0:71] is the sub-list for field type_name
 }
 
 func init() { file_mdspb_mds_proto_init() }
@@ -6001,8 +6485,8 @@ func file_mdspb_mds_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_mdspb_mds_proto_rawDesc), len(file_mdspb_mds_proto_rawDesc)),
-			NumEnums:      5,
-			NumMessages:   89,
+			NumEnums:      6,
+			NumMessages:   96,
 			NumExtensions: 0,
 			NumServices:   5,
 		},
