@@ -19,8 +19,8 @@ import (
 )
 
 func (a *app) createCommand() *cobra.Command {
-	cmd := &cobra.Command{Use: "create", Short: "Create a volume, a logical pool or a certificate"}
-	cmd.AddCommand(a.createVolumeCommand(), a.createPoolCommand(), a.createCertCommand())
+	cmd := &cobra.Command{Use: "create", Short: "Create a volume, a snapshot, a logical pool or a certificate"}
+	cmd.AddCommand(a.createVolumeCommand(), a.createSnapshotCommand(), a.createPoolCommand(), a.createCertCommand())
 	return cmd
 }
 
@@ -59,7 +59,7 @@ func (a *app) extendCommand() *cobra.Command {
 }
 
 func (a *app) deleteCommand() *cobra.Command {
-	cmd := &cobra.Command{Use: "delete", Short: "Delete a volume, a retired chunkserver or a stale session"}
+	cmd := &cobra.Command{Use: "delete", Short: "Delete a volume, a snapshot, a retired chunkserver or a stale session"}
 	var yes, force bool
 	var wait time.Duration
 	vol := &cobra.Command{
@@ -67,7 +67,8 @@ func (a *app) deleteCommand() *cobra.Command {
 		Short: "Delete a volume (asks for its name as confirmation unless --yes)",
 		Long: `delete volume removes a volume's name at once and frees its chunks in the
 background. It asks for the volume's name as confirmation on standard input
-unless --yes is given. A volume open for writing is refused unless --force.`,
+unless --yes is given. A volume open for writing, or with snapshots, is
+refused unless --force.`,
 		Args: exactArgs(1, "NAME"),
 		RunE: a.runE(func(ctx context.Context, _ *cobra.Command, args []string) error {
 			name := args[0]
@@ -97,8 +98,8 @@ unless --yes is given. A volume open for writing is refused unless --force.`,
 	}
 	vol.Flags().DurationVar(&wait, "wait", 0, "wait up to this long for the volume's chunks to be freed")
 	vol.Flags().BoolVarP(&yes, "yes", "y", false, "do not ask for confirmation")
-	vol.Flags().BoolVar(&force, "force", false, "delete even while a client has the volume open for writing")
-	cmd.AddCommand(vol, a.deleteChunkServerCommand(), a.deleteSessionCommand())
+	vol.Flags().BoolVar(&force, "force", false, "delete even while a client has the volume open for writing, and its snapshots with it")
+	cmd.AddCommand(vol, a.deleteSnapshotCommand(), a.deleteChunkServerCommand(), a.deleteSessionCommand())
 	return cmd
 }
 

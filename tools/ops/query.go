@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sort"
+	"strings"
 
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc/codes"
@@ -59,6 +60,7 @@ type volumeDetail struct {
 	Volume       volumeView        `json:"volume"`
 	Publications []publicationView `json:"publications"`
 	Sessions     []sessionView     `json:"sessions"`
+	Snapshots    []snapshotView    `json:"snapshots"`
 }
 
 // publicationView is a volume's publication to a CSI node.
@@ -84,6 +86,10 @@ func (a *app) queryVolume(ctx context.Context, name string) error {
 	}
 	for _, s := range resp.Sessions {
 		out.Sessions = append(out.Sessions, newSessionView(s))
+	}
+	out.Snapshots = []snapshotView{}
+	for _, s := range resp.Volume.Snapshots {
+		out.Snapshots = append(out.Snapshots, newSnapshotView(name, s))
 	}
 	return a.emit(&out)
 }
@@ -119,6 +125,19 @@ func (d *volumeDetail) writeTable(t *table) {
 		}
 		t.row(label, fmt.Sprintf("to node %s, %s, since %s", p.Node, access, formatUnix(p.PublishedUnix)))
 	}
+	snaps := "-"
+	if n := len(d.Snapshots); n > 0 {
+		names := make([]string, 0, n)
+		for _, s := range d.Snapshots {
+			label := s.Name
+			if s.Status != "ready" {
+				label += " (" + s.Status + ")"
+			}
+			names = append(names, label)
+		}
+		snaps = fmt.Sprintf("%d: %s", n, strings.Join(names, ", "))
+	}
+	t.row("snapshots:", snaps)
 	t.row("sessions:", len(d.Sessions))
 	if len(d.Sessions) == 0 {
 		return

@@ -331,7 +331,7 @@ func TestUsageErrors(t *testing.T) {
 		msg  string
 	}{
 		{[]string{"frobnicate"}, `unknown command "frobnicate"`},
-		{[]string{"list"}, "cairn-ops list needs one of: chunkserver, copyset, node, operator, pool, server, session, volume, zone"},
+		{[]string{"list"}, "cairn-ops list needs one of: chunkserver, copyset, node, operator, pool, server, session, snapshot, volume, zone"},
 		{[]string{"list", "disks"}, `unknown command "disks" for cairn-ops list`},
 		{[]string{"status", "--bogus"}, "unknown flag: --bogus"},
 		{[]string{"-o", "yaml", "status"}, `unknown output format "yaml": use table or json`},
