@@ -73,3 +73,16 @@ type Extent struct {
 type Mapper interface {
 	Map(ctx context.Context, off, length int64) ([]Extent, error)
 }
+
+// ReadOnly may be implemented by a Device that refuses writes (a volume's
+// snapshot): frontends tell clients so up front (NBD's read-only flag, the
+// SCSI write-protect bit) instead of failing each write.
+type ReadOnly interface {
+	ReadOnly() bool
+}
+
+// IsReadOnly reports whether d says it refuses writes.
+func IsReadOnly(d Device) bool {
+	ro, ok := d.(ReadOnly)
+	return ok && ro.ReadOnly()
+}

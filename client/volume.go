@@ -228,6 +228,10 @@ func (v *Volume) Size() int64 { return v.size.Load() }
 // BlockSize is the IO granularity: offsets and lengths are multiples of it.
 func (v *Volume) BlockSize() int64 { return v.blockSize }
 
+// ReadOnly reports a handle that cannot write (Options.ReadOnly, or a
+// snapshot).
+func (v *Volume) ReadOnly() bool { return v.opts.ReadOnly }
+
 // Epoch is the write epoch this handle holds (0 when read-only).
 func (v *Volume) Epoch() uint64 { return v.ws.Load().epoch }
 

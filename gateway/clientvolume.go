@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"syscall"
 
 	"cairn.io/cairn/blockdev"
@@ -13,12 +14,14 @@ import (
 
 // clientOpener opens volumes for writing through the client library.
 func clientOpener(cfg Config, logger *slog.Logger) func(context.Context, string) (blockdev.Device, error) {
-	return func(ctx context.Context, volume string) (blockdev.Device, error) {
+	return func(ctx context.Context, name string) (blockdev.Device, error) {
+		volume, snapshot := SplitSnapshot(name)
 		v, err := client.OpenWithOptions(ctx, cfg.MDSAddrs, volume, client.Options{
 			ClientName:       cfg.ClientName,
 			MaxInflightBytes: cfg.VolumeMaxInflightBytes,
 			TLS:              cfg.TLS,
 			Logger:           logger,
+			Snapshot:         snapshot,
 		})
 		if err != nil {
 			switch {
@@ -75,6 +78,20 @@ func translate(err error) error {
 		return fmt.Errorf("%w: %w", ErrFenced, err)
 	case errors.Is(err, client.ErrNoSpace):
 		return fmt.Errorf("%w: %w", syscall.ENOSPC, err)
+	case errors.Is(err, client.ErrReadOnly):
+		return fmt.Errorf("%w: %w", syscall.EROFS, err)
 	}
 	return err
+}
+
+// ReadOnly reports a snapshot (or another read-only handle).
+func (c clientVolume) ReadOnly() bool { return c.Volume.ReadOnly() }
+
+// SplitSnapshot splits an export name VOLUME@SNAPSHOT (a snapshot, read
+// only) at its last "@"; a name without one is a volume.
+func SplitSnapshot(name string) (volume, snapshot string) {
+	if i := strings.LastIndexByte(name, '@'); i > 0 && i < len(name)-1 {
+		return name[:i], name[i+1:]
+	}
+	return name, ""
 }

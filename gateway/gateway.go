@@ -407,7 +407,9 @@ func addrOf(ln net.Listener) string {
 	return ln.Addr().String()
 }
 
-// exported reports whether the gateway's volume filter admits name.
+// exported reports whether the gateway's volume filter admits name (a
+// snapshot goes with its volume).
 func (g *Gateway) exported(name string) bool {
-	return g.allow == nil || g.allow[name]
+	volume, _ := SplitSnapshot(name)
+	return g.allow == nil || g.allow[volume]
 }

@@ -393,6 +393,9 @@ func (h *handle) Map(ctx context.Context, off, length int64) ([]blockdev.Extent,
 // Size is the shared volume's size.
 func (h *handle) Size() int64 { return h.e.vol.Size() }
 
+// ReadOnly reports an export that refuses writes (a snapshot).
+func (h *handle) ReadOnly() bool { return blockdev.IsReadOnly(h.e.vol) }
+
 // Description is what nbdinfo shows for the export.
 func (h *handle) Description() string {
 	return fmt.Sprintf("cairn volume %s (%s)", h.e.name, units.FormatBytes(uint64(max(h.e.vol.Size(), 0))))
@@ -425,6 +428,12 @@ func (g *Gateway) listVolumes(ctx context.Context) (map[string]int64, error) {
 	for _, v := range resp.GetVolumes() {
 		if v.GetStatus() == mdspb.VolumeStatus_VOLUME_STATUS_CREATED && g.exported(v.GetName()) {
 			out[v.GetName()] = int64(v.GetSize())
+			// Each readable snapshot too, read-only, as VOLUME@SNAPSHOT.
+			for _, s := range v.GetSnapshots() {
+				if s.GetStatus() == mdspb.SnapshotStatus_SNAPSHOT_STATUS_READY {
+					out[v.GetName()+"@"+s.GetName()] = int64(s.GetSize())
+				}
+			}
 		}
 	}
 	return out, nil

@@ -282,6 +282,7 @@ func (s *Server) acquireTarget(ctx context.Context, volume string) (*target, err
 		ucfg.Backend = vol
 		ucfg.Name = volume
 		ucfg.MaxTransferBlocks = s.lim.maxXferBlocks
+		ucfg.ReadOnly = ucfg.ReadOnly || blockdev.IsReadOnly(vol) // a snapshot
 		if ucfg.Logger == nil {
 			ucfg.Logger = s.log
 		}

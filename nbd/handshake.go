@@ -107,7 +107,7 @@ func (c *serverConn) handleOption(option uint32, data []byte) (*openedExport, er
 			return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME %q: %w", name, err)
 		}
 		b := binary.BigEndian.AppendUint64(nil, opened.size)
-		b = binary.BigEndian.AppendUint16(b, c.transmissionFlags())
+		b = binary.BigEndian.AppendUint16(b, c.transmissionFlags(opened.exp))
 		if !c.noZeroes {
 			b = append(b, make([]byte, 124)...)
 		}
@@ -217,7 +217,7 @@ func (c *serverConn) startTLS(data []byte) error {
 func (c *serverConn) appendInfoReplies(b []byte, option uint32, req infoRequest, opened *openedExport) []byte {
 	info := binary.BigEndian.AppendUint16(nil, infoExport)
 	info = binary.BigEndian.AppendUint64(info, opened.size)
-	info = binary.BigEndian.AppendUint16(info, c.transmissionFlags())
+	info = binary.BigEndian.AppendUint16(info, c.transmissionFlags(opened.exp))
 	b = appendOptionReply(b, option, repInfo, info)
 
 	info = binary.BigEndian.AppendUint16(info[:0], infoBlockSize)
@@ -296,9 +296,13 @@ func (c *serverConn) replyOptionError(option, reply uint32, msg string) error {
 	return c.writeHandshake(appendOptionReply(nil, option, reply, []byte(truncateString(msg))))
 }
 
-// transmissionFlags are the flags sent with the export size: the commands this server serves.
-func (c *serverConn) transmissionFlags() uint16 {
+// transmissionFlags are the flags sent with the export size: the commands this server serves
+// on exp, and whether exp is read-only.
+func (c *serverConn) transmissionFlags(exp blockdev.Device) uint16 {
 	f := tflagHasFlags | tflagSendFlush | tflagSendFUA | tflagSendTrim | tflagSendWriteZeroes
+	if blockdev.IsReadOnly(exp) {
+		f |= tflagReadOnly
+	}
 	if c.structured {
 		f |= tflagSendDF // every read is answered with at most one data chunk
 	}

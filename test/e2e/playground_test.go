@@ -64,6 +64,7 @@ func TestPlayground(t *testing.T) {
 
 	t.Run("FiguresAgree", e.figuresAgree)
 	t.Run("NBDCopyRoundTrip", e.nbdCopyRoundTrip)
+	t.Run("Snapshots", e.snapshots)
 	t.Run("KillLeaderDuringCopy", e.killLeaderDuringCopy)
 	t.Run("RestartPlayground", e.restartPlayground)
 	t.Run("FioVerify", e.fioVerify)

@@ -1,0 +1,76 @@
+package e2e
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"cairn.io/cairn/internal/testtool"
+)
+
+// snapshots: with vol0 holding A (the first copy), cairn-ops takes a
+// snapshot; B is written over the first 64 MiB of vol0. Read over NBD
+// with TLS, vol0@snap1 gives A and vol0 gives B then the rest of A, byte
+// for byte; the snapshot export refuses writes; deleting the snapshot
+// gives its space back.
+func (e *env) snapshots(t *testing.T) {
+	testtool.Need(t, "nbdcopy")
+	if e.want == nil {
+		t.Skip("no copy of vol0 to snapshot (an earlier step failed)")
+	}
+	st := e.pg.state(t)
+	ops := func(args ...string) string {
+		t.Helper()
+		return testtool.MustRun(t, 3*time.Minute, filepath.Join(binDir, "cairn-ops"), append(opsArgs(st), args...)...)
+	}
+	var taken struct {
+		Snapshot struct {
+			Name string `json:"name"`
+			Seq  uint64 `json:"seq"`
+		} `json:"snapshot"`
+		TookSeconds float64 `json:"took_seconds"`
+	}
+	if err := json.Unmarshal([]byte(ops("-o", "json", "create", "snapshot", "vol0", "snap1")), &taken); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("snapshot of the 10 GiB vol0 with %d MiB written taken in %.0f ms", copySize>>20, taken.TookSeconds*1000)
+	a := e.want
+
+	const bSize = 64 << 20
+	src := e.path("b")
+	b := testtool.RandomFile(t, src, bSize)
+	testtool.MustRun(t, 5*time.Minute, "nbdcopy", src, e.vol0.NBDURL)
+	os.Remove(src)
+	now := append(append([]byte(nil), b...), a[bSize:]...)
+
+	snapURL := e.tls.NBDSURL(e.vol0.NBDURL + "@snap1")
+	back := e.path("snapback")
+	defer os.Remove(back)
+	testtool.MustRun(t, 5*time.Minute, "nbdcopy", snapURL, back)
+	checkImage(t, back, a, int64(e.vol0.Size))
+	os.Remove(back)
+	e.want = now
+	e.readBackFrom(t, e.tls.NBDSURL(e.vol0.NBDURL))
+
+	// The snapshot is read-only.
+	small := e.path("small")
+	testtool.RandomFile(t, small, 1<<20)
+	defer os.Remove(small)
+	if out, err := testtool.Run(t, time.Minute, "nbdcopy", small, snapURL); err == nil {
+		t.Fatalf("nbdcopy wrote to a snapshot export:\n%s", out)
+	} else if !strings.Contains(strings.ToLower(out), "read") {
+		t.Logf("write to the snapshot refused: %s", out)
+	}
+
+	if out := ops("list", "snapshot", "vol0"); !strings.Contains(out, "snap1") {
+		t.Fatalf("list snapshot:\n%s", out)
+	}
+	ops("delete", "snapshot", "vol0", "snap1", "--yes", "--wait", "2m")
+	if out := ops("list", "snapshot", "vol0"); strings.Contains(out, "snap1") {
+		t.Fatalf("list snapshot after the delete:\n%s", out)
+	}
+	e.readBackFrom(t, e.tls.NBDSURL(e.vol0.NBDURL))
+}
