@@ -377,7 +377,7 @@ func (g *Gateway) TargetName(volume string) string {
 	if prefix == "" {
 		prefix = iscsi.DefaultIQNPrefix
 	}
-	return prefix + ":" + volume
+	return iscsi.TargetNameOf(prefix, volume)
 }
 
 // NBDStats returns the NBD server's counters (zero when NBD is disabled).

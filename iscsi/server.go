@@ -102,16 +102,35 @@ func NewServer(cfg Config) (*Server, error) {
 	}, nil
 }
 
-// TargetName returns the IQN of a volume's target.
-func (s *Server) TargetName(volume string) string { return s.cfg.IQNPrefix + ":" + volume }
+// snapInfix stands for the "@" of a device name VOLUME@SNAPSHOT in its
+// target name: initiators' iSCSI URLs (libiscsi's, qemu's) read an "@" as
+// the end of a user name.
+const snapInfix = ":snap:"
 
-// volumeOf returns the volume a target name refers to.
+// TargetName returns the IQN of a device's target (see TargetNameOf).
+func (s *Server) TargetName(volume string) string { return TargetNameOf(s.cfg.IQNPrefix, volume) }
+
+// TargetNameOf is the IQN of a device's target under prefix: the prefix,
+// ":" and the device's name, a snapshot VOLUME@SNAPSHOT as
+// VOLUME:snap:SNAPSHOT.
+func TargetNameOf(prefix, device string) string {
+	if i := strings.LastIndexByte(device, '@'); i > 0 {
+		device = device[:i] + snapInfix + device[i+1:]
+	}
+	return prefix + ":" + device
+}
+
+// volumeOf returns the device a target name refers to.
 func (s *Server) volumeOf(iqn string) (string, bool) {
 	p := s.cfg.IQNPrefix + ":"
 	if len(iqn) <= len(p) || !strings.EqualFold(iqn[:len(p)], p) {
 		return "", false
 	}
-	return iqn[len(p):], true
+	name := iqn[len(p):]
+	if i := strings.LastIndex(name, snapInfix); i > 0 && i+len(snapInfix) < len(name) {
+		name = name[:i] + "@" + name[i+len(snapInfix):]
+	}
+	return name, true
 }
 
 // ListenAndServe listens on Config.Addr and serves until Close.

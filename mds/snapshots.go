@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -27,6 +28,18 @@ import (
 // once); the background work then trims every chunk of the volume down to
 // what the remaining snapshots read and removes the record.
 
+// checkNewName checks the name of a new volume or snapshot: frontends
+// export a snapshot as VOLUME@SNAPSHOT, so neither may hold an "@".
+func checkNewName(what, name string) error {
+	if err := checkName(what, name); err != nil {
+		return err
+	}
+	if strings.Contains(name, "@") {
+		return status.Errorf(codes.InvalidArgument, "%s %q contains \"@\" (a snapshot is named VOLUME@SNAPSHOT)", what, name)
+	}
+	return nil
+}
+
 // maxSnapshots bounds the snapshots of one volume.
 const maxSnapshots = 128
 
@@ -47,7 +60,7 @@ func (l *leaderState) createSnapshot(ctx context.Context, r *mdspb.CreateSnapsho
 	if err := checkName("volume name", r.Volume); err != nil {
 		return nil, err
 	}
-	if err := checkName("snapshot name", r.Name); err != nil {
+	if err := checkNewName("snapshot name", r.Name); err != nil {
 		return nil, err
 	}
 	var snap *mdspb.Snapshot

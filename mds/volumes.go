@@ -63,7 +63,7 @@ func (l *leaderState) roundSize(size uint64) (uint64, error) {
 }
 
 func (l *leaderState) createVolume(ctx context.Context, r *mdspb.CreateVolumeRequest) (*mdspb.CreateVolumeResponse, error) {
-	if err := checkName("volume name", r.Name); err != nil {
+	if err := checkNewName("volume name", r.Name); err != nil {
 		return nil, err
 	}
 	size, err := l.roundSize(r.Size)
@@ -196,7 +196,7 @@ func (l *leaderState) extendVolume(ctx context.Context, r *mdspb.ExtendVolumeReq
 }
 
 func (l *leaderState) renameVolume(ctx context.Context, r *mdspb.RenameVolumeRequest) (*mdspb.RenameVolumeResponse, error) {
-	if err := checkName("new volume name", r.NewName); err != nil {
+	if err := checkNewName("new volume name", r.NewName); err != nil {
 		return nil, err
 	}
 	for {

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"cairn.io/cairn/internal/testtool"
+	"cairn.io/cairn/tools/playground"
 )
 
 // snapshots: with vol0 holding A (the first copy), cairn-ops takes a
@@ -17,7 +18,7 @@ import (
 // for byte; the snapshot export refuses writes; deleting the snapshot
 // gives its space back.
 func (e *env) snapshots(t *testing.T) {
-	testtool.Need(t, "nbdcopy")
+	testtool.Need(t, "nbdcopy", "iscsi-ls", "qemu-img")
 	if e.want == nil {
 		t.Skip("no copy of vol0 to snapshot (an earlier step failed)")
 	}
@@ -65,6 +66,16 @@ func (e *env) snapshots(t *testing.T) {
 		t.Logf("write to the snapshot refused: %s", out)
 	}
 
+	// Over iSCSI, as target <prefix>:vol0:snap:snap1 (an "@" would end the
+	// user name in an iSCSI URL).
+	portal := "iscsi://" + st.ISCSI
+	iqn := playground.IQNPrefix + ":vol0:snap:snap1"
+	if out := testtool.MustRun(t, time.Minute, "iscsi-ls", "-s", portal); !strings.Contains(out, iqn) {
+		t.Fatalf("iscsi-ls does not list the snapshot's target %s:\n%s", iqn, out)
+	}
+	if out := testtool.MustRun(t, time.Minute, "qemu-img", "info", "-f", "raw", portal+"/"+iqn+"/0"); !strings.Contains(out, "10 GiB") {
+		t.Fatalf("qemu-img info of the snapshot's target:\n%s", out)
+	}
 	if out := ops("list", "snapshot", "vol0"); !strings.Contains(out, "snap1") {
 		t.Fatalf("list snapshot:\n%s", out)
 	}
