@@ -77,6 +77,10 @@ PLAYGROUND_FLAGS ?=
 playground: build ## start a local cluster (MDS, three chunkservers in three zones, NBD/iSCSI gateway) with volume vol0; data in .playground, Ctrl-C stops it
 	$(BIN)/cairn-playground --bin-dir $(BIN) $(PLAYGROUND_FLAGS)
 
+.PHONY: bench-snapshot
+bench-snapshot: build ## 4 KiB random writes right after a snapshot (copy on write) vs later, QD1 and QD32, against a temporary playground (~3 GiB of disk, removed after)
+	bench/snapshot/run.sh $(BIN)
+
 .PHONY: bench bench-iscsi
 BENCH_FLAGS ?= -fill 1GiB -runtime 30s
 bench: build ## fio --ioengine=nbd against a temporary playground's vol0: 4 KiB random QD1/QD32, 1 MiB sequential (~4 GiB of disk, removed after)
