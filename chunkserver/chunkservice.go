@@ -315,7 +315,8 @@ func (s *Server) deleteChunk(ctx context.Context, req *chunkpb.DeleteChunkReques
 	wctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
 	defer cancel()
 	p, e := s.propose(c, req.GetVolumeId(), req.GetEpoch(), func(fence copyset.Fence) (*copyset.Proposal, error) {
-		return c.ProposeDelete(wctx, fence, clientRequest(req.GetRequest()), req.GetChunkId(), req.GetVolumeId(), req.GetEpoch())
+		seq := copyset.Seq{SN: req.GetSn(), Keep: req.GetKeep()}
+		return c.ProposeSeqDelete(wctx, fence, clientRequest(req.GetRequest()), req.GetChunkId(), req.GetVolumeId(), req.GetEpoch(), seq)
 	})
 	if e != nil {
 		return e

@@ -333,10 +333,13 @@ func (r *router) call(ctx context.Context, ref *commonpb.CopysetRef, f func(ctx 
 			switch {
 			case retry:
 				continue
-			case err == nil:
+			case v.fenced.Load():
 				return out.status, ErrFenced
+			case err != nil:
+				last = fmt.Sprintf("epoch refused, and the MDS cannot say why: %v", err)
+			default:
+				last = "epoch refused; the MDS knows no newer one yet"
 			}
-			last = fmt.Sprintf("epoch refused, and the MDS cannot say why: %v", err)
 			maxBackoff = 500 * time.Millisecond
 		case out.status == chunkpb.Status_STATUS_INVALID_REQUEST:
 			return out.status, fmt.Errorf("chunkserver %s refused the request: %s", addr, out.msg)
@@ -446,24 +449,15 @@ func (r *router) unmapPiece(ctx context.Context, pc piece) error {
 	if pc.buf != nil {
 		return r.writePiece(ctx, pc)
 	}
-	if v.ws.Load().keep != 0 {
-		// Snapshots may read the chunk: it is zeroed through copy on
-		// write, never deleted.
-		zeros := make([]byte, v.pieceSize)
-		for off := int64(0); off < v.chunkSize; off += v.pieceSize {
-			z := piece{seg: pc.seg, chunkIdx: pc.chunkIdx, off: off, buf: zeros[:min(v.pieceSize, v.chunkSize-off)]}
-			if err := r.writePiece(ctx, z); err != nil {
-				return err
-			}
-		}
-		return nil
-	}
 	seq := v.reqs.begin()
 	defer v.reqs.end(seq)
 	_, err = r.call(ctx, ref.GetCopyset(), func(ctx context.Context, cl chunkIO) (outcome, error) {
+		// With the sequence numbers of this attempt: a chunk a snapshot
+		// may read is zeroed through copy on write, not deleted.
+		w := v.ws.Load()
 		resp, err := cl.DeleteChunk(ctx, &chunkpb.DeleteChunkRequest{
-			Copyset: ref.GetCopyset(), ChunkId: ref.GetChunkId(), VolumeId: v.id, Epoch: v.Epoch(),
-			Request: v.reqs.attempt(seq),
+			Copyset: ref.GetCopyset(), ChunkId: ref.GetChunkId(), VolumeId: v.id, Epoch: w.epoch,
+			Request: v.reqs.attempt(seq), Sn: w.sn, Keep: w.keep,
 		})
 		return outcome{resp.GetStatus(), resp.GetLeader(), resp.GetMessage()}, err
 	})

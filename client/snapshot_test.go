@@ -28,7 +28,7 @@ import (
 // writes. Deleting the snapshot makes it unreadable and gives its space
 // back.
 func TestSnapshotUnderWrites(t *testing.T) {
-	c := cluster.Start(t, cluster.Options{})
+	c := cluster.Start(t, cluster.Options{SessionLease: 2 * time.Second})
 	createVolume(t, c, "snapvol", seg)
 	w := open(t, c, "snapvol", client.Options{})
 	const blocks = 64 // 64 KiB apart: 16 blocks per 1 MiB chunk, 4 chunks
@@ -187,4 +187,95 @@ func TestSnapshotUnderWrites(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// keptVersions counts the versions the cluster's chunk stores keep.
+func keptVersions(c *cluster.Cluster) int {
+	kept := 0
+	for _, srv := range c.ChunkServers() {
+		for _, cs := range srv.Engine().List() {
+			for _, id := range cs.Store().List() {
+				_ = cs.Store().EachKept(id, func(uint64, uint64, int64, []byte) { kept++ })
+			}
+		}
+	}
+	return kept
+}
+
+// TestSnapshotLifecycle: unmapping whole chunks after a snapshot keeps
+// what the snapshot reads; a handle on a snapshot that was deleted and
+// taken again under the same name fails instead of reading the new one;
+// a writer that goes on through a deletion stops keeping data for it, so
+// nothing is left kept once the deletion is done.
+func TestSnapshotLifecycle(t *testing.T) {
+	c := cluster.Start(t, cluster.Options{SessionLease: 2 * time.Second})
+	createVolume(t, c, "life", seg)
+	w := open(t, c, "life", client.Options{})
+	a := bytes.Repeat([]byte("A"), 2<<20) // chunks 0 and 1 (1 MiB chunks)
+	if _, err := w.WriteAt(ctx, a, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Conn.Volumes().CreateSnapshot(ctx, &mdspb.CreateSnapshotRequest{Volume: "life", Name: "s1"}); err != nil {
+		t.Fatal(err)
+	}
+	// The writer has not heard of the snapshot yet when it unmaps.
+	if err := w.UnmapAt(ctx, 0, 2<<20); err != nil {
+		t.Fatal(err)
+	}
+	s := open(t, c, "life", client.Options{Snapshot: "s1"})
+	got := make([]byte, 2<<20)
+	if _, err := s.ReadAt(ctx, got, 0); err != nil || !bytes.Equal(got, a) {
+		t.Fatalf("snapshot after the volume was unmapped: %v (equal %v)", err, bytes.Equal(got, a))
+	}
+	if _, err := w.ReadAt(ctx, got, 0); err != nil || !bytes.Equal(got, make([]byte, 2<<20)) {
+		t.Fatalf("volume after unmap: %v", err)
+	}
+
+	// Deleted and taken again under the same name, while the writer goes on.
+	stop := make(chan struct{})
+	done := make(chan error, 1)
+	go func() {
+		for k := 0; ; k++ {
+			select {
+			case <-stop:
+				done <- nil
+				return
+			default:
+			}
+			if _, err := w.WriteAt(ctx, bytes.Repeat([]byte{byte(k)}, 4096), int64(k%512)*4096); err != nil {
+				done <- err
+				return
+			}
+		}
+	}()
+	if _, err := c.Conn.Volumes().DeleteSnapshot(ctx, &mdspb.DeleteSnapshotRequest{Volume: "life", Name: "s1"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Conn.Volumes().CreateSnapshot(ctx, &mdspb.CreateSnapshotRequest{Volume: "life", Name: "s1"}); err != nil {
+		t.Fatal(err)
+	}
+	soon.Succeeds(t, 10*time.Second, func() error {
+		if _, err := s.ReadAt(ctx, got[:4096], 0); !errors.Is(err, client.ErrNotFound) {
+			return fmt.Errorf("read through the handle of the deleted s1: %v, want ErrNotFound", err)
+		}
+		return nil
+	})
+	if _, err := c.Conn.Volumes().DeleteSnapshot(ctx, &mdspb.DeleteSnapshotRequest{Volume: "life", Name: "s1"}); err != nil {
+		t.Fatal(err)
+	}
+	soon.Succeeds(t, 30*time.Second, func() error {
+		resp, err := c.Conn.Volumes().ListSnapshots(ctx, &mdspb.ListSnapshotsRequest{Volume: "life"})
+		if err != nil || len(resp.Snapshots) != 0 {
+			return fmt.Errorf("snapshots %v %v", resp.GetSnapshots(), err)
+		}
+		return nil
+	})
+	time.Sleep(500 * time.Millisecond) // writes go on after the deletion
+	close(stop)
+	if err := <-done; err != nil {
+		t.Fatalf("the writer failed across the deletions: %v", err)
+	}
+	if n := keptVersions(c); n != 0 {
+		t.Fatalf("%d versions kept with no snapshot left (the writer kept data for a deleted snapshot)", n)
+	}
 }

@@ -93,8 +93,9 @@ type Volume struct {
 	ws      atomic.Pointer[writeState]
 	snap    uint64 // the snapshot's sequence number (snapshot handles)
 	session string
-	// renewMu makes one renewal at a time (renew).
+	// renewing is the renewal in flight (renew), under renewMu.
 	renewMu   sync.Mutex
+	renewing  *renewal
 	lease     time.Duration
 	chunkSize int64
 	segSize   int64
@@ -263,25 +264,61 @@ func (v *Volume) adopt(vol *mdspb.Volume) bool {
 // renew asks the MDS about this writer's session after a chunkserver
 // refused its epoch: a snapshot raised the epoch (the session stands: the
 // handle takes the new epoch and retries), or another writer opened the
-// volume (the session is fenced). An MDS that cannot be asked leaves the
-// question open (err).
+// volume (the session is fenced). One question is in flight at a time;
+// every IO refused meanwhile waits for its answer, or for its own end. An
+// MDS that cannot be asked leaves the question open (err).
 func (v *Volume) renew(ctx context.Context, refused uint64) (retry bool, err error) {
-	v.renewMu.Lock()
-	defer v.renewMu.Unlock()
 	if v.ws.Load().epoch > refused {
 		return true, nil // renewed meanwhile
 	}
+	v.renewMu.Lock()
+	r := v.renewing
+	if r == nil {
+		r = &renewal{done: make(chan struct{})}
+		v.renewing = r
+		go v.askMDS(r)
+	}
+	v.renewMu.Unlock()
+	select {
+	case <-r.done:
+	case <-ctx.Done():
+		return false, ctx.Err()
+	}
+	if r.err != nil {
+		return false, r.err
+	}
+	return !r.fenced && v.ws.Load().epoch > refused, nil
+}
+
+// renewal is one question to the MDS about the writer's session.
+type renewal struct {
+	done   chan struct{}
+	fenced bool
+	err    error
+}
+
+// renewTimeout bounds one renewal's RefreshSession.
+const renewTimeout = 5 * time.Second
+
+func (v *Volume) askMDS(r *renewal) {
+	ctx, cancel := context.WithTimeout(v.ctx, renewTimeout)
 	resp, err := v.mds.Volumes().RefreshSession(ctx, &mdspb.RefreshSessionRequest{Name: v.name, SessionId: v.session})
+	cancel()
 	switch {
 	case status.Code(err) == codes.FailedPrecondition || status.Code(err) == codes.NotFound:
+		r.fenced = true
 		if !v.fenced.Swap(true) {
 			v.log.Warn("fenced: the volume was opened for writing by another client", "detail", err)
 		}
-		return false, nil
 	case err != nil:
-		return false, err
+		r.err = err
+	default:
+		v.adopt(resp.GetVolume())
 	}
-	return v.adopt(resp.GetVolume()), nil
+	v.renewMu.Lock()
+	v.renewing = nil
+	v.renewMu.Unlock()
+	close(r.done)
 }
 
 // Stats returns the handle's counters.
@@ -357,12 +394,16 @@ func (v *Volume) refreshLoop() {
 				}
 				continue
 			}
+			if v.snap != 0 && status.Code(err) == codes.NotFound && !v.gone.Swap(true) {
+				v.log.Warn("the volume of the snapshot this handle reads was deleted", "detail", err)
+				continue
+			}
 			// IO goes on without the MDS while the chunkservers' epoch
 			// leases last: the epoch, not the session, keeps writers apart.
 			v.log.Warn("cannot renew the volume session", "err", err)
 			continue
 		}
-		if sz := int64(resp.GetVolume().GetSize()); sz > v.size.Load() {
+		if sz := int64(resp.GetVolume().GetSize()); sz > v.size.Load() && v.snap == 0 {
 			v.log.Info("volume grew", "size", sz)
 			v.size.Store(sz)
 		}
@@ -370,7 +411,7 @@ func (v *Volume) refreshLoop() {
 		if v.Epoch() != 0 {
 			v.adopt(resp.GetVolume())
 		}
-		if v.opts.Snapshot != "" && resp.GetVolume().LiveSnapshot(v.opts.Snapshot) == nil && !v.gone.Swap(true) {
+		if s := resp.GetVolume().LiveSnapshot(v.opts.Snapshot); v.snap != 0 && (s == nil || s.GetSeq() != v.snap) && !v.gone.Swap(true) {
 			v.log.Warn("the snapshot this handle reads was deleted")
 		}
 	}
@@ -383,7 +424,7 @@ func (v *Volume) Refresh(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("client: refresh %s: %w", v.name, err)
 	}
-	if sz := int64(resp.GetVolume().GetSize()); sz > v.size.Load() {
+	if sz := int64(resp.GetVolume().GetSize()); sz > v.size.Load() && v.snap == 0 {
 		v.size.Store(sz)
 	}
 	return nil

@@ -219,7 +219,7 @@ func (c *Copyset) execCommand(en *raftpb.Entry, t *dedupTable) (bool, error) {
 	case opWrite:
 		err = c.store.WriteAtSN(cmd.chunk, cmd.data, int64(cmd.offset), cmd.seq.SN, cmd.seq.Keep)
 	case opDelete:
-		err = c.store.Delete(cmd.chunk)
+		err = c.store.DeleteSN(cmd.chunk, cmd.seq.SN, cmd.seq.Keep)
 	case opTrim:
 		live, bound, _ := decodeTrim(cmd.data) // checked by decodeCommand
 		err = c.store.Trim(cmd.chunk, live, bound)

@@ -46,6 +46,10 @@ type ChunkStore interface {
 	SealKept(chunkID, from uint64, bitmap []byte) error
 	// Delete removes a chunk; deleting a missing chunk succeeds.
 	Delete(chunkID uint64) error
+	// DeleteSN is Delete for a client's delete under sequence number sn:
+	// a chunk a live snapshot (keep) may read is zeroed through copy on
+	// write instead.
+	DeleteSN(chunkID, sn, keep uint64) error
 	// List returns the ids of the chunks held, sorted.
 	List() []uint64
 	// Sync makes every write completed so far durable.

@@ -99,7 +99,17 @@ func (c *Copyset) ProposeTrim(ctx context.Context, fence Fence, chunk, volume, e
 
 // ProposeDelete hands a chunk delete to the copyset's log, as ProposeWrite.
 func (c *Copyset) ProposeDelete(ctx context.Context, fence Fence, req ClientRequest, chunk, volume, epoch uint64) (*Proposal, error) {
-	return c.proposeCommand(ctx, fence, &command{op: opDelete, chunk: chunk, volume: volume, epoch: epoch, req: req})
+	return c.ProposeSeqDelete(ctx, fence, req, chunk, volume, epoch, Seq{})
+}
+
+// ProposeSeqDelete is ProposeDelete for a client's delete under the
+// volume's sequence numbers: a chunk a live snapshot may read is zeroed
+// through copy on write instead (see ChunkStore.DeleteSN).
+func (c *Copyset) ProposeSeqDelete(ctx context.Context, fence Fence, req ClientRequest, chunk, volume, epoch uint64, seq Seq) (*Proposal, error) {
+	if seq.Keep >= seq.SN && seq != (Seq{}) {
+		return nil, fmt.Errorf("%w: newest live snapshot %d is not before the delete's sequence number %d", ErrInvalidArgument, seq.Keep, seq.SN)
+	}
+	return c.proposeCommand(ctx, fence, &command{op: opDelete, chunk: chunk, volume: volume, epoch: epoch, req: req, seq: seq})
 }
 
 // proposalOverhead is what a proposal costs beyond its data: entry, message

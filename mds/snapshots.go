@@ -2,6 +2,7 @@ package mds
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -37,18 +38,21 @@ func checkNewName(what, name string) error {
 	if strings.Contains(name, "@") {
 		return status.Errorf(codes.InvalidArgument, "%s %q contains \"@\" (a snapshot is named VOLUME@SNAPSHOT)", what, name)
 	}
+	if strings.Contains(name, ":snap:") {
+		return status.Errorf(codes.InvalidArgument, "%s %q contains \":snap:\" (iSCSI names a snapshot's target VOLUME:snap:SNAPSHOT)", what, name)
+	}
 	return nil
 }
 
 // maxSnapshots bounds the snapshots of one volume.
 const maxSnapshots = 128
 
-// liveSnapshots returns the sequence numbers of a volume's readable
-// snapshots, ascending.
+// liveSnapshots returns the sequence numbers of the snapshots a volume's
+// chunks keep data for (readable or being created), ascending.
 func liveSnapshots(v *mdspb.Volume) []uint64 {
 	var live []uint64
 	for _, s := range v.Snapshots {
-		if s.Status == mdspb.SnapshotStatus_SNAPSHOT_STATUS_READY {
+		if s.Kept() {
 			live = append(live, s.Seq)
 		}
 	}
@@ -71,10 +75,10 @@ func (l *leaderState) createSnapshot(ctx context.Context, r *mdspb.CreateSnapsho
 			return noFence, status.Errorf(codes.FailedPrecondition, "volume %q is being deleted", r.Volume)
 		}
 		for _, s := range v.Snapshots {
-			if s.Name != r.Name {
-				continue
+			if s.Name != r.Name || s.Status == mdspb.SnapshotStatus_SNAPSHOT_STATUS_DELETING {
+				continue // a deleted snapshot's name is free at once
 			}
-			if s.Status == mdspb.SnapshotStatus_SNAPSHOT_STATUS_READY && s.Seq+1 == v.Seq {
+			if s.Kept() && s.Seq+1 == v.Seq {
 				// The newest: a retry of the call that took it, whose
 				// fence may not have completed.
 				snap, retried = proto.CloneOf(s), true
@@ -86,7 +90,7 @@ func (l *leaderState) createSnapshot(ctx context.Context, r *mdspb.CreateSnapsho
 			return noFence, status.Errorf(codes.ResourceExhausted, "volume %q has %d snapshots, the most it may have; delete some first", r.Volume, len(v.Snapshots))
 		}
 		seq := max(v.Seq, 1)
-		snap = &mdspb.Snapshot{Name: r.Name, Seq: seq, CreatedUnix: time.Now().Unix(), Status: mdspb.SnapshotStatus_SNAPSHOT_STATUS_READY, Size: v.Size}
+		snap = &mdspb.Snapshot{Name: r.Name, Seq: seq, CreatedUnix: time.Now().Unix(), Status: mdspb.SnapshotStatus_SNAPSHOT_STATUS_CREATING, Size: v.Size}
 		v.Snapshots = append(v.Snapshots, proto.CloneOf(snap))
 		v.Seq = seq + 1
 		return newSequence, nil
@@ -102,6 +106,20 @@ func (l *leaderState) createSnapshot(ctx context.Context, r *mdspb.CreateSnapsho
 	if err != nil {
 		return nil, fmt.Errorf("snapshot %q of volume %q is recorded, but not every chunkserver confirmed it (ask again to finish it): %w", r.Name, r.Volume, err)
 	}
+	// Every chunkserver refuses the old sequence number: readable now.
+	_, _, _, err = l.updateVolume(ctx, r.Volume, nil, func(v *mdspb.Volume) (fenceKind, error) {
+		for _, s := range v.Snapshots {
+			if s.Name == r.Name && s.Seq == snap.Seq && s.Status == mdspb.SnapshotStatus_SNAPSHOT_STATUS_CREATING {
+				s.Status = mdspb.SnapshotStatus_SNAPSHOT_STATUS_READY
+				return noFence, nil
+			}
+		}
+		return noFence, errNoChange
+	})
+	if err != nil {
+		return nil, fmt.Errorf("snapshot %q of volume %q: mark it ready (ask again to finish it): %w", r.Name, r.Volume, err)
+	}
+	snap.Status = mdspb.SnapshotStatus_SNAPSHOT_STATUS_READY
 	l.log.Info("snapshot taken", "volume", r.Volume, "snapshot", r.Name, "seq", snap.Seq, "epoch", v.Epoch)
 	return &mdspb.CreateSnapshotResponse{Snapshot: snap}, nil
 }
@@ -114,20 +132,31 @@ func (l *leaderState) listSnapshots(ctx context.Context, r *mdspb.ListSnapshotsR
 	return &mdspb.ListSnapshotsResponse{Snapshots: v.Snapshots}, nil
 }
 
+// deleteSnapshot marks a snapshot DELETING, unreadable at once, and raises
+// the volume's epoch (leaving the writer in place) so that writers stop
+// keeping chunks for it; trimDeletedSnapshots gives its space back later.
 func (l *leaderState) deleteSnapshot(ctx context.Context, r *mdspb.DeleteSnapshotRequest) (*mdspb.DeleteSnapshotResponse, error) {
-	_, _, _, err := l.updateVolume(ctx, r.Volume, nil, func(v *mdspb.Volume) (fenceKind, error) {
-		i := slices.IndexFunc(v.Snapshots, func(s *mdspb.Snapshot) bool { return s.Name == r.Name })
+	v, version, bumped, err := l.updateVolume(ctx, r.Volume, nil, func(v *mdspb.Volume) (fenceKind, error) {
+		i := slices.IndexFunc(v.Snapshots, func(s *mdspb.Snapshot) bool {
+			return s.Name == r.Name && s.Status != mdspb.SnapshotStatus_SNAPSHOT_STATUS_DELETING
+		})
 		switch {
+		case i < 0 && slices.ContainsFunc(v.Snapshots, func(s *mdspb.Snapshot) bool { return s.Name == r.Name }):
+			return noFence, errNoChange // being deleted already
 		case i < 0:
 			return noFence, status.Errorf(codes.NotFound, "volume %q has no snapshot %q", r.Volume, r.Name)
-		case v.Snapshots[i].Status == mdspb.SnapshotStatus_SNAPSHOT_STATUS_DELETING:
-			return noFence, errNoChange
 		}
 		v.Snapshots[i].Status = mdspb.SnapshotStatus_SNAPSHOT_STATUS_DELETING
-		return noFence, nil
+		v.Snapshots[i].DeletingUnix = time.Now().Unix()
+		return newSequence, nil
 	})
 	if err != nil {
 		return nil, err
+	}
+	if version != 0 {
+		if err := l.fenceEpoch(ctx, v, version, bumped); err != nil {
+			return nil, fmt.Errorf("snapshot %q of volume %q is deleted, but not every chunkserver confirmed the volume's new epoch: %w", r.Name, r.Volume, err)
+		}
 	}
 	l.log.Info("snapshot deleting", "volume", r.Volume, "snapshot", r.Name)
 	l.wake()
@@ -143,24 +172,30 @@ func (l *leaderState) trimDeletedSnapshots(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// Handles reading a deleted snapshot learn it within a session lease
+	// (their session refreshes); until then its data stays.
+	settled := time.Now().Add(-l.s.cfg.SessionLease - time.Second).Unix()
+	var errs []error
 	for _, v := range vols {
 		if v.Status != mdspb.VolumeStatus_VOLUME_STATUS_CREATED ||
-			!slices.ContainsFunc(v.Snapshots, func(s *mdspb.Snapshot) bool { return s.Status == mdspb.SnapshotStatus_SNAPSHOT_STATUS_DELETING }) {
+			!slices.ContainsFunc(v.Snapshots, func(s *mdspb.Snapshot) bool {
+				return s.Status == mdspb.SnapshotStatus_SNAPSHOT_STATUS_DELETING && s.DeletingUnix <= settled
+			}) {
 			continue
 		}
-		if err := l.trimVolume(ctx, v); err != nil {
-			return fmt.Errorf("volume %q (id %d): %w", v.Name, v.Id, err)
+		if err := l.trimVolume(ctx, v, settled); err != nil {
+			errs = append(errs, fmt.Errorf("volume %q (id %d): %w", v.Name, v.Id, err))
 		}
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
-func (l *leaderState) trimVolume(ctx context.Context, v *mdspb.Volume) error {
+func (l *leaderState) trimVolume(ctx context.Context, v *mdspb.Volume, settled int64) error {
 	live, bound := liveSnapshots(v), max(v.Seq, 1)
-	var deleting []string
+	var deleting []uint64 // by sequence number: a name is free once its snapshot is deleting
 	for _, s := range v.Snapshots {
-		if s.Status == mdspb.SnapshotStatus_SNAPSHOT_STATUS_DELETING {
-			deleting = append(deleting, s.Name)
+		if s.Status == mdspb.SnapshotStatus_SNAPSHOT_STATUS_DELETING && s.DeletingUnix <= settled {
+			deleting = append(deleting, s.Seq)
 		}
 	}
 	segs, err := list[mdspb.Segment](ctx, l.st, l.st.k.volumeSegments(v.Id))
@@ -207,7 +242,7 @@ func (l *leaderState) trimVolume(ctx context.Context, v *mdspb.Volume) error {
 		}
 		n := len(cur.Snapshots)
 		cur.Snapshots = slices.DeleteFunc(cur.Snapshots, func(s *mdspb.Snapshot) bool {
-			return s.Status == mdspb.SnapshotStatus_SNAPSHOT_STATUS_DELETING && slices.Contains(deleting, s.Name)
+			return s.Status == mdspb.SnapshotStatus_SNAPSHOT_STATUS_DELETING && slices.Contains(deleting, s.Seq)
 		})
 		if len(cur.Snapshots) == n {
 			return noFence, errNoChange

@@ -602,7 +602,11 @@ type DeleteChunkRequest struct {
 	VolumeId uint64                 `protobuf:"varint,3,opt,name=volume_id,json=volumeId,proto3" json:"volume_id,omitempty"`
 	Epoch    uint64                 `protobuf:"varint,4,opt,name=epoch,proto3" json:"epoch,omitempty"`
 	// Identifies the request so that a retry of it is applied at most once.
-	Request       *ClientRequest `protobuf:"bytes,5,opt,name=request,proto3" json:"request,omitempty"`
+	Request *ClientRequest `protobuf:"bytes,5,opt,name=request,proto3" json:"request,omitempty"`
+	// As in WriteChunkRequest: when keep names a snapshot that may read the
+	// chunk, the chunk is not deleted but zeroed under sn (copy on write).
+	Sn            uint64 `protobuf:"varint,6,opt,name=sn,proto3" json:"sn,omitempty"`
+	Keep          uint64 `protobuf:"varint,7,opt,name=keep,proto3" json:"keep,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -670,6 +674,20 @@ func (x *DeleteChunkRequest) GetRequest() *ClientRequest {
 		return x.Request
 	}
 	return nil
+}
+
+func (x *DeleteChunkRequest) GetSn() uint64 {
+	if x != nil {
+		return x.Sn
+	}
+	return 0
+}
+
+func (x *DeleteChunkRequest) GetKeep() uint64 {
+	if x != nil {
+		return x.Keep
+	}
+	return 0
 }
 
 type DeleteChunkResponse struct {
@@ -1344,13 +1362,15 @@ const file_chunkpb_chunk_proto_rawDesc = "" +
 	"\x06status\x18\x01 \x01(\x0e2\x16.cairn.chunk.v1.StatusR\x06status\x122\n" +
 	"\x06leader\x18\x02 \x01(\v2\x1a.cairn.chunk.v1.LeaderHintR\x06leader\x12\x18\n" +
 	"\amessage\x18\x03 \x01(\tR\amessage\x12\x12\n" +
-	"\x04data\x18\x04 \x01(\fR\x04data\"\xd2\x01\n" +
+	"\x04data\x18\x04 \x01(\fR\x04data\"\xf6\x01\n" +
 	"\x12DeleteChunkRequest\x125\n" +
 	"\acopyset\x18\x01 \x01(\v2\x1b.cairn.common.v1.CopysetRefR\acopyset\x12\x19\n" +
 	"\bchunk_id\x18\x02 \x01(\x04R\achunkId\x12\x1b\n" +
 	"\tvolume_id\x18\x03 \x01(\x04R\bvolumeId\x12\x14\n" +
 	"\x05epoch\x18\x04 \x01(\x04R\x05epoch\x127\n" +
-	"\arequest\x18\x05 \x01(\v2\x1d.cairn.chunk.v1.ClientRequestR\arequest\"\x93\x01\n" +
+	"\arequest\x18\x05 \x01(\v2\x1d.cairn.chunk.v1.ClientRequestR\arequest\x12\x0e\n" +
+	"\x02sn\x18\x06 \x01(\x04R\x02sn\x12\x12\n" +
+	"\x04keep\x18\a \x01(\x04R\x04keep\"\x93\x01\n" +
 	"\x13DeleteChunkResponse\x12.\n" +
 	"\x06status\x18\x01 \x01(\x0e2\x16.cairn.chunk.v1.StatusR\x06status\x122\n" +
 	"\x06leader\x18\x02 \x01(\v2\x1a.cairn.chunk.v1.LeaderHintR\x06leader\x12\x18\n" +

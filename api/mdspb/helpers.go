@@ -29,13 +29,15 @@ func (s RWState) Label() string {
 }
 
 // Label is the snapshot status's short name in logs and the CLI: "ready",
-// "deleting" or "unknown".
+// "creating", "deleting" or "unknown".
 func (s SnapshotStatus) Label() string {
 	switch s {
 	case SnapshotStatus_SNAPSHOT_STATUS_READY:
 		return "ready"
 	case SnapshotStatus_SNAPSHOT_STATUS_DELETING:
 		return "deleting"
+	case SnapshotStatus_SNAPSHOT_STATUS_CREATING:
+		return "creating"
 	}
 	return "unknown"
 }
@@ -50,12 +52,19 @@ func (v *Volume) LiveSnapshot(name string) *Snapshot {
 	return nil
 }
 
+// Kept reports a snapshot whose data chunks keep: a readable one or one
+// being created.
+func (s *Snapshot) Kept() bool {
+	return s.GetStatus() == SnapshotStatus_SNAPSHOT_STATUS_READY || s.GetStatus() == SnapshotStatus_SNAPSHOT_STATUS_CREATING
+}
+
 // NewestLiveSnapshot returns the sequence number of the volume's newest
-// readable snapshot (0: none): what its writes keep chunks for.
+// snapshot that chunks keep data for (0: none): what its writes carry as
+// keep.
 func (v *Volume) NewestLiveSnapshot() uint64 {
 	var n uint64
 	for _, s := range v.GetSnapshots() {
-		if s.GetStatus() == SnapshotStatus_SNAPSHOT_STATUS_READY {
+		if s.Kept() {
 			n = max(n, s.GetSeq())
 		}
 	}

@@ -311,6 +311,9 @@ const (
 	SnapshotStatus_SNAPSHOT_STATUS_READY   SnapshotStatus = 1
 	// Being deleted: what only it kept is dropped from every chunk.
 	SnapshotStatus_SNAPSHOT_STATUS_DELETING SnapshotStatus = 2
+	// Recorded, and writers keep chunks for it, but not readable until
+	// every chunkserver refuses the volume's old sequence number.
+	SnapshotStatus_SNAPSHOT_STATUS_CREATING SnapshotStatus = 3
 )
 
 // Enum value maps for SnapshotStatus.
@@ -319,11 +322,13 @@ var (
 		0: "SNAPSHOT_STATUS_UNKNOWN",
 		1: "SNAPSHOT_STATUS_READY",
 		2: "SNAPSHOT_STATUS_DELETING",
+		3: "SNAPSHOT_STATUS_CREATING",
 	}
 	SnapshotStatus_value = map[string]int32{
 		"SNAPSHOT_STATUS_UNKNOWN":  0,
 		"SNAPSHOT_STATUS_READY":    1,
 		"SNAPSHOT_STATUS_DELETING": 2,
+		"SNAPSHOT_STATUS_CREATING": 3,
 	}
 )
 
@@ -2834,7 +2839,10 @@ type Snapshot struct {
 	CreatedUnix int64                  `protobuf:"varint,3,opt,name=created_unix,json=createdUnix,proto3" json:"created_unix,omitempty"`
 	Status      SnapshotStatus         `protobuf:"varint,4,opt,name=status,proto3,enum=cairn.mds.v1.SnapshotStatus" json:"status,omitempty"`
 	// The volume's length when the snapshot was taken.
-	Size          uint64 `protobuf:"varint,5,opt,name=size,proto3" json:"size,omitempty"`
+	Size uint64 `protobuf:"varint,5,opt,name=size,proto3" json:"size,omitempty"`
+	// When its deletion began (DELETING): its space is given back a session
+	// lease later, once every handle reading it learnt it is gone.
+	DeletingUnix  int64 `protobuf:"varint,6,opt,name=deleting_unix,json=deletingUnix,proto3" json:"deleting_unix,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2900,6 +2908,13 @@ func (x *Snapshot) GetStatus() SnapshotStatus {
 func (x *Snapshot) GetSize() uint64 {
 	if x != nil {
 		return x.Size
+	}
+	return 0
+}
+
+func (x *Snapshot) GetDeletingUnix() int64 {
+	if x != nil {
+		return x.DeletingUnix
 	}
 	return 0
 }
@@ -5952,13 +5967,14 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\fpublications\x18\f \x03(\v2\x19.cairn.mds.v1.PublicationR\fpublications\x12\x10\n" +
 	"\x03seq\x18\r \x01(\x04R\x03seq\x124\n" +
 	"\tsnapshots\x18\x0e \x03(\v2\x16.cairn.mds.v1.SnapshotR\tsnapshots\x12!\n" +
-	"\fwriter_epoch\x18\x0f \x01(\x04R\vwriterEpoch\"\x9d\x01\n" +
+	"\fwriter_epoch\x18\x0f \x01(\x04R\vwriterEpoch\"\xc2\x01\n" +
 	"\bSnapshot\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12!\n" +
 	"\fcreated_unix\x18\x03 \x01(\x03R\vcreatedUnix\x124\n" +
 	"\x06status\x18\x04 \x01(\x0e2\x1c.cairn.mds.v1.SnapshotStatusR\x06status\x12\x12\n" +
-	"\x04size\x18\x05 \x01(\x04R\x04size\"e\n" +
+	"\x04size\x18\x05 \x01(\x04R\x04size\x12#\n" +
+	"\rdeleting_unix\x18\x06 \x01(\x03R\fdeletingUnix\"e\n" +
 	"\vPublication\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1b\n" +
 	"\tread_only\x18\x02 \x01(\bR\breadOnly\x12%\n" +
@@ -6151,11 +6167,12 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\fVolumeStatus\x12\x19\n" +
 	"\x15VOLUME_STATUS_UNKNOWN\x10\x00\x12\x19\n" +
 	"\x15VOLUME_STATUS_CREATED\x10\x01\x12\x1a\n" +
-	"\x16VOLUME_STATUS_DELETING\x10\x02*f\n" +
+	"\x16VOLUME_STATUS_DELETING\x10\x02*\x84\x01\n" +
 	"\x0eSnapshotStatus\x12\x1b\n" +
 	"\x17SNAPSHOT_STATUS_UNKNOWN\x10\x00\x12\x19\n" +
 	"\x15SNAPSHOT_STATUS_READY\x10\x01\x12\x1c\n" +
-	"\x18SNAPSHOT_STATUS_DELETING\x10\x022\x8a\b\n" +
+	"\x18SNAPSHOT_STATUS_DELETING\x10\x02\x12\x1c\n" +
+	"\x18SNAPSHOT_STATUS_CREATING\x10\x032\x8a\b\n" +
 	"\x0fTopologyService\x12j\n" +
 	"\x13RegisterChunkServer\x12(.cairn.mds.v1.RegisterChunkServerRequest\x1a).cairn.mds.v1.RegisterChunkServerResponse\x12[\n" +
 	"\x0eGetChunkServer\x12#.cairn.mds.v1.GetChunkServerRequest\x1a$.cairn.mds.v1.GetChunkServerResponse\x12L\n" +

@@ -356,6 +356,29 @@ func (s *Store) copyOut(c *chunk, v *version, off, n int64) error {
 	return s.writeVersionMeta(v, m)
 }
 
+// DeleteSN deletes a chunk as a write of sequence number sn whose volume's
+// newest live snapshot is keep: when that snapshot may read the chunk
+// (keep at least its CreatedSN), the chunk is zeroed through copy on write
+// instead, a piece at a time; otherwise, or with sn 0, it is deleted
+// (Delete). A missing chunk has nothing to delete.
+func (s *Store) DeleteSN(id, sn, keep uint64) error {
+	c, err := s.lookup(id)
+	if err != nil || c == nil {
+		return err
+	}
+	if sn == 0 || keep == 0 || keep < c.meta.CreatedSN {
+		return s.Delete(id)
+	}
+	zeros := make([]byte, min(s.geo.ChunkSize, 1<<20))
+	for off := int64(0); off < s.geo.ChunkSize; off += int64(len(zeros)) {
+		n := min(int64(len(zeros)), s.geo.ChunkSize-off)
+		if err := s.WriteAtSN(id, zeros[:n], off, sn, keep); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // ReadAtSN reads len(p) bytes at off of the chunk as it was at the end of
 // sequence number snap (a snapshot's), with ReadAt's rules for the range. A
 // missing chunk gives ErrChunkNotExist.

@@ -54,6 +54,8 @@ type Options struct {
 	EpochLease time.Duration
 	// Faults, if set, is shared by every chunkserver's Raft transport.
 	Faults *transport.Faults
+	// SessionLease is the MDS's volume session lease (default: the MDS's).
+	SessionLease time.Duration
 	// Tune, if set, adjusts each chunkserver's config before it starts.
 	Tune func(i int, c *chunkserver.Config)
 	// Schedule configures the MDS's schedulers. The zero value keeps the
@@ -179,6 +181,7 @@ func Start(t testing.TB, opts Options) *Cluster {
 		Constants:         &mdspb.ClusterConstants{ChunkSize: opts.ChunkSize, SegmentSize: opts.SegmentSize, BlockSize: 512, MetaPageSize: 4096},
 		HeartbeatInterval: 200 * time.Millisecond,
 		EpochLease:        opts.EpochLease,
+		SessionLease:      opts.SessionLease,
 		ElectionTTL:       2 * time.Second,
 		Schedule:          opts.Schedule,
 		TLS:               c.Identity(certs.RoleMDS),

@@ -148,7 +148,8 @@ Exit codes: 0 success (healthy), 1 command failed, 2 usage, 3 not healthy,
 	pf.BoolVar(&a.insecure, "insecure", os.Getenv(EnvInsecure) == "1", "talk to a cluster that runs without TLS (env "+EnvInsecure+"=1)")
 
 	root.AddCommand(a.statusCommand(), a.listCommand(), a.queryCommand(), a.createCommand(),
-		a.extendCommand(), a.deleteCommand(), a.updateCommand(), a.checkCommand(), a.duCommand(), a.renameCommand())
+		a.extendCommand(), a.deleteCommand(), a.updateCommand(), a.checkCommand(), a.duCommand(), a.renameCommand(),
+		a.exportCommand(), a.importCommand(), a.rollbackCommand())
 	for _, c := range root.Commands() {
 		if c.HasSubCommands() && c.RunE == nil && c.Run == nil {
 			makeGroup(c)

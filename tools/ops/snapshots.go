@@ -169,9 +169,11 @@ background, what only it kept of the volume's chunks.`,
 	return cmd
 }
 
+// hasSnapshot reports whether a snapshot named name is still being
+// deleted (its name may already be taken again).
 func hasSnapshot(list []*mdspb.Snapshot, name string) bool {
 	for _, s := range list {
-		if s.Name == name {
+		if s.Name == name && s.Status == mdspb.SnapshotStatus_SNAPSHOT_STATUS_DELETING {
 			return true
 		}
 	}

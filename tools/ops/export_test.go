@@ -1,0 +1,120 @@
+package ops
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"cairn.io/cairn/client"
+	"cairn.io/cairn/test/cluster"
+)
+
+// TestExportImportRollback: a whole export of one snapshot and an
+// incremental one of the next, imported into a new volume, give the second
+// snapshot byte for byte; the incremental one holds only what changed; a
+// damaged export is refused; rollback makes a volume read as a snapshot
+// again, and is refused while a client has the volume open for writing.
+func TestExportImportRollback(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a cluster of three chunkservers")
+	}
+	c := startLive(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	dir := t.TempDir()
+	c.jsonRun(ExitOK, "create", "volume", "vol", "--size", "64MiB")
+	open := func(name string, o client.Options) *client.Volume {
+		t.Helper()
+		o.Logger = cluster.Logger()
+		v, err := client.OpenWithOptions(ctx, []string{c.MDS.Addr()}, name, o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	image := func(v *client.Volume) []byte {
+		t.Helper()
+		b := make([]byte, v.Size())
+		if _, err := v.ReadAt(ctx, b, 0); err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	w := open("vol", client.Options{})
+	a := make([]byte, 4<<20)
+	_, _ = rand.Read(a)
+	if _, err := w.WriteAt(ctx, a, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.WriteAt(ctx, a[:1<<20], 10<<20); err != nil {
+		t.Fatal(err)
+	}
+	c.jsonRun(ExitOK, "create", "snapshot", "vol", "s1")
+	if _, err := w.WriteAt(ctx, bytes.Repeat([]byte("B"), 1<<20), 1<<20); err != nil { // one block changes
+		t.Fatal(err)
+	}
+	if err := w.UnmapAt(ctx, 10<<20, 1<<20); err != nil { // one block becomes zeros
+		t.Fatal(err)
+	}
+	c.jsonRun(ExitOK, "create", "snapshot", "vol", "s2")
+
+	full, incr := filepath.Join(dir, "s1.img"), filepath.Join(dir, "s2-since-s1.img")
+	m := c.jsonRun(ExitOK, "export", "vol@s1", full)
+	if jnum(t, m, "data_bytes") != 5<<20 || jnum(t, m, "zero_bytes") != 59<<20 {
+		t.Fatalf("whole export: %v", m)
+	}
+	m = c.jsonRun(ExitOK, "export", "vol@s2", "--since", "s1", incr)
+	if jnum(t, m, "data_bytes") != 1<<20 || jnum(t, m, "zero_bytes") != 1<<20 || jnum(t, m, "records") != 2 {
+		t.Fatalf("incremental export: %v", m)
+	}
+	if r := c.run("export", "vol@s1", full); r.code != ExitUsage || !strings.Contains(r.stderr, "exists") {
+		t.Fatalf("export over an existing file: exit %d %q", r.code, r.stderr)
+	}
+
+	c.jsonRun(ExitOK, "create", "volume", "copy", "--size", "64MiB")
+	c.jsonRun(ExitOK, "import", full, "copy")
+	c.jsonRun(ExitOK, "import", incr, "copy")
+	s2 := open("vol", client.Options{Snapshot: "s2"})
+	cp := open("copy", client.Options{ReadOnly: true})
+	if !bytes.Equal(image(cp), image(s2)) {
+		t.Fatal("the imported volume differs from snapshot s2")
+	}
+
+	// A damaged export is refused before anything of the damaged record
+	// is written.
+	b, err := os.ReadFile(incr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[len(b)/2] ^= 1
+	bad := filepath.Join(dir, "bad.img")
+	if err := os.WriteFile(bad, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if r := c.run("import", bad, "copy"); r.code != ExitError || !strings.Contains(r.stderr, "not a valid Cairn export") {
+		t.Fatalf("import of a damaged export: exit %d %q", r.code, r.stderr)
+	}
+
+	// Rollback, refused while the writer has the volume open.
+	if r := c.run("rollback", "vol", "s1"); r.code == ExitOK || !strings.Contains(r.stderr, "open for writing") {
+		t.Fatalf("rollback under a writer: exit %d %q", r.code, r.stderr)
+	}
+	w.Close()
+	m = c.jsonRun(ExitOK, "rollback", "vol", "s1")
+	if jnum(t, m, "changed_bytes") != 2<<20 {
+		t.Fatalf("rollback: %v", m)
+	}
+	s1 := open("vol", client.Options{Snapshot: "s1"})
+	back := open("vol", client.Options{ReadOnly: true})
+	if !bytes.Equal(image(back), image(s1)) {
+		t.Fatal("the volume after rollback differs from snapshot s1")
+	}
+	for _, v := range []*client.Volume{s1, s2, cp, back} {
+		v.Close()
+	}
+}
