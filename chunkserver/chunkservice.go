@@ -403,6 +403,9 @@ func (s *Server) chunkInfo(ctx context.Context, req *chunkpb.GetChunkInfoRequest
 		return resp, refuse(chunkpb.Status_STATUS_INTERNAL_ERROR, "chunk %d info: %v", req.GetChunkId(), err)
 	}
 	resp.Exists, resp.Size, resp.Sn, resp.CreatedSn = true, uint64(info.Size), info.SN, info.CreatedSN
+	for _, v := range info.Versions {
+		resp.KeptBytes += uint64(v.Pages) * uint64(v.CopyUnit)
+	}
 	return resp, nil
 }
 

@@ -279,3 +279,58 @@ func TestSnapshotLifecycle(t *testing.T) {
 		t.Fatalf("%d versions kept with no snapshot left (the writer kept data for a deleted snapshot)", n)
 	}
 }
+
+// TestSnapshotsThroughMDSFailover: snapshots taken before an MDS failover
+// read the same after it, the writer goes on through it, a snapshot is
+// taken after it, and a deletion begun before a failover finishes after
+// it without touching what the other snapshot reads.
+func TestSnapshotsThroughMDSFailover(t *testing.T) {
+	c := cluster.Start(t, cluster.Options{SessionLease: 2 * time.Second})
+	createVolume(t, c, "fo", seg)
+	w := open(t, c, "fo", client.Options{})
+	a := bytes.Repeat([]byte("a"), 3<<20)
+	if _, err := w.WriteAt(ctx, a, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Conn.Volumes().CreateSnapshot(ctx, &mdspb.CreateSnapshotRequest{Volume: "fo", Name: "s1"}); err != nil {
+		t.Fatal(err)
+	}
+	c.RestartMDS()
+	b := bytes.Repeat([]byte("b"), 1<<20)
+	if _, err := w.WriteAt(ctx, b, 1<<20); err != nil {
+		t.Fatalf("write after the MDS failover: %v", err)
+	}
+	if _, err := c.Conn.Volumes().CreateSnapshot(ctx, &mdspb.CreateSnapshotRequest{Volume: "fo", Name: "s2"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.WriteAt(ctx, bytes.Repeat([]byte("c"), 3<<20), 0); err != nil {
+		t.Fatal(err)
+	}
+	ab := append(append(append([]byte(nil), a[:1<<20]...), b...), a[2<<20:]...)
+	read := func(name string) []byte {
+		t.Helper()
+		s := open(t, c, "fo", client.Options{Snapshot: name})
+		got := make([]byte, 3<<20)
+		if _, err := s.ReadAt(ctx, got, 0); err != nil {
+			t.Fatal(err)
+		}
+		return got
+	}
+	if !bytes.Equal(read("s1"), a) || !bytes.Equal(read("s2"), ab) {
+		t.Fatal("a snapshot does not read what the volume held when it was taken")
+	}
+	if _, err := c.Conn.Volumes().DeleteSnapshot(ctx, &mdspb.DeleteSnapshotRequest{Volume: "fo", Name: "s1"}); err != nil {
+		t.Fatal(err)
+	}
+	c.RestartMDS()
+	soon.Succeeds(t, 30*time.Second, func() error {
+		resp, err := c.Conn.Volumes().ListSnapshots(ctx, &mdspb.ListSnapshotsRequest{Volume: "fo"})
+		if err != nil || len(resp.Snapshots) != 1 {
+			return fmt.Errorf("snapshots %v %v", resp.GetSnapshots(), err)
+		}
+		return nil
+	})
+	if !bytes.Equal(read("s2"), ab) {
+		t.Fatal("snapshot s2 changed when s1 was deleted")
+	}
+}

@@ -965,6 +965,9 @@ type GetChunkInfoResponse struct {
 	// created under (snapshots taken before read it as zeros).
 	Sn        uint64 `protobuf:"varint,6,opt,name=sn,proto3" json:"sn,omitempty"`
 	CreatedSn uint64 `protobuf:"varint,7,opt,name=created_sn,json=createdSn,proto3" json:"created_sn,omitempty"`
+	// Bytes this replica keeps of the chunk's past for the volume's
+	// snapshots (the pages its versions hold).
+	KeptBytes uint64 `protobuf:"varint,9,opt,name=kept_bytes,json=keptBytes,proto3" json:"kept_bytes,omitempty"`
 	// Applied index of the replica that answered.
 	AppliedIndex  uint64 `protobuf:"varint,8,opt,name=applied_index,json=appliedIndex,proto3" json:"applied_index,omitempty"`
 	unknownFields protoimpl.UnknownFields
@@ -1046,6 +1049,13 @@ func (x *GetChunkInfoResponse) GetSn() uint64 {
 func (x *GetChunkInfoResponse) GetCreatedSn() uint64 {
 	if x != nil {
 		return x.CreatedSn
+	}
+	return 0
+}
+
+func (x *GetChunkInfoResponse) GetKeptBytes() uint64 {
+	if x != nil {
+		return x.KeptBytes
 	}
 	return 0
 }
@@ -1389,7 +1399,7 @@ const file_chunkpb_chunk_proto_rawDesc = "" +
 	"\acopyset\x18\x01 \x01(\v2\x1b.cairn.common.v1.CopysetRefR\acopyset\x12\x19\n" +
 	"\bchunk_id\x18\x02 \x01(\x04R\achunkId\x12\x1f\n" +
 	"\vany_replica\x18\x03 \x01(\bR\n" +
-	"anyReplica\"\x94\x02\n" +
+	"anyReplica\"\xb3\x02\n" +
 	"\x14GetChunkInfoResponse\x12.\n" +
 	"\x06status\x18\x01 \x01(\x0e2\x16.cairn.chunk.v1.StatusR\x06status\x122\n" +
 	"\x06leader\x18\x02 \x01(\v2\x1a.cairn.chunk.v1.LeaderHintR\x06leader\x12\x18\n" +
@@ -1398,7 +1408,9 @@ const file_chunkpb_chunk_proto_rawDesc = "" +
 	"\x04size\x18\x05 \x01(\x04R\x04size\x12\x0e\n" +
 	"\x02sn\x18\x06 \x01(\x04R\x02sn\x12\x1d\n" +
 	"\n" +
-	"created_sn\x18\a \x01(\x04R\tcreatedSn\x12#\n" +
+	"created_sn\x18\a \x01(\x04R\tcreatedSn\x12\x1d\n" +
+	"\n" +
+	"kept_bytes\x18\t \x01(\x04R\tkeptBytes\x12#\n" +
 	"\rapplied_index\x18\b \x01(\x04R\fappliedIndex\"\x97\x01\n" +
 	"\x13GetChunkHashRequest\x125\n" +
 	"\acopyset\x18\x01 \x01(\v2\x1b.cairn.common.v1.CopysetRefR\acopyset\x12\x19\n" +

@@ -174,26 +174,9 @@ func Start(t testing.TB, opts Options) *Cluster {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	m, err := mds.New(mds.Config{
-		DataDir:           filepath.Join(c.dir, "mds"),
-		ListenAddr:        "127.0.0.1:0",
-		MetricsAddr:       "-",
-		Constants:         &mdspb.ClusterConstants{ChunkSize: opts.ChunkSize, SegmentSize: opts.SegmentSize, BlockSize: 512, MetaPageSize: 4096},
-		HeartbeatInterval: 200 * time.Millisecond,
-		EpochLease:        opts.EpochLease,
-		SessionLease:      opts.SessionLease,
-		ElectionTTL:       2 * time.Second,
-		Schedule:          opts.Schedule,
-		TLS:               c.Identity(certs.RoleMDS),
-		Logger:            c.log,
-	})
-	if err != nil {
-		t.Fatalf("new MDS: %v", err)
-	}
-	if err := m.Start(ctx); err != nil {
-		t.Fatalf("start MDS: %v", err)
-	}
+	m := c.startMDS("127.0.0.1:0")
 	c.MDS = m
+	var err error
 	c.Conn, err = mdsclient.Dial([]string{m.Addr()}, mdsclient.Options{Logger: c.log, TLS: c.Identity(certs.RoleOperator)})
 	if err != nil {
 		t.Fatalf("dial MDS: %v", err)
@@ -411,6 +394,43 @@ type ChunkClient struct {
 	tls   *certs.Source // nil: plaintext
 	mu    sync.Mutex
 	conns map[string]chunkpb.ChunkServiceClient
+}
+
+// startMDS starts the cluster's MDS on addr, over its data directory.
+func (c *Cluster) startMDS(addr string) *mds.Server {
+	c.t.Helper()
+	opts := c.opts
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	m, err := mds.New(mds.Config{
+		DataDir:           filepath.Join(c.dir, "mds"),
+		ListenAddr:        addr,
+		MetricsAddr:       "-",
+		Constants:         &mdspb.ClusterConstants{ChunkSize: opts.ChunkSize, SegmentSize: opts.SegmentSize, BlockSize: 512, MetaPageSize: 4096},
+		HeartbeatInterval: 200 * time.Millisecond,
+		EpochLease:        opts.EpochLease,
+		SessionLease:      opts.SessionLease,
+		ElectionTTL:       2 * time.Second,
+		Schedule:          opts.Schedule,
+		TLS:               c.Identity(certs.RoleMDS),
+		Logger:            c.log,
+	})
+	if err != nil {
+		c.t.Fatalf("new MDS: %v", err)
+	}
+	if err := m.Start(ctx); err != nil {
+		c.t.Fatalf("start MDS: %v", err)
+	}
+	return m
+}
+
+// RestartMDS stops the MDS and starts it again on the same address and
+// data: a failover to a new leader that finds the state in etcd.
+func (c *Cluster) RestartMDS() {
+	c.t.Helper()
+	addr := c.MDS.Addr()
+	c.MDS.Stop()
+	c.MDS = c.startMDS(addr)
 }
 
 // ChunkClient returns a chunk client for the cluster.

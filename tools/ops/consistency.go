@@ -41,6 +41,8 @@ type replicaHash struct {
 	Address       string `json:"address"`
 	Exists        bool   `json:"exists"`
 	AppliedIndex  uint64 `json:"applied_index"`
+	// KeptBytes is what the replica keeps of the chunk for snapshots.
+	KeptBytes uint64 `json:"kept_bytes,omitempty"`
 	// CRC32C is the Castagnoli CRC of the whole chunk (zeros where never
 	// written); 0 when not hashed.
 	CRC32C uint32 `json:"crc32c"`
@@ -455,7 +457,7 @@ func chunkInfoProbe(t chunkTask) func(ctx context.Context, c chunkpb.ChunkServic
 		switch resp.Status {
 		case chunkpb.Status_STATUS_OK, chunkpb.Status_STATUS_CHUNK_NOTEXIST:
 			r.Exists = resp.Exists && resp.Status == chunkpb.Status_STATUS_OK
-			r.AppliedIndex = resp.AppliedIndex
+			r.AppliedIndex, r.KeptBytes = resp.AppliedIndex, resp.KeptBytes
 			return nil
 		default:
 			return chunkStatusError(resp.Status, resp.Message)

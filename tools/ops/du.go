@@ -21,6 +21,9 @@ type duVolume struct {
 	ProvisionedBytes uint64 `json:"provisioned_bytes"`
 	AllocatedBytes   uint64 `json:"allocated_bytes"`
 	UsedBytes        uint64 `json:"used_bytes"`
+	// SnapshotBytes is what the chunks keep for the volume's snapshots
+	// (copied on write), per replica set like used.
+	SnapshotBytes uint64 `json:"snapshot_bytes"`
 	// ChunksWritten of ChunksAllocated hold data; ChunksUnknown could not
 	// be asked (every replica failed to answer) and are not counted.
 	ChunksWritten   int `json:"chunks_written"`
@@ -36,11 +39,12 @@ type duResult struct {
 func (a *app) duCommand() *cobra.Command {
 	return &cobra.Command{
 		Use:   "du [VOLUME...]",
-		Short: "Show the space volumes use: provisioned, allocated (segments) and used (chunks written)",
+		Short: "Show the space volumes use: provisioned, allocated (segments), used (chunks written) and kept for snapshots",
 		Long: `du asks the chunkservers which chunks of each volume were ever written: a
 volume's used space is those chunks (at chunk granularity, per replica set:
 multiply by the pool's replicas for raw space). Allocated is its segments,
-provisioned its size. Without names it covers every volume. It reads only
+provisioned its size; snapshots is what the chunks keep of their past for the
+volume's snapshots. Without names it covers every volume. It reads only
 metadata and shows a progress bar on a terminal.`,
 		RunE: a.runE(func(ctx context.Context, _ *cobra.Command, args []string) error {
 			names := args
@@ -76,6 +80,7 @@ func (t *duVolume) add(d *duVolume) {
 	t.ProvisionedBytes += d.ProvisionedBytes
 	t.AllocatedBytes += d.AllocatedBytes
 	t.UsedBytes += d.UsedBytes
+	t.SnapshotBytes += d.SnapshotBytes
 	t.ChunksWritten += d.ChunksWritten
 	t.ChunksAllocated += d.ChunksAllocated
 	t.ChunksUnknown += d.ChunksUnknown
@@ -90,7 +95,7 @@ func (a *app) du(ctx context.Context, name string) (*duVolume, error) {
 	d := &duVolume{Name: v.Name, ProvisionedBytes: v.Size, AllocatedBytes: uint64(nsegs) * v.SegmentSize, ChunksAllocated: len(tasks)}
 	var mu sync.Mutex
 	a.forEachChunk(ctx, tasks, duParallel, fmt.Sprintf("measuring %s", name), func(t chunkTask) {
-		written, known := a.chunkWritten(ctx, t)
+		written, kept, known := a.chunkWritten(ctx, t)
 		mu.Lock()
 		defer mu.Unlock()
 		switch {
@@ -98,6 +103,7 @@ func (a *app) du(ctx context.Context, name string) (*duVolume, error) {
 			d.ChunksUnknown++
 		case written:
 			d.ChunksWritten++
+			d.SnapshotBytes += kept
 		}
 	})
 	if err := ctx.Err(); err != nil {
@@ -108,29 +114,31 @@ func (a *app) du(ctx context.Context, name string) (*duVolume, error) {
 }
 
 // chunkWritten asks the chunk's replicas whether it exists: written when
-// one that answers holds it; known is false when none answered.
-func (a *app) chunkWritten(ctx context.Context, t chunkTask) (written, known bool) {
+// one that answers holds it; kept is the most any keeps for snapshots;
+// known is false when none answered.
+func (a *app) chunkWritten(ctx context.Context, t chunkTask) (written bool, kept uint64, known bool) {
 	if t.copyset == nil || len(t.copyset.Peers) == 0 {
-		return false, false
+		return false, 0, false
 	}
 	infos := a.fanOut(ctx, t, chunkInfoProbe(t))
 	for _, r := range infos {
 		if r.Error == "" {
 			known = true
 			written = written || r.Exists
+			kept = max(kept, r.KeptBytes)
 		}
 	}
-	return written, known
+	return written, kept, known
 }
 
 func (r *duResult) writeTable(t *table) {
-	t.row("VOLUME", "PROVISIONED", "ALLOCATED", "USED", "CHUNKS WRITTEN")
+	t.row("VOLUME", "PROVISIONED", "ALLOCATED", "USED", "SNAPSHOTS", "CHUNKS WRITTEN")
 	row := func(d duVolume) {
 		chunks := fmt.Sprintf("%d of %d", d.ChunksWritten, d.ChunksAllocated)
 		if d.ChunksUnknown > 0 {
 			chunks += fmt.Sprintf(" (%d unknown: no replica answered)", d.ChunksUnknown)
 		}
-		t.row(d.Name, formatBytes(d.ProvisionedBytes), formatBytes(d.AllocatedBytes), formatBytes(d.UsedBytes), chunks)
+		t.row(d.Name, formatBytes(d.ProvisionedBytes), formatBytes(d.AllocatedBytes), formatBytes(d.UsedBytes), formatBytes(d.SnapshotBytes), chunks)
 	}
 	for _, d := range r.Volumes {
 		row(d)

@@ -62,6 +62,11 @@ func TestExportImportRollback(t *testing.T) {
 		t.Fatal(err)
 	}
 	c.jsonRun(ExitOK, "create", "snapshot", "vol", "s2")
+	// du counts what the chunks keep for s1: the block rewritten and the
+	// chunk unmapped (zeroed through copy on write, not deleted).
+	if m := c.jsonRun(ExitOK, "du", "vol"); jnum(t, m, "volumes.0.snapshot_bytes") != 2<<20 {
+		t.Fatalf("du after two blocks changed under a snapshot: %v", m)
+	}
 
 	full, incr := filepath.Join(dir, "s1.img"), filepath.Join(dir, "s2-since-s1.img")
 	m := c.jsonRun(ExitOK, "export", "vol@s1", full)
