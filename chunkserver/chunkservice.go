@@ -154,6 +154,7 @@ func (s *Server) hasRoomForNewChunk() bool {
 type chunkInspector interface {
 	Info(chunk uint64) (datastore.ChunkInfo, error)
 	Hash(chunk uint64, off, length int64) (uint32, error)
+	HashSnapshots(chunk uint64, off, length int64, snaps []uint64) (uint32, error)
 }
 
 var _ chunkInspector = (*datastore.Store)(nil)
@@ -444,10 +445,11 @@ func (s *Server) chunkHash(ctx context.Context, req *chunkpb.GetChunkHashRequest
 	}
 	for attempt := 0; ; attempt++ {
 		before := c.AppliedIndex()
-		sum, err := ds.Hash(req.GetChunkId(), int64(req.GetOffset()), int64(length))
+		sum, err := ds.HashSnapshots(req.GetChunkId(), int64(req.GetOffset()), int64(length), req.GetSnapshots())
 		exists := true
 		if errors.Is(err, datastore.ErrChunkNotExist) {
-			sum, err, exists = zeroCRC(length), nil, false
+			// Zeros, now and in every snapshot.
+			sum, err, exists = zeroCRC(length*uint64(1+len(req.GetSnapshots()))), nil, false
 		}
 		if err != nil {
 			return resp, refuse(chunkpb.Status_STATUS_INTERNAL_ERROR, "hash chunk %d: %v", req.GetChunkId(), err)

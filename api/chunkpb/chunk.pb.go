@@ -1075,7 +1075,11 @@ type GetChunkHashRequest struct {
 	ChunkId uint64                 `protobuf:"varint,2,opt,name=chunk_id,json=chunkId,proto3" json:"chunk_id,omitempty"`
 	Offset  uint64                 `protobuf:"varint,3,opt,name=offset,proto3" json:"offset,omitempty"`
 	// Length of the range; 0 means to the end of the chunk.
-	Length        uint64 `protobuf:"varint,4,opt,name=length,proto3" json:"length,omitempty"`
+	Length uint64 `protobuf:"varint,4,opt,name=length,proto3" json:"length,omitempty"`
+	// Also hash the range as it was in these snapshots of the chunk's
+	// volume (by sequence number), after its data and in this order: one
+	// CRC32C over all of it.
+	Snapshots     []uint64 `protobuf:"varint,5,rep,packed,name=snapshots,proto3" json:"snapshots,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1136,6 +1140,13 @@ func (x *GetChunkHashRequest) GetLength() uint64 {
 		return x.Length
 	}
 	return 0
+}
+
+func (x *GetChunkHashRequest) GetSnapshots() []uint64 {
+	if x != nil {
+		return x.Snapshots
+	}
+	return nil
 }
 
 type GetChunkHashResponse struct {
@@ -1411,12 +1422,13 @@ const file_chunkpb_chunk_proto_rawDesc = "" +
 	"created_sn\x18\a \x01(\x04R\tcreatedSn\x12\x1d\n" +
 	"\n" +
 	"kept_bytes\x18\t \x01(\x04R\tkeptBytes\x12#\n" +
-	"\rapplied_index\x18\b \x01(\x04R\fappliedIndex\"\x97\x01\n" +
+	"\rapplied_index\x18\b \x01(\x04R\fappliedIndex\"\xb5\x01\n" +
 	"\x13GetChunkHashRequest\x125\n" +
 	"\acopyset\x18\x01 \x01(\v2\x1b.cairn.common.v1.CopysetRefR\acopyset\x12\x19\n" +
 	"\bchunk_id\x18\x02 \x01(\x04R\achunkId\x12\x16\n" +
 	"\x06offset\x18\x03 \x01(\x04R\x06offset\x12\x16\n" +
-	"\x06length\x18\x04 \x01(\x04R\x06length\"\xb5\x01\n" +
+	"\x06length\x18\x04 \x01(\x04R\x06length\x12\x1c\n" +
+	"\tsnapshots\x18\x05 \x03(\x04R\tsnapshots\"\xb5\x01\n" +
 	"\x14GetChunkHashResponse\x12.\n" +
 	"\x06status\x18\x01 \x01(\x0e2\x16.cairn.chunk.v1.StatusR\x06status\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12\x16\n" +

@@ -324,6 +324,33 @@ func (s *Store) Hash(id uint64, off, length int64) (uint32, error) {
 	return crc, nil
 }
 
+// HashSnapshots returns the CRC32C (Castagnoli) of the range as Hash does,
+// continued over the same range as it was at each of snaps in turn
+// (ReadAtSN): one checksum of a chunk's data and of what its snapshots read.
+func (s *Store) HashSnapshots(id uint64, off, length int64, snaps []uint64) (uint32, error) {
+	crc, err := s.Hash(id, off, length)
+	if err != nil {
+		return 0, err
+	}
+	if length == 0 {
+		length = s.geo.ChunkSize - off
+	}
+	bp := s.hashBufs.Get().(*[]byte)
+	defer s.hashBufs.Put(bp)
+	buf := *bp
+	for _, snap := range snaps {
+		for done := int64(0); done < length; {
+			n := min(int64(len(buf)), length-done)
+			if err := s.ReadAtSN(id, buf[:n], off+done, snap); err != nil {
+				return 0, fmt.Errorf("hash chunk %d at snapshot %d: %w", id, snap, err)
+			}
+			crc = crc32.Update(crc, castagnoli, buf[:n])
+			done += n
+		}
+	}
+	return crc, nil
+}
+
 // List returns the ids of every chunk in the store, corrupt ones included,
 // in ascending order.
 func (s *Store) List() []uint64 {

@@ -33,6 +33,9 @@ type consistencyParams struct {
 	// different applied indexes (writes in flight) or a call failed.
 	retries  int
 	interval time.Duration
+	// snapshots are the volume's readable snapshots: each replica hashes
+	// what they read of the chunk too.
+	snapshots []uint64
 }
 
 // replicaHash is one replica's answer about a chunk.
@@ -64,10 +67,12 @@ type chunkReport struct {
 }
 
 type consistencyResult struct {
-	Volume     string        `json:"volume"`
-	VolumeID   uint64        `json:"volume_id"`
-	Segments   int           `json:"segments"`
-	Chunks     int           `json:"chunks"`
+	Volume   string `json:"volume"`
+	VolumeID uint64 `json:"volume_id"`
+	Segments int    `json:"segments"`
+	Chunks   int    `json:"chunks"`
+	// Snapshots is how many of the volume's snapshots were compared too.
+	Snapshots  int           `json:"snapshots"`
 	Consistent int           `json:"consistent"`
 	Mismatched int           `json:"mismatched"`
 	Unverified int           `json:"unverified"`
@@ -165,6 +170,12 @@ func (a *app) checkConsistency(ctx context.Context, name string, p consistencyPa
 		return nil, err
 	}
 	res := &consistencyResult{Volume: v.Name, VolumeID: v.Id, Segments: nsegs, Chunks: len(tasks), Problems: []chunkReport{}}
+	for _, s := range v.Snapshots {
+		if s.Status == mdspb.SnapshotStatus_SNAPSHOT_STATUS_READY {
+			p.snapshots = append(p.snapshots, s.Seq)
+			res.Snapshots++
+		}
+	}
 
 	var mu sync.Mutex
 	a.forEachChunk(ctx, tasks, p.parallel, fmt.Sprintf("checking %s", name), func(t chunkTask) {
@@ -298,7 +309,7 @@ func (a *app) checkChunk(ctx context.Context, t chunkTask, p consistencyParams) 
 			return finish(rep, infos, chunkConsistent, "")
 		}
 		hashes := a.fanOut(ctx, t, func(ctx context.Context, c chunkpb.ChunkServiceClient, r *replicaHash) error {
-			resp, err := c.GetChunkHash(ctx, &chunkpb.GetChunkHashRequest{Copyset: t.copyset.Id, ChunkId: t.chunkID})
+			resp, err := c.GetChunkHash(ctx, &chunkpb.GetChunkHashRequest{Copyset: t.copyset.Id, ChunkId: t.chunkID, Snapshots: p.snapshots})
 			if err != nil {
 				return rpcErr("get chunk hash", err)
 			}
@@ -434,8 +445,12 @@ func (r *consistencyResult) writeTable(t *table) {
 		verdict = "NOT VERIFIED"
 	}
 	t.line("volume %q: %s", r.Volume, verdict)
-	t.line("%d chunks in %d segments: %d consistent, %d mismatched, %d unverified",
-		r.Chunks, r.Segments, r.Consistent, r.Mismatched, r.Unverified)
+	snaps := ""
+	if r.Snapshots > 0 {
+		snaps = fmt.Sprintf(" (data and %d snapshot(s) compared)", r.Snapshots)
+	}
+	t.line("%d chunks in %d segments: %d consistent, %d mismatched, %d unverified%s",
+		r.Chunks, r.Segments, r.Consistent, r.Mismatched, r.Unverified, snaps)
 	if len(r.Problems) == 0 {
 		return
 	}

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/client"
 	"cairn.io/cairn/test/cluster"
 )
@@ -103,6 +104,28 @@ func TestExportImportRollback(t *testing.T) {
 	}
 	if r := c.run("import", bad, "copy"); r.code != ExitError || !strings.Contains(r.stderr, "not a valid Cairn export") {
 		t.Fatalf("import of a damaged export: exit %d %q", r.code, r.stderr)
+	}
+
+	// check consistency compares what the snapshots read too: a page a
+	// version keeps, damaged on one replica, is found.
+	if m := c.jsonRun(ExitOK, "check", "consistency", "vol"); jnum(t, m, "snapshots") != 2 || jnum(t, m, "consistent") != jnum(t, m, "chunks") {
+		t.Fatalf("check consistency with two snapshots: %v", m)
+	}
+	segs, err := c.Conn.Volumes().ListSegments(ctx, &mdspb.ListSegmentsRequest{Name: "vol"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept := c.chunkFile(0, segs.Segments[0].Chunks[1]) + "_snap_1" // chunk 1 was rewritten under s1
+	f, err := os.OpenFile(kept, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte("damage"), 4096+100); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if m := c.jsonRun(ExitInconsistent, "check", "consistency", "vol"); jnum(t, m, "mismatched") != 1 {
+		t.Fatalf("check consistency with a damaged kept page: %v", m)
 	}
 
 	// Rollback, refused while the writer has the volume open.
