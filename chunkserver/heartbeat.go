@@ -140,6 +140,16 @@ func (s *Server) capacity() *mdspb.Capacity {
 		c.FormatPercent = uint32(ps.FormatPercent)
 		c.PoolGrowableChunks = uint64(ps.Growable)
 	}
+	if s.engine == nil {
+		return c // registering: no copyset is open yet
+	}
+	for _, cs := range s.engine.List() {
+		if k, ok := cs.Store().(interface{ KeptStats() (int, int64) }); ok {
+			files, kept := k.KeptStats()
+			c.SnapshotFiles += uint64(files)
+			c.SnapshotKeptBytes += uint64(kept)
+		}
+	}
 	return c
 }
 

@@ -613,8 +613,12 @@ type Capacity struct {
 	// the disk's free space above its reserve). Free plus growable is what
 	// new data can still take (Capacity.AvailableChunks).
 	PoolGrowableChunks uint64 `protobuf:"varint,7,opt,name=pool_growable_chunks,json=poolGrowableChunks,proto3" json:"pool_growable_chunks,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// Chunk files that keep chunks' past for volume snapshots (counted in
+	// pool_used_chunks), and the bytes of data they hold.
+	SnapshotFiles     uint64 `protobuf:"varint,8,opt,name=snapshot_files,json=snapshotFiles,proto3" json:"snapshot_files,omitempty"`
+	SnapshotKeptBytes uint64 `protobuf:"varint,9,opt,name=snapshot_kept_bytes,json=snapshotKeptBytes,proto3" json:"snapshot_kept_bytes,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *Capacity) Reset() {
@@ -692,6 +696,20 @@ func (x *Capacity) GetFormatPercent() uint32 {
 func (x *Capacity) GetPoolGrowableChunks() uint64 {
 	if x != nil {
 		return x.PoolGrowableChunks
+	}
+	return 0
+}
+
+func (x *Capacity) GetSnapshotFiles() uint64 {
+	if x != nil {
+		return x.SnapshotFiles
+	}
+	return 0
+}
+
+func (x *Capacity) GetSnapshotKeptBytes() uint64 {
+	if x != nil {
+		return x.SnapshotKeptBytes
 	}
 	return 0
 }
@@ -5813,7 +5831,7 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\x06Server\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x1a\n" +
 	"\bhostname\x18\x02 \x01(\tR\bhostname\x12\x17\n" +
-	"\azone_id\x18\x03 \x01(\rR\x06zoneId\"\xb7\x02\n" +
+	"\azone_id\x18\x03 \x01(\rR\x06zoneId\"\x8e\x03\n" +
 	"\bCapacity\x12(\n" +
 	"\x10disk_total_bytes\x18\x01 \x01(\x04R\x0ediskTotalBytes\x12&\n" +
 	"\x0fdisk_free_bytes\x18\x02 \x01(\x04R\rdiskFreeBytes\x12(\n" +
@@ -5821,7 +5839,9 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\x10pool_used_chunks\x18\x04 \x01(\x04R\x0epoolUsedChunks\x12,\n" +
 	"\x12pool_target_chunks\x18\x05 \x01(\x04R\x10poolTargetChunks\x12%\n" +
 	"\x0eformat_percent\x18\x06 \x01(\rR\rformatPercent\x120\n" +
-	"\x14pool_growable_chunks\x18\a \x01(\x04R\x12poolGrowableChunks\"\xd4\x03\n" +
+	"\x14pool_growable_chunks\x18\a \x01(\x04R\x12poolGrowableChunks\x12%\n" +
+	"\x0esnapshot_files\x18\b \x01(\x04R\rsnapshotFiles\x12.\n" +
+	"\x13snapshot_kept_bytes\x18\t \x01(\x04R\x11snapshotKeptBytes\"\xd4\x03\n" +
 	"\vChunkServer\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x1b\n" +
 	"\tserver_id\x18\x02 \x01(\rR\bserverId\x12\x17\n" +

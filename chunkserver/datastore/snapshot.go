@@ -379,6 +379,26 @@ func (s *Store) DeleteSN(id, sn, keep uint64) error {
 	return nil
 }
 
+// KeptStats counts the store's version files and the bytes of data they
+// hold (pages times the copy unit).
+func (s *Store) KeptStats() (files int, kept int64) {
+	s.mu.RLock()
+	chunks := make([]*chunk, 0, len(s.mu.chunks))
+	for _, c := range s.mu.chunks {
+		chunks = append(chunks, c)
+	}
+	s.mu.RUnlock()
+	for _, c := range chunks {
+		c.cow.RLock()
+		for _, v := range c.versions {
+			files++
+			kept += int64(v.meta.held()) * v.meta.Unit
+		}
+		c.cow.RUnlock()
+	}
+	return files, kept
+}
+
 // ReadAtSN reads len(p) bytes at off of the chunk as it was at the end of
 // sequence number snap (a snapshot's), with ReadAt's rules for the range. A
 // missing chunk gives ErrChunkNotExist.

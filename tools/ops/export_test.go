@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -12,6 +13,7 @@ import (
 
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/client"
+	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/test/cluster"
 )
 
@@ -68,6 +70,15 @@ func TestExportImportRollback(t *testing.T) {
 	if m := c.jsonRun(ExitOK, "du", "vol"); jnum(t, m, "volumes.0.snapshot_bytes") != 2<<20 {
 		t.Fatalf("du after two blocks changed under a snapshot: %v", m)
 	}
+	// status counts them too (two version files of 1 MiB chunks, each
+	// full, on each of three replicas), once every chunkserver reported.
+	soon.Succeeds(t, 10*time.Second, func() error {
+		m := c.jsonRun(ExitOK, "status")
+		if jnum(t, m, "space.snapshot_kept_bytes") != 3*2<<20 || jnum(t, m, "space.snapshot_file_bytes") != 3*2<<20 {
+			return fmt.Errorf("status space %v", jget(t, m, "space"))
+		}
+		return nil
+	})
 
 	full, incr := filepath.Join(dir, "s1.img"), filepath.Join(dir, "s2-since-s1.img")
 	m := c.jsonRun(ExitOK, "export", "vol@s1", full)

@@ -79,6 +79,11 @@ type spaceView struct {
 	// Volumes (logical, before replication).
 	ProvisionedBytes uint64 `json:"provisioned_bytes"`
 	AllocatedBytes   uint64 `json:"allocated_bytes"`
+	// Snapshots (raw, all replicas): the chunk files that keep chunks'
+	// past for volume snapshots (in pool_used_bytes), and the data they
+	// hold.
+	SnapshotFileBytes uint64 `json:"snapshot_file_bytes"`
+	SnapshotKeptBytes uint64 `json:"snapshot_kept_bytes"`
 }
 
 type formattingView struct {
@@ -203,6 +208,8 @@ func (a *app) status(ctx context.Context, p healthParams) (*statusResult, error)
 		res.Space.PoolUsedBytes += c.GetPoolUsedChunks() * chunkSize
 		res.Space.PoolFreeBytes += c.GetPoolFreeChunks() * chunkSize
 		res.Space.PoolGrowableBytes += c.GetPoolGrowableChunks() * chunkSize
+		res.Space.SnapshotFileBytes += c.GetSnapshotFiles() * chunkSize
+		res.Space.SnapshotKeptBytes += c.GetSnapshotKeptBytes()
 		res.Formatting.FormattedChunks += formatted
 		target := max(c.GetPoolTargetChunks(), formatted)
 		res.Formatting.TargetChunks += target
@@ -395,6 +402,9 @@ func (r *statusResult) writeTable(t *table) {
 		formatBytes(s.PoolTotalBytes), formatBytes(s.PoolUsedBytes), formatBytes(s.PoolFreeBytes), formatBytes(s.PoolGrowableBytes)))
 	t.row("volumes:", fmt.Sprintf("%d (%d being deleted), %s provisioned, %s allocated",
 		r.Volumes.Total, r.Volumes.Deleting, formatBytes(s.ProvisionedBytes), formatBytes(s.AllocatedBytes)))
+	if s.SnapshotFileBytes > 0 {
+		t.row("snapshots:", fmt.Sprintf("%s of chunk files keep %s of data for volume snapshots", formatBytes(s.SnapshotFileBytes), formatBytes(s.SnapshotKeptBytes)))
+	}
 	f := r.Formatting
 	format := fmt.Sprintf("%d%% (%d of %d chunk files)", f.Percent, f.FormattedChunks, f.TargetChunks)
 	if f.ChunkServersBusy > 0 {
