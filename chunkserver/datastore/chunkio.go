@@ -21,6 +21,11 @@ import (
 // chunk needs a file and the pool has none, the error wraps ErrNoSpace and
 // nothing is created.
 func (s *Store) WriteAt(id uint64, p []byte, off int64) error {
+	return s.write(id, p, off, 0, 0)
+}
+
+// write is WriteAt, and WriteAtSN when sn is not 0.
+func (s *Store) write(id uint64, p []byte, off int64, sn, keep uint64) error {
 	if err := s.checkRange(len(p), off); err != nil {
 		return fmt.Errorf("write chunk %d: %w", id, err)
 	}
@@ -30,11 +35,11 @@ func (s *Store) WriteAt(id uint64, p []byte, off int64) error {
 			return err
 		}
 		if c == nil {
-			if c, err = s.create(id, 0); err != nil {
+			if c, err = s.create(id, sn); err != nil {
 				return err
 			}
 		}
-		retry, err := s.writeChunk(c, p, off)
+		retry, err := s.writeChunk(c, p, off, sn, keep)
 		if !retry {
 			return err
 		}
@@ -42,7 +47,9 @@ func (s *Store) WriteAt(id uint64, p []byte, off int64) error {
 	}
 }
 
-func (s *Store) writeChunk(c *chunk, p []byte, off int64) (retry bool, err error) {
+// writeChunk writes into an existing chunk; under a sequence number (sn
+// not 0) it first keeps what snapshots need (snapshot.go).
+func (s *Store) writeChunk(c *chunk, p []byte, off int64, sn, keep uint64) (retry bool, err error) {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	if c.gone != nil {
@@ -50,6 +57,19 @@ func (s *Store) writeChunk(c *chunk, p []byte, off int64) (retry bool, err error
 	}
 	if c.corrupt != nil {
 		return false, fmt.Errorf("write: %w", c.corrupt)
+	}
+	if sn != 0 {
+		c.cow.Lock()
+		defer c.cow.Unlock()
+		v, err := s.cut(c, sn, keep)
+		if err != nil {
+			return false, fmt.Errorf("write chunk %d: %w", c.id, err)
+		}
+		if v != nil {
+			if err := s.copyOut(c, v, off, int64(len(p))); err != nil {
+				return false, fmt.Errorf("write chunk %d: copy on write: %w", c.id, err)
+			}
+		}
 	}
 	h, err := s.files.acquire(c)
 	if err != nil {

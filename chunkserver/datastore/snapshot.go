@@ -140,60 +140,7 @@ func compareU64(a, b uint64) int {
 // what the volume's snapshots need of the chunk's current data before it
 // overwrites it (see above); a new chunk is created under sn.
 func (s *Store) WriteAtSN(id uint64, p []byte, off int64, sn, keep uint64) error {
-	if sn == 0 {
-		return s.WriteAt(id, p, off)
-	}
-	if err := s.checkRange(len(p), off); err != nil {
-		return fmt.Errorf("write chunk %d: %w", id, err)
-	}
-	for {
-		c, err := s.lookup(id)
-		if err != nil {
-			return err
-		}
-		if c == nil {
-			if c, err = s.create(id, sn); err != nil {
-				return err
-			}
-		}
-		retry, err := s.writeChunkSN(c, p, off, sn, keep)
-		if !retry {
-			return err
-		}
-	}
-}
-
-func (s *Store) writeChunkSN(c *chunk, p []byte, off int64, sn, keep uint64) (retry bool, err error) {
-	c.mu.RLock()
-	defer c.mu.RUnlock()
-	if c.gone != nil {
-		return c.gone == ErrChunkNotExist, c.gone
-	}
-	if c.corrupt != nil {
-		return false, fmt.Errorf("write: %w", c.corrupt)
-	}
-	c.cow.Lock()
-	defer c.cow.Unlock()
-	v, err := s.cut(c, sn, keep)
-	if err != nil {
-		return false, fmt.Errorf("write chunk %d: %w", c.id, err)
-	}
-	if v != nil {
-		if err := s.copyOut(c, v, off, int64(len(p))); err != nil {
-			return false, fmt.Errorf("write chunk %d: copy on write: %w", c.id, err)
-		}
-	}
-	h, err := s.files.acquire(c)
-	if err != nil {
-		return false, fmt.Errorf("write: %w", err)
-	}
-	_, err = h.f.WriteAt(p, s.geo.MetaPageSize+off)
-	h.release()
-	if err != nil {
-		return false, fmt.Errorf("write chunk %d: %w", c.id, err)
-	}
-	c.dirty.Store(true)
-	return false, nil
+	return s.write(id, p, off, sn, keep)
 }
 
 // cut moves the chunk on to sn when sn is newer, keeping a version when a
