@@ -418,7 +418,8 @@ func (v *Volume) refreshLoop() {
 }
 
 // Refresh asks the MDS for the volume's current size now (for callers that
-// just extended it).
+// just extended it); for a snapshot handle, whether the snapshot is still
+// there (ErrNotFound when it was deleted).
 func (v *Volume) Refresh(ctx context.Context) error {
 	resp, err := v.mds.Volumes().RefreshSession(ctx, &mdspb.RefreshSessionRequest{Name: v.name, SessionId: v.session})
 	if err != nil {
@@ -426,6 +427,10 @@ func (v *Volume) Refresh(ctx context.Context) error {
 	}
 	if sz := int64(resp.GetVolume().GetSize()); sz > v.size.Load() && v.snap == 0 {
 		v.size.Store(sz)
+	}
+	if s := resp.GetVolume().LiveSnapshot(v.opts.Snapshot); v.snap != 0 && (s == nil || s.GetSeq() != v.snap) {
+		v.gone.Store(true)
+		return fmt.Errorf("%w: snapshot %q of volume %s was deleted", ErrNotFound, v.opts.Snapshot, v.name)
 	}
 	return nil
 }

@@ -25,7 +25,7 @@ const defaultCapacity = 1 << 30
 const owner = "csi.cairn.io"
 
 // controller is the CSI controller service. Calls for capabilities it does
-// not advertise (snapshots, volume health) answer UNIMPLEMENTED.
+// not advertise (cloning, volume health) answer UNIMPLEMENTED.
 type controller struct {
 	csipb.UnimplementedControllerServer
 	d *Driver
@@ -41,6 +41,8 @@ func (c controller) ControllerGetCapabilities(context.Context, *csipb.Controller
 		csipb.ControllerServiceCapability_RPC_GET_CAPACITY,
 		csipb.ControllerServiceCapability_RPC_PUBLISH_UNPUBLISH_VOLUME,
 		csipb.ControllerServiceCapability_RPC_PUBLISH_READONLY,
+		csipb.ControllerServiceCapability_RPC_CREATE_DELETE_SNAPSHOT,
+		csipb.ControllerServiceCapability_RPC_LIST_SNAPSHOTS,
 	} {
 		caps = append(caps, &csipb.ControllerServiceCapability{Type: &csipb.ControllerServiceCapability_Rpc{
 			Rpc: &csipb.ControllerServiceCapability_RPC{Type: t}}})
@@ -58,8 +60,9 @@ func (c controller) CreateVolume(ctx context.Context, req *csipb.CreateVolumeReq
 	if err := checkCapabilities(req.GetVolumeCapabilities()); err != nil {
 		return nil, err
 	}
-	if req.GetVolumeContentSource() != nil {
-		return nil, status.Error(codes.InvalidArgument, "volumes from snapshots or other volumes are not supported yet")
+	src := req.GetVolumeContentSource()
+	if src != nil && src.GetSnapshot() == nil {
+		return nil, status.Error(codes.InvalidArgument, "volumes from other volumes (clones) are not supported yet")
 	}
 	pool := ""
 	for k, v := range req.GetParameters() {
@@ -85,9 +88,20 @@ func (c controller) CreateVolume(ctx context.Context, req *csipb.CreateVolumeReq
 		if err := matches(v.Volume, req.GetCapacityRange(), pool, geo); err != nil {
 			return nil, err
 		}
-		return &csipb.CreateVolumeResponse{Volume: c.csiVolume(v.Volume, geo)}, nil
+		vol := c.csiVolume(v.Volume, geo)
+		vol.ContentSource = src
+		return &csipb.CreateVolumeResponse{Volume: vol}, nil
 	} else if status.Code(err) != codes.NotFound {
 		return nil, err
+	}
+	if src != nil {
+		v, err := c.restore(ctx, src.GetSnapshot().GetSnapshotId(), name, size, pool)
+		if err != nil {
+			return nil, err
+		}
+		vol := c.csiVolume(v, geo)
+		vol.ContentSource = src
+		return &csipb.CreateVolumeResponse{Volume: vol}, nil
 	}
 	cctx, cancel := c.d.callCtx(ctx)
 	defer cancel()

@@ -107,12 +107,12 @@ func TestIdentity(t *testing.T) {
 		t.Fatalf("probe %v, %v", probe, err)
 	}
 	caps, err := e.ctl.ControllerGetCapabilities(e.ctx, &csipb.ControllerGetCapabilitiesRequest{})
-	if err != nil || len(caps.Capabilities) != 6 {
+	if err != nil || len(caps.Capabilities) != 8 {
 		t.Fatalf("controller capabilities %v, %v", caps, err)
 	}
 	for _, c := range caps.Capabilities {
-		if c.GetRpc().GetType() == csipb.ControllerServiceCapability_RPC_CREATE_DELETE_SNAPSHOT {
-			t.Fatal("advertises snapshots, which are not built")
+		if c.GetRpc().GetType() == csipb.ControllerServiceCapability_RPC_CLONE_VOLUME {
+			t.Fatal("advertises cloning, which is not built")
 		}
 	}
 	// Node mode needs a node id and an absolute state directory.

@@ -78,9 +78,9 @@ func (l *leaderState) createSnapshot(ctx context.Context, r *mdspb.CreateSnapsho
 			if s.Name != r.Name || s.Status == mdspb.SnapshotStatus_SNAPSHOT_STATUS_DELETING {
 				continue // a deleted snapshot's name is free at once
 			}
-			if s.Kept() && s.Seq+1 == v.Seq {
-				// The newest: a retry of the call that took it, whose
-				// fence may not have completed.
+			if s.Kept() && (s.Seq+1 == v.Seq || s.Status == mdspb.SnapshotStatus_SNAPSHOT_STATUS_CREATING) {
+				// The newest, or one whose fence did not complete: a
+				// retry of the call that took it.
 				snap, retried = proto.CloneOf(s), true
 				return noFence, errNoChange
 			}
@@ -106,15 +106,21 @@ func (l *leaderState) createSnapshot(ctx context.Context, r *mdspb.CreateSnapsho
 	if err != nil {
 		return nil, fmt.Errorf("snapshot %q of volume %q is recorded, but not every chunkserver confirmed it (ask again to finish it): %w", r.Name, r.Volume, err)
 	}
-	// Every chunkserver refuses the old sequence number: readable now.
+	// Every chunkserver refuses the old sequence number: readable now, and
+	// so is any older snapshot whose own fence did not complete (this one
+	// covers it).
 	_, _, _, err = l.updateVolume(ctx, r.Volume, nil, func(v *mdspb.Volume) (fenceKind, error) {
+		changed := false
 		for _, s := range v.Snapshots {
-			if s.Name == r.Name && s.Seq == snap.Seq && s.Status == mdspb.SnapshotStatus_SNAPSHOT_STATUS_CREATING {
+			if s.Seq <= snap.Seq && s.Status == mdspb.SnapshotStatus_SNAPSHOT_STATUS_CREATING {
 				s.Status = mdspb.SnapshotStatus_SNAPSHOT_STATUS_READY
-				return noFence, nil
+				changed = true
 			}
 		}
-		return noFence, errNoChange
+		if !changed {
+			return noFence, errNoChange
+		}
+		return noFence, nil
 	})
 	if err != nil {
 		return nil, fmt.Errorf("snapshot %q of volume %q: mark it ready (ask again to finish it): %w", r.Name, r.Volume, err)
@@ -154,9 +160,12 @@ func (l *leaderState) deleteSnapshot(ctx context.Context, r *mdspb.DeleteSnapsho
 		return nil, err
 	}
 	if version != 0 {
-		if err := l.fenceEpoch(ctx, v, version, bumped); err != nil {
-			return nil, fmt.Errorf("snapshot %q of volume %q is deleted, but not every chunkserver confirmed the volume's new epoch: %w", r.Name, r.Volume, err)
-		}
+		err = l.fenceEpoch(ctx, v, version, bumped)
+	} else {
+		err = l.fenceAgain(ctx, v) // a retry: the first call's fence may not have completed
+	}
+	if err != nil {
+		return nil, fmt.Errorf("snapshot %q of volume %q is deleted, but not every chunkserver confirmed the volume's new epoch (ask again): %w", r.Name, r.Volume, err)
 	}
 	l.log.Info("snapshot deleting", "volume", r.Volume, "snapshot", r.Name)
 	l.wake()
@@ -192,6 +201,12 @@ func (l *leaderState) trimDeletedSnapshots(ctx context.Context) error {
 
 func (l *leaderState) trimVolume(ctx context.Context, v *mdspb.Volume, settled int64) error {
 	live, bound := liveSnapshots(v), max(v.Seq, 1)
+	for _, s := range v.Snapshots {
+		if s.Status == mdspb.SnapshotStatus_SNAPSHOT_STATUS_DELETING && s.DeletingUnix > settled {
+			live = append(live, s.Seq) // deleted too recently: handles may still read it
+		}
+	}
+	slices.Sort(live)
 	var deleting []uint64 // by sequence number: a name is free once its snapshot is deleting
 	for _, s := range v.Snapshots {
 		if s.Status == mdspb.SnapshotStatus_SNAPSHOT_STATUS_DELETING && s.DeletingUnix <= settled {

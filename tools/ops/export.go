@@ -2,7 +2,6 @@ package ops
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -52,37 +51,15 @@ func (a *app) openVolume(ctx context.Context, volume string, o client.Options) (
 	return v, nil
 }
 
-// eachChangedBlock reads src block by block and calls f with each block
-// that differs from base (all of them when base is nil), with whether it
-// is all zeros. Blocks past base's end compare with zeros.
+// eachChangedBlock is client.EachChangedBlock in export blocks, with a
+// progress bar.
 func (a *app) eachChangedBlock(ctx context.Context, src, base *client.Volume, bar *progressbar.ProgressBar,
 	f func(off int64, data []byte, zeros bool) error) error {
-	size := src.Size()
-	cur, prev := make([]byte, exportBlock), make([]byte, exportBlock)
-	zero := make([]byte, exportBlock)
-	for off := int64(0); off < size; off += exportBlock {
-		n := min(int64(exportBlock), size-off)
-		if _, err := src.ReadAt(ctx, cur[:n], off); err != nil {
-			return fmt.Errorf("read %s at %d: %w", src.Name(), off, err)
-		}
-		if base != nil {
-			clear(prev[:n])
-			if m := min(n, base.Size()-off); m > 0 {
-				if _, err := base.ReadAt(ctx, prev[:m], off); err != nil {
-					return fmt.Errorf("read %s at %d: %w", base.Name(), off, err)
-				}
-			}
-		}
-		if base == nil || !bytes.Equal(cur[:n], prev[:n]) {
-			if err := f(off, cur[:n], bytes.Equal(cur[:n], zero[:n])); err != nil {
-				return err
-			}
-		}
-		if bar != nil {
-			_ = bar.Add64(n)
-		}
+	var progress func(int64)
+	if bar != nil {
+		progress = func(done int64) { _ = bar.Set64(done) }
 	}
-	return nil
+	return client.EachChangedBlock(ctx, src, base, exportBlock, progress, f)
 }
 
 func (a *app) byteBar(total int64, desc string) *progressbar.ProgressBar {
@@ -202,7 +179,25 @@ record by record; import refuses one that is damaged or cut short.`,
 			if err != nil {
 				return fmt.Errorf("export %s: %w", args[0], err)
 			}
+			// A snapshot deleted while it was read may have changed under
+			// the export: refuse the image.
+			for _, h := range []*client.Volume{src, base} {
+				if h == nil {
+					continue
+				}
+				if err := h.Refresh(ctx); err != nil {
+					if args[1] != "-" {
+						os.Remove(args[1])
+					}
+					return fmt.Errorf("export %s: %w", args[0], err)
+				}
+			}
 			res.TookSeconds = time.Since(start).Seconds()
+			if args[1] == "-" {
+				// The image went to standard output: the summary goes to
+				// standard error.
+				return a.emitTo(a.stderr, res)
+			}
 			return a.emit(res)
 		}),
 	}
@@ -325,9 +320,12 @@ the import with an error (what came before is written).`,
 					if rec.Offset != res.Records {
 						return fmt.Errorf("import %s: %w: the end record counts %d records, %d came", args[0], errImageCorrupt, rec.Offset, res.Records)
 					}
+					if _, err := r.ReadByte(); err != io.EOF {
+						return fmt.Errorf("import %s: %w: data after the end record", args[0], errImageCorrupt)
+					}
 					break
 				}
-				if rec.Offset+uint64(rec.Length) > h.Size {
+				if rec.Offset > h.Size || uint64(rec.Length) > h.Size-rec.Offset {
 					return fmt.Errorf("import %s: %w: record at %d+%d past the image's %d bytes", args[0], errImageCorrupt, rec.Offset, rec.Length, h.Size)
 				}
 				res.Records++

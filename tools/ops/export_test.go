@@ -102,19 +102,55 @@ func TestExportImportRollback(t *testing.T) {
 		t.Fatal("the imported volume differs from snapshot s2")
 	}
 
-	// A damaged export is refused before anything of the damaged record
-	// is written.
+	// A damaged export, one cut short and one with data after its end are
+	// refused.
 	b, err := os.ReadFile(incr)
 	if err != nil {
 		t.Fatal(err)
 	}
-	b[len(b)/2] ^= 1
-	bad := filepath.Join(dir, "bad.img")
-	if err := os.WriteFile(bad, b, 0o644); err != nil {
+	for name, bad := range map[string][]byte{
+		"damaged":   func() []byte { d := bytes.Clone(b); d[len(d)/2] ^= 1; return d }(),
+		"cut short": b[:len(b)-10],
+		"trailing":  append(bytes.Clone(b), 'x'),
+	} {
+		path := filepath.Join(dir, "bad.img")
+		if err := os.WriteFile(path, bad, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if r := c.run("import", path, "copy"); r.code != ExitError || !strings.Contains(r.stderr, "not a valid Cairn export") {
+			t.Fatalf("import of a %s export: exit %d %q", name, r.code, r.stderr)
+		}
+	}
+	// Through standard output: the image alone on stdout, the summary on
+	// stderr.
+	r := c.run("export", "vol@s1", "-")
+	if r.code != ExitOK || !strings.Contains(r.stderr, "exported vol@s1") {
+		t.Fatalf("export to stdout: exit %d %q", r.code, r.stderr)
+	}
+	piped := filepath.Join(dir, "piped.img")
+	if err := os.WriteFile(piped, []byte(r.stdout), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if r := c.run("import", bad, "copy"); r.code != ExitError || !strings.Contains(r.stderr, "not a valid Cairn export") {
-		t.Fatalf("import of a damaged export: exit %d %q", r.code, r.stderr)
+	c.jsonRun(ExitOK, "create", "volume", "copy2", "--size", "64MiB")
+	c.jsonRun(ExitOK, "import", piped, "copy2")
+	s1 := open("vol", client.Options{Snapshot: "s1"})
+	cp2 := open("copy2", client.Options{ReadOnly: true})
+	if !bytes.Equal(image(cp2), image(s1)) {
+		t.Fatal("the volume imported from standard output differs from snapshot s1")
+	}
+
+	// Rollback, refused while the writer has the volume open.
+	if r := c.run("rollback", "vol", "s1"); r.code == ExitOK || !strings.Contains(r.stderr, "open for writing") {
+		t.Fatalf("rollback under a writer: exit %d %q", r.code, r.stderr)
+	}
+	w.Close()
+	m = c.jsonRun(ExitOK, "rollback", "vol", "s1")
+	if jnum(t, m, "changed_bytes") != 2<<20 {
+		t.Fatalf("rollback: %v", m)
+	}
+	back := open("vol", client.Options{ReadOnly: true})
+	if !bytes.Equal(image(back), image(s1)) {
+		t.Fatal("the volume after rollback differs from snapshot s1")
 	}
 
 	// check consistency compares what the snapshots read too: a page a
@@ -138,22 +174,7 @@ func TestExportImportRollback(t *testing.T) {
 	if m := c.jsonRun(ExitInconsistent, "check", "consistency", "vol"); jnum(t, m, "mismatched") != 1 {
 		t.Fatalf("check consistency with a damaged kept page: %v", m)
 	}
-
-	// Rollback, refused while the writer has the volume open.
-	if r := c.run("rollback", "vol", "s1"); r.code == ExitOK || !strings.Contains(r.stderr, "open for writing") {
-		t.Fatalf("rollback under a writer: exit %d %q", r.code, r.stderr)
-	}
-	w.Close()
-	m = c.jsonRun(ExitOK, "rollback", "vol", "s1")
-	if jnum(t, m, "changed_bytes") != 2<<20 {
-		t.Fatalf("rollback: %v", m)
-	}
-	s1 := open("vol", client.Options{Snapshot: "s1"})
-	back := open("vol", client.Options{ReadOnly: true})
-	if !bytes.Equal(image(back), image(s1)) {
-		t.Fatal("the volume after rollback differs from snapshot s1")
-	}
-	for _, v := range []*client.Volume{s1, s2, cp, back} {
+	for _, v := range []*client.Volume{s1, s2, cp, cp2, back} {
 		v.Close()
 	}
 }

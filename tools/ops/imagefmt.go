@@ -149,7 +149,11 @@ func readImageRecord(r *bufio.Reader, buf []byte) (imageRecord, []byte, error) {
 			return rec, buf, fmt.Errorf("%w: data record cut short (%v)", errImageCorrupt, err)
 		}
 		crc = crc32.Update(crc, castagnoli, rec.Data)
-	case recordZeros, recordEnd:
+	case recordZeros:
+		if rec.Length == 0 || rec.Length > maxZeroRecord {
+			return rec, buf, fmt.Errorf("%w: zero record of %d bytes", errImageCorrupt, rec.Length)
+		}
+	case recordEnd:
 	default:
 		return rec, buf, fmt.Errorf("%w: record kind %#x", errImageCorrupt, rec.Kind)
 	}

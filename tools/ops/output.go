@@ -23,11 +23,14 @@ type result interface {
 }
 
 // emit prints r in the selected format.
-func (a *app) emit(r result) error {
+func (a *app) emit(r result) error { return a.emitTo(a.stdout, r) }
+
+// emitTo prints r to w (standard error when standard output carries data).
+func (a *app) emitTo(w io.Writer, r result) error {
 	if a.output == outputJSON {
-		return writeJSON(a.stdout, r)
+		return writeJSON(w, r)
 	}
-	t := newTable(a.stdout)
+	t := newTable(w)
 	r.writeTable(t)
 	return t.flush()
 }
