@@ -17,6 +17,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	storagev1 "k8s.io/api/storage/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/yaml"
 )
 
@@ -50,6 +51,34 @@ var kinds = map[string]func() any{
 	"rbac.authorization.k8s.io/v1/RoleBinding":        func() any { return new(rbacv1.RoleBinding) },
 	"storage.k8s.io/v1/CSIDriver":                     func() any { return new(storagev1.CSIDriver) },
 	"storage.k8s.io/v1/StorageClass":                  func() any { return new(storagev1.StorageClass) },
+	"snapshot.storage.k8s.io/v1/VolumeSnapshotClass":  func() any { return new(volumeSnapshotClass) },
+	"snapshot.storage.k8s.io/v1/VolumeSnapshot":       func() any { return new(volumeSnapshot) },
+}
+
+// volumeSnapshotClass is external-snapshotter's VolumeSnapshotClass (a CRD
+// kind: the module that defines it is not a dependency of Cairn), the
+// fields a class may set.
+type volumeSnapshotClass struct {
+	APIVersion     string            `json:"apiVersion"`
+	Kind           string            `json:"kind"`
+	Metadata       metav1.ObjectMeta `json:"metadata"`
+	Driver         string            `json:"driver"`
+	DeletionPolicy string            `json:"deletionPolicy"`
+	Parameters     map[string]string `json:"parameters,omitempty"`
+}
+
+// volumeSnapshot is external-snapshotter's VolumeSnapshot, the fields an
+// example sets.
+type volumeSnapshot struct {
+	APIVersion string            `json:"apiVersion"`
+	Kind       string            `json:"kind"`
+	Metadata   metav1.ObjectMeta `json:"metadata"`
+	Spec       struct {
+		VolumeSnapshotClassName string `json:"volumeSnapshotClassName"`
+		Source                  struct {
+			PersistentVolumeClaimName string `json:"persistentVolumeClaimName"`
+		} `json:"source"`
+	} `json:"spec"`
 }
 
 // kustomization is the part of kustomize's Kustomization that
@@ -231,6 +260,7 @@ func TestManifests(t *testing.T) {
 
 	var drivers []string
 	var provisioners []string
+	var snapshotDrivers []string
 	daemonSets := 0
 	for _, o := range objs {
 		switch v := o.obj.(type) {
@@ -238,6 +268,11 @@ func TestManifests(t *testing.T) {
 			drivers = append(drivers, v.Name)
 		case *storagev1.StorageClass:
 			provisioners = append(provisioners, v.Provisioner)
+		case *volumeSnapshotClass:
+			snapshotDrivers = append(snapshotDrivers, v.Driver)
+			if v.DeletionPolicy != "Delete" && v.DeletionPolicy != "Retain" {
+				t.Errorf("%s: deletionPolicy %q", o.where, v.DeletionPolicy)
+			}
 		case *corev1.Pod:
 			checkPod(t, o.where, &v.Spec)
 		case *appsv1.Deployment:
@@ -258,6 +293,9 @@ func TestManifests(t *testing.T) {
 		if p != driverName {
 			t.Errorf("StorageClass provisioner %q, want the CSIDriver's name %s", p, driverName)
 		}
+	}
+	if !slices.Equal(snapshotDrivers, []string{driverName}) {
+		t.Errorf("VolumeSnapshotClass drivers %q, want one, %s", snapshotDrivers, driverName)
 	}
 	if daemonSets != 1 {
 		t.Errorf("%d DaemonSets, want 1 (the node plugin)", daemonSets)
