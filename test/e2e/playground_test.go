@@ -136,6 +136,20 @@ func (e *env) killLeaderDuringCopy(t *testing.T) {
 	if e.want == nil {
 		t.Skip("the first copy failed")
 	}
+	src := e.path("second")
+	data := testtool.RandomFile(t, src, copySize)
+	defer os.Remove(src)
+	e.copyThroughKill(t, src, copySize)
+	e.want = data
+	e.readBack(t)
+}
+
+// copyThroughKill writes src (size bytes) to vol0 with nbdcopy and kills
+// the chunkserver leading the most copysets with SIGKILL once a quarter of
+// it is written; the copy must complete, and the playground restart the
+// chunkserver, which the MDS then hears from again.
+func (e *env) copyThroughKill(t *testing.T, src string, size int) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	victim, leads := e.busiestChunkServer(t, ctx)
@@ -143,9 +157,6 @@ func (e *env) killLeaderDuringCopy(t *testing.T) {
 	old := *st.Process(victim)
 	t.Logf("killing %s (pid %d), leader of %d copysets", victim, old.PID, leads)
 
-	src := e.path("second")
-	data := testtool.RandomFile(t, src, copySize)
-	defer os.Remove(src)
 	copyCmd := exec.CommandContext(ctx, "nbdcopy", src, e.vol0.NBDURL)
 	copyCmd.Dir = e.work
 	var copyOut syncBuffer
@@ -164,7 +175,7 @@ func (e *env) killLeaderDuringCopy(t *testing.T) {
 			return nil // finished before the kill point: kill anyway
 		default:
 		}
-		if w := e.nbdWrittenBytes(t) - written0; w < copySize/4 {
+		if w := e.nbdWrittenBytes(t) - written0; w < int64(size/4) {
 			return fmt.Errorf("%d bytes written so far", w)
 		}
 		return nil
@@ -187,7 +198,6 @@ func (e *env) killLeaderDuringCopy(t *testing.T) {
 	case <-ctx.Done():
 		t.Fatalf("nbdcopy did not finish:\n%s", copyOut.String())
 	}
-	e.want = data
 	// The playground notices and restarts it; the MDS hears from it again.
 	soon.Succeeds(t, 2*time.Minute, func() error {
 		p := e.pg.state(t).Process(victim)
@@ -209,7 +219,6 @@ func (e *env) killLeaderDuringCopy(t *testing.T) {
 	if !strings.Contains(e.pg.out.String(), "process exited unexpectedly; restarting") {
 		t.Errorf("the playground did not log the restart:\n%s", e.pg.out.String())
 	}
-	e.readBack(t)
 }
 
 // busiestChunkServer asks the MDS which chunkserver leads the most

@@ -13,7 +13,8 @@ import (
 )
 
 // snapshots: with vol0 holding A (the first copy), cairn-ops takes a
-// snapshot; B is written over the first 64 MiB of vol0. Read over NBD
+// snapshot; B is written over the first 64 MiB of vol0 while a chunkserver
+// is killed with SIGKILL (and restarted). Read over NBD
 // with TLS, vol0@snap1 gives A and vol0 gives B then the rest of A, byte
 // for byte; the snapshot export refuses writes; deleting the snapshot
 // gives its space back.
@@ -40,10 +41,12 @@ func (e *env) snapshots(t *testing.T) {
 	t.Logf("snapshot of the 10 GiB vol0 with %d MiB written taken in %.0f ms", copySize>>20, taken.TookSeconds*1000)
 	a := e.want
 
+	// B goes in through copies on write, and a chunkserver is killed with
+	// SIGKILL in the middle of them.
 	const bSize = 64 << 20
 	src := e.path("b")
 	b := testtool.RandomFile(t, src, bSize)
-	testtool.MustRun(t, 5*time.Minute, "nbdcopy", src, e.vol0.NBDURL)
+	e.copyThroughKill(t, src, bSize)
 	os.Remove(src)
 	now := append(append([]byte(nil), b...), a[bSize:]...)
 
