@@ -319,6 +319,24 @@ func TestSnapshotsThroughMDSFailover(t *testing.T) {
 	if !bytes.Equal(read("s1"), a) || !bytes.Equal(read("s2"), ab) {
 		t.Fatal("a snapshot does not read what the volume held when it was taken")
 	}
+	// A snapshot handle that cannot ask the MDS for a session lease stops
+	// reading (a deleted snapshot's data goes a lease after its deletion).
+	h := open(t, c, "fo", client.Options{Snapshot: "s1"})
+	if _, err := h.ReadAt(ctx, make([]byte, 4096), 0); err != nil { // its segment is known from here on
+		t.Fatal(err)
+	}
+	c.StopMDS()
+	soon.Succeeds(t, 15*time.Second, func() error {
+		if _, err := h.ReadAt(ctx, make([]byte, 4096), 0); !errors.Is(err, client.ErrUnavailable) {
+			return fmt.Errorf("read through a snapshot handle without the MDS: %v, want ErrUnavailable", err)
+		}
+		return nil
+	})
+	c.StartMDS()
+	soon.Succeeds(t, 15*time.Second, func() error {
+		_, err := h.ReadAt(ctx, make([]byte, 4096), 0)
+		return err
+	})
 	if _, err := c.Conn.Volumes().DeleteSnapshot(ctx, &mdspb.DeleteSnapshotRequest{Volume: "fo", Name: "s1"}); err != nil {
 		t.Fatal(err)
 	}

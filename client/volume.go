@@ -110,11 +110,14 @@ type Volume struct {
 	budget byteBudget // bytes of pieces in flight
 	fenced atomic.Bool
 	gone   atomic.Bool // the snapshot this handle reads was deleted
-	closed atomic.Bool
-	stop   chan struct{}
-	ctx    context.Context // cancelled by Close: IO in flight stops
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
+	// confirmed is when the MDS last answered this handle's session
+	// (UnixNano): a snapshot handle reads only within a lease of it.
+	confirmed atomic.Int64
+	closed    atomic.Bool
+	stop      chan struct{}
+	ctx       context.Context // cancelled by Close: IO in flight stops
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup
 
 	stats struct {
 		reads, writes, unmaps, readBytes, writtenBytes, chunkReqs, retries, redirects, allocs, errors atomic.Uint64
@@ -190,7 +193,7 @@ func OpenWithOptions(ctx context.Context, mdsAddrs []string, volume string, o Op
 	if o.Snapshot != "" {
 		snap := vol.LiveSnapshot(o.Snapshot)
 		if snap == nil {
-			_, _ = conn.Volumes().CloseVolume(ctx, &mdspb.CloseVolumeRequest{Name: volume, SessionId: v.session})
+			_, _ = conn.Volumes().CloseVolume(ctx, &mdspb.CloseVolumeRequest{Name: volume, SessionId: v.sessionID()})
 			conn.Close()
 			return nil, fmt.Errorf("%w: volume %s has no snapshot %q", ErrNotFound, volume, o.Snapshot)
 		}
@@ -214,6 +217,7 @@ func OpenWithOptions(ctx context.Context, mdsAddrs []string, volume string, o Op
 	if v.lease <= 0 {
 		v.lease = 30 * time.Second
 	}
+	v.confirmed.Store(time.Now().UnixNano())
 	v.wg.Add(1)
 	go v.refreshLoop()
 	v.log.Debug("volume opened", "id", v.id, "epoch", v.Epoch(), "size", v.Size())
@@ -302,7 +306,7 @@ const renewTimeout = 5 * time.Second
 
 func (v *Volume) askMDS(r *renewal) {
 	ctx, cancel := context.WithTimeout(v.ctx, renewTimeout)
-	resp, err := v.mds.Volumes().RefreshSession(ctx, &mdspb.RefreshSessionRequest{Name: v.name, SessionId: v.session})
+	resp, err := v.mds.Volumes().RefreshSession(ctx, &mdspb.RefreshSessionRequest{Name: v.name, SessionId: v.sessionID()})
 	cancel()
 	switch {
 	case status.Code(err) == codes.FailedPrecondition || status.Code(err) == codes.NotFound:
@@ -360,7 +364,7 @@ func (v *Volume) Close() error {
 	v.wg.Wait()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	_, err := v.mds.Volumes().CloseVolume(ctx, &mdspb.CloseVolumeRequest{Name: v.name, SessionId: v.session})
+	_, err := v.mds.Volumes().CloseVolume(ctx, &mdspb.CloseVolumeRequest{Name: v.name, SessionId: v.sessionID()})
 	v.r.close()
 	v.mds.Close()
 	if err != nil && status.Code(err) != codes.NotFound {
@@ -381,7 +385,7 @@ func (v *Volume) refreshLoop() {
 		case <-t.C:
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), v.lease/2)
-		resp, err := v.mds.Volumes().RefreshSession(ctx, &mdspb.RefreshSessionRequest{Name: v.name, SessionId: v.session})
+		resp, err := v.mds.Volumes().RefreshSession(ctx, &mdspb.RefreshSessionRequest{Name: v.name, SessionId: v.sessionID()})
 		cancel()
 		if err != nil {
 			if v.Epoch() != 0 && status.Code(err) == codes.FailedPrecondition {
@@ -394,8 +398,10 @@ func (v *Volume) refreshLoop() {
 				}
 				continue
 			}
-			if v.snap != 0 && status.Code(err) == codes.NotFound && !v.gone.Swap(true) {
-				v.log.Warn("the volume of the snapshot this handle reads was deleted", "detail", err)
+			if v.snap != 0 && status.Code(err) == codes.NotFound {
+				// The session expired (the MDS was away for a lease) or the
+				// volume is gone: a snapshot handle opens a new session.
+				v.reopenSnapshot()
 				continue
 			}
 			// IO goes on without the MDS while the chunkservers' epoch
@@ -403,6 +409,7 @@ func (v *Volume) refreshLoop() {
 			v.log.Warn("cannot renew the volume session", "err", err)
 			continue
 		}
+		v.confirmed.Store(time.Now().UnixNano())
 		if sz := int64(resp.GetVolume().GetSize()); sz > v.size.Load() && v.snap == 0 {
 			v.log.Info("volume grew", "size", sz)
 			v.size.Store(sz)
@@ -417,14 +424,54 @@ func (v *Volume) refreshLoop() {
 	}
 }
 
+// sessionID is the handle's MDS session (a snapshot handle may open a new
+// one when its own expired).
+func (v *Volume) sessionID() string {
+	v.renewMu.Lock()
+	defer v.renewMu.Unlock()
+	return v.session
+}
+
+// reopenSnapshot gives a snapshot handle a new session after its own
+// expired, if its volume and snapshot are still there; otherwise the
+// handle fails from then on.
+func (v *Volume) reopenSnapshot() {
+	ctx, cancel := context.WithTimeout(v.ctx, v.lease/2)
+	defer cancel()
+	resp, err := v.mds.Volumes().OpenVolume(ctx, &mdspb.OpenVolumeRequest{Name: v.name, Client: v.opts.ClientName, Node: v.opts.Node})
+	switch {
+	case status.Code(err) == codes.NotFound:
+		if !v.gone.Swap(true) {
+			v.log.Warn("the volume of the snapshot this handle reads was deleted", "detail", err)
+		}
+		return
+	case err != nil:
+		v.log.Warn("cannot open a new session for the snapshot", "err", err)
+		return
+	}
+	if s := resp.GetVolume().LiveSnapshot(v.opts.Snapshot); s == nil || s.GetSeq() != v.snap {
+		if !v.gone.Swap(true) {
+			v.log.Warn("the snapshot this handle reads was deleted")
+		}
+		_, _ = v.mds.Volumes().CloseVolume(ctx, &mdspb.CloseVolumeRequest{Name: v.name, SessionId: resp.GetSession().GetSessionId()})
+		return
+	}
+	v.renewMu.Lock()
+	v.session = resp.GetSession().GetSessionId()
+	v.renewMu.Unlock()
+	v.confirmed.Store(time.Now().UnixNano())
+	v.log.Info("new session for the snapshot (the last one expired)")
+}
+
 // Refresh asks the MDS for the volume's current size now (for callers that
 // just extended it); for a snapshot handle, whether the snapshot is still
 // there (ErrNotFound when it was deleted).
 func (v *Volume) Refresh(ctx context.Context) error {
-	resp, err := v.mds.Volumes().RefreshSession(ctx, &mdspb.RefreshSessionRequest{Name: v.name, SessionId: v.session})
+	resp, err := v.mds.Volumes().RefreshSession(ctx, &mdspb.RefreshSessionRequest{Name: v.name, SessionId: v.sessionID()})
 	if err != nil {
 		return fmt.Errorf("client: refresh %s: %w", v.name, err)
 	}
+	v.confirmed.Store(time.Now().UnixNano())
 	if sz := int64(resp.GetVolume().GetSize()); sz > v.size.Load() && v.snap == 0 {
 		v.size.Store(sz)
 	}
@@ -443,6 +490,11 @@ func (v *Volume) usable(write bool) error {
 		return ErrFenced
 	case v.gone.Load():
 		return fmt.Errorf("%w: snapshot %q of volume %s was deleted", ErrNotFound, v.opts.Snapshot, v.name)
+	case v.snap != 0 && time.Since(time.Unix(0, v.confirmed.Load())) > v.lease:
+		// A deleted snapshot's data is given back a session lease after
+		// the deletion: a handle that could not ask the MDS for as long
+		// cannot tell that what it reads is still the snapshot's.
+		return fmt.Errorf("%w: snapshot %q of volume %s not confirmed by the MDS for a session lease (%v)", ErrUnavailable, v.opts.Snapshot, v.name, v.lease)
 	case write && v.opts.ReadOnly:
 		return ErrReadOnly
 	}

@@ -71,6 +71,8 @@ type Options struct {
 type Cluster struct {
 	t    testing.TB
 	opts Options
+	// mdsAddr is where a stopped MDS listened (StopMDS).
+	mdsAddr string
 	dir  string
 	log  *slog.Logger
 
@@ -428,9 +430,20 @@ func (c *Cluster) startMDS(addr string) *mds.Server {
 // data: a failover to a new leader that finds the state in etcd.
 func (c *Cluster) RestartMDS() {
 	c.t.Helper()
-	addr := c.MDS.Addr()
+	c.StopMDS()
+	c.StartMDS()
+}
+
+// StopMDS stops the MDS (StartMDS starts it again where it was).
+func (c *Cluster) StopMDS() {
+	c.mdsAddr = c.MDS.Addr()
 	c.MDS.Stop()
-	c.MDS = c.startMDS(addr)
+}
+
+// StartMDS starts the MDS stopped by StopMDS on its address and data.
+func (c *Cluster) StartMDS() {
+	c.t.Helper()
+	c.MDS = c.startMDS(c.mdsAddr)
 }
 
 // ChunkClient returns a chunk client for the cluster.
