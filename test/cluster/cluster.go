@@ -73,8 +73,8 @@ type Cluster struct {
 	opts Options
 	// mdsAddr is where a stopped MDS listened (StopMDS).
 	mdsAddr string
-	dir  string
-	log  *slog.Logger
+	dir     string
+	log     *slog.Logger
 
 	MDS *mds.Server
 	// Conn reaches the MDS (leader-following).
