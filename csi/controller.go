@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"slices"
-	"strconv"
 	"strings"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
@@ -205,47 +204,22 @@ func (c controller) ValidateVolumeCapabilities(ctx context.Context, req *csipb.V
 // ListVolumes lists volumes in name order; the token is the index of the
 // next entry.
 func (c controller) ListVolumes(ctx context.Context, req *csipb.ListVolumesRequest) (*csipb.ListVolumesResponse, error) {
-	if req.GetMaxEntries() < 0 {
-		return nil, status.Errorf(codes.InvalidArgument, "max_entries %d is negative", req.GetMaxEntries())
-	}
-	start := 0
-	if tok := req.GetStartingToken(); tok != "" {
-		n, err := strconv.Atoi(tok)
-		if err != nil || n < 0 {
-			return nil, status.Errorf(codes.Aborted, "starting token %q is not one this driver gave", tok)
-		}
-		start = n
-	}
 	geo, err := c.geometry(ctx)
 	if err != nil {
 		return nil, err
 	}
-	cctx, cancel := c.d.callCtx(ctx)
-	defer cancel()
-	resp, err := c.d.mds.Volumes().ListVolumes(cctx, &mdspb.ListVolumesRequest{})
+	vols, err := c.volumes(ctx)
 	if err != nil {
-		return nil, mdsErr("list volumes", err)
-	}
-	var vols []*mdspb.Volume
-	for _, v := range resp.Volumes {
-		if v.Status == mdspb.VolumeStatus_VOLUME_STATUS_CREATED {
-			vols = append(vols, v)
-		}
+		return nil, err
 	}
 	slices.SortFunc(vols, func(a, b *mdspb.Volume) int { return strings.Compare(a.Name, b.Name) })
-	if start > len(vols) {
-		return nil, status.Errorf(codes.Aborted, "starting token %q is past the %d volumes", req.GetStartingToken(), len(vols))
+	start, end, next, err := page(len(vols), req.GetMaxEntries(), req.GetStartingToken(), "volumes")
+	if err != nil {
+		return nil, err
 	}
-	end := len(vols)
-	if m := int(req.GetMaxEntries()); m > 0 && start+m < end {
-		end = start + m
-	}
-	out := &csipb.ListVolumesResponse{}
+	out := &csipb.ListVolumesResponse{NextToken: next}
 	for _, v := range vols[start:end] {
 		out.Entries = append(out.Entries, &csipb.ListVolumesResponse_Entry{Volume: c.csiVolume(v, geo)})
-	}
-	if end < len(vols) {
-		out.NextToken = strconv.Itoa(end)
 	}
 	return out, nil
 }

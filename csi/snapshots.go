@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"slices"
-	"strconv"
 	"strings"
 	"time"
 
@@ -121,17 +120,6 @@ func (c controller) DeleteSnapshot(ctx context.Context, req *csipb.DeleteSnapsho
 // ListSnapshots lists readable snapshots in id order, all or those of one
 // id or one source volume; the token is the index of the next entry.
 func (c controller) ListSnapshots(ctx context.Context, req *csipb.ListSnapshotsRequest) (*csipb.ListSnapshotsResponse, error) {
-	if req.GetMaxEntries() < 0 {
-		return nil, status.Errorf(codes.InvalidArgument, "max_entries %d is negative", req.GetMaxEntries())
-	}
-	start := 0
-	if tok := req.GetStartingToken(); tok != "" {
-		n, err := strconv.Atoi(tok)
-		if err != nil || n < 0 {
-			return nil, status.Errorf(codes.Aborted, "starting token %q is not one this driver gave", tok)
-		}
-		start = n
-	}
 	vols, err := c.volumes(ctx)
 	if err != nil {
 		return nil, err
@@ -156,19 +144,13 @@ func (c controller) ListSnapshots(ctx context.Context, req *csipb.ListSnapshotsR
 		}
 	}
 	slices.SortFunc(all, func(a, b *csipb.Snapshot) int { return strings.Compare(a.SnapshotId, b.SnapshotId) })
-	if start > len(all) {
-		return nil, status.Errorf(codes.Aborted, "starting token %q is past the %d snapshots", req.GetStartingToken(), len(all))
+	start, end, next, err := page(len(all), req.GetMaxEntries(), req.GetStartingToken(), "snapshots")
+	if err != nil {
+		return nil, err
 	}
-	end := len(all)
-	if m := int(req.GetMaxEntries()); m > 0 && start+m < end {
-		end = start + m
-	}
-	out := &csipb.ListSnapshotsResponse{}
+	out := &csipb.ListSnapshotsResponse{NextToken: next}
 	for _, s := range all[start:end] {
 		out.Entries = append(out.Entries, &csipb.ListSnapshotsResponse_Entry{Snapshot: s})
-	}
-	if end < len(all) {
-		out.NextToken = strconv.Itoa(end)
 	}
 	return out, nil
 }

@@ -3,6 +3,7 @@ package csi
 import (
 	"context"
 	"fmt"
+	"strconv"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
@@ -160,4 +161,31 @@ func checkCapabilities(caps []*csipb.VolumeCapability) error {
 		}
 	}
 	return nil
+}
+
+// page picks one page of n entries as ListVolumes and ListSnapshots take
+// them: at most maxEntries (0: all) from the index the starting token
+// names; next is the token of the page after ("" on the last). A negative
+// max_entries is INVALID_ARGUMENT, a token this driver did not give ABORTED.
+func page(n int, maxEntries int32, token, what string) (start, end int, next string, err error) {
+	if maxEntries < 0 {
+		return 0, 0, "", status.Errorf(codes.InvalidArgument, "max_entries %d is negative", maxEntries)
+	}
+	if token != "" {
+		start, err = strconv.Atoi(token)
+		if err != nil || start < 0 {
+			return 0, 0, "", status.Errorf(codes.Aborted, "starting token %q is not one this driver gave", token)
+		}
+		if start > n {
+			return 0, 0, "", status.Errorf(codes.Aborted, "starting token %q is past the %d %s", token, n, what)
+		}
+	}
+	end = n
+	if m := int(maxEntries); m > 0 && start+m < end {
+		end = start + m
+	}
+	if end < n {
+		next = strconv.Itoa(end)
+	}
+	return start, end, next, nil
 }
