@@ -352,3 +352,29 @@ func TestSnapshotsThroughMDSFailover(t *testing.T) {
 		t.Fatal("snapshot s2 changed when s1 was deleted")
 	}
 }
+
+// TestSnapshotDoesNotUnfence: a writer fenced by a later writable open
+// stays fenced when a snapshot then raises the epoch (the snapshot leaves
+// the current writer in place, not an earlier one).
+func TestSnapshotDoesNotUnfence(t *testing.T) {
+	c := cluster.Start(t, cluster.Options{SessionLease: 2 * time.Second})
+	createVolume(t, c, "unf", seg)
+	a := open(t, c, "unf", client.Options{ClientName: "a"})
+	if _, err := a.WriteAt(ctx, bytes.Repeat([]byte("a"), 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	b := open(t, c, "unf", client.Options{ClientName: "b"})
+	if _, err := c.Conn.Volumes().CreateSnapshot(ctx, &mdspb.CreateSnapshotRequest{Volume: "unf", Name: "s"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.WriteAt(ctx, bytes.Repeat([]byte("x"), 4096), 0); !errors.Is(err, client.ErrFenced) {
+		t.Fatalf("write of the fenced writer after a snapshot: %v, want ErrFenced", err)
+	}
+	if _, err := b.WriteAt(ctx, bytes.Repeat([]byte("b"), 4096), 0); err != nil {
+		t.Fatalf("write of the current writer after a snapshot: %v", err)
+	}
+	got := make([]byte, 4096)
+	if _, err := b.ReadAt(ctx, got, 0); err != nil || !bytes.Equal(got, bytes.Repeat([]byte("b"), 4096)) {
+		t.Fatalf("read back: %v", err)
+	}
+}
