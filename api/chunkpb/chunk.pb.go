@@ -191,8 +191,18 @@ type WriteChunkRequest struct {
 	// the first write of a chunk under a newer sequence number first keeps
 	// what the snapshots need of the chunk (copy on write). sn 0: a writer
 	// that knows no snapshots.
-	Sn            uint64 `protobuf:"varint,8,opt,name=sn,proto3" json:"sn,omitempty"`
-	Keep          uint64 `protobuf:"varint,9,opt,name=keep,proto3" json:"keep,omitempty"`
+	Sn   uint64 `protobuf:"varint,8,opt,name=sn,proto3" json:"sn,omitempty"`
+	Keep uint64 `protobuf:"varint,9,opt,name=keep,proto3" json:"keep,omitempty"`
+	// A write of a clone (a volume that reads its source snapshot where it
+	// was not written): the chunk is created as a clone's chunk, and fill is
+	// the source's content of whole pages (of the cluster's copy unit) from
+	// fill_offset, which the chunk takes where it does not own them yet,
+	// before data is written. Every page data covers in part must lie in the
+	// fill. data may be empty (a fill alone, as flatten sends; such a write
+	// changes nothing a reader sees and needs no epoch).
+	Clone         bool   `protobuf:"varint,10,opt,name=clone,proto3" json:"clone,omitempty"`
+	Fill          []byte `protobuf:"bytes,11,opt,name=fill,proto3" json:"fill,omitempty"`
+	FillOffset    uint64 `protobuf:"varint,12,opt,name=fill_offset,json=fillOffset,proto3" json:"fill_offset,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -286,6 +296,27 @@ func (x *WriteChunkRequest) GetSn() uint64 {
 func (x *WriteChunkRequest) GetKeep() uint64 {
 	if x != nil {
 		return x.Keep
+	}
+	return 0
+}
+
+func (x *WriteChunkRequest) GetClone() bool {
+	if x != nil {
+		return x.Clone
+	}
+	return false
+}
+
+func (x *WriteChunkRequest) GetFill() []byte {
+	if x != nil {
+		return x.Fill
+	}
+	return nil
+}
+
+func (x *WriteChunkRequest) GetFillOffset() uint64 {
+	if x != nil {
+		return x.FillOffset
 	}
 	return 0
 }
@@ -526,11 +557,15 @@ func (x *ReadChunkRequest) GetSnapshotSn() uint64 {
 }
 
 type ReadChunkResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Status        Status                 `protobuf:"varint,1,opt,name=status,proto3,enum=cairn.chunk.v1.Status" json:"status,omitempty"`
-	Leader        *LeaderHint            `protobuf:"bytes,2,opt,name=leader,proto3" json:"leader,omitempty"`
-	Message       string                 `protobuf:"bytes,3,opt,name=message,proto3" json:"message,omitempty"`
-	Data          []byte                 `protobuf:"bytes,4,opt,name=data,proto3" json:"data,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Status  Status                 `protobuf:"varint,1,opt,name=status,proto3,enum=cairn.chunk.v1.Status" json:"status,omitempty"`
+	Leader  *LeaderHint            `protobuf:"bytes,2,opt,name=leader,proto3" json:"leader,omitempty"`
+	Message string                 `protobuf:"bytes,3,opt,name=message,proto3" json:"message,omitempty"`
+	Data    []byte                 `protobuf:"bytes,4,opt,name=data,proto3" json:"data,omitempty"`
+	// A clone's chunk: bit k is set when the k-th page (of the cluster's
+	// copy unit) the range touches is not the chunk's own and reads from
+	// the clone's source (data holds zeros there). Empty: all its own.
+	Absent        []byte `protobuf:"bytes,5,opt,name=absent,proto3" json:"absent,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -593,6 +628,13 @@ func (x *ReadChunkResponse) GetData() []byte {
 	return nil
 }
 
+func (x *ReadChunkResponse) GetAbsent() []byte {
+	if x != nil {
+		return x.Absent
+	}
+	return nil
+}
+
 // DeleteChunkRequest removes a chunk; its file goes back to the chunk file
 // pool and is zeroed before reuse. Deleting a missing chunk succeeds.
 type DeleteChunkRequest struct {
@@ -605,8 +647,11 @@ type DeleteChunkRequest struct {
 	Request *ClientRequest `protobuf:"bytes,5,opt,name=request,proto3" json:"request,omitempty"`
 	// As in WriteChunkRequest: when keep names a snapshot that may read the
 	// chunk, the chunk is not deleted but zeroed under sn (copy on write).
-	Sn            uint64 `protobuf:"varint,6,opt,name=sn,proto3" json:"sn,omitempty"`
-	Keep          uint64 `protobuf:"varint,7,opt,name=keep,proto3" json:"keep,omitempty"`
+	Sn   uint64 `protobuf:"varint,6,opt,name=sn,proto3" json:"sn,omitempty"`
+	Keep uint64 `protobuf:"varint,7,opt,name=keep,proto3" json:"keep,omitempty"`
+	// A clone's chunk: make it read as zeros and own every page instead of
+	// deleting it (a deleted chunk of a clone reads from its source).
+	Clone         bool `protobuf:"varint,8,opt,name=clone,proto3" json:"clone,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -688,6 +733,13 @@ func (x *DeleteChunkRequest) GetKeep() uint64 {
 		return x.Keep
 	}
 	return 0
+}
+
+func (x *DeleteChunkRequest) GetClone() bool {
+	if x != nil {
+		return x.Clone
+	}
+	return false
 }
 
 type DeleteChunkResponse struct {
@@ -968,6 +1020,10 @@ type GetChunkInfoResponse struct {
 	// Bytes this replica keeps of the chunk's past for the volume's
 	// snapshots (the pages its versions hold).
 	KeptBytes uint64 `protobuf:"varint,9,opt,name=kept_bytes,json=keptBytes,proto3" json:"kept_bytes,omitempty"`
+	// A clone's chunk, and how many pages (of copy_unit bytes) it owns.
+	Clone      bool   `protobuf:"varint,10,opt,name=clone,proto3" json:"clone,omitempty"`
+	OwnedPages uint64 `protobuf:"varint,11,opt,name=owned_pages,json=ownedPages,proto3" json:"owned_pages,omitempty"`
+	CopyUnit   uint64 `protobuf:"varint,12,opt,name=copy_unit,json=copyUnit,proto3" json:"copy_unit,omitempty"`
 	// Applied index of the replica that answered.
 	AppliedIndex  uint64 `protobuf:"varint,8,opt,name=applied_index,json=appliedIndex,proto3" json:"applied_index,omitempty"`
 	unknownFields protoimpl.UnknownFields
@@ -1056,6 +1112,27 @@ func (x *GetChunkInfoResponse) GetCreatedSn() uint64 {
 func (x *GetChunkInfoResponse) GetKeptBytes() uint64 {
 	if x != nil {
 		return x.KeptBytes
+	}
+	return 0
+}
+
+func (x *GetChunkInfoResponse) GetClone() bool {
+	if x != nil {
+		return x.Clone
+	}
+	return false
+}
+
+func (x *GetChunkInfoResponse) GetOwnedPages() uint64 {
+	if x != nil {
+		return x.OwnedPages
+	}
+	return 0
+}
+
+func (x *GetChunkInfoResponse) GetCopyUnit() uint64 {
+	if x != nil {
+		return x.CopyUnit
 	}
 	return 0
 }
@@ -1350,7 +1427,7 @@ const file_chunkpb_chunk_proto_rawDesc = "" +
 	"\n" +
 	"LeaderHint\x12%\n" +
 	"\x0echunkserver_id\x18\x01 \x01(\x04R\rchunkserverId\x12\x18\n" +
-	"\aaddress\x18\x02 \x01(\tR\aaddress\"\xa1\x02\n" +
+	"\aaddress\x18\x02 \x01(\tR\aaddress\"\xec\x02\n" +
 	"\x11WriteChunkRequest\x125\n" +
 	"\acopyset\x18\x01 \x01(\v2\x1b.cairn.common.v1.CopysetRefR\acopyset\x12\x19\n" +
 	"\bchunk_id\x18\x02 \x01(\x04R\achunkId\x12\x1b\n" +
@@ -1360,7 +1437,12 @@ const file_chunkpb_chunk_proto_rawDesc = "" +
 	"\x04data\x18\x06 \x01(\fR\x04data\x127\n" +
 	"\arequest\x18\a \x01(\v2\x1d.cairn.chunk.v1.ClientRequestR\arequest\x12\x0e\n" +
 	"\x02sn\x18\b \x01(\x04R\x02sn\x12\x12\n" +
-	"\x04keep\x18\t \x01(\x04R\x04keep\"W\n" +
+	"\x04keep\x18\t \x01(\x04R\x04keep\x12\x14\n" +
+	"\x05clone\x18\n" +
+	" \x01(\bR\x05clone\x12\x12\n" +
+	"\x04fill\x18\v \x01(\fR\x04fill\x12\x1f\n" +
+	"\vfill_offset\x18\f \x01(\x04R\n" +
+	"fillOffset\"W\n" +
 	"\rClientRequest\x12\x1b\n" +
 	"\tclient_id\x18\x01 \x01(\x04R\bclientId\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12\x17\n" +
@@ -1378,12 +1460,13 @@ const file_chunkpb_chunk_proto_rawDesc = "" +
 	"\x06offset\x18\x05 \x01(\x04R\x06offset\x12\x16\n" +
 	"\x06length\x18\x06 \x01(\x04R\x06length\x12\x1f\n" +
 	"\vsnapshot_sn\x18\a \x01(\x04R\n" +
-	"snapshotSn\"\xa5\x01\n" +
+	"snapshotSn\"\xbd\x01\n" +
 	"\x11ReadChunkResponse\x12.\n" +
 	"\x06status\x18\x01 \x01(\x0e2\x16.cairn.chunk.v1.StatusR\x06status\x122\n" +
 	"\x06leader\x18\x02 \x01(\v2\x1a.cairn.chunk.v1.LeaderHintR\x06leader\x12\x18\n" +
 	"\amessage\x18\x03 \x01(\tR\amessage\x12\x12\n" +
-	"\x04data\x18\x04 \x01(\fR\x04data\"\xf6\x01\n" +
+	"\x04data\x18\x04 \x01(\fR\x04data\x12\x16\n" +
+	"\x06absent\x18\x05 \x01(\fR\x06absent\"\x8c\x02\n" +
 	"\x12DeleteChunkRequest\x125\n" +
 	"\acopyset\x18\x01 \x01(\v2\x1b.cairn.common.v1.CopysetRefR\acopyset\x12\x19\n" +
 	"\bchunk_id\x18\x02 \x01(\x04R\achunkId\x12\x1b\n" +
@@ -1391,7 +1474,8 @@ const file_chunkpb_chunk_proto_rawDesc = "" +
 	"\x05epoch\x18\x04 \x01(\x04R\x05epoch\x127\n" +
 	"\arequest\x18\x05 \x01(\v2\x1d.cairn.chunk.v1.ClientRequestR\arequest\x12\x0e\n" +
 	"\x02sn\x18\x06 \x01(\x04R\x02sn\x12\x12\n" +
-	"\x04keep\x18\a \x01(\x04R\x04keep\"\x93\x01\n" +
+	"\x04keep\x18\a \x01(\x04R\x04keep\x12\x14\n" +
+	"\x05clone\x18\b \x01(\bR\x05clone\"\x93\x01\n" +
 	"\x13DeleteChunkResponse\x12.\n" +
 	"\x06status\x18\x01 \x01(\x0e2\x16.cairn.chunk.v1.StatusR\x06status\x122\n" +
 	"\x06leader\x18\x02 \x01(\v2\x1a.cairn.chunk.v1.LeaderHintR\x06leader\x12\x18\n" +
@@ -1410,7 +1494,7 @@ const file_chunkpb_chunk_proto_rawDesc = "" +
 	"\acopyset\x18\x01 \x01(\v2\x1b.cairn.common.v1.CopysetRefR\acopyset\x12\x19\n" +
 	"\bchunk_id\x18\x02 \x01(\x04R\achunkId\x12\x1f\n" +
 	"\vany_replica\x18\x03 \x01(\bR\n" +
-	"anyReplica\"\xb3\x02\n" +
+	"anyReplica\"\x87\x03\n" +
 	"\x14GetChunkInfoResponse\x12.\n" +
 	"\x06status\x18\x01 \x01(\x0e2\x16.cairn.chunk.v1.StatusR\x06status\x122\n" +
 	"\x06leader\x18\x02 \x01(\v2\x1a.cairn.chunk.v1.LeaderHintR\x06leader\x12\x18\n" +
@@ -1421,7 +1505,12 @@ const file_chunkpb_chunk_proto_rawDesc = "" +
 	"\n" +
 	"created_sn\x18\a \x01(\x04R\tcreatedSn\x12\x1d\n" +
 	"\n" +
-	"kept_bytes\x18\t \x01(\x04R\tkeptBytes\x12#\n" +
+	"kept_bytes\x18\t \x01(\x04R\tkeptBytes\x12\x14\n" +
+	"\x05clone\x18\n" +
+	" \x01(\bR\x05clone\x12\x1f\n" +
+	"\vowned_pages\x18\v \x01(\x04R\n" +
+	"ownedPages\x12\x1b\n" +
+	"\tcopy_unit\x18\f \x01(\x04R\bcopyUnit\x12#\n" +
 	"\rapplied_index\x18\b \x01(\x04R\fappliedIndex\"\xb5\x01\n" +
 	"\x13GetChunkHashRequest\x125\n" +
 	"\acopyset\x18\x01 \x01(\v2\x1b.cairn.common.v1.CopysetRefR\acopyset\x12\x19\n" +

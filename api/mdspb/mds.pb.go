@@ -2708,7 +2708,10 @@ type Volume struct {
 	// same as epoch). A snapshot raises epoch alone: chunkservers refuse the
 	// writer's writes under the old sequence number, and the writer, whose
 	// session is not fenced, takes the new epoch and sequence number.
-	WriterEpoch   uint64 `protobuf:"varint,15,opt,name=writer_epoch,json=writerEpoch,proto3" json:"writer_epoch,omitempty"`
+	WriterEpoch uint64 `protobuf:"varint,15,opt,name=writer_epoch,json=writerEpoch,proto3" json:"writer_epoch,omitempty"`
+	// A clone: where it reads what it has not written (absent for volumes
+	// that are not clones, and once a flattened clone is released).
+	CloneSource   *CloneSource `protobuf:"bytes,16,opt,name=clone_source,json=cloneSource,proto3" json:"clone_source,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2848,6 +2851,105 @@ func (x *Volume) GetWriterEpoch() uint64 {
 	return 0
 }
 
+func (x *Volume) GetCloneSource() *CloneSource {
+	if x != nil {
+		return x.CloneSource
+	}
+	return nil
+}
+
+// CloneSource is the snapshot a clone was created from. Pages of the
+// clone's chunks the clone never wrote read from the snapshot until the
+// clone is flattened (every page the snapshot holds copied into the clone).
+type CloneSource struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	VolumeId uint64                 `protobuf:"varint,1,opt,name=volume_id,json=volumeId,proto3" json:"volume_id,omitempty"`
+	Volume   string                 `protobuf:"bytes,2,opt,name=volume,proto3" json:"volume,omitempty"`
+	Snapshot string                 `protobuf:"bytes,3,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
+	// The snapshot's sequence number.
+	Seq uint64 `protobuf:"varint,4,opt,name=seq,proto3" json:"seq,omitempty"`
+	// The snapshot's length: the clone reads zeros beyond it.
+	Size uint64 `protobuf:"varint,5,opt,name=size,proto3" json:"size,omitempty"`
+	// When the clone was flattened (0: not yet). A session lease later,
+	// once every handle of the clone has heard of it, the source is
+	// released: clone_source goes, and the snapshot may be deleted.
+	FlattenedUnix int64 `protobuf:"varint,6,opt,name=flattened_unix,json=flattenedUnix,proto3" json:"flattened_unix,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CloneSource) Reset() {
+	*x = CloneSource{}
+	mi := &file_mdspb_mds_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CloneSource) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CloneSource) ProtoMessage() {}
+
+func (x *CloneSource) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CloneSource.ProtoReflect.Descriptor instead.
+func (*CloneSource) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *CloneSource) GetVolumeId() uint64 {
+	if x != nil {
+		return x.VolumeId
+	}
+	return 0
+}
+
+func (x *CloneSource) GetVolume() string {
+	if x != nil {
+		return x.Volume
+	}
+	return ""
+}
+
+func (x *CloneSource) GetSnapshot() string {
+	if x != nil {
+		return x.Snapshot
+	}
+	return ""
+}
+
+func (x *CloneSource) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+func (x *CloneSource) GetSize() uint64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *CloneSource) GetFlattenedUnix() int64 {
+	if x != nil {
+		return x.FlattenedUnix
+	}
+	return 0
+}
+
 // Snapshot is a crash-consistent point-in-time image of a volume: the
 // volume's chunks as they were at the end of sequence number seq.
 type Snapshot struct {
@@ -2860,14 +2962,16 @@ type Snapshot struct {
 	Size uint64 `protobuf:"varint,5,opt,name=size,proto3" json:"size,omitempty"`
 	// When its deletion began (DELETING): its space is given back a session
 	// lease later, once every handle reading it learnt it is gone.
-	DeletingUnix  int64 `protobuf:"varint,6,opt,name=deleting_unix,json=deletingUnix,proto3" json:"deleting_unix,omitempty"`
+	DeletingUnix int64 `protobuf:"varint,6,opt,name=deleting_unix,json=deletingUnix,proto3" json:"deleting_unix,omitempty"`
+	// Ids of the clones that read from this snapshot (not released yet).
+	Clones        []uint64 `protobuf:"varint,7,rep,packed,name=clones,proto3" json:"clones,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Snapshot) Reset() {
 	*x = Snapshot{}
-	mi := &file_mdspb_mds_proto_msgTypes[39]
+	mi := &file_mdspb_mds_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2879,7 +2983,7 @@ func (x *Snapshot) String() string {
 func (*Snapshot) ProtoMessage() {}
 
 func (x *Snapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[39]
+	mi := &file_mdspb_mds_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2892,7 +2996,7 @@ func (x *Snapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Snapshot.ProtoReflect.Descriptor instead.
 func (*Snapshot) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{39}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *Snapshot) GetName() string {
@@ -2937,6 +3041,13 @@ func (x *Snapshot) GetDeletingUnix() int64 {
 	return 0
 }
 
+func (x *Snapshot) GetClones() []uint64 {
+	if x != nil {
+		return x.Clones
+	}
+	return nil
+}
+
 // Publication records that a volume is attached to a node (the CSI
 // ControllerPublish of a volume to a node). At most one publication of a
 // volume is writable, and a writable one is the volume's only publication:
@@ -2952,7 +3063,7 @@ type Publication struct {
 
 func (x *Publication) Reset() {
 	*x = Publication{}
-	mi := &file_mdspb_mds_proto_msgTypes[40]
+	mi := &file_mdspb_mds_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2964,7 +3075,7 @@ func (x *Publication) String() string {
 func (*Publication) ProtoMessage() {}
 
 func (x *Publication) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[40]
+	mi := &file_mdspb_mds_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2977,7 +3088,7 @@ func (x *Publication) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Publication.ProtoReflect.Descriptor instead.
 func (*Publication) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{40}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *Publication) GetNode() string {
@@ -3022,7 +3133,7 @@ type Session struct {
 
 func (x *Session) Reset() {
 	*x = Session{}
-	mi := &file_mdspb_mds_proto_msgTypes[41]
+	mi := &file_mdspb_mds_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3034,7 +3145,7 @@ func (x *Session) String() string {
 func (*Session) ProtoMessage() {}
 
 func (x *Session) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[41]
+	mi := &file_mdspb_mds_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3047,7 +3158,7 @@ func (x *Session) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Session.ProtoReflect.Descriptor instead.
 func (*Session) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{41}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *Session) GetSessionId() string {
@@ -3120,14 +3231,20 @@ type CreateVolumeRequest struct {
 	Size  uint64 `protobuf:"varint,2,opt,name=size,proto3" json:"size,omitempty"`
 	Owner string `protobuf:"bytes,3,opt,name=owner,proto3" json:"owner,omitempty"`
 	// Logical pool name; empty chooses the only (or first) logical pool.
-	Pool          string `protobuf:"bytes,4,opt,name=pool,proto3" json:"pool,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Pool string `protobuf:"bytes,4,opt,name=pool,proto3" json:"pool,omitempty"`
+	// Create a clone of this READY snapshot of source_volume: instant, the
+	// new volume reads the snapshot where it has not been written. Its size
+	// is at least the snapshot's (size 0: the snapshot's); its pool is the
+	// source's.
+	SourceVolume   string `protobuf:"bytes,5,opt,name=source_volume,json=sourceVolume,proto3" json:"source_volume,omitempty"`
+	SourceSnapshot string `protobuf:"bytes,6,opt,name=source_snapshot,json=sourceSnapshot,proto3" json:"source_snapshot,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *CreateVolumeRequest) Reset() {
 	*x = CreateVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[42]
+	mi := &file_mdspb_mds_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3139,7 +3256,7 @@ func (x *CreateVolumeRequest) String() string {
 func (*CreateVolumeRequest) ProtoMessage() {}
 
 func (x *CreateVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[42]
+	mi := &file_mdspb_mds_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3152,7 +3269,7 @@ func (x *CreateVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateVolumeRequest.ProtoReflect.Descriptor instead.
 func (*CreateVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{42}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *CreateVolumeRequest) GetName() string {
@@ -3183,6 +3300,20 @@ func (x *CreateVolumeRequest) GetPool() string {
 	return ""
 }
 
+func (x *CreateVolumeRequest) GetSourceVolume() string {
+	if x != nil {
+		return x.SourceVolume
+	}
+	return ""
+}
+
+func (x *CreateVolumeRequest) GetSourceSnapshot() string {
+	if x != nil {
+		return x.SourceSnapshot
+	}
+	return ""
+}
+
 type CreateVolumeResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Volume        *Volume                `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
@@ -3192,7 +3323,7 @@ type CreateVolumeResponse struct {
 
 func (x *CreateVolumeResponse) Reset() {
 	*x = CreateVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[43]
+	mi := &file_mdspb_mds_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3204,7 +3335,7 @@ func (x *CreateVolumeResponse) String() string {
 func (*CreateVolumeResponse) ProtoMessage() {}
 
 func (x *CreateVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[43]
+	mi := &file_mdspb_mds_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3217,7 +3348,7 @@ func (x *CreateVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateVolumeResponse.ProtoReflect.Descriptor instead.
 func (*CreateVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{43}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *CreateVolumeResponse) GetVolume() *Volume {
@@ -3236,7 +3367,7 @@ type StatVolumeRequest struct {
 
 func (x *StatVolumeRequest) Reset() {
 	*x = StatVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[44]
+	mi := &file_mdspb_mds_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3248,7 +3379,7 @@ func (x *StatVolumeRequest) String() string {
 func (*StatVolumeRequest) ProtoMessage() {}
 
 func (x *StatVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[44]
+	mi := &file_mdspb_mds_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3261,7 +3392,7 @@ func (x *StatVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatVolumeRequest.ProtoReflect.Descriptor instead.
 func (*StatVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{44}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *StatVolumeRequest) GetName() string {
@@ -3281,7 +3412,7 @@ type StatVolumeResponse struct {
 
 func (x *StatVolumeResponse) Reset() {
 	*x = StatVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[45]
+	mi := &file_mdspb_mds_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3293,7 +3424,7 @@ func (x *StatVolumeResponse) String() string {
 func (*StatVolumeResponse) ProtoMessage() {}
 
 func (x *StatVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[45]
+	mi := &file_mdspb_mds_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3306,7 +3437,7 @@ func (x *StatVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatVolumeResponse.ProtoReflect.Descriptor instead.
 func (*StatVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{45}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *StatVolumeResponse) GetVolume() *Volume {
@@ -3331,7 +3462,7 @@ type ListVolumesRequest struct {
 
 func (x *ListVolumesRequest) Reset() {
 	*x = ListVolumesRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[46]
+	mi := &file_mdspb_mds_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3343,7 +3474,7 @@ func (x *ListVolumesRequest) String() string {
 func (*ListVolumesRequest) ProtoMessage() {}
 
 func (x *ListVolumesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[46]
+	mi := &file_mdspb_mds_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3356,7 +3487,7 @@ func (x *ListVolumesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVolumesRequest.ProtoReflect.Descriptor instead.
 func (*ListVolumesRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{46}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{47}
 }
 
 type ListVolumesResponse struct {
@@ -3368,7 +3499,7 @@ type ListVolumesResponse struct {
 
 func (x *ListVolumesResponse) Reset() {
 	*x = ListVolumesResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[47]
+	mi := &file_mdspb_mds_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3380,7 +3511,7 @@ func (x *ListVolumesResponse) String() string {
 func (*ListVolumesResponse) ProtoMessage() {}
 
 func (x *ListVolumesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[47]
+	mi := &file_mdspb_mds_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3393,7 +3524,7 @@ func (x *ListVolumesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListVolumesResponse.ProtoReflect.Descriptor instead.
 func (*ListVolumesResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{47}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *ListVolumesResponse) GetVolumes() []*Volume {
@@ -3414,7 +3545,7 @@ type ExtendVolumeRequest struct {
 
 func (x *ExtendVolumeRequest) Reset() {
 	*x = ExtendVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[48]
+	mi := &file_mdspb_mds_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3426,7 +3557,7 @@ func (x *ExtendVolumeRequest) String() string {
 func (*ExtendVolumeRequest) ProtoMessage() {}
 
 func (x *ExtendVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[48]
+	mi := &file_mdspb_mds_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3439,7 +3570,7 @@ func (x *ExtendVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExtendVolumeRequest.ProtoReflect.Descriptor instead.
 func (*ExtendVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{48}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *ExtendVolumeRequest) GetName() string {
@@ -3465,7 +3596,7 @@ type ExtendVolumeResponse struct {
 
 func (x *ExtendVolumeResponse) Reset() {
 	*x = ExtendVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[49]
+	mi := &file_mdspb_mds_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3477,7 +3608,7 @@ func (x *ExtendVolumeResponse) String() string {
 func (*ExtendVolumeResponse) ProtoMessage() {}
 
 func (x *ExtendVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[49]
+	mi := &file_mdspb_mds_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3490,7 +3621,7 @@ func (x *ExtendVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExtendVolumeResponse.ProtoReflect.Descriptor instead.
 func (*ExtendVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{49}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *ExtendVolumeResponse) GetVolume() *Volume {
@@ -3510,7 +3641,7 @@ type RenameVolumeRequest struct {
 
 func (x *RenameVolumeRequest) Reset() {
 	*x = RenameVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[50]
+	mi := &file_mdspb_mds_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3522,7 +3653,7 @@ func (x *RenameVolumeRequest) String() string {
 func (*RenameVolumeRequest) ProtoMessage() {}
 
 func (x *RenameVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[50]
+	mi := &file_mdspb_mds_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3535,7 +3666,7 @@ func (x *RenameVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenameVolumeRequest.ProtoReflect.Descriptor instead.
 func (*RenameVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{50}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *RenameVolumeRequest) GetName() string {
@@ -3561,7 +3692,7 @@ type RenameVolumeResponse struct {
 
 func (x *RenameVolumeResponse) Reset() {
 	*x = RenameVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[51]
+	mi := &file_mdspb_mds_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3573,7 +3704,7 @@ func (x *RenameVolumeResponse) String() string {
 func (*RenameVolumeResponse) ProtoMessage() {}
 
 func (x *RenameVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[51]
+	mi := &file_mdspb_mds_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3586,7 +3717,7 @@ func (x *RenameVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenameVolumeResponse.ProtoReflect.Descriptor instead.
 func (*RenameVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{51}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *RenameVolumeResponse) GetVolume() *Volume {
@@ -3608,7 +3739,7 @@ type DeleteVolumeRequest struct {
 
 func (x *DeleteVolumeRequest) Reset() {
 	*x = DeleteVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[52]
+	mi := &file_mdspb_mds_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3620,7 +3751,7 @@ func (x *DeleteVolumeRequest) String() string {
 func (*DeleteVolumeRequest) ProtoMessage() {}
 
 func (x *DeleteVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[52]
+	mi := &file_mdspb_mds_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3633,7 +3764,7 @@ func (x *DeleteVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteVolumeRequest.ProtoReflect.Descriptor instead.
 func (*DeleteVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{52}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *DeleteVolumeRequest) GetName() string {
@@ -3658,7 +3789,7 @@ type DeleteVolumeResponse struct {
 
 func (x *DeleteVolumeResponse) Reset() {
 	*x = DeleteVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[53]
+	mi := &file_mdspb_mds_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3670,7 +3801,7 @@ func (x *DeleteVolumeResponse) String() string {
 func (*DeleteVolumeResponse) ProtoMessage() {}
 
 func (x *DeleteVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[53]
+	mi := &file_mdspb_mds_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3683,7 +3814,7 @@ func (x *DeleteVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteVolumeResponse.ProtoReflect.Descriptor instead.
 func (*DeleteVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{53}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{54}
 }
 
 // CreateSnapshotRequest takes a snapshot of a volume; it returns once every
@@ -3698,7 +3829,7 @@ type CreateSnapshotRequest struct {
 
 func (x *CreateSnapshotRequest) Reset() {
 	*x = CreateSnapshotRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[54]
+	mi := &file_mdspb_mds_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3710,7 +3841,7 @@ func (x *CreateSnapshotRequest) String() string {
 func (*CreateSnapshotRequest) ProtoMessage() {}
 
 func (x *CreateSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[54]
+	mi := &file_mdspb_mds_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3723,7 +3854,7 @@ func (x *CreateSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*CreateSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{54}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *CreateSnapshotRequest) GetVolume() string {
@@ -3749,7 +3880,7 @@ type CreateSnapshotResponse struct {
 
 func (x *CreateSnapshotResponse) Reset() {
 	*x = CreateSnapshotResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[55]
+	mi := &file_mdspb_mds_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3761,7 +3892,7 @@ func (x *CreateSnapshotResponse) String() string {
 func (*CreateSnapshotResponse) ProtoMessage() {}
 
 func (x *CreateSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[55]
+	mi := &file_mdspb_mds_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3774,7 +3905,7 @@ func (x *CreateSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*CreateSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{55}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *CreateSnapshotResponse) GetSnapshot() *Snapshot {
@@ -3793,7 +3924,7 @@ type ListSnapshotsRequest struct {
 
 func (x *ListSnapshotsRequest) Reset() {
 	*x = ListSnapshotsRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[56]
+	mi := &file_mdspb_mds_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3805,7 +3936,7 @@ func (x *ListSnapshotsRequest) String() string {
 func (*ListSnapshotsRequest) ProtoMessage() {}
 
 func (x *ListSnapshotsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[56]
+	mi := &file_mdspb_mds_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3818,7 +3949,7 @@ func (x *ListSnapshotsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSnapshotsRequest.ProtoReflect.Descriptor instead.
 func (*ListSnapshotsRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{56}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *ListSnapshotsRequest) GetVolume() string {
@@ -3837,7 +3968,7 @@ type ListSnapshotsResponse struct {
 
 func (x *ListSnapshotsResponse) Reset() {
 	*x = ListSnapshotsResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[57]
+	mi := &file_mdspb_mds_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3849,7 +3980,7 @@ func (x *ListSnapshotsResponse) String() string {
 func (*ListSnapshotsResponse) ProtoMessage() {}
 
 func (x *ListSnapshotsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[57]
+	mi := &file_mdspb_mds_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3862,7 +3993,7 @@ func (x *ListSnapshotsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSnapshotsResponse.ProtoReflect.Descriptor instead.
 func (*ListSnapshotsResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{57}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *ListSnapshotsResponse) GetSnapshots() []*Snapshot {
@@ -3884,7 +4015,7 @@ type DeleteSnapshotRequest struct {
 
 func (x *DeleteSnapshotRequest) Reset() {
 	*x = DeleteSnapshotRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[58]
+	mi := &file_mdspb_mds_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3896,7 +4027,7 @@ func (x *DeleteSnapshotRequest) String() string {
 func (*DeleteSnapshotRequest) ProtoMessage() {}
 
 func (x *DeleteSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[58]
+	mi := &file_mdspb_mds_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3909,7 +4040,7 @@ func (x *DeleteSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*DeleteSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{58}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *DeleteSnapshotRequest) GetVolume() string {
@@ -3934,7 +4065,7 @@ type DeleteSnapshotResponse struct {
 
 func (x *DeleteSnapshotResponse) Reset() {
 	*x = DeleteSnapshotResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[59]
+	mi := &file_mdspb_mds_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3946,7 +4077,7 @@ func (x *DeleteSnapshotResponse) String() string {
 func (*DeleteSnapshotResponse) ProtoMessage() {}
 
 func (x *DeleteSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[59]
+	mi := &file_mdspb_mds_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3959,7 +4090,99 @@ func (x *DeleteSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*DeleteSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{59}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{60}
+}
+
+// FlattenVolumeRequest records that a clone's flatten copied every page its
+// source holds into it (the client does the copying, with fills): the
+// clone stops reading the source, which is released a session lease
+// later. Refused for a volume that is not a clone.
+type FlattenVolumeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FlattenVolumeRequest) Reset() {
+	*x = FlattenVolumeRequest{}
+	mi := &file_mdspb_mds_proto_msgTypes[61]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FlattenVolumeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FlattenVolumeRequest) ProtoMessage() {}
+
+func (x *FlattenVolumeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[61]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FlattenVolumeRequest.ProtoReflect.Descriptor instead.
+func (*FlattenVolumeRequest) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{61}
+}
+
+func (x *FlattenVolumeRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type FlattenVolumeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        *Volume                `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FlattenVolumeResponse) Reset() {
+	*x = FlattenVolumeResponse{}
+	mi := &file_mdspb_mds_proto_msgTypes[62]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FlattenVolumeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FlattenVolumeResponse) ProtoMessage() {}
+
+func (x *FlattenVolumeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[62]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FlattenVolumeResponse.ProtoReflect.Descriptor instead.
+func (*FlattenVolumeResponse) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{62}
+}
+
+func (x *FlattenVolumeResponse) GetVolume() *Volume {
+	if x != nil {
+		return x.Volume
+	}
+	return nil
 }
 
 // OpenVolumeRequest opens a volume. A writable open bumps the volume's epoch,
@@ -3973,14 +4196,18 @@ type OpenVolumeRequest struct {
 	// plugin): refused with FAILED_PRECONDITION unless the volume is published
 	// to this node (writable, for a writable open). Without a node, a writable
 	// open of a volume published for writing is refused too.
-	Node          string `protobuf:"bytes,4,opt,name=node,proto3" json:"node,omitempty"`
+	Node string `protobuf:"bytes,4,opt,name=node,proto3" json:"node,omitempty"`
+	// What the client understands of volumes: "clone" (reads a clone's
+	// source, writes with fills). A client that does not list "clone" is
+	// refused a clone that is not released (FAILED_PRECONDITION).
+	Features      []string `protobuf:"bytes,5,rep,name=features,proto3" json:"features,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *OpenVolumeRequest) Reset() {
 	*x = OpenVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[60]
+	mi := &file_mdspb_mds_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3992,7 +4219,7 @@ func (x *OpenVolumeRequest) String() string {
 func (*OpenVolumeRequest) ProtoMessage() {}
 
 func (x *OpenVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[60]
+	mi := &file_mdspb_mds_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4005,7 +4232,7 @@ func (x *OpenVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OpenVolumeRequest.ProtoReflect.Descriptor instead.
 func (*OpenVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{60}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *OpenVolumeRequest) GetName() string {
@@ -4036,6 +4263,13 @@ func (x *OpenVolumeRequest) GetNode() string {
 	return ""
 }
 
+func (x *OpenVolumeRequest) GetFeatures() []string {
+	if x != nil {
+		return x.Features
+	}
+	return nil
+}
+
 type OpenVolumeResponse struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	Volume  *Volume                `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
@@ -4049,7 +4283,7 @@ type OpenVolumeResponse struct {
 
 func (x *OpenVolumeResponse) Reset() {
 	*x = OpenVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[61]
+	mi := &file_mdspb_mds_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4061,7 +4295,7 @@ func (x *OpenVolumeResponse) String() string {
 func (*OpenVolumeResponse) ProtoMessage() {}
 
 func (x *OpenVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[61]
+	mi := &file_mdspb_mds_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4074,7 +4308,7 @@ func (x *OpenVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OpenVolumeResponse.ProtoReflect.Descriptor instead.
 func (*OpenVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{61}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *OpenVolumeResponse) GetVolume() *Volume {
@@ -4115,7 +4349,7 @@ type RefreshSessionRequest struct {
 
 func (x *RefreshSessionRequest) Reset() {
 	*x = RefreshSessionRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[62]
+	mi := &file_mdspb_mds_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4127,7 +4361,7 @@ func (x *RefreshSessionRequest) String() string {
 func (*RefreshSessionRequest) ProtoMessage() {}
 
 func (x *RefreshSessionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[62]
+	mi := &file_mdspb_mds_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4140,7 +4374,7 @@ func (x *RefreshSessionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefreshSessionRequest.ProtoReflect.Descriptor instead.
 func (*RefreshSessionRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{62}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *RefreshSessionRequest) GetName() string {
@@ -4168,7 +4402,7 @@ type RefreshSessionResponse struct {
 
 func (x *RefreshSessionResponse) Reset() {
 	*x = RefreshSessionResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[63]
+	mi := &file_mdspb_mds_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4180,7 +4414,7 @@ func (x *RefreshSessionResponse) String() string {
 func (*RefreshSessionResponse) ProtoMessage() {}
 
 func (x *RefreshSessionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[63]
+	mi := &file_mdspb_mds_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4193,7 +4427,7 @@ func (x *RefreshSessionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefreshSessionResponse.ProtoReflect.Descriptor instead.
 func (*RefreshSessionResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{63}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *RefreshSessionResponse) GetVolume() *Volume {
@@ -4220,7 +4454,7 @@ type CloseVolumeRequest struct {
 
 func (x *CloseVolumeRequest) Reset() {
 	*x = CloseVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[64]
+	mi := &file_mdspb_mds_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4232,7 +4466,7 @@ func (x *CloseVolumeRequest) String() string {
 func (*CloseVolumeRequest) ProtoMessage() {}
 
 func (x *CloseVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[64]
+	mi := &file_mdspb_mds_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4245,7 +4479,7 @@ func (x *CloseVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseVolumeRequest.ProtoReflect.Descriptor instead.
 func (*CloseVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{64}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *CloseVolumeRequest) GetName() string {
@@ -4270,7 +4504,7 @@ type CloseVolumeResponse struct {
 
 func (x *CloseVolumeResponse) Reset() {
 	*x = CloseVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[65]
+	mi := &file_mdspb_mds_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4282,7 +4516,7 @@ func (x *CloseVolumeResponse) String() string {
 func (*CloseVolumeResponse) ProtoMessage() {}
 
 func (x *CloseVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[65]
+	mi := &file_mdspb_mds_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4295,7 +4529,7 @@ func (x *CloseVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseVolumeResponse.ProtoReflect.Descriptor instead.
 func (*CloseVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{65}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{68}
 }
 
 type ListSessionsRequest struct {
@@ -4308,7 +4542,7 @@ type ListSessionsRequest struct {
 
 func (x *ListSessionsRequest) Reset() {
 	*x = ListSessionsRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[66]
+	mi := &file_mdspb_mds_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4320,7 +4554,7 @@ func (x *ListSessionsRequest) String() string {
 func (*ListSessionsRequest) ProtoMessage() {}
 
 func (x *ListSessionsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[66]
+	mi := &file_mdspb_mds_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4333,7 +4567,7 @@ func (x *ListSessionsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSessionsRequest.ProtoReflect.Descriptor instead.
 func (*ListSessionsRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{66}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{69}
 }
 
 func (x *ListSessionsRequest) GetName() string {
@@ -4352,7 +4586,7 @@ type ListSessionsResponse struct {
 
 func (x *ListSessionsResponse) Reset() {
 	*x = ListSessionsResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[67]
+	mi := &file_mdspb_mds_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4364,7 +4598,7 @@ func (x *ListSessionsResponse) String() string {
 func (*ListSessionsResponse) ProtoMessage() {}
 
 func (x *ListSessionsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[67]
+	mi := &file_mdspb_mds_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4377,7 +4611,7 @@ func (x *ListSessionsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSessionsResponse.ProtoReflect.Descriptor instead.
 func (*ListSessionsResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{67}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *ListSessionsResponse) GetSessions() []*Session {
@@ -4403,7 +4637,7 @@ type Node struct {
 
 func (x *Node) Reset() {
 	*x = Node{}
-	mi := &file_mdspb_mds_proto_msgTypes[68]
+	mi := &file_mdspb_mds_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4415,7 +4649,7 @@ func (x *Node) String() string {
 func (*Node) ProtoMessage() {}
 
 func (x *Node) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[68]
+	mi := &file_mdspb_mds_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4428,7 +4662,7 @@ func (x *Node) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Node.ProtoReflect.Descriptor instead.
 func (*Node) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{68}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{71}
 }
 
 func (x *Node) GetName() string {
@@ -4462,7 +4696,7 @@ type RegisterNodeRequest struct {
 
 func (x *RegisterNodeRequest) Reset() {
 	*x = RegisterNodeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[69]
+	mi := &file_mdspb_mds_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4474,7 +4708,7 @@ func (x *RegisterNodeRequest) String() string {
 func (*RegisterNodeRequest) ProtoMessage() {}
 
 func (x *RegisterNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[69]
+	mi := &file_mdspb_mds_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4487,7 +4721,7 @@ func (x *RegisterNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterNodeRequest.ProtoReflect.Descriptor instead.
 func (*RegisterNodeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{69}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *RegisterNodeRequest) GetNode() *Node {
@@ -4506,7 +4740,7 @@ type RegisterNodeResponse struct {
 
 func (x *RegisterNodeResponse) Reset() {
 	*x = RegisterNodeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[70]
+	mi := &file_mdspb_mds_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4518,7 +4752,7 @@ func (x *RegisterNodeResponse) String() string {
 func (*RegisterNodeResponse) ProtoMessage() {}
 
 func (x *RegisterNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[70]
+	mi := &file_mdspb_mds_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4531,7 +4765,7 @@ func (x *RegisterNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterNodeResponse.ProtoReflect.Descriptor instead.
 func (*RegisterNodeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{70}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{73}
 }
 
 func (x *RegisterNodeResponse) GetNode() *Node {
@@ -4549,7 +4783,7 @@ type ListNodesRequest struct {
 
 func (x *ListNodesRequest) Reset() {
 	*x = ListNodesRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[71]
+	mi := &file_mdspb_mds_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4561,7 +4795,7 @@ func (x *ListNodesRequest) String() string {
 func (*ListNodesRequest) ProtoMessage() {}
 
 func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[71]
+	mi := &file_mdspb_mds_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4574,7 +4808,7 @@ func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesRequest.ProtoReflect.Descriptor instead.
 func (*ListNodesRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{71}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{74}
 }
 
 type ListNodesResponse struct {
@@ -4586,7 +4820,7 @@ type ListNodesResponse struct {
 
 func (x *ListNodesResponse) Reset() {
 	*x = ListNodesResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[72]
+	mi := &file_mdspb_mds_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4598,7 +4832,7 @@ func (x *ListNodesResponse) String() string {
 func (*ListNodesResponse) ProtoMessage() {}
 
 func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[72]
+	mi := &file_mdspb_mds_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4611,7 +4845,7 @@ func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesResponse.ProtoReflect.Descriptor instead.
 func (*ListNodesResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{72}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *ListNodesResponse) GetNodes() []*Node {
@@ -4640,7 +4874,7 @@ type PublishVolumeRequest struct {
 
 func (x *PublishVolumeRequest) Reset() {
 	*x = PublishVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[73]
+	mi := &file_mdspb_mds_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4652,7 +4886,7 @@ func (x *PublishVolumeRequest) String() string {
 func (*PublishVolumeRequest) ProtoMessage() {}
 
 func (x *PublishVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[73]
+	mi := &file_mdspb_mds_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4665,7 +4899,7 @@ func (x *PublishVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PublishVolumeRequest.ProtoReflect.Descriptor instead.
 func (*PublishVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{73}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{76}
 }
 
 func (x *PublishVolumeRequest) GetName() string {
@@ -4698,7 +4932,7 @@ type PublishVolumeResponse struct {
 
 func (x *PublishVolumeResponse) Reset() {
 	*x = PublishVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[74]
+	mi := &file_mdspb_mds_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4710,7 +4944,7 @@ func (x *PublishVolumeResponse) String() string {
 func (*PublishVolumeResponse) ProtoMessage() {}
 
 func (x *PublishVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[74]
+	mi := &file_mdspb_mds_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4723,7 +4957,7 @@ func (x *PublishVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PublishVolumeResponse.ProtoReflect.Descriptor instead.
 func (*PublishVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{74}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *PublishVolumeResponse) GetVolume() *Volume {
@@ -4747,7 +4981,7 @@ type UnpublishVolumeRequest struct {
 
 func (x *UnpublishVolumeRequest) Reset() {
 	*x = UnpublishVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[75]
+	mi := &file_mdspb_mds_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4759,7 +4993,7 @@ func (x *UnpublishVolumeRequest) String() string {
 func (*UnpublishVolumeRequest) ProtoMessage() {}
 
 func (x *UnpublishVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[75]
+	mi := &file_mdspb_mds_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4772,7 +5006,7 @@ func (x *UnpublishVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnpublishVolumeRequest.ProtoReflect.Descriptor instead.
 func (*UnpublishVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{75}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{78}
 }
 
 func (x *UnpublishVolumeRequest) GetName() string {
@@ -4798,7 +5032,7 @@ type UnpublishVolumeResponse struct {
 
 func (x *UnpublishVolumeResponse) Reset() {
 	*x = UnpublishVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[76]
+	mi := &file_mdspb_mds_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4810,7 +5044,7 @@ func (x *UnpublishVolumeResponse) String() string {
 func (*UnpublishVolumeResponse) ProtoMessage() {}
 
 func (x *UnpublishVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[76]
+	mi := &file_mdspb_mds_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4823,7 +5057,7 @@ func (x *UnpublishVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnpublishVolumeResponse.ProtoReflect.Descriptor instead.
 func (*UnpublishVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{76}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{79}
 }
 
 func (x *UnpublishVolumeResponse) GetVolume() *Volume {
@@ -4844,7 +5078,7 @@ type ChunkRef struct {
 
 func (x *ChunkRef) Reset() {
 	*x = ChunkRef{}
-	mi := &file_mdspb_mds_proto_msgTypes[77]
+	mi := &file_mdspb_mds_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4856,7 +5090,7 @@ func (x *ChunkRef) String() string {
 func (*ChunkRef) ProtoMessage() {}
 
 func (x *ChunkRef) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[77]
+	mi := &file_mdspb_mds_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4869,7 +5103,7 @@ func (x *ChunkRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChunkRef.ProtoReflect.Descriptor instead.
 func (*ChunkRef) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{77}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{80}
 }
 
 func (x *ChunkRef) GetChunkId() uint64 {
@@ -4900,7 +5134,7 @@ type Segment struct {
 
 func (x *Segment) Reset() {
 	*x = Segment{}
-	mi := &file_mdspb_mds_proto_msgTypes[78]
+	mi := &file_mdspb_mds_proto_msgTypes[81]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4912,7 +5146,7 @@ func (x *Segment) String() string {
 func (*Segment) ProtoMessage() {}
 
 func (x *Segment) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[78]
+	mi := &file_mdspb_mds_proto_msgTypes[81]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4925,7 +5159,7 @@ func (x *Segment) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Segment.ProtoReflect.Descriptor instead.
 func (*Segment) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{78}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{81}
 }
 
 func (x *Segment) GetVolumeId() uint64 {
@@ -4964,7 +5198,7 @@ type GetSegmentRequest struct {
 
 func (x *GetSegmentRequest) Reset() {
 	*x = GetSegmentRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[79]
+	mi := &file_mdspb_mds_proto_msgTypes[82]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4976,7 +5210,7 @@ func (x *GetSegmentRequest) String() string {
 func (*GetSegmentRequest) ProtoMessage() {}
 
 func (x *GetSegmentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[79]
+	mi := &file_mdspb_mds_proto_msgTypes[82]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4989,7 +5223,7 @@ func (x *GetSegmentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSegmentRequest.ProtoReflect.Descriptor instead.
 func (*GetSegmentRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{79}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{82}
 }
 
 func (x *GetSegmentRequest) GetName() string {
@@ -5022,7 +5256,7 @@ type GetSegmentResponse struct {
 
 func (x *GetSegmentResponse) Reset() {
 	*x = GetSegmentResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[80]
+	mi := &file_mdspb_mds_proto_msgTypes[83]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5034,7 +5268,7 @@ func (x *GetSegmentResponse) String() string {
 func (*GetSegmentResponse) ProtoMessage() {}
 
 func (x *GetSegmentResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[80]
+	mi := &file_mdspb_mds_proto_msgTypes[83]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5047,7 +5281,7 @@ func (x *GetSegmentResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSegmentResponse.ProtoReflect.Descriptor instead.
 func (*GetSegmentResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{80}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{83}
 }
 
 func (x *GetSegmentResponse) GetSegment() *Segment {
@@ -5066,7 +5300,7 @@ type ListSegmentsRequest struct {
 
 func (x *ListSegmentsRequest) Reset() {
 	*x = ListSegmentsRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[81]
+	mi := &file_mdspb_mds_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5078,7 +5312,7 @@ func (x *ListSegmentsRequest) String() string {
 func (*ListSegmentsRequest) ProtoMessage() {}
 
 func (x *ListSegmentsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[81]
+	mi := &file_mdspb_mds_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5091,7 +5325,7 @@ func (x *ListSegmentsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSegmentsRequest.ProtoReflect.Descriptor instead.
 func (*ListSegmentsRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{81}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{84}
 }
 
 func (x *ListSegmentsRequest) GetName() string {
@@ -5110,7 +5344,7 @@ type ListSegmentsResponse struct {
 
 func (x *ListSegmentsResponse) Reset() {
 	*x = ListSegmentsResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[82]
+	mi := &file_mdspb_mds_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5122,7 +5356,7 @@ func (x *ListSegmentsResponse) String() string {
 func (*ListSegmentsResponse) ProtoMessage() {}
 
 func (x *ListSegmentsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[82]
+	mi := &file_mdspb_mds_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5135,7 +5369,7 @@ func (x *ListSegmentsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSegmentsResponse.ProtoReflect.Descriptor instead.
 func (*ListSegmentsResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{82}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{85}
 }
 
 func (x *ListSegmentsResponse) GetSegments() []*Segment {
@@ -5156,7 +5390,7 @@ type MDSInstance struct {
 
 func (x *MDSInstance) Reset() {
 	*x = MDSInstance{}
-	mi := &file_mdspb_mds_proto_msgTypes[83]
+	mi := &file_mdspb_mds_proto_msgTypes[86]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5168,7 +5402,7 @@ func (x *MDSInstance) String() string {
 func (*MDSInstance) ProtoMessage() {}
 
 func (x *MDSInstance) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[83]
+	mi := &file_mdspb_mds_proto_msgTypes[86]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5181,7 +5415,7 @@ func (x *MDSInstance) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MDSInstance.ProtoReflect.Descriptor instead.
 func (*MDSInstance) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{83}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{86}
 }
 
 func (x *MDSInstance) GetAddress() string {
@@ -5209,7 +5443,7 @@ type EtcdMember struct {
 
 func (x *EtcdMember) Reset() {
 	*x = EtcdMember{}
-	mi := &file_mdspb_mds_proto_msgTypes[84]
+	mi := &file_mdspb_mds_proto_msgTypes[87]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5221,7 +5455,7 @@ func (x *EtcdMember) String() string {
 func (*EtcdMember) ProtoMessage() {}
 
 func (x *EtcdMember) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[84]
+	mi := &file_mdspb_mds_proto_msgTypes[87]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5234,7 +5468,7 @@ func (x *EtcdMember) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EtcdMember.ProtoReflect.Descriptor instead.
 func (*EtcdMember) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{84}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{87}
 }
 
 func (x *EtcdMember) GetName() string {
@@ -5266,7 +5500,7 @@ type GetClusterStatusRequest struct {
 
 func (x *GetClusterStatusRequest) Reset() {
 	*x = GetClusterStatusRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[85]
+	mi := &file_mdspb_mds_proto_msgTypes[88]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5278,7 +5512,7 @@ func (x *GetClusterStatusRequest) String() string {
 func (*GetClusterStatusRequest) ProtoMessage() {}
 
 func (x *GetClusterStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[85]
+	mi := &file_mdspb_mds_proto_msgTypes[88]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5291,7 +5525,7 @@ func (x *GetClusterStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetClusterStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetClusterStatusRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{85}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{88}
 }
 
 type GetClusterStatusResponse struct {
@@ -5305,7 +5539,7 @@ type GetClusterStatusResponse struct {
 
 func (x *GetClusterStatusResponse) Reset() {
 	*x = GetClusterStatusResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[86]
+	mi := &file_mdspb_mds_proto_msgTypes[89]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5317,7 +5551,7 @@ func (x *GetClusterStatusResponse) String() string {
 func (*GetClusterStatusResponse) ProtoMessage() {}
 
 func (x *GetClusterStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[86]
+	mi := &file_mdspb_mds_proto_msgTypes[89]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5330,7 +5564,7 @@ func (x *GetClusterStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetClusterStatusResponse.ProtoReflect.Descriptor instead.
 func (*GetClusterStatusResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{86}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{89}
 }
 
 func (x *GetClusterStatusResponse) GetMds() []*MDSInstance {
@@ -5366,7 +5600,7 @@ type TransferLeaderRequest struct {
 
 func (x *TransferLeaderRequest) Reset() {
 	*x = TransferLeaderRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[87]
+	mi := &file_mdspb_mds_proto_msgTypes[90]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5378,7 +5612,7 @@ func (x *TransferLeaderRequest) String() string {
 func (*TransferLeaderRequest) ProtoMessage() {}
 
 func (x *TransferLeaderRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[87]
+	mi := &file_mdspb_mds_proto_msgTypes[90]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5391,7 +5625,7 @@ func (x *TransferLeaderRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeaderRequest.ProtoReflect.Descriptor instead.
 func (*TransferLeaderRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{87}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{90}
 }
 
 func (x *TransferLeaderRequest) GetCopyset() *commonpb.CopysetRef {
@@ -5417,7 +5651,7 @@ type TransferLeaderResponse struct {
 
 func (x *TransferLeaderResponse) Reset() {
 	*x = TransferLeaderResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[88]
+	mi := &file_mdspb_mds_proto_msgTypes[91]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5429,7 +5663,7 @@ func (x *TransferLeaderResponse) String() string {
 func (*TransferLeaderResponse) ProtoMessage() {}
 
 func (x *TransferLeaderResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[88]
+	mi := &file_mdspb_mds_proto_msgTypes[91]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5442,7 +5676,7 @@ func (x *TransferLeaderResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeaderResponse.ProtoReflect.Descriptor instead.
 func (*TransferLeaderResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{88}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{91}
 }
 
 func (x *TransferLeaderResponse) GetOperator() *Operator {
@@ -5460,7 +5694,7 @@ type ListOperatorsRequest struct {
 
 func (x *ListOperatorsRequest) Reset() {
 	*x = ListOperatorsRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[89]
+	mi := &file_mdspb_mds_proto_msgTypes[92]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5472,7 +5706,7 @@ func (x *ListOperatorsRequest) String() string {
 func (*ListOperatorsRequest) ProtoMessage() {}
 
 func (x *ListOperatorsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[89]
+	mi := &file_mdspb_mds_proto_msgTypes[92]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5485,7 +5719,7 @@ func (x *ListOperatorsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListOperatorsRequest.ProtoReflect.Descriptor instead.
 func (*ListOperatorsRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{89}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{92}
 }
 
 // GetScheduleStatusRequest asks what the schedulers are doing.
@@ -5497,7 +5731,7 @@ type GetScheduleStatusRequest struct {
 
 func (x *GetScheduleStatusRequest) Reset() {
 	*x = GetScheduleStatusRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[90]
+	mi := &file_mdspb_mds_proto_msgTypes[93]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5509,7 +5743,7 @@ func (x *GetScheduleStatusRequest) String() string {
 func (*GetScheduleStatusRequest) ProtoMessage() {}
 
 func (x *GetScheduleStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[90]
+	mi := &file_mdspb_mds_proto_msgTypes[93]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5522,7 +5756,7 @@ func (x *GetScheduleStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetScheduleStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetScheduleStatusRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{90}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{93}
 }
 
 // BlockedCopyset is a copyset that needs a repair no chunkserver can take.
@@ -5536,7 +5770,7 @@ type BlockedCopyset struct {
 
 func (x *BlockedCopyset) Reset() {
 	*x = BlockedCopyset{}
-	mi := &file_mdspb_mds_proto_msgTypes[91]
+	mi := &file_mdspb_mds_proto_msgTypes[94]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5548,7 +5782,7 @@ func (x *BlockedCopyset) String() string {
 func (*BlockedCopyset) ProtoMessage() {}
 
 func (x *BlockedCopyset) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[91]
+	mi := &file_mdspb_mds_proto_msgTypes[94]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5561,7 +5795,7 @@ func (x *BlockedCopyset) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BlockedCopyset.ProtoReflect.Descriptor instead.
 func (*BlockedCopyset) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{91}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{94}
 }
 
 func (x *BlockedCopyset) GetCopyset() *commonpb.CopysetRef {
@@ -5589,7 +5823,7 @@ type OperatorCount struct {
 
 func (x *OperatorCount) Reset() {
 	*x = OperatorCount{}
-	mi := &file_mdspb_mds_proto_msgTypes[92]
+	mi := &file_mdspb_mds_proto_msgTypes[95]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5601,7 +5835,7 @@ func (x *OperatorCount) String() string {
 func (*OperatorCount) ProtoMessage() {}
 
 func (x *OperatorCount) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[92]
+	mi := &file_mdspb_mds_proto_msgTypes[95]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5614,7 +5848,7 @@ func (x *OperatorCount) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OperatorCount.ProtoReflect.Descriptor instead.
 func (*OperatorCount) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{92}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{95}
 }
 
 func (x *OperatorCount) GetReason() string {
@@ -5661,7 +5895,7 @@ type GetScheduleStatusResponse struct {
 
 func (x *GetScheduleStatusResponse) Reset() {
 	*x = GetScheduleStatusResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[93]
+	mi := &file_mdspb_mds_proto_msgTypes[96]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5673,7 +5907,7 @@ func (x *GetScheduleStatusResponse) String() string {
 func (*GetScheduleStatusResponse) ProtoMessage() {}
 
 func (x *GetScheduleStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[93]
+	mi := &file_mdspb_mds_proto_msgTypes[96]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5686,7 +5920,7 @@ func (x *GetScheduleStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetScheduleStatusResponse.ProtoReflect.Descriptor instead.
 func (*GetScheduleStatusResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{93}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{96}
 }
 
 func (x *GetScheduleStatusResponse) GetCopysetsToRepair() uint32 {
@@ -5775,7 +6009,7 @@ type ListOperatorsResponse struct {
 
 func (x *ListOperatorsResponse) Reset() {
 	*x = ListOperatorsResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[94]
+	mi := &file_mdspb_mds_proto_msgTypes[97]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5787,7 +6021,7 @@ func (x *ListOperatorsResponse) String() string {
 func (*ListOperatorsResponse) ProtoMessage() {}
 
 func (x *ListOperatorsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[94]
+	mi := &file_mdspb_mds_proto_msgTypes[97]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5800,7 +6034,7 @@ func (x *ListOperatorsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListOperatorsResponse.ProtoReflect.Descriptor instead.
 func (*ListOperatorsResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{94}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{97}
 }
 
 func (x *ListOperatorsResponse) GetOperators() []*Operator {
@@ -5969,7 +6203,7 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\x13epoch_table_version\x18\x03 \x01(\x04R\x11epochTableVersion\x121\n" +
 	"\x06epochs\x18\x04 \x03(\v2\x19.cairn.mds.v1.VolumeEpochR\x06epochs\x12$\n" +
 	"\x0eepoch_lease_ms\x18\x05 \x01(\rR\fepochLeaseMs\x12,\n" +
-	"\x12remove_conf_epochs\x18\x06 \x03(\x04R\x10removeConfEpochs\"\x86\x04\n" +
+	"\x12remove_conf_epochs\x18\x06 \x03(\x04R\x10removeConfEpochs\"\xc4\x04\n" +
 	"\x06Volume\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x12\n" +
@@ -5987,14 +6221,23 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\fpublications\x18\f \x03(\v2\x19.cairn.mds.v1.PublicationR\fpublications\x12\x10\n" +
 	"\x03seq\x18\r \x01(\x04R\x03seq\x124\n" +
 	"\tsnapshots\x18\x0e \x03(\v2\x16.cairn.mds.v1.SnapshotR\tsnapshots\x12!\n" +
-	"\fwriter_epoch\x18\x0f \x01(\x04R\vwriterEpoch\"\xc2\x01\n" +
+	"\fwriter_epoch\x18\x0f \x01(\x04R\vwriterEpoch\x12<\n" +
+	"\fclone_source\x18\x10 \x01(\v2\x19.cairn.mds.v1.CloneSourceR\vcloneSource\"\xab\x01\n" +
+	"\vCloneSource\x12\x1b\n" +
+	"\tvolume_id\x18\x01 \x01(\x04R\bvolumeId\x12\x16\n" +
+	"\x06volume\x18\x02 \x01(\tR\x06volume\x12\x1a\n" +
+	"\bsnapshot\x18\x03 \x01(\tR\bsnapshot\x12\x10\n" +
+	"\x03seq\x18\x04 \x01(\x04R\x03seq\x12\x12\n" +
+	"\x04size\x18\x05 \x01(\x04R\x04size\x12%\n" +
+	"\x0eflattened_unix\x18\x06 \x01(\x03R\rflattenedUnix\"\xda\x01\n" +
 	"\bSnapshot\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12!\n" +
 	"\fcreated_unix\x18\x03 \x01(\x03R\vcreatedUnix\x124\n" +
 	"\x06status\x18\x04 \x01(\x0e2\x1c.cairn.mds.v1.SnapshotStatusR\x06status\x12\x12\n" +
 	"\x04size\x18\x05 \x01(\x04R\x04size\x12#\n" +
-	"\rdeleting_unix\x18\x06 \x01(\x03R\fdeletingUnix\"e\n" +
+	"\rdeleting_unix\x18\x06 \x01(\x03R\fdeletingUnix\x12\x16\n" +
+	"\x06clones\x18\a \x03(\x04R\x06clones\"e\n" +
 	"\vPublication\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1b\n" +
 	"\tread_only\x18\x02 \x01(\bR\breadOnly\x12%\n" +
@@ -6010,12 +6253,14 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\vopened_unix\x18\a \x01(\x03R\n" +
 	"openedUnix\x12!\n" +
 	"\fexpires_unix\x18\b \x01(\x03R\vexpiresUnix\x12\x12\n" +
-	"\x04node\x18\t \x01(\tR\x04node\"g\n" +
+	"\x04node\x18\t \x01(\tR\x04node\"\xb5\x01\n" +
 	"\x13CreateVolumeRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x04R\x04size\x12\x14\n" +
 	"\x05owner\x18\x03 \x01(\tR\x05owner\x12\x12\n" +
-	"\x04pool\x18\x04 \x01(\tR\x04pool\"D\n" +
+	"\x04pool\x18\x04 \x01(\tR\x04pool\x12#\n" +
+	"\rsource_volume\x18\x05 \x01(\tR\fsourceVolume\x12'\n" +
+	"\x0fsource_snapshot\x18\x06 \x01(\tR\x0esourceSnapshot\"D\n" +
 	"\x14CreateVolumeResponse\x12,\n" +
 	"\x06volume\x18\x01 \x01(\v2\x14.cairn.mds.v1.VolumeR\x06volume\"'\n" +
 	"\x11StatVolumeRequest\x12\x12\n" +
@@ -6052,12 +6297,17 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\x15DeleteSnapshotRequest\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\"\x18\n" +
-	"\x16DeleteSnapshotResponse\"o\n" +
+	"\x16DeleteSnapshotResponse\"*\n" +
+	"\x14FlattenVolumeRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"E\n" +
+	"\x15FlattenVolumeResponse\x12,\n" +
+	"\x06volume\x18\x01 \x01(\v2\x14.cairn.mds.v1.VolumeR\x06volume\"\x8b\x01\n" +
 	"\x11OpenVolumeRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\bwritable\x18\x02 \x01(\bR\bwritable\x12\x16\n" +
 	"\x06client\x18\x03 \x01(\tR\x06client\x12\x12\n" +
-	"\x04node\x18\x04 \x01(\tR\x04node\"\xd6\x01\n" +
+	"\x04node\x18\x04 \x01(\tR\x04node\x12\x1a\n" +
+	"\bfeatures\x18\x05 \x03(\tR\bfeatures\"\xd6\x01\n" +
 	"\x12OpenVolumeResponse\x12,\n" +
 	"\x06volume\x18\x01 \x01(\v2\x14.cairn.mds.v1.VolumeR\x06volume\x12/\n" +
 	"\asession\x18\x02 \x01(\v2\x15.cairn.mds.v1.SessionR\asession\x12#\n" +
@@ -6208,7 +6458,7 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\x0fOperatorService\x12[\n" +
 	"\x0eStartOperators\x12#.cairn.mds.v1.StartOperatorsRequest\x1a$.cairn.mds.v1.StartOperatorsResponse2`\n" +
 	"\x10HeartbeatService\x12L\n" +
-	"\tHeartbeat\x12\x1e.cairn.mds.v1.HeartbeatRequest\x1a\x1f.cairn.mds.v1.HeartbeatResponse2\x84\r\n" +
+	"\tHeartbeat\x12\x1e.cairn.mds.v1.HeartbeatRequest\x1a\x1f.cairn.mds.v1.HeartbeatResponse2\xde\r\n" +
 	"\rVolumeService\x12U\n" +
 	"\fCreateVolume\x12!.cairn.mds.v1.CreateVolumeRequest\x1a\".cairn.mds.v1.CreateVolumeResponse\x12O\n" +
 	"\n" +
@@ -6221,7 +6471,8 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"OpenVolume\x12\x1f.cairn.mds.v1.OpenVolumeRequest\x1a .cairn.mds.v1.OpenVolumeResponse\x12[\n" +
 	"\x0eCreateSnapshot\x12#.cairn.mds.v1.CreateSnapshotRequest\x1a$.cairn.mds.v1.CreateSnapshotResponse\x12X\n" +
 	"\rListSnapshots\x12\".cairn.mds.v1.ListSnapshotsRequest\x1a#.cairn.mds.v1.ListSnapshotsResponse\x12[\n" +
-	"\x0eDeleteSnapshot\x12#.cairn.mds.v1.DeleteSnapshotRequest\x1a$.cairn.mds.v1.DeleteSnapshotResponse\x12U\n" +
+	"\x0eDeleteSnapshot\x12#.cairn.mds.v1.DeleteSnapshotRequest\x1a$.cairn.mds.v1.DeleteSnapshotResponse\x12X\n" +
+	"\rFlattenVolume\x12\".cairn.mds.v1.FlattenVolumeRequest\x1a#.cairn.mds.v1.FlattenVolumeResponse\x12U\n" +
 	"\fRegisterNode\x12!.cairn.mds.v1.RegisterNodeRequest\x1a\".cairn.mds.v1.RegisterNodeResponse\x12L\n" +
 	"\tListNodes\x12\x1e.cairn.mds.v1.ListNodesRequest\x1a\x1f.cairn.mds.v1.ListNodesResponse\x12X\n" +
 	"\rPublishVolume\x12\".cairn.mds.v1.PublishVolumeRequest\x1a#.cairn.mds.v1.PublishVolumeResponse\x12^\n" +
@@ -6251,7 +6502,7 @@ func file_mdspb_mds_proto_rawDescGZIP() []byte {
 }
 
 var file_mdspb_mds_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
-var file_mdspb_mds_proto_msgTypes = make([]protoimpl.MessageInfo, 96)
+var file_mdspb_mds_proto_msgTypes = make([]protoimpl.MessageInfo, 99)
 var file_mdspb_mds_proto_goTypes = []any{
 	(OnlineState)(0),                    // 0: cairn.mds.v1.OnlineState
 	(RWState)(0),                        // 1: cairn.mds.v1.RWState
@@ -6298,79 +6549,82 @@ var file_mdspb_mds_proto_goTypes = []any{
 	(*VolumeEpoch)(nil),                 // 42: cairn.mds.v1.VolumeEpoch
 	(*HeartbeatResponse)(nil),           // 43: cairn.mds.v1.HeartbeatResponse
 	(*Volume)(nil),                      // 44: cairn.mds.v1.Volume
-	(*Snapshot)(nil),                    // 45: cairn.mds.v1.Snapshot
-	(*Publication)(nil),                 // 46: cairn.mds.v1.Publication
-	(*Session)(nil),                     // 47: cairn.mds.v1.Session
-	(*CreateVolumeRequest)(nil),         // 48: cairn.mds.v1.CreateVolumeRequest
-	(*CreateVolumeResponse)(nil),        // 49: cairn.mds.v1.CreateVolumeResponse
-	(*StatVolumeRequest)(nil),           // 50: cairn.mds.v1.StatVolumeRequest
-	(*StatVolumeResponse)(nil),          // 51: cairn.mds.v1.StatVolumeResponse
-	(*ListVolumesRequest)(nil),          // 52: cairn.mds.v1.ListVolumesRequest
-	(*ListVolumesResponse)(nil),         // 53: cairn.mds.v1.ListVolumesResponse
-	(*ExtendVolumeRequest)(nil),         // 54: cairn.mds.v1.ExtendVolumeRequest
-	(*ExtendVolumeResponse)(nil),        // 55: cairn.mds.v1.ExtendVolumeResponse
-	(*RenameVolumeRequest)(nil),         // 56: cairn.mds.v1.RenameVolumeRequest
-	(*RenameVolumeResponse)(nil),        // 57: cairn.mds.v1.RenameVolumeResponse
-	(*DeleteVolumeRequest)(nil),         // 58: cairn.mds.v1.DeleteVolumeRequest
-	(*DeleteVolumeResponse)(nil),        // 59: cairn.mds.v1.DeleteVolumeResponse
-	(*CreateSnapshotRequest)(nil),       // 60: cairn.mds.v1.CreateSnapshotRequest
-	(*CreateSnapshotResponse)(nil),      // 61: cairn.mds.v1.CreateSnapshotResponse
-	(*ListSnapshotsRequest)(nil),        // 62: cairn.mds.v1.ListSnapshotsRequest
-	(*ListSnapshotsResponse)(nil),       // 63: cairn.mds.v1.ListSnapshotsResponse
-	(*DeleteSnapshotRequest)(nil),       // 64: cairn.mds.v1.DeleteSnapshotRequest
-	(*DeleteSnapshotResponse)(nil),      // 65: cairn.mds.v1.DeleteSnapshotResponse
-	(*OpenVolumeRequest)(nil),           // 66: cairn.mds.v1.OpenVolumeRequest
-	(*OpenVolumeResponse)(nil),          // 67: cairn.mds.v1.OpenVolumeResponse
-	(*RefreshSessionRequest)(nil),       // 68: cairn.mds.v1.RefreshSessionRequest
-	(*RefreshSessionResponse)(nil),      // 69: cairn.mds.v1.RefreshSessionResponse
-	(*CloseVolumeRequest)(nil),          // 70: cairn.mds.v1.CloseVolumeRequest
-	(*CloseVolumeResponse)(nil),         // 71: cairn.mds.v1.CloseVolumeResponse
-	(*ListSessionsRequest)(nil),         // 72: cairn.mds.v1.ListSessionsRequest
-	(*ListSessionsResponse)(nil),        // 73: cairn.mds.v1.ListSessionsResponse
-	(*Node)(nil),                        // 74: cairn.mds.v1.Node
-	(*RegisterNodeRequest)(nil),         // 75: cairn.mds.v1.RegisterNodeRequest
-	(*RegisterNodeResponse)(nil),        // 76: cairn.mds.v1.RegisterNodeResponse
-	(*ListNodesRequest)(nil),            // 77: cairn.mds.v1.ListNodesRequest
-	(*ListNodesResponse)(nil),           // 78: cairn.mds.v1.ListNodesResponse
-	(*PublishVolumeRequest)(nil),        // 79: cairn.mds.v1.PublishVolumeRequest
-	(*PublishVolumeResponse)(nil),       // 80: cairn.mds.v1.PublishVolumeResponse
-	(*UnpublishVolumeRequest)(nil),      // 81: cairn.mds.v1.UnpublishVolumeRequest
-	(*UnpublishVolumeResponse)(nil),     // 82: cairn.mds.v1.UnpublishVolumeResponse
-	(*ChunkRef)(nil),                    // 83: cairn.mds.v1.ChunkRef
-	(*Segment)(nil),                     // 84: cairn.mds.v1.Segment
-	(*GetSegmentRequest)(nil),           // 85: cairn.mds.v1.GetSegmentRequest
-	(*GetSegmentResponse)(nil),          // 86: cairn.mds.v1.GetSegmentResponse
-	(*ListSegmentsRequest)(nil),         // 87: cairn.mds.v1.ListSegmentsRequest
-	(*ListSegmentsResponse)(nil),        // 88: cairn.mds.v1.ListSegmentsResponse
-	(*MDSInstance)(nil),                 // 89: cairn.mds.v1.MDSInstance
-	(*EtcdMember)(nil),                  // 90: cairn.mds.v1.EtcdMember
-	(*GetClusterStatusRequest)(nil),     // 91: cairn.mds.v1.GetClusterStatusRequest
-	(*GetClusterStatusResponse)(nil),    // 92: cairn.mds.v1.GetClusterStatusResponse
-	(*TransferLeaderRequest)(nil),       // 93: cairn.mds.v1.TransferLeaderRequest
-	(*TransferLeaderResponse)(nil),      // 94: cairn.mds.v1.TransferLeaderResponse
-	(*ListOperatorsRequest)(nil),        // 95: cairn.mds.v1.ListOperatorsRequest
-	(*GetScheduleStatusRequest)(nil),    // 96: cairn.mds.v1.GetScheduleStatusRequest
-	(*BlockedCopyset)(nil),              // 97: cairn.mds.v1.BlockedCopyset
-	(*OperatorCount)(nil),               // 98: cairn.mds.v1.OperatorCount
-	(*GetScheduleStatusResponse)(nil),   // 99: cairn.mds.v1.GetScheduleStatusResponse
-	(*ListOperatorsResponse)(nil),       // 100: cairn.mds.v1.ListOperatorsResponse
-	nil,                                 // 101: cairn.mds.v1.Node.TopologyEntry
-	(*commonpb.CopysetRef)(nil),         // 102: cairn.common.v1.CopysetRef
-	(*commonpb.Peer)(nil),               // 103: cairn.common.v1.Peer
-	(*copysetpb.PendingConfChange)(nil), // 104: cairn.copyset.v1.PendingConfChange
-	(*copysetpb.PeerProgress)(nil),      // 105: cairn.copyset.v1.PeerProgress
-	(*copysetpb.CopysetStatus)(nil),     // 106: cairn.copyset.v1.CopysetStatus
+	(*CloneSource)(nil),                 // 45: cairn.mds.v1.CloneSource
+	(*Snapshot)(nil),                    // 46: cairn.mds.v1.Snapshot
+	(*Publication)(nil),                 // 47: cairn.mds.v1.Publication
+	(*Session)(nil),                     // 48: cairn.mds.v1.Session
+	(*CreateVolumeRequest)(nil),         // 49: cairn.mds.v1.CreateVolumeRequest
+	(*CreateVolumeResponse)(nil),        // 50: cairn.mds.v1.CreateVolumeResponse
+	(*StatVolumeRequest)(nil),           // 51: cairn.mds.v1.StatVolumeRequest
+	(*StatVolumeResponse)(nil),          // 52: cairn.mds.v1.StatVolumeResponse
+	(*ListVolumesRequest)(nil),          // 53: cairn.mds.v1.ListVolumesRequest
+	(*ListVolumesResponse)(nil),         // 54: cairn.mds.v1.ListVolumesResponse
+	(*ExtendVolumeRequest)(nil),         // 55: cairn.mds.v1.ExtendVolumeRequest
+	(*ExtendVolumeResponse)(nil),        // 56: cairn.mds.v1.ExtendVolumeResponse
+	(*RenameVolumeRequest)(nil),         // 57: cairn.mds.v1.RenameVolumeRequest
+	(*RenameVolumeResponse)(nil),        // 58: cairn.mds.v1.RenameVolumeResponse
+	(*DeleteVolumeRequest)(nil),         // 59: cairn.mds.v1.DeleteVolumeRequest
+	(*DeleteVolumeResponse)(nil),        // 60: cairn.mds.v1.DeleteVolumeResponse
+	(*CreateSnapshotRequest)(nil),       // 61: cairn.mds.v1.CreateSnapshotRequest
+	(*CreateSnapshotResponse)(nil),      // 62: cairn.mds.v1.CreateSnapshotResponse
+	(*ListSnapshotsRequest)(nil),        // 63: cairn.mds.v1.ListSnapshotsRequest
+	(*ListSnapshotsResponse)(nil),       // 64: cairn.mds.v1.ListSnapshotsResponse
+	(*DeleteSnapshotRequest)(nil),       // 65: cairn.mds.v1.DeleteSnapshotRequest
+	(*DeleteSnapshotResponse)(nil),      // 66: cairn.mds.v1.DeleteSnapshotResponse
+	(*FlattenVolumeRequest)(nil),        // 67: cairn.mds.v1.FlattenVolumeRequest
+	(*FlattenVolumeResponse)(nil),       // 68: cairn.mds.v1.FlattenVolumeResponse
+	(*OpenVolumeRequest)(nil),           // 69: cairn.mds.v1.OpenVolumeRequest
+	(*OpenVolumeResponse)(nil),          // 70: cairn.mds.v1.OpenVolumeResponse
+	(*RefreshSessionRequest)(nil),       // 71: cairn.mds.v1.RefreshSessionRequest
+	(*RefreshSessionResponse)(nil),      // 72: cairn.mds.v1.RefreshSessionResponse
+	(*CloseVolumeRequest)(nil),          // 73: cairn.mds.v1.CloseVolumeRequest
+	(*CloseVolumeResponse)(nil),         // 74: cairn.mds.v1.CloseVolumeResponse
+	(*ListSessionsRequest)(nil),         // 75: cairn.mds.v1.ListSessionsRequest
+	(*ListSessionsResponse)(nil),        // 76: cairn.mds.v1.ListSessionsResponse
+	(*Node)(nil),                        // 77: cairn.mds.v1.Node
+	(*RegisterNodeRequest)(nil),         // 78: cairn.mds.v1.RegisterNodeRequest
+	(*RegisterNodeResponse)(nil),        // 79: cairn.mds.v1.RegisterNodeResponse
+	(*ListNodesRequest)(nil),            // 80: cairn.mds.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),           // 81: cairn.mds.v1.ListNodesResponse
+	(*PublishVolumeRequest)(nil),        // 82: cairn.mds.v1.PublishVolumeRequest
+	(*PublishVolumeResponse)(nil),       // 83: cairn.mds.v1.PublishVolumeResponse
+	(*UnpublishVolumeRequest)(nil),      // 84: cairn.mds.v1.UnpublishVolumeRequest
+	(*UnpublishVolumeResponse)(nil),     // 85: cairn.mds.v1.UnpublishVolumeResponse
+	(*ChunkRef)(nil),                    // 86: cairn.mds.v1.ChunkRef
+	(*Segment)(nil),                     // 87: cairn.mds.v1.Segment
+	(*GetSegmentRequest)(nil),           // 88: cairn.mds.v1.GetSegmentRequest
+	(*GetSegmentResponse)(nil),          // 89: cairn.mds.v1.GetSegmentResponse
+	(*ListSegmentsRequest)(nil),         // 90: cairn.mds.v1.ListSegmentsRequest
+	(*ListSegmentsResponse)(nil),        // 91: cairn.mds.v1.ListSegmentsResponse
+	(*MDSInstance)(nil),                 // 92: cairn.mds.v1.MDSInstance
+	(*EtcdMember)(nil),                  // 93: cairn.mds.v1.EtcdMember
+	(*GetClusterStatusRequest)(nil),     // 94: cairn.mds.v1.GetClusterStatusRequest
+	(*GetClusterStatusResponse)(nil),    // 95: cairn.mds.v1.GetClusterStatusResponse
+	(*TransferLeaderRequest)(nil),       // 96: cairn.mds.v1.TransferLeaderRequest
+	(*TransferLeaderResponse)(nil),      // 97: cairn.mds.v1.TransferLeaderResponse
+	(*ListOperatorsRequest)(nil),        // 98: cairn.mds.v1.ListOperatorsRequest
+	(*GetScheduleStatusRequest)(nil),    // 99: cairn.mds.v1.GetScheduleStatusRequest
+	(*BlockedCopyset)(nil),              // 100: cairn.mds.v1.BlockedCopyset
+	(*OperatorCount)(nil),               // 101: cairn.mds.v1.OperatorCount
+	(*GetScheduleStatusResponse)(nil),   // 102: cairn.mds.v1.GetScheduleStatusResponse
+	(*ListOperatorsResponse)(nil),       // 103: cairn.mds.v1.ListOperatorsResponse
+	nil,                                 // 104: cairn.mds.v1.Node.TopologyEntry
+	(*commonpb.CopysetRef)(nil),         // 105: cairn.common.v1.CopysetRef
+	(*commonpb.Peer)(nil),               // 106: cairn.common.v1.Peer
+	(*copysetpb.PendingConfChange)(nil), // 107: cairn.copyset.v1.PendingConfChange
+	(*copysetpb.PeerProgress)(nil),      // 108: cairn.copyset.v1.PeerProgress
+	(*copysetpb.CopysetStatus)(nil),     // 109: cairn.copyset.v1.CopysetStatus
 }
 var file_mdspb_mds_proto_depIdxs = []int32{
 	0,   // 0: cairn.mds.v1.ChunkServer.online_state:type_name -> cairn.mds.v1.OnlineState
 	1,   // 1: cairn.mds.v1.ChunkServer.rw_state:type_name -> cairn.mds.v1.RWState
 	10,  // 2: cairn.mds.v1.ChunkServer.capacity:type_name -> cairn.mds.v1.Capacity
 	2,   // 3: cairn.mds.v1.LogicalPool.status:type_name -> cairn.mds.v1.LogicalPoolStatus
-	102, // 4: cairn.mds.v1.Copyset.id:type_name -> cairn.common.v1.CopysetRef
-	103, // 5: cairn.mds.v1.Copyset.peers:type_name -> cairn.common.v1.Peer
-	104, // 6: cairn.mds.v1.Copyset.pending:type_name -> cairn.copyset.v1.PendingConfChange
-	105, // 7: cairn.mds.v1.Copyset.progress:type_name -> cairn.copyset.v1.PeerProgress
-	103, // 8: cairn.mds.v1.Copyset.learners:type_name -> cairn.common.v1.Peer
+	105, // 4: cairn.mds.v1.Copyset.id:type_name -> cairn.common.v1.CopysetRef
+	106, // 5: cairn.mds.v1.Copyset.peers:type_name -> cairn.common.v1.Peer
+	107, // 6: cairn.mds.v1.Copyset.pending:type_name -> cairn.copyset.v1.PendingConfChange
+	108, // 7: cairn.mds.v1.Copyset.progress:type_name -> cairn.copyset.v1.PeerProgress
+	106, // 8: cairn.mds.v1.Copyset.learners:type_name -> cairn.common.v1.Peer
 	7,   // 9: cairn.mds.v1.RegisterChunkServerRequest.constants:type_name -> cairn.mds.v1.ClusterConstants
 	10,  // 10: cairn.mds.v1.RegisterChunkServerRequest.capacity:type_name -> cairn.mds.v1.Capacity
 	7,   // 11: cairn.mds.v1.RegisterChunkServerResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
@@ -6382,134 +6636,138 @@ var file_mdspb_mds_proto_depIdxs = []int32{
 	13,  // 17: cairn.mds.v1.ListPoolsResponse.logical_pools:type_name -> cairn.mds.v1.LogicalPool
 	13,  // 18: cairn.mds.v1.CreateLogicalPoolResponse.pool:type_name -> cairn.mds.v1.LogicalPool
 	14,  // 19: cairn.mds.v1.ListCopysetsResponse.copysets:type_name -> cairn.mds.v1.Copyset
-	102, // 20: cairn.mds.v1.GetCopysetsRequest.copysets:type_name -> cairn.common.v1.CopysetRef
+	105, // 20: cairn.mds.v1.GetCopysetsRequest.copysets:type_name -> cairn.common.v1.CopysetRef
 	14,  // 21: cairn.mds.v1.GetCopysetsResponse.copysets:type_name -> cairn.mds.v1.Copyset
 	1,   // 22: cairn.mds.v1.UpdateChunkServerRequest.rw_state:type_name -> cairn.mds.v1.RWState
 	11,  // 23: cairn.mds.v1.UpdateChunkServerResponse.chunkservers:type_name -> cairn.mds.v1.ChunkServer
-	106, // 24: cairn.mds.v1.CopysetReport.status:type_name -> cairn.copyset.v1.CopysetStatus
+	109, // 24: cairn.mds.v1.CopysetReport.status:type_name -> cairn.copyset.v1.CopysetStatus
 	10,  // 25: cairn.mds.v1.HeartbeatRequest.capacity:type_name -> cairn.mds.v1.Capacity
 	37,  // 26: cairn.mds.v1.HeartbeatRequest.copysets:type_name -> cairn.mds.v1.CopysetReport
-	102, // 27: cairn.mds.v1.Operator.copyset:type_name -> cairn.common.v1.CopysetRef
+	105, // 27: cairn.mds.v1.Operator.copyset:type_name -> cairn.common.v1.CopysetRef
 	3,   // 28: cairn.mds.v1.Operator.kind:type_name -> cairn.mds.v1.OperatorKind
-	103, // 29: cairn.mds.v1.Operator.target:type_name -> cairn.common.v1.Peer
+	106, // 29: cairn.mds.v1.Operator.target:type_name -> cairn.common.v1.Peer
 	39,  // 30: cairn.mds.v1.StartOperatorsRequest.operators:type_name -> cairn.mds.v1.Operator
 	39,  // 31: cairn.mds.v1.HeartbeatResponse.operators:type_name -> cairn.mds.v1.Operator
-	102, // 32: cairn.mds.v1.HeartbeatResponse.remove_copysets:type_name -> cairn.common.v1.CopysetRef
+	105, // 32: cairn.mds.v1.HeartbeatResponse.remove_copysets:type_name -> cairn.common.v1.CopysetRef
 	42,  // 33: cairn.mds.v1.HeartbeatResponse.epochs:type_name -> cairn.mds.v1.VolumeEpoch
 	4,   // 34: cairn.mds.v1.Volume.status:type_name -> cairn.mds.v1.VolumeStatus
-	46,  // 35: cairn.mds.v1.Volume.publications:type_name -> cairn.mds.v1.Publication
-	45,  // 36: cairn.mds.v1.Volume.snapshots:type_name -> cairn.mds.v1.Snapshot
-	5,   // 37: cairn.mds.v1.Snapshot.status:type_name -> cairn.mds.v1.SnapshotStatus
-	44,  // 38: cairn.mds.v1.CreateVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	44,  // 39: cairn.mds.v1.StatVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	47,  // 40: cairn.mds.v1.StatVolumeResponse.sessions:type_name -> cairn.mds.v1.Session
-	44,  // 41: cairn.mds.v1.ListVolumesResponse.volumes:type_name -> cairn.mds.v1.Volume
-	44,  // 42: cairn.mds.v1.ExtendVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	44,  // 43: cairn.mds.v1.RenameVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	45,  // 44: cairn.mds.v1.CreateSnapshotResponse.snapshot:type_name -> cairn.mds.v1.Snapshot
-	45,  // 45: cairn.mds.v1.ListSnapshotsResponse.snapshots:type_name -> cairn.mds.v1.Snapshot
-	44,  // 46: cairn.mds.v1.OpenVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	47,  // 47: cairn.mds.v1.OpenVolumeResponse.session:type_name -> cairn.mds.v1.Session
-	7,   // 48: cairn.mds.v1.OpenVolumeResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
-	44,  // 49: cairn.mds.v1.RefreshSessionResponse.volume:type_name -> cairn.mds.v1.Volume
-	47,  // 50: cairn.mds.v1.RefreshSessionResponse.session:type_name -> cairn.mds.v1.Session
-	47,  // 51: cairn.mds.v1.ListSessionsResponse.sessions:type_name -> cairn.mds.v1.Session
-	101, // 52: cairn.mds.v1.Node.topology:type_name -> cairn.mds.v1.Node.TopologyEntry
-	74,  // 53: cairn.mds.v1.RegisterNodeRequest.node:type_name -> cairn.mds.v1.Node
-	74,  // 54: cairn.mds.v1.RegisterNodeResponse.node:type_name -> cairn.mds.v1.Node
-	74,  // 55: cairn.mds.v1.ListNodesResponse.nodes:type_name -> cairn.mds.v1.Node
-	44,  // 56: cairn.mds.v1.PublishVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	44,  // 57: cairn.mds.v1.UnpublishVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	102, // 58: cairn.mds.v1.ChunkRef.copyset:type_name -> cairn.common.v1.CopysetRef
-	83,  // 59: cairn.mds.v1.Segment.chunks:type_name -> cairn.mds.v1.ChunkRef
-	84,  // 60: cairn.mds.v1.GetSegmentResponse.segment:type_name -> cairn.mds.v1.Segment
-	84,  // 61: cairn.mds.v1.ListSegmentsResponse.segments:type_name -> cairn.mds.v1.Segment
-	89,  // 62: cairn.mds.v1.GetClusterStatusResponse.mds:type_name -> cairn.mds.v1.MDSInstance
-	90,  // 63: cairn.mds.v1.GetClusterStatusResponse.etcd:type_name -> cairn.mds.v1.EtcdMember
-	7,   // 64: cairn.mds.v1.GetClusterStatusResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
-	102, // 65: cairn.mds.v1.TransferLeaderRequest.copyset:type_name -> cairn.common.v1.CopysetRef
-	39,  // 66: cairn.mds.v1.TransferLeaderResponse.operator:type_name -> cairn.mds.v1.Operator
-	102, // 67: cairn.mds.v1.BlockedCopyset.copyset:type_name -> cairn.common.v1.CopysetRef
-	97,  // 68: cairn.mds.v1.GetScheduleStatusResponse.blocked:type_name -> cairn.mds.v1.BlockedCopyset
-	98,  // 69: cairn.mds.v1.GetScheduleStatusResponse.operators:type_name -> cairn.mds.v1.OperatorCount
-	39,  // 70: cairn.mds.v1.ListOperatorsResponse.operators:type_name -> cairn.mds.v1.Operator
-	15,  // 71: cairn.mds.v1.TopologyService.RegisterChunkServer:input_type -> cairn.mds.v1.RegisterChunkServerRequest
-	17,  // 72: cairn.mds.v1.TopologyService.GetChunkServer:input_type -> cairn.mds.v1.GetChunkServerRequest
-	19,  // 73: cairn.mds.v1.TopologyService.ListZones:input_type -> cairn.mds.v1.ListZonesRequest
-	21,  // 74: cairn.mds.v1.TopologyService.ListServers:input_type -> cairn.mds.v1.ListServersRequest
-	23,  // 75: cairn.mds.v1.TopologyService.ListChunkServers:input_type -> cairn.mds.v1.ListChunkServersRequest
-	25,  // 76: cairn.mds.v1.TopologyService.ListPools:input_type -> cairn.mds.v1.ListPoolsRequest
-	27,  // 77: cairn.mds.v1.TopologyService.CreateLogicalPool:input_type -> cairn.mds.v1.CreateLogicalPoolRequest
-	29,  // 78: cairn.mds.v1.TopologyService.ListCopysets:input_type -> cairn.mds.v1.ListCopysetsRequest
-	31,  // 79: cairn.mds.v1.TopologyService.GetCopysets:input_type -> cairn.mds.v1.GetCopysetsRequest
-	33,  // 80: cairn.mds.v1.TopologyService.UpdateChunkServer:input_type -> cairn.mds.v1.UpdateChunkServerRequest
-	35,  // 81: cairn.mds.v1.TopologyService.DeleteChunkServer:input_type -> cairn.mds.v1.DeleteChunkServerRequest
-	40,  // 82: cairn.mds.v1.OperatorService.StartOperators:input_type -> cairn.mds.v1.StartOperatorsRequest
-	38,  // 83: cairn.mds.v1.HeartbeatService.Heartbeat:input_type -> cairn.mds.v1.HeartbeatRequest
-	48,  // 84: cairn.mds.v1.VolumeService.CreateVolume:input_type -> cairn.mds.v1.CreateVolumeRequest
-	50,  // 85: cairn.mds.v1.VolumeService.StatVolume:input_type -> cairn.mds.v1.StatVolumeRequest
-	52,  // 86: cairn.mds.v1.VolumeService.ListVolumes:input_type -> cairn.mds.v1.ListVolumesRequest
-	54,  // 87: cairn.mds.v1.VolumeService.ExtendVolume:input_type -> cairn.mds.v1.ExtendVolumeRequest
-	56,  // 88: cairn.mds.v1.VolumeService.RenameVolume:input_type -> cairn.mds.v1.RenameVolumeRequest
-	58,  // 89: cairn.mds.v1.VolumeService.DeleteVolume:input_type -> cairn.mds.v1.DeleteVolumeRequest
-	66,  // 90: cairn.mds.v1.VolumeService.OpenVolume:input_type -> cairn.mds.v1.OpenVolumeRequest
-	60,  // 91: cairn.mds.v1.VolumeService.CreateSnapshot:input_type -> cairn.mds.v1.CreateSnapshotRequest
-	62,  // 92: cairn.mds.v1.VolumeService.ListSnapshots:input_type -> cairn.mds.v1.ListSnapshotsRequest
-	64,  // 93: cairn.mds.v1.VolumeService.DeleteSnapshot:input_type -> cairn.mds.v1.DeleteSnapshotRequest
-	75,  // 94: cairn.mds.v1.VolumeService.RegisterNode:input_type -> cairn.mds.v1.RegisterNodeRequest
-	77,  // 95: cairn.mds.v1.VolumeService.ListNodes:input_type -> cairn.mds.v1.ListNodesRequest
-	79,  // 96: cairn.mds.v1.VolumeService.PublishVolume:input_type -> cairn.mds.v1.PublishVolumeRequest
-	81,  // 97: cairn.mds.v1.VolumeService.UnpublishVolume:input_type -> cairn.mds.v1.UnpublishVolumeRequest
-	68,  // 98: cairn.mds.v1.VolumeService.RefreshSession:input_type -> cairn.mds.v1.RefreshSessionRequest
-	70,  // 99: cairn.mds.v1.VolumeService.CloseVolume:input_type -> cairn.mds.v1.CloseVolumeRequest
-	72,  // 100: cairn.mds.v1.VolumeService.ListSessions:input_type -> cairn.mds.v1.ListSessionsRequest
-	85,  // 101: cairn.mds.v1.VolumeService.GetSegment:input_type -> cairn.mds.v1.GetSegmentRequest
-	87,  // 102: cairn.mds.v1.VolumeService.ListSegments:input_type -> cairn.mds.v1.ListSegmentsRequest
-	91,  // 103: cairn.mds.v1.ClusterService.GetClusterStatus:input_type -> cairn.mds.v1.GetClusterStatusRequest
-	93,  // 104: cairn.mds.v1.ClusterService.TransferLeader:input_type -> cairn.mds.v1.TransferLeaderRequest
-	95,  // 105: cairn.mds.v1.ClusterService.ListOperators:input_type -> cairn.mds.v1.ListOperatorsRequest
-	96,  // 106: cairn.mds.v1.ClusterService.GetScheduleStatus:input_type -> cairn.mds.v1.GetScheduleStatusRequest
-	16,  // 107: cairn.mds.v1.TopologyService.RegisterChunkServer:output_type -> cairn.mds.v1.RegisterChunkServerResponse
-	18,  // 108: cairn.mds.v1.TopologyService.GetChunkServer:output_type -> cairn.mds.v1.GetChunkServerResponse
-	20,  // 109: cairn.mds.v1.TopologyService.ListZones:output_type -> cairn.mds.v1.ListZonesResponse
-	22,  // 110: cairn.mds.v1.TopologyService.ListServers:output_type -> cairn.mds.v1.ListServersResponse
-	24,  // 111: cairn.mds.v1.TopologyService.ListChunkServers:output_type -> cairn.mds.v1.ListChunkServersResponse
-	26,  // 112: cairn.mds.v1.TopologyService.ListPools:output_type -> cairn.mds.v1.ListPoolsResponse
-	28,  // 113: cairn.mds.v1.TopologyService.CreateLogicalPool:output_type -> cairn.mds.v1.CreateLogicalPoolResponse
-	30,  // 114: cairn.mds.v1.TopologyService.ListCopysets:output_type -> cairn.mds.v1.ListCopysetsResponse
-	32,  // 115: cairn.mds.v1.TopologyService.GetCopysets:output_type -> cairn.mds.v1.GetCopysetsResponse
-	34,  // 116: cairn.mds.v1.TopologyService.UpdateChunkServer:output_type -> cairn.mds.v1.UpdateChunkServerResponse
-	36,  // 117: cairn.mds.v1.TopologyService.DeleteChunkServer:output_type -> cairn.mds.v1.DeleteChunkServerResponse
-	41,  // 118: cairn.mds.v1.OperatorService.StartOperators:output_type -> cairn.mds.v1.StartOperatorsResponse
-	43,  // 119: cairn.mds.v1.HeartbeatService.Heartbeat:output_type -> cairn.mds.v1.HeartbeatResponse
-	49,  // 120: cairn.mds.v1.VolumeService.CreateVolume:output_type -> cairn.mds.v1.CreateVolumeResponse
-	51,  // 121: cairn.mds.v1.VolumeService.StatVolume:output_type -> cairn.mds.v1.StatVolumeResponse
-	53,  // 122: cairn.mds.v1.VolumeService.ListVolumes:output_type -> cairn.mds.v1.ListVolumesResponse
-	55,  // 123: cairn.mds.v1.VolumeService.ExtendVolume:output_type -> cairn.mds.v1.ExtendVolumeResponse
-	57,  // 124: cairn.mds.v1.VolumeService.RenameVolume:output_type -> cairn.mds.v1.RenameVolumeResponse
-	59,  // 125: cairn.mds.v1.VolumeService.DeleteVolume:output_type -> cairn.mds.v1.DeleteVolumeResponse
-	67,  // 126: cairn.mds.v1.VolumeService.OpenVolume:output_type -> cairn.mds.v1.OpenVolumeResponse
-	61,  // 127: cairn.mds.v1.VolumeService.CreateSnapshot:output_type -> cairn.mds.v1.CreateSnapshotResponse
-	63,  // 128: cairn.mds.v1.VolumeService.ListSnapshots:output_type -> cairn.mds.v1.ListSnapshotsResponse
-	65,  // 129: cairn.mds.v1.VolumeService.DeleteSnapshot:output_type -> cairn.mds.v1.DeleteSnapshotResponse
-	76,  // 130: cairn.mds.v1.VolumeService.RegisterNode:output_type -> cairn.mds.v1.RegisterNodeResponse
-	78,  // 131: cairn.mds.v1.VolumeService.ListNodes:output_type -> cairn.mds.v1.ListNodesResponse
-	80,  // 132: cairn.mds.v1.VolumeService.PublishVolume:output_type -> cairn.mds.v1.PublishVolumeResponse
-	82,  // 133: cairn.mds.v1.VolumeService.UnpublishVolume:output_type -> cairn.mds.v1.UnpublishVolumeResponse
-	69,  // 134: cairn.mds.v1.VolumeService.RefreshSession:output_type -> cairn.mds.v1.RefreshSessionResponse
-	71,  // 135: cairn.mds.v1.VolumeService.CloseVolume:output_type -> cairn.mds.v1.CloseVolumeResponse
-	73,  // 136: cairn.mds.v1.VolumeService.ListSessions:output_type -> cairn.mds.v1.ListSessionsResponse
-	86,  // 137: cairn.mds.v1.VolumeService.GetSegment:output_type -> cairn.mds.v1.GetSegmentResponse
-	88,  // 138: cairn.mds.v1.VolumeService.ListSegments:output_type -> cairn.mds.v1.ListSegmentsResponse
-	92,  // 139: cairn.mds.v1.ClusterService.GetClusterStatus:output_type -> cairn.mds.v1.GetClusterStatusResponse
-	94,  // 140: cairn.mds.v1.ClusterService.TransferLeader:output_type -> cairn.mds.v1.TransferLeaderResponse
-	100, // 141: cairn.mds.v1.ClusterService.ListOperators:output_type -> cairn.mds.v1.ListOperatorsResponse
-	99,  // 142: cairn.mds.v1.ClusterService.GetScheduleStatus:output_type -> cairn.mds.v1.GetScheduleStatusResponse
-	107, // [107:143] is the sub-list for method output_type
-	71,  // [71:107] is the sub-list for method input_type
-	71,  // [71:71] is the sub-list for extension type_name
-	71,  // [71:71] is the sub-list for extension extendee
-	0,   // [0:71] is the sub-list for field type_name
+	47,  // 35: cairn.mds.v1.Volume.publications:type_name -> cairn.mds.v1.Publication
+	46,  // 36: cairn.mds.v1.Volume.snapshots:type_name -> cairn.mds.v1.Snapshot
+	45,  // 37: cairn.mds.v1.Volume.clone_source:type_name -> cairn.mds.v1.CloneSource
+	5,   // 38: cairn.mds.v1.Snapshot.status:type_name -> cairn.mds.v1.SnapshotStatus
+	44,  // 39: cairn.mds.v1.CreateVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	44,  // 40: cairn.mds.v1.StatVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	48,  // 41: cairn.mds.v1.StatVolumeResponse.sessions:type_name -> cairn.mds.v1.Session
+	44,  // 42: cairn.mds.v1.ListVolumesResponse.volumes:type_name -> cairn.mds.v1.Volume
+	44,  // 43: cairn.mds.v1.ExtendVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	44,  // 44: cairn.mds.v1.RenameVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	46,  // 45: cairn.mds.v1.CreateSnapshotResponse.snapshot:type_name -> cairn.mds.v1.Snapshot
+	46,  // 46: cairn.mds.v1.ListSnapshotsResponse.snapshots:type_name -> cairn.mds.v1.Snapshot
+	44,  // 47: cairn.mds.v1.FlattenVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	44,  // 48: cairn.mds.v1.OpenVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	48,  // 49: cairn.mds.v1.OpenVolumeResponse.session:type_name -> cairn.mds.v1.Session
+	7,   // 50: cairn.mds.v1.OpenVolumeResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
+	44,  // 51: cairn.mds.v1.RefreshSessionResponse.volume:type_name -> cairn.mds.v1.Volume
+	48,  // 52: cairn.mds.v1.RefreshSessionResponse.session:type_name -> cairn.mds.v1.Session
+	48,  // 53: cairn.mds.v1.ListSessionsResponse.sessions:type_name -> cairn.mds.v1.Session
+	104, // 54: cairn.mds.v1.Node.topology:type_name -> cairn.mds.v1.Node.TopologyEntry
+	77,  // 55: cairn.mds.v1.RegisterNodeRequest.node:type_name -> cairn.mds.v1.Node
+	77,  // 56: cairn.mds.v1.RegisterNodeResponse.node:type_name -> cairn.mds.v1.Node
+	77,  // 57: cairn.mds.v1.ListNodesResponse.nodes:type_name -> cairn.mds.v1.Node
+	44,  // 58: cairn.mds.v1.PublishVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	44,  // 59: cairn.mds.v1.UnpublishVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	105, // 60: cairn.mds.v1.ChunkRef.copyset:type_name -> cairn.common.v1.CopysetRef
+	86,  // 61: cairn.mds.v1.Segment.chunks:type_name -> cairn.mds.v1.ChunkRef
+	87,  // 62: cairn.mds.v1.GetSegmentResponse.segment:type_name -> cairn.mds.v1.Segment
+	87,  // 63: cairn.mds.v1.ListSegmentsResponse.segments:type_name -> cairn.mds.v1.Segment
+	92,  // 64: cairn.mds.v1.GetClusterStatusResponse.mds:type_name -> cairn.mds.v1.MDSInstance
+	93,  // 65: cairn.mds.v1.GetClusterStatusResponse.etcd:type_name -> cairn.mds.v1.EtcdMember
+	7,   // 66: cairn.mds.v1.GetClusterStatusResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
+	105, // 67: cairn.mds.v1.TransferLeaderRequest.copyset:type_name -> cairn.common.v1.CopysetRef
+	39,  // 68: cairn.mds.v1.TransferLeaderResponse.operator:type_name -> cairn.mds.v1.Operator
+	105, // 69: cairn.mds.v1.BlockedCopyset.copyset:type_name -> cairn.common.v1.CopysetRef
+	100, // 70: cairn.mds.v1.GetScheduleStatusResponse.blocked:type_name -> cairn.mds.v1.BlockedCopyset
+	101, // 71: cairn.mds.v1.GetScheduleStatusResponse.operators:type_name -> cairn.mds.v1.OperatorCount
+	39,  // 72: cairn.mds.v1.ListOperatorsResponse.operators:type_name -> cairn.mds.v1.Operator
+	15,  // 73: cairn.mds.v1.TopologyService.RegisterChunkServer:input_type -> cairn.mds.v1.RegisterChunkServerRequest
+	17,  // 74: cairn.mds.v1.TopologyService.GetChunkServer:input_type -> cairn.mds.v1.GetChunkServerRequest
+	19,  // 75: cairn.mds.v1.TopologyService.ListZones:input_type -> cairn.mds.v1.ListZonesRequest
+	21,  // 76: cairn.mds.v1.TopologyService.ListServers:input_type -> cairn.mds.v1.ListServersRequest
+	23,  // 77: cairn.mds.v1.TopologyService.ListChunkServers:input_type -> cairn.mds.v1.ListChunkServersRequest
+	25,  // 78: cairn.mds.v1.TopologyService.ListPools:input_type -> cairn.mds.v1.ListPoolsRequest
+	27,  // 79: cairn.mds.v1.TopologyService.CreateLogicalPool:input_type -> cairn.mds.v1.CreateLogicalPoolRequest
+	29,  // 80: cairn.mds.v1.TopologyService.ListCopysets:input_type -> cairn.mds.v1.ListCopysetsRequest
+	31,  // 81: cairn.mds.v1.TopologyService.GetCopysets:input_type -> cairn.mds.v1.GetCopysetsRequest
+	33,  // 82: cairn.mds.v1.TopologyService.UpdateChunkServer:input_type -> cairn.mds.v1.UpdateChunkServerRequest
+	35,  // 83: cairn.mds.v1.TopologyService.DeleteChunkServer:input_type -> cairn.mds.v1.DeleteChunkServerRequest
+	40,  // 84: cairn.mds.v1.OperatorService.StartOperators:input_type -> cairn.mds.v1.StartOperatorsRequest
+	38,  // 85: cairn.mds.v1.HeartbeatService.Heartbeat:input_type -> cairn.mds.v1.HeartbeatRequest
+	49,  // 86: cairn.mds.v1.VolumeService.CreateVolume:input_type -> cairn.mds.v1.CreateVolumeRequest
+	51,  // 87: cairn.mds.v1.VolumeService.StatVolume:input_type -> cairn.mds.v1.StatVolumeRequest
+	53,  // 88: cairn.mds.v1.VolumeService.ListVolumes:input_type -> cairn.mds.v1.ListVolumesRequest
+	55,  // 89: cairn.mds.v1.VolumeService.ExtendVolume:input_type -> cairn.mds.v1.ExtendVolumeRequest
+	57,  // 90: cairn.mds.v1.VolumeService.RenameVolume:input_type -> cairn.mds.v1.RenameVolumeRequest
+	59,  // 91: cairn.mds.v1.VolumeService.DeleteVolume:input_type -> cairn.mds.v1.DeleteVolumeRequest
+	69,  // 92: cairn.mds.v1.VolumeService.OpenVolume:input_type -> cairn.mds.v1.OpenVolumeRequest
+	61,  // 93: cairn.mds.v1.VolumeService.CreateSnapshot:input_type -> cairn.mds.v1.CreateSnapshotRequest
+	63,  // 94: cairn.mds.v1.VolumeService.ListSnapshots:input_type -> cairn.mds.v1.ListSnapshotsRequest
+	65,  // 95: cairn.mds.v1.VolumeService.DeleteSnapshot:input_type -> cairn.mds.v1.DeleteSnapshotRequest
+	67,  // 96: cairn.mds.v1.VolumeService.FlattenVolume:input_type -> cairn.mds.v1.FlattenVolumeRequest
+	78,  // 97: cairn.mds.v1.VolumeService.RegisterNode:input_type -> cairn.mds.v1.RegisterNodeRequest
+	80,  // 98: cairn.mds.v1.VolumeService.ListNodes:input_type -> cairn.mds.v1.ListNodesRequest
+	82,  // 99: cairn.mds.v1.VolumeService.PublishVolume:input_type -> cairn.mds.v1.PublishVolumeRequest
+	84,  // 100: cairn.mds.v1.VolumeService.UnpublishVolume:input_type -> cairn.mds.v1.UnpublishVolumeRequest
+	71,  // 101: cairn.mds.v1.VolumeService.RefreshSession:input_type -> cairn.mds.v1.RefreshSessionRequest
+	73,  // 102: cairn.mds.v1.VolumeService.CloseVolume:input_type -> cairn.mds.v1.CloseVolumeRequest
+	75,  // 103: cairn.mds.v1.VolumeService.ListSessions:input_type -> cairn.mds.v1.ListSessionsRequest
+	88,  // 104: cairn.mds.v1.VolumeService.GetSegment:input_type -> cairn.mds.v1.GetSegmentRequest
+	90,  // 105: cairn.mds.v1.VolumeService.ListSegments:input_type -> cairn.mds.v1.ListSegmentsRequest
+	94,  // 106: cairn.mds.v1.ClusterService.GetClusterStatus:input_type -> cairn.mds.v1.GetClusterStatusRequest
+	96,  // 107: cairn.mds.v1.ClusterService.TransferLeader:input_type -> cairn.mds.v1.TransferLeaderRequest
+	98,  // 108: cairn.mds.v1.ClusterService.ListOperators:input_type -> cairn.mds.v1.ListOperatorsRequest
+	99,  // 109: cairn.mds.v1.ClusterService.GetScheduleStatus:input_type -> cairn.mds.v1.GetScheduleStatusRequest
+	16,  // 110: cairn.mds.v1.TopologyService.RegisterChunkServer:output_type -> cairn.mds.v1.RegisterChunkServerResponse
+	18,  // 111: cairn.mds.v1.TopologyService.GetChunkServer:output_type -> cairn.mds.v1.GetChunkServerResponse
+	20,  // 112: cairn.mds.v1.TopologyService.ListZones:output_type -> cairn.mds.v1.ListZonesResponse
+	22,  // 113: cairn.mds.v1.TopologyService.ListServers:output_type -> cairn.mds.v1.ListServersResponse
+	24,  // 114: cairn.mds.v1.TopologyService.ListChunkServers:output_type -> cairn.mds.v1.ListChunkServersResponse
+	26,  // 115: cairn.mds.v1.TopologyService.ListPools:output_type -> cairn.mds.v1.ListPoolsResponse
+	28,  // 116: cairn.mds.v1.TopologyService.CreateLogicalPool:output_type -> cairn.mds.v1.CreateLogicalPoolResponse
+	30,  // 117: cairn.mds.v1.TopologyService.ListCopysets:output_type -> cairn.mds.v1.ListCopysetsResponse
+	32,  // 118: cairn.mds.v1.TopologyService.GetCopysets:output_type -> cairn.mds.v1.GetCopysetsResponse
+	34,  // 119: cairn.mds.v1.TopologyService.UpdateChunkServer:output_type -> cairn.mds.v1.UpdateChunkServerResponse
+	36,  // 120: cairn.mds.v1.TopologyService.DeleteChunkServer:output_type -> cairn.mds.v1.DeleteChunkServerResponse
+	41,  // 121: cairn.mds.v1.OperatorService.StartOperators:output_type -> cairn.mds.v1.StartOperatorsResponse
+	43,  // 122: cairn.mds.v1.HeartbeatService.Heartbeat:output_type -> cairn.mds.v1.HeartbeatResponse
+	50,  // 123: cairn.mds.v1.VolumeService.CreateVolume:output_type -> cairn.mds.v1.CreateVolumeResponse
+	52,  // 124: cairn.mds.v1.VolumeService.StatVolume:output_type -> cairn.mds.v1.StatVolumeResponse
+	54,  // 125: cairn.mds.v1.VolumeService.ListVolumes:output_type -> cairn.mds.v1.ListVolumesResponse
+	56,  // 126: cairn.mds.v1.VolumeService.ExtendVolume:output_type -> cairn.mds.v1.ExtendVolumeResponse
+	58,  // 127: cairn.mds.v1.VolumeService.RenameVolume:output_type -> cairn.mds.v1.RenameVolumeResponse
+	60,  // 128: cairn.mds.v1.VolumeService.DeleteVolume:output_type -> cairn.mds.v1.DeleteVolumeResponse
+	70,  // 129: cairn.mds.v1.VolumeService.OpenVolume:output_type -> cairn.mds.v1.OpenVolumeResponse
+	62,  // 130: cairn.mds.v1.VolumeService.CreateSnapshot:output_type -> cairn.mds.v1.CreateSnapshotResponse
+	64,  // 131: cairn.mds.v1.VolumeService.ListSnapshots:output_type -> cairn.mds.v1.ListSnapshotsResponse
+	66,  // 132: cairn.mds.v1.VolumeService.DeleteSnapshot:output_type -> cairn.mds.v1.DeleteSnapshotResponse
+	68,  // 133: cairn.mds.v1.VolumeService.FlattenVolume:output_type -> cairn.mds.v1.FlattenVolumeResponse
+	79,  // 134: cairn.mds.v1.VolumeService.RegisterNode:output_type -> cairn.mds.v1.RegisterNodeResponse
+	81,  // 135: cairn.mds.v1.VolumeService.ListNodes:output_type -> cairn.mds.v1.ListNodesResponse
+	83,  // 136: cairn.mds.v1.VolumeService.PublishVolume:output_type -> cairn.mds.v1.PublishVolumeResponse
+	85,  // 137: cairn.mds.v1.VolumeService.UnpublishVolume:output_type -> cairn.mds.v1.UnpublishVolumeResponse
+	72,  // 138: cairn.mds.v1.VolumeService.RefreshSession:output_type -> cairn.mds.v1.RefreshSessionResponse
+	74,  // 139: cairn.mds.v1.VolumeService.CloseVolume:output_type -> cairn.mds.v1.CloseVolumeResponse
+	76,  // 140: cairn.mds.v1.VolumeService.ListSessions:output_type -> cairn.mds.v1.ListSessionsResponse
+	89,  // 141: cairn.mds.v1.VolumeService.GetSegment:output_type -> cairn.mds.v1.GetSegmentResponse
+	91,  // 142: cairn.mds.v1.VolumeService.ListSegments:output_type -> cairn.mds.v1.ListSegmentsResponse
+	95,  // 143: cairn.mds.v1.ClusterService.GetClusterStatus:output_type -> cairn.mds.v1.GetClusterStatusResponse
+	97,  // 144: cairn.mds.v1.ClusterService.TransferLeader:output_type -> cairn.mds.v1.TransferLeaderResponse
+	103, // 145: cairn.mds.v1.ClusterService.ListOperators:output_type -> cairn.mds.v1.ListOperatorsResponse
+	102, // 146: cairn.mds.v1.ClusterService.GetScheduleStatus:output_type -> cairn.mds.v1.GetScheduleStatusResponse
+	110, // [110:147] is the sub-list for method output_type
+	73,  // [73:110] is the sub-list for method input_type
+	73,  // [73:73] is the sub-list for extension type_name
+	73,  // [73:73] is the sub-list for extension extendee
+	0,   // [0:73] is the sub-list for field type_name
 }
 
 func init() { file_mdspb_mds_proto_init() }
@@ -6523,7 +6781,7 @@ func file_mdspb_mds_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_mdspb_mds_proto_rawDesc), len(file_mdspb_mds_proto_rawDesc)),
 			NumEnums:      6,
-			NumMessages:   96,
+			NumMessages:   99,
 			NumExtensions: 0,
 			NumServices:   5,
 		},

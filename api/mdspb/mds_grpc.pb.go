@@ -750,6 +750,7 @@ const (
 	VolumeService_CreateSnapshot_FullMethodName  = "/cairn.mds.v1.VolumeService/CreateSnapshot"
 	VolumeService_ListSnapshots_FullMethodName   = "/cairn.mds.v1.VolumeService/ListSnapshots"
 	VolumeService_DeleteSnapshot_FullMethodName  = "/cairn.mds.v1.VolumeService/DeleteSnapshot"
+	VolumeService_FlattenVolume_FullMethodName   = "/cairn.mds.v1.VolumeService/FlattenVolume"
 	VolumeService_RegisterNode_FullMethodName    = "/cairn.mds.v1.VolumeService/RegisterNode"
 	VolumeService_ListNodes_FullMethodName       = "/cairn.mds.v1.VolumeService/ListNodes"
 	VolumeService_PublishVolume_FullMethodName   = "/cairn.mds.v1.VolumeService/PublishVolume"
@@ -778,6 +779,7 @@ type VolumeServiceClient interface {
 	CreateSnapshot(ctx context.Context, in *CreateSnapshotRequest, opts ...grpc.CallOption) (*CreateSnapshotResponse, error)
 	ListSnapshots(ctx context.Context, in *ListSnapshotsRequest, opts ...grpc.CallOption) (*ListSnapshotsResponse, error)
 	DeleteSnapshot(ctx context.Context, in *DeleteSnapshotRequest, opts ...grpc.CallOption) (*DeleteSnapshotResponse, error)
+	FlattenVolume(ctx context.Context, in *FlattenVolumeRequest, opts ...grpc.CallOption) (*FlattenVolumeResponse, error)
 	RegisterNode(ctx context.Context, in *RegisterNodeRequest, opts ...grpc.CallOption) (*RegisterNodeResponse, error)
 	ListNodes(ctx context.Context, in *ListNodesRequest, opts ...grpc.CallOption) (*ListNodesResponse, error)
 	PublishVolume(ctx context.Context, in *PublishVolumeRequest, opts ...grpc.CallOption) (*PublishVolumeResponse, error)
@@ -897,6 +899,16 @@ func (c *volumeServiceClient) DeleteSnapshot(ctx context.Context, in *DeleteSnap
 	return out, nil
 }
 
+func (c *volumeServiceClient) FlattenVolume(ctx context.Context, in *FlattenVolumeRequest, opts ...grpc.CallOption) (*FlattenVolumeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(FlattenVolumeResponse)
+	err := c.cc.Invoke(ctx, VolumeService_FlattenVolume_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *volumeServiceClient) RegisterNode(ctx context.Context, in *RegisterNodeRequest, opts ...grpc.CallOption) (*RegisterNodeResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(RegisterNodeResponse)
@@ -1004,6 +1016,7 @@ type VolumeServiceServer interface {
 	CreateSnapshot(context.Context, *CreateSnapshotRequest) (*CreateSnapshotResponse, error)
 	ListSnapshots(context.Context, *ListSnapshotsRequest) (*ListSnapshotsResponse, error)
 	DeleteSnapshot(context.Context, *DeleteSnapshotRequest) (*DeleteSnapshotResponse, error)
+	FlattenVolume(context.Context, *FlattenVolumeRequest) (*FlattenVolumeResponse, error)
 	RegisterNode(context.Context, *RegisterNodeRequest) (*RegisterNodeResponse, error)
 	ListNodes(context.Context, *ListNodesRequest) (*ListNodesResponse, error)
 	PublishVolume(context.Context, *PublishVolumeRequest) (*PublishVolumeResponse, error)
@@ -1052,6 +1065,9 @@ func (UnimplementedVolumeServiceServer) ListSnapshots(context.Context, *ListSnap
 }
 func (UnimplementedVolumeServiceServer) DeleteSnapshot(context.Context, *DeleteSnapshotRequest) (*DeleteSnapshotResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DeleteSnapshot not implemented")
+}
+func (UnimplementedVolumeServiceServer) FlattenVolume(context.Context, *FlattenVolumeRequest) (*FlattenVolumeResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method FlattenVolume not implemented")
 }
 func (UnimplementedVolumeServiceServer) RegisterNode(context.Context, *RegisterNodeRequest) (*RegisterNodeResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method RegisterNode not implemented")
@@ -1281,6 +1297,24 @@ func _VolumeService_DeleteSnapshot_Handler(srv interface{}, ctx context.Context,
 	return interceptor(ctx, in, info, handler)
 }
 
+func _VolumeService_FlattenVolume_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(FlattenVolumeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VolumeServiceServer).FlattenVolume(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VolumeService_FlattenVolume_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VolumeServiceServer).FlattenVolume(ctx, req.(*FlattenVolumeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _VolumeService_RegisterNode_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(RegisterNodeRequest)
 	if err := dec(in); err != nil {
@@ -1489,6 +1523,10 @@ var VolumeService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "DeleteSnapshot",
 			Handler:    _VolumeService_DeleteSnapshot_Handler,
+		},
+		{
+			MethodName: "FlattenVolume",
+			Handler:    _VolumeService_FlattenVolume_Handler,
 		},
 		{
 			MethodName: "RegisterNode",

@@ -241,7 +241,10 @@ type SnapshotFile struct {
 	ChunkId uint64                 `protobuf:"varint,1,opt,name=chunk_id,json=chunkId,proto3" json:"chunk_id,omitempty"`
 	Size    uint64                 `protobuf:"varint,2,opt,name=size,proto3" json:"size,omitempty"`
 	// The volume sequence number the chunk was created under (snapshots).
-	CreatedSn     uint64 `protobuf:"varint,3,opt,name=created_sn,json=createdSn,proto3" json:"created_sn,omitempty"`
+	CreatedSn uint64 `protobuf:"varint,3,opt,name=created_sn,json=createdSn,proto3" json:"created_sn,omitempty"`
+	// A clone's chunk: the pages it owns (a bit per copy unit), read before
+	// its data; empty for a chunk that is not a clone's.
+	Owned         []byte `protobuf:"bytes,4,opt,name=owned,proto3" json:"owned,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -295,6 +298,13 @@ func (x *SnapshotFile) GetCreatedSn() uint64 {
 		return x.CreatedSn
 	}
 	return 0
+}
+
+func (x *SnapshotFile) GetOwned() []byte {
+	if x != nil {
+		return x.Owned
+	}
+	return nil
 }
 
 // SnapshotChunk is one frame of a snapshot stream. The first frame carries the
@@ -562,12 +572,13 @@ const file_transportpb_transport_proto_rawDesc = "" +
 	"\bmessages\x18\x03 \x03(\v2 .cairn.transport.v1.GroupMessageR\bmessages\x12=\n" +
 	"\n" +
 	"heartbeats\x18\x04 \x03(\v2\x1d.cairn.transport.v1.HeartbeatR\n" +
-	"heartbeats\"\\\n" +
+	"heartbeats\"r\n" +
 	"\fSnapshotFile\x12\x19\n" +
 	"\bchunk_id\x18\x01 \x01(\x04R\achunkId\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x04R\x04size\x12\x1d\n" +
 	"\n" +
-	"created_sn\x18\x03 \x01(\x04R\tcreatedSn\"\x8e\x04\n" +
+	"created_sn\x18\x03 \x01(\x04R\tcreatedSn\x12\x14\n" +
+	"\x05owned\x18\x04 \x01(\fR\x05owned\"\x8e\x04\n" +
 	"\rSnapshotChunk\x12\x12\n" +
 	"\x04from\x18\x01 \x01(\x04R\x04from\x12\x0e\n" +
 	"\x02to\x18\x02 \x01(\x04R\x02to\x12\x14\n" +

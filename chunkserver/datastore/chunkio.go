@@ -35,11 +35,11 @@ func (s *Store) write(id uint64, p []byte, off int64, sn, keep uint64) error {
 			return err
 		}
 		if c == nil {
-			if c, err = s.create(id, sn); err != nil {
+			if c, err = s.create(id, sn, false); err != nil {
 				return err
 			}
 		}
-		retry, err := s.writeChunk(c, p, off, sn, keep)
+		retry, err := s.writeChunk(c, p, off, sn, keep, nil, 0)
 		if !retry {
 			return err
 		}
@@ -48,8 +48,10 @@ func (s *Store) write(id uint64, p []byte, off int64, sn, keep uint64) error {
 }
 
 // writeChunk writes into an existing chunk; under a sequence number (sn
-// not 0) it first keeps what snapshots need (snapshot.go).
-func (s *Store) writeChunk(c *chunk, p []byte, off int64, sn, keep uint64) (retry bool, err error) {
+// not 0) it first keeps what snapshots need (snapshot.go); into a clone's
+// chunk, it first fills and owns the pages (clone.go). p may be empty when
+// fill is not.
+func (s *Store) writeChunk(c *chunk, p []byte, off int64, sn, keep uint64, fill []byte, fillOff int64) (retry bool, err error) {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	if c.gone != nil {
@@ -58,6 +60,11 @@ func (s *Store) writeChunk(c *chunk, p []byte, off int64, sn, keep uint64) (retr
 	if c.corrupt != nil {
 		return false, fmt.Errorf("write: %w", c.corrupt)
 	}
+	if c.own != nil && fill != nil {
+		if err := s.checkFill(c, off, int64(len(p)), fill, fillOff); err != nil {
+			return false, err
+		}
+	}
 	if sn != 0 {
 		c.cow.Lock()
 		defer c.cow.Unlock()
@@ -65,7 +72,7 @@ func (s *Store) writeChunk(c *chunk, p []byte, off int64, sn, keep uint64) (retr
 		if err != nil {
 			return false, fmt.Errorf("write chunk %d: %w", c.id, err)
 		}
-		if v != nil {
+		if v != nil && len(p) > 0 {
 			if err := s.copyOut(c, v, off, int64(len(p))); err != nil {
 				return false, fmt.Errorf("write chunk %d: copy on write: %w", c.id, err)
 			}
@@ -75,18 +82,26 @@ func (s *Store) writeChunk(c *chunk, p []byte, off int64, sn, keep uint64) (retr
 	if err != nil {
 		return false, fmt.Errorf("write: %w", err)
 	}
-	_, err = h.f.WriteAt(p, s.geo.MetaPageSize+off)
-	h.release()
-	if err != nil {
-		return false, fmt.Errorf("write chunk %d: %w", c.id, err)
+	defer h.release()
+	if c.own != nil {
+		if err := s.adopt(c, h, off, int64(len(p)), fill, fillOff); err != nil {
+			return false, fmt.Errorf("write chunk %d: %w", c.id, err)
+		}
+		c.dirty.Store(true)
+	}
+	if len(p) > 0 {
+		if _, err = h.f.WriteAt(p, s.geo.MetaPageSize+off); err != nil {
+			return false, fmt.Errorf("write chunk %d: %w", c.id, err)
+		}
 	}
 	c.dirty.Store(true)
 	return false, nil
 }
 
-// create makes chunk id from a pool file, created under sequence number sn,
-// or waits for a creation of the same chunk under way.
-func (s *Store) create(id, sn uint64) (*chunk, error) {
+// create makes chunk id from a pool file, created under sequence number sn
+// (a clone's chunk, owning no page, when clone is set), or waits for a
+// creation of the same chunk under way.
+func (s *Store) create(id, sn uint64, clone bool) (*chunk, error) {
 	for {
 		s.mu.Lock()
 		if s.mu.closed {
@@ -111,7 +126,7 @@ func (s *Store) create(id, sn uint64) (*chunk, error) {
 	s.mu.creating[id] = cr
 	s.mu.Unlock()
 
-	c, err := s.createFile(id, sn)
+	c, err := s.createFile(id, sn, clone)
 
 	s.mu.Lock()
 	delete(s.mu.creating, id)
@@ -133,7 +148,7 @@ func (s *Store) create(id, sn uint64) (*chunk, error) {
 // createFile takes a pool file under a temporary name, writes and
 // fdatasyncs the meta page, renames the file to its final name and fsyncs
 // the directory. On failure the file goes back to the pool.
-func (s *Store) createFile(id, sn uint64) (*chunk, error) {
+func (s *Store) createFile(id, sn uint64, clone bool) (*chunk, error) {
 	final := filepath.Join(s.dir, chunkName(id))
 	tmp := final + creatingSuffix
 	ctx, cancel := context.WithTimeout(context.Background(), s.wait)
@@ -146,10 +161,22 @@ func (s *Store) createFile(id, sn uint64) (*chunk, error) {
 		return nil, fmt.Errorf("create chunk %d: %w", id, err)
 	}
 	current := tmp
+	meta := ChunkMeta{Version: MetaVersion, ChunkID: id, CreatedSN: sn, ChunkSize: s.geo.ChunkSize}
+	var own *owned
+	if clone {
+		meta.Flags = MetaFlagClone
+		own = &owned{path: filepath.Join(s.dir, ownName(id)), bits: make([]byte, s.bitmapLen())}
+		// Bits of a chunk deleted before (an own file its delete left)
+		// must not come back.
+		own.saved = slices.Clone(own.bits)
+		if err := os.Remove(own.path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			_ = s.pool.Recycle(tmp)
+			return nil, fmt.Errorf("create chunk %d: %w", id, err)
+		}
+	}
 	f, err := os.OpenFile(tmp, os.O_RDWR, 0)
 	if err == nil {
 		err = func() error {
-			meta := ChunkMeta{Version: MetaVersion, ChunkID: id, CreatedSN: sn, ChunkSize: s.geo.ChunkSize}
 			if _, err := f.WriteAt(EncodeMetaPage(meta, int(s.geo.MetaPageSize)), 0); err != nil {
 				return err
 			}
@@ -177,12 +204,7 @@ func (s *Store) createFile(id, sn uint64) (*chunk, error) {
 		}
 		return nil, fmt.Errorf("create chunk %d: %w", id, err)
 	}
-	c := &chunk{
-		id:   id,
-		path: final,
-		meta: ChunkMeta{Version: MetaVersion, ChunkID: id, CreatedSN: sn, ChunkSize: s.geo.ChunkSize},
-		sn:   max(sn, 1),
-	}
+	c := &chunk{id: id, path: final, meta: meta, sn: max(sn, 1), own: own}
 	s.files.insert(c, f).release()
 	return c, nil
 }
@@ -251,7 +273,7 @@ func (s *Store) Delete(id uint64) error {
 		v := c.versions[len(c.versions)-1]
 		if err := s.pool.Recycle(v.path); err != nil {
 			if _, serr := os.Lstat(v.path); serr == nil {
-				back := &chunk{id: id, path: c.path, meta: c.meta, corrupt: c.corrupt, sn: c.sn, versions: c.versions}
+				back := &chunk{id: id, path: c.path, meta: c.meta, corrupt: c.corrupt, sn: c.sn, versions: c.versions, own: c.own}
 				back.dirty.Store(c.dirty.Load())
 				s.mu.Lock()
 				if s.mu.chunks[id] == nil && !s.mu.closed {
@@ -275,7 +297,7 @@ func (s *Store) Delete(id uint64) error {
 			return fmt.Errorf("delete chunk %d: %w", id, err)
 		}
 		// The file is still in place: keep the chunk.
-		back := &chunk{id: id, path: c.path, meta: c.meta, corrupt: c.corrupt, sn: c.sn, versions: c.versions}
+		back := &chunk{id: id, path: c.path, meta: c.meta, corrupt: c.corrupt, sn: c.sn, versions: c.versions, own: c.own}
 		back.dirty.Store(c.dirty.Load())
 		s.mu.Lock()
 		if s.mu.chunks[id] == nil && !s.mu.closed {
@@ -283,6 +305,13 @@ func (s *Store) Delete(id uint64) error {
 		}
 		s.mu.Unlock()
 		return fmt.Errorf("delete chunk %d: %w", id, err)
+	}
+	if c.own != nil || c.meta.Flags&MetaFlagClone != 0 {
+		// An own file left by a failure here is removed at the next Open
+		// or when the chunk is created again.
+		if err := os.Remove(filepath.Join(s.dir, ownName(id))); err != nil && !errors.Is(err, os.ErrNotExist) {
+			s.log.Warn("cannot remove the owned pages of a deleted clone chunk", "chunk", id, "err", err)
+		}
 	}
 	return nil
 }
@@ -306,12 +335,17 @@ func (s *Store) Info(id uint64) (ChunkInfo, error) {
 	for _, v := range c.versions {
 		info.Versions = append(info.Versions, VersionInfo{From: v.meta.From, To: v.meta.To, Pages: v.meta.held(), CopyUnit: v.meta.Unit})
 	}
+	if bits := c.ownedSnapshot(); bits != nil {
+		info.Clone = true
+		info.OwnedPages = (&versionMeta{Bitmap: bits}).held()
+	}
 	return info, nil
 }
 
 // Hash returns the CRC32C (Castagnoli) of length bytes at off of the chunk's
 // data; length 0 means to the end of the chunk. The range follows ReadAt's
-// rules.
+// rules. A clone's chunk's owned pages (clone.go) are hashed after the
+// data, so that replicas that own different pages differ.
 func (s *Store) Hash(id uint64, off, length int64) (uint32, error) {
 	if length == 0 {
 		length = s.geo.ChunkSize - off
@@ -333,6 +367,7 @@ func (s *Store) Hash(id uint64, off, length int64) (uint32, error) {
 	defer s.hashBufs.Put(bp)
 	buf := *bp
 	var crc uint32
+	bits := c.ownedSnapshot()
 	for done := int64(0); done < length; {
 		n := min(int64(len(buf)), length-done)
 		if err := s.readChunk(c, buf[:n], off+done); err != nil {
@@ -340,6 +375,9 @@ func (s *Store) Hash(id uint64, off, length int64) (uint32, error) {
 		}
 		crc = crc32.Update(crc, castagnoli, buf[:n])
 		done += n
+	}
+	if bits != nil {
+		crc = crc32.Update(crc, castagnoli, bits)
 	}
 	return crc, nil
 }

@@ -14,7 +14,7 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 //	off len field
 //	  0   8 magic "CAIRNCK1"
 //	  8   4 format version (1)
-//	 12   4 reserved, zero
+//	 12   4 flags: bit 0 set for a clone's chunk (clone.go); others zero
 //	 16   8 chunk id
 //	 24   8 sequence number the chunk was created under (0: none)
 //	 32   8 reserved, zero
@@ -28,6 +28,9 @@ const (
 	// MinMetaPageSize is the smallest meta page the format fits in.
 	MinMetaPageSize = 512
 	metaFieldsLen   = 48
+	// MetaFlagClone marks a clone's chunk: its pages read from the clone's
+	// source until written (clone.go).
+	MetaFlagClone uint32 = 1
 )
 
 // ChunkMeta is the content of a chunk's meta page. It is written once, when
@@ -40,6 +43,8 @@ type ChunkMeta struct {
 	// the chunk: snapshots taken before it read the chunk as zeros.
 	CreatedSN uint64
 	ChunkSize int64
+	// Flags are MetaFlag bits.
+	Flags uint32
 }
 
 // EncodeMetaPage returns a meta page of pageSize bytes for m, with its CRC.
@@ -48,6 +53,7 @@ func EncodeMetaPage(m ChunkMeta, pageSize int) []byte {
 	b := make([]byte, pageSize)
 	copy(b, metaMagic)
 	binary.LittleEndian.PutUint32(b[8:], m.Version)
+	binary.LittleEndian.PutUint32(b[12:], m.Flags)
 	binary.LittleEndian.PutUint64(b[16:], m.ChunkID)
 	binary.LittleEndian.PutUint64(b[24:], m.CreatedSN)
 	binary.LittleEndian.PutUint64(b[40:], uint64(m.ChunkSize))
@@ -73,11 +79,12 @@ func DecodeMetaPage(page []byte) (ChunkMeta, error) {
 		ChunkID:   binary.LittleEndian.Uint64(page[16:]),
 		CreatedSN: binary.LittleEndian.Uint64(page[24:]),
 		ChunkSize: int64(binary.LittleEndian.Uint64(page[40:])),
+		Flags:     binary.LittleEndian.Uint32(page[12:]),
 	}
 	if m.Version != MetaVersion {
 		return ChunkMeta{}, fmt.Errorf("%w: meta page version %d, this build reads %d", ErrCorrupt, m.Version, MetaVersion)
 	}
-	if binary.LittleEndian.Uint32(page[12:]) != 0 || binary.LittleEndian.Uint64(page[32:]) != 0 {
+	if m.Flags&^MetaFlagClone != 0 || binary.LittleEndian.Uint64(page[32:]) != 0 {
 		return ChunkMeta{}, fmt.Errorf("%w: meta page reserved field set", ErrCorrupt)
 	}
 	for _, c := range page[metaFieldsLen : n-4] {

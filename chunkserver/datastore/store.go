@@ -17,6 +17,7 @@ import (
 
 	"cairn.io/cairn/chunkfilepool"
 	"cairn.io/cairn/chunkfilepool/fsutil"
+	"cairn.io/cairn/internal/geometry"
 )
 
 const (
@@ -72,6 +73,10 @@ type ChunkInfo struct {
 	Versions []VersionInfo
 	// Version is the meta page format version.
 	Version uint32
+	// Clone is set for a clone's chunk (clone.go), which owns OwnedPages
+	// pages of CopyUnit bytes.
+	Clone      bool
+	OwnedPages int
 }
 
 // VersionInfo describes a chunk's version file: the pages it holds of the
@@ -101,6 +106,9 @@ type chunk struct {
 	cow      sync.RWMutex
 	sn       uint64     // sequence number of the data
 	versions []*version // by From, ascending
+
+	// own is what a clone's chunk owns (clone.go); nil for other chunks.
+	own *owned
 
 	// Guarded by the FileCache's mutex.
 	h          *handle
@@ -166,7 +174,7 @@ func Open(dir string, pool *chunkfilepool.Pool, opts Options) (*Store, error) {
 		knobs: opts.TestingKnobs,
 		wait:  opts.CreateWait,
 	}
-	s.unit = copyUnit(s.geo.ChunkSize, s.geo.MetaPageSize, s.geo.BlockSize)
+	s.unit = geometry.CopyUnit(s.geo.ChunkSize, s.geo.MetaPageSize, s.geo.BlockSize)
 	s.hashBufs.New = func() any { b := make([]byte, 256<<10); return &b }
 	s.mu.chunks = make(map[uint64]*chunk)
 	s.mu.creating = make(map[uint64]*creation)
@@ -206,6 +214,7 @@ func (s *Store) load() error {
 	page := make([]byte, s.geo.MetaPageSize)
 	corrupt := 0
 	versions := map[uint64][]*version{}
+	ownFiles := map[uint64]string{}
 	for _, e := range ents {
 		name := e.Name()
 		path := filepath.Join(s.dir, name)
@@ -231,6 +240,10 @@ func (s *Store) load() error {
 			versions[id] = append(versions[id], v)
 			continue
 		}
+		if id, ok := parseOwnName(name); ok {
+			ownFiles[id] = path
+			continue
+		}
 		id, ok := parseChunkName(name)
 		if !ok {
 			s.log.Warn("ignoring unexpected file in store directory", "name", name)
@@ -245,6 +258,9 @@ func (s *Store) load() error {
 		s.mu.chunks[id] = c
 	}
 	if err := s.attachVersions(versions); err != nil {
+		return err
+	}
+	if err := s.attachOwned(ownFiles); err != nil {
 		return err
 	}
 	// One per copyset: the engine logs the sum.

@@ -51,6 +51,9 @@ func (s *Store) syncChunk(c *chunk) error {
 	if !c.dirty.Swap(false) {
 		return nil
 	}
+	// A clone chunk's owned pages as they are before the fdatasync: the
+	// data of each is then durable when the bits are written down.
+	bits := c.ownedSnapshot()
 	h, err := s.files.acquire(c)
 	if err != nil {
 		c.dirty.Store(true)
@@ -64,6 +67,12 @@ func (s *Store) syncChunk(c *chunk) error {
 	if err != nil {
 		c.dirty.Store(true)
 		return fmt.Errorf("sync chunk %d: fdatasync: %w", c.id, err)
+	}
+	if bits != nil {
+		if err := s.saveOwned(c, bits); err != nil {
+			c.dirty.Store(true)
+			return fmt.Errorf("sync: %w", err)
+		}
 	}
 	return nil
 }

@@ -82,27 +82,38 @@ func (s *Store) ReadKept(id, from uint64, p []byte, off int64) error {
 }
 
 // ResetChunk makes chunk id exist, created under createdSN, with no kept
-// version: a chunk held under another CreatedSN is deleted first and
-// created again. fresh reports a chunk created here (all zeros).
-func (s *Store) ResetChunk(id, createdSN uint64) (fresh bool, err error) {
+// version; owned (Owned of the sender) makes it a clone's chunk owning
+// those pages, nil one that is not a clone's. A chunk held under another
+// CreatedSN or of the other kind is deleted first and created again. fresh
+// reports a chunk created here (all zeros). Writing the data owns what it
+// touches: the receiver sets the owned pages again after it (SetOwned).
+func (s *Store) ResetChunk(id, createdSN uint64, owned []byte) (fresh bool, err error) {
+	if owned != nil && len(owned) != s.bitmapLen() {
+		return false, fmt.Errorf("reset chunk %d: %w: owned bitmap of %d bytes, want %d", id, ErrInvalidRange, len(owned), s.bitmapLen())
+	}
 	c, err := s.lookup(id)
 	if err != nil {
 		return false, err
 	}
-	if c != nil && c.meta.CreatedSN != createdSN {
+	if c != nil && (c.meta.CreatedSN != createdSN || (c.meta.Flags&MetaFlagClone != 0) != (owned != nil)) {
 		if err := s.Delete(id); err != nil {
 			return false, err
 		}
 		c = nil
 	}
 	if c == nil {
-		_, err := s.create(id, createdSN)
-		return err == nil, err
+		if c, err = s.create(id, createdSN, owned != nil); err != nil {
+			return false, err
+		}
+		fresh = true
 	}
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	if c.gone != nil {
 		return false, c.gone
+	}
+	if c.corrupt != nil {
+		return false, c.corrupt
 	}
 	c.cow.Lock()
 	defer c.cow.Unlock()
@@ -113,7 +124,13 @@ func (s *Store) ResetChunk(id, createdSN uint64) (fresh bool, err error) {
 		c.versions = c.versions[1:]
 	}
 	c.sn = max(c.meta.CreatedSN, 1)
-	return false, nil
+	if owned != nil {
+		c.own.mu.Lock()
+		c.own.bits = slices.Clone(owned)
+		c.own.mu.Unlock()
+		c.dirty.Store(true)
+	}
+	return fresh, nil
 }
 
 // BeginKept creates the chunk's version from..to, holding no page yet; it

@@ -72,18 +72,6 @@ func (m *versionMeta) clone() versionMeta {
 	return c
 }
 
-// copyUnit is the page size of version bitmaps for a geometry: 4 KiB (or
-// the block size if larger), doubled until one bit per page fits in half a
-// meta page.
-func copyUnit(chunkSize, metaPage, block int64) int64 {
-	unit := max(int64(4096), block)
-	room := (metaPage/2 - versionHeaderLen - 4) * 8
-	for (chunkSize+unit-1)/unit > room {
-		unit *= 2
-	}
-	return unit
-}
-
 // encodeVersionSlot returns the slot for m, of slotSize bytes.
 func encodeVersionSlot(m *versionMeta, slotSize int) []byte {
 	b := make([]byte, slotSize)

@@ -1,0 +1,167 @@
+package datastore
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+// cloneView is what a clone reads of a chunk: its own pages from the
+// store, the others from src.
+func cloneView(t *testing.T, s *Store, id uint64, src []byte) []byte {
+	t.Helper()
+	got := make([]byte, testChunk)
+	absent, err := s.ReadOwned(id, got, 0)
+	if errors.Is(err, ErrChunkNotExist) {
+		return bytes.Clone(src)
+	}
+	if err != nil {
+		t.Fatalf("read chunk %d: %v", id, err)
+	}
+	unit := s.CopyUnit()
+	for k := int64(0); k*unit < testChunk; k++ {
+		if absent != nil && absent[k/8]&(1<<(k%8)) != 0 {
+			copy(got[k*unit:(k+1)*unit], src[k*unit:])
+		}
+	}
+	return got
+}
+
+// TestClonePagesReadFromTheSourceUntilWritten: a clone's chunk owns only
+// what was written; a partly written page takes its source's content from
+// the fill, once, and a later fill never overwrites what the clone wrote;
+// a write that needs a fill and has none changes nothing; the owned pages
+// survive a reopen.
+func TestClonePagesReadFromTheSourceUntilWritten(t *testing.T) {
+	e := newEnv(t, 4, 8)
+	s := e.open(t, Options{})
+	unit := s.CopyUnit()
+	src := pattern(3, testChunk)
+	want := bytes.Clone(src)
+	write := func(p []byte, off int64, fill []byte, fillOff int64) {
+		t.Helper()
+		if err := s.WriteClone(7, p, off, 0, 0, fill, fillOff); err != nil {
+			t.Fatalf("write at %d: %v", off, err)
+		}
+		copy(want[off:], p)
+	}
+	// A whole page: no fill needed.
+	write(pattern(9, int(unit)), unit, nil, 0)
+	// 512 bytes inside page 3, with its fill.
+	write(pattern(11, 512), 3*unit+1024, src[3*unit:4*unit], 3*unit)
+	if got := cloneView(t, s, 7, src); !bytes.Equal(got, want) {
+		t.Fatalf("clone view differs at %d", firstDiff(got, want))
+	}
+	// Page 5 partly, without a fill: refused, nothing changes.
+	if err := s.WriteClone(7, pattern(1, 512), 5*unit, 0, 0, nil, 0); !errors.Is(err, ErrFillMissing) {
+		t.Fatalf("partial write without fill: %v", err)
+	}
+	// A fill alone (flatten) over pages 0..7 with wrong content where the
+	// clone wrote: only pages not owned take it.
+	fill := bytes.Clone(src[:8*unit])
+	if err := s.WriteClone(7, nil, 0, 0, 0, fill, 0); err != nil {
+		t.Fatal(err)
+	}
+	if got := cloneView(t, s, 7, make([]byte, testChunk)); !bytes.Equal(got[:8*unit], want[:8*unit]) {
+		t.Fatalf("after a fill, the first 8 pages differ at %d", firstDiff(got, want))
+	}
+	absent := make([]byte, testChunk)
+	bits, err := s.ReadOwned(7, absent, 0)
+	if err != nil || bits[0] != 0 {
+		t.Fatalf("after filling pages 0..7 some are still not owned: %08b %v", bits, err)
+	}
+	// The owned pages are written down at Sync, and read back on open.
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s = e.open(t, Options{})
+	if got := cloneView(t, s, 7, src); !bytes.Equal(got, want) {
+		t.Fatalf("after reopen, clone view differs at %d", firstDiff(got, want))
+	}
+	info, err := s.Info(7)
+	if err != nil || !info.Clone || info.OwnedPages != 8 {
+		t.Fatalf("info: %+v %v", info, err)
+	}
+	// A plain write owns what it touches too.
+	if err := s.WriteAt(7, pattern(5, 512), 9*unit); err != nil {
+		t.Fatal(err)
+	}
+	if bits, _ := s.ReadOwned(7, absent[:unit], 9*unit); bits != nil {
+		t.Fatalf("page 9 not owned after a plain write: %v", bits)
+	}
+}
+
+// TestCloneZeroAndDelete: unmapping a clone's chunk makes it zeros and
+// owned, not a chunk that reads its source again; deleting it removes its
+// owned pages, and a clone chunk created again under the id owns nothing.
+func TestCloneZeroAndDelete(t *testing.T) {
+	e := newEnv(t, 4, 8)
+	s := e.open(t, Options{})
+	unit := s.CopyUnit()
+	if err := s.WriteClone(3, pattern(1, int(unit)), 0, 0, 0, nil, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	own := filepath.Join(e.dir, "chunk_3_own")
+	if _, err := os.Stat(own); err != nil {
+		t.Fatalf("own file after sync: %v", err)
+	}
+	if err := s.ZeroSN(3, 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, testChunk)
+	if absent, err := s.ReadOwned(3, got, 0); err != nil || absent != nil || !bytes.Equal(got, make([]byte, testChunk)) {
+		t.Fatalf("zeroed clone chunk: absent %v, err %v", absent, err)
+	}
+	if _, err := os.Stat(own); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("own file of a zeroed (recreated) chunk: %v", err)
+	}
+	if err := s.WriteClone(4, pattern(2, int(unit)), unit, 0, 0, nil, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Delete(4); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.WriteClone(4, pattern(2, int(unit)), 2*unit, 0, 0, nil, 0); err != nil {
+		t.Fatal(err)
+	}
+	absent, err := s.ReadOwned(4, got[:3*unit], 0)
+	if err != nil || absent == nil || absent[0] != 0b011 {
+		t.Fatalf("re-created clone chunk owns %08b (want page 2 only), err %v", absent, err)
+	}
+}
+
+// TestCloneTransferResets: the receiving side of a Raft snapshot turns a
+// chunk into a clone chunk with the sender's owned pages, and back.
+func TestCloneTransferResets(t *testing.T) {
+	e := newEnv(t, 4, 8)
+	s := e.open(t, Options{})
+	bits := make([]byte, s.bitmapLen())
+	bits[0] = 0b101
+	if err := s.WriteAt(5, pattern(1, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	if fresh, err := s.ResetChunk(5, 0, bits); err != nil || !fresh {
+		t.Fatalf("reset a plain chunk to a clone chunk: fresh %v, %v", fresh, err)
+	}
+	if got, err := s.Owned(5); err != nil || !bytes.Equal(got, bits) {
+		t.Fatalf("owned after reset: %v %v", got, err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s = e.open(t, Options{})
+	if got, err := s.Owned(5); err != nil || !bytes.Equal(got, bits) {
+		t.Fatalf("owned after reopen: %v %v", got, err)
+	}
+	if fresh, err := s.ResetChunk(5, 0, nil); err != nil || !fresh {
+		t.Fatalf("reset a clone chunk to a plain one: fresh %v, %v", fresh, err)
+	}
+	if got, err := s.Owned(5); err != nil || got != nil {
+		t.Fatalf("owned of a plain chunk: %v %v", got, err)
+	}
+}
