@@ -12,6 +12,7 @@ import (
 	"cairn.io/cairn/chunkfilepool"
 	"cairn.io/cairn/chunkserver/datastore"
 	"cairn.io/cairn/copyset"
+	"cairn.io/cairn/internal/geometry"
 )
 
 // chunkService serves chunk IO. Every outcome the chunkserver decides is a
@@ -192,7 +193,13 @@ func (s *Server) writeChunk(ctx context.Context, req *chunkpb.WriteChunkRequest)
 		return 0, e
 	}
 	defer release()
-	if e := s.checkRange(req.GetOffset(), uint64(len(req.GetData())), "write"); e != nil {
+	if req.GetClone() {
+		if e := s.checkCloneWrite(req); e != nil {
+			return 0, e
+		}
+	} else if len(req.GetFill()) > 0 {
+		return 0, refuse(chunkpb.Status_STATUS_INVALID_REQUEST, "a fill on a write that is not a clone's")
+	} else if e := s.checkRange(req.GetOffset(), uint64(len(req.GetData())), "write"); e != nil {
 		return 0, e
 	}
 	if req.GetVolumeId() == 0 {
@@ -208,6 +215,10 @@ func (s *Server) writeChunk(ctx context.Context, req *chunkpb.WriteChunkRequest)
 	defer cancel()
 	p, e := s.propose(c, req.GetVolumeId(), req.GetEpoch(), func(fence copyset.Fence) (*copyset.Proposal, error) {
 		seq := copyset.Seq{SN: req.GetSn(), Keep: req.GetKeep()}
+		if req.GetClone() {
+			return c.ProposeCloneWrite(wctx, fence, clientRequest(req.GetRequest()), req.GetChunkId(), req.GetVolumeId(), req.GetEpoch(), seq,
+				int64(req.GetOffset()), req.GetData(), req.GetFill(), int64(req.GetFillOffset()))
+		}
 		return c.ProposeSeqWrite(wctx, fence, clientRequest(req.GetRequest()), req.GetChunkId(), req.GetVolumeId(), req.GetEpoch(), seq, int64(req.GetOffset()), req.GetData())
 	})
 	if e != nil {
@@ -218,6 +229,30 @@ func (s *Server) writeChunk(ctx context.Context, req *chunkpb.WriteChunkRequest)
 		return 0, s.fromCopysetErr(c, err)
 	}
 	return idx, nil
+}
+
+// checkCloneWrite validates the ranges of a clone's write: the data (which
+// may be empty) and the fill, whose shape the copyset checks further.
+func (s *Server) checkCloneWrite(req *chunkpb.WriteChunkRequest) *reqError {
+	data, fill := uint64(len(req.GetData())), uint64(len(req.GetFill()))
+	if data == 0 && fill == 0 {
+		return refuse(chunkpb.Status_STATUS_INVALID_REQUEST, "clone write with neither data nor fill")
+	}
+	if data > 0 {
+		if e := s.checkRange(req.GetOffset(), data, "write"); e != nil {
+			return e
+		}
+	}
+	if fill > 0 {
+		unit := uint64(geometry.CopyUnit(s.geom.ChunkSize, s.geom.MetaPageSize, s.geom.BlockSize))
+		if fill > uint64(s.cfg.MaxIOSize)+2*unit {
+			return refuse(chunkpb.Status_STATUS_INVALID_REQUEST, "fill of %d bytes is larger than the limit of %d", fill, uint64(s.cfg.MaxIOSize)+2*unit)
+		}
+		if off := req.GetFillOffset(); off%unit != 0 || off >= uint64(s.geom.ChunkSize) || fill > uint64(s.geom.ChunkSize)-off {
+			return refuse(chunkpb.Status_STATUS_INVALID_REQUEST, "fill at offset %d, length %d is not whole %d-byte pages inside the chunk", off, fill, unit)
+		}
+	}
+	return nil
 }
 
 // propose queues a proposal through f, handing it a fence that checks the
@@ -249,33 +284,35 @@ func (s *Server) propose(c *copyset.Copyset, volume, epoch uint64, f func(copyse
 func (cs *chunkService) ReadChunk(ctx context.Context, req *chunkpb.ReadChunkRequest) (*chunkpb.ReadChunkResponse, error) {
 	s := cs.s
 	start := time.Now()
-	data, e := s.readChunk(ctx, req)
+	data, absent, e := s.readChunk(ctx, req)
 	s.m.observe("read", start, statusOf(e))
-	resp := &chunkpb.ReadChunkResponse{Data: data}
+	resp := &chunkpb.ReadChunkResponse{Data: data, Absent: absent}
 	if e != nil {
-		resp.Status, resp.Message, resp.Leader, resp.Data = e.status, e.msg, e.leader, nil
+		resp.Status, resp.Message, resp.Leader, resp.Data, resp.Absent = e.status, e.msg, e.leader, nil, nil
 	}
 	return resp, nil
 }
 
-func (s *Server) readChunk(ctx context.Context, req *chunkpb.ReadChunkRequest) ([]byte, *reqError) {
+// readChunk reads from the leader; absent marks the pages of a clone's
+// chunk that read from the clone's source (not for snapshot reads).
+func (s *Server) readChunk(ctx context.Context, req *chunkpb.ReadChunkRequest) (data, absent []byte, e *reqError) {
 	c, release, e := s.enter(ctx, req.GetCopyset(), req.GetChunkId())
 	if e != nil {
-		return nil, e
+		return nil, nil, e
 	}
 	defer release()
 	if e := s.checkRange(req.GetOffset(), req.GetLength(), "read"); e != nil {
-		return nil, e
+		return nil, nil, e
 	}
 	if req.GetEpoch() != 0 {
 		release, err := s.epochs.fence(req.GetVolumeId(), req.GetEpoch())
 		if err != nil {
-			return nil, s.epochRefusal(err)
+			return nil, nil, s.epochRefusal(err)
 		}
 		release()
 	}
 	if !c.IsLeader() {
-		return nil, s.notLeader(c)
+		return nil, nil, s.notLeader(c)
 	}
 	rctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
 	defer cancel()
@@ -284,12 +321,12 @@ func (s *Server) readChunk(ctx context.Context, req *chunkpb.ReadChunkRequest) (
 	if snap := req.GetSnapshotSn(); snap != 0 {
 		err = c.ReadSnapshot(rctx, req.GetChunkId(), int64(req.GetOffset()), buf, snap)
 	} else {
-		err = c.Read(rctx, req.GetChunkId(), int64(req.GetOffset()), buf)
+		absent, err = c.ReadOwned(rctx, req.GetChunkId(), int64(req.GetOffset()), buf)
 	}
 	if err != nil {
-		return nil, s.fromCopysetErr(c, err)
+		return nil, nil, s.fromCopysetErr(c, err)
 	}
-	return buf, nil
+	return buf, absent, nil
 }
 
 func (cs *chunkService) DeleteChunk(ctx context.Context, req *chunkpb.DeleteChunkRequest) (*chunkpb.DeleteChunkResponse, error) {
@@ -317,6 +354,9 @@ func (s *Server) deleteChunk(ctx context.Context, req *chunkpb.DeleteChunkReques
 	defer cancel()
 	p, e := s.propose(c, req.GetVolumeId(), req.GetEpoch(), func(fence copyset.Fence) (*copyset.Proposal, error) {
 		seq := copyset.Seq{SN: req.GetSn(), Keep: req.GetKeep()}
+		if req.GetClone() {
+			return c.ProposeCloneZero(wctx, fence, clientRequest(req.GetRequest()), req.GetChunkId(), req.GetVolumeId(), req.GetEpoch(), seq)
+		}
 		return c.ProposeSeqDelete(wctx, fence, clientRequest(req.GetRequest()), req.GetChunkId(), req.GetVolumeId(), req.GetEpoch(), seq)
 	})
 	if e != nil {
@@ -407,6 +447,8 @@ func (s *Server) chunkInfo(ctx context.Context, req *chunkpb.GetChunkInfoRequest
 	for _, v := range info.Versions {
 		resp.KeptBytes += uint64(v.Pages) * uint64(v.CopyUnit)
 	}
+	resp.Clone, resp.OwnedPages = info.Clone, uint64(info.OwnedPages)
+	resp.CopyUnit = uint64(geometry.CopyUnit(s.geom.ChunkSize, s.geom.MetaPageSize, s.geom.BlockSize))
 	return resp, nil
 }
 

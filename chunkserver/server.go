@@ -23,6 +23,7 @@ import (
 	"cairn.io/cairn/chunkserver/datastore"
 	"cairn.io/cairn/copyset"
 	"cairn.io/cairn/internal/certs"
+	"cairn.io/cairn/internal/geometry"
 	"cairn.io/cairn/internal/httpdebug"
 	"cairn.io/cairn/internal/wire"
 	"cairn.io/cairn/mds/mdsclient"
@@ -279,6 +280,7 @@ func (s *Server) Start(ctx context.Context) (err error) {
 		Segments:            s.pool,
 		OpenStore:           s.openStore,
 		ChunkSize:           s.geom.ChunkSize,
+		CopyUnit:            geometry.CopyUnit(s.geom.ChunkSize, s.geom.MetaPageSize, s.geom.BlockSize),
 		Resolver:            s.res,
 		Dialer:              certs.Dialer(s.cfg.TLS, certs.RoleChunkServer),
 		AuthorizeSender:     s.authorizeSender(),

@@ -217,9 +217,17 @@ func (c *Copyset) execCommand(en *raftpb.Entry, t *dedupTable) (bool, error) {
 	}
 	switch cmd.op {
 	case opWrite:
-		err = c.store.WriteAtSN(cmd.chunk, cmd.data, int64(cmd.offset), cmd.seq.SN, cmd.seq.Keep)
+		if cmd.clone {
+			err = c.store.WriteClone(cmd.chunk, cmd.data, int64(cmd.offset), cmd.seq.SN, cmd.seq.Keep, cmd.fill, int64(cmd.fillOff))
+		} else {
+			err = c.store.WriteAtSN(cmd.chunk, cmd.data, int64(cmd.offset), cmd.seq.SN, cmd.seq.Keep)
+		}
 	case opDelete:
-		err = c.store.DeleteSN(cmd.chunk, cmd.seq.SN, cmd.seq.Keep)
+		if cmd.clone {
+			err = c.store.ZeroSN(cmd.chunk, cmd.seq.SN, cmd.seq.Keep)
+		} else {
+			err = c.store.DeleteSN(cmd.chunk, cmd.seq.SN, cmd.seq.Keep)
+		}
 	case opTrim:
 		live, bound, _ := decodeTrim(cmd.data) // checked by decodeCommand
 		err = c.store.Trim(cmd.chunk, live, bound)

@@ -16,6 +16,7 @@ import (
 	"cairn.io/cairn/chunkfilepool"
 	"cairn.io/cairn/chunkserver/datastore"
 	"cairn.io/cairn/copyset/transport"
+	"cairn.io/cairn/internal/geometry"
 	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/internal/testlog"
 	"cairn.io/cairn/internal/wire"
@@ -170,6 +171,7 @@ func (tc *testCluster) start(id uint64) *testNode {
 			return datastore.Open(d, pool, datastore.Options{Files: files})
 		},
 		ChunkSize:       testChunkSize,
+		CopyUnit:        geometry.CopyUnit(testChunkSize, 4096, 512),
 		Resolver:        tc,
 		TestingKnobs:    TestingKnobs{Faults: tc.faults, Network: tc.network},
 		TickInterval:    20 * time.Millisecond,

@@ -21,7 +21,13 @@ const (
 	// keep: 16 bytes) follow the fixed fields and the request, before the
 	// data.
 	opHasSeq byte = 0x40
-	opFlags       = opHasRequest | opHasSeq
+	// opClone, or-ed into a write, says it is a clone's write: the fill's
+	// offset and length (12 bytes) follow the sequence numbers, and the
+	// data is the fill, then the write's data (ChunkStore.WriteClone).
+	// Or-ed into a delete, it zeroes a clone's chunk instead
+	// (ChunkStore.ZeroSN).
+	opClone byte = 0x20
+	opFlags      = opHasRequest | opHasSeq | opClone
 )
 
 // commandHeaderSize is op u8 + proposer u64 + proposal id u64.
@@ -38,7 +44,8 @@ type Seq struct {
 //
 //	op u8 | proposer u64 | id u64 | chunk u64 | volume u64 | epoch u64 | offset u64 |
 //	[client u64 | seq u64 | low u64, when op has opHasRequest] |
-//	[sn u64 | keep u64, when op has opHasSeq] | data...
+//	[sn u64 | keep u64, when op has opHasSeq] |
+//	[fill offset u64 | fill length u32, when a write has opClone] | [fill] | data...
 //
 // proposer and id let the replica that proposed the entry match it with its
 // waiting caller when it is applied; other replicas ignore them. The client
@@ -53,6 +60,9 @@ type command struct {
 	offset   uint64
 	req      ClientRequest
 	seq      Seq
+	clone    bool
+	fillOff  uint64
+	fill     []byte
 	data     []byte
 }
 
@@ -65,6 +75,7 @@ var errBadCommand = errors.New("copyset: malformed command")
 const (
 	requestSize = 24
 	seqSize     = 16
+	fillSize    = 12
 )
 
 func (c *command) encode() []byte {
@@ -78,7 +89,13 @@ func (c *command) encode() []byte {
 		size += seqSize
 		op |= opHasSeq
 	}
-	buf := make([]byte, size, size+len(c.data))
+	if c.clone {
+		op |= opClone
+		if c.op == opWrite {
+			size += fillSize
+		}
+	}
+	buf := make([]byte, size, size+len(c.fill)+len(c.data))
 	buf[0] = op
 	binary.LittleEndian.PutUint64(buf[1:], c.proposer)
 	binary.LittleEndian.PutUint64(buf[9:], c.id)
@@ -96,6 +113,12 @@ func (c *command) encode() []byte {
 	if c.seq != (Seq{}) {
 		binary.LittleEndian.PutUint64(buf[at:], c.seq.SN)
 		binary.LittleEndian.PutUint64(buf[at+8:], c.seq.Keep)
+		at += seqSize
+	}
+	if c.clone && c.op == opWrite {
+		binary.LittleEndian.PutUint64(buf[at:], c.fillOff)
+		binary.LittleEndian.PutUint32(buf[at+8:], uint32(len(c.fill)))
+		buf = append(buf, c.fill...)
 	}
 	return append(buf, c.data...)
 }
@@ -133,10 +156,27 @@ func decodeCommand(b []byte) (command, error) {
 		c.seq = Seq{SN: binary.LittleEndian.Uint64(b[at:]), Keep: binary.LittleEndian.Uint64(b[at+8:])}
 		at += seqSize
 	}
+	c.clone = b[0]&opClone != 0
+	if c.clone && c.op == opWrite {
+		if len(b) < at+fillSize {
+			return command{}, fmt.Errorf("%w: %d bytes with a fill", errBadCommand, len(b))
+		}
+		c.fillOff = binary.LittleEndian.Uint64(b[at:])
+		n := int(binary.LittleEndian.Uint32(b[at+8:]))
+		at += fillSize
+		if len(b) < at+n {
+			return command{}, fmt.Errorf("%w: %d bytes with a fill of %d", errBadCommand, len(b), n)
+		}
+		c.fill = b[at : at+n]
+		at += n
+	}
 	c.data = b[at:]
 	switch c.op {
 	case opWrite, opDelete:
 	case opTrim:
+		if c.clone {
+			return command{}, fmt.Errorf("%w: a clone's trim", errBadCommand)
+		}
 		if _, _, err := decodeTrim(c.data); err != nil {
 			return command{}, err
 		}

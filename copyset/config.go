@@ -40,10 +40,21 @@ type ChunkStore interface {
 	CreatedSN(chunkID uint64) (uint64, error)
 	EachKept(chunkID uint64, f func(from, to uint64, unit int64, bitmap []byte)) error
 	ReadKept(chunkID, from uint64, p []byte, off int64) error
-	ResetChunk(chunkID, createdSN uint64) (fresh bool, err error)
+	ResetChunk(chunkID, createdSN uint64, owned []byte) (fresh bool, err error)
 	BeginKept(chunkID, from, to uint64) error
 	WriteKept(chunkID, from uint64, p []byte, off int64) error
 	SealKept(chunkID, from uint64, bitmap []byte) error
+	// Clones (the datastore's clone.go): WriteClone writes into a clone's
+	// chunk (created as one), taking the fill's whole pages of the
+	// clone's source where it does not own them first; ReadOwned reads
+	// and marks the pages not owned; ZeroSN zeroes a clone's chunk and
+	// owns every page; Owned is what a Raft snapshot moves of a clone's
+	// chunk before its data (nil for other chunks).
+	WriteClone(chunkID uint64, p []byte, off int64, sn, keep uint64, fill []byte, fillOff int64) error
+	ReadOwned(chunkID uint64, p []byte, off int64) (absent []byte, err error)
+	ZeroSN(chunkID, sn, keep uint64) error
+	Owned(chunkID uint64) ([]byte, error)
+	SetOwned(chunkID uint64, bits []byte) error
 	// Delete removes a chunk; deleting a missing chunk succeeds.
 	Delete(chunkID uint64) error
 	// DeleteSN is Delete for a client's delete under sequence number sn:
@@ -72,6 +83,10 @@ type Config struct {
 	OpenStore func(dir string) (ChunkStore, error)
 	// ChunkSize is the data size of a chunk, used to stream snapshots.
 	ChunkSize int64
+	// CopyUnit is the page size of a clone chunk's owned pages
+	// (geometry.CopyUnit of the cluster's constants), used to check the
+	// shape of clone writes.
+	CopyUnit int64
 	// Resolver maps peer chunkserver ids to addresses. Required.
 	Resolver transport.Resolver
 	// Dialer opens the connections Raft messages travel on (default TCP);

@@ -72,9 +72,13 @@ func (c *Copyset) installSnapshot(ctx context.Context, header *transportpb.Snaps
 	}
 	listed := make(map[uint64]bool, len(header.GetFiles()))
 	created := make(map[uint64]uint64, len(header.GetFiles()))
+	owned := make(map[uint64][]byte)
 	for _, f := range header.GetFiles() {
 		listed[f.GetChunkId()] = true
 		created[f.GetChunkId()] = f.GetCreatedSn()
+		if b := f.GetOwned(); len(b) > 0 {
+			owned[f.GetChunkId()] = b
+		}
 	}
 	// From the first change on, the chunk files mix two states that
 	// replaying the log cannot reconcile (copies on write are not
@@ -88,8 +92,18 @@ func (c *Copyset) installSnapshot(ctx context.Context, header *transportpb.Snaps
 			c.fail(fmt.Errorf("snapshot install %d interrupted after chunk files changed", idx))
 		}
 	}()
-	if err := c.receiveChunks(next, listed, created, held); err != nil {
+	if err := c.receiveChunks(next, listed, created, owned, held); err != nil {
 		return err
+	}
+	// Writing a clone chunk's data owned every page it touched: back to
+	// what the sender's chunk owned.
+	for id, bits := range owned {
+		if !held[id] {
+			continue
+		}
+		if err := c.store.SetOwned(id, bits); err != nil {
+			return fmt.Errorf("install snapshot: chunk %d: %w", id, err)
+		}
 	}
 	for id := range held {
 		if !listed[id] {
@@ -120,7 +134,7 @@ func (c *Copyset) installSnapshot(ctx context.Context, header *transportpb.Snaps
 // chunk's data (reset to the sender's CreatedSN at its first frame), then
 // the versions it keeps, each sealed (made durable, then marked held) when
 // the next begins. held tracks the chunks the store holds.
-func (c *Copyset) receiveChunks(next func() (*transportpb.SnapshotChunk, error), listed map[uint64]bool, created map[uint64]uint64, held map[uint64]bool) error {
+func (c *Copyset) receiveChunks(next func() (*transportpb.SnapshotChunk, error), listed map[uint64]bool, created map[uint64]uint64, owned map[uint64][]byte, held map[uint64]bool) error {
 	type version struct {
 		id, from uint64
 		bitmap   []byte
@@ -181,7 +195,7 @@ func (c *Copyset) receiveChunks(next func() (*transportpb.SnapshotChunk, error),
 		default:
 			if !started[id] {
 				started[id] = true
-				if fresh[id], err = c.store.ResetChunk(id, created[id]); err != nil {
+				if fresh[id], err = c.store.ResetChunk(id, created[id], owned[id]); err != nil {
 					return fmt.Errorf("install snapshot: chunk %d: %w", id, err)
 				}
 				held[id] = true

@@ -82,6 +82,67 @@ func (c *Copyset) ProposeSeqWrite(ctx context.Context, fence Fence, req ClientRe
 	return c.proposeCommand(ctx, fence, &command{op: opWrite, chunk: chunk, volume: volume, epoch: epoch, offset: uint64(off), req: req, seq: seq, data: data})
 }
 
+// ProposeCloneWrite is ProposeSeqWrite for a clone's write (see
+// ChunkStore.WriteClone): fill is the clone source's content of whole
+// pages from fillOff, and every page data covers in part must lie in it
+// (checked here, so that no replica ever finds a write it cannot apply).
+// data may be empty when fill is not.
+func (c *Copyset) ProposeCloneWrite(ctx context.Context, fence Fence, req ClientRequest, chunk, volume, epoch uint64, seq Seq, off int64, data, fill []byte, fillOff int64) (*Proposal, error) {
+	if int64(len(data)) > c.e.MaxWriteSize() || int64(len(fill)) > c.e.MaxWriteSize()+2*c.e.cfg.CopyUnit {
+		return nil, fmt.Errorf("%w: %d bytes with a fill of %d (limit %d)", ErrTooLarge, len(data), len(fill), c.e.MaxWriteSize())
+	}
+	if seq.Keep >= seq.SN && seq != (Seq{}) {
+		return nil, fmt.Errorf("%w: newest live snapshot %d is not before the write's sequence number %d", ErrInvalidArgument, seq.Keep, seq.SN)
+	}
+	if err := checkFillCovers(c.e.cfg.ChunkSize, c.e.cfg.CopyUnit, off, int64(len(data)), fillOff, int64(len(fill))); err != nil {
+		return nil, err
+	}
+	return c.proposeCommand(ctx, fence, &command{op: opWrite, clone: true, chunk: chunk, volume: volume, epoch: epoch,
+		offset: uint64(off), req: req, seq: seq, data: data, fill: fill, fillOff: uint64(fillOff)})
+}
+
+// checkFillCovers checks a clone write's shape: a fill of whole pages
+// inside the chunk that holds every page the data covers in part.
+func checkFillCovers(chunkSize, unit, off, n, fillOff, fillLen int64) error {
+	if unit <= 0 {
+		return fmt.Errorf("%w: the engine knows no copy unit for clone writes", ErrInvalidArgument)
+	}
+	if n == 0 && fillLen == 0 {
+		return fmt.Errorf("%w: a clone write with neither data nor fill", ErrInvalidArgument)
+	}
+	if fillLen > 0 {
+		end := fillOff + fillLen
+		if fillOff < 0 || fillOff%unit != 0 || end > chunkSize || (end%unit != 0 && end != chunkSize) {
+			return fmt.Errorf("%w: fill [%d, %d) is not whole pages of %d bytes inside the chunk", ErrInvalidArgument, fillOff, end, unit)
+		}
+	}
+	if n == 0 {
+		return nil
+	}
+	for _, page := range []int64{off / unit, (off + n - 1) / unit} {
+		po := page * unit
+		pe := min(po+unit, chunkSize)
+		if off <= po && off+n >= pe {
+			continue
+		}
+		if po < fillOff || pe > fillOff+fillLen {
+			return fmt.Errorf("%w: the write [%d, %d) covers part of page %d, and the fill [%d, %d) does not hold it",
+				ErrInvalidArgument, off, off+n, page, fillOff, fillOff+fillLen)
+		}
+	}
+	return nil
+}
+
+// ProposeCloneZero hands the copyset's log the unmap of a whole chunk of a
+// clone: it is zeroed and owns every page (ChunkStore.ZeroSN), where a
+// delete would make it read from the clone's source again.
+func (c *Copyset) ProposeCloneZero(ctx context.Context, fence Fence, req ClientRequest, chunk, volume, epoch uint64, seq Seq) (*Proposal, error) {
+	if seq.Keep >= seq.SN && seq != (Seq{}) {
+		return nil, fmt.Errorf("%w: newest live snapshot %d is not before the delete's sequence number %d", ErrInvalidArgument, seq.Keep, seq.SN)
+	}
+	return c.proposeCommand(ctx, fence, &command{op: opDelete, clone: true, chunk: chunk, volume: volume, epoch: epoch, req: req, seq: seq})
+}
+
 // ProposeTrim hands the copyset's log a trim of a chunk's kept versions:
 // live are the chunk's volume's live snapshots below bound, the volume's
 // sequence number when they were listed (see ChunkStore.Trim).

@@ -53,6 +53,15 @@ func (c *Copyset) Read(ctx context.Context, chunk uint64, off int64, p []byte) e
 	return c.store.ReadAt(chunk, p, off)
 }
 
+// ReadOwned is Read for a chunk that may be a clone's: absent marks the
+// pages the chunk does not own (see ChunkStore.ReadOwned).
+func (c *Copyset) ReadOwned(ctx context.Context, chunk uint64, off int64, p []byte) (absent []byte, err error) {
+	if err := c.WaitReadable(ctx); err != nil {
+		return nil, err
+	}
+	return c.store.ReadOwned(chunk, p, off)
+}
+
 // ReadSnapshot reads a range of a chunk as it was at the end of sequence
 // number snap (a snapshot of its volume), from the leader, as Read.
 func (c *Copyset) ReadSnapshot(ctx context.Context, chunk uint64, off int64, p []byte, snap uint64) error {

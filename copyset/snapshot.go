@@ -97,7 +97,11 @@ func (c *Copyset) sendSnapshot(m *raftpb.Message, epoch uint64, reqs []byte) err
 	size := c.e.cfg.ChunkSize
 	for _, id := range ids {
 		created, _ := c.store.CreatedSN(id) // a chunk deleted meanwhile is sent as absent
-		header.Files = append(header.Files, &transportpb.SnapshotFile{ChunkId: id, Size: uint64(size), CreatedSn: created})
+		// A clone chunk's owned pages before its data: the receiver never
+		// finds a page owned whose fill its data does not hold (a write
+		// replayed over it would skip the fill).
+		owned, _ := c.store.Owned(id)
+		header.Files = append(header.Files, &transportpb.SnapshotFile{ChunkId: id, Size: uint64(size), CreatedSn: created, Owned: owned})
 	}
 	if err := stream.Send(header); err != nil {
 		stream.Abort()
