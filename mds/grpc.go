@@ -189,6 +189,9 @@ func (sv volumeService) ListSnapshots(ctx context.Context, r *mdspb.ListSnapshot
 func (sv volumeService) DeleteSnapshot(ctx context.Context, r *mdspb.DeleteSnapshotRequest) (*mdspb.DeleteSnapshotResponse, error) {
 	return withLeader(sv.s, func(st *leaderState) (*mdspb.DeleteSnapshotResponse, error) { return st.deleteSnapshot(ctx, r) })
 }
+func (sv volumeService) FlattenVolume(ctx context.Context, r *mdspb.FlattenVolumeRequest) (*mdspb.FlattenVolumeResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.FlattenVolumeResponse, error) { return st.flattenVolume(ctx, r) })
+}
 func (sv volumeService) RefreshSession(ctx context.Context, r *mdspb.RefreshSessionRequest) (*mdspb.RefreshSessionResponse, error) {
 	return withLeader(sv.s, func(st *leaderState) (*mdspb.RefreshSessionResponse, error) { return st.refreshSession(ctx, r) })
 }

@@ -48,6 +48,7 @@ var Policy = &certs.Policy{
 		mdspb.VolumeService_DeleteVolume_FullMethodName:        {certs.RoleOperator},
 		mdspb.VolumeService_CreateSnapshot_FullMethodName:      {certs.RoleOperator},
 		mdspb.VolumeService_DeleteSnapshot_FullMethodName:      {certs.RoleOperator},
+		mdspb.VolumeService_FlattenVolume_FullMethodName:       {certs.RoleOperator},
 		mdspb.VolumeService_PublishVolume_FullMethodName:       {certs.RoleOperator},
 		mdspb.VolumeService_UnpublishVolume_FullMethodName:     {certs.RoleOperator},
 		mdspb.VolumeService_ListSessions_FullMethodName:        {certs.RoleOperator},

@@ -74,6 +74,10 @@ func (l *leaderState) createSnapshot(ctx context.Context, r *mdspb.CreateSnapsho
 		if v.Status != mdspb.VolumeStatus_VOLUME_STATUS_CREATED {
 			return noFence, status.Errorf(codes.FailedPrecondition, "volume %q is being deleted", r.Volume)
 		}
+		if cs := v.GetCloneSource(); cs != nil && cs.FlattenedUnix == 0 {
+			return noFence, status.Errorf(codes.FailedPrecondition, "volume %q is a clone of %s@%s that is not flattened; flatten it first (cairn-ops flatten %s)",
+				r.Volume, cs.Volume, cs.Snapshot, r.Volume)
+		}
 		for _, s := range v.Snapshots {
 			if s.Name != r.Name || s.Status == mdspb.SnapshotStatus_SNAPSHOT_STATUS_DELETING {
 				continue // a deleted snapshot's name is free at once
@@ -151,6 +155,9 @@ func (l *leaderState) deleteSnapshot(ctx context.Context, r *mdspb.DeleteSnapsho
 			return noFence, errNoChange // being deleted already
 		case i < 0:
 			return noFence, status.Errorf(codes.NotFound, "volume %q has no snapshot %q", r.Volume, r.Name)
+		}
+		if err := l.refuseIfCloned(ctx, v, v.Snapshots[i], fmt.Sprintf("snapshot %s@%s cannot be deleted", r.Volume, r.Name)); err != nil {
+			return noFence, err
 		}
 		v.Snapshots[i].Status = mdspb.SnapshotStatus_SNAPSHOT_STATUS_DELETING
 		v.Snapshots[i].DeletingUnix = time.Now().Unix()

@@ -63,6 +63,9 @@ func (l *leaderState) roundSize(size uint64) (uint64, error) {
 }
 
 func (l *leaderState) createVolume(ctx context.Context, r *mdspb.CreateVolumeRequest) (*mdspb.CreateVolumeResponse, error) {
+	if r.SourceVolume != "" || r.SourceSnapshot != "" {
+		return l.createClone(ctx, r)
+	}
 	if err := checkNewName("volume name", r.Name); err != nil {
 		return nil, err
 	}
@@ -207,6 +210,9 @@ func (l *leaderState) renameVolume(ctx context.Context, r *mdspb.RenameVolumeReq
 		if r.NewName == r.Name {
 			return &mdspb.RenameVolumeResponse{Volume: v}, nil
 		}
+		if err := l.refuseIfCloned(ctx, v, nil, fmt.Sprintf("volume %q cannot be renamed (its clones name it)", r.Name)); err != nil {
+			return nil, err
+		}
 		oldKey, newKey, key := l.st.k.volumeName(r.Name), l.st.k.volumeName(r.NewName), l.st.k.volume(v.Id)
 		v.Name = r.NewName
 		ok, err := l.st.txn(ctx, []clientv3.Cmp{
@@ -243,6 +249,9 @@ func (l *leaderState) deleteVolume(ctx context.Context, r *mdspb.DeleteVolumeReq
 		if n := len(liveSnapshots(v)); n > 0 && !r.Force {
 			return nil, status.Errorf(codes.FailedPrecondition, "volume %q has %d snapshot(s); delete them first or delete with force", r.Name, n)
 		}
+		if err := l.refuseIfCloned(ctx, v, nil, fmt.Sprintf("volume %q cannot be deleted", r.Name)); err != nil {
+			return nil, err
+		}
 		if !r.Force {
 			sessions, err := l.liveSessions(ctx, v.Id)
 			if err != nil {
@@ -264,6 +273,12 @@ func (l *leaderState) deleteVolume(ctx context.Context, r *mdspb.DeleteVolumeReq
 		}
 		if ok {
 			l.log.Info("volume deleting", "volume", r.Name, "id", v.Id)
+			if cs := v.GetCloneSource(); cs != nil {
+				// Best effort: an id left behind is not a live clone.
+				if err := l.forgetClone(ctx, cs, v.Id); err != nil {
+					l.log.Warn("deleted clone stays listed by its source snapshot", "volume", r.Name, "err", err)
+				}
+			}
 			l.wake()
 			return &mdspb.DeleteVolumeResponse{}, nil
 		}
@@ -305,6 +320,9 @@ func (l *leaderState) openVolume(ctx context.Context, r *mdspb.OpenVolumeRequest
 			if err := checkPublishedOpen(v, r.Node, false); err != nil {
 				return nil, err
 			}
+			if err := checkCloneOpen(v, r.Features); err != nil {
+				return nil, err
+			}
 			sess.Epoch = v.Epoch
 			// The publication checked is the one in force when the
 			// session is recorded.
@@ -320,6 +338,9 @@ func (l *leaderState) openVolume(ctx context.Context, r *mdspb.OpenVolumeRequest
 		}
 	}
 	v, version, bumped, err := l.updateVolume(ctx, r.Name, sess, func(v *mdspb.Volume) (fenceKind, error) {
+		if err := checkCloneOpen(v, r.Features); err != nil {
+			return noFence, err
+		}
 		return fenceWriters, checkPublishedOpen(v, r.Node, true)
 	})
 	if err != nil {

@@ -1,0 +1,254 @@
+package mds
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"cairn.io/cairn/api/mdspb"
+)
+
+// Clones. A clone is a volume created from a READY snapshot of another
+// volume, instantly: it records the snapshot (Volume.clone_source), and
+// the snapshot records the clone (Snapshot.clones), both in one etcd
+// transaction. Clients read the source snapshot wherever the clone's
+// chunks do not own a page, and write with the source's content for pages
+// they cover in part (the chunkserver's clone chunks). Flatten, driven by
+// a client that copies every page the source holds into the clone, ends
+// with FlattenVolume; a session lease later, when every handle of the clone
+// has heard of it, the source is released (releaseFlattenedClones): the
+// clone forgets it and the snapshot may be deleted. While a clone reads a
+// snapshot, the snapshot cannot be deleted, nor the source volume, nor
+// renamed (the clone names it).
+
+// cloneFeature is what a client lists in OpenVolumeRequest.features to say
+// it reads clones.
+const cloneFeature = "clone"
+
+func (l *leaderState) createClone(ctx context.Context, r *mdspb.CreateVolumeRequest) (*mdspb.CreateVolumeResponse, error) {
+	if err := checkNewName("volume name", r.Name); err != nil {
+		return nil, err
+	}
+	if r.SourceSnapshot == "" {
+		return nil, status.Errorf(codes.InvalidArgument, "a clone of volume %q names no snapshot", r.SourceVolume)
+	}
+	nameKey := l.st.k.volumeName(r.Name)
+	for {
+		src, rev, err := l.volumeByName(ctx, r.SourceVolume)
+		if err != nil {
+			return nil, err
+		}
+		i := slices.IndexFunc(src.Snapshots, func(s *mdspb.Snapshot) bool {
+			return s.Name == r.SourceSnapshot && s.Status != mdspb.SnapshotStatus_SNAPSHOT_STATUS_DELETING
+		})
+		if i < 0 {
+			return nil, status.Errorf(codes.NotFound, "volume %q has no snapshot %q", r.SourceVolume, r.SourceSnapshot)
+		}
+		snap := src.Snapshots[i]
+		if snap.Status != mdspb.SnapshotStatus_SNAPSHOT_STATUS_READY {
+			return nil, status.Errorf(codes.FailedPrecondition, "snapshot %s@%s is %s, not ready", r.SourceVolume, r.SourceSnapshot, snap.Status.Label())
+		}
+		size := snap.Size
+		if r.Size != 0 {
+			if size, err = l.roundSize(r.Size); err != nil {
+				return nil, err
+			}
+			if size < snap.Size {
+				return nil, status.Errorf(codes.InvalidArgument, "a clone of %s@%s is at least the snapshot's %d bytes, not %d", r.SourceVolume, r.SourceSnapshot, snap.Size, size)
+			}
+		}
+		poolID := src.LogicalPoolId
+		if r.Pool != "" {
+			pool, err := l.choosePool(r.Pool)
+			if err != nil {
+				return nil, err
+			}
+			poolID = pool.Id
+		}
+		if idStr, found, err := l.st.getRaw(ctx, nameKey); err != nil {
+			return nil, err
+		} else if found {
+			// A retry of the call that made it answers with it.
+			if id, _ := strconv.ParseUint(idStr, 10, 64); slices.Contains(snap.Clones, id) {
+				if v, _, err := l.volumeByName(ctx, r.Name); err == nil && v.GetCloneSource().GetSeq() == snap.Seq {
+					return &mdspb.CreateVolumeResponse{Volume: v}, nil
+				}
+			}
+			return nil, status.Errorf(codes.AlreadyExists, "volume %q already exists", r.Name)
+		}
+		id, err := l.st.reserveIDs(ctx, counterVolume, 1)
+		if err != nil {
+			return nil, err
+		}
+		v := &mdspb.Volume{
+			Id: id, Name: r.Name, Size: size, Owner: r.Owner, LogicalPoolId: poolID,
+			ChunkSize: l.consts.ChunkSize, SegmentSize: l.consts.SegmentSize,
+			Status: mdspb.VolumeStatus_VOLUME_STATUS_CREATED, CreatedUnix: time.Now().Unix(),
+			CloneSource: &mdspb.CloneSource{VolumeId: src.Id, Volume: src.Name, Snapshot: snap.Name, Seq: snap.Seq, Size: snap.Size},
+		}
+		snap.Clones = append(snap.Clones, id)
+		srcKey := l.st.k.volume(src.Id)
+		ok, err := l.st.txn(ctx, []clientv3.Cmp{
+			clientv3.Compare(clientv3.CreateRevision(nameKey), "=", 0),
+			clientv3.Compare(clientv3.ModRevision(srcKey), "=", rev),
+		}, clientv3.OpPut(nameKey, strconv.FormatUint(id, 10)), putOp(l.st.k.volume(id), v), putOp(srcKey, src))
+		if err != nil {
+			return nil, err
+		}
+		if ok {
+			l.log.Info("clone created", "volume", r.Name, "id", id, "size", size, "source", r.SourceVolume+"@"+r.SourceSnapshot)
+			return &mdspb.CreateVolumeResponse{Volume: v}, nil
+		}
+		// The source changed (or the name was taken): look again.
+	}
+}
+
+// liveClones returns the clones that still read a snapshot: the ids it
+// lists whose volume exists and names it as its source (an id left by a
+// clone deleted or released halfway is not one).
+func (l *leaderState) liveClones(ctx context.Context, src *mdspb.Volume, snap *mdspb.Snapshot) ([]*mdspb.Volume, error) {
+	var out []*mdspb.Volume
+	for _, id := range snap.Clones {
+		v := &mdspb.Volume{}
+		found, _, err := l.st.get(ctx, l.st.k.volume(id), v)
+		if err != nil {
+			return nil, err
+		}
+		cs := v.GetCloneSource()
+		if found && v.Status == mdspb.VolumeStatus_VOLUME_STATUS_CREATED && cs.GetVolumeId() == src.Id && cs.GetSeq() == snap.Seq {
+			out = append(out, v)
+		}
+	}
+	return out, nil
+}
+
+// describeClones names clones for an error: "vol1, vol2 (flattened; released
+// within 40s)".
+func (l *leaderState) describeClones(clones []*mdspb.Volume) string {
+	var names []string
+	for _, c := range clones {
+		name := c.Name
+		if f := c.GetCloneSource().GetFlattenedUnix(); f != 0 {
+			left := time.Until(time.Unix(f, 0).Add(l.s.cfg.SessionLease + time.Second)).Round(time.Second)
+			name += fmt.Sprintf(" (flattened; released within %v)", max(left, time.Second))
+		}
+		names = append(names, name)
+	}
+	return strings.Join(names, ", ")
+}
+
+// refuseIfCloned refuses to delete a snapshot (or, with snap nil, any
+// snapshot of src) that clones still read.
+func (l *leaderState) refuseIfCloned(ctx context.Context, src *mdspb.Volume, snap *mdspb.Snapshot, what string) error {
+	for _, s := range src.Snapshots {
+		if snap != nil && s != snap {
+			continue
+		}
+		clones, err := l.liveClones(ctx, src, s)
+		if err != nil {
+			return err
+		}
+		if len(clones) > 0 {
+			return status.Errorf(codes.FailedPrecondition, "%s: snapshot %s@%s has clones that read from it: %s; flatten them first (cairn-ops flatten VOLUME) or delete them",
+				what, src.Name, s.Name, l.describeClones(clones))
+		}
+	}
+	return nil
+}
+
+// flattenVolume records that a clone's flatten copied every page its
+// source holds into it.
+func (l *leaderState) flattenVolume(ctx context.Context, r *mdspb.FlattenVolumeRequest) (*mdspb.FlattenVolumeResponse, error) {
+	v, _, _, err := l.updateVolume(ctx, r.Name, nil, func(v *mdspb.Volume) (fenceKind, error) {
+		cs := v.GetCloneSource()
+		switch {
+		case cs == nil:
+			return noFence, status.Errorf(codes.FailedPrecondition, "volume %q is not a clone (or was flattened and released)", r.Name)
+		case cs.FlattenedUnix != 0:
+			return noFence, errNoChange
+		}
+		cs.FlattenedUnix = time.Now().Unix()
+		return noFence, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	l.log.Info("clone flattened", "volume", r.Name, "source", v.GetCloneSource().GetVolume()+"@"+v.GetCloneSource().GetSnapshot())
+	l.wake()
+	return &mdspb.FlattenVolumeResponse{Volume: v}, nil
+}
+
+// releaseFlattenedClones forgets the sources of clones flattened a session
+// lease ago: the clone first, then the snapshot's list (an id left there
+// by a failure between the two is ignored by liveClones and dropped by the
+// next release or the snapshot's deletion).
+func (l *leaderState) releaseFlattenedClones(ctx context.Context) error {
+	vols, err := list[mdspb.Volume](ctx, l.st, l.st.k.volumes())
+	if err != nil {
+		return err
+	}
+	settled := time.Now().Add(-l.s.cfg.SessionLease - time.Second).Unix()
+	for _, v := range vols {
+		cs := v.GetCloneSource()
+		if v.Status != mdspb.VolumeStatus_VOLUME_STATUS_CREATED || cs == nil || cs.FlattenedUnix == 0 || cs.FlattenedUnix > settled {
+			continue
+		}
+		if _, _, _, err := l.updateVolume(ctx, v.Name, nil, func(cur *mdspb.Volume) (fenceKind, error) {
+			if cur.Id != v.Id || cur.CloneSource == nil {
+				return noFence, errNoChange
+			}
+			cur.CloneSource = nil
+			return noFence, nil
+		}); err != nil {
+			return fmt.Errorf("release the source of clone %q: %w", v.Name, err)
+		}
+		if err := l.forgetClone(ctx, cs, v.Id); err != nil {
+			return err
+		}
+		l.log.Info("clone released from its source", "volume", v.Name, "source", cs.Volume+"@"+cs.Snapshot)
+	}
+	return nil
+}
+
+// forgetClone drops a clone's id from its source snapshot's list.
+func (l *leaderState) forgetClone(ctx context.Context, cs *mdspb.CloneSource, id uint64) error {
+	src := &mdspb.Volume{}
+	found, _, err := l.st.get(ctx, l.st.k.volume(cs.VolumeId), src)
+	if err != nil || !found || src.Status != mdspb.VolumeStatus_VOLUME_STATUS_CREATED {
+		return err
+	}
+	_, _, _, err = l.updateVolume(ctx, src.Name, nil, func(cur *mdspb.Volume) (fenceKind, error) {
+		changed := false
+		for _, s := range cur.Snapshots {
+			if s.Seq == cs.Seq && slices.Contains(s.Clones, id) {
+				s.Clones = slices.DeleteFunc(s.Clones, func(x uint64) bool { return x == id })
+				changed = true
+			}
+		}
+		if cur.Id != cs.VolumeId || !changed {
+			return noFence, errNoChange
+		}
+		return noFence, nil
+	})
+	if err != nil {
+		return fmt.Errorf("forget clone %d in %s@%s: %w", id, cs.Volume, cs.Snapshot, err)
+	}
+	return nil
+}
+
+// checkCloneOpen refuses a clone that still reads its source to a client
+// that does not read clones.
+func checkCloneOpen(v *mdspb.Volume, features []string) error {
+	if cs := v.GetCloneSource(); cs != nil && !slices.Contains(features, cloneFeature) {
+		return status.Errorf(codes.FailedPrecondition, "volume %q is a clone of %s@%s that is not released from it; this client does not read clones (upgrade it)",
+			v.Name, cs.Volume, cs.Snapshot)
+	}
+	return nil
+}
