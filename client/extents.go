@@ -17,7 +17,8 @@ type Extent struct {
 // reads as zeros and holds no storage); an allocated segment counts as data
 // even where its chunks were never written. It looks up at most a few
 // segments per call (the extents may end before off+length; ask again from
-// where they end), with the same cache and MDS calls as reads. NBD's
+// where they end), with the same cache and MDS calls as reads; a clone's
+// segment is a hole only where its source's is too. NBD's
 // base:allocation and image copies use it to skip what was never written.
 func (v *Volume) Map(ctx context.Context, off, length int64) ([]Extent, error) {
 	if err := v.usable(false); err != nil {
@@ -33,6 +34,13 @@ func (v *Volume) Map(ctx context.Context, off, length int64) ([]Extent, error) {
 		n := min(length, (seg+1)*v.segSize-off)
 		_, err := v.r.segment(ctx, seg, false)
 		hole := errors.Is(err, errUnallocated)
+		if hole {
+			err = nil
+		}
+		if src := v.source(); hole && src != nil && seg*v.segSize < src.size {
+			// A clone reads its source there.
+			hole = v.sourceHole(ctx, src, seg)
+		}
 		if err != nil && !hole {
 			if len(out) > 0 {
 				return out, nil // what is known so far

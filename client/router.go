@@ -390,6 +390,16 @@ func (r *router) writePiece(ctx context.Context, pc piece) error {
 	if err != nil {
 		return err
 	}
+	// A clone's write: the source's content of the pages it covers in
+	// part goes with it (clone.go).
+	var fill []byte
+	var fillOff int64
+	src := v.source()
+	if src != nil {
+		if fill, fillOff, err = v.cloneFill(ctx, src, pc); err != nil {
+			return err
+		}
+	}
 	seq := v.reqs.begin()
 	defer v.reqs.end(seq)
 	_, err = r.call(ctx, ref.GetCopyset(), func(ctx context.Context, cl chunkIO) (outcome, error) {
@@ -397,6 +407,7 @@ func (r *router) writePiece(ctx context.Context, pc piece) error {
 		resp, err := cl.WriteChunk(ctx, &chunkpb.WriteChunkRequest{
 			Copyset: ref.GetCopyset(), ChunkId: ref.GetChunkId(), VolumeId: v.id, Epoch: w.epoch,
 			Offset: uint64(pc.off), Data: pc.buf, Request: v.reqs.attempt(seq), Sn: w.sn, Keep: w.keep,
+			Clone: src != nil && !src.flattened, Fill: fill, FillOffset: uint64(fillOff),
 		})
 		return outcome{resp.GetStatus(), resp.GetLeader(), resp.GetMessage()}, err
 	})
@@ -405,13 +416,32 @@ func (r *router) writePiece(ctx context.Context, pc piece) error {
 
 func (r *router) readPiece(ctx context.Context, pc piece) error {
 	v := r.v
-	ref, err := r.chunkRef(ctx, pc, false)
+	src := v.source()
+	exists, absent, err := r.readOwned(ctx, pc, false)
+	switch {
+	case err != nil:
+		return err
+	case !exists:
+		// Never written: zeros, or the source's for a clone.
+		return v.readSource(ctx, src, pc.buf, v.pieceOffset(pc))
+	case absent != nil && src != nil:
+		return v.fillAbsent(ctx, src, pc, absent)
+	}
+	return nil
+}
+
+// readOwned reads a piece from its chunk into pc.buf: exists is false for
+// a chunk never written (or a segment never allocated; pc.buf untouched),
+// and absent marks the pages a clone's chunk does not own (zeros in
+// pc.buf).
+func (r *router) readOwned(ctx context.Context, pc piece, allocate bool) (exists bool, absent []byte, err error) {
+	v := r.v
+	ref, err := r.chunkRef(ctx, pc, allocate)
 	if errors.Is(err, errUnallocated) {
-		clear(pc.buf)
-		return nil
+		return false, nil, nil
 	}
 	if err != nil {
-		return err
+		return false, nil, err
 	}
 	var data []byte
 	st, err := r.call(ctx, ref.GetCopyset(), func(ctx context.Context, cl chunkIO) (outcome, error) {
@@ -419,27 +449,32 @@ func (r *router) readPiece(ctx context.Context, pc piece) error {
 			Copyset: ref.GetCopyset(), ChunkId: ref.GetChunkId(), VolumeId: v.id, Epoch: v.Epoch(),
 			Offset: uint64(pc.off), Length: uint64(len(pc.buf)), SnapshotSn: v.snap,
 		})
-		data = resp.GetData()
+		data, absent = resp.GetData(), resp.GetAbsent()
 		return outcome{resp.GetStatus(), resp.GetLeader(), resp.GetMessage()}, err
 	})
 	if err != nil {
-		return err
+		return false, nil, err
 	}
 	if st == chunkpb.Status_STATUS_CHUNK_NOTEXIST {
-		clear(pc.buf)
-		return nil
+		return false, nil, nil
 	}
 	if len(data) != len(pc.buf) {
-		return fmt.Errorf("chunk %d returned %d bytes for a %d-byte read", ref.GetChunkId(), len(data), len(pc.buf))
+		return false, nil, fmt.Errorf("chunk %d returned %d bytes for a %d-byte read", ref.GetChunkId(), len(data), len(pc.buf))
+	}
+	if pages := (pc.off+int64(len(pc.buf))-1)/v.unit - pc.off/v.unit + 1; absent != nil && int64(len(absent)) != (pages+7)/8 {
+		return false, nil, fmt.Errorf("chunk %d marked %d bytes of pages not its own for a read of %d pages", ref.GetChunkId(), len(absent), pages)
 	}
 	copy(pc.buf, data)
-	return nil
+	return true, absent, nil
 }
 
-// unmapPiece deletes a whole chunk (nil buf) or zeroes part of one.
+// unmapPiece deletes a whole chunk (nil buf) or zeroes part of one. A
+// clone's chunk is zeroed, never deleted: a missing one reads the source
+// (so is a segment never allocated).
 func (r *router) unmapPiece(ctx context.Context, pc piece) error {
 	v := r.v
-	ref, err := r.chunkRef(ctx, pc, false)
+	src := v.source()
+	ref, err := r.chunkRef(ctx, pc, src != nil)
 	if errors.Is(err, errUnallocated) {
 		return nil // never written: already zeros
 	}
@@ -457,7 +492,7 @@ func (r *router) unmapPiece(ctx context.Context, pc piece) error {
 		w := v.ws.Load()
 		resp, err := cl.DeleteChunk(ctx, &chunkpb.DeleteChunkRequest{
 			Copyset: ref.GetCopyset(), ChunkId: ref.GetChunkId(), VolumeId: v.id, Epoch: w.epoch,
-			Request: v.reqs.attempt(seq), Sn: w.sn, Keep: w.keep,
+			Request: v.reqs.attempt(seq), Sn: w.sn, Keep: w.keep, Clone: src != nil,
 		})
 		return outcome{resp.GetStatus(), resp.GetLeader(), resp.GetMessage()}, err
 	})

@@ -15,6 +15,7 @@ import (
 
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/internal/certs"
+	"cairn.io/cairn/internal/geometry"
 	"cairn.io/cairn/mds/mdsclient"
 )
 
@@ -101,7 +102,15 @@ type Volume struct {
 	segSize   int64
 	blockSize int64
 	pieceSize int64
+	unit      int64 // page of a clone chunk's owned pages (geometry.CopyUnit)
 	size      atomic.Int64
+
+	// A clone's source (clone.go), and the snapshot handle reading it.
+	src    atomic.Pointer[cloneSource]
+	parent parentHandle
+	// volEpoch is the volume's newest epoch this handle heard of (what a
+	// flatten's fills carry).
+	volEpoch atomic.Uint64
 
 	r    *router
 	reqs *requests // numbers writes and deletes for at-most-once application
@@ -158,7 +167,8 @@ func OpenWithOptions(ctx context.Context, mdsAddrs []string, volume string, o Op
 	if o.Snapshot != "" {
 		o.ReadOnly = true
 	}
-	resp, err := conn.Volumes().OpenVolume(ctx, &mdspb.OpenVolumeRequest{Name: volume, Writable: !o.ReadOnly, Client: o.ClientName, Node: o.Node})
+	resp, err := conn.Volumes().OpenVolume(ctx, &mdspb.OpenVolumeRequest{Name: volume, Writable: !o.ReadOnly, Client: o.ClientName, Node: o.Node,
+		Features: []string{cloneFeature}})
 	if err != nil {
 		conn.Close()
 		switch {
@@ -207,6 +217,12 @@ func OpenWithOptions(ctx context.Context, mdsAddrs []string, volume string, o Op
 	if v.blockSize <= 0 {
 		v.blockSize = 512
 	}
+	metaPage := int64(consts.GetMetaPageSize())
+	if metaPage <= 0 {
+		metaPage = geometry.DefaultMetaPageSize
+	}
+	v.unit = geometry.CopyUnit(v.chunkSize, metaPage, v.blockSize)
+	v.noteVolume(vol)
 	// Pieces stay well under what a chunkserver takes in one request (a
 	// quarter of a chunk file).
 	v.pieceSize = min(1<<20, v.chunkSize/8)
@@ -318,6 +334,7 @@ func (v *Volume) askMDS(r *renewal) {
 		r.err = err
 	default:
 		v.adopt(resp.GetVolume())
+		v.noteVolume(resp.GetVolume())
 	}
 	v.renewMu.Lock()
 	v.renewing = nil
@@ -362,6 +379,7 @@ func (v *Volume) Close() error {
 	close(v.stop)
 	v.cancel()
 	v.wg.Wait()
+	v.closeParent()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	_, err := v.mds.Volumes().CloseVolume(ctx, &mdspb.CloseVolumeRequest{Name: v.name, SessionId: v.sessionID()})
@@ -410,6 +428,7 @@ func (v *Volume) refreshLoop() {
 			continue
 		}
 		v.confirmed.Store(time.Now().UnixNano())
+		v.noteVolume(resp.GetVolume())
 		if sz := int64(resp.GetVolume().GetSize()); sz > v.size.Load() && v.snap == 0 {
 			v.log.Info("volume grew", "size", sz)
 			v.size.Store(sz)
@@ -472,6 +491,7 @@ func (v *Volume) Refresh(ctx context.Context) error {
 		return fmt.Errorf("client: refresh %s: %w", v.name, err)
 	}
 	v.confirmed.Store(time.Now().UnixNano())
+	v.noteVolume(resp.GetVolume())
 	if sz := int64(resp.GetVolume().GetSize()); sz > v.size.Load() && v.snap == 0 {
 		v.size.Store(sz)
 	}
