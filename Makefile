@@ -78,7 +78,7 @@ playground: build ## start a local cluster (MDS, three chunkservers in three zon
 	$(BIN)/cairn-playground --bin-dir $(BIN) $(PLAYGROUND_FLAGS)
 
 .PHONY: bench-snapshot
-bench-snapshot: build ## 4 KiB random writes right after a snapshot (copy on write) vs later, QD1 and QD32, against a temporary playground (~3 GiB of disk, removed after)
+bench-snapshot: build ## 4 KiB random writes right after a snapshot (copy on write) vs later, QD1 and QD32; clone creation, first writes into a clone, flatten throughput; against a temporary playground (~3 GiB of disk, removed after)
 	bench/snapshot/run.sh $(BIN)
 
 .PHONY: bench bench-iscsi

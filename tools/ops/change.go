@@ -167,20 +167,43 @@ func (a *app) waitFreed(ctx context.Context, v *mdspb.Volume, wait time.Duration
 }
 
 func (a *app) createVolumeCommand() *cobra.Command {
-	var size, pool, owner string
+	var size, pool, owner, from string
 	cmd := &cobra.Command{
-		Use: "volume NAME --size SIZE", Short: "Create a volume (size rounded up to whole segments)",
+		Use:   "volume NAME --size SIZE | --from VOLUME@SNAPSHOT [--size SIZE]",
+		Short: "Create a volume (size rounded up to whole segments), or an instant clone of a snapshot",
+		Long: `create volume NAME --size SIZE makes an empty volume. With --from VOLUME@SNAPSHOT
+it makes a clone at once, copying nothing: the clone reads the snapshot where
+it was not written, and its writes copy only the pages they cover in part.
+The snapshot cannot be deleted until the clone is flattened (cairn-ops
+flatten NAME) or deleted. A clone is at least its snapshot's size.`,
 		Args: exactArgs(1, "NAME"),
 		RunE: a.runE(func(ctx context.Context, _ *cobra.Command, args []string) error {
-			n, err := units.ParseBytes(size)
-			if err != nil {
-				return usageError(fmt.Errorf("--size: %w", err))
+			req := &mdspb.CreateVolumeRequest{Name: args[0], Owner: owner, Pool: pool}
+			var n uint64
+			if size != "" {
+				var err error
+				if n, err = units.ParseBytes(size); err != nil {
+					return usageError(fmt.Errorf("--size: %w", err))
+				}
+				req.Size = n
+			}
+			switch {
+			case from != "":
+				var err error
+				if req.SourceVolume, req.SourceSnapshot, err = cloneOf(from); err != nil {
+					return err
+				}
+			case size == "":
+				return usageError(fmt.Errorf("--size is required (or --from VOLUME@SNAPSHOT for a clone)"))
 			}
 			cctx, cancel := a.callCtx(ctx)
 			defer cancel()
-			resp, err := a.conn.Volumes().CreateVolume(cctx, &mdspb.CreateVolumeRequest{Name: args[0], Size: n, Owner: owner, Pool: pool})
+			resp, err := a.conn.Volumes().CreateVolume(cctx, req)
 			if err != nil {
 				return rpcErr(fmt.Sprintf("create volume %q", args[0]), err)
+			}
+			if n == 0 {
+				n = resp.Volume.Size
 			}
 			if note := a.overcommitNote(ctx, resp.Volume); note != "" {
 				fmt.Fprintf(a.stderr, "cairn-ops: warning: %s\n", note)
@@ -191,7 +214,7 @@ func (a *app) createVolumeCommand() *cobra.Command {
 	cmd.Flags().StringVar(&size, "size", "", "size: bytes or a size such as 10GiB")
 	cmd.Flags().StringVar(&pool, "pool", "", "logical pool name (default: the only or first pool)")
 	cmd.Flags().StringVar(&owner, "owner", "", "owner recorded with the volume")
-	_ = cmd.MarkFlagRequired("size")
+	cmd.Flags().StringVar(&from, "from", "", "make a clone of this snapshot (VOLUME@SNAPSHOT)")
 	return cmd
 }
 
@@ -212,6 +235,9 @@ func (a *app) emitVolumeChange(ctx context.Context, action string, v *mdspb.Volu
 func (r *volumeChange) writeTable(t *table) {
 	v := r.Volume
 	t.line("volume %q (id %d) %s: %s in pool %s", v.Name, v.ID, r.Action, formatBytes(v.Size), dash(v.LogicalPool))
+	if v.Source != "" {
+		t.line("a clone of %s: it reads the snapshot where it was not written (flatten it to make it independent)", v.Source)
+	}
 	if v.Size != r.RequestedSize {
 		t.line("(%s requested, rounded up to whole segments of %s)", formatBytes(r.RequestedSize), formatBytes(v.SegmentSize))
 	}

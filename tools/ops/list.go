@@ -311,9 +311,9 @@ func logicalPoolNames(pools []*mdspb.LogicalPool) map[uint32]string {
 }
 
 func (l *volumeList) writeTable(t *table) {
-	t.row("ID", "NAME", "SIZE", "ALLOCATED", "POOL", "EPOCH", "STATUS", "OWNER", "CREATED")
+	t.row("ID", "NAME", "SIZE", "ALLOCATED", "POOL", "EPOCH", "STATUS", "OWNER", "CREATED", "CLONE OF")
 	for _, v := range l.Volumes {
 		t.row(v.ID, v.Name, formatBytes(v.Size), fmt.Sprintf("%s (%d segments)", formatBytes(v.AllocatedBytes), v.AllocatedSegments),
-			dash(v.LogicalPool), v.Epoch, v.Status, dash(v.Owner), formatUnix(v.CreatedUnix))
+			dash(v.LogicalPool), v.Epoch, v.Status, dash(v.Owner), formatUnix(v.CreatedUnix), dash(v.Source))
 	}
 }

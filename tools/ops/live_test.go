@@ -47,6 +47,15 @@ func (c *liveCluster) jsonRun(wantCode int, args ...string) map[string]any {
 	return decodeJSON(c.t, r.stdout)
 }
 
+func (c *liveCluster) mustRun(args ...string) runResult {
+	c.t.Helper()
+	r := c.run(args...)
+	if r.code != ExitOK {
+		c.t.Fatalf("cairn-ops %s: exit %d\nstdout:\n%s\nstderr:\n%s", strings.Join(args, " "), r.code, r.stdout, r.stderr)
+	}
+	return r
+}
+
 // index returns the cluster index of the chunkserver with id.
 func (c *liveCluster) index(id uint64) int {
 	c.t.Helper()

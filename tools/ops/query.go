@@ -111,6 +111,13 @@ func (d *volumeDetail) writeTable(t *table) {
 		v.AllocatedSegments, segments, formatBytes(v.AllocatedBytes), formatBytes(v.Size),
 		formatBytes(v.SegmentSize), formatBytes(v.ChunkSize)))
 	t.row("created:", formatUnix(v.CreatedUnix))
+	if v.Source != "" {
+		state := "not flattened"
+		if v.Flattened {
+			state = "flattened; released soon"
+		}
+		t.row("clone of:", fmt.Sprintf("%s (%s)", v.Source, state))
+	}
 	if len(d.Publications) == 0 {
 		t.row("published:", "-")
 	}

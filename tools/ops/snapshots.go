@@ -25,10 +25,13 @@ type snapshotView struct {
 	Size    uint64 `json:"size"`
 	Created string `json:"created"`
 	Status  string `json:"status"`
+	// Clones counts the clones that read it (some may be deleted or
+	// released already).
+	Clones int `json:"clones"`
 }
 
 func newSnapshotView(volume string, s *mdspb.Snapshot) snapshotView {
-	return snapshotView{Volume: volume, Name: s.Name, Seq: s.Seq, Size: s.Size, Created: formatUnix(s.CreatedUnix), Status: s.Status.Label()}
+	return snapshotView{Volume: volume, Name: s.Name, Seq: s.Seq, Size: s.Size, Created: formatUnix(s.CreatedUnix), Status: s.Status.Label(), Clones: len(s.Clones)}
 }
 
 type snapshotTaken struct {
@@ -70,9 +73,9 @@ type snapshotList struct {
 }
 
 func (l *snapshotList) writeTable(t *table) {
-	t.row("VOLUME", "NAME", "SEQ", "SIZE", "CREATED", "STATUS")
+	t.row("VOLUME", "NAME", "SEQ", "SIZE", "CREATED", "STATUS", "CLONES")
 	for _, s := range l.Snapshots {
-		t.row(s.Volume, s.Name, s.Seq, formatBytes(s.Size), s.Created, s.Status)
+		t.row(s.Volume, s.Name, s.Seq, formatBytes(s.Size), s.Created, s.Status, s.Clones)
 	}
 }
 

@@ -103,6 +103,11 @@ type volumeView struct {
 	CreatedUnix       int64  `json:"created_unix"`
 	AllocatedSegments uint64 `json:"allocated_segments"`
 	AllocatedBytes    uint64 `json:"allocated_bytes"`
+	// Source is the snapshot a clone reads (VOLUME@SNAPSHOT; "" for a
+	// volume that is not a clone, or once its source is released), and
+	// Flattened whether it was flattened.
+	Source    string `json:"source"`
+	Flattened bool   `json:"flattened"`
 }
 
 type sessionView struct {
@@ -167,13 +172,17 @@ func newChunkServerView(cs *mdspb.ChunkServer) chunkServerView {
 }
 
 func newVolumeView(v *mdspb.Volume, poolNames map[uint32]string) volumeView {
-	return volumeView{
+	view := volumeView{
 		ID: v.Id, Name: v.Name, Size: v.Size, Owner: v.Owner,
 		LogicalPoolID: v.LogicalPoolId, LogicalPool: poolNames[v.LogicalPoolId],
 		ChunkSize: v.ChunkSize, SegmentSize: v.SegmentSize, Epoch: v.Epoch,
 		Status: volumeStatusName(v.Status), CreatedUnix: v.CreatedUnix,
 		AllocatedSegments: v.AllocatedSegments, AllocatedBytes: v.AllocatedSegments * v.SegmentSize,
 	}
+	if cs := v.GetCloneSource(); cs != nil {
+		view.Source, view.Flattened = cs.Volume+"@"+cs.Snapshot, cs.FlattenedUnix != 0
+	}
+	return view
 }
 
 func newSessionView(s *mdspb.Session) sessionView {
