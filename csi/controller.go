@@ -42,6 +42,7 @@ func (c controller) ControllerGetCapabilities(context.Context, *csipb.Controller
 		csipb.ControllerServiceCapability_RPC_PUBLISH_READONLY,
 		csipb.ControllerServiceCapability_RPC_CREATE_DELETE_SNAPSHOT,
 		csipb.ControllerServiceCapability_RPC_LIST_SNAPSHOTS,
+		csipb.ControllerServiceCapability_RPC_CLONE_VOLUME,
 	} {
 		caps = append(caps, &csipb.ControllerServiceCapability{Type: &csipb.ControllerServiceCapability_Rpc{
 			Rpc: &csipb.ControllerServiceCapability_RPC{Type: t}}})
@@ -60,9 +61,6 @@ func (c controller) CreateVolume(ctx context.Context, req *csipb.CreateVolumeReq
 		return nil, err
 	}
 	src := req.GetVolumeContentSource()
-	if src != nil && src.GetSnapshot() == nil {
-		return nil, status.Error(codes.InvalidArgument, "volumes from other volumes (clones) are not supported yet")
-	}
 	pool := ""
 	for k, v := range req.GetParameters() {
 		switch k {
@@ -94,7 +92,7 @@ func (c controller) CreateVolume(ctx context.Context, req *csipb.CreateVolumeReq
 		return nil, err
 	}
 	if src != nil {
-		v, err := c.restore(ctx, src.GetSnapshot().GetSnapshotId(), name, size, pool)
+		v, err := c.createClone(ctx, src, name, size, pool)
 		if err != nil {
 			return nil, err
 		}
@@ -121,6 +119,16 @@ func (c controller) DeleteVolume(ctx context.Context, req *csipb.DeleteVolumeReq
 		return nil, status.Error(codes.InvalidArgument, "volume id is required")
 	}
 	defer c.d.lockVolume(name)()
+	st, err := c.stat(ctx, name)
+	if status.Code(err) == codes.NotFound {
+		return &csipb.DeleteVolumeResponse{}, nil
+	} else if err != nil {
+		return nil, err
+	}
+	// The snapshots its clones read, once none does (else refused).
+	if err := c.deleteHiddenSnapshots(ctx, st.Volume); err != nil {
+		return nil, err
+	}
 	cctx, cancel := c.d.callCtx(ctx)
 	defer cancel()
 	if _, err := c.d.mds.Volumes().DeleteVolume(cctx, &mdspb.DeleteVolumeRequest{Name: name}); err != nil {

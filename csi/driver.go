@@ -85,6 +85,9 @@ type Driver struct {
 	// specification asks of a plugin that may see retried calls.
 	volumeLocks sync.Map // name -> *sync.Mutex
 
+	// Controller mode: wakes the flattener of clones (clones.go).
+	flattenKick chan struct{}
+
 	// Node mode.
 	mounter *mount.SafeFormatAndMount
 	exec    utilexec.Interface
@@ -198,11 +201,13 @@ func (d *Driver) Start() error {
 	d.lis = lis
 	d.srv = grpc.NewServer(grpc.UnaryInterceptor(d.logCalls))
 	csipb.RegisterIdentityServer(d.srv, identity{d: d})
-	if d.cfg.Mode != ModeNode {
-		csipb.RegisterControllerServer(d.srv, controller{d: d})
-	}
 	var ctx context.Context
 	ctx, d.cancel = context.WithCancel(context.Background())
+	if d.cfg.Mode != ModeNode {
+		csipb.RegisterControllerServer(d.srv, controller{d: d})
+		d.flattenKick = make(chan struct{}, 1)
+		go d.runFlattener(ctx)
+	}
 	if d.cfg.Mode != ModeController {
 		csipb.RegisterNodeServer(d.srv, node{d: d})
 		d.adopt()

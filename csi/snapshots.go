@@ -13,14 +13,11 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"cairn.io/cairn/api/mdspb"
-	"cairn.io/cairn/client"
 )
 
 // Snapshots: a CSI snapshot is a Cairn volume snapshot, its id
 // VOLUME@NAME (NAME the CSI name, unique across the cluster's volumes). A
-// volume created from a snapshot is a copy of it, written into a
-// temporary volume (NAME.restoring) that takes the requested name only
-// once complete: a volume of that name is always a whole copy.
+// volume created from a snapshot is a clone of it (clones.go).
 
 // snapshotID is a snapshot's CSI id.
 func snapshotID(volume, name string) string { return volume + "@" + name }
@@ -62,6 +59,9 @@ func (c controller) CreateSnapshot(ctx context.Context, req *csipb.CreateSnapsho
 	}
 	if source == "" {
 		return nil, status.Error(codes.InvalidArgument, "source volume id is required")
+	}
+	if strings.HasPrefix(name, hiddenSnapshotPrefix) {
+		return nil, status.Errorf(codes.InvalidArgument, "snapshot name %q: names beginning %q are the driver's own", name, hiddenSnapshotPrefix)
 	}
 	defer c.d.lockVolume(source)()
 	vols, err := c.volumes(ctx)
@@ -138,7 +138,7 @@ func (c controller) ListSnapshots(ctx context.Context, req *csipb.ListSnapshotsR
 			continue
 		}
 		for _, s := range v.Snapshots {
-			if s.Status == mdspb.SnapshotStatus_SNAPSHOT_STATUS_READY && (wantName == "" || s.Name == wantName) {
+			if s.Status == mdspb.SnapshotStatus_SNAPSHOT_STATUS_READY && (wantName == "" || s.Name == wantName) && !strings.HasPrefix(s.Name, hiddenSnapshotPrefix) {
 				all = append(all, csiSnapshot(v.Name, s))
 			}
 		}
@@ -153,76 +153,4 @@ func (c controller) ListSnapshots(ctx context.Context, req *csipb.ListSnapshotsR
 		out.Entries = append(out.Entries, &csipb.ListSnapshotsResponse_Entry{Snapshot: s})
 	}
 	return out, nil
-}
-
-// restoringSuffix names the temporary volume a restore writes into.
-const restoringSuffix = ".restoring"
-
-// restore creates volume name of size from snapshot id: a copy written
-// into name.restoring (created, or taken up again after an interrupted
-// attempt), renamed to name once complete.
-func (c controller) restore(ctx context.Context, id, name string, size uint64, pool string) (*mdspb.Volume, error) {
-	volume, snapName, ok := parseSnapshotID(id)
-	if !ok {
-		return nil, status.Errorf(codes.NotFound, "snapshot %q does not exist", id)
-	}
-	st, err := c.stat(ctx, volume)
-	if err != nil {
-		if status.Code(err) == codes.NotFound {
-			return nil, status.Errorf(codes.NotFound, "snapshot %q does not exist: %v", id, err)
-		}
-		return nil, err
-	}
-	snap := st.Volume.LiveSnapshot(snapName)
-	if snap == nil {
-		return nil, status.Errorf(codes.NotFound, "snapshot %q does not exist", id)
-	}
-	if size < snap.Size {
-		return nil, status.Errorf(codes.OutOfRange, "volume of %d bytes is smaller than snapshot %q (%d bytes)", size, id, snap.Size)
-	}
-	tmp := name + restoringSuffix
-	cctx, cancel := c.d.callCtx(ctx)
-	_, err = c.d.mds.Volumes().CreateVolume(cctx, &mdspb.CreateVolumeRequest{Name: tmp, Size: size, Owner: owner, Pool: pool})
-	cancel()
-	if err != nil && status.Code(err) != codes.AlreadyExists {
-		return nil, mdsErr(fmt.Sprintf("create volume %q", tmp), err)
-	}
-	if err := c.copySnapshot(ctx, volume, snapName, tmp); err != nil {
-		return nil, status.Errorf(codes.Internal, "restore snapshot %q into volume %q: %v", id, name, err)
-	}
-	cctx, cancel = c.d.callCtx(ctx)
-	defer cancel()
-	resp, err := c.d.mds.Volumes().RenameVolume(cctx, &mdspb.RenameVolumeRequest{Name: tmp, NewName: name})
-	if err != nil {
-		return nil, mdsErr(fmt.Sprintf("rename volume %q to %q", tmp, name), err)
-	}
-	c.d.log.Info("volume restored from a snapshot", "volume", name, "snapshot", id)
-	return resp.Volume, nil
-}
-
-// copySnapshot makes dst read as the snapshot: the blocks where they
-// differ are written (zeros unmapped).
-func (c controller) copySnapshot(ctx context.Context, volume, snapName, dst string) error {
-	o := client.Options{TLS: c.d.cfg.TLS, Logger: c.d.cfg.Logger, ClientName: "csi.cairn.io controller"}
-	src, err := client.OpenWithOptions(ctx, c.d.cfg.MDSAddrs, volume, client.Options{Snapshot: snapName, TLS: o.TLS, Logger: o.Logger, ClientName: o.ClientName})
-	if err != nil {
-		return err
-	}
-	defer src.Close()
-	v, err := client.OpenWithOptions(ctx, c.d.cfg.MDSAddrs, dst, o)
-	if err != nil {
-		return err
-	}
-	defer v.Close()
-	err = client.EachChangedBlock(ctx, src, v, 1<<20, nil, func(off int64, data []byte, zeros bool) error {
-		if zeros {
-			return v.UnmapAt(ctx, off, int64(len(data)))
-		}
-		_, err := v.WriteAt(ctx, data, off)
-		return err
-	})
-	if err == nil {
-		err = v.Flush(ctx)
-	}
-	return err
 }
