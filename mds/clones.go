@@ -72,6 +72,9 @@ func (l *leaderState) createClone(ctx context.Context, r *mdspb.CreateVolumeRequ
 			}
 			poolID = pool.Id
 		}
+		if err := l.checkPoolClones(poolID); err != nil {
+			return nil, err
+		}
 		if idStr, found, err := l.st.getRaw(ctx, nameKey); err != nil {
 			return nil, err
 		} else if found {
@@ -108,6 +111,38 @@ func (l *leaderState) createClone(ctx context.Context, r *mdspb.CreateVolumeRequ
 		}
 		// The source changed (or the name was taken): look again.
 	}
+}
+
+// checkPoolClones refuses a clone in a logical pool where a chunkserver
+// holding one of its copysets has not said, in a heartbeat to this leader,
+// that it understands clone chunks: one that predates them would apply a
+// clone's writes as plain ones (or skip them), and its chunks would read
+// zeros where the clone reads its source.
+func (l *leaderState) checkPoolClones(pool uint32) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	seen := map[uint64]bool{}
+	for _, cs := range l.mu.copysets {
+		if cs.GetId().GetLogicalPoolId() != pool {
+			continue
+		}
+		for _, p := range append(slices.Clone(cs.Peers), cs.Learners...) {
+			id := p.ChunkserverId
+			if seen[id] {
+				continue
+			}
+			seen[id] = true
+			e := l.mu.chunkServers[id]
+			switch {
+			case e == nil:
+			case e.lastHB.IsZero():
+				return status.Errorf(codes.Unavailable, "chunkserver %d (%s) has not reported to this MDS yet; clones need every chunkserver of the pool running a version that knows them (try again shortly)", id, e.rec.GetAddress())
+			case !slices.Contains(e.features, cloneFeature):
+				return status.Errorf(codes.FailedPrecondition, "chunkserver %d (%s) runs a version that does not know clones; upgrade every chunkserver of the pool first", id, e.rec.GetAddress())
+			}
+		}
+	}
+	return nil
 }
 
 // liveClones returns the clones that still read a snapshot: the ids it

@@ -42,6 +42,7 @@ func (l *leaderState) heartbeat(ctx context.Context, r *mdspb.HeartbeatRequest) 
 	}
 	e.lastHB = now
 	e.epochVersion = r.EpochTableVersion
+	e.features = r.Features
 	if r.Capacity != nil {
 		e.capacity = r.Capacity
 	}

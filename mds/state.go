@@ -99,6 +99,9 @@ type csEntry struct {
 	// its last heartbeat to this leader.
 	epochVersion uint64
 	capacity     *mdspb.Capacity
+	// features are what its last heartbeat to this leader said it
+	// understands (HeartbeatRequest.features).
+	features []string
 }
 
 func newLeaderState(s *Server, st *store) *leaderState {

@@ -2278,8 +2278,12 @@ type HeartbeatRequest struct {
 	// Version of the volume epoch table the chunkserver holds (see
 	// HeartbeatResponse.epochs).
 	EpochTableVersion uint64 `protobuf:"varint,6,opt,name=epoch_table_version,json=epochTableVersion,proto3" json:"epoch_table_version,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// What the chunkserver understands beyond the first release: "clone"
+	// (clone chunks). The MDS creates a clone only in a pool whose every
+	// member chunkserver reported it.
+	Features      []string `protobuf:"bytes,7,rep,name=features,proto3" json:"features,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *HeartbeatRequest) Reset() {
@@ -2352,6 +2356,13 @@ func (x *HeartbeatRequest) GetEpochTableVersion() uint64 {
 		return x.EpochTableVersion
 	}
 	return 0
+}
+
+func (x *HeartbeatRequest) GetFeatures() []string {
+	if x != nil {
+		return x.Features
+	}
+	return nil
 }
 
 // Operator is carried out by the copyset's leader only when the copyset's conf
@@ -6175,14 +6186,15 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\x0echunkserver_id\x18\x01 \x01(\x04R\rchunkserverId\"\x1b\n" +
 	"\x19DeleteChunkServerResponse\"H\n" +
 	"\rCopysetReport\x127\n" +
-	"\x06status\x18\x01 \x01(\v2\x1f.cairn.copyset.v1.CopysetStatusR\x06status\"\x86\x02\n" +
+	"\x06status\x18\x01 \x01(\v2\x1f.cairn.copyset.v1.CopysetStatusR\x06status\"\xa2\x02\n" +
 	"\x10HeartbeatRequest\x12%\n" +
 	"\x0echunkserver_id\x18\x01 \x01(\x04R\rchunkserverId\x12\x14\n" +
 	"\x05token\x18\x02 \x01(\tR\x05token\x12\x18\n" +
 	"\aaddress\x18\x03 \x01(\tR\aaddress\x122\n" +
 	"\bcapacity\x18\x04 \x01(\v2\x16.cairn.mds.v1.CapacityR\bcapacity\x127\n" +
 	"\bcopysets\x18\x05 \x03(\v2\x1b.cairn.mds.v1.CopysetReportR\bcopysets\x12.\n" +
-	"\x13epoch_table_version\x18\x06 \x01(\x04R\x11epochTableVersion\"\xfa\x01\n" +
+	"\x13epoch_table_version\x18\x06 \x01(\x04R\x11epochTableVersion\x12\x1a\n" +
+	"\bfeatures\x18\a \x03(\tR\bfeatures\"\xfa\x01\n" +
 	"\bOperator\x125\n" +
 	"\acopyset\x18\x01 \x01(\v2\x1b.cairn.common.v1.CopysetRefR\acopyset\x12.\n" +
 	"\x04kind\x18\x02 \x01(\x0e2\x1a.cairn.mds.v1.OperatorKindR\x04kind\x12\x1d\n" +

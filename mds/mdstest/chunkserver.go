@@ -45,6 +45,9 @@ type ChunkServerDouble struct {
 		failing     bool
 		epochTable  uint64
 		capacity    *mdspb.Capacity
+		// oldVersion: heartbeats list no features (a chunkserver from
+		// before clones).
+		oldVersion bool
 	}
 }
 
@@ -89,6 +92,14 @@ func (d *ChunkServerDouble) SetCapacity(c *mdspb.Capacity) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.mu.capacity = c
+}
+
+// SetOldVersion makes the double's heartbeats report no features, as a
+// chunkserver that predates clones would.
+func (d *ChunkServerDouble) SetOldVersion(old bool) {
+	d.mu.Lock()
+	d.mu.oldVersion = old
+	d.mu.Unlock()
 }
 
 // ID returns the chunkserver id the MDS assigned (0 before Register).
@@ -203,6 +214,9 @@ func (d *ChunkServerDouble) Heartbeat(ctx context.Context, hb mdspb.HeartbeatSer
 	req := &mdspb.HeartbeatRequest{
 		ChunkserverId: d.mu.id, Token: d.mu.token, Address: d.Addr,
 		Capacity: proto.CloneOf(d.mu.capacity), EpochTableVersion: d.mu.epochTable,
+	}
+	if !d.mu.oldVersion {
+		req.Features = []string{"clone"}
 	}
 	keys := make([]uint64, 0, len(d.mu.copysets))
 	for k := range d.mu.copysets {

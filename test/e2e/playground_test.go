@@ -198,7 +198,14 @@ func (e *env) copyThroughKill(t *testing.T, src string, size int) {
 	case <-ctx.Done():
 		t.Fatalf("nbdcopy did not finish:\n%s", copyOut.String())
 	}
-	// The playground notices and restarts it; the MDS hears from it again.
+	e.awaitRestart(t, ctx, victim, old)
+}
+
+// awaitRestart waits for the playground to restart a chunkserver killed
+// with SIGKILL (old is its process before), and for the MDS to hear from
+// it again.
+func (e *env) awaitRestart(t *testing.T, ctx context.Context, victim string, old playground.ProcessState) {
+	t.Helper()
 	soon.Succeeds(t, 2*time.Minute, func() error {
 		p := e.pg.state(t).Process(victim)
 		if p.PID == 0 || p.PID == old.PID || p.Restarts != old.Restarts+1 {
