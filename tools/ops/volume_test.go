@@ -45,7 +45,7 @@ func TestVolumeLifecycle(t *testing.T) {
 		{[]string{"create", "volume", "vol3", "--size", "lots"}, ExitUsage, `--size: invalid size "lots"`},
 		{[]string{"create", "volume", "vol3", "--size", "0.3KiB"}, ExitUsage, `--size: size "0.3KiB" is not a whole number of bytes`},
 		{[]string{"create", "volume", "vol3", "--size", "10XB"}, ExitUsage, `--size: size "10XB": unknown unit "XB"`},
-		{[]string{"create", "volume", "vol3"}, ExitUsage, `required flag(s) "size" not set`},
+		{[]string{"create", "volume", "vol3"}, ExitUsage, "--size is required"},
 		{[]string{"create", "volume", "vol3", "--size", "8MiB", "--pool", "nope"}, ExitNotFound, `logical pool "nope" does not exist`},
 		{[]string{"extend", "volume", "vol1", "--size", "8MiB"}, ExitUsage, `shrinking to 8388608 is not supported`},
 		{[]string{"extend", "volume", "nope", "--size", "8MiB"}, ExitNotFound, `volume "nope" does not exist`},
