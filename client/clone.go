@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -37,6 +38,7 @@ var ErrNotClone = errors.New("client: volume is not a clone")
 // cloneSource is what a handle knows of its volume's source.
 type cloneSource struct {
 	volume, snapshot string
+	volumeID, seq    uint64
 	size             int64
 	flattened        bool
 }
@@ -46,11 +48,18 @@ type cloneSource struct {
 func (v *Volume) setSource(cs *mdspb.CloneSource) {
 	if v.snap != 0 || cs == nil {
 		if old := v.src.Swap(nil); old != nil {
+			// Segments a flatten allocated may be cached as never
+			// written: ask again.
+			if v.r != nil {
+				v.r.forgetAbsent()
+			}
 			v.log.Info("clone released from its source", "source", old.volume+"@"+old.snapshot)
 		}
 		return
 	}
-	next := &cloneSource{volume: cs.GetVolume(), snapshot: cs.GetSnapshot(), size: int64(cs.GetSize()), flattened: cs.GetFlattenedUnix() != 0}
+	v.wasClone.Store(true)
+	next := &cloneSource{volume: cs.GetVolume(), snapshot: cs.GetSnapshot(), volumeID: cs.GetVolumeId(), seq: cs.GetSeq(),
+		size: int64(cs.GetSize()), flattened: cs.GetFlattenedUnix() != 0}
 	if old := v.src.Swap(next); old != nil && !old.flattened && next.flattened {
 		v.log.Info("clone flattened: writes no longer carry its source's content")
 	}
@@ -92,6 +101,11 @@ func (v *Volume) parentFor(ctx context.Context, src *cloneSource) (*Volume, erro
 	h, err := OpenWithOptions(ctx, v.mds.Addresses(), src.volume, o)
 	if err != nil {
 		return nil, fmt.Errorf("open the clone's source %s@%s: %w", src.volume, src.snapshot, err)
+	}
+	if h.id != src.volumeID || h.snap != src.seq {
+		_ = h.Close()
+		return nil, fmt.Errorf("%w: the clone's source %s@%s is not the snapshot it was made from (volume %d, sequence number %d)",
+			ErrNotFound, src.volume, src.snapshot, src.volumeID, src.seq)
 	}
 	v.parent.h = h
 	return h, nil
@@ -207,6 +221,17 @@ func (v *Volume) Flatten(ctx context.Context, progress func(done, total int64)) 
 			return nil
 		}
 		for off := int64(0); off < total; {
+			if v.flattenedElsewhere() {
+				// Another flatten finished first; going on after the
+				// source's release could bring its data back into
+				// chunks unmapped since.
+				return n.Load(), nil
+			}
+			if since := time.Since(time.Unix(0, v.confirmed.Load())); since > v.lease/2 {
+				// Without the MDS this handle cannot know whether
+				// another flatten finished and the source was released.
+				return n.Load(), fmt.Errorf("flatten %s: %w: the MDS has not answered for %v", v.name, ErrUnavailable, since.Round(time.Second))
+			}
 			seg := off / v.segSize
 			if v.sourceHole(ctx, src, seg) {
 				off = (seg + 1) * v.segSize
@@ -236,6 +261,13 @@ func (v *Volume) Flatten(ctx context.Context, progress func(done, total int64)) 
 	return n.Load(), nil
 }
 
+// flattenedElsewhere reports that the MDS recorded a flatten of the clone
+// (or released it) while this handle's flatten runs.
+func (v *Volume) flattenedElsewhere() bool {
+	s := v.source()
+	return s == nil || s.flattened
+}
+
 // sourceHole reports a segment the source never allocated: nothing to copy.
 func (v *Volume) sourceHole(ctx context.Context, src *cloneSource, seg int64) bool {
 	parent, err := v.parentFor(ctx, src)
@@ -251,6 +283,9 @@ func (v *Volume) sourceHole(ctx context.Context, src *cloneSource, seg int64) bo
 // alone: pages the clone writes meanwhile are never overwritten.
 func (r *router) flattenPiece(ctx context.Context, src *cloneSource, pc piece, copied *atomic.Int64) error {
 	v := r.v
+	if v.flattenedElsewhere() {
+		return nil
+	}
 	exists, absent, err := r.readOwned(ctx, pc, false)
 	if err != nil {
 		return err
@@ -261,8 +296,8 @@ func (r *router) flattenPiece(ctx context.Context, src *cloneSource, pc piece, c
 	if err := v.readSource(ctx, src, pc.buf, v.pieceOffset(pc)); err != nil {
 		return err
 	}
-	if isZero(pc.buf) {
-		return nil // reads as zeros with or without the source
+	if isZero(pc.buf) || v.flattenedElsewhere() {
+		return nil // reads as zeros with or without the source; or done elsewhere
 	}
 	ref, err := r.chunkRef(ctx, pc, true)
 	if err != nil {

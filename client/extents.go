@@ -37,7 +37,7 @@ func (v *Volume) Map(ctx context.Context, off, length int64) ([]Extent, error) {
 		if hole {
 			err = nil
 		}
-		if src := v.source(); hole && src != nil && seg*v.segSize < src.size {
+		if src := v.source(); hole && src != nil && !src.flattened && seg*v.segSize < src.size {
 			// A clone reads its source there.
 			hole = v.sourceHole(ctx, src, seg)
 		}

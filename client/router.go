@@ -68,6 +68,15 @@ func newRouter(v *Volume) *router {
 
 func (r *router) close() { r.conns.Close() }
 
+// forgetAbsent drops what is known of unallocated segments (a clone's
+// source was released: segments a flatten allocated may be cached as
+// never written, which would read zeros from now on).
+func (r *router) forgetAbsent() {
+	r.segMu.Lock()
+	clear(r.absent)
+	r.segMu.Unlock()
+}
+
 var errUnallocated = errors.New("segment not allocated")
 
 // segment returns the chunks of a segment, allocating it when allocate is
@@ -80,8 +89,9 @@ func (r *router) segment(ctx context.Context, seg int64, allocate bool) ([]*mdsp
 			return c, nil
 		}
 		// A writer allocates every segment it writes, so its negative
-		// cache stays right; a read-only handle asks again after a while.
-		if t, ok := r.absent[seg]; ok && !allocate && (r.v.Epoch() != 0 || time.Since(t) < 2*time.Second) {
+		// cache stays right; a read-only handle asks again after a while,
+		// and so does a clone's writer (a flatten allocates too).
+		if t, ok := r.absent[seg]; ok && !allocate && ((r.v.Epoch() != 0 && !r.v.wasClone.Load()) || time.Since(t) < 2*time.Second) {
 			r.segMu.Unlock()
 			return nil, errUnallocated
 		}
@@ -417,6 +427,12 @@ func (r *router) writePiece(ctx context.Context, pc piece) error {
 func (r *router) readPiece(ctx context.Context, pc piece) error {
 	v := r.v
 	src := v.source()
+	if src != nil && src.flattened {
+		// Every page the source holds is the clone's own by now: what
+		// the chunks do not own reads as zeros (the source may be gone
+		// soon after).
+		src = nil
+	}
 	exists, absent, err := r.readOwned(ctx, pc, false)
 	switch {
 	case err != nil:

@@ -235,14 +235,20 @@ func (l *leaderState) releaseFlattenedClones(ctx context.Context) error {
 		if v.Status != mdspb.VolumeStatus_VOLUME_STATUS_CREATED || cs == nil || cs.FlattenedUnix == 0 || cs.FlattenedUnix > settled {
 			continue
 		}
+		cleared := false
 		if _, _, _, err := l.updateVolume(ctx, v.Name, nil, func(cur *mdspb.Volume) (fenceKind, error) {
-			if cur.Id != v.Id || cur.CloneSource == nil {
+			cleared = false
+			if cur.Id != v.Id || cur.CloneSource == nil || cur.CloneSource.FlattenedUnix == 0 {
 				return noFence, errNoChange
 			}
 			cur.CloneSource = nil
+			cleared = true
 			return noFence, nil
 		}); err != nil {
 			return fmt.Errorf("release the source of clone %q: %w", v.Name, err)
+		}
+		if !cleared {
+			continue // renamed, deleted or released meanwhile
 		}
 		if err := l.forgetClone(ctx, cs, v.Id); err != nil {
 			return err

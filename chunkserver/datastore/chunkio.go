@@ -83,18 +83,24 @@ func (s *Store) writeChunk(c *chunk, p []byte, off int64, sn, keep uint64, fill 
 		return false, fmt.Errorf("write: %w", err)
 	}
 	defer h.release()
-	if c.own != nil {
-		if err := s.adopt(c, h, off, int64(len(p)), fill, fillOff); err != nil {
+	// The dirty mark goes after each write (Sync clears it before its
+	// fdatasync).
+	if c.own != nil && len(fill) > 0 {
+		err := s.fillPages(c, h, fill, fillOff)
+		c.dirty.Store(true)
+		if err != nil {
 			return false, fmt.Errorf("write chunk %d: %w", c.id, err)
 		}
-		c.dirty.Store(true)
 	}
 	if len(p) > 0 {
 		if _, err = h.f.WriteAt(p, s.geo.MetaPageSize+off); err != nil {
 			return false, fmt.Errorf("write chunk %d: %w", c.id, err)
 		}
+		if c.own != nil {
+			s.ownRange(c, off, int64(len(p)))
+		}
+		c.dirty.Store(true)
 	}
-	c.dirty.Store(true)
 	return false, nil
 }
 

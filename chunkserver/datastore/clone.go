@@ -216,6 +216,17 @@ func (s *Store) saveOwned(c *chunk, bits []byte) error {
 	return nil
 }
 
+// revertOwned sets a clone chunk's owned pages back to those last written
+// down (Sync failed: what was filled since may be lost).
+func (c *chunk) revertOwned() {
+	if c.own == nil {
+		return
+	}
+	c.own.mu.Lock()
+	c.own.bits = slices.Clone(c.own.saved)
+	c.own.mu.Unlock()
+}
+
 // ownedSnapshot returns a copy of the chunk's owned bits (nil: not a clone
 // chunk).
 func (c *chunk) ownedSnapshot() []byte {
@@ -227,35 +238,38 @@ func (c *chunk) ownedSnapshot() []byte {
 	return slices.Clone(c.own.bits)
 }
 
-// adopt applies a clone chunk's page rules before a write of [off,
-// off+n) (n may be 0: a fill alone): pages the fill covers whole that the
-// chunk does not own get the fill's content, then every page the fill or
-// the write touches is owned. c.mu held; the caller orders writes of the
-// chunk.
-func (s *Store) adopt(c *chunk, h *handle, off, n int64, fill []byte, fillOff int64) error {
+// fillPages writes the fill's content into the pages it covers whole that
+// a clone chunk does not own, and owns each once written (a concurrent
+// read sees the source's content either way). c.mu held; the caller
+// orders writes of the chunk.
+func (s *Store) fillPages(c *chunk, h *handle, fill []byte, fillOff int64) error {
 	o := c.own
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	if len(fill) > 0 {
-		first, last := s.pages(fillOff, int64(len(fill)))
-		for i := first; i <= last; i++ {
-			po, pn := s.pageSpan(i)
-			if o.has(i) || po < fillOff || po+pn > fillOff+int64(len(fill)) {
-				continue
-			}
-			if _, err := h.f.WriteAt(fill[po-fillOff:po-fillOff+pn], s.geo.MetaPageSize+po); err != nil {
-				return fmt.Errorf("fill page %d: %w", i, err)
-			}
-			o.set(i)
+	first, last := s.pages(fillOff, int64(len(fill)))
+	for i := first; i <= last; i++ {
+		po, pn := s.pageSpan(i)
+		if o.has(i) || po < fillOff || po+pn > fillOff+int64(len(fill)) {
+			continue
 		}
-	}
-	if n > 0 {
-		first, last := s.pages(off, n)
-		for i := first; i <= last; i++ {
-			o.set(i)
+		if _, err := h.f.WriteAt(fill[po-fillOff:po-fillOff+pn], s.geo.MetaPageSize+po); err != nil {
+			return fmt.Errorf("fill page %d: %w", i, err)
 		}
+		o.set(i)
 	}
 	return nil
+}
+
+// ownRange owns the pages [off, off+n) touches, once their data is
+// written: a read that finds a page owned finds its data.
+func (s *Store) ownRange(c *chunk, off, n int64) {
+	o := c.own
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	first, last := s.pages(off, n)
+	for i := first; i <= last; i++ {
+		o.set(i)
+	}
 }
 
 // checkFill reports whether a write of [off, off+n) into a clone chunk
@@ -415,23 +429,54 @@ func (s *Store) SetOwned(id uint64, bits []byte) error {
 
 // ZeroSN makes a clone's chunk read as zeros and own every page, as a
 // write under sn and keep (a client's unmap of a whole chunk of a clone:
-// deleting it would make it read from the source again). A chunk that
-// snapshots do not need is deleted and created again, empty; otherwise it
-// is zeroed through copy on write.
+// deleting it would make it read from the source again). A missing chunk
+// is created, empty. A chunk a live snapshot may read is zeroed through
+// copy on write; any other is zeroed in place, never deleted (a read
+// meanwhile would find no chunk and read the source).
 func (s *Store) ZeroSN(id, sn, keep uint64) error {
 	c, err := s.lookup(id)
 	if err != nil {
 		return err
 	}
-	if c != nil && c.corrupt == nil && sn != 0 && keep != 0 && keep >= c.meta.CreatedSN {
-		// Zeroes every page, which owns them all.
-		return s.DeleteSN(id, sn, keep)
-	}
-	if err := s.Delete(id); err != nil {
+	if c == nil {
+		_, err := s.create(id, sn, false)
 		return err
 	}
-	_, err = s.create(id, sn, false)
-	return err
+	if c.corrupt != nil {
+		return fmt.Errorf("zero chunk %d: %w", id, c.corrupt)
+	}
+	if sn != 0 && keep != 0 && keep >= c.meta.CreatedSN {
+		return s.DeleteSN(id, sn, keep) // every page written, so owned
+	}
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	if c.gone != nil {
+		return fmt.Errorf("zero chunk %d: %w", id, c.gone)
+	}
+	c.cow.Lock()
+	c.sn = max(c.sn, sn) // no snapshot needs what it held
+	c.cow.Unlock()
+	h, err := s.files.acquire(c)
+	if err != nil {
+		return fmt.Errorf("zero chunk %d: %w", id, err)
+	}
+	defer h.release()
+	// Zero the range in place (the blocks stay allocated); a filesystem
+	// without it gets zeros written.
+	if err := unix.Fallocate(h.fd, unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, s.geo.MetaPageSize, s.geo.ChunkSize); err != nil {
+		zeros := make([]byte, min(s.geo.ChunkSize, 1<<20))
+		for off := int64(0); off < s.geo.ChunkSize; off += int64(len(zeros)) {
+			n := min(int64(len(zeros)), s.geo.ChunkSize-off)
+			if _, err := h.f.WriteAt(zeros[:n], s.geo.MetaPageSize+off); err != nil {
+				return fmt.Errorf("zero chunk %d: %w", id, err)
+			}
+		}
+	}
+	if c.own != nil {
+		s.ownRange(c, 0, s.geo.ChunkSize)
+	}
+	c.dirty.Store(true)
+	return nil
 }
 
 func allZero(b []byte) bool {

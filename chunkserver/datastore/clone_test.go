@@ -94,8 +94,9 @@ func TestClonePagesReadFromTheSourceUntilWritten(t *testing.T) {
 }
 
 // TestCloneZeroAndDelete: unmapping a clone's chunk makes it zeros and
-// owned, not a chunk that reads its source again; deleting it removes its
-// owned pages, and a clone chunk created again under the id owns nothing.
+// owned in place (never a missing chunk, which reads its source again);
+// deleting it removes its owned pages, and a clone chunk created again
+// under the id owns nothing.
 func TestCloneZeroAndDelete(t *testing.T) {
 	e := newEnv(t, 4, 8)
 	s := e.open(t, Options{})
@@ -117,14 +118,23 @@ func TestCloneZeroAndDelete(t *testing.T) {
 	if absent, err := s.ReadOwned(3, got, 0); err != nil || absent != nil || !bytes.Equal(got, make([]byte, testChunk)) {
 		t.Fatalf("zeroed clone chunk: absent %v, err %v", absent, err)
 	}
-	if _, err := os.Stat(own); !errors.Is(err, os.ErrNotExist) {
-		t.Fatalf("own file of a zeroed (recreated) chunk: %v", err)
+	if err := s.ZeroSN(9, 0, 0); err != nil { // missing: created, empty
+		t.Fatal(err)
+	}
+	if absent, err := s.ReadOwned(9, got, 0); err != nil || absent != nil {
+		t.Fatalf("zeroed missing chunk: absent %v, err %v", absent, err)
 	}
 	if err := s.WriteClone(4, pattern(2, int(unit)), unit, 0, 0, nil, 0); err != nil {
 		t.Fatal(err)
 	}
+	if err := s.Sync(); err != nil {
+		t.Fatal(err)
+	}
 	if err := s.Delete(4); err != nil {
 		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(e.dir, "chunk_4_own")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("own file of a deleted chunk: %v", err)
 	}
 	if err := s.WriteClone(4, pattern(2, int(unit)), 2*unit, 0, 0, nil, 0); err != nil {
 		t.Fatal(err)

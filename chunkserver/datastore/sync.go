@@ -17,7 +17,10 @@ import (
 // running concurrently may or may not be included. On error the failed
 // chunks stay marked for the next Sync, but the caller must not assume
 // their data is on disk (after a failed fdatasync the kernel may have
-// dropped the dirty pages): treat it as a disk failure.
+// dropped the dirty pages): treat it as a disk failure. A failed clone
+// chunk's owned pages go back to those last written down, as after a
+// crash, so that writes applied again since the last Sync fill their
+// pages again.
 func (s *Store) Sync() error {
 	s.mu.RLock()
 	if s.mu.closed {
@@ -66,11 +69,13 @@ func (s *Store) syncChunk(c *chunk) error {
 	h.release()
 	if err != nil {
 		c.dirty.Store(true)
+		c.revertOwned()
 		return fmt.Errorf("sync chunk %d: fdatasync: %w", c.id, err)
 	}
 	if bits != nil {
 		if err := s.saveOwned(c, bits); err != nil {
 			c.dirty.Store(true)
+			c.revertOwned()
 			return fmt.Errorf("sync: %w", err)
 		}
 	}

@@ -84,7 +84,8 @@ func (s *Store) ReadKept(id, from uint64, p []byte, off int64) error {
 // ResetChunk makes chunk id exist, created under createdSN, with no kept
 // version; owned (Owned of the sender) makes it a clone's chunk owning
 // those pages, nil one that is not a clone's. A chunk held under another
-// CreatedSN or of the other kind is deleted first and created again. fresh
+// CreatedSN, of the other kind or corrupt is deleted first and created
+// again. fresh
 // reports a chunk created here (all zeros). Writing the data owns what it
 // touches: the receiver sets the owned pages again after it (SetOwned).
 func (s *Store) ResetChunk(id, createdSN uint64, owned []byte) (fresh bool, err error) {
@@ -95,7 +96,7 @@ func (s *Store) ResetChunk(id, createdSN uint64, owned []byte) (fresh bool, err 
 	if err != nil {
 		return false, err
 	}
-	if c != nil && (c.meta.CreatedSN != createdSN || (c.meta.Flags&MetaFlagClone != 0) != (owned != nil)) {
+	if c != nil && (c.corrupt != nil || c.meta.CreatedSN != createdSN || (c.meta.Flags&MetaFlagClone != 0) != (owned != nil)) {
 		if err := s.Delete(id); err != nil {
 			return false, err
 		}

@@ -203,3 +203,84 @@ func TestClonePagesSurviveCrashes(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestClonePagesSurviveFailedSync: a chunk file's fdatasync fails (the
+// filesystem drops its unsynced pages, as Linux may); the copyset then
+// applies again what it applied since the last checkpoint, on the same
+// store. The pages filled since must be filled again: a store that kept
+// them owned would skip the fills and read zeros where the clone reads its
+// source.
+func TestClonePagesSurviveFailedSync(t *testing.T) {
+	f := MountForTest(t, Options{})
+	const chunkSize = 64 << 10
+	const unit = 4096
+	p, err := chunkfilepool.Open(chunkfilepool.Options{
+		Dir: f.Path("pool"), ChunkSize: chunkSize, MetaPageSize: 4096, BlockSize: 512,
+		InitialChunks: 4, MaxChunks: 8, Logger: quiet,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	s, err := datastore.Open(f.Path("store"), p, datastore.Options{Logger: quiet, CreateWait: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	src := make([]byte, chunkSize)
+	for i := range src {
+		src[i] = byte(i%251 + 1)
+	}
+	want := bytes.Clone(src)
+	var log []cloneOp
+	do := func(o cloneOp) {
+		t.Helper()
+		log = append(log, o)
+		copy(want[o.off:], o.data)
+		if err := o.apply(s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A checkpoint with the chunk created and one page owned.
+	do(cloneOp{id: 1, off: 0, data: bytes.Repeat([]byte{7}, unit)})
+	if err := s.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	log = nil
+	// Partial pages with their fills, after the checkpoint.
+	for k := int64(2); k < 10; k++ {
+		off := k*unit + 1024
+		do(cloneOp{id: 1, off: off, data: bytes.Repeat([]byte{byte(k)}, 512), fill: bytes.Clone(src[k*unit : (k+1)*unit]), fillOff: k * unit})
+	}
+	rule, err := f.FailSync(`^store/chunk_1$`, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Sync(); err == nil {
+		t.Fatal("sync did not fail")
+	}
+	f.RemoveRule(rule)
+	for _, o := range log { // the copyset's rewrite since the checkpoint
+		if err := o.apply(s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, chunkSize)
+	absent, err := s.ReadOwned(1, got, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k := 0; k*unit < chunkSize; k++ {
+		if absent != nil && absent[k/8]&(1<<(k%8)) != 0 {
+			copy(got[k*unit:(k+1)*unit], src[k*unit:])
+		}
+	}
+	for k := 0; k*unit < chunkSize; k++ {
+		if !bytes.Equal(got[k*unit:(k+1)*unit], want[k*unit:(k+1)*unit]) {
+			t.Fatalf("page %d does not read what the clone wrote after the failed sync and the rewrite", k)
+		}
+	}
+}
