@@ -294,7 +294,8 @@ func (cs *chunkService) ReadChunk(ctx context.Context, req *chunkpb.ReadChunkReq
 }
 
 // readChunk reads from the leader; absent marks the pages of a clone's
-// chunk that read from the clone's source (not for snapshot reads).
+// chunk that read from the clone's source (at the snapshot, for a
+// snapshot read).
 func (s *Server) readChunk(ctx context.Context, req *chunkpb.ReadChunkRequest) (data, absent []byte, e *reqError) {
 	c, release, e := s.enter(ctx, req.GetCopyset(), req.GetChunkId())
 	if e != nil {
@@ -319,7 +320,7 @@ func (s *Server) readChunk(ctx context.Context, req *chunkpb.ReadChunkRequest) (
 	buf := make([]byte, req.GetLength())
 	var err error
 	if snap := req.GetSnapshotSn(); snap != 0 {
-		err = c.ReadSnapshot(rctx, req.GetChunkId(), int64(req.GetOffset()), buf, snap)
+		absent, err = c.ReadSnapshot(rctx, req.GetChunkId(), int64(req.GetOffset()), buf, snap)
 	} else {
 		absent, err = c.ReadOwned(rctx, req.GetChunkId(), int64(req.GetOffset()), buf)
 	}

@@ -23,10 +23,11 @@ import (
 // chunkserver can make such a page the chunk's own; an unmap of a whole
 // chunk zeroes it instead of deleting it (a missing chunk reads the
 // source). Flatten copies what the source holds into the clone; the MDS
-// then releases the source a session lease later, and the clone is a
-// volume like any other. Snapshot handles never read a source: a clone
-// is snapshotted only once flattened, when what its chunks do not own
-// reads as zeros.
+// then releases the source a session lease later (once no snapshot of the
+// clone taken before the flatten remains), and the clone is a volume like
+// any other. A snapshot of a clone reads the source where the clone's
+// chunks did not own a page when it was taken; a clone of it reads that
+// snapshot, which reads its own source: chains resolve page by page.
 
 // cloneFeature tells the MDS this client reads clones
 // (OpenVolumeRequest.features).
@@ -44,9 +45,9 @@ type cloneSource struct {
 }
 
 // setSource records the volume's clone source as the MDS last told it
-// (nil: not a clone, or released). A snapshot handle has none.
+// (nil: not a clone, or released).
 func (v *Volume) setSource(cs *mdspb.CloneSource) {
-	if v.snap != 0 || cs == nil {
+	if cs == nil {
 		if old := v.src.Swap(nil); old != nil {
 			// Segments a flatten allocated may be cached as never
 			// written: ask again.
@@ -57,10 +58,15 @@ func (v *Volume) setSource(cs *mdspb.CloneSource) {
 		}
 		return
 	}
-	v.wasClone.Store(true)
 	next := &cloneSource{volume: cs.GetVolume(), snapshot: cs.GetSnapshot(), volumeID: cs.GetVolumeId(), seq: cs.GetSeq(),
 		size: int64(cs.GetSize()), flattened: cs.GetFlattenedUnix() != 0}
 	if old := v.src.Swap(next); old != nil && !old.flattened && next.flattened {
+		// From now on a segment never allocated reads as zeros, not
+		// from the source: one the flatten allocated may be cached as
+		// never written.
+		if v.r != nil {
+			v.r.forgetAbsent()
+		}
 		v.log.Info("clone flattened: writes no longer carry its source's content")
 	}
 }
@@ -229,8 +235,13 @@ func (v *Volume) Flatten(ctx context.Context, progress func(done, total int64)) 
 			}
 			if since := time.Since(time.Unix(0, v.confirmed.Load())); since > v.lease/2 {
 				// Without the MDS this handle cannot know whether
-				// another flatten finished and the source was released.
-				return n.Load(), fmt.Errorf("flatten %s: %w: the MDS has not answered for %v", v.name, ErrUnavailable, since.Round(time.Second))
+				// another flatten finished and the source was released
+				// (the release also raises the epoch, which refuses
+				// fills sent after it).
+				if err := v.Refresh(ctx); err != nil {
+					return n.Load(), fmt.Errorf("flatten %s: %w: the MDS has not answered for %v: %w", v.name, ErrUnavailable, since.Round(time.Second), err)
+				}
+				continue
 			}
 			seg := off / v.segSize
 			if v.sourceHole(ctx, src, seg) {
@@ -303,7 +314,15 @@ func (r *router) flattenPiece(ctx context.Context, src *cloneSource, pc piece, c
 	if err != nil {
 		return err
 	}
+	abandoned := false
 	_, err = r.call(ctx, ref.GetCopyset(), func(ctx context.Context, cl chunkIO) (outcome, error) {
+		if v.flattenedElsewhere() {
+			// Checked before every attempt: a fill sent after the
+			// source's release is refused anyway (the release raises the
+			// epoch), one sent before it is harmless.
+			abandoned = true
+			return outcome{status: chunkpb.Status_STATUS_OK}, nil
+		}
 		resp, err := cl.WriteChunk(ctx, &chunkpb.WriteChunkRequest{
 			Copyset: ref.GetCopyset(), ChunkId: ref.GetChunkId(), VolumeId: v.id, Epoch: v.volEpoch.Load(),
 			Clone: true, Fill: pc.buf, FillOffset: uint64(pc.off),
@@ -319,7 +338,7 @@ func (r *router) flattenPiece(ctx context.Context, src *cloneSource, pc piece, c
 		}
 		return out, err
 	})
-	if err == nil {
+	if err == nil && !abandoned {
 		copied.Add(int64(len(pc.buf)))
 	}
 	return err

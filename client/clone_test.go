@@ -61,11 +61,13 @@ func mustEqual(t *testing.T, what string, got, want []byte) {
 // reads A at once; writes C into the clone (whole pages, parts of pages,
 // across chunks, unmaps) leave the snapshot reading A and the clone A+C;
 // the snapshot and its volume cannot be deleted while the clone reads
-// them; a client that does not read clones is refused; the clone cannot
-// be snapshotted until flattened; flatten under a writer and through an
-// MDS failover and a chunkserver restart leaves every byte in place;
-// once the source is released the snapshot is deleted and the clone still
-// reads A+C; a clone of the flattened clone's snapshot reads it.
+// them; a client that does not read clones is refused; a snapshot of the
+// clone before its flatten, and a clone of that snapshot (a clone of a
+// clone), read through to the source; flatten under a writer and through
+// an MDS failover and a chunkserver restart leaves every byte in place,
+// the snapshot from before it included; once nothing reads the source any
+// more it is released, the snapshot is deleted and the clone still reads
+// A+C; a clone of the flattened clone's snapshot reads it.
 func TestCloneLifecycle(t *testing.T) {
 	c := cluster.Start(t, cluster.Options{SessionLease: 2 * time.Second})
 	const size = 4 << 20 // four 1 MiB chunks
@@ -170,9 +172,32 @@ func TestCloneLifecycle(t *testing.T) {
 	if _, err := c.Conn.Volumes().RenameVolume(ctx, &mdspb.RenameVolumeRequest{Name: "src", NewName: "src2"}); status.Code(err) != codes.FailedPrecondition {
 		t.Fatalf("rename the volume of a snapshot with a clone: %v", err)
 	}
-	if _, err := c.Conn.Volumes().CreateSnapshot(ctx, &mdspb.CreateSnapshotRequest{Volume: "cl", Name: "t"}); status.Code(err) != codes.FailedPrecondition {
+
+	// A snapshot of the clone before its flatten reads the source where
+	// the clone owned nothing; a clone of that snapshot (a clone of a
+	// clone) reads through both.
+	if _, err := c.Conn.Volumes().CreateSnapshot(ctx, &mdspb.CreateSnapshotRequest{Volume: "cl", Name: "t0"}); err != nil {
 		t.Fatalf("snapshot of a clone not flattened: %v", err)
 	}
+	atT0 := want.snapshot()
+	if _, err := c.Conn.Volumes().CreateVolume(ctx, &mdspb.CreateVolumeRequest{Name: "cl3", SourceVolume: "cl", SourceSnapshot: "t0"}); err != nil {
+		t.Fatal(err)
+	}
+	cl3 := open(t, c, "cl3", client.Options{})
+	want3 := &model{b: bytes.Clone(atT0)}
+	for _, w := range []struct {
+		off int64
+		n   int
+	}{{7*4096 + 512, 512}, {seg + 8<<20 + 4096, 4096}} {
+		p := randBytes(rng, w.n)
+		if _, err := cl3.WriteAt(ctx, p, w.off); err != nil {
+			t.Fatalf("write into the clone of the clone: %v", err)
+		}
+		want3.write(p, w.off)
+	}
+	mustEqual(t, "the clone of the unflattened clone", readAll(t, cl3, 3*seg), want3.snapshot())
+	t0 := open(t, c, "cl", client.Options{Snapshot: "t0"})
+	mustEqual(t, "the snapshot of the unflattened clone", readAll(t, t0, 3*seg), atT0)
 
 	// Flatten (from another handle, as cairn-ops does) under a writer,
 	// through an MDS failover and a chunkserver restart.
@@ -220,6 +245,23 @@ func TestCloneLifecycle(t *testing.T) {
 		t.Fatalf("progress called %d times, last %d", calls, last)
 	}
 	mustEqual(t, "the clone after flatten", readAll(t, cl, 3*seg), want.snapshot())
+	mustEqual(t, "the clone's snapshot from before its flatten, after it", readAll(t, t0, 3*seg), atT0)
+	mustEqual(t, "the clone of the clone, after the first one's flatten", readAll(t, cl3, 3*seg), want3.snapshot())
+
+	// The source stays while t0 (from before the flatten) does; t0 stays
+	// while cl3 reads it: flatten cl3, then delete t0.
+	if _, err := c.Conn.Volumes().DeleteSnapshot(ctx, &mdspb.DeleteSnapshotRequest{Volume: "cl", Name: "t0"}); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("delete a clone's snapshot that a clone reads: %v", err)
+	}
+	if _, err := open(t, c, "cl3", client.Options{ReadOnly: true}).Flatten(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
+	mustEqual(t, "the clone of the clone, flattened", readAll(t, cl3, 3*seg), want3.snapshot())
+	soon.Succeeds(t, 30*time.Second, func() error {
+		_, err := c.Conn.Volumes().DeleteSnapshot(ctx, &mdspb.DeleteSnapshotRequest{Volume: "cl", Name: "t0"})
+		return err
+	})
+	mustEqual(t, "the clone of the clone, released", readAll(t, cl3, 3*seg), want3.snapshot())
 
 	// A session lease later the source is released: the snapshot goes.
 	soon.Succeeds(t, 30*time.Second, func() error {

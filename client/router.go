@@ -91,7 +91,7 @@ func (r *router) segment(ctx context.Context, seg int64, allocate bool) ([]*mdsp
 		// A writer allocates every segment it writes, so its negative
 		// cache stays right; a read-only handle asks again after a while,
 		// and so does a clone's writer (a flatten allocates too).
-		if t, ok := r.absent[seg]; ok && !allocate && ((r.v.Epoch() != 0 && !r.v.wasClone.Load()) || time.Since(t) < 2*time.Second) {
+		if t, ok := r.absent[seg]; ok && !allocate && ((r.v.Epoch() != 0 && r.v.source() == nil) || time.Since(t) < 2*time.Second) {
 			r.segMu.Unlock()
 			return nil, errUnallocated
 		}
@@ -427,10 +427,11 @@ func (r *router) writePiece(ctx context.Context, pc piece) error {
 func (r *router) readPiece(ctx context.Context, pc piece) error {
 	v := r.v
 	src := v.source()
-	if src != nil && src.flattened {
+	if src != nil && src.flattened && v.snap == 0 {
 		// Every page the source holds is the clone's own by now: what
 		// the chunks do not own reads as zeros (the source may be gone
-		// soon after).
+		// soon after). A snapshot taken before the flatten still reads
+		// the source, which stays until no such snapshot remains.
 		src = nil
 	}
 	exists, absent, err := r.readOwned(ctx, pc, false)

@@ -178,7 +178,7 @@ func TestSnapshotUnderWrites(t *testing.T) {
 		for _, srv := range c.ChunkServers() {
 			for _, cs := range srv.Engine().List() {
 				for _, id := range cs.Store().List() {
-					_ = cs.Store().EachKept(id, func(uint64, uint64, int64, []byte) { kept++ })
+					_ = cs.Store().EachKept(id, func(uint64, uint64, int64, []byte, []byte) { kept++ })
 				}
 			}
 		}
@@ -195,7 +195,7 @@ func keptVersions(c *cluster.Cluster) int {
 	for _, srv := range c.ChunkServers() {
 		for _, cs := range srv.Engine().List() {
 			for _, id := range cs.Store().List() {
-				_ = cs.Store().EachKept(id, func(uint64, uint64, int64, []byte) { kept++ })
+				_ = cs.Store().EachKept(id, func(uint64, uint64, int64, []byte, []byte) { kept++ })
 			}
 		}
 	}

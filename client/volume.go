@@ -108,9 +108,6 @@ type Volume struct {
 	// A clone's source (clone.go), and the snapshot handle reading it.
 	src    atomic.Pointer[cloneSource]
 	parent parentHandle
-	// wasClone is set once the handle saw a clone source: its cache of
-	// unallocated segments expires (a flatten allocates them).
-	wasClone atomic.Bool
 	// volEpoch is the volume's newest epoch this handle heard of (what a
 	// flatten's fills carry).
 	volEpoch atomic.Uint64

@@ -15,8 +15,9 @@ import (
 )
 
 // TestCloneWritesAreReplicated: clone writes (partial pages with their
-// fills, fills alone, unmaps) leave every replica owning the same pages
-// and reading, with the source where not owned, what the clone wrote;
+// fills, fills alone, unmaps), before and after a snapshot, leave every
+// replica owning the same pages and reading, with the source where not
+// owned, what the clone wrote, and the snapshot what it held;
 // through a power cut of every replica with partial writeback, and on a
 // replica that caught up by a Raft snapshot, which carries the owned
 // pages. A clone write whose fill does not hold a page it covers in part
@@ -50,6 +51,11 @@ func TestCloneWritesAreReplicated(t *testing.T) {
 		want[c] = bytes.Clone(src[c])
 	}
 	d := &seqDriver{t: t, tc: tc, id: id}
+	// Writes under sequence number 1 until snapshot 1 is taken, then
+	// under 2 (copy on write keeps, for a clone's chunk, which pages it
+	// did not own).
+	seq := Seq{SN: 1}
+	var atSnap map[uint64][]byte
 	step := func() {
 		chunk := chunks[rng.IntN(len(chunks))]
 		switch r := rng.IntN(100); {
@@ -63,7 +69,7 @@ func TestCloneWritesAreReplicated(t *testing.T) {
 			lo, hi := off/unit*unit, min((off+n+unit-1)/unit*unit, testChunkSize)
 			fill := bytes.Clone(src[chunk][lo:hi])
 			d.propose(func(ctx context.Context, c *Copyset) (*Proposal, error) {
-				return c.ProposeCloneWrite(ctx, nil, ClientRequest{}, chunk, 1, 1, Seq{}, off, data, fill, lo)
+				return c.ProposeCloneWrite(ctx, nil, ClientRequest{}, chunk, 1, 1, seq, off, data, fill, lo)
 			})
 			copy(want[chunk][off:], data)
 		case r < 95:
@@ -71,11 +77,11 @@ func TestCloneWritesAreReplicated(t *testing.T) {
 			hi := min(lo+int64(1+rng.IntN(4))*unit, testChunkSize)
 			fill := bytes.Clone(src[chunk][lo:hi])
 			d.propose(func(ctx context.Context, c *Copyset) (*Proposal, error) {
-				return c.ProposeCloneWrite(ctx, nil, ClientRequest{}, chunk, 1, 1, Seq{}, 0, nil, fill, lo)
+				return c.ProposeCloneWrite(ctx, nil, ClientRequest{}, chunk, 1, 1, seq, 0, nil, fill, lo)
 			})
 		default:
 			d.propose(func(ctx context.Context, c *Copyset) (*Proposal, error) {
-				return c.ProposeCloneZero(ctx, nil, ClientRequest{}, chunk, 1, 1, Seq{})
+				return c.ProposeCloneZero(ctx, nil, ClientRequest{}, chunk, 1, 1, seq)
 			})
 			clear(want[chunk])
 		}
@@ -115,6 +121,20 @@ func TestCloneWritesAreReplicated(t *testing.T) {
 				if !bytes.Equal(got, want[chunk]) {
 					t.Fatalf("%s: node %d, chunk %d does not read what the clone wrote", when, n.id, chunk)
 				}
+				if atSnap != nil {
+					absent, err := c.Store().ReadOwnedSN(chunk, got, 0, 1)
+					if err != nil {
+						t.Fatalf("%s: node %d, chunk %d at snapshot 1: %v", when, n.id, chunk, err)
+					}
+					for k := int64(0); k*unit < testChunkSize; k++ {
+						if absent != nil && absent[k/8]&(1<<(k%8)) != 0 {
+							copy(got[k*unit:(k+1)*unit], src[chunk][k*unit:])
+						}
+					}
+					if !bytes.Equal(got, atSnap[chunk]) {
+						t.Fatalf("%s: node %d, chunk %d at snapshot 1 does not read what the clone held", when, n.id, chunk)
+					}
+				}
 				bits, _ := c.Store().Owned(chunk)
 				if prev, ok := owned[chunk]; ok && !bytes.Equal(prev, bits) {
 					t.Fatalf("%s: node %d, chunk %d owns other pages than another replica: %x vs %x", when, n.id, chunk, bits, prev)
@@ -127,6 +147,16 @@ func TestCloneWritesAreReplicated(t *testing.T) {
 		step()
 	}
 	check("after the load")
+	// Snapshot 1.
+	atSnap = map[uint64][]byte{}
+	for _, c := range chunks {
+		atSnap[c] = bytes.Clone(want[c])
+	}
+	seq = Seq{SN: 2, Keep: 1}
+	for range 40 {
+		step()
+	}
+	check("after writes under a snapshot")
 	tc.crashAll(0.5)
 	for n := uint64(1); n <= 3; n++ {
 		tc.start(n)

@@ -28,8 +28,10 @@ type ChunkStore interface {
 	// ReadAt reads len(p) bytes at off of an existing chunk.
 	ReadAt(chunkID uint64, p []byte, off int64) error
 	// ReadAtSN reads a chunk as it was at the end of sequence number
-	// snap (a snapshot of its volume).
+	// snap (a snapshot of its volume); ReadOwnedSN also says which pages
+	// read from a clone's source then (as ReadOwned).
 	ReadAtSN(chunkID uint64, p []byte, off int64, snap uint64) error
+	ReadOwnedSN(chunkID uint64, p []byte, off int64, snap uint64) (absent []byte, err error)
 	// Trim drops what the volume's live snapshots below bound no longer
 	// read of a chunk's kept versions.
 	Trim(chunkID uint64, live []uint64, bound uint64) error
@@ -38,10 +40,10 @@ type ChunkStore interface {
 	// number it was created under and its kept versions (the datastore's
 	// transfer.go tells the protocol).
 	CreatedSN(chunkID uint64) (uint64, error)
-	EachKept(chunkID uint64, f func(from, to uint64, unit int64, bitmap []byte)) error
+	EachKept(chunkID uint64, f func(from, to uint64, unit int64, bitmap, absent []byte)) error
 	ReadKept(chunkID, from uint64, p []byte, off int64) error
 	ResetChunk(chunkID, createdSN uint64, owned []byte) (fresh bool, err error)
-	BeginKept(chunkID, from, to uint64) error
+	BeginKept(chunkID, from, to uint64, absent []byte) error
 	WriteKept(chunkID, from uint64, p []byte, off int64) error
 	SealKept(chunkID, from uint64, bitmap []byte) error
 	// Clones (the datastore's clone.go): WriteClone writes into a clone's

@@ -181,7 +181,11 @@ func (c *Copyset) receiveChunks(next func() (*transportpb.SnapshotChunk, error),
 			if !started[id] || !held[id] {
 				return fmt.Errorf("%w: version of chunk %d before its data", ErrSnapshotRefused, id)
 			}
-			if err := c.store.BeginKept(id, f.GetVersionFrom(), f.GetVersionTo()); err != nil {
+			var absent []byte
+			if b := f.GetVersionAbsent(); len(b) > 0 {
+				absent = b
+			}
+			if err := c.store.BeginKept(id, f.GetVersionFrom(), f.GetVersionTo(), absent); err != nil {
 				return fmt.Errorf("install snapshot: chunk %d: %w", id, err)
 			}
 			open = &version{id: id, from: f.GetVersionFrom(), bitmap: f.GetVersionBitmap()}

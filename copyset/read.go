@@ -63,12 +63,13 @@ func (c *Copyset) ReadOwned(ctx context.Context, chunk uint64, off int64, p []by
 }
 
 // ReadSnapshot reads a range of a chunk as it was at the end of sequence
-// number snap (a snapshot of its volume), from the leader, as Read.
-func (c *Copyset) ReadSnapshot(ctx context.Context, chunk uint64, off int64, p []byte, snap uint64) error {
+// number snap (a snapshot of its volume), from the leader, as Read; absent
+// marks the pages that read from a clone's source then (ReadOwnedSN).
+func (c *Copyset) ReadSnapshot(ctx context.Context, chunk uint64, off int64, p []byte, snap uint64) (absent []byte, err error) {
 	if err := c.WaitReadable(ctx); err != nil {
-		return err
+		return nil, err
 	}
-	return c.store.ReadAtSN(chunk, p, off, snap)
+	return c.store.ReadOwnedSN(chunk, p, off, snap)
 }
 
 // startReads runs on the Raft worker.

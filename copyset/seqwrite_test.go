@@ -176,7 +176,7 @@ func TestSnapshotsAreReplicated(t *testing.T) {
 		snap := d.m.live[0]
 		got := make([]byte, 4096)
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		err := tc.leader(id).ReadSnapshot(ctx, 1, 0, got, snap)
+		_, err := tc.leader(id).ReadSnapshot(ctx, 1, 0, got, snap)
 		cancel()
 		want := make([]byte, 4096)
 		if b := d.m.snaps[snap][1]; b != nil {

@@ -159,13 +159,13 @@ func (c *Copyset) sendSnapshot(m *raftpb.Message, epoch uint64, reqs []byte) err
 // already reflect (see datastore's transfer.go).
 func (c *Copyset) sendKept(ctx context.Context, stream *transport.SnapshotStream, id uint64, buf []byte) error {
 	type kept struct {
-		from, to uint64
-		unit     int64
-		bitmap   []byte
+		from, to       uint64
+		unit           int64
+		bitmap, absent []byte
 	}
 	var vs []kept
-	err := c.store.EachKept(id, func(from, to uint64, unit int64, bitmap []byte) {
-		vs = append(vs, kept{from, to, unit, bitmap})
+	err := c.store.EachKept(id, func(from, to uint64, unit int64, bitmap, absent []byte) {
+		vs = append(vs, kept{from, to, unit, bitmap, absent})
 	})
 	if err != nil {
 		if slices.Contains(c.store.List(), id) {
@@ -175,7 +175,7 @@ func (c *Copyset) sendKept(ctx context.Context, stream *transport.SnapshotStream
 	}
 	size := c.e.cfg.ChunkSize
 	for _, v := range vs {
-		head := &transportpb.SnapshotChunk{ChunkId: id, VersionFrom: v.from, VersionTo: v.to, VersionUnit: v.unit, VersionBitmap: v.bitmap}
+		head := &transportpb.SnapshotChunk{ChunkId: id, VersionFrom: v.from, VersionTo: v.to, VersionUnit: v.unit, VersionBitmap: v.bitmap, VersionAbsent: v.absent}
 		if err := stream.Send(head); err != nil {
 			return fmt.Errorf("send snapshot: %w", err)
 		}

@@ -30,10 +30,42 @@ import (
 // clone reads; CSI does not list them, and refuses them as snapshot names.
 const hiddenSnapshotPrefix = "csi-clone-source-"
 
-// flattenEvery is how often the flattener looks for work when not kicked.
-const flattenEvery = 30 * time.Second
+// flattenEvery is how often the flattener looks for work when not kicked;
+// flattenSoon how soon it looks again while clones wait for their release
+// (or their flatten failed).
+const (
+	flattenEvery = 30 * time.Second
+	flattenSoon  = 5 * time.Second
+)
 
-// createClone makes volume name a clone of the content source.
+// hiddenGrace is how old a hidden snapshot whose clone does not exist must
+// be before the flattener deletes it: a CreateVolume (of this controller
+// or of one taking over) takes it, then makes the clone that reads it.
+const hiddenGrace = 2 * time.Minute
+
+// sameSource refuses (ALREADY_EXISTS) a create of an existing volume with
+// a content source the volume was not made from, as far as its record
+// still says (a released clone no longer names its source).
+func sameSource(v *mdspb.Volume, src *csipb.VolumeContentSource, name string) error {
+	cs := v.GetCloneSource()
+	if src == nil || cs == nil {
+		return nil
+	}
+	var volume, snap string
+	switch {
+	case src.GetSnapshot() != nil:
+		volume, snap, _ = parseSnapshotID(src.GetSnapshot().GetSnapshotId())
+	case src.GetVolume() != nil:
+		volume, snap = src.GetVolume().GetVolumeId(), hiddenSnapshotPrefix+name
+	}
+	if cs.Volume != volume || cs.Snapshot != snap {
+		return status.Errorf(codes.AlreadyExists, "volume %q exists as a clone of %s@%s, not of the content source asked for", name, cs.Volume, cs.Snapshot)
+	}
+	return nil
+}
+
+// createClone makes volume name a clone of the content source, of size
+// bytes (0: the source's).
 func (c controller) createClone(ctx context.Context, src *csipb.VolumeContentSource, name string, size uint64, pool string) (*mdspb.Volume, error) {
 	var volume, snap string
 	switch {
@@ -53,7 +85,7 @@ func (c controller) createClone(ctx context.Context, src *csipb.VolumeContentSou
 		if s == nil || s.Status != mdspb.SnapshotStatus_SNAPSHOT_STATUS_READY {
 			return nil, status.Errorf(codes.NotFound, "snapshot %q does not exist (or is not ready)", id)
 		}
-		if size < s.Size {
+		if size != 0 && size < s.Size {
 			return nil, status.Errorf(codes.OutOfRange, "volume of %d bytes is smaller than snapshot %q (%d bytes)", size, id, s.Size)
 		}
 	case src.GetVolume() != nil:
@@ -64,7 +96,7 @@ func (c controller) createClone(ctx context.Context, src *csipb.VolumeContentSou
 		} else if err != nil {
 			return nil, err
 		}
-		if size < st.Volume.Size {
+		if size != 0 && size < st.Volume.Size {
 			return nil, status.Errorf(codes.OutOfRange, "volume of %d bytes is smaller than its source %q (%d bytes)", size, volume, st.Volume.Size)
 		}
 		snap = hiddenSnapshotPrefix + name
@@ -120,33 +152,54 @@ func (d *Driver) kickFlattener() {
 // start (work an earlier controller left), when kicked, and every
 // flattenEvery.
 func (d *Driver) runFlattener(ctx context.Context) {
-	t := time.NewTicker(flattenEvery)
+	defer close(d.flattenDone)
+	t := time.NewTimer(0)
 	defer t.Stop()
+	failures := 0
 	for {
-		if err := d.flattenPass(ctx); err != nil && ctx.Err() == nil {
-			d.log.Warn("flattening clones", "err", err)
-		}
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		case <-d.flattenKick:
 		}
+		pending, err := d.flattenPass(ctx)
+		if err != nil && ctx.Err() == nil {
+			d.log.Warn("flattening clones", "err", err)
+		}
+		next := flattenEvery
+		switch {
+		case err != nil:
+			// Back off while it keeps failing (a full pool, the MDS
+			// away).
+			failures++
+			next = min(flattenSoon<<min(failures, 5), flattenEvery)
+		case pending:
+			failures = 0
+			next = flattenSoon
+		default:
+			failures = 0
+		}
+		t.Stop()
+		select {
+		case <-t.C:
+		default:
+		}
+		t.Reset(next)
 	}
 }
 
 // flattenPass flattens every clone of this driver not flattened yet, and
-// deletes the hidden snapshots of released ones. It returns early (with
-// the work left for the next pass) while a clone waits for its release.
-func (d *Driver) flattenPass(ctx context.Context) error {
+// deletes the hidden snapshots no clone reads any more. pending reports
+// clones that still wait for their release.
+func (d *Driver) flattenPass(ctx context.Context) (pending bool, err error) {
 	cctx, cancel := d.callCtx(ctx)
 	resp, err := d.mds.Volumes().ListVolumes(cctx, &mdspb.ListVolumesRequest{})
 	cancel()
 	if err != nil {
-		return fmt.Errorf("list volumes: %w", err)
+		return false, fmt.Errorf("list volumes: %w", err)
 	}
 	var errs []error
-	pending := false
 	for _, v := range resp.Volumes {
 		cs := v.GetCloneSource()
 		if v.Status != mdspb.VolumeStatus_VOLUME_STATUS_CREATED || v.Owner != owner || cs == nil {
@@ -160,13 +213,21 @@ func (d *Driver) flattenPass(ctx context.Context) error {
 			errs = append(errs, err)
 		}
 	}
+	exists := map[string]bool{}
+	for _, v := range resp.Volumes {
+		exists[v.Name] = v.Status == mdspb.VolumeStatus_VOLUME_STATUS_CREATED
+	}
 	for _, v := range resp.Volumes {
 		if v.Status != mdspb.VolumeStatus_VOLUME_STATUS_CREATED {
 			continue
 		}
 		for _, s := range v.Snapshots {
+			// The MDS refuses the deletion while a clone reads it (its
+			// list may name clones deleted since). One whose clone is
+			// not there may be in the middle of a CreateVolume.
 			clone, hidden := strings.CutPrefix(s.Name, hiddenSnapshotPrefix)
-			if !hidden || s.Status != mdspb.SnapshotStatus_SNAPSHOT_STATUS_READY || len(s.Clones) > 0 {
+			if !hidden || s.Status != mdspb.SnapshotStatus_SNAPSHOT_STATUS_READY ||
+				(!exists[clone] && time.Since(time.Unix(s.CreatedUnix, 0)) < hiddenGrace) {
 				continue
 			}
 			if err := d.deleteHidden(ctx, v.Name, s.Name, clone); err != nil {
@@ -174,11 +235,7 @@ func (d *Driver) flattenPass(ctx context.Context) error {
 			}
 		}
 	}
-	if pending && ctx.Err() == nil {
-		// Released clones come back a lease later: look again soon.
-		time.AfterFunc(5*time.Second, d.kickFlattener)
-	}
-	return errors.Join(errs...)
+	return pending, errors.Join(errs...)
 }
 
 // deleteHidden deletes the hidden snapshot that clone read, under the

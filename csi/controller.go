@@ -85,6 +85,9 @@ func (c controller) CreateVolume(ctx context.Context, req *csipb.CreateVolumeReq
 		if err := matches(v.Volume, req.GetCapacityRange(), pool, geo); err != nil {
 			return nil, err
 		}
+		if err := sameSource(v.Volume, src, name); err != nil {
+			return nil, err
+		}
 		vol := c.csiVolume(v.Volume, geo)
 		vol.ContentSource = src
 		return &csipb.CreateVolumeResponse{Volume: vol}, nil
@@ -92,6 +95,12 @@ func (c controller) CreateVolume(ctx context.Context, req *csipb.CreateVolumeReq
 		return nil, err
 	}
 	if src != nil {
+		if req.GetCapacityRange().GetRequiredBytes() == 0 {
+			size = 0 // the source's size, or the range's limit
+			if lim := req.GetCapacityRange().GetLimitBytes(); lim > 0 {
+				size = uint64(lim) / geo.SegmentSize * geo.SegmentSize
+			}
+		}
 		v, err := c.createClone(ctx, src, name, size, pool)
 		if err != nil {
 			return nil, err

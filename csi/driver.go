@@ -85,8 +85,10 @@ type Driver struct {
 	// specification asks of a plugin that may see retried calls.
 	volumeLocks sync.Map // name -> *sync.Mutex
 
-	// Controller mode: wakes the flattener of clones (clones.go).
+	// Controller mode: wakes the flattener of clones (clones.go), closed
+	// when it ends.
 	flattenKick chan struct{}
+	flattenDone chan struct{}
 
 	// Node mode.
 	mounter *mount.SafeFormatAndMount
@@ -205,7 +207,7 @@ func (d *Driver) Start() error {
 	ctx, d.cancel = context.WithCancel(context.Background())
 	if d.cfg.Mode != ModeNode {
 		csipb.RegisterControllerServer(d.srv, controller{d: d})
-		d.flattenKick = make(chan struct{}, 1)
+		d.flattenKick, d.flattenDone = make(chan struct{}, 1), make(chan struct{})
 		go d.runFlattener(ctx)
 	}
 	if d.cfg.Mode != ModeController {
@@ -226,6 +228,9 @@ func (d *Driver) Stop() {
 	}
 	if d.srv != nil {
 		d.srv.GracefulStop()
+	}
+	if d.flattenDone != nil {
+		<-d.flattenDone // its flatten ends with the context
 	}
 	_ = d.mds.Close()
 	_ = os.Remove(d.path)

@@ -102,8 +102,8 @@ func (c controller) DeleteSnapshot(ctx context.Context, req *csipb.DeleteSnapsho
 		return nil, status.Error(codes.InvalidArgument, "snapshot id is required")
 	}
 	volume, name, ok := parseSnapshotID(id)
-	if !ok {
-		return &csipb.DeleteSnapshotResponse{}, nil // no snapshot has that id
+	if !ok || strings.HasPrefix(name, hiddenSnapshotPrefix) {
+		return &csipb.DeleteSnapshotResponse{}, nil // no snapshot (of CSI's) has that id
 	}
 	cctx, cancel := c.d.callCtx(ctx)
 	defer cancel()

@@ -2,6 +2,7 @@ package mds
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"strconv"
@@ -13,6 +14,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/geometry"
 )
 
 // Clones. A clone is a volume created from a READY snapshot of another
@@ -210,6 +212,7 @@ func (l *leaderState) flattenVolume(ctx context.Context, r *mdspb.FlattenVolumeR
 			return noFence, errNoChange
 		}
 		cs.FlattenedUnix = time.Now().Unix()
+		cs.FlattenedSeq = max(v.Seq, 1)
 		return noFence, nil
 	})
 	if err != nil {
@@ -221,41 +224,104 @@ func (l *leaderState) flattenVolume(ctx context.Context, r *mdspb.FlattenVolumeR
 }
 
 // releaseFlattenedClones forgets the sources of clones flattened a session
-// lease ago: the clone first, then the snapshot's list (an id left there
-// by a failure between the two is ignored by liveClones and dropped by the
-// next release or the snapshot's deletion).
+// lease ago, once no snapshot of the clone from before the flatten
+// remains: first the volume's epoch is raised (leaving its writer in
+// place) and every chunkserver made to hold it, so that the fills of a
+// flatten still running elsewhere are refused from then on (they would
+// bring the source's data back into chunks unmapped after the release);
+// then the clone forgets its source; then the snapshot's list forgets the
+// clone (an id left there by a failure between the two is ignored by
+// liveClones).
 func (l *leaderState) releaseFlattenedClones(ctx context.Context) error {
 	vols, err := list[mdspb.Volume](ctx, l.st, l.st.k.volumes())
 	if err != nil {
 		return err
 	}
 	settled := time.Now().Add(-l.s.cfg.SessionLease - time.Second).Unix()
-	for _, v := range vols {
+	releasable := func(v *mdspb.Volume, id uint64) bool {
 		cs := v.GetCloneSource()
-		if v.Status != mdspb.VolumeStatus_VOLUME_STATUS_CREATED || cs == nil || cs.FlattenedUnix == 0 || cs.FlattenedUnix > settled {
+		return v.Id == id && v.Status == mdspb.VolumeStatus_VOLUME_STATUS_CREATED && cs != nil && cs.FlattenedUnix != 0 &&
+			cs.FlattenedUnix <= settled && !snapshotBefore(v, cs.FlattenedSeq)
+	}
+	var errs []error
+	for _, v := range vols {
+		if !releasable(v, v.Id) {
+			continue
+		}
+		cs := v.GetCloneSource()
+		// Raise the epoch once; a pass after a failed fence waits again.
+		cur, version, bumped, err := l.updateVolume(ctx, v.Name, nil, func(cur *mdspb.Volume) (fenceKind, error) {
+			if !releasable(cur, v.Id) {
+				return noFence, errGone
+			}
+			if cur.CloneSource.Releasing {
+				return noFence, errNoChange
+			}
+			cur.CloneSource.Releasing = true
+			return newSequence, nil
+		})
+		switch {
+		case errors.Is(err, errGone) || status.Code(err) == codes.NotFound:
+			continue // renamed, deleted, or released meanwhile
+		case err != nil:
+			errs = append(errs, fmt.Errorf("release the source of clone %q: %w", v.Name, err))
+			continue
+		}
+		if version != 0 {
+			err = l.fenceEpoch(ctx, cur, version, bumped)
+		} else {
+			err = l.fenceAgain(ctx, cur)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("release the source of clone %q: not every chunkserver holds its new epoch yet: %w", v.Name, err))
 			continue
 		}
 		cleared := false
-		if _, _, _, err := l.updateVolume(ctx, v.Name, nil, func(cur *mdspb.Volume) (fenceKind, error) {
+		_, _, _, err = l.updateVolume(ctx, v.Name, nil, func(cur *mdspb.Volume) (fenceKind, error) {
 			cleared = false
-			if cur.Id != v.Id || cur.CloneSource == nil || cur.CloneSource.FlattenedUnix == 0 {
+			if !releasable(cur, v.Id) || !cur.CloneSource.Releasing {
 				return noFence, errNoChange
 			}
 			cur.CloneSource = nil
 			cleared = true
 			return noFence, nil
-		}); err != nil {
-			return fmt.Errorf("release the source of clone %q: %w", v.Name, err)
-		}
-		if !cleared {
-			continue // renamed, deleted or released meanwhile
+		})
+		switch {
+		case status.Code(err) == codes.NotFound:
+			continue
+		case err != nil:
+			errs = append(errs, fmt.Errorf("release the source of clone %q: %w", v.Name, err))
+			continue
+		case !cleared:
+			continue
 		}
 		if err := l.forgetClone(ctx, cs, v.Id); err != nil {
-			return err
+			errs = append(errs, err)
+			continue
 		}
 		l.log.Info("clone released from its source", "volume", v.Name, "source", cs.Volume+"@"+cs.Snapshot)
 	}
-	return nil
+	return errors.Join(errs...)
+}
+
+// errGone ends an updateVolume whose volume is no longer the one meant.
+var errGone = errors.New("volume changed")
+
+// snapshotBefore reports a snapshot of v (in any state: a deleted one is
+// trimmed before its record goes) taken before sequence number seq.
+func snapshotBefore(v *mdspb.Volume, seq uint64) bool {
+	return slices.ContainsFunc(v.Snapshots, func(s *mdspb.Snapshot) bool { return s.Seq < seq })
+}
+
+// cloneSnapshotsFit reports whether a chunk's version can keep, beside the
+// pages it holds, which pages a clone's chunk did not own (the
+// datastore's version slot: a 64-byte header, two bitmaps of a bit per
+// copy unit, a CRC, in half a meta page). Larger chunks cannot snapshot a
+// clone before it is flattened.
+func cloneSnapshotsFit(c *mdspb.ClusterConstants) bool {
+	unit := geometry.CopyUnit(int64(c.GetChunkSize()), int64(c.GetMetaPageSize()), int64(c.GetBlockSize()))
+	bitmap := ((int64(c.GetChunkSize())+unit-1)/unit + 7) / 8
+	return 64+2*bitmap+4 <= int64(c.GetMetaPageSize())/2
 }
 
 // forgetClone drops a clone's id from its source snapshot's list.

@@ -19,8 +19,9 @@ import (
 // snapshot or its volume, renaming the volume, snapshotting the clone, a
 // client that does not read clones, a pool with a chunkserver that does
 // not know clones); the records survive an MDS restart; a flattened clone
-// is released a session lease later, after which the snapshot can go; a
-// deleted clone no longer holds its snapshot.
+// is released a session lease later once no snapshot of it taken before
+// the flatten remains, after which the snapshot can go; a deleted clone
+// no longer holds its snapshot.
 func TestCloneRecords(t *testing.T) {
 	c := newCluster(t, 3, 1, func(cfg *mds.Config) { cfg.SessionLease = 2 * time.Second })
 	c.createPool(4)
@@ -74,8 +75,11 @@ func TestCloneRecords(t *testing.T) {
 		wantCode(t, err, codes.FailedPrecondition)
 	}
 	refusals("clone not flattened")
-	_, err = vols.CreateSnapshot(c.ctx, &mdspb.CreateSnapshotRequest{Volume: "cl", Name: "t"})
-	wantCode(t, err, codes.FailedPrecondition)
+	// A snapshot of the clone before its flatten (it reads the source
+	// where the clone owned nothing then).
+	if _, err := vols.CreateSnapshot(c.ctx, &mdspb.CreateSnapshotRequest{Volume: "cl", Name: "t0"}); err != nil {
+		t.Fatalf("snapshot of a clone not flattened: %v", err)
+	}
 	_, err = vols.OpenVolume(c.ctx, &mdspb.OpenVolumeRequest{Name: "cl"})
 	wantCode(t, err, codes.FailedPrecondition)
 	if _, err := vols.OpenVolume(c.ctx, &mdspb.OpenVolumeRequest{Name: "cl", Features: []string{"clone"}}); err != nil {
@@ -102,6 +106,15 @@ func TestCloneRecords(t *testing.T) {
 		t.Fatalf("snapshot of a flattened clone: %v", err)
 	}
 	refusals("flattened, not released")
+	// Not released while t0 (taken before the flatten) remains.
+	time.Sleep(c.cfg.SessionLease + 2*time.Second)
+	if resp, err := vols.StatVolume(c.ctx, &mdspb.StatVolumeRequest{Name: "cl"}); err != nil || resp.Volume.CloneSource == nil {
+		t.Fatalf("released while a snapshot taken before the flatten remains: %v %v", resp.GetVolume(), err)
+	}
+	refusals("flattened, with a snapshot from before")
+	if _, err := vols.DeleteSnapshot(c.ctx, &mdspb.DeleteSnapshotRequest{Volume: "cl", Name: "t0"}); err != nil {
+		t.Fatal(err)
+	}
 	soon.Succeeds(t, 30*time.Second, func() error {
 		resp, err := vols.StatVolume(c.ctx, &mdspb.StatVolumeRequest{Name: "cl"})
 		if err != nil {

@@ -74,8 +74,8 @@ func (l *leaderState) createSnapshot(ctx context.Context, r *mdspb.CreateSnapsho
 		if v.Status != mdspb.VolumeStatus_VOLUME_STATUS_CREATED {
 			return noFence, status.Errorf(codes.FailedPrecondition, "volume %q is being deleted", r.Volume)
 		}
-		if cs := v.GetCloneSource(); cs != nil && cs.FlattenedUnix == 0 {
-			return noFence, status.Errorf(codes.FailedPrecondition, "volume %q is a clone of %s@%s that is not flattened; flatten it first (cairn-ops flatten %s)",
+		if cs := v.GetCloneSource(); cs != nil && cs.FlattenedUnix == 0 && !cloneSnapshotsFit(l.consts) {
+			return noFence, status.Errorf(codes.FailedPrecondition, "volume %q is a clone of %s@%s that is not flattened, and this cluster's chunks are too large to snapshot it before (flatten it first: cairn-ops flatten %s)",
 				r.Volume, cs.Volume, cs.Snapshot, r.Volume)
 		}
 		for _, s := range v.Snapshots {

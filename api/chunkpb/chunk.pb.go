@@ -564,7 +564,9 @@ type ReadChunkResponse struct {
 	Data    []byte                 `protobuf:"bytes,4,opt,name=data,proto3" json:"data,omitempty"`
 	// A clone's chunk: bit k is set when the k-th page (of the cluster's
 	// copy unit) the range touches is not the chunk's own and reads from
-	// the clone's source (data holds zeros there). Empty: all its own.
+	// the clone's source (data holds zeros there), at the snapshot for a
+	// snapshot read (every page of a chunk created after it). Empty: all
+	// its own.
 	Absent        []byte `protobuf:"bytes,5,opt,name=absent,proto3" json:"absent,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

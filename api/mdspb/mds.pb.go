@@ -2882,9 +2882,18 @@ type CloneSource struct {
 	// The snapshot's length: the clone reads zeros beyond it.
 	Size uint64 `protobuf:"varint,5,opt,name=size,proto3" json:"size,omitempty"`
 	// When the clone was flattened (0: not yet). A session lease later,
-	// once every handle of the clone has heard of it, the source is
-	// released: clone_source goes, and the snapshot may be deleted.
+	// once every handle of the clone has heard of it and no snapshot of the
+	// clone taken before it remains (those read the source where the clone
+	// owned nothing then), the source is released: clone_source goes, and
+	// the snapshot may be deleted.
 	FlattenedUnix int64 `protobuf:"varint,6,opt,name=flattened_unix,json=flattenedUnix,proto3" json:"flattened_unix,omitempty"`
+	// The clone's sequence number when it was flattened: its snapshots
+	// below it were taken before.
+	FlattenedSeq uint64 `protobuf:"varint,7,opt,name=flattened_seq,json=flattenedSeq,proto3" json:"flattened_seq,omitempty"`
+	// The release raised the volume's epoch (fills of a flatten still
+	// running elsewhere are refused from then on) and waits for every
+	// chunkserver to hold it before clone_source goes.
+	Releasing     bool `protobuf:"varint,8,opt,name=releasing,proto3" json:"releasing,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2959,6 +2968,20 @@ func (x *CloneSource) GetFlattenedUnix() int64 {
 		return x.FlattenedUnix
 	}
 	return 0
+}
+
+func (x *CloneSource) GetFlattenedSeq() uint64 {
+	if x != nil {
+		return x.FlattenedSeq
+	}
+	return 0
+}
+
+func (x *CloneSource) GetReleasing() bool {
+	if x != nil {
+		return x.Releasing
+	}
+	return false
 }
 
 // Snapshot is a crash-consistent point-in-time image of a volume: the
@@ -6234,14 +6257,16 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\x03seq\x18\r \x01(\x04R\x03seq\x124\n" +
 	"\tsnapshots\x18\x0e \x03(\v2\x16.cairn.mds.v1.SnapshotR\tsnapshots\x12!\n" +
 	"\fwriter_epoch\x18\x0f \x01(\x04R\vwriterEpoch\x12<\n" +
-	"\fclone_source\x18\x10 \x01(\v2\x19.cairn.mds.v1.CloneSourceR\vcloneSource\"\xab\x01\n" +
+	"\fclone_source\x18\x10 \x01(\v2\x19.cairn.mds.v1.CloneSourceR\vcloneSource\"\xee\x01\n" +
 	"\vCloneSource\x12\x1b\n" +
 	"\tvolume_id\x18\x01 \x01(\x04R\bvolumeId\x12\x16\n" +
 	"\x06volume\x18\x02 \x01(\tR\x06volume\x12\x1a\n" +
 	"\bsnapshot\x18\x03 \x01(\tR\bsnapshot\x12\x10\n" +
 	"\x03seq\x18\x04 \x01(\x04R\x03seq\x12\x12\n" +
 	"\x04size\x18\x05 \x01(\x04R\x04size\x12%\n" +
-	"\x0eflattened_unix\x18\x06 \x01(\x03R\rflattenedUnix\"\xda\x01\n" +
+	"\x0eflattened_unix\x18\x06 \x01(\x03R\rflattenedUnix\x12#\n" +
+	"\rflattened_seq\x18\a \x01(\x04R\fflattenedSeq\x12\x1c\n" +
+	"\treleasing\x18\b \x01(\bR\treleasing\"\xda\x01\n" +
 	"\bSnapshot\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12!\n" +

@@ -345,7 +345,10 @@ type SnapshotChunk struct {
 	VersionUnit   int64  `protobuf:"varint,15,opt,name=version_unit,json=versionUnit,proto3" json:"version_unit,omitempty"`
 	VersionBitmap []byte `protobuf:"bytes,16,opt,name=version_bitmap,json=versionBitmap,proto3" json:"version_bitmap,omitempty"`
 	// Body: chunk_id is absent at the sender (deleted while it was sent).
-	Absent        bool `protobuf:"varint,17,opt,name=absent,proto3" json:"absent,omitempty"`
+	Absent bool `protobuf:"varint,17,opt,name=absent,proto3" json:"absent,omitempty"`
+	// With version_bitmap, for a clone's chunk: the pages it did not own
+	// when the version was cut (its snapshots read the clone's source).
+	VersionAbsent []byte `protobuf:"bytes,18,opt,name=version_absent,json=versionAbsent,proto3" json:"version_absent,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -499,6 +502,13 @@ func (x *SnapshotChunk) GetAbsent() bool {
 	return false
 }
 
+func (x *SnapshotChunk) GetVersionAbsent() []byte {
+	if x != nil {
+		return x.VersionAbsent
+	}
+	return nil
+}
+
 type SnapshotResult struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Whether the receiver installed the files; when false, message says why.
@@ -578,7 +588,7 @@ const file_transportpb_transport_proto_rawDesc = "" +
 	"\x04size\x18\x02 \x01(\x04R\x04size\x12\x1d\n" +
 	"\n" +
 	"created_sn\x18\x03 \x01(\x04R\tcreatedSn\x12\x14\n" +
-	"\x05owned\x18\x04 \x01(\fR\x05owned\"\x8e\x04\n" +
+	"\x05owned\x18\x04 \x01(\fR\x05owned\"\xb5\x04\n" +
 	"\rSnapshotChunk\x12\x12\n" +
 	"\x04from\x18\x01 \x01(\x04R\x04from\x12\x0e\n" +
 	"\x02to\x18\x02 \x01(\x04R\x02to\x12\x14\n" +
@@ -600,7 +610,8 @@ const file_transportpb_transport_proto_rawDesc = "" +
 	"version_to\x18\x0e \x01(\x04R\tversionTo\x12!\n" +
 	"\fversion_unit\x18\x0f \x01(\x03R\vversionUnit\x12%\n" +
 	"\x0eversion_bitmap\x18\x10 \x01(\fR\rversionBitmap\x12\x16\n" +
-	"\x06absent\x18\x11 \x01(\bR\x06absent\"F\n" +
+	"\x06absent\x18\x11 \x01(\bR\x06absent\x12%\n" +
+	"\x0eversion_absent\x18\x12 \x01(\fR\rversionAbsent\"F\n" +
 	"\x0eSnapshotResult\x12\x1a\n" +
 	"\baccepted\x18\x01 \x01(\bR\baccepted\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage2k\n" +

@@ -175,3 +175,88 @@ func TestCloneTransferResets(t *testing.T) {
 		t.Fatalf("owned of a plain chunk: %v %v", got, err)
 	}
 }
+
+// TestCloneSnapshotsReadTheSourceWhereNotOwned: a snapshot of a clone's
+// chunk reads, where the chunk did not own a page when the snapshot was
+// taken, from the clone's source (absent), even after the page was
+// filled or written; copies on write copy only owned pages; a chunk
+// created after the snapshot reads the source throughout; all of it
+// survives a reopen and a merge of versions, and EachKept hands on the
+// absent pages.
+func TestCloneSnapshotsReadTheSourceWhereNotOwned(t *testing.T) {
+	e := newEnv(t, 8, 16)
+	s := e.open(t, Options{})
+	unit := s.CopyUnit()
+	pages := testChunk / unit
+	p0 := pattern(1, int(unit))
+	if err := s.WriteClone(1, p0, 0, 1, 0, nil, 0); err != nil {
+		t.Fatal(err)
+	}
+	// Snapshot 1; writes under 2.
+	if err := s.WriteClone(1, pattern(2, int(unit)), unit, 2, 1, nil, 0); err != nil { // page 1, not owned at the snapshot
+		t.Fatal(err)
+	}
+	if err := s.WriteClone(1, pattern(3, int(unit)), 0, 2, 1, nil, 0); err != nil { // page 0, owned: copied
+		t.Fatal(err)
+	}
+	if err := s.WriteClone(1, nil, 0, 2, 1, pattern(4, int(unit)), 2*unit); err != nil { // a fill of page 2
+		t.Fatal(err)
+	}
+	if err := s.WriteClone(2, pattern(5, int(unit)), 0, 2, 1, nil, 0); err != nil { // a chunk created after the snapshot
+		t.Fatal(err)
+	}
+	check := func(when string) {
+		t.Helper()
+		got := make([]byte, testChunk)
+		absent, err := s.ReadOwnedSN(1, got, 0, 1)
+		if err != nil {
+			t.Fatalf("%s: %v", when, err)
+		}
+		if !bytes.Equal(got[:unit], p0) {
+			t.Fatalf("%s: page 0 at the snapshot differs", when)
+		}
+		for k := int64(0); k < pages; k++ {
+			if abs := absent[k/8]&(1<<(k%8)) != 0; abs != (k > 0) {
+				t.Fatalf("%s: page %d absent at the snapshot: %v", when, k, abs)
+			}
+		}
+		if !bytes.Equal(got[unit:], make([]byte, testChunk-unit)) {
+			t.Fatalf("%s: absent pages do not read as zeros", when)
+		}
+		absent, err = s.ReadOwnedSN(2, got, 0, 1)
+		if err != nil || len(absent) != int((pages+7)/8) || absent[0] != 0xff {
+			t.Fatalf("%s: chunk created after the snapshot: absent %v, %v", when, absent, err)
+		}
+		info, err := s.Info(1)
+		if err != nil || len(info.Versions) != 1 || info.Versions[0].Pages != 1 {
+			t.Fatalf("%s: versions %+v %v (want one holding page 0 only)", when, info.Versions, err)
+		}
+	}
+	check("after the writes")
+	var seen int
+	if err := s.EachKept(1, func(from, to uint64, _ int64, bitmap, absent []byte) {
+		seen++
+		if from != 1 || to != 1 || absent == nil || absent[0]&1 != 0 || absent[0]&2 == 0 {
+			t.Fatalf("EachKept: %d..%d absent %08b", from, to, absent)
+		}
+	}); err != nil || seen != 1 {
+		t.Fatalf("EachKept: %d versions, %v", seen, err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s = e.open(t, Options{})
+	check("after a reopen")
+	// Snapshot 2, a write under 3, then snapshot 2 deleted: its version is
+	// merged into snapshot 1's.
+	if err := s.WriteClone(1, pattern(6, int(unit)), 3*unit, 3, 2, nil, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.WriteClone(1, pattern(7, int(unit)), unit, 3, 2, nil, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Trim(1, []uint64{1}, 3); err != nil {
+		t.Fatal(err)
+	}
+	check("after a merge")
+}

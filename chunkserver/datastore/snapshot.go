@@ -164,7 +164,7 @@ func (s *Store) cut(c *chunk, sn, keep uint64) (*version, error) {
 				return nil, err
 			}
 		default:
-			v, err := s.createVersion(c.id, c.sn, sn-1)
+			v, err := s.createVersion(c.id, c.sn, sn-1, s.notOwned(c))
 			if err != nil {
 				return nil, err
 			}
@@ -182,9 +182,38 @@ func (s *Store) cut(c *chunk, sn, keep uint64) (*version, error) {
 	return nil, nil
 }
 
+// notOwned returns the pages a clone's chunk does not own, for the
+// version a cut keeps (nil for other chunks, or when the meta slot has no
+// room for it: the MDS refuses snapshots of clones on such geometries).
+func (s *Store) notOwned(c *chunk) []byte {
+	bits := c.ownedSnapshot()
+	if bits == nil {
+		return nil
+	}
+	if !s.absentFits() {
+		s.log.Error("a clone chunk's version cannot keep which pages were not its own (chunk too large for the meta page); its snapshots read its data there", "chunk", c.id)
+		return nil
+	}
+	pages := (s.geo.ChunkSize + s.unit - 1) / s.unit
+	out := make([]byte, len(bits))
+	for i := range pages {
+		if bits[i/8]&(1<<(i%8)) == 0 {
+			out[i/8] |= 1 << (i % 8)
+		}
+	}
+	return out
+}
+
+// absentFits reports whether a version slot has room for an absent bitmap
+// beside its bitmap.
+func (s *Store) absentFits() bool {
+	return int64(versionHeaderLen+2*s.bitmapLen()+4) <= s.geo.MetaPageSize/2
+}
+
 // createVersion makes the version file of chunk id for from..to, durable
-// and empty, from a pool file.
-func (s *Store) createVersion(id, from, to uint64) (*version, error) {
+// and empty, from a pool file; absent marks the pages a clone's chunk did
+// not own (nil: none).
+func (s *Store) createVersion(id, from, to uint64, absent []byte) (*version, error) {
 	final := filepath.Join(s.dir, versionName(id, from))
 	tmp := final + creatingSuffix
 	ctx, cancel := context.WithTimeout(context.Background(), s.wait)
@@ -196,7 +225,7 @@ func (s *Store) createVersion(id, from, to uint64) (*version, error) {
 		}
 		return nil, fmt.Errorf("keep version %d..%d: %w", from, to, err)
 	}
-	m := versionMeta{ChunkID: id, From: from, To: to, ChunkSize: s.geo.ChunkSize, Unit: s.unit, Generation: 1, Bitmap: make([]byte, s.bitmapLen())}
+	m := versionMeta{ChunkID: id, From: from, To: to, ChunkSize: s.geo.ChunkSize, Unit: s.unit, Generation: 1, Bitmap: make([]byte, s.bitmapLen()), Absent: absent}
 	current := tmp
 	err = func() error {
 		f, err := os.OpenFile(tmp, os.O_RDWR, 0)
@@ -266,7 +295,9 @@ func (s *Store) copyOut(c *chunk, v *version, off, n int64) error {
 	first, last := s.pages(off, n)
 	var todo []int64
 	for i := first; i <= last; i++ {
-		if !v.meta.has(i) {
+		// A page the chunk did not own needs no copy: the version's
+		// snapshots read the clone's source there.
+		if !v.meta.covers(i) {
 			todo = append(todo, i)
 		}
 	}
@@ -348,38 +379,60 @@ func (s *Store) KeptStats() (files int, kept int64) {
 
 // ReadAtSN reads len(p) bytes at off of the chunk as it was at the end of
 // sequence number snap (a snapshot's), with ReadAt's rules for the range. A
-// missing chunk gives ErrChunkNotExist.
+// missing chunk gives ErrChunkNotExist. Pages a clone's chunk did not own
+// then read as zeros (ReadOwnedSN says which).
 func (s *Store) ReadAtSN(id uint64, p []byte, off int64, snap uint64) error {
+	_, err := s.ReadOwnedSN(id, p, off, snap)
+	return err
+}
+
+// ReadOwnedSN is ReadAtSN that also says which pages of the range read from
+// the clone's source at snap (bit k for the k-th page the range touches, as
+// ReadOwned; p holds zeros there): those a clone's chunk did not own then,
+// and every page when the chunk was created after snap (it did not exist:
+// a clone reads its source there, other volumes zeros). absent is nil when
+// there are none.
+func (s *Store) ReadOwnedSN(id uint64, p []byte, off int64, snap uint64) (absent []byte, err error) {
 	if snap == 0 {
-		return ErrNoSnapshot
+		return nil, ErrNoSnapshot
 	}
 	if err := s.checkRange(len(p), off); err != nil {
-		return fmt.Errorf("read chunk %d: %w", id, err)
+		return nil, fmt.Errorf("read chunk %d: %w", id, err)
 	}
 	c, err := s.lookup(id)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if c == nil {
-		return fmt.Errorf("read chunk %d: %w", id, ErrChunkNotExist)
+		return nil, fmt.Errorf("read chunk %d: %w", id, ErrChunkNotExist)
 	}
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	if c.gone != nil {
-		return fmt.Errorf("read chunk %d: %w", c.id, c.gone)
+		return nil, fmt.Errorf("read chunk %d: %w", c.id, c.gone)
 	}
 	if c.corrupt != nil {
-		return fmt.Errorf("read: %w", c.corrupt)
+		return nil, fmt.Errorf("read: %w", c.corrupt)
 	}
 	c.cow.RLock()
 	defer c.cow.RUnlock()
+	first, last := s.pages(off, int64(len(p)))
+	mark := func(i int64) {
+		if absent == nil {
+			absent = make([]byte, (last-first+8)/8)
+		}
+		absent[(i-first)/8] |= 1 << ((i - first) % 8)
+	}
 	if snap < c.meta.CreatedSN {
 		clear(p)
-		return nil
+		for i := first; i <= last; i++ {
+			mark(i)
+		}
+		return absent, nil
 	}
 	h, err := s.files.acquire(c)
 	if err != nil {
-		return fmt.Errorf("read: %w", err)
+		return nil, fmt.Errorf("read: %w", err)
 	}
 	defer h.release()
 	var open map[*version]*os.File
@@ -388,17 +441,32 @@ func (s *Store) ReadAtSN(id uint64, p []byte, off int64, snap uint64) error {
 			_ = f.Close()
 		}
 	}()
-	// source returns where page i of the snapshot is read from.
+	// The owned pages before the data, as ReadOwned.
+	owned := c.ownedSnapshot()
+	// source returns where page i of the snapshot is read from; nil
+	// with no error: a page the chunk did not own (zeros here).
 	source := func(i int64) (*os.File, error) {
-		if snap >= c.sn {
+		current := func() (*os.File, error) {
+			if owned != nil && owned[i/8]&(1<<(i%8)) == 0 {
+				return nil, nil
+			}
 			return h.f, nil
+		}
+		if snap >= c.sn {
+			return current()
 		}
 		for _, v := range c.versions {
 			if v.corrupt != nil && v.meta.From <= snap {
 				// Its range and pages are unknown: it may hold this.
 				return nil, v.corrupt
 			}
-			if v.meta.To < snap || !v.meta.has(i) {
+			if v.meta.To < snap {
+				continue
+			}
+			if v.meta.absent(i) {
+				return nil, nil
+			}
+			if !v.meta.has(i) {
 				continue
 			}
 			f := open[v]
@@ -415,14 +483,13 @@ func (s *Store) ReadAtSN(id uint64, p []byte, off int64, snap uint64) error {
 			}
 			return f, nil
 		}
-		return h.f, nil
+		return current()
 	}
 	// Runs of pages read from the same file go in one read.
-	first, last := s.pages(off, int64(len(p)))
 	for i := first; i <= last; {
 		src, err := source(i)
 		if err != nil {
-			return fmt.Errorf("read chunk %d at %d: %w", c.id, snap, err)
+			return nil, fmt.Errorf("read chunk %d at %d: %w", c.id, snap, err)
 		}
 		j := i + 1
 		for ; j <= last; j++ {
@@ -432,12 +499,17 @@ func (s *Store) ReadAtSN(id uint64, p []byte, off int64, snap uint64) error {
 		}
 		lo := max(i*s.unit, off)
 		hi := min(j*s.unit, off+int64(len(p)), s.geo.ChunkSize)
-		if _, err := src.ReadAt(p[lo-off:hi-off], s.geo.MetaPageSize+lo); err != nil {
-			return fmt.Errorf("read chunk %d at %d: %w", c.id, snap, err)
+		if src == nil {
+			clear(p[lo-off : hi-off])
+			for k := i; k < j; k++ {
+				mark(k)
+			}
+		} else if _, err := src.ReadAt(p[lo-off:hi-off], s.geo.MetaPageSize+lo); err != nil {
+			return nil, fmt.Errorf("read chunk %d at %d: %w", c.id, snap, err)
 		}
 		i = j
 	}
-	return nil
+	return absent, nil
 }
 
 // Trim drops what no live snapshot reads any more of the chunk's versions,
@@ -520,7 +592,14 @@ func (s *Store) merge(prev, next *version) error {
 	m.To = next.meta.To
 	buf := make([]byte, s.unit)
 	for i := range (s.geo.ChunkSize + s.unit - 1) / s.unit {
-		if !next.meta.has(i) || m.has(i) {
+		if next.meta.absent(i) && !m.covers(i) {
+			if m.Absent == nil {
+				m.Absent = make([]byte, len(m.Bitmap))
+			}
+			m.Absent[i/8] |= 1 << (i % 8)
+			continue
+		}
+		if !next.meta.has(i) || m.covers(i) {
 			continue
 		}
 		po, pn := s.pageSpan(i)

@@ -37,8 +37,10 @@ func (s *Store) CreatedSN(id uint64) (uint64, error) {
 
 // EachKept calls f with each version the chunk keeps, oldest first: the
 // pages set in bitmap (of unit bytes each; f gets a copy) of the chunk as it
-// was at the end of sequence numbers from..to. f must not call the store.
-func (s *Store) EachKept(id uint64, f func(from, to uint64, unit int64, bitmap []byte)) error {
+// was at the end of sequence numbers from..to, and for a clone's chunk the
+// pages it did not own then (absent; nil for none). f must not call the
+// store.
+func (s *Store) EachKept(id uint64, f func(from, to uint64, unit int64, bitmap, absent []byte)) error {
 	c, err := s.lookup(id)
 	if err != nil {
 		return err
@@ -52,7 +54,7 @@ func (s *Store) EachKept(id uint64, f func(from, to uint64, unit int64, bitmap [
 		if v.corrupt != nil {
 			return fmt.Errorf("chunk %d: version %d: %w", id, v.meta.From, v.corrupt)
 		}
-		f(v.meta.From, v.meta.To, v.meta.Unit, slices.Clone(v.meta.Bitmap))
+		f(v.meta.From, v.meta.To, v.meta.Unit, slices.Clone(v.meta.Bitmap), slices.Clone(v.meta.Absent))
 	}
 	return nil
 }
@@ -134,9 +136,13 @@ func (s *Store) ResetChunk(id, createdSN uint64, owned []byte) (fresh bool, err 
 	return fresh, nil
 }
 
-// BeginKept creates the chunk's version from..to, holding no page yet; it
-// must be newer than every version the chunk keeps.
-func (s *Store) BeginKept(id, from, to uint64) error {
+// BeginKept creates the chunk's version from..to, holding no page yet,
+// with the pages the chunk did not own then (absent, EachKept's; nil for
+// none); it must be newer than every version the chunk keeps.
+func (s *Store) BeginKept(id, from, to uint64, absent []byte) error {
+	if absent != nil && (len(absent) != s.bitmapLen() || !s.absentFits()) {
+		return fmt.Errorf("chunk %d: %w: absent bitmap of %d bytes, want %d", id, ErrInvalidRange, len(absent), s.bitmapLen())
+	}
 	c, err := s.lookup(id)
 	if err != nil {
 		return err
@@ -154,7 +160,7 @@ func (s *Store) BeginKept(id, from, to uint64) error {
 	if n := len(c.versions); from == 0 || to < from || from < c.meta.CreatedSN || n > 0 && c.versions[n-1].meta.To >= from {
 		return fmt.Errorf("chunk %d: %w: version %d..%d after %d versions (created under %d)", id, ErrInvalidRange, from, to, len(c.versions), c.meta.CreatedSN)
 	}
-	v, err := s.createVersion(id, from, to)
+	v, err := s.createVersion(id, from, to, slices.Clone(absent))
 	if err != nil {
 		return err
 	}

@@ -29,14 +29,18 @@ import (
 //	 32   8 To: last sequence number it keeps the chunk for
 //	 40   8 chunk size
 //	 48   8 generation: the slot with the higher valid one is current
-//	 56   8 reserved, zero
+//	 56   8 flags: bit 0 set when an absent bitmap follows the bitmap
 //	 64   …  bitmap: bit i set when page i (of the copy unit) is held
+//	  …   …  absent bitmap (a clone's chunk, clone.go): bit i set when page
+//	         i was not the chunk's own: its snapshots read the clone's
+//	         source there
 //	 -4   4 CRC32C of the slot before it
 const (
 	versionMagic     = "CAIRNCV1"
 	versionFormat    = 1
 	versionHeaderLen = 64
 	versionInfix     = "_snap_"
+	versionHasAbsent = 1 // flags bit
 )
 
 // versionMeta is the content of a version file's current meta slot.
@@ -47,7 +51,17 @@ type versionMeta struct {
 	Unit       int64
 	Generation uint64
 	Bitmap     []byte
+	// Absent marks the pages a clone's chunk did not own when the
+	// version was cut (nil: every page was its own).
+	Absent []byte
 }
+
+// absent reports whether page i was not the chunk's own in the version.
+func (m *versionMeta) absent(i int64) bool { return m.Absent != nil && m.Absent[i/8]&(1<<(i%8)) != 0 }
+
+// covers reports whether the version says what page i was: held, or not
+// the chunk's own.
+func (m *versionMeta) covers(i int64) bool { return m.has(i) || m.absent(i) }
 
 // has reports whether page i is held.
 func (m *versionMeta) has(i int64) bool { return m.Bitmap[i/8]&(1<<(i%8)) != 0 }
@@ -69,6 +83,7 @@ func (m *versionMeta) held() int {
 func (m *versionMeta) clone() versionMeta {
 	c := *m
 	c.Bitmap = slices.Clone(m.Bitmap)
+	c.Absent = slices.Clone(m.Absent)
 	return c
 }
 
@@ -84,6 +99,10 @@ func encodeVersionSlot(m *versionMeta, slotSize int) []byte {
 	binary.LittleEndian.PutUint64(b[40:], uint64(m.ChunkSize))
 	binary.LittleEndian.PutUint64(b[48:], m.Generation)
 	copy(b[versionHeaderLen:], m.Bitmap)
+	if m.Absent != nil {
+		binary.LittleEndian.PutUint64(b[56:], versionHasAbsent)
+		copy(b[versionHeaderLen+len(m.Bitmap):], m.Absent)
+	}
 	binary.LittleEndian.PutUint32(b[slotSize-4:], crc32.Checksum(b[:slotSize-4], castagnoli))
 	return b
 }
@@ -98,8 +117,12 @@ func decodeVersionSlot(b []byte, bitmapLen int) (versionMeta, error) {
 	if got, want := binary.LittleEndian.Uint32(b[n-4:]), crc32.Checksum(b[:n-4], castagnoli); got != want {
 		return versionMeta{}, fmt.Errorf("%w: version slot CRC32C %08x, computed %08x", ErrCorrupt, got, want)
 	}
-	if string(b[:8]) != versionMagic || binary.LittleEndian.Uint32(b[8:]) != versionFormat || binary.LittleEndian.Uint64(b[56:]) != 0 {
+	flags := binary.LittleEndian.Uint64(b[56:])
+	if string(b[:8]) != versionMagic || binary.LittleEndian.Uint32(b[8:]) != versionFormat || flags&^versionHasAbsent != 0 {
 		return versionMeta{}, fmt.Errorf("%w: version slot header", ErrCorrupt)
+	}
+	if flags&versionHasAbsent != 0 && n < versionHeaderLen+2*bitmapLen+4 {
+		return versionMeta{}, fmt.Errorf("%w: version slot of %d bytes with an absent bitmap", ErrCorrupt, n)
 	}
 	m := versionMeta{
 		Unit:       int64(binary.LittleEndian.Uint32(b[12:])),
@@ -109,6 +132,9 @@ func decodeVersionSlot(b []byte, bitmapLen int) (versionMeta, error) {
 		ChunkSize:  int64(binary.LittleEndian.Uint64(b[40:])),
 		Generation: binary.LittleEndian.Uint64(b[48:]),
 		Bitmap:     slices.Clone(b[versionHeaderLen : versionHeaderLen+bitmapLen]),
+	}
+	if flags&versionHasAbsent != 0 {
+		m.Absent = slices.Clone(b[versionHeaderLen+bitmapLen : versionHeaderLen+2*bitmapLen])
 	}
 	if m.From == 0 || m.To < m.From {
 		return versionMeta{}, fmt.Errorf("%w: version slot keeps sequence numbers %d..%d", ErrCorrupt, m.From, m.To)
