@@ -69,7 +69,11 @@ func mustEqual(t *testing.T, what string, got, want []byte) {
 // more it is released, the snapshot is deleted and the clone still reads
 // A+C; a clone of the flattened clone's snapshot reads it.
 func TestCloneLifecycle(t *testing.T) {
-	c := cluster.Start(t, cluster.Options{SessionLease: 2 * time.Second})
+	// A short session lease (the source is released a lease after a
+	// flatten), but not so short that the MDS restart below, on a loaded
+	// machine, lets the writer's session expire (an expired writer
+	// session is a fenced one).
+	c := cluster.Start(t, cluster.Options{SessionLease: 5 * time.Second})
 	const size = 4 << 20 // four 1 MiB chunks
 	createVolume(t, c, "src", 2*seg)
 	rng := rand.New(rand.NewSource(7))
