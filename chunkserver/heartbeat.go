@@ -62,7 +62,7 @@ func (s *Server) heartbeat(ctx context.Context) error {
 		Address:           s.addr,
 		Capacity:          s.capacity(),
 		EpochTableVersion: s.epochs.currentVersion(),
-		Features:          []string{"clone"},
+		Features:          []string{"clones"},
 	}
 	leaders := 0
 	reported := map[copyset.GroupID]*copyset.Copyset{}

@@ -31,7 +31,7 @@ import (
 
 // cloneFeature tells the MDS this client reads clones
 // (OpenVolumeRequest.features).
-const cloneFeature = "clone"
+const cloneFeature = "clones"
 
 // ErrNotClone is returned by Flatten for a volume that is not a clone.
 var ErrNotClone = errors.New("client: volume is not a clone")
@@ -279,14 +279,37 @@ func (v *Volume) flattenedElsewhere() bool {
 	return s == nil || s.flattened
 }
 
-// sourceHole reports a segment the source never allocated: nothing to copy.
+// sourceHole reports a segment the source reads as zeros: nothing to copy.
 func (v *Volume) sourceHole(ctx context.Context, src *cloneSource, seg int64) bool {
 	parent, err := v.parentFor(ctx, src)
 	if err != nil {
 		return false // the copy finds out
 	}
-	_, err = parent.r.segment(ctx, seg, false)
-	return errors.Is(err, errUnallocated)
+	hole, err := parent.holeAt(ctx, seg)
+	return err == nil && hole
+}
+
+// holeAt reports a segment that reads as zeros through this handle: never
+// allocated here, and, where the handle reads a source there, a hole of
+// the source too (which may be a snapshot of a clone, reading its own
+// source: the question goes down the chain).
+func (v *Volume) holeAt(ctx context.Context, seg int64) (bool, error) {
+	_, err := v.r.segment(ctx, seg, false)
+	switch {
+	case err == nil:
+		return false, nil
+	case !errors.Is(err, errUnallocated):
+		return false, err
+	}
+	src := v.source()
+	if src == nil || (src.flattened && v.snap == 0) || seg*v.segSize >= src.size {
+		return true, nil
+	}
+	parent, err := v.parentFor(ctx, src)
+	if err != nil {
+		return false, err
+	}
+	return parent.holeAt(ctx, seg)
 }
 
 // flattenPiece copies the source's pages of one piece that the clone's
@@ -316,6 +339,7 @@ func (r *router) flattenPiece(ctx context.Context, src *cloneSource, pc piece, c
 	}
 	abandoned := false
 	_, err = r.call(ctx, ref.GetCopyset(), func(ctx context.Context, cl chunkIO) (outcome, error) {
+		epoch := v.volEpoch.Load()
 		if v.flattenedElsewhere() {
 			// Checked before every attempt: a fill sent after the
 			// source's release is refused anyway (the release raises the
@@ -324,7 +348,7 @@ func (r *router) flattenPiece(ctx context.Context, src *cloneSource, pc piece, c
 			return outcome{status: chunkpb.Status_STATUS_OK}, nil
 		}
 		resp, err := cl.WriteChunk(ctx, &chunkpb.WriteChunkRequest{
-			Copyset: ref.GetCopyset(), ChunkId: ref.GetChunkId(), VolumeId: v.id, Epoch: v.volEpoch.Load(),
+			Copyset: ref.GetCopyset(), ChunkId: ref.GetChunkId(), VolumeId: v.id, Epoch: epoch,
 			Clone: true, Fill: pc.buf, FillOffset: uint64(pc.off),
 		})
 		out := outcome{resp.GetStatus(), resp.GetLeader(), resp.GetMessage()}
@@ -360,13 +384,15 @@ func (v *Volume) learnEpoch(ctx context.Context) error {
 // noteVolume takes what every handle follows of the volume's record: its
 // epoch (the fills of a flatten carry it) and its clone source.
 func (v *Volume) noteVolume(vol *mdspb.Volume) {
+	// The source first: a flatten that sees the epoch of a release sees
+	// the release (it reads the epoch, then checks the source).
+	v.setSource(vol.GetCloneSource())
 	for {
 		cur := v.volEpoch.Load()
 		if vol.GetEpoch() <= cur || v.volEpoch.CompareAndSwap(cur, vol.GetEpoch()) {
 			break
 		}
 	}
-	v.setSource(vol.GetCloneSource())
 }
 
 func isZero(b []byte) bool {

@@ -2,7 +2,6 @@ package client
 
 import (
 	"context"
-	"errors"
 	"fmt"
 )
 
@@ -32,15 +31,8 @@ func (v *Volume) Map(ctx context.Context, off, length int64) ([]Extent, error) {
 	for lookups := 0; length > 0 && lookups < maxLookups; lookups++ {
 		seg := off / v.segSize
 		n := min(length, (seg+1)*v.segSize-off)
-		_, err := v.r.segment(ctx, seg, false)
-		hole := errors.Is(err, errUnallocated)
-		if hole {
-			err = nil
-		}
-		if src := v.source(); hole && src != nil && !src.flattened && seg*v.segSize < src.size {
-			// A clone reads its source there.
-			hole = v.sourceHole(ctx, src, seg)
-		}
+		// A clone's segment is a hole only where its source's is too.
+		hole, err := v.holeAt(ctx, seg)
 		if err != nil && !hole {
 			if len(out) > 0 {
 				return out, nil // what is known so far

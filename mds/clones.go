@@ -32,7 +32,7 @@ import (
 
 // cloneFeature is what a client lists in OpenVolumeRequest.features to say
 // it reads clones.
-const cloneFeature = "clone"
+const cloneFeature = "clones"
 
 func (l *leaderState) createClone(ctx context.Context, r *mdspb.CreateVolumeRequest) (*mdspb.CreateVolumeResponse, error) {
 	if err := checkNewName("volume name", r.Name); err != nil {

@@ -82,7 +82,7 @@ func TestCloneRecords(t *testing.T) {
 	}
 	_, err = vols.OpenVolume(c.ctx, &mdspb.OpenVolumeRequest{Name: "cl"})
 	wantCode(t, err, codes.FailedPrecondition)
-	if _, err := vols.OpenVolume(c.ctx, &mdspb.OpenVolumeRequest{Name: "cl", Features: []string{"clone"}}); err != nil {
+	if _, err := vols.OpenVolume(c.ctx, &mdspb.OpenVolumeRequest{Name: "cl", Features: []string{"clones"}}); err != nil {
 		t.Fatalf("open by a client that reads clones: %v", err)
 	}
 	_, err = vols.FlattenVolume(c.ctx, &mdspb.FlattenVolumeRequest{Name: "src"})

@@ -2278,9 +2278,10 @@ type HeartbeatRequest struct {
 	// Version of the volume epoch table the chunkserver holds (see
 	// HeartbeatResponse.epochs).
 	EpochTableVersion uint64 `protobuf:"varint,6,opt,name=epoch_table_version,json=epochTableVersion,proto3" json:"epoch_table_version,omitempty"`
-	// What the chunkserver understands beyond the first release: "clone"
-	// (clone chunks). The MDS creates a clone only in a pool whose every
-	// member chunkserver reported it.
+	// What the chunkserver understands beyond the first release: "clones"
+	// (clone chunks, and versions of them that keep which pages they did
+	// not own). The MDS creates a clone only in a pool whose every member
+	// chunkserver reported it.
 	Features      []string `protobuf:"bytes,7,rep,name=features,proto3" json:"features,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -4231,9 +4232,10 @@ type OpenVolumeRequest struct {
 	// to this node (writable, for a writable open). Without a node, a writable
 	// open of a volume published for writing is refused too.
 	Node string `protobuf:"bytes,4,opt,name=node,proto3" json:"node,omitempty"`
-	// What the client understands of volumes: "clone" (reads a clone's
-	// source, writes with fills). A client that does not list "clone" is
-	// refused a clone that is not released (FAILED_PRECONDITION).
+	// What the client understands of volumes: "clones" (reads a clone's
+	// source, writes with fills, reads snapshots of clones through their
+	// source). A client that does not list "clones" is refused a clone that
+	// is not released (FAILED_PRECONDITION).
 	Features      []string `protobuf:"bytes,5,rep,name=features,proto3" json:"features,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

@@ -390,7 +390,8 @@ func (s *Store) Hash(id uint64, off, length int64) (uint32, error) {
 
 // HashSnapshots returns the CRC32C (Castagnoli) of the range as Hash does,
 // continued over the same range as it was at each of snaps in turn
-// (ReadAtSN): one checksum of a chunk's data and of what its snapshots read.
+// (ReadOwnedSN, with the pages read from a clone's source): one checksum of
+// a chunk's data and of what its snapshots read.
 func (s *Store) HashSnapshots(id uint64, off, length int64, snaps []uint64) (uint32, error) {
 	crc, err := s.Hash(id, off, length)
 	if err != nil {
@@ -405,10 +406,14 @@ func (s *Store) HashSnapshots(id uint64, off, length int64, snaps []uint64) (uin
 	for _, snap := range snaps {
 		for done := int64(0); done < length; {
 			n := min(int64(len(buf)), length-done)
-			if err := s.ReadAtSN(id, buf[:n], off+done, snap); err != nil {
+			absent, err := s.ReadOwnedSN(id, buf[:n], off+done, snap)
+			if err != nil {
 				return 0, fmt.Errorf("hash chunk %d at snapshot %d: %w", id, snap, err)
 			}
 			crc = crc32.Update(crc, castagnoli, buf[:n])
+			// Which pages read from a clone's source: replicas must agree
+			// on those too.
+			crc = crc32.Update(crc, castagnoli, absent)
 			done += n
 		}
 	}

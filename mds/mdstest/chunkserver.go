@@ -216,7 +216,7 @@ func (d *ChunkServerDouble) Heartbeat(ctx context.Context, hb mdspb.HeartbeatSer
 		Capacity: proto.CloneOf(d.mu.capacity), EpochTableVersion: d.mu.epochTable,
 	}
 	if !d.mu.oldVersion {
-		req.Features = []string{"clone"}
+		req.Features = []string{"clones"}
 	}
 	keys := make([]uint64, 0, len(d.mu.copysets))
 	for k := range d.mu.copysets {
