@@ -4,22 +4,17 @@ import (
 	"bytes"
 	"crypto/rand"
 	"fmt"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/client"
-	"cairn.io/cairn/csi"
 	"cairn.io/cairn/internal/soon"
-	"cairn.io/cairn/internal/testlog"
 	"cairn.io/cairn/test/cluster"
 )
 
@@ -30,24 +25,8 @@ import (
 // hidden snapshot a volume-to-volume clone read is deleted by itself
 // (and never listed), and the source volume can be deleted.
 func TestVolumesFromSnapshotsAndVolumes(t *testing.T) {
-	c := cluster.Start(t, cluster.Options{SessionLease: 2 * time.Second})
-	sock := filepath.Join(t.TempDir(), "csi.sock")
-	d, err := csi.New(csi.Config{Endpoint: "unix://" + sock, MDSAddrs: []string{c.MDS.Addr()}, Version: "test", Logger: testlog.New(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := d.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(d.Stop)
-	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	e := &env{c: c, ctl: csipb.NewControllerClient(conn), ctx: t.Context(),
-		caps: []*csipb.VolumeCapability{mountCap(csipb.VolumeCapability_AccessMode_SINGLE_NODE_WRITER, "ext4")}}
-
+	e := startWith(t, cluster.Options{SessionLease: 2 * time.Second})
+	c := e.c
 	create := func(name string, src *csipb.VolumeContentSource) *csipb.Volume {
 		t.Helper()
 		resp, err := e.ctl.CreateVolume(e.ctx, &csipb.CreateVolumeRequest{Name: name, VolumeCapabilities: e.caps,

@@ -35,7 +35,13 @@ type env struct {
 
 func start(t *testing.T) *env {
 	t.Helper()
-	c := cluster.Start(t, cluster.Options{})
+	return startWith(t, cluster.Options{})
+}
+
+// startWith is start on a cluster started with opts.
+func startWith(t *testing.T, opts cluster.Options) *env {
+	t.Helper()
+	c := cluster.Start(t, opts)
 	sock := filepath.Join(t.TempDir(), "csi.sock")
 	d, err := csi.New(csi.Config{Endpoint: "unix://" + sock, MDSAddrs: []string{c.MDS.Addr()}, Version: "test", Logger: testlog.New(t)})
 	if err != nil {

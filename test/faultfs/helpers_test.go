@@ -2,11 +2,15 @@ package faultfs
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"math/rand/v2"
 	"os"
 	"syscall"
 	"testing"
+	"time"
+
+	"cairn.io/cairn/chunkserver/datastore"
 )
 
 // randBytes returns n bytes drawn from seed.
@@ -90,3 +94,43 @@ func firstDiff(a, b []byte) int {
 }
 
 func isErrno(err error, errno syscall.Errno) bool { return errors.Is(err, errno) }
+
+// storeOp is an operation a datastore crash test logs and replays.
+type storeOp interface {
+	apply(s *datastore.Store) error
+}
+
+// powerCut ends a round of a datastore crash test: it waits for the crash
+// an operation ran into (opErr), or, when none failed, removes the armed
+// rule and cuts the power now (keeping that share of unsynced pages). It
+// reports whether the cut fell at the armed sync.
+func powerCut(t *testing.T, f *FS, round int, opErr error, armed RuleID, keep float64) bool {
+	t.Helper()
+	if opErr != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_, err := f.WaitCrash(ctx)
+		cancel()
+		if err != nil {
+			t.Fatalf("round %d: an operation failed (%v) but no crash happened: %v", round, opErr, err)
+		}
+		return true
+	}
+	if armed != 0 {
+		f.RemoveRule(armed)
+	}
+	if _, err := f.Crash(CrashOptions{Keep: keep, Seed: uint64(round)}); err != nil {
+		t.Fatal(err)
+	}
+	return false
+}
+
+// replay applies the operations logged since the last checkpoint, as a
+// copyset does after a crash.
+func replay[O storeOp](t *testing.T, s *datastore.Store, round int, log []O) {
+	t.Helper()
+	for i, o := range log {
+		if err := o.apply(s); err != nil {
+			t.Fatalf("round %d: replay operation %d of %d: %v", round, i, len(log), err)
+		}
+	}
+}

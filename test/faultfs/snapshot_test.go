@@ -2,7 +2,6 @@ package faultfs
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"math/rand/v2"
 	"slices"
@@ -138,7 +137,6 @@ func TestSnapshotVersionsSurviveCrashes(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		crashed := false
 		var opErr error
 		for range 30 {
 			var err error
@@ -173,36 +171,19 @@ func TestSnapshotVersionsSurviveCrashes(t *testing.T) {
 				}
 			}
 			if err != nil {
-				crashed, opErr = true, err
+				opErr = err
 				break
 			}
 		}
-		if crashed {
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			_, err := f.WaitCrash(ctx)
-			cancel()
-			if err != nil {
-				t.Fatalf("round %d: an operation failed (%v) but no crash happened: %v", round, opErr, err)
-			}
+		if powerCut(t, f, round, opErr, armed, keepPages) {
 			cutsInCopy++
-		} else {
-			if armed != 0 {
-				f.RemoveRule(armed)
-			}
-			if _, err := f.Crash(CrashOptions{Keep: keepPages, Seed: uint64(round)}); err != nil {
-				t.Fatal(err)
-			}
 		}
 		_ = s.Close()
 		_ = p.Close()
 		f.Restart()
 		p = openPool()
 		s = openStore(p)
-		for i, o := range log {
-			if err := o.apply(s); err != nil {
-				t.Fatalf("round %d: replay operation %d of %d: %v", round, i, len(log), err)
-			}
-		}
+		replay(t, s, round, log)
 		check(round)
 	}
 	if cutsInCopy == 0 {
