@@ -74,7 +74,7 @@ func (l *leaderState) createClone(ctx context.Context, r *mdspb.CreateVolumeRequ
 			}
 			poolID = pool.Id
 		}
-		if err := l.checkPoolClones(poolID); err != nil {
+		if err := l.checkPoolFeature(poolID, "clones", true); err != nil {
 			return nil, err
 		}
 		if idStr, found, err := l.st.getRaw(ctx, nameKey); err != nil {
@@ -115,12 +115,16 @@ func (l *leaderState) createClone(ctx context.Context, r *mdspb.CreateVolumeRequ
 	}
 }
 
-// checkPoolClones refuses a clone in a logical pool where a chunkserver
-// holding one of its copysets has not said, in a heartbeat to this leader,
-// that it understands clone chunks: one that predates them would apply a
-// clone's writes as plain ones (or skip them), and its chunks would read
-// zeros where the clone reads its source.
-func (l *leaderState) checkPoolClones(pool uint32) error {
+// checkPoolFeature refuses a clone (or a snapshot: what) in a logical pool
+// where a chunkserver holding one of its copysets has not said, in a
+// heartbeat to this leader, that it understands clone chunks and sequence
+// numbers ("clones"): one that predates clones would apply a clone's
+// writes as plain ones (or skip them), and one that predates snapshots
+// writes without keeping what they read.
+// Unless strict, a chunkserver not heard from since this leader took over
+// (down, or not reported yet) is let pass: snapshots do not wait for
+// every chunkserver of a pool after a failover or while one is down.
+func (l *leaderState) checkPoolFeature(pool uint32, what string, strict bool) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	seen := map[uint64]bool{}
@@ -137,10 +141,11 @@ func (l *leaderState) checkPoolClones(pool uint32) error {
 			e := l.mu.chunkServers[id]
 			switch {
 			case e == nil:
+			case e.lastHB.IsZero() && !strict:
 			case e.lastHB.IsZero():
-				return status.Errorf(codes.Unavailable, "chunkserver %d (%s) has not reported to this MDS yet; clones need every chunkserver of the pool running a version that knows them (try again shortly)", id, e.rec.GetAddress())
+				return status.Errorf(codes.Unavailable, "chunkserver %d (%s) has not reported to this MDS yet; %s need every chunkserver of the pool running a version that knows them (try again shortly)", id, e.rec.GetAddress(), what)
 			case !slices.Contains(e.features, cloneFeature):
-				return status.Errorf(codes.FailedPrecondition, "chunkserver %d (%s) runs a version that does not know clones; upgrade every chunkserver of the pool first", id, e.rec.GetAddress())
+				return status.Errorf(codes.FailedPrecondition, "chunkserver %d (%s) runs a version that does not know %s; upgrade every chunkserver of the pool first", id, e.rec.GetAddress(), what)
 			}
 		}
 	}

@@ -146,3 +146,46 @@ func TestCloneRecords(t *testing.T) {
 		t.Fatalf("delete the snapshot of a deleted clone: %v", err)
 	}
 }
+
+// TestSnapshotsRefuseWhatPredatesThem: a snapshot is refused while a
+// client that predates snapshots has the volume open for writing, or a
+// chunkserver of the pool reported it predates them (their writes would
+// not keep what the snapshot reads); a writable open of a volume with
+// snapshots by such a client is refused.
+func TestSnapshotsRefuseWhatPredatesThem(t *testing.T) {
+	c := newCluster(t, 3, 1, nil)
+	c.createPool(4)
+	c.heartbeatLoop(nil)
+	c.createVolume("v", 64<<20)
+	vols := c.conn.Volumes()
+	old, err := vols.OpenVolume(c.ctx, &mdspb.OpenVolumeRequest{Name: "v", Writable: true, Client: "old"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = vols.CreateSnapshot(c.ctx, &mdspb.CreateSnapshotRequest{Volume: "v", Name: "s1"})
+	if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), `"old"`) {
+		t.Fatalf("snapshot while an old client writes: %v", err)
+	}
+	if _, err := vols.CloseVolume(c.ctx, &mdspb.CloseVolumeRequest{Name: "v", SessionId: old.Session.SessionId}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := vols.OpenVolume(c.ctx, &mdspb.OpenVolumeRequest{Name: "v", Writable: true, Client: "new", Features: []string{"clones"}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := vols.CreateSnapshot(c.ctx, &mdspb.CreateSnapshotRequest{Volume: "v", Name: "s1"}); err != nil {
+		t.Fatalf("snapshot while a current client writes: %v", err)
+	}
+	_, err = vols.OpenVolume(c.ctx, &mdspb.OpenVolumeRequest{Name: "v", Writable: true, Client: "old"})
+	wantCode(t, err, codes.FailedPrecondition)
+	if _, err := vols.OpenVolume(c.ctx, &mdspb.OpenVolumeRequest{Name: "v", Client: "old reader"}); err != nil {
+		t.Fatalf("read-only open by an old client: %v", err)
+	}
+	c.css[2].SetOldVersion(true)
+	soon.Succeeds(t, 10*time.Second, func() error {
+		_, err := vols.CreateSnapshot(c.ctx, &mdspb.CreateSnapshotRequest{Volume: "v", Name: "s2"})
+		if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "does not know snapshots") {
+			return fmt.Errorf("snapshot with an old chunkserver in the pool: %v", err)
+		}
+		return nil
+	})
+}

@@ -74,6 +74,9 @@ func (l *leaderState) createSnapshot(ctx context.Context, r *mdspb.CreateSnapsho
 		if v.Status != mdspb.VolumeStatus_VOLUME_STATUS_CREATED {
 			return noFence, status.Errorf(codes.FailedPrecondition, "volume %q is being deleted", r.Volume)
 		}
+		if err := l.checkSnapshotWriters(ctx, v); err != nil {
+			return noFence, err
+		}
 		if cs := v.GetCloneSource(); cs != nil && cs.FlattenedUnix == 0 && !cloneSnapshotsFit(l.consts) {
 			return noFence, status.Errorf(codes.FailedPrecondition, "volume %q is a clone of %s@%s that is not flattened, and this cluster's chunks are too large to snapshot it before (flatten it first: cairn-ops flatten %s)",
 				r.Volume, cs.Volume, cs.Snapshot, r.Volume)
@@ -132,6 +135,28 @@ func (l *leaderState) createSnapshot(ctx context.Context, r *mdspb.CreateSnapsho
 	snap.Status = mdspb.SnapshotStatus_SNAPSHOT_STATUS_READY
 	l.log.Info("snapshot taken", "volume", r.Volume, "snapshot", r.Name, "seq", snap.Seq, "epoch", v.Epoch)
 	return &mdspb.CreateSnapshotResponse{Snapshot: snap}, nil
+}
+
+// checkSnapshotWriters refuses a snapshot that something writing the
+// volume would not keep: a chunkserver of its pool, or a client with the
+// volume open for writing, that predates sequence numbers (checked in the
+// transaction's function, so a writable open racing the snapshot changes
+// the volume's revision and is seen on the retry).
+func (l *leaderState) checkSnapshotWriters(ctx context.Context, v *mdspb.Volume) error {
+	if err := l.checkPoolFeature(v.LogicalPoolId, "snapshots", false); err != nil {
+		return err
+	}
+	sessions, err := l.liveSessions(ctx, v.Id)
+	if err != nil {
+		return err
+	}
+	for _, s := range sessions {
+		if s.Writable && s.Epoch >= writerEpoch(v) && !slices.Contains(s.Features, cloneFeature) {
+			return status.Errorf(codes.FailedPrecondition, "volume %q is open for writing by %q (session %s), a client that predates snapshots: its writes would not keep what the snapshot reads (upgrade it, or close it first)",
+				v.Name, s.Client, s.SessionId)
+		}
+	}
+	return nil
 }
 
 func (l *leaderState) listSnapshots(ctx context.Context, r *mdspb.ListSnapshotsRequest) (*mdspb.ListSnapshotsResponse, error) {

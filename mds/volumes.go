@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"strconv"
 	"time"
@@ -305,7 +306,7 @@ func (l *leaderState) openVolume(ctx context.Context, r *mdspb.OpenVolumeRequest
 	}
 	now := time.Now()
 	sess := &mdspb.Session{
-		SessionId: newSessionID(), Volume: r.Name, Client: r.Client, Writable: r.Writable, Node: r.Node,
+		SessionId: newSessionID(), Volume: r.Name, Client: r.Client, Writable: r.Writable, Node: r.Node, Features: r.Features,
 		OpenedUnix: now.Unix(), ExpiresUnix: leaseEnd(now, l.s.cfg.SessionLease),
 	}
 	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
@@ -340,6 +341,9 @@ func (l *leaderState) openVolume(ctx context.Context, r *mdspb.OpenVolumeRequest
 	v, version, bumped, err := l.updateVolume(ctx, r.Name, sess, func(v *mdspb.Volume) (fenceKind, error) {
 		if err := checkCloneOpen(v, r.Features); err != nil {
 			return noFence, err
+		}
+		if len(liveSnapshots(v)) > 0 && !slices.Contains(r.Features, cloneFeature) {
+			return noFence, status.Errorf(codes.FailedPrecondition, "volume %q has snapshots, and this client predates them: its writes would not keep what the snapshots read (upgrade it)", r.Name)
 		}
 		return fenceWriters, checkPublishedOpen(v, r.Node, true)
 	})

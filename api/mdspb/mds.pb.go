@@ -3161,7 +3161,9 @@ type Session struct {
 	ExpiresUnix   int64  `protobuf:"varint,8,opt,name=expires_unix,json=expiresUnix,proto3" json:"expires_unix,omitempty"`
 	// The node the volume was opened on through its publication (empty for
 	// opens outside CSI).
-	Node          string `protobuf:"bytes,9,opt,name=node,proto3" json:"node,omitempty"`
+	Node string `protobuf:"bytes,9,opt,name=node,proto3" json:"node,omitempty"`
+	// What the client said it understands (OpenVolumeRequest.features).
+	Features      []string `protobuf:"bytes,10,rep,name=features,proto3" json:"features,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3257,6 +3259,13 @@ func (x *Session) GetNode() string {
 		return x.Node
 	}
 	return ""
+}
+
+func (x *Session) GetFeatures() []string {
+	if x != nil {
+		return x.Features
+	}
+	return nil
 }
 
 type CreateVolumeRequest struct {
@@ -4234,8 +4243,11 @@ type OpenVolumeRequest struct {
 	Node string `protobuf:"bytes,4,opt,name=node,proto3" json:"node,omitempty"`
 	// What the client understands of volumes: "clones" (reads a clone's
 	// source, writes with fills, reads snapshots of clones through their
-	// source). A client that does not list "clones" is refused a clone that
-	// is not released (FAILED_PRECONDITION).
+	// source; and writes with sequence numbers). A client that does not
+	// list "clones" is refused (FAILED_PRECONDITION) a clone that is not
+	// released, and a writable open of a volume with snapshots (its writes
+	// would not keep what they need); a snapshot is refused while such a
+	// client has the volume open for writing.
 	Features      []string `protobuf:"bytes,5,rep,name=features,proto3" json:"features,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -6280,7 +6292,7 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\vPublication\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1b\n" +
 	"\tread_only\x18\x02 \x01(\bR\breadOnly\x12%\n" +
-	"\x0epublished_unix\x18\x03 \x01(\x03R\rpublishedUnix\"\x89\x02\n" +
+	"\x0epublished_unix\x18\x03 \x01(\x03R\rpublishedUnix\"\xa5\x02\n" +
 	"\aSession\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x16\n" +
@@ -6292,7 +6304,9 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\vopened_unix\x18\a \x01(\x03R\n" +
 	"openedUnix\x12!\n" +
 	"\fexpires_unix\x18\b \x01(\x03R\vexpiresUnix\x12\x12\n" +
-	"\x04node\x18\t \x01(\tR\x04node\"\xb5\x01\n" +
+	"\x04node\x18\t \x01(\tR\x04node\x12\x1a\n" +
+	"\bfeatures\x18\n" +
+	" \x03(\tR\bfeatures\"\xb5\x01\n" +
 	"\x13CreateVolumeRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x04R\x04size\x12\x14\n" +
