@@ -46,6 +46,9 @@ func (l *leaderState) runBackground(ctx context.Context) {
 	if err := l.trimDeletedSnapshots(ctx); err != nil && ctx.Err() == nil {
 		l.log.Warn("finish snapshot deletions", "err", err)
 	}
+	if err := l.freeShrunkSegments(ctx); err != nil && ctx.Err() == nil {
+		l.log.Warn("free the segments of shrunk volumes", "err", err)
+	}
 	if err := l.releaseFlattenedClones(ctx); err != nil && ctx.Err() == nil {
 		l.log.Warn("release flattened clones", "err", err)
 	}

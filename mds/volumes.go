@@ -170,35 +170,6 @@ func (l *leaderState) listVolumes(ctx context.Context) (*mdspb.ListVolumesRespon
 	return &mdspb.ListVolumesResponse{Volumes: vols}, nil
 }
 
-func (l *leaderState) extendVolume(ctx context.Context, r *mdspb.ExtendVolumeRequest) (*mdspb.ExtendVolumeResponse, error) {
-	size, err := l.roundSize(r.NewSize)
-	if err != nil {
-		return nil, err
-	}
-	for {
-		v, rev, err := l.volumeByName(ctx, r.Name)
-		if err != nil {
-			return nil, err
-		}
-		if size < v.Size {
-			return nil, status.Errorf(codes.InvalidArgument, "volume %q is %d bytes; shrinking to %d is not supported", r.Name, v.Size, size)
-		}
-		if size == v.Size {
-			return &mdspb.ExtendVolumeResponse{Volume: v}, nil
-		}
-		v.Size = size
-		key := l.st.k.volume(v.Id)
-		ok, err := l.st.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(key), "=", rev)}, putOp(key, v))
-		if err != nil {
-			return nil, err
-		}
-		if ok {
-			l.log.Info("volume extended", "volume", r.Name, "size", size)
-			return &mdspb.ExtendVolumeResponse{Volume: v}, nil
-		}
-	}
-}
-
 func (l *leaderState) renameVolume(ctx context.Context, r *mdspb.RenameVolumeRequest) (*mdspb.RenameVolumeResponse, error) {
 	if err := checkNewName("new volume name", r.NewName); err != nil {
 		return nil, err

@@ -2723,9 +2723,12 @@ type Volume struct {
 	WriterEpoch uint64 `protobuf:"varint,15,opt,name=writer_epoch,json=writerEpoch,proto3" json:"writer_epoch,omitempty"`
 	// A clone: where it reads what it has not written (absent for volumes
 	// that are not clones, and once a flattened clone is released).
-	CloneSource   *CloneSource `protobuf:"bytes,16,opt,name=clone_source,json=cloneSource,proto3" json:"clone_source,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	CloneSource *CloneSource `protobuf:"bytes,16,opt,name=clone_source,json=cloneSource,proto3" json:"clone_source,omitempty"`
+	// The volume was shrunk and the segments beyond its size are being
+	// freed; it grows again once they are.
+	FreeingSegments bool `protobuf:"varint,17,opt,name=freeing_segments,json=freeingSegments,proto3" json:"freeing_segments,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *Volume) Reset() {
@@ -2868,6 +2871,13 @@ func (x *Volume) GetCloneSource() *CloneSource {
 		return x.CloneSource
 	}
 	return nil
+}
+
+func (x *Volume) GetFreeingSegments() bool {
+	if x != nil {
+		return x.FreeingSegments
+	}
+	return false
 }
 
 // CloneSource is the snapshot a clone was created from. Pages of the
@@ -3578,11 +3588,15 @@ func (x *ListVolumesResponse) GetVolumes() []*Volume {
 	return nil
 }
 
-// ExtendVolumeRequest grows a volume; shrinking is refused.
+// ExtendVolumeRequest grows a volume, or shrinks it with allow_shrink: the
+// segments beyond the new size are freed in the background (the volume
+// cannot grow again until they are). A shrink is refused while the volume
+// is open for writing, published, has snapshots or is a clone.
 type ExtendVolumeRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	NewSize       uint64                 `protobuf:"varint,2,opt,name=new_size,json=newSize,proto3" json:"new_size,omitempty"`
+	AllowShrink   bool                   `protobuf:"varint,3,opt,name=allow_shrink,json=allowShrink,proto3" json:"allow_shrink,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3629,6 +3643,13 @@ func (x *ExtendVolumeRequest) GetNewSize() uint64 {
 		return x.NewSize
 	}
 	return 0
+}
+
+func (x *ExtendVolumeRequest) GetAllowShrink() bool {
+	if x != nil {
+		return x.AllowShrink
+	}
+	return false
 }
 
 type ExtendVolumeResponse struct {
@@ -6252,7 +6273,7 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\x13epoch_table_version\x18\x03 \x01(\x04R\x11epochTableVersion\x121\n" +
 	"\x06epochs\x18\x04 \x03(\v2\x19.cairn.mds.v1.VolumeEpochR\x06epochs\x12$\n" +
 	"\x0eepoch_lease_ms\x18\x05 \x01(\rR\fepochLeaseMs\x12,\n" +
-	"\x12remove_conf_epochs\x18\x06 \x03(\x04R\x10removeConfEpochs\"\xc4\x04\n" +
+	"\x12remove_conf_epochs\x18\x06 \x03(\x04R\x10removeConfEpochs\"\xef\x04\n" +
 	"\x06Volume\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x12\n" +
@@ -6271,7 +6292,8 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\x03seq\x18\r \x01(\x04R\x03seq\x124\n" +
 	"\tsnapshots\x18\x0e \x03(\v2\x16.cairn.mds.v1.SnapshotR\tsnapshots\x12!\n" +
 	"\fwriter_epoch\x18\x0f \x01(\x04R\vwriterEpoch\x12<\n" +
-	"\fclone_source\x18\x10 \x01(\v2\x19.cairn.mds.v1.CloneSourceR\vcloneSource\"\xee\x01\n" +
+	"\fclone_source\x18\x10 \x01(\v2\x19.cairn.mds.v1.CloneSourceR\vcloneSource\x12)\n" +
+	"\x10freeing_segments\x18\x11 \x01(\bR\x0ffreeingSegments\"\xee\x01\n" +
 	"\vCloneSource\x12\x1b\n" +
 	"\tvolume_id\x18\x01 \x01(\x04R\bvolumeId\x12\x16\n" +
 	"\x06volume\x18\x02 \x01(\tR\x06volume\x12\x1a\n" +
@@ -6323,10 +6345,11 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\bsessions\x18\x02 \x03(\v2\x15.cairn.mds.v1.SessionR\bsessions\"\x14\n" +
 	"\x12ListVolumesRequest\"E\n" +
 	"\x13ListVolumesResponse\x12.\n" +
-	"\avolumes\x18\x01 \x03(\v2\x14.cairn.mds.v1.VolumeR\avolumes\"D\n" +
+	"\avolumes\x18\x01 \x03(\v2\x14.cairn.mds.v1.VolumeR\avolumes\"g\n" +
 	"\x13ExtendVolumeRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x19\n" +
-	"\bnew_size\x18\x02 \x01(\x04R\anewSize\"D\n" +
+	"\bnew_size\x18\x02 \x01(\x04R\anewSize\x12!\n" +
+	"\fallow_shrink\x18\x03 \x01(\bR\vallowShrink\"D\n" +
 	"\x14ExtendVolumeResponse\x12,\n" +
 	"\x06volume\x18\x01 \x01(\v2\x14.cairn.mds.v1.VolumeR\x06volume\"D\n" +
 	"\x13RenameVolumeRequest\x12\x12\n" +

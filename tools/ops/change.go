@@ -25,10 +25,17 @@ func (a *app) createCommand() *cobra.Command {
 }
 
 func (a *app) extendCommand() *cobra.Command {
-	cmd := &cobra.Command{Use: "extend", Short: "Grow a volume"}
+	cmd := &cobra.Command{Use: "extend", Short: "Grow (or, with --allow-shrink, shrink) a volume"}
 	var size string
+	var allowShrink bool
 	vol := &cobra.Command{
-		Use: "volume NAME --size SIZE", Short: "Grow a volume to SIZE (rounded up to whole segments; never shrinks)",
+		Use:   "volume NAME --size SIZE [--allow-shrink]",
+		Short: "Grow a volume to SIZE (rounded up to whole segments); shrink it only with --allow-shrink",
+		Long: `extend volume grows a volume; its clients see the new size within a few
+seconds. With --allow-shrink it also shrinks one: what lies beyond the new
+size is lost, and its space is given back in the background (the volume
+grows again once that is done). A shrink is refused while the volume is open
+for writing, published to a node, has snapshots or is a clone not flattened.`,
 		Args: exactArgs(1, "NAME"),
 		RunE: a.runE(func(ctx context.Context, _ *cobra.Command, args []string) error {
 			n, err := units.ParseBytes(size)
@@ -41,18 +48,22 @@ func (a *app) extendCommand() *cobra.Command {
 			}
 			cctx, cancel := a.callCtx(ctx)
 			defer cancel()
-			resp, err := a.conn.Volumes().ExtendVolume(cctx, &mdspb.ExtendVolumeRequest{Name: args[0], NewSize: n})
+			resp, err := a.conn.Volumes().ExtendVolume(cctx, &mdspb.ExtendVolumeRequest{Name: args[0], NewSize: n, AllowShrink: allowShrink})
 			if err != nil {
 				return rpcErr(fmt.Sprintf("extend volume %q", args[0]), err)
 			}
 			action := "extended"
-			if resp.Volume.Size == before.Volume.Size {
+			switch {
+			case resp.Volume.Size == before.Volume.Size:
 				action = "unchanged"
+			case resp.Volume.Size < before.Volume.Size:
+				action = "shrunk (the space beyond is given back in the background)"
 			}
 			return a.emitVolumeChange(ctx, action, resp.Volume, n)
 		}),
 	}
 	vol.Flags().StringVar(&size, "size", "", "new size: bytes or a size such as 20GiB")
+	vol.Flags().BoolVar(&allowShrink, "allow-shrink", false, "shrink the volume if SIZE is below its size (what lies beyond is lost)")
 	_ = vol.MarkFlagRequired("size")
 	cmd.AddCommand(vol)
 	return cmd
