@@ -40,6 +40,9 @@ func (l *leaderState) runBackground(ctx context.Context) {
 	if err := l.expireSessions(ctx); err != nil && ctx.Err() == nil {
 		l.log.Warn("expire sessions", "err", err)
 	}
+	if err := l.expireTrash(ctx); err != nil && ctx.Err() == nil {
+		l.log.Warn("expire the trash", "err", err)
+	}
 	if err := l.freeDeletedVolumes(ctx); err != nil && ctx.Err() == nil {
 		l.log.Warn("free deleted volumes", "err", err)
 	}

@@ -153,8 +153,9 @@ func (l *leaderState) checkPoolFeature(pool uint32, what string, strict bool) er
 }
 
 // liveClones returns the clones that still read a snapshot: the ids it
-// lists whose volume exists and names it as its source (an id left by a
-// clone deleted or released halfway is not one).
+// lists whose volume exists (or is in the trash, whence it may come back)
+// and names it as its source (an id left by a clone deleted or released
+// halfway is not one).
 func (l *leaderState) liveClones(ctx context.Context, src *mdspb.Volume, snap *mdspb.Snapshot) ([]*mdspb.Volume, error) {
 	var out []*mdspb.Volume
 	for _, id := range snap.Clones {
@@ -164,7 +165,8 @@ func (l *leaderState) liveClones(ctx context.Context, src *mdspb.Volume, snap *m
 			return nil, err
 		}
 		cs := v.GetCloneSource()
-		if found && v.Status == mdspb.VolumeStatus_VOLUME_STATUS_CREATED && cs.GetVolumeId() == src.Id && cs.GetSeq() == snap.Seq {
+		live := v.Status == mdspb.VolumeStatus_VOLUME_STATUS_CREATED || v.Status == mdspb.VolumeStatus_VOLUME_STATUS_TRASHED // restorable
+		if found && live && cs.GetVolumeId() == src.Id && cs.GetSeq() == snap.Seq {
 			out = append(out, v)
 		}
 	}

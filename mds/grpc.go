@@ -189,6 +189,12 @@ func (sv volumeService) ListSnapshots(ctx context.Context, r *mdspb.ListSnapshot
 func (sv volumeService) DeleteSnapshot(ctx context.Context, r *mdspb.DeleteSnapshotRequest) (*mdspb.DeleteSnapshotResponse, error) {
 	return withLeader(sv.s, func(st *leaderState) (*mdspb.DeleteSnapshotResponse, error) { return st.deleteSnapshot(ctx, r) })
 }
+func (sv volumeService) TrashVolume(ctx context.Context, r *mdspb.TrashVolumeRequest) (*mdspb.TrashVolumeResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.TrashVolumeResponse, error) { return st.trashVolume(ctx, r) })
+}
+func (sv volumeService) RestoreVolume(ctx context.Context, r *mdspb.RestoreVolumeRequest) (*mdspb.RestoreVolumeResponse, error) {
+	return withLeader(sv.s, func(st *leaderState) (*mdspb.RestoreVolumeResponse, error) { return st.restoreVolume(ctx, r) })
+}
 func (sv volumeService) FlattenVolume(ctx context.Context, r *mdspb.FlattenVolumeRequest) (*mdspb.FlattenVolumeResponse, error) {
 	return withLeader(sv.s, func(st *leaderState) (*mdspb.FlattenVolumeResponse, error) { return st.flattenVolume(ctx, r) })
 }

@@ -49,6 +49,8 @@ var Policy = &certs.Policy{
 		mdspb.VolumeService_CreateSnapshot_FullMethodName:      {certs.RoleOperator},
 		mdspb.VolumeService_DeleteSnapshot_FullMethodName:      {certs.RoleOperator},
 		mdspb.VolumeService_FlattenVolume_FullMethodName:       {certs.RoleOperator},
+		mdspb.VolumeService_TrashVolume_FullMethodName:         {certs.RoleOperator},
+		mdspb.VolumeService_RestoreVolume_FullMethodName:       {certs.RoleOperator},
 		mdspb.VolumeService_PublishVolume_FullMethodName:       {certs.RoleOperator},
 		mdspb.VolumeService_UnpublishVolume_FullMethodName:     {certs.RoleOperator},
 		mdspb.VolumeService_ListSessions_FullMethodName:        {certs.RoleOperator},

@@ -129,4 +129,3 @@ func (l *leaderState) freeShrunkSegments(ctx context.Context) error {
 	}
 	return nil
 }
-

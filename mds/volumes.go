@@ -209,32 +209,22 @@ func (l *leaderState) renameVolume(ctx context.Context, r *mdspb.RenameVolumeReq
 // deleteVolume marks a volume DELETING and frees its name at once; the
 // background loop frees its chunks and then removes its records.
 func (l *leaderState) deleteVolume(ctx context.Context, r *mdspb.DeleteVolumeRequest) (*mdspb.DeleteVolumeResponse, error) {
+	if r.Name == "" && r.TrashedId != 0 {
+		if err := l.purgeTrashed(ctx, r.TrashedId); err != nil {
+			return nil, err
+		}
+		return &mdspb.DeleteVolumeResponse{}, nil
+	}
 	for {
 		v, rev, err := l.volumeByName(ctx, r.Name)
 		if err != nil {
 			return nil, err
 		}
-		if len(v.Publications) > 0 && !r.Force {
-			return nil, status.Errorf(codes.FailedPrecondition, "volume %q is published to %s; unpublish it first or delete with force",
-				r.Name, publishedTo(v))
-		}
 		if n := len(liveSnapshots(v)); n > 0 && !r.Force {
 			return nil, status.Errorf(codes.FailedPrecondition, "volume %q has %d snapshot(s); delete them first or delete with force", r.Name, n)
 		}
-		if err := l.refuseIfCloned(ctx, v, nil, fmt.Sprintf("volume %q cannot be deleted", r.Name)); err != nil {
+		if err := l.checkRemovable(ctx, v, r.Force, "delete it"); err != nil {
 			return nil, err
-		}
-		if !r.Force {
-			sessions, err := l.liveSessions(ctx, v.Id)
-			if err != nil {
-				return nil, err
-			}
-			for _, s := range sessions {
-				if s.Writable && s.Epoch >= writerEpoch(v) { // a fenced writer cannot write
-					return nil, status.Errorf(codes.FailedPrecondition, "volume %q is open for writing by %q (session %s); close it or delete with force",
-						r.Name, s.Client, s.SessionId)
-				}
-			}
 		}
 		key := l.st.k.volume(v.Id)
 		v.Status = mdspb.VolumeStatus_VOLUME_STATUS_DELETING
@@ -245,12 +235,7 @@ func (l *leaderState) deleteVolume(ctx context.Context, r *mdspb.DeleteVolumeReq
 		}
 		if ok {
 			l.log.Info("volume deleting", "volume", r.Name, "id", v.Id)
-			if cs := v.GetCloneSource(); cs != nil {
-				// Best effort: an id left behind is not a live clone.
-				if err := l.forgetClone(ctx, cs, v.Id); err != nil {
-					l.log.Warn("deleted clone stays listed by its source snapshot", "volume", r.Name, "err", err)
-				}
-			}
+			l.forgetDeleted(ctx, v)
 			l.wake()
 			return &mdspb.DeleteVolumeResponse{}, nil
 		}

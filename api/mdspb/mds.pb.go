@@ -261,6 +261,9 @@ const (
 	VolumeStatus_VOLUME_STATUS_CREATED VolumeStatus = 1
 	// Being deleted: its chunks are freed in the background.
 	VolumeStatus_VOLUME_STATUS_DELETING VolumeStatus = 2
+	// In the trash: its name is free and nothing opens it; it is restored
+	// (RestoreVolume) or deleted when it expires or is purged.
+	VolumeStatus_VOLUME_STATUS_TRASHED VolumeStatus = 3
 )
 
 // Enum value maps for VolumeStatus.
@@ -269,11 +272,13 @@ var (
 		0: "VOLUME_STATUS_UNKNOWN",
 		1: "VOLUME_STATUS_CREATED",
 		2: "VOLUME_STATUS_DELETING",
+		3: "VOLUME_STATUS_TRASHED",
 	}
 	VolumeStatus_value = map[string]int32{
 		"VOLUME_STATUS_UNKNOWN":  0,
 		"VOLUME_STATUS_CREATED":  1,
 		"VOLUME_STATUS_DELETING": 2,
+		"VOLUME_STATUS_TRASHED":  3,
 	}
 )
 
@@ -2727,8 +2732,11 @@ type Volume struct {
 	// The volume was shrunk and the segments beyond its size are being
 	// freed; it grows again once they are.
 	FreeingSegments bool `protobuf:"varint,17,opt,name=freeing_segments,json=freeingSegments,proto3" json:"freeing_segments,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// In the trash (TRASHED): since when, and when it is deleted.
+	TrashedUnix      int64 `protobuf:"varint,18,opt,name=trashed_unix,json=trashedUnix,proto3" json:"trashed_unix,omitempty"`
+	TrashExpiresUnix int64 `protobuf:"varint,19,opt,name=trash_expires_unix,json=trashExpiresUnix,proto3" json:"trash_expires_unix,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *Volume) Reset() {
@@ -2878,6 +2886,20 @@ func (x *Volume) GetFreeingSegments() bool {
 		return x.FreeingSegments
 	}
 	return false
+}
+
+func (x *Volume) GetTrashedUnix() int64 {
+	if x != nil {
+		return x.TrashedUnix
+	}
+	return 0
+}
+
+func (x *Volume) GetTrashExpiresUnix() int64 {
+	if x != nil {
+		return x.TrashExpiresUnix
+	}
+	return 0
 }
 
 // CloneSource is the snapshot a clone was created from. Pages of the
@@ -3795,9 +3817,11 @@ func (x *RenameVolumeResponse) GetVolume() *Volume {
 // DeleteVolumeRequest deletes a volume. It is refused while a writable session
 // is open or the volume is published to a node, unless force is set.
 type DeleteVolumeRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Force         bool                   `protobuf:"varint,2,opt,name=force,proto3" json:"force,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Force bool                   `protobuf:"varint,2,opt,name=force,proto3" json:"force,omitempty"`
+	// With no name: delete the volume with this id from the trash now.
+	TrashedId     uint64 `protobuf:"varint,3,opt,name=trashed_id,json=trashedId,proto3" json:"trashed_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3846,6 +3870,220 @@ func (x *DeleteVolumeRequest) GetForce() bool {
 	return false
 }
 
+func (x *DeleteVolumeRequest) GetTrashedId() uint64 {
+	if x != nil {
+		return x.TrashedId
+	}
+	return 0
+}
+
+// TrashVolumeRequest moves a volume to the trash: its name is free at once,
+// nothing opens it, its data stays until it expires (then it is deleted)
+// or it is restored. Refused as DeleteVolume is (unless force), and while
+// clones read its snapshots (they open it by name).
+type TrashVolumeRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// How long it stays in the trash (0: a week).
+	ExpireSeconds uint32 `protobuf:"varint,2,opt,name=expire_seconds,json=expireSeconds,proto3" json:"expire_seconds,omitempty"`
+	Force         bool   `protobuf:"varint,3,opt,name=force,proto3" json:"force,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TrashVolumeRequest) Reset() {
+	*x = TrashVolumeRequest{}
+	mi := &file_mdspb_mds_proto_msgTypes[54]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TrashVolumeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TrashVolumeRequest) ProtoMessage() {}
+
+func (x *TrashVolumeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[54]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TrashVolumeRequest.ProtoReflect.Descriptor instead.
+func (*TrashVolumeRequest) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{54}
+}
+
+func (x *TrashVolumeRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *TrashVolumeRequest) GetExpireSeconds() uint32 {
+	if x != nil {
+		return x.ExpireSeconds
+	}
+	return 0
+}
+
+func (x *TrashVolumeRequest) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
+}
+
+type TrashVolumeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        *Volume                `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TrashVolumeResponse) Reset() {
+	*x = TrashVolumeResponse{}
+	mi := &file_mdspb_mds_proto_msgTypes[55]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TrashVolumeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TrashVolumeResponse) ProtoMessage() {}
+
+func (x *TrashVolumeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[55]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TrashVolumeResponse.ProtoReflect.Descriptor instead.
+func (*TrashVolumeResponse) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{55}
+}
+
+func (x *TrashVolumeResponse) GetVolume() *Volume {
+	if x != nil {
+		return x.Volume
+	}
+	return nil
+}
+
+// RestoreVolumeRequest takes a volume out of the trash, under its old name
+// or new_name (which must be free).
+type RestoreVolumeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	NewName       string                 `protobuf:"bytes,2,opt,name=new_name,json=newName,proto3" json:"new_name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RestoreVolumeRequest) Reset() {
+	*x = RestoreVolumeRequest{}
+	mi := &file_mdspb_mds_proto_msgTypes[56]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RestoreVolumeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RestoreVolumeRequest) ProtoMessage() {}
+
+func (x *RestoreVolumeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[56]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RestoreVolumeRequest.ProtoReflect.Descriptor instead.
+func (*RestoreVolumeRequest) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{56}
+}
+
+func (x *RestoreVolumeRequest) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *RestoreVolumeRequest) GetNewName() string {
+	if x != nil {
+		return x.NewName
+	}
+	return ""
+}
+
+type RestoreVolumeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        *Volume                `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RestoreVolumeResponse) Reset() {
+	*x = RestoreVolumeResponse{}
+	mi := &file_mdspb_mds_proto_msgTypes[57]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RestoreVolumeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RestoreVolumeResponse) ProtoMessage() {}
+
+func (x *RestoreVolumeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_mdspb_mds_proto_msgTypes[57]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RestoreVolumeResponse.ProtoReflect.Descriptor instead.
+func (*RestoreVolumeResponse) Descriptor() ([]byte, []int) {
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{57}
+}
+
+func (x *RestoreVolumeResponse) GetVolume() *Volume {
+	if x != nil {
+		return x.Volume
+	}
+	return nil
+}
+
 type DeleteVolumeResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -3854,7 +4092,7 @@ type DeleteVolumeResponse struct {
 
 func (x *DeleteVolumeResponse) Reset() {
 	*x = DeleteVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[54]
+	mi := &file_mdspb_mds_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3866,7 +4104,7 @@ func (x *DeleteVolumeResponse) String() string {
 func (*DeleteVolumeResponse) ProtoMessage() {}
 
 func (x *DeleteVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[54]
+	mi := &file_mdspb_mds_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3879,7 +4117,7 @@ func (x *DeleteVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteVolumeResponse.ProtoReflect.Descriptor instead.
 func (*DeleteVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{54}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{58}
 }
 
 // CreateSnapshotRequest takes a snapshot of a volume; it returns once every
@@ -3894,7 +4132,7 @@ type CreateSnapshotRequest struct {
 
 func (x *CreateSnapshotRequest) Reset() {
 	*x = CreateSnapshotRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[55]
+	mi := &file_mdspb_mds_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3906,7 +4144,7 @@ func (x *CreateSnapshotRequest) String() string {
 func (*CreateSnapshotRequest) ProtoMessage() {}
 
 func (x *CreateSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[55]
+	mi := &file_mdspb_mds_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3919,7 +4157,7 @@ func (x *CreateSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*CreateSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{55}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *CreateSnapshotRequest) GetVolume() string {
@@ -3945,7 +4183,7 @@ type CreateSnapshotResponse struct {
 
 func (x *CreateSnapshotResponse) Reset() {
 	*x = CreateSnapshotResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[56]
+	mi := &file_mdspb_mds_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3957,7 +4195,7 @@ func (x *CreateSnapshotResponse) String() string {
 func (*CreateSnapshotResponse) ProtoMessage() {}
 
 func (x *CreateSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[56]
+	mi := &file_mdspb_mds_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3970,7 +4208,7 @@ func (x *CreateSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*CreateSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{56}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *CreateSnapshotResponse) GetSnapshot() *Snapshot {
@@ -3989,7 +4227,7 @@ type ListSnapshotsRequest struct {
 
 func (x *ListSnapshotsRequest) Reset() {
 	*x = ListSnapshotsRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[57]
+	mi := &file_mdspb_mds_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4001,7 +4239,7 @@ func (x *ListSnapshotsRequest) String() string {
 func (*ListSnapshotsRequest) ProtoMessage() {}
 
 func (x *ListSnapshotsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[57]
+	mi := &file_mdspb_mds_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4014,7 +4252,7 @@ func (x *ListSnapshotsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSnapshotsRequest.ProtoReflect.Descriptor instead.
 func (*ListSnapshotsRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{57}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *ListSnapshotsRequest) GetVolume() string {
@@ -4033,7 +4271,7 @@ type ListSnapshotsResponse struct {
 
 func (x *ListSnapshotsResponse) Reset() {
 	*x = ListSnapshotsResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[58]
+	mi := &file_mdspb_mds_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4045,7 +4283,7 @@ func (x *ListSnapshotsResponse) String() string {
 func (*ListSnapshotsResponse) ProtoMessage() {}
 
 func (x *ListSnapshotsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[58]
+	mi := &file_mdspb_mds_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4058,7 +4296,7 @@ func (x *ListSnapshotsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSnapshotsResponse.ProtoReflect.Descriptor instead.
 func (*ListSnapshotsResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{58}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *ListSnapshotsResponse) GetSnapshots() []*Snapshot {
@@ -4080,7 +4318,7 @@ type DeleteSnapshotRequest struct {
 
 func (x *DeleteSnapshotRequest) Reset() {
 	*x = DeleteSnapshotRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[59]
+	mi := &file_mdspb_mds_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4092,7 +4330,7 @@ func (x *DeleteSnapshotRequest) String() string {
 func (*DeleteSnapshotRequest) ProtoMessage() {}
 
 func (x *DeleteSnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[59]
+	mi := &file_mdspb_mds_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4105,7 +4343,7 @@ func (x *DeleteSnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSnapshotRequest.ProtoReflect.Descriptor instead.
 func (*DeleteSnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{59}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *DeleteSnapshotRequest) GetVolume() string {
@@ -4130,7 +4368,7 @@ type DeleteSnapshotResponse struct {
 
 func (x *DeleteSnapshotResponse) Reset() {
 	*x = DeleteSnapshotResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[60]
+	mi := &file_mdspb_mds_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4142,7 +4380,7 @@ func (x *DeleteSnapshotResponse) String() string {
 func (*DeleteSnapshotResponse) ProtoMessage() {}
 
 func (x *DeleteSnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[60]
+	mi := &file_mdspb_mds_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4155,7 +4393,7 @@ func (x *DeleteSnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteSnapshotResponse.ProtoReflect.Descriptor instead.
 func (*DeleteSnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{60}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{64}
 }
 
 // FlattenVolumeRequest records that a clone's flatten copied every page its
@@ -4171,7 +4409,7 @@ type FlattenVolumeRequest struct {
 
 func (x *FlattenVolumeRequest) Reset() {
 	*x = FlattenVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[61]
+	mi := &file_mdspb_mds_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4183,7 +4421,7 @@ func (x *FlattenVolumeRequest) String() string {
 func (*FlattenVolumeRequest) ProtoMessage() {}
 
 func (x *FlattenVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[61]
+	mi := &file_mdspb_mds_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4196,7 +4434,7 @@ func (x *FlattenVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FlattenVolumeRequest.ProtoReflect.Descriptor instead.
 func (*FlattenVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{61}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *FlattenVolumeRequest) GetName() string {
@@ -4215,7 +4453,7 @@ type FlattenVolumeResponse struct {
 
 func (x *FlattenVolumeResponse) Reset() {
 	*x = FlattenVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[62]
+	mi := &file_mdspb_mds_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4227,7 +4465,7 @@ func (x *FlattenVolumeResponse) String() string {
 func (*FlattenVolumeResponse) ProtoMessage() {}
 
 func (x *FlattenVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[62]
+	mi := &file_mdspb_mds_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4240,7 +4478,7 @@ func (x *FlattenVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FlattenVolumeResponse.ProtoReflect.Descriptor instead.
 func (*FlattenVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{62}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *FlattenVolumeResponse) GetVolume() *Volume {
@@ -4276,7 +4514,7 @@ type OpenVolumeRequest struct {
 
 func (x *OpenVolumeRequest) Reset() {
 	*x = OpenVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[63]
+	mi := &file_mdspb_mds_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4288,7 +4526,7 @@ func (x *OpenVolumeRequest) String() string {
 func (*OpenVolumeRequest) ProtoMessage() {}
 
 func (x *OpenVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[63]
+	mi := &file_mdspb_mds_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4301,7 +4539,7 @@ func (x *OpenVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OpenVolumeRequest.ProtoReflect.Descriptor instead.
 func (*OpenVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{63}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *OpenVolumeRequest) GetName() string {
@@ -4352,7 +4590,7 @@ type OpenVolumeResponse struct {
 
 func (x *OpenVolumeResponse) Reset() {
 	*x = OpenVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[64]
+	mi := &file_mdspb_mds_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4364,7 +4602,7 @@ func (x *OpenVolumeResponse) String() string {
 func (*OpenVolumeResponse) ProtoMessage() {}
 
 func (x *OpenVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[64]
+	mi := &file_mdspb_mds_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4377,7 +4615,7 @@ func (x *OpenVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OpenVolumeResponse.ProtoReflect.Descriptor instead.
 func (*OpenVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{64}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *OpenVolumeResponse) GetVolume() *Volume {
@@ -4418,7 +4656,7 @@ type RefreshSessionRequest struct {
 
 func (x *RefreshSessionRequest) Reset() {
 	*x = RefreshSessionRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[65]
+	mi := &file_mdspb_mds_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4430,7 +4668,7 @@ func (x *RefreshSessionRequest) String() string {
 func (*RefreshSessionRequest) ProtoMessage() {}
 
 func (x *RefreshSessionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[65]
+	mi := &file_mdspb_mds_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4443,7 +4681,7 @@ func (x *RefreshSessionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefreshSessionRequest.ProtoReflect.Descriptor instead.
 func (*RefreshSessionRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{65}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{69}
 }
 
 func (x *RefreshSessionRequest) GetName() string {
@@ -4471,7 +4709,7 @@ type RefreshSessionResponse struct {
 
 func (x *RefreshSessionResponse) Reset() {
 	*x = RefreshSessionResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[66]
+	mi := &file_mdspb_mds_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4483,7 +4721,7 @@ func (x *RefreshSessionResponse) String() string {
 func (*RefreshSessionResponse) ProtoMessage() {}
 
 func (x *RefreshSessionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[66]
+	mi := &file_mdspb_mds_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4496,7 +4734,7 @@ func (x *RefreshSessionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RefreshSessionResponse.ProtoReflect.Descriptor instead.
 func (*RefreshSessionResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{66}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *RefreshSessionResponse) GetVolume() *Volume {
@@ -4523,7 +4761,7 @@ type CloseVolumeRequest struct {
 
 func (x *CloseVolumeRequest) Reset() {
 	*x = CloseVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[67]
+	mi := &file_mdspb_mds_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4535,7 +4773,7 @@ func (x *CloseVolumeRequest) String() string {
 func (*CloseVolumeRequest) ProtoMessage() {}
 
 func (x *CloseVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[67]
+	mi := &file_mdspb_mds_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4548,7 +4786,7 @@ func (x *CloseVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseVolumeRequest.ProtoReflect.Descriptor instead.
 func (*CloseVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{67}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{71}
 }
 
 func (x *CloseVolumeRequest) GetName() string {
@@ -4573,7 +4811,7 @@ type CloseVolumeResponse struct {
 
 func (x *CloseVolumeResponse) Reset() {
 	*x = CloseVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[68]
+	mi := &file_mdspb_mds_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4585,7 +4823,7 @@ func (x *CloseVolumeResponse) String() string {
 func (*CloseVolumeResponse) ProtoMessage() {}
 
 func (x *CloseVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[68]
+	mi := &file_mdspb_mds_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4598,7 +4836,7 @@ func (x *CloseVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseVolumeResponse.ProtoReflect.Descriptor instead.
 func (*CloseVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{68}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{72}
 }
 
 type ListSessionsRequest struct {
@@ -4611,7 +4849,7 @@ type ListSessionsRequest struct {
 
 func (x *ListSessionsRequest) Reset() {
 	*x = ListSessionsRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[69]
+	mi := &file_mdspb_mds_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4623,7 +4861,7 @@ func (x *ListSessionsRequest) String() string {
 func (*ListSessionsRequest) ProtoMessage() {}
 
 func (x *ListSessionsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[69]
+	mi := &file_mdspb_mds_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4636,7 +4874,7 @@ func (x *ListSessionsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSessionsRequest.ProtoReflect.Descriptor instead.
 func (*ListSessionsRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{69}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{73}
 }
 
 func (x *ListSessionsRequest) GetName() string {
@@ -4655,7 +4893,7 @@ type ListSessionsResponse struct {
 
 func (x *ListSessionsResponse) Reset() {
 	*x = ListSessionsResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[70]
+	mi := &file_mdspb_mds_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4667,7 +4905,7 @@ func (x *ListSessionsResponse) String() string {
 func (*ListSessionsResponse) ProtoMessage() {}
 
 func (x *ListSessionsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[70]
+	mi := &file_mdspb_mds_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4680,7 +4918,7 @@ func (x *ListSessionsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSessionsResponse.ProtoReflect.Descriptor instead.
 func (*ListSessionsResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{70}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *ListSessionsResponse) GetSessions() []*Session {
@@ -4706,7 +4944,7 @@ type Node struct {
 
 func (x *Node) Reset() {
 	*x = Node{}
-	mi := &file_mdspb_mds_proto_msgTypes[71]
+	mi := &file_mdspb_mds_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4718,7 +4956,7 @@ func (x *Node) String() string {
 func (*Node) ProtoMessage() {}
 
 func (x *Node) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[71]
+	mi := &file_mdspb_mds_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4731,7 +4969,7 @@ func (x *Node) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Node.ProtoReflect.Descriptor instead.
 func (*Node) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{71}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *Node) GetName() string {
@@ -4765,7 +5003,7 @@ type RegisterNodeRequest struct {
 
 func (x *RegisterNodeRequest) Reset() {
 	*x = RegisterNodeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[72]
+	mi := &file_mdspb_mds_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4777,7 +5015,7 @@ func (x *RegisterNodeRequest) String() string {
 func (*RegisterNodeRequest) ProtoMessage() {}
 
 func (x *RegisterNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[72]
+	mi := &file_mdspb_mds_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4790,7 +5028,7 @@ func (x *RegisterNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterNodeRequest.ProtoReflect.Descriptor instead.
 func (*RegisterNodeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{72}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{76}
 }
 
 func (x *RegisterNodeRequest) GetNode() *Node {
@@ -4809,7 +5047,7 @@ type RegisterNodeResponse struct {
 
 func (x *RegisterNodeResponse) Reset() {
 	*x = RegisterNodeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[73]
+	mi := &file_mdspb_mds_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4821,7 +5059,7 @@ func (x *RegisterNodeResponse) String() string {
 func (*RegisterNodeResponse) ProtoMessage() {}
 
 func (x *RegisterNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[73]
+	mi := &file_mdspb_mds_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4834,7 +5072,7 @@ func (x *RegisterNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterNodeResponse.ProtoReflect.Descriptor instead.
 func (*RegisterNodeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{73}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *RegisterNodeResponse) GetNode() *Node {
@@ -4852,7 +5090,7 @@ type ListNodesRequest struct {
 
 func (x *ListNodesRequest) Reset() {
 	*x = ListNodesRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[74]
+	mi := &file_mdspb_mds_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4864,7 +5102,7 @@ func (x *ListNodesRequest) String() string {
 func (*ListNodesRequest) ProtoMessage() {}
 
 func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[74]
+	mi := &file_mdspb_mds_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4877,7 +5115,7 @@ func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesRequest.ProtoReflect.Descriptor instead.
 func (*ListNodesRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{74}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{78}
 }
 
 type ListNodesResponse struct {
@@ -4889,7 +5127,7 @@ type ListNodesResponse struct {
 
 func (x *ListNodesResponse) Reset() {
 	*x = ListNodesResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[75]
+	mi := &file_mdspb_mds_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4901,7 +5139,7 @@ func (x *ListNodesResponse) String() string {
 func (*ListNodesResponse) ProtoMessage() {}
 
 func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[75]
+	mi := &file_mdspb_mds_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4914,7 +5152,7 @@ func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesResponse.ProtoReflect.Descriptor instead.
 func (*ListNodesResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{75}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{79}
 }
 
 func (x *ListNodesResponse) GetNodes() []*Node {
@@ -4943,7 +5181,7 @@ type PublishVolumeRequest struct {
 
 func (x *PublishVolumeRequest) Reset() {
 	*x = PublishVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[76]
+	mi := &file_mdspb_mds_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4955,7 +5193,7 @@ func (x *PublishVolumeRequest) String() string {
 func (*PublishVolumeRequest) ProtoMessage() {}
 
 func (x *PublishVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[76]
+	mi := &file_mdspb_mds_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4968,7 +5206,7 @@ func (x *PublishVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PublishVolumeRequest.ProtoReflect.Descriptor instead.
 func (*PublishVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{76}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{80}
 }
 
 func (x *PublishVolumeRequest) GetName() string {
@@ -5001,7 +5239,7 @@ type PublishVolumeResponse struct {
 
 func (x *PublishVolumeResponse) Reset() {
 	*x = PublishVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[77]
+	mi := &file_mdspb_mds_proto_msgTypes[81]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5013,7 +5251,7 @@ func (x *PublishVolumeResponse) String() string {
 func (*PublishVolumeResponse) ProtoMessage() {}
 
 func (x *PublishVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[77]
+	mi := &file_mdspb_mds_proto_msgTypes[81]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5026,7 +5264,7 @@ func (x *PublishVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PublishVolumeResponse.ProtoReflect.Descriptor instead.
 func (*PublishVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{77}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{81}
 }
 
 func (x *PublishVolumeResponse) GetVolume() *Volume {
@@ -5050,7 +5288,7 @@ type UnpublishVolumeRequest struct {
 
 func (x *UnpublishVolumeRequest) Reset() {
 	*x = UnpublishVolumeRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[78]
+	mi := &file_mdspb_mds_proto_msgTypes[82]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5062,7 +5300,7 @@ func (x *UnpublishVolumeRequest) String() string {
 func (*UnpublishVolumeRequest) ProtoMessage() {}
 
 func (x *UnpublishVolumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[78]
+	mi := &file_mdspb_mds_proto_msgTypes[82]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5075,7 +5313,7 @@ func (x *UnpublishVolumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnpublishVolumeRequest.ProtoReflect.Descriptor instead.
 func (*UnpublishVolumeRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{78}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{82}
 }
 
 func (x *UnpublishVolumeRequest) GetName() string {
@@ -5101,7 +5339,7 @@ type UnpublishVolumeResponse struct {
 
 func (x *UnpublishVolumeResponse) Reset() {
 	*x = UnpublishVolumeResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[79]
+	mi := &file_mdspb_mds_proto_msgTypes[83]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5113,7 +5351,7 @@ func (x *UnpublishVolumeResponse) String() string {
 func (*UnpublishVolumeResponse) ProtoMessage() {}
 
 func (x *UnpublishVolumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[79]
+	mi := &file_mdspb_mds_proto_msgTypes[83]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5126,7 +5364,7 @@ func (x *UnpublishVolumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnpublishVolumeResponse.ProtoReflect.Descriptor instead.
 func (*UnpublishVolumeResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{79}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{83}
 }
 
 func (x *UnpublishVolumeResponse) GetVolume() *Volume {
@@ -5147,7 +5385,7 @@ type ChunkRef struct {
 
 func (x *ChunkRef) Reset() {
 	*x = ChunkRef{}
-	mi := &file_mdspb_mds_proto_msgTypes[80]
+	mi := &file_mdspb_mds_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5159,7 +5397,7 @@ func (x *ChunkRef) String() string {
 func (*ChunkRef) ProtoMessage() {}
 
 func (x *ChunkRef) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[80]
+	mi := &file_mdspb_mds_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5172,7 +5410,7 @@ func (x *ChunkRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChunkRef.ProtoReflect.Descriptor instead.
 func (*ChunkRef) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{80}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{84}
 }
 
 func (x *ChunkRef) GetChunkId() uint64 {
@@ -5203,7 +5441,7 @@ type Segment struct {
 
 func (x *Segment) Reset() {
 	*x = Segment{}
-	mi := &file_mdspb_mds_proto_msgTypes[81]
+	mi := &file_mdspb_mds_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5215,7 +5453,7 @@ func (x *Segment) String() string {
 func (*Segment) ProtoMessage() {}
 
 func (x *Segment) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[81]
+	mi := &file_mdspb_mds_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5228,7 +5466,7 @@ func (x *Segment) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Segment.ProtoReflect.Descriptor instead.
 func (*Segment) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{81}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{85}
 }
 
 func (x *Segment) GetVolumeId() uint64 {
@@ -5267,7 +5505,7 @@ type GetSegmentRequest struct {
 
 func (x *GetSegmentRequest) Reset() {
 	*x = GetSegmentRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[82]
+	mi := &file_mdspb_mds_proto_msgTypes[86]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5279,7 +5517,7 @@ func (x *GetSegmentRequest) String() string {
 func (*GetSegmentRequest) ProtoMessage() {}
 
 func (x *GetSegmentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[82]
+	mi := &file_mdspb_mds_proto_msgTypes[86]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5292,7 +5530,7 @@ func (x *GetSegmentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSegmentRequest.ProtoReflect.Descriptor instead.
 func (*GetSegmentRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{82}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{86}
 }
 
 func (x *GetSegmentRequest) GetName() string {
@@ -5325,7 +5563,7 @@ type GetSegmentResponse struct {
 
 func (x *GetSegmentResponse) Reset() {
 	*x = GetSegmentResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[83]
+	mi := &file_mdspb_mds_proto_msgTypes[87]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5337,7 +5575,7 @@ func (x *GetSegmentResponse) String() string {
 func (*GetSegmentResponse) ProtoMessage() {}
 
 func (x *GetSegmentResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[83]
+	mi := &file_mdspb_mds_proto_msgTypes[87]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5350,7 +5588,7 @@ func (x *GetSegmentResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSegmentResponse.ProtoReflect.Descriptor instead.
 func (*GetSegmentResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{83}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{87}
 }
 
 func (x *GetSegmentResponse) GetSegment() *Segment {
@@ -5369,7 +5607,7 @@ type ListSegmentsRequest struct {
 
 func (x *ListSegmentsRequest) Reset() {
 	*x = ListSegmentsRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[84]
+	mi := &file_mdspb_mds_proto_msgTypes[88]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5381,7 +5619,7 @@ func (x *ListSegmentsRequest) String() string {
 func (*ListSegmentsRequest) ProtoMessage() {}
 
 func (x *ListSegmentsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[84]
+	mi := &file_mdspb_mds_proto_msgTypes[88]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5394,7 +5632,7 @@ func (x *ListSegmentsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSegmentsRequest.ProtoReflect.Descriptor instead.
 func (*ListSegmentsRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{84}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{88}
 }
 
 func (x *ListSegmentsRequest) GetName() string {
@@ -5413,7 +5651,7 @@ type ListSegmentsResponse struct {
 
 func (x *ListSegmentsResponse) Reset() {
 	*x = ListSegmentsResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[85]
+	mi := &file_mdspb_mds_proto_msgTypes[89]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5425,7 +5663,7 @@ func (x *ListSegmentsResponse) String() string {
 func (*ListSegmentsResponse) ProtoMessage() {}
 
 func (x *ListSegmentsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[85]
+	mi := &file_mdspb_mds_proto_msgTypes[89]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5438,7 +5676,7 @@ func (x *ListSegmentsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSegmentsResponse.ProtoReflect.Descriptor instead.
 func (*ListSegmentsResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{85}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{89}
 }
 
 func (x *ListSegmentsResponse) GetSegments() []*Segment {
@@ -5459,7 +5697,7 @@ type MDSInstance struct {
 
 func (x *MDSInstance) Reset() {
 	*x = MDSInstance{}
-	mi := &file_mdspb_mds_proto_msgTypes[86]
+	mi := &file_mdspb_mds_proto_msgTypes[90]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5471,7 +5709,7 @@ func (x *MDSInstance) String() string {
 func (*MDSInstance) ProtoMessage() {}
 
 func (x *MDSInstance) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[86]
+	mi := &file_mdspb_mds_proto_msgTypes[90]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5484,7 +5722,7 @@ func (x *MDSInstance) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MDSInstance.ProtoReflect.Descriptor instead.
 func (*MDSInstance) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{86}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{90}
 }
 
 func (x *MDSInstance) GetAddress() string {
@@ -5512,7 +5750,7 @@ type EtcdMember struct {
 
 func (x *EtcdMember) Reset() {
 	*x = EtcdMember{}
-	mi := &file_mdspb_mds_proto_msgTypes[87]
+	mi := &file_mdspb_mds_proto_msgTypes[91]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5524,7 +5762,7 @@ func (x *EtcdMember) String() string {
 func (*EtcdMember) ProtoMessage() {}
 
 func (x *EtcdMember) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[87]
+	mi := &file_mdspb_mds_proto_msgTypes[91]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5537,7 +5775,7 @@ func (x *EtcdMember) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EtcdMember.ProtoReflect.Descriptor instead.
 func (*EtcdMember) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{87}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{91}
 }
 
 func (x *EtcdMember) GetName() string {
@@ -5569,7 +5807,7 @@ type GetClusterStatusRequest struct {
 
 func (x *GetClusterStatusRequest) Reset() {
 	*x = GetClusterStatusRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[88]
+	mi := &file_mdspb_mds_proto_msgTypes[92]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5581,7 +5819,7 @@ func (x *GetClusterStatusRequest) String() string {
 func (*GetClusterStatusRequest) ProtoMessage() {}
 
 func (x *GetClusterStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[88]
+	mi := &file_mdspb_mds_proto_msgTypes[92]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5594,7 +5832,7 @@ func (x *GetClusterStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetClusterStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetClusterStatusRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{88}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{92}
 }
 
 type GetClusterStatusResponse struct {
@@ -5608,7 +5846,7 @@ type GetClusterStatusResponse struct {
 
 func (x *GetClusterStatusResponse) Reset() {
 	*x = GetClusterStatusResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[89]
+	mi := &file_mdspb_mds_proto_msgTypes[93]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5620,7 +5858,7 @@ func (x *GetClusterStatusResponse) String() string {
 func (*GetClusterStatusResponse) ProtoMessage() {}
 
 func (x *GetClusterStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[89]
+	mi := &file_mdspb_mds_proto_msgTypes[93]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5633,7 +5871,7 @@ func (x *GetClusterStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetClusterStatusResponse.ProtoReflect.Descriptor instead.
 func (*GetClusterStatusResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{89}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{93}
 }
 
 func (x *GetClusterStatusResponse) GetMds() []*MDSInstance {
@@ -5669,7 +5907,7 @@ type TransferLeaderRequest struct {
 
 func (x *TransferLeaderRequest) Reset() {
 	*x = TransferLeaderRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[90]
+	mi := &file_mdspb_mds_proto_msgTypes[94]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5681,7 +5919,7 @@ func (x *TransferLeaderRequest) String() string {
 func (*TransferLeaderRequest) ProtoMessage() {}
 
 func (x *TransferLeaderRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[90]
+	mi := &file_mdspb_mds_proto_msgTypes[94]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5694,7 +5932,7 @@ func (x *TransferLeaderRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeaderRequest.ProtoReflect.Descriptor instead.
 func (*TransferLeaderRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{90}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{94}
 }
 
 func (x *TransferLeaderRequest) GetCopyset() *commonpb.CopysetRef {
@@ -5720,7 +5958,7 @@ type TransferLeaderResponse struct {
 
 func (x *TransferLeaderResponse) Reset() {
 	*x = TransferLeaderResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[91]
+	mi := &file_mdspb_mds_proto_msgTypes[95]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5732,7 +5970,7 @@ func (x *TransferLeaderResponse) String() string {
 func (*TransferLeaderResponse) ProtoMessage() {}
 
 func (x *TransferLeaderResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[91]
+	mi := &file_mdspb_mds_proto_msgTypes[95]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5745,7 +5983,7 @@ func (x *TransferLeaderResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeaderResponse.ProtoReflect.Descriptor instead.
 func (*TransferLeaderResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{91}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{95}
 }
 
 func (x *TransferLeaderResponse) GetOperator() *Operator {
@@ -5763,7 +6001,7 @@ type ListOperatorsRequest struct {
 
 func (x *ListOperatorsRequest) Reset() {
 	*x = ListOperatorsRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[92]
+	mi := &file_mdspb_mds_proto_msgTypes[96]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5775,7 +6013,7 @@ func (x *ListOperatorsRequest) String() string {
 func (*ListOperatorsRequest) ProtoMessage() {}
 
 func (x *ListOperatorsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[92]
+	mi := &file_mdspb_mds_proto_msgTypes[96]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5788,7 +6026,7 @@ func (x *ListOperatorsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListOperatorsRequest.ProtoReflect.Descriptor instead.
 func (*ListOperatorsRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{92}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{96}
 }
 
 // GetScheduleStatusRequest asks what the schedulers are doing.
@@ -5800,7 +6038,7 @@ type GetScheduleStatusRequest struct {
 
 func (x *GetScheduleStatusRequest) Reset() {
 	*x = GetScheduleStatusRequest{}
-	mi := &file_mdspb_mds_proto_msgTypes[93]
+	mi := &file_mdspb_mds_proto_msgTypes[97]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5812,7 +6050,7 @@ func (x *GetScheduleStatusRequest) String() string {
 func (*GetScheduleStatusRequest) ProtoMessage() {}
 
 func (x *GetScheduleStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[93]
+	mi := &file_mdspb_mds_proto_msgTypes[97]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5825,7 +6063,7 @@ func (x *GetScheduleStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetScheduleStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetScheduleStatusRequest) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{93}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{97}
 }
 
 // BlockedCopyset is a copyset that needs a repair no chunkserver can take.
@@ -5839,7 +6077,7 @@ type BlockedCopyset struct {
 
 func (x *BlockedCopyset) Reset() {
 	*x = BlockedCopyset{}
-	mi := &file_mdspb_mds_proto_msgTypes[94]
+	mi := &file_mdspb_mds_proto_msgTypes[98]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5851,7 +6089,7 @@ func (x *BlockedCopyset) String() string {
 func (*BlockedCopyset) ProtoMessage() {}
 
 func (x *BlockedCopyset) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[94]
+	mi := &file_mdspb_mds_proto_msgTypes[98]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5864,7 +6102,7 @@ func (x *BlockedCopyset) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BlockedCopyset.ProtoReflect.Descriptor instead.
 func (*BlockedCopyset) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{94}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{98}
 }
 
 func (x *BlockedCopyset) GetCopyset() *commonpb.CopysetRef {
@@ -5892,7 +6130,7 @@ type OperatorCount struct {
 
 func (x *OperatorCount) Reset() {
 	*x = OperatorCount{}
-	mi := &file_mdspb_mds_proto_msgTypes[95]
+	mi := &file_mdspb_mds_proto_msgTypes[99]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5904,7 +6142,7 @@ func (x *OperatorCount) String() string {
 func (*OperatorCount) ProtoMessage() {}
 
 func (x *OperatorCount) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[95]
+	mi := &file_mdspb_mds_proto_msgTypes[99]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5917,7 +6155,7 @@ func (x *OperatorCount) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OperatorCount.ProtoReflect.Descriptor instead.
 func (*OperatorCount) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{95}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{99}
 }
 
 func (x *OperatorCount) GetReason() string {
@@ -5964,7 +6202,7 @@ type GetScheduleStatusResponse struct {
 
 func (x *GetScheduleStatusResponse) Reset() {
 	*x = GetScheduleStatusResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[96]
+	mi := &file_mdspb_mds_proto_msgTypes[100]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5976,7 +6214,7 @@ func (x *GetScheduleStatusResponse) String() string {
 func (*GetScheduleStatusResponse) ProtoMessage() {}
 
 func (x *GetScheduleStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[96]
+	mi := &file_mdspb_mds_proto_msgTypes[100]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5989,7 +6227,7 @@ func (x *GetScheduleStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetScheduleStatusResponse.ProtoReflect.Descriptor instead.
 func (*GetScheduleStatusResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{96}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{100}
 }
 
 func (x *GetScheduleStatusResponse) GetCopysetsToRepair() uint32 {
@@ -6078,7 +6316,7 @@ type ListOperatorsResponse struct {
 
 func (x *ListOperatorsResponse) Reset() {
 	*x = ListOperatorsResponse{}
-	mi := &file_mdspb_mds_proto_msgTypes[97]
+	mi := &file_mdspb_mds_proto_msgTypes[101]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6090,7 +6328,7 @@ func (x *ListOperatorsResponse) String() string {
 func (*ListOperatorsResponse) ProtoMessage() {}
 
 func (x *ListOperatorsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_mdspb_mds_proto_msgTypes[97]
+	mi := &file_mdspb_mds_proto_msgTypes[101]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6103,7 +6341,7 @@ func (x *ListOperatorsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListOperatorsResponse.ProtoReflect.Descriptor instead.
 func (*ListOperatorsResponse) Descriptor() ([]byte, []int) {
-	return file_mdspb_mds_proto_rawDescGZIP(), []int{97}
+	return file_mdspb_mds_proto_rawDescGZIP(), []int{101}
 }
 
 func (x *ListOperatorsResponse) GetOperators() []*Operator {
@@ -6273,7 +6511,7 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\x13epoch_table_version\x18\x03 \x01(\x04R\x11epochTableVersion\x121\n" +
 	"\x06epochs\x18\x04 \x03(\v2\x19.cairn.mds.v1.VolumeEpochR\x06epochs\x12$\n" +
 	"\x0eepoch_lease_ms\x18\x05 \x01(\rR\fepochLeaseMs\x12,\n" +
-	"\x12remove_conf_epochs\x18\x06 \x03(\x04R\x10removeConfEpochs\"\xef\x04\n" +
+	"\x12remove_conf_epochs\x18\x06 \x03(\x04R\x10removeConfEpochs\"\xc0\x05\n" +
 	"\x06Volume\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x12\n" +
@@ -6293,7 +6531,9 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\tsnapshots\x18\x0e \x03(\v2\x16.cairn.mds.v1.SnapshotR\tsnapshots\x12!\n" +
 	"\fwriter_epoch\x18\x0f \x01(\x04R\vwriterEpoch\x12<\n" +
 	"\fclone_source\x18\x10 \x01(\v2\x19.cairn.mds.v1.CloneSourceR\vcloneSource\x12)\n" +
-	"\x10freeing_segments\x18\x11 \x01(\bR\x0ffreeingSegments\"\xee\x01\n" +
+	"\x10freeing_segments\x18\x11 \x01(\bR\x0ffreeingSegments\x12!\n" +
+	"\ftrashed_unix\x18\x12 \x01(\x03R\vtrashedUnix\x12,\n" +
+	"\x12trash_expires_unix\x18\x13 \x01(\x03R\x10trashExpiresUnix\"\xee\x01\n" +
 	"\vCloneSource\x12\x1b\n" +
 	"\tvolume_id\x18\x01 \x01(\x04R\bvolumeId\x12\x16\n" +
 	"\x06volume\x18\x02 \x01(\tR\x06volume\x12\x1a\n" +
@@ -6356,10 +6596,23 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x19\n" +
 	"\bnew_name\x18\x02 \x01(\tR\anewName\"D\n" +
 	"\x14RenameVolumeResponse\x12,\n" +
-	"\x06volume\x18\x01 \x01(\v2\x14.cairn.mds.v1.VolumeR\x06volume\"?\n" +
+	"\x06volume\x18\x01 \x01(\v2\x14.cairn.mds.v1.VolumeR\x06volume\"^\n" +
 	"\x13DeleteVolumeRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
-	"\x05force\x18\x02 \x01(\bR\x05force\"\x16\n" +
+	"\x05force\x18\x02 \x01(\bR\x05force\x12\x1d\n" +
+	"\n" +
+	"trashed_id\x18\x03 \x01(\x04R\ttrashedId\"e\n" +
+	"\x12TrashVolumeRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12%\n" +
+	"\x0eexpire_seconds\x18\x02 \x01(\rR\rexpireSeconds\x12\x14\n" +
+	"\x05force\x18\x03 \x01(\bR\x05force\"C\n" +
+	"\x13TrashVolumeResponse\x12,\n" +
+	"\x06volume\x18\x01 \x01(\v2\x14.cairn.mds.v1.VolumeR\x06volume\"A\n" +
+	"\x14RestoreVolumeRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x19\n" +
+	"\bnew_name\x18\x02 \x01(\tR\anewName\"E\n" +
+	"\x15RestoreVolumeResponse\x12,\n" +
+	"\x06volume\x18\x01 \x01(\v2\x14.cairn.mds.v1.VolumeR\x06volume\"\x16\n" +
 	"\x14DeleteVolumeResponse\"C\n" +
 	"\x15CreateSnapshotRequest\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x12\n" +
@@ -6509,11 +6762,12 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\x15OPERATOR_KIND_UNKNOWN\x10\x00\x12!\n" +
 	"\x1dOPERATOR_KIND_TRANSFER_LEADER\x10\x01\x12\x1a\n" +
 	"\x16OPERATOR_KIND_ADD_PEER\x10\x02\x12\x1d\n" +
-	"\x19OPERATOR_KIND_REMOVE_PEER\x10\x03*`\n" +
+	"\x19OPERATOR_KIND_REMOVE_PEER\x10\x03*{\n" +
 	"\fVolumeStatus\x12\x19\n" +
 	"\x15VOLUME_STATUS_UNKNOWN\x10\x00\x12\x19\n" +
 	"\x15VOLUME_STATUS_CREATED\x10\x01\x12\x1a\n" +
-	"\x16VOLUME_STATUS_DELETING\x10\x02*\x84\x01\n" +
+	"\x16VOLUME_STATUS_DELETING\x10\x02\x12\x19\n" +
+	"\x15VOLUME_STATUS_TRASHED\x10\x03*\x84\x01\n" +
 	"\x0eSnapshotStatus\x12\x1b\n" +
 	"\x17SNAPSHOT_STATUS_UNKNOWN\x10\x00\x12\x19\n" +
 	"\x15SNAPSHOT_STATUS_READY\x10\x01\x12\x1c\n" +
@@ -6534,7 +6788,7 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\x0fOperatorService\x12[\n" +
 	"\x0eStartOperators\x12#.cairn.mds.v1.StartOperatorsRequest\x1a$.cairn.mds.v1.StartOperatorsResponse2`\n" +
 	"\x10HeartbeatService\x12L\n" +
-	"\tHeartbeat\x12\x1e.cairn.mds.v1.HeartbeatRequest\x1a\x1f.cairn.mds.v1.HeartbeatResponse2\xde\r\n" +
+	"\tHeartbeat\x12\x1e.cairn.mds.v1.HeartbeatRequest\x1a\x1f.cairn.mds.v1.HeartbeatResponse2\x8c\x0f\n" +
 	"\rVolumeService\x12U\n" +
 	"\fCreateVolume\x12!.cairn.mds.v1.CreateVolumeRequest\x1a\".cairn.mds.v1.CreateVolumeResponse\x12O\n" +
 	"\n" +
@@ -6542,7 +6796,9 @@ const file_mdspb_mds_proto_rawDesc = "" +
 	"\vListVolumes\x12 .cairn.mds.v1.ListVolumesRequest\x1a!.cairn.mds.v1.ListVolumesResponse\x12U\n" +
 	"\fExtendVolume\x12!.cairn.mds.v1.ExtendVolumeRequest\x1a\".cairn.mds.v1.ExtendVolumeResponse\x12U\n" +
 	"\fRenameVolume\x12!.cairn.mds.v1.RenameVolumeRequest\x1a\".cairn.mds.v1.RenameVolumeResponse\x12U\n" +
-	"\fDeleteVolume\x12!.cairn.mds.v1.DeleteVolumeRequest\x1a\".cairn.mds.v1.DeleteVolumeResponse\x12O\n" +
+	"\fDeleteVolume\x12!.cairn.mds.v1.DeleteVolumeRequest\x1a\".cairn.mds.v1.DeleteVolumeResponse\x12R\n" +
+	"\vTrashVolume\x12 .cairn.mds.v1.TrashVolumeRequest\x1a!.cairn.mds.v1.TrashVolumeResponse\x12X\n" +
+	"\rRestoreVolume\x12\".cairn.mds.v1.RestoreVolumeRequest\x1a#.cairn.mds.v1.RestoreVolumeResponse\x12O\n" +
 	"\n" +
 	"OpenVolume\x12\x1f.cairn.mds.v1.OpenVolumeRequest\x1a .cairn.mds.v1.OpenVolumeResponse\x12[\n" +
 	"\x0eCreateSnapshot\x12#.cairn.mds.v1.CreateSnapshotRequest\x1a$.cairn.mds.v1.CreateSnapshotResponse\x12X\n" +
@@ -6578,7 +6834,7 @@ func file_mdspb_mds_proto_rawDescGZIP() []byte {
 }
 
 var file_mdspb_mds_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
-var file_mdspb_mds_proto_msgTypes = make([]protoimpl.MessageInfo, 99)
+var file_mdspb_mds_proto_msgTypes = make([]protoimpl.MessageInfo, 103)
 var file_mdspb_mds_proto_goTypes = []any{
 	(OnlineState)(0),                    // 0: cairn.mds.v1.OnlineState
 	(RWState)(0),                        // 1: cairn.mds.v1.RWState
@@ -6640,67 +6896,71 @@ var file_mdspb_mds_proto_goTypes = []any{
 	(*RenameVolumeRequest)(nil),         // 57: cairn.mds.v1.RenameVolumeRequest
 	(*RenameVolumeResponse)(nil),        // 58: cairn.mds.v1.RenameVolumeResponse
 	(*DeleteVolumeRequest)(nil),         // 59: cairn.mds.v1.DeleteVolumeRequest
-	(*DeleteVolumeResponse)(nil),        // 60: cairn.mds.v1.DeleteVolumeResponse
-	(*CreateSnapshotRequest)(nil),       // 61: cairn.mds.v1.CreateSnapshotRequest
-	(*CreateSnapshotResponse)(nil),      // 62: cairn.mds.v1.CreateSnapshotResponse
-	(*ListSnapshotsRequest)(nil),        // 63: cairn.mds.v1.ListSnapshotsRequest
-	(*ListSnapshotsResponse)(nil),       // 64: cairn.mds.v1.ListSnapshotsResponse
-	(*DeleteSnapshotRequest)(nil),       // 65: cairn.mds.v1.DeleteSnapshotRequest
-	(*DeleteSnapshotResponse)(nil),      // 66: cairn.mds.v1.DeleteSnapshotResponse
-	(*FlattenVolumeRequest)(nil),        // 67: cairn.mds.v1.FlattenVolumeRequest
-	(*FlattenVolumeResponse)(nil),       // 68: cairn.mds.v1.FlattenVolumeResponse
-	(*OpenVolumeRequest)(nil),           // 69: cairn.mds.v1.OpenVolumeRequest
-	(*OpenVolumeResponse)(nil),          // 70: cairn.mds.v1.OpenVolumeResponse
-	(*RefreshSessionRequest)(nil),       // 71: cairn.mds.v1.RefreshSessionRequest
-	(*RefreshSessionResponse)(nil),      // 72: cairn.mds.v1.RefreshSessionResponse
-	(*CloseVolumeRequest)(nil),          // 73: cairn.mds.v1.CloseVolumeRequest
-	(*CloseVolumeResponse)(nil),         // 74: cairn.mds.v1.CloseVolumeResponse
-	(*ListSessionsRequest)(nil),         // 75: cairn.mds.v1.ListSessionsRequest
-	(*ListSessionsResponse)(nil),        // 76: cairn.mds.v1.ListSessionsResponse
-	(*Node)(nil),                        // 77: cairn.mds.v1.Node
-	(*RegisterNodeRequest)(nil),         // 78: cairn.mds.v1.RegisterNodeRequest
-	(*RegisterNodeResponse)(nil),        // 79: cairn.mds.v1.RegisterNodeResponse
-	(*ListNodesRequest)(nil),            // 80: cairn.mds.v1.ListNodesRequest
-	(*ListNodesResponse)(nil),           // 81: cairn.mds.v1.ListNodesResponse
-	(*PublishVolumeRequest)(nil),        // 82: cairn.mds.v1.PublishVolumeRequest
-	(*PublishVolumeResponse)(nil),       // 83: cairn.mds.v1.PublishVolumeResponse
-	(*UnpublishVolumeRequest)(nil),      // 84: cairn.mds.v1.UnpublishVolumeRequest
-	(*UnpublishVolumeResponse)(nil),     // 85: cairn.mds.v1.UnpublishVolumeResponse
-	(*ChunkRef)(nil),                    // 86: cairn.mds.v1.ChunkRef
-	(*Segment)(nil),                     // 87: cairn.mds.v1.Segment
-	(*GetSegmentRequest)(nil),           // 88: cairn.mds.v1.GetSegmentRequest
-	(*GetSegmentResponse)(nil),          // 89: cairn.mds.v1.GetSegmentResponse
-	(*ListSegmentsRequest)(nil),         // 90: cairn.mds.v1.ListSegmentsRequest
-	(*ListSegmentsResponse)(nil),        // 91: cairn.mds.v1.ListSegmentsResponse
-	(*MDSInstance)(nil),                 // 92: cairn.mds.v1.MDSInstance
-	(*EtcdMember)(nil),                  // 93: cairn.mds.v1.EtcdMember
-	(*GetClusterStatusRequest)(nil),     // 94: cairn.mds.v1.GetClusterStatusRequest
-	(*GetClusterStatusResponse)(nil),    // 95: cairn.mds.v1.GetClusterStatusResponse
-	(*TransferLeaderRequest)(nil),       // 96: cairn.mds.v1.TransferLeaderRequest
-	(*TransferLeaderResponse)(nil),      // 97: cairn.mds.v1.TransferLeaderResponse
-	(*ListOperatorsRequest)(nil),        // 98: cairn.mds.v1.ListOperatorsRequest
-	(*GetScheduleStatusRequest)(nil),    // 99: cairn.mds.v1.GetScheduleStatusRequest
-	(*BlockedCopyset)(nil),              // 100: cairn.mds.v1.BlockedCopyset
-	(*OperatorCount)(nil),               // 101: cairn.mds.v1.OperatorCount
-	(*GetScheduleStatusResponse)(nil),   // 102: cairn.mds.v1.GetScheduleStatusResponse
-	(*ListOperatorsResponse)(nil),       // 103: cairn.mds.v1.ListOperatorsResponse
-	nil,                                 // 104: cairn.mds.v1.Node.TopologyEntry
-	(*commonpb.CopysetRef)(nil),         // 105: cairn.common.v1.CopysetRef
-	(*commonpb.Peer)(nil),               // 106: cairn.common.v1.Peer
-	(*copysetpb.PendingConfChange)(nil), // 107: cairn.copyset.v1.PendingConfChange
-	(*copysetpb.PeerProgress)(nil),      // 108: cairn.copyset.v1.PeerProgress
-	(*copysetpb.CopysetStatus)(nil),     // 109: cairn.copyset.v1.CopysetStatus
+	(*TrashVolumeRequest)(nil),          // 60: cairn.mds.v1.TrashVolumeRequest
+	(*TrashVolumeResponse)(nil),         // 61: cairn.mds.v1.TrashVolumeResponse
+	(*RestoreVolumeRequest)(nil),        // 62: cairn.mds.v1.RestoreVolumeRequest
+	(*RestoreVolumeResponse)(nil),       // 63: cairn.mds.v1.RestoreVolumeResponse
+	(*DeleteVolumeResponse)(nil),        // 64: cairn.mds.v1.DeleteVolumeResponse
+	(*CreateSnapshotRequest)(nil),       // 65: cairn.mds.v1.CreateSnapshotRequest
+	(*CreateSnapshotResponse)(nil),      // 66: cairn.mds.v1.CreateSnapshotResponse
+	(*ListSnapshotsRequest)(nil),        // 67: cairn.mds.v1.ListSnapshotsRequest
+	(*ListSnapshotsResponse)(nil),       // 68: cairn.mds.v1.ListSnapshotsResponse
+	(*DeleteSnapshotRequest)(nil),       // 69: cairn.mds.v1.DeleteSnapshotRequest
+	(*DeleteSnapshotResponse)(nil),      // 70: cairn.mds.v1.DeleteSnapshotResponse
+	(*FlattenVolumeRequest)(nil),        // 71: cairn.mds.v1.FlattenVolumeRequest
+	(*FlattenVolumeResponse)(nil),       // 72: cairn.mds.v1.FlattenVolumeResponse
+	(*OpenVolumeRequest)(nil),           // 73: cairn.mds.v1.OpenVolumeRequest
+	(*OpenVolumeResponse)(nil),          // 74: cairn.mds.v1.OpenVolumeResponse
+	(*RefreshSessionRequest)(nil),       // 75: cairn.mds.v1.RefreshSessionRequest
+	(*RefreshSessionResponse)(nil),      // 76: cairn.mds.v1.RefreshSessionResponse
+	(*CloseVolumeRequest)(nil),          // 77: cairn.mds.v1.CloseVolumeRequest
+	(*CloseVolumeResponse)(nil),         // 78: cairn.mds.v1.CloseVolumeResponse
+	(*ListSessionsRequest)(nil),         // 79: cairn.mds.v1.ListSessionsRequest
+	(*ListSessionsResponse)(nil),        // 80: cairn.mds.v1.ListSessionsResponse
+	(*Node)(nil),                        // 81: cairn.mds.v1.Node
+	(*RegisterNodeRequest)(nil),         // 82: cairn.mds.v1.RegisterNodeRequest
+	(*RegisterNodeResponse)(nil),        // 83: cairn.mds.v1.RegisterNodeResponse
+	(*ListNodesRequest)(nil),            // 84: cairn.mds.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),           // 85: cairn.mds.v1.ListNodesResponse
+	(*PublishVolumeRequest)(nil),        // 86: cairn.mds.v1.PublishVolumeRequest
+	(*PublishVolumeResponse)(nil),       // 87: cairn.mds.v1.PublishVolumeResponse
+	(*UnpublishVolumeRequest)(nil),      // 88: cairn.mds.v1.UnpublishVolumeRequest
+	(*UnpublishVolumeResponse)(nil),     // 89: cairn.mds.v1.UnpublishVolumeResponse
+	(*ChunkRef)(nil),                    // 90: cairn.mds.v1.ChunkRef
+	(*Segment)(nil),                     // 91: cairn.mds.v1.Segment
+	(*GetSegmentRequest)(nil),           // 92: cairn.mds.v1.GetSegmentRequest
+	(*GetSegmentResponse)(nil),          // 93: cairn.mds.v1.GetSegmentResponse
+	(*ListSegmentsRequest)(nil),         // 94: cairn.mds.v1.ListSegmentsRequest
+	(*ListSegmentsResponse)(nil),        // 95: cairn.mds.v1.ListSegmentsResponse
+	(*MDSInstance)(nil),                 // 96: cairn.mds.v1.MDSInstance
+	(*EtcdMember)(nil),                  // 97: cairn.mds.v1.EtcdMember
+	(*GetClusterStatusRequest)(nil),     // 98: cairn.mds.v1.GetClusterStatusRequest
+	(*GetClusterStatusResponse)(nil),    // 99: cairn.mds.v1.GetClusterStatusResponse
+	(*TransferLeaderRequest)(nil),       // 100: cairn.mds.v1.TransferLeaderRequest
+	(*TransferLeaderResponse)(nil),      // 101: cairn.mds.v1.TransferLeaderResponse
+	(*ListOperatorsRequest)(nil),        // 102: cairn.mds.v1.ListOperatorsRequest
+	(*GetScheduleStatusRequest)(nil),    // 103: cairn.mds.v1.GetScheduleStatusRequest
+	(*BlockedCopyset)(nil),              // 104: cairn.mds.v1.BlockedCopyset
+	(*OperatorCount)(nil),               // 105: cairn.mds.v1.OperatorCount
+	(*GetScheduleStatusResponse)(nil),   // 106: cairn.mds.v1.GetScheduleStatusResponse
+	(*ListOperatorsResponse)(nil),       // 107: cairn.mds.v1.ListOperatorsResponse
+	nil,                                 // 108: cairn.mds.v1.Node.TopologyEntry
+	(*commonpb.CopysetRef)(nil),         // 109: cairn.common.v1.CopysetRef
+	(*commonpb.Peer)(nil),               // 110: cairn.common.v1.Peer
+	(*copysetpb.PendingConfChange)(nil), // 111: cairn.copyset.v1.PendingConfChange
+	(*copysetpb.PeerProgress)(nil),      // 112: cairn.copyset.v1.PeerProgress
+	(*copysetpb.CopysetStatus)(nil),     // 113: cairn.copyset.v1.CopysetStatus
 }
 var file_mdspb_mds_proto_depIdxs = []int32{
 	0,   // 0: cairn.mds.v1.ChunkServer.online_state:type_name -> cairn.mds.v1.OnlineState
 	1,   // 1: cairn.mds.v1.ChunkServer.rw_state:type_name -> cairn.mds.v1.RWState
 	10,  // 2: cairn.mds.v1.ChunkServer.capacity:type_name -> cairn.mds.v1.Capacity
 	2,   // 3: cairn.mds.v1.LogicalPool.status:type_name -> cairn.mds.v1.LogicalPoolStatus
-	105, // 4: cairn.mds.v1.Copyset.id:type_name -> cairn.common.v1.CopysetRef
-	106, // 5: cairn.mds.v1.Copyset.peers:type_name -> cairn.common.v1.Peer
-	107, // 6: cairn.mds.v1.Copyset.pending:type_name -> cairn.copyset.v1.PendingConfChange
-	108, // 7: cairn.mds.v1.Copyset.progress:type_name -> cairn.copyset.v1.PeerProgress
-	106, // 8: cairn.mds.v1.Copyset.learners:type_name -> cairn.common.v1.Peer
+	109, // 4: cairn.mds.v1.Copyset.id:type_name -> cairn.common.v1.CopysetRef
+	110, // 5: cairn.mds.v1.Copyset.peers:type_name -> cairn.common.v1.Peer
+	111, // 6: cairn.mds.v1.Copyset.pending:type_name -> cairn.copyset.v1.PendingConfChange
+	112, // 7: cairn.mds.v1.Copyset.progress:type_name -> cairn.copyset.v1.PeerProgress
+	110, // 8: cairn.mds.v1.Copyset.learners:type_name -> cairn.common.v1.Peer
 	7,   // 9: cairn.mds.v1.RegisterChunkServerRequest.constants:type_name -> cairn.mds.v1.ClusterConstants
 	10,  // 10: cairn.mds.v1.RegisterChunkServerRequest.capacity:type_name -> cairn.mds.v1.Capacity
 	7,   // 11: cairn.mds.v1.RegisterChunkServerResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
@@ -6712,19 +6972,19 @@ var file_mdspb_mds_proto_depIdxs = []int32{
 	13,  // 17: cairn.mds.v1.ListPoolsResponse.logical_pools:type_name -> cairn.mds.v1.LogicalPool
 	13,  // 18: cairn.mds.v1.CreateLogicalPoolResponse.pool:type_name -> cairn.mds.v1.LogicalPool
 	14,  // 19: cairn.mds.v1.ListCopysetsResponse.copysets:type_name -> cairn.mds.v1.Copyset
-	105, // 20: cairn.mds.v1.GetCopysetsRequest.copysets:type_name -> cairn.common.v1.CopysetRef
+	109, // 20: cairn.mds.v1.GetCopysetsRequest.copysets:type_name -> cairn.common.v1.CopysetRef
 	14,  // 21: cairn.mds.v1.GetCopysetsResponse.copysets:type_name -> cairn.mds.v1.Copyset
 	1,   // 22: cairn.mds.v1.UpdateChunkServerRequest.rw_state:type_name -> cairn.mds.v1.RWState
 	11,  // 23: cairn.mds.v1.UpdateChunkServerResponse.chunkservers:type_name -> cairn.mds.v1.ChunkServer
-	109, // 24: cairn.mds.v1.CopysetReport.status:type_name -> cairn.copyset.v1.CopysetStatus
+	113, // 24: cairn.mds.v1.CopysetReport.status:type_name -> cairn.copyset.v1.CopysetStatus
 	10,  // 25: cairn.mds.v1.HeartbeatRequest.capacity:type_name -> cairn.mds.v1.Capacity
 	37,  // 26: cairn.mds.v1.HeartbeatRequest.copysets:type_name -> cairn.mds.v1.CopysetReport
-	105, // 27: cairn.mds.v1.Operator.copyset:type_name -> cairn.common.v1.CopysetRef
+	109, // 27: cairn.mds.v1.Operator.copyset:type_name -> cairn.common.v1.CopysetRef
 	3,   // 28: cairn.mds.v1.Operator.kind:type_name -> cairn.mds.v1.OperatorKind
-	106, // 29: cairn.mds.v1.Operator.target:type_name -> cairn.common.v1.Peer
+	110, // 29: cairn.mds.v1.Operator.target:type_name -> cairn.common.v1.Peer
 	39,  // 30: cairn.mds.v1.StartOperatorsRequest.operators:type_name -> cairn.mds.v1.Operator
 	39,  // 31: cairn.mds.v1.HeartbeatResponse.operators:type_name -> cairn.mds.v1.Operator
-	105, // 32: cairn.mds.v1.HeartbeatResponse.remove_copysets:type_name -> cairn.common.v1.CopysetRef
+	109, // 32: cairn.mds.v1.HeartbeatResponse.remove_copysets:type_name -> cairn.common.v1.CopysetRef
 	42,  // 33: cairn.mds.v1.HeartbeatResponse.epochs:type_name -> cairn.mds.v1.VolumeEpoch
 	4,   // 34: cairn.mds.v1.Volume.status:type_name -> cairn.mds.v1.VolumeStatus
 	47,  // 35: cairn.mds.v1.Volume.publications:type_name -> cairn.mds.v1.Publication
@@ -6737,113 +6997,119 @@ var file_mdspb_mds_proto_depIdxs = []int32{
 	44,  // 42: cairn.mds.v1.ListVolumesResponse.volumes:type_name -> cairn.mds.v1.Volume
 	44,  // 43: cairn.mds.v1.ExtendVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
 	44,  // 44: cairn.mds.v1.RenameVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	46,  // 45: cairn.mds.v1.CreateSnapshotResponse.snapshot:type_name -> cairn.mds.v1.Snapshot
-	46,  // 46: cairn.mds.v1.ListSnapshotsResponse.snapshots:type_name -> cairn.mds.v1.Snapshot
-	44,  // 47: cairn.mds.v1.FlattenVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	44,  // 48: cairn.mds.v1.OpenVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	48,  // 49: cairn.mds.v1.OpenVolumeResponse.session:type_name -> cairn.mds.v1.Session
-	7,   // 50: cairn.mds.v1.OpenVolumeResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
-	44,  // 51: cairn.mds.v1.RefreshSessionResponse.volume:type_name -> cairn.mds.v1.Volume
-	48,  // 52: cairn.mds.v1.RefreshSessionResponse.session:type_name -> cairn.mds.v1.Session
-	48,  // 53: cairn.mds.v1.ListSessionsResponse.sessions:type_name -> cairn.mds.v1.Session
-	104, // 54: cairn.mds.v1.Node.topology:type_name -> cairn.mds.v1.Node.TopologyEntry
-	77,  // 55: cairn.mds.v1.RegisterNodeRequest.node:type_name -> cairn.mds.v1.Node
-	77,  // 56: cairn.mds.v1.RegisterNodeResponse.node:type_name -> cairn.mds.v1.Node
-	77,  // 57: cairn.mds.v1.ListNodesResponse.nodes:type_name -> cairn.mds.v1.Node
-	44,  // 58: cairn.mds.v1.PublishVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	44,  // 59: cairn.mds.v1.UnpublishVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
-	105, // 60: cairn.mds.v1.ChunkRef.copyset:type_name -> cairn.common.v1.CopysetRef
-	86,  // 61: cairn.mds.v1.Segment.chunks:type_name -> cairn.mds.v1.ChunkRef
-	87,  // 62: cairn.mds.v1.GetSegmentResponse.segment:type_name -> cairn.mds.v1.Segment
-	87,  // 63: cairn.mds.v1.ListSegmentsResponse.segments:type_name -> cairn.mds.v1.Segment
-	92,  // 64: cairn.mds.v1.GetClusterStatusResponse.mds:type_name -> cairn.mds.v1.MDSInstance
-	93,  // 65: cairn.mds.v1.GetClusterStatusResponse.etcd:type_name -> cairn.mds.v1.EtcdMember
-	7,   // 66: cairn.mds.v1.GetClusterStatusResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
-	105, // 67: cairn.mds.v1.TransferLeaderRequest.copyset:type_name -> cairn.common.v1.CopysetRef
-	39,  // 68: cairn.mds.v1.TransferLeaderResponse.operator:type_name -> cairn.mds.v1.Operator
-	105, // 69: cairn.mds.v1.BlockedCopyset.copyset:type_name -> cairn.common.v1.CopysetRef
-	100, // 70: cairn.mds.v1.GetScheduleStatusResponse.blocked:type_name -> cairn.mds.v1.BlockedCopyset
-	101, // 71: cairn.mds.v1.GetScheduleStatusResponse.operators:type_name -> cairn.mds.v1.OperatorCount
-	39,  // 72: cairn.mds.v1.ListOperatorsResponse.operators:type_name -> cairn.mds.v1.Operator
-	15,  // 73: cairn.mds.v1.TopologyService.RegisterChunkServer:input_type -> cairn.mds.v1.RegisterChunkServerRequest
-	17,  // 74: cairn.mds.v1.TopologyService.GetChunkServer:input_type -> cairn.mds.v1.GetChunkServerRequest
-	19,  // 75: cairn.mds.v1.TopologyService.ListZones:input_type -> cairn.mds.v1.ListZonesRequest
-	21,  // 76: cairn.mds.v1.TopologyService.ListServers:input_type -> cairn.mds.v1.ListServersRequest
-	23,  // 77: cairn.mds.v1.TopologyService.ListChunkServers:input_type -> cairn.mds.v1.ListChunkServersRequest
-	25,  // 78: cairn.mds.v1.TopologyService.ListPools:input_type -> cairn.mds.v1.ListPoolsRequest
-	27,  // 79: cairn.mds.v1.TopologyService.CreateLogicalPool:input_type -> cairn.mds.v1.CreateLogicalPoolRequest
-	29,  // 80: cairn.mds.v1.TopologyService.ListCopysets:input_type -> cairn.mds.v1.ListCopysetsRequest
-	31,  // 81: cairn.mds.v1.TopologyService.GetCopysets:input_type -> cairn.mds.v1.GetCopysetsRequest
-	33,  // 82: cairn.mds.v1.TopologyService.UpdateChunkServer:input_type -> cairn.mds.v1.UpdateChunkServerRequest
-	35,  // 83: cairn.mds.v1.TopologyService.DeleteChunkServer:input_type -> cairn.mds.v1.DeleteChunkServerRequest
-	40,  // 84: cairn.mds.v1.OperatorService.StartOperators:input_type -> cairn.mds.v1.StartOperatorsRequest
-	38,  // 85: cairn.mds.v1.HeartbeatService.Heartbeat:input_type -> cairn.mds.v1.HeartbeatRequest
-	49,  // 86: cairn.mds.v1.VolumeService.CreateVolume:input_type -> cairn.mds.v1.CreateVolumeRequest
-	51,  // 87: cairn.mds.v1.VolumeService.StatVolume:input_type -> cairn.mds.v1.StatVolumeRequest
-	53,  // 88: cairn.mds.v1.VolumeService.ListVolumes:input_type -> cairn.mds.v1.ListVolumesRequest
-	55,  // 89: cairn.mds.v1.VolumeService.ExtendVolume:input_type -> cairn.mds.v1.ExtendVolumeRequest
-	57,  // 90: cairn.mds.v1.VolumeService.RenameVolume:input_type -> cairn.mds.v1.RenameVolumeRequest
-	59,  // 91: cairn.mds.v1.VolumeService.DeleteVolume:input_type -> cairn.mds.v1.DeleteVolumeRequest
-	69,  // 92: cairn.mds.v1.VolumeService.OpenVolume:input_type -> cairn.mds.v1.OpenVolumeRequest
-	61,  // 93: cairn.mds.v1.VolumeService.CreateSnapshot:input_type -> cairn.mds.v1.CreateSnapshotRequest
-	63,  // 94: cairn.mds.v1.VolumeService.ListSnapshots:input_type -> cairn.mds.v1.ListSnapshotsRequest
-	65,  // 95: cairn.mds.v1.VolumeService.DeleteSnapshot:input_type -> cairn.mds.v1.DeleteSnapshotRequest
-	67,  // 96: cairn.mds.v1.VolumeService.FlattenVolume:input_type -> cairn.mds.v1.FlattenVolumeRequest
-	78,  // 97: cairn.mds.v1.VolumeService.RegisterNode:input_type -> cairn.mds.v1.RegisterNodeRequest
-	80,  // 98: cairn.mds.v1.VolumeService.ListNodes:input_type -> cairn.mds.v1.ListNodesRequest
-	82,  // 99: cairn.mds.v1.VolumeService.PublishVolume:input_type -> cairn.mds.v1.PublishVolumeRequest
-	84,  // 100: cairn.mds.v1.VolumeService.UnpublishVolume:input_type -> cairn.mds.v1.UnpublishVolumeRequest
-	71,  // 101: cairn.mds.v1.VolumeService.RefreshSession:input_type -> cairn.mds.v1.RefreshSessionRequest
-	73,  // 102: cairn.mds.v1.VolumeService.CloseVolume:input_type -> cairn.mds.v1.CloseVolumeRequest
-	75,  // 103: cairn.mds.v1.VolumeService.ListSessions:input_type -> cairn.mds.v1.ListSessionsRequest
-	88,  // 104: cairn.mds.v1.VolumeService.GetSegment:input_type -> cairn.mds.v1.GetSegmentRequest
-	90,  // 105: cairn.mds.v1.VolumeService.ListSegments:input_type -> cairn.mds.v1.ListSegmentsRequest
-	94,  // 106: cairn.mds.v1.ClusterService.GetClusterStatus:input_type -> cairn.mds.v1.GetClusterStatusRequest
-	96,  // 107: cairn.mds.v1.ClusterService.TransferLeader:input_type -> cairn.mds.v1.TransferLeaderRequest
-	98,  // 108: cairn.mds.v1.ClusterService.ListOperators:input_type -> cairn.mds.v1.ListOperatorsRequest
-	99,  // 109: cairn.mds.v1.ClusterService.GetScheduleStatus:input_type -> cairn.mds.v1.GetScheduleStatusRequest
-	16,  // 110: cairn.mds.v1.TopologyService.RegisterChunkServer:output_type -> cairn.mds.v1.RegisterChunkServerResponse
-	18,  // 111: cairn.mds.v1.TopologyService.GetChunkServer:output_type -> cairn.mds.v1.GetChunkServerResponse
-	20,  // 112: cairn.mds.v1.TopologyService.ListZones:output_type -> cairn.mds.v1.ListZonesResponse
-	22,  // 113: cairn.mds.v1.TopologyService.ListServers:output_type -> cairn.mds.v1.ListServersResponse
-	24,  // 114: cairn.mds.v1.TopologyService.ListChunkServers:output_type -> cairn.mds.v1.ListChunkServersResponse
-	26,  // 115: cairn.mds.v1.TopologyService.ListPools:output_type -> cairn.mds.v1.ListPoolsResponse
-	28,  // 116: cairn.mds.v1.TopologyService.CreateLogicalPool:output_type -> cairn.mds.v1.CreateLogicalPoolResponse
-	30,  // 117: cairn.mds.v1.TopologyService.ListCopysets:output_type -> cairn.mds.v1.ListCopysetsResponse
-	32,  // 118: cairn.mds.v1.TopologyService.GetCopysets:output_type -> cairn.mds.v1.GetCopysetsResponse
-	34,  // 119: cairn.mds.v1.TopologyService.UpdateChunkServer:output_type -> cairn.mds.v1.UpdateChunkServerResponse
-	36,  // 120: cairn.mds.v1.TopologyService.DeleteChunkServer:output_type -> cairn.mds.v1.DeleteChunkServerResponse
-	41,  // 121: cairn.mds.v1.OperatorService.StartOperators:output_type -> cairn.mds.v1.StartOperatorsResponse
-	43,  // 122: cairn.mds.v1.HeartbeatService.Heartbeat:output_type -> cairn.mds.v1.HeartbeatResponse
-	50,  // 123: cairn.mds.v1.VolumeService.CreateVolume:output_type -> cairn.mds.v1.CreateVolumeResponse
-	52,  // 124: cairn.mds.v1.VolumeService.StatVolume:output_type -> cairn.mds.v1.StatVolumeResponse
-	54,  // 125: cairn.mds.v1.VolumeService.ListVolumes:output_type -> cairn.mds.v1.ListVolumesResponse
-	56,  // 126: cairn.mds.v1.VolumeService.ExtendVolume:output_type -> cairn.mds.v1.ExtendVolumeResponse
-	58,  // 127: cairn.mds.v1.VolumeService.RenameVolume:output_type -> cairn.mds.v1.RenameVolumeResponse
-	60,  // 128: cairn.mds.v1.VolumeService.DeleteVolume:output_type -> cairn.mds.v1.DeleteVolumeResponse
-	70,  // 129: cairn.mds.v1.VolumeService.OpenVolume:output_type -> cairn.mds.v1.OpenVolumeResponse
-	62,  // 130: cairn.mds.v1.VolumeService.CreateSnapshot:output_type -> cairn.mds.v1.CreateSnapshotResponse
-	64,  // 131: cairn.mds.v1.VolumeService.ListSnapshots:output_type -> cairn.mds.v1.ListSnapshotsResponse
-	66,  // 132: cairn.mds.v1.VolumeService.DeleteSnapshot:output_type -> cairn.mds.v1.DeleteSnapshotResponse
-	68,  // 133: cairn.mds.v1.VolumeService.FlattenVolume:output_type -> cairn.mds.v1.FlattenVolumeResponse
-	79,  // 134: cairn.mds.v1.VolumeService.RegisterNode:output_type -> cairn.mds.v1.RegisterNodeResponse
-	81,  // 135: cairn.mds.v1.VolumeService.ListNodes:output_type -> cairn.mds.v1.ListNodesResponse
-	83,  // 136: cairn.mds.v1.VolumeService.PublishVolume:output_type -> cairn.mds.v1.PublishVolumeResponse
-	85,  // 137: cairn.mds.v1.VolumeService.UnpublishVolume:output_type -> cairn.mds.v1.UnpublishVolumeResponse
-	72,  // 138: cairn.mds.v1.VolumeService.RefreshSession:output_type -> cairn.mds.v1.RefreshSessionResponse
-	74,  // 139: cairn.mds.v1.VolumeService.CloseVolume:output_type -> cairn.mds.v1.CloseVolumeResponse
-	76,  // 140: cairn.mds.v1.VolumeService.ListSessions:output_type -> cairn.mds.v1.ListSessionsResponse
-	89,  // 141: cairn.mds.v1.VolumeService.GetSegment:output_type -> cairn.mds.v1.GetSegmentResponse
-	91,  // 142: cairn.mds.v1.VolumeService.ListSegments:output_type -> cairn.mds.v1.ListSegmentsResponse
-	95,  // 143: cairn.mds.v1.ClusterService.GetClusterStatus:output_type -> cairn.mds.v1.GetClusterStatusResponse
-	97,  // 144: cairn.mds.v1.ClusterService.TransferLeader:output_type -> cairn.mds.v1.TransferLeaderResponse
-	103, // 145: cairn.mds.v1.ClusterService.ListOperators:output_type -> cairn.mds.v1.ListOperatorsResponse
-	102, // 146: cairn.mds.v1.ClusterService.GetScheduleStatus:output_type -> cairn.mds.v1.GetScheduleStatusResponse
-	110, // [110:147] is the sub-list for method output_type
-	73,  // [73:110] is the sub-list for method input_type
-	73,  // [73:73] is the sub-list for extension type_name
-	73,  // [73:73] is the sub-list for extension extendee
-	0,   // [0:73] is the sub-list for field type_name
+	44,  // 45: cairn.mds.v1.TrashVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	44,  // 46: cairn.mds.v1.RestoreVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	46,  // 47: cairn.mds.v1.CreateSnapshotResponse.snapshot:type_name -> cairn.mds.v1.Snapshot
+	46,  // 48: cairn.mds.v1.ListSnapshotsResponse.snapshots:type_name -> cairn.mds.v1.Snapshot
+	44,  // 49: cairn.mds.v1.FlattenVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	44,  // 50: cairn.mds.v1.OpenVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	48,  // 51: cairn.mds.v1.OpenVolumeResponse.session:type_name -> cairn.mds.v1.Session
+	7,   // 52: cairn.mds.v1.OpenVolumeResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
+	44,  // 53: cairn.mds.v1.RefreshSessionResponse.volume:type_name -> cairn.mds.v1.Volume
+	48,  // 54: cairn.mds.v1.RefreshSessionResponse.session:type_name -> cairn.mds.v1.Session
+	48,  // 55: cairn.mds.v1.ListSessionsResponse.sessions:type_name -> cairn.mds.v1.Session
+	108, // 56: cairn.mds.v1.Node.topology:type_name -> cairn.mds.v1.Node.TopologyEntry
+	81,  // 57: cairn.mds.v1.RegisterNodeRequest.node:type_name -> cairn.mds.v1.Node
+	81,  // 58: cairn.mds.v1.RegisterNodeResponse.node:type_name -> cairn.mds.v1.Node
+	81,  // 59: cairn.mds.v1.ListNodesResponse.nodes:type_name -> cairn.mds.v1.Node
+	44,  // 60: cairn.mds.v1.PublishVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	44,  // 61: cairn.mds.v1.UnpublishVolumeResponse.volume:type_name -> cairn.mds.v1.Volume
+	109, // 62: cairn.mds.v1.ChunkRef.copyset:type_name -> cairn.common.v1.CopysetRef
+	90,  // 63: cairn.mds.v1.Segment.chunks:type_name -> cairn.mds.v1.ChunkRef
+	91,  // 64: cairn.mds.v1.GetSegmentResponse.segment:type_name -> cairn.mds.v1.Segment
+	91,  // 65: cairn.mds.v1.ListSegmentsResponse.segments:type_name -> cairn.mds.v1.Segment
+	96,  // 66: cairn.mds.v1.GetClusterStatusResponse.mds:type_name -> cairn.mds.v1.MDSInstance
+	97,  // 67: cairn.mds.v1.GetClusterStatusResponse.etcd:type_name -> cairn.mds.v1.EtcdMember
+	7,   // 68: cairn.mds.v1.GetClusterStatusResponse.constants:type_name -> cairn.mds.v1.ClusterConstants
+	109, // 69: cairn.mds.v1.TransferLeaderRequest.copyset:type_name -> cairn.common.v1.CopysetRef
+	39,  // 70: cairn.mds.v1.TransferLeaderResponse.operator:type_name -> cairn.mds.v1.Operator
+	109, // 71: cairn.mds.v1.BlockedCopyset.copyset:type_name -> cairn.common.v1.CopysetRef
+	104, // 72: cairn.mds.v1.GetScheduleStatusResponse.blocked:type_name -> cairn.mds.v1.BlockedCopyset
+	105, // 73: cairn.mds.v1.GetScheduleStatusResponse.operators:type_name -> cairn.mds.v1.OperatorCount
+	39,  // 74: cairn.mds.v1.ListOperatorsResponse.operators:type_name -> cairn.mds.v1.Operator
+	15,  // 75: cairn.mds.v1.TopologyService.RegisterChunkServer:input_type -> cairn.mds.v1.RegisterChunkServerRequest
+	17,  // 76: cairn.mds.v1.TopologyService.GetChunkServer:input_type -> cairn.mds.v1.GetChunkServerRequest
+	19,  // 77: cairn.mds.v1.TopologyService.ListZones:input_type -> cairn.mds.v1.ListZonesRequest
+	21,  // 78: cairn.mds.v1.TopologyService.ListServers:input_type -> cairn.mds.v1.ListServersRequest
+	23,  // 79: cairn.mds.v1.TopologyService.ListChunkServers:input_type -> cairn.mds.v1.ListChunkServersRequest
+	25,  // 80: cairn.mds.v1.TopologyService.ListPools:input_type -> cairn.mds.v1.ListPoolsRequest
+	27,  // 81: cairn.mds.v1.TopologyService.CreateLogicalPool:input_type -> cairn.mds.v1.CreateLogicalPoolRequest
+	29,  // 82: cairn.mds.v1.TopologyService.ListCopysets:input_type -> cairn.mds.v1.ListCopysetsRequest
+	31,  // 83: cairn.mds.v1.TopologyService.GetCopysets:input_type -> cairn.mds.v1.GetCopysetsRequest
+	33,  // 84: cairn.mds.v1.TopologyService.UpdateChunkServer:input_type -> cairn.mds.v1.UpdateChunkServerRequest
+	35,  // 85: cairn.mds.v1.TopologyService.DeleteChunkServer:input_type -> cairn.mds.v1.DeleteChunkServerRequest
+	40,  // 86: cairn.mds.v1.OperatorService.StartOperators:input_type -> cairn.mds.v1.StartOperatorsRequest
+	38,  // 87: cairn.mds.v1.HeartbeatService.Heartbeat:input_type -> cairn.mds.v1.HeartbeatRequest
+	49,  // 88: cairn.mds.v1.VolumeService.CreateVolume:input_type -> cairn.mds.v1.CreateVolumeRequest
+	51,  // 89: cairn.mds.v1.VolumeService.StatVolume:input_type -> cairn.mds.v1.StatVolumeRequest
+	53,  // 90: cairn.mds.v1.VolumeService.ListVolumes:input_type -> cairn.mds.v1.ListVolumesRequest
+	55,  // 91: cairn.mds.v1.VolumeService.ExtendVolume:input_type -> cairn.mds.v1.ExtendVolumeRequest
+	57,  // 92: cairn.mds.v1.VolumeService.RenameVolume:input_type -> cairn.mds.v1.RenameVolumeRequest
+	59,  // 93: cairn.mds.v1.VolumeService.DeleteVolume:input_type -> cairn.mds.v1.DeleteVolumeRequest
+	60,  // 94: cairn.mds.v1.VolumeService.TrashVolume:input_type -> cairn.mds.v1.TrashVolumeRequest
+	62,  // 95: cairn.mds.v1.VolumeService.RestoreVolume:input_type -> cairn.mds.v1.RestoreVolumeRequest
+	73,  // 96: cairn.mds.v1.VolumeService.OpenVolume:input_type -> cairn.mds.v1.OpenVolumeRequest
+	65,  // 97: cairn.mds.v1.VolumeService.CreateSnapshot:input_type -> cairn.mds.v1.CreateSnapshotRequest
+	67,  // 98: cairn.mds.v1.VolumeService.ListSnapshots:input_type -> cairn.mds.v1.ListSnapshotsRequest
+	69,  // 99: cairn.mds.v1.VolumeService.DeleteSnapshot:input_type -> cairn.mds.v1.DeleteSnapshotRequest
+	71,  // 100: cairn.mds.v1.VolumeService.FlattenVolume:input_type -> cairn.mds.v1.FlattenVolumeRequest
+	82,  // 101: cairn.mds.v1.VolumeService.RegisterNode:input_type -> cairn.mds.v1.RegisterNodeRequest
+	84,  // 102: cairn.mds.v1.VolumeService.ListNodes:input_type -> cairn.mds.v1.ListNodesRequest
+	86,  // 103: cairn.mds.v1.VolumeService.PublishVolume:input_type -> cairn.mds.v1.PublishVolumeRequest
+	88,  // 104: cairn.mds.v1.VolumeService.UnpublishVolume:input_type -> cairn.mds.v1.UnpublishVolumeRequest
+	75,  // 105: cairn.mds.v1.VolumeService.RefreshSession:input_type -> cairn.mds.v1.RefreshSessionRequest
+	77,  // 106: cairn.mds.v1.VolumeService.CloseVolume:input_type -> cairn.mds.v1.CloseVolumeRequest
+	79,  // 107: cairn.mds.v1.VolumeService.ListSessions:input_type -> cairn.mds.v1.ListSessionsRequest
+	92,  // 108: cairn.mds.v1.VolumeService.GetSegment:input_type -> cairn.mds.v1.GetSegmentRequest
+	94,  // 109: cairn.mds.v1.VolumeService.ListSegments:input_type -> cairn.mds.v1.ListSegmentsRequest
+	98,  // 110: cairn.mds.v1.ClusterService.GetClusterStatus:input_type -> cairn.mds.v1.GetClusterStatusRequest
+	100, // 111: cairn.mds.v1.ClusterService.TransferLeader:input_type -> cairn.mds.v1.TransferLeaderRequest
+	102, // 112: cairn.mds.v1.ClusterService.ListOperators:input_type -> cairn.mds.v1.ListOperatorsRequest
+	103, // 113: cairn.mds.v1.ClusterService.GetScheduleStatus:input_type -> cairn.mds.v1.GetScheduleStatusRequest
+	16,  // 114: cairn.mds.v1.TopologyService.RegisterChunkServer:output_type -> cairn.mds.v1.RegisterChunkServerResponse
+	18,  // 115: cairn.mds.v1.TopologyService.GetChunkServer:output_type -> cairn.mds.v1.GetChunkServerResponse
+	20,  // 116: cairn.mds.v1.TopologyService.ListZones:output_type -> cairn.mds.v1.ListZonesResponse
+	22,  // 117: cairn.mds.v1.TopologyService.ListServers:output_type -> cairn.mds.v1.ListServersResponse
+	24,  // 118: cairn.mds.v1.TopologyService.ListChunkServers:output_type -> cairn.mds.v1.ListChunkServersResponse
+	26,  // 119: cairn.mds.v1.TopologyService.ListPools:output_type -> cairn.mds.v1.ListPoolsResponse
+	28,  // 120: cairn.mds.v1.TopologyService.CreateLogicalPool:output_type -> cairn.mds.v1.CreateLogicalPoolResponse
+	30,  // 121: cairn.mds.v1.TopologyService.ListCopysets:output_type -> cairn.mds.v1.ListCopysetsResponse
+	32,  // 122: cairn.mds.v1.TopologyService.GetCopysets:output_type -> cairn.mds.v1.GetCopysetsResponse
+	34,  // 123: cairn.mds.v1.TopologyService.UpdateChunkServer:output_type -> cairn.mds.v1.UpdateChunkServerResponse
+	36,  // 124: cairn.mds.v1.TopologyService.DeleteChunkServer:output_type -> cairn.mds.v1.DeleteChunkServerResponse
+	41,  // 125: cairn.mds.v1.OperatorService.StartOperators:output_type -> cairn.mds.v1.StartOperatorsResponse
+	43,  // 126: cairn.mds.v1.HeartbeatService.Heartbeat:output_type -> cairn.mds.v1.HeartbeatResponse
+	50,  // 127: cairn.mds.v1.VolumeService.CreateVolume:output_type -> cairn.mds.v1.CreateVolumeResponse
+	52,  // 128: cairn.mds.v1.VolumeService.StatVolume:output_type -> cairn.mds.v1.StatVolumeResponse
+	54,  // 129: cairn.mds.v1.VolumeService.ListVolumes:output_type -> cairn.mds.v1.ListVolumesResponse
+	56,  // 130: cairn.mds.v1.VolumeService.ExtendVolume:output_type -> cairn.mds.v1.ExtendVolumeResponse
+	58,  // 131: cairn.mds.v1.VolumeService.RenameVolume:output_type -> cairn.mds.v1.RenameVolumeResponse
+	64,  // 132: cairn.mds.v1.VolumeService.DeleteVolume:output_type -> cairn.mds.v1.DeleteVolumeResponse
+	61,  // 133: cairn.mds.v1.VolumeService.TrashVolume:output_type -> cairn.mds.v1.TrashVolumeResponse
+	63,  // 134: cairn.mds.v1.VolumeService.RestoreVolume:output_type -> cairn.mds.v1.RestoreVolumeResponse
+	74,  // 135: cairn.mds.v1.VolumeService.OpenVolume:output_type -> cairn.mds.v1.OpenVolumeResponse
+	66,  // 136: cairn.mds.v1.VolumeService.CreateSnapshot:output_type -> cairn.mds.v1.CreateSnapshotResponse
+	68,  // 137: cairn.mds.v1.VolumeService.ListSnapshots:output_type -> cairn.mds.v1.ListSnapshotsResponse
+	70,  // 138: cairn.mds.v1.VolumeService.DeleteSnapshot:output_type -> cairn.mds.v1.DeleteSnapshotResponse
+	72,  // 139: cairn.mds.v1.VolumeService.FlattenVolume:output_type -> cairn.mds.v1.FlattenVolumeResponse
+	83,  // 140: cairn.mds.v1.VolumeService.RegisterNode:output_type -> cairn.mds.v1.RegisterNodeResponse
+	85,  // 141: cairn.mds.v1.VolumeService.ListNodes:output_type -> cairn.mds.v1.ListNodesResponse
+	87,  // 142: cairn.mds.v1.VolumeService.PublishVolume:output_type -> cairn.mds.v1.PublishVolumeResponse
+	89,  // 143: cairn.mds.v1.VolumeService.UnpublishVolume:output_type -> cairn.mds.v1.UnpublishVolumeResponse
+	76,  // 144: cairn.mds.v1.VolumeService.RefreshSession:output_type -> cairn.mds.v1.RefreshSessionResponse
+	78,  // 145: cairn.mds.v1.VolumeService.CloseVolume:output_type -> cairn.mds.v1.CloseVolumeResponse
+	80,  // 146: cairn.mds.v1.VolumeService.ListSessions:output_type -> cairn.mds.v1.ListSessionsResponse
+	93,  // 147: cairn.mds.v1.VolumeService.GetSegment:output_type -> cairn.mds.v1.GetSegmentResponse
+	95,  // 148: cairn.mds.v1.VolumeService.ListSegments:output_type -> cairn.mds.v1.ListSegmentsResponse
+	99,  // 149: cairn.mds.v1.ClusterService.GetClusterStatus:output_type -> cairn.mds.v1.GetClusterStatusResponse
+	101, // 150: cairn.mds.v1.ClusterService.TransferLeader:output_type -> cairn.mds.v1.TransferLeaderResponse
+	107, // 151: cairn.mds.v1.ClusterService.ListOperators:output_type -> cairn.mds.v1.ListOperatorsResponse
+	106, // 152: cairn.mds.v1.ClusterService.GetScheduleStatus:output_type -> cairn.mds.v1.GetScheduleStatusResponse
+	114, // [114:153] is the sub-list for method output_type
+	75,  // [75:114] is the sub-list for method input_type
+	75,  // [75:75] is the sub-list for extension type_name
+	75,  // [75:75] is the sub-list for extension extendee
+	0,   // [0:75] is the sub-list for field type_name
 }
 
 func init() { file_mdspb_mds_proto_init() }
@@ -6857,7 +7123,7 @@ func file_mdspb_mds_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_mdspb_mds_proto_rawDesc), len(file_mdspb_mds_proto_rawDesc)),
 			NumEnums:      6,
-			NumMessages:   99,
+			NumMessages:   103,
 			NumExtensions: 0,
 			NumServices:   5,
 		},

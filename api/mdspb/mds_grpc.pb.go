@@ -746,6 +746,8 @@ const (
 	VolumeService_ExtendVolume_FullMethodName    = "/cairn.mds.v1.VolumeService/ExtendVolume"
 	VolumeService_RenameVolume_FullMethodName    = "/cairn.mds.v1.VolumeService/RenameVolume"
 	VolumeService_DeleteVolume_FullMethodName    = "/cairn.mds.v1.VolumeService/DeleteVolume"
+	VolumeService_TrashVolume_FullMethodName     = "/cairn.mds.v1.VolumeService/TrashVolume"
+	VolumeService_RestoreVolume_FullMethodName   = "/cairn.mds.v1.VolumeService/RestoreVolume"
 	VolumeService_OpenVolume_FullMethodName      = "/cairn.mds.v1.VolumeService/OpenVolume"
 	VolumeService_CreateSnapshot_FullMethodName  = "/cairn.mds.v1.VolumeService/CreateSnapshot"
 	VolumeService_ListSnapshots_FullMethodName   = "/cairn.mds.v1.VolumeService/ListSnapshots"
@@ -775,6 +777,8 @@ type VolumeServiceClient interface {
 	ExtendVolume(ctx context.Context, in *ExtendVolumeRequest, opts ...grpc.CallOption) (*ExtendVolumeResponse, error)
 	RenameVolume(ctx context.Context, in *RenameVolumeRequest, opts ...grpc.CallOption) (*RenameVolumeResponse, error)
 	DeleteVolume(ctx context.Context, in *DeleteVolumeRequest, opts ...grpc.CallOption) (*DeleteVolumeResponse, error)
+	TrashVolume(ctx context.Context, in *TrashVolumeRequest, opts ...grpc.CallOption) (*TrashVolumeResponse, error)
+	RestoreVolume(ctx context.Context, in *RestoreVolumeRequest, opts ...grpc.CallOption) (*RestoreVolumeResponse, error)
 	OpenVolume(ctx context.Context, in *OpenVolumeRequest, opts ...grpc.CallOption) (*OpenVolumeResponse, error)
 	CreateSnapshot(ctx context.Context, in *CreateSnapshotRequest, opts ...grpc.CallOption) (*CreateSnapshotResponse, error)
 	ListSnapshots(ctx context.Context, in *ListSnapshotsRequest, opts ...grpc.CallOption) (*ListSnapshotsResponse, error)
@@ -853,6 +857,26 @@ func (c *volumeServiceClient) DeleteVolume(ctx context.Context, in *DeleteVolume
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(DeleteVolumeResponse)
 	err := c.cc.Invoke(ctx, VolumeService_DeleteVolume_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *volumeServiceClient) TrashVolume(ctx context.Context, in *TrashVolumeRequest, opts ...grpc.CallOption) (*TrashVolumeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(TrashVolumeResponse)
+	err := c.cc.Invoke(ctx, VolumeService_TrashVolume_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *volumeServiceClient) RestoreVolume(ctx context.Context, in *RestoreVolumeRequest, opts ...grpc.CallOption) (*RestoreVolumeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RestoreVolumeResponse)
+	err := c.cc.Invoke(ctx, VolumeService_RestoreVolume_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -1012,6 +1036,8 @@ type VolumeServiceServer interface {
 	ExtendVolume(context.Context, *ExtendVolumeRequest) (*ExtendVolumeResponse, error)
 	RenameVolume(context.Context, *RenameVolumeRequest) (*RenameVolumeResponse, error)
 	DeleteVolume(context.Context, *DeleteVolumeRequest) (*DeleteVolumeResponse, error)
+	TrashVolume(context.Context, *TrashVolumeRequest) (*TrashVolumeResponse, error)
+	RestoreVolume(context.Context, *RestoreVolumeRequest) (*RestoreVolumeResponse, error)
 	OpenVolume(context.Context, *OpenVolumeRequest) (*OpenVolumeResponse, error)
 	CreateSnapshot(context.Context, *CreateSnapshotRequest) (*CreateSnapshotResponse, error)
 	ListSnapshots(context.Context, *ListSnapshotsRequest) (*ListSnapshotsResponse, error)
@@ -1053,6 +1079,12 @@ func (UnimplementedVolumeServiceServer) RenameVolume(context.Context, *RenameVol
 }
 func (UnimplementedVolumeServiceServer) DeleteVolume(context.Context, *DeleteVolumeRequest) (*DeleteVolumeResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DeleteVolume not implemented")
+}
+func (UnimplementedVolumeServiceServer) TrashVolume(context.Context, *TrashVolumeRequest) (*TrashVolumeResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method TrashVolume not implemented")
+}
+func (UnimplementedVolumeServiceServer) RestoreVolume(context.Context, *RestoreVolumeRequest) (*RestoreVolumeResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RestoreVolume not implemented")
 }
 func (UnimplementedVolumeServiceServer) OpenVolume(context.Context, *OpenVolumeRequest) (*OpenVolumeResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method OpenVolume not implemented")
@@ -1221,6 +1253,42 @@ func _VolumeService_DeleteVolume_Handler(srv interface{}, ctx context.Context, d
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(VolumeServiceServer).DeleteVolume(ctx, req.(*DeleteVolumeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _VolumeService_TrashVolume_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(TrashVolumeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VolumeServiceServer).TrashVolume(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VolumeService_TrashVolume_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VolumeServiceServer).TrashVolume(ctx, req.(*TrashVolumeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _VolumeService_RestoreVolume_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RestoreVolumeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(VolumeServiceServer).RestoreVolume(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: VolumeService_RestoreVolume_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(VolumeServiceServer).RestoreVolume(ctx, req.(*RestoreVolumeRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -1507,6 +1575,14 @@ var VolumeService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "DeleteVolume",
 			Handler:    _VolumeService_DeleteVolume_Handler,
+		},
+		{
+			MethodName: "TrashVolume",
+			Handler:    _VolumeService_TrashVolume_Handler,
+		},
+		{
+			MethodName: "RestoreVolume",
+			Handler:    _VolumeService_RestoreVolume_Handler,
 		},
 		{
 			MethodName: "OpenVolume",

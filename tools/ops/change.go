@@ -110,7 +110,7 @@ refused unless --force.`,
 	vol.Flags().DurationVar(&wait, "wait", 0, "wait up to this long for the volume's chunks to be freed")
 	vol.Flags().BoolVarP(&yes, "yes", "y", false, "do not ask for confirmation")
 	vol.Flags().BoolVar(&force, "force", false, "delete even while a client has the volume open for writing, and its snapshots with it")
-	cmd.AddCommand(vol, a.deleteSnapshotCommand(), a.deleteChunkServerCommand(), a.deleteSessionCommand())
+	cmd.AddCommand(vol, a.deleteSnapshotCommand(), a.deleteChunkServerCommand(), a.deleteSessionCommand(), a.deleteTrashCommand())
 	return cmd
 }
 

@@ -37,6 +37,7 @@ func (a *app) listCommand() *cobra.Command {
 		a.listCopysetCommand(),
 		a.listOperatorCommand(),
 		a.listSnapshotCommand(),
+		a.listTrashCommand(),
 		&cobra.Command{
 			Use: "volume", Aliases: []string{"volumes"}, Short: "List volumes", Args: exactArgs(0, "none"),
 			RunE: a.runE(func(ctx context.Context, _ *cobra.Command, _ []string) error { return a.listVolumes(ctx) }),

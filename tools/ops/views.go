@@ -152,6 +152,8 @@ func volumeStatusName(s mdspb.VolumeStatus) string {
 		return "created"
 	case mdspb.VolumeStatus_VOLUME_STATUS_DELETING:
 		return "deleting"
+	case mdspb.VolumeStatus_VOLUME_STATUS_TRASHED:
+		return "trashed"
 	default:
 		return "unknown"
 	}
