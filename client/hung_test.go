@@ -2,6 +2,7 @@ package client_test
 
 import (
 	"bytes"
+	"errors"
 	"context"
 	"sync/atomic"
 	"testing"
@@ -11,6 +12,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"cairn.io/cairn/api/chunkpb"
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/chunkserver"
 	"cairn.io/cairn/client"
@@ -93,5 +95,34 @@ func TestHungLeaderIsPassedOver(t *testing.T) {
 	got := make([]byte, 4096)
 	if _, err := v.ReadAt(wctx, got, 0); err != nil || !bytes.Equal(got, data) {
 		t.Fatalf("read while the old leader hangs: %v", err)
+	}
+}
+
+// TestNoSpaceIsReportedThroughOtherFailures: a write that met a full pool
+// and then only transient failures until its retry timeout fails with
+// ErrNoSpace, the cause, not ErrTimeout.
+func TestNoSpaceIsReportedThroughOtherFailures(t *testing.T) {
+	var calls atomic.Int64
+	var full atomic.Bool
+	c := cluster.Start(t, cluster.Options{Tune: func(i int, cfg *chunkserver.Config) {
+		cfg.TestingKnobs.UnaryInterceptor = func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+			if _, ok := req.(*chunkpb.WriteChunkRequest); ok && full.Load() {
+				if calls.Add(1) == 1 {
+					return &chunkpb.WriteChunkResponse{Status: chunkpb.Status_STATUS_NOSPACE, Message: "test: the pool is full"}, nil
+				}
+				return &chunkpb.WriteChunkResponse{Status: chunkpb.Status_STATUS_OVERLOAD, Message: "test: busy"}, nil
+			}
+			return h(ctx, req)
+		}
+	}})
+	createVolume(t, c, "full", seg)
+	v := open(t, c, "full", client.Options{RetryTimeout: 2 * time.Second})
+	if _, err := v.WriteAt(ctx, make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	full.Store(true)
+	_, err := v.WriteAt(ctx, make([]byte, 4096), 0)
+	if !errors.Is(err, client.ErrNoSpace) {
+		t.Fatalf("write into a full pool: %v, want ErrNoSpace", err)
 	}
 }

@@ -279,6 +279,9 @@ func (r *router) call(ctx context.Context, ref *commonpb.CopysetRef, f func(ctx 
 	// elects a new leader elsewhere.
 	var suspect string
 	var suspectUntil time.Time
+	// noSpace is the last NOSPACE answer: a full pool is the cause to
+	// report even when other failures came in between.
+	var noSpace string
 	for attempt := 0; ; attempt++ {
 		// While the copyset is without a reachable leader, poll briskly:
 		// a new one is elected within an election timeout or two.
@@ -361,6 +364,9 @@ func (r *router) call(ctx context.Context, ref *commonpb.CopysetRef, f func(ctx 
 			// UNAVAILABLE (no leader, leader change), OVERLOAD, NOSPACE
 			// while a pool formats, INTERNAL_ERROR: wait and retry.
 			last = fmt.Sprintf("%v: %s", out.status, out.msg)
+			if out.status == chunkpb.Status_STATUS_NOSPACE {
+				noSpace = last
+			}
 			if out.status == chunkpb.Status_STATUS_UNAVAILABLE {
 				r.setLeader(ref, "")
 				refresh = attempt%4 == 3
@@ -369,8 +375,11 @@ func (r *router) call(ctx context.Context, ref *commonpb.CopysetRef, f func(ctx 
 			}
 		}
 		if time.Now().After(deadline) {
-			if out.status == chunkpb.Status_STATUS_NOSPACE {
-				return out.status, fmt.Errorf("%w: %s", ErrNoSpace, last)
+			if noSpace != "" {
+				if noSpace != last {
+					return chunkpb.Status_STATUS_NOSPACE, fmt.Errorf("%w: %s (last: %s)", ErrNoSpace, noSpace, last)
+				}
+				return chunkpb.Status_STATUS_NOSPACE, fmt.Errorf("%w: %s", ErrNoSpace, last)
 			}
 			return out.status, fmt.Errorf("%w after %v (copyset %s): %s", ErrTimeout, v.opts.RetryTimeout, ref.Name(), last)
 		}
