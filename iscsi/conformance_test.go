@@ -185,6 +185,11 @@ func writeConformanceDoc(t *testing.T, ours, tgt map[string]string, elapsed time
 	b.WriteString("limits page sets WSNZ and a MAXIMUM WRITE SAME LENGTH of at most 32 MiB, so a WRITE SAME of zero blocks\n")
 	b.WriteString("(which would otherwise write from the LBA to the end of the LUN) is refused with INVALID FIELD IN\n")
 	b.WriteString("CDB; tgt accepts it and passes them.\n\n")
+	b.WriteString("GetLBAStatus.UnmapSingle fails on its own expectation when a LUN's physical block holds more than\n")
+	b.WriteString("one logical block (Cairn reports 4 KiB physical blocks of 512-byte logical ones, LOGICAL BLOCKS PER\n")
+	b.WriteString("PHYSICAL BLOCK EXPONENT 3): its second loop asks GET LBA STATUS for LBA i+1 and wants the first\n")
+	b.WriteString("descriptor to start at i+8, while SBC requires it to describe the LBA asked for, which Cairn's does\n")
+	b.WriteString("(its first loop, at physical-block-aligned LBAs, passes). tgt offers no thin provisioning and skips it.\n\n")
 	fmt.Fprintf(&b, "| test | Cairn | tgt |\n|---|---|---|\n")
 	for _, n := range all {
 		fmt.Fprintf(&b, "| %s | %s | %s |\n", n, orDash(ours[n]), orDash(tgt[n]))
