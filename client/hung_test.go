@@ -2,8 +2,8 @@ package client_test
 
 import (
 	"bytes"
-	"errors"
 	"context"
+	"errors"
 	"sync/atomic"
 	"testing"
 	"time"
