@@ -165,11 +165,7 @@ func TestClonePagesSurviveCrashes(t *testing.T) {
 		if powerCut(t, f, round, opErr, armed, keepPages) {
 			cutsAtOwned++
 		}
-		_ = s.Close()
-		_ = p.Close()
-		f.Restart()
-		p = openPool()
-		s = openStore(p)
+		p, s = restartStore(f, s, p, openPool, openStore)
 		replay(t, s, round, log)
 		check(round)
 	}
@@ -177,12 +173,7 @@ func TestClonePagesSurviveCrashes(t *testing.T) {
 		t.Fatal("no crash fell at an owned-pages fdatasync")
 	}
 	t.Logf("%d of %d crashes cut a sync of owned pages", cutsAtOwned, rounds)
-	if err := s.Close(); err != nil {
-		t.Fatal(err)
-	}
-	if err := p.Close(); err != nil {
-		t.Fatal(err)
-	}
+	closeStore(t, s, p)
 }
 
 // TestClonePagesSurviveFailedSync: a chunk file's fdatasync fails (the

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"cairn.io/cairn/chunkfilepool"
 	"cairn.io/cairn/chunkserver/datastore"
 )
 
@@ -132,5 +133,27 @@ func replay[O storeOp](t *testing.T, s *datastore.Store, round int, log []O) {
 		if err := o.apply(s); err != nil {
 			t.Fatalf("round %d: replay operation %d of %d: %v", round, i, len(log), err)
 		}
+	}
+}
+
+// restartStore drops a store and its pool after a power cut, restarts
+// the mount and opens both again.
+func restartStore(f *FS, s *datastore.Store, p *chunkfilepool.Pool, openPool func() *chunkfilepool.Pool,
+	openStore func(*chunkfilepool.Pool) *datastore.Store) (*chunkfilepool.Pool, *datastore.Store) {
+	_ = s.Close()
+	_ = p.Close()
+	f.Restart()
+	p = openPool()
+	return p, openStore(p)
+}
+
+// closeStore closes a store and its pool at the end of a test.
+func closeStore(t *testing.T, s *datastore.Store, p *chunkfilepool.Pool) {
+	t.Helper()
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Close(); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -178,11 +178,7 @@ func TestSnapshotVersionsSurviveCrashes(t *testing.T) {
 		if powerCut(t, f, round, opErr, armed, keepPages) {
 			cutsInCopy++
 		}
-		_ = s.Close()
-		_ = p.Close()
-		f.Restart()
-		p = openPool()
-		s = openStore(p)
+		p, s = restartStore(f, s, p, openPool, openStore)
 		replay(t, s, round, log)
 		check(round)
 	}
@@ -190,10 +186,5 @@ func TestSnapshotVersionsSurviveCrashes(t *testing.T) {
 		t.Fatal("no crash fell inside a copy on write")
 	}
 	t.Logf("%d of %d crashes cut a copy on write", cutsInCopy, rounds)
-	if err := s.Close(); err != nil {
-		t.Fatal(err)
-	}
-	if err := p.Close(); err != nil {
-		t.Fatal(err)
-	}
+	closeStore(t, s, p)
 }
