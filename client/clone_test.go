@@ -37,13 +37,23 @@ func (m *model) snapshot() []byte {
 	return bytes.Clone(m.b)
 }
 
+// readAll reads a volume's first n bytes. A snapshot handle (a clone's
+// source) refuses reads while the MDS has not confirmed it for a lease, as
+// after an MDS restart: those are retried for a while.
 func readAll(t *testing.T, v *client.Volume, n int64) []byte {
 	t.Helper()
 	got := make([]byte, n)
-	if _, err := v.ReadAt(ctx, got, 0); err != nil {
-		t.Fatalf("read %s: %v", v.Name(), err)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		_, err := v.ReadAt(ctx, got, 0)
+		if err == nil {
+			return got
+		}
+		if !errors.Is(err, client.ErrUnavailable) || time.Now().After(deadline) {
+			t.Fatalf("read %s: %v", v.Name(), err)
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
-	return got
 }
 
 func mustEqual(t *testing.T, what string, got, want []byte) {

@@ -47,7 +47,7 @@ func TestVolumeLifecycle(t *testing.T) {
 		{[]string{"create", "volume", "vol3", "--size", "10XB"}, ExitUsage, `--size: size "10XB": unknown unit "XB"`},
 		{[]string{"create", "volume", "vol3"}, ExitUsage, "--size is required"},
 		{[]string{"create", "volume", "vol3", "--size", "8MiB", "--pool", "nope"}, ExitNotFound, `logical pool "nope" does not exist`},
-		{[]string{"extend", "volume", "vol1", "--size", "8MiB"}, ExitUsage, `shrinking to 8388608 is not supported`},
+		{[]string{"extend", "volume", "vol1", "--size", "8MiB"}, ExitUsage, `--allow-shrink`},
 		{[]string{"extend", "volume", "nope", "--size", "8MiB"}, ExitNotFound, `volume "nope" does not exist`},
 		{[]string{"query", "volume", "nope"}, ExitNotFound, `cairn-ops: volume "nope" does not exist`},
 		{[]string{"delete", "volume", "nope", "--yes"}, ExitNotFound, `volume "nope" does not exist`},
@@ -331,7 +331,7 @@ func TestUsageErrors(t *testing.T) {
 		msg  string
 	}{
 		{[]string{"frobnicate"}, `unknown command "frobnicate"`},
-		{[]string{"list"}, "cairn-ops list needs one of: chunkserver, copyset, node, operator, pool, server, session, snapshot, volume, zone"},
+		{[]string{"list"}, "cairn-ops list needs one of: chunkserver, copyset, node, operator, pool, server, session, snapshot, trash, volume, zone"},
 		{[]string{"list", "disks"}, `unknown command "disks" for cairn-ops list`},
 		{[]string{"status", "--bogus"}, "unknown flag: --bogus"},
 		{[]string{"-o", "yaml", "status"}, `unknown output format "yaml": use table or json`},
