@@ -81,9 +81,9 @@ func mustEqual(t *testing.T, what string, got, want []byte) {
 func TestCloneLifecycle(t *testing.T) {
 	// A short session lease (the source is released a lease after a
 	// flatten), but not so short that the MDS restart below, on a loaded
-	// machine, lets the writer's session expire (an expired writer
-	// session is a fenced one).
-	c := cluster.Start(t, cluster.Options{SessionLease: 5 * time.Second})
+	// machine, lets a writer's session expire: the epoch raise of a
+	// release would then find it expired, and fence it.
+	c := cluster.Start(t, cluster.Options{SessionLease: 10 * time.Second})
 	const size = 4 << 20 // four 1 MiB chunks
 	createVolume(t, c, "src", 2*seg)
 	rng := rand.New(rand.NewSource(7))
