@@ -70,7 +70,7 @@ for writing, published to a node, has snapshots or is a clone not flattened.`,
 }
 
 func (a *app) deleteCommand() *cobra.Command {
-	cmd := &cobra.Command{Use: "delete", Short: "Delete a volume, a snapshot, a retired chunkserver or a stale session"}
+	cmd := &cobra.Command{Use: "delete", Short: "Delete a volume, a snapshot, a volume in the trash, a retired chunkserver or a stale session"}
 	var yes, force bool
 	var wait time.Duration
 	vol := &cobra.Command{

@@ -14,7 +14,7 @@ import (
 func (a *app) listCommand() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "list",
-		Short: "List zones, servers, chunkservers, pools, copysets, operators, volumes, sessions or CSI nodes",
+		Short: "List zones, servers, chunkservers, pools, copysets, operators, volumes, snapshots, the trash, sessions or CSI nodes",
 	}
 	cmd.AddCommand(a.listSessionCommand(), a.listNodeCommand(),
 		&cobra.Command{
