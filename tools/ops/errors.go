@@ -36,6 +36,9 @@ func (e *exitError) Unwrap() error { return e.err }
 // usageError marks err as a command-line mistake (exit code 2).
 func usageError(err error) error { return &exitError{code: ExitUsage, err: err} }
 
+// unreachable marks err as a server that did not answer (exit code 5).
+func unreachable(err error) error { return &exitError{code: ExitUnreachable, err: err} }
+
 // notFound marks err as naming something that does not exist (exit code 6).
 func notFound(err error) error { return &exitError{code: ExitNotFound, err: err} }
 

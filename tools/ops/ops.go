@@ -149,7 +149,8 @@ Exit codes: 0 success (healthy), 1 command failed, 2 usage, 3 not healthy,
 
 	root.AddCommand(a.statusCommand(), a.listCommand(), a.queryCommand(), a.createCommand(),
 		a.extendCommand(), a.deleteCommand(), a.updateCommand(), a.checkCommand(), a.duCommand(), a.renameCommand(),
-		a.exportCommand(), a.importCommand(), a.rollbackCommand(), a.flattenCommand(), a.trashCommand(), a.restoreCommand())
+		a.exportCommand(), a.importCommand(), a.rollbackCommand(), a.flattenCommand(), a.trashCommand(), a.restoreCommand(),
+		a.topCommand())
 	for _, c := range root.Commands() {
 		if c.HasSubCommands() && c.RunE == nil && c.Run == nil {
 			makeGroup(c)
