@@ -182,34 +182,6 @@ func (s *Store) cut(c *chunk, sn, keep uint64) (*version, error) {
 	return nil, nil
 }
 
-// notOwned returns the pages a clone's chunk does not own, for the
-// version a cut keeps (nil for other chunks, or when the meta slot has no
-// room for it: the MDS refuses snapshots of clones on such geometries).
-func (s *Store) notOwned(c *chunk) []byte {
-	bits := c.ownedSnapshot()
-	if bits == nil {
-		return nil
-	}
-	if !s.absentFits() {
-		s.log.Error("a clone chunk's version cannot keep which pages were not its own (chunk too large for the meta page); its snapshots read its data there", "chunk", c.id)
-		return nil
-	}
-	pages := (s.geo.ChunkSize + s.unit - 1) / s.unit
-	out := make([]byte, len(bits))
-	for i := range pages {
-		if bits[i/8]&(1<<(i%8)) == 0 {
-			out[i/8] |= 1 << (i % 8)
-		}
-	}
-	return out
-}
-
-// absentFits reports whether a version slot has room for an absent bitmap
-// beside its bitmap.
-func (s *Store) absentFits() bool {
-	return int64(versionHeaderLen+2*s.bitmapLen()+4) <= s.geo.MetaPageSize/2
-}
-
 // createVersion makes the version file of chunk id for from..to, durable
 // and empty, from a pool file; absent marks the pages a clone's chunk did
 // not own (nil: none).
