@@ -7,7 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"cairn.io/cairn/chunkfilepool"
 	"cairn.io/cairn/chunkserver/datastore"
 )
 
@@ -45,25 +44,8 @@ func TestClonePagesSurviveCrashes(t *testing.T) {
 	f := MountForTest(t, Options{})
 	const chunkSize = 64 << 10
 	const unit = 4096
-	openPool := func() *chunkfilepool.Pool {
-		p, err := chunkfilepool.Open(chunkfilepool.Options{
-			Dir: f.Path("pool"), ChunkSize: chunkSize, MetaPageSize: 4096, BlockSize: 512,
-			InitialChunks: 16, MaxChunks: 32, Logger: quiet,
-		})
-		if err != nil {
-			t.Fatalf("open pool: %v", err)
-		}
-		return p
-	}
-	openStore := func(p *chunkfilepool.Pool) *datastore.Store {
-		s, err := datastore.Open(f.Path("store"), p, datastore.Options{Logger: quiet, CreateWait: time.Minute})
-		if err != nil {
-			t.Fatalf("open store: %v", err)
-		}
-		return s
-	}
-	p := openPool()
-	s := openStore(p)
+	ts := testStore{t: t, f: f, initial: 16, most: 32}
+	p, s := ts.open()
 
 	seed := uint64(time.Now().UnixNano())
 	t.Logf("seed %d", seed)
@@ -165,7 +147,7 @@ func TestClonePagesSurviveCrashes(t *testing.T) {
 		if powerCut(t, f, round, opErr, armed, keepPages) {
 			cutsAtOwned++
 		}
-		p, s = restartStore(f, s, p, openPool, openStore)
+		p, s = ts.restart(s, p)
 		replay(t, s, round, log)
 		check(round)
 	}
@@ -186,18 +168,8 @@ func TestClonePagesSurviveFailedSync(t *testing.T) {
 	f := MountForTest(t, Options{})
 	const chunkSize = 64 << 10
 	const unit = 4096
-	p, err := chunkfilepool.Open(chunkfilepool.Options{
-		Dir: f.Path("pool"), ChunkSize: chunkSize, MetaPageSize: 4096, BlockSize: 512,
-		InitialChunks: 4, MaxChunks: 8, Logger: quiet,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	p, s := testStore{t: t, f: f, initial: 4, most: 8}.open()
 	defer p.Close()
-	s, err := datastore.Open(f.Path("store"), p, datastore.Options{Logger: quiet, CreateWait: time.Minute})
-	if err != nil {
-		t.Fatal(err)
-	}
 	defer s.Close()
 	src := make([]byte, chunkSize)
 	for i := range src {

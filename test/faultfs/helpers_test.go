@@ -136,15 +136,38 @@ func replay[O storeOp](t *testing.T, s *datastore.Store, round int, log []O) {
 	}
 }
 
-// restartStore drops a store and its pool after a power cut, restarts
-// the mount and opens both again.
-func restartStore(f *FS, s *datastore.Store, p *chunkfilepool.Pool, openPool func() *chunkfilepool.Pool,
-	openStore func(*chunkfilepool.Pool) *datastore.Store) (*chunkfilepool.Pool, *datastore.Store) {
+// testStore opens a datastore of 64 KiB chunks and its pool in the mount
+// (again after each restart), the pool starting with initial files and
+// growing up to most.
+type testStore struct {
+	t             *testing.T
+	f             *FS
+	initial, most int
+}
+
+func (o testStore) open() (*chunkfilepool.Pool, *datastore.Store) {
+	o.t.Helper()
+	p, err := chunkfilepool.Open(chunkfilepool.Options{
+		Dir: o.f.Path("pool"), ChunkSize: 64 << 10, MetaPageSize: 4096, BlockSize: 512,
+		InitialChunks: o.initial, MaxChunks: o.most, Logger: quiet,
+	})
+	if err != nil {
+		o.t.Fatalf("open pool: %v", err)
+	}
+	s, err := datastore.Open(o.f.Path("store"), p, datastore.Options{Logger: quiet, CreateWait: time.Minute})
+	if err != nil {
+		o.t.Fatalf("open store: %v", err)
+	}
+	return p, s
+}
+
+// restart drops a store and its pool after a power cut, restarts the
+// mount and opens both again.
+func (o testStore) restart(s *datastore.Store, p *chunkfilepool.Pool) (*chunkfilepool.Pool, *datastore.Store) {
 	_ = s.Close()
 	_ = p.Close()
-	f.Restart()
-	p = openPool()
-	return p, openStore(p)
+	o.f.Restart()
+	return o.open()
 }
 
 // closeStore closes a store and its pool at the end of a test.

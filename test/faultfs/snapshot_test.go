@@ -8,7 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"cairn.io/cairn/chunkfilepool"
 	"cairn.io/cairn/chunkserver/datastore"
 )
 
@@ -41,25 +40,8 @@ func (o snapOp) apply(s *datastore.Store) error {
 func TestSnapshotVersionsSurviveCrashes(t *testing.T) {
 	f := MountForTest(t, Options{})
 	const chunkSize = 64 << 10
-	openPool := func() *chunkfilepool.Pool {
-		p, err := chunkfilepool.Open(chunkfilepool.Options{
-			Dir: f.Path("pool"), ChunkSize: chunkSize, MetaPageSize: 4096, BlockSize: 512,
-			InitialChunks: 32, MaxChunks: 64, Logger: quiet,
-		})
-		if err != nil {
-			t.Fatalf("open pool: %v", err)
-		}
-		return p
-	}
-	openStore := func(p *chunkfilepool.Pool) *datastore.Store {
-		s, err := datastore.Open(f.Path("store"), p, datastore.Options{Logger: quiet, CreateWait: time.Minute})
-		if err != nil {
-			t.Fatalf("open store: %v", err)
-		}
-		return s
-	}
-	p := openPool()
-	s := openStore(p)
+	ts := testStore{t: t, f: f, initial: 32, most: 64}
+	p, s := ts.open()
 
 	seed := uint64(time.Now().UnixNano())
 	t.Logf("seed %d", seed)
@@ -178,7 +160,7 @@ func TestSnapshotVersionsSurviveCrashes(t *testing.T) {
 		if powerCut(t, f, round, opErr, armed, keepPages) {
 			cutsInCopy++
 		}
-		p, s = restartStore(f, s, p, openPool, openStore)
+		p, s = ts.restart(s, p)
 		replay(t, s, round, log)
 		check(round)
 	}
