@@ -424,7 +424,7 @@ func TestSegmentIsSyncedBeforeTheNextHeader(t *testing.T) {
 	var mu sync.Mutex
 	var headers, dirty int
 	w, _, err := Open(Options{Dir: disk.Path("wal"), Source: src, TestingKnobs: TestingKnobs{
-		BeforeWrite: func(seq uint64, off int64) {
+		BeforeWrite: func(seq uint64, off int64, _ int) {
 			if off != 0 || seq == 1 {
 				return
 			}

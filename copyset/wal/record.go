@@ -30,8 +30,11 @@ const (
 const (
 	recordHeaderSize = 17 // length u32 + crc u32 + type u8 + group u64
 	headerBlockSize  = 4096
-	segmentMagic     = "CAIRNWAL"
-	segmentVersion   = 1
+	// pageSize is the page cache's unit: every write of a group commit
+	// ends on a page boundary (see batchWriter.flush).
+	pageSize       = 4096
+	segmentMagic   = "CAIRNWAL"
+	segmentVersion = 1
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)

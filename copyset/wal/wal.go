@@ -91,9 +91,9 @@ type Options struct {
 
 // TestingKnobs let tests watch the writer's steps.
 type TestingKnobs struct {
-	// BeforeWrite is called before the writer writes to segment seq at off
-	// (off 0 is the write that starts with the segment's header).
-	BeforeWrite func(seq uint64, off int64)
+	// BeforeWrite is called before the writer writes n bytes to segment
+	// seq at off (off 0 is the write that starts with the segment's header).
+	BeforeWrite func(seq uint64, off int64, n int)
 }
 
 // ErrClosed is returned for submissions to a closed WAL.

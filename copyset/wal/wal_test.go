@@ -502,3 +502,45 @@ func TestEmptyAppendIsNotASync(t *testing.T) {
 		t.Fatalf("reported group commits %+v, want the one that wrote an entry", syncs)
 	}
 }
+
+// TestWritesEndOnPageBoundaries: every group commit writes whole pages, so
+// the kernel never reads a segment page (dropped from the cache after
+// formatting) before it can write it; the padding leaves every record
+// readable, across segment ends too.
+func TestWritesEndOnPageBoundaries(t *testing.T) {
+	dir := t.TempDir()
+	src := &zeroSource{size: 64 << 10}
+	var mu sync.Mutex
+	var writes, unaligned int
+	w, _, err := Open(Options{Dir: dir, Source: src, TestingKnobs: TestingKnobs{
+		BeforeWrite: func(seq uint64, off int64, n int) {
+			mu.Lock()
+			defer mu.Unlock()
+			writes++
+			if end := off + int64(n); end%pageSize != 0 && end != src.size {
+				unaligned++
+			}
+		},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want []*raftpb.Entry
+	for i := uint64(1); i <= 60; i++ {
+		e := ent(i, 1, string(bytes.Repeat([]byte{byte(i)}, 1000+int(i)*37)))
+		want = append(want, e)
+		submitSync(t, w, Append{Group: 7, Entries: []*raftpb.Entry{e}, HardState: hs(1, 1, i)})
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := src.counts(); got < 2 {
+		t.Fatalf("the log used %d segment(s); the test needs it to cross a segment end", got)
+	}
+	if writes < 60 || unaligned != 0 {
+		t.Fatalf("%d of %d writes ended inside a page", unaligned, writes)
+	}
+	w, logs := openWAL(t, dir, src)
+	defer w.Close()
+	checkEntries(t, logs[7], want)
+}
