@@ -72,6 +72,7 @@ type Copyset struct {
 	idleTicks   int               // a leader's ticks without work (see noteQuiet)
 	beatAcks    map[uint64]uint64 // quiesced leader: follower -> round of its last quiesce heartbeat answer
 	beatRound   uint64            // quiesced leader: rounds of quiesce heartbeats sent
+	beatResp    []uint64          // peers whose heartbeat answers this round stepped (see replicatingPeers)
 	leaseUntil  time.Time
 	readSeq     uint64
 	readBatches map[uint64]*readBatch

@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"math"
 	"runtime/debug"
+	"slices"
 	"time"
 
 	"go.etcd.io/raft/v3"
 	"go.etcd.io/raft/v3/raftpb"
+	"go.etcd.io/raft/v3/tracker"
 
 	"cairn.io/cairn/copyset/wal"
 )
@@ -245,6 +247,9 @@ func (c *Copyset) process(in *inbox) {
 			c.silentTicks = 0
 		}
 		c.heard[m.GetFrom()] = now
+		if m.GetType() == raftpb.MsgHeartbeatResp {
+			c.beatResp = append(c.beatResp, m.GetFrom())
+		}
 		if m.GetType() == raftpb.MsgHeartbeatResp && isQuiesceBeat(m) {
 			// Raft reads a heartbeat answer's context as a count of
 			// confirmed reads: the marker is ours alone.
@@ -283,6 +288,7 @@ func (c *Copyset) process(in *inbox) {
 	for rn.HasReady() {
 		c.handleReady(rn.Ready())
 	}
+	c.beatResp = c.beatResp[:0]
 }
 
 // refuseVote drops vote and pre-vote requests for one election timeout after
@@ -481,7 +487,16 @@ func (c *Copyset) handleReady(rd raft.Ready) {
 			}
 		}
 	}
+	var replicating map[uint64]bool
 	for _, m := range rd.Messages {
+		if m.GetType() == raftpb.MsgApp && len(m.GetEntries()) == 0 && c.isLeader.Load() {
+			if replicating == nil {
+				replicating = c.replicatingPeers()
+			}
+			if replicating[m.GetTo()] && !slices.Contains(c.beatResp, m.GetTo()) {
+				continue // only a commit index: the next heartbeat carries it
+			}
+		}
 		switch m.GetTo() {
 		case raft.LocalAppendThread:
 			c.submitAppend(m)
@@ -496,6 +511,30 @@ func (c *Copyset) handleReady(rd raft.Ready) {
 			c.send(m)
 		}
 	}
+}
+
+// replicatingPeers lists the followers the leader replicates to in
+// pipeline (tracker.StateReplicate). An append without entries to one of
+// them only tells it a new commit index, which Raft broadcasts after every
+// commit: two messages and two answers per write. The leader's heartbeats
+// (every HeartbeatTicks) and its next append carry the commit index as
+// well, so such appends are not sent: a follower applies a tick later at
+// most, and nothing waits for a follower to apply (reads are the leader's,
+// and a new leader commits an entry of its own term before it serves).
+//
+// An empty append also goes out to a follower being probed, and to one
+// whose heartbeat answer Raft just stepped: Raft answers a heartbeat answer
+// of a follower whose match is behind with an append, empty when its next
+// index is past the log, and it is that append the follower rejects when
+// it lost what was in flight to it, which starts the probe that repairs it.
+func (c *Copyset) replicatingPeers() map[uint64]bool {
+	peers := make(map[uint64]bool, 2)
+	c.rn.WithProgress(func(id uint64, _ raft.ProgressType, pr tracker.Progress) {
+		if id != c.e.cfg.NodeID && pr.State == tracker.StateReplicate {
+			peers[id] = true
+		}
+	})
+	return peers
 }
 
 // submitAppend hands a MsgStorageAppend to the WAL. A hard state whose only
