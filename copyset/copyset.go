@@ -157,8 +157,9 @@ type inbox struct {
 }
 
 type appendDone struct {
-	m   *raftpb.Message
-	err error
+	m    *raftpb.Message
+	err  error
+	sent bool // the responses to other replicas went out from the WAL's completion (sendsDirect)
 }
 
 type applyItem struct {

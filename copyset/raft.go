@@ -408,9 +408,10 @@ func (c *Copyset) finishAppend(a appendDone) {
 		c.hsMu.Unlock()
 	}
 	for _, r := range m.GetResponses() {
-		if r.GetTo() == c.e.cfg.NodeID {
+		switch {
+		case r.GetTo() == c.e.cfg.NodeID:
 			_ = c.rn.Step(r)
-		} else {
+		case !a.sent || !c.sendsDirect(r):
 			c.send(r)
 		}
 	}
@@ -559,7 +560,27 @@ func (c *Copyset) submitAppend(m *raftpb.Message) {
 			a.Snapshot.Requests = *reqs
 		}
 	}
+	// A follower's answers (append and vote answers to the leader or a
+	// candidate) go out from the WAL's completion at once, instead of
+	// after a turn of the Raft worker: they only state what is durable
+	// now. An append that installs a snapshot answers from the Raft
+	// worker, once the log storage holds the snapshot.
+	direct := a.Snapshot == nil
 	c.wal.Submit(a, func(err error) {
-		c.enqueue(func(in *inbox) { in.appended = append(in.appended, appendDone{m: m, err: err}) })
+		sent := direct && err == nil
+		c.enqueue(func(in *inbox) { in.appended = append(in.appended, appendDone{m: m, err: err, sent: sent}) })
+		if sent {
+			for _, r := range m.GetResponses() {
+				if c.sendsDirect(r) {
+					c.send(r)
+				}
+			}
+		}
 	})
+}
+
+// sendsDirect tells the responses of a durable append that the WAL's
+// completion sends itself (see submitAppend).
+func (c *Copyset) sendsDirect(r *raftpb.Message) bool {
+	return r.GetTo() != c.e.cfg.NodeID && r.GetType() != raftpb.MsgSnap
 }
