@@ -3,6 +3,7 @@ package copyset
 import (
 	"context"
 	"fmt"
+	"slices"
 	"testing"
 	"time"
 
@@ -77,6 +78,26 @@ func TestLostAppendIsRepairedWithoutWrites(t *testing.T) {
 		c1.tick()
 		if a := copysetOn(t, tc, 2, id).AppliedIndex(); a < idx {
 			return fmt.Errorf("follower 2 applied %d, want %d", a, idx)
+		}
+		return nil
+	})
+}
+
+// TestRemovedFollowerLearnsItsRemoval: the commit of a membership change
+// reaches every follower at once, the one it removes included; once the
+// leader applied the change it sends that follower nothing more.
+func TestRemovedFollowerLearnsItsRemoval(t *testing.T) {
+	tc, _, id := manualCluster(t)
+	c1 := copysetOn(t, tc, 1, id)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := c1.RemovePeer(ctx, 3, c1.ConfEpoch()); err != nil {
+		t.Fatal(err)
+	}
+	// No tick: no heartbeat may carry the commit index.
+	soon.Succeeds(t, 10*time.Second, func() error {
+		if v := copysetOn(t, tc, 3, id).ConfState().GetVoters(); slices.Contains(v, 3) {
+			return fmt.Errorf("the removed replica still counts voters %v", v)
 		}
 		return nil
 	})

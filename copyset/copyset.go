@@ -73,6 +73,8 @@ type Copyset struct {
 	beatAcks    map[uint64]uint64 // quiesced leader: follower -> round of its last quiesce heartbeat answer
 	beatRound   uint64            // quiesced leader: rounds of quiesce heartbeats sent
 	beatResp    []uint64          // peers whose heartbeat answers this round stepped (see replicatingPeers)
+	replicating []uint64          // replicatingPeers' answer, reused
+	confIndex   uint64            // leader: a membership change whose commit every follower is sent (see replicatingPeers)
 	leaseUntil  time.Time
 	readSeq     uint64
 	readBatches map[uint64]*readBatch

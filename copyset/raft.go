@@ -454,6 +454,9 @@ func (c *Copyset) handleReady(rd raft.Ready) {
 		}
 		if isLeader && !wasLeader {
 			c.termStart = 0
+			// The log may end in a membership change of an earlier
+			// term: the first commit that covers it goes to everyone.
+			c.confIndex = c.logLast
 			c.leadSince = c.e.now()
 			c.log.Debug("became leader")
 		}
@@ -478,6 +481,9 @@ func (c *Copyset) handleReady(rd raft.Ready) {
 		st := c.rn.BasicStatus()
 		term := st.GetTerm()
 		for _, en := range rd.Entries {
+			if t := en.GetType(); t == raftpb.EntryConfChange || t == raftpb.EntryConfChangeV2 {
+				c.confIndex = en.GetIndex()
+			}
 			if c.termStart == 0 && en.GetTerm() == term {
 				c.termStart = en.GetIndex()
 			}
@@ -488,14 +494,19 @@ func (c *Copyset) handleReady(rd raft.Ready) {
 			}
 		}
 	}
-	var replicating map[uint64]bool
+	var replicating []uint64
+	confSent := false
 	for _, m := range rd.Messages {
 		if m.GetType() == raftpb.MsgApp && len(m.GetEntries()) == 0 && c.isLeader.Load() {
-			if replicating == nil {
-				replicating = c.replicatingPeers()
-			}
-			if replicating[m.GetTo()] && !slices.Contains(c.beatResp, m.GetTo()) {
-				continue // only a commit index: the next heartbeat carries it
+			if c.confIndex != 0 && m.GetCommit() >= c.confIndex {
+				confSent = true
+			} else {
+				if replicating == nil {
+					replicating = c.replicatingPeers()
+				}
+				if slices.Contains(replicating, m.GetTo()) && !slices.Contains(c.beatResp, m.GetTo()) {
+					continue // only a commit index: the next heartbeat carries it
+				}
 			}
 		}
 		switch m.GetTo() {
@@ -512,6 +523,9 @@ func (c *Copyset) handleReady(rd raft.Ready) {
 			c.send(m)
 		}
 	}
+	if confSent {
+		c.confIndex = 0
+	}
 }
 
 // replicatingPeers lists the followers the leader replicates to in
@@ -519,23 +533,27 @@ func (c *Copyset) handleReady(rd raft.Ready) {
 // them only tells it a new commit index, which Raft broadcasts after every
 // commit: two messages and two answers per write. The leader's heartbeats
 // (every HeartbeatTicks) and its next append carry the commit index as
-// well, so such appends are not sent: a follower applies a tick later at
-// most, and nothing waits for a follower to apply (reads are the leader's,
+// well, so such appends are not sent: a follower applies up to HeartbeatTicks
+// later (more when a heartbeat is lost), and nothing waits for a follower to apply (reads are the leader's,
 // and a new leader commits an entry of its own term before it serves).
+//
+// The commit of a membership change goes to every follower (confIndex):
+// a follower the change removes hears no heartbeat once the leader applied
+// it, and would never learn that it is out.
 //
 // An empty append also goes out to a follower being probed, and to one
 // whose heartbeat answer Raft just stepped: Raft answers a heartbeat answer
 // of a follower whose match is behind with an append, empty when its next
 // index is past the log, and it is that append the follower rejects when
 // it lost what was in flight to it, which starts the probe that repairs it.
-func (c *Copyset) replicatingPeers() map[uint64]bool {
-	peers := make(map[uint64]bool, 2)
+func (c *Copyset) replicatingPeers() []uint64 {
+	c.replicating = c.replicating[:0]
 	c.rn.WithProgress(func(id uint64, _ raft.ProgressType, pr tracker.Progress) {
 		if id != c.e.cfg.NodeID && pr.State == tracker.StateReplicate {
-			peers[id] = true
+			c.replicating = append(c.replicating, id)
 		}
 	})
-	return peers
+	return c.replicating
 }
 
 // submitAppend hands a MsgStorageAppend to the WAL. A hard state whose only
