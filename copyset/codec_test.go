@@ -107,7 +107,7 @@ func TestMetaRoundTripAndCorruption(t *testing.T) {
 	// Any change to a field without a new checksum is corruption.
 	path := filepath.Join(dir, metaFile)
 	b, _ := os.ReadFile(path)
-	bad := bytes.Replace(b, []byte(`"applied": 40`), []byte(`"applied": 41`), 1)
+	bad := bytes.Replace(b, []byte(`"applied":40`), []byte(`"applied":41`), 1)
 	if bytes.Equal(bad, b) {
 		t.Fatal("test did not change the file")
 	}
