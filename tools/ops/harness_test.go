@@ -73,8 +73,19 @@ type doubleCluster struct {
 // ("zone-0"...) of physical pool "pool0", registered, with a heartbeat loop.
 func newDoubleCluster(t *testing.T, n int) *doubleCluster {
 	t.Helper()
+	return newDoubleClusterWith(t, n, nil)
+}
+
+// newDoubleClusterWith is newDoubleCluster with the MDS's config changed by
+// configure (nil: as is).
+func newDoubleClusterWith(t *testing.T, n int, configure func(*mds.Config)) *doubleCluster {
+	t.Helper()
 	ctx := context.Background()
-	s, err := mds.New(testMDSConfig(t, t.TempDir()))
+	cfg := testMDSConfig(t, t.TempDir())
+	if configure != nil {
+		configure(&cfg)
+	}
+	s, err := mds.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
