@@ -95,7 +95,7 @@ refused unless --force.`,
 			cctx, cancel := a.callCtx(ctx)
 			defer cancel()
 			if _, err := a.conn.Volumes().DeleteVolume(cctx, &mdspb.DeleteVolumeRequest{Name: name, Force: force}); err != nil {
-				return rpcErr(fmt.Sprintf("delete volume %q", name), err)
+				return forceHint(rpcErr(fmt.Sprintf("delete volume %q", name), err), "delete volume "+name+" --force")
 			}
 			res := &deleteResult{Deleted: name, VolumeID: st.Volume.Id}
 			if wait > 0 {

@@ -90,7 +90,7 @@ COPYSET with a single logical pool); without it every copyset is checked.
 Exit 0 when all are healthy, 3 when not.`,
 		Args: func(cmd *cobra.Command, args []string) error {
 			if len(args) > 1 {
-				return usageError(fmt.Errorf("%s takes at most one argument: ID; got %d", cmd.CommandPath(), len(args)))
+				return usageError(fmt.Errorf("%s takes at most one argument: ID; got %d", commandName(cmd), len(args)))
 			}
 			return nil
 		},

@@ -94,6 +94,15 @@ func rpcErr(what string, err error) error {
 	return &rpcError{what: what, st: st, err: err}
 }
 
+// forceHint adds the command line that goes ahead to a refusal the MDS
+// lifts with force (a volume open for writing, published, with snapshots).
+func forceHint(err error, command string) error {
+	if status.Code(err) == codes.FailedPrecondition && strings.HasSuffix(status.Convert(err).Message(), "with force") {
+		return fmt.Errorf("%w; to go ahead anyway: cairn-ops %s", err, command)
+	}
+	return err
+}
+
 // exitCode maps an error to the exit code.
 func (a *app) exitCode(err error) int {
 	var ee *exitError

@@ -331,8 +331,8 @@ func TestUsageErrors(t *testing.T) {
 		msg  string
 	}{
 		{[]string{"frobnicate"}, `unknown command "frobnicate"`},
-		{[]string{"list"}, "cairn-ops list needs one of: chunkserver, copyset, node, operator, pool, server, session, snapshot, trash, volume, zone"},
-		{[]string{"list", "disks"}, `unknown command "disks" for cairn-ops list`},
+		{[]string{"list"}, "cairn-ops: list needs one of: chunkserver, copyset, node, operator, pool, server, session, snapshot, trash, volume, zone"},
+		{[]string{"list", "disks"}, `unknown command "disks" for list;`},
 		{[]string{"status", "--bogus"}, "unknown flag: --bogus"},
 		{[]string{"-o", "yaml", "status"}, `unknown output format "yaml": use table or json`},
 		{[]string{"--timeout", "0s", "status"}, "--timeout 0s must be positive"},
