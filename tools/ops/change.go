@@ -370,12 +370,11 @@ it (--copyset ID works too). With --wait it waits until the MDS sees the new
 leader.`,
 		Args: cobra.MaximumNArgs(1),
 		RunE: a.runE(func(ctx context.Context, _ *cobra.Command, args []string) error {
-			switch {
-			case len(args) == 1 && copyset != "" && args[0] != copyset:
-				return usageError(fmt.Errorf("copyset %s given twice, as %s and --copyset %s", args[0], args[0], copyset))
-			case len(args) == 1:
-				copyset = args[0]
-			case copyset == "":
+			copyset, err := copysetArg(args, copyset)
+			if err != nil {
+				return err
+			}
+			if copyset == "" {
 				return usageError(errors.New("update leader needs the copyset: update leader POOL:COPYSET --to CHUNKSERVER"))
 			}
 			pools, err := a.listPools(ctx)

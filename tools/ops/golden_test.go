@@ -39,9 +39,10 @@ func goldenRun(args []string, r runResult) string {
 func TestErrorGoldens(t *testing.T) {
 	c := newDoubleCluster(t, 3)
 	c.createPool(3)
-	c.mustRun("create", "volume", "vol0", "--size", "16MiB")
+	c.mustRun("create", "pool", "lp1", "--physical-pool", "pool0", "--copysets-per-chunkserver", "1")
+	c.mustRun("create", "volume", "vol0", "--size", "16MiB", "--pool", "lp0")
 	c.mustRun("create", "snapshot", "vol0", "snap1")
-	c.mustRun("create", "volume", "busy", "--size", "8MiB")
+	c.mustRun("create", "volume", "busy", "--size", "8MiB", "--pool", "lp0")
 	open, err := c.conn.Volumes().OpenVolume(c.ctx, &mdspb.OpenVolumeRequest{Name: "busy", Writable: true, Client: "host-a/pid-1"})
 	if err != nil {
 		t.Fatal(err)
@@ -69,6 +70,8 @@ func TestErrorGoldens(t *testing.T) {
 		{name: "wrong_arg_count", args: []string{"create", "snapshot", "vol0"}, code: ExitUsage},
 		{name: "bad_copyset_id", args: []string{"update", "leader", "x:y", "--to", "2"}, code: ExitUsage},
 		{name: "unknown_copyset", args: []string{"check", "copyset", "1:99"}, code: ExitNotFound},
+		{name: "bare_copyset_two_pools", args: []string{"check", "copyset", "1"}, code: ExitUsage},
+		{name: "copyset_not_in_pool", args: []string{"check", "copyset", "--copyset", "lp1:1", "--pool", "lp0"}, code: ExitUsage},
 		{name: "bad_output_format", args: []string{"-o", "yaml", "status"}, code: ExitUsage},
 		{name: "unreachable_mds", mds: []string{"--mds", "127.0.0.1:1", "--timeout", "300ms"}, args: []string{"list", "zone"}, code: ExitUnreachable},
 	} {
