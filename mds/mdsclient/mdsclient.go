@@ -179,7 +179,11 @@ func (c *Conn) next(failed string) (wrapped bool) {
 }
 
 // Invoke sends a unary call to the leader, following redirects and retrying
-// UNAVAILABLE answers.
+// UNAVAILABLE answers. An address that answers but is no MDS (another
+// gRPC server, or no gRPC server at all) is passed over like one that does
+// not answer, and once every address known answered so the call fails at
+// once, UNAVAILABLE, naming them: that does not pass with time. A call the
+// context's deadline cut short fails naming the addresses tried.
 func (c *Conn) Invoke(ctx context.Context, method string, args, reply any, opts ...grpc.CallOption) error {
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
@@ -191,6 +195,7 @@ func (c *Conn) Invoke(ctx context.Context, method string, args, reply any, opts 
 	var lastErr error
 	var tlsSince time.Time // since when every attempt failed for TLS reasons
 	redirects := 0
+	notMDS := map[string]bool{}
 	for {
 		addr := c.Leader()
 		if !contains(tried, addr) {
@@ -201,7 +206,24 @@ func (c *Conn) Invoke(ctx context.Context, method string, args, reply any, opts 
 			return err
 		}
 		err = cc.Invoke(ctx, method, args, reply, opts...)
-		if err == nil || status.Code(err) != codes.Unavailable {
+		if err == nil {
+			return nil
+		}
+		if why, ok := notAnMDS(err); ok {
+			notMDS[addr] = true
+			err = status.Errorf(codes.Unavailable, "%s is not an MDS: %s", addr, why)
+			if all(c.Addresses(), notMDS) {
+				return status.Errorf(codes.Unavailable, "mdsclient: %s: no MDS leader answered (tried %s): %s",
+					method, strings.Join(tried, ", "), status.Convert(err).Message())
+			}
+		}
+		if status.Code(err) == codes.DeadlineExceeded && errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			// The deadline passed while this address was asked (or
+			// connected to): say which.
+			return status.Errorf(codes.DeadlineExceeded, "mdsclient: %s: no MDS leader answered (tried %s): %s did not answer in time: %s",
+				method, strings.Join(tried, ", "), addr, status.Convert(err).Message())
+		}
+		if status.Code(err) != codes.Unavailable {
 			return err
 		}
 		lastErr = err
@@ -266,6 +288,36 @@ func certificateRefused(err error) bool {
 		}
 	}
 	return false
+}
+
+// notAnMDS reports whether err is the answer of a server that is no MDS,
+// and says why: a gRPC server without the MDS's services (a chunkserver),
+// an HTTP/1.1 server (a metrics listener), or one that does not speak
+// HTTP/2 at all (an NBD or iSCSI port). A TLS listener hanging up on a
+// plaintext client is not one of them (closedBeforePreface).
+func notAnMDS(err error) (string, bool) {
+	st := status.Convert(err)
+	msg := st.Message()
+	switch {
+	case st.Code() == codes.Unimplemented && strings.Contains(msg, "unknown service"):
+		return msg, true
+	case st.Code() != codes.Unavailable:
+		return "", false
+	case strings.Contains(msg, "looked like an HTTP/1.1 header"):
+		return msg, true
+	case strings.Contains(msg, "error reading server preface") && !closedBeforePreface(err):
+		return msg, true
+	}
+	return "", false
+}
+
+func all(addrs []string, in map[string]bool) bool {
+	for _, a := range addrs {
+		if !in[a] {
+			return false
+		}
+	}
+	return true
 }
 
 // closedBeforePreface reports whether err is gRPC's report of a server

@@ -146,3 +146,82 @@ func TestDialNeedsAnAddress(t *testing.T) {
 		t.Fatalf("addresses %v, want the two distinct ones", got)
 	}
 }
+
+// serveNothing starts a gRPC server without the MDS's services, as a
+// chunkserver given by mistake would be.
+func serveNothing(t *testing.T) string {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := grpc.NewServer()
+	go func() { _ = g.Serve(lis) }()
+	t.Cleanup(g.Stop)
+	return lis.Addr().String()
+}
+
+func TestNotAnMDSFailsAtOnce(t *testing.T) {
+	addr := serveNothing(t)
+	conn, err := mdsclient.Dial([]string{addr}, mdsclient.Options{RetryBudget: 20 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	start := time.Now()
+	_, err = conn.Cluster().GetClusterStatus(context.Background(), &mdspb.GetClusterStatusRequest{})
+	if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), addr+" is not an MDS: unknown service cairn.mds.v1.ClusterService") {
+		t.Fatalf("got %v, want Unavailable naming %s as no MDS", err, addr)
+	}
+	if took := time.Since(start); took > 5*time.Second {
+		t.Fatalf("took %s: an address that is no MDS should fail at once, not after the retry budget", took)
+	}
+}
+
+func TestNotAnMDSIsPassedOver(t *testing.T) {
+	other, leader := serveNothing(t), serve(t)
+	conn, err := mdsclient.Dial([]string{other, leader.addr}, mdsclient.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := conn.Cluster().GetClusterStatus(context.Background(), &mdspb.GetClusterStatusRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	if conn.Leader() != leader.addr {
+		t.Fatalf("following %s, want %s", conn.Leader(), leader.addr)
+	}
+}
+
+func TestDeadlineNamesTheAddress(t *testing.T) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lis.Close()
+	go func() {
+		var held []net.Conn
+		defer func() {
+			for _, c := range held {
+				_ = c.Close()
+			}
+		}()
+		for {
+			c, err := lis.Accept() // accepted, never answered
+			if err != nil {
+				return
+			}
+			held = append(held, c)
+		}
+	}()
+	addr := lis.Addr().String()
+	conn, err := mdsclient.Dial([]string{addr}, mdsclient.Options{RetryBudget: 300 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_, err = conn.Cluster().GetClusterStatus(context.Background(), &mdspb.GetClusterStatusRequest{})
+	if status.Code(err) != codes.DeadlineExceeded || !strings.Contains(err.Error(), "(tried "+addr+"): "+addr+" did not answer in time") {
+		t.Fatalf("got %v, want DeadlineExceeded naming %s", err, addr)
+	}
+}

@@ -95,7 +95,7 @@ refused unless --force.`,
 			cctx, cancel := a.callCtx(ctx)
 			defer cancel()
 			if _, err := a.conn.Volumes().DeleteVolume(cctx, &mdspb.DeleteVolumeRequest{Name: name, Force: force}); err != nil {
-				return rpcErr(fmt.Sprintf("delete volume %q", name), err)
+				return forceHint(rpcErr(fmt.Sprintf("delete volume %q", name), err), "delete volume "+name+" --force")
 			}
 			res := &deleteResult{Deleted: name, VolumeID: st.Volume.Id}
 			if wait > 0 {
@@ -149,32 +149,35 @@ func (r *deleteResult) writeTable(t *table) {
 }
 
 // waitFreed waits until the MDS has freed a deleted volume's chunks and
-// removed its record, showing a spinner on a terminal.
+// removed its record, showing on a terminal how many of its segments are
+// freed (the MDS frees them one by one).
 func (a *app) waitFreed(ctx context.Context, v *mdspb.Volume, wait time.Duration) error {
-	deadline := time.Now().Add(wait)
-	tick, done := a.spinner(fmt.Sprintf("freeing the chunks of volume %s (%d segments)", v.Name, v.AllocatedSegments))
-	defer done()
-	for ; ; tick() {
+	total := int64(v.AllocatedSegments)
+	var freed int64
+	poll := func(bool) (bool, progress, error) {
 		cctx, cancel := a.callCtx(ctx)
 		vols, err := a.conn.Volumes().ListVolumes(cctx, &mdspb.ListVolumesRequest{})
 		cancel()
 		if err != nil {
-			return rpcErr("list volumes", err)
+			return false, progress{}, rpcErr("list volumes", err)
 		}
-		gone := true
 		for _, x := range vols.Volumes {
-			gone = gone && x.Id != v.Id
+			if x.Id != v.Id {
+				continue
+			}
+			if total == 0 {
+				return false, progress{desc: fmt.Sprintf("removing the record of volume %s (no segment to free)", v.Name)}, nil
+			}
+			freed = total - min(int64(x.AllocatedSegments), total)
+			return false, progress{done: freed, total: total, desc: fmt.Sprintf("freeing volume %s: segments", v.Name)}, nil
 		}
-		if gone {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("volume %q (id %d) is deleted, but its chunks are not all freed after %s; the MDS goes on freeing them", v.Name, v.Id, wait)
-		}
-		if err := sleepCtx(ctx, 200*time.Millisecond); err != nil {
-			return err
-		}
+		freed = total
+		return true, progress{done: total, total: total}, nil
 	}
+	return a.waitUntil(ctx, wait, 200*time.Millisecond, poll, func() error {
+		return fmt.Errorf("volume %q (id %d) is deleted, but its chunks are not all freed after %s (%d of %d segments freed); the MDS goes on freeing them",
+			v.Name, v.Id, wait, freed, total)
+	})
 }
 
 func (a *app) createVolumeCommand() *cobra.Command {
@@ -308,45 +311,79 @@ created its copysets (the pool is ready).`,
 	return cmd
 }
 
-// waitPoolReady polls the pool until it is READY or wait passes.
+// waitPoolReady polls the pool until it is READY or wait passes, showing
+// on a terminal how many of its copysets have a leader and how far the
+// chunkservers' chunk file pools are formatted.
 func (a *app) waitPoolReady(ctx context.Context, name string, wait time.Duration) (*mdspb.LogicalPool, error) {
-	deadline := time.Now().Add(wait)
-	tick, done := a.spinner(fmt.Sprintf("waiting for the chunkservers to create the copysets of pool %s", name))
-	defer done()
-	for ; ; tick() {
+	var lp *mdspb.LogicalPool
+	poll := func(shown bool) (bool, progress, error) {
 		pools, err := a.listPools(ctx)
 		if err != nil {
-			return nil, err
+			return false, progress{}, err
 		}
-		var lp *mdspb.LogicalPool
+		lp = nil
 		for _, p := range pools.LogicalPools {
 			if p.Name == name {
 				lp = p
 			}
 		}
 		if lp != nil && lp.Status == mdspb.LogicalPoolStatus_LOGICAL_POOL_STATUS_READY {
-			return lp, nil
+			return true, progress{}, nil
 		}
-		if time.Now().After(deadline) {
-			if lp == nil {
-				return nil, notFound(fmt.Errorf("logical pool %q was not recorded", name))
-			}
-			return nil, fmt.Errorf("logical pool %q is still being created after %s: not every chunkserver has created its copysets (the MDS keeps asking)", name, wait)
+		if lp == nil || !shown {
+			return false, progress{desc: fmt.Sprintf("waiting for the chunkservers to create the copysets of pool %s", name)}, nil
 		}
-		if err := sleepCtx(ctx, 200*time.Millisecond); err != nil {
-			return nil, err
+		copysets, err := a.listCopysets(ctx, lp.Id)
+		if err != nil {
+			return false, progress{}, err
 		}
+		topo, err := a.fetchTopology(ctx)
+		if err != nil {
+			return false, progress{}, err
+		}
+		return false, poolProgress(lp, copysets, topo), nil
 	}
+	err := a.waitUntil(ctx, wait, 200*time.Millisecond, poll, func() error {
+		if lp == nil {
+			return notFound(fmt.Errorf("logical pool %q was not recorded", name))
+		}
+		return fmt.Errorf("logical pool %q is still being created after %s: not every chunkserver has created its copysets (the MDS keeps asking)", name, wait)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return lp, nil
 }
 
-func sleepCtx(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
+// poolProgress is what is known of a pool being created: its copysets with
+// a leader reported (the MDS does not count the copysets each chunkserver
+// created; a copyset with a leader was created by a majority of its
+// members), and the formatting of the chunk file pools of the chunkservers
+// of its physical pool.
+func poolProgress(lp *mdspb.LogicalPool, copysets []*mdspb.Copyset, topo *topology) progress {
+	var led int64
+	for _, c := range copysets {
+		if c.LeaderId != 0 {
+			led++
+		}
+	}
+	inPool := map[uint32]bool{}
+	for _, z := range topo.zones {
+		inPool[z.Id] = z.PhysicalPoolId == lp.PhysicalPoolId
+	}
+	var formatted, target uint64
+	for _, cs := range topo.chunkservers {
+		if !inPool[cs.ZoneId] || cs.RwState == mdspb.RWState_RW_STATE_RETIRED {
+			continue
+		}
+		c := cs.GetCapacity()
+		f := c.GetPoolFreeChunks() + c.GetPoolUsedChunks()
+		formatted += f
+		target += max(c.GetPoolTargetChunks(), f)
+	}
+	return progress{
+		done: led, total: int64(len(copysets)),
+		desc: fmt.Sprintf("pool %s: copysets with a leader (chunk files formatted: %d of %d)", lp.Name, formatted, target),
 	}
 }
 
@@ -370,12 +407,11 @@ it (--copyset ID works too). With --wait it waits until the MDS sees the new
 leader.`,
 		Args: cobra.MaximumNArgs(1),
 		RunE: a.runE(func(ctx context.Context, _ *cobra.Command, args []string) error {
-			switch {
-			case len(args) == 1 && copyset != "" && args[0] != copyset:
-				return usageError(fmt.Errorf("copyset %s given twice, as %s and --copyset %s", args[0], args[0], copyset))
-			case len(args) == 1:
-				copyset = args[0]
-			case copyset == "":
+			copyset, err := copysetArg(args, copyset)
+			if err != nil {
+				return err
+			}
+			if copyset == "" {
 				return usageError(errors.New("update leader needs the copyset: update leader POOL:COPYSET --to CHUNKSERVER"))
 			}
 			pools, err := a.listPools(ctx)
@@ -440,23 +476,17 @@ func (r *leaderChange) writeTable(t *table) {
 
 // waitLeader polls the MDS until it records to as the copyset's leader.
 func (a *app) waitLeader(ctx context.Context, ref *commonpb.CopysetRef, to uint64, wait time.Duration) error {
-	deadline := time.Now().Add(wait)
-	tick, done := a.spinner(fmt.Sprintf("waiting for chunkserver %d to lead copyset %s", to, ref.Name()))
-	defer done()
-	for ; ; tick() {
+	var leader uint64
+	poll := func(bool) (bool, progress, error) {
 		cs, err := a.getCopysets(ctx, []*commonpb.CopysetRef{ref})
 		if err != nil {
-			return err
+			return false, progress{}, err
 		}
-		if cs[ref.Key()].GetLeaderId() == to {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("copyset %s: chunkserver %d is not the leader after %s (leader is %s); the operator stays queued until the leader carries it out or the configuration changes",
-				ref.Name(), to, wait, idOrDash(cs[ref.Key()].GetLeaderId()))
-		}
-		if err := sleepCtx(ctx, 100*time.Millisecond); err != nil {
-			return err
-		}
+		leader = cs[ref.Key()].GetLeaderId()
+		return leader == to, progress{desc: fmt.Sprintf("waiting for chunkserver %d to lead copyset %s (leader now: %s)", to, ref.Name(), idOrDash(leader))}, nil
 	}
+	return a.waitUntil(ctx, wait, 100*time.Millisecond, poll, func() error {
+		return fmt.Errorf("copyset %s: chunkserver %d is not the leader after %s (leader is %s); the operator stays queued until the leader carries it out or the configuration changes",
+			ref.Name(), to, wait, idOrDash(leader))
+	})
 }

@@ -192,6 +192,24 @@ func TestCheckCopyset(t *testing.T) {
 	cs := c.copysets()[0]
 	m = c.jsonRun(ExitOK, "check", "copyset", cs.Id.Name())
 	golden(t, "check_copyset_one_ok", c.normalize(c.mustRun("check", "copyset", "1").stdout, nil))
+	// --copyset names it as update leader's does, in either notation.
+	for _, args := range [][]string{{"--copyset", "1:1"}, {"--copyset", "lp0:1"}, {"1:1", "--copyset", "1:1"}, {"--copyset", "1", "--pool", "lp0"}} {
+		golden(t, "check_copyset_one_ok", c.normalize(c.mustRun(append([]string{"check", "copyset"}, args...)...).stdout, nil))
+	}
+	for _, tc := range []struct {
+		args []string
+		code int
+		msg  string
+	}{
+		{[]string{"1:1", "--copyset", "1:2"}, ExitUsage, "copyset 1:1 given twice, as 1:1 and --copyset 1:2"},
+		{[]string{"--copyset", "1-1"}, ExitUsage, `copyset id "1-1": want POOL:COPYSET (for example 1:7) or COPYSET`},
+		{[]string{"--copyset", "1", "--pool", "nope"}, ExitNotFound, `logical pool "nope" does not exist`},
+		{[]string{"--copyset", "1:99"}, ExitNotFound, "copyset 1:99 does not exist"},
+	} {
+		if r := c.run(append([]string{"check", "copyset"}, tc.args...)...); r.code != tc.code || !strings.Contains(r.stderr, tc.msg) {
+			t.Errorf("check copyset %s: exit %d, stderr %q; want exit %d and %q", strings.Join(tc.args, " "), r.code, r.stderr, tc.code, tc.msg)
+		}
+	}
 	if jnum(t, m, "total") != 1 || jstr(t, m, "copysets.0.copyset") != cs.Id.Name() || jnum(t, m, "copysets.0.leader_id") != cs.LeaderId {
 		t.Fatalf("report %v", m)
 	}

@@ -76,35 +76,52 @@ type copysetCheckResult struct {
 }
 
 func (a *app) checkCopysetCommand() *cobra.Command {
-	var pool string
+	var pool, copyset string
 	var maxGap uint64
 	cmd := &cobra.Command{
-		Use:   "copyset [ID]",
+		Use:   "copyset [ID | --copyset ID]",
 		Short: "Ask every replica of one copyset (or all) for its state: members, leader, applied index gap",
 		Long: `check copyset asks each member chunkserver for its own view of the copyset and
 checks that every member answers and hosts it, that exactly one leader exists
 and the replicas agree on it, that the replicas and the MDS agree on the
 configuration, that no replica is installing a snapshot, and that applied
 indexes are within --max-log-gap of each other. ID is POOL:COPYSET (or
-COPYSET with a single logical pool); without it every copyset is checked.
-Exit 0 when all are healthy, 3 when not.`,
+COPYSET with a single logical pool or with --pool), given as the argument
+or with --copyset, as update leader takes it; without it every copyset is
+checked (--pool narrows that). Exit 0 when all are healthy, 3 when not.`,
 		Args: func(cmd *cobra.Command, args []string) error {
 			if len(args) > 1 {
-				return usageError(fmt.Errorf("%s takes at most one argument: ID; got %d", cmd.CommandPath(), len(args)))
+				return usageError(fmt.Errorf("%s takes at most one argument: ID; got %d", commandName(cmd), len(args)))
 			}
 			return nil
 		},
 		RunE: a.runE(func(ctx context.Context, _ *cobra.Command, args []string) error {
+			id, err := copysetArg(args, copyset)
+			if err != nil {
+				return err
+			}
+			single := id != ""
 			topo, err := a.fetchTopology(ctx)
 			if err != nil {
 				return err
 			}
+			var lp *mdspb.LogicalPool
+			if pool != "" {
+				if lp, err = resolveLogicalPool(topo.logical, pool); err != nil {
+					return err
+				}
+			}
 			var copysets []*mdspb.Copyset
-			single := len(args) == 1
 			if single {
-				ref, err := parseCopysetID(args[0], topo.logical)
+				if lp != nil && !strings.Contains(id, ":") {
+					id = fmt.Sprintf("%d:%s", lp.Id, id) // --pool P and a bare COPYSET
+				}
+				ref, err := parseCopysetID(id, topo.logical)
 				if err != nil {
 					return err
+				}
+				if lp != nil && ref.LogicalPoolId != lp.Id {
+					return usageError(fmt.Errorf("copyset %s is not in logical pool %q (--pool)", ref.Name(), pool))
 				}
 				m, err := a.getCopysets(ctx, []*commonpb.CopysetRef{ref})
 				if err != nil {
@@ -113,11 +130,7 @@ Exit 0 when all are healthy, 3 when not.`,
 				copysets = append(copysets, m[ref.Key()])
 			} else {
 				var poolID uint32
-				if pool != "" {
-					lp, err := resolveLogicalPool(topo.logical, pool)
-					if err != nil {
-						return err
-					}
+				if lp != nil {
 					poolID = lp.Id
 				}
 				if copysets, err = a.listCopysets(ctx, poolID); err != nil {
@@ -135,6 +148,7 @@ Exit 0 when all are healthy, 3 when not.`,
 			return nil
 		}),
 	}
+	cmd.Flags().StringVar(&copyset, "copyset", "", "copyset id, instead of the argument: POOL:COPYSET, or COPYSET with a single logical pool")
 	cmd.Flags().StringVar(&pool, "pool", "", "only copysets of this logical pool (name or id)")
 	cmd.Flags().Uint64Var(&maxGap, "max-log-gap", 1000, "applied index difference allowed between replicas")
 	return cmd

@@ -96,23 +96,24 @@ has heard of it; --wait waits for that.`,
 }
 
 // waitReleased waits until a flattened clone no longer names its source.
+// The MDS gives no figures for it: a terminal shows a spinner with when the
+// clone was flattened (the release comes a session lease after it).
 func (a *app) waitReleased(ctx context.Context, name string, wait time.Duration) error {
-	deadline := time.Now().Add(wait)
-	for {
+	poll := func(bool) (bool, progress, error) {
 		cctx, cancel := a.callCtx(ctx)
 		resp, err := a.conn.Volumes().StatVolume(cctx, &mdspb.StatVolumeRequest{Name: name})
 		cancel()
 		if err != nil {
-			return rpcErr(fmt.Sprintf("stat volume %q", name), err)
+			return false, progress{}, rpcErr(fmt.Sprintf("stat volume %q", name), err)
 		}
-		if resp.GetVolume().GetCloneSource() == nil {
-			return nil
+		src := resp.GetVolume().GetCloneSource()
+		if src == nil {
+			return true, progress{}, nil
 		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("volume %q is flattened, but its source is not released after %s; the MDS releases it a session lease after the flatten", name, wait)
-		}
-		if err := sleepCtx(ctx, 200*time.Millisecond); err != nil {
-			return err
-		}
+		return false, progress{desc: fmt.Sprintf("waiting for the MDS to release %s@%s from clone %s, flattened %s: it does so a session lease after the flatten",
+			src.Volume, src.Snapshot, name, sinceUnix(src.FlattenedUnix))}, nil
 	}
+	return a.waitUntil(ctx, wait, 200*time.Millisecond, poll, func() error {
+		return fmt.Errorf("volume %q is flattened, but its source is not released after %s; the MDS releases it a session lease after the flatten", name, wait)
+	})
 }

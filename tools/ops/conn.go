@@ -139,6 +139,21 @@ func parseCopysetID(s string, pools []*mdspb.LogicalPool) (*commonpb.CopysetRef,
 	return &commonpb.CopysetRef{LogicalPoolId: p.Id, CopysetId: uint32(cs)}, nil
 }
 
+// copysetArg picks the copyset a command names as its argument or with
+// --copyset (update leader and check copyset take it either way); "" when
+// neither is given.
+func copysetArg(args []string, flag string) (string, error) {
+	switch {
+	case len(args) > 1:
+		return "", usageError(fmt.Errorf("one copyset at a time, got %d: %s", len(args), strings.Join(args, " ")))
+	case len(args) == 1 && flag != "" && args[0] != flag:
+		return "", usageError(fmt.Errorf("copyset %s given twice, as %s and --copyset %s", args[0], args[0], flag))
+	case len(args) == 1:
+		return args[0], nil
+	}
+	return flag, nil
+}
+
 // getCopysets resolves copysets to their MDS records (members with their
 // current addresses, leader).
 func (a *app) getCopysets(ctx context.Context, refs []*commonpb.CopysetRef) (map[uint64]*mdspb.Copyset, error) {

@@ -3,16 +3,12 @@ package ops
 import (
 	"context"
 	"fmt"
-	"io"
-	"os"
 	"sort"
 	"strings"
 	"sync"
 	"time"
 
-	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
-	"golang.org/x/term"
 
 	"cairn.io/cairn/api/chunkpb"
 	"cairn.io/cairn/api/commonpb"
@@ -233,40 +229,6 @@ feed:
 		_ = bar.Finish()
 		fmt.Fprintln(a.stderr)
 	}
-}
-
-// spinner returns an indeterminate progress indicator on stderr for a
-// wait, when stderr is a terminal, else nil; done clears it.
-func (a *app) spinner(desc string) (tick func(), done func()) {
-	f, ok := a.stderr.(*os.File)
-	if !ok || !term.IsTerminal(int(f.Fd())) {
-		return func() {}, func() {}
-	}
-	bar := progressbar.NewOptions(-1,
-		progressbar.OptionSetWriter(io.Writer(f)),
-		progressbar.OptionSetDescription(desc),
-		progressbar.OptionSpinnerType(14),
-		progressbar.OptionShowElapsedTimeOnFinish(),
-		progressbar.OptionThrottle(100*time.Millisecond),
-	)
-	return func() { _ = bar.Add(1) }, func() { _ = bar.Finish(); fmt.Fprintln(a.stderr) }
-}
-
-// progressBar returns a bar on stderr when stderr is a terminal, else nil.
-func (a *app) progressBar(total int, desc string) *progressbar.ProgressBar {
-	f, ok := a.stderr.(*os.File)
-	if !ok || !term.IsTerminal(int(f.Fd())) || total == 0 {
-		return nil
-	}
-	return progressbar.NewOptions(total,
-		progressbar.OptionSetWriter(io.Writer(f)),
-		progressbar.OptionSetDescription(desc),
-		progressbar.OptionShowCount(),
-		progressbar.OptionShowIts(),
-		progressbar.OptionSetItsString("chunks"),
-		progressbar.OptionThrottle(100*time.Millisecond),
-		progressbar.OptionSetPredictTime(true),
-	)
 }
 
 // checkChunk compares one chunk's replicas: applied indexes first, then,

@@ -3,6 +3,7 @@ package ops
 import (
 	"errors"
 	"fmt"
+	"regexp"
 	"strings"
 
 	"google.golang.org/grpc/codes"
@@ -50,6 +51,10 @@ func verdict(code int) error {
 	return &exitError{code: code}
 }
 
+// notMDSMessage is how mdsclient names an address that answers but is no
+// MDS.
+var notMDSMessage = regexp.MustCompile(`(\S+) is not an MDS: (.*)$`)
+
 // rpcError is a failed call, reported as "what: message" while keeping the
 // gRPC status for classification.
 type rpcError struct {
@@ -65,7 +70,19 @@ func (e *rpcError) Error() string {
 	if i := strings.Index(msg, "no MDS leader answered"); i > 0 {
 		msg = msg[i:]
 	}
-	if strings.Contains(msg, "looked like an HTTP/1.1 header") {
+	if m := notMDSMessage.FindStringSubmatchIndex(msg); m != nil {
+		// mdsclient found a server that is no MDS at an --mds address:
+		// say what it probably is.
+		addr, why := msg[m[2]:m[3]], msg[m[4]:m[5]]
+		hint := "not a gRPC server: a gateway's NBD or iSCSI port?"
+		switch {
+		case strings.Contains(why, "unknown service"):
+			hint = "it answers as a chunkserver?"
+		case strings.Contains(why, "looked like an HTTP/1.1 header"):
+			hint = "it answers HTTP/1.1, not gRPC: a metrics port?"
+		}
+		msg = fmt.Sprintf("%s%s is not an MDS (%s) — pass the MDS address with --mds (%s)", msg[:m[0]], addr, hint, why)
+	} else if strings.Contains(msg, "looked like an HTTP/1.1 header") {
 		// An HTTP server answered where gRPC was expected.
 		msg = "the address answers HTTP/1.1, not gRPC: is it a metrics port rather than the MDS's (or chunkserver's) gRPC port? (" + msg + ")"
 	}
@@ -92,6 +109,15 @@ func rpcErr(what string, err error) error {
 		return fmt.Errorf("%s: %w", what, err)
 	}
 	return &rpcError{what: what, st: st, err: err}
+}
+
+// forceHint adds the command line that goes ahead to a refusal the MDS
+// lifts with force (a volume open for writing, published, with snapshots).
+func forceHint(err error, command string) error {
+	if status.Code(err) == codes.FailedPrecondition && strings.HasSuffix(status.Convert(err).Message(), "with force") {
+		return fmt.Errorf("%w; to go ahead anyway: cairn-ops %s", err, command)
+	}
+	return err
 }
 
 // exitCode maps an error to the exit code.

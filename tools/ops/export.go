@@ -12,7 +12,6 @@ import (
 
 	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
-	"golang.org/x/term"
 
 	"cairn.io/cairn/client"
 )
@@ -60,14 +59,6 @@ func (a *app) eachChangedBlock(ctx context.Context, src, base *client.Volume, ba
 		progress = func(done int64) { _ = bar.Set64(done) }
 	}
 	return client.EachChangedBlock(ctx, src, base, exportBlock, progress, f)
-}
-
-func (a *app) byteBar(total int64, desc string) *progressbar.ProgressBar {
-	f, ok := a.stderr.(*os.File)
-	if !ok || total == 0 || !term.IsTerminal(int(f.Fd())) {
-		return nil
-	}
-	return progressbar.DefaultBytes(total, desc)
 }
 
 type exportResult struct {

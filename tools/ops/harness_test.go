@@ -73,8 +73,19 @@ type doubleCluster struct {
 // ("zone-0"...) of physical pool "pool0", registered, with a heartbeat loop.
 func newDoubleCluster(t *testing.T, n int) *doubleCluster {
 	t.Helper()
+	return newDoubleClusterWith(t, n, nil)
+}
+
+// newDoubleClusterWith is newDoubleCluster with the MDS's config changed by
+// configure (nil: as is).
+func newDoubleClusterWith(t *testing.T, n int, configure func(*mds.Config)) *doubleCluster {
+	t.Helper()
 	ctx := context.Background()
-	s, err := mds.New(testMDSConfig(t, t.TempDir()))
+	cfg := testMDSConfig(t, t.TempDir())
+	if configure != nil {
+		configure(&cfg)
+	}
+	s, err := mds.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -380,7 +391,7 @@ func golden(t *testing.T, name, got string) {
 	t.Helper()
 	path := filepath.Join("testdata", name+".golden")
 	if *update {
-		if err := os.MkdirAll("testdata", 0o755); err != nil {
+		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 			t.Fatal(err)
 		}
 		if err := os.WriteFile(path, []byte(got), 0o644); err != nil {

@@ -39,13 +39,40 @@ const (
 type health struct {
 	reasons  []string
 	problems []string
+	// findings are the problems with what each is about, for status to
+	// group them by cause.
+	findings []finding
 }
 
+// finding is one thing wrong with a copyset: its reason, its sentence, and
+// the chunkserver it is about, so that what one chunkserver does to many
+// copysets reads as one cause.
+type finding struct {
+	reason string
+	text   string
+	// cs is the chunkserver the finding is about; 0 when it is about the
+	// copyset itself (no leader has reported, too few members).
+	cs uint64
+	// silence is how long the leader has not heard from cs, and behind how
+	// many entries cs trails the leader: figures that differ from copyset
+	// to copyset for one cause, of which a cause shows the largest.
+	silence time.Duration
+	behind  uint64
+}
+
+// add records a finding about the copyset itself.
 func (h *health) add(reason, format string, args ...any) {
-	if !slices.Contains(h.reasons, reason) {
-		h.reasons = append(h.reasons, reason)
+	h.note(finding{reason: reason}, format, args...)
+}
+
+// note records f with its sentence.
+func (h *health) note(f finding, format string, args ...any) {
+	if !slices.Contains(h.reasons, f.reason) {
+		h.reasons = append(h.reasons, f.reason)
 	}
-	h.problems = append(h.problems, fmt.Sprintf(format, args...))
+	f.text = fmt.Sprintf(format, args...)
+	h.problems = append(h.problems, f.text)
+	h.findings = append(h.findings, f)
 }
 
 func (h *health) ok() bool { return len(h.reasons) == 0 }
@@ -89,10 +116,10 @@ func mdsCopysetHealth(c *mdspb.Copyset, replicas uint32, byID map[uint64]*mdspb.
 		switch {
 		case cs == nil:
 			down[peer.ChunkserverId] = true
-			h.add(reasonPeersOffline, "member chunkserver %d is not registered", peer.ChunkserverId)
+			h.note(finding{reason: reasonPeersOffline, cs: peer.ChunkserverId}, "member chunkserver %d is not registered", peer.ChunkserverId)
 		case cs.OnlineState == mdspb.OnlineState_ONLINE_STATE_OFFLINE:
 			down[peer.ChunkserverId] = true
-			h.add(reasonPeersOffline, "member %s is offline", csName(peer.ChunkserverId, byID))
+			h.note(finding{reason: reasonPeersOffline, cs: peer.ChunkserverId}, "member %s is offline", csName(peer.ChunkserverId, byID))
 		}
 	}
 	if n := uint32(len(c.Peers)); n < replicas {
@@ -103,11 +130,11 @@ func mdsCopysetHealth(c *mdspb.Copyset, replicas uint32, byID map[uint64]*mdspb.
 	case c.LeaderId == 0:
 		h.add(reasonNoLeader, "no leader has reported")
 	case down[c.LeaderId]:
-		h.add(reasonNoLeader, "leader %s is offline", csName(c.LeaderId, byID))
+		h.note(finding{reason: reasonNoLeader, cs: c.LeaderId}, "leader %s is offline", csName(c.LeaderId, byID))
 	case !slices.ContainsFunc(c.Peers, func(pe *commonpb.Peer) bool { return pe.ChunkserverId == c.LeaderId }):
 		h.add(reasonNoLeader, "reported leader %s is not a member", csName(c.LeaderId, byID))
 	case p.staleAfter > 0 && c.ReportedUnix > 0 && p.now.Sub(time.Unix(c.ReportedUnix, 0)) > p.staleAfter:
-		h.add(reasonNoLeader, "leader %s last reported %s ago", csName(c.LeaderId, byID),
+		h.note(finding{reason: reasonNoLeader, cs: c.LeaderId}, "leader %s last reported %s ago", csName(c.LeaderId, byID),
 			p.now.Sub(time.Unix(c.ReportedUnix, 0)).Truncate(time.Second))
 	default:
 		leaderUsable = true
@@ -121,12 +148,14 @@ func mdsCopysetHealth(c *mdspb.Copyset, replicas uint32, byID map[uint64]*mdspb.
 		}
 		name := csName(pr.ChunkserverId, byID)
 		if silent(pr) {
-			h.add(reasonUnderReplicated, "leader has not heard from %s for %s", name, pr.Silence().Truncate(time.Second))
+			h.note(finding{reason: reasonUnderReplicated, cs: pr.ChunkserverId, silence: pr.Silence()},
+				"leader has not heard from %s for %s", name, pr.Silence().Truncate(time.Second))
 		}
 		if strings.Contains(strings.ToLower(pr.State), "snapshot") {
-			h.add(reasonInstallingSnapshot, "%s is receiving a snapshot", name)
+			h.note(finding{reason: reasonInstallingSnapshot, cs: pr.ChunkserverId}, "%s is receiving a snapshot", name)
 		} else if c.AppliedIndex > pr.MatchIndex && c.AppliedIndex-pr.MatchIndex > p.maxLogGap {
-			h.add(reasonLogGap, "%s is %d entries behind the leader (allowed %d)", name, c.AppliedIndex-pr.MatchIndex, p.maxLogGap)
+			behind := c.AppliedIndex - pr.MatchIndex
+			h.note(finding{reason: reasonLogGap, cs: pr.ChunkserverId, behind: behind}, "%s is %d entries behind the leader (allowed %d)", name, behind, p.maxLogGap)
 		}
 	}
 	return h

@@ -191,9 +191,11 @@ func TestLiveCluster(t *testing.T) {
 		jnum(t, m, "volumes.0.provisioned_bytes") != 128<<20 || jnum(t, m, "total.used_bytes") != 8*vol.ChunkSize {
 		t.Fatalf("du: %v", m)
 	}
-	if r := c.run("du", "vol"); r.code != ExitOK || !strings.Contains(r.stdout, "8 of 128") {
-		t.Fatalf("du vol: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	du := c.run("du", "vol")
+	if du.code != ExitOK || !strings.Contains(du.stdout, "8 of 128") {
+		t.Fatalf("du vol: exit %d\n%s%s", du.code, du.stdout, du.stderr)
 	}
+	golden(t, "du_volume", du.stdout)
 	if r := c.run("du", "nosuch"); r.code != ExitNotFound {
 		t.Fatalf("du of an unknown volume: exit %d, want %d\n%s", r.code, ExitNotFound, r.stderr)
 	}

@@ -239,9 +239,9 @@ func makeGroup(cmd *cobra.Command) {
 		}
 		if len(args) == 0 {
 			_ = cmd.Help()
-			return usageError(fmt.Errorf("%s needs one of: %s", cmd.CommandPath(), strings.Join(names, ", ")))
+			return usageError(fmt.Errorf("%s needs one of: %s", commandName(cmd), strings.Join(names, ", ")))
 		}
-		return usageError(fmt.Errorf("unknown command %q for %s; want one of: %s", args[0], cmd.CommandPath(), strings.Join(names, ", ")))
+		return usageError(fmt.Errorf("unknown command %q for %s; want one of: %s", args[0], commandName(cmd), strings.Join(names, ", ")))
 	}
 }
 
@@ -249,8 +249,14 @@ func makeGroup(cmd *cobra.Command) {
 func exactArgs(n int, names string) cobra.PositionalArgs {
 	return func(cmd *cobra.Command, args []string) error {
 		if len(args) != n {
-			return usageError(fmt.Errorf("%s takes %d argument(s): %s; got %d", cmd.CommandPath(), n, names, len(args)))
+			return usageError(fmt.Errorf("%s takes %d argument(s): %s; got %d", commandName(cmd), n, names, len(args)))
 		}
 		return nil
 	}
+}
+
+// commandName names a command as typed after cairn-ops ("create snapshot"):
+// error lines already start with "cairn-ops: ".
+func commandName(cmd *cobra.Command) string {
+	return strings.TrimPrefix(cmd.CommandPath(), cmd.Root().Name()+" ")
 }

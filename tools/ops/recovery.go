@@ -12,12 +12,14 @@ import (
 
 // recoveryView is what the schedulers are doing, in `status`.
 type recoveryView struct {
-	CopysetsToRepair int            `json:"copysets_to_repair"`
-	CopysetsMoving   int            `json:"copysets_moving"`
-	Blocked          int            `json:"copysets_blocked"`
-	Operators        map[string]int `json:"operators_by_reason"`
-	BytesToMove      uint64         `json:"bytes_to_move"`
-	BytesPerSecond   float64        `json:"bytes_per_second"`
+	CopysetsToRepair int `json:"copysets_to_repair"`
+	CopysetsMoving   int `json:"copysets_moving"`
+	Blocked          int `json:"copysets_blocked"`
+	// BlockedCopysets says why each blocked copyset cannot be repaired.
+	BlockedCopysets []blockedView  `json:"blocked"`
+	Operators       map[string]int `json:"operators_by_reason"`
+	BytesToMove     uint64         `json:"bytes_to_move"`
+	BytesPerSecond  float64        `json:"bytes_per_second"`
 	// ETASeconds is the time left at the last minute's rate; -1 when
 	// nothing finished in that minute yet.
 	ETASeconds           int64  `json:"eta_seconds"`
@@ -26,15 +28,22 @@ type recoveryView struct {
 	BalanceEnabled       bool   `json:"balance_enabled"`
 }
 
+// blockedView is a copyset that needs a repair no chunkserver can take.
+type blockedView struct {
+	Copyset string `json:"copyset"`
+	Reason  string `json:"reason"`
+}
+
 // addRecovery fills in the schedulers' progress and the problems it finds:
-// copysets no chunkserver can repair, chunkservers draining, chunkservers
-// past the space thresholds.
-func (a *app) addRecovery(ctx context.Context, res *statusResult, topo *topology, problem func(string, ...any)) error {
+// chunkservers draining, chunkservers past the space thresholds. It returns
+// the copysets no chunkserver can repair now, which status reports with
+// their causes.
+func (a *app) addRecovery(ctx context.Context, res *statusResult, topo *topology, problem func(string, ...any)) ([]*mdspb.BlockedCopyset, error) {
 	cctx, cancel := a.callCtx(ctx)
 	defer cancel()
 	st, err := a.conn.Cluster().GetScheduleStatus(cctx, &mdspb.GetScheduleStatusRequest{})
 	if err != nil {
-		return rpcErr("get schedule status", err)
+		return nil, rpcErr("get schedule status", err)
 	}
 	r := &res.Recovery
 	r.CopysetsToRepair, r.CopysetsMoving, r.Blocked = int(st.CopysetsToRepair), int(st.CopysetsMoving), len(st.Blocked)
@@ -48,8 +57,9 @@ func (a *app) addRecovery(ctx context.Context, res *statusResult, topo *topology
 	}
 	r.RecoverAfter = (time.Duration(st.RecoverAfterSeconds) * time.Second).String()
 	r.BalanceEnabled = st.BalanceEnabled
+	r.BlockedCopysets = []blockedView{}
 	for _, b := range st.Blocked {
-		problem("copyset %s cannot be repaired now: %s", b.Copyset.Name(), b.Reason)
+		r.BlockedCopysets = append(r.BlockedCopysets, blockedView{Copyset: b.Copyset.Name(), Reason: b.Reason})
 	}
 	for _, cs := range topo.chunkservers {
 		if cs.RwState == mdspb.RWState_RW_STATE_RETIRING {
@@ -66,7 +76,7 @@ func (a *app) addRecovery(ctx context.Context, res *statusResult, topo *topology
 			problem("chunkserver %d (%s, zone %s) is %.0f%% full (warning at %.0f%%)", cs.Id, cs.Hostname, cs.Zone, 100*used, 100*st.SpaceWarn)
 		}
 	}
-	return nil
+	return st.Blocked, nil
 }
 
 // line is the one-line summary in the status table.

@@ -144,25 +144,10 @@ background, what only it kept of the volume's chunks.`,
 			}
 			res := &snapshotDeleted{Volume: vol, Deleted: name}
 			if wait > 0 {
-				deadline := time.Now().Add(wait)
-				for {
-					cctx, cancel := a.callCtx(ctx)
-					resp, err := a.conn.Volumes().ListSnapshots(cctx, &mdspb.ListSnapshotsRequest{Volume: vol})
-					cancel()
-					if err != nil {
-						return rpcErr(fmt.Sprintf("list snapshots of volume %q", vol), err)
-					}
-					if !hasSnapshot(resp.Snapshots, name) {
-						res.Freed = true
-						break
-					}
-					if time.Now().After(deadline) {
-						return fmt.Errorf("snapshot %q of volume %q is deleted, but its space is not all given back after %s; the MDS goes on", name, vol, wait)
-					}
-					if err := sleepCtx(ctx, 200*time.Millisecond); err != nil {
-						return err
-					}
+				if err := a.waitSnapshotGone(ctx, vol, name, wait); err != nil {
+					return err
 				}
+				res.Freed = true
 			}
 			return a.emit(res)
 		}),
@@ -172,13 +157,45 @@ background, what only it kept of the volume's chunks.`,
 	return cmd
 }
 
-// hasSnapshot reports whether a snapshot named name is still being
-// deleted (its name may already be taken again).
-func hasSnapshot(list []*mdspb.Snapshot, name string) bool {
+// waitSnapshotGone waits until the MDS has given back what a deleted
+// snapshot kept and dropped its record. The MDS gives no count of the
+// chunks trimmed: a terminal shows a spinner with when the deletion began
+// (the trim starts a session lease after it).
+func (a *app) waitSnapshotGone(ctx context.Context, vol, name string, wait time.Duration) error {
+	poll := func(bool) (bool, progress, error) {
+		cctx, cancel := a.callCtx(ctx)
+		resp, err := a.conn.Volumes().ListSnapshots(cctx, &mdspb.ListSnapshotsRequest{Volume: vol})
+		cancel()
+		if err != nil {
+			return false, progress{}, rpcErr(fmt.Sprintf("list snapshots of volume %q", vol), err)
+		}
+		s := deletingSnapshot(resp.Snapshots, name)
+		if s == nil {
+			return true, progress{}, nil
+		}
+		return false, progress{desc: fmt.Sprintf("giving back the space of snapshot %s@%s, deleted %s: the MDS trims its chunks a session lease after the delete (it gives no count of chunks trimmed)",
+			vol, name, sinceUnix(s.DeletingUnix))}, nil
+	}
+	return a.waitUntil(ctx, wait, 200*time.Millisecond, poll, func() error {
+		return fmt.Errorf("snapshot %q of volume %q is deleted, but its space is not all given back after %s; the MDS goes on", name, vol, wait)
+	})
+}
+
+// sinceUnix says how long ago a Unix time was ("12s ago").
+func sinceUnix(sec int64) string {
+	if sec == 0 {
+		return "at an unknown time"
+	}
+	return time.Since(time.Unix(sec, 0)).Truncate(time.Second).String() + " ago"
+}
+
+// deletingSnapshot returns the snapshot named name that is being deleted
+// (its name may already be taken again), or nil.
+func deletingSnapshot(list []*mdspb.Snapshot, name string) *mdspb.Snapshot {
 	for _, s := range list {
 		if s.Name == name && s.Status == mdspb.SnapshotStatus_SNAPSHOT_STATUS_DELETING {
-			return true
+			return s
 		}
 	}
-	return false
+	return nil
 }

@@ -31,6 +31,18 @@ type statusResult struct {
 	Volumes          volumeCounts      `json:"volumes"`
 	PendingOperators int               `json:"pending_operators"`
 	Recovery         recoveryView      `json:"recovery"`
+
+	// details holds, for each problem, the per-copyset sentences behind
+	// it; showDetails prints them (status --details).
+	details     [][]string
+	showDetails bool
+}
+
+// addProblem appends a problem sentence with the per-copyset sentences
+// behind it.
+func (r *statusResult) addProblem(text string, details []string) {
+	r.Problems = append(r.Problems, text)
+	r.details = append(r.details, details)
 }
 
 type mdsView struct {
@@ -101,19 +113,26 @@ type volumeCounts struct {
 func (a *app) statusCommand() *cobra.Command {
 	var maxGap uint64
 	var staleAfter time.Duration
+	var details bool
 	cmd := &cobra.Command{
 		Use:   "status",
 		Short: "Say whether the cluster is healthy and why not (exit 0 only when healthy)",
 		Long: `status shows the MDS leader and followers, etcd members, chunkservers by state,
 copysets total/healthy/unhealthy with reasons, space and chunk file pool
 formatting progress, from the MDS's view. It exits 0 only when the cluster is
-healthy, 3 when it is not.`,
+healthy, 3 when it is not.
+
+Problems are grouped by cause: a chunkserver that is down, paused or behind
+is one line with the copysets it troubles counted and the volumes named;
+--details lists the copysets of each cause with their own sentences (check
+copyset POOL:ID asks a copyset's replicas themselves).`,
 		Args: exactArgs(0, "none"),
 		RunE: a.runE(func(ctx context.Context, cmd *cobra.Command, args []string) error {
 			res, err := a.status(ctx, healthParams{maxLogGap: maxGap, staleAfter: staleAfter, now: time.Now()})
 			if err != nil {
 				return err
 			}
+			res.showDetails = details
 			if err := a.emit(res); err != nil {
 				return err
 			}
@@ -125,6 +144,7 @@ healthy, 3 when it is not.`,
 	}
 	cmd.Flags().Uint64Var(&maxGap, "max-log-gap", 1000, "log entries a follower may trail its leader by")
 	cmd.Flags().DurationVar(&staleAfter, "stale-after", 30*time.Second, "age after which a copyset leader's last report counts as lost")
+	cmd.Flags().BoolVar(&details, "details", false, "under each problem, list the copysets it concerns, one sentence each")
 	return cmd
 }
 
@@ -155,7 +175,10 @@ func (a *app) status(ctx context.Context, p healthParams) (*statusResult, error)
 	}
 
 	res := &statusResult{Problems: []string{}, PendingOperators: len(ops.Operators)}
-	problem := func(format string, args ...any) { res.Problems = append(res.Problems, fmt.Sprintf(format, args...)) }
+	problem := func(format string, args ...any) { res.addProblem(fmt.Sprintf(format, args...), nil) }
+	// Chunkservers and copysets: their problems are reported grouped by
+	// cause, once the volumes are known.
+	var grouped causes
 
 	// MDS: the election's view, plus every address the operator named.
 	res.MDS = a.probeMDS(ctx, cluster.Mds)
@@ -196,7 +219,7 @@ func (a *app) status(ctx context.Context, p healthParams) (*statusResult, error)
 		// A retired chunkserver is expected to be gone (a replaced disk, a
 		// drained machine).
 		if cs.OnlineState != mdspb.OnlineState_ONLINE_STATE_ONLINE && cs.RwState != mdspb.RWState_RW_STATE_RETIRED {
-			problem("chunkserver %d (%s, %s, zone %s) is %s", cs.Id, cs.Hostname, cs.Address, cs.Zone, state)
+			grouped.chunkserver(cs.Id, state)
 		}
 		if cs.OnlineState == mdspb.OnlineState_ONLINE_STATE_OFFLINE {
 			continue
@@ -241,9 +264,6 @@ func (a *app) status(ctx context.Context, p healthParams) (*statusResult, error)
 		problem("no logical pool exists (create one with: cairn-ops create pool)")
 	}
 
-	// Copysets: their problems are reported grouped by cause, once the
-	// volumes are known.
-	var grouped causes
 	cc := &res.Copysets
 	cc.ByReason = map[string]int{}
 	cc.UnhealthyCopysets = []copysetView{}
@@ -259,13 +279,17 @@ func (a *app) status(ctx context.Context, p healthParams) (*statusResult, error)
 			cc.ByReason[r]++
 		}
 		cc.UnhealthyCopysets = append(cc.UnhealthyCopysets, newCopysetView(c, h))
-		grouped.add(c.Id, h.problems)
+		grouped.add(c.Id, h.findings)
 	}
 
-	// Recovery, drains and space.
-	if err := a.addRecovery(ctx, res, topo, problem); err != nil {
+	// Recovery, drains and space: drains and space are reported after the
+	// causes.
+	var later []string
+	blocked, err := a.addRecovery(ctx, res, topo, func(format string, args ...any) { later = append(later, fmt.Sprintf(format, args...)) })
+	if err != nil {
 		return nil, err
 	}
+	grouped.blocked = blocked
 
 	// Volumes.
 	for _, v := range vols.Volumes {
@@ -277,7 +301,12 @@ func (a *app) status(ctx context.Context, p healthParams) (*statusResult, error)
 		res.Space.AllocatedBytes += v.AllocatedSegments * v.SegmentSize
 	}
 
-	a.reportCauses(ctx, &grouped, vols.Volumes, problem)
+	for _, l := range a.reportCauses(ctx, &grouped, topo, vols.Volumes) {
+		res.addProblem(l.text, l.details)
+	}
+	for _, p := range later {
+		problem("%s", p)
+	}
 
 	res.Healthy = len(res.Problems) == 0
 	return res, nil
@@ -413,11 +442,26 @@ func (r *statusResult) writeTable(t *table) {
 	t.row("formatting:", format)
 	t.row("operators:", fmt.Sprintf("%d pending", r.PendingOperators))
 	t.row("recovery:", r.Recovery.line())
-	if len(r.Problems) > 0 {
-		t.line("")
-		t.line("problems:")
-		for _, p := range r.Problems {
-			t.line("  - %s", p)
+	if len(r.Problems) == 0 {
+		return
+	}
+	t.line("")
+	t.line("problems:")
+	grouped := false
+	for i, p := range r.Problems {
+		t.line("  - %s", p)
+		if i >= len(r.details) {
+			continue
 		}
+		grouped = grouped || len(r.details[i]) > 0
+		if r.showDetails {
+			for _, d := range r.details[i] {
+				t.line("      %s", d)
+			}
+		}
+	}
+	if grouped && !r.showDetails {
+		t.line("")
+		t.line("one line per cause; each copyset's own problem: cairn-ops status --details; what its replicas say: cairn-ops check copyset POOL:ID")
 	}
 }

@@ -172,15 +172,27 @@ func TestStatusNamesEachCopysetProblem(t *testing.T) {
 			t.Errorf("%s = %d, want %d", path, got, want)
 		}
 	}
-	problems := strings.Join(jstrings(t, m, "problems"), "\n")
-	for _, frag := range []string{
-		fmt.Sprintf("copyset 1:2: leader has not heard from chunkserver %d (%s) for 12s", ids[1], c.css[1].Addr),
+	// One line per cause: chunkserver 2 troubles two copysets, in two
+	// ways; the other causes touch one copyset each and read as its
+	// problem.
+	problems := jstrings(t, m, "problems")
+	wantProblems := []string{
+		fmt.Sprintf("chunkserver %d (host-1, %s, zone zone-1) silent for 12s: 2 copysets unhealthy: 1 under-replicated, 1 lagging (up to 1500 entries behind) (1:2, 1:4)",
+			ids[1], c.css[1].Addr),
 		fmt.Sprintf("copyset 1:3: chunkserver %d (%s) is receiving a snapshot", ids[2], c.css[2].Addr),
-		fmt.Sprintf("copyset 1:4: chunkserver %d (%s) is 1500 entries behind the leader (allowed 1000)", ids[1], c.css[1].Addr),
 		"copyset 1:5: no leader has reported",
+	}
+	if !slices.Equal(problems, wantProblems) {
+		t.Errorf("problems:\n%s\nwant:\n%s", strings.Join(problems, "\n"), strings.Join(wantProblems, "\n"))
+	}
+	// --details names each copyset's own problem under its cause.
+	details := c.run("status", "--details").stdout
+	for _, frag := range []string{
+		fmt.Sprintf("      1:2: leader has not heard from chunkserver %d (%s) for 12s\n", ids[1], c.css[1].Addr),
+		fmt.Sprintf("      1:4: chunkserver %d (%s) is 1500 entries behind the leader (allowed 1000)\n", ids[1], c.css[1].Addr),
 	} {
-		if !strings.Contains(problems, frag) {
-			t.Errorf("problems do not say %q:\n%s", frag, problems)
+		if !strings.Contains(details, frag) {
+			t.Errorf("status --details does not say %q:\n%s", frag, details)
 		}
 	}
 	// A wider allowed gap clears the lagging copyset.
@@ -226,17 +238,12 @@ func TestStatusOfflineChunkserver(t *testing.T) {
 	if got := jnum(t, m, "copysets.by_reason.peers_offline"); got != 3 {
 		t.Errorf("copysets with peers offline = %d, want 3", got)
 	}
-	problems := strings.Join(jstrings(t, m, "problems"), "\n")
-	for _, frag := range []string{
-		fmt.Sprintf("chunkserver %d (host-2, %s, zone zone-2) is offline", dead.ID(), dead.Addr),
-		fmt.Sprintf("member chunkserver %d (%s) is offline: 3 copysets (1:1, 1:2, 1:3) (volumes v)", dead.ID(), dead.Addr),
-	} {
-		if !strings.Contains(problems, frag) {
-			t.Errorf("problems do not say %q:\n%s", frag, problems)
-		}
-	}
-	if n := strings.Count(problems, "member chunkserver"); n != 1 {
-		t.Errorf("the offline member is named in %d problems, want one for the cause:\n%s", n, problems)
+	// The chunkserver's state and what it does to its copysets are one
+	// cause, one line.
+	problems := jstrings(t, m, "problems")
+	want := fmt.Sprintf("chunkserver %d (host-2, %s, zone zone-2) is offline: 3 copysets without this replica (1:1, 1:2, 1:3); volumes: v", dead.ID(), dead.Addr)
+	if len(problems) != 1 || problems[0] != want {
+		t.Errorf("problems:\n%s\nwant the one line\n%s", strings.Join(problems, "\n"), want)
 	}
 	// Offline chunkservers' space is not counted.
 	if got := jnum(t, m, "space.disk_total_bytes"); got != 200<<30 {

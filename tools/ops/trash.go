@@ -89,7 +89,7 @@ is one whose snapshots clones read.`,
 			defer cancel()
 			resp, err := a.conn.Volumes().TrashVolume(cctx, &mdspb.TrashVolumeRequest{Name: args[0], ExpireSeconds: uint32(expires / time.Second), Force: force})
 			if err != nil {
-				return rpcErr(fmt.Sprintf("move volume %q to the trash", args[0]), err)
+				return forceHint(rpcErr(fmt.Sprintf("move volume %q to the trash", args[0]), err), "trash volume "+args[0]+" --force")
 			}
 			return a.emit(&trashed{Volume: newTrashView(resp.Volume)})
 		}),

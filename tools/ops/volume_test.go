@@ -3,8 +3,6 @@ package ops
 import (
 	"errors"
 	"fmt"
-	"net/http"
-	"net/http/httptest"
 	"regexp"
 	"strconv"
 	"strings"
@@ -294,13 +292,7 @@ func TestUnreachableMDS(t *testing.T) {
 	if jstr(t, m, "error.code") != "unreachable" || !strings.Contains(jstr(t, m, "error.message"), "tried 127.0.0.1:1") {
 		t.Errorf("JSON error: %v", m)
 	}
-	// An HTTP port given as the MDS (a metrics listener) gets a hint.
-	web := httptest.NewServer(http.NotFoundHandler())
-	defer web.Close()
-	r = runOps(t, "", "--mds", strings.TrimPrefix(web.URL, "http://"), "--timeout", "2s", "status")
-	if r.code != ExitUnreachable || !strings.Contains(r.stderr, "answers HTTP/1.1, not gRPC: is it a metrics port") {
-		t.Errorf("HTTP port as the MDS: exit %d, stderr %q", r.code, r.stderr)
-	}
+	// Addresses that answer but are no MDS: TestWrongMDSAddress.
 }
 
 func TestMDSAddressFromEnvironment(t *testing.T) {
@@ -331,8 +323,8 @@ func TestUsageErrors(t *testing.T) {
 		msg  string
 	}{
 		{[]string{"frobnicate"}, `unknown command "frobnicate"`},
-		{[]string{"list"}, "cairn-ops list needs one of: chunkserver, copyset, node, operator, pool, server, session, snapshot, trash, volume, zone"},
-		{[]string{"list", "disks"}, `unknown command "disks" for cairn-ops list`},
+		{[]string{"list"}, "cairn-ops: list needs one of: chunkserver, copyset, node, operator, pool, server, session, snapshot, trash, volume, zone"},
+		{[]string{"list", "disks"}, `unknown command "disks" for list;`},
 		{[]string{"status", "--bogus"}, "unknown flag: --bogus"},
 		{[]string{"-o", "yaml", "status"}, `unknown output format "yaml": use table or json`},
 		{[]string{"--timeout", "0s", "status"}, "--timeout 0s must be positive"},
