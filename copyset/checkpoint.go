@@ -47,7 +47,7 @@ func (c *Copyset) checkpointLocked() error {
 		m.setConfState(c.sm.confState)
 	}
 	m.Requests = c.sm.dedup.encode()
-	if err := writeMeta(c.dir, m); err != nil {
+	if err := c.meta.write(m); err != nil {
 		return err
 	}
 	c.sm.lastCkpt, c.sm.bytesSince = c.sm.applied, 0

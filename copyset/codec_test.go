@@ -91,7 +91,7 @@ func TestMetaRoundTripAndCorruption(t *testing.T) {
 	m := &meta{Pool: 1, Copyset: 2, Applied: 40, AppliedTerm: 3, ConfEpoch: 7, Term: 3, Vote: 1, Commit: 40,
 		Requests: newDedupTable().encode()}
 	m.setConfState(&raftpb.ConfState{Voters: []uint64{1, 2, 3}, Learners: []uint64{4}})
-	if err := writeMeta(dir, m); err != nil {
+	if err := (&metaWriter{dir: dir}).write(m); err != nil {
 		t.Fatal(err)
 	}
 	got, err := readMeta(dir)
@@ -124,7 +124,7 @@ func TestMetaRoundTripAndCorruption(t *testing.T) {
 func FuzzReadMeta(f *testing.F) {
 	dir := f.TempDir()
 	m := &meta{Pool: 1, Copyset: 1, Applied: 5, Voters: []uint64{1, 2, 3}}
-	if err := writeMeta(dir, m); err != nil {
+	if err := (&metaWriter{dir: dir}).write(m); err != nil {
 		f.Fatal(err)
 	}
 	b, _ := os.ReadFile(filepath.Join(dir, metaFile))
@@ -136,11 +136,11 @@ func FuzzReadMeta(f *testing.F) {
 		if err := os.WriteFile(filepath.Join(dir, metaFile), b, 0o644); err != nil {
 			t.Fatal(err)
 		}
-		m, err := readMeta(dir)
+		m, w, err := loadMeta(dir)
 		if err != nil {
 			return
 		}
-		if err := writeMeta(dir, m); err != nil {
+		if err := w.write(m); err != nil {
 			t.Fatal(err)
 		}
 		again, err := readMeta(dir)

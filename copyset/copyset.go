@@ -25,6 +25,7 @@ type Copyset struct {
 	e     *Engine
 	id    GroupID
 	dir   string
+	meta  *metaWriter // the meta file's writer; smMu held (checkpoints)
 	store ChunkStore
 	wal   walAppender
 	log   *slog.Logger
@@ -172,7 +173,7 @@ type applyItem struct {
 
 // open recovers a copyset from its directory and its WAL records.
 func (e *Engine) open(id GroupID, dir string, gl *wal.GroupLog) (*Copyset, error) {
-	m, err := readMeta(dir)
+	m, mw, err := loadMeta(dir)
 	if err != nil {
 		return nil, err
 	}
@@ -194,6 +195,7 @@ func (e *Engine) open(id GroupID, dir string, gl *wal.GroupLog) (*Copyset, error
 	c.aidle = sync.NewCond(&c.amu)
 	c.initialVoters = append([]uint64(nil), m.Voters...)
 	c.wal = e.wal
+	c.meta = mw
 	fail := func(err error) (*Copyset, error) {
 		if c.store != nil {
 			c.store.Close()
@@ -223,7 +225,7 @@ func (e *Engine) open(id GroupID, dir string, gl *wal.GroupLog) (*Copyset, error
 		m.setConfState(base.ConfState)
 		m.Commit = max(m.Commit, base.Index)
 		m.Requests = base.Requests
-		if err := writeMeta(dir, m); err != nil {
+		if err := mw.write(m); err != nil {
 			return fail(fmt.Errorf("record installed snapshot %d: %w", base.Index, err))
 		}
 	}

@@ -271,7 +271,7 @@ func (e *Engine) Create(id GroupID, peers []uint64) error {
 		m.Applied, m.AppliedTerm, m.Term, m.Commit = 1, 1, 1, 1
 		m.Voters = peers
 	}
-	if err := writeMeta(dir, m); err != nil {
+	if err := (&metaWriter{dir: dir}).write(m); err != nil {
 		os.RemoveAll(dir)
 		return fmt.Errorf("copyset: create %s: %w", id, err)
 	}

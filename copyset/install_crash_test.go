@@ -57,9 +57,11 @@ func TestRestartAfterInstallBeforeCheckpointKeepsTheLog(t *testing.T) {
 		return nil
 	})
 	// The follower comes back, installs a snapshot, and loses its power at
-	// the first sync of raft.meta after it: the checkpoint of the install.
+	// the first sync of the idle copyset's raft.meta after it: the
+	// checkpoint of the install (the one before is the sync of what the
+	// copyset read at its start).
 	disk := tc.disks[follower]
-	if _, err := disk.CrashAtSync(`raft\.meta`, 1, faultfs.CrashOptions{}); err != nil {
+	if _, err := disk.CrashAtSync(`/`+idle.DirName()+`/\.?raft\.meta`, 2, faultfs.CrashOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	tc.start(follower)

@@ -18,7 +18,7 @@ import (
 const metaFile = "raft.meta"
 
 // meta is a copyset's durable checkpoint, kept in its directory beside the
-// chunk files. It is written at every checkpoint (see writeMeta): the chunk
+// chunk files. It is written at every checkpoint (see metaWriter): the chunk
 // files are fdatasynced first, so the state machine is known durable up to
 // Applied and the WAL may drop entries at or below it.
 type meta struct {
@@ -77,65 +77,124 @@ func (m *meta) checksum() uint32 {
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
-// The meta file has two slots of slotSize bytes each, a multiple of the
-// page size. A slot holds a header (magic, generation, payload length,
-// CRC32C of the generation, length and payload) and the meta as JSON; the
-// slot with the highest valid generation is the checkpoint. A checkpoint
-// writes generation g+1 into slot (g+1)%2 in place and fdatasyncs: the file
-// keeps its size and blocks, so no journal commit is needed, and a torn
-// write leaves the other slot, the previous checkpoint, intact (the WAL
-// learns of a checkpoint only after writeMeta returned, so it still holds
-// everything after the previous one). A meta that outgrows its slot, and
-// the first write of a copyset, replace the file whole (temp, fsync,
-// rename, fsync dir) with slots twice the size needed. A file written
-// before slots existed is plain JSON and still read.
+// The meta file has two slots of the same size, a multiple of the page and
+// file system block size. A slot holds a header (magic, generation, payload
+// length, CRC32C of the generation, length and payload) and the meta as
+// JSON; the slot with the highest valid generation is the checkpoint. A
+// checkpoint writes generation g+1 into slot (g+1)%2 in place and
+// fdatasyncs it: the file keeps its size and blocks, so no journal commit
+// is needed, and a torn write leaves slot g%2, the previous checkpoint,
+// intact (the WAL learns of a checkpoint only after the write returned, so
+// it still holds everything after the previous one).
+//
+// The generation g is the one metaWriter last made durable, kept in memory,
+// never read back from the file: after a failed fdatasync the page cache
+// may show a slot the disk does not hold, and writing "the other slot"
+// from what the cache shows would overwrite the only durable one. After
+// any failure, after the first write of a copyset, for a file of the plain
+// JSON layout written before slots existed, and when the meta outgrows its
+// slot, the file is replaced whole (temp, fsync, rename, fsync dir), which
+// repairs whatever the failure left.
 const (
 	metaMagic      = "CAIRNMT2"
 	metaSlotHeader = 24 // magic 8 | generation u64 | length u32 | crc u32
 	metaMinSlot    = 4096
 )
 
-// writeMeta durably records m as dir's meta: in place in the next slot
-// when it fits, else as a new file.
-func writeMeta(dir string, m *meta) error {
+// metaWriter writes one copyset's meta file. Not safe for concurrent use:
+// its writes are serialized by the state machine's lock.
+type metaWriter struct {
+	dir  string
+	gen  uint64 // generation last made durable
+	slot int64  // slot size of the durable file; 0: replace the file whole next time
+}
+
+// loadMeta reads dir's meta and makes what it read durable (a process that
+// crashed after writing a slot and before syncing it may have left it in
+// the page cache only), so that the WAL may rely on it.
+func loadMeta(dir string) (*meta, *metaWriter, error) {
+	m, gen, slot, err := readMetaFile(dir)
+	if err != nil {
+		return nil, nil, err
+	}
+	path := filepath.Join(dir, metaFile)
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, nil, fmt.Errorf("open copyset meta: %w", err)
+	}
+	serr := unix.Fdatasync(int(f.Fd()))
+	f.Close()
+	if serr == nil {
+		serr = fsutil.SyncDir(dir)
+	}
+	if serr != nil {
+		return nil, nil, fmt.Errorf("sync copyset meta %s: %w", path, serr)
+	}
+	return m, &metaWriter{dir: dir, gen: gen, slot: slot}, nil
+}
+
+// write durably records m: in place in the next slot when it fits, else as
+// a new file.
+func (w *metaWriter) write(m *meta) error {
 	m.Version = metaVersion
 	m.CRC = m.checksum()
 	b, err := json.Marshal(m)
 	if err != nil {
 		return fmt.Errorf("encode copyset meta: %w", err)
 	}
-	path := filepath.Join(dir, metaFile)
-	gen, slot := uint64(0), int64(0)
-	var cur []byte
-	if raw, err := os.ReadFile(path); err == nil {
-		gen, slot, cur = latestMetaSlot(raw)
-	}
-	if cur != nil && metaSlotHeader+len(b) <= int(slot) {
-		f, err := os.OpenFile(path, os.O_WRONLY, 0)
-		if err != nil {
-			return fmt.Errorf("write copyset meta: %w", err)
+	path := filepath.Join(w.dir, metaFile)
+	gen := w.gen + 1
+	if w.slot > 0 && metaSlotHeader+len(b) <= int(w.slot) {
+		if err := writeMetaSlot(path, encodeMetaSlot(gen, b, 0), int64(gen%2)*w.slot); err != nil {
+			w.slot = 0
+			return err
 		}
-		gen++
-		_, werr := f.WriteAt(encodeMetaSlot(gen, b, 0), int64(gen%2)*slot)
-		if werr == nil {
-			werr = unix.Fdatasync(int(f.Fd()))
-		}
-		if cerr := f.Close(); werr == nil {
-			werr = cerr
-		}
-		if werr != nil {
-			return fmt.Errorf("write copyset meta %s: %w", path, werr)
-		}
+		w.gen = gen
 		return nil
 	}
-	gen++
-	slot = int64(metaMinSlot)
+	slot := metaSlotSize(w.dir)
 	for slot < 2*int64(metaSlotHeader+len(b)) {
 		slot *= 2
 	}
 	file := make([]byte, 2*slot)
 	copy(file[int64(gen%2)*slot:], encodeMetaSlot(gen, b, int(slot)))
-	return fsutil.WriteFileAtomic(path, file, 0o644)
+	w.slot = 0
+	if err := fsutil.WriteFileAtomic(path, file, 0o644); err != nil {
+		return err
+	}
+	w.gen, w.slot = gen, slot
+	return nil
+}
+
+// writeMetaSlot writes one slot in place and fdatasyncs it.
+func writeMetaSlot(path string, b []byte, off int64) error {
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		return fmt.Errorf("write copyset meta: %w", err)
+	}
+	_, err = f.WriteAt(b, off)
+	if err == nil {
+		err = unix.Fdatasync(int(f.Fd()))
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("write copyset meta %s: %w", path, err)
+	}
+	return nil
+}
+
+// metaSlotSize is the smallest slot for dir: a page and a file system block
+// at least, so that writing one slot never rewrites a page or block of the
+// other.
+func metaSlotSize(dir string) int64 {
+	n := max(int64(metaMinSlot), int64(os.Getpagesize()))
+	var st unix.Statfs_t
+	if unix.Statfs(dir, &st) == nil && st.Bsize > 0 {
+		n = max(n, int64(st.Bsize))
+	}
+	return n
 }
 
 // encodeMetaSlot lays out one slot holding payload, padded to size bytes
@@ -154,8 +213,8 @@ func encodeMetaSlot(gen uint64, payload []byte, size int) []byte {
 }
 
 // latestMetaSlot finds the valid slot with the highest generation in a
-// meta file: its generation, the slot size and its payload. A file of
-// another layout gives slot 0.
+// meta file of the slot layout: its generation, the slot size and its
+// payload (nil when no slot is valid or the file has another layout).
 func latestMetaSlot(raw []byte) (gen uint64, slot int64, payload []byte) {
 	if len(raw) < 2*metaMinSlot || len(raw)%(2*metaMinSlot) != 0 {
 		return 0, 0, nil
@@ -178,31 +237,41 @@ func latestMetaSlot(raw []byte) (gen uint64, slot int64, payload []byte) {
 		}
 		gen, payload = g, s[metaSlotHeader:metaSlotHeader+n]
 	}
+	if payload == nil {
+		return 0, 0, nil
+	}
 	return gen, slot, payload
 }
 
 // readMeta reads and verifies dir's meta file.
 func readMeta(dir string) (*meta, error) {
+	m, _, _, err := readMetaFile(dir)
+	return m, err
+}
+
+// readMetaFile is readMeta that also tells the generation and slot size of
+// the slot it read (0, 0 for a file of the plain JSON layout).
+func readMetaFile(dir string) (m *meta, gen uint64, slot int64, err error) {
 	raw, err := os.ReadFile(filepath.Join(dir, metaFile))
 	if err != nil {
-		return nil, fmt.Errorf("read copyset meta: %w", err)
+		return nil, 0, 0, fmt.Errorf("read copyset meta: %w", err)
 	}
-	b := raw
-	if len(raw) == 0 || raw[0] != '{' {
-		_, _, b = latestMetaSlot(raw)
-		if b == nil {
-			return nil, fmt.Errorf("%w: %s: no valid slot", ErrMetaCorrupt, dir)
+	gen, slot, b := latestMetaSlot(raw)
+	if b == nil {
+		if len(raw) == 0 || raw[0] != '{' {
+			return nil, 0, 0, fmt.Errorf("%w: %s: no valid slot", ErrMetaCorrupt, dir)
 		}
+		b = raw // the plain JSON layout
 	}
-	m := &meta{}
+	m = &meta{}
 	if err := json.Unmarshal(b, m); err != nil {
-		return nil, fmt.Errorf("%w: %s: %v", ErrMetaCorrupt, dir, err)
+		return nil, 0, 0, fmt.Errorf("%w: %s: %v", ErrMetaCorrupt, dir, err)
 	}
 	if m.Version != metaVersion {
-		return nil, fmt.Errorf("%w: %s: version %d", ErrMetaCorrupt, dir, m.Version)
+		return nil, 0, 0, fmt.Errorf("%w: %s: version %d", ErrMetaCorrupt, dir, m.Version)
 	}
 	if m.CRC != m.checksum() {
-		return nil, fmt.Errorf("%w: %s: checksum mismatch", ErrMetaCorrupt, dir)
+		return nil, 0, 0, fmt.Errorf("%w: %s: checksum mismatch", ErrMetaCorrupt, dir)
 	}
-	return m, nil
+	return m, gen, slot, nil
 }

@@ -2,6 +2,7 @@ package copyset
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"os"
@@ -18,10 +19,11 @@ func TestMetaCheckpointsWriteSlotsInPlace(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, metaFile)
 	m := &meta{Pool: 1, Copyset: 2, Voters: []uint64{1, 2, 3}}
+	w := &metaWriter{dir: dir}
 	var ino uint64
 	for applied := uint64(1); applied <= 5; applied++ {
 		m.Applied = applied
-		if err := writeMeta(dir, m); err != nil {
+		if err := w.write(m); err != nil {
 			t.Fatal(err)
 		}
 		got, err := readMeta(dir)
@@ -75,8 +77,12 @@ func TestMetaOutgrowsItsSlotAndReadsOldFiles(t *testing.T) {
 	if got, err := readMeta(dir); err != nil || got.Applied != 7 {
 		t.Fatalf("plain JSON meta: %+v, %v", got, err)
 	}
+	_, w, err := loadMeta(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
 	m.Applied = 8
-	if err := writeMeta(dir, m); err != nil {
+	if err := w.write(m); err != nil {
 		t.Fatal(err)
 	}
 	raw, _ := os.ReadFile(path)
@@ -85,7 +91,7 @@ func TestMetaOutgrowsItsSlotAndReadsOldFiles(t *testing.T) {
 	}
 	m.Requests = bytes.Repeat([]byte{7}, 3*metaMinSlot)
 	m.Applied = 9
-	if err := writeMeta(dir, m); err != nil {
+	if err := w.write(m); err != nil {
 		t.Fatal(err)
 	}
 	if got, err := readMeta(dir); err != nil || got.Applied != 9 || !bytes.Equal(got.Requests, m.Requests) {
@@ -103,4 +109,75 @@ func inode(t *testing.T, st os.FileInfo) uint64 {
 		t.Skip("no inode numbers on this platform")
 	}
 	return sys.Ino
+}
+
+// TestMetaSlotsFollowWhatWasMadeDurable: the next slot is chosen from the
+// generation the writer last made durable, not from what the file shows
+// (after a failed fdatasync the page cache can show a slot the disk does
+// not hold), and after a failed write the file is replaced whole.
+func TestMetaSlotsFollowWhatWasMadeDurable(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, metaFile)
+	m := &meta{Pool: 1, Copyset: 2, Voters: []uint64{1, 2, 3}}
+	w := &metaWriter{dir: dir}
+	for applied := uint64(1); applied <= 3; applied++ { // generation 3 lands in slot 1
+		m.Applied = applied
+		if err := w.write(m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The file shows a generation 4 in slot 0 that the writer never made
+	// durable. The next checkpoint goes to slot 0, leaving generation 3.
+	raw, _ := os.ReadFile(path)
+	slot := len(raw) / 2
+	shown := *m
+	shown.Applied = 99
+	shown.Version = metaVersion
+	shown.CRC = shown.checksum()
+	b, _ := json.Marshal(&shown)
+	copy(raw, encodeMetaSlot(4, b, 0))
+	if err := os.WriteFile(path, raw, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	m.Applied = 4
+	if err := w.write(m); err != nil {
+		t.Fatal(err)
+	}
+	raw, _ = os.ReadFile(path)
+	if g := binary.LittleEndian.Uint64(raw[slot+8:]); g != 3 {
+		t.Fatalf("the durable generation 3 in slot 1 was overwritten (slot 1 now holds generation %d)", g)
+	}
+	if got, err := readMeta(dir); err != nil || got.Applied != 4 {
+		t.Fatalf("read %+v, %v; want applied 4", got, err)
+	}
+
+	// A failed write: the next one replaces the file whole.
+	if err := os.Rename(path, path+".away"); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(path, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	m.Applied = 5
+	if err := w.write(m); err == nil {
+		t.Fatal("a write over a directory succeeded")
+	}
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(path+".away", path); err != nil {
+		t.Fatal(err)
+	}
+	st, _ := os.Stat(path)
+	before := inode(t, st)
+	if err := w.write(m); err != nil {
+		t.Fatal(err)
+	}
+	st, _ = os.Stat(path)
+	if inode(t, st) == before {
+		t.Fatal("after a failed write the meta was written in place; it must be replaced whole")
+	}
+	if got, err := readMeta(dir); err != nil || got.Applied != 5 {
+		t.Fatalf("read %+v, %v; want applied 5", got, err)
+	}
 }

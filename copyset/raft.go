@@ -586,8 +586,8 @@ func (c *Copyset) submitAppend(m *raftpb.Message) {
 	direct := a.Snapshot == nil
 	c.wal.Submit(a, func(err error) {
 		sent := direct && err == nil
-		c.enqueue(func(in *inbox) { in.appended = append(in.appended, appendDone{m: m, err: err, sent: sent}) })
-		if sent {
+		queued := c.enqueue(func(in *inbox) { in.appended = append(in.appended, appendDone{m: m, err: err, sent: sent}) })
+		if sent && queued { // a stopped replica says nothing more
 			for _, r := range m.GetResponses() {
 				if c.sendsDirect(r) {
 					c.send(r)
