@@ -8,6 +8,7 @@ import (
 
 	"cairn.io/cairn/api/chunkpb"
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/wire"
 )
 
 // Extent is a run of a volume's bytes that are all allocated or all holes.
@@ -33,11 +34,14 @@ const (
 // where the source's is, down the chain of sources. A snapshot handle
 // maps the chunks as they were when the snapshot was taken. A whole chunk
 // unmapped is a hole again, unless a snapshot or a clone's source needs
-// it (then it is kept, zeroed, and counts as data). Nothing is cached:
-// every call asks the MDS (through the segment cache reads use) and each
-// copyset's leader once per MaxChunksExist chunks. At most mapMaxSegments
-// segments are looked at per call. NBD's base:allocation, iSCSI's GET LBA
-// STATUS and image copies use it to skip what was never written.
+// it (then it is kept, zeroed, and counts as data). Which chunks exist is
+// never cached: every call asks each copyset's leader, once per
+// MaxChunksExist chunks (a chunkserver too old to answer has all its
+// chunks counted as data); segments are looked up as reads look them up
+// (through the handle's cache). At most mapMaxSegments segments and
+// mapMaxChunks chunks are looked at per call. NBD's base:allocation,
+// iSCSI's GET LBA STATUS and image copies use it to skip what was never
+// written.
 func (v *Volume) Map(ctx context.Context, off, length int64) ([]Extent, error) {
 	if err := v.usable(false); err != nil {
 		return nil, err
@@ -212,6 +216,15 @@ func (r *router) chunksExist(ctx context.Context, refs []*mdspb.ChunkRef) ([]boo
 					Copyset: cs, ChunkIds: ids, VolumeId: v.id, Epoch: v.Epoch(), SnapshotSn: v.snap,
 				})
 				exists = resp.GetExists()
+				if wire.IsUnknownMethod(err) {
+					// A chunkserver older than this client: any of
+					// the chunks may hold data.
+					exists = make([]bool, len(ids))
+					for i := range exists {
+						exists[i] = true
+					}
+					return outcome{status: chunkpb.Status_STATUS_OK}, nil
+				}
 				return outcome{resp.GetStatus(), resp.GetLeader(), resp.GetMessage()}, err
 			})
 			switch {
