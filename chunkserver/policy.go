@@ -30,6 +30,7 @@ var Policy = &certs.Policy{
 		chunkpb.ChunkService_TrimChunk_FullMethodName:    {certs.RoleMDS},
 		chunkpb.ChunkService_GetChunkInfo_FullMethodName: {certs.RoleClient, certs.RoleOperator, certs.RoleMDS},
 		chunkpb.ChunkService_GetChunkHash_FullMethodName: {certs.RoleClient, certs.RoleOperator, certs.RoleMDS},
+		chunkpb.ChunkService_ChunksExist_FullMethodName:  {certs.RoleClient, certs.RoleOperator},
 		chunkpb.ChunkService_UpdateEpoch_FullMethodName:  {certs.RoleMDS},
 
 		copysetpb.CopysetService_CreateCopysets_FullMethodName:   {certs.RoleMDS},

@@ -142,9 +142,9 @@ func TestCloneLifecycle(t *testing.T) {
 	if name, flat := cl.Source(); name != "src@s1" || flat {
 		t.Fatalf("Source() = %q, %v", name, flat)
 	}
-	ext, err := cl.Map(ctx, 0, 3*seg)
-	if err != nil || len(ext) != 2 || ext[0].Hole || ext[0].Length != 2*seg || !ext[1].Hole {
-		t.Fatalf("map of the clone: %+v %v (want data where the source has it, then a hole)", ext, err)
+	// The chunks the source's snapshot has: a's four, a2's one.
+	if got, _ := mapOf(t, cl, 3*seg); got != "[0,4) [72,73)" {
+		t.Fatalf("map of the clone (MiB): %s, want data where the source has chunks", got)
 	}
 
 	// C: whole pages, parts of pages, across a chunk boundary, beyond the
@@ -214,8 +214,9 @@ func TestCloneLifecycle(t *testing.T) {
 	mustEqual(t, "the snapshot of the unflattened clone", readAll(t, t0, 3*seg), atT0)
 	// cl3 is flattened first: what only src holds (a2, in a segment
 	// neither cl nor cl3 ever allocated) comes down the chain.
-	if ext, err := cl3.Map(ctx, 0, 3*seg); err != nil || len(ext) != 1 || ext[0].Hole { // segment 1 only src has
-		t.Fatalf("map of the clone of the clone: %+v %v", ext, err)
+	// Chunk 72 only src has; chunk 128 only cl.
+	if got, _ := mapOf(t, cl3, 3*seg); got != "[0,4) [72,73) [128,129)" {
+		t.Fatalf("map of the clone of the clone (MiB): %s", got)
 	}
 	copied3, err := open(t, c, "cl3", client.Options{ReadOnly: true}).Flatten(ctx, nil)
 	if err != nil || copied3 < 1<<20 {
@@ -271,6 +272,13 @@ func TestCloneLifecycle(t *testing.T) {
 	mustEqual(t, "the clone after flatten", readAll(t, cl, 3*seg), want.snapshot())
 	mustEqual(t, "the clone's snapshot from before its flatten, after it", readAll(t, t0, 3*seg), atT0)
 	mustEqual(t, "the clone of the clone, after the first one's flatten", readAll(t, cl3, 3*seg), want3.snapshot())
+	// The flatten copied chunk 72 into the clone: its own now, and t0
+	// (from before, when the clone had no chunk 72) finds it in the source.
+	for _, h := range []*client.Volume{cl, t0} {
+		if got, _ := mapOf(t, h, 3*seg); got != "[0,4) [72,73) [128,129)" {
+			t.Fatalf("map of %s after the flatten (MiB): %s", h.Name(), got)
+		}
+	}
 
 	// The source stays while t0 (from before the flatten) does; t0 goes
 	// once cl3 (flattened) is released.
@@ -310,6 +318,9 @@ func TestCloneLifecycle(t *testing.T) {
 	}
 	want2.write(d, 5*4096+512)
 	mustEqual(t, "the clone of the clone", readAll(t, cl2, 3*seg), want2.snapshot())
+	if got, _ := mapOf(t, cl2, 3*seg); got != "[0,4) [72,73) [128,129)" {
+		t.Fatalf("map of the clone of the flattened clone (MiB): %s", got)
+	}
 	mustEqual(t, "the first clone", readAll(t, cl, 3*seg), want.snapshot())
 	if err := cl.Flush(ctx); err != nil {
 		t.Fatal(err)

@@ -39,6 +39,7 @@ type chunkIO interface {
 	WriteChunk(ctx context.Context, req *chunkpb.WriteChunkRequest) (*chunkpb.WriteChunkResponse, error)
 	ReadChunk(ctx context.Context, req *chunkpb.ReadChunkRequest) (*chunkpb.ReadChunkResponse, error)
 	DeleteChunk(ctx context.Context, req *chunkpb.DeleteChunkRequest) (*chunkpb.DeleteChunkResponse, error)
+	ChunksExist(ctx context.Context, req *chunkpb.ChunksExistRequest) (*chunkpb.ChunksExistResponse, error)
 }
 
 type csKey struct{ pool, copyset uint32 }

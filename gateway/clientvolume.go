@@ -57,7 +57,7 @@ func (c clientVolume) UnmapAt(ctx context.Context, off, length int64) error {
 
 func (c clientVolume) Flush(ctx context.Context) error { return translate(c.Volume.Flush(ctx)) }
 
-// Map tells allocated segments from holes (blockdev.Mapper).
+// Map tells written chunks from holes (blockdev.Mapper).
 func (c clientVolume) Map(ctx context.Context, off, length int64) ([]blockdev.Extent, error) {
 	ext, err := c.Volume.Map(ctx, off, length)
 	if err != nil {

@@ -163,7 +163,8 @@ func TestClusterFencedByAnotherWriter(t *testing.T) {
 }
 
 // TestClusterMapShowsUnallocatedSegments: nbdinfo --map over a volume shows
-// the segments never written as holes, so copies skip them.
+// the segments never written, and the chunks never written of the others,
+// as holes, so copies skip them.
 func TestClusterMapShowsUnallocatedSegments(t *testing.T) {
 	testtool.Need(t, "nbdinfo")
 	c := startCluster(t)
@@ -175,7 +176,8 @@ func TestClusterMapShowsUnallocatedSegments(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer h.Close()
-	// One block into the third segment: only that segment is allocated.
+	// One block into the third segment: only that segment is allocated,
+	// and of it only its first chunk (1 MiB) written.
 	if _, err := h.WriteAt(context.Background(), make([]byte, 4096), 2*seg+8192); err != nil {
 		t.Fatal(err)
 	}
@@ -187,7 +189,7 @@ func TestClusterMapShowsUnallocatedSegments(t *testing.T) {
 	if err := json.Unmarshal([]byte(out), &got); err != nil {
 		t.Fatalf("nbdinfo --map --json: %v\n%s", err, out)
 	}
-	want := fmt.Sprint([]any{[]int64{0, 2 * seg, 3}, []int64{2 * seg, seg, 0}, []int64{3 * seg, seg, 3}})
+	want := fmt.Sprint([]any{[]int64{0, 2 * seg, 3}, []int64{2 * seg, 1 << 20, 0}, []int64{2*seg + 1<<20, 2*seg - 1<<20, 3}})
 	var have []any
 	for _, e := range got {
 		have = append(have, []int64{e.Offset, e.Length, int64(e.Type)})

@@ -1306,6 +1306,162 @@ func (x *GetChunkHashResponse) GetAppliedIndex() uint64 {
 	return 0
 }
 
+// ChunksExistRequest asks a copyset's leader which of a list of chunks
+// exist: were written (or zeroed as a whole, for a clone's chunk) and not
+// deleted since. It reads no data: it is how a client maps which chunks of
+// its volume hold data (NBD block status, GET LBA STATUS, image copies).
+// The leader answers under its lease, as it serves reads. At most
+// MaxChunksExist chunk ids per request.
+type ChunksExistRequest struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Copyset  *commonpb.CopysetRef   `protobuf:"bytes,1,opt,name=copyset,proto3" json:"copyset,omitempty"`
+	ChunkIds []uint64               `protobuf:"varint,2,rep,packed,name=chunk_ids,json=chunkIds,proto3" json:"chunk_ids,omitempty"`
+	VolumeId uint64                 `protobuf:"varint,3,opt,name=volume_id,json=volumeId,proto3" json:"volume_id,omitempty"`
+	// Epoch of the reader; 0 skips the epoch check (read-only openers).
+	Epoch uint64 `protobuf:"varint,4,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	// Whether the chunks existed in the snapshot at this sequence number of
+	// their volume (0: now): a chunk created after it reads as zeros there
+	// (or from a clone's source).
+	SnapshotSn    uint64 `protobuf:"varint,5,opt,name=snapshot_sn,json=snapshotSn,proto3" json:"snapshot_sn,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ChunksExistRequest) Reset() {
+	*x = ChunksExistRequest{}
+	mi := &file_chunkpb_chunk_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ChunksExistRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ChunksExistRequest) ProtoMessage() {}
+
+func (x *ChunksExistRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chunkpb_chunk_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ChunksExistRequest.ProtoReflect.Descriptor instead.
+func (*ChunksExistRequest) Descriptor() ([]byte, []int) {
+	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *ChunksExistRequest) GetCopyset() *commonpb.CopysetRef {
+	if x != nil {
+		return x.Copyset
+	}
+	return nil
+}
+
+func (x *ChunksExistRequest) GetChunkIds() []uint64 {
+	if x != nil {
+		return x.ChunkIds
+	}
+	return nil
+}
+
+func (x *ChunksExistRequest) GetVolumeId() uint64 {
+	if x != nil {
+		return x.VolumeId
+	}
+	return 0
+}
+
+func (x *ChunksExistRequest) GetEpoch() uint64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+func (x *ChunksExistRequest) GetSnapshotSn() uint64 {
+	if x != nil {
+		return x.SnapshotSn
+	}
+	return 0
+}
+
+type ChunksExistResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Status  Status                 `protobuf:"varint,1,opt,name=status,proto3,enum=cairn.chunk.v1.Status" json:"status,omitempty"`
+	Leader  *LeaderHint            `protobuf:"bytes,2,opt,name=leader,proto3" json:"leader,omitempty"`
+	Message string                 `protobuf:"bytes,3,opt,name=message,proto3" json:"message,omitempty"`
+	// exists[k] answers for chunk_ids[k]. A chunk whose metadata does not
+	// check out is reported existing (reading it reports the failure).
+	Exists        []bool `protobuf:"varint,4,rep,packed,name=exists,proto3" json:"exists,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ChunksExistResponse) Reset() {
+	*x = ChunksExistResponse{}
+	mi := &file_chunkpb_chunk_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ChunksExistResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ChunksExistResponse) ProtoMessage() {}
+
+func (x *ChunksExistResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chunkpb_chunk_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ChunksExistResponse.ProtoReflect.Descriptor instead.
+func (*ChunksExistResponse) Descriptor() ([]byte, []int) {
+	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *ChunksExistResponse) GetStatus() Status {
+	if x != nil {
+		return x.Status
+	}
+	return Status_STATUS_OK
+}
+
+func (x *ChunksExistResponse) GetLeader() *LeaderHint {
+	if x != nil {
+		return x.Leader
+	}
+	return nil
+}
+
+func (x *ChunksExistResponse) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *ChunksExistResponse) GetExists() []bool {
+	if x != nil {
+		return x.Exists
+	}
+	return nil
+}
+
 // UpdateEpochRequest raises the chunkserver's recorded epoch of a volume so
 // that writers holding an older epoch are refused. It never lowers an epoch.
 type UpdateEpochRequest struct {
@@ -1318,7 +1474,7 @@ type UpdateEpochRequest struct {
 
 func (x *UpdateEpochRequest) Reset() {
 	*x = UpdateEpochRequest{}
-	mi := &file_chunkpb_chunk_proto_msgTypes[14]
+	mi := &file_chunkpb_chunk_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1330,7 +1486,7 @@ func (x *UpdateEpochRequest) String() string {
 func (*UpdateEpochRequest) ProtoMessage() {}
 
 func (x *UpdateEpochRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chunkpb_chunk_proto_msgTypes[14]
+	mi := &file_chunkpb_chunk_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1343,7 +1499,7 @@ func (x *UpdateEpochRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateEpochRequest.ProtoReflect.Descriptor instead.
 func (*UpdateEpochRequest) Descriptor() ([]byte, []int) {
-	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{14}
+	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *UpdateEpochRequest) GetVolumeId() uint64 {
@@ -1372,7 +1528,7 @@ type UpdateEpochResponse struct {
 
 func (x *UpdateEpochResponse) Reset() {
 	*x = UpdateEpochResponse{}
-	mi := &file_chunkpb_chunk_proto_msgTypes[15]
+	mi := &file_chunkpb_chunk_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1384,7 +1540,7 @@ func (x *UpdateEpochResponse) String() string {
 func (*UpdateEpochResponse) ProtoMessage() {}
 
 func (x *UpdateEpochResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chunkpb_chunk_proto_msgTypes[15]
+	mi := &file_chunkpb_chunk_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1397,7 +1553,7 @@ func (x *UpdateEpochResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateEpochResponse.ProtoReflect.Descriptor instead.
 func (*UpdateEpochResponse) Descriptor() ([]byte, []int) {
-	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{15}
+	return file_chunkpb_chunk_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *UpdateEpochResponse) GetStatus() Status {
@@ -1525,7 +1681,19 @@ const file_chunkpb_chunk_proto_rawDesc = "" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12\x16\n" +
 	"\x06crc32c\x18\x03 \x01(\rR\x06crc32c\x12\x16\n" +
 	"\x06exists\x18\x04 \x01(\bR\x06exists\x12#\n" +
-	"\rapplied_index\x18\x05 \x01(\x04R\fappliedIndex\"G\n" +
+	"\rapplied_index\x18\x05 \x01(\x04R\fappliedIndex\"\xbc\x01\n" +
+	"\x12ChunksExistRequest\x125\n" +
+	"\acopyset\x18\x01 \x01(\v2\x1b.cairn.common.v1.CopysetRefR\acopyset\x12\x1b\n" +
+	"\tchunk_ids\x18\x02 \x03(\x04R\bchunkIds\x12\x1b\n" +
+	"\tvolume_id\x18\x03 \x01(\x04R\bvolumeId\x12\x14\n" +
+	"\x05epoch\x18\x04 \x01(\x04R\x05epoch\x12\x1f\n" +
+	"\vsnapshot_sn\x18\x05 \x01(\x04R\n" +
+	"snapshotSn\"\xab\x01\n" +
+	"\x13ChunksExistResponse\x12.\n" +
+	"\x06status\x18\x01 \x01(\x0e2\x16.cairn.chunk.v1.StatusR\x06status\x122\n" +
+	"\x06leader\x18\x02 \x01(\v2\x1a.cairn.chunk.v1.LeaderHintR\x06leader\x12\x18\n" +
+	"\amessage\x18\x03 \x01(\tR\amessage\x12\x16\n" +
+	"\x06exists\x18\x04 \x03(\bR\x06exists\"G\n" +
 	"\x12UpdateEpochRequest\x12\x1b\n" +
 	"\tvolume_id\x18\x01 \x01(\x04R\bvolumeId\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\"u\n" +
@@ -1543,7 +1711,7 @@ const file_chunkpb_chunk_proto_rawDesc = "" +
 	"\x0fSTATUS_OVERLOAD\x10\x06\x12\x1b\n" +
 	"\x17STATUS_COPYSET_NOTEXIST\x10\a\x12\x16\n" +
 	"\x12STATUS_UNAVAILABLE\x10\b\x12\x19\n" +
-	"\x15STATUS_INTERNAL_ERROR\x10\t2\xed\x04\n" +
+	"\x15STATUS_INTERNAL_ERROR\x10\t2\xc5\x05\n" +
 	"\fChunkService\x12S\n" +
 	"\n" +
 	"WriteChunk\x12!.cairn.chunk.v1.WriteChunkRequest\x1a\".cairn.chunk.v1.WriteChunkResponse\x12P\n" +
@@ -1552,6 +1720,7 @@ const file_chunkpb_chunk_proto_rawDesc = "" +
 	"\tTrimChunk\x12 .cairn.chunk.v1.TrimChunkRequest\x1a!.cairn.chunk.v1.TrimChunkResponse\x12Y\n" +
 	"\fGetChunkInfo\x12#.cairn.chunk.v1.GetChunkInfoRequest\x1a$.cairn.chunk.v1.GetChunkInfoResponse\x12Y\n" +
 	"\fGetChunkHash\x12#.cairn.chunk.v1.GetChunkHashRequest\x1a$.cairn.chunk.v1.GetChunkHashResponse\x12V\n" +
+	"\vChunksExist\x12\".cairn.chunk.v1.ChunksExistRequest\x1a#.cairn.chunk.v1.ChunksExistResponse\x12V\n" +
 	"\vUpdateEpoch\x12\".cairn.chunk.v1.UpdateEpochRequest\x1a#.cairn.chunk.v1.UpdateEpochResponseB\x1cZ\x1acairn.io/cairn/api/chunkpbb\x06proto3"
 
 var (
@@ -1567,7 +1736,7 @@ func file_chunkpb_chunk_proto_rawDescGZIP() []byte {
 }
 
 var file_chunkpb_chunk_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_chunkpb_chunk_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_chunkpb_chunk_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
 var file_chunkpb_chunk_proto_goTypes = []any{
 	(Status)(0),                  // 0: cairn.chunk.v1.Status
 	(*LeaderHint)(nil),           // 1: cairn.chunk.v1.LeaderHint
@@ -1584,50 +1753,57 @@ var file_chunkpb_chunk_proto_goTypes = []any{
 	(*GetChunkInfoResponse)(nil), // 12: cairn.chunk.v1.GetChunkInfoResponse
 	(*GetChunkHashRequest)(nil),  // 13: cairn.chunk.v1.GetChunkHashRequest
 	(*GetChunkHashResponse)(nil), // 14: cairn.chunk.v1.GetChunkHashResponse
-	(*UpdateEpochRequest)(nil),   // 15: cairn.chunk.v1.UpdateEpochRequest
-	(*UpdateEpochResponse)(nil),  // 16: cairn.chunk.v1.UpdateEpochResponse
-	(*commonpb.CopysetRef)(nil),  // 17: cairn.common.v1.CopysetRef
+	(*ChunksExistRequest)(nil),   // 15: cairn.chunk.v1.ChunksExistRequest
+	(*ChunksExistResponse)(nil),  // 16: cairn.chunk.v1.ChunksExistResponse
+	(*UpdateEpochRequest)(nil),   // 17: cairn.chunk.v1.UpdateEpochRequest
+	(*UpdateEpochResponse)(nil),  // 18: cairn.chunk.v1.UpdateEpochResponse
+	(*commonpb.CopysetRef)(nil),  // 19: cairn.common.v1.CopysetRef
 }
 var file_chunkpb_chunk_proto_depIdxs = []int32{
-	17, // 0: cairn.chunk.v1.WriteChunkRequest.copyset:type_name -> cairn.common.v1.CopysetRef
+	19, // 0: cairn.chunk.v1.WriteChunkRequest.copyset:type_name -> cairn.common.v1.CopysetRef
 	3,  // 1: cairn.chunk.v1.WriteChunkRequest.request:type_name -> cairn.chunk.v1.ClientRequest
 	0,  // 2: cairn.chunk.v1.WriteChunkResponse.status:type_name -> cairn.chunk.v1.Status
 	1,  // 3: cairn.chunk.v1.WriteChunkResponse.leader:type_name -> cairn.chunk.v1.LeaderHint
-	17, // 4: cairn.chunk.v1.ReadChunkRequest.copyset:type_name -> cairn.common.v1.CopysetRef
+	19, // 4: cairn.chunk.v1.ReadChunkRequest.copyset:type_name -> cairn.common.v1.CopysetRef
 	0,  // 5: cairn.chunk.v1.ReadChunkResponse.status:type_name -> cairn.chunk.v1.Status
 	1,  // 6: cairn.chunk.v1.ReadChunkResponse.leader:type_name -> cairn.chunk.v1.LeaderHint
-	17, // 7: cairn.chunk.v1.DeleteChunkRequest.copyset:type_name -> cairn.common.v1.CopysetRef
+	19, // 7: cairn.chunk.v1.DeleteChunkRequest.copyset:type_name -> cairn.common.v1.CopysetRef
 	3,  // 8: cairn.chunk.v1.DeleteChunkRequest.request:type_name -> cairn.chunk.v1.ClientRequest
 	0,  // 9: cairn.chunk.v1.DeleteChunkResponse.status:type_name -> cairn.chunk.v1.Status
 	1,  // 10: cairn.chunk.v1.DeleteChunkResponse.leader:type_name -> cairn.chunk.v1.LeaderHint
-	17, // 11: cairn.chunk.v1.TrimChunkRequest.copyset:type_name -> cairn.common.v1.CopysetRef
+	19, // 11: cairn.chunk.v1.TrimChunkRequest.copyset:type_name -> cairn.common.v1.CopysetRef
 	0,  // 12: cairn.chunk.v1.TrimChunkResponse.status:type_name -> cairn.chunk.v1.Status
 	1,  // 13: cairn.chunk.v1.TrimChunkResponse.leader:type_name -> cairn.chunk.v1.LeaderHint
-	17, // 14: cairn.chunk.v1.GetChunkInfoRequest.copyset:type_name -> cairn.common.v1.CopysetRef
+	19, // 14: cairn.chunk.v1.GetChunkInfoRequest.copyset:type_name -> cairn.common.v1.CopysetRef
 	0,  // 15: cairn.chunk.v1.GetChunkInfoResponse.status:type_name -> cairn.chunk.v1.Status
 	1,  // 16: cairn.chunk.v1.GetChunkInfoResponse.leader:type_name -> cairn.chunk.v1.LeaderHint
-	17, // 17: cairn.chunk.v1.GetChunkHashRequest.copyset:type_name -> cairn.common.v1.CopysetRef
+	19, // 17: cairn.chunk.v1.GetChunkHashRequest.copyset:type_name -> cairn.common.v1.CopysetRef
 	0,  // 18: cairn.chunk.v1.GetChunkHashResponse.status:type_name -> cairn.chunk.v1.Status
-	0,  // 19: cairn.chunk.v1.UpdateEpochResponse.status:type_name -> cairn.chunk.v1.Status
-	2,  // 20: cairn.chunk.v1.ChunkService.WriteChunk:input_type -> cairn.chunk.v1.WriteChunkRequest
-	5,  // 21: cairn.chunk.v1.ChunkService.ReadChunk:input_type -> cairn.chunk.v1.ReadChunkRequest
-	7,  // 22: cairn.chunk.v1.ChunkService.DeleteChunk:input_type -> cairn.chunk.v1.DeleteChunkRequest
-	9,  // 23: cairn.chunk.v1.ChunkService.TrimChunk:input_type -> cairn.chunk.v1.TrimChunkRequest
-	11, // 24: cairn.chunk.v1.ChunkService.GetChunkInfo:input_type -> cairn.chunk.v1.GetChunkInfoRequest
-	13, // 25: cairn.chunk.v1.ChunkService.GetChunkHash:input_type -> cairn.chunk.v1.GetChunkHashRequest
-	15, // 26: cairn.chunk.v1.ChunkService.UpdateEpoch:input_type -> cairn.chunk.v1.UpdateEpochRequest
-	4,  // 27: cairn.chunk.v1.ChunkService.WriteChunk:output_type -> cairn.chunk.v1.WriteChunkResponse
-	6,  // 28: cairn.chunk.v1.ChunkService.ReadChunk:output_type -> cairn.chunk.v1.ReadChunkResponse
-	8,  // 29: cairn.chunk.v1.ChunkService.DeleteChunk:output_type -> cairn.chunk.v1.DeleteChunkResponse
-	10, // 30: cairn.chunk.v1.ChunkService.TrimChunk:output_type -> cairn.chunk.v1.TrimChunkResponse
-	12, // 31: cairn.chunk.v1.ChunkService.GetChunkInfo:output_type -> cairn.chunk.v1.GetChunkInfoResponse
-	14, // 32: cairn.chunk.v1.ChunkService.GetChunkHash:output_type -> cairn.chunk.v1.GetChunkHashResponse
-	16, // 33: cairn.chunk.v1.ChunkService.UpdateEpoch:output_type -> cairn.chunk.v1.UpdateEpochResponse
-	27, // [27:34] is the sub-list for method output_type
-	20, // [20:27] is the sub-list for method input_type
-	20, // [20:20] is the sub-list for extension type_name
-	20, // [20:20] is the sub-list for extension extendee
-	0,  // [0:20] is the sub-list for field type_name
+	19, // 19: cairn.chunk.v1.ChunksExistRequest.copyset:type_name -> cairn.common.v1.CopysetRef
+	0,  // 20: cairn.chunk.v1.ChunksExistResponse.status:type_name -> cairn.chunk.v1.Status
+	1,  // 21: cairn.chunk.v1.ChunksExistResponse.leader:type_name -> cairn.chunk.v1.LeaderHint
+	0,  // 22: cairn.chunk.v1.UpdateEpochResponse.status:type_name -> cairn.chunk.v1.Status
+	2,  // 23: cairn.chunk.v1.ChunkService.WriteChunk:input_type -> cairn.chunk.v1.WriteChunkRequest
+	5,  // 24: cairn.chunk.v1.ChunkService.ReadChunk:input_type -> cairn.chunk.v1.ReadChunkRequest
+	7,  // 25: cairn.chunk.v1.ChunkService.DeleteChunk:input_type -> cairn.chunk.v1.DeleteChunkRequest
+	9,  // 26: cairn.chunk.v1.ChunkService.TrimChunk:input_type -> cairn.chunk.v1.TrimChunkRequest
+	11, // 27: cairn.chunk.v1.ChunkService.GetChunkInfo:input_type -> cairn.chunk.v1.GetChunkInfoRequest
+	13, // 28: cairn.chunk.v1.ChunkService.GetChunkHash:input_type -> cairn.chunk.v1.GetChunkHashRequest
+	15, // 29: cairn.chunk.v1.ChunkService.ChunksExist:input_type -> cairn.chunk.v1.ChunksExistRequest
+	17, // 30: cairn.chunk.v1.ChunkService.UpdateEpoch:input_type -> cairn.chunk.v1.UpdateEpochRequest
+	4,  // 31: cairn.chunk.v1.ChunkService.WriteChunk:output_type -> cairn.chunk.v1.WriteChunkResponse
+	6,  // 32: cairn.chunk.v1.ChunkService.ReadChunk:output_type -> cairn.chunk.v1.ReadChunkResponse
+	8,  // 33: cairn.chunk.v1.ChunkService.DeleteChunk:output_type -> cairn.chunk.v1.DeleteChunkResponse
+	10, // 34: cairn.chunk.v1.ChunkService.TrimChunk:output_type -> cairn.chunk.v1.TrimChunkResponse
+	12, // 35: cairn.chunk.v1.ChunkService.GetChunkInfo:output_type -> cairn.chunk.v1.GetChunkInfoResponse
+	14, // 36: cairn.chunk.v1.ChunkService.GetChunkHash:output_type -> cairn.chunk.v1.GetChunkHashResponse
+	16, // 37: cairn.chunk.v1.ChunkService.ChunksExist:output_type -> cairn.chunk.v1.ChunksExistResponse
+	18, // 38: cairn.chunk.v1.ChunkService.UpdateEpoch:output_type -> cairn.chunk.v1.UpdateEpochResponse
+	31, // [31:39] is the sub-list for method output_type
+	23, // [23:31] is the sub-list for method input_type
+	23, // [23:23] is the sub-list for extension type_name
+	23, // [23:23] is the sub-list for extension extendee
+	0,  // [0:23] is the sub-list for field type_name
 }
 
 func init() { file_chunkpb_chunk_proto_init() }
@@ -1641,7 +1817,7 @@ func file_chunkpb_chunk_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chunkpb_chunk_proto_rawDesc), len(file_chunkpb_chunk_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   16,
+			NumMessages:   18,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -30,6 +30,7 @@ const (
 	ChunkService_TrimChunk_FullMethodName    = "/cairn.chunk.v1.ChunkService/TrimChunk"
 	ChunkService_GetChunkInfo_FullMethodName = "/cairn.chunk.v1.ChunkService/GetChunkInfo"
 	ChunkService_GetChunkHash_FullMethodName = "/cairn.chunk.v1.ChunkService/GetChunkHash"
+	ChunkService_ChunksExist_FullMethodName  = "/cairn.chunk.v1.ChunkService/ChunksExist"
 	ChunkService_UpdateEpoch_FullMethodName  = "/cairn.chunk.v1.ChunkService/UpdateEpoch"
 )
 
@@ -45,6 +46,7 @@ type ChunkServiceClient interface {
 	TrimChunk(ctx context.Context, in *TrimChunkRequest, opts ...grpc.CallOption) (*TrimChunkResponse, error)
 	GetChunkInfo(ctx context.Context, in *GetChunkInfoRequest, opts ...grpc.CallOption) (*GetChunkInfoResponse, error)
 	GetChunkHash(ctx context.Context, in *GetChunkHashRequest, opts ...grpc.CallOption) (*GetChunkHashResponse, error)
+	ChunksExist(ctx context.Context, in *ChunksExistRequest, opts ...grpc.CallOption) (*ChunksExistResponse, error)
 	UpdateEpoch(ctx context.Context, in *UpdateEpochRequest, opts ...grpc.CallOption) (*UpdateEpochResponse, error)
 }
 
@@ -116,6 +118,16 @@ func (c *chunkServiceClient) GetChunkHash(ctx context.Context, in *GetChunkHashR
 	return out, nil
 }
 
+func (c *chunkServiceClient) ChunksExist(ctx context.Context, in *ChunksExistRequest, opts ...grpc.CallOption) (*ChunksExistResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ChunksExistResponse)
+	err := c.cc.Invoke(ctx, ChunkService_ChunksExist_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *chunkServiceClient) UpdateEpoch(ctx context.Context, in *UpdateEpochRequest, opts ...grpc.CallOption) (*UpdateEpochResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(UpdateEpochResponse)
@@ -138,6 +150,7 @@ type ChunkServiceServer interface {
 	TrimChunk(context.Context, *TrimChunkRequest) (*TrimChunkResponse, error)
 	GetChunkInfo(context.Context, *GetChunkInfoRequest) (*GetChunkInfoResponse, error)
 	GetChunkHash(context.Context, *GetChunkHashRequest) (*GetChunkHashResponse, error)
+	ChunksExist(context.Context, *ChunksExistRequest) (*ChunksExistResponse, error)
 	UpdateEpoch(context.Context, *UpdateEpochRequest) (*UpdateEpochResponse, error)
 	mustEmbedUnimplementedChunkServiceServer()
 }
@@ -166,6 +179,9 @@ func (UnimplementedChunkServiceServer) GetChunkInfo(context.Context, *GetChunkIn
 }
 func (UnimplementedChunkServiceServer) GetChunkHash(context.Context, *GetChunkHashRequest) (*GetChunkHashResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetChunkHash not implemented")
+}
+func (UnimplementedChunkServiceServer) ChunksExist(context.Context, *ChunksExistRequest) (*ChunksExistResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ChunksExist not implemented")
 }
 func (UnimplementedChunkServiceServer) UpdateEpoch(context.Context, *UpdateEpochRequest) (*UpdateEpochResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method UpdateEpoch not implemented")
@@ -299,6 +315,24 @@ func _ChunkService_GetChunkHash_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ChunkService_ChunksExist_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ChunksExistRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ChunkServiceServer).ChunksExist(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ChunkService_ChunksExist_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ChunkServiceServer).ChunksExist(ctx, req.(*ChunksExistRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _ChunkService_UpdateEpoch_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(UpdateEpochRequest)
 	if err := dec(in); err != nil {
@@ -347,6 +381,10 @@ var ChunkService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetChunkHash",
 			Handler:    _ChunkService_GetChunkHash_Handler,
+		},
+		{
+			MethodName: "ChunksExist",
+			Handler:    _ChunkService_ChunksExist_Handler,
 		},
 		{
 			MethodName: "UpdateEpoch",

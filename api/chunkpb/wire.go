@@ -10,13 +10,18 @@ import (
 )
 
 // Methods of the chunk service's data path on the wire protocol (package
-// internal/wire): the calls a client makes for every IO. The other calls of
+// internal/wire): the calls a client makes for every IO, and the map of
+// which chunks exist (block status of NBD and iSCSI). The other calls of
 // ChunkService are served by gRPC only.
 const (
 	WireWriteChunk  wire.Method = 1
 	WireReadChunk   wire.Method = 2
 	WireDeleteChunk wire.Method = 3
+	WireChunksExist wire.Method = 4
 )
+
+// MaxChunksExist bounds the chunk ids of one ChunksExistRequest.
+const MaxChunksExist = 1024
 
 // RegisterWireServer serves the data-path calls of s on srv, each wrapped
 // by intercept when it is set, as the gRPC server would wrap them (with the
@@ -50,6 +55,10 @@ func RegisterWireServer(srv *wire.Server, s ChunkServiceServer, intercept grpc.U
 		func(ctx context.Context, req proto.Message) (proto.Message, error) {
 			return s.DeleteChunk(ctx, req.(*DeleteChunkRequest))
 		})
+	register(WireChunksExist, ChunkService_ChunksExist_FullMethodName, func() proto.Message { return &ChunksExistRequest{} },
+		func(ctx context.Context, req proto.Message) (proto.Message, error) {
+			return s.ChunksExist(ctx, req.(*ChunksExistRequest))
+		})
 }
 
 // WireClient makes the data-path calls of the chunk service on one wire
@@ -80,6 +89,15 @@ func (c WireClient) ReadChunk(ctx context.Context, req *ReadChunkRequest) (*Read
 func (c WireClient) DeleteChunk(ctx context.Context, req *DeleteChunkRequest) (*DeleteChunkResponse, error) {
 	resp := &DeleteChunkResponse{}
 	if err := c.C.Call(ctx, WireDeleteChunk, req, resp); err != nil {
+		return nil, err
+	}
+	return resp, nil
+}
+
+// ChunksExist asks which of a copyset's chunks exist.
+func (c WireClient) ChunksExist(ctx context.Context, req *ChunksExistRequest) (*ChunksExistResponse, error) {
+	resp := &ChunksExistResponse{}
+	if err := c.C.Call(ctx, WireChunksExist, req, resp); err != nil {
 		return nil, err
 	}
 	return resp, nil

@@ -322,6 +322,22 @@ func (s *Store) Delete(id uint64) error {
 	return nil
 }
 
+// Exists reports whether the chunk exists, without reading its data: now
+// (snap 0), or in the snapshot at sequence number snap, which a chunk
+// created after it does not exist in (it reads as zeros there, or from a
+// clone's source: see ReadOwnedSN). A chunk whose meta page does not check
+// out exists (reading it reports the failure).
+func (s *Store) Exists(id, snap uint64) (bool, error) {
+	c, err := s.lookup(id)
+	if err != nil || c == nil {
+		return false, err
+	}
+	if c.corrupt != nil {
+		return true, nil
+	}
+	return snap == 0 || snap >= c.meta.CreatedSN, nil
+}
+
 // Info returns the chunk's metadata: ErrChunkNotExist for a missing chunk,
 // ErrCorrupt for one whose meta page does not check out.
 func (s *Store) Info(id uint64) (ChunkInfo, error) {

@@ -72,6 +72,12 @@ func (m *snapModel) check(t *testing.T, s *Store, ids []uint64, when string) {
 			if !bytes.Equal(got, want) {
 				t.Fatalf("%s: chunk %d at snapshot %d differs from what it held then (first difference at byte %d)", when, id, snap, firstDiff(got, want))
 			}
+			if ok, err := s.Exists(id, snap); err != nil || ok != (m.snaps[snap][id] != nil) {
+				t.Fatalf("%s: chunk %d exists at snapshot %d: %v, %v (written before it: %v)", when, id, snap, ok, err, m.snaps[snap][id] != nil)
+			}
+		}
+		if ok, err := s.Exists(id, 0); err != nil || ok != (m.current[id] != nil) {
+			t.Fatalf("%s: chunk %d exists: %v, %v (written: %v)", when, id, ok, err, m.current[id] != nil)
 		}
 		want := m.current[id]
 		if want == nil {

@@ -213,11 +213,17 @@ func TestDeleteRecyclesAndReuseReadsZeros(t *testing.T) {
 	if err := s.WriteAt(1, full, 0); err != nil {
 		t.Fatal(err)
 	}
+	if ok, err := s.Exists(1, 0); !ok || err != nil {
+		t.Fatalf("written chunk exists: %v, %v", ok, err)
+	}
 	if err := s.Delete(1); err != nil {
 		t.Fatal(err)
 	}
 	if err := s.ReadAt(1, make([]byte, 512), 0); !errors.Is(err, ErrChunkNotExist) {
 		t.Fatalf("read deleted chunk: %v", err)
+	}
+	if ok, err := s.Exists(1, 0); ok || err != nil {
+		t.Fatalf("deleted chunk exists: %v, %v", ok, err)
 	}
 	if err := s.Delete(1); err != nil {
 		t.Fatalf("second delete: %v", err)
@@ -317,6 +323,10 @@ func TestCorruptMetaPageIsReportedNotTrusted(t *testing.T) {
 		}
 		if _, err := s.Hash(id, 0, 0); !errors.Is(err, ErrCorrupt) {
 			t.Fatalf("hash corrupt chunk %d: %v", id, err)
+		}
+		// Mapped as data: a copy reads it and learns of the failure.
+		if ok, err := s.Exists(id, 0); !ok || err != nil {
+			t.Fatalf("corrupt chunk %d exists: %v, %v", id, ok, err)
 		}
 	}
 	if _, err := s.Info(1); err == nil || !strings.Contains(err.Error(), "CRC32C") {

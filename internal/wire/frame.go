@@ -72,6 +72,17 @@ func (e *RemoteError) Error() string {
 	return fmt.Sprintf("wire: method %d: %s", e.Method, e.Msg)
 }
 
+// IsUnknownMethod reports a call the server answered that it serves no
+// such method (a server older than its client).
+func IsUnknownMethod(err error) bool {
+	var re *RemoteError
+	return errors.As(err, &re) && re.Msg == unknownMethod(re.Method)
+}
+
+// unknownMethod is the message of the error frame answering a request of a
+// method the server does not serve.
+func unknownMethod(m Method) string { return fmt.Sprintf("unknown method %d", m) }
+
 // header is a decoded frame header.
 type header struct {
 	length  uint32

@@ -323,7 +323,7 @@ func (sc *serverConn) message(h header, payload []byte) error {
 func (sc *serverConn) request(h header, payload []byte) error {
 	md := sc.s.methods[h.method]
 	if md == nil || md.handler == nil {
-		return sc.w.send(context.Background(), header{kind: kindError, method: h.method, id: h.id}, nil, fmt.Sprintf("unknown method %d", h.method))
+		return sc.w.send(context.Background(), header{kind: kindError, method: h.method, id: h.id}, nil, unknownMethod(h.method))
 	}
 	if auth := sc.s.opts.Authorize; auth != nil {
 		if err := auth(sc.ctx, md.name); err != nil {

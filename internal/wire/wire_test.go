@@ -191,11 +191,11 @@ func TestServerErrorsAreRemoteErrors(t *testing.T) {
 	c := dial(t, ts.addr, ClientOptions{})
 	var re *RemoteError
 	err := c.Call(context.Background(), mFail, wrapperspb.Bytes(nil), &wrapperspb.BytesValue{})
-	if !errors.As(err, &re) || re.Msg != "the disk is on fire" {
+	if !errors.As(err, &re) || re.Msg != "the disk is on fire" || IsUnknownMethod(err) {
 		t.Fatalf("handler error: %v", err)
 	}
 	err = c.Call(context.Background(), 77, wrapperspb.Bytes(nil), &wrapperspb.BytesValue{})
-	if !errors.As(err, &re) || re.Msg != "unknown method 77" {
+	if !errors.As(err, &re) || re.Msg != "unknown method 77" || !IsUnknownMethod(err) {
 		t.Fatalf("unknown method: %v", err)
 	}
 	// A request that cannot be encoded fails alone.

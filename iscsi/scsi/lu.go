@@ -98,6 +98,7 @@ var (
 // concurrent use; see the package documentation for what is serialised.
 type LogicalUnit struct {
 	be        Backend
+	mapper    blockdev.Mapper // the backend's map of holes, nil if it has none
 	log       *slog.Logger
 	name      string
 	vendor    string
@@ -132,14 +133,16 @@ type nexusState struct {
 // COMPARE AND WRITE at most maxCompareAndWriteBlocks, WRITE SAME at most
 // MaxWriteSameBytes (WSNZ is set: a WRITE SAME of zero blocks, which SBC-3
 // otherwise reads as "to the end of the medium", is refused), one UNMAP at
-// most maxUnmapBlocks over all its descriptors, GET LBA STATUS reads at most
-// zeroScanBytes.
+// most maxUnmapBlocks over all its descriptors, GET LBA STATUS returns at
+// most maxLBAStatusDescriptors (and reads at most zeroScanBytes of a
+// backend without a map).
 const (
 	maxCompareAndWriteBlocks = 255
 	maxUnmapDescriptors      = 256
 	maxUnmapBlocks           = 1 << 20 // per UNMAP command: 512 MiB of 512-byte blocks
 	optimalTransferBlocks    = 2048    // 1 MiB
 	zeroScanBytes            = 1 << 20
+	maxLBAStatusDescriptors  = 256
 
 	// MaxTransferBytes bounds the data of one READ, WRITE, VERIFY or
 	// ORWRITE (MAXIMUM TRANSFER LENGTH is this many bytes' worth of
@@ -199,6 +202,7 @@ func New(cfg Config) (*LogicalUnit, error) {
 		nexuses:  make(map[string]*nexusState),
 	}
 	lu.bsShift = shift
+	lu.mapper, _ = cfg.Backend.(blockdev.Mapper)
 	// Initiators (libiscsi's conformance suite among them) expect to be
 	// able to write back what one WRITE SAME may cover.
 	lu.maxWS = min(uint32(MaxWriteSameBytes>>lu.bsShift), maxXfer)
