@@ -190,19 +190,19 @@ func (c *Copyset) proposeCommand(ctx context.Context, fence Fence, cmd *command)
 		return nil, err
 	}
 	p := &Proposal{id: cmd.id, data: data, done: make(chan struct{}), release: release}
+	unfence := func() {}
 	if fence != nil {
-		unfence, err := fence()
-		if err != nil {
+		var err error
+		if unfence, err = fence(); err != nil {
 			release()
 			return nil, err
 		}
-		defer unfence()
 	}
 	c.wmu.Lock()
 	c.waiters[p.id] = p
 	c.wmu.Unlock()
 	var cerr error
-	queued := c.enqueue(func(in *inbox) {
+	queued, run := c.enqueueTake(func(in *inbox) {
 		// Checked under the inbox lock: a caller that gave up before its
 		// proposal is queued never has it proposed, and one queued after
 		// it returned comes later in the log.
@@ -210,6 +210,13 @@ func (c *Copyset) proposeCommand(ctx context.Context, fence Fence, cmd *command)
 			in.props = append(in.props, p)
 		}
 	})
+	// The proposal is in the inbox, behind everything queued before it:
+	// the fence may go. Then propose it here when no worker has the
+	// copyset (enqueueTake).
+	unfence()
+	if run {
+		c.runRaft()
+	}
 	switch {
 	case !queued:
 		c.dropWaiter(p, ErrStopped)
