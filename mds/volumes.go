@@ -221,9 +221,9 @@ func (l *leaderState) deleteVolume(ctx context.Context, r *mdspb.DeleteVolumeReq
 			return nil, err
 		}
 		if n := len(liveSnapshots(v)); n > 0 && !r.Force {
-			return nil, status.Errorf(codes.FailedPrecondition, "volume %q has %d snapshot(s); delete them first or delete with force", r.Name, n)
+			return nil, status.Errorf(codes.FailedPrecondition, "delete volume %q: it has %d snapshot(s); delete them first, or force it %s", r.Name, n, useForce)
 		}
-		if err := l.checkRemovable(ctx, v, r.Force, "delete it"); err != nil {
+		if err := l.checkRemovable(ctx, v, r.Force, fmt.Sprintf("delete volume %q", r.Name)); err != nil {
 			return nil, err
 		}
 		key := l.st.k.volume(v.Id)
