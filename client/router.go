@@ -214,7 +214,7 @@ func (r *router) target(ctx context.Context, ref *commonpb.CopysetRef, attempt i
 		info = r.copysets[k]
 		r.csMu.Unlock()
 		if info == nil {
-			return "", fmt.Errorf("copyset %d-%d unknown to the MDS", k.pool, k.copyset)
+			return "", fmt.Errorf("copyset %s unknown to the MDS", commonpb.CopysetName(k.pool, k.copyset))
 		}
 	}
 	r.csMu.Lock()
@@ -224,7 +224,7 @@ func (r *router) target(ctx context.Context, ref *commonpb.CopysetRef, attempt i
 	}
 	n := len(info.peers)
 	if n == 0 {
-		return "", fmt.Errorf("copyset %d-%d has no members", k.pool, k.copyset)
+		return "", fmt.Errorf("copyset %s has no members", commonpb.CopysetName(k.pool, k.copyset))
 	}
 	for i := range n {
 		if a := info.peers[(attempt+i)%n].GetAddress(); a != avoid {

@@ -365,7 +365,7 @@ func (c *Cluster) WaitHealthy() {
 		}
 		for _, cs := range resp.GetCopysets() {
 			if cs.GetLeaderId() == 0 {
-				return fmt.Errorf("copyset %d-%d has no leader reported", cs.GetId().GetLogicalPoolId(), cs.GetId().GetCopysetId())
+				return fmt.Errorf("copyset %s has no leader reported", cs.GetId().Name())
 			}
 		}
 		return nil
@@ -482,7 +482,7 @@ func (cc *ChunkClient) Leader(ctx context.Context, ref *commonpb.CopysetRef) (st
 		return "", err
 	}
 	if len(resp.GetCopysets()) != 1 {
-		return "", fmt.Errorf("copyset %v unknown to the MDS", ref)
+		return "", fmt.Errorf("copyset %s unknown to the MDS", ref.Name())
 	}
 	cs := resp.GetCopysets()[0]
 	for _, p := range cs.GetPeers() {
@@ -493,7 +493,7 @@ func (cc *ChunkClient) Leader(ctx context.Context, ref *commonpb.CopysetRef) (st
 	if len(cs.GetPeers()) > 0 {
 		return cs.GetPeers()[0].GetAddress(), nil
 	}
-	return "", fmt.Errorf("copyset %v has no members", ref)
+	return "", fmt.Errorf("copyset %s has no members", ref.Name())
 }
 
 // Do runs f against the copyset's leader until it returns a status other
