@@ -422,12 +422,13 @@ func (h *handle) Close() error {
 	return nil
 }
 
-// noteErr records that the volume was fenced, once.
+// noteErr records that the volume was fenced, once: its current users get
+// write errors, and the next user after them reopens it. The client library
+// logs the fence (it notices it first, also without IO); the gateway counts
+// it.
 func (h *handle) noteErr(err error) {
 	if errors.Is(err, ErrFenced) && h.e.fenced.CompareAndSwap(false, true) {
 		h.r.g.metrics.fenced.Inc()
-		h.r.g.log.Warn("volume fenced: another writer opened it; its current users get write errors, the next user after them reopens it",
-			"volume", h.e.name)
 	}
 }
 
