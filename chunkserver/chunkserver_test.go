@@ -356,6 +356,13 @@ func TestMetricsEndpoint(t *testing.T) {
 	if st, err := c.ChunkClient().Write(ctxT(t), ch.GetCopyset(), ch.GetChunkId(), v.id, v.epoch, 0, make([]byte, 4096)); err != nil || st != chunkpb.Status_STATUS_OK {
 		t.Fatal(st, err)
 	}
+	if _, st, err := c.ChunkClient().Read(ctxT(t), ch.GetCopyset(), ch.GetChunkId(), v.id, 0, 8192); err != nil || st != chunkpb.Status_STATUS_OK {
+		t.Fatal(st, err)
+	}
+	// A refused write (naming no volume) moves no bytes.
+	if st, err := c.ChunkClient().Write(ctxT(t), ch.GetCopyset(), ch.GetChunkId(), 0, v.epoch, 0, make([]byte, 4096)); err != nil || st != chunkpb.Status_STATUS_INVALID_REQUEST {
+		t.Fatal("write naming no volume:", st, err)
+	}
 	var body string
 	for _, s := range c.ChunkServers() {
 		resp, err := http.Get("http://" + s.MetricsAddr() + "/metrics")
@@ -368,6 +375,8 @@ func TestMetricsEndpoint(t *testing.T) {
 	}
 	for _, want := range []string{
 		`cairn_chunkserver_requests_total{op="write",status="ok"} 1`,
+		`cairn_chunkserver_request_bytes_total{op="write"} 4096`,
+		`cairn_chunkserver_request_bytes_total{op="read"} 8192`,
 		"cairn_chunkserver_wal_fsync_duration_seconds_bucket",
 		"cairn_chunkserver_wal_entries_per_fsync_count",
 		"cairn_chunkserver_pool_free_chunks",

@@ -181,7 +181,7 @@ func (cs *chunkService) WriteChunk(ctx context.Context, req *chunkpb.WriteChunkR
 	s := cs.s
 	start := time.Now()
 	idx, e := s.writeChunk(ctx, req)
-	s.m.observe("write", start, statusOf(e))
+	s.m.observe("write", start, statusOf(e), len(req.GetData())+len(req.GetFill()))
 	resp := &chunkpb.WriteChunkResponse{AppliedIndex: idx}
 	if e != nil {
 		resp.Status, resp.Message, resp.Leader = e.status, e.msg, e.leader
@@ -287,7 +287,7 @@ func (cs *chunkService) ReadChunk(ctx context.Context, req *chunkpb.ReadChunkReq
 	s := cs.s
 	start := time.Now()
 	data, absent, e := s.readChunk(ctx, req)
-	s.m.observe("read", start, statusOf(e))
+	s.m.observe("read", start, statusOf(e), len(data))
 	resp := &chunkpb.ReadChunkResponse{Data: data, Absent: absent}
 	if e != nil {
 		resp.Status, resp.Message, resp.Leader, resp.Data, resp.Absent = e.status, e.msg, e.leader, nil, nil
@@ -336,7 +336,7 @@ func (cs *chunkService) DeleteChunk(ctx context.Context, req *chunkpb.DeleteChun
 	s := cs.s
 	start := time.Now()
 	e := s.deleteChunk(ctx, req)
-	s.m.observe("delete", start, statusOf(e))
+	s.m.observe("delete", start, statusOf(e), 0)
 	resp := &chunkpb.DeleteChunkResponse{}
 	if e != nil {
 		resp.Status, resp.Message, resp.Leader = e.status, e.msg, e.leader
@@ -377,7 +377,7 @@ func (cs *chunkService) TrimChunk(ctx context.Context, req *chunkpb.TrimChunkReq
 	s := cs.s
 	start := time.Now()
 	e := s.trimChunk(ctx, req)
-	s.m.observe("trim", start, statusOf(e))
+	s.m.observe("trim", start, statusOf(e), 0)
 	resp := &chunkpb.TrimChunkResponse{}
 	if e != nil {
 		resp.Status, resp.Message, resp.Leader = e.status, e.msg, e.leader
@@ -410,7 +410,7 @@ func (cs *chunkService) GetChunkInfo(ctx context.Context, req *chunkpb.GetChunkI
 	s := cs.s
 	start := time.Now()
 	resp, e := s.chunkInfo(ctx, req)
-	s.m.observe("info", start, statusOf(e))
+	s.m.observe("info", start, statusOf(e), 0)
 	if e != nil {
 		resp.Status, resp.Message, resp.Leader = e.status, e.msg, e.leader
 	}
@@ -461,7 +461,7 @@ func (cs *chunkService) GetChunkHash(ctx context.Context, req *chunkpb.GetChunkH
 	s := cs.s
 	start := time.Now()
 	resp, e := s.chunkHash(ctx, req)
-	s.m.observe("hash", start, statusOf(e))
+	s.m.observe("hash", start, statusOf(e), 0)
 	if e != nil {
 		resp.Status, resp.Message = e.status, e.msg
 	}

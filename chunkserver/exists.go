@@ -14,7 +14,7 @@ func (cs *chunkService) ChunksExist(ctx context.Context, req *chunkpb.ChunksExis
 	s := cs.s
 	start := time.Now()
 	exists, e := s.chunksExist(ctx, req)
-	s.m.observe("exists", start, statusOf(e))
+	s.m.observe("exists", start, statusOf(e), 0)
 	resp := &chunkpb.ChunksExistResponse{Exists: exists}
 	if e != nil {
 		resp.Status, resp.Message, resp.Leader, resp.Exists = e.status, e.msg, e.leader, nil

@@ -15,6 +15,7 @@ import (
 // so that several chunkservers can run in one process (tests).
 type metrics struct {
 	requests   *prometheus.CounterVec
+	bytes      *prometheus.CounterVec
 	latency    *prometheus.HistogramVec
 	walSync    prometheus.Histogram
 	walEntries prometheus.Histogram
@@ -30,6 +31,9 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "cairn_chunkserver_requests_total", Help: "Chunk requests by operation and status.",
 		}, []string{"op", "status"}),
+		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cairn_chunkserver_request_bytes_total", Help: "Chunk data bytes of the requests that succeeded, by operation: read (returned), write (written, a clone's fill included).",
+		}, []string{"op"}),
 		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name: "cairn_chunkserver_request_duration_seconds", Help: "Chunk request latency by operation.",
 			Buckets: prometheus.ExponentialBuckets(50e-6, 2, 16),
@@ -49,7 +53,12 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 		copysets: prometheus.NewGauge(prometheus.GaugeOpts{Name: "cairn_chunkserver_copysets", Help: "Copysets hosted."}),
 		leaders:  prometheus.NewGauge(prometheus.GaugeOpts{Name: "cairn_chunkserver_leaders", Help: "Copysets this chunkserver leads."}),
 	}
-	reg.MustRegister(m.requests, m.latency, m.walSync, m.walEntries, m.walBatch, m.copysets, m.leaders,
+	// Both series exist from the start, so that rates read 0 rather than
+	// nothing before the first request.
+	for _, op := range []string{"read", "write"} {
+		m.bytes.WithLabelValues(op)
+	}
+	reg.MustRegister(m.requests, m.bytes, m.latency, m.walSync, m.walEntries, m.walBatch, m.copysets, m.leaders,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -107,9 +116,14 @@ func (m *metrics) register(s *Server) {
 		func() float64 { return max(s.epochs.leaseLeft(time.Now()), 0).Seconds() }))
 }
 
-func (m *metrics) observe(op string, start time.Time, st chunkpb.Status) {
+// observe counts a chunk request that ended with st, and the data bytes it
+// read or wrote when it succeeded.
+func (m *metrics) observe(op string, start time.Time, st chunkpb.Status, bytes int) {
 	m.requests.WithLabelValues(op, statusLabel(st)).Inc()
 	m.latency.WithLabelValues(op).Observe(time.Since(start).Seconds())
+	if bytes > 0 && st == chunkpb.Status_STATUS_OK {
+		m.bytes.WithLabelValues(op).Add(float64(bytes))
+	}
 }
 
 // statusLabel is a chunk status as a metric label: lower case, without

@@ -347,9 +347,10 @@ func (s *Server) Start(ctx context.Context) (err error) {
 	if err := s.startHTTP(); err != nil {
 		return err
 	}
-	s.wg.Add(2)
+	s.wg.Add(3)
 	go s.heartbeatLoop()
 	go s.trashLoop()
+	go s.electionSummaryLoop()
 	s.log.Info("chunkserver serving", "addr", s.addr, "zone", s.cfg.Zone, "host", s.cfg.Hostname,
 		"copysets", len(s.engine.List()), "metrics", s.MetricsAddr())
 	return nil

@@ -2,6 +2,7 @@ package copyset
 
 import (
 	"fmt"
+	"log/slog"
 	"strconv"
 	"strings"
 
@@ -24,6 +25,10 @@ func (g GroupID) Copyset() uint32 { return uint32(g) }
 
 // String prints the id as POOL:COPYSET, as operators read it.
 func (g GroupID) String() string { return commonpb.CopysetName(g.Pool(), g.Copyset()) }
+
+// LogValue makes a log attribute of the id read POOL:COPYSET in every log
+// format (slog.LogValuer): JSON would otherwise print the packed number.
+func (g GroupID) LogValue() slog.Value { return slog.StringValue(g.String()) }
 
 // DirName is the name of the copyset's directory: "pool-copyset".
 func (g GroupID) DirName() string { return fmt.Sprintf("%d-%d", g.Pool(), g.Copyset()) }

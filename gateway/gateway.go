@@ -32,6 +32,12 @@ const (
 	DefaultLinger = 5 * time.Second
 	// DefaultClientName names the gateway's volume sessions at the MDS.
 	DefaultClientName = "cairn-gateway"
+	// DefaultMDSWait is how long an NBD client or iSCSI initiator waits
+	// for the MDS (a volume's open, the export list) before it is told
+	// that the MDS does not answer: well within the NBD handshake (30 s)
+	// and iSCSI login (15 s) timeouts, so that it hears why rather than a
+	// timeout.
+	DefaultMDSWait = 10 * time.Second
 )
 
 // Disabled, as an address, turns a listener off.
@@ -71,6 +77,12 @@ type Config struct {
 	Linger time.Duration
 	// ClientName names the gateway's sessions at the MDS (ListSessions).
 	ClientName string
+	// MDSWait bounds how long a user (an NBD handshake, an iSCSI login)
+	// waits for the MDS: for a volume's open or the export list. Past it
+	// the user gets an error wrapping blockdev.ErrUnavailable that names the
+	// MDS (default DefaultMDSWait). An open goes on in the background, and
+	// a user that retries joins it.
+	MDSWait time.Duration
 	// VolumeMaxInflightBytes bounds the data of the chunk requests in
 	// flight for each open volume (client.Options.MaxInflightBytes;
 	// default client.DefaultMaxInflightBytes, 64 MiB). IO beyond it waits.
@@ -178,6 +190,12 @@ func New(cfg Config) (*Gateway, error) {
 	}
 	if cfg.ClientName == "" {
 		cfg.ClientName = DefaultClientName
+	}
+	if cfg.MDSWait == 0 {
+		cfg.MDSWait = DefaultMDSWait
+	}
+	if cfg.MDSWait < 0 {
+		return nil, fmt.Errorf("gateway: config: MDS wait %v must be positive", cfg.MDSWait)
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()

@@ -39,6 +39,7 @@ func TestConfigErrors(t *testing.T) {
 		{"blank MDS", Config{MDSAddrs: []string{" , "}}, "no MDS address"},
 		{"nothing to serve", Config{MDSAddrs: []string{"127.0.0.1:1"}, NBDAddr: "-", ISCSIAddr: "-"}, "nothing to serve"},
 		{"negative poll", Config{MDSAddrs: []string{"127.0.0.1:1"}, PollInterval: -time.Second}, "poll interval"},
+		{"negative MDS wait", Config{MDSAddrs: []string{"127.0.0.1:1"}, MDSWait: -time.Second}, "MDS wait"},
 		{"bad NBD tuning", Config{MDSAddrs: []string{"127.0.0.1:1"}, NBD: nbd.Config{MaxPayload: 1000}}, "MaxPayload"},
 		{"bad iSCSI tuning", Config{MDSAddrs: []string{"127.0.0.1:1"}, ISCSI: iscsi.Config{IQNPrefix: "a:b"}}, "IQN prefix"},
 	} {

@@ -5,9 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/blockdev"
@@ -25,10 +29,6 @@ var ErrVolumeGone = errors.New("gateway: volume no longer listed by the MDS (del
 
 // openTimeout bounds one open of a volume (the client retries inside it).
 const openTimeout = time.Minute
-
-// listTimeout bounds the ListVolumes call of an NBD_OPT_LIST or an iSCSI
-// discovery.
-const listTimeout = 10 * time.Second
 
 // pollTimeout bounds the ListVolumes call of one poll; a poll that fails is
 // simply retried at the next tick.
@@ -93,11 +93,24 @@ func (r *registry) acquire(ctx context.Context, name string) (*entry, error) {
 		e.linger = nil
 	}
 	r.mu.Unlock()
+	// The open waits for the MDS only: a caller that cannot wait any more
+	// hears that the MDS does not answer (blockdev.ErrUnavailable: the
+	// frontends say "try again later", never "no such export"). The
+	// frontends name the volume.
+	start := time.Now()
+	wait := time.NewTimer(r.g.cfg.MDSWait)
+	defer wait.Stop()
 	select {
 	case <-e.ready:
+	case <-wait.C:
+		r.release(e)
+		return nil, r.g.mdsSilent(time.Since(start), nil)
 	case <-ctx.Done():
 		r.release(e)
-		return nil, fmt.Errorf("open volume %q: %w", name, ctx.Err())
+		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			return nil, r.g.mdsSilent(time.Since(start), ctx.Err())
+		}
+		return nil, fmt.Errorf("wait for the open: %w", ctx.Err())
 	}
 	if e.err != nil {
 		r.release(e)
@@ -114,7 +127,7 @@ func (r *registry) open(e *entry) {
 	cancel()
 	r.mu.Lock()
 	if err != nil {
-		e.err = fmt.Errorf("open volume %q: %w", e.name, err)
+		e.err = err
 		r.detachLocked(e)
 		delete(r.live, e)
 		r.mu.Unlock()
@@ -409,19 +422,28 @@ func (h *handle) Close() error {
 	return nil
 }
 
-// noteErr records that the volume was fenced, once.
+// noteErr records that the volume was fenced, once: its current users get
+// write errors, and the next user after them reopens it. The client library
+// logs the fence (it notices it first, also without IO); the gateway counts
+// it.
 func (h *handle) noteErr(err error) {
 	if errors.Is(err, ErrFenced) && h.e.fenced.CompareAndSwap(false, true) {
 		h.r.g.metrics.fenced.Inc()
-		h.r.g.log.Warn("volume fenced: another writer opened it; its current users get write errors, the next user after them reopens it",
-			"volume", h.e.name)
 	}
 }
 
 // listVolumes returns the CREATED volumes the gateway exports, with sizes.
 func (g *Gateway) listVolumes(ctx context.Context) (map[string]int64, error) {
+	start := time.Now()
 	resp, err := g.mds.Volumes().ListVolumes(ctx, &mdspb.ListVolumesRequest{})
-	if err != nil {
+	switch {
+	case err == nil:
+	case status.Code(err) == codes.DeadlineExceeded || errors.Is(err, context.DeadlineExceeded):
+		return nil, fmt.Errorf("list volumes: %w", g.mdsSilent(time.Since(start), err))
+	case status.Code(err) == codes.Unavailable:
+		// mdsclient's error names the addresses it tried.
+		return nil, fmt.Errorf("list volumes: %w: %w", blockdev.ErrUnavailable, err)
+	default:
 		return nil, fmt.Errorf("list volumes: %w", err)
 	}
 	out := map[string]int64{}
@@ -439,9 +461,21 @@ func (g *Gateway) listVolumes(ctx context.Context) (map[string]int64, error) {
 	return out, nil
 }
 
+// mdsSilent is the error of a wait for the MDS that ran out after waited:
+// it wraps blockdev.ErrUnavailable and cause (when not nil), and names the
+// MDS addresses.
+func (g *Gateway) mdsSilent(waited time.Duration, cause error) error {
+	err := fmt.Errorf("%w: the MDS (%s) has not answered in %v: unreachable or hung",
+		blockdev.ErrUnavailable, strings.Join(g.cfg.MDSAddrs, ", "), waited.Round(100*time.Millisecond))
+	if cause != nil {
+		err = fmt.Errorf("%w (%w)", err, cause)
+	}
+	return err
+}
+
 // list returns the sorted names of the exported volumes.
 func (g *Gateway) list(ctx context.Context) ([]string, error) {
-	ctx, cancel := context.WithTimeout(ctx, listTimeout)
+	ctx, cancel := context.WithTimeout(ctx, g.cfg.MDSWait)
 	defer cancel()
 	vols, err := g.listVolumes(ctx)
 	if err != nil {

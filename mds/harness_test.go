@@ -3,6 +3,7 @@ package mds_test
 import (
 	"context"
 	"fmt"
+	"regexp"
 	"testing"
 	"time"
 
@@ -93,6 +94,16 @@ func wantCode(t *testing.T, err error, code codes.Code) {
 	t.Helper()
 	if status.Code(err) != code {
 		t.Fatalf("got error %v, want code %s", err, code)
+	}
+}
+
+// wantMessage checks err's code and that its whole message matches the
+// regular expression re (what an operator reads).
+func wantMessage(t *testing.T, err error, code codes.Code, re string) {
+	t.Helper()
+	wantCode(t, err, code)
+	if msg := status.Convert(err).Message(); !regexp.MustCompile("^" + re + "$").MatchString(msg) {
+		t.Fatalf("message %q, want one matching %q", msg, re)
 	}
 }
 

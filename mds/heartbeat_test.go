@@ -204,6 +204,10 @@ func TestMetricsAndHealth(t *testing.T) {
 		`cairn_mds_chunkservers{state="online"} 6`,
 		`cairn_mds_copysets{health="healthy"} 6`,
 		`cairn_mds_copysets{health="no_leader"} 0`,
+		`cairn_mds_copysets{health="peers_offline"} 0`,
+		`cairn_mds_copysets{health="under_replicated"} 0`,
+		`cairn_mds_copysets{health="log_gap"} 0`,
+		`cairn_mds_copysets{health="installing_snapshot"} 0`,
 		"cairn_mds_segments 1",
 		"cairn_mds_segments_allocated_total 1",
 		"cairn_mds_allocated_bytes " + strconv.FormatFloat(seg, 'g', -1, 64),
@@ -220,6 +224,54 @@ func TestMetricsAndHealth(t *testing.T) {
 	if t.Failed() {
 		t.Log(m)
 	}
+}
+
+// TestCopysetHealthMetricReasons: a member that stops heartbeating counts
+// its copyset under peers_offline (cairn-ops status's reason), not under
+// under_replicated or healthy.
+func TestCopysetHealthMetricReasons(t *testing.T) {
+	c := newCluster(t, 3, 1, func(cfg *mds.Config) {
+		cfg.UnstableTimeout = 300 * time.Millisecond
+		cfg.OfflineTimeout = time.Second
+	})
+	pool := c.createPool(1)
+	cs, err := c.conn.Topology().ListCopysets(c.ctx, &mdspb.ListCopysetsRequest{LogicalPoolId: pool.Id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cs.Copysets) != 1 {
+		t.Fatalf("%d copysets, want 1", len(cs.Copysets))
+	}
+	cset := cs.Copysets[0]
+	var quiet uint64 // a member that does not lead
+	for _, p := range cset.Peers {
+		if p.ChunkserverId != cset.LeaderId {
+			quiet = p.ChunkserverId
+		}
+	}
+	c.heartbeatLoop(func(d *mdstest.ChunkServerDouble) bool { return d.ID() == quiet })
+	soon.Succeeds(t, 20*time.Second, func() error {
+		resp, err := http.Get("http://" + c.mds.MetricsAddr() + "/metrics")
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		if err != nil {
+			return err
+		}
+		for _, want := range []string{
+			`cairn_mds_copysets{health="healthy"} 0`,
+			`cairn_mds_copysets{health="peers_offline"} 1`,
+			`cairn_mds_copysets{health="no_leader"} 0`,
+			`cairn_mds_copysets{health="under_replicated"} 0`,
+		} {
+			if !strings.Contains(string(b), want) {
+				return fmt.Errorf("metrics lack %q", want)
+			}
+		}
+		return nil
+	})
 }
 
 func TestHeartbeatTellsRemovedReplicaToDropCopyset(t *testing.T) {

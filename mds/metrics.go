@@ -61,7 +61,7 @@ func newMetrics(s *Server) *metrics {
 		leader:       prometheus.NewDesc("cairn_mds_leader", "1 when this MDS is the elected leader.", nil, nil),
 		chunkServers: prometheus.NewDesc("cairn_mds_chunkservers", "Chunkservers by online state.", []string{"state"}, nil),
 		copysets: prometheus.NewDesc("cairn_mds_copysets",
-			"Copysets by health: healthy, no_leader (none reported or leader offline), under_replicated (a member missing, offline or lagging).",
+			"Copysets by health, with cairn-ops status's reasons: healthy (none), no_leader, peers_offline, under_replicated, log_gap, installing_snapshot. An unhealthy copyset counts under each of its reasons.",
 			[]string{"health"}, nil),
 		leaders:   prometheus.NewDesc("cairn_mds_copyset_leaders", "Copysets led by each chunkserver.", []string{"chunkserver"}, nil),
 		segments:  prometheus.NewDesc("cairn_mds_segments", "Segments allocated over all volumes.", nil, nil),
@@ -101,7 +101,7 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	states := map[mdspb.OnlineState]float64{}
 	var diskTotal, diskFree, poolFree, poolGrowable float64
 	leaders := map[uint64]float64{}
-	var healthy, noLeader, under float64
+	byHealth := map[string]float64{}
 	l.mu.Lock()
 	for id, e := range l.mu.chunkServers {
 		if !e.lastHB.IsZero() {
@@ -118,15 +118,12 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	for _, c := range l.mu.copysets {
-		_, nl, ur := l.copysetHealthLocked(c, now)
-		if nl {
-			noLeader++
+		h := l.copysetHealthLocked(c, now)
+		for _, r := range h.reasons {
+			byHealth[r]++
 		}
-		if ur {
-			under++
-		}
-		if !nl && !ur {
-			healthy++
+		if len(h.reasons) == 0 {
+			byHealth[healthHealthy]++
 		}
 		if c.LeaderId != 0 {
 			leaders[c.LeaderId]++
@@ -139,9 +136,9 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 		mdspb.OnlineState_ONLINE_STATE_OFFLINE, mdspb.OnlineState_ONLINE_STATE_UNKNOWN} {
 		ch <- prometheus.MustNewConstMetric(m.chunkServers, prometheus.GaugeValue, states[st], stateLabel(st))
 	}
-	ch <- prometheus.MustNewConstMetric(m.copysets, prometheus.GaugeValue, healthy, "healthy")
-	ch <- prometheus.MustNewConstMetric(m.copysets, prometheus.GaugeValue, noLeader, "no_leader")
-	ch <- prometheus.MustNewConstMetric(m.copysets, prometheus.GaugeValue, under, "under_replicated")
+	for _, h := range append([]string{healthHealthy}, healthReasons...) {
+		ch <- prometheus.MustNewConstMetric(m.copysets, prometheus.GaugeValue, byHealth[h], h)
+	}
 	for id, n := range leaders {
 		ch <- prometheus.MustNewConstMetric(m.leaders, prometheus.GaugeValue, n, strconv.FormatUint(id, 10))
 	}

@@ -2,6 +2,7 @@ package mds_test
 
 import (
 	"context"
+	"regexp"
 	"testing"
 	"time"
 
@@ -65,7 +66,7 @@ func TestPublicationAdmitsOnlyItsNodeAndUnpublishFences(t *testing.T) {
 	_, err = publish("b", false)
 	wantCode(t, err, codes.FailedPrecondition)
 	_, err = vols.DeleteVolume(c.ctx, &mdspb.DeleteVolumeRequest{Name: "vol0"})
-	wantCode(t, err, codes.FailedPrecondition)
+	wantMessage(t, err, codes.FailedPrecondition, regexp.QuoteMeta(`delete volume "vol0": it is published to node "a" for writing; unpublish it first, or force it (use --force)`))
 
 	// Unpublishing fences a: the epoch moved on every chunkserver before
 	// the call returned, and a may not open it again.

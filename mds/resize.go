@@ -9,6 +9,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/units"
 )
 
 // Resizing volumes: growing is a change of the record; shrinking (allowed
@@ -35,7 +36,7 @@ func (l *leaderState) extendVolume(ctx context.Context, r *mdspb.ExtendVolumeReq
 			}
 			v.FreeingSegments = true
 		} else if v.FreeingSegments {
-			return nil, status.Errorf(codes.Unavailable, "volume %q was shrunk and the space beyond %d bytes is still being given back; grow it once that is done (seconds)", r.Name, v.Size)
+			return nil, status.Errorf(codes.Unavailable, "extend volume %q: it was shrunk and the space beyond %s is still being given back; grow it once that is done (seconds)", r.Name, units.FormatBytes(v.Size))
 		}
 		shrunk := size < v.Size
 		v.Size = size
@@ -46,10 +47,10 @@ func (l *leaderState) extendVolume(ctx context.Context, r *mdspb.ExtendVolumeReq
 		}
 		if ok {
 			if shrunk {
-				l.log.Info("volume shrunk; freeing the segments beyond its size", "volume", r.Name, "size", size)
+				l.log.Info("volume shrunk; freeing the segments beyond its size", "volume", r.Name, "size", units.FormatBytes(size))
 				l.wake()
 			} else {
-				l.log.Info("volume extended", "volume", r.Name, "size", size)
+				l.log.Info("volume extended", "volume", r.Name, "size", units.FormatBytes(size))
 			}
 			return &mdspb.ExtendVolumeResponse{Volume: v}, nil
 		}
@@ -59,17 +60,20 @@ func (l *leaderState) extendVolume(ctx context.Context, r *mdspb.ExtendVolumeReq
 // checkShrink refuses a shrink that would lose what something still
 // reads or writes: without allow (the data beyond goes), while open for
 // writing or published, with snapshots (they read the chunks), or of a
-// clone that still reads its source.
+// clone that still reads its source. Its errors begin with the operation
+// and the volume, the way cairn-ops reports a failed command.
 func (l *leaderState) checkShrink(ctx context.Context, v *mdspb.Volume, size uint64, allow bool) error {
+	op := fmt.Sprintf("extend volume %q", v.Name)
 	switch {
 	case !allow:
-		return status.Errorf(codes.InvalidArgument, "volume %q is %d bytes: shrinking it to %d loses what lies beyond; allow the shrink to do it (cairn-ops extend volume --allow-shrink)", v.Name, v.Size, size)
+		return status.Errorf(codes.InvalidArgument, "%s: it is %s: shrinking it to %s loses what lies beyond; allow the shrink to do it (use --allow-shrink)",
+			op, units.FormatBytes(v.Size), units.FormatBytes(size))
 	case len(v.Snapshots) > 0:
-		return status.Errorf(codes.FailedPrecondition, "volume %q has %d snapshot(s), which read its chunks; delete them before shrinking it", v.Name, len(v.Snapshots))
+		return status.Errorf(codes.FailedPrecondition, "%s: it has %d snapshot(s), which read its chunks; delete them before shrinking it", op, len(v.Snapshots))
 	case v.CloneSource != nil:
-		return status.Errorf(codes.FailedPrecondition, "volume %q is a clone that still reads %s@%s; flatten it before shrinking it", v.Name, v.CloneSource.Volume, v.CloneSource.Snapshot)
+		return status.Errorf(codes.FailedPrecondition, "%s: it is a clone that still reads %s@%s; flatten it before shrinking it", op, v.CloneSource.Volume, v.CloneSource.Snapshot)
 	case len(v.Publications) > 0:
-		return status.Errorf(codes.FailedPrecondition, "volume %q is published to %s; unpublish it before shrinking it", v.Name, publishedTo(v))
+		return status.Errorf(codes.FailedPrecondition, "%s: it is published to %s; unpublish it before shrinking it", op, publishedTo(v))
 	}
 	sessions, err := l.liveSessions(ctx, v.Id)
 	if err != nil {
@@ -77,7 +81,7 @@ func (l *leaderState) checkShrink(ctx context.Context, v *mdspb.Volume, size uin
 	}
 	for _, s := range sessions {
 		if s.Writable && s.Epoch >= writerEpoch(v) {
-			return status.Errorf(codes.FailedPrecondition, "volume %q is open for writing by %q (session %s); close it before shrinking it", v.Name, s.Client, s.SessionId)
+			return status.Errorf(codes.FailedPrecondition, "%s: it is open for writing by %q (session %s); close it before shrinking it", op, s.Client, s.SessionId)
 		}
 	}
 	return nil

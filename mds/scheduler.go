@@ -296,7 +296,7 @@ func (l *leaderState) noteBlockedLocked(blocked []schedule.Blocked) {
 	l.mu.blocked = blocked
 	if len(blocked) > 0 {
 		l.log.Warn("copysets need a repair no chunkserver can take", "copysets", len(blocked),
-			"first", blocked[0].Pool, "first_copyset", blocked[0].Copyset, "why", blocked[0].Reason)
+			"first", commonpb.CopysetName(blocked[0].Pool, blocked[0].Copyset), "why", blocked[0].Reason)
 	}
 }
 

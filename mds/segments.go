@@ -97,7 +97,7 @@ func (l *leaderState) placeSegment(ctx context.Context, v *mdspb.Volume, index u
 	}
 	var healthy []*mdspb.Copyset
 	for _, c := range l.poolCopysetsLocked(pool.Id) {
-		if ok, _, _ := l.copysetHealthLocked(c, now); ok {
+		if l.copysetHealthLocked(c, now).allocatable {
 			healthy = append(healthy, c)
 		}
 	}

@@ -11,7 +11,6 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
-	"cairn.io/cairn/api/copysetpb"
 	"cairn.io/cairn/api/mdspb"
 	"cairn.io/cairn/mds/schedule"
 )
@@ -290,40 +289,6 @@ func (l *leaderState) copysetViewLocked(c *mdspb.Copyset) *mdspb.Copyset {
 		}
 	}
 	return v
-}
-
-// copysetHealthLocked classifies a copyset for allocation and metrics.
-//   - allocatable: no member known OFFLINE and the copyset has all its
-//     replicas; a copyset with no leader reported yet is allocatable.
-//   - noLeader: no leader reported, or the reported leader is OFFLINE.
-//   - underReplicated: fewer members than the pool's replicas, a member
-//     OFFLINE, or the leader reports a member it has not heard from for
-//     copysetpb.PeerSilenceLimit (not Raft's RecentActive, which every
-//     quorum check clears).
-func (l *leaderState) copysetHealthLocked(c *mdspb.Copyset, now time.Time) (allocatable, noLeader, underReplicated bool) {
-	replicas := uint32(3)
-	if p := l.mu.logicalPools[c.Id.GetLogicalPoolId()]; p != nil && p.Replicas != 0 {
-		replicas = p.Replicas
-	}
-	offline := 0
-	for _, p := range c.Peers {
-		e := l.mu.chunkServers[p.ChunkserverId]
-		if e == nil || l.onlineStateLocked(e, now) == mdspb.OnlineState_ONLINE_STATE_OFFLINE {
-			offline++
-		}
-	}
-	underReplicated = uint32(len(c.Peers)) < replicas || offline > 0
-	for _, pr := range c.Progress {
-		if pr.Silence() > copysetpb.PeerSilenceLimit && pr.ChunkserverId != c.LeaderId {
-			underReplicated = true
-		}
-	}
-	noLeader = c.LeaderId == 0
-	if e := l.mu.chunkServers[c.LeaderId]; !noLeader && (e == nil || l.onlineStateLocked(e, now) == mdspb.OnlineState_ONLINE_STATE_OFFLINE) {
-		noLeader = true
-	}
-	allocatable = offline == 0 && uint32(len(c.Peers)) >= replicas
-	return allocatable, noLeader, underReplicated
 }
 
 // poolCopysetsLocked returns the copysets of a logical pool in id order.

@@ -37,7 +37,7 @@ func (l *leaderState) trashVolume(ctx context.Context, r *mdspb.TrashVolumeReque
 		if err != nil {
 			return nil, err
 		}
-		if err := l.checkRemovable(ctx, v, r.Force, "move it to the trash"); err != nil {
+		if err := l.checkRemovable(ctx, v, r.Force, fmt.Sprintf("move volume %q to the trash", r.Name)); err != nil {
 			return nil, err
 		}
 		now := time.Now()
@@ -153,14 +153,21 @@ func (l *leaderState) forgetDeleted(ctx context.Context, v *mdspb.Volume) {
 	}
 }
 
-// checkRemovable refuses to delete or trash (what) a volume that is in
-// use, unless forced: published, or open for writing; and, forced or not,
-// one whose snapshots clones read (they open it by name).
-func (l *leaderState) checkRemovable(ctx context.Context, v *mdspb.Volume, force bool, what string) error {
+// useForce tells the operator how to force a refused removal, in the
+// terms of the command line (cairn-ops delete volume / trash volume).
+const useForce = "(use --force)"
+
+// checkRemovable refuses to delete or trash a volume that is in use,
+// unless forced: published, or open for writing; and, forced or not, one
+// whose snapshots clones read (they open it by name). op names the
+// operation and the volume ("delete volume \"vol0\""): the errors begin
+// with it, the way cairn-ops reports a failed command, and name the volume
+// only there.
+func (l *leaderState) checkRemovable(ctx context.Context, v *mdspb.Volume, force bool, op string) error {
 	if len(v.Publications) > 0 && !force {
-		return status.Errorf(codes.FailedPrecondition, "volume %q is published to %s; unpublish it first or %s with force", v.Name, publishedTo(v), what)
+		return status.Errorf(codes.FailedPrecondition, "%s: it is published to %s; unpublish it first, or force it %s", op, publishedTo(v), useForce)
 	}
-	if err := l.refuseIfCloned(ctx, v, nil, fmt.Sprintf("volume %q cannot be removed", v.Name)); err != nil {
+	if err := l.refuseIfCloned(ctx, v, nil, op); err != nil {
 		return err
 	}
 	if force {
@@ -172,8 +179,8 @@ func (l *leaderState) checkRemovable(ctx context.Context, v *mdspb.Volume, force
 	}
 	for _, s := range sessions {
 		if s.Writable && s.Epoch >= writerEpoch(v) { // a fenced writer cannot write
-			return status.Errorf(codes.FailedPrecondition, "volume %q is open for writing by %q (session %s); close it or %s with force",
-				v.Name, s.Client, s.SessionId, what)
+			return status.Errorf(codes.FailedPrecondition, "%s: it is open for writing by %q (session %s); close it first, or force it %s",
+				op, s.Client, s.SessionId, useForce)
 		}
 	}
 	return nil

@@ -2,6 +2,7 @@ package mds_test
 
 import (
 	"fmt"
+	"regexp"
 	"testing"
 	"time"
 
@@ -32,7 +33,9 @@ func TestTrash(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, err = vols.TrashVolume(c.ctx, &mdspb.TrashVolumeRequest{Name: "v"})
-	wantCode(t, err, codes.FailedPrecondition)
+	wantMessage(t, err, codes.FailedPrecondition, `move volume "v" to the trash: it is open for writing by "[^"]*" \(session \S+\); close it first, or force it \(use --force\)`)
+	_, err = vols.DeleteVolume(c.ctx, &mdspb.DeleteVolumeRequest{Name: "v"})
+	wantMessage(t, err, codes.FailedPrecondition, regexp.QuoteMeta(`delete volume "v": it has 1 snapshot(s); delete them first, or force it (use --force)`))
 	if _, err := vols.CloseVolume(c.ctx, &mdspb.CloseVolumeRequest{Name: "v", SessionId: w.Session.SessionId}); err != nil {
 		t.Fatal(err)
 	}
@@ -61,7 +64,7 @@ func TestTrash(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, err = vols.TrashVolume(c.ctx, &mdspb.TrashVolumeRequest{Name: "v-back"})
-	wantCode(t, err, codes.FailedPrecondition)
+	wantMessage(t, err, codes.FailedPrecondition, `move volume "v-back" to the trash: snapshot v-back@s has clones that read from it: .*; flatten them first \(cairn-ops flatten VOLUME\) or delete them`)
 	cl, err := vols.TrashVolume(c.ctx, &mdspb.TrashVolumeRequest{Name: "cl"})
 	if err != nil {
 		t.Fatal(err)

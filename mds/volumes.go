@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"sort"
 	"strconv"
@@ -18,6 +19,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/certs"
 )
 
 // maxVolumeSize bounds volume sizes (4 PiB) so that offsets never overflow.
@@ -221,9 +223,9 @@ func (l *leaderState) deleteVolume(ctx context.Context, r *mdspb.DeleteVolumeReq
 			return nil, err
 		}
 		if n := len(liveSnapshots(v)); n > 0 && !r.Force {
-			return nil, status.Errorf(codes.FailedPrecondition, "volume %q has %d snapshot(s); delete them first or delete with force", r.Name, n)
+			return nil, status.Errorf(codes.FailedPrecondition, "delete volume %q: it has %d snapshot(s); delete them first, or force it %s", r.Name, n, useForce)
 		}
-		if err := l.checkRemovable(ctx, v, r.Force, "delete it"); err != nil {
+		if err := l.checkRemovable(ctx, v, r.Force, fmt.Sprintf("delete volume %q", r.Name)); err != nil {
 			return nil, err
 		}
 		key := l.st.k.volume(v.Id)
@@ -502,10 +504,54 @@ func (l *leaderState) closeVolume(ctx context.Context, r *mdspb.CloseVolumeReque
 	if r.SessionId == "" {
 		return nil, status.Error(codes.InvalidArgument, "session id is empty")
 	}
-	if _, err := l.st.txn(ctx, nil, clientv3.OpDelete(l.st.k.session(v.Id, r.SessionId))); err != nil {
-		return nil, err
+	key := l.st.k.session(v.Id, r.SessionId)
+	for {
+		sess := &mdspb.Session{}
+		found, rev, err := l.st.get(ctx, key, sess)
+		if err != nil {
+			return nil, err
+		}
+		if !found {
+			return &mdspb.CloseVolumeResponse{}, nil // closed already: nothing to say again
+		}
+		ok, err := l.st.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(key), "=", rev)}, clientv3.OpDelete(key))
+		if err != nil {
+			return nil, err
+		}
+		if ok {
+			l.logSessionClosed(ctx, r.Name, sess)
+			return &mdspb.CloseVolumeResponse{}, nil
+		}
+		// Refreshed meanwhile: read it again.
 	}
-	return &mdspb.CloseVolumeResponse{}, nil
+}
+
+// logSessionClosed logs the close of a session once, with its volume: at
+// info level when an operator closed it (a caller with the operator role
+// and not the client role, under TLS) or it could write (as its open was
+// logged), at debug level for a reader closing its own session.
+func (l *leaderState) logSessionClosed(ctx context.Context, volume string, sess *mdspb.Session) {
+	attrs := []any{"volume", volume, "session", sess.SessionId, "client", sess.Client, "writable", sess.Writable}
+	if name, ok := operatorName(ctx); ok {
+		l.log.Info("session closed by an operator", append(attrs, "operator", name)...)
+		return
+	}
+	level := slog.LevelDebug
+	if sess.Writable {
+		level = slog.LevelInfo
+	}
+	l.log.Log(ctx, level, "session closed", attrs...)
+}
+
+// operatorName returns the certificate name of the caller in ctx when it is
+// an operator: its verified certificate has the operator role and not the
+// client role (a client closes its own sessions). Without TLS nobody is.
+func operatorName(ctx context.Context) (string, bool) {
+	caller, err := certs.PeerOf(ctx)
+	if err != nil || !slices.Contains(caller.Roles, certs.RoleOperator) || slices.Contains(caller.Roles, certs.RoleClient) {
+		return "", false
+	}
+	return caller.Name, true
 }
 
 func (l *leaderState) listSessions(ctx context.Context, r *mdspb.ListSessionsRequest) (*mdspb.ListSessionsResponse, error) {

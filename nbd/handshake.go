@@ -281,9 +281,10 @@ func (c *serverConn) exportsErrorReply(err error) uint32 {
 		return repErrUnknown // "no such export"
 	}
 	c.log.Warn("nbd: export unavailable", "err", err)
-	if errors.Is(err, blockdev.ErrUnavailable) {
-		// The export may exist: say "not now" (clients print "server
-		// shutting down" or ESHUTDOWN with the message), never ENOENT.
+	if errors.Is(err, blockdev.ErrUnavailable) || errors.Is(err, context.DeadlineExceeded) {
+		// The export may exist (a catalog that timed out cannot tell):
+		// say "not now" (clients print "server shutting down" or
+		// ESHUTDOWN with the message), never ENOENT.
 		return repErrShutdown
 	}
 	// NBD_REP_ERR_UNKNOWN reads "the requested export is not available"; the message says why.

@@ -230,6 +230,26 @@ func TestUnavailableExport(t *testing.T) {
 	}
 }
 
+// TestTimedOutExport: an export whose open outlasts the handshake timeout
+// (a catalog waiting for a metadata server that hangs) is answered "not
+// now" too: a timeout says nothing of whether the export exists.
+func TestTimedOutExport(t *testing.T) {
+	env := newTestEnv(t, func(cfg *Config) { cfg.HandshakeTimeout = 300 * time.Millisecond })
+	env.createExport("vol", testSize, nil)
+	env.exports.OnOpen(func(ctx context.Context, _ string) error {
+		<-ctx.Done()
+		return fmt.Errorf("wait for the metadata server: %w", ctx.Err())
+	})
+	c := dial(t, env.addr, clientFlagFixedNewstyle)
+	replies := c.goExport(optGo, "vol", infoBlockSize)
+	if len(replies) != 1 || replies[0].typ != repErrShutdown {
+		t.Fatalf("replies %v, want one NBD_REP_ERR_SHUTDOWN", replies)
+	}
+	if !strings.Contains(string(replies[0].data), "deadline exceeded") {
+		t.Fatalf("error message %q does not say why", replies[0].data)
+	}
+}
+
 func TestUnknownExport(t *testing.T) {
 	env := newTestEnv(t)
 	env.createExport("vol", testSize, nil)

@@ -87,6 +87,7 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 		Volume: *volume, VolumeSize: uint64(volumeSize),
 		StopTimeout:         *stopTimeout,
 		Logger:              logger,
+		LogFormat:           logFlags.Format(),
 		ChunkServersPerZone: *perZone, RecoverAfter: *recoverAfter,
 		Insecure: *insecure,
 	}

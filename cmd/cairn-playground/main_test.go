@@ -18,6 +18,7 @@ func TestFlagErrors(t *testing.T) {
 		{[]string{"--pool-size", "lots"}, "pool-size"},
 		{[]string{"extra"}, "unexpected arguments"},
 		{[]string{"--log-level", "loud"}, "--log-level"},
+		{[]string{"--log-format", "xml"}, "--log-format"},
 		{[]string{"--dir", t.TempDir(), "--bin-dir", t.TempDir()}, "cairn-mds not found"},
 	} {
 		var out, errOut bytes.Buffer

@@ -28,6 +28,10 @@ func AddLogFlags(fs *flag.FlagSet) *LogFlags {
 	}
 }
 
+// Format is the --log-format asked for, lower case ("text" or "json" once
+// Logger accepted it), for passing on to child processes.
+func (f *LogFlags) Format() string { return strings.ToLower(*f.format) }
+
 // Logger returns the logger the flags ask for, writing to w, and sets
 // LogLevel; a bad value is an error naming its flag.
 func (f *LogFlags) Logger(w io.Writer) (*slog.Logger, error) {

@@ -87,6 +87,10 @@ type Config struct {
 	// Logger receives the playground's own messages (default: text to
 	// stderr).
 	Logger *slog.Logger
+	// LogFormat is passed to every process as --log-format: "text" or
+	// "json" (one object per line); "" leaves them their default (text,
+	// or CAIRN_LOG_FORMAT from the environment).
+	LogFormat string
 }
 
 // Playground is a running local cluster: an MDS with embedded etcd, three
@@ -198,6 +202,11 @@ func New(cfg Config) (*Playground, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, nil))
 	}
+	switch cfg.LogFormat {
+	case "", "text", "json":
+	default:
+		return nil, fmt.Errorf("log format %q: want text or json", cfg.LogFormat)
+	}
 	for _, d := range []string{dir, filepath.Join(dir, "logs")} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return nil, fmt.Errorf("create %s: %w", d, err)
@@ -299,6 +308,11 @@ func (pg *Playground) buildChildren(ids map[string]certs.Files) {
 	pg.gateway = newChild(pg, "gateway", bin("cairn-gateway"), gwArgs,
 		ProcessState{MetricsAddr: loopback(p.GatewayMetrics), Log: logOf("gateway")})
 	pg.children = append(pg.children, pg.gateway)
+	if pg.cfg.LogFormat != "" {
+		for _, c := range pg.children {
+			c.args = append(c.args, "--log-format", pg.cfg.LogFormat)
+		}
+	}
 }
 
 // Start checks the ports, starts the MDS, the chunkservers, creates the

@@ -1,6 +1,7 @@
 package playground
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -262,5 +263,40 @@ func TestFindFreeBaseAvoidsEphemeralPorts(t *testing.T) {
 		if err := checkPorts(p); err != nil {
 			t.Errorf("seed %d: %v", seed, err)
 		}
+	}
+}
+
+// TestLogFormatReachesChildren: the playground's log format is every
+// process's, and a JSON log's start line is a JSON object too; a format
+// other than text or json is refused before anything is set up.
+func TestLogFormatReachesChildren(t *testing.T) {
+	bin := fakeBinDir(t)
+	if _, err := New(Config{Dir: t.TempDir(), BinDir: bin, Insecure: true, LogFormat: "xml", Logger: testlog.New(t)}); err == nil || !strings.Contains(err.Error(), `log format "xml"`) {
+		t.Fatalf("New with log format xml: %v", err)
+	}
+	dir := t.TempDir()
+	pg, err := New(Config{Dir: dir, BinDir: bin, Insecure: true, LogFormat: "json", Logger: testlog.New(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pg.Stop()
+	if len(pg.children) != 5 {
+		t.Fatalf("%d children, want the MDS, three chunkservers and the gateway", len(pg.children))
+	}
+	for _, c := range pg.children {
+		if args := strings.Join(c.args, " "); !strings.HasSuffix(args, " --log-format json") {
+			t.Errorf("%s: %s, want --log-format json", c.name, args)
+		}
+	}
+	line := startLine("json", time.Unix(1_700_000_000, 0), "/bin/cairn-mds", []string{"--log-format", "json"})
+	var rec map[string]any
+	if err := json.Unmarshal([]byte(line), &rec); err != nil || !strings.HasSuffix(line, "}\n") {
+		t.Fatalf("JSON start line %q: %v", line, err)
+	}
+	if rec["msg"] != "process started by the playground" || fmt.Sprint(rec["command"]) != "[/bin/cairn-mds --log-format json]" {
+		t.Errorf("JSON start line %v", rec)
+	}
+	if text := startLine("text", time.Unix(1_700_000_000, 0), "/bin/cairn-mds", nil); !strings.HasPrefix(text, "=== ") {
+		t.Errorf("text start line %q", text)
 	}
 }

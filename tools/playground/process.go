@@ -2,6 +2,7 @@ package playground
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -50,7 +51,7 @@ func (c *child) start() error {
 		return fmt.Errorf("%s: open log: %w", c.name, err)
 	}
 	defer logf.Close() // the child holds its own descriptor
-	fmt.Fprintf(logf, "=== %s: %s %s\n", time.Now().Format(time.RFC3339), c.bin, strings.Join(c.args, " "))
+	fmt.Fprint(logf, startLine(c.pg.cfg.LogFormat, time.Now(), c.bin, c.args))
 	cmd := exec.Command(c.bin, c.args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Dir = c.pg.dir
@@ -77,6 +78,19 @@ func (c *child) start() error {
 }
 
 var errStopping = errors.New("stopping")
+
+// startLine is the line a child's log gets before each start: the time and
+// the command, in the log's format (a JSON log stays one object per line).
+func startLine(format string, now time.Time, bin string, args []string) string {
+	if format == "json" {
+		b, err := json.Marshal(map[string]any{"time": now.Format(time.RFC3339Nano), "level": "INFO",
+			"msg": "process started by the playground", "command": append([]string{bin}, args...)})
+		if err == nil {
+			return string(b) + "\n"
+		}
+	}
+	return fmt.Sprintf("=== %s: %s %s\n", now.Format(time.RFC3339), bin, strings.Join(args, " "))
+}
 
 // launch starts supervising the process in the background, unless it is
 // being stopped.
