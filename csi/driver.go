@@ -112,6 +112,7 @@ func New(cfg Config) (*Driver, error) {
 		if err := d.setUpNode(); err != nil {
 			return nil, err
 		}
+		cfg = d.cfg // with what setUpNode filled in
 	}
 	if cfg.Endpoint == "" {
 		return nil, errors.New("csi: an endpoint is required (unix:///path/csi.sock)")
