@@ -161,22 +161,28 @@ func serveNBD(ctx context.Context, spec Spec, dev blockdev.Device, ready io.Writ
 	if err := a.connect(sector); err != nil {
 		return fmt.Errorf("attach %s: %w", spec.Volume, err)
 	}
+	// Failing from here on, a device this process configured is
+	// disconnected; one it took over is left to the next takeover (file
+	// systems on it hold their IO until then).
+	abandon := func(err error) error {
+		if spec.Takeover == nil {
+			_ = kernel.Disconnect(a.index)
+		}
+		return fmt.Errorf("attach %s: %w", spec.Volume, err)
+	}
 	path, err := kernel.Node(a.index)
 	if err != nil {
-		_ = kernel.Disconnect(a.index)
-		return fmt.Errorf("attach %s: %w", spec.Volume, err)
+		return abandon(err)
 	}
 	rec := Record{Spec: spec, Pid: os.Getpid(), Device: path, Backend: a.backend, BootID: bootID(), StartedUnix: time.Now().Unix()}
 	rec.Takeover = nil
 	ctl, err := serveControl(spec.Dir, rec, dev, sector, a.resize, log)
 	if err != nil {
-		_ = kernel.Disconnect(a.index)
-		return err
+		return abandon(err)
 	}
 	defer ctl.Close()
 	if err := announce(rec, ready, log); err != nil {
-		_ = kernel.Disconnect(a.index)
-		return err
+		return abandon(err)
 	}
 	for {
 		select {

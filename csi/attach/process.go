@@ -113,9 +113,13 @@ func Start(ctx context.Context, exe string, spec Spec) (*Record, error) {
 			<-lines
 		}
 		<-exited
-		if rec, err := ReadRecord(spec.Dir); err == nil {
+		switch rec, err := ReadRecord(spec.Dir); {
+		case spec.Takeover != nil:
+			// The record is the dead process's: its device holds the
+			// IO of mounted file systems until a takeover succeeds.
+		case err == nil:
 			_ = rec.Cleanup(context.Background())
-		} else {
+		default:
 			_ = unmountFUSE(spec.Dir)
 		}
 		return fail(fmt.Errorf("the attach did not finish: %w", ctx.Err()))
