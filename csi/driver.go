@@ -19,6 +19,8 @@ import (
 	mount "k8s.io/mount-utils"
 	utilexec "k8s.io/utils/exec"
 
+	"cairn.io/cairn/csi/attach"
+	"cairn.io/cairn/csi/attach/kernelnbd"
 	"cairn.io/cairn/internal/certs"
 	"cairn.io/cairn/mds/mdsclient"
 )
@@ -56,6 +58,16 @@ type Config struct {
 	// names none (default ext4; Kubernetes passes the StorageClass's
 	// csi.storage.k8s.io/fstype, so this matters to other callers).
 	DefaultFsType string
+	// Attach is how the node attaches volumes: AttachFUSE (default),
+	// AttachNBD (the kernel's nbd driver; New fails when the nbd module is
+	// not loaded) or AttachAuto (nbd where the module is loaded, fuse
+	// elsewhere). Each volume keeps the mode it was staged with.
+	Attach string
+	// NBDReattachTimeout is how long the kernel holds the IO of an
+	// nbd-attached volume whose attach process is gone (the plugin's
+	// container restarted) for a new one to take the device over, before
+	// failing it (default attach.DefaultReattachTimeout).
+	NBDReattachTimeout time.Duration
 	// Executable is the cairn-csi binary the node runs as attach processes
 	// (default: this process's executable).
 	Executable string
@@ -90,6 +102,9 @@ type Driver struct {
 	flattenKick chan struct{}
 	flattenDone chan struct{}
 
+	// Node mode: closed when the watch of attachments ends (takeover.go).
+	watchDone chan struct{}
+
 	// Node mode.
 	mounter *mount.SafeFormatAndMount
 	exec    utilexec.Interface
@@ -112,6 +127,7 @@ func New(cfg Config) (*Driver, error) {
 		if err := d.setUpNode(); err != nil {
 			return nil, err
 		}
+		cfg = d.cfg // with what setUpNode filled in
 	}
 	if cfg.Endpoint == "" {
 		return nil, errors.New("csi: an endpoint is required (unix:///path/csi.sock)")
@@ -154,6 +170,25 @@ func (d *Driver) setUpNode() error {
 	default:
 		return fmt.Errorf("csi: default file system %q: want ext4 or xfs", cfg.DefaultFsType)
 	}
+	mode, err := resolveAttach(cfg.Attach, kernelnbd.Loaded())
+	if err != nil {
+		return err
+	}
+	if mode == attach.AttachNBD {
+		// The module is there; its netlink family must be reachable too.
+		c, err := kernelnbd.Open()
+		switch {
+		case errors.Is(err, kernelnbd.ErrNotLoaded):
+			return errors.New("csi: attach nbd: the nbd kernel module is loaded but its netlink family is not reachable from here: the node plugin needs the host's network namespace (hostNetwork: true)")
+		case err != nil:
+			return fmt.Errorf("csi: attach nbd: %w", err)
+		}
+		c.Close()
+	}
+	cfg.Attach = mode
+	if cfg.NBDReattachTimeout <= 0 {
+		cfg.NBDReattachTimeout = attach.DefaultReattachTimeout
+	}
 	if cfg.Executable == "" {
 		exe, err := os.Executable()
 		if err != nil {
@@ -175,6 +210,37 @@ func (d *Driver) setUpNode() error {
 	d.mounter = &mount.SafeFormatAndMount{Interface: mount.New(""), Exec: d.exec}
 	return nil
 }
+
+// Attach modes of Config.Attach.
+const (
+	AttachFUSE = attach.AttachFUSE
+	AttachNBD  = attach.AttachNBD
+	// AttachAuto is nbd where the nbd module is loaded, fuse elsewhere.
+	AttachAuto = "auto"
+)
+
+// resolveAttach turns the configured attach mode into the one used, given
+// whether the nbd module is loaded.
+func resolveAttach(mode string, nbdLoaded bool) (string, error) {
+	switch mode {
+	case "", AttachFUSE:
+		return AttachFUSE, nil
+	case AttachNBD:
+		if !nbdLoaded {
+			return "", errors.New("csi: --attach nbd: the nbd kernel module is not loaded: modprobe nbd, or use --attach fuse")
+		}
+		return AttachNBD, nil
+	case AttachAuto:
+		if nbdLoaded {
+			return AttachNBD, nil
+		}
+		return AttachFUSE, nil
+	}
+	return "", fmt.Errorf("csi: attach mode %q: want %s, %s or %s", mode, AttachFUSE, AttachNBD, AttachAuto)
+}
+
+// AttachMode is the attach mode the node uses.
+func (d *Driver) AttachMode() string { return d.cfg.Attach }
 
 // socketPath turns unix:///path (or a bare path) into the path.
 func socketPath(endpoint string) (string, error) {
@@ -214,9 +280,12 @@ func (d *Driver) Start() error {
 		csipb.RegisterNodeServer(d.srv, node{d: d})
 		d.adopt()
 		go d.registerNode(ctx)
+		d.watchDone = make(chan struct{})
+		go d.watchAttachments(ctx)
 	}
 	go func() { _ = d.srv.Serve(lis) }()
-	d.log.Info("csi driver serving", "endpoint", d.cfg.Endpoint, "mode", d.cfg.Mode, "mds", strings.Join(d.cfg.MDSAddrs, ","))
+	d.log.Info("csi driver serving", "endpoint", d.cfg.Endpoint, "mode", d.cfg.Mode, "mds", strings.Join(d.cfg.MDSAddrs, ","),
+		"attach", d.cfg.Attach)
 	return nil
 }
 
@@ -231,6 +300,9 @@ func (d *Driver) Stop() {
 	}
 	if d.flattenDone != nil {
 		<-d.flattenDone // its flatten ends with the context
+	}
+	if d.watchDone != nil {
+		<-d.watchDone // a takeover in progress ends with the context
 	}
 	_ = d.mds.Close()
 	_ = os.Remove(d.path)

@@ -120,10 +120,19 @@ func (n node) attachment(ctx context.Context, st *stageRecord) (*attach.Record, 
 		if err == nil && rec.Alive() {
 			return rec, nil
 		}
-		// The attach process is gone. After a reboot nothing of it is
-		// left but its records: attach again. Its file system still
-		// mounted means pods still hold the dead device: that cannot be
-		// repaired under them.
+		// The attach process is gone. The kernel may still have its nbd
+		// device, holding the IO of the pods on it: a new attach process
+		// takes it over.
+		if rec != nil && rec.Reattachable() == nil {
+			now, err := n.d.takeOver(ctx, rec)
+			if err != nil {
+				return nil, status.Errorf(codes.Unavailable, "%v", err)
+			}
+			return now, nil
+		}
+		// After a reboot nothing of it is left but its records: attach
+		// again. Its file system still mounted means pods still hold the
+		// dead device: that cannot be repaired under them.
 		if !st.Block {
 			if mounted, _ := n.d.mounter.IsMountPoint(st.StagingPath); mounted {
 				return nil, status.Errorf(codes.FailedPrecondition,
@@ -158,10 +167,7 @@ func (n node) attachment(ctx context.Context, st *stageRecord) (*attach.Record, 
 	}
 	actx, cancel := context.WithTimeout(ctx, attachTimeout)
 	defer cancel()
-	rec, err := attach.Start(actx, n.d.exe, attach.Spec{
-		Volume: st.Volume, Node: n.d.cfg.NodeID, MDSAddrs: n.d.cfg.MDSAddrs, ReadOnly: st.ReadOnly, Dir: dir,
-		TLS: n.d.tlsFiles(),
-	})
+	rec, err := attach.Start(actx, n.d.exe, n.d.attachSpec(st.Volume, dir, n.d.cfg.Attach, st.ReadOnly))
 	if err != nil {
 		_ = os.RemoveAll(dir)
 		return nil, status.Errorf(codes.Internal, "%v", err)
@@ -339,8 +345,13 @@ func (n node) NodeGetVolumeHealth(ctx context.Context, req *csipb.NodeGetVolumeH
 			Status: csipb.VolumeHealthErrorType_INACCESSIBLE, Reason: reason, Message: msg})
 	}
 	if !rec.Alive() {
-		bad("AttachProcessGone", fmt.Sprintf("the attach process of volume %q (pid %d) is gone: device %s no longer reaches the volume; unstage and stage it again",
-			id, rec.Pid, rec.Device))
+		if rec.Reattachable() == nil {
+			bad("AttachProcessGone", fmt.Sprintf("the attach process of volume %q (pid %d) is gone: the kernel holds the IO of %s until the node takes the device over with a new one",
+				id, rec.Pid, rec.Device))
+		} else {
+			bad("AttachProcessGone", fmt.Sprintf("the attach process of volume %q (pid %d) is gone: device %s no longer reaches the volume; unstage and stage it again",
+				id, rec.Pid, rec.Device))
+		}
 	} else if st, err := rec.Status(ctx); err != nil {
 		bad("AttachProcessUnreachable", err.Error())
 	} else if st.Error != "" {

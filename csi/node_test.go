@@ -476,14 +476,18 @@ func oneNodeVolume(t *testing.T, name string) (*cluster.Cluster, *nodeEnv, conte
 
 // restartNode starts a node's driver again on the same state directory;
 // old then speaks to the new driver.
-func restartNode(t *testing.T, c *cluster.Cluster, old *nodeEnv) *nodeEnv {
+func restartNode(t *testing.T, c *cluster.Cluster, old *nodeEnv, tweak ...func(*csi.Config)) *nodeEnv {
 	t.Helper()
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "csi.sock")
-	d, err := csi.New(csi.Config{
+	cfg := csi.Config{
 		Endpoint: "unix://" + sock, MDSAddrs: []string{c.MDS.Addr()}, Mode: csi.ModeAll, NodeID: old.id,
 		StateDir: old.state, Executable: csiBinary(t), Version: "test", Logger: testlog.New(t).With("node", old.id),
-	})
+	}
+	for _, f := range tweak {
+		f(&cfg)
+	}
+	d, err := csi.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

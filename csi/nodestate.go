@@ -95,8 +95,9 @@ func (d *Driver) detach(ctx context.Context, id string) error {
 
 // adopt looks at the volumes staged here before this process started: their
 // attach processes run on, and are stopped at unstage. One that is gone
-// leaves its device broken until the volume is unstaged and staged again;
-// it is logged here and reported by NodeGetVolumeStats.
+// leaves a fuse device broken until the volume is unstaged and staged
+// again (logged here, reported by NodeGetVolumeHealth); an nbd device the
+// kernel still holds is taken over (watchAttachments).
 func (d *Driver) adopt() {
 	entries, err := os.ReadDir(filepath.Join(d.cfg.StateDir, "volumes"))
 	if err != nil {
@@ -112,9 +113,13 @@ func (d *Driver) adopt() {
 			d.log.Warn("staged volume without an attach record", "dir", dir, "err", err)
 			continue
 		}
-		if rec.Alive() {
+		switch {
+		case rec.Alive():
 			d.log.Info("volume still attached", "volume", rec.Volume, "device", rec.Device, "pid", rec.Pid)
-		} else {
+		case rec.Reattachable() == nil:
+			d.log.Warn("the attach process of a staged volume is gone; its nbd device is held by the kernel until a new one takes it over",
+				"volume", rec.Volume, "device", rec.Device, "pid", rec.Pid)
+		default:
 			d.log.Error("the attach process of a staged volume is gone: its device no longer reaches the volume until it is unstaged and staged again",
 				"volume", rec.Volume, "device", rec.Device, "pid", rec.Pid)
 		}

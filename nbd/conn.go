@@ -39,6 +39,10 @@ type serverConn struct {
 	stopCh     chan struct{} // closed when stopReason is first set
 	exportName string        // the export in transmission, for DropExport
 
+	// liveSize: the client learns the export's size out of band, not from this server (a
+	// connection without a handshake): a request beyond the size known so far reads it again.
+	liveSize bool
+
 	// Negotiated in the handshake.
 	tls        bool // NBD_OPT_STARTTLS upgraded the connection
 	noZeroes   bool
@@ -77,8 +81,13 @@ func newServerConn(s *Server, nc net.Conn) *serverConn {
 	return c
 }
 
-// serve runs the connection to its end and releases it.
-func (c *serverConn) serve() {
+// serve runs the connection, handshake first, to its end and releases it.
+func (c *serverConn) serve() { _ = c.serveWith(c.handshake) }
+
+// serveWith runs the connection to its end and releases it: enter negotiates (or, for a connection
+// without a handshake, opens) the export, then the transmission phase runs. It returns why the
+// transmission ended (errClientDisconnected after NBD_CMD_DISC), or why it never began.
+func (c *serverConn) serveWith(enter func() (*openedExport, error)) (err error) {
 	defer c.ioCancel()
 	st := &c.srv.stats
 	st.connectionsTotal.Add(1)
@@ -89,10 +98,11 @@ func (c *serverConn) serve() {
 	defer func() {
 		if r := recover(); r != nil {
 			c.log.Error("nbd: connection failed on a bug; closed", "panic", r, "stack", string(debug.Stack()))
+			err = fmt.Errorf("nbd: connection failed on a bug: %v", r)
 		}
 	}()
 
-	opened, err := c.handshake()
+	opened, err := enter()
 	if err != nil {
 		switch {
 		case errors.Is(err, errClientAborted):
@@ -106,12 +116,12 @@ func (c *serverConn) serve() {
 			}
 			c.log.Warn("nbd: handshake failed; connection closed", "err", err)
 		}
-		return
+		return err
 	}
 	c.dmu.Lock()
 	c.exportName = opened.name
 	c.dmu.Unlock()
-	c.transmit(opened)
+	return c.transmit(opened)
 }
 
 // stop makes the request reader return: it stops reading, lets the requests in flight complete
@@ -167,8 +177,9 @@ func (c *serverConn) setReadDeadline(t time.Time) {
 var errClientDisconnected = errors.New("client sent NBD_CMD_DISC")
 
 // transmit runs the transmission phase on the export chosen in the handshake. It returns after the
-// last request has been answered and the export has been closed.
-func (c *serverConn) transmit(opened *openedExport) {
+// last request has been answered and the export has been closed, with the reason the request reader
+// stopped.
+func (c *serverConn) transmit(opened *openedExport) (err error) {
 	c.export = opened
 	c.log = c.log.With("export", opened.name)
 	c.limits = exportLimits{
@@ -185,7 +196,6 @@ func (c *serverConn) transmit(opened *openedExport) {
 	c.setReadDeadline(time.Time{}) // a client may stay idle as long as it likes
 	c.log.Info("nbd: client attached", "size", opened.size, "structured_replies", c.structured)
 
-	var err error
 	defer func() {
 		// A connection that died has its requests cancelled: nobody reads their replies, and
 		// a retrying write must not land after a newer write from the client's next
@@ -214,10 +224,9 @@ func (c *serverConn) transmit(opened *openedExport) {
 		}
 	}()
 	if !c.srv.waitDrained(c, opened.name) {
-		err = errors.New("stopped while waiting for a dead connection's requests")
-		return
+		return errors.New("stopped while waiting for a dead connection's requests")
 	}
-	err = c.readRequests()
+	return c.readRequests()
 }
 
 // operation is one request that passed validation, on its way through the backend.
@@ -249,6 +258,9 @@ func (c *serverConn) readRequests() error {
 		}
 		if req.typ == cmdDisc {
 			return errClientDisconnected
+		}
+		if c.liveSize && (req.offset > c.limits.size || uint64(req.length) > c.limits.size-req.offset) {
+			c.learnSize()
 		}
 		if rej := c.limits.check(req); rej != nil {
 			if req.hasPayload() {

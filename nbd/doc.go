@@ -31,6 +31,10 @@
 // syscall.ENOSPC, EDQUOT, EFBIG or EROFS). A request the server cannot parse (bad magic, a stream
 // cut mid-message) ends that connection, never the process.
 //
+// Server.ServeTransmission serves one connection without a handshake, from the transmission phase
+// on, with simple replies: the kernel's nbd driver configured through netlink (the CSI node's nbd
+// attach) speaks only that phase, and is told the size and Server.TransmissionFlags out of band.
+//
 // # Concurrency
 //
 // The requests of one connection run concurrently, up to Config.MaxInFlight at a time and

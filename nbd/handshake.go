@@ -300,14 +300,19 @@ func (c *serverConn) replyOptionError(option, reply uint32, msg string) error {
 // transmissionFlags are the flags sent with the export size: the commands this server serves
 // on exp, and whether exp is read-only.
 func (c *serverConn) transmissionFlags(exp blockdev.Device) uint16 {
+	return c.srv.flagsFor(exp, c.structured)
+}
+
+// flagsFor are the transmission flags of exp on a connection with or without structured replies.
+func (s *Server) flagsFor(exp blockdev.Device, structured bool) uint16 {
 	f := tflagHasFlags | tflagSendFlush | tflagSendFUA | tflagSendTrim | tflagSendWriteZeroes
 	if blockdev.IsReadOnly(exp) {
 		f |= tflagReadOnly
 	}
-	if c.structured {
+	if structured {
 		f |= tflagSendDF // every read is answered with at most one data chunk
 	}
-	if c.srv.cfg.MultiConn {
+	if s.cfg.MultiConn {
 		f |= tflagCanMultiConn
 	}
 	return f

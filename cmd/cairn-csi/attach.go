@@ -20,8 +20,9 @@ import (
 )
 
 // runAttach is the attach process the node plugin starts for each staged
-// volume (cairn-csi attach --dir D --volume V --node-id N --mds ADDRS):
-// it serves the volume as a loop device until it is told to stop (SIGTERM).
+// volume (cairn-csi attach --dir D --volume V --node-id N --mds ADDRS
+// [--attach nbd]): it serves the volume as a loop device over a FUSE file,
+// or to the kernel's nbd driver, until it is told to stop (SIGTERM).
 func runAttach(args []string) error {
 	fs := flag.NewFlagSet("cairn-csi attach", flag.ContinueOnError)
 	logFlags := daemon.AddLogFlags(fs)
@@ -32,6 +33,11 @@ func runAttach(args []string) error {
 		nodeID   = fs.String("node-id", "", "this node's name: the volume must be published to it")
 		mdsAddrs = fs.String("mds", "", "MDS addresses, comma-separated")
 		readOnly = fs.Bool("read-only", false, "attach read-only")
+		mode     = fs.String("attach", attach.AttachFUSE, "fuse (a FUSE file behind a loop device) or nbd (the kernel's nbd driver)")
+		reattach = fs.Duration("nbd-reattach-timeout", attach.DefaultReattachTimeout,
+			"nbd: how long the kernel holds the device's IO while no attach process serves it")
+		takeover = fs.String("nbd-takeover", "", "nbd: take over this /dev/nbdN, whose attach process is gone, instead of configuring a free device")
+		backend  = fs.String("nbd-backend", "", "nbd: with --nbd-takeover, the name the device was configured with")
 	)
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -43,6 +49,10 @@ func runAttach(args []string) error {
 		return errors.New("--dir must be an absolute path")
 	case *volume == "" || *nodeID == "" || *mdsAddrs == "":
 		return errors.New("--volume, --node-id and --mds are required")
+	case *mode != attach.AttachFUSE && *mode != attach.AttachNBD:
+		return fmt.Errorf("--attach %q: want %s or %s", *mode, attach.AttachFUSE, attach.AttachNBD)
+	case (*takeover != "" || *backend != "") && (*mode != attach.AttachNBD || *takeover == "" || *backend == ""):
+		return errors.New("--nbd-takeover and --nbd-backend go together, with --attach nbd")
 	}
 	logger, err := logFlags.Logger(os.Stderr)
 	if err != nil {
@@ -56,7 +66,14 @@ func runAttach(args []string) error {
 	shieldFromReclaim(logger)
 	ctx, stop := daemon.SignalContext()
 	defer stop()
-	spec := attach.Spec{Volume: *volume, Node: *nodeID, MDSAddrs: daemon.SplitList(*mdsAddrs), ReadOnly: *readOnly, Dir: *dir}
+	spec := attach.Spec{Volume: *volume, Node: *nodeID, MDSAddrs: daemon.SplitList(*mdsAddrs), ReadOnly: *readOnly, Dir: *dir,
+		Attach: *mode}
+	if *mode == attach.AttachNBD {
+		spec.ReattachTimeout = *reattach
+	}
+	if *takeover != "" {
+		spec.Takeover = &attach.Takeover{Device: *takeover, Backend: *backend}
+	}
 	if identity != nil {
 		spec.TLS = identity.Files()
 	}

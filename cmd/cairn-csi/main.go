@@ -38,16 +38,16 @@ func run(args []string) error {
 		stateDir = fs.String("state-dir", "/var/lib/cairn-csi", "where the node keeps its attachments (node mode; must outlive the process)")
 		topology = fs.String("topology", daemon.EnvOr("CAIRN_TOPOLOGY", ""), "the node's topology, key=value pairs comma-separated, e.g. zone=a (env CAIRN_TOPOLOGY)")
 		defFs    = fs.String("default-fs-type", "ext4", "file system of mount volumes that name none: ext4 or xfs")
-		attachBy = fs.String("attach", "fuse", "how the node attaches volumes: fuse (a FUSE file behind a loop device)")
+		attachBy = fs.String("attach", csi.AttachFUSE,
+			"how the node attaches volumes: fuse (a FUSE file behind a loop device), nbd (the kernel's nbd driver, configured through netlink; needs the nbd module) or auto (nbd where the nbd module is loaded, fuse elsewhere)")
+		reattach = fs.Duration("nbd-reattach-timeout", attach.DefaultReattachTimeout,
+			"nbd: how long the kernel holds the IO of a volume whose attach process is gone (the plugin's container restarted) for the restarted plugin to take the device over, before failing it")
 	)
 	if err := daemon.Parse(fs, args); err != nil {
 		return err
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("unexpected arguments: %v", fs.Args())
-	}
-	if *attachBy != "fuse" {
-		return fmt.Errorf("--attach %s: only fuse is built (kernel NBD and iSCSI attach are not)", *attachBy)
 	}
 	topo := map[string]string{}
 	for _, kv := range daemon.SplitList(*topology) {
@@ -67,7 +67,7 @@ func run(args []string) error {
 	}
 	d, err := csi.New(csi.Config{
 		Endpoint: *endpoint, MDSAddrs: daemon.SplitList(*mdsAddrs), NodeID: *nodeID, Mode: *mode,
-		StateDir: *stateDir, Topology: topo, DefaultFsType: *defFs,
+		StateDir: *stateDir, Topology: topo, DefaultFsType: *defFs, Attach: *attachBy, NBDReattachTimeout: *reattach,
 		Version: daemon.Version(), TLS: identity, Logger: logger,
 	})
 	if err != nil {

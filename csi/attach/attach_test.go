@@ -40,41 +40,47 @@ func needRoot(t *testing.T) {
 // returned stop ends it and returns its error.
 func serve(t *testing.T, dev blockdev.Device, readOnly bool) (*attach.Record, func() error) {
 	t.Helper()
-	dir := t.TempDir()
+	rec, stop, _ := serveSpec(t, attach.Spec{Volume: "v", Node: "n", ReadOnly: readOnly}, dev)
+	return rec, stop
+}
+
+// serveSpec is serve with a spec (in a directory of its own); finished is
+// closed when Serve returns (stop then returns its error at once).
+func serveSpec(t *testing.T, spec attach.Spec, dev blockdev.Device) (rec *attach.Record, stop func() error, finished <-chan struct{}) {
+	t.Helper()
+	spec.Dir = t.TempDir()
 	ctx, cancel := context.WithCancel(context.Background())
 	pr, pw := io.Pipe()
-	done := make(chan error, 1)
+	done := make(chan struct{})
+	var serveErr error
 	go func() {
-		done <- attach.Serve(ctx, attach.Spec{Volume: "v", Node: "n", Dir: dir, ReadOnly: readOnly}, dev, pw, testlog.New(t))
+		serveErr = attach.Serve(ctx, spec, dev, pw, testlog.New(t))
 		pw.Close()
+		close(done)
 	}()
 	line, err := readLine(pr)
 	if err != nil {
 		cancel()
-		t.Fatalf("no ready line: %v (serve: %v)", err, <-done)
+		<-done
+		t.Fatalf("no ready line: %v (serve: %v)", err, serveErr)
 	}
 	go func() { _, _ = io.Copy(io.Discard, pr) }()
-	rec := &attach.Record{}
+	rec = &attach.Record{}
 	if err := json.Unmarshal(line, rec); err != nil {
 		t.Fatal(err)
 	}
-	stopped := false
-	stop := func() error {
-		if stopped {
-			return nil
-		}
-		stopped = true
+	stop = func() error {
 		cancel()
 		select {
-		case err := <-done:
-			return err
+		case <-done:
+			return serveErr
 		case <-time.After(time.Minute):
 			t.Fatal("Serve did not return")
 			return nil
 		}
 	}
 	t.Cleanup(func() { _ = stop() })
-	return rec, stop
+	return rec, stop, done
 }
 
 func readLine(r io.Reader) ([]byte, error) {

@@ -102,9 +102,9 @@ func loopDetach(ctx context.Context, dev string, id fileID, path string) error {
 	return err
 }
 
-// loopBusy reports whether something holds dev open exclusively: a mounted
-// file system does.
-func loopBusy(dev string) bool {
+// deviceBusy reports whether something holds the block device dev open
+// exclusively: a mounted file system does.
+func deviceBusy(dev string) bool {
 	fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return errors.Is(err, unix.EBUSY)

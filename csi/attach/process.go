@@ -32,6 +32,15 @@ func Args(spec Spec) []string {
 	if spec.ReadOnly {
 		args = append(args, "--read-only")
 	}
+	if spec.mode() != AttachFUSE {
+		args = append(args, "--attach", spec.Attach)
+	}
+	if spec.ReattachTimeout > 0 {
+		args = append(args, "--nbd-reattach-timeout", spec.ReattachTimeout.String())
+	}
+	if t := spec.Takeover; t != nil {
+		args = append(args, "--nbd-takeover", t.Device, "--nbd-backend", t.Backend)
+	}
 	if spec.TLS == (certs.Files{}) {
 		return append(args, "--insecure")
 	}
@@ -104,9 +113,13 @@ func Start(ctx context.Context, exe string, spec Spec) (*Record, error) {
 			<-lines
 		}
 		<-exited
-		if rec, err := ReadRecord(spec.Dir); err == nil {
+		switch rec, err := ReadRecord(spec.Dir); {
+		case spec.Takeover != nil:
+			// The record is the dead process's: its device holds the
+			// IO of mounted file systems until a takeover succeeds.
+		case err == nil:
 			_ = rec.Cleanup(context.Background())
-		} else {
+		default:
 			_ = unmountFUSE(spec.Dir)
 		}
 		return fail(fmt.Errorf("the attach did not finish: %w", ctx.Err()))
@@ -161,11 +174,11 @@ var ErrDeviceBusy = errors.New("attach: the device is still in use")
 // Stop ends the attach process (SIGTERM: it detaches the device and closes
 // the volume), waiting up to ctx's deadline before it kills it, then
 // removes whatever a process that died left behind (the loop device, the
-// FUSE mount). It refuses with ErrDeviceBusy while the device is in use:
-// the caller unmounts file systems on it first.
+// FUSE mount, the nbd device). It refuses with ErrDeviceBusy while the
+// device is in use: the caller unmounts file systems on it first.
 func (r *Record) Stop(ctx context.Context) error {
 	if r.Alive() {
-		if loopBusy(r.Device) {
+		if deviceBusy(r.Device) {
 			return fmt.Errorf("stop the attach of %s: %w (%s is mounted or open)", r.Volume, ErrDeviceBusy, r.Device)
 		}
 		_ = syscall.Kill(r.Pid, syscall.SIGTERM)
@@ -187,10 +200,14 @@ func (r *Record) Stop(ctx context.Context) error {
 	return r.Cleanup(ctx)
 }
 
-// Cleanup detaches the loop device if it is still this attachment's and
-// unmounts the FUSE mount: what an attach process that was killed leaves.
-// It does nothing when they are gone.
+// Cleanup removes what an attach process that was killed leaves: the loop
+// device, if it is still this attachment's, and the FUSE mount (fuse); the
+// nbd device, if the kernel still has it configured for this attachment
+// (nbd). It does nothing when they are gone.
 func (r *Record) Cleanup(ctx context.Context) error {
+	if r.mode() == AttachNBD {
+		return r.cleanupNBD()
+	}
 	if err := loopDetach(ctx, r.Device, r.Backing, backingFile(r.Dir)); err != nil {
 		return err
 	}

@@ -37,6 +37,35 @@ type Spec struct {
 	// TLS names the identity the attach process opens the volume with
 	// (the node plugin's); empty: plaintext.
 	TLS certs.Files `json:"tls,omitzero"`
+	// Attach is how the volume becomes a block device: AttachFUSE (also
+	// when empty) or AttachNBD.
+	Attach string `json:"attach,omitempty"`
+	// ReattachTimeout (nbd) is how long the kernel holds the device's IO
+	// while no attach process serves it (the process died; the plugin
+	// starts another that takes the device over) before failing it.
+	ReattachTimeout time.Duration `json:"reattach_timeout,omitempty"`
+	// Takeover (nbd), when set, makes the attach process take over the
+	// device of an attach process that is gone instead of configuring a
+	// free one (see Record.Reattachable). Not recorded.
+	Takeover *Takeover `json:"-"`
+}
+
+// Attach modes.
+const (
+	// AttachFUSE serves the volume as a FUSE file behind a loop device.
+	AttachFUSE = "fuse"
+	// AttachNBD serves the volume to the kernel's nbd driver on a socket
+	// pair, configured through netlink (nbd.go).
+	AttachNBD = "nbd"
+)
+
+// mode is the spec's attach mode, AttachFUSE when it names none (records
+// written before there were others).
+func (s Spec) mode() string {
+	if s.Attach == "" {
+		return AttachFUSE
+	}
+	return s.Attach
 }
 
 // Record is what an attach process writes to its directory once the
@@ -45,11 +74,19 @@ type Record struct {
 	Spec
 	// Pid is the attach process.
 	Pid int `json:"pid"`
-	// Device is the loop device, /dev/loopN.
+	// Device is the block device: the loop device /dev/loopN (fuse) or
+	// /dev/nbdN (nbd).
 	Device string `json:"device"`
-	// Backing identifies the FUSE file behind the device, so that a device
-	// is detached only while it is still this attachment's.
-	Backing fileID `json:"backing"`
+	// Backing (fuse) identifies the FUSE file behind the device, so that a
+	// device is detached only while it is still this attachment's.
+	Backing fileID `json:"backing,omitzero"`
+	// Backend (nbd) is the name the device was configured with
+	// (NBD_ATTR_BACKEND_IDENTIFIER): a device is disconnected or taken over
+	// only while the kernel shows this name for it.
+	Backend string `json:"backend,omitempty"`
+	// BootID (nbd) is the kernel's boot id when the device was configured:
+	// after a reboot the device of that number is another's.
+	BootID string `json:"boot_id,omitempty"`
 	// StartedUnix is when the device was attached.
 	StartedUnix int64 `json:"started_unix"`
 }
@@ -79,14 +116,26 @@ type Refresher interface {
 
 // Serve attaches dev as spec says, writes the Record to the directory and
 // as one JSON line to ready, and serves until ctx ends; then it detaches
-// the loop device, unmounts the file system and closes dev. Serve owns
-// dev from the start: it closes it on every return.
+// the device (fuse: detaches the loop device and unmounts the file system;
+// nbd: disconnects the nbd device) and closes dev. Serve owns dev from the
+// start: it closes it on every return.
 func Serve(ctx context.Context, spec Spec, dev blockdev.Device, ready io.Writer, log *slog.Logger) (err error) {
 	defer func() {
 		if cerr := dev.Close(); cerr != nil && err == nil {
 			err = fmt.Errorf("close volume %s: %w", spec.Volume, cerr)
 		}
 	}()
+	switch spec.mode() {
+	case AttachFUSE:
+		return serveFUSE(ctx, spec, dev, ready, log)
+	case AttachNBD:
+		return serveNBD(ctx, spec, dev, ready, log)
+	}
+	return fmt.Errorf("attach %s: unknown attach mode %q (want %s or %s)", spec.Volume, spec.Attach, AttachFUSE, AttachNBD)
+}
+
+// serveFUSE is Serve for the fuse attach.
+func serveFUSE(ctx context.Context, spec Spec, dev blockdev.Device, ready io.Writer, log *slog.Logger) (err error) {
 	mnt := filepath.Join(spec.Dir, fuseDir)
 	if err := os.MkdirAll(mnt, 0o700); err != nil {
 		return fmt.Errorf("attach %s: %w", spec.Volume, err)
@@ -135,11 +184,32 @@ func Serve(ctx context.Context, spec Spec, dev blockdev.Device, ready io.Writer,
 		}
 	}()
 	rec := Record{Spec: spec, Pid: os.Getpid(), Device: loopDev, Backing: id, StartedUnix: time.Now().Unix()}
-	ctl, err := serveControl(spec.Dir, rec, dev, root, log)
+	// Growing: drop the kernel's idea of the file's size, read it again
+	// (the loop device takes the size of the file's inode), then grow the
+	// device.
+	resize := func(ctx context.Context) error {
+		root.file.NotifyContent(0, 0)
+		if _, err := os.Stat(backingFile(spec.Dir)); err != nil {
+			return err
+		}
+		return loopSetCapacity(ctx, loopDev)
+	}
+	ctl, err := serveControl(spec.Dir, rec, dev, sector, resize, log)
 	if err != nil {
 		return err
 	}
 	defer ctl.Close()
+	if err := announce(rec, ready, log); err != nil {
+		return err
+	}
+	<-ctx.Done()
+	waitReleased(loopDev, log)
+	log.Info("detaching", "volume", spec.Volume, "device", loopDev)
+	return nil
+}
+
+// announce writes the record to its directory and as the ready line.
+func announce(rec Record, ready io.Writer, log *slog.Logger) error {
 	if err := writeRecord(rec); err != nil {
 		return err
 	}
@@ -147,19 +217,21 @@ func Serve(ctx context.Context, spec Spec, dev blockdev.Device, ready io.Writer,
 	if _, err := ready.Write(append(line, '\n')); err != nil {
 		log.Warn("could not report the attach as ready", "err", err)
 	}
-	log.Info("volume attached", "volume", spec.Volume, "device", loopDev, "read_only", spec.ReadOnly, "size", dev.Size())
-	<-ctx.Done()
-	// A file system still mounted on the device would fail every IO once
-	// the volume closes: serve on until it is released (Record.Stop does
-	// not ask while it is; SIGKILL still ends this process).
-	for warned := false; loopBusy(loopDev); time.Sleep(time.Second) {
+	log.Info("volume attached", "volume", rec.Volume, "device", rec.Device, "attach", rec.mode(), "read_only", rec.ReadOnly)
+	return nil
+}
+
+// waitReleased returns once nothing holds dev exclusively. A file system
+// still mounted on the device would fail every IO once the volume closes:
+// an attach process asked to stop serves on until it is released
+// (Record.Stop does not ask while it is; SIGKILL still ends the process).
+func waitReleased(dev string, log *slog.Logger) {
+	for warned := false; deviceBusy(dev); time.Sleep(time.Second) {
 		if !warned {
-			log.Error("asked to stop while the device is in use; detaching once it is released", "device", loopDev)
+			log.Error("asked to stop while the device is in use; detaching once it is released", "device", dev)
 			warned = true
 		}
 	}
-	log.Info("detaching", "volume", spec.Volume, "device", loopDev)
-	return nil
 }
 
 // writeRecord writes rec to its directory atomically.
@@ -200,9 +272,10 @@ type Status struct {
 }
 
 // serveControl serves the control socket: GET /status reads the volume's
-// first sector to tell whether it answers; POST /resize learns the
-// volume's size from the MDS and grows the loop device to it.
-func serveControl(dir string, rec Record, dev blockdev.Device, root *volumeRoot, log *slog.Logger) (io.Closer, error) {
+// first sector (of sector bytes) to tell whether it answers; POST /resize
+// learns the volume's size from the MDS and grows the device to it with
+// resize.
+func serveControl(dir string, rec Record, dev blockdev.Device, sector int64, resize func(context.Context) error, log *slog.Logger) (io.Closer, error) {
 	path := filepath.Join(dir, controlSock)
 	if len(path) > maxSocketPath {
 		return nil, fmt.Errorf("control socket %s: the path is longer than the %d bytes a unix socket may have; use a shorter state directory", path, maxSocketPath)
@@ -219,7 +292,7 @@ func serveControl(dir string, rec Record, dev blockdev.Device, root *volumeRoot,
 		st := Status{Device: rec.Device, Size: dev.Size()}
 		ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
 		defer cancel()
-		if _, err := dev.ReadAt(ctx, make([]byte, root.file.sector), 0); err != nil {
+		if _, err := dev.ReadAt(ctx, make([]byte, sector), 0); err != nil {
 			st.Error = err.Error()
 		}
 		writeJSON(w, st)
@@ -233,15 +306,7 @@ func serveControl(dir string, rec Record, dev blockdev.Device, root *volumeRoot,
 				return
 			}
 		}
-		// Drop the kernel's idea of the file's size, read it again (the
-		// loop device takes the size of the file's inode), then grow the
-		// device.
-		root.file.NotifyContent(0, 0)
-		if _, err := os.Stat(backingFile(dir)); err != nil {
-			http.Error(w, err.Error(), http.StatusInternalServerError)
-			return
-		}
-		if err := loopSetCapacity(ctx, rec.Device); err != nil {
+		if err := resize(ctx); err != nil {
 			http.Error(w, err.Error(), http.StatusInternalServerError)
 			return
 		}

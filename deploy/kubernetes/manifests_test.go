@@ -32,8 +32,9 @@ const (
 var cairnFlags = map[string][]string{
 	"endpoint": nil, "mds": nil, "node-id": nil, "state-dir": nil, "log-level": nil,
 	"tls-cert": nil, "tls-key": nil, "tls-ca": nil,
-	"mode":   {"all", "controller", "node"},
-	"attach": {"fuse"},
+	"mode":                 {"all", "controller", "node"},
+	"attach":               {"fuse", "nbd", "auto"},
+	"nbd-reattach-timeout": nil,
 }
 
 // kinds gives the typed object of every apiVersion/kind the manifests use.
