@@ -446,18 +446,18 @@ func (c *Copyset) send(m *raftpb.Message) {
 	c.e.transport.Send(uint64(c.id), m)
 }
 
-// logLeaderChange records, at info level, the leader changes an operator
-// should see: a copyset losing the leader it had and a new leader taking
-// over. The first election after start is logged at debug level only.
+// logLeaderChange records the leader changes of a copyset at debug level
+// (one chunkserver's pause makes a hundred copysets elect); the count
+// (leaderChanges) feeds the chunkserver's periodic summary at info level.
 func (c *Copyset) logLeaderChange(lead uint64, state raft.StateType) {
 	switch {
 	case lead == 0:
-		c.log.Info("copyset lost its leader", "leader", c.knownLead, "state", state.String())
+		c.log.Debug("copyset lost its leader", "leader", c.knownLead, "state", state.String())
 	case c.knownLead == 0:
 		c.log.Debug("copyset leader elected", "leader", lead)
 		c.knownLead = lead
 	default:
-		c.log.Info("copyset leader elected", "previous", c.knownLead, "leader", lead, "term", c.rn.BasicStatus().GetTerm())
+		c.log.Debug("copyset leader elected", "previous", c.knownLead, "leader", lead, "term", c.rn.BasicStatus().GetTerm())
 		c.knownLead = lead
 		c.e.leaderChanges.Add(1)
 	}
