@@ -10,15 +10,19 @@
 package main
 
 import (
+	"context"
 	"flag"
 	"fmt"
 	"os"
 	"strings"
+	"time"
 
 	"cairn.io/cairn/csi"
 	"cairn.io/cairn/csi/attach"
 	"cairn.io/cairn/internal/certs"
 	"cairn.io/cairn/internal/daemon"
+	"cairn.io/cairn/internal/httpdebug"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 func main() { daemon.Main("cairn-csi", run) }
@@ -40,6 +44,8 @@ func run(args []string) error {
 		defFs    = fs.String("default-fs-type", "ext4", "file system of mount volumes that name none: ext4 or xfs")
 		attachBy = fs.String("attach", csi.AttachFUSE,
 			"how the node attaches volumes: fuse (a FUSE file behind a loop device), nbd (the kernel's nbd driver, configured through netlink; needs the nbd module) or auto (nbd where the nbd module is loaded, fuse elsewhere)")
+		metrics = fs.String("metrics-listen", daemon.EnvOr("CAIRN_METRICS_LISTEN", "-"),
+			"address of /metrics (the Go runtime's), /healthz, /debug/loglevel and the profiler (env CAIRN_METRICS_LISTEN; \"-\", the default, disables it)")
 		reattach = fs.Duration("nbd-reattach-timeout", attach.DefaultReattachTimeout,
 			"nbd: how long the kernel holds the IO of a volume whose attach process is gone (the plugin's container restarted) for the restarted plugin to take the device over, before failing it")
 	)
@@ -76,10 +82,23 @@ func run(args []string) error {
 	if err := d.Start(); err != nil {
 		return err
 	}
+	side, err := httpdebug.Serve(*metrics, httpdebug.Handler(prometheus.DefaultGatherer, func(context.Context) (string, error) {
+		return "serving " + *endpoint, nil
+	}), logger)
+	if err != nil {
+		d.Stop()
+		return err
+	}
+	if side != nil {
+		logger.Info("metrics listener", "addr", side.Addr())
+	}
 	ctx, stop := daemon.SignalContext()
 	defer stop()
 	<-ctx.Done()
 	logger.Info("shutting down")
+	sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	side.Close(sctx)
+	cancel()
 	d.Stop()
 	return nil
 }
