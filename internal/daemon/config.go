@@ -19,6 +19,7 @@ import (
 // came from.
 func Parse(fs *flag.FlagSet, args []string) error {
 	config := fs.String("config", "", "YAML or JSON file of settings, keys being flag names (the command line wins over it, it over CAIRN_* variables)")
+	fs.Usage = func() { PrintUsage(fs) }
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -98,4 +99,25 @@ func applyConfigFile(fs *flag.FlagSet, path string, set map[string]bool) error {
 		set[k] = true
 	}
 	return nil
+}
+
+// PrintUsage writes fs's help to its output in the style of cairn-ops:
+// "Usage: NAME [flags]", then each flag as --name TYPE with its meaning and
+// default, and where settings come from.
+func PrintUsage(fs *flag.FlagSet) {
+	w := fs.Output()
+	fmt.Fprintf(w, "Usage: %s [flags]\n\nFlags:\n", fs.Name())
+	fs.VisitAll(func(f *flag.Flag) {
+		typ, usage := flag.UnquoteUsage(f)
+		line := "  --" + f.Name
+		if typ != "" {
+			line += " " + typ
+		}
+		fmt.Fprintln(w, line)
+		if f.DefValue != "" && f.DefValue != "false" && f.DefValue != "0" && f.DefValue != "0s" {
+			usage += fmt.Sprintf(" (default %s)", f.DefValue)
+		}
+		fmt.Fprintf(w, "      %s\n", usage)
+	})
+	fmt.Fprintf(w, "\nEvery flag may also come from the --config file or from the environment as CAIRN_<FLAG> (--data-dir: CAIRN_DATA_DIR).\n")
 }

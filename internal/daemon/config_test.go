@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"errors"
 	"flag"
 	"os"
 	"path/filepath"
@@ -47,5 +48,27 @@ func TestCommandLineThenConfigThenEnvironment(t *testing.T) {
 	t.Setenv("CAIRN_COPYSETS", "many")
 	if err := Parse(fs, nil); err == nil || !strings.Contains(err.Error(), `environment CAIRN_COPYSETS="many" (--copysets)`) {
 		t.Fatalf("bad environment value: %v", err)
+	}
+}
+
+// TestUsageNamesFlagsAsCairnOpsDoes: a daemon's help writes its flags as
+// --name TYPE with their defaults, as cairn-ops does, not Go's -name.
+func TestUsageNamesFlagsAsCairnOpsDoes(t *testing.T) {
+	fs := flag.NewFlagSet("cairn-test", flag.ContinueOnError)
+	var out strings.Builder
+	fs.SetOutput(&out)
+	fs.String("data-dir", "/var/lib/x", "where the `dir`ectory is")
+	fs.Bool("insecure", false, "run without TLS")
+	if err := Parse(fs, []string{"--help"}); !errors.Is(err, flag.ErrHelp) {
+		t.Fatalf("--help: %v", err)
+	}
+	got := out.String()
+	for _, want := range []string{"Usage: cairn-test [flags]", "\n  --data-dir dir\n", "where the directory is (default /var/lib/x)", "\n  --insecure\n", "\n  --config string\n", "CAIRN_<FLAG>"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("help lacks %q:\n%s", want, got)
+		}
+	}
+	if strings.Contains(got, "\n  -data-dir") {
+		t.Errorf("help names a flag with one dash:\n%s", got)
 	}
 }
