@@ -222,7 +222,7 @@ func (l *leaderState) scheduleInputLocked(now time.Time) schedule.Input {
 		}
 		used := e.capacity.UsedFraction()
 		in.ChunkServers = append(in.ChunkServers, schedule.ChunkServer{
-			ID: id, Zone: e.rec.ZoneId, PhysPool: e.physPool,
+			ID: id, Zone: e.rec.ZoneId, ZoneName: l.mu.zones[e.rec.ZoneId].GetName(), PhysPool: e.physPool,
 			Online:   l.onlineStateLocked(e, now) == mdspb.OnlineState_ONLINE_STATE_ONLINE,
 			Down:     now.Sub(heard) > cfg.RecoverAfter,
 			Retiring: e.rec.RwState == mdspb.RWState_RW_STATE_RETIRING,

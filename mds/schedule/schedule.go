@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"slices"
+	"strings"
 )
 
 // Kind is what an operator does.
@@ -46,6 +47,7 @@ const (
 type ChunkServer struct {
 	ID       uint64
 	Zone     uint32
+	ZoneName string // for messages; the id when empty
 	PhysPool uint32
 	// Online: heard from recently enough to lead, send or receive.
 	Online bool
@@ -464,12 +466,24 @@ func (p *planner) target(c *Copyset, replaced uint64) (uint64, string) {
 		}
 	}
 	if best == nil {
+		names := map[uint32]string{}
+		for _, cs := range p.css {
+			if used[cs.Zone] && cs.ZoneName != "" {
+				names[cs.Zone] = cs.ZoneName
+			}
+		}
 		zs := make([]uint32, 0, len(used))
 		for z := range used {
 			zs = append(zs, z)
 		}
 		slices.Sort(zs)
-		return 0, fmt.Sprintf("no online chunkserver with space outside zones %v of its other replicas", zs)
+		named := make([]string, len(zs))
+		for i, z := range zs {
+			if named[i] = names[z]; named[i] == "" {
+				named[i] = fmt.Sprint(z)
+			}
+		}
+		return 0, fmt.Sprintf("no online chunkserver with space outside zones %s of its other replicas", strings.Join(named, ", "))
 	}
 	return best.ID, ""
 }
