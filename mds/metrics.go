@@ -8,6 +8,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/copysethealth"
 )
 
 // metrics is the MDS's Prometheus collector. Gauges are computed from the
@@ -136,7 +137,7 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 		mdspb.OnlineState_ONLINE_STATE_OFFLINE, mdspb.OnlineState_ONLINE_STATE_UNKNOWN} {
 		ch <- prometheus.MustNewConstMetric(m.chunkServers, prometheus.GaugeValue, states[st], stateLabel(st))
 	}
-	for _, h := range append([]string{healthHealthy}, healthReasons...) {
+	for _, h := range append([]string{healthHealthy}, copysethealth.Reasons...) {
 		ch <- prometheus.MustNewConstMetric(m.copysets, prometheus.GaugeValue, byHealth[h], h)
 	}
 	for id, n := range leaders {

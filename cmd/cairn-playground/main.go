@@ -88,6 +88,7 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 		StopTimeout:         *stopTimeout,
 		Logger:              logger,
 		LogFormat:           logFlags.Format(),
+		LogLevel:            logFlags.Level(),
 		ChunkServersPerZone: *perZone, RecoverAfter: *recoverAfter,
 		Insecure: *insecure,
 	}

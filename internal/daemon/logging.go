@@ -32,6 +32,10 @@ func AddLogFlags(fs *flag.FlagSet) *LogFlags {
 // Logger accepted it), for passing on to child processes.
 func (f *LogFlags) Format() string { return strings.ToLower(*f.format) }
 
+// Level is the --log-level asked for, lower case, for passing on to child
+// processes.
+func (f *LogFlags) Level() string { return strings.ToLower(*f.level) }
+
 // Logger returns the logger the flags ask for, writing to w, and sets
 // LogLevel; a bad value is an error naming its flag.
 func (f *LogFlags) Logger(w io.Writer) (*slog.Logger, error) {

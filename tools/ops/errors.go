@@ -111,13 +111,20 @@ func rpcErr(what string, err error) error {
 	return &rpcError{what: what, st: st, err: err}
 }
 
-// forceHint adds the command line that goes ahead to a refusal the MDS
-// lifts with force (a volume open for writing, published, with snapshots).
+// mdsForce ends the MDS's refusals that force lifts (a volume open for
+// writing, published, with snapshots).
+const mdsForce = " (use --force)"
+
+// forceHint puts the command line that goes ahead in place of the MDS's
+// "(use --force)" at the end of a refusal that force lifts.
 func forceHint(err error, command string) error {
-	if status.Code(err) == codes.FailedPrecondition && strings.HasSuffix(status.Convert(err).Message(), "with force") {
-		return fmt.Errorf("%w; to go ahead anyway: cairn-ops %s", err, command)
+	var re *rpcError
+	if !errors.As(err, &re) || re.st.Code() != codes.FailedPrecondition || !strings.HasSuffix(re.st.Message(), mdsForce) {
+		return err
 	}
-	return err
+	msg := strings.TrimSuffix(re.st.Message(), mdsForce) + "; to go ahead anyway: cairn-ops " + command
+	st := status.New(re.st.Code(), msg)
+	return &rpcError{what: re.what, st: st, err: st.Err()}
 }
 
 // exitCode maps an error to the exit code.

@@ -3,29 +3,21 @@ package ops
 import (
 	"fmt"
 	"slices"
-	"strings"
 	"time"
 
-	"cairn.io/cairn/api/commonpb"
 	"cairn.io/cairn/api/copysetpb"
 	"cairn.io/cairn/api/mdspb"
+	"cairn.io/cairn/internal/copysethealth"
 )
 
 // Reasons a copyset is not healthy. They are stable identifiers in JSON
-// output (docs/ops.md).
+// output (docs/ops.md); the first five are the MDS's too (copysethealth).
 const (
-	// No leader: none reported, the reported one is offline, not a member
-	// or has not reported for a long time; or the replicas disagree.
-	reasonNoLeader = "no_leader"
-	// A member chunkserver is offline or unknown to the MDS.
-	reasonPeersOffline = "peers_offline"
-	// Fewer members than the pool's replicas, or the leader does not hear
-	// from a member.
-	reasonUnderReplicated = "under_replicated"
-	// A member's log is further behind the leader's than the allowed gap.
-	reasonLogGap = "log_gap"
-	// A member is receiving a snapshot from the leader.
-	reasonInstallingSnapshot = "installing_snapshot"
+	reasonNoLeader           = copysethealth.NoLeader
+	reasonPeersOffline       = copysethealth.PeersOffline
+	reasonUnderReplicated    = copysethealth.UnderReplicated
+	reasonLogGap             = copysethealth.LogGap
+	reasonInstallingSnapshot = copysethealth.InstallingSnapshot
 	// A member chunkserver did not answer (check copyset only).
 	reasonReplicaUnreachable = "replica_unreachable"
 	// A member chunkserver does not host the copyset (check copyset only).
@@ -87,12 +79,8 @@ type healthParams struct {
 }
 
 // silent reports whether a copyset's leader has not heard from a voting
-// member for longer than copysetpb.PeerSilenceLimit. Raft's RecentActive
-// is not used: every quorum check clears it, so a sample reads false for
-// healthy members now and then.
-func silent(pr *copysetpb.PeerProgress) bool {
-	return !pr.Learner && pr.Silence() > copysetpb.PeerSilenceLimit
-}
+// member for too long (copysethealth.Silent).
+func silent(pr *copysetpb.PeerProgress) bool { return copysethealth.Silent(pr) }
 
 // csName names a chunkserver in problem sentences.
 func csName(id uint64, byID map[uint64]*mdspb.ChunkServer) string {
@@ -102,61 +90,20 @@ func csName(id uint64, byID map[uint64]*mdspb.ChunkServer) string {
 	return fmt.Sprintf("chunkserver %d", id)
 }
 
-// mdsCopysetHealth classifies a copyset from the MDS's record of it: the
-// membership, the online state of the members and what its leader last
-// reported (applied index and each follower's replication progress).
+// mdsCopysetHealth classifies a copyset from the MDS's record of it, as the
+// MDS's metric does (copysethealth.Judge).
 func mdsCopysetHealth(c *mdspb.Copyset, replicas uint32, byID map[uint64]*mdspb.ChunkServer, p healthParams) *health {
 	h := &health{}
-	if replicas == 0 {
-		replicas = 3
-	}
-	down := map[uint64]bool{}
-	for _, peer := range c.Peers {
-		cs := byID[peer.ChunkserverId]
-		switch {
-		case cs == nil:
-			down[peer.ChunkserverId] = true
-			h.note(finding{reason: reasonPeersOffline, cs: peer.ChunkserverId}, "member chunkserver %d is not registered", peer.ChunkserverId)
-		case cs.OnlineState == mdspb.OnlineState_ONLINE_STATE_OFFLINE:
-			down[peer.ChunkserverId] = true
-			h.note(finding{reason: reasonPeersOffline, cs: peer.ChunkserverId}, "member %s is offline", csName(peer.ChunkserverId, byID))
-		}
-	}
-	if n := uint32(len(c.Peers)); n < replicas {
-		h.add(reasonUnderReplicated, "%d of %d replicas", n, replicas)
-	}
-	leaderUsable := false
-	switch {
-	case c.LeaderId == 0:
-		h.add(reasonNoLeader, "no leader has reported")
-	case down[c.LeaderId]:
-		h.note(finding{reason: reasonNoLeader, cs: c.LeaderId}, "leader %s is offline", csName(c.LeaderId, byID))
-	case !slices.ContainsFunc(c.Peers, func(pe *commonpb.Peer) bool { return pe.ChunkserverId == c.LeaderId }):
-		h.add(reasonNoLeader, "reported leader %s is not a member", csName(c.LeaderId, byID))
-	case p.staleAfter > 0 && c.ReportedUnix > 0 && p.now.Sub(time.Unix(c.ReportedUnix, 0)) > p.staleAfter:
-		h.note(finding{reason: reasonNoLeader, cs: c.LeaderId}, "leader %s last reported %s ago", csName(c.LeaderId, byID),
-			p.now.Sub(time.Unix(c.ReportedUnix, 0)).Truncate(time.Second))
-	default:
-		leaderUsable = true
-	}
-	if !leaderUsable {
-		return h
-	}
-	for _, pr := range c.Progress {
-		if pr.ChunkserverId == c.LeaderId || down[pr.ChunkserverId] {
-			continue
-		}
-		name := csName(pr.ChunkserverId, byID)
-		if silent(pr) {
-			h.note(finding{reason: reasonUnderReplicated, cs: pr.ChunkserverId, silence: pr.Silence()},
-				"leader has not heard from %s for %s", name, pr.Silence().Truncate(time.Second))
-		}
-		if strings.Contains(strings.ToLower(pr.State), "snapshot") {
-			h.note(finding{reason: reasonInstallingSnapshot, cs: pr.ChunkserverId}, "%s is receiving a snapshot", name)
-		} else if c.AppliedIndex > pr.MatchIndex && c.AppliedIndex-pr.MatchIndex > p.maxLogGap {
-			behind := c.AppliedIndex - pr.MatchIndex
-			h.note(finding{reason: reasonLogGap, cs: pr.ChunkserverId, behind: behind}, "%s is %d entries behind the leader (allowed %d)", name, behind, p.maxLogGap)
-		}
+	findings := copysethealth.Judge(c, copysethealth.Params{
+		Replicas: replicas, MaxLogGap: p.maxLogGap, StaleAfter: p.staleAfter, Now: p.now,
+		Member: func(id uint64) (registered, offline bool) {
+			cs := byID[id]
+			return cs != nil, cs != nil && cs.OnlineState == mdspb.OnlineState_ONLINE_STATE_OFFLINE
+		},
+		Name: func(id uint64) string { return csName(id, byID) },
+	})
+	for _, f := range findings {
+		h.note(finding{reason: f.Reason, cs: f.CS, silence: f.Silence, behind: f.Behind}, "%s", f.Text)
 	}
 	return h
 }

@@ -91,6 +91,9 @@ type Config struct {
 	// "json" (one object per line); "" leaves them their default (text,
 	// or CAIRN_LOG_FORMAT from the environment).
 	LogFormat string
+	// LogLevel is passed to every process as --log-level ("" leaves them
+	// their default: info, or CAIRN_LOG_LEVEL from the environment).
+	LogLevel string
 }
 
 // Playground is a running local cluster: an MDS with embedded etcd, three
@@ -308,9 +311,12 @@ func (pg *Playground) buildChildren(ids map[string]certs.Files) {
 	pg.gateway = newChild(pg, "gateway", bin("cairn-gateway"), gwArgs,
 		ProcessState{MetricsAddr: loopback(p.GatewayMetrics), Log: logOf("gateway")})
 	pg.children = append(pg.children, pg.gateway)
-	if pg.cfg.LogFormat != "" {
-		for _, c := range pg.children {
+	for _, c := range pg.children {
+		if pg.cfg.LogFormat != "" {
 			c.args = append(c.args, "--log-format", pg.cfg.LogFormat)
+		}
+		if pg.cfg.LogLevel != "" {
+			c.args = append(c.args, "--log-level", pg.cfg.LogLevel)
 		}
 	}
 }

@@ -267,7 +267,7 @@ func TestFindFreeBaseAvoidsEphemeralPorts(t *testing.T) {
 }
 
 // TestLogFormatReachesChildren: the playground's log format is every
-// process's, and a JSON log's start line is a JSON object too; a format
+// process's (and the log level with it), and a JSON log's start line is a JSON object too; a format
 // other than text or json is refused before anything is set up.
 func TestLogFormatReachesChildren(t *testing.T) {
 	bin := fakeBinDir(t)
@@ -275,7 +275,7 @@ func TestLogFormatReachesChildren(t *testing.T) {
 		t.Fatalf("New with log format xml: %v", err)
 	}
 	dir := t.TempDir()
-	pg, err := New(Config{Dir: dir, BinDir: bin, Insecure: true, LogFormat: "json", Logger: testlog.New(t)})
+	pg, err := New(Config{Dir: dir, BinDir: bin, Insecure: true, LogFormat: "json", LogLevel: "debug", Logger: testlog.New(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -284,8 +284,8 @@ func TestLogFormatReachesChildren(t *testing.T) {
 		t.Fatalf("%d children, want the MDS, three chunkservers and the gateway", len(pg.children))
 	}
 	for _, c := range pg.children {
-		if args := strings.Join(c.args, " "); !strings.HasSuffix(args, " --log-format json") {
-			t.Errorf("%s: %s, want --log-format json", c.name, args)
+		if args := strings.Join(c.args, " "); !strings.HasSuffix(args, " --log-format json --log-level debug") {
+			t.Errorf("%s: %s, want --log-format json --log-level debug", c.name, args)
 		}
 	}
 	line := startLine("json", time.Unix(1_700_000_000, 0), "/bin/cairn-mds", []string{"--log-format", "json"})
