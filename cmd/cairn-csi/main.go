@@ -17,12 +17,13 @@ import (
 	"strings"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"cairn.io/cairn/csi"
 	"cairn.io/cairn/csi/attach"
 	"cairn.io/cairn/internal/certs"
 	"cairn.io/cairn/internal/daemon"
 	"cairn.io/cairn/internal/httpdebug"
-	"github.com/prometheus/client_golang/prometheus"
 )
 
 func main() { daemon.Main("cairn-csi", run) }
