@@ -84,6 +84,13 @@ func (m *metrics) pollFailed(err error) {
 	m.mu.Unlock()
 }
 
+// polledSince tells whether a poll of the MDS's volume list succeeded after t.
+func (m *metrics) polledSince(t time.Time) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.mu.lastOK.After(t)
+}
+
 // health says whether the gateway is serving with a reachable MDS.
 func (m *metrics) health(context.Context) (string, error) {
 	g := m.g

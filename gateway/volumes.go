@@ -97,20 +97,34 @@ func (r *registry) acquire(ctx context.Context, name string) (*entry, error) {
 	// hears that the MDS does not answer (blockdev.ErrUnavailable: the
 	// frontends say "try again later", never "no such export"). The
 	// frontends name the volume.
+	// An MDS that answers its polls meanwhile is alive and the open only
+	// slow (after an MDS restart an open waits out the writers' epoch
+	// lease): then the caller waits on, as long as its own deadline lets it.
 	start := time.Now()
 	wait := time.NewTimer(r.g.cfg.MDSWait)
 	defer wait.Stop()
-	select {
-	case <-e.ready:
-	case <-wait.C:
-		r.release(e)
-		return nil, r.g.mdsSilent(time.Since(start), nil)
-	case <-ctx.Done():
-		r.release(e)
-		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-			return nil, r.g.mdsSilent(time.Since(start), ctx.Err())
+	for waiting := true; waiting; {
+		select {
+		case <-e.ready:
+			waiting = false
+		case <-wait.C:
+			if !r.g.metrics.polledSince(start) {
+				r.release(e)
+				return nil, r.g.mdsSilent(time.Since(start), nil)
+			}
+			wait.Reset(2 * r.g.cfg.PollInterval)
+			start = time.Now()
+		case <-ctx.Done():
+			r.release(e)
+			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+				if r.g.metrics.polledSince(start) {
+					return nil, fmt.Errorf("%w: the open of volume %q takes longer than this user may wait (the MDS answers; after its restart an open waits out the last writer's lease): %w",
+						blockdev.ErrUnavailable, name, ctx.Err())
+				}
+				return nil, r.g.mdsSilent(time.Since(start), ctx.Err())
+			}
+			return nil, fmt.Errorf("wait for the open: %w", ctx.Err())
 		}
-		return nil, fmt.Errorf("wait for the open: %w", ctx.Err())
 	}
 	if e.err != nil {
 		r.release(e)
