@@ -114,8 +114,12 @@ func PrintUsage(fs *flag.FlagSet) {
 			line += " " + typ
 		}
 		fmt.Fprintln(w, line)
-		if f.DefValue != "" && f.DefValue != "false" && f.DefValue != "0" && f.DefValue != "0s" {
-			usage += fmt.Sprintf(" (default %s)", f.DefValue)
+		switch f.DefValue {
+		case "", "false", "0", "0s", "0B":
+		default:
+			if !strings.Contains(usage, "(default") {
+				usage += fmt.Sprintf(" (default %s)", f.DefValue)
+			}
 		}
 		fmt.Fprintf(w, "      %s\n", usage)
 	})

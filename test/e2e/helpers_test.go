@@ -89,7 +89,7 @@ func startPlayground(t *testing.T, dir string, base int, extra ...string) *pgPro
 	t.Helper()
 	p := &pgProcess{dir: dir, base: base, out: &syncBuffer{}, exited: make(chan struct{})}
 	args := append([]string{"--dir", dir, "--base-port", strconv.Itoa(base),
-		"--pool-max", "2GiB", "--pool-reserve", "512MiB", "--stop-timeout", "30s"}, extra...)
+		"--pool-size", "64MiB", "--pool-max", "2GiB", "--pool-reserve", "512MiB", "--stop-timeout", "30s"}, extra...)
 	p.cmd = exec.Command(filepath.Join(binDir, "cairn-playground"), args...)
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
 	// If the test process dies, the playground stops (and its children

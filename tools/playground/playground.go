@@ -28,11 +28,15 @@ const (
 	DefaultVolume                 = "vol0"
 	DefaultVolumeSize             = 10 << 30
 	DefaultCopysetsPerChunkServer = 100
-	DefaultPoolSize               = 64 << 20
-	DefaultPoolMax                = 4 << 30
-	DefaultPoolReserve            = 1 << 30
-	DefaultStopTimeout            = 20 * time.Second
-	DefaultRecoverAfter           = 30 * time.Second
+	// DefaultPoolSize covers the chunks of the first GiB a volume is
+	// written over, so that the first random writes into a fresh
+	// playground (its fio example) find formatted files instead of waiting
+	// for the pool to format them (seconds of tail latency).
+	DefaultPoolSize     = 1 << 30
+	DefaultPoolMax      = 4 << 30
+	DefaultPoolReserve  = 1 << 30
+	DefaultStopTimeout  = 20 * time.Second
+	DefaultRecoverAfter = 30 * time.Second
 	// LogicalPool and PhysicalPool name the pools the playground uses.
 	LogicalPool  = "pool0"
 	PhysicalPool = "pool1"
