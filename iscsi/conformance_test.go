@@ -77,9 +77,18 @@ func TestConformance(t *testing.T) {
 	start := time.Now()
 	ours, log := runTestCU(t, tt.url("conformance"))
 	elapsed := time.Since(start)
-	if err := os.WriteFile(filepath.Join(os.TempDir(), "cairn-iscsi-test-cu.log"), []byte(log), 0o644); err != nil {
-		t.Log(err)
-	}
+	t.Cleanup(func() {
+		// The whole log helps with a failure; a passing run leaves nothing.
+		if !t.Failed() {
+			return
+		}
+		path := filepath.Join(os.TempDir(), "cairn-iscsi-test-cu.log")
+		if err := os.WriteFile(path, []byte(log), 0o644); err != nil {
+			t.Log(err)
+			return
+		}
+		t.Logf("iscsi-test-cu's whole output: %s", path)
+	})
 	p, f, s := countOutcomes(ours)
 	t.Logf("Cairn: %d passed, %d failed, %d skipped of %d in %s", p, f, s, len(ours), elapsed.Round(time.Second))
 	if len(ours) == 0 {
