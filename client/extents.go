@@ -194,11 +194,7 @@ func (r *router) chunksExist(ctx context.Context, refs []*mdspb.ChunkRef) ([]boo
 		cancel()
 	}
 	for _, b := range batches {
-		select {
-		case v.sem <- struct{}{}:
-		case <-ctx.Done():
-		}
-		if ctx.Err() != nil {
+		if !v.takeSlot(ctx) {
 			break
 		}
 		wg.Add(1)

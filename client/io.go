@@ -57,11 +57,7 @@ func (v *Volume) run(caller context.Context, ps []piece, f func(ctx context.Cont
 	var mu sync.Mutex
 	var first error
 	for _, p := range ps {
-		select {
-		case v.sem <- struct{}{}:
-		case <-ctx.Done():
-		}
-		if ctx.Err() != nil {
+		if !v.takeSlot(ctx) {
 			break
 		}
 		wg.Add(1)
@@ -92,6 +88,23 @@ func (v *Volume) run(caller context.Context, ps []piece, f func(ctx context.Cont
 
 // runPiece runs f on one piece once the piece's bytes fit in the volume's
 // budget of bytes in flight (Options.MaxInflightBytes).
+// takeSlot takes one of the handle's slots for a chunk request in flight
+// (v.sem), and reports false, holding none, once ctx has ended. A slot
+// taken as ctx ends is given back: select picks at random among ready
+// cases, and a slot kept by a caller that gives up is lost for good.
+func (v *Volume) takeSlot(ctx context.Context) bool {
+	select {
+	case v.sem <- struct{}{}:
+		if ctx.Err() != nil {
+			<-v.sem
+			return false
+		}
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
 func (v *Volume) runPiece(ctx context.Context, p piece, f func(ctx context.Context, p piece) error) error {
 	n := int64(len(p.buf))
 	if n > 0 {
