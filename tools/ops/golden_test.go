@@ -1,7 +1,6 @@
 package ops
 
 import (
-	"errors"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -12,10 +11,8 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	"cairn.io/cairn/api/mdspb"
-	"cairn.io/cairn/internal/soon"
 )
 
 // goldenRun renders one run for a golden file: the command line, the exit
@@ -115,24 +112,7 @@ func TestOutputGoldens(t *testing.T) {
 	golden(t, "update_leader_queued", c.normalize(c.mustRun("update", "leader", "1:2", "--to", to).stdout, nil))
 	golden(t, "list_operator", operatorAge.ReplaceAllString(c.normalize(c.mustRun("list", "operator").stdout, nil), "${1}Ns"))
 
-	done := make(chan runResult, 1)
-	go func() { done <- c.run("update", "leader", "1:3", "--to", to, "--wait", "20s") }()
-	soon.Succeeds(t, 10*time.Second, func() error {
-		ops, err := c.conn.Cluster().ListOperators(c.ctx, &mdspb.ListOperatorsRequest{})
-		if err != nil {
-			return err
-		}
-		if len(ops.Operators) != 2 {
-			return errors.New("operator for copyset 1:3 not queued yet")
-		}
-		return nil
-	})
-	c.css[0].SetLeading(ref(1, 3), false, 2)
-	c.css[1].SetLeading(ref(1, 3), true, 2)
-	r := <-done
-	if r.code != ExitOK {
-		t.Fatalf("update leader --wait: exit %d\n%s%s", r.code, r.stdout, r.stderr)
-	}
+	r := c.waitedLeaderTransfer(t, "update", "leader", "1:3", "--to", to, "--wait", "20s")
 	golden(t, "update_leader_done", c.normalize(r.stdout, nil))
 }
 

@@ -250,26 +250,7 @@ func TestUpdateLeader(t *testing.T) {
 	// --wait returns once the MDS sees the new leader. The doubles stand in
 	// for the transfer: the target starts reporting itself leader at a
 	// newer term once the operator is queued.
-	done := make(chan runResult, 1)
-	go func() {
-		done <- c.run("-o", "json", "update", "leader", "lp0:3", "--to", strconv.FormatUint(to, 10), "--wait", "20s")
-	}()
-	soon.Succeeds(t, 10*time.Second, func() error {
-		ops, err := c.conn.Cluster().ListOperators(c.ctx, &mdspb.ListOperatorsRequest{})
-		if err != nil {
-			return err
-		}
-		if len(ops.Operators) != 2 {
-			return errors.New("operator for copyset 1:3 not queued yet")
-		}
-		return nil
-	})
-	c.css[0].SetLeading(ref(1, 3), false, 2)
-	c.css[1].SetLeading(ref(1, 3), true, 2)
-	r := <-done
-	if r.code != ExitOK {
-		t.Fatalf("update leader --wait: exit %d\n%s%s", r.code, r.stdout, r.stderr)
-	}
+	r := c.waitedLeaderTransfer(t, "-o", "json", "update", "leader", "lp0:3", "--to", strconv.FormatUint(to, 10), "--wait", "20s")
 	m = decodeJSON(t, r.stdout)
 	if !jbool(t, m, "done") || jnum(t, m, "to") != to || jnum(t, m, "from") != from {
 		t.Errorf("update leader --wait: %v", m)
@@ -446,4 +427,31 @@ func TestCreateWarnsAboutOvercommit(t *testing.T) {
 	if !strings.Contains(r.stdout, `volume "big" (id 2) created`) {
 		t.Fatalf("the volume was not created: %s", r.stdout)
 	}
+}
+
+// waitedLeaderTransfer runs an update leader --wait of copyset 1:3 from the
+// first double to the second (args), makes the doubles report the transfer
+// once its operator is queued (beside one already queued), and returns the
+// command's successful result.
+func (c *doubleCluster) waitedLeaderTransfer(t *testing.T, args ...string) runResult {
+	t.Helper()
+	done := make(chan runResult, 1)
+	go func() { done <- c.run(args...) }()
+	soon.Succeeds(t, 10*time.Second, func() error {
+		ops, err := c.conn.Cluster().ListOperators(c.ctx, &mdspb.ListOperatorsRequest{})
+		if err != nil {
+			return err
+		}
+		if len(ops.Operators) != 2 {
+			return errors.New("operator for copyset 1:3 not queued yet")
+		}
+		return nil
+	})
+	c.css[0].SetLeading(ref(1, 3), false, 2)
+	c.css[1].SetLeading(ref(1, 3), true, 2)
+	r := <-done
+	if r.code != ExitOK {
+		t.Fatalf("update leader --wait: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	return r
 }
