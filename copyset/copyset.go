@@ -77,6 +77,7 @@ type Copyset struct {
 	replicating []uint64          // replicatingPeers' answer, reused
 	confIndex   uint64            // leader: a membership change whose commit every follower is sent (see replicatingPeers)
 	leaseUntil  time.Time
+	lease       atomic.Pointer[readLease] // published for reads: see WaitReadable; nil when it does not hold
 	readSeq     uint64
 	readBatches map[uint64]*readBatch
 	renewing    bool

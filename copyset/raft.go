@@ -125,6 +125,7 @@ func (c *Copyset) stopLocked() {
 		c.stopped = true
 		close(c.quit)
 	}
+	c.lease.Store(nil)
 	c.in = inbox{}
 }
 
@@ -164,6 +165,7 @@ func (c *Copyset) fail(err error) {
 	}
 	c.amu.Unlock()
 	c.isLeader.Store(false)
+	c.lease.Store(nil)
 	c.leader.Store(0)
 	c.log.Error("copyset replica broken: it stops serving until it is rebuilt from its peers", "err", err)
 	c.failWaiters(fmt.Errorf("%w: %w", ErrBroken, err))
@@ -483,6 +485,7 @@ func (c *Copyset) handleReady(rd raft.Ready) {
 		}
 		if !isLeader && wasLeader {
 			c.leaseUntil = time.Time{}
+			c.lease.Store(nil)
 			c.failReadBatches(&NotLeaderError{Leader: lead})
 		}
 	}
@@ -540,6 +543,7 @@ func (c *Copyset) handleReady(rd raft.Ready) {
 				// Leadership is being handed over: the target may win an
 				// election at once, so the lease is void from now on.
 				c.leaseUntil = time.Time{}
+				c.lease.Store(nil)
 			}
 			c.send(m)
 		}

@@ -25,13 +25,36 @@ func (c *Copyset) leaseDuration() time.Duration {
 	return time.Duration(max(c.e.cfg.ElectionTicks-2, 1)) * c.e.cfg.TickInterval
 }
 
+// readLease is what the Raft worker publishes of a leader's read lease for
+// reads that do not pass through it (see WaitReadable).
+type readLease struct {
+	// until is when reads stop taking the short way: half way through the
+	// lease, so that a read past it reaches the Raft worker, which renews
+	// the lease while it still holds.
+	until time.Time
+	// applied is the index the replica must have applied: the commit index
+	// when the lease was published, at or past the first entry of the
+	// leader's term (everything an earlier leader acknowledged).
+	applied uint64
+}
+
 // WaitReadable returns once this replica, as leader, may serve a
 // linearizable read from its chunk files: its leadership is confirmed (by
-// lease or a ReadIndex round) and everything committed before the read is
-// applied.
+// lease or a ReadIndex round) and everything acknowledged before the read
+// is applied.
+//
+// While the lease the Raft worker published holds, that is decided here,
+// without a turn of the worker: no other replica can be elected before the
+// lease ends, and every write this leader acknowledged was applied here
+// before its answer left, so the chunk files hold every write acknowledged
+// before the read began once the replica applied what earlier leaders
+// committed.
 func (c *Copyset) WaitReadable(ctx context.Context) error {
 	if !c.isLeader.Load() {
 		return &NotLeaderError{Leader: c.leader.Load()}
+	}
+	if l := c.lease.Load(); l != nil && c.e.now().Before(l.until) && c.applied.Load() >= l.applied {
+		return nil
 	}
 	r := &readWaiter{done: make(chan error, 1)}
 	if !c.enqueue(func(in *inbox) { in.reads = append(in.reads, r) }) {
@@ -82,16 +105,36 @@ func (c *Copyset) startReads(reads []*readWaiter) {
 		return
 	}
 	now := c.e.now()
-	if now.Before(c.leaseUntil) && st.LeadTransferee == 0 && c.termStart != 0 && st.GetCommit() >= c.termStart {
+	if c.leaseHolds(st, now) {
 		for _, r := range reads {
 			c.waitApplied(st.GetCommit(), r)
 		}
 		if !c.renewing && c.leaseUntil.Sub(now) < c.leaseDuration()/2 {
 			c.issueReadIndex(nil, now)
 		}
+		c.publishLease(st, now)
 		return
 	}
 	c.issueReadIndex(reads, now)
+}
+
+// leaseHolds reports whether the leader may serve reads under its lease:
+// it holds, no transfer of leadership runs, and the leader committed an
+// entry of its own term. Raft worker only.
+func (c *Copyset) leaseHolds(st raft.BasicStatus, now time.Time) bool {
+	return st.RaftState == raft.StateLeader && now.Before(c.leaseUntil) && st.LeadTransferee == 0 &&
+		c.termStart != 0 && st.GetCommit() >= c.termStart
+}
+
+// publishLease publishes the lease for WaitReadable's short way, or takes
+// it back when it does not hold. Raft worker only.
+func (c *Copyset) publishLease(st raft.BasicStatus, now time.Time) {
+	until := c.leaseUntil.Add(-c.leaseDuration() / 2)
+	if !c.leaseHolds(st, now) || !now.Before(until) {
+		c.lease.Store(nil)
+		return
+	}
+	c.lease.Store(&readLease{until: until, applied: st.GetCommit()})
 }
 
 func (c *Copyset) issueReadIndex(reads []*readWaiter, now time.Time) {
@@ -120,8 +163,10 @@ func (c *Copyset) readIndexDone(rs raft.ReadState) {
 	}
 	// A quorum acknowledged a heartbeat sent after b.issued: no other leader
 	// can be elected before b.issued plus the lease duration.
-	if until := b.issued.Add(c.leaseDuration()); until.After(c.leaseUntil) && c.rn.BasicStatus().LeadTransferee == 0 {
+	st := c.rn.BasicStatus()
+	if until := b.issued.Add(c.leaseDuration()); until.After(c.leaseUntil) && st.LeadTransferee == 0 {
 		c.leaseUntil = until
+		c.publishLease(st, c.e.now())
 	}
 	for _, r := range b.reads {
 		c.waitApplied(rs.Index, r)

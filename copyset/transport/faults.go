@@ -43,6 +43,14 @@ func (f *Faults) Partition(a, b uint64) {
 	f.blocked[[2]uint64{b, a}] = true
 }
 
+// Cut cuts traffic from one node to another, one way: what to sends from
+// still arrives.
+func (f *Faults) Cut(from, to uint64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.blocked[[2]uint64{from, to}] = true
+}
+
 // Isolate cuts all traffic to and from node.
 func (f *Faults) Isolate(node uint64) {
 	f.mu.Lock()
