@@ -24,7 +24,8 @@ var aLongTimeAgo = time.Unix(1, 0)
 // In transmission one goroutine reads requests in order. Each request that passes validation
 // takes a slot from the connection's limiter (count and payload bytes), has its WRITE payload read
 // into a pooled buffer, and runs in a goroutine of its own. A request's goroutine calls the
-// backend and writes the reply itself under wmu, so replies leave in completion order, not
+// backend and sends the reply itself (replies that complete while another is written leave
+// together with the next write: see send), so replies leave in completion order, not
 // arrival order. WRITE, TRIM and WRITE_ZEROES are numbered on arrival; a FLUSH waits for every
 // write that arrived before it to complete, then calls the Device's Flush.
 type serverConn struct {
@@ -65,8 +66,13 @@ type serverConn struct {
 	ioCtx    context.Context
 	ioCancel context.CancelFunc
 
-	wmu         sync.Mutex // serialises replies on nc
-	writeFailed bool       // guarded by wmu: a reply could not be sent, the stream is broken
+	// Replies (see send); guarded by wmu.
+	wmu         sync.Mutex
+	wspace      *sync.Cond // on wmu: a write ended (room in pending, or the writer's role is free)
+	flushing    bool       // a goroutine is writing replies
+	pending     []byte     // replies waiting for the writer
+	spare       []byte     // an empty buffer for the next pending
+	writeFailed bool       // a reply could not be sent, the stream is broken
 }
 
 func newServerConn(s *Server, nc net.Conn) *serverConn {
@@ -77,6 +83,7 @@ func newServerConn(s *Server, nc net.Conn) *serverConn {
 		log:    s.log.With("remote", nc.RemoteAddr().String()),
 		stopCh: make(chan struct{}),
 	}
+	c.wspace = sync.NewCond(&c.wmu)
 	c.ioCtx, c.ioCancel = context.WithCancel(context.Background())
 	return c
 }

@@ -56,21 +56,67 @@ func (c *serverConn) sendStatus(req request, errno uint32, msg string) error {
 	return c.send(appendErrorChunk(nil, req.cookie, replyTypeError, errno, msg, 0))
 }
 
-// send writes one whole reply (its chunks in order) under the write lock, with one writev.
+// maxPendingReplies bounds the replies that wait in a connection's pending
+// buffer while another is being written (see send).
+const maxPendingReplies = 1 << 20
+
+// send writes one whole reply (its chunks in order). The first reply to find
+// the connection idle is written at once, from its own buffers, with one
+// writev, by its goroutine; replies that complete meanwhile are copied to
+// c.pending, and that goroutine writes them together when its write returns:
+// at depth one write carries many replies. A reply waits while
+// maxPendingReplies bytes are pending. Once send returned, the reply's
+// buffers are free: it was written or copied.
 func (c *serverConn) send(bufs ...[]byte) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
+	for !c.writeFailed && c.flushing && len(c.pending) >= maxPendingReplies {
+		c.wspace.Wait()
+	}
 	if c.writeFailed {
 		return errors.New("nbd: connection broken")
 	}
+	if c.flushing {
+		for _, b := range bufs {
+			c.pending = append(c.pending, b...)
+		}
+		return nil
+	}
+	c.flushing = true
+	defer func() {
+		c.flushing = false
+		c.wspace.Broadcast()
+	}()
+	out := net.Buffers(bufs)
+	for {
+		c.wmu.Unlock()
+		err := c.write(&out)
+		c.wmu.Lock()
+		if err != nil {
+			c.writeFailed = true
+			return err
+		}
+		c.wspace.Broadcast()
+		if len(c.pending) == 0 {
+			return nil
+		}
+		b := c.pending
+		c.pending = c.spare[:0]
+		if cap(b) <= 2*maxPendingReplies {
+			c.spare = b[:0:cap(b)]
+		}
+		out = net.Buffers{b}
+	}
+}
+
+// write writes out to the connection, as the connection's one writer
+// (c.flushing); it kills the connection when that fails.
+func (c *serverConn) write(out *net.Buffers) error {
 	if err := c.nc.SetWriteDeadline(time.Now().Add(c.srv.cfg.WriteTimeout)); err != nil {
-		c.writeFailed = true
 		c.kill("cannot set write deadline")
 		return err
 	}
-	nb := net.Buffers(bufs)
-	if _, err := nb.WriteTo(c.nc); err != nil {
-		c.writeFailed = true
+	if _, err := out.WriteTo(c.nc); err != nil {
 		c.log.Info("nbd: reply not delivered; closing", "err", err)
 		c.kill("reply could not be sent")
 		return fmt.Errorf("send reply: %w", err)
