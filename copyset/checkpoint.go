@@ -22,16 +22,7 @@ import (
 // reach the disk.
 func (c *Copyset) checkpointLocked() error {
 	if err := c.store.Sync(); err != nil {
-		c.log.Error("chunk files failed to sync; rewriting what was applied since the last checkpoint",
-			"err", err, "checkpoint", c.sm.lastCkpt, "applied", c.sm.applied)
-		if rerr := c.reapplySinceCheckpointLocked(); rerr != nil {
-			err = fmt.Errorf("sync chunk files: %w; rewriting from the log: %w", err, rerr)
-			c.fail(err)
-			return err
-		}
-		if err2 := c.store.Sync(); err2 != nil {
-			err = fmt.Errorf("sync chunk files: %w; again after rewriting them from the log: %w", err, err2)
-			c.fail(err)
+		if err := c.rewriteSinceCheckpointLocked(err); err != nil {
 			return err
 		}
 	}
@@ -164,6 +155,35 @@ func (c *Copyset) finalCheckpoint() error {
 // reapplySinceCheckpointLocked writes the commands applied after the last
 // checkpoint to the chunk files again, from the in-memory log (which keeps
 // every entry after the last checkpoint). smMu held.
+// rewriteSinceCheckpointLocked repairs the chunk files after their sync
+// failed with err: it rewrites what was applied since the last checkpoint
+// from the log and syncs again, or fails the replica. Reads of the files
+// wait meanwhile (filesMu): the rewrite moves them back in time before it
+// brings them forward again. smMu held.
+func (c *Copyset) rewriteSinceCheckpointLocked(err error) error {
+	done := make(chan struct{})
+	c.rewriting.Store(&done)
+	c.filesMu.Lock()
+	defer func() {
+		c.filesMu.Unlock()
+		c.rewriting.Store(nil)
+		close(done)
+	}()
+	c.log.Error("chunk files failed to sync; rewriting what was applied since the last checkpoint",
+		"err", err, "checkpoint", c.sm.lastCkpt, "applied", c.sm.applied)
+	if rerr := c.reapplySinceCheckpointLocked(); rerr != nil {
+		err = fmt.Errorf("sync chunk files: %w; rewriting from the log: %w", err, rerr)
+		c.fail(err)
+		return err
+	}
+	if err2 := c.store.Sync(); err2 != nil {
+		err = fmt.Errorf("sync chunk files: %w; again after rewriting them from the log: %w", err, err2)
+		c.fail(err)
+		return err
+	}
+	return nil
+}
+
 func (c *Copyset) reapplySinceCheckpointLocked() error {
 	if c.sm.installed > c.sm.lastCkpt {
 		// The checkpoint after an install never happened: the table of
@@ -187,6 +207,9 @@ func (c *Copyset) reapplySinceCheckpointLocked() error {
 		}
 		if _, err := c.execCommand(en, t); err != nil {
 			return err
+		}
+		if k := c.e.cfg.TestingKnobs.OnRewrite; k != nil {
+			k(c.id, en.GetIndex())
 		}
 	}
 	return nil

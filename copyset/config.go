@@ -183,6 +183,9 @@ type TestingKnobs struct {
 	// Network, if set, carries the engine's Raft traffic in memory
 	// instead of over sockets (Register then serves nothing).
 	Network *transport.Network
+	// OnRewrite is called after each entry a replica rewrites into its
+	// chunk files from its log after their sync failed.
+	OnRewrite func(id GroupID, index uint64)
 }
 
 // validate checks the required fields and fills in defaults.

@@ -77,12 +77,15 @@ type Copyset struct {
 	replicating []uint64          // replicatingPeers' answer, reused
 	confIndex   uint64            // leader: a membership change whose commit every follower is sent (see replicatingPeers)
 	leaseUntil  time.Time
-	lease       atomic.Pointer[readLease] // published for reads: see WaitReadable; nil when it does not hold
-	readSeq     uint64
-	readBatches map[uint64]*readBatch
-	renewing    bool
-	snapSending map[uint64]uint64 // peer -> snapshot index being sent
-	pending     *PendingChange    // membership change proposed here, not yet applied
+	// transferTerm is the term in which this leader last sent a
+	// MsgTimeoutNow: no read lease holds in it (see leaseHolds).
+	transferTerm uint64
+	lease        atomic.Pointer[readLease] // published for reads: see WaitReadable; nil when it does not hold
+	readSeq      uint64
+	readBatches  map[uint64]*readBatch
+	renewing     bool
+	snapSending  map[uint64]uint64 // peer -> snapshot index being sent
+	pending      *PendingChange    // membership change proposed here, not yet applied
 
 	// Quiescence (quiesce.go): set while the group does not tick.
 	quiesced   atomic.Bool
@@ -120,8 +123,12 @@ type Copyset struct {
 	applyRetry *time.Timer // a parked apply waiting to retry
 	applyFails int         // consecutive failed attempts of the entry at the head; apply worker only
 	smMu       sync.Mutex  // held while the state machine changes (apply, install, checkpoint)
-	sm         smState     // guarded by smMu
-	ckptReq    atomic.Bool
+	// filesMu is held shared by reads of the chunk files and exclusively
+	// while they are rewritten from the log (see readFiles).
+	filesMu   sync.RWMutex
+	rewriting atomic.Pointer[chan struct{}] // set while a rewrite runs; the channel closes at its end
+	sm        smState                       // guarded by smMu
+	ckptReq   atomic.Bool
 
 	// Waiters.
 	wmu      sync.Mutex

@@ -544,6 +544,7 @@ func (c *Copyset) handleReady(rd raft.Ready) {
 				// election at once, so the lease is void from now on.
 				c.leaseUntil = time.Time{}
 				c.lease.Store(nil)
+				c.transferTerm = m.GetTerm()
 			}
 			c.send(m)
 		}

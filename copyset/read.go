@@ -3,6 +3,7 @@ package copyset
 import (
 	"context"
 	"encoding/binary"
+	"runtime"
 	"time"
 
 	"go.etcd.io/raft/v3"
@@ -54,7 +55,12 @@ func (c *Copyset) WaitReadable(ctx context.Context) error {
 		return &NotLeaderError{Leader: c.leader.Load()}
 	}
 	if l := c.lease.Load(); l != nil && c.e.now().Before(l.until) && c.applied.Load() >= l.applied {
-		return nil
+		select {
+		case <-c.quit:
+			return ErrStopped
+		default:
+			return nil
+		}
 	}
 	r := &readWaiter{done: make(chan error, 1)}
 	if !c.enqueue(func(in *inbox) { in.reads = append(in.reads, r) }) {
@@ -70,29 +76,50 @@ func (c *Copyset) WaitReadable(ctx context.Context) error {
 
 // Read reads a linearizable range of a chunk from the leader's chunk files.
 func (c *Copyset) Read(ctx context.Context, chunk uint64, off int64, p []byte) error {
-	if err := c.WaitReadable(ctx); err != nil {
-		return err
-	}
-	return c.store.ReadAt(chunk, p, off)
+	_, err := c.readFiles(ctx, func() ([]byte, error) { return nil, c.store.ReadAt(chunk, p, off) })
+	return err
 }
 
 // ReadOwned is Read for a chunk that may be a clone's: absent marks the
 // pages the chunk does not own (see ChunkStore.ReadOwned).
 func (c *Copyset) ReadOwned(ctx context.Context, chunk uint64, off int64, p []byte) (absent []byte, err error) {
-	if err := c.WaitReadable(ctx); err != nil {
-		return nil, err
-	}
-	return c.store.ReadOwned(chunk, p, off)
+	return c.readFiles(ctx, func() ([]byte, error) { return c.store.ReadOwned(chunk, p, off) })
 }
 
 // ReadSnapshot reads a range of a chunk as it was at the end of sequence
 // number snap (a snapshot of its volume), from the leader, as Read; absent
 // marks the pages that read from a clone's source then (ReadOwnedSN).
 func (c *Copyset) ReadSnapshot(ctx context.Context, chunk uint64, off int64, p []byte, snap uint64) (absent []byte, err error) {
+	return c.readFiles(ctx, func() ([]byte, error) { return c.store.ReadOwnedSN(chunk, p, off, snap) })
+}
+
+// readFiles runs read against the chunk files once the replica may serve a
+// linearizable read (WaitReadable), and never while the files are being
+// rewritten from the log after a failed sync: the rewrite takes them back
+// to the last checkpoint and forward again, and a read in between would see
+// the past (see checkpointLocked). A replica that failed meanwhile serves
+// nothing.
+func (c *Copyset) readFiles(ctx context.Context, read func() ([]byte, error)) ([]byte, error) {
 	if err := c.WaitReadable(ctx); err != nil {
 		return nil, err
 	}
-	return c.store.ReadOwnedSN(chunk, p, off, snap)
+	for !c.filesMu.TryRLock() {
+		// A rewrite holds the files, or waits for the reads in progress.
+		if done := c.rewriting.Load(); done != nil {
+			select {
+			case <-*done:
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+		} else {
+			runtime.Gosched() // the rewrite just ended
+		}
+	}
+	defer c.filesMu.RUnlock()
+	if !c.isLeader.Load() {
+		return nil, &NotLeaderError{Leader: c.leader.Load()}
+	}
+	return read()
 }
 
 // startReads runs on the Raft worker.
@@ -121,9 +148,14 @@ func (c *Copyset) startReads(reads []*readWaiter) {
 // leaseHolds reports whether the leader may serve reads under its lease:
 // it holds, no transfer of leadership runs, and the leader committed an
 // entry of its own term. Raft worker only.
+//
+// Once a transfer told its target to campaign, no lease holds for the rest
+// of the term: Raft may give the transfer up and the leader take a lease
+// again while the target's MsgTimeoutNow is still on its way, and the
+// target's election ignores the voters' leases.
 func (c *Copyset) leaseHolds(st raft.BasicStatus, now time.Time) bool {
 	return st.RaftState == raft.StateLeader && now.Before(c.leaseUntil) && st.LeadTransferee == 0 &&
-		c.termStart != 0 && st.GetCommit() >= c.termStart
+		c.termStart != 0 && st.GetCommit() >= c.termStart && st.GetTerm() != c.transferTerm
 }
 
 // publishLease publishes the lease for WaitReadable's short way, or takes

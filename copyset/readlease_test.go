@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"go.etcd.io/raft/v3/raftpb"
+
 	"cairn.io/cairn/internal/soon"
 )
 
@@ -106,5 +108,63 @@ func holdWorker(t *testing.T, c *Copyset) (release func()) {
 	return func() {
 		once = true
 		close(done)
+	}
+}
+
+// TestAbortedTransferEndsLeaseReadsForTheTerm: a transfer whose
+// MsgTimeoutNow is still on its way when Raft gives the transfer up. The old
+// leader must take no new lease in that term: the target may still win a
+// forced election (voters ignore their lease for a transfer) and its writes
+// would be missing from the old leader's reads.
+func TestAbortedTransferEndsLeaseReadsForTheTerm(t *testing.T) {
+	tc, _, id := manualCluster(t)
+	c1, c2 := copysetOn(t, tc, 1, id), copysetOn(t, tc, 2, id)
+	ctx := context.Background()
+	buf := make([]byte, testBlock)
+	if err := c1.Read(ctx, 1, 0, buf); err != nil {
+		t.Fatal(err)
+	}
+	tc.allApplied([]GroupID{id}, 10*time.Second)
+	tc.faults.Cut(1, 2) // what node 1 sends node 2 is held up (dropped here; re-sent below)
+	var term, transferee uint64
+	if err := c1.callWait(ctx, func() { term = c1.rn.BasicStatus().GetTerm(); c1.rn.TransferLeader(2) }); err != nil {
+		t.Fatal(err)
+	}
+	if err := c1.callWait(ctx, func() { transferee = c1.rn.BasicStatus().LeadTransferee }); err != nil || transferee != 2 {
+		t.Fatalf("transfer not started: %v %d", err, transferee)
+	}
+	for range 12 {
+		c1.tick()
+		raftState(t, c1)
+	}
+	if err := c1.callWait(ctx, func() { transferee = c1.rn.BasicStatus().LeadTransferee }); err != nil || transferee != 0 || !c1.IsLeader() {
+		t.Fatalf("transfer not given up: %v %d leader %v", err, transferee, c1.IsLeader())
+	}
+	// A read after the abort: a ReadIndex round answered by node 3 renews the lease.
+	if err := c1.Read(ctx, 1, 0, buf); err != nil {
+		t.Fatal(err)
+	}
+	tc.faults.Cut(2, 1)
+	tc.faults.Cut(3, 1)
+	// The MsgTimeoutNow node 1 sent arrives late.
+	typ, from, to := raftpb.MsgTimeoutNow, uint64(1), uint64(2)
+	tc.node(2).engine.HandleRaft(1, uint64(id), &raftpb.Message{Type: &typ, From: &from, To: &to, Term: &term})
+	soon.Succeeds(t, 10*time.Second, func() error {
+		if !c2.IsLeader() {
+			return errNotYet
+		}
+		return nil
+	})
+	wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	_, err := writeWait(wctx, c2, 1, 1, 1, 0, pattern("after|", testBlock))
+	cancel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	err = c1.Read(rctx, 1, 0, buf)
+	cancel()
+	if err == nil && !bytes.Equal(buf, pattern("after|", testBlock)) {
+		t.Fatalf("stale read on node 1 (leader=%v) after node 2 acknowledged a write: %.16q", c1.IsLeader(), buf)
 	}
 }

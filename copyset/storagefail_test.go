@@ -1,8 +1,10 @@
 package copyset
 
 import (
+	"bytes"
 	"context"
 	"fmt"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -113,5 +115,79 @@ func TestFailedWALStopsEveryCopysetOfTheChunkServer(t *testing.T) {
 	}
 	if got := tc.readRetry(ids[0], 1, 0, 2*testBlock); string(got[:7]) != "before|" || string(got[testBlock:testBlock+6]) != "after|" {
 		t.Fatalf("read %.8q ... %.8q", got[:8], got[testBlock:testBlock+8])
+	}
+}
+
+// TestReadsWaitForARewriteFromTheLog: while a leader rewrites its chunk
+// files from its log after their sync failed, the files go back to the
+// last checkpoint and forward again; a read in between must wait for the
+// rewrite instead of returning a value older than the last acknowledged
+// write.
+func TestReadsWaitForARewriteFromTheLog(t *testing.T) {
+	paused, resume := make(chan uint64, 1), make(chan struct{})
+	var rewriting atomic.Uint64 // the index to pause after, once known
+	tc := newCrashableCluster(t, 3, 32, func(c *Config) {
+		c.TestingKnobs.OnRewrite = func(_ GroupID, index uint64) {
+			if index == rewriting.Load() {
+				paused <- index
+				<-resume
+			}
+		}
+	})
+	id := MakeGroupID(9, 7)
+	tc.create([]GroupID{id}, []uint64{1, 2, 3})
+	l := tc.leader(id)
+	ctx := context.Background()
+	if _, err := writeWait(ctx, l, 1, 1, 1, 0, pattern("v0|", testBlock)); err != nil {
+		t.Fatal(err)
+	}
+	checkpointed := func() error {
+		l.requestCheckpoint()
+		if l.ckptIndex.Load() < l.AppliedIndex() {
+			return fmt.Errorf("checkpoint at %d, applied %d", l.ckptIndex.Load(), l.AppliedIndex())
+		}
+		return nil
+	}
+	soon.Succeeds(t, 10*time.Second, checkpointed)
+	first, err := writeWait(ctx, l, 1, 1, 1, 0, pattern("v1|", testBlock))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range []string{"v2|", "v3|"} {
+		if _, err := writeWait(ctx, l, 1, 1, 1, 0, pattern(v, testBlock)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	node := uint64(0)
+	for _, n := range tc.running() {
+		if c, err := n.engine.Get(id); err == nil && c == l {
+			node = n.id
+		}
+	}
+	if _, err := tc.disks[node].FailSync(`/chunks/chunk_`, 1); err != nil {
+		t.Fatal(err)
+	}
+	rewriting.Store(first)
+	l.requestCheckpoint()
+	select {
+	case <-paused: // the leader's files hold v1 again, for now
+	case <-time.After(30 * time.Second):
+		t.Fatal("the leader did not rewrite its chunk files after the failed sync")
+	}
+	buf := make([]byte, testBlock)
+	rctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	err = l.Read(rctx, 1, 0, buf)
+	cancel()
+	if err == nil {
+		close(resume)
+		t.Fatalf("read during the rewrite returned %.8q; the last acknowledged write is %q", buf, "v3|")
+	}
+	close(resume)
+	soon.Succeeds(t, 10*time.Second, func() error { return l.Read(ctx, 1, 0, buf) })
+	if !bytes.Equal(buf, pattern("v3|", testBlock)) {
+		t.Fatalf("read after the rewrite %.8q, want %q", buf, "v3|")
+	}
+	if err := l.Broken(); err != nil {
+		t.Fatalf("leader broken by one failed sync: %v", err)
 	}
 }
