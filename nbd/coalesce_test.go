@@ -118,3 +118,88 @@ func TestRepliesThatCompleteTogetherLeaveInOneWrite(t *testing.T) {
 		t.Fatalf("writes of %v bytes: the %d replies that completed during the first write did not leave in one", gated.sizes, n)
 	}
 }
+
+// slowConn makes every write take a little longer, so that replies pile up
+// behind the one being written.
+type slowConn struct{ net.Conn }
+
+func (c slowConn) Write(p []byte) (int, error) {
+	time.Sleep(50 * time.Microsecond)
+	return c.Conn.Write(p)
+}
+
+// TestRepliesUnderLoadArriveWholeAndOnce: many reads of mixed sizes (some
+// copied to the pending buffer, some too large for it, some larger than the
+// buffer's bound) at depth, over a connection whose writes are slow: every
+// reply arrives once, whole, with its own data.
+func TestRepliesUnderLoadArriveWholeAndOnce(t *testing.T) {
+	const size, requests, depth = 16 << 20, 400, 48
+	sizes := []uint32{4096, 60 << 10, 100 << 10, 1536 << 10}
+	cat := blockdevtest.NewCatalog()
+	dev := blockdevtest.New(size)
+	cat.Add("vol", dev)
+	for off := int64(0); off < size; off += 4096 {
+		if _, err := dev.WriteAt(t.Context(), pattern(4096, byte(off/4096)), off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	srv, err := NewServer(Config{Exports: cat, Logger: discardLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = srv.Close() })
+	server, kernel := socketPair(t)
+	go func() { _ = srv.ServeTransmission(slowConn{server}, "vol") }()
+
+	type want struct {
+		off uint64
+		n   uint32
+	}
+	var mu sync.Mutex
+	wants := map[uint64]want{}
+	slots := make(chan struct{}, depth)
+	errs := make(chan error, 1)
+	go func() {
+		for i := range uint64(requests) {
+			slots <- struct{}{}
+			n := sizes[i%uint64(len(sizes))]
+			off := (i * 7 * 4096) % (size - uint64(n))
+			mu.Lock()
+			wants[i] = want{off, n}
+			mu.Unlock()
+			if _, err := kernel.Write(kernelRequest(0, 0, fmt.Sprintf("%016x", i), off, n)); err != nil {
+				errs <- err
+				return
+			}
+		}
+	}()
+	r := bufio.NewReader(kernel)
+	seen := map[uint64]bool{}
+	for range requests {
+		hdr := make([]byte, 16)
+		if _, err := io.ReadFull(r, hdr); err != nil {
+			t.Fatalf("after %d replies: %v", len(seen), err)
+		}
+		handle := binary.BigEndian.Uint64(hdr[8:])
+		mu.Lock()
+		w, ok := wants[handle]
+		mu.Unlock()
+		if !bytes.Equal(hdr[:8], mustHex("67446698 00000000")) || !ok || seen[handle] {
+			t.Fatalf("after %d replies, reply header % x (handle known %v, seen before %v)", len(seen), hdr, ok, seen[handle])
+		}
+		seen[handle] = true
+		data := make([]byte, w.n)
+		if _, err := io.ReadFull(r, data); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(data, dev.Contents(int64(w.off), int64(w.n))) {
+			t.Fatalf("reply %d (%d bytes at %d) carries other data", handle, w.n, w.off)
+		}
+		<-slots
+	}
+	select {
+	case err := <-errs:
+		t.Fatal(err)
+	default:
+	}
+}

@@ -56,57 +56,119 @@ func (c *serverConn) sendStatus(req request, errno uint32, msg string) error {
 	return c.send(appendErrorChunk(nil, req.cookie, replyTypeError, errno, msg, 0))
 }
 
-// maxPendingReplies bounds the replies that wait in a connection's pending
-// buffer while another is being written (see send).
-const maxPendingReplies = 1 << 20
+// Replies waiting for the connection's writer (see send).
+const (
+	// maxPendingReplies bounds the bytes of replies waiting in a
+	// connection's pending buffer; more wait for room.
+	maxPendingReplies = 1 << 20
+	// maxCopiedReply is the largest reply copied to the pending buffer; a
+	// larger one waits until it can be written from its own buffers.
+	maxCopiedReply = 64 << 10
+	// writerRounds is how many writes of other requests' replies a request's
+	// goroutine makes after its own before it hands the writer's role to a
+	// goroutine of its own: its request is answered and should not stay
+	// held (its buffers, its share of the limiter) by a steady stream.
+	writerRounds = 4
+)
 
 // send writes one whole reply (its chunks in order). The first reply to find
 // the connection idle is written at once, from its own buffers, with one
-// writev, by its goroutine; replies that complete meanwhile are copied to
-// c.pending, and that goroutine writes them together when its write returns:
-// at depth one write carries many replies. A reply waits while
-// maxPendingReplies bytes are pending. Once send returned, the reply's
-// buffers are free: it was written or copied.
+// writev, by its goroutine, which then writes what completed meanwhile:
+// replies of up to maxCopiedReply bytes are copied to c.pending, and leave
+// together, many in one write at depth. A larger reply, or one that finds
+// maxPendingReplies bytes pending, waits for its turn. Once send returned,
+// the reply's buffers are free: it was written or copied.
 func (c *serverConn) send(bufs ...[]byte) error {
+	n := 0
+	for _, b := range bufs {
+		n += len(b)
+	}
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	for !c.writeFailed && c.flushing && len(c.pending) >= maxPendingReplies {
-		c.wspace.Wait()
-	}
-	if c.writeFailed {
-		return errors.New("nbd: connection broken")
-	}
-	if c.flushing {
-		for _, b := range bufs {
-			c.pending = append(c.pending, b...)
-		}
-		return nil
-	}
-	c.flushing = true
-	defer func() {
-		c.flushing = false
-		c.wspace.Broadcast()
-	}()
-	out := net.Buffers(bufs)
 	for {
-		c.wmu.Unlock()
-		err := c.write(&out)
-		c.wmu.Lock()
-		if err != nil {
-			c.writeFailed = true
-			return err
+		if c.writeFailed {
+			return errors.New("nbd: connection broken")
 		}
-		c.wspace.Broadcast()
-		if len(c.pending) == 0 {
+		if !c.flushing {
+			break
+		}
+		if n <= maxCopiedReply && len(c.pending) < maxPendingReplies {
+			for _, b := range bufs {
+				c.pending = append(c.pending, b...)
+			}
 			return nil
 		}
-		b := c.pending
-		c.pending = c.spare[:0]
-		if cap(b) <= 2*maxPendingReplies {
-			c.spare = b[:0:cap(b)]
-		}
-		out = net.Buffers{b}
+		c.wspace.Wait()
 	}
+	c.flushing = true
+	out := net.Buffers(bufs)
+	if err := c.writeLocked(&out, nil); err != nil {
+		return err
+	}
+	for range writerRounds {
+		if len(c.pending) == 0 {
+			c.endWriterLocked()
+			return nil
+		}
+		if err := c.writePendingLocked(); err != nil {
+			return err
+		}
+	}
+	if len(c.pending) == 0 {
+		c.endWriterLocked()
+		return nil
+	}
+	c.inflight.Add(1) // this goroutine's request still counts: the connection waits for the writer too
+	go c.flushPending()
+	return nil
+}
+
+// flushPending writes pending replies until none are left, as the
+// connection's writer.
+func (c *serverConn) flushPending() {
+	defer c.inflight.Done()
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	for len(c.pending) > 0 {
+		if err := c.writePendingLocked(); err != nil {
+			return
+		}
+	}
+	c.endWriterLocked()
+}
+
+// writePendingLocked writes what is pending, as the writer; wmu held.
+func (c *serverConn) writePendingLocked() error {
+	b := c.pending
+	c.pending, c.spare = c.spare[:0], nil
+	out := net.Buffers{b}
+	return c.writeLocked(&out, b)
+}
+
+// writeLocked writes out as the writer, with wmu released meanwhile; buf,
+// if not nil, is the pending buffer being written, kept as the spare for
+// the next one. A failed write ends the writer's role and fails every reply
+// after it. wmu held.
+func (c *serverConn) writeLocked(out *net.Buffers, buf []byte) error {
+	c.wmu.Unlock()
+	err := c.write(out)
+	c.wmu.Lock()
+	if err != nil {
+		c.writeFailed = true
+		c.endWriterLocked()
+		return err
+	}
+	if buf != nil && c.spare == nil && cap(buf) <= 2*maxPendingReplies {
+		c.spare = buf[:0]
+	}
+	c.wspace.Broadcast() // room in pending
+	return nil
+}
+
+// endWriterLocked gives the writer's role up; wmu held.
+func (c *serverConn) endWriterLocked() {
+	c.flushing = false
+	c.wspace.Broadcast()
 }
 
 // write writes out to the connection, as the connection's one writer
