@@ -93,7 +93,10 @@ func (s *Store) writeChunk(c *chunk, p []byte, off int64, sn, keep uint64, fill 
 		}
 	}
 	if len(p) > 0 {
-		if _, err = h.f.WriteAt(p, s.geo.MetaPageSize+off); err != nil {
+		c.data.Lock()
+		_, err = h.f.WriteAt(p, s.geo.MetaPageSize+off)
+		c.data.Unlock()
+		if err != nil {
 			return false, fmt.Errorf("write chunk %d: %w", c.id, err)
 		}
 		if c.own != nil {
@@ -245,7 +248,9 @@ func (s *Store) readChunk(c *chunk, p []byte, off int64) error {
 	if err != nil {
 		return fmt.Errorf("read: %w", err)
 	}
+	c.data.RLock()
 	_, err = h.f.ReadAt(p, s.geo.MetaPageSize+off)
+	c.data.RUnlock()
 	h.release()
 	if err != nil {
 		return fmt.Errorf("read chunk %d: %w", c.id, err)

@@ -246,6 +246,8 @@ func (s *Store) fillPages(c *chunk, h *handle, fill []byte, fillOff int64) error
 	o := c.own
 	o.mu.Lock()
 	defer o.mu.Unlock()
+	c.data.Lock()
+	defer c.data.Unlock()
 	first, last := s.pages(fillOff, int64(len(fill)))
 	for i := first; i <= last; i++ {
 		po, pn := s.pageSpan(i)
@@ -463,6 +465,8 @@ func (s *Store) ZeroSN(id, sn, keep uint64) error {
 	defer h.release()
 	// Zero the range in place (the blocks stay allocated); a filesystem
 	// without it gets zeros written.
+	c.data.Lock()
+	defer c.data.Unlock()
 	if err := unix.Fallocate(h.fd, unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, s.geo.MetaPageSize, s.geo.ChunkSize); err != nil {
 		zeros := make([]byte, min(s.geo.ChunkSize, 1<<20))
 		for off := int64(0); off < s.geo.ChunkSize; off += int64(len(zeros)) {

@@ -458,6 +458,8 @@ func (s *Store) ReadOwnedSN(id uint64, p []byte, off int64, snap uint64) (absent
 		return current()
 	}
 	// Runs of pages read from the same file go in one read.
+	c.data.RLock()
+	defer c.data.RUnlock()
 	for i := first; i <= last; {
 		src, err := source(i)
 		if err != nil {

@@ -101,6 +101,12 @@ type chunk struct {
 	mu   sync.RWMutex
 	gone error // ErrChunkNotExist after Delete, ErrClosed after Close; guarded by mu
 
+	// data orders reads of the chunk's data against writes into it: a
+	// read sees a write whole or not at all (the page cache copies a
+	// write in page by page, and a read copying out meanwhile would see
+	// part of it).
+	data sync.RWMutex
+
 	// cow orders sequenced writes, trims and snapshot reads of the chunk
 	// (snapshot.go); it guards sn and versions.
 	cow      sync.RWMutex

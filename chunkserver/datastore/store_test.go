@@ -680,3 +680,46 @@ func TestDeleteAfterTheFileMovedDoesNotBringTheChunkBack(t *testing.T) {
 		t.Fatalf("a new chunk 1: %v", err)
 	}
 }
+
+// TestReadsSeeWritesWhole: a read that runs while a write of the same range
+// is copied into the page cache sees the whole write or none of it, never a
+// mix (the copyset's leader reads while it applies writes).
+func TestReadsSeeWritesWhole(t *testing.T) {
+	e := newEnv(t, 2, 4)
+	s := e.open(t, Options{})
+	const n = 64 << 10
+	a, b := bytes.Repeat([]byte{'a'}, n), bytes.Repeat([]byte{'b'}, n)
+	if err := s.WriteAt(1, a, 0); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := range 3000 {
+			p := a
+			if i%2 == 0 {
+				p = b
+			}
+			if err := s.WriteAt(1, p, 0); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	}()
+	buf := make([]byte, n)
+	for reads := 0; ; reads++ {
+		select {
+		case <-done:
+			t.Logf("%d reads", reads)
+			return
+		default:
+		}
+		if err := s.ReadAt(1, buf, 0); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(buf, a) && !bytes.Equal(buf, b) {
+			k := bytes.IndexFunc(buf, func(r rune) bool { return byte(r) != buf[0] })
+			t.Fatalf("read %d saw part of a write: %d bytes of %q, then %q", reads, k, buf[0], buf[k])
+		}
+	}
+}
