@@ -304,7 +304,7 @@ func listenAgain(ctx context.Context, portal string) (net.Listener, error) {
 			return ln, nil
 		}
 		if !errors.Is(err, syscall.EADDRINUSE) || time.Now().After(deadline) {
-			return nil, fmt.Errorf("listen on the portal %s again: %w (another process took its port: the kernel's session cannot be taken over, and refuses that process, whose CHAP it cannot check)", portal, err)
+			return nil, fmt.Errorf("listen on the portal %s again: %w (another process took its port; the kernel's session does not log in to it, which cannot answer the target's CHAP)", portal, err)
 		}
 		select {
 		case <-ctx.Done():
