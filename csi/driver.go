@@ -60,14 +60,22 @@ type Config struct {
 	DefaultFsType string
 	// Attach is how the node attaches volumes: AttachFUSE (default),
 	// AttachNBD (the kernel's nbd driver; New fails when the nbd module is
-	// not loaded) or AttachAuto (nbd where the module is loaded, fuse
-	// elsewhere). Each volume keeps the mode it was staged with.
+	// not loaded), AttachISCSI (an iSCSI target on the loopback and the
+	// kernel's initiator through open-iscsi; New fails without the
+	// iscsi_tcp module, iscsiadm or iscsid) or AttachAuto (nbd where the
+	// module is loaded, else iscsi where it can run, else fuse). Each
+	// volume keeps the mode it was staged with.
 	Attach string
-	// NBDReattachTimeout is how long the kernel holds the IO of an
-	// nbd-attached volume whose attach process is gone (the plugin's
+	// ReattachTimeout is how long the kernel holds the IO of an nbd- or
+	// iscsi-attached volume whose attach process is gone (the plugin's
 	// container restarted) for a new one to take the device over, before
-	// failing it (default attach.DefaultReattachTimeout).
-	NBDReattachTimeout time.Duration
+	// failing it (default attach.DefaultReattachTimeout). For iscsi it is
+	// the session's node.session.timeo.replacement_timeout.
+	ReattachTimeout time.Duration
+	// ISCSIAdm is the iscsiadm command of the iscsi attach (default
+	// attach.DefaultISCSIAdm): a name in PATH or a path, for instance of
+	// a wrapper that runs the host's.
+	ISCSIAdm string
 	// Executable is the cairn-csi binary the node runs as attach processes
 	// (default: this process's executable).
 	Executable string
@@ -170,7 +178,10 @@ func (d *Driver) setUpNode() error {
 	default:
 		return fmt.Errorf("csi: default file system %q: want ext4 or xfs", cfg.DefaultFsType)
 	}
-	mode, err := resolveAttach(cfg.Attach, kernelnbd.Loaded())
+	if cfg.ISCSIAdm == "" {
+		cfg.ISCSIAdm = attach.DefaultISCSIAdm
+	}
+	mode, err := resolveAttach(cfg.Attach, kernelnbd.Loaded(), func() error { return attach.ISCSIUnavailable(cfg.ISCSIAdm) })
 	if err != nil {
 		return err
 	}
@@ -186,8 +197,8 @@ func (d *Driver) setUpNode() error {
 		c.Close()
 	}
 	cfg.Attach = mode
-	if cfg.NBDReattachTimeout <= 0 {
-		cfg.NBDReattachTimeout = attach.DefaultReattachTimeout
+	if cfg.ReattachTimeout <= 0 {
+		cfg.ReattachTimeout = attach.DefaultReattachTimeout
 	}
 	if cfg.Executable == "" {
 		exe, err := os.Executable()
@@ -213,15 +224,18 @@ func (d *Driver) setUpNode() error {
 
 // Attach modes of Config.Attach.
 const (
-	AttachFUSE = attach.AttachFUSE
-	AttachNBD  = attach.AttachNBD
-	// AttachAuto is nbd where the nbd module is loaded, fuse elsewhere.
+	AttachFUSE  = attach.AttachFUSE
+	AttachNBD   = attach.AttachNBD
+	AttachISCSI = attach.AttachISCSI
+	// AttachAuto is nbd where the nbd module is loaded, else iscsi where
+	// it can run (the iscsi_tcp module, iscsiadm and iscsid), else fuse.
 	AttachAuto = "auto"
 )
 
 // resolveAttach turns the configured attach mode into the one used, given
-// whether the nbd module is loaded.
-func resolveAttach(mode string, nbdLoaded bool) (string, error) {
+// whether the nbd module is loaded and why the iscsi attach cannot run
+// (iscsiMissing returns nil when it can).
+func resolveAttach(mode string, nbdLoaded bool, iscsiMissing func() error) (string, error) {
 	switch mode {
 	case "", AttachFUSE:
 		return AttachFUSE, nil
@@ -230,13 +244,21 @@ func resolveAttach(mode string, nbdLoaded bool) (string, error) {
 			return "", errors.New("csi: --attach nbd: the nbd kernel module is not loaded: modprobe nbd, or use --attach fuse")
 		}
 		return AttachNBD, nil
+	case AttachISCSI:
+		if err := iscsiMissing(); err != nil {
+			return "", fmt.Errorf("csi: --attach iscsi: %w", err)
+		}
+		return AttachISCSI, nil
 	case AttachAuto:
-		if nbdLoaded {
+		switch {
+		case nbdLoaded:
 			return AttachNBD, nil
+		case iscsiMissing() == nil:
+			return AttachISCSI, nil
 		}
 		return AttachFUSE, nil
 	}
-	return "", fmt.Errorf("csi: attach mode %q: want %s, %s or %s", mode, AttachFUSE, AttachNBD, AttachAuto)
+	return "", fmt.Errorf("csi: attach mode %q: want %s, %s, %s or %s", mode, AttachFUSE, AttachNBD, AttachISCSI, AttachAuto)
 }
 
 // AttachMode is the attach mode the node uses.

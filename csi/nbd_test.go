@@ -25,7 +25,7 @@ import (
 
 // The node with --attach nbd where the nbd module is not loaded (this
 // project's machines) refuses to start, saying what to do; auto falls back
-// to fuse.
+// to iscsi where it can run, else to fuse.
 func TestNodeAttachModes(t *testing.T) {
 	cfg := func(mode string) csi.Config {
 		return csi.Config{Endpoint: "unix://" + filepath.Join(t.TempDir(), "csi.sock"), MDSAddrs: []string{"127.0.0.1:1"},
@@ -36,8 +36,11 @@ func TestNodeAttachModes(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := csi.AttachFUSE
-	if kernelnbd.Loaded() {
+	switch {
+	case kernelnbd.Loaded():
 		want = csi.AttachNBD
+	case attach.ISCSIUnavailable(attach.DefaultISCSIAdm) == nil:
+		want = csi.AttachISCSI
 	}
 	if d.AttachMode() != want {
 		t.Fatalf("auto attaches with %s here, want %s", d.AttachMode(), want)
@@ -86,7 +89,7 @@ func TestNodeKernelNBD(t *testing.T) {
 	c := cluster.Start(t, cluster.Options{})
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	nbdMode := func(cfg *csi.Config) { cfg.Attach = csi.AttachNBD; cfg.NBDReattachTimeout = 2 * time.Minute }
+	nbdMode := func(cfg *csi.Config) { cfg.Attach = csi.AttachNBD; cfg.ReattachTimeout = 2 * time.Minute }
 	a := startNode(t, c, "node-a", nbdMode)
 	vc := mountCap(csipb.VolumeCapability_AccessMode_SINGLE_NODE_WRITER, testFs)
 	if _, err := a.ctl.CreateVolume(ctx, &csipb.CreateVolumeRequest{

@@ -118,11 +118,15 @@ func (n node) attachment(ctx context.Context, st *stageRecord) (*attach.Record, 
 		}
 		rec, err := attach.ReadRecord(dir)
 		if err == nil && rec.Alive() {
+			if rec.Device == "" {
+				// An iscsi attach records its session before it logs in.
+				return nil, status.Errorf(codes.Unavailable, "the attach process of volume %q (pid %d) is still attaching it", st.Volume, rec.Pid)
+			}
 			return rec, nil
 		}
 		// The attach process is gone. The kernel may still have its nbd
-		// device, holding the IO of the pods on it: a new attach process
-		// takes it over.
+		// device or iscsi session, holding the IO of the pods on it: a
+		// new attach process takes it over.
 		if rec != nil && rec.Reattachable() == nil {
 			now, err := n.d.takeOver(ctx, rec)
 			if err != nil {

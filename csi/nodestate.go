@@ -96,8 +96,8 @@ func (d *Driver) detach(ctx context.Context, id string) error {
 // adopt looks at the volumes staged here before this process started: their
 // attach processes run on, and are stopped at unstage. One that is gone
 // leaves a fuse device broken until the volume is unstaged and staged
-// again (logged here, reported by NodeGetVolumeHealth); an nbd device the
-// kernel still holds is taken over (watchAttachments).
+// again (logged here, reported by NodeGetVolumeHealth); an nbd device or
+// iscsi session the kernel still holds is taken over (watchAttachments).
 func (d *Driver) adopt() {
 	entries, err := os.ReadDir(filepath.Join(d.cfg.StateDir, "volumes"))
 	if err != nil {
@@ -117,7 +117,7 @@ func (d *Driver) adopt() {
 		case rec.Alive():
 			d.log.Info("volume still attached", "volume", rec.Volume, "device", rec.Device, "pid", rec.Pid)
 		case rec.Reattachable() == nil:
-			d.log.Warn("the attach process of a staged volume is gone; its nbd device is held by the kernel until a new one takes it over",
+			d.log.Warn("the attach process of a staged volume is gone; its device is held by the kernel until a new one takes it over",
 				"volume", rec.Volume, "device", rec.Device, "pid", rec.Pid)
 		default:
 			d.log.Error("the attach process of a staged volume is gone: its device no longer reaches the volume until it is unstaged and staged again",

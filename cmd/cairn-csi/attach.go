@@ -21,8 +21,10 @@ import (
 
 // runAttach is the attach process the node plugin starts for each staged
 // volume (cairn-csi attach --dir D --volume V --node-id N --mds ADDRS
-// [--attach nbd]): it serves the volume as a loop device over a FUSE file,
-// or to the kernel's nbd driver, until it is told to stop (SIGTERM).
+// [--attach nbd|iscsi]): it serves the volume as a loop device over a FUSE
+// file, to the kernel's nbd driver, or as an iSCSI target on the loopback
+// that it logs the kernel's initiator in to, until it is told to stop
+// (SIGTERM).
 func runAttach(args []string) error {
 	fs := flag.NewFlagSet("cairn-csi attach", flag.ContinueOnError)
 	logFlags := daemon.AddLogFlags(fs)
@@ -33,12 +35,18 @@ func runAttach(args []string) error {
 		nodeID   = fs.String("node-id", "", "this node's name: the volume must be published to it")
 		mdsAddrs = fs.String("mds", "", "MDS addresses, comma-separated")
 		readOnly = fs.Bool("read-only", false, "attach read-only")
-		mode     = fs.String("attach", attach.AttachFUSE, "fuse (a FUSE file behind a loop device) or nbd (the kernel's nbd driver)")
-		reattach = fs.Duration("nbd-reattach-timeout", attach.DefaultReattachTimeout,
-			"nbd: how long the kernel holds the device's IO while no attach process serves it")
+		mode     = fs.String("attach", attach.AttachFUSE,
+			"fuse (a FUSE file behind a loop device), nbd (the kernel's nbd driver) or iscsi (an iSCSI target on the loopback, with open-iscsi)")
+		reattach = new(time.Duration)
 		takeover = fs.String("nbd-takeover", "", "nbd: take over this /dev/nbdN, whose attach process is gone, instead of configuring a free device")
 		backend  = fs.String("nbd-backend", "", "nbd: with --nbd-takeover, the name the device was configured with")
+		target   = fs.String("iscsi-takeover", "",
+			"iscsi: take over the kernel's session with this target, whose attach process is gone (its portal and secrets are in the record in --dir), instead of logging in anew")
+		iscsiadm = fs.String("iscsiadm", attach.DefaultISCSIAdm, "iscsi: the iscsiadm command")
 	)
+	fs.DurationVar(reattach, "reattach-timeout", attach.DefaultReattachTimeout,
+		"nbd, iscsi: how long the kernel holds the device's IO while no attach process serves it")
+	fs.DurationVar(reattach, "nbd-reattach-timeout", attach.DefaultReattachTimeout, "the former name of --reattach-timeout")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -49,10 +57,12 @@ func runAttach(args []string) error {
 		return errors.New("--dir must be an absolute path")
 	case *volume == "" || *nodeID == "" || *mdsAddrs == "":
 		return errors.New("--volume, --node-id and --mds are required")
-	case *mode != attach.AttachFUSE && *mode != attach.AttachNBD:
-		return fmt.Errorf("--attach %q: want %s or %s", *mode, attach.AttachFUSE, attach.AttachNBD)
+	case *mode != attach.AttachFUSE && *mode != attach.AttachNBD && *mode != attach.AttachISCSI:
+		return fmt.Errorf("--attach %q: want %s, %s or %s", *mode, attach.AttachFUSE, attach.AttachNBD, attach.AttachISCSI)
 	case (*takeover != "" || *backend != "") && (*mode != attach.AttachNBD || *takeover == "" || *backend == ""):
 		return errors.New("--nbd-takeover and --nbd-backend go together, with --attach nbd")
+	case *target != "" && *mode != attach.AttachISCSI:
+		return errors.New("--iscsi-takeover goes with --attach iscsi")
 	}
 	logger, err := logFlags.Logger(os.Stderr)
 	if err != nil {
@@ -68,11 +78,17 @@ func runAttach(args []string) error {
 	defer stop()
 	spec := attach.Spec{Volume: *volume, Node: *nodeID, MDSAddrs: daemon.SplitList(*mdsAddrs), ReadOnly: *readOnly, Dir: *dir,
 		Attach: *mode}
-	if *mode == attach.AttachNBD {
+	if *mode == attach.AttachNBD || *mode == attach.AttachISCSI {
 		spec.ReattachTimeout = *reattach
 	}
-	if *takeover != "" {
+	if *mode == attach.AttachISCSI {
+		spec.ISCSIAdm = *iscsiadm
+	}
+	switch {
+	case *takeover != "":
 		spec.Takeover = &attach.Takeover{Device: *takeover, Backend: *backend}
+	case *target != "":
+		spec.Takeover = &attach.Takeover{Target: *target}
 	}
 	if identity != nil {
 		spec.TLS = identity.Files()

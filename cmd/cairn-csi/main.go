@@ -44,12 +44,15 @@ func run(args []string) error {
 		topology = fs.String("topology", daemon.EnvOr("CAIRN_TOPOLOGY", ""), "the node's topology, key=value pairs comma-separated, e.g. zone=a (env CAIRN_TOPOLOGY)")
 		defFs    = fs.String("default-fs-type", "ext4", "file system of mount volumes that name none: ext4 or xfs")
 		attachBy = fs.String("attach", csi.AttachFUSE,
-			"how the node attaches volumes: fuse (a FUSE file behind a loop device), nbd (the kernel's nbd driver, configured through netlink; needs the nbd module) or auto (nbd where the nbd module is loaded, fuse elsewhere)")
-		metrics = fs.String("metrics-listen", daemon.EnvOr("CAIRN_METRICS_LISTEN", "-"),
+			"how the node attaches volumes: fuse (a FUSE file behind a loop device), nbd (the kernel's nbd driver, configured through netlink; needs the nbd module), iscsi (an iSCSI target on the loopback, logged in to with open-iscsi; needs the iscsi_tcp module, iscsiadm and iscsid) or auto (nbd where the nbd module is loaded, else iscsi where it can run, else fuse)")
+		iscsiadm = fs.String("iscsiadm", attach.DefaultISCSIAdm, "iscsi: the iscsiadm command (a name in PATH or a path, for instance of a wrapper that runs the host's)")
+		metrics  = fs.String("metrics-listen", daemon.EnvOr("CAIRN_METRICS_LISTEN", "-"),
 			"address of /metrics (the Go runtime's), /healthz, /debug/loglevel and the profiler (env CAIRN_METRICS_LISTEN; \"-\", the default, disables it)")
-		reattach = fs.Duration("nbd-reattach-timeout", attach.DefaultReattachTimeout,
-			"nbd: how long the kernel holds the IO of a volume whose attach process is gone (the plugin's container restarted) for the restarted plugin to take the device over, before failing it")
+		reattach = new(time.Duration)
 	)
+	fs.DurationVar(reattach, "reattach-timeout", attach.DefaultReattachTimeout,
+		"nbd, iscsi: how long the kernel holds the IO of a volume whose attach process is gone (the plugin's container restarted) for the restarted plugin to take the device over, before failing it")
+	fs.DurationVar(reattach, "nbd-reattach-timeout", attach.DefaultReattachTimeout, "the former name of --reattach-timeout")
 	if err := daemon.Parse(fs, args); err != nil {
 		return err
 	}
@@ -74,8 +77,9 @@ func run(args []string) error {
 	}
 	d, err := csi.New(csi.Config{
 		Endpoint: *endpoint, MDSAddrs: daemon.SplitList(*mdsAddrs), NodeID: *nodeID, Mode: *mode,
-		StateDir: *stateDir, Topology: topo, DefaultFsType: *defFs, Attach: *attachBy, NBDReattachTimeout: *reattach,
-		Version: daemon.Version(), TLS: identity, Logger: logger,
+		StateDir: *stateDir, Topology: topo, DefaultFsType: *defFs, Attach: *attachBy, ReattachTimeout: *reattach,
+		ISCSIAdm: *iscsiadm,
+		Version:  daemon.Version(), TLS: identity, Logger: logger,
 	})
 	if err != nil {
 		return err

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"errors"
 	"io"
 	"net/http"
 	"os"
@@ -12,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"cairn.io/cairn/csi/attach"
 	"cairn.io/cairn/internal/testtool"
 )
 
@@ -87,5 +89,36 @@ func TestMetricsListenerAndLogLevel(t *testing.T) {
 	}
 	if h := get(http.MethodGet, "/healthz", ""); !strings.HasPrefix(h, "serving ") {
 		t.Fatalf("/healthz: %q", h)
+	}
+}
+
+// TestAttachISCSIRefusedWithoutTheInitiator: cairn-csi --mode node
+// --attach iscsi on a machine whose kernel has no iSCSI initiator (this
+// project's: no iscsi_tcp module) exits at once, saying what is missing
+// and what to do; the former name of --reattach-timeout is still taken.
+// The attach subcommand refuses an iscsi takeover of another mode.
+func TestAttachISCSIRefusedWithoutTheInitiator(t *testing.T) {
+	why := attach.ISCSIUnavailable(attach.DefaultISCSIAdm)
+	if why == nil {
+		t.Skip("the iscsi attach can run here: its refusal is not shown")
+	}
+	dir := t.TempDir()
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--mode", "node", "--insecure", "--node-id", "n", "--state-dir", filepath.Join(dir, "state"),
+			"--endpoint", "unix://" + filepath.Join(dir, "csi.sock"), "--mds", "127.0.0.1:1", "--attach", "iscsi", "--nbd-reattach-timeout", "1m"},
+			"cairn-csi: csi: --attach iscsi: " + why.Error()},
+		{[]string{"attach", "--insecure", "--dir", dir, "--volume", "v", "--node-id", "n", "--mds", "127.0.0.1:1",
+			"--attach", "fuse", "--iscsi-takeover", "iqn.2026-11.io.cairn.csi:v.0"},
+			"cairn-csi: --iscsi-takeover goes with --attach iscsi"},
+	} {
+		cmd := exec.Command(build.Path(t), c.args...)
+		out, err := cmd.CombinedOutput()
+		var exit *exec.ExitError
+		if !errors.As(err, &exit) || exit.ExitCode() != 1 || strings.TrimSpace(string(out)) != c.want {
+			t.Errorf("cairn-csi %s: %v\n%s\nwant exit status 1 and %q", strings.Join(c.args, " "), err, out, c.want)
+		}
 	}
 }

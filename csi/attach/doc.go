@@ -3,7 +3,7 @@
 //
 // One attach process (cairn-csi attach) serves one volume: it opens the
 // volume with the node's publication (client.Options.Node) and makes a
-// block device of it in one of two ways (Spec.Attach):
+// block device of it in one of three ways (Spec.Attach):
 //
 //   - fuse: it serves the volume as a one-file FUSE file system in its
 //     state directory and backs a loop device with that file. Reads and
@@ -23,6 +23,16 @@
 //     new attach process takes the device over (Spec.Takeover, NBD_CMD_
 //     RECONFIGURE with a new socket). Growing is NBD_CMD_RECONFIGURE with the
 //     new size (Linux 5.3 and later).
+//   - iscsi: it serves the volume with Cairn's iSCSI target (package iscsi)
+//     on a portal of the loopback, 127.0.0.1:PORT, as a target of its own
+//     with random mutual CHAP secrets, and logs the node's kernel initiator
+//     in with open-iscsi's iscsiadm: /dev/sdX. The session is the kernel's
+//     and outlives the process: the kernel queues the disk's IO for
+//     Spec.ReattachTimeout (node.session.timeo.replacement_timeout) while
+//     iscsid logs in again, and a new attach process takes the session
+//     over by serving the same portal, target name and secrets (from the
+//     record). Growing is a unit attention (CAPACITY DATA HAS CHANGED)
+//     and a rescan of the disk.
 //
 // The process runs in its own session, apart from the node plugin, so a
 // restart of the plugin leaves mounted volumes working: the plugin finds

@@ -32,12 +32,17 @@ import (
 // again by the kernel once their block-layer timer (30 s) finds them on a
 // replaced connection.
 
-// Takeover names the nbd device of an attach process that is gone.
+// Takeover names the device of an attach process that is gone: an nbd
+// device, or the session of an iscsi attach.
 type Takeover struct {
-	// Device is /dev/nbdN.
+	// Device (nbd) is /dev/nbdN.
 	Device string
-	// Backend is the name the device was configured with (Record.Backend).
+	// Backend (nbd) is the name the device was configured with
+	// (Record.Backend).
 	Backend string
+	// Target (iscsi) is the session's target (Record.Target); the portal
+	// and the secrets are read from the record.
+	Target string
 }
 
 // DefaultReattachTimeout is Spec.ReattachTimeout when it is zero.
@@ -323,13 +328,29 @@ func (a *nbdAttach) disconnect(path string) error {
 }
 
 // Reattachable says why a new attach process cannot take over the device
-// of this attachment, whose process is gone (nil: it can). Only an nbd
-// device can be taken over, in the boot that configured it, while the
-// kernel still has it configured for this attachment.
+// of this attachment, whose process is gone (nil: it can). Only a device
+// the kernel holds can be taken over, in the boot that configured it:
+// an nbd device the kernel still has configured for this attachment, or
+// the kernel's session of an iscsi attachment.
 func (r *Record) Reattachable() error {
-	if r.mode() != AttachNBD {
-		return fmt.Errorf("a %s attachment cannot be taken over: its device died with its attach process", r.mode())
+	switch r.mode() {
+	case AttachNBD:
+		return r.reattachableNBD()
+	case AttachISCSI:
+		return r.reattachableISCSI()
 	}
+	return fmt.Errorf("a %s attachment cannot be taken over: its device died with its attach process", r.mode())
+}
+
+// OutlivesProcess reports whether the attachment's device is the kernel's,
+// which outlives the attach process (nbd, iscsi): a new attach process
+// may take it over (Reattachable).
+func (r *Record) OutlivesProcess() bool {
+	return r.mode() == AttachNBD || r.mode() == AttachISCSI
+}
+
+// reattachableNBD is Reattachable for the nbd attach.
+func (r *Record) reattachableNBD() error {
 	if r.BootID == "" || r.BootID != bootID() {
 		return errors.New("the machine restarted since the device was configured")
 	}
@@ -354,6 +375,9 @@ func (r *Record) Reattachable() error {
 
 // TakeoverOf names the device of r for a new attach process.
 func TakeoverOf(r *Record) *Takeover {
+	if r.mode() == AttachISCSI {
+		return &Takeover{Device: r.Device, Target: r.Target}
+	}
 	return &Takeover{Device: r.Device, Backend: r.Backend}
 }
 

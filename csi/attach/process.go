@@ -36,10 +36,17 @@ func Args(spec Spec) []string {
 		args = append(args, "--attach", spec.Attach)
 	}
 	if spec.ReattachTimeout > 0 {
-		args = append(args, "--nbd-reattach-timeout", spec.ReattachTimeout.String())
+		args = append(args, "--reattach-timeout", spec.ReattachTimeout.String())
+	}
+	if spec.mode() == AttachISCSI && spec.ISCSIAdm != "" {
+		args = append(args, "--iscsiadm", spec.ISCSIAdm)
 	}
 	if t := spec.Takeover; t != nil {
-		args = append(args, "--nbd-takeover", t.Device, "--nbd-backend", t.Backend)
+		if spec.mode() == AttachISCSI {
+			args = append(args, "--iscsi-takeover", t.Target)
+		} else {
+			args = append(args, "--nbd-takeover", t.Device, "--nbd-backend", t.Backend)
+		}
 	}
 	if spec.TLS == (certs.Files{}) {
 		return append(args, "--insecure")
@@ -90,6 +97,11 @@ func Start(ctx context.Context, exe string, spec Spec) (*Record, error) {
 			// The process closed its output without a record: it failed.
 			select {
 			case err := <-exited:
+				// What it recorded before it attached (an iscsi attach
+				// records its session before the login) is undone.
+				if rec, rerr := ReadRecord(spec.Dir); rerr == nil && spec.Takeover == nil {
+					_ = rec.Cleanup(context.Background())
+				}
 				return fail(fmt.Errorf("the attach process ended (%v)", err))
 			case <-time.After(30 * time.Second):
 				_ = cmd.Process.Kill()
@@ -174,8 +186,9 @@ var ErrDeviceBusy = errors.New("attach: the device is still in use")
 // Stop ends the attach process (SIGTERM: it detaches the device and closes
 // the volume), waiting up to ctx's deadline before it kills it, then
 // removes whatever a process that died left behind (the loop device, the
-// FUSE mount, the nbd device). It refuses with ErrDeviceBusy while the
-// device is in use: the caller unmounts file systems on it first.
+// FUSE mount, the nbd device, the iscsi session). It refuses with
+// ErrDeviceBusy while the device is in use: the caller unmounts file
+// systems on it first.
 func (r *Record) Stop(ctx context.Context) error {
 	if r.Alive() {
 		if deviceBusy(r.Device) {
@@ -203,10 +216,14 @@ func (r *Record) Stop(ctx context.Context) error {
 // Cleanup removes what an attach process that was killed leaves: the loop
 // device, if it is still this attachment's, and the FUSE mount (fuse); the
 // nbd device, if the kernel still has it configured for this attachment
-// (nbd). It does nothing when they are gone.
+// (nbd); the kernel's session and its node record (iscsi). It does nothing
+// when they are gone.
 func (r *Record) Cleanup(ctx context.Context) error {
-	if r.mode() == AttachNBD {
+	switch r.mode() {
+	case AttachNBD:
 		return r.cleanupNBD()
+	case AttachISCSI:
+		return r.cleanupISCSI(ctx)
 	}
 	if err := loopDetach(ctx, r.Device, r.Backing, backingFile(r.Dir)); err != nil {
 		return err

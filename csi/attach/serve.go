@@ -19,6 +19,7 @@ import (
 	"cairn.io/cairn/blockdev"
 	"cairn.io/cairn/chunkfilepool/fsutil"
 	"cairn.io/cairn/internal/certs"
+	"cairn.io/cairn/iscsi"
 )
 
 // Spec is what one attach process serves.
@@ -38,15 +39,18 @@ type Spec struct {
 	// (the node plugin's); empty: plaintext.
 	TLS certs.Files `json:"tls,omitzero"`
 	// Attach is how the volume becomes a block device: AttachFUSE (also
-	// when empty) or AttachNBD.
+	// when empty), AttachNBD or AttachISCSI.
 	Attach string `json:"attach,omitempty"`
-	// ReattachTimeout (nbd) is how long the kernel holds the device's IO
-	// while no attach process serves it (the process died; the plugin
-	// starts another that takes the device over) before failing it.
+	// ReattachTimeout (nbd, iscsi) is how long the kernel holds the
+	// device's IO while no attach process serves it (the process died;
+	// the plugin starts another that takes the device over) before failing
+	// it.
 	ReattachTimeout time.Duration `json:"reattach_timeout,omitempty"`
-	// Takeover (nbd), when set, makes the attach process take over the
-	// device of an attach process that is gone instead of configuring a
-	// free one (see Record.Reattachable). Not recorded.
+	// ISCSIAdm (iscsi) is the iscsiadm command (default DefaultISCSIAdm).
+	ISCSIAdm string `json:"iscsiadm,omitempty"`
+	// Takeover (nbd, iscsi), when set, makes the attach process take over
+	// the device of an attach process that is gone instead of attaching
+	// anew (see Record.Reattachable). Not recorded.
 	Takeover *Takeover `json:"-"`
 }
 
@@ -57,6 +61,9 @@ const (
 	// AttachNBD serves the volume to the kernel's nbd driver on a socket
 	// pair, configured through netlink (nbd.go).
 	AttachNBD = "nbd"
+	// AttachISCSI serves the volume as an iSCSI target on the loopback and
+	// logs the kernel's initiator in with open-iscsi (iscsi.go).
+	AttachISCSI = "iscsi"
 )
 
 // mode is the spec's attach mode, AttachFUSE when it names none (records
@@ -74,8 +81,8 @@ type Record struct {
 	Spec
 	// Pid is the attach process.
 	Pid int `json:"pid"`
-	// Device is the block device: the loop device /dev/loopN (fuse) or
-	// /dev/nbdN (nbd).
+	// Device is the block device: the loop device /dev/loopN (fuse),
+	// /dev/nbdN (nbd) or the session's disk /dev/sdX (iscsi).
 	Device string `json:"device"`
 	// Backing (fuse) identifies the FUSE file behind the device, so that a
 	// device is detached only while it is still this attachment's.
@@ -84,9 +91,19 @@ type Record struct {
 	// (NBD_ATTR_BACKEND_IDENTIFIER): a device is disconnected or taken over
 	// only while the kernel shows this name for it.
 	Backend string `json:"backend,omitempty"`
-	// BootID (nbd) is the kernel's boot id when the device was configured:
-	// after a reboot the device of that number is another's.
+	// BootID (nbd, iscsi) is the kernel's boot id when the device was
+	// configured: after a reboot the device of that number is another's.
 	BootID string `json:"boot_id,omitempty"`
+	// Portal (iscsi) is the loopback address the target listens on,
+	// 127.0.0.1:PORT: an attach process that takes the session over
+	// listens there again.
+	Portal string `json:"portal,omitempty"`
+	// Target (iscsi) is the attachment's target name (IQN).
+	Target string `json:"target,omitempty"`
+	// CHAP (iscsi) holds the target's secrets: the initiator's, and the
+	// target's own for mutual CHAP. The record is readable by its owner
+	// (root) only.
+	CHAP *iscsi.CHAP `json:"chap,omitempty"`
 	// StartedUnix is when the device was attached.
 	StartedUnix int64 `json:"started_unix"`
 }
@@ -117,7 +134,8 @@ type Refresher interface {
 // Serve attaches dev as spec says, writes the Record to the directory and
 // as one JSON line to ready, and serves until ctx ends; then it detaches
 // the device (fuse: detaches the loop device and unmounts the file system;
-// nbd: disconnects the nbd device) and closes dev. Serve owns dev from the
+// nbd: disconnects the nbd device; iscsi: logs the kernel out) and closes
+// dev. Serve owns dev from the
 // start: it closes it on every return.
 func Serve(ctx context.Context, spec Spec, dev blockdev.Device, ready io.Writer, log *slog.Logger) (err error) {
 	defer func() {
@@ -130,8 +148,10 @@ func Serve(ctx context.Context, spec Spec, dev blockdev.Device, ready io.Writer,
 		return serveFUSE(ctx, spec, dev, ready, log)
 	case AttachNBD:
 		return serveNBD(ctx, spec, dev, ready, log)
+	case AttachISCSI:
+		return serveISCSI(ctx, spec, dev, ready, log)
 	}
-	return fmt.Errorf("attach %s: unknown attach mode %q (want %s or %s)", spec.Volume, spec.Attach, AttachFUSE, AttachNBD)
+	return fmt.Errorf("attach %s: unknown attach mode %q (want %s, %s or %s)", spec.Volume, spec.Attach, AttachFUSE, AttachNBD, AttachISCSI)
 }
 
 // serveFUSE is Serve for the fuse attach.

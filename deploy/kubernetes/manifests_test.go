@@ -33,8 +33,10 @@ var cairnFlags = map[string][]string{
 	"endpoint": nil, "mds": nil, "node-id": nil, "state-dir": nil, "log-level": nil,
 	"tls-cert": nil, "tls-key": nil, "tls-ca": nil,
 	"mode":                 {"all", "controller", "node"},
-	"attach":               {"fuse", "nbd", "auto"},
+	"attach":               {"fuse", "nbd", "iscsi", "auto"},
+	"reattach-timeout":     nil,
 	"nbd-reattach-timeout": nil,
+	"iscsiadm":             nil,
 }
 
 // kinds gives the typed object of every apiVersion/kind the manifests use.
@@ -282,6 +284,11 @@ func TestManifests(t *testing.T) {
 			daemonSets++
 			checkPod(t, o.where, &v.Spec.Template.Spec)
 			checkKubeletMount(t, o.where, &v.Spec.Template.Spec)
+			// iscsiadm in the container writes the host's node records
+			// for the host's iscsid, under the host's lock.
+			for _, dir := range []string{"/etc/iscsi", "/run/lock/iscsi"} {
+				checkHostMount(t, o.where, &v.Spec.Template.Spec, dir)
+			}
 		}
 	}
 	if !slices.Equal(drivers, []string{driverName}) {
@@ -425,4 +432,26 @@ func TestStrictDecodeFails(t *testing.T) {
 			t.Errorf("args %q accepted", args)
 		}
 	}
+}
+
+// checkHostMount checks that the cairn-csi container mounts the host's dir
+// at the same path.
+func checkHostMount(t *testing.T, where string, spec *corev1.PodSpec, dir string) {
+	vol := ""
+	for _, v := range spec.Volumes {
+		if v.HostPath != nil && v.HostPath.Path == dir {
+			vol = v.Name
+		}
+	}
+	for _, c := range spec.Containers {
+		if repo, _ := splitImage(c.Image); repo != cairnImage {
+			continue
+		}
+		for _, m := range c.VolumeMounts {
+			if vol != "" && m.Name == vol && m.MountPath == dir {
+				return
+			}
+		}
+	}
+	t.Errorf("%s: the cairn-csi container does not mount the host's %s at %s", where, dir, dir)
 }
