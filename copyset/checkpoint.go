@@ -21,10 +21,21 @@ import (
 // way the checkpoint never records an applied index past data that did not
 // reach the disk.
 func (c *Copyset) checkpointLocked() error {
-	if err := c.store.Sync(); err != nil {
+	// Reads stop at the first chunk whose data may be lost (faulted), not
+	// once every other chunk is synced: from then on the files may show
+	// what they held before the writes since the last checkpoint.
+	var held func()
+	faulted := func() { held = c.holdFiles() }
+	if err := c.store.Sync(faulted); err != nil {
+		if held == nil {
+			held = c.holdFiles()
+		}
+		defer held()
 		if err := c.rewriteSinceCheckpointLocked(err); err != nil {
 			return err
 		}
+	} else if held != nil {
+		held()
 	}
 	c.hsMu.Lock()
 	hs := c.durableHS
@@ -152,23 +163,26 @@ func (c *Copyset) finalCheckpoint() error {
 	return c.checkpointLocked()
 }
 
-// reapplySinceCheckpointLocked writes the commands applied after the last
-// checkpoint to the chunk files again, from the in-memory log (which keeps
-// every entry after the last checkpoint). smMu held.
-// rewriteSinceCheckpointLocked repairs the chunk files after their sync
-// failed with err: it rewrites what was applied since the last checkpoint
-// from the log and syncs again, or fails the replica. Reads of the files
-// wait meanwhile (filesMu): the rewrite moves them back in time before it
-// brings them forward again. smMu held.
-func (c *Copyset) rewriteSinceCheckpointLocked(err error) error {
+// holdFiles stops reads of the chunk files until the returned func is
+// called: it waits for the reads in progress; later ones wait for the
+// release, or for their deadline (see readFiles).
+func (c *Copyset) holdFiles() (release func()) {
 	done := make(chan struct{})
 	c.rewriting.Store(&done)
 	c.filesMu.Lock()
-	defer func() {
+	return func() {
 		c.filesMu.Unlock()
 		c.rewriting.Store(nil)
 		close(done)
-	}()
+	}
+}
+
+// rewriteSinceCheckpointLocked repairs the chunk files after their sync
+// failed with err: it rewrites what was applied since the last checkpoint
+// from the log and syncs again, or fails the replica. The caller holds the
+// files (holdFiles): the rewrite moves them back in time before it brings
+// them forward again. smMu held.
+func (c *Copyset) rewriteSinceCheckpointLocked(err error) error {
 	c.log.Error("chunk files failed to sync; rewriting what was applied since the last checkpoint",
 		"err", err, "checkpoint", c.sm.lastCkpt, "applied", c.sm.applied)
 	if rerr := c.reapplySinceCheckpointLocked(); rerr != nil {
@@ -176,7 +190,7 @@ func (c *Copyset) rewriteSinceCheckpointLocked(err error) error {
 		c.fail(err)
 		return err
 	}
-	if err2 := c.store.Sync(); err2 != nil {
+	if err2 := c.store.Sync(nil); err2 != nil {
 		err = fmt.Errorf("sync chunk files: %w; again after rewriting them from the log: %w", err, err2)
 		c.fail(err)
 		return err
@@ -184,6 +198,9 @@ func (c *Copyset) rewriteSinceCheckpointLocked(err error) error {
 	return nil
 }
 
+// reapplySinceCheckpointLocked writes the commands applied after the last
+// checkpoint to the chunk files again, from the in-memory log (which keeps
+// every entry after the last checkpoint). smMu held.
 func (c *Copyset) reapplySinceCheckpointLocked() error {
 	if c.sm.installed > c.sm.lastCkpt {
 		// The checkpoint after an install never happened: the table of

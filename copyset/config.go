@@ -65,8 +65,11 @@ type ChunkStore interface {
 	DeleteSN(chunkID, sn, keep uint64) error
 	// List returns the ids of the chunks held, sorted.
 	List() []uint64
-	// Sync makes every write completed so far durable.
-	Sync() error
+	// Sync makes every write completed so far durable. failed, if not
+	// nil, is called once as soon as data may be lost (a chunk's fdatasync
+	// failed), before the store does anything else about it: reads of the
+	// chunks may go back in time from then on.
+	Sync(failed func()) error
 	// Destroy removes every chunk and the store's directory.
 	Destroy() error
 	Close() error

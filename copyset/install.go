@@ -112,7 +112,7 @@ func (c *Copyset) installSnapshot(ctx context.Context, header *transportpb.Snaps
 			}
 		}
 	}
-	if err := c.store.Sync(); err != nil {
+	if err := c.store.Sync(nil); err != nil {
 		// Pages of the chunk files may be lost (a failed writeback is
 		// reported once), mixing states the log cannot repair.
 		return fmt.Errorf("install snapshot: sync: %w", err)

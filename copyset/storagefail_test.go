@@ -191,3 +191,84 @@ func TestReadsWaitForARewriteFromTheLog(t *testing.T) {
 		t.Fatalf("leader broken by one failed sync: %v", err)
 	}
 }
+
+// pausingStore pauses once, when armed, after a Sync that failed, until
+// resume is closed.
+type pausingStore struct {
+	ChunkStore
+	armed  *atomic.Bool
+	paused chan struct{}
+	resume chan struct{}
+}
+
+func (s pausingStore) Sync(failed func()) error {
+	err := s.ChunkStore.Sync(failed)
+	if err != nil && s.armed.CompareAndSwap(true, false) {
+		s.paused <- struct{}{}
+		<-s.resume
+	}
+	return err
+}
+
+// TestReadsStopAtAFailedSync: from the moment a chunk's fdatasync fails
+// (its file may be back at its last synced state: faultfs drops what was
+// not synced), no read of the leader's files may be served until they are
+// rewritten from the log, even while the store goes on syncing other
+// chunks.
+func TestReadsStopAtAFailedSync(t *testing.T) {
+	var armed atomic.Bool
+	paused, resume := make(chan struct{}, 1), make(chan struct{})
+	tc := newCrashableCluster(t, 3, 32, func(c *Config) {
+		open := c.OpenStore
+		c.OpenStore = func(d string) (ChunkStore, error) {
+			s, err := open(d)
+			if err != nil {
+				return nil, err
+			}
+			return pausingStore{s, &armed, paused, resume}, nil
+		}
+	})
+	id := MakeGroupID(9, 8)
+	tc.create([]GroupID{id}, []uint64{1, 2, 3})
+	l := tc.leader(id)
+	ctx := context.Background()
+	if _, err := writeWait(ctx, l, 1, 1, 1, 0, pattern("v0|", testBlock)); err != nil {
+		t.Fatal(err)
+	}
+	soon.Succeeds(t, 10*time.Second, func() error {
+		l.requestCheckpoint()
+		if l.ckptIndex.Load() < l.AppliedIndex() {
+			return fmt.Errorf("checkpoint at %d, applied %d", l.ckptIndex.Load(), l.AppliedIndex())
+		}
+		return nil
+	})
+	for _, v := range []string{"v1|", "v2|", "v3|"} {
+		if _, err := writeWait(ctx, l, 1, 1, 1, 0, pattern(v, testBlock)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	node := uint64(0)
+	for _, n := range tc.running() {
+		if c, err := n.engine.Get(id); err == nil && c == l {
+			node = n.id
+		}
+	}
+	if _, err := tc.disks[node].FailSync(`/chunks/chunk_`, 1); err != nil {
+		t.Fatal(err)
+	}
+	armed.Store(true)
+	l.requestCheckpoint()
+	select {
+	case <-paused:
+	case <-time.After(30 * time.Second):
+		t.Fatal("no failed sync")
+	}
+	buf := make([]byte, testBlock)
+	rctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	err := l.Read(rctx, 1, 0, buf)
+	cancel()
+	close(resume)
+	if err == nil && !bytes.Equal(buf, pattern("v3|", testBlock)) {
+		t.Fatalf("read between the failed sync and the rewrite returned %.8q; last acknowledged %q", buf, "v3|")
+	}
+}

@@ -95,12 +95,12 @@ func (s *Store) writeChunk(c *chunk, p []byte, off int64, sn, keep uint64, fill 
 	if len(p) > 0 {
 		c.data.Lock()
 		_, err = h.f.WriteAt(p, s.geo.MetaPageSize+off)
+		if err == nil && c.own != nil {
+			s.ownRange(c, off, int64(len(p)))
+		}
 		c.data.Unlock()
 		if err != nil {
 			return false, fmt.Errorf("write chunk %d: %w", c.id, err)
-		}
-		if c.own != nil {
-			s.ownRange(c, off, int64(len(p)))
 		}
 		c.dirty.Store(true)
 	}
@@ -236,26 +236,37 @@ func (s *Store) ReadAt(id uint64, p []byte, off int64) error {
 }
 
 func (s *Store) readChunk(c *chunk, p []byte, off int64) error {
+	_, err := s.readChunkOwned(c, p, off, false)
+	return err
+}
+
+// readChunkOwned reads the chunk's data and, with owned, the owned pages of
+// a clone's chunk as they were for that read (nil for other chunks).
+func (s *Store) readChunkOwned(c *chunk, p []byte, off int64, owned bool) ([]byte, error) {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	if c.gone != nil {
-		return fmt.Errorf("read chunk %d: %w", c.id, c.gone)
+		return nil, fmt.Errorf("read chunk %d: %w", c.id, c.gone)
 	}
 	if c.corrupt != nil {
-		return fmt.Errorf("read: %w", c.corrupt)
+		return nil, fmt.Errorf("read: %w", c.corrupt)
 	}
 	h, err := s.files.acquire(c)
 	if err != nil {
-		return fmt.Errorf("read: %w", err)
+		return nil, fmt.Errorf("read: %w", err)
 	}
+	var bits []byte
 	c.data.RLock()
+	if owned {
+		bits = c.ownedSnapshot()
+	}
 	_, err = h.f.ReadAt(p, s.geo.MetaPageSize+off)
 	c.data.RUnlock()
 	h.release()
 	if err != nil {
-		return fmt.Errorf("read chunk %d: %w", c.id, err)
+		return nil, fmt.Errorf("read chunk %d: %w", c.id, err)
 	}
-	return nil
+	return bits, nil
 }
 
 // Delete removes the chunk and its version files and returns their files to

@@ -243,11 +243,11 @@ func (c *chunk) ownedSnapshot() []byte {
 // read sees the source's content either way). c.mu held; the caller
 // orders writes of the chunk.
 func (s *Store) fillPages(c *chunk, h *handle, fill []byte, fillOff int64) error {
+	c.data.Lock()
+	defer c.data.Unlock()
 	o := c.own
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	c.data.Lock()
-	defer c.data.Unlock()
 	first, last := s.pages(fillOff, int64(len(fill)))
 	for i := first; i <= last; i++ {
 		po, pn := s.pageSpan(i)
@@ -355,9 +355,13 @@ func (s *Store) ReadOwned(id uint64, p []byte, off int64) (absent []byte, err er
 	if c == nil {
 		return nil, fmt.Errorf("read chunk %d: %w", id, ErrChunkNotExist)
 	}
-	// The bits before the data: a page found owned holds its data by the
-	// time it is read; one found not owned is read from the source anyway.
-	if bits := c.ownedSnapshot(); bits != nil {
+	// The bits and the data under one hold of the chunk's data lock: a
+	// write owns its pages under it, so the bits say what the data holds.
+	bits, err := s.readChunkOwned(c, p, off, true)
+	if err != nil {
+		return nil, err
+	}
+	if bits != nil {
 		first, last := s.pages(off, int64(len(p)))
 		for i := first; i <= last; i++ {
 			if bits[i/8]&(1<<(i%8)) == 0 {
@@ -367,9 +371,6 @@ func (s *Store) ReadOwned(id uint64, p []byte, off int64) (absent []byte, err er
 				absent[(i-first)/8] |= 1 << ((i - first) % 8)
 			}
 		}
-	}
-	if err := s.readChunk(c, p, off); err != nil {
-		return nil, err
 	}
 	// A page not owned reads as zeros, whatever a fill that lost a race
 	// with this read wrote into it meanwhile.

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 )
 
 // cloneView is what a clone reads of a chunk: its own pages from the
@@ -104,7 +105,7 @@ func TestCloneZeroAndDelete(t *testing.T) {
 	if err := s.WriteClone(3, pattern(1, int(unit)), 0, 0, 0, nil, 0); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.Sync(); err != nil {
+	if err := s.Sync(nil); err != nil {
 		t.Fatal(err)
 	}
 	own := filepath.Join(e.dir, "chunk_3_own")
@@ -127,7 +128,7 @@ func TestCloneZeroAndDelete(t *testing.T) {
 	if err := s.WriteClone(4, pattern(2, int(unit)), unit, 0, 0, nil, 0); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.Sync(); err != nil {
+	if err := s.Sync(nil); err != nil {
 		t.Fatal(err)
 	}
 	if err := s.Delete(4); err != nil {
@@ -259,4 +260,53 @@ func TestCloneSnapshotsReadTheSourceWhereNotOwned(t *testing.T) {
 		t.Fatal(err)
 	}
 	check("after a merge")
+}
+
+// TestReadOwnedSeesCloneWritesWhole: a clone's chunk owns page 0 but not
+// page 1, and one write covers both. A concurrent ReadOwned sees page 0 old
+// and page 1 absent, or both new: never page 0 new and page 1 absent.
+func TestReadOwnedSeesCloneWritesWhole(t *testing.T) {
+	e := newEnv(t, 4, 16)
+	s := e.open(t, Options{CreateWait: 5 * time.Second})
+	unit := s.CopyUnit()
+	old, nw := bytes.Repeat([]byte{'o'}, int(unit)), bytes.Repeat([]byte{'n'}, int(2*unit))
+	torn := 0
+	for iter := 0; iter < 300 && torn == 0; iter++ {
+		if err := s.Delete(7); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.WriteClone(7, old, 0, 0, 0, nil, 0); err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() { done <- s.WriteClone(7, nw, 0, 0, 0, nil, 0) }()
+		buf := make([]byte, 2*unit)
+	loop:
+		for {
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Fatal(err)
+				}
+				break loop
+			default:
+			}
+			absent, err := s.ReadOwned(7, buf, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			p1absent := absent != nil && absent[0]&2 != 0
+			if buf[0] == 'n' && p1absent {
+				torn++
+				t.Logf("iteration %d: page 0 new, page 1 read from the source", iter)
+				break
+			}
+		}
+		if torn > 0 {
+			<-done
+		}
+	}
+	if torn > 0 {
+		t.Fatalf("ReadOwned saw part of a clone write")
+	}
 }

@@ -413,7 +413,8 @@ func (s *Store) ReadOwnedSN(id uint64, p []byte, off int64, snap uint64) (absent
 			_ = f.Close()
 		}
 	}()
-	// The owned pages before the data, as ReadOwned.
+	c.data.RLock()
+	defer c.data.RUnlock()
 	owned := c.ownedSnapshot()
 	// source returns where page i of the snapshot is read from; nil
 	// with no error: a page the chunk did not own (zeros here).
@@ -458,8 +459,6 @@ func (s *Store) ReadOwnedSN(id uint64, p []byte, off int64, snap uint64) (absent
 		return current()
 	}
 	// Runs of pages read from the same file go in one read.
-	c.data.RLock()
-	defer c.data.RUnlock()
 	for i := first; i <= last; {
 		src, err := source(i)
 		if err != nil {

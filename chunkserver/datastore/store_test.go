@@ -449,7 +449,7 @@ func TestSyncCoversCompletedWrites(t *testing.T) {
 		for id := 1; id <= chunks; id++ {
 			before[id] = completed[id].Load()
 		}
-		if err := s.Sync(); err != nil {
+		if err := s.Sync(nil); err != nil {
 			t.Fatal(err)
 		}
 		for id := 1; id <= chunks; id++ {
@@ -460,7 +460,7 @@ func TestSyncCoversCompletedWrites(t *testing.T) {
 		last = before
 	}
 	stopWriters()
-	if err := s.Sync(); err != nil {
+	if err := s.Sync(nil); err != nil {
 		t.Fatal(err)
 	}
 	for id := 1; id <= chunks; id++ {
@@ -471,7 +471,7 @@ func TestSyncCoversCompletedWrites(t *testing.T) {
 	// Nothing written since: Sync has nothing to do.
 	calls := 0
 	s.knobs.BeforeFdatasync = func(uint64) { calls++ }
-	if err := s.Sync(); err != nil || calls != 0 {
+	if err := s.Sync(nil); err != nil || calls != 0 {
 		t.Fatalf("idle sync: %d fdatasyncs, %v", calls, err)
 	}
 }
@@ -521,7 +521,7 @@ func TestFileDescriptorsStayBounded(t *testing.T) {
 			}
 		}
 	}
-	if err := s1.Sync(); err != nil {
+	if err := s1.Sync(nil); err != nil {
 		t.Fatal(err)
 	}
 	if n := openFilesUnder(t, filepath.Join(e.root, "copysets")); n > 4 {
@@ -692,10 +692,15 @@ func TestReadsSeeWritesWhole(t *testing.T) {
 	if err := s.WriteAt(1, a, 0); err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan struct{})
+	done, stop := make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(done)
 		for i := range 3000 {
+			select {
+			case <-stop:
+				return
+			default:
+			}
 			p := a
 			if i%2 == 0 {
 				p = b
@@ -706,6 +711,7 @@ func TestReadsSeeWritesWhole(t *testing.T) {
 			}
 		}
 	}()
+	defer func() { close(stop); <-done }()
 	buf := make([]byte, n)
 	for reads := 0; ; reads++ {
 		select {

@@ -21,7 +21,13 @@ import (
 // chunk's owned pages go back to those last written down, as after a
 // crash, so that writes applied again since the last Sync fill their
 // pages again.
-func (s *Store) Sync() error {
+//
+// failed, if not nil, is called once, as soon as a chunk's data may be
+// lost (its fdatasync or its owned pages' write-down failed) and before
+// anything else is done about it: from then on reads may see the chunk as
+// it was before the writes since the last Sync, and the caller stops them
+// there. No chunk lock is held while it runs.
+func (s *Store) Sync(failed func()) error {
 	s.mu.RLock()
 	if s.mu.closed {
 		s.mu.RUnlock()
@@ -36,23 +42,36 @@ func (s *Store) Sync() error {
 	s.mu.RUnlock()
 	var errs []error
 	for _, c := range todo {
-		if err := s.syncChunk(c); err != nil {
+		lost, err := s.syncChunk(c)
+		if lost {
+			if failed != nil {
+				failed()
+				failed = nil
+			}
+			c.mu.RLock()
+			c.revertOwned()
+			c.mu.RUnlock()
+		}
+		if err != nil {
 			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)
 }
 
-func (s *Store) syncChunk(c *chunk) error {
+// syncChunk fdatasyncs one chunk and writes its owned pages down; lost
+// reports that the chunk's data or owned pages may be lost (the caller
+// reverts the owned pages).
+func (s *Store) syncChunk(c *chunk) (lost bool, err error) {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	if c.gone != nil {
-		return nil // deleted: nothing of it needs to survive
+		return false, nil // deleted: nothing of it needs to survive
 	}
 	// Clear the mark before the fdatasync: a write finishing after this
 	// point either is covered by the fdatasync or marks the chunk again.
 	if !c.dirty.Swap(false) {
-		return nil
+		return false, nil
 	}
 	// A clone chunk's owned pages as they are before the fdatasync: the
 	// data of each is then durable when the bits are written down.
@@ -60,7 +79,7 @@ func (s *Store) syncChunk(c *chunk) error {
 	h, err := s.files.acquire(c)
 	if err != nil {
 		c.dirty.Store(true)
-		return fmt.Errorf("sync: %w", err)
+		return false, fmt.Errorf("sync: %w", err)
 	}
 	if hook := s.knobs.BeforeFdatasync; hook != nil {
 		hook(c.id)
@@ -69,23 +88,21 @@ func (s *Store) syncChunk(c *chunk) error {
 	h.release()
 	if err != nil {
 		c.dirty.Store(true)
-		c.revertOwned()
-		return fmt.Errorf("sync chunk %d: fdatasync: %w", c.id, err)
+		return true, fmt.Errorf("sync chunk %d: fdatasync: %w", c.id, err)
 	}
 	if bits != nil {
 		if err := s.saveOwned(c, bits); err != nil {
 			c.dirty.Store(true)
-			c.revertOwned()
-			return fmt.Errorf("sync: %w", err)
+			return true, fmt.Errorf("sync: %w", err)
 		}
 	}
-	return nil
+	return false, nil
 }
 
 // Close syncs written chunks (see Sync), closes their descriptors and
 // releases the directory. Later calls return ErrClosed.
 func (s *Store) Close() error {
-	err := s.Sync()
+	err := s.Sync(nil)
 	if errors.Is(err, ErrClosed) {
 		return nil
 	}

@@ -135,7 +135,7 @@ func TestClonePagesSurviveCrashes(t *testing.T) {
 			case r < 76:
 				err = do(cloneOp{id: id, delete: true})
 			default:
-				if err = s.Sync(); err == nil {
+				if err = s.Sync(nil); err == nil {
 					log = nil // a checkpoint: what it covers is never replayed
 				}
 			}
@@ -187,7 +187,7 @@ func TestClonePagesSurviveFailedSync(t *testing.T) {
 	}
 	// A checkpoint with the chunk created and one page owned.
 	do(cloneOp{id: 1, off: 0, data: bytes.Repeat([]byte{7}, unit)})
-	if err := s.Sync(); err != nil {
+	if err := s.Sync(nil); err != nil {
 		t.Fatal(err)
 	}
 	log = nil
@@ -200,7 +200,7 @@ func TestClonePagesSurviveFailedSync(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := s.Sync(); err == nil {
+	if err := s.Sync(nil); err == nil {
 		t.Fatal("sync did not fail")
 	}
 	f.RemoveRule(rule)
@@ -209,7 +209,7 @@ func TestClonePagesSurviveFailedSync(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := s.Sync(); err != nil {
+	if err := s.Sync(nil); err != nil {
 		t.Fatal(err)
 	}
 	got := make([]byte, chunkSize)

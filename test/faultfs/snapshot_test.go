@@ -148,7 +148,7 @@ func TestSnapshotVersionsSurviveCrashes(t *testing.T) {
 					}
 				}
 			default:
-				if err = s.Sync(); err == nil {
+				if err = s.Sync(nil); err == nil {
 					log = nil // a checkpoint: what it covers is never replayed
 				}
 			}
