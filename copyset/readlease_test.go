@@ -168,3 +168,57 @@ func TestAbortedTransferEndsLeaseReadsForTheTerm(t *testing.T) {
 		t.Fatalf("stale read on node 1 (leader=%v) after node 2 acknowledged a write: %.16q", c1.IsLeader(), buf)
 	}
 }
+
+// TestLeaseReadsWaitForWhatEarlierLeadersCommitted: a replica that becomes
+// leader before it applied what its predecessor acknowledged must not serve
+// a read under its lease until it did.
+func TestLeaseReadsWaitForWhatEarlierLeadersCommitted(t *testing.T) {
+	tc, _, id := manualCluster(t)
+	c1, c2 := copysetOn(t, tc, 1, id), copysetOn(t, tc, 2, id)
+	ctx := context.Background()
+	if err := c1.Read(ctx, 1, 0, make([]byte, testBlock)); err != nil { // its heartbeats carry the commit index
+		t.Fatal(err)
+	}
+	tc.allApplied([]GroupID{id}, 10*time.Second)
+	c2.smMu.Lock() // node 2 applies nothing from now on
+	unlocked := false
+	unlock := func() {
+		if !unlocked {
+			unlocked = true
+			c2.smMu.Unlock()
+		}
+	}
+	t.Cleanup(unlock)
+	if _, err := writeWait(ctx, c1, 1, 1, 1, 0, pattern("new|", testBlock)); err != nil {
+		t.Fatal(err)
+	}
+	tctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	err := c1.TransferLeader(tctx, 2, c1.ConfEpoch())
+	cancel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A first read confirms the new leader's lease (and waits for its apply).
+	first := make(chan error, 1)
+	go func() { first <- c2.Read(ctx, 1, 0, make([]byte, testBlock)) }()
+	soon.Succeeds(t, 10*time.Second, func() error {
+		if c2.lease.Load() == nil {
+			return errNotYet
+		}
+		return nil
+	})
+	buf := make([]byte, testBlock)
+	rctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+	err = c2.Read(rctx, 1, 0, buf)
+	cancel()
+	if err == nil {
+		t.Fatalf("the new leader served %.8q under its lease before applying %q, acknowledged by its predecessor", buf, "new|")
+	}
+	unlock()
+	if err := <-first; err != nil {
+		t.Fatal(err)
+	}
+	if err := c2.Read(ctx, 1, 0, buf); err != nil || !bytes.Equal(buf, pattern("new|", testBlock)) {
+		t.Fatalf("read after the apply: %.8q, %v", buf, err)
+	}
+}
