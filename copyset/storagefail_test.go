@@ -136,37 +136,8 @@ func TestReadsWaitForARewriteFromTheLog(t *testing.T) {
 	})
 	id := MakeGroupID(9, 7)
 	tc.create([]GroupID{id}, []uint64{1, 2, 3})
-	l := tc.leader(id)
+	l, first := versionsBeforeAFailingSync(t, tc, id)
 	ctx := context.Background()
-	if _, err := writeWait(ctx, l, 1, 1, 1, 0, pattern("v0|", testBlock)); err != nil {
-		t.Fatal(err)
-	}
-	checkpointed := func() error {
-		l.requestCheckpoint()
-		if l.ckptIndex.Load() < l.AppliedIndex() {
-			return fmt.Errorf("checkpoint at %d, applied %d", l.ckptIndex.Load(), l.AppliedIndex())
-		}
-		return nil
-	}
-	soon.Succeeds(t, 10*time.Second, checkpointed)
-	first, err := writeWait(ctx, l, 1, 1, 1, 0, pattern("v1|", testBlock))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, v := range []string{"v2|", "v3|"} {
-		if _, err := writeWait(ctx, l, 1, 1, 1, 0, pattern(v, testBlock)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	node := uint64(0)
-	for _, n := range tc.running() {
-		if c, err := n.engine.Get(id); err == nil && c == l {
-			node = n.id
-		}
-	}
-	if _, err := tc.disks[node].FailSync(`/chunks/chunk_`, 1); err != nil {
-		t.Fatal(err)
-	}
 	rewriting.Store(first)
 	l.requestCheckpoint()
 	select {
@@ -176,7 +147,7 @@ func TestReadsWaitForARewriteFromTheLog(t *testing.T) {
 	}
 	buf := make([]byte, testBlock)
 	rctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
-	err = l.Read(rctx, 1, 0, buf)
+	err := l.Read(rctx, 1, 0, buf)
 	cancel()
 	if err == nil {
 		close(resume)
@@ -230,32 +201,8 @@ func TestReadsStopAtAFailedSync(t *testing.T) {
 	})
 	id := MakeGroupID(9, 8)
 	tc.create([]GroupID{id}, []uint64{1, 2, 3})
-	l := tc.leader(id)
+	l, _ := versionsBeforeAFailingSync(t, tc, id)
 	ctx := context.Background()
-	if _, err := writeWait(ctx, l, 1, 1, 1, 0, pattern("v0|", testBlock)); err != nil {
-		t.Fatal(err)
-	}
-	soon.Succeeds(t, 10*time.Second, func() error {
-		l.requestCheckpoint()
-		if l.ckptIndex.Load() < l.AppliedIndex() {
-			return fmt.Errorf("checkpoint at %d, applied %d", l.ckptIndex.Load(), l.AppliedIndex())
-		}
-		return nil
-	})
-	for _, v := range []string{"v1|", "v2|", "v3|"} {
-		if _, err := writeWait(ctx, l, 1, 1, 1, 0, pattern(v, testBlock)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	node := uint64(0)
-	for _, n := range tc.running() {
-		if c, err := n.engine.Get(id); err == nil && c == l {
-			node = n.id
-		}
-	}
-	if _, err := tc.disks[node].FailSync(`/chunks/chunk_`, 1); err != nil {
-		t.Fatal(err)
-	}
 	armed.Store(true)
 	l.requestCheckpoint()
 	select {
@@ -271,4 +218,41 @@ func TestReadsStopAtAFailedSync(t *testing.T) {
 	if err == nil && !bytes.Equal(buf, pattern("v3|", testBlock)) {
 		t.Fatalf("read between the failed sync and the rewrite returned %.8q; last acknowledged %q", buf, "v3|")
 	}
+}
+
+// versionsBeforeAFailingSync writes v0 to block 0 of chunk 1 through the
+// copyset's leader, checkpoints, writes v1, v2 and v3 over it, and makes
+// the next fdatasync of a chunk file on the leader's disk fail. It returns
+// the leader and the index of v1's entry.
+func versionsBeforeAFailingSync(t *testing.T, tc *testCluster, id GroupID) (*Copyset, uint64) {
+	t.Helper()
+	l := tc.leader(id)
+	ctx := context.Background()
+	if _, err := writeWait(ctx, l, 1, 1, 1, 0, pattern("v0|", testBlock)); err != nil {
+		t.Fatal(err)
+	}
+	soon.Succeeds(t, 10*time.Second, func() error {
+		l.requestCheckpoint()
+		if l.ckptIndex.Load() < l.AppliedIndex() {
+			return fmt.Errorf("checkpoint at %d, applied %d", l.ckptIndex.Load(), l.AppliedIndex())
+		}
+		return nil
+	})
+	first, err := writeWait(ctx, l, 1, 1, 1, 0, pattern("v1|", testBlock))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range []string{"v2|", "v3|"} {
+		if _, err := writeWait(ctx, l, 1, 1, 1, 0, pattern(v, testBlock)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, n := range tc.running() {
+		if c, err := n.engine.Get(id); err == nil && c == l {
+			if _, err := tc.disks[n.id].FailSync(`/chunks/chunk_`, 1); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	return l, first
 }
