@@ -94,7 +94,7 @@ func (s *Store) writeChunk(c *chunk, p []byte, off int64, sn, keep uint64, fill 
 	}
 	if len(p) > 0 {
 		c.data.Lock()
-		_, err = h.f.WriteAt(p, s.geo.MetaPageSize+off)
+		_, err = fsutil.WriteAtInPieces(h.f, p, s.geo.MetaPageSize+off)
 		if err == nil && c.own != nil {
 			s.ownRange(c, off, int64(len(p)))
 		}

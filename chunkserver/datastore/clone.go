@@ -472,7 +472,7 @@ func (s *Store) ZeroSN(id, sn, keep uint64) error {
 		zeros := make([]byte, min(s.geo.ChunkSize, 1<<20))
 		for off := int64(0); off < s.geo.ChunkSize; off += int64(len(zeros)) {
 			n := min(int64(len(zeros)), s.geo.ChunkSize-off)
-			if _, err := h.f.WriteAt(zeros[:n], s.geo.MetaPageSize+off); err != nil {
+			if _, err := fsutil.WriteAtInPieces(h.f, zeros[:n], s.geo.MetaPageSize+off); err != nil {
 				return fmt.Errorf("zero chunk %d: %w", id, err)
 			}
 		}

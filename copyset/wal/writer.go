@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"cairn.io/cairn/chunkfilepool/fsutil"
 )
 
 // run is the writer goroutine: it drains the queue into group commits and
@@ -138,7 +140,7 @@ func (b *batchWriter) flush() error {
 	if k := b.w.opts.TestingKnobs.BeforeWrite; k != nil {
 		k(seg.seq, b.off, len(b.buf))
 	}
-	_, err := seg.f.WriteAt(b.buf, b.off)
+	_, err := fsutil.WriteAtInPieces(seg.f, b.buf, b.off)
 	b.buf = b.buf[:n]
 	if err != nil {
 		return fmt.Errorf("wal: write segment %016x: %w", seg.seq, err)
