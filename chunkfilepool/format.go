@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -250,6 +251,15 @@ func (p *Pool) promote(dir, name string) error {
 // writeZeros writes zeros over [0, FileSize) of f, throttled, then fsyncs it
 // and drops it from the page cache. It stops early when the pool closes.
 func (p *Pool) writeZeros(f *os.File, progress func(done int64)) error {
+	// The zeros go around the page cache when the filesystem allows it
+	// (O_DIRECT): copied into the cache they would cost a copy and a
+	// writeback of every page, then be dropped again below.
+	direct := openDirect(f)
+	defer func() {
+		if direct != nil {
+			_ = direct.Close()
+		}
+	}()
 	start := time.Now()
 	for off := int64(0); off < p.fileSize; {
 		if err := p.ctx.Err(); err != nil {
@@ -261,7 +271,19 @@ func (p *Pool) writeZeros(f *os.File, progress func(done int64)) error {
 				return err
 			}
 		}
-		if _, err := f.WriteAt(p.zeros[:n], off); err != nil {
+		w := f
+		if direct != nil && off%directAlign == 0 && n%directAlign == 0 {
+			w = direct
+		}
+		_, err := w.WriteAt(p.zeros[:n], off)
+		if err != nil && w == direct && errors.Is(err, unix.EINVAL) {
+			// The device wants a larger alignment: write through the
+			// page cache from here on.
+			_ = direct.Close()
+			direct = nil
+			_, err = f.WriteAt(p.zeros[:n], off)
+		}
+		if err != nil {
 			return err
 		}
 		off += n
@@ -289,6 +311,30 @@ func (p *Pool) writeZeros(f *os.File, progress func(done int64)) error {
 		p.log.Debug("fadvise DONTNEED failed", "file", f.Name(), "err", err)
 	}
 	return nil
+}
+
+// directAlign is the alignment of offset, length and memory that writeZeros
+// keeps for O_DIRECT writes: the largest logical block size of common disks.
+const directAlign = 4096
+
+// openDirect opens f's file again for O_DIRECT writes, or returns nil when
+// the filesystem does not support them (tmpfs, some FUSE filesystems). The
+// fsync of f afterwards covers what was written through either descriptor:
+// both name one inode.
+func openDirect(f *os.File) *os.File {
+	fd, err := unix.Open(f.Name(), unix.O_WRONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil
+	}
+	return os.NewFile(uintptr(fd), f.Name())
+}
+
+// alignedZeros returns n zero bytes starting at a directAlign boundary of
+// memory, as O_DIRECT requires of the buffer.
+func alignedZeros(n int) []byte {
+	b := make([]byte, n+directAlign)
+	skip := int(-uintptr(unsafe.Pointer(unsafe.SliceData(b))) & (directAlign - 1))
+	return b[skip : skip+n : skip+n]
 }
 
 // logProgressLocked logs formatting progress at every tenth.
