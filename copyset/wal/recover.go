@@ -129,6 +129,9 @@ func (w *WAL) recover() (map[uint64]*GroupLog, error) {
 		if err := w.cutTail(seg); err != nil {
 			return nil, err
 		}
+		// The next group commit rewrites the start of the page the log
+		// ends in, to write whole pages (writer.go).
+		seg.tail = append([]byte(nil), buf[off&^(pageSize-1):off]...)
 	}
 	w.nextSeq = max(w.nextSeq, 1)
 	return logs, nil

@@ -104,9 +104,12 @@ type segment struct {
 	seq       uint64
 	path      string
 	f         *os.File
-	writeOff  int64 // next byte to write
-	syncedOff int64 // bytes known durable
-	closed    bool  // end-of-segment record written
+	direct    *os.File // f's file opened with O_DIRECT (direct.go), at first write
+	noDirect  bool     // the filesystem or device refused O_DIRECT writes
+	tail      []byte   // the log's bytes from the start of writeOff's page to writeOff, when known
+	writeOff  int64    // next byte to write
+	syncedOff int64    // bytes known durable
+	closed    bool     // end-of-segment record written
 	// per group: highest entry index and whether a hard state or snapshot
 	// record is held here.
 	groups map[uint64]*segGroup
@@ -178,6 +181,7 @@ func Open(opts Options) (*WAL, map[uint64]*GroupLog, error) {
 		log:      opts.Logger.With("component", "wal"),
 		wake:     make(chan struct{}, 1),
 		stopped:  make(chan struct{}),
+		buf:      alignedBuffer(1 << 20), // page aligned for O_DIRECT (direct.go)
 	}
 	if w.fileSize < 4*headerBlockSize {
 		return nil, nil, fmt.Errorf("wal: segment size %d too small", w.fileSize)
@@ -346,9 +350,6 @@ func (w *WAL) closeFiles() {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	for _, s := range w.mu.segs {
-		if s.f != nil {
-			s.f.Close()
-			s.f = nil
-		}
+		s.closeFiles()
 	}
 }

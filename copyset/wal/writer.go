@@ -6,8 +6,6 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-
-	"cairn.io/cairn/chunkfilepool/fsutil"
 )
 
 // run is the writer goroutine: it drains the queue into group commits and
@@ -101,11 +99,19 @@ func requestSize(a Append) int {
 // the next one's header is written) or the buffer would exceed the torn
 // window (so an interrupted write never spans more than that). Recovery
 // relies on both.
+//
+// buf starts at a page boundary of the segment whenever the bytes of the
+// log before the write offset in that page are known (seg.tail): it then
+// begins with those bytes again (pre of them), so that every write covers
+// whole pages and can go around the page cache (direct.go). Writing them
+// again is what the page cache's writeback did anyway: it writes whole
+// pages.
 type batchWriter struct {
 	w       *WAL
 	seg     *segment
-	off     int64 // where buf goes in seg
+	off     int64 // where buf[0] goes in seg; off+len(buf) is the end of the log
 	buf     []byte
+	pre     int // leading bytes of buf already in the segment
 	updates []segUpdate
 	written int
 	synced  time.Duration
@@ -122,16 +128,17 @@ var zeroPage [pageSize]byte
 
 // flush writes and syncs the buffer.
 func (b *batchWriter) flush() error {
-	if len(b.buf) == 0 {
+	if len(b.buf) == b.pre {
 		return nil
 	}
 	seg := b.seg
 	// Write whole pages: the segment's pages are not in the page cache
-	// (the pool drops them after formatting), and a write that ends inside
-	// a page makes the kernel read that page from the disk first, which
-	// costs about as much as the fdatasync. The padding is zeros, what the
-	// segment holds past its last record anyway; the next write starts in
-	// the cached page this one ended in.
+	// (the pool drops them after formatting), and a buffered write that
+	// ends inside a page makes the kernel read that page from the disk
+	// first, which costs about as much as the fdatasync; a direct write
+	// must cover whole pages. The padding is zeros, what the segment holds
+	// past its last record anyway; the next write starts with the bytes
+	// this one wrote into its last page (b.pre).
 	n := len(b.buf)
 	end := b.off + int64(n)
 	if pad := min(-end&(pageSize-1), b.w.fileSize-end); pad > 0 {
@@ -140,7 +147,8 @@ func (b *batchWriter) flush() error {
 	if k := b.w.opts.TestingKnobs.BeforeWrite; k != nil {
 		k(seg.seq, b.off, len(b.buf))
 	}
-	_, err := fsutil.WriteAtInPieces(seg.f, b.buf, b.off)
+	err := writeSegment(seg, b.buf, b.off)
+	b.written += len(b.buf) - b.pre
 	b.buf = b.buf[:n]
 	if err != nil {
 		return fmt.Errorf("wal: write segment %016x: %w", seg.seq, err)
@@ -150,10 +158,17 @@ func (b *batchWriter) flush() error {
 		return fmt.Errorf("wal: sync segment %016x: %w", seg.seq, err)
 	}
 	b.synced += time.Since(start)
-	b.off += int64(len(b.buf))
-	b.written += len(b.buf)
-	seg.writeOff, seg.syncedOff = b.off, b.off
-	b.buf = b.buf[:0]
+	end = b.off + int64(n)
+	seg.writeOff, seg.syncedOff = end, end
+	// Keep the start of the page the log now ends in: the next write
+	// begins with it. (Unless this write began inside that page without
+	// its start: then the next one is not page aligned either.)
+	if k := int(end % pageSize); k <= n {
+		copy(b.buf, b.buf[n-k:n])
+		b.buf, b.pre, b.off = b.buf[:k], k, end-int64(k)
+	} else {
+		b.buf, b.pre, b.off = b.buf[:0], 0, end
+	}
 	return nil
 }
 
@@ -174,7 +189,7 @@ func (b *batchWriter) emitWith(typ byte, group uint64, size int, fill func([]byt
 		if err != nil {
 			return err
 		}
-		b.seg, b.off = next, 0
+		b.seg, b.off, b.pre = next, 0, 0
 		b.buf = append(b.buf[:0], make([]byte, headerBlockSize)...)
 		encodeSegmentHeader(b.buf, next.seq)
 		if !b.fits(size) {
@@ -198,6 +213,10 @@ func (w *WAL) writeBatch(batch []request) error {
 		return err
 	}
 	b := &batchWriter{w: w, seg: cur, off: cur.writeOff, buf: w.buf[:0]}
+	if k := int(cur.writeOff % pageSize); k != 0 && len(cur.tail) == k {
+		b.buf = append(b.buf, cur.tail...)
+		b.off, b.pre = cur.writeOff-int64(k), k
+	}
 	if cur.writeOff == 0 {
 		b.buf = append(b.buf, make([]byte, headerBlockSize)...)
 		encodeSegmentHeader(b.buf, cur.seq)
@@ -252,6 +271,7 @@ func (w *WAL) writeBatch(batch []request) error {
 	if err := b.flush(); err != nil {
 		return err
 	}
+	b.seg.tail = append(b.seg.tail[:0], b.buf[:b.pre]...)
 	w.buf = b.buf[:0]
 
 	w.mu.Lock()
@@ -261,8 +281,7 @@ func (w *WAL) writeBatch(batch []request) error {
 	for _, seg := range b.closed {
 		// Finished segments are reopened by recovery; free their files.
 		seg.closed = true
-		seg.f.Close()
-		seg.f = nil
+		seg.closeFiles()
 	}
 	w.mu.Unlock()
 	// A batch that wrote nothing (appends carrying only a commit index,

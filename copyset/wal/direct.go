@@ -1,0 +1,81 @@
+package wal
+
+import (
+	"errors"
+	"os"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"cairn.io/cairn/chunkfilepool/fsutil"
+)
+
+// Group commits go to the segment with O_DIRECT where the filesystem allows
+// it: the log is written once and read back only by recovery, so copying
+// every batch into the page cache, writing the pages back in the
+// fdatasync and keeping them cached bought nothing. Durability is
+// unchanged: fdatasync after the write still flushes the disk's cache,
+// for direct and buffered writes alike. A write qualifies when its offset,
+// length and buffer are page aligned (each batch is padded to a page, so
+// all but the first after a recovery are); others, and every write on a
+// filesystem without O_DIRECT (tmpfs, some FUSE filesystems), go through
+// the page cache.
+
+// writeSegment writes p at off of seg.
+func writeSegment(seg *segment, p []byte, off int64) error {
+	if d := seg.directFile(); d != nil && directAligned(p, off) {
+		_, err := d.WriteAt(p, off)
+		if err == nil || !errors.Is(err, unix.EINVAL) {
+			return err
+		}
+		// The device wants a larger alignment than a page.
+		seg.closeDirect()
+		seg.noDirect = true
+	}
+	_, err := fsutil.WriteAtInPieces(seg.f, p, off)
+	return err
+}
+
+// directFile returns seg's O_DIRECT descriptor, opening it at first use, or
+// nil when the filesystem refuses one.
+func (seg *segment) directFile() *os.File {
+	if seg.direct == nil && !seg.noDirect {
+		fd, err := unix.Open(seg.path, unix.O_WRONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
+		if err != nil {
+			seg.noDirect = true
+			return nil
+		}
+		seg.direct = os.NewFile(uintptr(fd), seg.path)
+	}
+	return seg.direct
+}
+
+// closeFiles closes seg's descriptors.
+func (seg *segment) closeFiles() {
+	seg.closeDirect()
+	if seg.f != nil {
+		seg.f.Close()
+		seg.f = nil
+	}
+}
+
+func (seg *segment) closeDirect() {
+	if seg.direct != nil {
+		seg.direct.Close()
+		seg.direct = nil
+	}
+}
+
+// directAligned reports whether p at off meets O_DIRECT's alignment.
+func directAligned(p []byte, off int64) bool {
+	return len(p) > 0 && off%pageSize == 0 && len(p)%pageSize == 0 &&
+		uintptr(unsafe.Pointer(unsafe.SliceData(p)))%pageSize == 0
+}
+
+// alignedBuffer returns an empty buffer of capacity n whose memory starts at
+// a page boundary.
+func alignedBuffer(n int) []byte {
+	b := make([]byte, n+pageSize)
+	skip := int(-uintptr(unsafe.Pointer(unsafe.SliceData(b))) & (pageSize - 1))
+	return b[skip : skip : skip+n]
+}
