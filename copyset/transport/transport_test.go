@@ -326,7 +326,7 @@ func TestControlTrafficOvertakesStalledAppends(t *testing.T) {
 func FuzzReceive(f *testing.F) {
 	hb := &transportpb.RaftBatch{From: 2, To: 1, Heartbeats: []*transportpb.Heartbeat{{Group: 7, Term: 3, Commit: 1 << 40}}}
 	typ := raftpb.MsgApp
-	app, _ := proto.Marshal(&raftpb.Message{Type: &typ, From: new(uint64(2)), To: new(uint64(1)), Term: new(uint64(3))})
+	app := &raftpb.Message{Type: &typ, From: new(uint64(2)), To: new(uint64(1)), Term: new(uint64(3))}
 	for _, b := range []*transportpb.RaftBatch{hb, {From: 2, To: 1, Messages: []*transportpb.GroupMessage{{Group: 7, Message: app}}}, {From: 2, To: 9}} {
 		raw, _ := proto.Marshal(b)
 		f.Add(raw)
