@@ -5,6 +5,8 @@ GO ?= go
 BIN := bin
 TOOLS := $(BIN)/tools
 PROTOS := $(shell find api -name '*.proto' | sort)
+# The go.etcd.io/raft/v3 module, whose raftpb/raft.proto api/ imports.
+RAFT_PROTO = $(shell $(GO) list -m -f '{{.Dir}}' go.etcd.io/raft/v3)
 # Packages make test runs (all of them, under the race detector).
 RACE_PKGS ?= ./...
 TEST_TIMEOUT ?= 25m
@@ -35,7 +37,8 @@ tools: $(TOOLS)/protoc-gen-go $(TOOLS)/protoc-gen-go-grpc $(TOOLS)/staticcheck $
 
 proto: tools ## regenerate the Go code of api/*.proto
 	@command -v protoc >/dev/null || { echo "make proto: protoc not found; install it with: apt-get install protobuf-compiler" >&2; exit 1; }
-	protoc -I api \
+	@test -f "$(RAFT_PROTO)/raftpb/raft.proto" || { echo "make proto: raftpb/raft.proto not found in the go.etcd.io/raft/v3 module (go mod download)" >&2; exit 1; }
+	protoc -I api -I $(RAFT_PROTO) \
 	  --plugin=protoc-gen-go=$(TOOLS)/protoc-gen-go --go_out=api --go_opt=paths=source_relative \
 	  --plugin=protoc-gen-go-grpc=$(TOOLS)/protoc-gen-go-grpc --go-grpc_out=api --go-grpc_opt=paths=source_relative \
 	  $(patsubst api/%,%,$(PROTOS))

@@ -16,6 +16,7 @@
 package transportpb
 
 import (
+	raftpb "go.etcd.io/raft/v3/raftpb"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	reflect "reflect"
@@ -35,8 +36,10 @@ type GroupMessage struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Copyset group id: logical pool id << 32 | copyset id.
 	Group uint64 `protobuf:"varint,1,opt,name=group,proto3" json:"group,omitempty"`
-	// A go.etcd.io/raft/v3 raftpb.Message in its protobuf encoding.
-	Message       []byte `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	// The Raft message. An embedded message has the encoding of a bytes
+	// field holding the message's encoding: chunkservers that declare this
+	// field as bytes read and write the same batches.
+	Message       *raftpb.Message `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -78,7 +81,7 @@ func (x *GroupMessage) GetGroup() uint64 {
 	return 0
 }
 
-func (x *GroupMessage) GetMessage() []byte {
+func (x *GroupMessage) GetMessage() *raftpb.Message {
 	if x != nil {
 		return x.Message
 	}
@@ -566,10 +569,10 @@ var File_transportpb_transport_proto protoreflect.FileDescriptor
 
 const file_transportpb_transport_proto_rawDesc = "" +
 	"\n" +
-	"\x1btransportpb/transport.proto\x12\x12cairn.transport.v1\">\n" +
+	"\x1btransportpb/transport.proto\x12\x12cairn.transport.v1\x1a\x11raftpb/raft.proto\"O\n" +
 	"\fGroupMessage\x12\x14\n" +
-	"\x05group\x18\x01 \x01(\x04R\x05group\x12\x18\n" +
-	"\amessage\x18\x02 \x01(\fR\amessage\"\x83\x01\n" +
+	"\x05group\x18\x01 \x01(\x04R\x05group\x12)\n" +
+	"\amessage\x18\x02 \x01(\v2\x0f.raftpb.MessageR\amessage\"\x83\x01\n" +
 	"\tHeartbeat\x12\x14\n" +
 	"\x05group\x18\x01 \x01(\x04R\x05group\x12\x12\n" +
 	"\x04term\x18\x02 \x01(\x04R\x04term\x12\x16\n" +
@@ -638,18 +641,20 @@ var file_transportpb_transport_proto_goTypes = []any{
 	(*SnapshotFile)(nil),   // 3: cairn.transport.v1.SnapshotFile
 	(*SnapshotChunk)(nil),  // 4: cairn.transport.v1.SnapshotChunk
 	(*SnapshotResult)(nil), // 5: cairn.transport.v1.SnapshotResult
+	(*raftpb.Message)(nil), // 6: raftpb.Message
 }
 var file_transportpb_transport_proto_depIdxs = []int32{
-	0, // 0: cairn.transport.v1.RaftBatch.messages:type_name -> cairn.transport.v1.GroupMessage
-	1, // 1: cairn.transport.v1.RaftBatch.heartbeats:type_name -> cairn.transport.v1.Heartbeat
-	3, // 2: cairn.transport.v1.SnapshotChunk.files:type_name -> cairn.transport.v1.SnapshotFile
-	4, // 3: cairn.transport.v1.RaftTransport.InstallSnapshot:input_type -> cairn.transport.v1.SnapshotChunk
-	5, // 4: cairn.transport.v1.RaftTransport.InstallSnapshot:output_type -> cairn.transport.v1.SnapshotResult
-	4, // [4:5] is the sub-list for method output_type
-	3, // [3:4] is the sub-list for method input_type
-	3, // [3:3] is the sub-list for extension type_name
-	3, // [3:3] is the sub-list for extension extendee
-	0, // [0:3] is the sub-list for field type_name
+	6, // 0: cairn.transport.v1.GroupMessage.message:type_name -> raftpb.Message
+	0, // 1: cairn.transport.v1.RaftBatch.messages:type_name -> cairn.transport.v1.GroupMessage
+	1, // 2: cairn.transport.v1.RaftBatch.heartbeats:type_name -> cairn.transport.v1.Heartbeat
+	3, // 3: cairn.transport.v1.SnapshotChunk.files:type_name -> cairn.transport.v1.SnapshotFile
+	4, // 4: cairn.transport.v1.RaftTransport.InstallSnapshot:input_type -> cairn.transport.v1.SnapshotChunk
+	5, // 5: cairn.transport.v1.RaftTransport.InstallSnapshot:output_type -> cairn.transport.v1.SnapshotResult
+	5, // [5:6] is the sub-list for method output_type
+	4, // [4:5] is the sub-list for method input_type
+	4, // [4:4] is the sub-list for extension type_name
+	4, // [4:4] is the sub-list for extension extendee
+	0, // [0:4] is the sub-list for field type_name
 }
 
 func init() { file_transportpb_transport_proto_init() }

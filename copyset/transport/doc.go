@@ -11,7 +11,10 @@
 // which dominate the traffic of idle copysets, travel in the batch as a
 // compact coalesced list rather than as full Raft messages. The queue is
 // swapped out under its lock and the batch is encoded and sent after the lock
-// is released, so a slow peer never blocks the Raft workers.
+// is released, so a slow peer never blocks the Raft workers. A batch holds
+// the Raft messages themselves: each is encoded once, with the batch,
+// straight into the connection's write buffer, and decoded once, with the
+// batch, on the receiving side.
 //
 // Messages are best effort, as Raft expects: a full queue or a broken connection
 // drops messages and reports the peer unreachable; Raft retries.

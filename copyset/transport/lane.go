@@ -80,7 +80,9 @@ func groupsOf(q []outgoing) []uint64 {
 
 // sendBatch sends q as RaftBatch frames: heartbeats of all copysets
 // coalesced into the first frame, then the other messages in order, at most
-// MaxBatchBytes of them per frame.
+// MaxBatchBytes of them per frame. The messages go into the batch as they
+// are, unchanged (Raft may still hold them), and are encoded once, by the
+// connection's writer.
 func (l *lane) sendBatch(q []outgoing) error {
 	p := l.p
 	if err := l.connect(); err != nil {
@@ -105,18 +107,15 @@ func (l *lane) sendBatch(q []outgoing) error {
 		if t := m.GetType(); t == raftpb.MsgHeartbeat || t == raftpb.MsgHeartbeatResp {
 			continue
 		}
-		data, err := proto.Marshal(m)
-		if err != nil {
-			return fmt.Errorf("encode raft message: %w", err)
-		}
-		if len(b.Messages) > 0 && size+len(data) > p.t.cfg.MaxBatchBytes {
+		n := proto.Size(m)
+		if len(b.Messages) > 0 && size+n > p.t.cfg.MaxBatchBytes {
 			if err := l.sendFrame(b); err != nil {
 				return err
 			}
 			b, size = &transportpb.RaftBatch{From: p.t.cfg.NodeID, To: p.id}, 0
 		}
-		b.Messages = append(b.Messages, &transportpb.GroupMessage{Group: o.group, Message: data})
-		size += len(data)
+		b.Messages = append(b.Messages, &transportpb.GroupMessage{Group: o.group, Message: m})
+		size += n
 	}
 	if len(b.Messages) > 0 || len(b.Heartbeats) > 0 {
 		return l.sendFrame(b)

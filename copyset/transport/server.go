@@ -14,7 +14,9 @@ import (
 )
 
 // receive delivers one Raft batch that arrived on a wire connection; an
-// error closes that connection.
+// error closes that connection. Decoding the batch decodes its Raft
+// messages too, into memory of their own (payload is reused after the
+// call), and hands them on as they are.
 func (t *Transport) receive(ctx context.Context, payload []byte) error {
 	var b transportpb.RaftBatch
 	if err := proto.Unmarshal(payload, &b); err != nil {
@@ -41,9 +43,11 @@ func (t *Transport) receive(ctx context.Context, payload []byte) error {
 		t.cfg.Handler.HandleRaft(from, h.GetGroup(), m)
 	}
 	for _, gm := range b.GetMessages() {
-		m := &raftpb.Message{}
-		if err := proto.Unmarshal(gm.GetMessage(), m); err != nil {
-			return fmt.Errorf("decode raft message from %d: %w", from, err)
+		m := gm.GetMessage()
+		if m == nil {
+			// An empty encoding, which a sender of the field as bytes
+			// leaves out.
+			m = &raftpb.Message{}
 		}
 		t.cfg.Handler.HandleRaft(from, gm.GetGroup(), m)
 	}

@@ -1,6 +1,7 @@
 package transport
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"net"
@@ -229,6 +230,7 @@ func TestLargeAppendBurstFitsReceiveLimit(t *testing.T) {
 	t.Cleanup(func() { tx.Close() })
 
 	const n, size = 24, 512 << 10
+	var sent, before []*raftpb.Message
 	for i := range uint64(n) {
 		app := msg(raftpb.MsgApp, 2, 1, 3, i, nil)
 		data := make([]byte, size)
@@ -236,6 +238,7 @@ func TestLargeAppendBurstFitsReceiveLimit(t *testing.T) {
 			data[j] = byte(i + uint64(j))
 		}
 		app.Entries = []*raftpb.Entry{{Index: new(i + 1), Term: new(uint64(3)), Data: data}}
+		sent, before = append(sent, app), append(before, proto.Clone(app).(*raftpb.Message))
 		if !tx.Send(i%4+1, app) {
 			t.Fatalf("append %d not queued", i)
 		}
@@ -244,6 +247,12 @@ func TestLargeAppendBurstFitsReceiveLimit(t *testing.T) {
 	waitCount(t, col, 2*n)
 	if st := tx.Stats(); st.Dropped != 0 {
 		t.Fatalf("%d messages dropped", st.Dropped)
+	}
+	// Raft keeps the entries it sends: sending must leave them as they were.
+	for i := range sent {
+		if !proto.Equal(sent[i], before[i]) {
+			t.Fatalf("append %d changed by sending it", i)
+		}
 	}
 	col.mu.Lock()
 	defer col.mu.Unlock()
@@ -265,6 +274,36 @@ func TestLargeAppendBurstFitsReceiveLimit(t *testing.T) {
 	}
 	if next != n {
 		t.Fatalf("%d appends arrived, want %d", next, n)
+	}
+}
+
+// TestReceivedMessagesOwnTheirBytes checks that the messages a batch
+// delivers do not share memory with the frame they arrived in, which the
+// wire server reuses for the next frame.
+func TestReceivedMessagesOwnTheirBytes(t *testing.T) {
+	col := &collector{}
+	tr := New(Config{NodeID: 2, Handler: col})
+	defer tr.Close()
+	app := msg(raftpb.MsgApp, 2, 1, 3, 1, []byte("context"))
+	data := bytes.Repeat([]byte("entry"), 1000)
+	app.Entries = []*raftpb.Entry{{Index: new(uint64(2)), Term: new(uint64(3)), Data: data}}
+	want := proto.Clone(app).(*raftpb.Message)
+	payload, err := proto.Marshal(&transportpb.RaftBatch{From: 1, To: 2, Messages: []*transportpb.GroupMessage{{Group: 7, Message: app}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tr.receive(context.Background(), payload); err != nil {
+		t.Fatal(err)
+	}
+	for i := range payload {
+		payload[i] = 0xff
+	}
+	if len(col.got) != 1 {
+		t.Fatalf("%d messages delivered, want 1", len(col.got))
+	}
+	if r := col.got[0]; r.from != 1 || r.group != 7 || !proto.Equal(r.m, want) {
+		t.Fatalf("delivered from %d, group %d, %d entries; want the append from 1 to group 7, unchanged after its frame was overwritten",
+			r.from, r.group, len(r.m.GetEntries()))
 	}
 }
 
@@ -326,7 +365,7 @@ func TestControlTrafficOvertakesStalledAppends(t *testing.T) {
 func FuzzReceive(f *testing.F) {
 	hb := &transportpb.RaftBatch{From: 2, To: 1, Heartbeats: []*transportpb.Heartbeat{{Group: 7, Term: 3, Commit: 1 << 40}}}
 	typ := raftpb.MsgApp
-	app, _ := proto.Marshal(&raftpb.Message{Type: &typ, From: new(uint64(2)), To: new(uint64(1)), Term: new(uint64(3))})
+	app := &raftpb.Message{Type: &typ, From: new(uint64(2)), To: new(uint64(1)), Term: new(uint64(3))}
 	for _, b := range []*transportpb.RaftBatch{hb, {From: 2, To: 1, Messages: []*transportpb.GroupMessage{{Group: 7, Message: app}}}, {From: 2, To: 9}} {
 		raw, _ := proto.Marshal(b)
 		f.Add(raw)

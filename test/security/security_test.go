@@ -406,11 +406,7 @@ func TestNonMembersDoNotSpeakRaft(t *testing.T) {
 			next := last + 1
 			m.Entries = []*raftpb.Entry{{Index: &next, Term: &term, Data: []byte("forged")}}
 		}
-		raw, err := proto.Marshal(m)
-		if err != nil {
-			t.Fatal(err)
-		}
-		b.Messages = append(b.Messages, &transportpb.GroupMessage{Group: uint64(cs.ID()), Message: raw})
+		b.Messages = append(b.Messages, &transportpb.GroupMessage{Group: uint64(cs.ID()), Message: m})
 	}
 	deadline := time.Now().Add(2 * time.Second) // past the MDS's answer
 	for time.Now().Before(deadline) {
