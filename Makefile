@@ -38,7 +38,7 @@ tools: $(TOOLS)/protoc-gen-go $(TOOLS)/protoc-gen-go-grpc $(TOOLS)/staticcheck $
 proto: tools ## regenerate the Go code of api/*.proto
 	@command -v protoc >/dev/null || { echo "make proto: protoc not found; install it with: apt-get install protobuf-compiler" >&2; exit 1; }
 	@test -f "$(RAFT_PROTO)/raftpb/raft.proto" || { echo "make proto: raftpb/raft.proto not found in the go.etcd.io/raft/v3 module (go mod download)" >&2; exit 1; }
-	protoc -I api -I $(RAFT_PROTO) \
+	protoc -I api -I $(RAFT_PROTO)/raftpb \
 	  --plugin=protoc-gen-go=$(TOOLS)/protoc-gen-go --go_out=api --go_opt=paths=source_relative \
 	  --plugin=protoc-gen-go-grpc=$(TOOLS)/protoc-gen-go-grpc --go-grpc_out=api --go-grpc_opt=paths=source_relative \
 	  $(patsubst api/%,%,$(PROTOS))

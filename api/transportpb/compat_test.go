@@ -150,3 +150,18 @@ func TestGroupMessageIsWireCompatible(t *testing.T) {
 		}
 	})
 }
+
+// TestRaftMessageTypeResolves: the schema names raft's own file as raft's
+// generated code registers it, so the field's type is the real
+// raftpb.Message in the registry, not a placeholder.
+func TestRaftMessageTypeResolves(t *testing.T) {
+	fd := transportpb.File_transportpb_transport_proto
+	for i := 0; i < fd.Imports().Len(); i++ {
+		if imp := fd.Imports().Get(i); imp.IsPlaceholder() {
+			t.Errorf("import %s does not resolve to a registered file", imp.Path())
+		}
+	}
+	if md := fd.Messages().ByName("GroupMessage").Fields().ByName("message").Message(); md.IsPlaceholder() || md.FullName() != "raftpb.Message" {
+		t.Errorf("GroupMessage.message is %s (placeholder %v)", md.FullName(), md.IsPlaceholder())
+	}
+}

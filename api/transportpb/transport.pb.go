@@ -569,7 +569,8 @@ var File_transportpb_transport_proto protoreflect.FileDescriptor
 
 const file_transportpb_transport_proto_rawDesc = "" +
 	"\n" +
-	"\x1btransportpb/transport.proto\x12\x12cairn.transport.v1\x1a\x11raftpb/raft.proto\"O\n" +
+	"\x1btransportpb/transport.proto\x12\x12cairn.transport.v1\x1a\n" +
+	"raft.proto\"O\n" +
 	"\fGroupMessage\x12\x14\n" +
 	"\x05group\x18\x01 \x01(\x04R\x05group\x12)\n" +
 	"\amessage\x18\x02 \x01(\v2\x0f.raftpb.MessageR\amessage\"\x83\x01\n" +
