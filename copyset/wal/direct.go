@@ -16,10 +16,13 @@ import (
 // fdatasync and keeping them cached bought nothing. Durability is
 // unchanged: fdatasync after the write still flushes the disk's cache,
 // for direct and buffered writes alike. A write qualifies when its offset,
-// length and buffer are page aligned (each batch is padded to a page, so
-// all but the first after a recovery are); others, and every write on a
-// filesystem without O_DIRECT (tmpfs, some FUSE filesystems), go through
-// the page cache.
+// length and buffer are page aligned: each batch is padded to a page and
+// begins with the bytes of the log already in its first page (writer.go),
+// so all do but the last of a segment whose size is not a whole number of
+// pages. Others, and every write where the filesystem refuses O_DIRECT
+// (some FUSE filesystems) or the device wants a larger alignment, go
+// through the page cache. (tmpfs takes O_DIRECT and keeps the pages: it has
+// nothing else.)
 
 // writeSegment writes p at off of seg.
 func writeSegment(seg *segment, p []byte, off int64) error {
@@ -68,8 +71,12 @@ func (seg *segment) closeDirect() {
 
 // directAligned reports whether p at off meets O_DIRECT's alignment.
 func directAligned(p []byte, off int64) bool {
-	return len(p) > 0 && off%pageSize == 0 && len(p)%pageSize == 0 &&
-		uintptr(unsafe.Pointer(unsafe.SliceData(p)))%pageSize == 0
+	return len(p) > 0 && off%pageSize == 0 && len(p)%pageSize == 0 && pageAligned(p)
+}
+
+// pageAligned reports whether p's memory starts at a page boundary.
+func pageAligned(p []byte) bool {
+	return uintptr(unsafe.Pointer(unsafe.SliceData(p)))%pageSize == 0
 }
 
 // alignedBuffer returns an empty buffer of capacity n whose memory starts at

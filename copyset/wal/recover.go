@@ -66,6 +66,9 @@ func (w *WAL) recover() (map[uint64]*GroupLog, error) {
 			f.Close()
 			return nil, fmt.Errorf("wal: read %s: %w", fi.name, err)
 		}
+		// Read once; keep it out of the page cache like what the log
+		// writes (direct.go).
+		_ = unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED)
 		seq, ok, err := decodeSegmentHeader(buf[:headerBlockSize])
 		if err == nil && ok && seq != fi.seq {
 			err = fmt.Errorf("%w: %s holds sequence %d", ErrCorrupt, fi.name, seq)
@@ -196,6 +199,7 @@ func (w *WAL) cutTail(seg *segment) error {
 	if err := unix.Fdatasync(int(seg.f.Fd())); err != nil {
 		return fmt.Errorf("wal: sync cut tail of %s: %w", filepath.Base(seg.path), err)
 	}
+	_ = unix.Fadvise(int(seg.f.Fd()), 0, 0, unix.FADV_DONTNEED)
 	return nil
 }
 

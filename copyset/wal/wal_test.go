@@ -12,10 +12,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
-	"unsafe"
 
 	"go.etcd.io/raft/v3/raftpb"
-	"golang.org/x/sys/unix"
 
 	"cairn.io/cairn/internal/soon"
 	"cairn.io/cairn/test/faultfs"
@@ -545,83 +543,4 @@ func TestWritesEndOnPageBoundaries(t *testing.T) {
 	w, logs := openWAL(t, dir, src)
 	defer w.Close()
 	checkEntries(t, logs[7], want)
-}
-
-// TestGroupCommitsBypassThePageCache: where the filesystem takes O_DIRECT
-// writes, what the log writes does not stay in the page cache (recovery
-// alone reads it back), also after a restart in the middle of a page, and
-// everything recovers exactly.
-func TestGroupCommitsBypassThePageCache(t *testing.T) {
-	dir := t.TempDir()
-	probe := filepath.Join(dir, "probe")
-	if fd, err := unix.Open(probe, unix.O_CREAT|unix.O_WRONLY|unix.O_DIRECT, 0o600); err != nil {
-		t.Skipf("no O_DIRECT on %s: %v", dir, err)
-	} else {
-		unix.Close(fd)
-		os.Remove(probe)
-	}
-	src := &zeroSource{size: 1 << 20}
-	var want []*raftpb.Entry
-	for round := 0; round < 2; round++ {
-		w, logs := openWAL(t, dir, src)
-		if round > 0 {
-			checkEntries(t, logs[3], want)
-		}
-		w.mu.Lock()
-		from := int64(0)
-		if n := len(w.mu.segs); n > 0 {
-			from = w.mu.segs[n-1].writeOff &^ (pageSize - 1)
-		}
-		w.mu.Unlock()
-		for i := 1; i <= 20; i++ {
-			idx := uint64(len(want) + 1)
-			e := ent(idx, 1, string(bytes.Repeat([]byte{byte(idx)}, 3000+i*101)))
-			want = append(want, e)
-			submitSync(t, w, Append{Group: 3, Entries: []*raftpb.Entry{e}, HardState: hs(1, 1, idx)})
-		}
-		w.mu.Lock()
-		seg := w.mu.segs[len(w.mu.segs)-1]
-		path, end := seg.path, seg.writeOff
-		w.mu.Unlock()
-		// The test source wrote its zeros through the page cache, and
-		// recovery read the segment through it; the log's writes must
-		// have taken the pages they wrote out of it.
-		if cached := cachedPages(t, path, from, end&^(pageSize-1)); cached != 0 {
-			t.Fatalf("round %d: %d of the pages the log wrote from offset %d to %d are in the page cache", round, cached, from, end)
-		}
-		if err := w.Close(); err != nil {
-			t.Fatal(err)
-		}
-	}
-	w, logs := openWAL(t, dir, src)
-	defer w.Close()
-	checkEntries(t, logs[3], want)
-}
-
-// cachedPages counts the pages of [from, to) of a file that are in the page
-// cache.
-func cachedPages(t *testing.T, path string, from, to int64) int {
-	t.Helper()
-	if to <= from {
-		t.Fatalf("no whole page written between %d and %d", from, to)
-	}
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	mem, err := unix.Mmap(int(f.Fd()), from, int(to-from), unix.PROT_READ, unix.MAP_SHARED)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Munmap(mem)
-	vec := make([]byte, (to-from)/pageSize)
-	if _, _, errno := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&mem[0])), uintptr(len(mem)), uintptr(unsafe.Pointer(&vec[0]))); errno != 0 {
-		t.Fatal(errno)
-	}
-	n := 0
-	for _, v := range vec {
-		n += int(v & 1)
-	}
-	return n
 }

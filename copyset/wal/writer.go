@@ -148,7 +148,7 @@ func (b *batchWriter) flush() error {
 		k(seg.seq, b.off, len(b.buf))
 	}
 	err := writeSegment(seg, b.buf, b.off)
-	b.written += len(b.buf) - b.pre
+	b.written += n - b.pre
 	b.buf = b.buf[:n]
 	if err != nil {
 		return fmt.Errorf("wal: write segment %016x: %w", seg.seq, err)
@@ -273,6 +273,11 @@ func (w *WAL) writeBatch(batch []request) error {
 	}
 	b.seg.tail = append(b.seg.tail[:0], b.buf[:b.pre]...)
 	w.buf = b.buf[:0]
+	if !pageAligned(w.buf) {
+		// Grown by append into memory that is not page aligned: later
+		// writes would all go through the page cache.
+		w.buf = alignedBuffer(cap(w.buf))
+	}
 
 	w.mu.Lock()
 	for _, u := range b.updates {
