@@ -324,7 +324,11 @@ func all(addrs []string, in map[string]bool) bool {
 // that closed a plaintext connection before speaking HTTP/2 (what a TLS
 // listener does with a plaintext client).
 func closedBeforePreface(err error) bool {
-	return strings.Contains(status.Convert(err).Message(), "error reading server preface: EOF")
+	msg := status.Convert(err).Message()
+	// A server that closes while the client's preface is still unread in
+	// its socket resets the connection instead of ending it.
+	return strings.Contains(msg, "error reading server preface: EOF") ||
+		strings.Contains(msg, "error reading server preface:") && strings.Contains(msg, "connection reset by peer")
 }
 
 // NewStream opens a stream on the current leader. Streams are not retried.
