@@ -13,6 +13,7 @@ import (
 	"cairn.io/cairn/chunkserver/datastore"
 	"cairn.io/cairn/copyset"
 	"cairn.io/cairn/internal/geometry"
+	"cairn.io/cairn/internal/wire"
 )
 
 // chunkService serves chunk IO. Every outcome the chunkserver decides is a
@@ -31,17 +32,29 @@ type reqError struct {
 	leader *chunkpb.LeaderHint
 }
 
+// errWouldBlock is what a request served on its connection's reader
+// (wire.Inline) answers where it would have to wait: the wire server then
+// serves it again on a goroutine of its own.
+var errWouldBlock = &reqError{status: chunkpb.Status_STATUS_OVERLOAD, msg: "would block the connection"}
+
 func refuse(st chunkpb.Status, format string, args ...any) *reqError {
 	return &reqError{status: st, msg: fmt.Sprintf(format, args...)}
 }
 
 // admit takes an in-flight slot, waiting for one while MaxInflight requests
 // are served (back-pressure); it refuses with OVERLOAD only when the
-// request's deadline passes first.
+// request's deadline passes first. A request served on its connection's
+// reader (wire.Inline) does not wait: it gets errWouldBlock.
 func (s *Server) admit(ctx context.Context) (release func(), e *reqError) {
-	wctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
-	defer cancel()
-	if err := s.slots.Acquire(wctx, 1); err != nil {
+	if wire.Inline(ctx) {
+		if !s.slots.TryAcquire(1) {
+			return nil, errWouldBlock
+		}
+	} else if err := func() error {
+		wctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
+		defer cancel()
+		return s.slots.Acquire(wctx, 1)
+	}(); err != nil {
 		return nil, refuse(chunkpb.Status_STATUS_OVERLOAD, "chunkserver %d: waited for one of %d request slots: %v", s.id.ChunkServerID, s.cfg.MaxInflight, err)
 	}
 	s.inflight.Add(1)
@@ -287,6 +300,9 @@ func (cs *chunkService) ReadChunk(ctx context.Context, req *chunkpb.ReadChunkReq
 	s := cs.s
 	start := time.Now()
 	data, absent, e := s.readChunk(ctx, req)
+	if e == errWouldBlock {
+		return nil, wire.ErrWouldBlock
+	}
 	s.m.observe("read", start, statusOf(e), len(data))
 	resp := &chunkpb.ReadChunkResponse{Data: data, Absent: absent}
 	if e != nil {
@@ -308,6 +324,9 @@ func (s *Server) readChunk(ctx context.Context, req *chunkpb.ReadChunkRequest) (
 		return nil, nil, e
 	}
 	if req.GetEpoch() != 0 {
+		if wire.Inline(ctx) && s.epochs.wouldWait(req.GetVolumeId(), req.GetEpoch()) {
+			return nil, nil, errWouldBlock
+		}
 		release, err := s.epochs.fence(req.GetVolumeId(), req.GetEpoch())
 		if err != nil {
 			return nil, nil, s.epochRefusal(err)
@@ -319,12 +338,18 @@ func (s *Server) readChunk(ctx context.Context, req *chunkpb.ReadChunkRequest) (
 	}
 	rctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
 	defer cancel()
+	if wire.Inline(ctx) {
+		rctx = copyset.WithoutWaiting(rctx)
+	}
 	buf := make([]byte, req.GetLength())
 	var err error
 	if snap := req.GetSnapshotSn(); snap != 0 {
 		absent, err = c.ReadSnapshot(rctx, req.GetChunkId(), int64(req.GetOffset()), buf, snap)
 	} else {
 		absent, err = c.ReadOwned(rctx, req.GetChunkId(), int64(req.GetOffset()), buf)
+	}
+	if errors.Is(err, copyset.ErrWouldWait) {
+		return nil, nil, errWouldBlock
 	}
 	if err != nil {
 		return nil, nil, s.fromCopysetErr(c, err)

@@ -228,6 +228,16 @@ func (t *epochTable) fence(volume, epoch uint64) (release func(), err error) {
 	}
 }
 
+// wouldWait reports whether fence of volume at epoch would wait: for an
+// update of the table in progress, or to raise the table itself.
+func (t *epochTable) wouldWait(volume, epoch uint64) bool {
+	if !t.mu.TryRLock() {
+		return true
+	}
+	defer t.mu.RUnlock()
+	return volume != 0 && epoch > t.epochs[volume]
+}
+
 // refusal turns an error of fence into the refusal a request answers with:
 // no lease is UNAVAILABLE (retryable: it returns with the next heartbeat
 // that reaches the MDS), an older epoch EPOCH_TOO_OLD.

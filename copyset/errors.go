@@ -15,6 +15,10 @@ var (
 	ErrProposalLost = errors.New("copyset: proposal lost in a leader change")
 	// ErrStopped: the engine or copyset is shut down.
 	ErrStopped = errors.New("copyset: stopped")
+	// ErrWouldWait: a read under WithoutWaiting would have had to wait
+	// (for a ReadIndex round, what earlier leaders committed, or a
+	// rewrite of the chunk files); nothing was read.
+	ErrWouldWait = errors.New("copyset: the read would have to wait")
 	// ErrExists: a copyset with that id exists with other members.
 	ErrExists = errors.New("copyset: already exists")
 	// ErrNotFound: no such copyset on this chunkserver.

@@ -62,6 +62,9 @@ func (c *Copyset) WaitReadable(ctx context.Context) error {
 			return nil
 		}
 	}
+	if mustNotWait(ctx) {
+		return ErrWouldWait
+	}
 	r := &readWaiter{done: make(chan error, 1)}
 	if !c.enqueue(func(in *inbox) { in.reads = append(in.reads, r) }) {
 		return ErrStopped
@@ -72,6 +75,21 @@ func (c *Copyset) WaitReadable(ctx context.Context) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+}
+
+type noWaitKey struct{}
+
+// WithoutWaiting returns a context under which the reads of a copyset
+// (Read, ReadOwned, ReadSnapshot, WaitReadable) fail with ErrWouldWait
+// rather than wait: for callers that must not block, such as a connection's
+// reader serving a request inline, and try again elsewhere.
+func WithoutWaiting(ctx context.Context) context.Context {
+	return context.WithValue(ctx, noWaitKey{}, true)
+}
+
+func mustNotWait(ctx context.Context) bool {
+	v, _ := ctx.Value(noWaitKey{}).(bool)
+	return v
 }
 
 // Read reads a linearizable range of a chunk from the leader's chunk files.
@@ -104,6 +122,9 @@ func (c *Copyset) readFiles(ctx context.Context, read func() ([]byte, error)) ([
 		return nil, err
 	}
 	for !c.filesMu.TryRLock() {
+		if mustNotWait(ctx) {
+			return nil, ErrWouldWait
+		}
 		// A rewrite holds the files, or waits for the reads in progress.
 		if done := c.rewriting.Load(); done != nil {
 			select {

@@ -222,3 +222,36 @@ func TestLeaseReadsWaitForWhatEarlierLeadersCommitted(t *testing.T) {
 		t.Fatalf("read after the apply: %.8q, %v", buf, err)
 	}
 }
+
+// TestReadsWithoutWaitingFailRatherThanWait: under WithoutWaiting a read
+// that the lease lets through is served; one that would wait for a turn of
+// the Raft worker (the lease past half its length) fails at once with
+// ErrWouldWait and reads nothing, and the same read with waiting allowed
+// is then served.
+func TestReadsWithoutWaitingFailRatherThanWait(t *testing.T) {
+	tc, clock, id := manualCluster(t)
+	c1 := copysetOn(t, tc, 1, id)
+	want := pattern("lease|", testBlock)
+	buf := make([]byte, testBlock)
+	if err := c1.Read(context.Background(), 1, 0, buf); err != nil { // confirms the lease
+		t.Fatal(err)
+	}
+	noWait := WithoutWaiting(context.Background())
+	clear(buf)
+	if err := c1.Read(noWait, 1, 0, buf); err != nil || !bytes.Equal(buf, want) {
+		t.Fatalf("read without waiting under the lease: %v", err)
+	}
+
+	clock.Advance(c1.leaseDuration()/2 + time.Millisecond)
+	clear(buf)
+	start := time.Now()
+	if err := c1.Read(noWait, 1, 0, buf); !errors.Is(err, ErrWouldWait) {
+		t.Fatalf("read without waiting past half the lease: %v, want ErrWouldWait", err)
+	}
+	if time.Since(start) > time.Second || !bytes.Equal(buf, make([]byte, testBlock)) {
+		t.Fatalf("the refused read waited or read something")
+	}
+	if err := c1.Read(context.Background(), 1, 0, buf); err != nil || !bytes.Equal(buf, want) {
+		t.Fatalf("read with waiting: %v", err)
+	}
+}

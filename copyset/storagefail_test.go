@@ -3,6 +3,7 @@ package copyset
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"sync/atomic"
 	"testing"
@@ -146,6 +147,10 @@ func TestReadsWaitForARewriteFromTheLog(t *testing.T) {
 		t.Fatal("the leader did not rewrite its chunk files after the failed sync")
 	}
 	buf := make([]byte, testBlock)
+	if err := l.Read(WithoutWaiting(ctx), 1, 0, buf); !errors.Is(err, ErrWouldWait) {
+		close(resume)
+		t.Fatalf("read without waiting during the rewrite: %v, want ErrWouldWait", err)
+	}
 	rctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
 	err := l.Read(rctx, 1, 0, buf)
 	cancel()

@@ -34,7 +34,11 @@
 //
 // Each connection has one reader goroutine; requests run on a goroutine of
 // their own, bounded per connection (MaxConcurrent: the reader stops reading,
-// and TCP pushes back, when that many are in flight). There is no writer
+// and TCP pushes back, when that many are in flight). A method registered
+// with HandleInline (the chunk read) runs on the reader itself when it is
+// the connection's only request in progress and can answer without waiting
+// (inline.go): a goroutine and the wake-up of a thread to run it cost more
+// than a read from the page cache. There is no writer
 // goroutine: whoever has a frame to send appends it to the connection's
 // buffer and, if no other goroutine is writing, writes the buffer itself
 // until it is empty, so that frames finished together leave in one write

@@ -79,6 +79,7 @@ type method struct {
 	newReq  func() proto.Message
 	handler Handler
 	message MessageHandler
+	inline  bool // may run on the connection's reader (inline.go)
 }
 
 // Server serves wire connections. Register methods before Serve.
@@ -339,6 +340,9 @@ func (sc *serverConn) request(h header, payload []byte) error {
 	case <-sc.ctx.Done():
 		return ErrClosed
 	}
+	if sc.tryInline(h, md, req) {
+		return nil
+	}
 	ctx, cancel := sc.ctx, context.CancelFunc(nil)
 	if h.timeout > 0 {
 		ctx, cancel = context.WithTimeout(ctx, h.timeout)
@@ -356,16 +360,21 @@ func (sc *serverConn) request(h header, payload []byte) error {
 		delete(sc.cancels, h.id)
 		sc.mu.Unlock()
 		cancel()
-		if err == nil {
-			err = sc.w.send(context.Background(), header{kind: kindResponse, method: h.method, id: h.id}, resp, "")
-			if err != nil && connectionFailed(err) {
-				err = nil // the connection is gone; nobody to tell
-			}
-		}
-		if err != nil {
-			_ = sc.w.send(context.Background(), header{kind: kindError, method: h.method, id: h.id}, nil, err.Error())
-		}
+		sc.answer(h, resp, err)
 		<-sc.slots
 	}()
 	return nil
+}
+
+// answer sends a handler's response, or its error.
+func (sc *serverConn) answer(h header, resp proto.Message, err error) {
+	if err == nil {
+		err = sc.w.send(context.Background(), header{kind: kindResponse, method: h.method, id: h.id}, resp, "")
+		if err != nil && connectionFailed(err) {
+			err = nil // the connection is gone; nobody to tell
+		}
+	}
+	if err != nil {
+		_ = sc.w.send(context.Background(), header{kind: kindError, method: h.method, id: h.id}, nil, err.Error())
+	}
 }
