@@ -33,8 +33,9 @@ type reqError struct {
 }
 
 // errWouldBlock is what a request served on its connection's reader
-// (wire.Inline) answers where it would have to wait: the wire server then
-// serves it again on a goroutine of its own.
+// (wire.Inline) answers where it would have to wait: the handler (ReadChunk,
+// the one method registered inline) turns it into wire.ErrWouldBlock, and
+// the wire server serves the request again on a goroutine of its own.
 var errWouldBlock = &reqError{status: chunkpb.Status_STATUS_OVERLOAD, msg: "would block the connection"}
 
 func refuse(st chunkpb.Status, format string, args ...any) *reqError {
@@ -324,10 +325,16 @@ func (s *Server) readChunk(ctx context.Context, req *chunkpb.ReadChunkRequest) (
 		return nil, nil, e
 	}
 	if req.GetEpoch() != 0 {
-		if wire.Inline(ctx) && s.epochs.wouldWait(req.GetVolumeId(), req.GetEpoch()) {
-			return nil, nil, errWouldBlock
+		var release func()
+		var err error
+		if wire.Inline(ctx) {
+			var decided bool
+			if release, decided, err = s.epochs.tryFence(req.GetVolumeId(), req.GetEpoch()); !decided {
+				return nil, nil, errWouldBlock
+			}
+		} else {
+			release, err = s.epochs.fence(req.GetVolumeId(), req.GetEpoch())
 		}
-		release, err := s.epochs.fence(req.GetVolumeId(), req.GetEpoch())
 		if err != nil {
 			return nil, nil, s.epochRefusal(err)
 		}
@@ -339,6 +346,11 @@ func (s *Server) readChunk(ctx context.Context, req *chunkpb.ReadChunkRequest) (
 	rctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
 	defer cancel()
 	if wire.Inline(ctx) {
+		if req.GetSnapshotSn() != 0 {
+			// A snapshot read may wait for a write's copy on write
+			// (a new version file, synced).
+			return nil, nil, errWouldBlock
+		}
 		rctx = copyset.WithoutWaiting(rctx)
 	}
 	buf := make([]byte, req.GetLength())

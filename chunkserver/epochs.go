@@ -207,35 +207,45 @@ func (e *epochTooOldError) Error() string {
 func (t *epochTable) fence(volume, epoch uint64) (release func(), err error) {
 	for {
 		t.mu.RLock()
-		now := time.Now()
-		if !now.Before(t.leaseUntil) {
-			e := &noLeaseError{synced: !t.leaseUntil.IsZero(), sinceAgo: now.Sub(t.lastSync), lease: t.lease}
-			t.mu.RUnlock()
-			return nil, e
+		if release, decided, err := t.checkRLocked(volume, epoch); decided {
+			return release, err
 		}
-		cur := t.epochs[volume]
-		switch {
-		case epoch == cur, epoch > cur && volume == 0:
-			return t.mu.RUnlock, nil
-		case epoch < cur:
-			t.mu.RUnlock()
-			return nil, &epochTooOldError{volume: volume, current: cur, got: epoch}
-		}
-		t.mu.RUnlock()
 		if _, err := t.raise(volume, epoch); err != nil {
 			return nil, fmt.Errorf("raise volume %d to epoch %d: %w", volume, epoch, err)
 		}
 	}
 }
 
-// wouldWait reports whether fence of volume at epoch would wait: for an
-// update of the table in progress, or to raise the table itself.
-func (t *epochTable) wouldWait(volume, epoch uint64) bool {
+// tryFence is fence for a caller that must not wait: decided is false, and
+// nothing is held, when fence would wait for an update of the table in
+// progress or would raise the table itself.
+func (t *epochTable) tryFence(volume, epoch uint64) (release func(), decided bool, err error) {
 	if !t.mu.TryRLock() {
-		return true
+		return nil, false, nil
 	}
-	defer t.mu.RUnlock()
-	return volume != 0 && epoch > t.epochs[volume]
+	return t.checkRLocked(volume, epoch)
+}
+
+// checkRLocked decides a request of volume at epoch with t.mu read-locked:
+// admitted (release unlocks), refused (err, unlocked), or not decided
+// (unlocked) when the table must first be raised to epoch.
+func (t *epochTable) checkRLocked(volume, epoch uint64) (release func(), decided bool, err error) {
+	now := time.Now()
+	if !now.Before(t.leaseUntil) {
+		e := &noLeaseError{synced: !t.leaseUntil.IsZero(), sinceAgo: now.Sub(t.lastSync), lease: t.lease}
+		t.mu.RUnlock()
+		return nil, true, e
+	}
+	cur := t.epochs[volume]
+	switch {
+	case epoch == cur, epoch > cur && volume == 0:
+		return t.mu.RUnlock, true, nil
+	case epoch < cur:
+		t.mu.RUnlock()
+		return nil, true, &epochTooOldError{volume: volume, current: cur, got: epoch}
+	}
+	t.mu.RUnlock()
+	return nil, false, nil
 }
 
 // refusal turns an error of fence into the refusal a request answers with:

@@ -114,3 +114,39 @@ func TestEpochLeaseCountsFromTheHeartbeatSendTime(t *testing.T) {
 		t.Fatalf("lease left %s, want within (0, %s]", left, lease)
 	}
 }
+
+// TestTryFenceDecidesWithoutWaiting: tryFence admits and refuses as fence
+// does, and leaves undecided, holding nothing, a request that would raise
+// the table or wait for an update of it in progress.
+func TestTryFenceDecidesWithoutWaiting(t *testing.T) {
+	tab := mustOpenTable(t, t.TempDir())
+	leased(t, tab)
+	if _, err := tab.raise(7, 3); err != nil {
+		t.Fatal(err)
+	}
+	release, decided, err := tab.tryFence(7, 3)
+	if !decided || err != nil {
+		t.Fatalf("current epoch: decided %v, %v", decided, err)
+	}
+	release()
+	var old *epochTooOldError
+	if _, decided, err := tab.tryFence(7, 2); !decided || !errors.As(err, &old) {
+		t.Fatalf("older epoch: decided %v, %v; want EPOCH_TOO_OLD", decided, err)
+	}
+	if _, decided, err := tab.tryFence(7, 4); decided || err != nil {
+		t.Fatalf("newer epoch: decided %v, %v; want undecided (the table must be raised)", decided, err)
+	}
+	if tab.epochs[7] != 3 {
+		t.Fatalf("tryFence raised the table to %d", tab.epochs[7])
+	}
+	tab.mu.Lock() // an update in progress
+	_, decided, err = tab.tryFence(7, 3)
+	tab.mu.Unlock()
+	if decided || err != nil {
+		t.Fatalf("during an update: decided %v, %v; want undecided", decided, err)
+	}
+	// Nothing is held: an update goes ahead.
+	if _, err := tab.raise(7, 4); err != nil {
+		t.Fatal(err)
+	}
+}

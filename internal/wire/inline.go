@@ -14,11 +14,14 @@ import (
 // most of its cost: the new goroutine and the wake-up of another thread to
 // run it (or the reader) take longer than serving a read from the page
 // cache. A method registered with HandleInline therefore runs on the reader
-// itself when no other request of the connection is in progress; while it
-// runs, the connection reads nothing else. Its handler sees Inline(ctx) and
-// returns an error wrapping ErrWouldBlock instead of waiting for anything
-// (a lock, a Raft round, a free slot); the server then runs it again, as
-// usual, on a goroutine.
+// itself when no other request of the connection is in progress and no
+// other frame has been read behind it (a burst of requests read together
+// runs on goroutines, side by side); while it runs, the connection reads
+// nothing else. Its handler sees Inline(ctx) and returns an error wrapping
+// ErrWouldBlock instead of waiting for anything (a lock, a Raft round, a
+// free slot); the server then runs it again, as usual, on a goroutine.
+// What it cannot avoid, a system call that blocks (a read from the disk on a
+// page cache miss), stalls the connection for that long.
 
 // ErrWouldBlock is returned by a handler running inline (Inline(ctx)) that
 // would have to wait to answer; the server then runs it on a goroutine.
@@ -48,7 +51,9 @@ func (sc *serverConn) tryInline(h header, md *method, req proto.Message) bool {
 	if !md.inline || len(sc.slots) != 1 {
 		return false
 	}
-	ctx, cancel := context.WithCancel(context.WithValue(sc.ctx, inlineKey{}, true))
+	// No cancel frame is read while the handler runs: the context ends
+	// with the connection or at the request's deadline.
+	ctx, cancel := context.WithValue(sc.ctx, inlineKey{}, true), context.CancelFunc(func() {})
 	if h.timeout > 0 {
 		ctx, cancel = context.WithTimeout(ctx, h.timeout)
 	}

@@ -2,6 +2,7 @@ package wire
 
 import (
 	"context"
+	"sync"
 	"testing"
 	"time"
 
@@ -93,5 +94,53 @@ func TestInlineCallsRunOnTheReaderOnlyWhenAlone(t *testing.T) {
 	case r := <-runs:
 		t.Fatalf("an extra handler run: %+v", r)
 	default:
+	}
+}
+
+// TestBurstsOfInlineCallsRunSideBySide: calls that reach the reader
+// together run on goroutines, side by side, not one after another on the
+// reader.
+func TestBurstsOfInlineCallsRunSideBySide(t *testing.T) {
+	const mRead Method = 10
+	const n = 32
+	srv := NewServer(ServerOptions{})
+	var mu sync.Mutex
+	running, peak, inline := 0, 0, 0
+	srv.HandleInline(mRead, "read", newBytes, func(ctx context.Context, req proto.Message) (proto.Message, error) {
+		mu.Lock()
+		running++
+		peak = max(peak, running)
+		if Inline(ctx) {
+			inline++
+		}
+		mu.Unlock()
+		time.Sleep(20 * time.Millisecond) // a slow read: a page cache miss
+		mu.Lock()
+		running--
+		mu.Unlock()
+		return req, nil
+	})
+	c := dial(t, serveOn(t, srv), ClientOptions{})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var resp wrapperspb.BytesValue
+			errs <- c.Call(ctx, mRead, wrapperspb.Bytes([]byte("x")), &resp)
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if inline > n/4 || peak < 4 {
+		t.Fatalf("%d of %d calls sent together ran on the reader, at most %d at once", inline, n, peak)
 	}
 }

@@ -283,7 +283,9 @@ func (sc *serverConn) readLoop() error {
 		}
 		switch h.kind {
 		case kindRequest:
-			err = sc.request(h, payload)
+			// A request may run on this goroutine only when no other
+			// frame is already read and waiting behind it (inline.go).
+			err = sc.request(h, payload, r.Buffered() == 0)
 		case kindMessage:
 			err = sc.message(h, payload)
 		case kindCancel:
@@ -321,7 +323,7 @@ func (sc *serverConn) message(h header, payload []byte) error {
 
 // request decodes a request and starts its handler; it waits for a slot
 // when MaxConcurrent are running.
-func (sc *serverConn) request(h header, payload []byte) error {
+func (sc *serverConn) request(h header, payload []byte, last bool) error {
 	md := sc.s.methods[h.method]
 	if md == nil || md.handler == nil {
 		return sc.w.send(context.Background(), header{kind: kindError, method: h.method, id: h.id}, nil, unknownMethod(h.method))
@@ -340,7 +342,7 @@ func (sc *serverConn) request(h header, payload []byte) error {
 	case <-sc.ctx.Done():
 		return ErrClosed
 	}
-	if sc.tryInline(h, md, req) {
+	if last && sc.tryInline(h, md, req) {
 		return nil
 	}
 	ctx, cancel := sc.ctx, context.CancelFunc(nil)
