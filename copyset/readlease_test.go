@@ -17,13 +17,9 @@ import (
 // is held); past half the lease, reads go through the worker again, which
 // renews the lease.
 func TestLeaseReadsSkipTheRaftWorker(t *testing.T) {
-	tc, clock, id := manualCluster(t)
-	c1 := copysetOn(t, tc, 1, id)
+	c1, clock := leaderUnderLease(t)
 	want := pattern("lease|", testBlock)
 	buf := make([]byte, testBlock)
-	if err := c1.Read(context.Background(), 1, 0, buf); err != nil { // confirms the lease
-		t.Fatal(err)
-	}
 
 	release := holdWorker(t, c1)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -229,13 +225,9 @@ func TestLeaseReadsWaitForWhatEarlierLeadersCommitted(t *testing.T) {
 // ErrWouldWait and reads nothing, and the same read with waiting allowed
 // is then served.
 func TestReadsWithoutWaitingFailRatherThanWait(t *testing.T) {
-	tc, clock, id := manualCluster(t)
-	c1 := copysetOn(t, tc, 1, id)
+	c1, clock := leaderUnderLease(t)
 	want := pattern("lease|", testBlock)
 	buf := make([]byte, testBlock)
-	if err := c1.Read(context.Background(), 1, 0, buf); err != nil { // confirms the lease
-		t.Fatal(err)
-	}
 	noWait := WithoutWaiting(context.Background())
 	clear(buf)
 	if err := c1.Read(noWait, 1, 0, buf); err != nil || !bytes.Equal(buf, want) {
@@ -254,4 +246,16 @@ func TestReadsWithoutWaitingFailRatherThanWait(t *testing.T) {
 	if err := c1.Read(context.Background(), 1, 0, buf); err != nil || !bytes.Equal(buf, want) {
 		t.Fatalf("read with waiting: %v", err)
 	}
+}
+
+// leaderUnderLease returns node 1's replica of a manual-clock cluster's
+// copyset, as leader with a lease confirmed by a first read, and the clock.
+func leaderUnderLease(t *testing.T) (*Copyset, *testClock) {
+	t.Helper()
+	tc, clock, id := manualCluster(t)
+	c1 := copysetOn(t, tc, 1, id)
+	if err := c1.Read(context.Background(), 1, 0, make([]byte, testBlock)); err != nil {
+		t.Fatal(err)
+	}
+	return c1, clock
 }
