@@ -1,6 +1,7 @@
 package wal
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -8,6 +9,7 @@ import (
 
 	"go.etcd.io/raft/v3/raftpb"
 
+	"cairn.io/cairn/chunkfilepool"
 	"cairn.io/cairn/chunkfilepool/fsutil"
 )
 
@@ -65,13 +67,18 @@ func (w *WAL) rollover() (*segment, error) {
 // getSegment takes a new segment from the source. When the source has none
 // (the pool is full) it does not fail the log: it recycles what it can, asks
 // the owner to checkpoint, and tries again, holding back every append
-// meanwhile, until it gets one or the WAL is closed.
+// meanwhile, until it gets one or the WAL is closed. Any other error of the
+// source fails the log: waiting on a failing disk would stall every append
+// of the chunkserver while its leaders kept heartbeating.
 func (w *WAL) getSegment(path string) error {
 	backoff := 5 * time.Millisecond
 	for warned := false; ; {
 		err := w.opts.Source.Get(path)
 		if err == nil {
 			return nil
+		}
+		if !errors.Is(err, chunkfilepool.ErrPoolEmpty) {
+			return fmt.Errorf("wal: new segment: %w", err)
 		}
 		w.mu.Lock()
 		closed, n := w.mu.closed, len(w.mu.segs)

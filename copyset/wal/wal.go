@@ -16,7 +16,10 @@ import (
 // SegmentSource hands out preformatted, zero-filled files for segments and
 // takes them back. The chunk file pool implements it.
 type SegmentSource interface {
-	// Get moves a clean file to dst, which must not exist.
+	// Get moves a clean file to dst, which must not exist. An error
+	// wrapping chunkfilepool.ErrPoolEmpty means the source has no file to
+	// give now: the log then waits for checkpoints to free segments and
+	// asks again. Any other error (a failing disk) fails the log.
 	Get(dst string) error
 	// Recycle takes a file back; it is zeroed before it is handed out again.
 	Recycle(path string) error
