@@ -38,30 +38,30 @@ func (f *failingSource) set(err error) {
 	f.mu.Unlock()
 }
 
-// fillFirstSegment appends until the log has used its first segment and
-// its spare, so that the next segment comes from the source.
-func fillFirstSegment(t *testing.T, w *WAL, src *failingSource) uint64 {
+// logOnFailingSource opens a log on a failingSource, appends until the log
+// took its first segment and its spare from the source (the segment after
+// them comes from the source when asked), then makes the source fail with
+// err. It returns the log (closed when the test ends), the source and the
+// last entry index appended.
+func logOnFailingSource(t *testing.T, err error) (*WAL, *failingSource, uint64) {
 	t.Helper()
+	src := &failingSource{zeroSource: zeroSource{size: 64 << 10}}
+	w, _ := openWAL(t, t.TempDir(), src)
+	t.Cleanup(func() { w.Close() })
 	idx := uint64(0)
-	for {
-		got, _ := src.counts()
-		if got >= 2 {
-			return idx
-		}
+	for got, _ := src.counts(); got < 2; got, _ = src.counts() {
 		idx++
 		submitSync(t, w, Append{Group: 1, Entries: []*raftpb.Entry{ent(idx, 1, string(make([]byte, 4000)))}})
 	}
+	src.set(err)
+	return w, src, idx
 }
 
 // TestAnEmptySourceHoldsAppendsUntilItHasASegment: a source with no file
 // to give (the pool is full) holds appends back, without failing the log,
 // until it has one.
 func TestAnEmptySourceHoldsAppendsUntilItHasASegment(t *testing.T) {
-	src := &failingSource{zeroSource: zeroSource{size: 64 << 10}}
-	w, _ := openWAL(t, t.TempDir(), src)
-	defer w.Close()
-	idx := fillFirstSegment(t, w, src)
-	src.set(fmt.Errorf("get chunk file: %w: formatting", chunkfilepool.ErrPoolEmpty))
+	w, src, idx := logOnFailingSource(t, fmt.Errorf("get chunk file: %w: formatting", chunkfilepool.ErrPoolEmpty))
 	const n = 60 // more than the current segment and the spare hold
 	done := make(chan error, n)
 	for i := 0; i < n; i++ {
@@ -99,11 +99,7 @@ func TestAnEmptySourceHoldsAppendsUntilItHasASegment(t *testing.T) {
 // TestAFailingSourceFailsTheLog: any other error of the source (a failing
 // disk) fails the log at once instead of holding every append back.
 func TestAFailingSourceFailsTheLog(t *testing.T) {
-	src := &failingSource{zeroSource: zeroSource{size: 64 << 10}}
-	w, _ := openWAL(t, t.TempDir(), src)
-	defer w.Close()
-	idx := fillFirstSegment(t, w, src)
-	src.set(fmt.Errorf("rename into the WAL directory: %w", syscall.EIO))
+	w, _, idx := logOnFailingSource(t, fmt.Errorf("rename into the WAL directory: %w", syscall.EIO))
 	var err error
 	for i := 0; i < 40 && err == nil; i++ {
 		idx++
