@@ -7,7 +7,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -254,7 +253,7 @@ func (p *Pool) writeZeros(f *os.File, progress func(done int64)) error {
 	// The zeros go around the page cache when the filesystem allows it
 	// (O_DIRECT): copied into the cache they would cost a copy and a
 	// writeback of every page, then be dropped again below.
-	direct := openDirect(f)
+	direct := fsutil.OpenDirect(f.Name())
 	defer func() {
 		if direct != nil {
 			_ = direct.Close()
@@ -272,7 +271,7 @@ func (p *Pool) writeZeros(f *os.File, progress func(done int64)) error {
 			}
 		}
 		w := f
-		if direct != nil && off%directAlign == 0 && n%directAlign == 0 {
+		if direct != nil && off%fsutil.DirectAlign == 0 && n%fsutil.DirectAlign == 0 {
 			w = direct
 		}
 		_, err := w.WriteAt(p.zeros[:n], off)
@@ -311,30 +310,6 @@ func (p *Pool) writeZeros(f *os.File, progress func(done int64)) error {
 		p.log.Debug("fadvise DONTNEED failed", "file", f.Name(), "err", err)
 	}
 	return nil
-}
-
-// directAlign is the alignment of offset, length and memory that writeZeros
-// keeps for O_DIRECT writes: the largest logical block size of common disks.
-const directAlign = 4096
-
-// openDirect opens f's file again for O_DIRECT writes, or returns nil when
-// the filesystem does not support them (tmpfs, some FUSE filesystems). The
-// fsync of f afterwards covers what was written through either descriptor:
-// both name one inode.
-func openDirect(f *os.File) *os.File {
-	fd, err := unix.Open(f.Name(), unix.O_WRONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return nil
-	}
-	return os.NewFile(uintptr(fd), f.Name())
-}
-
-// alignedZeros returns n zero bytes starting at a directAlign boundary of
-// memory, as O_DIRECT requires of the buffer.
-func alignedZeros(n int) []byte {
-	b := make([]byte, n+directAlign)
-	skip := int(-uintptr(unsafe.Pointer(unsafe.SliceData(b))) & (directAlign - 1))
-	return b[skip : skip+n : skip+n]
 }
 
 // logProgressLocked logs formatting progress at every tenth.

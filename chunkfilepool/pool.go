@@ -199,7 +199,7 @@ func Open(opts Options) (*Pool, error) {
 		cleanDir: filepath.Join(dir, cleanDirName),
 		dirtyDir: filepath.Join(dir, dirtyDirName),
 		fmtDir:   filepath.Join(dir, fmtDirName),
-		zeros:    alignedZeros(int(min(writeUnit, geo.FileSize()))),
+		zeros:    fsutil.AlignedBuffer(int(min(writeUnit, geo.FileSize()))),
 		wake:     make(chan struct{}, 1),
 		done:     make(chan struct{}),
 	}

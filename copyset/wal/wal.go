@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"go.etcd.io/raft/v3/raftpb"
+
+	"cairn.io/cairn/chunkfilepool/fsutil"
 )
 
 // SegmentSource hands out preformatted, zero-filled files for segments and
@@ -184,7 +186,7 @@ func Open(opts Options) (*WAL, map[uint64]*GroupLog, error) {
 		log:      opts.Logger.With("component", "wal"),
 		wake:     make(chan struct{}, 1),
 		stopped:  make(chan struct{}),
-		buf:      alignedBuffer(1 << 20), // page aligned for O_DIRECT (direct.go)
+		buf:      fsutil.AlignedBuffer(1 << 20)[:0], // page aligned for O_DIRECT (direct.go)
 	}
 	if w.fileSize < 4*headerBlockSize {
 		return nil, nil, fmt.Errorf("wal: segment size %d too small", w.fileSize)

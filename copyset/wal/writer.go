@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"cairn.io/cairn/chunkfilepool/fsutil"
 )
 
 // run is the writer goroutine: it drains the queue into group commits and
@@ -273,10 +275,10 @@ func (w *WAL) writeBatch(batch []request) error {
 	}
 	b.seg.tail = append(b.seg.tail[:0], b.buf[:b.pre]...)
 	w.buf = b.buf[:0]
-	if !pageAligned(w.buf) {
+	if !fsutil.Aligned(w.buf) {
 		// Grown by append into memory that is not page aligned: later
 		// writes would all go through the page cache.
-		w.buf = alignedBuffer(cap(w.buf))
+		w.buf = fsutil.AlignedBuffer(cap(w.buf))[:0]
 	}
 
 	w.mu.Lock()
