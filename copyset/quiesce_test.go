@@ -56,7 +56,8 @@ func TestIdleCopysetsQuiesceAndWakeOnWork(t *testing.T) {
 	before := sent()
 	time.Sleep(time.Second)
 	perSecond := sent() - before
-	if limit := uint64(len(ids) * 2 * 10 * 2); perSecond > limit { // twice for the answers
+	// A window of a second holds 10 or 11 beat rounds, by where it starts.
+	if limit := uint64(len(ids) * 2 * 11 * 2); perSecond > limit { // twice for the answers
 		t.Fatalf("idle groups sent %d heartbeats in a second; quiesced ones send at most %d", perSecond, limit)
 	}
 

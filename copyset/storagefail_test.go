@@ -137,9 +137,10 @@ func TestReadsWaitForARewriteFromTheLog(t *testing.T) {
 	})
 	id := MakeGroupID(9, 7)
 	tc.create([]GroupID{id}, []uint64{1, 2, 3})
-	l, first := versionsBeforeAFailingSync(t, tc, id)
+	// Armed before the fault: a checkpoint of the leader's own may meet
+	// the failing fdatasync at once.
+	l, _ := versionsBeforeAFailingSync(t, tc, id, func(first uint64) { rewriting.Store(first) })
 	ctx := context.Background()
-	rewriting.Store(first)
 	l.requestCheckpoint()
 	select {
 	case <-paused: // the leader's files hold v1 again, for now
@@ -206,9 +207,8 @@ func TestReadsStopAtAFailedSync(t *testing.T) {
 	})
 	id := MakeGroupID(9, 8)
 	tc.create([]GroupID{id}, []uint64{1, 2, 3})
-	l, _ := versionsBeforeAFailingSync(t, tc, id)
+	l, _ := versionsBeforeAFailingSync(t, tc, id, func(uint64) { armed.Store(true) })
 	ctx := context.Background()
-	armed.Store(true)
 	l.requestCheckpoint()
 	select {
 	case <-paused:
@@ -226,10 +226,10 @@ func TestReadsStopAtAFailedSync(t *testing.T) {
 }
 
 // versionsBeforeAFailingSync writes v0 to block 0 of chunk 1 through the
-// copyset's leader, checkpoints, writes v1, v2 and v3 over it, and makes
-// the next fdatasync of a chunk file on the leader's disk fail. It returns
-// the leader and the index of v1's entry.
-func versionsBeforeAFailingSync(t *testing.T, tc *testCluster, id GroupID) (*Copyset, uint64) {
+// copyset's leader, checkpoints, writes v1, v2 and v3 over it, calls arm
+// with the index of v1's entry, and makes the next fdatasync of a chunk
+// file on the leader's disk fail. It returns the leader and that index.
+func versionsBeforeAFailingSync(t *testing.T, tc *testCluster, id GroupID, arm func(first uint64)) (*Copyset, uint64) {
 	t.Helper()
 	l := tc.leader(id)
 	ctx := context.Background()
@@ -252,6 +252,7 @@ func versionsBeforeAFailingSync(t *testing.T, tc *testCluster, id GroupID) (*Cop
 			t.Fatal(err)
 		}
 	}
+	arm(first)
 	for _, n := range tc.running() {
 		if c, err := n.engine.Get(id); err == nil && c == l {
 			if _, err := tc.disks[n.id].FailSync(`/chunks/chunk_`, 1); err != nil {
