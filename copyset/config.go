@@ -181,6 +181,9 @@ type TestingKnobs struct {
 	// the test ticks them (tickAll) so that Raft's timers move only when
 	// it says.
 	ManualTicks bool
+	// QuiesceManualTicks keeps quiescence on under ManualTicks (which
+	// otherwise turns it off), for tests of how quiesced replicas wake.
+	QuiesceManualTicks bool
 	// Faults injects network faults into the Raft transport.
 	Faults *transport.Faults
 	// Network, if set, carries the engine's Raft traffic in memory

@@ -25,11 +25,11 @@ import (
 //
 // Failure detection: a quiesced follower that has heard no quiesce
 // heartbeat for an election timeout and two ticks (two beats lost) wakes
-// with its election clock run forward, so that its designated successor
-// campaigns at once (a leader that died, a replica that failed): the same
-// 1.2 s as for a group at work. That is safe for the leader's read lease,
-// which is shorter than one election timeout since the leader's last
-// confirmed round. A quiesced leader wakes when a follower stops answering
+// with its election clock run forward by the time since it last heard from
+// its leader, so that its designated successor campaigns at once (a leader
+// that died, a replica that failed): the same 1.2 s as for a group at work.
+// That is safe for the leader's read lease, which is shorter than one
+// election timeout since the leader's last confirmed round. A quiesced leader wakes when a follower stops answering
 // its quiesce heartbeats for two election timeouts.
 const quiesceContext = "quiesce"
 
@@ -44,9 +44,10 @@ func isQuiesceBeat(m *raftpb.Message) bool {
 }
 
 // quiesceEnabled tells whether the engine quiesces idle groups: not with
-// manual ticks, where tests drive Raft's clock themselves.
+// manual ticks, where tests drive Raft's clock themselves (unless they ask).
 func (e *Engine) quiesceEnabled() bool {
-	return e.cfg.QuiesceTicks > 0 && !e.cfg.TestingKnobs.ManualTicks
+	k := e.cfg.TestingKnobs
+	return e.cfg.QuiesceTicks > 0 && (!k.ManualTicks || k.QuiesceManualTicks)
 }
 
 // tickQuiesced is the ticker's work for a quiesced copyset instead of a Raft
@@ -121,18 +122,35 @@ func (c *Copyset) noteQuiet(in *inbox) {
 }
 
 // wakeForward wakes a follower whose quiesced leader went silent, with its
-// election clock run forward by an election timeout, so that Raft lets it
-// vote for another candidate and its designated successor campaigns at once
-// (see maybeCampaign).
+// election clock run forward by the time since it last heard from the
+// leader (up to an election timeout), so that Raft lets it vote for another
+// candidate and its designated successor campaigns at once (see
+// maybeCampaign).
+//
+// The clock runs forward by the time that really passed, never by a fixed
+// election timeout: the wake was queued by a tick that saw the follower
+// quiesced, and the leader's own heartbeat may have been stepped in the
+// same round (the leader woke for a read and confirms its lease with it).
+// A follower that acknowledged that heartbeat must refuse other candidates
+// for an election timeout after it, as the lease assumes.
 func (c *Copyset) wakeForward() {
 	if c.isLeader.Load() {
 		return
 	}
-	c.log.Info("quiesced copyset heard nothing from its leader for an election timeout; waking", "leader", c.rn.BasicStatus().Lead)
-	for range c.e.cfg.ElectionTicks {
+	lead := c.rn.BasicStatus().Lead
+	silent := c.e.cfg.ElectionTicks + campaignMarginTicks
+	if at, ok := c.heard[lead]; ok && lead != 0 {
+		silent = min(silent, int(max(c.e.now().Sub(at), 0)/c.e.cfg.TickInterval))
+	}
+	if silent < c.e.cfg.ElectionTicks {
+		c.log.Info("quiesced copyset woke; its leader was heard from since", "leader", lead, "silent_ticks", silent)
+	} else {
+		c.log.Info("quiesced copyset heard nothing from its leader for an election timeout; waking", "leader", lead)
+	}
+	for range min(silent, c.e.cfg.ElectionTicks) {
 		c.rn.Tick()
 	}
-	c.silentTicks = c.e.cfg.ElectionTicks + campaignMarginTicks
+	c.silentTicks = silent
 	c.maybeCampaign()
 }
 

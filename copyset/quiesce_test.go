@@ -2,9 +2,13 @@ package copyset
 
 import (
 	"bytes"
+	"context"
+	"errors"
 	"fmt"
 	"testing"
 	"time"
+
+	"go.etcd.io/raft/v3/raftpb"
 
 	"cairn.io/cairn/internal/soon"
 )
@@ -126,4 +130,61 @@ func TestQuiescedLeaderWakesWhenAFollowerGoesSilent(t *testing.T) {
 	})
 	tc.writeRetry(id, 1, 0, pattern("two of three|", testBlock))
 	tc.faults.Heal()
+}
+
+// TestWakingFollowerKeepsTheLeaseOfAHeartbeatItJustAnswered: a quiesced
+// follower's wake (queued by a tick while it heard nothing) can be handled
+// in the same round as its leader's first heartbeat after the silence, one
+// that the leader counts toward its read lease. Waking must not then run the
+// follower's election clock forward by a whole election timeout: it would
+// vote for another candidate at once, and a new leader could acknowledge
+// writes that the old one, reading under its lease, does not see.
+func TestWakingFollowerKeepsTheLeaseOfAHeartbeatItJustAnswered(t *testing.T) {
+	tc, clock, id := manualClusterWith(t, func(c *Config) { c.TestingKnobs.QuiesceManualTicks = true })
+	// Only the test talks to node 2 from now on.
+	tc.faults.Isolate(2)
+	c2 := copysetOn(t, tc, 2, id)
+	term, _, last, _ := raftState(t, c2)
+	commit := uint64(0)
+	if err := c2.callWait(context.Background(), func() { commit = c2.rn.BasicStatus().GetCommit() }); err != nil {
+		t.Fatal(err)
+	}
+	// The candidate's log is longer than any the follower may hold (its
+	// appends are asynchronous): only the lease can make it refuse.
+	last, lastTerm := last+100, term
+	// The follower sleeps, and hears nothing from its leader for a long
+	// time (the leader's process was stopped, say).
+	c2.quiesced.Store(true)
+	clock.Advance(time.Minute)
+	// The leader is back and confirms its lease with a heartbeat; the
+	// follower's wake is handled in the same round.
+	typ, from, to := raftpb.MsgHeartbeat, uint64(1), uint64(2)
+	hb := &raftpb.Message{Type: &typ, From: &from, To: &to, Term: &term, Commit: &commit, Context: []byte("read")}
+	c2.enqueue(func(in *inbox) {
+		in.wake = true
+		in.msgs = append(in.msgs, hb)
+	})
+	// The round wakes the follower (a call may run in the same round,
+	// before its quiescence is decided: look until it is).
+	soon.Succeeds(t, 5*time.Second, func() error {
+		if c2.quiesced.Load() {
+			return errors.New("the follower still sleeps after its leader's heartbeat")
+		}
+		return nil
+	})
+
+	got, vote := stepAndRead(t, tc, 2, id, voteRequest(3, 2, term+2, last, lastTerm))
+	if vote == 3 {
+		t.Fatalf("follower voted for node 3 in term %d right after answering its leader's heartbeat", got)
+	}
+	// An election timeout later it does.
+	for range 12 {
+		c2.tick()
+		raftState(t, c2) // one tick a round: a round counts at most three
+	}
+	clock.Advance(time.Second)
+	got, vote = stepAndRead(t, tc, 2, id, voteRequest(3, 2, term+3, last, lastTerm))
+	if vote != 3 || got != term+3 {
+		t.Fatalf("an election timeout after the heartbeat the follower does not vote: term %d vote %d", got, vote)
+	}
 }
