@@ -21,21 +21,19 @@ import (
 // way the checkpoint never records an applied index past data that did not
 // reach the disk.
 func (c *Copyset) checkpointLocked() error {
-	// Reads stop at the first chunk whose data may be lost (faulted), not
-	// once every other chunk is synced: from then on the files may show
-	// what they held before the writes since the last checkpoint.
-	var held func()
-	faulted := func() { held = c.holdFiles() }
-	if err := c.store.Sync(faulted); err != nil {
-		if held == nil {
-			held = c.holdFiles()
-		}
-		defer held()
+	// Reads stop at the first chunk whose data may be lost, not once every
+	// other chunk is synced: from then on the files may show what they
+	// held before the writes since the last checkpoint. The store reports
+	// the loss while it still holds the chunk from reads, so a read either
+	// read it before the fdatasync or finds the files held (readFiles).
+	if err := c.store.Sync(c.stopReads); err != nil {
+		release := c.holdFiles()
+		defer release()
 		if err := c.rewriteSinceCheckpointLocked(err); err != nil {
 			return err
 		}
-	} else if held != nil {
-		held()
+	} else if done := c.rewriting.Swap(nil); done != nil {
+		close(*done) // a loss reported with a nil error: nothing to wait for
 	}
 	c.hsMu.Lock()
 	hs := c.durableHS
@@ -163,17 +161,27 @@ func (c *Copyset) finalCheckpoint() error {
 	return c.checkpointLocked()
 }
 
-// holdFiles stops reads of the chunk files until the returned func is
-// called: it waits for the reads in progress; later ones wait for the
-// release, or for their deadline (see readFiles).
-func (c *Copyset) holdFiles() (release func()) {
+// stopReads marks the chunk files as going back in time, without waiting
+// for anything (the store calls it with a chunk held from reads): reads that
+// have not started wait for the files to be released, and reads under way
+// discard what they read and wait too (see readFiles).
+func (c *Copyset) stopReads() {
 	done := make(chan struct{})
-	c.rewriting.Store(&done)
+	c.rewriting.CompareAndSwap(nil, &done)
+}
+
+// holdFiles stops reads of the chunk files until the returned func is
+// called: it marks them (stopReads) and waits for the reads under way,
+// which discard what they read; later ones wait for the release, or for
+// their deadline.
+func (c *Copyset) holdFiles() (release func()) {
+	c.stopReads()
 	c.filesMu.Lock()
 	return func() {
 		c.filesMu.Unlock()
-		c.rewriting.Store(nil)
-		close(done)
+		if done := c.rewriting.Swap(nil); done != nil {
+			close(*done)
+		}
 	}
 }
 

@@ -68,7 +68,9 @@ type ChunkStore interface {
 	// Sync makes every write completed so far durable. failed, if not
 	// nil, is called once as soon as data may be lost (a chunk's fdatasync
 	// failed), before the store does anything else about it: reads of the
-	// chunks may go back in time from then on.
+	// chunks may go back in time from then on. No read of a chunk overlaps
+	// its fdatasync, and failed is called while the failed chunk is still
+	// held from reads; it must not block.
 	Sync(failed func()) error
 	// Destroy removes every chunk and the store's directory.
 	Destroy() error

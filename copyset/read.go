@@ -112,35 +112,48 @@ func (c *Copyset) ReadSnapshot(ctx context.Context, chunk uint64, off int64, p [
 }
 
 // readFiles runs read against the chunk files once the replica may serve a
-// linearizable read (WaitReadable), and never while the files are being
-// rewritten from the log after a failed sync: the rewrite takes them back
-// to the last checkpoint and forward again, and a read in between would see
-// the past (see checkpointLocked). A replica that failed meanwhile serves
-// nothing.
+// linearizable read (WaitReadable), and never while the files may show the
+// past: from the moment a chunk's fdatasync failed (the file may be back at
+// its last synced state) until they are rewritten from the log, which takes
+// them back to the last checkpoint and forward again (see
+// checkpointLocked). A read under way when that began discards what it read
+// and waits as well; the store never lets a read overlap the fdatasync
+// itself. A replica that failed meanwhile serves nothing.
 func (c *Copyset) readFiles(ctx context.Context, read func() ([]byte, error)) ([]byte, error) {
-	if err := c.WaitReadable(ctx); err != nil {
-		return nil, err
-	}
-	for !c.filesMu.TryRLock() {
-		if mustNotWait(ctx) {
-			return nil, ErrWouldWait
+	for {
+		if err := c.WaitReadable(ctx); err != nil {
+			return nil, err
 		}
-		// A rewrite holds the files, or waits for the reads in progress.
 		if done := c.rewriting.Load(); done != nil {
+			if mustNotWait(ctx) {
+				return nil, ErrWouldWait
+			}
 			select {
 			case <-*done:
 			case <-ctx.Done():
 				return nil, ctx.Err()
 			}
-		} else {
-			runtime.Gosched() // the rewrite just ended
+			continue
+		}
+		if !c.filesMu.TryRLock() {
+			if mustNotWait(ctx) {
+				return nil, ErrWouldWait
+			}
+			runtime.Gosched() // a hold is being taken, or just ended
+			continue
+		}
+		if !c.isLeader.Load() {
+			c.filesMu.RUnlock()
+			return nil, &NotLeaderError{Leader: c.leader.Load()}
+		}
+		out, err := read()
+		// Marked while this read ran: it may have read the past.
+		past := c.rewriting.Load() != nil
+		c.filesMu.RUnlock()
+		if !past {
+			return out, err
 		}
 	}
-	defer c.filesMu.RUnlock()
-	if !c.isLeader.Load() {
-		return nil, &NotLeaderError{Leader: c.leader.Load()}
-	}
-	return read()
 }
 
 // startReads runs on the Raft worker.

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"cairn.io/cairn/internal/soon"
+	"cairn.io/cairn/test/faultfs"
 )
 
 // TestFailedChunkSyncIsRepairedFromTheLog: a chunk file's fdatasync fails
@@ -261,4 +262,90 @@ func versionsBeforeAFailingSync(t *testing.T, tc *testCluster, id GroupID, arm f
 		}
 	}
 	return l, first
+}
+
+// blockingReadStore holds the first ReadAt after it is armed, before it
+// reads, until release is closed.
+type blockingReadStore struct {
+	ChunkStore
+	armed   *atomic.Bool
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (s blockingReadStore) ReadAt(id uint64, p []byte, off int64) error {
+	if s.armed.CompareAndSwap(true, false) {
+		close(s.entered)
+		<-s.release
+	}
+	return s.ChunkStore.ReadAt(id, p, off)
+}
+
+// TestReadsInProgressAtAFailedSyncDoNotReturnThePast: a read that began
+// before a chunk's fdatasync failed, and reads the file after the failure
+// put it back at its last synced state, must not return what it read: it
+// waits for the rewrite from the log and reads again.
+func TestReadsInProgressAtAFailedSyncDoNotReturnThePast(t *testing.T) {
+	var armed atomic.Bool
+	entered, release := make(chan struct{}), make(chan struct{})
+	tc := newCrashableCluster(t, 3, 32, func(c *Config) {
+		open := c.OpenStore
+		c.OpenStore = func(d string) (ChunkStore, error) {
+			s, err := open(d)
+			if err != nil {
+				return nil, err
+			}
+			return blockingReadStore{s, &armed, entered, release}, nil
+		}
+	})
+	id := MakeGroupID(9, 9)
+	tc.create([]GroupID{id}, []uint64{1, 2, 3})
+	l, _ := versionsBeforeAFailingSync(t, tc, id, func(uint64) {})
+	var disk *faultfs.FS
+	for _, n := range tc.running() {
+		if c, err := n.engine.Get(id); err == nil && c == l {
+			disk = tc.disks[n.id]
+		}
+	}
+	ctx := context.Background()
+	armed.Store(true)
+	type result struct {
+		data []byte
+		err  error
+	}
+	done := make(chan result, 1)
+	go func() {
+		buf := make([]byte, testBlock)
+		err := l.Read(ctx, 1, 0, buf)
+		done <- result{buf, err}
+	}()
+	select {
+	case <-entered: // the read is under way: past the lease check, files held for reading
+	case <-time.After(30 * time.Second):
+		t.Fatal("the read did not reach the store")
+	}
+	// The checkpoint's fdatasync fails; the file is back at v0 from then on.
+	l.requestCheckpoint()
+	soon.Succeeds(t, 30*time.Second, func() error {
+		if disk.Stats().SyncFaults == 0 {
+			return errors.New("no failed fdatasync yet")
+		}
+		return nil
+	})
+	close(release)
+	var r result
+	select {
+	case r = <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the read did not end")
+	}
+	if r.err != nil {
+		t.Fatalf("read: %v", r.err)
+	}
+	if !bytes.Equal(r.data, pattern("v3|", testBlock)) {
+		t.Fatalf("a read under way when the fdatasync failed returned %.8q; the last acknowledged write is %q", r.data, "v3|")
+	}
+	if err := l.Broken(); err != nil {
+		t.Fatalf("leader broken by one failed sync: %v", err)
+	}
 }

@@ -47,7 +47,8 @@ type Options struct {
 
 // TestingKnobs let tests observe or fail steps that are otherwise invisible.
 type TestingKnobs struct {
-	// BeforeFdatasync is called by Sync just before it fdatasyncs a chunk.
+	// BeforeFdatasync is called by Sync just before it fdatasyncs a chunk,
+	// with the chunk held from reads and writes.
 	BeforeFdatasync func(chunkID uint64)
 	// BeforeCreateRename is called when a new chunk's meta page is durable,
 	// before the file is renamed to its final name. A returned error fails

@@ -729,3 +729,49 @@ func TestReadsSeeWritesWhole(t *testing.T) {
 		}
 	}
 }
+
+// TestReadsDoNotOverlapAChunksFdatasync: a read of a chunk waits for the
+// chunk's fdatasync in progress. When an fdatasync fails the file may be
+// back at its last synced state from that instant, and a read overlapping
+// it could return that past before anyone knows of the failure (Sync's
+// failed callback runs before reads of the chunk go on).
+func TestReadsDoNotOverlapAChunksFdatasync(t *testing.T) {
+	e := newEnv(t, 2, 2)
+	entered, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	s := e.open(t, Options{TestingKnobs: TestingKnobs{BeforeFdatasync: func(id uint64) {
+		if id == 1 {
+			once.Do(func() { close(entered); <-release })
+		}
+	}}})
+	for id := uint64(1); id <= 2; id++ {
+		if err := s.WriteAt(id, pattern(byte(id), testBlock), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	synced := make(chan error, 1)
+	go func() { synced <- s.Sync(nil) }()
+	<-entered // chunk 1's fdatasync is about to run
+	read := func(id uint64) <-chan error {
+		done := make(chan error, 1)
+		go func() { done <- s.ReadAt(id, make([]byte, testBlock), 0) }()
+		return done
+	}
+	other, same := read(2), read(1)
+	if err := <-other; err != nil { // another chunk reads meanwhile
+		t.Fatal(err)
+	}
+	select {
+	case err := <-same:
+		close(release)
+		t.Fatalf("a read of chunk 1 completed during its fdatasync (%v)", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	close(release)
+	if err := <-same; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-synced; err != nil {
+		t.Fatal(err)
+	}
+}

@@ -22,11 +22,16 @@ import (
 // crash, so that writes applied again since the last Sync fill their
 // pages again.
 //
-// failed, if not nil, is called once, as soon as a chunk's data may be
-// lost (its fdatasync or its owned pages' write-down failed) and before
-// anything else is done about it: from then on reads may see the chunk as
-// it was before the writes since the last Sync, and the caller stops them
-// there. No chunk lock is held while it runs.
+// A chunk's fdatasync excludes reads of its data: when it fails, the file
+// may be back at its last synced state from the instant it fails (Linux
+// may drop the pages that failed to write; a fault filesystem drops them at
+// once), and a read overlapping it could return that past without anyone
+// knowing. failed, if not nil, is called once, as soon as a chunk's data
+// may be lost (its fdatasync or its owned pages' write-down failed), while
+// the chunk is still held from reads: no read of it overlapped the failed
+// fdatasync, and none starts before failed returns, so the caller can make
+// every later read wait or discard what it reads. failed must not block
+// (it must not wait for reads: they may be waiting for the chunk).
 func (s *Store) Sync(failed func()) error {
 	s.mu.RLock()
 	if s.mu.closed {
@@ -41,37 +46,33 @@ func (s *Store) Sync(failed func()) error {
 	}
 	s.mu.RUnlock()
 	var errs []error
-	for _, c := range todo {
-		lost, err := s.syncChunk(c)
-		if lost {
-			if failed != nil {
-				failed()
-				failed = nil
-			}
-			c.mu.RLock()
-			c.revertOwned()
-			c.mu.RUnlock()
+	lost := func() {
+		if failed != nil {
+			failed()
+			failed = nil
 		}
-		if err != nil {
+	}
+	for _, c := range todo {
+		if err := s.syncChunk(c, lost); err != nil {
 			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)
 }
 
-// syncChunk fdatasyncs one chunk and writes its owned pages down; lost
-// reports that the chunk's data or owned pages may be lost (the caller
-// reverts the owned pages).
-func (s *Store) syncChunk(c *chunk) (lost bool, err error) {
+// syncChunk fdatasyncs one chunk and writes its owned pages down. When the
+// chunk's data or owned pages may be lost, it calls lost and reverts the
+// owned pages before reads of the chunk go on.
+func (s *Store) syncChunk(c *chunk, lost func()) error {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	if c.gone != nil {
-		return false, nil // deleted: nothing of it needs to survive
+		return nil // deleted: nothing of it needs to survive
 	}
 	// Clear the mark before the fdatasync: a write finishing after this
 	// point either is covered by the fdatasync or marks the chunk again.
 	if !c.dirty.Swap(false) {
-		return false, nil
+		return nil
 	}
 	// A clone chunk's owned pages as they are before the fdatasync: the
 	// data of each is then durable when the bits are written down.
@@ -79,24 +80,30 @@ func (s *Store) syncChunk(c *chunk) (lost bool, err error) {
 	h, err := s.files.acquire(c)
 	if err != nil {
 		c.dirty.Store(true)
-		return false, fmt.Errorf("sync: %w", err)
+		return fmt.Errorf("sync: %w", err)
 	}
+	defer h.release()
+	// Held from reads until a failure is known and reported (see Sync).
+	c.data.Lock()
+	defer c.data.Unlock()
 	if hook := s.knobs.BeforeFdatasync; hook != nil {
 		hook(c.id)
 	}
-	err = unix.Fdatasync(h.fd)
-	h.release()
-	if err != nil {
+	if err := unix.Fdatasync(h.fd); err != nil {
 		c.dirty.Store(true)
-		return true, fmt.Errorf("sync chunk %d: fdatasync: %w", c.id, err)
+		lost()
+		c.revertOwned()
+		return fmt.Errorf("sync chunk %d: fdatasync: %w", c.id, err)
 	}
 	if bits != nil {
 		if err := s.saveOwned(c, bits); err != nil {
 			c.dirty.Store(true)
-			return true, fmt.Errorf("sync: %w", err)
+			lost()
+			c.revertOwned()
+			return fmt.Errorf("sync: %w", err)
 		}
 	}
-	return false, nil
+	return nil
 }
 
 // Close syncs written chunks (see Sync), closes their descriptors and
