@@ -172,7 +172,11 @@ func (c *Copyset) applyEntries(ents []*raftpb.Entry) (int, error) {
 				return i, ErrStopped
 			}
 		case raftpb.EntryNormal:
-			if idx <= c.sm.applied || idx <= c.sm.installed {
+			if idx <= c.sm.applied {
+				break
+			}
+			if idx <= c.sm.installed {
+				c.recordInstalled(en)
 				break
 			}
 			if len(en.GetData()) > 0 {
@@ -188,6 +192,26 @@ func (c *Copyset) applyEntries(ents []*raftpb.Entry) (int, error) {
 		c.settleWaiters(en)
 	}
 	return len(ents), nil
+}
+
+// recordInstalled takes an entry that an installed snapshot's chunk files
+// already hold into the table of applied requests, without writing it. It
+// matters when Raft did not adopt the install (a newer leader had caught the
+// replica up by appends meanwhile): the snapshot's own table then never
+// replaces this one, and a retry of the entry's request must still be
+// skipped here as on every other replica.
+func (c *Copyset) recordInstalled(en *raftpb.Entry) {
+	if len(en.GetData()) == 0 {
+		return
+	}
+	cmd, err := decodeCommand(en.GetData())
+	if err != nil {
+		return // skipped by every replica (execCommand)
+	}
+	c.sm.dedup.advance(cmd.req, en.GetIndex())
+	if !c.sm.dedup.applied(cmd.req) {
+		c.sm.dedup.record(cmd.req)
+	}
 }
 
 // applyCommand applies one write or delete to the chunk files, unless its

@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"go.etcd.io/raft/v3/raftpb"
+
 	"cairn.io/cairn/internal/soon"
 )
 
@@ -167,5 +169,38 @@ func TestRetriedWriteIsAppliedOnce(t *testing.T) {
 	tc.replicasConverge(id, []uint64{1, 2})
 	if got := tc.readRetry(id, 1, 0, testBlock); !bytes.Equal(got, pattern("Y|", testBlock)) {
 		t.Fatalf("block holds %.8q after restarts and a snapshot; want Y", got)
+	}
+}
+
+// TestEntriesAnInstallHeldAreRecordedAsApplied: entries at or below an
+// installed snapshot's index are not written again (the chunk files hold
+// them), but their requests go into the table of applied requests. Raft may
+// not adopt an install (a newer leader caught the replica up by appends
+// meanwhile), and then the snapshot's own table never replaces this
+// replica's: a retry of such a request must still be skipped here.
+func TestEntriesAnInstallHeldAreRecordedAsApplied(t *testing.T) {
+	tc := newTestCluster(t, 3, 32, nil)
+	id := MakeGroupID(8, 2)
+	tc.create([]GroupID{id}, []uint64{1, 2, 3})
+	tc.writeRetry(id, 1, 0, pattern("a|", testBlock))
+	c := tc.leader(id)
+	req := ClientRequest{Client: 43, Seq: 5, Low: 5}
+	data := (&command{op: opWrite, chunk: 1, req: req, data: pattern("held|", testBlock)}).encode()
+
+	c.smMu.Lock()
+	defer c.smMu.Unlock()
+	applied, appliedTerm, installed := c.sm.applied, c.sm.appliedTerm, c.sm.installed
+	defer func() { // the test's entry is not the log's: put the replica back
+		c.sm.applied, c.sm.appliedTerm, c.sm.installed = applied, appliedTerm, installed
+		c.applied.Store(applied)
+	}()
+	c.sm.installed = applied + 1
+	typ := raftpb.EntryNormal
+	en := &raftpb.Entry{Type: &typ, Index: new(applied + 1), Term: new(appliedTerm), Data: data}
+	if _, err := c.applyEntries([]*raftpb.Entry{en}); err != nil {
+		t.Fatal(err)
+	}
+	if !c.sm.dedup.applied(req) {
+		t.Fatal("a request of an entry the install held is not recorded as applied: a retry would be written again on this replica only")
 	}
 }
