@@ -244,24 +244,42 @@ func versionsBeforeAFailingSync(t *testing.T, tc *testCluster, id GroupID, arm f
 		}
 		return nil
 	})
-	first, err := writeWait(ctx, l, 1, 1, 1, 0, pattern("v1|", testBlock))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, v := range []string{"v2|", "v3|"} {
-		if _, err := writeWait(ctx, l, 1, 1, 1, 0, pattern(v, testBlock)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	arm(first)
+	var disk *faultfs.FS
 	for _, n := range tc.running() {
 		if c, err := n.engine.Get(id); err == nil && c == l {
-			if _, err := tc.disks[n.id].FailSync(`/chunks/chunk_`, 1); err != nil {
+			disk = tc.disks[n.id]
+		}
+	}
+	for attempt := 1; ; attempt++ {
+		first, err := writeWait(ctx, l, 1, 1, 1, 0, pattern("v1|", testBlock))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, v := range []string{"v2|", "v3|"} {
+			if _, err := writeWait(ctx, l, 1, 1, 1, 0, pattern(v, testBlock)); err != nil {
 				t.Fatal(err)
 			}
 		}
+		arm(first)
+		faults := disk.Stats().SyncFaults
+		rule, err := disk.FailSync(`/chunks/chunk_`, 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// A checkpoint of the leader's own (a WAL rollover or the memory bound asks for one)
+		// may have synced v1..v3 before the rule was armed, leaving no
+		// fdatasync to fail: write them again. One under way holds the
+		// state machine; wait for it.
+		l.smMu.Lock()
+		ckpt := l.ckptIndex.Load()
+		l.smMu.Unlock()
+		if ckpt < first || disk.Stats().SyncFaults > faults || !disk.RemoveRule(rule) {
+			return l, first
+		}
+		if attempt == 5 {
+			t.Fatal("a checkpoint of the leader's own came before the fault five times")
+		}
 	}
-	return l, first
 }
 
 // blockingReadStore holds the first ReadAt after it is armed, before it
