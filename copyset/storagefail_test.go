@@ -170,6 +170,18 @@ func TestReadsWaitForARewriteFromTheLog(t *testing.T) {
 	}
 }
 
+// wrapStores has the engine open its chunk stores through wrap.
+func wrapStores(c *Config, wrap func(ChunkStore) ChunkStore) {
+	open := c.OpenStore
+	c.OpenStore = func(d string) (ChunkStore, error) {
+		s, err := open(d)
+		if err != nil {
+			return nil, err
+		}
+		return wrap(s), nil
+	}
+}
+
 // pausingStore pauses once, when armed, after a Sync that failed, until
 // resume is closed.
 type pausingStore struct {
@@ -197,14 +209,7 @@ func TestReadsStopAtAFailedSync(t *testing.T) {
 	var armed atomic.Bool
 	paused, resume := make(chan struct{}, 1), make(chan struct{})
 	tc := newCrashableCluster(t, 3, 32, func(c *Config) {
-		open := c.OpenStore
-		c.OpenStore = func(d string) (ChunkStore, error) {
-			s, err := open(d)
-			if err != nil {
-				return nil, err
-			}
-			return pausingStore{s, &armed, paused, resume}, nil
-		}
+		wrapStores(c, func(s ChunkStore) ChunkStore { return pausingStore{s, &armed, paused, resume} })
 	})
 	id := MakeGroupID(9, 8)
 	tc.create([]GroupID{id}, []uint64{1, 2, 3})
@@ -307,14 +312,7 @@ func TestReadsInProgressAtAFailedSyncDoNotReturnThePast(t *testing.T) {
 	var armed atomic.Bool
 	entered, release := make(chan struct{}), make(chan struct{})
 	tc := newCrashableCluster(t, 3, 32, func(c *Config) {
-		open := c.OpenStore
-		c.OpenStore = func(d string) (ChunkStore, error) {
-			s, err := open(d)
-			if err != nil {
-				return nil, err
-			}
-			return blockingReadStore{s, &armed, entered, release}, nil
-		}
+		wrapStores(c, func(s ChunkStore) ChunkStore { return blockingReadStore{s, &armed, entered, release} })
 	})
 	id := MakeGroupID(9, 9)
 	tc.create([]GroupID{id}, []uint64{1, 2, 3})
