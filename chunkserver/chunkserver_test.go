@@ -379,6 +379,8 @@ func TestMetricsEndpoint(t *testing.T) {
 		`cairn_chunkserver_request_bytes_total{op="read"} 8192`,
 		"cairn_chunkserver_wal_fsync_duration_seconds_bucket",
 		"cairn_chunkserver_wal_entries_per_fsync_count",
+		"cairn_chunkserver_proposal_commit_seconds_count 1",
+		"cairn_chunkserver_proposal_apply_seconds_count 1",
 		"cairn_chunkserver_pool_free_chunks",
 		"cairn_chunkserver_pool_growable_chunks",
 		"cairn_chunkserver_pool_format_ratio",

@@ -8,6 +8,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"cairn.io/cairn/api/chunkpb"
+	"cairn.io/cairn/copyset"
 	"cairn.io/cairn/copyset/wal"
 )
 
@@ -20,6 +21,8 @@ type metrics struct {
 	walSync    prometheus.Histogram
 	walEntries prometheus.Histogram
 	walBatch   prometheus.Histogram
+	commit     prometheus.Histogram
+	apply      prometheus.Histogram
 	copysets   prometheus.Gauge
 	leaders    prometheus.Gauge
 	reg        *prometheus.Registry
@@ -50,6 +53,14 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 			Name: "cairn_chunkserver_wal_copysets_per_fsync", Help: "Copyset submissions in one WAL fdatasync.",
 			Buckets: prometheus.ExponentialBuckets(1, 2, 12),
 		}),
+		commit: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "cairn_chunkserver_proposal_commit_seconds", Help: "From a write's or delete's proposal on its leader to its commit: the wait for the Raft worker, replication and the quorum's WAL fdatasyncs.",
+			Buckets: prometheus.ExponentialBuckets(50e-6, 2, 16),
+		}),
+		apply: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "cairn_chunkserver_proposal_apply_seconds", Help: "From a write's or delete's commit on its leader to its apply: the apply queue and the write into the chunk files.",
+			Buckets: prometheus.ExponentialBuckets(5e-6, 2, 16),
+		}),
 		copysets: prometheus.NewGauge(prometheus.GaugeOpts{Name: "cairn_chunkserver_copysets", Help: "Copysets hosted."}),
 		leaders:  prometheus.NewGauge(prometheus.GaugeOpts{Name: "cairn_chunkserver_leaders", Help: "Copysets this chunkserver leads."}),
 	}
@@ -58,7 +69,7 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 	for _, op := range []string{"read", "write"} {
 		m.bytes.WithLabelValues(op)
 	}
-	reg.MustRegister(m.requests, m.bytes, m.latency, m.walSync, m.walEntries, m.walBatch, m.copysets, m.leaders,
+	reg.MustRegister(m.requests, m.bytes, m.latency, m.walSync, m.walEntries, m.walBatch, m.commit, m.apply, m.copysets, m.leaders,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -130,6 +141,11 @@ func (m *metrics) observe(op string, start time.Time, st chunkpb.Status, bytes i
 // the enum's prefix ("ok", "epoch_too_old").
 func statusLabel(st chunkpb.Status) string {
 	return strings.ToLower(strings.TrimPrefix(st.String(), "STATUS_"))
+}
+
+func (m *metrics) observeProposal(pt copyset.ProposalTimes) {
+	m.commit.Observe(pt.Commit.Seconds())
+	m.apply.Observe(pt.Apply.Seconds())
 }
 
 func (m *metrics) observeWALSync(si wal.SyncInfo) {

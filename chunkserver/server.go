@@ -293,6 +293,7 @@ func (s *Server) Start(ctx context.Context) (err error) {
 		MaxInflightBytes:    s.cfg.MaxInflightBytes,
 		MaxLogBytes:         s.cfg.MaxLogBytes,
 		OnWALSync:           s.m.observeWALSync,
+		OnProposalApplied:   s.m.observeProposal,
 		OnStorageFailure: func(err error) {
 			select {
 			case s.failed <- err:

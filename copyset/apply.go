@@ -316,6 +316,10 @@ func (c *Copyset) settleWaiters(en *raftpb.Entry) {
 		proposer, id, ok := proposalKey(en.GetData())
 		if en.GetType() == raftpb.EntryNormal && ok && proposer == c.e.cfg.NodeID && id == p.id {
 			delete(c.waiters, p.id)
+			if f := c.e.cfg.OnProposalApplied; f != nil && !p.committed.IsZero() {
+				now := time.Now()
+				f(ProposalTimes{Commit: p.committed.Sub(p.start), Apply: now.Sub(p.committed)})
+			}
 			p.finish(idx, nil)
 		} else {
 			delete(c.waiters, p.id)

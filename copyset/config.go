@@ -164,6 +164,10 @@ type Config struct {
 	SnapshotBytesPerSec int64
 	// OnWALSync is called after every WAL group commit (metrics).
 	OnWALSync func(wal.SyncInfo)
+	// OnProposalApplied is called as each proposal of this chunkserver's
+	// (a write, a delete) is applied, with how long its stages took
+	// (metrics).
+	OnProposalApplied func(ProposalTimes)
 	// OnStorageFailure is called once when the shared WAL fails (a write or
 	// fdatasync error): every copyset of the engine has stopped, and the
 	// chunkserver should restart (recovery replays the durable log) or be

@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 
 	"go.etcd.io/raft/v3"
+	"go.etcd.io/raft/v3/raftpb"
 )
 
 // Proposal is a write or delete handed to the copyset. Wait returns once it
@@ -21,6 +23,22 @@ type Proposal struct {
 	res     uint64
 	err     error
 	release func() // gives its bytes back to the engine's budget
+
+	// When it was made and when Raft handed it to the apply worker as
+	// committed, for Config.OnProposalApplied; committed is guarded by
+	// the copyset's waiter lock.
+	start, committed time.Time
+}
+
+// ProposalTimes are the stages of a proposal on its leader, from its
+// proposal to its apply.
+type ProposalTimes struct {
+	// Commit is from the proposal to its commit: the wait for the Raft
+	// worker, replication, and the quorum's WAL fdatasyncs.
+	Commit time.Duration
+	// Apply is from the commit to the apply: the apply queue and the
+	// write into the chunk files.
+	Apply time.Duration
 }
 
 func (p *Proposal) finish(index uint64, err error) {
@@ -190,6 +208,9 @@ func (c *Copyset) proposeCommand(ctx context.Context, fence Fence, cmd *command)
 		return nil, err
 	}
 	p := &Proposal{id: cmd.id, data: data, done: make(chan struct{}), release: release}
+	if c.e.cfg.OnProposalApplied != nil {
+		p.start = time.Now()
+	}
 	unfence := func() {}
 	if fence != nil {
 		var err error
@@ -250,6 +271,22 @@ func (c *Copyset) propose(p *Proposal) {
 		}
 		c.dropWaiter(p, err)
 	}
+}
+
+// noteCommitted stamps the proposals among committed entries with the time
+// of their commit (Config.OnProposalApplied); Raft worker.
+func (c *Copyset) noteCommitted(ents []*raftpb.Entry) {
+	if c.e.cfg.OnProposalApplied == nil || len(ents) == 0 {
+		return
+	}
+	now := time.Now()
+	c.wmu.Lock()
+	for _, en := range ents {
+		if p := c.byIndex[en.GetIndex()]; p != nil && p.committed.IsZero() {
+			p.committed = now
+		}
+	}
+	c.wmu.Unlock()
 }
 
 // assignIndex records where a proposal landed in the log.

@@ -537,6 +537,7 @@ func (c *Copyset) handleReady(rd raft.Ready) {
 		case raft.LocalAppendThread:
 			c.submitAppend(m)
 		case raft.LocalApplyThread:
+			c.noteCommitted(m.GetEntries())
 			c.pushApply(applyItem{m: m})
 		default:
 			if m.GetType() == raftpb.MsgTimeoutNow {
