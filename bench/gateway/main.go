@@ -76,6 +76,9 @@ type result struct {
 	// FsyncsPerWrite is the chunkservers' WAL fsyncs per write, divided by
 	// the three replicas: the fsyncs each replica did per write.
 	FsyncsPerWrite float64 `json:"fsyncs_per_write_per_replica,omitempty"`
+	// Stages are the average microseconds of a write's stages on the
+	// chunkservers (stageMetrics), for write jobs.
+	Stages map[string]float64 `json:"write_stages_us,omitempty"`
 }
 
 func run() error {
@@ -305,6 +308,10 @@ func nbdJobs(st *playground.State, url string, size uint64, rt time.Duration, on
 			r.CPUus = float64(u.total().Microseconds()) / ops
 			if strings.Contains(j.rw, "write") {
 				r.FsyncsPerWrite = u.walFsyncs / 3 / ops
+				r.Stages = map[string]float64{}
+				for label, s := range u.stages {
+					r.Stages[label] = s.avgMicros()
+				}
 			}
 		}
 		r.CPU = map[string]float64{}
@@ -497,6 +504,21 @@ func printTable(w io.Writer, rs []result) {
 		parts := make([]string, 0, len(names))
 		for _, n := range names {
 			parts = append(parts, fmt.Sprintf("%s %.1f", n, r.CPU[n]))
+		}
+		fmt.Fprintf(w, "  %s %s: %s\n", r.Frontend, r.Workload, strings.Join(parts, ", "))
+	}
+	stages := false
+	for _, r := range rs {
+		if len(r.Stages) == 0 {
+			continue
+		}
+		if !stages {
+			fmt.Fprintln(w, "\nWrite stages on the chunkservers (averages): commit = proposal to commit on the leader, apply = commit to applied:")
+			stages = true
+		}
+		parts := make([]string, 0, len(stageMetrics))
+		for _, m := range stageMetrics {
+			parts = append(parts, fmt.Sprintf("%s %s", m.label, lat(r.Stages[m.label])))
 		}
 		fmt.Fprintf(w, "  %s %s: %s\n", r.Frontend, r.Workload, strings.Join(parts, ", "))
 	}

@@ -17,22 +17,48 @@ import (
 const clockTicks = 100
 
 // usage is what the cluster's processes spent during one job: CPU per
-// process and the chunkservers' WAL fsyncs.
+// process, the chunkservers' WAL fsyncs and the sums of their write stages.
 type usage struct {
 	cpu       map[string]time.Duration // by process name
 	walFsyncs float64                  // summed over the chunkservers
+	stages    map[string]stageSum      // by stageMetrics label, summed over the chunkservers
+}
+
+// stageMetrics are the chunkservers' latency histograms whose averages a
+// write job reports: where a write's time on its leader goes.
+var stageMetrics = []struct{ label, name string }{
+	{"commit", "cairn_chunkserver_proposal_commit_seconds"},
+	{"apply", "cairn_chunkserver_proposal_apply_seconds"},
+	{"WAL fdatasync", "cairn_chunkserver_wal_fsync_duration_seconds"},
+}
+
+// stageSum is a histogram's sum (seconds) and count.
+type stageSum struct{ sum, count float64 }
+
+// avgMicros is the average in microseconds, 0 without observations.
+func (s stageSum) avgMicros() float64 {
+	if s.count <= 0 {
+		return 0
+	}
+	return s.sum / s.count * 1e6
 }
 
 // sampleUsage reads the CPU time of every playground process and the WAL
 // fsync count of every chunkserver; a process it cannot read counts zero.
 func sampleUsage(st *playground.State) usage {
-	u := usage{cpu: map[string]time.Duration{}}
+	u := usage{cpu: map[string]time.Duration{}, stages: map[string]stageSum{}}
 	for _, p := range st.Processes {
 		if p.PID != 0 {
 			u.cpu[p.Name] = cpuTime(p.PID)
 		}
 		if strings.HasPrefix(p.Name, "cs") && p.MetricsAddr != "" {
 			u.walFsyncs += metricValue(p.MetricsAddr, "cairn_chunkserver_wal_fsync_duration_seconds_count")
+			for _, m := range stageMetrics {
+				s := u.stages[m.label]
+				s.sum += metricValue(p.MetricsAddr, m.name+"_sum")
+				s.count += metricValue(p.MetricsAddr, m.name+"_count")
+				u.stages[m.label] = s
+			}
 		}
 	}
 	return u
@@ -40,9 +66,13 @@ func sampleUsage(st *playground.State) usage {
 
 // since is the usage between an earlier sample and u.
 func (u usage) since(before usage) usage {
-	d := usage{cpu: map[string]time.Duration{}, walFsyncs: u.walFsyncs - before.walFsyncs}
+	d := usage{cpu: map[string]time.Duration{}, walFsyncs: u.walFsyncs - before.walFsyncs, stages: map[string]stageSum{}}
 	for name, t := range u.cpu {
 		d.cpu[name] = t - before.cpu[name]
+	}
+	for label, s := range u.stages {
+		b := before.stages[label]
+		d.stages[label] = stageSum{sum: s.sum - b.sum, count: s.count - b.count}
 	}
 	return d
 }
