@@ -54,11 +54,11 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 			Buckets: prometheus.ExponentialBuckets(1, 2, 12),
 		}),
 		commit: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "cairn_chunkserver_proposal_commit_seconds", Help: "From a write's or delete's proposal on its leader to its commit: the wait for the Raft worker, replication and the quorum's WAL fdatasyncs.",
+			Name: "cairn_chunkserver_proposal_commit_duration_seconds", Help: "From a write's or delete's proposal on its leader to its commit: the wait for the Raft worker, replication and the quorum's WAL fdatasyncs.",
 			Buckets: prometheus.ExponentialBuckets(50e-6, 2, 16),
 		}),
 		apply: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "cairn_chunkserver_proposal_apply_seconds", Help: "From a write's or delete's commit on its leader to its apply: the apply queue and the write into the chunk files.",
+			Name: "cairn_chunkserver_proposal_apply_duration_seconds", Help: "From a write's or delete's commit on its leader to its apply: the apply queue and the write into the chunk files.",
 			Buckets: prometheus.ExponentialBuckets(5e-6, 2, 16),
 		}),
 		copysets: prometheus.NewGauge(prometheus.GaugeOpts{Name: "cairn_chunkserver_copysets", Help: "Copysets hosted."}),

@@ -27,8 +27,8 @@ type usage struct {
 // stageMetrics are the chunkservers' latency histograms whose averages a
 // write job reports: where a write's time on its leader goes.
 var stageMetrics = []struct{ label, name string }{
-	{"commit", "cairn_chunkserver_proposal_commit_seconds"},
-	{"apply", "cairn_chunkserver_proposal_apply_seconds"},
+	{"commit", "cairn_chunkserver_proposal_commit_duration_seconds"},
+	{"apply", "cairn_chunkserver_proposal_apply_duration_seconds"},
 	{"WAL fdatasync", "cairn_chunkserver_wal_fsync_duration_seconds"},
 }
 
