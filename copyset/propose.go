@@ -276,8 +276,8 @@ func (c *Copyset) propose(p *Proposal) {
 // noteCommitted stamps the proposals among committed entries with the time
 // of their commit (Config.OnProposalApplied); Raft worker.
 func (c *Copyset) noteCommitted(ents []*raftpb.Entry) {
-	if c.e.cfg.OnProposalApplied == nil || len(ents) == 0 {
-		return
+	if c.e.cfg.OnProposalApplied == nil || len(ents) == 0 || !c.isLeader.Load() {
+		return // a follower holds no proposals of its own: no lock per commit
 	}
 	now := time.Now()
 	c.wmu.Lock()
