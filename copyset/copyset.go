@@ -73,6 +73,7 @@ type Copyset struct {
 	idleTicks   int               // a leader's ticks without work (see noteQuiet)
 	beatAcks    map[uint64]uint64 // quiesced leader: follower -> round of its last quiesce heartbeat answer
 	beatRound   uint64            // quiesced leader: rounds of quiesce heartbeats sent
+	beatLease   beatLease         // quiesced leader: its read lease, confirmed by quiesce heartbeats
 	beatResp    []uint64          // peers whose heartbeat answers this round stepped (see replicatingPeers)
 	replicating []uint64          // replicatingPeers' answer, reused
 	confIndex   uint64            // leader: a membership change whose commit every follower is sent (see replicatingPeers)

@@ -18,10 +18,11 @@ import (
 // one quiesce heartbeat per follower every IdleBeatTicks, sent by the
 // leader, and a counter the ticker increments.
 //
-// Anything else wakes a group on the spot: a proposal, a read, a call, any
-// message other than quiesce heartbeats and their answers. Raft then runs as
-// before (a read confirms the leader with a fresh round: quiescence lets the
-// lease lapse).
+// Anything else wakes a group on the spot: a proposal, a call, any message
+// other than quiesce heartbeats and their answers. Raft then runs as before.
+// Reads do not wake it: the answers to the quiesce heartbeats keep the
+// leader's read lease (beatlease.go), and only a read that finds the lease
+// lapsed wakes the group to confirm the leader with ReadIndex.
 //
 // Failure detection: a quiesced follower that has heard no quiesce
 // heartbeat for an election timeout and two ticks (two beats lost) wakes
@@ -31,17 +32,14 @@ import (
 // That is safe for the leader's read lease, which is shorter than one
 // election timeout since the leader's last confirmed round. A quiesced leader wakes when a follower stops answering
 // its quiesce heartbeats for two election timeouts.
+//
+// A quiesce heartbeat's context is quiesceContext followed by the round's
+// sequence number (beatContext).
 const quiesceContext = "quiesce"
 
 // Quiesced tells whether the replica has stopped ticking because its group
 // is idle.
 func (c *Copyset) Quiesced() bool { return c.quiesced.Load() }
-
-// isQuiesceBeat tells a quiesce heartbeat or its answer.
-func isQuiesceBeat(m *raftpb.Message) bool {
-	t := m.GetType()
-	return (t == raftpb.MsgHeartbeat || t == raftpb.MsgHeartbeatResp) && string(m.GetContext()) == quiesceContext
-}
 
 // quiesceEnabled tells whether the engine quiesces idle groups: not with
 // manual ticks, where tests drive Raft's clock themselves (unless they ask).
@@ -65,11 +63,12 @@ func (c *Copyset) tickQuiesced() {
 	}
 }
 
-// active tells whether an inbox holds work: anything but ticks, quiet
-// calls, quiescence bookkeeping and heartbeats. It wakes a quiesced group
-// and restarts a leader's count of idle ticks.
+// active tells whether an inbox holds work: anything but ticks, reads,
+// quiet calls, quiescence bookkeeping and heartbeats. It wakes a quiesced
+// group and restarts a leader's count of idle ticks. (A read wakes a
+// quiesced group only when its lease lapsed: see startReads.)
 func (in *inbox) active() bool {
-	if len(in.props) > 0 || len(in.reads) > 0 || len(in.calls) > 0 || len(in.local) > 0 || len(in.appended) > 0 || in.wake {
+	if len(in.props) > 0 || len(in.calls) > 0 || len(in.local) > 0 || len(in.appended) > 0 || in.wake {
 		return true
 	}
 	for _, m := range in.msgs {
@@ -212,15 +211,17 @@ func (c *Copyset) idleBeatRound() {
 }
 
 // sendQuiesceBeats sends every follower a quiesce heartbeat of the current
-// term, with a commit index the follower holds (as Raft's own heartbeats).
+// term, with a commit index the follower holds (as Raft's own heartbeats),
+// as one round of the read lease (beatContext).
 func (c *Copyset) sendQuiesceBeats(term, committed uint64) {
 	typ := raftpb.MsgHeartbeat
 	from := c.e.cfg.NodeID
+	ctx := c.beatContext(term)
 	c.rn.WithProgress(func(id uint64, _ raft.ProgressType, pr tracker.Progress) {
 		if id == from {
 			return
 		}
 		to, commit := id, min(pr.Match, committed)
-		c.send(&raftpb.Message{Type: &typ, To: &to, From: &from, Term: &term, Commit: &commit, Context: []byte(quiesceContext)})
+		c.send(&raftpb.Message{Type: &typ, To: &to, From: &from, Term: &term, Commit: &commit, Context: ctx})
 	})
 }

@@ -274,10 +274,7 @@ func (c *Copyset) process(in *inbox) {
 			c.beatResp = append(c.beatResp, m.GetFrom())
 		}
 		if m.GetType() == raftpb.MsgHeartbeatResp && isQuiesceBeat(m) {
-			// Raft reads a heartbeat answer's context as a count of
-			// confirmed reads: the marker is ours alone.
-			c.beatAcks[m.GetFrom()] = c.beatRound
-			m.Context = nil
+			c.noteBeatAnswer(m)
 		}
 		if !c.step(m) {
 			return
@@ -305,7 +302,7 @@ func (c *Copyset) process(in *inbox) {
 		c.propose(p)
 	}
 	if len(in.reads) > 0 {
-		c.startReads(in.reads)
+		c.startReads(in.reads, in.active())
 	}
 	c.noteQuiet(in)
 	for rn.HasReady() {

@@ -29,9 +29,9 @@ func (c *Copyset) leaseDuration() time.Duration {
 // readLease is what the Raft worker publishes of a leader's read lease for
 // reads that do not pass through it (see WaitReadable).
 type readLease struct {
-	// until is when reads stop taking the short way: half way through the
-	// lease, so that a read past it reaches the Raft worker, which renews
-	// the lease while it still holds.
+	// until is when reads stop taking the short way: a quarter of the
+	// lease before its end, so that a read past it reaches the Raft
+	// worker, which renews the lease while it still holds.
 	until time.Time
 	// applied is the index the replica must have applied: the commit index
 	// when the lease was published, at or past the first entry of the
@@ -156,8 +156,13 @@ func (c *Copyset) readFiles(ctx context.Context, read func() ([]byte, error)) ([
 	}
 }
 
-// startReads runs on the Raft worker.
-func (c *Copyset) startReads(reads []*readWaiter) {
+// startReads runs on the Raft worker; active tells whether the round holds
+// work that wakes a quiesced group (inbox.active). Under the lease, reads
+// are served and, past half of it (reads reach the worker in its last
+// quarter), the lease is renewed: by a round of quiesce heartbeats out of
+// turn when the group stays quiesced (beatlease.go), else by ReadIndex.
+// Without it, the group wakes and reads wait for ReadIndex.
+func (c *Copyset) startReads(reads []*readWaiter, active bool) {
 	st := c.rn.BasicStatus()
 	if st.RaftState != raft.StateLeader {
 		for _, r := range reads {
@@ -166,15 +171,25 @@ func (c *Copyset) startReads(reads []*readWaiter) {
 		return
 	}
 	now := c.e.now()
+	quiesced := c.quiesced.Load() && !active
 	if c.leaseHolds(st, now) {
 		for _, r := range reads {
 			c.waitApplied(st.GetCommit(), r)
 		}
-		if !c.renewing && c.leaseUntil.Sub(now) < c.leaseDuration()/2 {
-			c.issueReadIndex(nil, now)
+		if c.leaseUntil.Sub(now) < c.leaseDuration()/2 {
+			if quiesced {
+				c.renewByBeats(now)
+			} else if !c.renewing {
+				c.issueReadIndex(nil, now)
+			}
 		}
 		c.publishLease(st, now)
 		return
+	}
+	if quiesced {
+		// ReadIndex's heartbeats wake the followers: the leader wakes too.
+		c.quiesced.Store(false)
+		c.idleTicks = 0
 	}
 	c.issueReadIndex(reads, now)
 }
@@ -194,8 +209,13 @@ func (c *Copyset) leaseHolds(st raft.BasicStatus, now time.Time) bool {
 
 // publishLease publishes the lease for WaitReadable's short way, or takes
 // it back when it does not hold. Raft worker only.
+//
+// The short way ends a quarter of a lease before the lease does, so that a
+// read past it reaches the worker, which renews the lease while it still
+// holds. (Where the short way ends is a matter of liveness only: a read
+// that saw the lease hold saw no other leader elected before it began.)
 func (c *Copyset) publishLease(st raft.BasicStatus, now time.Time) {
-	until := c.leaseUntil.Add(-c.leaseDuration() / 2)
+	until := c.leaseUntil.Add(-c.leaseDuration() / 4)
 	if !c.leaseHolds(st, now) || !now.Before(until) {
 		c.lease.Store(nil)
 		return

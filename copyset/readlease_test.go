@@ -14,8 +14,8 @@ import (
 
 // TestLeaseReadsSkipTheRaftWorker: while its lease holds, a leader serves
 // reads without a turn of its Raft worker (it answers one while the worker
-// is held); past half the lease, reads go through the worker again, which
-// renews the lease.
+// is held); past three quarters of the lease, reads go through the worker
+// again, which renews the lease.
 func TestLeaseReadsSkipTheRaftWorker(t *testing.T) {
 	c1, clock := leaderUnderLease(t)
 	want := pattern("lease|", testBlock)
@@ -29,12 +29,12 @@ func TestLeaseReadsSkipTheRaftWorker(t *testing.T) {
 		t.Fatalf("read under the lease while the Raft worker is held: %v", err)
 	}
 
-	clock.Advance(c1.leaseDuration()/2 + time.Millisecond)
+	clock.Advance(c1.leaseDuration()*3/4 + time.Millisecond)
 	ctx, cancel = context.WithTimeout(context.Background(), 200*time.Millisecond)
 	err = c1.Read(ctx, 1, 0, buf)
 	cancel()
 	if !errors.Is(err, context.DeadlineExceeded) {
-		t.Fatalf("read past half the lease while the Raft worker is held: %v, want it to wait for the worker", err)
+		t.Fatalf("read late in the lease while the Raft worker is held: %v, want it to wait for the worker", err)
 	}
 	release()
 	if err := c1.Read(context.Background(), 1, 0, buf); err != nil || !bytes.Equal(buf, want) {
@@ -221,7 +221,7 @@ func TestLeaseReadsWaitForWhatEarlierLeadersCommitted(t *testing.T) {
 
 // TestReadsWithoutWaitingFailRatherThanWait: under WithoutWaiting a read
 // that the lease lets through is served; one that would wait for a turn of
-// the Raft worker (the lease past half its length) fails at once with
+// the Raft worker (the lease past three quarters) fails at once with
 // ErrWouldWait and reads nothing, and the same read with waiting allowed
 // is then served.
 func TestReadsWithoutWaitingFailRatherThanWait(t *testing.T) {
@@ -234,10 +234,10 @@ func TestReadsWithoutWaitingFailRatherThanWait(t *testing.T) {
 		t.Fatalf("read without waiting under the lease: %v", err)
 	}
 
-	clock.Advance(c1.leaseDuration()/2 + time.Millisecond)
+	clock.Advance(c1.leaseDuration()*3/4 + time.Millisecond)
 	clear(buf)
 	if err := c1.Read(noWait, 1, 0, buf); !errors.Is(err, ErrWouldWait) {
-		t.Fatalf("read without waiting past half the lease: %v, want ErrWouldWait", err)
+		t.Fatalf("read without waiting late in the lease: %v, want ErrWouldWait", err)
 	}
 	if !bytes.Equal(buf, make([]byte, testBlock)) {
 		t.Fatalf("the refused read read something")
