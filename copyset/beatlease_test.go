@@ -17,7 +17,9 @@ import (
 // quiesces like an idle one, and serves them under the lease its quiesce
 // heartbeats keep, without waking: it costs what an idle group does.
 func TestReadsKeepAQuiescedGroupAsleep(t *testing.T) {
-	tc, id := quiescedGroup(t, 15)
+	// Ticks of 50 ms: a lease of 400 ms, renewed every 250 ms; a round's
+	// answers may be 150 ms late before a read finds the lease lapsed.
+	tc, id := quiescedGroupWith(t, 15, func(c *Config) { c.TickInterval = 50 * time.Millisecond })
 	want := pattern("awake|", testBlock)
 	tc.writeRetry(id, 1, 0, want) // wakes the group
 	lead := tc.leader(id)
@@ -44,8 +46,8 @@ func TestReadsKeepAQuiescedGroupAsleep(t *testing.T) {
 		return nil
 	})
 	start := time.Now()
-	// About six leases (ticks of 20 ms) and ten rounds of quiesce heartbeats.
-	for reads := 0; time.Since(start) < time.Second; reads++ {
+	// About five leases and eight rounds of quiesce heartbeats.
+	for reads := 0; time.Since(start) < 2*time.Second; reads++ {
 		read()
 		for _, n := range tc.running() {
 			if c := copysetOn(t, tc, n.id, id); !c.Quiesced() {
@@ -128,6 +130,58 @@ func TestQuiesceHeartbeatAnswersConfirmTheRoundTheyAnswer(t *testing.T) {
 	if got, want := answer(3, term, r1), t2.Add(c1.leaseDuration()); !got.Equal(want) {
 		t.Fatalf("a late answer moved the lease to %v, want %v", got, want)
 	}
+	// A round answered after beatSlots later rounds were sent is forgotten:
+	// its slot holds a later round, whose time it must not borrow.
+	var r3 []byte
+	for i := range beatSlots + 1 {
+		clock.Advance(50 * time.Millisecond)
+		run(func() {
+			ctx := c1.beatContext(term)
+			if i == 0 {
+				r3 = ctx
+			}
+		})
+	}
+	if got, want := answer(2, term, r3), t2.Add(c1.leaseDuration()); !got.Equal(want) {
+		t.Fatalf("an answer to a forgotten round moved the lease to %v, want %v", got, want)
+	}
+}
+
+// TestReadLateInTheLeaseRenewsItWithQuiesceHeartbeats: a read that reaches
+// the Raft worker of a quiesced leader late in its lease (its rounds went
+// unanswered, or no round was due: here the clock moves and nothing ticks) is
+// served under the lease and sends a round out of turn, whose answers renew
+// the lease; nothing wakes.
+func TestReadLateInTheLeaseRenewsItWithQuiesceHeartbeats(t *testing.T) {
+	tc, clock, id := quiescedManualCluster(t)
+	c1 := copysetOn(t, tc, 1, id)
+	until := func() (u time.Time) {
+		t.Helper()
+		if err := c1.callQuietWait(context.Background(), func() { u = c1.leaseUntil }); err != nil {
+			t.Fatal(err)
+		}
+		return u
+	}
+	buf := make([]byte, testBlock)
+	if err := c1.Read(context.Background(), 1, 0, buf); err != nil {
+		t.Fatal(err)
+	}
+	before := until()
+	clock.Advance(before.Sub(clock.Now()) - c1.leaseDuration()/8)
+	if err := c1.Read(context.Background(), 1, 0, buf); err != nil || !bytes.Equal(buf, pattern("lease|", testBlock)) {
+		t.Fatalf("read late in the lease: %v", err)
+	}
+	soon.Succeeds(t, 10*time.Second, func() error {
+		if u := until(); !u.After(before) {
+			return fmt.Errorf("the lease still ends at %v", u)
+		}
+		return nil
+	})
+	for _, n := range tc.running() {
+		if !copysetOn(t, tc, n.id, id).Quiesced() {
+			t.Fatalf("the read woke node %d", n.id)
+		}
+	}
 }
 
 // TestCutOffQuiescedLeaderStopsServingReads: a quiesced leader cut off from
@@ -191,6 +245,9 @@ func TestCutOffQuiescedLeaderStopsServingReads(t *testing.T) {
 		t.Fatal("the cut-off leader served a read")
 	case !errors.Is(err, context.DeadlineExceeded):
 		t.Logf("read refused: %v", err)
+	}
+	if c1.Quiesced() {
+		t.Fatal("a read that found the lease lapsed did not wake its leader")
 	}
 	tc.faults.Heal()
 }

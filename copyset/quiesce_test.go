@@ -79,7 +79,14 @@ func TestIdleCopysetsQuiesceAndWakeOnWork(t *testing.T) {
 // and waits until it quiesces.
 func quiescedGroup(t *testing.T, pool uint32) (*testCluster, GroupID) {
 	t.Helper()
-	tc := newTestCluster(t, 3, 16, nil)
+	return quiescedGroupWith(t, pool, nil)
+}
+
+// quiescedGroupWith is quiescedGroup with tune applied to each node's
+// configuration.
+func quiescedGroupWith(t *testing.T, pool uint32, tune func(*Config)) (*testCluster, GroupID) {
+	t.Helper()
+	tc := newTestCluster(t, 3, 16, tune)
 	id := MakeGroupID(pool, 1)
 	tc.create([]GroupID{id}, []uint64{1, 2, 3})
 	tc.writeRetry(id, 1, 0, pattern("q|", testBlock))
