@@ -91,7 +91,7 @@ func (m *metrics) register(s *Server) {
 		gauge("cairn_chunkserver_requests_inflight", "Chunk requests in flight.", func() float64 { return float64(s.inflight.Load()) }),
 		gauge("cairn_chunkserver_proposal_bytes_inflight", "Bytes of proposals led here that are admitted and not yet applied or failed (bounded by --max-inflight-bytes).", func() float64 { return float64(s.engine.InflightBytes()) }),
 		gauge("cairn_chunkserver_raft_log_memory_bytes", "Bytes of Raft log entries all copysets hold in memory (kept under --max-log-memory).", func() float64 { return float64(s.engine.LogBytes()) }),
-		gauge("cairn_chunkserver_quiesced_copysets", "Replicas of idle copysets that stopped ticking and heartbeating until there is work.", func() float64 {
+		gauge("cairn_chunkserver_quiesced_copysets", "Replicas of copysets that stopped ticking and heartbeating until there is a write or a call (idle, or serving only reads).", func() float64 {
 			n := 0
 			for _, c := range s.engine.List() {
 				if c.Quiesced() {
