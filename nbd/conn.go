@@ -39,6 +39,9 @@ type serverConn struct {
 	dead       bool          // the connection broke (a reply could not be sent, the backend panicked)
 	stopCh     chan struct{} // closed when stopReason is first set
 	exportName string        // the export in transmission, for DropExport
+	// drain is where this connection stands in the draining of its export's dead connections;
+	// guarded by srv.mu (see Server.beginDrain).
+	drain drainState
 
 	// liveSize: the client learns the export's size out of band, not from this server (a
 	// connection without a handshake): a request beyond the size known so far reads it again.
@@ -152,6 +155,13 @@ func (c *serverConn) kill(reason string) {
 	c.stop(reason)
 }
 
+// killed reports whether the connection was killed (kill).
+func (c *serverConn) killed() bool {
+	c.dmu.Lock()
+	defer c.dmu.Unlock()
+	return c.dead
+}
+
 // died reports whether the reader's end, err, means the connection died: the client went away
 // without NBD_CMD_DISC, the stream broke, or the connection was killed; not a disconnect, nor a
 // stop by Close or DropExport.
@@ -209,13 +219,12 @@ func (c *serverConn) transmit(opened *openedExport) (err error) {
 		// connection. That connection waits (waitDrained) until they all returned. A
 		// disconnect, Close and DropExport let the requests complete and answer instead.
 		if c.died(err) {
-			c.srv.beginDrain(opened.name)
+			c.srv.beginDrain(c, opened.name)
 			c.ioCancel()
-			c.inflight.Wait()
-			c.srv.endDrain(opened.name)
 		}
 		// Also on a panic of the reader: the requests in flight still own the export.
 		c.inflight.Wait()
+		c.srv.endDrain(c, opened.name)
 		close(c.done)
 		if cerr := opened.exp.Close(); cerr != nil {
 			c.log.Warn("nbd: close export", "err", cerr)
@@ -230,6 +239,7 @@ func (c *serverConn) transmit(opened *openedExport) (err error) {
 			c.log.Info("nbd: connection closed", "reason", err)
 		}
 	}()
+	c.srv.reapHungUp(c, opened.name)
 	if !c.srv.waitDrained(c, opened.name) {
 		return errors.New("stopped while waiting for a dead connection's requests")
 	}
@@ -293,6 +303,15 @@ func (c *serverConn) readRequests() error {
 				c.lim.release(op.weight)
 				return c.readError("read write payload", err)
 			}
+		}
+		if c.killed() {
+			// A newer connection to the export found the client gone (reapHungUp) while
+			// this request was on its way in: it must not run after that connection's.
+			if op.payload != nil {
+				putBuffer(op.payload)
+			}
+			c.lim.release(op.weight)
+			return errors.New(c.stopped())
 		}
 		switch {
 		case op.isWrite():

@@ -9,7 +9,10 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"cairn.io/cairn/blockdev"
 )
@@ -378,10 +381,28 @@ type drain struct {
 	done chan struct{}
 }
 
-// beginDrain registers a dead connection of export name whose requests are being cancelled.
-func (s *Server) beginDrain(name string) {
+// drainState is where a connection stands in the draining of its export's dead connections.
+type drainState int
+
+const (
+	drainNone     drainState = iota // not counted in a drain
+	drainCounted                    // counted: its requests may still be in the backend
+	drainFinished                   // its requests all returned; never counted again
+)
+
+// beginDrain counts c, a dead connection of export name whose requests are being cancelled, in
+// the export's drain, once.
+func (s *Server) beginDrain(c *serverConn, name string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.beginDrainLocked(c, name)
+}
+
+func (s *Server) beginDrainLocked(c *serverConn, name string) {
+	if c.drain != drainNone {
+		return
+	}
+	c.drain = drainCounted
 	d := s.mu.draining[name]
 	if d == nil {
 		d = &drain{done: make(chan struct{})}
@@ -391,16 +412,73 @@ func (s *Server) beginDrain(name string) {
 	s.stats.dead.Add(1)
 }
 
-// endDrain records that every request of one dead connection of name has returned.
-func (s *Server) endDrain(name string) {
+// endDrain records that every request of c, a connection of export name, has returned: if c
+// was counted in the export's drain, the drain ends with the last such connection.
+func (s *Server) endDrain(c *serverConn, name string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	counted := c.drain == drainCounted
+	c.drain = drainFinished
+	if !counted {
+		return
+	}
 	d := s.mu.draining[name]
 	s.stats.dead.Add(-1)
 	if d.n--; d.n == 0 {
 		delete(s.mu.draining, name)
 		close(d.done)
 	}
+}
+
+// reapHungUp is called as connection c begins transmission on export name. Another connection
+// to the export whose client hung up may not have noticed yet: its reader may not be reading
+// (its limiter is full, or it is yet to run), with requests the client sent before it died
+// still unread in the socket. Those requests must not run after c's. So every such connection
+// (its socket has the peer's FIN or RST) is counted in the export's drain now, before c's
+// waitDrained, and killed: it reads nothing more, runs nothing it reads from now on, and ends
+// its drain once its requests in flight returned.
+func (s *Server) reapHungUp(c *serverConn, name string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for o := range s.mu.conns {
+		if o == c {
+			continue
+		}
+		o.dmu.Lock()
+		match := o.exportName == name
+		o.dmu.Unlock()
+		if !match || o.drain != drainNone || !peerHungUp(o.nc) {
+			continue
+		}
+		o.log.Info("nbd: a new connection to the export found this connection's client gone; closing it")
+		s.beginDrainLocked(o, name)
+		o.kill("the client hung up")
+	}
+}
+
+// peerHungUp tells whether the other end of nc closed or reset the connection, even with bytes
+// it sent before still unread: POLLRDHUP (TCP and Unix stream sockets). False when it cannot
+// tell.
+func peerHungUp(nc net.Conn) bool {
+	if t, ok := nc.(*tls.Conn); ok {
+		nc = t.NetConn()
+	}
+	sc, ok := nc.(syscall.Conn)
+	if !ok {
+		return false
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	hung := false
+	_ = raw.Control(func(fd uintptr) {
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLRDHUP}}
+		if n, err := unix.Poll(fds, 0); err == nil && n > 0 {
+			hung = fds[0].Revents&(unix.POLLRDHUP|unix.POLLHUP|unix.POLLERR) != 0
+		}
+	})
+	return hung
 }
 
 // drainLogInterval is how often a connection waiting for a dead connection's requests says so.
