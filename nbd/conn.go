@@ -128,9 +128,6 @@ func (c *serverConn) serveWith(enter func() (*openedExport, error)) (err error) 
 		}
 		return err
 	}
-	c.dmu.Lock()
-	c.exportName = opened.name
-	c.dmu.Unlock()
 	return c.transmit(opened)
 }
 
@@ -239,6 +236,11 @@ func (c *serverConn) transmit(opened *openedExport) (err error) {
 			c.log.Info("nbd: connection closed", "reason", err)
 		}
 	}()
+	// Named only now that the deferred end above will take the connection out of a drain that
+	// reapHungUp may count it in from here on.
+	c.dmu.Lock()
+	c.exportName = opened.name
+	c.dmu.Unlock()
 	c.srv.reapHungUp(c, opened.name)
 	if !c.srv.waitDrained(c, opened.name) {
 		return errors.New("stopped while waiting for a dead connection's requests")

@@ -31,7 +31,11 @@ func TestUnreadWriteOfADeadConnectionDoesNotOvertakeNewerWrite(t *testing.T) {
 
 	c := connect(t, env.addr, "vol", false)
 	w := c.send(0, cmdWrite, 8192, 4096, b) // newer write, from the client's next connection
-	time.Sleep(50 * time.Millisecond)
+	soon.True(t, 10*time.Second, "the old connection counted dead", func() bool { return env.srv.Stats().DeadConnections == 1 })
+	soon.True(t, 10*time.Second, "the old connection's read cancelled", hold.Cancelled)
+	if n := dev.Count(blockdevtest.OpWrite); n != 0 {
+		t.Fatal("the new connection's write ran while the old connection's read was in the backend")
+	}
 	hold.Release() // the old connection's read returns; its reader gets room
 	if r, err := c.recv(); err != nil || r.cookie != w || r.errno != 0 {
 		t.Fatalf("new write: %v %+v", err, r)
@@ -47,5 +51,40 @@ func TestUnreadWriteOfADeadConnectionDoesNotOvertakeNewerWrite(t *testing.T) {
 	// it never ran.
 	if n := dev.Count(blockdevtest.OpWrite); n != 1 {
 		t.Fatalf("%d writes ran, want only the new connection's", n)
+	}
+}
+
+// TestConnectionsOutsideADrainDoNotEndIt: a connection that ends without
+// being dead (NBD_CMD_DISC) while another connection of the export is
+// draining does not shorten that drain: a new connection still waits for
+// the dead one's write.
+func TestConnectionsOutsideADrainDoNotEndIt(t *testing.T) {
+	env := newTestEnv(t)
+	env.createExport("vol", testSize, nil)
+	dev := env.device("vol")
+	hold := dev.HoldAt(blockdevtest.OpWrite, 0)
+	t.Cleanup(hold.Release)
+	other := connect(t, env.addr, "vol", false) // a live connection of the same client
+	dead := connect(t, env.addr, "vol", false)
+	dead.send(0, cmdWrite, 0, 4096, bytes.Repeat([]byte{0xaa}, 4096))
+	<-hold.Entered()
+	dead.nc.Close()
+	soon.True(t, 10*time.Second, "the connection counted dead", func() bool { return env.srv.Stats().DeadConnections == 1 })
+
+	other.send(0, cmdDisc, 0, 0, nil)
+	soon.True(t, 10*time.Second, "the disconnected connection ended", func() bool { return env.srv.Stats().Connections == 1 })
+
+	c := connect(t, env.addr, "vol", false)
+	w := c.send(0, cmdWrite, 0, 4096, bytes.Repeat([]byte{0xbb}, 4096))
+	soon.True(t, 10*time.Second, "the new connection waiting", func() bool { return env.srv.Stats().WaitingConnections == 1 })
+	if n := dev.Count(blockdevtest.OpWrite); n != 0 || env.srv.Stats().DeadConnections != 1 {
+		t.Fatalf("the dead connection's drain ended early (%d writes ran)", n)
+	}
+	hold.Release()
+	if r, err := c.recv(); err != nil || r.cookie != w || r.errno != 0 {
+		t.Fatalf("new write: %v %+v", err, r)
+	}
+	if got := dev.Contents(0, 4096); got[0] != 0xbb {
+		t.Fatalf("block holds %#x..., want the newer write", got[0])
 	}
 }

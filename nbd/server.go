@@ -9,10 +9,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"cairn.io/cairn/blockdev"
 )
@@ -445,40 +442,16 @@ func (s *Server) reapHungUp(c *serverConn, name string) {
 			continue
 		}
 		o.dmu.Lock()
-		match := o.exportName == name
+		match, nc := o.exportName == name, o.nc
 		o.dmu.Unlock()
-		if !match || o.drain != drainNone || !peerHungUp(o.nc) {
+		if !match || o.drain != drainNone || !peerHungUp(nc) {
 			continue
 		}
 		o.log.Info("nbd: a new connection to the export found this connection's client gone; closing it")
 		s.beginDrainLocked(o, name)
 		o.kill("the client hung up")
+		o.ioCancel() // as for any dead connection: its requests in the backend are cancelled
 	}
-}
-
-// peerHungUp tells whether the other end of nc closed or reset the connection, even with bytes
-// it sent before still unread: POLLRDHUP (TCP and Unix stream sockets). False when it cannot
-// tell.
-func peerHungUp(nc net.Conn) bool {
-	if t, ok := nc.(*tls.Conn); ok {
-		nc = t.NetConn()
-	}
-	sc, ok := nc.(syscall.Conn)
-	if !ok {
-		return false
-	}
-	raw, err := sc.SyscallConn()
-	if err != nil {
-		return false
-	}
-	hung := false
-	_ = raw.Control(func(fd uintptr) {
-		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLRDHUP}}
-		if n, err := unix.Poll(fds, 0); err == nil && n > 0 {
-			hung = fds[0].Revents&(unix.POLLRDHUP|unix.POLLHUP|unix.POLLERR) != 0
-		}
-	})
-	return hung
 }
 
 // drainLogInterval is how often a connection waiting for a dead connection's requests says so.
