@@ -37,6 +37,7 @@ type serverConn struct {
 	dmu        sync.Mutex    // guards stopReason, dead, exportName and changes of the read deadline
 	stopReason string        // non-empty once the connection has been told to stop reading
 	dead       bool          // the connection broke (a reply could not be sent, the backend panicked)
+	disc       bool          // the reader read NBD_CMD_DISC: every request is read (see reapHungUp)
 	stopCh     chan struct{} // closed when stopReason is first set
 	exportName string        // the export in transmission, for DropExport
 	// drain is where this connection stands in the draining of its export's dead connections;
@@ -276,6 +277,9 @@ func (c *serverConn) readRequests() error {
 			return fmt.Errorf("%w: %w", errProtocol, err)
 		}
 		if req.typ == cmdDisc {
+			c.dmu.Lock()
+			c.disc = true
+			c.dmu.Unlock()
 			return errClientDisconnected
 		}
 		if c.liveSize && (req.offset > c.limits.size || uint64(req.length) > c.limits.size-req.offset) {

@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"bytes"
+	"net"
 	"testing"
 	"time"
 
@@ -86,5 +87,48 @@ func TestConnectionsOutsideADrainDoNotEndIt(t *testing.T) {
 	}
 	if got := dev.Contents(0, 4096); got[0] != 0xbb {
 		t.Fatalf("block holds %#x..., want the newer write", got[0])
+	}
+}
+
+// TestDisconnectedConnectionIsNotReaped: a client that sent NBD_CMD_DISC and
+// half-closed its socket while a write of its is in the backend is not
+// taken for dead when another connection to the export attaches: the write
+// completes and is answered, as after any disconnect.
+func TestDisconnectedConnectionIsNotReaped(t *testing.T) {
+	env := newTestEnv(t)
+	env.createExport("vol", testSize, nil)
+	dev := env.device("vol")
+	hold := dev.HoldAt(blockdevtest.OpWrite, 0)
+	t.Cleanup(hold.Release)
+	old := connect(t, env.addr, "vol", false)
+	w := old.send(0, cmdWrite, 0, 4096, pattern(4096, 5))
+	<-hold.Entered()
+	old.send(0, cmdDisc, 0, 0, nil)
+	soon.True(t, 10*time.Second, "the disconnect read", func() bool {
+		env.srv.mu.Lock()
+		defer env.srv.mu.Unlock()
+		for c := range env.srv.mu.conns {
+			c.dmu.Lock()
+			disc := c.disc
+			c.dmu.Unlock()
+			if disc {
+				return true
+			}
+		}
+		return false
+	})
+	if err := old.nc.(*net.TCPConn).CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	c := connect(t, env.addr, "vol", false)
+	if got := c.read(8192, 4096); !bytes.Equal(got, make([]byte, 4096)) {
+		t.Fatal("read on the new connection")
+	}
+	if hold.Cancelled() || env.srv.Stats().DeadConnections != 0 {
+		t.Fatal("the new connection took the disconnected one for dead")
+	}
+	hold.Release()
+	if r, err := old.recv(); err != nil || r.cookie != w || r.errno != 0 {
+		t.Fatalf("write before the disconnect: %v %+v", err, r)
 	}
 }

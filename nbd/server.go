@@ -433,7 +433,9 @@ func (s *Server) endDrain(c *serverConn, name string) {
 // still unread in the socket. Those requests must not run after c's. So every such connection
 // (its socket has the peer's FIN or RST) is counted in the export's drain now, before c's
 // waitDrained, and killed: it reads nothing more, runs nothing it reads from now on, and ends
-// its drain once its requests in flight returned.
+// its drain once its requests in flight returned. A connection whose reader read NBD_CMD_DISC
+// has nothing unread that may run: it is left to complete its requests, as a disconnect does,
+// even when its client half-closed the socket after the disconnect.
 func (s *Server) reapHungUp(c *serverConn, name string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -442,7 +444,7 @@ func (s *Server) reapHungUp(c *serverConn, name string) {
 			continue
 		}
 		o.dmu.Lock()
-		match, nc := o.exportName == name, o.nc
+		match, nc := o.exportName == name && !o.disc, o.nc
 		o.dmu.Unlock()
 		if !match || o.drain != drainNone || !peerHungUp(nc) {
 			continue
