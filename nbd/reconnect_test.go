@@ -17,11 +17,7 @@ import (
 // write must not be overwritten when the old connection reads the older
 // write at last.
 func TestUnreadWriteOfADeadConnectionDoesNotOvertakeNewerWrite(t *testing.T) {
-	env := newTestEnv(t, func(c *Config) { c.MaxInFlight = 1 })
-	env.createExport("vol", testSize, nil)
-	dev := env.device("vol")
-	hold := dev.HoldAt(blockdevtest.OpRead, 0)
-	t.Cleanup(hold.Release)
+	env, dev, hold := exportWithHold(t, blockdevtest.OpRead, func(c *Config) { c.MaxInFlight = 1 })
 	a, b := bytes.Repeat([]byte{0xaa}, 4096), bytes.Repeat([]byte{0xbb}, 4096)
 
 	old := connect(t, env.addr, "vol", false)
@@ -60,11 +56,7 @@ func TestUnreadWriteOfADeadConnectionDoesNotOvertakeNewerWrite(t *testing.T) {
 // draining does not shorten that drain: a new connection still waits for
 // the dead one's write.
 func TestConnectionsOutsideADrainDoNotEndIt(t *testing.T) {
-	env := newTestEnv(t)
-	env.createExport("vol", testSize, nil)
-	dev := env.device("vol")
-	hold := dev.HoldAt(blockdevtest.OpWrite, 0)
-	t.Cleanup(hold.Release)
+	env, dev, hold := exportWithHold(t, blockdevtest.OpWrite)
 	other := connect(t, env.addr, "vol", false) // a live connection of the same client
 	dead := connect(t, env.addr, "vol", false)
 	dead.send(0, cmdWrite, 0, 4096, bytes.Repeat([]byte{0xaa}, 4096))
@@ -95,11 +87,7 @@ func TestConnectionsOutsideADrainDoNotEndIt(t *testing.T) {
 // taken for dead when another connection to the export attaches: the write
 // completes and is answered, as after any disconnect.
 func TestDisconnectedConnectionIsNotReaped(t *testing.T) {
-	env := newTestEnv(t)
-	env.createExport("vol", testSize, nil)
-	dev := env.device("vol")
-	hold := dev.HoldAt(blockdevtest.OpWrite, 0)
-	t.Cleanup(hold.Release)
+	env, _, hold := exportWithHold(t, blockdevtest.OpWrite)
 	old := connect(t, env.addr, "vol", false)
 	w := old.send(0, cmdWrite, 0, 4096, pattern(4096, 5))
 	<-hold.Entered()
@@ -131,4 +119,16 @@ func TestDisconnectedConnectionIsNotReaped(t *testing.T) {
 	if r, err := old.recv(); err != nil || r.cookie != w || r.errno != 0 {
 		t.Fatalf("write before the disconnect: %v %+v", err, r)
 	}
+}
+
+// exportWithHold starts a server with the export "vol" whose first later
+// call of op at offset 0 waits in the device until the test releases it.
+func exportWithHold(t *testing.T, op blockdevtest.Op, tune ...func(*Config)) (*testEnv, *blockdevtest.Device, *blockdevtest.Hold) {
+	t.Helper()
+	env := newTestEnv(t, tune...)
+	env.createExport("vol", testSize, nil)
+	dev := env.device("vol")
+	hold := dev.HoldAt(op, 0)
+	t.Cleanup(hold.Release)
+	return env, dev, hold
 }
