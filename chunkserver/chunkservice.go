@@ -47,22 +47,37 @@ func refuse(st chunkpb.Status, format string, args ...any) *reqError {
 // request's deadline passes first. A request served on its connection's
 // reader (wire.Inline) does not wait: it gets errWouldBlock.
 func (s *Server) admit(ctx context.Context) (release func(), e *reqError) {
-	if wire.Inline(ctx) {
-		if !s.slots.TryAcquire(1) {
-			return nil, errWouldBlock
+	switch {
+	case s.slots.TryAcquire(1):
+	case wire.Inline(ctx):
+		return nil, errWouldBlock
+	default:
+		if err := s.waitSlot(ctx); err != nil {
+			return nil, refuse(chunkpb.Status_STATUS_OVERLOAD, "chunkserver %d: waited for one of %d request slots: %v", s.id.ChunkServerID, s.cfg.MaxInflight, err)
 		}
-	} else if err := func() error {
-		wctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
-		defer cancel()
-		return s.slots.Acquire(wctx, 1)
-	}(); err != nil {
-		return nil, refuse(chunkpb.Status_STATUS_OVERLOAD, "chunkserver %d: waited for one of %d request slots: %v", s.id.ChunkServerID, s.cfg.MaxInflight, err)
 	}
 	s.inflight.Add(1)
 	return func() {
 		s.inflight.Add(-1)
 		s.slots.Release(1)
 	}, nil
+}
+
+// bounded returns ctx ending at most RequestTimeout from now: ctx itself
+// when its deadline comes sooner (a client's deadline usually does), which
+// spares a timer per request.
+func (s *Server) bounded(ctx context.Context) (context.Context, context.CancelFunc) {
+	if dl, ok := ctx.Deadline(); ok && time.Until(dl) <= s.cfg.RequestTimeout {
+		return ctx, func() {}
+	}
+	return context.WithTimeout(ctx, s.cfg.RequestTimeout)
+}
+
+// waitSlot waits for a request slot for at most RequestTimeout.
+func (s *Server) waitSlot(ctx context.Context) error {
+	wctx, cancel := s.bounded(ctx)
+	defer cancel()
+	return s.slots.Acquire(wctx, 1)
 }
 
 // lookup finds the copyset a request names.
@@ -227,7 +242,7 @@ func (s *Server) writeChunk(ctx context.Context, req *chunkpb.WriteChunkRequest)
 	if !chunkExists(c, req.GetChunkId()) && !s.hasRoomForNewChunk() {
 		return 0, refuse(chunkpb.Status_STATUS_NOSPACE, "no chunk file left for a new chunk on chunkserver %d", s.id.ChunkServerID)
 	}
-	wctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
+	wctx, cancel := s.bounded(ctx)
 	defer cancel()
 	p, e := s.propose(c, req.GetVolumeId(), req.GetEpoch(), func(fence copyset.Fence) (*copyset.Proposal, error) {
 		seq := copyset.Seq{SN: req.GetSn(), Keep: req.GetKeep()}
@@ -343,7 +358,7 @@ func (s *Server) readChunk(ctx context.Context, req *chunkpb.ReadChunkRequest) (
 	if !c.IsLeader() {
 		return nil, nil, s.notLeader(c)
 	}
-	rctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
+	rctx, cancel := s.bounded(ctx)
 	defer cancel()
 	if wire.Inline(ctx) {
 		if req.GetSnapshotSn() != 0 {
@@ -390,7 +405,7 @@ func (s *Server) deleteChunk(ctx context.Context, req *chunkpb.DeleteChunkReques
 	if !c.IsLeader() {
 		return s.notLeader(c)
 	}
-	wctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
+	wctx, cancel := s.bounded(ctx)
 	defer cancel()
 	p, e := s.propose(c, req.GetVolumeId(), req.GetEpoch(), func(fence copyset.Fence) (*copyset.Proposal, error) {
 		seq := copyset.Seq{SN: req.GetSn(), Keep: req.GetKeep()}
@@ -431,7 +446,7 @@ func (s *Server) trimChunk(ctx context.Context, req *chunkpb.TrimChunkRequest) *
 	if !c.IsLeader() {
 		return s.notLeader(c)
 	}
-	wctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
+	wctx, cancel := s.bounded(ctx)
 	defer cancel()
 	p, err := c.ProposeTrim(wctx, nil, req.GetChunkId(), req.GetVolumeId(), 0, req.GetLive(), req.GetBound())
 	if err != nil {
@@ -464,7 +479,7 @@ func (s *Server) chunkInfo(ctx context.Context, req *chunkpb.GetChunkInfoRequest
 	}
 	defer release()
 	if !req.GetAnyReplica() {
-		rctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
+		rctx, cancel := s.bounded(ctx)
 		err := c.WaitReadable(rctx)
 		cancel()
 		if err != nil {

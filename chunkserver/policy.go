@@ -59,20 +59,23 @@ func (s *Server) authorizeSender() func(ctx context.Context, from uint64) error 
 		if err != nil {
 			return err
 		}
-		rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-		defer cancel()
-		addr, err := s.res.Resolve(rctx, from)
-		switch {
-		case status.Code(err) == codes.NotFound:
-			return fmt.Errorf("%s speaks for chunkserver %d, which the MDS does not know", p, from)
-		case err != nil:
-			return nil
+		addr, ok := s.res.fresh(from)
+		if !ok {
+			rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			defer cancel()
+			addr, err = s.res.Resolve(rctx, from)
+			switch {
+			case status.Code(err) == codes.NotFound:
+				return fmt.Errorf("%s speaks for chunkserver %d, which the MDS does not know", p, from)
+			case err != nil:
+				return nil
+			}
 		}
 		host, _, err := net.SplitHostPort(addr)
 		if err != nil {
 			host = addr
 		}
-		if err := p.Cert.VerifyHostname(host); err != nil {
+		if err := certs.VerifyHost(ctx, p, host); err != nil {
 			return fmt.Errorf("%s may not speak for chunkserver %d at %s: %w", p, from, addr, err)
 		}
 		return nil

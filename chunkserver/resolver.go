@@ -65,6 +65,18 @@ func (r *resolver) hint(id uint64, addr string) {
 	r.mu.Unlock()
 }
 
+// fresh returns the address of id when Resolve would answer it from the
+// cache, without asking the MDS.
+func (r *resolver) fresh(id uint64) (string, bool) {
+	if id == r.self {
+		return r.addr, true
+	}
+	r.mu.Lock()
+	c, ok := r.cache[id]
+	r.mu.Unlock()
+	return c.addr, ok && time.Since(c.at) < r.ttl
+}
+
 // cached returns a known address without asking the MDS ("" if none).
 func (r *resolver) cached(id uint64) string {
 	if id == r.self {

@@ -315,10 +315,11 @@ func (s *Server) Start(ctx context.Context) (err error) {
 		grpc.MaxConcurrentStreams(s.cfg.MaxStreams),
 	}
 	var authorize func(context.Context, string) error
+	var connContext func(context.Context, net.Conn) context.Context
 	if s.cfg.TLS != nil {
 		s.lis = certs.NewListener(s.lis, s.cfg.TLS, s.log)
 		gopts = append(gopts, Policy.ServerOptions()...)
-		authorize = Policy.WireAuthorize()
+		authorize, connContext = Policy.WireAuthorize(), certs.WireConnContext
 	}
 	if k := s.cfg.TestingKnobs.UnaryInterceptor; k != nil {
 		gopts = append(gopts, grpc.ChainUnaryInterceptor(k))
@@ -328,6 +329,7 @@ func (s *Server) Start(ctx context.Context) (err error) {
 		MaxFrame:      int(s.cfg.MaxIOSize) + (1 << 20),
 		MaxConcurrent: int(s.cfg.MaxStreams),
 		Authorize:     authorize,
+		ConnContext:   connContext,
 		Logger:        s.cfg.Logger.With("component", "wire", "chunkserver", s.id.ChunkServerID),
 	})
 	s.registerServices(s.grpc, s.wire, s.engine)

@@ -79,6 +79,9 @@ func (p Peer) String() string {
 // PeerOf returns the caller of a gRPC call or of a wire request or
 // message (the connection's verified certificate), or ErrNoIdentity.
 func PeerOf(ctx context.Context) (Peer, error) {
+	if id := identityOf(ctx); id != nil {
+		return id.current(time.Now())
+	}
 	if st, addr, ok := wireState(ctx); ok {
 		return peerFromState(st, addr)
 	}
@@ -98,21 +101,35 @@ func PeerOf(ctx context.Context) (Peer, error) {
 }
 
 func peerFromState(st *tls.ConnectionState, addr string) (Peer, error) {
-	if len(st.VerifiedChains) == 0 || len(st.VerifiedChains[0]) == 0 {
-		return Peer{Addr: addr}, ErrNoIdentity
+	p, chain, err := identify(st, addr)
+	if err != nil {
+		return p, err
 	}
-	leaf := st.VerifiedChains[0][0]
-	p := Peer{Addr: addr, Name: leaf.Subject.CommonName, Roles: RolesOf(leaf), Cert: leaf}
-	// Connections outlive certificates: one whose certificate (or an
-	// authority above it) has expired since the handshake has no identity
-	// left; its holder must connect again with a current one.
-	now := time.Now()
-	for _, c := range st.VerifiedChains[0] {
+	return p, unexpired(chain, time.Now())
+}
+
+// identify returns the caller a TLS state names and its verified chain,
+// or ErrNoIdentity.
+func identify(st *tls.ConnectionState, addr string) (Peer, []*x509.Certificate, error) {
+	if len(st.VerifiedChains) == 0 || len(st.VerifiedChains[0]) == 0 {
+		return Peer{Addr: addr}, nil, ErrNoIdentity
+	}
+	chain := st.VerifiedChains[0]
+	leaf := chain[0]
+	return Peer{Addr: addr, Name: leaf.Subject.CommonName, Roles: RolesOf(leaf), Cert: leaf}, chain, nil
+}
+
+// unexpired returns ErrNoIdentity when a certificate of chain expired by
+// now. Connections outlive certificates: one whose certificate (or an
+// authority above it) has expired since the handshake has no identity
+// left; its holder must connect again with a current one.
+func unexpired(chain []*x509.Certificate, now time.Time) error {
+	for _, c := range chain {
 		if now.After(c.NotAfter) {
-			return p, fmt.Errorf("%w: the certificate %q of this connection expired at %s", ErrNoIdentity, c.Subject.CommonName, c.NotAfter.UTC().Format(time.RFC3339))
+			return fmt.Errorf("%w: the certificate %q of this connection expired at %s", ErrNoIdentity, c.Subject.CommonName, c.NotAfter.UTC().Format(time.RFC3339))
 		}
 	}
-	return p, nil
+	return nil
 }
 
 // tlsConn finds the TLS connection under c (c itself, or what a wrapper

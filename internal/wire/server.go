@@ -43,7 +43,12 @@ type ServerOptions struct {
 	// connection (ConnOf). A refused request is answered with the error;
 	// a refused message closes the connection.
 	Authorize func(ctx context.Context, method string) error
-	Logger    *slog.Logger
+	// ConnContext, if set, derives the context of a connection's requests
+	// and messages (and of Authorize) from ctx once the connection's
+	// preface arrived: what is learned of a connection once is kept there
+	// (as net/http's Server.ConnContext).
+	ConnContext func(ctx context.Context, c net.Conn) context.Context
+	Logger      *slog.Logger
 }
 
 // connKey is the context key of the connection a request arrived on.
@@ -272,6 +277,9 @@ func (sc *serverConn) readLoop() error {
 		return err
 	}
 	_ = sc.conn.SetReadDeadline(time.Time{})
+	if f := s.opts.ConnContext; f != nil {
+		sc.ctx = f(sc.ctx, sc.conn) // sc.ctx is read by this goroutine only
+	}
 	if err := sc.w.sendPreface(); err != nil {
 		return err
 	}

@@ -554,3 +554,49 @@ func TestCancellationArrivesBeforeLaterRequests(t *testing.T) {
 		}
 	}
 }
+
+// TestConnContextIsMadeOncePerConnection: ConnContext runs once for each
+// connection, and what it puts in the context reaches Authorize for every
+// request and message the connection carries.
+func TestConnContextIsMadeOncePerConnection(t *testing.T) {
+	type key struct{}
+	var made atomic.Int32
+	var seen sync.Map // method -> value found in its context
+	opts := ServerOptions{
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			if ConnOf(ctx) != c {
+				t.Error("ConnContext's context does not carry the connection")
+			}
+			return context.WithValue(ctx, key{}, made.Add(1))
+		},
+		Authorize: func(ctx context.Context, method string) error {
+			seen.Store("authorize "+method, ctx.Value(key{}))
+			return nil
+		},
+	}
+	ts := startServer(t, opts)
+	c := dial(t, ts.addr, ClientOptions{})
+	for range 3 {
+		if err := c.Send(mNote, wrapperspb.String("n")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := echo(context.Background(), c, "x"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := made.Load(); n != 1 {
+		t.Fatalf("ConnContext ran %d times for one connection", n)
+	}
+	for _, m := range []string{"authorize echo", "authorize note"} {
+		if v, _ := seen.Load(m); v != int32(1) {
+			t.Errorf("%s saw %v, want the connection's value 1", m, v)
+		}
+	}
+	c2 := dial(t, ts.addr, ClientOptions{})
+	if _, err := echo(context.Background(), c2, "y"); err != nil {
+		t.Fatal(err)
+	}
+	if v, _ := seen.Load("authorize echo"); v != int32(2) || made.Load() != 2 {
+		t.Errorf("a second connection: ConnContext ran %d times, its request saw %v", made.Load(), v)
+	}
+}
