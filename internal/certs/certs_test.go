@@ -123,9 +123,11 @@ func TestReloadKeepsTheLastGoodIdentity(t *testing.T) {
 // TestHandshakeAndPolicy: over a real listener, a client of the right CA
 // gets through and its roles reach the policy; a client of another CA is
 // refused in the handshake; a server is verified against the host dialled.
-func TestHandshakeAndPolicy(t *testing.T) {
-	ca, dir := newCA(t)
-	srvID, err := Load(issue(t, ca, dir, "mds", RoleMDS), nil)
+// tlsListener listens on a loopback port with a server certificate of
+// name and role from ca, until the test ends.
+func tlsListener(t *testing.T, ca *CA, dir, name string, role Role) net.Listener {
+	t.Helper()
+	id, err := Load(issue(t, ca, dir, name, role), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -133,8 +135,14 @@ func TestHandshakeAndPolicy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l := NewListener(inner, srvID, nil)
-	defer l.Close()
+	l := NewListener(inner, id, nil)
+	t.Cleanup(func() { l.Close() })
+	return l
+}
+
+func TestHandshakeAndPolicy(t *testing.T) {
+	ca, dir := newCA(t)
+	l := tlsListener(t, ca, dir, "mds", RoleMDS)
 	accepted := make(chan net.Conn, 4)
 	go func() {
 		for {

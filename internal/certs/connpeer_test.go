@@ -11,6 +11,8 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"cairn.io/cairn/internal/soon"
 )
 
 // TestWireConnectionIdentityIsLearnedOnce: WireConnContext learns a
@@ -19,18 +21,10 @@ import (
 // each host's answer with the connection.
 func TestWireConnectionIdentityIsLearnedOnce(t *testing.T) {
 	ca, dir := newCA(t)
-	srvID, err := Load(issue(t, ca, dir, "cs1", RoleChunkServer), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	inner, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	l := NewListener(inner, srvID, nil)
-	defer l.Close()
+	l := tlsListener(t, ca, dir, "cs1", RoleChunkServer)
+	// A certificate that runs out a few seconds into the connection.
 	f, err := ca.Issue(dir, "cs2", Request{Name: "cs2", Roles: []Role{RoleChunkServer}, Hosts: []string{"127.0.0.1"},
-		NotBefore: time.Now().Add(-time.Hour), Valid: 2 * time.Hour})
+		NotBefore: time.Now().Add(-time.Hour), Valid: time.Hour + 3*time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -38,9 +32,10 @@ func TestWireConnectionIdentityIsLearnedOnce(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	clientCtx, stopClient := context.WithTimeout(context.Background(), 20*time.Second)
+	defer stopClient()
 	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
+		ctx := clientCtx
 		if c, err := Dialer(cliID, RoleChunkServer)(ctx, l.Addr().String()); err == nil {
 			_ = c.(*tls.Conn).HandshakeContext(ctx)
 			defer c.Close()
@@ -82,10 +77,31 @@ func TestWireConnectionIdentityIsLearnedOnce(t *testing.T) {
 	if err := VerifyHost(ctx, Peer{Addr: "x"}, "127.0.0.1"); !errors.Is(err, ErrNoIdentity) {
 		t.Errorf("a peer without a certificate: %v", err)
 	}
+	// Another certificate gets its own answer, not the connection's kept one.
+	of, err := ca.Issue(dir, "cs3", Request{Name: "cs3", Roles: []Role{RoleChunkServer}, Hosts: []string{"10.1.2.3"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cs3, err := Load(of, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	otherCert, _ := cs3.current()
+	if err := VerifyHost(ctx, Peer{Cert: otherCert.Leaf}, "10.1.2.3"); err != nil {
+		t.Errorf("another certificate for its own host: %v", err)
+	}
+	if n := len(identityOf(ctx).hosts); n != 2 {
+		t.Errorf("another certificate's check changed the connection's kept answers (%d)", n)
+	}
 
-	// The certificate runs out while the connection lives on.
-	if _, err := identityOf(ctx).current(time.Now().Add(2 * time.Hour)); !errors.Is(err, ErrNoIdentity) || !strings.Contains(err.Error(), "expired at") {
-		t.Errorf("after the certificate's end: %v, want no identity (expired)", err)
+	// The certificate runs out while the connection lives on: the caller
+	// has no identity left.
+	soon.True(t, 10*time.Second, "the certificate expired", func() bool {
+		_, err := PeerOf(ctx)
+		return errors.Is(err, ErrNoIdentity) && strings.Contains(err.Error(), "expired at")
+	})
+	if err := pol.Check(ctx, "raft"); status.Code(err) != codes.Unauthenticated {
+		t.Errorf("a Raft batch after the certificate's end: %v, want Unauthenticated", err)
 	}
 
 	// A connection without TLS has no identity.
