@@ -32,9 +32,11 @@
 //
 // # Costs
 //
-// Each connection has one reader goroutine; requests run on a goroutine of
-// their own, bounded per connection (MaxConcurrent: the reader stops reading,
-// and TCP pushes back, when that many are in flight). A method registered
+// Each connection has one reader goroutine; requests run on worker
+// goroutines, bounded per connection (MaxConcurrent: the reader stops
+// reading, and TCP pushes back, when that many are in flight). Workers stay
+// for the next request, so that a handler's grown stack is not grown again
+// for each one (workers.go); at most a few wait idle per connection. A method registered
 // with HandleInline (the chunk read) runs on the reader itself when it is
 // the connection's only request in progress and can answer without waiting
 // (inline.go): a goroutine and the wake-up of a thread to run it cost more

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/protobuf/proto"
@@ -173,6 +174,7 @@ func (s *Server) ServeConn(c net.Conn) {
 	sc.ctx, sc.cancel = context.WithCancel(context.WithValue(context.Background(), connKey{}, c))
 	sc.w = newWriter(c, s.opts.MaxPending, s.opts.WriteTimeout)
 	sc.slots = make(chan struct{}, s.opts.MaxConcurrent)
+	sc.work = make(chan job)
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -236,8 +238,11 @@ type serverConn struct {
 	w       *writer
 	ctx     context.Context // ends when the connection closes
 	cancel  context.CancelFunc
-	slots   chan struct{} // requests in progress
-	running sync.WaitGroup
+	slots   chan struct{}  // requests in progress
+	running sync.WaitGroup // workers (workers.go)
+	work    chan job       // hands a request to an idle worker
+	idle    atomic.Int32   // workers waiting for a request
+	workers atomic.Int32   // workers started and not yet gone
 
 	mu       sync.Mutex
 	cancels  map[uint64]context.CancelFunc // of the requests in progress
@@ -362,17 +367,7 @@ func (sc *serverConn) request(h header, payload []byte, last bool) error {
 	sc.mu.Lock()
 	sc.cancels[h.id] = cancel
 	sc.mu.Unlock()
-	sc.running.Add(1)
-	go func() {
-		defer sc.running.Done()
-		resp, err := md.handler(ctx, req)
-		sc.mu.Lock()
-		delete(sc.cancels, h.id)
-		sc.mu.Unlock()
-		cancel()
-		sc.answer(h, resp, err)
-		<-sc.slots
-	}()
+	sc.dispatch(job{ctx: ctx, cancel: cancel, h: h, md: md, req: req})
 	return nil
 }
 
