@@ -9,17 +9,17 @@ import (
 
 // Requests served on the connection's reader.
 //
-// A request's handler normally runs on a goroutine of its own, so that the
-// connection's reader goes on to the next frame. For a short call that is
-// most of its cost: the new goroutine and the wake-up of another thread to
-// run it (or the reader) take longer than serving a read from the page
-// cache. A method registered with HandleInline therefore runs on the reader
+// A request's handler normally runs on a worker goroutine (workers.go), so
+// that the connection's reader goes on to the next frame. For a short call
+// that is most of its cost: handing it to a worker and the wake-up of
+// another thread to run it (or the reader) take longer than serving a read
+// from the page cache. A method registered with HandleInline therefore runs on the reader
 // itself when no other request of the connection is in progress and no
 // other frame has been read behind it (a burst of requests read together
-// runs on goroutines, side by side); while it runs, the connection reads
+// runs on workers, side by side); while it runs, the connection reads
 // nothing else. Its handler sees Inline(ctx) and returns an error wrapping
 // ErrWouldBlock instead of waiting for anything (a lock, a Raft round, a
-// free slot); the server then runs it again, as usual, on a goroutine.
+// free slot); the server then runs it again, as usual, on a worker.
 // What it cannot avoid, a system call that blocks (a read from the disk on a
 // page cache miss), stalls the connection for that long.
 

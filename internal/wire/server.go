@@ -172,6 +172,7 @@ func (s *Server) Serve(l net.Listener) error {
 func (s *Server) ServeConn(c net.Conn) {
 	sc := &serverConn{s: s, conn: c, cancels: map[uint64]context.CancelFunc{}}
 	sc.ctx, sc.cancel = context.WithCancel(context.WithValue(context.Background(), connKey{}, c))
+	sc.done = sc.ctx.Done() // the connection's own end, whatever ConnContext derives
 	sc.w = newWriter(c, s.opts.MaxPending, s.opts.WriteTimeout)
 	sc.slots = make(chan struct{}, s.opts.MaxConcurrent)
 	sc.work = make(chan job)
@@ -238,11 +239,12 @@ type serverConn struct {
 	w       *writer
 	ctx     context.Context // ends when the connection closes
 	cancel  context.CancelFunc
-	slots   chan struct{}  // requests in progress
-	running sync.WaitGroup // workers (workers.go)
-	work    chan job       // hands a request to an idle worker
-	idle    atomic.Int32   // workers waiting for a request
-	workers atomic.Int32   // workers started and not yet gone
+	done    <-chan struct{} // closed when the connection closes (cancel)
+	slots   chan struct{}   // requests in progress
+	running sync.WaitGroup  // workers (workers.go)
+	work    chan job        // hands a request to an idle worker
+	idle    atomic.Int32    // workers waiting for a request
+	workers atomic.Int32    // workers started and not yet gone
 
 	mu       sync.Mutex
 	cancels  map[uint64]context.CancelFunc // of the requests in progress

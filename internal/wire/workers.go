@@ -12,7 +12,8 @@ import (
 // handler that goes deep (a chunk write runs its copyset's Raft round on
 // it) grows that stack by copying it, once per request: ~4% of a
 // chunkserver's CPU under 4 KiB random writes. A worker keeps its grown
-// stack from one request to the next. At most maxIdleWorkers wait idle per
+// stack from one request to the next (until a garbage collection finds it
+// idle and halves it). At most maxIdleWorkers wait idle per
 // connection; a worker that finishes while that many wait exits, so a burst
 // of requests leaves no more goroutines behind than that.
 
@@ -38,12 +39,12 @@ func (sc *serverConn) dispatch(j job) {
 	}
 	sc.running.Add(1)
 	sc.workers.Add(1)
-	go sc.worker(j, sc.ctx.Done())
+	go sc.worker(j)
 }
 
 // worker runs j, then the jobs handed to it, until the connection ends or
 // enough workers are idle.
-func (sc *serverConn) worker(j job, done <-chan struct{}) {
+func (sc *serverConn) worker(j job) {
 	defer sc.running.Done()
 	defer sc.workers.Add(-1)
 	for {
@@ -55,7 +56,7 @@ func (sc *serverConn) worker(j job, done <-chan struct{}) {
 		select {
 		case j = <-sc.work:
 			sc.idle.Add(-1)
-		case <-done:
+		case <-sc.done:
 			sc.idle.Add(-1)
 			return
 		}

@@ -2,6 +2,7 @@ package wire
 
 import (
 	"context"
+	"net"
 	"sync"
 	"testing"
 	"time"
@@ -69,4 +70,35 @@ func TestWorkersAreReusedAndBounded(t *testing.T) {
 	}
 	_ = c.Close()
 	soon.True(t, 10*time.Second, "every worker gone with the connection", func() bool { return sc.workers.Load() == 0 })
+}
+
+// TestIdleWorkersEndWithTheConnectionWhateverConnContextReturns: idle
+// workers wait for the connection's own end, not for the context that
+// ConnContext derived (which may never end): Close returns.
+func TestIdleWorkersEndWithTheConnectionWhateverConnContextReturns(t *testing.T) {
+	srv := NewServer(ServerOptions{ConnContext: func(ctx context.Context, _ net.Conn) context.Context {
+		return context.WithoutCancel(ctx)
+	}})
+	srv.Handle(mEcho, "echo", newBytes, func(_ context.Context, req proto.Message) (proto.Message, error) {
+		return req, nil
+	})
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = srv.Serve(l) }()
+	c := dial(t, l.Addr().String(), ClientOptions{})
+	if _, err := echo(context.Background(), c, "x"); err != nil {
+		t.Fatal(err)
+	}
+	closed := make(chan struct{})
+	go func() {
+		_ = srv.Close()
+		close(closed)
+	}()
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close still waits for an idle worker after 10 s")
+	}
 }
