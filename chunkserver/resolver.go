@@ -34,19 +34,13 @@ func newResolver(conn interface {
 
 // Resolve implements transport.Resolver.
 func (r *resolver) Resolve(ctx context.Context, id uint64) (string, error) {
-	if id == r.self {
-		return r.addr, nil
-	}
-	r.mu.Lock()
-	c, ok := r.cache[id]
-	r.mu.Unlock()
-	if ok && time.Since(c.at) < r.ttl {
-		return c.addr, nil
+	if addr, ok := r.fresh(id); ok {
+		return addr, nil
 	}
 	resp, err := r.topo.GetChunkServer(ctx, &mdspb.GetChunkServerRequest{ChunkserverId: id})
 	if err != nil {
-		if ok {
-			return c.addr, nil // the MDS is away: keep using what we knew
+		if addr := r.cached(id); addr != "" {
+			return addr, nil // the MDS is away: keep using what we knew
 		}
 		return "", fmt.Errorf("resolve chunkserver %d: %w", id, err)
 	}

@@ -36,11 +36,11 @@
 // goroutines, bounded per connection (MaxConcurrent: the reader stops
 // reading, and TCP pushes back, when that many are in flight). Workers stay
 // for the next request, so that a handler's grown stack is not grown again
-// for each one (workers.go); at most a few wait idle per connection. A method registered
-// with HandleInline (the chunk read) runs on the reader itself when it is
-// the connection's only request in progress and can answer without waiting
-// (inline.go): a goroutine and the wake-up of a thread to run it cost more
-// than a read from the page cache. There is no writer
+// for each one (workers.go); at most a few wait idle per connection. A
+// method registered with HandleInline (the chunk read) runs on the reader
+// itself when it is the connection's only request in progress and can
+// answer without waiting (inline.go): handing it to a worker and the
+// wake-up of a thread to run it cost more than a read from the page cache. There is no writer
 // goroutine: whoever has a frame to send appends it to the connection's
 // buffer and, if no other goroutine is writing, writes the buffer itself
 // until it is empty, so that frames finished together leave in one write
