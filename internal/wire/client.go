@@ -173,17 +173,7 @@ func (c *Client) Call(ctx context.Context, m Method, req, resp proto.Message) er
 	}
 	select {
 	case err := <-cl.done:
-		if err != nil {
-			// The server gives up at the same deadline, and its answer
-			// may arrive before the context's timer fires.
-			if dl, ok := ctx.Deadline(); ok && !time.Now().Before(dl) {
-				return context.DeadlineExceeded
-			}
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-		}
-		return err
+		return answered(ctx, err)
 	case <-ctx.Done():
 		if c.forget(id) {
 			// Tell the server without waiting (a connection that takes
@@ -192,8 +182,25 @@ func (c *Client) Call(ctx context.Context, m Method, req, resp proto.Message) er
 			c.w.post(header{kind: kindCancel, method: m, id: id})
 			return ctx.Err()
 		}
-		return <-cl.done // the answer raced the context
+		return answered(ctx, <-cl.done) // the answer raced the context
 	}
+}
+
+// answered is what Call returns for the answer err to a call made with ctx:
+// a failure that comes once the call's context has ended is the context's.
+// The server gives up at the same deadline, so its answer may arrive before
+// the context's timer fires, or race it.
+func answered(ctx context.Context, err error) error {
+	if err == nil {
+		return nil
+	}
+	if dl, ok := ctx.Deadline(); ok && !time.Now().Before(dl) {
+		return context.DeadlineExceeded
+	}
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return err
 }
 
 // forget removes a pending call; false if it was already answered.

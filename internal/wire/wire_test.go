@@ -186,6 +186,33 @@ func TestDeadlineAndCancellationReachTheHandler(t *testing.T) {
 	}
 }
 
+// A failure answered once the call's context ended is the context's error,
+// whichever of the answer and the context's end the call saw first.
+func TestAFailureAfterTheContextEndedIsTheContexts(t *testing.T) {
+	remote := &RemoteError{Method: mBlock, Msg: context.DeadlineExceeded.Error()}
+	expired, cancel := context.WithDeadline(context.Background(), time.Now().Add(-time.Second))
+	defer cancel()
+	cancelled, cancel2 := context.WithCancel(context.Background())
+	cancel2()
+	live, cancel3 := context.WithTimeout(context.Background(), time.Hour)
+	defer cancel3()
+	for _, tc := range []struct {
+		name string
+		ctx  context.Context
+		err  error
+		want error
+	}{
+		{"past its deadline", expired, remote, context.DeadlineExceeded},
+		{"cancelled", cancelled, remote, context.Canceled},
+		{"live", live, remote, remote},
+		{"answered", expired, nil, nil},
+	} {
+		if got := answered(tc.ctx, tc.err); got != tc.want {
+			t.Errorf("%s: %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
+
 func TestServerErrorsAreRemoteErrors(t *testing.T) {
 	ts := startServer(t, ServerOptions{})
 	c := dial(t, ts.addr, ClientOptions{})
