@@ -405,6 +405,7 @@ func TestMetricsAndHealth(t *testing.T) {
 		`cairn_gateway_nbd_bytes_total\{direction="write"\} 4\.194304e\+06`,
 		`cairn_gateway_nbd_request_duration_seconds_count\{command="write"\} [1-9]`,
 		`cairn_gateway_nbd_connections_total [1-9]`,
+		`cairn_gateway_nbd_inline_reads_total \d`,
 		`cairn_gateway_volume_opens_total 1`,
 		`cairn_gateway_volumes_exported 1`,
 		`cairn_gateway_iscsi_sessions 0`,

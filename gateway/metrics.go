@@ -143,6 +143,7 @@ var (
 	descNBDRequests     = prometheus.NewDesc("cairn_gateway_nbd_requests_total", "NBD requests executed, by command.", []string{"command"}, nil)
 	descNBDBytes        = prometheus.NewDesc("cairn_gateway_nbd_bytes_total", "NBD payload bytes, by direction.", []string{"direction"}, nil)
 	descNBDReqErrs      = prometheus.NewDesc("cairn_gateway_nbd_request_errors_total", "NBD requests answered with an error.", nil, nil)
+	descNBDInline       = prometheus.NewDesc("cairn_gateway_nbd_inline_reads_total", "NBD reads run on the goroutine that read them (they arrived alone).", nil, nil)
 	descISCSISessions   = prometheus.NewDesc("cairn_gateway_iscsi_sessions", "iSCSI sessions logged in now.", nil, nil)
 	descISCSICommands   = prometheus.NewDesc("cairn_gateway_iscsi_commands_total", "SCSI commands executed.", nil, nil)
 	descISCSINopOuts    = prometheus.NewDesc("cairn_gateway_iscsi_nop_outs_total", "NOP-Outs received from initiators.", nil, nil)
@@ -160,7 +161,7 @@ var (
 
 func (c statsCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descNBDConns, descNBDConnsTotal, descNBDHandshakes, descNBDProtoErrs,
-		descNBDInFlight, descNBDRequests, descNBDBytes, descNBDReqErrs, descISCSISessions, descISCSICommands,
+		descNBDInFlight, descNBDRequests, descNBDBytes, descNBDReqErrs, descNBDInline, descISCSISessions, descISCSICommands,
 		descISCSINopOuts, descISCSIPings, descISCSIDead, descVolumesOpen, descVolumeUsers, descMDSLastPollAge,
 		descClientChunkReqs, descClientRetries, descClientRedirects, descClientErrors, descClientSegments} {
 		ch <- d
@@ -190,6 +191,7 @@ func (c statsCollector) Collect(ch chan<- prometheus.Metric) {
 		counter(descNBDBytes, s.ReadBytesTotal, "read")
 		counter(descNBDBytes, s.WrittenBytesTotal, "write")
 		counter(descNBDReqErrs, s.RequestErrorsTotal)
+		counter(descNBDInline, s.InlineTotal)
 	}
 	if g.iscsi != nil {
 		s := g.iscsi.Stats()

@@ -10,6 +10,7 @@ import (
 	"net"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -21,9 +22,10 @@ var aLongTimeAgo = time.Unix(1, 0)
 
 // serverConn is one client connection: the handshake, then the transmission phase.
 //
-// In transmission one goroutine reads requests in order. Each request that passes validation
-// takes a slot from the connection's limiter (count and payload bytes), has its WRITE payload read
-// into a pooled buffer, and runs in a goroutine of its own. A request's goroutine calls the
+// In transmission one goroutine at a time reads requests in order. Each request that passes
+// validation takes a slot from the connection's limiter (count and payload bytes), has its WRITE
+// payload read into a pooled buffer, and runs on a worker goroutine, or on the reading goroutine
+// itself when it arrived alone (inline.go). A request's goroutine calls the
 // backend and sends the reply itself (replies that complete while another is written leave
 // together with the next write: see send), so replies leave in completion order, not
 // arrival order. WRITE, TRIM and WRITE_ZEROES are numbered on arrival; a FLUSH waits for every
@@ -63,7 +65,11 @@ type serverConn struct {
 	inflight sync.WaitGroup
 	work     chan *operation // hands a request to an idle worker
 	done     chan struct{}   // closed when the connection ends: workers exit
-	workers  int             // workers started; read and written by the request reader only
+	workers  atomic.Int32    // workers started, by the reading goroutine (or passReading for it)
+	role     chan struct{}   // hands the reading of requests to an idle worker (inline.go)
+	readEnd  chan error      // why the reading of requests ended; sent once
+	pass     *time.Timer     // passes the reading on when a request run inline takes long
+	hdr      [requestHdrSize]byte
 
 	// ioCtx is the context of the connection's backend calls; ioCancel is called when the
 	// connection dies (see transmit).
@@ -208,6 +214,9 @@ func (c *serverConn) transmit(opened *openedExport) (err error) {
 	c.lim = newLimiter(c.srv.cfg.MaxInFlight, c.srv.cfg.MaxInFlightBytes, &c.srv.stats.inFlightBytes, c.srv.cfg.TestingKnobs.OnInFlightBytes)
 	c.writes = newWriteTracker()
 	c.work, c.done = make(chan *operation), make(chan struct{})
+	c.role, c.readEnd = make(chan struct{}), make(chan error, 1)
+	c.pass = time.AfterFunc(time.Hour, c.passReading)
+	c.pass.Stop()
 	c.setReadDeadline(time.Time{}) // a client may stay idle as long as it likes
 	c.log.Info("nbd: client attached", "size", opened.size, "structured_replies", c.structured)
 
@@ -246,7 +255,11 @@ func (c *serverConn) transmit(opened *openedExport) (err error) {
 	if !c.srv.waitDrained(c, opened.name) {
 		return errors.New("stopped while waiting for a dead connection's requests")
 	}
-	return c.readRequests()
+	// The requests are read on a worker: this goroutine stays free to act on the end of the
+	// reading (above) while a request the reader ran itself may wait in the backend.
+	c.workers.Add(1)
+	go c.worker(nil)
+	return <-c.readEnd
 }
 
 // operation is one request that passed validation, on its way through the backend.
@@ -263,10 +276,11 @@ func (op *operation) isWrite() bool {
 	return op.req.typ == cmdWrite || op.req.typ == cmdTrim || op.req.typ == cmdWriteZeroes
 }
 
-// readRequests reads and dispatches requests until the client disconnects, the connection is
-// stopped or the stream breaks. It returns why it stopped.
-func (c *serverConn) readRequests() error {
-	hdr := make([]byte, requestHdrSize)
+// readLoop reads and dispatches requests until the client disconnects, the connection is
+// stopped or the stream breaks, and returns why it stopped; or until it passed the reading to
+// another goroutine while a request ran on this one (runInline), and returns nil.
+func (c *serverConn) readLoop(inline *bool) error {
+	hdr := c.hdr[:]
 	for {
 		if _, err := io.ReadFull(c.r, hdr); err != nil {
 			return c.readError("read request header", err)
@@ -327,34 +341,50 @@ func (c *serverConn) readRequests() error {
 		}
 		c.inflight.Add(1)
 		c.srv.stats.inFlight.Add(1)
+		if c.runsInline(op) {
+			if c.runInline(op, inline) {
+				return nil
+			}
+			continue
+		}
 		c.dispatch(op)
 	}
 }
 
 // dispatch hands op to an idle worker, starting one when none is idle and
-// fewer than MaxInFlight exist; otherwise it waits for one to finish, which
+// fewer than maxWorkers exist; otherwise it waits for one to finish, which
 // the limiter guarantees is close.
 func (c *serverConn) dispatch(op *operation) {
-	if c.workers >= c.srv.cfg.MaxInFlight {
+	if c.workers.Load() >= c.maxWorkers() {
 		c.work <- op
 		return
 	}
 	select {
 	case c.work <- op:
 	default:
-		c.workers++
+		c.workers.Add(1)
 		go c.worker(op)
 	}
 }
 
-// worker runs op, then every request handed to it, until the connection
-// ends. Reusing workers spares each request a fresh goroutine whose stack
-// would grow again through the client and gRPC.
+// maxWorkers bounds the workers of a connection: one for each request in flight, and the one
+// reading.
+func (c *serverConn) maxWorkers() int32 { return int32(c.srv.cfg.MaxInFlight) + 1 }
+
+// worker runs op (or, when op is nil, takes over the reading of requests), then every
+// request or reading handed to it, until the connection ends. Reusing workers spares each
+// request a fresh goroutine whose stack would grow again through the client and gRPC.
 func (c *serverConn) worker(op *operation) {
 	for {
-		c.run(op)
+		if op != nil {
+			c.run(op)
+		} else {
+			c.readRequests()
+		}
 		select {
 		case op = <-c.work:
+		case <-c.role:
+			op = nil
 		case <-c.done:
 			return
 		}

@@ -88,6 +88,13 @@ func (l *limiter) acquire(weight int64) {
 	}
 }
 
+// alone tells whether exactly one request holds a slot.
+func (l *limiter) alone() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.n == 1
+}
+
 func (l *limiter) release(weight int64) {
 	l.mu.Lock()
 	l.n--

@@ -24,6 +24,8 @@ const (
 	DefaultMaxInFlightBytes = 64 << 20
 	DefaultHandshakeTimeout = 30 * time.Second
 	DefaultWriteTimeout     = 30 * time.Second
+	// DefaultInlineFor is a few times what a 4 KiB read of a Cairn volume takes end to end.
+	DefaultInlineFor = time.Millisecond
 )
 
 // maxOptionLength bounds the data of one handshake option. Names are at most 4096 bytes, so no
@@ -53,6 +55,10 @@ type Config struct {
 	MaxPayload uint32
 	// MaxInFlight bounds the requests of one connection that run at once. Default 64.
 	MaxInFlight int
+	// InlineFor bounds how long a READ that arrived alone runs on the goroutine that read it
+	// before the reading of the connection passes to another goroutine (see inline.go). Default
+	// DefaultInlineFor; negative: every request runs on a worker goroutine.
+	InlineFor time.Duration
 	// MaxInFlightBytes bounds the READ and WRITE payload bytes of one connection held in memory at
 	// once: a request that would exceed it is not read (nor are the ones behind it) until earlier
 	// ones completed, so TCP flow control pushes back on the client. At least MaxPayload. Default
@@ -123,6 +129,7 @@ type Stats struct {
 	ReadBytesTotal        uint64
 	WrittenBytesTotal     uint64 // WRITE payload bytes
 	RequestErrorsTotal    uint64 // requests answered with an error
+	InlineTotal           uint64 // reads run on the goroutine that read them (Config.InlineFor)
 	// DeadConnections is the number of connections that died (the client went away without
 	// NBD_CMD_DISC, or a reply could not be sent) and still have requests in the backend, their
 	// contexts cancelled.
@@ -137,7 +144,7 @@ type counters struct {
 	connectionsTotal, handshakesFailed, protocolErrors                atomic.Uint64
 	connections, inFlight, inFlightBytes, dead, waiting               atomic.Int64
 	reads, writes, flushes, trims, writeZeroes, readBytes, writeBytes atomic.Uint64
-	requestErrors                                                     atomic.Uint64
+	requestErrors, inline                                             atomic.Uint64
 }
 
 // Server exports block devices over the NBD protocol (fixed newstyle handshake). Create it with
@@ -181,6 +188,9 @@ func NewServer(cfg Config) (*Server, error) {
 	}
 	if cfg.MaxInFlight < 1 {
 		return nil, fmt.Errorf("nbd: config: MaxInFlight %d must be positive", cfg.MaxInFlight)
+	}
+	if cfg.InlineFor == 0 {
+		cfg.InlineFor = DefaultInlineFor
 	}
 	if cfg.MaxInFlightBytes == 0 {
 		cfg.MaxInFlightBytes = max(DefaultMaxInFlightBytes, int64(cfg.MaxPayload))
@@ -328,6 +338,7 @@ func (s *Server) Stats() Stats {
 		ReadBytesTotal:        c.readBytes.Load(),
 		WrittenBytesTotal:     c.writeBytes.Load(),
 		RequestErrorsTotal:    c.requestErrors.Load(),
+		InlineTotal:           c.inline.Load(),
 		DeadConnections:       c.dead.Load(),
 		WaitingConnections:    c.waiting.Load(),
 	}
