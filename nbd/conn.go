@@ -67,6 +67,7 @@ type serverConn struct {
 	done     chan struct{}   // closed when the connection ends: workers exit
 	workers  atomic.Int32    // workers started, by the reading goroutine (or passReading for it)
 	role     chan struct{}   // hands the reading of requests to an idle worker (inline.go)
+	reading  sync.Mutex      // held by the goroutine reading requests (inline.go)
 	readEnd  chan error      // why the reading of requests ended; sent once
 	pass     *time.Timer     // passes the reading on when a request run inline takes long
 	hdr      [requestHdrSize]byte

@@ -28,7 +28,11 @@ import (
 // readRequests reads requests on the calling goroutine until the reading ends, and sends why
 // on c.readEnd; or until it passes the reading to another goroutine.
 func (c *serverConn) readRequests() {
-	var inline bool // a request runs inline: the timer may have passed the reading on
+	// The reading is held (c.reading) by the goroutine that reads; runInline lets it go while a
+	// request runs, for the timer to pass it on. The lock also orders what one reader did before
+	// the next one reads: the timer's goroutine alone would not show it to the race detector.
+	c.reading.Lock()
+	var inline bool // a request runs inline: the reading is let go, the timer may pass it on
 	defer func() {
 		r := recover()
 		if r == nil {
@@ -36,8 +40,13 @@ func (c *serverConn) readRequests() {
 		}
 		c.log.Error("nbd: request reader failed on a bug; connection will close", "panic", r, "stack", string(debug.Stack()))
 		err := fmt.Errorf("nbd: request reader failed on a bug: %v", r)
-		if !inline || c.pass.Stop() {
-			c.readEnd <- err // the reading is still this goroutine's: it ends here
+		if !inline {
+			c.reading.Unlock()
+			c.readEnd <- err // the reading is this goroutine's: it ends here
+			return
+		}
+		if c.pass.Stop() {
+			c.readEnd <- err // the reading was not passed on: it ends here
 			return
 		}
 		// The reading passed to another goroutine while the request ran here: end it there.
@@ -45,8 +54,10 @@ func (c *serverConn) readRequests() {
 		c.kill(err.Error())
 	}()
 	if err := c.readLoop(&inline); err != nil {
+		c.reading.Unlock()
 		c.readEnd <- err
 	}
+	// Else the reading passed to another goroutine while a request ran inline.
 }
 
 // runsInline tells whether op, just read, runs on the reading goroutine: a READ holding the
@@ -56,15 +67,21 @@ func (c *serverConn) runsInline(op *operation) bool {
 }
 
 // runInline runs op on the reading goroutine, the timer set to pass the reading on if it
-// runs for longer than InlineFor. It reports whether the reading passed to another goroutine.
-// *inline is true while op runs (readRequests' recover needs to know).
+// runs for longer than InlineFor. It reports whether the reading passed to another goroutine;
+// if not, the reading is held again. *inline is true while the reading is let go
+// (readRequests' recover needs to know).
 func (c *serverConn) runInline(op *operation, inline *bool) (passed bool) {
 	c.srv.stats.inline.Add(1)
 	*inline = true
+	c.reading.Unlock()
 	c.pass.Reset(c.srv.cfg.InlineFor)
 	c.run(op)
+	if !c.pass.Stop() {
+		return true
+	}
+	c.reading.Lock()
 	*inline = false
-	return !c.pass.Stop()
+	return false
 }
 
 // passReading hands the reading of requests to an idle worker, or to a new one while fewer than
