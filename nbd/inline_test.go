@@ -171,19 +171,7 @@ func TestDeadClientsWriteBehindAnInlineReadDoesNotOvertake(t *testing.T) {
 	w := c.send(0, cmdWrite, 8192, 4096, b)
 	soon.True(t, 10*time.Second, "the old connection's read cancelled", hold.Cancelled)
 	hold.Release()
-	if r, err := c.recv(); err != nil || r.cookie != w || r.errno != 0 {
-		t.Fatalf("new write: %v %+v", err, r)
-	}
-	soon.True(t, 10*time.Second, "the dead connection drained", func() bool {
-		st := env.srv.Stats()
-		return st.DeadConnections == 0 && st.Connections == 1 && dev.InFlight() == 0
-	})
-	if got := dev.Contents(8192, 4096); !bytes.Equal(got, b) {
-		t.Fatalf("block holds %#x..., want the newer write %#x...", got[0], b[0])
-	}
-	if n := dev.Count(blockdevtest.OpWrite); n != 1 {
-		t.Fatalf("%d writes ran, want only the new connection's", n)
-	}
+	newerWriteWins(t, env, dev, c, w, b)
 }
 
 // TestBugAfterTheReadingPassedEndsTheConnection: a request run inline that

@@ -34,21 +34,7 @@ func TestUnreadWriteOfADeadConnectionDoesNotOvertakeNewerWrite(t *testing.T) {
 		t.Fatal("the new connection's write ran while the old connection's read was in the backend")
 	}
 	hold.Release() // the old connection's read returns; its reader gets room
-	if r, err := c.recv(); err != nil || r.cookie != w || r.errno != 0 {
-		t.Fatalf("new write: %v %+v", err, r)
-	}
-	soon.True(t, 10*time.Second, "the dead connection drained", func() bool {
-		st := env.srv.Stats()
-		return st.DeadConnections == 0 && st.Connections == 1 && dev.InFlight() == 0
-	})
-	if got := dev.Contents(8192, 4096); !bytes.Equal(got, b) {
-		t.Fatalf("block holds %#x..., want the newer write %#x...", got[0], b[0])
-	}
-	// The dead client's write was read after its connection was found dead:
-	// it never ran.
-	if n := dev.Count(blockdevtest.OpWrite); n != 1 {
-		t.Fatalf("%d writes ran, want only the new connection's", n)
-	}
+	newerWriteWins(t, env, dev, c, w, b)
 }
 
 // TestConnectionsOutsideADrainDoNotEndIt: a connection that ends without
@@ -136,4 +122,24 @@ func exportWithHold(t *testing.T, op blockdevtest.Op, tune ...func(*Config)) (*t
 	hold := dev.HoldAt(op, 0)
 	t.Cleanup(hold.Release)
 	return env, dev, hold
+}
+
+// newerWriteWins checks the end of a dead connection's drain: the write w (b at 8192) of the
+// client's next connection c is answered, the dead connection drains, and the block holds b:
+// the dead client's older write, read after its connection was found dead, never ran.
+func newerWriteWins(t *testing.T, env *testEnv, dev *blockdevtest.Device, c *testClient, w uint64, b []byte) {
+	t.Helper()
+	if r, err := c.recv(); err != nil || r.cookie != w || r.errno != 0 {
+		t.Fatalf("new write: %v %+v", err, r)
+	}
+	soon.True(t, 10*time.Second, "the dead connection drained", func() bool {
+		st := env.srv.Stats()
+		return st.DeadConnections == 0 && st.Connections == 1 && dev.InFlight() == 0
+	})
+	if got := dev.Contents(8192, 4096); !bytes.Equal(got, b) {
+		t.Fatalf("block holds %#x..., want the newer write %#x...", got[0], b[0])
+	}
+	if n := dev.Count(blockdevtest.OpWrite); n != 1 {
+		t.Fatalf("%d writes ran, want only the new connection's", n)
+	}
 }
