@@ -216,7 +216,14 @@ func (c *Client) forget(id uint64) bool {
 
 // Send sends msg as a one-way message of method m.
 func (c *Client) Send(m Method, msg proto.Message) error {
-	if err := c.w.send(context.Background(), header{kind: kindMessage, method: m}, msg, ""); err != nil {
+	return c.SendContext(context.Background(), m, msg)
+}
+
+// SendContext is Send bounded by ctx: when ctx ends while the message waits
+// for room it is not sent; when it ends while this caller writes, the write
+// is cut short and the connection fails.
+func (c *Client) SendContext(ctx context.Context, m Method, msg proto.Message) error {
+	if err := c.w.send(ctx, header{kind: kindMessage, method: m}, msg, ""); err != nil {
 		if !connectionFailed(err) {
 			return err
 		}
