@@ -11,25 +11,37 @@ import (
 )
 
 // run is the writer goroutine: it drains the queue into group commits and
-// recycles segments when idle.
+// recycles segments when idle. It commits holding commitMu, which an
+// inline committer (TryCommit) holds instead while it writes.
 func (w *WAL) run() {
 	defer close(w.stopped)
 	for {
 		w.mu.Lock()
 		for len(w.mu.queue) == 0 && !w.mu.closed {
 			w.mu.Unlock()
+			w.commitMu.Lock()
 			w.recycle()
+			w.commitMu.Unlock()
 			<-w.wake
 			w.mu.Lock()
 		}
+		w.mu.Unlock()
+		w.commitMu.Lock()
+		// Taken under commitMu: batches are written in the order they
+		// left the queue, whoever writes them.
+		w.mu.Lock()
 		batch := w.mu.queue
 		w.mu.queue = nil
 		closing := w.mu.closed
 		w.mu.Unlock()
-		if len(batch) > 0 && !w.commit(batch) {
+		ok := len(batch) == 0 || w.commit(batch)
+		if ok {
+			w.recycle()
+		}
+		w.commitMu.Unlock()
+		if !ok {
 			return
 		}
-		w.recycle()
 		if closing {
 			w.mu.Lock()
 			rest := w.mu.queue
@@ -75,6 +87,7 @@ func (w *WAL) commit(batch []request) bool {
 		}
 		batch = batch[n:]
 	}
+	w.lastCommit = time.Now()
 	return true
 }
 
@@ -294,7 +307,7 @@ func (w *WAL) writeBatch(batch []request) error {
 	// A batch that wrote nothing (appends carrying only a commit index,
 	// which is not logged) did not sync.
 	if w.opts.OnSync != nil && b.written > 0 {
-		w.opts.OnSync(SyncInfo{Duration: b.synced, Entries: entries, Groups: len(batch), Bytes: b.written})
+		w.opts.OnSync(SyncInfo{Duration: b.synced, Entries: entries, Groups: len(batch), Bytes: b.written, Inline: w.inline})
 	}
 	return nil
 }
