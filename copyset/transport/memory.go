@@ -84,6 +84,9 @@ func (m *Memory) Stats() Stats {
 // Close leaves the network: messages to this node are dropped from now on.
 func (m *Memory) Close() { m.closed.Store(true) }
 
+// SendNow is Send: the memory network has no sender to spare.
+func (m *Memory) SendNow(group uint64, msg *raftpb.Message) bool { return m.Send(group, msg) }
+
 // Send hands a copy of msg (of copyset group) to its receiver; it reports
 // false when the message was dropped.
 func (m *Memory) Send(group uint64, msg *raftpb.Message) bool {

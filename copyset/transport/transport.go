@@ -21,7 +21,9 @@ type Resolver interface {
 
 // Handler receives what peers send.
 type Handler interface {
-	// HandleRaft delivers one message of one copyset. It must not block.
+	// HandleRaft delivers one message of one copyset. It must not wait for
+	// anything but, at most, one small write to the disk (a follower makes
+	// a lone append durable on the caller: wal.WAL.TryCommit).
 	HandleRaft(from, group uint64, m *raftpb.Message)
 	// HandleSnapshot receives one snapshot transfer: header is the first
 	// frame; next returns the following frames until io.EOF.
@@ -73,7 +75,9 @@ type Stats struct {
 	MessagesSent, MessagesReceived     uint64
 	HeartbeatsSent, HeartbeatsReceived uint64
 	BatchesSent                        uint64
-	Dropped                            uint64
+	// SentInline counts messages sent on the goroutine that queued them.
+	SentInline uint64
+	Dropped    uint64
 }
 
 // Transport sends and receives Raft traffic for one chunkserver.
@@ -87,7 +91,7 @@ type Transport struct {
 	peers  map[uint64]*peer
 	closed bool
 
-	msgsSent, msgsRecv, hbSent, hbRecv, batches, dropped atomic.Uint64
+	msgsSent, msgsRecv, hbSent, hbRecv, batches, dropped, inline atomic.Uint64
 
 	wg sync.WaitGroup
 }
@@ -125,18 +129,20 @@ type peer struct {
 	lanes [numLanes]*lane
 }
 
-// lane is one queue and stream to a peer, drained by its own goroutine.
+// lane is one queue and stream to a peer, drained by its own goroutine
+// (or, when idle, by a caller of SendNow).
 type lane struct {
 	p    *peer
 	name string
 
-	mu     sync.Mutex
-	queue  []outgoing
-	bytes  int // of the messages in queue
-	wake   chan struct{}
-	closed bool
+	mu      sync.Mutex
+	queue   []outgoing
+	bytes   int // of the messages in queue
+	wake    chan struct{}
+	closed  bool
+	sending bool // the connection is taken: by the lane's goroutine or a caller of SendNow
 
-	// owned by the lane's goroutine
+	// Owned by whoever took the connection (sending).
 	client  *wire.Client
 	failing bool
 
@@ -208,21 +214,33 @@ func (t *Transport) Stats() Stats {
 	return Stats{
 		MessagesSent: t.msgsSent.Load(), MessagesReceived: t.msgsRecv.Load(),
 		HeartbeatsSent: t.hbSent.Load(), HeartbeatsReceived: t.hbRecv.Load(),
-		BatchesSent: t.batches.Load(), Dropped: t.dropped.Load(),
+		BatchesSent: t.batches.Load(), Dropped: t.dropped.Load(), SentInline: t.inline.Load(),
 	}
 }
 
 // Send queues m (of copyset group) for its destination m.To. It never blocks;
 // it reports false when the message was dropped.
 func (t *Transport) Send(group uint64, m *raftpb.Message) bool {
-	to := m.GetTo()
-	if f := t.cfg.Faults; f != nil {
-		return f.apply(t.cfg.NodeID, to, func() bool { return t.enqueue(to, group, m) })
-	}
-	return t.enqueue(to, group, m)
+	return t.send(group, m, false)
 }
 
-func (t *Transport) enqueue(to, group uint64, m *raftpb.Message) bool {
+// SendNow is Send for a caller with little else to do: when m's lane is
+// idle, m is small and the lane's connection has room for it, the caller
+// sends it (lane.sendHere), sparing the wake-up of the lane's sender. It
+// does not wait for a slow peer.
+func (t *Transport) SendNow(group uint64, m *raftpb.Message) bool {
+	return t.send(group, m, true)
+}
+
+func (t *Transport) send(group uint64, m *raftpb.Message, now bool) bool {
+	to := m.GetTo()
+	if f := t.cfg.Faults; f != nil {
+		return f.apply(t.cfg.NodeID, to, func() bool { return t.enqueue(to, group, m, now) })
+	}
+	return t.enqueue(to, group, m, now)
+}
+
+func (t *Transport) enqueue(to, group uint64, m *raftpb.Message, now bool) bool {
 	p := t.peer(to)
 	if p == nil {
 		return false
@@ -236,13 +254,25 @@ func (t *Transport) enqueue(to, group uint64, m *raftpb.Message) bool {
 		t.unreachable(to, []uint64{group})
 		return false
 	}
-	l.queue = append(l.queue, outgoing{group: group, m: m})
+	o := outgoing{group: group, m: m}
+	if now && size <= inlineMaxBytes && len(l.queue) == 0 && !l.sending {
+		l.sending = true
+		l.mu.Unlock()
+		if l.sendHere(o, size) {
+			return true
+		}
+		// Behind what others queued meanwhile: they are other copysets'.
+		l.mu.Lock()
+		if l.closed {
+			l.mu.Unlock()
+			t.dropped.Add(1)
+			return false
+		}
+	}
+	l.queue = append(l.queue, o)
 	l.bytes += size
 	l.mu.Unlock()
-	select {
-	case l.wake <- struct{}{}:
-	default:
-	}
+	l.signal()
 	return true
 }
 
