@@ -21,6 +21,7 @@ type metrics struct {
 	walSync    prometheus.Histogram
 	walEntries prometheus.Histogram
 	walBatch   prometheus.Histogram
+	walInline  prometheus.Counter
 	commit     prometheus.Histogram
 	apply      prometheus.Histogram
 	copysets   prometheus.Gauge
@@ -49,6 +50,10 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 			Name: "cairn_chunkserver_wal_entries_per_fsync", Help: "Raft entries made durable by one WAL fdatasync (group commit).",
 			Buckets: prometheus.ExponentialBuckets(1, 2, 12),
 		}),
+		walInline: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "cairn_chunkserver_wal_inline_commits_total",
+			Help: "WAL commits of a lone append to an idle log (a follower's) written by the goroutine that received it, not by the WAL's writer.",
+		}),
 		walBatch: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "cairn_chunkserver_wal_copysets_per_fsync", Help: "Copyset submissions in one WAL fdatasync.",
 			Buckets: prometheus.ExponentialBuckets(1, 2, 12),
@@ -69,7 +74,7 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 	for _, op := range []string{"read", "write"} {
 		m.bytes.WithLabelValues(op)
 	}
-	reg.MustRegister(m.requests, m.bytes, m.latency, m.walSync, m.walEntries, m.walBatch, m.commit, m.apply, m.copysets, m.leaders,
+	reg.MustRegister(m.requests, m.bytes, m.latency, m.walSync, m.walEntries, m.walBatch, m.walInline, m.commit, m.apply, m.copysets, m.leaders,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -114,6 +119,7 @@ func (m *metrics) register(s *Server) {
 		counter("cairn_chunkserver_raft_heartbeats_sent_total", "Coalesced Raft heartbeats sent.", func() float64 { return float64(s.engine.TransportStats().HeartbeatsSent) }),
 		counter("cairn_chunkserver_raft_heartbeats_received_total", "Coalesced Raft heartbeats received.", func() float64 { return float64(s.engine.TransportStats().HeartbeatsReceived) }),
 		counter("cairn_chunkserver_raft_batches_sent_total", "Raft batches sent to peers.", func() float64 { return float64(s.engine.TransportStats().BatchesSent) }),
+		counter("cairn_chunkserver_raft_messages_sent_inline_total", "Raft messages (a follower's answers to lone appends it made durable itself) sent by the goroutine that made them, not by the lane's sender.", func() float64 { return float64(s.engine.TransportStats().SentInline) }),
 		counter("cairn_chunkserver_snapshots_sent_total", "Snapshots sent to peers that were behind or new (replica rebuilds and catch-ups).", func() float64 { return float64(s.engine.SnapshotStats().Sent) }),
 		counter("cairn_chunkserver_snapshot_send_failures_total", "Snapshot transfers to peers that failed (Raft retries them).", func() float64 { return float64(s.engine.SnapshotStats().SendFailed) }),
 		counter("cairn_chunkserver_snapshots_installed_total", "Snapshots installed here from a leader.", func() float64 { return float64(s.engine.SnapshotStats().Installed) }),
@@ -152,4 +158,7 @@ func (m *metrics) observeWALSync(si wal.SyncInfo) {
 	m.walSync.Observe(si.Duration.Seconds())
 	m.walEntries.Observe(float64(si.Entries))
 	m.walBatch.Observe(float64(si.Groups))
+	if si.Inline {
+		m.walInline.Inc()
+	}
 }

@@ -28,6 +28,9 @@ import (
 // walAppender is what a copyset needs of a write-ahead log.
 type walAppender interface {
 	Submit(a wal.Append, done func(error))
+	// TryCommit writes an append on the caller when the WAL is idle
+	// (wal.WAL.TryCommit).
+	TryCommit(a wal.Append) (wrote bool, err error)
 	SetCheckpoint(group, index uint64, hs *raftpb.HardState)
 	Forget(groups ...uint64) error
 }
@@ -496,6 +499,8 @@ type raftTransport interface {
 	// Send queues m of copyset group for its destination; false when it
 	// was dropped.
 	Send(group uint64, m *raftpb.Message) bool
+	// SendNow is Send that may send on the caller (transport.SendNow).
+	SendNow(group uint64, m *raftpb.Message) bool
 	OpenSnapshot(ctx context.Context, to uint64) (*transport.SnapshotStream, error)
 	Register(g *grpc.Server, w *wire.Server)
 	Stats() transport.Stats
