@@ -115,24 +115,11 @@ func (l smallBuffers) Accept() (net.Conn, error) {
 // lane's sender, which waits for the peer, and SendNow keeps returning at
 // once instead of waiting out a write timeout.
 func TestStalledPeerNeverHoldsTheCaller(t *testing.T) {
-	a := addrs{}
-	h := &stallingHandler{release: make(chan struct{})}
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	a[2] = lis.Addr().String()
-	rx := New(Config{NodeID: 2, Resolver: a, Handler: h})
-	stop := serve(rx, smallBuffers{lis}, 0)
-	t.Cleanup(func() { stop(); rx.Close() })
-	tx := New(Config{NodeID: 1, Resolver: a, Handler: &collector{}})
-	t.Cleanup(func() { tx.Close() })
-	released := false
-	t.Cleanup(func() {
-		if !released {
-			close(h.release)
-		}
-	})
+	tx, h, release := stalledPeer(t, smallBuffers{lis})
 
 	// The peer holds the first append and reads nothing after it: about
 	// 4 MiB later the sender's socket is full.
@@ -155,7 +142,6 @@ func TestStalledPeerNeverHoldsTheCaller(t *testing.T) {
 	if tx.Stats().SentInline == 0 {
 		t.Fatal("nothing was sent inline: the test did not exercise inline sends")
 	}
-	released = true
-	close(h.release)
+	release()
 	waitCount(t, &h.collector, 1)
 }

@@ -321,27 +321,31 @@ func (h *stallingHandler) HandleRaft(from, group uint64, m *raftpb.Message) {
 	h.collector.HandleRaft(from, group, m)
 }
 
+// stalledPeer starts a receiver (node 2) on lis whose handler holds every
+// append until release is called (also at cleanup), and a sender (node 1).
+func stalledPeer(t *testing.T, lis net.Listener) (tx *Transport, h *stallingHandler, release func()) {
+	t.Helper()
+	a := addrs{2: lis.Addr().String()}
+	h = &stallingHandler{release: make(chan struct{})}
+	rx := New(Config{NodeID: 2, Resolver: a, Handler: h})
+	stop := serve(rx, lis, 0)
+	t.Cleanup(func() { stop(); rx.Close() })
+	tx = New(Config{NodeID: 1, Resolver: a, Handler: &collector{}})
+	t.Cleanup(func() { tx.Close() })
+	var once sync.Once
+	release = func() { once.Do(func() { close(h.release) }) }
+	t.Cleanup(release)
+	return tx, h, release
+}
+
 // TestControlTrafficOvertakesStalledAppends checks that heartbeats and votes
 // reach a peer while appends to it are stuck.
 func TestControlTrafficOvertakesStalledAppends(t *testing.T) {
-	a := addrs{}
-	h := &stallingHandler{release: make(chan struct{})}
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	a[2] = lis.Addr().String()
-	rx := New(Config{NodeID: 2, Resolver: a, Handler: h})
-	stop := serve(rx, lis, 0)
-	t.Cleanup(func() { stop(); rx.Close() })
-	tx := New(Config{NodeID: 1, Resolver: a, Handler: &collector{}})
-	t.Cleanup(func() { tx.Close() })
-	released := false
-	t.Cleanup(func() {
-		if !released {
-			close(h.release)
-		}
-	})
+	tx, h, release := stalledPeer(t, lis)
 
 	app := msg(raftpb.MsgApp, 2, 1, 3, 1, nil)
 	app.Entries = []*raftpb.Entry{{Index: new(uint64(2)), Term: new(uint64(3)), Data: make([]byte, 64<<10)}}
@@ -352,8 +356,7 @@ func TestControlTrafficOvertakesStalledAppends(t *testing.T) {
 		tx.Send(g, msg(raftpb.MsgPreVote, 2, 1, 4, 0, nil))
 	}
 	waitCount(t, &h.collector, 30)
-	released = true
-	close(h.release)
+	release()
 	waitCount(t, &h.collector, 31)
 }
 
