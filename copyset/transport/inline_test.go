@@ -21,20 +21,25 @@ func TestSendNowOnAnIdleLane(t *testing.T) {
 	if n := tx.Stats().SentInline; n != 0 {
 		t.Fatalf("%d messages sent inline before the lane had a connection", n)
 	}
-	time.Sleep(10 * time.Millisecond) // the lane's sender is done
-	tx.SendNow(1, msg(raftpb.MsgAppResp, 2, 1, 1, 2, nil))
-	if n := tx.Stats().SentInline; n != 1 {
-		t.Fatalf("%d messages sent inline when SendNow returned, want 1", n)
+	// Once the lane's sender is done with the first, a SendNow is sent by
+	// its caller, before it returns.
+	next := uint64(2)
+	for deadline := time.Now().Add(10 * time.Second); tx.Stats().SentInline == 0; next++ {
+		if time.Now().After(deadline) {
+			t.Fatal("no message sent inline on an idle lane in 10s")
+		}
+		time.Sleep(time.Millisecond)
+		tx.SendNow(1, msg(raftpb.MsgAppResp, 2, 1, 1, next, nil))
 	}
 	const burst = 300
-	for i := uint64(3); i < 3+burst; i++ {
+	for i := next; i < next+burst; i++ {
 		if i%3 == 0 {
 			tx.SendNow(1, msg(raftpb.MsgAppResp, 2, 1, 1, i, nil))
 		} else {
 			tx.Send(1, msg(raftpb.MsgAppResp, 2, 1, 1, i, nil))
 		}
 	}
-	waitCount(t, col, 2+burst)
+	waitCount(t, col, int(next+burst-1))
 	col.mu.Lock()
 	defer col.mu.Unlock()
 	for i, r := range col.got {
@@ -79,6 +84,7 @@ func TestSendNowBesideAFailingLane(t *testing.T) {
 		}(g)
 	}
 	waitCount(t, col, 100)
+	inlineBefore := tx.Stats().SentInline
 	stop() // the peer goes away: sends fail, the lane backs off
 	time.Sleep(100 * time.Millisecond)
 	lis, err = net.Listen("tcp", addr)
@@ -91,10 +97,20 @@ func TestSendNowBesideAFailingLane(t *testing.T) {
 	t.Cleanup(stop)
 	n := col.count()
 	waitCount(t, col, n+100) // delivered again
+	inlineDuring := tx.Stats().SentInline
+	deadline := time.Now().Add(10 * time.Second)
+	for tx.Stats().SentInline == inlineDuring && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
 	done.Store(true)
 	wg.Wait()
-	if tx.Stats().Dropped == 0 {
+	st := tx.Stats()
+	if st.Dropped == 0 {
 		t.Fatal("nothing was dropped while the peer was away: the test did not exercise the failures")
+	}
+	if inlineBefore == 0 || st.SentInline == inlineDuring {
+		t.Fatalf("messages sent inline: %d before the outage, %d after it came back, %d at the end: want some before and after",
+			inlineBefore, inlineDuring, st.SentInline)
 	}
 }
 
@@ -141,6 +157,17 @@ func TestStalledPeerNeverHoldsTheCaller(t *testing.T) {
 	}
 	if tx.Stats().SentInline == 0 {
 		t.Fatal("nothing was sent inline: the test did not exercise inline sends")
+	}
+	// No send was cut off by its deadline (a blocked write fails the
+	// connection) and nothing was dropped: the callers never wrote into a
+	// full socket.
+	if st := tx.Stats(); st.Dropped != 0 {
+		t.Fatalf("%d messages dropped", st.Dropped)
+	}
+	for _, ls := range tx.Lanes() {
+		if ls.Failures != 0 {
+			t.Fatalf("lane %s to %d failed %d times (%s): a caller wrote into a full socket", ls.Lane, ls.To, ls.Failures, ls.LastErr)
+		}
 	}
 	release()
 	waitCount(t, &h.collector, 1)

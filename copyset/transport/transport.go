@@ -247,27 +247,23 @@ func (t *Transport) enqueue(to, group uint64, m *raftpb.Message, now bool) bool 
 	}
 	l := p.lanes[laneOf(m)]
 	size := messageSize(m)
-	l.mu.Lock()
-	if l.closed || len(l.queue) >= t.cfg.QueueSize || (len(l.queue) > 0 && l.bytes+size > t.cfg.QueueBytes) {
-		l.mu.Unlock()
-		t.dropped.Add(1)
-		t.unreachable(to, []uint64{group})
-		return false
-	}
 	o := outgoing{group: group, m: m}
-	if now && size <= inlineMaxBytes && len(l.queue) == 0 && !l.sending {
+	l.mu.Lock()
+	if now && !l.closed && size <= inlineMaxBytes && len(l.queue) == 0 && !l.sending {
 		l.sending = true
 		l.mu.Unlock()
 		if l.sendHere(o, size) {
 			return true
 		}
-		// Behind what others queued meanwhile: they are other copysets'.
+		// Queued behind what others queued meanwhile: they are other
+		// copysets'.
 		l.mu.Lock()
-		if l.closed {
-			l.mu.Unlock()
-			t.dropped.Add(1)
-			return false
-		}
+	}
+	if l.closed || len(l.queue) >= t.cfg.QueueSize || (len(l.queue) > 0 && l.bytes+size > t.cfg.QueueBytes) {
+		l.mu.Unlock()
+		t.dropped.Add(1)
+		t.unreachable(to, []uint64{group})
+		return false
 	}
 	l.queue = append(l.queue, o)
 	l.bytes += size

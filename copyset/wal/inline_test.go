@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"os"
+	"os/exec"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -32,6 +34,20 @@ func (l *syncLog) get() []SyncInfo {
 	return append([]SyncInfo(nil), l.syncs...)
 }
 
+// waitIdle waits until no commit is in progress: the writer releases
+// commitMu a little after it called the last done.
+func waitIdle(t *testing.T, w *WAL) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !w.commitMu.TryLock() {
+		if time.Now().After(deadline) {
+			t.Fatal("the writer still commits after 10s")
+		}
+		time.Sleep(100 * time.Microsecond)
+	}
+	w.commitMu.Unlock()
+}
+
 // TestTryCommitWritesOnTheCaller commits a lone append to an idle log on
 // the caller, and finds it in the log after a restart.
 func TestTryCommitWritesOnTheCaller(t *testing.T) {
@@ -45,6 +61,7 @@ func TestTryCommitWritesOnTheCaller(t *testing.T) {
 	defer func() { w.Close() }()
 	// The first append starts a segment, which only the writer does.
 	submitSync(t, w, Append{Group: 7, Entries: []*raftpb.Entry{ent(1, 1, "first")}})
+	waitIdle(t, w)
 	time.Sleep(2 * time.Millisecond)
 	wrote, err := w.TryCommit(Append{Group: 7, Entries: []*raftpb.Entry{ent(2, 1, "lone")}, HardState: hs(1, 0, 0)})
 	if !wrote || err != nil {
@@ -102,6 +119,7 @@ func TestTryCommitLeavesABusyLogToTheWriter(t *testing.T) {
 	if err := <-queued; err != nil {
 		t.Fatal(err)
 	}
+	waitIdle(t, w)
 	if wrote, _ := w.TryCommit(lone); wrote {
 		t.Fatal("TryCommit wrote within InlineIdle of the last commit")
 	}
@@ -126,8 +144,9 @@ func TestTryCommitLeavesABusyLogToTheWriter(t *testing.T) {
 }
 
 // TestTryCommitStartsNoSegment commits on the caller into small segments
-// until one is full: an append that does not fit is left to the writer,
-// and every append is in the log after a restart.
+// across several segment boundaries: an append that does not fit the
+// current segment is left to the writer, which starts the next one, and
+// every append is in the log after a restart.
 func TestTryCommitStartsNoSegment(t *testing.T) {
 	dir := t.TempDir()
 	src := &zeroSource{size: 64 << 10}
@@ -138,10 +157,16 @@ func TestTryCommitStartsNoSegment(t *testing.T) {
 	defer func() { w.Close() }()
 	var want []*raftpb.Entry
 	inline, left := 0, 0
-	for i := uint64(1); left < 3; i++ {
+	submitSync(t, w, Append{Group: 2, Entries: []*raftpb.Entry{ent(1, 1, "start")}})
+	start := w.Stats().Segments
+	for i := uint64(1); w.Stats().Segments < start+2; i++ {
+		if i > 1000 {
+			t.Fatalf("no two new segments after %d appends", i)
+		}
 		e := ent(i, 1, fmt.Sprintf("%d/%s", i, bytes.Repeat([]byte("z"), 5000)))
 		want = append(want, e)
 		a := Append{Group: 1, Entries: []*raftpb.Entry{e}}
+		waitIdle(t, w)
 		before := w.Stats().Segments
 		wrote, err := w.TryCommit(a)
 		if err != nil {
@@ -157,46 +182,44 @@ func TestTryCommitStartsNoSegment(t *testing.T) {
 			t.Fatalf("append %d written on the caller went from %d to %d segments", i, before, after)
 		}
 	}
-	if inline == 0 {
-		t.Fatal("nothing was written on the caller")
+	if inline == 0 || left < 2 {
+		t.Fatalf("%d appends written on the caller, %d left to the writer: want both", inline, left)
 	}
 	w.Close()
 	w, logs := openWAL(t, dir, src)
 	checkEntries(t, logs[1], want)
 }
 
-// TestTryCommitPanicFailsTheLog checks that a commit that panics on the
-// caller fails the log (the writer would have ended the process): the
-// caller gets an error and later appends fail, instead of waiting forever
-// on a log left locked.
-func TestTryCommitPanicFailsTheLog(t *testing.T) {
-	dir := t.TempDir()
-	src := &zeroSource{size: 1 << 20}
-	var panicky atomic.Bool
-	w, _, err := Open(Options{Dir: dir, Source: src, InlineIdle: time.Nanosecond, OnSync: func(SyncInfo) {
-		if panicky.Load() {
-			panic("boom")
+// TestTryCommitPanicEndsTheProcess checks that a commit that panics on the
+// caller ends the process, as it does on the writer goroutine, even when
+// the caller recovers panics (as a Raft round does): the log must not be
+// left locked. The panic happens in a child process.
+func TestTryCommitPanicEndsTheProcess(t *testing.T) {
+	if os.Getenv("CAIRN_WAL_PANIC_CHILD") == "1" {
+		dir := t.TempDir()
+		w, _, err := Open(Options{Dir: dir, Source: &zeroSource{size: 1 << 20}, InlineIdle: time.Nanosecond, OnSync: func(si SyncInfo) {
+			if si.Inline {
+				panic("boom")
+			}
+		}})
+		if err != nil {
+			t.Fatal(err)
 		}
-	}})
-	if err != nil {
-		t.Fatal(err)
+		submitSync(t, w, Append{Group: 1, Entries: []*raftpb.Entry{ent(1, 1, "a")}})
+		waitIdle(t, w)
+		func() {
+			defer func() { _ = recover() }() // what a Raft round does
+			_, _ = w.TryCommit(Append{Group: 1, Entries: []*raftpb.Entry{ent(2, 1, "b")}})
+		}()
+		time.Sleep(5 * time.Second)
+		fmt.Println("still running")
+		return
 	}
-	defer func() { w.Close() }()
-	submitSync(t, w, Append{Group: 1, Entries: []*raftpb.Entry{ent(1, 1, "a")}})
-	panicky.Store(true)
-	wrote, err := w.TryCommit(Append{Group: 1, Entries: []*raftpb.Entry{ent(2, 1, "b")}})
-	if !wrote || err == nil {
-		t.Fatalf("TryCommit that panicked: wrote %v, err %v; want an error", wrote, err)
-	}
-	ch := make(chan error, 1)
-	w.Submit(Append{Group: 1, Entries: []*raftpb.Entry{ent(3, 1, "c")}}, func(err error) { ch <- err })
-	select {
-	case err := <-ch:
-		if err == nil {
-			t.Fatal("an append after the failed commit succeeded")
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("an append after the failed commit never completed")
+	cmd := exec.Command(os.Args[0], "-test.run=^TestTryCommitPanicEndsTheProcess$", "-test.count=1")
+	cmd.Env = append(os.Environ(), "CAIRN_WAL_PANIC_CHILD=1")
+	out, err := cmd.CombinedOutput()
+	if err == nil || !bytes.Contains(out, []byte("wal: commit panicked: boom")) || bytes.Contains(out, []byte("still running")) {
+		t.Fatalf("child: err %v, output:\n%s", err, out)
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"sort"
 	"sync"
 	"time"
@@ -168,7 +169,8 @@ type WAL struct {
 	commitMu   sync.Mutex
 	nextSeq    uint64
 	buf        []byte
-	lastCommit time.Time // when the last group commit ended
+	lastCommit time.Time // when the last group commit that wrote ended
+	failed     bool      // a commit failed: the log takes nothing more
 	inline     bool      // the commit in progress is a TryCommit caller's
 
 	spareMu    sync.Mutex
@@ -276,17 +278,20 @@ func (w *WAL) TryCommit(a Append) (wrote bool, err error) {
 	}
 	w.mu.Unlock()
 	defer func() {
-		w.inline = false
 		if r := recover(); r != nil {
-			// On the writer goroutine a panic ends the process; here the
-			// caller's Raft round would contain it, so the log fails.
-			err = fmt.Errorf("wal: commit panicked: %v", r)
-			w.failLocked(err)
+			// A panic in the log ends the process, as it does on the
+			// writer goroutine: the caller's Raft round, which contains
+			// its own panics, must not swallow it and leave the log
+			// locked.
+			msg := fmt.Sprintf("wal: commit panicked: %v\n%s", r, debug.Stack())
+			go panic(msg)
+			select {}
 		}
+		w.inline = false
 		w.commitMu.Unlock()
-		// The writer writes what queued meanwhile, or stops if the log
-		// failed. (This commit finished no segment: it fit.)
-		w.kick()
+		if err != nil {
+			w.kick() // the writer stops: the log failed
+		}
 	}()
 	w.inline, wrote = true, true
 	w.commit([]request{{a: a, done: func(e error) { err = e }}})
@@ -296,19 +301,6 @@ func (w *WAL) TryCommit(a Append) (wrote bool, err error) {
 // inlineMaxBytes bounds the appends TryCommit writes: a larger one would
 // hold its caller (a connection's reader) for long.
 const inlineMaxBytes = 64 << 10
-
-// failLocked fails the log after a commit went wrong: every queued and
-// later append fails with err. commitMu held.
-func (w *WAL) failLocked(err error) {
-	w.mu.Lock()
-	w.mu.closed = true
-	rest := w.mu.queue
-	w.mu.queue = nil
-	w.mu.Unlock()
-	for _, r := range rest {
-		r.done(err)
-	}
-}
 
 // fitsLocked reports whether a fits the current segment, so that writing it
 // starts no segment (which may wait for the pool). w.mu and w.commitMu held.

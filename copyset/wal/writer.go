@@ -35,7 +35,7 @@ func (w *WAL) run() {
 		closing := w.mu.closed
 		w.mu.Unlock()
 		ok := len(batch) == 0 || w.commit(batch)
-		if ok {
+		if ok && !w.failed {
 			w.recycle()
 		}
 		w.commitMu.Unlock()
@@ -72,6 +72,7 @@ func (w *WAL) commit(batch []request) bool {
 			if !errors.Is(err, ErrClosed) {
 				w.log.Error("write-ahead log failed; refusing further appends", "err", err)
 			}
+			w.failed = true
 			w.mu.Lock()
 			w.mu.closed = true
 			rest := w.mu.queue
@@ -87,7 +88,6 @@ func (w *WAL) commit(batch []request) bool {
 		}
 		batch = batch[n:]
 	}
-	w.lastCommit = time.Now()
 	return true
 }
 
@@ -306,6 +306,11 @@ func (w *WAL) writeBatch(batch []request) error {
 	w.mu.Unlock()
 	// A batch that wrote nothing (appends carrying only a commit index,
 	// which is not logged) did not sync.
+	if b.written > 0 {
+		// Appends carrying only a commit index wrote nothing: they do
+		// not make the log busy (TryCommit).
+		w.lastCommit = time.Now()
+	}
 	if w.opts.OnSync != nil && b.written > 0 {
 		w.opts.OnSync(SyncInfo{Duration: b.synced, Entries: entries, Groups: len(batch), Bytes: b.written, Inline: w.inline})
 	}
