@@ -8,6 +8,7 @@ import (
 	"math/rand"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -543,4 +544,49 @@ func TestWritesEndOnPageBoundaries(t *testing.T) {
 	w, logs := openWAL(t, dir, src)
 	defer w.Close()
 	checkEntries(t, logs[7], want)
+}
+
+// TestWriterLetsReadySubmittersJoinTheBatch submits two appends with one
+// P: the second from a goroutine that is ready to run when the first wakes
+// the writer. The writer yields before it takes the queue, so both go out
+// in one group commit; a writer that took the queue at once would write
+// the first alone and the second in a commit of its own. (The scheduler
+// looks at its global queue first on one turn in 61, which is where a
+// yield puts the writer: so most trials of five, not all, must coalesce.)
+func TestWriterLetsReadySubmittersJoinTheBatch(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	var log syncLog
+	w, _, err := Open(Options{Dir: t.TempDir(), Source: &zeroSource{size: 1 << 20}, OnSync: log.add})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	done := make(chan error, 2)
+	wait := func(n int) {
+		t.Helper()
+		for range n {
+			if err := <-done; err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	// One commit first, so that the writer has started its segment.
+	w.Submit(Append{Group: 1, Entries: []*raftpb.Entry{ent(1, 1, "start")}}, func(err error) { done <- err })
+	wait(1)
+	joined := 0
+	const trials = 5
+	for i := uint64(1); i <= trials; i++ {
+		waitIdle(t, w) // the writer is parked, waiting for work
+		time.Sleep(time.Millisecond)
+		before := len(log.get())
+		go w.Submit(Append{Group: 2, Entries: []*raftpb.Entry{ent(i, 1, "ready")}}, func(err error) { done <- err })
+		w.Submit(Append{Group: 1, Entries: []*raftpb.Entry{ent(i+1, 1, "first")}}, func(err error) { done <- err })
+		wait(2)
+		if s := log.get()[before:]; len(s) == 1 && s[0].Groups == 2 {
+			joined++
+		}
+	}
+	if joined < 3 {
+		t.Fatalf("both appends went out in one group commit in %d of %d trials, want most: %+v", joined, trials, log.get())
+	}
 }

@@ -3,6 +3,7 @@ package wal
 import (
 	"errors"
 	"fmt"
+	"runtime"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -26,6 +27,12 @@ func (w *WAL) run() {
 			w.mu.Lock()
 		}
 		w.mu.Unlock()
+		// Let the goroutines that are ready to run go first. The Raft
+		// rounds of other copysets, woken by the same burst of messages as
+		// the append that woke this writer, then queue their appends in
+		// time for this batch rather than the next (a yield costs about a
+		// microsecond when nothing else is ready).
+		runtime.Gosched()
 		w.commitMu.Lock()
 		// Taken under commitMu: batches are written in the order they
 		// left the queue, whoever writes them.
