@@ -9,10 +9,9 @@
 // an fdatasync runs, new submissions queue up and form the next batch, so the
 // batch grows with the load and the number of syncs per second stays bounded
 // by the device. Before the writer takes a batch it yields once
-// (runtime.Gosched), so that goroutines already ready to run, the Raft rounds
-// of other copysets woken by the same burst of messages, queue their appends
-// in time for it: at 32 writes in flight that made 15% fewer group commits
-// per write.
+// (runtime.Gosched), so that goroutines already ready to run on its thread,
+// usually the Raft rounds of other copysets woken by the same burst of
+// messages, queue their appends in time for it.
 //
 // # Segments and records
 //
