@@ -195,8 +195,9 @@ func TestTryCommitStartsNoSegment(t *testing.T) {
 // the caller recovers panics (as a Raft round does): the log must not be
 // left locked. The panic happens in a child process.
 func TestTryCommitPanicEndsTheProcess(t *testing.T) {
-	if os.Getenv("CAIRN_WAL_PANIC_CHILD") == "1" {
-		dir := t.TempDir()
+	if dir := os.Getenv("CAIRN_WAL_PANIC_CHILD"); dir != "" {
+		// The parent's directory: a child that ends in a panic removes
+		// nothing it made.
 		w, _, err := Open(Options{Dir: dir, Source: &zeroSource{size: 1 << 20}, InlineIdle: time.Nanosecond, OnSync: func(si SyncInfo) {
 			if si.Inline {
 				panic("boom")
@@ -216,7 +217,7 @@ func TestTryCommitPanicEndsTheProcess(t *testing.T) {
 		return
 	}
 	cmd := exec.Command(os.Args[0], "-test.run=^TestTryCommitPanicEndsTheProcess$", "-test.count=1")
-	cmd.Env = append(os.Environ(), "CAIRN_WAL_PANIC_CHILD=1")
+	cmd.Env = append(os.Environ(), "CAIRN_WAL_PANIC_CHILD="+t.TempDir())
 	out, err := cmd.CombinedOutput()
 	if err == nil || !bytes.Contains(out, []byte("wal: commit panicked: boom")) || bytes.Contains(out, []byte("still running")) {
 		t.Fatalf("child: err %v, output:\n%s", err, out)
