@@ -581,8 +581,7 @@ func TestWriterLetsReadySubmittersJoinTheBatch(t *testing.T) {
 	joined := 0
 	const trials, want = 20, 17
 	for i := uint64(1); i <= trials; i++ {
-		waitIdle(t, w) // the writer is parked, waiting for work
-		time.Sleep(time.Millisecond)
+		waitIdle(t, w) // no commit in progress
 		before := len(log.get())
 		go w.Submit(Append{Group: 2, Entries: []*raftpb.Entry{ent(i, 1, "ready")}}, func(err error) { done <- err })
 		w.Submit(Append{Group: 1, Entries: []*raftpb.Entry{ent(i+1, 1, "first")}}, func(err error) { done <- err })
